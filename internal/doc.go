@@ -1,0 +1,2 @@
+// Package internal holds the few helpers shared by gpumesh's packages.
+package internal

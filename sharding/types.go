@@ -1,0 +1,101 @@
+package sharding
+
+// Lifecycle values of a node's capacity.
+const (
+	LifecycleOnDemand = "on-demand"
+	LifecycleSpot     = "spot"
+	LifecycleUnknown  = "unknown"
+)
+
+// Placement strategies.
+const (
+	// PlacementPack puts a job's ranks on as few nodes as possible (the
+	// default; what collectives want).
+	PlacementPack = "pack"
+	// PlacementSpread puts a job's ranks on as many nodes as possible.
+	PlacementSpread = "spread"
+)
+
+// GPU is one GPU of a node as the planner sees it.
+type GPU struct {
+	// Index is the device ordinal on its node (what CUDA_VISIBLE_DEVICES names).
+	Index int
+	// Model is the product name, for example "NVIDIA H100 80GB HBM3".
+	Model string
+	// MemoryBytes is the GPU's total memory in bytes.
+	MemoryBytes uint64
+}
+
+// Node is a schedulable node as the planner sees it. The caller passes only
+// nodes that are alive; Place itself skips nodes that are draining or not
+// eligible.
+type Node struct {
+	ID           string
+	Name         string
+	AZ           string
+	InstanceType string
+	// Lifecycle is LifecycleOnDemand, LifecycleSpot or LifecycleUnknown.
+	Lifecycle string
+	GPUs      []GPU
+	// MaxRanks caps how many ranks (of any job) may run on the node at once;
+	// zero means no cap. CPU-only ranks are bounded only by it.
+	MaxRanks int
+	// Draining nodes receive no new work.
+	Draining bool
+	// Ineligible nodes (for example after a rebalance recommendation)
+	// receive no new work.
+	Ineligible bool
+}
+
+// Constraints restrict where a job's ranks may go. Empty fields match anything.
+type Constraints struct {
+	AZ           string
+	Lifecycle    string
+	InstanceType string
+	// MinGPUMemoryBytes is the smallest GPU a rank may be given.
+	MinGPUMemoryBytes uint64
+}
+
+// Job is what Place needs to know of a job.
+type Job struct {
+	ID string
+	// Ranks is the number of ranks wanted. For an elastic job it is the
+	// maximum and MinRanks the minimum; for a fixed job MinRanks is zero or
+	// equal to Ranks.
+	Ranks    int
+	MinRanks int
+	// GPUsPerRank whole GPUs on one node for each rank; zero for CPU ranks.
+	GPUsPerRank int
+	// Placement is PlacementPack (default when empty) or PlacementSpread.
+	Placement   string
+	Constraints Constraints
+}
+
+// Allocation is a rank already placed and holding resources.
+type Allocation struct {
+	JobID  string
+	Rank   int
+	NodeID string
+	GPUs   []int
+}
+
+// RankPlacement says where one rank of a plan runs.
+type RankPlacement struct {
+	Rank int
+	// LocalRank and LocalWorldSize are the rank's position among the job's
+	// ranks on the same node, and how many there are.
+	LocalRank      int
+	LocalWorldSize int
+	// GroupRank is the index of the node among the job's nodes (torchrun's
+	// GROUP_RANK).
+	GroupRank int
+	NodeID    string
+	// GPUs are the device ordinals given to the rank on its node.
+	GPUs []int
+}
+
+// Plan is a whole gang placement: every rank of the job, or none.
+type Plan struct {
+	JobID string
+	Ranks []RankPlacement
+}
