@@ -1,0 +1,37 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+)
+
+// Commands register themselves from their own files with registerCommand (a
+// top-level command) or registerBenchCommand (a child of "gpumesh bench"), so
+// that each area of the CLI lives in one file.
+var (
+	commandConstructors      []func() *cobra.Command
+	benchCommandConstructors []func() *cobra.Command
+)
+
+func registerCommand(f func() *cobra.Command)      { commandConstructors = append(commandConstructors, f) }
+func registerBenchCommand(f func() *cobra.Command) { benchCommandConstructors = append(benchCommandConstructors, f) }
+
+func newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "gpumesh",
+		Short:         "A self-organizing GPU cluster: gossip, Raft scheduling and fast collectives",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	bench := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure the data plane on this machine",
+	}
+	for _, f := range benchCommandConstructors {
+		bench.AddCommand(f())
+	}
+	root.AddCommand(bench)
+	for _, f := range commandConstructors {
+		root.AddCommand(f())
+	}
+	return root
+}
