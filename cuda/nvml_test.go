@@ -12,8 +12,8 @@ import (
 
 func fakeDevice(i int) *mock.Device {
 	return &mock.Device{
-		GetUUIDFunc:      func() (string, nvml.Return) { return []string{"GPU-aaa", "GPU-bbb"}[i], nvml.SUCCESS },
-		GetNameFunc:      func() (string, nvml.Return) { return "NVIDIA H100 80GB HBM3", nvml.SUCCESS },
+		GetUUIDFunc: func() (string, nvml.Return) { return []string{"GPU-aaa", "GPU-bbb"}[i], nvml.SUCCESS },
+		GetNameFunc: func() (string, nvml.Return) { return "NVIDIA H100 80GB HBM3", nvml.SUCCESS },
 		GetMemoryInfoFunc: func() (nvml.Memory, nvml.Return) {
 			return nvml.Memory{Total: 80 << 30, Used: uint64(i+1) << 30, Free: 80<<30 - uint64(i+1)<<30}, nvml.SUCCESS
 		},

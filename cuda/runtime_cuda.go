@@ -209,7 +209,6 @@ func kernelNames() []string {
 	return names
 }
 
-
 // MemInfo returns the free and total device memory in bytes.
 func (d *Device) MemInfo() (free, total int64, err error) {
 	err = d.Do(func() error {

@@ -315,13 +315,13 @@ func (b *PinnedBuffer) Bytes() []byte { return b.b }
 // cuMemHostAlloc, portable to every context). Get blocks while all are in
 // use. Safe for concurrent use.
 type HostPool struct {
-	dev   *Device
-	base  unsafe.Pointer
-	slot  int
-	bufs  []*PinnedBuffer
-	free  chan *PinnedBuffer
+	dev       *Device
+	base      unsafe.Pointer
+	slot      int
+	bufs      []*PinnedBuffer
+	free      chan *PinnedBuffer
 	closeOnce sync.Once
-	done  chan struct{}
+	done      chan struct{}
 }
 
 func newHostPool(d *Device, slotBytes, slots int) (*HostPool, error) {
