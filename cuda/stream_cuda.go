@@ -308,6 +308,10 @@ type PinnedBuffer struct {
 	b    []byte
 }
 
+// Index is the slot's position in the pool, 0..Slots()-1 (stable, for
+// per-slot side tables such as device scratch or events).
+func (b *PinnedBuffer) Index() int { return b.idx }
+
 // Bytes is the whole slot; it stays valid until Put.
 func (b *PinnedBuffer) Bytes() []byte { return b.b }
 
@@ -348,6 +352,16 @@ func (p *HostPool) SlotBytes() int { return p.slot }
 
 // Slots is the number of buffers.
 func (p *HostPool) Slots() int { return len(p.bufs) }
+
+// TryGet takes a free buffer if one is free now.
+func (p *HostPool) TryGet() (*PinnedBuffer, bool) {
+	select {
+	case b := <-p.free:
+		return b, true
+	default:
+		return nil, false
+	}
+}
 
 // Get takes a free buffer, waiting for one until ctx ends.
 func (p *HostPool) Get(ctx context.Context) (*PinnedBuffer, error) {

@@ -8,8 +8,9 @@
 //
 // Naming: reduce_<op>_<dtype>(dst, src, n) computes dst[i] = dst[i] op src[i]
 // for i < n. div_<dtype>(dst, n, d) divides in place (avg = sum then div).
-// float16 and bfloat16 are computed in float32 and rounded back to nearest
-// even, which is what the host reference does.
+// float16 and bfloat16 are computed in float64 and rounded once to nearest
+// even, and max/min select operand bits: bit for bit what the host reference
+// (package collective) computes.
 
 typedef unsigned long long u64;
 typedef long long i64;
@@ -39,26 +40,34 @@ __device__ __forceinline__ u16 f2bf(float f) {
     return (u16)(u >> 16);
 }
 
+// double -> float rounded to odd (truncate, then set the last bit when
+// inexact): a following round-to-nearest-even to a type of at most 22
+// significand bits then equals one correct rounding of the double, which is
+// what the host reference does (compute in float64, round once).
+__device__ __forceinline__ float d2f_odd(double x) {
+    float f = __double2float_rz(x);
+    if ((double)f != x && x == x) {
+        f = __uint_as_float(__float_as_uint(f) | 1u);
+    }
+    return f;
+}
+
 // ---- ops on a compute type ----
 
-struct OpSum  { template <typename T> __device__ static T f(T a, T b) { return a + b; } };
-struct OpProd { template <typename T> __device__ static T f(T a, T b) { return a * b; } };
-struct OpMax  { template <typename T> __device__ static T f(T a, T b) { return a > b ? a : b; } };
-struct OpMin  { template <typename T> __device__ static T f(T a, T b) { return a < b ? a : b; } };
-
-// Float max/min follow the host reference: NaN in either operand gives NaN.
-template <> __device__ float  OpMax::f<float>(float a, float b)    { return (a != a || b != b) ? a + b : (a > b ? a : b); }
-template <> __device__ double OpMax::f<double>(double a, double b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
-template <> __device__ float  OpMin::f<float>(float a, float b)    { return (a != a || b != b) ? a + b : (a < b ? a : b); }
-template <> __device__ double OpMin::f<double>(double a, double b) { return (a != a || b != b) ? a + b : (a < b ? a : b); }
+struct OpSum  { static const bool sel = false; template <typename T> __device__ static T f(T a, T b) { return a + b; } };
+struct OpProd { static const bool sel = false; template <typename T> __device__ static T f(T a, T b) { return a * b; } };
+// Max and min select one operand's bits, like the host reference: the source
+// wins when it compares greater (less) or is NaN.
+struct OpMax  { static const bool sel = true; template <typename T> __device__ static bool take(T a, T b) { return b > a || b != b; } };
+struct OpMin  { static const bool sel = true; template <typename T> __device__ static bool take(T a, T b) { return b < a || b != b; } };
 
 // Storage type S, compute type C, load/store conversions.
 struct F32  { typedef float  S; typedef float  C; __device__ static C ld(S v) { return v; } __device__ static S st(C v) { return v; } };
 struct F64  { typedef double S; typedef double C; __device__ static C ld(S v) { return v; } __device__ static S st(C v) { return v; } };
 struct I32  { typedef int    S; typedef int    C; __device__ static C ld(S v) { return v; } __device__ static S st(C v) { return v; } };
 struct I64  { typedef i64    S; typedef i64    C; __device__ static C ld(S v) { return v; } __device__ static S st(C v) { return v; } };
-struct F16  { typedef u16    S; typedef float  C; __device__ static C ld(S v) { return h2f(v); } __device__ static S st(C v) { return f2h(v); } };
-struct BF16 { typedef u16    S; typedef float  C; __device__ static C ld(S v) { return bf2f(v); } __device__ static S st(C v) { return f2bf(v); } };
+struct F16  { typedef u16    S; typedef double C; __device__ static C ld(S v) { return (double)h2f(v); } __device__ static S st(C v) { return f2h(d2f_odd(v)); } };
+struct BF16 { typedef u16    S; typedef double C; __device__ static C ld(S v) { return (double)bf2f(v); } __device__ static S st(C v) { return f2bf(d2f_odd(v)); } };
 struct U8   { typedef unsigned char S; typedef unsigned int C; __device__ static C ld(S v) { return v; } __device__ static S st(C v) { return (S)v; } };
 
 // Integer sum and product wrap around (two's complement), like Go.
@@ -66,6 +75,14 @@ template <> __device__ int OpSum::f<int>(int a, int b)   { return (int)((unsigne
 template <> __device__ int OpProd::f<int>(int a, int b)  { return (int)((unsigned)a * (unsigned)b); }
 template <> __device__ i64 OpSum::f<i64>(i64 a, i64 b)   { return (i64)((u64)a + (u64)b); }
 template <> __device__ i64 OpProd::f<i64>(i64 a, i64 b)  { return (i64)((u64)a * (u64)b); }
+
+template <typename D, typename O, bool SEL = O::sel> struct Apply;
+template <typename D, typename O> struct Apply<D, O, false> {
+    __device__ static typename D::S f(typename D::S a, typename D::S b) { return D::st(O::f(D::ld(a), D::ld(b))); }
+};
+template <typename D, typename O> struct Apply<D, O, true> {
+    __device__ static typename D::S f(typename D::S a, typename D::S b) { return O::take(D::ld(a), D::ld(b)) ? b : a; }
+};
 
 // Vector width: 16 bytes per thread per step where both pointers allow it.
 template <typename D, typename O>
@@ -83,12 +100,12 @@ __device__ __forceinline__ void reduce_body(typename D::S* dst, const typename D
         const S* pb = reinterpret_cast<const S*>(&b);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-            pa[k] = D::st(O::f(D::ld(pa[k]), D::ld(pb[k])));
+            pa[k] = Apply<D, O>::f(pa[k], pb[k]);
         }
         reinterpret_cast<uint4*>(dst)[v] = a;
     }
     for (u64 i = nv * W + tid; i < n; i += stride) {
-        dst[i] = D::st(O::f(D::ld(dst[i]), D::ld(src[i])));
+        dst[i] = Apply<D, O>::f(dst[i], src[i]);
     }
 }
 
@@ -98,7 +115,7 @@ template <typename D>
 __device__ __forceinline__ void div_body(typename D::S* dst, u64 n, double d) {
     u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     u64 stride = (u64)gridDim.x * blockDim.x;
-    typename D::C dc = (typename D::C)d;
+    typename D::C dc = (typename D::C)d;  // float32 divides in float32, like the host
     for (u64 i = tid; i < n; i += stride) {
         dst[i] = D::st(D::ld(dst[i]) / dc);
     }
