@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
 )
 
 // smallInts fills rank r's host copy with values that make every op exact in
@@ -119,7 +120,9 @@ func TestLocalRingBandwidth(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					b.wr.Fill(0, b.mem.Ptr(), 0, 0, false)
+					if err := b.wr.Fill(cuda.Float32, b.mem.Ptr(), int64(n), 1, false); err != nil {
+						t.Fatal(err)
+					}
 					bufs = append(bufs, b)
 				}
 				ring, err := NewLocalRing(bufs, chunk)
