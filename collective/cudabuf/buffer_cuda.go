@@ -220,6 +220,10 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		buf.Free()
 		return nil, err
 	}
+	if buf.peerMark, err = ds.dev.NewEvent(false); err != nil {
+		buf.Free()
+		return nil, err
+	}
 	return buf, nil
 }
 
@@ -240,7 +244,7 @@ func (buf *Buffer) Free() error {
 			errs = append(errs, s.Close())
 		}
 	}
-	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark} {
+	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
 		}
@@ -553,8 +557,10 @@ func (buf *Buffer) peerOp(src *Buffer, f func() error) error {
 		err = f()
 	}
 	if err == nil && src != buf {
-		if err = buf.wr.Record(src.rdMark); err == nil {
-			err = src.wr.Wait(src.rdMark)
+		// an event is recorded on a stream of its own device; waiting on it
+		// from another device's stream is allowed
+		if err = buf.wr.Record(buf.peerMark); err == nil {
+			err = src.wr.Wait(buf.peerMark)
 		}
 	}
 	return buf.fail(err)
