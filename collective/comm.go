@@ -13,9 +13,9 @@ import (
 
 // Algorithms, as carried in frame headers.
 const (
-	AlgoRing               = 1
-	AlgoRecursiveDoubling  = 2
-	AlgoPipeline           = 3 // broadcast chain and point-to-point
+	AlgoRing              = 1
+	AlgoRecursiveDoubling = 2
+	AlgoPipeline          = 3 // broadcast chain and point-to-point
 )
 
 // Communicator runs collective operations for one rank of a group.

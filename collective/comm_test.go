@@ -388,7 +388,9 @@ func TestKilledPeerFailsSurvivors(t *testing.T) {
 		}
 		go func() { errs <- c.AllReduce(context.Background(), NewHostBuffer(Float32, 1<<16), OpSum) }()
 	}
-	waitFor(t, func() bool { return comms[0].active.Load() == 1 && comms[1].active.Load() == 1 && comms[3].active.Load() == 1 })
+	waitFor(t, func() bool {
+		return comms[0].active.Load() == 1 && comms[1].active.Load() == 1 && comms[3].active.Load() == 1
+	})
 	tr.Kill("job", 1, 2)
 	for i := 0; i < 3; i++ {
 		if err := <-errs; !errors.Is(err, ErrPeerFailed) {
