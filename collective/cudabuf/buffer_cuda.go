@@ -172,14 +172,15 @@ type Buffer struct {
 	n   int
 	mem *cuda.Mem
 
-	rd, wr *cuda.Stream
-	wrMark *cuda.Event // recorded on wr, waited on by rd or peers
-	rdMark *cuda.Event // recorded on peers' streams
-	mu     sync.Mutex  // orders enqueues; guards reads, big, err
-	reads  map[readKey][]*cuda.PinnedBuffer
-	big    map[readKey][][]byte // ReadChunk larger than a slot
-	err    error
-	freed  bool
+	rd, wr   *cuda.Stream
+	wrMark   *cuda.Event // recorded on wr, waited on by rd or peers
+	rdMark   *cuda.Event // recorded on rd after a ReadChunk larger than a slot
+	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
+	mu       sync.Mutex  // orders enqueues; guards reads, big, err
+	reads    map[readKey][]*cuda.PinnedBuffer
+	big      map[readKey][][]byte // ReadChunk larger than a slot
+	err      error
+	freed    bool
 }
 
 // NewBuffer allocates n elements of dt on device index dev (an index into
