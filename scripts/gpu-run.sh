@@ -34,8 +34,10 @@ done
 
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
-	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth' -test.v >"$logs/localring.log" 2>&1
-	grep -E '^n=' "$logs/localring.log" | while read -r l; do row "gpumesh local ring: $(echo "$l" | awk '{print $1, $2, $3, "chunk", $4}')" "busbw $(echo "$l" | awk '{print $7}') GB/s"; done
+	GPUMESH_CUDA_BENCH=1 timeout 300 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/rings.log" 2>&1
+	grep -E '^(local|ipc) ' "$logs/rings.log" | while read -r l; do
+		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5}')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
+	done
 fi
 if "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
 	for procs in "" "--procs"; do
