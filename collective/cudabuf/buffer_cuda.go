@@ -20,6 +20,7 @@ var (
 	_ collective.Buffer       = (*Buffer)(nil)
 	_ collective.BufferCopier = (*Buffer)(nil)
 	_ collective.PeerReducer  = (*Buffer)(nil)
+	_ collective.Allocator    = (*Buffer)(nil)
 )
 
 // DType maps a collective dtype to the kernels' dtype.
@@ -226,6 +227,18 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, err
 	}
 	return buf, nil
+}
+
+// NewLike implements collective.Allocator: a buffer of n elements of the
+// same dtype on the same device (scratch for out-of-place operations). The
+// caller frees it with Free when it is a *Buffer.
+func (buf *Buffer) NewLike(n int) (collective.Buffer, error) {
+	for i, ds := range buf.be.devs {
+		if ds == buf.ds {
+			return buf.be.NewBuffer(i, buf.dt, n)
+		}
+	}
+	return nil, fmt.Errorf("%w: buffer's device is not in its backend", collective.ErrBadArgument)
 }
 
 // Free waits for outstanding work and releases the device memory, streams
