@@ -17,12 +17,17 @@ import (
 // run) or skips when the host has no GPU.
 func openBackend(t *testing.T) *Backend {
 	t.Helper()
+	return openBackendCfg(t, 256<<10, 16)
+}
+
+func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
+	t.Helper()
 	if !cuda.Available() {
 		t.Skip("no CUDA device on this host")
 	}
 	cfg := cuda.DefaultConfig()
-	cfg.PinnedSlotBytes = 256 << 10
-	cfg.PinnedSlots = 16
+	cfg.PinnedSlotBytes = slotBytes
+	cfg.PinnedSlots = slots
 	be, err := Open(cfg)
 	if err != nil {
 		t.Fatalf("open: %v", err)
