@@ -354,7 +354,8 @@ func (r *IPCRing) AllReduce(ctx context.Context, op collective.Op) error {
 }
 
 func (r *IPCRing) enqueue(ctx context.Context, k uint64, cop cuda.Op, avg bool) error {
-	buf, s, n, rank := r.buf, r.buf.wr, r.n, r.cfg.Rank
+	buf, n, rank := r.buf, r.n, r.cfg.Rank
+	s := buf.wr
 	es := int64(buf.dt.Size())
 	record := func(idx int) error {
 		if err := s.Record(r.own[idx]); err != nil {
@@ -374,6 +375,12 @@ func (r *IPCRing) enqueue(ctx context.Context, k uint64, cop cuda.Op, avg bool) 
 	}
 	leftBase := r.leftMem.Ptr()
 	for t := 0; t < r.steps; t++ {
+		// reduce-scatter kernels on the write stream, all-gather copies on
+		// the read stream (copy engines), overlapping; events order them
+		s = buf.wr
+		if t >= n-1 {
+			s = buf.rd
+		}
 		for c := 0; c < r.nchunk; c++ {
 			if t == 0 {
 				if err := waitOn(r.left, r.leftEv, 0, "the left neighbour to start"); err != nil {
