@@ -35,9 +35,13 @@ done
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	GPUMESH_CUDA_BENCH=1 timeout 300 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/rings.log" 2>&1
-	grep -E '^(local|ipc) ' "$logs/rings.log" | while read -r l; do
-		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5}')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
+	for ch in ${TCP_CHANNELS:-4 16}; do
+		GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CHANNELS=$ch timeout 300 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/rings.log" 2>&1
 	done
+	grep -E '^(local|ipc|tcp) ' "$logs/rings.log" | grep busbw | while read -r l; do
+		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5, $6}' | sed 's/time=.*//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
+	done
+	grep -E '^tcp .*correctness' "$logs/rings.log" | head -1 | sed 's/^/    /' | tee -a "$table"
 fi
 if "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
 	for procs in "" "--procs"; do
