@@ -1227,8 +1227,11 @@ func (x *QueryOptions) GetStale() bool {
 }
 
 type SubmitJobRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Spec          *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Spec  *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	// id, when set, makes retries idempotent: a second submission with the
+	// same id returns the first job. Empty: the node that receives it picks one.
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1268,6 +1271,13 @@ func (x *SubmitJobRequest) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *SubmitJobRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
 }
 
 type SubmitJobResponse struct {
@@ -2493,13 +2503,15 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 }
 
 type LogsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	JobId         string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32                  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool                   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool                   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64                 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64                  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// local asks the node for its own copy of the logs without forwarding.
+	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2532,6 +2544,13 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
 	return file_control_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *LogsRequest) GetLocal() bool {
+	if x != nil {
+		return x.Local
+	}
+	return false
 }
 
 func (x *LogsRequest) GetJobId() string {
@@ -2851,9 +2870,10 @@ const file_control_proto_rawDesc = "" +
 	"\fcreate_index\x18\x18 \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\"$\n" +
 	"\fQueryOptions\x12\x14\n" +
-	"\x05stale\x18\x01 \x01(\bR\x05stale\";\n" +
+	"\x05stale\x18\x01 \x01(\bR\x05stale\"K\n" +
 	"\x10SubmitJobRequest\x12'\n" +
-	"\x04spec\x18\x01 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\"9\n" +
+	"\x04spec\x18\x01 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"9\n" +
 	"\x11SubmitJobResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"O\n" +
@@ -2927,8 +2947,9 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xa0\x01\n" +
-	"\vLogsRequest\x12\x15\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\vLogsRequest\x12\x14\n" +
+	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x16\n" +
