@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -65,11 +66,20 @@ type Config struct {
 	// by the caller when on EC2).
 	InstanceType, AZ, Region, Lifecycle string
 
+	// Discoverer, when set, finds peers to join (for example EC2 instances
+	// with a cluster tag); it is retried until the node has joined.
+	Discoverer Discoverer
+
 	// Dev selects short timeouts suited to a cluster on one machine.
 	Dev bool
 
 	// Logger receives the agent's logs; a named sub-logger per subsystem.
 	Logger hclog.Logger
+}
+
+// Discoverer finds addresses ("host" or "host:port") of possible peers.
+type Discoverer interface {
+	Addrs(ctx context.Context) ([]string, error)
 }
 
 // DefaultConfig returns the production defaults.
