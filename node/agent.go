@@ -169,6 +169,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	})
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
+	a.goFunc(a.roleLoop)
 	a.goFunc(a.runner.run)
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
@@ -449,5 +450,27 @@ func (p *connPool) close() {
 	for k, c := range p.conns {
 		c.Close()
 		delete(p.conns, k)
+	}
+}
+
+// roleLoop gossips this agent's Raft duty (for display and for bootstrap
+// decisions of newcomers) whenever it changes.
+func (a *Agent) roleLoop() {
+	ad, ok := a.mesh.(*meshAdapter)
+	if !ok || a.raft == nil {
+		return
+	}
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-t.C:
+			ad.setRole(a.Role())
+			if rb, ok := a.raft.(interface{ bootstrapped() bool }); ok {
+				ad.setBootstrapped(rb.bootstrapped())
+			}
+		}
 	}
 }

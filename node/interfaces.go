@@ -13,6 +13,8 @@ type member struct {
 	Addr  string // gossip host:port
 	State string // alive, suspect, dead, left
 	Node  *pb.Node
+	// bootstrapped: the member holds Raft state already.
+	bootstrapped bool
 }
 
 // membership is what the agent needs of gossip (package mesh, adapted in

@@ -115,6 +115,7 @@ func (ad *meshAdapter) Members() []member {
 		mm := member{Name: m.Name, Addr: m.Addr, State: m.State.String()}
 		if m.MetaErr == nil {
 			mm.Node = metaToNode(m.Meta)
+			mm.bootstrapped = m.Meta.Bootstrapped
 		}
 		out = append(out, mm)
 	}
@@ -133,6 +134,7 @@ func (ad *meshAdapter) UpdateSelf(fn func(n *pb.Node)) error {
 		fn(n)
 		nm := nodeToMeta(n)
 		nm.Role = m.Role
+		nm.Bootstrapped = m.Bootstrapped
 		if nm.Addrs.Gossip == "" {
 			nm.Addrs.Gossip = m.Addrs.Gossip
 		}
@@ -166,3 +168,10 @@ func (ad *meshAdapter) Changed() <-chan struct{} { return ad.changed }
 func (ad *meshAdapter) Leave(timeout time.Duration) error { return ad.m.Leave(timeout) }
 
 func (ad *meshAdapter) Shutdown() error { return ad.m.Shutdown() }
+
+// setBootstrapped gossips that this node holds Raft state.
+func (ad *meshAdapter) setBootstrapped(b bool) {
+	if ad.m.LocalMeta().Bootstrapped != b {
+		_ = ad.m.UpdateMeta(func(m *mesh.Meta) { m.Bootstrapped = b })
+	}
+}
