@@ -1,0 +1,89 @@
+//go:build cuda
+
+package cuda
+
+// The few driver calls gorgonia.org/cu does not wrap: pinned host
+// allocation, host registration (for shared memory between processes) and
+// IPC handles for device memory. Each returns a Go error naming the call.
+
+/*
+#cgo LDFLAGS: -lcuda
+#include <cuda.h>
+#include <string.h>
+
+static CUresult gm_memHostAlloc(void **p, size_t bytes, unsigned int flags) {
+	return cuMemHostAlloc(p, bytes, flags);
+}
+static CUresult gm_ipcGetMemHandle(void *out, CUdeviceptr p) {
+	CUipcMemHandle h;
+	CUresult r = cuIpcGetMemHandle(&h, p);
+	if (r == CUDA_SUCCESS) memcpy(out, &h, sizeof(h));
+	return r;
+}
+static CUresult gm_ipcOpenMemHandle(CUdeviceptr *p, const void *in) {
+	CUipcMemHandle h;
+	memcpy(&h, in, sizeof(h));
+	return cuIpcOpenMemHandle(p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"unsafe"
+)
+
+// IPCHandleSize is the size of a device memory IPC handle.
+const IPCHandleSize = C.CU_IPC_HANDLE_SIZE
+
+// IPCHandle names device memory for another process on the same host.
+type IPCHandle [IPCHandleSize]byte
+
+func driverErr(r C.CUresult, call string) error {
+	if r == C.CUDA_SUCCESS {
+		return nil
+	}
+	var name *C.char
+	if C.cuGetErrorName(r, &name) != C.CUDA_SUCCESS || name == nil {
+		return fmt.Errorf("cuda: %s failed with CUresult %d", call, int(r))
+	}
+	return fmt.Errorf("cuda: %s failed: %s (%d)", call, C.GoString(name), int(r))
+}
+
+// memHostAlloc allocates portable pinned host memory (usable by every
+// context). A context must be current.
+func memHostAlloc(bytes int) (unsafe.Pointer, error) {
+	var p unsafe.Pointer
+	r := C.gm_memHostAlloc(&p, C.size_t(bytes), C.CU_MEMHOSTALLOC_PORTABLE)
+	return p, driverErr(r, fmt.Sprintf("cuMemHostAlloc(%d bytes)", bytes))
+}
+
+func memFreeHost(p unsafe.Pointer) error {
+	return driverErr(C.cuMemFreeHost(p), "cuMemFreeHost")
+}
+
+// memHostRegister page-locks existing host memory (for example a shared
+// memory mapping) for every context.
+func memHostRegister(p unsafe.Pointer, bytes int) error {
+	return driverErr(C.cuMemHostRegister(p, C.size_t(bytes), C.CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister")
+}
+
+func memHostUnregister(p unsafe.Pointer) error {
+	return driverErr(C.cuMemHostUnregister(p), "cuMemHostUnregister")
+}
+
+func ipcGetMemHandle(p DevPtr) (IPCHandle, error) {
+	var h IPCHandle
+	r := C.gm_ipcGetMemHandle(unsafe.Pointer(&h[0]), C.CUdeviceptr(p))
+	return h, driverErr(r, "cuIpcGetMemHandle")
+}
+
+func ipcOpenMemHandle(h IPCHandle) (DevPtr, error) {
+	var p C.CUdeviceptr
+	r := C.gm_ipcOpenMemHandle(&p, unsafe.Pointer(&h[0]))
+	return DevPtr(p), driverErr(r, "cuIpcOpenMemHandle")
+}
+
+func ipcCloseMemHandle(p DevPtr) error {
+	return driverErr(C.cuIpcCloseMemHandle(C.CUdeviceptr(p)), "cuIpcCloseMemHandle")
+}
