@@ -829,4 +829,3 @@ func (q *eventQueue) popAll() []Event {
 	q.items = nil
 	return out
 }
-

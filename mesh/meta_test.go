@@ -31,7 +31,7 @@ func h100Meta() Meta {
 
 func TestMetaRoundTrip(t *testing.T) {
 	cases := map[string]Meta{
-		"8 H100": h100Meta(),
+		"8 H100":           h100Meta(),
 		"minimal, no GPUs": {ID: "a", Name: "b"},
 		"mixed GPUs, IPv6 and DNS": {
 			ID: "4f1c2b9e-7c1e-4d8a-9d64-0f3e6c1b2a11", Name: "mixed",
