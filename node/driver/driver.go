@@ -430,6 +430,7 @@ func (d *Driver) recoverDir(ctx context.Context, stateDir string) (*Handle, erro
 	}
 	h := d.newHandle(stateDir, sf)
 	if r := h.readExit(); r != nil {
+		reapExited(stateDir)
 		h.setResult(*r)
 		return h, nil
 	}
@@ -674,6 +675,25 @@ func (h *Handle) Stop(ctx context.Context, opts StopOptions) (ExitResult, error)
 // Logs opens one of the task's log streams (see the package function Logs).
 func (h *Handle) Logs(ctx context.Context, stream string, follow bool, offset int64) (*LogReader, error) {
 	return Logs(ctx, h.spec.LogDir, stream, follow, offset)
+}
+
+// reapExited reaps the recorded supervisor of an ended task if it is an
+// unreaped child of this process (a driver of this process that was shut
+// down started it, or this process adopted it as a subreaper). Elsewhere
+// init reaps it.
+func reapExited(stateDir string) {
+	var st taskState
+	if readJSON(filepath.Join(stateDir, stateFileName), &st) != nil || st.BootID != bootID() || st.SupervisorPid <= 0 {
+		return
+	}
+	ps, err := readProcStat(st.SupervisorPid)
+	if err != nil || ps.State != 'Z' || ps.Start != st.SupervisorStart {
+		return
+	}
+	if f, err := pidfdOpen(st.SupervisorPid); err == nil {
+		pidfdReap(f)
+		_ = f.Close()
+	}
 }
 
 // supProc is a task's supervisor process.

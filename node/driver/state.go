@@ -11,12 +11,12 @@ import (
 // Files in a task's state directory (<alloc dir>/.gpumesh). All are written
 // atomically (write, fsync, rename, fsync directory).
 const (
-	specFileName   = "spec.json"      // by the driver, before the supervisor starts
-	stateFileName  = "state.json"     // by the supervisor, once the task runs
-	exitFileName   = "exit.json"      // by the supervisor when the task ended (or the driver: lost)
-	stopFileName   = "stop.json"      // by the driver, then SIGTERM to the supervisor
+	specFileName   = "spec.json"       // by the driver, before the supervisor starts
+	stateFileName  = "state.json"      // by the supervisor, once the task runs
+	exitFileName   = "exit.json"       // by the supervisor when the task ended (or the driver: lost)
+	stopFileName   = "stop.json"       // by the driver, then SIGTERM to the supervisor
 	lockFileName   = "supervisor.lock" // flock held for the supervisor's whole life
-	supLogFileName = "supervisor.log" // the supervisor's own stdout and stderr
+	supLogFileName = "supervisor.log"  // the supervisor's own stdout and stderr
 )
 
 // stateVersion is bumped on incompatible changes of these files.

@@ -135,8 +135,10 @@ func (s *supervisor) run(lockFD int) int {
 		}
 		s.lock = f
 	}
-	if ok, err := flockTry(s.lock); !ok {
-		return s.fail(supervisorDuplicate, "another supervisor holds %s (%v): not starting the task twice", filepath.Join(s.dir, lockFileName), err)
+	if ok, err := flockTry(s.lock); err != nil {
+		return s.fail(supervisorFailed, "lock %s: %v", filepath.Join(s.dir, lockFileName), err)
+	} else if !ok {
+		return s.fail(supervisorDuplicate, "another supervisor holds %s: not starting the task twice", filepath.Join(s.dir, lockFileName))
 	}
 	if exists(filepath.Join(s.dir, exitFileName)) {
 		return s.fail(supervisorDuplicate, "%s exists: the task already ran", exitFileName)
