@@ -274,6 +274,8 @@ func (r ExitResult) String() string {
 		return "failed: " + r.Error
 	case r.Signal != 0:
 		return fmt.Sprintf("killed by signal %d", r.Signal)
+	case r.Error != "":
+		return fmt.Sprintf("exit code %d: %s", r.ExitCode, r.Error)
 	default:
 		return fmt.Sprintf("exit code %d", r.ExitCode)
 	}

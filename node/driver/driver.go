@@ -564,6 +564,8 @@ type Handle struct {
 	state    taskState // zero if the task never ran or had ended when found
 	proc     *supProc  // nil when the task had ended when found
 
+	stopMu sync.Mutex // serializes RequestStop
+
 	done     chan struct{}
 	mu       sync.Mutex
 	result   ExitResult
@@ -653,6 +655,21 @@ func (h *Handle) RequestStop(opts StopOptions) error {
 		req.KillAt = now.Add(opts.Timeout)
 	default:
 		req.KillAt = now.Add(h.spec.KillTimeout)
+	}
+	// Signals do not queue: two quick requests may reach the supervisor as
+	// one SIGTERM, and it reads only the newest stop.json. So the file
+	// keeps the earliest kill time asked for, and the first reason.
+	h.stopMu.Lock()
+	defer h.stopMu.Unlock()
+	var prev stopRequest
+	if readJSON(filepath.Join(h.stateDir, stopFileName), &prev) == nil {
+		if prev.Reason != "" {
+			req.Reason = prev.Reason
+		}
+		req.Force = req.Force || prev.Force
+		if !prev.KillAt.IsZero() && prev.KillAt.Before(req.KillAt) {
+			req.KillAt = prev.KillAt
+		}
 	}
 	if err := writeJSONAtomic(filepath.Join(h.stateDir, stopFileName), req); err != nil {
 		return fmt.Errorf("task %s: record stop request: %w", h.id, err)

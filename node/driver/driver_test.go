@@ -443,3 +443,55 @@ func TestLogsRotateAndFollowLiveTask(t *testing.T) {
 		t.Fatalf("follow ended with %v, want EOF", sc.Err())
 	}
 }
+
+func TestStopEscalates(t *testing.T) {
+	d := newTestDriver(t, "")
+	spec := shSpec(t, `trap '' TERM; echo ready; while :; do sleep 0.01; done`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	// A long grace first, as a plain stop...
+	if err := h.RequestStop(StopOptions{Timeout: time.Hour, Reason: "job stopped"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() bool { return exists(DeadlineFile(h.AllocDir())) }, "the deadline file")
+	// ...then a later, shorter one (a preemption notice) wins; a longer one
+	// would not.
+	if err := h.RequestStop(StopOptions{Timeout: 2 * time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := h.Stop(context.Background(), StopOptions{Deadline: time.Now().Add(200 * time.Millisecond), Reason: "preempted"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Killed || res.Signal != int(syscall.SIGKILL) || res.StopReason != "job stopped" {
+		t.Fatalf("result %+v, want killed at the earlier deadline, reason of the first stop", res)
+	}
+	b, err := os.ReadFile(DeadlineFile(h.AllocDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	secs, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil || time.Unix(secs, 0).After(time.Now().Add(time.Minute)) {
+		t.Fatalf("deadline file %q: want the earlier deadline", b)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+func TestTorchErrorFileInResult(t *testing.T) {
+	d := newTestDriver(t, "")
+	spec := shSpec(t, `printf '{"message": {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "..."}}}' > "$TORCHELASTIC_ERROR_FILE"; exit 1`)
+	spec.Env = append(spec.Env, "TORCHELASTIC_ERROR_FILE="+filepath.Join(AllocDir(d.cfg.DataDir, spec.ID), ErrorFileName))
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	res := wait(t, h)
+	if res.ExitCode != 1 || res.Error != "RuntimeError: boom" {
+		t.Fatalf("result %+v, want exit 1 with the error file's message", res)
+	}
+}
