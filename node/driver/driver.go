@@ -483,6 +483,7 @@ func (d *Driver) recoverDir(ctx context.Context, stateDir string) (*Handle, erro
 	if st.BootID != bootID() {
 		return nil, fmt.Errorf("%w: %s: state from another boot, yet its lock is held", ErrSupervisor, stateDir)
 	}
+	h.state = st
 	proc := &supProc{pid: st.SupervisorPid, start: st.SupervisorStart}
 	if f, err := pidfdOpen(proc.pid); err == nil {
 		proc.pidfd = f
@@ -491,24 +492,53 @@ func (d *Driver) recoverDir(ctx context.Context, stateDir string) (*Handle, erro
 	// pidfd is the supervisor we recorded, not a process that got its PID.
 	if !sameProcess(proc.pid, proc.start) {
 		proc.close()
-		// The lock was held a moment ago: it is exiting now. Its exit file
-		// decides.
-		if r := h.readExit(); r != nil {
-			h.setResult(*r)
-			return h, nil
-		}
-		res, err := d.finishLost(h, "the supervisor vanished during recovery")
-		if err != nil {
-			return nil, err
-		}
-		h.setResult(res)
-		return h, nil
+		// The lock was held a moment ago, so the supervisor is exiting
+		// now: wait for its exit file or for the lock to drop. Never
+		// declare a task lost while its lock is held.
+		return d.awaitEnd(ctx, h)
 	}
-	h.state = st
 	h.proc = proc
 	d.logger.Info("reattached to running task", "task", h.id, "pid", st.TaskPid, "supervisor_pid", proc.pid)
 	d.goFunc(func() { d.watch(h) })
 	return h, nil
+}
+
+// awaitEnd waits for a task whose supervisor is going away: its exit file,
+// or a free lock (then it is lost), within StartTimeout.
+func (d *Driver) awaitEnd(ctx context.Context, h *Handle) (*Handle, error) {
+	deadline := time.Now().Add(d.cfg.StartTimeout)
+	for {
+		if r := h.readExit(); r != nil {
+			reapExited(h.stateDir)
+			h.setResult(*r)
+			return h, nil
+		}
+		lock, err := os.OpenFile(filepath.Join(h.stateDir, lockFileName), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrSupervisor, h.stateDir, err)
+		}
+		free, err := flockTry(lock)
+		if err == nil && free {
+			res, lerr := d.finishLost(h, "the supervisor is gone and recorded no exit")
+			_ = lock.Close()
+			if lerr != nil {
+				return nil, fmt.Errorf("%w: %s: %v", ErrSupervisor, h.stateDir, lerr)
+			}
+			h.setResult(res)
+			return h, nil
+		}
+		_ = lock.Close()
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%w: %s: its lock is held but the recorded supervisor (pid %d) is not running; another process holds the lock", ErrSupervisor, h.stateDir, h.state.SupervisorPid)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-d.shutdownCh:
+			return nil, ErrShutdown
+		case <-time.After(d.cfg.PollInterval):
+		}
+	}
 }
 
 // Remove deletes the allocation directory of a task that has ended (its

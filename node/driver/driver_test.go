@@ -495,3 +495,22 @@ func TestTorchErrorFileInResult(t *testing.T) {
 		t.Fatalf("result %+v, want exit 1 with the error file's message", res)
 	}
 }
+
+func TestTaskGetsDefaultSignalDispositions(t *testing.T) {
+	d := newTestDriver(t, "")
+	// The supervisor catches SIGTERM, SIGINT and SIGHUP; none of that may
+	// leak into the task as an ignored or blocked signal.
+	spec := shSpec(t, "")
+	spec.Command = []string{"grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"}
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	if res := wait(t, h); !res.Success() {
+		t.Fatalf("result %+v", res)
+	}
+	if got, want := readLog(t, h, Stdout), "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"; got != want {
+		t.Fatalf("task signal state %q, want %q", got, want)
+	}
+}

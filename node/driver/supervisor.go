@@ -54,7 +54,11 @@ func SupervisorMain(args []string) int {
 	// kill the supervisor and lose the task's exit status.
 	sigCh := make(chan os.Signal, 8)
 	signal.Notify(sigCh, unix.SIGTERM, unix.SIGINT)
-	signal.Ignore(unix.SIGHUP, unix.SIGPIPE)
+	// SIGHUP is caught and dropped rather than ignored: an ignored signal
+	// would stay ignored in the task across exec, a caught one does not.
+	hupCh := make(chan os.Signal, 1)
+	signal.Notify(hupCh, unix.SIGHUP)
+	defer signal.Stop(hupCh)
 
 	fset := flag.NewFlagSet(SupervisorCommand, flag.ContinueOnError)
 	dir := fset.String("dir", "", "the task's state directory (<alloc dir>/.gpumesh)")
