@@ -47,6 +47,21 @@ type Message struct {
 	Tag        Tag
 	Rows, Cols int
 	Data       []float32
+
+	// release, when set, gives Data back to the link that received it.
+	release func([]float32)
+}
+
+// Release hands a received message's memory back to its link for reuse;
+// the message must not be used afterwards. Releasing is optional (memory
+// not released is garbage collected) and safe to call twice.
+func (m *Message) Release() {
+	if m.release != nil {
+		r := m.release
+		m.release = nil
+		r(m.Data)
+		m.Data = nil
+	}
 }
 
 // Validate checks the shape against the data.

@@ -16,13 +16,15 @@ var ErrInvalidSpec = errors.New("invalid pipeline spec")
 // of the schedule. It is called from one goroutine.
 type StageModel interface {
 	// Forward runs micro-batch mb of step forward. in is the activation
-	// received from the previous stage (nil on the first stage). It returns
+	// received from the previous stage (nil on the first stage); its Data
+	// is reused once Forward returns, so copy what must be kept. It returns
 	// the stage's output activation (sent to the next stage; on the last
 	// stage it is not sent).
 	Forward(step, mb int, in *Message) (*Message, error)
 	// Backward runs micro-batch mb backward. grad is the gradient of the
 	// stage's output received from the next stage (nil on the last stage,
-	// which computes it from the loss). It returns the gradient of the
+	// which computes it from the loss; its Data is reused once Backward
+	// returns). It returns the gradient of the
 	// stage's input (sent to the previous stage; nil on the first stage).
 	Backward(step, mb int, grad *Message) (*Message, error)
 	// EndStep is called once the step's actions are done (apply the
@@ -160,12 +162,16 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			inAct[a.MicroBatch] = m
 		case OpForward:
 			t0 := time.Now()
-			out, err := model.Forward(step, a.MicroBatch, inAct[a.MicroBatch])
+			in := inAct[a.MicroBatch]
+			out, err := model.Forward(step, a.MicroBatch, in)
 			stats.BusySeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return fmt.Errorf("forward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
 			delete(inAct, a.MicroBatch)
+			if in != nil {
+				in.Release()
+			}
 			if out != nil && next != nil {
 				out.Tag = tag(step, a.MicroBatch, DirActivation)
 				outAct[a.MicroBatch] = out
@@ -190,12 +196,16 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			inGrad[a.MicroBatch] = m
 		case OpBackward:
 			t0 := time.Now()
-			g, err := model.Backward(step, a.MicroBatch, inGrad[a.MicroBatch])
+			in := inGrad[a.MicroBatch]
+			g, err := model.Backward(step, a.MicroBatch, in)
 			stats.BusySeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return fmt.Errorf("backward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
 			delete(inGrad, a.MicroBatch)
+			if in != nil {
+				in.Release()
+			}
 			if g != nil && prev != nil {
 				g.Tag = tag(step, a.MicroBatch, DirGradient)
 				outGrad[a.MicroBatch] = g

@@ -54,12 +54,14 @@ type TCPLink struct {
 	generation uint64
 	hdr        [tcpHeaderSize]byte
 	closeOnce  sync.Once
+	// free holds released receive buffers for reuse.
+	free chan []float32
 }
 
 var _ Link = (*TCPLink)(nil)
 
 func newTCPLink(conn net.Conn, jobID string, gen uint64) *TCPLink {
-	return &TCPLink{conn: conn, r: bufio.NewReaderSize(conn, 256<<10), jobID: jobID, job: jobHash(jobID), generation: gen}
+	return &TCPLink{conn: conn, r: bufio.NewReaderSize(conn, 64<<10), jobID: jobID, job: jobHash(jobID), generation: gen, free: make(chan []float32, 16)}
 }
 
 func f32bytes(d []float32) []byte {
@@ -122,11 +124,34 @@ func (l *TCPLink) Recv() (*Message, error) {
 	if n > MaxMessageBytes {
 		return nil, fmt.Errorf("%w: %v announces %d bytes, over the %d-byte limit", ErrProtocol, m.Tag, n, MaxMessageBytes)
 	}
-	m.Data = make([]float32, m.Rows*m.Cols)
+	m.Data = l.buffer(m.Rows * m.Cols)
+	m.release = l.recycle
 	if _, err := io.ReadFull(l.r, f32bytes(m.Data)); err != nil {
 		return nil, l.ioErr(err)
 	}
 	return m, nil
+}
+
+// buffer returns a receive buffer of n values, reused when one is free.
+func (l *TCPLink) buffer(n int) []float32 {
+	for {
+		select {
+		case b := <-l.free:
+			if cap(b) >= n {
+				return b[:n]
+			}
+			// Too small: drop it and look further.
+		default:
+			return make([]float32, n)
+		}
+	}
+}
+
+func (l *TCPLink) recycle(b []float32) {
+	select {
+	case l.free <- b:
+	default:
+	}
 }
 
 func (l *TCPLink) ioErr(err error) error {
