@@ -169,5 +169,3 @@ func TestParseLifecycleAndRegion(t *testing.T) {
 		}
 	}
 }
-
-
