@@ -25,6 +25,17 @@ static CUresult gm_ipcOpenMemHandle(CUdeviceptr *p, const void *in) {
 	memcpy(&h, in, sizeof(h));
 	return cuIpcOpenMemHandle(p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
 }
+static CUresult gm_ipcGetEventHandle(void *out, CUevent e) {
+	CUipcEventHandle h;
+	CUresult r = cuIpcGetEventHandle(&h, e);
+	if (r == CUDA_SUCCESS) memcpy(out, &h, sizeof(h));
+	return r;
+}
+static CUresult gm_ipcOpenEventHandle(CUevent *e, const void *in) {
+	CUipcEventHandle h;
+	memcpy(&h, in, sizeof(h));
+	return cuIpcOpenEventHandle(e, h);
+}
 */
 import "C"
 
@@ -86,4 +97,19 @@ func ipcOpenMemHandle(h IPCHandle) (DevPtr, error) {
 
 func ipcCloseMemHandle(p DevPtr) error {
 	return driverErr(C.cuIpcCloseMemHandle(C.CUdeviceptr(p)), "cuIpcCloseMemHandle")
+}
+
+// ipcGetEventHandle exports an event created with the interprocess flag.
+// ev is the raw CUevent (gorgonia.org/cu's Event holds exactly that).
+func ipcGetEventHandle(ev unsafe.Pointer) (IPCHandle, error) {
+	var h IPCHandle
+	r := C.gm_ipcGetEventHandle(unsafe.Pointer(&h[0]), *(*C.CUevent)(ev))
+	return h, driverErr(r, "cuIpcGetEventHandle")
+}
+
+// ipcOpenEventHandle opens another process's event; it writes the raw
+// CUevent to out.
+func ipcOpenEventHandle(h IPCHandle, out unsafe.Pointer) error {
+	r := C.gm_ipcOpenEventHandle((*C.CUevent)(out), unsafe.Pointer(&h[0]))
+	return driverErr(r, "cuIpcOpenEventHandle")
 }

@@ -220,6 +220,9 @@ func (s *Stream) CountMismatch(dt DType, a, b DevPtr, n int64, scratch *Mem) (in
 	return int64(*(*uint64)(unsafe.Pointer(&out[0]))), nil
 }
 
+// cu.Event must be exactly one CUevent (a pointer): the IPC calls cast it.
+var _ = [1]struct{}{}[unsafe.Sizeof(cu.Event{})-unsafe.Sizeof(uintptr(0))]
+
 // Event marks a point in a stream's work.
 type Event struct {
 	dev *Device
@@ -241,6 +244,43 @@ func (d *Device) NewEvent(timing bool) (*Event, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cuda: device %d: cuEventCreate: %w", d.props.Ordinal, err)
+	}
+	return ev, nil
+}
+
+// NewIPCEvent creates an event another process on this host can wait on
+// (interprocess, no timing). Export it with IPCHandle.
+func (d *Device) NewIPCEvent() (*Event, error) {
+	ev := &Event{dev: d}
+	err := d.Do(func() error {
+		var err error
+		ev.e, err = cu.MakeEvent(cu.InterprocessEvent | cu.DisableTiming)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cuda: device %d: cuEventCreate(interprocess): %w", d.props.Ordinal, err)
+	}
+	return ev, nil
+}
+
+// IPCHandle exports an event made by NewIPCEvent.
+func (e *Event) IPCHandle() (IPCHandle, error) {
+	var h IPCHandle
+	err := e.dev.Do(func() error {
+		var err error
+		h, err = ipcGetEventHandle(unsafe.Pointer(&e.e))
+		return err
+	})
+	return h, err
+}
+
+// OpenIPCEvent opens an event of another process (its IPCHandle) for
+// Stream.Wait on d. Close it when done.
+func (d *Device) OpenIPCEvent(h IPCHandle) (*Event, error) {
+	ev := &Event{dev: d}
+	err := d.Do(func() error { return ipcOpenEventHandle(h, unsafe.Pointer(&ev.e)) })
+	if err != nil {
+		return nil, err
 	}
 	return ev, nil
 }

@@ -20,6 +20,7 @@ var (
 	_ collective.Buffer       = (*Buffer)(nil)
 	_ collective.BufferCopier = (*Buffer)(nil)
 	_ collective.PeerReducer  = (*Buffer)(nil)
+	_ collective.Allocator    = (*Buffer)(nil)
 )
 
 // DType maps a collective dtype to the kernels' dtype.
@@ -172,14 +173,15 @@ type Buffer struct {
 	n   int
 	mem *cuda.Mem
 
-	rd, wr  *cuda.Stream
-	wrMark  *cuda.Event // recorded on wr, waited on by rd or peers
-	rdMark  *cuda.Event // recorded on peers' streams
-	mu      sync.Mutex  // orders enqueues; guards reads, big, err
-	reads   map[readKey][]*cuda.PinnedBuffer
-	big     map[readKey][][]byte // ReadChunk larger than a slot
-	err     error
-	freed   bool
+	rd, wr   *cuda.Stream
+	wrMark   *cuda.Event // recorded on wr, waited on by rd or peers
+	rdMark   *cuda.Event // recorded on rd after a ReadChunk larger than a slot
+	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
+	mu       sync.Mutex  // orders enqueues; guards reads, big, err
+	reads    map[readKey][]*cuda.PinnedBuffer
+	big      map[readKey][][]byte // ReadChunk larger than a slot
+	err      error
+	freed    bool
 }
 
 // NewBuffer allocates n elements of dt on device index dev (an index into
@@ -220,7 +222,23 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		buf.Free()
 		return nil, err
 	}
+	if buf.peerMark, err = ds.dev.NewEvent(false); err != nil {
+		buf.Free()
+		return nil, err
+	}
 	return buf, nil
+}
+
+// NewLike implements collective.Allocator: a buffer of n elements of the
+// same dtype on the same device (scratch for out-of-place operations). The
+// caller frees it with Free when it is a *Buffer.
+func (buf *Buffer) NewLike(n int) (collective.Buffer, error) {
+	for i, ds := range buf.be.devs {
+		if ds == buf.ds {
+			return buf.be.NewBuffer(i, buf.dt, n)
+		}
+	}
+	return nil, fmt.Errorf("%w: buffer's device is not in its backend", collective.ErrBadArgument)
 }
 
 // Free waits for outstanding work and releases the device memory, streams
@@ -240,7 +258,7 @@ func (buf *Buffer) Free() error {
 			errs = append(errs, s.Close())
 		}
 	}
-	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark} {
+	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
 		}
@@ -553,8 +571,10 @@ func (buf *Buffer) peerOp(src *Buffer, f func() error) error {
 		err = f()
 	}
 	if err == nil && src != buf {
-		if err = buf.wr.Record(src.rdMark); err == nil {
-			err = src.wr.Wait(src.rdMark)
+		// an event is recorded on a stream of its own device; waiting on it
+		// from another device's stream is allowed
+		if err = buf.wr.Record(buf.peerMark); err == nil {
+			err = src.wr.Wait(buf.peerMark)
 		}
 	}
 	return buf.fail(err)

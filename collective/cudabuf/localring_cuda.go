@@ -92,6 +92,17 @@ func (l *LocalRing) chunkRange(seg, c int) (off, cnt int) {
 
 func mod(a, n int) int { return ((a % n) + n) % n }
 
+// ringStep is rank r's part of step t of a ring all-reduce over n ranks:
+// reduce-scatter steps (t < n-1) reduce segment seg from the left neighbour
+// into r; all-gather steps copy segment seg from the left neighbour. After
+// step n-2 rank r holds the complete segment r+1.
+func ringStep(r, t, n int) (seg int, reduce bool) {
+	if t < n-1 {
+		return mod(r-t-1, n), true
+	}
+	return mod(r-(t-(n-1)), n), false
+}
+
 // AllReduce reduces every rank's buffer in place with op and waits for the
 // result on every device.
 func (l *LocalRing) AllReduce(op collective.Op) error {
@@ -106,18 +117,11 @@ func (l *LocalRing) AllReduce(op collective.Op) error {
 		}
 	}
 	if n > 1 {
-		if err := l.enqueue(cop); err != nil {
+		if err := l.enqueue(cop, op == collective.OpAvg); err != nil {
 			for _, b := range l.bufs {
 				b.Sync()
 			}
 			return err
-		}
-	}
-	if op == collective.OpAvg && n > 1 {
-		for _, b := range l.bufs {
-			if err := b.wr.Div(b.cdt, b.mem.Ptr(), int64(b.n), float64(n)); err != nil {
-				return err
-			}
 		}
 	}
 	var errs []error
@@ -127,7 +131,7 @@ func (l *LocalRing) AllReduce(op collective.Op) error {
 	return errors.Join(errs...)
 }
 
-func (l *LocalRing) enqueue(cop cuda.Op) error {
+func (l *LocalRing) enqueue(cop cuda.Op, avg bool) error {
 	n := len(l.bufs)
 	es := int64(l.bufs[0].dt.Size())
 	steps := 2 * (n - 1)
@@ -143,15 +147,11 @@ func (l *LocalRing) enqueue(cop cuda.Op) error {
 						return err
 					}
 				}
-				var seg int
-				if t < n-1 {
-					seg = mod(r-t-1, n)
-				} else {
-					a := t - (n - 1)
-					seg = mod(r-a, n)
+				seg, reduce := ringStep(r, t, n)
+				if !reduce {
 					// write-after-read: the right neighbour read this chunk
-					// of ours in its reduce-scatter step a
-					if err := s.Wait(l.events[mod(r+1, n)][a][c]); err != nil {
+					// of ours in its reduce-scatter step t-(n-1)
+					if err := s.Wait(l.events[mod(r+1, n)][t-(n-1)][c]); err != nil {
 						return err
 					}
 				}
@@ -159,8 +159,13 @@ func (l *LocalRing) enqueue(cop cuda.Op) error {
 				if cnt > 0 {
 					var err error
 					switch {
-					case t < n-1:
+					case reduce:
 						err = s.Reduce(cop, dst.cdt, dst.at(off), left.at(off), int64(cnt))
+						if err == nil && avg && t == n-2 {
+							// the segment is complete: divide it before the
+							// all-gather hands it on
+							err = s.Div(dst.cdt, dst.at(off), int64(cnt), float64(n))
+						}
 					case dst.ds == left.ds:
 						err = s.CopyDtoD(dst.at(off), left.at(off), int64(cnt)*es)
 					default:

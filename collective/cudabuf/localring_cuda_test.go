@@ -7,10 +7,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
 )
 
 // smallInts fills rank r's host copy with values that make every op exact in
@@ -108,7 +110,6 @@ func TestLocalRingBandwidth(t *testing.T) {
 	if s := os.Getenv("GPUMESH_CUDA_BENCH_ITERS"); s != "" {
 		iters, _ = strconv.Atoi(s)
 	}
-	fmt.Printf("%-22s %10s %8s %10s %10s %10s\n", "local ring (1 process)", "size", "chunk", "time_us", "algbw", "busbw")
 	for _, place := range [][]int{{0, 1}, {0, 1, 0, 1}} {
 		for _, mib := range []int{1, 16, 64, 256} {
 			for _, chunk := range []int{2 << 20, 8 << 20, 32 << 20} {
@@ -119,7 +120,9 @@ func TestLocalRingBandwidth(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					b.wr.Fill(0, b.mem.Ptr(), 0, 0, false)
+					if err := b.wr.Fill(cuda.Float32, b.mem.Ptr(), int64(n), 1, false); err != nil {
+						t.Fatal(err)
+					}
 					bufs = append(bufs, b)
 				}
 				ring, err := NewLocalRing(bufs, chunk)
@@ -140,7 +143,8 @@ func TestLocalRingBandwidth(t *testing.T) {
 				med := median(ts)
 				alg := float64(mib<<20) / med.Seconds() / 1e9
 				nr := float64(len(place))
-				fmt.Printf("n=%d devs=%-12v %7dMiB %6dMiB %10.1f %10.2f %10.2f\n", len(place), place, mib, chunk>>20,
+				fmt.Printf("local n=%d devs=%s size=%dMiB chunk=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n", len(place),
+					strings.Trim(strings.ReplaceAll(fmt.Sprint(place), " ", ","), "[]"), mib, chunk>>20,
 					float64(med.Microseconds()), alg, alg*2*(nr-1)/nr)
 				ring.Close()
 				for _, b := range bufs {
