@@ -43,7 +43,7 @@ if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	done
 	grep -E '^tcp .*correctness' "$logs/rings.log" | head -1 | sed 's/^/    /' | tee -a "$table"
 fi
-if "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
+if [ -x "$dir/gpumesh" ] && "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
 	for procs in "" "--procs"; do
 		timeout 240 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 64MiB,256MiB $procs --json \
 			>"$logs/bench-cuda$procs.json" 2>"$logs/bench-cuda$procs.err"
