@@ -24,7 +24,7 @@ date -u +"%Y-%m-%dT%H:%MZ" >>"$logs/gpus.txt"
 for t in "$dir"/*.test; do
 	[ -e "$t" ] || continue
 	name=$(basename "$t" .test)
-	if timeout 300 "$t" -test.v -test.count=1 >"$logs/test-$name.log" 2>&1; then
+	if timeout 240 "$t" -test.v -test.count=1 >"$logs/test-$name.log" 2>&1; then
 		row "go test $name (-tags cuda)" "PASS ($(grep -c '^=== RUN' "$logs/test-$name.log") runs)"
 	else
 		row "go test $name (-tags cuda)" "FAIL (see test-$name.log)"
@@ -34,9 +34,9 @@ done
 
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
-	GPUMESH_CUDA_BENCH=1 timeout 300 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/rings.log" 2>&1
+	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/rings.log" 2>&1
 	for ch in ${TCP_CHANNELS:-4 16}; do
-		GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CHANNELS=$ch timeout 300 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/rings.log" 2>&1
+		GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CHANNELS=$ch timeout 150 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/rings.log" 2>&1
 	done
 	grep -E '^(local|ipc|tcp) ' "$logs/rings.log" | grep busbw | while read -r l; do
 		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5, $6}' | sed 's/time=.*//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"

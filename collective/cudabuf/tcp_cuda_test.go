@@ -35,7 +35,7 @@ func TestTCPSeparateProcesses(t *testing.T) {
 	if s := os.Getenv("GPUMESH_TCP_RANKS"); s != "" {
 		n, _ = strconv.Atoi(s)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 280*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(envInt("GPUMESH_TCP_TIMEOUT_S", 120))*time.Second)
 	defer cancel()
 	type child struct {
 		cmd   *exec.Cmd
@@ -127,6 +127,7 @@ func tcpChild(t *testing.T, rankS string) {
 	cfg := collective.DefaultConfig()
 	cfg.Channels = envInt("GPUMESH_TCP_CHANNELS", cfg.Channels)
 	cfg.ChunkBytes = envInt("GPUMESH_TCP_CHUNK_KIB", cfg.ChunkBytes>>10) << 10
+	cfg.Timeout = 20 * time.Second
 	gen := uint64(1)
 	newComm := func() *collective.Communicator {
 		c, err := collective.New(srv.Transport(), collective.Group{Job: "cuda-tcp", Generation: gen, Rank: rank, Addrs: addrs}, cfg)
