@@ -278,7 +278,14 @@ func (e *Event) IPCHandle() (IPCHandle, error) {
 // Stream.Wait on d. Close it when done.
 func (d *Device) OpenIPCEvent(h IPCHandle) (*Event, error) {
 	ev := &Event{dev: d}
-	err := d.Do(func() error { return ipcOpenEventHandle(h, unsafe.Pointer(&ev.e)) })
+	err := d.Do(func() error {
+		raw, err := ipcOpenEventHandle(h)
+		if err != nil {
+			return err
+		}
+		*(*unsafe.Pointer)(unsafe.Pointer(&ev.e)) = raw
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -138,7 +138,7 @@ func tcpChild(t *testing.T, rankS string) {
 		return c
 	}
 	comm := newComm()
-	defer comm.Close()
+	defer func() { comm.Close() }()
 	// correctness
 	const count = 300007
 	for _, dt := range []collective.DType{collective.Float32, collective.BFloat16, collective.Int32} {
@@ -184,42 +184,57 @@ func tcpChild(t *testing.T, rankS string) {
 		return
 	}
 	iters := envInt("GPUMESH_TCP_ITERS", 10)
-	for _, device := range strings.Split(envOr("GPUMESH_TCP_DEVICES", "cuda,cpu"), ",") {
-		for _, mib := range []int{1, 16, 64, 256} {
-			count := mib << 20 / 4
-			var buf collective.Buffer
-			if device == "cuda" {
-				b, err := be.NewBuffer(dev, collective.Float32, count)
-				if err != nil {
-					t.Fatal(err)
+	sizes := []int{64, 256}
+	for ci, conf := range strings.Split(envOr("GPUMESH_TCP_CONFIGS", "4x1024,8x1024,8x4096,16x1024,16x4096"), ",") {
+		var ch, kib int
+		if _, err := fmt.Sscanf(conf, "%dx%d", &ch, &kib); err != nil {
+			t.Fatalf("bad GPUMESH_TCP_CONFIGS entry %q (want CHANNELSxCHUNK_KIB)", conf)
+		}
+		cfg.Channels, cfg.ChunkBytes = ch, kib<<10
+		comm.Close()
+		comm = newComm()
+		szs := sizes
+		if ci == 0 {
+			szs = []int{1, 16, 64, 256}
+		}
+		for _, device := range strings.Split(envOr("GPUMESH_TCP_DEVICES", "cuda,cpu"), ",") {
+			for _, mib := range szs {
+				count := mib << 20 / 4
+				var buf collective.Buffer
+				var free func()
+				if device == "cuda" {
+					b, err := be.NewBuffer(dev, collective.Float32, count)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b.wr.Fill(cuda.Float32, b.mem.Ptr(), int64(count), uint64(rank), false)
+					buf, free = b, func() { b.Free() }
+				} else {
+					buf, free = collective.NewHostBuffer(collective.Float32, count), func() {}
 				}
-				b.wr.Fill(cuda.Float32, b.mem.Ptr(), int64(count), uint64(rank), false)
-				defer b.Free()
-				buf = b
-			} else {
-				buf = collective.NewHostBuffer(collective.Float32, count)
-			}
-			for i := 0; i < 2; i++ {
-				if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
-					t.Fatal(err)
+				for i := 0; i < 2; i++ {
+					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
+						t.Fatal(err)
+					}
 				}
-			}
-			var ts []time.Duration
-			for i := 0; i < iters; i++ {
-				if err := comm.Barrier(ctx); err != nil {
-					t.Fatal(err)
+				var ts []time.Duration
+				for i := 0; i < iters; i++ {
+					if err := comm.Barrier(ctx); err != nil {
+						t.Fatal(err)
+					}
+					t0 := time.Now()
+					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
+						t.Fatal(err)
+					}
+					ts = append(ts, time.Since(t0))
 				}
-				t0 := time.Now()
-				if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
-					t.Fatal(err)
+				free()
+				med := median(ts)
+				alg := float64(mib<<20) / med.Seconds() / 1e9
+				if rank == 0 {
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
 				}
-				ts = append(ts, time.Since(t0))
-			}
-			med := median(ts)
-			alg := float64(mib<<20) / med.Seconds() / 1e9
-			if rank == 0 {
-				fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
-					n, device, cfg.Channels, cfg.ChunkBytes>>10, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
 			}
 		}
 	}
