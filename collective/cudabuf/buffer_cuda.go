@@ -78,6 +78,7 @@ type Backend struct {
 
 	// Staging slots: the runtime's pinned pool, grown on demand up to
 	// maxSlots so that no mix of outstanding reads and writes can deadlock.
+	opts     options
 	free     chan *stageSlot
 	pmu      sync.Mutex
 	slots    []*stageSlot
@@ -90,21 +91,37 @@ type Backend struct {
 	closeErr  error
 }
 
+// Option tunes a Backend.
+type Option func(*options)
+
+type options struct {
+	spin bool
+}
+
+// WithSpinWait makes host waits on staging copies spin on a core instead of
+// sleeping: lower latency, but one busy core per waiting channel. Off by
+// default (many channels wait at once).
+func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } }
+
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair
 // of devices that supports it.
-func Open(cfg cuda.Config) (*Backend, error) {
+func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
+	var o options
+	for _, f := range opts {
+		f(&o)
+	}
 	rt, err := cuda.Open(cfg)
 	if err != nil {
 		return nil, err
 	}
-	return newBackend(rt)
+	return newBackend(rt, o)
 }
 
-func newBackend(rt *cuda.Runtime) (*Backend, error) {
+func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 	pool := rt.Pool()
 	slots := pool.Slots()
-	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots}
+	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o}
 	b.free = make(chan *stageSlot, b.maxSlots)
 	for i, d := range rt.Devices() {
 		ds := &devState{idx: i, dev: d}
@@ -115,7 +132,7 @@ func newBackend(rt *cuda.Runtime) (*Backend, error) {
 			return nil, err
 		}
 		for j := 0; j < slots; j++ {
-			ev, err := d.NewEvent(false)
+			ev, err := b.newSlotEvent(d)
 			if err != nil {
 				b.Close()
 				return nil, err
@@ -153,6 +170,13 @@ func newBackend(rt *cuda.Runtime) (*Backend, error) {
 	return b, nil
 }
 
+func (b *Backend) newSlotEvent(d *cuda.Device) (*cuda.Event, error) {
+	if b.opts.spin {
+		return d.NewEvent(false)
+	}
+	return d.NewBlockingEvent()
+}
+
 // stageSlot is one pinned host buffer with, per device, a device scratch
 // twin and an event marking the end of the slot's last use.
 type stageSlot struct {
@@ -179,7 +203,7 @@ func (b *Backend) grow() (*stageSlot, error) {
 		}
 		st.mems = append(st.mems, m)
 		st.scratch = append(st.scratch, m.Ptr())
-		ev, err := ds.dev.NewEvent(false)
+		ev, err := b.newSlotEvent(ds.dev)
 		if err != nil {
 			b.freeSlot(st)
 			return nil, err
@@ -333,7 +357,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		buf.Free()
 		return nil, err
 	}
-	if buf.rdMark, err = ds.dev.NewEvent(false); err != nil {
+	if buf.rdMark, err = b.newSlotEvent(ds.dev); err != nil {
 		buf.Free()
 		return nil, err
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
 	"testing"
 
 	"github.com/gpumesh/gpumesh/collective"
@@ -28,7 +29,7 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 	cfg := cuda.DefaultConfig()
 	cfg.PinnedSlotBytes = slotBytes
 	cfg.PinnedSlots = slots
-	be, err := Open(cfg)
+	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") == "1"))
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}

@@ -232,8 +232,15 @@ func tcpChild(t *testing.T, rankS string) {
 				med := median(ts)
 				alg := float64(mib<<20) / med.Seconds() / 1e9
 				if rank == 0 {
-					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
-						n, device, cfg.Channels, cfg.ChunkBytes>>10, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
+					wait := "sleep"
+					if os.Getenv("GPUMESH_SPIN") == "1" {
+						wait = "spin"
+					}
+					if device == "cpu" {
+						wait = "-"
+					}
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
 				}
 			}
 		}
