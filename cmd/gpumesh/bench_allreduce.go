@@ -153,4 +153,3 @@ func newBenchAllReduceWorkerCommand() *cobra.Command {
 	f.register(cmd)
 	return cmd
 }
-
