@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	wal "github.com/hashicorp/raft-wal"
+	"github.com/hashicorp/raft-wal/metadb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
@@ -40,6 +41,7 @@ type Server struct {
 	raft   *raft.Raft
 	trans  *raft.NetworkTransport
 	wal    *wal.WAL
+	meta   *metadb.BoltMetaDB
 	snaps  *raft.FileSnapshotStore
 	obs    *raft.Observer
 	obsCh  chan raft.Observation
@@ -108,7 +110,14 @@ func (s *Server) setupRaft() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("raft data dir %s: %w", dir, err)
 	}
-	w, err := wal.Open(filepath.Join(dir, "wal"), wal.WithLogger(s.logger.Named("wal")))
+	walDir := filepath.Join(dir, "wal")
+	if err := os.MkdirAll(walDir, 0o700); err != nil {
+		return fmt.Errorf("raft log dir %s: %w", walDir, err)
+	}
+	// WAL.Close does not close its meta store (raft-wal v0.4.0), which
+	// keeps a file lock: own it and close it ourselves.
+	s.meta = &metadb.BoltMetaDB{}
+	w, err := wal.Open(walDir, wal.WithLogger(s.logger.Named("wal")), wal.WithMetaStore(s.meta))
 	if err != nil {
 		return fmt.Errorf("open raft log in %s: %w", dir, err)
 	}
@@ -356,6 +365,11 @@ func (s *Server) closeStores() error {
 	if s.wal != nil {
 		if err := s.wal.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close raft log: %w", err))
+		}
+	}
+	if s.meta != nil {
+		if err := s.meta.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft log meta store: %w", err))
 		}
 	}
 	return errors.Join(errs...)
