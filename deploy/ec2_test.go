@@ -1,0 +1,35 @@
+package deploy
+
+import (
+	"context"
+	"net/http/httptest"
+	"path/filepath"
+	"testing"
+
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+
+	"github.com/gpumesh/gpumesh/deploy/ec2fake"
+)
+
+// newFakeEC2 starts the EC2 Query fake on loopback and returns an SDK
+// client pointed at it with static credentials; nothing reaches AWS.
+func newFakeEC2(t *testing.T) (*ec2fake.Server, *ec2.Client) {
+	t.Helper()
+	dir := t.TempDir()
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "config"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "credentials"))
+	fake := ec2fake.New()
+	srv := httptest.NewServer(fake)
+	t.Cleanup(srv.Close)
+	c, err := NewEC2Client(context.Background(), AWSConfig{
+		Region:      "us-east-1",
+		Endpoint:    srv.URL,
+		Credentials: credentials.NewStaticCredentialsProvider("AKIDTEST", "SECRETTEST", ""),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fake, c
+}
