@@ -200,7 +200,7 @@ func (d *Driver) Start(ctx context.Context, spec TaskSpec) (*Handle, error) {
 	}
 
 	sf := specFile{Version: stateVersion, AllocDir: allocDir, Spec: spec, Hash: hash}
-	if err := writeJSONAtomic(filepath.Join(stateDir, specFileName), sf); err != nil {
+	if err := writeJSONAtomic(filepath.Join(stateDir, specFileName), sf, ephemeral); err != nil {
 		return nil, fmt.Errorf("%w: task %s: write spec: %v", ErrSupervisor, spec.ID, err)
 	}
 	h, err := d.spawn(ctx, stateDir, sf, lock)
@@ -372,7 +372,7 @@ func (d *Driver) finishLost(h *Handle, why string) (ExitResult, error) {
 		}
 	}
 	res := ExitResult{ExitCode: -1, Lost: true, Error: why, StartedAt: st.StartedAt, FinishedAt: time.Now()}
-	err := writeJSONAtomic(filepath.Join(h.stateDir, exitFileName), res)
+	err := writeJSONAtomic(filepath.Join(h.stateDir, exitFileName), res, durable)
 	_ = markLogClosed(h.spec.LogDir, Stdout)
 	_ = markLogClosed(h.spec.LogDir, Stderr)
 	return res, err
@@ -701,7 +701,7 @@ func (h *Handle) RequestStop(opts StopOptions) error {
 			req.KillAt = prev.KillAt
 		}
 	}
-	if err := writeJSONAtomic(filepath.Join(h.stateDir, stopFileName), req); err != nil {
+	if err := writeJSONAtomic(filepath.Join(h.stateDir, stopFileName), req, ephemeral); err != nil {
 		return fmt.Errorf("task %s: record stop request: %w", h.id, err)
 	}
 	if err := h.proc.signal(unix.SIGTERM); err != nil && !errors.Is(err, unix.ESRCH) {

@@ -79,7 +79,7 @@ type rotatingWriter struct {
 
 // writeLogMeta records the rotation settings readers need.
 func writeLogMeta(dir string, cfg LogConfig) error {
-	return writeJSONAtomic(filepath.Join(dir, logMetaName), cfg)
+	return writeJSONAtomic(filepath.Join(dir, logMetaName), cfg, ephemeral)
 }
 
 func readLogMeta(dir string) (LogConfig, error) {

@@ -274,7 +274,7 @@ func (s *supervisor) run(lockFD int) int {
 	if ps, err := readProcStat(pid); err == nil {
 		st.TaskStart = ps.Start
 	}
-	if err := writeJSONAtomic(filepath.Join(s.dir, stateFileName), st); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, stateFileName), st, ephemeral); err != nil {
 		// Without state.json a new daemon could not find the task: do not
 		// let it run unrecorded.
 		s.logger.Error("cannot record the task's state; killing it", "error", err)
@@ -306,7 +306,7 @@ func (s *supervisor) run(lockFD int) int {
 func (s *supervisor) startFailed(format string, args ...any) int {
 	msg := fmt.Sprintf(format, args...)
 	res := ExitResult{ExitCode: -1, Error: "start: " + msg, FinishedAt: time.Now()}
-	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res, durable); err != nil {
 		s.logger.Error("cannot record the failed start", "error", err)
 	}
 	if ld := s.spec.Spec.LogDir; ld != "" {
@@ -344,7 +344,7 @@ func (s *supervisor) handleStop() {
 	}
 	// The deadline file tells the task when SIGKILL comes (Unix seconds).
 	secs := strconv.FormatInt(killAt.Unix(), 10) + "\n"
-	if err := writeFileAtomic(s.deadline, []byte(secs), 0o644); err != nil {
+	if err := writeFileAtomic(s.deadline, []byte(secs), 0o644, ephemeral); err != nil {
 		s.logger.Warn("cannot write the stop deadline file", "path", s.deadline, "error", err)
 	}
 	grace := killAt.Sub(now)
@@ -397,7 +397,7 @@ func (s *supervisor) finish(copiers *sync.WaitGroup, readEnds []*os.File, writer
 		res.Error = torchErrorMessage(filepath.Join(s.spec.AllocDir, ErrorFileName), s.started)
 	}
 	s.closeLogs(copiers, readEnds, writers)
-	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res, durable); err != nil {
 		s.logger.Error("cannot record the exit status", "error", err)
 		return supervisorFailed
 	}
