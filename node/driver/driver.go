@@ -674,6 +674,9 @@ func (h *Handle) RequestStop(opts StopOptions) error {
 	if h.proc == nil {
 		return fmt.Errorf("%w: task %s", ErrNotFound, h.id)
 	}
+	if h.d.isShutdown() {
+		return fmt.Errorf("%w: task %s: recover it with a new driver to stop it", ErrShutdown, h.id)
+	}
 	now := time.Now()
 	req := stopRequest{Force: opts.Force, Reason: opts.Reason, RequestedAt: now}
 	switch {
@@ -806,4 +809,39 @@ func (p *supProc) close() {
 			_ = p.pidfd.Close()
 		}
 	})
+}
+
+// StopAll stops every running task the driver knows (with opts; Force for
+// SIGKILL at once) and waits for them, or for ctx. It is for agents that
+// stop their tasks on exit (a dev cluster) and for tests.
+func (d *Driver) StopAll(ctx context.Context, opts StopOptions) error {
+	var errs []error
+	hs := d.List()
+	for _, h := range hs {
+		if _, done := h.Result(); done {
+			continue
+		}
+		if err := h.RequestStop(opts); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, h := range hs {
+		if _, err := h.Wait(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("task %s: %w", h.id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// KillAll finds every task under a data directory, running or left by
+// daemons that are gone, and kills them with SIGKILL, waiting until they have
+// exited. Tests that kill agents call it so that no task outlives them.
+func KillAll(ctx context.Context, dataDir string) error {
+	d, err := New(Config{DataDir: dataDir})
+	if err != nil {
+		return err
+	}
+	defer d.Shutdown()
+	_, rerr := d.Recover(ctx)
+	return errors.Join(rerr, d.StopAll(ctx, StopOptions{Force: true, Reason: "killed"}))
 }

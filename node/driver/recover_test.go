@@ -267,3 +267,40 @@ func TestSupervisorKilledTaskIsLost(t *testing.T) {
 		t.Fatalf("follow after loss: %q, %v", b, err)
 	}
 }
+
+func TestKillAll(t *testing.T) {
+	dataDir := t.TempDir()
+	d := newTestDriver(t, dataDir)
+	var hs []*Handle
+	for range 3 {
+		h, err := d.Start(context.Background(), shSpec(t, `trap '' TERM; sleep 600 & wait`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cleanupTask(t, h)
+		hs = append(hs, h)
+	}
+	// A finished task is left alone.
+	done, err := d.Start(context.Background(), shSpec(t, "exit 4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait(t, done)
+	_ = d.Shutdown() // the daemon goes; the tasks stay
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := KillAll(ctx, dataDir); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hs {
+		assertGone(t, h.Pid(), h.SupervisorPid())
+		var res ExitResult
+		if err := readJSON(filepath.Join(h.stateDir, exitFileName), &res); err != nil || res.Signal != int(syscall.SIGKILL) {
+			t.Fatalf("task %s: %+v, %v", h.ID(), res, err)
+		}
+	}
+	var res ExitResult
+	if err := readJSON(filepath.Join(done.stateDir, exitFileName), &res); err != nil || res.ExitCode != 4 {
+		t.Fatalf("finished task rewritten: %+v, %v", res, err)
+	}
+}
