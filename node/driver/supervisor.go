@@ -60,6 +60,10 @@ func SupervisorMain(args []string) int {
 	signal.Notify(hupCh, unix.SIGHUP)
 	defer signal.Stop(hupCh)
 
+	// The task must inherit stdin, stdout and stderr only, not whatever
+	// descriptors the daemon's own parent leaked to it and it to us.
+	closeOnExecFrom(3)
+
 	fset := flag.NewFlagSet(SupervisorCommand, flag.ContinueOnError)
 	dir := fset.String("dir", "", "the task's state directory (<alloc dir>/.gpumesh)")
 	lockFD := fset.Int("lock-fd", -1, "inherited descriptor of the locked supervisor.lock")
@@ -534,4 +538,20 @@ func torchErrorMessage(path string, after time.Time) string {
 		msg = msg[:maxLen] + "..."
 	}
 	return msg
+}
+
+// closeOnExecFrom marks every descriptor from fd up close-on-exec.
+func closeOnExecFrom(fd int) {
+	if unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
+			unix.CloseOnExec(n)
+		}
+	}
 }
