@@ -37,6 +37,9 @@ type Driver struct {
 // New returns a Driver. Call Recover before starting tasks, so that tasks
 // left running by a previous daemon are found (and never started twice).
 func New(cfg Config) (*Driver, error) {
+	if !supported {
+		return nil, fmt.Errorf("%w: the exec driver runs on Linux only", ErrInvalidConfig)
+	}
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err

@@ -50,6 +50,10 @@ const logDrainTimeout = 2 * time.Second
 // exit.json. args are the arguments after the command name; the return value
 // is the process exit code.
 func SupervisorMain(args []string) int {
+	if !supported {
+		fmt.Fprintln(os.Stderr, "task-supervise: the exec driver runs on Linux only")
+		return supervisorFailed
+	}
 	// Catch stop signals before anything else: their default action would
 	// kill the supervisor and lose the task's exit status.
 	sigCh := make(chan os.Signal, 8)
@@ -227,15 +231,12 @@ func (s *supervisor) run(lockFD int) int {
 		Stdin:  devnull,
 		Stdout: stdoutW,
 		Stderr: stderrW,
-		SysProcAttr: &syscall.SysProcAttr{
-			// Its own process group: stop signals go to the whole group.
-			Setpgid: true,
-			// If the supervisor dies, so does the task, rather than running on
-			// unwatched. The signal fires when the forking thread exits, so
-			// this goroutine stays locked to its thread for good.
-			Pdeathsig: syscall.SIGKILL,
-		},
+		// Its own process group, so that stop signals reach all of it, and
+		// SIGKILL when the supervisor dies (see taskSysProcAttr).
+		SysProcAttr: taskSysProcAttr(),
 	}
+	// The parent-death signal fires when the forking thread exits, so this
+	// goroutine stays locked to its thread for good.
 	runtime.LockOSThread()
 	err = s.cmd.Start()
 	_ = devnull.Close()
@@ -254,13 +255,7 @@ func (s *supervisor) run(lockFD int) int {
 	exited := make(chan struct{})
 	go func() {
 		defer close(exited)
-		var info unix.Siginfo
-		for {
-			err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-			if err != unix.EINTR {
-				return
-			}
-		}
+		waitExitedNoReap(pid)
 	}()
 
 	st := taskState{
@@ -538,20 +533,4 @@ func torchErrorMessage(path string, after time.Time) string {
 		msg = msg[:maxLen] + "..."
 	}
 	return msg
-}
-
-// closeOnExecFrom marks every descriptor from fd up close-on-exec.
-func closeOnExecFrom(fd int) {
-	if unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
-		return
-	}
-	entries, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
-			unix.CloseOnExec(n)
-		}
-	}
 }
