@@ -49,6 +49,7 @@ type Agent struct {
 	raft       raftServer // nil on nodes that are not server-eligible
 	runner     *runner
 	conns      *connPool
+	data       *dataPlane
 
 	selfMu sync.Mutex
 	self   *pb.Node
@@ -142,10 +143,10 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 		}
 	}
 
-	a.grpc = grpc.NewServer(
-		grpc.MaxRecvMsgSize(8<<20),
+	opts := append(dataPlaneServerOptions(),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 	)
+	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.grpc, a.health)

@@ -20,7 +20,8 @@ var _ raftServer = (*raftAdapter)(nil)
 func newRaft(a *Agent, raftPort int) (raftServer, error) {
 	cfg := consensus.DefaultConfig()
 	if a.cfg.Dev {
-		cfg = consensus.DevConfig()
+		cfg.BootstrapSettle = 100 * time.Millisecond
+		cfg.ReconcileInterval = time.Second
 	}
 	cfg.NodeID = a.nodeID
 	cfg.NodeName = a.cfg.NodeName
