@@ -306,3 +306,32 @@ func TestKillAll(t *testing.T) {
 		t.Fatalf("finished task rewritten: %+v, %v", res, err)
 	}
 }
+
+// A stop that began before the daemon went away still ends in SIGKILL on
+// time: the supervisor, not the daemon, runs the kill timer.
+func TestStopCompletesWithoutDaemon(t *testing.T) {
+	dataDir := t.TempDir()
+	d1 := newTestDriver(t, dataDir)
+	spec := shSpec(t, `trap '' TERM; echo ready; while :; do sleep 0.01; done`)
+	h, err := d1.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	if err := h.RequestStop(StopOptions{Timeout: 300 * time.Millisecond, Reason: "drain"}); err != nil {
+		t.Fatal(err)
+	}
+	_ = d1.Shutdown()
+	waitFor(t, 20*time.Second, func() bool { return exists(filepath.Join(h.stateDir, exitFileName)) }, "the supervisor to finish the stop")
+	d2 := newTestDriver(t, dataDir)
+	hs, err := d2.Recover(context.Background())
+	if err != nil || len(hs) != 1 {
+		t.Fatalf("recover: %v, %v", hs, err)
+	}
+	res, done := hs[0].Result()
+	if !done || !res.Killed || !res.Stopped || res.StopReason != "drain" || res.Signal != int(syscall.SIGKILL) {
+		t.Fatalf("result %+v (done %v), want killed after the grace", res, done)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
