@@ -16,6 +16,7 @@ import (
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 // testLogger sends agent logs to t.Log, shown only when a test fails.
@@ -61,7 +62,14 @@ func startCluster(t *testing.T, n int, configure func(i int, c *Config)) *DevClu
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { dc.Shutdown(); w.stop() })
+	t.Cleanup(func() {
+		dc.Shutdown()
+		// Agents shut down abruptly may leave tasks; none may outlive the test.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = driver.KillAll(ctx, dc.DataDir())
+		w.stop()
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := dc.WaitReady(ctx); err != nil {
