@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sort"
 	"sync"
 	"time"
 )
@@ -42,6 +43,9 @@ type BenchConfig struct {
 	// BandwidthBytes is the payload each link carries in the bandwidth
 	// phase, in messages of MessageBytes; 0 skips the phase.
 	BandwidthBytes, MessageBytes int64
+	// BandwidthRounds is how many times the bandwidth phase alternates
+	// the stage path and raw TCP.
+	BandwidthRounds int
 	// InFlight bounds queued messages per link direction.
 	InFlight int
 }
@@ -51,7 +55,7 @@ func DefaultBenchConfig() BenchConfig {
 	return BenchConfig{
 		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Device: DeviceCPU, Compute: ComputeSleep,
 		Steps: 5, ForwardTime: 5 * time.Millisecond, Rows: 32, Width: 1024,
-		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, InFlight: 2,
+		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 5, InFlight: 2,
 	}
 }
 
@@ -78,6 +82,8 @@ func (c *BenchConfig) Validate() error {
 		return fmt.Errorf("%w: bandwidth bytes must be >= 0 and message bytes in [4, %d], got %d and %d", ErrInvalidSpec, MaxMessageBytes, c.BandwidthBytes, c.MessageBytes)
 	case c.InFlight < 1:
 		return fmt.Errorf("%w: in-flight must be >= 1, got %d", ErrInvalidSpec, c.InFlight)
+	case c.BandwidthBytes > 0 && c.BandwidthRounds < 1:
+		return fmt.Errorf("%w: bandwidth rounds must be >= 1, got %d", ErrInvalidSpec, c.BandwidthRounds)
 	}
 	return nil
 }
@@ -99,12 +105,15 @@ type BenchResult struct {
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
 	// Bandwidth phase: every link streams at once, one TCP flow per link.
-	Flows             int     `json:"flows"`
-	MessageBytes      int64   `json:"message_bytes"`
-	LinkBytes         int64   `json:"link_bytes"`
-	StageGBps         float64 `json:"stage_gbps"`
-	RawTCPGBps        float64 `json:"raw_tcp_gbps"`
-	StageToRawPercent float64 `json:"stage_to_raw_percent"`
+	Flows        int     `json:"flows"`
+	MessageBytes int64   `json:"message_bytes"`
+	LinkBytes    int64   `json:"link_bytes"`
+	StageGBps    float64 `json:"stage_gbps"`
+	RawTCPGBps   float64 `json:"raw_tcp_gbps"`
+	// StageToRawPercent is the median over rounds of stage/raw, each
+	// round measuring both back to back; RatioPercents are all of them.
+	StageToRawPercent float64   `json:"stage_to_raw_percent"`
+	RatioPercents     []float64 `json:"ratio_percents"`
 }
 
 // sleepModel waits instead of computing and sends a fixed-size tensor.
@@ -278,30 +287,26 @@ func benchBandwidth(ctx context.Context, cfg BenchConfig, res *BenchResult) erro
 	elems := int(cfg.MessageBytes / 4)
 	res.Flows, res.MessageBytes, res.LinkBytes = flows, int64(elems*4), int64(n*elems*4)
 
-	best := func(f func() (float64, error)) (float64, error) {
-		// Best of three runs, for both paths alike.
-		var b float64
-		for i := 0; i < 3; i++ {
-			v, err := f()
-			if err != nil {
-				return 0, err
-			}
-			b = max(b, v)
+	// Alternate the two paths, so load from elsewhere on the machine hits
+	// both alike; report the best of each and the median of the paired
+	// ratios.
+	var ratios []float64
+	for round := 0; round < cfg.BandwidthRounds; round++ {
+		stage, err := stageStream(ctx, cfg, flows, n, elems)
+		if err != nil {
+			return err
 		}
-		return b, nil
+		raw, err := rawStream(flows, n, elems*4)
+		if err != nil {
+			return err
+		}
+		res.StageGBps = max(res.StageGBps, stage)
+		res.RawTCPGBps = max(res.RawTCPGBps, raw)
+		ratios = append(ratios, 100*stage/raw)
 	}
-	stage, err := best(func() (float64, error) { return stageStream(ctx, cfg, flows, n, elems) })
-	if err != nil {
-		return err
-	}
-	raw, err := best(func() (float64, error) { return rawStream(flows, n, elems*4) })
-	if err != nil {
-		return err
-	}
-	res.StageGBps, res.RawTCPGBps = stage, raw
-	if raw > 0 {
-		res.StageToRawPercent = 100 * stage / raw
-	}
+	sort.Float64s(ratios)
+	res.RatioPercents = ratios
+	res.StageToRawPercent = ratios[len(ratios)/2]
 	return nil
 }
 
