@@ -54,7 +54,7 @@ type BenchConfig struct {
 func DefaultBenchConfig() BenchConfig {
 	return BenchConfig{
 		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Device: DeviceCPU, Compute: ComputeSleep,
-		Steps: 5, ForwardTime: 5 * time.Millisecond, Rows: 32, Width: 1024,
+		Steps: 5, ForwardTime: 10 * time.Millisecond, Rows: 32, Width: 1024,
 		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 5, InFlight: 2,
 	}
 }

@@ -225,7 +225,7 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	}
 	fail := func(err error) (StageStats, error) {
 		log.Error("stage failed", "error", err)
-		cfg.Links.Close()
+		cfg.Links.Abort(fmt.Errorf("pipeline stage %d failed: %w", cfg.Stage, err))
 		stats.End = time.Now()
 		stats.WallSeconds = stats.End.Sub(stats.Start).Seconds()
 		return stats, err
@@ -245,11 +245,19 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			log.Debug("step done", "step", step, "loss", loss)
 		}
 	}
+	// Finish both links: send ours, then wait for the neighbours'. A
+	// neighbour that closed after receiving our finish is not an error:
+	// everything this stage had to send and receive is through.
 	for _, e := range []*endpoint{prev, next} {
 		if e != nil {
-			if err := e.Flush(ctx); err != nil {
+			if err := e.sendFinish(ctx); err != nil {
 				return fail(err)
 			}
+		}
+	}
+	for _, e := range []*endpoint{prev, next} {
+		if e != nil && !e.awaitFinish(ctx) {
+			log.Debug("neighbour closed without a finish message", "neighbour", e.name)
 		}
 	}
 	stats.End = time.Now()
