@@ -25,14 +25,14 @@ type CollectiveConfig struct {
 	// gRPC transport) per link; messages are cut into ChunkBytes chunks
 	// spread over them in turn. Default 4.
 	Channels int
-	// ChunkBytes is the largest frame. Default 4 MiB (at most
+	// ChunkBytes is the largest frame. Default 1 MiB (at most
 	// collective.MaxFrameBytes).
 	ChunkBytes int
 }
 
 // DefaultCollectiveConfig returns the defaults of the optional fields.
 func DefaultCollectiveConfig() CollectiveConfig {
-	return CollectiveConfig{Channels: 4, ChunkBytes: 4 << 20}
+	return CollectiveConfig{Channels: 4, ChunkBytes: 1 << 20}
 }
 
 // Validate checks the config.
@@ -116,6 +116,9 @@ type CollectiveLink struct {
 	recvSeq    int
 	free       chan []float32
 	closeOnce  sync.Once
+	// slots bounds the chunks handed to the transport and not yet done
+	// with: Send returns once its chunks are queued, not sent.
+	slots chan struct{}
 }
 
 var (
@@ -129,26 +132,26 @@ func newCollectiveLink(ep collective.Endpoint, rank int, cfg CollectiveConfig) *
 		ep: ep, peer: 1 - rank, channels: cfg.Channels, chunkElems: cfg.ChunkBytes / 4,
 		jobID: cfg.JobID, group: collective.GroupHash(cfg.JobID), generation: cfg.Generation,
 		ctx: ctx, cancel: cancel, free: make(chan []float32, 16),
+		slots: make(chan struct{}, 4*cfg.Channels),
 	}
 }
 
-// doneCounter is told when the transport is done with a chunk.
-type doneCounter chan struct{}
+// slotRelease gives a chunk's slot back when the transport is done with it.
+type slotRelease chan struct{}
 
-func (d doneCounter) SendDone() { d <- struct{}{} }
+func (d slotRelease) SendDone() { <-d }
 
-// Send cuts m into chunks, one per channel in turn, and returns once the
-// transport no longer needs m.Data.
+// Send cuts m into chunks, one per channel in turn, and returns once they
+// are queued with the transport (at most 4 per channel outstanding); the
+// transport reads m.Data until it is done with each chunk, so m.Data must
+// not change after Send (the pipeline never changes a sent message).
 func (l *CollectiveLink) Send(m *Message) error {
 	if err := m.Validate(); err != nil {
 		return err
 	}
 	n := len(m.Data)
 	chunks := max(1, (n+l.chunkElems-1)/l.chunkElems)
-	done := make(doneCounter, chunks)
 	payload := f32bytes(m.Data)
-	var err error
-	sent := 0
 	for i := 0; i < chunks; i++ {
 		off, end := i*l.chunkElems, min(n, (i+1)*l.chunkElems)
 		h := collective.Header{
@@ -158,18 +161,17 @@ func (l *CollectiveLink) Send(m *Message) error {
 			Tag: uint64(m.Tag.MicroBatch)<<8 | uint64(m.Tag.Dir), ChunkElems: uint64(m.Cols),
 			Length: uint32((end - off) * 4),
 		}
+		select {
+		case l.slots <- struct{}{}:
+		case <-l.ctx.Done():
+			return fmt.Errorf("%w: %v", ErrLinkClosed, l.ctx.Err())
+		}
 		ch := l.sendSeq % l.channels
 		l.sendSeq++
-		sent++
-		if err = l.ep.Send(l.ctx, l.peer, ch, &h, payload[off*4:end*4], collective.PeerRef{}, done); err != nil {
-			break
+		// The transport calls SendDone exactly once per Send, also on failure.
+		if err := l.ep.Send(l.ctx, l.peer, ch, &h, payload[off*4:end*4], collective.PeerRef{}, slotRelease(l.slots)); err != nil {
+			return l.linkErr(err)
 		}
-	}
-	for i := 0; i < sent; i++ {
-		<-done // the transport calls SendDone exactly once per Send, also on failure
-	}
-	if err != nil {
-		return l.linkErr(err)
 	}
 	return nil
 }

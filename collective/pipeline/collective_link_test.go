@@ -182,3 +182,47 @@ func TestOpenCollectiveLinksValidates(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkLinkStream streams 4 MiB activations from one stage to the next
+// through the stage queues, over each kind of link.
+func BenchmarkLinkStream(b *testing.B) {
+	for _, kind := range []string{"tcp", "grpc"} {
+		b.Run(kind, func(b *testing.B) {
+			cfg := DefaultBenchConfig()
+			cfg.Transport, cfg.Channels = kind, 4
+			links, cleanup, err := benchLinks(context.Background(), cfg, "bw", 2)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer cleanup()
+			const elems = 1 << 20
+			payload := make([]float32, elems)
+			snd := newEndpoint("next", links[0].Next, 2, time.Minute, "bw", 0)
+			rcv := newEndpoint("prev", links[1].Prev, 2, time.Minute, "bw", 0)
+			defer snd.close()
+			defer rcv.close()
+			b.SetBytes(elems * 4)
+			b.ResetTimer()
+			errc := make(chan error, 1)
+			go func() {
+				for i := 0; i < b.N; i++ {
+					if err := snd.Post(context.Background(), &Message{Tag: Tag{JobID: "bw", MicroBatch: i, Dir: DirActivation}, Rows: 1, Cols: elems, Data: payload}); err != nil {
+						errc <- err
+						return
+					}
+				}
+				errc <- nil
+			}()
+			for i := 0; i < b.N; i++ {
+				m, err := rcv.Expect(context.Background(), Tag{JobID: "bw", MicroBatch: i, Dir: DirActivation})
+				if err != nil {
+					b.Fatal(err)
+				}
+				m.Release()
+			}
+			if err := <-errc; err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}

@@ -213,8 +213,13 @@ func (e *endpoint) sendFinish(ctx context.Context) error {
 	return e.Flush(ctx)
 }
 
-// awaitFinish waits for the peer's finish and reports whether it came.
-func (e *endpoint) awaitFinish(ctx context.Context) bool {
+// awaitFinish waits up to timeout for the peer's finish and reports
+// whether it came. Not getting it is harmless for the data: the peer sends
+// its finish only after receiving all of ours, and a link may lose the
+// last frame a closing peer sent (so this wait is bounded).
+func (e *endpoint) awaitFinish(ctx context.Context, timeout time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	_, err := e.Expect(ctx, Tag{JobID: e.jobID, Generation: e.generation, Dir: DirFinish})
 	return err == nil
 }

@@ -94,7 +94,8 @@ var (
 // and may be called more than once, from any goroutine.
 type Link interface {
 	// Send transmits m. It may block while the peer is not reading (flow
-	// control). The link does not keep m or m.Data after Send returns.
+	// control). It may read m.Data after it returns (until the data is on
+	// its way), so the caller must not change m.Data after Send.
 	Send(m *Message) error
 	// Recv returns the next message from the peer.
 	Recv() (*Message, error)
