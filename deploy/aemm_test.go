@@ -30,3 +30,13 @@ func freePort(t *testing.T) int {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
 }
+
+func startAEMMB(b *testing.B, spotDelay ...time.Duration) string {
+	b.Helper()
+	o := aemmtest.Options{}
+	if len(spotDelay) > 0 {
+		o.SpotDelay = spotDelay[0]
+		o.RebalanceDelay = time.Hour
+	}
+	return aemmtest.Start(b, o)
+}

@@ -14,7 +14,7 @@ import (
 
 // newFakeEC2 starts the EC2 Query fake on loopback and returns an SDK
 // client pointed at it with static credentials; nothing reaches AWS.
-func newFakeEC2(t *testing.T) (*ec2fake.Server, *ec2.Client) {
+func newFakeEC2(t testing.TB) (*ec2fake.Server, *ec2.Client) {
 	t.Helper()
 	dir := t.TempDir()
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")

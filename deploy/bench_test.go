@@ -1,0 +1,119 @@
+package deploy
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/deploy/ec2fake"
+)
+
+// BenchmarkIdentityMock: one full Identity (token + 6 items) from the real
+// ec2-metadata-mock on loopback, with a fresh client each time (as at agent
+// start).
+func BenchmarkIdentityMock(b *testing.B) {
+	endpoint := startAEMMB(b)
+	for i := 0; i < b.N; i++ {
+		m, err := NewIMDS(IMDSConfig{Endpoint: endpoint})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m.Identity(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		m.Close()
+	}
+}
+
+// BenchmarkIdentityNotOnEC2: how long an agent off EC2 waits before it
+// starts with "unknown" (connection refused; default 1 s probe).
+func BenchmarkIdentityNotOnEC2(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		m, _ := NewIMDS(IMDSConfig{Endpoint: "http://127.0.0.1:9"})
+		if _, err := m.Identity(context.Background()); err == nil {
+			b.Fatal("answer from port 9")
+		}
+		m.Close()
+	}
+}
+
+// BenchmarkTagDiscovery: Addrs over 1000 tagged instances (and 1000 others)
+// through the EC2 Query fake: request signing, XML decoding, pagination.
+func BenchmarkTagDiscovery(b *testing.B) {
+	for _, page := range []int32{1000, 100} {
+		b.Run(fmt.Sprintf("page=%d", page), func(b *testing.B) {
+			fake, c := newFakeEC2(b)
+			for i := 0; i < 2000; i++ {
+				v := "prod"
+				if i%2 == 1 {
+					v = "dev"
+				}
+				fake.AddInstance(ec2fake.Instance{Tags: map[string]string{"gpumesh": v}})
+			}
+			d, _ := NewTagDiscoverer(c, TagDiscoveryConfig{Tag: Tag{"gpumesh", "prod"}, PageSize: page})
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				addrs, err := d.Addrs(context.Background())
+				if err != nil || len(addrs) != 1000 {
+					b.Fatal(len(addrs), err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkNoticeLatency: time from the moment the real mock starts
+// answering instance-action (its -d delay after the process started) to
+// the watcher's event, per poll interval. Reports the median and max over
+// the samples in ms (upper bounds: the mock's start instant is taken just
+// before the process is launched). The samples' poll phases are spread
+// evenly over the interval; the worst case is one interval plus a request.
+func BenchmarkNoticeLatency(b *testing.B) {
+	for _, interval := range []time.Duration{time.Second, 5 * time.Second} {
+		b.Run("interval="+interval.String(), func(b *testing.B) {
+			const samples = 5
+			var lat []float64
+			for i := 0; i < b.N; i++ {
+				for s := 0; s < samples; s++ {
+					launched := time.Now()
+					endpoint := startAEMMB(b, 2*time.Second)
+					// Spread the poll phase over the interval, as agents
+					// start at arbitrary moments relative to a notice.
+					time.Sleep(interval * time.Duration(s) / samples)
+					m, _ := NewIMDS(IMDSConfig{Endpoint: endpoint})
+					w, err := StartWatcher(context.Background(), m, WatcherConfig{Interval: interval, Now: time.Now})
+					if err != nil {
+						b.Fatal(err)
+					}
+					var ev Event
+					for ev = range w.Events() {
+						if ev.Kind == EventInterruption {
+							break
+						}
+					}
+					w.Stop()
+					m.Close()
+					appeared := launched.Add(2 * time.Second)
+					lat = append(lat, float64(ev.Observed.Sub(appeared).Milliseconds()))
+				}
+			}
+			sort.Float64s(lat)
+			b.ReportMetric(lat[len(lat)/2], "median-ms")
+			b.ReportMetric(lat[len(lat)-1], "max-ms")
+		})
+	}
+}
+
+func BenchmarkDecideScale(b *testing.B) {
+	now := time.Now()
+	idle := make([]IdleNode, 100)
+	for i := range idle {
+		idle[i] = IdleNode{InstanceID: fmt.Sprintf("i-%03d", i), Since: now.Add(-time.Duration(i) * time.Minute)}
+	}
+	p := DefaultScalePolicy(3, 200)
+	for i := 0; i < b.N; i++ {
+		DecideScale(p, ScaleState{Now: now, Target: 150, Joined: 150, Idle: idle})
+	}
+}
