@@ -3,6 +3,7 @@ package deploy
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"sort"
 	"testing"
 	"time"
@@ -44,7 +45,11 @@ func BenchmarkIdentityNotOnEC2(b *testing.B) {
 func BenchmarkTagDiscovery(b *testing.B) {
 	for _, page := range []int32{1000, 100} {
 		b.Run(fmt.Sprintf("page=%d", page), func(b *testing.B) {
-			fake, c := newFakeEC2(b)
+			// A plain net/http client: with the SDK's default client this
+			// benchmark sees rare "use of closed network connection" read
+			// errors on loopback (not understood yet; see
+			// bench/results/deploy.md).
+			fake, c := newFakeEC2With(b, &http.Client{})
 			for i := 0; i < 2000; i++ {
 				v := "prod"
 				if i%2 == 1 {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 
@@ -16,10 +17,16 @@ import (
 // client pointed at it with static credentials; nothing reaches AWS.
 func newFakeEC2(t testing.TB) (*ec2fake.Server, *ec2.Client) {
 	t.Helper()
+	return newFakeEC2With(t, nil)
+}
+
+func newFakeEC2With(t testing.TB, hc aws.HTTPClient) (*ec2fake.Server, *ec2.Client) {
+	t.Helper()
 	dir := t.TempDir()
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
 	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "config"))
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "credentials"))
+	t.Setenv("AWS_CA_BUNDLE", "")
 	fake := ec2fake.New()
 	srv := httptest.NewServer(fake)
 	t.Cleanup(srv.Close)
@@ -27,6 +34,7 @@ func newFakeEC2(t testing.TB) (*ec2fake.Server, *ec2.Client) {
 		Region:      "us-east-1",
 		Endpoint:    srv.URL,
 		Credentials: credentials.NewStaticCredentialsProvider("AKIDTEST", "SECRETTEST", ""),
+		HTTPClient:  hc,
 	})
 	if err != nil {
 		t.Fatal(err)

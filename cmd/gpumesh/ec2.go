@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
 	"github.com/gpumesh/gpumesh/deploy"
@@ -189,7 +190,8 @@ IMDSv2 required, and the join tag on instances and volumes.`,
 			if err != nil {
 				return err
 			}
-			client, err := deploy.NewEC2Client(ctx, deploy.AWSConfig{Region: region, Endpoint: endpoint, Profile: awsProfile})
+			client, err := deploy.NewEC2Client(ctx, deploy.AWSConfig{Region: region, Endpoint: endpoint, Profile: awsProfile,
+				Logger: cliLogger(cmd.ErrOrStderr())})
 			if err != nil {
 				return err
 			}
@@ -285,6 +287,11 @@ func newEC2IdentityCommand() *cobra.Command {
 	cmd.Flags().DurationVar(&probe, "probe-timeout", time.Second, "how long to wait for IMDS before deciding this is not EC2")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// cliLogger shows the AWS SDK's warnings on stderr.
+func cliLogger(w io.Writer) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Output: w, Level: hclog.Warn})
 }
 
 // splitList trims and drops empty items of a comma-separated flag.
