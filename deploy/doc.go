@@ -4,6 +4,14 @@
 // aws-sdk-go-v2. It imports nothing else of gpumesh; the agent (package
 // node) wires it in.
 //
+// # For the agent
+//
+// StartAgentEC2 does the three agent-side steps below in one call: identity
+// (UnknownIdentity() off EC2, after at most the 1 s probe), the watcher (on
+// EC2 only) and the tag discoverer (with --join-ec2-tag; region from the
+// identity unless given). AgentEC2.Events is nil off EC2, so a select on it
+// is safe.
+//
 // # Identity
 //
 // NewIMDS returns an IMDSv2-only client (session tokens, no IMDSv1

@@ -28,11 +28,10 @@ func newFakeEC2With(t testing.TB, hc aws.HTTPClient) (*ec2fake.Server, *ec2.Clie
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "credentials"))
 	t.Setenv("AWS_CA_BUNDLE", "")
 	fake := ec2fake.New()
-	srv := httptest.NewServer(fake)
-	t.Cleanup(srv.Close)
+	url := fakeURL(t, fake)
 	c, err := NewEC2Client(context.Background(), AWSConfig{
 		Region:      "us-east-1",
-		Endpoint:    srv.URL,
+		Endpoint:    url,
 		Credentials: credentials.NewStaticCredentialsProvider("AKIDTEST", "SECRETTEST", ""),
 		HTTPClient:  hc,
 	})
@@ -40,4 +39,11 @@ func newFakeEC2With(t testing.TB, hc aws.HTTPClient) (*ec2fake.Server, *ec2.Clie
 		t.Fatal(err)
 	}
 	return fake, c
+}
+
+// fakeURL serves fake on loopback for the rest of the test.
+func fakeURL(t testing.TB, fake *ec2fake.Server) string {
+	srv := httptest.NewServer(fake)
+	t.Cleanup(srv.Close)
+	return srv.URL
 }
