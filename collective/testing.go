@@ -1,0 +1,52 @@
+package collective
+
+import (
+	"fmt"
+	"sync"
+)
+
+// NewLocalGroup creates the n communicators of one group over a fresh
+// LocalTransport (all ranks in this process). It is the cluster helper of
+// tests; the transport's fault hooks (SetFault, Kill) act on the group.
+func NewLocalGroup(job string, gen uint64, n int, cfg Config) (*LocalTransport, []*Communicator, error) {
+	t := NewLocalTransport()
+	addrs := make([]string, n)
+	for i := range addrs {
+		addrs[i] = fmt.Sprintf("local:%d", i)
+	}
+	comms := make([]*Communicator, n)
+	for r := range comms {
+		c, err := New(t, Group{Job: job, Generation: gen, Rank: r, Addrs: addrs}, cfg)
+		if err != nil {
+			CloseAll(comms)
+			return nil, nil, err
+		}
+		comms[r] = c
+	}
+	return t, comms, nil
+}
+
+// RunAll calls f for every communicator concurrently and returns each
+// rank's error.
+func RunAll(comms []*Communicator, f func(c *Communicator) error) []error {
+	errs := make([]error, len(comms))
+	var wg sync.WaitGroup
+	for i, c := range comms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(c)
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+// CloseAll closes every non-nil communicator.
+func CloseAll(comms []*Communicator) {
+	for _, c := range comms {
+		if c != nil {
+			_ = c.Close()
+		}
+	}
+}
