@@ -425,10 +425,10 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 		peers = peers[:m.cfg.JoinMaxPeers]
 	}
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		ok   int
-		errs []error
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		answered []string
+		errs     []error
 	)
 	for _, p := range peers {
 		wg.Add(1)
@@ -441,10 +441,11 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 				errs = append(errs, fmt.Errorf("%s: %w", p, err))
 				return
 			}
-			ok++
+			answered = append(answered, p)
 		}()
 	}
 	wg.Wait()
+	ok := len(answered)
 	if ok == 0 {
 		return 0, fmt.Errorf("mesh: no peer answered: %w", errors.Join(errs...))
 	}
@@ -456,7 +457,7 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 	m.log.Info("joined the mesh", "contacted", ok, "members", m.NumAlive())
 	m.joinedOnce.Do(func() { close(m.joinedCh) })
 	if m.cfg.JoinSyncRounds > 0 {
-		m.goFunc(m.joinSync)
+		m.goFunc(func() { m.joinSync(answered) })
 	}
 	return ok, nil
 }
@@ -497,11 +498,14 @@ func (m *Mesh) otherAlive() int {
 	return n
 }
 
-// joinSync runs the post-join push-pulls: each with one random live
-// member, after JoinSyncDelay, then 2×, 4×, ... It repairs the case
-// where gossip about a node that joined in the same burst ran out of
-// retransmits before reaching this node (see doc.go).
-func (m *Mesh) joinSync() {
+// joinSync runs the post-join push-pulls, after JoinSyncDelay, then 2×,
+// 4×, ...: the first with one of the peers that answered the join (a
+// seed has heard directly from every node that joined through it, so
+// this one exchange catches up with the whole join burst), the others
+// with random live members. They repair the case where gossip about a
+// node that joined in the same burst ran out of retransmits before
+// reaching this node (see doc.go).
+func (m *Mesh) joinSync(seeds []string) {
 	delay := m.cfg.JoinSyncDelay
 	for i := 0; i < m.cfg.JoinSyncRounds; i++ {
 		t := time.NewTimer(delay)
@@ -515,7 +519,12 @@ func (m *Mesh) joinSync() {
 		if m.left.Load() {
 			return
 		}
-		peer := m.randomPeer()
+		peer := ""
+		if i == 0 && len(seeds) > 0 {
+			peer = seeds[rand.IntN(len(seeds))]
+		} else {
+			peer = m.randomPeer()
+		}
 		if peer == "" {
 			continue
 		}
