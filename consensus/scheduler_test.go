@@ -291,7 +291,9 @@ func TestSchedulerSurvivesLeaderChange(t *testing.T) {
 	// The new leader's scheduler picks up the failure reported to it.
 	a := genAllocs(nl, id, 1)
 	report(t, nl, &controlpb.Allocation{Id: a[0].Id, ClientStatus: AllocFailed, ExitCode: 1})
-	waitJob(t, nl, id, "failed generation", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending && j.Restarts == 1 })
+	waitJob(t, nl, id, "failed generation", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && j.Restarts == 1
+	})
 	ackStops(t, nl, id)
 	waitJob(t, nl, id, "generation 2 by the new leader", running(2, 2))
 }
