@@ -63,8 +63,8 @@ func TestElectionThreeNodes(t *testing.T) {
 			id, addr := s.Leader()
 			return id == lid && addr == "127.0.0.1:7947", fmt.Sprintf("%s sees leader %q %q", s.cfg.NodeID, id, addr)
 		})
-		if s != l && s.Role() != RoleVoter {
-			t.Fatalf("%s role %s, want voter", s.cfg.NodeID, s.Role())
+		if s != l {
+			WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
 		}
 	}
 	peers, err := l.Peers()

@@ -438,12 +438,12 @@ func (sc *scheduler) evalRunning(bc *batchContext, j *controlpb.Job, allocs []*c
 			p.Status = JobPending
 			p.StatusReason = fmt.Sprintf("growing from %d ranks: capacity for more appeared", j.WorldSize)
 			p.NextAttemptTime = nil
-			p.StopAllocIds = runningIDs(cur)
+			p.StopAllocIds = desiredRunIDs(cur)
 			return p
 		}
 		return nil
 	}
-	p.StopAllocIds = runningIDs(cur)
+	p.StopAllocIds = desiredRunIDs(cur)
 	p.LostAllocIds = lost
 	if failReason != "" {
 		attempts, delay := restartPolicy(j.Spec)
@@ -464,10 +464,10 @@ func (sc *scheduler) evalRunning(bc *batchContext, j *controlpb.Job, allocs []*c
 	return p
 }
 
-func runningIDs(allocs []*controlpb.Allocation) []string {
+func desiredRunIDs(allocs []*controlpb.Allocation) []string {
 	var out []string
 	for _, a := range allocs {
-		if a.DesiredStatus != DesiredStop && !AllocTerminal(a.ClientStatus) {
+		if a.DesiredStatus != DesiredStop {
 			out = append(out, a.Id)
 		}
 	}

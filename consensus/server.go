@@ -136,7 +136,7 @@ func (s *Server) setupRaft() error {
 		}
 	}
 	s.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream:  stream,
+		Stream:  newTrackedStream(stream),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
 		Logger:  s.logger.Named("transport"),
@@ -568,7 +568,7 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		}
 	}
 	f := s.raft.Apply(data, timeout)
-	if err := f.Error(); err != nil {
+	if err := s.await(f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			return nil, 0, s.notLeader()
@@ -589,6 +589,19 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		return nil, f.Index(), err
 	}
 	return resp, f.Index(), nil
+}
+
+// await waits for a raft future, or for shutdown: a future still queued
+// in raft's buffered apply channel when raft stops is never answered.
+func (s *Server) await(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-s.shutdownCh:
+		return ErrShutdown
+	}
 }
 
 // RegisterJob stores a new job (the caller has validated spec) and returns
