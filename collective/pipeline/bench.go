@@ -68,7 +68,7 @@ func DefaultBenchConfig() BenchConfig {
 	return BenchConfig{
 		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Device: DeviceCPU, Compute: ComputeSleep,
 		Steps: 5, ForwardTime: 10 * time.Millisecond, Rows: 32, Width: 1024,
-		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 5, InFlight: 2,
+		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 7, InFlight: 2,
 		Transport: TransportTCP, Channels: 4,
 	}
 }
