@@ -359,6 +359,15 @@ func TestJobSpecValidation(t *testing.T) {
 	if err := good.WithDefaults(6).Validate(6); err != nil {
 		t.Fatalf("good spec refused: %v", err)
 	}
+	// The batch given per micro-batch, as the control API does.
+	mb := JobSpec{Layers: []int{4, 4, 4}, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(2)
+	if mb.BatchSize != 15 || mb.Validate(2) != nil {
+		t.Fatalf("microbatch_size spec: %+v, %v", mb, mb.Validate(2))
+	}
+	both := JobSpec{Layers: []int{4, 4}, BatchSize: 10, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(1)
+	if err := both.Validate(1); !errors.Is(err, ErrInvalidSpec) {
+		t.Fatalf("disagreeing batch sizes: err = %v", err)
+	}
 	// cuda without a device implementation.
 	s := good
 	s.Device = DeviceCUDA
