@@ -340,7 +340,8 @@ func TestJobSpecValidation(t *testing.T) {
 	}{
 		{"too few layers for stages", func(s *JobSpec) { s.Layers = []int{4, 4, 4} }, 3},
 		{"zero width", func(s *JobSpec) { s.Layers = []int{4, 0, 4} }, 1},
-		{"no batch", func(s *JobSpec) { s.BatchSize = 0 }, 1},
+		{"negative batch", func(s *JobSpec) { s.BatchSize = -1 }, 1},
+		{"negative microbatch size", func(s *JobSpec) { s.MicroBatchSize = -1 }, 1},
 		{"batch not multiple", func(s *JobSpec) { s.MicroBatches = 5 }, 1},
 		{"bad schedule", func(s *JobSpec) { s.Schedule = "zb" }, 1},
 		{"bad mode", func(s *JobSpec) { s.Mode = "eval" }, 1},
