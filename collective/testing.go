@@ -50,3 +50,42 @@ func CloseAll(comms []*Communicator) {
 		}
 	}
 }
+
+// LoopbackGroup is a group whose ranks each have their own data-plane
+// server on 127.0.0.1 (a free port), talking over real gRPC and TCP.
+type LoopbackGroup struct {
+	Servers []*Server
+	Comms   []*Communicator
+}
+
+// NewLoopbackGroup starts n servers and the n communicators of one group.
+func NewLoopbackGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig) (*LoopbackGroup, error) {
+	g := &LoopbackGroup{}
+	addrs := make([]string, n)
+	for i := range addrs {
+		s, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			g.Close()
+			return nil, err
+		}
+		g.Servers = append(g.Servers, s)
+		addrs[i] = s.Addr()
+	}
+	for r := 0; r < n; r++ {
+		c, err := New(g.Servers[r].Transport(), Group{Job: job, Generation: gen, Rank: r, Addrs: addrs}, cfg)
+		if err != nil {
+			g.Close()
+			return nil, err
+		}
+		g.Comms = append(g.Comms, c)
+	}
+	return g, nil
+}
+
+// Close closes the communicators, then the servers.
+func (g *LoopbackGroup) Close() {
+	CloseAll(g.Comms)
+	for _, s := range g.Servers {
+		s.Close()
+	}
+}

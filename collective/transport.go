@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+
+	"google.golang.org/grpc/mem"
 )
 
 // Transport connects the ranks of a group. Implementations: GRPCTransport
@@ -79,6 +81,7 @@ type InFrame struct {
 	Peer PeerRef
 
 	segs    [1][]byte
+	bufs    []mem.Buffer
 	release func(*InFrame)
 	owner   any
 }

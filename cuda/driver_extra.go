@@ -107,9 +107,10 @@ func ipcGetEventHandle(ev unsafe.Pointer) (IPCHandle, error) {
 	return h, driverErr(r, "cuIpcGetEventHandle")
 }
 
-// ipcOpenEventHandle opens another process's event; it writes the raw
-// CUevent to out.
-func ipcOpenEventHandle(h IPCHandle, out unsafe.Pointer) error {
-	r := C.gm_ipcOpenEventHandle((*C.CUevent)(out), unsafe.Pointer(&h[0]))
-	return driverErr(r, "cuIpcOpenEventHandle")
+// ipcOpenEventHandle opens another process's event and returns the raw
+// CUevent.
+func ipcOpenEventHandle(h IPCHandle) (unsafe.Pointer, error) {
+	var e C.CUevent
+	r := C.gm_ipcOpenEventHandle(&e, unsafe.Pointer(&h[0]))
+	return unsafe.Pointer(e), driverErr(r, "cuIpcOpenEventHandle")
 }

@@ -248,6 +248,22 @@ func (d *Device) NewEvent(timing bool) (*Event, error) {
 	return ev, nil
 }
 
+// NewBlockingEvent creates an event whose Synchronize puts the caller to
+// sleep instead of spinning on a CPU core (no timing). Use it where many
+// goroutines wait at once.
+func (d *Device) NewBlockingEvent() (*Event, error) {
+	ev := &Event{dev: d}
+	err := d.Do(func() error {
+		var err error
+		ev.e, err = cu.MakeEvent(cu.BlockingSyncEvent | cu.DisableTiming)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cuda: device %d: cuEventCreate(blocking sync): %w", d.props.Ordinal, err)
+	}
+	return ev, nil
+}
+
 // NewIPCEvent creates an event another process on this host can wait on
 // (interprocess, no timing). Export it with IPCHandle.
 func (d *Device) NewIPCEvent() (*Event, error) {
@@ -278,7 +294,14 @@ func (e *Event) IPCHandle() (IPCHandle, error) {
 // Stream.Wait on d. Close it when done.
 func (d *Device) OpenIPCEvent(h IPCHandle) (*Event, error) {
 	ev := &Event{dev: d}
-	err := d.Do(func() error { return ipcOpenEventHandle(h, unsafe.Pointer(&ev.e)) })
+	err := d.Do(func() error {
+		raw, err := ipcOpenEventHandle(h)
+		if err != nil {
+			return err
+		}
+		*(*unsafe.Pointer)(unsafe.Pointer(&ev.e)) = raw
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -150,6 +150,7 @@ type Mesh struct {
 	joinedOnce sync.Once
 	joinedCh   chan struct{} // closed on the first successful join
 	left       atomic.Bool
+	lifeMu     sync.Mutex // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
@@ -425,10 +426,10 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 		peers = peers[:m.cfg.JoinMaxPeers]
 	}
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		ok   int
-		errs []error
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		answered []string
+		errs     []error
 	)
 	for _, p := range peers {
 		wg.Add(1)
@@ -441,22 +442,23 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 				errs = append(errs, fmt.Errorf("%s: %w", p, err))
 				return
 			}
-			ok++
+			answered = append(answered, p)
 		}()
 	}
 	wg.Wait()
+	ok := len(answered)
 	if ok == 0 {
 		return 0, fmt.Errorf("mesh: no peer answered: %w", errors.Join(errs...))
 	}
 	if m.otherAlive() == 0 {
 		// Every address that answered was this node (another local IP of
 		// ours, or a DNS name for it).
-		return 0, fmt.Errorf("%w: every address that answered was this node itself", ErrNoPeers)
+		return 0, fmt.Errorf("mesh: every address that answered (%s) was this node itself", strings.Join(answered, ", "))
 	}
 	m.log.Info("joined the mesh", "contacted", ok, "members", m.NumAlive())
 	m.joinedOnce.Do(func() { close(m.joinedCh) })
 	if m.cfg.JoinSyncRounds > 0 {
-		m.goFunc(m.joinSync)
+		m.goFunc(func() { m.joinSync(answered) })
 	}
 	return ok, nil
 }
@@ -497,11 +499,16 @@ func (m *Mesh) otherAlive() int {
 	return n
 }
 
-// joinSync runs the post-join push-pulls: each with one random live
-// member, after JoinSyncDelay, then 2×, 4×, ... It repairs the case
-// where gossip about a node that joined in the same burst ran out of
-// retransmits before reaching this node (see doc.go).
-func (m *Mesh) joinSync() {
+// joinSync runs the post-join push-pulls, after JoinSyncDelay, then 2×,
+// 4×, ... apart. Even rounds (the first, third, ...) go to one of the
+// peers that answered the join: a seed has heard directly from every node
+// that joined through it, so one exchange catches up with the whole join
+// burst. Odd rounds go to a random live member, which covers nodes that
+// joined through other seeds (discovery hands each node a different
+// subset). They repair the case where gossip about a
+// node that joined in the same burst ran out of retransmits before
+// reaching this node (see doc.go).
+func (m *Mesh) joinSync(seeds []string) {
 	delay := m.cfg.JoinSyncDelay
 	for i := 0; i < m.cfg.JoinSyncRounds; i++ {
 		t := time.NewTimer(delay)
@@ -515,7 +522,12 @@ func (m *Mesh) joinSync() {
 		if m.left.Load() {
 			return
 		}
-		peer := m.randomPeer()
+		peer := ""
+		if i%2 == 0 && len(seeds) > 0 {
+			peer = seeds[rand.IntN(len(seeds))]
+		} else {
+			peer = m.randomPeer()
+		}
 		if peer == "" {
 			continue
 		}
@@ -607,6 +619,8 @@ func (m *Mesh) autoJoin(d Discoverer) {
 // keeps running (answering probes) until Shutdown, and it will not join
 // again.
 func (m *Mesh) Leave(timeout time.Duration) error {
+	m.lifeMu.Lock()
+	defer m.lifeMu.Unlock()
 	if m.isShutdown() {
 		return ErrShutdown
 	}
@@ -623,7 +637,9 @@ func (m *Mesh) Leave(timeout time.Duration) error {
 func (m *Mesh) Shutdown() error {
 	var err error
 	m.shutdownOnce.Do(func() {
+		m.lifeMu.Lock()
 		close(m.shutdownCh)
+		m.lifeMu.Unlock()
 		err = m.ml.Shutdown()
 		m.wg.Wait()
 		m.log.Info("gossip stopped")

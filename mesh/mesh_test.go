@@ -203,6 +203,13 @@ func TestDecodeKey(t *testing.T) {
 			t.Errorf("DecodeKey(%q): got %v, want ErrInvalidKey naming the fix", bad, err)
 		}
 	}
+	gen, err := mesh.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k, err := mesh.DecodeKey(gen); err != nil || len(k) != mesh.KeySize {
+		t.Fatalf("GenerateKey gave %q, which DecodeKey reads as %v, %v", gen, k, err)
+	}
 	c := meshtest.Config(t, "k")
 	c.SecretKey = []byte("short")
 	if err := c.Validate(); !errors.Is(err, mesh.ErrInvalidKey) {

@@ -24,28 +24,37 @@ date -u +"%Y-%m-%dT%H:%MZ" >>"$logs/gpus.txt"
 for t in "$dir"/*.test; do
 	[ -e "$t" ] || continue
 	name=$(basename "$t" .test)
-	if timeout 300 "$t" -test.v -test.count=1 >"$logs/test-$name.log" 2>&1; then
-		row "go test $name (-tags cuda)" "PASS ($(grep -c '^=== RUN' "$logs/test-$name.log") runs)"
+	tl=$(mktemp)
+	if timeout 240 "$t" -test.v -test.count=1 >"$tl" 2>&1; then
+		row "go test $name (-tags cuda)" "PASS ($(grep -c '^=== RUN' "$tl") runs)"
 	else
-		row "go test $name (-tags cuda)" "FAIL (see test-$name.log)"
-		grep -E -- '--- FAIL|panic|Error' "$logs/test-$name.log" | head -20
+		row "go test $name (-tags cuda)" "FAIL (see tests.log)"
+		grep -E -- '--- FAIL|panic:|Error' "$tl" | head -20
 	fi
+	{ echo "==== $name"; cat "$tl"; } >>"$logs/tests.log"
+	rm -f "$tl"
 done
 
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
-	GPUMESH_CUDA_BENCH=1 timeout 300 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/rings.log" 2>&1
-	grep -E '^(local|ipc) ' "$logs/rings.log" | while read -r l; do
-		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5}')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
+	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run 'LocalRingBandwidth|IPCRingSeparateProcesses' -test.v >"$logs/bench.log" 2>&1
+	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
+	GPUMESH_CUDA_BENCH=1 GPUMESH_SPIN=1 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS=${TCP_SPIN_CONFIGS:-4x1024,16x1024} \
+		timeout 150 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
+	grep -E '^(local|ipc|tcp) ' "$logs/bench.log" | grep busbw | while read -r l; do
+		row "gpumesh $(echo "$l" | awk '{print $1, $2, $3, $4, $5, $6, $7}' | sed -e 's/time=.*//' -e 's/channels=/ch=/')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
 	done
+	grep -E '^tcp .*correctness' "$logs/bench.log" | head -1 | sed 's/^/    /' | tee -a "$table"
 fi
-if "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
+if [ -x "$dir/gpumesh" ] && "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
 	for procs in "" "--procs"; do
 		timeout 240 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 64MiB,256MiB $procs --json \
-			>"$logs/bench-cuda$procs.json" 2>"$logs/bench-cuda$procs.err"
+			>>"$logs/bench.log" 2>&1
 		timeout 240 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 1MiB,64MiB,256MiB $procs \
-			>"$logs/bench-cuda$procs.txt" 2>&1
-		sed 's/^/    /' "$logs/bench-cuda$procs.txt" | tee -a "$table"
+			>"$logs/bench-cli.txt" 2>&1
+		cat "$logs/bench-cli.txt" >>"$logs/bench.log"
+		sed 's/^/    /' "$logs/bench-cli.txt" | tee -a "$table"
+		rm -f "$logs/bench-cli.txt"
 	done
 fi
 
@@ -54,10 +63,13 @@ py=$dir/torch_allreduce.py
 if [ -f "$py" ] && [ "$ngpu" -ge 2 ]; then
 	base() { # name env...
 		local name=$1; shift
-		env "$@" timeout 180 python3 "$py" $BASE_ARGS >"$logs/base-$name.log" 2>&1
-		grep -E 'busbw' "$logs/base-$name.log" | while read -r l; do
+		local bl; bl=$(mktemp)
+		env "$@" timeout 180 python3 "$py" $BASE_ARGS >"$bl" 2>&1
+		{ echo "==== $name $*"; cat "$bl"; } >>"$logs/baselines.log"
+		grep -E 'busbw' "$bl" | while read -r l; do
 			row "baseline $name $(echo "$l" | grep -o 'size= *[0-9]*MiB' | tr -d ' ')" "$(echo "$l" | grep -o 'busbw= *[0-9.]*GB/s' | tr -d ' ')"
 		done
+		rm -f "$bl"
 	}
 	BASE_ARGS="nccl cuda 2 29511 1,16,64,256 10" base nccl-default NCCL_DEBUG=WARN
 	if [ "$mode" = full ]; then

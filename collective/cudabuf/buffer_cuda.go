@@ -3,7 +3,6 @@
 package cudabuf
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -64,6 +63,7 @@ func Op(op collective.Op) (cuda.Op, error) {
 // devState is per-device staging: device scratch twins of the pinned slots
 // and one event per slot.
 type devState struct {
+	idx     int
 	dev     *cuda.Device
 	scratch *cuda.Mem
 	events  []*cuda.Event
@@ -76,45 +76,83 @@ type Backend struct {
 	devs []*devState
 	slot int
 
+	// Staging slots: the runtime's pinned pool, grown on demand up to
+	// maxSlots so that no mix of outstanding reads and writes can deadlock.
+	opts     options
+	free     chan *stageSlot
+	pmu      sync.Mutex
+	slots    []*stageSlot
+	maxSlots int
 	// pending is the FIFO of staged slots whose device work may still run,
 	// across all buffers: whoever needs a slot reclaims the oldest.
-	pmu     sync.Mutex
 	pending []pending
 
 	closeOnce sync.Once
 	closeErr  error
 }
 
+// Option tunes a Backend.
+type Option func(*options)
+
+type options struct {
+	spin bool
+}
+
+// WithSpinWait makes host waits on staging copies spin on a core instead of
+// sleeping: lower latency, but one busy core per waiting channel. Off by
+// default (many channels wait at once).
+func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } }
+
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair
 // of devices that supports it.
-func Open(cfg cuda.Config) (*Backend, error) {
+func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
+	var o options
+	for _, f := range opts {
+		f(&o)
+	}
 	rt, err := cuda.Open(cfg)
 	if err != nil {
 		return nil, err
 	}
-	return newBackend(rt)
+	return newBackend(rt, o)
 }
 
-func newBackend(rt *cuda.Runtime) (*Backend, error) {
-	b := &Backend{rt: rt, slot: rt.Pool().SlotBytes()}
-	slots := rt.Pool().Slots()
-	for _, d := range rt.Devices() {
-		ds := &devState{dev: d}
+func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
+	pool := rt.Pool()
+	slots := pool.Slots()
+	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o}
+	b.free = make(chan *stageSlot, b.maxSlots)
+	for i, d := range rt.Devices() {
+		ds := &devState{idx: i, dev: d}
 		b.devs = append(b.devs, ds)
 		var err error
 		if ds.scratch, err = d.Alloc(int64(slots) * int64(b.slot)); err != nil {
 			b.Close()
 			return nil, err
 		}
-		for i := 0; i < slots; i++ {
-			ev, err := d.NewEvent(false)
+		for j := 0; j < slots; j++ {
+			ev, err := b.newSlotEvent(d)
 			if err != nil {
 				b.Close()
 				return nil, err
 			}
 			ds.events = append(ds.events, ev)
 		}
+	}
+	for i := 0; i < slots; i++ {
+		pb, ok := pool.TryGet()
+		if !ok {
+			b.Close()
+			return nil, fmt.Errorf("cudabuf: pinned pool has %d free slots, want %d", pool.Free(), slots)
+		}
+		st := &stageSlot{host: pb.Bytes(), pooled: pb}
+		for _, ds := range b.devs {
+			st.scratch = append(st.scratch, ds.scratch.Ptr().Add(int64(pb.Index())*int64(b.slot)))
+			st.events = append(st.events, ds.events[pb.Index()])
+		}
+		b.slots = append(b.slots, st)
+		b.free <- st
 	}
 	for _, a := range rt.Devices() {
 		for _, p := range rt.Devices() {
@@ -132,6 +170,104 @@ func newBackend(rt *cuda.Runtime) (*Backend, error) {
 	return b, nil
 }
 
+func (b *Backend) newSlotEvent(d *cuda.Device) (*cuda.Event, error) {
+	if b.opts.spin {
+		return d.NewEvent(false)
+	}
+	return d.NewBlockingEvent()
+}
+
+// stageSlot is one pinned host buffer with, per device, a device scratch
+// twin and an event marking the end of the slot's last use.
+type stageSlot struct {
+	host    []byte
+	scratch []cuda.DevPtr // by device index
+	events  []*cuda.Event // by device index
+	pooled  *cuda.PinnedBuffer
+	mems    []*cuda.Mem // grown slots own their scratch
+}
+
+// grow adds a slot (pinned host memory, scratch and an event per device).
+// Called with pmu held.
+func (b *Backend) grow() (*stageSlot, error) {
+	host, err := b.devs[0].dev.PinnedAlloc(b.slot)
+	if err != nil {
+		return nil, err
+	}
+	st := &stageSlot{host: host}
+	for _, ds := range b.devs {
+		m, err := ds.dev.Alloc(int64(b.slot))
+		if err != nil {
+			b.freeSlot(st)
+			return nil, err
+		}
+		st.mems = append(st.mems, m)
+		st.scratch = append(st.scratch, m.Ptr())
+		ev, err := b.newSlotEvent(ds.dev)
+		if err != nil {
+			b.freeSlot(st)
+			return nil, err
+		}
+		st.events = append(st.events, ev)
+	}
+	b.slots = append(b.slots, st)
+	return st, nil
+}
+
+func (b *Backend) freeSlot(st *stageSlot) error {
+	if st.pooled != nil {
+		return nil // the runtime pool and devState own its memory and events
+	}
+	var errs []error
+	for _, ev := range st.events {
+		errs = append(errs, ev.Close())
+	}
+	for _, m := range st.mems {
+		errs = append(errs, m.Free())
+	}
+	errs = append(errs, b.devs[0].dev.PinnedFree(st.host))
+	return errors.Join(errs...)
+}
+
+// getSlot takes a free slot; else waits for the oldest staged slot of any
+// buffer to finish; else grows the set; else (at maxSlots) waits for a free
+// one.
+func (b *Backend) getSlot() (*stageSlot, error) {
+	select {
+	case st := <-b.free:
+		return st, nil
+	default:
+	}
+	b.pmu.Lock()
+	if len(b.pending) > 0 {
+		p := b.pending[0]
+		b.pending = b.pending[1:]
+		b.pmu.Unlock()
+		if err := p.ev.Synchronize(); err != nil {
+			b.free <- p.slot
+			return nil, err
+		}
+		return p.slot, nil
+	}
+	if len(b.slots) < b.maxSlots {
+		st, err := b.grow()
+		b.pmu.Unlock()
+		return st, err
+	}
+	b.pmu.Unlock()
+	return <-b.free, nil
+}
+
+func (b *Backend) putSlot(st *stageSlot) { b.free <- st }
+
+// StagingSlots reports how many pinned staging slots are free and how many
+// exist (they grow under pressure up to four times the pool).
+func (b *Backend) StagingSlots() (free, total int) {
+	b.pmu.Lock()
+	defer b.pmu.Unlock()
+	return len(b.free), len(b.slots)
+}
+
 // Runtime is the underlying CUDA runtime.
 func (b *Backend) Runtime() *cuda.Runtime { return b.rt }
 
@@ -143,6 +279,9 @@ func (b *Backend) NumDevices() int { return len(b.devs) }
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
 		var errs []error
+		for _, st := range b.slots {
+			errs = append(errs, b.freeSlot(st))
+		}
 		for _, ds := range b.devs {
 			for _, ev := range ds.events {
 				errs = append(errs, ev.Close())
@@ -158,7 +297,7 @@ func (b *Backend) Close() error {
 }
 
 type pending struct {
-	slot *cuda.PinnedBuffer
+	slot *stageSlot
 	ev   *cuda.Event
 }
 
@@ -178,7 +317,7 @@ type Buffer struct {
 	rdMark   *cuda.Event // recorded on rd after a ReadChunk larger than a slot
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
-	reads    map[readKey][]*cuda.PinnedBuffer
+	reads    map[readKey][]*stageSlot
 	big      map[readKey][][]byte // ReadChunk larger than a slot
 	err      error
 	freed    bool
@@ -198,7 +337,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*cuda.PinnedBuffer{}, big: map[readKey][][]byte{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}}
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -218,7 +357,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		buf.Free()
 		return nil, err
 	}
-	if buf.rdMark, err = ds.dev.NewEvent(false); err != nil {
+	if buf.rdMark, err = b.newSlotEvent(ds.dev); err != nil {
 		buf.Free()
 		return nil, err
 	}
@@ -300,32 +439,6 @@ func (buf *Buffer) fail(err error) error {
 	return err
 }
 
-// slot takes a pinned slot; when the pool is empty it waits for the oldest
-// staged slot of any buffer to finish and takes that one.
-func (buf *Buffer) slot() (*cuda.PinnedBuffer, error) {
-	be := buf.be
-	pool := be.rt.Pool()
-	for {
-		if s, ok := pool.TryGet(); ok {
-			return s, nil
-		}
-		be.pmu.Lock()
-		if len(be.pending) > 0 {
-			p := be.pending[0]
-			be.pending = be.pending[1:]
-			be.pmu.Unlock()
-			err := p.ev.Synchronize()
-			if err != nil {
-				pool.Put(p.slot)
-				return nil, err
-			}
-			return p.slot, nil
-		}
-		be.pmu.Unlock()
-		return pool.Get(context.Background())
-	}
-}
-
 // addPending queues a staged slot and returns finished ones to the pool
 // without blocking.
 func (be *Backend) addPending(p pending) {
@@ -339,7 +452,7 @@ func (be *Backend) addPending(p pending) {
 		if !done && err == nil {
 			return
 		}
-		be.rt.Pool().Put(be.pending[0].slot)
+		be.putSlot(be.pending[0].slot)
 		be.pending = be.pending[1:]
 	}
 }
@@ -353,13 +466,13 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	bytes := n * buf.dt.Size()
 	var host []byte
-	var slot *cuda.PinnedBuffer
+	var slot *stageSlot
 	if bytes <= buf.be.slot {
-		s, err := buf.slot()
+		s, err := buf.be.getSlot()
 		if err != nil {
 			return nil, err
 		}
-		slot, host = s, s.Bytes()[:bytes]
+		slot, host = s, s.host[:bytes]
 	} else {
 		h, err := buf.ds.dev.PinnedAlloc(bytes)
 		if err != nil {
@@ -379,7 +492,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	var done *cuda.Event
 	if err == nil {
 		if slot != nil {
-			done = buf.ds.events[slot.Index()]
+			done = slot.events[buf.ds.idx]
 		} else {
 			done = buf.rdMark
 		}
@@ -391,7 +504,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	if err != nil {
 		if slot != nil {
-			buf.be.rt.Pool().Put(slot)
+			buf.be.putSlot(slot)
 		} else {
 			buf.ds.dev.PinnedFree(host)
 		}
@@ -414,7 +527,7 @@ func (buf *Buffer) ReleaseChunk(off, n int) {
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
 	if l := buf.reads[k]; len(l) > 0 {
-		buf.be.rt.Pool().Put(l[len(l)-1])
+		buf.be.putSlot(l[len(l)-1])
 		if len(l) == 1 {
 			delete(buf.reads, k)
 		} else {
@@ -436,7 +549,7 @@ func (buf *Buffer) ReleaseChunk(off, n int) {
 // elements), each copied into a pinned slot first. f enqueues device work
 // reading the slot (and its device scratch twin) on the write stream; the
 // slot is released when that work completes.
-func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *cuda.PinnedBuffer, scratch cuda.DevPtr, elemOff, elems int) error) error {
+func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlot, scratch cuda.DevPtr, elemOff, elems int) error) error {
 	es := buf.dt.Size()
 	total := src.Len()
 	if total%es != 0 {
@@ -450,12 +563,12 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *cuda.Pin
 	var segOff int
 	for done := 0; done < total; {
 		nb := min(piece, total-done)
-		slot, err := buf.slot()
+		slot, err := buf.be.getSlot()
 		if err != nil {
 			return err
 		}
 		// copy nb bytes from the segments into the pinned slot
-		dst := slot.Bytes()[:nb]
+		dst := slot.host[:nb]
 		for c := 0; c < nb; {
 			k := copy(dst[c:], segs[0][segOff:])
 			c += k
@@ -464,10 +577,10 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *cuda.Pin
 				segs, segOff = segs[1:], 0
 			}
 		}
-		scratch := buf.ds.scratch.Ptr().Add(int64(slot.Index()) * int64(buf.be.slot))
+		scratch := slot.scratch[buf.ds.idx]
 		buf.mu.Lock()
 		err = f(slot, scratch, off+done/es, nb/es)
-		ev := buf.ds.events[slot.Index()]
+		ev := slot.events[buf.ds.idx]
 		if err == nil {
 			err = buf.wr.Record(ev)
 		}
@@ -475,7 +588,7 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *cuda.Pin
 			buf.fail(err)
 			buf.mu.Unlock()
 			buf.wr.Synchronize()
-			buf.be.rt.Pool().Put(slot)
+			buf.be.putSlot(slot)
 			return err
 		}
 		buf.mu.Unlock()
@@ -489,8 +602,8 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *cuda.Pin
 // (so it is free when this returns) and on to the device asynchronously.
 func (buf *Buffer) WriteChunk(off int, src collective.Segments) error {
 	es := int64(buf.dt.Size())
-	return buf.stage(off, src, func(slot *cuda.PinnedBuffer, _ cuda.DevPtr, eo, n int) error {
-		return buf.wr.CopyHtoD(buf.at(eo), slot.Bytes()[:int64(n)*es])
+	return buf.stage(off, src, func(slot *stageSlot, _ cuda.DevPtr, eo, n int) error {
+		return buf.wr.CopyHtoD(buf.at(eo), slot.host[:int64(n)*es])
 	})
 }
 
@@ -502,8 +615,8 @@ func (buf *Buffer) ReduceChunk(off int, src collective.Segments, op collective.O
 		return err
 	}
 	es := int64(buf.dt.Size())
-	return buf.stage(off, src, func(slot *cuda.PinnedBuffer, scratch cuda.DevPtr, eo, n int) error {
-		if err := buf.wr.CopyHtoD(scratch, slot.Bytes()[:int64(n)*es]); err != nil {
+	return buf.stage(off, src, func(slot *stageSlot, scratch cuda.DevPtr, eo, n int) error {
+		if err := buf.wr.CopyHtoD(scratch, slot.host[:int64(n)*es]); err != nil {
 			return err
 		}
 		return buf.wr.Reduce(cop, buf.cdt, buf.at(eo), scratch, int64(n))

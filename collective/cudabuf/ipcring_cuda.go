@@ -63,6 +63,7 @@ const (
 	offCompleted = 24 // operations completed on the device
 	offBytes     = 32 // buffer length in bytes
 	offNChunk    = 40
+	offClosed    = 48 // 1 once this rank unmapped its left neighbour's memory
 	offMem       = 64
 	offEvents    = offMem + cuda.IPCHandleSize
 	ipcMagic     = 0x67706d6573686970 // "gpmeship"
@@ -255,9 +256,23 @@ func (r *IPCRing) path(rank int) string {
 	return filepath.Join(r.cfg.Dir, fmt.Sprintf("gpumesh-ipc-%s.rank%d", r.cfg.Name, rank))
 }
 
-// Close releases the mappings, events and this rank's shared file.
+// Close releases the mappings, events and this rank's shared file. It waits
+// (up to Timeout) for the right neighbour to unmap this rank's memory, since
+// the buffer must not be freed while another process maps it.
 func (r *IPCRing) Close() error {
 	var errs []error
+	if r.leftMem != nil {
+		errs = append(errs, r.leftMem.Free())
+		r.leftMem = nil
+	}
+	if r.self != nil {
+		atomic.StoreUint64(r.self.u64(offClosed), 1)
+	}
+	if r.right != nil {
+		if err := r.await(context.Background(), r.right.u64(offClosed), 1, "the right neighbour to unmap our memory"); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	closeEvs := func(evs []*cuda.Event) {
 		for _, ev := range evs {
 			errs = append(errs, ev.Close())
@@ -269,10 +284,6 @@ func (r *IPCRing) Close() error {
 	}
 	closeEvs(r.own)
 	r.leftEv, r.rightEv, r.own = nil, nil, nil
-	if r.leftMem != nil {
-		errs = append(errs, r.leftMem.Free())
-		r.leftMem = nil
-	}
 	if r.right != nil && r.right != r.left {
 		errs = append(errs, r.right.close(false))
 	}
@@ -354,7 +365,8 @@ func (r *IPCRing) AllReduce(ctx context.Context, op collective.Op) error {
 }
 
 func (r *IPCRing) enqueue(ctx context.Context, k uint64, cop cuda.Op, avg bool) error {
-	buf, s, n, rank := r.buf, r.buf.wr, r.n, r.cfg.Rank
+	buf, n, rank := r.buf, r.n, r.cfg.Rank
+	s := buf.wr
 	es := int64(buf.dt.Size())
 	record := func(idx int) error {
 		if err := s.Record(r.own[idx]); err != nil {
@@ -374,6 +386,12 @@ func (r *IPCRing) enqueue(ctx context.Context, k uint64, cop cuda.Op, avg bool) 
 	}
 	leftBase := r.leftMem.Ptr()
 	for t := 0; t < r.steps; t++ {
+		// reduce-scatter kernels on the write stream, all-gather copies on
+		// the read stream (copy engines), overlapping; events order them
+		s = buf.wr
+		if t >= n-1 {
+			s = buf.rd
+		}
 		for c := 0; c < r.nchunk; c++ {
 			if t == 0 {
 				if err := waitOn(r.left, r.leftEv, 0, "the left neighbour to start"); err != nil {

@@ -121,7 +121,7 @@ func ipcChild(t *testing.T, rankS string) {
 func ipcBench(t *testing.T, be *Backend, rank, n, dev int, name string) {
 	ctx := context.Background()
 	for _, mib := range []int{1, 16, 64, 256} {
-		for _, chunk := range []int{8 << 20, 32 << 20} {
+		for _, chunk := range []int{16 << 20, 64 << 20} {
 			count := mib << 20 / 4
 			buf, err := be.NewBuffer(dev, collective.Float32, count)
 			if err != nil {

@@ -139,7 +139,14 @@ func (l *LocalRing) enqueue(cop cuda.Op, avg bool) error {
 		for c := 0; c < l.nchunk; c++ {
 			for r := 0; r < n; r++ {
 				dst, left := l.bufs[r], l.bufs[mod(r-1, n)]
+				seg, reduce := ringStep(r, t, n)
+				// reduce-scatter kernels on the write stream, all-gather
+				// copies (copy engines) on the read stream, so they overlap;
+				// every dependency between them is an event below
 				s := dst.wr
+				if !reduce {
+					s = dst.rd
+				}
 				// read-after-write: the left neighbour produced this chunk
 				// in its previous step
 				if t > 0 {
@@ -147,7 +154,6 @@ func (l *LocalRing) enqueue(cop cuda.Op, avg bool) error {
 						return err
 					}
 				}
-				seg, reduce := ringStep(r, t, n)
 				if !reduce {
 					// write-after-read: the right neighbour read this chunk
 					// of ours in its reduce-scatter step t-(n-1)

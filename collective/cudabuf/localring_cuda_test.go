@@ -112,7 +112,7 @@ func TestLocalRingBandwidth(t *testing.T) {
 	}
 	for _, place := range [][]int{{0, 1}, {0, 1, 0, 1}} {
 		for _, mib := range []int{1, 16, 64, 256} {
-			for _, chunk := range []int{2 << 20, 8 << 20, 32 << 20} {
+			for _, chunk := range []int{8 << 20, 32 << 20, 64 << 20} {
 				n := mib << 20 / 4
 				var bufs []*Buffer
 				for _, d := range place {

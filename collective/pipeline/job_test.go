@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -375,5 +376,32 @@ func waitGoroutines(t *testing.T, base int) {
 			t.Fatalf("%d goroutines left, %d before:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestReportJSON(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	reps, errs := runPipeline(t, ctx, baseSpec(), NewMemPipeline(2, 1), nil)
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := json.Marshal(reps[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back map[string]any
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"job_id", "generation", "stage", "losses", "final_loss", "samples_per_sec", "bubble", "busy_seconds", "param_hash", "layer_start", "layer_end"} {
+		if _, ok := back[k]; !ok {
+			t.Errorf("report JSON lacks %q: %s", k, b)
+		}
+	}
+	if l := back["losses"].([]any); len(l) != baseSpec().Steps {
+		t.Fatalf("losses %v", l)
 	}
 }
