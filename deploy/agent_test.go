@@ -69,3 +69,20 @@ func TestStartAgentEC2OffEC2(t *testing.T) {
 		t.Fatalf("bad tag: %v", err)
 	}
 }
+
+func TestStartAgentEC2Disabled(t *testing.T) {
+	// Even with a live mock, a disabled IMDS is never asked.
+	endpoint := startAEMM(t, aemmOptions{})
+	a, err := StartAgentEC2(context.Background(), AgentConfig{IMDS: IMDSConfig{Endpoint: endpoint, Disabled: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Shutdown()
+	if a.Identity.OnEC2() || a.Watcher != nil {
+		t.Fatalf("disabled IMDS was used: %+v", a)
+	}
+	m, _ := NewIMDS(IMDSConfig{Endpoint: endpoint, Disabled: true})
+	if _, err := m.Get(context.Background(), "instance-id"); !errors.Is(err, ErrNotOnEC2) {
+		t.Fatalf("Get on a disabled IMDS: %v", err)
+	}
+}
