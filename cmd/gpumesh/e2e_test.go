@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/internal/procs"
-	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 type peersJSON struct {
@@ -30,11 +29,6 @@ func startAgents(t *testing.T, n int) []*procs.Agent {
 		t.Skip("multi-process test; skipped with -short")
 	}
 	dir := t.TempDir()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = driver.KillAll(ctx, dir)
-	})
 	var as []*procs.Agent
 	for i := 0; i < n; i++ {
 		ip := fmt.Sprintf("127.0.0.%d", i+2)
