@@ -292,3 +292,46 @@ func TestClusterRestartFromDataDir(t *testing.T) {
 		return nil
 	})
 }
+
+// A node that is not server-eligible never joins Raft; it learns its ranks
+// through a watch stream to a server and reports through it.
+func TestClusterClientNodeRunsRanks(t *testing.T) {
+	dc := startCluster(t, 4, func(i int, c *Config) {
+		if i == 3 {
+			c.Server = false
+		}
+	})
+	cl := dc.Agents[3]
+	if cl.Role() != "client" || cl.raft != nil {
+		t.Fatalf("node-4 should be a client, is %s", cl.Role())
+	}
+	c := client(t, cl)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: wide\nranks: 4\nplacement: spread\nexec: {command: [sh, -c, 'echo rank $RANK on $GPUMESH_ADDR']}\n")})
+	if err != nil {
+		t.Fatalf("submission through a client node: %v", err)
+	}
+	final := waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	onClient := false
+	for _, al := range final.Allocations {
+		if al.NodeId == cl.NodeID() && al.ClientStatus == "complete" {
+			onClient = true
+			if out := readLogs(t, c, resp.Id, al.Rank, 0); !strings.Contains(out, cl.RPCAddr()) {
+				t.Fatalf("client rank's log %q lacks its agent address", out)
+			}
+		}
+	}
+	if !onClient {
+		t.Fatalf("no rank completed on the client node: %v", final.Allocations)
+	}
+	peers, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range peers.Peers {
+		if p.Id == cl.NodeID() {
+			t.Fatalf("client node is a raft peer: %v", p)
+		}
+	}
+}
