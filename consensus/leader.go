@@ -7,8 +7,8 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/internal/controlpb"
-	autopilot "github.com/hashicorp/raft-autopilot"
 	"github.com/hashicorp/raft"
+	autopilot "github.com/hashicorp/raft-autopilot"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -68,7 +68,7 @@ func (s *Server) stopLeader() {
 func (ls *leaderSession) run() {
 	s := ls.s
 	// Apply everything committed by earlier leaders before acting on state.
-	if err := s.raft.Barrier(s.cfg.ApplyTimeout).Error(); err != nil {
+	if err := s.await(s.raft.Barrier(s.cfg.ApplyTimeout)); err != nil {
 		s.logger.Warn("leader barrier failed; leader duties not started", "error", err)
 		return
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	wal "github.com/hashicorp/raft-wal"
+	"github.com/hashicorp/raft-wal/metadb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
@@ -40,6 +41,7 @@ type Server struct {
 	raft   *raft.Raft
 	trans  *raft.NetworkTransport
 	wal    *wal.WAL
+	meta   *metadb.BoltMetaDB
 	snaps  *raft.FileSnapshotStore
 	obs    *raft.Observer
 	obsCh  chan raft.Observation
@@ -108,7 +110,14 @@ func (s *Server) setupRaft() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("raft data dir %s: %w", dir, err)
 	}
-	w, err := wal.Open(filepath.Join(dir, "wal"), wal.WithLogger(s.logger.Named("wal")))
+	walDir := filepath.Join(dir, "wal")
+	if err := os.MkdirAll(walDir, 0o700); err != nil {
+		return fmt.Errorf("raft log dir %s: %w", walDir, err)
+	}
+	// WAL.Close does not close its meta store (raft-wal v0.4.0), which
+	// keeps a file lock: own it and close it ourselves.
+	s.meta = &metadb.BoltMetaDB{}
+	w, err := wal.Open(walDir, wal.WithLogger(s.logger.Named("wal")), wal.WithMetaStore(s.meta))
 	if err != nil {
 		return fmt.Errorf("open raft log in %s: %w", dir, err)
 	}
@@ -127,7 +136,7 @@ func (s *Server) setupRaft() error {
 		}
 	}
 	s.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
-		Stream:  stream,
+		Stream:  newTrackedStream(stream),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
 		Logger:  s.logger.Named("transport"),
@@ -358,6 +367,11 @@ func (s *Server) closeStores() error {
 			errs = append(errs, fmt.Errorf("close raft log: %w", err))
 		}
 	}
+	if s.meta != nil {
+		if err := s.meta.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft log meta store: %w", err))
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -554,7 +568,7 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		}
 	}
 	f := s.raft.Apply(data, timeout)
-	if err := f.Error(); err != nil {
+	if err := s.await(f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			return nil, 0, s.notLeader()
@@ -575,6 +589,19 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		return nil, f.Index(), err
 	}
 	return resp, f.Index(), nil
+}
+
+// await waits for a raft future, or for shutdown: a future still queued
+// in raft's buffered apply channel when raft stops is never answered.
+func (s *Server) await(f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-s.shutdownCh:
+		return ErrShutdown
+	}
 }
 
 // RegisterJob stores a new job (the caller has validated spec) and returns

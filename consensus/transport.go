@@ -3,6 +3,7 @@ package consensus
 import (
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -47,3 +48,74 @@ func (t *tcpStreamLayer) Dial(address raft.ServerAddress, timeout time.Duration)
 func (t *tcpStreamLayer) Accept() (net.Conn, error) { return t.ln.Accept() }
 func (t *tcpStreamLayer) Close() error              { return t.ln.Close() }
 func (t *tcpStreamLayer) Addr() net.Addr            { return t.advertise }
+
+// trackedStream wraps a StreamLayer and closes every connection it accepted
+// or dialed when it is closed. raft's NetworkTransport.Close closes only the
+// listener: without this, connections to a shut-down server stay open (and
+// their handler goroutines alive) for as long as the peers keep them pooled.
+type trackedStream struct {
+	raft.StreamLayer
+	mu     sync.Mutex
+	closed bool
+	conns  map[*trackedConn]struct{}
+}
+
+func newTrackedStream(s raft.StreamLayer) *trackedStream {
+	return &trackedStream{StreamLayer: s, conns: map[*trackedConn]struct{}{}}
+}
+
+type trackedConn struct {
+	net.Conn
+	owner *trackedStream
+	once  sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.owner.mu.Lock()
+		delete(c.owner.conns, c)
+		c.owner.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+func (t *trackedStream) track(c net.Conn) (net.Conn, error) {
+	tc := &trackedConn{Conn: c, owner: t}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		c.Close()
+		return nil, net.ErrClosed
+	}
+	t.conns[tc] = struct{}{}
+	return tc, nil
+}
+
+func (t *trackedStream) Accept() (net.Conn, error) {
+	c, err := t.StreamLayer.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return t.track(c)
+}
+
+func (t *trackedStream) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	c, err := t.StreamLayer.Dial(address, timeout)
+	if err != nil {
+		return nil, err
+	}
+	return t.track(c)
+}
+
+func (t *trackedStream) Close() error {
+	err := t.StreamLayer.Close()
+	t.mu.Lock()
+	t.closed = true
+	conns := t.conns
+	t.conns = map[*trackedConn]struct{}{}
+	t.mu.Unlock()
+	for c := range conns {
+		c.Conn.Close()
+	}
+	return err
+}

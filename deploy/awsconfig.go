@@ -8,6 +8,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/smithy-go/logging"
+	"github.com/hashicorp/go-hclog"
 )
 
 // AWSConfig says how to reach the EC2 API.
@@ -22,6 +24,11 @@ type AWSConfig struct {
 	// Credentials, if set, replace the SDK's default credential chain
 	// (environment, shared files, the instance role through IMDS).
 	Credentials aws.CredentialsProvider
+	// HTTPClient replaces the SDK's HTTP client. Optional.
+	HTTPClient aws.HTTPClient
+	// Logger receives the SDK's own log lines (warnings about retries and
+	// connections). Default: a null logger.
+	Logger hclog.Logger
 }
 
 // Validate checks the configuration.
@@ -52,6 +59,18 @@ func NewEC2Client(ctx context.Context, c AWSConfig) (*ec2.Client, error) {
 	if c.Credentials != nil {
 		opts = append(opts, config.WithCredentialsProvider(c.Credentials))
 	}
+	lg := c.Logger
+	if lg == nil {
+		lg = hclog.NewNullLogger()
+	}
+	lg = lg.Named("aws-sdk")
+	opts = append(opts, config.WithLogger(logging.LoggerFunc(func(cl logging.Classification, format string, v ...any) {
+		if cl == logging.Warn {
+			lg.Warn(fmt.Sprintf(format, v...))
+		} else {
+			lg.Debug(fmt.Sprintf(format, v...))
+		}
+	})))
 	cfg, err := config.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("loading AWS configuration: %w", err)
@@ -59,6 +78,9 @@ func NewEC2Client(ctx context.Context, c AWSConfig) (*ec2.Client, error) {
 	return ec2.NewFromConfig(cfg, func(o *ec2.Options) {
 		if c.Endpoint != "" {
 			o.BaseEndpoint = aws.String(c.Endpoint)
+		}
+		if c.HTTPClient != nil {
+			o.HTTPClient = c.HTTPClient
 		}
 	}), nil
 }

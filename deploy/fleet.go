@@ -3,6 +3,7 @@ package deploy
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
@@ -523,4 +524,47 @@ func fleetInstanceIDs(ctx context.Context, api FleetInstancesAPI, fleetID string
 	}
 	sort.Strings(ids)
 	return ids, byID, nil
+}
+
+// MarshalRequest renders an SDK request (BuildCreateFleetInput's, for
+// --dry-run) as indented JSON without its unset fields.
+func MarshalRequest(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	var tree any
+	if err := json.Unmarshal(b, &tree); err != nil {
+		return nil, err
+	}
+	pruned, _ := prune(tree)
+	return json.MarshalIndent(pruned, "", "  ")
+}
+
+// prune drops nulls, empty strings, empty lists and empty objects.
+func prune(v any) (any, bool) {
+	switch t := v.(type) {
+	case nil:
+		return nil, false
+	case string:
+		return t, t != ""
+	case []any:
+		out := make([]any, 0, len(t))
+		for _, e := range t {
+			if p, ok := prune(e); ok {
+				out = append(out, p)
+			}
+		}
+		return out, len(out) > 0
+	case map[string]any:
+		out := map[string]any{}
+		for k, e := range t {
+			if p, ok := prune(e); ok {
+				out[k] = p
+			}
+		}
+		return out, len(out) > 0
+	default:
+		return t, true
+	}
 }

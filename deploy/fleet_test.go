@@ -255,3 +255,24 @@ func TestDescribeFleetNotFound(t *testing.T) {
 		t.Fatalf("err = %v, want ErrFleetNotFound", err)
 	}
 }
+
+func TestMarshalRequestPrunes(t *testing.T) {
+	in, err := BuildCreateFleetInput(spotConfig(), spotConfig().Template)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := MarshalRequest(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	if strings.Contains(s, "null") || strings.Contains(s, `""`) {
+		t.Fatalf("unset fields left in:\n%s", s)
+	}
+	for _, want := range []string{`"Type": "maintain"`, `"AllocationStrategy": "price-capacity-optimized"`,
+		`"OnDemandTargetCapacity": 3`, `"SubnetId": "subnet-b"`, `"ReplaceUnhealthyInstances": true`} {
+		if !strings.Contains(s, want) {
+			t.Errorf("dry-run JSON lacks %s:\n%s", want, s)
+		}
+	}
+}

@@ -82,6 +82,10 @@ type IMDSConfig struct {
 	// RequestTimeout bounds every other request (token included) once the
 	// service is known to answer. Default 2 s.
 	RequestTimeout time.Duration
+	// Disabled turns IMDS off: Identity answers ErrNotOnEC2 at once and Get
+	// fails. For `gpumesh dev` and tests on a machine that may be an EC2
+	// instance, where the agents must not read the real IMDS.
+	Disabled bool
 	// SourceAddr, if set, is the local IP address requests are sent from.
 	// Agents sharing one machine on 127.0.0.x set it to their bind address,
 	// so that ec2-metadata-mock's --mock-ip-count can tell them apart.
@@ -208,6 +212,9 @@ func (m *IMDS) Get(ctx context.Context, path string) (string, error) {
 }
 
 func (m *IMDS) get(ctx context.Context, path string) (string, error) {
+	if m.cfg.Disabled {
+		return "", fmt.Errorf("%w (IMDS disabled)", ErrNotOnEC2)
+	}
 	c := m.sdk()
 	out, err := c.GetMetadata(ctx, &imds.GetMetadataInput{Path: path})
 	if err != nil {
@@ -239,6 +246,9 @@ func isHTTPStatus(err error, code int) bool {
 // (placement/region on old IMDS versions) is derived or left empty, other
 // failures are returned as errors together with what was learned.
 func (m *IMDS) Identity(ctx context.Context) (Identity, error) {
+	if m.cfg.Disabled {
+		return UnknownIdentity(), fmt.Errorf("%w (IMDS disabled)", ErrNotOnEC2)
+	}
 	pctx, cancel := context.WithTimeout(ctx, m.cfg.ProbeTimeout)
 	id, err := m.get(pctx, "instance-id")
 	cancel()

@@ -94,7 +94,8 @@ func (d ScaleDecision) Changed(s ScaleState) bool { return d.Target != s.Target 
 //     already launching (Target-Joined), up to Max.
 //   - With nothing waiting, nodes idle for IdleAfter are removed (longest
 //     idle first), down to Min, once ScaleDownCooldown has passed since the
-//     last change.
+//     last change. Members beyond the target (Joined > Target) are removed
+//     first, from the idle ones, without lowering the target again.
 func DecideScale(p ScalePolicy, s ScaleState) ScaleDecision {
 	keep := func(format string, a ...any) ScaleDecision {
 		return ScaleDecision{Target: s.Target, Reason: fmt.Sprintf(format, a...)}
@@ -141,32 +142,48 @@ func DecideScale(p ScalePolicy, s ScaleState) ScaleDecision {
 	if len(surplus) == 0 {
 		return keep("no job waits for capacity and no node has been idle for %s", p.IdleAfter)
 	}
-	if room := s.Target - p.Min; room <= 0 {
-		return keep("%s idle for %s but the fleet is at its minimum %d", plural(len(surplus), "node", "nodes"), p.IdleAfter, p.Min)
-	}
-	if !s.LastChange.IsZero() && s.Now.Sub(s.LastChange) < p.ScaleDownCooldown {
-		return keep("%s idle for %s; waiting for the %s cooldown after the last change", plural(len(surplus), "node", "nodes"), p.IdleAfter, p.ScaleDownCooldown)
-	}
 	sort.Slice(surplus, func(i, j int) bool {
 		if !surplus[i].Since.Equal(surplus[j].Since) {
 			return surplus[i].Since.Before(surplus[j].Since)
 		}
 		return surplus[i].InstanceID < surplus[j].InstanceID
 	})
+	// More members than the target (a lowering whose terminations failed,
+	// or instances kept by the no-termination policy): terminate idle ones
+	// without lowering the target again.
+	if excess := s.Joined - s.Target; excess > 0 {
+		if excess > len(surplus) {
+			excess = len(surplus)
+		}
+		ids := idsOf(surplus[:excess])
+		return ScaleDecision{Target: s.Target, Remove: ids,
+			Reason: fmt.Sprintf("%d members above the target %d: terminating idle %s", s.Joined-s.Target, s.Target, strings.Join(ids, ","))}
+	}
+	if room := s.Target - p.Min; room <= 0 {
+		return keep("%s idle for %s but the fleet is at its minimum %d", plural(len(surplus), "node", "nodes"), p.IdleAfter, p.Min)
+	}
+	if !s.LastChange.IsZero() && s.Now.Sub(s.LastChange) < p.ScaleDownCooldown {
+		return keep("%s idle for %s; waiting for the %s cooldown after the last change", plural(len(surplus), "node", "nodes"), p.IdleAfter, p.ScaleDownCooldown)
+	}
 	n := len(surplus)
 	if room := s.Target - p.Min; n > room {
 		n = room
 	}
-	ids := make([]string, n)
-	for i := range ids {
-		ids[i] = surplus[i].InstanceID
-	}
+	ids := idsOf(surplus[:n])
 	return ScaleDecision{
 		Target: s.Target - n,
 		Remove: ids,
 		Reason: fmt.Sprintf("%s idle for %s and no job waits: lowering target %d → %d, terminating %s",
 			plural(n, "node", "nodes"), p.IdleAfter, s.Target, s.Target-n, strings.Join(ids, ",")),
 	}
+}
+
+func idsOf(nodes []IdleNode) []string {
+	ids := make([]string, len(nodes))
+	for i, n := range nodes {
+		ids[i] = n.InstanceID
+	}
+	return ids
 }
 
 func plural(n int, one, many string) string {
@@ -247,9 +264,10 @@ func (s *FleetScaler) Instances(ctx context.Context) ([]FleetInstance, error) {
 func (s *FleetScaler) Decide(st ScaleState) ScaleDecision { return DecideScale(s.cfg.Policy, st) }
 
 // Apply carries out a decision made against current: ModifyFleet to
-// d.Target (excess capacity policy no-termination, so no node dies at
-// random), then TerminateInstances for d.Remove. A decision that changes
-// nothing makes no call. The target is clamped to the policy's bounds.
+// d.Target if it differs (excess capacity policy no-termination, so no node
+// dies at random), then TerminateInstances for d.Remove. A decision that
+// changes nothing makes no call. The target is clamped to the policy's
+// bounds; a clamped decision terminates nothing.
 func (s *FleetScaler) Apply(ctx context.Context, current int, d ScaleDecision) error {
 	target := d.Target
 	if target < s.cfg.Policy.Min {
@@ -276,7 +294,9 @@ func (s *FleetScaler) Apply(ctx context.Context, current int, d ScaleDecision) e
 		}
 		s.log.Info("fleet target changed", "fleet", s.cfg.FleetID, "from", current, "to", target, "reason", d.Reason)
 	}
-	if len(d.Remove) > 0 && target < current {
+	// Terminate only what the decision meant: not after a clamp changed
+	// the target it was computed for.
+	if len(d.Remove) > 0 && target == d.Target {
 		if _, err := s.api.TerminateInstances(ctx, &ec2.TerminateInstancesInput{InstanceIds: d.Remove}); err != nil {
 			return fmt.Errorf("ec2 TerminateInstances %s: %w", strings.Join(d.Remove, ","), err)
 		}

@@ -46,6 +46,11 @@ func TestDecideScale(t *testing.T) {
 			"at its minimum 3"},
 		{"cooldown", ScaleState{Now: now, Target: 6, Joined: 6, LastChange: now.Add(-time.Minute),
 			Idle: []IdleNode{idle("i-a", time.Hour)}}, 6, "", "cooldown"},
+		{"members above target: terminate, keep target", ScaleState{Now: now, Target: 4, Joined: 6, LastChange: now.Add(-time.Minute),
+			Idle: []IdleNode{idle("i-b", time.Hour), idle("i-a", 2*time.Hour), idle("i-c", 20*time.Minute)}},
+			4, "i-a,i-b", "2 members above the target 4: terminating idle i-a,i-b"},
+		{"members above target, few idle", ScaleState{Now: now, Target: 4, Joined: 7,
+			Idle: []IdleNode{idle("i-a", time.Hour)}}, 4, "i-a", "3 members above the target 4"},
 		{"after cooldown", ScaleState{Now: now, Target: 6, Joined: 6, LastChange: now.Add(-6 * time.Minute),
 			Idle: []IdleNode{idle("i-a", time.Hour)}}, 5, "i-a", "lowering target 6 → 5"},
 	}
@@ -174,5 +179,54 @@ func TestNewFleetScalerValidates(t *testing.T) {
 		if _, err := NewFleetScaler(c, cfg); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("NewFleetScaler(%+v) = %v", cfg, err)
 		}
+	}
+}
+
+// A lowering whose TerminateInstances fails leaves members above the target;
+// the next decision terminates idle ones without lowering the target again.
+func TestFleetScalerRecoversFromFailedTermination(t *testing.T) {
+	fake, c := newFakeEC2(t)
+	ctx := context.Background()
+	cfg := spotConfig()
+	cfg.Count, cfg.OnDemandBase = 5, 1
+	res, err := Launch(ctx, c, cfg, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewFleetScaler(c, ScalerConfig{FleetID: res.FleetID, Policy: DefaultScalePolicy(2, 6), OnDemandBase: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	insts, _ := s.Instances(ctx)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	idle := []IdleNode{{insts[1].InstanceID, now}, {insts[2].InstanceID, now}}
+	d := s.Decide(ScaleState{Now: now.Add(time.Hour), Target: 5, Joined: 5, Idle: idle})
+	if d.Target != 3 || len(d.Remove) != 2 {
+		t.Fatalf("decision %+v", d)
+	}
+	// Not a throttling code, so the SDK does not retry it.
+	fake.FailNext("TerminateInstances", "UnauthorizedOperation", "not authorized to perform ec2:TerminateInstances")
+	if err := s.Apply(ctx, 5, d); err == nil || !strings.Contains(err.Error(), "TerminateInstances") {
+		t.Fatalf("Apply = %v, want the termination error", err)
+	}
+	st, _ := s.Status(ctx)
+	f, _ := fake.Fleet(res.FleetID)
+	if st.TotalTarget != 3 || len(f.Instances) != 5 {
+		t.Fatalf("after the failed termination: target %d with %d instances, want 3 with 5", st.TotalTarget, len(f.Instances))
+	}
+	mods := len(fake.Requests("ModifyFleet"))
+	d = s.Decide(ScaleState{Now: now.Add(2 * time.Hour), Target: 3, Joined: len(f.Instances), Idle: idle})
+	if d.Target != 3 || len(d.Remove) != 2 {
+		t.Fatalf("recovery decision %+v", d)
+	}
+	if err := s.Apply(ctx, 3, d); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(fake.Requests("ModifyFleet")); n != mods {
+		t.Fatalf("recovery changed the target again (%d ModifyFleet calls, was %d)", n, mods)
+	}
+	f, _ = fake.Fleet(res.FleetID)
+	if f.Total != 3 || len(f.Instances) != 3 {
+		t.Fatalf("fleet target %d with %d instances, want 3 and 3", f.Total, len(f.Instances))
 	}
 }

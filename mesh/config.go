@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"crypto/rand"
 	"encoding/base64"
 	"fmt"
 	"net"
@@ -73,9 +74,10 @@ type Config struct {
 	JoinRetryMin time.Duration
 	// JoinRetryMax caps the wait between join attempts.
 	JoinRetryMax time.Duration
-	// JoinSyncRounds is how many extra full-state exchanges (push-pull)
-	// with random live members a node makes after it joins, at
-	// JoinSyncDelay, 2×JoinSyncDelay, 4×JoinSyncDelay, ... after the join.
+	// JoinSyncRounds is how many extra full-state exchanges (push-pull) a
+	// node makes after it joins, alternately with a peer that answered the
+	// join and with a random live member, JoinSyncDelay, 2×JoinSyncDelay,
+	// 4×JoinSyncDelay, ... apart (so at 1, 3, 7, 15 × JoinSyncDelay).
 	// They close the gap through which a node that joins during a burst
 	// of joins would otherwise miss a peer until the periodic push-pull.
 	// 0 disables them.
@@ -149,8 +151,8 @@ func DefaultLANConfig() Config {
 		BindPort:                DefaultPort,
 		JoinRetryMin:            time.Second,
 		JoinRetryMax:            30 * time.Second,
-		JoinSyncRounds:          3,
-		JoinSyncDelay:           500 * time.Millisecond,
+		JoinSyncRounds:          4,
+		JoinSyncDelay:           250 * time.Millisecond,
 		RejoinAfterAlone:        time.Minute,
 		UpdateTimeout:           2 * time.Second,
 		TombstoneTimeout:        24 * time.Hour,
@@ -180,7 +182,7 @@ func DefaultLocalConfig() Config {
 	c.BindPort = 0
 	c.JoinRetryMin = 20 * time.Millisecond
 	c.JoinRetryMax = 500 * time.Millisecond
-	c.JoinSyncDelay = 200 * time.Millisecond
+	c.JoinSyncDelay = 100 * time.Millisecond
 	c.RejoinAfterAlone = 5 * time.Second
 	c.UpdateTimeout = time.Second
 	c.ProbeInterval = 200 * time.Millisecond
@@ -192,6 +194,15 @@ func DefaultLocalConfig() Config {
 	c.TCPTimeout = time.Second
 	c.DeadNodeReclaimTime = 2 * time.Second
 	return c
+}
+
+// GenerateKey returns a new random key in the form DecodeKey reads.
+func GenerateKey() (string, error) {
+	k := make([]byte, KeySize)
+	if _, err := rand.Read(k); err != nil {
+		return "", fmt.Errorf("mesh: generate key: %w", err)
+	}
+	return base64.StdEncoding.EncodeToString(k), nil
 }
 
 // DecodeKey decodes the --encrypt value: standard base64 of exactly

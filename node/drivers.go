@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -210,7 +211,7 @@ func openTaskLogs(ctx context.Context, r *runner, req *pb.LogsRequest) (io.ReadC
 }
 
 func errNotFoundWrap(err error) error {
-	if os.IsNotExist(err) {
+	if os.IsNotExist(err) || errors.Is(err, driver.ErrNotFound) || errors.Is(err, driver.ErrNoLogs) {
 		return fmt.Errorf("%w: %v", errNotFound, err)
 	}
 	return err

@@ -348,6 +348,23 @@ func (r *runner) stopAll(reason string, deadline time.Time) {
 }
 
 func (r *runner) shutdown() {
+	if r.a.cfg.Dev {
+		// A dev cluster's tasks do not outlive it.
+		r.stopAll("dev cluster stopping", time.Now().Add(3*time.Second))
+		deadline := time.After(5 * time.Second)
+		r.mu.Lock()
+		var waits []<-chan struct{}
+		for _, rt := range r.tasks {
+			waits = append(waits, rt.task.Done())
+		}
+		r.mu.Unlock()
+		for _, w := range waits {
+			select {
+			case <-w:
+			case <-deadline:
+			}
+		}
+	}
 	r.cancel()
 	r.wg.Wait()
 	r.closeDrivers()

@@ -33,6 +33,7 @@ func main() {
 	timeout := flag.Duration("timeout", 120*time.Second, "give up on one phase of a trial after this long")
 	kill := flag.Bool("kill", true, "after convergence, kill one node and time its detection")
 	verbose := flag.Bool("v", false, "log memberlist warnings to stderr")
+	flag.BoolVar(&diag, "diag", false, "print which node misses which 2 s after the joins start")
 	flag.IntVar(&syncRounds, "sync", -1, "override JoinSyncRounds (-1: the preset's)")
 	flag.Parse()
 
@@ -49,7 +50,7 @@ func main() {
 		if d > 0 {
 			deadTimes = append(deadTimes, d)
 		}
-		fmt.Printf("trial %2d: all see all %v, all see killed node dead %v\n", t, j.Round(time.Millisecond), d.Round(time.Millisecond))
+		fmt.Printf("trial %2d: all see all %v, all see killed node dead %v (load average %s)\n", t, j.Round(time.Millisecond), d.Round(time.Millisecond), loadavg())
 	}
 	fmt.Printf("\npreset=%s nodes=%d seeds=%d trials=%d\n", *preset, *nodes, *seeds, *trials)
 	report("converge (every node lists all N alive)", joinTimes)
@@ -64,6 +65,16 @@ func main() {
 	}
 }
 
+// loadavg returns the 1-minute load average: other work on the machine
+// slows an in-process mesh, so each trial prints it.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Fields(string(b))[0]
+}
+
 func report(what string, d []time.Duration) {
 	if len(d) == 0 {
 		fmt.Printf("%s: no data\n", what)
@@ -76,7 +87,36 @@ func report(what string, d []time.Duration) {
 		s[len(s)*9/10].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
 }
 
-var syncRounds = -1
+var (
+	syncRounds = -1
+	diag       bool
+)
+
+// missing prints, 2 s after the joins started, which node still misses
+// which (nodes are numbered in creation order; node 0 is the first seed).
+func missing(ms []*mesh.Mesh) {
+	idx := map[string]int{}
+	for i, m := range ms {
+		idx[m.Name()] = i
+	}
+	var pairs []string
+	for i, m := range ms {
+		seen := map[string]bool{}
+		for _, mem := range m.Members() {
+			if mem.State == mesh.StateAlive || mem.State == mesh.StateSuspect {
+				seen[mem.Name] = true
+			}
+		}
+		for j, o := range ms {
+			if !seen[o.Name()] {
+				pairs = append(pairs, fmt.Sprintf("%d misses %d", i, j))
+			}
+		}
+	}
+	if len(pairs) > 0 {
+		fmt.Printf("  at 2s: %d (observer, missing) pairs: %s\n", len(pairs), strings.Join(pairs, "; "))
+	}
+}
 
 func config(preset string, name string, verbose bool) mesh.Config {
 	c := mesh.DefaultLANConfig()
@@ -150,6 +190,17 @@ func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose 
 			joinErr <- err
 		}()
 	}
+	diagDone := make(chan struct{})
+	if diag {
+		go func() {
+			defer close(diagDone)
+			time.Sleep(2 * time.Second)
+			missing(ms)
+		}()
+	} else {
+		close(diagDone)
+	}
+	defer func() { <-diagDone }()
 	if !waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n }) {
 		return 0, 0, fmt.Errorf("not converged after %v: alive counts %v", timeout, counts(ms))
 	}

@@ -22,7 +22,7 @@ func (m *countModel) Forward(step, mb int, in *Message) (*Message, error) {
 	return &Message{Rows: 1, Cols: 4, Data: make([]float32, 4)}, nil
 }
 func (m *countModel) Backward(step, mb int, g *Message) (*Message, error) { return nil, nil }
-func (m *countModel) EndStep(int) (float64, error)                       { return 0, nil }
+func (m *countModel) EndStep(int) (float64, error)                        { return 0, nil }
 
 // TestBackPressure: when the next stage stops consuming, the previous stage
 // stops too, after a fixed number of micro-batches set by the in-flight

@@ -201,6 +201,29 @@ func (e *endpoint) Expect(ctx context.Context, tag Tag) (*Message, error) {
 	return m, nil
 }
 
+// sendFinish sends the finish message after everything posted before. With
+// awaitFinish it keeps either side from closing the link while the other
+// still reads from it: the peer's finish comes after all its transfers, so
+// once it is here (or the peer closed its end after receiving ours) all
+// data is through.
+func (e *endpoint) sendFinish(ctx context.Context) error {
+	if err := e.Post(ctx, &Message{Tag: Tag{JobID: e.jobID, Generation: e.generation, Dir: DirFinish}}); err != nil {
+		return err
+	}
+	return e.Flush(ctx)
+}
+
+// awaitFinish waits up to timeout for the peer's finish and reports
+// whether it came. Not getting it is harmless for the data: the peer sends
+// its finish only after receiving all of ours, and a link may lose the
+// last frame a closing peer sent (so this wait is bounded).
+func (e *endpoint) awaitFinish(ctx context.Context, timeout time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	_, err := e.Expect(ctx, Tag{JobID: e.jobID, Generation: e.generation, Dir: DirFinish})
+	return err == nil
+}
+
 // close closes the link and waits for the goroutines. Safe to call twice.
 func (e *endpoint) close() {
 	e.closeMu.Do(func() {

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -339,7 +340,8 @@ func TestJobSpecValidation(t *testing.T) {
 	}{
 		{"too few layers for stages", func(s *JobSpec) { s.Layers = []int{4, 4, 4} }, 3},
 		{"zero width", func(s *JobSpec) { s.Layers = []int{4, 0, 4} }, 1},
-		{"no batch", func(s *JobSpec) { s.BatchSize = 0 }, 1},
+		{"negative batch", func(s *JobSpec) { s.BatchSize = -1 }, 1},
+		{"negative microbatch size", func(s *JobSpec) { s.MicroBatchSize = -1 }, 1},
 		{"batch not multiple", func(s *JobSpec) { s.MicroBatches = 5 }, 1},
 		{"bad schedule", func(s *JobSpec) { s.Schedule = "zb" }, 1},
 		{"bad mode", func(s *JobSpec) { s.Mode = "eval" }, 1},
@@ -358,6 +360,15 @@ func TestJobSpecValidation(t *testing.T) {
 	if err := good.WithDefaults(6).Validate(6); err != nil {
 		t.Fatalf("good spec refused: %v", err)
 	}
+	// The batch given per micro-batch, as the control API does.
+	mb := JobSpec{Layers: []int{4, 4, 4}, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(2)
+	if mb.BatchSize != 15 || mb.Validate(2) != nil {
+		t.Fatalf("microbatch_size spec: %+v, %v", mb, mb.Validate(2))
+	}
+	both := JobSpec{Layers: []int{4, 4}, BatchSize: 10, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(1)
+	if err := both.Validate(1); !errors.Is(err, ErrInvalidSpec) {
+		t.Fatalf("disagreeing batch sizes: err = %v", err)
+	}
 	// cuda without a device implementation.
 	s := good
 	s.Device = DeviceCUDA
@@ -375,5 +386,32 @@ func waitGoroutines(t *testing.T, base int) {
 			t.Fatalf("%d goroutines left, %d before:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestReportJSON(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	reps, errs := runPipeline(t, ctx, baseSpec(), NewMemPipeline(2, 1), nil)
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := json.Marshal(reps[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back map[string]any
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"job_id", "generation", "stage", "losses", "final_loss", "samples_per_sec", "bubble", "busy_seconds", "param_hash", "layer_start", "layer_end"} {
+		if _, ok := back[k]; !ok {
+			t.Errorf("report JSON lacks %q: %s", k, b)
+		}
+	}
+	if l := back["losses"].([]any); len(l) != baseSpec().Steps {
+		t.Fatalf("losses %v", l)
 	}
 }

@@ -15,6 +15,10 @@ const (
 	DirActivation Direction = 1
 	// DirGradient is a backward gradient, from stage s+1 to s.
 	DirGradient Direction = 2
+	// DirFinish ends a link: each side sends it after its last transfer and
+	// closes the link once it has the peer's, so no data is in flight when
+	// a link goes away.
+	DirFinish Direction = 3
 )
 
 func (d Direction) String() string {
@@ -23,6 +27,8 @@ func (d Direction) String() string {
 		return "activation"
 	case DirGradient:
 		return "gradient"
+	case DirFinish:
+		return "finish"
 	}
 	return fmt.Sprintf("Direction(%d)", uint8(d))
 }
@@ -88,11 +94,20 @@ var (
 // and may be called more than once, from any goroutine.
 type Link interface {
 	// Send transmits m. It may block while the peer is not reading (flow
-	// control). The link does not keep m or m.Data after Send returns.
+	// control). It may read m.Data after it returns (until the data is on
+	// its way), so the caller must not change m.Data after Send.
 	Send(m *Message) error
 	// Recv returns the next message from the peer.
 	Recv() (*Message, error)
 	Close() error
+}
+
+// Aborter is implemented by links that can tell the peer why this side
+// gives up (the collective data plane sends an abort frame); RunStage calls
+// Abort on a failure before it closes the link, so the neighbour fails at
+// once with the cause instead of waiting for its receive timeout.
+type Aborter interface {
+	Abort(cause error)
 }
 
 // MemLink is one end of an in-memory Link pair, for tests. Its FailSend and
@@ -183,6 +198,16 @@ func (l *MemLink) Close() error {
 // stage and Next nil on the last.
 type StageLinks struct {
 	Prev, Next Link
+}
+
+// Abort aborts (where the link can) and closes both links.
+func (s StageLinks) Abort(cause error) {
+	for _, l := range []Link{s.Prev, s.Next} {
+		if a, ok := l.(Aborter); ok {
+			a.Abort(cause)
+		}
+	}
+	s.Close()
 }
 
 // Close closes both links.

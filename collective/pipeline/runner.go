@@ -51,13 +51,16 @@ type StageConfig struct {
 	// RecvTimeout is the longest a stage waits for one message before
 	// failing with ErrTimeout; 0 disables it. Default 30 s.
 	RecvTimeout time.Duration
+	// FinishTimeout bounds the wait for the neighbours' finish messages
+	// at the end (see DirFinish). Default 2 s.
+	FinishTimeout time.Duration
 	// Logger receives progress and errors; nil discards.
 	Logger hclog.Logger
 }
 
 // DefaultStageConfig returns the defaults of the optional fields.
 func DefaultStageConfig() StageConfig {
-	return StageConfig{Schedule: Schedule1F1B, InFlight: 2, RecvTimeout: 30 * time.Second}
+	return StageConfig{Schedule: Schedule1F1B, InFlight: 2, RecvTimeout: 30 * time.Second, FinishTimeout: 2 * time.Second}
 }
 
 // Validate checks the config.
@@ -73,6 +76,8 @@ func (c *StageConfig) Validate() error {
 		return fmt.Errorf("%w: steps must be >= 1, got %d", ErrInvalidSpec, c.Steps)
 	case c.InFlight < 1:
 		return fmt.Errorf("%w: in-flight bound must be >= 1, got %d", ErrInvalidSpec, c.InFlight)
+	case c.FinishTimeout < 0:
+		return fmt.Errorf("%w: finish timeout must be >= 0, got %v", ErrInvalidSpec, c.FinishTimeout)
 	case c.RecvTimeout < 0:
 		return fmt.Errorf("%w: receive timeout must be >= 0, got %v", ErrInvalidSpec, c.RecvTimeout)
 	case c.Stage > 0 && c.Links.Prev == nil:
@@ -120,6 +125,9 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	}
 	if cfg.InFlight == 0 {
 		cfg.InFlight = d.InFlight
+	}
+	if cfg.FinishTimeout == 0 {
+		cfg.FinishTimeout = d.FinishTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
@@ -225,7 +233,7 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	}
 	fail := func(err error) (StageStats, error) {
 		log.Error("stage failed", "error", err)
-		cfg.Links.Close()
+		cfg.Links.Abort(fmt.Errorf("pipeline stage %d failed: %w", cfg.Stage, err))
 		stats.End = time.Now()
 		stats.WallSeconds = stats.End.Sub(stats.Start).Seconds()
 		return stats, err
@@ -245,11 +253,19 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			log.Debug("step done", "step", step, "loss", loss)
 		}
 	}
+	// Finish both links: send ours, then wait for the neighbours'. A
+	// neighbour that closed after receiving our finish is not an error:
+	// everything this stage had to send and receive is through.
 	for _, e := range []*endpoint{prev, next} {
 		if e != nil {
-			if err := e.Flush(ctx); err != nil {
+			if err := e.sendFinish(ctx); err != nil {
 				return fail(err)
 			}
+		}
+	}
+	for _, e := range []*endpoint{prev, next} {
+		if e != nil && !e.awaitFinish(ctx, cfg.FinishTimeout) {
+			log.Debug("neighbour closed without a finish message", "neighbour", e.name)
 		}
 	}
 	stats.End = time.Now()

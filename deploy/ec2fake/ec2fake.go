@@ -14,6 +14,7 @@
 package ec2fake
 
 import (
+	"bytes"
 	"encoding/xml"
 	"fmt"
 	"net/http"
@@ -195,19 +196,26 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.code, err.msg)
 		return
 	}
-	w.Header().Set("Content-Type", "text/xml;charset=UTF-8")
-	fmt.Fprint(w, xml.Header)
-	enc := xml.NewEncoder(w)
-	if e := enc.Encode(body); e != nil {
-		panic(e)
+	writeXML(w, http.StatusOK, body)
+}
+
+// writeXML sends a complete, length-delimited XML document, as EC2 does.
+func writeXML(w http.ResponseWriter, status int, body any) {
+	var b bytes.Buffer
+	b.WriteString(xml.Header)
+	if err := xml.NewEncoder(&b).Encode(body); err != nil {
+		http.Error(w, "ec2fake: encoding the answer: "+err.Error(), http.StatusInternalServerError)
+		return
 	}
+	w.Header().Set("Content-Type", "text/xml;charset=UTF-8")
+	w.Header().Set("Content-Length", strconv.Itoa(b.Len()))
+	w.WriteHeader(status)
+	w.Write(b.Bytes()) // a failed write means the client went away
 }
 
 type apiError struct{ code, msg string }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
-	w.Header().Set("Content-Type", "text/xml;charset=UTF-8")
-	w.WriteHeader(status)
 	type e struct {
 		Code    string `xml:"Code"`
 		Message string `xml:"Message"`
@@ -217,8 +225,7 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 		Errors    []e      `xml:"Errors>Error"`
 		RequestID string   `xml:"RequestID"`
 	}
-	fmt.Fprint(w, xml.Header)
-	xml.NewEncoder(w).Encode(resp{Errors: []e{{code, msg}}, RequestID: "req-fake"})
+	writeXML(w, status, resp{Errors: []e{{code, msg}}, RequestID: "req-fake"})
 }
 
 // list returns the values of a query list "Prefix.N" (or "Prefix.N.Suffix"), in order.
@@ -292,7 +299,15 @@ func (in *Instance) matches(f filter) bool {
 		return false
 	}
 	for _, want := range f.values {
-		if ok, _ := regexp.MatchString("^"+strings.ReplaceAll(regexp.QuoteMeta(want), `\*`, ".*")+"$", v); ok {
+		if !strings.ContainsAny(want, "*?") {
+			if want == v {
+				return true
+			}
+			continue
+		}
+		// EC2 filter wildcards: * any run, ? one character.
+		re := "^" + strings.NewReplacer(`\*`, ".*", `\?`, ".").Replace(regexp.QuoteMeta(want)) + "$"
+		if ok, _ := regexp.MatchString(re, v); ok {
 			return true
 		}
 	}

@@ -1,7 +1,10 @@
+//go:build linux
+
 package driver
 
 import (
 	"context"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -19,17 +22,30 @@ func benchDriver(b *testing.B) *Driver {
 }
 
 // BenchmarkStart measures Start: spec written, supervisor started, task
-// started and recorded, handle returned.
+// started and recorded, handle returned; "fsync-all" also fsyncs the spec,
+// state and log settings files (what the driver chose not to do).
 func BenchmarkStart(b *testing.B) {
+	b.Run("default", benchStart)
+	b.Run("fsync-all", func(b *testing.B) {
+		syncAll = true
+		defer func() { syncAll = false }()
+		benchStart(b)
+	})
+}
+
+func benchStart(b *testing.B) {
 	d := benchDriver(b)
 	ctx := context.Background()
 	var hs []*Handle
+	var lat []time.Duration
 	for i := 0; b.Loop(); i++ {
+		t0 := time.Now()
 		h, err := d.Start(ctx, TaskSpec{ID: TaskID{JobID: "bench", Generation: 1, Rank: i}, Command: []string{"sleep", "600"}, Env: []string{"PATH=/usr/bin:/bin"}})
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
+		lat = append(lat, time.Since(t0))
 		hs = append(hs, h)
 		if len(hs) == 16 {
 			stopAll(b, hs)
@@ -39,6 +55,20 @@ func BenchmarkStart(b *testing.B) {
 	}
 	b.StopTimer()
 	stopAll(b, hs)
+	reportPercentiles(b, lat)
+}
+
+// reportPercentiles adds p50 and p99 latencies (ms) to the benchmark line.
+func reportPercentiles(b *testing.B, lat []time.Duration) {
+	if len(lat) == 0 {
+		return
+	}
+	slices.Sort(lat)
+	pct := func(p float64) float64 {
+		return float64(lat[min(len(lat)-1, int(p*float64(len(lat))))].Microseconds()) / 1000
+	}
+	b.ReportMetric(pct(0.50), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
 }
 
 func stopAll(b *testing.B, hs []*Handle) {
@@ -55,6 +85,7 @@ func stopAll(b *testing.B, hs []*Handle) {
 func BenchmarkStop(b *testing.B) {
 	d := benchDriver(b)
 	ctx := context.Background()
+	var lat []time.Duration
 	for i := 0; b.Loop(); i++ {
 		b.StopTimer()
 		h, err := d.Start(ctx, TaskSpec{ID: TaskID{JobID: "bench", Generation: 1, Rank: i}, Command: []string{"sleep", "600"}, Env: []string{"PATH=/usr/bin:/bin"}})
@@ -62,11 +93,14 @@ func BenchmarkStop(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StartTimer()
+		t0 := time.Now()
 		res, err := h.Stop(ctx, StopOptions{Timeout: time.Minute})
 		if err != nil || res.Killed {
 			b.Fatalf("%+v %v", res, err)
 		}
+		lat = append(lat, time.Since(t0))
 	}
+	reportPercentiles(b, lat)
 }
 
 // BenchmarkLogThroughput pushes output through the supervisor into rotated

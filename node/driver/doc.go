@@ -37,7 +37,10 @@
 //	    .gpumesh/supervisor.lock                   flock held by the supervisor for its whole life
 //	    .gpumesh/supervisor.log                    the supervisor's own log
 //
-// Every file is written atomically (write, fsync, rename, fsync directory).
+// Every file is replaced atomically (written under a temporary name, then
+// renamed), so any process sees it whole or not at all. Only exit.json is
+// also fsynced: the other files describe processes of this boot, which a
+// power loss ends anyway, so starts and stops pay no disk flush.
 //
 // # No orphans, no duplicates
 //

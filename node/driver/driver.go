@@ -37,6 +37,9 @@ type Driver struct {
 // New returns a Driver. Call Recover before starting tasks, so that tasks
 // left running by a previous daemon are found (and never started twice).
 func New(cfg Config) (*Driver, error) {
+	if !supported {
+		return nil, fmt.Errorf("%w: the exec driver runs on Linux only", ErrInvalidConfig)
+	}
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -200,7 +203,7 @@ func (d *Driver) Start(ctx context.Context, spec TaskSpec) (*Handle, error) {
 	}
 
 	sf := specFile{Version: stateVersion, AllocDir: allocDir, Spec: spec, Hash: hash}
-	if err := writeJSONAtomic(filepath.Join(stateDir, specFileName), sf); err != nil {
+	if err := writeJSONAtomic(filepath.Join(stateDir, specFileName), sf, ephemeral); err != nil {
 		return nil, fmt.Errorf("%w: task %s: write spec: %v", ErrSupervisor, spec.ID, err)
 	}
 	h, err := d.spawn(ctx, stateDir, sf, lock)
@@ -372,7 +375,7 @@ func (d *Driver) finishLost(h *Handle, why string) (ExitResult, error) {
 		}
 	}
 	res := ExitResult{ExitCode: -1, Lost: true, Error: why, StartedAt: st.StartedAt, FinishedAt: time.Now()}
-	err := writeJSONAtomic(filepath.Join(h.stateDir, exitFileName), res)
+	err := writeJSONAtomic(filepath.Join(h.stateDir, exitFileName), res, durable)
 	_ = markLogClosed(h.spec.LogDir, Stdout)
 	_ = markLogClosed(h.spec.LogDir, Stderr)
 	return res, err
@@ -674,6 +677,9 @@ func (h *Handle) RequestStop(opts StopOptions) error {
 	if h.proc == nil {
 		return fmt.Errorf("%w: task %s", ErrNotFound, h.id)
 	}
+	if h.d.isShutdown() {
+		return fmt.Errorf("%w: task %s: recover it with a new driver to stop it", ErrShutdown, h.id)
+	}
 	now := time.Now()
 	req := stopRequest{Force: opts.Force, Reason: opts.Reason, RequestedAt: now}
 	switch {
@@ -701,7 +707,7 @@ func (h *Handle) RequestStop(opts StopOptions) error {
 			req.KillAt = prev.KillAt
 		}
 	}
-	if err := writeJSONAtomic(filepath.Join(h.stateDir, stopFileName), req); err != nil {
+	if err := writeJSONAtomic(filepath.Join(h.stateDir, stopFileName), req, ephemeral); err != nil {
 		return fmt.Errorf("task %s: record stop request: %w", h.id, err)
 	}
 	if err := h.proc.signal(unix.SIGTERM); err != nil && !errors.Is(err, unix.ESRCH) {
@@ -806,4 +812,39 @@ func (p *supProc) close() {
 			_ = p.pidfd.Close()
 		}
 	})
+}
+
+// StopAll stops every running task the driver knows (with opts; Force for
+// SIGKILL at once) and waits for them, or for ctx. It is for agents that
+// stop their tasks on exit (a dev cluster) and for tests.
+func (d *Driver) StopAll(ctx context.Context, opts StopOptions) error {
+	var errs []error
+	hs := d.List()
+	for _, h := range hs {
+		if _, done := h.Result(); done {
+			continue
+		}
+		if err := h.RequestStop(opts); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, h := range hs {
+		if _, err := h.Wait(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("task %s: %w", h.id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// KillAll finds every task under a data directory, running or left by
+// daemons that are gone, and kills them with SIGKILL, waiting until they have
+// exited. Tests that kill agents call it so that no task outlives them.
+func KillAll(ctx context.Context, dataDir string) error {
+	d, err := New(Config{DataDir: dataDir})
+	if err != nil {
+		return err
+	}
+	defer d.Shutdown()
+	_, rerr := d.Recover(ctx)
+	return errors.Join(rerr, d.StopAll(ctx, StopOptions{Force: true, Reason: "killed"}))
 }

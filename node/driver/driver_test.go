@@ -1,3 +1,5 @@
+//go:build linux
+
 package driver
 
 import (
@@ -512,5 +514,24 @@ func TestTaskGetsDefaultSignalDispositions(t *testing.T) {
 	}
 	if got, want := readLog(t, h, Stdout), "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"; got != want {
 		t.Fatalf("task signal state %q, want %q", got, want)
+	}
+}
+
+func TestTaskInheritsNoDescriptors(t *testing.T) {
+	d := newTestDriver(t, "")
+	// Only stdin, stdout and stderr reach the task: not the supervisor's
+	// lock, ready pipe or log file (fd 3 is ls's own directory handle).
+	spec := shSpec(t, "")
+	spec.Command = []string{"ls", "/proc/self/fd"}
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	if res := wait(t, h); !res.Success() {
+		t.Fatalf("result %+v", res)
+	}
+	if got := readLog(t, h, Stdout); got != "0\n1\n2\n3\n" {
+		t.Fatalf("task's descriptors %q, want 0-2 (and ls's 3)", got)
 	}
 }

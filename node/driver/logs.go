@@ -79,7 +79,7 @@ type rotatingWriter struct {
 
 // writeLogMeta records the rotation settings readers need.
 func writeLogMeta(dir string, cfg LogConfig) error {
-	return writeJSONAtomic(filepath.Join(dir, logMetaName), cfg)
+	return writeJSONAtomic(filepath.Join(dir, logMetaName), cfg, ephemeral)
 }
 
 func readLogMeta(dir string) (LogConfig, error) {
@@ -197,7 +197,8 @@ func markLogClosed(dir, stream string) error {
 type LogReader struct {
 	dir, stream string
 	follow      bool
-	maxBytes    int64
+	maxBytes    int64 // 0 until logs.json has been read
+	pending     int64 // the offset asked for, applied once maxBytes is known
 	ctx         context.Context
 	cancel      context.CancelFunc
 
@@ -213,25 +214,36 @@ type LogReader struct {
 // last 1000 bytes). Offsets before the oldest byte still kept start at it.
 // With follow, Read waits for more output, across rotation, until the
 // stream is complete (the task exited), ctx is done or the reader is
-// closed; without it, Read returns io.EOF at the current end.
+// closed; without it, Read returns io.EOF at the current end. A follow may
+// begin before the task has started writing: it waits for the logs.
 func Logs(ctx context.Context, dir, stream string, follow bool, offset int64) (*LogReader, error) {
 	if stream != Stdout && stream != Stderr {
 		return nil, fmt.Errorf("%w: log stream must be %q or %q, got %q", ErrInvalidSpec, Stdout, Stderr, stream)
 	}
-	cfg, err := readLogMeta(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %s has no %s (the task has not started writing logs)", ErrNoLogs, dir, logMetaName)
-	}
+	r := &LogReader{dir: dir, stream: stream, follow: follow, pending: offset}
+	ok, err := r.init()
 	if err != nil {
 		return nil, err
 	}
-	r := &LogReader{dir: dir, stream: stream, follow: follow, maxBytes: cfg.MaxFileBytes}
-	r.ctx, r.cancel = context.WithCancel(ctx)
-	if err := r.seek(offset); err != nil {
-		r.cancel()
-		return nil, err
+	if !ok && !follow {
+		return nil, fmt.Errorf("%w: %s has no %s (the task has not started writing logs)", ErrNoLogs, dir, logMetaName)
 	}
+	r.ctx, r.cancel = context.WithCancel(ctx)
 	return r, nil
+}
+
+// init reads the rotation settings and positions the reader; ok is false
+// while they are not written yet.
+func (r *LogReader) init() (ok bool, err error) {
+	cfg, err := readLogMeta(r.dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	r.maxBytes = cfg.MaxFileBytes
+	return true, r.seek(r.pending)
 }
 
 // seek positions the reader at a stream offset (negative: from the end).
@@ -302,6 +314,18 @@ func (r *LogReader) Read(p []byte) (int, error) {
 	for {
 		if err := r.ctx.Err(); err != nil {
 			return 0, err
+		}
+		if r.maxBytes == 0 {
+			ok, err := r.init()
+			if err != nil {
+				return 0, err
+			}
+			if !ok {
+				if err := r.sleep(); err != nil {
+					return 0, err
+				}
+				continue
+			}
 		}
 		if r.f == nil {
 			ok, err := r.open()

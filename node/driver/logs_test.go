@@ -111,17 +111,18 @@ func TestRotatingWriterCutsAndPrunes(t *testing.T) {
 func TestLogsFollowAcrossRotation(t *testing.T) {
 	dir := t.TempDir()
 	cfg := LogConfig{MaxFileBytes: 64, MaxFiles: 1000}
-	if err := writeLogMeta(dir, cfg); err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// The reader opens before the first file exists.
+	// The reader opens before the task has written anything, even its
+	// rotation settings.
 	r, err := Logs(ctx, dir, Stdout, true, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
+	if err := writeLogMeta(dir, cfg); err != nil {
+		t.Fatal(err)
+	}
 	w, err := openRotatingWriter(dir, Stdout, cfg)
 	if err != nil {
 		t.Fatal(err)

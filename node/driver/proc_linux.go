@@ -189,3 +189,40 @@ func flockTry(f *os.File) (ok bool, err error) {
 	}
 	return err == nil, err
 }
+
+// supported is true where the driver works.
+const supported = true
+
+// taskSysProcAttr puts the task in a process group of its own and has the
+// kernel SIGKILL it when the supervisor (the thread that started it) dies.
+func taskSysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
+
+// waitExitedNoReap blocks until pid (a child) has exited, leaving it a
+// zombie: its PID, and so its process group ID, stay ours until reaped.
+func waitExitedNoReap(pid int) {
+	var info unix.Siginfo
+	for {
+		err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			return
+		}
+	}
+}
+
+// closeOnExecFrom marks every descriptor from fd up close-on-exec.
+func closeOnExecFrom(fd int) {
+	if unix.CloseRange(uint(fd), ^uint(0), unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return
+	}
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
+			unix.CloseOnExec(n)
+		}
+	}
+}

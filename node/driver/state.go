@@ -9,7 +9,7 @@ import (
 )
 
 // Files in a task's state directory (<alloc dir>/.gpumesh). All are written
-// atomically (write, fsync, rename, fsync directory).
+// atomically (temporary file, rename); exit.json is also fsynced.
 const (
 	specFileName   = "spec.json"       // by the driver, before the supervisor starts
 	stateFileName  = "state.json"      // by the supervisor, once the task runs

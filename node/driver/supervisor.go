@@ -50,6 +50,10 @@ const logDrainTimeout = 2 * time.Second
 // exit.json. args are the arguments after the command name; the return value
 // is the process exit code.
 func SupervisorMain(args []string) int {
+	if !supported {
+		fmt.Fprintln(os.Stderr, "task-supervise: the exec driver runs on Linux only")
+		return supervisorFailed
+	}
 	// Catch stop signals before anything else: their default action would
 	// kill the supervisor and lose the task's exit status.
 	sigCh := make(chan os.Signal, 8)
@@ -59,6 +63,10 @@ func SupervisorMain(args []string) int {
 	hupCh := make(chan os.Signal, 1)
 	signal.Notify(hupCh, unix.SIGHUP)
 	defer signal.Stop(hupCh)
+
+	// The task must inherit stdin, stdout and stderr only, not whatever
+	// descriptors the daemon's own parent leaked to it and it to us.
+	closeOnExecFrom(3)
 
 	fset := flag.NewFlagSet(SupervisorCommand, flag.ContinueOnError)
 	dir := fset.String("dir", "", "the task's state directory (<alloc dir>/.gpumesh)")
@@ -223,15 +231,12 @@ func (s *supervisor) run(lockFD int) int {
 		Stdin:  devnull,
 		Stdout: stdoutW,
 		Stderr: stderrW,
-		SysProcAttr: &syscall.SysProcAttr{
-			// Its own process group: stop signals go to the whole group.
-			Setpgid: true,
-			// If the supervisor dies, so does the task, rather than running on
-			// unwatched. The signal fires when the forking thread exits, so
-			// this goroutine stays locked to its thread for good.
-			Pdeathsig: syscall.SIGKILL,
-		},
+		// Its own process group, so that stop signals reach all of it, and
+		// SIGKILL when the supervisor dies (see taskSysProcAttr).
+		SysProcAttr: taskSysProcAttr(),
 	}
+	// The parent-death signal fires when the forking thread exits, so this
+	// goroutine stays locked to its thread for good.
 	runtime.LockOSThread()
 	err = s.cmd.Start()
 	_ = devnull.Close()
@@ -250,13 +255,7 @@ func (s *supervisor) run(lockFD int) int {
 	exited := make(chan struct{})
 	go func() {
 		defer close(exited)
-		var info unix.Siginfo
-		for {
-			err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-			if err != unix.EINTR {
-				return
-			}
-		}
+		waitExitedNoReap(pid)
 	}()
 
 	st := taskState{
@@ -274,7 +273,7 @@ func (s *supervisor) run(lockFD int) int {
 	if ps, err := readProcStat(pid); err == nil {
 		st.TaskStart = ps.Start
 	}
-	if err := writeJSONAtomic(filepath.Join(s.dir, stateFileName), st); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, stateFileName), st, ephemeral); err != nil {
 		// Without state.json a new daemon could not find the task: do not
 		// let it run unrecorded.
 		s.logger.Error("cannot record the task's state; killing it", "error", err)
@@ -306,7 +305,7 @@ func (s *supervisor) run(lockFD int) int {
 func (s *supervisor) startFailed(format string, args ...any) int {
 	msg := fmt.Sprintf(format, args...)
 	res := ExitResult{ExitCode: -1, Error: "start: " + msg, FinishedAt: time.Now()}
-	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res, durable); err != nil {
 		s.logger.Error("cannot record the failed start", "error", err)
 	}
 	if ld := s.spec.Spec.LogDir; ld != "" {
@@ -344,7 +343,7 @@ func (s *supervisor) handleStop() {
 	}
 	// The deadline file tells the task when SIGKILL comes (Unix seconds).
 	secs := strconv.FormatInt(killAt.Unix(), 10) + "\n"
-	if err := writeFileAtomic(s.deadline, []byte(secs), 0o644); err != nil {
+	if err := writeFileAtomic(s.deadline, []byte(secs), 0o644, ephemeral); err != nil {
 		s.logger.Warn("cannot write the stop deadline file", "path", s.deadline, "error", err)
 	}
 	grace := killAt.Sub(now)
@@ -397,7 +396,7 @@ func (s *supervisor) finish(copiers *sync.WaitGroup, readEnds []*os.File, writer
 		res.Error = torchErrorMessage(filepath.Join(s.spec.AllocDir, ErrorFileName), s.started)
 	}
 	s.closeLogs(copiers, readEnds, writers)
-	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res); err != nil {
+	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res, durable); err != nil {
 		s.logger.Error("cannot record the exit status", "error", err)
 		return supervisorFailed
 	}
