@@ -5,7 +5,14 @@
 # Logs go to $OUT (or DIR/logs). Needs 2 GPUs for the 2-rank rows.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0) in every run.
 set -uo pipefail
-dir=$(cd "$(dirname "$0")" && pwd)
+src=$(cd "$(dirname "$0")" && pwd)
+# binaries travel gzip-compressed; unpack them next to a copy of this folder
+dir=$(mktemp -d)
+cp "$src"/* "$dir"/
+for z in "$dir"/*.gz; do
+	[ -e "$z" ] || continue
+	gunzip -f "$z" && chmod +x "${z%.gz}"
+done
 mode=${1:-full}
 logs=${OUT:-$dir/logs}
 mkdir -p "$logs"
@@ -47,15 +54,14 @@ if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	grep -E '^tcp .*correctness' "$logs/bench.log" | head -1 | sed 's/^/    /' | tee -a "$table"
 fi
 if [ -x "$dir/gpumesh" ] && "$dir/gpumesh" bench allreduce --help 2>/dev/null | grep -q -- '--device'; then
-	for procs in "" "--procs"; do
-		timeout 240 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 64MiB,256MiB $procs --json \
-			>>"$logs/bench.log" 2>&1
-		timeout 240 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 1MiB,64MiB,256MiB $procs \
-			>"$logs/bench-cli.txt" 2>&1
-		cat "$logs/bench-cli.txt" >>"$logs/bench.log"
-		sed 's/^/    /' "$logs/bench-cli.txt" | tee -a "$table"
-		rm -f "$logs/bench-cli.txt"
+	for args in "--procs" "--procs --channels 16" ""; do
+		echo "==== gpumesh bench allreduce --device cuda --ranks 2 $args" >>"$logs/bench.log"
+		timeout 150 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 1MiB,64MiB,256MiB $args >"$logs/cli.txt" 2>&1
+		cat "$logs/cli.txt" >>"$logs/bench.log"
+		echo "    gpumesh bench allreduce --device cuda --ranks 2 $args" | tee -a "$table"
+		grep -E 'MiB|ratio|raw|error|Error' "$logs/cli.txt" | head -12 | sed 's/^/      /' | tee -a "$table"
 	done
+	rm -f "$logs/cli.txt"
 fi
 
 # 3. baselines (PyTorch NCCL and Gloo), same call
