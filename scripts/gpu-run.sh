@@ -49,7 +49,7 @@ done
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run "${RING_BENCH:-LocalRingBandwidth|IPCRingSeparateProcesses}" -test.v >"$logs/bench.log" 2>&1
-	GPUMESH_CUDA_BENCH=1 ${TCP_CONFIGS:+GPUMESH_TCP_CONFIGS=$TCP_CONFIGS} timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
+	GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-}" timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
 	if [ -n "${TCP_SLEEP_CONFIGS-4x1024,16x1024}" ]; then
 		GPUMESH_CUDA_BENCH=1 GPUMESH_SPIN=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS=${TCP_SLEEP_CONFIGS-4x1024,16x1024} \
 			timeout 150 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
