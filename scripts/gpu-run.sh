@@ -65,7 +65,7 @@ if [ "${CLI:-1}" = 1 ] && [ -x "$dir/gpumesh" ] && "$dir/gpumesh" bench allreduc
 		timeout 150 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 1MiB,64MiB,256MiB $args >"$logs/cli.txt" 2>&1
 		cat "$logs/cli.txt" >>"$logs/bench.log"
 		echo "    gpumesh bench allreduce --device cuda --ranks 2 $args" | tee -a "$table"
-		grep -E 'MiB|ratio|raw|error|Error' "$logs/cli.txt" | head -12 | sed 's/^/      /' | tee -a "$table"
+		grep -E '^ +[0-9]|error|Error' "$logs/cli.txt" | head -12 | sed 's/^/      /' | tee -a "$table"
 	done
 	rm -f "$logs/cli.txt"
 fi
