@@ -50,8 +50,10 @@ done
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run "${RING_BENCH:-LocalRingBandwidth|IPCRingSeparateProcesses}" -test.v >"$logs/bench.log" 2>&1
 	GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-}" timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
-	if [ -n "${TCP_SLEEP_CONFIGS-4x1024,16x1024}" ]; then
-		GPUMESH_CUDA_BENCH=1 GPUMESH_SPIN=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS=${TCP_SLEEP_CONFIGS-4x1024,16x1024} \
+	# a second TCP run with other settings (TCP2_ENV: assignments; default:
+	# staging waits sleep instead of spinning)
+	if [ -n "${TCP2_CONFIGS-4x1024,16x1024}" ]; then
+		env GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP2_CONFIGS-4x1024,16x1024}" ${TCP2_ENV:-GPUMESH_SPIN=0} \
 			timeout 150 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
 	fi
 	grep -E '^(local|ipc|tcp) ' "$logs/bench.log" | grep busbw | while read -r l; do
