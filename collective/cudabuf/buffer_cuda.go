@@ -101,8 +101,10 @@ type options struct {
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
 // overlap it (tracked with one event per write) instead of for everything
-// queued on the buffer's write stream. Sends of untouched chunks then do not
-// queue behind unrelated reduces.
+// queued on the buffer's write stream. Off by default: on 2×H100 over
+// loopback TCP (16 channels) it measured 9.6 / 11.2 GB/s busbw at 64 / 256
+// MiB against 10.9 / 11.5 without it (2026-11-25), the extra event per write
+// costing more than the false waits it saves.
 func WithRangeDeps(on bool) Option { return func(o *options) { o.rangeDeps = on } }
 
 // WithSpinWait chooses how host waits on staging copies wait: spinning on a
@@ -115,7 +117,7 @@ func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } 
 // the pinned pool on every device and enables peer access between every pair
 // of devices that supports it.
 func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
-	o := options{spin: true, rangeDeps: true}
+	o := options{spin: true}
 	for _, f := range opts {
 		f(&o)
 	}

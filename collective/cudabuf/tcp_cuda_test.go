@@ -236,8 +236,8 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_SPIN") == "0" {
 						wait = "sleep"
 					}
-					if os.Getenv("GPUMESH_RANGE_DEPS") == "0" {
-						wait += ",nodeps"
+					if os.Getenv("GPUMESH_RANGE_DEPS") == "1" {
+						wait += ",rangedeps"
 					}
 					if device == "cpu" {
 						wait = "-"
