@@ -177,6 +177,7 @@ func (f *FSM) upsertNodes(idx uint64, now *timestamppb.Timestamp, nodes []*contr
 		}
 		nn.ModifyIndex = idx
 		st.putNodeLocked(nn)
+		st.resVersion++
 		f.nodeEvents(old, nn)
 	}
 	return nil
@@ -220,6 +221,7 @@ func (f *FSM) drainNode(idx uint64, now *timestamppb.Timestamp, c *fsmpb.DrainNo
 	n.StatusReason = c.Reason
 	n.ModifyIndex = idx
 	st.putNodeLocked(n)
+	st.resVersion++
 	f.nodeEvents(old, n)
 	return nil
 }
@@ -253,6 +255,7 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*c
 		na.ModifyIndex = idx
 		st.putAllocLocked(na)
 		if AllocTerminal(na.ClientStatus) {
+			st.resVersion++
 			f.events.job(na.JobId)
 			f.events.capacity()
 		}
@@ -294,6 +297,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 				na := proto.Clone(a).(*controlpb.Allocation)
 				na.DesiredStatus = DesiredStop
 				if !AllocTerminal(na.ClientStatus) {
+					st.resVersion++
 					na.ClientStatus = AllocLost
 					na.Message = "node lost"
 					na.FinishTime = now

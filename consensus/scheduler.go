@@ -51,6 +51,10 @@ type scheduler struct {
 	ctx    context.Context
 	queue  map[string]struct{}
 	timers map[string]time.Time
+	// bc is the planner view, kept across batches while the state's
+	// resource version stays bcVersion (only our own plans were added).
+	bc        *batchContext
+	bcVersion uint64
 	timer  *time.Timer
 }
 
@@ -175,11 +179,19 @@ func (sc *scheduler) processBatch() {
 		delete(sc.queue, x.id)
 	}
 
-	bc, err := sc.snapshot()
-	if err != nil {
-		s.logger.Error("scheduler: cannot build the cluster view", "error", err)
-		return
+	st.mu.RLock()
+	ver := st.resVersion
+	st.mu.RUnlock()
+	bc := sc.bc
+	if bc == nil || sc.bcVersion != ver {
+		var err error
+		if bc, err = sc.snapshot(); err != nil {
+			s.logger.Error("scheduler: cannot build the cluster view", "error", err)
+			return
+		}
+		sc.bc, sc.bcVersion = bc, ver
 	}
+	bc.now = time.Now()
 	var plans []*fsmpb.JobPlan
 	for _, x := range q {
 		if p := sc.evaluate(bc, x.id); p != nil {
@@ -191,6 +203,7 @@ func (sc *scheduler) processBatch() {
 	}
 	resp, _, err := s.apply(sc.ctx, &fsmpb.Command{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: plans}}})
 	if err != nil {
+		sc.bc = nil
 		if sc.ctx.Err() == nil {
 			s.logger.Warn("scheduler: committing plans failed; will retry", "plans", len(plans), "error", err)
 			for _, p := range plans {
@@ -204,6 +217,9 @@ func (sc *scheduler) processBatch() {
 		return
 	}
 	if r, ok := resp.(*PlansResult); ok {
+		if len(r.Skipped) > 0 {
+			sc.bc = nil // it holds resources of plans that were not applied
+		}
 		for _, id := range r.Skipped {
 			sc.queue[id] = struct{}{}
 		}

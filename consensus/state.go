@@ -58,6 +58,10 @@ type StateStore struct {
 	allocs       map[string]*controlpb.Allocation
 	allocsByJob  map[string]map[string]*controlpb.Allocation
 	allocsByNode map[string]map[string]*controlpb.Allocation
+	// resVersion moves whenever resources may have been freed or nodes
+	// changed (not when allocations are added): the scheduler keeps its
+	// planner view across batches while it stays the same.
+	resVersion uint64
 	// notify is closed and replaced whenever index moves.
 	notify chan struct{}
 }
@@ -253,6 +257,7 @@ func (st *StateStore) resetLocked(idx uint64, nodes []*controlpb.Node, jobs []*c
 		st.putAllocLocked(a)
 	}
 	st.index = idx
+	st.resVersion++
 	close(st.notify)
 	st.notify = make(chan struct{})
 }

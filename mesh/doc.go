@@ -62,14 +62,20 @@
 //
 // DefaultLANConfig changes, and their cost at 1000 nodes:
 //
-//   - Post-join sync (JoinSyncRounds 3, JoinSyncDelay 500 ms): after its
-//     join, a node makes 3 extra push-pulls with random live members at
-//     0.5, 1.5 and 3.5 s. Push-pull is a two-way exchange, so each one
-//     also repairs the partner. This removes the outliers on its own
-//     (bench: memberlist timings plus syncs). Cost: 3 state exchanges
-//     per join, not per interval; a state is about 200 B per member (the
-//     135-byte record of an 8-GPU p5 plus memberlist's framing), so at
-//     1000 nodes about 1.2 MB per joining node, once.
+//   - Post-join sync (JoinSyncRounds 4, JoinSyncDelay 250 ms): after its
+//     join, a node makes 4 extra push-pulls at 0.25, 0.75, 1.75 and
+//     3.75 s, alternately with a peer that answered its join (a seed has
+//     heard directly from every node that joined through it, so one
+//     exchange catches up with the whole burst) and with a random live
+//     member (for nodes that joined through other seeds). Push-pull is a
+//     two-way exchange, so each one also repairs the partner. This
+//     removes the outliers on its own (bench: memberlist's timings plus
+//     syncs). Cost: 4 state exchanges per join, not per interval; a state
+//     is about 200 B per member (the 135-byte record of an 8-GPU p5 plus
+//     memberlist's framing), so at 1000 nodes about 4 × 2 × 200 KB =
+//     1.6 MB per joining node, once (computed, not measured). With static
+//     seeds, a mass boot doubles the seeds' join load (each node talks to
+//     a seed at its join and again at its first sync).
 //   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
 //     discovered addresses in parallel, so one dead seed neither fails
 //     nor delays a join.

@@ -154,6 +154,8 @@ type Mesh struct {
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
+	goMu         sync.Mutex // guards goClosed and wg.Add
+	goClosed     bool
 	wg           sync.WaitGroup // every goroutine the Mesh starts
 }
 
@@ -228,6 +230,9 @@ func New(cfg Config) (*Mesh, error) {
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		close(m.shutdownCh) // stops the OnEvent goroutine
+		m.goMu.Lock()
+		m.goClosed = true
+		m.goMu.Unlock()
 		m.wg.Wait()
 		if cfg.BindPort != 0 && isAddrInUse(err) {
 			return nil, fmt.Errorf("mesh: gossip port %s:%d is in use: stop the other agent or pick another --bind address or port: %w",
@@ -256,12 +261,20 @@ func isAddrInUse(err error) bool {
 	return strings.Contains(err.Error(), "address already in use")
 }
 
-func (m *Mesh) goFunc(f func()) {
+// goFunc runs f in a goroutine that Shutdown waits for. After Shutdown
+// has begun it does nothing and returns false.
+func (m *Mesh) goFunc(f func()) bool {
+	m.goMu.Lock()
+	defer m.goMu.Unlock()
+	if m.goClosed {
+		return false
+	}
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
 		f()
 	}()
+	return true
 }
 
 // Addr returns this node's advertised gossip address, host:port.
@@ -379,7 +392,10 @@ func (m *Mesh) Joined() <-chan struct{} { return m.joinedCh }
 // address is skipped) and exchanges full state with each reachable one.
 // It retries with exponential backoff (Config.JoinRetryMin doubling up to
 // JoinRetryMax, with jitter) until at least one peer answers, ctx ends
-// or the Mesh shuts down, and returns how many peers answered. A list
+// or the Mesh shuts down. Each attempt contacts up to
+// Config.JoinMaxPeers of the addresses at once and succeeds as soon as
+// one answers (it returns 1; the others are still contacted in the
+// background, so a dead seed neither fails nor delays the join). A list
 // with no address but this node's own returns ErrNoPeers at once. After
 // a successful join, the Mesh makes Config.JoinSyncRounds more state
 // exchanges with random members in the background.
@@ -409,7 +425,7 @@ func (m *Mesh) Join(ctx context.Context, addrs []string) (int, error) {
 }
 
 // joinOnce makes one join attempt: up to JoinMaxPeers random addresses
-// of addrs, in parallel.
+// of addrs, in parallel; it returns when the first one answers.
 func (m *Mesh) joinOnce(addrs []string) (int, error) {
 	if m.isShutdown() {
 		return 0, ErrShutdown
@@ -425,27 +441,35 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 	if len(peers) > m.cfg.JoinMaxPeers {
 		peers = peers[:m.cfg.JoinMaxPeers]
 	}
+	// Contact all chosen peers at once and go on as soon as one answers:
+	// a dead or black-holed seed then costs nothing. The rest finish in
+	// the background (tracked, so Shutdown waits for them).
+	type result struct {
+		peer string
+		err  error
+	}
+	results := make(chan result, len(peers))
+	for _, p := range peers {
+		if !m.goFunc(func() {
+			_, err := m.ml.Join([]string{p})
+			results <- result{p, err}
+		}) {
+			results <- result{p, ErrShutdown}
+		}
+	}
 	var (
-		wg       sync.WaitGroup
-		mu       sync.Mutex
 		answered []string
 		errs     []error
 	)
-	for _, p := range peers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, err := m.ml.Join([]string{p})
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", p, err))
-				return
-			}
-			answered = append(answered, p)
-		}()
+	for range peers {
+		r := <-results
+		if r.err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", r.peer, r.err))
+			continue
+		}
+		answered = append(answered, r.peer)
+		break
 	}
-	wg.Wait()
 	ok := len(answered)
 	if ok == 0 {
 		return 0, fmt.Errorf("mesh: no peer answered: %w", errors.Join(errs...))
@@ -557,13 +581,15 @@ func (m *Mesh) randomPeer() string {
 func (m *Mesh) autoJoin(d Discoverer) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	m.goFunc(func() {
+	if !m.goFunc(func() {
 		select {
 		case <-m.shutdownCh:
 			cancel()
 		case <-ctx.Done():
 		}
-	})
+	}) {
+		return
+	}
 	b := newBackoff(m.cfg.JoinRetryMin, m.cfg.JoinRetryMax)
 	joined := false
 	var aloneSince time.Time
@@ -632,7 +658,8 @@ func (m *Mesh) Leave(timeout time.Duration) error {
 }
 
 // Shutdown stops gossip and every goroutine of the Mesh, and closes the
-// subscription channels. It does not announce a leave (call Leave first
+// subscription channels; it can wait up to Config.TCPTimeout for a join
+// or sync exchange in flight. It does not announce a leave (call Leave first
 // for that); peers will see this node fail. Safe to call more than once.
 func (m *Mesh) Shutdown() error {
 	var err error
@@ -641,6 +668,9 @@ func (m *Mesh) Shutdown() error {
 		close(m.shutdownCh)
 		m.lifeMu.Unlock()
 		err = m.ml.Shutdown()
+		m.goMu.Lock()
+		m.goClosed = true
+		m.goMu.Unlock()
 		m.wg.Wait()
 		m.log.Info("gossip stopped")
 	})
@@ -782,7 +812,14 @@ func (m *Mesh) addSubscriber(fn func(Event), ch chan Event) *subscriber {
 	m.mu.Lock()
 	m.subs[s] = struct{}{}
 	m.mu.Unlock()
-	m.goFunc(func() { m.runSubscriber(s) })
+	if !m.goFunc(func() { m.runSubscriber(s) }) { // shut down already
+		m.mu.Lock()
+		delete(m.subs, s)
+		m.mu.Unlock()
+		if ch != nil {
+			close(ch)
+		}
+	}
 	return s
 }
 

@@ -300,6 +300,54 @@ func TestJoinRetriesUntilPeerStarts(t *testing.T) {
 	}
 }
 
+// A seed that accepts connections but never answers must not hold up a
+// join that another seed answers.
+func TestJoinNotHeldUpBySilentSeed(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	accepted := make(chan struct{}, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			select {
+			case accepted <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	defer func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+
+	seed := meshtest.New(t, meshtest.Config(t, "live"))
+	c := meshtest.Config(t, "joiner")
+	c.TCPTimeout = time.Hour // the silent seed would hold a sequential join for this long
+	c.JoinMaxPeers = 2
+	j := meshtest.New(t, c)
+	if _, err := j.Join(context.Background(), []string{l.Addr().String(), seed.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	<-accepted // the silent seed was contacted too, and is still holding its connection
+	meshtest.WaitConverged(t, []*mesh.Mesh{seed, j}, 2)
+}
+
 func TestJoinGivesUpWithContext(t *testing.T) {
 	m := meshtest.New(t, meshtest.Config(t, "lonely"))
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
@@ -466,6 +514,14 @@ func TestShutdownIdempotentAndClosesSubscriptions(t *testing.T) {
 	}
 	if err := ms[0].Leave(time.Second); !errors.Is(err, mesh.ErrShutdown) {
 		t.Errorf("Leave after Shutdown: got %v, want ErrShutdown", err)
+	}
+	if _, err := ms[0].Join(context.Background(), []string{ms[1].Addr()}); !errors.Is(err, mesh.ErrShutdown) {
+		t.Errorf("Join after Shutdown: got %v, want ErrShutdown", err)
+	}
+	late, cancelLate := ms[0].Subscribe()
+	defer cancelLate()
+	if _, ok := <-late; ok {
+		t.Error("Subscribe after Shutdown returned an open channel with an event")
 	}
 	// goleak in TestMain checks that no goroutine survives.
 }

@@ -731,6 +731,26 @@ func (c *Cluster) ReleaseJob(jobID string) {
 	delete(c.jobs, jobID)
 }
 
+// Clone returns an independent copy, for what-if planning (for example:
+// release an elastic job's ranks in the copy and see how many would fit
+// now) without touching the real snapshot.
+func (c *Cluster) Clone() *Cluster {
+	d := &Cluster{
+		nodes:   make([]nodeState, len(c.nodes)),
+		index:   c.index, // never written after NewCluster
+		jobs:    make(map[string][]Allocation, len(c.jobs)),
+		cpuOnly: c.cpuOnly,
+	}
+	for i, st := range c.nodes {
+		st.held = slices.Clone(st.held)
+		d.nodes[i] = st
+	}
+	for j, as := range c.jobs {
+		d.jobs[j] = slices.Clone(as)
+	}
+	return d
+}
+
 // FreeGPUs returns the free GPU ordinals of a node in index order, or nil
 // for an unknown node.
 func (c *Cluster) FreeGPUs(nodeID string) []int {

@@ -163,7 +163,35 @@ func newRaftCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(peers, &f)
-	cmd.AddCommand(peers)
+	var tf clientFlags
+	var to string
+	transfer := &cobra.Command{
+		Use:     "transfer-leadership",
+		Short:   "Move Raft leadership to another voter (before maintenance of the leader's machine)",
+		Example: "  gpumesh raft transfer-leadership\n  gpumesh raft transfer-leadership --to node-2",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := tf.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := tf.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{To: to})
+			if err != nil {
+				return tf.explain(err)
+			}
+			if tf.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", dash(resp.LeaderId))
+			return nil
+		},
+	}
+	addClientFlags(transfer, &tf)
+	transfer.Flags().StringVar(&to, "to", "", "node ID or name of the voter to lead (default: any up-to-date voter)")
+	cmd.AddCommand(peers, transfer)
 	return cmd
 }
 

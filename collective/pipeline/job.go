@@ -36,16 +36,21 @@ var ErrNoDevice = errors.New("pipeline device not available")
 //
 //	type: pipeline
 //	ranks: 4
-//	pipeline: {layers: [256, 512, 512, 512, 10], batch_size: 64, micro_batches: 16,
+//	pipeline: {layers: [256, 512, 512, 512, 10], microbatch_size: 4, microbatches: 16,
 //	           steps: 20, seed: 1, learning_rate: 0.05, schedule: 1f1b, device: cpu}
 type JobSpec struct {
 	// Layers are the MLP's widths, input first; at least stages+1 of them
 	// (one weight layer per stage at least).
 	Layers []int `json:"layers" yaml:"layers"`
 	// BatchSize is the samples per step; a multiple of MicroBatches.
+	// Zero: MicroBatchSize × MicroBatches.
 	BatchSize int `json:"batch_size" yaml:"batch_size"`
+	// MicroBatchSize is the samples per micro-batch, the other way to give
+	// the batch (the control API's pipeline.microbatch_size). Default 16
+	// when BatchSize is zero too.
+	MicroBatchSize int `json:"microbatch_size" yaml:"microbatch_size"`
 	// MicroBatches per step. Default: 4 × stages, capped at BatchSize.
-	MicroBatches int `json:"micro_batches" yaml:"micro_batches"`
+	MicroBatches int `json:"microbatches" yaml:"microbatches"`
 	// Steps of SGD (training) or batches streamed (inference). Default 10.
 	Steps int `json:"steps" yaml:"steps"`
 	// Seed of the weights and the synthetic data.
@@ -66,6 +71,15 @@ type JobSpec struct {
 
 // WithDefaults fills the unset optional fields for a pipeline of stages.
 func (s JobSpec) WithDefaults(stages int) JobSpec {
+	if s.BatchSize == 0 {
+		if s.MicroBatches == 0 {
+			s.MicroBatches = 4 * max(stages, 1)
+		}
+		if s.MicroBatchSize == 0 {
+			s.MicroBatchSize = 16
+		}
+		s.BatchSize = s.MicroBatchSize * s.MicroBatches
+	}
 	if s.MicroBatches == 0 {
 		s.MicroBatches = 4 * max(stages, 1)
 		if s.BatchSize > 0 {
@@ -110,9 +124,13 @@ func (s JobSpec) Validate(stages int) error {
 	}
 	switch {
 	case s.MicroBatches < 1:
-		return fmt.Errorf("%w: pipeline job spec: micro_batches must be >= 1, got %d", ErrInvalidSpec, s.MicroBatches)
+		return fmt.Errorf("%w: pipeline job spec: microbatches must be >= 1, got %d", ErrInvalidSpec, s.MicroBatches)
+	case s.MicroBatchSize < 0:
+		return fmt.Errorf("%w: pipeline job spec: microbatch_size must be >= 0, got %d", ErrInvalidSpec, s.MicroBatchSize)
 	case s.BatchSize%s.MicroBatches != 0:
-		return fmt.Errorf("%w: pipeline job spec: batch_size %d must be a multiple of micro_batches %d", ErrInvalidSpec, s.BatchSize, s.MicroBatches)
+		return fmt.Errorf("%w: pipeline job spec: batch_size %d must be a multiple of microbatches %d", ErrInvalidSpec, s.BatchSize, s.MicroBatches)
+	case s.MicroBatchSize > 0 && s.BatchSize != s.MicroBatchSize*s.MicroBatches:
+		return fmt.Errorf("%w: pipeline job spec: batch_size %d disagrees with microbatch_size %d × microbatches %d; give one of batch_size and microbatch_size", ErrInvalidSpec, s.BatchSize, s.MicroBatchSize, s.MicroBatches)
 	case s.Steps < 1:
 		return fmt.Errorf("%w: pipeline job spec: steps must be >= 1, got %d", ErrInvalidSpec, s.Steps)
 	case s.InFlight < 1:

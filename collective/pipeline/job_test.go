@@ -340,7 +340,8 @@ func TestJobSpecValidation(t *testing.T) {
 	}{
 		{"too few layers for stages", func(s *JobSpec) { s.Layers = []int{4, 4, 4} }, 3},
 		{"zero width", func(s *JobSpec) { s.Layers = []int{4, 0, 4} }, 1},
-		{"no batch", func(s *JobSpec) { s.BatchSize = 0 }, 1},
+		{"negative batch", func(s *JobSpec) { s.BatchSize = -1 }, 1},
+		{"negative microbatch size", func(s *JobSpec) { s.MicroBatchSize = -1 }, 1},
 		{"batch not multiple", func(s *JobSpec) { s.MicroBatches = 5 }, 1},
 		{"bad schedule", func(s *JobSpec) { s.Schedule = "zb" }, 1},
 		{"bad mode", func(s *JobSpec) { s.Mode = "eval" }, 1},
@@ -358,6 +359,15 @@ func TestJobSpecValidation(t *testing.T) {
 	}
 	if err := good.WithDefaults(6).Validate(6); err != nil {
 		t.Fatalf("good spec refused: %v", err)
+	}
+	// The batch given per micro-batch, as the control API does.
+	mb := JobSpec{Layers: []int{4, 4, 4}, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(2)
+	if mb.BatchSize != 15 || mb.Validate(2) != nil {
+		t.Fatalf("microbatch_size spec: %+v, %v", mb, mb.Validate(2))
+	}
+	both := JobSpec{Layers: []int{4, 4}, BatchSize: 10, MicroBatchSize: 3, MicroBatches: 5}.WithDefaults(1)
+	if err := both.Validate(1); !errors.Is(err, ErrInvalidSpec) {
+		t.Fatalf("disagreeing batch sizes: err = %v", err)
 	}
 	// cuda without a device implementation.
 	s := good
