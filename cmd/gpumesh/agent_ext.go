@@ -78,9 +78,8 @@ func (e *agentExtensions) apply(ctx context.Context, c *node.Config) error {
 		cfg.IMDS.Endpoint = e.imdsEndpoint
 	}
 	if !use {
-		// Tag join without metadata: point IMDS nowhere so nothing is asked.
-		cfg.IMDS.Endpoint = "http://127.0.0.1:1"
-		cfg.IMDS.ProbeTimeout = 50 * time.Millisecond
+		// Tag join without metadata: IMDS is never asked.
+		cfg.IMDS.Disabled = true
 	}
 	if c.BindAddr != "" && c.BindAddr != "0.0.0.0" && strings.HasPrefix(c.BindAddr, "127.") {
 		cfg.IMDS.SourceAddr = c.BindAddr
