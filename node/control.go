@@ -379,7 +379,7 @@ func (s *controlServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest)
 
 func (s *controlServer) AgentInfo(ctx context.Context, req *pb.AgentInfoRequest) (*pb.AgentInfoResponse, error) {
 	a := s.a
-	resp := &pb.AgentInfoResponse{Node: a.selfNode(), Role: "client", Version: Version}
+	resp := &pb.AgentInfoResponse{Node: a.selfNode(), Role: "client", Version: Version, FleetStatus: a.lastScale()}
 	if a.raft != nil {
 		resp.Role = a.raft.Role()
 		if resp.Role == "none" {

@@ -2208,6 +2208,7 @@ type AgentInfoResponse struct {
 	LeaderRpcAddr string                 `protobuf:"bytes,4,opt,name=leader_rpc_addr,json=leaderRpcAddr,proto3" json:"leader_rpc_addr,omitempty"`
 	AppliedIndex  uint64                 `protobuf:"varint,5,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	Version       string                 `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	FleetStatus   string                 `protobuf:"bytes,7,opt,name=fleet_status,json=fleetStatus,proto3" json:"fleet_status,omitempty"` // the leader's last fleet scaling change
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2280,6 +2281,13 @@ func (x *AgentInfoResponse) GetAppliedIndex() uint64 {
 func (x *AgentInfoResponse) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *AgentInfoResponse) GetFleetStatus() string {
+	if x != nil {
+		return x.FleetStatus
 	}
 	return ""
 }
@@ -3015,14 +3023,15 @@ const file_control_proto_rawDesc = "" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
-	"\x10AgentInfoRequest\"\xd1\x01\n" +
+	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x1b\n" +
 	"\tleader_id\x18\x03 \x01(\tR\bleaderId\x12&\n" +
 	"\x0fleader_rpc_addr\x18\x04 \x01(\tR\rleaderRpcAddr\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\"H\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x12!\n" +
+	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"H\n" +
 	"\fWatchRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vafter_index\x18\x02 \x01(\x04R\n" +
