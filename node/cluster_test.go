@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -377,5 +379,47 @@ func TestClusterRunsBuiltinJobs(t *testing.T) {
 				t.Fatalf("last stage reported %d losses, want 3: %v", len(l), m)
 			}
 		}
+	}
+}
+
+// A script written for torchrun runs unchanged: it reads the environment
+// and meets its peers at MASTER_ADDR:MASTER_PORT.
+func TestClusterRunsTorchrunScript(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	script, err := filepath.Abs("../examples/torchrun_env.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec := &pb.JobSpec{Name: "torchrun", Type: "exec", Ranks: 3, Placement: "spread", Exec: &pb.ExecSpec{Command: []string{py, script}}}
+	jobspec.ApplyDefaults(spec)
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	for r := int32(0); r < 3; r++ {
+		out := readLogs(t, c, resp.Id, r, 0)
+		if !strings.Contains(out, fmt.Sprintf("rank %d/3", r)) || !strings.Contains(out, "ok") {
+			errOut, _ := c.Logs(ctx, &pb.LogsRequest{JobId: resp.Id, Rank: r, Stderr: true})
+			var b strings.Builder
+			for {
+				ch, err := errOut.Recv()
+				if err != nil {
+					break
+				}
+				b.Write(ch.Data)
+			}
+			t.Fatalf("rank %d: %q (stderr %q), job %s", r, out, b.String(), final.Job.Status)
+		}
+	}
+	if final.Job.Status != "complete" {
+		t.Fatalf("job %s: %s", final.Job.Status, final.Job.StatusReason)
 	}
 }
