@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -217,6 +218,7 @@ func ServerOptions(c GRPCConfig) []grpc.ServerOption {
 		grpc.ReadBufferSize(c.ReadBufferBytes),
 		grpc.WriteBufferSize(c.WriteBufferBytes),
 		grpc.MaxRecvMsgSize(MaxFrameBytes + HeaderSize + 1024),
+		experimental.BufferPool(sharedDirtyPool),
 	}
 }
 
@@ -228,6 +230,7 @@ func (c GRPCConfig) dialOptions() []grpc.DialOption {
 		grpc.WithReadBufferSize(c.ReadBufferBytes),
 		grpc.WithWriteBufferSize(c.WriteBufferBytes),
 		grpc.WithDisableRetry(),
+		experimental.WithBufferPool(sharedDirtyPool),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: 5 * time.Second,

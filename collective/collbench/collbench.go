@@ -330,6 +330,8 @@ func workerFlags(cfg Config) []string {
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
 		"--window", fmt.Sprint(cfg.GRPC.WindowBytes),
+		"--read-buffer", fmt.Sprint(cfg.GRPC.ReadBufferBytes),
+		"--write-buffer", fmt.Sprint(cfg.GRPC.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
 	}
 }
