@@ -321,14 +321,19 @@ func clientHandshake(ctx context.Context, conn net.Conn, cfg TCPConfig) (*TCPLin
 
 func acceptStage(ctx context.Context, ln net.Listener, cfg TCPConfig) (*TCPLink, error) {
 	d, canDeadline := ln.(interface{ SetDeadline(time.Time) error })
+	fired := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
+		defer close(fired)
 		if canDeadline {
 			d.SetDeadline(time.Unix(1, 0))
 		}
 	})
 	defer func() {
-		if !stop() && canDeadline {
-			d.SetDeadline(time.Time{}) // the caller's listener stays usable
+		if !stop() {
+			<-fired
+			if canDeadline {
+				d.SetDeadline(time.Time{}) // the caller's listener stays usable
+			}
 		}
 	}()
 	for {
