@@ -229,13 +229,15 @@ func (s *mlpStage) Forward(step, mb int, in *Message) (*Message, error) {
 		st.ys = append(st.ys, y)
 		x = y
 	}
-	if s.train {
-		s.saved[mb] = st
-	}
 	outW := s.layers[len(s.layers)-1].out
 	out := &Message{Rows: r, Cols: outW, Data: make([]float32, r*outW)}
 	if err := dev.Download(out.Data, x); err != nil {
 		return nil, err
+	}
+	if s.train {
+		s.saved[mb] = st
+	} else {
+		s.free(st)
 	}
 	if s.last && s.onOutput != nil {
 		s.onOutput(step, mb, out)
@@ -250,6 +252,7 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 		return nil, fmt.Errorf("backward of micro-batch %d before its forward", mb)
 	}
 	delete(s.saved, mb)
+	defer s.free(st)
 	r := s.mbRows
 	nl := len(s.layers)
 	outW := s.layers[nl-1].out
@@ -257,6 +260,7 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer func() { dev.Free(dy) }() // the last gradient tensor; earlier ones are freed as they are replaced
 	if s.last {
 		// d(MSE)/dy = 2(y − t) / (B·out), over the whole batch.
 		s.batch(step)
@@ -311,8 +315,10 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 			return nil, err
 		}
 		if err := dev.Gemm(false, true, 1, dy, ly.w, 0, dx); err != nil {
+			dev.Free(dx)
 			return nil, err
 		}
+		dev.Free(dy)
 		dy = dx
 	}
 	if s.first {
@@ -349,6 +355,32 @@ func (s *mlpStage) EndStep(step int) (float64, error) {
 	loss := s.lossSum
 	s.lossSum = 0
 	return loss, nil
+}
+
+// free releases a micro-batch's saved tensors.
+func (s *mlpStage) free(st *mbState) {
+	if len(st.xs) > 0 {
+		s.dev.Free(st.xs[0]) // the others are the previous layers' outputs
+	}
+	for _, y := range st.ys {
+		s.dev.Free(y)
+	}
+}
+
+// Close releases the stage's parameters and anything still saved.
+func (s *mlpStage) Close() {
+	for mb, st := range s.saved {
+		s.free(st)
+		delete(s.saved, mb)
+	}
+	for _, ly := range s.layers {
+		for _, t := range []Tensor{ly.w, ly.b, ly.dw, ly.db} {
+			if t != nil {
+				s.dev.Free(t)
+			}
+		}
+	}
+	s.layers = nil
 }
 
 // Params returns the stage's current parameters.
