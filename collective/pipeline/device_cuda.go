@@ -6,6 +6,7 @@ import (
 	_ "embed"
 	"fmt"
 	"math"
+	"sync"
 	"unsafe"
 
 	"gorgonia.org/cu"
@@ -23,19 +24,48 @@ var mlpKernels = []string{
 	"tanh_grad_f32", "relu_grad_f32", "axpy_f32",
 }
 
+func init() {
+	openBenchDevices = func() ([]Device, func(), error) {
+		rt, err := cuda.Open(cuda.DefaultConfig())
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w: %v", ErrNoDevice, err)
+		}
+		var devs []Device
+		for _, d := range rt.Devices() {
+			c, err := NewCUDADevice(d)
+			if err != nil {
+				rt.Close()
+				return nil, nil, err
+			}
+			devs = append(devs, c)
+		}
+		return devs, func() {
+			for _, d := range devs {
+				d.(*CUDADevice).Close()
+			}
+			rt.Close()
+		}, nil
+	}
+}
+
 // CUDADevice runs the MLP's layer math on one GPU with the kernels of
 // kernels/mlp.cu (no cuBLAS: the binary needs only libcuda). Work is issued
 // on the context's default stream, in order; Download waits for it.
 type CUDADevice struct {
 	dev *cuda.Device
 	fns map[string]cu.Function
+	// pool keeps freed allocations by size for reuse: cuMemAlloc and
+	// cuMemFree are slow and the latter synchronizes the device, while a
+	// pipeline stage allocates the same shapes every micro-batch.
+	mu   sync.Mutex
+	pool map[int64][]*cuda.Mem
 }
 
 var _ Device = (*CUDADevice)(nil)
 
 // NewCUDADevice loads the MLP kernels on d (JIT from embedded PTX).
 func NewCUDADevice(d *cuda.Device) (*CUDADevice, error) {
-	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}}
+	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}, pool: map[int64][]*cuda.Mem{}}
 	err := d.Do(func() error {
 		mod, err := cu.LoadData(mlpPTX)
 		if err != nil {
@@ -87,9 +117,18 @@ func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
 		return nil, fmt.Errorf("%w: bad shape %d×%d", ErrDevice, rows, cols)
 	}
 	n := int64(max(rows*cols, 1))
-	m, err := c.dev.Alloc(4 * n)
-	if err != nil {
-		return nil, err
+	var m *cuda.Mem
+	c.mu.Lock()
+	if l := c.pool[4*n]; len(l) > 0 {
+		m = l[len(l)-1]
+		c.pool[4*n] = l[:len(l)-1]
+	}
+	c.mu.Unlock()
+	if m == nil {
+		var err error
+		if m, err = c.dev.Alloc(4 * n); err != nil {
+			return nil, err
+		}
 	}
 	if err := c.dev.Do(func() error { return cu.MemsetD32(cu.DevicePtr(m.Ptr()), 0, n) }); err != nil {
 		m.Free()
@@ -98,11 +137,26 @@ func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
 	return &cudaTensor{r: rows, c: cols, mem: m}, nil
 }
 
-// Free releases the tensor's device memory.
+// Free gives the tensor's device memory back to the device's pool.
 func (c *CUDADevice) Free(t Tensor) {
 	if d, ok := t.(*cudaTensor); ok && d.mem != nil {
-		d.mem.Free()
+		c.mu.Lock()
+		c.pool[d.mem.Len()] = append(c.pool[d.mem.Len()], d.mem)
+		c.mu.Unlock()
 		d.mem = nil
+	}
+}
+
+// Close frees the pooled memory. Tensors still in use stay valid until
+// freed; the device can be used again afterwards.
+func (c *CUDADevice) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, l := range c.pool {
+		for _, m := range l {
+			m.Free()
+		}
+		delete(c.pool, k)
 	}
 }
 

@@ -17,13 +17,14 @@ func openCUDA(t *testing.T) []*CUDADevice {
 	if err != nil {
 		t.Skipf("no CUDA device: %v", err)
 	}
-	t.Cleanup(func() { rt.Close() })
+	t.Cleanup(func() { rt.Close() }) // runs last: cleanups run in reverse order
 	var out []*CUDADevice
 	for _, d := range rt.Devices() {
 		c, err := NewCUDADevice(d)
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(c.Close)
 		out = append(out, c)
 	}
 	return out
@@ -197,4 +198,20 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestCUDABench(t *testing.T) {
+	openCUDA(t) // skips without a GPU
+	cfg := DefaultBenchConfig()
+	cfg.Device, cfg.Compute = DeviceCUDA, ComputeMLP
+	cfg.Stages, cfg.MicroBatches, cfg.Steps = 2, 8, 3
+	cfg.BandwidthBytes = 0
+	res, err := Bench(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.SamplesPerSec <= 0 || len(res.Devices) == 0 {
+		t.Fatalf("implausible result %+v", res)
+	}
+	t.Logf("%+v", res)
 }
