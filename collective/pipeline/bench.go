@@ -82,8 +82,12 @@ func (c *BenchConfig) Validate() error {
 		return fmt.Errorf("%w: micro-batches must be >= 1, got %d", ErrInvalidSpec, c.MicroBatches)
 	case c.Schedule != Schedule1F1B && c.Schedule != ScheduleGPipe:
 		return fmt.Errorf("%w: schedule must be %q or %q, got %q", ErrInvalidSpec, Schedule1F1B, ScheduleGPipe, c.Schedule)
-	case c.Device != DeviceCPU:
-		return fmt.Errorf("%w: device %q: this build benchmarks the cpu device only", ErrNoDevice, c.Device)
+	case c.Device != DeviceCPU && c.Device != DeviceCUDA:
+		return fmt.Errorf("%w: device must be %q or %q, got %q", ErrInvalidSpec, DeviceCPU, DeviceCUDA, c.Device)
+	case c.Device == DeviceCUDA && openBenchDevices == nil:
+		return fmt.Errorf("%w: device cuda: this binary was built without CUDA support (build with -tags cuda)", ErrNoDevice)
+	case c.Device == DeviceCUDA && c.Compute != ComputeMLP:
+		return fmt.Errorf("%w: device cuda runs the real model: use --compute mlp", ErrInvalidSpec)
 	case c.Compute != ComputeSleep && c.Compute != ComputeMLP:
 		return fmt.Errorf("%w: compute must be %q or %q, got %q", ErrInvalidSpec, ComputeSleep, ComputeMLP, c.Compute)
 	case c.Steps < 1:
@@ -108,13 +112,15 @@ func (c *BenchConfig) Validate() error {
 
 // BenchResult is what Bench measured.
 type BenchResult struct {
-	Transport     string  `json:"transport"`
-	Stages        int     `json:"stages"`
-	MicroBatches  int     `json:"micro_batches"`
-	Schedule      string  `json:"schedule"`
-	Compute       string  `json:"compute"`
-	Steps         int     `json:"steps"`
-	ForwardMillis float64 `json:"forward_ms"`
+	Transport    string `json:"transport"`
+	Stages       int    `json:"stages"`
+	MicroBatches int    `json:"micro_batches"`
+	Schedule     string `json:"schedule"`
+	Compute      string `json:"compute"`
+	// Devices are the GPUs the stages ran on (stage s on Devices[s mod n]).
+	Devices       []string `json:"devices,omitempty"`
+	Steps         int      `json:"steps"`
+	ForwardMillis float64  `json:"forward_ms"`
 	// ActivationBytes is one micro-batch's activation (and gradient).
 	ActivationBytes int     `json:"activation_bytes"`
 	WallSeconds     float64 `json:"wall_seconds"`
@@ -134,6 +140,10 @@ type BenchResult struct {
 	StageToRawPercent float64   `json:"stage_to_raw_percent"`
 	RatioPercents     []float64 `json:"ratio_percents"`
 }
+
+// openBenchDevices opens the GPUs for --device cuda; set by the cuda build.
+// It returns the devices and a function that releases them.
+var openBenchDevices func() ([]Device, func(), error)
 
 // sleepModel waits instead of computing and sends a fixed-size tensor.
 type sleepModel struct {
@@ -251,9 +261,21 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 		ForwardMillis: float64(cfg.ForwardTime) / 1e6, ActivationBytes: cfg.Rows * cfg.Width * 4,
 		TheoryBubble: TheoreticalBubble(p, m),
 	}
+	var devs []Device
+	if cfg.Device == DeviceCUDA {
+		d, release, err := openBenchDevices()
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		devs = d
+		for _, d := range devs {
+			res.Devices = append(res.Devices, d.Name())
+		}
+	}
 	// One untimed warm-up step, then the timed steps, each on fresh links.
 	for _, steps := range []int{1, cfg.Steps} {
-		if err := benchSchedule(ctx, cfg, steps, res); err != nil {
+		if err := benchSchedule(ctx, cfg, steps, devs, res); err != nil {
 			return nil, err
 		}
 	}
@@ -265,7 +287,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	return res, nil
 }
 
-func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchResult) error {
+func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Device, res *BenchResult) error {
 	p, m := cfg.Stages, cfg.MicroBatches
 	links, cleanup, err := benchLinks(ctx, cfg, "bench", p)
 	if err != nil {
@@ -281,6 +303,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchRe
 	spec := JobSpec{
 		// Equal layers, one per stage, so stages cost the same.
 		BatchSize: cfg.Rows * m, MicroBatches: m, Steps: steps, Seed: 1, Schedule: cfg.Schedule, InFlight: cfg.InFlight,
+		Device: cfg.Device,
 	}
 	for i := 0; i <= p; i++ {
 		spec.Layers = append(spec.Layers, cfg.Width)
@@ -291,7 +314,11 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchRe
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rep, err := RunJob(ctx, RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}, spec)
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}
+				if len(devs) > 0 {
+					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
+				}
+				rep, err := RunJob(ctx, rc, spec)
 				if err == nil {
 					stats[s] = rep.StageStats
 				}

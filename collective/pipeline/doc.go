@@ -21,7 +21,9 @@
 //     the stages by sharding.PartitionLayers with SGD (or runs it forward
 //     only), with losses and final weights equal to RunReference, the
 //     single-process run of the same spec. The layer math goes through the
-//     Device interface (CPU now; a CUDA device plugs in behind it).
+//     Device interface: CPU, and in the `cuda` build CUDADevice (our own
+//     kernels in kernels/mlp.cu, embedded as PTX; no cuBLAS), passed as
+//     RunConfig.Device.
 //
 // A stage of a pipeline job, as the node runs it:
 //

@@ -183,9 +183,10 @@ type RunConfig struct {
 	Links StageLinks
 	// Logger; nil discards.
 	Logger hclog.Logger
-	// Device overrides the spec's device (a CUDA build passes its device
-	// here). Nil: "cpu" and "auto" use the CPU; "cuda" fails with
-	// ErrNoDevice.
+	// Device overrides the spec's device: a `cuda` build passes
+	// NewCUDADevice(d) for the GPU given to the rank when the spec says
+	// "cuda" or "auto". Nil: "cpu" and "auto" use the CPU; "cuda" fails
+	// with ErrNoDevice.
 	Device Device
 	// RecvTimeout is the longest wait for one message from a neighbour
 	// (default 30 s).
@@ -265,6 +266,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 		cfg.Links.Close()
 		return nil, err
 	}
+	defer m.Close()
 	m.onOutput = cfg.OnOutput
 	sc := StageConfig{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
@@ -343,6 +345,7 @@ func RunReference(spec JobSpec, dev Device) (*Reference, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer m.Close()
 	ref := &Reference{}
 	for step := 0; step < spec.Steps; step++ {
 		out, err := m.Forward(step, 0, nil)

@@ -141,12 +141,13 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	log := cfg.Logger.Named("pipeline").With("job", cfg.JobID, "generation", cfg.Generation, "stage", cfg.Stage)
 
 	var prev, next *endpoint
+	stageFail := newFailure()
 	if cfg.Links.Prev != nil {
-		prev = newEndpoint(fmt.Sprintf("stage %d", cfg.Stage-1), cfg.Links.Prev, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation)
+		prev = newStageEndpoint(fmt.Sprintf("stage %d", cfg.Stage-1), cfg.Links.Prev, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
 		defer prev.close()
 	}
 	if cfg.Links.Next != nil {
-		next = newEndpoint(fmt.Sprintf("stage %d", cfg.Stage+1), cfg.Links.Next, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation)
+		next = newStageEndpoint(fmt.Sprintf("stage %d", cfg.Stage+1), cfg.Links.Next, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
 		defer next.close()
 	}
 	tag := func(step, mb int, dir Direction) Tag {

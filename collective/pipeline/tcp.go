@@ -320,12 +320,22 @@ func clientHandshake(ctx context.Context, conn net.Conn, cfg TCPConfig) (*TCPLin
 }
 
 func acceptStage(ctx context.Context, ln net.Listener, cfg TCPConfig) (*TCPLink, error) {
+	d, canDeadline := ln.(interface{ SetDeadline(time.Time) error })
+	fired := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
-		if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
+		defer close(fired)
+		if canDeadline {
 			d.SetDeadline(time.Unix(1, 0))
 		}
 	})
-	defer stop()
+	defer func() {
+		if !stop() {
+			<-fired
+			if canDeadline {
+				d.SetDeadline(time.Time{}) // the caller's listener stays usable
+			}
+		}
+	}()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
