@@ -333,3 +333,33 @@ func TestShutdownIdempotentAndErrors(t *testing.T) {
 		t.Fatalf("write after shutdown: %v", err)
 	}
 }
+
+func TestDrainNodeReplacesVoter(t *testing.T) {
+	tc := MakeTestCluster(t, 4, nil)
+	cfg := waitConfig(t, tc, 10*time.Second, 3, 1)
+	l := tc.Leader()
+	var victim string
+	for id, s := range cfg {
+		if s == raft.Voter && id != l.cfg.NodeID {
+			victim = id
+		}
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return l.State().Node(victim) != nil, "node not reconciled" })
+	if _, err := l.DrainNode(ctxT(t), victim, time.Now().Add(2*time.Minute), "spot interruption"); err != nil {
+		t.Fatal(err)
+	}
+	// The standby becomes a voter and the draining node leaves the voters
+	// (then, as a draining standby, Raft altogether).
+	WaitFor(t, 10*time.Second, func() (bool, string) {
+		nl := tc.Leader()
+		if nl == nil {
+			return false, "no leader"
+		}
+		cfg := RaftConfig(nl)
+		v, _ := voters(cfg)
+		return cfg[victim] != raft.Voter && len(v) == 3, fmt.Sprintf("config %v", cfg)
+	})
+	if n := tc.Leader().State().Node(victim); n.Status != NodeDraining || n.StatusReason != "spot interruption" {
+		t.Fatalf("drained node record %v", n)
+	}
+}
