@@ -193,12 +193,14 @@ func (s *Server) goFunc(f func()) {
 // RaftAddr returns the Raft address other servers dial.
 func (s *Server) RaftAddr() string { return string(s.trans.LocalAddr()) }
 
-// Bootstrapped reports whether this server holds Raft state (it has
-// bootstrapped, restarted with state, or been added by a leader). The node
+// Bootstrapped reports whether this server is part of a working cluster:
+// it restarted with Raft state, or its log holds more than the bootstrap
+// configuration (a leader has been elected and written to it). The node
 // gossips it (Member.Bootstrapped) so that latecomers never bootstrap a
-// second cluster.
+// second cluster. A server that has only just bootstrapped reports false,
+// so the other members of the same bootstrap set still bootstrap too.
 func (s *Server) Bootstrapped() bool {
-	return s.hadLog || s.raft.LastIndex() > 0
+	return s.hadLog || s.raft.LastIndex() > 1
 }
 
 // MembershipChanged tells the server that the gossip view changed. It never
