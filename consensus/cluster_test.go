@@ -72,6 +72,14 @@ func TestElectionThreeNodes(t *testing.T) {
 			WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
 		}
 	}
+	if err := l.VerifyLeader(ctxT(t)); err != nil && l.IsLeader() {
+		t.Fatalf("verify leader: %v", err)
+	}
+	for _, s := range tc.Live() {
+		if s != l && !errors.Is(s.VerifyLeader(ctxT(t)), ErrNotLeader) {
+			t.Fatalf("follower %s verified leadership", s.cfg.NodeID)
+		}
+	}
 	peers, err := l.Peers()
 	if err != nil || len(peers) != 3 {
 		t.Fatalf("peers %v %v", peers, err)

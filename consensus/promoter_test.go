@@ -4,8 +4,8 @@ import (
 	"testing"
 	"time"
 
-	autopilot "github.com/hashicorp/raft-autopilot"
 	"github.com/hashicorp/raft"
+	autopilot "github.com/hashicorp/raft-autopilot"
 )
 
 func apState(servers ...*autopilot.ServerState) *autopilot.State {

@@ -322,6 +322,22 @@ func (s *Server) Peers() ([]*controlpb.RaftPeer, error) {
 	return out, nil
 }
 
+// VerifyLeader confirms with a quorum that this server still leads; a
+// leader that answers a read after it succeeds gives a linearizable read.
+// It returns a *NotLeaderError elsewhere.
+func (s *Server) VerifyLeader(ctx context.Context) error {
+	if !s.IsLeader() {
+		return s.notLeader()
+	}
+	if err := s.await(s.raft.VerifyLeader()); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+			return s.notLeader()
+		}
+		return fmt.Errorf("verify leadership: %w", err)
+	}
+	return ctx.Err()
+}
+
 // TransferLeadership hands leadership to another voter (raft picks the
 // most up to date one) and waits until it is done.
 func (s *Server) TransferLeadership() error {
