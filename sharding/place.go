@@ -46,7 +46,7 @@ import (
 // *UnplaceableError (errors.Is(err, ErrUnplaceable)) with a Reason when the
 // job does not fit now.
 func Place(nodes []Node, job Job, existing []Allocation) (Plan, error) {
-	c, err := NewCluster(nodes, existing)
+	c, err := newCluster(nodes, existing, false)
 	if err != nil {
 		return Plan{}, err
 	}
@@ -113,6 +113,12 @@ type nodeState struct {
 // GPU ordinals a node does not have are ignored. Node IDs must be unique and
 // non-empty, and a node's GPU ordinals unique.
 func NewCluster(nodes []Node, existing []Allocation) (*Cluster, error) {
+	return newCluster(nodes, existing, true)
+}
+
+// newCluster builds the snapshot; trackJobs keeps what each job holds (for
+// ReleaseJob), which the one-shot Place does not need.
+func newCluster(nodes []Node, existing []Allocation, trackJobs bool) (*Cluster, error) {
 	c := &Cluster{
 		nodes: make([]nodeState, len(nodes)),
 		index: make(map[string]int, len(nodes)),
@@ -158,7 +164,9 @@ func NewCluster(nodes []Node, existing []Allocation) (*Cluster, error) {
 				st.free--
 			}
 		}
-		c.jobs[a.JobID] = append(c.jobs[a.JobID], cloneAlloc(a))
+		if trackJobs {
+			c.jobs[a.JobID] = append(c.jobs[a.JobID], cloneAlloc(a))
+		}
 	}
 	return c, nil
 }
@@ -721,6 +729,26 @@ func (c *Cluster) ReleaseJob(jobID string) {
 		}
 	}
 	delete(c.jobs, jobID)
+}
+
+// Clone returns an independent copy, for what-if planning (for example:
+// release an elastic job's ranks in the copy and see how many would fit
+// now) without touching the real snapshot.
+func (c *Cluster) Clone() *Cluster {
+	d := &Cluster{
+		nodes:   make([]nodeState, len(c.nodes)),
+		index:   c.index, // never written after NewCluster
+		jobs:    make(map[string][]Allocation, len(c.jobs)),
+		cpuOnly: c.cpuOnly,
+	}
+	for i, st := range c.nodes {
+		st.held = slices.Clone(st.held)
+		d.nodes[i] = st
+	}
+	for j, as := range c.jobs {
+		d.jobs[j] = slices.Clone(as)
+	}
+	return d
 }
 
 // FreeGPUs returns the free GPU ordinals of a node in index order, or nil

@@ -672,3 +672,28 @@ func BenchmarkClusterPlaceLarge(b *testing.B) {
 		}
 	}
 }
+
+func TestClusterClone(t *testing.T) {
+	c, err := NewCluster([]Node{node("n1", "a", 4)}, []Allocation{{JobID: "elastic", NodeID: "n1", GPUs: []int{0, 1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What if the elastic job were re-placed? In a clone, release it and
+	// place it again with more ranks.
+	d := c.Clone()
+	d.ReleaseJob("elastic")
+	p, err := d.Place(Job{ID: "elastic", Ranks: 8, MinRanks: 1, GPUsPerRank: 1})
+	if err != nil || len(p.Ranks) != 4 {
+		t.Fatalf("clone: %+v %v, want 4 ranks", p, err)
+	}
+	if err := d.Apply(p); err != nil {
+		t.Fatal(err)
+	}
+	// The original is untouched.
+	if got := c.FreeGPUs("n1"); !reflect.DeepEqual(got, []int{2, 3}) {
+		t.Fatalf("original free GPUs %v, want [2 3]", got)
+	}
+	if got := d.FreeGPUs("n1"); len(got) != 0 {
+		t.Fatalf("clone free GPUs %v, want none", got)
+	}
+}

@@ -1227,8 +1227,11 @@ func (x *QueryOptions) GetStale() bool {
 }
 
 type SubmitJobRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Spec          *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Spec  *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	// id, when set, makes retries idempotent: a second submission with the
+	// same id returns the first job. Empty: the node that receives it picks one.
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1268,6 +1271,13 @@ func (x *SubmitJobRequest) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *SubmitJobRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
 }
 
 type SubmitJobResponse struct {
@@ -2493,13 +2503,15 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 }
 
 type LogsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	JobId         string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32                  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool                   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool                   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64                 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64                  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// local asks the node for its own copy of the logs without forwarding.
+	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2532,6 +2544,13 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
 	return file_control_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *LogsRequest) GetLocal() bool {
+	if x != nil {
+		return x.Local
+	}
+	return false
 }
 
 func (x *LogsRequest) GetJobId() string {
@@ -2709,6 +2728,96 @@ func (x *RegisterNodeResponse) GetIndex() uint64 {
 	return 0
 }
 
+// TransferLeadership moves Raft leadership to the named voter (id or name),
+// or to any up-to-date voter when to is empty.
+type TransferLeadershipRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	To            string                 `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipRequest) Reset() {
+	*x = TransferLeadershipRequest{}
+	mi := &file_control_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipRequest) ProtoMessage() {}
+
+func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *TransferLeadershipRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type TransferLeadershipResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipResponse) Reset() {
+	*x = TransferLeadershipResponse{}
+	mi := &file_control_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipResponse) ProtoMessage() {}
+
+func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *TransferLeadershipResponse) GetLeaderId() string {
+	if x != nil {
+		return x.LeaderId
+	}
+	return ""
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
@@ -2851,9 +2960,10 @@ const file_control_proto_rawDesc = "" +
 	"\fcreate_index\x18\x18 \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\"$\n" +
 	"\fQueryOptions\x12\x14\n" +
-	"\x05stale\x18\x01 \x01(\bR\x05stale\";\n" +
+	"\x05stale\x18\x01 \x01(\bR\x05stale\"K\n" +
 	"\x10SubmitJobRequest\x12'\n" +
-	"\x04spec\x18\x01 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\"9\n" +
+	"\x04spec\x18\x01 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"9\n" +
 	"\x11SubmitJobResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"O\n" +
@@ -2927,8 +3037,9 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xa0\x01\n" +
-	"\vLogsRequest\x12\x15\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\vLogsRequest\x12\x14\n" +
+	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x16\n" +
@@ -2942,7 +3053,11 @@ const file_control_proto_rawDesc = "" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index2\xb6\a\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"+\n" +
+	"\x19TransferLeadershipRequest\x12\x0e\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
+	"\x1aTransferLeadershipResponse\x12\x1b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\x9b\b\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -2956,7 +3071,8 @@ const file_control_proto_rawDesc = "" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
 	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
 	"\fRegisterNode\x12\x1f.gpumesh.v1.RegisterNodeRequest\x1a .gpumesh.v1.RegisterNodeResponse\x127\n" +
-	"\x04Logs\x12\x17.gpumesh.v1.LogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01B/Z-github.com/gpumesh/gpumesh/internal/controlpbb\x06proto3"
+	"\x04Logs\x12\x17.gpumesh.v1.LogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01\x12c\n" +
+	"\x12TransferLeadership\x12%.gpumesh.v1.TransferLeadershipRequest\x1a&.gpumesh.v1.TransferLeadershipResponseB/Z-github.com/gpumesh/gpumesh/internal/controlpbb\x06proto3"
 
 var (
 	file_control_proto_rawDescOnce sync.Once
@@ -2970,71 +3086,73 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_control_proto_goTypes = []any{
-	(*GPU)(nil),                       // 0: gpumesh.v1.GPU
-	(*Node)(nil),                      // 1: gpumesh.v1.Node
-	(*Constraints)(nil),               // 2: gpumesh.v1.Constraints
-	(*RestartPolicy)(nil),             // 3: gpumesh.v1.RestartPolicy
-	(*ExecSpec)(nil),                  // 4: gpumesh.v1.ExecSpec
-	(*AllReduceSpec)(nil),             // 5: gpumesh.v1.AllReduceSpec
-	(*PipelineSpec)(nil),              // 6: gpumesh.v1.PipelineSpec
-	(*JobSpec)(nil),                   // 7: gpumesh.v1.JobSpec
-	(*Job)(nil),                       // 8: gpumesh.v1.Job
-	(*Allocation)(nil),                // 9: gpumesh.v1.Allocation
-	(*QueryOptions)(nil),              // 10: gpumesh.v1.QueryOptions
-	(*SubmitJobRequest)(nil),          // 11: gpumesh.v1.SubmitJobRequest
-	(*SubmitJobResponse)(nil),         // 12: gpumesh.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),             // 13: gpumesh.v1.GetJobRequest
-	(*GetJobResponse)(nil),            // 14: gpumesh.v1.GetJobResponse
-	(*ListJobsRequest)(nil),           // 15: gpumesh.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),          // 16: gpumesh.v1.ListJobsResponse
-	(*StopJobRequest)(nil),            // 17: gpumesh.v1.StopJobRequest
-	(*StopJobResponse)(nil),           // 18: gpumesh.v1.StopJobResponse
-	(*ListNodesRequest)(nil),          // 19: gpumesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),         // 20: gpumesh.v1.ListNodesResponse
-	(*Member)(nil),                    // 21: gpumesh.v1.Member
-	(*MembersRequest)(nil),            // 22: gpumesh.v1.MembersRequest
-	(*MembersResponse)(nil),           // 23: gpumesh.v1.MembersResponse
-	(*RaftPeer)(nil),                  // 24: gpumesh.v1.RaftPeer
-	(*RaftPeersRequest)(nil),          // 25: gpumesh.v1.RaftPeersRequest
-	(*RaftPeersResponse)(nil),         // 26: gpumesh.v1.RaftPeersResponse
-	(*DrainNodeRequest)(nil),          // 27: gpumesh.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),         // 28: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),          // 29: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),         // 30: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),              // 31: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                // 32: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),  // 33: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil), // 34: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),               // 35: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                  // 36: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),       // 37: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),      // 38: gpumesh.v1.RegisterNodeResponse
-	nil,                               // 39: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 41: google.protobuf.Duration
-	(*structpb.Struct)(nil),           // 42: google.protobuf.Struct
+	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
+	(*Node)(nil),                       // 1: gpumesh.v1.Node
+	(*Constraints)(nil),                // 2: gpumesh.v1.Constraints
+	(*RestartPolicy)(nil),              // 3: gpumesh.v1.RestartPolicy
+	(*ExecSpec)(nil),                   // 4: gpumesh.v1.ExecSpec
+	(*AllReduceSpec)(nil),              // 5: gpumesh.v1.AllReduceSpec
+	(*PipelineSpec)(nil),               // 6: gpumesh.v1.PipelineSpec
+	(*JobSpec)(nil),                    // 7: gpumesh.v1.JobSpec
+	(*Job)(nil),                        // 8: gpumesh.v1.Job
+	(*Allocation)(nil),                 // 9: gpumesh.v1.Allocation
+	(*QueryOptions)(nil),               // 10: gpumesh.v1.QueryOptions
+	(*SubmitJobRequest)(nil),           // 11: gpumesh.v1.SubmitJobRequest
+	(*SubmitJobResponse)(nil),          // 12: gpumesh.v1.SubmitJobResponse
+	(*GetJobRequest)(nil),              // 13: gpumesh.v1.GetJobRequest
+	(*GetJobResponse)(nil),             // 14: gpumesh.v1.GetJobResponse
+	(*ListJobsRequest)(nil),            // 15: gpumesh.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),           // 16: gpumesh.v1.ListJobsResponse
+	(*StopJobRequest)(nil),             // 17: gpumesh.v1.StopJobRequest
+	(*StopJobResponse)(nil),            // 18: gpumesh.v1.StopJobResponse
+	(*ListNodesRequest)(nil),           // 19: gpumesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 20: gpumesh.v1.ListNodesResponse
+	(*Member)(nil),                     // 21: gpumesh.v1.Member
+	(*MembersRequest)(nil),             // 22: gpumesh.v1.MembersRequest
+	(*MembersResponse)(nil),            // 23: gpumesh.v1.MembersResponse
+	(*RaftPeer)(nil),                   // 24: gpumesh.v1.RaftPeer
+	(*RaftPeersRequest)(nil),           // 25: gpumesh.v1.RaftPeersRequest
+	(*RaftPeersResponse)(nil),          // 26: gpumesh.v1.RaftPeersResponse
+	(*DrainNodeRequest)(nil),           // 27: gpumesh.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),          // 28: gpumesh.v1.DrainNodeResponse
+	(*AgentInfoRequest)(nil),           // 29: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 30: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 31: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 32: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 33: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 34: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 35: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 36: gpumesh.v1.LogChunk
+	(*RegisterNodeRequest)(nil),        // 37: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 38: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 39: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 40: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 41: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 43: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 44: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	40, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	40, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	41, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	39, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	42, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	42, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	43, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	41, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	41, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	43, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	40, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	40, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	40, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	40, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	40, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	42, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	42, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	42, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	42, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	42, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	42, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	44, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
 	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3046,7 +3164,7 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	41, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	43, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
@@ -3066,21 +3184,23 @@ var file_control_proto_depIdxs = []int32{
 	33, // 46: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
 	37, // 47: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
 	35, // 48: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	12, // 49: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 50: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 51: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 52: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 53: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 54: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 55: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 56: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 57: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	32, // 58: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	34, // 59: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	38, // 60: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	36, // 61: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	49, // [49:62] is the sub-list for method output_type
-	36, // [36:49] is the sub-list for method input_type
+	39, // 49: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	12, // 50: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	14, // 51: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	16, // 52: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	18, // 53: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	20, // 54: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	23, // 55: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	26, // 56: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	28, // 57: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	30, // 58: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	32, // 59: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	34, // 60: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	38, // 61: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	36, // 62: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	40, // 63: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	50, // [50:64] is the sub-list for method output_type
+	36, // [36:50] is the sub-list for method input_type
 	36, // [36:36] is the sub-list for extension type_name
 	36, // [36:36] is the sub-list for extension extendee
 	0,  // [0:36] is the sub-list for field type_name
@@ -3097,7 +3217,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
