@@ -271,8 +271,16 @@ func newCluster(t *testing.T, o clusterOpts) *cluster {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
+			keep := os.Getenv("GPUMESH_RELIABILITY_LOGS")
 			for _, a := range c.agents {
-				t.Logf("---- %s log (tail) ----\n%s", a.name, tail(a.logs(), 6000))
+				t.Logf("---- %s log (tail) ----\n%s", a.name, tail(a.logs(), 3000))
+				if keep != "" {
+					_ = os.MkdirAll(keep, 0o755)
+					dst := filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"-"+a.name+".log")
+					if err := os.WriteFile(dst, []byte(a.logs()), 0o644); err == nil {
+						t.Logf("full log of %s kept in %s", a.name, dst)
+					}
+				}
 			}
 		}
 		for _, a := range c.agents {
