@@ -51,6 +51,8 @@ type Agent struct {
 	conns      *connPool
 	data       *dataPlane
 
+	hooks leaderHooks
+
 	selfMu sync.Mutex
 	self   *pb.Node
 
@@ -300,6 +302,7 @@ func (a *Agent) Shutdown() error {
 		if a.health != nil {
 			a.health.Shutdown()
 		}
+		a.stopLeaderHooks()
 		if a.runner != nil {
 			a.runner.shutdown()
 		}
@@ -468,6 +471,7 @@ func (a *Agent) roleLoop() {
 		case <-a.ctx.Done():
 			return
 		case <-t.C:
+			a.checkLeader()
 			ad.setRole(a.Role())
 			if rb, ok := a.raft.(interface{ bootstrapped() bool }); ok {
 				ad.setBootstrapped(rb.bootstrapped())
