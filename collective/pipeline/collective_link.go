@@ -158,7 +158,7 @@ func (l *CollectiveLink) Send(m *Message) error {
 			Kind: collective.FrameData, Coll: collective.CollSendRecv, DType: collective.Float32,
 			Channels: uint16(l.channels), Root: int32(m.Rows), Group: l.group, Generation: m.Tag.Generation,
 			Seq: uint64(m.Tag.Step), Count: uint64(n), Offset: uint64(off),
-			Tag: uint64(m.Tag.MicroBatch)<<8 | uint64(m.Tag.Dir), ChunkElems: uint64(m.Cols),
+			Tag: uint64(m.Tag.Chunk)<<40 | uint64(uint32(m.Tag.MicroBatch))<<8 | uint64(m.Tag.Dir), ChunkElems: uint64(m.Cols),
 			Length: uint32((end - off) * 4),
 		}
 		select {
@@ -187,7 +187,7 @@ func (l *CollectiveLink) Recv() (*Message, error) {
 		}
 		l.recvSeq++
 		h := f.Header
-		tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(h.Tag >> 8), Dir: Direction(h.Tag & 0xff)}
+		tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(uint32(h.Tag >> 8)), Chunk: int(h.Tag >> 40), Dir: Direction(h.Tag & 0xff)}
 		if h.Group != l.group {
 			tag.JobID = fmt.Sprintf("unknown job (hash %016x)", h.Group)
 		}

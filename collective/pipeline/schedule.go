@@ -73,6 +73,8 @@ const (
 	Schedule1F1B = "1f1b"
 	// ScheduleInference runs forwards only.
 	ScheduleInference = "inference"
+	// ScheduleInterleaved is interleaved 1F1B (InterleavedStageActions).
+	ScheduleInterleaved = "interleaved"
 )
 
 var (
@@ -163,9 +165,7 @@ func AllStageActions(schedule string, stages, microbatches int) ([][]Action, err
 // the same way), so the stages form a ring. micro-batches must be a
 // multiple of stages, as in Megatron-LM. With v = 1 it is Schedule1F1B.
 //
-// The runtime (RunStage) does not run interleaved schedules yet: it has no
-// ring link and one model part per stage. This is the schedule, proven by
-// Simulate.
+// RunStage runs it with StageConfig.Chunks and a Ring link.
 func InterleavedStageActions(stages, microbatches, chunks, stage int) ([]Action, error) {
 	p, m, v, s := stages, microbatches, chunks, stage
 	switch {

@@ -28,7 +28,7 @@ import (
 //	32  4    micro-batch
 //	36  4    rows
 //	40  4    cols
-//	44  4    zero
+//	44  4    chunk (interleaved schedules)
 const (
 	tcpHeaderSize = 48
 	tcpMagic      = 0x31504d47 // "GMP1"
@@ -90,6 +90,7 @@ func (l *TCPLink) Send(m *Message) error {
 	binary.LittleEndian.PutUint32(h[32:], uint32(m.Tag.MicroBatch))
 	binary.LittleEndian.PutUint32(h[36:], uint32(m.Rows))
 	binary.LittleEndian.PutUint32(h[40:], uint32(m.Cols))
+	binary.LittleEndian.PutUint32(h[44:], uint32(m.Tag.Chunk))
 	bufs := net.Buffers{h, f32bytes(m.Data)}
 	if _, err := bufs.WriteTo(l.conn); err != nil {
 		return l.ioErr(err)
@@ -113,6 +114,7 @@ func (l *TCPLink) Recv() (*Message, error) {
 			Generation: binary.LittleEndian.Uint64(h[16:]),
 			Step:       int(binary.LittleEndian.Uint64(h[24:])),
 			MicroBatch: int(binary.LittleEndian.Uint32(h[32:])),
+			Chunk:      int(binary.LittleEndian.Uint32(h[44:])),
 		},
 		Rows: int(binary.LittleEndian.Uint32(h[36:])),
 		Cols: int(binary.LittleEndian.Uint32(h[40:])),
