@@ -52,12 +52,17 @@ func waitConfig(t *testing.T, tc *TestCluster, timeout time.Duration, want, want
 
 func TestElectionThreeNodes(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
 	waitConfig(t, tc, 5*time.Second, 3, 0)
-	lid, _ := l.Leader()
-	if lid != l.cfg.NodeID || l.Role() != RoleLeader {
-		t.Fatalf("leader reports leader %q role %s", lid, l.Role())
-	}
+	var l *Server
+	var lid string
+	WaitFor(t, 5*time.Second, func() (bool, string) {
+		l = tc.Leader()
+		if l == nil {
+			return false, "no leader"
+		}
+		lid, _ = l.Leader()
+		return lid == l.cfg.NodeID && l.Role() == RoleLeader, fmt.Sprintf("leader reports leader %q role %s", lid, l.Role())
+	})
 	for _, s := range tc.Live() {
 		WaitFor(t, 5*time.Second, func() (bool, string) {
 			id, addr := s.Leader()
@@ -65,6 +70,14 @@ func TestElectionThreeNodes(t *testing.T) {
 		})
 		if s != l {
 			WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
+		}
+	}
+	if err := l.VerifyLeader(ctxT(t)); err != nil && l.IsLeader() {
+		t.Fatalf("verify leader: %v", err)
+	}
+	for _, s := range tc.Live() {
+		if s != l && !errors.Is(s.VerifyLeader(ctxT(t)), ErrNotLeader) {
+			t.Fatalf("follower %s verified leadership", s.cfg.NodeID)
 		}
 	}
 	peers, err := l.Peers()
@@ -100,18 +113,21 @@ func TestElectionFiveVoters(t *testing.T) {
 func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
 	l := tc.WaitForLeader(5 * time.Second)
-	id1, _, err := l.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id1 string
+	tc.Write(func(s *Server) (err error) {
+		id1, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
+		return err
+	})
+	l = tc.WaitForLeader(5 * time.Second)
 	// A follower refuses writes with the leader's address.
 	for _, s := range tc.Live() {
 		if s == l {
 			continue
 		}
+		WaitFor(t, 5*time.Second, func() (bool, string) { id, _ := s.Leader(); return id != "", "follower knows no leader" })
 		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1})
 		var nle *NotLeaderError
-		if !errors.Is(err, ErrNotLeader) || !errors.As(err, &nle) || nle.LeaderID != l.cfg.NodeID || nle.LeaderRPCAddr == "" {
+		if !errors.Is(err, ErrNotLeader) || !errors.As(err, &nle) || nle.LeaderID == "" || nle.LeaderRPCAddr == "" {
 			t.Fatalf("follower write: %v", err)
 		}
 	}
@@ -122,10 +138,11 @@ func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 		nl = tc.Leader()
 		return nl != nil && nl.cfg.NodeID != old, "no new leader"
 	})
-	id2, _, err := nl.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "after", Type: "exec", Ranks: 1})
-	if err != nil {
-		t.Fatalf("write through the new leader: %v", err)
-	}
+	var id2 string
+	tc.Write(func(s *Server) (err error) {
+		id2, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "after", Type: "exec", Ranks: 1})
+		return err
+	})
 	for _, s := range tc.Live() {
 		WaitFor(t, 5*time.Second, func() (bool, string) {
 			return s.State().Job(id1) != nil && s.State().Job(id2) != nil, s.cfg.NodeID + " misses a job"
@@ -150,9 +167,10 @@ func TestDeadVoterReplacedWithin10s(t *testing.T) {
 	waitConfig(t, tc, 10*time.Second, 3, 1, victim)
 	t.Logf("dead voter %s replaced in %s", victim, time.Since(start))
 	// Writes still work.
-	if _, _, err := tc.Leader().RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1}); err != nil {
-		t.Fatal(err)
-	}
+	tc.Write(func(s *Server) error {
+		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1})
+		return err
+	})
 	// The node table shows the dead member down.
 	WaitFor(t, 5*time.Second, func() (bool, string) {
 		n := tc.Leader().State().Node(victim)
@@ -209,10 +227,12 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 func TestRestartFromDataDir(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
 	l := tc.WaitForLeader(5 * time.Second)
-	id, _, err := l.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id string
+	tc.Write(func(s *Server) (err error) {
+		id, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
+		return err
+	})
+	l = tc.WaitForLeader(5 * time.Second)
 	// Restart a follower: it comes back with its state and rejoins.
 	var f string
 	for _, s := range tc.Live() {
@@ -227,10 +247,11 @@ func TestRestartFromDataDir(t *testing.T) {
 		t.Fatal("restarted server does not report its raft state")
 	}
 	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id) != nil, "job lost after restart" })
-	id2, _, err := tc.WaitForLeader(5*time.Second).RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "later", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id2 string
+	tc.Write(func(s *Server) (err error) {
+		id2, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "later", Ranks: 1})
+		return err
+	})
 	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id2) != nil, "restarted server gets no new entries" })
 
 	// Restart the whole cluster: a leader is elected from the data dirs.
@@ -245,9 +266,10 @@ func TestRestartFromDataDir(t *testing.T) {
 	WaitFor(t, 5*time.Second, func() (bool, string) {
 		return nl.State().Job(id) != nil && nl.State().Job(id2) != nil, "state lost in full restart"
 	})
-	if _, _, err := nl.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "again", Ranks: 1}); err != nil {
-		t.Fatal(err)
-	}
+	tc.Write(func(s *Server) error {
+		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "again", Ranks: 1})
+		return err
+	})
 }
 
 func TestRestartAfterSnapshot(t *testing.T) {
@@ -331,5 +353,36 @@ func TestShutdownIdempotentAndErrors(t *testing.T) {
 	}
 	if _, _, err := s.RegisterJob(context.Background(), &controlpb.JobSpec{Name: "x", Ranks: 1}); !errors.Is(err, ErrShutdown) {
 		t.Fatalf("write after shutdown: %v", err)
+	}
+}
+
+func TestDrainNodeReplacesVoter(t *testing.T) {
+	tc := MakeTestCluster(t, 4, nil)
+	cfg := waitConfig(t, tc, 10*time.Second, 3, 1)
+	l := tc.Leader()
+	var victim string
+	for id, s := range cfg {
+		if s == raft.Voter && id != l.cfg.NodeID {
+			victim = id
+		}
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return l.State().Node(victim) != nil, "node not reconciled" })
+	tc.Write(func(s *Server) error {
+		_, err := s.DrainNode(ctxT(t), victim, time.Now().Add(2*time.Minute), "spot interruption")
+		return err
+	})
+	// The standby becomes a voter and the draining node leaves the voters
+	// (then, as a draining standby, Raft altogether).
+	WaitFor(t, 10*time.Second, func() (bool, string) {
+		nl := tc.Leader()
+		if nl == nil {
+			return false, "no leader"
+		}
+		cfg := RaftConfig(nl)
+		v, _ := voters(cfg)
+		return cfg[victim] != raft.Voter && len(v) == 3, fmt.Sprintf("config %v", cfg)
+	})
+	if n := tc.Leader().State().Node(victim); n.Status != NodeDraining || n.StatusReason != "spot interruption" {
+		t.Fatalf("drained node record %v", n)
 	}
 }

@@ -379,7 +379,7 @@ func (s *controlServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest)
 
 func (s *controlServer) AgentInfo(ctx context.Context, req *pb.AgentInfoRequest) (*pb.AgentInfoResponse, error) {
 	a := s.a
-	resp := &pb.AgentInfoResponse{Node: a.selfNode(), Role: "client", Version: Version}
+	resp := &pb.AgentInfoResponse{Node: a.selfNode(), Role: "client", Version: Version, FleetStatus: a.lastScale()}
 	if a.raft != nil {
 		resp.Role = a.raft.Role()
 		if resp.Role == "none" {
@@ -569,4 +569,30 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 			return err
 		}
 	}
+}
+
+func (s *controlServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
+	var resp *pb.TransferLeadershipResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		target := req.To
+		if target != "" {
+			st := s.a.raft.State()
+			if n := st.Node(target); n == nil {
+				if n = st.NodeByName(target); n == nil {
+					return fmt.Errorf("node %q: %w (see `gpumesh raft peers`)", target, errNotFound)
+				}
+				target = n.Id
+			}
+		}
+		if err := s.a.raft.TransferLeadershipTo(target); err != nil {
+			return err
+		}
+		id, _ := s.a.raft.Leader()
+		resp = &pb.TransferLeadershipResponse{LeaderId: id}
+		return nil
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.TransferLeadership(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
 }

@@ -45,7 +45,11 @@ when the result checked out.`,
 			if err != nil {
 				return err
 			}
-			defer dc.Shutdown()
+			defer func() {
+				// Connections torn down at exit are not news.
+				logger.SetLevel(hclog.Off)
+				dc.Shutdown()
+			}()
 			ctx, cancel := context.WithTimeout(cmd.Context(), 60*time.Second)
 			err = dc.WaitReady(ctx)
 			cancel()
