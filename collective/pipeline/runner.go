@@ -205,6 +205,8 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		}
 		ring = newStageEndpoint(fmt.Sprintf("stage %d (ring)", other), cfg.Links.Ring, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
 		defer ring.close()
+	} else if cfg.Links.Ring != nil {
+		defer cfg.Links.Ring.Close() // not used by this schedule
 	}
 	first, last := cfg.Stage == 0, cfg.Stage == cfg.Stages-1
 	// Where each transfer goes: interleaved schedules wrap from the last
