@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -486,3 +487,40 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// Delayed frames (a slow link) slow an operation down but never change its
+// result or order.
+func TestDelayedLinkStillCorrect(t *testing.T) {
+	tr, comms, err := NewLocalGroup("job", 1, 3, testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(comms)
+	var delayed atomicCount
+	tr.SetFault(func(job string, src, dst, ch int, h *Header) FaultAction {
+		if src == 1 && h.Offset%3 == 0 {
+			delayed.add()
+			return FaultAction{Delay: time.Millisecond}
+		}
+		return FaultAction{}
+	})
+	bufs := make([]*HostBuffer, 3)
+	for r := range bufs {
+		bufs[r] = NewHostBuffer(Int32, 30011)
+		fill(bufs[r], OpSum, r)
+	}
+	noErrs(t, RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+	}))
+	for r := range bufs {
+		checkResult(t, bufs[r], OpSum, 3, r, "delayed")
+	}
+	if delayed.get() == 0 {
+		t.Fatal("the fault hook delayed nothing")
+	}
+}
+
+type atomicCount struct{ n atomic.Int64 }
+
+func (a *atomicCount) add()       { a.n.Add(1) }
+func (a *atomicCount) get() int64 { return a.n.Load() }
