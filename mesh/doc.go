@@ -1,5 +1,128 @@
 // Package mesh is gossip membership for gpumesh, built on hashicorp/memberlist.
-// Every agent gossips a small metadata record (identity, addresses, GPUs,
-// instance type, availability zone, lifecycle, status) and receives join,
-// leave and update events for the others.
+//
+// Every agent gossips a small metadata record about itself (Meta: ID, name,
+// gossip/RPC/Raft/HTTP addresses, GPUs, instance type, zone, region,
+// lifecycle, status, eligibility, role hint, version) and learns everyone
+// else's, with join, leave, failure and update events.
+//
+// # Use
+//
+//	cfg := mesh.DefaultLANConfig()
+//	cfg.NodeName, cfg.NodeID = "gpu-17", "i-0123456789abcdef0"
+//	cfg.BindAddr = "10.0.3.17"
+//	cfg.SecretKey, err = mesh.DecodeKey(encryptFlag) // optional
+//	cfg.Meta = mesh.Meta{Addrs: mesh.Addresses{RPC: "10.0.3.17:7947"}, ...}
+//	cfg.Discoverer = mesh.StaticDiscoverer(joinFlags) // or an EC2 tag discoverer
+//	m, err := mesh.New(cfg)
+//	defer m.Shutdown()
+//	events, cancel := m.Subscribe()
+//	...
+//	m.UpdateMeta(func(mt *mesh.Meta) { mt.Status = mesh.StatusDraining })
+//	m.Leave(5 * time.Second)
+//
+// Join(ctx, addrs) joins explicitly, retrying with exponential backoff until
+// a peer answers; a Config.Discoverer instead starts a loop that
+// re-discovers until joined (and again when the node has been alone for
+// RejoinAfterAlone). The node's own address is filtered from both.
+//
+// # Members and states
+//
+// Members lists alive, suspect, dead and left nodes. memberlist's own
+// Members hides the difference (it reports suspect nodes as alive, and the
+// State field it hands out is never set); this package reads memberlist's
+// internal node table through a layout-checked mirror (mlstate.go, guarded
+// by TestMemberlistLayout) to tell suspect from alive and a graceful leave
+// from a failure.
+//
+// # Threading
+//
+// memberlist calls its delegates while holding its node lock, from its
+// packet, stream and timer goroutines. The Mesh's delegate only copies the
+// node, updates its member table and appends the event to an unbounded
+// per-subscriber queue; it never blocks and never runs user code.
+// Each subscriber (Subscribe, Config.OnEvent) is served by its own
+// goroutine in event order, so a slow consumer delays only itself. All
+// goroutines of a Mesh stop in Shutdown, which is idempotent.
+//
+// # LAN defaults and why
+//
+// Measured with bench/mesh (results in bench/results/mesh.md): with
+// memberlist's LAN preset, a 50-node mesh that boots at once converges in
+// about 2-3 s in most trials but in 60-85 s in others, and a killed node
+// is declared dead by everyone after 7-9 s. Cause of the outliers: each
+// node forwards a piece of news (here "node J is alive") to only
+// RetransmitMult × ceil(log10(N+1)) random peers (8 at 50 nodes) and
+// then drops it. When many nodes join at once, the member lists the
+// targets are drawn from are still partial, so for some (observer,
+// joiner) pairs no copy ever arrives; bench/mesh -diag shows them as
+// scattered pairs that are still missing 2 s after the start. Nothing
+// repairs such a gap but the periodic full-state push-pull, whose 30 s
+// base interval memberlist doubles above 32 nodes (60 s, after a random
+// first offset): hence the 29-85 s trials.
+//
+// DefaultLANConfig changes, and their cost at 1000 nodes:
+//
+//   - Post-join sync (JoinSyncRounds 4, JoinSyncDelay 250 ms): after its
+//     join, a node makes 4 extra push-pulls at 0.25, 0.75, 1.75 and
+//     3.75 s, alternately with a peer that answered its join (a seed has
+//     heard directly from every node that joined through it, so one
+//     exchange catches up with the whole burst) and with a random live
+//     member (for nodes that joined through other seeds). Push-pull is a
+//     two-way exchange, so each one also repairs the partner. This
+//     removes the outliers on its own (bench: memberlist's timings plus
+//     syncs). Cost: 4 state exchanges per join, not per interval; a state
+//     is about 200 B per member (the 135-byte record of an 8-GPU p5 plus
+//     memberlist's framing), so at 1000 nodes about 4 × 2 × 200 KB =
+//     1.6 MB per joining node, once (computed, not measured). With static
+//     seeds, a mass boot doubles the seeds' join load (each node talks to
+//     a seed at its join and again at its first sync).
+//   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
+//     discovered addresses in parallel, so one dead seed neither fails
+//     nor delays a join.
+//   - Faster gossip (GossipInterval 100 ms, GossipNodes 4, vs 200 ms and
+//     3): news drains 2.7 times faster during join bursts. A round sends
+//     nothing when there is no news, so an idle mesh pays nothing; the
+//     number of copies of each piece of news (RetransmitMult 4, as
+//     memberlist) is unchanged, so the total bytes per event are the same
+//     as memberlist's (about N × 16 × 200 B = 3.2 MB cluster-wide at 1000
+//     nodes); the peak send rate per node is 4 × 1400 B per 100 ms.
+//   - Faster failure detection (ProbeInterval 300 ms, ProbeTimeout 150 ms,
+//     SuspicionMult 3, vs 1 s, 500 ms, 4): every node probes one peer
+//     per interval whatever N is, so this costs about 3 small UDP
+//     exchanges per second per node (~1 KB/s) at any size. The least
+//     suspicion time is 3 × log10(N) × 300 ms: 1.5 s at 50 nodes, 2.7 s
+//     at 1000, time in which a slow-but-alive node can refute;
+//     memberlist's Lifeguard extensions (self-awareness, nacks, suspicion
+//     confirmations, SuspicionMaxTimeoutMult 6) stretch it when the
+//     prober itself is slow or confirmations do not come. 150 ms is far
+//     above in-VPC and cross-AZ round trips (under 2 ms); raise
+//     ProbeTimeout and ProbeInterval together for hosts that stall for
+//     hundreds of milliseconds.
+//   - Periodic push-pull every 15 s (memberlist: 30 s), still stretched
+//     above 32 nodes (×6 at 1000 nodes, 90 s): at 1000 nodes each node
+//     sends and receives about 4 × 200 KB per 90 s, about 9 KB/s.
+//   - DeadNodeReclaimTime 30 s: a node whose name was declared dead may
+//     come back from another address (a restarted agent with a new IP or
+//     port) after 30 s; before that, and for a live name, the conflict is
+//     logged as an error naming the fix (unique --name). A node that
+//     restarts on the same address refutes its death at once.
+//   - GossipToTheDeadTime 15 s (30 s): dead nodes leave memberlist's
+//     probe lists sooner; Members keeps reporting them for
+//     TombstoneTimeout (24 h).
+//
+// DefaultLocalConfig is for meshes on loopback in one process (tests,
+// `gpumesh dev`): 127.0.0.1, a free port, shorter intervals.
+//
+// # Metadata encoding
+//
+// Meta.Encode writes a compact, versioned binary record (format in its doc
+// comment) that must fit memberlist's 512-byte node-metadata limit;
+// identical GPUs next to each other are stored once with a count, so an
+// 8-GPU p5.48xlarge record is 135 bytes. Oversized or invalid records are
+// refused with ErrMetaTooLarge or ErrInvalidMeta, and UpdateMeta leaves
+// the old record in place. DecodeMeta is strict (unknown version, flags,
+// enums, truncation, trailing bytes are errors) and never panics; it is
+// fuzzed by FuzzDecodeMeta. A peer whose record cannot be decoded (for
+// example a newer format version during an upgrade) is still listed, with
+// Member.MetaErr set.
 package mesh

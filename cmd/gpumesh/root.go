@@ -12,8 +12,10 @@ var (
 	benchCommandConstructors []func() *cobra.Command
 )
 
-func registerCommand(f func() *cobra.Command)      { commandConstructors = append(commandConstructors, f) }
-func registerBenchCommand(f func() *cobra.Command) { benchCommandConstructors = append(benchCommandConstructors, f) }
+func registerCommand(f func() *cobra.Command) { commandConstructors = append(commandConstructors, f) }
+func registerBenchCommand(f func() *cobra.Command) {
+	benchCommandConstructors = append(benchCommandConstructors, f)
+}
 
 func newRootCommand() *cobra.Command {
 	root := &cobra.Command{

@@ -1,0 +1,320 @@
+package mesh
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// DefaultPort is the gossip port (TCP and UDP).
+const DefaultPort = 7946
+
+// KeySize is the size of the gossip encryption key in bytes (AES-256-GCM).
+const KeySize = 32
+
+// Config configures a Mesh. Start from DefaultLANConfig (agents) or
+// DefaultLocalConfig (tests and in-process clusters), set NodeName, NodeID
+// and the addresses, and pass it to New. The gossip timing fields map
+// one-to-one onto memberlist's Config; doc.go explains the LAN choices.
+type Config struct {
+	// NodeName is this node's unique name in the mesh (memberlist's node
+	// name). Required; at most MaxNameLen bytes.
+	NodeName string
+	// NodeID is this node's stable unique ID (a UUID or the EC2 instance
+	// ID), gossiped in Meta. Required; at most MaxIDLen bytes.
+	NodeID string
+
+	// BindAddr is the IP address the gossip listeners (TCP and UDP) bind
+	// to. "0.0.0.0" binds all interfaces.
+	BindAddr string
+	// BindPort is the gossip port (TCP and UDP); 0 picks a free port,
+	// which tests use.
+	BindPort int
+	// AdvertiseAddr is the IP address other nodes use to reach this one.
+	// Empty: derived from BindAddr (a private address of this host when
+	// BindAddr is "0.0.0.0").
+	AdvertiseAddr string
+	// AdvertisePort is the port other nodes use; 0 means the bound port.
+	AdvertisePort int
+
+	// SecretKey enables gossip encryption (AES-256-GCM) when set. It must
+	// be KeySize (32) bytes; DecodeKey turns the --encrypt string into it.
+	// All nodes of a mesh must use the same key.
+	SecretKey []byte
+
+	// Meta is this node's initial metadata. New sets Meta.ID, Meta.Name
+	// and Meta.Addrs.Gossip from NodeID, NodeName and the advertised
+	// gossip address.
+	Meta Meta
+
+	// Logger receives structured logs (memberlist's own log lines are
+	// re-leveled into it as the sub-logger "memberlist"). Nil discards.
+	Logger hclog.Logger
+
+	// OnEvent, if set, is called for every membership event, in order,
+	// from a single goroutine owned by the Mesh (never from memberlist's
+	// goroutines). A slow OnEvent delays only later events; it never
+	// stalls gossip. It must not call Shutdown.
+	OnEvent func(Event)
+
+	// Discoverer, if set, starts an auto-join loop in New: it asks the
+	// Discoverer for peer addresses and joins them, with backoff between
+	// JoinRetryMin and JoinRetryMax, until one join succeeds or the Mesh
+	// shuts down. It also rejoins when this node has been alone for
+	// RejoinAfterAlone.
+	Discoverer Discoverer
+
+	// JoinRetryMin is the first wait between failed join attempts; it
+	// doubles (with up to 25% jitter) up to JoinRetryMax.
+	JoinRetryMin time.Duration
+	// JoinRetryMax caps the wait between join attempts.
+	JoinRetryMax time.Duration
+	// JoinSyncRounds is how many extra full-state exchanges (push-pull) a
+	// node makes after it joins, alternately with a peer that answered the
+	// join and with a random live member, JoinSyncDelay, 2×JoinSyncDelay,
+	// 4×JoinSyncDelay, ... apart (so at 1, 3, 7, 15 × JoinSyncDelay).
+	// They close the gap through which a node that joins during a burst
+	// of joins would otherwise miss a peer until the periodic push-pull.
+	// 0 disables them.
+	JoinSyncRounds int
+	// JoinSyncDelay is the wait before the first post-join push-pull.
+	JoinSyncDelay time.Duration
+	// RejoinAfterAlone makes the auto-join loop (only with a Discoverer)
+	// run discovery again once this node has seen no other live member
+	// for this long. 0 disables rejoining.
+	RejoinAfterAlone time.Duration
+
+	// ReconnectInterval is how often this node tries to join one random
+	// member it saw fail (not leave), as Serf's reconnect does. Without it
+	// the two sides of a healed network partition never gossip again:
+	// memberlist probes and syncs only with live members, so each side
+	// keeps the other dead. 0 disables reconnecting.
+	ReconnectInterval time.Duration
+
+	// TombstoneTimeout is how long Members keeps reporting a node after it
+	// was seen dead or left. 0 keeps them until they rejoin.
+	TombstoneTimeout time.Duration
+	// JoinMaxPeers is how many of the given or discovered addresses one
+	// join attempt contacts (a random subset, in parallel).
+	JoinMaxPeers int
+
+	// UpdateTimeout bounds how long UpdateMeta waits for the update to be
+	// handed to peers by gossip before it returns (the update is applied
+	// locally and keeps spreading either way).
+	UpdateTimeout time.Duration
+
+	// ProbeInterval is the time between failure-detector probes of one
+	// random peer.
+	ProbeInterval time.Duration
+	// ProbeTimeout is how long a direct probe waits for an ack before
+	// indirect probes are tried; set it to the 99th percentile RTT.
+	ProbeTimeout time.Duration
+	// IndirectChecks is the number of peers asked to probe a node that
+	// missed a direct probe.
+	IndirectChecks int
+	// SuspicionMult sets the least time a node stays suspect before it is
+	// declared dead: SuspicionMult × max(1, log10(N)) × ProbeInterval.
+	SuspicionMult int
+	// SuspicionMaxTimeoutMult sets the longest suspicion (without peer
+	// confirmations) as a multiple of the least.
+	SuspicionMaxTimeoutMult int
+	// AwarenessMaxMultiplier is how far a node that sees signs of its own
+	// slowness stretches its probe interval.
+	AwarenessMaxMultiplier int
+	// GossipInterval is the time between gossip rounds. A round sends
+	// only when there is news.
+	GossipInterval time.Duration
+	// GossipNodes is the number of random peers per gossip round.
+	GossipNodes int
+	// RetransmitMult sets how many peers each node forwards one piece of
+	// news to: RetransmitMult × ceil(log10(N+1)).
+	RetransmitMult int
+	// GossipToTheDeadTime is how long gossip still goes to a node after it
+	// was declared dead, so that it can refute.
+	GossipToTheDeadTime time.Duration
+	// PushPullInterval is the base period of full-state exchanges with one
+	// random peer; memberlist stretches it by ceil(log2(N/32))+1 above 32
+	// nodes. 0 disables them.
+	PushPullInterval time.Duration
+	// TCPTimeout bounds a TCP connection (join, push-pull, fallback ping).
+	TCPTimeout time.Duration
+	// DeadNodeReclaimTime is how long after a node was declared dead a
+	// node of the same name at another address may take its place.
+	DeadNodeReclaimTime time.Duration
+}
+
+// DefaultLANConfig returns the agent defaults for one EC2 region's VPC (a
+// LAN with sub-millisecond RTT): faster failure detection and gossip than
+// memberlist's LAN preset, plus post-join syncs. See doc.go for the
+// numbers and their cost.
+func DefaultLANConfig() Config {
+	return Config{
+		BindAddr:                "0.0.0.0",
+		BindPort:                DefaultPort,
+		JoinRetryMin:            time.Second,
+		JoinRetryMax:            30 * time.Second,
+		JoinSyncRounds:          4,
+		JoinSyncDelay:           250 * time.Millisecond,
+		RejoinAfterAlone:        time.Minute,
+		ReconnectInterval:       5 * time.Second,
+		UpdateTimeout:           2 * time.Second,
+		TombstoneTimeout:        24 * time.Hour,
+		JoinMaxPeers:            5,
+		ProbeInterval:           300 * time.Millisecond,
+		ProbeTimeout:            150 * time.Millisecond,
+		IndirectChecks:          3,
+		SuspicionMult:           3,
+		SuspicionMaxTimeoutMult: 6,
+		AwarenessMaxMultiplier:  8,
+		GossipInterval:          100 * time.Millisecond,
+		GossipNodes:             4,
+		RetransmitMult:          4,
+		GossipToTheDeadTime:     15 * time.Second,
+		PushPullInterval:        15 * time.Second,
+		TCPTimeout:              5 * time.Second,
+		DeadNodeReclaimTime:     30 * time.Second,
+	}
+}
+
+// DefaultLocalConfig returns settings for in-process meshes on loopback
+// (tests, `gpumesh dev`): 127.0.0.1, a free port, short timeouts and fast
+// join retries.
+func DefaultLocalConfig() Config {
+	c := DefaultLANConfig()
+	c.BindAddr = "127.0.0.1"
+	c.BindPort = 0
+	c.JoinRetryMin = 20 * time.Millisecond
+	c.JoinRetryMax = 500 * time.Millisecond
+	c.JoinSyncDelay = 100 * time.Millisecond
+	c.RejoinAfterAlone = 5 * time.Second
+	c.ReconnectInterval = time.Second
+	c.UpdateTimeout = time.Second
+	c.ProbeInterval = 200 * time.Millisecond
+	c.ProbeTimeout = 100 * time.Millisecond
+	c.IndirectChecks = 1
+	c.GossipInterval = 50 * time.Millisecond
+	c.GossipToTheDeadTime = 5 * time.Second
+	c.PushPullInterval = 5 * time.Second
+	c.TCPTimeout = time.Second
+	c.DeadNodeReclaimTime = 2 * time.Second
+	return c
+}
+
+// GenerateKey returns a new random key in the form DecodeKey reads.
+func GenerateKey() (string, error) {
+	k := make([]byte, KeySize)
+	if _, err := rand.Read(k); err != nil {
+		return "", fmt.Errorf("mesh: generate key: %w", err)
+	}
+	return base64.StdEncoding.EncodeToString(k), nil
+}
+
+// DecodeKey decodes the --encrypt value: standard base64 of exactly
+// KeySize bytes (as `openssl rand -base64 32` prints).
+func DecodeKey(s string) ([]byte, error) {
+	s = strings.TrimSpace(s)
+	k, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: not standard base64 (%v): generate one with `openssl rand -base64 32`", ErrInvalidKey, err)
+	}
+	if len(k) != KeySize {
+		return nil, fmt.Errorf("%w: decodes to %d bytes, need %d: generate one with `openssl rand -base64 32`", ErrInvalidKey, len(k), KeySize)
+	}
+	return k, nil
+}
+
+// Validate checks the fields and their relations.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidConfig}, a...)...)
+	}
+	if c.NodeName == "" {
+		return bad("NodeName is empty: give every agent a unique --name")
+	}
+	if err := checkString("NodeName", c.NodeName, MaxNameLen); err != nil {
+		return bad("%v", err)
+	}
+	if c.NodeID == "" {
+		return bad("NodeID is empty: set a stable unique ID (UUID or instance ID)")
+	}
+	if err := checkString("NodeID", c.NodeID, MaxIDLen); err != nil {
+		return bad("%v", err)
+	}
+	if net.ParseIP(c.BindAddr) == nil {
+		return bad("BindAddr %q is not an IP address", c.BindAddr)
+	}
+	if c.AdvertiseAddr != "" && net.ParseIP(c.AdvertiseAddr) == nil {
+		return bad("AdvertiseAddr %q is not an IP address", c.AdvertiseAddr)
+	}
+	if c.BindPort < 0 || c.BindPort > 65535 {
+		return bad("BindPort %d is not in 0..65535", c.BindPort)
+	}
+	if c.AdvertisePort < 0 || c.AdvertisePort > 65535 {
+		return bad("AdvertisePort %d is not in 0..65535", c.AdvertisePort)
+	}
+	if c.SecretKey != nil && len(c.SecretKey) != KeySize {
+		return fmt.Errorf("%w: %w: SecretKey is %d bytes, need %d (base64 of 32 random bytes, `openssl rand -base64 32`)",
+			ErrInvalidConfig, ErrInvalidKey, len(c.SecretKey), KeySize)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"JoinRetryMin", c.JoinRetryMin}, {"JoinRetryMax", c.JoinRetryMax},
+		{"UpdateTimeout", c.UpdateTimeout}, {"ProbeInterval", c.ProbeInterval},
+		{"ProbeTimeout", c.ProbeTimeout}, {"GossipInterval", c.GossipInterval},
+		{"TCPTimeout", c.TCPTimeout},
+	} {
+		if d.v <= 0 {
+			return bad("%s must be > 0, got %v", d.name, d.v)
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"JoinSyncDelay", c.JoinSyncDelay}, {"RejoinAfterAlone", c.RejoinAfterAlone},
+		{"ReconnectInterval", c.ReconnectInterval},
+		{"GossipToTheDeadTime", c.GossipToTheDeadTime}, {"PushPullInterval", c.PushPullInterval},
+		{"DeadNodeReclaimTime", c.DeadNodeReclaimTime}, {"TombstoneTimeout", c.TombstoneTimeout},
+	} {
+		if d.v < 0 {
+			return bad("%s must be >= 0, got %v", d.name, d.v)
+		}
+	}
+	if c.JoinRetryMax < c.JoinRetryMin {
+		return bad("JoinRetryMax (%v) must be >= JoinRetryMin (%v)", c.JoinRetryMax, c.JoinRetryMin)
+	}
+	if c.JoinSyncRounds < 0 || c.JoinSyncRounds > 16 {
+		return bad("JoinSyncRounds must be in 0..16, got %d", c.JoinSyncRounds)
+	}
+	if c.JoinSyncRounds > 0 && c.JoinSyncDelay == 0 {
+		return bad("JoinSyncDelay must be > 0 when JoinSyncRounds is %d", c.JoinSyncRounds)
+	}
+	if c.ProbeTimeout >= c.ProbeInterval {
+		return bad("ProbeTimeout (%v) must be shorter than ProbeInterval (%v)", c.ProbeTimeout, c.ProbeInterval)
+	}
+	for _, n := range []struct {
+		name string
+		v    int
+	}{
+		{"IndirectChecks", c.IndirectChecks}, {"SuspicionMult", c.SuspicionMult},
+		{"SuspicionMaxTimeoutMult", c.SuspicionMaxTimeoutMult},
+		{"AwarenessMaxMultiplier", c.AwarenessMaxMultiplier},
+		{"GossipNodes", c.GossipNodes}, {"RetransmitMult", c.RetransmitMult},
+		{"JoinMaxPeers", c.JoinMaxPeers},
+	} {
+		if n.v < 1 {
+			return bad("%s must be >= 1, got %d", n.name, n.v)
+		}
+	}
+	if c.SuspicionMult < 2 {
+		return bad("SuspicionMult must be >= 2 (lower declares healthy nodes dead on one lost probe), got %d", c.SuspicionMult)
+	}
+	return nil
+}

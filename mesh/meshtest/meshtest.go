@@ -1,0 +1,162 @@
+// Package meshtest starts in-process gossip meshes on 127.0.0.1 for tests
+// of mesh and of the packages built on it: configs with short timeouts,
+// loggers that write to the test log, a cluster helper and wait helpers
+// that poll a condition with a deadline (never a bare sleep).
+package meshtest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/mesh"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Logger returns an hclog logger that writes to tb.Log until the test's
+// cleanup ends (later lines, from goroutines still winding down, are
+// dropped instead of failing the test).
+func Logger(tb testing.TB, name string) hclog.Logger {
+	w := &tbWriter{tb: tb}
+	tb.Cleanup(w.close) // registered first, so it runs after every later Cleanup
+	return hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.Debug, Output: w})
+}
+
+type tbWriter struct {
+	mu     sync.Mutex
+	tb     testing.TB
+	closed bool
+}
+
+func (w *tbWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.closed {
+		w.tb.Helper()
+		w.tb.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *tbWriter) close() {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
+}
+
+// Config returns mesh.DefaultLocalConfig for a node called name (ID
+// "id-"+name), logging to the test log.
+func Config(tb testing.TB, name string) mesh.Config {
+	c := mesh.DefaultLocalConfig()
+	c.NodeName, c.NodeID = name, "id-"+name
+	c.Logger = Logger(tb, name)
+	return c
+}
+
+// New starts one node and shuts it down when the test ends.
+func New(tb testing.TB, cfg mesh.Config) *mesh.Mesh {
+	tb.Helper()
+	m, err := mesh.New(cfg)
+	if err != nil {
+		tb.Fatalf("mesh.New(%s): %v", cfg.NodeName, err)
+	}
+	tb.Cleanup(func() { _ = m.Shutdown() })
+	return m
+}
+
+// StartCluster starts n nodes named prefix0..prefix(n-1), joins every
+// other node to the first, and waits until every node lists all n alive.
+// modify, if not nil, edits each node's config first.
+func StartCluster(tb testing.TB, prefix string, n int, modify func(i int, c *mesh.Config)) []*mesh.Mesh {
+	tb.Helper()
+	ms := make([]*mesh.Mesh, n)
+	for i := range ms {
+		c := Config(tb, fmt.Sprintf("%s%d", prefix, i))
+		if modify != nil {
+			modify(i, &c)
+		}
+		ms[i] = New(tb, c)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, m := range ms[1:] {
+		if _, err := m.Join(ctx, []string{ms[0].Addr()}); err != nil {
+			tb.Fatalf("%s: join %s: %v", m.Name(), ms[0].Addr(), err)
+		}
+	}
+	WaitConverged(tb, ms, n)
+	return ms
+}
+
+// WaitConverged waits until every mesh in ms lists exactly want alive
+// members.
+func WaitConverged(tb testing.TB, ms []*mesh.Mesh, want int) {
+	tb.Helper()
+	WaitFor(tb, 30*time.Second, func() (bool, string) {
+		for _, m := range ms {
+			if got := m.NumAlive(); got != want {
+				return false, fmt.Sprintf("%s sees %d alive members, want %d", m.Name(), got, want)
+			}
+		}
+		return true, ""
+	})
+}
+
+// WaitMember waits until m lists the named member and cond holds for it.
+func WaitMember(tb testing.TB, m *mesh.Mesh, name string, cond func(mesh.Member) bool, what string) mesh.Member {
+	tb.Helper()
+	var got mesh.Member
+	WaitFor(tb, 30*time.Second, func() (bool, string) {
+		mem, ok := m.Member(name)
+		if !ok {
+			return false, fmt.Sprintf("%s does not list %s (waiting for %s)", m.Name(), name, what)
+		}
+		got = mem
+		if !cond(mem) {
+			return false, fmt.Sprintf("%s sees %s as %s with meta %+v (waiting for %s)", m.Name(), name, mem.State, mem.Meta, what)
+		}
+		return true, ""
+	})
+	return got
+}
+
+// WaitFor polls cond every 10 ms until it returns true, failing the test
+// with cond's last message after timeout.
+func WaitFor(tb testing.TB, timeout time.Duration, cond func() (bool, string)) {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("condition not met after %v: %s", timeout, msg)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// NextEvent waits up to timeout for the next event on ch that satisfies
+// match, skipping others, and fails the test otherwise.
+func NextEvent(tb testing.TB, ch <-chan mesh.Event, timeout time.Duration, match func(mesh.Event) bool, what string) mesh.Event {
+	tb.Helper()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				tb.Fatalf("event channel closed while waiting for %s", what)
+			}
+			if match(ev) {
+				return ev
+			}
+		case <-t.C:
+			tb.Fatalf("no %s event within %v", what, timeout)
+		}
+	}
+}
