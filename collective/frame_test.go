@@ -46,4 +46,3 @@ func TestFrameRejects(t *testing.T) {
 		}
 	}
 }
-
