@@ -524,3 +524,29 @@ type atomicCount struct{ n atomic.Int64 }
 
 func (a *atomicCount) add()       { a.n.Add(1) }
 func (a *atomicCount) get() int64 { return a.n.Load() }
+
+// Ranks configured with different channel counts get a clear error, not a
+// hang or a panic.
+func TestChannelConfigMismatch(t *testing.T) {
+	tr := NewLocalTransport()
+	addrs := []string{"a", "b"}
+	comms := make([]*Communicator, 2)
+	for r := range comms {
+		cfg := testConfig()
+		cfg.Timeout = 2 * time.Second
+		cfg.Channels = 2 + 2*r
+		var err error
+		if comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	errs := RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, 100000), OpSum)
+	})
+	for r, err := range errs {
+		if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "channels") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+}

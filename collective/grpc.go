@@ -310,7 +310,7 @@ func (s *Service) link(stream grpc.ServerStream) error {
 		return err
 	}
 	if src < 0 || int(src) >= ep.n || int(src) == ep.spec.Rank || ch < controlChannel || ch >= int64(ep.spec.Channels) {
-		return status.Errorf(codes.InvalidArgument, "collective: stream from rank %d channel %d does not fit rank %d of %d ranks with %d channels", src, ch, dst, ep.n, ep.spec.Channels)
+		return status.Errorf(codes.InvalidArgument, "collective: rank %d sent on channel %d but rank %d has %d ranks and %d channels: give every rank the same group and collective config", src, ch, dst, ep.n, ep.spec.Channels)
 	}
 	if ch != controlChannel {
 		// A data link: the receiving rank reads this stream itself
@@ -592,11 +592,12 @@ func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, p
 		e.lpeers[peer] = pe
 		e.qmu.Unlock()
 	}
-	q := pe.lq[e.spec.Rank*pe.spec.Channels+ch]
-	if q == nil || pe.spec.Channels != e.spec.Channels {
+	if pe.spec.Channels != e.spec.Channels || pe.n != e.n {
 		done.SendDone()
-		return fmt.Errorf("%w: rank %d in this process does not expect %d channels from rank %d", ErrBadArgument, peer, e.spec.Channels, e.spec.Rank)
+		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
+			e.spec.Rank, e.n, e.spec.Channels, peer, pe.n, pe.spec.Channels)}
 	}
+	q := pe.lq[e.spec.Rank*pe.spec.Channels+ch]
 	f := framePool.Get().(*InFrame)
 	f.Header = *h
 	f.Header.Src = int32(e.spec.Rank)

@@ -282,3 +282,35 @@ func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
 		b.Close()
 	}
 }
+
+func TestGRPCChannelConfigMismatch(t *testing.T) {
+	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	addrs := []string{a.Addr(), b.Addr()}
+	comms := make([]*Communicator, 2)
+	for r, s := range []*Server{a, b} {
+		cfg := testConfig()
+		cfg.Timeout = 3 * time.Second
+		cfg.Channels = 2 + 2*r
+		if comms[r], err = New(s.Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	errs := RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, 100000), OpSum)
+	})
+	for r, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), "channels") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+}

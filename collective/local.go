@@ -204,6 +204,11 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 			return nil
 		}
 	}
+	if ch >= pe.spec.Channels || len(pe.spec.Addrs) != len(e.spec.Addrs) {
+		done.SendDone()
+		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
+			e.spec.Rank, len(e.spec.Addrs), e.spec.Channels, peer, len(pe.spec.Addrs), pe.spec.Channels)}
+	}
 	f := framePool.Get().(*InFrame)
 	f.Header = *h
 	f.Header.Src = int32(e.spec.Rank)
