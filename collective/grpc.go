@@ -607,6 +607,12 @@ func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, p
 	f.Peer = ref
 	f.owner = done
 	f.release = releaseLocal
+	select {
+	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
+		f.Release()
+		return fmt.Errorf("%w: rank %d (this process) failed: %v", ErrPeerFailed, peer, pe.fail.Err())
+	default:
+	}
 	var err error
 	select {
 	case q <- f:

@@ -219,6 +219,12 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 	f.owner = done
 	f.release = releaseLocal
 	select {
+	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
+		f.Release()
+		return fmt.Errorf("%w: rank %d failed: %v", ErrPeerFailed, peer, pe.Err())
+	default:
+	}
+	select {
 	case pe.queues[e.spec.Rank*pe.spec.Channels+ch] <- f:
 		return nil
 	case <-ctx.Done():
