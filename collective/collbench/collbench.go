@@ -45,6 +45,9 @@ type Config struct {
 	Procs      bool
 	Exe        string
 	WorkerArgs []string
+	// WorkerGOMAXPROCS, if > 0, sets GOMAXPROCS of each worker process
+	// (several workers on one many-core host otherwise each get every core).
+	WorkerGOMAXPROCS int
 	// RawTCP also measures plain TCP with the same flows (default on in
 	// DefaultConfig).
 	RawTCP bool
@@ -285,6 +288,9 @@ func runProcs(ctx context.Context, cfg Config) ([]collective.AllReduceReport, er
 		args := append(append([]string{}, cfg.WorkerArgs...), workerFlags(cfg)...)
 		cmd := exec.CommandContext(ctx, cfg.Exe, args...)
 		cmd.Stderr = os.Stderr
+		if cfg.WorkerGOMAXPROCS > 0 {
+			cmd.Env = append(os.Environ(), fmt.Sprintf("GOMAXPROCS=%d", cfg.WorkerGOMAXPROCS))
+		}
 		in, err := cmd.StdinPipe()
 		if err != nil {
 			return nil, err
