@@ -108,7 +108,7 @@ func noErrs(t *testing.T, errs []error) {
 
 func TestAllReduceEveryOpDType(t *testing.T) {
 	counts := []int{0, 1, 3, 7, 64, 1000, 5003}
-	ns := []int{1, 2, 3, 4, 5, 8}
+	ns := []int{1, 2, 3, 4, 5, 6, 7, 8}
 	if testing.Short() {
 		ns = []int{1, 2, 3, 5}
 	}
