@@ -202,7 +202,12 @@ func TestAllReduceIntoLeavesSource(t *testing.T) {
 }
 
 func TestReduceScatterAndAllGather(t *testing.T) {
-	for _, n := range []int{1, 2, 3, 4, 7} {
+	combos := []struct {
+		dt DType
+		op Op
+	}{{Float32, OpSum}, {Int32, OpAvg}, {BFloat16, OpMax}, {Float64, OpProd}}
+	for ci, n := range []int{1, 2, 3, 4, 7} {
+		dt, op := combos[ci%len(combos)].dt, combos[ci%len(combos)].op
 		_, comms, err := NewLocalGroup("job", 1, n, testConfig())
 		if err != nil {
 			t.Fatal(err)
@@ -212,15 +217,15 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 				src := make([]*HostBuffer, n)
 				dst := make([]*HostBuffer, n)
 				for r := range src {
-					src[r] = NewHostBuffer(Float32, count)
-					fill(src[r], OpSum, r)
-					dst[r] = NewHostBuffer(Float32, BlockLen(count, n, r))
+					src[r] = NewHostBuffer(dt, count)
+					fill(src[r], op, r)
+					dst[r] = NewHostBuffer(dt, BlockLen(count, n, r))
 				}
 				noErrs(t, RunAll(comms, func(c *Communicator) error {
 					if inPlace {
-						return c.ReduceScatter(context.Background(), nil, src[c.Rank()], OpSum)
+						return c.ReduceScatter(context.Background(), nil, src[c.Rank()], op)
 					}
-					return c.ReduceScatter(context.Background(), dst[c.Rank()], src[c.Rank()], OpSum)
+					return c.ReduceScatter(context.Background(), dst[c.Rank()], src[c.Rank()], op)
 				}))
 				for r := range src {
 					off, l := Part(count, n, r)
@@ -228,21 +233,22 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 						got := dst[r].At(i)
 						if inPlace {
 							got = src[r].At(off + i)
-						} else if src[r].At(off+i) != value(Float32, OpSum, r, off+i) {
+						} else if src[r].At(off+i) != value(dt, op, r, off+i) {
 							t.Fatalf("out-of-place ReduceScatter changed the source")
 						}
-						if want := reference(Float32, OpSum, n, off+i); got != want {
-							t.Fatalf("n=%d count=%d inPlace=%v: rank %d element %d = %v, want %v", n, count, inPlace, r, off+i, got, want)
+						if want := reference(dt, op, n, off+i); got != want {
+							t.Fatalf("%v %v n=%d count=%d inPlace=%v: rank %d element %d = %v, want %v", dt, op, n, count, inPlace, r, off+i, got, want)
 						}
 					}
 				}
 				// AllGather the blocks back.
 				out := make([]*HostBuffer, n)
 				for r := range out {
-					out[r] = NewHostBuffer(Float32, count)
+					out[r] = NewHostBuffer(dt, count)
 					if inPlace {
 						off, l := Part(count, n, r)
-						copy(out[r].AsFloat32()[off:off+l], src[r].AsFloat32()[off:off+l])
+						es := dt.Size()
+						copy(out[r].Bytes()[off*es:(off+l)*es], src[r].Bytes()[off*es:(off+l)*es])
 					}
 				}
 				noErrs(t, RunAll(comms, func(c *Communicator) error {
@@ -252,7 +258,7 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 					return c.AllGather(context.Background(), out[c.Rank()], dst[c.Rank()])
 				}))
 				for r := range out {
-					checkResult(t, out[r], OpSum, n, r, fmt.Sprintf("allgather n=%d count=%d", n, count))
+					checkResult(t, out[r], op, n, r, fmt.Sprintf("allgather %v %v n=%d count=%d", dt, op, n, count))
 				}
 			}
 		}
