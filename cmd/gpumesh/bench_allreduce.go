@@ -90,7 +90,7 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 
 func newBenchAllReduceCommand() *cobra.Command {
 	var f allreduceFlags
-	var ranks int
+	var ranks, workerProcs int
 	var procs, asJSON, noRaw bool
 	cmd := &cobra.Command{
 		Use:   "allreduce",
@@ -119,6 +119,7 @@ number of flows, and the ratio of the two.`,
 					return fmt.Errorf("--procs: cannot find this executable: %w", err)
 				}
 				cfg.Procs, cfg.Exe, cfg.WorkerArgs = true, exe, []string{"bench", "allreduce-worker"}
+				cfg.WorkerGOMAXPROCS = workerProcs
 			}
 			if term.IsTerminal(int(os.Stderr.Fd())) {
 				cfg.Progress = os.Stderr
@@ -142,6 +143,7 @@ number of flows, and the ratio of the two.`,
 	f.register(cmd)
 	cmd.Flags().IntVar(&ranks, "ranks", 2, "number of ranks")
 	cmd.Flags().BoolVar(&procs, "procs", false, "run every rank in its own process")
+	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
 	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")
 	return cmd
