@@ -49,9 +49,11 @@ done
 # 2. gpumesh benchmarks
 if [ -x "$dir/cudabuf.test" ] && [ "$ngpu" -ge 2 ]; then
 	GPUMESH_CUDA_BENCH=1 timeout 200 "$dir/cudabuf.test" -test.run "${RING_BENCH:-LocalRingBandwidth|IPCRingSeparateProcesses}" -test.v >"$logs/bench.log" 2>&1
-	GPUMESH_CUDA_BENCH=1 ${TCP_CONFIGS:+GPUMESH_TCP_CONFIGS=$TCP_CONFIGS} timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
-	if [ -n "${TCP_SLEEP_CONFIGS-4x1024,16x1024}" ]; then
-		GPUMESH_CUDA_BENCH=1 GPUMESH_SPIN=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS=${TCP_SLEEP_CONFIGS-4x1024,16x1024} \
+	GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-}" timeout 200 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
+	# a second TCP run with other settings (TCP2_ENV: assignments; default:
+	# staging waits sleep instead of spinning)
+	if [ -n "${TCP2_CONFIGS-4x1024,16x1024}" ]; then
+		env GPUMESH_CUDA_BENCH=1 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP2_CONFIGS-4x1024,16x1024}" ${TCP2_ENV:-GPUMESH_SPIN=0} \
 			timeout 150 "$dir/cudabuf.test" -test.run 'TCPSeparateProcesses' -test.v >>"$logs/bench.log" 2>&1
 	fi
 	grep -E '^(local|ipc|tcp) ' "$logs/bench.log" | grep busbw | while read -r l; do
@@ -65,7 +67,7 @@ if [ "${CLI:-1}" = 1 ] && [ -x "$dir/gpumesh" ] && "$dir/gpumesh" bench allreduc
 		timeout 150 "$dir/gpumesh" bench allreduce --device cuda --ranks 2 --sizes 1MiB,64MiB,256MiB $args >"$logs/cli.txt" 2>&1
 		cat "$logs/cli.txt" >>"$logs/bench.log"
 		echo "    gpumesh bench allreduce --device cuda --ranks 2 $args" | tee -a "$table"
-		grep -E 'MiB|ratio|raw|error|Error' "$logs/cli.txt" | head -12 | sed 's/^/      /' | tee -a "$table"
+		grep -E '^ +[0-9]|error|Error' "$logs/cli.txt" | head -12 | sed 's/^/      /' | tee -a "$table"
 	done
 	rm -f "$logs/cli.txt"
 fi

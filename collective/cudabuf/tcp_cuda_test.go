@@ -236,6 +236,9 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_SPIN") == "0" {
 						wait = "sleep"
 					}
+					if os.Getenv("GPUMESH_RANGE_DEPS") == "0" {
+						wait += ",nodeps"
+					}
 					if device == "cpu" {
 						wait = "-"
 					}
