@@ -151,7 +151,7 @@ type Mesh struct {
 	joinedCh   chan struct{} // closed on the first successful join
 	left       atomic.Bool
 	syncing    atomic.Bool // a round of post-join syncs is running
-	lifeMu     sync.Mutex // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
+	lifeMu     sync.Mutex  // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
