@@ -563,3 +563,16 @@ func TestConfigValidate(t *testing.T) {
 		t.Fatalf("local defaults do not validate: %v", err)
 	}
 }
+
+func TestPortInUse(t *testing.T) {
+	port := freePort(t)
+	c := meshtest.Config(t, "first")
+	c.BindPort = port
+	meshtest.New(t, c)
+	c2 := meshtest.Config(t, "second")
+	c2.BindPort = port
+	_, err := mesh.New(c2)
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second node on port %d: got %v, want an error saying the port is in use", port, err)
+	}
+}
