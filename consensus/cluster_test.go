@@ -318,27 +318,56 @@ func TestBootstrapMembersInDifferentOrders(t *testing.T) {
 				}
 				time.Sleep(30 * time.Millisecond) // let bootstrap loops look at partial views
 			}
-			l := tc.WaitForLeader(10 * time.Second)
+			tc.WaitForLeader(10 * time.Second)
 			waitConfig(t, tc, 5*time.Second, 3, 0)
-			// A spot server that appears later never bootstraps its own
-			// cluster: it is added by the leader.
-			tc.Start("n-0", func(m *Member) { m.Lifecycle = LifecycleSpot })
+			// A server that appears later never bootstraps its own cluster,
+			// although its ID sorts first (its own bootstrap set would hold
+			// it): it sees members gossiping Bootstrapped and waits to be
+			// added by the leader.
+			s0 := tc.Start("n-0", nil)
+			for _, id := range ids {
+				tc.Announce("n-0", id) // n-0 sees the cluster before anyone sees n-0
+			}
+			tc.Announce("n-0", "n-0")
+			WaitFor(t, 5*time.Second, func() (bool, string) { return s0.bootBlocked.Load(), "n-0 did not notice the existing cluster" })
+			if s0.raft.LastIndex() != 0 {
+				t.Fatal("n-0 bootstrapped a cluster of its own")
+			}
 			tc.AnnounceAll("n-0")
 			waitConfig(t, tc, 10*time.Second, 3, 1)
-			for _, s := range tc.Live() {
-				WaitFor(t, 5*time.Second, func() (bool, string) {
-					id, _ := s.Leader()
-					return id == l.cfg.NodeID || (tc.Leader() != nil && id == tc.Leader().cfg.NodeID), s.cfg.NodeID + " follows another leader"
-				})
-			}
-			leaders := 0
-			for _, s := range tc.Live() {
-				if s.IsLeader() {
-					leaders++
+			// One cluster: a single leader that every server follows.
+			WaitFor(t, 10*time.Second, func() (bool, string) {
+				l := tc.Leader()
+				if l == nil {
+					return false, "no single leader"
 				}
+				for _, s := range tc.Live() {
+					if id, _ := s.Leader(); id != l.cfg.NodeID {
+						return false, fmt.Sprintf("%s follows %q, not %s", s.cfg.NodeID, id, l.cfg.NodeID)
+					}
+				}
+				return true, ""
+			})
+			// n-0's first log entry is the real cluster's bootstrap
+			// configuration, not one of its own making.
+			var first raft.Log
+			w := tc.Server("n-0").wal
+			WaitFor(t, 5*time.Second, func() (bool, string) {
+				li, _ := w.LastIndex()
+				return li > 1, "n-0 got no log entries"
+			})
+			fi, _ := w.FirstIndex()
+			li, _ := w.LastIndex()
+			if err := w.GetLog(fi, &first); err != nil {
+				t.Fatalf("read n-0's first log entry (%d..%d): %v", fi, li, err)
 			}
-			if leaders != 1 {
-				t.Fatalf("%d leaders", leaders)
+			if first.Type != raft.LogConfiguration {
+				t.Fatalf("n-0's first entry is %v", first.Type)
+			}
+			for _, srv := range raft.DecodeConfiguration(first.Data).Servers {
+				if srv.ID == "n-0" {
+					t.Fatal("n-0 bootstrapped a cluster of its own")
+				}
 			}
 		})
 	}

@@ -58,6 +58,9 @@ type Server struct {
 	leader   *leaderSession
 
 	apState atomic.Pointer[apSnapshot]
+	// bootBlocked is set while the bootstrap loop waits because a cluster
+	// already exists (tests observe it).
+	bootBlocked atomic.Bool
 
 	shutdownCh   chan struct{}
 	shutdownOnce sync.Once
@@ -414,6 +417,7 @@ func (s *Server) bootstrapLoop() {
 		}
 		switch {
 		case blocked != "":
+			s.bootBlocked.Store(true)
 			if key != lastKey {
 				s.logger.Info("not bootstrapping: a cluster already exists; waiting to be added by its leader", "member", blocked)
 			}
