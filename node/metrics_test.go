@@ -145,7 +145,7 @@ func TestMetricsDriverResults(t *testing.T) {
 	}
 	for in, want := range map[string]string{
 		"waiting for capacity: needs 8 GPUs (2 ranks × 4); 0 free on 3 eligible nodes": "waiting for capacity: needs N GPUs (N ranks × N)",
-		"": "unknown",
+		"":                   "unknown",
 		"restarting in 4.5s": "restarting in Ns",
 	} {
 		if got := normalizeReason(in); got != want {

@@ -167,8 +167,11 @@ func TestACLToken(t *testing.T) {
 		t.Fatalf("submit with a wrong token: %v, want PermissionDenied", err)
 	}
 	for name, call := range map[string]func(context.Context) error{
-		"stop":  func(ctx context.Context) error { _, err := c.StopJob(ctx, &pb.StopJobRequest{Id: "x"}); return err },
-		"drain": func(ctx context.Context) error { _, err := c.DrainNode(ctx, &pb.DrainNodeRequest{NodeId: "node-1"}); return err },
+		"stop": func(ctx context.Context) error { _, err := c.StopJob(ctx, &pb.StopJobRequest{Id: "x"}); return err },
+		"drain": func(ctx context.Context) error {
+			_, err := c.DrainNode(ctx, &pb.DrainNodeRequest{NodeId: "node-1"})
+			return err
+		},
 		"update allocations": func(ctx context.Context) error {
 			_, err := c.UpdateAllocations(ctx, &pb.UpdateAllocationsRequest{})
 			return err
