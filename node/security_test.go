@@ -113,9 +113,8 @@ func TestTLSClusterRefusesOtherCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = intruder.Shutdown() })
-	leader := dc.Leader()
 	procs.Eventually(t, 20*time.Second, func() error {
-		for _, m := range leader.mesh.Members() {
+		for _, m := range dc.Agents[0].mesh.Members() {
 			if m.Name == "node-4" && m.State == "alive" {
 				return nil
 			}
