@@ -99,8 +99,19 @@ exec:
 			want{"gpumesh_agent_role", map[string]string{"role": "leader"}, eq(1), "1 on the leader"},
 			want{"gpumesh_raft_leader_changes_total", nil, ge(1), ">= 1"},
 			want{"gpumesh_raft_last_contact_seconds", nil, eq(0), "0 on the leader"},
-			want{"gpumesh_scheduler_placement_latency_seconds", nil, ge(1), ">= 1 placement observed"},
 		))
+	})
+	// Whichever agent led when the job was placed observed the placement.
+	procs.Eventually(t, 10*time.Second, func() error {
+		n := 0.0
+		for _, a := range dc.Agents {
+			v, _ := metricValue(scrape(t, a), "gpumesh_scheduler_placement_latency_seconds", nil)
+			n += v
+		}
+		if n < 1 {
+			return fmt.Errorf("no placement observed on any agent")
+		}
+		return nil
 	})
 	procs.Eventually(t, 10*time.Second, func() error {
 		if f.IsLeader() {
