@@ -140,7 +140,7 @@ func (o *opsState) followPlacements() {
 			// baseline pass.
 			clear(jobs)
 			first = true
-			pause = 250 * time.Millisecond
+			pause = 50 * time.Millisecond
 			continue
 		}
 		st := a.raft.State()
