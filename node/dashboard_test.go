@@ -88,8 +88,9 @@ exec:
 		if err := json.Unmarshal([]byte(httpGet(t, "http://"+f.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
 			return err
 		}
-		if v.Leader != dc.Leader().Name() || v.Node != f.Name() {
-			return fmt.Errorf("leader %q node %q", v.Leader, v.Node)
+		l := dc.Leader()
+		if l == nil || v.Leader != l.Name() || v.Node != f.Name() {
+			return fmt.Errorf("leader %q node %q (an election is under way?)", v.Leader, v.Node)
 		}
 		roles := map[string]int{}
 		for _, m := range v.Members {
@@ -153,9 +154,13 @@ exec:
 		}
 		return r.Job.Status == "running" && n == 2
 	})
-	leader := dc.Leader().Name()
 	url := "http://" + f.HTTPAddr() + "/"
 	procs.Eventually(t, 60*time.Second, func() error {
+		l := dc.Leader()
+		if l == nil {
+			return fmt.Errorf("no leader")
+		}
+		leader := l.Name()
 		dom := string(runChromium(t, bin, url, "--dump-dom"))
 		return contains(dom,
 			`data-leader="`+leader+`"`,

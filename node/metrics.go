@@ -101,8 +101,8 @@ func (o *opsState) sampleGPUs() ([]cuda.GPUMetrics, error) {
 	return o.gpuLast, o.gpuErr
 }
 
-// followPlacements observes placement latency on the leader. It follows
-// the replicated state (at most four times a second) and, for every job
+// followPlacements observes placement latency on the leader. While this
+// agent leads it follows the replicated state and, for every job
 // whose generation grew, observes the time between the job becoming
 // placeable and the plan's commit, both taken from replicated timestamps.
 func (o *opsState) followPlacements() {
@@ -135,8 +135,12 @@ func (o *opsState) followPlacements() {
 			case <-t.C:
 			}
 		}
-		if !a.raft.HasState() {
-			pause = 250 * time.Millisecond
+		if !a.raft.HasState() || !a.raft.IsLeader() {
+			// Only the leader observes; a new leader starts from a
+			// baseline pass.
+			clear(jobs)
+			first = true
+			pause = 50 * time.Millisecond
 			continue
 		}
 		st := a.raft.State()
@@ -152,9 +156,9 @@ func (o *opsState) followPlacements() {
 		}
 		after = idx
 		began := time.Now()
-		// The first pass only learns the jobs there are (after a restart,
-		// their placements are history).
-		leader := a.raft.IsLeader() && !first
+		// The first pass only learns the jobs there are (after a restart
+		// or a change of leader, their placements are history).
+		leader := !first
 		first = false
 		live := make(map[string]bool, len(jobs))
 		for _, j := range st.Jobs() {
@@ -265,7 +269,7 @@ func newAgentCollector(o *opsState) *agentCollector {
 		pipeStages:    d("pipeline_stages", "Stages of each running pipeline job.", "job"),
 		stageSamples:  d("pipeline_stage_samples_per_second", "Throughput a pipeline stage reported when it finished.", "job", "stage"),
 		stageBubble:   d("pipeline_stage_bubble_ratio", "Idle fraction (1 - busy/wall) a pipeline stage reported when it finished.", "job", "stage"),
-		jobGen:        d("job_generation", "Current generation of each running or pending job.", "job"),
+		jobGen:        d("job_generation", "Current generation of each running job.", "job"),
 	}
 }
 
@@ -375,7 +379,7 @@ func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Des
 		if j.Status == consensus.JobPending {
 			reasons[normalizeReason(j.StatusReason)]++
 		}
-		if !consensus.JobTerminal(j.Status) {
+		if j.Status == consensus.JobRunning {
 			gauge(c.jobGen, float64(j.Generation), j.Id)
 		}
 		all := st.Allocations(j.Id)

@@ -100,7 +100,7 @@ func httpGet(t *testing.T, url string) string {
 
 // testPKI writes a CA and one certificate per name into a new folder and
 // returns the SecurityConfig of each name.
-func testPKI(t *testing.T, names ...string) (map[string]SecurityConfig, *tlsutil.CA) {
+func testPKI(t testing.TB, names ...string) (map[string]SecurityConfig, *tlsutil.CA) {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := tlsutil.NewCA("test CA", time.Hour)
@@ -129,7 +129,7 @@ func testPKI(t *testing.T, names ...string) (map[string]SecurityConfig, *tlsutil
 	return out, ca
 }
 
-func writeToken(t *testing.T, token string) string {
+func writeToken(t testing.TB, token string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(p, []byte(token+"\n"), 0o600); err != nil {
