@@ -218,6 +218,17 @@ func TestSoak(t *testing.T) {
 		t.Errorf("resident memory (3 agents) %.0f MiB after %d jobs, %.0f MiB after %d (limit %.0f)", se.rssMiB, total, sm.rssMiB, warm+half, limit)
 	}
 	leaderMoved := lead0 != lead1
+	// Every rank ran exactly once: no fault happened, so no allocation may
+	// be started twice.
+	twice := 0
+	for k, n := range c.rankStarts("soak") {
+		if n != 1 {
+			twice++
+			if twice <= 5 {
+				t.Errorf("%s was started %d times by the runners (want once)", k, n)
+			}
+		}
+	}
 	stray := strayProcesses(c.dir, c.agents)
 	if len(stray) > 0 {
 		t.Errorf("%d processes left behind: %v", len(stray), stray)
@@ -230,6 +241,6 @@ func TestSoak(t *testing.T) {
 		"totals_fds": []float64{sum(first).fds, sum(base).fds, sm.fds, se.fds},
 		"totals_rss_mib": []float64{sum(first).rssMiB, sum(base).rssMiB, sm.rssMiB, se.rssMiB},
 		"totals_heap_mib": []float64{sum(first).heapMiB, sum(base).heapMiB, sm.heapMiB, se.heapMiB},
-		"leader_moved": leaderMoved, "stray_processes": len(stray), "per_agent": per,
+		"leader_moved": leaderMoved, "ranks_started_more_than_once": twice, "stray_processes": len(stray), "per_agent": per,
 	})
 }
