@@ -259,7 +259,19 @@ func TestCrashLoop(t *testing.T) {
 		}
 		return nil
 	})
+	// No rank of any generation was started twice (a restarted agent
+	// recovers its tasks through their supervisors; it does not rerun them).
+	twice := 0
+	for k, n := range c.rankStarts("crash") {
+		if n > 1 {
+			twice++
+			if twice <= 5 {
+				t.Errorf("%s was started %d times by the runners (want at most once)", k, n)
+			}
+		}
+	}
 	record(t, "crash-loop", map[string]any{
+		"ranks_started_more_than_once": twice,
 		"agents": len(c.agents), "rounds": rounds, "faults_sigkill": rounds, "leader_kills": leaderKills,
 		"submissions": sub.attempts, "submission_errors": sub.failures, "acknowledged": len(sub.acked),
 		"found_exactly_once": len(sub.acked) - lost - dup, "lost": lost, "duplicated": dup, "strangers": strangers,

@@ -219,6 +219,25 @@ func (a *agent) metrics(ctx context.Context) (map[string]float64, error) {
 	return out, sc.Err()
 }
 
+// rankStarts counts, over every agent's log, how many times each
+// (job, generation, rank) was started by a runner.
+func (c *cluster) rankStarts(prefix string) map[string]int {
+	out := map[string]int{}
+	for _, a := range c.agents {
+		for _, line := range strings.Split(a.logs(), "\n") {
+			i := strings.Index(line, "rank started: job="+prefix)
+			if i < 0 {
+				continue
+			}
+			f := strings.Fields(line[i+len("rank started: "):])
+			if len(f) >= 3 {
+				out[f[0]+" "+f[1]+" "+f[2]]++
+			}
+		}
+	}
+	return out
+}
+
 // cluster is a set of agents.
 type cluster struct {
 	t      testing.TB
