@@ -241,7 +241,7 @@ func (s *controlServer) StopJob(ctx context.Context, req *pb.StopJobRequest) (*p
 	var resp *pb.StopJobResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {
 		if s.a.raft.State().Job(req.Id) == nil {
-			return fmt.Errorf("job %q: %w", req.Id, errNotFound)
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
 		}
 		idx, err := s.a.raft.StopJob(ctx, req.Id)
 		resp = &pb.StopJobResponse{Index: idx}
@@ -273,7 +273,7 @@ func (s *controlServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.
 			}
 		}
 		if j == nil {
-			return fmt.Errorf("job %q: %w", req.Id, errNotFound)
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
 		}
 		allocs := st.Allocations(j.Id)
 		sort.Slice(allocs, func(i, k int) bool {
