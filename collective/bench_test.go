@@ -41,7 +41,7 @@ func BenchmarkGRPCAllReduce(b *testing.B) {
 				run()
 			}
 			// Both ranks send `size` bytes per operation (n=2).
-			b.ReportMetric((cpuTime() - c0).Seconds()/(float64(2*size*b.N)/1e9), "cpu_s/GB")
+			b.ReportMetric((cpuTime()-c0).Seconds()/(float64(2*size*b.N)/1e9), "cpu_s/GB")
 			b.ReportMetric(float64(size)/1e9/(b.Elapsed().Seconds()/float64(b.N)), "busbw_GB/s")
 		})
 	}

@@ -80,6 +80,10 @@
 //
 // Transport/Endpoint is the seam between algorithms and wires: GRPCTransport
 // (nodes), LocalTransport (ranks of one process; also the test double, with
-// SetFault to drop or delay frames and Kill to kill a rank). NewLocalGroup
+// SetFault to drop or delay frames and Kill to kill a rank). Within the gRPC
+// transport, ranks whose Addrs entry equals this rank's (the same node
+// process) skip TCP: frames are handed over in memory by reference, with the
+// sender's Buffer in InFrame.Peer for PeerReducer (set
+// GRPCConfig.NoLocalShortcut to force TCP). NewLocalGroup
 // and NewLoopbackGroup build whole groups for tests and benchmarks.
 package collective

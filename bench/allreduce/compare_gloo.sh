@@ -4,6 +4,8 @@
 # session on the same machine, then prints one table.
 #
 # Usage: compare_gloo.sh GPUMESH_BINARY TORCH_ALLREDUCE_PY OUTDIR
+# Environment: CHANNELS (default "4 8 16"), OURS_FLAGS (extra flags for ours,
+# e.g. "--read-buffer 0 --write-buffer 0 --worker-gomaxprocs 8").
 set -u
 BIN=$1 PY=$2 OUT=${3:-/tmp/compare_gloo}
 mkdir -p "$OUT"
@@ -13,7 +15,7 @@ SIZES=64MiB,256MiB
 ITERS=10
 for n in 2 4; do
   for ch in ${CHANNELS:-4 8 16}; do
-    "$BIN" bench allreduce --ranks "$n" --procs --channels "$ch" --sizes "$SIZES" --iters "$ITERS" --json >"$OUT/ours_n${n}_c${ch}.json" 2>"$OUT/ours_n${n}_c${ch}.err" || cat "$OUT/ours_n${n}_c${ch}.err"
+    "$BIN" bench allreduce --ranks "$n" --procs --channels "$ch" --sizes "$SIZES" --iters "$ITERS" ${OURS_FLAGS:-} --json >"$OUT/ours_n${n}_c${ch}.json" 2>"$OUT/ours_n${n}_c${ch}.err" || cat "$OUT/ours_n${n}_c${ch}.err"
   done
   timeout 120 python3 "$PY" gloo cpu "$n" $((29500 + n)) 64,256 "$ITERS" >"$OUT/gloo_n${n}.txt" 2>&1 || tail -5 "$OUT/gloo_n${n}.txt"
 done
