@@ -610,7 +610,7 @@ func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, p
 	select {
 	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
 		f.Release()
-		return fmt.Errorf("%w: rank %d (this process) failed: %v", ErrPeerFailed, peer, pe.fail.Err())
+		return fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
 	default:
 	}
 	var err error
@@ -622,7 +622,7 @@ func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, p
 	case <-e.fail.ch:
 		err = e.fail.Err()
 	case <-pe.fail.ch:
-		err = fmt.Errorf("%w: rank %d (this process) failed: %v", ErrPeerFailed, peer, pe.fail.Err())
+		err = fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
 	}
 	f.Release()
 	return err

@@ -221,7 +221,7 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 	select {
 	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
 		f.Release()
-		return fmt.Errorf("%w: rank %d failed: %v", ErrPeerFailed, peer, pe.Err())
+		return fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
 	default:
 	}
 	select {
@@ -232,7 +232,7 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 	case <-e.fail.ch:
 		err = e.Err()
 	case <-pe.fail.ch:
-		err = fmt.Errorf("%w: rank %d failed: %v", ErrPeerFailed, peer, pe.Err())
+		err = fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
 	}
 	f.Release()
 	return err
