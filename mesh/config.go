@@ -86,6 +86,12 @@ type Config struct {
 	JoinSyncRounds int
 	// JoinSyncDelay is the wait before the first post-join push-pull.
 	JoinSyncDelay time.Duration
+	// FailureSyncDelay: this long after this node declares a peer dead,
+	// it makes one push-pull with a random live member (deaths within
+	// the delay share one), so that a false death that the peer refuted
+	// is undone at once rather than at the next periodic push-pull.
+	// 0 disables it.
+	FailureSyncDelay time.Duration
 	// RejoinAfterAlone makes the auto-join loop (only with a Discoverer)
 	// run discovery again once this node has seen no other live member
 	// for this long. 0 disables rejoining.
@@ -156,6 +162,7 @@ func DefaultLANConfig() Config {
 		JoinSyncRounds:          4,
 		JoinSyncDelay:           250 * time.Millisecond,
 		RejoinAfterAlone:        time.Minute,
+		FailureSyncDelay:        time.Second,
 		UpdateTimeout:           2 * time.Second,
 		TombstoneTimeout:        24 * time.Hour,
 		JoinMaxPeers:            5,
@@ -186,6 +193,7 @@ func DefaultLocalConfig() Config {
 	c.JoinRetryMax = 500 * time.Millisecond
 	c.JoinSyncDelay = 100 * time.Millisecond
 	c.RejoinAfterAlone = 5 * time.Second
+	c.FailureSyncDelay = 200 * time.Millisecond
 	c.UpdateTimeout = time.Second
 	c.ProbeInterval = 200 * time.Millisecond
 	c.ProbeTimeout = 100 * time.Millisecond
@@ -272,6 +280,7 @@ func (c *Config) Validate() error {
 		v    time.Duration
 	}{
 		{"JoinSyncDelay", c.JoinSyncDelay}, {"RejoinAfterAlone", c.RejoinAfterAlone},
+		{"FailureSyncDelay", c.FailureSyncDelay},
 		{"GossipToTheDeadTime", c.GossipToTheDeadTime}, {"PushPullInterval", c.PushPullInterval},
 		{"DeadNodeReclaimTime", c.DeadNodeReclaimTime}, {"TombstoneTimeout", c.TombstoneTimeout},
 	} {

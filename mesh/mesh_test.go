@@ -576,3 +576,23 @@ func TestPortInUse(t *testing.T) {
 		t.Fatalf("second node on port %d: got %v, want an error saying the port is in use", port, err)
 	}
 }
+
+// After a node declares a peer dead it makes one push-pull with a random
+// live member (so that a refuted false death does not linger).
+func TestSyncAfterFailure(t *testing.T) {
+	sink := &logSink{}
+	ms := meshtest.StartCluster(t, "fs", 3, func(i int, c *mesh.Config) {
+		c.PushPullInterval = 0 // only the syncs under test exchange state
+		c.JoinSyncRounds = 0
+		if i == 0 {
+			c.Logger = hclog.New(&hclog.LoggerOptions{Output: sink, Level: hclog.Debug})
+		}
+	})
+	before := sink.count("Initiating push/pull sync")
+	ms[2].Shutdown()
+	meshtest.WaitMember(t, ms[0], ms[2].Name(), func(m mesh.Member) bool { return m.State == mesh.StateDead }, "dead")
+	meshtest.WaitFor(t, 10*time.Second, func() (bool, string) {
+		n := sink.count("Initiating push/pull sync")
+		return n > before, fmt.Sprintf("%d push-pulls after the failure, want more than %d", n, before)
+	})
+}
