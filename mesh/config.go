@@ -97,6 +97,13 @@ type Config struct {
 	// for this long. 0 disables rejoining.
 	RejoinAfterAlone time.Duration
 
+	// ReconnectInterval is how often this node tries to join one random
+	// member it saw fail (not leave), as Serf's reconnect does. Without it
+	// the two sides of a healed network partition never gossip again:
+	// memberlist probes and syncs only with live members, so each side
+	// keeps the other dead. 0 disables reconnecting.
+	ReconnectInterval time.Duration
+
 	// TombstoneTimeout is how long Members keeps reporting a node after it
 	// was seen dead or left. 0 keeps them until they rejoin.
 	TombstoneTimeout time.Duration
@@ -163,6 +170,7 @@ func DefaultLANConfig() Config {
 		JoinSyncDelay:           250 * time.Millisecond,
 		RejoinAfterAlone:        time.Minute,
 		FailureSyncDelay:        time.Second,
+		ReconnectInterval:       5 * time.Second,
 		UpdateTimeout:           2 * time.Second,
 		TombstoneTimeout:        24 * time.Hour,
 		JoinMaxPeers:            5,
@@ -194,6 +202,7 @@ func DefaultLocalConfig() Config {
 	c.JoinSyncDelay = 100 * time.Millisecond
 	c.RejoinAfterAlone = 5 * time.Second
 	c.FailureSyncDelay = 200 * time.Millisecond
+	c.ReconnectInterval = time.Second
 	c.UpdateTimeout = time.Second
 	c.ProbeInterval = 200 * time.Millisecond
 	c.ProbeTimeout = 100 * time.Millisecond
@@ -281,6 +290,7 @@ func (c *Config) Validate() error {
 	}{
 		{"JoinSyncDelay", c.JoinSyncDelay}, {"RejoinAfterAlone", c.RejoinAfterAlone},
 		{"FailureSyncDelay", c.FailureSyncDelay},
+		{"ReconnectInterval", c.ReconnectInterval},
 		{"GossipToTheDeadTime", c.GossipToTheDeadTime}, {"PushPullInterval", c.PushPullInterval},
 		{"DeadNodeReclaimTime", c.DeadNodeReclaimTime}, {"TombstoneTimeout", c.TombstoneTimeout},
 	} {

@@ -256,6 +256,9 @@ func New(cfg Config) (*Mesh, error) {
 	if cfg.Discoverer != nil {
 		m.goFunc(func() { m.autoJoin(cfg.Discoverer) })
 	}
+	if cfg.ReconnectInterval > 0 {
+		m.goFunc(m.reconnectLoop)
+	}
 	if cfg.JoinSyncRounds > 0 {
 		m.goFunc(m.watchRefutes)
 	}
@@ -658,6 +661,51 @@ func (m *Mesh) randomPeer() string {
 		return ""
 	}
 	return addrs[rand.IntN(len(addrs))]
+}
+
+// reconnectLoop tries, every ReconnectInterval, to join one random member
+// that failed (was declared dead, did not leave). A join is a full state
+// exchange: each side learns that the other thinks it dead and refutes it,
+// so the two halves of a healed partition merge again.
+func (m *Mesh) reconnectLoop() {
+	t := time.NewTicker(m.cfg.ReconnectInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			return
+		}
+		if m.left.Load() {
+			return
+		}
+		name, addr := m.randomFailed()
+		if addr == "" {
+			continue
+		}
+		if _, err := m.ml.Join([]string{addr}); err != nil {
+			m.log.Debug("reconnect to failed member failed", "node", name, "addr", addr, "error", err)
+			continue
+		}
+		m.log.Info("reconnected to a member seen failed", "node", name, "addr", addr)
+	}
+}
+
+// randomFailed returns a random member in StateDead (failed, not left).
+func (m *Mesh) randomFailed() (name, addr string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var names []string
+	for n, rec := range m.members {
+		if n != m.cfg.NodeName && rec.State == StateDead && rec.Addr != "" {
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return "", ""
+	}
+	n := names[rand.IntN(len(names))]
+	return n, m.members[n].Addr
 }
 
 // autoJoin keeps discovering and joining until joined, and discovers

@@ -176,6 +176,11 @@ type Meta struct {
 	Role Role `json:"role"`
 	// Version is the build version of the agent.
 	Version string `json:"version,omitempty"`
+	// Bootstrapped marks a node that already holds Raft state: newcomers
+	// never form a new Raft group with it.
+	Bootstrapped bool `json:"bootstrapped,omitempty"`
+	// MaxRanks is how many ranks the node runs at once (0: no cap given).
+	MaxRanks int `json:"max_ranks,omitempty"`
 }
 
 // GPUCount returns the number of GPUs.
@@ -203,13 +208,17 @@ func (m Meta) Equal(o Meta) bool {
 		m.InstanceType == o.InstanceType && m.AvailabilityZone == o.AvailabilityZone &&
 		m.Region == o.Region && m.Lifecycle == o.Lifecycle && m.Status == o.Status &&
 		m.Ineligible == o.Ineligible && m.ServerEligible == o.ServerEligible &&
-		m.Role == o.Role && m.Version == o.Version
+		m.Role == o.Role && m.Version == o.Version &&
+		m.Bootstrapped == o.Bootstrapped && m.MaxRanks == o.MaxRanks
 }
 
 // Validate checks every field against the limits of the encoding.
 func (m Meta) Validate() error {
 	if m.ID == "" {
 		return fmt.Errorf("%w: node ID is empty: set Config.NodeID", ErrInvalidMeta)
+	}
+	if m.MaxRanks < 0 || m.MaxRanks > 1<<20 {
+		return fmt.Errorf("%w: max ranks %d is out of range 0..%d", ErrInvalidMeta, m.MaxRanks, 1<<20)
 	}
 	if err := checkString("node ID", m.ID, MaxIDLen); err != nil {
 		return err
@@ -336,13 +345,14 @@ const (
 const (
 	flagServerEligible = 1 << 0
 	flagIneligible     = 1 << 1
-	flagsKnown         = flagServerEligible | flagIneligible
+	flagBootstrapped   = 1 << 2
+	flagsKnown         = flagServerEligible | flagIneligible | flagBootstrapped
 )
 
 // Encode returns the compact binary form of m (format version 1):
 //
 //	version byte (1)
-//	flags byte (bit 0 server-eligible, bit 1 ineligible)
+//	flags byte (bit 0 server-eligible, bit 1 ineligible, bit 2 bootstrapped)
 //	lifecycle, status, role bytes
 //	ID, name: uvarint length + bytes
 //	4 addresses (gossip, RPC, Raft, HTTP): tag byte, then
@@ -351,6 +361,7 @@ const (
 //	instance type, zone, region, version: uvarint length + bytes
 //	GPU runs: uvarint count of runs, then per run uvarint GPU count,
 //	  model (uvarint length + bytes), uvarint memory bytes
+//	max ranks: uvarint
 //
 // Identical GPUs next to each other cost one run, so 8 H100s take about as
 // many bytes as one. Encode refuses a record that fails Validate or whose
@@ -366,6 +377,9 @@ func (m Meta) Encode() ([]byte, error) {
 	}
 	if m.Ineligible {
 		flags |= flagIneligible
+	}
+	if m.Bootstrapped {
+		flags |= flagBootstrapped
 	}
 	b = append(b, metaVersion1, flags, byte(m.Lifecycle), byte(m.Status), byte(m.Role))
 	b = appendString(b, m.ID)
@@ -406,6 +420,7 @@ func (m Meta) Encode() ([]byte, error) {
 		b = appendString(b, g.gpu.Model)
 		b = binary.AppendUvarint(b, g.gpu.MemoryBytes)
 	}
+	b = binary.AppendUvarint(b, uint64(m.MaxRanks))
 	if len(b) > MetaMaxSize {
 		return nil, fmt.Errorf("%w: node metadata encodes to %d bytes, over the %d-byte gossip limit: shorten the name, ID or labels, or list identical GPUs next to each other",
 			ErrMetaTooLarge, len(b), MetaMaxSize)
@@ -441,6 +456,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	}
 	m.ServerEligible = flags&flagServerEligible != 0
 	m.Ineligible = flags&flagIneligible != 0
+	m.Bootstrapped = flags&flagBootstrapped != 0
 	m.Lifecycle = Lifecycle(d.byte())
 	m.Status = Status(d.byte())
 	m.Role = Role(d.byte())
@@ -506,6 +522,12 @@ func DecodeMeta(b []byte) (Meta, error) {
 		for j := uint64(0); j < count; j++ {
 			m.GPUs = append(m.GPUs, GPU{Model: model, MemoryBytes: mem})
 		}
+	}
+	if maxRanks := d.uvarint(); d.err == nil {
+		if maxRanks > 1<<20 {
+			d.fail(fmt.Errorf("max ranks %d is out of range", maxRanks))
+		}
+		m.MaxRanks = int(maxRanks)
 	}
 	if d.err == nil && len(d.b) != 0 {
 		d.fail(fmt.Errorf("%d trailing bytes", len(d.b)))

@@ -54,6 +54,10 @@ type Constraints struct {
 	InstanceType string
 	// MinGPUMemoryBytes is the smallest GPU a rank may be given.
 	MinGPUMemoryBytes uint64
+	// SameAZ keeps all ranks in one availability zone (any zone). Without
+	// it, pack still prefers one zone but spans zones when no single zone
+	// can hold the job; spread alternates zones.
+	SameAZ bool
 }
 
 // Job is what Place needs to know of a job.

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"sigs.k8s.io/yaml"
+
+	"github.com/gpumesh/gpumesh/node"
+)
+
+func init() { registerCommand(newAgentCommand) }
+
+// agentFlags are the agent's command-line settings. A config file may give
+// any of them by the flag's name (dashes or underscores); flags win.
+type agentFlags struct {
+	cfg        *node.Config
+	configFile string
+	logLevel   string
+	logJSON    bool
+	ext        agentExtensions
+}
+
+func newAgentCommand() *cobra.Command {
+	f := &agentFlags{cfg: node.DefaultConfig()}
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the gpumesh daemon on this machine",
+		Long: `Run the gpumesh daemon. Every machine runs the same command; the cluster decides
+which agents hold Raft seats (voters and standbys) and which are clients.
+
+The agent gossips on --gossip-port (TCP and UDP), serves the Control API and the
+data plane on --rpc-port, Raft on --raft-port, and metrics, health and the
+dashboard on --http-port. Once --bootstrap-expect server-eligible agents have met,
+they form the Raft group by themselves.
+
+SIGTERM stops the agent and keeps its place (a restart with the same --data-dir
+rejoins with its state); SIGINT leaves the cluster gracefully.`,
+		Example: `  # three agents on one machine, each on its own loopback address and default ports
+  gpumesh agent --bind 127.0.0.2 --data-dir /tmp/g1 --join 127.0.0.3 --join 127.0.0.4
+  gpumesh agent --bind 127.0.0.3 --data-dir /tmp/g2 --join 127.0.0.2
+  gpumesh agent --bind 127.0.0.4 --data-dir /tmp/g3 --join 127.0.0.2
+
+  # on EC2, from user-data
+  gpumesh agent --data-dir /var/lib/gpumesh --join-ec2-tag gpumesh-cluster=prod --region us-east-1`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if f.configFile != "" {
+				if err := applyConfigFile(cmd.Flags(), f.configFile); err != nil {
+					return err
+				}
+			}
+			level := hclog.LevelFromString(f.logLevel)
+			if level == hclog.NoLevel {
+				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", f.logLevel)
+			}
+			f.cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()})
+			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
+				return err
+			}
+			a, err := node.NewAgent(f.cfg)
+			if err != nil {
+				return err
+			}
+			stop := f.ext.start(a)
+			defer stop()
+			sigs := make(chan os.Signal, 2)
+			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+			defer signal.Stop(sigs)
+			sig := <-sigs
+			f.cfg.Logger.Info("signal received", "signal", sig.String())
+			if sig == syscall.SIGINT {
+				return a.Leave()
+			}
+			return a.Shutdown()
+		},
+	}
+	fl := cmd.Flags()
+	c := f.cfg
+	fl.StringVar(&f.configFile, "config", "", "a YAML or JSON file whose keys are these flags' names (flags given on the command line win)")
+	fl.StringVar(&c.NodeName, "name", "", "node name (default: the host name)")
+	fl.StringVar(&c.BindAddr, "bind", c.BindAddr, "IP address every listener binds to")
+	fl.StringVar(&c.AdvertiseAddr, "advertise", "", "IP address other nodes use to reach this one (default: the bind address, or the first private address)")
+	fl.IntVar(&c.GossipPort, "gossip-port", c.GossipPort, "gossip port (TCP and UDP)")
+	fl.IntVar(&c.RPCPort, "rpc-port", c.RPCPort, "gRPC port: Control API and data plane")
+	fl.IntVar(&c.RaftPort, "raft-port", c.RaftPort, "Raft port")
+	fl.IntVar(&c.HTTPPort, "http-port", c.HTTPPort, "HTTP port: /metrics, /v1/health and the dashboard")
+	fl.StringVar(&c.DataDir, "data-dir", "", "where the node keeps its identity, Raft state and task logs (required)")
+	fl.StringArrayVar(&c.Join, "join", nil, "gossip address (host or host:port) of a member to join; repeatable; retried with backoff")
+	fl.IntVar(&c.BootstrapExpect, "bootstrap-expect", c.BootstrapExpect, "server-eligible members to wait for before forming the Raft group")
+	fl.BoolVar(&c.Server, "server", c.Server, "may hold a Raft seat; --server=false makes a client that never does")
+	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
+	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
+	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (`openssl rand -base64 32`)")
+	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
+	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
+	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
+	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
+	fl.StringVar(&c.Lifecycle, "lifecycle", c.Lifecycle, "spot, on-demand or unknown (default: from EC2 metadata)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
+	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
+	f.ext.addFlags(fl)
+	addSecurityFlags(fl, &c.Security) // tls.go
+	return cmd
+}
+
+// applyConfigFile sets every flag the file names that the command line did
+// not set.
+func applyConfigFile(fl *pflag.FlagSet, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config file: %w", err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(data, &m); err != nil {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		name := strings.ReplaceAll(k, "_", "-")
+		flag := fl.Lookup(name)
+		if flag == nil || name == "config" {
+			return fmt.Errorf("config file %s: unknown setting %q (settings are the agent's flag names, see `gpumesh agent --help`)", path, k)
+		}
+		if flag.Changed {
+			continue
+		}
+		vals := []any{m[k]}
+		if l, ok := m[k].([]any); ok {
+			vals = l
+		}
+		for _, v := range vals {
+			if err := fl.Set(name, fmt.Sprint(v)); err != nil {
+				return fmt.Errorf("config file %s: %s: %w", path, k, err)
+			}
+		}
+	}
+	return nil
+}

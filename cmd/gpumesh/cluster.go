@@ -1,0 +1,287 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node"
+)
+
+func init() {
+	registerCommand(newMembersCommand)
+	registerCommand(newNodesCommand)
+	registerCommand(newRaftCommand)
+	registerCommand(newNodeCommand)
+	registerCommand(newVersionCommand)
+}
+
+func newMembersCommand() *cobra.Command {
+	var f clientFlags
+	cmd := &cobra.Command{
+		Use:     "members",
+		Short:   "List the gossip members the asked agent knows, with their state",
+		Example: "  gpumesh members\n  gpumesh members --address 127.0.0.3:7947 --json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := f.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.Members(ctx, &pb.MembersRequest{})
+			if err != nil {
+				return f.explain(err)
+			}
+			if f.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			tw := newTable(cmd.OutOrStdout())
+			fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSTATUS\tSERVER\tGPUS\tAZ\tLIFECYCLE\tINSTANCE")
+			for _, m := range resp.Members {
+				n := m.Meta
+				if n == nil {
+					n = &pb.Node{}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, dash(n.Status), n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
+			}
+			return tw.Flush()
+		},
+	}
+	addClientFlags(cmd, &f)
+	return cmd
+}
+
+func gpuSummary(gpus []*pb.GPU) string {
+	if len(gpus) == 0 {
+		return "0"
+	}
+	model := strings.TrimPrefix(gpus[0].Model, "NVIDIA ")
+	return fmt.Sprintf("%d× %s %dGiB", len(gpus), model, gpus[0].MemoryBytes>>30)
+}
+
+func newNodesCommand() *cobra.Command {
+	var f clientFlags
+	var stale bool
+	cmd := &cobra.Command{
+		Use:     "nodes",
+		Short:   "List the nodes in the cluster state, with status, role and resources",
+		Example: "  gpumesh nodes\n  gpumesh nodes --json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := f.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.ListNodes(ctx, &pb.ListNodesRequest{Query: &pb.QueryOptions{Stale: stale}})
+			if err != nil {
+				return f.explain(err)
+			}
+			if f.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			roles := map[string]string{}
+			if peers, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{}); err == nil {
+				for _, p := range peers.Peers {
+					r := "voter"
+					if p.Suffrage != "voter" {
+						r = "standby"
+					}
+					if p.Leader {
+						r = "leader"
+					}
+					roles[p.Id] = r
+				}
+			}
+			tw := newTable(cmd.OutOrStdout())
+			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tADDRESS\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
+			for _, n := range resp.Nodes {
+				role := roles[n.Id]
+				if role == "" {
+					role = "client"
+				}
+				st := n.Status
+				if n.Ineligible {
+					st += ",ineligible"
+				}
+				id := n.Id
+				if len(id) > 8 {
+					id = id[:8]
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, n.Name, st, role, n.RpcAddr, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType), n.StatusReason)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if fs := leaderFleetStatus(ctx, c, &f); fs != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "\nfleet: %s\n", fs)
+			}
+			return nil
+		},
+	}
+	addClientFlags(cmd, &f)
+	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
+	return cmd
+}
+
+func newRaftCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "raft", Short: "Inspect the Raft group", Example: "  gpumesh raft peers"}
+	var f clientFlags
+	peers := &cobra.Command{
+		Use:     "peers",
+		Short:   "List the Raft voters and standbys and who leads",
+		Example: "  gpumesh raft peers\n  gpumesh raft peers --json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := f.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{})
+			if err != nil {
+				return f.explain(err)
+			}
+			if f.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			tw := newTable(cmd.OutOrStdout())
+			fmt.Fprintln(tw, "NODE\tID\tADDRESS\tSTATE\tVOTER\tHEALTHY")
+			for _, p := range resp.Peers {
+				st := "follower"
+				if p.Leader {
+					st = "leader"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%v\n", dash(p.NodeName), p.Id, p.Address, st, p.Suffrage == "voter", p.Healthy)
+			}
+			return tw.Flush()
+		},
+	}
+	addClientFlags(peers, &f)
+	var tf clientFlags
+	var to string
+	transfer := &cobra.Command{
+		Use:     "transfer-leadership",
+		Short:   "Move Raft leadership to another voter (before maintenance of the leader's machine)",
+		Example: "  gpumesh raft transfer-leadership\n  gpumesh raft transfer-leadership --to node-2",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := tf.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := tf.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{To: to})
+			if err != nil {
+				return tf.explain(err)
+			}
+			if tf.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", dash(resp.LeaderId))
+			return nil
+		},
+	}
+	addClientFlags(transfer, &tf)
+	transfer.Flags().StringVar(&to, "to", "", "node ID or name of the voter to lead (default: any up-to-date voter)")
+	cmd.AddCommand(peers, transfer)
+	return cmd
+}
+
+func newNodeCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Act on one node", Example: "  gpumesh node drain node-3\n  gpumesh node drain --self"}
+	var f clientFlags
+	var self bool
+	var deadline time.Duration
+	var reason string
+	drain := &cobra.Command{
+		Use:   "drain [--self | ID]",
+		Short: "Drain a node: no new work, its ranks placed elsewhere, its tasks told to checkpoint",
+		Long: "Drain marks the node draining in gossip and in Raft. A leader hands over leadership,\n" +
+			"a voter is replaced, its allocations are placed elsewhere as a new generation,\n" +
+			"and its tasks get SIGTERM with GPUMESH_PREEMPT_DEADLINE set so they can checkpoint.\n" +
+			"This is what a spot interruption notice does by itself.",
+		Example: "  gpumesh node drain --self\n  gpumesh node drain node-2 --deadline 2m",
+		Args:    cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if (len(args) == 1) == self {
+				return fmt.Errorf("name a node (ID or name) or pass --self, not both")
+			}
+			req := &pb.DrainNodeRequest{Self: self, Deadline: durationpb.New(deadline), Reason: reason}
+			if len(args) == 1 {
+				req.NodeId = args[0]
+			}
+			c, done, err := f.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.DrainNode(ctx, req)
+			if err != nil {
+				return f.explain(err)
+			}
+			if f.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s)\n", resp.NodeId, resp.Index, deadline)
+			return nil
+		},
+	}
+	addClientFlags(drain, &f)
+	drain.Flags().BoolVar(&self, "self", false, "drain the agent named by --address")
+	drain.Flags().DurationVar(&deadline, "deadline", 2*time.Minute, "how long the node's tasks have to checkpoint and stop")
+	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in `gpumesh nodes`")
+	cmd.AddCommand(drain)
+	return cmd
+}
+
+func newVersionCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:     "version",
+		Short:   "Print the gpumesh version",
+		Example: "  gpumesh version",
+		Args:    cobra.NoArgs,
+		Run: func(cmd *cobra.Command, args []string) {
+			fmt.Fprintf(cmd.OutOrStdout(), "gpumesh %s (cuda data path: %v)\n", node.Version, node.CUDABuild)
+		},
+	}
+}
+
+// leaderFleetStatus asks the leader for its last fleet scaling change.
+func leaderFleetStatus(ctx context.Context, c pb.ControlClient, f *clientFlags) string {
+	info, err := c.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	if info.LeaderRpcAddr == "" || info.LeaderRpcAddr == info.Node.GetRpcAddr() {
+		return info.FleetStatus
+	}
+	lf := *f
+	lf.address = info.LeaderRpcAddr
+	lc, done, err := lf.dial()
+	if err != nil {
+		return ""
+	}
+	defer done()
+	li, err := lc.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	return li.FleetStatus
+}

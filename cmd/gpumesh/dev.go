@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node"
+)
+
+func init() { registerCommand(newDevCommand) }
+
+func newDevCommand() *cobra.Command {
+	var nodes int
+	var demo bool
+	var logLevel, dataDir string
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a local cluster of N agents in this process",
+		Long: `Run N agents in one process on 127.0.0.1, each with its own ports and a data dir
+under a temporary folder (removed on exit). They gossip, elect a Raft leader and
+take jobs like a real cluster. Without --demo it runs until interrupted and prints
+how to reach it; with --demo it submits a demo job, prints its result and exits 0
+when the result checked out.`,
+		Example: "  gpumesh dev\n  gpumesh dev --nodes 5\n  gpumesh dev --demo",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			out := cmd.OutOrStdout()
+			level := hclog.LevelFromString(logLevel)
+			if level == hclog.NoLevel {
+				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", logLevel)
+			}
+			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: cmd.ErrOrStderr()})
+			start := time.Now()
+			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
+			dc, err := node.NewDevCluster(node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger})
+			if err != nil {
+				return err
+			}
+			defer func() {
+				// Connections torn down at exit are not news.
+				logger.SetLevel(hclog.Off)
+				dc.Shutdown()
+			}()
+			ctx, cancel := context.WithTimeout(cmd.Context(), 60*time.Second)
+			err = dc.WaitReady(ctx)
+			cancel()
+			if err != nil {
+				return err
+			}
+			l := dc.Leader()
+			fmt.Fprintf(out, "==> cluster ready in %s: leader %s\n", time.Since(start).Round(time.Millisecond), l.Name())
+			for _, a := range dc.Agents {
+				fmt.Fprintf(out, "    %-8s rpc %-21s http http://%s  role %s\n", a.Name(), a.RPCAddr(), a.HTTPAddr(), a.Role())
+			}
+			if demo {
+				return runDemo(cmd.Context(), dc, out)
+			}
+			fmt.Fprintf(out, "\nTalk to it from another shell:\n  export GPUMESH_ADDR=%s\n  gpumesh nodes\n  gpumesh job run examples/hello.yaml\n\nPress Ctrl-C to stop.\n", dc.Agents[0].RPCAddr())
+			sigs := make(chan os.Signal, 1)
+			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+			defer signal.Stop(sigs)
+			<-sigs
+			fmt.Fprintln(out, "==> stopping")
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
+	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
+	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error")
+	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
+	return cmd
+}
+
+// runDemo submits the demo job through a follower, waits for it to end and
+// prints what it reported.
+func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
+	spec := demoSpec(len(dc.Agents))
+	target := dc.Agents[0]
+	for _, a := range dc.Agents {
+		if !a.IsLeader() {
+			target = a
+			break
+		}
+	}
+	f := &clientFlags{address: target.RPCAddr(), timeout: 30 * time.Second}
+	c, done, err := f.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	fmt.Fprintf(out, "==> submitting a %d-rank %s job through %s (a follower)\n", spec.Ranks, spec.Type, target.Name())
+	sctx, cancel := f.ctx(ctx)
+	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: clientJobID(spec.Name)})
+	cancel()
+	if err != nil {
+		return f.explain(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	final, err := followJob(wctx, c, f, resp.Id, true, out)
+	if err != nil {
+		return err
+	}
+	printResults(out, final)
+	if final.Job.Status != "complete" {
+		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
+	}
+	return demoCheck(final, out)
+}

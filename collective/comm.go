@@ -1,0 +1,372 @@
+package collective
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Algorithms, as carried in frame headers.
+const (
+	AlgoRing              = 1
+	AlgoRecursiveDoubling = 2
+	AlgoPipeline          = 3 // broadcast chain and point-to-point
+)
+
+// Communicator runs collective operations for one rank of a group.
+//
+// Collective operations (AllReduce, ReduceScatter, AllGather, Broadcast,
+// Barrier) must be called by every rank, in the same order, one at a time.
+// Send and Recv may run concurrently with each other (for distinct peer and
+// direction), but not with a collective.
+//
+// After any failure (mismatch, dead peer, timeout, cancelled context) the
+// communicator is aborted: the failure is sent to every peer, so every rank's
+// pending and later calls fail too. Build a new communicator (next
+// generation) to continue.
+type Communicator struct {
+	cfg   Config
+	group Group
+	n     int
+	rank  int
+	ghash uint64
+	ep    Endpoint
+	log   hclog.Logger
+
+	opMu   sync.RWMutex // collectives hold it exclusively, Send/Recv shared
+	seq    uint64       // collective sequence number (under opMu)
+	p2pMu  []sync.Mutex // 2 per peer: send, recv
+	p2pSeq []uint64     // 2 per peer, under p2pMu
+
+	ctx      context.Context // cancelled with the failure cause
+	cancel   context.CancelCauseFunc
+	failOnce sync.Once
+	failErr  atomic.Pointer[error]
+
+	progress atomic.Uint64
+	active   atomic.Int32
+
+	scratch []byte // recursive doubling, under opMu
+	barrier *HostBuffer
+
+	wg        sync.WaitGroup
+	closed    atomic.Bool
+	closeOnce sync.Once
+	stop      chan struct{}
+}
+
+// New creates rank g.Rank's communicator over transport t.
+func New(t Transport, g Group, cfg Config) (*Communicator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if err := g.Validate(); err != nil {
+		return nil, err
+	}
+	ep, err := t.Open(EndpointSpec{Job: g.Job, Generation: g.Generation, Rank: g.Rank, Addrs: g.Addrs, Channels: cfg.Channels})
+	if err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	n := len(g.Addrs)
+	c := &Communicator{
+		cfg: cfg, group: g, n: n, rank: g.Rank, ghash: GroupHash(g.Job), ep: ep,
+		log:     log.Named("collective").With("job", g.Job, "generation", g.Generation, "rank", g.Rank),
+		p2pMu:   make([]sync.Mutex, 2*n),
+		p2pSeq:  make([]uint64, 2*n),
+		barrier: NewHostBuffer(Uint8, 1),
+		stop:    make(chan struct{}),
+	}
+	c.ctx, c.cancel = context.WithCancelCause(context.Background())
+	c.wg.Add(2)
+	go c.watchdog()
+	go c.watchEndpoint()
+	return c, nil
+}
+
+// Rank is this rank.
+func (c *Communicator) Rank() int { return c.rank }
+
+// Size is the number of ranks.
+func (c *Communicator) Size() int { return c.n }
+
+// Group returns the group this communicator serves.
+func (c *Communicator) Group() Group { return c.group }
+
+// Config returns the communicator's configuration.
+func (c *Communicator) Config() Config { return c.cfg }
+
+// Err returns the failure that aborted the communicator, or nil.
+func (c *Communicator) Err() error {
+	if p := c.failErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Close releases the communicator's links and goroutines. It does not wait
+// for operations in flight (they fail with ErrClosed). Safe to call twice.
+func (c *Communicator) Close() error {
+	c.closeOnce.Do(func() {
+		c.closed.Store(true)
+		c.failOnce.Do(func() {
+			err := error(ErrClosed)
+			c.failErr.Store(&err)
+			c.cancel(ErrClosed)
+		})
+		close(c.stop)
+		c.wg.Wait()
+		_ = c.ep.Close()
+	})
+	return nil
+}
+
+// fail aborts the communicator with cause (first cause wins) and tells the
+// peers in the background.
+func (c *Communicator) fail(cause error) {
+	c.failOnce.Do(func() {
+		c.failErr.Store(&cause)
+		c.cancel(cause)
+		c.log.Error("communicator aborted", "error", cause)
+		select {
+		case <-c.stop:
+			return
+		default:
+		}
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), c.cfg.AbortTimeout)
+			defer cancel()
+			c.ep.Abort(ctx, cause)
+		}()
+	})
+}
+
+func (c *Communicator) watchEndpoint() {
+	defer c.wg.Done()
+	select {
+	case <-c.ep.Failed():
+		err := c.ep.Err()
+		if err == nil || errors.Is(err, ErrClosed) {
+			return
+		}
+		c.fail(err)
+	case <-c.stop:
+	}
+}
+
+// watchdog fails the communicator when an operation is in flight and
+// nothing has moved for Timeout.
+func (c *Communicator) watchdog() {
+	defer c.wg.Done()
+	tick := c.cfg.Timeout / 8
+	if tick > time.Second {
+		tick = time.Second
+	}
+	if tick < time.Millisecond {
+		tick = time.Millisecond
+	}
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	last := c.progress.Load()
+	var since time.Time
+	for {
+		select {
+		case <-c.stop:
+			return
+		case now := <-t.C:
+			p := c.progress.Load()
+			if p != last || c.active.Load() == 0 {
+				last, since = p, time.Time{}
+				continue
+			}
+			if since.IsZero() {
+				since = now
+				continue
+			}
+			if now.Sub(since) >= c.cfg.Timeout {
+				c.fail(fmt.Errorf("%w: rank %d made no progress for %v (a peer is dead, hung, unreachable or did not call the same operation; the limit is the collective timeout)", ErrTimeout, c.rank, c.cfg.Timeout))
+				return
+			}
+		}
+	}
+}
+
+// opErr turns an operation's error into what the caller sees: the root
+// cause of the communicator's failure when there is one.
+func (c *Communicator) opErr(name string, ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil && c.Err() == nil {
+		c.fail(fmt.Errorf("%w: rank %d: %s cancelled: %v", ErrAborted, c.rank, name, context.Cause(ctx)))
+		return fmt.Errorf("collective: %s: %w", name, context.Cause(ctx))
+	}
+	c.fail(err)
+	if root := c.Err(); root != nil {
+		return root
+	}
+	return err
+}
+
+// begin starts an operation: checks the communicator is usable and derives
+// the operation's context, cancelled when the communicator fails.
+func (c *Communicator) begin(ctx context.Context) (context.Context, func(), error) {
+	if err := c.Err(); err != nil {
+		if c.closed.Load() {
+			return nil, nil, ErrClosed
+		}
+		return nil, nil, fmt.Errorf("%w (earlier failure: %w)", ErrAborted, err)
+	}
+	opCtx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(c.ctx, func() { cancel(context.Cause(c.ctx)) })
+	c.active.Add(1)
+	return opCtx, func() {
+		c.active.Add(-1)
+		stop()
+		cancel(nil)
+	}, nil
+}
+
+func (c *Communicator) header(coll CollKind, dt DType, op Op, count int, algo uint8, chunkElems int, root int) Header {
+	return Header{
+		Kind: FrameData, Coll: coll, DType: dt, Op: op, Algo: algo,
+		Channels: uint16(c.cfg.Channels), Root: int32(root), Group: c.ghash,
+		Generation: c.group.Generation, Count: uint64(count), ChunkElems: uint64(chunkElems),
+		Src: int32(c.rank),
+	}
+}
+
+// MismatchError says that two ranks called different operations.
+type MismatchError struct{ Msg string }
+
+func (e *MismatchError) Error() string { return "collective: " + e.Msg }
+
+// Unwrap returns ErrMismatch.
+func (e *MismatchError) Unwrap() error { return ErrMismatch }
+
+func (c *Communicator) checkFrame(exp *Header, f *InFrame, from, off, n int) error {
+	got := &f.Header
+	if got.Kind != FrameData || int(got.Src) != from {
+		return fmt.Errorf("%w: rank %d got a frame of kind %d from rank %d on the link from rank %d", ErrBadFrame, c.rank, got.Kind, got.Src, from)
+	}
+	if m := mismatch(exp, got, c.rank); m != "" {
+		return &MismatchError{Msg: m}
+	}
+	es := exp.DType.Size()
+	if got.Offset != uint64(off) || int(got.Length) != n*es || f.Payload.Len() != n*es {
+		return &MismatchError{Msg: fmt.Sprintf("rank %d expected elements [%d,%d) of %s from rank %d but got [%d,+%d bytes): give every rank the same collective config", c.rank, off, off+n, exp.describe(""), from, got.Offset, got.Length)}
+	}
+	return nil
+}
+
+func checkBuf(name string, b Buffer) error {
+	if b == nil {
+		return fmt.Errorf("%w: %s: buffer is nil", ErrBadArgument, name)
+	}
+	if !b.DType().Valid() {
+		return fmt.Errorf("%w: %s: %v", ErrBadDType, name, b.DType())
+	}
+	return nil
+}
+
+func checkOp(name string, op Op) error {
+	if !op.Valid() {
+		return fmt.Errorf("%w: %s: %v", ErrBadOp, name, op)
+	}
+	return nil
+}
+
+// ---- send bookkeeping ----
+
+type sendTracker struct {
+	pending atomic.Int64
+	kick    chan struct{}
+	c       *Communicator
+}
+
+func newTracker(c *Communicator) *sendTracker {
+	return &sendTracker{kick: make(chan struct{}, 1), c: c}
+}
+
+func (t *sendTracker) wait(ctx context.Context) error {
+	for t.pending.Load() > 0 {
+		select {
+		case <-t.kick:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	return nil
+}
+
+// sendRec is the per-chunk completion record handed to Endpoint.Send.
+type sendRec struct {
+	buf Buffer
+	off int
+	n   int
+	tr  *sendTracker
+	h   Header
+}
+
+var sendRecPool = sync.Pool{New: func() any { return new(sendRec) }}
+
+func (r *sendRec) SendDone() {
+	r.buf.ReleaseChunk(r.off, r.n)
+	tr := r.tr
+	r.buf, r.tr = nil, nil
+	sendRecPool.Put(r)
+	tr.c.progress.Add(1)
+	if tr.pending.Add(-1) == 0 {
+		select {
+		case tr.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// send reads [off,off+n) of buf and sends it to peer on channel ch.
+func (c *Communicator) send(ctx context.Context, tr *sendTracker, buf Buffer, hdr *Header, peer, ch, off, n int) error {
+	data, err := buf.ReadChunk(off, n)
+	if err != nil {
+		return err
+	}
+	r := sendRecPool.Get().(*sendRec)
+	r.buf, r.off, r.n, r.tr = buf, off, n, tr
+	r.h = *hdr
+	r.h.Offset = uint64(off)
+	r.h.Length = uint32(len(data))
+	tr.pending.Add(1)
+	return c.ep.Send(ctx, peer, ch, &r.h, data, PeerRef{Buf: buf, Off: off}, r)
+}
+
+// consume applies a received frame to buf: reduce or write.
+func consume(buf Buffer, f *InFrame, off, n int, reduce bool, op Op) error {
+	if f.Peer.Buf != nil {
+		if pr, ok := buf.(PeerReducer); ok {
+			var handled bool
+			var err error
+			if reduce {
+				handled, err = pr.PeerReduce(off, f.Peer.Buf, f.Peer.Off, n, op)
+			} else {
+				handled, err = pr.PeerWrite(off, f.Peer.Buf, f.Peer.Off, n)
+			}
+			if handled {
+				return err
+			}
+		}
+	}
+	if reduce {
+		return buf.ReduceChunk(off, f.Payload, op)
+	}
+	return buf.WriteChunk(off, f.Payload)
+}

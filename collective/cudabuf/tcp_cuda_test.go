@@ -1,0 +1,258 @@
+//go:build cuda
+
+package cudabuf
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
+)
+
+// TestTCPSeparateProcesses runs ranks as separate processes (this test
+// binary again, one GPU each, round robin) connected by the collective's
+// gRPC data plane over loopback TCP, with device buffers: correctness for
+// every op on a few dtypes; with GPUMESH_CUDA_BENCH=1 also busbw.
+func TestTCPSeparateProcesses(t *testing.T) {
+	if rank := os.Getenv("GPUMESH_TCP_RANK"); rank != "" {
+		tcpChild(t, rank)
+		return
+	}
+	if !cuda.Available() {
+		t.Skip("no CUDA device on this host")
+	}
+	n := 2
+	if s := os.Getenv("GPUMESH_TCP_RANKS"); s != "" {
+		n, _ = strconv.Atoi(s)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(envInt("GPUMESH_TCP_TIMEOUT_S", 120))*time.Second)
+	defer cancel()
+	type child struct {
+		cmd   *exec.Cmd
+		stdin io.WriteCloser
+		out   *bufio.Reader
+		log   strings.Builder
+		done  chan struct{}
+	}
+	var kids []*child
+	var addrs []string
+	for r := 0; r < n; r++ {
+		k := &child{done: make(chan struct{})}
+		k.cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^TestTCPSeparateProcesses$", "-test.v")
+		k.cmd.Env = append(os.Environ(), "GPUMESH_TCP_RANK="+strconv.Itoa(r), "GPUMESH_TCP_SIZE="+strconv.Itoa(n))
+		k.cmd.Stderr = os.Stderr
+		var err error
+		if k.stdin, err = k.cmd.StdinPipe(); err != nil {
+			t.Fatal(err)
+		}
+		pipe, err := k.cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		k.out = bufio.NewReader(pipe)
+		if err := k.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		kids = append(kids, k)
+		// first line: the rank's listening address
+		for {
+			line, err := k.out.ReadString('\n')
+			if err != nil {
+				t.Fatalf("rank %d exited before listening: %v", r, err)
+			}
+			if a, ok := strings.CutPrefix(strings.TrimSpace(line), "ADDR "); ok {
+				addrs = append(addrs, a)
+				break
+			}
+		}
+	}
+	for r, k := range kids {
+		fmt.Fprintln(k.stdin, strings.Join(addrs, ","))
+		go func(r int, k *child) {
+			defer close(k.done)
+			for {
+				line, err := k.out.ReadString('\n')
+				if strings.HasPrefix(line, "tcp ") {
+					fmt.Print(line)
+				}
+				k.log.WriteString(line)
+				if err != nil {
+					return
+				}
+			}
+		}(r, k)
+	}
+	for r, k := range kids {
+		<-k.done
+		if err := k.cmd.Wait(); err != nil {
+			t.Errorf("rank %d: %v\n%s", r, err, k.log.String())
+		}
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+func tcpChild(t *testing.T, rankS string) {
+	rank, _ := strconv.Atoi(rankS)
+	n, _ := strconv.Atoi(os.Getenv("GPUMESH_TCP_SIZE"))
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	fmt.Printf("ADDR %s\n", srv.Addr())
+	line, err := bufio.NewReader(os.Stdin).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := strings.Split(strings.TrimSpace(line), ",")
+	be := openBackendCfg(t, envInt("GPUMESH_SLOT_KIB", 4096)<<10, envInt("GPUMESH_SLOTS", 64))
+	dev := rank % be.NumDevices()
+	ctx := context.Background()
+	cfg := collective.DefaultConfig()
+	cfg.Channels = envInt("GPUMESH_TCP_CHANNELS", cfg.Channels)
+	cfg.ChunkBytes = envInt("GPUMESH_TCP_CHUNK_KIB", cfg.ChunkBytes>>10) << 10
+	cfg.Timeout = 20 * time.Second
+	gen := uint64(1)
+	newComm := func() *collective.Communicator {
+		c, err := collective.New(srv.Transport(), collective.Group{Job: "cuda-tcp", Generation: gen, Rank: rank, Addrs: addrs}, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gen++
+		return c
+	}
+	comm := newComm()
+	defer func() { comm.Close() }()
+	// correctness
+	const count = 300007
+	for _, dt := range []collective.DType{collective.Float32, collective.BFloat16, collective.Int32} {
+		buf, err := be.NewBuffer(dev, dt, count)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, op := range collective.AllOps {
+			var ref, mine *collective.HostBuffer
+			for k := 0; k < n; k++ {
+				h := smallInts(rand.New(rand.NewPCG(uint64(k), uint64(op))), dt, count, op)
+				if k == rank {
+					mine = h
+				}
+				if ref == nil {
+					ref = collective.NewHostBuffer(dt, count)
+					copy(ref.Bytes(), h.Bytes())
+				} else {
+					ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
+				}
+			}
+			if op == collective.OpAvg {
+				ref.DivChunk(0, count, n)
+			}
+			if err := buf.Upload(mine.Bytes()); err != nil {
+				t.Fatal(err)
+			}
+			if err := comm.AllReduce(ctx, buf, op); err != nil {
+				t.Fatalf("%v %v: %v", dt, op, err)
+			}
+			got := make([]byte, count*dt.Size())
+			if err := buf.Download(got); err != nil {
+				t.Fatal(err)
+			}
+			compareBytes(t, dt, got, ref.Bytes())
+		}
+		buf.Free()
+	}
+	if rank == 0 {
+		fmt.Printf("tcp n=%d correctness ok (float32, bfloat16, int32 x sum avg max min prod)\n", n)
+	}
+	if os.Getenv("GPUMESH_CUDA_BENCH") != "1" {
+		return
+	}
+	iters := envInt("GPUMESH_TCP_ITERS", 10)
+	sizes := []int{64, 256}
+	for ci, conf := range strings.Split(envOr("GPUMESH_TCP_CONFIGS", "4x1024,8x1024,8x4096,16x1024,16x4096"), ",") {
+		var ch, kib int
+		if _, err := fmt.Sscanf(conf, "%dx%d", &ch, &kib); err != nil {
+			t.Fatalf("bad GPUMESH_TCP_CONFIGS entry %q (want CHANNELSxCHUNK_KIB)", conf)
+		}
+		cfg.Channels, cfg.ChunkBytes = ch, kib<<10
+		comm.Close()
+		comm = newComm()
+		szs := sizes
+		if ci == 0 {
+			szs = []int{1, 16, 64, 256}
+		}
+		for _, device := range strings.Split(envOr("GPUMESH_TCP_DEVICES", "cuda,cpu"), ",") {
+			for _, mib := range szs {
+				count := mib << 20 / 4
+				var buf collective.Buffer
+				var free func()
+				if device == "cuda" {
+					b, err := be.NewBuffer(dev, collective.Float32, count)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b.wr.Fill(cuda.Float32, b.mem.Ptr(), int64(count), uint64(rank), false)
+					buf, free = b, func() { b.Free() }
+				} else {
+					buf, free = collective.NewHostBuffer(collective.Float32, count), func() {}
+				}
+				for i := 0; i < 2; i++ {
+					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
+						t.Fatal(err)
+					}
+				}
+				var ts []time.Duration
+				for i := 0; i < iters; i++ {
+					if err := comm.Barrier(ctx); err != nil {
+						t.Fatal(err)
+					}
+					t0 := time.Now()
+					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
+						t.Fatal(err)
+					}
+					ts = append(ts, time.Since(t0))
+				}
+				free()
+				med := median(ts)
+				alg := float64(mib<<20) / med.Seconds() / 1e9
+				if rank == 0 {
+					wait := "spin"
+					if os.Getenv("GPUMESH_SPIN") == "0" {
+						wait = "sleep"
+					}
+					if os.Getenv("GPUMESH_RANGE_DEPS") == "1" {
+						wait += ",rangedeps"
+					}
+					if device == "cpu" {
+						wait = "-"
+					}
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
+				}
+			}
+		}
+	}
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,316 @@
+package collective
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+func TestGRPCAllReduceCorrect(t *testing.T) {
+	cfg := testConfig()
+	g, err := NewLoopbackGroup("job", 1, 3, cfg, DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	for _, dt := range []DType{Float32, BFloat16, Int64, Uint8} {
+		for _, op := range []Op{OpSum, OpAvg, OpMax} {
+			for _, count := range []int{0, 1, 17, 100003} {
+				bufs := make([]*HostBuffer, 3)
+				for r := range bufs {
+					bufs[r] = NewHostBuffer(dt, count)
+					fill(bufs[r], op, r)
+				}
+				noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
+					return c.AllReduce(context.Background(), bufs[c.Rank()], op)
+				}))
+				for r := range bufs {
+					checkResult(t, bufs[r], op, 3, r, fmt.Sprintf("grpc %v %v %d", dt, op, count))
+				}
+			}
+		}
+	}
+	// Broadcast, send/recv and barrier over gRPC too.
+	b := []*HostBuffer{NewHostBuffer(Float32, 70001), NewHostBuffer(Float32, 70001), NewHostBuffer(Float32, 70001)}
+	fill(b[1], OpSum, 1)
+	noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
+		if err := c.Broadcast(context.Background(), b[c.Rank()], 1); err != nil {
+			return err
+		}
+		var err error
+		switch c.Rank() {
+		case 0:
+			err = c.Send(context.Background(), b[0], 2)
+		case 2:
+			err = c.Recv(context.Background(), b[2], 0)
+		}
+		if err != nil {
+			return err
+		}
+		return c.Barrier(context.Background())
+	}))
+	for r := range b {
+		for i := 0; i < b[r].Len(); i++ {
+			if b[r].At(i) != value(Float32, OpSum, 1, i) {
+				t.Fatalf("rank %d element %d wrong after broadcast", r, i)
+			}
+		}
+	}
+}
+
+func TestGRPCMismatchNamesIt(t *testing.T) {
+	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	errs := RunAll(g.Comms, func(c *Communicator) error {
+		count := 1000
+		if c.Rank() == 0 {
+			count = 999
+		}
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, count), OpSum)
+	})
+	for r, err := range errs {
+		if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "count=999") || !strings.Contains(err.Error(), "count=1000") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+}
+
+func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
+	cfg := testConfig()
+	cfg.Timeout = 5 * time.Second
+	g, err := NewLoopbackGroup("job", 1, 3, cfg, DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	// A first operation connects everyone.
+	noErrs(t, RunAll(g.Comms, func(c *Communicator) error { return c.Barrier(context.Background()) }))
+	errs := make(chan error, 2)
+	for _, r := range []int{0, 2} {
+		go func() {
+			errs <- g.Comms[r].AllReduce(context.Background(), NewHostBuffer(Float32, 1<<20), OpSum)
+		}()
+	}
+	waitFor(t, func() bool { return g.Comms[0].active.Load() == 1 && g.Comms[2].active.Load() == 1 })
+	// Rank 1's node goes away: its server and links are cut.
+	g.Servers[1].Close()
+	_ = g.Comms[1].ep.Close()
+	start := time.Now()
+	for i := 0; i < 2; i++ {
+		if err := <-errs; !errors.Is(err, ErrPeerFailed) && !errors.Is(err, ErrTimeout) {
+			t.Fatalf("survivor got %v", err)
+		}
+	}
+	if el := time.Since(start); el > cfg.Timeout+5*time.Second {
+		t.Fatalf("survivors took %v", el)
+	}
+}
+
+func TestGRPCUnreachablePeer(t *testing.T) {
+	cfg := testConfig()
+	cfg.Timeout = 500 * time.Millisecond
+	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// A port nobody listens on.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := l.Addr().String()
+	_ = l.Close()
+	c, err := New(s.Transport(), Group{Job: "j", Rank: 0, Addrs: []string{s.Addr(), dead}}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.AllReduce(context.Background(), NewHostBuffer(Float32, 1<<16), OpSum)
+	if !errors.Is(err, ErrTimeout) && !errors.Is(err, ErrPeerFailed) {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestGRPCStaleGenerationRefused(t *testing.T) {
+	cfg := testConfig()
+	cfg.Timeout = 5 * time.Second
+	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	addrs := []string{a.Addr(), b.Addr()}
+	// Node b already serves generation 5 of the job; a rank of generation 4
+	// must be refused.
+	newer, err := New(b.Transport(), Group{Job: "j", Generation: 5, Rank: 1, Addrs: addrs}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newer.Close()
+	if _, err := New(b.Transport(), Group{Job: "j", Generation: 4, Rank: 0, Addrs: addrs}, cfg); !errors.Is(err, ErrStaleGeneration) {
+		t.Fatalf("opening an old generation locally: %v", err)
+	}
+	old, err := New(a.Transport(), Group{Job: "j", Generation: 4, Rank: 0, Addrs: addrs}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	err = old.AllReduce(context.Background(), NewHostBuffer(Float32, 1<<16), OpSum)
+	if !errors.Is(err, ErrStaleGeneration) {
+		t.Fatalf("old generation traffic: %v, want ErrStaleGeneration", err)
+	}
+}
+
+// The data plane shares a *grpc.Server with protobuf services.
+func TestGRPCSharesServerWithProtobuf(t *testing.T) {
+	gcfg := DefaultGRPCConfig()
+	svc, err := NewService(gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer(ServerOptions(gcfg)...)
+	svc.Register(gs)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = gs.Serve(lis) }()
+	defer func() { gs.Stop(); <-done }()
+	addr := lis.Addr().String()
+	tr := NewGRPCTransport(svc)
+	addrs := []string{addr, addr} // two ranks served by one node
+	comms := make([]*Communicator, 2)
+	for r := range comms {
+		comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, testConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	bufs := []*HostBuffer{NewHostBuffer(Float32, 5000), NewHostBuffer(Float32, 5000)}
+	fill(bufs[0], OpSum, 0)
+	fill(bufs[1], OpSum, 1)
+	noErrs(t, RunAll(comms, func(c *Communicator) error { return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum) }))
+	checkResult(t, bufs[0], OpSum, 2, 0, "shared server")
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	resp, err := healthpb.NewHealthClient(cc).Check(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health on the shared server: %v %v", resp, err)
+	}
+}
+
+// Ranks 0 and 1 live in one process (one server, same address) and exchange
+// in memory; rank 2 is on another node and talks gRPC. With NoLocalShortcut
+// the same group runs over TCP only.
+func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
+	for _, noLocal := range []bool{false, true} {
+		gcfg := DefaultGRPCConfig()
+		gcfg.NoLocalShortcut = noLocal
+		a, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs := []string{a.Addr(), a.Addr(), b.Addr()}
+		servers := []*Server{a, a, b}
+		comms := make([]*Communicator, 3)
+		for r := range comms {
+			if comms[r], err = New(servers[r].Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ep := comms[0].ep.(*grpcEndpoint)
+		if ep.local[1] == noLocal || ep.local[2] {
+			t.Fatalf("noLocal=%v: local peers %v", noLocal, ep.local)
+		}
+		for _, count := range []int{7, 50001} {
+			bufs := make([]*HostBuffer, 3)
+			for r := range bufs {
+				bufs[r] = NewHostBuffer(Float64, count)
+				fill(bufs[r], OpSum, r)
+			}
+			noErrs(t, RunAll(comms, func(c *Communicator) error {
+				return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+			}))
+			for r := range bufs {
+				checkResult(t, bufs[r], OpSum, 3, r, fmt.Sprintf("mixed noLocal=%v", noLocal))
+			}
+		}
+		// A mismatch still reaches every rank, local or remote.
+		errs := RunAll(comms, func(c *Communicator) error {
+			n := 100
+			if c.Rank() == 1 {
+				n = 101
+			}
+			return c.AllReduce(context.Background(), NewHostBuffer(Float32, n), OpSum)
+		})
+		for r, err := range errs {
+			if !errors.Is(err, ErrMismatch) {
+				t.Fatalf("noLocal=%v rank %d: %v", noLocal, r, err)
+			}
+		}
+		CloseAll(comms)
+		a.Close()
+		b.Close()
+	}
+}
+
+func TestGRPCChannelConfigMismatch(t *testing.T) {
+	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	addrs := []string{a.Addr(), b.Addr()}
+	comms := make([]*Communicator, 2)
+	for r, s := range []*Server{a, b} {
+		cfg := testConfig()
+		cfg.Timeout = 3 * time.Second
+		cfg.Channels = 2 + 2*r
+		if comms[r], err = New(s.Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	errs := RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, 100000), OpSum)
+	})
+	for r, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), "channels") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+}

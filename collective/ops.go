@@ -1,0 +1,565 @@
+package collective
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// unit is one chunk that a channel sends or receives.
+type unit struct {
+	off, n int
+	dep    int // sends: index of the receive that must be done first, -1 none
+	reduce bool
+	div    bool // receives: divide by the rank count afterwards (OpAvg)
+}
+
+type chanPlan struct {
+	sends []unit
+	recvs []unit
+}
+
+// pipeline runs per-channel plans: for every channel a sender goroutine
+// (to peer `to`) and a receiver goroutine (from peer `from`), the sender of a
+// chunk waiting only for the receive it depends on.
+func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op Op, to, from int, plans []chanPlan) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	tr := newTracker(c)
+	var wg sync.WaitGroup
+	var firstErr atomic.Pointer[error]
+	setErr := func(err error) {
+		if firstErr.CompareAndSwap(nil, &err) {
+			cancel(err)
+		}
+	}
+	for ch := range plans {
+		p := &plans[ch]
+		var done atomic.Int64
+		kick := make(chan struct{}, 1)
+		if len(p.recvs) > 0 {
+			wg.Add(1)
+			go func(ch int) {
+				defer wg.Done()
+				for i, u := range p.recvs {
+					f, err := c.ep.Recv(ctx, from, ch)
+					if err != nil {
+						setErr(err)
+						return
+					}
+					if err := c.checkFrame(hdr, f, from, u.off, u.n); err != nil {
+						f.Release()
+						setErr(err)
+						return
+					}
+					err = consume(buf, f, u.off, u.n, u.reduce, op)
+					f.Release()
+					if err == nil && u.div {
+						err = buf.DivChunk(u.off, u.n, c.n)
+					}
+					if err != nil {
+						setErr(err)
+						return
+					}
+					c.progress.Add(1)
+					done.Store(int64(i + 1))
+					select {
+					case kick <- struct{}{}:
+					default:
+					}
+				}
+			}(ch)
+		}
+		if len(p.sends) > 0 {
+			wg.Add(1)
+			go func(ch int) {
+				defer wg.Done()
+				for _, u := range p.sends {
+					for done.Load() <= int64(u.dep) {
+						select {
+						case <-kick:
+						case <-ctx.Done():
+							return
+						}
+					}
+					if err := c.send(ctx, tr, buf, hdr, to, ch, u.off, u.n); err != nil {
+						setErr(err)
+						return
+					}
+				}
+			}(ch)
+		}
+	}
+	wg.Wait()
+	if p := firstErr.Load(); p != nil {
+		return *p
+	}
+	if err := ctx.Err(); err != nil {
+		return context.Cause(ctx)
+	}
+	if err := tr.wait(ctx); err != nil {
+		return err
+	}
+	return buf.Sync()
+}
+
+func (c *Communicator) chunkElems(dt DType) int {
+	e := c.cfg.ChunkBytes / dt.Size()
+	if e < 1 {
+		e = 1
+	}
+	return e
+}
+
+// ringPlans builds the per-channel plans of ring steps [s0, s1) of a ring
+// all-reduce (reduce-scatter is [0, n-1), all-gather [n-1, 2(n-1))).
+func ringPlans(plan ChunkPlan, rank, s0, s1 int, avg bool) []chanPlan {
+	n := plan.Ranks
+	plans := make([]chanPlan, plan.Channels)
+	for ch := range plans {
+		p := &plans[ch]
+		prev := -1 // index of the first receive of step s-1
+		for s := s0; s < s1; s++ {
+			st := RingAllReduceStep(n, rank, s)
+			ks := plan.SubChunks(st.Send, ch)
+			for k := 0; k < ks; k++ {
+				off, cnt := plan.Sub(st.Send, ch, k)
+				dep := -1
+				if prev >= 0 {
+					dep = prev + k
+				}
+				p.sends = append(p.sends, unit{off: off, n: cnt, dep: dep})
+			}
+			prev = len(p.recvs)
+			kr := plan.SubChunks(st.Recv, ch)
+			for k := 0; k < kr; k++ {
+				off, cnt := plan.Sub(st.Recv, ch, k)
+				p.recvs = append(p.recvs, unit{off: off, n: cnt, reduce: st.Reduce, div: avg && s == n-2})
+			}
+		}
+	}
+	return plans
+}
+
+func (c *Communicator) ringPlan(count int, dt DType) ChunkPlan {
+	return ChunkPlan{Count: count, Ranks: c.n, Channels: c.cfg.Channels, ChunkElems: c.chunkElems(dt)}
+}
+
+func (c *Communicator) useSmall(count int, dt DType) bool {
+	return c.n > 1 && count*dt.Size() <= c.cfg.SmallBytes
+}
+
+// AllReduce reduces buf across all ranks in place: afterwards every rank
+// holds op over all ranks' buffers. Small buffers (<= Config.SmallBytes)
+// use recursive doubling, larger ones the ring. Float results are
+// bit-identical on every rank and across runs with the same rank count and
+// config (the reduction order is fixed).
+func (c *Communicator) AllReduce(ctx context.Context, buf Buffer, op Op) error {
+	if err := checkBuf("AllReduce", buf); err != nil {
+		return err
+	}
+	if err := checkOp("AllReduce", op); err != nil {
+		return err
+	}
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.seq++
+	return c.opErr("AllReduce", ctx, c.allReduce(ctx, buf, op, CollAllReduce))
+}
+
+func (c *Communicator) allReduce(ctx context.Context, buf Buffer, op Op, coll CollKind) error {
+	count, dt := buf.Len(), buf.DType()
+	if c.n == 1 {
+		if op == OpAvg {
+			return buf.DivChunk(0, count, 1)
+		}
+		return buf.Sync()
+	}
+	if c.useSmall(count, dt) {
+		h := c.header(coll, dt, op, count, AlgoRecursiveDoubling, count, -1)
+		h.Seq = c.seq
+		return c.recursiveDoubling(ctx, buf, &h, op)
+	}
+	plan := c.ringPlan(count, dt)
+	h := c.header(coll, dt, op, count, AlgoRing, plan.ChunkElems, -1)
+	h.Seq = c.seq
+	return c.pipeline(ctx, buf, &h, op, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, ringPlans(plan, c.rank, 0, RingAllReduceSteps(c.n), op == OpAvg))
+}
+
+// AllReduceInto is the out-of-place AllReduce: dst = op over all ranks' src;
+// src is not modified. dst and src must have the same dtype and length.
+func (c *Communicator) AllReduceInto(ctx context.Context, dst, src Buffer, op Op) error {
+	if err := checkBuf("AllReduce", dst); err != nil {
+		return err
+	}
+	if err := checkBuf("AllReduce", src); err != nil {
+		return err
+	}
+	if dst.DType() != src.DType() || dst.Len() != src.Len() {
+		return fmt.Errorf("%w: AllReduce: out-of-place buffers differ: dst %v[%d], src %v[%d]", ErrBadArgument, dst.DType(), dst.Len(), src.DType(), src.Len())
+	}
+	if err := copyBuffer(dst, 0, src, 0, src.Len()); err != nil {
+		return err
+	}
+	return c.AllReduce(ctx, dst, op)
+}
+
+// BlockLen is the number of elements rank r holds after a ReduceScatter of
+// count elements over n ranks (and contributes to an AllGather of count):
+// count/n, plus one for the first count%n ranks.
+func BlockLen(count, n, r int) int {
+	_, l := Part(count, n, r)
+	return l
+}
+
+// ReduceScatter reduces src across ranks and leaves block Rank() of the
+// result in dst (dst.Len() == BlockLen(src.Len(), Size(), Rank())). With
+// dst == nil it works in place: the result is src's block Rank() (elements
+// starting at the sum of the BlockLen of lower ranks); the rest of src is
+// overwritten with partial results. Out of place, src is left unchanged
+// (the reduction runs in a scratch copy, which src must support through
+// Allocator unless it is a HostBuffer).
+func (c *Communicator) ReduceScatter(ctx context.Context, dst, src Buffer, op Op) error {
+	if err := checkBuf("ReduceScatter", src); err != nil {
+		return err
+	}
+	if err := checkOp("ReduceScatter", op); err != nil {
+		return err
+	}
+	count, dt := src.Len(), src.DType()
+	boff, bl := Part(count, c.n, c.rank)
+	work := src
+	if dst != nil {
+		if dst.DType() != dt || dst.Len() != bl {
+			return fmt.Errorf("%w: ReduceScatter: rank %d output must be %v[%d] for an input of %d elements over %d ranks, got %v[%d]", ErrBadArgument, c.rank, dt, bl, count, c.n, dst.DType(), dst.Len())
+		}
+		w, err := newLike(src, count)
+		if err != nil {
+			return err
+		}
+		if err := copyBuffer(w, 0, src, 0, count); err != nil {
+			return err
+		}
+		work = w
+	}
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.seq++
+	err = nil
+	if c.n == 1 {
+		if op == OpAvg {
+			err = work.DivChunk(0, count, 1)
+		}
+	} else {
+		plan := c.ringPlan(count, dt)
+		h := c.header(CollReduceScatter, dt, op, count, AlgoRing, plan.ChunkElems, -1)
+		h.Seq = c.seq
+		err = c.pipeline(ctx, work, &h, op, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, ringPlans(plan, c.rank, 0, c.n-1, op == OpAvg))
+	}
+	if err == nil && dst != nil {
+		err = copyBuffer(dst, 0, work, boff, bl)
+	}
+	return c.opErr("ReduceScatter", ctx, err)
+}
+
+// Allocator is implemented by buffers that can allocate a scratch buffer of
+// their own kind (device buffers allocate device memory).
+type Allocator interface {
+	NewLike(n int) (Buffer, error)
+}
+
+// NewLike implements Allocator.
+func (h *HostBuffer) NewLike(n int) (Buffer, error) { return NewHostBuffer(h.dt, n), nil }
+
+func newLike(b Buffer, n int) (Buffer, error) {
+	if a, ok := b.(Allocator); ok {
+		return a.NewLike(n)
+	}
+	return nil, fmt.Errorf("%w: out-of-place ReduceScatter needs a scratch buffer: %T does not implement Allocator (use dst == nil for in place)", ErrBadArgument, b)
+}
+
+// AllGather gathers every rank's block into dst: rank r's src becomes block
+// r of dst (dst.Len() is the total; src.Len() == BlockLen(dst.Len(), Size(),
+// r)). With src == nil it works in place: block Rank() of dst already holds
+// this rank's data.
+func (c *Communicator) AllGather(ctx context.Context, dst, src Buffer) error {
+	if err := checkBuf("AllGather", dst); err != nil {
+		return err
+	}
+	count, dt := dst.Len(), dst.DType()
+	boff, bl := Part(count, c.n, c.rank)
+	if src != nil {
+		if src.DType() != dt || src.Len() != bl {
+			return fmt.Errorf("%w: AllGather: rank %d input must be %v[%d] for an output of %d elements over %d ranks, got %v[%d]", ErrBadArgument, c.rank, dt, bl, count, c.n, src.DType(), src.Len())
+		}
+		if err := copyBuffer(dst, boff, src, 0, bl); err != nil {
+			return err
+		}
+	}
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.seq++
+	if c.n == 1 {
+		return c.opErr("AllGather", ctx, dst.Sync())
+	}
+	plan := c.ringPlan(count, dt)
+	h := c.header(CollAllGather, dt, 0, count, AlgoRing, plan.ChunkElems, -1)
+	h.Seq = c.seq
+	plans := ringPlans(plan, c.rank, c.n-1, 2*(c.n-1), false)
+	return c.opErr("AllGather", ctx, c.pipeline(ctx, dst, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans))
+}
+
+// wholePlans splits the whole buffer across channels and chunks: send-only,
+// receive-only, or receive-then-forward plans.
+func wholePlans(plan ChunkPlan, send, recv bool) []chanPlan {
+	plans := make([]chanPlan, plan.Channels)
+	for ch := range plans {
+		p := &plans[ch]
+		for k := 0; k < plan.WholeSubChunks(ch); k++ {
+			off, n := plan.WholeSub(ch, k)
+			if recv {
+				p.recvs = append(p.recvs, unit{off: off, n: n})
+			}
+			if send {
+				dep := -1
+				if recv {
+					dep = k
+				}
+				p.sends = append(p.sends, unit{off: off, n: n, dep: dep})
+			}
+		}
+	}
+	return plans
+}
+
+// Broadcast copies root's buf to every rank's buf (pipelined along the
+// ring starting at root).
+func (c *Communicator) Broadcast(ctx context.Context, buf Buffer, root int) error {
+	if err := checkBuf("Broadcast", buf); err != nil {
+		return err
+	}
+	if root < 0 || root >= c.n {
+		return fmt.Errorf("%w: Broadcast: root %d outside 0..%d", ErrBadArgument, root, c.n-1)
+	}
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.seq++
+	if c.n == 1 {
+		return c.opErr("Broadcast", ctx, buf.Sync())
+	}
+	count, dt := buf.Len(), buf.DType()
+	plan := c.ringPlan(count, dt)
+	h := c.header(CollBroadcast, dt, 0, count, AlgoPipeline, plan.ChunkElems, root)
+	h.Seq = c.seq
+	pos := (c.rank - root + c.n) % c.n
+	plans := wholePlans(plan, pos < c.n-1, pos > 0)
+	return c.opErr("Broadcast", ctx, c.pipeline(ctx, buf, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans))
+}
+
+// Barrier returns once every rank has called Barrier.
+func (c *Communicator) Barrier(ctx context.Context) error {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.seq++
+	if c.n == 1 {
+		return nil
+	}
+	h := c.header(CollBarrier, Uint8, OpMax, 1, AlgoRecursiveDoubling, 1, -1)
+	h.Seq = c.seq
+	return c.opErr("Barrier", ctx, c.recursiveDoubling(ctx, c.barrier, &h, OpMax))
+}
+
+// Send sends buf to peer, which must call Recv(peer=this rank) with a buffer
+// of the same dtype and length. It returns once the data has been handed to
+// the network, so buf may be reused afterwards. Between ranks of one process
+// (and whenever the link's flow-control window is full) that means once the
+// receiver has taken it: like MPI_Ssend, a Send may wait for its matching
+// Recv, so two ranks that exchange must not both call Send before Recv from
+// one goroutine; run sends and receives in separate goroutines (Send and Recv
+// with different peers or directions may run concurrently).
+func (c *Communicator) Send(ctx context.Context, buf Buffer, peer int) error {
+	return c.SendTagged(ctx, buf, peer, 0)
+}
+
+// Recv receives into buf what peer sent with Send.
+func (c *Communicator) Recv(ctx context.Context, buf Buffer, peer int) error {
+	return c.RecvTagged(ctx, buf, peer, 0)
+}
+
+// SendTagged is Send with a tag that the matching RecvTagged must name
+// (messages are not matched by tag: a different tag is an error).
+func (c *Communicator) SendTagged(ctx context.Context, buf Buffer, peer int, tag uint64) error {
+	return c.p2p(ctx, buf, peer, tag, true)
+}
+
+// RecvTagged is Recv that checks the sender's tag.
+func (c *Communicator) RecvTagged(ctx context.Context, buf Buffer, peer int, tag uint64) error {
+	return c.p2p(ctx, buf, peer, tag, false)
+}
+
+func (c *Communicator) p2p(ctx context.Context, buf Buffer, peer int, tag uint64, send bool) error {
+	name := "Recv"
+	if send {
+		name = "Send"
+	}
+	if err := checkBuf(name, buf); err != nil {
+		return err
+	}
+	if peer < 0 || peer >= c.n || peer == c.rank {
+		return fmt.Errorf("%w: %s: peer %d must be another rank in 0..%d (this is rank %d)", ErrBadArgument, name, peer, c.n-1, c.rank)
+	}
+	c.opMu.RLock()
+	defer c.opMu.RUnlock()
+	idx := 2 * peer
+	if !send {
+		idx++
+	}
+	c.p2pMu[idx].Lock()
+	defer c.p2pMu[idx].Unlock()
+	ctx, end, err := c.begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer end()
+	c.p2pSeq[idx]++
+	count, dt := buf.Len(), buf.DType()
+	plan := ChunkPlan{Count: count, Ranks: c.n, Channels: c.cfg.Channels, ChunkElems: c.chunkElems(dt)}
+	dest := peer
+	if !send {
+		dest = c.rank
+	}
+	h := c.header(CollSendRecv, dt, 0, count, AlgoPipeline, plan.ChunkElems, dest)
+	h.Seq = c.p2pSeq[idx]
+	h.Tag = tag
+	plans := wholePlans(plan, send, !send)
+	if count == 0 { // still exchange one (empty) frame so the peers meet
+		plans[0] = chanPlan{}
+		if send {
+			plans[0].sends = []unit{{dep: -1}}
+		} else {
+			plans[0].recvs = []unit{{}}
+		}
+	}
+	return c.opErr(name, ctx, c.pipeline(ctx, buf, &h, 0, peer, peer, plans))
+}
+
+// recursiveDoubling all-reduces a small buffer in whole-buffer messages on
+// channel 0.
+func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Header, op Op) error {
+	count := buf.Len()
+	nb := count * buf.DType().Size()
+	if cap(c.scratch) < nb {
+		c.scratch = make([]byte, nb)
+	}
+	scratch := c.scratch[:nb]
+	tr := newTracker(c)
+	divided := false
+	div := func() error {
+		if op == OpAvg && !divided {
+			divided = true
+			return buf.DivChunk(0, count, c.n)
+		}
+		return nil
+	}
+	recv := func(peer int) (*InFrame, error) {
+		f, err := c.ep.Recv(ctx, peer, 0)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.checkFrame(h, f, peer, 0, count); err != nil {
+			f.Release()
+			return nil, err
+		}
+		c.progress.Add(1)
+		return f, nil
+	}
+	steps := RecursiveDoubling(c.n, c.rank)
+	extra := len(steps) > 0 && steps[0].Kind == RDSendFold
+	for _, st := range steps {
+		switch st.Kind {
+		case RDSendFold, RDSendResult:
+			if st.Kind == RDSendResult {
+				if err := div(); err != nil {
+					return err
+				}
+			}
+			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count); err != nil {
+				return err
+			}
+			if err := tr.wait(ctx); err != nil {
+				return err
+			}
+		case RDRecvFold:
+			f, err := recv(st.Peer)
+			if err != nil {
+				return err
+			}
+			err = consume(buf, f, 0, count, true, op)
+			f.Release()
+			if err != nil {
+				return err
+			}
+		case RDExchange:
+			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count); err != nil {
+				return err
+			}
+			f, err := recv(st.Peer)
+			if err != nil {
+				return err
+			}
+			f.Payload.CopyTo(scratch)
+			f.Release()
+			if err := tr.wait(ctx); err != nil {
+				return err
+			}
+			if err := buf.ReduceChunk(0, Segments{scratch}, op); err != nil {
+				return err
+			}
+		case RDRecvResult:
+			f, err := recv(st.Peer)
+			if err != nil {
+				return err
+			}
+			err = consume(buf, f, 0, count, false, op)
+			f.Release()
+			if err != nil {
+				return err
+			}
+		}
+	}
+	if !extra {
+		if err := div(); err != nil {
+			return err
+		}
+	}
+	if err := tr.wait(ctx); err != nil {
+		return err
+	}
+	return buf.Sync()
+}

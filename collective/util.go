@@ -1,0 +1,5 @@
+package collective
+
+import "sync/atomic"
+
+type atomicBool = atomic.Bool

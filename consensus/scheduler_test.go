@@ -1,0 +1,302 @@
+package consensus
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// schedCluster is a one-server cluster whose server takes no work, plus
+// client nodes added by the test.
+func schedCluster(t *testing.T) (*TestCluster, *Server) {
+	tc := NewTestCluster(t, func(c *Config) { c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0 })
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	return tc, tc.WaitForLeader(10 * time.Second)
+}
+
+func addGPUNode(tc *TestCluster, id string, gpus int) {
+	n := &controlpb.Node{Id: id, Name: id, RpcAddr: "127.0.1." + id[len(id)-1:] + ":7947", Lifecycle: LifecycleOnDemand, MaxRanks: 8}
+	for i := 0; i < gpus; i++ {
+		n.Gpus = append(n.Gpus, &controlpb.GPU{Index: int32(i), Model: "H100", MemoryBytes: 80 << 30})
+	}
+	tc.AddClient(n)
+}
+
+func gpuJob(name string, ranks int32) *controlpb.JobSpec {
+	return &controlpb.JobSpec{Name: name, Type: "exec", Ranks: ranks, GpusPerRank: 1,
+		Restart: &controlpb.RestartPolicy{Attempts: 2, Delay: durationpb.New(100 * time.Millisecond)},
+		Exec:    &controlpb.ExecSpec{Command: []string{"true"}}}
+}
+
+func waitJob(t *testing.T, s *Server, id string, what string, cond func(*controlpb.Job, []*controlpb.Allocation) bool) *controlpb.Job {
+	t.Helper()
+	var j *controlpb.Job
+	WaitFor(t, 10*time.Second, func() (bool, string) {
+		j = s.State().Job(id)
+		if j == nil {
+			return false, "no job"
+		}
+		return cond(j, s.State().Allocations(id)), fmt.Sprintf("%s: job %v", what, j)
+	})
+	return j
+}
+
+func genAllocs(s *Server, id string, gen uint64) []*controlpb.Allocation {
+	var out []*controlpb.Allocation
+	for _, a := range s.State().Allocations(id) {
+		if a.Generation == gen {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func report(t *testing.T, s *Server, ups ...*controlpb.Allocation) {
+	t.Helper()
+	if _, err := s.UpdateAllocations(ctxT(t), ups); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ackStops plays the node runtime: every allocation told to stop reports
+// stopped.
+func ackStops(t *testing.T, s *Server, id string) {
+	t.Helper()
+	var ups []*controlpb.Allocation
+	for _, a := range s.State().Allocations(id) {
+		if a.DesiredStatus == DesiredStop && !AllocTerminal(a.ClientStatus) {
+			ups = append(ups, &controlpb.Allocation{Id: a.Id, ClientStatus: AllocStopped, ExitCode: -1})
+		}
+	}
+	if len(ups) > 0 {
+		report(t, s, ups...)
+	}
+}
+
+func running(gen uint64, world int32) func(*controlpb.Job, []*controlpb.Allocation) bool {
+	return func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobRunning && j.Generation == gen && j.WorldSize == world
+	}
+}
+
+func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("train", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	as := genAllocs(s, id, 1)
+	if len(as) != 2 || as[0].NodeId == as[1].NodeId {
+		t.Fatalf("allocs %v", as)
+	}
+	r0 := as[0]
+	master := s.State().Node(r0.NodeId)
+	for i, a := range as {
+		if a.Rank != int32(i) || a.WorldSize != 2 || len(a.Gpus) != 1 || a.DesiredStatus != DesiredRun ||
+			a.MasterAddr != hostOf(master.RpcAddr) || a.MasterPort != 29500 || a.RankAddr != s.State().Node(a.NodeId).RpcAddr ||
+			a.GroupWorldSize != 2 || a.Id != fmt.Sprintf("%s.1.%d", id, i) {
+			t.Fatalf("alloc %d = %v", i, a)
+		}
+	}
+	// No GPU left: the next gang job waits with the planner's reason.
+	id2, _, err := s.RegisterJob(ctxT(t), gpuJob("second", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j2 := waitJob(t, s, id2, "pending with reason", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && strings.HasPrefix(j.StatusReason, "waiting for capacity: ")
+	})
+	t.Logf("pending reason: %s", j2.StatusReason)
+	// Capacity appears: it is placed, with its own master port on its node.
+	addGPUNode(tc, "c3", 1)
+	addGPUNode(tc, "c4", 1)
+	waitJob(t, s, id2, "placed after capacity", running(1, 2))
+	// All ranks of job 1 exit 0: complete.
+	report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocComplete}, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocComplete})
+	waitJob(t, s, id, "complete", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobComplete })
+}
+
+func TestSchedulerFailureRestartsThenFails(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("flaky", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for gen := uint64(1); gen <= 3; gen++ {
+		waitJob(t, s, id, fmt.Sprintf("generation %d", gen), running(gen, 2))
+		as := genAllocs(s, id, gen)
+		if as[0].RestartCount != int32(gen-1) {
+			t.Fatalf("restart count %d at generation %d", as[0].RestartCount, gen)
+		}
+		report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocRunning}, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocFailed, ExitCode: 7, Message: "oom"})
+		if gen == 3 {
+			break
+		}
+		j := waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+			return j.Status == JobPending && j.Restarts == int32(gen)
+		})
+		if !strings.Contains(j.StatusReason, "rank 1 failed") || !strings.Contains(j.StatusReason, "exit code 7") {
+			t.Fatalf("reason %q", j.StatusReason)
+		}
+		// The surviving rank is told to stop; the next generation waits for it.
+		if a := s.State().Allocation(as[0].Id); a.DesiredStatus != DesiredStop {
+			t.Fatalf("surviving rank not stopped: %v", a)
+		}
+		ackStops(t, s, id)
+	}
+	j := waitJob(t, s, id, "failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobFailed })
+	if !strings.Contains(j.StatusReason, "exhausted") {
+		t.Fatalf("reason %q", j.StatusReason)
+	}
+	for _, a := range s.State().Allocations(id) {
+		if a.DesiredStatus != DesiredStop {
+			t.Fatalf("alloc %s still desired %s after the job failed", a.Id, a.DesiredStatus)
+		}
+	}
+}
+
+func TestSchedulerDrainAndNodeLossReplace(t *testing.T) {
+	tc, s := schedCluster(t)
+	for _, n := range []string{"c1", "c2", "c3", "c4"} {
+		addGPUNode(tc, n, 1)
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 5, "nodes not reconciled" })
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("steady", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	drained := genAllocs(s, id, 1)[1].NodeId
+	if _, err := s.DrainNode(ctxT(t), drained, time.Now().Add(2*time.Minute), "spot interruption"); err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, s, id, "generation ended by drain", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending })
+	if j.Restarts != 0 || !strings.Contains(j.StatusReason, "draining") {
+		t.Fatalf("drain counted as failure or no reason: %v", j)
+	}
+	ackStops(t, s, id)
+	waitJob(t, s, id, "generation 2", running(2, 2))
+	for _, a := range genAllocs(s, id, 2) {
+		if a.NodeId == drained {
+			t.Fatalf("rank %d placed on the drained node", a.Rank)
+		}
+	}
+	// The node of a rank dies: its ranks are lost, the rest stop, and the
+	// job is placed again without counting a restart.
+	dead := genAllocs(s, id, 2)[0].NodeId
+	tc.SetMember(dead, func(m *Member) { m.State = MemberDead })
+	waitJob(t, s, id, "generation ended by node loss", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending })
+	ackStops(t, s, id)
+	j = waitJob(t, s, id, "generation 3", running(3, 2))
+	if j.Restarts != 0 {
+		t.Fatalf("node loss counted as a restart: %v", j)
+	}
+	for _, a := range genAllocs(s, id, 2) {
+		if a.NodeId == dead && a.ClientStatus != AllocLost {
+			t.Fatalf("rank on the dead node is %s, want lost", a.ClientStatus)
+		}
+	}
+	for _, a := range genAllocs(s, id, 3) {
+		if a.NodeId == dead || a.NodeId == drained {
+			t.Fatalf("generation 3 rank %d on node %s", a.Rank, a.NodeId)
+		}
+	}
+}
+
+func TestSchedulerElasticGrowAndShrink(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	spec := gpuJob("elastic", 0)
+	spec.MinRanks, spec.MaxRanks = 1, 3
+	id, _, err := s.RegisterJob(ctxT(t), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed with the ranks that fit", running(1, 2))
+	addGPUNode(tc, "c3", 1)
+	waitJob(t, s, id, "grow requested", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && strings.Contains(j.StatusReason, "growing")
+	})
+	ackStops(t, s, id)
+	waitJob(t, s, id, "grown", running(2, 3))
+	victim := genAllocs(s, id, 2)[2].NodeId
+	tc.SetMember(victim, func(m *Member) { m.State = MemberDead })
+	waitJob(t, s, id, "shrink requested", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending })
+	ackStops(t, s, id)
+	waitJob(t, s, id, "shrunk", running(3, 2))
+}
+
+func TestSchedulerStopJob(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 2)
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("stopme", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	as := genAllocs(s, id, 1)
+	if as[0].LocalRank != 0 || as[1].LocalRank != 1 || as[1].LocalWorldSize != 2 || as[0].Gpus[0] == as[1].Gpus[0] {
+		t.Fatalf("two ranks on one node: %v", as)
+	}
+	if _, err := s.StopJob(ctxT(t), id); err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "stopped", func(j *controlpb.Job, as []*controlpb.Allocation) bool {
+		for _, a := range as {
+			if a.DesiredStatus != DesiredStop {
+				return false
+			}
+		}
+		return j.Status == JobStopped
+	})
+	ackStops(t, s, id)
+	if _, err := s.StopJob(ctxT(t), "nope"); err == nil {
+		t.Fatal("stopping an unknown job succeeded")
+	}
+	// The freed GPUs take a new job.
+	id2, _, err := s.RegisterJob(ctxT(t), gpuJob("next", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id2, "placed on freed GPUs", running(1, 2))
+}
+
+func TestSchedulerSurvivesLeaderChange(t *testing.T) {
+	tc := MakeTestCluster(t, 3, func(c *Config) {})
+	for _, id := range tc.IDs() {
+		tc.SetMember(id, func(m *Member) { m.Ineligible = true })
+	}
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	l := tc.WaitForLeader(5 * time.Second)
+	id, _, err := l.RegisterJob(ctxT(t), gpuJob("ha", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, l, id, "placed", running(1, 2))
+	tc.Stop(l.cfg.NodeID, true)
+	var nl *Server
+	WaitFor(t, 10*time.Second, func() (bool, string) { nl = tc.Leader(); return nl != nil, "no leader" })
+	// The new leader's scheduler picks up the failure reported to it.
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(genAllocs(nl, id, 1)) == 2, "allocations not applied" })
+	a := genAllocs(nl, id, 1)
+	report(t, nl, &controlpb.Allocation{Id: a[0].Id, ClientStatus: AllocFailed, ExitCode: 1})
+	waitJob(t, nl, id, "failed generation", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && j.Restarts == 1
+	})
+	ackStops(t, nl, id)
+	waitJob(t, nl, id, "generation 2 by the new leader", running(2, 2))
+}

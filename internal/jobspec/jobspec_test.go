@@ -1,0 +1,132 @@
+package jobspec
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestParseValid(t *testing.T) {
+	spec, err := Parse([]byte(`
+name: hello
+type: exec
+ranks: 2
+gpus_per_rank: 0
+exec:
+  command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE"]
+restart: {attempts: 2, delay: 1s}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Name != "hello" || spec.Ranks != 2 || len(spec.Exec.Command) != 3 {
+		t.Fatalf("unexpected spec %v", spec)
+	}
+	if spec.Restart.Attempts != 2 || spec.Restart.Delay.AsDuration().Seconds() != 1 {
+		t.Fatalf("restart not parsed: %v", spec.Restart)
+	}
+	if spec.KillTimeout.AsDuration() != DefaultKillTimeout {
+		t.Fatalf("kill timeout default not applied: %v", spec.KillTimeout)
+	}
+	// The same schema in JSON.
+	js, err := Parse([]byte(`{"name":"hello","ranks":2,"exec":{"command":["true"]}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if js.Type != TypeExec || js.Placement != "pack" {
+		t.Fatalf("defaults not applied: %v", js)
+	}
+	ar, err := Parse([]byte("type: allreduce\nranks: 4\nallreduce: {sizes: [1MiB, 64MiB, 256MiB], dtype: float32, iters: 20, device: auto}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ar.Allreduce.Sizes) != 3 || ar.Allreduce.Op != "sum" {
+		t.Fatalf("allreduce: %v", ar.Allreduce)
+	}
+}
+
+func TestParseInvalid(t *testing.T) {
+	cases := []struct {
+		name, spec, want string
+	}{
+		{"no command", "ranks: 1\nexec: {command: []}", "exec.command"},
+		{"no exec section", "ranks: 1", "exec.command"},
+		{"zero ranks", "ranks: 0\nexec: {command: [true]}", "ranks: must be >= 1, got 0"},
+		{"negative ranks", "ranks: -3\nexec: {command: [true]}", "ranks: must be >= 1, got -3"},
+		{"unknown type", "type: mpi\nranks: 1", `unknown type "mpi"`},
+		{"unknown field", "ranks: 1\ncomand: [x]\nexec: {command: [true]}", `unknown field "comand"`},
+		{"bad lifecycle", "ranks: 1\nexec: {command: [true]}\nconstraints: {lifecycle: cheap}", "constraints.lifecycle"},
+		{"bad gpu memory", "ranks: 1\ngpus_per_rank: 1\nexec: {command: [true]}\nconstraints: {min_gpu_memory: lots}", "constraints.min_gpu_memory"},
+		{"elastic and fixed", "ranks: 2\nmin_ranks: 1\nmax_ranks: 3\nexec: {command: [true]}", "either ranks"},
+		{"elastic inverted", "min_ranks: 3\nmax_ranks: 2\nexec: {command: [true]}", "max_ranks"},
+		{"bad size", "type: allreduce\nranks: 2\nallreduce: {sizes: [lots]}", "allreduce.sizes[0]"},
+		{"bad dtype", "type: allreduce\nranks: 2\nallreduce: {dtype: complex64}", "allreduce.dtype"},
+		{"cuda without gpus", "type: allreduce\nranks: 2\nallreduce: {device: cuda}", "gpus_per_rank"},
+		{"bad duration", "ranks: 1\nexec: {command: [true]}\nkill_timeout: 5", "kill_timeout"},
+		{"not yaml", "ranks: [1\n", "not valid YAML"},
+		{"empty", "  \n", "empty"},
+		{"scalar", "42", "mapping"},
+		{"pipeline too many stages", "type: pipeline\nranks: 4\npipeline: {layers: [8, 4]}", "at most 1 stages"},
+		{"mixed sections", "type: allreduce\nranks: 2\nexec: {command: [true]}", "allreduce section only"},
+		{"bad name", "name: 'my job!'\nranks: 1\nexec: {command: [true]}", "name"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.spec))
+			if err == nil {
+				t.Fatalf("accepted an invalid spec")
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error %v does not wrap ErrInvalid", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not mention %q", err, tc.want)
+			}
+			if !strings.HasPrefix(err.Error(), "job spec") {
+				t.Fatalf("error %q does not start with 'job spec'", err)
+			}
+		})
+	}
+}
+
+func TestParseTooLarge(t *testing.T) {
+	big := "ranks: 1\nexec: {command: [true]}\n# " + strings.Repeat("x", 10<<20) + "\n"
+	_, err := Parse([]byte(big))
+	if !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("a 10 MB spec: got %v, want ErrTooLarge", err)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{"1": 1, "4KiB": 4096, "64MiB": 64 << 20, "1GiB": 1 << 30, "1.5GiB": 3 << 29, "2GB": 2e9, "256mib": 256 << 20} {
+		got, err := ParseSize(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "MiB", "1XB", "-1", "1e99GiB"} {
+		if _, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q) accepted", in)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("ranks: 2\nexec: {command: [echo, hi]}"))
+	f.Add([]byte(`{"type":"allreduce","ranks":4,"allreduce":{"sizes":["1MiB"]}}`))
+	f.Add([]byte("type: pipeline\nranks: 2\npipeline: {layers: [4, 8, 2]}"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		spec, err := Parse(data)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) && !errors.Is(err, ErrTooLarge) {
+				t.Fatalf("unexpected error type: %v", err)
+			}
+			return
+		}
+		// Whatever Parse accepts must validate again after defaults (idempotent).
+		ApplyDefaults(spec)
+		if err := Validate(spec); err != nil {
+			t.Fatalf("accepted spec fails validation: %v", err)
+		}
+	})
+}

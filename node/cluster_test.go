@@ -1,0 +1,475 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
+	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/node/driver"
+)
+
+// testLogger sends agent logs to t.Log, shown only when a test fails.
+func testLogger(t testing.TB) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Debug, Output: &tWriter{t: t}})
+}
+
+type tWriter struct {
+	mu   sync.Mutex
+	t    testing.TB
+	done bool
+}
+
+func (w *tWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *tWriter) stop() { w.mu.Lock(); w.done = true; w.mu.Unlock() }
+
+// startCluster starts n agents in this process with fixed ports, so that an
+// agent can be restarted at the same addresses.
+func startCluster(t *testing.T, n int, configure func(i int, c *Config)) *DevCluster {
+	t.Helper()
+	SupervisorPath = procs.Binary(t)
+	w := &tWriter{t: t}
+	logger := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Debug, Output: w})
+	dc, err := NewDevCluster(DevConfig{
+		Nodes: n, DataDir: t.TempDir(), Logger: logger,
+		Configure: func(i int, c *Config) {
+			p := procs.FreePorts(t, "127.0.0.1", 4)
+			c.GossipPort, c.RPCPort, c.RaftPort, c.HTTPPort = p[0], p[1], p[2], p[3]
+			c.CollectiveTimeout = 10 * time.Second
+			if configure != nil {
+				configure(i, c)
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		dc.Shutdown()
+		// Agents shut down abruptly may leave tasks; none may outlive the test.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = driver.KillAll(ctx, dc.DataDir())
+		w.stop()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := dc.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return dc
+}
+
+func client(t *testing.T, a *Agent) pb.ControlClient {
+	t.Helper()
+	conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return pb.NewControlClient(conn)
+}
+
+func follower(dc *DevCluster) *Agent {
+	for _, a := range dc.Agents {
+		if a != nil && !a.IsLeader() && a.raft != nil {
+			return a
+		}
+	}
+	return nil
+}
+
+func mustSpec(t *testing.T, y string) *pb.JobSpec {
+	t.Helper()
+	s, err := jobspec.Parse([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func waitJob(t *testing.T, c pb.ControlClient, id string, timeout time.Duration, cond func(*pb.GetJobResponse) bool) *pb.GetJobResponse {
+	t.Helper()
+	var last *pb.GetJobResponse
+	procs.Eventually(t, timeout, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id})
+		if err != nil {
+			return err
+		}
+		last = resp
+		if cond(resp) {
+			return nil
+		}
+		return fmt.Errorf("job %s: status %s (%s) generation %d", id, resp.Job.Status, resp.Job.StatusReason, resp.Job.Generation)
+	})
+	return last
+}
+
+func readLogs(t *testing.T, c pb.ControlClient, id string, rank int32, gen uint64) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := c.Logs(ctx, &pb.LogsRequest{JobId: id, Rank: rank, Generation: gen})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	for {
+		ch, err := st.Recv()
+		if err == io.EOF {
+			return b.String()
+		}
+		if err != nil {
+			t.Fatalf("logs: %v", err)
+		}
+		b.Write(ch.Data)
+	}
+}
+
+func TestClusterRunsExecJobThroughFollower(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	f := follower(dc)
+	c := client(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+name: hello
+ranks: 2
+exec:
+  command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE master $MASTER_ADDR:$MASTER_PORT job $GPUMESH_JOB_ID gen $GPUMESH_GENERATION"]
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	for _, al := range final.Allocations {
+		if al.ExitCode != 0 || al.ClientStatus != "complete" {
+			t.Fatalf("rank %d: %s exit %d %s", al.Rank, al.ClientStatus, al.ExitCode, al.Message)
+		}
+	}
+	for r := int32(0); r < 2; r++ {
+		out := readLogs(t, c, resp.Id, r, 0)
+		want := fmt.Sprintf("rank %d of 2", r)
+		if !strings.Contains(out, want) || !strings.Contains(out, "job "+resp.Id+" gen 1") {
+			t.Fatalf("rank %d log %q does not contain %q and the job id", r, out, want)
+		}
+	}
+	// The same id again is the same job (an idempotent retry).
+	again, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: final.Job.Spec, Id: resp.Id})
+	if err != nil || again.Id != resp.Id {
+		t.Fatalf("resubmitting with the same id: %v %v", again, err)
+	}
+	list, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+	if err != nil || len(list.Jobs) != 1 {
+		t.Fatalf("want exactly one job after a retried submission, got %v (%v)", list, err)
+	}
+}
+
+func TestClusterRefusesBadSpecs(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	bad := []*pb.JobSpec{
+		{Name: "x", Type: "exec", Ranks: 0, Exec: &pb.ExecSpec{Command: []string{"true"}}},
+		{Name: "x", Type: "exec", Ranks: 1},
+		{Name: "x", Type: "mpi", Ranks: 1},
+		{Name: "x", Type: "exec", Ranks: 1, Exec: &pb.ExecSpec{Command: []string{strings.Repeat("x", 1<<20)}}},
+	}
+	for _, s := range bad {
+		if _, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: s}); err == nil {
+			t.Fatalf("spec %v accepted", s)
+		} else if !strings.Contains(err.Error(), "job spec") {
+			t.Fatalf("error %q does not say what is wrong with the spec", err)
+		}
+	}
+	list, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+	if err != nil || len(list.Jobs) != 0 {
+		t.Fatalf("invalid specs were stored: %v %v", list, err)
+	}
+}
+
+func TestClusterLeaderLossKeepsAcceptingJobs(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	old := dc.Leader()
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	first, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: before\nranks: 1\nexec: {command: [sleep, '600']}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, a := range dc.Agents {
+		if a == old {
+			_ = a.Shutdown()
+			dc.Agents[i] = nil
+		}
+	}
+	procs.Eventually(t, 15*time.Second, func() error {
+		if dc.Leader() == nil {
+			return fmt.Errorf("no new leader yet")
+		}
+		return nil
+	})
+	var survivor *Agent
+	for _, a := range dc.Agents {
+		if a != nil {
+			survivor = a
+		}
+	}
+	c2 := client(t, survivor)
+	second, err := c2.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: after\nranks: 1\nexec: {command: [true]}\n")})
+	if err != nil {
+		t.Fatalf("submission after the leader died: %v", err)
+	}
+	// Both jobs are in the new leader's log.
+	for _, id := range []string{first.Id, second.Id} {
+		if _, err := c2.GetJob(ctx, &pb.GetJobRequest{Id: id}); err != nil {
+			t.Fatalf("job %s lost with the leader: %v", id, err)
+		}
+	}
+	waitJob(t, c2, second.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	_, _ = c2.StopJob(ctx, &pb.StopJobRequest{Id: first.Id})
+}
+
+func TestClusterRestartFromDataDir(t *testing.T) {
+	var cfgs []*Config
+	dc := startCluster(t, 3, func(i int, c *Config) { cfgs = append(cfgs, c) })
+	c := client(t, dc.Agents[0])
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	job, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: keep\nranks: 1\nexec: {command: [true]}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Restart a follower with its data dir and addresses.
+	idx := -1
+	for i, a := range dc.Agents {
+		if !a.IsLeader() {
+			idx = i
+			break
+		}
+	}
+	id := dc.Agents[idx].NodeID()
+	_ = dc.Agents[idx].Shutdown()
+	cfg := *cfgs[idx]
+	cfg.NodeID = ""
+	a, err := NewAgent(&cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc.Agents[idx] = a
+	if a.NodeID() != id {
+		t.Fatalf("restarted agent has id %s, want %s from its data dir", a.NodeID(), id)
+	}
+	procs.Eventually(t, 20*time.Second, func() error {
+		if !a.raft.HasState() {
+			return fmt.Errorf("not back in the raft group (role %s)", a.Role())
+		}
+		if a.raft.State().Job(job.Id) == nil {
+			return fmt.Errorf("job %s not in the restarted replica", job.Id)
+		}
+		return nil
+	})
+}
+
+// A node that is not server-eligible never joins Raft; it learns its ranks
+// through a watch stream to a server and reports through it.
+func TestClusterClientNodeRunsRanks(t *testing.T) {
+	dc := startCluster(t, 4, func(i int, c *Config) {
+		if i == 3 {
+			c.Server = false
+		}
+	})
+	cl := dc.Agents[3]
+	if cl.Role() != "client" || cl.raft != nil {
+		t.Fatalf("node-4 should be a client, is %s", cl.Role())
+	}
+	c := client(t, cl)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: wide\nranks: 4\nplacement: spread\nexec: {command: [sh, -c, 'echo rank $RANK on $GPUMESH_ADDR']}\n")})
+	if err != nil {
+		t.Fatalf("submission through a client node: %v", err)
+	}
+	final := waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	onClient := false
+	for _, al := range final.Allocations {
+		if al.NodeId == cl.NodeID() && al.ClientStatus == "complete" {
+			onClient = true
+			if out := readLogs(t, c, resp.Id, al.Rank, 0); !strings.Contains(out, cl.RPCAddr()) {
+				t.Fatalf("client rank's log %q lacks its agent address", out)
+			}
+		}
+	}
+	if !onClient {
+		t.Fatalf("no rank completed on the client node: %v", final.Allocations)
+	}
+	peers, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range peers.Peers {
+		if p.Id == cl.NodeID() {
+			t.Fatalf("client node is a raft peer: %v", p)
+		}
+	}
+}
+
+// The built-in jobs run inside the agents over the data plane.
+func TestClusterRunsBuiltinJobs(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ar, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: allreduce\nranks: 3\nplacement: spread\nallreduce: {sizes: [4KiB, 1MiB], dtype: int32, iters: 2, device: cpu}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: pipeline\nranks: 3\nplacement: spread\npipeline: {layers: [8, 16, 16, 4], microbatches: 4, microbatch_size: 4, steps: 3}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, ar.Id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	if final.Job.Status != "complete" {
+		t.Fatalf("allreduce job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+	for _, al := range final.Allocations {
+		m := al.Result.AsMap()
+		if ok, _ := m["ok"].(bool); !ok {
+			t.Fatalf("rank %d report not ok: %v", al.Rank, m)
+		}
+		if rows, _ := m["sizes"].([]any); len(rows) != 2 {
+			t.Fatalf("rank %d reported %d sizes, want 2: %v", al.Rank, len(rows), m)
+		}
+	}
+	if out := readLogs(t, c, ar.Id, 1, 0); !strings.Contains(out, "busbw_gbps") {
+		t.Fatalf("allreduce rank log lacks busbw: %q", out)
+	}
+	pfinal := waitJob(t, c, pl.Id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	if pfinal.Job.Status != "complete" {
+		t.Fatalf("pipeline job %s: %s", pfinal.Job.Status, pfinal.Job.StatusReason)
+	}
+	for _, al := range pfinal.Allocations {
+		m := al.Result.AsMap()
+		if al.Rank == 2 {
+			if l, _ := m["losses"].([]any); len(l) != 3 {
+				t.Fatalf("last stage reported %d losses, want 3: %v", len(l), m)
+			}
+		}
+	}
+}
+
+// A script written for torchrun runs unchanged: it reads the environment
+// and meets its peers at MASTER_ADDR:MASTER_PORT.
+func TestClusterRunsTorchrunScript(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	script, err := filepath.Abs("../examples/torchrun_env.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec := &pb.JobSpec{Name: "torchrun", Type: "exec", Ranks: 3, Placement: "spread", Exec: &pb.ExecSpec{Command: []string{py, script}}}
+	jobspec.ApplyDefaults(spec)
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	for r := int32(0); r < 3; r++ {
+		out := readLogs(t, c, resp.Id, r, 0)
+		if !strings.Contains(out, fmt.Sprintf("rank %d/3", r)) || !strings.Contains(out, "ok") {
+			errOut, _ := c.Logs(ctx, &pb.LogsRequest{JobId: resp.Id, Rank: r, Stderr: true})
+			var b strings.Builder
+			for {
+				ch, err := errOut.Recv()
+				if err != nil {
+					break
+				}
+				b.Write(ch.Data)
+			}
+			t.Fatalf("rank %d: %q (stderr %q), job %s", r, out, b.String(), final.Job.Status)
+		}
+	}
+	if final.Job.Status != "complete" {
+		t.Fatalf("job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+}
+
+// gRPC health checking and server reflection answer on the RPC port, so
+// grpcurl and load balancers work; /v1/health answers on the HTTP port.
+func TestClusterHealthAndReflection(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	a := dc.Agents[1]
+	conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hr, err)
+	}
+	rc, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rc.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		if s.Name == "gpumesh.v1.Control" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("reflection does not list gpumesh.v1.Control: %v", rr)
+	}
+	resp, err := http.Get("http://" + a.HTTPAddr() + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
+		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
+	}
+}

@@ -1,0 +1,175 @@
+package node
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Default ports of an agent.
+const (
+	DefaultGossipPort = 7946
+	DefaultRPCPort    = 7947
+	DefaultRaftPort   = 7948
+	DefaultHTTPPort   = 7949
+)
+
+// Config is everything an Agent needs. cmd/gpumesh turns flags, environment
+// and config files into one; tests build it directly.
+type Config struct {
+	// NodeName is the human name of the node; default the host name.
+	NodeName string
+	// NodeID is the stable identity of the node. Empty: read from
+	// DataDir/node-id, or created there on first start.
+	NodeID string
+
+	// BindAddr is the IP every listener binds to (default 0.0.0.0).
+	BindAddr string
+	// AdvertiseAddr is the IP other nodes use to reach this one. Empty: the
+	// bind address if it is not a wildcard, else the first private address.
+	AdvertiseAddr string
+	// Ports. Zero picks a free port (tests and dev clusters).
+	GossipPort, RPCPort, RaftPort, HTTPPort int
+
+	// DataDir holds the node ID, the Raft log and snapshots, and the
+	// allocations' working directories and logs.
+	DataDir string
+
+	// Join lists gossip addresses (host or host:port) of existing members.
+	Join []string
+	// BootstrapExpect is how many server-eligible members must be seen before
+	// the first Raft configuration is formed.
+	BootstrapExpect int
+	// Server makes the node eligible for a Raft seat (voter or standby).
+	// Nodes that are not become clients.
+	Server bool
+	// MaxVoters caps the voters (odd, 1..5); Standbys non-voters stay warm.
+	MaxVoters, Standbys int
+
+	// EncryptKey is the base64 gossip encryption key (32 bytes), or empty.
+	EncryptKey string
+
+	// MaxRanksPerNode caps the ranks (of all jobs) placed on this node; zero
+	// means the number of CPU cores.
+	MaxRanksPerNode int
+	// CollectiveTimeout bounds how long a collective waits for a peer.
+	CollectiveTimeout time.Duration
+
+	// Identity the node reports when not discovered (set from EC2 metadata
+	// by the caller when on EC2).
+	InstanceType, AZ, Region, Lifecycle string
+
+	// Discoverer, when set, finds peers to join (for example EC2 instances
+	// with a cluster tag); it is retried until the node has joined.
+	Discoverer Discoverer
+
+	// OnLeader, when set, runs in its own goroutine while this agent leads;
+	// its context ends when leadership is lost or the agent stops (the
+	// fleet autoscaler lives here).
+	OnLeader func(ctx context.Context, a *Agent)
+
+	// Dev selects short timeouts suited to a cluster on one machine.
+	Dev bool
+
+	// GPUSampler reads GPU health for /metrics and the dashboard; nil means
+	// NVML (cuda.Sample). Tests pass a fake.
+	GPUSampler GPUSampler
+	// Security is mutual TLS for gRPC and Raft and the ACL token for
+	// mutating calls (security.go); the zero value is off.
+	Security SecurityConfig
+
+	// Logger receives the agent's logs; a named sub-logger per subsystem.
+	Logger hclog.Logger
+}
+
+// Discoverer finds addresses ("host" or "host:port") of possible peers.
+type Discoverer interface {
+	Addrs(ctx context.Context) ([]string, error)
+}
+
+// DefaultConfig returns the production defaults.
+func DefaultConfig() *Config {
+	return &Config{
+		BindAddr:          "0.0.0.0",
+		GossipPort:        DefaultGossipPort,
+		RPCPort:           DefaultRPCPort,
+		RaftPort:          DefaultRaftPort,
+		HTTPPort:          DefaultHTTPPort,
+		BootstrapExpect:   3,
+		Server:            true,
+		MaxVoters:         3,
+		Standbys:          2,
+		CollectiveTimeout: 30 * time.Second,
+		Lifecycle:         "unknown",
+	}
+}
+
+// Validate checks the fields against each other.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data dir is required (--data-dir)"))
+	}
+	if ip := net.ParseIP(c.BindAddr); ip == nil {
+		errs = append(errs, fmt.Errorf("bind address %q is not an IP address (--bind)", c.BindAddr))
+	}
+	if c.AdvertiseAddr != "" {
+		if ip := net.ParseIP(c.AdvertiseAddr); ip == nil || ip.IsUnspecified() {
+			errs = append(errs, fmt.Errorf("advertise address %q must be a reachable IP address (--advertise)", c.AdvertiseAddr))
+		}
+	}
+	for name, p := range map[string]int{"gossip": c.GossipPort, "rpc": c.RPCPort, "raft": c.RaftPort, "http": c.HTTPPort} {
+		if p < 0 || p > 65535 {
+			errs = append(errs, fmt.Errorf("%s port %d is out of range 0..65535", name, p))
+		}
+	}
+	if c.Server && c.BootstrapExpect < 1 {
+		errs = append(errs, fmt.Errorf("bootstrap-expect must be >= 1, got %d", c.BootstrapExpect))
+	}
+	if c.MaxVoters < 1 || c.MaxVoters > 5 {
+		errs = append(errs, fmt.Errorf("max voters must be between 1 and 5, got %d", c.MaxVoters))
+	}
+	if c.Server && c.BootstrapExpect > 0 && c.BootstrapExpect > c.MaxVoters {
+		errs = append(errs, fmt.Errorf("bootstrap-expect %d is more than the %d voters allowed (max voters)", c.BootstrapExpect, c.MaxVoters))
+	}
+	if c.Standbys < 0 {
+		errs = append(errs, fmt.Errorf("standbys must be >= 0, got %d", c.Standbys))
+	}
+	if c.EncryptKey != "" {
+		k, err := base64.StdEncoding.DecodeString(c.EncryptKey)
+		if err != nil || len(k) != 32 {
+			errs = append(errs, errors.New("encrypt key must be 32 bytes in base64 (make one with `openssl rand -base64 32`)"))
+		}
+	}
+	if c.MaxRanksPerNode < 0 {
+		errs = append(errs, fmt.Errorf("max ranks per node must be >= 0, got %d", c.MaxRanksPerNode))
+	}
+	if c.CollectiveTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))
+	}
+	switch c.Lifecycle {
+	case "", "unknown", "spot", "on-demand":
+	default:
+		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
+	}
+	errs = append(errs, c.Security.Validate())
+	return errors.Join(errs...)
+}
+
+func (c *Config) maxRanks() int {
+	if c.MaxRanksPerNode > 0 {
+		return c.MaxRanksPerNode
+	}
+	return runtime.NumCPU()
+}
+
+func joinHostPort(host string, port int) string {
+	return net.JoinHostPort(host, strconv.Itoa(port))
+}

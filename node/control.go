@@ -1,0 +1,618 @@
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
+)
+
+// Errors of the node package.
+var (
+	// ErrNoLeader means no Raft leader is known yet (or no server is reachable).
+	ErrNoLeader = errors.New("no cluster leader")
+	// errNotLeader is what a raftServer returns for a write on a follower.
+	errNotLeader = errors.New("not the leader")
+)
+
+const (
+	// hopsKey counts how many agents a forwarded call has passed through.
+	hopsKey = "x-gpumesh-hops"
+	// maxHops bounds forwarding (client → server → leader, plus one spare).
+	maxHops = 3
+	// defaultWriteTimeout bounds a write that has no deadline of its own,
+	// retries through leader elections included.
+	defaultWriteTimeout = 20 * time.Second
+)
+
+// controlServer implements gpumesh.v1.Control for one agent.
+type controlServer struct {
+	pb.UnimplementedControlServer
+	a *Agent
+}
+
+var _ pb.ControlServer = (*controlServer)(nil)
+
+func hops(ctx context.Context) int {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(hopsKey); len(v) > 0 {
+		n, _ := strconv.Atoi(v[0])
+		return n
+	}
+	return 0
+}
+
+func outgoing(ctx context.Context) context.Context {
+	n := hops(ctx) + 1
+	md, _ := metadata.FromIncomingContext(ctx)
+	md = md.Copy()
+	md.Set(hopsKey, strconv.Itoa(n))
+	// Keep the caller's token and deadline; drop transport headers.
+	for _, k := range []string{":authority", "content-type", "user-agent", "grpc-timeout"} {
+		md.Delete(k)
+	}
+	return metadata.NewOutgoingContext(ctx, md)
+}
+
+// toStatus maps our errors to gRPC status codes with stable messages.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	switch {
+	case errors.Is(err, jobspec.ErrInvalid), errors.Is(err, errInvalidArgument):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, jobspec.ErrTooLarge):
+		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, errNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, ErrNoLeader), errors.Is(err, errNotLeader):
+		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+var (
+	errNotFound        = errors.New("not found")
+	errInvalidArgument = errors.New("invalid argument")
+)
+
+func retryable(err error) bool {
+	if errors.Is(err, errNotLeader) || errors.Is(err, ErrNoLeader) {
+		return true
+	}
+	if s, ok := status.FromError(err); ok {
+		return s.Code() == codes.Unavailable
+	}
+	return false
+}
+
+// withLeader runs local on this agent when it leads, and remote against the
+// leader otherwise. The agent a caller asked (hops 0) retries through
+// elections and lost connections until ctx ends; an agent that received a
+// forwarded call tries once, forwarding only to the leader it knows, so a
+// call never bounces between agents whose views of the leader differ.
+// Writes are made idempotent by their callers.
+func (s *controlServer) withLeader(ctx context.Context, local func(ctx context.Context) error, remote func(ctx context.Context, c pb.ControlClient) error) error {
+	h := hops(ctx)
+	if h >= maxHops {
+		return fmt.Errorf("%w: the call was forwarded %d times without reaching one", ErrNoLeader, h)
+	}
+	if h > 0 {
+		return s.tryLeader(ctx, h, local, remote)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, defaultWriteTimeout)
+		defer cancel()
+	}
+	backoff := 20 * time.Millisecond
+	var lastErr error
+	for {
+		err := s.tryLeader(ctx, 0, local, remote)
+		if err == nil || !retryable(err) {
+			return err
+		}
+		lastErr = err
+		s.a.logger.Debug("retrying call on the leader", "error", err, "backoff", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%w: %v (last error: %v)", ErrNoLeader, ctx.Err(), lastErr)
+		case <-t.C:
+		}
+		if backoff < 500*time.Millisecond {
+			backoff *= 2
+		}
+	}
+}
+
+// tryLeader makes one attempt. A call that arrived forwarded (h > 0) goes on
+// only to the leader this agent knows, never to a random server.
+func (s *controlServer) tryLeader(ctx context.Context, h int, local func(ctx context.Context) error, remote func(ctx context.Context, c pb.ControlClient) error) error {
+	a := s.a
+	if a.raft != nil && a.raft.IsLeader() {
+		return local(ctx)
+	}
+	addr := ""
+	if a.raft != nil {
+		_, addr = a.raft.Leader()
+		if addr == a.rpcAddr {
+			addr = "" // a stale view of ourselves
+		}
+	}
+	if addr == "" {
+		if h > 0 {
+			return fmt.Errorf("%w: this agent knows no leader yet", ErrNoLeader)
+		}
+		// A client, or a server that knows no leader: ask a server.
+		addr = a.pickServer()
+	}
+	if addr == "" {
+		return fmt.Errorf("%w: no server is known yet", ErrNoLeader)
+	}
+	c, err := a.conns.client(addr)
+	if err != nil {
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	callCtx, cancel := context.WithTimeout(outgoing(ctx), 5*time.Second)
+	defer cancel()
+	err = remote(callCtx, c)
+	if err != nil && callCtx.Err() != nil && ctx.Err() == nil {
+		// The hop timed out, not the caller: let the caller's agent retry.
+		return status.Error(codes.Unavailable, "forwarded call timed out: "+err.Error())
+	}
+	return err
+}
+
+// readLocal says whether a read may be served from this agent's replica.
+func (s *controlServer) readLocal(q *pb.QueryOptions) bool {
+	a := s.a
+	if a.raft == nil || !a.raft.HasState() {
+		return false
+	}
+	return a.raft.IsLeader() || (q != nil && q.Stale)
+}
+
+func newJobID(name string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	base := strings.ToLower(name)
+	if len(base) > 40 {
+		base = base[:40]
+	}
+	return base + "-" + hex.EncodeToString(b[:])
+}
+
+func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest) (*pb.SubmitJobResponse, error) {
+	if req.Spec == nil {
+		return nil, toStatus(&jobspec.Error{Msg: "no spec given"})
+	}
+	spec := proto.Clone(req.Spec).(*pb.JobSpec)
+	jobspec.ApplyDefaults(spec)
+	if err := jobspec.Validate(spec); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.Id
+	if id == "" {
+		id = newJobID(spec.Name)
+	}
+	var resp *pb.SubmitJobResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		jid, idx, err := s.a.raft.RegisterJob(ctx, id, spec)
+		if err == nil {
+			resp = &pb.SubmitJobResponse{Id: jid, Index: idx}
+		}
+		return err
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec, Id: id})
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) StopJob(ctx context.Context, req *pb.StopJobRequest) (*pb.StopJobResponse, error) {
+	if req.Id == "" {
+		return nil, status.Error(codes.InvalidArgument, "stop: a job id is required")
+	}
+	var resp *pb.StopJobResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		if s.a.raft.State().Job(req.Id) == nil {
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
+		}
+		idx, err := s.a.raft.StopJob(ctx, req.Id)
+		resp = &pb.StopJobResponse{Index: idx}
+		return err
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.StopJob(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.GetJobResponse, error) {
+	if req.Id == "" {
+		return nil, status.Error(codes.InvalidArgument, "a job id is required")
+	}
+	var resp *pb.GetJobResponse
+	local := func(context.Context) error {
+		st := s.a.raft.State()
+		j := st.Job(req.Id)
+		if j == nil {
+			// Allow a unique prefix of an id, as people type them.
+			for _, cand := range st.Jobs() {
+				if strings.HasPrefix(cand.Id, req.Id) {
+					if j != nil {
+						return fmt.Errorf("job id prefix %q is ambiguous: %w", req.Id, errInvalidArgument)
+					}
+					j = cand
+				}
+			}
+		}
+		if j == nil {
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
+		}
+		allocs := st.Allocations(j.Id)
+		sort.Slice(allocs, func(i, k int) bool {
+			if allocs[i].Generation != allocs[k].Generation {
+				return allocs[i].Generation > allocs[k].Generation
+			}
+			return allocs[i].Rank < allocs[k].Rank
+		})
+		resp = &pb.GetJobResponse{Job: j, Allocations: allocs, Index: st.Index()}
+		return nil
+	}
+	if s.readLocal(req.Query) {
+		return resp, toStatus(local(ctx))
+	}
+	err := s.withLeader(ctx, local, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.GetJob(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) ListJobs(ctx context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
+	var resp *pb.ListJobsResponse
+	local := func(context.Context) error {
+		st := s.a.raft.State()
+		jobs := st.Jobs()
+		sort.Slice(jobs, func(i, k int) bool { return jobs[i].CreateIndex < jobs[k].CreateIndex })
+		resp = &pb.ListJobsResponse{Jobs: jobs, Index: st.Index()}
+		return nil
+	}
+	if s.readLocal(req.Query) {
+		return resp, toStatus(local(ctx))
+	}
+	err := s.withLeader(ctx, local, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.ListJobs(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) ListNodes(ctx context.Context, req *pb.ListNodesRequest) (*pb.ListNodesResponse, error) {
+	var resp *pb.ListNodesResponse
+	local := func(context.Context) error {
+		st := s.a.raft.State()
+		nodes := st.Nodes()
+		sort.Slice(nodes, func(i, k int) bool { return nodes[i].Name < nodes[k].Name })
+		resp = &pb.ListNodesResponse{Nodes: nodes, Index: st.Index()}
+		return nil
+	}
+	if s.readLocal(req.Query) {
+		return resp, toStatus(local(ctx))
+	}
+	err := s.withLeader(ctx, local, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.ListNodes(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) Members(ctx context.Context, req *pb.MembersRequest) (*pb.MembersResponse, error) {
+	ms := s.a.mesh.Members()
+	out := make([]*pb.Member, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, &pb.Member{Name: m.Name, Addr: m.Addr, State: m.State, Meta: m.Node})
+	}
+	sort.Slice(out, func(i, k int) bool { return out[i].Name < out[k].Name })
+	return &pb.MembersResponse{Members: out}, nil
+}
+
+func (s *controlServer) RaftPeers(ctx context.Context, req *pb.RaftPeersRequest) (*pb.RaftPeersResponse, error) {
+	var resp *pb.RaftPeersResponse
+	err := s.withLeader(ctx, func(context.Context) error {
+		peers, err := s.a.raft.Peers()
+		if err != nil {
+			return err
+		}
+		resp = &pb.RaftPeersResponse{Peers: peers, Index: s.a.raft.State().Index()}
+		return nil
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.RaftPeers(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest) (*pb.DrainNodeResponse, error) {
+	target := req.NodeId
+	if req.Self || target == "" {
+		if !req.Self {
+			return nil, status.Error(codes.InvalidArgument, "drain: name a node (id or name) or ask for --self")
+		}
+		target = s.a.nodeID
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	if req.Deadline != nil {
+		deadline = time.Now().Add(req.Deadline.AsDuration())
+	}
+	if req.Self && target == s.a.nodeID {
+		// Mark ourselves draining in gossip at once; the leader records it in Raft.
+		_ = s.a.mesh.UpdateSelf(func(n *pb.Node) { n.Status = "draining" })
+	}
+	var resp *pb.DrainNodeResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		st := s.a.raft.State()
+		n := st.Node(target)
+		if n == nil {
+			n = st.NodeByName(target)
+		}
+		if n == nil {
+			return fmt.Errorf("node %q: %w (see `gpumesh nodes`)", target, errNotFound)
+		}
+		idx, err := s.a.raft.DrainNode(ctx, n.Id, deadline, req.Reason)
+		resp = &pb.DrainNodeResponse{Index: idx, NodeId: n.Id}
+		return err
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		fwd := proto.Clone(req).(*pb.DrainNodeRequest)
+		fwd.NodeId, fwd.Self = target, false
+		resp, err = c.DrainNode(ctx, fwd)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) AgentInfo(ctx context.Context, req *pb.AgentInfoRequest) (*pb.AgentInfoResponse, error) {
+	a := s.a
+	resp := &pb.AgentInfoResponse{Node: a.selfNode(), Role: "client", Version: Version, FleetStatus: a.lastScale()}
+	if a.raft != nil {
+		resp.Role = a.raft.Role()
+		if resp.Role == "none" {
+			resp.Role = "client"
+		}
+		resp.LeaderId, resp.LeaderRpcAddr = a.raft.Leader()
+		if a.raft.HasState() {
+			resp.AppliedIndex = a.raft.State().Index()
+		}
+	}
+	return resp, nil
+}
+
+func (s *controlServer) UpdateAllocations(ctx context.Context, req *pb.UpdateAllocationsRequest) (*pb.UpdateAllocationsResponse, error) {
+	var resp *pb.UpdateAllocationsResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		idx, err := s.a.raft.UpdateAllocations(ctx, req.Allocations)
+		resp = &pb.UpdateAllocationsResponse{Index: idx}
+		return err
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.UpdateAllocations(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRequest) (*pb.RegisterNodeResponse, error) {
+	if req.Node == nil || req.Node.Id == "" {
+		return nil, status.Error(codes.InvalidArgument, "register: a node with an id is required")
+	}
+	var resp *pb.RegisterNodeResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		idx, err := s.a.raft.UpsertNode(ctx, req.Node)
+		resp = &pb.RegisterNodeResponse{Index: idx}
+		return err
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.RegisterNode(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}
+
+// Watch streams the allocations of one node and their jobs: everything
+// current first, then a new full view of that node after every change.
+func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.WatchEvent]) error {
+	ctx := stream.Context()
+	a := s.a
+	if a.raft == nil || !a.raft.HasState() {
+		// Relay from a server that holds the state.
+		addr := a.pickServer()
+		if addr == "" {
+			return toStatus(fmt.Errorf("%w: no server to watch", ErrNoLeader))
+		}
+		if hops(ctx) >= maxHops {
+			return toStatus(fmt.Errorf("%w: watch forwarded too often", ErrNoLeader))
+		}
+		c, err := a.conns.client(addr)
+		if err != nil {
+			return status.Error(codes.Unavailable, err.Error())
+		}
+		up, err := c.Watch(outgoing(ctx), req)
+		if err != nil {
+			return err
+		}
+		for {
+			ev, err := up.Recv()
+			if err != nil {
+				return err
+			}
+			if err := stream.Send(ev); err != nil {
+				return err
+			}
+		}
+	}
+	after := req.AfterIndex
+	for {
+		st := a.raft.State()
+		idx := st.Index()
+		if idx > after || after == 0 {
+			ev := watchEvent(st, req.NodeId)
+			ev.Index = idx
+			if err := stream.Send(ev); err != nil {
+				return err
+			}
+			after = idx
+		}
+		if _, err := st.WaitIndex(ctx, after); err != nil {
+			return toStatus(err)
+		}
+	}
+}
+
+// watchEvent is the full current view of one node's allocations (or all,
+// for an empty nodeID) and the jobs they belong to.
+func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
+	ev := &pb.WatchEvent{Snapshot: true}
+	var allocs []*pb.Allocation
+	if nodeID == "" {
+		for _, j := range st.Jobs() {
+			allocs = append(allocs, st.Allocations(j.Id)...)
+		}
+	} else {
+		allocs = st.AllocationsByNode(nodeID)
+	}
+	seen := map[string]bool{}
+	for _, al := range allocs {
+		ev.Allocations = append(ev.Allocations, al)
+		if !seen[al.JobId] {
+			seen[al.JobId] = true
+			if j := st.Job(al.JobId); j != nil {
+				ev.Jobs = append(ev.Jobs, j)
+			}
+		}
+	}
+	return ev
+}
+
+// Logs streams one rank's stdout or stderr from whichever node holds it.
+func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingServer[pb.LogChunk]) error {
+	ctx := stream.Context()
+	a := s.a
+	if req.Local {
+		r, err := a.runner.openLogs(ctx, req)
+		if err != nil {
+			return toStatus(err)
+		}
+		defer r.Close()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				if serr := stream.Send(&pb.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
+					return serr
+				}
+			}
+			if err == io.EOF {
+				return nil
+			}
+			if err != nil {
+				return toStatus(err)
+			}
+		}
+	}
+	job, err := s.GetJob(ctx, &pb.GetJobRequest{Id: req.JobId, Query: &pb.QueryOptions{Stale: true}})
+	if err != nil {
+		return err
+	}
+	gen := req.Generation
+	if gen == 0 {
+		gen = job.Job.Generation
+	}
+	var alloc *pb.Allocation
+	for _, al := range job.Allocations {
+		if al.Generation == gen && al.Rank == req.Rank {
+			alloc = al
+		}
+	}
+	if alloc == nil {
+		return status.Errorf(codes.NotFound, "job %s has no rank %d in generation %d (see `gpumesh job status %s`)", job.Job.Id, req.Rank, gen, job.Job.Id)
+	}
+	fwd := proto.Clone(req).(*pb.LogsRequest)
+	fwd.JobId, fwd.Generation, fwd.Local = job.Job.Id, gen, true
+	if alloc.NodeId == a.nodeID {
+		return s.Logs(fwd, stream)
+	}
+	addr := a.rpcAddrOf(alloc.NodeId)
+	if addr == "" {
+		return status.Errorf(codes.Unavailable, "node %s, which holds rank %d's logs, is not reachable", alloc.NodeName, req.Rank)
+	}
+	c, err := a.conns.client(addr)
+	if err != nil {
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	up, err := c.Logs(outgoing(ctx), fwd)
+	if err != nil {
+		return err
+	}
+	for {
+		ch, err := up.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(ch); err != nil {
+			return err
+		}
+	}
+}
+
+func (s *controlServer) TransferLeadership(ctx context.Context, req *pb.TransferLeadershipRequest) (*pb.TransferLeadershipResponse, error) {
+	var resp *pb.TransferLeadershipResponse
+	err := s.withLeader(ctx, func(ctx context.Context) error {
+		target := req.To
+		if target != "" {
+			st := s.a.raft.State()
+			if n := st.Node(target); n == nil {
+				if n = st.NodeByName(target); n == nil {
+					return fmt.Errorf("node %q: %w (see `gpumesh raft peers`)", target, errNotFound)
+				}
+				target = n.Id
+			}
+		}
+		if err := s.a.raft.TransferLeadershipTo(target); err != nil {
+			return err
+		}
+		id, _ := s.a.raft.Leader()
+		resp = &pb.TransferLeadershipResponse{LeaderId: id}
+		return nil
+	}, func(ctx context.Context, c pb.ControlClient) (err error) {
+		resp, err = c.TransferLeadership(ctx, req)
+		return err
+	})
+	return resp, toStatus(err)
+}

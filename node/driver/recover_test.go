@@ -1,0 +1,337 @@
+//go:build linux
+
+package driver
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// tickSpec is a long task that prints a line every 20 ms and ends on
+// SIGTERM with the shell's default action.
+func tickSpec(t *testing.T) TaskSpec {
+	return shSpec(t, `i=0; while :; do echo "tick $i"; i=$((i+1)); sleep 0.02; done`)
+}
+
+// logSize is the current end offset of a stream.
+func logSize(t *testing.T, h *Handle, stream string) int64 {
+	t.Helper()
+	r, err := h.Logs(context.Background(), stream, false, -1)
+	if err != nil {
+		return 0
+	}
+	defer r.Close()
+	_, _ = io.Copy(io.Discard, r)
+	return r.Offset()
+}
+
+// reapIfChild collects an adopted orphan's zombie, if it is ours.
+func reapIfChild(pid int) {
+	var ws unix.WaitStatus
+	_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+}
+
+func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
+	dataDir := t.TempDir()
+	spec := tickSpec(t)
+	specJSON, _ := json.Marshal(spec)
+
+	// A real daemon process starts the task and is killed with SIGKILL.
+	daemon := exec.Command(os.Args[0], "-test.run=^$")
+	daemon.Env = append(os.Environ(), envFakeDaemon+"="+dataDir, envFakeDaemonSpec+"="+string(specJSON))
+	out, err := daemon.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	daemon.Stderr = testWriter{t}
+	if err := daemon.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "READY ") {
+		_ = daemon.Process.Kill()
+		_ = daemon.Wait()
+		t.Fatalf("fake daemon said %q, %v", line, err)
+	}
+	f := strings.Fields(line)
+	taskPid, _ := strconv.Atoi(f[1])
+	supPid, _ := strconv.Atoi(f[2])
+	t.Cleanup(func() {
+		// Whatever happens, leave nothing running.
+		if members := groupMembers(taskPid, supPid); len(members) > 0 {
+			_ = unix.Kill(-taskPid, unix.SIGKILL)
+		}
+		if sameProcessAlive(supPid) {
+			_ = unix.Kill(supPid, unix.SIGKILL)
+		}
+		reapIfChild(supPid)
+	})
+	if err := daemon.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = daemon.Wait()
+
+	// The task outlived its daemon, and its output still reaches the logs.
+	if n := len(groupMembers(taskPid, supPid)); n == 0 {
+		t.Fatal("the task died with its daemon")
+	}
+
+	// A new daemon finds it.
+	d := newTestDriver(t, dataDir)
+	hs, err := d.Recover(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hs) != 1 {
+		t.Fatalf("recovered %d tasks, want 1", len(hs))
+	}
+	h := hs[0]
+	cleanupTask(t, h)
+	if h.ID() != spec.ID || h.Pid() != taskPid || h.SupervisorPid() != supPid {
+		t.Fatalf("recovered %v pid %d supervisor %d, want %v %d %d", h.ID(), h.Pid(), h.SupervisorPid(), spec.ID, taskPid, supPid)
+	}
+	if _, done := h.Result(); done {
+		t.Fatal("a running task was recovered as finished")
+	}
+	size := logSize(t, h, Stdout)
+	waitFor(t, 10*time.Second, func() bool { return logSize(t, h, Stdout) > size+20 }, "logs to keep flowing after the daemon died")
+
+	// Starting it again (as a reconciling daemon would) attaches; it does
+	// not start a second copy.
+	before := groupMembers(taskPid, supPid)
+	h2, err := d.Start(context.Background(), spec)
+	if err != nil || h2 != h {
+		t.Fatalf("start after recover: %v, %v", h2, err)
+	}
+	if h2.Pid() != taskPid {
+		t.Fatalf("task pid changed to %d", h2.Pid())
+	}
+	// Nor can a second supervisor be started by hand on the same allocation.
+	if code := runSupervisorByHand(t, h.stateDir); code != supervisorDuplicate {
+		t.Fatalf("second supervisor exited %d, want %d (duplicate)", code, supervisorDuplicate)
+	}
+	// The group is still the one shell (and at most one sleep of its loop).
+	if after := groupMembers(taskPid, supPid); len(after) > 2 || !slices.Contains(after, taskPid) {
+		t.Fatalf("group changed from %v to %v", before, after)
+	}
+
+	// Stop it through the new daemon; the exit status comes back although
+	// the supervisor is not this process's child.
+	res, err := h.Stop(context.Background(), StopOptions{Timeout: 10 * time.Second, Reason: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Stopped || res.Signal != int(syscall.SIGTERM) || res.Lost {
+		t.Fatalf("result %+v, want stopped by SIGTERM", res)
+	}
+	assertGone(t, taskPid, supPid)
+	waitFor(t, 10*time.Second, func() bool { return !sameProcessAlive(supPid) }, "supervisor %d to be gone and reaped", supPid)
+
+	// Recover again: now finished, with the same result.
+	d2 := newTestDriver(t, dataDir)
+	hs, err = d2.Recover(context.Background())
+	if err != nil || len(hs) != 1 {
+		t.Fatalf("second recover: %d, %v", len(hs), err)
+	}
+	if r, done := hs[0].Result(); !done || r.Signal != int(syscall.SIGTERM) || !r.Stopped {
+		t.Fatalf("second recover: %+v done=%v", r, done)
+	}
+}
+
+// sameProcessAlive reports whether pid exists at all (zombies included).
+func sameProcessAlive(pid int) bool {
+	_, err := os.Stat("/proc/" + strconv.Itoa(pid))
+	return err == nil
+}
+
+func runSupervisorByHand(t *testing.T, stateDir string) int {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], SupervisorCommand, "--dir", stateDir)
+	cmd.Stderr = testWriter{t}
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0
+}
+
+func TestRecoverAfterShutdown(t *testing.T) {
+	dataDir := t.TempDir()
+	d1 := newTestDriver(t, dataDir)
+	spec := tickSpec(t)
+	h1, err := d1.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second task ends while no daemon watches.
+	quick := shSpec(t, `while [ ! -e go ]; do sleep 0.01; done; exit 5`)
+	hq, err := d1.Start(context.Background(), quick)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d1.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d1.Shutdown(); err != nil {
+		t.Fatal("second Shutdown:", err)
+	}
+	if _, err := d1.Start(context.Background(), shSpec(t, "true")); !errors.Is(err, ErrShutdown) {
+		t.Fatalf("start after shutdown: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(hq.AllocDir(), "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() bool { return exists(filepath.Join(hq.stateDir, exitFileName)) }, "the quick task to end")
+
+	d2 := newTestDriver(t, dataDir)
+	hs, err := d2.Recover(context.Background())
+	if err != nil || len(hs) != 2 {
+		t.Fatalf("recover: %d tasks, %v", len(hs), err)
+	}
+	byJob := map[string]*Handle{hs[0].ID().JobID: hs[0], hs[1].ID().JobID: hs[1]}
+	h, q := byJob[spec.ID.JobID], byJob[quick.ID.JobID]
+	cleanupTask(t, h)
+	if r, done := q.Result(); !done || r.ExitCode != 5 {
+		t.Fatalf("quick task: %+v done=%v, want exit 5", r, done)
+	}
+	if h.Pid() != h1.Pid() {
+		t.Fatalf("pid %d, want %d", h.Pid(), h1.Pid())
+	}
+	// Recover twice returns the same handles.
+	again, err := d2.Recover(context.Background())
+	if err != nil || len(again) != 2 || (again[0] != h && again[1] != h) {
+		t.Fatalf("second recover: %v, %v", again, err)
+	}
+	res, err := h.Stop(context.Background(), StopOptions{Force: true})
+	if err != nil || res.Signal != int(syscall.SIGKILL) {
+		t.Fatalf("stop: %+v, %v", res, err)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+	if err := d2.Remove(q.ID()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSupervisorKilledTaskIsLost(t *testing.T) {
+	d := newTestDriver(t, "")
+	// A group of two: the shell and a sleep in the background.
+	spec := shSpec(t, `sleep 600 & echo ready; wait`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	members := groupMembers(h.Pid(), h.SupervisorPid())
+	if len(members) != 2 {
+		t.Fatalf("group %v, want 2 members", members)
+	}
+	t.Cleanup(func() {
+		for _, pid := range members {
+			reapIfChild(pid) // adopted by this subreaper when their parents died
+		}
+	})
+	if err := unix.Kill(h.SupervisorPid(), unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	res := wait(t, h)
+	if !res.Lost || res.Success() || res.ExitCode != -1 {
+		t.Fatalf("result %+v, want lost", res)
+	}
+	// The shell died of its parent-death signal; the driver killed the
+	// rest of the group.
+	assertGone(t, h.Pid(), h.SupervisorPid())
+	// Logs are marked complete, so a follow ends.
+	r, err := h.Logs(context.Background(), Stdout, true, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if b, err := io.ReadAll(r); err != nil || string(b) != "ready\n" {
+		t.Fatalf("follow after loss: %q, %v", b, err)
+	}
+}
+
+func TestKillAll(t *testing.T) {
+	dataDir := t.TempDir()
+	d := newTestDriver(t, dataDir)
+	var hs []*Handle
+	for range 3 {
+		h, err := d.Start(context.Background(), shSpec(t, `trap '' TERM; sleep 600 & wait`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cleanupTask(t, h)
+		hs = append(hs, h)
+	}
+	// A finished task is left alone.
+	done, err := d.Start(context.Background(), shSpec(t, "exit 4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait(t, done)
+	_ = d.Shutdown() // the daemon goes; the tasks stay
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := KillAll(ctx, dataDir); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hs {
+		assertGone(t, h.Pid(), h.SupervisorPid())
+		var res ExitResult
+		if err := readJSON(filepath.Join(h.stateDir, exitFileName), &res); err != nil || res.Signal != int(syscall.SIGKILL) {
+			t.Fatalf("task %s: %+v, %v", h.ID(), res, err)
+		}
+	}
+	var res ExitResult
+	if err := readJSON(filepath.Join(done.stateDir, exitFileName), &res); err != nil || res.ExitCode != 4 {
+		t.Fatalf("finished task rewritten: %+v, %v", res, err)
+	}
+}
+
+// A stop that began before the daemon went away still ends in SIGKILL on
+// time: the supervisor, not the daemon, runs the kill timer.
+func TestStopCompletesWithoutDaemon(t *testing.T) {
+	dataDir := t.TempDir()
+	d1 := newTestDriver(t, dataDir)
+	spec := shSpec(t, `trap '' TERM; echo ready; while :; do sleep 0.01; done`)
+	h, err := d1.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	if err := h.RequestStop(StopOptions{Timeout: 300 * time.Millisecond, Reason: "drain"}); err != nil {
+		t.Fatal(err)
+	}
+	_ = d1.Shutdown()
+	waitFor(t, 20*time.Second, func() bool { return exists(filepath.Join(h.stateDir, exitFileName)) }, "the supervisor to finish the stop")
+	d2 := newTestDriver(t, dataDir)
+	hs, err := d2.Recover(context.Background())
+	if err != nil || len(hs) != 1 {
+		t.Fatalf("recover: %v, %v", hs, err)
+	}
+	res, done := hs[0].Result()
+	if !done || !res.Killed || !res.Stopped || res.StopReason != "drain" || res.Signal != int(syscall.SIGKILL) {
+		t.Fatalf("result %+v (done %v), want killed after the grace", res, done)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}

@@ -1,0 +1,228 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node/driver"
+)
+
+// registerDrivers installs the task drivers of this node.
+func registerDrivers(r *runner) {
+	r.drivers["exec"] = startExec
+	registerBuiltinDrivers(r)
+}
+
+// execState is the exec driver of a runner (created lazily, since it needs
+// the data dir to exist).
+type execState struct {
+	once sync.Once
+	d    *driver.Driver
+	err  error
+}
+
+var execDrivers sync.Map // *runner → *execState
+
+func (r *runner) execDriver() (*driver.Driver, error) {
+	v, _ := execDrivers.LoadOrStore(r, &execState{})
+	es := v.(*execState)
+	es.once.Do(func() {
+		cfg := driver.DefaultConfig()
+		dir, err := filepath.Abs(r.a.cfg.DataDir)
+		if err != nil {
+			es.err = err
+			return
+		}
+		cfg.DataDir = dir
+		cfg.Logger = r.logger.Named("exec")
+		if SupervisorPath != "" {
+			cfg.SupervisorPath = SupervisorPath
+		}
+		es.d, es.err = driver.New(cfg)
+	})
+	return es.d, es.err
+}
+
+// SupervisorPath, when set, is the binary that runs exec tasks' supervisors
+// (`gpumesh task-supervise`); by default the running executable. Tests that
+// run agents inside a test binary point it at a built gpumesh.
+var SupervisorPath string
+
+func (r *runner) closeDrivers() {
+	if v, ok := execDrivers.LoadAndDelete(r); ok {
+		if es := v.(*execState); es.d != nil {
+			// Tasks keep running under their supervisors; the next agent
+			// start recovers them.
+			_ = es.d.Shutdown()
+		}
+	}
+	closeBuiltinDrivers(r)
+}
+
+func taskID(al *pb.Allocation) driver.TaskID {
+	return driver.TaskID{JobID: al.JobId, Generation: al.Generation, Rank: int(al.Rank)}
+}
+
+// execTask adapts a driver handle to task.
+type execTask struct {
+	h *driver.Handle
+}
+
+func (t *execTask) Done() <-chan struct{} { return t.h.Done() }
+
+func (t *execTask) Result() taskResult {
+	res, _ := t.h.Result()
+	tr := taskResult{ExitCode: res.ExitCode, Failed: !res.Success()}
+	switch {
+	case res.Lost:
+		tr.Message = "lost: " + res.Error
+	case res.Error != "":
+		tr.Message = res.Error
+	case res.Signal != 0:
+		tr.Message = fmt.Sprintf("killed by signal %d", res.Signal)
+	}
+	if res.Stopped && res.StopReason != "" && tr.Message == "" {
+		tr.Message = res.StopReason
+	}
+	return tr
+}
+
+func (t *execTask) Stop(reason string, deadline time.Time) {
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Hour)
+		defer cancel()
+		_, _ = t.h.Stop(ctx, driver.StopOptions{Reason: reason, Deadline: deadline})
+	}()
+}
+
+func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (task, error) {
+	d, err := r.execDriver()
+	if err != nil {
+		return nil, err
+	}
+	spec := job.Spec
+	id := taskID(al)
+	gpus := make([]int, len(al.Gpus))
+	for i, g := range al.Gpus {
+		gpus[i] = int(g)
+	}
+	allocDir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
+	env, err := driver.BuildEnv(driver.RankEnv{
+		JobID:          al.JobId,
+		Generation:     al.Generation,
+		RestartCount:   int(al.RestartCount),
+		MaxRestarts:    int(spec.GetRestart().GetAttempts()),
+		Rank:           int(al.Rank),
+		WorldSize:      int(al.WorldSize),
+		LocalRank:      int(al.LocalRank),
+		LocalWorldSize: int(al.LocalWorldSize),
+		GroupRank:      int(al.GroupRank),
+		GroupWorldSize: int(al.GroupWorldSize),
+		MasterAddr:     al.MasterAddr,
+		MasterPort:     int(al.MasterPort),
+		GPUs:           gpus,
+		NodeAddr:       r.a.rpcAddr,
+		AllocDir:       allocDir,
+	}, os.Environ(), spec.GetExec().GetEnv())
+	if err != nil {
+		return nil, err
+	}
+	ts := driver.TaskSpec{
+		ID:      id,
+		AllocID: al.Id,
+		Command: spec.GetExec().GetCommand(),
+		Env:     env,
+	}
+	if kt := spec.GetKillTimeout(); kt != nil {
+		ts.KillTimeout = kt.AsDuration()
+	}
+	h, err := d.Start(ctx, ts)
+	if err != nil {
+		return nil, err
+	}
+	return &execTask{h: h}, nil
+}
+
+func mustAbs(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+// recover adopts exec tasks that outlived a previous agent process, so a
+// daemon restart neither orphans nor duplicates them.
+func (r *runner) recover() {
+	d, err := r.execDriver()
+	if err != nil {
+		r.logger.Error("exec driver unavailable", "error", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, 30*time.Second)
+	defer cancel()
+	hs, err := d.Recover(ctx)
+	if err != nil {
+		r.logger.Warn("recovering tasks", "error", err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, h := range hs {
+		id := h.ID()
+		allocID := h.Spec().AllocID
+		if allocID == "" {
+			continue
+		}
+		al := &pb.Allocation{Id: allocID, JobId: id.JobID, Generation: id.Generation, Rank: int32(id.Rank), NodeId: r.a.nodeID}
+		rt := &runningTask{alloc: al, task: &execTask{h: h}}
+		r.tasks[allocID] = rt
+		if _, done := h.Result(); !done {
+			r.logger.Info("recovered a running task", "job", id.JobID, "generation", id.Generation, "rank", id.Rank, "pid", h.Pid())
+		}
+		r.goFunc(func() { r.waitTask(rt) })
+	}
+}
+
+// openTaskLogs opens a local rank's stdout or stderr.
+func openTaskLogs(ctx context.Context, r *runner, req *pb.LogsRequest) (io.ReadCloser, error) {
+	id := driver.TaskID{JobID: req.JobId, Generation: req.Generation, Rank: int(req.Rank)}
+	stream := "stdout"
+	if req.Stderr {
+		stream = "stderr"
+	}
+	if rc, ok := openBuiltinLogs(r, id, stream); ok {
+		return rc, nil
+	}
+	d, err := r.execDriver()
+	if err != nil {
+		return nil, err
+	}
+	lr, err := d.Logs(ctx, id, stream, req.Follow, req.Offset)
+	if err != nil {
+		return nil, fmt.Errorf("logs of %s: %w", id, errNotFoundWrap(err))
+	}
+	return lr, nil
+}
+
+func errNotFoundWrap(err error) error {
+	if os.IsNotExist(err) || errors.Is(err, driver.ErrNotFound) || errors.Is(err, driver.ErrNoLogs) {
+		return fmt.Errorf("%w: %v", errNotFound, err)
+	}
+	return err
+}
+
+// drainDeadline is when this node's tasks must be gone, if it drains.
+func (a *Agent) drainDeadline() time.Time {
+	if a.raft != nil && a.raft.HasState() {
+		if n := a.raft.State().Node(a.nodeID); n != nil && n.DrainDeadline != nil {
+			return n.DrainDeadline.AsTime()
+		}
+	}
+	return time.Time{}
+}

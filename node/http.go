@@ -1,0 +1,49 @@
+package node
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// httpHandler serves health, metrics and the dashboard on the HTTP port.
+func (a *Agent) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/health", a.handleHealth)
+	mux.HandleFunc("/v1/agent", a.handleAgent)
+	registerObservability(a, mux)
+	return mux
+}
+
+// handleHealth answers 200 when the agent is up and, for servers, knows a
+// leader; 503 otherwise. Load balancers use it.
+func (a *Agent) handleHealth(w http.ResponseWriter, r *http.Request) {
+	type health struct {
+		Status string `json:"status"`
+		Node   string `json:"node"`
+		Role   string `json:"role"`
+		Leader string `json:"leader,omitempty"`
+		Time   string `json:"time"`
+	}
+	h := health{Status: "ok", Node: a.cfg.NodeName, Role: a.Role(), Time: time.Now().UTC().Format(time.RFC3339)}
+	code := http.StatusOK
+	if a.raft != nil {
+		id, _ := a.raft.Leader()
+		h.Leader = id
+		if id == "" && a.raft.HasState() {
+			h.Status, code = "no leader", http.StatusServiceUnavailable
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(h)
+}
+
+func (a *Agent) handleAgent(w http.ResponseWriter, r *http.Request) {
+	resp, _ := (&controlServer{a: a}).AgentInfo(r.Context(), nil)
+	b, _ := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(resp)
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(b)
+}

@@ -1,0 +1,75 @@
+package node
+
+import (
+	"context"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+)
+
+// member is one gossip member as the agent sees it.
+type member struct {
+	Name  string
+	Addr  string // gossip host:port
+	State string // alive, suspect, dead, left
+	Node  *pb.Node
+	// bootstrapped: the member holds Raft state already.
+	bootstrapped bool
+}
+
+// membership is what the agent needs of gossip (package mesh, adapted in
+// mesh_adapter.go). Methods are safe for concurrent use.
+type membership interface {
+	// Members returns every known member, including failed ones.
+	Members() []member
+	// Join contacts the given addresses until one answers or ctx ends.
+	Join(ctx context.Context, addrs []string) error
+	// UpdateSelf changes the local record and gossips it.
+	UpdateSelf(func(n *pb.Node)) error
+	// Changed receives a value (never blocking the sender) after any
+	// membership change.
+	Changed() <-chan struct{}
+	// Leave announces a graceful departure.
+	Leave(timeout time.Duration) error
+	Shutdown() error
+}
+
+// stateReader is the read side of the replicated state.
+type stateReader interface {
+	Nodes() []*pb.Node
+	Node(id string) *pb.Node
+	NodeByName(name string) *pb.Node
+	Jobs() []*pb.Job
+	Job(id string) *pb.Job
+	Allocations(jobID string) []*pb.Allocation
+	AllocationsByNode(nodeID string) []*pb.Allocation
+	Index() uint64
+	WaitIndex(ctx context.Context, after uint64) (uint64, error)
+}
+
+// raftServer is what the agent needs of package consensus (adapted in
+// consensus_adapter.go). Writes return an error matching errNotLeader on
+// followers; they return after the entry is committed and applied.
+type raftServer interface {
+	IsLeader() bool
+	// Leader returns the leader's node ID and RPC address, "" if unknown.
+	Leader() (id, rpcAddr string)
+	// Role is leader, voter, standby or none.
+	Role() string
+	// HasState says whether the local state is a replica worth reading
+	// (the node is in the Raft configuration).
+	HasState() bool
+	State() stateReader
+	Peers() ([]*pb.RaftPeer, error)
+
+	RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
+	StopJob(ctx context.Context, id string) (uint64, error)
+	DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error)
+	UpdateAllocations(ctx context.Context, updates []*pb.Allocation) (uint64, error)
+	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
+
+	TransferLeadership() error
+	TransferLeadershipTo(id string) error
+	MembershipChanged()
+	Shutdown() error
+}

@@ -1,0 +1,393 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+)
+
+// task is one running rank, whatever its driver.
+type task interface {
+	// Done is closed when the task has ended; Result is valid then.
+	Done() <-chan struct{}
+	Result() taskResult
+	// Stop asks the task to end (SIGTERM, then SIGKILL after its kill
+	// timeout, for processes) and returns at once.
+	Stop(reason string, preemptDeadline time.Time)
+}
+
+// taskResult is how a task ended.
+type taskResult struct {
+	ExitCode int
+	Failed   bool
+	Message  string
+	// Report is the driver's structured result (JSON-like), or nil.
+	Report map[string]any
+}
+
+// driverFunc starts the task of one allocation.
+type driverFunc func(ctx context.Context, r *runner, alloc *pb.Allocation, job *pb.Job) (task, error)
+
+// runner runs this node's allocations: it learns them from the local state
+// (servers) or a watch stream (clients), starts and stops tasks through the
+// drivers, and reports their state to the leader.
+type runner struct {
+	a      *Agent
+	logger hclog.Logger
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	tasks   map[string]*runningTask // by allocation ID
+	pending map[string]*pb.Allocation
+	// finished holds allocations that ended here until this node's view
+	// shows them terminal: the leader may have committed the final status
+	// (so it left pending) before this node's replica or watch stream has
+	// it, and a reconcile in between must not start them again.
+	finished map[string]bool
+	kick     chan struct{}
+
+	drivers map[string]driverFunc
+}
+
+type runningTask struct {
+	alloc   *pb.Allocation
+	task    task
+	stopped bool
+}
+
+func newRunner(a *Agent) *runner {
+	r := &runner{
+		a:       a,
+		logger:  a.logger.Named("runner"),
+		tasks:   map[string]*runningTask{},
+		pending: map[string]*pb.Allocation{},
+		kick:    make(chan struct{}, 1),
+
+		finished: map[string]bool{},
+		drivers:  map[string]driverFunc{},
+	}
+	r.ctx, r.cancel = context.WithCancel(a.ctx)
+	registerDrivers(r)
+	return r
+}
+
+func (r *runner) goFunc(f func()) {
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); f() }()
+}
+
+// run is the runner's main loop.
+func (r *runner) run() {
+	r.recover()
+	r.goFunc(r.reportLoop)
+	backoff := 100 * time.Millisecond
+	for r.ctx.Err() == nil {
+		var err error
+		if r.a.raft != nil && r.a.raft.HasState() {
+			err = r.watchLocal()
+		} else {
+			err = r.watchRemote()
+		}
+		if r.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			r.logger.Debug("allocation watch ended; retrying", "error", err, "backoff", backoff)
+		}
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		if backoff < 2*time.Second {
+			backoff *= 2
+		}
+	}
+}
+
+// watchLocal follows the local replica while this node holds one.
+func (r *runner) watchLocal() error {
+	var after uint64
+	for r.a.raft.HasState() {
+		st := r.a.raft.State()
+		idx := st.Index()
+		r.reconcile(watchEvent(st, r.a.nodeID))
+		after = idx
+		waitCtx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+		_, err := st.WaitIndex(waitCtx, after)
+		cancel()
+		if r.ctx.Err() != nil {
+			return r.ctx.Err()
+		}
+		if err != nil && err != context.DeadlineExceeded && waitCtx.Err() == nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// watchRemote follows a server's watch stream for this node.
+func (r *runner) watchRemote() error {
+	addr := r.a.pickServer()
+	if addr == "" {
+		return ErrNoLeader
+	}
+	c, err := r.a.conns.client(addr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(r.ctx)
+	defer cancel()
+	stream, err := c.Watch(ctx, &pb.WatchRequest{NodeId: r.a.nodeID})
+	if err != nil {
+		return err
+	}
+	for {
+		ev, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		r.reconcile(ev)
+		if r.a.raft != nil && r.a.raft.HasState() {
+			return nil // switch to the local replica
+		}
+	}
+}
+
+func terminal(status string) bool {
+	switch status {
+	case "complete", "failed", "stopped", "lost":
+		return true
+	}
+	return false
+}
+
+// reconcile starts what should run here and stops what should not.
+func (r *runner) reconcile(ev *pb.WatchEvent) {
+	jobs := map[string]*pb.Job{}
+	for _, j := range ev.Jobs {
+		jobs[j.Id] = j
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	want := map[string]bool{}
+	for _, al := range ev.Allocations {
+		if al.NodeId != r.a.nodeID {
+			continue
+		}
+		rt := r.tasks[al.Id]
+		if al.DesiredStatus == "stop" {
+			if rt != nil && !rt.stopped {
+				rt.stopped = true
+				r.logger.Info("stopping rank", "job", al.JobId, "generation", al.Generation, "rank", al.Rank)
+				rt.task.Stop("stopped by the scheduler", r.a.drainDeadline())
+			}
+			continue
+		}
+		want[al.Id] = true
+		if terminal(al.ClientStatus) {
+			delete(r.finished, al.Id)
+			continue
+		}
+		if rt != nil || r.finished[al.Id] {
+			continue
+		}
+		if _, reported := r.pending[al.Id]; reported {
+			// Finished here already; its final state is on its way.
+			if p := r.pending[al.Id]; terminal(p.ClientStatus) {
+				continue
+			}
+		}
+		job := jobs[al.JobId]
+		if job == nil {
+			continue
+		}
+		r.startLocked(al, job)
+	}
+	for id := range r.finished {
+		if !want[id] {
+			delete(r.finished, id)
+		}
+	}
+	// Anything running that the cluster no longer wants (job purged) stops.
+	for id, rt := range r.tasks {
+		if !want[id] && !rt.stopped {
+			rt.stopped = true
+			rt.task.Stop("no longer placed here", r.a.drainDeadline())
+		}
+	}
+}
+
+func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
+	drv := r.drivers[job.Spec.GetType()]
+	if drv == nil {
+		r.reportLocked(al, "failed", -1, fmt.Sprintf("this node has no %q driver", job.Spec.GetType()), nil)
+		return
+	}
+	t, err := drv(r.ctx, r, proto.Clone(al).(*pb.Allocation), job)
+	if err != nil {
+		r.logger.Error("rank failed to start", "job", al.JobId, "rank", al.Rank, "error", err)
+		r.reportLocked(al, "failed", -1, "failed to start: "+err.Error(), nil)
+		return
+	}
+	r.logger.Info("rank started", "job", al.JobId, "generation", al.Generation, "rank", al.Rank, "world", al.WorldSize)
+	rt := &runningTask{alloc: al, task: t}
+	r.tasks[al.Id] = rt
+	r.reportLocked(al, "running", 0, "", nil)
+	r.goFunc(func() { r.waitTask(rt) })
+}
+
+func (r *runner) waitTask(rt *runningTask) {
+	select {
+	case <-rt.task.Done():
+	case <-r.ctx.Done():
+		return // shutting down: the task is left to the next start (exec) or lost
+	}
+	res := rt.task.Result()
+	st := "complete"
+	switch {
+	case rt.stopped:
+		st = "stopped"
+	case res.Failed || res.ExitCode != 0:
+		st = "failed"
+	}
+	r.logger.Info("rank ended", "job", rt.alloc.JobId, "generation", rt.alloc.Generation, "rank", rt.alloc.Rank, "status", st, "exit_code", res.ExitCode, "message", res.Message)
+	r.mu.Lock()
+	delete(r.tasks, rt.alloc.Id)
+	r.finished[rt.alloc.Id] = true
+	r.reportLocked(rt.alloc, st, res.ExitCode, res.Message, res.Report)
+	r.mu.Unlock()
+}
+
+// reportLocked queues a status update for the leader.
+func (r *runner) reportLocked(al *pb.Allocation, status string, exit int, msg string, report map[string]any) {
+	up := &pb.Allocation{
+		Id:           al.Id,
+		JobId:        al.JobId,
+		Generation:   al.Generation,
+		Rank:         al.Rank,
+		NodeId:       al.NodeId,
+		ClientStatus: status,
+		ExitCode:     int32(exit),
+		Message:      msg,
+	}
+	now := timestamppb.Now()
+	if status == "running" {
+		up.StartTime = now
+	} else {
+		up.FinishTime = now
+	}
+	if report != nil {
+		if s, err := structpb.NewStruct(report); err == nil {
+			up.Result = s
+		} else {
+			r.logger.Warn("driver report is not JSON-like", "error", err)
+		}
+	}
+	if prev, ok := r.pending[al.Id]; ok && prev.StartTime != nil && up.StartTime == nil {
+		up.StartTime = prev.StartTime
+	}
+	r.pending[al.Id] = up
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// reportLoop sends queued updates to the leader in batches, retrying
+// until they are committed.
+func (r *runner) reportLoop() {
+	cs := &controlServer{a: r.a}
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-r.kick:
+		}
+		for {
+			r.mu.Lock()
+			batch := make([]*pb.Allocation, 0, len(r.pending))
+			for _, up := range r.pending {
+				batch = append(batch, up)
+			}
+			r.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			ctx, cancel := context.WithTimeout(r.ctx, 15*time.Second)
+			_, err := cs.UpdateAllocations(ctx, &pb.UpdateAllocationsRequest{Allocations: batch})
+			cancel()
+			if r.ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				r.logger.Warn("could not report allocation status; retrying", "error", err)
+				select {
+				case <-r.ctx.Done():
+					return
+				case <-time.After(500 * time.Millisecond):
+				}
+				continue
+			}
+			r.mu.Lock()
+			for _, up := range batch {
+				if cur := r.pending[up.Id]; cur == up {
+					delete(r.pending, up.Id)
+				}
+			}
+			r.mu.Unlock()
+		}
+	}
+}
+
+// stopAll stops every task (drain), with the preemption deadline.
+func (r *runner) stopAll(reason string, deadline time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, rt := range r.tasks {
+		if !rt.stopped {
+			rt.stopped = true
+			rt.task.Stop(reason, deadline)
+		}
+	}
+}
+
+func (r *runner) shutdown() {
+	if r.a.cfg.Dev {
+		// A dev cluster's tasks do not outlive it.
+		r.stopAll("dev cluster stopping", time.Now().Add(3*time.Second))
+		deadline := time.After(5 * time.Second)
+		r.mu.Lock()
+		var waits []<-chan struct{}
+		for _, rt := range r.tasks {
+			waits = append(waits, rt.task.Done())
+		}
+		r.mu.Unlock()
+		for _, w := range waits {
+			select {
+			case <-w:
+			case <-deadline:
+			}
+		}
+	}
+	r.cancel()
+	r.wg.Wait()
+	r.closeDrivers()
+}
+
+// openLogs opens a local rank's log for streaming.
+func (r *runner) openLogs(ctx context.Context, req *pb.LogsRequest) (io.ReadCloser, error) {
+	return openTaskLogs(ctx, r, req)
+}

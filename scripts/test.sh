@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, vet, and every package's tests
+# under the race detector. Needs only Go (and gcc for -race); it fetches
+# the modules it needs by itself.
+#
+#   ./scripts/test.sh              # the full suite
+#   ./scripts/test.sh ./mesh/...   # some packages
+#   GPUMESH_TEST_SHORT=1 ./scripts/test.sh   # skip the slow reliability tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v go >/dev/null; then
+	echo "test.sh: Go is not installed (https://go.dev/doc/install); gpumesh needs Go $(sed -n 's/^go //p' go.mod)" >&2
+	exit 1
+fi
+
+pkgs=("$@")
+[ ${#pkgs[@]} -eq 0 ] && pkgs=(./...)
+
+echo "==> go mod download"
+go mod download
+
+echo "==> gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go') || true)
+if [ -n "$unformatted" ]; then
+	echo "these files are not gofmt'ed:" >&2
+	echo "$unformatted" >&2
+	exit 1
+fi
+
+echo "==> go vet"
+go vet "${pkgs[@]}"
+
+short=()
+[ -n "${GPUMESH_TEST_SHORT:-}" ] && short=(-short)
+
+echo "==> go test -race"
+go test -race -count=1 -timeout 30m "${short[@]}" "${pkgs[@]}"
