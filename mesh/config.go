@@ -192,7 +192,10 @@ func DefaultLANConfig() Config {
 
 // DefaultLocalConfig returns settings for in-process meshes on loopback
 // (tests, `gpumesh dev`): 127.0.0.1, a free port, short timeouts and fast
-// join retries.
+// join retries. Its probes (400 ms, 200 ms timeout) are slower than the
+// LAN ones on purpose: the nodes of an in-process mesh share the CPU with
+// each other and with whatever else runs, and a starved node must not be
+// declared dead.
 func DefaultLocalConfig() Config {
 	c := DefaultLANConfig()
 	c.BindAddr = "127.0.0.1"
@@ -204,8 +207,8 @@ func DefaultLocalConfig() Config {
 	c.FailureSyncDelay = 200 * time.Millisecond
 	c.ReconnectInterval = time.Second
 	c.UpdateTimeout = time.Second
-	c.ProbeInterval = 200 * time.Millisecond
-	c.ProbeTimeout = 100 * time.Millisecond
+	c.ProbeInterval = 400 * time.Millisecond
+	c.ProbeTimeout = 200 * time.Millisecond
 	c.IndirectChecks = 1
 	c.GossipInterval = 50 * time.Millisecond
 	c.GossipToTheDeadTime = 5 * time.Second

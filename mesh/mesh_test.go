@@ -89,7 +89,7 @@ func TestJoinLeaveFailEvents(t *testing.T) {
 func TestSuspectBeforeDead(t *testing.T) {
 	ms := meshtest.StartCluster(t, "s", 3, func(i int, c *mesh.Config) {
 		// A long suspicion window, so that polling sees it on a loaded machine.
-		c.SuspicionMult = 10
+		c.SuspicionMult = 6
 	})
 	victim := ms[2]
 	if err := victim.Shutdown(); err != nil {
