@@ -791,7 +791,9 @@ func (m *Mesh) Leave(timeout time.Duration) error {
 
 // Shutdown stops gossip and every goroutine of the Mesh, and closes the
 // subscription channels; it can wait up to Config.TCPTimeout for a join
-// or sync exchange in flight. It does not announce a leave (call Leave first
+// or sync exchange in flight. memberlist's own probe goroutine may still
+// finish a probe in flight (at most ProbeInterval × AwarenessMaxMultiplier)
+// after Shutdown returns. It does not announce a leave (call Leave first
 // for that); peers will see this node fail. Safe to call more than once.
 func (m *Mesh) Shutdown() error {
 	var err error

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,8 +19,27 @@ import (
 	"go.uber.org/goleak"
 )
 
+// TestMain fails the run if any goroutine outlives the tests. memberlist's
+// Shutdown does not wait for a probe in flight, which ends by itself within
+// ProbeInterval × AwarenessMaxMultiplier, so the check retries for a while.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	code := m.Run()
+	if code == 0 {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := goleak.Find()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				fmt.Fprintf(os.Stderr, "goroutines still running 10 s after the tests: %v\n", err)
+				code = 1
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	os.Exit(code)
 }
 
 func isEvent(typ mesh.EventType, name string) func(mesh.Event) bool {
