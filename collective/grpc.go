@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -171,6 +172,12 @@ type GRPCConfig struct {
 	// open its endpoint (ranks start at slightly different times).
 	// Default 30 s.
 	RankWait time.Duration
+	// NoLocalShortcut makes ranks of this process (same address) talk over
+	// TCP like remote ones instead of handing frames over in memory.
+	NoLocalShortcut bool
+	// CloseWait bounds how long closing an endpoint waits for peers to read
+	// what it sent (they normally close at the same time). Default 2 s.
+	CloseWait time.Duration
 	// DialOptions are appended to the data plane's own (for example
 	// transport credentials, which default to insecure).
 	DialOptions []grpc.DialOption
@@ -185,6 +192,7 @@ func DefaultGRPCConfig() GRPCConfig {
 		ReadBufferBytes:  256 << 10,
 		WriteBufferBytes: 256 << 10,
 		RankWait:         30 * time.Second,
+		CloseWait:        2 * time.Second,
 	}
 }
 
@@ -197,6 +205,8 @@ func (c GRPCConfig) Validate() error {
 		return fmt.Errorf("%w: grpc config: buffer sizes must be >= 0", ErrBadArgument)
 	case c.RankWait <= 0:
 		return fmt.Errorf("%w: grpc config: rank wait must be > 0, got %v", ErrBadArgument, c.RankWait)
+	case c.CloseWait < 0:
+		return fmt.Errorf("%w: grpc config: close wait must be >= 0, got %v", ErrBadArgument, c.CloseWait)
 	}
 	return nil
 }
@@ -211,6 +221,7 @@ func ServerOptions(c GRPCConfig) []grpc.ServerOption {
 		grpc.ReadBufferSize(c.ReadBufferBytes),
 		grpc.WriteBufferSize(c.WriteBufferBytes),
 		grpc.MaxRecvMsgSize(MaxFrameBytes + HeaderSize + 1024),
+		experimental.BufferPool(sharedDirtyPool),
 	}
 }
 
@@ -222,6 +233,7 @@ func (c GRPCConfig) dialOptions() []grpc.DialOption {
 		grpc.WithReadBufferSize(c.ReadBufferBytes),
 		grpc.WithWriteBufferSize(c.WriteBufferBytes),
 		grpc.WithDisableRetry(),
+		experimental.WithBufferPool(sharedDirtyPool),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: 5 * time.Second,
@@ -298,20 +310,28 @@ func (s *Service) link(stream grpc.ServerStream) error {
 		return err
 	}
 	if src < 0 || int(src) >= ep.n || int(src) == ep.spec.Rank || ch < controlChannel || ch >= int64(ep.spec.Channels) {
-		return status.Errorf(codes.InvalidArgument, "collective: stream from rank %d channel %d does not fit rank %d of %d ranks with %d channels", src, ch, dst, ep.n, ep.spec.Channels)
+		return status.Errorf(codes.InvalidArgument, "collective: rank %d sent on channel %d but rank %d has %d ranks and %d channels: give every rank the same group and collective config", src, ch, dst, ep.n, ep.spec.Channels)
 	}
-	var q chan *InFrame
 	if ch != controlChannel {
-		q = ep.queue(int(src), int(ch))
+		// A data link: the receiving rank reads this stream itself
+		// (Endpoint.Recv calls RecvMsg), one goroutine hand-off fewer than
+		// a queue. The handler only keeps the stream open until the
+		// endpoint fails or closes, or the reader saw the stream end.
+		sl := ep.slot(int(src), int(ch))
+		if !sl.attach(stream) {
+			return status.Errorf(codes.AlreadyExists, "collective: rank %d already has a link from rank %d on channel %d", dst, src, ch)
+		}
+		select {
+		case <-ep.fail.ch:
+		case <-stream.Context().Done():
+		case <-sl.readerDone:
+		}
+		return nil
 	}
 	for {
 		f := grpcFramePool.Get().(*InFrame)
 		if err := stream.RecvMsg(f); err != nil {
 			grpcFramePool.Put(f)
-			if err == io.EOF || ep.closed.Load() {
-				return nil
-			}
-			ep.fail.fail(fmt.Errorf("%w: link from rank %d (channel %d) broke: %v", ErrPeerFailed, src, ch, err))
 			return nil
 		}
 		if f.Header.Kind == FrameAbort {
@@ -320,19 +340,32 @@ func (s *Service) link(stream grpc.ServerStream) error {
 			ep.fail.fail(&RemoteError{Rank: int(src), Class: abortClassErr(f.Header.Tag), Msg: msg})
 			continue
 		}
-		if q == nil || int(f.Header.Src) != int(src) {
-			f.Release()
-			ep.fail.fail(fmt.Errorf("%w: rank %d sent a data frame claiming rank %d on channel %d", ErrBadFrame, src, f.Header.Src, ch))
-			return nil
-		}
-		select {
-		case q <- f:
-		case <-ep.fail.ch:
-			f.Release()
-			return nil
-		}
+		f.Release()
+		ep.fail.fail(fmt.Errorf("%w: rank %d sent a data frame on the control link", ErrBadFrame, src))
+		return nil
 	}
 }
+
+// inSlot is the inbound stream of one (sender, channel).
+type inSlot struct {
+	once       sync.Once
+	ready      chan struct{}
+	readerDone chan struct{}
+	doneOnce   sync.Once
+	attached   atomicBool
+	stream     grpc.ServerStream
+}
+
+func (s *inSlot) attach(st grpc.ServerStream) bool {
+	if s.attached.Swap(true) {
+		return false
+	}
+	s.stream = st
+	close(s.ready)
+	return true
+}
+
+func (s *inSlot) finish() { s.doneOnce.Do(func() { close(s.readerDone) }) }
 
 func concat(s Segments) []byte {
 	b := make([]byte, s.Len())
@@ -422,9 +455,22 @@ func (t *GRPCTransport) Open(spec EndpointSpec) (Endpoint, error) {
 	}
 	ep := &grpcEndpoint{
 		t: t, spec: spec, n: n, fail: newFailState(),
-		queues: make([]chan *InFrame, n*spec.Channels),
-		links:  make([]grpcLink, n*spec.Channels),
-		log:    t.svc.log.With("job", spec.Job, "generation", spec.Generation, "rank", spec.Rank),
+		slots: make([]*inSlot, n*spec.Channels),
+		links: make([]grpcLink, n*spec.Channels),
+		log:   t.svc.log.With("job", spec.Job, "generation", spec.Generation, "rank", spec.Rank),
+	}
+	ep.local = make([]bool, n)
+	for p := range ep.local {
+		ep.local[p] = p != spec.Rank && !t.svc.cfg.NoLocalShortcut && spec.Addrs[p] == spec.Addrs[spec.Rank]
+	}
+	ep.lq = make([]chan *InFrame, n*spec.Channels)
+	ep.lpeers = make([]*grpcEndpoint, n)
+	for p, l := range ep.local {
+		if l {
+			for ch := 0; ch < spec.Channels; ch++ {
+				ep.lq[p*spec.Channels+ch] = make(chan *InFrame, 8)
+			}
+		}
 	}
 	if err := t.svc.add(ep); err != nil {
 		return nil, err
@@ -433,11 +479,12 @@ func (t *GRPCTransport) Open(spec EndpointSpec) (Endpoint, error) {
 }
 
 type grpcLink struct {
-	mu     sync.Mutex
-	cc     *grpc.ClientConn
-	stream grpc.ClientStream
-	cancel context.CancelFunc
-	broken error
+	mu         sync.Mutex
+	cc         *grpc.ClientConn
+	stream     grpc.ClientStream
+	cancel     context.CancelFunc
+	watchDone  chan struct{}
+	peerClosed atomicBool
 }
 
 type grpcEndpoint struct {
@@ -448,21 +495,26 @@ type grpcEndpoint struct {
 	closed atomicBool
 	log    hclog.Logger
 
-	qmu     sync.Mutex
-	queues  []chan *InFrame
-	links   []grpcLink
+	qmu   sync.Mutex
+	slots []*inSlot
+	links []grpcLink
+	// Ranks served by this same process (same address) exchange frames in
+	// memory, by reference, instead of over TCP: local[p] says which.
+	local   []bool
+	lq      []chan *InFrame
+	lpeers  []*grpcEndpoint
 	cancels []context.CancelFunc
 	wg      sync.WaitGroup
 }
 
-func (e *grpcEndpoint) queue(src, ch int) chan *InFrame {
+func (e *grpcEndpoint) slot(src, ch int) *inSlot {
 	e.qmu.Lock()
 	defer e.qmu.Unlock()
 	i := src*e.spec.Channels + ch
-	if e.queues[i] == nil {
-		e.queues[i] = make(chan *InFrame, 4)
+	if e.slots[i] == nil {
+		e.slots[i] = &inSlot{ready: make(chan struct{}), readerDone: make(chan struct{})}
 	}
-	return e.queues[i]
+	return e.slots[i]
 }
 
 func (e *grpcEndpoint) dial(ctx, streamParent context.Context, peer, ch int) (*grpc.ClientConn, grpc.ClientStream, context.CancelFunc, error) {
@@ -504,21 +556,87 @@ func streamErr(peer int, addr string, err error) error {
 	return fmt.Errorf("%w: link to rank %d at %s ended: %v", ErrPeerFailed, peer, addr, err)
 }
 
-func (e *grpcEndpoint) watch(l *grpcLink, stream grpc.ClientStream, peer int) {
+// watch waits for the end of an outbound link. A clean end (the peer
+// closed its endpoint) only marks the link closed; anything else (the peer's
+// node went away, refused the generation, ...) fails the endpoint.
+func (e *grpcEndpoint) watch(l *grpcLink, stream grpc.ClientStream, peer int, done chan struct{}) {
 	defer e.wg.Done()
+	defer close(done)
 	var f InFrame
 	err := stream.RecvMsg(&f)
 	if e.closed.Load() {
 		return
 	}
 	if err == nil || err == io.EOF {
-		err = errors.New("the receiver closed it")
+		l.peerClosed.Store(true)
+		return
 	}
 	e.fail.fail(streamErr(peer, e.spec.Addrs[peer], err))
 }
 
+// sendLocal hands a frame to a rank of this process by reference: the
+// receiver reads the sender's memory (or peer-copies through PeerReducer) and
+// its Release reports SendDone.
+func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, payload []byte, ref PeerRef, done SendDone) error {
+	e.qmu.Lock()
+	pe := e.lpeers[peer]
+	e.qmu.Unlock()
+	if pe == nil {
+		var err error
+		pe, err = e.t.svc.wait(ctx, localKey{e.spec.Job, e.spec.Generation, peer})
+		if err != nil {
+			done.SendDone()
+			return streamErr(peer, e.spec.Addrs[peer], err)
+		}
+		e.qmu.Lock()
+		e.lpeers[peer] = pe
+		e.qmu.Unlock()
+	}
+	if pe.spec.Channels != e.spec.Channels || pe.n != e.n {
+		done.SendDone()
+		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
+			e.spec.Rank, e.n, e.spec.Channels, peer, pe.n, pe.spec.Channels)}
+	}
+	q := pe.lq[e.spec.Rank*pe.spec.Channels+ch]
+	f := framePool.Get().(*InFrame)
+	f.Header = *h
+	f.Header.Src = int32(e.spec.Rank)
+	f.Header.Length = uint32(len(payload))
+	f.segs[0] = payload
+	f.Payload = f.segs[:1]
+	f.Peer = ref
+	f.owner = done
+	f.release = releaseLocal
+	select {
+	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
+		f.Release()
+		return fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
+	default:
+	}
+	var err error
+	select {
+	case q <- f:
+		return nil
+	case <-ctx.Done():
+		err = context.Cause(ctx)
+	case <-e.fail.ch:
+		err = e.fail.Err()
+	case <-pe.fail.ch:
+		err = fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
+	}
+	f.Release()
+	return err
+}
+
 // Send implements Endpoint.
 func (e *grpcEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payload []byte, ref PeerRef, done SendDone) error {
+	if e.local[peer] {
+		if err := e.fail.Err(); err != nil {
+			done.SendDone()
+			return err
+		}
+		return e.sendLocal(ctx, peer, ch, h, payload, ref, done)
+	}
 	l := &e.links[peer*e.spec.Channels+ch]
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -542,8 +660,13 @@ func (e *grpcEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payloa
 		e.qmu.Lock()
 		e.cancels = append(e.cancels, cancel)
 		e.qmu.Unlock()
+		l.watchDone = make(chan struct{})
 		e.wg.Add(1)
-		go e.watch(l, stream, peer)
+		go e.watch(l, stream, peer, l.watchDone)
+	}
+	if l.peerClosed.Load() {
+		done.SendDone()
+		return fmt.Errorf("%w: rank %d at %s closed its endpoint", ErrPeerFailed, peer, e.spec.Addrs[peer])
 	}
 	m := outMsgPool.Get().(*outMsg)
 	hh := *h
@@ -575,22 +698,54 @@ func (e *grpcEndpoint) sendErr(peer int, err error) error {
 	return fmt.Errorf("%w: sending to rank %d at %s: %v", ErrPeerFailed, peer, e.spec.Addrs[peer], err)
 }
 
-// Recv implements Endpoint.
+// Recv implements Endpoint: it reads the inbound stream directly.
 func (e *grpcEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error) {
-	q := e.queue(peer, ch)
+	if e.local[peer] {
+		q := e.lq[peer*e.spec.Channels+ch]
+		select {
+		case f := <-q:
+			return f, nil
+		default:
+		}
+		select {
+		case f := <-q:
+			return f, nil
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-e.fail.ch:
+			return nil, e.fail.Err()
+		}
+	}
+	sl := e.slot(peer, ch)
 	select {
-	case f := <-q:
-		return f, nil
+	case <-sl.ready:
 	default:
+		select {
+		case <-sl.ready:
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-e.fail.ch:
+			return nil, e.fail.Err()
+		}
 	}
-	select {
-	case f := <-q:
-		return f, nil
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
-	case <-e.fail.ch:
-		return nil, e.fail.Err()
+	if err := e.fail.Err(); err != nil {
+		return nil, err
 	}
+	f := grpcFramePool.Get().(*InFrame)
+	if err := sl.stream.RecvMsg(f); err != nil {
+		grpcFramePool.Put(f)
+		sl.finish()
+		if ferr := e.fail.Err(); ferr != nil {
+			return nil, ferr
+		}
+		if err == io.EOF {
+			err = errors.New("the sender closed it")
+		}
+		ferr := fmt.Errorf("%w: link from rank %d (channel %d) ended: %v", ErrPeerFailed, peer, ch, err)
+		e.fail.fail(ferr)
+		return nil, ferr
+	}
+	return f, nil
 }
 
 // Abort implements Endpoint: one short control stream to every peer.
@@ -650,12 +805,34 @@ func (e *grpcEndpoint) Close() error {
 		return nil
 	}
 	e.t.svc.remove(e)
-	e.fail.fail(ErrClosed)
+	e.fail.fail(ErrClosed) // our inbound handlers return: peers see a clean end
+	// Half-close every outbound link and give the receivers until they close
+	// their endpoints (at most CloseWait) to read what is still buffered:
+	// cancelling a stream discards its unread data.
+	wctx, wcancel := context.WithTimeout(context.Background(), e.t.svc.cfg.CloseWait)
+	defer wcancel()
 	for i := range e.links {
 		l := &e.links[i]
 		l.mu.Lock()
 		if l.stream != nil {
-			_ = l.stream.CloseSend() // the receiver sees a clean end (EOF)
+			_ = l.stream.CloseSend()
+		}
+		l.mu.Unlock()
+	}
+	for i := range e.links {
+		l := &e.links[i]
+		if l.watchDone == nil {
+			continue
+		}
+		select {
+		case <-l.watchDone:
+		case <-wctx.Done():
+		}
+	}
+	for i := range e.links {
+		l := &e.links[i]
+		l.mu.Lock()
+		if l.stream != nil {
 			l.cancel()
 			_ = l.cc.Close()
 			l.stream = nil
@@ -664,8 +841,7 @@ func (e *grpcEndpoint) Close() error {
 	}
 	e.teardown()
 	e.wg.Wait()
-	e.qmu.Lock()
-	for _, q := range e.queues {
+	for _, q := range e.lq { // give queued in-process frames back to their senders
 		if q == nil {
 			continue
 		}
@@ -679,7 +855,6 @@ func (e *grpcEndpoint) Close() error {
 			}
 		}
 	}
-	e.qmu.Unlock()
 	return nil
 }
 

@@ -42,13 +42,21 @@ func RunAll(comms []*Communicator, f func(c *Communicator) error) []error {
 	return errs
 }
 
-// CloseAll closes every non-nil communicator.
+// CloseAll closes every non-nil communicator, all at once (a closing
+// endpoint waits for its peers to read what it sent, so closing one after the
+// other would wait for each in turn).
 func CloseAll(comms []*Communicator) {
+	var wg sync.WaitGroup
 	for _, c := range comms {
 		if c != nil {
-			_ = c.Close()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_ = c.Close()
+			}()
 		}
 	}
+	wg.Wait()
 }
 
 // LoopbackGroup is a group whose ranks each have their own data-plane

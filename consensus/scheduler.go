@@ -55,7 +55,7 @@ type scheduler struct {
 	// resource version stays bcVersion (only our own plans were added).
 	bc        *batchContext
 	bcVersion uint64
-	timer  *time.Timer
+	timer     *time.Timer
 }
 
 // schedulerPaused stops the scheduler from evaluating (benchmarks); events

@@ -52,7 +52,9 @@
 // maintain (BuildCreateFleetInput is the pure request, for --dry-run).
 // DecideScale is the pure rule that raises a fleet's target when gang jobs
 // wait and lowers it when nodes stay idle; FleetScaler applies decisions
-// with ModifyFleet and TerminateInstances. IAMPolicy (iam-policy.json) holds
+// with ModifyFleet and TerminateInstances; an Autoscaler runs it every 30 s
+// against the scheduler's Demand (waiting gang jobs, idle members by
+// instance ID) on the leader. IAMPolicy (iam-policy.json) holds
 // the least privileges all of this needs. Package ec2fake is an EC2 Query
 // API server for tests.
 package deploy

@@ -80,7 +80,9 @@ type Config struct {
 	// 4×JoinSyncDelay, ... apart (so at 1, 3, 7, 15 × JoinSyncDelay).
 	// They close the gap through which a node that joins during a burst
 	// of joins would otherwise miss a peer until the periodic push-pull.
-	// 0 disables them.
+	// A round (with random members) also runs when this node's
+	// incarnation grows: after it refutes a suspicion or a false death,
+	// or updates its metadata. 0 disables them.
 	JoinSyncRounds int
 	// JoinSyncDelay is the wait before the first post-join push-pull.
 	JoinSyncDelay time.Duration
@@ -88,6 +90,13 @@ type Config struct {
 	// run discovery again once this node has seen no other live member
 	// for this long. 0 disables rejoining.
 	RejoinAfterAlone time.Duration
+
+	// ReconnectInterval is how often this node tries to join one random
+	// member it saw fail (not leave), as Serf's reconnect does. Without it
+	// the two sides of a healed network partition never gossip again:
+	// memberlist probes and syncs only with live members, so each side
+	// keeps the other dead. 0 disables reconnecting.
+	ReconnectInterval time.Duration
 
 	// TombstoneTimeout is how long Members keeps reporting a node after it
 	// was seen dead or left. 0 keeps them until they rejoin.
@@ -154,6 +163,7 @@ func DefaultLANConfig() Config {
 		JoinSyncRounds:          4,
 		JoinSyncDelay:           250 * time.Millisecond,
 		RejoinAfterAlone:        time.Minute,
+		ReconnectInterval:       5 * time.Second,
 		UpdateTimeout:           2 * time.Second,
 		TombstoneTimeout:        24 * time.Hour,
 		JoinMaxPeers:            5,
@@ -184,6 +194,7 @@ func DefaultLocalConfig() Config {
 	c.JoinRetryMax = 500 * time.Millisecond
 	c.JoinSyncDelay = 100 * time.Millisecond
 	c.RejoinAfterAlone = 5 * time.Second
+	c.ReconnectInterval = time.Second
 	c.UpdateTimeout = time.Second
 	c.ProbeInterval = 200 * time.Millisecond
 	c.ProbeTimeout = 100 * time.Millisecond
@@ -270,6 +281,7 @@ func (c *Config) Validate() error {
 		v    time.Duration
 	}{
 		{"JoinSyncDelay", c.JoinSyncDelay}, {"RejoinAfterAlone", c.RejoinAfterAlone},
+		{"ReconnectInterval", c.ReconnectInterval},
 		{"GossipToTheDeadTime", c.GossipToTheDeadTime}, {"PushPullInterval", c.PushPullInterval},
 		{"DeadNodeReclaimTime", c.DeadNodeReclaimTime}, {"TombstoneTimeout", c.TombstoneTimeout},
 	} {

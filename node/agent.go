@@ -52,6 +52,8 @@ type Agent struct {
 	data       *dataPlane
 	sec        *security // TLS and ACL token (security.go); nil when off
 
+	hooks leaderHooks
+
 	selfMu sync.Mutex
 	self   *pb.Node
 
@@ -306,6 +308,7 @@ func (a *Agent) Shutdown() error {
 		if a.health != nil {
 			a.health.Shutdown()
 		}
+		a.stopLeaderHooks()
 		if a.runner != nil {
 			a.runner.shutdown()
 		}
@@ -477,6 +480,7 @@ func (a *Agent) roleLoop() {
 		case <-a.ctx.Done():
 			return
 		case <-t.C:
+			a.checkLeader()
 			ad.setRole(a.Role())
 			if rb, ok := a.raft.(interface{ bootstrapped() bool }); ok {
 				ad.setBootstrapped(rb.bootstrapped())

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -12,6 +15,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
@@ -291,4 +296,180 @@ func TestClusterRestartFromDataDir(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A node that is not server-eligible never joins Raft; it learns its ranks
+// through a watch stream to a server and reports through it.
+func TestClusterClientNodeRunsRanks(t *testing.T) {
+	dc := startCluster(t, 4, func(i int, c *Config) {
+		if i == 3 {
+			c.Server = false
+		}
+	})
+	cl := dc.Agents[3]
+	if cl.Role() != "client" || cl.raft != nil {
+		t.Fatalf("node-4 should be a client, is %s", cl.Role())
+	}
+	c := client(t, cl)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "name: wide\nranks: 4\nplacement: spread\nexec: {command: [sh, -c, 'echo rank $RANK on $GPUMESH_ADDR']}\n")})
+	if err != nil {
+		t.Fatalf("submission through a client node: %v", err)
+	}
+	final := waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	onClient := false
+	for _, al := range final.Allocations {
+		if al.NodeId == cl.NodeID() && al.ClientStatus == "complete" {
+			onClient = true
+			if out := readLogs(t, c, resp.Id, al.Rank, 0); !strings.Contains(out, cl.RPCAddr()) {
+				t.Fatalf("client rank's log %q lacks its agent address", out)
+			}
+		}
+	}
+	if !onClient {
+		t.Fatalf("no rank completed on the client node: %v", final.Allocations)
+	}
+	peers, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range peers.Peers {
+		if p.Id == cl.NodeID() {
+			t.Fatalf("client node is a raft peer: %v", p)
+		}
+	}
+}
+
+// The built-in jobs run inside the agents over the data plane.
+func TestClusterRunsBuiltinJobs(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ar, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: allreduce\nranks: 3\nplacement: spread\nallreduce: {sizes: [4KiB, 1MiB], dtype: int32, iters: 2, device: cpu}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: pipeline\nranks: 3\nplacement: spread\npipeline: {layers: [8, 16, 16, 4], microbatches: 4, microbatch_size: 4, steps: 3}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, ar.Id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	if final.Job.Status != "complete" {
+		t.Fatalf("allreduce job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+	for _, al := range final.Allocations {
+		m := al.Result.AsMap()
+		if ok, _ := m["ok"].(bool); !ok {
+			t.Fatalf("rank %d report not ok: %v", al.Rank, m)
+		}
+		if rows, _ := m["sizes"].([]any); len(rows) != 2 {
+			t.Fatalf("rank %d reported %d sizes, want 2: %v", al.Rank, len(rows), m)
+		}
+	}
+	if out := readLogs(t, c, ar.Id, 1, 0); !strings.Contains(out, "busbw_gbps") {
+		t.Fatalf("allreduce rank log lacks busbw: %q", out)
+	}
+	pfinal := waitJob(t, c, pl.Id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	if pfinal.Job.Status != "complete" {
+		t.Fatalf("pipeline job %s: %s", pfinal.Job.Status, pfinal.Job.StatusReason)
+	}
+	for _, al := range pfinal.Allocations {
+		m := al.Result.AsMap()
+		if al.Rank == 2 {
+			if l, _ := m["losses"].([]any); len(l) != 3 {
+				t.Fatalf("last stage reported %d losses, want 3: %v", len(l), m)
+			}
+		}
+	}
+}
+
+// A script written for torchrun runs unchanged: it reads the environment
+// and meets its peers at MASTER_ADDR:MASTER_PORT.
+func TestClusterRunsTorchrunScript(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	script, err := filepath.Abs("../examples/torchrun_env.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec := &pb.JobSpec{Name: "torchrun", Type: "exec", Ranks: 3, Placement: "spread", Exec: &pb.ExecSpec{Command: []string{py, script}}}
+	jobspec.ApplyDefaults(spec)
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	for r := int32(0); r < 3; r++ {
+		out := readLogs(t, c, resp.Id, r, 0)
+		if !strings.Contains(out, fmt.Sprintf("rank %d/3", r)) || !strings.Contains(out, "ok") {
+			errOut, _ := c.Logs(ctx, &pb.LogsRequest{JobId: resp.Id, Rank: r, Stderr: true})
+			var b strings.Builder
+			for {
+				ch, err := errOut.Recv()
+				if err != nil {
+					break
+				}
+				b.Write(ch.Data)
+			}
+			t.Fatalf("rank %d: %q (stderr %q), job %s", r, out, b.String(), final.Job.Status)
+		}
+	}
+	if final.Job.Status != "complete" {
+		t.Fatalf("job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+}
+
+// gRPC health checking and server reflection answer on the RPC port, so
+// grpcurl and load balancers work; /v1/health answers on the HTTP port.
+func TestClusterHealthAndReflection(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	a := dc.Agents[1]
+	conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hr, err)
+	}
+	rc, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rc.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		if s.Name == "gpumesh.v1.Control" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("reflection does not list gpumesh.v1.Control: %v", rr)
+	}
+	resp, err := http.Get("http://" + a.HTTPAddr() + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
+		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
+	}
 }

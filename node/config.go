@@ -70,6 +70,11 @@ type Config struct {
 	// with a cluster tag); it is retried until the node has joined.
 	Discoverer Discoverer
 
+	// OnLeader, when set, runs in its own goroutine while this agent leads;
+	// its context ends when leadership is lost or the agent stops (the
+	// fleet autoscaler lives here).
+	OnLeader func(ctx context.Context, a *Agent)
+
 	// Dev selects short timeouts suited to a cluster on one machine.
 	Dev bool
 

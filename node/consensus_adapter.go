@@ -91,9 +91,12 @@ func (r *raftAdapter) HasState() bool                 { return r.s.Role() != "no
 func (r *raftAdapter) State() stateReader             { return r.s.State() }
 func (r *raftAdapter) Peers() ([]*pb.RaftPeer, error) { return r.s.Peers() }
 func (r *raftAdapter) TransferLeadership() error      { return r.s.TransferLeadership() }
-func (r *raftAdapter) MembershipChanged()             { r.s.MembershipChanged() }
-func (r *raftAdapter) Shutdown() error                { return r.s.Shutdown() }
-func (r *raftAdapter) bootstrapped() bool             { return r.s.Bootstrapped() }
+func (r *raftAdapter) TransferLeadershipTo(id string) error {
+	return wrapNotLeader(r.s.TransferLeadershipTo(id))
+}
+func (r *raftAdapter) MembershipChanged() { r.s.MembershipChanged() }
+func (r *raftAdapter) Shutdown() error    { return r.s.Shutdown() }
+func (r *raftAdapter) bootstrapped() bool { return r.s.Bootstrapped() }
 
 func (r *raftAdapter) RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error) {
 	jid, idx, err := r.s.RegisterJobID(ctx, id, spec)

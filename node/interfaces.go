@@ -69,6 +69,7 @@ type raftServer interface {
 	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
 
 	TransferLeadership() error
+	TransferLeadershipTo(id string) error
 	MembershipChanged()
 	Shutdown() error
 }

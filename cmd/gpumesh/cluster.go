@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -119,7 +120,13 @@ func newNodesCommand() *cobra.Command {
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, n.Name, st, role, n.RpcAddr, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType), n.StatusReason)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if fs := leaderFleetStatus(ctx, c, &f); fs != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "\nfleet: %s\n", fs)
+			}
+			return nil
 		},
 	}
 	addClientFlags(cmd, &f)
@@ -163,7 +170,35 @@ func newRaftCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(peers, &f)
-	cmd.AddCommand(peers)
+	var tf clientFlags
+	var to string
+	transfer := &cobra.Command{
+		Use:     "transfer-leadership",
+		Short:   "Move Raft leadership to another voter (before maintenance of the leader's machine)",
+		Example: "  gpumesh raft transfer-leadership\n  gpumesh raft transfer-leadership --to node-2",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, done, err := tf.dial()
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := tf.ctx(cmd.Context())
+			defer cancel()
+			resp, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{To: to})
+			if err != nil {
+				return tf.explain(err)
+			}
+			if tf.json {
+				return printJSON(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", dash(resp.LeaderId))
+			return nil
+		},
+	}
+	addClientFlags(transfer, &tf)
+	transfer.Flags().StringVar(&to, "to", "", "node ID or name of the voter to lead (default: any up-to-date voter)")
+	cmd.AddCommand(peers, transfer)
 	return cmd
 }
 
@@ -226,4 +261,27 @@ func newVersionCommand() *cobra.Command {
 			fmt.Fprintf(cmd.OutOrStdout(), "gpumesh %s (cuda data path: %v)\n", node.Version, node.CUDABuild)
 		},
 	}
+}
+
+// leaderFleetStatus asks the leader for its last fleet scaling change.
+func leaderFleetStatus(ctx context.Context, c pb.ControlClient, f *clientFlags) string {
+	info, err := c.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	if info.LeaderRpcAddr == "" || info.LeaderRpcAddr == info.Node.GetRpcAddr() {
+		return info.FleetStatus
+	}
+	lf := *f
+	lf.address = info.LeaderRpcAddr
+	lc, done, err := lf.dial()
+	if err != nil {
+		return ""
+	}
+	defer done()
+	li, err := lc.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	return li.FleetStatus
 }

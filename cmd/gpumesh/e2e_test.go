@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/internal/procs"
-	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 type peersJSON struct {
@@ -30,11 +29,6 @@ func startAgents(t *testing.T, n int) []*procs.Agent {
 		t.Skip("multi-process test; skipped with -short")
 	}
 	dir := t.TempDir()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = driver.KillAll(ctx, dir)
-	})
 	var as []*procs.Agent
 	for i := 0; i < n; i++ {
 		ip := fmt.Sprintf("127.0.0.%d", i+2)
@@ -167,5 +161,120 @@ func TestProcessesSurviveLeaderKill(t *testing.T) {
 		if err := a.Signal(syscall.SIGTERM, 10*time.Second); err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+type jobJSON struct {
+	Job struct {
+		ID         string `json:"id"`
+		Status     string `json:"status"`
+		Generation string `json:"generation"`
+		WorldSize  int    `json:"world_size"`
+	} `json:"job"`
+	Allocations []struct {
+		Generation   string `json:"generation"`
+		Rank         int    `json:"rank"`
+		NodeName     string `json:"node_name"`
+		ClientStatus string `json:"client_status"`
+	} `json:"allocations"`
+}
+
+// Issue 3's acceptance: SIGKILL the agent holding rank 1 of a long-running
+// 2-rank job; the job runs again as generation 2 on the remaining agents
+// within 10 s, and the logs of both generations can be read.
+func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
+	as := startAgents(t, 3)
+	procs.Eventually(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
+	spec := filepath.Join(t.TempDir(), "job.yaml")
+	if err := os.WriteFile(spec, []byte("name: long\nranks: 2\nplacement: spread\nexec: {command: [sh, -c, 'echo gen $GPUMESH_GENERATION rank $RANK of $WORLD_SIZE; exec sleep 600']}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	var sub struct {
+		ID string `json:"id"`
+	}
+	if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &sub, "job", "run", "--detach", spec); err != nil {
+		t.Fatal(err)
+	}
+	var victim *procs.Agent
+	procs.Eventually(t, 30*time.Second, func() error {
+		var j jobJSON
+		if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &j, "job", "status", sub.ID); err != nil {
+			return err
+		}
+		running := 0
+		for _, al := range j.Allocations {
+			if al.ClientStatus == "running" {
+				running++
+			}
+			if al.Rank == 1 {
+				for _, a := range as {
+					if a.Name == al.NodeName {
+						victim = a
+					}
+				}
+			}
+		}
+		if running != 2 || victim == nil {
+			return fmt.Errorf("want 2 running ranks, have %d", running)
+		}
+		return nil
+	})
+	var survivor *procs.Agent
+	for _, a := range as {
+		if a != victim {
+			survivor = a
+		}
+	}
+	killed := time.Now()
+	victim.Kill()
+	var elapsed time.Duration
+	procs.Eventually(t, 30*time.Second, func() error {
+		var j jobJSON
+		if err := procs.CLIJSON(ctx, t, survivor.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
+			return err
+		}
+		running := 0
+		for _, al := range j.Allocations {
+			if al.Generation == "2" && al.ClientStatus == "running" {
+				if al.NodeName == victim.Name {
+					return fmt.Errorf("generation 2 placed on the dead node")
+				}
+				running++
+			}
+		}
+		if running != 2 {
+			return fmt.Errorf("generation 2 has %d running ranks (job %s gen %s)", running, j.Job.Status, j.Job.Generation)
+		}
+		elapsed = time.Since(killed)
+		return nil
+	})
+	t.Logf("generation 2 running on the survivors %v after SIGKILL", elapsed.Round(time.Millisecond))
+	if elapsed > 10*time.Second {
+		t.Errorf("re-placement took %v, want under 10 s", elapsed)
+	}
+	// Generation 2 logs, and generation 1's rank 0 from a survivor.
+	for _, c := range []struct{ rank, gen, want string }{{"0", "2", "gen 2 rank 0 of 2"}, {"1", "2", "gen 2 rank 1 of 2"}} {
+		procs.Eventually(t, 10*time.Second, func() error {
+			out, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "logs", sub.ID, "--rank", c.rank, "--generation", c.gen)
+			if err != nil || !strings.Contains(out, c.want) {
+				return fmt.Errorf("logs rank %s gen %s: %q %s %v", c.rank, c.gen, out, stderr, err)
+			}
+			return nil
+		})
+	}
+	// The killed agent comes back; generation 1's rank 1 logs are readable
+	// from it, and its orphaned task is stopped (the scheduler wants it gone).
+	victim.Start()
+	procs.Eventually(t, 30*time.Second, func() error {
+		out, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "logs", sub.ID, "--rank", "1", "--generation", "1")
+		if err != nil || !strings.Contains(out, "gen 1 rank 1 of 2") {
+			return fmt.Errorf("gen 1 rank 1 logs: %q %s %v", out, stderr, err)
+		}
+		return nil
+	})
+	if _, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "stop", sub.ID); err != nil {
+		t.Fatalf("stop: %v %s", err, stderr)
 	}
 }

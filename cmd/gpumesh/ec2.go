@@ -27,6 +27,7 @@ func newEC2Command() *cobra.Command {
 
   gpumesh ec2 user-data   renders the boot script that installs and starts the agent
   gpumesh ec2 launch      creates an EC2 Fleet (type maintain) of agents
+  gpumesh ec2 fleet       shows a fleet's capacity and instances
   gpumesh ec2 iam-policy  prints the least-privilege IAM policy
   gpumesh ec2 identity    prints what the instance metadata service says about this host
 
@@ -35,7 +36,7 @@ See docs/ec2.md for a walk-through.`,
   gpumesh ec2 launch --count 8 --instance-types g5.xlarge,g6.xlarge --subnets subnet-a,subnet-b \
       --spot --on-demand-base 3 --tag gpumesh:cluster=prod --launch-template gpumesh-prod`,
 	}
-	cmd.AddCommand(newEC2UserDataCommand(), newEC2LaunchCommand(), newEC2IAMPolicyCommand(), newEC2IdentityCommand())
+	cmd.AddCommand(newEC2UserDataCommand(), newEC2LaunchCommand(), newEC2FleetCommand(), newEC2IAMPolicyCommand(), newEC2IdentityCommand())
 	return cmd
 }
 
@@ -228,6 +229,44 @@ IMDSv2 required, and the join tag on instances and volumes.`,
 	return cmd
 }
 
+func newEC2FleetCommand() *cobra.Command {
+	var region, endpoint, awsProfile string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "fleet FLEET_ID",
+		Short: "Show an EC2 Fleet's target and fulfilled capacity and its instances",
+		Example: `  gpumesh ec2 fleet fleet-0123abcd-4567-89ef-0123-456789abcdef --region us-east-1
+  gpumesh ec2 fleet fleet-0123abcd-4567-89ef-0123-456789abcdef --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := resolveRegion(ctx, region)
+			if err != nil {
+				return err
+			}
+			client, err := deploy.NewEC2Client(ctx, deploy.AWSConfig{Region: r, Endpoint: endpoint, Profile: awsProfile,
+				Logger: cliLogger(cmd.ErrOrStderr())})
+			if err != nil {
+				return err
+			}
+			st, err := deploy.DescribeFleet(ctx, client, args[0])
+			if err != nil {
+				return err
+			}
+			insts, err := deploy.DescribeFleetInstances(ctx, client, args[0])
+			if err != nil {
+				return err
+			}
+			return printLaunchResult(cmd.OutOrStdout(), &deploy.LaunchResult{FleetID: args[0], Status: st, Instances: insts}, asJSON)
+		},
+	}
+	cmd.Flags().StringVar(&region, "region", "", "AWS region (default: $AWS_REGION, or the instance's region on EC2)")
+	cmd.Flags().StringVar(&endpoint, "ec2-endpoint", "", "EC2 API endpoint override (a VPC endpoint or a test server)")
+	cmd.Flags().StringVar(&awsProfile, "profile", "", "AWS shared-config profile")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
 func newEC2IAMPolicyCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "iam-policy",
@@ -372,7 +411,9 @@ func printLaunchResult(w io.Writer, res *deploy.LaunchResult, asJSON bool) error
 	if res.CreatedTemplate {
 		created = " (created)"
 	}
-	fmt.Fprintf(w, "Launch template %s%s\n", res.LaunchTemplate, created)
+	if res.LaunchTemplate.ID != "" || res.LaunchTemplate.Name != "" {
+		fmt.Fprintf(w, "Launch template %s%s\n", res.LaunchTemplate, created)
+	}
 	fmt.Fprintf(w, "Target %d (on-demand %d, spot %d), fulfilled %.0f\n",
 		res.Status.TotalTarget, res.Status.OnDemandTarget, res.Status.SpotTarget, res.Status.Fulfilled)
 	for _, e := range append(res.Errors, res.Status.Errors...) {

@@ -78,6 +78,18 @@ func TestEC2LaunchCLIAgainstFakeEC2(t *testing.T) {
 	if n := len(fake.Requests("CreateFleet")); n != 1 {
 		t.Fatalf("%d CreateFleet calls", n)
 	}
+	id := strings.Fields(out[strings.Index(out, "Fleet fleet-"):])[1]
+	out, err = runCLI(t, "ec2", "fleet", id, "--region", "us-east-1", "--ec2-endpoint", srv.URL, "--json")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if !strings.Contains(out, `"total_target_capacity": 3`) || strings.Count(out, `"instance_id"`) != 3 {
+		t.Fatalf("fleet status:\n%s", out)
+	}
+	if _, err := runCLI(t, "ec2", "fleet", "fleet-nope", "--region", "us-east-1", "--ec2-endpoint", srv.URL); err == nil ||
+		!strings.Contains(err.Error(), "not found") {
+		t.Fatalf("unknown fleet: %v", err)
+	}
 }
 
 func TestEC2IAMPolicyCLI(t *testing.T) {

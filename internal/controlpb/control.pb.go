@@ -564,9 +564,10 @@ type PipelineSpec struct {
 	Steps          int32                  `protobuf:"varint,4,opt,name=steps,proto3" json:"steps,omitempty"`
 	Seed           int64                  `protobuf:"varint,5,opt,name=seed,proto3" json:"seed,omitempty"`
 	LearningRate   float64                `protobuf:"fixed64,6,opt,name=learning_rate,json=learningRate,proto3" json:"learning_rate,omitempty"`
-	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe or 1f1b (default)
+	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe, 1f1b (default) or interleaved
 	Device         string                 `protobuf:"bytes,8,opt,name=device,proto3" json:"device,omitempty"`     // cpu (default) or cuda
 	Mode           string                 `protobuf:"bytes,9,opt,name=mode,proto3" json:"mode,omitempty"`         // train (default) or inference
+	Chunks         int32                  `protobuf:"varint,10,opt,name=chunks,proto3" json:"chunks,omitempty"`   // model chunks per stage (schedule interleaved)
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -662,6 +663,13 @@ func (x *PipelineSpec) GetMode() string {
 		return x.Mode
 	}
 	return ""
+}
+
+func (x *PipelineSpec) GetChunks() int32 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
 }
 
 type JobSpec struct {
@@ -2208,6 +2216,7 @@ type AgentInfoResponse struct {
 	LeaderRpcAddr string                 `protobuf:"bytes,4,opt,name=leader_rpc_addr,json=leaderRpcAddr,proto3" json:"leader_rpc_addr,omitempty"`
 	AppliedIndex  uint64                 `protobuf:"varint,5,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	Version       string                 `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	FleetStatus   string                 `protobuf:"bytes,7,opt,name=fleet_status,json=fleetStatus,proto3" json:"fleet_status,omitempty"` // the leader's last fleet scaling change
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2280,6 +2289,13 @@ func (x *AgentInfoResponse) GetAppliedIndex() uint64 {
 func (x *AgentInfoResponse) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *AgentInfoResponse) GetFleetStatus() string {
+	if x != nil {
+		return x.FleetStatus
 	}
 	return ""
 }
@@ -2728,6 +2744,96 @@ func (x *RegisterNodeResponse) GetIndex() uint64 {
 	return 0
 }
 
+// TransferLeadership moves Raft leadership to the named voter (id or name),
+// or to any up-to-date voter when to is empty.
+type TransferLeadershipRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	To            string                 `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipRequest) Reset() {
+	*x = TransferLeadershipRequest{}
+	mi := &file_control_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipRequest) ProtoMessage() {}
+
+func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *TransferLeadershipRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type TransferLeadershipResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipResponse) Reset() {
+	*x = TransferLeadershipResponse{}
+	mi := &file_control_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipResponse) ProtoMessage() {}
+
+func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *TransferLeadershipResponse) GetLeaderId() string {
+	if x != nil {
+		return x.LeaderId
+	}
+	return ""
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
@@ -2786,7 +2892,7 @@ const file_control_proto_rawDesc = "" +
 	"\x05iters\x18\x03 \x01(\x05R\x05iters\x12\x16\n" +
 	"\x06device\x18\x04 \x01(\tR\x06device\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x1a\n" +
-	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\x8a\x02\n" +
+	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\xa2\x02\n" +
 	"\fPipelineSpec\x12\x16\n" +
 	"\x06layers\x18\x01 \x03(\x05R\x06layers\x12\"\n" +
 	"\fmicrobatches\x18\x02 \x01(\x05R\fmicrobatches\x12'\n" +
@@ -2796,7 +2902,9 @@ const file_control_proto_rawDesc = "" +
 	"\rlearning_rate\x18\x06 \x01(\x01R\flearningRate\x12\x1a\n" +
 	"\bschedule\x18\a \x01(\tR\bschedule\x12\x16\n" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
-	"\x04mode\x18\t \x01(\tR\x04mode\"\x8a\x04\n" +
+	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
+	"\x06chunks\x18\n" +
+	" \x01(\x05R\x06chunks\"\x8a\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -2925,14 +3033,15 @@ const file_control_proto_rawDesc = "" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
-	"\x10AgentInfoRequest\"\xd1\x01\n" +
+	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x1b\n" +
 	"\tleader_id\x18\x03 \x01(\tR\bleaderId\x12&\n" +
 	"\x0fleader_rpc_addr\x18\x04 \x01(\tR\rleaderRpcAddr\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\"H\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x12!\n" +
+	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"H\n" +
 	"\fWatchRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vafter_index\x18\x02 \x01(\x04R\n" +
@@ -2963,7 +3072,11 @@ const file_control_proto_rawDesc = "" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index2\xb6\a\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"+\n" +
+	"\x19TransferLeadershipRequest\x12\x0e\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
+	"\x1aTransferLeadershipResponse\x12\x1b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\x9b\b\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -2977,7 +3090,8 @@ const file_control_proto_rawDesc = "" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
 	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
 	"\fRegisterNode\x12\x1f.gpumesh.v1.RegisterNodeRequest\x1a .gpumesh.v1.RegisterNodeResponse\x127\n" +
-	"\x04Logs\x12\x17.gpumesh.v1.LogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01B/Z-github.com/gpumesh/gpumesh/internal/controlpbb\x06proto3"
+	"\x04Logs\x12\x17.gpumesh.v1.LogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01\x12c\n" +
+	"\x12TransferLeadership\x12%.gpumesh.v1.TransferLeadershipRequest\x1a&.gpumesh.v1.TransferLeadershipResponseB/Z-github.com/gpumesh/gpumesh/internal/controlpbb\x06proto3"
 
 var (
 	file_control_proto_rawDescOnce sync.Once
@@ -2991,71 +3105,73 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_control_proto_goTypes = []any{
-	(*GPU)(nil),                       // 0: gpumesh.v1.GPU
-	(*Node)(nil),                      // 1: gpumesh.v1.Node
-	(*Constraints)(nil),               // 2: gpumesh.v1.Constraints
-	(*RestartPolicy)(nil),             // 3: gpumesh.v1.RestartPolicy
-	(*ExecSpec)(nil),                  // 4: gpumesh.v1.ExecSpec
-	(*AllReduceSpec)(nil),             // 5: gpumesh.v1.AllReduceSpec
-	(*PipelineSpec)(nil),              // 6: gpumesh.v1.PipelineSpec
-	(*JobSpec)(nil),                   // 7: gpumesh.v1.JobSpec
-	(*Job)(nil),                       // 8: gpumesh.v1.Job
-	(*Allocation)(nil),                // 9: gpumesh.v1.Allocation
-	(*QueryOptions)(nil),              // 10: gpumesh.v1.QueryOptions
-	(*SubmitJobRequest)(nil),          // 11: gpumesh.v1.SubmitJobRequest
-	(*SubmitJobResponse)(nil),         // 12: gpumesh.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),             // 13: gpumesh.v1.GetJobRequest
-	(*GetJobResponse)(nil),            // 14: gpumesh.v1.GetJobResponse
-	(*ListJobsRequest)(nil),           // 15: gpumesh.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),          // 16: gpumesh.v1.ListJobsResponse
-	(*StopJobRequest)(nil),            // 17: gpumesh.v1.StopJobRequest
-	(*StopJobResponse)(nil),           // 18: gpumesh.v1.StopJobResponse
-	(*ListNodesRequest)(nil),          // 19: gpumesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),         // 20: gpumesh.v1.ListNodesResponse
-	(*Member)(nil),                    // 21: gpumesh.v1.Member
-	(*MembersRequest)(nil),            // 22: gpumesh.v1.MembersRequest
-	(*MembersResponse)(nil),           // 23: gpumesh.v1.MembersResponse
-	(*RaftPeer)(nil),                  // 24: gpumesh.v1.RaftPeer
-	(*RaftPeersRequest)(nil),          // 25: gpumesh.v1.RaftPeersRequest
-	(*RaftPeersResponse)(nil),         // 26: gpumesh.v1.RaftPeersResponse
-	(*DrainNodeRequest)(nil),          // 27: gpumesh.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),         // 28: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),          // 29: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),         // 30: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),              // 31: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                // 32: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),  // 33: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil), // 34: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),               // 35: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                  // 36: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),       // 37: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),      // 38: gpumesh.v1.RegisterNodeResponse
-	nil,                               // 39: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),     // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 41: google.protobuf.Duration
-	(*structpb.Struct)(nil),           // 42: google.protobuf.Struct
+	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
+	(*Node)(nil),                       // 1: gpumesh.v1.Node
+	(*Constraints)(nil),                // 2: gpumesh.v1.Constraints
+	(*RestartPolicy)(nil),              // 3: gpumesh.v1.RestartPolicy
+	(*ExecSpec)(nil),                   // 4: gpumesh.v1.ExecSpec
+	(*AllReduceSpec)(nil),              // 5: gpumesh.v1.AllReduceSpec
+	(*PipelineSpec)(nil),               // 6: gpumesh.v1.PipelineSpec
+	(*JobSpec)(nil),                    // 7: gpumesh.v1.JobSpec
+	(*Job)(nil),                        // 8: gpumesh.v1.Job
+	(*Allocation)(nil),                 // 9: gpumesh.v1.Allocation
+	(*QueryOptions)(nil),               // 10: gpumesh.v1.QueryOptions
+	(*SubmitJobRequest)(nil),           // 11: gpumesh.v1.SubmitJobRequest
+	(*SubmitJobResponse)(nil),          // 12: gpumesh.v1.SubmitJobResponse
+	(*GetJobRequest)(nil),              // 13: gpumesh.v1.GetJobRequest
+	(*GetJobResponse)(nil),             // 14: gpumesh.v1.GetJobResponse
+	(*ListJobsRequest)(nil),            // 15: gpumesh.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),           // 16: gpumesh.v1.ListJobsResponse
+	(*StopJobRequest)(nil),             // 17: gpumesh.v1.StopJobRequest
+	(*StopJobResponse)(nil),            // 18: gpumesh.v1.StopJobResponse
+	(*ListNodesRequest)(nil),           // 19: gpumesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 20: gpumesh.v1.ListNodesResponse
+	(*Member)(nil),                     // 21: gpumesh.v1.Member
+	(*MembersRequest)(nil),             // 22: gpumesh.v1.MembersRequest
+	(*MembersResponse)(nil),            // 23: gpumesh.v1.MembersResponse
+	(*RaftPeer)(nil),                   // 24: gpumesh.v1.RaftPeer
+	(*RaftPeersRequest)(nil),           // 25: gpumesh.v1.RaftPeersRequest
+	(*RaftPeersResponse)(nil),          // 26: gpumesh.v1.RaftPeersResponse
+	(*DrainNodeRequest)(nil),           // 27: gpumesh.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),          // 28: gpumesh.v1.DrainNodeResponse
+	(*AgentInfoRequest)(nil),           // 29: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 30: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 31: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 32: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 33: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 34: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 35: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 36: gpumesh.v1.LogChunk
+	(*RegisterNodeRequest)(nil),        // 37: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 38: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 39: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 40: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 41: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 43: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 44: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	40, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	40, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	41, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	39, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	42, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	42, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	43, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	41, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	41, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	43, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	40, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	40, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	40, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	40, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	40, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	42, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	42, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	42, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	42, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	42, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	42, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	44, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
 	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3067,7 +3183,7 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	41, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	43, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
@@ -3087,21 +3203,23 @@ var file_control_proto_depIdxs = []int32{
 	33, // 46: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
 	37, // 47: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
 	35, // 48: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	12, // 49: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 50: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 51: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 52: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 53: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 54: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 55: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 56: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 57: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	32, // 58: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	34, // 59: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	38, // 60: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	36, // 61: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	49, // [49:62] is the sub-list for method output_type
-	36, // [36:49] is the sub-list for method input_type
+	39, // 49: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	12, // 50: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	14, // 51: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	16, // 52: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	18, // 53: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	20, // 54: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	23, // 55: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	26, // 56: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	28, // 57: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	30, // 58: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	32, // 59: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	34, // 60: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	38, // 61: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	36, // 62: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	40, // 63: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	50, // [50:64] is the sub-list for method output_type
+	36, // [36:50] is the sub-list for method input_type
 	36, // [36:36] is the sub-list for extension type_name
 	36, // [36:36] is the sub-list for extension extendee
 	0,  // [0:36] is the sub-list for field type_name
@@ -3118,7 +3236,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

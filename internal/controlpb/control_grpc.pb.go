@@ -23,19 +23,20 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Control_SubmitJob_FullMethodName         = "/gpumesh.v1.Control/SubmitJob"
-	Control_GetJob_FullMethodName            = "/gpumesh.v1.Control/GetJob"
-	Control_ListJobs_FullMethodName          = "/gpumesh.v1.Control/ListJobs"
-	Control_StopJob_FullMethodName           = "/gpumesh.v1.Control/StopJob"
-	Control_ListNodes_FullMethodName         = "/gpumesh.v1.Control/ListNodes"
-	Control_Members_FullMethodName           = "/gpumesh.v1.Control/Members"
-	Control_RaftPeers_FullMethodName         = "/gpumesh.v1.Control/RaftPeers"
-	Control_DrainNode_FullMethodName         = "/gpumesh.v1.Control/DrainNode"
-	Control_AgentInfo_FullMethodName         = "/gpumesh.v1.Control/AgentInfo"
-	Control_Watch_FullMethodName             = "/gpumesh.v1.Control/Watch"
-	Control_UpdateAllocations_FullMethodName = "/gpumesh.v1.Control/UpdateAllocations"
-	Control_RegisterNode_FullMethodName      = "/gpumesh.v1.Control/RegisterNode"
-	Control_Logs_FullMethodName              = "/gpumesh.v1.Control/Logs"
+	Control_SubmitJob_FullMethodName          = "/gpumesh.v1.Control/SubmitJob"
+	Control_GetJob_FullMethodName             = "/gpumesh.v1.Control/GetJob"
+	Control_ListJobs_FullMethodName           = "/gpumesh.v1.Control/ListJobs"
+	Control_StopJob_FullMethodName            = "/gpumesh.v1.Control/StopJob"
+	Control_ListNodes_FullMethodName          = "/gpumesh.v1.Control/ListNodes"
+	Control_Members_FullMethodName            = "/gpumesh.v1.Control/Members"
+	Control_RaftPeers_FullMethodName          = "/gpumesh.v1.Control/RaftPeers"
+	Control_DrainNode_FullMethodName          = "/gpumesh.v1.Control/DrainNode"
+	Control_AgentInfo_FullMethodName          = "/gpumesh.v1.Control/AgentInfo"
+	Control_Watch_FullMethodName              = "/gpumesh.v1.Control/Watch"
+	Control_UpdateAllocations_FullMethodName  = "/gpumesh.v1.Control/UpdateAllocations"
+	Control_RegisterNode_FullMethodName       = "/gpumesh.v1.Control/RegisterNode"
+	Control_Logs_FullMethodName               = "/gpumesh.v1.Control/Logs"
+	Control_TransferLeadership_FullMethodName = "/gpumesh.v1.Control/TransferLeadership"
 )
 
 // ControlClient is the client API for Control service.
@@ -55,6 +56,7 @@ type ControlClient interface {
 	UpdateAllocations(ctx context.Context, in *UpdateAllocationsRequest, opts ...grpc.CallOption) (*UpdateAllocationsResponse, error)
 	RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error)
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
+	TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error)
 }
 
 type controlClient struct {
@@ -213,6 +215,16 @@ func (c *controlClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Control_LogsClient = grpc.ServerStreamingClient[LogChunk]
 
+func (c *controlClient) TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferLeadershipResponse)
+	err := c.cc.Invoke(ctx, Control_TransferLeadership_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -230,6 +242,7 @@ type ControlServer interface {
 	UpdateAllocations(context.Context, *UpdateAllocationsRequest) (*UpdateAllocationsResponse, error)
 	RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error)
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
+	TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -278,6 +291,9 @@ func (UnimplementedControlServer) RegisterNode(context.Context, *RegisterNodeReq
 }
 func (UnimplementedControlServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
 	return status.Error(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedControlServer) TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TransferLeadership not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -520,6 +536,24 @@ func _Control_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Control_LogsServer = grpc.ServerStreamingServer[LogChunk]
 
+func _Control_TransferLeadership_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferLeadershipRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).TransferLeadership(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_TransferLeadership_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).TransferLeadership(ctx, req.(*TransferLeadershipRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -570,6 +604,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RegisterNode",
 			Handler:    _Control_RegisterNode_Handler,
+		},
+		{
+			MethodName: "TransferLeadership",
+			Handler:    _Control_TransferLeadership_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 var (
@@ -115,7 +117,13 @@ func NewAgent(t testing.TB, dir, name, ip string, args ...string) *Agent {
 		Ports: Ports{Gossip: p[0], RPC: p[1], Raft: p[2], HTTP: p[3]},
 		Args:  args, t: t, bin: Binary(t),
 	}
-	t.Cleanup(a.Kill)
+	t.Cleanup(func() {
+		a.Kill()
+		// Tasks outlive their agent by design; none may outlive the test.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = driver.KillAll(ctx, a.DataDir)
+	})
 	return a
 }
 

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/collective/collbench"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+func init() {
+	registerBenchCommand(newBenchAllReduceCommand)
+	registerBenchCommand(newBenchAllReduceWorkerCommand)
+}
+
+// allreduceFlags are the flags shared by the bench command and its worker.
+type allreduceFlags struct {
+	sizes    string
+	dtype    string
+	iters    int
+	warmup   int
+	device   string
+	channels int
+	chunk    string
+	window   string
+	readBuf  string
+	writeBuf string
+	timeout  time.Duration
+}
+
+func (f *allreduceFlags) register(cmd *cobra.Command) {
+	d := collective.DefaultConfig()
+	fs := cmd.Flags()
+	fs.StringVar(&f.sizes, "sizes", "1MiB,16MiB,64MiB,256MiB", "comma-separated buffer sizes (512KiB, 64MiB, 1GiB, ...)")
+	fs.StringVar(&f.dtype, "dtype", "float32", "element type: float32, float64, float16, bfloat16, int32, int64, uint8")
+	fs.IntVar(&f.iters, "iters", 10, "timed iterations per size (the median is reported)")
+	fs.IntVar(&f.warmup, "warmup", 3, "untimed iterations per size")
+	fs.StringVar(&f.device, "device", "cpu", "buffer memory: cpu or cuda (cuda needs a binary built with -tags cuda)")
+	fs.IntVar(&f.channels, "channels", d.Channels, "parallel connections (TCP flows) per ring neighbour")
+	fs.StringVar(&f.chunk, "chunk", collective.FormatSize(int64(d.ChunkBytes)), "pipelined chunk size")
+	fs.StringVar(&f.window, "window", collective.FormatSize(int64(collective.DefaultGRPCConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
+	fs.StringVar(&f.readBuf, "read-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
+	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
+	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
+}
+
+func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, collective.AllReduceJobSpec, error) {
+	cfg := collective.DefaultConfig()
+	gcfg := collective.DefaultGRPCConfig()
+	var spec collective.AllReduceJobSpec
+	sizes, err := collective.ParseSizes(f.sizes)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--sizes: %w", err)
+	}
+	dt, err := collective.ParseDType(f.dtype)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--dtype: %w", err)
+	}
+	chunk, err := collective.ParseSize(f.chunk)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--chunk: %w", err)
+	}
+	window, err := collective.ParseSize(f.window)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--window: %w", err)
+	}
+	rb, err := collective.ParseSize(f.readBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--read-buffer: %w", err)
+	}
+	wb, err := collective.ParseSize(f.writeBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--write-buffer: %w", err)
+	}
+	gcfg.ReadBufferBytes, gcfg.WriteBufferBytes = int(rb), int(wb)
+	if window > 1<<30 {
+		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
+	}
+	cfg.Channels = f.channels
+	cfg.ChunkBytes = int(chunk)
+	cfg.Timeout = f.timeout
+	gcfg.WindowBytes = int32(window)
+	spec = collective.AllReduceJobSpec{Sizes: sizes, DType: dt, Iters: f.iters, Warmup: f.warmup, Device: f.device}
+	return cfg, gcfg, spec, nil
+}
+
+func newBenchAllReduceCommand() *cobra.Command {
+	var f allreduceFlags
+	var ranks, workerProcs int
+	var procs, asJSON, noRaw bool
+	cmd := &cobra.Command{
+		Use:   "allreduce",
+		Short: "Measure ring all-reduce over the gRPC data plane on loopback, against raw TCP",
+		Long: `Starts N ranks on 127.0.0.1 (in this process, or one process each with --procs),
+runs the built-in allreduce job (every rank checks the result exactly) and prints an
+nccl-tests style table: size, count, type, time, algbw, busbw (algbw * 2(n-1)/n) and
+the number of wrong elements, then the same bytes moved over raw TCP with the same
+number of flows, and the ratio of the two.`,
+		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
+  gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ccfg, gcfg, spec, err := f.configs()
+			if err != nil {
+				return err
+			}
+			cfg := collbench.DefaultConfig()
+			cfg.Ranks = ranks
+			cfg.Sizes, cfg.DType, cfg.Iters, cfg.Warmup, cfg.Device = spec.Sizes, spec.DType, spec.Iters, spec.Warmup, spec.Device
+			cfg.Collective, cfg.GRPC = ccfg, gcfg
+			cfg.RawTCP = !noRaw
+			if procs {
+				exe, err := os.Executable()
+				if err != nil {
+					return fmt.Errorf("--procs: cannot find this executable: %w", err)
+				}
+				cfg.Procs, cfg.Exe, cfg.WorkerArgs = true, exe, []string{"bench", "allreduce-worker"}
+				cfg.WorkerGOMAXPROCS = workerProcs
+			}
+			if term.IsTerminal(int(os.Stderr.Fd())) {
+				cfg.Progress = os.Stderr
+			}
+			res, err := collbench.Run(cmd.Context(), cfg)
+			if res == nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				if jerr := enc.Encode(res); jerr != nil {
+					return jerr
+				}
+			} else {
+				collbench.WriteTable(cmd.OutOrStdout(), res)
+			}
+			return err
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().IntVar(&ranks, "ranks", 2, "number of ranks")
+	cmd.Flags().BoolVar(&procs, "procs", false, "run every rank in its own process")
+	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
+	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")
+	return cmd
+}
+
+func newBenchAllReduceWorkerCommand() *cobra.Command {
+	var f allreduceFlags
+	cmd := &cobra.Command{
+		Use:     "allreduce-worker",
+		Short:   "One rank of `bench allreduce --procs` (internal)",
+		Hidden:  true,
+		Example: "  (started by gpumesh bench allreduce --procs; speaks JSON lines on stdin/stdout)",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ccfg, gcfg, spec, err := f.configs()
+			if err != nil {
+				return err
+			}
+			return collbench.RunWorker(cmd.Context(), os.Stdin, os.Stdout, collbench.WorkerConfig{Collective: ccfg, GRPC: gcfg, Spec: spec}, nil)
+		},
+	}
+	f.register(cmd)
+	return cmd
+}

@@ -1,0 +1,338 @@
+package collective
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// AllReduceJobSpec is the spec of the built-in "allreduce" job.
+type AllReduceJobSpec struct {
+	// Sizes are buffer sizes in bytes (see ParseSize); each a multiple of
+	// the element size.
+	Sizes []int64 `json:"sizes"`
+	// DType is the element type (default float32).
+	DType DType `json:"dtype"`
+	// Iters timed iterations per size (default 20); Warmup untimed ones
+	// before them (default 3).
+	Iters  int `json:"iters"`
+	Warmup int `json:"warmup"`
+	// Device is "auto", "cpu" or "cuda" (see LookupDevice).
+	Device string `json:"device"`
+	// LocalRank is the rank's index among the job's ranks on its node (picks
+	// the GPU).
+	LocalRank int `json:"local_rank"`
+	// Progress, if set, is called after each timed iteration (bench UIs).
+	Progress func(size int64, iter, iters int) `json:"-"`
+}
+
+// Validate fills defaults and checks the spec.
+func (s *AllReduceJobSpec) Validate() error {
+	if s.DType == 0 {
+		s.DType = Float32
+	}
+	if s.Iters == 0 {
+		s.Iters = 20
+	}
+	if s.Warmup == 0 {
+		s.Warmup = 3
+	}
+	if !s.DType.Valid() {
+		return fmt.Errorf("%w: allreduce job: dtype %v", ErrBadDType, s.DType)
+	}
+	if len(s.Sizes) == 0 {
+		return fmt.Errorf("%w: allreduce job: sizes is empty (give e.g. [1MiB, 64MiB])", ErrBadArgument)
+	}
+	if s.Iters < 1 || s.Warmup < 0 {
+		return fmt.Errorf("%w: allreduce job: iters must be >= 1 and warmup >= 0, got %d and %d", ErrBadArgument, s.Iters, s.Warmup)
+	}
+	for _, b := range s.Sizes {
+		if b <= 0 || b%int64(s.DType.Size()) != 0 {
+			return fmt.Errorf("%w: allreduce job: size %d bytes is not a positive multiple of %v (%d bytes)", ErrBadArgument, b, s.DType, s.DType.Size())
+		}
+	}
+	return nil
+}
+
+// AllReduceSizeResult is the measurement of one size.
+type AllReduceSizeResult struct {
+	Bytes int64  `json:"bytes"`
+	Count int64  `json:"count"`
+	DType string `json:"dtype"`
+	// Algorithm is "ring", "recursive-doubling" or "local" (one rank).
+	Algorithm string `json:"algorithm"`
+	// TimeUs is the median time of one all-reduce (microseconds); MinUs the
+	// fastest.
+	TimeUs float64 `json:"time_us"`
+	MinUs  float64 `json:"min_us"`
+	// AlgBW = bytes / time; BusBW = AlgBW * 2(n-1)/n (nccl-tests), GB/s.
+	AlgBWGBps float64 `json:"algbw_gbps"`
+	BusBWGBps float64 `json:"busbw_gbps"`
+	// Wrong is the number of elements that differed from the expected sum.
+	Wrong int64 `json:"wrong"`
+}
+
+// AllReduceReport is a rank's report of the allreduce job (JSON for
+// `gpumesh job status --json`).
+type AllReduceReport struct {
+	Rank     int                   `json:"rank"`
+	Ranks    int                   `json:"ranks"`
+	Device   string                `json:"device"`
+	Channels int                   `json:"channels"`
+	Results  []AllReduceSizeResult `json:"results"`
+	Wrong    int64                 `json:"wrong"`
+}
+
+// BusBandwidthFactor is 2(n-1)/n, the share of the buffer each rank sends
+// in an all-reduce (nccl-tests' busbw factor).
+func BusBandwidthFactor(n int) float64 {
+	if n <= 1 {
+		return 0
+	}
+	return 2 * float64(n-1) / float64(n)
+}
+
+// jobValue is the input of rank r at element i: small non-negative
+// integers whose sum over n ranks is exact in every dtype.
+func jobValue(dt DType, n, r, i int) float64 {
+	limit := 1 << 24
+	switch dt {
+	case BFloat16:
+		limit = 256
+	case Float16:
+		limit = 2048
+	}
+	maxv := 4
+	if maxv*n > limit {
+		maxv = limit / n
+	}
+	return float64((r*7 + i*3) % (maxv + 1))
+}
+
+func jobExpected(dt DType, n, i int) float64 {
+	s := 0.0
+	for r := 0; r < n; r++ {
+		s += jobValue(dt, n, r, i)
+	}
+	if dt == Uint8 {
+		s = float64(uint8(int64(s)))
+	}
+	return s
+}
+
+// fillJob writes rank r's values into buf through its chunk operations
+// (works for device buffers too) and checks/reads back through ReadChunk.
+func fillJob(buf Buffer, n, r int) error {
+	dt := buf.DType()
+	count := buf.Len()
+	const step = 1 << 20
+	stage := NewHostBuffer(dt, min(step, count))
+	for off := 0; off < count; off += step {
+		l := min(step, count-off)
+		for i := 0; i < l; i++ {
+			stage.Set(i, jobValue(dt, n, r, off+i))
+		}
+		if err := buf.WriteChunk(off, Segments{stage.Bytes()[:l*dt.Size()]}); err != nil {
+			return err
+		}
+		if err := buf.Sync(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func checkJob(buf Buffer, n int) (int64, error) {
+	dt := buf.DType()
+	count := buf.Len()
+	const step = 1 << 20
+	var wrong int64
+	for off := 0; off < count; off += step {
+		l := min(step, count-off)
+		b, err := buf.ReadChunk(off, l)
+		if err != nil {
+			return wrong, err
+		}
+		hb := &HostBuffer{dt: dt, n: l, bytes: b}
+		if !aligned(b, dt.Size()) {
+			hb = NewHostBuffer(dt, l)
+			copy(hb.bytes, b)
+		}
+		for i := 0; i < l; i++ {
+			if hb.At(i) != jobExpected(dt, n, off+i) {
+				wrong++
+			}
+		}
+		buf.ReleaseChunk(off, l)
+	}
+	return wrong, nil
+}
+
+// RunAllReduceJob runs the built-in allreduce job on one rank: for every
+// size it fills the buffer with values derived from the rank, all-reduces
+// once and checks every element exactly, then times Iters all-reduces (each
+// after a Barrier, like nccl-tests and the PyTorch baseline) and reports the
+// median time and bus bandwidth. Every rank of comm must call it with the
+// same spec. It returns the report and an error wrapping ErrCheckFailed if
+// any element was wrong (the report is filled in either case).
+func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobSpec, logger hclog.Logger) (AllReduceReport, error) {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	rep := AllReduceReport{Rank: comm.Rank(), Ranks: comm.Size(), Channels: comm.Config().Channels}
+	if err := spec.Validate(); err != nil {
+		return rep, err
+	}
+	dev, err := LookupDevice(spec.Device)
+	if err != nil {
+		return rep, err
+	}
+	rep.Device = dev.Name()
+	n := comm.Size()
+	for _, size := range spec.Sizes {
+		count := int(size / int64(spec.DType.Size()))
+		buf, err := dev.Alloc(spec.LocalRank, spec.DType, count)
+		if err != nil {
+			return rep, fmt.Errorf("allreduce job: allocating %s on %s: %w", FormatSize(size), dev.Name(), err)
+		}
+		res, err := runJobSize(ctx, comm, spec, buf, size, count)
+		if c, ok := buf.(io.Closer); ok {
+			_ = c.Close()
+		}
+		if err != nil {
+			return rep, err
+		}
+		rep.Results = append(rep.Results, res)
+		rep.Wrong += res.Wrong
+		logger.Info("allreduce", "size", FormatSize(size), "dtype", spec.DType, "ranks", n,
+			"time_us", fmt.Sprintf("%.1f", res.TimeUs), "algbw_gbps", fmt.Sprintf("%.2f", res.AlgBWGBps),
+			"busbw_gbps", fmt.Sprintf("%.2f", res.BusBWGBps), "wrong", res.Wrong)
+	}
+	if rep.Wrong > 0 {
+		return rep, fmt.Errorf("%w: rank %d found %d wrong elements", ErrCheckFailed, comm.Rank(), rep.Wrong)
+	}
+	return rep, nil
+}
+
+func runJobSize(ctx context.Context, comm *Communicator, spec AllReduceJobSpec, buf Buffer, size int64, count int) (AllReduceSizeResult, error) {
+	n := comm.Size()
+	res := AllReduceSizeResult{Bytes: size, Count: int64(count), DType: spec.DType.String(), Algorithm: "ring"}
+	switch {
+	case n == 1:
+		res.Algorithm = "local"
+	case comm.useSmall(count, spec.DType):
+		res.Algorithm = "recursive-doubling"
+	}
+	if err := fillJob(buf, n, comm.Rank()); err != nil {
+		return res, err
+	}
+	if err := comm.AllReduce(ctx, buf, OpSum); err != nil {
+		return res, err
+	}
+	wrong, err := checkJob(buf, n)
+	if err != nil {
+		return res, err
+	}
+	res.Wrong = wrong
+	for i := 0; i < spec.Warmup; i++ {
+		if err := comm.AllReduce(ctx, buf, OpSum); err != nil {
+			return res, err
+		}
+	}
+	times := make([]float64, 0, spec.Iters)
+	for i := 0; i < spec.Iters; i++ {
+		if err := comm.Barrier(ctx); err != nil {
+			return res, err
+		}
+		t0 := time.Now()
+		if err := comm.AllReduce(ctx, buf, OpSum); err != nil {
+			return res, err
+		}
+		times = append(times, time.Since(t0).Seconds())
+		if spec.Progress != nil {
+			spec.Progress(size, i+1, spec.Iters)
+		}
+	}
+	sort.Float64s(times)
+	med := times[len(times)/2]
+	if len(times)%2 == 0 {
+		med = (times[len(times)/2-1] + times[len(times)/2]) / 2
+	}
+	res.TimeUs = med * 1e6
+	res.MinUs = times[0] * 1e6
+	res.AlgBWGBps = float64(size) / med / 1e9
+	res.BusBWGBps = res.AlgBWGBps * BusBandwidthFactor(n)
+	return res, nil
+}
+
+// ParseSize parses a byte size: "512KiB", "1MiB", "64MiB", "1GiB", also
+// "4K"/"16M"/"1G" (binary), "1KB"/"1MB"/"1GB" (decimal) and plain bytes.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	units := []struct {
+		suf  string
+		mult int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}}
+	mult := int64(1)
+	for _, u := range units {
+		if len(t) > len(u.suf) && strings.EqualFold(t[len(t)-len(u.suf):], u.suf) {
+			mult = u.mult
+			t = strings.TrimSpace(t[:len(t)-len(u.suf)])
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(t, 64)
+	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+		return 0, fmt.Errorf("%w: size %q: want a number with an optional unit such as 512KiB, 64MiB or 1GiB", ErrBadArgument, s)
+	}
+	b := v * float64(mult)
+	if b > float64(math.MaxInt64/2) || b != math.Trunc(b) {
+		return 0, fmt.Errorf("%w: size %q is not a whole number of bytes in range", ErrBadArgument, s)
+	}
+	return int64(b), nil
+}
+
+// ParseSizes parses a comma-separated list of sizes.
+func ParseSizes(s string) ([]int64, error) {
+	var out []int64
+	var errs []error
+	for _, p := range strings.Split(s, ",") {
+		if strings.TrimSpace(p) == "" {
+			continue
+		}
+		v, err := ParseSize(p)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		out = append(out, v)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// FormatSize renders bytes with a binary unit when exact ("64MiB"), else
+// as bytes.
+func FormatSize(b int64) string {
+	for _, u := range []struct {
+		suf  string
+		mult int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if b >= u.mult && b%u.mult == 0 {
+			return fmt.Sprintf("%d%s", b/u.mult, u.suf)
+		}
+	}
+	return fmt.Sprintf("%dB", b)
+}
