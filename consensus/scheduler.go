@@ -21,7 +21,17 @@ import (
 const (
 	DefaultRestartAttempts = 3
 	DefaultRestartDelay    = 5 * time.Second
+	// DefaultKillTimeout is a rank's time between SIGTERM and SIGKILL when
+	// the spec sets none.
+	DefaultKillTimeout = 30 * time.Second
 )
+
+func killTimeout(spec *controlpb.JobSpec) time.Duration {
+	if d := spec.GetKillTimeout(); d != nil && d.AsDuration() > 0 {
+		return d.AsDuration()
+	}
+	return DefaultKillTimeout
+}
 
 // scheduler is the leader's event-driven placement loop. It consumes the
 // FSM's change events (job registered, allocation finished, node changed),
@@ -55,6 +65,8 @@ type scheduler struct {
 	// resource version stays bcVersion (only our own plans were added).
 	bc        *batchContext
 	bcVersion uint64
+	// requeue holds jobs to evaluate again once the batch is committed.
+	requeue []string
 	timer     *time.Timer
 }
 
@@ -193,6 +205,7 @@ func (sc *scheduler) processBatch() {
 	}
 	bc.now = time.Now()
 	var plans []*fsmpb.JobPlan
+	sc.requeue = sc.requeue[:0]
 	for _, x := range q {
 		if p := sc.evaluate(bc, x.id); p != nil {
 			plans = append(plans, p)
@@ -216,6 +229,17 @@ func (sc *scheduler) processBatch() {
 		}
 		return
 	}
+	for _, id := range sc.requeue {
+		sc.queue[id] = struct{}{}
+	}
+	// A job that went back to pending is looked at again, so its restart
+	// delay and stop-report deadline get timers even if no event follows.
+	for _, p := range plans {
+		if p.Status == JobPending && (p.NextAttemptTime != nil || len(p.StopAllocIds) > 0) {
+			sc.queue[p.JobId] = struct{}{}
+		}
+	}
+	sc.requeue = sc.requeue[:0]
 	if r, ok := resp.(*PlansResult); ok {
 		if len(r.Skipped) > 0 {
 			sc.bc = nil // it holds resources of plans that were not applied
@@ -511,8 +535,7 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 	p := basePlan(j)
 	// Ranks of earlier generations must stop (or their node be gone)
 	// before the next generation is placed.
-	stopping := 0
-	var lost []string
+	var lost, stopping []string
 	for _, a := range allocs {
 		if AllocTerminal(a.ClientStatus) {
 			continue
@@ -521,9 +544,21 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 			lost = append(lost, a.Id)
 			continue
 		}
-		stopping++
+		stopping = append(stopping, a.Id)
 	}
-	if stopping > 0 {
+	if len(stopping) > 0 {
+		// A node that never reports its ranks stopped (it restarted without
+		// them, or never started them) must not block the job forever.
+		limit := killTimeout(j.Spec) + sc.s.cfg.StopReportGrace
+		since := j.StatusTime.AsTime()
+		if !bc.now.Before(since.Add(limit)) {
+			p.StatusReason = fmt.Sprintf("%d ranks of generation %d did not report stopping within %s; treating them as lost", len(stopping), j.Generation, limit)
+			p.LostAllocIds = append(lost, stopping...)
+			sc.requeue = append(sc.requeue, j.Id)
+			return p
+		}
+		sc.timers[j.Id] = since.Add(limit)
+		stopping := len(stopping)
 		reason := fmt.Sprintf("waiting for %d ranks of generation %d to stop", stopping, j.Generation)
 		if strings.Contains(j.StatusReason, "failed") || strings.Contains(j.StatusReason, "ended") || strings.Contains(j.StatusReason, "growing") {
 			reason = j.StatusReason // keep the cause visible while ranks stop
