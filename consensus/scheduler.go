@@ -67,7 +67,7 @@ type scheduler struct {
 	bcVersion uint64
 	// requeue holds jobs to evaluate again once the batch is committed.
 	requeue []string
-	timer     *time.Timer
+	timer   *time.Timer
 }
 
 // schedulerPaused stops the scheduler from evaluating (benchmarks); events
