@@ -197,3 +197,52 @@ func waitAllVoters(b testing.TB, tc *TestCluster) {
 		return true, ""
 	})
 }
+
+// BenchmarkDeadVoterReplacement: 5 servers (3 voters, 2 standbys) with
+// the default timeouts and DeadServerCleanup; a voter is shut down and
+// marked dead in gossip; measured: time until the leader's configuration
+// has 3 voters again without it. 5 trials per iteration.
+func BenchmarkDeadVoterReplacement(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		var ds []time.Duration
+		for k := 0; k < 5; k++ {
+			tc := MakeTestCluster(b, 5, func(c *Config) {
+				d := DefaultConfig()
+				c.DeadServerCleanup, c.ServerStabilization = d.DeadServerCleanup, d.ServerStabilization
+				c.LastContactThreshold, c.ReconcileInterval = d.LastContactThreshold, d.ReconcileInterval
+				benchConfig(c)
+			})
+			var victim string
+			WaitFor(b, 20*time.Second, func() (bool, string) {
+				l := tc.Leader()
+				if l == nil {
+					return false, "no leader"
+				}
+				v, nv := voters(RaftConfig(l))
+				for _, id := range v {
+					if id != l.cfg.NodeID {
+						victim = id
+					}
+				}
+				return len(v) == 3 && len(nv) == 2, "not 3 voters + 2 standbys"
+			})
+			start := time.Now()
+			tc.Stop(victim, true)
+			WaitFor(b, 20*time.Second, func() (bool, string) {
+				l := tc.Leader()
+				if l == nil {
+					return false, "no leader"
+				}
+				cfg := RaftConfig(l)
+				v, _ := voters(cfg)
+				_, still := cfg[victim]
+				return len(v) == 3 && !still, "not replaced"
+			})
+			ds = append(ds, time.Since(start))
+			tc.ShutdownAll()
+		}
+		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+		b.ReportMetric(float64(ds[len(ds)/2].Milliseconds()), "median-ms")
+		b.ReportMetric(float64(ds[len(ds)-1].Milliseconds()), "max-ms")
+	}
+}
