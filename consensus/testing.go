@@ -420,7 +420,7 @@ func (tc *TestCluster) Write(fn func(s *Server) error) {
 // RaftConfig returns the leader's Raft configuration as id -> suffrage.
 func RaftConfig(s *Server) map[string]raft.ServerSuffrage {
 	f := s.raft.GetConfiguration()
-	if f.Error() != nil {
+	if s.await(f) != nil {
 		return nil
 	}
 	out := map[string]raft.ServerSuffrage{}
