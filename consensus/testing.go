@@ -141,7 +141,9 @@ func TestConfig(t testing.TB, id string, m Membership) *Config {
 	c.ServerStabilization = 200 * time.Millisecond
 	c.LastContactThreshold = 500 * time.Millisecond
 	c.ReconcileInterval = 200 * time.Millisecond
-	level := hclog.Warn
+	// Info: logs reach the output only when a test fails (t.Log), and then
+	// the membership changes are what one needs to see.
+	level := hclog.Info
 	if l := os.Getenv("GPUMESH_TEST_LOG"); l != "" {
 		level = hclog.LevelFromString(l)
 	}
