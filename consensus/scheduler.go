@@ -232,20 +232,25 @@ func (sc *scheduler) processBatch() {
 	for _, id := range sc.requeue {
 		sc.queue[id] = struct{}{}
 	}
-	// A job that went back to pending is looked at again, so its restart
-	// delay and stop-report deadline get timers even if no event follows.
-	for _, p := range plans {
-		if p.Status == JobPending && (p.NextAttemptTime != nil || len(p.StopAllocIds) > 0) {
-			sc.queue[p.JobId] = struct{}{}
-		}
-	}
 	sc.requeue = sc.requeue[:0]
+	skipped := map[string]bool{}
 	if r, ok := resp.(*PlansResult); ok {
 		if len(r.Skipped) > 0 {
 			sc.bc = nil // it holds resources of plans that were not applied
 		}
 		for _, id := range r.Skipped {
 			sc.queue[id] = struct{}{}
+			skipped[id] = true
+		}
+	}
+	// A job whose generation just ended (a failure, a lost or drained node,
+	// an elastic resize) is evaluated again at once, since applying a plan
+	// raises no event of its own: that sets its restart-delay and
+	// stop-report timers, or places it. A second evaluation that finds
+	// nothing new returns no plan, so this cannot loop.
+	for _, p := range plans {
+		if p.Status == JobPending && !skipped[p.JobId] && (p.NextAttemptTime != nil || len(p.StopAllocIds) > 0 || len(p.LostAllocIds) > 0) {
+			sc.queue[p.JobId] = struct{}{}
 		}
 	}
 }

@@ -150,7 +150,9 @@ type Mesh struct {
 	joinedOnce sync.Once
 	joinedCh   chan struct{} // closed on the first successful join
 	left       atomic.Bool
-	lifeMu     sync.Mutex // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
+	syncing    atomic.Bool   // a round of post-join syncs is running
+	failedCh   chan struct{} // capacity 1: a peer was declared dead
+	lifeMu     sync.Mutex    // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
@@ -175,6 +177,7 @@ func New(cfg Config) (*Mesh, error) {
 		members:    make(map[string]*Member),
 		subs:       make(map[*subscriber]struct{}),
 		joinedCh:   make(chan struct{}),
+		failedCh:   make(chan struct{}, 1),
 		shutdownCh: make(chan struct{}),
 	}
 	m.meta = cfg.Meta.Clone()
@@ -252,6 +255,15 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.Discoverer != nil {
 		m.goFunc(func() { m.autoJoin(cfg.Discoverer) })
+	}
+	if cfg.ReconnectInterval > 0 {
+		m.goFunc(m.reconnectLoop)
+	}
+	if cfg.JoinSyncRounds > 0 {
+		m.goFunc(m.watchRefutes)
+	}
+	if cfg.FailureSyncDelay > 0 {
+		m.goFunc(m.watchFailures)
 	}
 	m.log.Info("gossip started", "name", cfg.NodeName, "addr", m.Addr(), "encrypted", cfg.SecretKey != nil)
 	return m, nil
@@ -481,9 +493,7 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 	}
 	m.log.Info("joined the mesh", "contacted", ok, "members", m.NumAlive())
 	m.joinedOnce.Do(func() { close(m.joinedCh) })
-	if m.cfg.JoinSyncRounds > 0 {
-		m.goFunc(func() { m.joinSync(answered) })
-	}
+	m.startSync(answered)
 	return ok, nil
 }
 
@@ -561,6 +571,83 @@ func (m *Mesh) joinSync(seeds []string) {
 	}
 }
 
+// startSync starts a round of post-join syncs unless one is running.
+func (m *Mesh) startSync(seeds []string) {
+	if m.cfg.JoinSyncRounds == 0 || !m.syncing.CompareAndSwap(false, true) {
+		return
+	}
+	if !m.goFunc(func() {
+		defer m.syncing.Store(false)
+		m.joinSync(seeds)
+	}) {
+		m.syncing.Store(false)
+	}
+}
+
+// watchRefutes starts the post-join syncs again whenever this node's
+// incarnation grows while it has peers: memberlist bumps it when the node
+// refutes a suspicion or a false death (and on UpdateMeta). A refutation
+// spreads by gossip like a join and can miss nodes the same way; the
+// push-pulls carry it (and any metadata update) to random members at
+// once instead of at the next periodic push-pull.
+func (m *Mesh) watchRefutes() {
+	t := time.NewTicker(m.cfg.ProbeInterval)
+	defer t.Stop()
+	var last uint32
+	for {
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			return
+		}
+		inc, ok := mlIncarnation(m.ml, m.cfg.NodeName)
+		if !ok {
+			return
+		}
+		if inc > last && last != 0 && !m.left.Load() && m.otherAlive() > 0 {
+			m.log.Debug("incarnation grew (refutation or update): syncing with random members", "incarnation", inc)
+			m.startSync(nil)
+		}
+		last = inc
+	}
+}
+
+// watchFailures makes one push-pull with a random live member
+// FailureSyncDelay after this node declared a peer dead (several deaths
+// in that time share one). If the peer is in fact alive and refuted the
+// accusation, most members already hold its newer alive record, and
+// memberlist never sends it again to a node that missed it (the peer
+// ignores the stale death, and the others do not re-announce it), so
+// without this the false death would last until a periodic push-pull.
+func (m *Mesh) watchFailures() {
+	for {
+		select {
+		case <-m.failedCh:
+		case <-m.shutdownCh:
+			return
+		}
+		t := time.NewTimer(m.cfg.FailureSyncDelay)
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			t.Stop()
+			return
+		}
+		select { // deaths seen while waiting are covered by this exchange
+		case <-m.failedCh:
+		default:
+		}
+		if m.left.Load() {
+			continue
+		}
+		if peer := m.randomPeer(); peer != "" {
+			if _, err := m.ml.Join([]string{peer}); err != nil {
+				m.log.Debug("sync after a failure failed", "peer", peer, "error", err)
+			}
+		}
+	}
+}
+
 func (m *Mesh) randomPeer() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -574,6 +661,51 @@ func (m *Mesh) randomPeer() string {
 		return ""
 	}
 	return addrs[rand.IntN(len(addrs))]
+}
+
+// reconnectLoop tries, every ReconnectInterval, to join one random member
+// that failed (was declared dead, did not leave). A join is a full state
+// exchange: each side learns that the other thinks it dead and refutes it,
+// so the two halves of a healed partition merge again.
+func (m *Mesh) reconnectLoop() {
+	t := time.NewTicker(m.cfg.ReconnectInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			return
+		}
+		if m.left.Load() {
+			return
+		}
+		name, addr := m.randomFailed()
+		if addr == "" {
+			continue
+		}
+		if _, err := m.ml.Join([]string{addr}); err != nil {
+			m.log.Debug("reconnect to failed member failed", "node", name, "addr", addr, "error", err)
+			continue
+		}
+		m.log.Info("reconnected to a member seen failed", "node", name, "addr", addr)
+	}
+}
+
+// randomFailed returns a random member in StateDead (failed, not left).
+func (m *Mesh) randomFailed() (name, addr string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var names []string
+	for n, rec := range m.members {
+		if n != m.cfg.NodeName && rec.State == StateDead && rec.Addr != "" {
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return "", ""
+	}
+	n := names[rand.IntN(len(names))]
+	return n, m.members[n].Addr
 }
 
 // autoJoin keeps discovering and joining until joined, and discovers
@@ -659,7 +791,9 @@ func (m *Mesh) Leave(timeout time.Duration) error {
 
 // Shutdown stops gossip and every goroutine of the Mesh, and closes the
 // subscription channels; it can wait up to Config.TCPTimeout for a join
-// or sync exchange in flight. It does not announce a leave (call Leave first
+// or sync exchange in flight. memberlist's own probe goroutine may still
+// finish a probe in flight (at most ProbeInterval × AwarenessMaxMultiplier)
+// after Shutdown returns. It does not announce a leave (call Leave first
 // for that); peers will see this node fail. Safe to call more than once.
 func (m *Mesh) Shutdown() error {
 	var err error
@@ -791,6 +925,12 @@ func (m *Mesh) onNode(typ EventType, n *memberlist.Node) {
 	}
 	rec := mem
 	m.members[n.Name] = &rec
+	if typ == EventFailed && n.Name != m.cfg.NodeName {
+		select {
+		case m.failedCh <- struct{}{}:
+		default:
+		}
+	}
 	for s := range m.subs {
 		s.q.push(ev)
 	}

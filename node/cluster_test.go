@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -12,6 +15,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
@@ -377,5 +382,94 @@ func TestClusterRunsBuiltinJobs(t *testing.T) {
 				t.Fatalf("last stage reported %d losses, want 3: %v", len(l), m)
 			}
 		}
+	}
+}
+
+// A script written for torchrun runs unchanged: it reads the environment
+// and meets its peers at MASTER_ADDR:MASTER_PORT.
+func TestClusterRunsTorchrunScript(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	script, err := filepath.Abs("../examples/torchrun_env.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc := startCluster(t, 3, nil)
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	spec := &pb.JobSpec{Name: "torchrun", Type: "exec", Ranks: 3, Placement: "spread", Exec: &pb.ExecSpec{Command: []string{py, script}}}
+	jobspec.ApplyDefaults(spec)
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	for r := int32(0); r < 3; r++ {
+		out := readLogs(t, c, resp.Id, r, 0)
+		if !strings.Contains(out, fmt.Sprintf("rank %d/3", r)) || !strings.Contains(out, "ok") {
+			errOut, _ := c.Logs(ctx, &pb.LogsRequest{JobId: resp.Id, Rank: r, Stderr: true})
+			var b strings.Builder
+			for {
+				ch, err := errOut.Recv()
+				if err != nil {
+					break
+				}
+				b.Write(ch.Data)
+			}
+			t.Fatalf("rank %d: %q (stderr %q), job %s", r, out, b.String(), final.Job.Status)
+		}
+	}
+	if final.Job.Status != "complete" {
+		t.Fatalf("job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+}
+
+// gRPC health checking and server reflection answer on the RPC port, so
+// grpcurl and load balancers work; /v1/health answers on the HTTP port.
+func TestClusterHealthAndReflection(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	a := dc.Agents[1]
+	conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hr, err)
+	}
+	rc, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rc.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		if s.Name == "gpumesh.v1.Control" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("reflection does not list gpumesh.v1.Control: %v", rr)
+	}
+	resp, err := http.Get("http://" + a.HTTPAddr() + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
+		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
 	}
 }

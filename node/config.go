@@ -70,8 +70,20 @@ type Config struct {
 	// with a cluster tag); it is retried until the node has joined.
 	Discoverer Discoverer
 
+	// OnLeader, when set, runs in its own goroutine while this agent leads;
+	// its context ends when leadership is lost or the agent stops (the
+	// fleet autoscaler lives here).
+	OnLeader func(ctx context.Context, a *Agent)
+
 	// Dev selects short timeouts suited to a cluster on one machine.
 	Dev bool
+
+	// GPUSampler reads GPU health for /metrics and the dashboard; nil means
+	// NVML (cuda.Sample). Tests pass a fake.
+	GPUSampler GPUSampler
+	// Security is mutual TLS for gRPC and Raft and the ACL token for
+	// mutating calls (security.go); the zero value is off.
+	Security SecurityConfig
 
 	// Logger receives the agent's logs; a named sub-logger per subsystem.
 	Logger hclog.Logger
@@ -147,6 +159,7 @@ func (c *Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
 	}
+	errs = append(errs, c.Security.Validate())
 	return errors.Join(errs...)
 }
 

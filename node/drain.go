@@ -41,3 +41,11 @@ func (a *Agent) MarkIneligible(reason string) error {
 	a.logger.Warn("this node takes no new work", "reason", reason)
 	return a.mesh.UpdateSelf(func(n *pb.Node) { n.Ineligible = true })
 }
+
+// DrainByName drains another node, named by name or ID, with a two-minute
+// deadline (the fleet autoscaler's scale-in).
+func (a *Agent) DrainByName(ctx context.Context, name, reason string) error {
+	cs := &controlServer{a: a}
+	_, err := cs.DrainNode(ctx, &pb.DrainNodeRequest{NodeId: name, Deadline: durationpb.New(2 * time.Minute), Reason: reason})
+	return err
+}

@@ -51,7 +51,12 @@ type runner struct {
 	mu      sync.Mutex
 	tasks   map[string]*runningTask // by allocation ID
 	pending map[string]*pb.Allocation
-	kick    chan struct{}
+	// finished holds allocations that ended here until this node's view
+	// shows them terminal: the leader may have committed the final status
+	// (so it left pending) before this node's replica or watch stream has
+	// it, and a reconcile in between must not start them again.
+	finished map[string]bool
+	kick     chan struct{}
 
 	drivers map[string]driverFunc
 }
@@ -69,7 +74,9 @@ func newRunner(a *Agent) *runner {
 		tasks:   map[string]*runningTask{},
 		pending: map[string]*pb.Allocation{},
 		kick:    make(chan struct{}, 1),
-		drivers: map[string]driverFunc{},
+
+		finished: map[string]bool{},
+		drivers:  map[string]driverFunc{},
 	}
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
 	registerDrivers(r)
@@ -190,7 +197,11 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 			continue
 		}
 		want[al.Id] = true
-		if rt != nil || terminal(al.ClientStatus) {
+		if terminal(al.ClientStatus) {
+			delete(r.finished, al.Id)
+			continue
+		}
+		if rt != nil || r.finished[al.Id] {
 			continue
 		}
 		if _, reported := r.pending[al.Id]; reported {
@@ -204,6 +215,11 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 			continue
 		}
 		r.startLocked(al, job)
+	}
+	for id := range r.finished {
+		if !want[id] {
+			delete(r.finished, id)
+		}
 	}
 	// Anything running that the cluster no longer wants (job purged) stops.
 	for id, rt := range r.tasks {
@@ -250,6 +266,7 @@ func (r *runner) waitTask(rt *runningTask) {
 	r.logger.Info("rank ended", "job", rt.alloc.JobId, "generation", rt.alloc.Generation, "rank", rt.alloc.Rank, "status", st, "exit_code", res.ExitCode, "message", res.Message)
 	r.mu.Lock()
 	delete(r.tasks, rt.alloc.Id)
+	r.finished[rt.alloc.Id] = true
 	r.reportLocked(rt.alloc, st, res.ExitCode, res.Message, res.Report)
 	r.mu.Unlock()
 }

@@ -23,6 +23,13 @@ type agentExtensions struct {
 	region       string
 	ec2Endpoint  string
 
+	fleetID      string
+	fleetMin     int
+	fleetMax     int
+	fleetODBase  int
+	fleetEvery   time.Duration
+	fleetIdleFor time.Duration
+
 	ec2 *deploy.AgentEC2
 	ctx context.Context
 	cnl context.CancelFunc
@@ -35,6 +42,12 @@ func (e *agentExtensions) addFlags(fl *pflag.FlagSet) {
 	fl.StringVar(&e.joinTag, "join-ec2-tag", "", "join the running EC2 instances that carry this tag, KEY=VALUE (retried until joined)")
 	fl.StringVar(&e.region, "region", "", "AWS region for --join-ec2-tag (default: the instance's own)")
 	fl.StringVar(&e.ec2Endpoint, "ec2-endpoint", "", "EC2 API endpoint override (a VPC endpoint, or a test server)")
+	fl.StringVar(&e.fleetID, "fleet-id", "", "EC2 Fleet (type maintain) whose target capacity the leader raises when gang jobs wait and lowers when nodes idle")
+	fl.IntVar(&e.fleetMin, "fleet-min", 3, "with --fleet-id: the fewest instances to keep")
+	fl.IntVar(&e.fleetMax, "fleet-max", 0, "with --fleet-id: the most instances to run (required)")
+	fl.IntVar(&e.fleetODBase, "fleet-on-demand-base", 3, "with --fleet-id: on-demand instances in the target (the voters)")
+	fl.DurationVar(&e.fleetEvery, "fleet-interval", 30*time.Second, "with --fleet-id: how often the leader reconsiders the target")
+	fl.DurationVar(&e.fleetIdleFor, "fleet-idle", 10*time.Minute, "with --fleet-id: how long a node must be idle before the fleet shrinks by it")
 }
 
 // onEC2 says whether this machine looks like an EC2 instance, from what
@@ -62,6 +75,11 @@ func (e *agentExtensions) apply(ctx context.Context, c *node.Config) error {
 		use = e.imdsEndpoint != "" || onEC2()
 	default:
 		return fmt.Errorf("--ec2 %q: use auto, on or off", e.ec2Mode)
+	}
+	if e.fleetID != "" {
+		if err := e.setupFleet(c); err != nil {
+			return err
+		}
 	}
 	if !use && e.joinTag == "" {
 		return nil
@@ -155,4 +173,58 @@ func (e *agentExtensions) start(ag *node.Agent) func() {
 		e.ec2.Shutdown()
 		<-done
 	}
+}
+
+// setupFleet makes the leader scale the EC2 Fleet by demand.
+func (e *agentExtensions) setupFleet(c *node.Config) error {
+	if e.fleetMax < 1 || e.fleetMax < e.fleetMin {
+		return fmt.Errorf("--fleet-id needs --fleet-max >= --fleet-min (%d), got %d", e.fleetMin, e.fleetMax)
+	}
+	policy := deploy.DefaultScalePolicy(e.fleetMin, e.fleetMax)
+	policy.IdleAfter = e.fleetIdleFor
+	if err := policy.Validate(); err != nil {
+		return err
+	}
+	logger := c.Logger
+	c.OnLeader = func(ctx context.Context, a *node.Agent) {
+		region := e.region
+		if region == "" {
+			region = c.Region
+		}
+		client, err := deploy.NewEC2Client(ctx, deploy.AWSConfig{Region: region, Endpoint: e.ec2Endpoint, Logger: logger})
+		if err != nil {
+			logger.Error("fleet scaling off: no EC2 client", "error", err)
+			return
+		}
+		scaler, err := deploy.NewFleetScaler(client, deploy.ScalerConfig{FleetID: e.fleetID, Policy: policy, OnDemandBase: e.fleetODBase, Logger: logger})
+		if err != nil {
+			logger.Error("fleet scaling off", "error", err)
+			return
+		}
+		as, err := deploy.NewAutoscaler(scaler, func(context.Context) (deploy.Demand, error) {
+			d := a.Demand()
+			return deploy.Demand{WaitingJobs: d.WaitingJobs, NodesNeeded: d.NodesNeeded, Members: d.IdleSince}, nil
+		}, deploy.AutoscalerConfig{
+			Interval: e.fleetEvery,
+			Logger:   logger,
+			OnChange: func(d deploy.ScaleDecision) {
+				a.RecordScale(fmt.Sprintf("fleet %s target %d: %s", e.fleetID, d.Target, d.Reason))
+				for _, id := range d.Remove {
+					go func(name string) {
+						ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+						defer cancel()
+						_ = a.DrainByName(ctx, name, "scale-in: "+d.Reason)
+					}(id)
+				}
+			},
+		})
+		if err != nil {
+			logger.Error("fleet scaling off", "error", err)
+			return
+		}
+		as.Start(ctx)
+		<-ctx.Done()
+		as.Stop()
+	}
+	return nil
 }

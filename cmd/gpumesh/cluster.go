@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -119,7 +120,13 @@ func newNodesCommand() *cobra.Command {
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, n.Name, st, role, n.RpcAddr, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType), n.StatusReason)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if fs := leaderFleetStatus(ctx, c, &f); fs != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "\nfleet: %s\n", fs)
+			}
+			return nil
 		},
 	}
 	addClientFlags(cmd, &f)
@@ -128,7 +135,7 @@ func newNodesCommand() *cobra.Command {
 }
 
 func newRaftCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "raft", Short: "Inspect the Raft group"}
+	cmd := &cobra.Command{Use: "raft", Short: "Inspect the Raft group", Example: "  gpumesh raft peers"}
 	var f clientFlags
 	peers := &cobra.Command{
 		Use:     "peers",
@@ -196,7 +203,7 @@ func newRaftCommand() *cobra.Command {
 }
 
 func newNodeCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "Act on one node"}
+	cmd := &cobra.Command{Use: "node", Short: "Act on one node", Example: "  gpumesh node drain node-3\n  gpumesh node drain --self"}
 	var f clientFlags
 	var self bool
 	var deadline time.Duration
@@ -254,4 +261,27 @@ func newVersionCommand() *cobra.Command {
 			fmt.Fprintf(cmd.OutOrStdout(), "gpumesh %s (cuda data path: %v)\n", node.Version, node.CUDABuild)
 		},
 	}
+}
+
+// leaderFleetStatus asks the leader for its last fleet scaling change.
+func leaderFleetStatus(ctx context.Context, c pb.ControlClient, f *clientFlags) string {
+	info, err := c.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	if info.LeaderRpcAddr == "" || info.LeaderRpcAddr == info.Node.GetRpcAddr() {
+		return info.FleetStatus
+	}
+	lf := *f
+	lf.address = info.LeaderRpcAddr
+	lc, done, err := lf.dial()
+	if err != nil {
+		return ""
+	}
+	defer done()
+	li, err := lc.AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		return ""
+	}
+	return li.FleetStatus
 }

@@ -564,9 +564,10 @@ type PipelineSpec struct {
 	Steps          int32                  `protobuf:"varint,4,opt,name=steps,proto3" json:"steps,omitempty"`
 	Seed           int64                  `protobuf:"varint,5,opt,name=seed,proto3" json:"seed,omitempty"`
 	LearningRate   float64                `protobuf:"fixed64,6,opt,name=learning_rate,json=learningRate,proto3" json:"learning_rate,omitempty"`
-	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe or 1f1b (default)
+	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe, 1f1b (default) or interleaved
 	Device         string                 `protobuf:"bytes,8,opt,name=device,proto3" json:"device,omitempty"`     // cpu (default) or cuda
 	Mode           string                 `protobuf:"bytes,9,opt,name=mode,proto3" json:"mode,omitempty"`         // train (default) or inference
+	Chunks         int32                  `protobuf:"varint,10,opt,name=chunks,proto3" json:"chunks,omitempty"`   // model chunks per stage (schedule interleaved)
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -662,6 +663,13 @@ func (x *PipelineSpec) GetMode() string {
 		return x.Mode
 	}
 	return ""
+}
+
+func (x *PipelineSpec) GetChunks() int32 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
 }
 
 type JobSpec struct {
@@ -2208,6 +2216,7 @@ type AgentInfoResponse struct {
 	LeaderRpcAddr string                 `protobuf:"bytes,4,opt,name=leader_rpc_addr,json=leaderRpcAddr,proto3" json:"leader_rpc_addr,omitempty"`
 	AppliedIndex  uint64                 `protobuf:"varint,5,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	Version       string                 `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	FleetStatus   string                 `protobuf:"bytes,7,opt,name=fleet_status,json=fleetStatus,proto3" json:"fleet_status,omitempty"` // the leader's last fleet scaling change
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2280,6 +2289,13 @@ func (x *AgentInfoResponse) GetAppliedIndex() uint64 {
 func (x *AgentInfoResponse) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *AgentInfoResponse) GetFleetStatus() string {
+	if x != nil {
+		return x.FleetStatus
 	}
 	return ""
 }
@@ -2876,7 +2892,7 @@ const file_control_proto_rawDesc = "" +
 	"\x05iters\x18\x03 \x01(\x05R\x05iters\x12\x16\n" +
 	"\x06device\x18\x04 \x01(\tR\x06device\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x1a\n" +
-	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\x8a\x02\n" +
+	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\xa2\x02\n" +
 	"\fPipelineSpec\x12\x16\n" +
 	"\x06layers\x18\x01 \x03(\x05R\x06layers\x12\"\n" +
 	"\fmicrobatches\x18\x02 \x01(\x05R\fmicrobatches\x12'\n" +
@@ -2886,7 +2902,9 @@ const file_control_proto_rawDesc = "" +
 	"\rlearning_rate\x18\x06 \x01(\x01R\flearningRate\x12\x1a\n" +
 	"\bschedule\x18\a \x01(\tR\bschedule\x12\x16\n" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
-	"\x04mode\x18\t \x01(\tR\x04mode\"\x8a\x04\n" +
+	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
+	"\x06chunks\x18\n" +
+	" \x01(\x05R\x06chunks\"\x8a\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -3015,14 +3033,15 @@ const file_control_proto_rawDesc = "" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
-	"\x10AgentInfoRequest\"\xd1\x01\n" +
+	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x1b\n" +
 	"\tleader_id\x18\x03 \x01(\tR\bleaderId\x12&\n" +
 	"\x0fleader_rpc_addr\x18\x04 \x01(\tR\rleaderRpcAddr\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\"H\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x12!\n" +
+	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"H\n" +
 	"\fWatchRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vafter_index\x18\x02 \x01(\x04R\n" +

@@ -1,0 +1,153 @@
+package node
+
+import (
+	"context"
+	"math"
+	"sync"
+	"time"
+)
+
+// leaderHooks runs Config.OnLeader while this agent leads.
+type leaderHooks struct {
+	mu     sync.Mutex
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	idleMu    sync.Mutex
+	idleSince map[string]time.Time // node name → when it became idle
+
+	scaleMu   sync.Mutex
+	lastScale string
+}
+
+// checkLeader starts or stops the leader hooks after a change of role.
+func (a *Agent) checkLeader() {
+	if a.cfg.OnLeader == nil {
+		return
+	}
+	h := &a.hooks
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	leading := a.IsLeader()
+	switch {
+	case leading && h.cancel == nil:
+		ctx, cancel := context.WithCancel(a.ctx)
+		h.cancel, h.done = cancel, make(chan struct{})
+		done := h.done
+		go func() {
+			defer close(done)
+			a.cfg.OnLeader(ctx, a)
+		}()
+	case !leading && h.cancel != nil:
+		h.cancel()
+		<-h.done
+		h.cancel, h.done = nil, nil
+	}
+}
+
+func (a *Agent) stopLeaderHooks() {
+	h := &a.hooks
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.cancel != nil {
+		h.cancel()
+		<-h.done
+		h.cancel, h.done = nil, nil
+	}
+}
+
+// ScaleDemand is what the fleet autoscaler needs to know, read from the
+// replicated state by the leader: how many gang jobs wait for capacity, how
+// many more nodes they need, and since when each live node (by name, which
+// is the instance ID on EC2) has been idle (zero time: busy).
+type ScaleDemand struct {
+	WaitingJobs int
+	NodesNeeded int
+	IdleSince   map[string]time.Time
+}
+
+// Demand computes the ScaleDemand now.
+func (a *Agent) Demand() ScaleDemand {
+	d := ScaleDemand{IdleSince: map[string]time.Time{}}
+	if a.raft == nil || !a.raft.HasState() {
+		return d
+	}
+	st := a.raft.State()
+	gpusPerNode, ranksPerNode := 0, 0
+	busy := map[string]bool{}
+	for _, n := range st.Nodes() {
+		if len(n.Gpus) > gpusPerNode {
+			gpusPerNode = len(n.Gpus)
+		}
+		if int(n.MaxRanks) > ranksPerNode {
+			ranksPerNode = int(n.MaxRanks)
+		}
+	}
+	for _, j := range st.Jobs() {
+		switch j.Status {
+		case "pending":
+			d.WaitingJobs++
+			ranks := int(j.Spec.GetRanks())
+			if ranks == 0 {
+				ranks = int(j.Spec.GetMinRanks())
+			}
+			per := ranksPerNode
+			if g := int(j.Spec.GetGpusPerRank()); g > 0 && gpusPerNode > 0 {
+				per = gpusPerNode / g
+			}
+			if per < 1 {
+				per = 1
+			}
+			d.NodesNeeded += int(math.Ceil(float64(ranks) / float64(per)))
+		case "running":
+			for _, al := range st.Allocations(j.Id) {
+				if al.Generation == j.Generation && al.DesiredStatus == "run" {
+					busy[al.NodeId] = true
+				}
+			}
+		}
+	}
+	now := time.Now()
+	h := &a.hooks
+	h.idleMu.Lock()
+	defer h.idleMu.Unlock()
+	if h.idleSince == nil {
+		h.idleSince = map[string]time.Time{}
+	}
+	seen := map[string]bool{}
+	for _, n := range st.Nodes() {
+		if n.Status != "ready" {
+			continue
+		}
+		seen[n.Name] = true
+		if busy[n.Id] {
+			delete(h.idleSince, n.Name)
+			d.IdleSince[n.Name] = time.Time{}
+			continue
+		}
+		if _, ok := h.idleSince[n.Name]; !ok {
+			h.idleSince[n.Name] = now
+		}
+		d.IdleSince[n.Name] = h.idleSince[n.Name]
+	}
+	for name := range h.idleSince {
+		if !seen[name] {
+			delete(h.idleSince, name)
+		}
+	}
+	return d
+}
+
+// RecordScale notes a fleet change for `gpumesh nodes`.
+func (a *Agent) RecordScale(msg string) {
+	a.hooks.scaleMu.Lock()
+	a.hooks.lastScale = time.Now().UTC().Format(time.RFC3339) + " " + msg
+	a.hooks.scaleMu.Unlock()
+	a.logger.Info("fleet scaled", "change", msg)
+}
+
+func (a *Agent) lastScale() string {
+	a.hooks.scaleMu.Lock()
+	defer a.hooks.scaleMu.Unlock()
+	return a.hooks.lastScale
+}

@@ -1,0 +1,255 @@
+//go:build reliability
+
+package reliability
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/procs"
+)
+
+func allReduceSpec(name string, iters int32, sizes ...string) *pb.JobSpec {
+	return &pb.JobSpec{
+		Name: name, Type: "allreduce", Ranks: 3, Placement: "spread",
+		Restart:   &pb.RestartPolicy{Attempts: 3, Delay: durationpb.New(500 * time.Millisecond)},
+		Allreduce: &pb.AllReduceSpec{Sizes: sizes, Dtype: "float32", Iters: iters, Device: "cpu"},
+	}
+}
+
+// getJob reads a job from the leader.
+func getJob(c *cluster, id string) (*pb.GetJobResponse, error) {
+	l, err := c.leader(context.Background(), nil)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return l.client().GetJob(ctx, &pb.GetJobRequest{Id: id})
+}
+
+// rankLog reads what one rank has logged so far.
+func rankLog(a *agent, id string, gen uint64, rank int32) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := a.client().Logs(ctx, &pb.LogsRequest{JobId: id, Generation: gen, Rank: rank})
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	for {
+		ch, err := st.Recv()
+		if err == io.EOF || err != nil {
+			break
+		}
+		b.Write(ch.Data)
+	}
+	return b.String()
+}
+
+// The collective fault: the agent of one rank is SIGKILLed in the
+// middle of an all-reduce. Every other rank errors within the collective
+// timeout, the job is placed again (generation 2) on the agents that are
+// left, and that generation completes with a checked result.
+func TestAllReduceRankKilled(t *testing.T) {
+	const timeout = 3 * time.Second
+	c := newCluster(t, clusterOpts{n: 4, extraArgs: []string{"--bootstrap-expect", "3", "--max-ranks-per-node", "1", "--collective-timeout", timeout.String()}})
+	lead := c.waitLeader(60*time.Second, nil)
+	procs.Eventually(t, 60*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
+		if err != nil {
+			return err
+		}
+		if len(r.Nodes) != 4 {
+			return fmt.Errorf("%d nodes registered, want 4", len(r.Nodes))
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const id = "ar-kill"
+	if _, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec("ar-kill", 4000, "1MiB")}); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until every rank of generation 1 is inside the all-reduce.
+	var gen1 []*pb.Allocation
+	procs.Eventually(t, 60*time.Second, func() error {
+		r, err := getJob(c, id)
+		if err != nil {
+			return err
+		}
+		gen1 = nil
+		for _, al := range r.Allocations {
+			if al.Generation == 1 {
+				gen1 = append(gen1, al)
+			}
+		}
+		if len(gen1) != 3 {
+			return fmt.Errorf("%d ranks of generation 1 placed", len(gen1))
+		}
+		for _, al := range gen1 {
+			if al.ClientStatus != "running" {
+				return fmt.Errorf("rank %d is %q", al.Rank, al.ClientStatus)
+			}
+			if !strings.Contains(rankLog(lead, id, 1, al.Rank), "all-reduce starting") {
+				return fmt.Errorf("rank %d has not started its all-reduce", al.Rank)
+			}
+		}
+		return nil
+	})
+	// Kill the agent of a rank that does not lead (so that this measures
+	// the data plane, not a Raft failover).
+	var victim *agent
+	var victimRank int32
+	for _, al := range gen1 {
+		for _, a := range c.agents {
+			if a.name == al.NodeName && a != lead && victim == nil {
+				victim, victimRank = a, al.Rank
+			}
+		}
+	}
+	if victim == nil {
+		t.Fatal("every rank runs on the leader's node?")
+	}
+	victim.kill()
+	killed := time.Now()
+
+	// Every other rank of generation 1 fails, within the collective timeout.
+	var detect []time.Duration
+	procs.Eventually(t, 60*time.Second, func() error {
+		r, err := getJob(c, id)
+		if err != nil {
+			return err
+		}
+		detect = nil
+		for _, al := range r.Allocations {
+			if al.Generation != 1 || al.Rank == victimRank {
+				continue
+			}
+			if al.ClientStatus != "failed" && al.ClientStatus != "stopped" {
+				return fmt.Errorf("surviving rank %d of generation 1 is %q", al.Rank, al.ClientStatus)
+			}
+			if al.FinishTime == nil {
+				return fmt.Errorf("rank %d failed without a finish time", al.Rank)
+			}
+			detect = append(detect, al.FinishTime.AsTime().Sub(killed))
+		}
+		return nil
+	})
+	for i, d := range detect {
+		// The rank's clock and ours are one machine's; the finish time is
+		// stamped when the runner sees the error.
+		if d > timeout+2*time.Second {
+			t.Errorf("a surviving rank took %s after the kill to fail (collective timeout %s)", d, timeout)
+		}
+		_ = i
+	}
+	// The job is placed again and completes with a checked result.
+	var final *pb.GetJobResponse
+	procs.Eventually(t, 120*time.Second, func() error {
+		r, err := getJob(c, id)
+		if err != nil {
+			return err
+		}
+		final = r
+		if r.Job.Status == "failed" {
+			return fmt.Errorf("STOP: job failed: %s", r.Job.StatusReason)
+		}
+		if r.Job.Status != "complete" {
+			return fmt.Errorf("job is %s at generation %d (%s)", r.Job.Status, r.Job.Generation, r.Job.StatusReason)
+		}
+		return nil
+	})
+	if final.Job.Generation < 2 {
+		t.Errorf("job completed at generation %d, want >= 2 (placed again after the kill)", final.Job.Generation)
+	}
+	recovered := time.Since(killed)
+	for _, al := range final.Allocations {
+		if al.Generation != final.Job.Generation {
+			continue
+		}
+		if al.NodeName == victim.name {
+			t.Errorf("generation %d placed rank %d on the killed agent %s", al.Generation, al.Rank, victim.name)
+		}
+		if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
+			t.Errorf("rank %d of generation %d: result not ok: %v", al.Rank, al.Generation, al.Result)
+		}
+	}
+	for k, n := range c.rankStarts(id) {
+		if n != 1 {
+			t.Errorf("%s was started %d times by the runners (want once)", k, n)
+		}
+	}
+	var msgs []string
+	for _, al := range final.Allocations {
+		if al.Generation == 1 && al.Rank != victimRank {
+			msgs = append(msgs, al.Message)
+		}
+	}
+	t.Logf("surviving ranks' errors: %q", msgs)
+	record(t, "allreduce-rank-killed", map[string]any{
+		"agents": 4, "ranks": 3, "collective_timeout_s": timeout.Seconds(), "killed_rank": victimRank,
+		"survivors_failed_after": durStats(detect), "final_generation": final.Job.Generation,
+		"kill_to_complete_s": recovered.Seconds(), "survivor_errors": msgs,
+	})
+}
+
+// The lossy link: with 1% of the packets of every agent dropped,
+// a 3-rank all-reduce still completes and every rank's result checks.
+func TestAllReduceUnderPacketLoss(t *testing.T) {
+	tp, c := netCluster(t, 3, "--bootstrap-expect", "3", "--max-ranks-per-node", "1", "--collective-timeout", "30s")
+	lead := c.waitLeader(90*time.Second, nil)
+	how := ""
+	for i := range tp.nodes {
+		how = tp.loss(i, 1)
+	}
+	run := func(id string) (*pb.GetJobResponse, time.Duration) {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec(id, 20, "1MiB", "16MiB")}); err != nil {
+			t.Fatal(err)
+		}
+		var r *pb.GetJobResponse
+		procs.Eventually(t, 240*time.Second, func() (err error) {
+			r, err = getJob(c, id)
+			if err != nil {
+				return err
+			}
+			if r.Job.Status != "complete" && r.Job.Status != "failed" {
+				return fmt.Errorf("%s is %s", id, r.Job.Status)
+			}
+			return nil
+		})
+		return r, time.Since(start)
+	}
+	r, took := run("ar-loss")
+	if r.Job.Status != "complete" || r.Job.Generation != 1 {
+		t.Fatalf("all-reduce under 1%% loss: %s at generation %d (%s)", r.Job.Status, r.Job.Generation, r.Job.StatusReason)
+	}
+	var busbw []string
+	for _, al := range r.Allocations {
+		if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
+			t.Errorf("rank %d: result not ok: %v", al.Rank, al.Result)
+		}
+		if al.Rank == 0 {
+			for _, row := range al.Result.GetFields()["sizes"].GetListValue().GetValues() {
+				f := row.GetStructValue().GetFields()
+				busbw = append(busbw, f["size"].GetStringValue()+": "+f["busbw_gbps"].GetStringValue()+" GB/s, check "+f["check"].GetStringValue())
+			}
+		}
+	}
+	record(t, "allreduce-packet-loss", map[string]any{
+		"agents": 3, "ranks": 3, "loss_pct_every_agent": 1, "loss_by": how, "sizes": "1MiB, 16MiB x 20 iters, float32, cpu",
+		"job_s": took.Seconds(), "generation": r.Job.Generation, "rank0_busbw": busbw,
+	})
+}
