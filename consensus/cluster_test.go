@@ -17,6 +17,13 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
+// isVoter reports whether id is a voter in cfg (raft.Voter is the zero
+// value, so a missing id must not read as a voter).
+func isVoter(cfg map[string]raft.ServerSuffrage, id string) bool {
+	s, ok := cfg[id]
+	return ok && s == raft.Voter
+}
+
 func voters(cfg map[string]raft.ServerSuffrage) (v, nv []string) {
 	for id, s := range cfg {
 		if s == raft.Voter {
@@ -201,7 +208,7 @@ func TestSpotAwareVoters(t *testing.T) {
 		}
 		cfg := RaftConfig(l)
 		v, _ := voters(cfg)
-		return cfg["od-1"] == raft.Voter && cfg["od-2"] == raft.Voter && len(cfg) == 5 && len(v) == 3, fmt.Sprintf("config %v", cfg)
+		return isVoter(cfg, "od-1") && isVoter(cfg, "od-2") && len(cfg) == 5 && len(v) == 3, fmt.Sprintf("config %v", cfg)
 	})
 }
 
@@ -220,7 +227,7 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 		}
 		cfg := RaftConfig(nl)
 		v, _ := voters(cfg)
-		return cfg[old] != raft.Voter && len(v) == 3, fmt.Sprintf("config %v", cfg)
+		return !isVoter(cfg, old) && len(v) == 3, fmt.Sprintf("config %v", cfg)
 	})
 }
 
@@ -409,7 +416,7 @@ func TestDrainNodeReplacesVoter(t *testing.T) {
 		}
 		cfg := RaftConfig(nl)
 		v, _ := voters(cfg)
-		return cfg[victim] != raft.Voter && len(v) == 3, fmt.Sprintf("config %v", cfg)
+		return !isVoter(cfg, victim) && len(v) == 3, fmt.Sprintf("config %v", cfg)
 	})
 	if n := tc.Leader().State().Node(victim); n.Status != NodeDraining || n.StatusReason != "spot interruption" {
 		t.Fatalf("drained node record %v", n)

@@ -96,6 +96,11 @@ type Config struct {
 	// job on its rank 0 node. Default 29500..29999 (torchrun's default is
 	// 29500).
 	MasterPortMin, MasterPortMax int
+	// StopReportGrace is added to a job's kill timeout: ranks told to stop
+	// that have not reported a final status by then are marked lost, so a
+	// node that never reports cannot keep the job from being placed again.
+	// Default 15 s.
+	StopReportGrace time.Duration
 	// SchedulerBatch is the most jobs whose plans go into one log entry.
 	// Default 512.
 	SchedulerBatch int
@@ -132,6 +137,7 @@ func DefaultConfig() *Config {
 		MasterPortMin:        29500,
 		MasterPortMax:        29999,
 		SchedulerBatch:       512,
+		StopReportGrace:      15 * time.Second,
 	}
 }
 
@@ -177,6 +183,8 @@ func (c *Config) Validate() error {
 		return bad("ReconcileInterval and ApplyTimeout must be > 0, BootstrapSettle >= 0")
 	case c.MasterPortMin < 1 || c.MasterPortMax > 65535 || c.MasterPortMin > c.MasterPortMax:
 		return bad("master port range %d..%d is not a valid port range", c.MasterPortMin, c.MasterPortMax)
+	case c.StopReportGrace <= 0:
+		return bad("StopReportGrace must be > 0, got %s", c.StopReportGrace)
 	case c.SchedulerBatch < 1:
 		return bad("SchedulerBatch must be >= 1, got %d", c.SchedulerBatch)
 	}

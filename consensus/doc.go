@@ -48,8 +48,13 @@
 // restarts it within the job's restart policy, re-places work from drained
 // or dead nodes without counting a restart, and grows and shrinks elastic
 // jobs. The node runtime must report every allocation it stops
-// (client_status "stopped") because a job is placed again only once the
-// ranks of its previous generation have stopped.
+// (client_status "stopped"), including ones it never started, because a
+// job is placed again only once the ranks of its previous generation have
+// stopped; ranks that report nothing within the job's kill_timeout plus
+// Config.StopReportGrace are marked lost so a silent node cannot block it.
+// A spec without a restart policy gets DefaultRestartAttempts and
+// DefaultRestartDelay; a drained, dead or departed node ends a generation
+// without counting a restart.
 //
 // # Testing
 //

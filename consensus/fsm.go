@@ -299,7 +299,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 				if !AllocTerminal(na.ClientStatus) {
 					st.resVersion++
 					na.ClientStatus = AllocLost
-					na.Message = "node lost"
+					na.Message = "lost: its node is gone or never reported it stopped"
 					na.FinishTime = now
 				}
 				na.ModifyIndex = idx

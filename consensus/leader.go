@@ -83,7 +83,20 @@ func (ls *leaderSession) run() {
 		autopilot.WithUpdateInterval(reconcileEvery/2),
 	)
 	ls.ap.Start(ls.ctx)
-	defer func() { <-ls.ap.Stop() }()
+	defer func() {
+		// Autopilot may be stuck on a raft future that a shutting-down raft
+		// never answers: do not wait for it once the server shuts down.
+		done := ls.ap.Stop()
+		select {
+		case <-done:
+		case <-s.shutdownCh:
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				s.logger.Warn("autopilot did not stop within 5s of shutdown; not waiting for it")
+			}
+		}
+	}()
 
 	ls.sched = newScheduler(s, ls.ctx)
 	s.fsm.events.enable(true)
@@ -209,7 +222,7 @@ func (ls *leaderSession) reconcileNodes(members []Member) {
 func (ls *leaderSession) reconcileRaft(members []Member) {
 	s := ls.s
 	f := s.raft.GetConfiguration()
-	if f.Error() != nil {
+	if s.await(f) != nil {
 		return
 	}
 	servers := f.Configuration().Servers
@@ -244,12 +257,12 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 			} else {
 				fut = s.raft.AddNonvoter(srv.ID, raft.ServerAddress(m.RaftAddr), 0, 0)
 			}
-			if err := fut.Error(); err != nil {
+			if err := s.await(fut); err != nil {
 				s.logger.Warn("update raft address failed", "id", m.ID, "error", err)
 			}
 		case ok && s.draining(m) && srv.Suffrage == raft.Nonvoter && m.ID != s.cfg.NodeID:
 			s.logger.Info("removing draining standby from raft", "id", m.ID)
-			if err := s.raft.RemoveServer(srv.ID, 0, 0).Error(); err != nil {
+			if err := s.await(s.raft.RemoveServer(srv.ID, 0, 0)); err != nil {
 				s.logger.Warn("remove draining standby failed", "id", m.ID, "error", err)
 			} else {
 				total--
@@ -264,7 +277,7 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 			break
 		}
 		s.logger.Info("adding raft standby", "id", m.ID, "addr", m.RaftAddr)
-		if err := s.raft.AddNonvoter(raft.ServerID(m.ID), raft.ServerAddress(m.RaftAddr), 0, 0).Error(); err != nil {
+		if err := s.await(s.raft.AddNonvoter(raft.ServerID(m.ID), raft.ServerAddress(m.RaftAddr), 0, 0)); err != nil {
 			s.logger.Warn("add standby failed", "id", m.ID, "error", err)
 			break
 		}
@@ -277,7 +290,7 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 	for _, m := range members {
 		if m.ID == s.cfg.NodeID && s.draining(m) && voters > 1 {
 			s.logger.Info("leader is draining; transferring leadership")
-			if err := s.raft.LeadershipTransfer().Error(); err != nil {
+			if err := s.await(s.raft.LeadershipTransfer()); err != nil {
 				s.logger.Warn("leadership transfer failed", "error", err)
 			}
 			return
@@ -381,7 +394,7 @@ func (d *apDelegate) KnownServers() map[raft.ServerID]*autopilot.Server {
 	// Raft members missing from the gossip view (not yet seen after a
 	// restart, or reaped) are judged by Raft's own heartbeats, so a slow
 	// gossip view never removes a working server.
-	if f := s.raft.GetConfiguration(); f.Error() == nil {
+	if f := s.raft.GetConfiguration(); s.await(f) == nil {
 		for _, srv := range f.Configuration().Servers {
 			if _, ok := out[srv.ID]; ok {
 				continue
@@ -413,9 +426,12 @@ const (
 
 func (d *apDelegate) RemoveFailedServer(srv *autopilot.Server) {
 	ls := d.ls
+	if ls.ctx.Err() != nil {
+		return
+	}
 	ls.goFunc(func() {
 		ls.s.logger.Info("removing failed raft server", "id", srv.ID, "name", srv.Name)
-		if err := ls.s.raft.RemoveServer(srv.ID, 0, 0).Error(); err != nil {
+		if err := ls.s.await(ls.s.raft.RemoveServer(srv.ID, 0, 0)); err != nil {
 			ls.s.logger.Warn("remove failed server", "id", srv.ID, "error", err)
 		}
 	})

@@ -21,7 +21,17 @@ import (
 const (
 	DefaultRestartAttempts = 3
 	DefaultRestartDelay    = 5 * time.Second
+	// DefaultKillTimeout is a rank's time between SIGTERM and SIGKILL when
+	// the spec sets none.
+	DefaultKillTimeout = 30 * time.Second
 )
+
+func killTimeout(spec *controlpb.JobSpec) time.Duration {
+	if d := spec.GetKillTimeout(); d != nil && d.AsDuration() > 0 {
+		return d.AsDuration()
+	}
+	return DefaultKillTimeout
+}
 
 // scheduler is the leader's event-driven placement loop. It consumes the
 // FSM's change events (job registered, allocation finished, node changed),
@@ -55,7 +65,9 @@ type scheduler struct {
 	// resource version stays bcVersion (only our own plans were added).
 	bc        *batchContext
 	bcVersion uint64
-	timer     *time.Timer
+	// requeue holds jobs to evaluate again once the batch is committed.
+	requeue []string
+	timer   *time.Timer
 }
 
 // schedulerPaused stops the scheduler from evaluating (benchmarks); events
@@ -193,6 +205,7 @@ func (sc *scheduler) processBatch() {
 	}
 	bc.now = time.Now()
 	var plans []*fsmpb.JobPlan
+	sc.requeue = sc.requeue[:0]
 	for _, x := range q {
 		if p := sc.evaluate(bc, x.id); p != nil {
 			plans = append(plans, p)
@@ -216,6 +229,10 @@ func (sc *scheduler) processBatch() {
 		}
 		return
 	}
+	for _, id := range sc.requeue {
+		sc.queue[id] = struct{}{}
+	}
+	sc.requeue = sc.requeue[:0]
 	skipped := map[string]bool{}
 	if r, ok := resp.(*PlansResult); ok {
 		if len(r.Skipped) > 0 {
@@ -226,12 +243,13 @@ func (sc *scheduler) processBatch() {
 			skipped[id] = true
 		}
 	}
-	// A generation that just ended (a lost node, a failure without delay)
-	// leaves its job pending with no timer: evaluate it again at once, since
-	// applying a plan raises no event of its own. A second evaluation that
-	// finds nothing new returns no plan, so this cannot loop.
+	// A job whose generation just ended (a failure, a lost or drained node,
+	// an elastic resize) is evaluated again at once, since applying a plan
+	// raises no event of its own: that sets its restart-delay and
+	// stop-report timers, or places it. A second evaluation that finds
+	// nothing new returns no plan, so this cannot loop.
 	for _, p := range plans {
-		if p.Status == JobPending && p.NextAttemptTime == nil && !skipped[p.JobId] && (len(p.StopAllocIds) > 0 || len(p.LostAllocIds) > 0) {
+		if p.Status == JobPending && !skipped[p.JobId] && (p.NextAttemptTime != nil || len(p.StopAllocIds) > 0 || len(p.LostAllocIds) > 0) {
 			sc.queue[p.JobId] = struct{}{}
 		}
 	}
@@ -522,8 +540,7 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 	p := basePlan(j)
 	// Ranks of earlier generations must stop (or their node be gone)
 	// before the next generation is placed.
-	stopping := 0
-	var lost []string
+	var lost, stopping []string
 	for _, a := range allocs {
 		if AllocTerminal(a.ClientStatus) {
 			continue
@@ -532,9 +549,21 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 			lost = append(lost, a.Id)
 			continue
 		}
-		stopping++
+		stopping = append(stopping, a.Id)
 	}
-	if stopping > 0 {
+	if len(stopping) > 0 {
+		// A node that never reports its ranks stopped (it restarted without
+		// them, or never started them) must not block the job forever.
+		limit := killTimeout(j.Spec) + sc.s.cfg.StopReportGrace
+		since := j.StatusTime.AsTime()
+		if !bc.now.Before(since.Add(limit)) {
+			p.StatusReason = fmt.Sprintf("%d ranks of generation %d did not report stopping within %s; treating them as lost", len(stopping), j.Generation, limit)
+			p.LostAllocIds = append(lost, stopping...)
+			sc.requeue = append(sc.requeue, j.Id)
+			return p
+		}
+		sc.timers[j.Id] = since.Add(limit)
+		stopping := len(stopping)
 		reason := fmt.Sprintf("waiting for %d ranks of generation %d to stop", stopping, j.Generation)
 		if strings.Contains(j.StatusReason, "failed") || strings.Contains(j.StatusReason, "ended") || strings.Contains(j.StatusReason, "growing") {
 			reason = j.StatusReason // keep the cause visible while ranks stop

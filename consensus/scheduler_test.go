@@ -300,3 +300,47 @@ func TestSchedulerSurvivesLeaderChange(t *testing.T) {
 	ackStops(t, nl, id)
 	waitJob(t, nl, id, "generation 2 by the new leader", running(2, 2))
 }
+
+func TestSchedulerSilentNodeDoesNotBlockRestart(t *testing.T) {
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+		c.StopReportGrace = 100 * time.Millisecond
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	spec := gpuJob("silent", 2)
+	spec.KillTimeout = durationpb.New(100 * time.Millisecond)
+	id, _, err := s.RegisterJob(ctxT(t), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	as := genAllocs(s, id, 1)
+	report(t, s, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocFailed, ExitCode: 1})
+	// Rank 0 is told to stop but its node never answers: after the kill
+	// timeout and the grace it is marked lost and generation 2 is placed.
+	waitJob(t, s, id, "generation 2 without the stop report", running(2, 2))
+	if a := s.State().Allocation(as[0].Id); a.ClientStatus != AllocLost || a.DesiredStatus != DesiredStop {
+		t.Fatalf("silent rank = %v", a)
+	}
+}
+
+func TestSchedulerSingleRankRestartNeedsNoOtherEvent(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("solo", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 1))
+	// The only rank fails: nothing else will report, the restart delay's
+	// timer alone must bring generation 2.
+	report(t, s, &controlpb.Allocation{Id: genAllocs(s, id, 1)[0].Id, ClientStatus: AllocFailed, ExitCode: 2})
+	j := waitJob(t, s, id, "generation 2", running(2, 1))
+	if j.Restarts != 1 {
+		t.Fatalf("restarts %d", j.Restarts)
+	}
+}

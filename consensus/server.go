@@ -260,7 +260,7 @@ func (s *Server) Role() string {
 		return RoleLeader
 	}
 	f := s.raft.GetConfiguration()
-	if f.Error() != nil {
+	if s.await(f) != nil {
 		return RoleNone
 	}
 	for _, srv := range f.Configuration().Servers {
@@ -286,7 +286,7 @@ func (s *Server) AppliedIndex() uint64 { return s.raft.AppliedIndex() }
 // from the gossip view elsewhere.
 func (s *Server) Peers() ([]*controlpb.RaftPeer, error) {
 	f := s.raft.GetConfiguration()
-	if err := f.Error(); err != nil {
+	if err := s.await(f); err != nil {
 		if errors.Is(err, raft.ErrRaftShutdown) {
 			return nil, ErrShutdown
 		}
@@ -347,7 +347,7 @@ func (s *Server) TransferLeadership() error {
 	if !s.IsLeader() {
 		return s.notLeader()
 	}
-	if err := s.raft.LeadershipTransfer().Error(); err != nil {
+	if err := s.await(s.raft.LeadershipTransfer()); err != nil {
 		return fmt.Errorf("leadership transfer: %w", err)
 	}
 	return nil

@@ -141,7 +141,9 @@ func TestConfig(t testing.TB, id string, m Membership) *Config {
 	c.ServerStabilization = 200 * time.Millisecond
 	c.LastContactThreshold = 500 * time.Millisecond
 	c.ReconcileInterval = 200 * time.Millisecond
-	level := hclog.Warn
+	// Info: logs reach the output only when a test fails (t.Log), and then
+	// the membership changes are what one needs to see.
+	level := hclog.Info
 	if l := os.Getenv("GPUMESH_TEST_LOG"); l != "" {
 		level = hclog.LevelFromString(l)
 	}
@@ -420,7 +422,7 @@ func (tc *TestCluster) Write(fn func(s *Server) error) {
 // RaftConfig returns the leader's Raft configuration as id -> suffrage.
 func RaftConfig(s *Server) map[string]raft.ServerSuffrage {
 	f := s.raft.GetConfiguration()
-	if f.Error() != nil {
+	if s.await(f) != nil {
 		return nil
 	}
 	out := map[string]raft.ServerSuffrage{}

@@ -17,7 +17,7 @@ func (s *Server) TransferLeadershipTo(id string) error {
 		return s.notLeader()
 	}
 	f := s.raft.GetConfiguration()
-	if err := f.Error(); err != nil {
+	if err := s.await(f); err != nil {
 		return err
 	}
 	for _, srv := range f.Configuration().Servers {
@@ -27,7 +27,7 @@ func (s *Server) TransferLeadershipTo(id string) error {
 		if srv.Suffrage != raft.Voter {
 			return fmt.Errorf("%w: node %s is not a voter, so it cannot lead", ErrInvalidArgument, id)
 		}
-		if err := s.raft.LeadershipTransferToServer(srv.ID, srv.Address).Error(); err != nil {
+		if err := s.await(s.raft.LeadershipTransferToServer(srv.ID, srv.Address)); err != nil {
 			return fmt.Errorf("leadership transfer to %s: %w", id, err)
 		}
 		return nil
