@@ -311,10 +311,15 @@ var _ autopilot.ApplicationIntegration = (*apDelegate)(nil)
 func (d *apDelegate) AutopilotConfig() *autopilot.Config {
 	c := d.ls.s.cfg
 	return &autopilot.Config{
-		CleanupDeadServers:      true,
-		LastContactThreshold:    c.LastContactThreshold,
-		MaxTrailingLogs:         1024,
-		MinQuorum:               0,
+		CleanupDeadServers:   true,
+		LastContactThreshold: c.LastContactThreshold,
+		MaxTrailingLogs:      1024,
+		// Never clean a dead voter up below the voter count the cluster was
+		// formed with: in a 3-server cluster a voter that crashed keeps its
+		// seat, so it votes again the moment it restarts (removed and re-added
+		// as a standby, it could not vote until promoted, and a second crash
+		// in that window left no quorum).
+		MinQuorum:               uint(min(c.MaxVoters, c.BootstrapExpect)),
 		ServerStabilizationTime: c.ServerStabilization,
 	}
 }
