@@ -298,13 +298,27 @@ func (h *HostBuffer) ReduceChunk(off int, src Segments, op Op) error {
 	if err != nil {
 		return err
 	}
-	if len(src) == 1 {
-		reduceBytes(h.dt, op, dst, src[0])
-		return nil
+	// Pieces may split an element; reassemble those in a small carry.
+	var carry [8]byte
+	nc, bo := 0, 0
+	for _, p := range src {
+		if nc > 0 {
+			k := copy(carry[nc:es], p)
+			nc += k
+			p = p[k:]
+			if nc == es {
+				reduceBytes(h.dt, op, dst[bo:bo+es], carry[:es])
+				bo += es
+				nc = 0
+			}
+		}
+		whole := len(p) / es * es
+		if whole > 0 {
+			reduceBytes(h.dt, op, dst[bo:bo+whole], p[:whole])
+			bo += whole
+		}
+		nc += copy(carry[nc:], p[whole:])
 	}
-	src.ForEachElementRun(es, func(bo int, run []byte) {
-		reduceBytes(h.dt, op, dst[bo:bo+len(run)], run)
-	})
 	return nil
 }
 

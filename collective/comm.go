@@ -55,6 +55,7 @@ type Communicator struct {
 	barrier *HostBuffer
 
 	wg        sync.WaitGroup
+	closed    atomic.Bool
 	closeOnce sync.Once
 	stop      chan struct{}
 }
@@ -115,6 +116,7 @@ func (c *Communicator) Err() error {
 // for operations in flight (they fail with ErrClosed). Safe to call twice.
 func (c *Communicator) Close() error {
 	c.closeOnce.Do(func() {
+		c.closed.Store(true)
 		c.failOnce.Do(func() {
 			err := error(ErrClosed)
 			c.failErr.Store(&err)
@@ -220,7 +222,7 @@ func (c *Communicator) opErr(name string, ctx context.Context, err error) error 
 // the operation's context, cancelled when the communicator fails.
 func (c *Communicator) begin(ctx context.Context) (context.Context, func(), error) {
 	if err := c.Err(); err != nil {
-		if errors.Is(err, ErrClosed) {
+		if c.closed.Load() {
 			return nil, nil, ErrClosed
 		}
 		return nil, nil, fmt.Errorf("%w (earlier failure: %w)", ErrAborted, err)

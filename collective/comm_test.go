@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,7 +108,7 @@ func noErrs(t *testing.T, errs []error) {
 
 func TestAllReduceEveryOpDType(t *testing.T) {
 	counts := []int{0, 1, 3, 7, 64, 1000, 5003}
-	ns := []int{1, 2, 3, 4, 5, 8}
+	ns := []int{1, 2, 3, 4, 5, 6, 7, 8}
 	if testing.Short() {
 		ns = []int{1, 2, 3, 5}
 	}
@@ -201,7 +202,12 @@ func TestAllReduceIntoLeavesSource(t *testing.T) {
 }
 
 func TestReduceScatterAndAllGather(t *testing.T) {
-	for _, n := range []int{1, 2, 3, 4, 7} {
+	combos := []struct {
+		dt DType
+		op Op
+	}{{Float32, OpSum}, {Int32, OpAvg}, {BFloat16, OpMax}, {Float64, OpProd}}
+	for ci, n := range []int{1, 2, 3, 4, 7} {
+		dt, op := combos[ci%len(combos)].dt, combos[ci%len(combos)].op
 		_, comms, err := NewLocalGroup("job", 1, n, testConfig())
 		if err != nil {
 			t.Fatal(err)
@@ -211,15 +217,15 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 				src := make([]*HostBuffer, n)
 				dst := make([]*HostBuffer, n)
 				for r := range src {
-					src[r] = NewHostBuffer(Float32, count)
-					fill(src[r], OpSum, r)
-					dst[r] = NewHostBuffer(Float32, BlockLen(count, n, r))
+					src[r] = NewHostBuffer(dt, count)
+					fill(src[r], op, r)
+					dst[r] = NewHostBuffer(dt, BlockLen(count, n, r))
 				}
 				noErrs(t, RunAll(comms, func(c *Communicator) error {
 					if inPlace {
-						return c.ReduceScatter(context.Background(), nil, src[c.Rank()], OpSum)
+						return c.ReduceScatter(context.Background(), nil, src[c.Rank()], op)
 					}
-					return c.ReduceScatter(context.Background(), dst[c.Rank()], src[c.Rank()], OpSum)
+					return c.ReduceScatter(context.Background(), dst[c.Rank()], src[c.Rank()], op)
 				}))
 				for r := range src {
 					off, l := Part(count, n, r)
@@ -227,21 +233,22 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 						got := dst[r].At(i)
 						if inPlace {
 							got = src[r].At(off + i)
-						} else if src[r].At(off+i) != value(Float32, OpSum, r, off+i) {
+						} else if src[r].At(off+i) != value(dt, op, r, off+i) {
 							t.Fatalf("out-of-place ReduceScatter changed the source")
 						}
-						if want := reference(Float32, OpSum, n, off+i); got != want {
-							t.Fatalf("n=%d count=%d inPlace=%v: rank %d element %d = %v, want %v", n, count, inPlace, r, off+i, got, want)
+						if want := reference(dt, op, n, off+i); got != want {
+							t.Fatalf("%v %v n=%d count=%d inPlace=%v: rank %d element %d = %v, want %v", dt, op, n, count, inPlace, r, off+i, got, want)
 						}
 					}
 				}
 				// AllGather the blocks back.
 				out := make([]*HostBuffer, n)
 				for r := range out {
-					out[r] = NewHostBuffer(Float32, count)
+					out[r] = NewHostBuffer(dt, count)
 					if inPlace {
 						off, l := Part(count, n, r)
-						copy(out[r].AsFloat32()[off:off+l], src[r].AsFloat32()[off:off+l])
+						es := dt.Size()
+						copy(out[r].Bytes()[off*es:(off+l)*es], src[r].Bytes()[off*es:(off+l)*es])
 					}
 				}
 				noErrs(t, RunAll(comms, func(c *Communicator) error {
@@ -251,7 +258,7 @@ func TestReduceScatterAndAllGather(t *testing.T) {
 					return c.AllGather(context.Background(), out[c.Rank()], dst[c.Rank()])
 				}))
 				for r := range out {
-					checkResult(t, out[r], OpSum, n, r, fmt.Sprintf("allgather n=%d count=%d", n, count))
+					checkResult(t, out[r], op, n, r, fmt.Sprintf("allgather %v %v n=%d count=%d", dt, op, n, count))
 				}
 			}
 		}
@@ -484,5 +491,68 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached in 10s")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// Delayed frames (a slow link) slow an operation down but never change its
+// result or order.
+func TestDelayedLinkStillCorrect(t *testing.T) {
+	tr, comms, err := NewLocalGroup("job", 1, 3, testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(comms)
+	var delayed atomicCount
+	tr.SetFault(func(job string, src, dst, ch int, h *Header) FaultAction {
+		if src == 1 && h.Offset%3 == 0 {
+			delayed.add()
+			return FaultAction{Delay: time.Millisecond}
+		}
+		return FaultAction{}
+	})
+	bufs := make([]*HostBuffer, 3)
+	for r := range bufs {
+		bufs[r] = NewHostBuffer(Int32, 30011)
+		fill(bufs[r], OpSum, r)
+	}
+	noErrs(t, RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+	}))
+	for r := range bufs {
+		checkResult(t, bufs[r], OpSum, 3, r, "delayed")
+	}
+	if delayed.get() == 0 {
+		t.Fatal("the fault hook delayed nothing")
+	}
+}
+
+type atomicCount struct{ n atomic.Int64 }
+
+func (a *atomicCount) add()       { a.n.Add(1) }
+func (a *atomicCount) get() int64 { return a.n.Load() }
+
+// Ranks configured with different channel counts get a clear error, not a
+// hang or a panic.
+func TestChannelConfigMismatch(t *testing.T) {
+	tr := NewLocalTransport()
+	addrs := []string{"a", "b"}
+	comms := make([]*Communicator, 2)
+	for r := range comms {
+		cfg := testConfig()
+		cfg.Timeout = 2 * time.Second
+		cfg.Channels = 2 + 2*r
+		var err error
+		if comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	errs := RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, 100000), OpSum)
+	})
+	for r, err := range errs {
+		if !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "channels") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
 	}
 }

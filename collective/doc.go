@@ -1,6 +1,89 @@
 // Package collective moves tensors between the ranks of a job: communicators
 // keyed by (job, generation), ring and latency-optimal all-reduce,
 // reduce-scatter, all-gather, broadcast, send/receive and barrier, over a
-// gRPC streaming transport with a raw-bytes codec or an in-memory transport
-// for tests.
+// gRPC streaming transport with a raw-bytes codec, or an in-process transport
+// for ranks of one process and for tests.
+//
+// # Using it (node daemon)
+//
+// One Service per process receives the data plane of every communicator of
+// that process; it is registered on the node's gRPC server (the RPC port)
+// next to the protobuf control service. The server must be built with
+// ServerOptions (flow-control windows, buffer sizes, message size):
+//
+//	gcfg := collective.DefaultGRPCConfig()
+//	svc, _ := collective.NewService(gcfg)
+//	gs := grpc.NewServer(append(collective.ServerOptions(gcfg), otherOpts...)...)
+//	svc.Register(gs)                          // shares gs with gpumesh.v1.Control
+//	tr := collective.NewGRPCTransport(svc)    // one per process
+//
+// For each rank of a job placed on the node (several per node: one per GPU):
+//
+//	cfg := collective.DefaultConfig()
+//	cfg.Timeout = collectiveTimeout           // --collective-timeout, default 30s
+//	comm, err := collective.New(tr, collective.Group{
+//		Job: jobID, Generation: gen, Rank: rank,
+//		Addrs: rankAddrs,                     // "host:rpcport" of the node of each rank
+//	}, cfg)
+//	defer comm.Close()
+//	rep, err := collective.RunAllReduceJob(ctx, comm, spec, logger) // built-in job
+//
+// A stream's metadata names its job, generation, sending and receiving rank
+// and channel, so one server serves any number of communicators; streams
+// for a generation older than the newest one the node has opened for that
+// job are refused (ErrStaleGeneration on the sender). Listen starts a
+// standalone server (benchmarks, tests).
+//
+// # Semantics
+//
+// Every rank calls the collectives in the same order, one at a time (Send
+// and Recv may overlap each other, not a collective). Every frame carries
+// the operation's header (group, generation, sequence number, operation,
+// dtype, count, op, root, layout); a receiver that sees a different header
+// fails with a *MismatchError ("collective: rank 1 called AllReduce(float32,
+// count=1000) but rank 0 called AllReduce(float32, count=999)"). Any failure
+// aborts the communicator and is sent to every peer, which fail with a
+// *RemoteError of the same class (errors.Is(err, ErrMismatch) holds on every
+// rank). A dead peer fails the survivors at once when its TCP connections
+// break, and within Config.Timeout (no progress) when it only goes silent.
+// Cancelling an operation's context aborts the communicator (the peers
+// cannot know how far it got). After a failure, build a new communicator
+// (next generation).
+//
+// Algorithms: buffers of at most Config.SmallBytes use recursive doubling
+// (log2 n rounds, whole buffer per message); larger ones the ring
+// (reduce-scatter then all-gather; every rank sends 2(n-1)/n of the buffer),
+// split into Config.Channels parallel rings, each on its own HTTP/2
+// connection, pipelined in chunks of Config.ChunkBytes. The step schedules
+// (RingAllReduceStep, ChunkPlan, RecursiveDoubling) are pure functions. The
+// reduction order of every element is fixed by (n, config), so float results
+// are bit-identical on every rank and across runs.
+//
+// # Buffers and devices (CUDA backend)
+//
+// The algorithms only call the chunk operations of the Buffer interface
+// (ReadChunk/ReleaseChunk to send, WriteChunk/ReduceChunk for received
+// Segments, DivChunk for OpAvg, Sync). HostBuffer implements it over Go
+// memory with zero-copy sends. A device implementation (in its own package)
+// may run WriteChunk/ReduceChunk asynchronously on per-channel streams as long
+// as operations on overlapping ranges keep their order and Sync waits for
+// all; ReadChunk stages into pinned memory and ReleaseChunk recycles it, so
+// D2H, network, H2D and the reduce kernel overlap across chunks and channels.
+// Optional interfaces: BufferCopier (device-to-device copies), Allocator
+// (scratch buffers), PeerReducer (ranks of one process: the LocalTransport
+// hands the receiver the sender's Buffer and offset, so two GPUs of one
+// process exchange by peer copy instead of TCP). The device registers itself
+// with RegisterDevice so the allreduce job and `gpumesh bench allreduce
+// --device cuda` can allocate its buffers.
+//
+// # Transports
+//
+// Transport/Endpoint is the seam between algorithms and wires: GRPCTransport
+// (nodes), LocalTransport (ranks of one process; also the test double, with
+// SetFault to drop or delay frames and Kill to kill a rank). Within the gRPC
+// transport, ranks whose Addrs entry equals this rank's (the same node
+// process) skip TCP: frames are handed over in memory by reference, with the
+// sender's Buffer in InFrame.Peer for PeerReducer (set
+// GRPCConfig.NoLocalShortcut to force TCP). NewLocalGroup
+// and NewLoopbackGroup build whole groups for tests and benchmarks.
 package collective

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -171,6 +172,9 @@ type GRPCConfig struct {
 	// open its endpoint (ranks start at slightly different times).
 	// Default 30 s.
 	RankWait time.Duration
+	// NoLocalShortcut makes ranks of this process (same address) talk over
+	// TCP like remote ones instead of handing frames over in memory.
+	NoLocalShortcut bool
 	// CloseWait bounds how long closing an endpoint waits for peers to read
 	// what it sent (they normally close at the same time). Default 2 s.
 	CloseWait time.Duration
@@ -217,6 +221,7 @@ func ServerOptions(c GRPCConfig) []grpc.ServerOption {
 		grpc.ReadBufferSize(c.ReadBufferBytes),
 		grpc.WriteBufferSize(c.WriteBufferBytes),
 		grpc.MaxRecvMsgSize(MaxFrameBytes + HeaderSize + 1024),
+		experimental.BufferPool(sharedDirtyPool),
 	}
 }
 
@@ -228,6 +233,7 @@ func (c GRPCConfig) dialOptions() []grpc.DialOption {
 		grpc.WithReadBufferSize(c.ReadBufferBytes),
 		grpc.WithWriteBufferSize(c.WriteBufferBytes),
 		grpc.WithDisableRetry(),
+		experimental.WithBufferPool(sharedDirtyPool),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: 5 * time.Second,
@@ -304,7 +310,7 @@ func (s *Service) link(stream grpc.ServerStream) error {
 		return err
 	}
 	if src < 0 || int(src) >= ep.n || int(src) == ep.spec.Rank || ch < controlChannel || ch >= int64(ep.spec.Channels) {
-		return status.Errorf(codes.InvalidArgument, "collective: stream from rank %d channel %d does not fit rank %d of %d ranks with %d channels", src, ch, dst, ep.n, ep.spec.Channels)
+		return status.Errorf(codes.InvalidArgument, "collective: rank %d sent on channel %d but rank %d has %d ranks and %d channels: give every rank the same group and collective config", src, ch, dst, ep.n, ep.spec.Channels)
 	}
 	if ch != controlChannel {
 		// A data link: the receiving rank reads this stream itself
@@ -453,6 +459,19 @@ func (t *GRPCTransport) Open(spec EndpointSpec) (Endpoint, error) {
 		links: make([]grpcLink, n*spec.Channels),
 		log:   t.svc.log.With("job", spec.Job, "generation", spec.Generation, "rank", spec.Rank),
 	}
+	ep.local = make([]bool, n)
+	for p := range ep.local {
+		ep.local[p] = p != spec.Rank && !t.svc.cfg.NoLocalShortcut && spec.Addrs[p] == spec.Addrs[spec.Rank]
+	}
+	ep.lq = make([]chan *InFrame, n*spec.Channels)
+	ep.lpeers = make([]*grpcEndpoint, n)
+	for p, l := range ep.local {
+		if l {
+			for ch := 0; ch < spec.Channels; ch++ {
+				ep.lq[p*spec.Channels+ch] = make(chan *InFrame, 8)
+			}
+		}
+	}
 	if err := t.svc.add(ep); err != nil {
 		return nil, err
 	}
@@ -476,9 +495,14 @@ type grpcEndpoint struct {
 	closed atomicBool
 	log    hclog.Logger
 
-	qmu     sync.Mutex
-	slots   []*inSlot
-	links   []grpcLink
+	qmu   sync.Mutex
+	slots []*inSlot
+	links []grpcLink
+	// Ranks served by this same process (same address) exchange frames in
+	// memory, by reference, instead of over TCP: local[p] says which.
+	local   []bool
+	lq      []chan *InFrame
+	lpeers  []*grpcEndpoint
 	cancels []context.CancelFunc
 	wg      sync.WaitGroup
 }
@@ -550,8 +574,69 @@ func (e *grpcEndpoint) watch(l *grpcLink, stream grpc.ClientStream, peer int, do
 	e.fail.fail(streamErr(peer, e.spec.Addrs[peer], err))
 }
 
+// sendLocal hands a frame to a rank of this process by reference: the
+// receiver reads the sender's memory (or peer-copies through PeerReducer) and
+// its Release reports SendDone.
+func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, payload []byte, ref PeerRef, done SendDone) error {
+	e.qmu.Lock()
+	pe := e.lpeers[peer]
+	e.qmu.Unlock()
+	if pe == nil {
+		var err error
+		pe, err = e.t.svc.wait(ctx, localKey{e.spec.Job, e.spec.Generation, peer})
+		if err != nil {
+			done.SendDone()
+			return streamErr(peer, e.spec.Addrs[peer], err)
+		}
+		e.qmu.Lock()
+		e.lpeers[peer] = pe
+		e.qmu.Unlock()
+	}
+	if pe.spec.Channels != e.spec.Channels || pe.n != e.n {
+		done.SendDone()
+		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
+			e.spec.Rank, e.n, e.spec.Channels, peer, pe.n, pe.spec.Channels)}
+	}
+	q := pe.lq[e.spec.Rank*pe.spec.Channels+ch]
+	f := framePool.Get().(*InFrame)
+	f.Header = *h
+	f.Header.Src = int32(e.spec.Rank)
+	f.Header.Length = uint32(len(payload))
+	f.segs[0] = payload
+	f.Payload = f.segs[:1]
+	f.Peer = ref
+	f.owner = done
+	f.release = releaseLocal
+	select {
+	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
+		f.Release()
+		return fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
+	default:
+	}
+	var err error
+	select {
+	case q <- f:
+		return nil
+	case <-ctx.Done():
+		err = context.Cause(ctx)
+	case <-e.fail.ch:
+		err = e.fail.Err()
+	case <-pe.fail.ch:
+		err = fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
+	}
+	f.Release()
+	return err
+}
+
 // Send implements Endpoint.
 func (e *grpcEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payload []byte, ref PeerRef, done SendDone) error {
+	if e.local[peer] {
+		if err := e.fail.Err(); err != nil {
+			done.SendDone()
+			return err
+		}
+		return e.sendLocal(ctx, peer, ch, h, payload, ref, done)
+	}
 	l := &e.links[peer*e.spec.Channels+ch]
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -615,6 +700,22 @@ func (e *grpcEndpoint) sendErr(peer int, err error) error {
 
 // Recv implements Endpoint: it reads the inbound stream directly.
 func (e *grpcEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error) {
+	if e.local[peer] {
+		q := e.lq[peer*e.spec.Channels+ch]
+		select {
+		case f := <-q:
+			return f, nil
+		default:
+		}
+		select {
+		case f := <-q:
+			return f, nil
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-e.fail.ch:
+			return nil, e.fail.Err()
+		}
+	}
 	sl := e.slot(peer, ch)
 	select {
 	case <-sl.ready:
@@ -740,6 +841,20 @@ func (e *grpcEndpoint) Close() error {
 	}
 	e.teardown()
 	e.wg.Wait()
+	for _, q := range e.lq { // give queued in-process frames back to their senders
+		if q == nil {
+			continue
+		}
+	drain:
+		for {
+			select {
+			case f := <-q:
+				f.Release()
+			default:
+				break drain
+			}
+		}
+	}
 	return nil
 }
 

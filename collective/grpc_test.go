@@ -223,3 +223,94 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 		t.Fatalf("health on the shared server: %v %v", resp, err)
 	}
 }
+
+// Ranks 0 and 1 live in one process (one server, same address) and exchange
+// in memory; rank 2 is on another node and talks gRPC. With NoLocalShortcut
+// the same group runs over TCP only.
+func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
+	for _, noLocal := range []bool{false, true} {
+		gcfg := DefaultGRPCConfig()
+		gcfg.NoLocalShortcut = noLocal
+		a, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs := []string{a.Addr(), a.Addr(), b.Addr()}
+		servers := []*Server{a, a, b}
+		comms := make([]*Communicator, 3)
+		for r := range comms {
+			if comms[r], err = New(servers[r].Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ep := comms[0].ep.(*grpcEndpoint)
+		if ep.local[1] == noLocal || ep.local[2] {
+			t.Fatalf("noLocal=%v: local peers %v", noLocal, ep.local)
+		}
+		for _, count := range []int{7, 50001} {
+			bufs := make([]*HostBuffer, 3)
+			for r := range bufs {
+				bufs[r] = NewHostBuffer(Float64, count)
+				fill(bufs[r], OpSum, r)
+			}
+			noErrs(t, RunAll(comms, func(c *Communicator) error {
+				return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+			}))
+			for r := range bufs {
+				checkResult(t, bufs[r], OpSum, 3, r, fmt.Sprintf("mixed noLocal=%v", noLocal))
+			}
+		}
+		// A mismatch still reaches every rank, local or remote.
+		errs := RunAll(comms, func(c *Communicator) error {
+			n := 100
+			if c.Rank() == 1 {
+				n = 101
+			}
+			return c.AllReduce(context.Background(), NewHostBuffer(Float32, n), OpSum)
+		})
+		for r, err := range errs {
+			if !errors.Is(err, ErrMismatch) {
+				t.Fatalf("noLocal=%v rank %d: %v", noLocal, r, err)
+			}
+		}
+		CloseAll(comms)
+		a.Close()
+		b.Close()
+	}
+}
+
+func TestGRPCChannelConfigMismatch(t *testing.T) {
+	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	addrs := []string{a.Addr(), b.Addr()}
+	comms := make([]*Communicator, 2)
+	for r, s := range []*Server{a, b} {
+		cfg := testConfig()
+		cfg.Timeout = 3 * time.Second
+		cfg.Channels = 2 + 2*r
+		if comms[r], err = New(s.Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer CloseAll(comms)
+	errs := RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), NewHostBuffer(Float32, 100000), OpSum)
+	})
+	for r, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), "channels") {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+}

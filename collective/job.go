@@ -67,7 +67,7 @@ type AllReduceSizeResult struct {
 	Bytes int64  `json:"bytes"`
 	Count int64  `json:"count"`
 	DType string `json:"dtype"`
-	// Algorithm is "ring" or "recursive-doubling".
+	// Algorithm is "ring", "recursive-doubling" or "local" (one rank).
 	Algorithm string `json:"algorithm"`
 	// TimeUs is the median time of one all-reduce (microseconds); MinUs the
 	// fastest.
@@ -225,7 +225,10 @@ func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobS
 func runJobSize(ctx context.Context, comm *Communicator, spec AllReduceJobSpec, buf Buffer, size int64, count int) (AllReduceSizeResult, error) {
 	n := comm.Size()
 	res := AllReduceSizeResult{Bytes: size, Count: int64(count), DType: spec.DType.String(), Algorithm: "ring"}
-	if comm.useSmall(count, spec.DType) {
+	switch {
+	case n == 1:
+		res.Algorithm = "local"
+	case comm.useSmall(count, spec.DType):
 		res.Algorithm = "recursive-doubling"
 	}
 	if err := fillJob(buf, n, comm.Rank()); err != nil {

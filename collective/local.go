@@ -204,6 +204,11 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 			return nil
 		}
 	}
+	if ch >= pe.spec.Channels || len(pe.spec.Addrs) != len(e.spec.Addrs) {
+		done.SendDone()
+		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
+			e.spec.Rank, len(e.spec.Addrs), e.spec.Channels, peer, len(pe.spec.Addrs), pe.spec.Channels)}
+	}
 	f := framePool.Get().(*InFrame)
 	f.Header = *h
 	f.Header.Src = int32(e.spec.Rank)
@@ -214,6 +219,12 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 	f.owner = done
 	f.release = releaseLocal
 	select {
+	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
+		f.Release()
+		return fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
+	default:
+	}
+	select {
 	case pe.queues[e.spec.Rank*pe.spec.Channels+ch] <- f:
 		return nil
 	case <-ctx.Done():
@@ -221,7 +232,7 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 	case <-e.fail.ch:
 		err = e.Err()
 	case <-pe.fail.ch:
-		err = fmt.Errorf("%w: rank %d failed: %v", ErrPeerFailed, peer, pe.Err())
+		err = fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
 	}
 	f.Release()
 	return err

@@ -397,9 +397,12 @@ func (c *Communicator) Barrier(ctx context.Context) error {
 
 // Send sends buf to peer, which must call Recv(peer=this rank) with a buffer
 // of the same dtype and length. It returns once the data has been handed to
-// the network (or, between ranks of one process, taken by the receiver), so
-// buf may be reused afterwards. Send and Recv with different peers or
-// directions may run concurrently.
+// the network, so buf may be reused afterwards. Between ranks of one process
+// (and whenever the link's flow-control window is full) that means once the
+// receiver has taken it: like MPI_Ssend, a Send may wait for its matching
+// Recv, so two ranks that exchange must not both call Send before Recv from
+// one goroutine; run sends and receives in separate goroutines (Send and Recv
+// with different peers or directions may run concurrently).
 func (c *Communicator) Send(ctx context.Context, buf Buffer, peer int) error {
 	return c.SendTagged(ctx, buf, peer, 0)
 }

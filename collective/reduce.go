@@ -14,37 +14,41 @@ type number interface {
 }
 
 func sumT[T number](d, s []T) {
-	s = s[:len(d)]
-	for len(d) >= 8 {
-		d[0] += s[0]
-		d[1] += s[1]
-		d[2] += s[2]
-		d[3] += s[3]
-		d[4] += s[4]
-		d[5] += s[5]
-		d[6] += s[6]
-		d[7] += s[7]
-		d, s = d[8:], s[8:]
+	n := len(d)
+	s = s[:n]
+	i := 0
+	for ; i+8 <= n; i += 8 {
+		dd, ss := d[i:i+8:i+8], s[i:i+8:i+8] // one bounds check each per 8 elements
+		dd[0] += ss[0]
+		dd[1] += ss[1]
+		dd[2] += ss[2]
+		dd[3] += ss[3]
+		dd[4] += ss[4]
+		dd[5] += ss[5]
+		dd[6] += ss[6]
+		dd[7] += ss[7]
 	}
-	for i := range d {
+	for ; i < n; i++ {
 		d[i] += s[i]
 	}
 }
 
 func prodT[T number](d, s []T) {
-	s = s[:len(d)]
-	for len(d) >= 8 {
-		d[0] *= s[0]
-		d[1] *= s[1]
-		d[2] *= s[2]
-		d[3] *= s[3]
-		d[4] *= s[4]
-		d[5] *= s[5]
-		d[6] *= s[6]
-		d[7] *= s[7]
-		d, s = d[8:], s[8:]
+	n := len(d)
+	s = s[:n]
+	i := 0
+	for ; i+8 <= n; i += 8 {
+		dd, ss := d[i:i+8:i+8], s[i:i+8:i+8]
+		dd[0] *= ss[0]
+		dd[1] *= ss[1]
+		dd[2] *= ss[2]
+		dd[3] *= ss[3]
+		dd[4] *= ss[4]
+		dd[5] *= ss[5]
+		dd[6] *= ss[6]
+		dd[7] *= ss[7]
 	}
-	for i := range d {
+	for ; i < n; i++ {
 		d[i] *= s[i]
 	}
 }

@@ -52,12 +52,17 @@ func waitConfig(t *testing.T, tc *TestCluster, timeout time.Duration, want, want
 
 func TestElectionThreeNodes(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
 	waitConfig(t, tc, 5*time.Second, 3, 0)
-	lid, _ := l.Leader()
-	if lid != l.cfg.NodeID || l.Role() != RoleLeader {
-		t.Fatalf("leader reports leader %q role %s", lid, l.Role())
-	}
+	var l *Server
+	var lid string
+	WaitFor(t, 5*time.Second, func() (bool, string) {
+		l = tc.Leader()
+		if l == nil {
+			return false, "no leader"
+		}
+		lid, _ = l.Leader()
+		return lid == l.cfg.NodeID && l.Role() == RoleLeader, fmt.Sprintf("leader reports leader %q role %s", lid, l.Role())
+	})
 	for _, s := range tc.Live() {
 		WaitFor(t, 5*time.Second, func() (bool, string) {
 			id, addr := s.Leader()
@@ -65,6 +70,14 @@ func TestElectionThreeNodes(t *testing.T) {
 		})
 		if s != l {
 			WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
+		}
+	}
+	if err := l.VerifyLeader(ctxT(t)); err != nil && l.IsLeader() {
+		t.Fatalf("verify leader: %v", err)
+	}
+	for _, s := range tc.Live() {
+		if s != l && !errors.Is(s.VerifyLeader(ctxT(t)), ErrNotLeader) {
+			t.Fatalf("follower %s verified leadership", s.cfg.NodeID)
 		}
 	}
 	peers, err := l.Peers()
@@ -100,18 +113,21 @@ func TestElectionFiveVoters(t *testing.T) {
 func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
 	l := tc.WaitForLeader(5 * time.Second)
-	id1, _, err := l.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id1 string
+	tc.Write(func(s *Server) (err error) {
+		id1, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
+		return err
+	})
+	l = tc.WaitForLeader(5 * time.Second)
 	// A follower refuses writes with the leader's address.
 	for _, s := range tc.Live() {
 		if s == l {
 			continue
 		}
+		WaitFor(t, 5*time.Second, func() (bool, string) { id, _ := s.Leader(); return id != "", "follower knows no leader" })
 		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1})
 		var nle *NotLeaderError
-		if !errors.Is(err, ErrNotLeader) || !errors.As(err, &nle) || nle.LeaderID != l.cfg.NodeID || nle.LeaderRPCAddr == "" {
+		if !errors.Is(err, ErrNotLeader) || !errors.As(err, &nle) || nle.LeaderID == "" || nle.LeaderRPCAddr == "" {
 			t.Fatalf("follower write: %v", err)
 		}
 	}
@@ -122,10 +138,11 @@ func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 		nl = tc.Leader()
 		return nl != nil && nl.cfg.NodeID != old, "no new leader"
 	})
-	id2, _, err := nl.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "after", Type: "exec", Ranks: 1})
-	if err != nil {
-		t.Fatalf("write through the new leader: %v", err)
-	}
+	var id2 string
+	tc.Write(func(s *Server) (err error) {
+		id2, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "after", Type: "exec", Ranks: 1})
+		return err
+	})
 	for _, s := range tc.Live() {
 		WaitFor(t, 5*time.Second, func() (bool, string) {
 			return s.State().Job(id1) != nil && s.State().Job(id2) != nil, s.cfg.NodeID + " misses a job"
@@ -150,9 +167,10 @@ func TestDeadVoterReplacedWithin10s(t *testing.T) {
 	waitConfig(t, tc, 10*time.Second, 3, 1, victim)
 	t.Logf("dead voter %s replaced in %s", victim, time.Since(start))
 	// Writes still work.
-	if _, _, err := tc.Leader().RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1}); err != nil {
-		t.Fatal(err)
-	}
+	tc.Write(func(s *Server) error {
+		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1})
+		return err
+	})
 	// The node table shows the dead member down.
 	WaitFor(t, 5*time.Second, func() (bool, string) {
 		n := tc.Leader().State().Node(victim)
@@ -209,10 +227,12 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 func TestRestartFromDataDir(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
 	l := tc.WaitForLeader(5 * time.Second)
-	id, _, err := l.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id string
+	tc.Write(func(s *Server) (err error) {
+		id, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
+		return err
+	})
+	l = tc.WaitForLeader(5 * time.Second)
 	// Restart a follower: it comes back with its state and rejoins.
 	var f string
 	for _, s := range tc.Live() {
@@ -227,10 +247,11 @@ func TestRestartFromDataDir(t *testing.T) {
 		t.Fatal("restarted server does not report its raft state")
 	}
 	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id) != nil, "job lost after restart" })
-	id2, _, err := tc.WaitForLeader(5*time.Second).RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "later", Ranks: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	var id2 string
+	tc.Write(func(s *Server) (err error) {
+		id2, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "later", Ranks: 1})
+		return err
+	})
 	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id2) != nil, "restarted server gets no new entries" })
 
 	// Restart the whole cluster: a leader is elected from the data dirs.
@@ -245,9 +266,10 @@ func TestRestartFromDataDir(t *testing.T) {
 	WaitFor(t, 5*time.Second, func() (bool, string) {
 		return nl.State().Job(id) != nil && nl.State().Job(id2) != nil, "state lost in full restart"
 	})
-	if _, _, err := nl.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "again", Ranks: 1}); err != nil {
-		t.Fatal(err)
-	}
+	tc.Write(func(s *Server) error {
+		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "again", Ranks: 1})
+		return err
+	})
 }
 
 func TestRestartAfterSnapshot(t *testing.T) {
@@ -296,27 +318,56 @@ func TestBootstrapMembersInDifferentOrders(t *testing.T) {
 				}
 				time.Sleep(30 * time.Millisecond) // let bootstrap loops look at partial views
 			}
-			l := tc.WaitForLeader(10 * time.Second)
+			tc.WaitForLeader(10 * time.Second)
 			waitConfig(t, tc, 5*time.Second, 3, 0)
-			// A spot server that appears later never bootstraps its own
-			// cluster: it is added by the leader.
-			tc.Start("n-0", func(m *Member) { m.Lifecycle = LifecycleSpot })
+			// A server that appears later never bootstraps its own cluster,
+			// although its ID sorts first (its own bootstrap set would hold
+			// it): it sees members gossiping Bootstrapped and waits to be
+			// added by the leader.
+			s0 := tc.Start("n-0", nil)
+			for _, id := range ids {
+				tc.Announce("n-0", id) // n-0 sees the cluster before anyone sees n-0
+			}
+			tc.Announce("n-0", "n-0")
+			WaitFor(t, 5*time.Second, func() (bool, string) { return s0.bootBlocked.Load(), "n-0 did not notice the existing cluster" })
+			if s0.raft.LastIndex() != 0 {
+				t.Fatal("n-0 bootstrapped a cluster of its own")
+			}
 			tc.AnnounceAll("n-0")
 			waitConfig(t, tc, 10*time.Second, 3, 1)
-			for _, s := range tc.Live() {
-				WaitFor(t, 5*time.Second, func() (bool, string) {
-					id, _ := s.Leader()
-					return id == l.cfg.NodeID || (tc.Leader() != nil && id == tc.Leader().cfg.NodeID), s.cfg.NodeID + " follows another leader"
-				})
-			}
-			leaders := 0
-			for _, s := range tc.Live() {
-				if s.IsLeader() {
-					leaders++
+			// One cluster: a single leader that every server follows.
+			WaitFor(t, 10*time.Second, func() (bool, string) {
+				l := tc.Leader()
+				if l == nil {
+					return false, "no single leader"
 				}
+				for _, s := range tc.Live() {
+					if id, _ := s.Leader(); id != l.cfg.NodeID {
+						return false, fmt.Sprintf("%s follows %q, not %s", s.cfg.NodeID, id, l.cfg.NodeID)
+					}
+				}
+				return true, ""
+			})
+			// n-0's first log entry is the real cluster's bootstrap
+			// configuration, not one of its own making.
+			var first raft.Log
+			w := tc.Server("n-0").wal
+			WaitFor(t, 5*time.Second, func() (bool, string) {
+				li, _ := w.LastIndex()
+				return li > 1, "n-0 got no log entries"
+			})
+			fi, _ := w.FirstIndex()
+			li, _ := w.LastIndex()
+			if err := w.GetLog(fi, &first); err != nil {
+				t.Fatalf("read n-0's first log entry (%d..%d): %v", fi, li, err)
 			}
-			if leaders != 1 {
-				t.Fatalf("%d leaders", leaders)
+			if first.Type != raft.LogConfiguration {
+				t.Fatalf("n-0's first entry is %v", first.Type)
+			}
+			for _, srv := range raft.DecodeConfiguration(first.Data).Servers {
+				if srv.ID == "n-0" {
+					t.Fatal("n-0 bootstrapped a cluster of its own")
+				}
 			}
 		})
 	}
@@ -331,5 +382,36 @@ func TestShutdownIdempotentAndErrors(t *testing.T) {
 	}
 	if _, _, err := s.RegisterJob(context.Background(), &controlpb.JobSpec{Name: "x", Ranks: 1}); !errors.Is(err, ErrShutdown) {
 		t.Fatalf("write after shutdown: %v", err)
+	}
+}
+
+func TestDrainNodeReplacesVoter(t *testing.T) {
+	tc := MakeTestCluster(t, 4, nil)
+	cfg := waitConfig(t, tc, 10*time.Second, 3, 1)
+	l := tc.Leader()
+	var victim string
+	for id, s := range cfg {
+		if s == raft.Voter && id != l.cfg.NodeID {
+			victim = id
+		}
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return l.State().Node(victim) != nil, "node not reconciled" })
+	tc.Write(func(s *Server) error {
+		_, err := s.DrainNode(ctxT(t), victim, time.Now().Add(2*time.Minute), "spot interruption")
+		return err
+	})
+	// The standby becomes a voter and the draining node leaves the voters
+	// (then, as a draining standby, Raft altogether).
+	WaitFor(t, 10*time.Second, func() (bool, string) {
+		nl := tc.Leader()
+		if nl == nil {
+			return false, "no leader"
+		}
+		cfg := RaftConfig(nl)
+		v, _ := voters(cfg)
+		return cfg[victim] != raft.Voter && len(v) == 3, fmt.Sprintf("config %v", cfg)
+	})
+	if n := tc.Leader().State().Node(victim); n.Status != NodeDraining || n.StatusReason != "spot interruption" {
+		t.Fatalf("drained node record %v", n)
 	}
 }

@@ -49,8 +49,10 @@ type Config struct {
 	Standbys int
 
 	// HeartbeatTimeout, ElectionTimeout and LeaderLeaseTimeout are Raft's
-	// timeouts. The defaults (200 ms, 200 ms, 100 ms) are tuned for a LAN so
-	// that a failover takes under a second.
+	// timeouts. The defaults (200 ms each) are tuned for a LAN so that a
+	// failover takes under a second; the lease equals the heartbeat timeout
+	// (raft's maximum) so that a leader on a busy machine does not step
+	// down spuriously.
 	HeartbeatTimeout   time.Duration
 	ElectionTimeout    time.Duration
 	LeaderLeaseTimeout time.Duration
@@ -115,7 +117,7 @@ func DefaultConfig() *Config {
 		Standbys:             2,
 		HeartbeatTimeout:     200 * time.Millisecond,
 		ElectionTimeout:      200 * time.Millisecond,
-		LeaderLeaseTimeout:   100 * time.Millisecond,
+		LeaderLeaseTimeout:   200 * time.Millisecond,
 		CommitTimeout:        5 * time.Millisecond,
 		MaxAppendEntries:     256,
 		SnapshotThreshold:    8192,

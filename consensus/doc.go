@@ -1,5 +1,58 @@
 // Package consensus holds the replicated cluster state (nodes, jobs and
-// allocations) in a Raft group built on hashicorp/raft and raft-wal, decides
-// when and with whom to bootstrap, reconciles the voter set, and runs the
-// leader's scheduler, which calls package sharding to place work.
+// allocations) in a Raft group built on hashicorp/raft with raft-wal as log
+// and stable store, decides when and with whom to bootstrap, reconciles the
+// voter set with raft-autopilot, and runs the leader's scheduler, which
+// calls package sharding to place work.
+//
+// # Using it
+//
+//	cfg := consensus.DefaultConfig()
+//	cfg.NodeID, cfg.NodeName = id, name
+//	cfg.DataDir = dataDir                      // Raft state in DataDir/raft
+//	cfg.RaftBindAddr = "10.0.0.5:7948"
+//	cfg.Membership = gossipView                // implements Members()
+//	cfg.Logger = logger
+//	srv, err := consensus.NewServer(cfg)
+//	...
+//	mesh.OnChange(srv.MembershipChanged)       // nudge on every gossip event
+//	id, index, err := srv.RegisterJob(ctx, spec) // leader only; else *NotLeaderError
+//	job := srv.State().Job(id)                 // local, possibly stale read
+//	srv.Shutdown()
+//
+// # Roles
+//
+// Every server-eligible node runs a Server. With BootstrapExpect N, once N
+// server-eligible alive members are in the gossip view and the view has been
+// stable for BootstrapSettle, each of them computes the same ordered set
+// (BootstrapSet: on-demand before spot, then by node ID) and bootstraps Raft
+// with it if it is in it. A node that has Raft state, or that sees a member
+// gossiping Bootstrapped, never bootstraps: the leader adds it. The leader
+// keeps MaxVoters voters (Promoter: healthy, non-draining, on-demand before
+// spot, distinct AZs, sticky), Standbys non-voters, and leaves every other
+// node out of Raft (a client). Dead voters are removed by autopilot and
+// replaced by a standby; a draining voter is demoted once its replacement
+// votes; a draining leader transfers leadership.
+//
+// # State and writes
+//
+// Every change is one Raft log entry (fsmpb.Command); the FSM applies it
+// deterministically (ids and times travel in the command). Writes return
+// once the entry is committed and applied on the leader. StateStore objects
+// are shared and immutable: never modify them, clone first.
+//
+// # Scheduler
+//
+// While leading, an event-driven scheduler (see the scheduler type) places
+// pending jobs with sharding.Cluster, commits whole plans (many jobs per
+// batch) as one ApplyPlans entry, fails a generation when a rank fails,
+// restarts it within the job's restart policy, re-places work from drained
+// or dead nodes without counting a restart, and grows and shrinks elastic
+// jobs. The node runtime must report every allocation it stops
+// (client_status "stopped") because a job is placed again only once the
+// ranks of its previous generation have stopped.
+//
+// # Testing
+//
+// TestCluster, FakeMembership, TestConfig and WaitFor build in-process
+// clusters on 127.0.0.1 with short timeouts.
 package consensus

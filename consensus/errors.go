@@ -48,5 +48,8 @@ func (e *NotLeaderError) Error() string {
 	return fmt.Sprintf("not the raft leader; forward to leader %s at %s", e.LeaderID, e.LeaderRPCAddr)
 }
 
-// Is makes errors.Is(err, ErrNotLeader) true.
-func (e *NotLeaderError) Is(target error) bool { return target == ErrNotLeader }
+// Is makes errors.Is(err, ErrNotLeader) true, and errors.Is(err,
+// ErrNoLeader) true as well when no leader is known.
+func (e *NotLeaderError) Is(target error) bool {
+	return target == ErrNotLeader || (target == ErrNoLeader && e.LeaderID == "")
+}

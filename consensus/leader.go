@@ -247,14 +247,14 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 			if err := fut.Error(); err != nil {
 				s.logger.Warn("update raft address failed", "id", m.ID, "error", err)
 			}
-		case ok && m.Draining && srv.Suffrage == raft.Nonvoter && m.ID != s.cfg.NodeID:
+		case ok && s.draining(m) && srv.Suffrage == raft.Nonvoter && m.ID != s.cfg.NodeID:
 			s.logger.Info("removing draining standby from raft", "id", m.ID)
 			if err := s.raft.RemoveServer(srv.ID, 0, 0).Error(); err != nil {
 				s.logger.Warn("remove draining standby failed", "id", m.ID, "error", err)
 			} else {
 				total--
 			}
-		case !ok && !m.Draining && m.RaftAddr != "":
+		case !ok && !s.draining(m) && m.RaftAddr != "":
 			cands = append(cands, m)
 		}
 	}
@@ -275,7 +275,7 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 	}
 	// A draining leader hands over first, while it still can.
 	for _, m := range members {
-		if m.ID == s.cfg.NodeID && (m.Draining || ls.selfDrainingInState()) && voters > 1 {
+		if m.ID == s.cfg.NodeID && s.draining(m) && voters > 1 {
 			s.logger.Info("leader is draining; transferring leadership")
 			if err := s.raft.LeadershipTransfer().Error(); err != nil {
 				s.logger.Warn("leadership transfer failed", "error", err)
@@ -285,8 +285,13 @@ func (ls *leaderSession) reconcileRaft(members []Member) {
 	}
 }
 
-func (ls *leaderSession) selfDrainingInState() bool {
-	n := ls.s.fsm.state.Node(ls.s.cfg.NodeID)
+// draining reports whether a member is draining, by gossip or by a drain
+// committed to the state (DrainNode).
+func (s *Server) draining(m Member) bool {
+	if m.Draining {
+		return true
+	}
+	n := s.fsm.state.Node(m.ID)
 	return n != nil && n.Status == NodeDraining
 }
 
@@ -375,7 +380,7 @@ func (d *apDelegate) KnownServers() map[raft.ServerID]*autopilot.Server {
 			RaftVersion: raft.ProtocolVersionMax,
 			IsLeader:    m.ID == s.cfg.NodeID,
 			NodeType:    autopilot.NodeVoter,
-			Meta:        memberMeta(m),
+			Meta:        memberMeta(m, s.draining(m)),
 		}
 	}
 	// Raft members missing from the gossip view (not yet seen after a
@@ -397,9 +402,9 @@ func (d *apDelegate) KnownServers() map[raft.ServerID]*autopilot.Server {
 	return out
 }
 
-func memberMeta(m Member) map[string]string {
+func memberMeta(m Member, draining bool) map[string]string {
 	meta := map[string]string{metaAZ: m.AZ, metaLifecycle: m.Lifecycle}
-	if m.Draining {
+	if draining {
 		meta[metaDraining] = "true"
 	}
 	return meta

@@ -216,12 +216,23 @@ func (sc *scheduler) processBatch() {
 		}
 		return
 	}
+	skipped := map[string]bool{}
 	if r, ok := resp.(*PlansResult); ok {
 		if len(r.Skipped) > 0 {
 			sc.bc = nil // it holds resources of plans that were not applied
 		}
 		for _, id := range r.Skipped {
 			sc.queue[id] = struct{}{}
+			skipped[id] = true
+		}
+	}
+	// A generation that just ended (a lost node, a failure without delay)
+	// leaves its job pending with no timer: evaluate it again at once, since
+	// applying a plan raises no event of its own. A second evaluation that
+	// finds nothing new returns no plan, so this cannot loop.
+	for _, p := range plans {
+		if p.Status == JobPending && p.NextAttemptTime == nil && !skipped[p.JobId] && (len(p.StopAllocIds) > 0 || len(p.LostAllocIds) > 0) {
+			sc.queue[p.JobId] = struct{}{}
 		}
 	}
 }

@@ -171,6 +171,7 @@ func TestSchedulerDrainAndNodeLossReplace(t *testing.T) {
 	for _, n := range []string{"c1", "c2", "c3", "c4"} {
 		addGPUNode(tc, n, 1)
 	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 5, "nodes not reconciled" })
 	id, _, err := s.RegisterJob(ctxT(t), gpuJob("steady", 2))
 	if err != nil {
 		t.Fatal(err)
@@ -217,6 +218,7 @@ func TestSchedulerElasticGrowAndShrink(t *testing.T) {
 	tc, s := schedCluster(t)
 	addGPUNode(tc, "c1", 1)
 	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
 	spec := gpuJob("elastic", 0)
 	spec.MinRanks, spec.MaxRanks = 1, 3
 	id, _, err := s.RegisterJob(ctxT(t), spec)
@@ -289,6 +291,7 @@ func TestSchedulerSurvivesLeaderChange(t *testing.T) {
 	var nl *Server
 	WaitFor(t, 10*time.Second, func() (bool, string) { nl = tc.Leader(); return nl != nil, "no leader" })
 	// The new leader's scheduler picks up the failure reported to it.
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(genAllocs(nl, id, 1)) == 2, "allocations not applied" })
 	a := genAllocs(nl, id, 1)
 	report(t, nl, &controlpb.Allocation{Id: a[0].Id, ClientStatus: AllocFailed, ExitCode: 1})
 	waitJob(t, nl, id, "failed generation", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {

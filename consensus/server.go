@@ -58,6 +58,9 @@ type Server struct {
 	leader   *leaderSession
 
 	apState atomic.Pointer[apSnapshot]
+	// bootBlocked is set while the bootstrap loop waits because a cluster
+	// already exists (tests observe it).
+	bootBlocked atomic.Bool
 
 	shutdownCh   chan struct{}
 	shutdownOnce sync.Once
@@ -193,12 +196,14 @@ func (s *Server) goFunc(f func()) {
 // RaftAddr returns the Raft address other servers dial.
 func (s *Server) RaftAddr() string { return string(s.trans.LocalAddr()) }
 
-// Bootstrapped reports whether this server holds Raft state (it has
-// bootstrapped, restarted with state, or been added by a leader). The node
+// Bootstrapped reports whether this server is part of a working cluster:
+// it restarted with Raft state, or its log holds more than the bootstrap
+// configuration (a leader has been elected and written to it). The node
 // gossips it (Member.Bootstrapped) so that latecomers never bootstrap a
-// second cluster.
+// second cluster. A server that has only just bootstrapped reports false,
+// so the other members of the same bootstrap set still bootstrap too.
 func (s *Server) Bootstrapped() bool {
-	return s.hadLog || s.raft.LastIndex() > 0
+	return s.hadLog || s.raft.LastIndex() > 1
 }
 
 // MembershipChanged tells the server that the gossip view changed. It never
@@ -320,6 +325,22 @@ func (s *Server) Peers() ([]*controlpb.RaftPeer, error) {
 	return out, nil
 }
 
+// VerifyLeader confirms with a quorum that this server still leads; a
+// leader that answers a read after it succeeds gives a linearizable read.
+// It returns a *NotLeaderError elsewhere.
+func (s *Server) VerifyLeader(ctx context.Context) error {
+	if !s.IsLeader() {
+		return s.notLeader()
+	}
+	if err := s.await(s.raft.VerifyLeader()); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+			return s.notLeader()
+		}
+		return fmt.Errorf("verify leadership: %w", err)
+	}
+	return ctx.Err()
+}
+
 // TransferLeadership hands leadership to another voter (raft picks the
 // most up to date one) and waits until it is done.
 func (s *Server) TransferLeadership() error {
@@ -396,6 +417,7 @@ func (s *Server) bootstrapLoop() {
 		}
 		switch {
 		case blocked != "":
+			s.bootBlocked.Store(true)
 			if key != lastKey {
 				s.logger.Info("not bootstrapping: a cluster already exists; waiting to be added by its leader", "member", blocked)
 			}

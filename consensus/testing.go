@@ -1,7 +1,9 @@
 package consensus
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sort"
 	"sync"
@@ -129,15 +131,21 @@ func TestConfig(t testing.TB, id string, m Membership) *Config {
 	c.DataDir = filepath.Join(t.TempDir(), id)
 	c.RaftBindAddr = "127.0.0.1:0"
 	c.Membership = m
-	c.HeartbeatTimeout = 100 * time.Millisecond
-	c.ElectionTimeout = 100 * time.Millisecond
-	c.LeaderLeaseTimeout = 50 * time.Millisecond
+	// Short, but with room for a loaded 2-core machine running -race:
+	// tighter leases make leaders step down spuriously there.
+	c.HeartbeatTimeout = 250 * time.Millisecond
+	c.ElectionTimeout = 250 * time.Millisecond
+	c.LeaderLeaseTimeout = 200 * time.Millisecond
 	c.BootstrapSettle = 20 * time.Millisecond
 	c.DeadServerCleanup = time.Second
 	c.ServerStabilization = 200 * time.Millisecond
 	c.LastContactThreshold = 500 * time.Millisecond
 	c.ReconcileInterval = 200 * time.Millisecond
-	c.Logger = hclog.New(&hclog.LoggerOptions{Name: id, Level: hclog.Warn, Output: testWriter{t}})
+	level := hclog.Warn
+	if l := os.Getenv("GPUMESH_TEST_LOG"); l != "" {
+		level = hclog.LevelFromString(l)
+	}
+	c.Logger = hclog.New(&hclog.LoggerOptions{Name: id, Level: level, Output: testWriter{t}})
 	return c
 }
 
@@ -383,6 +391,30 @@ func (tc *TestCluster) WaitForLeader(timeout time.Duration) *Server {
 		return true, ""
 	})
 	return l
+}
+
+// Write runs fn on the current leader, retrying while leadership moves
+// (ErrNotLeader, ErrLeadershipLost) for up to 10 s; it fails the test on
+// any other error.
+func (tc *TestCluster) Write(fn func(s *Server) error) {
+	tc.t.Helper()
+	var err error
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		l := tc.Leader()
+		if l == nil {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if err = fn(l); err == nil {
+			return
+		}
+		if !errors.Is(err, ErrNotLeader) && !errors.Is(err, ErrLeadershipLost) && !errors.Is(err, ErrShutdown) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	tc.t.Fatalf("write failed: %v", err)
 }
 
 // RaftConfig returns the leader's Raft configuration as id -> suffrage.

@@ -3,7 +3,6 @@
 package cuda
 
 import (
-	_ "embed"
 	"errors"
 	"fmt"
 	"runtime"
@@ -14,9 +13,6 @@ import (
 
 // Built reports whether this binary has the CUDA data path (the "cuda" tag).
 const Built = true
-
-//go:embed kernels/kernels.ptx
-var kernelsPTX string
 
 // Available reports whether the driver lists at least one device.
 func Available() bool {

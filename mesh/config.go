@@ -80,7 +80,9 @@ type Config struct {
 	// 4×JoinSyncDelay, ... apart (so at 1, 3, 7, 15 × JoinSyncDelay).
 	// They close the gap through which a node that joins during a burst
 	// of joins would otherwise miss a peer until the periodic push-pull.
-	// 0 disables them.
+	// A round (with random members) also runs when this node's
+	// incarnation grows: after it refutes a suspicion or a false death,
+	// or updates its metadata. 0 disables them.
 	JoinSyncRounds int
 	// JoinSyncDelay is the wait before the first post-join push-pull.
 	JoinSyncDelay time.Duration

@@ -75,7 +75,11 @@
 //     memberlist's framing), so at 1000 nodes about 4 × 2 × 200 KB =
 //     1.6 MB per joining node, once (computed, not measured). With static
 //     seeds, a mass boot doubles the seeds' join load (each node talks to
-//     a seed at its join and again at its first sync).
+//     a seed at its join and again at its first sync). The same round
+//     of syncs (with random members) runs again whenever the node's
+//     incarnation grows while it has peers, that is when it refutes a
+//     suspicion or a false death, or updates its metadata: a refutation
+//     spreads by gossip like a join and can miss nodes the same way.
 //   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
 //     discovered addresses in parallel, so one dead seed neither fails
 //     nor delays a join.

@@ -150,7 +150,8 @@ type Mesh struct {
 	joinedOnce sync.Once
 	joinedCh   chan struct{} // closed on the first successful join
 	left       atomic.Bool
-	lifeMu     sync.Mutex // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
+	syncing    atomic.Bool // a round of post-join syncs is running
+	lifeMu     sync.Mutex  // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
@@ -255,6 +256,9 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.ReconnectInterval > 0 {
 		m.goFunc(m.reconnectLoop)
+	}
+	if cfg.JoinSyncRounds > 0 {
+		m.goFunc(m.watchRefutes)
 	}
 	m.log.Info("gossip started", "name", cfg.NodeName, "addr", m.Addr(), "encrypted", cfg.SecretKey != nil)
 	return m, nil
@@ -484,9 +488,7 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 	}
 	m.log.Info("joined the mesh", "contacted", ok, "members", m.NumAlive())
 	m.joinedOnce.Do(func() { close(m.joinedCh) })
-	if m.cfg.JoinSyncRounds > 0 {
-		m.goFunc(func() { m.joinSync(answered) })
-	}
+	m.startSync(answered)
 	return ok, nil
 }
 
@@ -561,6 +563,47 @@ func (m *Mesh) joinSync(seeds []string) {
 		if _, err := m.ml.Join([]string{peer}); err != nil {
 			m.log.Debug("post-join sync failed", "peer", peer, "error", err)
 		}
+	}
+}
+
+// startSync starts a round of post-join syncs unless one is running.
+func (m *Mesh) startSync(seeds []string) {
+	if m.cfg.JoinSyncRounds == 0 || !m.syncing.CompareAndSwap(false, true) {
+		return
+	}
+	if !m.goFunc(func() {
+		defer m.syncing.Store(false)
+		m.joinSync(seeds)
+	}) {
+		m.syncing.Store(false)
+	}
+}
+
+// watchRefutes starts the post-join syncs again whenever this node's
+// incarnation grows while it has peers: memberlist bumps it when the node
+// refutes a suspicion or a false death (and on UpdateMeta). A refutation
+// spreads by gossip like a join and can miss nodes the same way; the
+// push-pulls carry it (and any metadata update) to random members at
+// once instead of at the next periodic push-pull.
+func (m *Mesh) watchRefutes() {
+	t := time.NewTicker(m.cfg.ProbeInterval)
+	defer t.Stop()
+	var last uint32
+	for {
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			return
+		}
+		inc, ok := mlIncarnation(m.ml, m.cfg.NodeName)
+		if !ok {
+			return
+		}
+		if inc > last && last != 0 && !m.left.Load() && m.otherAlive() > 0 {
+			m.log.Debug("incarnation grew (refutation or update): syncing with random members", "incarnation", inc)
+			m.startSync(nil)
+		}
+		last = inc
 	}
 }
 

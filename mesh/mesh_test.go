@@ -40,11 +40,17 @@ func TestJoinLeaveFailEvents(t *testing.T) {
 		}
 	}
 	meshtest.WaitConverged(t, ms, 3)
-	for _, name := range []string{"b", "c"} {
-		ev := meshtest.NextEvent(t, events, 10*time.Second, isEvent(mesh.EventJoin, name), "join of "+name)
+	joined := map[string]bool{}
+	for len(joined) < 2 {
+		ev := meshtest.NextEvent(t, events, 10*time.Second, func(ev mesh.Event) bool { return ev.Type == mesh.EventJoin }, "join")
+		name := ev.Member.Name
 		if ev.Member.State != mesh.StateAlive || ev.Member.Meta.ID != "id-"+name || ev.Member.Meta.Addrs.Gossip != ev.Member.Addr {
 			t.Errorf("join event for %s: %+v", name, ev.Member)
 		}
+		joined[name] = true
+	}
+	if !joined["b"] || !joined["c"] {
+		t.Fatalf("join events for %v, want b and c", joined)
 	}
 
 	// b leaves gracefully: a reports a leave, not a failure.
@@ -555,5 +561,18 @@ func TestConfigValidate(t *testing.T) {
 	l.NodeName, l.NodeID = "n", "i"
 	if err := l.Validate(); err != nil {
 		t.Fatalf("local defaults do not validate: %v", err)
+	}
+}
+
+func TestPortInUse(t *testing.T) {
+	port := freePort(t)
+	c := meshtest.Config(t, "first")
+	c.BindPort = port
+	meshtest.New(t, c)
+	c2 := meshtest.Config(t, "second")
+	c2.BindPort = port
+	_, err := mesh.New(c2)
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second node on port %d: got %v, want an error saying the port is in use", port, err)
 	}
 }

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -216,4 +217,31 @@ func FuzzDecodeMeta(f *testing.F) {
 			t.Fatalf("canonical encoding (%d bytes) is longer than the accepted input (%d bytes)", len(b2), len(b))
 		}
 	})
+}
+
+func TestMetaJSON(t *testing.T) {
+	in := h100Meta()
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"lifecycle":"spot"`, `"status":"draining"`, `"role":"standby"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("JSON %s lacks %s", b, want)
+		}
+	}
+	var out Meta
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !out.Equal(in) {
+		t.Fatalf("JSON round trip changed the record: %+v", out)
+	}
+	if err := json.Unmarshal([]byte(`{"role":"king"}`), &out); err == nil {
+		t.Error("unknown role accepted")
+	}
+	s, _ := json.Marshal(Member{State: StateSuspect})
+	if !strings.Contains(string(s), `"state":"suspect"`) {
+		t.Errorf("member JSON %s", s)
+	}
 }

@@ -99,3 +99,21 @@ func mlStateInCallback(n *memberlist.Node) (memberlist.NodeStateType, bool) {
 	}
 	return (*nodeStateMirror)(unsafe.Pointer(n)).State, true
 }
+
+// mlIncarnation returns the incarnation memberlist holds for the named
+// node (for this node: bumped by every refutation and metadata update).
+func mlIncarnation(ml *memberlist.Memberlist, name string) (uint32, bool) {
+	if !checkMemberlistLayout() {
+		return 0, false
+	}
+	base := unsafe.Pointer(ml)
+	lock := (*sync.RWMutex)(unsafe.Add(base, mlLockOff))
+	lock.RLock()
+	defer lock.RUnlock()
+	for _, n := range *(*[]*nodeStateMirror)(unsafe.Add(base, mlNodesOff)) {
+		if n != nil && n.Name == name {
+			return n.Incarnation, true
+		}
+	}
+	return 0, false
+}

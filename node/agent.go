@@ -50,6 +50,7 @@ type Agent struct {
 	runner     *runner
 	conns      *connPool
 	data       *dataPlane
+	sec        *security // TLS and ACL token (security.go); nil when off
 
 	hooks leaderHooks
 
@@ -77,7 +78,11 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(), discoverer: cfg.Discoverer}
+	sec, err := newSecurity(cfg.Security, logger)
+	if err != nil {
+		return nil, err
+	}
+	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -148,6 +153,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	opts := append(dataPlaneServerOptions(),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 	)
+	opts = append(opts, a.sec.serverOptions()...)
 	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
@@ -419,9 +425,12 @@ func orUnknown(s string) string {
 type connPool struct {
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
+	opts  []grpc.DialOption // transport credentials and token (security.go)
 }
 
-func newConnPool() *connPool { return &connPool{conns: map[string]*grpc.ClientConn{}} }
+func newConnPool(opts ...grpc.DialOption) *connPool {
+	return &connPool{conns: map[string]*grpc.ClientConn{}, opts: opts}
+}
 
 func (p *connPool) conn(addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
@@ -429,10 +438,10 @@ func (p *connPool) conn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr,
+	c, err := grpc.NewClient(addr, append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)),
-	)
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
+	}, p.opts...)...)
 	if err != nil {
 		return nil, err
 	}

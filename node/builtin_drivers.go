@@ -132,6 +132,7 @@ func startPipeline(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Jo
 		Schedule:     p.GetSchedule(),
 		Mode:         p.GetMode(),
 		Device:       p.GetDevice(),
+		Chunks:       int(p.GetChunks()),
 	}
 	for _, w := range p.GetLayers() {
 		spec.Layers = append(spec.Layers, int(w))
@@ -144,13 +145,21 @@ func startPipeline(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Jo
 		logger.Info("pipeline stage starting", "stage", al.Rank, "stages", len(addrs), "layers", spec.Layers, "schedule", spec.Schedule, "mode", spec.Mode)
 		links, err := pipeline.OpenCollectiveLinks(r.a.data.tr, pipeline.CollectiveConfig{
 			JobID: al.JobId, Generation: al.Generation, Stage: int(al.Rank), Stages: len(addrs), Addrs: addrs,
+			Ring: spec.Schedule == "interleaved",
 		})
 		if err != nil {
 			return nil, err
 		}
+		dev, err := pipelineDevice(spec.Device, int(al.LocalRank))
+		if err != nil {
+			return nil, err
+		}
+		if c, ok := dev.(interface{ Close() }); ok && dev != nil {
+			defer c.Close()
+		}
 		rep, err := pipeline.RunJob(ctx, pipeline.RunConfig{
 			JobID: al.JobId, Generation: al.Generation, Stage: int(al.Rank), Stages: len(addrs),
-			Links: links, Logger: logger, RecvTimeout: r.a.cfg.CollectiveTimeout,
+			Links: links, Logger: logger, RecvTimeout: r.a.cfg.CollectiveTimeout, Device: dev,
 		}, spec)
 		if err != nil {
 			return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
@@ -421,5 +424,52 @@ func TestClusterRunsTorchrunScript(t *testing.T) {
 	}
 	if final.Job.Status != "complete" {
 		t.Fatalf("job %s: %s", final.Job.Status, final.Job.StatusReason)
+	}
+}
+
+// gRPC health checking and server reflection answer on the RPC port, so
+// grpcurl and load balancers work; /v1/health answers on the HTTP port.
+func TestClusterHealthAndReflection(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	a := dc.Agents[1]
+	conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hr, err)
+	}
+	rc, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rc.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		if s.Name == "gpumesh.v1.Control" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("reflection does not list gpumesh.v1.Control: %v", rr)
+	}
+	resp, err := http.Get("http://" + a.HTTPAddr() + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
+		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
 	}
 }

@@ -78,6 +78,13 @@ type Config struct {
 	// Dev selects short timeouts suited to a cluster on one machine.
 	Dev bool
 
+	// GPUSampler reads GPU health for /metrics and the dashboard; nil means
+	// NVML (cuda.Sample). Tests pass a fake.
+	GPUSampler GPUSampler
+	// Security is mutual TLS for gRPC and Raft and the ACL token for
+	// mutating calls (security.go); the zero value is off.
+	Security SecurityConfig
+
 	// Logger receives the agent's logs; a named sub-logger per subsystem.
 	Logger hclog.Logger
 }
@@ -152,6 +159,7 @@ func (c *Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
 	}
+	errs = append(errs, c.Security.Validate())
 	return errors.Join(errs...)
 }
 

@@ -17,7 +17,7 @@ type raftAdapter struct {
 
 var _ raftServer = (*raftAdapter)(nil)
 
-func newRaft(a *Agent, raftPort int) (raftServer, error) {
+func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 	cfg := consensus.DefaultConfig()
 	if a.cfg.Dev {
 		cfg.BootstrapSettle = 100 * time.Millisecond
@@ -33,6 +33,9 @@ func newRaft(a *Agent, raftPort int) (raftServer, error) {
 	cfg.Standbys = a.cfg.Standbys
 	cfg.Logger = a.logger.Named("consensus")
 	cfg.Membership = &membershipView{a: a}
+	if cfg.StreamLayer, err = a.sec.raftStreamLayer(cfg.RaftBindAddr, cfg.RaftAdvertiseAddr); err != nil {
+		return nil, err
+	}
 	s, err := consensus.NewServer(cfg)
 	if err != nil {
 		return nil, err

@@ -110,21 +110,28 @@ func retryable(err error) bool {
 }
 
 // withLeader runs local on this agent when it leads, and remote against the
-// leader otherwise, retrying through elections and lost connections until
-// ctx ends. Writes are made idempotent by their callers.
+// leader otherwise. The agent a caller asked (hops 0) retries through
+// elections and lost connections until ctx ends; an agent that received a
+// forwarded call tries once, forwarding only to the leader it knows, so a
+// call never bounces between agents whose views of the leader differ.
+// Writes are made idempotent by their callers.
 func (s *controlServer) withLeader(ctx context.Context, local func(ctx context.Context) error, remote func(ctx context.Context, c pb.ControlClient) error) error {
+	h := hops(ctx)
+	if h >= maxHops {
+		return fmt.Errorf("%w: the call was forwarded %d times without reaching one", ErrNoLeader, h)
+	}
+	if h > 0 {
+		return s.tryLeader(ctx, h, local, remote)
+	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, defaultWriteTimeout)
 		defer cancel()
 	}
-	if hops(ctx) >= maxHops {
-		return fmt.Errorf("%w: the call was forwarded %d times without reaching one", ErrNoLeader, maxHops)
-	}
 	backoff := 20 * time.Millisecond
 	var lastErr error
 	for {
-		err := s.tryLeader(ctx, local, remote)
+		err := s.tryLeader(ctx, 0, local, remote)
 		if err == nil || !retryable(err) {
 			return err
 		}
@@ -143,7 +150,9 @@ func (s *controlServer) withLeader(ctx context.Context, local func(ctx context.C
 	}
 }
 
-func (s *controlServer) tryLeader(ctx context.Context, local func(ctx context.Context) error, remote func(ctx context.Context, c pb.ControlClient) error) error {
+// tryLeader makes one attempt. A call that arrived forwarded (h > 0) goes on
+// only to the leader this agent knows, never to a random server.
+func (s *controlServer) tryLeader(ctx context.Context, h int, local func(ctx context.Context) error, remote func(ctx context.Context, c pb.ControlClient) error) error {
 	a := s.a
 	if a.raft != nil && a.raft.IsLeader() {
 		return local(ctx)
@@ -151,9 +160,15 @@ func (s *controlServer) tryLeader(ctx context.Context, local func(ctx context.Co
 	addr := ""
 	if a.raft != nil {
 		_, addr = a.raft.Leader()
+		if addr == a.rpcAddr {
+			addr = "" // a stale view of ourselves
+		}
 	}
-	if addr == "" || addr == a.rpcAddr {
-		// A client, or a server that knows no leader: ask another server.
+	if addr == "" {
+		if h > 0 {
+			return fmt.Errorf("%w: this agent knows no leader yet", ErrNoLeader)
+		}
+		// A client, or a server that knows no leader: ask a server.
 		addr = a.pickServer()
 	}
 	if addr == "" {
@@ -163,9 +178,14 @@ func (s *controlServer) tryLeader(ctx context.Context, local func(ctx context.Co
 	if err != nil {
 		return status.Error(codes.Unavailable, err.Error())
 	}
-	callCtx, cancel := context.WithTimeout(outgoing(ctx), 10*time.Second)
+	callCtx, cancel := context.WithTimeout(outgoing(ctx), 5*time.Second)
 	defer cancel()
-	return remote(callCtx, c)
+	err = remote(callCtx, c)
+	if err != nil && callCtx.Err() != nil && ctx.Err() == nil {
+		// The hop timed out, not the caller: let the caller's agent retry.
+		return status.Error(codes.Unavailable, "forwarded call timed out: "+err.Error())
+	}
+	return err
 }
 
 // readLocal says whether a read may be served from this agent's replica.
@@ -221,7 +241,7 @@ func (s *controlServer) StopJob(ctx context.Context, req *pb.StopJobRequest) (*p
 	var resp *pb.StopJobResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {
 		if s.a.raft.State().Job(req.Id) == nil {
-			return fmt.Errorf("job %q: %w", req.Id, errNotFound)
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
 		}
 		idx, err := s.a.raft.StopJob(ctx, req.Id)
 		resp = &pb.StopJobResponse{Index: idx}
@@ -253,7 +273,7 @@ func (s *controlServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.
 			}
 		}
 		if j == nil {
-			return fmt.Errorf("job %q: %w", req.Id, errNotFound)
+			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
 		}
 		allocs := st.Allocations(j.Id)
 		sort.Slice(allocs, func(i, k int) bool {

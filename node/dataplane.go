@@ -14,7 +14,7 @@ import (
 type dataPlane struct {
 	cfg collective.GRPCConfig
 	svc *collective.Service
-	tr  *collective.GRPCTransport
+	tr  collective.Transport // counted for /metrics (metrics.go)
 }
 
 // dataPlaneServerOptions tunes the shared gRPC server for tensor streams.
@@ -25,12 +25,13 @@ func dataPlaneServerOptions() []grpc.ServerOption {
 func registerDataPlane(a *Agent) error {
 	cfg := collective.DefaultGRPCConfig()
 	cfg.Logger = a.logger.Named("dataplane")
+	cfg.DialOptions = a.sec.dialOptions()
 	svc, err := collective.NewService(cfg)
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
 	svc.Register(a.grpc)
-	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.NewGRPCTransport(svc)}
+	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.CountingTransport(collective.NewGRPCTransport(svc), dataPlaneCounters(a))}
 	return nil
 }
 

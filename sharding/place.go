@@ -53,9 +53,14 @@ func Place(nodes []Node, job Job, existing []Allocation) (Plan, error) {
 	return c.Place(job)
 }
 
+// MaxJobRanks bounds a job's ranks (a plan holds one entry per rank).
+const MaxJobRanks = 1 << 20
+
 // ValidateJob checks a job for Place.
 func ValidateJob(job Job) error {
 	switch {
+	case job.Ranks > MaxJobRanks:
+		return fmt.Errorf("%w: job %q: ranks must be <= %d, got %d", ErrInvalidJob, job.ID, MaxJobRanks, job.Ranks)
 	case job.ID == "":
 		return fmt.Errorf("%w: job ID must not be empty", ErrInvalidJob)
 	case job.Ranks < 1:

@@ -164,6 +164,7 @@ func TestPlaceTable(t *testing.T) {
 		{name: "zero ranks", nodes: []Node{node("n", "a", 1)}, job: Job{ID: "j"}, want: want{err: ErrInvalidJob}},
 		{name: "min over max", nodes: []Node{node("n", "a", 1)}, job: Job{ID: "j", Ranks: 1, MinRanks: 2}, want: want{err: ErrInvalidJob}},
 		{name: "bad placement", nodes: []Node{node("n", "a", 1)}, job: Job{ID: "j", Ranks: 1, Placement: "random"}, want: want{err: ErrInvalidJob}},
+		{name: "too many ranks", nodes: []Node{node("n", "a", 1)}, job: Job{ID: "j", Ranks: MaxJobRanks + 1}, want: want{err: ErrInvalidJob}},
 		{name: "negative GPUs", nodes: []Node{node("n", "a", 1)}, job: Job{ID: "j", Ranks: 1, GPUsPerRank: -1}, want: want{err: ErrInvalidJob}},
 		{name: "duplicate node", nodes: []Node{node("n", "a", 1), node("n", "b", 1)}, job: Job{ID: "j", Ranks: 1}, want: want{err: ErrInvalidNodes}},
 	}

@@ -107,6 +107,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
 	f.ext.addFlags(fl)
+	addSecurityFlags(fl, &c.Security) // tls.go
 	return cmd
 }
 

@@ -27,6 +27,8 @@ type allreduceFlags struct {
 	channels int
 	chunk    string
 	window   string
+	readBuf  string
+	writeBuf string
 	timeout  time.Duration
 }
 
@@ -41,6 +43,8 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.IntVar(&f.channels, "channels", d.Channels, "parallel connections (TCP flows) per ring neighbour")
 	fs.StringVar(&f.chunk, "chunk", collective.FormatSize(int64(d.ChunkBytes)), "pipelined chunk size")
 	fs.StringVar(&f.window, "window", collective.FormatSize(int64(collective.DefaultGRPCConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
+	fs.StringVar(&f.readBuf, "read-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
+	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
 }
 
@@ -64,6 +68,15 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--window: %w", err)
 	}
+	rb, err := collective.ParseSize(f.readBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--read-buffer: %w", err)
+	}
+	wb, err := collective.ParseSize(f.writeBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--write-buffer: %w", err)
+	}
+	gcfg.ReadBufferBytes, gcfg.WriteBufferBytes = int(rb), int(wb)
 	if window > 1<<30 {
 		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
 	}
@@ -77,7 +90,7 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 
 func newBenchAllReduceCommand() *cobra.Command {
 	var f allreduceFlags
-	var ranks int
+	var ranks, workerProcs int
 	var procs, asJSON, noRaw bool
 	cmd := &cobra.Command{
 		Use:   "allreduce",
@@ -106,6 +119,7 @@ number of flows, and the ratio of the two.`,
 					return fmt.Errorf("--procs: cannot find this executable: %w", err)
 				}
 				cfg.Procs, cfg.Exe, cfg.WorkerArgs = true, exe, []string{"bench", "allreduce-worker"}
+				cfg.WorkerGOMAXPROCS = workerProcs
 			}
 			if term.IsTerminal(int(os.Stderr.Fd())) {
 				cfg.Progress = os.Stderr
@@ -129,6 +143,7 @@ number of flows, and the ratio of the two.`,
 	f.register(cmd)
 	cmd.Flags().IntVar(&ranks, "ranks", 2, "number of ranks")
 	cmd.Flags().BoolVar(&procs, "procs", false, "run every rank in its own process")
+	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
 	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")
 	return cmd

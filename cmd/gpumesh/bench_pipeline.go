@@ -34,7 +34,9 @@ the CPU instead.`,
 		Example: `  gpumesh bench pipeline --stages 4 --microbatches 16
   gpumesh bench pipeline --stages 4 --microbatches 16 --schedule gpipe --json
   gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --bandwidth-mib 0
-  gpumesh bench pipeline --transport grpc --channels 4`,
+  gpumesh bench pipeline --stages 4 --microbatches 16 --schedule interleaved --chunks 2
+  gpumesh bench pipeline --transport grpc --channels 4
+  gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --device cuda   # -tags cuda build`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg.Schedule = strings.ToLower(cfg.Schedule)
@@ -51,11 +53,22 @@ the CPU instead.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(res)
 			}
+			sched := res.Schedule
+			if res.Chunks > 1 {
+				sched = fmt.Sprintf("%s (%d chunks per stage)", sched, res.Chunks)
+			}
 			fmt.Fprintf(out, "# pipeline over %s: %d stages, %d micro-batches, %s, compute %s (forward %.1f ms, backward %.1f ms), %d steps, activation %s\n",
-				res.Transport, res.Stages, res.MicroBatches, res.Schedule, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, humanBytes(int64(res.ActivationBytes)))
+				res.Transport, res.Stages, res.MicroBatches, sched, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, humanBytes(int64(res.ActivationBytes)))
+			if len(res.Devices) > 0 {
+				fmt.Fprintf(out, "%-28s %s\n", "devices", strings.Join(res.Devices, " "))
+			}
 			fmt.Fprintf(out, "%-28s %12.0f\n", "samples/s", res.SamplesPerSec)
 			fmt.Fprintf(out, "%-28s %11.1f%%\n", "bubble (measured)", 100*res.Bubble)
-			fmt.Fprintf(out, "%-28s %11.1f%%\n", "bubble (theory (p-1)/(m+p-1))", 100*res.TheoryBubble)
+			theory := "bubble (theory (p-1)/(m+p-1))"
+			if res.Chunks > 1 {
+				theory = "bubble (theory (p-1)/(vm+p-1))"
+			}
+			fmt.Fprintf(out, "%-28s %11.1f%%\n", theory, 100*res.TheoryBubble)
 			var sb []string
 			for _, b := range res.StageBubbles {
 				sb = append(sb, fmt.Sprintf("%.1f%%", 100*b))
@@ -77,8 +90,9 @@ the CPU instead.`,
 	f := cmd.Flags()
 	f.IntVar(&cfg.Stages, "stages", cfg.Stages, "pipeline stages (P)")
 	f.IntVar(&cfg.MicroBatches, "microbatches", cfg.MicroBatches, "micro-batches per step (M)")
-	f.StringVar(&cfg.Schedule, "schedule", cfg.Schedule, "schedule: 1f1b or gpipe")
-	f.StringVar(&cfg.Device, "device", cfg.Device, "device: cpu")
+	f.StringVar(&cfg.Schedule, "schedule", cfg.Schedule, "schedule: 1f1b, gpipe or interleaved (with --chunks)")
+	f.IntVar(&cfg.Chunks, "chunks", cfg.Chunks, "model chunks per stage for --schedule interleaved")
+	f.StringVar(&cfg.Device, "device", cfg.Device, "device of --compute mlp: cpu, or cuda (a -tags cuda build; stage s on GPU s mod the GPUs)")
 	f.StringVar(&cfg.Compute, "compute", cfg.Compute, "stage compute: sleep (fixed waits) or mlp (real CPU training)")
 	f.IntVar(&cfg.Steps, "steps", cfg.Steps, "timed steps (after one warm-up step)")
 	f.DurationVar(&cfg.ForwardTime, "forward", cfg.ForwardTime, "forward time per micro-batch and stage with --compute sleep (backward is twice)")

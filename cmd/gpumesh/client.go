@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,7 +13,6 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -27,6 +27,7 @@ type clientFlags struct {
 	json    bool
 	token   string
 	timeout time.Duration
+	tls     clientTLS // tls.go
 }
 
 func addClientFlags(cmd *cobra.Command, f *clientFlags) {
@@ -38,6 +39,7 @@ func addClientFlags(cmd *cobra.Command, f *clientFlags) {
 	cmd.Flags().BoolVar(&f.json, "json", false, "print machine-readable JSON")
 	cmd.Flags().StringVar(&f.token, "token", os.Getenv("GPUMESH_TOKEN"), "ACL token for mutating calls; env GPUMESH_TOKEN")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 30*time.Second, "how long to wait for the cluster to answer")
+	f.tls.addFlags(cmd.Flags())
 }
 
 // dial connects to the agent named by --address.
@@ -46,8 +48,11 @@ func (f *clientFlags) dial() (pb.ControlClient, func(), error) {
 	if !strings.Contains(addr, ":") {
 		addr += ":7947"
 	}
-	conn, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	creds, err := f.tls.dialOption()
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := grpc.NewClient(addr, creds,
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)),
 	)
 	if err != nil {
@@ -72,6 +77,9 @@ func (f *clientFlags) explain(err error) error {
 	}
 	switch s.Code() {
 	case codes.Unavailable:
+		if hint := tlsHint(s.Message()); hint != "" {
+			return errors.New(hint)
+		}
 		if strings.Contains(s.Message(), "connection refused") || strings.Contains(s.Message(), "dial") {
 			return fmt.Errorf("no gpumesh agent answers at %s (start one with `gpumesh agent` or `gpumesh dev`, or set --address / GPUMESH_ADDR)", f.address)
 		}

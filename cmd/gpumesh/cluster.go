@@ -135,7 +135,7 @@ func newNodesCommand() *cobra.Command {
 }
 
 func newRaftCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "raft", Short: "Inspect the Raft group"}
+	cmd := &cobra.Command{Use: "raft", Short: "Inspect the Raft group", Example: "  gpumesh raft peers"}
 	var f clientFlags
 	peers := &cobra.Command{
 		Use:     "peers",
@@ -203,7 +203,7 @@ func newRaftCommand() *cobra.Command {
 }
 
 func newNodeCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "Act on one node"}
+	cmd := &cobra.Command{Use: "node", Short: "Act on one node", Example: "  gpumesh node drain node-3\n  gpumesh node drain --self"}
 	var f clientFlags
 	var self bool
 	var deadline time.Duration

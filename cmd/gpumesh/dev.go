@@ -75,7 +75,7 @@ when the result checked out.`,
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
 	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
-	cmd.Flags().StringVar(&logLevel, "log-level", "warn", "agent log level: trace, debug, info, warn or error")
+	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
 	return cmd
 }

@@ -26,6 +26,9 @@ func newJobCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "job",
 		Short: "Submit, inspect and stop jobs",
+		Example: `  gpumesh job run examples/hello.yaml
+  gpumesh job status hello-1a2b3c4d
+  gpumesh job logs hello-1a2b3c4d --rank 1 -f`,
 	}
 	cmd.AddCommand(newJobRunCommand(), newJobStatusCommand(), newJobListCommand(), newJobStopCommand(), newJobLogsCommand())
 	return cmd

@@ -23,10 +23,14 @@ func newRootCommand() *cobra.Command {
 		Short:         "A self-organizing GPU cluster: gossip, Raft scheduling and fast collectives",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Example: `  gpumesh dev --demo                     # a 3-node cluster in this process runs a real all-reduce
+  gpumesh agent --data-dir /var/lib/gpumesh --join 10.0.1.17
+  gpumesh job run examples/hello.yaml`,
 	}
 	bench := &cobra.Command{
-		Use:   "bench",
-		Short: "Measure the data plane on this machine",
+		Use:     "bench",
+		Short:   "Measure the data plane on this machine",
+		Example: "  gpumesh bench pipeline --stages 4 --microbatches 16",
 	}
 	for _, f := range benchCommandConstructors {
 		bench.AddCommand(f())

@@ -45,6 +45,9 @@ type Config struct {
 	Procs      bool
 	Exe        string
 	WorkerArgs []string
+	// WorkerGOMAXPROCS, if > 0, sets GOMAXPROCS of each worker process
+	// (several workers on one many-core host otherwise each get every core).
+	WorkerGOMAXPROCS int
 	// RawTCP also measures plain TCP with the same flows (default on in
 	// DefaultConfig).
 	RawTCP bool
@@ -126,11 +129,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		cfg.Logger = hclog.NewNullLogger()
 	}
 	var reps []collective.AllReduceReport
+	var raw []float64 // in-process runs measure raw TCP right after each size
 	var err error
 	if cfg.Procs {
 		reps, err = runProcs(ctx, cfg)
 	} else {
-		reps, err = runInProcess(ctx, cfg)
+		reps, raw, err = runInProcess(ctx, cfg)
 	}
 	if err != nil {
 		return nil, err
@@ -150,13 +154,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	if cfg.RawTCP && cfg.Ranks > 1 {
 		for i := range res.Rows {
-			per := int64(float64(res.Rows[i].Bytes) * collective.BusBandwidthFactor(cfg.Ranks))
-			progress(cfg.Progress, "raw TCP %s", collective.FormatSize(res.Rows[i].Bytes))
-			t, err := RawTCP(ctx, cfg.Ranks, cfg.Collective.Channels, per, cfg.Iters, cfg.Warmup)
-			if err != nil {
-				return nil, fmt.Errorf("raw TCP baseline: %w", err)
+			if raw == nil {
+				g, err := rawBusBW(ctx, cfg, res.Rows[i].Bytes)
+				if err != nil {
+					return nil, err
+				}
+				res.Rows[i].RawBusGBps = g
+			} else {
+				res.Rows[i].RawBusGBps = raw[i]
 			}
-			res.Rows[i].RawBusGBps = float64(per) / t.Seconds() / 1e9
 			if res.Rows[i].RawBusGBps > 0 {
 				res.Rows[i].Ratio = res.Rows[i].BusBWGBps / res.Rows[i].RawBusGBps
 			}
@@ -181,32 +187,60 @@ func progressDone(w io.Writer) {
 	}
 }
 
-func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport, error) {
+// rawBusBW measures the raw TCP figure for one buffer size.
+func rawBusBW(ctx context.Context, cfg Config, size int64) (float64, error) {
+	per := int64(float64(size) * collective.BusBandwidthFactor(cfg.Ranks))
+	progress(cfg.Progress, "raw TCP %s", collective.FormatSize(size))
+	t, err := RawTCP(ctx, cfg.Ranks, cfg.Collective.Channels, per, cfg.Iters, cfg.Warmup)
+	if err != nil {
+		return 0, fmt.Errorf("raw TCP baseline: %w", err)
+	}
+	return float64(per) / t.Seconds() / 1e9, nil
+}
+
+// runInProcess runs the job one size at a time and, when asked, measures raw
+// TCP right after each size, so that both numbers of a row see the same
+// machine conditions.
+func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport, []float64, error) {
 	g, err := collective.NewLoopbackGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.GRPC)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer g.Close()
 	reps := make([]collective.AllReduceReport, cfg.Ranks)
-	errs := collective.RunAll(g.Comms, func(c *collective.Communicator) error {
-		spec := cfg.jobSpec()
-		spec.LocalRank = c.Rank()
-		if c.Rank() == 0 && cfg.Progress != nil {
-			spec.Progress = func(size int64, it, n int) {
-				progress(cfg.Progress, "allreduce %s: iteration %d/%d", collective.FormatSize(size), it, n)
+	var raw []float64
+	for _, size := range cfg.Sizes {
+		errs := collective.RunAll(g.Comms, func(c *collective.Communicator) error {
+			spec := cfg.jobSpec()
+			spec.Sizes = []int64{size}
+			spec.LocalRank = c.Rank()
+			if c.Rank() == 0 && cfg.Progress != nil {
+				spec.Progress = func(size int64, it, n int) {
+					progress(cfg.Progress, "allreduce %s: iteration %d/%d", collective.FormatSize(size), it, n)
+				}
 			}
+			rep, err := collective.RunAllReduceJob(ctx, c, spec, cfg.Logger)
+			r := &reps[c.Rank()]
+			r.Rank, r.Ranks, r.Device, r.Channels = rep.Rank, rep.Ranks, rep.Device, rep.Channels
+			r.Results = append(r.Results, rep.Results...)
+			r.Wrong += rep.Wrong
+			if errors.Is(err, collective.ErrCheckFailed) {
+				return nil // reported in the table
+			}
+			return err
+		})
+		if err := errors.Join(errs...); err != nil {
+			return nil, nil, err
 		}
-		rep, err := collective.RunAllReduceJob(ctx, c, spec, cfg.Logger)
-		reps[c.Rank()] = rep
-		if errors.Is(err, collective.ErrCheckFailed) {
-			return nil // reported in the table
+		if cfg.RawTCP && cfg.Ranks > 1 {
+			g, err := rawBusBW(ctx, cfg, size)
+			if err != nil {
+				return nil, nil, err
+			}
+			raw = append(raw, g)
 		}
-		return err
-	})
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
 	}
-	return reps, nil
+	return reps, raw, nil
 }
 
 // workerHello is what a worker prints first; workerStart what it reads.
@@ -254,6 +288,9 @@ func runProcs(ctx context.Context, cfg Config) ([]collective.AllReduceReport, er
 		args := append(append([]string{}, cfg.WorkerArgs...), workerFlags(cfg)...)
 		cmd := exec.CommandContext(ctx, cfg.Exe, args...)
 		cmd.Stderr = os.Stderr
+		if cfg.WorkerGOMAXPROCS > 0 {
+			cmd.Env = append(os.Environ(), fmt.Sprintf("GOMAXPROCS=%d", cfg.WorkerGOMAXPROCS))
+		}
 		in, err := cmd.StdinPipe()
 		if err != nil {
 			return nil, err
@@ -330,6 +367,8 @@ func workerFlags(cfg Config) []string {
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
 		"--window", fmt.Sprint(cfg.GRPC.WindowBytes),
+		"--read-buffer", fmt.Sprint(cfg.GRPC.ReadBufferBytes),
+		"--write-buffer", fmt.Sprint(cfg.GRPC.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
 	}
 }

@@ -95,19 +95,29 @@ type Backend struct {
 type Option func(*options)
 
 type options struct {
-	spin bool
+	spin      bool
+	rangeDeps bool
 }
 
-// WithSpinWait makes host waits on staging copies spin on a core instead of
-// sleeping: lower latency, but one busy core per waiting channel. Off by
-// default (many channels wait at once).
+// WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
+// overlap it (tracked with one event per write) instead of for everything
+// queued on the buffer's write stream. Off by default: on 2×H100 over
+// loopback TCP (16 channels) it measured 9.6 / 11.2 GB/s busbw at 64 / 256
+// MiB against 10.9 / 11.5 without it (2026-11-25), the extra event per write
+// costing more than the false waits it saves.
+func WithRangeDeps(on bool) Option { return func(o *options) { o.rangeDeps = on } }
+
+// WithSpinWait chooses how host waits on staging copies wait: spinning on a
+// core (true, the default: lowest latency; measured 6.2 against 4.9 GB/s
+// busbw with 4 channels over loopback TCP on 2×H100) or sleeping (false:
+// frees the cores when very many channels wait at once).
 func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } }
 
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair
 // of devices that supports it.
 func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
-	var o options
+	o := options{spin: true}
 	for _, f := range opts {
 		f(&o)
 	}
@@ -303,6 +313,73 @@ type pending struct {
 
 type readKey struct{ off, n int }
 
+// writeRec is a write to elements [off, off+n) enqueued on the write stream;
+// ev is recorded right after it.
+type writeRec struct {
+	off, n int
+	ev     *cuda.Event
+}
+
+// noteWriteLocked records that [off, off+n) was just written on wr (range
+// dependency tracking). Called with mu held.
+func (buf *Buffer) noteWriteLocked(off, n int) error {
+	if !buf.be.opts.rangeDeps {
+		return nil
+	}
+	buf.pruneWritesLocked()
+	var ev *cuda.Event
+	if k := len(buf.evFree); k > 0 {
+		ev, buf.evFree = buf.evFree[k-1], buf.evFree[:k-1]
+	} else {
+		var err error
+		if ev, err = buf.ds.dev.NewEvent(false); err != nil {
+			return err
+		}
+	}
+	if err := buf.wr.Record(ev); err != nil {
+		buf.evFree = append(buf.evFree, ev)
+		return err
+	}
+	buf.writes = append(buf.writes, writeRec{off: off, n: n, ev: ev})
+	return nil
+}
+
+// pruneWritesLocked drops writes that completed (the write stream runs in
+// order, so they complete front first). Called with mu held.
+func (buf *Buffer) pruneWritesLocked() {
+	for len(buf.writes) > 0 {
+		done, err := buf.writes[0].ev.Done()
+		if err != nil {
+			buf.fail(err)
+		}
+		if !done && err == nil {
+			return
+		}
+		buf.evFree = append(buf.evFree, buf.writes[0].ev)
+		buf.writes = buf.writes[1:]
+	}
+}
+
+// waitWritesLocked makes the read stream wait for the writes that overlap
+// [off, off+n), or for the whole write stream without range tracking.
+func (buf *Buffer) waitWritesLocked(off, n int) error {
+	if !buf.be.opts.rangeDeps {
+		if err := buf.wr.Record(buf.wrMark); err != nil {
+			return err
+		}
+		return buf.rd.Wait(buf.wrMark)
+	}
+	buf.pruneWritesLocked()
+	for _, w := range buf.writes {
+		if w.off < off+n && off < w.off+w.n {
+			if err := buf.rd.Wait(w.ev); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Buffer is a collective.Buffer in device memory of one device.
 type Buffer struct {
 	be  *Backend
@@ -318,6 +395,8 @@ type Buffer struct {
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
 	reads    map[readKey][]*stageSlot
+	writes   []writeRec           // WithRangeDeps: writes whose event may be pending, in stream order
+	evFree   []*cuda.Event        // WithRangeDeps: spare events for writes
 	big      map[readKey][][]byte // ReadChunk larger than a slot
 	err      error
 	freed    bool
@@ -397,6 +476,10 @@ func (buf *Buffer) Free() error {
 			errs = append(errs, s.Close())
 		}
 	}
+	for _, e := range buf.evFree {
+		errs = append(errs, e.Close())
+	}
+	buf.evFree = nil
 	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
@@ -480,12 +563,8 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		}
 		host = h
 	}
-	ev := buf.wrMark
 	buf.mu.Lock()
-	err := buf.wr.Record(ev)
-	if err == nil {
-		err = buf.rd.Wait(ev)
-	}
+	err := buf.waitWritesLocked(off, n)
 	if err == nil {
 		err = buf.rd.CopyDtoH(host, buf.at(off))
 	}
@@ -584,6 +663,9 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 		if err == nil {
 			err = buf.wr.Record(ev)
 		}
+		if err == nil {
+			err = buf.noteWriteLocked(off+done/es, nb/es)
+		}
 		if err != nil {
 			buf.fail(err)
 			buf.mu.Unlock()
@@ -636,7 +718,11 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	}
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
-	return buf.fail(buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor)))
+	err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	if err == nil {
+		err = buf.noteWriteLocked(off, n)
+	}
+	return buf.fail(err)
 }
 
 // Sync implements collective.Buffer: it waits for both streams, returns
@@ -651,6 +737,12 @@ func (buf *Buffer) Sync() error {
 		buf.fail(buf.rd.Synchronize())
 	}
 	buf.be.addPending(pending{})
+	if buf.wr != nil {
+		for _, w := range buf.writes {
+			buf.evFree = append(buf.evFree, w.ev)
+		}
+		buf.writes = buf.writes[:0]
+	}
 	err := buf.err
 	buf.err = nil
 	return err
@@ -673,7 +765,7 @@ func lockPair(a, b *Buffer) func() {
 // peerOp enqueues f on buf's write stream after src's earlier writes, and
 // makes src's later writes wait for it (so src is not overwritten while this
 // reads it).
-func (buf *Buffer) peerOp(src *Buffer, f func() error) error {
+func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
 	unlock := lockPair(buf, src)
 	defer unlock()
 	err := src.wr.Record(src.wrMark)
@@ -682,6 +774,9 @@ func (buf *Buffer) peerOp(src *Buffer, f func() error) error {
 	}
 	if err == nil {
 		err = f()
+	}
+	if err == nil {
+		err = buf.noteWriteLocked(dstOff, n)
 	}
 	if err == nil && src != buf {
 		// an event is recorded on a stream of its own device; waiting on it
@@ -724,7 +819,7 @@ func (buf *Buffer) PeerWrite(dstOff int, src collective.Buffer, srcOff, n int) (
 		return ok, err
 	}
 	bytes := int64(n) * int64(buf.dt.Size())
-	return true, buf.peerOp(s, func() error {
+	return true, buf.peerOp(s, dstOff, n, func() error {
 		if s.ds == buf.ds {
 			return buf.wr.CopyDtoD(buf.at(dstOff), s.at(srcOff), bytes)
 		}
@@ -743,7 +838,7 @@ func (buf *Buffer) PeerReduce(dstOff int, src collective.Buffer, srcOff, n int, 
 	if err != nil {
 		return true, err
 	}
-	return true, buf.peerOp(s, func() error {
+	return true, buf.peerOp(s, dstOff, n, func() error {
 		return buf.wr.Reduce(cop, buf.cdt, buf.at(dstOff), s.at(srcOff), int64(n))
 	})
 }

@@ -1,24 +1,49 @@
 // Package cudabuf puts CUDA device memory behind the collective.Buffer
 // interface, so the collectives (ring all-reduce and friends) run on GPU
-// tensors unchanged.
+// tensors unchanged, and adds two same-host fast paths that never touch the
+// network or the host.
 //
-// Data path per chunk (built with the "cuda" tag):
+// Everything except Available is built only with the "cuda" tag.
+//
+// # Device buffers for the collectives (any transport)
+//
+// Backend (Open) owns the CUDA runtime: one retained context per GPU, the
+// kernels, a pinned host pool allocated once with a device scratch twin of
+// every slot, and peer access between every pair of GPUs that supports it.
+// Backend.NewBuffer returns a *Buffer (a collective.Buffer, BufferCopier,
+// PeerReducer and Allocator). Per chunk:
 //
 //	send:    device --(DtoH, read stream)--> pinned slot --> network
 //	receive: network --> pinned slot --(HtoD, write stream)--> device scratch
 //	         --(reduce kernel, write stream)--> device buffer
 //
-// Pinned slots and their device scratch twins come from a pool allocated
-// once per Backend. The read stream waits on the write stream with events,
-// so a read sees every earlier write; a slot goes back to the pool when the
-// event recorded after its last use completes. Nothing on the hot path copies
-// synchronously from pageable memory.
+// The read stream waits on the write stream with events, so a read sees
+// every earlier write; a slot goes back to the pool when the event recorded
+// after its last use completes (slots grow on demand, bounded, so reads held
+// by the transport cannot starve writes). Nothing on the hot path copies
+// synchronously from pageable memory. Ranks in one process that use the
+// collective's local transport reach PeerWrite/PeerReduce: a peer copy or a
+// reduce kernel that reads the peer GPU's memory directly.
 //
-// Ranks in one process (one Buffer per GPU) skip the host entirely: the
-// collective's PeerReducer hook reaches PeerWrite/PeerReduce, which read the
-// peer's memory directly over NVLink/PCIe (peer access is enabled between
-// every pair that supports it) with cuMemcpyPeerAsync or a reduce kernel.
+// # The "cuda" collective device
 //
-// Without the "cuda" tag the package holds only this documentation and
-// Available reports false.
+// Register (or collective.RegisterDevice(NewDevice(cfg))) makes "cuda"
+// available to collective.LookupDevice, so the built-in allreduce job with
+// device: cuda (or auto) and `gpumesh bench allreduce --device cuda` use
+// device memory. Local rank i gets GPU i mod the GPU count. The Backend is
+// opened on first use.
+//
+// # Same-host fast paths
+//
+// LocalRing: ranks in one process (one or more per GPU). Reduce-scatter hops
+// are reduce kernels reading the left neighbour's GPU memory over NVLink;
+// all-gather hops are cuMemcpyPeerAsync on the copy engines, on a second
+// stream; chunks pipeline and every dependency between ranks is a CUDA event,
+// so the host only enqueues and waits once.
+//
+// IPCRing: ranks in separate processes on one host, one Buffer each. The
+// same algorithm, with the left neighbour's memory mapped through CUDA IPC
+// and interprocess events; a small shared file per rank (under /dev/shm)
+// carries the handles and the progress counters that say when an event has
+// been recorded. Every wait is bounded by a timeout.
 package cudabuf

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -302,26 +303,34 @@ func (r *IPCRing) seqNo(k uint64, idx int) uint64 {
 	return (k-1)*uint64(1+r.steps*r.nchunk) + uint64(idx) + 1
 }
 
-// await spins (then sleeps briefly) until *p >= v, a peer fails to move
-// within Timeout, or ctx ends.
+// await spins (yielding to other goroutines) until *p >= v; after a couple
+// of milliseconds it sleeps between checks. A peer that makes no progress
+// within Timeout, or ctx ending, is an error. Neighbours normally publish
+// within microseconds (they only enqueue), so sleeping early would add the
+// timer's granularity to every chunk.
 func (r *IPCRing) await(ctx context.Context, p *uint64, v uint64, what string) error {
 	if atomic.LoadUint64(p) >= v {
 		return nil
 	}
-	deadline := time.Now().Add(r.cfg.Timeout)
+	start := time.Now()
 	for i := 0; ; i++ {
 		if atomic.LoadUint64(p) >= v {
 			return nil
 		}
-		if i > 1000 {
+		if i&255 == 0 {
+			el := time.Since(start)
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			if time.Now().After(deadline) {
+			if el > r.cfg.Timeout {
 				return fmt.Errorf("%w: ipc ring rank %d: waited %v for %s", collective.ErrTimeout, r.cfg.Rank, r.cfg.Timeout, what)
 			}
-			time.Sleep(20 * time.Microsecond)
+			if el > 2*time.Millisecond {
+				time.Sleep(50 * time.Microsecond)
+				continue
+			}
 		}
+		runtime.Gosched()
 	}
 }
 

@@ -232,9 +232,12 @@ func tcpChild(t *testing.T, rankS string) {
 				med := median(ts)
 				alg := float64(mib<<20) / med.Seconds() / 1e9
 				if rank == 0 {
-					wait := "sleep"
-					if os.Getenv("GPUMESH_SPIN") == "1" {
-						wait = "spin"
+					wait := "spin"
+					if os.Getenv("GPUMESH_SPIN") == "0" {
+						wait = "sleep"
+					}
+					if os.Getenv("GPUMESH_RANGE_DEPS") == "1" {
+						wait += ",rangedeps"
 					}
 					if device == "cpu" {
 						wait = "-"

@@ -28,8 +28,11 @@ const (
 type BenchConfig struct {
 	// Stages and MicroBatches of the pipeline.
 	Stages, MicroBatches int
-	// Schedule is Schedule1F1B or ScheduleGPipe.
+	// Schedule is Schedule1F1B, ScheduleGPipe or ScheduleInterleaved.
 	Schedule string
+	// Chunks per stage of the interleaved schedule (each chunk's compute is
+	// ForwardTime/Chunks forward); 1 otherwise.
+	Chunks int
 	// Device is "cpu" (the only one this build has).
 	Device string
 	// Compute is ComputeSleep (default) or ComputeMLP.
@@ -66,7 +69,7 @@ const (
 // DefaultBenchConfig returns a p=4, m=16 1F1B run with sleep compute.
 func DefaultBenchConfig() BenchConfig {
 	return BenchConfig{
-		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Device: DeviceCPU, Compute: ComputeSleep,
+		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Chunks: 1, Device: DeviceCPU, Compute: ComputeSleep,
 		Steps: 5, ForwardTime: 10 * time.Millisecond, Rows: 32, Width: 1024,
 		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 7, InFlight: 2,
 		Transport: TransportTCP, Channels: 4,
@@ -80,10 +83,18 @@ func (c *BenchConfig) Validate() error {
 		return fmt.Errorf("%w: bench needs at least 2 stages, got %d", ErrInvalidSpec, c.Stages)
 	case c.MicroBatches < 1:
 		return fmt.Errorf("%w: micro-batches must be >= 1, got %d", ErrInvalidSpec, c.MicroBatches)
-	case c.Schedule != Schedule1F1B && c.Schedule != ScheduleGPipe:
-		return fmt.Errorf("%w: schedule must be %q or %q, got %q", ErrInvalidSpec, Schedule1F1B, ScheduleGPipe, c.Schedule)
-	case c.Device != DeviceCPU:
-		return fmt.Errorf("%w: device %q: this build benchmarks the cpu device only", ErrNoDevice, c.Device)
+	case c.Schedule != Schedule1F1B && c.Schedule != ScheduleGPipe && c.Schedule != ScheduleInterleaved:
+		return fmt.Errorf("%w: schedule must be %q, %q or %q, got %q", ErrInvalidSpec, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved, c.Schedule)
+	case c.Schedule == ScheduleInterleaved && (c.Chunks < 2 || c.MicroBatches%c.Stages != 0):
+		return fmt.Errorf("%w: the interleaved schedule needs chunks >= 2 (got %d) and micro-batches a multiple of stages (got %d and %d)", ErrInvalidSpec, c.Chunks, c.MicroBatches, c.Stages)
+	case c.Schedule != ScheduleInterleaved && c.Chunks > 1:
+		return fmt.Errorf("%w: chunks need the %q schedule", ErrInvalidSpec, ScheduleInterleaved)
+	case c.Device != DeviceCPU && c.Device != DeviceCUDA:
+		return fmt.Errorf("%w: device must be %q or %q, got %q", ErrInvalidSpec, DeviceCPU, DeviceCUDA, c.Device)
+	case c.Device == DeviceCUDA && openBenchDevices == nil:
+		return fmt.Errorf("%w: device cuda: this binary was built without CUDA support (build with -tags cuda)", ErrNoDevice)
+	case c.Device == DeviceCUDA && c.Compute != ComputeMLP:
+		return fmt.Errorf("%w: device cuda runs the real model: use --compute mlp", ErrInvalidSpec)
 	case c.Compute != ComputeSleep && c.Compute != ComputeMLP:
 		return fmt.Errorf("%w: compute must be %q or %q, got %q", ErrInvalidSpec, ComputeSleep, ComputeMLP, c.Compute)
 	case c.Steps < 1:
@@ -108,13 +119,16 @@ func (c *BenchConfig) Validate() error {
 
 // BenchResult is what Bench measured.
 type BenchResult struct {
-	Transport     string  `json:"transport"`
-	Stages        int     `json:"stages"`
-	MicroBatches  int     `json:"micro_batches"`
-	Schedule      string  `json:"schedule"`
-	Compute       string  `json:"compute"`
-	Steps         int     `json:"steps"`
-	ForwardMillis float64 `json:"forward_ms"`
+	Transport    string `json:"transport"`
+	Stages       int    `json:"stages"`
+	MicroBatches int    `json:"micro_batches"`
+	Schedule     string `json:"schedule"`
+	Chunks       int    `json:"chunks"`
+	Compute      string `json:"compute"`
+	// Devices are the GPUs the stages ran on (stage s on Devices[s mod n]).
+	Devices       []string `json:"devices,omitempty"`
+	Steps         int      `json:"steps"`
+	ForwardMillis float64  `json:"forward_ms"`
 	// ActivationBytes is one micro-batch's activation (and gradient).
 	ActivationBytes int     `json:"activation_bytes"`
 	WallSeconds     float64 `json:"wall_seconds"`
@@ -134,6 +148,10 @@ type BenchResult struct {
 	StageToRawPercent float64   `json:"stage_to_raw_percent"`
 	RatioPercents     []float64 `json:"ratio_percents"`
 }
+
+// openBenchDevices opens the GPUs for --device cuda; set by the cuda build.
+// It returns the devices and a function that releases them.
+var openBenchDevices func() ([]Device, func(), error)
 
 // sleepModel waits instead of computing and sends a fixed-size tensor.
 type sleepModel struct {
@@ -162,8 +180,20 @@ func (m *sleepModel) Backward(step, mb int, grad *Message) (*Message, error) {
 
 func (m *sleepModel) EndStep(step int) (float64, error) { return 0, nil }
 
+// chunkedSleep is a stage of sleep models, one per chunk (interleaved).
+type chunkedSleep struct{ parts []*sleepModel }
+
+func (m *chunkedSleep) Chunk(c int) StageModel { return m.parts[c] }
+func (m *chunkedSleep) Forward(step, mb int, in *Message) (*Message, error) {
+	return m.parts[0].Forward(step, mb, in)
+}
+func (m *chunkedSleep) Backward(step, mb int, g *Message) (*Message, error) {
+	return m.parts[0].Backward(step, mb, g)
+}
+func (m *chunkedSleep) EndStep(int) (float64, error) { return 0, nil }
+
 // loopbackPipeline connects p stages over TCP on 127.0.0.1.
-func loopbackPipeline(ctx context.Context, job string, p int) ([]StageLinks, error) {
+func loopbackPipeline(ctx context.Context, job string, p int, ring bool) ([]StageLinks, error) {
 	lns := make([]net.Listener, p)
 	addrs := make([]string, p)
 	defer func() {
@@ -187,7 +217,7 @@ func loopbackPipeline(ctx context.Context, job string, p int) ([]StageLinks, err
 		wg.Add(1)
 		go func(s int) {
 			defer wg.Done()
-			links[s], errs[s] = ConnectTCP(ctx, TCPConfig{JobID: job, Stage: s, Stages: p, Addrs: addrs, Listener: lns[s], ConnectTimeout: 10 * time.Second})
+			links[s], errs[s] = ConnectTCP(ctx, TCPConfig{JobID: job, Stage: s, Stages: p, Addrs: addrs, Listener: lns[s], ConnectTimeout: 10 * time.Second, Ring: ring})
 		}(s)
 	}
 	wg.Wait()
@@ -204,7 +234,7 @@ func loopbackPipeline(ctx context.Context, job string, p int) ([]StageLinks, err
 // The returned function closes whatever servers it started.
 func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]StageLinks, func(), error) {
 	if cfg.Transport == TransportTCP {
-		links, err := loopbackPipeline(ctx, job, p)
+		links, err := loopbackPipeline(ctx, job, p, cfg.Schedule == ScheduleInterleaved)
 		return links, func() {}, err
 	}
 	var servers []*collective.Server
@@ -225,7 +255,7 @@ func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]Stag
 	}
 	links := make([]StageLinks, p)
 	for s := 0; s < p; s++ {
-		l, err := OpenCollectiveLinks(servers[s].Transport(), CollectiveConfig{JobID: job, Stage: s, Stages: p, Addrs: addrs, Channels: cfg.Channels, ChunkBytes: 1 << 20})
+		l, err := OpenCollectiveLinks(servers[s].Transport(), CollectiveConfig{JobID: job, Stage: s, Stages: p, Addrs: addrs, Channels: cfg.Channels, ChunkBytes: 1 << 20, Ring: cfg.Schedule == ScheduleInterleaved})
 		if err != nil {
 			for _, l := range links {
 				l.Close()
@@ -249,11 +279,26 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	res := &BenchResult{
 		Transport: cfg.Transport, Stages: p, MicroBatches: m, Schedule: cfg.Schedule, Compute: cfg.Compute, Steps: cfg.Steps,
 		ForwardMillis: float64(cfg.ForwardTime) / 1e6, ActivationBytes: cfg.Rows * cfg.Width * 4,
-		TheoryBubble: TheoreticalBubble(p, m),
+		TheoryBubble: TheoreticalBubble(p, m), Chunks: max(cfg.Chunks, 1),
+	}
+	if cfg.Schedule == ScheduleInterleaved {
+		res.TheoryBubble = InterleavedBubble(p, m, cfg.Chunks)
+	}
+	var devs []Device
+	if cfg.Device == DeviceCUDA {
+		d, release, err := openBenchDevices()
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		devs = d
+		for _, d := range devs {
+			res.Devices = append(res.Devices, d.Name())
+		}
 	}
 	// One untimed warm-up step, then the timed steps, each on fresh links.
 	for _, steps := range []int{1, cfg.Steps} {
-		if err := benchSchedule(ctx, cfg, steps, res); err != nil {
+		if err := benchSchedule(ctx, cfg, steps, devs, res); err != nil {
 			return nil, err
 		}
 	}
@@ -265,7 +310,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	return res, nil
 }
 
-func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchResult) error {
+func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Device, res *BenchResult) error {
 	p, m := cfg.Stages, cfg.MicroBatches
 	links, cleanup, err := benchLinks(ctx, cfg, "bench", p)
 	if err != nil {
@@ -281,6 +326,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchRe
 	spec := JobSpec{
 		// Equal layers, one per stage, so stages cost the same.
 		BatchSize: cfg.Rows * m, MicroBatches: m, Steps: steps, Seed: 1, Schedule: cfg.Schedule, InFlight: cfg.InFlight,
+		Device: cfg.Device,
 	}
 	for i := 0; i <= p; i++ {
 		spec.Layers = append(spec.Layers, cfg.Width)
@@ -291,16 +337,28 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, res *BenchRe
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rep, err := RunJob(ctx, RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}, spec)
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}
+				if len(devs) > 0 {
+					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
+				}
+				rep, err := RunJob(ctx, rc, spec)
 				if err == nil {
 					stats[s] = rep.StageStats
 				}
 				errs[s] = err
 				return
 			}
-			model := &sleepModel{fwd: cfg.ForwardTime, bwd: 2 * cfg.ForwardTime, rows: cfg.Rows, cols: cfg.Width, payload: payload, first: s == 0}
+			v := max(cfg.Chunks, 1)
+			var model StageModel = &sleepModel{fwd: cfg.ForwardTime, bwd: 2 * cfg.ForwardTime, rows: cfg.Rows, cols: cfg.Width, payload: payload, first: s == 0}
+			if v > 1 {
+				cm := &chunkedSleep{}
+				for c := 0; c < v; c++ {
+					cm.parts = append(cm.parts, &sleepModel{fwd: cfg.ForwardTime / time.Duration(v), bwd: 2 * cfg.ForwardTime / time.Duration(v), rows: cfg.Rows, cols: cfg.Width, payload: payload, first: s == 0 && c == 0})
+				}
+				model = cm
+			}
 			stats[s], errs[s] = RunStage(ctx, StageConfig{
-				JobID: "bench", Stage: s, Stages: p, Schedule: cfg.Schedule, MicroBatches: m, Steps: steps,
+				JobID: "bench", Stage: s, Stages: p, Schedule: cfg.Schedule, Chunks: max(cfg.Chunks, 1), MicroBatches: m, Steps: steps,
 				Links: links[s], InFlight: cfg.InFlight, RecvTimeout: time.Minute,
 			}, model)
 		}(s)

@@ -33,8 +33,12 @@ func TestBenchSmall(t *testing.T) {
 		t.Fatalf("mlp compute: %+v, %v", res, err)
 	}
 	cfg.Device = DeviceCUDA
-	if _, err := Bench(ctx, cfg); !errors.Is(err, ErrNoDevice) {
-		t.Fatalf("cuda: err = %v", err)
+	if _, err := Bench(ctx, cfg); openBenchDevices == nil && !errors.Is(err, ErrNoDevice) {
+		t.Fatalf("cuda in a build without it: err = %v", err)
+	}
+	cfg.Compute = ComputeSleep
+	if _, err := Bench(ctx, cfg); err == nil {
+		t.Fatal("cuda with sleep compute accepted")
 	}
 }
 

@@ -28,6 +28,9 @@ type CollectiveConfig struct {
 	// ChunkBytes is the largest frame. Default 1 MiB (at most
 	// collective.MaxFrameBytes).
 	ChunkBytes int
+	// Ring also links the last stage to the first (StageLinks.Ring), for
+	// interleaved schedules.
+	Ring bool
 }
 
 // DefaultCollectiveConfig returns the defaults of the optional fields.
@@ -74,12 +77,16 @@ func OpenCollectiveLinks(t collective.Transport, cfg CollectiveConfig) (StageLin
 	}
 	var links StageLinks
 	open := func(link, rank int) (*CollectiveLink, error) {
+		peer := (link + 1) % cfg.Stages
+		if rank == 1 {
+			peer = link
+		}
 		ep, err := t.Open(collective.EndpointSpec{
 			Job: LinkGroup(cfg.JobID, link), Generation: cfg.Generation, Rank: rank,
-			Addrs: []string{cfg.Addrs[link], cfg.Addrs[link+1]}, Channels: cfg.Channels,
+			Addrs: []string{cfg.Addrs[link], cfg.Addrs[(link+1)%cfg.Stages]}, Channels: cfg.Channels,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("stage %d: open link to stage %d: %w", cfg.Stage, link+1-rank, err)
+			return nil, fmt.Errorf("stage %d: open link to stage %d: %w", cfg.Stage, peer, err)
 		}
 		return newCollectiveLink(ep, rank, cfg), nil
 	}
@@ -97,6 +104,19 @@ func OpenCollectiveLinks(t collective.Transport, cfg CollectiveConfig) (StageLin
 			return StageLinks{}, err
 		}
 		links.Next = l
+	}
+	if cfg.Ring && cfg.Stages >= 2 && (cfg.Stage == 0 || cfg.Stage == cfg.Stages-1) {
+		// Link p−1 joins the last stage (rank 0) to the first (rank 1).
+		rank := 0
+		if cfg.Stage == 0 {
+			rank = 1
+		}
+		l, err := open(cfg.Stages-1, rank)
+		if err != nil {
+			links.Close()
+			return StageLinks{}, err
+		}
+		links.Ring = l
 	}
 	return links, nil
 }
@@ -158,7 +178,7 @@ func (l *CollectiveLink) Send(m *Message) error {
 			Kind: collective.FrameData, Coll: collective.CollSendRecv, DType: collective.Float32,
 			Channels: uint16(l.channels), Root: int32(m.Rows), Group: l.group, Generation: m.Tag.Generation,
 			Seq: uint64(m.Tag.Step), Count: uint64(n), Offset: uint64(off),
-			Tag: uint64(m.Tag.MicroBatch)<<8 | uint64(m.Tag.Dir), ChunkElems: uint64(m.Cols),
+			Tag: uint64(m.Tag.Chunk)<<40 | uint64(uint32(m.Tag.MicroBatch))<<8 | uint64(m.Tag.Dir), ChunkElems: uint64(m.Cols),
 			Length: uint32((end - off) * 4),
 		}
 		select {
@@ -187,7 +207,7 @@ func (l *CollectiveLink) Recv() (*Message, error) {
 		}
 		l.recvSeq++
 		h := f.Header
-		tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(h.Tag >> 8), Dir: Direction(h.Tag & 0xff)}
+		tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(uint32(h.Tag >> 8)), Chunk: int(h.Tag >> 40), Dir: Direction(h.Tag & 0xff)}
 		if h.Group != l.group {
 			tag.JobID = fmt.Sprintf("unknown job (hash %016x)", h.Group)
 		}

@@ -32,6 +32,8 @@ type Device interface {
 	Name() string
 	// New returns a zeroed rows×cols tensor.
 	New(rows, cols int) (Tensor, error)
+	// Free releases a tensor's memory; the tensor must not be used again.
+	Free(t Tensor)
 	// Upload copies len(src) = rows×cols values into dst.
 	Upload(dst Tensor, src []float32) error
 	// Download copies src into dst (len rows×cols).
@@ -91,6 +93,9 @@ func (CPU) New(rows, cols int) (Tensor, error) {
 	}
 	return &HostTensor{R: rows, C: cols, Data: make([]float32, rows*cols)}, nil
 }
+
+// Free does nothing: host tensors are garbage collected.
+func (CPU) Free(Tensor) {}
 
 // Upload copies src into dst.
 func (CPU) Upload(dst Tensor, src []float32) error {

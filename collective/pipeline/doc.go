@@ -6,9 +6,11 @@
 //
 //   - Schedules (pure): StageActions returns one stage's ordered actions
 //     (forward, backward, send/receive of activations and gradients per
-//     micro-batch) for GPipe, 1F1B or inference. Simulate executes all
-//     stages' lists with bounded sends and blocking receives; it proves a
-//     schedule free of deadlock and measures its bubble.
+//     micro-batch) for GPipe, 1F1B or inference; InterleavedStageActions
+//     gives interleaved 1F1B (v model chunks per stage, a ring link from
+//     the last stage back to the first). Simulate executes all stages'
+//     lists with bounded sends and blocking receives; it proves a schedule
+//     free of deadlock and measures its bubble.
 //   - Runtime: RunStage drives a StageModel through a schedule over two
 //     Links (previous and next stage). Sends go through a bounded
 //     asynchronous queue (back-pressure beyond StageConfig.InFlight), and a
@@ -21,7 +23,9 @@
 //     the stages by sharding.PartitionLayers with SGD (or runs it forward
 //     only), with losses and final weights equal to RunReference, the
 //     single-process run of the same spec. The layer math goes through the
-//     Device interface (CPU now; a CUDA device plugs in behind it).
+//     Device interface: CPU, and in the `cuda` build CUDADevice (our own
+//     kernels in kernels/mlp.cu, embedded as PTX; no cuBLAS), passed as
+//     RunConfig.Device.
 //
 // A stage of a pipeline job, as the node runs it:
 //

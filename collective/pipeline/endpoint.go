@@ -32,9 +32,12 @@ type endpoint struct {
 	// its end ends our receive side, but must not fail a flush of what we
 	// already sent.
 	sendFail, recvFail failure
-	done               chan struct{} // closed by close()
-	wg                 sync.WaitGroup
-	closeMu            sync.Once
+	// stage is shared by the stage's endpoints: a failed send on one link
+	// stops waits on the other too (the schedule cannot go on).
+	stage   *failure
+	done    chan struct{} // closed by close()
+	wg      sync.WaitGroup
+	closeMu sync.Once
 
 	// sentBytes counts payload bytes handed to the link (for reports).
 	mu        sync.Mutex
@@ -61,7 +64,14 @@ type sendItem struct {
 }
 
 func newEndpoint(name string, link Link, inFlight int, timeout time.Duration, jobID string, gen uint64) *endpoint {
+	return newStageEndpoint(name, link, inFlight, timeout, jobID, gen, newFailure())
+}
+
+func newFailure() *failure { return &failure{ch: make(chan struct{})} }
+
+func newStageEndpoint(name string, link Link, inFlight int, timeout time.Duration, jobID string, gen uint64, stage *failure) *endpoint {
 	e := &endpoint{
+		stage:      stage,
 		name:       name,
 		link:       link,
 		sendQ:      make(chan sendItem, inFlight),
@@ -89,7 +99,9 @@ func (e *endpoint) sender() {
 				continue
 			}
 			if err := e.link.Send(it.m); err != nil {
-				e.sendFail.set(fmt.Errorf("send %v to %s: %w", it.m.Tag, e.name, err))
+				err = fmt.Errorf("send %v to %s: %w", it.m.Tag, e.name, err)
+				e.sendFail.set(err)
+				e.stage.set(err)
 				return
 			}
 			e.mu.Lock()
@@ -141,6 +153,8 @@ func (e *endpoint) Post(ctx context.Context, m *Message) error {
 		return nil
 	case <-e.sendFail.ch:
 		return e.sendFail.err
+	case <-e.stage.ch:
+		return e.stage.err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -187,6 +201,8 @@ func (e *endpoint) Expect(ctx context.Context, tag Tag) (*Message, error) {
 			default:
 				return nil, e.recvFail.err
 			}
+		case <-e.stage.ch:
+			return nil, e.stage.err
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-timeout:

@@ -57,8 +57,12 @@ type JobSpec struct {
 	Seed int64 `json:"seed" yaml:"seed"`
 	// LearningRate of plain SGD. Default 0.05.
 	LearningRate float64 `json:"learning_rate" yaml:"learning_rate"`
-	// Schedule is "1f1b" (default) or "gpipe"; ignored for inference.
+	// Schedule is "1f1b" (default), "gpipe" or "interleaved" (with
+	// Chunks >= 2); ignored for inference.
 	Schedule string `json:"schedule" yaml:"schedule"`
+	// Chunks is the model chunks per stage of the interleaved schedule
+	// (stage s holds chunks s, s+p, ...); default 1.
+	Chunks int `json:"chunks" yaml:"chunks"`
 	// Mode is "train" (default) or "inference" (forward only).
 	Mode string `json:"mode" yaml:"mode"`
 	// Device is "cpu" (default), "cuda" or "auto".
@@ -110,6 +114,9 @@ func (s JobSpec) WithDefaults(stages int) JobSpec {
 	if s.InFlight == 0 {
 		s.InFlight = 2
 	}
+	if s.Chunks == 0 {
+		s.Chunks = 1
+	}
 	s.Schedule = strings.ToLower(s.Schedule)
 	return s
 }
@@ -138,8 +145,24 @@ func (s JobSpec) Validate(stages int) error {
 	}
 	switch s.Schedule {
 	case Schedule1F1B, ScheduleGPipe:
+		if s.Chunks != 1 {
+			return fmt.Errorf("%w: pipeline job spec: chunks %d need schedule %q, got %q", ErrInvalidSpec, s.Chunks, ScheduleInterleaved, s.Schedule)
+		}
+	case ScheduleInterleaved:
+		switch {
+		case s.Chunks < 2:
+			return fmt.Errorf("%w: pipeline job spec: the interleaved schedule needs chunks >= 2, got %d", ErrInvalidSpec, s.Chunks)
+		case stages < 2:
+			return fmt.Errorf("%w: pipeline job spec: the interleaved schedule needs at least 2 ranks", ErrInvalidSpec)
+		case s.MicroBatches%stages != 0:
+			return fmt.Errorf("%w: pipeline job spec: the interleaved schedule needs microbatches (%d) to be a multiple of ranks (%d)", ErrInvalidSpec, s.MicroBatches, stages)
+		case len(s.Layers)-1 < stages*s.Chunks:
+			return fmt.Errorf("%w: pipeline job spec: %d ranks × %d chunks need at least %d weight layers, got %d", ErrInvalidSpec, stages, s.Chunks, stages*s.Chunks, len(s.Layers)-1)
+		case s.Mode == ModeInference:
+			return fmt.Errorf("%w: pipeline job spec: inference runs forward only; drop the interleaved schedule", ErrInvalidSpec)
+		}
 	default:
-		return fmt.Errorf("%w: pipeline job spec: schedule must be %q or %q, got %q", ErrInvalidSpec, Schedule1F1B, ScheduleGPipe, s.Schedule)
+		return fmt.Errorf("%w: pipeline job spec: schedule must be %q, %q or %q, got %q", ErrInvalidSpec, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved, s.Schedule)
 	}
 	switch s.Mode {
 	case ModeTrain, ModeInference:
@@ -173,6 +196,23 @@ func (s JobSpec) StageLayers(stages int) ([][2]int, error) {
 	return out, nil
 }
 
+// ChunkLayers returns, for every stage, the weight layers of each of its
+// chunks: the model is split into stages×chunks parts (StageLayers) and
+// stage s holds parts s, s+stages, s+2·stages, ...
+func (s JobSpec) ChunkLayers(stages, chunks int) ([][][2]int, error) {
+	parts, err := s.StageLayers(stages * chunks)
+	if err != nil {
+		return nil, err
+	}
+	out := make([][][2]int, stages)
+	for c := 0; c < chunks; c++ {
+		for st := 0; st < stages; st++ {
+			out[st] = append(out[st], parts[c*stages+st])
+		}
+	}
+	return out, nil
+}
+
 // RunConfig is how the node runs one rank (stage) of a pipeline job.
 type RunConfig struct {
 	JobID      string
@@ -183,9 +223,10 @@ type RunConfig struct {
 	Links StageLinks
 	// Logger; nil discards.
 	Logger hclog.Logger
-	// Device overrides the spec's device (a CUDA build passes its device
-	// here). Nil: "cpu" and "auto" use the CPU; "cuda" fails with
-	// ErrNoDevice.
+	// Device overrides the spec's device: a `cuda` build passes
+	// NewCUDADevice(d) for the GPU given to the rank when the spec says
+	// "cuda" or "auto". Nil: "cpu" and "auto" use the CPU; "cuda" fails
+	// with ErrNoDevice.
 	Device Device
 	// RecvTimeout is the longest wait for one message from a neighbour
 	// (default 30 s).
@@ -199,18 +240,21 @@ type RunConfig struct {
 
 // Report is one stage's result, JSON-serialisable for job status.
 type Report struct {
-	JobID        string `json:"job_id"`
-	Generation   uint64 `json:"generation"`
-	Stage        int    `json:"stage"`
-	Stages       int    `json:"stages"`
-	LayerStart   int    `json:"layer_start"`
-	LayerEnd     int    `json:"layer_end"`
-	Mode         string `json:"mode"`
-	Schedule     string `json:"schedule"`
-	Device       string `json:"device"`
-	Steps        int    `json:"steps"`
-	MicroBatches int    `json:"micro_batches"`
-	BatchSize    int    `json:"batch_size"`
+	JobID      string `json:"job_id"`
+	Generation uint64 `json:"generation"`
+	Stage      int    `json:"stage"`
+	Stages     int    `json:"stages"`
+	LayerStart int    `json:"layer_start"`
+	LayerEnd   int    `json:"layer_end"`
+	// LayerRanges are the weight layers [start, end) of each of the stage\'s
+	// chunks (one range unless interleaved).
+	LayerRanges  [][2]int `json:"layer_ranges"`
+	Mode         string   `json:"mode"`
+	Schedule     string   `json:"schedule"`
+	Device       string   `json:"device"`
+	Steps        int      `json:"steps"`
+	MicroBatches int      `json:"micro_batches"`
+	BatchSize    int      `json:"batch_size"`
 	// Losses per step (last stage, training only).
 	Losses    []float64 `json:"losses,omitempty"`
 	FinalLoss float64   `json:"final_loss,omitempty"`
@@ -249,38 +293,52 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 		}
 		dev = CPU{}
 	}
-	ranges, err := spec.StageLayers(cfg.Stages)
+	ranges, err := spec.ChunkLayers(cfg.Stages, spec.Chunks)
 	if err != nil {
 		cfg.Links.Close()
 		return nil, err
 	}
-	lr := ranges[cfg.Stage]
+	mine := ranges[cfg.Stage]
 	train := spec.Mode == ModeTrain
 	sched := spec.Schedule
 	if !train {
 		sched = ScheduleInference
 	}
-	m, err := newMLPStage(dev, spec.model(), lr[0], lr[1], cfg.Stage == 0, cfg.Stage == cfg.Stages-1, spec.MicroBatches, train)
-	if err != nil {
-		cfg.Links.Close()
-		return nil, err
+	parts := make([]*mlpStage, len(mine))
+	for c, lr := range mine {
+		part := c*cfg.Stages + cfg.Stage
+		m, err := newMLPStage(dev, spec.model(), lr[0], lr[1], part == 0, part == cfg.Stages*spec.Chunks-1, spec.MicroBatches, train)
+		if err != nil {
+			for _, p := range parts[:c] {
+				p.Close()
+			}
+			cfg.Links.Close()
+			return nil, err
+		}
+		m.onOutput = cfg.OnOutput
+		parts[c] = m
 	}
-	m.onOutput = cfg.OnOutput
+	m := &mlpChunks{parts: parts}
+	defer m.Close()
 	sc := StageConfig{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
-		Schedule: sched, MicroBatches: spec.MicroBatches, Steps: spec.Steps,
+		Schedule: sched, Chunks: spec.Chunks, MicroBatches: spec.MicroBatches, Steps: spec.Steps,
 		Links: cfg.Links, InFlight: spec.InFlight, RecvTimeout: cfg.RecvTimeout, Logger: cfg.Logger,
 	}
 	if sc.RecvTimeout == 0 {
 		sc.RecvTimeout = DefaultStageConfig().RecvTimeout
 	}
-	stats, err := RunStage(ctx, sc, m)
+	var model StageModel = m
+	if spec.Chunks == 1 {
+		model = parts[0]
+	}
+	stats, err := RunStage(ctx, sc, model)
 	if err != nil {
 		return nil, err
 	}
 	rep := &Report{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
-		LayerStart: lr[0], LayerEnd: lr[1], Mode: spec.Mode, Schedule: sched, Device: dev.Name(),
+		LayerStart: mine[0][0], LayerEnd: mine[len(mine)-1][1], LayerRanges: mine, Mode: spec.Mode, Schedule: sched, Device: dev.Name(),
 		Steps: spec.Steps, MicroBatches: spec.MicroBatches, BatchSize: spec.BatchSize,
 		StageStats: stats,
 	}
@@ -328,6 +386,57 @@ type Reference struct {
 	Outputs [][]float32
 }
 
+// mlpChunks is a stage holding several parts of the MLP (interleaved).
+type mlpChunks struct {
+	parts []*mlpStage
+}
+
+var _ ChunkedModel = (*mlpChunks)(nil)
+
+func (m *mlpChunks) Chunk(c int) StageModel { return m.parts[c] }
+
+func (m *mlpChunks) Forward(step, mb int, in *Message) (*Message, error) {
+	return m.parts[0].Forward(step, mb, in)
+}
+
+func (m *mlpChunks) Backward(step, mb int, g *Message) (*Message, error) {
+	return m.parts[0].Backward(step, mb, g)
+}
+
+// EndStep applies SGD to every part; the loss comes from the model's last
+// part, wherever it is.
+func (m *mlpChunks) EndStep(step int) (float64, error) {
+	var loss float64
+	for _, p := range m.parts {
+		l, err := p.EndStep(step)
+		if err != nil {
+			return 0, err
+		}
+		loss += l
+	}
+	return loss, nil
+}
+
+// Params returns every part's parameters, in the order of the parts.
+func (m *mlpChunks) Params() ([]LayerParams, error) {
+	var out []LayerParams
+	for _, p := range m.parts {
+		ps, err := p.Params()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ps...)
+	}
+	return out, nil
+}
+
+// Close releases every part.
+func (m *mlpChunks) Close() {
+	for _, p := range m.parts {
+		p.Close()
+	}
+}
+
 // RunReference trains (or, in inference mode, runs forward) the spec's
 // model in one process on dev (nil: CPU).
 func RunReference(spec JobSpec, dev Device) (*Reference, error) {
@@ -343,6 +452,7 @@ func RunReference(spec JobSpec, dev Device) (*Reference, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer m.Close()
 	ref := &Reference{}
 	for step := 0; step < spec.Steps; step++ {
 		out, err := m.Forward(step, 0, nil)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -256,8 +257,8 @@ func TestPipelineFailureStopsEveryStage(t *testing.T) {
 		if err == nil {
 			t.Fatalf("stage %d returned no error after a link failure", s)
 		}
-		if ctx.Err() != nil {
-			t.Fatalf("stages only stopped at the test deadline: %v", err)
+		if ctx.Err() != nil || errors.Is(err, ErrTimeout) {
+			t.Fatalf("stage %d stopped by a deadline, not by the failure: %v", s, err)
 		}
 		t.Logf("stage %d: %v", s, err)
 	}
@@ -413,5 +414,131 @@ func TestReportJSON(t *testing.T) {
 	}
 	if l := back["losses"].([]any); len(l) != baseSpec().Steps {
 		t.Fatalf("losses %v", l)
+	}
+}
+
+// TestPipelineRandomShapes trains random models on random pipelines (stages,
+// micro-batches, widths, schedules, queue depths, link buffers) and checks
+// each against its single-process run.
+func TestPipelineRandomShapes(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := rand.New(rand.NewSource(11))
+	cases, checked := 40, 0
+	if testing.Short() {
+		cases = 10
+	}
+	for c := 0; c < cases; c++ {
+		p := 1 + r.Intn(5)
+		layers := []int{1 + r.Intn(9)}
+		for i := 0; i < p+r.Intn(3); i++ {
+			layers = append(layers, 1+r.Intn(12))
+		}
+		m := 1 + r.Intn(9)
+		spec := JobSpec{
+			Layers: layers, MicroBatchSize: 1 + r.Intn(4), MicroBatches: m, Steps: 1 + r.Intn(4),
+			Seed: r.Int63(), LearningRate: 0.2 * r.Float64(), InFlight: 1 + r.Intn(3),
+			Schedule:   []string{ScheduleGPipe, Schedule1F1B}[r.Intn(2)],
+			Activation: []string{ActTanh, ActReLU}[r.Intn(2)],
+		}
+		name := fmt.Sprintf("case %d: p=%d %+v", c, p, spec)
+		ref, err := RunReference(spec, nil)
+		if err != nil {
+			t.Fatalf("%s: reference: %v", name, err)
+		}
+		reps, errs := runPipeline(t, ctx, spec, NewMemPipeline(p, r.Intn(3)), nil)
+		for s, err := range errs {
+			if err != nil {
+				t.Fatalf("%s: stage %d: %v", name, s, err)
+			}
+		}
+		for i, l := range reps[p-1].Losses {
+			if !relClose(l, ref.Losses[i], 1e-5) {
+				t.Fatalf("%s: step %d loss %v, single process %v", name, i, l, ref.Losses[i])
+			}
+		}
+		l := 0
+		for _, rep := range reps {
+			for _, lp := range rep.Params {
+				for i, w := range lp.W {
+					if !relClose(float64(w), float64(ref.Params[l].W[i]), 1e-4) {
+						t.Fatalf("%s: layer %d weight %d = %v, single process %v", name, l, i, w, ref.Params[l].W[i])
+					}
+				}
+				l++
+			}
+		}
+		if l != len(ref.Params) {
+			t.Fatalf("%s: %d layers across stages, want %d", name, l, len(ref.Params))
+		}
+		checked++
+	}
+	t.Logf("%d random pipelines matched their single-process runs", checked)
+}
+
+// TestInterleavedPipelineMatchesSingleProcess trains with the interleaved
+// schedule (several model chunks per stage, a ring link from the last stage
+// back to the first) and checks losses and weights against one process.
+func TestInterleavedPipelineMatchesSingleProcess(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, tc := range []struct{ p, v, m, buffer int }{{2, 2, 4, 0}, {2, 3, 6, 1}, {3, 2, 6, 0}, {4, 2, 8, 2}, {3, 3, 3, 1}} {
+		layers := []int{6}
+		for i := 0; i < tc.p*tc.v+1; i++ {
+			layers = append(layers, 5+i%4)
+		}
+		spec := JobSpec{Layers: layers, MicroBatchSize: 2, MicroBatches: tc.m, Steps: 4, Seed: 3, LearningRate: 0.1, Schedule: ScheduleInterleaved, Chunks: tc.v}
+		name := fmt.Sprintf("p=%d v=%d m=%d buffer=%d", tc.p, tc.v, tc.m, tc.buffer)
+		ref, err := RunReference(JobSpec{Layers: layers, MicroBatchSize: 2, MicroBatches: tc.m, Steps: 4, Seed: 3, LearningRate: 0.1}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reps, errs := runPipeline(t, ctx, spec, NewMemPipelineRing(tc.p, tc.buffer), nil)
+		for s, err := range errs {
+			if err != nil {
+				t.Fatalf("%s: stage %d: %v", name, s, err)
+			}
+		}
+		last := reps[tc.p-1]
+		if len(last.Losses) != len(ref.Losses) {
+			t.Fatalf("%s: %d losses", name, len(last.Losses))
+		}
+		for i, l := range last.Losses {
+			if !relClose(l, ref.Losses[i], 1e-5) {
+				t.Fatalf("%s: step %d loss %v, single process %v", name, i, l, ref.Losses[i])
+			}
+		}
+		byLayer := map[int]LayerParams{}
+		for _, r := range reps {
+			if len(r.LayerRanges) != tc.v {
+				t.Fatalf("%s: stage %d has %d chunks", name, r.Stage, len(r.LayerRanges))
+			}
+			for _, lp := range r.Params {
+				byLayer[lp.Layer] = lp
+			}
+		}
+		if len(byLayer) != len(ref.Params) {
+			t.Fatalf("%s: %d layers across stages, want %d", name, len(byLayer), len(ref.Params))
+		}
+		for l, want := range ref.Params {
+			for i, w := range byLayer[l].W {
+				if !relClose(float64(w), float64(want.W[i]), 1e-4) {
+					t.Fatalf("%s: layer %d weight %d = %v, single process %v", name, l, i, w, want.W[i])
+				}
+			}
+		}
+	}
+	// Bad interleaved specs.
+	for _, s := range []JobSpec{
+		{Layers: []int{4, 4, 4, 4, 4}, BatchSize: 8, MicroBatches: 4, Schedule: ScheduleInterleaved, Chunks: 1},
+		{Layers: []int{4, 4, 4, 4}, BatchSize: 8, MicroBatches: 4, Schedule: ScheduleInterleaved, Chunks: 2},
+		{Layers: []int{4, 4, 4, 4, 4}, BatchSize: 6, MicroBatches: 3, Schedule: ScheduleInterleaved, Chunks: 2},
+		{Layers: []int{4, 4, 4, 4, 4}, BatchSize: 8, MicroBatches: 4, Schedule: Schedule1F1B, Chunks: 2},
+	} {
+		if err := s.WithDefaults(2).Validate(2); !errors.Is(err, ErrInvalidSpec) {
+			t.Errorf("%+v: err = %v, want ErrInvalidSpec", s, err)
+		} else {
+			t.Log(err)
+		}
 	}
 }

@@ -41,10 +41,16 @@ type Tag struct {
 	Generation uint64
 	Step       int
 	MicroBatch int
-	Dir        Direction
+	// Chunk is the receiving model chunk of interleaved schedules; 0
+	// otherwise.
+	Chunk int
+	Dir   Direction
 }
 
 func (t Tag) String() string {
+	if t.Chunk != 0 {
+		return fmt.Sprintf("job %q gen %d step %d micro-batch %d chunk %d %s", t.JobID, t.Generation, t.Step, t.MicroBatch, t.Chunk, t.Dir)
+	}
 	return fmt.Sprintf("job %q gen %d step %d micro-batch %d %s", t.JobID, t.Generation, t.Step, t.MicroBatch, t.Dir)
 }
 
@@ -195,14 +201,16 @@ func (l *MemLink) Close() error {
 }
 
 // StageLinks are a stage's links to its neighbours: Prev is nil on the first
-// stage and Next nil on the last.
+// stage and Next nil on the last. Ring joins the last stage to the first,
+// for interleaved schedules only (nil otherwise, and on other stages).
 type StageLinks struct {
 	Prev, Next Link
+	Ring       Link
 }
 
 // Abort aborts (where the link can) and closes both links.
 func (s StageLinks) Abort(cause error) {
-	for _, l := range []Link{s.Prev, s.Next} {
+	for _, l := range []Link{s.Prev, s.Next, s.Ring} {
 		if a, ok := l.(Aborter); ok {
 			a.Abort(cause)
 		}
@@ -218,6 +226,21 @@ func (s StageLinks) Close() {
 	if s.Next != nil {
 		s.Next.Close()
 	}
+	if s.Ring != nil {
+		s.Ring.Close()
+	}
+}
+
+// NewMemPipelineRing is NewMemPipeline plus the ring link between the last
+// and the first stage, for interleaved schedules (stages >= 2).
+func NewMemPipelineRing(stages, buffer int) []StageLinks {
+	out := NewMemPipeline(stages, buffer)
+	if stages >= 2 {
+		a, b := NewMemLinkPair(buffer)
+		out[stages-1].Ring = a
+		out[0].Ring = b
+	}
+	return out
 }
 
 // NewMemPipeline returns in-memory links for stages stages: element s is

@@ -9,8 +9,8 @@ import (
 // ModelSpec is a multi-layer perceptron and its training data: Layers are
 // the widths, input first ([784, 512, 512, 10] is three layers); hidden
 // layers use Activation, the last layer is linear; the loss is the mean
-// squared error against synthetic targets tanh(X·T/√in) of a fixed random
-// teacher T. Weights start Glorot-uniform from Seed, biases at zero. Every
+// squared error against the synthetic targets of a fixed random teacher
+// (see Targets). Weights start Glorot-uniform from Seed, biases at zero. Every
 // step draws a new batch of BatchSize inputs, uniform in [−1, 1), from Seed
 // and the step number, so every stage and a single-process run see the same
 // data without exchanging it.
@@ -80,29 +80,41 @@ func (m ModelSpec) initParams() (ws, bs [][]float32) {
 // Batch returns step's inputs (BatchSize×Layers[0]) and targets
 // (BatchSize×Layers[last]).
 func (m ModelSpec) Batch(step int) (x, t []float32) {
-	in, out := m.Layers[0], m.Layers[len(m.Layers)-1]
+	x = m.Inputs(step)
+	return x, m.Targets(x)
+}
+
+// Inputs returns step's inputs, uniform in [−1, 1).
+func (m ModelSpec) Inputs(step int) []float32 {
 	r := rand.New(rand.NewSource(m.Seed ^ int64(uint64(step+1)*0x9E3779B97F4A7C15)))
-	x = make([]float32, m.BatchSize*in)
+	x := make([]float32, m.BatchSize*m.Layers[0])
 	for i := range x {
 		x[i] = float32(r.Float64()*2 - 1)
 	}
+	return x
+}
+
+// Targets returns the teacher's outputs for inputs x: output j of a sample
+// is tanh(a_j·x[p_j] + b_j·x[q_j]) for fixed random a, b and input indices
+// p, q (from Seed): learnable, and cheap to compute for wide layers.
+func (m ModelSpec) Targets(x []float32) []float32 {
+	in, out := m.Layers[0], m.Layers[len(m.Layers)-1]
 	tr := rand.New(rand.NewSource(m.Seed + 7919))
-	teacher := make([]float64, in*out)
-	for i := range teacher {
-		teacher[i] = tr.Float64()*2 - 1
+	a, b := make([]float64, out), make([]float64, out)
+	p, q := make([]int, out), make([]int, out)
+	for j := 0; j < out; j++ {
+		a[j], b[j] = tr.Float64()*4-2, tr.Float64()*4-2
+		p[j], q[j] = tr.Intn(in), tr.Intn(in)
 	}
-	t = make([]float32, m.BatchSize*out)
-	scale := 1 / math.Sqrt(float64(in))
-	for i := 0; i < m.BatchSize; i++ {
+	rows := len(x) / in
+	t := make([]float32, rows*out)
+	for i := 0; i < rows; i++ {
+		xi := x[i*in : (i+1)*in]
 		for j := 0; j < out; j++ {
-			var s float64
-			for k := 0; k < in; k++ {
-				s += float64(x[i*in+k]) * teacher[k*out+j]
-			}
-			t[i*out+j] = float32(math.Tanh(s * scale))
+			t[i*out+j] = float32(math.Tanh(a[j]*float64(xi[p[j]]) + b[j]*float64(xi[q[j]])))
 		}
 	}
-	return x, t
+	return t
 }
 
 // LayerParams are one layer's weights (In×Out, row-major) and bias.
@@ -180,9 +192,18 @@ func newMLPStage(dev Device, spec ModelSpec, layerStart, layerEnd int, first, la
 	return s, nil
 }
 
+// batch makes step's data: inputs on the first stage, targets (from the
+// inputs) on the last.
 func (s *mlpStage) batch(step int) {
 	if s.batchStep != step {
-		s.x, s.t = s.spec.Batch(step)
+		s.x = s.spec.Inputs(step)
+		s.t = nil
+		if s.last {
+			s.t = s.spec.Targets(s.x)
+		}
+		if !s.first {
+			s.x = nil
+		}
 		s.batchStep = step
 	}
 }
@@ -229,13 +250,15 @@ func (s *mlpStage) Forward(step, mb int, in *Message) (*Message, error) {
 		st.ys = append(st.ys, y)
 		x = y
 	}
-	if s.train {
-		s.saved[mb] = st
-	}
 	outW := s.layers[len(s.layers)-1].out
 	out := &Message{Rows: r, Cols: outW, Data: make([]float32, r*outW)}
 	if err := dev.Download(out.Data, x); err != nil {
 		return nil, err
+	}
+	if s.train {
+		s.saved[mb] = st
+	} else {
+		s.free(st)
 	}
 	if s.last && s.onOutput != nil {
 		s.onOutput(step, mb, out)
@@ -250,6 +273,7 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 		return nil, fmt.Errorf("backward of micro-batch %d before its forward", mb)
 	}
 	delete(s.saved, mb)
+	defer s.free(st)
 	r := s.mbRows
 	nl := len(s.layers)
 	outW := s.layers[nl-1].out
@@ -257,6 +281,7 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer func() { dev.Free(dy) }() // the last gradient tensor; earlier ones are freed as they are replaced
 	if s.last {
 		// d(MSE)/dy = 2(y − t) / (B·out), over the whole batch.
 		s.batch(step)
@@ -311,8 +336,10 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 			return nil, err
 		}
 		if err := dev.Gemm(false, true, 1, dy, ly.w, 0, dx); err != nil {
+			dev.Free(dx)
 			return nil, err
 		}
+		dev.Free(dy)
 		dy = dx
 	}
 	if s.first {
@@ -349,6 +376,32 @@ func (s *mlpStage) EndStep(step int) (float64, error) {
 	loss := s.lossSum
 	s.lossSum = 0
 	return loss, nil
+}
+
+// free releases a micro-batch's saved tensors.
+func (s *mlpStage) free(st *mbState) {
+	if len(st.xs) > 0 {
+		s.dev.Free(st.xs[0]) // the others are the previous layers' outputs
+	}
+	for _, y := range st.ys {
+		s.dev.Free(y)
+	}
+}
+
+// Close releases the stage's parameters and anything still saved.
+func (s *mlpStage) Close() {
+	for mb, st := range s.saved {
+		s.free(st)
+		delete(s.saved, mb)
+	}
+	for _, ly := range s.layers {
+		for _, t := range []Tensor{ly.w, ly.b, ly.dw, ly.db} {
+			if t != nil {
+				s.dev.Free(t)
+			}
+		}
+	}
+	s.layers = nil
 }
 
 // Params returns the stage's current parameters.

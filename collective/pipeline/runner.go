@@ -32,6 +32,15 @@ type StageModel interface {
 	EndStep(step int) (float64, error)
 }
 
+// ChunkedModel is the model of a stage that holds several chunks of the
+// model (interleaved schedules): Chunk(c) is the c-th, which RunStage
+// drives with Forward and Backward; EndStep is called on the ChunkedModel
+// itself.
+type ChunkedModel interface {
+	StageModel
+	Chunk(c int) StageModel
+}
+
 // StageConfig is what RunStage needs besides the model.
 type StageConfig struct {
 	// JobID and Generation tag every transfer.
@@ -39,8 +48,13 @@ type StageConfig struct {
 	Generation uint64
 	// Stage is this stage's index in [0, Stages).
 	Stage, Stages int
-	// Schedule is Schedule1F1B (default), ScheduleGPipe or ScheduleInference.
-	Schedule     string
+	// Schedule is Schedule1F1B (default), ScheduleGPipe, ScheduleInference
+	// or ScheduleInterleaved (with Chunks > 1).
+	Schedule string
+	// Chunks is the model chunks per stage of ScheduleInterleaved (the
+	// model must be a ChunkedModel, and the first and last stages need a
+	// Ring link); 1 otherwise.
+	Chunks       int
 	MicroBatches int
 	Steps        int
 	// Links connect the stage to its neighbours.
@@ -85,10 +99,30 @@ func (c *StageConfig) Validate() error {
 	case c.Stage < c.Stages-1 && c.Links.Next == nil:
 		return fmt.Errorf("%w: stage %d has no link to the next stage", ErrInvalidSpec, c.Stage)
 	}
-	if _, err := StageActions(c.Schedule, c.Stages, c.MicroBatches, c.Stage); err != nil {
+	if c.Schedule == ScheduleInterleaved {
+		if c.Chunks < 2 {
+			return fmt.Errorf("%w: the interleaved schedule needs chunks >= 2, got %d", ErrInvalidSpec, c.Chunks)
+		}
+		if c.Stages < 2 {
+			return fmt.Errorf("%w: the interleaved schedule needs at least 2 stages", ErrInvalidSpec)
+		}
+		if (c.Stage == 0 || c.Stage == c.Stages-1) && c.Links.Ring == nil {
+			return fmt.Errorf("%w: stage %d of an interleaved schedule has no ring link (between the last and the first stage)", ErrInvalidSpec, c.Stage)
+		}
+	} else if c.Chunks > 1 {
+		return fmt.Errorf("%w: %d chunks per stage need the %q schedule, got %q", ErrInvalidSpec, c.Chunks, ScheduleInterleaved, c.Schedule)
+	}
+	if _, err := c.actions(); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalidSpec, err)
 	}
 	return nil
+}
+
+func (c *StageConfig) actions() ([]Action, error) {
+	if c.Schedule == ScheduleInterleaved {
+		return InterleavedStageActions(c.Stages, c.MicroBatches, c.Chunks, c.Stage)
+	}
+	return StageActions(c.Schedule, c.Stages, c.MicroBatches, c.Stage)
 }
 
 // StageStats is what one stage measured.
@@ -126,6 +160,9 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	if cfg.InFlight == 0 {
 		cfg.InFlight = d.InFlight
 	}
+	if cfg.Chunks == 0 {
+		cfg.Chunks = 1
+	}
 	if cfg.FinishTimeout == 0 {
 		cfg.FinishTimeout = d.FinishTimeout
 	}
@@ -137,95 +174,148 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		cfg.Links.Close()
 		return stats, err
 	}
-	actions, _ := StageActions(cfg.Schedule, cfg.Stages, cfg.MicroBatches, cfg.Stage)
+	actions, _ := cfg.actions()
 	log := cfg.Logger.Named("pipeline").With("job", cfg.JobID, "generation", cfg.Generation, "stage", cfg.Stage)
+	chunked, _ := model.(ChunkedModel)
+	if cfg.Chunks > 1 && chunked == nil {
+		cfg.Links.Close()
+		return stats, fmt.Errorf("%w: %d chunks per stage need a model with chunks (ChunkedModel), got %T", ErrInvalidSpec, cfg.Chunks, model)
+	}
+	part := func(c int) StageModel {
+		if cfg.Chunks > 1 {
+			return chunked.Chunk(c)
+		}
+		return model
+	}
 
-	var prev, next *endpoint
+	var prev, next, ring *endpoint
+	stageFail := newFailure()
 	if cfg.Links.Prev != nil {
-		prev = newEndpoint(fmt.Sprintf("stage %d", cfg.Stage-1), cfg.Links.Prev, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation)
+		prev = newStageEndpoint(fmt.Sprintf("stage %d", cfg.Stage-1), cfg.Links.Prev, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
 		defer prev.close()
 	}
 	if cfg.Links.Next != nil {
-		next = newEndpoint(fmt.Sprintf("stage %d", cfg.Stage+1), cfg.Links.Next, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation)
+		next = newStageEndpoint(fmt.Sprintf("stage %d", cfg.Stage+1), cfg.Links.Next, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
 		defer next.close()
 	}
-	tag := func(step, mb int, dir Direction) Tag {
-		return Tag{JobID: cfg.JobID, Generation: cfg.Generation, Step: step, MicroBatch: mb, Dir: dir}
+	if cfg.Chunks > 1 && cfg.Links.Ring != nil {
+		other := cfg.Stages - 1
+		if cfg.Stage == cfg.Stages-1 {
+			other = 0
+		}
+		ring = newStageEndpoint(fmt.Sprintf("stage %d (ring)", other), cfg.Links.Ring, cfg.InFlight, cfg.RecvTimeout, cfg.JobID, cfg.Generation, stageFail)
+		defer ring.close()
+	} else if cfg.Links.Ring != nil {
+		defer cfg.Links.Ring.Close() // not used by this schedule
+	}
+	first, last := cfg.Stage == 0, cfg.Stage == cfg.Stages-1
+	// Where each transfer goes: interleaved schedules wrap from the last
+	// stage to the first (chunk c to chunk c+1) on the ring link.
+	actFrom := func(chunk int) *endpoint {
+		if first && chunk > 0 {
+			return ring
+		}
+		return prev
+	}
+	actTo := func(chunk int) (*endpoint, int) {
+		if last && chunk < cfg.Chunks-1 {
+			return ring, chunk + 1
+		}
+		return next, chunk
+	}
+	gradFrom := func(chunk int) *endpoint {
+		if last && chunk < cfg.Chunks-1 {
+			return ring
+		}
+		return next
+	}
+	gradTo := func(chunk int) (*endpoint, int) {
+		if first && chunk > 0 {
+			return ring, chunk - 1
+		}
+		return prev, chunk
+	}
+	tag := func(step, mb, chunk int, dir Direction) Tag {
+		return Tag{JobID: cfg.JobID, Generation: cfg.Generation, Step: step, MicroBatch: mb, Chunk: chunk, Dir: dir}
 	}
 
 	stats.Start = time.Now()
-	inAct := map[int]*Message{}
-	outAct := map[int]*Message{}
-	inGrad := map[int]*Message{}
-	outGrad := map[int]*Message{}
+	type key [2]int // micro-batch, chunk
+	inAct := map[key]*Message{}
+	outAct := map[key]*Message{}
+	inGrad := map[key]*Message{}
+	outGrad := map[key]*Message{}
 	run := func(step int, a Action) error {
+		k := key{a.MicroBatch, a.Chunk}
 		switch a.Op {
 		case OpRecvAct:
 			t0 := time.Now()
-			m, err := prev.Expect(ctx, tag(step, a.MicroBatch, DirActivation))
+			m, err := actFrom(a.Chunk).Expect(ctx, tag(step, a.MicroBatch, a.Chunk, DirActivation))
 			stats.RecvWaitSeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return err
 			}
-			inAct[a.MicroBatch] = m
+			inAct[k] = m
 		case OpForward:
 			t0 := time.Now()
-			in := inAct[a.MicroBatch]
-			out, err := model.Forward(step, a.MicroBatch, in)
+			in := inAct[k]
+			out, err := part(a.Chunk).Forward(step, a.MicroBatch, in)
 			stats.BusySeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return fmt.Errorf("forward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
-			delete(inAct, a.MicroBatch)
+			delete(inAct, k)
 			if in != nil {
 				in.Release()
 			}
-			if out != nil && next != nil {
-				out.Tag = tag(step, a.MicroBatch, DirActivation)
-				outAct[a.MicroBatch] = out
+			if out != nil && !(last && a.Chunk == cfg.Chunks-1) { // the model's end sends nothing
+				outAct[k] = out
 			}
 		case OpSendAct:
-			m := outAct[a.MicroBatch]
-			if m == nil {
-				return fmt.Errorf("stage %d: forward of micro-batch %d produced no activation to send", cfg.Stage, a.MicroBatch)
+			m := outAct[k]
+			e, to := actTo(a.Chunk)
+			if m == nil || e == nil {
+				return fmt.Errorf("stage %d: forward of micro-batch %d chunk %d produced no activation to send, or has no link for it", cfg.Stage, a.MicroBatch, a.Chunk)
 			}
-			delete(outAct, a.MicroBatch)
+			delete(outAct, k)
+			m.Tag = tag(step, a.MicroBatch, to, DirActivation)
 			t0 := time.Now()
-			err := next.Post(ctx, m)
+			err := e.Post(ctx, m)
 			stats.SendWaitSeconds += time.Since(t0).Seconds()
 			return err
 		case OpRecvGrad:
 			t0 := time.Now()
-			m, err := next.Expect(ctx, tag(step, a.MicroBatch, DirGradient))
+			m, err := gradFrom(a.Chunk).Expect(ctx, tag(step, a.MicroBatch, a.Chunk, DirGradient))
 			stats.RecvWaitSeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return err
 			}
-			inGrad[a.MicroBatch] = m
+			inGrad[k] = m
 		case OpBackward:
 			t0 := time.Now()
-			in := inGrad[a.MicroBatch]
-			g, err := model.Backward(step, a.MicroBatch, in)
+			in := inGrad[k]
+			g, err := part(a.Chunk).Backward(step, a.MicroBatch, in)
 			stats.BusySeconds += time.Since(t0).Seconds()
 			if err != nil {
 				return fmt.Errorf("backward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
-			delete(inGrad, a.MicroBatch)
+			delete(inGrad, k)
 			if in != nil {
 				in.Release()
 			}
-			if g != nil && prev != nil {
-				g.Tag = tag(step, a.MicroBatch, DirGradient)
-				outGrad[a.MicroBatch] = g
+			if g != nil && !(first && a.Chunk == 0) {
+				outGrad[k] = g
 			}
 		case OpSendGrad:
-			m := outGrad[a.MicroBatch]
-			if m == nil {
-				return fmt.Errorf("stage %d: backward of micro-batch %d produced no gradient to send", cfg.Stage, a.MicroBatch)
+			m := outGrad[k]
+			e, to := gradTo(a.Chunk)
+			if m == nil || e == nil {
+				return fmt.Errorf("stage %d: backward of micro-batch %d chunk %d produced no gradient to send, or has no link for it", cfg.Stage, a.MicroBatch, a.Chunk)
 			}
-			delete(outGrad, a.MicroBatch)
+			delete(outGrad, k)
+			m.Tag = tag(step, a.MicroBatch, to, DirGradient)
 			t0 := time.Now()
-			err := prev.Post(ctx, m)
+			err := e.Post(ctx, m)
 			stats.SendWaitSeconds += time.Since(t0).Seconds()
 			return err
 		}
@@ -256,21 +346,21 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	// Finish both links: send ours, then wait for the neighbours'. A
 	// neighbour that closed after receiving our finish is not an error:
 	// everything this stage had to send and receive is through.
-	for _, e := range []*endpoint{prev, next} {
+	for _, e := range []*endpoint{prev, next, ring} {
 		if e != nil {
 			if err := e.sendFinish(ctx); err != nil {
 				return fail(err)
 			}
 		}
 	}
-	for _, e := range []*endpoint{prev, next} {
+	for _, e := range []*endpoint{prev, next, ring} {
 		if e != nil && !e.awaitFinish(ctx, cfg.FinishTimeout) {
 			log.Debug("neighbour closed without a finish message", "neighbour", e.name)
 		}
 	}
 	stats.End = time.Now()
 	stats.WallSeconds = stats.End.Sub(stats.Start).Seconds()
-	for _, e := range []*endpoint{prev, next} {
+	for _, e := range []*endpoint{prev, next, ring} {
 		if e != nil {
 			s, r := e.bytes()
 			stats.BytesSent += s

@@ -47,9 +47,17 @@ func (o Op) IsCompute() bool { return o == OpForward || o == OpBackward }
 type Action struct {
 	Op         Op
 	MicroBatch int
+	// Chunk is the model chunk (virtual stage) of an interleaved schedule:
+	// stage s holds chunks s, s+p, s+2p, ... of the model; 0 otherwise.
+	Chunk int
 }
 
-func (a Action) String() string { return fmt.Sprintf("%s%d", a.Op, a.MicroBatch) }
+func (a Action) String() string {
+	if a.Chunk != 0 {
+		return fmt.Sprintf("%s%d.%d", a.Op, a.MicroBatch, a.Chunk)
+	}
+	return fmt.Sprintf("%s%d", a.Op, a.MicroBatch)
+}
 
 // Schedule names.
 const (
@@ -65,6 +73,8 @@ const (
 	Schedule1F1B = "1f1b"
 	// ScheduleInference runs forwards only.
 	ScheduleInference = "inference"
+	// ScheduleInterleaved is interleaved 1F1B (InterleavedStageActions).
+	ScheduleInterleaved = "interleaved"
 )
 
 var (
@@ -87,20 +97,20 @@ func StageActions(schedule string, stages, microbatches, stage int) ([]Action, e
 	var out []Action
 	fwd := func(mb int) {
 		if !first {
-			out = append(out, Action{OpRecvAct, mb})
+			out = append(out, Action{Op: OpRecvAct, MicroBatch: mb})
 		}
-		out = append(out, Action{OpForward, mb})
+		out = append(out, Action{Op: OpForward, MicroBatch: mb})
 		if !last {
-			out = append(out, Action{OpSendAct, mb})
+			out = append(out, Action{Op: OpSendAct, MicroBatch: mb})
 		}
 	}
 	bwd := func(mb int) {
 		if !last {
-			out = append(out, Action{OpRecvGrad, mb})
+			out = append(out, Action{Op: OpRecvGrad, MicroBatch: mb})
 		}
-		out = append(out, Action{OpBackward, mb})
+		out = append(out, Action{Op: OpBackward, MicroBatch: mb})
 		if !first {
-			out = append(out, Action{OpSendGrad, mb})
+			out = append(out, Action{Op: OpSendGrad, MicroBatch: mb})
 		}
 	}
 	switch strings.ToLower(schedule) {
@@ -144,6 +154,77 @@ func AllStageActions(schedule string, stages, microbatches int) ([][]Action, err
 		out[s] = a
 	}
 	return out, nil
+}
+
+// InterleavedStageActions returns stage's actions for the interleaved 1F1B
+// schedule (Narayanan et al., 2021; Megatron-LM's virtual pipeline): each of
+// the p stages holds v model chunks (stage s holds chunks s, s+p, ...,
+// local chunk c being global chunk c·p+s), micro-batches go through the
+// stages v times, and the bubble shrinks to (p−1)/(v·m+p−1). The last stage
+// sends chunk c's output to the first stage's chunk c+1 (and gradients back
+// the same way), so the stages form a ring. micro-batches must be a
+// multiple of stages, as in Megatron-LM. With v = 1 it is Schedule1F1B.
+//
+// RunStage runs it with StageConfig.Chunks and a Ring link.
+func InterleavedStageActions(stages, microbatches, chunks, stage int) ([]Action, error) {
+	p, m, v, s := stages, microbatches, chunks, stage
+	switch {
+	case p < 1 || m < 1 || v < 1:
+		return nil, fmt.Errorf("%w: stages, micro-batches and chunks must be >= 1, got %d, %d, %d", ErrBadSchedule, p, m, v)
+	case s < 0 || s >= p:
+		return nil, fmt.Errorf("%w: stage %d out of range [0, %d)", ErrBadSchedule, s, p)
+	case m%p != 0:
+		return nil, fmt.Errorf("%w: interleaved schedule needs micro-batches (%d) to be a multiple of stages (%d)", ErrBadSchedule, m, p)
+	}
+	if v == 1 {
+		return StageActions(Schedule1F1B, p, m, s)
+	}
+	total := m * v
+	// Virtual step k: micro-batch group k/(p·v), chunk (k/p) mod v.
+	mbOf := func(k int) int { return (k/(p*v))*p + k%p }
+	fwdChunk := func(k int) int { return (k / p) % v }
+	bwdChunk := func(k int) int { return v - 1 - (k/p)%v }
+	firstChunk := func(c int) bool { return s == 0 && c == 0 }
+	lastChunk := func(c int) bool { return s == p-1 && c == v-1 }
+	var out []Action
+	fwd := func(k int) {
+		mb, c := mbOf(k), fwdChunk(k)
+		if !firstChunk(c) {
+			out = append(out, Action{Op: OpRecvAct, MicroBatch: mb, Chunk: c})
+		}
+		out = append(out, Action{Op: OpForward, MicroBatch: mb, Chunk: c})
+		if !lastChunk(c) {
+			out = append(out, Action{Op: OpSendAct, MicroBatch: mb, Chunk: c})
+		}
+	}
+	bwd := func(k int) {
+		mb, c := mbOf(k), bwdChunk(k)
+		if !lastChunk(c) {
+			out = append(out, Action{Op: OpRecvGrad, MicroBatch: mb, Chunk: c})
+		}
+		out = append(out, Action{Op: OpBackward, MicroBatch: mb, Chunk: c})
+		if !firstChunk(c) {
+			out = append(out, Action{Op: OpSendGrad, MicroBatch: mb, Chunk: c})
+		}
+	}
+	warm := min((p-s-1)*2+(v-1)*p, total)
+	for k := 0; k < warm; k++ {
+		fwd(k)
+	}
+	for i := 0; i < total-warm; i++ {
+		fwd(warm + i)
+		bwd(i)
+	}
+	for k := total - warm; k < total; k++ {
+		bwd(k)
+	}
+	return out, nil
+}
+
+// InterleavedBubble is the idle fraction (p−1)/(v·m+p−1) of the
+// interleaved schedule with v chunks per stage.
+func InterleavedBubble(stages, microbatches, chunks int) float64 {
+	return float64(stages-1) / float64(chunks*microbatches+stages-1)
 }
 
 // TheoreticalBubble is the idle fraction (p−1)/(m+p−1) of GPipe and 1F1B

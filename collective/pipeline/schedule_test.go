@@ -72,10 +72,10 @@ func checkStage(t *testing.T, sched string, p, m, s int, acts []Action) {
 				t.Fatalf("%s p=%d m=%d s=%d: forward %d out of order (want %d)", sched, p, m, s, a.MicroBatch, nF)
 			}
 			nF++
-			if !first && (i == 0 || acts[i-1] != (Action{OpRecvAct, a.MicroBatch})) {
+			if !first && (i == 0 || acts[i-1] != (Action{Op: OpRecvAct, MicroBatch: a.MicroBatch})) {
 				t.Fatalf("%s p=%d m=%d s=%d: %v not preceded by its receive", sched, p, m, s, a)
 			}
-			if !last && (i+1 >= len(acts) || acts[i+1] != (Action{OpSendAct, a.MicroBatch})) {
+			if !last && (i+1 >= len(acts) || acts[i+1] != (Action{Op: OpSendAct, MicroBatch: a.MicroBatch})) {
 				t.Fatalf("%s p=%d m=%d s=%d: %v not followed by its send", sched, p, m, s, a)
 			}
 		case OpBackward:
@@ -86,10 +86,10 @@ func checkStage(t *testing.T, sched string, p, m, s int, acts []Action) {
 				t.Fatalf("%s p=%d m=%d s=%d: backward %d before its forward", sched, p, m, s, a.MicroBatch)
 			}
 			nB++
-			if !last && (i == 0 || acts[i-1] != (Action{OpRecvGrad, a.MicroBatch})) {
+			if !last && (i == 0 || acts[i-1] != (Action{Op: OpRecvGrad, MicroBatch: a.MicroBatch})) {
 				t.Fatalf("%s p=%d m=%d s=%d: %v not preceded by its gradient receive", sched, p, m, s, a)
 			}
-			if !first && (i+1 >= len(acts) || acts[i+1] != (Action{OpSendGrad, a.MicroBatch})) {
+			if !first && (i+1 >= len(acts) || acts[i+1] != (Action{Op: OpSendGrad, MicroBatch: a.MicroBatch})) {
 				t.Fatalf("%s p=%d m=%d s=%d: %v not followed by its gradient send", sched, p, m, s, a)
 			}
 		case OpRecvAct, OpSendGrad:
@@ -114,26 +114,26 @@ func checkStage(t *testing.T, sched string, p, m, s int, acts []Action) {
 	switch sched {
 	case ScheduleGPipe:
 		for mb := 0; mb < m; mb++ {
-			want = append(want, Action{OpForward, mb})
+			want = append(want, Action{Op: OpForward, MicroBatch: mb})
 		}
 		for mb := 0; mb < m; mb++ {
-			want = append(want, Action{OpBackward, mb})
+			want = append(want, Action{Op: OpBackward, MicroBatch: mb})
 		}
 	case Schedule1F1B:
 		// Warm-up p−s−1 forwards, then F,B alternating, then the backwards.
 		w := min(p-s-1, m)
 		for mb := 0; mb < w; mb++ {
-			want = append(want, Action{OpForward, mb})
+			want = append(want, Action{Op: OpForward, MicroBatch: mb})
 		}
 		for i := 0; i < m-w; i++ {
-			want = append(want, Action{OpForward, w + i}, Action{OpBackward, i})
+			want = append(want, Action{Op: OpForward, MicroBatch: w + i}, Action{Op: OpBackward, MicroBatch: i})
 		}
 		for mb := m - w; mb < m; mb++ {
-			want = append(want, Action{OpBackward, mb})
+			want = append(want, Action{Op: OpBackward, MicroBatch: mb})
 		}
 	case ScheduleInference:
 		for mb := 0; mb < m; mb++ {
-			want = append(want, Action{OpForward, mb})
+			want = append(want, Action{Op: OpForward, MicroBatch: mb})
 		}
 	}
 	if got := computeOrder(acts); !reflect.DeepEqual(got, want) {
@@ -172,8 +172,8 @@ func TestScheduleErrors(t *testing.T) {
 func TestSimulateCatchesDeadlockAndMismatch(t *testing.T) {
 	// Both stages receive first: a deadlock.
 	dead := [][]Action{
-		{{OpRecvGrad, 0}, {OpSendAct, 0}},
-		{{OpRecvAct, 0}, {OpSendGrad, 0}},
+		{{Op: OpRecvGrad, MicroBatch: 0}, {Op: OpSendAct, MicroBatch: 0}},
+		{{Op: OpRecvAct, MicroBatch: 0}, {Op: OpSendGrad, MicroBatch: 0}},
 	}
 	if _, err := Simulate(dead, SimOptions{SendBuffer: 1}); !errors.Is(err, ErrDeadlock) {
 		t.Fatalf("err = %v, want ErrDeadlock", err)
@@ -182,17 +182,69 @@ func TestSimulateCatchesDeadlockAndMismatch(t *testing.T) {
 	// stage 1 receives anything, and stage 1 first waits for stage 0's
 	// gradient receive.
 	tight := [][]Action{
-		{{OpSendAct, 0}, {OpSendAct, 1}, {OpRecvGrad, 0}},
-		{{OpSendGrad, 0}, {OpSendGrad, 1}, {OpRecvAct, 0}, {OpRecvAct, 1}},
+		{{Op: OpSendAct, MicroBatch: 0}, {Op: OpSendAct, MicroBatch: 1}, {Op: OpRecvGrad, MicroBatch: 0}},
+		{{Op: OpSendGrad, MicroBatch: 0}, {Op: OpSendGrad, MicroBatch: 1}, {Op: OpRecvAct, MicroBatch: 0}, {Op: OpRecvAct, MicroBatch: 1}},
 	}
 	if _, err := Simulate(tight, SimOptions{SendBuffer: 1}); !errors.Is(err, ErrDeadlock) {
 		t.Fatalf("buffer 1: err = %v, want ErrDeadlock", err)
 	}
 	swapped := [][]Action{
-		{{OpSendAct, 1}, {OpSendAct, 0}},
-		{{OpRecvAct, 0}, {OpRecvAct, 1}},
+		{{Op: OpSendAct, MicroBatch: 1}, {Op: OpSendAct, MicroBatch: 0}},
+		{{Op: OpRecvAct, MicroBatch: 0}, {Op: OpRecvAct, MicroBatch: 1}},
 	}
 	if _, err := Simulate(swapped, SimOptions{SendBuffer: 2}); err == nil {
 		t.Fatal("out-of-order receive not reported")
+	}
+}
+
+func TestInterleavedSchedule(t *testing.T) {
+	for p := 1; p <= 8; p++ {
+		for v := 1; v <= 4; v++ {
+			for m := p; m <= 32; m += p {
+				all := make([][]Action, p)
+				for s := range all {
+					acts, err := InterleavedStageActions(p, m, v, s)
+					if err != nil {
+						t.Fatal(err)
+					}
+					all[s] = acts
+					// Every (micro-batch, chunk) forward once, backward once,
+					// backward after forward; forwards in micro-batch order
+					// within a chunk.
+					fwd := map[[2]int]bool{}
+					bwd := map[[2]int]bool{}
+					for _, a := range acts {
+						k := [2]int{a.MicroBatch, a.Chunk}
+						switch a.Op {
+						case OpForward:
+							if fwd[k] {
+								t.Fatalf("p=%d v=%d m=%d s=%d: %v twice", p, v, m, s, a)
+							}
+							fwd[k] = true
+						case OpBackward:
+							if !fwd[k] || bwd[k] {
+								t.Fatalf("p=%d v=%d m=%d s=%d: %v before its forward or twice", p, v, m, s, a)
+							}
+							bwd[k] = true
+						}
+					}
+					if len(fwd) != m*v || len(bwd) != m*v {
+						t.Fatalf("p=%d v=%d m=%d s=%d: %d forwards and %d backwards, want %d", p, v, m, s, len(fwd), len(bwd), m*v)
+					}
+				}
+				for _, k := range []int{1, 2} {
+					res, err := Simulate(all, SimOptions{SendBuffer: k, ForwardTime: 1 / float64(v), BackwardTime: 2 / float64(v)})
+					if err != nil {
+						t.Fatalf("p=%d v=%d m=%d buffer=%d: %v", p, v, m, k, err)
+					}
+					if want := InterleavedBubble(p, m, v); math.Abs(res.Bubble-want) > 1e-9 {
+						t.Fatalf("p=%d v=%d m=%d buffer=%d: bubble %.6f, theory %.6f", p, v, m, k, res.Bubble, want)
+					}
+				}
+			}
+		}
+	}
+	if _, err := InterleavedStageActions(4, 6, 2, 0); !errors.Is(err, ErrBadSchedule) {
+		t.Fatalf("m not a multiple of p: err = %v", err)
 	}
 }

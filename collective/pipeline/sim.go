@@ -12,7 +12,8 @@ type SimOptions struct {
 	// before a send blocks (the runtime's in-flight bound); at least 1.
 	SendBuffer int
 	// ForwardTime and BackwardTime are the compute times of one micro-batch
-	// on one stage (any unit). Zero values mean 1 and 2.
+	// on one stage (any unit), for one chunk of an interleaved schedule.
+	// Zero values mean 1 and 2.
 	ForwardTime, BackwardTime float64
 	// TransferTime is the time from a send to the message being receivable.
 	TransferTime float64
@@ -52,16 +53,20 @@ func Simulate(sched [][]Action, opts SimOptions) (SimResult, error) {
 		tb = 2
 	}
 	type msg struct {
-		mb    int
-		ready float64
+		mb, chunk int
+		ready     float64
 	}
-	// queues[s][0]: activations from s to s+1; queues[s][1]: gradients from s+1 to s.
+	// queues[s][0]: activations from s to s+1; queues[s][1]: gradients from
+	// s+1 to s. Link p−1 joins the last stage to the first (interleaved
+	// schedules send chunk c's output of the last stage to chunk c+1 of the
+	// first).
 	type queue struct {
 		msgs     []msg
 		sent     int
 		recvTime []float64 // time of the i-th receive
 	}
 	queues := make([][2]queue, p)
+	ring := func(l int) int { return (l + p) % p }
 	pc := make([]int, p)
 	clock := make([]float64, p)
 	res := SimResult{Busy: make([]float64, p), MaxLive: make([]int, p)}
@@ -79,19 +84,19 @@ func Simulate(sched [][]Action, opts SimOptions) (SimResult, error) {
 					if a.Op == OpRecvAct {
 						link = s - 1
 					}
-					if link < 0 || link >= p-1 {
-						return res, fmt.Errorf("stage %d: %v has no neighbour", s, a)
+					if link < 0 && a.Chunk == 0 {
+						return res, fmt.Errorf("stage %d: %v: the first chunk has no previous stage", s, a)
 					}
-					q = &queues[link][0]
+					q = &queues[ring(link)][0]
 				case OpSendGrad, OpRecvGrad:
 					link := s - 1
 					if a.Op == OpRecvGrad {
 						link = s
 					}
-					if link < 0 || link >= p-1 {
-						return res, fmt.Errorf("stage %d: %v has no neighbour", s, a)
+					if link < 0 && a.Chunk == 0 {
+						return res, fmt.Errorf("stage %d: %v: the first chunk has no previous stage", s, a)
 					}
-					q = &queues[link][1]
+					q = &queues[ring(link)][1]
 				}
 				blocked := false
 				switch a.Op {
@@ -115,7 +120,15 @@ func Simulate(sched [][]Action, opts SimOptions) (SimResult, error) {
 					if i-k >= 0 {
 						clock[s] = math.Max(clock[s], q.recvTime[i-k])
 					}
-					q.msgs = append(q.msgs, msg{mb: a.MicroBatch, ready: clock[s] + opts.TransferTime})
+					// A message for the next chunk: what the receiver expects.
+					next := a.Chunk
+					if a.Op == OpSendAct && s == p-1 {
+						next++
+					}
+					if a.Op == OpSendGrad && s == 0 {
+						next--
+					}
+					q.msgs = append(q.msgs, msg{mb: a.MicroBatch, chunk: next, ready: clock[s] + opts.TransferTime})
 					q.sent++
 				case OpRecvAct, OpRecvGrad:
 					if len(q.msgs) == 0 {
@@ -123,8 +136,8 @@ func Simulate(sched [][]Action, opts SimOptions) (SimResult, error) {
 						break
 					}
 					m := q.msgs[0]
-					if m.mb != a.MicroBatch {
-						return res, fmt.Errorf("stage %d: %v would receive micro-batch %d", s, a, m.mb)
+					if m.mb != a.MicroBatch || m.chunk != a.Chunk {
+						return res, fmt.Errorf("stage %d: %v would receive micro-batch %d chunk %d", s, a, m.mb, m.chunk)
 					}
 					q.msgs = q.msgs[1:]
 					clock[s] = math.Max(clock[s], m.ready)
@@ -153,6 +166,14 @@ func Simulate(sched [][]Action, opts SimOptions) (SimResult, error) {
 				}
 			}
 			return res, fmt.Errorf("%w: %s", ErrDeadlock, strings.Join(stuck, ", "))
+		}
+	}
+	// Every message sent must have been received.
+	for l := range queues {
+		for d, q := range queues[l] {
+			if len(q.msgs) > 0 {
+				return res, fmt.Errorf("%d message(s) from stage %d (%s) were never received, first micro-batch %d chunk %d", len(q.msgs), []int{l, ring(l + 1)}[d], []string{"activation", "gradient"}[d], q.msgs[0].mb, q.msgs[0].chunk)
+			}
 		}
 	}
 	var busy float64

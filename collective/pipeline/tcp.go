@@ -28,7 +28,7 @@ import (
 //	32  4    micro-batch
 //	36  4    rows
 //	40  4    cols
-//	44  4    zero
+//	44  4    chunk (interleaved schedules)
 const (
 	tcpHeaderSize = 48
 	tcpMagic      = 0x31504d47 // "GMP1"
@@ -90,6 +90,7 @@ func (l *TCPLink) Send(m *Message) error {
 	binary.LittleEndian.PutUint32(h[32:], uint32(m.Tag.MicroBatch))
 	binary.LittleEndian.PutUint32(h[36:], uint32(m.Rows))
 	binary.LittleEndian.PutUint32(h[40:], uint32(m.Cols))
+	binary.LittleEndian.PutUint32(h[44:], uint32(m.Tag.Chunk))
 	bufs := net.Buffers{h, f32bytes(m.Data)}
 	if _, err := bufs.WriteTo(l.conn); err != nil {
 		return l.ioErr(err)
@@ -113,6 +114,7 @@ func (l *TCPLink) Recv() (*Message, error) {
 			Generation: binary.LittleEndian.Uint64(h[16:]),
 			Step:       int(binary.LittleEndian.Uint64(h[24:])),
 			MicroBatch: int(binary.LittleEndian.Uint32(h[32:])),
+			Chunk:      int(binary.LittleEndian.Uint32(h[44:])),
 		},
 		Rows: int(binary.LittleEndian.Uint32(h[36:])),
 		Cols: int(binary.LittleEndian.Uint32(h[40:])),
@@ -183,6 +185,9 @@ type TCPConfig struct {
 	// ConnectTimeout bounds the whole connection phase (the next stage may
 	// start later: dials are retried until then). Default 30 s.
 	ConnectTimeout time.Duration
+	// Ring also links the last stage to the first (StageLinks.Ring), for
+	// interleaved schedules: the last stage dials the first.
+	Ring bool
 }
 
 // DefaultTCPConfig returns the defaults of the optional fields.
@@ -218,7 +223,8 @@ func ConnectTCP(ctx context.Context, cfg TCPConfig) (StageLinks, error) {
 	var links StageLinks
 	var errPrev, errNext error
 	var wg sync.WaitGroup
-	if cfg.Stage > 0 {
+	ring := cfg.Ring && cfg.Stages >= 2
+	if cfg.Stage > 0 || ring {
 		ln := cfg.Listener
 		if ln == nil {
 			var lc net.ListenConfig
@@ -235,18 +241,26 @@ func ConnectTCP(ctx context.Context, cfg TCPConfig) (StageLinks, error) {
 			var l *TCPLink
 			l, errPrev = acceptStage(ctx, ln, cfg)
 			if l != nil {
-				links.Prev = l
+				if cfg.Stage == 0 {
+					links.Ring = l
+				} else {
+					links.Prev = l
+				}
 			}
 		}()
 	}
-	if cfg.Stage < cfg.Stages-1 {
+	if cfg.Stage < cfg.Stages-1 || ring {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			var l *TCPLink
 			l, errNext = dialStage(ctx, cfg)
 			if l != nil {
-				links.Next = l
+				if cfg.Stage == cfg.Stages-1 {
+					links.Ring = l
+				} else {
+					links.Next = l
+				}
 			}
 		}()
 	}
@@ -271,7 +285,8 @@ func writeHello(w io.Writer, cfg TCPConfig, from int) error {
 }
 
 func dialStage(ctx context.Context, cfg TCPConfig) (*TCPLink, error) {
-	addr := cfg.Addrs[cfg.Stage+1]
+	to := (cfg.Stage + 1) % cfg.Stages
+	addr := cfg.Addrs[to]
 	var d net.Dialer
 	backoff := 10 * time.Millisecond
 	for {
@@ -289,7 +304,7 @@ func dialStage(ctx context.Context, cfg TCPConfig) (*TCPLink, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("stage %d: could not reach stage %d at %s: %w (last error: %v)", cfg.Stage, cfg.Stage+1, addr, ctx.Err(), err)
+			return nil, fmt.Errorf("stage %d: could not reach stage %d at %s: %w (last error: %v)", cfg.Stage, to, addr, ctx.Err(), err)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 500*time.Millisecond)
@@ -314,23 +329,34 @@ func clientHandshake(ctx context.Context, conn net.Conn, cfg TCPConfig) (*TCPLin
 	if st[0] != 0 {
 		msg := make([]byte, binary.LittleEndian.Uint16(st[1:]))
 		io.ReadFull(conn, msg)
-		return nil, fmt.Errorf("%w: stage %d at %s refused the connection: %s", ErrProtocol, cfg.Stage+1, cfg.Addrs[cfg.Stage+1], msg)
+		to := (cfg.Stage + 1) % cfg.Stages
+		return nil, fmt.Errorf("%w: stage %d at %s refused the connection: %s", ErrProtocol, to, cfg.Addrs[to], msg)
 	}
 	return newTCPLink(conn, cfg.JobID, cfg.Generation), nil
 }
 
 func acceptStage(ctx context.Context, ln net.Listener, cfg TCPConfig) (*TCPLink, error) {
+	d, canDeadline := ln.(interface{ SetDeadline(time.Time) error })
+	fired := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
-		if d, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
+		defer close(fired)
+		if canDeadline {
 			d.SetDeadline(time.Unix(1, 0))
 		}
 	})
-	defer stop()
+	defer func() {
+		if !stop() {
+			<-fired
+			if canDeadline {
+				d.SetDeadline(time.Time{}) // the caller's listener stays usable
+			}
+		}
+	}()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("stage %d: stage %d did not connect: %w", cfg.Stage, cfg.Stage-1, ctx.Err())
+				return nil, fmt.Errorf("stage %d: stage %d did not connect: %w", cfg.Stage, (cfg.Stage-1+cfg.Stages)%cfg.Stages, ctx.Err())
 			}
 			return nil, fmt.Errorf("stage %d: accept: %w", cfg.Stage, err)
 		}
@@ -368,8 +394,8 @@ func serverHandshake(ctx context.Context, conn net.Conn, cfg TCPConfig) (*TCPLin
 		refusal = fmt.Sprintf("this is stage %d of job %q, not of job %q", cfg.Stage, cfg.JobID, job)
 	case gen != cfg.Generation:
 		refusal = fmt.Sprintf("job %q runs generation %d here, the dialer has generation %d", cfg.JobID, cfg.Generation, gen)
-	case from != cfg.Stage-1:
-		refusal = fmt.Sprintf("stage %d accepts stage %d, not stage %d", cfg.Stage, cfg.Stage-1, from)
+	case from != (cfg.Stage-1+cfg.Stages)%cfg.Stages:
+		refusal = fmt.Sprintf("stage %d accepts stage %d, not stage %d", cfg.Stage, (cfg.Stage-1+cfg.Stages)%cfg.Stages, from)
 	}
 	if refusal != "" {
 		out := make([]byte, 3+len(refusal))

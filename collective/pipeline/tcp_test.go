@@ -13,6 +13,11 @@ import (
 // tcpPipeline connects p stages over loopback TCP.
 func tcpPipeline(t *testing.T, ctx context.Context, job string, gen uint64, p int) []StageLinks {
 	t.Helper()
+	return tcpPipelineRing(t, ctx, job, gen, p, false)
+}
+
+func tcpPipelineRing(t *testing.T, ctx context.Context, job string, gen uint64, p int, ring bool) []StageLinks {
+	t.Helper()
 	lns := make([]net.Listener, p)
 	addrs := make([]string, p)
 	for s := range lns {
@@ -30,7 +35,7 @@ func tcpPipeline(t *testing.T, ctx context.Context, job string, gen uint64, p in
 		wg.Add(1)
 		go func(s int) {
 			defer wg.Done()
-			links[s], errs[s] = ConnectTCP(ctx, TCPConfig{JobID: job, Generation: gen, Stage: s, Stages: p, Addrs: addrs, Listener: lns[s], ConnectTimeout: 10 * time.Second})
+			links[s], errs[s] = ConnectTCP(ctx, TCPConfig{JobID: job, Generation: gen, Stage: s, Stages: p, Addrs: addrs, Listener: lns[s], ConnectTimeout: 10 * time.Second, Ring: ring})
 		}(s)
 	}
 	wg.Wait()
@@ -128,8 +133,8 @@ func TestTCPPeerDeathFailsStages(t *testing.T) {
 	links[2].Prev.Close()
 	wg.Wait()
 	for s, err := range errs {
-		if err == nil || ctx.Err() != nil {
-			t.Fatalf("stage %d: err = %v (ctx %v), want a link error before the deadline", s, err, ctx.Err())
+		if err == nil || ctx.Err() != nil || errors.Is(err, ErrTimeout) {
+			t.Fatalf("stage %d: err = %v (ctx %v), want a link error, not a timeout", s, err, ctx.Err())
 		}
 		t.Logf("stage %d: %v", s, err)
 	}
@@ -153,5 +158,38 @@ func TestConnectTCPTimesOut(t *testing.T) {
 	}
 	if _, err := ConnectTCP(ctx, TCPConfig{JobID: "j", Stage: 0, Stages: 2, Addrs: []string{"x"}}); !errors.Is(err, ErrInvalidSpec) {
 		t.Fatalf("bad config err = %v", err)
+	}
+}
+
+func TestInterleavedOverTCPAndGRPC(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	layers := []int{6, 8, 7, 9, 6, 8, 5, 7, 4}
+	spec := JobSpec{Layers: layers, MicroBatchSize: 2, MicroBatches: 6, Steps: 3, Seed: 8, LearningRate: 0.1, Schedule: ScheduleInterleaved, Chunks: 2}
+	ref, err := RunReference(JobSpec{Layers: layers, MicroBatchSize: 2, MicroBatches: 6, Steps: 3, Seed: 8, LearningRate: 0.1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range []string{"tcp", "grpc"} {
+		var links []StageLinks
+		if kind == "tcp" {
+			links = tcpPipelineRing(t, ctx, "job-1", 3, 3, true)
+		} else {
+			links = grpcPipeline(t, "job-1", 3, 3, CollectiveConfig{Channels: 2, ChunkBytes: 4096, Ring: true})
+		}
+		if links[0].Ring == nil || links[2].Ring == nil || links[1].Ring != nil {
+			t.Fatalf("%s: ring links on the wrong stages", kind)
+		}
+		reps, errs := runPipeline(t, ctx, spec, links, nil)
+		for s, err := range errs {
+			if err != nil {
+				t.Fatalf("%s: stage %d: %v", kind, s, err)
+			}
+		}
+		for i, l := range reps[2].Losses {
+			if !relClose(l, ref.Losses[i], 1e-5) {
+				t.Fatalf("%s: step %d loss %v, single process %v", kind, i, l, ref.Losses[i])
+			}
+		}
 	}
 }

@@ -564,9 +564,10 @@ type PipelineSpec struct {
 	Steps          int32                  `protobuf:"varint,4,opt,name=steps,proto3" json:"steps,omitempty"`
 	Seed           int64                  `protobuf:"varint,5,opt,name=seed,proto3" json:"seed,omitempty"`
 	LearningRate   float64                `protobuf:"fixed64,6,opt,name=learning_rate,json=learningRate,proto3" json:"learning_rate,omitempty"`
-	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe or 1f1b (default)
+	Schedule       string                 `protobuf:"bytes,7,opt,name=schedule,proto3" json:"schedule,omitempty"` // gpipe, 1f1b (default) or interleaved
 	Device         string                 `protobuf:"bytes,8,opt,name=device,proto3" json:"device,omitempty"`     // cpu (default) or cuda
 	Mode           string                 `protobuf:"bytes,9,opt,name=mode,proto3" json:"mode,omitempty"`         // train (default) or inference
+	Chunks         int32                  `protobuf:"varint,10,opt,name=chunks,proto3" json:"chunks,omitempty"`   // model chunks per stage (schedule interleaved)
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -662,6 +663,13 @@ func (x *PipelineSpec) GetMode() string {
 		return x.Mode
 	}
 	return ""
+}
+
+func (x *PipelineSpec) GetChunks() int32 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
 }
 
 type JobSpec struct {
@@ -2884,7 +2892,7 @@ const file_control_proto_rawDesc = "" +
 	"\x05iters\x18\x03 \x01(\x05R\x05iters\x12\x16\n" +
 	"\x06device\x18\x04 \x01(\tR\x06device\x12\x0e\n" +
 	"\x02op\x18\x05 \x01(\tR\x02op\x12\x1a\n" +
-	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\x8a\x02\n" +
+	"\bchannels\x18\x06 \x01(\x05R\bchannels\"\xa2\x02\n" +
 	"\fPipelineSpec\x12\x16\n" +
 	"\x06layers\x18\x01 \x03(\x05R\x06layers\x12\"\n" +
 	"\fmicrobatches\x18\x02 \x01(\x05R\fmicrobatches\x12'\n" +
@@ -2894,7 +2902,9 @@ const file_control_proto_rawDesc = "" +
 	"\rlearning_rate\x18\x06 \x01(\x01R\flearningRate\x12\x1a\n" +
 	"\bschedule\x18\a \x01(\tR\bschedule\x12\x16\n" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
-	"\x04mode\x18\t \x01(\tR\x04mode\"\x8a\x04\n" +
+	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
+	"\x06chunks\x18\n" +
+	" \x01(\x05R\x06chunks\"\x8a\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +

@@ -413,8 +413,20 @@ func Validate(s *pb.JobSpec) error {
 		if !(p.LearningRate > 0 && p.LearningRate < 100) {
 			return fieldErr("pipeline.learning_rate", "must be > 0 and < 100, got %g", p.LearningRate)
 		}
-		if !oneOf(p.Schedule, []string{"gpipe", "1f1b"}) {
-			return fieldErr("pipeline.schedule", "unknown schedule %q; use gpipe or 1f1b", p.Schedule)
+		if !oneOf(p.Schedule, []string{"gpipe", "1f1b", "interleaved"}) {
+			return fieldErr("pipeline.schedule", "unknown schedule %q; use gpipe, 1f1b or interleaved", p.Schedule)
+		}
+		if p.Schedule == "interleaved" && p.Chunks < 2 {
+			return fieldErr("pipeline.chunks", "the interleaved schedule needs chunks >= 2 (model chunks per stage), got %d", p.Chunks)
+		}
+		if p.Schedule != "interleaved" && p.Chunks > 1 {
+			return fieldErr("pipeline.chunks", "chunks %d need schedule interleaved", p.Chunks)
+		}
+		if p.Chunks < 0 || p.Chunks > 16 {
+			return fieldErr("pipeline.chunks", "must be between 0 and 16, got %d", p.Chunks)
+		}
+		if p.Chunks > 1 && int(s.Ranks)*int(p.Chunks) > len(p.Layers)-1 {
+			return fieldErr("pipeline.chunks", "%d stages × %d chunks need at least %d layers, the model has %d", s.Ranks, p.Chunks, int(s.Ranks)*int(p.Chunks), len(p.Layers)-1)
 		}
 		if !oneOf(p.Device, []string{"cpu", "cuda"}) {
 			return fieldErr("pipeline.device", "unknown device %q; use cpu or cuda", p.Device)

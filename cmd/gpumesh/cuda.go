@@ -1,0 +1,11 @@
+//go:build cuda
+
+package main
+
+import "github.com/gpumesh/gpumesh/collective/cudabuf"
+
+// The cuda build registers the "cuda" device for the collectives: the
+// allreduce job with device cuda (or auto on a GPU host) and
+// `gpumesh bench allreduce --device cuda` allocate their buffers on GPUs.
+// Registration is lazy: no CUDA work happens until the first buffer.
+func init() { cudabuf.Register() }

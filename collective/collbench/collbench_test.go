@@ -1,0 +1,104 @@
+package collbench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func smallConfig() Config {
+	cfg := DefaultConfig()
+	cfg.Sizes = []int64{4 << 10, 256 << 10}
+	cfg.Iters, cfg.Warmup = 2, 1
+	cfg.Collective.Channels = 2
+	cfg.Collective.ChunkBytes = 64 << 10
+	return cfg
+}
+
+func TestRunInProcessTable(t *testing.T) {
+	cfg := smallConfig()
+	cfg.Ranks = 3
+	res, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Rows) != 2 || res.Wrong != 0 {
+		t.Fatalf("%+v", res)
+	}
+	for _, r := range res.Rows {
+		if r.BusBWGBps <= 0 || r.RawBusGBps <= 0 || r.Ratio <= 0 {
+			t.Fatalf("row %+v", r)
+		}
+	}
+	var b bytes.Buffer
+	WriteTable(&b, res)
+	if !strings.Contains(b.String(), "busbw") || !strings.Contains(b.String(), "262144") {
+		t.Fatalf("table:\n%s", b.String())
+	}
+}
+
+func TestCudaWithoutBackendIsClear(t *testing.T) {
+	cfg := smallConfig()
+	cfg.Device = "cuda"
+	if _, err := Run(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "-tags cuda") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+// The worker protocol of --procs, with goroutines standing in for processes.
+func TestWorkerProtocol(t *testing.T) {
+	cfg := smallConfig()
+	wc := WorkerConfig{Collective: cfg.Collective, GRPC: cfg.GRPC, Spec: cfg.jobSpec()}
+	type pipes struct {
+		inW  *io.PipeWriter
+		outR *bufio.Reader
+		done chan error
+	}
+	ws := make([]pipes, 2)
+	for i := range ws {
+		inR, inW := io.Pipe()
+		outR, outW := io.Pipe()
+		ws[i] = pipes{inW: inW, outR: bufio.NewReader(outR), done: make(chan error, 1)}
+		go func() {
+			err := RunWorker(context.Background(), inR, outW, wc, nil)
+			_ = outW.CloseWithError(io.EOF)
+			ws[i].done <- err
+		}()
+	}
+	addrs := make([]string, 2)
+	for i, w := range ws {
+		var h workerHello
+		if err := readJSON(w.outR, &h); err != nil {
+			t.Fatal(err)
+		}
+		addrs[i] = h.Addr
+	}
+	for i, w := range ws {
+		if err := json.NewEncoder(w.inW).Encode(workerStart{Rank: i, Addrs: addrs}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, w := range ws {
+		var d workerDone
+		if err := readJSON(w.outR, &d); err != nil {
+			t.Fatal(err)
+		}
+		if d.Error != "" || d.Report.Rank != i || len(d.Report.Results) != 2 || d.Report.Wrong != 0 {
+			t.Fatalf("worker %d: %+v", i, d)
+		}
+	}
+	for _, w := range ws {
+		if err := <-w.done; err != nil {
+			t.Fatal(err)
+		}
+		_ = w.inW.Close()
+	}
+}

@@ -1,0 +1,333 @@
+//go:build cuda
+
+package pipeline
+
+import (
+	_ "embed"
+	"fmt"
+	"math"
+	"sync"
+	"unsafe"
+
+	"gorgonia.org/cu"
+
+	"github.com/gpumesh/gpumesh/cuda"
+)
+
+//go:generate nvcc -arch=compute_75 -ptx -o kernels/mlp.ptx kernels/mlp.cu
+
+//go:embed kernels/mlp.ptx
+var mlpPTX string
+
+var mlpKernels = []string{
+	"gemm_f32", "add_row_vector_f32", "sum_rows_f32", "tanh_f32", "relu_f32",
+	"tanh_grad_f32", "relu_grad_f32", "axpy_f32",
+}
+
+func init() {
+	openBenchDevices = func() ([]Device, func(), error) {
+		rt, err := cuda.Open(cuda.DefaultConfig())
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w: %v", ErrNoDevice, err)
+		}
+		var devs []Device
+		for _, d := range rt.Devices() {
+			c, err := NewCUDADevice(d)
+			if err != nil {
+				rt.Close()
+				return nil, nil, err
+			}
+			devs = append(devs, c)
+		}
+		return devs, func() {
+			for _, d := range devs {
+				d.(*CUDADevice).Close()
+			}
+			rt.Close()
+		}, nil
+	}
+}
+
+// CUDADevice runs the MLP's layer math on one GPU with the kernels of
+// kernels/mlp.cu (no cuBLAS: the binary needs only libcuda). Work is issued
+// on the context's default stream, in order; Download waits for it.
+type CUDADevice struct {
+	dev *cuda.Device
+	fns map[string]cu.Function
+	// pool keeps freed allocations by size for reuse: cuMemAlloc and
+	// cuMemFree are slow and the latter synchronizes the device, while a
+	// pipeline stage allocates the same shapes every micro-batch.
+	mu   sync.Mutex
+	pool map[int64][]*cuda.Mem
+}
+
+var _ Device = (*CUDADevice)(nil)
+
+// NewCUDADevice loads the MLP kernels on d (JIT from embedded PTX).
+func NewCUDADevice(d *cuda.Device) (*CUDADevice, error) {
+	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}, pool: map[int64][]*cuda.Mem{}}
+	err := d.Do(func() error {
+		mod, err := cu.LoadData(mlpPTX)
+		if err != nil {
+			return fmt.Errorf("load MLP kernels: %w", err)
+		}
+		for _, name := range mlpKernels {
+			f, err := mod.Function(name)
+			if err != nil {
+				return fmt.Errorf("kernel %s: %w", name, err)
+			}
+			c.fns[name] = f
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w: cuda:%d: %v", ErrNoDevice, d.Ordinal(), err)
+	}
+	return c, nil
+}
+
+// Name returns "cuda:N".
+func (c *CUDADevice) Name() string { return fmt.Sprintf("cuda:%d", c.dev.Ordinal()) }
+
+type cudaTensor struct {
+	r, c int
+	mem  *cuda.Mem
+}
+
+func (t *cudaTensor) Rows() int { return t.r }
+func (t *cudaTensor) Cols() int { return t.c }
+
+func (t *cudaTensor) ptr() uint64 { return uint64(t.mem.Ptr()) }
+
+func devTensors(ts ...Tensor) ([]*cudaTensor, error) {
+	out := make([]*cudaTensor, len(ts))
+	for i, t := range ts {
+		d, ok := t.(*cudaTensor)
+		if !ok {
+			return nil, fmt.Errorf("%w: cuda device given a %T", ErrDevice, t)
+		}
+		out[i] = d
+	}
+	return out, nil
+}
+
+// New allocates a zeroed tensor.
+func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
+	if rows < 0 || cols < 0 {
+		return nil, fmt.Errorf("%w: bad shape %d×%d", ErrDevice, rows, cols)
+	}
+	n := int64(max(rows*cols, 1))
+	var m *cuda.Mem
+	c.mu.Lock()
+	if l := c.pool[4*n]; len(l) > 0 {
+		m = l[len(l)-1]
+		c.pool[4*n] = l[:len(l)-1]
+	}
+	c.mu.Unlock()
+	if m == nil {
+		var err error
+		if m, err = c.dev.Alloc(4 * n); err != nil {
+			return nil, err
+		}
+	}
+	if err := c.dev.Do(func() error { return cu.MemsetD32(cu.DevicePtr(m.Ptr()), 0, n) }); err != nil {
+		m.Free()
+		return nil, err
+	}
+	return &cudaTensor{r: rows, c: cols, mem: m}, nil
+}
+
+// Free gives the tensor's device memory back to the device's pool.
+func (c *CUDADevice) Free(t Tensor) {
+	if d, ok := t.(*cudaTensor); ok && d.mem != nil {
+		c.mu.Lock()
+		c.pool[d.mem.Len()] = append(c.pool[d.mem.Len()], d.mem)
+		c.mu.Unlock()
+		d.mem = nil
+	}
+}
+
+// Close frees the pooled memory. Tensors still in use stay valid until
+// freed; the device can be used again afterwards.
+func (c *CUDADevice) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, l := range c.pool {
+		for _, m := range l {
+			m.Free()
+		}
+		delete(c.pool, k)
+	}
+}
+
+// Upload copies src into dst.
+func (c *CUDADevice) Upload(dst Tensor, src []float32) error {
+	d, err := devTensors(dst)
+	if err != nil {
+		return err
+	}
+	if len(src) != d[0].r*d[0].c {
+		return fmt.Errorf("%w: upload of %d values into %d×%d", ErrDevice, len(src), d[0].r, d[0].c)
+	}
+	return c.dev.CopyHtoD(d[0].mem.Ptr(), f32bytes(src))
+}
+
+// Download copies src into dst (waiting for the work that writes it).
+func (c *CUDADevice) Download(dst []float32, src Tensor) error {
+	d, err := devTensors(src)
+	if err != nil {
+		return err
+	}
+	if len(dst) != d[0].r*d[0].c {
+		return fmt.Errorf("%w: download of %d×%d into %d values", ErrDevice, d[0].r, d[0].c, len(dst))
+	}
+	return c.dev.CopyDtoH(f32bytes(dst), d[0].mem.Ptr())
+}
+
+func f32arg(f float32) uint64 { return uint64(math.Float32bits(f)) }
+
+// launch runs a kernel; every argument is one 64-bit slot.
+func (c *CUDADevice) launch(name string, gx, gy, bx, by int, args ...uint64) error {
+	params := make([]unsafe.Pointer, len(args))
+	for i := range args {
+		params[i] = unsafe.Pointer(&args[i])
+	}
+	return c.dev.Do(func() error {
+		if err := c.fns[name].Launch(gx, gy, 1, bx, by, 1, 0, cu.NoStream, params); err != nil {
+			return fmt.Errorf("%w: launch %s: %v", ErrDevice, name, err)
+		}
+		return nil
+	})
+}
+
+func grid1(n int) int { return max(1, min((n+255)/256, 4096)) }
+
+func b2u(b bool) uint64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Gemm computes c = alpha·op(a)·op(b) + beta·c.
+func (c *CUDADevice) Gemm(transA, transB bool, alpha float32, a, b Tensor, beta float32, out Tensor) error {
+	t, err := devTensors(a, b, out)
+	if err != nil {
+		return err
+	}
+	A, B, C := t[0], t[1], t[2]
+	m, k := A.r, A.c
+	if transA {
+		m, k = k, m
+	}
+	kb, n := B.r, B.c
+	if transB {
+		kb, n = n, kb
+	}
+	if k != kb || C.r != m || C.c != n {
+		return fmt.Errorf("%w: gemm shapes %d×%d (T=%v) · %d×%d (T=%v) into %d×%d", ErrDevice, A.r, A.c, transA, B.r, B.c, transB, C.r, C.c)
+	}
+	if m == 0 || n == 0 {
+		return nil
+	}
+	return c.launch("gemm_f32", (n+15)/16, (m+15)/16, 16, 16,
+		b2u(transA), b2u(transB), uint64(m), uint64(n), uint64(k), f32arg(alpha),
+		A.ptr(), uint64(A.c), B.ptr(), uint64(B.c), f32arg(beta), C.ptr())
+}
+
+// AddRowVector adds v to every row of x.
+func (c *CUDADevice) AddRowVector(x, v Tensor) error {
+	t, err := devTensors(x, v)
+	if err != nil {
+		return err
+	}
+	X, V := t[0], t[1]
+	if V.r != 1 || V.c != X.c {
+		return fmt.Errorf("%w: bias %d×%d for %d×%d", ErrDevice, V.r, V.c, X.r, X.c)
+	}
+	if X.r*X.c == 0 {
+		return nil
+	}
+	return c.launch("add_row_vector_f32", grid1(X.r*X.c), 1, 256, 1, X.ptr(), V.ptr(), uint64(X.r), uint64(X.c))
+}
+
+// SumRows computes dst = Σ_i x[i,:] + beta·dst.
+func (c *CUDADevice) SumRows(dst, x Tensor, beta float32) error {
+	t, err := devTensors(dst, x)
+	if err != nil {
+		return err
+	}
+	D, X := t[0], t[1]
+	if D.r != 1 || D.c != X.c {
+		return fmt.Errorf("%w: row sum %d×%d into %d×%d", ErrDevice, X.r, X.c, D.r, D.c)
+	}
+	if X.c == 0 {
+		return nil
+	}
+	return c.launch("sum_rows_f32", grid1(X.c), 1, 256, 1, D.ptr(), X.ptr(), uint64(X.r), uint64(X.c), f32arg(beta))
+}
+
+// Activate applies act in place.
+func (c *CUDADevice) Activate(act string, x Tensor) error {
+	t, err := devTensors(x)
+	if err != nil {
+		return err
+	}
+	n := t[0].r * t[0].c
+	var k string
+	switch act {
+	case ActTanh:
+		k = "tanh_f32"
+	case ActReLU:
+		k = "relu_f32"
+	default:
+		return fmt.Errorf("%w: unknown activation %q", ErrDevice, act)
+	}
+	if n == 0 {
+		return nil
+	}
+	return c.launch(k, grid1(n), 1, 256, 1, t[0].ptr(), uint64(n))
+}
+
+// ActivationGrad multiplies dy by act'(given output y).
+func (c *CUDADevice) ActivationGrad(act string, y, dy Tensor) error {
+	t, err := devTensors(y, dy)
+	if err != nil {
+		return err
+	}
+	Y, D := t[0], t[1]
+	if Y.r != D.r || Y.c != D.c {
+		return fmt.Errorf("%w: activation gradient shapes %d×%d and %d×%d", ErrDevice, Y.r, Y.c, D.r, D.c)
+	}
+	n := Y.r * Y.c
+	var k string
+	switch act {
+	case ActTanh:
+		k = "tanh_grad_f32"
+	case ActReLU:
+		k = "relu_grad_f32"
+	default:
+		return fmt.Errorf("%w: unknown activation %q", ErrDevice, act)
+	}
+	if n == 0 {
+		return nil
+	}
+	return c.launch(k, grid1(n), 1, 256, 1, Y.ptr(), D.ptr(), uint64(n))
+}
+
+// Axpy computes y += alpha·x.
+func (c *CUDADevice) Axpy(alpha float32, x, y Tensor) error {
+	t, err := devTensors(x, y)
+	if err != nil {
+		return err
+	}
+	X, Y := t[0], t[1]
+	n := X.r * X.c
+	if n != Y.r*Y.c {
+		return fmt.Errorf("%w: axpy of %d into %d values", ErrDevice, n, Y.r*Y.c)
+	}
+	if n == 0 {
+		return nil
+	}
+	return c.launch("axpy_f32", grid1(n), 1, 256, 1, f32arg(alpha), X.ptr(), Y.ptr(), uint64(n))
+}

@@ -1,0 +1,47 @@
+package mesh
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// After a join, and again whenever the node's incarnation grows (a
+// refutation or a metadata update), the node runs a round of syncs.
+func TestSyncAfterJoinAndIncarnationBump(t *testing.T) {
+	var ms []*Mesh
+	for _, name := range []string{"x", "y"} {
+		c := DefaultLocalConfig()
+		c.NodeName, c.NodeID = name, "id-"+name
+		m, err := New(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Shutdown()
+		ms = append(ms, m)
+	}
+	x, y := ms[0], ms[1]
+	if _, err := y.Join(context.Background(), []string{x.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the post-join syncs to start", y.syncing.Load)
+	waitUntil(t, "the post-join syncs to end", func() bool { return !y.syncing.Load() })
+	if x.syncing.Load() {
+		t.Fatal("x syncs although it neither joined nor changed")
+	}
+	if err := x.UpdateMeta(func(m *Meta) { m.Role = RoleVoter }); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "syncs after x's incarnation grew", x.syncing.Load)
+}

@@ -1,0 +1,183 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/procs"
+)
+
+// chromium finds a headless-capable Chromium, or "".
+func chromium() string {
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome", "google-chrome-stable"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	return ""
+}
+
+// runChromium loads url headless and returns what it printed (the DOM with
+// --dump-dom). Virtual time lets the page's fetches and timers run first.
+func runChromium(t *testing.T, bin, url string, extra ...string) []byte {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	args := append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+		"--user-data-dir=" + t.TempDir(), "--window-size=1400,1000", "--virtual-time-budget=5000"}, extra...)
+	args = append(args, url)
+	cmd := exec.CommandContext(ctx, bin, args...)
+	// Files, not pipes: Chromium's helper processes may keep them open.
+	dir := t.TempDir()
+	out, err := os.Create(filepath.Join(dir, "stdout"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	errf, err := os.Create(filepath.Join(dir, "stderr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer errf.Close()
+	cmd.Stdout, cmd.Stderr = out, errf
+	// Its own process group, so that every helper it started ends with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	runErr := cmd.Run()
+	if cmd.Process != nil {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+	if runErr != nil {
+		e, _ := os.ReadFile(errf.Name())
+		t.Fatalf("chromium %s: %v\n%s", url, runErr, e)
+	}
+	b, err := os.ReadFile(out.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestDashboardFeed(t *testing.T) {
+	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
+	f := follower(dc)
+	c := client(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+name: sleeper
+ranks: 2
+exec:
+  command: ["sh", "-c", "sleep 60"]
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	procs.Eventually(t, 30*time.Second, func() error {
+		var v dashView
+		if err := json.Unmarshal([]byte(httpGet(t, "http://"+f.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
+			return err
+		}
+		l := dc.Leader()
+		if l == nil || v.Leader != l.Name() || v.Node != f.Name() {
+			return fmt.Errorf("leader %q node %q (an election is under way?)", v.Leader, v.Node)
+		}
+		roles := map[string]int{}
+		for _, m := range v.Members {
+			roles[m.Role]++
+		}
+		if len(v.Members) != 3 || roles["leader"] != 1 || roles["voter"] != 2 {
+			return fmt.Errorf("members %+v", v.Members)
+		}
+		if len(v.Jobs) != 1 || v.Jobs[0].ID != resp.Id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 2 {
+			return fmt.Errorf("jobs %+v", v.Jobs)
+		}
+		for _, r := range v.Jobs[0].Ranks {
+			if r.Status != "running" || r.Node == "" {
+				return fmt.Errorf("rank %+v", r)
+			}
+		}
+		if len(v.GPUs) != 3 || len(v.GPUs[0].GPUs) != 2 || v.GPUs[0].GPUs[1].Utilization != 97 {
+			return fmt.Errorf("gpus %+v", v.GPUs)
+		}
+		return nil
+	})
+	// The page and its assets are served; other paths are not.
+	page := httpGet(t, "http://"+f.HTTPAddr()+"/")
+	if err := contains(page, "<title>gpumesh</title>", "app.js", "style.css"); err != nil {
+		t.Fatalf("index.html: %v", err)
+	}
+	if err := contains(httpGet(t, "http://"+f.HTTPAddr()+"/app.js"), "/v1/dashboard"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDashboardInChromium loads the page from a follower of a 3-node dev
+// cluster in headless Chromium and checks that the rendered page shows the
+// leader and a running job. Set GPUMESH_DASHBOARD_SCREENSHOT to a .png path
+// to keep a screenshot.
+func TestDashboardInChromium(t *testing.T) {
+	bin := chromium()
+	if bin == "" {
+		t.Skip("chromium is not installed (Debian: apt-get install chromium); skipping the browser test of the dashboard")
+	}
+	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
+	f := follower(dc)
+	c := client(t, f)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+name: sleeper
+ranks: 2
+exec:
+  command: ["sh", "-c", "sleep 60"]
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool {
+		n := 0
+		for _, al := range r.Allocations {
+			if al.ClientStatus == "running" {
+				n++
+			}
+		}
+		return r.Job.Status == "running" && n == 2
+	})
+	url := "http://" + f.HTTPAddr() + "/"
+	procs.Eventually(t, 60*time.Second, func() error {
+		l := dc.Leader()
+		if l == nil {
+			return fmt.Errorf("no leader")
+		}
+		leader := l.Name()
+		dom := string(runChromium(t, bin, url, "--dump-dom"))
+		return contains(dom,
+			`data-leader="`+leader+`"`,
+			`data-node="`+leader+`" data-role="leader"`,
+			`data-job="`+resp.Id+`" data-status="running"`,
+			`data-rank="1" data-status="running"`,
+			`data-gpu-node="`+f.Name()+`"`,
+		)
+	})
+	shot := os.Getenv("GPUMESH_DASHBOARD_SCREENSHOT")
+	if shot == "" {
+		shot = filepath.Join(t.TempDir(), "dashboard.png")
+	}
+	shot, _ = filepath.Abs(shot)
+	runChromium(t, bin, url, "--screenshot="+shot)
+	b, err := os.ReadFile(shot)
+	if err != nil || !bytes.HasPrefix(b, []byte("\x89PNG")) || len(b) < 10_000 {
+		t.Fatalf("screenshot %s: %d bytes, %v", shot, len(b), err)
+	}
+}
