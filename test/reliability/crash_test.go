@@ -271,8 +271,7 @@ func TestCrashLoop(t *testing.T) {
 		}
 	}
 	record(t, "crash-loop", map[string]any{
-		"ranks_started_more_than_once": twice,
-		"agents":                       len(c.agents), "rounds": rounds, "faults_sigkill": rounds, "leader_kills": leaderKills,
+		"agents": len(c.agents), "ranks_started_more_than_once": twice, "rounds": rounds, "faults_sigkill": rounds, "leader_kills": leaderKills,
 		"submissions": sub.attempts, "submission_errors": sub.failures, "acknowledged": len(sub.acked),
 		"found_exactly_once": len(sub.acked) - lost - dup, "lost": lost, "duplicated": dup, "strangers": strangers,
 		"unacknowledged_but_committed": unknownPresent, "final_jobs": len(jobs), "final_status": statuses,
