@@ -74,6 +74,7 @@ type LeaderChangeCounter struct {
 	r     *raft.Raft
 	obs   *raft.Observer
 	count atomic.Uint64
+	last  atomic.Int64 // unix nanoseconds of the last change
 }
 
 // CountLeaderChanges starts counting leader changes. The observer's filter
@@ -82,6 +83,7 @@ func (s *Server) CountLeaderChanges() *LeaderChangeCounter {
 	c := &LeaderChangeCounter{r: s.raft}
 	c.obs = raft.NewObserver(nil, false, func(o *raft.Observation) bool {
 		if lo, ok := o.Data.(raft.LeaderObservation); ok && lo.LeaderID != "" {
+			c.last.Store(time.Now().UnixNano())
 			c.count.Add(1)
 		}
 		return false
@@ -92,6 +94,14 @@ func (s *Server) CountLeaderChanges() *LeaderChangeCounter {
 
 // Count is the number of leader changes seen so far.
 func (c *LeaderChangeCounter) Count() uint64 { return c.count.Load() }
+
+// LastChange is when the last leader change was observed (zero if none).
+func (c *LeaderChangeCounter) LastChange() time.Time {
+	if n := c.last.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
+}
 
 // Close stops counting.
 func (c *LeaderChangeCounter) Close() { c.r.DeregisterObserver(c.obs) }

@@ -86,6 +86,12 @@ type Config struct {
 	JoinSyncRounds int
 	// JoinSyncDelay is the wait before the first post-join push-pull.
 	JoinSyncDelay time.Duration
+	// FailureSyncDelay: this long after this node declares a peer dead,
+	// it makes one push-pull with a random live member (deaths within
+	// the delay share one), so that a false death that the peer refuted
+	// is undone at once rather than at the next periodic push-pull.
+	// 0 disables it.
+	FailureSyncDelay time.Duration
 	// RejoinAfterAlone makes the auto-join loop (only with a Discoverer)
 	// run discovery again once this node has seen no other live member
 	// for this long. 0 disables rejoining.
@@ -163,6 +169,7 @@ func DefaultLANConfig() Config {
 		JoinSyncRounds:          4,
 		JoinSyncDelay:           250 * time.Millisecond,
 		RejoinAfterAlone:        time.Minute,
+		FailureSyncDelay:        time.Second,
 		ReconnectInterval:       5 * time.Second,
 		UpdateTimeout:           2 * time.Second,
 		TombstoneTimeout:        24 * time.Hour,
@@ -185,7 +192,10 @@ func DefaultLANConfig() Config {
 
 // DefaultLocalConfig returns settings for in-process meshes on loopback
 // (tests, `gpumesh dev`): 127.0.0.1, a free port, short timeouts and fast
-// join retries.
+// join retries. Its probes (400 ms, 200 ms timeout) are slower than the
+// LAN ones on purpose: the nodes of an in-process mesh share the CPU with
+// each other and with whatever else runs, and a starved node must not be
+// declared dead.
 func DefaultLocalConfig() Config {
 	c := DefaultLANConfig()
 	c.BindAddr = "127.0.0.1"
@@ -194,10 +204,11 @@ func DefaultLocalConfig() Config {
 	c.JoinRetryMax = 500 * time.Millisecond
 	c.JoinSyncDelay = 100 * time.Millisecond
 	c.RejoinAfterAlone = 5 * time.Second
+	c.FailureSyncDelay = 200 * time.Millisecond
 	c.ReconnectInterval = time.Second
 	c.UpdateTimeout = time.Second
-	c.ProbeInterval = 200 * time.Millisecond
-	c.ProbeTimeout = 100 * time.Millisecond
+	c.ProbeInterval = 400 * time.Millisecond
+	c.ProbeTimeout = 200 * time.Millisecond
 	c.IndirectChecks = 1
 	c.GossipInterval = 50 * time.Millisecond
 	c.GossipToTheDeadTime = 5 * time.Second
@@ -281,6 +292,7 @@ func (c *Config) Validate() error {
 		v    time.Duration
 	}{
 		{"JoinSyncDelay", c.JoinSyncDelay}, {"RejoinAfterAlone", c.RejoinAfterAlone},
+		{"FailureSyncDelay", c.FailureSyncDelay},
 		{"ReconnectInterval", c.ReconnectInterval},
 		{"GossipToTheDeadTime", c.GossipToTheDeadTime}, {"PushPullInterval", c.PushPullInterval},
 		{"DeadNodeReclaimTime", c.DeadNodeReclaimTime}, {"TombstoneTimeout", c.TombstoneTimeout},

@@ -46,10 +46,14 @@
 //
 // # LAN defaults and why
 //
-// Measured with bench/mesh (results in bench/results/mesh.md): with
-// memberlist's LAN preset, a 50-node mesh that boots at once converges in
-// about 2-3 s in most trials but in 60-85 s in others, and a killed node
-// is declared dead by everyone after 7-9 s. Cause of the outliers: each
+// Measured with bench/mesh (results in bench/results/mesh.md, 2-core
+// machine): with memberlist's LAN timings, a 50-node mesh that boots at
+// once converged in a median 2.8 s but took 67-80 s in 3 of 20 trials
+// (20 nodes: 1.0 s median, 32-34 s in 2 of 20), and a killed node was
+// declared dead by everyone after 6.6-11.8 s. With DefaultLANConfig, at a
+// load average of 3.5-7, 50 nodes converged in a median 0.6 s (max 2.3 s)
+// and a killed node was seen dead in a median 2.1-2.3 s (max 2.8 s).
+// Cause of the outliers: each
 // node forwards a piece of news (here "node J is alive") to only
 // RetransmitMult × ceil(log10(N+1)) random peers (8 at 50 nodes) and
 // then drops it. When many nodes join at once, the member lists the
@@ -58,7 +62,9 @@
 // scattered pairs that are still missing 2 s after the start. Nothing
 // repairs such a gap but the periodic full-state push-pull, whose 30 s
 // base interval memberlist doubles above 32 nodes (60 s, after a random
-// first offset): hence the 29-85 s trials.
+// first offset): hence the 30-80 s trials. Post-join syncs alone remove
+// them (memberlist's timings plus syncs: max 0.7 s in 20 trials); faster
+// gossip and probing alone do not (max 44 s).
 //
 // DefaultLANConfig changes, and their cost at 1000 nodes:
 //
@@ -80,6 +86,15 @@
 //     incarnation grows while it has peers, that is when it refutes a
 //     suspicion or a false death, or updates its metadata: a refutation
 //     spreads by gossip like a join and can miss nodes the same way.
+//   - Sync after a failure (FailureSyncDelay 1 s): when a node declares a
+//     peer dead it makes one push-pull with a random live member (deaths
+//     within the delay share one). A node that refuted a suspicion holds
+//     a newer incarnation; an observer whose suspicion timer fired before
+//     the refutation reached it keeps the peer dead, because the peer
+//     ignores the older death message and nobody re-sends the refutation:
+//     without this exchange the false death lasts until a periodic
+//     push-pull. Cost: one state exchange per node per failure (about
+//     400 KB per node at 1000 nodes, estimated).
 //   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
 //     discovered addresses in parallel, so one dead seed neither fails
 //     nor delays a join.
@@ -101,7 +116,11 @@
 //     prober itself is slow or confirmations do not come. 150 ms is far
 //     above in-VPC and cross-AZ round trips (under 2 ms); raise
 //     ProbeTimeout and ProbeInterval together for hosts that stall for
-//     hundreds of milliseconds.
+//     hundreds of milliseconds. Seen in the benchmark: 50 agents in one
+//     process on 2 cores that other work kept at a load average of 10+
+//     miss the 300 ms probe deadline often enough that live nodes are
+//     declared dead, and convergence and detection then take up to 8 s;
+//     memberlist's 1 s probes (with the syncs) stayed under 1.3 s there.
 //   - Periodic push-pull every 15 s (memberlist: 30 s), still stretched
 //     above 32 nodes (×6 at 1000 nodes, 90 s): at 1000 nodes each node
 //     sends and receives about 4 × 200 KB per 90 s, about 9 KB/s.

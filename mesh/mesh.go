@@ -150,8 +150,9 @@ type Mesh struct {
 	joinedOnce sync.Once
 	joinedCh   chan struct{} // closed on the first successful join
 	left       atomic.Bool
-	syncing    atomic.Bool // a round of post-join syncs is running
-	lifeMu     sync.Mutex  // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
+	syncing    atomic.Bool   // a round of post-join syncs is running
+	failedCh   chan struct{} // capacity 1: a peer was declared dead
+	lifeMu     sync.Mutex    // serializes memberlist's Leave and Shutdown (Leave after Shutdown panics)
 
 	shutdownOnce sync.Once
 	shutdownCh   chan struct{}
@@ -176,6 +177,7 @@ func New(cfg Config) (*Mesh, error) {
 		members:    make(map[string]*Member),
 		subs:       make(map[*subscriber]struct{}),
 		joinedCh:   make(chan struct{}),
+		failedCh:   make(chan struct{}, 1),
 		shutdownCh: make(chan struct{}),
 	}
 	m.meta = cfg.Meta.Clone()
@@ -259,6 +261,9 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	if cfg.JoinSyncRounds > 0 {
 		m.goFunc(m.watchRefutes)
+	}
+	if cfg.FailureSyncDelay > 0 {
+		m.goFunc(m.watchFailures)
 	}
 	m.log.Info("gossip started", "name", cfg.NodeName, "addr", m.Addr(), "encrypted", cfg.SecretKey != nil)
 	return m, nil
@@ -607,6 +612,42 @@ func (m *Mesh) watchRefutes() {
 	}
 }
 
+// watchFailures makes one push-pull with a random live member
+// FailureSyncDelay after this node declared a peer dead (several deaths
+// in that time share one). If the peer is in fact alive and refuted the
+// accusation, most members already hold its newer alive record, and
+// memberlist never sends it again to a node that missed it (the peer
+// ignores the stale death, and the others do not re-announce it), so
+// without this the false death would last until a periodic push-pull.
+func (m *Mesh) watchFailures() {
+	for {
+		select {
+		case <-m.failedCh:
+		case <-m.shutdownCh:
+			return
+		}
+		t := time.NewTimer(m.cfg.FailureSyncDelay)
+		select {
+		case <-t.C:
+		case <-m.shutdownCh:
+			t.Stop()
+			return
+		}
+		select { // deaths seen while waiting are covered by this exchange
+		case <-m.failedCh:
+		default:
+		}
+		if m.left.Load() {
+			continue
+		}
+		if peer := m.randomPeer(); peer != "" {
+			if _, err := m.ml.Join([]string{peer}); err != nil {
+				m.log.Debug("sync after a failure failed", "peer", peer, "error", err)
+			}
+		}
+	}
+}
+
 func (m *Mesh) randomPeer() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -750,7 +791,9 @@ func (m *Mesh) Leave(timeout time.Duration) error {
 
 // Shutdown stops gossip and every goroutine of the Mesh, and closes the
 // subscription channels; it can wait up to Config.TCPTimeout for a join
-// or sync exchange in flight. It does not announce a leave (call Leave first
+// or sync exchange in flight. memberlist's own probe goroutine may still
+// finish a probe in flight (at most ProbeInterval × AwarenessMaxMultiplier)
+// after Shutdown returns. It does not announce a leave (call Leave first
 // for that); peers will see this node fail. Safe to call more than once.
 func (m *Mesh) Shutdown() error {
 	var err error
@@ -882,6 +925,12 @@ func (m *Mesh) onNode(typ EventType, n *memberlist.Node) {
 	}
 	rec := mem
 	m.members[n.Name] = &rec
+	if typ == EventFailed && n.Name != m.cfg.NodeName {
+		select {
+		case m.failedCh <- struct{}{}:
+		default:
+		}
+	}
 	for s := range m.subs {
 		s.q.push(ev)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,8 +19,27 @@ import (
 	"go.uber.org/goleak"
 )
 
+// TestMain fails the run if any goroutine outlives the tests. memberlist's
+// Shutdown does not wait for a probe in flight, which ends by itself within
+// ProbeInterval × AwarenessMaxMultiplier, so the check retries for a while.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	code := m.Run()
+	if code == 0 {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := goleak.Find()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				fmt.Fprintf(os.Stderr, "goroutines still running 10 s after the tests: %v\n", err)
+				code = 1
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	os.Exit(code)
 }
 
 func isEvent(typ mesh.EventType, name string) func(mesh.Event) bool {
@@ -89,7 +109,7 @@ func TestJoinLeaveFailEvents(t *testing.T) {
 func TestSuspectBeforeDead(t *testing.T) {
 	ms := meshtest.StartCluster(t, "s", 3, func(i int, c *mesh.Config) {
 		// A long suspicion window, so that polling sees it on a loaded machine.
-		c.SuspicionMult = 10
+		c.SuspicionMult = 6
 	})
 	victim := ms[2]
 	if err := victim.Shutdown(); err != nil {
@@ -575,4 +595,24 @@ func TestPortInUse(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second node on port %d: got %v, want an error saying the port is in use", port, err)
 	}
+}
+
+// After a node declares a peer dead it makes one push-pull with a random
+// live member (so that a refuted false death does not linger).
+func TestSyncAfterFailure(t *testing.T) {
+	sink := &logSink{}
+	ms := meshtest.StartCluster(t, "fs", 3, func(i int, c *mesh.Config) {
+		c.PushPullInterval = 0 // only the syncs under test exchange state
+		c.JoinSyncRounds = 0
+		if i == 0 {
+			c.Logger = hclog.New(&hclog.LoggerOptions{Output: sink, Level: hclog.Debug})
+		}
+	})
+	before := sink.count("Initiating push/pull sync")
+	ms[2].Shutdown()
+	meshtest.WaitMember(t, ms[0], ms[2].Name(), func(m mesh.Member) bool { return m.State == mesh.StateDead }, "dead")
+	meshtest.WaitFor(t, 10*time.Second, func() (bool, string) {
+		n := sink.count("Initiating push/pull sync")
+		return n > before, fmt.Sprintf("%d push-pulls after the failure, want more than %d", n, before)
+	})
 }

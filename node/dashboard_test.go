@@ -181,3 +181,59 @@ exec:
 		t.Fatalf("screenshot %s: %d bytes, %v", shot, len(b), err)
 	}
 }
+
+// TestDashboardOnClientNode: a client (no Raft replica) builds the same
+// view through a server's Control API, and exports no Raft series.
+func TestDashboardOnClientNode(t *testing.T) {
+	dc := startCluster(t, 4, func(i int, c *Config) {
+		if i == 3 {
+			c.Server = false
+		}
+	})
+	cl := dc.Agents[3]
+	c := client(t, cl)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+name: sleeper
+ranks: 1
+exec:
+  command: ["sh", "-c", "sleep 60"]
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	procs.Eventually(t, 30*time.Second, func() error {
+		var v dashView
+		if err := json.Unmarshal([]byte(httpGet(t, "http://"+cl.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
+			return err
+		}
+		l := dc.Leader()
+		if l == nil || v.Role != "client" || v.Leader != l.Name() {
+			return fmt.Errorf("role %q leader %q", v.Role, v.Leader)
+		}
+		var self *dashMember
+		for i := range v.Members {
+			if v.Members[i].Name == cl.Name() {
+				self = &v.Members[i]
+			}
+		}
+		if len(v.Members) != 4 || self == nil || self.Role != "client" {
+			return fmt.Errorf("members %+v", v.Members)
+		}
+		if len(v.Jobs) != 1 || v.Jobs[0].ID != resp.Id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 1 || v.Jobs[0].Ranks[0].Status != "running" {
+			return fmt.Errorf("jobs %+v", v.Jobs)
+		}
+		return nil
+	})
+	mfs := scrape(t, cl)
+	if _, ok := metricValue(mfs, "gpumesh_raft_term", nil); ok {
+		t.Fatal("a client exports Raft series")
+	}
+	if v, ok := metricValue(mfs, "gpumesh_agent_role", map[string]string{"role": "client"}); !ok || v != 1 {
+		t.Fatalf("client role series: %v %v", v, ok)
+	}
+	if v, ok := metricValue(mfs, "gpumesh_members", map[string]string{"state": "alive"}); !ok || v != 4 {
+		t.Fatalf("members alive on the client: %v %v", v, ok)
+	}
+}

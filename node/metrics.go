@@ -156,10 +156,15 @@ func (o *opsState) followPlacements() {
 		}
 		after = idx
 		began := time.Now()
-		// The first pass only learns the jobs there are (after a restart
-		// or a change of leader, their placements are history).
-		leader := !first
+		// The first pass after gaining leadership only learns the jobs
+		// there are, except those placed since: older placements are
+		// history (and were observed by the leader of their time).
+		baseline := first
 		first = false
+		var leaderSince time.Time
+		if o.leaders != nil {
+			leaderSince = o.leaders.LastChange()
+		}
 		live := make(map[string]bool, len(jobs))
 		for _, j := range st.Jobs() {
 			live[j.Id] = true
@@ -176,7 +181,8 @@ func (o *opsState) followPlacements() {
 				}
 				cur.pendingSince = since
 			}
-			if j.Generation > prev.gen && leader {
+			placedSince := !leaderSince.IsZero() && j.Status == consensus.JobRunning && j.GetStatusTime().AsTime().After(leaderSince)
+			if j.Generation > prev.gen && (!baseline || placedSince) {
 				start := prev.pendingSince
 				if !known || start.IsZero() {
 					start = j.GetSubmitTime().AsTime()

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
@@ -70,6 +71,21 @@ func TestTLSClusterRefusesOtherCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" })
+	// The data plane between agents runs over the same mutual TLS.
+	ar, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+name: ar
+type: allreduce
+ranks: 3
+placement: spread
+allreduce: {sizes: [256KiB], iters: 2, device: cpu}
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := waitJob(t, c, ar.Id, 60*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
+	if done.Job.Status != "complete" {
+		t.Fatalf("all-reduce over TLS: %s (%s)", done.Job.Status, done.Job.StatusReason)
+	}
 
 	// A client with a certificate from another CA, and one without TLS.
 	for name, cl := range map[string]pb.ControlClient{

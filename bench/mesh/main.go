@@ -33,7 +33,7 @@ func main() {
 	timeout := flag.Duration("timeout", 120*time.Second, "give up on one phase of a trial after this long")
 	kill := flag.Bool("kill", true, "after convergence, kill one node and time its detection")
 	verbose := flag.Bool("v", false, "log memberlist warnings to stderr")
-	flag.BoolVar(&diag, "diag", false, "print which node misses which 2 s after the joins start")
+	flag.BoolVar(&diag, "diag", false, "print which node misses which 2 s and 10 s after the joins start")
 	flag.IntVar(&syncRounds, "sync", -1, "override JoinSyncRounds (-1: the preset's)")
 	flag.Parse()
 
@@ -92,9 +92,9 @@ var (
 	diag       bool
 )
 
-// missing prints, 2 s after the joins started, which node still misses
-// which (nodes are numbered in creation order; node 0 is the first seed).
-func missing(ms []*mesh.Mesh) {
+// missing prints, at 2 s (and 10 s) after the joins started, which node
+// still misses which (nodes are numbered in creation order; node 0 is the first seed).
+func missing(ms []*mesh.Mesh, at time.Duration) int {
 	idx := map[string]int{}
 	for i, m := range ms {
 		idx[m.Name()] = i
@@ -114,8 +114,9 @@ func missing(ms []*mesh.Mesh) {
 		}
 	}
 	if len(pairs) > 0 {
-		fmt.Printf("  at 2s: %d (observer, missing) pairs: %s\n", len(pairs), strings.Join(pairs, "; "))
+		fmt.Printf("  at %v: %d (observer, missing) pairs: %s\n", at, len(pairs), strings.Join(pairs, "; "))
 	}
+	return len(pairs)
 }
 
 func config(preset string, name string, verbose bool) mesh.Config {
@@ -191,11 +192,16 @@ func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose 
 		}()
 	}
 	diagDone := make(chan struct{})
+	joinStart := start
 	if diag {
 		go func() {
 			defer close(diagDone)
-			time.Sleep(2 * time.Second)
-			missing(ms)
+			for _, at := range []time.Duration{2 * time.Second, 10 * time.Second} {
+				time.Sleep(at - time.Since(joinStart))
+				if missing(ms, at) == 0 {
+					return
+				}
+			}
 		}()
 	} else {
 		close(diagDone)

@@ -98,7 +98,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.BoolVar(&c.Server, "server", c.Server, "may hold a Raft seat; --server=false makes a client that never does")
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
 	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
-	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (`openssl rand -base64 32`)")
+	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (make one with: openssl rand -base64 32)")
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")

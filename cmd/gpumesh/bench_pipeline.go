@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -43,7 +44,9 @@ the CPU instead.`,
 			cfg.Device = strings.ToLower(cfg.Device)
 			cfg.BandwidthBytes = bandwidthMiB << 20
 			cfg.MessageBytes = messageMiB << 20
+			stop := tickProgress(cmd.ErrOrStderr(), "pipeline bench", 200*time.Millisecond)
 			res, err := pipeline.Bench(cmd.Context(), cfg)
+			stop()
 			if err != nil {
 				return err
 			}

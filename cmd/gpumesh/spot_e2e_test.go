@@ -28,7 +28,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 	procs.Binary(t) // build first: the notice's clock starts with the mock
 	aemmtest.Binary(t)
 	mock := aemmtest.Start(t, aemmtest.Options{SpotDelay: noticeDelay, RebalanceDelay: time.Hour, IPCount: -1, Values: map[string]string{
-		"instance-life-cycle": "spot", "instance-type": "p5.48xlarge",
+		"instance-life-cycle": "spot", "instance-type": "p5.48xlarge", "placement-availability-zone": "us-east-1a",
 	}})
 	noticeAt := time.Now().Add(noticeDelay)
 
@@ -40,7 +40,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		if i == 0 {
 			args = append(args, "--imds-endpoint", mock, "--imds-poll", "500ms")
 		} else {
-			args = append(args, "--ec2", "off", "--lifecycle", "spot")
+			args = append(args, "--ec2", "off", "--lifecycle", "spot", "--az", "us-east-1a")
 		}
 		a := procs.NewAgent(t, dir, name, fmt.Sprintf("127.0.0.%d", i+2), args...)
 		// Node IDs order the bootstrap set: agent-1 sorts first, so it votes.
@@ -125,7 +125,8 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 			}
 		}
 		if running != 4 || victimRank < 0 {
-			return fmt.Errorf("%d ranks running, victim rank %d", running, victimRank)
+			nodes, _, _ := procs.CLI(ctx, t, as[2].RPCAddr(), "nodes")
+			return fmt.Errorf("%d ranks running, victim rank %d; nodes:\n%s", running, victimRank, nodes)
 		}
 		return nil
 	})

@@ -138,8 +138,8 @@ func newTLSCertCreateCommand() *cobra.Command {
 
 // addSecurityFlags adds the agent's TLS and ACL flags.
 func addSecurityFlags(fl *pflag.FlagSet, c *node.SecurityConfig) {
-	fl.StringVar(&c.CAFile, "tls-ca", "", "CA certificate (PEM): with --tls-cert and --tls-key, gRPC and Raft use mutual TLS (`gpumesh tls ca create`)")
-	fl.StringVar(&c.CertFile, "tls-cert", "", "this node's certificate (PEM), signed by --tls-ca (`gpumesh tls cert create --node NAME`)")
+	fl.StringVar(&c.CAFile, "tls-ca", "", "CA certificate (PEM): with --tls-cert and --tls-key, gRPC and Raft use mutual TLS (make it with: gpumesh tls ca create)")
+	fl.StringVar(&c.CertFile, "tls-cert", "", "this node's certificate (PEM), signed by --tls-ca (make it with: gpumesh tls cert create --node NAME)")
 	fl.StringVar(&c.KeyFile, "tls-key", "", "this node's private key (PEM)")
 	fl.StringVar(&c.ACLTokenFile, "acl-token-file", "", "file holding the token that job run/stop and drain (and agents' own updates) must carry")
 }
