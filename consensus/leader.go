@@ -329,10 +329,15 @@ var _ autopilot.ApplicationIntegration = (*apDelegate)(nil)
 func (d *apDelegate) AutopilotConfig() *autopilot.Config {
 	c := d.ls.s.cfg
 	return &autopilot.Config{
-		CleanupDeadServers:      true,
-		LastContactThreshold:    c.LastContactThreshold,
-		MaxTrailingLogs:         1024,
-		MinQuorum:               0,
+		CleanupDeadServers:   true,
+		LastContactThreshold: c.LastContactThreshold,
+		MaxTrailingLogs:      1024,
+		// Never clean a dead voter up below the voter count the cluster was
+		// formed with: in a 3-server cluster a voter that crashed keeps its
+		// seat, so it votes again the moment it restarts (removed and re-added
+		// as a standby, it could not vote until promoted, and a second crash
+		// in that window left no quorum).
+		MinQuorum:               uint(min(c.MaxVoters, c.BootstrapExpect)),
 		ServerStabilizationTime: c.ServerStabilization,
 	}
 }
@@ -483,12 +488,23 @@ func (p *Promoter) CalculatePromotionsAndDemotions(c *autopilot.Config, s *autop
 		ids = append(ids, id)
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	voters := 0
+	for _, id := range ids {
+		if ss := s.Servers[id]; ss.HasVotingRights() || ss.State == autopilot.RaftStaging {
+			voters++
+		}
+	}
 	for _, id := range ids {
 		ss := s.Servers[id]
 		voter := ss.HasVotingRights() || ss.State == autopilot.RaftStaging
 		switch {
 		case want[id] && !voter:
 			ch.Promotions = append(ch.Promotions, id)
+		case !want[id] && voter && ss.Server.NodeStatus != autopilot.NodeAlive && voters <= p.MaxVoters:
+			// A voter that is down keeps its seat while no replacement
+			// needs it: restarted, it votes at once (demoted, it would have
+			// to wait for promotion, and one more crash in that window
+			// would leave no quorum).
 		case !want[id] && voter && ss.State != autopilot.RaftLeader:
 			// Only once the desired voters are all in place.
 			ch.Demotions = append(ch.Demotions, id)

@@ -31,7 +31,7 @@ if [ -z "${RUN:-}" ]; then
 	for f in "FuzzParse ./internal/jobspec/" "FuzzDecodeMeta ./mesh/" "FuzzDecodeFrame ./collective/"; do
 		set -- $f
 		echo "    $1 ($2)"
-		go test -run '^$' -fuzz "^$1\$" -fuzztime "$fuzztime" "$2" | tail -n 2 | sed 's/^/      /'
+		go test -run '^$' -fuzz "^$1\$" -fuzztime "$fuzztime" "$2" | tail -n 3 | sed 's/^/      /'
 	done
 fi
 

@@ -271,8 +271,7 @@ func TestCrashLoop(t *testing.T) {
 		}
 	}
 	record(t, "crash-loop", map[string]any{
-		"ranks_started_more_than_once": twice,
-		"agents": len(c.agents), "rounds": rounds, "faults_sigkill": rounds, "leader_kills": leaderKills,
+		"agents": len(c.agents), "ranks_started_more_than_once": twice, "rounds": rounds, "faults_sigkill": rounds, "leader_kills": leaderKills,
 		"submissions": sub.attempts, "submission_errors": sub.failures, "acknowledged": len(sub.acked),
 		"found_exactly_once": len(sub.acked) - lost - dup, "lost": lost, "duplicated": dup, "strangers": strangers,
 		"unacknowledged_but_committed": unknownPresent, "final_jobs": len(jobs), "final_status": statuses,
@@ -282,5 +281,94 @@ func TestCrashLoop(t *testing.T) {
 	})
 	if statuses["failed"] > 0 {
 		t.Errorf("%d jobs failed under the crash loop (want every `true` job to complete): %v", statuses["failed"], statuses)
+	}
+}
+
+// A voter that crashed and came back votes again at once: kill a follower,
+// wait until the leader has marked it down, restart it, then kill the
+// leader. The two survivors (the restarted one among them) must elect a
+// leader. Before dead-voter cleanup kept the formation's voter count, the
+// restarted agent came back as a standby that could not vote until
+// promoted, and this left the cluster without a quorum.
+func TestRestartedVoterVotesAgain(t *testing.T) {
+	c := newCluster(t, clusterOpts{n: 3, extraArgs: []string{"--bootstrap-expect", "3"}})
+	lead := c.waitLeader(60*time.Second, nil)
+	var follower *agent
+	for _, a := range c.agents {
+		if a != lead {
+			follower = a
+			break
+		}
+	}
+	info, err := follower.info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	followerID := info.Node.GetId()
+	follower.kill()
+	procs.Eventually(t, 60*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
+		if err != nil {
+			return err
+		}
+		for _, n := range r.Nodes {
+			if n.Id == followerID && n.Status == "down" {
+				return nil
+			}
+		}
+		return fmt.Errorf("the leader has not marked %s down yet", follower.name)
+	})
+	// Dead-server cleanup has had its say (the leader logs either).
+	procs.Eventually(t, 60*time.Second, func() error {
+		l := lead.logs()
+		if strings.Contains(l, "removing failed raft server") || strings.Contains(l, "will not remove server node as it would leave less voters") {
+			return nil
+		}
+		return fmt.Errorf("the leader's dead-server cleanup has not looked at %s yet", follower.name)
+	})
+	// The crashed voter returns, holding its seat, and then the leader dies.
+	follower.start()
+	suffrage := ""
+	procs.Eventually(t, 60*time.Second, func() error {
+		vi, err := follower.info(context.Background())
+		if err != nil {
+			return err
+		}
+		if vi.LeaderId == "" || vi.AppliedIndex == 0 {
+			return fmt.Errorf("%s restarted but follows no leader yet", follower.name)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		p, err := lead.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
+		if err != nil {
+			return err
+		}
+		for _, peer := range p.Peers {
+			if peer.NodeName == follower.name {
+				suffrage = peer.Suffrage
+				return nil
+			}
+		}
+		return fmt.Errorf("%s is not in the raft configuration", follower.name)
+	})
+	if suffrage != "voter" {
+		t.Errorf("the restarted voter %s came back as %q: it cannot vote until promoted", follower.name, suffrage)
+	}
+	lead.kill()
+	killed := time.Now()
+	var others []*agent
+	for _, a := range c.agents {
+		if a != lead {
+			others = append(others, a)
+		}
+	}
+	c.waitLeader(60*time.Second, others)
+	record(t, "restarted-voter-votes", map[string]any{"new_leader_after_kill_ms": time.Since(killed).Milliseconds()})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := follower.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "after-1", Spec: execSpec("after")}); err != nil {
+		t.Fatalf("submission after the second crash: %v", err)
 	}
 }

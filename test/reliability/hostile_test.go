@@ -43,6 +43,7 @@ func TestOversizedInputRefused(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "job spec too large") {
 		t.Errorf("a 300 KiB spec: got %v, want ResourceExhausted naming the spec size limit", err)
 	}
+	t.Logf("300 KiB spec: %v", err)
 
 	// A message over the server's receive limit (64 MiB of tensor frame).
 	huge := execSpec("huge")
@@ -51,6 +52,7 @@ func TestOversizedInputRefused(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "larger than max") {
 		t.Errorf("a 70 MiB message: got %v, want ResourceExhausted (message larger than max)", err)
 	}
+	t.Logf("70 MiB message: %v", err)
 
 	// The CLI refuses an oversized spec file before sending it.
 	spec := filepath.Join(t.TempDir(), "big.yaml")
@@ -62,6 +64,7 @@ func TestOversizedInputRefused(t *testing.T) {
 	if err == nil || !strings.Contains(stderr, "too large") {
 		t.Errorf("gpumesh job run with a 300 KiB spec: err %v, stderr %q; want a failure naming the size limit", err, stderr)
 	}
+	t.Logf("gpumesh job run, 300 KiB spec file: %v: %s", err, strings.TrimSpace(stderr))
 
 	// Garbage on the wire where a spec field should be is refused too.
 	_, err = a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "bad-1", Spec: &pb.JobSpec{Name: "bad", Type: "exec", Ranks: -3}})

@@ -195,8 +195,8 @@ func TestSoak(t *testing.T) {
 	for i, a := range c.agents {
 		per = append(per, map[string]any{
 			"agent": a.name, "goroutines": []float64{first[i].goroutines, base[i].goroutines, mid[i].goroutines, end[i].goroutines},
-			"fds": []float64{first[i].fds, base[i].fds, mid[i].fds, end[i].fds},
-			"rss_mib": []float64{first[i].rssMiB, base[i].rssMiB, mid[i].rssMiB, end[i].rssMiB},
+			"fds":      []float64{first[i].fds, base[i].fds, mid[i].fds, end[i].fds},
+			"rss_mib":  []float64{first[i].rssMiB, base[i].rssMiB, mid[i].rssMiB, end[i].rssMiB},
 			"heap_mib": []float64{first[i].heapMiB, base[i].heapMiB, mid[i].heapMiB, end[i].heapMiB},
 		})
 	}
@@ -236,11 +236,11 @@ func TestSoak(t *testing.T) {
 	record(t, "soak", map[string]any{
 		"agents": 3, "jobs": total, "warmup_jobs": warm, "clients": 4,
 		"warmup_s": warmTime.Seconds(), "run_s": runTime.Seconds(), "jobs_per_s": float64(total-warm) / runTime.Seconds(),
-		"samples": "start, after warm-up, after half, end (each after the tasks ended and goroutines settled)",
+		"samples":           "start, after warm-up, after half, end (each after the tasks ended and goroutines settled)",
 		"totals_goroutines": []float64{sum(first).goroutines, sum(base).goroutines, sm.goroutines, se.goroutines},
-		"totals_fds": []float64{sum(first).fds, sum(base).fds, sm.fds, se.fds},
-		"totals_rss_mib": []float64{sum(first).rssMiB, sum(base).rssMiB, sm.rssMiB, se.rssMiB},
-		"totals_heap_mib": []float64{sum(first).heapMiB, sum(base).heapMiB, sm.heapMiB, se.heapMiB},
-		"leader_moved": leaderMoved, "ranks_started_more_than_once": twice, "stray_processes": len(stray), "per_agent": per,
+		"totals_fds":        []float64{sum(first).fds, sum(base).fds, sm.fds, se.fds},
+		"totals_rss_mib":    []float64{sum(first).rssMiB, sum(base).rssMiB, sm.rssMiB, se.rssMiB},
+		"totals_heap_mib":   []float64{sum(first).heapMiB, sum(base).heapMiB, sm.heapMiB, se.heapMiB},
+		"leader_moved":      leaderMoved, "ranks_started_more_than_once": twice, "stray_processes": len(stray), "per_agent": per,
 	})
 }
