@@ -9,9 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
@@ -43,25 +40,10 @@ func leaderID(ac agentClient) (string, string) {
 // the leader; time until a survivor is leader and the other survivor
 // follows it. The killed agent is restarted between trials.
 func BenchmarkLeaderFailover(b *testing.B) {
-	dir := b.TempDir()
-	var as []*procs.Agent
-	for i := 0; i < 3; i++ {
-		as = append(as, procs.NewAgent(b, dir, fmt.Sprintf("agent-%d", i+1), fmt.Sprintf("127.0.0.%d", i+2), "--bootstrap-expect", "3", "--log-level", "warn"))
-	}
+	as, clients := startCluster(b)
 	var acs []agentClient
 	for i, a := range as {
-		for j, o := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", o.GossipAddr())
-			}
-		}
-		a.Start()
-		conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close()
-		acs = append(acs, agentClient{a: a, c: pb.NewControlClient(conn)})
+		acs = append(acs, agentClient{a: a, c: clients[i]})
 	}
 	ids := map[string]int{}
 	procs.Eventually(b, 60*time.Second, func() error {

@@ -7,9 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/internal/procs"
@@ -19,26 +16,7 @@ import (
 // submitted through a follower; the time until the job reports all four
 // ranks running (each a real process under its supervisor). p50 and p99.
 func BenchmarkSubmitToRunning(b *testing.B) {
-	dir := b.TempDir()
-	var as []*procs.Agent
-	for i := 0; i < 3; i++ {
-		as = append(as, procs.NewAgent(b, dir, fmt.Sprintf("agent-%d", i+1), fmt.Sprintf("127.0.0.%d", i+2), "--bootstrap-expect", "3", "--log-level", "warn", "--max-ranks-per-node", "4"))
-	}
-	var clients []pb.ControlClient
-	for i, a := range as {
-		for j, o := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", o.GossipAddr())
-			}
-		}
-		a.Start()
-		conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close()
-		clients = append(clients, pb.NewControlClient(conn))
-	}
+	_, clients := startCluster(b, "--max-ranks-per-node", "4")
 	var follower pb.ControlClient
 	procs.Eventually(b, 60*time.Second, func() error {
 		follower = nil

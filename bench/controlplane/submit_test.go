@@ -8,9 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/internal/procs"
@@ -21,26 +18,7 @@ import (
 // Raft entry. The jobs ask for a GPU, which these nodes lack, so they stay
 // pending and no task runs: the figure is the commit path alone.
 func BenchmarkSubmitThroughFollower(b *testing.B) {
-	dir := b.TempDir()
-	var as []*procs.Agent
-	for i := 0; i < 3; i++ {
-		as = append(as, procs.NewAgent(b, dir, fmt.Sprintf("agent-%d", i+1), fmt.Sprintf("127.0.0.%d", i+2), "--bootstrap-expect", "3", "--log-level", "warn"))
-	}
-	var clients []pb.ControlClient
-	for i, a := range as {
-		for j, o := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", o.GossipAddr())
-			}
-		}
-		a.Start()
-		conn, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close()
-		clients = append(clients, pb.NewControlClient(conn))
-	}
+	_, clients := startCluster(b)
 	var follower pb.ControlClient
 	procs.Eventually(b, 60*time.Second, func() error {
 		for _, c := range clients {

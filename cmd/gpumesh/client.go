@@ -130,3 +130,21 @@ func dash(s string) string {
 	}
 	return s
 }
+
+// query dials the agent named by --address, makes one call with the
+// command's timeout and token, and explains a failure in plain words.
+func query[T any](cmd *cobra.Command, f *clientFlags, call func(ctx context.Context, c pb.ControlClient) (T, error)) (T, error) {
+	var zero T
+	c, done, err := f.dial()
+	if err != nil {
+		return zero, err
+	}
+	defer done()
+	ctx, cancel := f.ctx(cmd.Context())
+	defer cancel()
+	resp, err := call(ctx, c)
+	if err != nil {
+		return zero, f.explain(err)
+	}
+	return resp, nil
+}

@@ -29,16 +29,11 @@ func newMembersCommand() *cobra.Command {
 		Example: "  gpumesh members\n  gpumesh members --address 127.0.0.3:7947 --json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := f.dial()
+			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.MembersResponse, error) {
+				return c.Members(ctx, &pb.MembersRequest{})
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.Members(ctx, &pb.MembersRequest{})
-			if err != nil {
-				return f.explain(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)
@@ -143,16 +138,11 @@ func newRaftCommand() *cobra.Command {
 		Example: "  gpumesh raft peers\n  gpumesh raft peers --json",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := f.dial()
+			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.RaftPeersResponse, error) {
+				return c.RaftPeers(ctx, &pb.RaftPeersRequest{})
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.RaftPeers(ctx, &pb.RaftPeersRequest{})
-			if err != nil {
-				return f.explain(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)
@@ -178,16 +168,11 @@ func newRaftCommand() *cobra.Command {
 		Example: "  gpumesh raft transfer-leadership\n  gpumesh raft transfer-leadership --to node-2",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := tf.dial()
+			resp, err := query(cmd, &tf, func(ctx context.Context, c pb.ControlClient) (*pb.TransferLeadershipResponse, error) {
+				return c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{To: to})
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := tf.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.TransferLeadership(ctx, &pb.TransferLeadershipRequest{To: to})
-			if err != nil {
-				return tf.explain(err)
 			}
 			if tf.json {
 				return printJSON(cmd.OutOrStdout(), resp)
@@ -225,16 +210,11 @@ func newNodeCommand() *cobra.Command {
 			if len(args) == 1 {
 				req.NodeId = args[0]
 			}
-			c, done, err := f.dial()
+			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.DrainNodeResponse, error) {
+				return c.DrainNode(ctx, req)
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.DrainNode(ctx, req)
-			if err != nil {
-				return f.explain(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)

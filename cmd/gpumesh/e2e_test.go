@@ -34,14 +34,7 @@ func startAgents(t *testing.T, n int) []*procs.Agent {
 		ip := fmt.Sprintf("127.0.0.%d", i+2)
 		as = append(as, procs.NewAgent(t, dir, fmt.Sprintf("agent-%d", i+1), ip, "--bootstrap-expect", "3"))
 	}
-	for i, a := range as {
-		for j, b := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", b.GossipAddr())
-			}
-		}
-		a.Start()
-	}
+	procs.StartJoined(as)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, a := range as {

@@ -61,14 +61,7 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 			"--bootstrap-expect", "3", "--ec2", "off", "--fleet-id", fleetID, "--fleet-min", "3", "--fleet-max", "10",
 			"--fleet-on-demand-base", "1", "--fleet-interval", "500ms", "--region", "us-east-1", "--ec2-endpoint", srv.URL))
 	}
-	for i, a := range as {
-		for j, b := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", b.GossipAddr())
-			}
-		}
-		a.Start()
-	}
+	procs.StartJoined(as)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, a := range as {

@@ -268,16 +268,11 @@ func newJobStatusCommand() *cobra.Command {
 			if len(args) == 0 {
 				return listJobs(cmd, &f, stale)
 			}
-			c, done, err := f.dial()
+			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.GetJobResponse, error) {
+				return c.GetJob(ctx, &pb.GetJobRequest{Id: args[0], Query: &pb.QueryOptions{Stale: stale}})
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: args[0], Query: &pb.QueryOptions{Stale: stale}})
-			if err != nil {
-				return f.explain(err)
 			}
 			out := cmd.OutOrStdout()
 			if f.json {
@@ -377,16 +372,11 @@ func newJobListCommand() *cobra.Command {
 }
 
 func listJobs(cmd *cobra.Command, f *clientFlags, stale bool) error {
-	c, done, err := f.dial()
+	resp, err := query(cmd, f, func(ctx context.Context, c pb.ControlClient) (*pb.ListJobsResponse, error) {
+		return c.ListJobs(ctx, &pb.ListJobsRequest{Query: &pb.QueryOptions{Stale: stale}})
+	})
 	if err != nil {
 		return err
-	}
-	defer done()
-	ctx, cancel := f.ctx(cmd.Context())
-	defer cancel()
-	resp, err := c.ListJobs(ctx, &pb.ListJobsRequest{Query: &pb.QueryOptions{Stale: stale}})
-	if err != nil {
-		return f.explain(err)
 	}
 	out := cmd.OutOrStdout()
 	if f.json {
@@ -412,16 +402,11 @@ func newJobStopCommand() *cobra.Command {
 		Example: "  gpumesh job stop hello-1a2b3c4d",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := f.dial()
+			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.StopJobResponse, error) {
+				return c.StopJob(ctx, &pb.StopJobRequest{Id: args[0]})
+			})
 			if err != nil {
 				return err
-			}
-			defer done()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
-			resp, err := c.StopJob(ctx, &pb.StopJobRequest{Id: args[0]})
-			if err != nil {
-				return f.explain(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)

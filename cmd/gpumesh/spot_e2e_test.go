@@ -52,14 +52,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		}
 		as = append(as, a)
 	}
-	for i, a := range as {
-		for j, b := range as {
-			if i != j {
-				a.Args = append(a.Args, "--join", b.GossipAddr())
-			}
-		}
-		a.Start()
-	}
+	procs.StartJoined(as)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, a := range as {

@@ -240,3 +240,16 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// StartJoined gives every agent the gossip address of every other one as a
+// --join flag and starts them all.
+func StartJoined(as []*Agent) {
+	for i, a := range as {
+		for j, b := range as {
+			if i != j {
+				a.Args = append(a.Args, "--join", b.GossipAddr())
+			}
+		}
+		a.Start()
+	}
+}
