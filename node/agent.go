@@ -473,7 +473,9 @@ func (a *Agent) roleLoop() {
 	if !ok || a.raft == nil {
 		return
 	}
-	t := time.NewTicker(500 * time.Millisecond)
+	// Fast enough that a node joining right after the cluster formed learns
+	// that it did before its own bootstrap settles.
+	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {

@@ -20,7 +20,8 @@ var _ raftServer = (*raftAdapter)(nil)
 func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 	cfg := consensus.DefaultConfig()
 	if a.cfg.Dev {
-		cfg.BootstrapSettle = 100 * time.Millisecond
+		// BootstrapSettle keeps its default: it is also the time a late
+		// joiner waits to learn that the others already formed a cluster.
 		cfg.ReconcileInterval = time.Second
 	}
 	cfg.NodeID = a.nodeID

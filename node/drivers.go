@@ -182,6 +182,7 @@ func (r *runner) recover() {
 		al := &pb.Allocation{Id: allocID, JobId: id.JobID, Generation: id.Generation, Rank: int32(id.Rank), NodeId: r.a.nodeID}
 		rt := &runningTask{alloc: al, task: &execTask{h: h}}
 		r.tasks[allocID] = rt
+		r.started[allocID] = true
 		if _, done := h.Result(); !done {
 			r.logger.Info("recovered a running task", "job", id.JobID, "generation", id.Generation, "rank", id.Rank, "pid", h.Pid())
 		}

@@ -56,7 +56,9 @@ type runner struct {
 	// (so it left pending) before this node's replica or watch stream has
 	// it, and a reconcile in between must not start them again.
 	finished map[string]bool
-	kick     chan struct{}
+	// started holds allocations this agent process started (or adopted).
+	started map[string]bool
+	kick    chan struct{}
 
 	drivers map[string]driverFunc
 }
@@ -76,6 +78,7 @@ func newRunner(a *Agent) *runner {
 		kick:    make(chan struct{}, 1),
 
 		finished: map[string]bool{},
+		started:  map[string]bool{},
 		drivers:  map[string]driverFunc{},
 	}
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
@@ -188,11 +191,17 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 			continue
 		}
 		rt := r.tasks[al.Id]
+		reported := r.pending[al.Id]
 		if al.DesiredStatus == "stop" {
-			if rt != nil && !rt.stopped {
+			switch {
+			case rt != nil && !rt.stopped:
 				rt.stopped = true
 				r.logger.Info("stopping rank", "job", al.JobId, "generation", al.Generation, "rank", al.Rank)
 				rt.task.Stop("stopped by the scheduler", r.a.drainDeadline())
+			case rt == nil && !r.finished[al.Id] && !terminal(al.ClientStatus) && (reported == nil || !terminal(reported.ClientStatus)):
+				// Never started here (or gone with an earlier agent process):
+				// say so, so that the next generation need not wait for it.
+				r.reportLocked(al, "stopped", 0, "stopped before it ran on this node", nil)
 			}
 			continue
 		}
@@ -204,11 +213,16 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 		if rt != nil || r.finished[al.Id] {
 			continue
 		}
-		if _, reported := r.pending[al.Id]; reported {
-			// Finished here already; its final state is on its way.
-			if p := r.pending[al.Id]; terminal(p.ClientStatus) {
-				continue
-			}
+		if reported != nil && terminal(reported.ClientStatus) {
+			continue // finished here already; its final state is on its way
+		}
+		if al.ClientStatus == "running" && !r.started[al.Id] {
+			// It ran under an earlier agent process and did not survive the
+			// restart (built-in ranks live inside the agent; exec ranks
+			// would have been adopted by recover): report it lost rather
+			// than start it a second time.
+			r.reportLocked(al, "lost", -1, "the agent restarted and the rank's task is gone", nil)
+			continue
 		}
 		job := jobs[al.JobId]
 		if job == nil {
@@ -219,6 +233,11 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	for id := range r.finished {
 		if !want[id] {
 			delete(r.finished, id)
+		}
+	}
+	for id := range r.started {
+		if !want[id] && r.tasks[id] == nil {
+			delete(r.started, id)
 		}
 	}
 	// Anything running that the cluster no longer wants (job purged) stops.
@@ -242,6 +261,7 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 		r.reportLocked(al, "failed", -1, "failed to start: "+err.Error(), nil)
 		return
 	}
+	r.started[al.Id] = true
 	r.logger.Info("rank started", "job", al.JobId, "generation", al.Generation, "rank", al.Rank, "world", al.WorldSize)
 	rt := &runningTask{alloc: al, task: t}
 	r.tasks[al.Id] = rt
