@@ -18,10 +18,13 @@ func TestRaftStatsAndLeaderChanges(t *testing.T) {
 	for _, id := range tc.IDs() {
 		s := tc.Server(id)
 		if s != leader {
-			fs := s.RaftStats()
-			if fs.State != "Follower" || fs.LastContact < 0 || fs.LastContact > 5*time.Second {
-				t.Fatalf("follower %s stats %+v", id, fs)
-			}
+			// Right after an election a follower may not have heard from
+			// the leader yet (still a candidate, no contact): wait for it.
+			WaitFor(t, 10*time.Second, func() (bool, string) {
+				fs := s.RaftStats()
+				ok := fs.State == "Follower" && fs.LastContact >= 0 && fs.LastContact <= 5*time.Second
+				return ok, fmt.Sprintf("follower %s stats %+v", id, fs)
+			})
 			counters[id] = s.CountLeaderChanges()
 		}
 	}
