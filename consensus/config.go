@@ -96,6 +96,11 @@ type Config struct {
 	// job on its rank 0 node. Default 29500..29999 (torchrun's default is
 	// 29500).
 	MasterPortMin, MasterPortMax int
+
+	// JobGCAge is how long an ended job (complete, failed or stopped) and
+	// its allocations stay in the state before the leader purges them; zero
+	// keeps them forever. JobGCInterval is how often the leader looks.
+	JobGCAge, JobGCInterval time.Duration
 	// StopReportGrace is added to a job's kill timeout: ranks told to stop
 	// that have not reported a final status by then are marked lost, so a
 	// node that never reports cannot keep the job from being placed again.
@@ -136,6 +141,8 @@ func DefaultConfig() *Config {
 		ApplyTimeout:         10 * time.Second,
 		MasterPortMin:        29500,
 		MasterPortMax:        29999,
+		JobGCAge:             4 * time.Hour,
+		JobGCInterval:        time.Minute,
 		SchedulerBatch:       512,
 		StopReportGrace:      15 * time.Second,
 	}
@@ -147,6 +154,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidConfig}, args...)...)
 	}
 	switch {
+	case c.JobGCAge < 0 || c.JobGCInterval < 0:
+		return bad("job gc age and interval must be >= 0, got %s and %s", c.JobGCAge, c.JobGCInterval)
 	case c.NodeID == "":
 		return bad("NodeID is empty; set it to the node's stable unique ID")
 	case c.DataDir == "":

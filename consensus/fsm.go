@@ -92,6 +92,8 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		return f.updateAllocations(idx, now, c.UpdateAllocations.GetAllocations())
 	case *fsmpb.Command_ApplyPlans:
 		return f.applyPlans(idx, now, c.ApplyPlans.GetPlans())
+	case *fsmpb.Command_PurgeJobs:
+		return f.purgeJobs(idx, c.PurgeJobs.GetIds())
 	default:
 		f.logger.Error("unknown command in log entry", "index", idx)
 		return fmt.Errorf("%w: index %d: unknown command type %T; is this server older than the leader?", ErrInvalidCommand, idx, cmd.Cmd)

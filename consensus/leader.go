@@ -103,6 +103,21 @@ func (ls *leaderSession) run() {
 	s.fsm.events.all()
 	ls.goFunc(ls.sched.run)
 
+	if s.cfg.JobGCAge > 0 && s.cfg.JobGCInterval > 0 {
+		ls.goFunc(func() {
+			t := time.NewTicker(s.cfg.JobGCInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-ls.ctx.Done():
+					return
+				case <-t.C:
+					ls.collectGarbage()
+				}
+			}
+		})
+	}
+
 	tick := time.NewTicker(s.cfg.ReconcileInterval)
 	defer tick.Stop()
 	for {

@@ -61,6 +61,9 @@ type Config struct {
 	MaxRanksPerNode int
 	// CollectiveTimeout bounds how long a collective waits for a peer.
 	CollectiveTimeout time.Duration
+	// JobGCAge is how long ended jobs stay in the cluster state (and can be
+	// inspected) before the leader purges them; zero keeps them forever.
+	JobGCAge time.Duration
 
 	// Identity the node reports when not discovered (set from EC2 metadata
 	// by the caller when on EC2).
@@ -107,6 +110,7 @@ func DefaultConfig() *Config {
 		MaxVoters:         3,
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
+		JobGCAge:          4 * time.Hour,
 		Lifecycle:         "unknown",
 	}
 }

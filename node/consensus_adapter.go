@@ -32,6 +32,11 @@ func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 	cfg.BootstrapExpect = a.cfg.BootstrapExpect
 	cfg.MaxVoters = a.cfg.MaxVoters
 	cfg.Standbys = a.cfg.Standbys
+	cfg.JobGCAge = a.cfg.JobGCAge
+	if a.cfg.JobGCAge > 0 {
+		// Look often enough that nothing outlives its age by much.
+		cfg.JobGCInterval = min(time.Minute, max(a.cfg.JobGCAge/4, 100*time.Millisecond))
+	}
 	cfg.Logger = a.logger.Named("consensus")
 	cfg.Membership = &membershipView{a: a}
 	if cfg.StreamLayer, err = a.sec.raftStreamLayer(cfg.RaftBindAddr, cfg.RaftAdvertiseAddr); err != nil {

@@ -40,6 +40,7 @@ type Command struct {
 	//	*Command_DrainNode
 	//	*Command_UpdateAllocations
 	//	*Command_ApplyPlans
+	//	*Command_PurgeJobs
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -143,6 +144,15 @@ func (x *Command) GetApplyPlans() *ApplyPlans {
 	return nil
 }
 
+func (x *Command) GetPurgeJobs() *PurgeJobs {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_PurgeJobs); ok {
+			return x.PurgeJobs
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -171,6 +181,10 @@ type Command_ApplyPlans struct {
 	ApplyPlans *ApplyPlans `protobuf:"bytes,15,opt,name=apply_plans,json=applyPlans,proto3,oneof"`
 }
 
+type Command_PurgeJobs struct {
+	PurgeJobs *PurgeJobs `protobuf:"bytes,16,opt,name=purge_jobs,json=purgeJobs,proto3,oneof"`
+}
+
 func (*Command_RegisterJob) isCommand_Cmd() {}
 
 func (*Command_StopJob) isCommand_Cmd() {}
@@ -182,6 +196,8 @@ func (*Command_DrainNode) isCommand_Cmd() {}
 func (*Command_UpdateAllocations) isCommand_Cmd() {}
 
 func (*Command_ApplyPlans) isCommand_Cmd() {}
+
+func (*Command_PurgeJobs) isCommand_Cmd() {}
 
 type RegisterJob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -670,11 +686,58 @@ func (x *Snapshot) GetAllocations() []*controlpb.Allocation {
 	return nil
 }
 
+// PurgeJobs removes ended jobs and all their allocations from the state
+// (job garbage collection by the leader). Ids of jobs that are missing or
+// not ended are ignored.
+type PurgeJobs struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PurgeJobs) Reset() {
+	*x = PurgeJobs{}
+	mi := &file_fsm_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PurgeJobs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PurgeJobs) ProtoMessage() {}
+
+func (x *PurgeJobs) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PurgeJobs.ProtoReflect.Descriptor instead.
+func (*PurgeJobs) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *PurgeJobs) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
 var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\rcontrol.proto\"\xc9\x03\n" +
+	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\rcontrol.proto\"\x85\x04\n" +
 	"\aCommand\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12@\n" +
 	"\fregister_job\x18\n" +
@@ -685,7 +748,9 @@ const file_fsm_proto_rawDesc = "" +
 	"drain_node\x18\r \x01(\v2\x19.gpumesh.fsm.v1.DrainNodeH\x00R\tdrainNode\x12R\n" +
 	"\x12update_allocations\x18\x0e \x01(\v2!.gpumesh.fsm.v1.UpdateAllocationsH\x00R\x11updateAllocations\x12=\n" +
 	"\vapply_plans\x18\x0f \x01(\v2\x1a.gpumesh.fsm.v1.ApplyPlansH\x00R\n" +
-	"applyPlansB\x05\n" +
+	"applyPlans\x12:\n" +
+	"\n" +
+	"purge_jobs\x18\x10 \x01(\v2\x19.gpumesh.fsm.v1.PurgeJobsH\x00R\tpurgeJobsB\x05\n" +
 	"\x03cmd\"F\n" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
@@ -723,7 +788,9 @@ const file_fsm_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12&\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x10.gpumesh.v1.NodeR\x05nodes\x12#\n" +
 	"\x04jobs\x18\x03 \x03(\v2\x0f.gpumesh.v1.JobR\x04jobs\x128\n" +
-	"\vallocations\x18\x04 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocationsB,Z*github.com/gpumesh/gpumesh/consensus/fsmpbb\x06proto3"
+	"\vallocations\x18\x04 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"\x1d\n" +
+	"\tPurgeJobs\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03idsB,Z*github.com/gpumesh/gpumesh/consensus/fsmpbb\x06proto3"
 
 var (
 	file_fsm_proto_rawDescOnce sync.Once
@@ -737,7 +804,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
@@ -748,35 +815,37 @@ var file_fsm_proto_goTypes = []any{
 	(*ApplyPlans)(nil),            // 6: gpumesh.fsm.v1.ApplyPlans
 	(*JobPlan)(nil),               // 7: gpumesh.fsm.v1.JobPlan
 	(*Snapshot)(nil),              // 8: gpumesh.fsm.v1.Snapshot
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
-	(*controlpb.JobSpec)(nil),     // 10: gpumesh.v1.JobSpec
-	(*controlpb.Node)(nil),        // 11: gpumesh.v1.Node
-	(*controlpb.Allocation)(nil),  // 12: gpumesh.v1.Allocation
-	(*controlpb.Job)(nil),         // 13: gpumesh.v1.Job
+	(*PurgeJobs)(nil),             // 9: gpumesh.fsm.v1.PurgeJobs
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*controlpb.JobSpec)(nil),     // 11: gpumesh.v1.JobSpec
+	(*controlpb.Node)(nil),        // 12: gpumesh.v1.Node
+	(*controlpb.Allocation)(nil),  // 13: gpumesh.v1.Allocation
+	(*controlpb.Job)(nil),         // 14: gpumesh.v1.Job
 }
 var file_fsm_proto_depIdxs = []int32{
-	9,  // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	10, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
 	2,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
 	3,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
 	4,  // 4: gpumesh.fsm.v1.Command.drain_node:type_name -> gpumesh.fsm.v1.DrainNode
 	5,  // 5: gpumesh.fsm.v1.Command.update_allocations:type_name -> gpumesh.fsm.v1.UpdateAllocations
 	6,  // 6: gpumesh.fsm.v1.Command.apply_plans:type_name -> gpumesh.fsm.v1.ApplyPlans
-	10, // 7: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.v1.JobSpec
-	11, // 8: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.v1.Node
-	9,  // 9: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	12, // 10: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.v1.Allocation
-	7,  // 11: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	9,  // 12: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	12, // 13: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.v1.Allocation
-	11, // 14: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.v1.Node
-	13, // 15: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.v1.Job
-	12, // 16: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.v1.Allocation
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	9,  // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
+	11, // 8: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.v1.JobSpec
+	12, // 9: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.v1.Node
+	10, // 10: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	13, // 11: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.v1.Allocation
+	7,  // 12: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
+	10, // 13: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	13, // 14: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.v1.Allocation
+	12, // 15: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.v1.Node
+	14, // 16: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.v1.Job
+	13, // 17: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.v1.Allocation
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -791,6 +860,7 @@ func file_fsm_proto_init() {
 		(*Command_DrainNode)(nil),
 		(*Command_UpdateAllocations)(nil),
 		(*Command_ApplyPlans)(nil),
+		(*Command_PurgeJobs)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -798,7 +868,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
