@@ -515,12 +515,13 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 			if err := tr.wait(ctx); err != nil {
 				return err
 			}
-		case RDRecvFold:
+		case RDRecvFold, RDRecvResult:
+			// A fold reduces the peer's data in; a result replaces ours.
 			f, err := recv(st.Peer)
 			if err != nil {
 				return err
 			}
-			err = consume(buf, f, 0, count, true, op)
+			err = consume(buf, f, 0, count, st.Kind == RDRecvFold, op)
 			f.Release()
 			if err != nil {
 				return err
@@ -539,16 +540,6 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 				return err
 			}
 			if err := buf.ReduceChunk(0, Segments{scratch}, op); err != nil {
-				return err
-			}
-		case RDRecvResult:
-			f, err := recv(st.Peer)
-			if err != nil {
-				return err
-			}
-			err = consume(buf, f, 0, count, false, op)
-			f.Release()
-			if err != nil {
 				return err
 			}
 		}
