@@ -134,7 +134,7 @@ type CollectiveLink struct {
 	cancel     context.CancelFunc
 	sendSeq    int // chunks sent, for the channel of the next
 	recvSeq    int
-	free       chan []float32
+	free       bufPool
 	closeOnce  sync.Once
 	// slots bounds the chunks handed to the transport and not yet done
 	// with: Send returns once its chunks are queued, not sent.
@@ -151,7 +151,7 @@ func newCollectiveLink(ep collective.Endpoint, rank int, cfg CollectiveConfig) *
 	return &CollectiveLink{
 		ep: ep, peer: 1 - rank, channels: cfg.Channels, chunkElems: cfg.ChunkBytes / 4,
 		jobID: cfg.JobID, group: collective.GroupHash(cfg.JobID), generation: cfg.Generation,
-		ctx: ctx, cancel: cancel, free: make(chan []float32, 16),
+		ctx: ctx, cancel: cancel, free: newBufPool(),
 		slots: make(chan struct{}, 4*cfg.Channels),
 	}
 }
@@ -233,25 +233,9 @@ func (l *CollectiveLink) Recv() (*Message, error) {
 	}
 }
 
-func (l *CollectiveLink) buffer(n int) []float32 {
-	for {
-		select {
-		case b := <-l.free:
-			if cap(b) >= n {
-				return b[:n]
-			}
-		default:
-			return make([]float32, n)
-		}
-	}
-}
+func (l *CollectiveLink) buffer(n int) []float32 { return l.free.get(n) }
 
-func (l *CollectiveLink) recycle(b []float32) {
-	select {
-	case l.free <- b:
-	default:
-	}
-}
+func (l *CollectiveLink) recycle(b []float32) { l.free.put(b) }
 
 func (l *CollectiveLink) linkErr(err error) error {
 	if errors.Is(err, collective.ErrClosed) || errors.Is(err, context.Canceled) {

@@ -254,3 +254,31 @@ func NewMemPipeline(stages, buffer int) []StageLinks {
 	}
 	return out
 }
+
+// bufPool keeps released receive buffers of a link for reuse.
+type bufPool chan []float32
+
+func newBufPool() bufPool { return make(bufPool, 16) }
+
+// get returns a buffer of n values, reused when a large enough one is free.
+func (p bufPool) get(n int) []float32 {
+	for {
+		select {
+		case b := <-p:
+			if cap(b) >= n {
+				return b[:n]
+			}
+			// Too small: drop it and look further.
+		default:
+			return make([]float32, n)
+		}
+	}
+}
+
+// put offers b for reuse; a full pool drops it.
+func (p bufPool) put(b []float32) {
+	select {
+	case p <- b:
+	default:
+	}
+}

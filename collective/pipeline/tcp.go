@@ -55,13 +55,13 @@ type TCPLink struct {
 	hdr        [tcpHeaderSize]byte
 	closeOnce  sync.Once
 	// free holds released receive buffers for reuse.
-	free chan []float32
+	free bufPool
 }
 
 var _ Link = (*TCPLink)(nil)
 
 func newTCPLink(conn net.Conn, jobID string, gen uint64) *TCPLink {
-	return &TCPLink{conn: conn, r: bufio.NewReaderSize(conn, 64<<10), jobID: jobID, job: jobHash(jobID), generation: gen, free: make(chan []float32, 16)}
+	return &TCPLink{conn: conn, r: bufio.NewReaderSize(conn, 64<<10), jobID: jobID, job: jobHash(jobID), generation: gen, free: newBufPool()}
 }
 
 func f32bytes(d []float32) []byte {
@@ -135,26 +135,9 @@ func (l *TCPLink) Recv() (*Message, error) {
 }
 
 // buffer returns a receive buffer of n values, reused when one is free.
-func (l *TCPLink) buffer(n int) []float32 {
-	for {
-		select {
-		case b := <-l.free:
-			if cap(b) >= n {
-				return b[:n]
-			}
-			// Too small: drop it and look further.
-		default:
-			return make([]float32, n)
-		}
-	}
-}
+func (l *TCPLink) buffer(n int) []float32 { return l.free.get(n) }
 
-func (l *TCPLink) recycle(b []float32) {
-	select {
-	case l.free <- b:
-	default:
-	}
-}
+func (l *TCPLink) recycle(b []float32) { l.free.put(b) }
 
 func (l *TCPLink) ioErr(err error) error {
 	if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
