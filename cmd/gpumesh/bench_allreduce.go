@@ -30,6 +30,8 @@ type allreduceFlags struct {
 	readBuf  string
 	writeBuf string
 	timeout  time.Duration
+	plane    string
+	sockBuf  string
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -46,6 +48,8 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.readBuf, "read-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
 	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
+	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
+	fs.StringVar(&f.sockBuf, "lane-socket-buffer", "0", "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 }
 
 func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, collective.AllReduceJobSpec, error) {
@@ -77,6 +81,15 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 		return cfg, gcfg, spec, fmt.Errorf("--write-buffer: %w", err)
 	}
 	gcfg.ReadBufferBytes, gcfg.WriteBufferBytes = int(rb), int(wb)
+	sb, err := collective.ParseSize(f.sockBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--lane-socket-buffer: %w", err)
+	}
+	gcfg.LaneSocketBuffer = int(sb)
+	gcfg.DataPlane = f.plane
+	if err := gcfg.Validate(); err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--data-plane/--lane-socket-buffer: %w", err)
+	}
 	if window > 1<<30 {
 		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
 	}
@@ -94,14 +107,16 @@ func newBenchAllReduceCommand() *cobra.Command {
 	var procs, asJSON, noRaw bool
 	cmd := &cobra.Command{
 		Use:   "allreduce",
-		Short: "Measure ring all-reduce over the gRPC data plane on loopback, against raw TCP",
+		Short: "Measure ring all-reduce over the data plane on loopback, against raw TCP",
 		Long: `Starts N ranks on 127.0.0.1 (in this process, or one process each with --procs),
 runs the built-in allreduce job (every rank checks the result exactly) and prints an
 nccl-tests style table: size, count, type, time, algbw, busbw (algbw * 2(n-1)/n) and
 the number of wrong elements, then the same bytes moved over raw TCP with the same
-number of flows, and the ratio of the two.`,
+number of flows, and the ratio of the two. --data-plane grpc moves the frames on the
+gRPC streams themselves instead of TCP lanes (to compare the two).`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
-  gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json`,
+  gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json
+  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ccfg, gcfg, spec, err := f.configs()

@@ -370,6 +370,8 @@ func workerFlags(cfg Config) []string {
 		"--read-buffer", fmt.Sprint(cfg.GRPC.ReadBufferBytes),
 		"--write-buffer", fmt.Sprint(cfg.GRPC.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
+		"--data-plane", cfg.GRPC.DataPlane,
+		"--lane-socket-buffer", fmt.Sprint(cfg.GRPC.LaneSocketBuffer),
 	}
 }
 
