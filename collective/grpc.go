@@ -755,9 +755,9 @@ func (e *grpcEndpoint) laneErr(ctx context.Context, what string, peer, ch int, e
 	var lb *laneBroken
 	broken := errors.As(err, &lb)
 	if ctx.Err() != nil && (!broken || errors.Is(err, context.Cause(ctx))) {
-		if broken {
-			e.fail.fail(fmt.Errorf("%w: rank %d: data lane %s rank %d (channel %d) cut mid-frame: %v", ErrAborted, e.spec.Rank, what, peer, ch, context.Cause(ctx)))
-		}
+		// Cancelled. A lane cut mid-frame stays marked broken: using it
+		// again fails the endpoint (a cancelled collective aborts the
+		// communicator anyway).
 		return context.Cause(ctx)
 	}
 	if !broken && errors.Is(err, io.EOF) {
@@ -1241,10 +1241,20 @@ func (s *Server) Service() *Service { return s.svc }
 // Transport returns a transport whose inbound side is this server.
 func (s *Server) Transport() *GRPCTransport { return s.tr }
 
-// Close stops the server (open streams are cut). Safe to call twice.
+// Close stops the server: open streams and the lanes of its endpoints are
+// cut, as if the node went away. Safe to call twice.
 func (s *Server) Close() {
 	s.once.Do(func() {
 		s.gs.Stop()
 		s.wg.Wait()
+		s.svc.mu.Lock()
+		eps := make([]*grpcEndpoint, 0, len(s.svc.eps))
+		for _, ep := range s.svc.eps {
+			eps = append(eps, ep)
+		}
+		s.svc.mu.Unlock()
+		for _, ep := range eps {
+			ep.shutLanes()
+		}
 	})
 }
