@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"crypto/tls"
@@ -290,8 +291,13 @@ type Service struct {
 	waiters map[localKey]chan struct{}
 	offers  map[laneToken]*laneOffer
 
-	lanesServed atomicBool
+	lanesServed   atomicBool
+	lanesAccepted atomic.Uint64
 }
+
+// LanesAccepted is the number of TCP lanes this Service has accepted since
+// it started (for metrics and tests; see lane.go).
+func (s *Service) LanesAccepted() uint64 { return s.lanesAccepted.Load() }
 
 // NewService creates the data-plane service.
 func NewService(cfg GRPCConfig) (*Service, error) {

@@ -182,6 +182,7 @@ func (s *Service) serveLane(conn net.Conn) {
 		return
 	}
 	_ = conn.SetDeadline(time.Time{})
+	s.lanesAccepted.Add(1)
 	if _, err := conn.Write([]byte{laneStatusOK}); err != nil {
 		// The reader sees the broken lane and fails the endpoint.
 		_ = l.close()
