@@ -726,6 +726,8 @@ func (e *grpcEndpoint) openLane(ctx context.Context, stream grpc.ClientStream, p
 	case a = <-ans:
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
+	case <-e.fail.ch:
+		return nil, e.fail.Err()
 	}
 	if a.err != nil {
 		return nil, streamErr(peer, addr, a.err)

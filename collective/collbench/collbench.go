@@ -105,16 +105,18 @@ type Row struct {
 
 // Result of a run.
 type Result struct {
-	Ranks      int    `json:"ranks"`
-	Channels   int    `json:"channels"`
-	ChunkBytes int    `json:"chunk_bytes"`
-	Procs      bool   `json:"procs"`
-	Device     string `json:"device"`
-	CPUs       int    `json:"cpus"`
-	GoVersion  string `json:"go_version"`
-	Date       string `json:"date"`
-	Rows       []Row  `json:"rows"`
-	Wrong      int64  `json:"wrong"`
+	Ranks      int `json:"ranks"`
+	Channels   int `json:"channels"`
+	ChunkBytes int `json:"chunk_bytes"`
+	// DataPlane is how frames travelled: "tcp" (lanes) or "grpc".
+	DataPlane string `json:"data_plane"`
+	Procs     bool   `json:"procs"`
+	Device    string `json:"device"`
+	CPUs      int    `json:"cpus"`
+	GoVersion string `json:"go_version"`
+	Date      string `json:"date"`
+	Rows      []Row  `json:"rows"`
+	Wrong     int64  `json:"wrong"`
 }
 
 // Run runs the benchmark.
@@ -139,7 +141,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes,
+	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.GRPC.DataPlane,
 		Procs: cfg.Procs, Device: reps[0].Device, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Date: time.Now().UTC().Format(time.RFC3339)}
 	for i, r := range reps[0].Results {
@@ -413,8 +415,8 @@ func WriteTable(w io.Writer, r *Result) {
 	if r.Procs {
 		mode = "one process per rank"
 	}
-	fmt.Fprintf(w, "# gpumesh allreduce: %d ranks (%s), device %s, %d channels, %s chunks, %d CPUs, %s\n",
-		r.Ranks, mode, r.Device, r.Channels, collective.FormatSize(int64(r.ChunkBytes)), r.CPUs, r.Date)
+	fmt.Fprintf(w, "# gpumesh allreduce: %d ranks (%s), device %s, data plane %s, %d channels, %s chunks, %d CPUs, %s\n",
+		r.Ranks, mode, r.Device, r.DataPlane, r.Channels, collective.FormatSize(int64(r.ChunkBytes)), r.CPUs, r.Date)
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "size", "count", "type", "algorithm", "time(us)", "algbw", "busbw", "#wrong", "rawTCP", "ratio")
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "(B)", "(elements)", "", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "")
 	for _, row := range r.Rows {
