@@ -1035,7 +1035,8 @@ func (e *grpcEndpoint) RecvTo(ctx context.Context, peer, ch int, sink FrameSink)
 		f.release = releaseLane
 		return f, h, nil
 	}
-	dst, err := sink.Begin(&h)
+	l.rh = h // a field, not &h: the header would escape to the heap per frame
+	dst, err := sink.Begin(&l.rh)
 	if err != nil {
 		l.rbroken = true // the rest of the frame stays unread
 		return nil, h, err

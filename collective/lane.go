@@ -309,6 +309,7 @@ type laneConn struct {
 
 	// receiver state (one goroutine at a time: the endpoint contract)
 	rhdr    [HeaderSize]byte
+	rh      Header
 	scratch []byte
 	rbroken bool // a frame was left partly read
 
