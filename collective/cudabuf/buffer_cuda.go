@@ -86,6 +86,8 @@ type Backend struct {
 	// pending is the FIFO of staged slots whose device work may still run,
 	// across all buffers: whoever needs a slot reclaims the oldest.
 	pending []pending
+	// canPeer[a][p]: kernels on device a may read device p's memory.
+	canPeer [][]bool
 
 	closeOnce sync.Once
 	closeErr  error
@@ -95,8 +97,9 @@ type Backend struct {
 type Option func(*options)
 
 type options struct {
-	spin      bool
-	rangeDeps bool
+	spin       bool
+	rangeDeps  bool
+	noPrefetch bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -164,9 +167,11 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 		b.slots = append(b.slots, st)
 		b.free <- st
 	}
-	for _, a := range rt.Devices() {
-		for _, p := range rt.Devices() {
+	for i, a := range rt.Devices() {
+		b.canPeer = append(b.canPeer, make([]bool, len(rt.Devices())))
+		for j, p := range rt.Devices() {
 			if a == p {
+				b.canPeer[i][j] = true
 				continue
 			}
 			if ok, err := a.CanAccessPeer(p); err == nil && ok {
@@ -174,6 +179,7 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 					b.Close()
 					return nil, err
 				}
+				b.canPeer[i][j] = true
 			}
 		}
 	}
@@ -395,11 +401,15 @@ type Buffer struct {
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
 	reads    map[readKey][]*stageSlot
-	writes   []writeRec           // WithRangeDeps: writes whose event may be pending, in stream order
-	evFree   []*cuda.Event        // WithRangeDeps: spare events for writes
-	big      map[readKey][][]byte // ReadChunk larger than a slot
+	writes   []writeRec               // WithRangeDeps: writes whose event may be pending, in stream order
+	evFree   []*cuda.Event            // WithRangeDeps: spare events for writes
+	big      map[readKey][][]byte     // ReadChunk larger than a slot
+	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
+	npre     int                      // slots held in pre
 	err      error
 	freed    bool
+
+	stats bufStats
 }
 
 // NewBuffer allocates n elements of dt on device index dev (an index into
@@ -416,7 +426,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}, pre: map[readKey][]*stageSlot{}}
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -547,6 +557,10 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	if err := buf.check(off, n); err != nil {
 		return nil, err
 	}
+	buf.stats.reads.Add(1)
+	if host, ok, err := buf.readPrefetched(off, n); ok {
+		return host, err
+	}
 	bytes := n * buf.dt.Size()
 	var host []byte
 	var slot *stageSlot
@@ -637,6 +651,7 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 	if err := buf.check(off, total/es); err != nil {
 		return err
 	}
+	buf.stats.staged.Add(1)
 	piece := buf.be.slot / es * es
 	segs := src
 	var segOff int
@@ -658,6 +673,7 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 		}
 		scratch := slot.scratch[buf.ds.idx]
 		buf.mu.Lock()
+		buf.dropPrefetchLocked(off+done/es, nb/es)
 		err = f(slot, scratch, off+done/es, nb/es)
 		ev := slot.events[buf.ds.idx]
 		if err == nil {
@@ -718,6 +734,7 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	}
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
+	buf.dropPrefetchLocked(off, n)
 	err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
 	if err == nil {
 		err = buf.noteWriteLocked(off, n)
@@ -736,6 +753,7 @@ func (buf *Buffer) Sync() error {
 	if buf.rd != nil {
 		buf.fail(buf.rd.Synchronize())
 	}
+	buf.dropPrefetchLocked(0, buf.n)
 	buf.be.addPending(pending{})
 	if buf.wr != nil {
 		for _, w := range buf.writes {
@@ -768,6 +786,8 @@ func lockPair(a, b *Buffer) func() {
 func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
 	unlock := lockPair(buf, src)
 	defer unlock()
+	buf.stats.peer.Add(1)
+	buf.dropPrefetchLocked(dstOff, n)
 	err := src.wr.Record(src.wrMark)
 	if err == nil {
 		err = buf.wr.Wait(src.wrMark)
@@ -833,6 +853,9 @@ func (buf *Buffer) PeerReduce(dstOff int, src collective.Buffer, srcOff, n int, 
 	s, ok, err := buf.peerCheck(dstOff, src, srcOff, n)
 	if !ok || err != nil || n == 0 {
 		return ok, err
+	}
+	if !buf.be.canPeer[buf.ds.idx][s.ds.idx] {
+		return false, nil // the kernel cannot read the peer's memory: staged fallback
 	}
 	cop, err := Op(op)
 	if err != nil {

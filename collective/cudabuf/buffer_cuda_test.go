@@ -29,7 +29,7 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 	cfg := cuda.DefaultConfig()
 	cfg.PinnedSlotBytes = slotBytes
 	cfg.PinnedSlots = slots
-	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"))
+	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"))
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}

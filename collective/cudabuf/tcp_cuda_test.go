@@ -239,6 +239,9 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_RANGE_DEPS") == "1" {
 						wait += ",rangedeps"
 					}
+					if os.Getenv("GPUMESH_PREFETCH") == "0" {
+						wait += ",noprefetch"
+					}
 					if device == "cpu" {
 						wait = "-"
 					}

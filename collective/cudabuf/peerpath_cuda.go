@@ -1,0 +1,181 @@
+//go:build cuda
+
+package cudabuf
+
+import (
+	"sync/atomic"
+
+	"github.com/gpumesh/gpumesh/collective"
+)
+
+// The collectives' by-reference hops and read-ahead (collective/peerpath.go)
+// on device buffers.
+
+var (
+	_ collective.RefSender       = (*Buffer)(nil)
+	_ collective.ChunkPrefetcher = (*Buffer)(nil)
+)
+
+// Stats counts how chunks moved through one buffer since it was made.
+type Stats struct {
+	// PeerChunks is the number of chunks moved into this buffer straight
+	// from another device buffer of the backend (PeerWrite, PeerReduce: a
+	// peer copy or a kernel reading the peer's memory).
+	PeerChunks int64
+	// StagedReads is the number of ReadChunk calls (device to pinned host),
+	// including those made by a receiving rank that could not peer-move.
+	StagedReads int64
+	// StagedWrites is the number of WriteChunk and ReduceChunk calls
+	// (host bytes through pinned memory to the device).
+	StagedWrites int64
+	// Prefetched is the number of ReadChunk calls served by a copy that
+	// PrefetchChunk had started.
+	Prefetched int64
+}
+
+type bufStats struct {
+	peer, reads, staged, prefetched atomic.Int64
+}
+
+// Stats returns the buffer's counters.
+func (buf *Buffer) Stats() Stats {
+	return Stats{
+		PeerChunks:   buf.stats.peer.Load(),
+		StagedReads:  buf.stats.reads.Load(),
+		StagedWrites: buf.stats.staged.Load(),
+		Prefetched:   buf.stats.prefetched.Load(),
+	}
+}
+
+// SendByRef implements collective.RefSender: chunks of device memory go to
+// ranks of this process as references, which the receiver moves device to
+// device (PeerReduce/PeerWrite) instead of through the host.
+func (buf *Buffer) SendByRef() bool { return true }
+
+// WithPrefetch turns PrefetchChunk on (the default) or off (ReadChunk then
+// always copies on demand).
+func WithPrefetch(on bool) Option { return func(o *options) { o.noPrefetch = !on } }
+
+// maxPrefetch bounds the slots one buffer holds for prefetched reads.
+func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/4) }
+
+// PrefetchChunk implements collective.ChunkPrefetcher: it enqueues the copy
+// of elements [off, off+n) into a pinned slot on the read stream, after
+// every write issued so far, and returns without waiting. A later
+// ReadChunk(off, n) returns that copy; a write to the range issued in
+// between drops it. Chunks larger than a slot, and prefetches when no slot
+// is free at once, are skipped (it is a hint).
+func (buf *Buffer) PrefetchChunk(off, n int) error {
+	if err := buf.check(off, n); err != nil {
+		return err
+	}
+	bytes := n * buf.dt.Size()
+	if n == 0 || bytes > buf.be.slot || buf.be.opts.noPrefetch {
+		return nil
+	}
+	buf.mu.Lock()
+	full := buf.npre >= buf.maxPrefetch() || buf.freed
+	buf.mu.Unlock()
+	if full {
+		return nil
+	}
+	slot := buf.be.tryGetSlot()
+	if slot == nil {
+		return nil
+	}
+	buf.mu.Lock()
+	err := buf.waitWritesLocked(off, n)
+	if err == nil {
+		err = buf.rd.CopyDtoH(slot.host[:bytes], buf.at(off))
+	}
+	if err == nil {
+		err = buf.rd.Record(slot.events[buf.ds.idx])
+	}
+	if err == nil {
+		k := readKey{off, n}
+		buf.pre[k] = append(buf.pre[k], slot)
+		buf.npre++
+	}
+	buf.fail(err)
+	buf.mu.Unlock()
+	if err != nil {
+		buf.rd.Synchronize() // the copy may have been enqueued
+		buf.be.putSlot(slot)
+	}
+	return err
+}
+
+// readPrefetched serves ReadChunk(off, n) from a prefetched copy if there is
+// one (ok), waiting for its copy to finish.
+func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) {
+	k := readKey{off, n}
+	buf.mu.Lock()
+	l := buf.pre[k]
+	if len(l) == 0 {
+		buf.mu.Unlock()
+		return nil, false, nil
+	}
+	slot := l[0]
+	if len(l) == 1 {
+		delete(buf.pre, k)
+	} else {
+		buf.pre[k] = l[1:]
+	}
+	buf.npre--
+	buf.mu.Unlock()
+	if err := slot.events[buf.ds.idx].Synchronize(); err != nil {
+		buf.be.putSlot(slot)
+		return nil, true, err
+	}
+	buf.stats.prefetched.Add(1)
+	buf.mu.Lock()
+	buf.reads[k] = append(buf.reads[k], slot)
+	buf.mu.Unlock()
+	return slot.host[:n*buf.dt.Size()], true, nil
+}
+
+// dropPrefetchLocked forgets prefetched copies of ranges that overlap [off,
+// off+n) (a write to them is being issued), or every one when the range is
+// the whole buffer. Their slots go back once their copies finish. Called
+// with mu held.
+func (buf *Buffer) dropPrefetchLocked(off, n int) {
+	if buf.npre == 0 {
+		return
+	}
+	all := off == 0 && n >= buf.n
+	for k, l := range buf.pre {
+		if !all && !(k.off < off+n && off < k.off+k.n) {
+			continue
+		}
+		for _, slot := range l {
+			buf.be.addPending(pending{slot: slot, ev: slot.events[buf.ds.idx]})
+			buf.npre--
+		}
+		delete(buf.pre, k)
+	}
+}
+
+// tryGetSlot takes a slot without waiting: a free one, the oldest staged
+// slot if its work is done, or a new one while the set may grow; else nil.
+func (b *Backend) tryGetSlot() *stageSlot {
+	select {
+	case st := <-b.free:
+		return st
+	default:
+	}
+	b.pmu.Lock()
+	defer b.pmu.Unlock()
+	if len(b.pending) > 0 {
+		if done, err := b.pending[0].ev.Done(); done && err == nil {
+			st := b.pending[0].slot
+			b.pending = b.pending[1:]
+			return st
+		}
+	}
+	if len(b.slots) < b.maxSlots {
+		if st, err := b.grow(); err == nil {
+			return st
+		}
+	}
+	return nil
+}
