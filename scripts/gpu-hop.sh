@@ -40,11 +40,14 @@ grep -E '^hybrid .*(ok|stats)' "$logs/tests.log" | sed 's/^/    /' | tee -a "$ta
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
 	b() { echo "==== $*" >>"$logs/bench.log"; env GPUMESH_CUDA_BENCH=1 "$@" >>"$logs/bench.log" 2>&1; }
 	b timeout 90 "$t" -test.run '^TestCommunicatorPeerBandwidth$' -test.v
+	b GPUMESH_EAGER_PEER=1 GPUMESH_PEER_CONFIGS=4x1024,4x8192 timeout 60 "$t" -test.run '^TestCommunicatorPeerBandwidth$' -test.v
 	b GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-16x1024,8x1024}" timeout 100 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
 	b GPUMESH_PREFETCH=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-16x1024,8x1024}" timeout 80 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
 	b timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
+	b GPUMESH_EAGER_PEER=1 timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
+	b GPUMESH_PREFETCH=0 timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
 	grep -E '^(peer|tcp|hybrid) .*busbw' "$logs/bench.log" | while read -r l; do
-		row "$(echo "$l" | sed -e 's/ time=.*//' -e 's/channels=/ch=/' -e 's/transport=//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s')"
+		row "$(echo "$l" | sed -e 's/ time=.*//' -e 's/channels=/ch=/' -e 's/transport=//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s\( slots=[0-9]*\)\?')"
 	done
 fi
 

@@ -100,6 +100,7 @@ type options struct {
 	spin       bool
 	rangeDeps  bool
 	noPrefetch bool
+	eagerPeer  bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -406,6 +407,8 @@ type Buffer struct {
 	big      map[readKey][][]byte     // ReadChunk larger than a slot
 	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
 	npre     int                      // slots held in pre
+	readers  []peerRead               // peer reads of this buffer not yet waited for
+	readerEv map[*devState][]*cuda.Event
 	err      error
 	freed    bool
 
@@ -426,7 +429,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}, pre: map[readKey][]*stageSlot{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -490,6 +493,12 @@ func (buf *Buffer) Free() error {
 		errs = append(errs, e.Close())
 	}
 	buf.evFree = nil
+	for _, l := range buf.readerEv {
+		for _, e := range l {
+			errs = append(errs, e.Close())
+		}
+	}
+	buf.readerEv = nil
 	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
@@ -674,7 +683,10 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 		scratch := slot.scratch[buf.ds.idx]
 		buf.mu.Lock()
 		buf.dropPrefetchLocked(off+done/es, nb/es)
-		err = f(slot, scratch, off+done/es, nb/es)
+		err = buf.waitReadersLocked(off+done/es, nb/es)
+		if err == nil {
+			err = f(slot, scratch, off+done/es, nb/es)
+		}
 		ev := slot.events[buf.ds.idx]
 		if err == nil {
 			err = buf.wr.Record(ev)
@@ -735,7 +747,10 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
 	buf.dropPrefetchLocked(off, n)
-	err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	err := buf.waitReadersLocked(off, n)
+	if err == nil {
+		err = buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	}
 	if err == nil {
 		err = buf.noteWriteLocked(off, n)
 	}
@@ -754,6 +769,7 @@ func (buf *Buffer) Sync() error {
 		buf.fail(buf.rd.Synchronize())
 	}
 	buf.dropPrefetchLocked(0, buf.n)
+	buf.fail(buf.syncReadersLocked())
 	buf.be.addPending(pending{})
 	if buf.wr != nil {
 		for _, w := range buf.writes {
@@ -780,15 +796,20 @@ func lockPair(a, b *Buffer) func() {
 	return func() { b.mu.Unlock(); a.mu.Unlock() }
 }
 
-// peerOp enqueues f on buf's write stream after src's earlier writes, and
-// makes src's later writes wait for it (so src is not overwritten while this
-// reads it).
-func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
+// peerOp enqueues f, which writes buf[dstOff, +n) reading src[srcOff, +n),
+// on buf's write stream after src's earlier writes, and makes src's later
+// writes to that range (and src's Sync) wait for it, so that src is not
+// overwritten while this reads it. The second dependency is recorded, not
+// enqueued (see peerRead), unless WithEagerPeerDeps.
+func (buf *Buffer) peerOp(src *Buffer, dstOff, srcOff, n int, f func() error) error {
 	unlock := lockPair(buf, src)
 	defer unlock()
 	buf.stats.peer.Add(1)
 	buf.dropPrefetchLocked(dstOff, n)
-	err := src.wr.Record(src.wrMark)
+	err := buf.waitReadersLocked(dstOff, n)
+	if err == nil {
+		err = src.wr.Record(src.wrMark)
+	}
 	if err == nil {
 		err = buf.wr.Wait(src.wrMark)
 	}
@@ -801,8 +822,12 @@ func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
 	if err == nil && src != buf {
 		// an event is recorded on a stream of its own device; waiting on it
 		// from another device's stream is allowed
-		if err = buf.wr.Record(buf.peerMark); err == nil {
-			err = src.wr.Wait(buf.peerMark)
+		if buf.be.opts.eagerPeer {
+			if err = buf.wr.Record(buf.peerMark); err == nil {
+				err = src.wr.Wait(buf.peerMark)
+			}
+		} else {
+			err = src.addReaderLocked(buf, srcOff, n)
 		}
 	}
 	return buf.fail(err)
@@ -839,7 +864,7 @@ func (buf *Buffer) PeerWrite(dstOff int, src collective.Buffer, srcOff, n int) (
 		return ok, err
 	}
 	bytes := int64(n) * int64(buf.dt.Size())
-	return true, buf.peerOp(s, dstOff, n, func() error {
+	return true, buf.peerOp(s, dstOff, srcOff, n, func() error {
 		if s.ds == buf.ds {
 			return buf.wr.CopyDtoD(buf.at(dstOff), s.at(srcOff), bytes)
 		}
@@ -861,7 +886,7 @@ func (buf *Buffer) PeerReduce(dstOff int, src collective.Buffer, srcOff, n int, 
 	if err != nil {
 		return true, err
 	}
-	return true, buf.peerOp(s, dstOff, n, func() error {
+	return true, buf.peerOp(s, dstOff, srcOff, n, func() error {
 		return buf.wr.Reduce(cop, buf.cdt, buf.at(dstOff), s.at(srcOff), int64(n))
 	})
 }

@@ -29,7 +29,7 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 	cfg := cuda.DefaultConfig()
 	cfg.PinnedSlotBytes = slotBytes
 	cfg.PinnedSlots = slots
-	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"))
+	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"), WithEagerPeerDeps(os.Getenv("GPUMESH_EAGER_PEER") == "1"))
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -68,6 +68,18 @@ func randomHost(r *rand.Rand, dt collective.DType, n int) *collective.HostBuffer
 		}
 	}
 	return h
+}
+
+// variant names the backend options the environment chose, for bench lines.
+func variant() string {
+	v := "lazydeps"
+	if os.Getenv("GPUMESH_EAGER_PEER") == "1" {
+		v = "eagerdeps"
+	}
+	if os.Getenv("GPUMESH_PREFETCH") == "0" {
+		v += ",noprefetch"
+	}
+	return v
 }
 
 func split3(b []byte) collective.Segments {

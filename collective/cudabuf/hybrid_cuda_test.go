@@ -252,6 +252,7 @@ func hybridChild(t *testing.T) {
 		return
 	}
 	iters := envInt("GPUMESH_TCP_ITERS", 10)
+	warm := envInt("GPUMESH_WARMUP", 4)
 	for _, mode := range []string{"peer", "alltcp"} {
 		tr, as := srv.Transport(), addrs
 		if mode == "alltcp" {
@@ -274,7 +275,7 @@ func hybridChild(t *testing.T) {
 					bufs[i].wr.Fill(cuda.Float32, bufs[i].mem.Ptr(), int64(count), uint64(proc*per+i), false)
 				}
 				var ts []time.Duration
-				for it := 0; it < iters+2; it++ {
+				for it := 0; it < iters+warm; it++ {
 					var t0 time.Time
 					run(comms, func(i int, c *collective.Communicator) error {
 						if err := c.Barrier(ctx); err != nil {
@@ -285,7 +286,7 @@ func hybridChild(t *testing.T) {
 						}
 						return c.AllReduce(ctx, bufs[i], collective.OpSum)
 					})
-					if it >= 2 {
+					if it >= warm {
 						ts = append(ts, time.Since(t0))
 					}
 				}
@@ -295,8 +296,9 @@ func hybridChild(t *testing.T) {
 				med := median(ts)
 				alg := float64(mib<<20) / med.Seconds() / 1e9
 				if proc == 0 {
-					fmt.Printf("hybrid n=%d procs=%d hops=%s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
-						n, procs, mode, ch, kib, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
+					_, slots := be.StagingSlots()
+					fmt.Printf("hybrid n=%d procs=%d hops=%s %s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d\n",
+						n, procs, mode, variant(), ch, kib, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n), slots)
 				}
 			}
 			collective.CloseAll(comms)
@@ -384,8 +386,8 @@ func TestCommunicatorPeerBandwidth(t *testing.T) {
 					}
 					med := median(ts)
 					alg := float64(mib<<20) / med.Seconds() / 1e9
-					fmt.Printf("peer n=%d transport=%s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s (rank 0: %d peer chunks, %d staged reads)\n",
-						nr, tname, ch, kib, mib, float64(med.Microseconds()), alg, alg*2*float64(nr-1)/float64(nr), st.PeerChunks, st.StagedReads)
+					fmt.Printf("peer n=%d transport=%s %s channels=%d chunk=%dKiB size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s (rank 0: %d peer chunks, %d staged reads)\n",
+						nr, tname, variant(), ch, kib, mib, float64(med.Microseconds()), alg, alg*2*float64(nr-1)/float64(nr), st.PeerChunks, st.StagedReads)
 				}
 				collective.CloseAll(comms)
 			}

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
 )
 
 // The collectives' by-reference hops and read-ahead (collective/peerpath.go)
@@ -57,7 +58,7 @@ func (buf *Buffer) SendByRef() bool { return true }
 func WithPrefetch(on bool) Option { return func(o *options) { o.noPrefetch = !on } }
 
 // maxPrefetch bounds the slots one buffer holds for prefetched reads.
-func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/4) }
+func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/16) }
 
 // PrefetchChunk implements collective.ChunkPrefetcher: it enqueues the copy
 // of elements [off, off+n) into a pinned slot on the read stream, after
@@ -178,4 +179,104 @@ func (b *Backend) tryGetSlot() *stageSlot {
 		}
 	}
 	return nil
+}
+
+// WithEagerPeerDeps makes every peer move enqueue, on the source buffer's
+// write stream, a wait for the move (the scheme before reader tracking: it
+// chains the two buffers' streams chunk by chunk). Off by default; kept to
+// measure against.
+func WithEagerPeerDeps(on bool) Option { return func(o *options) { o.eagerPeer = on } }
+
+// peerRead is a move out of this buffer's elements [off, off+n) by another
+// buffer's write stream (a peer copy or a kernel reading this memory); ev,
+// an event of the reader's device from this buffer's pool, is recorded after
+// it on that stream. A later write to an overlapping range waits for ev on
+// the device, and Sync waits for every one: the reverse dependency costs
+// nothing until this buffer writes the range again.
+type peerRead struct {
+	off, n int
+	ev     *cuda.Event
+	ds     *devState
+}
+
+// maxReaders bounds the list before completed reads are pruned.
+const maxReaders = 256
+
+// addReaderLocked records that reader's write stream has just enqueued a
+// read of [off, off+n) of buf. Called with both buffers' mu held.
+func (buf *Buffer) addReaderLocked(reader *Buffer, off, n int) error {
+	if len(buf.readers) >= maxReaders {
+		buf.pruneReadersLocked()
+	}
+	ds := reader.ds
+	var ev *cuda.Event
+	if l := buf.readerEv[ds]; len(l) > 0 {
+		ev, buf.readerEv[ds] = l[len(l)-1], l[:len(l)-1]
+	} else {
+		var err error
+		if ev, err = ds.dev.NewEvent(false); err != nil {
+			return err
+		}
+	}
+	if err := reader.wr.Record(ev); err != nil {
+		buf.readerEv[ds] = append(buf.readerEv[ds], ev)
+		return err
+	}
+	buf.readers = append(buf.readers, peerRead{off: off, n: n, ev: ev, ds: ds})
+	return nil
+}
+
+// pruneReadersLocked forgets reads that completed.
+func (buf *Buffer) pruneReadersLocked() {
+	keep := buf.readers[:0]
+	for _, r := range buf.readers {
+		if done, err := r.ev.Done(); done && err == nil {
+			buf.readerEv[r.ds] = append(buf.readerEv[r.ds], r.ev)
+			continue
+		}
+		keep = append(keep, r)
+	}
+	clear(buf.readers[len(keep):])
+	buf.readers = keep
+}
+
+// waitReadersLocked makes buf's write stream wait for the recorded peer
+// reads of ranges overlapping [off, off+n), before a write there, and
+// forgets them. Called with mu held.
+func (buf *Buffer) waitReadersLocked(off, n int) error {
+	if len(buf.readers) == 0 {
+		return nil
+	}
+	var err error
+	keep := buf.readers[:0]
+	for _, r := range buf.readers {
+		if !(r.off < off+n && off < r.off+r.n) {
+			keep = append(keep, r)
+			continue
+		}
+		// the wait captures the event's current record, so the event may
+		// be reused at once
+		if e := buf.wr.Wait(r.ev); e != nil && err == nil {
+			err = e
+		}
+		buf.readerEv[r.ds] = append(buf.readerEv[r.ds], r.ev)
+	}
+	clear(buf.readers[len(keep):])
+	buf.readers = keep
+	return err
+}
+
+// syncReadersLocked waits on the host for every recorded peer read (Sync:
+// afterwards the caller may overwrite the buffer by any means).
+func (buf *Buffer) syncReadersLocked() error {
+	var err error
+	for _, r := range buf.readers {
+		if e := r.ev.Synchronize(); e != nil && err == nil {
+			err = e
+		}
+		buf.readerEv[r.ds] = append(buf.readerEv[r.ds], r.ev)
+	}
+	clear(buf.readers)
+	buf.readers = buf.readers[:0]
+	return err
 }

@@ -66,23 +66,23 @@ func TestPrefetchChunk(t *testing.T) {
 	}
 
 	// prefetch, reduce into the range (a kernel), read: sees the reduce
-	if err := buf.PrefetchChunk(1000, 500); err != nil {
+	if err := buf.PrefetchChunk(2000, 500); err != nil {
 		t.Fatal(err)
 	}
-	if err := buf.ReduceChunk(1000, collective.Segments{b.Bytes()[4000:6000]}, collective.OpMax); err != nil {
+	if err := buf.ReduceChunk(2000, collective.Segments{b.Bytes()[8000:10000]}, collective.OpMax); err != nil {
 		t.Fatal(err)
 	}
-	got, err = buf.ReadChunk(1000, 500)
+	got, err = buf.ReadChunk(2000, 500)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ref := collective.NewHostBuffer(collective.Float32, 500)
-	copy(ref.Bytes(), a.Bytes()[4000:6000])
-	ref.ReduceChunk(0, collective.Segments{b.Bytes()[4000:6000]}, collective.OpMax)
+	copy(ref.Bytes(), a.Bytes()[8000:10000])
+	ref.ReduceChunk(0, collective.Segments{b.Bytes()[8000:10000]}, collective.OpMax)
 	if !bytes.Equal(got, ref.Bytes()) {
 		t.Fatal("a read after prefetch and an overlapping reduce does not see the reduce")
 	}
-	buf.ReleaseChunk(1000, 500)
+	buf.ReleaseChunk(2000, 500)
 
 	// unread prefetches: Sync gives the slots back
 	for i := 0; i < 3; i++ {
@@ -103,7 +103,7 @@ func TestPrefetchChunk(t *testing.T) {
 	if got, err = buf.ReadChunk(0, n); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(got[8000:], a.Bytes()[8000:]) {
+	if !bytes.Equal(got[12000:], a.Bytes()[12000:]) {
 		t.Fatal("a whole-buffer read differs")
 	}
 	buf.ReleaseChunk(0, n)

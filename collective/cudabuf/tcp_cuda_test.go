@@ -212,7 +212,7 @@ func tcpChild(t *testing.T, rankS string) {
 				} else {
 					buf, free = collective.NewHostBuffer(collective.Float32, count), func() {}
 				}
-				for i := 0; i < 2; i++ {
+				for i := 0; i < envInt("GPUMESH_WARMUP", 4); i++ {
 					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
 						t.Fatal(err)
 					}
@@ -245,8 +245,9 @@ func tcpChild(t *testing.T, rankS string) {
 					if device == "cpu" {
 						wait = "-"
 					}
-					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
-						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
+					_, slots := be.StagingSlots()
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n), slots)
 				}
 			}
 		}
