@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/gpumesh/gpumesh/collective"
@@ -567,6 +568,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		return nil, err
 	}
 	buf.stats.reads.Add(1)
+	defer buf.stats.readNs.add(time.Now())
 	if host, ok, err := buf.readPrefetched(off, n); ok {
 		return host, err
 	}
@@ -574,7 +576,9 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	var host []byte
 	var slot *stageSlot
 	if bytes <= buf.be.slot {
+		t0 := time.Now()
 		s, err := buf.be.getSlot()
+		buf.stats.slotNs.add(t0)
 		if err != nil {
 			return nil, err
 		}
@@ -661,12 +665,15 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 		return err
 	}
 	buf.stats.staged.Add(1)
+	defer buf.stats.stageNs.add(time.Now())
 	piece := buf.be.slot / es * es
 	segs := src
 	var segOff int
 	for done := 0; done < total; {
 		nb := min(piece, total-done)
+		t0 := time.Now()
 		slot, err := buf.be.getSlot()
+		buf.stats.slotNs.add(t0)
 		if err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ package cudabuf
 
 import (
 	"sync/atomic"
+	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/cuda"
@@ -32,11 +33,21 @@ type Stats struct {
 	// Prefetched is the number of ReadChunk calls served by a copy that
 	// PrefetchChunk had started.
 	Prefetched int64
+	// ReadTime is the time spent in ReadChunk, StageTime in WriteChunk and
+	// ReduceChunk, SlotWait the part of both spent waiting for a staging
+	// slot; summed over concurrent callers (channels).
+	ReadTime, StageTime, SlotWait time.Duration
 }
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
+	readNs, stageNs, slotNs         nanos
 }
+
+// nanos accumulates elapsed time.
+type nanos struct{ atomic.Int64 }
+
+func (n *nanos) add(since time.Time) { n.Add(int64(time.Since(since))) }
 
 // Stats returns the buffer's counters.
 func (buf *Buffer) Stats() Stats {
@@ -45,6 +56,9 @@ func (buf *Buffer) Stats() Stats {
 		StagedReads:  buf.stats.reads.Load(),
 		StagedWrites: buf.stats.staged.Load(),
 		Prefetched:   buf.stats.prefetched.Load(),
+		ReadTime:     time.Duration(buf.stats.readNs.Load()),
+		StageTime:    time.Duration(buf.stats.stageNs.Load()),
+		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
 	}
 }
 

@@ -217,6 +217,10 @@ func tcpChild(t *testing.T, rankS string) {
 						t.Fatal(err)
 					}
 				}
+				var st0 Stats
+				if b, ok := buf.(*Buffer); ok {
+					st0 = b.Stats()
+				}
 				var ts []time.Duration
 				for i := 0; i < iters; i++ {
 					if err := comm.Barrier(ctx); err != nil {
@@ -227,6 +231,13 @@ func tcpChild(t *testing.T, rankS string) {
 						t.Fatal(err)
 					}
 					ts = append(ts, time.Since(t0))
+				}
+				var prof string
+				if b, ok := buf.(*Buffer); ok {
+					st := b.Stats()
+					per := func(d, d0 time.Duration) float64 { return float64((d-d0)/time.Duration(iters)) / 1e3 }
+					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d",
+						per(st.ReadTime, st0.ReadTime), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads)
 				}
 				free()
 				med := median(ts)
@@ -246,8 +257,8 @@ func tcpChild(t *testing.T, rankS string) {
 						wait = "-"
 					}
 					_, slots := be.StagingSlots()
-					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d\n",
-						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n), slots)
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d%s\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n), slots, prof)
 				}
 			}
 		}
