@@ -6,8 +6,10 @@
 #                                 torch_allreduce.py and this script)
 # Knobs (environment): TESTS (test regexp, default all), TCP_CONFIGS
 # (CHANNELSxCHUNK_KIB list for the 2-process TCP rows; TCP_CONFIGS2 for the
-# no-read-ahead and sleeping-wait rows, HYBRID_CONFIGS for the 2x2 ring),
-# EAGER=1 (also the eager peer-dependency rows), BASELINES (default
+# variant rows, HYBRID_CONFIGS for the 2x2 ring), TCP_VARIANTS and
+# HYBRID_VARIANTS (';'-separated sets of GPUMESH_* assignments: POLL=1,
+# PREFETCH=0, SPIN=0, RANGE_DEPS=1, EAGER_PEER=1; an empty set is the
+# default), SKIP_PEER=1, BASELINES (default
 # "nccl-sock-2x8 nccl-sock-4x4"; empty skips), SKIP_BENCH=1.
 # Logs go to $OUT (or DIR/logs). NVLink multicast stays off.
 set -uo pipefail
@@ -41,17 +43,22 @@ grep -E '^hybrid .*(ok|stats)' "$logs/tests.log" | sed 's/^/    /' | tee -a "$ta
 # 2. benchmarks
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
 	b() { echo "==== $*" >>"$logs/bench.log"; env GPUMESH_CUDA_BENCH=1 "$@" >>"$logs/bench.log" 2>&1; }
-	b timeout 90 "$t" -test.run '^TestCommunicatorPeerBandwidth$' -test.v
-	if [ "${EAGER:-0}" = 1 ]; then
-		b GPUMESH_EAGER_PEER=1 GPUMESH_PEER_CONFIGS=4x1024,4x8192 timeout 60 "$t" -test.run '^TestCommunicatorPeerBandwidth$' -test.v
+	if [ "${SKIP_PEER:-0}" != 1 ]; then
+		b timeout 90 "$t" -test.run '^TestCommunicatorPeerBandwidth$' -test.v
 	fi
-	b GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-16x1024,16x512,16x2048,32x1024}" timeout 120 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
-	b GPUMESH_PREFETCH=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP_CONFIGS2:-16x1024}" timeout 80 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
-	b GPUMESH_SPIN=0 GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP_CONFIGS2:-16x1024,16x512}" timeout 80 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
-	b GPUMESH_HYBRID_CONFIGS="${HYBRID_CONFIGS:-4x1024,16x1024,8x4096}" timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
-	if [ "${EAGER:-0}" = 1 ]; then
-		b GPUMESH_EAGER_PEER=1 timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
-	fi
+	# TCP rows: the default options (device and host buffers), then each
+	# variant (environment assignments, ';'-separated) on device buffers
+	b GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-16x1024,16x2048}" timeout 120 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
+	IFS=';' read -ra vs <<<"${TCP_VARIANTS-GPUMESH_POLL=1;GPUMESH_POLL=1 GPUMESH_RANGE_DEPS=1;GPUMESH_PREFETCH=0}"
+	for v in "${vs[@]}"; do
+		# shellcheck disable=SC2086
+		b $v GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP_CONFIGS2:-16x1024,16x2048}" timeout 80 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
+	done
+	IFS=';' read -ra vs <<<"${HYBRID_VARIANTS-;GPUMESH_POLL=1}"
+	for v in "${vs[@]}"; do
+		# shellcheck disable=SC2086
+		b $v GPUMESH_HYBRID_CONFIGS="${HYBRID_CONFIGS:-4x1024,8x4096}" timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
+	done
 	grep -E '^(peer|tcp|hybrid) .*busbw' "$logs/bench.log" | while read -r l; do
 		row "$(echo "$l" | sed -e 's/ time=.*//' -e 's/channels=/ch=/' -e 's/transport=//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s\( slots=[0-9]*\)\?')"
 	done

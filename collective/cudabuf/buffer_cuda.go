@@ -102,6 +102,7 @@ type options struct {
 	rangeDeps  bool
 	noPrefetch bool
 	eagerPeer  bool
+	poll       bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -261,7 +262,7 @@ func (b *Backend) getSlot() (*stageSlot, error) {
 		p := b.pending[0]
 		b.pending = b.pending[1:]
 		b.pmu.Unlock()
-		if err := p.ev.Synchronize(); err != nil {
+		if err := b.waitEvent(p.ev); err != nil {
 			b.free <- p.slot
 			return nil, err
 		}
@@ -606,7 +607,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	buf.mu.Unlock()
 	if err == nil {
-		err = done.Synchronize()
+		err = buf.be.waitEvent(done)
 	}
 	if err != nil {
 		if slot != nil {

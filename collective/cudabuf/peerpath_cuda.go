@@ -3,6 +3,7 @@
 package cudabuf
 
 import (
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -72,7 +73,7 @@ func (buf *Buffer) SendByRef() bool { return true }
 func WithPrefetch(on bool) Option { return func(o *options) { o.noPrefetch = !on } }
 
 // maxPrefetch bounds the slots one buffer holds for prefetched reads.
-func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/16) }
+func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/8) }
 
 // PrefetchChunk implements collective.ChunkPrefetcher: it enqueues the copy
 // of elements [off, off+n) into a pinned slot on the read stream, after
@@ -138,7 +139,7 @@ func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) 
 	}
 	buf.npre--
 	buf.mu.Unlock()
-	if err := slot.events[buf.ds.idx].Synchronize(); err != nil {
+	if err := buf.be.waitEvent(slot.events[buf.ds.idx]); err != nil {
 		buf.be.putSlot(slot)
 		return nil, true, err
 	}
@@ -293,4 +294,32 @@ func (buf *Buffer) syncReadersLocked() error {
 	clear(buf.readers)
 	buf.readers = buf.readers[:0]
 	return err
+}
+
+// WithPollWait makes host waits on staging copies poll the event from the
+// calling goroutine, yielding to other goroutines between polls (sleeping
+// 20 µs between polls after 2 ms), instead of blocking an OS thread in
+// cuEventSynchronize (spinning or sleeping, see WithSpinWait). Many channels
+// waiting at once then leave the cores to the transport.
+func WithPollWait(on bool) Option { return func(o *options) { o.poll = on } }
+
+// waitEvent waits for ev on the host as the options say.
+func (b *Backend) waitEvent(ev *cuda.Event) error {
+	if !b.opts.poll {
+		return ev.Synchronize()
+	}
+	var start time.Time
+	for i := 0; ; i++ {
+		done, err := ev.Done()
+		if done || err != nil {
+			return err
+		}
+		if i == 0 {
+			start = time.Now()
+		} else if i&63 == 0 && time.Since(start) > 2*time.Millisecond {
+			time.Sleep(20 * time.Microsecond)
+			continue
+		}
+		runtime.Gosched()
+	}
 }

@@ -253,6 +253,9 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_PREFETCH") == "0" {
 						wait += ",noprefetch"
 					}
+					if os.Getenv("GPUMESH_POLL") == "1" {
+						wait = "poll" + strings.TrimPrefix(wait, "spin")
+					}
 					if device == "cpu" {
 						wait = "-"
 					}
