@@ -9,7 +9,7 @@
 # variant rows, HYBRID_CONFIGS for the 2x2 ring), TCP_VARIANTS and
 # HYBRID_VARIANTS (';'-separated sets of GPUMESH_* assignments: POLL=1,
 # PREFETCH=0, SPIN=0, RANGE_DEPS=1, EAGER_PEER=1; an empty set is the
-# default), SKIP_PEER=1, BASELINES (default
+# default), TEST_ENV (assignments for the test step), SKIP_PEER=1, BASELINES (default
 # "nccl-sock-2x8 nccl-sock-4x4"; empty skips), SKIP_BENCH=1.
 # Logs go to $OUT (or DIR/logs). NVLink multicast stays off.
 set -uo pipefail
@@ -32,10 +32,11 @@ echo "start $(date -u +%Y-%m-%dT%H:%M:%SZ)" | tee -a "$table"
 
 # 1. correctness
 start=$(date +%s)
-if timeout 200 "$t" -test.v -test.count=1 -test.run "${TESTS:-.}" >"$logs/tests.log" 2>&1; then
-	row "go test cudabuf (-tags cuda) ${TESTS:-all}" "PASS ($(grep -c '^=== RUN' "$logs/tests.log") runs, $(($(date +%s) - start)) s)"
+# shellcheck disable=SC2086
+if env ${TEST_ENV:-} timeout 200 "$t" -test.v -test.count=1 -test.run "${TESTS:-.}" >"$logs/tests.log" 2>&1; then
+	row "go test cudabuf (-tags cuda) ${TESTS:-all} ${TEST_ENV:-}" "PASS ($(grep -c '^=== RUN' "$logs/tests.log") runs, $(($(date +%s) - start)) s)"
 else
-	row "go test cudabuf (-tags cuda) ${TESTS:-all}" "FAIL ($(grep -c -- '--- FAIL' "$logs/tests.log") failed)"
+	row "go test cudabuf (-tags cuda) ${TESTS:-all} ${TEST_ENV:-}" "FAIL ($(grep -c -- '--- FAIL' "$logs/tests.log") failed)"
 	grep -E -- '--- FAIL|panic:|peerpath|hybrid_cuda|comm_cuda' "$logs/tests.log" | head -30
 fi
 grep -E '^hybrid .*(ok|stats)' "$logs/tests.log" | sed 's/^/    /' | tee -a "$table"
@@ -49,15 +50,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 	# TCP rows: the default options (device and host buffers), then each
 	# variant (environment assignments, ';'-separated) on device buffers
 	b GPUMESH_TCP_CONFIGS="${TCP_CONFIGS:-16x1024,16x2048}" timeout 120 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
-	IFS=';' read -ra vs <<<"${TCP_VARIANTS-GPUMESH_POLL=1;GPUMESH_POLL=1 GPUMESH_RANGE_DEPS=1;GPUMESH_PREFETCH=0}"
+	IFS=';' read -ra vs <<<"${TCP_VARIANTS-GPUMESH_POLL=1;GPUMESH_POLL=shared}"
 	for v in "${vs[@]}"; do
 		# shellcheck disable=SC2086
 		b $v GPUMESH_TCP_DEVICES=cuda GPUMESH_TCP_CONFIGS="${TCP_CONFIGS2:-16x1024,16x2048}" timeout 80 "$t" -test.run '^TestTCPSeparateProcesses$' -test.v
 	done
-	IFS=';' read -ra vs <<<"${HYBRID_VARIANTS-;GPUMESH_POLL=1}"
+	IFS=';' read -ra vs <<<"${HYBRID_VARIANTS-;GPUMESH_POLL=shared}"
 	for v in "${vs[@]}"; do
 		# shellcheck disable=SC2086
-		b $v GPUMESH_HYBRID_CONFIGS="${HYBRID_CONFIGS:-4x1024,8x4096}" timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
+		b $v GPUMESH_HYBRID_CONFIGS="${HYBRID_CONFIGS:-8x4096,4x8192}" timeout 100 "$t" -test.run '^TestHybridRingSeparateProcesses$' -test.v
 	done
 	grep -E '^(peer|tcp|hybrid) .*busbw' "$logs/bench.log" | while read -r l; do
 		row "$(echo "$l" | sed -e 's/ time=.*//' -e 's/channels=/ch=/' -e 's/transport=//')" "$(echo "$l" | grep -o 'busbw=[0-9.]*GB/s\( slots=[0-9]*\)\?')"

@@ -89,6 +89,7 @@ type Backend struct {
 	pending []pending
 	// canPeer[a][p]: kernels on device a may read device p's memory.
 	canPeer [][]bool
+	poller  *poller // WithSharedPoller
 
 	closeOnce sync.Once
 	closeErr  error
@@ -103,6 +104,7 @@ type options struct {
 	noPrefetch bool
 	eagerPeer  bool
 	poll       bool
+	shared     bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -138,6 +140,9 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 	pool := rt.Pool()
 	slots := pool.Slots()
 	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o}
+	if o.shared {
+		b.poller = newPoller()
+	}
 	b.free = make(chan *stageSlot, b.maxSlots)
 	for i, d := range rt.Devices() {
 		ds := &devState{idx: i, dev: d}
@@ -297,6 +302,9 @@ func (b *Backend) NumDevices() int { return len(b.devs) }
 // freed first.
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
+		if b.poller != nil {
+			b.poller.close()
+		}
 		var errs []error
 		for _, st := range b.slots {
 			errs = append(errs, b.freeSlot(st))

@@ -303,8 +303,16 @@ func (buf *Buffer) syncReadersLocked() error {
 // waiting at once then leave the cores to the transport.
 func WithPollWait(on bool) Option { return func(o *options) { o.poll = on } }
 
+// WithSharedPoller makes host waits on staging copies go through one
+// goroutine per backend that polls every pending event and wakes the
+// waiters (see poller); it takes precedence over WithPollWait.
+func WithSharedPoller(on bool) Option { return func(o *options) { o.shared = on } }
+
 // waitEvent waits for ev on the host as the options say.
 func (b *Backend) waitEvent(ev *cuda.Event) error {
+	if b.poller != nil {
+		return b.poller.wait(ev)
+	}
 	if !b.opts.poll {
 		return ev.Synchronize()
 	}

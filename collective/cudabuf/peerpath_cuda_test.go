@@ -4,10 +4,13 @@ package cudabuf
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
+	"sync"
 	"testing"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
 )
 
 // PrefetchChunk: a later ReadChunk of the range returns the prefetched copy
@@ -107,4 +110,66 @@ func TestPrefetchChunk(t *testing.T) {
 		t.Fatal("a whole-buffer read differs")
 	}
 	buf.ReleaseChunk(0, n)
+}
+
+// The shared poller: many goroutines read chunks (each waits for its copy
+// through the poller) and get the right bytes; Close stops the poller.
+func TestSharedPollerWaits(t *testing.T) {
+	if !cuda.Available() {
+		t.Skip("no CUDA device on this host")
+	}
+	cfg := cuda.DefaultConfig()
+	cfg.PinnedSlotBytes, cfg.PinnedSlots = 256<<10, 16
+	be, err := Open(cfg, WithSharedPoller(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n, parts = 1 << 20, 16
+	h := randomHost(rand.New(rand.NewPCG(5, 6)), collective.Float32, n)
+	buf, err := be.NewBuffer(0, collective.Float32, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := buf.Upload(h.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, parts)
+	for p := 0; p < parts; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			off, l := collective.Part(n, parts, p)
+			for it := 0; it < 20; it++ {
+				for k := 0; k < l; k += 16 << 10 {
+					c := min(16<<10, l-k)
+					got, err := buf.ReadChunk(off+k, c)
+					if err != nil {
+						errs <- err
+						return
+					}
+					if !bytes.Equal(got, h.Bytes()[(off+k)*4:(off+k+c)*4]) {
+						errs <- fmt.Errorf("part %d: chunk at %d differs", p, off+k)
+					}
+					buf.ReleaseChunk(off+k, c)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if err := buf.Free(); err != nil {
+		t.Fatal(err)
+	}
+	if err := be.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-be.poller.done:
+	default:
+		t.Fatal("the poller goroutine is still running after Close")
+	}
 }

@@ -253,8 +253,11 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_PREFETCH") == "0" {
 						wait += ",noprefetch"
 					}
-					if os.Getenv("GPUMESH_POLL") == "1" {
+					switch os.Getenv("GPUMESH_POLL") {
+					case "1":
 						wait = "poll" + strings.TrimPrefix(wait, "spin")
+					case "shared":
+						wait = "poller" + strings.TrimPrefix(wait, "spin")
 					}
 					if device == "cpu" {
 						wait = "-"
