@@ -255,7 +255,21 @@ func (e *MismatchError) Error() string { return "collective: " + e.Msg }
 func (e *MismatchError) Unwrap() error { return ErrMismatch }
 
 func (c *Communicator) checkFrame(exp *Header, f *InFrame, from, off, n int) error {
-	got := &f.Header
+	if byRefFrame(f) && n > 0 { // a PeerRef without payload (peerpath.go)
+		return c.checkRefFrame(exp, f, from, off, n)
+	}
+	if err := c.checkHeader(exp, &f.Header, from, off, n); err != nil {
+		return err
+	}
+	if f.Payload.Len() != n*exp.DType.Size() {
+		return &MismatchError{Msg: fmt.Sprintf("rank %d expected elements [%d,%d) of %s from rank %d but got %d payload bytes: give every rank the same collective config", c.rank, off, off+n, exp.describe(""), from, f.Payload.Len())}
+	}
+	return nil
+}
+
+// checkHeader checks a received header against the expected operation and
+// chunk (checkFrame also checks the payload's length).
+func (c *Communicator) checkHeader(exp, got *Header, from, off, n int) error {
 	if got.Kind != FrameData || int(got.Src) != from {
 		return fmt.Errorf("%w: rank %d got a frame of kind %d from rank %d on the link from rank %d", ErrBadFrame, c.rank, got.Kind, got.Src, from)
 	}
@@ -263,14 +277,7 @@ func (c *Communicator) checkFrame(exp *Header, f *InFrame, from, off, n int) err
 		return &MismatchError{Msg: m}
 	}
 	es := exp.DType.Size()
-	if byRefFrame(f) && n > 0 { // a PeerRef without payload (see peerpath.go)
-		pb := f.Peer.Buf
-		if got.Offset != uint64(off) || (got.Length != 0 && int(got.Length) != n*es) || pb.DType() != exp.DType || f.Peer.Off < 0 || f.Peer.Off+n > pb.Len() {
-			return &MismatchError{Msg: fmt.Sprintf("rank %d expected elements [%d,%d) of %s from rank %d but got a reference to element %d (header offset %d, %d bytes) of its %v buffer of %d elements: give every rank the same collective config", c.rank, off, off+n, exp.describe(""), from, f.Peer.Off, got.Offset, got.Length, pb.DType(), pb.Len())}
-		}
-		return nil
-	}
-	if got.Offset != uint64(off) || int(got.Length) != n*es || f.Payload.Len() != n*es {
+	if got.Offset != uint64(off) || int(got.Length) != n*es {
 		return &MismatchError{Msg: fmt.Sprintf("rank %d expected elements [%d,%d) of %s from rank %d but got [%d,+%d bytes): give every rank the same collective config", c.rank, off, off+n, exp.describe(""), from, got.Offset, got.Length)}
 	}
 	return nil

@@ -1,5 +1,7 @@
 package collective
 
+import "fmt"
+
 // Chunks that travel by reference between ranks of one process.
 //
 // A transport that hands frames to some peers in memory (LocalTransport for
@@ -69,6 +71,25 @@ func (c *Communicator) sendsByRef(buf Buffer, peer int) bool {
 // buffer (no payload).
 func byRefFrame(f *InFrame) bool {
 	return f.Peer.Buf != nil && f.Payload.Len() == 0
+}
+
+// checkRefFrame checks a by-reference frame: its header as any frame's (the
+// in-memory transports count no payload, so a zero Length stands for the
+// chunk's), and that the reference names the expected elements of a buffer
+// of the expected dtype.
+func (c *Communicator) checkRefFrame(exp *Header, f *InFrame, from, off, n int) error {
+	h := f.Header
+	if h.Length == 0 {
+		h.Length = uint32(n * exp.DType.Size())
+	}
+	if err := c.checkHeader(exp, &h, from, off, n); err != nil {
+		return err
+	}
+	pb := f.Peer.Buf
+	if pb.DType() != exp.DType || f.Peer.Off != off || f.Peer.Off+n > pb.Len() {
+		return &MismatchError{Msg: fmt.Sprintf("rank %d expected elements [%d,%d) of %s from rank %d but got a reference to element %d of its %v buffer of %d elements: give every rank the same collective config", c.rank, off, off+n, exp.describe(""), from, f.Peer.Off, pb.DType(), pb.Len())}
+	}
+	return nil
 }
 
 // consumeByRef applies a by-reference frame whose sender's buffer this
