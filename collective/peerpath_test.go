@@ -3,6 +3,7 @@ package collective
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -359,5 +360,47 @@ func TestByRefHybridRingOverGRPC(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// checkFrame on by-reference frames: a reference to the expected chunk
+// passes (also with the zero Length the in-memory transports report); a
+// wrong dtype, offset or range, or a wrong header, is a mismatch.
+func TestCheckRefFrame(t *testing.T) {
+	_, comms, err := NewLocalGroup("byref-check", 1, 2, testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer CloseAll(comms)
+	c := comms[1]
+	exp := c.header(CollAllReduce, Float32, OpSum, 1000, AlgoRing, 100, -1)
+	src := newRefBuf(NewHostBuffer(Float32, 1000))
+	frame := func(mod func(f *InFrame)) *InFrame {
+		f := &InFrame{Header: exp, Peer: PeerRef{Buf: src, Off: 200}}
+		f.Header.Src, f.Header.Offset, f.Header.Length = 0, 200, 400
+		if mod != nil {
+			mod(f)
+		}
+		return f
+	}
+	if err := c.checkFrame(&exp, frame(nil), 0, 200, 100); err != nil {
+		t.Fatalf("a good reference: %v", err)
+	}
+	if err := c.checkFrame(&exp, frame(func(f *InFrame) { f.Header.Length = 0 }), 0, 200, 100); err != nil {
+		t.Fatalf("a good reference with zero Length: %v", err)
+	}
+	bad := map[string]func(f *InFrame){
+		"dtype":  func(f *InFrame) { f.Peer.Buf = newRefBuf(NewHostBuffer(Int32, 1000)) },
+		"offset": func(f *InFrame) { f.Peer.Off = 300 },
+		"range":  func(f *InFrame) { f.Peer.Buf = newRefBuf(NewHostBuffer(Float32, 250)) },
+		"header": func(f *InFrame) { f.Header.Offset = 300 },
+		"length": func(f *InFrame) { f.Header.Length = 800 },
+		"op":     func(f *InFrame) { f.Header.Op = OpMax },
+	}
+	for name, mod := range bad {
+		err := c.checkFrame(&exp, frame(mod), 0, 200, 100)
+		if !errors.Is(err, ErrMismatch) {
+			t.Errorf("%s: got %v, want a mismatch", name, err)
+		}
 	}
 }
