@@ -192,8 +192,9 @@ type GRPCConfig struct {
 	// stream. Default DataPlaneTCP.
 	DataPlane string
 	// LaneSocketBuffer sets SO_SNDBUF/SO_RCVBUF of each lane in bytes; 0
-	// leaves the kernel's autotuning (the default, and the fastest on
-	// Linux loopback).
+	// (the default) leaves them to the kernel's autotuning, which grows
+	// them up to net.ipv4.tcp_rmem/tcp_wmem's maximum (setting them
+	// explicitly caps them at net.core.rmem_max/wmem_max instead).
 	LaneSocketBuffer int
 	// LaneHandshakeTimeout bounds a lane's connection handshake (and how
 	// long an accepted connection may take to say whether it is gRPC or a
