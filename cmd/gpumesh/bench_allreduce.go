@@ -103,7 +103,7 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 
 func newBenchAllReduceCommand() *cobra.Command {
 	var f allreduceFlags
-	var ranks, workerProcs int
+	var ranks, workerProcs, rounds int
 	var procs, asJSON, noRaw bool
 	cmd := &cobra.Command{
 		Use:   "allreduce",
@@ -116,7 +116,8 @@ number of flows, and the ratio of the two. --data-plane grpc moves the frames on
 gRPC streams themselves instead of TCP lanes (to compare the two).`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
   gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json
-  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc`,
+  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc
+  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --procs --rounds 5`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ccfg, gcfg, spec, err := f.configs()
@@ -128,6 +129,7 @@ gRPC streams themselves instead of TCP lanes (to compare the two).`,
 			cfg.Sizes, cfg.DType, cfg.Iters, cfg.Warmup, cfg.Device = spec.Sizes, spec.DType, spec.Iters, spec.Warmup, spec.Device
 			cfg.Collective, cfg.GRPC = ccfg, gcfg
 			cfg.RawTCP = !noRaw
+			cfg.Rounds = rounds
 			if procs {
 				exe, err := os.Executable()
 				if err != nil {
@@ -161,6 +163,7 @@ gRPC streams themselves instead of TCP lanes (to compare the two).`,
 	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
 	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")
+	cmd.Flags().IntVar(&rounds, "rounds", 1, "repeat everything (each size's all-reduce, then raw TCP) and report medians and the median of the paired ratios (steadier on a shared machine)")
 	return cmd
 }
 

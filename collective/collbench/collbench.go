@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -51,6 +52,12 @@ type Config struct {
 	// RawTCP also measures plain TCP with the same flows (default on in
 	// DefaultConfig).
 	RawTCP bool
+	// Rounds repeats the whole measurement (each size's all-reduce, then
+	// raw TCP) and reports medians, the ratio as the median of the rounds'
+	// paired ratios: on a shared machine the load moves between
+	// measurements, and pairing and medians keep that out of the ratio.
+	// Default 1.
+	Rounds int
 	// Progress receives progress lines (nil: none).
 	Progress io.Writer
 	Logger   hclog.Logger
@@ -68,6 +75,7 @@ func DefaultConfig() Config {
 		Collective: collective.DefaultConfig(),
 		GRPC:       collective.DefaultGRPCConfig(),
 		RawTCP:     true,
+		Rounds:     1,
 	}
 }
 
@@ -75,6 +83,9 @@ func DefaultConfig() Config {
 func (c Config) Validate() error {
 	if c.Ranks < 1 {
 		return fmt.Errorf("bench allreduce: ranks must be >= 1, got %d", c.Ranks)
+	}
+	if c.Rounds < 1 {
+		return fmt.Errorf("bench allreduce: rounds must be >= 1, got %d", c.Rounds)
 	}
 	if c.Procs && c.Exe == "" {
 		return errors.New("bench allreduce: --procs needs the executable to re-run")
@@ -99,8 +110,13 @@ type Row struct {
 	// RawBusGBps is the raw-TCP figure for the same bytes per rank and
 	// flows: (2(n-1)/n * size) / time, comparable to BusBW.
 	RawBusGBps float64 `json:"raw_tcp_busbw_gbps,omitempty"`
-	// Ratio is BusBW / RawBusGBps.
-	Ratio float64 `json:"ratio_to_raw_tcp,omitempty"`
+	// Ratio is BusBW / RawBusGBps (with several rounds: the median of the
+	// rounds' ratios, RatioMin and RatioMax their range).
+	Ratio    float64 `json:"ratio_to_raw_tcp,omitempty"`
+	RatioMin float64 `json:"ratio_min,omitempty"`
+	RatioMax float64 `json:"ratio_max,omitempty"`
+	// Rounds is how many rounds the medians are over.
+	Rounds int `json:"rounds,omitempty"`
 }
 
 // Result of a run.
@@ -119,7 +135,7 @@ type Result struct {
 	Wrong     int64  `json:"wrong"`
 }
 
-// Run runs the benchmark.
+// Run runs the benchmark (Rounds times; see Config.Rounds).
 func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -130,6 +146,73 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
+	var rounds []*Result
+	for r := 0; r < cfg.Rounds; r++ {
+		res, err := runRound(ctx, cfg)
+		if err != nil && res == nil {
+			return nil, err
+		}
+		rounds = append(rounds, res)
+		if err != nil {
+			return combine(rounds), err
+		}
+	}
+	return combine(rounds), nil
+}
+
+// combine reports several rounds: per size, the median time and
+// bandwidths, the median and range of the paired ratios, and every wrong
+// element.
+func combine(rounds []*Result) *Result {
+	if len(rounds) == 1 {
+		return rounds[0]
+	}
+	res := *rounds[len(rounds)-1]
+	res.Rows = append([]Row(nil), res.Rows...)
+	res.Wrong = 0
+	for _, r := range rounds[:len(rounds)-1] {
+		res.Wrong += r.Wrong
+	}
+	res.Wrong += rounds[len(rounds)-1].Wrong
+	for i := range res.Rows {
+		var t, alg, bus, raw, ratio []float64
+		var wrong int64
+		for _, r := range rounds {
+			if i >= len(r.Rows) {
+				continue
+			}
+			row := r.Rows[i]
+			t, alg, bus, raw = append(t, row.TimeUs), append(alg, row.AlgBWGBps), append(bus, row.BusBWGBps), append(raw, row.RawBusGBps)
+			if row.Ratio > 0 {
+				ratio = append(ratio, row.Ratio)
+			}
+			wrong += row.Wrong
+		}
+		row := &res.Rows[i]
+		row.TimeUs, row.AlgBWGBps, row.BusBWGBps, row.RawBusGBps = medianF(t), medianF(alg), medianF(bus), medianF(raw)
+		row.Wrong, row.Rounds = wrong, len(t)
+		if len(ratio) > 0 {
+			row.Ratio = medianF(ratio)
+			row.RatioMin, row.RatioMax = slices.Min(ratio), slices.Max(ratio)
+		}
+	}
+	return &res
+}
+
+func medianF(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// runRound measures every size once (and raw TCP after it).
+func runRound(ctx context.Context, cfg Config) (*Result, error) {
 	var reps []collective.AllReduceReport
 	var raw []float64 // in-process runs measure raw TCP right after each size
 	var err error
@@ -429,6 +512,12 @@ func WriteTable(w io.Writer, r *Result) {
 			row.TimeUs, row.AlgBWGBps, row.BusBWGBps, row.Wrong, raw, ratio)
 	}
 	fmt.Fprintf(w, "# busbw = algbw * 2(n-1)/n; rawTCP = the same bytes per rank over plain TCP with %d flows per neighbour; ratio = busbw/rawTCP\n", r.Channels)
+	for _, row := range r.Rows {
+		if row.Rounds > 1 {
+			fmt.Fprintf(w, "# %s: medians of %d rounds (each the all-reduce, then raw TCP); ratio = median of the rounds' ratios, range %.2f-%.2f\n",
+				collective.FormatSize(row.Bytes), row.Rounds, row.RatioMin, row.RatioMax)
+		}
+	}
 }
 
 func median(ds []time.Duration) time.Duration {

@@ -102,3 +102,24 @@ func TestWorkerProtocol(t *testing.T) {
 		_ = w.inW.Close()
 	}
 }
+
+// Several rounds are reported as medians, the ratio as the median of the
+// rounds' own ratios with their range, and every wrong element counts.
+func TestCombineRounds(t *testing.T) {
+	mk := func(bus, raw float64, wrong int64) *Result {
+		row := Row{RawBusGBps: raw, Ratio: bus / raw}
+		row.BusBWGBps, row.AlgBWGBps, row.TimeUs, row.Wrong = bus, bus, 1/bus, wrong
+		return &Result{Ranks: 2, Rows: []Row{row}, Wrong: wrong}
+	}
+	got := combine([]*Result{mk(1, 4, 0), mk(3, 3, 2), mk(2, 4, 1)})
+	r := got.Rows[0]
+	if r.BusBWGBps != 2 || r.RawBusGBps != 4 || r.Rounds != 3 || r.Wrong != 3 || got.Wrong != 3 {
+		t.Fatalf("combined row %+v, wrong %d", r, got.Wrong)
+	}
+	if r.Ratio != 0.5 || r.RatioMin != 0.25 || r.RatioMax != 1 {
+		t.Fatalf("ratio %v in [%v, %v], want the median 0.5 in [0.25, 1]", r.Ratio, r.RatioMin, r.RatioMax)
+	}
+	if one := mk(1, 2, 0); combine([]*Result{one}) != one {
+		t.Fatal("one round is reported as it is")
+	}
+}
