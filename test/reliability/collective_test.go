@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -267,7 +266,7 @@ func TestAllReduceDelayed(t *testing.T) {
 		{"no-delay", netemu.LinkConfig{QueueLen: 4096}},
 		{"delayed", netemu.LinkConfig{Delay: 35 * time.Millisecond, Jitter: 15 * time.Millisecond, QueueLen: 4096}},
 	}
-	only := os.Getenv("GPUMESH_DELAY_CASES")
+	only := delayCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if only != "" && !strings.Contains(only, tc.name) {

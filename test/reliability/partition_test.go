@@ -62,6 +62,15 @@ func TestPartitionMinorityCannotCommit(t *testing.T) {
 	partitionScenario(t, tp, c, start, "partition", map[string]any{"network": "veth pairs on bridges, no delay"})
 }
 
+// delayCases is GPUMESH_DELAY_CASES: which of the emulated-network cases
+// run ("delayed", "no-delay", or "all", the default).
+func delayCases() string {
+	if v := os.Getenv("GPUMESH_DELAY_CASES"); v != "all" {
+		return v
+	}
+	return ""
+}
+
 var partitionArgs = []string{"--bootstrap-expect", "5", "--max-voters", "5", "--standbys", "0"}
 
 // The partition test again, with every namespace joined through the
@@ -71,7 +80,7 @@ var partitionArgs = []string{"--bootstrap-expect", "5", "--max-voters", "5", "--
 // heartbeat timeout is 200 ms. The same assertions hold; the figures
 // compare election and submission times.
 //
-//	GPUMESH_DELAY_CASES=delayed    only the delayed case (what CI runs)
+//	GPUMESH_DELAY_CASES=delayed    only the delayed case (scripts/reliability.sh's bounded run)
 func TestPartitionDelayed(t *testing.T) {
 	cases := []struct {
 		name   string
@@ -81,7 +90,7 @@ func TestPartitionDelayed(t *testing.T) {
 		{"no-delay", netemu.LinkConfig{QueueLen: 4096}, "no delay (emulator forwarding only)"},
 		{"delayed", netemu.LinkConfig{Delay: 35 * time.Millisecond, Jitter: 15 * time.Millisecond, QueueLen: 4096}, "20-50 ms one way (35 ± 15 ms uniform), every link"},
 	}
-	only := os.Getenv("GPUMESH_DELAY_CASES")
+	only := delayCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if only != "" && !strings.Contains(only, tc.name) {
@@ -90,7 +99,7 @@ func TestPartitionDelayed(t *testing.T) {
 			start := time.Now()
 			tp := newEmuTopology(t, 5, tc.link, seed(t)+uint64(i))
 			c := newCluster(t, clusterOpts{n: 5, ips: tp.ips, netns: tp.nodes, dial: tp.dialer, extraArgs: partitionArgs})
-			partitionScenario(t, tp, c, start, "partition-"+tc.name, map[string]any{
+			subs := partitionScenario(t, tp, c, start, "partition-"+tc.name, map[string]any{
 				"network":  "userspace link emulator (TUN), " + tc.figure,
 				"delay_ms": tc.link.Delay.Milliseconds(), "jitter_ms": tc.link.Jitter.Milliseconds(),
 			})
@@ -104,6 +113,14 @@ func TestPartitionDelayed(t *testing.T) {
 			if tc.link.Delay > 0 && mean < tc.link.Delay-tc.link.Jitter {
 				t.Errorf("mean emulated delay %s below the configured minimum %s: the links were not delayed", mean, tc.link.Delay-tc.link.Jitter)
 			}
+			// A commit needs a round trip to a quorum: no acknowledged
+			// submission to the leader can be faster than the shortest
+			// emulated round trip.
+			for _, d := range subs {
+				if rtt := 2 * (tc.link.Delay - tc.link.Jitter); d < rtt {
+					t.Errorf("a submission to the leader was acknowledged in %s, under the minimum round trip %s: it did not wait for a quorum", d, rtt)
+				}
+			}
 		})
 	}
 }
@@ -111,7 +128,7 @@ func TestPartitionDelayed(t *testing.T) {
 // partitionScenario is the partition test on a started 5-agent cluster;
 // start is when the cluster began starting. It records the figures under
 // name, with extra fields.
-func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, name string, extra map[string]any) {
+func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, name string, extra map[string]any) (leaderSubmits []time.Duration) {
 	lead := c.waitLeader(90*time.Second, nil)
 	firstLeader := time.Since(start)
 	procs.Eventually(t, 60*time.Second, func() error {
@@ -299,4 +316,5 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 		fields[k] = v
 	}
 	record(t, name, fields)
+	return append(beforeTook, viaLeader...)
 }
