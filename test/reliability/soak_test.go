@@ -53,6 +53,7 @@ type gauges struct {
 	rssMiB, heapInuseMiB, heapLive float64 // MiB
 	raftMiB, allocMiB, dataMiB     float64 // on disk (apparent sizes)
 	allocDirs                      float64 // task directories under alloc/
+	walSegments, snapshots         float64 // raft-wal segment files, retained Raft snapshots
 	lastGC                         float64 // unix seconds of the last GC
 }
 
@@ -75,6 +76,9 @@ func (c *cluster) sample(t *testing.T) []gauges {
 		g.dataMiB = dirMiB(a.dataDir, nil)
 		g.raftMiB = dirMiB(filepath.Join(a.dataDir, "raft"), nil)
 		g.allocMiB = dirMiB(filepath.Join(a.dataDir, "alloc"), &g.allocDirs)
+		segs, _ := filepath.Glob(filepath.Join(a.dataDir, "raft", "wal", "*.wal"))
+		snaps, _ := filepath.Glob(filepath.Join(a.dataDir, "raft", "snapshots", "*", "meta.json"))
+		g.walSegments, g.snapshots = float64(len(segs)), float64(len(snaps))
 		out = append(out, g)
 	}
 	return out
@@ -377,6 +381,8 @@ func sumGauges(gs []gauges) (g gauges) {
 		g.allocMiB += x.allocMiB
 		g.dataMiB += x.dataMiB
 		g.allocDirs += x.allocDirs
+		g.walSegments += x.walSegments
+		g.snapshots += x.snapshots
 	}
 	return g
 }
@@ -436,6 +442,7 @@ func TestSoak(t *testing.T) {
 
 	type checkpoint struct {
 		jobs   int
+		index  uint64        // the Raft index the watcher last saw
 		at     time.Duration // since the soak began
 		runS   float64       // submitting until every job of the batch was seen complete
 		purgeS float64       // from then until every job of the batch was purged
@@ -467,10 +474,13 @@ func TestSoak(t *testing.T) {
 		w.waitBatch(t, ids)
 		purged := time.Since(p0)
 		per := c.settle(t, time.Now())
-		cps = append(cps, checkpoint{jobs: to, at: time.Since(start), runS: ran.Seconds(), purgeS: purged.Seconds(), per: per, sum: sumGauges(per)})
+		w.mu.Lock()
+		idx := w.index
+		w.mu.Unlock()
+		cps = append(cps, checkpoint{jobs: to, index: idx, at: time.Since(start), runS: ran.Seconds(), purgeS: purged.Seconds(), per: per, sum: sumGauges(per)})
 		s := cps[len(cps)-1].sum
-		t.Logf("checkpoint %5d jobs: batch %.1fs, purged %.1fs later; goroutines %.0f fds %.0f rss %.0f MiB heap in use %.1f MiB live %.1f MiB; raft dir %.1f MiB, alloc dir %.1f MiB (%.0f task dirs)",
-			to, ran.Seconds(), purged.Seconds(), s.goroutines, s.fds, s.rssMiB, s.heapInuseMiB, s.heapLive, s.raftMiB, s.allocMiB, s.allocDirs)
+		t.Logf("checkpoint %5d jobs (raft index %d): batch %.1fs, purged %.1fs later; goroutines %.0f fds %.0f rss %.0f MiB heap in use %.1f MiB live %.1f MiB; raft dir %.1f MiB (%.0f segments, %.0f snapshots), alloc dir %.1f MiB (%.0f task dirs)",
+			to, idx, ran.Seconds(), purged.Seconds(), s.goroutines, s.fds, s.rssMiB, s.heapInuseMiB, s.heapLive, s.raftMiB, s.walSegments, s.snapshots, s.allocMiB, s.allocDirs)
 	}
 	w.stop()
 	_, gone, problems := w.check(allIDs)
@@ -539,6 +549,12 @@ func TestSoak(t *testing.T) {
 			t.Errorf("%s not flat: median %.1f over the last quarter vs %.1f over the second (allowed +%.0f%% +%.0f per agent: %s)", l.name, l.q4m, l.q2m, 100*l.rel, l.abs, l.why)
 		}
 	}
+	// No leaked files: at every checkpoint every job so far was purged, so
+	// no task directory (alloc/<job>/<generation>/<rank>, its logs and
+	// state) may be left for it.
+	if last := cps[len(cps)-1].sum.allocDirs; last > 0 {
+		t.Errorf("%.0f task directories (%.1f MiB) of purged jobs left under the agents' alloc/ dirs after %d jobs: files leak with every job (the runner keeps the driver's handle and directory of a task after its job is purged)", last, cps[len(cps)-1].sum.allocMiB, total)
+	}
 	// Every rank ran exactly once: no fault happened, so no allocation may
 	// be started twice.
 	twice := 0
@@ -561,7 +577,7 @@ func TestSoak(t *testing.T) {
 			perAgent = append(perAgent, map[string]any{"agent": c.agents[i].name, "goroutines": g.goroutines, "fds": g.fds, "rss_mib": r1(g.rssMiB), "heap_inuse_mib": r1(g.heapInuseMiB), "heap_live_mib": r1(g.heapLive), "raft_mib": r1(g.raftMiB), "alloc_mib": r1(g.allocMiB), "alloc_dirs": g.allocDirs})
 		}
 		table = append(table, map[string]any{
-			"jobs": cp.jobs, "at_s": r1(cp.at.Seconds()), "batch_s": r1(cp.runS), "purge_s": r1(cp.purgeS),
+			"jobs": cp.jobs, "raft_index": cp.index, "wal_segments": cp.sum.walSegments, "snapshots": cp.sum.snapshots, "at_s": r1(cp.at.Seconds()), "batch_s": r1(cp.runS), "purge_s": r1(cp.purgeS),
 			"goroutines": cp.sum.goroutines, "fds": cp.sum.fds, "rss_mib": r1(cp.sum.rssMiB), "heap_inuse_mib": r1(cp.sum.heapInuseMiB),
 			"heap_live_mib": r1(cp.sum.heapLive), "raft_mib": r1(cp.sum.raftMiB), "alloc_mib": r1(cp.sum.allocMiB), "alloc_dirs": cp.sum.allocDirs, "data_mib": r1(cp.sum.dataMiB),
 			"per_agent": perAgent,
