@@ -29,7 +29,8 @@
 //	emu.Partition([]string{"a"}, []string{"b", "c"})
 //	emu.Heal()
 //
-// The emulator is for tests: it runs in the test process, forwards every
-// packet through Go code (tens of MB/s), and knows only IPv4 and IPv6
-// destination addresses.
+// The emulator is for tests: it runs in the test process and forwards
+// every packet through Go code (a copy and a channel hop per packet), so
+// it suits control traffic and modest data, not bandwidth measurements;
+// it routes by IPv4 and IPv6 destination address only.
 package netemu

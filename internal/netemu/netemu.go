@@ -371,8 +371,12 @@ func (e *Emulator) read(p *port) {
 			continue
 		}
 		e.mu.Lock()
+		if e.closed {
+			e.mu.Unlock()
+			return
+		}
 		to := e.byAddr[dst]
-		if to == nil || e.closed {
+		if to == nil {
 			e.mu.Unlock()
 			e.unroutable.Add(1)
 			continue
