@@ -1,7 +1,6 @@
 package netemu
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -60,7 +59,8 @@ func TestTUNBetweenNamespaces(t *testing.T) {
 		t.Skip("netemu: no /dev/net/tun")
 	}
 	const delay = 20 * time.Millisecond
-	names := []string{fmt.Sprintf("gmne-%d-a", os.Getpid()), fmt.Sprintf("gmne-%d-b", os.Getpid())}
+	// Fixed names: a run that was killed leaves them, and the next removes them.
+	names := []string{"gmne-a", "gmne-b"}
 	addrs := []string{"10.98.0.1", "10.98.0.2"}
 	cfg := DefaultConfig()
 	cfg.Link.Delay = delay
