@@ -255,6 +255,9 @@ func (e *MismatchError) Error() string { return "collective: " + e.Msg }
 func (e *MismatchError) Unwrap() error { return ErrMismatch }
 
 func (c *Communicator) checkFrame(exp *Header, f *InFrame, from, off, n int) error {
+	if byRefFrame(f) && n > 0 { // a PeerRef without payload (peerpath.go)
+		return c.checkRefFrame(exp, f, from, off, n)
+	}
 	if err := c.checkHeader(exp, &f.Header, from, off, n); err != nil {
 		return err
 	}
@@ -322,17 +325,20 @@ func (t *sendTracker) wait(ctx context.Context) error {
 
 // sendRec is the per-chunk completion record handed to Endpoint.Send.
 type sendRec struct {
-	buf Buffer
-	off int
-	n   int
-	tr  *sendTracker
-	h   Header
+	buf   Buffer
+	off   int
+	n     int
+	byRef bool // sent as a PeerRef only: nothing to release
+	tr    *sendTracker
+	h     Header
 }
 
 var sendRecPool = sync.Pool{New: func() any { return new(sendRec) }}
 
 func (r *sendRec) SendDone() {
-	r.buf.ReleaseChunk(r.off, r.n)
+	if !r.byRef {
+		r.buf.ReleaseChunk(r.off, r.n)
+	}
 	tr := r.tr
 	r.buf, r.tr = nil, nil
 	sendRecPool.Put(r)
@@ -345,17 +351,23 @@ func (r *sendRec) SendDone() {
 	}
 }
 
-// send reads [off,off+n) of buf and sends it to peer on channel ch.
-func (c *Communicator) send(ctx context.Context, tr *sendTracker, buf Buffer, hdr *Header, peer, ch, off, n int) error {
-	data, err := buf.ReadChunk(off, n)
-	if err != nil {
-		return err
+// send reads [off,off+n) of buf and sends it to peer on channel ch. With
+// byRef (see Communicator.sendsByRef) it sends only the PeerRef: no read.
+func (c *Communicator) send(ctx context.Context, tr *sendTracker, buf Buffer, hdr *Header, peer, ch, off, n int, byRef bool) error {
+	var data []byte
+	length := n * buf.DType().Size()
+	if !byRef {
+		var err error
+		if data, err = buf.ReadChunk(off, n); err != nil {
+			return err
+		}
+		length = len(data)
 	}
 	r := sendRecPool.Get().(*sendRec)
-	r.buf, r.off, r.n, r.tr = buf, off, n, tr
+	r.buf, r.off, r.n, r.tr, r.byRef = buf, off, n, tr, byRef
 	r.h = *hdr
 	r.h.Offset = uint64(off)
-	r.h.Length = uint32(len(data))
+	r.h.Length = uint32(length)
 	tr.pending.Add(1)
 	return c.ep.Send(ctx, peer, ch, &r.h, data, PeerRef{Buf: buf, Off: off}, r)
 }
@@ -374,6 +386,9 @@ func consume(buf Buffer, f *InFrame, off, n int, reduce bool, op Op) error {
 			if handled {
 				return err
 			}
+		}
+		if byRefFrame(f) {
+			return consumeByRef(buf, f, off, n, reduce, op)
 		}
 	}
 	if reduce {

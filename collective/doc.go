@@ -86,9 +86,16 @@
 // Optional interfaces: BufferCopier (device-to-device copies), Allocator
 // (scratch buffers), PeerReducer (ranks of one process: the LocalTransport
 // hands the receiver the sender's Buffer and offset, so two GPUs of one
-// process exchange by peer copy instead of TCP). The device registers itself
-// with RegisterDevice so the allreduce job and `gpumesh bench allreduce
-// --device cuda` can allocate its buffers.
+// process exchange by peer copy instead of TCP), RefSender (such a buffer's
+// chunks to a rank of this process travel as a PeerRef only, without
+// ReadChunk: endpoints say which peers are in memory through RefEndpoint;
+// a receiver that cannot reach the sender's memory reads the chunk from the
+// sender's buffer itself), ChunkPrefetcher (the pipeline starts the read of a
+// chunk it will forward over the network as soon as the receive it depends on
+// is applied). So a ring whose ranks span processes moves its hops inside a
+// process device to device and the others over TCP. The device registers
+// itself with RegisterDevice so the allreduce job and `gpumesh bench
+// allreduce --device cuda` can allocate its buffers.
 //
 // # Transports
 //

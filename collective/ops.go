@@ -34,10 +34,21 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 			cancel(err)
 		}
 	}
+	// Chunks to a rank of this process go by reference when buf prefers it;
+	// otherwise a ChunkPrefetcher starts each chunk's read early (peerpath.go).
+	byRef := c.sendsByRef(buf, to)
+	var pf ChunkPrefetcher
+	if !byRef {
+		pf, _ = buf.(ChunkPrefetcher)
+	}
 	for ch := range plans {
 		p := &plans[ch]
 		var done atomic.Int64
 		kick := make(chan struct{}, 1)
+		var fwd []int // fwd[i]: the send that waits for receive i, or -1
+		if pf != nil {
+			fwd = forwards(p)
+		}
 		if len(p.recvs) > 0 {
 			wg.Add(1)
 			go func(ch int) {
@@ -74,6 +85,10 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 					if err == nil && u.div {
 						err = buf.DivChunk(u.off, u.n, c.n)
 					}
+					if err == nil && fwd != nil && fwd[i] >= 0 {
+						s := p.sends[fwd[i]]
+						err = pf.PrefetchChunk(s.off, s.n)
+					}
 					if err != nil {
 						setErr(err)
 						return
@@ -91,7 +106,7 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 			wg.Add(1)
 			go func(ch int) {
 				defer wg.Done()
-				for _, u := range p.sends {
+				for i, u := range p.sends {
 					for done.Load() <= int64(u.dep) {
 						select {
 						case <-kick:
@@ -99,7 +114,13 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 							return
 						}
 					}
-					if err := c.send(ctx, tr, buf, hdr, to, ch, u.off, u.n); err != nil {
+					if pf != nil && u.dep < 0 {
+						if err := readAhead(pf, p.sends, i); err != nil {
+							setErr(err)
+							return
+						}
+					}
+					if err := c.send(ctx, tr, buf, hdr, to, ch, u.off, u.n, byRef); err != nil {
 						setErr(err)
 						return
 					}
@@ -118,6 +139,36 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 		return err
 	}
 	return buf.Sync()
+}
+
+// forwards maps each receive of a channel plan to the send that waits for
+// it (-1: none), for ChunkPrefetcher.
+func forwards(p *chanPlan) []int {
+	fwd := make([]int, len(p.recvs))
+	for i := range fwd {
+		fwd[i] = -1
+	}
+	for j, u := range p.sends {
+		if u.dep >= 0 && u.dep < len(fwd) {
+			fwd[u.dep] = j
+		}
+	}
+	return fwd
+}
+
+// readAhead starts the reads of send i (unless the previous call already
+// did) and of send i+1 when neither waits for a receive, so that a chunk's
+// copy overlaps the previous chunk's send.
+func readAhead(pf ChunkPrefetcher, sends []unit, i int) error {
+	if i == 0 || sends[i-1].dep >= 0 {
+		if err := pf.PrefetchChunk(sends[i].off, sends[i].n); err != nil {
+			return err
+		}
+	}
+	if i+1 < len(sends) && sends[i+1].dep < 0 {
+		return pf.PrefetchChunk(sends[i+1].off, sends[i+1].n)
+	}
+	return nil
 }
 
 func (c *Communicator) chunkElems(dt DType) int {
@@ -525,7 +576,7 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 					return err
 				}
 			}
-			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count); err != nil {
+			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count, false); err != nil {
 				return err
 			}
 			if err := tr.wait(ctx); err != nil {
@@ -543,7 +594,7 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 				return err
 			}
 		case RDExchange:
-			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count); err != nil {
+			if err := c.send(ctx, tr, buf, h, st.Peer, 0, 0, count, false); err != nil {
 				return err
 			}
 			f, err := recv(st.Peer)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/gpumesh/gpumesh/collective"
@@ -86,6 +87,9 @@ type Backend struct {
 	// pending is the FIFO of staged slots whose device work may still run,
 	// across all buffers: whoever needs a slot reclaims the oldest.
 	pending []pending
+	// canPeer[a][p]: kernels on device a may read device p's memory.
+	canPeer [][]bool
+	poller  *poller // WithSharedPoller
 
 	closeOnce sync.Once
 	closeErr  error
@@ -95,8 +99,12 @@ type Backend struct {
 type Option func(*options)
 
 type options struct {
-	spin      bool
-	rangeDeps bool
+	spin       bool
+	rangeDeps  bool
+	noPrefetch bool
+	eagerPeer  bool
+	poll       bool
+	shared     bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -132,6 +140,9 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 	pool := rt.Pool()
 	slots := pool.Slots()
 	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o}
+	if o.shared {
+		b.poller = newPoller()
+	}
 	b.free = make(chan *stageSlot, b.maxSlots)
 	for i, d := range rt.Devices() {
 		ds := &devState{idx: i, dev: d}
@@ -164,9 +175,11 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 		b.slots = append(b.slots, st)
 		b.free <- st
 	}
-	for _, a := range rt.Devices() {
-		for _, p := range rt.Devices() {
+	for i, a := range rt.Devices() {
+		b.canPeer = append(b.canPeer, make([]bool, len(rt.Devices())))
+		for j, p := range rt.Devices() {
 			if a == p {
+				b.canPeer[i][j] = true
 				continue
 			}
 			if ok, err := a.CanAccessPeer(p); err == nil && ok {
@@ -174,6 +187,7 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 					b.Close()
 					return nil, err
 				}
+				b.canPeer[i][j] = true
 			}
 		}
 	}
@@ -253,7 +267,7 @@ func (b *Backend) getSlot() (*stageSlot, error) {
 		p := b.pending[0]
 		b.pending = b.pending[1:]
 		b.pmu.Unlock()
-		if err := p.ev.Synchronize(); err != nil {
+		if err := b.waitEvent(p.ev); err != nil {
 			b.free <- p.slot
 			return nil, err
 		}
@@ -288,6 +302,9 @@ func (b *Backend) NumDevices() int { return len(b.devs) }
 // freed first.
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
+		if b.poller != nil {
+			b.poller.close()
+		}
 		var errs []error
 		for _, st := range b.slots {
 			errs = append(errs, b.freeSlot(st))
@@ -395,11 +412,17 @@ type Buffer struct {
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
 	reads    map[readKey][]*stageSlot
-	writes   []writeRec           // WithRangeDeps: writes whose event may be pending, in stream order
-	evFree   []*cuda.Event        // WithRangeDeps: spare events for writes
-	big      map[readKey][][]byte // ReadChunk larger than a slot
+	writes   []writeRec               // WithRangeDeps: writes whose event may be pending, in stream order
+	evFree   []*cuda.Event            // WithRangeDeps: spare events for writes
+	big      map[readKey][][]byte     // ReadChunk larger than a slot
+	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
+	npre     int                      // slots held in pre
+	readers  []peerRead               // peer reads of this buffer not yet waited for
+	readerEv map[*devState][]*cuda.Event
 	err      error
 	freed    bool
+
+	stats bufStats
 }
 
 // NewBuffer allocates n elements of dt on device index dev (an index into
@@ -416,7 +439,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -480,6 +503,12 @@ func (buf *Buffer) Free() error {
 		errs = append(errs, e.Close())
 	}
 	buf.evFree = nil
+	for _, l := range buf.readerEv {
+		for _, e := range l {
+			errs = append(errs, e.Close())
+		}
+	}
+	buf.readerEv = nil
 	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
@@ -547,11 +576,18 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	if err := buf.check(off, n); err != nil {
 		return nil, err
 	}
+	buf.stats.reads.Add(1)
+	defer buf.stats.readNs.add(time.Now())
+	if host, ok, err := buf.readPrefetched(off, n); ok {
+		return host, err
+	}
 	bytes := n * buf.dt.Size()
 	var host []byte
 	var slot *stageSlot
 	if bytes <= buf.be.slot {
+		t0 := time.Now()
 		s, err := buf.be.getSlot()
+		buf.stats.slotNs.add(t0)
 		if err != nil {
 			return nil, err
 		}
@@ -579,7 +615,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	buf.mu.Unlock()
 	if err == nil {
-		err = done.Synchronize()
+		err = buf.be.waitEvent(done)
 	}
 	if err != nil {
 		if slot != nil {
@@ -637,12 +673,16 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 	if err := buf.check(off, total/es); err != nil {
 		return err
 	}
+	buf.stats.staged.Add(1)
+	defer buf.stats.stageNs.add(time.Now())
 	piece := buf.be.slot / es * es
 	segs := src
 	var segOff int
 	for done := 0; done < total; {
 		nb := min(piece, total-done)
+		t0 := time.Now()
 		slot, err := buf.be.getSlot()
+		buf.stats.slotNs.add(t0)
 		if err != nil {
 			return err
 		}
@@ -658,7 +698,11 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 		}
 		scratch := slot.scratch[buf.ds.idx]
 		buf.mu.Lock()
-		err = f(slot, scratch, off+done/es, nb/es)
+		buf.dropPrefetchLocked(off+done/es, nb/es)
+		err = buf.waitReadersLocked(off+done/es, nb/es)
+		if err == nil {
+			err = f(slot, scratch, off+done/es, nb/es)
+		}
 		ev := slot.events[buf.ds.idx]
 		if err == nil {
 			err = buf.wr.Record(ev)
@@ -718,7 +762,11 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	}
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
-	err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	buf.dropPrefetchLocked(off, n)
+	err := buf.waitReadersLocked(off, n)
+	if err == nil {
+		err = buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	}
 	if err == nil {
 		err = buf.noteWriteLocked(off, n)
 	}
@@ -736,6 +784,8 @@ func (buf *Buffer) Sync() error {
 	if buf.rd != nil {
 		buf.fail(buf.rd.Synchronize())
 	}
+	buf.dropPrefetchLocked(0, buf.n)
+	buf.fail(buf.syncReadersLocked())
 	buf.be.addPending(pending{})
 	if buf.wr != nil {
 		for _, w := range buf.writes {
@@ -762,13 +812,20 @@ func lockPair(a, b *Buffer) func() {
 	return func() { b.mu.Unlock(); a.mu.Unlock() }
 }
 
-// peerOp enqueues f on buf's write stream after src's earlier writes, and
-// makes src's later writes wait for it (so src is not overwritten while this
-// reads it).
-func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
+// peerOp enqueues f, which writes buf[dstOff, +n) reading src[srcOff, +n),
+// on buf's write stream after src's earlier writes, and makes src's later
+// writes to that range (and src's Sync) wait for it, so that src is not
+// overwritten while this reads it. The second dependency is recorded, not
+// enqueued (see peerRead), unless WithEagerPeerDeps.
+func (buf *Buffer) peerOp(src *Buffer, dstOff, srcOff, n int, f func() error) error {
 	unlock := lockPair(buf, src)
 	defer unlock()
-	err := src.wr.Record(src.wrMark)
+	buf.stats.peer.Add(1)
+	buf.dropPrefetchLocked(dstOff, n)
+	err := buf.waitReadersLocked(dstOff, n)
+	if err == nil {
+		err = src.wr.Record(src.wrMark)
+	}
 	if err == nil {
 		err = buf.wr.Wait(src.wrMark)
 	}
@@ -781,8 +838,12 @@ func (buf *Buffer) peerOp(src *Buffer, dstOff, n int, f func() error) error {
 	if err == nil && src != buf {
 		// an event is recorded on a stream of its own device; waiting on it
 		// from another device's stream is allowed
-		if err = buf.wr.Record(buf.peerMark); err == nil {
-			err = src.wr.Wait(buf.peerMark)
+		if buf.be.opts.eagerPeer {
+			if err = buf.wr.Record(buf.peerMark); err == nil {
+				err = src.wr.Wait(buf.peerMark)
+			}
+		} else {
+			err = src.addReaderLocked(buf, srcOff, n)
 		}
 	}
 	return buf.fail(err)
@@ -819,7 +880,7 @@ func (buf *Buffer) PeerWrite(dstOff int, src collective.Buffer, srcOff, n int) (
 		return ok, err
 	}
 	bytes := int64(n) * int64(buf.dt.Size())
-	return true, buf.peerOp(s, dstOff, n, func() error {
+	return true, buf.peerOp(s, dstOff, srcOff, n, func() error {
 		if s.ds == buf.ds {
 			return buf.wr.CopyDtoD(buf.at(dstOff), s.at(srcOff), bytes)
 		}
@@ -834,11 +895,14 @@ func (buf *Buffer) PeerReduce(dstOff int, src collective.Buffer, srcOff, n int, 
 	if !ok || err != nil || n == 0 {
 		return ok, err
 	}
+	if !buf.be.canPeer[buf.ds.idx][s.ds.idx] {
+		return false, nil // the kernel cannot read the peer's memory: staged fallback
+	}
 	cop, err := Op(op)
 	if err != nil {
 		return true, err
 	}
-	return true, buf.peerOp(s, dstOff, n, func() error {
+	return true, buf.peerOp(s, dstOff, srcOff, n, func() error {
 		return buf.wr.Reduce(cop, buf.cdt, buf.at(dstOff), s.at(srcOff), int64(n))
 	})
 }

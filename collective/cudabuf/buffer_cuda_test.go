@@ -29,7 +29,7 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 	cfg := cuda.DefaultConfig()
 	cfg.PinnedSlotBytes = slotBytes
 	cfg.PinnedSlots = slots
-	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"))
+	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"), WithEagerPeerDeps(os.Getenv("GPUMESH_EAGER_PEER") == "1"), WithPollWait(os.Getenv("GPUMESH_POLL") == "1"), WithSharedPoller(os.Getenv("GPUMESH_POLL") == "shared"))
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -68,6 +68,24 @@ func randomHost(r *rand.Rand, dt collective.DType, n int) *collective.HostBuffer
 		}
 	}
 	return h
+}
+
+// variant names the backend options the environment chose, for bench lines.
+func variant() string {
+	v := "lazydeps"
+	if os.Getenv("GPUMESH_EAGER_PEER") == "1" {
+		v = "eagerdeps"
+	}
+	if os.Getenv("GPUMESH_PREFETCH") == "0" {
+		v += ",noprefetch"
+	}
+	switch os.Getenv("GPUMESH_POLL") {
+	case "1":
+		v += ",poll"
+	case "shared":
+		v += ",poller"
+	}
+	return v
 }
 
 func split3(b []byte) collective.Segments {

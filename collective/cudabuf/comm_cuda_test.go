@@ -81,6 +81,20 @@ func allReduceOnce(t *testing.T, be *Backend, r *rand.Rand, cfg collective.Confi
 			t.Fatalf("rank %d: %v", k, err)
 		}
 	}
+	// The path the chunks took: with the peer path, a ring (not recursive
+	// doubling, which sends whole small buffers with payload) reads nothing
+	// to the host and moves every chunk device to device; hidden behind
+	// hostPath, every chunk is staged.
+	ring := count*dt.Size() > cfg.SmallBytes
+	for k, b := range bufs {
+		st := b.Stats()
+		switch {
+		case peer && ring && (st.StagedReads != 0 || st.StagedWrites != 0 || st.PeerChunks == 0):
+			t.Errorf("rank %d: peer path: %+v, want only peer chunks", k, st)
+		case !peer && (st.PeerChunks != 0 || st.StagedReads == 0 || st.StagedWrites == 0):
+			t.Errorf("rank %d: staged path: %+v, want only staged chunks", k, st)
+		}
+	}
 	for k, b := range bufs {
 		got := make([]byte, count*dt.Size())
 		if err := b.Download(got); err != nil {

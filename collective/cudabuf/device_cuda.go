@@ -100,7 +100,11 @@ func (buf *Buffer) Close() error { return buf.Free() }
 // Zero sets every element to zero bits and waits for it.
 func (buf *Buffer) Zero() error {
 	buf.mu.Lock()
-	err := buf.wr.Memset(buf.mem.Ptr(), 0, buf.mem.Len())
+	buf.dropPrefetchLocked(0, buf.n)
+	err := buf.waitReadersLocked(0, buf.n)
+	if err == nil {
+		err = buf.wr.Memset(buf.mem.Ptr(), 0, buf.mem.Len())
+	}
 	buf.mu.Unlock()
 	if err != nil {
 		return err

@@ -21,9 +21,22 @@
 // every earlier write; a slot goes back to the pool when the event recorded
 // after its last use completes (slots grow on demand, bounded, so reads held
 // by the transport cannot starve writes). Nothing on the hot path copies
-// synchronously from pageable memory. Ranks in one process that use the
-// collective's local transport reach PeerWrite/PeerReduce: a peer copy or a
-// reduce kernel that reads the peer GPU's memory directly.
+// synchronously from pageable memory.
+//
+// Ranks of one process (the collective's LocalTransport, or ranks sharing a
+// data-plane address) send chunks by reference (SendByRef): no staging at
+// all; the receiver's PeerWrite/PeerReduce is a peer copy or a reduce kernel
+// that reads the peer GPU's memory directly, ordered after the sender's
+// writes by an event. The read is recorded on the source buffer, whose next
+// write to that range (or Sync) waits for it on the device, so the two
+// buffers' streams are not chained chunk by chunk. A ring across processes
+// thus uses peer moves for its hops inside a process and TCP for the rest.
+// For chunks that go over the network, PrefetchChunk starts the device to
+// host copy as soon as the chunk's last write is enqueued (dropped if the
+// range is written again), and ReadChunk returns it. Buffer.Stats counts
+// peer chunks, staged reads and writes and the time spent in them.
+// Options: WithPrefetch, WithSpinWait, WithPollWait, WithSharedPoller (how
+// host waits wait), WithRangeDeps, WithEagerPeerDeps (measurement only).
 //
 // # The "cuda" collective device
 //

@@ -212,10 +212,14 @@ func tcpChild(t *testing.T, rankS string) {
 				} else {
 					buf, free = collective.NewHostBuffer(collective.Float32, count), func() {}
 				}
-				for i := 0; i < 2; i++ {
+				for i := 0; i < envInt("GPUMESH_WARMUP", 4); i++ {
 					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
 						t.Fatal(err)
 					}
+				}
+				var st0 Stats
+				if b, ok := buf.(*Buffer); ok {
+					st0 = b.Stats()
 				}
 				var ts []time.Duration
 				for i := 0; i < iters; i++ {
@@ -228,6 +232,13 @@ func tcpChild(t *testing.T, rankS string) {
 					}
 					ts = append(ts, time.Since(t0))
 				}
+				var prof string
+				if b, ok := buf.(*Buffer); ok {
+					st := b.Stats()
+					per := func(d, d0 time.Duration) float64 { return float64((d-d0)/time.Duration(iters)) / 1e3 }
+					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d",
+						per(st.ReadTime, st0.ReadTime), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads)
+				}
 				free()
 				med := median(ts)
 				alg := float64(mib<<20) / med.Seconds() / 1e9
@@ -239,11 +250,21 @@ func tcpChild(t *testing.T, rankS string) {
 					if os.Getenv("GPUMESH_RANGE_DEPS") == "1" {
 						wait += ",rangedeps"
 					}
+					if os.Getenv("GPUMESH_PREFETCH") == "0" {
+						wait += ",noprefetch"
+					}
+					switch os.Getenv("GPUMESH_POLL") {
+					case "1":
+						wait = "poll" + strings.TrimPrefix(wait, "spin")
+					case "shared":
+						wait = "poller" + strings.TrimPrefix(wait, "spin")
+					}
 					if device == "cpu" {
 						wait = "-"
 					}
-					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s\n",
-						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n))
+					_, slots := be.StagingSlots()
+					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d%s\n",
+						n, device, cfg.Channels, cfg.ChunkBytes>>10, wait, mib, float64(med.Microseconds()), alg, alg*2*float64(n-1)/float64(n), slots, prof)
 				}
 			}
 		}
