@@ -34,6 +34,13 @@ type Stats struct {
 	// Prefetched is the number of ReadChunk calls served by a copy that
 	// PrefetchChunk had started.
 	Prefetched int64
+	// DirectRecvs is the number of chunks received straight into a pinned
+	// slot (collective.RecvStager: the TCP lanes) and applied from there.
+	DirectRecvs int64
+	// HostCopies is the number of host memory copies into pinned slots
+	// (WriteChunk and ReduceChunk pieces); 0 when every chunk came through
+	// DirectRecvs or peer moves.
+	HostCopies int64
 	// ReadTime is the time spent in ReadChunk, StageTime in WriteChunk and
 	// ReduceChunk, SlotWait the part of both spent waiting for a staging
 	// slot; summed over concurrent callers (channels).
@@ -42,6 +49,7 @@ type Stats struct {
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
+	direct, hostCopies              atomic.Int64
 	readNs, stageNs, slotNs         nanos
 }
 
@@ -57,6 +65,8 @@ func (buf *Buffer) Stats() Stats {
 		StagedReads:  buf.stats.reads.Load(),
 		StagedWrites: buf.stats.staged.Load(),
 		Prefetched:   buf.stats.prefetched.Load(),
+		DirectRecvs:  buf.stats.direct.Load(),
+		HostCopies:   buf.stats.hostCopies.Load(),
 		ReadTime:     time.Duration(buf.stats.readNs.Load()),
 		StageTime:    time.Duration(buf.stats.stageNs.Load()),
 		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
