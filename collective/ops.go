@@ -84,6 +84,9 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 						setErr(err)
 						return
 					}
+					if byRef {
+						tr.observeReleases()
+					}
 					if f != nil {
 						if err := c.checkFrame(hdr, f, from, u.off, u.n); err != nil {
 							f.Release()
