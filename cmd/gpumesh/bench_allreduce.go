@@ -116,7 +116,7 @@ the number of wrong elements, then the same bytes moved over raw TCP with the sa
 number of flows, and the ratio of the two. --data-plane grpc moves the frames on the
 gRPC streams themselves instead of TCP lanes (to compare the two). With --device cuda
 the ranks of one process share one data-plane server (chunks move device to device;
---shortcut off puts them on TCP), and --channels/--chunk default to 16 x 1MiB with
+--shortcut off puts them on TCP), and --channels/--chunk default to 16 x 4MiB with
 --procs and 2 x 64MiB without.`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
   gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json

@@ -80,7 +80,7 @@ func DeviceDefaults(device string, procs bool) (channels, chunkBytes int, ok boo
 		return 0, 0, false
 	}
 	if procs {
-		return 16, 1 << 20, true
+		return 16, 4 << 20, true
 	}
 	return 2, 64 << 20, true
 }

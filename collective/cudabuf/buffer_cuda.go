@@ -432,11 +432,18 @@ func (b *Backend) evict(size int) bool {
 }
 
 // StagingSlots reports how many pinned staging slots are free and how many
-// exist (they grow under pressure up to four times the pool).
+// exist: pool-sized ones (they grow under pressure up to four times the
+// pool) and sized ones (for chunks larger than a pool slot).
 func (b *Backend) StagingSlots() (free, total int) {
 	b.pmu.Lock()
-	defer b.pmu.Unlock()
-	return len(b.free), len(b.slots)
+	free, total = len(b.free), len(b.slots)
+	b.pmu.Unlock()
+	b.bmu.Lock()
+	for _, l := range b.bfree {
+		free += len(l)
+	}
+	b.bmu.Unlock()
+	return free, total
 }
 
 // Runtime is the underlying CUDA runtime.
