@@ -48,6 +48,7 @@ const (
 	mdSrc            = "gpumesh-src-rank"
 	mdDst            = "gpumesh-dst-rank"
 	mdChan           = "gpumesh-channel"
+	mdAbortClass     = "gpumesh-abort-class"
 	controlChannel   = -1
 	staleReason      = "stale generation"
 )
@@ -389,6 +390,14 @@ func (s *Service) link(stream grpc.ServerStream) error {
 		}
 		select {
 		case <-ep.fail.ch:
+			// A failed (not closed) rank ends its inbound links with the
+			// failure, so a sender learns it as fast as from the abort
+			// (which may still be on its way) and fails with the same
+			// class, not with "the peer closed its endpoint".
+			if err := ep.fail.Err(); err != nil && !errors.Is(err, ErrClosed) {
+				stream.SetTrailer(metadata.Pairs(mdAbortClass, strconv.FormatUint(abortClassOf(err), 10)))
+				return status.Error(codes.Aborted, abortMessage(err))
+			}
 		case <-stream.Context().Done():
 			select {
 			case <-sl.ready:
@@ -803,6 +812,13 @@ func (e *grpcEndpoint) watch(l *grpcLink, stream grpc.ClientStream, peer int, do
 	if err == nil || err == io.EOF {
 		l.peerClosed.Store(true)
 		return
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Aborted {
+		if v := stream.Trailer().Get(mdAbortClass); len(v) == 1 {
+			c, _ := strconv.ParseUint(v[0], 10, 8)
+			e.fail.fail(&RemoteError{Rank: peer, Class: abortClassErr(c), Msg: st.Message()})
+			return
+		}
 	}
 	e.fail.fail(streamErr(peer, e.spec.Addrs[peer], err))
 }

@@ -428,6 +428,7 @@ func (l *laneConn) writeFrame(ctx context.Context, h *Header, payload []byte) er
 	if err := l.wr.begin(ctx); err != nil {
 		return err
 	}
+	laneRelease()
 	n, err := l.bufs.WriteTo(l.c)
 	interrupted := l.wr.end()
 	l.iov[1], l.bufs = nil, nil
@@ -456,6 +457,7 @@ func (l *laneConn) readFull(ctx context.Context, b []byte, started bool) error {
 	n, err := io.ReadFull(l.c, b)
 	interrupted := l.rd.end()
 	if err == nil {
+		laneAcquire()
 		return nil
 	}
 	if interrupted {
