@@ -15,13 +15,21 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// BenchmarkGRPCAllReduce measures a 2-rank ring all-reduce over loopback
-// gRPC; b.ReportAllocs shows what the steady state allocates per operation.
+// BenchmarkGRPCAllReduce measures a 2-rank ring all-reduce over the
+// loopback data plane, with TCP lanes (tcp) and with frames on the gRPC
+// streams (grpc); b.ReportAllocs shows what the steady state allocates per
+// operation.
 func BenchmarkGRPCAllReduce(b *testing.B) {
-	for _, size := range []int{1 << 20, 64 << 20} {
-		b.Run(fmt.Sprintf("%dMiB", size>>20), func(b *testing.B) {
+	for _, bc := range []struct {
+		plane string
+		size  int
+	}{{DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
+		size := bc.size
+		b.Run(fmt.Sprintf("%s/%dMiB", bc.plane, size>>20), func(b *testing.B) {
 			cfg := DefaultConfig()
-			g, err := NewLoopbackGroup("bench", 1, 2, cfg, DefaultGRPCConfig())
+			gcfg := DefaultGRPCConfig()
+			gcfg.DataPlane = bc.plane
+			g, err := NewLoopbackGroup("bench", 1, 2, cfg, gcfg)
 			if err != nil {
 				b.Fatal(err)
 			}

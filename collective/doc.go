@@ -28,6 +28,21 @@
 //	defer comm.Close()
 //	rep, err := collective.RunAllReduceJob(ctx, comm, spec, logger) // built-in job
 //
+// The port is shared with the data plane's TCP lanes by wrapping the
+// listener: gs.Serve(svc.Listener(lis)). With GRPCConfig.DataPlane "tcp"
+// (the default) each data link's gRPC stream is only its control path: the
+// receiver answers it with a one-time token, the sender opens a plain TCP
+// connection to the same port presenting it (inside TLS when
+// LaneServerTLS/LaneClientTLS are set, as a node with TLS does), and the
+// frames (same 83-byte header) travel there, written with one writev from
+// the caller's buffer and read straight into the destination (StreamReceiver)
+// or through cache-sized pieces that are reduced as they arrive (host
+// buffers), or into the buffer's staging memory (RecvStager: device
+// buffers' pinned slots). This
+// avoids gRPC-Go's 16 KiB HTTP/2 framing and its copies (about half the
+// throughput on a CPU-bound host). DataPlane "grpc", or a receiver whose
+// port is not wrapped, keeps frames on the streams. See lane.go.
+//
 // A stream's metadata names its job, generation, sending and receiving rank
 // and channel, so one server serves any number of communicators; streams
 // for a generation older than the newest one the node has opened for that
@@ -53,8 +68,9 @@
 // Algorithms: buffers of at most Config.SmallBytes use recursive doubling
 // (log2 n rounds, whole buffer per message); larger ones the ring
 // (reduce-scatter then all-gather; every rank sends 2(n-1)/n of the buffer),
-// split into Config.Channels parallel rings, each on its own HTTP/2
-// connection, pipelined in chunks of Config.ChunkBytes. The step schedules
+// split into Config.Channels parallel rings, each on its own connection
+// (TCP lane, or HTTP/2 connection), pipelined in chunks of
+// Config.ChunkBytes. The step schedules
 // (RingAllReduceStep, ChunkPlan, RecursiveDoubling) are pure functions. The
 // reduction order of every element is fixed by (n, config), so float results
 // are bit-identical on every rank and across runs.

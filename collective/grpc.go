@@ -9,8 +9,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"crypto/tls"
+	"encoding/hex"
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -45,6 +48,7 @@ const (
 	mdSrc            = "gpumesh-src-rank"
 	mdDst            = "gpumesh-dst-rank"
 	mdChan           = "gpumesh-channel"
+	mdAbortClass     = "gpumesh-abort-class"
 	controlChannel   = -1
 	staleReason      = "stale generation"
 )
@@ -181,6 +185,25 @@ type GRPCConfig struct {
 	// DialOptions are appended to the data plane's own (for example
 	// transport credentials, which default to insecure).
 	DialOptions []grpc.DialOption
+	// DataPlane is DataPlaneTCP (frames on TCP lanes beside the gRPC
+	// streams; see lane.go) or DataPlaneGRPC (frames on the gRPC streams).
+	// Lanes are used only where the receiving Service serves them (its
+	// port is wrapped by Service.Listener); otherwise a link stays on its
+	// stream. Default DataPlaneTCP.
+	DataPlane string
+	// LaneSocketBuffer sets SO_SNDBUF/SO_RCVBUF of each lane in bytes; 0
+	// leaves the kernel's autotuning (the default, and the fastest on
+	// Linux loopback).
+	LaneSocketBuffer int
+	// LaneHandshakeTimeout bounds a lane's connection handshake (and how
+	// long an accepted connection may take to say whether it is gRPC or a
+	// lane). Default 10 s.
+	LaneHandshakeTimeout time.Duration
+	// LaneServerTLS and LaneClientTLS wrap lanes in TLS (both or neither).
+	// Give the same configs as the node's gRPC credentials: a node whose
+	// RPC port uses mutual TLS must set them (or use DataPlaneGRPC), or
+	// its lanes would travel in plaintext.
+	LaneServerTLS, LaneClientTLS *tls.Config
 	// Logger receives structured logs; nil means none.
 	Logger hclog.Logger
 }
@@ -193,6 +216,9 @@ func DefaultGRPCConfig() GRPCConfig {
 		WriteBufferBytes: 256 << 10,
 		RankWait:         30 * time.Second,
 		CloseWait:        2 * time.Second,
+		DataPlane:        DataPlaneTCP,
+
+		LaneHandshakeTimeout: 10 * time.Second,
 	}
 }
 
@@ -207,6 +233,14 @@ func (c GRPCConfig) Validate() error {
 		return fmt.Errorf("%w: grpc config: rank wait must be > 0, got %v", ErrBadArgument, c.RankWait)
 	case c.CloseWait < 0:
 		return fmt.Errorf("%w: grpc config: close wait must be >= 0, got %v", ErrBadArgument, c.CloseWait)
+	case c.DataPlane != DataPlaneTCP && c.DataPlane != DataPlaneGRPC:
+		return fmt.Errorf("%w: grpc config: data plane must be %q or %q, got %q", ErrBadArgument, DataPlaneTCP, DataPlaneGRPC, c.DataPlane)
+	case c.LaneSocketBuffer < 0:
+		return fmt.Errorf("%w: grpc config: lane socket buffer must be >= 0 (0: kernel autotuning), got %d", ErrBadArgument, c.LaneSocketBuffer)
+	case c.LaneHandshakeTimeout <= 0:
+		return fmt.Errorf("%w: grpc config: lane handshake timeout must be > 0, got %v", ErrBadArgument, c.LaneHandshakeTimeout)
+	case (c.LaneServerTLS == nil) != (c.LaneClientTLS == nil):
+		return fmt.Errorf("%w: grpc config: give both lane TLS configs (server and client) or neither", ErrBadArgument)
 	}
 	return nil
 }
@@ -256,7 +290,15 @@ type Service struct {
 	eps     map[localKey]*grpcEndpoint
 	latest  map[string]uint64
 	waiters map[localKey]chan struct{}
+	offers  map[laneToken]*laneOffer
+
+	lanesServed   atomicBool
+	lanesAccepted atomic.Uint64
 }
+
+// LanesAccepted is the number of TCP lanes this Service has accepted since
+// it started (for metrics and tests; see lane.go).
+func (s *Service) LanesAccepted() uint64 { return s.lanesAccepted.Load() }
 
 // NewService creates the data-plane service.
 func NewService(cfg GRPCConfig) (*Service, error) {
@@ -267,7 +309,7 @@ func NewService(cfg GRPCConfig) (*Service, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Service{cfg: cfg, log: log.Named("dataplane"), eps: map[localKey]*grpcEndpoint{}, latest: map[string]uint64{}, waiters: map[localKey]chan struct{}{}}, nil
+	return &Service{cfg: cfg, log: log.Named("dataplane"), eps: map[localKey]*grpcEndpoint{}, latest: map[string]uint64{}, waiters: map[localKey]chan struct{}{}, offers: map[laneToken]*laneOffer{}}, nil
 }
 
 // Register adds the data-plane service to s.
@@ -313,17 +355,55 @@ func (s *Service) link(stream grpc.ServerStream) error {
 		return status.Errorf(codes.InvalidArgument, "collective: rank %d sent on channel %d but rank %d has %d ranks and %d channels: give every rank the same group and collective config", src, ch, dst, ep.n, ep.spec.Channels)
 	}
 	if ch != controlChannel {
-		// A data link: the receiving rank reads this stream itself
-		// (Endpoint.Recv calls RecvMsg), one goroutine hand-off fewer than
-		// a queue. The handler only keeps the stream open until the
-		// endpoint fails or closes, or the reader saw the stream end.
+		// A data link: the receiving rank reads this stream (or its lane)
+		// itself (Endpoint.Recv), one goroutine hand-off fewer than a
+		// queue. The handler only keeps the stream open until the endpoint
+		// fails or closes, or the reader saw the link end.
 		sl := ep.slot(int(src), int(ch))
-		if !sl.attach(stream) {
+		if !sl.claim() {
 			return status.Errorf(codes.AlreadyExists, "collective: rank %d already has a link from rank %d on channel %d", dst, src, ch)
+		}
+		if lane := md.Get(mdLane); len(lane) == 1 && lane[0] == "1" {
+			if !s.servesLanes() {
+				if err := stream.SendHeader(metadata.Pairs(mdLaneToken, laneNone)); err != nil {
+					return err
+				}
+				sl.attachStream(stream)
+			} else {
+				tok, err := s.offerLane(ep, sl, int(src), int(ch))
+				if err != nil {
+					return status.Errorf(codes.Internal, "collective: lane token: %v", err)
+				}
+				defer func() {
+					// A failed rank keeps its offers until it is removed,
+					// to answer late lanes with its failure (serveLane).
+					if ep.fail.Err() == nil {
+						s.withdrawLane(tok)
+					}
+				}()
+				if err := stream.SendHeader(metadata.Pairs(mdLaneToken, hex.EncodeToString(tok[:]))); err != nil {
+					return err
+				}
+			}
+		} else {
+			sl.attachStream(stream)
 		}
 		select {
 		case <-ep.fail.ch:
+			// A failed (not closed) rank ends its inbound links with the
+			// failure, so a sender learns it as fast as from the abort
+			// (which may still be on its way) and fails with the same
+			// class, not with "the peer closed its endpoint".
+			if err := ep.fail.Err(); err != nil && !errors.Is(err, ErrClosed) {
+				stream.SetTrailer(metadata.Pairs(mdAbortClass, strconv.FormatUint(abortClassOf(err), 10)))
+				return status.Error(codes.Aborted, abortMessage(err))
+			}
 		case <-stream.Context().Done():
+			select {
+			case <-sl.ready:
+			default:
+				ep.fail.fail(fmt.Errorf("%w: the link from rank %d on channel %d ended before its data lane connected", ErrPeerFailed, src, ch))
+			}
 		case <-sl.readerDone:
 		}
 		return nil
@@ -346,23 +426,38 @@ func (s *Service) link(stream grpc.ServerStream) error {
 	}
 }
 
-// inSlot is the inbound stream of one (sender, channel).
+// inSlot is the inbound link of one (sender, channel): its stream, or the
+// lane that carries its frames. ready closes once one of them is set.
 type inSlot struct {
-	once       sync.Once
 	ready      chan struct{}
 	readerDone chan struct{}
 	doneOnce   sync.Once
+	readyOnce  sync.Once
 	attached   atomicBool
 	stream     grpc.ServerStream
+	lane       *laneConn
 }
 
-func (s *inSlot) attach(st grpc.ServerStream) bool {
-	if s.attached.Swap(true) {
-		return false
-	}
-	s.stream = st
-	close(s.ready)
-	return true
+// claim reserves the slot for one stream.
+func (s *inSlot) claim() bool { return !s.attached.Swap(true) }
+
+// attachStream makes the claimed slot read frames from st.
+func (s *inSlot) attachStream(st grpc.ServerStream) {
+	s.readyOnce.Do(func() {
+		s.stream = st
+		close(s.ready)
+	})
+}
+
+// attachLane makes the claimed slot read frames from l.
+func (s *inSlot) attachLane(l *laneConn) bool {
+	ok := false
+	s.readyOnce.Do(func() {
+		s.lane = l
+		close(s.ready)
+		ok = true
+	})
+	return ok
 }
 
 func (s *inSlot) finish() { s.doneOnce.Do(func() { close(s.readerDone) }) }
@@ -428,6 +523,11 @@ func (s *Service) remove(ep *grpcEndpoint) {
 	if s.eps[k] == ep {
 		delete(s.eps, k)
 	}
+	for tok, o := range s.offers {
+		if o.ep == ep {
+			delete(s.offers, tok)
+		}
+	}
 	s.mu.Unlock()
 }
 
@@ -482,6 +582,7 @@ type grpcLink struct {
 	mu         sync.Mutex
 	cc         *grpc.ClientConn
 	stream     grpc.ClientStream
+	lane       *laneConn // frames go here when set
 	cancel     context.CancelFunc
 	watchDone  chan struct{}
 	peerClosed atomicBool
@@ -505,6 +606,52 @@ type grpcEndpoint struct {
 	lpeers  []*grpcEndpoint
 	cancels []context.CancelFunc
 	wg      sync.WaitGroup
+
+	// lanes are every lane of this endpoint, both directions (under qmu);
+	// lanesShut says they were closed (the endpoint failed or closed).
+	lanes     []*laneConn
+	lanesShut bool
+}
+
+// addLane records l so that a failure closes it; it reports false (and
+// closes l) when the endpoint has already failed.
+func (e *grpcEndpoint) addLane(l *laneConn) bool {
+	e.qmu.Lock()
+	shut := e.lanesShut
+	if !shut {
+		e.lanes = append(e.lanes, l)
+	}
+	e.qmu.Unlock()
+	if shut {
+		_ = l.close()
+	}
+	return !shut
+}
+
+// attachLane is the Service's side: l carries the frames of slot sl.
+func (e *grpcEndpoint) attachLane(sl *inSlot, l *laneConn) bool {
+	if !e.addLane(l) {
+		return false
+	}
+	if !sl.attachLane(l) {
+		_ = l.close()
+		return false
+	}
+	return true
+}
+
+// shutLanes closes every lane (teardown, after the peers were told why):
+// blocked reads and writes return at once. A
+// sender's data already written stays in the kernel and is still
+// delivered (a lane carries data one way only).
+func (e *grpcEndpoint) shutLanes() {
+	e.qmu.Lock()
+	lanes := e.lanes
+	e.lanes, e.lanesShut = nil, true
+	e.qmu.Unlock()
+	for _, l := range lanes {
+		_ = l.close()
+	}
 }
 
 func (e *grpcEndpoint) slot(src, ch int) *inSlot {
@@ -537,6 +684,9 @@ func (e *grpcEndpoint) dial(ctx, streamParent context.Context, peer, ch int) (*g
 	sctx, cancel := context.WithCancel(streamParent)
 	md := metadata.Pairs(mdJob, e.spec.Job, mdGen, strconv.FormatUint(e.spec.Generation, 10),
 		mdSrc, strconv.Itoa(e.spec.Rank), mdDst, strconv.Itoa(peer), mdChan, strconv.Itoa(ch))
+	if ch != controlChannel && e.t.svc.cfg.DataPlane == DataPlaneTCP {
+		md.Append(mdLane, "1")
+	}
 	stream, err := cc.NewStream(metadata.NewOutgoingContext(sctx, md), linkDesc, linkMethod)
 	if err != nil {
 		cancel()
@@ -544,6 +694,98 @@ func (e *grpcEndpoint) dial(ctx, streamParent context.Context, peer, ch int) (*g
 		return nil, nil, nil, fmt.Errorf("%w: opening link to rank %d at %s: %v", ErrPeerFailed, peer, addr, err)
 	}
 	return cc, stream, cancel, nil
+}
+
+// openLane completes a data link's lane: it waits for the receiver's
+// answer on stream (bounded by ctx, which cancels the stream) and connects
+// the lane it offers. A nil lane and nil error mean the receiver serves no
+// lanes: the link stays on its stream.
+//
+// If ctx ends first, the stream is left open: the caller hands its cancel
+// to teardown, so the receiver sees it end only after this rank's abort.
+func (e *grpcEndpoint) openLane(ctx context.Context, stream grpc.ClientStream, peer int) (*laneConn, error) {
+	addr := e.spec.Addrs[peer]
+	type answer struct {
+		token string
+		err   error
+	}
+	ans := make(chan answer, 1)
+	e.wg.Add(1)
+	go func() { // ends with the stream (teardown cancels it at the latest)
+		defer e.wg.Done()
+		md, err := stream.Header()
+		if err != nil {
+			ans <- answer{err: err}
+			return
+		}
+		if v := md.Get(mdLaneToken); len(v) == 1 {
+			ans <- answer{token: v[0]}
+			return
+		}
+		// No answer: the stream ended (refused) before it was accepted.
+		var f InFrame
+		err = stream.RecvMsg(&f)
+		if err == nil || err == io.EOF {
+			err = errors.New("it ended the link without answering the lane request")
+		}
+		ans <- answer{err: err}
+	}()
+	var a answer
+	select {
+	case a = <-ans:
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	case <-e.fail.ch:
+		return nil, e.fail.Err()
+	}
+	if a.err != nil {
+		return nil, streamErr(peer, addr, a.err)
+	}
+	v := []string{a.token}
+	if v[0] == laneNone {
+		return nil, nil
+	}
+	tok, ok := parseLaneToken(v[0])
+	if !ok {
+		return nil, fmt.Errorf("%w: rank %d at %s answered the lane request with a malformed token", ErrPeerFailed, peer, addr)
+	}
+	lane, err := dialLane(ctx, &e.t.svc.cfg, addr, tok, func(c net.Conn) { e.addLane(newLaneConn(c, c)) })
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		var lf *laneFailed
+		if errors.As(err, &lf) {
+			return nil, &RemoteError{Rank: peer, Class: abortClassErr(uint64(lf.class)), Msg: lf.msg}
+		}
+		return nil, fmt.Errorf("%w: data lane to rank %d at %s: %v (to run the data plane over gRPC only, use --data-plane grpc)", ErrPeerFailed, peer, addr, err)
+	}
+	return lane, nil
+}
+
+// laneErr turns a lane I/O error into the endpoint's error; a lane cut in
+// the middle of a frame, or broken, fails the endpoint.
+func (e *grpcEndpoint) laneErr(ctx context.Context, what string, peer, ch int, err error) error {
+	if ferr := e.fail.Err(); ferr != nil {
+		return ferr
+	}
+	var lb *laneBroken
+	broken := errors.As(err, &lb)
+	if ctx.Err() != nil && (!broken || errors.Is(err, context.Cause(ctx))) {
+		// Cancelled. A lane cut mid-frame stays marked broken: using it
+		// again fails the endpoint (a cancelled collective aborts the
+		// communicator anyway).
+		return context.Cause(ctx)
+	}
+	if !broken && errors.Is(err, io.EOF) {
+		err = errors.New("the sender closed it")
+	}
+	ferr := fmt.Errorf("%w: data lane %s rank %d at %s (channel %d): %w", ErrPeerFailed, what, peer, e.spec.Addrs[peer], ch, err)
+	e.fail.fail(ferr)
+	if f := e.fail.Err(); f != nil {
+		return f
+	}
+	return ferr
 }
 
 // streamErr maps the status that ended a link to our errors.
@@ -570,6 +812,13 @@ func (e *grpcEndpoint) watch(l *grpcLink, stream grpc.ClientStream, peer int, do
 	if err == nil || err == io.EOF {
 		l.peerClosed.Store(true)
 		return
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Aborted {
+		if v := stream.Trailer().Get(mdAbortClass); len(v) == 1 {
+			c, _ := strconv.ParseUint(v[0], 10, 8)
+			e.fail.fail(&RemoteError{Rank: peer, Class: abortClassErr(c), Msg: st.Message()})
+			return
+		}
 	}
 	e.fail.fail(streamErr(peer, e.spec.Addrs[peer], err))
 }
@@ -650,13 +899,31 @@ func (e *grpcEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payloa
 			done.SendDone()
 			return err
 		}
-		if e.closed.Load() {
+		var lane *laneConn
+		if e.t.svc.cfg.DataPlane == DataPlaneTCP {
+			if lane, err = e.openLane(ctx, stream, peer); err != nil {
+				// The stream ends in teardown, after the abort (the
+				// receiver would otherwise see a broken link first).
+				e.qmu.Lock()
+				e.cancels = append(e.cancels, func() { cancel(); _ = cc.Close() })
+				e.qmu.Unlock()
+				done.SendDone()
+				return err
+			}
+		}
+		if e.closed.Load() || (lane != nil && !e.addLane(lane)) {
+			if lane != nil {
+				_ = lane.close()
+			}
 			cancel()
 			_ = cc.Close()
 			done.SendDone()
+			if err := e.fail.Err(); err != nil && !errors.Is(err, ErrClosed) {
+				return err
+			}
 			return ErrClosed
 		}
-		l.cc, l.stream, l.cancel = cc, stream, cancel
+		l.cc, l.stream, l.cancel, l.lane = cc, stream, cancel, lane
 		e.qmu.Lock()
 		e.cancels = append(e.cancels, cancel)
 		e.qmu.Unlock()
@@ -668,10 +935,19 @@ func (e *grpcEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payloa
 		done.SendDone()
 		return fmt.Errorf("%w: rank %d at %s closed its endpoint", ErrPeerFailed, peer, e.spec.Addrs[peer])
 	}
-	m := outMsgPool.Get().(*outMsg)
 	hh := *h
 	hh.Src = int32(e.spec.Rank)
 	hh.Length = uint32(len(payload))
+	if l.lane != nil {
+		// Synchronous: when writeFrame returns, the kernel has the bytes.
+		err := l.lane.writeFrame(ctx, &hh, payload)
+		done.SendDone()
+		if err != nil {
+			return e.laneErr(ctx, "to", peer, ch, err)
+		}
+		return nil
+	}
+	m := outMsgPool.Get().(*outMsg)
 	if mem.IsBelowBufferPoolingThreshold(cap(payload)) {
 		m.whole = make([]byte, HeaderSize+len(payload))
 		PutHeader(m.whole, &hh)
@@ -698,23 +974,33 @@ func (e *grpcEndpoint) sendErr(peer int, err error) error {
 	return fmt.Errorf("%w: sending to rank %d at %s: %v", ErrPeerFailed, peer, e.spec.Addrs[peer], err)
 }
 
-// Recv implements Endpoint: it reads the inbound stream directly.
+// Recv implements Endpoint: it reads the inbound stream (or lane)
+// directly.
 func (e *grpcEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error) {
+	f, _, err := e.RecvTo(ctx, peer, ch, nil)
+	return f, err
+}
+
+var laneFramePool = sync.Pool{New: func() any { return new(InFrame) }}
+
+func releaseLane(f *InFrame) {
+	if bp, ok := f.owner.(*[]byte); ok {
+		sharedDirtyPool.Put(bp)
+	}
+	f.segs[0] = nil
+	f.Payload, f.owner, f.release = nil, nil, nil
+	laneFramePool.Put(f)
+}
+
+// RecvTo implements StreamReceiver. With a nil sink it is Recv: a lane's
+// payload is read into a pooled buffer.
+func (e *grpcEndpoint) RecvTo(ctx context.Context, peer, ch int, sink FrameSink) (*InFrame, Header, error) {
 	if e.local[peer] {
-		q := e.lq[peer*e.spec.Channels+ch]
-		select {
-		case f := <-q:
-			return f, nil
-		default:
+		f, err := e.recvLocal(ctx, peer, ch)
+		if err != nil {
+			return nil, Header{}, err
 		}
-		select {
-		case f := <-q:
-			return f, nil
-		case <-ctx.Done():
-			return nil, context.Cause(ctx)
-		case <-e.fail.ch:
-			return nil, e.fail.Err()
-		}
+		return f, f.Header, nil
 	}
 	sl := e.slot(peer, ch)
 	select {
@@ -723,14 +1009,87 @@ func (e *grpcEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error)
 		select {
 		case <-sl.ready:
 		case <-ctx.Done():
-			return nil, context.Cause(ctx)
+			return nil, Header{}, context.Cause(ctx)
 		case <-e.fail.ch:
-			return nil, e.fail.Err()
+			return nil, Header{}, e.fail.Err()
 		}
 	}
 	if err := e.fail.Err(); err != nil {
-		return nil, err
+		return nil, Header{}, err
 	}
+	if sl.lane == nil {
+		f, err := e.recvStream(sl, peer, ch)
+		if err != nil {
+			return nil, Header{}, err
+		}
+		return f, f.Header, nil
+	}
+	l := sl.lane
+	h, err := l.readHeader(ctx)
+	if err != nil {
+		if !errors.As(err, new(*laneBroken)) && !errors.Is(err, context.Cause(ctx)) {
+			sl.finish()
+		}
+		return nil, h, e.laneErr(ctx, "from", peer, ch, err)
+	}
+	n := int(h.Length)
+	if sink == nil {
+		f := laneFramePool.Get().(*InFrame)
+		f.Header = h
+		f.Payload = f.segs[:0]
+		if n > 0 {
+			bp := sharedDirtyPool.Get(n)
+			if err := l.readFull(ctx, *bp, true); err != nil {
+				sharedDirtyPool.Put(bp)
+				laneFramePool.Put(f)
+				return nil, h, e.laneErr(ctx, "from", peer, ch, err)
+			}
+			f.segs[0] = *bp
+			f.Payload = f.segs[:1]
+			f.owner = bp
+		}
+		f.release = releaseLane
+		return f, h, nil
+	}
+	l.rh = h // a field, not &h: the header would escape to the heap per frame
+	dst, err := sink.Begin(&l.rh)
+	if err != nil {
+		l.rbroken = true // the rest of the frame stays unread
+		return nil, h, err
+	}
+	if dst != nil {
+		if len(dst) != n {
+			l.rbroken = true
+			return nil, h, fmt.Errorf("%w: frame sink gave %d bytes for a %d-byte payload", ErrBadArgument, len(dst), n)
+		}
+		err = l.readFull(ctx, dst, true)
+	} else {
+		err = l.readPieces(ctx, n, sink)
+	}
+	if err != nil {
+		return nil, h, e.laneErr(ctx, "from", peer, ch, err)
+	}
+	return nil, h, nil
+}
+
+func (e *grpcEndpoint) recvLocal(ctx context.Context, peer, ch int) (*InFrame, error) {
+	q := e.lq[peer*e.spec.Channels+ch]
+	select {
+	case f := <-q:
+		return f, nil
+	default:
+	}
+	select {
+	case f := <-q:
+		return f, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	case <-e.fail.ch:
+		return nil, e.fail.Err()
+	}
+}
+
+func (e *grpcEndpoint) recvStream(sl *inSlot, peer, ch int) (*InFrame, error) {
 	f := grpcFramePool.Get().(*InFrame)
 	if err := sl.stream.RecvMsg(f); err != nil {
 		grpcFramePool.Put(f)
@@ -785,7 +1144,7 @@ func (e *grpcEndpoint) Abort(ctx context.Context, cause error) {
 }
 
 // teardown cancels every link's stream, which unblocks senders stuck on
-// flow control; the links are unusable afterwards.
+// flow control, and closes every lane; the links are unusable afterwards.
 func (e *grpcEndpoint) teardown() {
 	e.qmu.Lock()
 	cancels := e.cancels
@@ -794,6 +1153,7 @@ func (e *grpcEndpoint) teardown() {
 	for _, c := range cancels {
 		c()
 	}
+	e.shutLanes()
 }
 
 func (e *grpcEndpoint) Failed() <-chan struct{} { return e.fail.ch }
@@ -837,6 +1197,10 @@ func (e *grpcEndpoint) Close() error {
 			_ = l.cc.Close()
 			l.stream = nil
 		}
+		if l.lane != nil {
+			_ = l.lane.close()
+			l.lane = nil
+		}
 		l.mu.Unlock()
 	}
 	e.teardown()
@@ -879,6 +1243,9 @@ func Listen(addr string, cfg GRPCConfig) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("collective: listen on %s: %w", addr, err)
 	}
+	if cfg.DataPlane == DataPlaneTCP {
+		lis = svc.Listener(lis) // lanes share the port
+	}
 	gs := grpc.NewServer(ServerOptions(cfg)...)
 	svc.Register(gs)
 	s := &Server{gs: gs, lis: lis, svc: svc, tr: NewGRPCTransport(svc)}
@@ -899,10 +1266,20 @@ func (s *Server) Service() *Service { return s.svc }
 // Transport returns a transport whose inbound side is this server.
 func (s *Server) Transport() *GRPCTransport { return s.tr }
 
-// Close stops the server (open streams are cut). Safe to call twice.
+// Close stops the server: open streams and the lanes of its endpoints are
+// cut, as if the node went away. Safe to call twice.
 func (s *Server) Close() {
 	s.once.Do(func() {
 		s.gs.Stop()
 		s.wg.Wait()
+		s.svc.mu.Lock()
+		eps := make([]*grpcEndpoint, 0, len(s.svc.eps))
+		for _, ep := range s.svc.eps {
+			eps = append(eps, ep)
+		}
+		s.svc.mu.Unlock()
+		for _, ep := range eps {
+			ep.shutLanes()
+		}
 	})
 }

@@ -15,9 +15,11 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
-func TestGRPCAllReduceCorrect(t *testing.T) {
+func TestGRPCAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testGRPCAllReduceCorrect) }
+
+func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
 	cfg := testConfig()
-	g, err := NewLoopbackGroup("job", 1, 3, cfg, DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,8 +69,10 @@ func TestGRPCAllReduceCorrect(t *testing.T) {
 	}
 }
 
-func TestGRPCMismatchNamesIt(t *testing.T) {
-	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), DefaultGRPCConfig())
+func TestGRPCMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testGRPCMismatchNamesIt) }
+
+func testGRPCMismatchNamesIt(t *testing.T, planeCfg GRPCConfig) {
+	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,9 +92,13 @@ func TestGRPCMismatchNamesIt(t *testing.T) {
 }
 
 func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
+	forEachDataPlane(t, testGRPCDeadPeerFailsSurvivors)
+}
+
+func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	g, err := NewLoopbackGroup("job", 1, 3, cfg, DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,10 +126,12 @@ func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
 	}
 }
 
-func TestGRPCUnreachablePeer(t *testing.T) {
+func TestGRPCUnreachablePeer(t *testing.T) { forEachDataPlane(t, testGRPCUnreachablePeer) }
+
+func testGRPCUnreachablePeer(t *testing.T, planeCfg GRPCConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 500 * time.Millisecond
-	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	s, err := Listen("127.0.0.1:0", planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,14 +155,18 @@ func TestGRPCUnreachablePeer(t *testing.T) {
 }
 
 func TestGRPCStaleGenerationRefused(t *testing.T) {
+	forEachDataPlane(t, testGRPCStaleGenerationRefused)
+}
+
+func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	a, err := Listen("127.0.0.1:0", planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	b, err := Listen("127.0.0.1:0", planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,8 +242,12 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 // in memory; rank 2 is on another node and talks gRPC. With NoLocalShortcut
 // the same group runs over TCP only.
 func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
+	forEachDataPlane(t, testGRPCMixedLocalAndRemoteRanks)
+}
+
+func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 	for _, noLocal := range []bool{false, true} {
-		gcfg := DefaultGRPCConfig()
+		gcfg := planeCfg
 		gcfg.NoLocalShortcut = noLocal
 		a, err := Listen("127.0.0.1:0", gcfg)
 		if err != nil {
@@ -283,13 +301,15 @@ func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
 	}
 }
 
-func TestGRPCChannelConfigMismatch(t *testing.T) {
-	a, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+func TestGRPCChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testGRPCChannelConfigMismatch) }
+
+func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
+	a, err := Listen("127.0.0.1:0", planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	b, err := Listen("127.0.0.1:0", planeCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -312,5 +332,17 @@ func TestGRPCChannelConfigMismatch(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "channels") {
 			t.Fatalf("rank %d: %v", r, err)
 		}
+	}
+}
+
+// forEachDataPlane runs f with lanes (the default) and with frames on the
+// gRPC streams.
+func forEachDataPlane(t *testing.T, f func(t *testing.T, gcfg GRPCConfig)) {
+	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
+		t.Run(plane, func(t *testing.T) {
+			gcfg := DefaultGRPCConfig()
+			gcfg.DataPlane = plane
+			f(t, gcfg)
+		})
 	}
 }

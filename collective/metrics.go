@@ -106,7 +106,14 @@ func (e *countingEndpoint) Send(ctx context.Context, peer, ch int, h *Header, pa
 
 func (e *countingEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error) {
 	f, err := e.Endpoint.Recv(ctx, peer, ch)
-	if err == nil && f != nil && f.Header.Kind == FrameData {
+	if err == nil && f != nil {
+		e.count(f)
+	}
+	return f, err
+}
+
+func (e *countingEndpoint) count(f *InFrame) {
+	if f.Header.Kind == FrameData {
 		e.op(&f.Header)
 		if kc := e.c.kind(f.Header.Coll); kc != nil {
 			kc.recvFrames.Add(1)
@@ -117,5 +124,28 @@ func (e *countingEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, er
 			kc.recvBytes.Add(n)
 		}
 	}
-	return f, err
+}
+
+// RecvTo implements StreamReceiver (through the wrapped endpoint when it
+// streams, else by Recv).
+func (e *countingEndpoint) RecvTo(ctx context.Context, peer, ch int, sink FrameSink) (*InFrame, Header, error) {
+	sr, ok := e.Endpoint.(StreamReceiver)
+	if !ok {
+		f, err := e.Recv(ctx, peer, ch)
+		if err != nil {
+			return nil, Header{}, err
+		}
+		return f, f.Header, nil
+	}
+	f, h, err := sr.RecvTo(ctx, peer, ch, sink)
+	if err == nil && f == nil && h.Kind == FrameData {
+		e.op(&h)
+		if kc := e.c.kind(h.Coll); kc != nil {
+			kc.recvFrames.Add(1)
+			kc.recvBytes.Add(uint64(h.Length))
+		}
+	} else if err == nil && f != nil {
+		e.count(f)
+	}
+	return f, h, err
 }

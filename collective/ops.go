@@ -53,19 +53,49 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 			wg.Add(1)
 			go func(ch int) {
 				defer wg.Done()
+				// Host buffers take lane payloads straight off the socket
+				// (see hostSink), staging buffers into their staging
+				// memory (stageSink); other buffers and transports get
+				// frames.
+				sr, _ := c.ep.(StreamReceiver)
+				var sink *hostSink
+				var ssink *stageSink
+				if sr != nil {
+					if hb, ok := buf.(*HostBuffer); ok {
+						sink = &hostSink{c: c, exp: hdr, buf: hb, from: from, op: op}
+					} else if st, ok := buf.(RecvStager); ok {
+						ssink = &stageSink{c: c, exp: hdr, st: st, from: from}
+					}
+				}
 				for i, u := range p.recvs {
-					f, err := c.ep.Recv(ctx, from, ch)
+					var f *InFrame
+					var err error
+					if sink != nil {
+						sink.u = u
+						f, _, err = sr.RecvTo(ctx, from, ch, sink)
+					} else if ssink != nil {
+						ssink.u = u
+						f, _, err = sr.RecvTo(ctx, from, ch, ssink)
+						err = ssink.finish(err, op)
+					} else {
+						f, err = c.ep.Recv(ctx, from, ch)
+					}
 					if err != nil {
 						setErr(err)
 						return
 					}
-					if err := c.checkFrame(hdr, f, from, u.off, u.n); err != nil {
-						f.Release()
-						setErr(err)
-						return
+					if byRef {
+						tr.observeReleases()
 					}
-					err = consume(buf, f, u.off, u.n, u.reduce, op)
-					f.Release()
+					if f != nil {
+						if err := c.checkFrame(hdr, f, from, u.off, u.n); err != nil {
+							f.Release()
+							setErr(err)
+							return
+						}
+						err = consume(buf, f, u.off, u.n, u.reduce, op)
+						f.Release()
+					}
 					if err == nil && u.div {
 						err = buf.DivChunk(u.off, u.n, c.n)
 					}
@@ -604,4 +634,41 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 		return err
 	}
 	return buf.Sync()
+}
+
+// hostSink receives a chunk of a host buffer from a byte-stream link: a
+// plain receive reads straight into the buffer, a reducing one reduces
+// cache-sized pieces as they arrive.
+type hostSink struct {
+	c    *Communicator
+	exp  *Header
+	buf  *HostBuffer
+	from int
+	op   Op
+	u    unit
+	dst  []byte
+}
+
+var _ FrameSink = (*hostSink)(nil)
+
+// Begin implements FrameSink.
+func (s *hostSink) Begin(h *Header) ([]byte, error) {
+	if err := s.c.checkHeader(s.exp, h, s.from, s.u.off, s.u.n); err != nil {
+		return nil, err
+	}
+	d, err := s.buf.rng(s.u.off, s.u.n)
+	if err != nil {
+		return nil, err
+	}
+	if !s.u.reduce {
+		return d, nil
+	}
+	s.dst = d
+	return nil, nil
+}
+
+// Piece implements FrameSink.
+func (s *hostSink) Piece(off int, p []byte) error {
+	reduceBytes(s.buf.dt, s.op, s.dst[off:off+len(p)], p)
+	return nil
 }

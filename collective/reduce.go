@@ -174,8 +174,16 @@ func reduceBytes(dt DType, op Op, dst, src []byte) {
 	}
 	switch dt {
 	case Float32:
+		if op == OpSum || op == OpAvg {
+			sumF32(castSlice[float32](dst), castSlice[float32](src))
+			return
+		}
 		reduceT(op, castSlice[float32](dst), castSlice[float32](src))
 	case Float64:
+		if op == OpSum || op == OpAvg {
+			sumF64(castSlice[float64](dst), castSlice[float64](src))
+			return
+		}
 		reduceT(op, castSlice[float64](dst), castSlice[float64](src))
 	case Int32:
 		reduceT(op, castSlice[int32](dst), castSlice[int32](src))

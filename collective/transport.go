@@ -72,6 +72,34 @@ type Endpoint interface {
 	Close() error
 }
 
+// StreamReceiver is implemented by endpoints whose frames can arrive as a
+// byte stream (the gRPC transport's TCP lanes): the receiver places a
+// frame's payload itself, straight into its destination or piece by piece
+// through a small cache-resident buffer, instead of getting a pooled copy.
+// The same threading rules as Recv apply.
+type StreamReceiver interface {
+	// RecvTo receives the next frame from peer on channel ch. Where the
+	// frame arrives on a byte stream, RecvTo reads its header, calls
+	// sink.Begin, then moves the payload as Begin asked, and returns a nil
+	// frame and the header. Where it cannot (frames handed over in memory,
+	// links on gRPC streams) it returns the frame as Recv would, without
+	// calling sink; the caller then handles and releases it. An error from
+	// the sink fails the link: the rest of the frame is not read.
+	RecvTo(ctx context.Context, peer, ch int, sink FrameSink) (*InFrame, Header, error)
+}
+
+// FrameSink places one frame's payload for StreamReceiver.RecvTo.
+type FrameSink interface {
+	// Begin checks the header and says where the payload goes: dst
+	// (len(dst) == h.Length) to read it there directly, or nil to get it
+	// through Piece.
+	Begin(h *Header) (dst []byte, err error)
+	// Piece receives the payload in order, p being bytes [off, off+len(p))
+	// of it; every piece but the last is a multiple of 64 bytes long. p is
+	// reused after Piece returns.
+	Piece(off int, p []byte) error
+}
+
 // InFrame is a received frame.
 type InFrame struct {
 	Header  Header

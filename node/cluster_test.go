@@ -375,6 +375,14 @@ func TestClusterRunsBuiltinJobs(t *testing.T) {
 	if pfinal.Job.Status != "complete" {
 		t.Fatalf("pipeline job %s: %s", pfinal.Job.Status, pfinal.Job.StatusReason)
 	}
+	// Both jobs' frames took TCP lanes (the default data plane).
+	var lanes uint64
+	for _, a := range dc.Agents {
+		lanes += a.data.svc.LanesAccepted()
+	}
+	if lanes == 0 {
+		t.Fatal("the built-in jobs used no data-plane lanes")
+	}
 	for _, al := range pfinal.Allocations {
 		m := al.Result.AsMap()
 		if al.Rank == 2 {
@@ -471,5 +479,38 @@ func TestClusterHealthAndReflection(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
 		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
+	}
+}
+
+// A node with --data-plane grpc and one with the default (tcp lanes) run
+// built-in jobs together: the lane-asking node's requests are answered
+// "none" and every frame stays on the gRPC streams.
+func TestClusterMixedDataPlanes(t *testing.T) {
+	dc := startCluster(t, 2, func(i int, c *Config) {
+		if i == 0 {
+			c.DataPlane = "grpc"
+		}
+	})
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ar, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: allreduce\nranks: 2\nplacement: spread\nallreduce: {sizes: [1MiB], dtype: float32, iters: 2, device: cpu}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, "type: pipeline\nranks: 2\nplacement: spread\npipeline: {layers: [8, 16, 4], microbatches: 4, microbatch_size: 4, steps: 2}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{ar.Id, pl.Id} {
+		final := waitJob(t, c, id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+		if final.Job.Status != "complete" {
+			t.Fatalf("job %s: %s (%s)", id, final.Job.Status, final.Job.StatusReason)
+		}
+	}
+	for i, a := range dc.Agents {
+		if n := a.data.svc.LanesAccepted(); n != 0 {
+			t.Fatalf("agent %d accepted %d lanes with a gRPC-only peer", i, n)
+		}
 	}
 }

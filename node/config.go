@@ -61,6 +61,12 @@ type Config struct {
 	MaxRanksPerNode int
 	// CollectiveTimeout bounds how long a collective waits for a peer.
 	CollectiveTimeout time.Duration
+	// DataPlane is how collective and pipeline frames travel between
+	// nodes: "tcp" (a plain TCP lane per link on the RPC port, set up and
+	// authenticated through its gRPC stream, wrapped in the same mutual
+	// TLS as gRPC when TLS is on) or "grpc" (on the gRPC streams). Empty
+	// means "tcp".
+	DataPlane string
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
@@ -110,6 +116,7 @@ func DefaultConfig() *Config {
 		MaxVoters:         3,
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
+		DataPlane:         "tcp",
 		JobGCAge:          4 * time.Hour,
 		Lifecycle:         "unknown",
 	}
@@ -154,6 +161,11 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxRanksPerNode < 0 {
 		errs = append(errs, fmt.Errorf("max ranks per node must be >= 0, got %d", c.MaxRanksPerNode))
+	}
+	switch c.DataPlane {
+	case "", "tcp", "grpc":
+	default:
+		errs = append(errs, fmt.Errorf("data plane %q is not tcp or grpc (--data-plane)", c.DataPlane))
 	}
 	if c.CollectiveTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))

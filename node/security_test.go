@@ -86,6 +86,14 @@ allreduce: {sizes: [256KiB], iters: 2, device: cpu}
 	if done.Job.Status != "complete" {
 		t.Fatalf("all-reduce over TLS: %s (%s)", done.Job.Status, done.Job.StatusReason)
 	}
+	// Its frames took TCP lanes (which a TLS node only accepts in TLS).
+	var lanes uint64
+	for _, a := range dc.Agents {
+		lanes += a.data.svc.LanesAccepted()
+	}
+	if lanes == 0 {
+		t.Fatal("the all-reduce over TLS used no data-plane lanes")
+	}
 
 	// A client with a certificate from another CA, and one without TLS.
 	for name, cl := range map[string]pb.ControlClient{

@@ -30,6 +30,8 @@ type allreduceFlags struct {
 	readBuf  string
 	writeBuf string
 	timeout  time.Duration
+	plane    string
+	sockBuf  string
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -46,6 +48,8 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.readBuf, "read-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
 	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
+	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
+	fs.StringVar(&f.sockBuf, "lane-socket-buffer", "0", "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 }
 
 func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, collective.AllReduceJobSpec, error) {
@@ -77,6 +81,15 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 		return cfg, gcfg, spec, fmt.Errorf("--write-buffer: %w", err)
 	}
 	gcfg.ReadBufferBytes, gcfg.WriteBufferBytes = int(rb), int(wb)
+	sb, err := collective.ParseSize(f.sockBuf)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--lane-socket-buffer: %w", err)
+	}
+	gcfg.LaneSocketBuffer = int(sb)
+	gcfg.DataPlane = f.plane
+	if err := gcfg.Validate(); err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--data-plane/--lane-socket-buffer: %w", err)
+	}
 	if window > 1<<30 {
 		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
 	}
@@ -92,16 +105,23 @@ func newBenchAllReduceCommand() *cobra.Command {
 	var f allreduceFlags
 	var ranks, workerProcs int
 	var procs, asJSON, noRaw bool
+	var shortcut string
 	cmd := &cobra.Command{
 		Use:   "allreduce",
-		Short: "Measure ring all-reduce over the gRPC data plane on loopback, against raw TCP",
+		Short: "Measure ring all-reduce over the data plane on loopback, against raw TCP",
 		Long: `Starts N ranks on 127.0.0.1 (in this process, or one process each with --procs),
 runs the built-in allreduce job (every rank checks the result exactly) and prints an
 nccl-tests style table: size, count, type, time, algbw, busbw (algbw * 2(n-1)/n) and
 the number of wrong elements, then the same bytes moved over raw TCP with the same
-number of flows, and the ratio of the two.`,
+number of flows, and the ratio of the two. --data-plane grpc moves the frames on the
+gRPC streams themselves instead of TCP lanes (to compare the two). With --device cuda
+the ranks of one process share one data-plane server (chunks move device to device;
+--shortcut off puts them on TCP), and --channels/--chunk default to 16 x 4MiB with
+--procs and 2 x 64MiB without.`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
-  gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json`,
+  gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json
+  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc
+  gpumesh bench allreduce --device cuda --ranks 2 --procs --sizes 64MiB,256MiB`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ccfg, gcfg, spec, err := f.configs()
@@ -111,7 +131,16 @@ number of flows, and the ratio of the two.`,
 			cfg := collbench.DefaultConfig()
 			cfg.Ranks = ranks
 			cfg.Sizes, cfg.DType, cfg.Iters, cfg.Warmup, cfg.Device = spec.Sizes, spec.DType, spec.Iters, spec.Warmup, spec.Device
+			if ch, chunk, ok := collbench.DeviceDefaults(spec.Device, procs); ok {
+				if !cmd.Flags().Changed("channels") {
+					ccfg.Channels = ch
+				}
+				if !cmd.Flags().Changed("chunk") {
+					ccfg.ChunkBytes = chunk
+				}
+			}
 			cfg.Collective, cfg.GRPC = ccfg, gcfg
+			cfg.Shortcut = shortcut
 			cfg.RawTCP = !noRaw
 			if procs {
 				exe, err := os.Executable()
@@ -143,6 +172,7 @@ number of flows, and the ratio of the two.`,
 	f.register(cmd)
 	cmd.Flags().IntVar(&ranks, "ranks", 2, "number of ranks")
 	cmd.Flags().BoolVar(&procs, "procs", false, "run every rank in its own process")
+	cmd.Flags().StringVar(&shortcut, "shortcut", collbench.ShortcutAuto, "without --procs: auto (ranks share one server, in-memory frames, for --device cuda; a server each, over TCP, for cpu), on or off")
 	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
 	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")

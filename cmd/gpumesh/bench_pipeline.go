@@ -23,7 +23,8 @@ func newBenchPipelineCommand() *cobra.Command {
 		Long: `Runs P pipeline stages in this process, connected by TCP on 127.0.0.1 as
 separate nodes would be, through the same send/receive queues a pipeline job
 uses (--transport tcp: a TCP connection per link; grpc: the collective
-data plane, as nodes use it). It reports samples/s, the measured bubble (idle fraction of all
+data plane, as nodes use it: gRPC streams with a TCP lane each, or with
+--data-plane grpc the frames on the gRPC streams themselves). It reports samples/s, the measured bubble (idle fraction of all
 stages) beside the theory (p-1)/(m+p-1), and the bandwidth of every link
 streaming at once beside raw TCP with the same number of connections.
 
@@ -37,6 +38,7 @@ the CPU instead.`,
   gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --bandwidth-mib 0
   gpumesh bench pipeline --stages 4 --microbatches 16 --schedule interleaved --chunks 2
   gpumesh bench pipeline --transport grpc --channels 4
+  gpumesh bench pipeline --transport grpc --channels 4 --data-plane grpc
   gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --device cuda   # -tags cuda build`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -60,8 +62,12 @@ the CPU instead.`,
 			if res.Chunks > 1 {
 				sched = fmt.Sprintf("%s (%d chunks per stage)", sched, res.Chunks)
 			}
+			over := res.Transport
+			if res.DataPlane != "" {
+				over = fmt.Sprintf("%s (data plane %s)", res.Transport, res.DataPlane)
+			}
 			fmt.Fprintf(out, "# pipeline over %s: %d stages, %d micro-batches, %s, compute %s (forward %.1f ms, backward %.1f ms), %d steps, activation %s\n",
-				res.Transport, res.Stages, res.MicroBatches, sched, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, humanBytes(int64(res.ActivationBytes)))
+				over, res.Stages, res.MicroBatches, sched, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, humanBytes(int64(res.ActivationBytes)))
 			if len(res.Devices) > 0 {
 				fmt.Fprintf(out, "%-28s %s\n", "devices", strings.Join(res.Devices, " "))
 			}
@@ -107,6 +113,7 @@ the CPU instead.`,
 	f.Int64Var(&messageMiB, "message-mib", cfg.MessageBytes>>20, "MiB per message in the bandwidth phase")
 	f.StringVar(&cfg.Transport, "transport", cfg.Transport, "links between stages: tcp (one TCP flow per link) or grpc (the collective data plane, --channels flows per link)")
 	f.IntVar(&cfg.Channels, "channels", cfg.Channels, "flows per link with --transport grpc")
+	f.StringVar(&cfg.DataPlane, "data-plane", cfg.DataPlane, "with --transport grpc: tcp (frames on TCP lanes set up over the gRPC streams) or grpc (frames on the gRPC streams)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

@@ -14,6 +14,14 @@ import (
 // writes) while receiving the same from the other neighbour, all ranks at
 // once, on 127.0.0.1. It returns the median time of iters rounds.
 func RawTCP(ctx context.Context, ranks, flows int, perRank int64, iters, warmup int) (time.Duration, error) {
+	return rawTCP(ctx, ranks, flows, perRank, iters, warmup, 0)
+}
+
+// rawTCP is RawTCP; with span > 0 every flow's sender reads and receiver
+// writes successive 4 MiB windows of its own span-byte buffer instead of
+// reusing one 4 MiB buffer, as a transfer from and into tensors of that
+// size does (memory traffic instead of cache hits).
+func rawTCP(ctx context.Context, ranks, flows int, perRank int64, iters, warmup int, span int64) (time.Duration, error) {
 	if ranks < 2 || flows < 1 {
 		return 0, fmt.Errorf("raw TCP: needs >= 2 ranks and >= 1 flow")
 	}
@@ -48,9 +56,10 @@ func RawTCP(ctx context.Context, ranks, flows int, perRank int64, iters, warmup 
 		pairs = append(pairs, pair{w, r})
 	}
 	const block = 4 << 20
+	span = max(span, block)
 	bufs := make([][]byte, 2*len(pairs))
 	for i := range bufs {
-		bufs[i] = make([]byte, block)
+		bufs[i] = make([]byte, span)
 	}
 	round := func() (time.Duration, error) {
 		var wg sync.WaitGroup
@@ -64,25 +73,35 @@ func RawTCP(ctx context.Context, ranks, flows int, perRank int64, iters, warmup 
 			wg.Add(2)
 			go func() {
 				defer wg.Done()
+				var at int64
 				for left := n; left > 0; {
 					k := min(left, block)
-					if _, err := p.w.Write(bufs[2*i][:k]); err != nil {
+					if at+k > span {
+						at = 0
+					}
+					if _, err := p.w.Write(bufs[2*i][at : at+k]); err != nil {
 						errs[2*i] = err
 						return
 					}
 					left -= k
+					at += k
 				}
 			}()
 			go func() {
 				defer wg.Done()
+				var at int64
 				for left := n; left > 0; {
 					k := min(left, block)
-					m, err := p.r.Read(bufs[2*i+1][:k])
+					if at+k > span {
+						at = 0
+					}
+					m, err := p.r.Read(bufs[2*i+1][at : at+k])
 					if err != nil {
 						errs[2*i+1] = err
 						return
 					}
 					left -= int64(m)
+					at += int64(m)
 				}
 			}()
 		}

@@ -58,6 +58,10 @@ type BenchConfig struct {
 	Transport string
 	// Channels is the number of flows per link with TransportGRPC.
 	Channels int
+	// DataPlane is how TransportGRPC moves frames: collective.DataPlaneTCP
+	// (TCP lanes set up over the gRPC streams, the default) or
+	// collective.DataPlaneGRPC (on the gRPC streams).
+	DataPlane string
 }
 
 // Transports of the benchmark.
@@ -72,7 +76,7 @@ func DefaultBenchConfig() BenchConfig {
 		Stages: 4, MicroBatches: 16, Schedule: Schedule1F1B, Chunks: 1, Device: DeviceCPU, Compute: ComputeSleep,
 		Steps: 5, ForwardTime: 10 * time.Millisecond, Rows: 32, Width: 1024,
 		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 7, InFlight: 2,
-		Transport: TransportTCP, Channels: 4,
+		Transport: TransportTCP, Channels: 4, DataPlane: collective.DataPlaneTCP,
 	}
 }
 
@@ -109,6 +113,8 @@ func (c *BenchConfig) Validate() error {
 		return fmt.Errorf("%w: in-flight must be >= 1, got %d", ErrInvalidSpec, c.InFlight)
 	case c.Transport != TransportTCP && c.Transport != TransportGRPC:
 		return fmt.Errorf("%w: transport must be %q or %q, got %q", ErrInvalidSpec, TransportTCP, TransportGRPC, c.Transport)
+	case c.Transport == TransportGRPC && c.DataPlane != collective.DataPlaneTCP && c.DataPlane != collective.DataPlaneGRPC:
+		return fmt.Errorf("%w: data plane must be %q or %q, got %q", ErrInvalidSpec, collective.DataPlaneTCP, collective.DataPlaneGRPC, c.DataPlane)
 	case c.Transport == TransportGRPC && (c.Channels < 1 || c.Channels > 64):
 		return fmt.Errorf("%w: channels must be 1..64, got %d", ErrInvalidSpec, c.Channels)
 	case c.BandwidthBytes > 0 && c.BandwidthRounds < 1:
@@ -119,7 +125,10 @@ func (c *BenchConfig) Validate() error {
 
 // BenchResult is what Bench measured.
 type BenchResult struct {
-	Transport    string `json:"transport"`
+	Transport string `json:"transport"`
+	// DataPlane is how the collective data plane moved frames (transport
+	// grpc only): tcp lanes or grpc streams.
+	DataPlane    string `json:"data_plane,omitempty"`
 	Stages       int    `json:"stages"`
 	MicroBatches int    `json:"micro_batches"`
 	Schedule     string `json:"schedule"`
@@ -230,6 +239,13 @@ func loopbackPipeline(ctx context.Context, job string, p int, ring bool) ([]Stag
 	return links, nil
 }
 
+func dataPlaneOf(cfg BenchConfig) string {
+	if cfg.Transport == TransportGRPC {
+		return cfg.DataPlane
+	}
+	return ""
+}
+
 // benchLinks connects p stages on loopback with the configured transport.
 // The returned function closes whatever servers it started.
 func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]StageLinks, func(), error) {
@@ -245,7 +261,9 @@ func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]Stag
 	}
 	addrs := make([]string, p)
 	for s := 0; s < p; s++ {
-		srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+		gcfg := collective.DefaultGRPCConfig()
+		gcfg.DataPlane = cfg.DataPlane
+		srv, err := collective.Listen("127.0.0.1:0", gcfg)
 		if err != nil {
 			cleanup()
 			return nil, nil, err
@@ -277,7 +295,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	}
 	p, m := cfg.Stages, cfg.MicroBatches
 	res := &BenchResult{
-		Transport: cfg.Transport, Stages: p, MicroBatches: m, Schedule: cfg.Schedule, Compute: cfg.Compute, Steps: cfg.Steps,
+		Transport: cfg.Transport, DataPlane: dataPlaneOf(cfg), Stages: p, MicroBatches: m, Schedule: cfg.Schedule, Compute: cfg.Compute, Steps: cfg.Steps,
 		ForwardMillis: float64(cfg.ForwardTime) / 1e6, ActivationBytes: cfg.Rows * cfg.Width * 4,
 		TheoryBubble: TheoreticalBubble(p, m), Chunks: max(cfg.Chunks, 1),
 	}

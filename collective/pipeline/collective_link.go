@@ -135,6 +135,7 @@ type CollectiveLink struct {
 	sendSeq    int // chunks sent, for the channel of the next
 	recvSeq    int
 	free       bufPool
+	rx         recvState // the message Recv is reassembling
 	closeOnce  sync.Once
 	// slots bounds the chunks handed to the transport and not yet done
 	// with: Send returns once its chunks are queued, not sent.
@@ -196,41 +197,107 @@ func (l *CollectiveLink) Send(m *Message) error {
 	return nil
 }
 
-// Recv reassembles the next message from its chunks.
+// Recv reassembles the next message from its chunks. Over a byte-stream
+// link (the data plane's TCP lanes) each chunk is read straight into the
+// message; otherwise it is copied out of the received frame.
 func (l *CollectiveLink) Recv() (*Message, error) {
-	var m *Message
-	got := 0
+	l.rx = recvState{l: l}
+	sr, stream := l.ep.(collective.StreamReceiver)
 	for {
-		f, err := l.ep.Recv(l.ctx, l.peer, l.recvSeq%l.channels)
-		if err != nil {
-			return nil, l.linkErr(err)
-		}
-		l.recvSeq++
-		h := f.Header
-		tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(uint32(h.Tag >> 8)), Chunk: int(h.Tag >> 40), Dir: Direction(h.Tag & 0xff)}
-		if h.Group != l.group {
-			tag.JobID = fmt.Sprintf("unknown job (hash %016x)", h.Group)
-		}
-		if m == nil {
-			if h.Offset != 0 || h.Count > MaxMessageBytes/4 || h.Root < 0 || (h.ChunkElems != 0 && h.Count%h.ChunkElems != 0) {
-				f.Release()
-				return nil, fmt.Errorf("%w: %v: bad first chunk (offset %d, count %d, rows %d, cols %d)", ErrProtocol, tag, h.Offset, h.Count, h.Root, h.ChunkElems)
+		ch := l.recvSeq % l.channels
+		if stream {
+			f, _, err := sr.RecvTo(l.ctx, l.peer, ch, &l.rx)
+			if err != nil {
+				l.rx.drop()
+				return nil, l.linkErr(err)
 			}
-			m = &Message{Tag: tag, Rows: int(h.Root), Cols: int(h.ChunkElems), Data: l.buffer(int(h.Count)), release: l.recycle}
-		} else if tag != m.Tag || int(h.Offset) != got || int(h.Count) != len(m.Data) {
-			f.Release()
-			return nil, fmt.Errorf("%w: chunk of %v (offset %d) inside %v at offset %d", ErrProtocol, tag, h.Offset, m.Tag, got)
+			l.recvSeq++
+			if f != nil {
+				err = l.rx.frame(f)
+			}
+			if err != nil {
+				l.rx.drop()
+				return nil, err
+			}
+		} else {
+			f, err := l.ep.Recv(l.ctx, l.peer, ch)
+			if err != nil {
+				l.rx.drop()
+				return nil, l.linkErr(err)
+			}
+			l.recvSeq++
+			if err := l.rx.frame(f); err != nil {
+				l.rx.drop()
+				return nil, err
+			}
 		}
-		if got*4+f.Payload.Len() > len(m.Data)*4 {
-			f.Release()
-			return nil, fmt.Errorf("%w: %v: chunks overflow %d values", ErrProtocol, m.Tag, len(m.Data))
-		}
-		got += f.Payload.CopyTo(f32bytes(m.Data)[got*4:]) / 4
-		f.Release()
-		if got == len(m.Data) {
+		if m := l.rx.m; m != nil && l.rx.got == len(m.Data) {
+			l.rx = recvState{}
 			return m, nil
 		}
 	}
+}
+
+// recvState is the message being reassembled; it is also the
+// collective.FrameSink that places each chunk.
+type recvState struct {
+	l   *CollectiveLink
+	m   *Message
+	got int // values received
+}
+
+var _ collective.FrameSink = (*recvState)(nil)
+
+// Begin implements collective.FrameSink: it checks the chunk against the
+// message and returns where its bytes go.
+func (r *recvState) Begin(h *collective.Header) ([]byte, error) {
+	l := r.l
+	tag := Tag{JobID: l.jobID, Generation: h.Generation, Step: int(h.Seq), MicroBatch: int(uint32(h.Tag >> 8)), Chunk: int(h.Tag >> 40), Dir: Direction(h.Tag & 0xff)}
+	if h.Group != l.group {
+		tag.JobID = fmt.Sprintf("unknown job (hash %016x)", h.Group)
+	}
+	if r.m == nil {
+		if h.Offset != 0 || h.Count > MaxMessageBytes/4 || h.Root < 0 || (h.ChunkElems != 0 && h.Count%h.ChunkElems != 0) {
+			return nil, fmt.Errorf("%w: %v: bad first chunk (offset %d, count %d, rows %d, cols %d)", ErrProtocol, tag, h.Offset, h.Count, h.Root, h.ChunkElems)
+		}
+		r.m = &Message{Tag: tag, Rows: int(h.Root), Cols: int(h.ChunkElems), Data: l.buffer(int(h.Count)), release: l.recycle}
+	} else if tag != r.m.Tag || int(h.Offset) != r.got || int(h.Count) != len(r.m.Data) {
+		return nil, fmt.Errorf("%w: chunk of %v (offset %d) inside %v at offset %d", ErrProtocol, tag, h.Offset, r.m.Tag, r.got)
+	}
+	n := int(h.Length)
+	if n%4 != 0 || r.got*4+n > len(r.m.Data)*4 {
+		return nil, fmt.Errorf("%w: %v: chunks overflow %d values", ErrProtocol, r.m.Tag, len(r.m.Data))
+	}
+	dst := f32bytes(r.m.Data)[r.got*4 : r.got*4+n]
+	r.got += n / 4
+	return dst, nil
+}
+
+// Piece implements collective.FrameSink (never used: Begin always gives a
+// destination).
+func (r *recvState) Piece(int, []byte) error {
+	return fmt.Errorf("%w: unexpected piece", ErrProtocol)
+}
+
+// frame places a chunk that arrived as a frame.
+func (r *recvState) frame(f *collective.InFrame) error {
+	defer f.Release()
+	h := f.Header
+	h.Length = uint32(f.Payload.Len())
+	dst, err := r.Begin(&h)
+	if err != nil {
+		return err
+	}
+	f.Payload.CopyTo(dst)
+	return nil
+}
+
+// drop gives a partly received message's buffer back.
+func (r *recvState) drop() {
+	if r.m != nil {
+		r.m.Release()
+	}
+	*r = recvState{}
 }
 
 func (l *CollectiveLink) buffer(n int) []float32 { return l.free.get(n) }

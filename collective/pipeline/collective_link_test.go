@@ -15,16 +15,20 @@ import (
 // opens every stage's links over the real gRPC transport.
 func grpcPipeline(t *testing.T, job string, gen uint64, p int, cfg CollectiveConfig) []StageLinks {
 	t.Helper()
-	links, _ := grpcPipelineServers(t, job, gen, p, cfg)
+	links, _ := grpcPipelineServers(t, job, gen, p, cfg, collective.DataPlaneTCP)
 	return links
 }
 
-func grpcPipelineServers(t *testing.T, job string, gen uint64, p int, cfg CollectiveConfig) ([]StageLinks, []*collective.Server) {
+// grpcPipelineServers is grpcPipeline with the data plane's mode (TCP
+// lanes or frames on the gRPC streams) and the servers.
+func grpcPipelineServers(t *testing.T, job string, gen uint64, p int, cfg CollectiveConfig, plane string) ([]StageLinks, []*collective.Server) {
 	t.Helper()
 	servers := make([]*collective.Server, p)
 	addrs := make([]string, p)
+	gcfg := collective.DefaultGRPCConfig()
+	gcfg.DataPlane = plane
 	for s := range servers {
-		srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+		srv, err := collective.Listen("127.0.0.1:0", gcfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -92,8 +96,11 @@ func TestCollectiveLinksMatchSingleProcess(t *testing.T) {
 		local = append(local, l)
 	}
 	check("local", local)
-	// Real gRPC on loopback, small chunks so messages span channels.
-	check("grpc", grpcPipeline(t, "job-1", 3, 4, CollectiveConfig{Channels: 3, ChunkBytes: 4096}))
+	// Real gRPC on loopback, small chunks so messages span channels: with
+	// TCP lanes (the default) and with frames on the gRPC streams.
+	check("grpc lanes", grpcPipeline(t, "job-1", 3, 4, CollectiveConfig{Channels: 3, ChunkBytes: 4096}))
+	lanes, _ := grpcPipelineServers(t, "job-1", 3, 4, CollectiveConfig{Channels: 3, ChunkBytes: 4096}, collective.DataPlaneGRPC)
+	check("grpc streams", lanes)
 }
 
 func TestCollectiveLinkLargeMessages(t *testing.T) {
@@ -136,9 +143,15 @@ func TestCollectiveLinkLargeMessages(t *testing.T) {
 }
 
 func TestCollectiveLinkPeerDeath(t *testing.T) {
+	for _, plane := range []string{collective.DataPlaneTCP, collective.DataPlaneGRPC} {
+		t.Run(plane, func(t *testing.T) { testCollectiveLinkPeerDeath(t, plane) })
+	}
+}
+
+func testCollectiveLinkPeerDeath(t *testing.T, plane string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	links, servers := grpcPipelineServers(t, "job-1", 3, 3, CollectiveConfig{})
+	links, servers := grpcPipelineServers(t, "job-1", 3, 3, CollectiveConfig{}, plane)
 	spec := baseSpec()
 	spec.Steps = 1 << 20
 	counted := &countLink{Link: links[2].Prev}

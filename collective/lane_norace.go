@@ -1,0 +1,6 @@
+//go:build !race
+
+package collective
+
+func laneRelease() {}
+func laneAcquire() {}
