@@ -323,6 +323,15 @@ func (t *sendTracker) wait(ctx context.Context) error {
 	return nil
 }
 
+// observeReleases orders what the receivers of chunks sent by reference did
+// with them (they read this rank's buffer, then released the frame) before
+// whatever follows in the calling goroutine. A ring rank writes a range it
+// sent by reference only after the chunk went around the ring, so after the
+// peer's read; but that order runs through other ranks' sockets, which the
+// race detector does not see. The release updated pending (SendDone), so
+// loading it makes the order visible; it costs one atomic load.
+func (t *sendTracker) observeReleases() { _ = t.pending.Load() }
+
 // sendRec is the per-chunk completion record handed to Endpoint.Send.
 type sendRec struct {
 	buf   Buffer

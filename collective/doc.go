@@ -36,7 +36,9 @@
 // LaneServerTLS/LaneClientTLS are set, as a node with TLS does), and the
 // frames (same 83-byte header) travel there, written with one writev from
 // the caller's buffer and read straight into the destination (StreamReceiver)
-// or through cache-sized pieces that are reduced as they arrive. This
+// or through cache-sized pieces that are reduced as they arrive (host
+// buffers), or into the buffer's staging memory (RecvStager: device
+// buffers' pinned slots). This
 // avoids gRPC-Go's 16 KiB HTTP/2 framing and its copies (about half the
 // throughput on a CPU-bound host). DataPlane "grpc", or a receiver whose
 // port is not wrapped, keeps frames on the streams. See lane.go.

@@ -54,11 +54,18 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 			go func(ch int) {
 				defer wg.Done()
 				// Host buffers take lane payloads straight off the socket
-				// (see hostSink); other buffers and transports get frames.
+				// (see hostSink), staging buffers into their staging
+				// memory (stageSink); other buffers and transports get
+				// frames.
 				sr, _ := c.ep.(StreamReceiver)
 				var sink *hostSink
-				if hb, ok := buf.(*HostBuffer); ok && sr != nil {
-					sink = &hostSink{c: c, exp: hdr, buf: hb, from: from, op: op}
+				var ssink *stageSink
+				if sr != nil {
+					if hb, ok := buf.(*HostBuffer); ok {
+						sink = &hostSink{c: c, exp: hdr, buf: hb, from: from, op: op}
+					} else if st, ok := buf.(RecvStager); ok {
+						ssink = &stageSink{c: c, exp: hdr, st: st, from: from}
+					}
 				}
 				for i, u := range p.recvs {
 					var f *InFrame
@@ -66,12 +73,19 @@ func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op
 					if sink != nil {
 						sink.u = u
 						f, _, err = sr.RecvTo(ctx, from, ch, sink)
+					} else if ssink != nil {
+						ssink.u = u
+						f, _, err = sr.RecvTo(ctx, from, ch, ssink)
+						err = ssink.finish(err, op)
 					} else {
 						f, err = c.ep.Recv(ctx, from, ch)
 					}
 					if err != nil {
 						setErr(err)
 						return
+					}
+					if byRef {
+						tr.observeReleases()
 					}
 					if f != nil {
 						if err := c.checkFrame(hdr, f, from, u.off, u.n); err != nil {

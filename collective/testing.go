@@ -90,6 +90,31 @@ func NewLoopbackGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig
 	return g, nil
 }
 
+// NewSharedGroup starts one server and the n communicators of one group on
+// it: every rank has the same address, so frames between them take the
+// server's in-memory shortcut (by reference, see RefSender) instead of TCP,
+// as ranks of one node's agent do.
+func NewSharedGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig) (*LoopbackGroup, error) {
+	s, err := Listen("127.0.0.1:0", gcfg)
+	if err != nil {
+		return nil, err
+	}
+	g := &LoopbackGroup{Servers: []*Server{s}}
+	addrs := make([]string, n)
+	for i := range addrs {
+		addrs[i] = s.Addr()
+	}
+	for r := 0; r < n; r++ {
+		c, err := New(s.Transport(), Group{Job: job, Generation: gen, Rank: r, Addrs: addrs}, cfg)
+		if err != nil {
+			g.Close()
+			return nil, err
+		}
+		g.Comms = append(g.Comms, c)
+	}
+	return g, nil
+}
+
 // Close closes the communicators, then the servers.
 func (g *LoopbackGroup) Close() {
 	CloseAll(g.Comms)

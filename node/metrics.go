@@ -78,7 +78,12 @@ func newMetrics(a *Agent) *opsState {
 		o.leaders = ra.s.CountLeaderChanges()
 	}
 	o.reg.MustRegister(
-		collectors.NewGoCollector(),
+		// The defaults plus the live heap after the last GC (go_gc_heap_live_bytes)
+		// and the GC's goal: unlike heap-in-use they do not depend on when in
+		// the GC cycle a scrape lands, so a soak can compare them across hours.
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/gc/heap/(live|goal):bytes$`)},
+		)),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		o.placement,
 		newAgentCollector(o),

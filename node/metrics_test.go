@@ -88,6 +88,7 @@ exec:
 		{"gpumesh_gpu_power_watts", map[string]string{"gpu": "0"}, eq(350), "350"},
 		{"gpumesh_gpu_ecc_errors", map[string]string{"gpu": "1", "type": "uncorrected"}, eq(1), "1"},
 		{"go_goroutines", nil, ge(1), ">= 1"},
+		{"go_gc_heap_live_bytes", nil, ge(1), ">= 1 (live heap after the last GC, for soaks)"},
 	}
 	procs.Eventually(t, 10*time.Second, func() error {
 		leader := dc.Leader()

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 // task is one running rank, whatever its driver.
@@ -58,7 +59,10 @@ type runner struct {
 	finished map[string]bool
 	// started holds allocations this agent process started (or adopted).
 	started map[string]bool
-	kick    chan struct{}
+	// placed holds this node's allocations in the last view; one that
+	// leaves the view (its job was purged) has its ended task removed.
+	placed map[string]bool
+	kick   chan struct{}
 
 	drivers map[string]driverFunc
 }
@@ -79,6 +83,7 @@ func newRunner(a *Agent) *runner {
 
 		finished: map[string]bool{},
 		started:  map[string]bool{},
+		placed:   map[string]bool{},
 		drivers:  map[string]driverFunc{},
 	}
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
@@ -186,10 +191,12 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	want := map[string]bool{}
+	placed := map[string]bool{}
 	for _, al := range ev.Allocations {
 		if al.NodeId != r.a.nodeID {
 			continue
 		}
+		placed[al.Id] = true
 		rt := r.tasks[al.Id]
 		reported := r.pending[al.Id]
 		if al.DesiredStatus == "stop" {
@@ -238,6 +245,40 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	for id := range r.started {
 		if !want[id] && r.tasks[id] == nil {
 			delete(r.started, id)
+		}
+	}
+	// Allocations that were in the last view and are gone from this one
+	// were purged with their job: the exec driver forgets their ended
+	// tasks and removes their allocation directories (logs included), so
+	// neither memory nor disk grows with every job. Only a departure seen
+	// here counts: a view that is still catching up after a restart has
+	// never held them.
+	var gone []string
+	for id := range r.placed {
+		if !placed[id] && r.tasks[id] == nil {
+			gone = append(gone, id)
+		}
+	}
+	r.placed = placed
+	if len(gone) > 0 {
+		if v, ok := execDrivers.Load(r); ok {
+			if d := v.(*execState).d; d != nil {
+				byAlloc := map[string]*driver.Handle{}
+				for _, h := range d.List() {
+					byAlloc[h.Spec().AllocID] = h
+				}
+				for _, id := range gone {
+					h := byAlloc[id]
+					if h == nil {
+						continue
+					}
+					if _, done := h.Result(); done {
+						if err := d.Remove(h.ID()); err != nil {
+							r.logger.Warn("removing a purged allocation's task", "task", h.ID(), "error", err)
+						}
+					}
+				}
+			}
 		}
 	}
 	// Anything running that the cluster no longer wants (job purged) stops.

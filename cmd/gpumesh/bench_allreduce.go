@@ -105,6 +105,7 @@ func newBenchAllReduceCommand() *cobra.Command {
 	var f allreduceFlags
 	var ranks, workerProcs, rounds int
 	var procs, asJSON, noRaw bool
+	var shortcut string
 	cmd := &cobra.Command{
 		Use:   "allreduce",
 		Short: "Measure ring all-reduce over the data plane on loopback, against raw TCP",
@@ -113,11 +114,15 @@ runs the built-in allreduce job (every rank checks the result exactly) and print
 nccl-tests style table: size, count, type, time, algbw, busbw (algbw * 2(n-1)/n) and
 the number of wrong elements, then the same bytes moved over raw TCP with the same
 number of flows, and the ratio of the two. --data-plane grpc moves the frames on the
-gRPC streams themselves instead of TCP lanes (to compare the two).`,
+gRPC streams themselves instead of TCP lanes (to compare the two). With --device cuda
+the ranks of one process share one data-plane server (chunks move device to device;
+--shortcut off puts them on TCP), and --channels/--chunk default to 16 x 4MiB with
+--procs and 2 x 64MiB without.`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
   gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json
   gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc
-  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --procs --rounds 5`,
+  gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --procs --rounds 5
+  gpumesh bench allreduce --device cuda --ranks 2 --procs --sizes 64MiB,256MiB`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ccfg, gcfg, spec, err := f.configs()
@@ -127,7 +132,16 @@ gRPC streams themselves instead of TCP lanes (to compare the two).`,
 			cfg := collbench.DefaultConfig()
 			cfg.Ranks = ranks
 			cfg.Sizes, cfg.DType, cfg.Iters, cfg.Warmup, cfg.Device = spec.Sizes, spec.DType, spec.Iters, spec.Warmup, spec.Device
+			if ch, chunk, ok := collbench.DeviceDefaults(spec.Device, procs); ok {
+				if !cmd.Flags().Changed("channels") {
+					ccfg.Channels = ch
+				}
+				if !cmd.Flags().Changed("chunk") {
+					ccfg.ChunkBytes = chunk
+				}
+			}
 			cfg.Collective, cfg.GRPC = ccfg, gcfg
+			cfg.Shortcut = shortcut
 			cfg.RawTCP = !noRaw
 			cfg.Rounds = rounds
 			if procs {
@@ -160,6 +174,7 @@ gRPC streams themselves instead of TCP lanes (to compare the two).`,
 	f.register(cmd)
 	cmd.Flags().IntVar(&ranks, "ranks", 2, "number of ranks")
 	cmd.Flags().BoolVar(&procs, "procs", false, "run every rank in its own process")
+	cmd.Flags().StringVar(&shortcut, "shortcut", collbench.ShortcutAuto, "without --procs: auto (ranks share one server, in-memory frames, for --device cuda; a server each, over TCP, for cpu), on or off")
 	cmd.Flags().IntVar(&workerProcs, "worker-gomaxprocs", 0, "with --procs: GOMAXPROCS of each rank process (0: Go's default, every core)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print machine-readable JSON")
 	cmd.Flags().BoolVar(&noRaw, "no-raw-tcp", false, "skip the raw TCP baseline")

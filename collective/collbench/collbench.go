@@ -46,6 +46,13 @@ type Config struct {
 	Procs      bool
 	Exe        string
 	WorkerArgs []string
+	// Shortcut says how ranks of one process (no Procs) reach each other:
+	// ShortcutAuto (the default) through one data-plane server, its
+	// in-memory shortcut (chunks by reference: device memory moves device
+	// to device), for every device but "cpu", and over TCP, a server per
+	// rank, for "cpu" (what the raw TCP row compares against);
+	// ShortcutOn or ShortcutOff force one or the other.
+	Shortcut string
 	// WorkerGOMAXPROCS, if > 0, sets GOMAXPROCS of each worker process
 	// (several workers on one many-core host otherwise each get every core).
 	WorkerGOMAXPROCS int
@@ -61,6 +68,39 @@ type Config struct {
 	// Progress receives progress lines (nil: none).
 	Progress io.Writer
 	Logger   hclog.Logger
+}
+
+// Shortcut modes (Config.Shortcut).
+const (
+	ShortcutAuto = "auto"
+	ShortcutOn   = "on"
+	ShortcutOff  = "off"
+)
+
+// DeviceDefaults returns the channels and chunk size the benchmark uses for
+// device when the caller does not choose (ok false: the collective's
+// defaults). Device memory over TCP (procs) wants more flows than host
+// memory, and the in-memory peer path wants few large chunks, which the
+// peer copies move at NVLink speed.
+func DeviceDefaults(device string, procs bool) (channels, chunkBytes int, ok bool) {
+	if device != "cuda" {
+		return 0, 0, false
+	}
+	if procs {
+		return 16, 4 << 20, true
+	}
+	return 2, 64 << 20, true
+}
+
+// shared reports whether the ranks of an in-process run share one server.
+func (c Config) shared() bool {
+	switch c.Shortcut {
+	case ShortcutOn:
+		return true
+	case ShortcutOff:
+		return false
+	}
+	return c.Device != "cpu"
 }
 
 // DefaultConfig returns a 2-rank float32 benchmark of 1, 16, 64, 256 MiB.
@@ -86,6 +126,11 @@ func (c Config) Validate() error {
 	}
 	if c.Rounds < 1 {
 		return fmt.Errorf("bench allreduce: rounds must be >= 1, got %d", c.Rounds)
+	}
+	switch c.Shortcut {
+	case "", ShortcutAuto, ShortcutOn, ShortcutOff:
+	default:
+		return fmt.Errorf("bench allreduce: shortcut must be %q, %q or %q, got %q", ShortcutAuto, ShortcutOn, ShortcutOff, c.Shortcut)
 	}
 	if c.Procs && c.Exe == "" {
 		return errors.New("bench allreduce: --procs needs the executable to re-run")
@@ -127,6 +172,8 @@ type Result struct {
 	// DataPlane is how frames travelled: "tcp" (lanes) or "grpc".
 	DataPlane string `json:"data_plane"`
 	Procs     bool   `json:"procs"`
+	// Shortcut: ranks of the process shared one server (in-memory frames).
+	Shortcut  bool   `json:"shortcut"`
 	Device    string `json:"device"`
 	CPUs      int    `json:"cpus"`
 	GoVersion string `json:"go_version"`
@@ -170,10 +217,9 @@ func combine(rounds []*Result) *Result {
 	res := *rounds[len(rounds)-1]
 	res.Rows = append([]Row(nil), res.Rows...)
 	res.Wrong = 0
-	for _, r := range rounds[:len(rounds)-1] {
+	for _, r := range rounds {
 		res.Wrong += r.Wrong
 	}
-	res.Wrong += rounds[len(rounds)-1].Wrong
 	for i := range res.Rows {
 		var t, alg, bus, raw, ratio []float64
 		var wrong int64
@@ -225,7 +271,7 @@ func runRound(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.GRPC.DataPlane,
-		Procs: cfg.Procs, Device: reps[0].Device, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
+		Procs: cfg.Procs, Shortcut: !cfg.Procs && cfg.Ranks > 1 && cfg.shared(), Device: reps[0].Device, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Date: time.Now().UTC().Format(time.RFC3339)}
 	for i, r := range reps[0].Results {
 		row := Row{AllReduceSizeResult: r}
@@ -287,7 +333,11 @@ func rawBusBW(ctx context.Context, cfg Config, size int64) (float64, error) {
 // TCP right after each size, so that both numbers of a row see the same
 // machine conditions.
 func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport, []float64, error) {
-	g, err := collective.NewLoopbackGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.GRPC)
+	newGroup := collective.NewLoopbackGroup
+	if cfg.shared() {
+		newGroup = collective.NewSharedGroup
+	}
+	g, err := newGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.GRPC)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -495,6 +545,9 @@ func RunWorker(ctx context.Context, in io.Reader, out io.Writer, cfg WorkerConfi
 // WriteTable prints the result like nccl-tests.
 func WriteTable(w io.Writer, r *Result) {
 	mode := "one process"
+	if r.Shortcut {
+		mode = "one process, one server: in-memory shortcut"
+	}
 	if r.Procs {
 		mode = "one process per rank"
 	}

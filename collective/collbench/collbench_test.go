@@ -45,6 +45,46 @@ func TestRunInProcessTable(t *testing.T) {
 	}
 }
 
+// Ranks of one process share one server when asked (and by default for
+// devices other than cpu): the result says so and is still exact; a bad
+// mode is refused.
+func TestRunInProcessShortcut(t *testing.T) {
+	cfg := smallConfig()
+	cfg.RawTCP = false
+	cfg.Shortcut = ShortcutOn
+	res, err := Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Shortcut || res.Wrong != 0 || len(res.Rows) != 2 {
+		t.Fatalf("%+v", res)
+	}
+	var b bytes.Buffer
+	WriteTable(&b, res)
+	if !strings.Contains(b.String(), "in-memory shortcut") {
+		t.Fatalf("table:\n%s", b.String())
+	}
+	for _, c := range []struct {
+		mode, device string
+		want         bool
+	}{{"", "cpu", false}, {ShortcutAuto, "cuda", true}, {ShortcutOff, "cuda", false}, {ShortcutOn, "cpu", true}} {
+		cfg.Shortcut, cfg.Device = c.mode, c.device
+		if got := cfg.shared(); got != c.want {
+			t.Errorf("shortcut %q device %s: shared %v, want %v", c.mode, c.device, got, c.want)
+		}
+	}
+	cfg.Shortcut, cfg.Device = "sometimes", "cpu"
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "shortcut") {
+		t.Fatalf("Validate: %v", err)
+	}
+	if ch, chunk, ok := DeviceDefaults("cuda", true); !ok || ch < 1 || chunk < 1 {
+		t.Fatalf("cuda defaults %d %d %v", ch, chunk, ok)
+	}
+	if _, _, ok := DeviceDefaults("cpu", true); ok {
+		t.Fatal("cpu has device defaults")
+	}
+}
+
 func TestCudaWithoutBackendIsClear(t *testing.T) {
 	cfg := smallConfig()
 	cfg.Device = "cuda"

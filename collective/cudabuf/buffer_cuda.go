@@ -82,11 +82,19 @@ type Backend struct {
 	opts     options
 	free     chan *stageSlot
 	pmu      sync.Mutex
-	slots    []*stageSlot
+	slots    []*stageSlot // every slot, for Close
+	nsmall   int          // pool-sized slots in slots
 	maxSlots int
 	// pending is the FIFO of staged slots whose device work may still run,
 	// across all buffers: whoever needs a slot reclaims the oldest.
 	pending []pending
+	// Sized slots: staging for chunks larger than a pool slot, by size
+	// class (a power of two), kept once made; see sizedSlot.
+	bmu       sync.Mutex
+	bcond     *sync.Cond
+	bfree     map[int][]*stageSlot
+	bbytes    int64
+	bmaxBytes int64
 	// canPeer[a][p]: kernels on device a may read device p's memory.
 	canPeer [][]bool
 	poller  *poller // WithSharedPoller
@@ -139,7 +147,9 @@ func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
 func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 	pool := rt.Pool()
 	slots := pool.Slots()
-	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o}
+	b := &Backend{rt: rt, slot: pool.SlotBytes(), maxSlots: 4 * slots, opts: o, bfree: map[int][]*stageSlot{}}
+	b.bcond = sync.NewCond(&b.bmu)
+	b.bmaxBytes = max(int64(b.maxSlots)*int64(b.slot), 1<<30)
 	if o.shared {
 		b.poller = newPoller()
 	}
@@ -173,6 +183,7 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 			st.events = append(st.events, ds.events[pb.Index()])
 		}
 		b.slots = append(b.slots, st)
+		b.nsmall++
 		b.free <- st
 	}
 	for i, a := range rt.Devices() {
@@ -211,16 +222,26 @@ type stageSlot struct {
 	mems    []*cuda.Mem // grown slots own their scratch
 }
 
-// grow adds a slot (pinned host memory, scratch and an event per device).
-// Called with pmu held.
+// grow adds a pool-sized slot (pinned host memory, scratch and an event per
+// device). Called with pmu held.
 func (b *Backend) grow() (*stageSlot, error) {
-	host, err := b.devs[0].dev.PinnedAlloc(b.slot)
+	st, err := b.newSlot(b.slot)
+	if err == nil {
+		b.slots = append(b.slots, st)
+		b.nsmall++
+	}
+	return st, err
+}
+
+// newSlot allocates a slot of size bytes that owns its memory and events.
+func (b *Backend) newSlot(size int) (*stageSlot, error) {
+	host, err := b.devs[0].dev.PinnedAlloc(size)
 	if err != nil {
 		return nil, err
 	}
 	st := &stageSlot{host: host}
 	for _, ds := range b.devs {
-		m, err := ds.dev.Alloc(int64(b.slot))
+		m, err := ds.dev.Alloc(int64(size))
 		if err != nil {
 			b.freeSlot(st)
 			return nil, err
@@ -234,7 +255,6 @@ func (b *Backend) grow() (*stageSlot, error) {
 		}
 		st.events = append(st.events, ev)
 	}
-	b.slots = append(b.slots, st)
 	return st, nil
 }
 
@@ -273,7 +293,7 @@ func (b *Backend) getSlot() (*stageSlot, error) {
 		}
 		return p.slot, nil
 	}
-	if len(b.slots) < b.maxSlots {
+	if b.nsmall < b.maxSlots {
 		st, err := b.grow()
 		b.pmu.Unlock()
 		return st, err
@@ -282,14 +302,148 @@ func (b *Backend) getSlot() (*stageSlot, error) {
 	return <-b.free, nil
 }
 
-func (b *Backend) putSlot(st *stageSlot) { b.free <- st }
+// putSlot returns a slot to its free list (pool-sized or sized).
+func (b *Backend) putSlot(st *stageSlot) {
+	if len(st.host) > b.slot {
+		b.bmu.Lock()
+		b.bfree[len(st.host)] = append(b.bfree[len(st.host)], st)
+		b.bmu.Unlock()
+		b.bcond.Broadcast()
+		return
+	}
+	b.free <- st
+}
+
+// slotFor takes a slot of at least bytes: a pool slot when one is large
+// enough, else a sized one (sizedSlot). Any slot larger than asked serves.
+func (b *Backend) slotFor(bytes int) (*stageSlot, error) {
+	if bytes <= b.slot {
+		return b.getSlot()
+	}
+	return b.sizedSlot(bytes)
+}
+
+// sizeClass is the sized-slot size for a chunk of bytes: the next power of
+// two, so that chunks of one configuration share slots.
+func sizeClass(bytes int) int {
+	c := 1
+	for c < bytes {
+		c <<= 1
+	}
+	return c
+}
+
+// sizedSlot takes a free slot of bytes' size class; else reclaims staged
+// slots whose work is done; else allocates one (pinned memory is allocated
+// once per slot and kept, so chunks larger than a pool slot do not pay an
+// allocation per chunk) while the sized slots stay under bmaxBytes; else
+// waits for one to be given back.
+func (b *Backend) sizedSlot(bytes int) (*stageSlot, error) {
+	size := sizeClass(bytes)
+	pop := func() *stageSlot {
+		if l := b.bfree[size]; len(l) > 0 {
+			st := l[len(l)-1]
+			b.bfree[size] = l[:len(l)-1]
+			return st
+		}
+		return nil
+	}
+	for reclaimed := false; ; reclaimed = true {
+		b.bmu.Lock()
+		if st := pop(); st != nil {
+			b.bmu.Unlock()
+			return st, nil
+		}
+		if !reclaimed {
+			b.bmu.Unlock()
+			b.addPending(pending{}) // finished work gives its slots back
+			continue
+		}
+		if b.bbytes+int64(size) <= b.bmaxBytes || b.bbytes == 0 {
+			b.bbytes += int64(size)
+			b.bmu.Unlock()
+			st, err := b.newSlot(size)
+			if err != nil {
+				b.bmu.Lock()
+				b.bbytes -= int64(size)
+				b.bmu.Unlock()
+				return nil, err
+			}
+			b.pmu.Lock()
+			b.slots = append(b.slots, st)
+			b.pmu.Unlock()
+			return st, nil
+		}
+		b.bmu.Unlock()
+		// at the bound: wait for the oldest staged slot, then look again
+		b.pmu.Lock()
+		if len(b.pending) > 0 {
+			p := b.pending[0]
+			b.pending = b.pending[1:]
+			b.pmu.Unlock()
+			err := b.waitEvent(p.ev)
+			b.putSlot(p.slot)
+			if err != nil {
+				return nil, err
+			}
+			continue
+		}
+		b.pmu.Unlock()
+		if b.evict(size) {
+			continue
+		}
+		b.bmu.Lock()
+		for len(b.bfree[size]) == 0 {
+			b.bcond.Wait()
+		}
+		st := pop()
+		b.bmu.Unlock()
+		return st, nil
+	}
+}
+
+// evict frees one free sized slot of another size class than size (making
+// room under bmaxBytes) and reports whether there was one.
+func (b *Backend) evict(size int) bool {
+	b.bmu.Lock()
+	var st *stageSlot
+	for c, l := range b.bfree {
+		if c != size && len(l) > 0 {
+			st = l[len(l)-1]
+			b.bfree[c] = l[:len(l)-1]
+			b.bbytes -= int64(c)
+			break
+		}
+	}
+	b.bmu.Unlock()
+	if st == nil {
+		return false
+	}
+	b.pmu.Lock()
+	for i, s := range b.slots {
+		if s == st {
+			b.slots = append(b.slots[:i], b.slots[i+1:]...)
+			break
+		}
+	}
+	b.pmu.Unlock()
+	_ = b.freeSlot(st) // its work is done: it was free
+	return true
+}
 
 // StagingSlots reports how many pinned staging slots are free and how many
-// exist (they grow under pressure up to four times the pool).
+// exist: pool-sized ones (they grow under pressure up to four times the
+// pool) and sized ones (for chunks larger than a pool slot).
 func (b *Backend) StagingSlots() (free, total int) {
 	b.pmu.Lock()
-	defer b.pmu.Unlock()
-	return len(b.free), len(b.slots)
+	free, total = len(b.free), len(b.slots)
+	b.pmu.Unlock()
+	b.bmu.Lock()
+	for _, l := range b.bfree {
+		free += len(l)
+	}
+	b.bmu.Unlock()
+	return free, total
 }
 
 // Runtime is the underlying CUDA runtime.
@@ -408,13 +562,11 @@ type Buffer struct {
 
 	rd, wr   *cuda.Stream
 	wrMark   *cuda.Event // recorded on wr, waited on by rd or peers
-	rdMark   *cuda.Event // recorded on rd after a ReadChunk larger than a slot
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
 	reads    map[readKey][]*stageSlot
 	writes   []writeRec               // WithRangeDeps: writes whose event may be pending, in stream order
 	evFree   []*cuda.Event            // WithRangeDeps: spare events for writes
-	big      map[readKey][][]byte     // ReadChunk larger than a slot
 	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
 	npre     int                      // slots held in pre
 	readers  []peerRead               // peer reads of this buffer not yet waited for
@@ -439,7 +591,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, big: map[readKey][][]byte{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -456,10 +608,6 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, err
 	}
 	if buf.wrMark, err = ds.dev.NewEvent(false); err != nil {
-		buf.Free()
-		return nil, err
-	}
-	if buf.rdMark, err = b.newSlotEvent(ds.dev); err != nil {
 		buf.Free()
 		return nil, err
 	}
@@ -509,7 +657,7 @@ func (buf *Buffer) Free() error {
 		}
 	}
 	buf.readerEv = nil
-	for _, e := range []*cuda.Event{buf.wrMark, buf.rdMark, buf.peerMark} {
+	for _, e := range []*cuda.Event{buf.wrMark, buf.peerMark} {
 		if e != nil {
 			errs = append(errs, e.Close())
 		}
@@ -582,35 +730,20 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		return host, err
 	}
 	bytes := n * buf.dt.Size()
-	var host []byte
-	var slot *stageSlot
-	if bytes <= buf.be.slot {
-		t0 := time.Now()
-		s, err := buf.be.getSlot()
-		buf.stats.slotNs.add(t0)
-		if err != nil {
-			return nil, err
-		}
-		slot, host = s, s.host[:bytes]
-	} else {
-		h, err := buf.ds.dev.PinnedAlloc(bytes)
-		if err != nil {
-			return nil, err
-		}
-		host = h
+	t0 := time.Now()
+	slot, err := buf.be.slotFor(bytes)
+	buf.stats.slotNs.add(t0)
+	if err != nil {
+		return nil, err
 	}
+	host := slot.host[:bytes]
+	done := slot.events[buf.ds.idx]
 	buf.mu.Lock()
-	err := buf.waitWritesLocked(off, n)
+	err = buf.waitWritesLocked(off, n)
 	if err == nil {
 		err = buf.rd.CopyDtoH(host, buf.at(off))
 	}
-	var done *cuda.Event
 	if err == nil {
-		if slot != nil {
-			done = slot.events[buf.ds.idx]
-		} else {
-			done = buf.rdMark
-		}
 		err = buf.rd.Record(done)
 	}
 	buf.mu.Unlock()
@@ -618,20 +751,13 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		err = buf.be.waitEvent(done)
 	}
 	if err != nil {
-		if slot != nil {
-			buf.be.putSlot(slot)
-		} else {
-			buf.ds.dev.PinnedFree(host)
-		}
+		buf.rd.Synchronize() // the copy may have been enqueued
+		buf.be.putSlot(slot)
 		return nil, err
 	}
 	k := readKey{off, n}
 	buf.mu.Lock()
-	if slot != nil {
-		buf.reads[k] = append(buf.reads[k], slot)
-	} else {
-		buf.big[k] = append(buf.big[k], host)
-	}
+	buf.reads[k] = append(buf.reads[k], slot)
 	buf.mu.Unlock()
 	return host, nil
 }
@@ -648,22 +774,17 @@ func (buf *Buffer) ReleaseChunk(off, n int) {
 		} else {
 			buf.reads[k] = l[:len(l)-1]
 		}
-		return
-	}
-	if l := buf.big[k]; len(l) > 0 {
-		buf.ds.dev.PinnedFree(l[len(l)-1])
-		if len(l) == 1 {
-			delete(buf.big, k)
-		} else {
-			buf.big[k] = l[:len(l)-1]
-		}
 	}
 }
 
-// stage runs f for consecutive pieces of src of at most one slot (whole
-// elements), each copied into a pinned slot first. f enqueues device work
-// reading the slot (and its device scratch twin) on the write stream; the
-// slot is released when that work completes.
+// maxStagePiece bounds the piece that stage copies into one sized slot.
+const maxStagePiece = 64 << 20
+
+// stage runs f for consecutive pieces of src (whole elements), each copied
+// into a pinned slot first: one slot for the whole of src up to
+// maxStagePiece (a sized slot when src is larger than a pool slot). f
+// enqueues device work reading the slot (and its device scratch twin) on the
+// write stream; the slot is released when that work completes.
 func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlot, scratch cuda.DevPtr, elemOff, elems int) error) error {
 	es := buf.dt.Size()
 	total := src.Len()
@@ -675,13 +796,13 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 	}
 	buf.stats.staged.Add(1)
 	defer buf.stats.stageNs.add(time.Now())
-	piece := buf.be.slot / es * es
+	piece := max(buf.be.slot, min(total, maxStagePiece)) / es * es
 	segs := src
 	var segOff int
 	for done := 0; done < total; {
 		nb := min(piece, total-done)
 		t0 := time.Now()
-		slot, err := buf.be.getSlot()
+		slot, err := buf.be.slotFor(nb)
 		buf.stats.slotNs.add(t0)
 		if err != nil {
 			return err
@@ -696,57 +817,80 @@ func (buf *Buffer) stage(off int, src collective.Segments, f func(slot *stageSlo
 				segs, segOff = segs[1:], 0
 			}
 		}
-		scratch := slot.scratch[buf.ds.idx]
-		buf.mu.Lock()
-		buf.dropPrefetchLocked(off+done/es, nb/es)
-		err = buf.waitReadersLocked(off+done/es, nb/es)
-		if err == nil {
-			err = f(slot, scratch, off+done/es, nb/es)
-		}
-		ev := slot.events[buf.ds.idx]
-		if err == nil {
-			err = buf.wr.Record(ev)
-		}
-		if err == nil {
-			err = buf.noteWriteLocked(off+done/es, nb/es)
-		}
-		if err != nil {
-			buf.fail(err)
-			buf.mu.Unlock()
-			buf.wr.Synchronize()
-			buf.be.putSlot(slot)
+		buf.stats.hostCopies.Add(1)
+		if err := buf.enqueueStaged(slot, off+done/es, nb/es, f); err != nil {
 			return err
 		}
-		buf.mu.Unlock()
-		buf.be.addPending(pending{slot: slot, ev: ev})
 		done += nb
 	}
+	return nil
+}
+
+// enqueueStaged enqueues f, device work that reads the filled slot into
+// elements [eo, eo+n), on the write stream after the peer reads of that
+// range, records the slot's event after it and queues the slot to come back
+// when the work is done. On error the slot is given back.
+func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageSlot, scratch cuda.DevPtr, elemOff, elems int) error) error {
+	scratch := slot.scratch[buf.ds.idx]
+	ev := slot.events[buf.ds.idx]
+	buf.mu.Lock()
+	buf.dropPrefetchLocked(eo, n)
+	err := buf.waitReadersLocked(eo, n)
+	if err == nil {
+		err = f(slot, scratch, eo, n)
+	}
+	if err == nil {
+		err = buf.wr.Record(ev)
+	}
+	if err == nil {
+		err = buf.noteWriteLocked(eo, n)
+	}
+	if err != nil {
+		buf.fail(err)
+		buf.mu.Unlock()
+		buf.wr.Synchronize()
+		buf.be.putSlot(slot)
+		return err
+	}
+	buf.mu.Unlock()
+	buf.be.addPending(pending{slot: slot, ev: ev})
 	return nil
 }
 
 // WriteChunk implements collective.Buffer: src is copied into pinned slots
 // (so it is free when this returns) and on to the device asynchronously.
 func (buf *Buffer) WriteChunk(off int, src collective.Segments) error {
-	es := int64(buf.dt.Size())
-	return buf.stage(off, src, func(slot *stageSlot, _ cuda.DevPtr, eo, n int) error {
-		return buf.wr.CopyHtoD(buf.at(eo), slot.host[:int64(n)*es])
-	})
+	return buf.stage(off, src, buf.writeStaged)
 }
 
 // ReduceChunk implements collective.Buffer: src goes through a pinned slot
 // and its device scratch twin, then a reduce kernel, all on the write stream.
 func (buf *Buffer) ReduceChunk(off int, src collective.Segments, op collective.Op) error {
-	cop, err := Op(op)
+	f, err := buf.reduceStaged(op)
 	if err != nil {
 		return err
 	}
-	es := int64(buf.dt.Size())
-	return buf.stage(off, src, func(slot *stageSlot, scratch cuda.DevPtr, eo, n int) error {
-		if err := buf.wr.CopyHtoD(scratch, slot.host[:int64(n)*es]); err != nil {
+	return buf.stage(off, src, f)
+}
+
+// writeStaged copies a filled slot to elements [eo, eo+n) (write stream).
+func (buf *Buffer) writeStaged(slot *stageSlot, _ cuda.DevPtr, eo, n int) error {
+	return buf.wr.CopyHtoD(buf.at(eo), slot.host[:n*buf.dt.Size()])
+}
+
+// reduceStaged returns the device work that reduces a filled slot into
+// elements [eo, eo+n): a copy to the slot's device scratch and a kernel.
+func (buf *Buffer) reduceStaged(op collective.Op) (func(*stageSlot, cuda.DevPtr, int, int) error, error) {
+	cop, err := Op(op)
+	if err != nil {
+		return nil, err
+	}
+	return func(slot *stageSlot, scratch cuda.DevPtr, eo, n int) error {
+		if err := buf.wr.CopyHtoD(scratch, slot.host[:n*buf.dt.Size()]); err != nil {
 			return err
 		}
 		return buf.wr.Reduce(cop, buf.cdt, buf.at(eo), scratch, int64(n))
-	})
+	}, nil
 }
 
 // DivChunk implements collective.Buffer.

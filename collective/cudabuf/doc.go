@@ -23,6 +23,14 @@
 // by the transport cannot starve writes). Nothing on the hot path copies
 // synchronously from pageable memory.
 //
+// On the TCP lanes the receive has no host copy at all: the collective reads
+// a frame's payload from the socket straight into a pinned slot that the
+// buffer hands out (collective.RecvStager: BeginRecv, CommitRecv), and the
+// send writes the slot the DtoH copy filled. Chunks larger than a pool slot
+// get a sized slot (a power of two, kept for reuse, bounded), so no chunk
+// size allocates pinned memory per chunk. Stats counts which path every
+// chunk took (DirectRecvs, HostCopies, PeerChunks, ...).
+//
 // Ranks of one process (the collective's LocalTransport, or ranks sharing a
 // data-plane address) send chunks by reference (SendByRef): no staging at
 // all; the receiver's PeerWrite/PeerReduce is a peer copy or a reduce kernel

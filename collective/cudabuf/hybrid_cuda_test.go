@@ -229,10 +229,10 @@ func hybridChild(t *testing.T) {
 			// other process; rank 2p+1 receives in memory and sends to
 			// the other process.
 			st, r := b.Stats(), proc*per+i
-			if i == 0 && (st.StagedReads != 0 || st.PeerChunks != 0 || st.StagedWrites == 0) {
-				t.Errorf("rank %d %v: %+v: want no reads (in-memory sends) and only staged writes (TCP receives)", r, dt, st)
+			if i == 0 && (st.StagedReads != 0 || st.PeerChunks != 0 || st.DirectRecvs == 0 || st.StagedWrites != 0 || st.HostCopies != 0) {
+				t.Errorf("rank %d %v: %+v: want no reads (in-memory sends) and only direct receives into pinned slots (TCP lanes)", r, dt, st)
 			}
-			if i == 1 && (st.StagedReads == 0 || st.PeerChunks == 0 || st.StagedWrites != 0) {
+			if i == 1 && (st.StagedReads == 0 || st.PeerChunks == 0 || st.StagedWrites != 0 || st.DirectRecvs != 0) {
 				t.Errorf("rank %d %v: %+v: want peer chunks (in-memory receives) and staged reads (TCP sends)", r, dt, st)
 			}
 			if proc == 0 {

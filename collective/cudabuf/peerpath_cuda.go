@@ -34,6 +34,13 @@ type Stats struct {
 	// Prefetched is the number of ReadChunk calls served by a copy that
 	// PrefetchChunk had started.
 	Prefetched int64
+	// DirectRecvs is the number of chunks received straight into a pinned
+	// slot (collective.RecvStager: the TCP lanes) and applied from there.
+	DirectRecvs int64
+	// HostCopies is the number of host memory copies into pinned slots
+	// (WriteChunk and ReduceChunk pieces); 0 when every chunk came through
+	// DirectRecvs or peer moves.
+	HostCopies int64
 	// ReadTime is the time spent in ReadChunk, StageTime in WriteChunk and
 	// ReduceChunk, SlotWait the part of both spent waiting for a staging
 	// slot; summed over concurrent callers (channels).
@@ -42,6 +49,7 @@ type Stats struct {
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
+	direct, hostCopies              atomic.Int64
 	readNs, stageNs, slotNs         nanos
 }
 
@@ -57,6 +65,8 @@ func (buf *Buffer) Stats() Stats {
 		StagedReads:  buf.stats.reads.Load(),
 		StagedWrites: buf.stats.staged.Load(),
 		Prefetched:   buf.stats.prefetched.Load(),
+		DirectRecvs:  buf.stats.direct.Load(),
+		HostCopies:   buf.stats.hostCopies.Load(),
 		ReadTime:     time.Duration(buf.stats.readNs.Load()),
 		StageTime:    time.Duration(buf.stats.stageNs.Load()),
 		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
@@ -79,14 +89,14 @@ func (buf *Buffer) maxPrefetch() int { return max(4, buf.be.maxSlots/8) }
 // of elements [off, off+n) into a pinned slot on the read stream, after
 // every write issued so far, and returns without waiting. A later
 // ReadChunk(off, n) returns that copy; a write to the range issued in
-// between drops it. Chunks larger than a slot, and prefetches when no slot
-// is free at once, are skipped (it is a hint).
+// between drops it. Chunks larger than maxStagePiece, and prefetches when no
+// slot is free at once, are skipped (it is a hint).
 func (buf *Buffer) PrefetchChunk(off, n int) error {
 	if err := buf.check(off, n); err != nil {
 		return err
 	}
 	bytes := n * buf.dt.Size()
-	if n == 0 || bytes > buf.be.slot || buf.be.opts.noPrefetch {
+	if n == 0 || bytes > maxStagePiece || buf.be.opts.noPrefetch {
 		return nil
 	}
 	buf.mu.Lock()
@@ -95,7 +105,7 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	if full {
 		return nil
 	}
-	slot := buf.be.tryGetSlot()
+	slot := buf.be.tryGetSlotFor(bytes)
 	if slot == nil {
 		return nil
 	}
@@ -169,6 +179,41 @@ func (buf *Buffer) dropPrefetchLocked(off, n int) {
 		}
 		delete(buf.pre, k)
 	}
+}
+
+// tryGetSlotFor is tryGetSlot for a chunk of bytes: for more than a pool
+// slot, a free sized slot, or a new one while under the bound; else nil.
+func (b *Backend) tryGetSlotFor(bytes int) *stageSlot {
+	if bytes <= b.slot {
+		return b.tryGetSlot()
+	}
+	size := sizeClass(bytes)
+	b.bmu.Lock()
+	if l := b.bfree[size]; len(l) > 0 {
+		st := l[len(l)-1]
+		b.bfree[size] = l[:len(l)-1]
+		b.bmu.Unlock()
+		return st
+	}
+	grow := b.bbytes+int64(size) <= b.bmaxBytes
+	if grow {
+		b.bbytes += int64(size)
+	}
+	b.bmu.Unlock()
+	if !grow {
+		return nil
+	}
+	st, err := b.newSlot(size)
+	if err != nil {
+		b.bmu.Lock()
+		b.bbytes -= int64(size)
+		b.bmu.Unlock()
+		return nil
+	}
+	b.pmu.Lock()
+	b.slots = append(b.slots, st)
+	b.pmu.Unlock()
+	return st
 }
 
 // tryGetSlot takes a slot without waiting: a free one, the oldest staged

@@ -236,8 +236,9 @@ func tcpChild(t *testing.T, rankS string) {
 				if b, ok := buf.(*Buffer); ok {
 					st := b.Stats()
 					per := func(d, d0 time.Duration) float64 { return float64((d-d0)/time.Duration(iters)) / 1e3 }
-					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d",
-						per(st.ReadTime, st0.ReadTime), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads)
+					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d direct=%d hostcopies=%d",
+						per(st.ReadTime, st0.ReadTime), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads,
+						st.DirectRecvs-st0.DirectRecvs, st.HostCopies-st0.HostCopies)
 				}
 				free()
 				med := median(ts)

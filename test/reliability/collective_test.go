@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/netemu"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -252,4 +253,85 @@ func TestAllReduceUnderPacketLoss(t *testing.T) {
 		"agents": 3, "ranks": 3, "loss_pct_every_agent": 1, "loss_by": how, "sizes": "1MiB, 16MiB x 20 iters, float32, cpu",
 		"job_s": took.Seconds(), "generation": r.Job.Generation, "rank0_busbw": busbw,
 	})
+}
+
+// A 3-rank all-reduce across links delayed 20-50 ms one way (the link
+// emulator) completes at generation 1 with every rank's result checked;
+// the no-delay case through the same emulator is the baseline.
+func TestAllReduceDelayed(t *testing.T) {
+	cases := []struct {
+		name string
+		link netemu.LinkConfig
+	}{
+		{"no-delay", netemu.LinkConfig{QueueLen: 4096}},
+		{"delayed", netemu.LinkConfig{Delay: 35 * time.Millisecond, Jitter: 15 * time.Millisecond, QueueLen: 4096}},
+	}
+	only := delayCases()
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if only != "" && !strings.Contains(only, tc.name) {
+				t.Skipf("GPUMESH_DELAY_CASES=%s", only)
+			}
+			tp := newEmuTopology(t, 3, tc.link, seed(t)+uint64(i))
+			c := newCluster(t, clusterOpts{n: 3, ips: tp.ips, netns: tp.nodes, dial: tp.dialer,
+				extraArgs: []string{"--bootstrap-expect", "3", "--max-ranks-per-node", "1", "--collective-timeout", "30s"}})
+			lead := c.waitLeader(90*time.Second, nil)
+			procs.Eventually(t, 60*time.Second, func() error {
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				defer cancel()
+				r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
+				if err != nil {
+					return err
+				}
+				if len(r.Nodes) != 3 {
+					return fmt.Errorf("%d nodes registered, want 3", len(r.Nodes))
+				}
+				return nil
+			})
+			id := "ar-" + tc.name
+			start := time.Now()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			_, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec(id, 10, "64KiB", "1MiB", "4MiB")})
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var r *pb.GetJobResponse
+			procs.Eventually(t, 240*time.Second, func() (err error) {
+				r, err = getJob(c, id)
+				if err != nil {
+					return err
+				}
+				if r.Job.Status != "complete" && r.Job.Status != "failed" {
+					return fmt.Errorf("%s is %s", id, r.Job.Status)
+				}
+				return nil
+			})
+			took := time.Since(start)
+			if r.Job.Status != "complete" || r.Job.Generation != 1 {
+				t.Fatalf("all-reduce over %s links: %s at generation %d (%s)", tc.name, r.Job.Status, r.Job.Generation, r.Job.StatusReason)
+			}
+			var rows []string
+			for _, al := range r.Allocations {
+				if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
+					t.Errorf("rank %d: result not ok: %v", al.Rank, al.Result)
+				}
+				if al.Rank == 0 {
+					for _, row := range al.Result.GetFields()["sizes"].GetListValue().GetValues() {
+						f := row.GetStructValue().GetFields()
+						rows = append(rows, f["size"].GetStringValue()+": "+f["busbw_gbps"].GetStringValue()+" GB/s, check "+f["check"].GetStringValue())
+					}
+				}
+			}
+			st := tp.emu.Stats().Total()
+			if tc.link.Delay > 0 && st.DelaySum/time.Duration(max(st.Delivered, 1)) < tc.link.Delay-tc.link.Jitter {
+				t.Errorf("mean emulated delay %s below %s: the links were not delayed", st.DelaySum/time.Duration(max(st.Delivered, 1)), tc.link.Delay-tc.link.Jitter)
+			}
+			record(t, "allreduce-"+tc.name, map[string]any{
+				"agents": 3, "ranks": 3, "delay_ms": tc.link.Delay.Milliseconds(), "jitter_ms": tc.link.Jitter.Milliseconds(),
+				"sizes": "64KiB, 1MiB, 4MiB x 10 iters, float32, cpu", "submit_to_complete_s": took.Seconds(), "generation": r.Job.Generation,
+				"rank0": rows, "emulator_packets": st.Delivered, "emulator_overflow": st.Overflow, "emulator_max_delay_ms": st.DelayMax.Milliseconds(),
+			})
+		})
+	}
 }

@@ -12,6 +12,9 @@
 //
 //	GPUMESH_CRASH_ROUNDS    crash-loop rounds (default 20; the full run is 100)
 //	GPUMESH_SOAK_JOBS       soak jobs (default 1000; the full run is 10000)
+//	GPUMESH_SOAK_CHECKPOINT soak jobs per checkpoint (default max(jobs/10, 200))
+//	GPUMESH_SOAK_GC_AGE     the soak agents' --job-gc-age (default 3s; 10s from 5000 jobs)
+//	GPUMESH_DELAY_CASES     emulated-network cases: delayed, no-delay or all (default)
 //	GPUMESH_RELIABILITY_OUT a file that receives one JSON line per measured
 //	                        figure (rounds, faults, acknowledged, found, times)
 //
@@ -22,4 +25,10 @@
 // iproute2 (and nftables for packet loss when tc netem is missing) and skip
 // with a message otherwise. Leftovers of an interrupted run are removed at
 // the start of the next.
+//
+// The delayed-network tests join the namespaces through internal/netemu
+// instead of bridges: each namespace has a TUN device whose packets the
+// test process forwards with delay, jitter and loss (the kernel here has
+// no sch_netem). The emulator closes the TUN files (removing the devices)
+// before the namespaces are deleted.
 package reliability

@@ -206,7 +206,8 @@ func (a *agent) metrics(ctx context.Context) (map[string]float64, error) {
 			continue
 		}
 		switch f[0] {
-		case "go_goroutines", "process_resident_memory_bytes", "process_open_fds", "go_memstats_heap_inuse_bytes", "go_threads":
+		case "go_goroutines", "process_resident_memory_bytes", "process_open_fds", "go_memstats_heap_inuse_bytes", "go_threads",
+			"go_gc_heap_live_bytes", "go_memstats_last_gc_time_seconds":
 			v, err := strconv.ParseFloat(f[1], 64)
 			if err == nil {
 				out[f[0]] = v

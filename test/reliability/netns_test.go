@@ -6,14 +6,18 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gpumesh/gpumesh/internal/netemu"
 )
 
 // nsPrefix names every namespace this suite creates, so that leftovers of
@@ -30,6 +34,11 @@ type topology struct {
 	nodes []string // namespace names
 	ips   []string
 	netem bool // tc netem works here (else loss uses nftables)
+	// emu, when set, is the network instead of the bridges: every
+	// namespace has a TUN device tun0 whose packets the emulator forwards
+	// with delay, jitter and loss (see newEmuTopology).
+	emu     *netemu.Emulator
+	emuLink netemu.LinkConfig
 }
 
 func run(args ...string) error {
@@ -133,12 +142,84 @@ func newTopology(t *testing.T, n int) *topology {
 	return tp
 }
 
+// newEmuTopology builds n namespaces joined by the userspace link
+// emulator instead of bridges: each namespace gets a TUN device tun0
+// (MTU 9000) with its address, created by the test process and forwarded
+// by an emulator that runs in it, with link on every link; the seed makes
+// the losses and jitter reproducible (up to packet arrival order).
+// Everything is removed when the test ends: the emulator closes the TUN
+// files (which removes the devices) before the namespaces go.
+func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *topology {
+	t.Helper()
+	requireNetns(t)
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("reliability: the link emulator needs /dev/net/tun (modprobe tun)")
+	}
+	removeLeftovers(t)
+	tp := &topology{t: t, emuLink: link}
+	t.Cleanup(func() {
+		if tp.emu != nil {
+			tp.emu.Close()
+		}
+		for _, ns := range tp.nodes {
+			killNamespace(ns)
+			_ = run("ip", "netns", "del", ns)
+		}
+	})
+	cfg := netemu.DefaultConfig()
+	cfg.Seed, cfg.Link = seed, link
+	emu, err := netemu.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.emu = emu
+	must := func(args ...string) {
+		t.Helper()
+		if err := run(args...); err != nil {
+			t.Fatalf("network setup: %v", err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		ns := fmt.Sprintf("%sn%d", nsPrefix, i+1)
+		ip := fmt.Sprintf("10.99.0.%d", 11+i)
+		must("ip", "netns", "add", ns)
+		tp.nodes = append(tp.nodes, ns)
+		tp.ips = append(tp.ips, ip)
+		must("ip", "-n", ns, "link", "set", "lo", "up")
+		tun, err := netemu.OpenTUN("/run/netns/"+ns, "tun0")
+		if err != nil {
+			t.Fatalf("network setup: %v", err)
+		}
+		if err := emu.Attach(ns, netip.MustParseAddr(ip), tun); err != nil {
+			tun.Close()
+			t.Fatalf("network setup: %v", err)
+		}
+		must("ip", "-n", ns, "link", "set", "tun0", "mtu", "9000", "up")
+		must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "tun0")
+	}
+	return tp
+}
+
 func (tp *topology) port(i int) string { return fmt.Sprintf("v%d", i+1) }
 
 // partition moves the given nodes to the far bridge: they reach each other
 // but not the rest.
 func (tp *topology) partition(idx ...int) {
 	tp.t.Helper()
+	if tp.emu != nil {
+		var cut, rest []string
+		for i, ns := range tp.nodes {
+			if slices.Contains(idx, i) {
+				cut = append(cut, ns)
+			} else {
+				rest = append(rest, ns)
+			}
+		}
+		if err := tp.emu.Partition(cut, rest); err != nil {
+			tp.t.Fatal(err)
+		}
+		return
+	}
 	for _, i := range idx {
 		if err := run("ip", "-n", tp.hub, "link", "set", tp.port(i), "master", "br1"); err != nil {
 			tp.t.Fatal(err)
@@ -149,6 +230,10 @@ func (tp *topology) partition(idx ...int) {
 // heal puts every node back on the one bridge.
 func (tp *topology) heal() {
 	tp.t.Helper()
+	if tp.emu != nil {
+		tp.emu.Heal()
+		return
+	}
 	for i := range tp.nodes {
 		if err := run("ip", "-n", tp.hub, "link", "set", tp.port(i), "master", "br0"); err != nil {
 			tp.t.Fatal(err)
@@ -161,6 +246,19 @@ func (tp *topology) heal() {
 func (tp *topology) loss(i, pct int) (how string) {
 	tp.t.Helper()
 	ns := tp.nodes[i]
+	if tp.emu != nil {
+		for k, to := range tp.nodes {
+			if k == i {
+				continue
+			}
+			lc := tp.emuLink
+			lc.Loss = float64(pct) / 100
+			if err := tp.emu.SetLink(ns, to, lc); err != nil {
+				tp.t.Fatal(err)
+			}
+		}
+		return "netemu (userspace link emulator)"
+	}
 	if tp.netem {
 		if err := run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", "loss", fmt.Sprintf("%d%%", pct)); err != nil {
 			tp.t.Fatal(err)
