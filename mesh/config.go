@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"fmt"
+	"math"
 	"net"
 	"strings"
 	"time"
@@ -216,6 +217,34 @@ func DefaultLocalConfig() Config {
 	c.TCPTimeout = time.Second
 	c.DeadNodeReclaimTime = 2 * time.Second
 	return c
+}
+
+// SuspicionTimeouts returns the shortest and longest time a suspect peer
+// stays suspect before this node declares it dead, in a mesh of n nodes,
+// as memberlist computes them: min = SuspicionMult × max(1, log10(n)) ×
+// ProbeInterval, reached once SuspicionMult-2 other members have
+// independently confirmed the suspicion (Lifeguard), or at once when the
+// mesh is too small for that (n-2 < SuspicionMult-2); max =
+// SuspicionMaxTimeoutMult × min, the timeout without confirmations.
+// Confirmations in between shorten it on a log scale.
+func (c *Config) SuspicionTimeouts(n int) (min, max time.Duration) {
+	scale := math.Max(1, math.Log10(math.Max(1, float64(n))))
+	// memberlist's own arithmetic: milli-precision scale, then the interval.
+	min = time.Duration(c.SuspicionMult) * time.Duration(scale*1000) * c.ProbeInterval / 1000
+	return min, time.Duration(c.SuspicionMaxTimeoutMult) * min
+}
+
+// SuspicionConfirmations returns how many independent confirmations
+// (other members that also failed to probe the peer) shorten a suspicion
+// from its longest to its shortest timeout in a mesh of n nodes:
+// SuspicionMult-2, or 0 when fewer than that many other nodes exist (the
+// shortest timeout then applies at once).
+func (c *Config) SuspicionConfirmations(n int) int {
+	k := c.SuspicionMult - 2
+	if n-2 < k {
+		return 0
+	}
+	return k
 }
 
 // GenerateKey returns a new random key in the form DecodeKey reads.

@@ -616,3 +616,30 @@ func TestSyncAfterFailure(t *testing.T) {
 		return n > before, fmt.Sprintf("%d push-pulls after the failure, want more than %d", n, before)
 	})
 }
+
+// SuspicionTimeouts and SuspicionConfirmations follow memberlist's
+// formula (suspicionTimeout in its util.go and the k of suspectNode).
+func TestSuspicionTimeouts(t *testing.T) {
+	c := mesh.Config{ProbeInterval: 300 * time.Millisecond, SuspicionMult: 3, SuspicionMaxTimeoutMult: 6}
+	for _, tc := range []struct {
+		n        int
+		min, max time.Duration
+		k        int
+	}{
+		{n: 1, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 0},
+		{n: 2, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 0},
+		{n: 3, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 1},
+		{n: 10, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 1},
+		// log10(50) = 1.69897 -> 1.698 (milli precision) -> 3 × 1.698 × 300 ms
+		{n: 50, min: 1528200 * time.Microsecond, max: 6 * 1528200 * time.Microsecond, k: 1},
+		{n: 1000, min: 2700 * time.Millisecond, max: 16200 * time.Millisecond, k: 1},
+	} {
+		min, max := c.SuspicionTimeouts(tc.n)
+		if min != tc.min || max != tc.max {
+			t.Errorf("n=%d: SuspicionTimeouts = %v, %v; want %v, %v", tc.n, min, max, tc.min, tc.max)
+		}
+		if k := c.SuspicionConfirmations(tc.n); k != tc.k {
+			t.Errorf("n=%d: SuspicionConfirmations = %d, want %d", tc.n, k, tc.k)
+		}
+	}
+}
