@@ -98,29 +98,27 @@
 //   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
 //     discovered addresses in parallel, so one dead seed neither fails
 //     nor delays a join.
-//   - Faster gossip (GossipInterval 100 ms, GossipNodes 4, vs 200 ms and
-//     3): news drains 2.7 times faster during join bursts. A round sends
+//   - Faster gossip (GossipInterval 50 ms, GossipNodes 6, vs 200 ms and
+//     3): news (joins, suspicions, deaths, refutations) reaches all of a
+//     50-node mesh in 2-3 rounds, about 0.1-0.15 s. A round sends
 //     nothing when there is no news, so an idle mesh pays nothing; the
 //     number of copies of each piece of news (RetransmitMult 4, as
 //     memberlist) is unchanged, so the total bytes per event are the same
 //     as memberlist's (about N × 16 × 200 B = 3.2 MB cluster-wide at 1000
-//     nodes); the peak send rate per node is 4 × 1400 B per 100 ms.
-//   - Faster failure detection (ProbeInterval 300 ms, ProbeTimeout 150 ms,
-//     SuspicionMult 3, vs 1 s, 500 ms, 4): every node probes one peer
-//     per interval whatever N is, so this costs about 3 small UDP
-//     exchanges per second per node (~1 KB/s) at any size. The least
-//     suspicion time is 3 × log10(N) × 300 ms: 1.5 s at 50 nodes, 2.7 s
-//     at 1000, time in which a slow-but-alive node can refute;
-//     memberlist's Lifeguard extensions (self-awareness, nacks, suspicion
-//     confirmations, SuspicionMaxTimeoutMult 6) stretch it when the
-//     prober itself is slow or confirmations do not come. 150 ms is far
-//     above in-VPC and cross-AZ round trips (under 2 ms); raise
-//     ProbeTimeout and ProbeInterval together for hosts that stall for
-//     hundreds of milliseconds. Seen in the benchmark: 50 agents in one
-//     process on 2 cores that other work kept at a load average of 10+
-//     miss the 300 ms probe deadline often enough that live nodes are
-//     declared dead, and convergence and detection then take up to 8 s;
-//     memberlist's 1 s probes (with the syncs) stayed under 1.3 s there.
+//     nodes); only the peak send rate per node grows, to 6 × 1400 B per
+//     50 ms (170 KB/s) while a node has news queued.
+//   - Faster failure detection (ProbeInterval 200 ms, ProbeTimeout
+//     100 ms, SuspicionMult 3, SuspicionMaxTimeoutMult 4, vs 1 s, 500 ms,
+//     4, 6): see "Failure detection" below for where the time goes.
+//     Every node probes one peer per interval whatever N is: 5 small UDP
+//     exchanges per second per node (~1.5 KB/s) at any size. The least
+//     suspicion time is 3 × log10(N) × 200 ms: 1.0 s at 50 nodes, 1.8 s
+//     at 1000, time in which a slow-but-alive node can refute. 100 ms
+//     (the direct-ping wait) and 200 ms (the probe's deadline, indirect
+//     and TCP pings included) are far above in-VPC and cross-AZ round
+//     trips (under 2 ms); what they must absorb is a stalled host. For
+//     hosts that stall for hundreds of milliseconds raise ProbeInterval
+//     and ProbeTimeout together (detection time scales with them).
 //   - Periodic push-pull every 15 s (memberlist: 30 s), still stretched
 //     above 32 nodes (×6 at 1000 nodes, 90 s): at 1000 nodes each node
 //     sends and receives about 4 × 200 KB per 90 s, about 9 KB/s.
@@ -135,6 +133,54 @@
 //
 // DefaultLocalConfig is for meshes on loopback in one process (tests,
 // `gpumesh dev`): 127.0.0.1, a free port, shorter intervals.
+//
+// # Failure detection: where the time goes
+//
+// From a node's crash to the last member listing it dead (N members,
+// memberlist's SWIM with the Lifeguard extensions):
+//
+//  1. Until someone probes it. Each member probes one peer per
+//     ProbeInterval, walking a shuffled list, so the crashed node is
+//     probed about once per ProbeInterval mesh-wide, at a random phase:
+//     on average about one ProbeInterval, rarely several.
+//  2. The probe fails. The prober waits ProbeTimeout for the direct ack,
+//     then asks IndirectChecks peers to ping the node and tries a TCP
+//     ping; the probe fails at its deadline, ProbeInterval × (1 + the
+//     prober's health score) after it was sent. The prober then
+//     suspects the node and gossips "suspect". Phases 1+2 are what
+//     bench/mesh reports as "kill -> first suspicion".
+//  3. Suspicion. Each member that hears "suspect" starts a timer of
+//     SuspicionTimeouts(N).max, shortened towards .min (exactly min once
+//     SuspicionConfirmations(N) other members, here 1, have also failed
+//     to probe the node and gossiped their own "suspect"). A crashed
+//     node is probed again within a few intervals, so the first member's
+//     timer fires at min: 1.0 s at 50 nodes. The suspected node itself,
+//     if alive, refutes as soon as it hears the suspicion (a higher
+//     incarnation, gossiped like a join), which cancels every timer.
+//  4. Dissemination. The first member whose timer fires declares the
+//     node dead and gossips "dead"; the others' timers fire at about the
+//     same time (they started when "suspect" reached them). With gossip
+//     every 50 ms to 6 peers the last member knows about 0.1-0.2 s later.
+//
+// So detection ≈ (1 to 4) × ProbeInterval + SuspicionMult × log10(N) ×
+// ProbeInterval + a few GossipIntervals: 1.4-1.9 s at 50 nodes with
+// DefaultLANConfig, against 2.0-2.9 s with the former 300 ms probes and
+// 7-11 s with memberlist's own LAN timings (measurements in
+// bench/results/meshfd.md).
+//
+// Robustness on a starved host. A probe fails if the prober, the target
+// or the indirect pingers cannot run for the whole ProbeInterval. Then:
+// the target is only suspected (not yet dead) and refutes when it runs
+// again; Lifeguard's self-awareness (a prober whose probes fail without
+// the indirect pingers' nacks judges itself slow) stretches that
+// prober's interval and deadline up to AwarenessMaxMultiplier (8) ×
+// ProbeInterval, so a starved node stops accusing others; a suspicion
+// that nobody confirms lasts SuspicionMaxTimeoutMult (4) × min, 4 s at
+// 50 nodes, before anyone declares the node dead. A false death that
+// does happen is refuted by the node and repaired everywhere by the sync
+// after a failure (FailureSyncDelay). bench/mesh -load N reproduces a
+// machine whose cores N spinning processes compete for, and counts false
+// suspicions and deaths of live nodes.
 //
 // # Metadata encoding
 //

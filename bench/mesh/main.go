@@ -129,6 +129,9 @@ func main() {
 			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
 			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], r.refutes, r.tcpRescue, l0, loadavg())
 	}
+	if len(all) == 0 {
+		return
+	}
 	fmt.Printf("\npreset=%s nodes=%d seeds=%d trials=%d load=%d hogs, load average %.2f-%.2f\n",
 		*preset, *nodes, *seeds, *trials, *load, slices.Min(loads), slices.Max(loads))
 	pick := func(f func(result) time.Duration) []time.Duration {
