@@ -98,15 +98,20 @@
 //   - Several seeds: Join contacts up to JoinMaxPeers (5) of the given or
 //     discovered addresses in parallel, so one dead seed neither fails
 //     nor delays a join.
-//   - Faster gossip (GossipInterval 50 ms, GossipNodes 6, vs 200 ms and
-//     3): news (joins, suspicions, deaths, refutations) reaches all of a
-//     50-node mesh in 2-3 rounds, about 0.1-0.15 s. A round sends
+//   - Faster gossip (GossipInterval 100 ms, GossipNodes 4, vs 200 ms and
+//     3): news drains 2.7 times faster during join bursts. A round sends
 //     nothing when there is no news, so an idle mesh pays nothing; the
 //     number of copies of each piece of news (RetransmitMult 4, as
 //     memberlist) is unchanged, so the total bytes per event are the same
 //     as memberlist's (about N × 16 × 200 B = 3.2 MB cluster-wide at 1000
-//     nodes); only the peak send rate per node grows, to 6 × 1400 B per
-//     50 ms (170 KB/s) while a node has news queued.
+//     nodes); the peak send rate per node is 4 × 1400 B per 100 ms. Still
+//     faster gossip (50 ms × 6 peers) was measured and rejected: it cut
+//     the last step of failure detection from about 0.2 s to 0.1 s, but
+//     it sends the same packets in a third of the time, and with 50
+//     nodes in one process on 2 cores shared with 2 spinning processes it
+//     turned 0 false suspicions of live nodes into about 50 per trial
+//     (and live nodes declared dead in 11 of 20 trials): the join burst
+//     starves the probes. See bench/results/meshfd.md.
 //   - Faster failure detection (ProbeInterval 200 ms, ProbeTimeout
 //     100 ms, SuspicionMult 3, SuspicionMaxTimeoutMult 4, vs 1 s, 500 ms,
 //     4, 6): see "Failure detection" below for where the time goes.
@@ -160,7 +165,7 @@
 //  4. Dissemination. The first member whose timer fires declares the
 //     node dead and gossips "dead"; the others' timers fire at about the
 //     same time (they started when "suspect" reached them). With gossip
-//     every 50 ms to 6 peers the last member knows about 0.1-0.2 s later.
+//     every 100 ms to 4 peers the last member knows about 0.2 s later.
 //
 // So detection ≈ (1 to 4) × ProbeInterval + SuspicionMult × log10(N) ×
 // ProbeInterval + a few GossipIntervals: 1.4-1.9 s at 50 nodes with
