@@ -17,8 +17,9 @@
 // -load N starts N child processes (this binary again, with -hog) that
 // spin on a CPU each, to reproduce a machine whose cores other work
 // competes for; they die with this process. -waitload X waits before each
-// trial until the 1-minute load average is under X (default N+1.5), so
-// that other work on a shared machine is not mistaken for -load.
+// trial until the 1-minute load average is under X (default N+1.5), with
+// the hogs stopped meanwhile, so that other work on a shared machine is
+// not mistaken for -load.
 package main
 
 import (
@@ -89,7 +90,7 @@ func main() {
 	if *waitLoad < 0 {
 		*waitLoad = float64(*load) + 1.5
 	}
-	stopHogs, err := startHogs(*load)
+	stopHogs, pauseHogs, err := startHogs(*load)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start CPU hogs:", err)
 		os.Exit(1)
@@ -115,7 +116,7 @@ func main() {
 	var loads []float64
 	for t := 0; t < *trials; t++ {
 		if *waitLoad > 0 {
-			waitForLoad(*waitLoad)
+			waitForLoad(*waitLoad, pauseHogs)
 		}
 		l0 := loadavg()
 		r := trial(t, *nodes, *seeds, *preset, *timeout, *steady, *kill, *verbose)
@@ -195,18 +196,22 @@ func loadavg() float64 {
 	return v
 }
 
-func waitForLoad(max float64) {
+// waitForLoad waits until the 1-minute load average is under max, with
+// the CPU hogs stopped meanwhile (so that they do not keep it up).
+func waitForLoad(max float64, pauseHogs func(bool)) {
 	said := false
 	for {
 		l := loadavg()
 		if l < 0 || l < max {
 			if said {
+				pauseHogs(false)
 				fmt.Printf("  load average %.2f: going on\n", l)
 			}
 			return
 		}
 		if !said {
-			fmt.Printf("  load average %.2f, not under %.2f: waiting\n", l, max)
+			fmt.Printf("  load average %.2f, not under %.2f: waiting (CPU hogs stopped meanwhile)\n", l, max)
+			pauseHogs(true)
 			said = true
 		}
 		time.Sleep(5 * time.Second)
@@ -238,7 +243,7 @@ func report(what string, d []time.Duration, target time.Duration) {
 // startHogs starts n copies of this binary with -hog. Each spins on one
 // CPU until stopHogs kills it or this process dies (Pdeathsig, and the
 // hog also exits when its parent changes).
-func startHogs(n int) (stop func(), err error) {
+func startHogs(n int) (stop func(), pause func(bool), err error) {
 	var procs []*exec.Cmd
 	var once sync.Once
 	stop = func() {
@@ -249,12 +254,21 @@ func startHogs(n int) (stop func(), err error) {
 			}
 		})
 	}
+	pause = func(paused bool) {
+		sig := syscall.SIGCONT
+		if paused {
+			sig = syscall.SIGSTOP
+		}
+		for _, p := range procs {
+			_ = p.Process.Signal(sig)
+		}
+	}
 	if n == 0 {
-		return stop, nil
+		return stop, pause, nil
 	}
 	exe, err := os.Executable()
 	if err != nil {
-		return stop, err
+		return stop, pause, err
 	}
 	for i := 0; i < n; i++ {
 		cmd := exec.Command(exe, "-hog")
@@ -262,11 +276,11 @@ func startHogs(n int) (stop func(), err error) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := cmd.Start(); err != nil {
 			stop()
-			return stop, err
+			return stop, pause, err
 		}
 		procs = append(procs, cmd)
 	}
-	return stop, nil
+	return stop, pause, nil
 }
 
 var sink atomic.Uint64
