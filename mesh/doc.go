@@ -50,9 +50,10 @@
 // machine): with memberlist's LAN timings, a 50-node mesh that boots at
 // once converged in a median 2.8 s but took 67-80 s in 3 of 20 trials
 // (20 nodes: 1.0 s median, 32-34 s in 2 of 20), and a killed node was
-// declared dead by everyone after 6.6-11.8 s. With DefaultLANConfig, at a
-// load average of 3.5-7, 50 nodes converged in a median 0.6 s (max 2.3 s)
-// and a killed node was seen dead in a median 2.1-2.3 s (max 2.8 s).
+// declared dead by everyone after 6.6-11.8 s. With DefaultLANConfig on
+// the idle machine (bench/results/meshfd.md), 50 nodes converged in a
+// median 0.32 s (max 0.34 s) and a killed node was seen dead by all in a
+// median 1.53 s (max 2.32 s), with no live node ever suspected.
 // Cause of the outliers: each
 // node forwards a piece of news (here "node J is alive") to only
 // RetransmitMult × ceil(log10(N+1)) random peers (8 at 50 nodes) and
@@ -109,8 +110,8 @@
 //     the last step of failure detection from about 0.2 s to 0.1 s, but
 //     it sends the same packets in a third of the time, and with 50
 //     nodes in one process on 2 cores shared with 2 spinning processes it
-//     turned 0 false suspicions of live nodes into about 50 per trial
-//     (and live nodes declared dead in 11 of 20 trials): the join burst
+//     turned 0 false suspicions of live nodes into about 47 per trial
+//     (and live nodes declared dead in 13 of 20 trials): the join burst
 //     starves the probes. See bench/results/meshfd.md.
 //   - Faster failure detection (ProbeInterval 200 ms, ProbeTimeout
 //     100 ms, SuspicionMult 3, SuspicionMaxTimeoutMult 4, vs 1 s, 500 ms,
@@ -167,11 +168,16 @@
 //     same time (they started when "suspect" reached them). With gossip
 //     every 100 ms to 4 peers the last member knows about 0.2 s later.
 //
-// So detection ≈ (1 to 4) × ProbeInterval + SuspicionMult × log10(N) ×
-// ProbeInterval + a few GossipIntervals: 1.4-1.9 s at 50 nodes with
-// DefaultLANConfig, against 2.0-2.9 s with the former 300 ms probes and
-// 7-11 s with memberlist's own LAN timings (measurements in
-// bench/results/meshfd.md).
+// So detection ≈ (1 to 5) × ProbeInterval + SuspicionMult × log10(N) ×
+// ProbeInterval + a few GossipIntervals. Measured at 50 nodes in one
+// process on an idle 2-core machine (bench/results/meshfd.md): with
+// DefaultLANConfig a median of 1.53 s, 1.36-2.32 s over 20 trials
+// (phase 1: 0.26-1.08 s, phase 3: 0.10-0.24 s); with the former 300 ms
+// probes and 6× suspicion maximum 2.15 s, up to 3.02 s; with
+// memberlist's own LAN timings 7-11 s (bench/results/mesh.md). Phase 1
+// has a tail of several probe intervals: each interval every member
+// probes one random peer, so the dead node is missed with probability
+// about 1/e per interval.
 //
 // Robustness on a starved host. A probe fails if the prober, the target
 // or the indirect pingers cannot run for the whole ProbeInterval. Then:
