@@ -643,3 +643,26 @@ func TestSuspicionTimeouts(t *testing.T) {
 		}
 	}
 }
+
+// The LAN preset's failure-detection budget at 50 nodes (doc.go, "Failure
+// detection: where the time goes") stays under issue 2's 3 s target with
+// room for the tail of probe waits: 5 probe intervals until the first
+// failed probe, the confirmed suspicion, and 3 gossip rounds.
+func TestLANPresetDetectionBudget(t *testing.T) {
+	c := mesh.DefaultLANConfig()
+	min, max := c.SuspicionTimeouts(50)
+	budget := 5*c.ProbeInterval + min + 3*c.GossipInterval
+	if budget >= 2500*time.Millisecond {
+		t.Errorf("DefaultLANConfig detection budget at 50 nodes is %v (5 × %v + %v + 3 × %v), want < 2.5 s",
+			budget, c.ProbeInterval, min, c.GossipInterval)
+	}
+	if k := c.SuspicionConfirmations(50); k < 1 {
+		t.Errorf("DefaultLANConfig needs %d suspicion confirmations at 50 nodes, want >= 1 (one slow prober alone must not kill a node in min)", k)
+	}
+	if max < 3*min {
+		t.Errorf("unconfirmed suspicion lasts %v, want >= 3 × min (%v) to give a starved node time to refute", max, min)
+	}
+	if c.ProbeTimeout*2 > c.ProbeInterval {
+		t.Errorf("ProbeTimeout %v leaves less than half of ProbeInterval %v to the indirect and TCP probes", c.ProbeTimeout, c.ProbeInterval)
+	}
+}
