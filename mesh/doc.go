@@ -192,12 +192,13 @@
 // after a failure (FailureSyncDelay). bench/mesh -load N reproduces a
 // machine whose cores N spinning processes compete for, and counts false
 // suspicions and deaths of live nodes. Measured with 50 nodes in one
-// process on 2 cores: with 2 spinning processes no live node was
-// suspected; with 4, both targets (converge < 2 s, detect < 3 s) still
-// held in 24 of 24 trials, but live nodes were suspected about 50 times
-// per trial and, in 16 of 24 trials, declared dead until they refuted. 150 ms
-// probes broke convergence there (2.95 s), 300 ms probes broke detection
-// even on the idle machine (3.02 s); hence 200 ms.
+// process on 2 cores: with 2 spinning processes and nothing else
+// running, no live node was suspected in 19 trials; with 4, both targets
+// (converge < 2 s, detect < 3 s) still held in 24 of 24 trials, but live
+// nodes were suspected about 50 times per trial and, in 16 of 24
+// trials, declared dead until they refuted. 150 ms probes broke
+// convergence there (2.95 s), 300 ms probes broke detection even on the
+// idle machine (3.02 s); hence 200 ms.
 //
 // # Metadata encoding
 //
