@@ -50,9 +50,10 @@
 // machine): with memberlist's LAN timings, a 50-node mesh that boots at
 // once converged in a median 2.8 s but took 67-80 s in 3 of 20 trials
 // (20 nodes: 1.0 s median, 32-34 s in 2 of 20), and a killed node was
-// declared dead by everyone after 6.6-11.8 s. With DefaultLANConfig, at a
-// load average of 3.5-7, 50 nodes converged in a median 0.6 s (max 2.3 s)
-// and a killed node was seen dead in a median 2.1-2.3 s (max 2.8 s).
+// declared dead by everyone after 6.6-11.8 s. With DefaultLANConfig on
+// the idle machine (bench/results/meshfd.md), 50 nodes converged in a
+// median 0.32 s (max 0.34 s) and a killed node was seen dead by all in a
+// median 1.53 s (max 2.32 s), with no live node ever suspected.
 // Cause of the outliers: each
 // node forwards a piece of news (here "node J is alive") to only
 // RetransmitMult × ceil(log10(N+1)) random peers (8 at 50 nodes) and
@@ -104,23 +105,26 @@
 //     number of copies of each piece of news (RetransmitMult 4, as
 //     memberlist) is unchanged, so the total bytes per event are the same
 //     as memberlist's (about N × 16 × 200 B = 3.2 MB cluster-wide at 1000
-//     nodes); the peak send rate per node is 4 × 1400 B per 100 ms.
-//   - Faster failure detection (ProbeInterval 300 ms, ProbeTimeout 150 ms,
-//     SuspicionMult 3, vs 1 s, 500 ms, 4): every node probes one peer
-//     per interval whatever N is, so this costs about 3 small UDP
-//     exchanges per second per node (~1 KB/s) at any size. The least
-//     suspicion time is 3 × log10(N) × 300 ms: 1.5 s at 50 nodes, 2.7 s
-//     at 1000, time in which a slow-but-alive node can refute;
-//     memberlist's Lifeguard extensions (self-awareness, nacks, suspicion
-//     confirmations, SuspicionMaxTimeoutMult 6) stretch it when the
-//     prober itself is slow or confirmations do not come. 150 ms is far
-//     above in-VPC and cross-AZ round trips (under 2 ms); raise
-//     ProbeTimeout and ProbeInterval together for hosts that stall for
-//     hundreds of milliseconds. Seen in the benchmark: 50 agents in one
-//     process on 2 cores that other work kept at a load average of 10+
-//     miss the 300 ms probe deadline often enough that live nodes are
-//     declared dead, and convergence and detection then take up to 8 s;
-//     memberlist's 1 s probes (with the syncs) stayed under 1.3 s there.
+//     nodes); the peak send rate per node is 4 × 1400 B per 100 ms. Still
+//     faster gossip (50 ms × 6 peers) was measured and rejected: it cut
+//     the last step of failure detection from about 0.2 s to 0.1 s, but
+//     it sends the same packets in a third of the time, and with 50
+//     nodes in one process on 2 cores shared with 2 spinning processes it
+//     turned 0 false suspicions of live nodes into about 47 per trial
+//     (and live nodes declared dead in 13 of 20 trials): the join burst
+//     starves the probes. See bench/results/meshfd.md.
+//   - Faster failure detection (ProbeInterval 200 ms, ProbeTimeout
+//     100 ms, SuspicionMult 3, SuspicionMaxTimeoutMult 4, vs 1 s, 500 ms,
+//     4, 6): see "Failure detection" below for where the time goes.
+//     Every node probes one peer per interval whatever N is: 5 small UDP
+//     exchanges per second per node (~1.5 KB/s) at any size. The least
+//     suspicion time is 3 × log10(N) × 200 ms: 1.0 s at 50 nodes, 1.8 s
+//     at 1000, time in which a slow-but-alive node can refute. 100 ms
+//     (the direct-ping wait) and 200 ms (the probe's deadline, indirect
+//     and TCP pings included) are far above in-VPC and cross-AZ round
+//     trips (under 2 ms); what they must absorb is a stalled host. For
+//     hosts that stall for hundreds of milliseconds raise ProbeInterval
+//     and ProbeTimeout together (detection time scales with them).
 //   - Periodic push-pull every 15 s (memberlist: 30 s), still stretched
 //     above 32 nodes (×6 at 1000 nodes, 90 s): at 1000 nodes each node
 //     sends and receives about 4 × 200 KB per 90 s, about 9 KB/s.
@@ -135,6 +139,66 @@
 //
 // DefaultLocalConfig is for meshes on loopback in one process (tests,
 // `gpumesh dev`): 127.0.0.1, a free port, shorter intervals.
+//
+// # Failure detection: where the time goes
+//
+// From a node's crash to the last member listing it dead (N members,
+// memberlist's SWIM with the Lifeguard extensions):
+//
+//  1. Until someone probes it. Each member probes one peer per
+//     ProbeInterval, walking a shuffled list, so the crashed node is
+//     probed about once per ProbeInterval mesh-wide, at a random phase:
+//     on average about one ProbeInterval, rarely several.
+//  2. The probe fails. The prober waits ProbeTimeout for the direct ack,
+//     then asks IndirectChecks peers to ping the node and tries a TCP
+//     ping; the probe fails at its deadline, ProbeInterval × (1 + the
+//     prober's health score) after it was sent. The prober then
+//     suspects the node and gossips "suspect". Phases 1+2 are what
+//     bench/mesh reports as "kill -> first suspicion".
+//  3. Suspicion. Each member that hears "suspect" starts a timer of
+//     SuspicionTimeouts(N).max, shortened towards .min (exactly min once
+//     SuspicionConfirmations(N) other members, here 1, have also failed
+//     to probe the node and gossiped their own "suspect"). A crashed
+//     node is probed again within a few intervals, so the first member's
+//     timer fires at min: 1.0 s at 50 nodes. The suspected node itself,
+//     if alive, refutes as soon as it hears the suspicion (a higher
+//     incarnation, gossiped like a join), which cancels every timer.
+//  4. Dissemination. The first member whose timer fires declares the
+//     node dead and gossips "dead"; the others' timers fire at about the
+//     same time (they started when "suspect" reached them). With gossip
+//     every 100 ms to 4 peers the last member knows about 0.2 s later.
+//
+// So detection ≈ (1 to 5) × ProbeInterval + SuspicionMult × log10(N) ×
+// ProbeInterval + a few GossipIntervals. Measured at 50 nodes in one
+// process on an idle 2-core machine (bench/results/meshfd.md): with
+// DefaultLANConfig a median of 1.53 s, 1.36-2.32 s over 20 trials
+// (phase 1: 0.26-1.08 s, phase 3: 0.10-0.24 s); with the former 300 ms
+// probes and 6× suspicion maximum 2.15 s, up to 3.02 s; with
+// memberlist's own LAN timings 7-11 s (bench/results/mesh.md). Phase 1
+// has a tail of several probe intervals: each interval every member
+// probes one random peer, so the dead node is missed with probability
+// about 1/e per interval.
+//
+// Robustness on a starved host. A probe fails if the prober, the target
+// or the indirect pingers cannot run for the whole ProbeInterval. Then:
+// the target is only suspected (not yet dead) and refutes when it runs
+// again; Lifeguard's self-awareness (a prober whose probes fail without
+// the indirect pingers' nacks judges itself slow) stretches that
+// prober's interval and deadline up to AwarenessMaxMultiplier (8) ×
+// ProbeInterval, so a starved node stops accusing others; a suspicion
+// that nobody confirms lasts SuspicionMaxTimeoutMult (4) × min, 4 s at
+// 50 nodes, before anyone declares the node dead. A false death that
+// does happen is refuted by the node and repaired everywhere by the sync
+// after a failure (FailureSyncDelay). bench/mesh -load N reproduces a
+// machine whose cores N spinning processes compete for, and counts false
+// suspicions and deaths of live nodes. Measured with 50 nodes in one
+// process on 2 cores: with 2 spinning processes and nothing else
+// running, no live node was suspected in 19 trials; with 4, both targets
+// (converge < 2 s, detect < 3 s) still held in 24 of 24 trials, but live
+// nodes were suspected about 50 times per trial and, in 16 of 24
+// trials, declared dead until they refuted. 150 ms probes broke
+// convergence there (2.95 s), 300 ms probes broke detection even on the
+// idle machine (3.02 s); hence 200 ms.
 //
 // # Metadata encoding
 //

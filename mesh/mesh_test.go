@@ -631,3 +631,53 @@ func TestSyncAfterFailure(t *testing.T) {
 		return n > before, fmt.Sprintf("%d push-pulls after the failure, want more than %d", n, before)
 	})
 }
+
+// SuspicionTimeouts and SuspicionConfirmations follow memberlist's
+// formula (suspicionTimeout in its util.go and the k of suspectNode).
+func TestSuspicionTimeouts(t *testing.T) {
+	c := mesh.Config{ProbeInterval: 300 * time.Millisecond, SuspicionMult: 3, SuspicionMaxTimeoutMult: 6}
+	for _, tc := range []struct {
+		n        int
+		min, max time.Duration
+		k        int
+	}{
+		{n: 1, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 0},
+		{n: 2, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 0},
+		{n: 3, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 1},
+		{n: 10, min: 900 * time.Millisecond, max: 5400 * time.Millisecond, k: 1},
+		// log10(50) = 1.69897 -> 1.698 (milli precision) -> 3 × 1.698 × 300 ms
+		{n: 50, min: 1528200 * time.Microsecond, max: 6 * 1528200 * time.Microsecond, k: 1},
+		{n: 1000, min: 2700 * time.Millisecond, max: 16200 * time.Millisecond, k: 1},
+	} {
+		min, max := c.SuspicionTimeouts(tc.n)
+		if min != tc.min || max != tc.max {
+			t.Errorf("n=%d: SuspicionTimeouts = %v, %v; want %v, %v", tc.n, min, max, tc.min, tc.max)
+		}
+		if k := c.SuspicionConfirmations(tc.n); k != tc.k {
+			t.Errorf("n=%d: SuspicionConfirmations = %d, want %d", tc.n, k, tc.k)
+		}
+	}
+}
+
+// The LAN preset's failure-detection budget at 50 nodes (doc.go, "Failure
+// detection: where the time goes") stays under issue 2's 3 s target with
+// room for the tail of probe waits: 5 probe intervals until the first
+// failed probe, the confirmed suspicion, and 3 gossip rounds.
+func TestLANPresetDetectionBudget(t *testing.T) {
+	c := mesh.DefaultLANConfig()
+	min, max := c.SuspicionTimeouts(50)
+	budget := 5*c.ProbeInterval + min + 3*c.GossipInterval
+	if budget >= 2500*time.Millisecond {
+		t.Errorf("DefaultLANConfig detection budget at 50 nodes is %v (5 × %v + %v + 3 × %v), want < 2.5 s",
+			budget, c.ProbeInterval, min, c.GossipInterval)
+	}
+	if k := c.SuspicionConfirmations(50); k < 1 {
+		t.Errorf("DefaultLANConfig needs %d suspicion confirmations at 50 nodes, want >= 1 (one slow prober alone must not kill a node in min)", k)
+	}
+	if max < 3*min {
+		t.Errorf("unconfirmed suspicion lasts %v, want >= 3 × min (%v) to give a starved node time to refute", max, min)
+	}
+	if c.ProbeTimeout*2 > c.ProbeInterval {
+		t.Errorf("ProbeTimeout %v leaves less than half of ProbeInterval %v to the indirect and TCP probes", c.ProbeTimeout, c.ProbeInterval)
+	}
+}

@@ -1,14 +1,25 @@
 // Command mesh benchmarks gossip membership: how long an in-process mesh
 // of N nodes on loopback takes until every node lists every other as
 // alive (all nodes join at once), and how long until every survivor sees
-// a killed node (shut down without leaving) as dead.
+// a killed node (shut down without leaving) as dead, split into phases;
+// and how many live nodes were wrongly suspected or declared dead.
 //
 //	go run ./bench/mesh -nodes 50 -trials 20
+//	go run ./bench/mesh -nodes 50 -trials 20 -load 2
 //	go run ./bench/mesh -nodes 20 -trials 20 -preset memberlist-lan -seeds 1
 //
-// Presets: "lan" is mesh.DefaultLANConfig (the agent default);
+// Presets: "lan" is mesh.DefaultLANConfig (the agent default) moved to
+// 127.0.0.1; "local" is mesh.DefaultLocalConfig (`gpumesh dev`, tests);
 // "memberlist-lan" is memberlist's own DefaultLANConfig timings with no
-// post-join syncs, the baseline. Only 127.0.0.1 is used.
+// post-join syncs, the baseline. The -probe, -suspicion-mult, ... flags
+// override single values of the preset. Only 127.0.0.1 is used.
+//
+// -load N starts N child processes (this binary again, with -hog) that
+// spin on a CPU each, to reproduce a machine whose cores other work
+// competes for; they die with this process. -waitload X waits before each
+// trial until the 1-minute load average is under X (default N+1.5), with
+// the hogs stopped meanwhile, so that other work on a shared machine is
+// not mistaken for -load.
 package main
 
 import (
@@ -16,81 +27,280 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
+	"os/signal"
+	"regexp"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/hashicorp/go-hclog"
 )
 
+// overrides of single preset values (zero: keep the preset's).
+type overrides struct {
+	probe, probeTimeout, gossip, joinSyncDelay time.Duration
+	suspicionMult, suspicionMax, awareness     int
+	gossipNodes, retransmit, indirect, sync    int
+}
+
+var (
+	diag     bool
+	debugLog bool
+	ov       = overrides{sync: -1}
+)
+
 func main() {
 	nodes := flag.Int("nodes", 50, "nodes per trial")
 	trials := flag.Int("trials", 20, "trials")
 	seeds := flag.Int("seeds", 3, "how many of the first nodes every joiner is given as --join addresses")
-	preset := flag.String("preset", "lan", "timing preset: lan | memberlist-lan")
+	preset := flag.String("preset", "lan", "timing preset: lan | local | memberlist-lan")
 	timeout := flag.Duration("timeout", 120*time.Second, "give up on one phase of a trial after this long")
 	kill := flag.Bool("kill", true, "after convergence, kill one node and time its detection")
+	steady := flag.Duration("steady", 2*time.Second, "idle time between convergence and the kill, in which any suspicion is a false one")
+	load := flag.Int("load", 0, "CPU hogs: child processes that each spin on one CPU for the whole run")
+	waitLoad := flag.Float64("waitload", -1, "before each trial wait until the 1-minute load average is under this (-1: -load + 1.5; 0: never wait)")
+	hog := flag.Bool("hog", false, "internal: be a CPU hog (used by -load)")
 	verbose := flag.Bool("v", false, "log memberlist warnings to stderr")
+	flag.BoolVar(&debugLog, "debug", false, "log memberlist at debug level to time the first failed probe of the killed node (costs CPU)")
 	flag.BoolVar(&diag, "diag", false, "print which node misses which 2 s and 10 s after the joins start")
-	flag.IntVar(&syncRounds, "sync", -1, "override JoinSyncRounds (-1: the preset's)")
+	flag.IntVar(&ov.sync, "sync", -1, "override JoinSyncRounds (-1: the preset's)")
+	flag.DurationVar(&ov.probe, "probe", 0, "override ProbeInterval")
+	flag.DurationVar(&ov.probeTimeout, "probe-timeout", 0, "override ProbeTimeout")
+	flag.DurationVar(&ov.gossip, "gossip", 0, "override GossipInterval")
+	flag.DurationVar(&ov.joinSyncDelay, "sync-delay", 0, "override JoinSyncDelay")
+	flag.IntVar(&ov.suspicionMult, "suspicion-mult", 0, "override SuspicionMult")
+	flag.IntVar(&ov.suspicionMax, "suspicion-max", 0, "override SuspicionMaxTimeoutMult")
+	flag.IntVar(&ov.awareness, "awareness", 0, "override AwarenessMaxMultiplier")
+	flag.IntVar(&ov.gossipNodes, "gossip-nodes", 0, "override GossipNodes")
+	flag.IntVar(&ov.retransmit, "retransmit", 0, "override RetransmitMult")
+	flag.IntVar(&ov.indirect, "indirect", 0, "override IndirectChecks")
 	flag.Parse()
 
-	var joinTimes, deadTimes []time.Duration
+	if *hog {
+		spin()
+		return
+	}
+	if *waitLoad < 0 {
+		*waitLoad = float64(*load) + 1.5
+	}
+	stopHogs, pauseHogs, err := startHogs(*load)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "start CPU hogs:", err)
+		os.Exit(1)
+	}
+	defer stopHogs()
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sig
+		stopHogs()
+		os.Exit(130)
+	}()
+
+	c := config(*preset, "x", false)
+	smin, _ := c.SuspicionTimeouts(*nodes)
+	fmt.Printf("preset=%s nodes=%d seeds=%d trials=%d load=%d hogs, GOMAXPROCS=%d; probe %v/%v indirect %d, suspicion mult %d (min %v at %d nodes, max ×%d), awareness ×%d, gossip %v × %d, retransmit %d, syncs %d from %v\n",
+		*preset, *nodes, *seeds, *trials, *load, runtime.GOMAXPROCS(0), c.ProbeInterval, c.ProbeTimeout, c.IndirectChecks,
+		c.SuspicionMult, smin.Round(time.Millisecond), *nodes, c.SuspicionMaxTimeoutMult, c.AwarenessMaxMultiplier,
+		c.GossipInterval, c.GossipNodes, c.RetransmitMult, c.JoinSyncRounds, c.JoinSyncDelay)
+
+	var all []result
 	var failures []string
+	var loads []float64
 	for t := 0; t < *trials; t++ {
-		j, d, err := trial(t, *nodes, *seeds, *preset, *timeout, *kill, *verbose)
-		if err != nil {
-			failures = append(failures, fmt.Sprintf("trial %d: %v", t, err))
+		if *waitLoad > 0 {
+			waitForLoad(*waitLoad, pauseHogs)
 		}
-		if j > 0 {
-			joinTimes = append(joinTimes, j)
+		l0 := loadavg()
+		r := trial(t, *nodes, *seeds, *preset, *timeout, *steady, *kill, *verbose)
+		if r.err != nil {
+			failures = append(failures, fmt.Sprintf("trial %d: %v", t, r.err))
 		}
-		if d > 0 {
-			deadTimes = append(deadTimes, d)
-		}
-		fmt.Printf("trial %2d: all see all %v, all see killed node dead %v (load average %s)\n", t, j.Round(time.Millisecond), d.Round(time.Millisecond), loadavg())
+		loads = append(loads, l0, loadavg())
+		all = append(all, r)
+		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d, refutes %d, tcp-rescue %d (load %.2f-%.2f)\n",
+			t, ms(r.converge), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
+			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
+			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], r.refutes, r.tcpRescue, l0, loadavg())
 	}
-	fmt.Printf("\npreset=%s nodes=%d seeds=%d trials=%d\n", *preset, *nodes, *seeds, *trials)
-	report("converge (every node lists all N alive)", joinTimes)
+	if len(all) == 0 {
+		return
+	}
+	fmt.Printf("\npreset=%s nodes=%d seeds=%d trials=%d load=%d hogs, load average %.2f-%.2f\n",
+		*preset, *nodes, *seeds, *trials, *load, slices.Min(loads), slices.Max(loads))
+	pick := func(f func(result) time.Duration) []time.Duration {
+		var d []time.Duration
+		for _, r := range all {
+			if v := f(r); v > 0 {
+				d = append(d, v)
+			}
+		}
+		return d
+	}
+	report("converge (every node lists all N alive)", pick(func(r result) time.Duration { return r.converge }), 2*time.Second)
 	if *kill {
-		report("detect (every survivor lists the killed node dead)", deadTimes)
+		report("detect (every survivor lists the killed node dead)", pick(func(r result) time.Duration { return r.detect }), 3*time.Second)
+		if debugLog {
+			report("  phase 1a: kill -> first direct probe of it timed out", pick(func(r result) time.Duration { return r.failedPing }), 0)
+		}
+		report("  phase 1: kill -> first suspicion of it", pick(func(r result) time.Duration { return r.suspect }), 0)
+		report("  phase 2: first suspicion -> first dead declaration", pick(func(r result) time.Duration { return r.firstDead - r.suspect }), 0)
+		report("  phase 3: first dead declaration -> last survivor knows", pick(func(r result) time.Duration { return r.detect - r.firstDead }), 0)
 	}
+	var fs, fd [3]int
+	refutes, rescues := 0, 0
+	for _, r := range all {
+		for p := range fs {
+			fs[p] += r.falseSuspect[p]
+			fd[p] += r.falseDead[p]
+		}
+		refutes += r.refutes
+		rescues += r.tcpRescue
+	}
+	fmt.Printf("false suspicions of live nodes (join / steady / detect phase): %d / %d / %d; false deaths ((observer, node) pairs): %d / %d / %d; refutations %d; probes saved by the TCP fallback %d\n",
+		fs[0], fs[1], fs[2], fd[0], fd[1], fd[2], refutes, rescues)
 	for _, f := range failures {
 		fmt.Println("FAILED", f)
 	}
 	if len(failures) > 0 {
+		stopHogs()
 		os.Exit(1)
 	}
 }
 
-// loadavg returns the 1-minute load average: other work on the machine
-// slows an in-process mesh, so each trial prints it.
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
+func ms(d time.Duration) string {
+	if d <= 0 {
+		return "-"
 	}
-	return strings.Fields(string(b))[0]
+	return d.Round(time.Millisecond).String()
 }
 
-func report(what string, d []time.Duration) {
+// loadavg returns the 1-minute load average: other work on the machine
+// slows an in-process mesh, so each trial prints it.
+func loadavg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return -1
+	}
+	v, err := strconv.ParseFloat(strings.Fields(string(b))[0], 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}
+
+// waitForLoad waits until the 1-minute load average is under max, with
+// the CPU hogs stopped meanwhile (so that they do not keep it up).
+func waitForLoad(max float64, pauseHogs func(bool)) {
+	said := false
+	for {
+		l := loadavg()
+		if l < 0 || l < max {
+			if said {
+				pauseHogs(false)
+				fmt.Printf("  load average %.2f: going on\n", l)
+			}
+			return
+		}
+		if !said {
+			fmt.Printf("  load average %.2f, not under %.2f: waiting (CPU hogs stopped meanwhile)\n", l, max)
+			pauseHogs(true)
+			said = true
+		}
+		time.Sleep(5 * time.Second)
+	}
+}
+
+func report(what string, d []time.Duration, target time.Duration) {
 	if len(d) == 0 {
 		fmt.Printf("%s: no data\n", what)
 		return
 	}
 	s := slices.Clone(d)
 	slices.Sort(s)
-	fmt.Printf("%s: n=%d min %v median %v p90 %v max %v\n", what, len(s),
+	over := ""
+	if target > 0 {
+		n := 0
+		for _, v := range s {
+			if v >= target {
+				n++
+			}
+		}
+		over = fmt.Sprintf(" (%d of %d >= %v)", n, len(s), target)
+	}
+	fmt.Printf("%s: n=%d min %v median %v p90 %v max %v%s\n", what, len(s),
 		s[0].Round(time.Millisecond), s[len(s)/2].Round(time.Millisecond),
-		s[len(s)*9/10].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
+		s[len(s)*9/10].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), over)
 }
 
-var (
-	syncRounds = -1
-	diag       bool
-)
+// startHogs starts n copies of this binary with -hog. Each spins on one
+// CPU until stopHogs kills it or this process dies (Pdeathsig, and the
+// hog also exits when its parent changes).
+func startHogs(n int) (stop func(), pause func(bool), err error) {
+	var procs []*exec.Cmd
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			for _, p := range procs {
+				_ = p.Process.Kill()
+				_ = p.Wait()
+			}
+		})
+	}
+	pause = func(paused bool) {
+		sig := syscall.SIGCONT
+		if paused {
+			sig = syscall.SIGSTOP
+		}
+		for _, p := range procs {
+			_ = p.Process.Signal(sig)
+		}
+	}
+	if n == 0 {
+		return stop, pause, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return stop, pause, err
+	}
+	for i := 0; i < n; i++ {
+		cmd := exec.Command(exe, "-hog")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := cmd.Start(); err != nil {
+			stop()
+			return stop, pause, err
+		}
+		procs = append(procs, cmd)
+	}
+	return stop, pause, nil
+}
+
+var sink atomic.Uint64
+
+// spin burns one CPU: a single thread, no goroutines but this one. It
+// exits when its parent goes away.
+func spin() {
+	runtime.GOMAXPROCS(1)
+	parent := os.Getppid()
+	x := uint64(1)
+	for {
+		for i := 0; i < 50_000_000; i++ {
+			x = x*6364136223846793005 + 1442695040888963407
+		}
+		sink.Store(x)
+		if os.Getppid() != parent {
+			return
+		}
+	}
+}
 
 // missing prints, at 2 s (and 10 s) after the joins started, which node
 // still misses which (nodes are numbered in creation order; node 0 is the first seed).
@@ -120,25 +330,51 @@ func missing(ms []*mesh.Mesh, at time.Duration) int {
 }
 
 func config(preset string, name string, verbose bool) mesh.Config {
-	c := mesh.DefaultLANConfig()
-	c.BindAddr, c.BindPort = "127.0.0.1", 0
-	c.JoinRetryMin, c.JoinRetryMax = 20*time.Millisecond, 500*time.Millisecond
+	var c mesh.Config
 	switch preset {
 	case "lan":
+		c = mesh.DefaultLANConfig()
+		c.BindAddr, c.BindPort = "127.0.0.1", 0
+		c.JoinRetryMin, c.JoinRetryMax = 20*time.Millisecond, 500*time.Millisecond
+	case "local":
+		c = mesh.DefaultLocalConfig()
 	case "memberlist-lan":
-		c.ProbeInterval, c.ProbeTimeout = time.Second, 500*time.Millisecond
-		c.SuspicionMult, c.SuspicionMaxTimeoutMult = 4, 6
+		c = mesh.DefaultLANConfig()
+		c.BindAddr, c.BindPort = "127.0.0.1", 0
+		c.JoinRetryMin, c.JoinRetryMax = 20*time.Millisecond, 500*time.Millisecond
+		c.ProbeInterval, c.ProbeTimeout, c.IndirectChecks = time.Second, 500*time.Millisecond, 3
+		c.SuspicionMult, c.SuspicionMaxTimeoutMult, c.AwarenessMaxMultiplier = 4, 6, 8
 		c.GossipInterval, c.GossipNodes, c.RetransmitMult = 200*time.Millisecond, 3, 4
 		c.PushPullInterval, c.GossipToTheDeadTime = 30*time.Second, 30*time.Second
 		c.TCPTimeout, c.DeadNodeReclaimTime = 10*time.Second, 0
-		c.JoinSyncRounds = 0
+		c.JoinSyncRounds, c.FailureSyncDelay, c.ReconnectInterval = 0, 0, 0
 	default:
-		fmt.Fprintf(os.Stderr, "unknown preset %q: use lan or memberlist-lan\n", preset)
+		fmt.Fprintf(os.Stderr, "unknown preset %q: use lan, local or memberlist-lan\n", preset)
 		os.Exit(2)
 	}
-	if syncRounds >= 0 {
-		c.JoinSyncRounds = syncRounds
+	if ov.sync >= 0 {
+		c.JoinSyncRounds = ov.sync
 	}
+	setD := func(dst *time.Duration, v time.Duration) {
+		if v > 0 {
+			*dst = v
+		}
+	}
+	setI := func(dst *int, v int) {
+		if v > 0 {
+			*dst = v
+		}
+	}
+	setD(&c.ProbeInterval, ov.probe)
+	setD(&c.ProbeTimeout, ov.probeTimeout)
+	setD(&c.GossipInterval, ov.gossip)
+	setD(&c.JoinSyncDelay, ov.joinSyncDelay)
+	setI(&c.SuspicionMult, ov.suspicionMult)
+	setI(&c.SuspicionMaxTimeoutMult, ov.suspicionMax)
+	setI(&c.AwarenessMaxMultiplier, ov.awareness)
+	setI(&c.GossipNodes, ov.gossipNodes)
+	setI(&c.RetransmitMult, ov.retransmit)
+	setI(&c.IndirectChecks, ov.indirect)
 	c.NodeName, c.NodeID = name, "id-"+name
 	c.Meta = mesh.Meta{
 		InstanceType: "p5.48xlarge", AvailabilityZone: "us-east-1a", Region: "us-east-1",
@@ -148,14 +384,136 @@ func config(preset string, name string, verbose bool) mesh.Config {
 	for i := 0; i < 8; i++ {
 		c.Meta.GPUs = append(c.Meta.GPUs, mesh.GPU{Model: "NVIDIA H100 80GB HBM3", MemoryBytes: 85520809984})
 	}
-	if verbose {
-		c.Logger = hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.Warn, Output: os.Stderr})
+	_ = verbose
+	if err := c.Validate(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
 	}
 	return c
 }
 
-func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose bool) (join, dead time.Duration, err error) {
+// Trial phases, for counting false suspicions and deaths.
+const (
+	phaseJoin   = iota // from the joins to convergence
+	phaseSteady        // converged, nothing killed: every suspicion is false
+	phaseDetect        // one node killed: suspicions of any other are false
+)
+
+type result struct {
+	converge, detect time.Duration
+	// suspect: kill -> first node suspects the victim; firstDead: kill ->
+	// first node declares it dead (all relative to the kill).
+	suspect, firstDead time.Duration
+	failedPing         time.Duration // kill -> first direct probe of the victim timed out (-debug only)
+	timeouts           int           // survivors whose own suspicion timer declared the victim dead
+	confirms           string        // peer confirmations those timers had, e.g. "1,1,2"
+	falseSuspect       [3]int        // "Suspect X has failed" lines about live nodes, by phase
+	falseDead          [3]int        // (observer, live node) failed events, by phase
+	refutes            int           // "Refuting a suspect/dead message" lines
+	tcpRescue          int           // probes that only the TCP fallback saved
+	err                error
+}
+
+var (
+	reFailedPing = regexp.MustCompile(`Failed UDP ping: (\S+) \(timeout reached\)`)
+	reSuspect    = regexp.MustCompile(`Suspect (\S+) has failed`)
+	reMarking    = regexp.MustCompile(`Marking (\S+) as failed, suspect timeout reached \((\d+) peer confirmations\)`)
+)
+
+// recorder collects timestamps and counts of one trial from memberlist's
+// log lines and the nodes' events.
+type recorder struct {
+	mu              sync.Mutex
+	phase           int
+	victim          string
+	killed          time.Time
+	firstSusp       time.Time
+	firstFailedPing time.Time
+	firstDead       time.Time
+	lastDead        time.Time
+	deadSeen        map[string]bool // survivors that list the victim dead
+	confirms        []string
+	res             result
+	verbose         bool
+}
+
+func (r *recorder) logLine(node, line string) {
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case strings.Contains(line, "Refuting a"):
+		r.res.refutes++
+	case strings.Contains(line, "over TCP but UDP probes failed"):
+		r.res.tcpRescue++
+	}
+	if m := reFailedPing.FindStringSubmatch(line); m != nil && r.phase == phaseDetect && m[1] == r.victim && r.firstFailedPing.IsZero() {
+		r.firstFailedPing = now
+	}
+	if m := reSuspect.FindStringSubmatch(line); m != nil {
+		if r.phase == phaseDetect && m[1] == r.victim {
+			if r.firstSusp.IsZero() {
+				r.firstSusp = now
+			}
+		} else {
+			r.res.falseSuspect[r.phase]++
+		}
+	}
+	if m := reMarking.FindStringSubmatch(line); m != nil && r.phase == phaseDetect && m[1] == r.victim {
+		r.res.timeouts++
+		r.confirms = append(r.confirms, m[2])
+		if r.firstDead.IsZero() || now.Before(r.firstDead) {
+			r.firstDead = now
+		}
+	}
+	if r.verbose && (strings.Contains(line, "[WARN]") || strings.Contains(line, "[ERROR]")) {
+		fmt.Fprintf(os.Stderr, "%s: %s", node, line)
+	}
+}
+
+func (r *recorder) event(observer string, ev mesh.Event) {
+	if ev.Type != mesh.EventFailed || ev.Member.Name == observer {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.phase == phaseDetect && ev.Member.Name == r.victim {
+		if !r.deadSeen[observer] {
+			r.deadSeen[observer] = true
+			t := ev.Member.Since
+			if r.firstDead.IsZero() || t.Before(r.firstDead) {
+				r.firstDead = t
+			}
+			if t.After(r.lastDead) {
+				r.lastDead = t
+			}
+		}
+		return
+	}
+	r.res.falseDead[r.phase]++
+}
+
+func (r *recorder) setPhase(p int) {
+	r.mu.Lock()
+	r.phase = p
+	r.mu.Unlock()
+}
+
+// lineWriter hands each log line to the recorder.
+type lineWriter struct {
+	node string
+	r    *recorder
+}
+
+func (w lineWriter) Write(p []byte) (int, error) {
+	w.r.logLine(w.node, string(p))
+	return len(p), nil
+}
+
+func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, verbose bool) (res result) {
+	rec := &recorder{deadSeen: map[string]bool{}, verbose: verbose}
 	ms := make([]*mesh.Mesh, n)
+	var subWG sync.WaitGroup
 	defer func() {
 		var wg sync.WaitGroup
 		for _, m := range ms {
@@ -165,13 +523,32 @@ func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose 
 			}
 		}
 		wg.Wait()
+		subWG.Wait()
 	}()
 	for i := range ms {
-		m, err := mesh.New(config(preset, fmt.Sprintf("t%d-n%02d", t, i), verbose))
+		name := fmt.Sprintf("t%d-n%02d", t, i)
+		c := config(preset, name, verbose)
+		// Info level: memberlist's suspicion, death and refutation lines,
+		// not its per-probe debug lines.
+		level := hclog.Info
+		if debugLog {
+			level = hclog.Debug
+		}
+		c.Logger = hclog.New(&hclog.LoggerOptions{Name: name, Level: level, Output: lineWriter{name, rec}, DisableTime: true})
+		m, err := mesh.New(c)
 		if err != nil {
-			return 0, 0, err
+			res.err = err
+			return res
 		}
 		ms[i] = m
+		events, _ := m.Subscribe() // closed by Shutdown
+		subWG.Add(1)
+		go func() {
+			defer subWG.Done()
+			for ev := range events {
+				rec.event(name, ev)
+			}
+		}()
 	}
 	if seeds < 1 {
 		seeds = 1
@@ -192,12 +569,11 @@ func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose 
 		}()
 	}
 	diagDone := make(chan struct{})
-	joinStart := start
 	if diag {
 		go func() {
 			defer close(diagDone)
 			for _, at := range []time.Duration{2 * time.Second, 10 * time.Second} {
-				time.Sleep(at - time.Since(joinStart))
+				time.Sleep(at - time.Since(start))
 				if missing(ms, at) == 0 {
 					return
 				}
@@ -207,32 +583,68 @@ func trial(t, n, seeds int, preset string, timeout time.Duration, kill, verbose 
 		close(diagDone)
 	}
 	defer func() { <-diagDone }()
-	if !waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n }) {
-		return 0, 0, fmt.Errorf("not converged after %v: alive counts %v", timeout, counts(ms))
+	finish := func() result {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		out := rec.res
+		out.converge, out.err = res.converge, res.err
+		out.detect = res.detect
+		if !rec.killed.IsZero() {
+			if !rec.firstSusp.IsZero() {
+				out.suspect = rec.firstSusp.Sub(rec.killed)
+			}
+			if !rec.firstFailedPing.IsZero() {
+				out.failedPing = rec.firstFailedPing.Sub(rec.killed)
+			}
+			if !rec.firstDead.IsZero() {
+				out.firstDead = rec.firstDead.Sub(rec.killed)
+			}
+		}
+		out.confirms = strings.Join(rec.confirms, ",")
+		return out
 	}
-	join = time.Since(start)
+	if !waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n }) {
+		res.err = fmt.Errorf("not converged after %v: alive counts %v", timeout, counts(ms))
+		return finish()
+	}
+	res.converge = time.Since(start)
 	for i := 1; i < n; i++ {
 		if err := <-joinErr; err != nil {
-			return join, 0, fmt.Errorf("join: %w", err)
+			res.err = fmt.Errorf("join: %w", err)
+			return finish()
 		}
 	}
+	rec.setPhase(phaseSteady)
+	if steady > 0 {
+		time.Sleep(steady)
+	}
 	if !kill {
-		return join, 0, nil
+		return finish()
 	}
 	victim := ms[n-1]
-	name := victim.Name()
-	start = time.Now()
+	rec.mu.Lock()
+	rec.victim, rec.phase, rec.killed = victim.Name(), phaseDetect, time.Now()
+	rec.mu.Unlock()
 	victim.Shutdown()
-	survivors := ms[:n-1]
 	ctx2, cancel2 := context.WithTimeout(context.Background(), timeout)
 	defer cancel2()
-	if !waitAll(ctx2, survivors, func(m *mesh.Mesh) bool {
-		mem, ok := m.Member(name)
-		return ok && mem.State == mesh.StateDead
-	}) {
-		return join, 0, fmt.Errorf("killed node not seen dead by all after %v", timeout)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		rec.mu.Lock()
+		done, last, killed := len(rec.deadSeen) == n-1, rec.lastDead, rec.killed
+		rec.mu.Unlock()
+		if done {
+			res.detect = last.Sub(killed)
+			return finish()
+		}
+		select {
+		case <-ctx2.Done():
+			res.err = fmt.Errorf("killed node not seen dead by all after %v", timeout)
+			return finish()
+		case <-tick.C:
+		}
 	}
-	return join, time.Since(start), nil
 }
 
 // waitAll polls until cond holds for every mesh, checking each one only
