@@ -242,7 +242,7 @@ type agentCollector struct {
 	raftState, term, commit, applied, lastLog, fsmPending       *prometheus.Desc
 	lastContact, leaderChanges, voters, nonVoters, hasLeader    *prometheus.Desc
 	nodes, jobs, pending, allocs, localTasks                    *prometheus.Desc
-	sentBytes, recvBytes, sentFrames, recvFrames, ops           *prometheus.Desc
+	sentBytes, recvBytes, sentFrames, recvFrames, ops, lanes    *prometheus.Desc
 	busbw, algbw, pipeStages, stageSamples, stageBubble, jobGen *prometheus.Desc
 }
 
@@ -275,6 +275,7 @@ func newAgentCollector(o *opsState) *agentCollector {
 		sentFrames:    d("collective_sent_frames_total", "Data frames (chunks) sent, by operation.", "op"),
 		recvFrames:    d("collective_received_frames_total", "Data frames (chunks) received, by operation.", "op"),
 		ops:           d("collective_operations_total", "Collective operations this node's ranks took part in (once per rank and operation), by operation.", "op"),
+		lanes:         d("collective_lanes_accepted_total", "Data-plane TCP lanes this node's RPC port accepted (one per sending rank, receiving rank and channel of a link that uses lanes)."),
 		busbw:         d("collective_last_busbw_bytes_per_second", "Bus bandwidth of the last all-reduce size measured by a job (rank 0 of its latest reported generation), as nccl-tests defines it.", "job"),
 		algbw:         d("collective_last_algbw_bytes_per_second", "Algorithm bandwidth (bytes / time) of the last all-reduce size measured by a job.", "job"),
 		pipeStages:    d("pipeline_stages", "Stages of each running pipeline job.", "job"),
@@ -287,7 +288,7 @@ func newAgentCollector(o *opsState) *agentCollector {
 func (c *agentCollector) descs() []*prometheus.Desc {
 	return []*prometheus.Desc{c.members, c.role, c.raftState, c.term, c.commit, c.applied, c.lastLog, c.fsmPending,
 		c.lastContact, c.leaderChanges, c.voters, c.nonVoters, c.hasLeader, c.nodes, c.jobs, c.pending, c.allocs,
-		c.localTasks, c.sentBytes, c.recvBytes, c.sentFrames, c.recvFrames, c.ops, c.busbw, c.algbw, c.pipeStages,
+		c.localTasks, c.sentBytes, c.recvBytes, c.sentFrames, c.recvFrames, c.ops, c.lanes, c.busbw, c.algbw, c.pipeStages,
 		c.stageSamples, c.stageBubble, c.jobGen}
 }
 
@@ -365,6 +366,9 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.sentFrames, float64(k.SentFrames), op)
 		counter(c.recvFrames, float64(k.RecvFrames), op)
 		counter(c.ops, float64(k.Ops), op)
+	}
+	if a.data != nil && a.data.svc != nil {
+		counter(c.lanes, float64(a.data.svc.LanesAccepted()))
 	}
 }
 

@@ -89,6 +89,7 @@ exec:
 		{"gpumesh_gpu_ecc_errors", map[string]string{"gpu": "1", "type": "uncorrected"}, eq(1), "1"},
 		{"go_goroutines", nil, ge(1), ">= 1"},
 		{"go_gc_heap_live_bytes", nil, ge(1), ">= 1 (live heap after the last GC, for soaks)"},
+		{"gpumesh_collective_lanes_accepted_total", nil, ge(0), "present (lanes accepted by the RPC port)"},
 	}
 	procs.Eventually(t, 10*time.Second, func() error {
 		leader := dc.Leader()
