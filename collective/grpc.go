@@ -847,35 +847,8 @@ func (e *grpcEndpoint) sendLocal(ctx context.Context, peer, ch int, h *Header, p
 		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
 			e.spec.Rank, e.n, e.spec.Channels, peer, pe.n, pe.spec.Channels)}
 	}
-	q := pe.lq[e.spec.Rank*pe.spec.Channels+ch]
-	f := framePool.Get().(*InFrame)
-	f.Header = *h
-	f.Header.Src = int32(e.spec.Rank)
-	f.Header.Length = uint32(len(payload))
-	f.segs[0] = payload
-	f.Payload = f.segs[:1]
-	f.Peer = ref
-	f.owner = done
-	f.release = releaseLocal
-	select {
-	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
-		f.Release()
-		return fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
-	default:
-	}
-	var err error
-	select {
-	case q <- f:
-		return nil
-	case <-ctx.Done():
-		err = context.Cause(ctx)
-	case <-e.fail.ch:
-		err = e.fail.Err()
-	case <-pe.fail.ch:
-		err = fmt.Errorf("%w: rank %d (this process) failed: %w", ErrPeerFailed, peer, pe.fail.Err())
-	}
-	f.Release()
-	return err
+	f := localFrame(h, e.spec.Rank, payload, ref, done)
+	return deliverLocal(ctx, pe.lq[e.spec.Rank*pe.spec.Channels+ch], f, e.fail, pe.fail, peer, " (this process)")
 }
 
 // Send implements Endpoint.
@@ -997,7 +970,7 @@ func releaseLane(f *InFrame) {
 // payload is read into a pooled buffer.
 func (e *grpcEndpoint) RecvTo(ctx context.Context, peer, ch int, sink FrameSink) (*InFrame, Header, error) {
 	if e.local[peer] {
-		f, err := e.recvLocal(ctx, peer, ch)
+		f, err := receiveLocal(ctx, e.lq[peer*e.spec.Channels+ch], e.fail)
 		if err != nil {
 			return nil, Header{}, err
 		}
@@ -1071,23 +1044,6 @@ func (e *grpcEndpoint) RecvTo(ctx context.Context, peer, ch int, sink FrameSink)
 		return nil, h, e.laneErr(ctx, "from", peer, ch, err)
 	}
 	return nil, h, nil
-}
-
-func (e *grpcEndpoint) recvLocal(ctx context.Context, peer, ch int) (*InFrame, error) {
-	q := e.lq[peer*e.spec.Channels+ch]
-	select {
-	case f := <-q:
-		return f, nil
-	default:
-	}
-	select {
-	case f := <-q:
-		return f, nil
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
-	case <-e.fail.ch:
-		return nil, e.fail.Err()
-	}
 }
 
 func (e *grpcEndpoint) recvStream(sl *inSlot, peer, ch int) (*InFrame, error) {

@@ -129,12 +129,7 @@ func (s *Service) serveLane(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
 	refuse := func(reason string) {
 		s.log.Warn("refused a data-plane lane connection", "remote", remote, "reason", reason)
-		msg := []byte(reason)
-		out := make([]byte, 3+len(msg))
-		out[0] = laneStatusRefused
-		binary.LittleEndian.PutUint16(out[1:], uint16(len(msg)))
-		copy(out[3:], msg)
-		_, _ = conn.Write(out)
+		_, _ = conn.Write(laneAnswer(laneStatusRefused, nil, reason))
 		_ = conn.Close()
 	}
 	if s.cfg.DataPlane == DataPlaneGRPC {
@@ -166,12 +161,7 @@ func (s *Service) serveLane(conn net.Conn) {
 	if err := o.ep.fail.Err(); err != nil {
 		// The rank failed after it offered the lane: say why, as an abort
 		// would, so that the sender fails with the cause, not a refusal.
-		msg := []byte(abortMessage(err))
-		out := make([]byte, 4+len(msg))
-		out[0], out[1] = laneStatusFailed, byte(abortClassOf(err))
-		binary.LittleEndian.PutUint16(out[2:], uint16(len(msg)))
-		copy(out[4:], msg)
-		_, _ = conn.Write(out)
+		_, _ = conn.Write(laneAnswer(laneStatusFailed, []byte{byte(abortClassOf(err))}, abortMessage(err)))
 		_ = conn.Close()
 		return
 	}
@@ -240,19 +230,14 @@ func dialLane(ctx context.Context, cfg *GRPCConfig, addr string, tok laneToken, 
 		return fail(fmt.Errorf("no answer to the lane handshake: %w", err))
 	}
 	if st[0] == laneStatusFailed {
-		var b [3]byte
-		_, _ = io.ReadFull(conn, b[:])
-		msg := make([]byte, binary.LittleEndian.Uint16(b[1:]))
-		_, _ = io.ReadFull(conn, msg)
+		var class [1]byte
+		_, _ = io.ReadFull(conn, class[:])
+		msg := readLaneReason(conn)
 		_ = raw.Close()
-		return nil, &laneFailed{class: b[0], msg: string(msg)}
+		return nil, &laneFailed{class: class[0], msg: msg}
 	}
 	if st[0] != laneStatusOK {
-		var lb [2]byte
-		_, _ = io.ReadFull(conn, lb[:])
-		msg := make([]byte, binary.LittleEndian.Uint16(lb[:]))
-		_, _ = io.ReadFull(conn, msg)
-		return fail(fmt.Errorf("lane refused: %s", msg))
+		return fail(fmt.Errorf("lane refused: %s", readLaneReason(conn)))
 	}
 	if !stop() {
 		return fail(context.Cause(ctx))
@@ -260,6 +245,27 @@ func dialLane(ctx context.Context, cfg *GRPCConfig, addr string, tok laneToken, 
 	_ = raw.SetDeadline(time.Time{})
 	tuneLaneSocket(raw, cfg.LaneSocketBuffer)
 	return newLaneConn(conn, raw), nil
+}
+
+// laneAnswer encodes a receiver's answer other than laneStatusOK: the status
+// byte, extra (the abort class for laneStatusFailed), then the reason with a
+// 2-byte little-endian length.
+func laneAnswer(status byte, extra []byte, reason string) []byte {
+	out := make([]byte, 0, 1+len(extra)+2+len(reason))
+	out = append(out, status)
+	out = append(out, extra...)
+	out = binary.LittleEndian.AppendUint16(out, uint16(len(reason)))
+	return append(out, reason...)
+}
+
+// readLaneReason reads the length-prefixed reason of a laneAnswer (what
+// arrives of it: the receiver closes right after).
+func readLaneReason(r io.Reader) string {
+	var lb [2]byte
+	_, _ = io.ReadFull(r, lb[:])
+	msg := make([]byte, binary.LittleEndian.Uint16(lb[:]))
+	n, _ := io.ReadFull(r, msg)
+	return string(msg[:n])
 }
 
 // laneFailed is the receiver's answer when its rank has failed.

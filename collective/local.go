@@ -150,6 +150,65 @@ func releaseLocal(f *InFrame) {
 	d.SendDone()
 }
 
+// localFrame wraps payload (and the sender's buffer reference) as a frame
+// from rank src handed over in memory; its Release reports done.
+func localFrame(h *Header, src int, payload []byte, ref PeerRef, done SendDone) *InFrame {
+	f := framePool.Get().(*InFrame)
+	f.Header = *h
+	f.Header.Src = int32(src)
+	f.Header.Length = uint32(len(payload))
+	f.segs[0] = payload
+	f.Payload = f.segs[:1]
+	f.Peer = ref
+	f.owner = done
+	f.release = releaseLocal
+	return f
+}
+
+// deliverLocal puts f on the in-memory queue q of rank peer, whose failure
+// state is pf (self is the sender's). A closed or failed receiver takes
+// nothing more; f is released whenever it is not delivered. where is added
+// to the peer-failed error after the rank ("" or " (this process)").
+func deliverLocal(ctx context.Context, q chan<- *InFrame, f *InFrame, self, pf *failState, peer int, where string) error {
+	select {
+	case <-pf.ch:
+		f.Release()
+		return fmt.Errorf("%w: rank %d%s failed: %w", ErrPeerFailed, peer, where, pf.Err())
+	default:
+	}
+	var err error
+	select {
+	case q <- f:
+		return nil
+	case <-ctx.Done():
+		err = context.Cause(ctx)
+	case <-self.ch:
+		err = self.Err()
+	case <-pf.ch:
+		err = fmt.Errorf("%w: rank %d%s failed: %w", ErrPeerFailed, peer, where, pf.Err())
+	}
+	f.Release()
+	return err
+}
+
+// receiveLocal takes the next frame handed over in memory from q, preferring
+// a queued frame to the end of ctx or of the receiving rank (fail).
+func receiveLocal(ctx context.Context, q <-chan *InFrame, fail *failState) (*InFrame, error) {
+	select {
+	case f := <-q:
+		return f, nil
+	default:
+	}
+	select {
+	case f := <-q:
+		return f, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	case <-fail.ch:
+		return nil, fail.Err()
+	}
+}
+
 func (e *localEndpoint) peer(ctx context.Context, p int) (*localEndpoint, error) {
 	e.peersMu.Lock()
 	if e.peers == nil {
@@ -209,50 +268,12 @@ func (e *localEndpoint) Send(ctx context.Context, peer, ch int, h *Header, paylo
 		return &MismatchError{Msg: fmt.Sprintf("rank %d uses %d ranks and %d channels but rank %d uses %d ranks and %d channels: give every rank the same group and collective config",
 			e.spec.Rank, len(e.spec.Addrs), e.spec.Channels, peer, len(pe.spec.Addrs), pe.spec.Channels)}
 	}
-	f := framePool.Get().(*InFrame)
-	f.Header = *h
-	f.Header.Src = int32(e.spec.Rank)
-	f.Header.Length = uint32(len(payload))
-	f.segs[0] = payload
-	f.Payload = f.segs[:1]
-	f.Peer = ref
-	f.owner = done
-	f.release = releaseLocal
-	select {
-	case <-pe.fail.ch: // a closed or failed receiver takes nothing more
-		f.Release()
-		return fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
-	default:
-	}
-	select {
-	case pe.queues[e.spec.Rank*pe.spec.Channels+ch] <- f:
-		return nil
-	case <-ctx.Done():
-		err = context.Cause(ctx)
-	case <-e.fail.ch:
-		err = e.Err()
-	case <-pe.fail.ch:
-		err = fmt.Errorf("%w: rank %d failed: %w", ErrPeerFailed, peer, pe.Err())
-	}
-	f.Release()
-	return err
+	f := localFrame(h, e.spec.Rank, payload, ref, done)
+	return deliverLocal(ctx, pe.queues[e.spec.Rank*pe.spec.Channels+ch], f, e.fail, pe.fail, peer, "")
 }
 
 func (e *localEndpoint) Recv(ctx context.Context, peer, ch int) (*InFrame, error) {
-	q := e.queues[peer*e.spec.Channels+ch]
-	select {
-	case f := <-q:
-		return f, nil
-	default:
-	}
-	select {
-	case f := <-q:
-		return f, nil
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
-	case <-e.fail.ch:
-		return nil, e.Err()
-	}
+	return receiveLocal(ctx, e.queues[peer*e.spec.Channels+ch], e.fail)
 }
 
 func (e *localEndpoint) Abort(ctx context.Context, cause error) {
