@@ -6,10 +6,8 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -24,80 +22,14 @@ import (
 // gRPC data plane over loopback TCP, with device buffers: correctness for
 // every op on a few dtypes; with GPUMESH_CUDA_BENCH=1 also busbw.
 func TestTCPSeparateProcesses(t *testing.T) {
-	if rank := os.Getenv("GPUMESH_TCP_RANK"); rank != "" {
-		tcpChild(t, rank)
+	if os.Getenv("GPUMESH_PROC") != "" {
+		tcpChild(t)
 		return
 	}
 	if !cuda.Available() {
 		t.Skip("no CUDA device on this host")
 	}
-	n := 2
-	if s := os.Getenv("GPUMESH_TCP_RANKS"); s != "" {
-		n, _ = strconv.Atoi(s)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(envInt("GPUMESH_TCP_TIMEOUT_S", 120))*time.Second)
-	defer cancel()
-	type child struct {
-		cmd   *exec.Cmd
-		stdin io.WriteCloser
-		out   *bufio.Reader
-		log   strings.Builder
-		done  chan struct{}
-	}
-	var kids []*child
-	var addrs []string
-	for r := 0; r < n; r++ {
-		k := &child{done: make(chan struct{})}
-		k.cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^TestTCPSeparateProcesses$", "-test.v")
-		k.cmd.Env = append(os.Environ(), "GPUMESH_TCP_RANK="+strconv.Itoa(r), "GPUMESH_TCP_SIZE="+strconv.Itoa(n))
-		k.cmd.Stderr = os.Stderr
-		var err error
-		if k.stdin, err = k.cmd.StdinPipe(); err != nil {
-			t.Fatal(err)
-		}
-		pipe, err := k.cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		k.out = bufio.NewReader(pipe)
-		if err := k.cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		kids = append(kids, k)
-		// first line: the rank's listening address
-		for {
-			line, err := k.out.ReadString('\n')
-			if err != nil {
-				t.Fatalf("rank %d exited before listening: %v", r, err)
-			}
-			if a, ok := strings.CutPrefix(strings.TrimSpace(line), "ADDR "); ok {
-				addrs = append(addrs, a)
-				break
-			}
-		}
-	}
-	for r, k := range kids {
-		fmt.Fprintln(k.stdin, strings.Join(addrs, ","))
-		go func(r int, k *child) {
-			defer close(k.done)
-			for {
-				line, err := k.out.ReadString('\n')
-				if strings.HasPrefix(line, "tcp ") {
-					fmt.Print(line)
-				}
-				k.log.WriteString(line)
-				if err != nil {
-					return
-				}
-			}
-		}(r, k)
-	}
-	for r, k := range kids {
-		<-k.done
-		if err := k.cmd.Wait(); err != nil {
-			t.Errorf("rank %d: %v\n%s", r, err, k.log.String())
-		}
-	}
+	runProcs(t, "TestTCPSeparateProcesses", envInt("GPUMESH_TCP_RANKS", 2), "tcp ", time.Duration(envInt("GPUMESH_TCP_TIMEOUT_S", 120))*time.Second)
 }
 
 func envInt(name string, def int) int {
@@ -107,9 +39,9 @@ func envInt(name string, def int) int {
 	return def
 }
 
-func tcpChild(t *testing.T, rankS string) {
-	rank, _ := strconv.Atoi(rankS)
-	n, _ := strconv.Atoi(os.Getenv("GPUMESH_TCP_SIZE"))
+func tcpChild(t *testing.T) {
+	rank, _ := strconv.Atoi(os.Getenv("GPUMESH_PROC"))
+	n, _ := strconv.Atoi(os.Getenv("GPUMESH_PROCS"))
 	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +52,7 @@ func tcpChild(t *testing.T, rankS string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs := strings.Split(strings.TrimSpace(line), ",")
+	addrs := strings.Split(strings.TrimSpace(line), ";")
 	be := openBackendCfg(t, envInt("GPUMESH_SLOT_KIB", 4096)<<10, envInt("GPUMESH_SLOTS", 64))
 	dev := rank % be.NumDevices()
 	ctx := context.Background()
