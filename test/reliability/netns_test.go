@@ -109,30 +109,24 @@ func newTopology(t *testing.T, n int) *topology {
 			_ = run("ip", "netns", "del", ns)
 		}
 	})
-	must := func(args ...string) {
-		t.Helper()
-		if err := run(args...); err != nil {
-			t.Fatalf("network setup: %v", err)
-		}
-	}
-	must("ip", "netns", "add", tp.hub)
-	must("ip", "-n", tp.hub, "link", "set", "lo", "up")
+	tp.must("ip", "netns", "add", tp.hub)
+	tp.must("ip", "-n", tp.hub, "link", "set", "lo", "up")
 	for _, br := range []string{"br0", "br1"} {
-		must("ip", "-n", tp.hub, "link", "add", br, "type", "bridge")
-		must("ip", "-n", tp.hub, "link", "set", br, "up")
+		tp.must("ip", "-n", tp.hub, "link", "add", br, "type", "bridge")
+		tp.must("ip", "-n", tp.hub, "link", "set", br, "up")
 	}
 	for i := 0; i < n; i++ {
 		ns := fmt.Sprintf("%sn%d", nsPrefix, i+1)
 		ip := fmt.Sprintf("10.99.0.%d", 11+i)
-		must("ip", "netns", "add", ns)
+		tp.must("ip", "netns", "add", ns)
 		tp.nodes = append(tp.nodes, ns)
 		tp.ips = append(tp.ips, ip)
-		must("ip", "-n", ns, "link", "set", "lo", "up")
-		must("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", tp.port(i), "netns", tp.hub)
-		must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "eth0")
-		must("ip", "-n", ns, "link", "set", "eth0", "up")
-		must("ip", "-n", tp.hub, "link", "set", tp.port(i), "master", "br0")
-		must("ip", "-n", tp.hub, "link", "set", tp.port(i), "up")
+		tp.must("ip", "-n", ns, "link", "set", "lo", "up")
+		tp.must("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", tp.port(i), "netns", tp.hub)
+		tp.must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "eth0")
+		tp.must("ip", "-n", ns, "link", "set", "eth0", "up")
+		tp.must("ip", "-n", tp.hub, "link", "set", tp.port(i), "master", "br0")
+		tp.must("ip", "-n", tp.hub, "link", "set", tp.port(i), "up")
 	}
 	// Is tc netem there (a kernel module some hosts lack)?
 	tp.netem = run("ip", "netns", "exec", tp.hub, "tc", "qdisc", "add", "dev", "br1", "root", "netem", "delay", "1ms") == nil
@@ -173,19 +167,13 @@ func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *t
 		t.Fatal(err)
 	}
 	tp.emu = emu
-	must := func(args ...string) {
-		t.Helper()
-		if err := run(args...); err != nil {
-			t.Fatalf("network setup: %v", err)
-		}
-	}
 	for i := 0; i < n; i++ {
 		ns := fmt.Sprintf("%sn%d", nsPrefix, i+1)
 		ip := fmt.Sprintf("10.99.0.%d", 11+i)
-		must("ip", "netns", "add", ns)
+		tp.must("ip", "netns", "add", ns)
 		tp.nodes = append(tp.nodes, ns)
 		tp.ips = append(tp.ips, ip)
-		must("ip", "-n", ns, "link", "set", "lo", "up")
+		tp.must("ip", "-n", ns, "link", "set", "lo", "up")
 		tun, err := netemu.OpenTUN("/run/netns/"+ns, "tun0")
 		if err != nil {
 			t.Fatalf("network setup: %v", err)
@@ -194,10 +182,18 @@ func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *t
 			tun.Close()
 			t.Fatalf("network setup: %v", err)
 		}
-		must("ip", "-n", ns, "link", "set", "tun0", "mtu", "9000", "up")
-		must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "tun0")
+		tp.must("ip", "-n", ns, "link", "set", "tun0", "mtu", "9000", "up")
+		tp.must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "tun0")
 	}
 	return tp
+}
+
+// must runs a network-setup command and fails the test if it fails.
+func (tp *topology) must(args ...string) {
+	tp.t.Helper()
+	if err := run(args...); err != nil {
+		tp.t.Fatalf("network setup: %v", err)
+	}
 }
 
 func (tp *topology) port(i int) string { return fmt.Sprintf("v%d", i+1) }
