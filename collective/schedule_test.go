@@ -165,6 +165,36 @@ func TestRingStepForwardsWhatItReceived(t *testing.T) {
 	}
 }
 
+// TestRingPlansForwardWithinAWave checks the wavefront order of ringPlans:
+// a chunk is sent on within two waves (at most 4(n-1) units) of the receive
+// it waits for, so it is still in the cache, not after the rest
+// of its step (step-by-step order puts a whole block part in between).
+func TestRingPlansForwardWithinAWave(t *testing.T) {
+	for n := 2; n <= 8; n++ {
+		plan := ChunkPlan{Count: 100*n*3 + 5, Ranks: n, Channels: 3, ChunkElems: 1}
+		for r := 0; r < n; r++ {
+			for ch, p := range ringPlans(plan, r, 0, RingAllReduceSteps(n), false) {
+				forwarded := 0
+				for i, u := range p.sends {
+					if u.dep < 0 {
+						continue
+					}
+					forwarded++
+					if gap := i - u.dep; gap < 0 || gap > 2*RingAllReduceSteps(n) {
+						t.Fatalf("n=%d rank %d ch %d: send %d waits for receive %d (%d units apart)", n, r, ch, i, u.dep, gap)
+					}
+					if got, want := p.recvs[u.dep], u; got.off != want.off || got.n != want.n {
+						t.Fatalf("n=%d rank %d ch %d: send %d [%d,+%d) waits for receive of [%d,+%d)", n, r, ch, i, want.off, want.n, got.off, got.n)
+					}
+				}
+				if want := len(p.sends) - plan.SubChunks(RingAllReduceStep(n, r, 0).Send, ch); forwarded != want {
+					t.Fatalf("n=%d rank %d ch %d: %d sends wait for a receive, want %d", n, r, ch, forwarded, want)
+				}
+			}
+		}
+	}
+}
+
 // TestRecursiveDoublingSchedule simulates recursive doubling for n=1..16:
 // every rank ends with every contribution exactly once, all ranks equal.
 func TestRecursiveDoublingSchedule(t *testing.T) {
