@@ -35,6 +35,14 @@ func BenchmarkGRPCAllReduce(b *testing.B) {
 			}
 			defer g.Close()
 			bufs := []*HostBuffer{NewHostBuffer(Float32, size/4), NewHostBuffer(Float32, size/4)}
+			// Real values: all-zero pages would stay shared zero pages until
+			// written and add copy-on-write faults to the first operations.
+			for r, hb := range bufs {
+				f := hb.AsFloat32()
+				for i := range f {
+					f[i] = float32(r + i%7)
+				}
+			}
 			run := func() {
 				noErrsB(b, RunAll(g.Comms, func(c *Communicator) error {
 					return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
@@ -78,6 +86,14 @@ func BenchmarkLocalAllReduceAllocs(b *testing.B) {
 			}
 			defer CloseAll(comms)
 			bufs := []*HostBuffer{NewHostBuffer(Float32, size/4), NewHostBuffer(Float32, size/4)}
+			// Real values: all-zero pages would stay shared zero pages until
+			// written and add copy-on-write faults to the first operations.
+			for r, hb := range bufs {
+				f := hb.AsFloat32()
+				for i := range f {
+					f[i] = float32(r + i%7)
+				}
+			}
 			run := func() {
 				noErrsB(b, RunAll(comms, func(c *Communicator) error {
 					return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
