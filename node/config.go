@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/collective"
 )
 
 // Default ports of an agent.
@@ -67,6 +69,10 @@ type Config struct {
 	// TLS as gRPC when TLS is on) or "grpc" (on the gRPC streams). Empty
 	// means "tcp".
 	DataPlane string
+	// LaneSocketBuffer is SO_SNDBUF/SO_RCVBUF of every TCP lane in bytes; 0
+	// leaves them to the kernel's autotuning (see
+	// collective.GRPCConfig.LaneSocketBuffer).
+	LaneSocketBuffer int
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
@@ -117,6 +123,7 @@ func DefaultConfig() *Config {
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
 		DataPlane:         "tcp",
+		LaneSocketBuffer:  collective.DefaultGRPCConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
 		Lifecycle:         "unknown",
 	}
@@ -166,6 +173,9 @@ func (c *Config) Validate() error {
 	case "", "tcp", "grpc":
 	default:
 		errs = append(errs, fmt.Errorf("data plane %q is not tcp or grpc (--data-plane)", c.DataPlane))
+	}
+	if c.LaneSocketBuffer < 0 {
+		errs = append(errs, fmt.Errorf("lane socket buffer must be >= 0 bytes (0: kernel autotuning), got %d (--lane-socket-buffer)", c.LaneSocketBuffer))
 	}
 	if c.CollectiveTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))

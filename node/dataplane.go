@@ -27,6 +27,7 @@ func registerDataPlane(a *Agent) error {
 	cfg := collective.DefaultGRPCConfig()
 	cfg.Logger = a.logger.Named("dataplane")
 	cfg.DialOptions = a.sec.dialOptions()
+	cfg.LaneSocketBuffer = a.cfg.LaneSocketBuffer
 	if a.cfg.DataPlane == collective.DataPlaneGRPC {
 		cfg.DataPlane = collective.DataPlaneGRPC
 	}

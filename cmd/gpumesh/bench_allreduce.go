@@ -49,7 +49,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
-	fs.StringVar(&f.sockBuf, "lane-socket-buffer", "0", "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
+	fs.StringVar(&f.sockBuf, "lane-socket-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 }
 
 func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, collective.AllReduceJobSpec, error) {
