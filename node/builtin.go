@@ -41,7 +41,8 @@ func (t *builtinTask) Stop(reason string, deadline time.Time) { t.cancel() }
 // writes the rank's log file) and returns its report.
 type builtinBody func(ctx context.Context, logger hclog.Logger) (map[string]any, error)
 
-var builtinTasks sync.Map // log path → *builtinTask, for log streaming
+// builtinLogName is a built-in rank's log file in its allocation directory.
+const builtinLogName = "builtin.log"
 
 // startBuiltin runs body as the rank of al.
 func startBuiltin(r *runner, al *pb.Allocation, body builtinBody) (task, error) {
@@ -49,14 +50,13 @@ func startBuiltin(r *runner, al *pb.Allocation, body builtinBody) (task, error) 
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	logPath := filepath.Join(dir, "builtin.log")
+	logPath := filepath.Join(dir, builtinLogName)
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	t := &builtinTask{cancel: cancel, done: make(chan struct{}), logPath: logPath}
-	builtinTasks.Store(logPath, t)
 	logger := hclog.New(&hclog.LoggerOptions{
 		Name:   fmt.Sprintf("%s/gen%d/rank%d", al.JobId, al.Generation, al.Rank),
 		Output: io.MultiWriter(f),
@@ -85,7 +85,7 @@ func startBuiltin(r *runner, al *pb.Allocation, body builtinBody) (task, error) 
 // ranks write one stream; stderr reads as empty.
 func openBuiltinLogs(r *runner, id driver.TaskID, stream string) (io.ReadCloser, bool) {
 	dir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
-	p := filepath.Join(dir, "builtin.log")
+	p := filepath.Join(dir, builtinLogName)
 	f, err := os.Open(p)
 	if err != nil {
 		return nil, false

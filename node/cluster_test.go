@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -14,9 +15,11 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
@@ -512,5 +515,58 @@ func TestClusterMixedDataPlanes(t *testing.T) {
 		if n := a.data.svc.LanesAccepted(); n != 0 {
 			t.Fatalf("agent %d accepted %d lanes with a gRPC-only peer", i, n)
 		}
+	}
+}
+
+// Purging an ended job removes what its ranks left on every node: the
+// allocation directories of exec and built-in ranks (logs included) and the
+// job's own directory, so a long-lived cluster's disk does not grow with
+// every job.
+func TestClusterPurgeRemovesRankDirectories(t *testing.T) {
+	const gcAge = 5 * time.Second // the margin for seeing the directories before the purge
+	dc := startCluster(t, 3, func(i int, c *Config) { c.JobGCAge = gcAge })
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	jobDirs := func(id string) []string {
+		var out []string
+		for _, a := range dc.Agents {
+			d := filepath.Join(mustAbs(a.cfg.DataDir), "alloc", id)
+			if _, err := os.Stat(d); err == nil {
+				out = append(out, d)
+			}
+		}
+		return out
+	}
+	var ids []string
+	for _, y := range []string{
+		"type: allreduce\nranks: 3\nplacement: spread\nallreduce: {sizes: [4KiB], dtype: int32, iters: 1, device: cpu}\n",
+		"ranks: 3\nplacement: spread\nexec:\n  command: [\"sh\", \"-c\", \"echo rank $RANK\"]\n",
+	} {
+		resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, y)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		final := waitJob(t, c, resp.Id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+		if final.Job.Status != "complete" {
+			t.Fatalf("job %s: %s (%s)", resp.Id, final.Job.Status, final.Job.StatusReason)
+		}
+		if got := jobDirs(resp.Id); len(got) != 3 {
+			t.Fatalf("job %s (%s): rank directories on %d nodes after it completed, want 3: %v", resp.Id, final.Job.Spec.GetType(), len(got), got)
+		}
+		ids = append(ids, resp.Id)
+	}
+	for _, id := range ids {
+		procs.Eventually(t, 30*time.Second, func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if _, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id}); status.Code(err) != codes.NotFound {
+				return fmt.Errorf("job %s not purged yet (GetJob: %v)", id, err)
+			}
+			if left := jobDirs(id); len(left) > 0 {
+				return fmt.Errorf("job %s purged but its directories remain: %v", id, left)
+			}
+			return nil
+		})
 	}
 }

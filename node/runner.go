@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -59,9 +61,10 @@ type runner struct {
 	finished map[string]bool
 	// started holds allocations this agent process started (or adopted).
 	started map[string]bool
-	// placed holds this node's allocations in the last view; one that
-	// leaves the view (its job was purged) has its ended task removed.
-	placed map[string]bool
+	// placed holds this node's allocations in the last view (with their
+	// task IDs); one that leaves the view (its job was purged) has its
+	// ended task and its allocation directory removed.
+	placed map[string]driver.TaskID
 	kick   chan struct{}
 
 	drivers map[string]driverFunc
@@ -83,7 +86,7 @@ func newRunner(a *Agent) *runner {
 
 		finished: map[string]bool{},
 		started:  map[string]bool{},
-		placed:   map[string]bool{},
+		placed:   map[string]driver.TaskID{},
 		drivers:  map[string]driverFunc{},
 	}
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
@@ -191,12 +194,12 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	want := map[string]bool{}
-	placed := map[string]bool{}
+	placed := map[string]driver.TaskID{}
 	for _, al := range ev.Allocations {
 		if al.NodeId != r.a.nodeID {
 			continue
 		}
-		placed[al.Id] = true
+		placed[al.Id] = taskID(al)
 		rt := r.tasks[al.Id]
 		reported := r.pending[al.Id]
 		if al.DesiredStatus == "stop" {
@@ -249,43 +252,66 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	}
 	// Allocations that were in the last view and are gone from this one
 	// were purged with their job: the exec driver forgets their ended
-	// tasks and removes their allocation directories (logs included), so
-	// neither memory nor disk grows with every job. Only a departure seen
-	// here counts: a view that is still catching up after a restart has
-	// never held them.
-	var gone []string
-	for id := range r.placed {
-		if !placed[id] && r.tasks[id] == nil {
-			gone = append(gone, id)
+	// tasks and removes their allocation directories (logs included),
+	// built-in ranks' directories (their log) go too, and so do the job's
+	// and generation's directories once empty, so neither memory nor disk
+	// grows with every job. Only a departure seen here counts: a view that
+	// is still catching up after a restart has never held them.
+	gone := map[string]driver.TaskID{}
+	for id, tid := range r.placed {
+		if _, still := placed[id]; !still && r.tasks[id] == nil {
+			gone[id] = tid
 		}
 	}
 	r.placed = placed
 	if len(gone) > 0 {
-		if v, ok := execDrivers.Load(r); ok {
-			if d := v.(*execState).d; d != nil {
-				byAlloc := map[string]*driver.Handle{}
-				for _, h := range d.List() {
-					byAlloc[h.Spec().AllocID] = h
-				}
-				for _, id := range gone {
-					h := byAlloc[id]
-					if h == nil {
-						continue
-					}
-					if _, done := h.Result(); done {
-						if err := d.Remove(h.ID()); err != nil {
-							r.logger.Warn("removing a purged allocation's task", "task", h.ID(), "error", err)
-						}
-					}
-				}
-			}
-		}
+		r.removePurgedLocked(gone)
 	}
 	// Anything running that the cluster no longer wants (job purged) stops.
 	for id, rt := range r.tasks {
 		if !want[id] && !rt.stopped {
 			rt.stopped = true
 			rt.task.Stop("no longer placed here", r.a.drainDeadline())
+		}
+	}
+}
+
+// removePurgedLocked removes what purged allocations left on this node:
+// ended exec tasks (through the driver) and built-in ranks' directories,
+// then the emptied generation and job directories.
+func (r *runner) removePurgedLocked(gone map[string]driver.TaskID) {
+	var d *driver.Driver
+	if v, ok := execDrivers.Load(r); ok {
+		d = v.(*execState).d
+	}
+	byAlloc := map[string]*driver.Handle{}
+	if d != nil {
+		for _, h := range d.List() {
+			byAlloc[h.Spec().AllocID] = h
+		}
+	}
+	root := mustAbs(r.a.cfg.DataDir)
+	for id, tid := range gone {
+		dir := driver.AllocDir(root, tid)
+		if h := byAlloc[id]; h != nil {
+			if _, done := h.Result(); !done {
+				continue
+			}
+			if err := d.Remove(h.ID()); err != nil {
+				r.logger.Warn("removing a purged allocation's task", "task", h.ID(), "error", err)
+				continue
+			}
+		} else if _, err := os.Stat(filepath.Join(dir, builtinLogName)); err == nil {
+			if err := os.RemoveAll(dir); err != nil {
+				r.logger.Warn("removing a purged built-in rank's directory", "dir", dir, "error", err)
+				continue
+			}
+		}
+		// The generation's and the job's directories, if nothing else is
+		// left in them (os.Remove refuses a directory that is not empty).
+		gen := filepath.Dir(dir)
+		if os.Remove(gen) == nil {
+			_ = os.Remove(filepath.Dir(gen))
 		}
 	}
 }
