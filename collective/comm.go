@@ -37,6 +37,9 @@ type Communicator struct {
 	ghash uint64
 	ep    Endpoint
 	log   hclog.Logger
+	// minChan is the least each channel of an operation carries
+	// (planChannels); 0 uses every channel.
+	minChan int
 
 	opMu   sync.RWMutex // collectives hold it exclusively, Send/Recv shared
 	seq    uint64       // collective sequence number (under opMu)
@@ -78,7 +81,7 @@ func New(t Transport, g Group, cfg Config) (*Communicator, error) {
 	}
 	n := len(g.Addrs)
 	c := &Communicator{
-		cfg: cfg, group: g, n: n, rank: g.Rank, ghash: GroupHash(g.Job), ep: ep,
+		cfg: cfg, group: g, n: n, rank: g.Rank, ghash: GroupHash(g.Job), ep: ep, minChan: minChannelBytes,
 		log:     log.Named("collective").With("job", g.Job, "generation", g.Generation, "rank", g.Rank),
 		p2pMu:   make([]sync.Mutex, 2*n),
 		p2pSeq:  make([]uint64, 2*n),

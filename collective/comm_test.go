@@ -14,6 +14,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// The tests' buffers are small: keep every configured channel busy
+	// (TestSmallOperationsUseFewerChannels checks the real minimum).
+	minChannelBytes = 0
 	goleak.VerifyTestMain(m)
 }
 

@@ -11,9 +11,12 @@ import (
 // Channels, ChunkBytes and SmallBytes (a difference is reported as a
 // mismatch on the first operation).
 type Config struct {
-	// Channels is the number of parallel links (each its own HTTP/2
-	// connection with the gRPC transport) to each peer. A buffer is split
-	// across channels; each runs its own pipelined ring. Default 4.
+	// Channels is the number of parallel links (each its own TCP lane or
+	// HTTP/2 connection with the gRPC transport) to each peer. A buffer is
+	// split across channels; each runs its own pipelined ring. An
+	// operation too small to give every channel MinChannelBytes of each
+	// ring block (of the whole buffer for broadcast and send) uses fewer,
+	// at least one. Default 4.
 	Channels int
 	// ChunkBytes is the pipelining unit in bytes: a channel's part of a
 	// block moves in chunks of at most this size, several in flight.

@@ -421,3 +421,46 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 		g.Close()
 	}
 }
+
+// An operation too small to give every channel MinChannelBytes per block
+// runs on fewer channels (fewer frames and links), with the same result;
+// a large one uses them all.
+func TestSmallOperationsUseFewerChannels(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Channels = 4
+	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultGRPCConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	for _, c := range g.Comms {
+		c.minChan = MinChannelBytes
+	}
+	c0 := g.Comms[0]
+	for _, tc := range []struct{ bytes, want int }{
+		{0, 1}, {MinChannelBytes - 4, 1}, {MinChannelBytes, 1}, {2*MinChannelBytes + 4, 2}, {3 * MinChannelBytes, 3}, {64 * MinChannelBytes, 4},
+	} {
+		if got := c0.planChannels(tc.bytes); got != tc.want {
+			t.Errorf("planChannels(%d) = %d, want %d", tc.bytes, got, tc.want)
+		}
+	}
+	// Per server: one lane out and one in per channel in use.
+	for _, step := range []struct {
+		count int // float32 elements; a block is half of them
+		lanes int
+	}{{MinChannelBytes/2 + 3, 2}, {4*MinChannelBytes/2 + 5, 8}} {
+		bufs := []*HostBuffer{NewHostBuffer(Float32, step.count), NewHostBuffer(Float32, step.count)}
+		fill(bufs[0], OpSum, 0)
+		fill(bufs[1], OpSum, 1)
+		noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
+			return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+		}))
+		checkResult(t, bufs[0], OpSum, 2, 0, "fewer channels")
+		checkResult(t, bufs[1], OpSum, 2, 1, "fewer channels")
+		for i, s := range g.Servers {
+			if n := lanesOf(s); n != step.lanes {
+				t.Errorf("after %d elements: server %d has %d lanes, want %d", step.count, i, n, step.lanes)
+			}
+		}
+	}
+}

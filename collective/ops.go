@@ -260,8 +260,37 @@ func ringPlans(plan ChunkPlan, rank, s0, s1 int, avg bool) []chanPlan {
 	return plans
 }
 
+// MinChannelBytes is the least an operation gives each channel: of each
+// ring block for the ring collectives, of the whole buffer for broadcast
+// and send/receive. Smaller operations use fewer channels than
+// Config.Channels, because every channel costs a frame per ring step (and
+// a device copy and stream sync per frame with device buffers): a 1 MiB
+// all-reduce of two ranks runs on 2 channels, not 16.
+const MinChannelBytes = 256 << 10
+
+// minChannelBytes is what New gives a Communicator: MinChannelBytes, or
+// less in this package's tests (TestMain), whose small buffers must still
+// cover every channel.
+var minChannelBytes = MinChannelBytes
+
+// planChannels is the number of channels an operation whose channels
+// share `bytes` bytes uses. Every rank computes the same from the same
+// config and buffer.
+func (c *Communicator) planChannels(bytes int) int {
+	if c.minChan <= 0 {
+		return c.cfg.Channels
+	}
+	return max(1, min(c.cfg.Channels, bytes/c.minChan))
+}
+
+// ringPlan cuts a ring collective over count elements.
 func (c *Communicator) ringPlan(count int, dt DType) ChunkPlan {
-	return ChunkPlan{Count: count, Ranks: c.n, Channels: c.cfg.Channels, ChunkElems: c.chunkElems(dt)}
+	return ChunkPlan{Count: count, Ranks: c.n, Channels: c.planChannels(count / c.n * dt.Size()), ChunkElems: c.chunkElems(dt)}
+}
+
+// wholePlan cuts a broadcast or send/receive of count elements.
+func (c *Communicator) wholePlan(count int, dt DType) ChunkPlan {
+	return ChunkPlan{Count: count, Ranks: c.n, Channels: c.planChannels(count * dt.Size()), ChunkElems: c.chunkElems(dt)}
 }
 
 func (c *Communicator) useSmall(count int, dt DType) bool {
@@ -487,7 +516,7 @@ func (c *Communicator) Broadcast(ctx context.Context, buf Buffer, root int) erro
 		return c.opErr("Broadcast", ctx, buf.Sync())
 	}
 	count, dt := buf.Len(), buf.DType()
-	plan := c.ringPlan(count, dt)
+	plan := c.wholePlan(count, dt)
 	h := c.header(CollBroadcast, dt, 0, count, AlgoPipeline, plan.ChunkElems, root)
 	h.Seq = c.seq
 	pos := (c.rank - root + c.n) % c.n
@@ -567,7 +596,7 @@ func (c *Communicator) p2p(ctx context.Context, buf Buffer, peer int, tag uint64
 	defer end()
 	c.p2pSeq[idx]++
 	count, dt := buf.Len(), buf.DType()
-	plan := ChunkPlan{Count: count, Ranks: c.n, Channels: c.cfg.Channels, ChunkElems: c.chunkElems(dt)}
+	plan := c.wholePlan(count, dt)
 	dest := peer
 	if !send {
 		dest = c.rank
