@@ -1,9 +1,10 @@
 package collective
 
 import (
+	"cmp"
 	"context"
 	"fmt"
-	"sort"
+	"slices"
 	"sync"
 	"sync/atomic"
 )
@@ -214,11 +215,8 @@ func ringPlans(plan ChunkPlan, rank, s0, s1 int, avg bool) []chanPlan {
 		pre        int // receives: index before sorting
 	}
 	order := func(xs []keyed) {
-		sort.SliceStable(xs, func(i, j int) bool {
-			if xs[i].wave != xs[j].wave {
-				return xs[i].wave < xs[j].wave
-			}
-			return xs[i].s < xs[j].s
+		slices.SortStableFunc(xs, func(a, b keyed) int {
+			return cmp.Or(cmp.Compare(a.wave, b.wave), cmp.Compare(a.s, b.s))
 		})
 	}
 	plans := make([]chanPlan, plan.Channels)
@@ -313,6 +311,15 @@ func (c *Communicator) AllReduce(ctx context.Context, buf Buffer, op Op) error {
 	if err := checkOp("AllReduce", op); err != nil {
 		return err
 	}
+	return c.collective(ctx, "AllReduce", func(ctx context.Context) error {
+		return c.allReduce(ctx, buf, op, CollAllReduce)
+	})
+}
+
+// collective runs body as this rank's next collective operation: one at a
+// time, under a context that ends when the communicator fails, with the
+// next sequence number; an error from body fails the communicator (opErr).
+func (c *Communicator) collective(ctx context.Context, name string, body func(ctx context.Context) error) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
 	ctx, end, err := c.begin(ctx)
@@ -321,7 +328,7 @@ func (c *Communicator) AllReduce(ctx context.Context, buf Buffer, op Op) error {
 	}
 	defer end()
 	c.seq++
-	return c.opErr("AllReduce", ctx, c.allReduce(ctx, buf, op, CollAllReduce))
+	return c.opErr(name, ctx, body(ctx))
 }
 
 func (c *Communicator) allReduce(ctx context.Context, buf Buffer, op Op, coll CollKind) error {
@@ -399,29 +406,23 @@ func (c *Communicator) ReduceScatter(ctx context.Context, dst, src Buffer, op Op
 		}
 		work = w
 	}
-	c.opMu.Lock()
-	defer c.opMu.Unlock()
-	ctx, end, err := c.begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer end()
-	c.seq++
-	err = nil
-	if c.n == 1 {
-		if op == OpAvg {
-			err = work.DivChunk(0, count, 1)
+	return c.collective(ctx, "ReduceScatter", func(ctx context.Context) error {
+		var err error
+		if c.n == 1 {
+			if op == OpAvg {
+				err = work.DivChunk(0, count, 1)
+			}
+		} else {
+			plan := c.ringPlan(count, dt)
+			h := c.header(CollReduceScatter, dt, op, count, AlgoRing, plan.ChunkElems, -1)
+			h.Seq = c.seq
+			err = c.pipeline(ctx, work, &h, op, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, ringPlans(plan, c.rank, 0, c.n-1, op == OpAvg))
 		}
-	} else {
-		plan := c.ringPlan(count, dt)
-		h := c.header(CollReduceScatter, dt, op, count, AlgoRing, plan.ChunkElems, -1)
-		h.Seq = c.seq
-		err = c.pipeline(ctx, work, &h, op, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, ringPlans(plan, c.rank, 0, c.n-1, op == OpAvg))
-	}
-	if err == nil && dst != nil {
-		err = copyBuffer(dst, 0, work, boff, bl)
-	}
-	return c.opErr("ReduceScatter", ctx, err)
+		if err == nil && dst != nil {
+			err = copyBuffer(dst, 0, work, boff, bl)
+		}
+		return err
+	})
 }
 
 // Allocator is implemented by buffers that can allocate a scratch buffer of
@@ -458,22 +459,16 @@ func (c *Communicator) AllGather(ctx context.Context, dst, src Buffer) error {
 			return err
 		}
 	}
-	c.opMu.Lock()
-	defer c.opMu.Unlock()
-	ctx, end, err := c.begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer end()
-	c.seq++
-	if c.n == 1 {
-		return c.opErr("AllGather", ctx, dst.Sync())
-	}
-	plan := c.ringPlan(count, dt)
-	h := c.header(CollAllGather, dt, 0, count, AlgoRing, plan.ChunkElems, -1)
-	h.Seq = c.seq
-	plans := ringPlans(plan, c.rank, c.n-1, 2*(c.n-1), false)
-	return c.opErr("AllGather", ctx, c.pipeline(ctx, dst, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans))
+	return c.collective(ctx, "AllGather", func(ctx context.Context) error {
+		if c.n == 1 {
+			return dst.Sync()
+		}
+		plan := c.ringPlan(count, dt)
+		h := c.header(CollAllGather, dt, 0, count, AlgoRing, plan.ChunkElems, -1)
+		h.Seq = c.seq
+		plans := ringPlans(plan, c.rank, c.n-1, 2*(c.n-1), false)
+		return c.pipeline(ctx, dst, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans)
+	})
 }
 
 // wholePlans splits the whole buffer across channels and chunks: send-only,
@@ -508,42 +503,30 @@ func (c *Communicator) Broadcast(ctx context.Context, buf Buffer, root int) erro
 	if root < 0 || root >= c.n {
 		return fmt.Errorf("%w: Broadcast: root %d outside 0..%d", ErrBadArgument, root, c.n-1)
 	}
-	c.opMu.Lock()
-	defer c.opMu.Unlock()
-	ctx, end, err := c.begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer end()
-	c.seq++
-	if c.n == 1 {
-		return c.opErr("Broadcast", ctx, buf.Sync())
-	}
-	count, dt := buf.Len(), buf.DType()
-	plan := c.wholePlan(count, dt)
-	h := c.header(CollBroadcast, dt, 0, count, AlgoPipeline, plan.ChunkElems, root)
-	h.Seq = c.seq
-	pos := (c.rank - root + c.n) % c.n
-	plans := wholePlans(plan, pos < c.n-1, pos > 0)
-	return c.opErr("Broadcast", ctx, c.pipeline(ctx, buf, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans))
+	return c.collective(ctx, "Broadcast", func(ctx context.Context) error {
+		if c.n == 1 {
+			return buf.Sync()
+		}
+		count, dt := buf.Len(), buf.DType()
+		plan := c.wholePlan(count, dt)
+		h := c.header(CollBroadcast, dt, 0, count, AlgoPipeline, plan.ChunkElems, root)
+		h.Seq = c.seq
+		pos := (c.rank - root + c.n) % c.n
+		plans := wholePlans(plan, pos < c.n-1, pos > 0)
+		return c.pipeline(ctx, buf, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans)
+	})
 }
 
 // Barrier returns once every rank has called Barrier.
 func (c *Communicator) Barrier(ctx context.Context) error {
-	c.opMu.Lock()
-	defer c.opMu.Unlock()
-	ctx, end, err := c.begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer end()
-	c.seq++
-	if c.n == 1 {
-		return nil
-	}
-	h := c.header(CollBarrier, Uint8, OpMax, 1, AlgoRecursiveDoubling, 1, -1)
-	h.Seq = c.seq
-	return c.opErr("Barrier", ctx, c.recursiveDoubling(ctx, c.barrier, &h, OpMax))
+	return c.collective(ctx, "Barrier", func(ctx context.Context) error {
+		if c.n == 1 {
+			return nil
+		}
+		h := c.header(CollBarrier, Uint8, OpMax, 1, AlgoRecursiveDoubling, 1, -1)
+		h.Seq = c.seq
+		return c.recursiveDoubling(ctx, c.barrier, &h, OpMax)
+	})
 }
 
 // Send sends buf to peer, which must call Recv(peer=this rank) with a buffer

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the CUDA (-tags cuda) gpumesh binary and the -tags cuda test binaries
 # into one folder that can be carried to a GPU machine and run there with
-# gpu-run.sh (copied in as well).
+# gpu-run.sh, gpu-hop.sh or gpu-tcp.sh (copied in as well, beside the
+# gpu-lib.sh they source).
 #
 # Usage: scripts/gpu-build.sh [-o OUTDIR] [-t TORCH_ALLREDUCE_PY]
 #   -o OUTDIR   where to put everything (default: .gpu/cuda under the repo root,
@@ -57,14 +58,15 @@ for pkg in $(go list -tags cuda ./... ); do
 		esac
 	fi
 done
-# the device tool carries at most 64 MiB: ship the binaries compressed
-# (gpu-run.sh unpacks them)
+# at most 64 MiB travels to the GPU machine: ship the binaries compressed
+# (the run scripts unpack them)
 for b in "$out"/gpumesh "$out"/*.test; do
 	[ -e "$b" ] || continue
 	ldd "$b" | awk '{print $1}' | grep -v -E 'linux-vdso|ld-linux|libc.so|libm.so|libpthread|libdl|libresolv|librt' | tr '\n' ' ' | sed "s|^|$(basename "$b") needs: |"; echo
 	gzip -f -6 "$b"
 done
-cp scripts/gpu-run.sh "$out/gpu-run.sh"
+# the run scripts source gpu-lib.sh from their own folder
+cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh "$out"/
 if [ -n "$torch" ]; then
 	cp "$torch" "$out/torch_allreduce.py"
 fi
