@@ -109,6 +109,31 @@ func noErrs(t *testing.T, errs []error) {
 	}
 }
 
+// allReduceAll all-reduces bufs[r] with op on rank r of comms, every rank
+// at once, and fails the test if a rank returns an error.
+func allReduceAll[B Buffer](t *testing.T, comms []*Communicator, bufs []B, op Op) {
+	t.Helper()
+	noErrs(t, RunAll(comms, func(c *Communicator) error {
+		return c.AllReduce(context.Background(), bufs[c.Rank()], op)
+	}))
+}
+
+// allReduceChecked gives each rank of comms a buffer of count elements of
+// dt holding its test input (fill), all-reduces them with op and checks
+// every rank's result; what names the case in failures.
+func allReduceChecked(t *testing.T, comms []*Communicator, dt DType, op Op, count int, what string) {
+	t.Helper()
+	bufs := make([]*HostBuffer, len(comms))
+	for r := range bufs {
+		bufs[r] = NewHostBuffer(dt, count)
+		fill(bufs[r], op, r)
+	}
+	allReduceAll(t, comms, bufs, op)
+	for r := range bufs {
+		checkResult(t, bufs[r], op, len(comms), r, what)
+	}
+}
+
 func TestAllReduceEveryOpDType(t *testing.T) {
 	counts := []int{0, 1, 3, 7, 64, 1000, 5003}
 	ns := []int{1, 2, 3, 4, 5, 6, 7, 8}
@@ -123,18 +148,7 @@ func TestAllReduceEveryOpDType(t *testing.T) {
 		for _, dt := range AllDTypes {
 			for _, op := range AllOps {
 				for _, count := range counts {
-					bufs := make([]*HostBuffer, n)
-					for r := range bufs {
-						bufs[r] = NewHostBuffer(dt, count)
-						fill(bufs[r], op, r)
-					}
-					errs := RunAll(comms, func(c *Communicator) error {
-						return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-					})
-					noErrs(t, errs)
-					for r := range bufs {
-						checkResult(t, bufs[r], op, n, r, fmt.Sprintf("n=%d %v %v count=%d", n, dt, op, count))
-					}
+					allReduceChecked(t, comms, dt, op, count, fmt.Sprintf("n=%d %v %v count=%d", n, dt, op, count))
 				}
 			}
 		}
@@ -159,9 +173,7 @@ func TestFloatSumBitwiseReproducible(t *testing.T) {
 						v[i] = float32(math.Sin(float64(r*count+i))) * float32(1+i%7) * 1e-3
 					}
 				}
-				noErrs(t, RunAll(comms, func(c *Communicator) error {
-					return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
-				}))
+				allReduceAll(t, comms, bufs, OpSum)
 				CloseAll(comms)
 				for r := 1; r < n; r++ {
 					if string(bufs[r].Bytes()) != string(bufs[0].Bytes()) {
@@ -513,17 +525,7 @@ func TestDelayedLinkStillCorrect(t *testing.T) {
 		}
 		return FaultAction{}
 	})
-	bufs := make([]*HostBuffer, 3)
-	for r := range bufs {
-		bufs[r] = NewHostBuffer(Int32, 30011)
-		fill(bufs[r], OpSum, r)
-	}
-	noErrs(t, RunAll(comms, func(c *Communicator) error {
-		return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
-	}))
-	for r := range bufs {
-		checkResult(t, bufs[r], OpSum, 3, r, "delayed")
-	}
+	allReduceChecked(t, comms, Int32, OpSum, 30011, "delayed")
 	if delayed.get() == 0 {
 		t.Fatal("the fault hook delayed nothing")
 	}

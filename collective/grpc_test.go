@@ -27,17 +27,7 @@ func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
 	for _, dt := range []DType{Float32, BFloat16, Int64, Uint8} {
 		for _, op := range []Op{OpSum, OpAvg, OpMax} {
 			for _, count := range []int{0, 1, 17, 100003} {
-				bufs := make([]*HostBuffer, 3)
-				for r := range bufs {
-					bufs[r] = NewHostBuffer(dt, count)
-					fill(bufs[r], op, r)
-				}
-				noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
-					return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-				}))
-				for r := range bufs {
-					checkResult(t, bufs[r], op, 3, r, fmt.Sprintf("grpc %v %v %d", dt, op, count))
-				}
+				allReduceChecked(t, g.Comms, dt, op, count, fmt.Sprintf("grpc %v %v %d", dt, op, count))
 			}
 		}
 	}
@@ -161,16 +151,8 @@ func TestGRPCStaleGenerationRefused(t *testing.T) {
 func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	a, err := Listen("127.0.0.1:0", planeCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := Listen("127.0.0.1:0", planeCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	srvs := listenServers(t, 2, planeCfg)
+	a, b := srvs[0], srvs[1]
 	addrs := []string{a.Addr(), b.Addr()}
 	// Node b already serves generation 5 of the job; a rank of generation 4
 	// must be refused.
@@ -222,11 +204,7 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 		}
 	}
 	defer CloseAll(comms)
-	bufs := []*HostBuffer{NewHostBuffer(Float32, 5000), NewHostBuffer(Float32, 5000)}
-	fill(bufs[0], OpSum, 0)
-	fill(bufs[1], OpSum, 1)
-	noErrs(t, RunAll(comms, func(c *Communicator) error { return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum) }))
-	checkResult(t, bufs[0], OpSum, 2, 0, "shared server")
+	allReduceChecked(t, comms, Float32, OpSum, 5000, "shared server")
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -249,17 +227,12 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 	for _, noLocal := range []bool{false, true} {
 		gcfg := planeCfg
 		gcfg.NoLocalShortcut = noLocal
-		a, err := Listen("127.0.0.1:0", gcfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := Listen("127.0.0.1:0", gcfg)
-		if err != nil {
-			t.Fatal(err)
-		}
+		srvs := listenServers(t, 2, gcfg)
+		a, b := srvs[0], srvs[1]
 		addrs := []string{a.Addr(), a.Addr(), b.Addr()}
 		servers := []*Server{a, a, b}
 		comms := make([]*Communicator, 3)
+		var err error
 		for r := range comms {
 			if comms[r], err = New(servers[r].Transport(), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
 				t.Fatal(err)
@@ -270,17 +243,7 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 			t.Fatalf("noLocal=%v: local peers %v", noLocal, ep.local)
 		}
 		for _, count := range []int{7, 50001} {
-			bufs := make([]*HostBuffer, 3)
-			for r := range bufs {
-				bufs[r] = NewHostBuffer(Float64, count)
-				fill(bufs[r], OpSum, r)
-			}
-			noErrs(t, RunAll(comms, func(c *Communicator) error {
-				return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
-			}))
-			for r := range bufs {
-				checkResult(t, bufs[r], OpSum, 3, r, fmt.Sprintf("mixed noLocal=%v", noLocal))
-			}
+			allReduceChecked(t, comms, Float64, OpSum, count, fmt.Sprintf("mixed noLocal=%v", noLocal))
 		}
 		// A mismatch still reaches every rank, local or remote.
 		errs := RunAll(comms, func(c *Communicator) error {
@@ -304,19 +267,11 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 func TestGRPCChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testGRPCChannelConfigMismatch) }
 
 func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
-	a, err := Listen("127.0.0.1:0", planeCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := Listen("127.0.0.1:0", planeCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	addrs := []string{a.Addr(), b.Addr()}
+	srvs := listenServers(t, 2, planeCfg)
+	addrs := []string{srvs[0].Addr(), srvs[1].Addr()}
 	comms := make([]*Communicator, 2)
-	for r, s := range []*Server{a, b} {
+	var err error
+	for r, s := range srvs {
 		cfg := testConfig()
 		cfg.Timeout = 3 * time.Second
 		cfg.Channels = 2 + 2*r
@@ -333,6 +288,22 @@ func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
 			t.Fatalf("rank %d: %v", r, err)
 		}
 	}
+}
+
+// listenServers starts n data-plane servers with gcfg on loopback ports;
+// they close when the test ends.
+func listenServers(t *testing.T, n int, gcfg GRPCConfig) []*Server {
+	t.Helper()
+	srvs := make([]*Server, n)
+	for i := range srvs {
+		s, err := Listen("127.0.0.1:0", gcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(s.Close)
+		srvs[i] = s
+	}
+	return srvs
 }
 
 // forEachDataPlane runs f with lanes (the default) and with frames on the

@@ -70,14 +70,7 @@ func TestLanesCarryTheFrames(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, count := range []int{1000, 300001} {
-			bufs := []*HostBuffer{NewHostBuffer(Float32, count), NewHostBuffer(Float32, count)}
-			fill(bufs[0], OpSum, 0)
-			fill(bufs[1], OpSum, 1)
-			noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
-				return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
-			}))
-			checkResult(t, bufs[0], OpSum, 2, 0, plane)
-			checkResult(t, bufs[1], OpSum, 2, 1, plane)
+			allReduceChecked(t, g.Comms, Float32, OpSum, count, plane)
 		}
 		want := 0
 		if plane == DataPlaneTCP {
@@ -243,11 +236,7 @@ func TestLaneSamePortAsGRPCServices(t *testing.T) {
 		}
 	}
 	defer CloseAll(comms)
-	bufs := []*HostBuffer{NewHostBuffer(Float64, 40001), NewHostBuffer(Float64, 40001)}
-	fill(bufs[0], OpSum, 0)
-	fill(bufs[1], OpSum, 1)
-	noErrs(t, RunAll(comms, func(c *Communicator) error { return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum) }))
-	checkResult(t, bufs[0], OpSum, 2, 0, "shared port")
+	allReduceChecked(t, comms, Float64, OpSum, 40001, "shared port")
 	if n := lanesOf(other); n != 4 {
 		t.Fatalf("%d lanes at the other rank, want 4", n)
 	}
@@ -331,12 +320,7 @@ func TestLaneTLS(t *testing.T) {
 		}
 	}
 	defer CloseAll(comms)
-	bufs := []*HostBuffer{NewHostBuffer(Float32, 100003), NewHostBuffer(Float32, 100003)}
-	fill(bufs[0], OpAvg, 0)
-	fill(bufs[1], OpAvg, 1)
-	noErrs(t, RunAll(comms, func(c *Communicator) error { return c.AllReduce(context.Background(), bufs[c.Rank()], OpAvg) }))
-	checkResult(t, bufs[0], OpAvg, 2, 0, "tls lanes")
-	checkResult(t, bufs[1], OpAvg, 2, 1, "tls lanes")
+	allReduceChecked(t, comms, Float32, OpAvg, 100003, "tls lanes")
 	ep := comms[0].ep.(*grpcEndpoint)
 	ep.qmu.Lock()
 	lanes := append([]*laneConn(nil), ep.lanes...)
@@ -449,14 +433,7 @@ func TestSmallOperationsUseFewerChannels(t *testing.T) {
 		count int // float32 elements; a block is half of them
 		lanes int
 	}{{MinChannelBytes/2 + 3, 2}, {4*MinChannelBytes/2 + 5, 8}} {
-		bufs := []*HostBuffer{NewHostBuffer(Float32, step.count), NewHostBuffer(Float32, step.count)}
-		fill(bufs[0], OpSum, 0)
-		fill(bufs[1], OpSum, 1)
-		noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
-			return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
-		}))
-		checkResult(t, bufs[0], OpSum, 2, 0, "fewer channels")
-		checkResult(t, bufs[1], OpSum, 2, 1, "fewer channels")
+		allReduceChecked(t, g.Comms, Float32, OpSum, step.count, "fewer channels")
 		for i, s := range g.Servers {
 			if n := lanesOf(s); n != step.lanes {
 				t.Errorf("after %d elements: server %d has %d lanes, want %d", step.count, i, n, step.lanes)

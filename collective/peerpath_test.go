@@ -134,6 +134,15 @@ func fillRanks(dt DType, op Op, n, count int) []*HostBuffer {
 	return hs
 }
 
+// refBufs wraps each of hs in a refBuf.
+func refBufs(hs []*HostBuffer) []*refBuf {
+	bufs := make([]*refBuf, len(hs))
+	for r, h := range hs {
+		bufs[r] = newRefBuf(h)
+	}
+	return bufs
+}
+
 func checkAllReduced(t *testing.T, hs []*HostBuffer, dt DType, op Op) {
 	t.Helper()
 	n := len(hs)
@@ -162,17 +171,8 @@ func TestByRefRingInProcess(t *testing.T) {
 					defer CloseAll(comms)
 					const count = 5003
 					hs := fillRanks(dt, op, n, count)
-					bufs := make([]*refBuf, n)
-					for r := range bufs {
-						bufs[r] = newRefBuf(hs[r])
-					}
-					for r, err := range RunAll(comms, func(c *Communicator) error {
-						return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-					}) {
-						if err != nil {
-							t.Fatalf("rank %d: %v", r, err)
-						}
-					}
+					bufs := refBufs(hs)
+					allReduceAll(t, comms, bufs, op)
 					checkAllReduced(t, hs, dt, op)
 					for r, b := range bufs {
 						if b.reads.Load() != 0 || b.prefetches.Load() != 0 {
@@ -199,10 +199,7 @@ func TestByRefOtherCollectives(t *testing.T) {
 	defer CloseAll(comms)
 	ctx := context.Background()
 	hs := fillRanks(Int32, OpSum, n, count)
-	bufs := make([]*refBuf, n)
-	for r := range bufs {
-		bufs[r] = newRefBuf(hs[r])
-	}
+	bufs := refBufs(hs)
 	run := func(name string, f func(c *Communicator) error) {
 		t.Helper()
 		for r, err := range RunAll(comms, f) {
@@ -220,9 +217,7 @@ func TestByRefOtherCollectives(t *testing.T) {
 		}
 	}
 	hs = fillRanks(Int32, OpSum, n, count)
-	for r := range bufs {
-		bufs[r] = newRefBuf(hs[r])
-	}
+	bufs = refBufs(hs)
 	run("reduce-scatter", func(c *Communicator) error { return c.ReduceScatter(ctx, nil, bufs[c.Rank()], OpSum) })
 	for r, h := range hs {
 		off, l := Part(count, n, r)
@@ -276,13 +271,7 @@ func TestByRefFallbackReceiver(t *testing.T) {
 					bufs[r] = noPeer{rbs[r]}
 				}
 			}
-			for r, err := range RunAll(comms, func(c *Communicator) error {
-				return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-			}) {
-				if err != nil {
-					t.Fatalf("rank %d: %v", r, err)
-				}
-			}
+			allReduceAll(t, comms, bufs, op)
 			checkAllReduced(t, hs, Float64, op)
 			// Even ranks send by reference to odd ranks, which cannot
 			// peer-reduce: they read the even ranks' chunks (reads counted
@@ -305,16 +294,7 @@ func TestByRefFallbackReceiver(t *testing.T) {
 // the hops inside a server go by reference, the hops between servers over
 // TCP with payload, and chunks that go over TCP are prefetched.
 func TestByRefHybridRingOverGRPC(t *testing.T) {
-	gcfg := DefaultGRPCConfig()
-	var srvs []*Server
-	for i := 0; i < 2; i++ {
-		s, err := Listen("127.0.0.1:0", gcfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s.Close()
-		srvs = append(srvs, s)
-	}
+	srvs := listenServers(t, 2, DefaultGRPCConfig())
 	addrs := []string{srvs[0].Addr(), srvs[0].Addr(), srvs[1].Addr(), srvs[1].Addr()}
 	const n, count = 4, 20011
 	for gen, op := range []Op{OpSum, OpProd, OpAvg} {
@@ -329,17 +309,8 @@ func TestByRefHybridRingOverGRPC(t *testing.T) {
 				comms[r] = c
 			}
 			hs := fillRanks(Int32, op, n, count)
-			bufs := make([]*refBuf, n)
-			for r := range bufs {
-				bufs[r] = newRefBuf(hs[r])
-			}
-			for r, err := range RunAll(comms, func(c *Communicator) error {
-				return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-			}) {
-				if err != nil {
-					t.Fatalf("rank %d: %v", r, err)
-				}
-			}
+			bufs := refBufs(hs)
+			allReduceAll(t, comms, bufs, op)
 			checkAllReduced(t, hs, Int32, op)
 			for r, b := range bufs {
 				b.mu.Lock()

@@ -61,16 +61,8 @@ func TestKilledProcessFailsSurvivors(t *testing.T) {
 	}
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	s0, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s0.Close()
-	s2, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
+	srvs := listenServers(t, 2, DefaultGRPCConfig())
+	s0, s2 := srvs[0], srvs[1]
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"=1")
 	cmd.Stderr = os.Stderr

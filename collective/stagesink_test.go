@@ -117,9 +117,7 @@ func TestStageSinkOverLanes(t *testing.T) {
 						for r := range bufs {
 							bufs[r] = newStagerBuf(hs[r])
 						}
-						noErrs(t, RunAll(g.Comms, func(c *Communicator) error {
-							return c.AllReduce(context.Background(), bufs[c.Rank()], op)
-						}))
+						allReduceAll(t, g.Comms, bufs, op)
 						checkAllReduced(t, hs, dt, op)
 						for r, b := range bufs {
 							if out, bad := b.outstanding(); out != 0 || bad != 0 {

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -69,20 +68,8 @@ func runChromium(t *testing.T, bin, url string, extra ...string) []byte {
 }
 
 func TestDashboardFeed(t *testing.T) {
-	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
-	f := follower(dc)
-	c := client(t, f)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
-name: sleeper
-ranks: 2
-exec:
-  command: ["sh", "-c", "sleep 60"]
-`)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dc, f, c := startGPUCluster(t)
+	id := submitSleeper(t, c, 2)
 	procs.Eventually(t, 30*time.Second, func() error {
 		var v dashView
 		if err := json.Unmarshal([]byte(httpGet(t, "http://"+f.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
@@ -99,7 +86,7 @@ exec:
 		if len(v.Members) != 3 || roles["leader"] != 1 || roles["voter"] != 2 {
 			return fmt.Errorf("members %+v", v.Members)
 		}
-		if len(v.Jobs) != 1 || v.Jobs[0].ID != resp.Id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 2 {
+		if len(v.Jobs) != 1 || v.Jobs[0].ID != id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 2 {
 			return fmt.Errorf("jobs %+v", v.Jobs)
 		}
 		for _, r := range v.Jobs[0].Ranks {
@@ -131,29 +118,9 @@ func TestDashboardInChromium(t *testing.T) {
 	if bin == "" {
 		t.Skip("chromium is not installed (Debian: apt-get install chromium); skipping the browser test of the dashboard")
 	}
-	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
-	f := follower(dc)
-	c := client(t, f)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
-name: sleeper
-ranks: 2
-exec:
-  command: ["sh", "-c", "sleep 60"]
-`)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool {
-		n := 0
-		for _, al := range r.Allocations {
-			if al.ClientStatus == "running" {
-				n++
-			}
-		}
-		return r.Job.Status == "running" && n == 2
-	})
+	dc, f, c := startGPUCluster(t)
+	id := submitSleeper(t, c, 2)
+	waitRanksRunning(t, c, id, 2)
 	url := "http://" + f.HTTPAddr() + "/"
 	procs.Eventually(t, 60*time.Second, func() error {
 		l := dc.Leader()
@@ -165,7 +132,7 @@ exec:
 		return contains(dom,
 			`data-leader="`+leader+`"`,
 			`data-node="`+leader+`" data-role="leader"`,
-			`data-job="`+resp.Id+`" data-status="running"`,
+			`data-job="`+id+`" data-status="running"`,
 			`data-rank="1" data-status="running"`,
 			`data-gpu-node="`+f.Name()+`"`,
 		)
@@ -191,18 +158,7 @@ func TestDashboardOnClientNode(t *testing.T) {
 		}
 	})
 	cl := dc.Agents[3]
-	c := client(t, cl)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
-name: sleeper
-ranks: 1
-exec:
-  command: ["sh", "-c", "sleep 60"]
-`)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	id := submitSleeper(t, client(t, cl), 1)
 	procs.Eventually(t, 30*time.Second, func() error {
 		var v dashView
 		if err := json.Unmarshal([]byte(httpGet(t, "http://"+cl.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
@@ -221,7 +177,7 @@ exec:
 		if len(v.Members) != 4 || self == nil || self.Role != "client" {
 			return fmt.Errorf("members %+v", v.Members)
 		}
-		if len(v.Jobs) != 1 || v.Jobs[0].ID != resp.Id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 1 || v.Jobs[0].Ranks[0].Status != "running" {
+		if len(v.Jobs) != 1 || v.Jobs[0].ID != id || v.Jobs[0].Status != "running" || len(v.Jobs[0].Ranks) != 1 || v.Jobs[0].Ranks[0].Status != "running" {
 			return fmt.Errorf("jobs %+v", v.Jobs)
 		}
 		return nil

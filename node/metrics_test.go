@@ -1,7 +1,6 @@
 package node
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"testing"
@@ -9,44 +8,21 @@ import (
 
 	"google.golang.org/protobuf/types/known/structpb"
 
-	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
 func TestMetricsScrapeDevCluster(t *testing.T) {
-	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
-	f := follower(dc)
-	c := client(t, f)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
-name: sleeper
-ranks: 2
-exec:
-  command: ["sh", "-c", "sleep 60"]
-`)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pending, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, `
+	dc, f, c := startGPUCluster(t)
+	id := submitSleeper(t, c, 2)
+	// A job that cannot be placed stays pending.
+	submitJob(t, c, `
 name: too-big
 ranks: 2
 gpus_per_rank: 8
 exec:
   command: ["true"]
-`)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool {
-		n := 0
-		for _, al := range r.Allocations {
-			if al.ClientStatus == "running" {
-				n++
-			}
-		}
-		return r.Job.Status == "running" && n == 2
-	})
+`)
+	waitRanksRunning(t, c, id, 2)
 
 	type want struct {
 		name   string
@@ -81,7 +57,7 @@ exec:
 		{"gpumesh_jobs_pending", nil, eq(1), "1 (with a reason)"},
 		{"gpumesh_allocations", map[string]string{"status": "running"}, eq(2), "2"},
 		{"gpumesh_nodes", map[string]string{"status": "ready"}, eq(3), "3"},
-		{"gpumesh_job_generation", map[string]string{"job": resp.Id}, eq(1), "1"},
+		{"gpumesh_job_generation", map[string]string{"job": id}, eq(1), "1"},
 		{"gpumesh_gpu_utilization_ratio", map[string]string{"gpu": "1"}, eq(0.97), "0.97"},
 		{"gpumesh_gpu_memory_used_bytes", map[string]string{"gpu": "0"}, eq(30 << 30), "30 GiB"},
 		{"gpumesh_gpu_temperature_celsius", map[string]string{"gpu": "1"}, eq(83), "83"},
@@ -137,7 +113,6 @@ exec:
 		}
 		return nil
 	})
-	_ = pending
 
 	// Health still answers for load balancers.
 	var h struct{ Status, Role string }

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/gpumesh/gpumesh/cuda"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/tlsutil"
 )
 
@@ -30,6 +31,53 @@ func fakeGPUs(name string) GPUSampler {
 				TemperatureC: 83, PowerWatts: 690, ECCCorrected: 0, ECCUncorrected: 1},
 		}, nil
 	}
+}
+
+// startGPUCluster starts 3 agents that report fakeGPUs and returns the
+// cluster, a follower and a Control client of that follower.
+func startGPUCluster(t *testing.T) (*DevCluster, *Agent, pb.ControlClient) {
+	t.Helper()
+	dc := startCluster(t, 3, func(i int, c *Config) { c.GPUSampler = fakeGPUs(c.NodeName) })
+	f := follower(dc)
+	return dc, f, client(t, f)
+}
+
+// submitJob submits the job spec y through c and returns the job's ID.
+func submitJob(t *testing.T, c pb.ControlClient, y string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: mustSpec(t, y)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Id
+}
+
+// submitSleeper submits a job "sleeper" of ranks ranks that each sleep 60 s
+// and returns its ID.
+func submitSleeper(t *testing.T, c pb.ControlClient, ranks int) string {
+	t.Helper()
+	return submitJob(t, c, fmt.Sprintf(`
+name: sleeper
+ranks: %d
+exec:
+  command: ["sh", "-c", "sleep 60"]
+`, ranks))
+}
+
+// waitRanksRunning waits until job id runs with ranks allocations running.
+func waitRanksRunning(t *testing.T, c pb.ControlClient, id string, ranks int) {
+	t.Helper()
+	waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool {
+		n := 0
+		for _, al := range r.Allocations {
+			if al.ClientStatus == "running" {
+				n++
+			}
+		}
+		return r.Job.Status == "running" && n == ranks
+	})
 }
 
 // scrape reads an agent's /metrics.

@@ -3,7 +3,6 @@ package pipeline
 import (
 	"context"
 	"errors"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -156,30 +155,16 @@ func testCollectiveLinkPeerDeath(t *testing.T, plane string) {
 	spec.Steps = 1 << 20
 	counted := &countLink{Link: links[2].Prev}
 	links[2].Prev = counted
-	errs := make([]error, 3)
-	var wg sync.WaitGroup
-	for s := 0; s < 3; s++ {
-		wg.Add(1)
-		go func(s int) {
-			defer wg.Done()
-			_, errs[s] = RunJob(ctx, RunConfig{JobID: "job-1", Generation: 3, Stage: s, Stages: 3, Links: links[s]}, spec)
-		}(s)
-	}
-	// Once training runs, stage 2's node dies: its data-plane server goes.
-	for counted.n.Load() < 20 {
-		if ctx.Err() != nil {
-			t.Fatal("training did not start")
+	runUntilLinkDies(t, ctx, spec, links, 3, func() {
+		// Once training runs, stage 2's node dies: its data-plane server goes.
+		for counted.n.Load() < 20 {
+			if ctx.Err() != nil {
+				t.Fatal("training did not start")
+			}
+			time.Sleep(time.Millisecond)
 		}
-		time.Sleep(time.Millisecond)
-	}
-	servers[2].Close()
-	wg.Wait()
-	for s, err := range errs {
-		if err == nil || ctx.Err() != nil || errors.Is(err, ErrTimeout) {
-			t.Fatalf("stage %d: err = %v (ctx %v), want a link error, not a timeout", s, err, ctx.Err())
-		}
-		t.Logf("stage %d: %v", s, err)
-	}
+		servers[2].Close()
+	})
 }
 
 func TestOpenCollectiveLinksValidates(t *testing.T) {

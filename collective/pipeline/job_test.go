@@ -46,6 +46,31 @@ func runPipeline(t *testing.T, ctx context.Context, spec JobSpec, links []StageL
 	return reps, errs
 }
 
+// runUntilLinkDies runs stages 0..running-1 of job "job-1" (generation 3,
+// len(links) stages) on links, calls kill while they run, and checks that
+// every running stage then fails with a link error: not a timeout, and
+// before ctx ends.
+func runUntilLinkDies(t *testing.T, ctx context.Context, spec JobSpec, links []StageLinks, running int, kill func()) {
+	t.Helper()
+	errs := make([]error, running)
+	var wg sync.WaitGroup
+	for s := 0; s < running; s++ {
+		wg.Add(1)
+		go func(s int) {
+			defer wg.Done()
+			_, errs[s] = RunJob(ctx, RunConfig{JobID: "job-1", Generation: 3, Stage: s, Stages: len(links), Links: links[s]}, spec)
+		}(s)
+	}
+	kill()
+	wg.Wait()
+	for s, err := range errs {
+		if err == nil || ctx.Err() != nil || errors.Is(err, ErrTimeout) {
+			t.Fatalf("stage %d: err = %v (ctx %v), want a link error, not a timeout", s, err, ctx.Err())
+		}
+		t.Logf("stage %d: %v", s, err)
+	}
+}
+
 func relClose(a, b, tol float64) bool {
 	return math.Abs(a-b) <= tol*math.Max(1, math.Max(math.Abs(a), math.Abs(b)))
 }

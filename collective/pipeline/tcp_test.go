@@ -121,23 +121,7 @@ func TestTCPPeerDeathFailsStages(t *testing.T) {
 	spec := baseSpec()
 	spec.Steps = 1 << 20
 	// Stage 2 "dies": its connection is closed as soon as the others run.
-	errs := make([]error, 2)
-	var wg sync.WaitGroup
-	for s := 0; s < 2; s++ {
-		wg.Add(1)
-		go func(s int) {
-			defer wg.Done()
-			_, errs[s] = RunJob(ctx, RunConfig{JobID: "job-1", Generation: 3, Stage: s, Stages: 3, Links: links[s]}, spec)
-		}(s)
-	}
-	links[2].Prev.Close()
-	wg.Wait()
-	for s, err := range errs {
-		if err == nil || ctx.Err() != nil || errors.Is(err, ErrTimeout) {
-			t.Fatalf("stage %d: err = %v (ctx %v), want a link error, not a timeout", s, err, ctx.Err())
-		}
-		t.Logf("stage %d: %v", s, err)
-	}
+	runUntilLinkDies(t, ctx, spec, links, 2, func() { links[2].Prev.Close() })
 }
 
 func TestConnectTCPTimesOut(t *testing.T) {

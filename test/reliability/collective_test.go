@@ -36,6 +36,67 @@ func getJob(c *cluster, id string) (*pb.GetJobResponse, error) {
 	return l.client().GetJob(ctx, &pb.GetJobRequest{Id: id})
 }
 
+// waitNodes waits until a's Control API lists n registered nodes.
+func waitNodes(t *testing.T, a *agent, n int) {
+	t.Helper()
+	procs.Eventually(t, 60*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		r, err := a.client().ListNodes(ctx, &pb.ListNodesRequest{})
+		if err != nil {
+			return err
+		}
+		if len(r.Nodes) != n {
+			return fmt.Errorf("%d nodes registered, want %d", len(r.Nodes), n)
+		}
+		return nil
+	})
+}
+
+// runJob submits spec as job id through a and waits up to timeout for the
+// job to complete or fail. It returns the job and the time from submission.
+func runJob(t *testing.T, c *cluster, a *agent, id string, spec *pb.JobSpec, timeout time.Duration) (*pb.GetJobResponse, time.Duration) {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: spec})
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r *pb.GetJobResponse
+	procs.Eventually(t, timeout, func() (err error) {
+		r, err = getJob(c, id)
+		if err != nil {
+			return err
+		}
+		if r.Job.Status != "complete" && r.Job.Status != "failed" {
+			return fmt.Errorf("%s is %s", id, r.Job.Status)
+		}
+		return nil
+	})
+	return r, time.Since(start)
+}
+
+// checkedSizes reports every rank of r whose all-reduce result is not ok
+// and returns rank 0's figures, one "size: busbw GB/s, check ..." a size.
+func checkedSizes(t *testing.T, r *pb.GetJobResponse) []string {
+	t.Helper()
+	var rows []string
+	for _, al := range r.Allocations {
+		if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
+			t.Errorf("rank %d: result not ok: %v", al.Rank, al.Result)
+		}
+		if al.Rank == 0 {
+			for _, row := range al.Result.GetFields()["sizes"].GetListValue().GetValues() {
+				f := row.GetStructValue().GetFields()
+				rows = append(rows, f["size"].GetStringValue()+": "+f["busbw_gbps"].GetStringValue()+" GB/s, check "+f["check"].GetStringValue())
+			}
+		}
+	}
+	return rows
+}
+
 // rankLog reads what one rank has logged so far.
 func rankLog(a *agent, id string, gen uint64, rank int32) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -63,18 +124,7 @@ func TestAllReduceRankKilled(t *testing.T) {
 	const timeout = 3 * time.Second
 	c := newCluster(t, clusterOpts{n: 4, extraArgs: []string{"--bootstrap-expect", "3", "--max-ranks-per-node", "1", "--collective-timeout", timeout.String()}})
 	lead := c.waitLeader(60*time.Second, nil)
-	procs.Eventually(t, 60*time.Second, func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
-		if err != nil {
-			return err
-		}
-		if len(r.Nodes) != 4 {
-			return fmt.Errorf("%d nodes registered, want 4", len(r.Nodes))
-		}
-		return nil
-	})
+	waitNodes(t, lead, 4)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	const id = "ar-kill"
@@ -213,42 +263,12 @@ func TestAllReduceUnderPacketLoss(t *testing.T) {
 	for i := range tp.nodes {
 		how = tp.loss(i, 1)
 	}
-	run := func(id string) (*pb.GetJobResponse, time.Duration) {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if _, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec(id, 20, "1MiB", "16MiB")}); err != nil {
-			t.Fatal(err)
-		}
-		var r *pb.GetJobResponse
-		procs.Eventually(t, 240*time.Second, func() (err error) {
-			r, err = getJob(c, id)
-			if err != nil {
-				return err
-			}
-			if r.Job.Status != "complete" && r.Job.Status != "failed" {
-				return fmt.Errorf("%s is %s", id, r.Job.Status)
-			}
-			return nil
-		})
-		return r, time.Since(start)
-	}
-	r, took := run("ar-loss")
+	const id = "ar-loss"
+	r, took := runJob(t, c, lead, id, allReduceSpec(id, 20, "1MiB", "16MiB"), 240*time.Second)
 	if r.Job.Status != "complete" || r.Job.Generation != 1 {
 		t.Fatalf("all-reduce under 1%% loss: %s at generation %d (%s)", r.Job.Status, r.Job.Generation, r.Job.StatusReason)
 	}
-	var busbw []string
-	for _, al := range r.Allocations {
-		if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
-			t.Errorf("rank %d: result not ok: %v", al.Rank, al.Result)
-		}
-		if al.Rank == 0 {
-			for _, row := range al.Result.GetFields()["sizes"].GetListValue().GetValues() {
-				f := row.GetStructValue().GetFields()
-				busbw = append(busbw, f["size"].GetStringValue()+": "+f["busbw_gbps"].GetStringValue()+" GB/s, check "+f["check"].GetStringValue())
-			}
-		}
-	}
+	busbw := checkedSizes(t, r)
 	record(t, "allreduce-packet-loss", map[string]any{
 		"agents": 3, "ranks": 3, "loss_pct_every_agent": 1, "loss_by": how, "sizes": "1MiB, 16MiB x 20 iters, float32, cpu",
 		"job_s": took.Seconds(), "generation": r.Job.Generation, "rank0_busbw": busbw,
@@ -276,53 +296,13 @@ func TestAllReduceDelayed(t *testing.T) {
 			c := newCluster(t, clusterOpts{n: 3, ips: tp.ips, netns: tp.nodes, dial: tp.dialer,
 				extraArgs: []string{"--bootstrap-expect", "3", "--max-ranks-per-node", "1", "--collective-timeout", "30s"}})
 			lead := c.waitLeader(90*time.Second, nil)
-			procs.Eventually(t, 60*time.Second, func() error {
-				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-				defer cancel()
-				r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
-				if err != nil {
-					return err
-				}
-				if len(r.Nodes) != 3 {
-					return fmt.Errorf("%d nodes registered, want 3", len(r.Nodes))
-				}
-				return nil
-			})
+			waitNodes(t, lead, 3)
 			id := "ar-" + tc.name
-			start := time.Now()
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			_, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec(id, 10, "64KiB", "1MiB", "4MiB")})
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
-			var r *pb.GetJobResponse
-			procs.Eventually(t, 240*time.Second, func() (err error) {
-				r, err = getJob(c, id)
-				if err != nil {
-					return err
-				}
-				if r.Job.Status != "complete" && r.Job.Status != "failed" {
-					return fmt.Errorf("%s is %s", id, r.Job.Status)
-				}
-				return nil
-			})
-			took := time.Since(start)
+			r, took := runJob(t, c, lead, id, allReduceSpec(id, 10, "64KiB", "1MiB", "4MiB"), 240*time.Second)
 			if r.Job.Status != "complete" || r.Job.Generation != 1 {
 				t.Fatalf("all-reduce over %s links: %s at generation %d (%s)", tc.name, r.Job.Status, r.Job.Generation, r.Job.StatusReason)
 			}
-			var rows []string
-			for _, al := range r.Allocations {
-				if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
-					t.Errorf("rank %d: result not ok: %v", al.Rank, al.Result)
-				}
-				if al.Rank == 0 {
-					for _, row := range al.Result.GetFields()["sizes"].GetListValue().GetValues() {
-						f := row.GetStructValue().GetFields()
-						rows = append(rows, f["size"].GetStringValue()+": "+f["busbw_gbps"].GetStringValue()+" GB/s, check "+f["check"].GetStringValue())
-					}
-				}
-			}
+			rows := checkedSizes(t, r)
 			st := tp.emu.Stats().Total()
 			if tc.link.Delay > 0 && st.DelaySum/time.Duration(max(st.Delivered, 1)) < tc.link.Delay-tc.link.Jitter {
 				t.Errorf("mean emulated delay %s below %s: the links were not delayed", st.DelaySum/time.Duration(max(st.Delivered, 1)), tc.link.Delay-tc.link.Jitter)

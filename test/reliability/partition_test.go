@@ -51,6 +51,27 @@ func submitTimed(a *agent, prefix string, n int, timeout time.Duration) (acked [
 	return acked, errs, took
 }
 
+// checkVoters asks a for the Raft configuration and says whether it has
+// want voters.
+func checkVoters(a *agent, want int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	p, err := a.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
+	if err != nil {
+		return err
+	}
+	voters := 0
+	for _, peer := range p.Peers {
+		if peer.Suffrage == "voter" {
+			voters++
+		}
+	}
+	if voters != want {
+		return fmt.Errorf("%d voters, want %d: %v", voters, want, p.Peers)
+	}
+	return nil
+}
+
 // The partition test: five agents (five voters) in their own
 // namespaces; the leader and one more are cut off from the other three.
 // The minority cannot commit, the majority elects a leader and keeps
@@ -131,24 +152,7 @@ func TestPartitionDelayed(t *testing.T) {
 func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, name string, extra map[string]any) (leaderSubmits []time.Duration) {
 	lead := c.waitLeader(90*time.Second, nil)
 	firstLeader := time.Since(start)
-	procs.Eventually(t, 60*time.Second, func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		p, err := lead.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
-		if err != nil {
-			return err
-		}
-		voters := 0
-		for _, peer := range p.Peers {
-			if peer.Suffrage == "voter" {
-				voters++
-			}
-		}
-		if voters != 5 {
-			return fmt.Errorf("%d voters, want 5: %v", voters, p.Peers)
-		}
-		return nil
-	})
+	procs.Eventually(t, 60*time.Second, func() error { return checkVoters(lead, 5) })
 	before, errs, beforeTook := submitTimed(lead, "before", 5, 10*time.Second)
 	if len(errs) > 0 {
 		t.Fatalf("submissions before the partition: %v", errs)
@@ -304,20 +308,8 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 		if err != nil {
 			return err
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		p, err := l.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
-		if err != nil {
-			return err
-		}
-		voters := 0
-		for _, peer := range p.Peers {
-			if peer.Suffrage == "voter" {
-				voters++
-			}
-		}
-		if voters != 5 {
-			return fmt.Errorf("%d voters after healing, want 5", voters)
+		if err := checkVoters(l, 5); err != nil {
+			return fmt.Errorf("after healing: %w", err)
 		}
 		return nil
 	})
