@@ -70,7 +70,8 @@
 // (reduce-scatter then all-gather; every rank sends 2(n-1)/n of the buffer),
 // split into Config.Channels parallel rings, each on its own connection
 // (TCP lane, or HTTP/2 connection), pipelined in chunks of
-// Config.ChunkBytes. A channel moves its chunks in wavefront order (chunk k
+// Config.ChunkBytes; an operation too small to give every channel
+// MinChannelBytes per block uses fewer channels. A channel moves its chunks in wavefront order (chunk k
 // of step s at k+s), so a reduced chunk goes on to the next rank while it
 // is still in the CPU cache rather than after the rest of its step. The step
 // schedules
