@@ -337,22 +337,26 @@ func (h *HostBuffer) DivChunk(off, n, divisor int) error {
 // Sync implements Buffer (host operations are synchronous).
 func (h *HostBuffer) Sync() error { return nil }
 
-// CopyFrom implements BufferCopier for host sources.
-func (h *HostBuffer) CopyFrom(dstOff int, src Buffer, srcOff, n int) (bool, error) {
+// hostRanges returns the bytes of elements [dstOff, dstOff+n) of h and
+// [srcOff, srcOff+n) of src; ok is false when src is not a host buffer.
+func (h *HostBuffer) hostRanges(dstOff int, src Buffer, srcOff, n int) (d, s []byte, ok bool, err error) {
 	hs, ok := src.(*HostBuffer)
 	if !ok {
-		return false, nil
+		return nil, nil, false, nil
 	}
-	d, err := h.rng(dstOff, n)
-	if err != nil {
-		return true, err
+	if d, err = h.rng(dstOff, n); err == nil {
+		s, err = hs.rng(srcOff, n)
 	}
-	s, err := hs.rng(srcOff, n)
-	if err != nil {
-		return true, err
+	return d, s, true, err
+}
+
+// CopyFrom implements BufferCopier for host sources.
+func (h *HostBuffer) CopyFrom(dstOff int, src Buffer, srcOff, n int) (bool, error) {
+	d, s, ok, err := h.hostRanges(dstOff, src, srcOff, n)
+	if ok && err == nil {
+		copy(d, s)
 	}
-	copy(d, s)
-	return true, nil
+	return ok, err
 }
 
 // PeerWrite implements PeerReducer for host peers.
@@ -362,20 +366,11 @@ func (h *HostBuffer) PeerWrite(dstOff int, src Buffer, srcOff, n int) (bool, err
 
 // PeerReduce implements PeerReducer for host peers.
 func (h *HostBuffer) PeerReduce(dstOff int, src Buffer, srcOff, n int, op Op) (bool, error) {
-	hs, ok := src.(*HostBuffer)
-	if !ok {
-		return false, nil
+	d, s, ok, err := h.hostRanges(dstOff, src, srcOff, n)
+	if ok && err == nil {
+		reduceBytes(h.dt, op, d, s)
 	}
-	d, err := h.rng(dstOff, n)
-	if err != nil {
-		return true, err
-	}
-	s, err := hs.rng(srcOff, n)
-	if err != nil {
-		return true, err
-	}
-	reduceBytes(h.dt, op, d, s)
-	return true, nil
+	return ok, err
 }
 
 // copyBuffer copies src[srcOff:+n] into dst[dstOff:], through BufferCopier
