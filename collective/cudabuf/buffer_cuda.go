@@ -725,8 +725,10 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		return nil, err
 	}
 	buf.stats.reads.Add(1)
-	defer buf.stats.readNs.add(time.Now())
+	tr := time.Now()
+	defer buf.stats.readNs.add(tr)
 	if host, ok, err := buf.readPrefetched(off, n); ok {
+		trace("readpre", off, n, tr)
 		return host, err
 	}
 	bytes := n * buf.dt.Size()
@@ -748,8 +750,11 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	buf.mu.Unlock()
 	if err == nil {
+		tw := time.Now()
 		err = buf.be.waitEvent(done)
+		buf.stats.waitNs.add(tw)
 	}
+	trace("read", off, n, tr)
 	if err != nil {
 		buf.rd.Synchronize() // the copy may have been enqueued
 		buf.be.putSlot(slot)
@@ -920,6 +925,7 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 // Sync implements collective.Buffer: it waits for both streams, returns
 // every staged slot to the pool and reports the first asynchronous error.
 func (buf *Buffer) Sync() error {
+	defer trace("sync", 0, buf.n, time.Now())
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
 	if buf.wr != nil {

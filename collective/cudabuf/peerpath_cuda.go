@@ -45,12 +45,15 @@ type Stats struct {
 	// ReduceChunk, SlotWait the part of both spent waiting for a staging
 	// slot; summed over concurrent callers (channels).
 	ReadTime, StageTime, SlotWait time.Duration
+	// ReadWait is the part of ReadTime spent waiting for the device to
+	// host copies to finish (the rest is taking slots and enqueueing).
+	ReadWait time.Duration
 }
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
 	direct, hostCopies              atomic.Int64
-	readNs, stageNs, slotNs         nanos
+	readNs, stageNs, slotNs, waitNs nanos
 }
 
 // nanos accumulates elapsed time.
@@ -70,6 +73,7 @@ func (buf *Buffer) Stats() Stats {
 		ReadTime:     time.Duration(buf.stats.readNs.Load()),
 		StageTime:    time.Duration(buf.stats.stageNs.Load()),
 		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
+		ReadWait:     time.Duration(buf.stats.waitNs.Load()),
 	}
 }
 
@@ -99,6 +103,7 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	if n == 0 || bytes > maxStagePiece || buf.be.opts.noPrefetch {
 		return nil
 	}
+	defer trace("prefetch", off, n, time.Now())
 	buf.mu.Lock()
 	full := buf.npre >= buf.maxPrefetch() || buf.freed
 	buf.mu.Unlock()
@@ -149,7 +154,10 @@ func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) 
 	}
 	buf.npre--
 	buf.mu.Unlock()
-	if err := buf.be.waitEvent(slot.events[buf.ds.idx]); err != nil {
+	tw := time.Now()
+	err = buf.be.waitEvent(slot.events[buf.ds.idx])
+	buf.stats.waitNs.add(tw)
+	if err != nil {
 		buf.be.putSlot(slot)
 		return nil, true, err
 	}
@@ -374,5 +382,16 @@ func (b *Backend) waitEvent(ev *cuda.Event) error {
 			continue
 		}
 		runtime.Gosched()
+	}
+}
+
+// tracer, when set (tests and measurements only), is called after each
+// staging step of every buffer: its kind ("read", "readpre", "prefetch",
+// "begin", "commit", "sync"), its element range and when it started.
+var tracer atomic.Pointer[func(kind string, off, n int, start time.Time)]
+
+func trace(kind string, off, n int, start time.Time) {
+	if f := tracer.Load(); f != nil {
+		(*f)(kind, off, n, start)
 	}
 }
