@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -113,6 +114,7 @@ type options struct {
 	eagerPeer  bool
 	poll       bool
 	shared     bool
+	locked     bool
 }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
@@ -531,14 +533,63 @@ func (buf *Buffer) pruneWritesLocked() {
 	}
 }
 
+// unlocked reports whether reads and staged writes enqueue their device
+// work without holding mu: always, except with WithRangeDeps (whose write
+// events are bookkeeping under mu). The streams take work from many
+// goroutines; what mu still orders is the buffer's bookkeeping (prefetched
+// copies, in-flight ranges), see enqueueStaged and PrefetchChunk.
+func (buf *Buffer) unlocked() bool { return !buf.be.opts.rangeDeps && !buf.be.opts.locked }
+
+// WithLockedEnqueue makes reads, prefetches and staged writes hold the
+// buffer's lock while they enqueue device work, as before 2026-11-26
+// (measurement only: it serializes every channel's driver calls).
+func WithLockedEnqueue(on bool) Option { return func(o *options) { o.locked = on } }
+
+// span is a range of elements whose device work is being enqueued without
+// mu; stale marks a prefetch that a write to its range overtook.
+type span struct {
+	off, n int
+	stale  bool
+}
+
+func (s *span) overlaps(off, n int) bool { return s.off < off+n && off < s.off+s.n }
+
+func removeSpan(l []*span, x *span) []*span {
+	for i, s := range l {
+		if s == x {
+			l[i] = l[len(l)-1]
+			l[len(l)-1] = nil
+			return l[:len(l)-1]
+		}
+	}
+	return l
+}
+
 // waitWritesLocked makes the read stream wait for the writes that overlap
 // [off, off+n), or for the whole write stream without range tracking.
+//
+// Without range tracking it needs no lock, and it enqueues nothing when the
+// read stream already waits for every write counted so far (wrSeq, bumped
+// after each write's enqueue, against rdSeen, the count the last wait
+// covered): the reads of a step's first chunks need no event at all.
 func (buf *Buffer) waitWritesLocked(off, n int) error {
 	if !buf.be.opts.rangeDeps {
+		seq := buf.wrSeq.Load()
+		if seq == buf.rdSeen.Load() {
+			return nil
+		}
 		if err := buf.wr.Record(buf.wrMark); err != nil {
 			return err
 		}
-		return buf.rd.Wait(buf.wrMark)
+		if err := buf.rd.Wait(buf.wrMark); err != nil {
+			return err
+		}
+		for {
+			cur := buf.rdSeen.Load()
+			if cur >= seq || buf.rdSeen.CompareAndSwap(cur, seq) {
+				return nil
+			}
+		}
 	}
 	buf.pruneWritesLocked()
 	for _, w := range buf.writes {
@@ -570,6 +621,10 @@ type Buffer struct {
 	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
 	npre     int                      // slots held in pre
 	readers  []peerRead               // peer reads of this buffer not yet waited for
+	inflight []*span                  // staged writes being enqueued without mu
+	wrSeq    atomic.Uint64            // writes enqueued on wr (bumped after each)
+	rdSeen   atomic.Uint64            // wrSeq that rd last waited for
+	fetching []*span                  // prefetches being enqueued without mu
 	readerEv map[*devState][]*cuda.Event
 	err      error
 	freed    bool
@@ -592,6 +647,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 	}
 	ds := b.devs[dev]
 	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
+	buf.wrSeq.Store(1) // work enqueued on wr directly (tests) before any read
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
@@ -740,7 +796,12 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	}
 	host := slot.host[:bytes]
 	done := slot.events[buf.ds.idx]
-	buf.mu.Lock()
+	// Without range tracking the enqueues need no lock (see unlocked): the
+	// collective issues a read after the writes it must see returned.
+	unlocked := buf.unlocked()
+	if !unlocked {
+		buf.mu.Lock()
+	}
 	err = buf.waitWritesLocked(off, n)
 	if err == nil {
 		err = buf.rd.CopyDtoH(host, buf.at(off))
@@ -748,7 +809,9 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	if err == nil {
 		err = buf.rd.Record(done)
 	}
-	buf.mu.Unlock()
+	if !unlocked {
+		buf.mu.Unlock()
+	}
 	if err == nil {
 		tw := time.Now()
 		err = buf.be.waitEvent(done)
@@ -840,9 +903,36 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 	ev := slot.events[buf.ds.idx]
 	buf.mu.Lock()
 	buf.dropPrefetchLocked(eo, n)
+	if len(buf.readers) == 0 && buf.unlocked() {
+		// Nothing to wait for and no write bookkeeping: enqueue without
+		// the lock, so that channels do not queue behind each other's
+		// driver calls. The range stays in flight meanwhile (a prefetch
+		// of it is skipped) and its prefetches were dropped above.
+		w := &span{off: eo, n: n}
+		buf.inflight = append(buf.inflight, w)
+		buf.mu.Unlock()
+		err := f(slot, scratch, eo, n)
+		buf.wrSeq.Add(1)
+		if err == nil {
+			err = buf.wr.Record(ev)
+		}
+		buf.mu.Lock()
+		buf.inflight = removeSpan(buf.inflight, w)
+		if err != nil {
+			buf.fail(err)
+			buf.mu.Unlock()
+			buf.wr.Synchronize()
+			buf.be.putSlot(slot)
+			return err
+		}
+		buf.mu.Unlock()
+		buf.be.addPending(pending{slot: slot, ev: ev})
+		return nil
+	}
 	err := buf.waitReadersLocked(eo, n)
 	if err == nil {
 		err = f(slot, scratch, eo, n)
+		buf.wrSeq.Add(1)
 	}
 	if err == nil {
 		err = buf.wr.Record(ev)
@@ -915,6 +1005,7 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	err := buf.waitReadersLocked(off, n)
 	if err == nil {
 		err = buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+		buf.wrSeq.Add(1)
 	}
 	if err == nil {
 		err = buf.noteWriteLocked(off, n)
@@ -981,6 +1072,7 @@ func (buf *Buffer) peerOp(src *Buffer, dstOff, srcOff, n int, f func() error) er
 	}
 	if err == nil {
 		err = f()
+		buf.wrSeq.Add(1)
 	}
 	if err == nil {
 		err = buf.noteWriteLocked(dstOff, n)

@@ -111,6 +111,9 @@ func waitName() string {
 	case "shared":
 		w = "poller"
 	}
+	if os.Getenv("GPUMESH_LOCKED") == "1" {
+		w += ",locked"
+	}
 	return w
 }
 

@@ -220,6 +220,9 @@ func tcpChild(t *testing.T) {
 					if os.Getenv("GPUMESH_PREFETCH") == "0" {
 						wait += ",noprefetch"
 					}
+					if os.Getenv("GPUMESH_LOCKED") == "1" {
+						wait += ",locked"
+					}
 					switch os.Getenv("GPUMESH_POLL") {
 					case "1":
 						wait = "poll" + strings.TrimPrefix(wait, "spin")
