@@ -115,7 +115,18 @@ type options struct {
 	poll       bool
 	shared     bool
 	locked     bool
+	zeroCopy   int
 }
+
+// defaultOptions apply before Open's own options (measurement builds set
+// them to try another default without changing callers).
+var defaultOptions []Option
+
+// WithZeroCopyReduce makes staged reduces of chunks up to maxBytes read the
+// pinned slot directly from the kernel (mapped host memory) instead of
+// copying it to device scratch first: one driver call less per received
+// chunk. 0 (the default) turns it off.
+func WithZeroCopyReduce(maxBytes int) Option { return func(o *options) { o.zeroCopy = maxBytes } }
 
 // WithRangeDeps makes a ReadChunk wait only for earlier writes to ranges that
 // overlap it (tracked with one event per write) instead of for everything
@@ -136,7 +147,7 @@ func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } 
 // of devices that supports it.
 func Open(cfg cuda.Config, opts ...Option) (*Backend, error) {
 	o := options{spin: true}
-	for _, f := range opts {
+	for _, f := range append(defaultOptions[:len(defaultOptions):len(defaultOptions)], opts...) {
 		f(&o)
 	}
 	rt, err := cuda.Open(cfg)
@@ -980,7 +991,13 @@ func (buf *Buffer) reduceStaged(op collective.Op) (func(*stageSlot, cuda.DevPtr,
 	if err != nil {
 		return nil, err
 	}
+	zc := buf.be.opts.zeroCopy
 	return func(slot *stageSlot, scratch cuda.DevPtr, eo, n int) error {
+		if bytes := n * buf.dt.Size(); bytes <= zc && bytes > 0 {
+			// the kernel reads the pinned slot over the bus: one driver
+			// call and no copy for the chunk
+			return buf.wr.Reduce(cop, buf.cdt, buf.at(eo), cuda.MappedHost(slot.host[:bytes]), int64(n))
+		}
 		if err := buf.wr.CopyHtoD(scratch, slot.host[:n*buf.dt.Size()]); err != nil {
 			return err
 		}
