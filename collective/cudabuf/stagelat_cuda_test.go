@@ -114,7 +114,7 @@ func waitName() string {
 	if os.Getenv("GPUMESH_LOCKED") == "1" {
 		w += ",locked"
 	}
-	if k := envInt("GPUMESH_ZEROCOPY_KIB", 0); k > 0 {
+	if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
 		w += fmt.Sprintf(",zerocopy<=%dKiB", k)
 	}
 	return w

@@ -223,7 +223,7 @@ func tcpChild(t *testing.T) {
 					if os.Getenv("GPUMESH_LOCKED") == "1" {
 						wait += ",locked"
 					}
-					if k := envInt("GPUMESH_ZEROCOPY_KIB", 0); k > 0 {
+					if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
 						wait += fmt.Sprintf(",zerocopy<=%dKiB", k)
 					}
 					switch os.Getenv("GPUMESH_POLL") {
