@@ -14,6 +14,13 @@ import (
 
 func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(unsafe.SliceData(b)) }
 
+// MappedHost is the device address of pinned host memory from PinnedAlloc
+// or a HostPool: with unified addressing (every 64-bit platform CUDA
+// supports) such memory is mapped into every device at its host address, so
+// kernels may read it directly over the bus (zero copy). b must stay
+// allocated while device work uses the address.
+func MappedHost(b []byte) DevPtr { return DevPtr(uintptr(unsafePointer(b))) }
+
 // Stream is an ordered queue of device work (copies and kernels) on one
 // device. Calls only enqueue; Synchronize or an Event waits for completion.
 // A Stream may be used from several goroutines, but work enqueued

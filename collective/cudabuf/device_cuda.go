@@ -104,6 +104,7 @@ func (buf *Buffer) Zero() error {
 	err := buf.waitReadersLocked(0, buf.n)
 	if err == nil {
 		err = buf.wr.Memset(buf.mem.Ptr(), 0, buf.mem.Len())
+		buf.wrSeq.Add(1)
 	}
 	buf.mu.Unlock()
 	if err != nil {

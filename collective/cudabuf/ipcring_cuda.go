@@ -375,6 +375,7 @@ func (r *IPCRing) AllReduce(ctx context.Context, op collective.Op) error {
 
 func (r *IPCRing) enqueue(ctx context.Context, k uint64, cop cuda.Op, avg bool) error {
 	buf, n, rank := r.buf, r.n, r.cfg.Rank
+	defer buf.wrSeq.Add(1) // later staged reads wait for this work
 	s := buf.wr
 	es := int64(buf.dt.Size())
 	record := func(idx int) error {

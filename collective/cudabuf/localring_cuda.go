@@ -132,6 +132,9 @@ func (l *LocalRing) AllReduce(op collective.Op) error {
 }
 
 func (l *LocalRing) enqueue(cop cuda.Op, avg bool) error {
+	for _, b := range l.bufs {
+		defer b.wrSeq.Add(1) // later staged reads wait for this work
+	}
 	n := len(l.bufs)
 	es := int64(l.bufs[0].dt.Size())
 	steps := 2 * (n - 1)

@@ -45,12 +45,15 @@ type Stats struct {
 	// ReduceChunk, SlotWait the part of both spent waiting for a staging
 	// slot; summed over concurrent callers (channels).
 	ReadTime, StageTime, SlotWait time.Duration
+	// ReadWait is the part of ReadTime spent waiting for the device to
+	// host copies to finish (the rest is taking slots and enqueueing).
+	ReadWait time.Duration
 }
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
 	direct, hostCopies              atomic.Int64
-	readNs, stageNs, slotNs         nanos
+	readNs, stageNs, slotNs, waitNs nanos
 }
 
 // nanos accumulates elapsed time.
@@ -70,6 +73,7 @@ func (buf *Buffer) Stats() Stats {
 		ReadTime:     time.Duration(buf.stats.readNs.Load()),
 		StageTime:    time.Duration(buf.stats.stageNs.Load()),
 		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
+		ReadWait:     time.Duration(buf.stats.waitNs.Load()),
 	}
 }
 
@@ -99,8 +103,12 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	if n == 0 || bytes > maxStagePiece || buf.be.opts.noPrefetch {
 		return nil
 	}
+	defer trace("prefetch", off, n, time.Now())
 	buf.mu.Lock()
-	full := buf.npre >= buf.maxPrefetch() || buf.freed
+	full := buf.npre+len(buf.fetching) >= buf.maxPrefetch() || buf.freed
+	for _, w := range buf.inflight {
+		full = full || w.overlaps(off, n) // a write of it is being enqueued
+	}
 	buf.mu.Unlock()
 	if full {
 		return nil
@@ -109,24 +117,63 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	if slot == nil {
 		return nil
 	}
+	ev := slot.events[buf.ds.idx]
+	if !buf.unlocked() {
+		buf.mu.Lock()
+		err := buf.waitWritesLocked(off, n)
+		if err == nil {
+			err = buf.rd.CopyDtoH(slot.host[:bytes], buf.at(off))
+		}
+		if err == nil {
+			err = buf.rd.Record(ev)
+		}
+		if err == nil {
+			k := readKey{off, n}
+			buf.pre[k] = append(buf.pre[k], slot)
+			buf.npre++
+		}
+		buf.fail(err)
+		buf.mu.Unlock()
+		if err != nil {
+			buf.rd.Synchronize() // the copy may have been enqueued
+			buf.be.putSlot(slot)
+		}
+		return err
+	}
+	// Enqueue without mu. A write to the range that starts meanwhile
+	// (dropPrefetchLocked) marks the copy stale: it may have been enqueued
+	// before that write, so it is not kept. One in flight when this
+	// started was checked above.
+	f := &span{off: off, n: n}
 	buf.mu.Lock()
+	for _, w := range buf.inflight {
+		f.stale = f.stale || w.overlaps(off, n)
+	}
+	buf.fetching = append(buf.fetching, f)
+	buf.mu.Unlock()
 	err := buf.waitWritesLocked(off, n)
 	if err == nil {
 		err = buf.rd.CopyDtoH(slot.host[:bytes], buf.at(off))
 	}
 	if err == nil {
-		err = buf.rd.Record(slot.events[buf.ds.idx])
+		err = buf.rd.Record(ev)
 	}
-	if err == nil {
+	buf.mu.Lock()
+	buf.fetching = removeSpan(buf.fetching, f)
+	keep := err == nil && !f.stale && !buf.freed
+	if keep {
 		k := readKey{off, n}
 		buf.pre[k] = append(buf.pre[k], slot)
 		buf.npre++
 	}
 	buf.fail(err)
 	buf.mu.Unlock()
-	if err != nil {
+	switch {
+	case err != nil:
 		buf.rd.Synchronize() // the copy may have been enqueued
 		buf.be.putSlot(slot)
+	case !keep:
+		buf.be.addPending(pending{slot: slot, ev: ev})
 	}
 	return err
 }
@@ -149,7 +196,10 @@ func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) 
 	}
 	buf.npre--
 	buf.mu.Unlock()
-	if err := buf.be.waitEvent(slot.events[buf.ds.idx]); err != nil {
+	tw := time.Now()
+	err = buf.be.waitEvent(slot.events[buf.ds.idx])
+	buf.stats.waitNs.add(tw)
+	if err != nil {
 		buf.be.putSlot(slot)
 		return nil, true, err
 	}
@@ -165,10 +215,13 @@ func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) 
 // the whole buffer. Their slots go back once their copies finish. Called
 // with mu held.
 func (buf *Buffer) dropPrefetchLocked(off, n int) {
+	all := off == 0 && n >= buf.n
+	for _, f := range buf.fetching {
+		f.stale = f.stale || all || f.overlaps(off, n)
+	}
 	if buf.npre == 0 {
 		return
 	}
-	all := off == 0 && n >= buf.n
 	for k, l := range buf.pre {
 		if !all && !(k.off < off+n && off < k.off+k.n) {
 			continue
@@ -374,5 +427,16 @@ func (b *Backend) waitEvent(ev *cuda.Event) error {
 			continue
 		}
 		runtime.Gosched()
+	}
+}
+
+// tracer, when set (tests and measurements only), is called after each
+// staging step of every buffer: its kind ("read", "readpre", "prefetch",
+// "begin", "commit", "sync"), its element range and when it started.
+var tracer atomic.Pointer[func(kind string, off, n int, start time.Time)]
+
+func trace(kind string, off, n int, start time.Time) {
+	if f := tracer.Load(); f != nil {
+		(*f)(kind, off, n, start)
 	}
 }

@@ -31,6 +31,7 @@ func (buf *Buffer) BeginRecv(off, n int) ([]byte, any, error) {
 	t0 := time.Now()
 	slot, err := buf.be.slotFor(bytes)
 	buf.stats.slotNs.add(t0)
+	trace("begin", off, n, t0)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -56,6 +57,7 @@ func (buf *Buffer) CommitRecv(off, n int, token any, reduce bool, op collective.
 	buf.stats.direct.Add(1)
 	t0 := time.Now()
 	defer buf.stats.stageNs.add(t0)
+	defer trace("commit", off, n, t0)
 	f := buf.writeStaged
 	if reduce {
 		var err error

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"testing"
@@ -117,6 +118,29 @@ func tcpChild(t *testing.T) {
 	}
 	iters := envInt("GPUMESH_TCP_ITERS", 10)
 	sizes := []int{64, 256}
+	if v := os.Getenv("GPUMESH_TCP_SIZES"); v != "" {
+		sizes = nil
+		for _, f := range strings.Split(v, ",") {
+			mib, err := strconv.Atoi(f)
+			if err != nil {
+				t.Fatalf("bad GPUMESH_TCP_SIZES entry %q (want MiB)", f)
+			}
+			sizes = append(sizes, mib)
+		}
+	}
+	// GPUMESH_TRACE=DIR: the staging steps of each size's last operation
+	// (rank files); GPUMESH_CPUPROFILE=DIR: a CPU profile of the bench.
+	traceDir := os.Getenv("GPUMESH_TRACE")
+	if dir := os.Getenv("GPUMESH_CPUPROFILE"); dir != "" {
+		f, err := os.Create(fmt.Sprintf("%s/cpu.%d.prof", dir, rank))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	for ci, conf := range strings.Split(envOr("GPUMESH_TCP_CONFIGS", "4x1024,8x1024,8x4096,16x1024,16x4096"), ",") {
 		var ch, kib int
 		if _, err := fmt.Sscanf(conf, "%dx%d", &ch, &kib); err != nil {
@@ -126,7 +150,7 @@ func tcpChild(t *testing.T) {
 		comm.Close()
 		comm = newComm()
 		szs := sizes
-		if ci == 0 {
+		if ci == 0 && os.Getenv("GPUMESH_TCP_SIZES") == "" {
 			szs = []int{1, 16, 64, 256}
 		}
 		for _, device := range strings.Split(envOr("GPUMESH_TCP_DEVICES", "cuda,cpu"), ",") {
@@ -158,18 +182,28 @@ func tcpChild(t *testing.T) {
 					if err := comm.Barrier(ctx); err != nil {
 						t.Fatal(err)
 					}
+					var tr *traceOp
+					if traceDir != "" && device == "cuda" && i == iters-1 {
+						tr = startTrace()
+					}
 					t0 := time.Now()
 					if err := comm.AllReduce(ctx, buf, collective.OpSum); err != nil {
 						t.Fatal(err)
 					}
 					ts = append(ts, time.Since(t0))
+					if tr != nil {
+						name := fmt.Sprintf("%s/trace.%dx%d.%dMiB.rank%d", traceDir, cfg.Channels, cfg.ChunkBytes>>10, mib, rank)
+						if err := tr.stop(name, fmt.Sprintf("rank %d %dx%dKiB %dMiB op=%s", rank, cfg.Channels, cfg.ChunkBytes>>10, mib, ts[len(ts)-1])); err != nil {
+							t.Fatal(err)
+						}
+					}
 				}
 				var prof string
 				if b, ok := buf.(*Buffer); ok {
 					st := b.Stats()
 					per := func(d, d0 time.Duration) float64 { return float64((d-d0)/time.Duration(iters)) / 1e3 }
-					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d direct=%d hostcopies=%d",
-						per(st.ReadTime, st0.ReadTime), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads,
+					prof = fmt.Sprintf(" per-op(us, summed over channels): read=%.0f readwait=%.0f stage=%.0f slotwait=%.0f prefetched=%d/%d direct=%d hostcopies=%d",
+						per(st.ReadTime, st0.ReadTime), per(st.ReadWait, st0.ReadWait), per(st.StageTime, st0.StageTime), per(st.SlotWait, st0.SlotWait), st.Prefetched-st0.Prefetched, st.StagedReads-st0.StagedReads,
 						st.DirectRecvs-st0.DirectRecvs, st.HostCopies-st0.HostCopies)
 				}
 				free()
@@ -185,6 +219,12 @@ func tcpChild(t *testing.T) {
 					}
 					if os.Getenv("GPUMESH_PREFETCH") == "0" {
 						wait += ",noprefetch"
+					}
+					if os.Getenv("GPUMESH_LOCKED") == "1" {
+						wait += ",locked"
+					}
+					if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
+						wait += fmt.Sprintf(",zerocopy<=%dKiB", k)
 					}
 					switch os.Getenv("GPUMESH_POLL") {
 					case "1":
