@@ -177,27 +177,12 @@ func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
 
 // The data plane shares a *grpc.Server with protobuf services.
 func TestGRPCSharesServerWithProtobuf(t *testing.T) {
-	gcfg := DefaultGRPCConfig()
-	svc, err := NewService(gcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(ServerOptions(gcfg)...)
-	svc.Register(gs)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { defer close(done); _ = gs.Serve(lis) }()
-	defer func() { gs.Stop(); <-done }()
-	addr := lis.Addr().String()
+	svc, addr := serveWithHealth(t, DefaultGRPCConfig(), false)
 	tr := NewGRPCTransport(svc)
 	addrs := []string{addr, addr} // two ranks served by one node
 	comms := make([]*Communicator, 2)
 	for r := range comms {
+		var err error
 		comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, testConfig())
 		if err != nil {
 			t.Fatal(err)
@@ -205,6 +190,38 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 	}
 	defer CloseAll(comms)
 	allReduceChecked(t, comms, Float32, OpSum, 5000, "shared server")
+	checkHealth(t, addr, "shared server")
+}
+
+// serveWithHealth serves a data-plane Service and the gRPC health service
+// from one *grpc.Server on a loopback port (through Service.Listener, so
+// that lanes share the port, when lanes is set) until the test ends.
+func serveWithHealth(t *testing.T, gcfg GRPCConfig, lanes bool) (*Service, string) {
+	t.Helper()
+	svc, err := NewService(gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer(ServerOptions(gcfg)...)
+	svc.Register(gs)
+	healthpb.RegisterHealthServer(gs, health.NewServer())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve := lis
+	if lanes {
+		serve = svc.Listener(lis)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = gs.Serve(serve) }()
+	t.Cleanup(func() { gs.Stop(); <-done })
+	return svc, lis.Addr().String()
+}
+
+// checkHealth asks addr's gRPC health service and wants SERVING.
+func checkHealth(t *testing.T, addr, what string) {
+	t.Helper()
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -212,7 +229,7 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 	defer cc.Close()
 	resp, err := healthpb.NewHealthClient(cc).Check(context.Background(), &healthpb.HealthCheckRequest{})
 	if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
-		t.Fatalf("health on the shared server: %v %v", resp, err)
+		t.Fatalf("health on the %s: %v %v", what, resp, err)
 	}
 }
 

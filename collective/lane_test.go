@@ -23,9 +23,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 // syncBuffer is a log sink safe for concurrent writers.
@@ -209,26 +206,13 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 // service serves through Service.Listener, lanes and gRPC alike.
 func TestLaneSamePortAsGRPCServices(t *testing.T) {
 	gcfg := DefaultGRPCConfig()
-	svc, err := NewService(gcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(ServerOptions(gcfg)...)
-	svc.Register(gs)
-	healthpb.RegisterHealthServer(gs, health.NewServer())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { defer close(done); _ = gs.Serve(svc.Listener(lis)) }()
-	defer func() { gs.Stop(); <-done }()
+	svc, addr := serveWithHealth(t, gcfg, true)
 	other, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer other.Close()
-	addrs := []string{lis.Addr().String(), other.Addr()}
+	addrs := []string{addr, other.Addr()}
 	comms := make([]*Communicator, 2)
 	for r, tr := range []Transport{NewGRPCTransport(svc), other.Transport()} {
 		if comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
@@ -240,15 +224,7 @@ func TestLaneSamePortAsGRPCServices(t *testing.T) {
 	if n := lanesOf(other); n != 4 {
 		t.Fatalf("%d lanes at the other rank, want 4", n)
 	}
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	resp, err := healthpb.NewHealthClient(cc).Check(context.Background(), &healthpb.HealthCheckRequest{})
-	if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
-		t.Fatalf("health on the shared port: %v %v", resp, err)
-	}
+	checkHealth(t, addr, "shared port")
 }
 
 // testTLS makes a CA and one certificate for 127.0.0.1, and returns the
