@@ -938,16 +938,7 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 		}
 		buf.mu.Lock()
 		buf.inflight = removeSpan(buf.inflight, w)
-		if err != nil {
-			buf.fail(err)
-			buf.mu.Unlock()
-			buf.wr.Synchronize()
-			buf.be.putSlot(slot)
-			return err
-		}
-		buf.mu.Unlock()
-		buf.be.addPending(pending{slot: slot, ev: ev})
-		return nil
+		return buf.endStagedLocked(slot, ev, err)
 	}
 	err := buf.waitReadersLocked(eo, n)
 	if err == nil {
@@ -960,6 +951,13 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 	if err == nil {
 		err = buf.noteWriteLocked(eo, n)
 	}
+	return buf.endStagedLocked(slot, ev, err)
+}
+
+// endStagedLocked finishes enqueueStaged with mu held and releases it: on
+// err the buffer fails and the slot goes back once the write stream is
+// idle; otherwise the slot is queued to come back when its work is done.
+func (buf *Buffer) endStagedLocked(slot *stageSlot, ev *cuda.Event, err error) error {
 	if err != nil {
 		buf.fail(err)
 		buf.mu.Unlock()
