@@ -192,23 +192,11 @@ func hybridChild(t *testing.T) {
 			}
 		}
 		for _, op := range collective.AllOps {
-			var ref *collective.HostBuffer
-			mine := make([]*collective.HostBuffer, per)
-			for r := 0; r < n; r++ {
-				h := smallInts(rand.New(rand.NewPCG(uint64(r), uint64(op)*16+uint64(dt))), dt, count, op)
-				if r/per == proc {
-					mine[r%per] = h
-				}
-				if ref == nil {
-					ref = collective.NewHostBuffer(dt, count)
-					copy(ref.Bytes(), h.Bytes())
-				} else {
-					ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
-				}
+			ins := make([]*collective.HostBuffer, n)
+			for r := range ins {
+				ins[r] = smallInts(rand.New(rand.NewPCG(uint64(r), uint64(op)*16+uint64(dt))), dt, count, op)
 			}
-			if op == collective.OpAvg {
-				ref.DivChunk(0, count, n)
-			}
+			ref, mine := hostRef(op, ins), ins[proc*per:(proc+1)*per]
 			for i, b := range bufs {
 				if err := b.Upload(mine[i].Bytes()); err != nil {
 					t.Fatal(err)

@@ -79,23 +79,11 @@ func ipcChild(t *testing.T, rankS string) {
 		}
 		for _, op := range collective.AllOps {
 			// every rank derives every rank's input from the same seeds
-			var ref *collective.HostBuffer
-			var mine *collective.HostBuffer
-			for k := 0; k < n; k++ {
-				h := smallInts(rand.New(rand.NewPCG(uint64(k), uint64(op))), dt, count, op)
-				if k == rank {
-					mine = h
-				}
-				if ref == nil {
-					ref = collective.NewHostBuffer(dt, count)
-					copy(ref.Bytes(), h.Bytes())
-				} else {
-					ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
-				}
+			ins := make([]*collective.HostBuffer, n)
+			for k := range ins {
+				ins[k] = smallInts(rand.New(rand.NewPCG(uint64(k), uint64(op))), dt, count, op)
 			}
-			if op == collective.OpAvg {
-				ref.DivChunk(0, count, n)
-			}
+			ref, mine := hostRef(op, ins), ins[rank]
 			if err := buf.Upload(mine.Bytes()); err != nil {
 				t.Fatal(err)
 			}

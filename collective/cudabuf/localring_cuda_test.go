@@ -17,6 +17,21 @@ import (
 
 // smallInts fills rank r's host copy with values that make every op exact in
 // every dtype for up to 8 ranks: [-8, 8) for sums, {1, 2} for products.
+// hostRef is the host reference of an all-reduce of inputs (in rank
+// order): op folded over them from the first, divided by their number for
+// OpAvg.
+func hostRef(op collective.Op, inputs []*collective.HostBuffer) *collective.HostBuffer {
+	ref := collective.NewHostBuffer(inputs[0].DType(), inputs[0].Len())
+	copy(ref.Bytes(), inputs[0].Bytes())
+	for _, h := range inputs[1:] {
+		ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
+	}
+	if op == collective.OpAvg {
+		ref.DivChunk(0, ref.Len(), len(inputs))
+	}
+	return ref
+}
+
 func smallInts(r *rand.Rand, dt collective.DType, n int, op collective.Op) *collective.HostBuffer {
 	h := collective.NewHostBuffer(dt, n)
 	for i := 0; i < n; i++ {
@@ -49,7 +64,6 @@ func TestLocalRingAllReduceEveryOpAndDType(t *testing.T) {
 				name := fmt.Sprintf("devs%v/%v/%v", place, dt, op)
 				t.Run(name, func(t *testing.T) {
 					const n = 200003
-					nr := len(place)
 					var bufs []*Buffer
 					var hosts []*collective.HostBuffer
 					for k, d := range place {
@@ -66,14 +80,7 @@ func TestLocalRingAllReduceEveryOpAndDType(t *testing.T) {
 						_ = k
 					}
 					// reference: plain sequential reduction on the host
-					ref := collective.NewHostBuffer(dt, n)
-					copy(ref.Bytes(), hosts[0].Bytes())
-					for k := 1; k < nr; k++ {
-						ref.ReduceChunk(0, collective.Segments{hosts[k].Bytes()}, op)
-					}
-					if op == collective.OpAvg {
-						ref.DivChunk(0, n, nr)
-					}
+					ref := hostRef(op, hosts)
 					ring, err := NewLocalRing(bufs, 64<<10) // small chunks: many pipeline steps
 					if err != nil {
 						t.Fatal(err)
