@@ -116,12 +116,7 @@ func newTopology(t *testing.T, n int) *topology {
 		tp.must("ip", "-n", tp.hub, "link", "set", br, "up")
 	}
 	for i := 0; i < n; i++ {
-		ns := fmt.Sprintf("%sn%d", nsPrefix, i+1)
-		ip := fmt.Sprintf("10.99.0.%d", 11+i)
-		tp.must("ip", "netns", "add", ns)
-		tp.nodes = append(tp.nodes, ns)
-		tp.ips = append(tp.ips, ip)
-		tp.must("ip", "-n", ns, "link", "set", "lo", "up")
+		ns, ip := tp.addNode(i)
 		tp.must("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", tp.port(i), "netns", tp.hub)
 		tp.must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "eth0")
 		tp.must("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -168,12 +163,7 @@ func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *t
 	}
 	tp.emu = emu
 	for i := 0; i < n; i++ {
-		ns := fmt.Sprintf("%sn%d", nsPrefix, i+1)
-		ip := fmt.Sprintf("10.99.0.%d", 11+i)
-		tp.must("ip", "netns", "add", ns)
-		tp.nodes = append(tp.nodes, ns)
-		tp.ips = append(tp.ips, ip)
-		tp.must("ip", "-n", ns, "link", "set", "lo", "up")
+		ns, ip := tp.addNode(i)
 		tun, err := netemu.OpenTUN("/run/netns/"+ns, "tun0")
 		if err != nil {
 			t.Fatalf("network setup: %v", err)
@@ -186,6 +176,18 @@ func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *t
 		tp.must("ip", "-n", ns, "addr", "add", ip+"/24", "dev", "tun0")
 	}
 	return tp
+}
+
+// addNode creates node i's namespace with its loopback up and records
+// its name and address.
+func (tp *topology) addNode(i int) (ns, ip string) {
+	ns = fmt.Sprintf("%sn%d", nsPrefix, i+1)
+	ip = fmt.Sprintf("10.99.0.%d", 11+i)
+	tp.must("ip", "netns", "add", ns)
+	tp.nodes = append(tp.nodes, ns)
+	tp.ips = append(tp.ips, ip)
+	tp.must("ip", "-n", ns, "link", "set", "lo", "up")
+	return ns, ip
 }
 
 // must runs a network-setup command and fails the test if it fails.
