@@ -241,7 +241,7 @@ func ringPlans(plan ChunkPlan, rank, s0, s1 int, avg bool) []chanPlan {
 		order(recvs)
 		p := &plans[ch]
 		p.recvs = make([]unit, len(recvs))
-		pos = append(pos[:0], make([]int, len(recvs))...)
+		pos = slices.Grow(pos[:0], len(recvs))[:len(recvs)] // every entry is set below
 		for i, r := range recvs {
 			p.recvs[i] = r.u
 			pos[r.pre] = i
