@@ -152,7 +152,7 @@ func (sc *scheduler) armTimer() {
 }
 
 // batchContext is what one batch evaluation shares: a planner snapshot
-// and the master ports in use per node.
+// and the master ports in use per host (masterKey).
 type batchContext struct {
 	cluster *sharding.Cluster
 	nodes   map[string]*controlpb.Node
@@ -279,7 +279,7 @@ func (sc *scheduler) snapshot() (*batchContext, error) {
 		}
 		existing = append(existing, sharding.Allocation{JobID: a.JobId, Rank: int(a.Rank), NodeID: a.NodeId, GPUs: intsOf(a.Gpus)})
 		if a.Rank == 0 && a.MasterPort != 0 {
-			sc.reservePort(bc, a.NodeId, a.MasterPort)
+			sc.reservePort(bc, masterKey(a.MasterAddr, a.NodeId), a.MasterPort)
 		}
 	}
 	st.mu.RUnlock()
@@ -291,19 +291,30 @@ func (sc *scheduler) snapshot() (*batchContext, error) {
 	return bc, nil
 }
 
-func (sc *scheduler) reservePort(bc *batchContext, node string, port int32) {
-	m := bc.ports[node]
+// masterKey is what a MASTER_PORT is reserved on: the host rank 0 listens
+// at (nodes of one machine, as in a dev cluster, share it), or the node
+// when its address is unknown.
+func masterKey(host, nodeID string) string {
+	if host != "" {
+		return "host " + host
+	}
+	return "node " + nodeID
+}
+
+func (sc *scheduler) reservePort(bc *batchContext, key string, port int32) {
+	m := bc.ports[key]
 	if m == nil {
 		m = map[int32]bool{}
-		bc.ports[node] = m
+		bc.ports[key] = m
 	}
 	m[port] = true
 }
 
-func (sc *scheduler) pickPort(bc *batchContext, node string) int32 {
+// pickPort reserves the lowest MASTER_PORT no live job uses on key's host.
+func (sc *scheduler) pickPort(bc *batchContext, key string) int32 {
 	for p := int32(sc.s.cfg.MasterPortMin); p <= int32(sc.s.cfg.MasterPortMax); p++ {
-		if !bc.ports[node][p] {
-			sc.reservePort(bc, node, p)
+		if !bc.ports[key][p] {
+			sc.reservePort(bc, key, p)
 			return p
 		}
 	}
@@ -612,17 +623,15 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 	for _, r := range plan.Ranks {
 		groups = max(groups, r.GroupRank+1)
 	}
-	var master *controlpb.Node
 	var masterPort int32
+	masterHost := ""
 	for _, r := range plan.Ranks {
 		if r.Rank == 0 {
-			master = bc.nodes[r.NodeID]
-			masterPort = sc.pickPort(bc, r.NodeID)
+			if master := bc.nodes[r.NodeID]; master != nil {
+				masterHost = hostOf(master.RpcAddr)
+			}
+			masterPort = sc.pickPort(bc, masterKey(masterHost, r.NodeID))
 		}
-	}
-	masterHost := ""
-	if master != nil {
-		masterHost = hostOf(master.RpcAddr)
 	}
 	for _, r := range plan.Ranks {
 		n := bc.nodes[r.NodeID]

@@ -125,6 +125,39 @@ func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
 	waitJob(t, s, id, "complete", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobComplete })
 }
 
+// Nodes of one machine (a dev cluster: one address, their own ports) share
+// its MASTER_PORTs: two live jobs whose rank 0 runs on two such nodes get
+// different ports, or two torch jobs would rendezvous at one port.
+func TestSchedulerMasterPortsPerHost(t *testing.T) {
+	tc, s := schedCluster(t)
+	for i, id := range []string{"c1", "c2"} {
+		tc.AddClient(&controlpb.Node{Id: id, Name: id, RpcAddr: fmt.Sprintf("127.0.0.1:%d", 40001+i), Lifecycle: LifecycleOnDemand, MaxRanks: 8,
+			Gpus: []*controlpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}})
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	ports := map[int32]string{}
+	nodes := map[string]bool{}
+	for _, name := range []string{"a", "b"} {
+		id, _, err := s.RegisterJob(ctxT(t), gpuJob(name, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitJob(t, s, id, "placed", running(1, 1))
+		al := genAllocs(s, id, 1)[0]
+		if al.MasterAddr != "127.0.0.1" {
+			t.Fatalf("job %s: master address %q, want 127.0.0.1", name, al.MasterAddr)
+		}
+		if other, ok := ports[al.MasterPort]; ok {
+			t.Fatalf("jobs %s and %s both got MASTER_PORT %d on 127.0.0.1", other, name, al.MasterPort)
+		}
+		ports[al.MasterPort] = name
+		nodes[al.NodeId] = true
+	}
+	if len(nodes) != 2 {
+		t.Fatalf("both jobs on one node %v: the test needs them apart", nodes)
+	}
+}
+
 func TestSchedulerFailureRestartsThenFails(t *testing.T) {
 	tc, s := schedCluster(t)
 	addGPUNode(tc, "c1", 1)

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/node"
+)
+
+type membersJSON struct {
+	Members []struct {
+		Name  string `json:"name"`
+		Addr  string `json:"addr"`
+		State string `json:"state"`
+		Meta  struct {
+			Status     string `json:"status"`
+			Ineligible bool   `json:"ineligible"`
+		} `json:"meta"`
+	} `json:"members"`
+}
+
+// README's "A cluster on one machine", second form: three agents on
+// 127.0.0.2-4 started without --name, joined as the README joins them,
+// name themselves apart (host name plus address), form one cluster and run
+// examples/allreduce.yaml with --wait. Before default names were unique,
+// all three took the host name and never formed a cluster.
+func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
+	if testing.Short() {
+		t.Skip("multi-process test; skipped with -short")
+	}
+	dir := t.TempDir()
+	var as []*procs.Agent
+	for i := 0; i < 3; i++ {
+		a := procs.NewAgent(t, dir, fmt.Sprintf("g%d", i+1), fmt.Sprintf("127.0.0.%d", i+2))
+		a.DefaultName = true
+		as = append(as, a)
+	}
+	// As in README: the first joins the other two, they join the first.
+	as[0].Args = append(as[0].Args, "--join", as[1].GossipAddr(), "--join", as[2].GossipAddr())
+	as[1].Args = append(as[1].Args, "--join", as[0].GossipAddr())
+	as[2].Args = append(as[2].Args, "--join", as[0].GossipAddr())
+	for _, a := range as {
+		a.Start()
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, a := range as {
+				t.Logf("---- %s log ----\n%s", a.Name, tail(a.Logs(), 4000))
+			}
+		}
+	})
+	host, _ := os.Hostname()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	procs.Eventually(t, 60*time.Second, func() error {
+		var m membersJSON
+		if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &m, "members"); err != nil {
+			return err
+		}
+		names := map[string]bool{}
+		for _, mem := range m.Members {
+			if mem.State == "alive" {
+				names[mem.Name] = true
+			}
+		}
+		for _, a := range as {
+			want := node.DefaultNodeName(host, a.IP, a.Ports.Gossip)
+			if !names[want] {
+				return fmt.Errorf("no alive member %q in %+v", want, m.Members)
+			}
+		}
+		if len(names) != 3 {
+			return fmt.Errorf("want 3 alive members, got %+v", m.Members)
+		}
+		return nil
+	})
+	procs.Eventually(t, 60*time.Second, func() error { _, err := leaderOfNamed(t, as); return err })
+	out, stderr, err := procs.CLI(ctx, t, as[1].RPCAddr(), "job", "run", "../../examples/allreduce.yaml", "--wait")
+	if err != nil {
+		t.Fatalf("job run examples/allreduce.yaml --wait: %v\n%s\n%s", err, out, stderr)
+	}
+	if !strings.Contains(out, "complete") {
+		t.Fatalf("job run --wait did not report the job complete:\n%s", out)
+	}
+}
+
+// leaderOfNamed is leaderOf for agents that named themselves: it answers
+// once any agent reports a Raft leader.
+func leaderOfNamed(t *testing.T, as []*procs.Agent) (string, error) {
+	for _, a := range as {
+		var p peersJSON
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		err := procs.CLIJSON(ctx, t, a.RPCAddr(), &p, "raft", "peers", "--timeout", "2s")
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, peer := range p.Peers {
+			if peer.Leader {
+				return peer.NodeName, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no agent reports a leader")
+}
