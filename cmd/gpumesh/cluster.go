@@ -10,7 +10,6 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/node"
 )
 
 func init() {
@@ -18,7 +17,6 @@ func init() {
 	registerCommand(newNodesCommand)
 	registerCommand(newRaftCommand)
 	registerCommand(newNodeCommand)
-	registerCommand(newVersionCommand)
 }
 
 func newMembersCommand() *cobra.Command {
@@ -229,18 +227,6 @@ func newNodeCommand() *cobra.Command {
 	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in `gpumesh nodes`")
 	cmd.AddCommand(drain)
 	return cmd
-}
-
-func newVersionCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:     "version",
-		Short:   "Print the gpumesh version",
-		Example: "  gpumesh version",
-		Args:    cobra.NoArgs,
-		Run: func(cmd *cobra.Command, args []string) {
-			fmt.Fprintf(cmd.OutOrStdout(), "gpumesh %s (cuda data path: %v)\n", node.Version, node.CUDABuild)
-		},
-	}
 }
 
 // leaderFleetStatus asks the leader for its last fleet scaling change.

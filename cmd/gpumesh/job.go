@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -416,56 +415,5 @@ func newJobStopCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
-	return cmd
-}
-
-func newJobLogsCommand() *cobra.Command {
-	var f clientFlags
-	var rank int32
-	var stderr, follow bool
-	var gen uint64
-	cmd := &cobra.Command{
-		Use:     "logs ID",
-		Short:   "Print a rank's stdout (or stderr) from whichever node holds it",
-		Example: "  gpumesh job logs hello-1a2b3c4d\n  gpumesh job logs hello-1a2b3c4d --rank 1 --stderr -f\n  gpumesh job logs hello-1a2b3c4d --generation 1",
-		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := f.dial()
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx := cmd.Context()
-			var cancel context.CancelFunc
-			if !follow {
-				ctx, cancel = f.ctx(ctx)
-			} else {
-				ctx, cancel = context.WithCancel(ctx)
-			}
-			defer cancel()
-			stream, err := c.Logs(ctx, &pb.LogsRequest{JobId: args[0], Rank: rank, Stderr: stderr, Follow: follow, Generation: gen})
-			if err != nil {
-				return f.explain(err)
-			}
-			out := cmd.OutOrStdout()
-			for {
-				ch, err := stream.Recv()
-				if errors.Is(err, io.EOF) {
-					return nil
-				}
-				if err != nil {
-					return f.explain(err)
-				}
-				if _, err := out.Write(ch.Data); err != nil {
-					return err
-				}
-			}
-		},
-	}
-	addClientFlags(cmd, &f)
-	cmd.Flags().Int32Var(&rank, "rank", 0, "which rank's logs")
-	cmd.Flags().BoolVar(&stderr, "stderr", false, "stderr instead of stdout")
-	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
-	cmd.Flags().Uint64Var(&gen, "generation", 0, "which generation (0: the current one)")
 	return cmd
 }
