@@ -1,6 +1,7 @@
 package consensus
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -244,6 +245,48 @@ func TestSchedulerDrainAndNodeLossReplace(t *testing.T) {
 		if a.NodeId == dead || a.NodeId == drained {
 			t.Fatalf("generation 3 rank %d on node %s", a.Rank, a.NodeId)
 		}
+	}
+}
+
+// A drain ends with SetNodeEligibility(true): the node is ready again and
+// takes work, across reconciles. Ineligibility set by an operator sticks,
+// although the node's gossip record does not carry it.
+func TestSchedulerNodeEligibility(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	if _, err := s.DrainNode(ctxT(t), "c1", time.Now().Add(time.Minute), "by hand"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.SetNodeEligibility(ctxT(t), "c2", false); err != nil {
+		t.Fatal(err)
+	}
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("waits", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "pending: c1 draining, c2 ineligible", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending })
+	if _, err := s.SetNodeEligibility(ctxT(t), "c1", true); err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed on the undrained node", running(1, 1))
+	if n := genAllocs(s, id, 1)[0].NodeId; n != "c1" {
+		t.Fatalf("placed on %s, want c1", n)
+	}
+	// A reconcile after both changes (it records the new zone) undoes
+	// neither.
+	tc.SetMember("c1", func(m *Member) { m.AZ = "zone-b" })
+	tc.SetMember("c2", func(m *Member) { m.AZ = "zone-b" })
+	WaitFor(t, 5*time.Second, func() (bool, string) {
+		c1, c2 := s.State().Node("c1"), s.State().Node("c2")
+		return c1.Az == "zone-b" && c2.Az == "zone-b", "zone change not reconciled"
+	})
+	if c1, c2 := s.State().Node("c1"), s.State().Node("c2"); c1.Status != NodeReady || c1.Ineligible || !c2.Ineligible {
+		t.Fatalf("after a reconcile: c1 %s ineligible %v, c2 ineligible %v", c1.Status, c1.Ineligible, c2.Ineligible)
+	}
+	if _, err := s.SetNodeEligibility(ctxT(t), "zz", true); !errors.Is(err, ErrNodeNotFound) {
+		t.Fatalf("unknown node: %v", err)
 	}
 }
 

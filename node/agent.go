@@ -55,6 +55,7 @@ type Agent struct {
 	sec        *security // TLS and ACL token (security.go); nil when off
 
 	hooks leaderHooks
+	elig  eligibilityGuard // drain.go
 
 	selfMu sync.Mutex
 	self   *pb.Node

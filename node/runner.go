@@ -187,6 +187,7 @@ func terminal(status string) bool {
 
 // reconcile starts what should run here and stops what should not.
 func (r *runner) reconcile(ev *pb.WatchEvent) {
+	r.a.followRecord(ev.Nodes)
 	jobs := map[string]*pb.Job{}
 	for _, j := range ev.Jobs {
 		jobs[j.Id] = j
