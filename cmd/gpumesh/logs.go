@@ -64,7 +64,10 @@ with the last N lines.`,
 					return f.explain(err)
 				}
 			}
-			return f.explain(printLogs(ctx, c, args[0], ranks, o, cmd.OutOrStdout()))
+			if err := printLogs(ctx, c, args[0], ranks, o, cmd.OutOrStdout()); err != nil {
+				return f.explain(err)
+			}
+			return nil
 		},
 	}
 	addClientFlags(cmd, &f)
