@@ -28,7 +28,9 @@ type membersJSON struct {
 // 127.0.0.2-4 started without --name, joined as the README joins them,
 // name themselves apart (host name plus address), form one cluster and run
 // examples/allreduce.yaml with --wait. Before default names were unique,
-// all three took the host name and never formed a cluster.
+// all three took the host name and never formed a cluster. Then the
+// commands of the dev-cluster walk-through: hello.yaml, logs of every rank,
+// drain (members say draining) and drain --disable (ready again).
 func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	if testing.Short() {
 		t.Skip("multi-process test; skipped with -short")
@@ -87,6 +89,55 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	if !strings.Contains(out, "complete") {
 		t.Fatalf("job run --wait did not report the job complete:\n%s", out)
 	}
+
+	// The commands of README's dev-cluster walk-through, against these agents.
+	addr := as[0].RPCAddr()
+	var sub struct {
+		ID string `json:"id"`
+	}
+	if err := procs.CLIJSON(ctx, t, addr, &sub, "job", "run", "--detach", "../../examples/hello.yaml"); err != nil {
+		t.Fatal(err)
+	}
+	procs.Eventually(t, 60*time.Second, func() error {
+		var j jobJSON
+		if err := procs.CLIJSON(ctx, t, addr, &j, "job", "status", sub.ID); err != nil {
+			return err
+		}
+		if j.Job.Status != "complete" {
+			return fmt.Errorf("job %s is %s", sub.ID, j.Job.Status)
+		}
+		return nil
+	})
+	out, stderr, err = procs.CLI(ctx, t, addr, "job", "logs", sub.ID, "--all", "--tail", "20")
+	if err != nil || !strings.Contains(out, "[rank 0] rank 0 of 2") || !strings.Contains(out, "[rank 1] rank 1 of 2") {
+		t.Fatalf("job logs --all: %v\n%s\n%s", err, out, stderr)
+	}
+	drained := node.DefaultNodeName(host, as[1].IP, as[1].Ports.Gossip)
+	if out, stderr, err := procs.CLI(ctx, t, addr, "node", "drain", drained, "--deadline", "2m"); err != nil {
+		t.Fatalf("node drain: %v\n%s\n%s", err, out, stderr)
+	}
+	memberIs := func(want string) func() error {
+		return func() error {
+			var m membersJSON
+			if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &m, "members"); err != nil {
+				return err
+			}
+			for _, mem := range m.Members {
+				if mem.Name == drained {
+					if mem.Meta.Status != want {
+						return fmt.Errorf("members says %s is %s, want %s", drained, mem.Meta.Status, want)
+					}
+					return nil
+				}
+			}
+			return fmt.Errorf("no member %s", drained)
+		}
+	}
+	procs.Eventually(t, 30*time.Second, memberIs("draining"))
+	if out, stderr, err := procs.CLI(ctx, t, addr, "node", "drain", "--disable", drained); err != nil {
+		t.Fatalf("node drain --disable: %v\n%s\n%s", err, out, stderr)
+	}
+	procs.Eventually(t, 30*time.Second, memberIs("ready"))
 }
 
 // leaderOfNamed is leaderOf for agents that named themselves: it answers
