@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
@@ -107,11 +108,16 @@ func newTable(w io.Writer) *tabwriter.Writer {
 	return tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 }
 
-func ago(t interface{ AsTime() time.Time }) string {
-	if t == nil {
+// ago says how long before now t was ("5s ago", "3m ago", "2h ago",
+// "4d ago"), or "-" when t is unset: a rank that never started has no start
+// time, and an unset or zero timestamp must not print as the Unix epoch.
+func ago(t *timestamppb.Timestamp) string { return agoAt(t, time.Now()) }
+
+func agoAt(t *timestamppb.Timestamp, now time.Time) string {
+	if t == nil || !t.IsValid() || t.GetSeconds() <= 0 {
 		return "-"
 	}
-	d := time.Since(t.AsTime())
+	d := now.Sub(t.AsTime())
 	if d < 0 {
 		d = 0
 	}
@@ -120,8 +126,10 @@ func ago(t interface{ AsTime() time.Time }) string {
 		return fmt.Sprintf("%ds ago", int(d.Seconds()))
 	case d < time.Hour:
 		return fmt.Sprintf("%dm ago", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d.Hours()))
 	}
-	return fmt.Sprintf("%dh ago", int(d.Hours()))
+	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
 }
 
 func dash(s string) string {
