@@ -38,10 +38,15 @@ func addClientFlags(cmd *cobra.Command, f *clientFlags) {
 	}
 	cmd.Flags().StringVar(&f.address, "address", def, "RPC address (host:port) of any gpumesh agent; env GPUMESH_ADDR")
 	cmd.Flags().BoolVar(&f.json, "json", false, "print machine-readable JSON")
-	cmd.Flags().StringVar(&f.token, "token", os.Getenv("GPUMESH_TOKEN"), "ACL token for mutating calls; env GPUMESH_TOKEN")
+	cmd.Flags().StringVar(&f.token, "token", os.Getenv("GPUMESH_TOKEN"), "ACL token for calls that change the cluster (needed only when the agents have one); env GPUMESH_TOKEN")
 	cmd.Flags().DurationVar(&f.timeout, "timeout", 30*time.Second, "how long to wait for the cluster to answer")
 	f.tls.addFlags(cmd.Flags())
 }
+
+// readOnly hides --token on a command whose calls never need it (reads are
+// open to whoever reaches the RPC port). The flag is still accepted, so
+// scripts that pass it to every command keep working.
+func readOnly(cmd *cobra.Command) { _ = cmd.Flags().MarkHidden("token") }
 
 // dial connects to the agent named by --address.
 func (f *clientFlags) dial() (pb.ControlClient, func(), error) {

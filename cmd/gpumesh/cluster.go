@@ -51,6 +51,7 @@ func newMembersCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	return cmd
 }
 
@@ -125,6 +126,7 @@ func newNodesCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
 	return cmd
 }
@@ -160,6 +162,7 @@ func newRaftCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(peers, &f)
+	readOnly(peers)
 	var tf clientFlags
 	var to string
 	transfer := &cobra.Command{
@@ -226,7 +229,7 @@ func newNodeCommand() *cobra.Command {
 	addClientFlags(drain, &f)
 	drain.Flags().BoolVar(&self, "self", false, "drain the agent named by --address")
 	drain.Flags().DurationVar(&deadline, "deadline", 2*time.Minute, "how long the node's tasks have to checkpoint and stop")
-	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in `gpumesh nodes`")
+	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in the REASON column of 'gpumesh nodes'")
 	cmd.AddCommand(drain)
 	return cmd
 }

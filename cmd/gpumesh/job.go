@@ -283,6 +283,7 @@ func newJobStatusCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica, without asking the leader")
 	return cmd
 }
@@ -367,6 +368,7 @@ func newJobListCommand() *cobra.Command {
 		RunE:    func(cmd *cobra.Command, args []string) error { return listJobs(cmd, &f, stale) },
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
 	return cmd
 }
@@ -463,9 +465,10 @@ func newJobLogsCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
-	cmd.Flags().Int32Var(&rank, "rank", 0, "which rank's logs")
+	readOnly(cmd)
+	cmd.Flags().Int32Var(&rank, "rank", 0, "show the logs of rank `N`")
 	cmd.Flags().BoolVar(&stderr, "stderr", false, "stderr instead of stdout")
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
-	cmd.Flags().Uint64Var(&gen, "generation", 0, "which generation (0: the current one)")
+	cmd.Flags().Uint64Var(&gen, "generation", 0, "generation `N` to show (0: the current one)")
 	return cmd
 }
