@@ -121,8 +121,9 @@ func newJobRunCommand() *cobra.Command {
 
 func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 	var r io.Reader
+	name := path
 	if path == "-" {
-		r = stdin
+		r, name = stdin, "stdin"
 	} else {
 		fh, err := os.Open(path)
 		if err != nil {
@@ -135,7 +136,7 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("job spec: %w", err)
 	}
-	return jobspec.Parse(data)
+	return jobspec.ParseFile(name, data)
 }
 
 func clientJobID(name string) string {
