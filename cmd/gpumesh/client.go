@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
@@ -98,15 +101,72 @@ func (f *clientFlags) explain(err error) error {
 	return fmt.Errorf("%s", s.Message())
 }
 
-var jsonOpts = protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true, Multiline: true, Indent: "  "}
-
+// printJSON writes m as indented JSON: proto field names, every field
+// present, 64-bit integers as numbers (protojson writes them as strings,
+// `"generation": "1"`), and one stable layout (protojson varies its spacing
+// on purpose; encoding/json does not).
 func printJSON(w io.Writer, m proto.Message) error {
-	b, err := jsonOpts.Marshal(m)
+	b, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(m)
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintln(w, string(b))
-	return err
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return err
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	return enc.Encode(int64sAsNumbers(v, m.ProtoReflect().Descriptor()))
+}
+
+// int64sAsNumbers turns the strings protojson writes for 64-bit integer
+// fields of md back into JSON numbers, through nested messages, lists and
+// maps. Well-known types (timestamps, durations, structs) keep their form.
+func int64sAsNumbers(v any, md protoreflect.MessageDescriptor) any {
+	obj, ok := v.(map[string]any)
+	if !ok || md.FullName().Parent() == "google.protobuf" {
+		return v
+	}
+	conv := func(x any, fd protoreflect.FieldDescriptor) any {
+		switch fd.Kind() {
+		case protoreflect.Int64Kind, protoreflect.Sint64Kind, protoreflect.Sfixed64Kind, protoreflect.Uint64Kind, protoreflect.Fixed64Kind:
+			if s, ok := x.(string); ok {
+				return json.Number(s)
+			}
+		case protoreflect.MessageKind, protoreflect.GroupKind:
+			return int64sAsNumbers(x, fd.Message())
+		}
+		return x
+	}
+	for k, x := range obj {
+		fd := md.Fields().ByName(protoreflect.Name(k))
+		if fd == nil {
+			fd = md.Fields().ByJSONName(k)
+		}
+		if fd == nil {
+			continue
+		}
+		switch {
+		case fd.IsMap():
+			if m, ok := x.(map[string]any); ok {
+				for mk, mv := range m {
+					m[mk] = conv(mv, fd.MapValue())
+				}
+			}
+		case fd.IsList():
+			if l, ok := x.([]any); ok {
+				for i := range l {
+					l[i] = conv(l[i], fd)
+				}
+			}
+		default:
+			obj[k] = conv(x, fd)
+		}
+	}
+	return obj
 }
 
 func newTable(w io.Writer) *tabwriter.Writer {

@@ -88,7 +88,7 @@ func TestFlagHelpReads(t *testing.T) {
 }
 
 // readOnlyCommands need no ACL token; their --help must not offer one.
-var readOnlyCommands = []string{"members", "nodes", "raft peers", "job status", "job list", "job logs"}
+var readOnlyCommands = []string{"members", "nodes", "raft peers", "job status", "job list", "job logs", "job plan"}
 
 func TestReadOnlyCommandsHideToken(t *testing.T) {
 	root := newRootCommand()
