@@ -115,7 +115,7 @@ func TestClientCommandsAgainstDevCluster(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%v\n%s", err, out)
 		}
-		for _, re := range []string{`pipeline: 2 stages, schedule 1f1b, train on cpu, 2 steps`, `STAGE\s+NODE\s+LAYERS\s+SAMPLES/S`, `(?m)^0\s+node-\d\s+0-0\s`, `(?m)^1\s+node-\d\s+1-1\s`, `loss: `} {
+		for _, re := range []string{`pipeline: 2 stages, schedule 1f1b, train on cpu, 2 steps`, `STAGE\s+NODE\s+LAYERS\s+SAMPLES/S`, `(?m)^0\s+node-\d\s+0\s`, `(?m)^1\s+node-\d\s+1\s`, `loss: `} {
 			if !regexp.MustCompile(re).MatchString(out) {
 				t.Errorf("output lacks %s:\n%s", re, out)
 			}

@@ -201,3 +201,11 @@ func TestDemoLogsGoToAFile(t *testing.T) {
 		t.Fatal("dev without --demo logs elsewhere than standard error")
 	}
 }
+
+func TestSecondsReadable(t *testing.T) {
+	for in, want := range map[float64]string{0.00079276: "793µs", 0.0123456: "12.3ms", 1.2549: "1.25s", 0: "0s", 125.4: "2m5s"} {
+		if got := seconds(in); got != want {
+			t.Errorf("seconds(%g) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/gpumesh/gpumesh/collective/pipeline"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
@@ -76,15 +77,20 @@ func printPipelineResults(out io.Writer, allocs []*pb.Allocation) bool {
 	fmt.Fprintln(tw, "STAGE\tNODE\tLAYERS\tSAMPLES/S\tBUBBLE\tWALL\tSENT\tRECEIVED\tPARAMS")
 	var loss *pipeline.Report
 	for i, r := range reps {
+		ranges := r.LayerRanges
+		if len(ranges) == 0 {
+			ranges = [][2]int{{r.LayerStart, r.LayerEnd}}
+		}
 		var layers []string
-		for _, lr := range r.LayerRanges {
-			layers = append(layers, fmt.Sprintf("%d-%d", lr[0], lr[1]-1))
+		for _, lr := range ranges {
+			if lr[1]-lr[0] == 1 {
+				layers = append(layers, fmt.Sprint(lr[0]))
+			} else {
+				layers = append(layers, fmt.Sprintf("%d-%d", lr[0], lr[1]-1))
+			}
 		}
-		if len(layers) == 0 {
-			layers = append(layers, fmt.Sprintf("%d-%d", r.LayerStart, r.LayerEnd-1))
-		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%.0f\t%.1f%%\t%.3fs\t%s\t%s\t%s\n", r.Stage, nodes[i], strings.Join(layers, ","),
-			r.SamplesPerSec, 100*r.Bubble, r.WallSeconds, humanBytes(r.BytesSent), humanBytes(r.BytesReceived), r.ParamHash)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\n", r.Stage, nodes[i], strings.Join(layers, ","),
+			r.SamplesPerSec, 100*r.Bubble, seconds(r.WallSeconds), humanBytes(r.BytesSent), humanBytes(r.BytesReceived), r.ParamHash)
 		if len(r.Losses) > 0 {
 			loss = &reps[i]
 		}
@@ -94,6 +100,18 @@ func printPipelineResults(out io.Writer, allocs []*pb.Allocation) bool {
 		fmt.Fprintf(out, "loss: %.4g after step 1, %.4g after step %d\n", loss.Losses[0], loss.FinalLoss, len(loss.Losses))
 	}
 	return true
+}
+
+// seconds prints a time in seconds with three significant digits and a
+// fitting unit ("793µs", "12.3ms", "1.25s").
+func seconds(sec float64) string {
+	d := time.Duration(sec * float64(time.Second))
+	for unit := time.Nanosecond; unit < time.Minute; unit *= 10 {
+		if d < 1000*unit {
+			return d.Round(unit).String()
+		}
+	}
+	return d.Round(time.Second).String()
 }
 
 // printOtherResult prints a result the CLI has no table for, one key per line.
