@@ -27,6 +27,8 @@ func TestParseFileErrorsPointIntoTheFile(t *testing.T) {
 			[]want{{1, 15, "rank", `did you mean "ranks"?`}}},
 		{"field at the wrong level", "ranks: 1\ncommand: [\"true\"]\n",
 			[]want{{2, 1, "command", "belongs in the exec section"}}},
+		{"misspelt and at the wrong level", "ranks: 1\ncomand: [\"true\"]\n",
+			[]want{{2, 1, "comand", `did you mean "command" in the exec section (exec: {command: ...})?`}}},
 		{"far from any field, lists the fields", "ranks: 1\nexec:\n  command: [x]\n  shell: bash\n",
 			[]want{{4, 3, "exec.shell", "exec holds command, env"}}},
 		{"words for a number", "ranks: two\nexec: {command: [x]}\n",

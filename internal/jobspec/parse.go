@@ -355,8 +355,11 @@ func unknownField(name string, md protoreflect.MessageDescriptor, path string) s
 		return msg + fmt.Sprintf("; did you mean %q?", s)
 	}
 	// A field of a section written at the wrong level, e.g. command at the top.
-	if sec := sectionOf(name, md); sec != "" {
-		return msg + fmt.Sprintf("; it belongs in the %s section (%s: {%s: ...})", sec, join(path, sec), name)
+	if sec, field := sectionOf(name, md); sec != "" {
+		if field == name {
+			return msg + fmt.Sprintf("; it belongs in the %s section (%s: {%s: ...})", sec, join(path, sec), field)
+		}
+		return msg + fmt.Sprintf("; did you mean %q in the %s section (%s: {%s: ...})?", field, sec, join(path, sec), field)
 	}
 	where := "a spec"
 	if path != "" {
@@ -365,18 +368,24 @@ func unknownField(name string, md protoreflect.MessageDescriptor, path string) s
 	return msg + fmt.Sprintf("; %s holds %s", where, strings.Join(fieldNames(md), ", "))
 }
 
-// sectionOf names the message field of md whose message has a field name.
-func sectionOf(name string, md protoreflect.MessageDescriptor) string {
+// sectionOf finds a section (a message field of md) holding a field named
+// name, or failing that one close to it, and returns both names.
+func sectionOf(name string, md protoreflect.MessageDescriptor) (section, field string) {
 	fs := md.Fields()
+	var close, closeSec string
 	for i := 0; i < fs.Len(); i++ {
 		fd := fs.Get(i)
-		if fd.Kind() == protoreflect.MessageKind && !fd.IsMap() && fd.Message().FullName() != durationName {
-			if fd.Message().Fields().ByName(protoreflect.Name(name)) != nil {
-				return string(fd.Name())
-			}
+		if fd.Kind() != protoreflect.MessageKind || fd.IsMap() || fd.Message().FullName() == durationName {
+			continue
+		}
+		if fd.Message().Fields().ByName(protoreflect.Name(name)) != nil {
+			return string(fd.Name()), name
+		}
+		if c := closest(name, fieldNames(fd.Message())); c != "" && close == "" {
+			close, closeSec = c, string(fd.Name())
 		}
 	}
-	return ""
+	return closeSec, close
 }
 
 // closest returns the candidate nearest to name when it is near enough to
