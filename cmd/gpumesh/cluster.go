@@ -37,14 +37,14 @@ func newMembersCommand() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSTATUS\tSERVER\tGPUS\tAZ\tLIFECYCLE\tINSTANCE")
+			fmt.Fprintln(tw, "NAME\tGOSSIP ADDR\tSTATE\tSTATUS\tSERVER\tGPUS\tAZ\tLIFECYCLE\tINSTANCE")
 			for _, m := range resp.Members {
 				n := m.Meta
 				if n == nil {
 					n = &pb.Node{}
 				}
-				st := dash(n.Status)
-				if n.Ineligible {
+				st := memberStatus(m)
+				if n.Ineligible && st != "-" {
 					st += ",ineligible"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, st, n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
@@ -53,6 +53,7 @@ func newMembersCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	return cmd
 }
 
@@ -101,7 +102,7 @@ func newNodesCommand() *cobra.Command {
 				}
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tADDRESS\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
+			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tRPC ADDR\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
 			for _, n := range resp.Nodes {
 				role := roles[n.Id]
 				if role == "" {
@@ -127,6 +128,7 @@ func newNodesCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
 	return cmd
 }
@@ -150,7 +152,7 @@ func newRaftCommand() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "NODE\tID\tADDRESS\tSTATE\tVOTER\tHEALTHY")
+			fmt.Fprintln(tw, "NODE\tID\tRAFT ADDR\tSTATE\tVOTER\tHEALTHY")
 			for _, p := range resp.Peers {
 				st := "follower"
 				if p.Leader {
@@ -162,6 +164,7 @@ func newRaftCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(peers, &f)
+	readOnly(peers)
 	var tf clientFlags
 	var to string
 	transfer := &cobra.Command{
@@ -179,7 +182,9 @@ func newRaftCommand() *cobra.Command {
 			if tf.json {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", dash(resp.LeaderId))
+			ctx, cancel := tf.ctx(cmd.Context())
+			defer cancel()
+			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", newLeader(ctx, &tf, resp.LeaderId))
 			return nil
 		},
 	}
@@ -235,7 +240,9 @@ makes it ready for new work again; work already moved away stays where it went.`
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s); end it with `gpumesh node drain --disable %s`\n", resp.NodeId, resp.Index, deadline, orSelf(args))
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s); end it with `gpumesh node drain --disable %s`\n", nodeLabel(ctx, &f, resp.NodeId), resp.Index, deadline, orSelf(args))
 			return nil
 		},
 	}
@@ -243,7 +250,7 @@ makes it ready for new work again; work already moved away stays where it went.`
 	drain.Flags().BoolVar(&self, "self", false, "drain the agent named by --address")
 	drain.Flags().BoolVar(&disable, "disable", false, "end the drain: the node is ready for new work again (as node eligibility --enable)")
 	drain.Flags().DurationVar(&deadline, "deadline", 2*time.Minute, "how long the node's tasks have to checkpoint and stop")
-	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in `gpumesh nodes`")
+	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in the REASON column of 'gpumesh nodes'")
 	return drain
 }
 

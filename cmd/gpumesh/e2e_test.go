@@ -161,11 +161,11 @@ type jobJSON struct {
 	Job struct {
 		ID         string `json:"id"`
 		Status     string `json:"status"`
-		Generation string `json:"generation"`
+		Generation uint64 `json:"generation"`
 		WorldSize  int    `json:"world_size"`
 	} `json:"job"`
 	Allocations []struct {
-		Generation   string `json:"generation"`
+		Generation   uint64 `json:"generation"`
 		Rank         int    `json:"rank"`
 		NodeName     string `json:"node_name"`
 		ClientStatus string `json:"client_status"`
@@ -230,7 +230,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 		}
 		running := 0
 		for _, al := range j.Allocations {
-			if al.Generation == "2" && al.ClientStatus == "running" {
+			if al.Generation == 2 && al.ClientStatus == "running" {
 				if al.NodeName == victim.Name {
 					return fmt.Errorf("generation 2 placed on the dead node")
 				}
@@ -238,7 +238,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 			}
 		}
 		if running != 2 {
-			return fmt.Errorf("generation 2 has %d running ranks (job %s gen %s)", running, j.Job.Status, j.Job.Generation)
+			return fmt.Errorf("generation 2 has %d running ranks (job %s gen %d)", running, j.Job.Status, j.Job.Generation)
 		}
 		elapsed = time.Since(killed)
 		return nil

@@ -71,13 +71,14 @@ with the last N lines.`,
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	fl := cmd.Flags()
-	fl.Int32Var(&o.rank, "rank", 0, "which rank's logs")
+	fl.Int32Var(&o.rank, "rank", 0, "show the logs of rank `N`")
 	fl.BoolVar(&o.all, "all", false, "every rank's logs, each line prefixed with its rank")
 	fl.BoolVar(&o.stderr, "stderr", false, "stderr instead of stdout")
 	fl.BoolVarP(&o.follow, "follow", "f", false, "keep printing new output until the ranks end")
 	fl.IntVar(&o.tail, "tail", 0, "start with the last `N` lines of each rank (0: all)")
-	fl.Uint64Var(&o.gen, "generation", 0, "which generation (0: the current one)")
+	fl.Uint64Var(&o.gen, "generation", 0, "generation `N` to show (0: the current one)")
 	return cmd
 }
 
