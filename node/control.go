@@ -532,21 +532,7 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 			return toStatus(err)
 		}
 		defer r.Close()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 {
-				if serr := stream.Send(&pb.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
-					return serr
-				}
-			}
-			if err == io.EOF {
-				return nil
-			}
-			if err != nil {
-				return toStatus(err)
-			}
-		}
+		return toStatus(sendLogs(r, req.Timestamps, stream))
 	}
 	job, err := s.GetJob(ctx, &pb.GetJobRequest{Id: req.JobId, Query: &pb.QueryOptions{Stale: true}})
 	if err != nil {

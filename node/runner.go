@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -476,6 +475,6 @@ func (r *runner) shutdown() {
 }
 
 // openLogs opens a local rank's log for streaming.
-func (r *runner) openLogs(ctx context.Context, req *pb.LogsRequest) (io.ReadCloser, error) {
+func (r *runner) openLogs(ctx context.Context, req *pb.LogsRequest) (logStream, error) {
 	return openTaskLogs(ctx, r, req)
 }

@@ -8,8 +8,10 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
@@ -21,6 +23,7 @@ type logsOptions struct {
 	stderr, follow bool
 	gen            uint64
 	tail           int
+	timestamps     bool
 }
 
 func newJobLogsCommand() *cobra.Command {
@@ -32,9 +35,11 @@ func newJobLogsCommand() *cobra.Command {
 		Long: `Print the output of one rank (--rank, default 0) or of every rank of the
 generation (--all, each line prefixed with "[rank N] ") from the nodes that
 hold it. -f keeps printing new output until the ranks end; --tail N starts
-with the last N lines.`,
+with the last N lines; --timestamps begins every line with the time the rank
+wrote it (to the millisecond, as its node recorded it).`,
 		Example: `  gpumesh job logs hello-1a2b3c4d
   gpumesh job logs hello-1a2b3c4d --all --tail 20 -f
+  gpumesh job logs hello-1a2b3c4d --timestamps
   gpumesh job logs hello-1a2b3c4d --rank 1 --stderr -f
   gpumesh job logs hello-1a2b3c4d --generation 1`,
 		Args: cobra.ExactArgs(1),
@@ -78,6 +83,7 @@ with the last N lines.`,
 	fl.BoolVar(&o.stderr, "stderr", false, "stderr instead of stdout")
 	fl.BoolVarP(&o.follow, "follow", "f", false, "keep printing new output until the ranks end")
 	fl.IntVar(&o.tail, "tail", 0, "start with the last `N` lines of each rank (0: all)")
+	fl.BoolVar(&o.timestamps, "timestamps", false, "begin every line with the time it was written (UTC; \"-\" where none was recorded: built-in jobs' lines carry their own)")
 	fl.Uint64Var(&o.gen, "generation", 0, "generation `N` to show (0: the current one)")
 	return cmd
 }
@@ -111,21 +117,15 @@ func jobRanks(ctx context.Context, c pb.ControlClient, id string, gen uint64) ([
 // line as they come with --follow.
 func printLogs(ctx context.Context, c pb.ControlClient, id string, ranks []int32, o logsOptions, out io.Writer) error {
 	var mu sync.Mutex
-	writer := func(r int32) *lineWriter {
-		lw := &lineWriter{mu: &mu, w: out}
+	prefix := func(r int32) string {
 		if len(ranks) > 1 {
-			lw.prefix = fmt.Sprintf("[rank %d] ", r)
+			return fmt.Sprintf("[rank %d] ", r)
 		}
-		return lw
+		return ""
 	}
 	if !o.follow || len(ranks) == 1 {
 		for _, r := range ranks {
-			lw := writer(r)
-			err := rankLogs(ctx, c, id, r, o, lw)
-			if ferr := lw.flush(); err == nil {
-				err = ferr
-			}
-			if err != nil {
+			if err := rankLogs(ctx, c, id, r, o, &mu, out, prefix(r)); err != nil {
 				return err
 			}
 		}
@@ -139,12 +139,7 @@ func printLogs(ctx context.Context, c pb.ControlClient, id string, ranks []int32
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			lw := writer(r)
-			errs[i] = rankLogs(ctx, c, id, r, o, lw)
-			if err := lw.flush(); errs[i] == nil {
-				errs[i] = err
-			}
-			if errs[i] != nil {
+			if errs[i] = rankLogs(ctx, c, id, r, o, &mu, out, prefix(r)); errs[i] != nil {
 				cancel() // the command fails: stop following the others
 			}
 		}()
@@ -158,62 +153,92 @@ func printLogs(ctx context.Context, c pb.ControlClient, id string, ranks []int32
 	return ctx.Err()
 }
 
-// rankLogs copies one rank's stream to w; with a tail, it first reads what
-// there is, writes its last lines and follows from there.
-func rankLogs(ctx context.Context, c pb.ControlClient, id string, rank int32, o logsOptions, w io.Writer) error {
-	req := &pb.LogsRequest{JobId: id, Rank: rank, Stderr: o.stderr, Follow: o.follow, Generation: o.gen}
+// rankLogs copies one rank's stream to out (lines written under mu); with a
+// tail, it first reads what there is, writes its last lines and follows
+// from there.
+func rankLogs(ctx context.Context, c pb.ControlClient, id string, rank int32, o logsOptions, mu *sync.Mutex, out io.Writer, prefix string) error {
+	req := &pb.LogsRequest{JobId: id, Rank: rank, Stderr: o.stderr, Follow: o.follow, Generation: o.gen, Timestamps: o.timestamps}
 	if o.tail > 0 {
-		var t tailBuffer
-		t.lines = o.tail
-		n, err := copyLogs(ctx, c, &pb.LogsRequest{JobId: id, Rank: rank, Stderr: o.stderr, Generation: o.gen}, &t)
+		t := &tailBuffer{lines: o.tail}
+		lw := &lineWriter{mu: &sync.Mutex{}, w: t, prefix: prefix, stamped: o.timestamps}
+		now := proto.Clone(req).(*pb.LogsRequest)
+		now.Follow = false
+		end, err := copyLogs(ctx, c, now, lw)
+		if err == nil {
+			err = lw.flush()
+		}
 		if err != nil {
 			return err
 		}
-		if _, err := w.Write(t.bytes()); err != nil {
+		mu.Lock()
+		_, err = out.Write(t.bytes())
+		mu.Unlock()
+		if err != nil || !o.follow {
 			return err
 		}
-		if !o.follow {
-			return nil
-		}
-		req.Offset = n
+		req.Offset = end
 	}
-	_, err := copyLogs(ctx, c, req, w)
+	lw := &lineWriter{mu: mu, w: out, prefix: prefix, stamped: o.timestamps}
+	_, err := copyLogs(ctx, c, req, lw)
+	if ferr := lw.flush(); err == nil {
+		err = ferr
+	}
 	return err
 }
 
-// copyLogs copies one Logs stream to w and returns the bytes copied.
-func copyLogs(ctx context.Context, c pb.ControlClient, req *pb.LogsRequest, w io.Writer) (int64, error) {
+// copyLogs copies one Logs stream to w and returns the stream offset after
+// the last byte.
+func copyLogs(ctx context.Context, c pb.ControlClient, req *pb.LogsRequest, w *lineWriter) (int64, error) {
 	stream, err := c.Logs(ctx, req)
 	if err != nil {
 		return 0, err
 	}
-	var n int64
+	end := req.Offset
 	for {
 		ch, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
-			return n, nil
+			return end, nil
 		}
 		if err != nil {
-			return n, err
+			return end, err
 		}
-		if _, err := w.Write(ch.Data); err != nil {
-			return n, err
+		if err := w.writeChunk(ch); err != nil {
+			return end, err
 		}
-		n += int64(len(ch.Data))
+		end = max(end+int64(len(ch.Data)), ch.Offset+int64(len(ch.Data)))
 	}
 }
 
-// lineWriter writes whole lines, each after prefix, under a lock shared by
-// the writers of one output; with no prefix it passes bytes through.
+// lineWriter writes a rank's output: as it comes when there is neither a
+// prefix nor stamps; else whole lines, each after prefix (and the time it
+// was written, when stamped), under a lock shared by the writers of one
+// output.
 type lineWriter struct {
-	mu     *sync.Mutex
-	w      io.Writer
-	prefix string
+	mu      *sync.Mutex
+	w       io.Writer
+	prefix  string
+	stamped bool
+
 	buf    []byte
+	bufOff int64          // stream offset of buf[0]
+	stamps []*pb.LogStamp // write times, from the last one at or before bufOff on
+}
+
+func (l *lineWriter) writeChunk(ch *pb.LogChunk) error {
+	if len(l.buf) == 0 {
+		l.bufOff = ch.Offset
+	}
+	for _, s := range ch.Stamps {
+		if n := len(l.stamps); n == 0 || s.Offset > l.stamps[n-1].Offset {
+			l.stamps = append(l.stamps, s)
+		}
+	}
+	_, err := l.Write(ch.Data)
+	return err
 }
 
 func (l *lineWriter) Write(p []byte) (int, error) {
-	if l.prefix == "" {
+	if l.prefix == "" && !l.stamped {
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		return l.w.Write(p)
@@ -240,18 +265,44 @@ func (l *lineWriter) flush() error {
 	return err
 }
 
+// emit writes whole lines, the first of which starts at l.bufOff.
 func (l *lineWriter) emit(lines []byte) error {
 	var b bytes.Buffer
+	off := l.bufOff
 	for len(lines) > 0 {
 		i := bytes.IndexByte(lines, '\n')
 		b.WriteString(l.prefix)
+		if l.stamped {
+			b.WriteString(l.timeAt(off))
+			b.WriteByte(' ')
+		}
 		b.Write(lines[:i+1])
 		lines = lines[i+1:]
+		off += int64(i + 1)
 	}
+	l.bufOff = off
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	_, err := l.w.Write(b.Bytes())
 	return err
+}
+
+// timeAt is when the byte at off was written (RFC 3339 in UTC, to the
+// millisecond), or "-" where no time was recorded; stamps before it that
+// no later byte needs are dropped.
+func (l *lineWriter) timeAt(off int64) string {
+	i := -1
+	for k, s := range l.stamps {
+		if s.Offset > off {
+			break
+		}
+		i = k
+	}
+	if i < 0 {
+		return "-"
+	}
+	l.stamps = l.stamps[i:]
+	return time.Unix(0, l.stamps[0].UnixNano).UTC().Format("2006-01-02T15:04:05.000Z07:00")
 }
 
 // tailBuffer keeps the last lines of what is written to it (a last line

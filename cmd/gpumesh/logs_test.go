@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"sync"
 	"testing"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
 func TestTailBuffer(t *testing.T) {
@@ -59,5 +62,43 @@ func TestLineWriterPrefixesWholeLines(t *testing.T) {
 	raw.flush()
 	if out.String() != "no prefix, no newline" {
 		t.Fatalf("one rank is copied as is: %q", out.String())
+	}
+}
+
+// Stamped lines begin with the time of the write their first byte came in,
+// whatever the chunk borders.
+func TestLineWriterStamps(t *testing.T) {
+	var mu sync.Mutex
+	var out bytes.Buffer
+	t0 := time.Date(2026, 12, 7, 5, 0, 0, 0, time.UTC)
+	at := func(off int64, ms int) *pb.LogStamp {
+		return &pb.LogStamp{Offset: off, UnixNano: t0.Add(time.Duration(ms) * time.Millisecond).UnixNano()}
+	}
+	lw := &lineWriter{mu: &mu, w: &out, prefix: "[rank 1] ", stamped: true}
+	// Stream from offset 100: "a\nbb\n" written at +1ms, "c" at +2ms, "c\nd" at +3ms.
+	chunks := []*pb.LogChunk{
+		{Offset: 100, Data: []byte("a\nb"), Stamps: []*pb.LogStamp{at(100, 1)}},
+		{Offset: 103, Data: []byte("b\nc"), Stamps: []*pb.LogStamp{at(100, 1), at(105, 2)}},
+		{Offset: 106, Data: []byte("c\nd"), Stamps: []*pb.LogStamp{at(105, 2), at(106, 3)}},
+	}
+	for _, ch := range chunks {
+		if err := lw.writeChunk(ch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lw.flush()
+	want := "[rank 1] 2026-12-07T05:00:00.001Z a\n" +
+		"[rank 1] 2026-12-07T05:00:00.001Z bb\n" +
+		"[rank 1] 2026-12-07T05:00:00.002Z cc\n" +
+		"[rank 1] 2026-12-07T05:00:00.003Z d\n"
+	if out.String() != want {
+		t.Fatalf("got\n%s\nwant\n%s", out.String(), want)
+	}
+	// No stamps (a built-in rank, an older node): "-".
+	out.Reset()
+	lw = &lineWriter{mu: &mu, w: &out, stamped: true}
+	lw.writeChunk(&pb.LogChunk{Data: []byte("x\n")})
+	if out.String() != "- x\n" {
+		t.Fatalf("unstamped: %q", out.String())
 	}
 }

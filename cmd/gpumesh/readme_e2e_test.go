@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -29,8 +30,9 @@ type membersJSON struct {
 // name themselves apart (host name plus address), form one cluster and run
 // examples/allreduce.yaml with --wait. Before default names were unique,
 // all three took the host name and never formed a cluster. Then the
-// commands of the dev-cluster walk-through: hello.yaml, logs of every rank,
-// drain (members say draining) and drain --disable (ready again).
+// commands of the dev-cluster walk-through: hello.yaml, logs of every rank
+// (with their write times), drain (members say draining) and drain
+// --disable (ready again).
 func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	if testing.Short() {
 		t.Skip("multi-process test; skipped with -short")
@@ -111,6 +113,18 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	out, stderr, err = procs.CLI(ctx, t, addr, "job", "logs", sub.ID, "--all", "--tail", "20")
 	if err != nil || !strings.Contains(out, "[rank 0] rank 0 of 2") || !strings.Contains(out, "[rank 1] rank 1 of 2") {
 		t.Fatalf("job logs --all: %v\n%s\n%s", err, out, stderr)
+	}
+	out, stderr, err = procs.CLI(ctx, t, addr, "job", "logs", sub.ID, "--all", "--timestamps")
+	stamped := regexp.MustCompile(`(?m)^\[rank ([01])\] (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) rank ([01]) of 2`)
+	lines := stamped.FindAllStringSubmatch(out, -1)
+	if err != nil || len(lines) != 2 {
+		t.Fatalf("job logs --all --timestamps: %v\n%s\n%s", err, out, stderr)
+	}
+	for _, l := range lines {
+		at, _ := time.Parse(time.RFC3339, l[2])
+		if l[1] != l[3] || time.Since(at) > 10*time.Minute || time.Until(at) > time.Minute {
+			t.Fatalf("job logs --timestamps: line %q: wrong rank or not a time of this test", l[0])
+		}
 	}
 	drained := node.DefaultNodeName(host, as[1].IP, as[1].Ports.Gossip)
 	if out, stderr, err := procs.CLI(ctx, t, addr, "node", "drain", drained, "--deadline", "2m"); err != nil {

@@ -2654,13 +2654,16 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// local asks the node for its own copy of the logs without forwarding.
-	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
-	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	Local      bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId      string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank       int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr     bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow     bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset     int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	// timestamps asks for the write times of the chunks' bytes (stamps),
+	// where the node recorded them.
+	Timestamps    bool `protobuf:"varint,8,opt,name=timestamps,proto3" json:"timestamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2744,9 +2747,20 @@ func (x *LogsRequest) GetOffset() int64 {
 	return 0
 }
 
+func (x *LogsRequest) GetTimestamps() bool {
+	if x != nil {
+		return x.Timestamps
+	}
+	return false
+}
+
 type LogChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Data   []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Offset int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"` // stream offset of data[0]
+	// With timestamps: when the bytes from each stamp's offset on were
+	// written; the first stamp is at or before offset. Empty when unknown.
+	Stamps        []*LogStamp `protobuf:"bytes,3,rep,name=stamps,proto3" json:"stamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2788,6 +2802,72 @@ func (x *LogChunk) GetData() []byte {
 	return nil
 }
 
+func (x *LogChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogChunk) GetStamps() []*LogStamp {
+	if x != nil {
+		return x.Stamps
+	}
+	return nil
+}
+
+type LogStamp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	UnixNano      int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogStamp) Reset() {
+	*x = LogStamp{}
+	mi := &file_control_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogStamp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogStamp) ProtoMessage() {}
+
+func (x *LogStamp) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
+func (*LogStamp) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *LogStamp) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogStamp) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
 // Upsert of the node record by its own agent (clients and servers alike).
 type RegisterNodeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2798,7 +2878,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2810,7 +2890,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2823,7 +2903,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2842,7 +2922,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2854,7 +2934,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2867,7 +2947,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2888,7 +2968,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +2980,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +2993,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -2932,7 +3012,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2944,7 +3024,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2957,7 +3037,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{42}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3199,7 +3279,7 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xd6\x01\n" +
 	"\vLogsRequest\x12\x14\n" +
 	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
@@ -3209,9 +3289,17 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x05 \x01(\x04R\n" +
 	"generation\x12\x16\n" +
-	"\x06offset\x18\x06 \x01(\x03R\x06offset\"\x1e\n" +
+	"\x06offset\x18\x06 \x01(\x03R\x06offset\x12\x1e\n" +
+	"\n" +
+	"timestamps\x18\b \x01(\bR\n" +
+	"timestamps\"d\n" +
 	"\bLogChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\";\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12,\n" +
+	"\x06stamps\x18\x03 \x03(\v2\x14.gpumesh.v1.LogStampR\x06stamps\"?\n" +
+	"\bLogStamp\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\";\n" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
@@ -3249,7 +3337,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3290,34 +3378,35 @@ var file_control_proto_goTypes = []any{
 	(*UpdateAllocationsResponse)(nil),  // 36: gpumesh.v1.UpdateAllocationsResponse
 	(*LogsRequest)(nil),                // 37: gpumesh.v1.LogsRequest
 	(*LogChunk)(nil),                   // 38: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),        // 39: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 40: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 41: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 42: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 43: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),      // 44: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 45: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 46: google.protobuf.Struct
+	(*LogStamp)(nil),                   // 39: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 40: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 41: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 42: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 43: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 44: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 47: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	44, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	44, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	45, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	43, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	45, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	45, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	46, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	44, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	45, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	46, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	44, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	44, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	44, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	44, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	44, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	46, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	45, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	45, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	45, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	45, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	45, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	47, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
 	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3329,48 +3418,49 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	45, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	46, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
 	1,  // 33: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
 	9,  // 34: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	1,  // 35: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	11, // 36: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	13, // 37: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	15, // 38: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	17, // 39: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	19, // 40: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	22, // 41: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	25, // 42: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	27, // 43: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	29, // 44: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
-	31, // 45: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	33, // 46: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	35, // 47: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	39, // 48: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	37, // 49: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	41, // 50: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	12, // 51: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 52: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 53: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 54: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 55: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 56: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 57: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 58: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 59: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
-	32, // 60: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	34, // 61: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	36, // 62: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	40, // 63: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	38, // 64: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	42, // 65: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	51, // [51:66] is the sub-list for method output_type
-	36, // [36:51] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	39, // 35: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 36: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	11, // 37: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	13, // 38: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	15, // 39: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	17, // 40: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	19, // 41: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	22, // 42: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	25, // 43: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	27, // 44: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	29, // 45: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	31, // 46: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	33, // 47: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	35, // 48: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	40, // 49: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	37, // 50: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	42, // 51: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	12, // 52: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	14, // 53: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	16, // 54: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	18, // 55: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	20, // 56: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	23, // 57: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	26, // 58: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	28, // 59: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	30, // 60: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	32, // 61: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	34, // 62: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	36, // 63: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	41, // 64: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	38, // 65: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	43, // 66: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	52, // [52:67] is the sub-list for method output_type
+	37, // [37:52] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3384,7 +3474,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   44,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
