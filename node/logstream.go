@@ -58,9 +58,10 @@ func sendLogs(r logStream, stamps bool, stream grpc.ServerStreamingServer[pb.Log
 	buf := make([]byte, 32<<10)
 	var known []driver.LogStamp // loaded, from the last one at or before the read position on
 	for {
-		off := r.Offset()
 		n, err := r.Read(buf)
 		if n > 0 {
+			// After the read: a read may skip to the oldest file kept.
+			off := r.Offset() - int64(n)
 			ch := &pb.LogChunk{Data: append([]byte(nil), buf[:n]...), Offset: off}
 			if stamps {
 				// Every write's stamp is recorded before its bytes, so the
