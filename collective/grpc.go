@@ -163,8 +163,8 @@ func releaseGRPC(f *InFrame) {
 	grpcFramePool.Put(f)
 }
 
-// GRPCConfig tunes the gRPC data plane.
-type GRPCConfig struct {
+// NetConfig tunes the gRPC data plane.
+type NetConfig struct {
 	// WindowBytes is the initial HTTP/2 flow-control window of each stream
 	// and connection (it also turns off gRPC's BDP probing). Default 16 MiB.
 	WindowBytes int32
@@ -215,9 +215,9 @@ type GRPCConfig struct {
 	Logger hclog.Logger
 }
 
-// DefaultGRPCConfig returns defaults tuned on loopback and 2 to 32 cores.
-func DefaultGRPCConfig() GRPCConfig {
-	return GRPCConfig{
+// DefaultNetConfig returns defaults tuned on loopback and 2 to 32 cores.
+func DefaultNetConfig() NetConfig {
+	return NetConfig{
 		WindowBytes:      16 << 20,
 		ReadBufferBytes:  256 << 10,
 		WriteBufferBytes: 256 << 10,
@@ -231,24 +231,24 @@ func DefaultGRPCConfig() GRPCConfig {
 }
 
 // Validate checks the configuration.
-func (c GRPCConfig) Validate() error {
+func (c NetConfig) Validate() error {
 	switch {
 	case c.WindowBytes < 64<<10:
-		return fmt.Errorf("%w: grpc config: window must be >= 64KiB, got %d", ErrBadArgument, c.WindowBytes)
+		return fmt.Errorf("%w: data-plane config: window must be >= 64KiB, got %d", ErrBadArgument, c.WindowBytes)
 	case c.ReadBufferBytes < 0 || c.WriteBufferBytes < 0:
-		return fmt.Errorf("%w: grpc config: buffer sizes must be >= 0", ErrBadArgument)
+		return fmt.Errorf("%w: data-plane config: buffer sizes must be >= 0", ErrBadArgument)
 	case c.RankWait <= 0:
-		return fmt.Errorf("%w: grpc config: rank wait must be > 0, got %v", ErrBadArgument, c.RankWait)
+		return fmt.Errorf("%w: data-plane config: rank wait must be > 0, got %v", ErrBadArgument, c.RankWait)
 	case c.CloseWait < 0:
-		return fmt.Errorf("%w: grpc config: close wait must be >= 0, got %v", ErrBadArgument, c.CloseWait)
+		return fmt.Errorf("%w: data-plane config: close wait must be >= 0, got %v", ErrBadArgument, c.CloseWait)
 	case c.DataPlane != DataPlaneTCP && c.DataPlane != DataPlaneGRPC:
-		return fmt.Errorf("%w: grpc config: data plane must be %q or %q, got %q", ErrBadArgument, DataPlaneTCP, DataPlaneGRPC, c.DataPlane)
+		return fmt.Errorf("%w: data-plane config: data plane must be %q or %q, got %q", ErrBadArgument, DataPlaneTCP, DataPlaneGRPC, c.DataPlane)
 	case c.LaneSocketBuffer < 0:
-		return fmt.Errorf("%w: grpc config: lane socket buffer must be >= 0 (0: kernel autotuning), got %d", ErrBadArgument, c.LaneSocketBuffer)
+		return fmt.Errorf("%w: data-plane config: lane socket buffer must be >= 0 (0: kernel autotuning), got %d", ErrBadArgument, c.LaneSocketBuffer)
 	case c.LaneHandshakeTimeout <= 0:
-		return fmt.Errorf("%w: grpc config: lane handshake timeout must be > 0, got %v", ErrBadArgument, c.LaneHandshakeTimeout)
+		return fmt.Errorf("%w: data-plane config: lane handshake timeout must be > 0, got %v", ErrBadArgument, c.LaneHandshakeTimeout)
 	case (c.LaneServerTLS == nil) != (c.LaneClientTLS == nil):
-		return fmt.Errorf("%w: grpc config: give both lane TLS configs (server and client) or neither", ErrBadArgument)
+		return fmt.Errorf("%w: data-plane config: give both lane TLS configs (server and client) or neither", ErrBadArgument)
 	}
 	return nil
 }
@@ -256,7 +256,7 @@ func (c GRPCConfig) Validate() error {
 // ServerOptions are the grpc.ServerOptions the data plane needs (windows,
 // buffers, message size). A node that serves other services on the same
 // *grpc.Server passes them to grpc.NewServer.
-func ServerOptions(c GRPCConfig) []grpc.ServerOption {
+func ServerOptions(c NetConfig) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.InitialWindowSize(c.WindowBytes),
 		grpc.InitialConnWindowSize(c.WindowBytes),
@@ -267,7 +267,7 @@ func ServerOptions(c GRPCConfig) []grpc.ServerOption {
 	}
 }
 
-func (c GRPCConfig) dialOptions() []grpc.DialOption {
+func (c NetConfig) dialOptions() []grpc.DialOption {
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithInitialWindowSize(c.WindowBytes),
@@ -289,9 +289,9 @@ func (c GRPCConfig) dialOptions() []grpc.DialOption {
 
 // Service is the receiving side of the data plane for every communicator
 // of this process. Register it on the node's *grpc.Server; give the same
-// Service to NewGRPCTransport.
+// Service to NewNetTransport.
 type Service struct {
-	cfg GRPCConfig
+	cfg NetConfig
 	log hclog.Logger
 
 	mu      sync.Mutex
@@ -309,7 +309,7 @@ type Service struct {
 func (s *Service) LanesAccepted() uint64 { return s.lanesAccepted.Load() }
 
 // NewService creates the data-plane service.
-func NewService(cfg GRPCConfig) (*Service, error) {
+func NewService(cfg NetConfig) (*Service, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -539,24 +539,24 @@ func (s *Service) remove(ep *grpcEndpoint) {
 	s.mu.Unlock()
 }
 
-// GRPCTransport opens endpoints whose inbound side is served by a Service
+// NetTransport opens endpoints whose inbound side is served by a Service
 // and whose outbound links are gRPC client streams.
-type GRPCTransport struct {
+type NetTransport struct {
 	svc  *Service
 	opts []grpc.DialOption
 }
 
-var _ Transport = (*GRPCTransport)(nil)
+var _ Transport = (*NetTransport)(nil)
 
-// NewGRPCTransport returns a transport that receives through svc (which
+// NewNetTransport returns a transport that receives through svc (which
 // must be registered on a running *grpc.Server reachable at this node's
 // address in every group's Addrs).
-func NewGRPCTransport(svc *Service) *GRPCTransport {
-	return &GRPCTransport{svc: svc, opts: svc.cfg.dialOptions()}
+func NewNetTransport(svc *Service) *NetTransport {
+	return &NetTransport{svc: svc, opts: svc.cfg.dialOptions()}
 }
 
 // Open implements Transport.
-func (t *GRPCTransport) Open(spec EndpointSpec) (Endpoint, error) {
+func (t *NetTransport) Open(spec EndpointSpec) (Endpoint, error) {
 	n := len(spec.Addrs)
 	if spec.Rank < 0 || spec.Rank >= n || spec.Channels < 1 {
 		return nil, fmt.Errorf("%w: endpoint rank %d of %d ranks, %d channels", ErrBadArgument, spec.Rank, n, spec.Channels)
@@ -597,7 +597,7 @@ type grpcLink struct {
 }
 
 type grpcEndpoint struct {
-	t      *GRPCTransport
+	t      *NetTransport
 	spec   EndpointSpec
 	n      int
 	fail   *failState
@@ -1193,12 +1193,12 @@ type Server struct {
 	lis  net.Listener
 	svc  *Service
 	wg   sync.WaitGroup
-	tr   *GRPCTransport
+	tr   *NetTransport
 	once sync.Once
 }
 
 // Listen starts a data-plane server on addr ("127.0.0.1:0" for a free port).
-func Listen(addr string, cfg GRPCConfig) (*Server, error) {
+func Listen(addr string, cfg NetConfig) (*Server, error) {
 	svc, err := NewService(cfg)
 	if err != nil {
 		return nil, err
@@ -1212,7 +1212,7 @@ func Listen(addr string, cfg GRPCConfig) (*Server, error) {
 	}
 	gs := grpc.NewServer(ServerOptions(cfg)...)
 	svc.Register(gs)
-	s := &Server{gs: gs, lis: lis, svc: svc, tr: NewGRPCTransport(svc)}
+	s := &Server{gs: gs, lis: lis, svc: svc, tr: NewNetTransport(svc)}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -1228,7 +1228,7 @@ func (s *Server) Addr() string { return s.lis.Addr().String() }
 func (s *Server) Service() *Service { return s.svc }
 
 // Transport returns a transport whose inbound side is this server.
-func (s *Server) Transport() *GRPCTransport { return s.tr }
+func (s *Server) Transport() *NetTransport { return s.tr }
 
 // Close stops the server: open streams and the lanes of its endpoints are
 // cut, as if the node went away. Safe to call twice.

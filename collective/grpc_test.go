@@ -17,7 +17,7 @@ import (
 
 func TestGRPCAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testGRPCAllReduceCorrect) }
 
-func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCAllReduceCorrect(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
 	if err != nil {
@@ -61,7 +61,7 @@ func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
 
 func TestGRPCMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testGRPCMismatchNamesIt) }
 
-func testGRPCMismatchNamesIt(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCMismatchNamesIt(t *testing.T, planeCfg NetConfig) {
 	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), planeCfg)
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +85,7 @@ func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
 	forEachDataPlane(t, testGRPCDeadPeerFailsSurvivors)
 }
 
-func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
@@ -118,7 +118,7 @@ func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
 
 func TestGRPCUnreachablePeer(t *testing.T) { forEachDataPlane(t, testGRPCUnreachablePeer) }
 
-func testGRPCUnreachablePeer(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCUnreachablePeer(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 500 * time.Millisecond
 	s, err := Listen("127.0.0.1:0", planeCfg)
@@ -148,7 +148,7 @@ func TestGRPCStaleGenerationRefused(t *testing.T) {
 	forEachDataPlane(t, testGRPCStaleGenerationRefused)
 }
 
-func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCStaleGenerationRefused(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	srvs := listenServers(t, 2, planeCfg)
@@ -177,8 +177,8 @@ func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
 
 // The data plane shares a *grpc.Server with protobuf services.
 func TestGRPCSharesServerWithProtobuf(t *testing.T) {
-	svc, addr := serveWithHealth(t, DefaultGRPCConfig(), false)
-	tr := NewGRPCTransport(svc)
+	svc, addr := serveWithHealth(t, DefaultNetConfig(), false)
+	tr := NewNetTransport(svc)
 	addrs := []string{addr, addr} // two ranks served by one node
 	comms := make([]*Communicator, 2)
 	for r := range comms {
@@ -196,7 +196,7 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 // serveWithHealth serves a data-plane Service and the gRPC health service
 // from one *grpc.Server on a loopback port (through Service.Listener, so
 // that lanes share the port, when lanes is set) until the test ends.
-func serveWithHealth(t *testing.T, gcfg GRPCConfig, lanes bool) (*Service, string) {
+func serveWithHealth(t *testing.T, gcfg NetConfig, lanes bool) (*Service, string) {
 	t.Helper()
 	svc, err := NewService(gcfg)
 	if err != nil {
@@ -240,7 +240,7 @@ func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
 	forEachDataPlane(t, testGRPCMixedLocalAndRemoteRanks)
 }
 
-func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
 	for _, noLocal := range []bool{false, true} {
 		gcfg := planeCfg
 		gcfg.NoLocalShortcut = noLocal
@@ -283,7 +283,7 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 
 func TestGRPCChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testGRPCChannelConfigMismatch) }
 
-func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
+func testGRPCChannelConfigMismatch(t *testing.T, planeCfg NetConfig) {
 	srvs := listenServers(t, 2, planeCfg)
 	addrs := []string{srvs[0].Addr(), srvs[1].Addr()}
 	comms := make([]*Communicator, 2)
@@ -309,7 +309,7 @@ func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
 
 // listenServers starts n data-plane servers with gcfg on loopback ports;
 // they close when the test ends.
-func listenServers(t *testing.T, n int, gcfg GRPCConfig) []*Server {
+func listenServers(t *testing.T, n int, gcfg NetConfig) []*Server {
 	t.Helper()
 	srvs := make([]*Server, n)
 	for i := range srvs {
@@ -325,10 +325,10 @@ func listenServers(t *testing.T, n int, gcfg GRPCConfig) []*Server {
 
 // forEachDataPlane runs f with lanes (the default) and with frames on the
 // gRPC streams.
-func forEachDataPlane(t *testing.T, f func(t *testing.T, gcfg GRPCConfig)) {
+func forEachDataPlane(t *testing.T, f func(t *testing.T, gcfg NetConfig)) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
 		t.Run(plane, func(t *testing.T) {
-			gcfg := DefaultGRPCConfig()
+			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = plane
 			f(t, gcfg)
 		})

@@ -32,7 +32,7 @@ import (
 //     the stream.
 //  3. The sender connects to the same address (same port: Service.Listener
 //     tells lanes from gRPC connections by their first byte) and sends the
-//     8-byte laneMagic, then (inside TLS when GRPCConfig.LaneServerTLS and
+//     8-byte laneMagic, then (inside TLS when NetConfig.LaneServerTLS and
 //     LaneClientTLS are set) the token. The receiver checks and consumes the
 //     token and answers one status byte (0: accepted; else a 2-byte length
 //     and the reason, then it closes). Anything else is refused with a log
@@ -70,7 +70,7 @@ const (
 	pieceBytes = 256 << 10
 )
 
-// Data-plane modes (GRPCConfig.DataPlane, --data-plane).
+// Data-plane modes (NetConfig.DataPlane, --data-plane).
 const (
 	// DataPlaneTCP moves frames over TCP lanes set up through gRPC streams
 	// (the default).
@@ -185,7 +185,7 @@ func (s *Service) serveLane(conn net.Conn) {
 // it goes to keep instead of being closed, so that the endpoint closes it
 // in its teardown, after the peers have heard why (an abrupt close would
 // reach the receiver first, as a broken link).
-func dialLane(ctx context.Context, cfg *GRPCConfig, addr string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
+func dialLane(ctx context.Context, cfg *NetConfig, addr string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {

@@ -96,7 +96,7 @@ func (b *stagerBuf) outstanding() (int, int) {
 func TestStageSinkOverLanes(t *testing.T) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
 		t.Run(plane, func(t *testing.T) {
-			gcfg := DefaultGRPCConfig()
+			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = plane
 			cfg := testConfig()
 			g, err := NewLoopbackGroup("stage", 1, 3, cfg, gcfg)
@@ -141,7 +141,7 @@ func TestStageSinkOverLanes(t *testing.T) {
 // A header that does not match fails every rank as a mismatch before
 // anything is staged, and a link cut mid-payload gives the token back.
 func TestStageSinkMismatchAndAbort(t *testing.T) {
-	g, err := NewLoopbackGroup("stage-mm", 1, 2, testConfig(), DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("stage-mm", 1, 2, testConfig(), DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

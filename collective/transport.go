@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/mem"
 )
 
-// Transport connects the ranks of a group. Implementations: GRPCTransport
+// Transport connects the ranks of a group. Implementations: NetTransport
 // (the data plane between nodes; see Service) and LocalTransport (ranks in one
 // process: zero-copy, with fault hooks for tests).
 type Transport interface {
@@ -73,7 +73,7 @@ type Endpoint interface {
 }
 
 // StreamReceiver is implemented by endpoints whose frames can arrive as a
-// byte stream (the gRPC transport's TCP lanes): the receiver places a
+// byte stream (NetTransport's TCP lanes): the receiver places a
 // frame's payload itself, straight into its destination or piece by piece
 // through a small cache-resident buffer, instead of getting a pooled copy.
 // The same threading rules as Recv apply.

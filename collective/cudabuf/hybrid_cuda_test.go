@@ -122,12 +122,12 @@ func hybridChild(t *testing.T) {
 	// Two servers: the normal one (ranks of this process talk in memory)
 	// and one with the in-memory shortcut off (every hop over TCP), for the
 	// comparison.
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	gcfg := collective.DefaultGRPCConfig()
+	gcfg := collective.DefaultNetConfig()
 	gcfg.NoLocalShortcut = true
 	srvTCP, err := collective.Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -306,7 +306,7 @@ func TestCommunicatorPeerBandwidth(t *testing.T) {
 	if be.NumDevices() < 2 {
 		t.Skip("needs two GPUs")
 	}
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

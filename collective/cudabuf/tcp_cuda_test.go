@@ -43,7 +43,7 @@ func envInt(name string, def int) int {
 func tcpChild(t *testing.T) {
 	rank, _ := strconv.Atoi(os.Getenv("GPUMESH_PROC"))
 	n, _ := strconv.Atoi(os.Getenv("GPUMESH_PROCS"))
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
