@@ -70,28 +70,19 @@ const (
 	pieceBytes = 256 << 10
 )
 
-// Data-plane modes (NetConfig.DataPlane, --data-plane).
-const (
-	// DataPlaneTCP moves frames over TCP lanes set up through gRPC streams
-	// (the default).
-	DataPlaneTCP = "tcp"
-	// DataPlaneGRPC moves frames over the gRPC streams themselves.
-	DataPlaneGRPC = "grpc"
-)
-
 type laneToken [laneTokenSize]byte
 
 // laneOffer is a token handed out on an accepted Link stream, waiting for
 // the sender's lane.
 type laneOffer struct {
-	ep  *grpcEndpoint
+	ep  *netEndpoint
 	sl  *inSlot
 	src int
 	ch  int
 }
 
 // offerLane registers a new one-time token for (ep, src, ch).
-func (s *Service) offerLane(ep *grpcEndpoint, sl *inSlot, src, ch int) (laneToken, error) {
+func (s *Service) offerLane(ep *netEndpoint, sl *inSlot, src, ch int) (laneToken, error) {
 	var tok laneToken
 	if _, err := rand.Read(tok[:]); err != nil {
 		return tok, err

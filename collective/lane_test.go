@@ -168,7 +168,7 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ep.Close()
-	ge := ep.(*grpcEndpoint)
+	ge := ep.(*netEndpoint)
 	sl := ge.slot(1, 0)
 	sl.claim()
 	tok, err := s.svc.offerLane(ge, sl, 1, 0)
@@ -297,7 +297,7 @@ func TestLaneTLS(t *testing.T) {
 	}
 	defer CloseAll(comms)
 	allReduceChecked(t, comms, Float32, OpAvg, 100003, "tls lanes")
-	ep := comms[0].ep.(*grpcEndpoint)
+	ep := comms[0].ep.(*netEndpoint)
 	ep.qmu.Lock()
 	lanes := append([]*laneConn(nil), ep.lanes...)
 	ep.qmu.Unlock()

@@ -49,7 +49,7 @@ func (e *localEndpoint) ByRef(int) bool { return true }
 
 // ByRef implements RefEndpoint: ranks served at this address exchange frames
 // in memory unless NetConfig.NoLocalShortcut is set.
-func (e *grpcEndpoint) ByRef(peer int) bool {
+func (e *netEndpoint) ByRef(peer int) bool {
 	return peer >= 0 && peer < len(e.local) && e.local[peer]
 }
 

@@ -15,9 +15,9 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
-func TestGRPCAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testGRPCAllReduceCorrect) }
+func TestNetAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testNetAllReduceCorrect) }
 
-func testGRPCAllReduceCorrect(t *testing.T, planeCfg NetConfig) {
+func testNetAllReduceCorrect(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
 	if err != nil {
@@ -59,9 +59,9 @@ func testGRPCAllReduceCorrect(t *testing.T, planeCfg NetConfig) {
 	}
 }
 
-func TestGRPCMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testGRPCMismatchNamesIt) }
+func TestNetMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testNetMismatchNamesIt) }
 
-func testGRPCMismatchNamesIt(t *testing.T, planeCfg NetConfig) {
+func testNetMismatchNamesIt(t *testing.T, planeCfg NetConfig) {
 	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), planeCfg)
 	if err != nil {
 		t.Fatal(err)
@@ -81,11 +81,11 @@ func testGRPCMismatchNamesIt(t *testing.T, planeCfg NetConfig) {
 	}
 }
 
-func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
-	forEachDataPlane(t, testGRPCDeadPeerFailsSurvivors)
+func TestNetDeadPeerFailsSurvivors(t *testing.T) {
+	forEachDataPlane(t, testNetDeadPeerFailsSurvivors)
 }
 
-func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg NetConfig) {
+func testNetDeadPeerFailsSurvivors(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
@@ -116,9 +116,9 @@ func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg NetConfig) {
 	}
 }
 
-func TestGRPCUnreachablePeer(t *testing.T) { forEachDataPlane(t, testGRPCUnreachablePeer) }
+func TestNetUnreachablePeer(t *testing.T) { forEachDataPlane(t, testNetUnreachablePeer) }
 
-func testGRPCUnreachablePeer(t *testing.T, planeCfg NetConfig) {
+func testNetUnreachablePeer(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 500 * time.Millisecond
 	s, err := Listen("127.0.0.1:0", planeCfg)
@@ -144,11 +144,11 @@ func testGRPCUnreachablePeer(t *testing.T, planeCfg NetConfig) {
 	}
 }
 
-func TestGRPCStaleGenerationRefused(t *testing.T) {
-	forEachDataPlane(t, testGRPCStaleGenerationRefused)
+func TestNetStaleGenerationRefused(t *testing.T) {
+	forEachDataPlane(t, testNetStaleGenerationRefused)
 }
 
-func testGRPCStaleGenerationRefused(t *testing.T, planeCfg NetConfig) {
+func testNetStaleGenerationRefused(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	srvs := listenServers(t, 2, planeCfg)
@@ -176,7 +176,7 @@ func testGRPCStaleGenerationRefused(t *testing.T, planeCfg NetConfig) {
 }
 
 // The data plane shares a *grpc.Server with protobuf services.
-func TestGRPCSharesServerWithProtobuf(t *testing.T) {
+func TestNetSharesServerWithProtobuf(t *testing.T) {
 	svc, addr := serveWithHealth(t, DefaultNetConfig(), false)
 	tr := NewNetTransport(svc)
 	addrs := []string{addr, addr} // two ranks served by one node
@@ -236,11 +236,11 @@ func checkHealth(t *testing.T, addr, what string) {
 // Ranks 0 and 1 live in one process (one server, same address) and exchange
 // in memory; rank 2 is on another node and talks gRPC. With NoLocalShortcut
 // the same group runs over TCP only.
-func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
-	forEachDataPlane(t, testGRPCMixedLocalAndRemoteRanks)
+func TestNetMixedLocalAndRemoteRanks(t *testing.T) {
+	forEachDataPlane(t, testNetMixedLocalAndRemoteRanks)
 }
 
-func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
+func testNetMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
 	for _, noLocal := range []bool{false, true} {
 		gcfg := planeCfg
 		gcfg.NoLocalShortcut = noLocal
@@ -255,7 +255,7 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
 				t.Fatal(err)
 			}
 		}
-		ep := comms[0].ep.(*grpcEndpoint)
+		ep := comms[0].ep.(*netEndpoint)
 		if ep.local[1] == noLocal || ep.local[2] {
 			t.Fatalf("noLocal=%v: local peers %v", noLocal, ep.local)
 		}
@@ -281,9 +281,9 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
 	}
 }
 
-func TestGRPCChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testGRPCChannelConfigMismatch) }
+func TestNetChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testNetChannelConfigMismatch) }
 
-func testGRPCChannelConfigMismatch(t *testing.T, planeCfg NetConfig) {
+func testNetChannelConfigMismatch(t *testing.T, planeCfg NetConfig) {
 	srvs := listenServers(t, 2, planeCfg)
 	addrs := []string{srvs[0].Addr(), srvs[1].Addr()}
 	comms := make([]*Communicator, 2)
