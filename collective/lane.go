@@ -344,8 +344,6 @@ type laneIO struct {
 	fired bool
 }
 
-var errLaneInterrupted = errors.New("interrupted")
-
 // begin starts an I/O call under ctx.
 func (s *laneIO) begin(ctx context.Context) error {
 	s.mu.Lock()
