@@ -57,10 +57,10 @@ type NetConfig struct {
 	// up to net.ipv4.tcp_rmem/tcp_wmem's maximum (4 to 32 MiB). Default
 	// 512 KiB: enough for a flow's bandwidth-delay product inside a
 	// placement group or availability zone, and it keeps the bytes in
-	// flight in the CPU cache. Autotuned, every flow's buffers grow to
-	// several MiB: four 256 MiB ranks with 8 flows each on one 32-core
-	// host then reached 9.1-9.8 GB/s busbw against 11.0-11.4 with 512 KiB
-	// (bench/results/wave.md). Use 0 across regions or other long paths.
+	// flight in the CPU cache: autotuned, every flow's buffers grow to
+	// several MiB and dozens of flows on one host no longer fit the cache
+	// (bench/results/dataplane.md). Use 0 across regions or other long
+	// paths.
 	LaneSocketBuffer int
 	// LaneHandshakeTimeout bounds a lane's connection handshake (and how
 	// long an accepted connection may take to say whether it is gRPC or a
