@@ -1,8 +1,8 @@
 // Package collective moves tensors between the ranks of a job: communicators
 // keyed by (job, generation), ring and latency-optimal all-reduce,
-// reduce-scatter, all-gather, broadcast, send/receive and barrier, over a
-// gRPC streaming transport with a raw-bytes codec, or an in-process transport
-// for ranks of one process and for tests.
+// reduce-scatter, all-gather, broadcast, send/receive and barrier, over
+// NetTransport (links set up over gRPC streams, bytes on plain TCP lanes) or
+// an in-process transport for ranks of one process and for tests.
 //
 // # Using it (node daemon)
 //
@@ -38,10 +38,11 @@
 // the caller's buffer and read straight into the destination (StreamReceiver)
 // or through cache-sized pieces that are reduced as they arrive (host
 // buffers), or into the buffer's staging memory (RecvStager: device
-// buffers' pinned slots). This
-// avoids gRPC-Go's 16 KiB HTTP/2 framing and its copies (about half the
-// throughput on a CPU-bound host). DataPlane "grpc", or a receiver whose
-// port is not wrapped, keeps frames on the streams. See lane.go.
+// buffers' pinned slots). This avoids gRPC-Go's 16 KiB HTTP/2 framing and
+// its copies. DataPlane "grpc", or a receiver whose port is not wrapped,
+// keeps frames on the streams (streamcodec.go). See lane.go for the lane
+// protocol and service.go for the Link service; a stream that ends with an
+// error carries its class in its status (netstatus.go).
 //
 // A stream's metadata names its job, generation, sending and receiving rank
 // and channel, so one server serves any number of communicators; streams
