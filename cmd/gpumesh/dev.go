@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node"
 )
@@ -99,7 +100,7 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 	defer done()
 	fmt.Fprintf(out, "==> submitting a %d-rank %s job through %s (a follower)\n", spec.Ranks, spec.Type, target.Name())
 	sctx, cancel := f.ctx(ctx)
-	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: clientJobID(spec.Name)})
+	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: consensus.NewJobID(spec.Name)})
 	cancel()
 	if err != nil {
 		return f.explain(err)

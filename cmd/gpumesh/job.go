@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -82,7 +81,7 @@ func newJobRunCommand() *cobra.Command {
 			}
 			defer done()
 			// The id is chosen here so that retries cannot submit twice.
-			id := clientJobID(spec.Name)
+			id := consensus.NewJobID(spec.Name)
 			ctx, cancel := f.ctx(cmd.Context())
 			resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec, Id: id})
 			cancel()
@@ -136,15 +135,6 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 		return nil, fmt.Errorf("job spec: %w", err)
 	}
 	return jobspec.Parse(data)
-}
-
-func clientJobID(name string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	if len(name) > 40 {
-		name = name[:40]
-	}
-	return strings.ToLower(name) + "-" + hex.EncodeToString(b[:])
 }
 
 // followJob prints the job's progress until all ranks of its current
