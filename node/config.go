@@ -13,13 +13,16 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/mesh"
 )
 
-// Default ports of an agent.
+// Default ports of an agent (a contract scripts and security groups rely on).
+// Gossip and Raft are defined by the packages that own them.
 const (
-	DefaultGossipPort = 7946
+	DefaultGossipPort = mesh.DefaultPort
 	DefaultRPCPort    = 7947
-	DefaultRaftPort   = 7948
+	DefaultRaftPort   = consensus.DefaultRaftPort
 	DefaultHTTPPort   = 7949
 )
 
