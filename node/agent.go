@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -132,7 +133,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 		Az:           cfg.AZ,
 		Region:       cfg.Region,
 		Lifecycle:    orUnknown(cfg.Lifecycle),
-		Status:       "ready",
+		Status:       consensus.NodeReady,
 		Server:       cfg.Server,
 		MaxRanks:     int32(cfg.maxRanks()),
 		Version:      Version,
@@ -266,7 +267,7 @@ func (a *Agent) joinLoop() {
 func (a *Agent) pickServer() string {
 	var cands []string
 	for _, m := range a.mesh.Members() {
-		if m.State != "alive" || m.Node == nil || !m.Node.Server || m.Node.RpcAddr == a.rpcAddr {
+		if m.State != consensus.MemberAlive || m.Node == nil || !m.Node.Server || m.Node.RpcAddr == a.rpcAddr {
 			continue
 		}
 		cands = append(cands, m.Node.RpcAddr)
@@ -285,7 +286,7 @@ func (a *Agent) rpcAddrOf(nodeID string) string {
 		return a.rpcAddr
 	}
 	for _, m := range a.mesh.Members() {
-		if m.Node != nil && m.Node.Id == nodeID && m.State != "dead" && m.State != "left" {
+		if m.Node != nil && m.Node.Id == nodeID && m.State != consensus.MemberDead && m.State != consensus.MemberLeft {
 			return m.Node.RpcAddr
 		}
 	}

@@ -68,7 +68,7 @@ func (v *membershipView) Members() []consensus.Member {
 			State:        m.State,
 			AZ:           m.Node.Az,
 			Lifecycle:    m.Node.Lifecycle,
-			Draining:     m.Node.Status == "draining",
+			Draining:     m.Node.Status == consensus.NodeDraining,
 			Ineligible:   m.Node.Ineligible,
 			Bootstrapped: m.bootstrapped,
 			Node:         m.Node,

@@ -362,7 +362,7 @@ func (s *controlServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest)
 	}
 	if req.Self && target == s.a.nodeID {
 		// Mark ourselves draining in gossip at once; the leader records it in Raft.
-		_ = s.a.mesh.UpdateSelf(func(n *pb.Node) { n.Status = "draining" })
+		_ = s.a.mesh.UpdateSelf(func(n *pb.Node) { n.Status = consensus.NodeDraining })
 	}
 	var resp *pb.DrainNodeResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {

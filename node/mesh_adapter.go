@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/mesh"
 )
@@ -58,7 +59,7 @@ func newMesh(a *Agent, gossipPort int) (membership, error) {
 func nodeToMeta(n *pb.Node) mesh.Meta {
 	lc, _ := mesh.ParseLifecycle(n.Lifecycle)
 	st := mesh.StatusAlive
-	if n.Status == "draining" {
+	if n.Status == consensus.NodeDraining {
 		st = mesh.StatusDraining
 	}
 	meta := mesh.Meta{
@@ -93,14 +94,14 @@ func metaToNode(m mesh.Meta) *pb.Node {
 		Az:           m.AvailabilityZone,
 		Region:       m.Region,
 		Lifecycle:    m.Lifecycle.String(),
-		Status:       "ready",
+		Status:       consensus.NodeReady,
 		Ineligible:   m.Ineligible,
 		Server:       m.ServerEligible,
 		Version:      m.Version,
 		MaxRanks:     int32(m.MaxRanks),
 	}
 	if m.Status == mesh.StatusDraining {
-		n.Status = "draining"
+		n.Status = consensus.NodeDraining
 	}
 	for i, g := range m.GPUs {
 		n.Gpus = append(n.Gpus, &pb.GPU{Index: int32(i), Model: g.Model, MemoryBytes: g.MemoryBytes})

@@ -300,11 +300,9 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 var (
-	jobStates   = []string{"pending", "running", "complete", "failed", "stopped"}
-	allocStates = []string{"pending", "running", "complete", "failed", "stopped", "lost"}
-	raftStates  = []string{"Leader", "Follower", "Candidate", "Shutdown"}
-	roles       = []string{"leader", "voter", "standby", "client"}
-	digits      = regexp.MustCompile(`[0-9]+(\.[0-9]+)?`)
+	raftStates = []string{"Leader", "Follower", "Candidate", "Shutdown"}
+	roles      = []string{"leader", "voter", "standby", "client"}
+	digits     = regexp.MustCompile(`[0-9]+(\.[0-9]+)?`)
 )
 
 // Collect implements prometheus.Collector.
@@ -317,7 +315,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
 	}
 
-	byState := map[string]int{"alive": 0, "suspect": 0, "dead": 0, "left": 0}
+	byState := zeroCounts(consensus.MemberStates)
 	for _, m := range a.mesh.Members() {
 		byState[m.State]++
 	}
@@ -373,21 +371,15 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Desc, float64, ...string)) {
-	nodes := map[string]int{"ready": 0, "draining": 0, "down": 0, "left": 0}
+	nodes := zeroCounts(consensus.NodeStatuses)
 	for _, n := range st.Nodes() {
 		nodes[n.Status]++
 	}
 	for s, n := range nodes {
 		gauge(c.nodes, float64(n), s)
 	}
-	jobs := map[string]int{}
-	for _, s := range jobStates {
-		jobs[s] = 0
-	}
-	allocs := map[string]int{}
-	for _, s := range allocStates {
-		allocs[s] = 0
-	}
+	jobs := zeroCounts(consensus.JobStatuses)
+	allocs := zeroCounts(consensus.AllocStatuses)
 	reasons := map[string]int{}
 	for _, j := range st.Jobs() {
 		jobs[j.Status]++
@@ -401,7 +393,7 @@ func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Des
 		for _, al := range all {
 			s := al.ClientStatus
 			if s == "" {
-				s = "pending"
+				s = consensus.AllocPending
 			}
 			allocs[s]++
 		}
@@ -506,4 +498,14 @@ func sortedGPUs(in []cuda.GPUMetrics) []cuda.GPUMetrics {
 	out := append([]cuda.GPUMetrics(nil), in...)
 	sort.Slice(out, func(i, k int) bool { return out[i].Index < out[k].Index })
 	return out
+}
+
+// zeroCounts returns a count of 0 for every value, so that each is exported
+// even when nothing has it.
+func zeroCounts(values []string) map[string]int {
+	m := make(map[string]int, len(values))
+	for _, v := range values {
+		m[v] = 0
+	}
+	return m
 }

@@ -112,7 +112,7 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 		return err
 	}
 	printResults(out, final)
-	if final.Job.Status != "complete" {
+	if final.Job.Status != consensus.JobComplete {
 		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
 	}
 	return demoCheck(final, out)

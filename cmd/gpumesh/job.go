@@ -106,7 +106,7 @@ func newJobRunCommand() *cobra.Command {
 			if f.json {
 				return printJSON(out, final)
 			}
-			if final.Job.Status == "failed" {
+			if final.Job.Status == consensus.JobFailed {
 				return fmt.Errorf("job %s failed: %s", final.Job.Id, final.Job.StatusReason)
 			}
 			return nil
@@ -167,7 +167,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				}
 				lastGen = j.Generation
 			}
-			if j.Status == "pending" && j.StatusReason != lastReason {
+			if j.Status == consensus.JobPending && j.StatusReason != lastReason {
 				fmt.Fprintf(out, "    pending: %s\n", j.StatusReason)
 				lastReason = j.StatusReason
 			}
@@ -182,7 +182,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 					if len(al.Gpus) > 0 {
 						line += fmt.Sprintf(" gpus %v", al.Gpus)
 					}
-					if terminalStatus(al.ClientStatus) && al.ClientStatus != "complete" {
+					if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocComplete {
 						line += fmt.Sprintf(" (exit %d", al.ExitCode)
 						if al.Message != "" {
 							line += ": " + al.Message
@@ -194,7 +194,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 			}
 		}
 		switch j.Status {
-		case "complete", "failed", "stopped":
+		case consensus.JobComplete, consensus.JobFailed, consensus.JobStopped:
 			if !f.json {
 				fmt.Fprintf(out, "==> job %s %s", j.Id, j.Status)
 				if j.StatusReason != "" {
@@ -203,7 +203,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				fmt.Fprintln(out)
 			}
 			return resp, nil
-		case "running":
+		case consensus.JobRunning:
 			if !untilEnd && allRunning(resp) {
 				if !f.json {
 					fmt.Fprintf(out, "==> job %s running: %d ranks, generation %d (follow with `gpumesh job logs %s -f`)\n", j.Id, j.WorldSize, j.Generation, j.Id)
@@ -223,16 +223,12 @@ func allRunning(resp *pb.GetJobResponse) bool {
 		if al.Generation != resp.Job.Generation {
 			continue
 		}
-		if al.ClientStatus != "running" && al.ClientStatus != "complete" {
+		if al.ClientStatus != consensus.AllocRunning && al.ClientStatus != consensus.AllocComplete {
 			return false
 		}
 		n++
 	}
 	return n > 0 && n == int(resp.Job.WorldSize)
-}
-
-func terminalStatus(s string) bool {
-	return s == "complete" || s == "failed" || s == "stopped" || s == "lost"
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
@@ -304,7 +300,7 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if terminalStatus(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) {
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,
