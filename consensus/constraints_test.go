@@ -7,6 +7,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // TestMinGPUMemorySpellings: every size the spec accepts for
@@ -36,7 +37,7 @@ func TestMinGPUMemorySpellings(t *testing.T) {
 		}
 		fits := size != "81G"
 		var j *controlpb.Job
-		WaitFor(t, 10*time.Second, func() (bool, string) {
+		poll.Until(t, 10*time.Second, func() (bool, string) {
 			j = s.State().Job(id)
 			if j == nil {
 				return false, "no job yet"
