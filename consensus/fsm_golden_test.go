@@ -127,7 +127,9 @@ func goldenCommands() []*fsmpb.Command {
 		a.DesiredStatus, a.ClientStatus = "", ""
 		return a
 	}
-	at := func(sec int64) *timestamppb.Timestamp { return &timestamppb.Timestamp{Seconds: 1_800_000_000 + sec, Nanos: int32(sec)} }
+	at := func(sec int64) *timestamppb.Timestamp {
+		return &timestamppb.Timestamp{Seconds: 1_800_000_000 + sec, Nanos: int32(sec)}
+	}
 	cmds := []*fsmpb.Command{
 		{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: []*controlpb.Node{node("n1"), node("n2")}}}},
 		{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "job-a", Spec: spec}}},
