@@ -150,8 +150,8 @@ func (ad *meshAdapter) UpdateSelf(fn func(n *pb.Node)) error {
 	return nil
 }
 
-// setRole records the consensus duty in gossip, for display.
-func (ad *meshAdapter) setRole(role string) {
+// SetRole records the consensus duty in gossip, for display.
+func (ad *meshAdapter) SetRole(role string) {
 	r := mesh.RoleClient
 	switch role {
 	case "leader", "voter":
@@ -170,8 +170,8 @@ func (ad *meshAdapter) Leave(timeout time.Duration) error { return ad.m.Leave(ti
 
 func (ad *meshAdapter) Shutdown() error { return ad.m.Shutdown() }
 
-// setBootstrapped gossips that this node holds Raft state.
-func (ad *meshAdapter) setBootstrapped(b bool) {
+// SetBootstrapped gossips whether this node holds Raft state.
+func (ad *meshAdapter) SetBootstrapped(b bool) {
 	if ad.m.LocalMeta().Bootstrapped != b {
 		_ = ad.m.UpdateMeta(func(m *mesh.Meta) { m.Bootstrapped = b })
 	}

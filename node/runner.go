@@ -69,6 +69,7 @@ type runner struct {
 	kick   chan struct{}
 
 	drivers map[string]driverFunc
+	exec    execState // drivers.go
 }
 
 type runningTask struct {
@@ -273,10 +274,7 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 // ended exec tasks (through the driver) and built-in ranks' directories,
 // then the emptied generation and job directories.
 func (r *runner) removePurgedLocked(gone map[string]driver.TaskID) {
-	var d *driver.Driver
-	if v, ok := execDrivers.Load(r); ok {
-		d = v.(*execState).d
-	}
+	d := r.createdExecDriver()
 	byAlloc := map[string]*driver.Handle{}
 	if d != nil {
 		for _, h := range d.List() {
