@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // A write whose caller gives up returns when its context ends, even though
@@ -35,9 +36,7 @@ func TestApplyReturnsWhenContextEnds(t *testing.T) {
 		_, _, err := l.RegisterJob(ctx, &controlpb.JobSpec{Name: "orphan", Type: "exec", Ranks: 1})
 		res <- err
 	}()
-	WaitFor(t, 10*time.Second, func() (bool, string) {
-		return l.raft.LastIndex() > before, "the entry is not in the leader's log"
-	})
+	poll.Until(t, 10*time.Second, func() bool { return l.raft.LastIndex() > before }, "the entry in the leader's log")
 	cancel()
 	select {
 	case err := <-res:
