@@ -91,7 +91,7 @@ func (b *stagerBuf) outstanding() (int, int) {
 
 // On TCP lanes every received chunk of a RecvStager buffer goes through
 // BeginRecv/CommitRecv (none through WriteChunk/ReduceChunk), exact for
-// every op and dtype at awkward counts; on the gRPC data plane it takes the
+// every op and dtype at awkward counts; with DataPlaneGRPC it takes the
 // frame path; every token is spent exactly once.
 func TestStageSinkOverLanes(t *testing.T) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {

@@ -98,7 +98,7 @@ func runProcs(t *testing.T, test string, procs int, prefix string, timeout time.
 
 // TestHybridRingSeparateProcesses: 2 processes x 2 ranks, ranks 0,1 in
 // process A (GPU 0, GPU 1), ranks 2,3 in process B (GPU 0, GPU 1), one ring
-// over the collective's gRPC data plane. The hops 0->1 and 2->3 must move
+// over the collective's NetTransport. The hops 0->1 and 2->3 must move
 // device to device (by reference, peer kernels and copies), 1->2 and 3->0
 // over loopback TCP. Every op and dtype, checked exactly against the host
 // reference; the buffers' counters prove which path each hop took. With

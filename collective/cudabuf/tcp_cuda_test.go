@@ -20,7 +20,7 @@ import (
 
 // TestTCPSeparateProcesses runs ranks as separate processes (this test
 // binary again, one GPU each, round robin) connected by the collective's
-// gRPC data plane over loopback TCP, with device buffers: correctness for
+// NetTransport over loopback TCP (lanes), with device buffers: correctness for
 // every op on a few dtypes; with GPUMESH_CUDA_BENCH=1 also busbw.
 func TestTCPSeparateProcesses(t *testing.T) {
 	if os.Getenv("GPUMESH_PROC") != "" {
