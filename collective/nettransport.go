@@ -68,6 +68,9 @@ func (t *NetTransport) Open(spec EndpointSpec) (Endpoint, error) {
 	return ep, nil
 }
 
+// outLink is one outbound link (peer, channel): its connection and stream,
+// dialled by the first Send, and its lane when the peer serves lanes. mu
+// serialises the Sends of the link.
 type outLink struct {
 	mu         sync.Mutex
 	cc         *grpc.ClientConn
@@ -78,6 +81,9 @@ type outLink struct {
 	peerClosed atomicBool
 }
 
+// netEndpoint is a rank's Endpoint on NetTransport: outbound links by
+// (peer, channel), inbound slots filled by the Service, in-memory queues for
+// ranks of this process, and the failure state they all share.
 type netEndpoint struct {
 	t      *NetTransport
 	spec   EndpointSpec
