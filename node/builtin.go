@@ -103,5 +103,3 @@ func openBuiltinLogs(r *runner, id driver.TaskID, stream string, offset int64) (
 	}
 	return &fileLogs{f: f, off: offset}, true
 }
-
-func closeBuiltinDrivers(r *runner) {}

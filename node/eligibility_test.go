@@ -7,7 +7,7 @@ import (
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // memberStatus is node name's status as agent c's gossip view shows it
@@ -49,7 +49,7 @@ func nodeStatus(ctx context.Context, c pb.ControlClient, name string) (string, e
 
 func waitStatus(t *testing.T, ctx context.Context, c pb.ControlClient, name, want string) {
 	t.Helper()
-	procs.Eventually(t, 15*time.Second, func() error {
+	poll.Until(t, 15*time.Second, func() error {
 		m, err := memberStatus(ctx, c, name)
 		if err != nil {
 			return err

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 	"github.com/gpumesh/gpumesh/node"
 )
@@ -61,7 +62,7 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	host, _ := os.Hostname()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		var m membersJSON
 		if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &m, "members"); err != nil {
 			return err
@@ -83,7 +84,7 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 		}
 		return nil
 	})
-	procs.Eventually(t, 60*time.Second, func() error { _, err := leaderOfNamed(t, as); return err })
+	poll.Until(t, 60*time.Second, func() error { _, err := leaderOfNamed(t, as); return err })
 	out, stderr, err := procs.CLI(ctx, t, as[1].RPCAddr(), "job", "run", "../../examples/allreduce.yaml", "--wait")
 	if err != nil {
 		t.Fatalf("job run examples/allreduce.yaml --wait: %v\n%s\n%s", err, out, stderr)
@@ -100,7 +101,7 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 	if err := procs.CLIJSON(ctx, t, addr, &sub, "job", "run", "--detach", "../../examples/hello.yaml"); err != nil {
 		t.Fatal(err)
 	}
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		var j jobJSON
 		if err := procs.CLIJSON(ctx, t, addr, &j, "job", "status", sub.ID); err != nil {
 			return err
@@ -147,11 +148,11 @@ func TestProcessesReadmeAgentsNameThemselves(t *testing.T) {
 			return fmt.Errorf("no member %s", drained)
 		}
 	}
-	procs.Eventually(t, 30*time.Second, memberIs("draining"))
+	poll.Until(t, 30*time.Second, memberIs("draining"))
 	if out, stderr, err := procs.CLI(ctx, t, addr, "node", "drain", "--disable", drained); err != nil {
 		t.Fatalf("node drain --disable: %v\n%s\n%s", err, out, stderr)
 	}
-	procs.Eventually(t, 30*time.Second, memberIs("ready"))
+	poll.Until(t, 30*time.Second, memberIs("ready"))
 }
 
 // leaderOfNamed is leaderOf for agents that named themselves: it answers
