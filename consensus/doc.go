@@ -57,7 +57,8 @@
 // without counting a restart. A drain and ineligibility stick in the state
 // (whatever gossip says later) until SetNodeEligibility(eligible) ends them.
 // Each generation's rank 0 gets a MASTER_PORT in MasterPortMin..MasterPortMax
-// that no live job uses on the same host (nodes of one machine share them).
+// that no live job uses on the same host (nodes of one machine share them),
+// searched from a start derived from the job ID and generation.
 //
 // # Testing
 //

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net"
 	"sort"
 	"strings"
@@ -311,9 +312,18 @@ func (sc *scheduler) reservePort(bc *batchContext, key string, port int32) {
 	m[port] = true
 }
 
-// pickPort reserves the lowest MASTER_PORT no live job uses on key's host.
-func (sc *scheduler) pickPort(bc *batchContext, key string) int32 {
-	for p := int32(sc.s.cfg.MasterPortMin); p <= int32(sc.s.cfg.MasterPortMax); p++ {
+// pickPort reserves a MASTER_PORT that no live job uses on key's host:
+// the first free one from a start derived from the job and generation
+// (so that a generation does not meet a port its predecessor or torchrun's
+// default 29500 may still hold), wrapping around the range.
+func (sc *scheduler) pickPort(bc *batchContext, key, jobID string, gen uint64) int32 {
+	lo, hi := int32(sc.s.cfg.MasterPortMin), int32(sc.s.cfg.MasterPortMax)
+	span := hi - lo + 1
+	h := fnv.New32a()
+	fmt.Fprintf(h, "%s/%d", jobID, gen)
+	start := int32(h.Sum32() % uint32(span))
+	for i := int32(0); i < span; i++ {
+		p := lo + (start+i)%span
 		if !bc.ports[key][p] {
 			sc.reservePort(bc, key, p)
 			return p
@@ -606,7 +616,7 @@ func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*c
 			if master := bc.nodes[r.NodeID]; master != nil {
 				masterHost = hostOf(master.RpcAddr)
 			}
-			masterPort = sc.pickPort(bc, masterKey(masterHost, r.NodeID))
+			masterPort = sc.pickPort(bc, masterKey(masterHost, r.NodeID), j.Id, gen)
 		}
 	}
 	for _, r := range plan.Ranks {

@@ -103,7 +103,7 @@ func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
 	master := s.State().Node(r0.NodeId)
 	for i, a := range as {
 		if a.Rank != int32(i) || a.WorldSize != 2 || len(a.Gpus) != 1 || a.DesiredStatus != DesiredRun ||
-			a.MasterAddr != hostOf(master.RpcAddr) || a.MasterPort != 29500 || a.RankAddr != s.State().Node(a.NodeId).RpcAddr ||
+			a.MasterAddr != hostOf(master.RpcAddr) || a.MasterPort < 29500 || a.MasterPort > 29999 || a.MasterPort != r0.MasterPort || a.RankAddr != s.State().Node(a.NodeId).RpcAddr ||
 			a.GroupWorldSize != 2 || a.Id != fmt.Sprintf("%s.1.%d", id, i) {
 			t.Fatalf("alloc %d = %v", i, a)
 		}
@@ -127,26 +127,37 @@ func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
 }
 
 // Nodes of one machine (a dev cluster: one address, their own ports) share
-// its MASTER_PORTs: two live jobs whose rank 0 runs on two such nodes get
-// different ports, or two torch jobs would rendezvous at one port.
+// its MASTER_PORTs: live jobs whose rank 0 runs on different such nodes get
+// different ports, or two torch jobs would rendezvous at one port. Eight
+// one-rank jobs on eight nodes of one host with eight ports in the range
+// must take all eight (per node, their hash-derived starts would collide).
 func TestSchedulerMasterPortsPerHost(t *testing.T) {
-	tc, s := schedCluster(t)
-	for i, id := range []string{"c1", "c2"} {
+	const n = 8
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+		c.MasterPortMin, c.MasterPortMax = 31000, 31000+n-1
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("c%d", i)
 		tc.AddClient(&controlpb.Node{Id: id, Name: id, RpcAddr: fmt.Sprintf("127.0.0.1:%d", 40001+i), Lifecycle: LifecycleOnDemand, MaxRanks: 8,
 			Gpus: []*controlpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}})
 	}
-	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == n+1, "nodes not reconciled" })
 	ports := map[int32]string{}
 	nodes := map[string]bool{}
-	for _, name := range []string{"a", "b"} {
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("job%d", i)
 		id, _, err := s.RegisterJob(ctxT(t), gpuJob(name, 1))
 		if err != nil {
 			t.Fatal(err)
 		}
 		waitJob(t, s, id, "placed", running(1, 1))
 		al := genAllocs(s, id, 1)[0]
-		if al.MasterAddr != "127.0.0.1" {
-			t.Fatalf("job %s: master address %q, want 127.0.0.1", name, al.MasterAddr)
+		if al.MasterAddr != "127.0.0.1" || al.MasterPort < 31000 || al.MasterPort >= 31000+n {
+			t.Fatalf("job %s: master %s:%d, want 127.0.0.1 and a port in 31000..%d", name, al.MasterAddr, al.MasterPort, 31000+n-1)
 		}
 		if other, ok := ports[al.MasterPort]; ok {
 			t.Fatalf("jobs %s and %s both got MASTER_PORT %d on 127.0.0.1", other, name, al.MasterPort)
@@ -154,8 +165,8 @@ func TestSchedulerMasterPortsPerHost(t *testing.T) {
 		ports[al.MasterPort] = name
 		nodes[al.NodeId] = true
 	}
-	if len(nodes) != 2 {
-		t.Fatalf("both jobs on one node %v: the test needs them apart", nodes)
+	if len(nodes) != n {
+		t.Fatalf("the jobs ran on %d nodes, want %d apart", len(nodes), n)
 	}
 }
 

@@ -443,7 +443,8 @@ func TestClusterRunsTorchrunScript(t *testing.T) {
 // on 127.0.0.1): each gets its own MASTER_PORT, so both rank 0s listen at
 // once and both rendezvous. Rank 1 of each job waits until both rank 0s
 // listen, so the two jobs overlap for sure. With one port per node (not
-// per host), both got 29500 and the second rank 0 could not listen.
+// per host), both could get the same port and the second rank 0 could not
+// listen.
 func TestClusterTwoTorchJobsAtOnce(t *testing.T) {
 	py, err := exec.LookPath("python3")
 	if err != nil {
