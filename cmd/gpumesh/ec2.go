@@ -28,7 +28,7 @@ func newEC2Command() *cobra.Command {
   gpumesh ec2 user-data   renders the boot script that installs and starts the agent
   gpumesh ec2 launch      creates an EC2 Fleet (type maintain) of agents
   gpumesh ec2 fleet       shows a fleet's capacity and instances
-  gpumesh ec2 iam-policy  prints the least-privilege IAM policy
+  gpumesh ec2 iam-policy  prints the least-privilege IAM policies (agent role, launcher)
   gpumesh ec2 identity    prints what the instance metadata service says about this host
 
 See docs/ec2.md for a walk-through.`,
@@ -216,7 +216,7 @@ IMDSv2 required, and the join tag on instances and volumes.`,
 	fl.StringVar(&template, "launch-template", "", "existing launch template: ID (lt-...) or name, optionally :VERSION (default $Default)")
 	fl.StringVar(&ami, "ami", "", "create a launch template from this AMI (use one with the NVIDIA driver for GPU types)")
 	fl.StringVar(&templateName, "template-name", "", "name of the launch template --ami creates (default gpumesh-<tag value>)")
-	fl.StringVar(&profile, "instance-profile", "", "IAM instance profile (name or ARN) for a new template; its role needs the Agent statements of iam-policy")
+	fl.StringVar(&profile, "instance-profile", "", "IAM instance profile (name or ARN) for a new template; its role needs the policy of \"gpumesh ec2 iam-policy --for agent\"")
 	fl.StringSliceVar(&securityGroups, "security-groups", nil, "security group IDs for a new template (allow 7946-7949 and the data plane between members)")
 	fl.StringVar(&keyName, "key-name", "", "EC2 key pair for a new template (optional)")
 	fl.BoolVar(&rebalance, "capacity-rebalance", false, "launch a replacement when a spot instance gets a rebalance recommendation")
@@ -268,19 +268,54 @@ func newEC2FleetCommand() *cobra.Command {
 }
 
 func newEC2IAMPolicyCommand() *cobra.Command {
-	return &cobra.Command{
+	var c deploy.IAMPolicyConfig
+	var forWhom string
+	cmd := &cobra.Command{
 		Use:   "iam-policy",
-		Short: "Print the least-privilege IAM policy gpumesh needs",
-		Long: `Print deploy/iam-policy.json. Statements whose Sid starts with "Agent" go on the
-agents' instance role; those starting with "Launch" on whoever runs "gpumesh ec2 launch".`,
-		Example: `  gpumesh ec2 iam-policy > gpumesh-policy.json
-  aws iam put-role-policy --role-name gpumesh-agent --policy-name gpumesh --policy-document file://gpumesh-policy.json`,
+		Short: "Print the least-privilege IAM policy for the agents' role or for the launcher",
+		Long: `Print an IAM policy document scoped to one cluster (the value of its
+gpumesh:cluster tag, which is the join tag's value).
+
+  --for agent     the agents' instance role: describe instances and fleets, read
+                  the cluster's boot secrets under /gpumesh/CLUSTER/; with --scale
+                  also ModifyFleet and TerminateInstances on resources tagged
+                  gpumesh:cluster=CLUSTER (agents run with --fleet-id)
+  --for launcher  whoever runs "gpumesh ec2 launch": create templates, fleets and
+                  instances tagged gpumesh:cluster=CLUSTER, pass only --role to
+                  EC2, and scale and terminate this cluster's fleet and instances
+
+No mutating statement has a "*" resource. docs/ec2.md gives each statement's reason.`,
+		Example: `  gpumesh ec2 iam-policy --for agent --cluster prod > agent-policy.json
+  aws iam put-role-policy --role-name gpumesh-agent --policy-name gpumesh --policy-document file://agent-policy.json
+  gpumesh ec2 iam-policy --for launcher --cluster prod --role gpumesh-agent --account 123456789012 > launcher-policy.json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := io.WriteString(cmd.OutOrStdout(), deploy.IAMPolicy)
+			var doc deploy.PolicyDocument
+			var err error
+			switch forWhom {
+			case "agent":
+				doc, err = deploy.AgentPolicy(c)
+			case "launcher":
+				doc, err = deploy.LauncherPolicy(c)
+			default:
+				return fmt.Errorf("--for %q: use agent (the instance role) or launcher (who runs gpumesh ec2 launch)", forWhom)
+			}
+			if err != nil {
+				return err
+			}
+			_, err = io.WriteString(cmd.OutOrStdout(), doc.JSON())
 			return err
 		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&forWhom, "for", "agent", "agent (the instance role) or launcher (who runs gpumesh ec2 launch)")
+	fl.StringVar(&c.Cluster, "cluster", "", "the cluster's name: the value of its gpumesh:cluster tag, i.e. the join tag's value (required)")
+	fl.StringVar(&c.Role, "role", "", "the agents' instance role, the only role a launch may pass to EC2 (required with --for launcher)")
+	fl.StringVar(&c.Account, "account", "", "AWS account ID for the ARNs (default: any account)")
+	fl.StringVar(&c.Partition, "partition", "", "ARN partition: aws, aws-cn, aws-us-gov (default aws)")
+	fl.StringVar(&c.SecretsPath, "secrets-path", "", "SSM parameter path / Secrets Manager prefix of the boot secrets (default /gpumesh/CLUSTER/)")
+	fl.BoolVar(&c.Scale, "scale", false, "with --for agent: let the leader scale the fleet and terminate idle instances (agents run with --fleet-id)")
+	return cmd
 }
 
 func newEC2IdentityCommand() *cobra.Command {

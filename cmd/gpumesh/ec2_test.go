@@ -93,9 +93,16 @@ func TestEC2LaunchCLIAgainstFakeEC2(t *testing.T) {
 }
 
 func TestEC2IAMPolicyCLI(t *testing.T) {
-	out, err := runCLI(t, "ec2", "iam-policy")
-	if err != nil || !strings.Contains(out, "ec2:DescribeInstances") {
+	out, err := runCLI(t, "ec2", "iam-policy", "--cluster", "prod")
+	if err != nil || !strings.Contains(out, "ec2:DescribeInstances") || strings.Contains(out, "ec2:TerminateInstances") {
 		t.Fatalf("%v\n%s", err, out)
+	}
+	out, err = runCLI(t, "ec2", "iam-policy", "--for", "launcher", "--cluster", "prod", "--role", "gpumesh-agent")
+	if err != nil || !strings.Contains(out, `"arn:aws:iam::*:role/gpumesh-agent"`) || !strings.Contains(out, `"aws:RequestTag/gpumesh:cluster": [`) {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if _, err := runCLI(t, "ec2", "iam-policy", "--for", "launcher", "--cluster", "prod"); err == nil || !strings.Contains(err.Error(), "--role") {
+		t.Fatalf("launcher without --role: %v", err)
 	}
 }
 
