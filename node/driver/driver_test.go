@@ -535,3 +535,46 @@ func TestTaskInheritsNoDescriptors(t *testing.T) {
 		t.Fatalf("task's descriptors %q, want 0-2 (and ls's 3)", got)
 	}
 }
+
+// A task given a user runs with that user's IDs, can write its allocation
+// directory, and cannot remove the driver's state there.
+func TestTaskRunsAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("switching users needs root")
+	}
+	u, err := LookupUser("nobody")
+	if err != nil {
+		t.Skip(err)
+	}
+	d := newTestDriver(t, "")
+	// Tasks reach their allocation directory through the data dir (and the
+	// test's temporary folders above it).
+	for p := d.cfg.DataDir; p != filepath.Clean(os.TempDir()); p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for p := filepath.Clean(os.TempDir()); p != "/"; p = filepath.Dir(p) {
+		if st, err := os.Stat(p); err == nil && st.Mode().Perm()&0o001 == 0 {
+			t.Skipf("%s is not traversable by other users", p)
+		}
+	}
+	spec := shSpec(t, `id -u; id -g; echo hi > mine && echo wrote; rm -rf .gpumesh 2>/dev/null; test -d .gpumesh && echo kept`)
+	spec.User = u
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	if res := wait(t, h); !res.Success() {
+		t.Fatalf("result %+v\nstderr %s", res, readLog(t, h, Stderr))
+	}
+	want := fmt.Sprintf("%d\n%d\nwrote\nkept\n", u.UID, u.GID)
+	if got := readLog(t, h, Stdout); got != want {
+		t.Fatalf("stdout %q, want %q (stderr %q)", got, want, readLog(t, h, Stderr))
+	}
+	st, err := os.Stat(filepath.Join(AllocDir(d.cfg.DataDir, spec.ID), "mine"))
+	if err != nil || st.Sys().(*syscall.Stat_t).Uid != u.UID {
+		t.Fatalf("file the task wrote: %v %v", st, err)
+	}
+}

@@ -194,9 +194,10 @@ func flockTry(f *os.File) (ok bool, err error) {
 const supported = true
 
 // taskSysProcAttr puts the task in a process group of its own and has the
-// kernel SIGKILL it when the supervisor (the thread that started it) dies.
-func taskSysProcAttr() *syscall.SysProcAttr {
-	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+// kernel SIGKILL it when the supervisor (the thread that started it) dies;
+// with u, it runs as that user.
+func taskSysProcAttr(u *TaskUser) *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL, Credential: credential(u)}
 }
 
 // waitExitedNoReap blocks until pid (a child) has exited, leaving it a

@@ -213,6 +213,10 @@ func (s *supervisor) run(lockFD int) int {
 		closeLogs()
 		return s.startFailed("create working dir: %v", err)
 	}
+	if err := prepareUserDirs(spec.User, s.spec.AllocDir, spec.Dir); err != nil {
+		closeLogs()
+		return s.startFailed("give the task's directories to user %s: %v", spec.User.Name, err)
+	}
 	path, err := lookPath(spec.Command[0], spec.Env, spec.Dir)
 	if err != nil {
 		closeLogs()
@@ -233,7 +237,7 @@ func (s *supervisor) run(lockFD int) int {
 		Stderr: stderrW,
 		// Its own process group, so that stop signals reach all of it, and
 		// SIGKILL when the supervisor dies (see taskSysProcAttr).
-		SysProcAttr: taskSysProcAttr(),
+		SysProcAttr: taskSysProcAttr(spec.User),
 	}
 	// The parent-death signal fires when the forking thread exits, so this
 	// goroutine stays locked to its thread for good.
