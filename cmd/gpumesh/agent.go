@@ -110,6 +110,9 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")
 	fl.StringVar(&f.sockBuf, "lane-socket-buffer", collective.FormatSize(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
+	c.TaskUser = "nobody"
+	fl.StringVar(&c.TaskUser, "task-user", c.TaskUser, "user exec tasks run as when their job names none (empty: the agent's own user); an agent that is not root always runs tasks as itself")
+	fl.StringSliceVar(&c.TaskUsersAllowed, "task-users-allowed", nil, "further users a job's exec.user may name (comma-separated or repeated), e.g. a training account with access to datasets")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")

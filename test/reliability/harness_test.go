@@ -74,6 +74,9 @@ func (a *agent) start() {
 		"--gossip-port", strconv.Itoa(a.ports.Gossip), "--rpc-port", strconv.Itoa(a.ports.RPC),
 		"--raft-port", strconv.Itoa(a.ports.Raft), "--http-port", strconv.Itoa(a.ports.HTTP),
 		"--ec2", "off", "--log-level", "debug",
+		// Tasks run as the test's user: their scripts and data dirs sit in
+		// temporary folders only it can enter.
+		"--task-user=",
 	}
 	args = append(args, a.args...)
 	var cmd *exec.Cmd
