@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -46,6 +48,28 @@ func TestSystemdUnit(t *testing.T) {
 	out, err := exec.Command(sa, "verify", p).CombinedOutput()
 	if err != nil {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	// The sandbox: exposure at most 5.0 ("OK"), as systemd scores it.
+	out, err = exec.Command(sa, "security", "--offline=true", "--no-pager", p).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "Overall exposure level") {
+		t.Skipf("this systemd-analyze cannot score a unit file offline (needs systemd 250): %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`Overall exposure level for gpumesh.service: ([0-9.]+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("no exposure level in:\n%s", out)
+	}
+	if score, _ := strconv.ParseFloat(m[1], 64); score > 5.0 {
+		t.Fatalf("systemd-analyze security exposure %.1f > 5.0:\n%s", score, out)
+	}
+	for _, cap := range []string{"CAP_SETUID", "CAP_SETGID", "CAP_KILL"} {
+		if !strings.Contains(SystemdUnit, cap) {
+			t.Errorf("the sandbox drops %s, which starting and stopping tasks as --task-user needs", cap)
+		}
+	}
+	for _, dev := range []string{"char-nvidia-frontend rw", "char-nvidia-uvm rw"} {
+		if !strings.Contains(SystemdUnit, "DeviceAllow="+dev) {
+			t.Errorf("the sandbox does not allow the GPU devices (%s)", dev)
+		}
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -576,5 +577,29 @@ func TestTaskRunsAsUser(t *testing.T) {
 	st, err := os.Stat(filepath.Join(AllocDir(d.cfg.DataDir, spec.ID), "mine"))
 	if err != nil || st.Sys().(*syscall.Stat_t).Uid != u.UID {
 		t.Fatalf("file the task wrote: %v %v", st, err)
+	}
+}
+
+// A daemon running at a raised priority (the unit's Nice=-5) starts its
+// tasks at the normal one.
+func TestTaskRunsAtNormalNice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raising priority needs root")
+	}
+	d := newTestDriver(t, "")
+	// The supervisor is forked from this thread and inherits its niceness.
+	runtime.LockOSThread() // never unlocked: the thread ends with the test
+	if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), -5); err != nil {
+		t.Skip(err)
+	}
+	spec := shSpec(t, `cut -d' ' -f19 /proc/self/stat`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	wait(t, h)
+	if got := strings.TrimSpace(readLog(t, h, Stdout)); got != "0" {
+		t.Fatalf("task niceness %s, want 0", got)
 	}
 }

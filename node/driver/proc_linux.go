@@ -227,3 +227,13 @@ func closeOnExecFrom(fd int) {
 		}
 	}
 }
+
+// resetThreadNice puts the calling thread back at niceness 0 when it runs
+// at a raised priority (a negative niceness); it never raises priority.
+func resetThreadNice() {
+	tid := unix.Gettid()
+	// The raw syscall returns 20 - nice.
+	if prio, err := unix.Getpriority(unix.PRIO_PROCESS, tid); err == nil && 20-prio < 0 {
+		_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
+	}
+}

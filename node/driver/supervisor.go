@@ -242,6 +242,10 @@ func (s *supervisor) run(lockFD int) int {
 	// The parent-death signal fires when the forking thread exits, so this
 	// goroutine stays locked to its thread for good.
 	runtime.LockOSThread()
+	// The daemon may run at a raised priority (the unit's Nice=-5) so that
+	// training cannot starve it; the task gets the normal one. Linux keeps
+	// niceness per thread and the task is forked from this one.
+	resetThreadNice()
 	err = s.cmd.Start()
 	_ = devnull.Close()
 	_ = stdoutW.Close() // the task holds the write ends now
