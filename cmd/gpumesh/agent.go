@@ -27,6 +27,7 @@ type agentFlags struct {
 	logLevel   string
 	logJSON    bool
 	sockBuf    string
+	encFile    string
 	ext        agentExtensions
 }
 
@@ -69,6 +70,16 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
 			}
 			f.cfg.LaneSocketBuffer = int(sb)
+			if f.encFile != "" {
+				if f.cfg.EncryptKey != "" {
+					return fmt.Errorf("--encrypt and --encrypt-file both give the gossip key; keep one (--encrypt-file keeps it out of the process list)")
+				}
+				b, err := os.ReadFile(f.encFile)
+				if err != nil {
+					return fmt.Errorf("--encrypt-file: %w", err)
+				}
+				f.cfg.EncryptKey = strings.TrimSpace(string(b))
+			}
 			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
 				return err
 			}
@@ -106,6 +117,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
 	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
 	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (make one with: openssl rand -base64 32)")
+	fl.StringVar(&f.encFile, "encrypt-file", "", "file holding the gossip encryption key (keeps it out of the process list)")
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")

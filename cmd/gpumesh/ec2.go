@@ -44,6 +44,8 @@ See docs/ec2.md for a walk-through.`,
 type userDataFlags struct {
 	tag, region, binaryURL, cudaBinaryURL, sha, cudaSha, cuda string
 	agentArgs                                                 []string
+	taskUser, secretsFrom                                     string
+	secrets                                                   deploy.BootSecrets
 }
 
 func (f *userDataFlags) register(cmd *cobra.Command) {
@@ -55,7 +57,14 @@ func (f *userDataFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.sha, "binary-sha256", "", "SHA-256 the default build must have")
 	fl.StringVar(&f.cudaSha, "cuda-binary-sha256", "", "SHA-256 the CUDA build must have")
 	fl.StringVar(&f.cuda, "cuda", "auto", "which build to install: auto (CUDA where an NVIDIA GPU and driver are found), on, off")
-	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "extra flag for `gpumesh agent`, e.g. --agent-arg=--bootstrap-expect=3 (repeatable)")
+	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "extra flag for `gpumesh agent`, e.g. --agent-arg=--bootstrap-expect=3 (repeatable; checked against the agent's flags)")
+	fl.StringVar(&f.taskUser, "task-user", deploy.DefaultTaskUser, "account tasks run as; created at boot when the AMI lacks it")
+	fl.StringVar(&f.secretsFrom, "secrets-from", deploy.SecretsSSM, "where the *-secret names live: ssm (Parameter Store, SecureString) or secretsmanager")
+	fl.StringVar(&f.secrets.TLSCA, "tls-ca-secret", "", "name of the secret holding the cluster's CA certificate (PEM), e.g. /gpumesh/prod/tls-ca")
+	fl.StringVar(&f.secrets.TLSCert, "tls-cert-secret", "", "name of the secret holding the agents' certificate (PEM; one for all, made with gpumesh tls cert create)")
+	fl.StringVar(&f.secrets.TLSKey, "tls-key-secret", "", "name of the secret holding that certificate's key (PEM)")
+	fl.StringVar(&f.secrets.ACLToken, "acl-token-secret", "", "name of the secret holding the ACL token mutating calls must carry")
+	fl.StringVar(&f.secrets.GossipKey, "gossip-key-secret", "", "name of the secret holding the gossip encryption key (base64, 32 bytes)")
 }
 
 func (f *userDataFlags) config() (deploy.UserDataConfig, error) {
@@ -69,7 +78,22 @@ func (f *userDataFlags) config() (deploy.UserDataConfig, error) {
 	return deploy.UserDataConfig{
 		Tag: tag, Region: f.region, BinaryURL: f.binaryURL, CUDABinaryURL: f.cudaBinaryURL,
 		BinarySHA256: f.sha, CUDABinarySHA256: f.cudaSha, CUDA: deploy.CUDAMode(f.cuda), AgentArgs: f.agentArgs,
+		CheckAgentArgs: checkAgentArgs, TaskUser: f.taskUser, SecretsFrom: f.secretsFrom, Secrets: f.secrets,
 	}, nil
+}
+
+// checkAgentArgs parses args with the agent's own flag set, as the agent
+// will at boot.
+func checkAgentArgs(args []string) error {
+	cmd := newAgentCommand()
+	cmd.Flags().SetOutput(io.Discard)
+	if err := cmd.Flags().Parse(args); err != nil {
+		return err
+	}
+	if rest := cmd.Flags().Args(); len(rest) > 0 {
+		return fmt.Errorf("the agent takes no arguments, got %q", rest)
+	}
+	return nil
 }
 
 func newEC2UserDataCommand() *cobra.Command {
@@ -81,10 +105,19 @@ func newEC2UserDataCommand() *cobra.Command {
 		Long: `Render a cloud-init user-data script (bash) that downloads the gpumesh binary
 (the CUDA build on instances with an NVIDIA GPU and driver, with --cuda auto),
 writes the systemd unit gpumesh.service and /etc/gpumesh/gpumesh.env, and starts
-"gpumesh agent --join-ec2-tag KEY=VALUE" with its data in /var/lib/gpumesh.`,
+"gpumesh agent --join-ec2-tag KEY=VALUE" with its data in /var/lib/gpumesh.
+
+Secrets never go into user-data (anyone allowed to describe the instance reads
+it): --tls-ca-secret, --tls-cert-secret, --tls-key-secret, --acl-token-secret and
+--gossip-key-secret name parameters in SSM Parameter Store (or, with
+--secrets-from secretsmanager, secrets in Secrets Manager) that the script fetches
+at boot with the instance role and the aws CLI, into /etc/gpumesh/secrets (0600).`,
 		Example: `  gpumesh ec2 user-data --tag gpumesh:cluster=prod \
       --binary-url https://releases.example.com/gpumesh-linux-{arch} \
-      --agent-arg=--bootstrap-expect=3 > user-data.sh`,
+      --agent-arg=--bootstrap-expect=3 > user-data.sh
+  gpumesh ec2 user-data --tag gpumesh:cluster=prod --tls-ca-secret /gpumesh/prod/tls-ca \
+      --tls-cert-secret /gpumesh/prod/tls-cert --tls-key-secret /gpumesh/prod/tls-key \
+      --acl-token-secret /gpumesh/prod/acl-token --gossip-key-secret /gpumesh/prod/gossip-key`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := f.config()

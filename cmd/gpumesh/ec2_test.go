@@ -27,7 +27,7 @@ func TestEC2UserDataCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --bootstrap-expect=3", "CUDA_MODE='on'",
+	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --task-user=gpumesh-task --bootstrap-expect=3", "CUDA_MODE='on'",
 		"BINARY_URL='https://example.com/gpumesh-{arch}'", "Restart=always"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("user-data lacks %q", want)
@@ -35,6 +35,18 @@ func TestEC2UserDataCLI(t *testing.T) {
 	}
 	if _, err := runCLI(t, "ec2", "user-data"); err == nil || !strings.Contains(err.Error(), "--tag") {
 		t.Fatalf("missing --tag: %v", err)
+	}	// A flag the agent does not have would crash-loop every instance.
+	_, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--agent-arg=--bootstrap-expct=3")
+	if err == nil || !strings.Contains(err.Error(), "bootstrap-expct") {
+		t.Fatalf("unknown agent flag: %v", err)
+	}
+	_, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--agent-arg=--bootstrap-expect=three")
+	if err == nil || !strings.Contains(err.Error(), "three") {
+		t.Fatalf("bad agent flag value: %v", err)
+	}
+	out, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--acl-token-secret", "/gpumesh/prod/token")
+	if err != nil || !strings.Contains(out, "SECRET_ACL_TOKEN='/gpumesh/prod/token'") {
+		t.Fatalf("token secret: %v", err)
 	}
 }
 
