@@ -157,7 +157,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
-	healthpb.RegisterHealthServer(a.grpc, a.health)
+	healthpb.RegisterHealthServer(a.grpc, liveHealth{Server: a.health, a: a})
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
 		return nil, err
@@ -180,7 +180,8 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
 	a.goFunc(a.runner.run)
-	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.updateHealth()
+	a.goFunc(a.healthLoop)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil
