@@ -1,7 +1,9 @@
 package consensus
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -77,6 +79,24 @@ func (c *trackedConn) Close() error {
 		c.owner.mu.Unlock()
 	})
 	return c.Conn.Close()
+}
+
+// Read reports a connection that our own Close ended as io.EOF, which
+// raft's connection handler takes as a clean end; otherwise every shutdown
+// logged an ERROR "failed to decode incoming command: use of closed network
+// connection" for each peer connected to us.
+func (c *trackedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil && errors.Is(err, net.ErrClosed) && c.owner.isClosed() {
+		return n, io.EOF
+	}
+	return n, err
+}
+
+func (t *trackedStream) isClosed() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.closed
 }
 
 func (t *trackedStream) track(c net.Conn) (net.Conn, error) {

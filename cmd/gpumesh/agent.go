@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/logdedup"
 	"github.com/gpumesh/gpumesh/node"
 )
 
@@ -64,7 +65,9 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 			if level == hclog.NoLevel {
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", f.logLevel)
 			}
-			f.cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()})
+			// Repeated warnings and errors (raft's heartbeat failures to a
+			// dead voter) are written once per window with a count.
+			f.cfg.Logger = logdedup.New(hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()}), 0)
 			sb, err := collective.ParseSize(f.sockBuf)
 			if err != nil {
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
