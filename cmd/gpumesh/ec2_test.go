@@ -35,7 +35,8 @@ func TestEC2UserDataCLI(t *testing.T) {
 	}
 	if _, err := runCLI(t, "ec2", "user-data"); err == nil || !strings.Contains(err.Error(), "--tag") {
 		t.Fatalf("missing --tag: %v", err)
-	} // A flag the agent does not have would crash-loop every instance.
+	}
+	// A flag the agent does not have would crash-loop every instance.
 	_, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--agent-arg=--bootstrap-expct=3")
 	if err == nil || !strings.Contains(err.Error(), "bootstrap-expct") {
 		t.Fatalf("unknown agent flag: %v", err)
