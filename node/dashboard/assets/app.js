@@ -103,6 +103,9 @@ function render(d) {
         bar("util", g.utilization / 100, g.utilization >= 0 ? g.utilization.toFixed(0) + "%" : "-"),
         bar("mem", g.mem_total ? g.mem_used / g.mem_total : 0, bytes(g.mem_used) + " / " + bytes(g.mem_total)))))));
 
+  $("banner").hidden = !d.banner;
+  $("banner").textContent = d.banner || "";
+
   const errs = d.errors || [];
   $("errors").hidden = errs.length === 0;
   $("errors").replaceChildren(...errs.map((e) => el("div", {}, e)));
