@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -105,6 +106,9 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	}
 	if a.httpLn, err = net.Listen("tcp", joinHostPort(cfg.BindAddr, cfg.HTTPPort)); err != nil {
 		return nil, fmt.Errorf("http listener (port %d, --http-port): %w", cfg.HTTPPort, err)
+	}
+	if c := sec.httpTLSConfig(); c != nil {
+		a.httpLn = tls.NewListener(a.httpLn, c) // same certificate as gRPC
 	}
 	a.rpcAddr = joinHostPort(a.advAddr, a.rpcLn.Addr().(*net.TCPAddr).Port)
 	raftPort := cfg.RaftPort

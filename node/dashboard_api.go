@@ -267,14 +267,19 @@ func (o *opsState) clusterGPUs(ctx context.Context, members []dashMember) []dash
 	out := make([]dashGPUs, len(targets)+1)
 	out[0] = o.localGPUs()
 	var wg sync.WaitGroup
-	client := &http.Client{Timeout: dashGPUTimeout}
+	sec := o.a.sec
+	client := &http.Client{Timeout: dashGPUTimeout, Transport: &http.Transport{TLSClientConfig: sec.httpClientTLS()}}
+	defer client.CloseIdleConnections()
 	for i, m := range targets {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			res := dashGPUs{Node: m.Name}
-			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.HTTPAddr+"/v1/gpus", nil)
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, sec.httpScheme()+"://"+m.HTTPAddr+"/v1/gpus", nil)
 			if err == nil {
+				if tok := sec.httpToken(); tok != "" {
+					req.Header.Set("Authorization", "Bearer "+tok)
+				}
 				var resp *http.Response
 				if resp, err = client.Do(req); err == nil {
 					err = json.NewDecoder(resp.Body).Decode(&res)

@@ -14,7 +14,7 @@ func (a *Agent) httpHandler() http.Handler {
 	mux.HandleFunc("/v1/health", a.handleHealth)
 	mux.HandleFunc("/v1/agent", a.handleAgent)
 	registerObservability(a, mux)
-	return mux
+	return a.sec.httpAuth(mux)
 }
 
 // handleHealth answers 200 when the agent is up and, for servers, knows a
