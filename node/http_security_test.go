@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // With TLS files the HTTP port serves HTTPS with the same certificate; with
@@ -72,7 +72,7 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 		}
 	}
 	// The dashboard fetches the other node's GPUs over HTTPS with the token.
-	procs.Eventually(t, 20*time.Second, func() error {
+	poll.Until(t, 20*time.Second, func() error {
 		code, body := get("GET", "/v1/dashboard", "s3cret")
 		var v dashView
 		if err := json.Unmarshal([]byte(body), &v); err != nil || code != 200 {

@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // Asking for the logs of a rank whose node is down names that node and
@@ -35,7 +35,7 @@ func TestLogsOfRankOnDownNodeNameTheNode(t *testing.T) {
 	if victim == nil {
 		t.Fatal("no rank on a node other than the asked one and the leader")
 	}
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		st, err := c.Logs(ctx, &pb.LogsRequest{JobId: id, Rank: rank.Rank})
@@ -69,7 +69,7 @@ func TestLogsOfRankOnDownNodeNameTheNode(t *testing.T) {
 		}
 	}
 	check() // gossip may still call it alive: the dial fails
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		for _, m := range asked.mesh.Members() {
 			if m.Node != nil && m.Node.Id == victim.NodeID() && m.State == "alive" {
 				return status.Error(codes.Unavailable, "still alive in gossip")

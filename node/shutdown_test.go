@@ -8,9 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/hashicorp/go-hclog"
-
-	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
 // syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
@@ -37,7 +36,7 @@ func TestCleanShutdownLogsNoError(t *testing.T) {
 	})
 	a := dc.Agents[1]
 	// Wait until the leader's heartbeats reach it over an open connection.
-	procs.Eventually(t, 20*time.Second, func() error {
+	poll.Until(t, 20*time.Second, func() error {
 		if a.IsLeader() {
 			t.Skip("the logged node leads; this checks a follower")
 		}
