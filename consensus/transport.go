@@ -1,13 +1,12 @@
 package consensus
 
 import (
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 )
 
@@ -81,24 +80,6 @@ func (c *trackedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// Read reports a connection that our own Close ended as io.EOF, which
-// raft's connection handler takes as a clean end; otherwise every shutdown
-// logged an ERROR "failed to decode incoming command: use of closed network
-// connection" for each peer connected to us.
-func (c *trackedConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if err != nil && errors.Is(err, net.ErrClosed) && c.owner.isClosed() {
-		return n, io.EOF
-	}
-	return n, err
-}
-
-func (t *trackedStream) isClosed() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.closed
-}
-
 func (t *trackedStream) track(c net.Conn) (net.Conn, error) {
 	tc := &trackedConn{Conn: c, owner: t}
 	t.mu.Lock()
@@ -139,3 +120,32 @@ func (t *trackedStream) Close() error {
 	}
 	return err
 }
+
+// quietOnShutdown is the transport's logger: once the server shuts down
+// (done closed) its errors and warnings become debug lines. raft's
+// NetworkTransport logs what its own shutdown cuts short (a command read
+// on a closed connection, "transport shutdown", an answer that cannot be
+// flushed) as errors, and a clean stop must log no ERROR.
+type quietOnShutdown struct {
+	hclog.Logger
+	done <-chan struct{}
+}
+
+func (q quietOnShutdown) stopping() bool {
+	select {
+	case <-q.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (q quietOnShutdown) Log(level hclog.Level, msg string, args ...any) {
+	if level >= hclog.Warn && q.stopping() {
+		level = hclog.Debug
+	}
+	q.Logger.Log(level, msg, args...)
+}
+
+func (q quietOnShutdown) Error(msg string, args ...any) { q.Log(hclog.Error, msg, args...) }
+func (q quietOnShutdown) Warn(msg string, args ...any)  { q.Log(hclog.Warn, msg, args...) }
