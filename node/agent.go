@@ -493,7 +493,13 @@ func (a *Agent) roleLoop() {
 			return
 		case <-t.C:
 			a.checkLeader()
-			a.mesh.SetRole(a.Role())
+			role := a.Role()
+			if a.ctx.Err() != nil {
+				// Shutting down (ctx ends before Raft does): Raft may
+				// answer "none" now; keep gossiping the last real duty.
+				return
+			}
+			a.mesh.SetRole(role)
 			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		}
 	}

@@ -231,6 +231,16 @@ func TestDashboardDeadMembersAndNoLeader(t *testing.T) {
 			gone = a
 		}
 	}
+	// Every member has gossiped its duty (the page shows it when no leader
+	// answers).
+	poll.Until(t, 20*time.Second, func() error {
+		for _, m := range watch.mesh.Members() {
+			if m.role != "voter" {
+				return fmt.Errorf("%s gossips %q", m.Name, m.role)
+			}
+		}
+		return nil
+	})
 	gone.Shutdown()
 	poll.Until(t, 30*time.Second, func() error {
 		v := view()
@@ -261,7 +271,7 @@ func TestDashboardDeadMembersAndNoLeader(t *testing.T) {
 		}
 		for _, m := range v.Members {
 			if m.Role != "voter" {
-				return fmt.Errorf("member %s shown as %s, want the voter it gossiped", m.Name, m.Role)
+				return fmt.Errorf("member %s shown as %s, want the voter it gossiped (watching %s, stopped %s first; %+v)", m.Name, m.Role, watch.Name(), gone.Name(), v.Members)
 			}
 		}
 		if m := member(v, watch.Name()); m.Status != "ready" || m.State != "alive" {
