@@ -605,3 +605,22 @@ func TestTaskRunsAtNormalNice(t *testing.T) {
 		t.Fatalf("task niceness %s, want 0", got)
 	}
 }
+
+// A task user who cannot reach the allocation directory gets a start
+// failure that says what to do.
+func TestTaskUserWithoutAccessSaysWhy(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("switching users needs root")
+	}
+	u, err := LookupUser("nobody")
+	if err != nil {
+		t.Skip(err)
+	}
+	d := newTestDriver(t, "") // under a 0700 temporary folder
+	spec := shSpec(t, "true")
+	spec.User = u
+	_, err = d.Start(context.Background(), spec)
+	if !errors.Is(err, ErrStartFailed) || !strings.Contains(err.Error(), "chmod 711") {
+		t.Fatalf("err = %v, want a start failure naming the fix", err)
+	}
+}

@@ -252,6 +252,10 @@ func (s *supervisor) run(lockFD int) int {
 	_ = stderrW.Close()
 	if err != nil {
 		s.closeLogs(&copiers, readEnds, writers)
+		if spec.User != nil && errors.Is(err, fs.ErrPermission) {
+			return s.startFailed("start %q as user %s: %v (the user must be able to reach %s and read the program: make the data dir and the folders above it traversable, e.g. chmod 711)",
+				spec.Command[0], spec.User.Name, err, spec.Dir)
+		}
 		return s.startFailed("start %q: %v", spec.Command[0], err)
 	}
 	s.started = time.Now()
