@@ -284,6 +284,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 		nj.Restarts = p.Restarts
 		nj.WorldSize = p.WorldSize
 		nj.NextAttemptTime = p.NextAttemptTime
+		nj.EndCause = p.EndCause
 		nj.ModifyIndex = idx
 		st.jobs[nj.Id] = nj
 		for _, id := range p.StopAllocIds {
@@ -301,7 +302,10 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 				if !AllocTerminal(na.ClientStatus) {
 					st.resVersion++
 					na.ClientStatus = AllocLost
-					na.Message = "lost: its node is gone or never reported it stopped"
+					na.Message = p.LostMessage
+					if na.Message == "" {
+						na.Message = "lost: its node is gone or never reported it stopped"
+					}
 					na.FinishTime = now
 				}
 				na.ModifyIndex = idx

@@ -53,6 +53,13 @@ type Server struct {
 
 	hbMu       sync.Mutex
 	hbFailures map[raft.ServerID]time.Time // peer -> last contact, while heartbeats fail
+	// repl tells which followers are behind (the scheduler places nothing
+	// new on them).
+	repl *replTracker
+	// schedPaused stops the scheduler from evaluating (benchmarks measure
+	// the write path alone); events accumulate and are processed once it
+	// is cleared.
+	schedPaused atomic.Bool
 
 	leaderMu sync.Mutex
 	leader   *leaderSession
@@ -95,6 +102,7 @@ func NewServer(cfg *Config) (*Server, error) {
 		shutdownCh:  make(chan struct{}),
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
+	s.repl = newReplTracker(func() { s.fsm.events.capacity(); s.fsm.events.signal() })
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
 		return nil, err
@@ -166,7 +174,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("read raft state in %s: %w", dir, err)
 	}
 	s.hadLog = has
-	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, s.trans)
+	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, &trackedTransport{NetworkTransport: s.trans, t: s.repl})
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -525,6 +533,7 @@ func (s *Server) watchObservations() {
 		case o := <-s.obsCh:
 			switch d := o.Data.(type) {
 			case raft.FailedHeartbeatObservation:
+				s.repl.fall(d.PeerID)
 				s.hbMu.Lock()
 				s.hbFailures[d.PeerID] = d.LastContact
 				s.hbMu.Unlock()
@@ -534,9 +543,13 @@ func (s *Server) watchObservations() {
 				s.hbMu.Unlock()
 			case raft.PeerObservation:
 				if d.Removed {
+					s.repl.forget(d.Peer.ID)
 					s.hbMu.Lock()
 					delete(s.hbFailures, d.Peer.ID)
 					s.hbMu.Unlock()
+				} else {
+					// Behind until it accepts an append from this leader.
+					s.repl.fall(d.Peer.ID)
 				}
 			}
 		}
@@ -590,7 +603,7 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		}
 	}
 	f := s.raft.Apply(data, timeout)
-	if err := s.await(f); err != nil {
+	if err := s.awaitCtx(ctx, f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			return nil, 0, s.notLeader()
@@ -616,6 +629,13 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 // await waits for a raft future, or for shutdown: a future still queued
 // in raft's buffered apply channel when raft stops is never answered.
 func (s *Server) await(f raft.Future) error {
+	return s.awaitCtx(context.Background(), f)
+}
+
+// awaitCtx is await that also returns when ctx ends, with ctx's error. The
+// entry may still be committed after that: the caller learns only that it
+// stopped waiting.
+func (s *Server) awaitCtx(ctx context.Context, f raft.Future) error {
 	done := make(chan error, 1)
 	go func() { done <- f.Error() }()
 	select {
@@ -623,7 +643,15 @@ func (s *Server) await(f raft.Future) error {
 		return err
 	case <-s.shutdownCh:
 		return ErrShutdown
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the entry to commit: %w (it may still be committed)", ctx.Err())
 	}
+}
+
+// pauseScheduler stops (on) or resumes the leader's scheduler evaluating.
+func (s *Server) pauseScheduler(on bool) {
+	s.schedPaused.Store(on)
+	s.fsm.events.signal()
 }
 
 // RegisterJob stores a new job (the caller has validated spec) and returns
