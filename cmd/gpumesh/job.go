@@ -314,7 +314,8 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if terminalStatus(al.ClientStatus) {
+		if terminalStatus(al.ClientStatus) && al.ClientStatus != "lost" {
+			// A lost rank has no exit code: its message says why it is lost.
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,
