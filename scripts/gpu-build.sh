@@ -66,7 +66,7 @@ for b in "$out"/gpumesh "$out"/*.test; do
 	gzip -f -6 "$b"
 done
 # the run scripts source gpu-lib.sh from their own folder
-cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh "$out"/
+cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh scripts/gpu-shared.sh "$out"/
 if [ -n "$torch" ]; then
 	cp "$torch" "$out/torch_allreduce.py"
 fi
