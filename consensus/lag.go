@@ -7,8 +7,10 @@ import (
 )
 
 // replTracker is the leader's view of which Raft followers are behind: a
-// follower whose heartbeats or appends failed, or that was just added, is
-// behind until it accepts a replication append again. Raft backs off
+// follower whose replication appends failed, or that was just added, is
+// behind until it accepts a replication append again (heartbeats alone do
+// not count either way: a CPU-starved follower may miss some and still
+// be replicated). Raft backs off
 // replication to a failed follower exponentially (10 ms doubling up to
 // 10.24 s, hashicorp/raft's failureWait and maxFailureScale, which are not
 // settings), so a server that rejoins after a few seconds away may get no

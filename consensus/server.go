@@ -533,7 +533,6 @@ func (s *Server) watchObservations() {
 		case o := <-s.obsCh:
 			switch d := o.Data.(type) {
 			case raft.FailedHeartbeatObservation:
-				s.repl.fall(d.PeerID)
 				s.hbMu.Lock()
 				s.hbFailures[d.PeerID] = d.LastContact
 				s.hbMu.Unlock()
