@@ -358,6 +358,24 @@ func TestReplTrackerBehindUntilAppendAccepted(t *testing.T) {
 	if !isHeartbeat(&raft.AppendEntriesRequest{}) || isHeartbeat(&raft.AppendEntriesRequest{PrevLogEntry: 4, LeaderCommitIndex: 4}) {
 		t.Fatal("heartbeats and replication appends are not told apart")
 	}
+	// A reachable follower is not waited for; an unreachable one until a
+	// heartbeat reaches it (or the hold, or stop).
+	never := make(chan struct{})
+	tr.waitReachable("n1", time.Hour, never)
+	tr.unreachable("n1")
+	done := make(chan struct{})
+	go func() { tr.waitReachable("n1", time.Hour, never); close(done) }()
+	select {
+	case <-done:
+		t.Fatal("the wait for an unreachable follower returned before it was reached")
+	case <-time.After(20 * time.Millisecond):
+	}
+	tr.reachable("n1")
+	<-done
+	stop := make(chan struct{})
+	close(stop)
+	tr.unreachable("n2")
+	tr.waitReachable("n2", time.Hour, stop) // returns: stopped
 }
 
 func TestPlanSpecDryRun(t *testing.T) {

@@ -2,6 +2,7 @@ package consensus
 
 import (
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -13,21 +14,71 @@ import (
 // be replicated). Raft backs off
 // replication to a failed follower exponentially (10 ms doubling up to
 // 10.24 s, hashicorp/raft's failureWait and maxFailureScale, which are not
-// settings), so a server that rejoins after a few seconds away may get no
+// settings), so a server that rejoins after a few seconds away could get no
 // log entries for up to 10 s although its heartbeats already succeed; the
 // scheduler places nothing on it meanwhile, since its runner reads its own
 // replica and would start its ranks that much later.
+//
+// The tracker also keeps that backoff short (see trackedTransport): once a
+// replication append to a follower fails, the next one waits until a
+// heartbeat reaches the follower again (raft keeps heartbeating a failed
+// follower at least every HeartbeatTimeout/2), for at most replicationHold.
+// Raft's failure count then grows by one per hold instead of once per
+// backoff step, and a follower that comes back is replicated to as soon as
+// a heartbeat gets through.
 type replTracker struct {
 	mu      sync.Mutex
 	behind  map[raft.ServerID]bool
 	version uint64
+	// unreach holds, per follower whose last replication append failed, a
+	// channel closed when it is reached again.
+	unreach map[raft.ServerID]chan struct{}
 	// caughtUp is called, without the lock, when a follower stops being
 	// behind (capacity for the scheduler).
 	caughtUp func()
 }
 
 func newReplTracker(caughtUp func()) *replTracker {
-	return &replTracker{behind: map[raft.ServerID]bool{}, caughtUp: caughtUp}
+	return &replTracker{behind: map[raft.ServerID]bool{}, unreach: map[raft.ServerID]chan struct{}{}, caughtUp: caughtUp}
+}
+
+// replicationHold bounds how long a replication append to an unreachable
+// follower waits for a heartbeat to reach it first.
+const replicationHold = 10 * time.Second
+
+func (t *replTracker) unreachable(id raft.ServerID) {
+	t.mu.Lock()
+	if t.unreach[id] == nil {
+		t.unreach[id] = make(chan struct{})
+	}
+	t.mu.Unlock()
+}
+
+func (t *replTracker) reachable(id raft.ServerID) {
+	t.mu.Lock()
+	if ch := t.unreach[id]; ch != nil {
+		close(ch)
+		delete(t.unreach, id)
+	}
+	t.mu.Unlock()
+}
+
+// waitReachable returns once id is reachable, hold has passed or stop is
+// closed.
+func (t *replTracker) waitReachable(id raft.ServerID, hold time.Duration, stop <-chan struct{}) {
+	t.mu.Lock()
+	ch := t.unreach[id]
+	t.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	tm := time.NewTimer(hold)
+	defer tm.Stop()
+	select {
+	case <-ch:
+	case <-tm.C:
+	case <-stop:
+	}
 }
 
 // fall marks a follower behind.
@@ -56,6 +107,7 @@ func (t *replTracker) ok(id raft.ServerID) {
 
 // forget drops a follower removed from the configuration.
 func (t *replTracker) forget(id raft.ServerID) {
+	t.reachable(id)
 	t.mu.Lock()
 	if t.behind[id] {
 		delete(t.behind, id)
@@ -81,10 +133,16 @@ func (t *replTracker) lagging() (map[string]bool, uint64) {
 
 // trackedTransport is the Raft network transport with the append results
 // reported to a replTracker. Heartbeats (appends without a log position)
-// are not replication and are not counted as catching up.
+// are not replication and are not counted as catching up; they only tell
+// that a follower is reachable again. A replication append to a follower
+// whose last one failed first waits for that (see replTracker).
 type trackedTransport struct {
 	*raft.NetworkTransport
 	t *replTracker
+	// hold bounds the wait for an unreachable follower; stop ends it (the
+	// server shuts down).
+	hold time.Duration
+	stop <-chan struct{}
 }
 
 func isHeartbeat(req *raft.AppendEntriesRequest) bool {
@@ -92,15 +150,25 @@ func isHeartbeat(req *raft.AppendEntriesRequest) bool {
 }
 
 func (tt *trackedTransport) AppendEntries(id raft.ServerID, target raft.ServerAddress, req *raft.AppendEntriesRequest, resp *raft.AppendEntriesResponse) error {
+	if isHeartbeat(req) {
+		err := tt.NetworkTransport.AppendEntries(id, target, req, resp)
+		if err == nil {
+			tt.t.reachable(id)
+		}
+		return err
+	}
+	tt.t.waitReachable(id, tt.hold, tt.stop)
 	err := tt.NetworkTransport.AppendEntries(id, target, req, resp)
-	switch {
-	case isHeartbeat(req):
-	case err != nil:
+	if err != nil {
 		tt.t.fall(id)
-	case resp.Success:
+		tt.t.unreachable(id)
+		return err
+	}
+	tt.t.reachable(id)
+	if resp.Success {
 		tt.t.ok(id)
 	}
-	return err
+	return nil
 }
 
 func (tt *trackedTransport) AppendEntriesPipeline(id raft.ServerID, target raft.ServerAddress) (raft.AppendPipeline, error) {

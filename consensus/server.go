@@ -174,7 +174,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("read raft state in %s: %w", dir, err)
 	}
 	s.hadLog = has
-	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, &trackedTransport{NetworkTransport: s.trans, t: s.repl})
+	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, &trackedTransport{NetworkTransport: s.trans, t: s.repl, hold: replicationHold, stop: s.shutdownCh})
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
