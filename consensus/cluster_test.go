@@ -422,3 +422,25 @@ func TestDrainNodeReplacesVoter(t *testing.T) {
 		t.Fatalf("drained node record %v", n)
 	}
 }
+
+// A write whose entry is queued but cannot commit (no quorum) returns when
+// the caller's context ends, not when raft gives up on it.
+func TestApplyReturnsWhenContextEnds(t *testing.T) {
+	tc := MakeTestCluster(t, 3, func(c *Config) {
+		// A long lease: the leader keeps leading, unable to commit, well
+		// past the caller's deadline.
+		c.HeartbeatTimeout, c.ElectionTimeout, c.LeaderLeaseTimeout = 1500*time.Millisecond, 1500*time.Millisecond, 1500*time.Millisecond
+	})
+	l := tc.WaitForLeader(10 * time.Second)
+	for _, id := range tc.IDs() {
+		if id != l.cfg.NodeID {
+			tc.Stop(id, false)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, _, err := l.RegisterJob(ctx, &controlpb.JobSpec{Name: "never", Type: "exec", Ranks: 1, Exec: &controlpb.ExecSpec{Command: []string{"true"}}})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("write without quorum returned %v, want the context's deadline", err)
+	}
+}
