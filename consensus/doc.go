@@ -46,9 +46,9 @@
 // on a ClusterView returns a Decision (a plan to commit, a time to look
 // again), with no clock, lock, timer or I/O inside; see Evaluate for the
 // job life it implements and Cause for the typed reasons a generation
-// ends (only CauseTaskFailed counts against the restart policy). A dry run
-// (job plan) builds an Evaluator from StateStore.ClusterView and evaluates
-// a pending job without committing anything. While leading, the server's
+// ends (only CauseTaskFailed counts against the restart policy). PlanJob, the
+// dry run behind job plan, places a spec through the same Evaluator view
+// without committing anything. While leading, the server's
 // schedLoop owns time and I/O: it wakes on FSM events (job registered,
 // allocation ended, node joined, left or drained, a follower caught up)
 // and on the earliest wake-up a decision asked for, evaluates the affected

@@ -377,23 +377,3 @@ func TestReplTrackerBehindUntilAppendAccepted(t *testing.T) {
 	tr.unreachable("n2")
 	tr.waitReachable("n2", time.Hour, stop) // returns: stopped
 }
-
-func TestPlanSpecDryRun(t *testing.T) {
-	s := newSim(t, "a", "b")
-	spec := &controlpb.JobSpec{Name: "dry", Type: "exec", Ranks: 2, GpusPerRank: 1, Exec: &controlpb.ExecSpec{Command: []string{"true"}}}
-	d, err := PlanSpec(s.f.State().ClusterView(), spec, s.cfg, s.now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d.Plan == nil || d.Plan.Status != JobRunning || len(d.Plan.Allocations) != 2 {
-		t.Fatalf("plan %v", d.Plan)
-	}
-	if len(s.f.State().Jobs()) != 0 {
-		t.Fatal("the dry run registered a job")
-	}
-	spec.Ranks = 3
-	d, _ = PlanSpec(s.f.State().ClusterView(), spec, s.cfg, s.now)
-	if d.Plan == nil || d.Plan.Status != JobPending || !strings.HasPrefix(d.Plan.StatusReason, "waiting for capacity") {
-		t.Fatalf("unplaceable plan %v", d.Plan)
-	}
-}

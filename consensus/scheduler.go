@@ -673,29 +673,3 @@ func hostOf(addr string) string {
 	}
 	return addr
 }
-
-// PlanSpec evaluates spec as a job submitted at now against view, without
-// committing anything: the dry run behind `job plan`. The decision's plan
-// has status running and the allocations it would place, or status pending
-// with the reason it waits ("waiting for capacity: ..."), or status failed
-// when the spec can never be placed.
-func PlanSpec(view ClusterView, spec *controlpb.JobSpec, cfg SchedulerConfig, now time.Time) (Decision, error) {
-	e, err := NewEvaluator(view, cfg)
-	if err != nil {
-		return Decision{}, err
-	}
-	j := &controlpb.Job{Id: NewJobID(spec.GetName()), Spec: spec, Status: JobPending}
-	return e.Evaluate(j, nil, now), nil
-}
-
-// PlanJob is PlanSpec against this server's replica (as fresh as its last
-// applied entry; ask the leader for the current picture) and its
-// configuration; on the leader the followers that are behind are skipped
-// as the scheduler would.
-func (s *Server) PlanJob(spec *controlpb.JobSpec, now time.Time) (Decision, error) {
-	v := s.fsm.state.ClusterView()
-	if s.IsLeader() {
-		v.Lagging, _ = s.repl.lagging()
-	}
-	return PlanSpec(v, spec, SchedulerConfigFrom(s.cfg), now)
-}

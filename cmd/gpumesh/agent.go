@@ -51,7 +51,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
   gpumesh agent --bind 127.0.0.4 --data-dir /tmp/g3 --join 127.0.0.2
 
   # on EC2, from user-data
-  gpumesh agent --data-dir /var/lib/gpumesh --join-ec2-tag gpumesh-cluster=prod --region us-east-1`,
+  gpumesh agent --data-dir /var/lib/gpumesh --join-ec2-tag gpumesh:cluster=prod --region us-east-1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if f.configFile != "" {
@@ -71,6 +71,9 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 			f.cfg.LaneSocketBuffer = int(sb)
 			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
 				return err
+			}
+			if f.cfg.Lifecycle == "" { // neither --lifecycle nor EC2 metadata said
+				f.cfg.Lifecycle = "unknown"
 			}
 			a, err := node.NewAgent(f.cfg)
 			if err != nil {
@@ -100,7 +103,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.RaftPort, "raft-port", c.RaftPort, "Raft port")
 	fl.IntVar(&c.HTTPPort, "http-port", c.HTTPPort, "HTTP port: /metrics, /v1/health and the dashboard")
 	fl.StringVar(&c.DataDir, "data-dir", "", "where the node keeps its identity, Raft state and task logs (required)")
-	fl.StringArrayVar(&c.Join, "join", nil, "gossip address (host or host:port) of a member to join; repeatable; retried with backoff")
+	fl.StringArrayVar(&c.Join, "join", nil, "gossip `ADDR` (host or host:port) of a member to join; repeatable; retried with backoff")
 	fl.IntVar(&c.BootstrapExpect, "bootstrap-expect", c.BootstrapExpect, "server-eligible members to wait for before forming the Raft group")
 	fl.BoolVar(&c.Server, "server", c.Server, "may hold a Raft seat; --server=false makes a client that never does")
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
@@ -114,7 +117,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.DurationVar(&c.NodeLossGrace, "node-loss-grace", c.NodeLossGrace, "how long a node may be silent before its ranks count as lost and their jobs are placed again; an agent restarted within it adopts its running tasks")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
-	fl.StringVar(&c.Lifecycle, "lifecycle", c.Lifecycle, "spot, on-demand or unknown (default: from EC2 metadata)")
+	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
 	f.ext.addFlags(fl)

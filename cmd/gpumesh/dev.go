@@ -38,7 +38,12 @@ when the result checked out.`,
 			if level == hclog.NoLevel {
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", logLevel)
 			}
-			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: cmd.ErrOrStderr()})
+			logOut, closeLog, err := devLogOutput(demo, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			defer closeLog(out)
+			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut})
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
 			dc, err := node.NewDevCluster(node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger})
@@ -75,9 +80,33 @@ when the result checked out.`,
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
 	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
-	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error")
+	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
 	return cmd
+}
+
+// devLogOutput is where the agents of `gpumesh dev` log: standard error,
+// or with --demo a new file in the temporary folder, so that the demo's own
+// output stays readable however loaded the machine is. closeFn, called
+// after the agents stop, keeps a file that holds lines and prints its path
+// on out, and removes an empty one.
+func devLogOutput(demo bool, stderr io.Writer) (w io.Writer, closeFn func(out io.Writer), err error) {
+	if !demo {
+		return stderr, func(io.Writer) {}, nil
+	}
+	fh, err := os.CreateTemp("", "gpumesh-dev-*.log")
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent log file: %w", err)
+	}
+	return fh, func(out io.Writer) {
+		fi, err := fh.Stat()
+		fh.Close()
+		if err == nil && fi.Size() == 0 {
+			os.Remove(fh.Name())
+			return
+		}
+		fmt.Fprintf(out, "==> agent logs: %s\n", fh.Name())
+	}, nil
 }
 
 // runDemo submits the demo job through a follower, waits for it to end and
@@ -106,7 +135,7 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
-	final, err := followJob(wctx, c, f, resp.Id, true, out)
+	final, err := followJob(wctx, c, f, resp.Id, followOptions{untilEnd: true}, out)
 	if err != nil {
 		return err
 	}

@@ -162,11 +162,11 @@ type jobJSON struct {
 	Job struct {
 		ID         string `json:"id"`
 		Status     string `json:"status"`
-		Generation string `json:"generation"`
+		Generation uint64 `json:"generation"`
 		WorldSize  int    `json:"world_size"`
 	} `json:"job"`
 	Allocations []struct {
-		Generation   string `json:"generation"`
+		Generation   uint64 `json:"generation"`
 		Rank         int    `json:"rank"`
 		NodeName     string `json:"node_name"`
 		ClientStatus string `json:"client_status"`
@@ -233,7 +233,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 		}
 		running := 0
 		for _, al := range j.Allocations {
-			if al.Generation == "2" && al.ClientStatus == "running" {
+			if al.Generation == 2 && al.ClientStatus == "running" {
 				if al.NodeName == victim.Name {
 					return fmt.Errorf("generation 2 placed on the dead node")
 				}
@@ -241,7 +241,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 			}
 		}
 		if running != 2 {
-			return fmt.Errorf("generation 2 has %d running ranks (job %s gen %s)", running, j.Job.Status, j.Job.Generation)
+			return fmt.Errorf("generation 2 has %d running ranks (job %s gen %d)", running, j.Job.Status, j.Job.Generation)
 		}
 		elapsed = time.Since(killed)
 		return nil
@@ -340,8 +340,8 @@ func TestProcessesAgentRestartKeepsGeneration(t *testing.T) {
 		if err := procs.CLIJSON(ctx, t, victim.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
 			return err
 		}
-		if j.Job.Status != "running" || j.Job.Generation != "1" {
-			return fmt.Errorf("job %s at generation %s, want running at generation 1", j.Job.Status, j.Job.Generation)
+		if j.Job.Status != "running" || j.Job.Generation != 1 {
+			return fmt.Errorf("job %s at generation %d, want running at generation 1", j.Job.Status, j.Job.Generation)
 		}
 		if st := nodeStatus(ctx, t, leader, victim.Name); st != "ready" {
 			return fmt.Errorf("%s is %q, not ready again yet", victim.Name, st)
@@ -355,8 +355,8 @@ func TestProcessesAgentRestartKeepsGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, al := range j.Allocations {
-		if al.Generation != "1" || al.ClientStatus != "running" {
-			t.Fatalf("after the restart: rank %d of generation %s is %s", al.Rank, al.Generation, al.ClientStatus)
+		if al.Generation != 1 || al.ClientStatus != "running" {
+			t.Fatalf("after the restart: rank %d of generation %d is %s", al.Rank, al.Generation, al.ClientStatus)
 		}
 	}
 	out, stderr, err := procs.CLI(ctx, t, leader.RPCAddr(), "job", "logs", sub.ID, "--rank", victimRank, "--generation", "1")

@@ -136,7 +136,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &j, "job", "status", sub.ID); err != nil {
 			return err
 		}
-		if j.Job.Generation == "1" {
+		if j.Job.Generation == 1 {
 			return fmt.Errorf("still generation 1")
 		}
 		running := 0
@@ -145,14 +145,14 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 				continue
 			}
 			if al.NodeName == victim.Name {
-				return fmt.Errorf("generation %s placed a rank on the interrupted node", j.Job.Generation)
+				return fmt.Errorf("generation %d placed a rank on the interrupted node", j.Job.Generation)
 			}
 			if al.ClientStatus == "running" {
 				running++
 			}
 		}
 		if running != 4 {
-			return fmt.Errorf("generation %s: %d of 4 ranks running", j.Job.Generation, running)
+			return fmt.Errorf("generation %d: %d of 4 ranks running", j.Job.Generation, running)
 		}
 		elapsed = time.Since(noticeAt)
 		return nil
