@@ -37,7 +37,8 @@
 //
 // Every change is one Raft log entry (fsmpb.Command); the FSM applies it
 // deterministically (ids and times travel in the command). Writes return
-// once the entry is committed and applied on the leader. StateStore objects
+// once the entry is committed and applied on the leader, or when the
+// caller's context ends (the entry may then still commit). StateStore objects
 // are shared and immutable: never modify them, clone first.
 //
 // # Scheduler
