@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func TestGRPCAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testGRPCAllReduceCorrect) }
@@ -101,7 +103,7 @@ func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
 			errs <- g.Comms[r].AllReduce(context.Background(), NewHostBuffer(Float32, 1<<20), OpSum)
 		}()
 	}
-	waitFor(t, func() bool { return g.Comms[0].active.Load() == 1 && g.Comms[2].active.Load() == 1 })
+	poll.Until(t, 10*time.Second, func() bool { return g.Comms[0].active.Load() == 1 && g.Comms[2].active.Load() == 1 })
 	// Rank 1's node goes away: its server and links are cut.
 	g.Servers[1].Close()
 	_ = g.Comms[1].ep.Close()

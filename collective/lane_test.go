@@ -23,6 +23,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // syncBuffer is a log sink safe for concurrent writers.
@@ -120,7 +122,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 	if _, err := c.Read(st[:1]); err != io.EOF {
 		t.Fatalf("refused connection not closed: %v", err)
 	}
-	waitFor(t, func() bool { return strings.Contains(logs.String(), "refused a data-plane lane connection") })
+	poll.Until(t, 10*time.Second, func() bool { return strings.Contains(logs.String(), "refused a data-plane lane connection") })
 
 	// "GMX..." is not a lane: gRPC gets it and hangs up.
 	c2, err := net.Dial("tcp", s.Addr())
@@ -325,7 +327,7 @@ func TestLaneTLS(t *testing.T) {
 	if _, err := dialLane(ctx, &other, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("lane with a foreign certificate accepted")
 	}
-	waitFor(t, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })
+	poll.Until(t, 10*time.Second, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })
 }
 
 // A rank whose peer stops taking part: cancelling its context returns at
@@ -352,7 +354,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 		go func() { errc <- g.Comms[0].AllReduce(ctx, NewHostBuffer(Float32, 16<<20), OpSum) }()
 		// Rank 1 does not call: rank 0's receives wait and its sends fill
 		// the socket buffers.
-		waitFor(t, func() bool { return g.Comms[0].active.Load() == 1 })
+		poll.Until(t, 10*time.Second, func() bool { return g.Comms[0].active.Load() == 1 })
 		start := time.Now()
 		if mode == "cancel" {
 			time.AfterFunc(100*time.Millisecond, cancel)
@@ -377,7 +379,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 			t.Fatalf("%s: took %v", mode, el)
 		}
 		// Rank 1 hears about it.
-		waitFor(t, func() bool { return g.Comms[1].Err() != nil })
+		poll.Until(t, 10*time.Second, func() bool { return g.Comms[1].Err() != nil })
 		g.Close()
 	}
 }

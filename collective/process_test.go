@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 const helperEnv = "GPUMESH_COLLECTIVE_TEST_RANK"
@@ -107,7 +109,7 @@ func TestKilledProcessFailsSurvivors(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, func() bool { return done.Load() >= 6 })
+	poll.Until(t, 10*time.Second, func() bool { return done.Load() >= 6 })
 	killed := time.Now()
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)

@@ -14,13 +14,16 @@ import (
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/mesh"
+	"github.com/gpumesh/gpumesh/sharding"
 )
 
-// Default ports of an agent.
+// Default ports of an agent (a contract scripts and security groups rely on).
+// Gossip and Raft are defined by the packages that own them.
 const (
-	DefaultGossipPort = 7946
+	DefaultGossipPort = mesh.DefaultPort
 	DefaultRPCPort    = 7947
-	DefaultRaftPort   = 7948
+	DefaultRaftPort   = consensus.DefaultRaftPort
 	DefaultHTTPPort   = 7949
 )
 
@@ -191,7 +194,7 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))
 	}
 	switch c.Lifecycle {
-	case "", "unknown", "spot", "on-demand":
+	case "", sharding.LifecycleUnknown, sharding.LifecycleSpot, sharding.LifecycleOnDemand:
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
 	}

@@ -47,7 +47,7 @@ func registerDataPlane(a *Agent) error {
 		// and everything else (HTTP/2, TLS) to gRPC.
 		a.rpcLn = svc.Listener(a.rpcLn)
 	}
-	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.CountingTransport(collective.NewGRPCTransport(svc), dataPlaneCounters(a))}
+	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.CountingTransport(collective.NewGRPCTransport(svc), a.ops.counters)}
 	return nil
 }
 

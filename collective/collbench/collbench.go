@@ -21,8 +21,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/gpumesh/gpumesh/collective"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // Config of a benchmark run.
@@ -321,7 +323,7 @@ func progressDone(w io.Writer) {
 // rawBusBW measures the raw TCP figure for one buffer size.
 func rawBusBW(ctx context.Context, cfg Config, size int64) (float64, error) {
 	per := int64(float64(size) * collective.BusBandwidthFactor(cfg.Ranks))
-	progress(cfg.Progress, "raw TCP %s", collective.FormatSize(size))
+	progress(cfg.Progress, "raw TCP %s", bytesize.Format(size))
 	t, err := RawTCP(ctx, cfg.Ranks, cfg.Collective.Channels, per, cfg.Iters, cfg.Warmup)
 	if err != nil {
 		return 0, fmt.Errorf("raw TCP baseline: %w", err)
@@ -351,7 +353,7 @@ func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport
 			spec.LocalRank = c.Rank()
 			if c.Rank() == 0 && cfg.Progress != nil {
 				spec.Progress = func(size int64, it, n int) {
-					progress(cfg.Progress, "allreduce %s: iteration %d/%d", collective.FormatSize(size), it, n)
+					progress(cfg.Progress, "allreduce %s: iteration %d/%d", bytesize.Format(size), it, n)
 				}
 			}
 			rep, err := collective.RunAllReduceJob(ctx, c, spec, cfg.Logger)
@@ -552,7 +554,7 @@ func WriteTable(w io.Writer, r *Result) {
 		mode = "one process per rank"
 	}
 	fmt.Fprintf(w, "# gpumesh allreduce: %d ranks (%s), device %s, data plane %s, %d channels, %s chunks, %d CPUs, %s\n",
-		r.Ranks, mode, r.Device, r.DataPlane, r.Channels, collective.FormatSize(int64(r.ChunkBytes)), r.CPUs, r.Date)
+		r.Ranks, mode, r.Device, r.DataPlane, r.Channels, bytesize.Format(int64(r.ChunkBytes)), r.CPUs, r.Date)
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "size", "count", "type", "algorithm", "time(us)", "algbw", "busbw", "#wrong", "rawTCP", "ratio")
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "(B)", "(elements)", "", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "")
 	for _, row := range r.Rows {
@@ -568,7 +570,7 @@ func WriteTable(w io.Writer, r *Result) {
 	for _, row := range r.Rows {
 		if row.Rounds > 1 {
 			fmt.Fprintf(w, "# %s: medians of %d rounds (each the all-reduce, then raw TCP); ratio = median of the rounds' ratios, range %.2f-%.2f\n",
-				collective.FormatSize(row.Bytes), row.Rounds, row.RatioMin, row.RatioMax)
+				bytesize.Format(row.Bytes), row.Rounds, row.RatioMin, row.RatioMax)
 		}
 	}
 }
