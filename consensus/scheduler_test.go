@@ -416,3 +416,36 @@ func TestSchedulerSkipsLaggingFollower(t *testing.T) {
 		t.Fatalf("allocations %v", a)
 	}
 }
+
+// A node that is silent for less than the grace period (an agent restart)
+// keeps its job's generation; the job says why while it waits, and stops
+// saying so as soon as the node is back.
+func TestSchedulerSilentNodeWithinGrace(t *testing.T) {
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+		c.NodeLossGrace = time.Minute
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("keep", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	tc.SetMember("c2", func(m *Member) { m.State = MemberDead })
+	waitJob(t, s, id, "c2 suspected", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobRunning && strings.Contains(j.StatusReason, "silent")
+	})
+	tc.SetMember("c2", func(m *Member) { m.State = MemberAlive })
+	waitJob(t, s, id, "c2 back", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobRunning && j.StatusReason == ""
+	})
+	for _, a := range s.State().Allocations(id) {
+		if a.Generation != 1 || a.DesiredStatus != DesiredRun {
+			t.Fatalf("allocation %s: generation %d, desired %s", a.Id, a.Generation, a.DesiredStatus)
+		}
+	}
+}
