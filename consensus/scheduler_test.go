@@ -449,3 +449,39 @@ func TestSchedulerSilentNodeWithinGrace(t *testing.T) {
 		}
 	}
 }
+
+// A node dies and its job's other rank fails first (its peer's link broke)
+// while gossip still shows the node alive: the generation ends as the job's
+// failure for now, and turns out a node loss once the node is seen dead;
+// no restart attempt is used.
+func TestSchedulerNodeLossAfterPeersFailedUsesNoRestart(t *testing.T) {
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+		c.FailureSettle = 10 * time.Second
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	for _, n := range []string{"c1", "c2", "c3"} {
+		addGPUNode(tc, n, 1)
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 4, "nodes not reconciled" })
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("spot", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 2))
+	as := genAllocs(s, id, 1)
+	report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocFailed, ExitCode: 1, Message: "peer failed"})
+	waitJob(t, s, id, "generation ended by the survivor", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && Cause(j.EndCause) == CauseRankFailed
+	})
+	tc.SetMember(as[1].NodeId, func(m *Member) { m.State = MemberDead })
+	j := waitJob(t, s, id, "generation 2", running(2, 2))
+	if j.Restarts != 0 || Cause(j.EndCause) != CauseNodeLost {
+		t.Fatalf("the node loss counted as the job's failure: restarts %d, cause %q", j.Restarts, j.EndCause)
+	}
+	if a := s.State().Allocation(as[1].Id); a.ClientStatus != AllocLost {
+		t.Fatalf("the dead node's rank is %s, want lost", a.ClientStatus)
+	}
+}
