@@ -75,7 +75,7 @@ type Config struct {
 	DataPlane string
 	// LaneSocketBuffer is SO_SNDBUF/SO_RCVBUF of every TCP lane in bytes; 0
 	// leaves them to the kernel's autotuning (see
-	// collective.GRPCConfig.LaneSocketBuffer).
+	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
@@ -132,7 +132,7 @@ func DefaultConfig() *Config {
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
 		DataPlane:         "tcp",
-		LaneSocketBuffer:  collective.DefaultGRPCConfig().LaneSocketBuffer,
+		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
 		NodeLossGrace:     consensus.DefaultConfig().NodeLossGrace,
 		Lifecycle:         "unknown",
