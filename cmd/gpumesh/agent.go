@@ -132,6 +132,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.StringVar(&c.TaskUser, "task-user", c.TaskUser, "user exec tasks run as when their job names none (empty: the agent's own user); an agent that is not root always runs tasks as itself")
 	fl.StringSliceVar(&c.TaskUsersAllowed, "task-users-allowed", nil, "further users a job's exec.user may name (comma-separated or repeated), e.g. a training account with access to datasets")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
+	fl.DurationVar(&c.NodeLossGrace, "node-loss-grace", c.NodeLossGrace, "how long a node may be silent before its ranks count as lost and their jobs are placed again; an agent restarted within it adopts its running tasks")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
 	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")
