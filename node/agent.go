@@ -193,7 +193,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
-	a.goFunc(a.runner.run)
+	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
 	a.updateHealth()
 	a.goFunc(a.healthLoop)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
