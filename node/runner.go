@@ -105,9 +105,6 @@ func newRunner(a *Agent) *runner {
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
 	r.startedAt = time.Now()
 	registerDrivers(r)
-	// Started here, not in run: shutdown's wg.Wait may come before run
-	// begins, and a WaitGroup must not grow while it is waited on.
-	r.goFunc(r.reportLoop)
 	return r
 }
 
@@ -119,6 +116,7 @@ func (r *runner) goFunc(f func()) {
 // run is the runner's main loop.
 func (r *runner) run() {
 	r.recover()
+	r.goFunc(r.reportLoop)
 	backoff := 100 * time.Millisecond
 	for r.ctx.Err() == nil {
 		var err error
