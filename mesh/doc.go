@@ -200,6 +200,24 @@
 // convergence there (2.95 s), 300 ms probes broke detection even on the
 // idle machine (3.02 s); hence 200 ms.
 //
+// # Large meshes
+//
+// Config.ForSize(n) adapts a preset to a mesh of about n nodes (a pure
+// function; 64 nodes or fewer are unchanged): more indirect probes before
+// a suspicion, two independent confirmations for the shortest suspicion
+// above 256 nodes, and fewer full-state exchanges per join. Lifeguard's
+// awareness stays on (AwarenessMaxMultiplier > 1): a node whose own
+// probes go unanswered, or whose indirect probes bring no nacks, stretches
+// its probe interval before it accuses others. memberlist suspects a
+// peer only after the direct probe, IndirectChecks indirect probes from
+// other members and the TCP fallback all failed; it declares it dead
+// only when the suspicion timeout (log-scaled with n, shortened by other
+// members' independent confirmations) passes without a refutation.
+//
+// MemNetwork is an in-memory network for Config.Transport: one process
+// can run a thousand real memberlist instances with per-link delay and
+// loss, partitions, and byte counts (bench/mesh -transport mem).
+//
 // # Metadata encoding
 //
 // Meta.Encode writes a compact, versioned binary record (format in its doc
