@@ -10,8 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // benchConfig uses the production timeouts (DefaultConfig) on loopback,
@@ -73,8 +75,7 @@ func BenchmarkRegisterJob(b *testing.B) {
 					}
 				})
 				l := tc.WaitForLeader(10 * time.Second)
-				schedulerPaused.Store(true) // measure the write path only
-				defer schedulerPaused.Store(false)
+				l.pauseScheduler(true) // measure the write path only
 				b.ResetTimer()
 				d := benchSubmit(b, tc, l, workers, b.N)
 				b.ReportMetric(float64(b.N)/d.Seconds(), "jobs/s")
@@ -106,20 +107,20 @@ func BenchmarkPlacements(b *testing.B) {
 				}
 				tc.AnnounceAll("srv")
 				s := tc.WaitForLeader(10 * time.Second)
-				WaitFor(b, 30*time.Second, func() (bool, string) { return len(s.State().Nodes()) == nodes+1, "nodes not reconciled" })
+				poll.Until(b, 30*time.Second, func() (bool, string) { return len(s.State().Nodes()) == nodes+1, "nodes not reconciled" })
 				b.ResetTimer()
 				var start time.Time
 				if mode == "placement-only" {
-					schedulerPaused.Store(true)
+					s.pauseScheduler(true)
 					d := benchSubmit(b, tc, s, 64, jobs)
 					b.ReportMetric(float64(jobs)/d.Seconds(), "submits/s")
 					start = time.Now()
-					schedulerPaused.Store(false)
+					s.pauseScheduler(false)
 				} else {
 					start = time.Now()
 					benchSubmit(b, tc, s, 64, jobs)
 				}
-				WaitFor(b, 120*time.Second, func() (bool, string) {
+				poll.Until(b, 120*time.Second, func() (bool, string) {
 					n := 0
 					for _, j := range s.State().Jobs() {
 						if j.Status == JobRunning {
@@ -188,7 +189,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 }
 
 func waitAllVoters(b testing.TB, tc *TestCluster) {
-	WaitFor(b, 10*time.Second, func() (bool, string) {
+	poll.Until(b, 10*time.Second, func() (bool, string) {
 		for _, s := range tc.Live() {
 			if r := s.Role(); r != RoleVoter && r != RoleLeader {
 				return false, s.cfg.NodeID + " is " + r
@@ -213,7 +214,7 @@ func BenchmarkDeadVoterReplacement(b *testing.B) {
 				benchConfig(c)
 			})
 			var victim string
-			WaitFor(b, 20*time.Second, func() (bool, string) {
+			poll.Until(b, 20*time.Second, func() (bool, string) {
 				l := tc.Leader()
 				if l == nil {
 					return false, "no leader"
@@ -228,7 +229,7 @@ func BenchmarkDeadVoterReplacement(b *testing.B) {
 			})
 			start := time.Now()
 			tc.Stop(victim, true)
-			WaitFor(b, 20*time.Second, func() (bool, string) {
+			poll.Until(b, 20*time.Second, func() (bool, string) {
 				l := tc.Leader()
 				if l == nil {
 					return false, "no leader"

@@ -30,6 +30,12 @@ const (
 	AllocLost     = "lost"
 )
 
+// JobStatuses and AllocStatuses list every status, in lifecycle order.
+var (
+	JobStatuses   = []string{JobPending, JobRunning, JobComplete, JobFailed, JobStopped}
+	AllocStatuses = []string{AllocPending, AllocRunning, AllocComplete, AllocFailed, AllocStopped, AllocLost}
+)
+
 // JobTerminal reports whether a job status is final.
 func JobTerminal(status string) bool {
 	return status == JobComplete || status == JobFailed || status == JobStopped
@@ -278,4 +284,29 @@ func (st *StateStore) snapshotLocked() (uint64, []*controlpb.Node, []*controlpb.
 	sort.Slice(jobs, func(i, j int) bool { return jobs[i].Id < jobs[j].Id })
 	sort.Slice(allocs, func(i, j int) bool { return allocs[i].Id < allocs[j].Id })
 	return st.index, nodes, jobs, allocs
+}
+
+// ClusterView returns the nodes and the allocations that hold resources
+// (not terminal), for an Evaluator. Lagging is left nil.
+func (st *StateStore) ClusterView() ClusterView {
+	st.mu.RLock()
+	defer st.mu.RUnlock()
+	v := ClusterView{Nodes: make([]*controlpb.Node, 0, len(st.nodes))}
+	for _, n := range st.nodes {
+		v.Nodes = append(v.Nodes, n)
+	}
+	for _, a := range st.allocs {
+		if !AllocTerminal(a.ClientStatus) {
+			v.Allocations = append(v.Allocations, a)
+		}
+	}
+	return v
+}
+
+// resourceVersion moves whenever resources may have been freed or nodes
+// changed (not when allocations are added by plans).
+func (st *StateStore) resourceVersion() uint64 {
+	st.mu.RLock()
+	defer st.mu.RUnlock()
+	return st.resVersion
 }

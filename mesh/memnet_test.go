@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/gpumesh/gpumesh/mesh/meshtest"
 	"github.com/hashicorp/go-hclog"
@@ -202,7 +203,7 @@ func TestMemMeshMassJoin(t *testing.T) {
 	if err := victim.Shutdown(); err != nil {
 		t.Fatal(err)
 	}
-	meshtest.WaitFor(t, 120*time.Second, func() (bool, string) {
+	poll.Until(t, 120*time.Second, func() (bool, string) {
 		for _, m := range ms[:size-1] {
 			mem, ok := m.Member(victim.Name())
 			if !ok || mem.State != mesh.StateDead {

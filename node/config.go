@@ -13,13 +13,17 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/mesh"
+	"github.com/gpumesh/gpumesh/sharding"
 )
 
-// Default ports of an agent.
+// Default ports of an agent (a contract scripts and security groups rely on).
+// Gossip and Raft are defined by the packages that own them.
 const (
-	DefaultGossipPort = 7946
+	DefaultGossipPort = mesh.DefaultPort
 	DefaultRPCPort    = 7947
-	DefaultRaftPort   = 7948
+	DefaultRaftPort   = consensus.DefaultRaftPort
 	DefaultHTTPPort   = 7949
 )
 
@@ -71,11 +75,16 @@ type Config struct {
 	DataPlane string
 	// LaneSocketBuffer is SO_SNDBUF/SO_RCVBUF of every TCP lane in bytes; 0
 	// leaves them to the kernel's autotuning (see
-	// collective.GRPCConfig.LaneSocketBuffer).
+	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
+	// NodeLossGrace is how long a node may be silent before the leader
+	// counts its ranks as lost and places their job again; an agent that
+	// restarts within it adopts its still-running exec tasks and the job
+	// goes on. Zero means consensus's default (30 s).
+	NodeLossGrace time.Duration
 
 	// Identity the node reports when not discovered (set from EC2 metadata
 	// by the caller when on EC2).
@@ -123,8 +132,9 @@ func DefaultConfig() *Config {
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
 		DataPlane:         "tcp",
-		LaneSocketBuffer:  collective.DefaultGRPCConfig().LaneSocketBuffer,
+		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
+		NodeLossGrace:     consensus.DefaultConfig().NodeLossGrace,
 		Lifecycle:         "unknown",
 	}
 }
@@ -177,11 +187,14 @@ func (c *Config) Validate() error {
 	if c.LaneSocketBuffer < 0 {
 		errs = append(errs, fmt.Errorf("lane socket buffer must be >= 0 bytes (0: kernel autotuning), got %d (--lane-socket-buffer)", c.LaneSocketBuffer))
 	}
+	if c.NodeLossGrace < 0 {
+		errs = append(errs, fmt.Errorf("node loss grace must be >= 0, got %s (--node-loss-grace)", c.NodeLossGrace))
+	}
 	if c.CollectiveTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))
 	}
 	switch c.Lifecycle {
-	case "", "unknown", "spot", "on-demand":
+	case "", sharding.LifecycleUnknown, sharding.LifecycleSpot, sharding.LifecycleOnDemand:
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -64,7 +65,7 @@ func BenchmarkFleet1000(b *testing.B) {
 			Az: fmt.Sprintf("az-%d", n%3), Lifecycle: consensus.LifecycleOnDemand})
 	}
 	leader := tc.WaitForLeader(10 * time.Second)
-	consensus.WaitFor(b, 60*time.Second, func() (bool, string) {
+	poll.Until(b, 60*time.Second, func() (bool, string) {
 		for _, s := range servers {
 			if got := len(s.State().Nodes()); got < clients+3 {
 				return false, fmt.Sprintf("a server holds %d nodes, want %d", got, clients+3)
@@ -181,7 +182,7 @@ func BenchmarkFleet1000(b *testing.B) {
 		}()
 	}
 	tick.Stop()
-	consensus.WaitFor(b, 60*time.Second, func() (bool, string) {
+	poll.Until(b, 60*time.Second, func() (bool, string) {
 		return running.Load() >= rate*secs, fmt.Sprintf("%d of %d ranks reported running", running.Load(), rate*secs)
 	})
 	wall := time.Since(wall0)
@@ -220,7 +221,7 @@ func BenchmarkFleet1000(b *testing.B) {
 	}
 	swg.Wait()
 	submitWall := time.Since(wall0)
-	consensus.WaitFor(b, 120*time.Second, func() (bool, string) {
+	poll.Until(b, 120*time.Second, func() (bool, string) {
 		return running.Load()-base >= burst, fmt.Sprintf("%d of %d ranks reported running", running.Load()-base, burst)
 	})
 	wall = time.Since(wall0)
@@ -234,7 +235,7 @@ func BenchmarkFleet1000(b *testing.B) {
 		pct(bl, 50), pct(bl, 99), cpuBurst, ms.HeapAlloc>>20)
 	// Wait for a snapshot that covers the burst.
 	last := l.AppliedIndex() - min(l.AppliedIndex(), 8192)
-	consensus.WaitFor(b, 60*time.Second, func() (bool, string) {
+	poll.Until(b, 60*time.Second, func() (bool, string) {
 		return snaps.lastIndex() >= last, "no snapshot covering the burst yet"
 	})
 	fmt.Printf("snapshots: %s; on disk %s\n", snaps.summary(), snapSizes(dirs))

@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
+	"github.com/gpumesh/gpumesh/mesh"
 )
 
 // Logger returns an hclog logger that writes to tb.Log until the test's
@@ -101,7 +103,7 @@ func WaitConverged(tb testing.TB, ms []*mesh.Mesh, want int) {
 // WaitConvergedWithin is WaitConverged with its own deadline.
 func WaitConvergedWithin(tb testing.TB, ms []*mesh.Mesh, want int, timeout time.Duration) {
 	tb.Helper()
-	WaitFor(tb, timeout, func() (bool, string) {
+	poll.Until(tb, timeout, func() (bool, string) {
 		for _, m := range ms {
 			if got := m.NumAlive(); got != want {
 				return false, fmt.Sprintf("%s sees %d alive members, want %d", m.Name(), got, want)
@@ -115,7 +117,7 @@ func WaitConvergedWithin(tb testing.TB, ms []*mesh.Mesh, want int, timeout time.
 func WaitMember(tb testing.TB, m *mesh.Mesh, name string, cond func(mesh.Member) bool, what string) mesh.Member {
 	tb.Helper()
 	var got mesh.Member
-	WaitFor(tb, 30*time.Second, func() (bool, string) {
+	poll.Until(tb, 30*time.Second, func() (bool, string) {
 		mem, ok := m.Member(name)
 		if !ok {
 			return false, fmt.Sprintf("%s does not list %s (waiting for %s)", m.Name(), name, what)
@@ -127,23 +129,6 @@ func WaitMember(tb testing.TB, m *mesh.Mesh, name string, cond func(mesh.Member)
 		return true, ""
 	})
 	return got
-}
-
-// WaitFor polls cond every 10 ms until it returns true, failing the test
-// with cond's last message after timeout.
-func WaitFor(tb testing.TB, timeout time.Duration, cond func() (bool, string)) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("condition not met after %v: %s", timeout, msg)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // NextEvent waits up to timeout for the next event on ch that satisfies
