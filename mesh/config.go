@@ -51,6 +51,11 @@ type Config struct {
 	// for tests and simulations of large meshes.
 	Transport memberlist.Transport
 
+	// NoCompression turns off memberlist's LZW compression of every
+	// gossip message (probes and acks included). Compression saves
+	// bandwidth on push-pulls; on a LAN it costs CPU on every packet.
+	NoCompression bool
+
 	// SecretKey enables gossip encryption (AES-256-GCM) when set. It must
 	// be KeySize (32) bytes; DecodeKey turns the --encrypt string into it.
 	// All nodes of a mesh must use the same key.

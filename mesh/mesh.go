@@ -225,6 +225,7 @@ func New(cfg Config) (*Mesh, error) {
 	if cfg.Transport != nil {
 		mc.Transport = cfg.Transport
 	}
+	mc.EnableCompression = !cfg.NoCompression
 	if cfg.SecretKey != nil {
 		mc.SecretKey = slices.Clone(cfg.SecretKey)
 	}

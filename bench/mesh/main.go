@@ -67,13 +67,14 @@ type overrides struct {
 }
 
 var (
-	diag      bool
-	debugLog  bool
-	ov        = overrides{sync: -1}
-	useMem    bool
-	memFault  mesh.LinkFault
-	sizeAdapt bool
-	nodesFlag int
+	diag       bool
+	debugLog   bool
+	ov         = overrides{sync: -1}
+	useMem     bool
+	memFault   mesh.LinkFault
+	sizeAdapt  bool
+	noCompress bool
+	nodesFlag  int
 	// stopProfile ends -cpuprofile; called before every exit.
 	stopProfile = func() {}
 )
@@ -108,6 +109,7 @@ func main() {
 	flag.Float64Var(&memFault.Loss, "loss", 0, "-transport mem: packet loss rate of every link (0..1)")
 	flag.BoolVar(&sizeAdapt, "size-adapt", true, "give every node mesh.Config.ForSize(-nodes)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	flag.BoolVar(&noCompress, "no-compress", false, "turn off memberlist's message compression (Config.NoCompression)")
 	soak := flag.Duration("soak", 0, "soak: one trial, no kill, this long in the steady phase (every suspicion and death in it is false)")
 	flag.Parse()
 	switch *transport {
@@ -478,6 +480,7 @@ func config(preset string, name string, verbose bool) mesh.Config {
 	if sizeAdapt {
 		c = c.ForSize(nodesFlag)
 	}
+	c.NoCompression = noCompress
 	c.NodeName, c.NodeID = name, "id-"+name
 	c.Meta = mesh.Meta{
 		InstanceType: "p5.48xlarge", AvailabilityZone: "us-east-1a", Region: "us-east-1",
