@@ -33,8 +33,9 @@ import (
 //
 //   - paced: 100 jobs/s for 10 s; p50/p99 of `job run` = submission to
 //     the rank's node seeing its allocation (when the agent would start
-//     the task); process CPU and heap; Raft entries and bytes on disk per
-//     second, extrapolated to an hour;
+//     the task); process CPU and heap; Raft entries per second,
+//     extrapolated to an hour (not bytes: the log preallocates its
+//     segment files, so their size does not grow with it);
 //   - burst: 10,000 jobs from 64 submitters; placements/s from the first
 //     submission until every rank is reported running.
 //
