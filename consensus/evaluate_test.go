@@ -250,7 +250,7 @@ func TestEvaluateSpotLossesDoNotUseRestarts(t *testing.T) {
 	s.step("j")
 	s.stopAll("j")
 	s.step("j")
-	if j := s.job("j"); j.Restarts != 1 || Cause(j.EndCause) != CauseTaskFailed || !strings.Contains(j.StatusReason, "exit code 3") {
+	if j := s.job("j"); j.Restarts != 1 || Cause(j.EndCause) != CauseTaskFailed || !strings.Contains(j.StatusReason, "exited with code 3") {
 		t.Fatalf("own failure: %v", j)
 	}
 }

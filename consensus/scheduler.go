@@ -324,10 +324,16 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 	return Decision{Plan: p, Again: true}
 }
 
+// rankFailure says what became of a failed rank in one clause: "rank 1 on
+// node-2 exited with code 3" or, when the task never ran, "rank 1 on node-2
+// could not start (MESSAGE)".
 func rankFailure(a *controlpb.Allocation) string {
-	s := fmt.Sprintf("rank %d failed on node %s: exit code %d", a.Rank, a.NodeName, a.ExitCode)
+	s := fmt.Sprintf("rank %d on %s exited with code %d", a.Rank, a.NodeName, a.ExitCode)
+	if a.ExitCode < 0 {
+		s = fmt.Sprintf("rank %d on %s did not run", a.Rank, a.NodeName)
+	}
 	if a.Message != "" {
-		s += ": " + a.Message
+		s += " (" + a.Message + ")"
 	}
 	return s
 }

@@ -191,7 +191,7 @@ func TestSchedulerFailureRestartsThenFails(t *testing.T) {
 		j := waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
 			return j.Status == JobPending && j.Restarts == int32(gen)
 		})
-		if !strings.Contains(j.StatusReason, "rank 1 failed") || !strings.Contains(j.StatusReason, "exit code 7") {
+		if !strings.Contains(j.StatusReason, "rank 1 on ") || !strings.Contains(j.StatusReason, "exited with code 7") {
 			t.Fatalf("reason %q", j.StatusReason)
 		}
 		// The surviving rank is told to stop; the next generation waits for it.
