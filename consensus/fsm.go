@@ -21,6 +21,9 @@ type FSM struct {
 	state  *StateStore
 	events *eventSink
 	logger hclog.Logger
+	// configApplied, when set, is called after a batch holding a Raft
+	// configuration entry and after a restore (Server.RoleChanged).
+	configApplied func()
 }
 
 var (
@@ -59,9 +62,11 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	st := f.state
 	st.mu.Lock()
 	var last uint64
+	conf := false
 	for i, l := range logs {
 		last = l.Index
 		if l.Type != raft.LogCommand {
+			conf = conf || l.Type == raft.LogConfiguration
 			continue
 		}
 		out[i] = f.applyLocked(l.Index, l.Data)
@@ -69,6 +74,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	st.setIndexLocked(last)
 	st.mu.Unlock()
 	f.events.signal()
+	if conf && f.configApplied != nil {
+		f.configApplied()
+	}
 	return out
 }
 
@@ -349,6 +357,12 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.state.resetLocked(s.Index, s.Nodes, s.Jobs, s.Allocations)
 	f.state.mu.Unlock()
 	f.events.all()
+	if f.configApplied != nil {
+		// Raft sets the snapshot's configuration after Restore returns, in
+		// its main loop; Server.Role reads it through that loop, so it sees
+		// the new one.
+		f.configApplied()
+	}
 	return nil
 }
 

@@ -50,6 +50,7 @@ type Server struct {
 	nudgeBoot   chan struct{}
 	nudgeLeader chan struct{}
 	leaderCh    chan bool
+	roleCh      chan struct{} // RoleChanged
 
 	hbMu       sync.Mutex
 	hbFailures map[raft.ServerID]time.Time // peer -> last contact, while heartbeats fail
@@ -91,10 +92,12 @@ func NewServer(cfg *Config) (*Server, error) {
 		nudgeBoot:   make(chan struct{}, 1),
 		nudgeLeader: make(chan struct{}, 1),
 		leaderCh:    make(chan bool, 1),
+		roleCh:      make(chan struct{}, 1),
 		hbFailures:  map[raft.ServerID]time.Time{},
 		shutdownCh:  make(chan struct{}),
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
+	s.fsm.configApplied = s.nudgeRole
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
 		return nil, err
@@ -272,6 +275,21 @@ func (s *Server) Role() string {
 		}
 	}
 	return RoleNone
+}
+
+// RoleChanged receives a value (never blocking the sender) after Role or
+// Bootstrapped may have changed: when this server gains or loses
+// leadership, and when a Raft configuration entry or a snapshot is applied
+// here (a server joins, is promoted or demoted, or the bootstrap
+// configuration commits). It holds at most one value; a reader that calls
+// Role and Bootstrapped after each receive sees the latest state.
+func (s *Server) RoleChanged() <-chan struct{} { return s.roleCh }
+
+func (s *Server) nudgeRole() {
+	select {
+	case s.roleCh <- struct{}{}:
+	default:
+	}
 }
 
 // State returns the replicated state as applied on this server (possibly
@@ -513,6 +531,7 @@ func (s *Server) monitorLeadership() {
 			default:
 			}
 			s.leaderCh <- is
+			s.nudgeRole()
 		}
 	}
 }

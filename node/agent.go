@@ -54,7 +54,8 @@ type Agent struct {
 	sec        *security // TLS and ACL token (security.go); nil when off
 	ops        *opsState // metrics and dashboard (metrics.go)
 
-	hooks leaderHooks
+	hooks    leaderHooks
+	onLeader func(ctx context.Context) // runs while this agent leads; nil: nothing
 
 	selfMu sync.Mutex
 	self   *pb.Node
@@ -89,6 +90,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
 	a.ops = newOpsState(a)
+	if cfg.OnLeader != nil {
+		a.onLeader = func(ctx context.Context) { cfg.OnLeader(ctx, a) }
+	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -185,7 +189,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
-	a.goFunc(a.runner.run)
+	a.runner.goFunc(a.runner.run) // under the runner's WaitGroup: the tasks it starts are Added before shutdown Waits
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
@@ -473,23 +477,20 @@ func (p *connPool) close() {
 }
 
 // roleLoop gossips this agent's Raft duty (for display and for bootstrap
-// decisions of newcomers) whenever it changes.
+// decisions of newcomers) and starts or stops the leader hooks whenever
+// consensus says it may have changed.
 func (a *Agent) roleLoop() {
 	if a.raft == nil {
 		return
 	}
-	// Fast enough that a node joining right after the cluster formed learns
-	// that it did before its own bootstrap settles.
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
 	for {
+		a.checkLeader()
+		a.mesh.SetRole(a.Role())
+		a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		select {
 		case <-a.ctx.Done():
 			return
-		case <-t.C:
-			a.checkLeader()
-			a.mesh.SetRole(a.Role())
-			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
+		case <-a.raft.RoleChanged():
 		}
 	}
 }

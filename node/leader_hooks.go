@@ -9,7 +9,8 @@ import (
 	"github.com/gpumesh/gpumesh/consensus"
 )
 
-// leaderHooks runs Config.OnLeader while this agent leads.
+// leaderHooks runs Agent.onLeader (the fleet autoscaler, ec2.go) while
+// this agent leads.
 type leaderHooks struct {
 	mu     sync.Mutex
 	cancel context.CancelFunc
@@ -24,7 +25,7 @@ type leaderHooks struct {
 
 // checkLeader starts or stops the leader hooks after a change of role.
 func (a *Agent) checkLeader() {
-	if a.cfg.OnLeader == nil {
+	if a.onLeader == nil {
 		return
 	}
 	h := &a.hooks
@@ -38,7 +39,7 @@ func (a *Agent) checkLeader() {
 		done := h.done
 		go func() {
 			defer close(done)
-			a.cfg.OnLeader(ctx, a)
+			a.onLeader(ctx)
 		}()
 	case !leading && h.cancel != nil:
 		h.cancel()
