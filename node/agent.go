@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/deploy"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -51,8 +52,9 @@ type Agent struct {
 	runner     *runner
 	conns      *connPool
 	data       *dataPlane
-	sec        *security // TLS and ACL token (security.go); nil when off
-	ops        *opsState // metrics and dashboard (metrics.go)
+	sec        *security        // TLS and ACL token (security.go); nil when off
+	ops        *opsState        // metrics and dashboard (metrics.go)
+	ec2        *deploy.AgentEC2 // identity, notices, tag discovery (ec2.go); nil off EC2
 
 	hooks    leaderHooks
 	onLeader func(ctx context.Context) // runs while this agent leads; nil: nothing
@@ -90,9 +92,6 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
 	a.ops = newOpsState(a)
-	if cfg.OnLeader != nil {
-		a.onLeader = func(ctx context.Context) { cfg.OnLeader(ctx, a) }
-	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -100,6 +99,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		}
 	}()
 
+	if err := a.startEC2(cfg); err != nil {
+		return nil, err
+	}
 	if a.nodeID, err = loadNodeID(cfg); err != nil {
 		return nil, err
 	}
@@ -189,6 +191,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
+	if a.ec2 != nil && a.ec2.Watcher != nil {
+		a.goFunc(func() { a.spotLoop(a.ec2.Events()) })
+	}
 	a.runner.goFunc(a.runner.run) // under the runner's WaitGroup: the tasks it starts are Added before shutdown Waits
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
@@ -319,6 +324,9 @@ func (a *Agent) Shutdown() error {
 			a.health.Shutdown()
 		}
 		a.stopLeaderHooks()
+		if a.ec2 != nil {
+			a.ec2.Shutdown()
+		}
 		if a.runner != nil {
 			a.runner.shutdown()
 		}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/deploy"
 )
 
 // leaderHooks runs Agent.onLeader (the fleet autoscaler, ec2.go) while
@@ -59,19 +60,12 @@ func (a *Agent) stopLeaderHooks() {
 	}
 }
 
-// ScaleDemand is what the fleet autoscaler needs to know, read from the
+// Demand is what the fleet autoscaler needs to know, read from the
 // replicated state by the leader: how many gang jobs wait for capacity, how
 // many more nodes they need, and since when each live node (by name, which
 // is the instance ID on EC2) has been idle (zero time: busy).
-type ScaleDemand struct {
-	WaitingJobs int
-	NodesNeeded int
-	IdleSince   map[string]time.Time
-}
-
-// Demand computes the ScaleDemand now.
-func (a *Agent) Demand() ScaleDemand {
-	d := ScaleDemand{IdleSince: map[string]time.Time{}}
+func (a *Agent) Demand() deploy.Demand {
+	d := deploy.Demand{Members: map[string]time.Time{}}
 	if a.raft == nil || !a.raft.HasState() {
 		return d
 	}
@@ -125,13 +119,13 @@ func (a *Agent) Demand() ScaleDemand {
 		seen[n.Name] = true
 		if busy[n.Id] {
 			delete(h.idleSince, n.Name)
-			d.IdleSince[n.Name] = time.Time{}
+			d.Members[n.Name] = time.Time{}
 			continue
 		}
 		if _, ok := h.idleSince[n.Name]; !ok {
 			h.idleSince[n.Name] = now
 		}
-		d.IdleSince[n.Name] = h.idleSince[n.Name]
+		d.Members[n.Name] = h.idleSince[n.Name]
 	}
 	for name := range h.idleSince {
 		if !seen[name] {

@@ -27,7 +27,7 @@ type agentFlags struct {
 	logLevel   string
 	logJSON    bool
 	sockBuf    string
-	ext        agentExtensions
+	ec2        ec2Flags // agent_ext.go
 }
 
 func newAgentCommand() *cobra.Command {
@@ -69,18 +69,13 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
 			}
 			f.cfg.LaneSocketBuffer = int(sb)
-			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
+			if f.cfg.EC2, err = f.ec2.config(); err != nil {
 				return err
-			}
-			if f.cfg.Lifecycle == "" { // neither --lifecycle nor EC2 metadata said
-				f.cfg.Lifecycle = "unknown"
 			}
 			a, err := node.NewAgent(f.cfg)
 			if err != nil {
 				return err
 			}
-			stop := f.ext.start(a)
-			defer stop()
 			sigs := make(chan os.Signal, 2)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 			defer signal.Stop(sigs)
@@ -119,7 +114,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
-	f.ext.addFlags(fl)
+	f.ec2.addFlags(fl)
 	addSecurityFlags(fl, &c.Security) // tls.go
 	return cmd
 }
