@@ -11,7 +11,7 @@ import (
 // Two ranks all-reduce over loopback gRPC, each with its own data-plane
 // server (as two nodes would).
 func Example() {
-	g, err := collective.NewLoopbackGroup("job-1", 1, 2, collective.DefaultConfig(), collective.DefaultGRPCConfig())
+	g, err := collective.NewLoopbackGroup("job-1", 1, 2, collective.DefaultConfig(), collective.DefaultNetConfig())
 	if err != nil {
 		panic(err)
 	}

@@ -62,7 +62,7 @@ func lanesOf(s *Server) int {
 // --data-plane grpc none does. Both give the exact result.
 func TestLanesCarryTheFrames(t *testing.T) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
-		gcfg := DefaultGRPCConfig()
+		gcfg := DefaultNetConfig()
 		gcfg.DataPlane = plane
 		g, err := NewLoopbackGroup("job", 1, 2, testConfig(), gcfg)
 		if err != nil {
@@ -89,7 +89,7 @@ func TestLanesCarryTheFrames(t *testing.T) {
 // not one goes to gRPC (which drops it); gRPC keeps working on the port.
 func TestLaneRefusesUnknownTokens(t *testing.T) {
 	var logs syncBuffer
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	gcfg.Logger = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Warn})
 	s, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -137,7 +137,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 	}
 
 	// The port still serves gRPC and lanes.
-	other, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	other, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,7 +160,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 
 // A token works once: the second connection presenting it is refused.
 func TestLaneTokenIsOneTime(t *testing.T) {
-	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	s, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,14 +170,14 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ep.Close()
-	ge := ep.(*grpcEndpoint)
+	ge := ep.(*netEndpoint)
 	sl := ge.slot(1, 0)
 	sl.claim()
 	tok, err := s.svc.offerLane(ge, sl, 1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := DefaultGRPCConfig()
+	cfg := DefaultNetConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	keep := func(c net.Conn) { _ = c.Close() }
@@ -207,7 +207,7 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 // The port is shared: a *grpc.Server with the data plane and a protobuf
 // service serves through Service.Listener, lanes and gRPC alike.
 func TestLaneSamePortAsGRPCServices(t *testing.T) {
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	svc, addr := serveWithHealth(t, gcfg, true)
 	other, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -216,7 +216,7 @@ func TestLaneSamePortAsGRPCServices(t *testing.T) {
 	defer other.Close()
 	addrs := []string{addr, other.Addr()}
 	comms := make([]*Communicator, 2)
-	for r, tr := range []Transport{NewGRPCTransport(svc), other.Transport()} {
+	for r, tr := range []Transport{NewNetTransport(svc), other.Transport()} {
 		if comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
 			t.Fatal(err)
 		}
@@ -259,7 +259,7 @@ func testTLS(t *testing.T) (server, client *tls.Config) {
 
 // tlsServer is a data-plane server whose gRPC side and lanes use the same
 // mutual TLS, as a node with --tls-* flags runs it.
-func tlsServer(t *testing.T, gcfg GRPCConfig, srv, cli *tls.Config) (*Service, string, func()) {
+func tlsServer(t *testing.T, gcfg NetConfig, srv, cli *tls.Config) (*Service, string, func()) {
 	t.Helper()
 	gcfg.LaneServerTLS, gcfg.LaneClientTLS = srv, cli
 	gcfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cli))}
@@ -283,7 +283,7 @@ func tlsServer(t *testing.T, gcfg GRPCConfig, srv, cli *tls.Config) (*Service, s
 func TestLaneTLS(t *testing.T) {
 	srv, cli := testTLS(t)
 	var logs syncBuffer
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	gcfg.Logger = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Warn})
 	svcA, addrA, stopA := tlsServer(t, gcfg, srv, cli)
 	defer stopA()
@@ -293,13 +293,13 @@ func TestLaneTLS(t *testing.T) {
 	comms := make([]*Communicator, 2)
 	var err error
 	for r, svc := range []*Service{svcA, svcB} {
-		if comms[r], err = New(NewGRPCTransport(svc), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
+		if comms[r], err = New(NewNetTransport(svc), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
 			t.Fatal(err)
 		}
 	}
 	defer CloseAll(comms)
 	allReduceChecked(t, comms, Float32, OpAvg, 100003, "tls lanes")
-	ep := comms[0].ep.(*grpcEndpoint)
+	ep := comms[0].ep.(*netEndpoint)
 	ep.qmu.Lock()
 	lanes := append([]*laneConn(nil), ep.lanes...)
 	ep.qmu.Unlock()
@@ -313,7 +313,7 @@ func TestLaneTLS(t *testing.T) {
 	}
 
 	// A plaintext lane to the TLS port is refused and logged.
-	plain := DefaultGRPCConfig()
+	plain := DefaultNetConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var tok laneToken
@@ -322,7 +322,7 @@ func TestLaneTLS(t *testing.T) {
 	}
 	// So is one with a certificate of another CA.
 	_, otherCli := testTLS(t)
-	other := DefaultGRPCConfig()
+	other := DefaultNetConfig()
 	other.LaneClientTLS = otherCli
 	if _, err := dialLane(ctx, &other, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("lane with a foreign certificate accepted")
@@ -341,7 +341,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 		if mode == "timeout" {
 			cfg.Timeout = 400 * time.Millisecond
 		}
-		g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultGRPCConfig())
+		g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -390,7 +390,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 func TestSmallOperationsUseFewerChannels(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Channels = 4
-	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

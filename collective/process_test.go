@@ -28,7 +28,7 @@ func init() {
 }
 
 func helperRank() int {
-	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	s, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -63,7 +63,7 @@ func TestKilledProcessFailsSurvivors(t *testing.T) {
 	}
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	srvs := listenServers(t, 2, DefaultGRPCConfig())
+	srvs := listenServers(t, 2, DefaultNetConfig())
 	s0, s2 := srvs[0], srvs[1]
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"=1")

@@ -121,13 +121,13 @@ func TestElectionFiveVoters(t *testing.T) {
 
 func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
+	tc.WaitForLeader(5 * time.Second)
 	var id1 string
 	tc.Write(func(s *Server) (err error) {
 		id1, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
 		return err
 	})
-	l = tc.WaitForLeader(5 * time.Second)
+	l := tc.WaitForLeader(5 * time.Second)
 	// A follower refuses writes with the leader's address.
 	for _, s := range tc.Live() {
 		if s == l {
@@ -235,13 +235,13 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 
 func TestRestartFromDataDir(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
+	tc.WaitForLeader(5 * time.Second)
 	var id string
 	tc.Write(func(s *Server) (err error) {
 		id, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
 		return err
 	})
-	l = tc.WaitForLeader(5 * time.Second)
+	l := tc.WaitForLeader(5 * time.Second)
 	// Restart a follower: it comes back with its state and rejoins.
 	var f string
 	for _, s := range tc.Live() {

@@ -54,6 +54,13 @@ type Server struct {
 
 	hbMu       sync.Mutex
 	hbFailures map[raft.ServerID]time.Time // peer -> last contact, while heartbeats fail
+	// repl tells which followers are behind (the scheduler places nothing
+	// new on them).
+	repl *replTracker
+	// schedPaused stops the scheduler from evaluating (benchmarks measure
+	// the write path alone); events accumulate and are processed once it
+	// is cleared.
+	schedPaused atomic.Bool
 
 	leaderMu sync.Mutex
 	leader   *leaderSession
@@ -98,6 +105,7 @@ func NewServer(cfg *Config) (*Server, error) {
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
 	s.fsm.configApplied = s.nudgeRole
+	s.repl = newReplTracker(func() { s.fsm.events.capacity(); s.fsm.events.signal() })
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
 		return nil, err
@@ -169,7 +177,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("read raft state in %s: %w", dir, err)
 	}
 	s.hadLog = has
-	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, s.trans)
+	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, &trackedTransport{NetworkTransport: s.trans, t: s.repl, hold: replicationHold, stop: s.shutdownCh})
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -553,9 +561,13 @@ func (s *Server) watchObservations() {
 				s.hbMu.Unlock()
 			case raft.PeerObservation:
 				if d.Removed {
+					s.repl.forget(d.Peer.ID)
 					s.hbMu.Lock()
 					delete(s.hbFailures, d.Peer.ID)
 					s.hbMu.Unlock()
+				} else {
+					// Behind until it accepts an append from this leader.
+					s.repl.fall(d.Peer.ID)
 				}
 			}
 		}
@@ -609,7 +621,7 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		}
 	}
 	f := s.raft.Apply(data, timeout)
-	if err := s.await(f); err != nil {
+	if err := s.awaitCtx(ctx, f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			return nil, 0, s.notLeader()
@@ -622,6 +634,8 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 			return nil, 0, ErrShutdown
 		case errors.Is(err, raft.ErrEnqueueTimeout):
 			return nil, 0, fmt.Errorf("raft apply: %w (the leader is overloaded or has no quorum)", err)
+		case ctx.Err() != nil:
+			return nil, 0, fmt.Errorf("raft apply: stopped waiting for the commit (the change may still be committed): %w", err)
 		}
 		return nil, 0, fmt.Errorf("raft apply: %w", err)
 	}
@@ -634,15 +648,28 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 
 // await waits for a raft future, or for shutdown: a future still queued
 // in raft's buffered apply channel when raft stops is never answered.
-func (s *Server) await(f raft.Future) error {
+func (s *Server) await(f raft.Future) error { return s.awaitCtx(context.Background(), f) }
+
+// awaitCtx is await that also gives up when ctx ends, with ctx's cause.
+// raft bounds only the enqueueing of an entry; without ctx a caller would
+// wait for the commit until the leader steps down, whatever its deadline.
+func (s *Server) awaitCtx(ctx context.Context, f raft.Future) error {
 	done := make(chan error, 1)
-	go func() { done <- f.Error() }()
+	go func() { done <- f.Error() }() // ends when raft answers (commit, step-down or shutdown)
 	select {
 	case err := <-done:
 		return err
 	case <-s.shutdownCh:
 		return ErrShutdown
+	case <-ctx.Done():
+		return context.Cause(ctx)
 	}
+}
+
+// pauseScheduler stops (on) or resumes the leader's scheduler evaluating.
+func (s *Server) pauseScheduler(on bool) {
+	s.schedPaused.Store(on)
+	s.fsm.events.signal()
 }
 
 // RegisterJob stores a new job (the caller has validated spec) and returns

@@ -75,11 +75,16 @@ type Config struct {
 	DataPlane string
 	// LaneSocketBuffer is SO_SNDBUF/SO_RCVBUF of every TCP lane in bytes; 0
 	// leaves them to the kernel's autotuning (see
-	// collective.GRPCConfig.LaneSocketBuffer).
+	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
+	// NodeLossGrace is how long a node may be silent before the leader
+	// counts its ranks as lost and places their job again; an agent that
+	// restarts within it adopts its still-running exec tasks and the job
+	// goes on. Zero means consensus's default (30 s).
+	NodeLossGrace time.Duration
 
 	// Identity the node reports; on EC2, what is left empty comes from the
 	// instance metadata.
@@ -126,8 +131,9 @@ func DefaultConfig() *Config {
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
 		DataPlane:         "tcp",
-		LaneSocketBuffer:  collective.DefaultGRPCConfig().LaneSocketBuffer,
+		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
+		NodeLossGrace:     consensus.DefaultConfig().NodeLossGrace,
 		Lifecycle:         "unknown",
 	}
 }
@@ -182,6 +188,9 @@ func (c *Config) Validate() error {
 	}
 	if err := c.EC2.validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.NodeLossGrace < 0 {
+		errs = append(errs, fmt.Errorf("node loss grace must be >= 0, got %s (--node-loss-grace)", c.NodeLossGrace))
 	}
 	if c.CollectiveTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))

@@ -39,10 +39,10 @@ type Config struct {
 	Warmup int
 	// Device is "cpu" or "cuda" (needs a registered CUDA backend).
 	Device string
-	// Collective and GRPC configure the data plane (channels, chunk size,
+	// Collective and Net configure the data plane (channels, chunk size,
 	// windows).
 	Collective collective.Config
-	GRPC       collective.GRPCConfig
+	Net        collective.NetConfig
 	// Procs runs every rank in its own process: Exe WorkerArgs... is
 	// started once per rank and must call RunWorker.
 	Procs      bool
@@ -115,7 +115,7 @@ func DefaultConfig() Config {
 		Warmup:     3,
 		Device:     "cpu",
 		Collective: collective.DefaultConfig(),
-		GRPC:       collective.DefaultGRPCConfig(),
+		Net:        collective.DefaultNetConfig(),
 		RawTCP:     true,
 		Rounds:     1,
 	}
@@ -140,7 +140,7 @@ func (c Config) Validate() error {
 	if err := c.Collective.Validate(); err != nil {
 		return err
 	}
-	if err := c.GRPC.Validate(); err != nil {
+	if err := c.Net.Validate(); err != nil {
 		return err
 	}
 	spec := c.jobSpec()
@@ -272,7 +272,7 @@ func runRound(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.GRPC.DataPlane,
+	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.Net.DataPlane,
 		Procs: cfg.Procs, Shortcut: !cfg.Procs && cfg.Ranks > 1 && cfg.shared(), Device: reps[0].Device, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Date: time.Now().UTC().Format(time.RFC3339)}
 	for i, r := range reps[0].Results {
@@ -339,7 +339,7 @@ func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport
 	if cfg.shared() {
 		newGroup = collective.NewSharedGroup
 	}
-	g, err := newGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.GRPC)
+	g, err := newGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.Net)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -399,7 +399,7 @@ type workerDone struct {
 // from the flags that workerFlags passes).
 type WorkerConfig struct {
 	Collective collective.Config
-	GRPC       collective.GRPCConfig
+	Net        collective.NetConfig
 	Spec       collective.AllReduceJobSpec
 }
 
@@ -503,12 +503,12 @@ func workerFlags(cfg Config) []string {
 		"--device", cfg.Device,
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
-		"--window", fmt.Sprint(cfg.GRPC.WindowBytes),
-		"--read-buffer", fmt.Sprint(cfg.GRPC.ReadBufferBytes),
-		"--write-buffer", fmt.Sprint(cfg.GRPC.WriteBufferBytes),
+		"--window", fmt.Sprint(cfg.Net.WindowBytes),
+		"--read-buffer", fmt.Sprint(cfg.Net.ReadBufferBytes),
+		"--write-buffer", fmt.Sprint(cfg.Net.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
-		"--data-plane", cfg.GRPC.DataPlane,
-		"--lane-socket-buffer", fmt.Sprint(cfg.GRPC.LaneSocketBuffer),
+		"--data-plane", cfg.Net.DataPlane,
+		"--lane-socket-buffer", fmt.Sprint(cfg.Net.LaneSocketBuffer),
 	}
 }
 
@@ -516,7 +516,7 @@ func workerFlags(cfg Config) []string {
 // its address on out, reads its rank and the addresses from in, runs the
 // allreduce job and writes its report on out.
 func RunWorker(ctx context.Context, in io.Reader, out io.Writer, cfg WorkerConfig, logger hclog.Logger) error {
-	s, err := collective.Listen("127.0.0.1:0", cfg.GRPC)
+	s, err := collective.Listen("127.0.0.1:0", cfg.Net)
 	if err != nil {
 		return err
 	}
