@@ -679,9 +679,13 @@ func (s *Server) RegisterJob(ctx context.Context, spec *controlpb.JobSpec) (stri
 	if spec == nil {
 		return "", 0, fmt.Errorf("%w: job spec is nil", ErrInvalidArgument)
 	}
+	logSpec, err := twin[fsmpb.JobSpec](spec)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: job spec: %v", ErrInvalidArgument, err)
+	}
 	for attempt := 0; ; attempt++ {
 		id := NewJobID(spec.GetName())
-		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: spec}}})
+		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
 		if errors.Is(err, ErrJobExists) && attempt < 3 {
 			continue
 		}
@@ -733,7 +737,11 @@ func (s *Server) UpsertNode(ctx context.Context, n *controlpb.Node) (uint64, err
 }
 
 func (s *Server) upsertNodes(ctx context.Context, nodes []*controlpb.Node) (uint64, error) {
-	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: nodes}}})
+	logNodes, err := twins[fsmpb.Node](nodes)
+	if err != nil {
+		return 0, fmt.Errorf("%w: node record: %v", ErrInvalidArgument, err)
+	}
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: logNodes}}})
 	return idx, err
 }
 
@@ -754,6 +762,10 @@ func (s *Server) DrainNode(ctx context.Context, nodeID string, deadline time.Tim
 // each update (matched by ID); reports for unknown or already final
 // allocations are ignored.
 func (s *Server) UpdateAllocations(ctx context.Context, updates []*controlpb.Allocation) (uint64, error) {
-	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: updates}}})
+	logUpdates, err := twins[fsmpb.Allocation](updates)
+	if err != nil {
+		return 0, fmt.Errorf("%w: allocation update: %v", ErrInvalidArgument, err)
+	}
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: logUpdates}}})
 	return idx, err
 }
