@@ -46,7 +46,12 @@ func TestFSMMessagesCoverTheAPI(t *testing.T) {
 	check("Allocation", &controlpb.Allocation{},
 		func(m proto.Message) (proto.Message, error) { return twin[fsmpb.Allocation](m) },
 		func(m proto.Message) (proto.Message, error) { return twin[controlpb.Allocation](m) })
+	check("Allocation (allocFromLog)", &controlpb.Allocation{},
+		func(m proto.Message) (proto.Message, error) { return twin[fsmpb.Allocation](m) },
+		func(m proto.Message) (proto.Message, error) { return allocFromLog(m.(*fsmpb.Allocation)), nil })
 }
+
+var allocSink *controlpb.Allocation
 
 // BenchmarkTwin is the cost of converting a job spec and an allocation as
 // the scheduler writes them to the log's messages (once per write on the
@@ -71,6 +76,14 @@ func BenchmarkTwin(b *testing.B) {
 				}
 			}
 		})
+		if a, ok := m.(*controlpb.Allocation); ok {
+			logged := must(twin[fsmpb.Allocation](a))
+			b.Run(name+"/allocFromLog", func(b *testing.B) {
+				for range b.N {
+					allocSink = allocFromLog(logged)
+				}
+			})
+		}
 		b.Run(name+"/clone", func(b *testing.B) {
 			for range b.N {
 				proto.Clone(m)

@@ -330,10 +330,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 			}
 		}
 		for _, a := range p.Allocations {
-			na, err := twin[controlpb.Allocation](a)
-			if err != nil {
-				return fmt.Errorf("%w: index %d: allocation: %v", ErrInvalidCommand, idx, err)
-			}
+			na := allocFromLog(a)
 			if na.DesiredStatus == "" {
 				na.DesiredStatus = DesiredRun
 			}
