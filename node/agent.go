@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -118,6 +119,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if a.httpLn, err = net.Listen("tcp", joinHostPort(cfg.BindAddr, cfg.HTTPPort)); err != nil {
 		return nil, fmt.Errorf("http listener (port %d, --http-port): %w", cfg.HTTPPort, err)
 	}
+	if c := sec.httpTLSConfig(); c != nil {
+		a.httpLn = tls.NewListener(a.httpLn, c) // same certificate as gRPC
+	}
 	a.rpcAddr = joinHostPort(a.advAddr, a.rpcLn.Addr().(*net.TCPAddr).Port)
 	raftPort := cfg.RaftPort
 	gossipPort := cfg.GossipPort
@@ -169,7 +173,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
-	healthpb.RegisterHealthServer(a.grpc, a.health)
+	healthpb.RegisterHealthServer(a.grpc, liveHealth{Server: a.health, a: a})
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
 		return nil, err
@@ -194,8 +198,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if a.ec2 != nil && a.ec2.Watcher != nil {
 		a.goFunc(func() { a.spotLoop(a.ec2.Events()) })
 	}
-	a.runner.goFunc(a.runner.run) // under the runner's WaitGroup: the tasks it starts are Added before shutdown Waits
-	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
+	a.updateHealth()
+	a.goFunc(a.healthLoop)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil
@@ -493,7 +498,13 @@ func (a *Agent) roleLoop() {
 	}
 	for {
 		a.checkLeader()
-		a.mesh.SetRole(a.Role())
+		role := a.Role()
+		if a.ctx.Err() != nil {
+			// Shutting down (ctx ends before Raft does): Raft may answer
+			// "none" now; keep gossiping the last real duty.
+			return
+		}
+		a.mesh.SetRole(role)
 		a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		select {
 		case <-a.ctx.Done():
