@@ -36,7 +36,11 @@
 // # State and writes
 //
 // Every change is one Raft log entry (fsmpb.Command); the FSM applies it
-// deterministically (ids and times travel in the command). Writes return
+// deterministically (ids and times travel in the command). The log and
+// snapshots hold fsmpb's own Node, Job, Allocation and JobSpec, twins of the
+// API's with the same field numbers, converted where entries are written
+// and read (convert.go); the StateStore and this package's API use the
+// API's (controlpb). Writes return
 // once the entry is committed and applied on the leader, or when the
 // caller's context ends (the entry may then still commit). StateStore objects
 // are shared and immutable: never modify them, clone first.

@@ -26,10 +26,10 @@ type sim struct {
 func newSim(t *testing.T, nodes ...string) *sim {
 	s := &sim{t: t, f: NewFSM(nil), now: time.Date(2026, 12, 7, 6, 0, 0, 0, time.UTC),
 		cfg: SchedulerConfig{MasterPortMin: 29500, MasterPortMax: 29599, StopReportGrace: 15 * time.Second, NodeLossGrace: 30 * time.Second, FailureSettle: 5 * time.Second}}
-	var ns []*controlpb.Node
+	var ns []*fsmpb.Node
 	for i, id := range nodes {
-		ns = append(ns, &controlpb.Node{Id: id, Name: id, RpcAddr: "10.0.0." + string(rune('1'+i)) + ":7947", Status: NodeReady, MaxRanks: 8,
-			Gpus: []*controlpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}})
+		ns = append(ns, &fsmpb.Node{Id: id, Name: id, RpcAddr: "10.0.0." + string(rune('1'+i)) + ":7947", Status: NodeReady, MaxRanks: 8,
+			Gpus: []*fsmpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}})
 	}
 	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: ns}}})
 	return s
@@ -50,9 +50,9 @@ func (s *sim) apply(c *fsmpb.Command) any {
 }
 
 func (s *sim) register(id string, ranks, attempts int32) {
-	spec := &controlpb.JobSpec{Name: id, Type: "exec", Ranks: ranks, GpusPerRank: 1,
-		Restart: &controlpb.RestartPolicy{Attempts: attempts, Delay: durationpb.New(2 * time.Second)},
-		Exec:    &controlpb.ExecSpec{Command: []string{"true"}}}
+	spec := &fsmpb.JobSpec{Name: id, Type: "exec", Ranks: ranks, GpusPerRank: 1,
+		Restart: &fsmpb.RestartPolicy{Attempts: attempts, Delay: durationpb.New(2 * time.Second)},
+		Exec:    &fsmpb.ExecSpec{Command: []string{"true"}}}
 	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: spec}}})
 }
 
@@ -90,13 +90,13 @@ func (s *sim) step(id string) Decision {
 
 func (s *sim) report(id string, status string, exit int32) {
 	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
-		Allocations: []*controlpb.Allocation{{Id: id, ClientStatus: status, ExitCode: exit}}}}})
+		Allocations: []*fsmpb.Allocation{{Id: id, ClientStatus: status, ExitCode: exit}}}}})
 }
 
 func (s *sim) nodeStatus(id, status string) {
 	n := s.f.State().Node(id)
 	nn := &controlpb.Node{Id: n.Id, Name: n.Name, RpcAddr: n.RpcAddr, Gpus: n.Gpus, MaxRanks: n.MaxRanks, Status: status}
-	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: []*controlpb.Node{nn}}}})
+	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: must(twins[fsmpb.Node]([]*controlpb.Node{nn}))}}})
 }
 
 func (s *sim) job(id string) *controlpb.Job { return s.f.State().Job(id) }

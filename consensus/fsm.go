@@ -21,6 +21,9 @@ type FSM struct {
 	state  *StateStore
 	events *eventSink
 	logger hclog.Logger
+	// configApplied, when set, is called after a batch holding a Raft
+	// configuration entry and after a restore (Server.RoleChanged).
+	configApplied func()
 }
 
 var (
@@ -59,9 +62,11 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	st := f.state
 	st.mu.Lock()
 	var last uint64
+	conf := false
 	for i, l := range logs {
 		last = l.Index
 		if l.Type != raft.LogCommand {
+			conf = conf || l.Type == raft.LogConfiguration
 			continue
 		}
 		out[i] = f.applyLocked(l.Index, l.Data)
@@ -69,6 +74,9 @@ func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
 	st.setIndexLocked(last)
 	st.mu.Unlock()
 	f.events.signal()
+	if conf && f.configApplied != nil {
+		f.configApplied()
+	}
 	return out
 }
 
@@ -81,11 +89,19 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 	now := cmd.GetTime()
 	switch c := cmd.Cmd.(type) {
 	case *fsmpb.Command_RegisterJob:
-		return f.registerJob(idx, now, c.RegisterJob)
+		spec, err := twin[controlpb.JobSpec](c.RegisterJob.GetSpec())
+		if err != nil {
+			return fmt.Errorf("%w: index %d: job spec: %v", ErrInvalidCommand, idx, err)
+		}
+		return f.registerJob(idx, now, c.RegisterJob.GetId(), spec)
 	case *fsmpb.Command_StopJob:
 		return f.stopJob(idx, now, c.StopJob.GetId())
 	case *fsmpb.Command_UpsertNodes:
-		return f.upsertNodes(idx, now, c.UpsertNodes.GetNodes())
+		nodes, err := twins[controlpb.Node](c.UpsertNodes.GetNodes())
+		if err != nil {
+			return fmt.Errorf("%w: index %d: nodes: %v", ErrInvalidCommand, idx, err)
+		}
+		return f.upsertNodes(idx, now, nodes)
 	case *fsmpb.Command_DrainNode:
 		return f.drainNode(idx, now, c.DrainNode)
 	case *fsmpb.Command_NodeEligibility:
@@ -102,25 +118,25 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 	}
 }
 
-func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, c *fsmpb.RegisterJob) any {
+func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, id string, spec *controlpb.JobSpec) any {
 	st := f.state
-	if c.GetId() == "" || c.GetSpec() == nil {
+	if id == "" || spec == nil {
 		return fmt.Errorf("%w: register job: id and spec are required", ErrInvalidArgument)
 	}
-	if _, ok := st.jobs[c.Id]; ok {
-		return fmt.Errorf("%w: %s", ErrJobExists, c.Id)
+	if _, ok := st.jobs[id]; ok {
+		return fmt.Errorf("%w: %s", ErrJobExists, id)
 	}
-	st.jobs[c.Id] = &controlpb.Job{
-		Id:          c.Id,
-		Spec:        c.Spec,
+	st.jobs[id] = &controlpb.Job{
+		Id:          id,
+		Spec:        spec,
 		Status:      JobPending,
 		SubmitTime:  now,
 		StatusTime:  now,
 		CreateIndex: idx,
 		ModifyIndex: idx,
 	}
-	f.events.job(c.Id)
-	return c.Id
+	f.events.job(id)
+	return id
 }
 
 func (f *FSM) stopJob(idx uint64, now *timestamppb.Timestamp, id string) any {
@@ -159,8 +175,7 @@ func (f *FSM) upsertNodes(idx uint64, now *timestamppb.Timestamp, nodes []*contr
 			return fmt.Errorf("%w: upsert node: id is empty", ErrInvalidArgument)
 		}
 	}
-	for _, n := range nodes {
-		nn := proto.Clone(n).(*controlpb.Node)
+	for _, nn := range nodes { // fresh objects, decoded from the entry
 		if nn.Status == "" {
 			nn.Status = NodeReady
 		}
@@ -252,7 +267,7 @@ func (f *FSM) nodeEligibility(idx uint64, now *timestamppb.Timestamp, c *fsmpb.N
 	return nil
 }
 
-func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*controlpb.Allocation) any {
+func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*fsmpb.Allocation) any {
 	st := f.state
 	for _, u := range ups {
 		a := st.allocs[u.GetId()]
@@ -337,7 +352,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 			}
 		}
 		for _, a := range p.Allocations {
-			na := proto.Clone(a).(*controlpb.Allocation)
+			na := allocFromLog(a)
 			if na.DesiredStatus == "" {
 				na.DesiredStatus = DesiredRun
 			}
@@ -359,7 +374,7 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.state.mu.RLock()
 	idx, nodes, jobs, allocs := f.state.snapshotLocked()
 	f.state.mu.RUnlock()
-	return &fsmSnapshot{snap: &fsmpb.Snapshot{Index: idx, Nodes: nodes, Jobs: jobs, Allocations: allocs}}, nil
+	return &fsmSnapshot{idx: idx, nodes: nodes, jobs: jobs, allocs: allocs}, nil
 }
 
 // Restore replaces the state with a snapshot.
@@ -373,17 +388,54 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	if err := proto.Unmarshal(data, &s); err != nil {
 		return fmt.Errorf("restore snapshot: decode: %w", err)
 	}
+	nodes, err := twins[controlpb.Node](s.Nodes)
+	if err != nil {
+		return fmt.Errorf("restore snapshot: nodes: %w", err)
+	}
+	jobs, err := twins[controlpb.Job](s.Jobs)
+	if err != nil {
+		return fmt.Errorf("restore snapshot: jobs: %w", err)
+	}
+	allocs, err := twins[controlpb.Allocation](s.Allocations)
+	if err != nil {
+		return fmt.Errorf("restore snapshot: allocations: %w", err)
+	}
 	f.state.mu.Lock()
-	f.state.resetLocked(s.Index, s.Nodes, s.Jobs, s.Allocations)
+	f.state.resetLocked(s.Index, nodes, jobs, allocs)
 	f.state.mu.Unlock()
 	f.events.all()
+	if f.configApplied != nil {
+		// Raft sets the snapshot's configuration after Restore returns, in
+		// its main loop; Server.Role reads it through that loop, so it sees
+		// the new one.
+		f.configApplied()
+	}
 	return nil
 }
 
-type fsmSnapshot struct{ snap *fsmpb.Snapshot }
+// fsmSnapshot holds the state's immutable objects; Persist converts them
+// to the log's messages, off the FSM's goroutine.
+type fsmSnapshot struct {
+	idx    uint64
+	nodes  []*controlpb.Node
+	jobs   []*controlpb.Job
+	allocs []*controlpb.Allocation
+}
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
-	data, err := proto.Marshal(s.snap)
+	snap := &fsmpb.Snapshot{Index: s.idx}
+	nodes, err := twins[fsmpb.Node](s.nodes)
+	if err == nil {
+		snap.Nodes = nodes
+		snap.Jobs, err = twins[fsmpb.Job](s.jobs)
+	}
+	if err == nil {
+		snap.Allocations, err = twins[fsmpb.Allocation](s.allocs)
+	}
+	var data []byte
+	if err == nil {
+		data, err = proto.Marshal(snap)
+	}
 	if err == nil {
 		_, err = sink.Write(data)
 	}

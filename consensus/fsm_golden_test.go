@@ -115,14 +115,14 @@ func filled[M proto.Message](m M, n *int) M {
 // every field of the messages they carry set.
 func goldenCommands() []*fsmpb.Command {
 	n := 0
-	node := func(id string) *controlpb.Node {
-		nd := filled(&controlpb.Node{}, &n)
+	node := func(id string) *fsmpb.Node {
+		nd := filled(&fsmpb.Node{}, &n)
 		nd.Id, nd.Status, nd.Ineligible, nd.MaxRanks = id, NodeReady, false, 8
 		return nd
 	}
-	spec := filled(&controlpb.JobSpec{}, &n)
-	alloc := func(id, job string, rank int32) *controlpb.Allocation {
-		a := filled(&controlpb.Allocation{}, &n)
+	spec := filled(&fsmpb.JobSpec{}, &n)
+	alloc := func(id, job string, rank int32) *fsmpb.Allocation {
+		a := filled(&fsmpb.Allocation{}, &n)
 		a.Id, a.JobId, a.NodeId, a.Rank, a.Generation = id, job, "n1", rank, 1
 		a.DesiredStatus, a.ClientStatus = "", ""
 		return a
@@ -131,26 +131,26 @@ func goldenCommands() []*fsmpb.Command {
 		return &timestamppb.Timestamp{Seconds: 1_800_000_000 + sec, Nanos: int32(sec)}
 	}
 	cmds := []*fsmpb.Command{
-		{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: []*controlpb.Node{node("n1"), node("n2")}}}},
+		{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: []*fsmpb.Node{node("n1"), node("n2")}}}},
 		{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "job-a", Spec: spec}}},
 		{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "job-b", Spec: spec}}},
 		// Plans expect the job's modify index: job-a was registered at index 2, job-b at 3.
 		{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{
 			{JobId: "job-a", ExpectModifyIndex: 2, Status: JobRunning, StatusReason: "placed", Generation: 1, Restarts: 1, WorldSize: 2,
 				NextAttemptTime: at(100),
-				Allocations:     []*controlpb.Allocation{alloc("a0", "job-a", 0), alloc("a1", "job-a", 1)}},
+				Allocations:     []*fsmpb.Allocation{alloc("a0", "job-a", 0), alloc("a1", "job-a", 1)}},
 			{JobId: "job-b", ExpectModifyIndex: 3, Status: JobRunning, Generation: 1, WorldSize: 1,
-				Allocations: []*controlpb.Allocation{alloc("b0", "job-b", 0)}},
+				Allocations: []*fsmpb.Allocation{alloc("b0", "job-b", 0)}},
 		}}}},
-		{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*controlpb.Allocation{
-			func() *controlpb.Allocation { a := alloc("a0", "job-a", 0); a.ClientStatus = AllocRunning; return a }(),
-			func() *controlpb.Allocation { a := alloc("b0", "job-b", 0); a.ClientStatus = AllocComplete; return a }(),
+		{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*fsmpb.Allocation{
+			func() *fsmpb.Allocation { a := alloc("a0", "job-a", 0); a.ClientStatus = AllocRunning; return a }(),
+			func() *fsmpb.Allocation { a := alloc("b0", "job-b", 0); a.ClientStatus = AllocComplete; return a }(),
 		}}}},
 		{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{
 			{JobId: "job-b", ExpectModifyIndex: 4, Status: JobComplete, Generation: 1, WorldSize: 1},
 			{JobId: "job-a", ExpectModifyIndex: 4, Status: JobRunning, Generation: 2, WorldSize: 1,
 				StopAllocIds: []string{"a0"}, LostAllocIds: []string{"a1"},
-				Allocations: []*controlpb.Allocation{func() *controlpb.Allocation { a := alloc("a2", "job-a", 0); a.Generation = 2; return a }()}},
+				Allocations: []*fsmpb.Allocation{func() *fsmpb.Allocation { a := alloc("a2", "job-a", 0); a.Generation = 2; return a }()}},
 		}}}},
 		{Cmd: &fsmpb.Command_DrainNode{DrainNode: &fsmpb.DrainNode{NodeId: "n2", Deadline: at(200), Reason: "spot notice"}}},
 		{Cmd: &fsmpb.Command_PurgeJobs{PurgeJobs: &fsmpb.PurgeJobs{Ids: []string{"job-b"}}}},

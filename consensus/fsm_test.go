@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
 )
@@ -37,17 +36,17 @@ func (h *fsmHarness) apply(c *fsmpb.Command) any {
 }
 
 func registerCmd(id string, ranks int32) *fsmpb.Command {
-	return &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: &controlpb.JobSpec{Name: "j", Type: "exec", Ranks: ranks}}}}
+	return &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: &fsmpb.JobSpec{Name: "j", Type: "exec", Ranks: ranks}}}}
 }
 
-func nodesCmd(ns ...*controlpb.Node) *fsmpb.Command {
+func nodesCmd(ns ...*fsmpb.Node) *fsmpb.Command {
 	return &fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: ns}}}
 }
 
 func TestFSMApplyLifecycle(t *testing.T) {
 	h := newFSMHarness(t)
 	st := h.f.State()
-	if r := h.apply(nodesCmd(&controlpb.Node{Id: "n1", Name: "one"}, &controlpb.Node{Id: "n2", Name: "two"})); r != nil {
+	if r := h.apply(nodesCmd(&fsmpb.Node{Id: "n1", Name: "one"}, &fsmpb.Node{Id: "n2", Name: "two"})); r != nil {
 		t.Fatalf("upsert nodes: %v", r)
 	}
 	if n := st.NodeByName("two"); n == nil || n.Id != "n2" || n.Status != NodeReady || n.CreateIndex != 1 {
@@ -65,7 +64,7 @@ func TestFSMApplyLifecycle(t *testing.T) {
 	}
 	// A plan computed from the job's current modify index applies.
 	plan := &fsmpb.JobPlan{JobId: "job-a", ExpectModifyIndex: j.ModifyIndex, Status: JobRunning, Generation: 1, WorldSize: 2,
-		Allocations: []*controlpb.Allocation{
+		Allocations: []*fsmpb.Allocation{
 			{Id: "job-a.1.0", JobId: "job-a", Generation: 1, Rank: 0, NodeId: "n1"},
 			{Id: "job-a.1.1", JobId: "job-a", Generation: 1, Rank: 1, NodeId: "n2"},
 		}}
@@ -85,7 +84,7 @@ func TestFSMApplyLifecycle(t *testing.T) {
 		t.Fatalf("stale plan result %+v", pr)
 	}
 	// Client reports.
-	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*controlpb.Allocation{
+	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*fsmpb.Allocation{
 		{Id: "job-a.1.0", ClientStatus: AllocRunning},
 		{Id: "job-a.1.1", ClientStatus: AllocFailed, ExitCode: 3, Message: "boom"},
 		{Id: "nope", ClientStatus: AllocRunning},
@@ -95,7 +94,7 @@ func TestFSMApplyLifecycle(t *testing.T) {
 		t.Fatalf("alloc 1 = %v", a1)
 	}
 	// A final allocation ignores later reports.
-	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*controlpb.Allocation{{Id: "job-a.1.1", ClientStatus: AllocRunning}}}}})
+	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: []*fsmpb.Allocation{{Id: "job-a.1.1", ClientStatus: AllocRunning}}}}})
 	if st.Allocation("job-a.1.1").ClientStatus != AllocFailed {
 		t.Fatal("final allocation changed by a late report")
 	}
@@ -155,13 +154,13 @@ func snapshotBytes(t *testing.T, f *FSM) []byte {
 
 func TestFSMSnapshotRestoreAndDeterminism(t *testing.T) {
 	h := newFSMHarness(t)
-	h.apply(nodesCmd(&controlpb.Node{Id: "n1", Name: "one", Gpus: []*controlpb.GPU{{Index: 0, Model: "H100"}}}))
+	h.apply(nodesCmd(&fsmpb.Node{Id: "n1", Name: "one", Gpus: []*fsmpb.GPU{{Index: 0, Model: "H100"}}}))
 	for _, id := range []string{"a-1", "b-2", "c-3"} {
 		h.apply(registerCmd(id, 1))
 	}
 	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{
 		{JobId: "a-1", ExpectModifyIndex: 2, Status: JobRunning, Generation: 1, WorldSize: 1,
-			Allocations: []*controlpb.Allocation{{Id: "a-1.1.0", JobId: "a-1", Generation: 1, NodeId: "n1", Gpus: []int32{0}}}},
+			Allocations: []*fsmpb.Allocation{{Id: "a-1.1.0", JobId: "a-1", Generation: 1, NodeId: "n1", Gpus: []int32{0}}}},
 	}}}})
 	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_StopJob{StopJob: &fsmpb.StopJob{Id: "c-3"}}})
 	want := snapshotBytes(t, h.f)

@@ -5,7 +5,6 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
@@ -18,12 +17,12 @@ func purgeCmd(ids ...string) *fsmpb.Command {
 func TestFSMPurgeJobs(t *testing.T) {
 	h := newFSMHarness(t)
 	st := h.f.State()
-	h.apply(nodesCmd(&controlpb.Node{Id: "n1", Name: "one"}))
+	h.apply(nodesCmd(&fsmpb.Node{Id: "n1", Name: "one"}))
 	for _, id := range []string{"done", "live"} {
 		h.apply(registerCmd(id, 1))
 		j := st.Job(id)
 		plan := &fsmpb.JobPlan{JobId: id, ExpectModifyIndex: j.ModifyIndex, Status: JobRunning, Generation: 1, WorldSize: 1,
-			Allocations: []*controlpb.Allocation{{Id: id + ".1.0", JobId: id, Generation: 1, Rank: 0, NodeId: "n1"}}}
+			Allocations: []*fsmpb.Allocation{{Id: id + ".1.0", JobId: id, Generation: 1, Rank: 0, NodeId: "n1"}}}
 		h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{plan}}}})
 	}
 	h.apply(&fsmpb.Command{Cmd: &fsmpb.Command_StopJob{StopJob: &fsmpb.StopJob{Id: "done"}}})

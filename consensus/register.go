@@ -23,7 +23,11 @@ func (s *Server) RegisterJobID(ctx context.Context, id string, spec *controlpb.J
 	if spec == nil {
 		return "", 0, fmt.Errorf("%w: job spec is nil", ErrInvalidArgument)
 	}
-	resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: spec}}})
+	logSpec, err := twin[fsmpb.JobSpec](spec)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: job spec: %v", ErrInvalidArgument, err)
+	}
+	resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
 	if errors.Is(err, ErrJobExists) {
 		if j := s.State().Job(id); j != nil && proto.Equal(j.Spec, spec) {
 			return id, j.CreateIndex, nil

@@ -529,7 +529,7 @@ func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Dec
 	}
 	for _, r := range plan.Ranks {
 		n := e.nodes[r.NodeID]
-		a := &controlpb.Allocation{
+		a := &fsmpb.Allocation{
 			Id:             fmt.Sprintf("%s.%d.%d", j.Id, gen, r.Rank),
 			JobId:          j.Id,
 			Generation:     gen,

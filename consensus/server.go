@@ -50,6 +50,7 @@ type Server struct {
 	nudgeBoot   chan struct{}
 	nudgeLeader chan struct{}
 	leaderCh    chan bool
+	roleCh      chan struct{} // RoleChanged
 
 	hbMu       sync.Mutex
 	hbFailures map[raft.ServerID]time.Time // peer -> last contact, while heartbeats fail
@@ -98,10 +99,12 @@ func NewServer(cfg *Config) (*Server, error) {
 		nudgeBoot:   make(chan struct{}, 1),
 		nudgeLeader: make(chan struct{}, 1),
 		leaderCh:    make(chan bool, 1),
+		roleCh:      make(chan struct{}, 1),
 		hbFailures:  map[raft.ServerID]time.Time{},
 		shutdownCh:  make(chan struct{}),
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
+	s.fsm.configApplied = s.nudgeRole
 	s.repl = newReplTracker(func() { s.fsm.events.capacity(); s.fsm.events.signal() })
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
@@ -280,6 +283,21 @@ func (s *Server) Role() string {
 		}
 	}
 	return RoleNone
+}
+
+// RoleChanged receives a value (never blocking the sender) after Role or
+// Bootstrapped may have changed: when this server gains or loses
+// leadership, and when a Raft configuration entry or a snapshot is applied
+// here (a server joins, is promoted or demoted, or the bootstrap
+// configuration commits). It holds at most one value; a reader that calls
+// Role and Bootstrapped after each receive sees the latest state.
+func (s *Server) RoleChanged() <-chan struct{} { return s.roleCh }
+
+func (s *Server) nudgeRole() {
+	select {
+	case s.roleCh <- struct{}{}:
+	default:
+	}
 }
 
 // State returns the replicated state as applied on this server (possibly
@@ -521,6 +539,7 @@ func (s *Server) monitorLeadership() {
 			default:
 			}
 			s.leaderCh <- is
+			s.nudgeRole()
 		}
 	}
 }
@@ -660,9 +679,13 @@ func (s *Server) RegisterJob(ctx context.Context, spec *controlpb.JobSpec) (stri
 	if spec == nil {
 		return "", 0, fmt.Errorf("%w: job spec is nil", ErrInvalidArgument)
 	}
+	logSpec, err := twin[fsmpb.JobSpec](spec)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: job spec: %v", ErrInvalidArgument, err)
+	}
 	for attempt := 0; ; attempt++ {
 		id := NewJobID(spec.GetName())
-		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: spec}}})
+		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
 		if errors.Is(err, ErrJobExists) && attempt < 3 {
 			continue
 		}
@@ -714,7 +737,11 @@ func (s *Server) UpsertNode(ctx context.Context, n *controlpb.Node) (uint64, err
 }
 
 func (s *Server) upsertNodes(ctx context.Context, nodes []*controlpb.Node) (uint64, error) {
-	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: nodes}}})
+	logNodes, err := twins[fsmpb.Node](nodes)
+	if err != nil {
+		return 0, fmt.Errorf("%w: node record: %v", ErrInvalidArgument, err)
+	}
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: logNodes}}})
 	return idx, err
 }
 
@@ -746,6 +773,10 @@ func (s *Server) SetNodeEligibility(ctx context.Context, nodeID string, eligible
 // each update (matched by ID); reports for unknown or already final
 // allocations are ignored.
 func (s *Server) UpdateAllocations(ctx context.Context, updates []*controlpb.Allocation) (uint64, error) {
-	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: updates}}})
+	logUpdates, err := twins[fsmpb.Allocation](updates)
+	if err != nil {
+		return 0, fmt.Errorf("%w: allocation update: %v", ErrInvalidArgument, err)
+	}
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: logUpdates}}})
 	return idx, err
 }

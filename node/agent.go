@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/deploy"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/mesh"
 )
@@ -54,11 +55,13 @@ type Agent struct {
 	runner     *runner
 	conns      *connPool
 	data       *dataPlane
-	sec        *security // TLS and ACL token (security.go); nil when off
-	ops        *opsState // metrics and dashboard (metrics.go)
+	sec        *security        // TLS and ACL token (security.go); nil when off
+	ops        *opsState        // metrics and dashboard (metrics.go)
+	ec2        *deploy.AgentEC2 // identity, notices, tag discovery (ec2.go); nil off EC2
 
-	hooks leaderHooks
-	elig  eligibilityGuard // drain.go
+	hooks    leaderHooks
+	elig     eligibilityGuard          // drain.go
+	onLeader func(ctx context.Context) // runs while this agent leads; nil: nothing
 
 	selfMu sync.Mutex
 	self   *pb.Node
@@ -100,6 +103,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		}
 	}()
 
+	if err := a.startEC2(cfg); err != nil {
+		return nil, err
+	}
 	if a.nodeID, err = loadNodeID(cfg); err != nil {
 		return nil, err
 	}
@@ -193,6 +199,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
+	if a.ec2 != nil && a.ec2.Watcher != nil {
+		a.goFunc(func() { a.spotLoop(a.ec2.Events()) })
+	}
 	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
 	a.updateHealth()
 	a.goFunc(a.healthLoop)
@@ -324,6 +333,9 @@ func (a *Agent) Shutdown() error {
 			a.health.Shutdown()
 		}
 		a.stopLeaderHooks()
+		if a.ec2 != nil {
+			a.ec2.Shutdown()
+		}
 		if a.runner != nil {
 			a.runner.shutdown()
 		}
@@ -504,29 +516,26 @@ func (p *connPool) close() {
 }
 
 // roleLoop gossips this agent's Raft duty (for display and for bootstrap
-// decisions of newcomers) whenever it changes.
+// decisions of newcomers) and starts or stops the leader hooks whenever
+// consensus says it may have changed.
 func (a *Agent) roleLoop() {
 	if a.raft == nil {
 		return
 	}
-	// Fast enough that a node joining right after the cluster formed learns
-	// that it did before its own bootstrap settles.
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
 	for {
+		a.checkLeader()
+		role := a.Role()
+		if a.ctx.Err() != nil {
+			// Shutting down (ctx ends before Raft does): Raft may answer
+			// "none" now; keep gossiping the last real duty.
+			return
+		}
+		a.mesh.SetRole(role)
+		a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		select {
 		case <-a.ctx.Done():
 			return
-		case <-t.C:
-			a.checkLeader()
-			role := a.Role()
-			if a.ctx.Err() != nil {
-				// Shutting down (ctx ends before Raft does): Raft may
-				// answer "none" now; keep gossiping the last real duty.
-				return
-			}
-			a.mesh.SetRole(role)
-			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
+		case <-a.raft.RoleChanged():
 		}
 	}
 }

@@ -96,18 +96,17 @@ type Config struct {
 	// goes on. Zero means consensus's default (30 s).
 	NodeLossGrace time.Duration
 
-	// Identity the node reports when not discovered (set from EC2 metadata
-	// by the caller when on EC2).
+	// Identity the node reports; on EC2, what is left empty comes from the
+	// instance metadata.
 	InstanceType, AZ, Region, Lifecycle string
 
-	// Discoverer, when set, finds peers to join (for example EC2 instances
-	// with a cluster tag); it is retried until the node has joined.
+	// Discoverer, when set, finds peers to join; it is retried until the
+	// node has joined. EC2.JoinTag sets one.
 	Discoverer Discoverer
 
-	// OnLeader, when set, runs in its own goroutine while this agent leads;
-	// its context ends when leadership is lost or the agent stops (the
-	// fleet autoscaler lives here).
-	OnLeader func(ctx context.Context, a *Agent)
+	// EC2 is how the agent uses EC2: identity, spot notices, peers by tag,
+	// fleet scaling (ec2.go). Nil: not at all.
+	EC2 *EC2Config
 
 	// Dev selects short timeouts suited to a cluster on one machine.
 	Dev bool
@@ -196,6 +195,9 @@ func (c *Config) Validate() error {
 	}
 	if c.LaneSocketBuffer < 0 {
 		errs = append(errs, fmt.Errorf("lane socket buffer must be >= 0 bytes (0: kernel autotuning), got %d (--lane-socket-buffer)", c.LaneSocketBuffer))
+	}
+	if err := c.EC2.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.NodeLossGrace < 0 {
 		errs = append(errs, fmt.Errorf("node loss grace must be >= 0, got %s (--node-loss-grace)", c.NodeLossGrace))

@@ -103,9 +103,10 @@ func (r *raftAdapter) TransferLeadership() error      { return r.s.TransferLeade
 func (r *raftAdapter) TransferLeadershipTo(id string) error {
 	return wrapNotLeader(r.s.TransferLeadershipTo(id))
 }
-func (r *raftAdapter) MembershipChanged() { r.s.MembershipChanged() }
-func (r *raftAdapter) Shutdown() error    { return r.s.Shutdown() }
-func (r *raftAdapter) Bootstrapped() bool { return r.s.Bootstrapped() }
+func (r *raftAdapter) MembershipChanged()           { r.s.MembershipChanged() }
+func (r *raftAdapter) Shutdown() error              { return r.s.Shutdown() }
+func (r *raftAdapter) Bootstrapped() bool           { return r.s.Bootstrapped() }
+func (r *raftAdapter) RoleChanged() <-chan struct{} { return r.s.RoleChanged() }
 
 func (r *raftAdapter) Stats() consensus.RaftStats { return r.s.RaftStats() }
 

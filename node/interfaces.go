@@ -70,6 +70,9 @@ type raftServer interface {
 	HasState() bool
 	// Bootstrapped says whether this server holds Raft state.
 	Bootstrapped() bool
+	// RoleChanged receives a value after Role or Bootstrapped may have
+	// changed (at most one pending; never blocks the sender).
+	RoleChanged() <-chan struct{}
 	// Stats is a snapshot of the Raft counters, for metrics.
 	Stats() consensus.RaftStats
 	// CountLeaderChanges starts counting leader changes (Close it).

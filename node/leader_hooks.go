@@ -7,9 +7,11 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/deploy"
 )
 
-// leaderHooks runs Config.OnLeader while this agent leads.
+// leaderHooks runs Agent.onLeader (the fleet autoscaler, ec2.go) while
+// this agent leads.
 type leaderHooks struct {
 	mu     sync.Mutex
 	cancel context.CancelFunc
@@ -24,7 +26,7 @@ type leaderHooks struct {
 
 // checkLeader starts or stops the leader hooks after a change of role.
 func (a *Agent) checkLeader() {
-	if a.cfg.OnLeader == nil {
+	if a.onLeader == nil {
 		return
 	}
 	h := &a.hooks
@@ -38,7 +40,7 @@ func (a *Agent) checkLeader() {
 		done := h.done
 		go func() {
 			defer close(done)
-			a.cfg.OnLeader(ctx, a)
+			a.onLeader(ctx)
 		}()
 	case !leading && h.cancel != nil:
 		h.cancel()
@@ -58,19 +60,12 @@ func (a *Agent) stopLeaderHooks() {
 	}
 }
 
-// ScaleDemand is what the fleet autoscaler needs to know, read from the
+// Demand is what the fleet autoscaler needs to know, read from the
 // replicated state by the leader: how many gang jobs wait for capacity, how
 // many more nodes they need, and since when each live node (by name, which
 // is the instance ID on EC2) has been idle (zero time: busy).
-type ScaleDemand struct {
-	WaitingJobs int
-	NodesNeeded int
-	IdleSince   map[string]time.Time
-}
-
-// Demand computes the ScaleDemand now.
-func (a *Agent) Demand() ScaleDemand {
-	d := ScaleDemand{IdleSince: map[string]time.Time{}}
+func (a *Agent) Demand() deploy.Demand {
+	d := deploy.Demand{Members: map[string]time.Time{}}
 	if a.raft == nil || !a.raft.HasState() {
 		return d
 	}
@@ -124,13 +119,13 @@ func (a *Agent) Demand() ScaleDemand {
 		seen[n.Name] = true
 		if busy[n.Id] {
 			delete(h.idleSince, n.Name)
-			d.IdleSince[n.Name] = time.Time{}
+			d.Members[n.Name] = time.Time{}
 			continue
 		}
 		if _, ok := h.idleSince[n.Name]; !ok {
 			h.idleSince[n.Name] = now
 		}
-		d.IdleSince[n.Name] = h.idleSince[n.Name]
+		d.Members[n.Name] = h.idleSince[n.Name]
 	}
 	for name := range h.idleSince {
 		if !seen[name] {

@@ -29,7 +29,7 @@ type agentFlags struct {
 	logJSON    bool
 	sockBuf    string
 	encFile    string
-	ext        agentExtensions
+	ec2        ec2Flags // agent_ext.go
 }
 
 func newAgentCommand() *cobra.Command {
@@ -83,18 +83,13 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 				}
 				f.cfg.EncryptKey = strings.TrimSpace(string(b))
 			}
-			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
+			if f.cfg.EC2, err = f.ec2.config(); err != nil {
 				return err
-			}
-			if f.cfg.Lifecycle == "" { // neither --lifecycle nor EC2 metadata said
-				f.cfg.Lifecycle = "unknown"
 			}
 			a, err := node.NewAgent(f.cfg)
 			if err != nil {
 				return err
 			}
-			stop := f.ext.start(a)
-			defer stop()
 			sigs := make(chan os.Signal, 2)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 			defer signal.Stop(sigs)
@@ -138,7 +133,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
-	f.ext.addFlags(fl)
+	f.ec2.addFlags(fl)
 	addSecurityFlags(fl, &c.Security) // tls.go
 	return cmd
 }

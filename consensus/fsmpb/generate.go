@@ -2,4 +2,4 @@
 // consensus FSM.
 package fsmpb
 
-//go:generate protoc --proto_path=. --proto_path=../../internal/controlpb --proto_path=/usr/include --go_out=. --go_opt=paths=source_relative --go_opt=Mcontrol.proto=github.com/gpumesh/gpumesh/internal/controlpb fsm.proto
+//go:generate protoc --proto_path=. --proto_path=/usr/include --go_out=. --go_opt=paths=source_relative fsm.proto

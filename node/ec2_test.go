@@ -1,0 +1,120 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	ec2types "github.com/aws/aws-sdk-go-v2/service/ec2/types"
+
+	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/deploy"
+	"github.com/gpumesh/gpumesh/deploy/aemmtest"
+	"github.com/gpumesh/gpumesh/deploy/ec2fake"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
+)
+
+// On EC2 (ec2-metadata-mock, IMDSv2 only) the agent reports the instance's
+// identity where its config leaves it out, and watches for notices.
+func TestEC2Identity(t *testing.T) {
+	mock := aemmtest.Start(t, aemmtest.Options{SpotDelay: time.Hour, RebalanceDelay: time.Hour, Values: map[string]string{
+		"instance-life-cycle": "spot", "instance-type": "p5.48xlarge", "placement-availability-zone": "us-east-1a",
+	}})
+	imds := deploy.DefaultIMDSConfig()
+	imds.Endpoint = mock
+	dc := startCluster(t, 1, func(_ int, c *Config) {
+		c.AZ = "configured-az"
+		c.EC2 = &EC2Config{AgentConfig: deploy.AgentConfig{IMDS: imds}}
+	})
+	a := dc.Agents[0]
+	if n := a.selfNode(); n.InstanceType != "p5.48xlarge" || n.Az != "configured-az" || n.Region != "us-east-1" || n.Lifecycle != "spot" || n.Name != "node-1" {
+		t.Errorf("node record %v: want the instance's type, region and lifecycle, and the configured zone and name", n)
+	}
+	if a.ec2 == nil || a.ec2.Watcher == nil {
+		t.Error("no notice watcher")
+	}
+}
+
+// A rebalance recommendation keeps new work off the node; an interruption
+// notice drains it (notices from an in-memory metadata source, through the
+// real watcher).
+func TestSpotNotices(t *testing.T) {
+	a := startCluster(t, 1, nil).Agents[0]
+	md := deploy.NewMemMetadata(deploy.Identity{InstanceID: "i-1", Lifecycle: deploy.LifecycleSpot})
+	w, err := deploy.StartWatcher(a.ctx, md, deploy.WatcherConfig{Interval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Stop)
+	a.goFunc(func() { a.spotLoop(w.Events()) })
+	self := func() *pb.Node { return a.raft.State().Node(a.NodeID()) }
+
+	md.Rebalance(time.Now())
+	poll.Until(t, 20*time.Second, func() error {
+		if n := self(); !n.Ineligible || n.Status != consensus.NodeReady {
+			return fmt.Errorf("after a rebalance recommendation: ineligible %v, status %s", n.Ineligible, n.Status)
+		}
+		return nil
+	})
+	md.Interrupt("terminate", time.Now().Add(2*time.Minute))
+	poll.Until(t, 20*time.Second, func() error {
+		if n := self(); n.Status != consensus.NodeDraining {
+			return fmt.Errorf("after an interruption notice: status %s, want %s", n.Status, consensus.NodeDraining)
+		}
+		return nil
+	})
+}
+
+// The leader raises an EC2 Fleet's target (an in-process EC2 API) while a
+// gang job waits for GPUs the cluster lacks, and records why.
+func TestFleetScalesOutWhileJobWaits(t *testing.T) {
+	fake := ec2fake.New()
+	srv := httptest.NewServer(fake)
+	t.Cleanup(srv.Close)
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	api, err := deploy.NewEC2Client(context.Background(), deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := api.CreateFleet(context.Background(), &ec2.CreateFleetInput{
+		Type: ec2types.FleetTypeMaintain,
+		LaunchTemplateConfigs: []ec2types.FleetLaunchTemplateConfigRequest{{
+			LaunchTemplateSpecification: &ec2types.FleetLaunchTemplateSpecificationRequest{LaunchTemplateId: aws.String("lt-1"), Version: aws.String("$Latest")},
+		}},
+		TargetCapacitySpecification: &ec2types.TargetCapacitySpecificationRequest{TotalTargetCapacity: aws.Int32(1), DefaultTargetCapacityType: ec2types.DefaultTargetCapacityTypeSpot},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleetID := aws.ToString(out.FleetId)
+	dc := startCluster(t, 1, func(_ int, c *Config) {
+		c.EC2 = &EC2Config{
+			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL}},
+			Fleet:       FleetConfig{ID: fleetID, Policy: deploy.DefaultScalePolicy(1, 10), Interval: 100 * time.Millisecond},
+		}
+	})
+	a := dc.Agents[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := dc.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	submitJob(t, client(t, a), "name: needs-gpus\nranks: 4\ngpus_per_rank: 2\nexec: {command: [nvidia-smi]}\n")
+	poll.Until(t, 20*time.Second, func() error {
+		if f, _ := fake.Fleet(fleetID); f.Total <= 1 {
+			return fmt.Errorf("fleet target still %d", f.Total)
+		}
+		if s := a.lastScale(); !strings.Contains(s, fleetID) {
+			return fmt.Errorf("last scale %q does not name the fleet", s)
+		}
+		return nil
+	})
+}
