@@ -340,15 +340,15 @@ func TestServerSurvivesHostileClients(t *testing.T) {
 	}
 	c.register(3, 4096)
 	for i, bad := range []*Op{
-		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 10, A: BufRef{Region: 3, Count: 2048}},              // past the end
-		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 11, A: BufRef{Region: 3, Offset: 2, Count: 4}},      // misaligned
-		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 12, A: BufRef{Region: 3, Count: 1 << 62}},           // overflow
+		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 10, A: BufRef{Region: 3, Count: 2048}},               // past the end
+		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 11, A: BufRef{Region: 3, Offset: 2, Count: 4}},       // misaligned
+		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 12, A: BufRef{Region: 3, Count: 1 << 62}},            // overflow
 		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 13, A: BufRef{Region: 3, Offset: 1 << 63, Count: 1}}, // overflow
-		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 14, A: BufRef{Region: 9, Count: 1}},                 // unknown region
-		{Kind: OpAllReduce, DType: 99, Reduce: 1, ID: 15, A: BufRef{Region: 3, Count: 1}},                // dtype
-		{Kind: OpAllReduce, DType: 1, Reduce: 99, ID: 16, A: BufRef{Region: 3, Count: 1}},                // reduce op
-		{Kind: 42, DType: 1, ID: 17, A: BufRef{Region: 3, Count: 1}},                                     // kind
-		{Kind: OpSend, DType: 1, Peer: 0, ID: 18, A: BufRef{Region: 3, Count: 1}},                        // to itself
+		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 14, A: BufRef{Region: 9, Count: 1}},                  // unknown region
+		{Kind: OpAllReduce, DType: 99, Reduce: 1, ID: 15, A: BufRef{Region: 3, Count: 1}},                 // dtype
+		{Kind: OpAllReduce, DType: 1, Reduce: 99, ID: 16, A: BufRef{Region: 3, Count: 1}},                 // reduce op
+		{Kind: 42, DType: 1, ID: 17, A: BufRef{Region: 3, Count: 1}},                                      // kind
+		{Kind: OpSend, DType: 1, Peer: 0, ID: 18, A: BufRef{Region: 3, Count: 1}},                         // to itself
 		{Kind: OpAllGather, DType: 1, ID: 19, A: BufRef{Region: 3, Count: 3}, B: BufRef{Region: 3, Count: 2}},
 	} {
 		c.send(EncodeOp(bad))
