@@ -51,6 +51,7 @@ type Agent struct {
 	conns      *connPool
 	data       *dataPlane
 	sec        *security // TLS and ACL token (security.go); nil when off
+	local      *localAPI // the PyTorch backend's socket (localapi.go); nil when off
 
 	hooks leaderHooks
 
@@ -160,6 +161,9 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 	healthpb.RegisterHealthServer(a.grpc, a.health)
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
+		return nil, err
+	}
+	if err := startLocalAPI(a); err != nil {
 		return nil, err
 	}
 
@@ -312,6 +316,7 @@ func (a *Agent) Shutdown() error {
 		if a.runner != nil {
 			a.runner.shutdown()
 		}
+		closeLocalAPI(a)
 		if a.grpc != nil {
 			stopped := make(chan struct{})
 			go func() { a.grpc.GracefulStop(); close(stopped) }()

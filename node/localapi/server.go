@@ -308,3 +308,13 @@ func recvPacket(c *net.UnixConn, buf, oob []byte) ([]byte, []int, error) {
 }
 
 var errEOF = errors.New("connection closed by the client")
+
+// Environment variables through which an exec rank finds its agent's local
+// API (set by the agent for every exec task).
+const (
+	// EnvSocket is the path of the agent's socket.
+	EnvSocket = "GPUMESH_LOCAL_SOCKET"
+	// EnvSecret is the task's secret (hex), valid for its job, generation
+	// and rank only.
+	EnvSecret = "GPUMESH_LOCAL_SECRET"
+)
