@@ -14,6 +14,9 @@ import (
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
+	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/node/driver"
+	"github.com/gpumesh/gpumesh/node/localapi"
 )
 
 // torchPython is Debian's python3-torch interpreter; tests that run real
@@ -27,6 +30,15 @@ func needTorch(t *testing.T) {
 		t.Skipf("%s has no PyTorch (install Debian's python3-torch): %v: %s", torchPython, err, strings.TrimSpace(string(out)))
 	}
 }
+
+// startTorchCluster starts n agents with a collective timeout that leaves
+// room for Python processes on a loaded 2-core machine (importing torch
+// takes seconds there).
+func startTorchCluster(t *testing.T, n int) *DevCluster {
+	return startCluster(t, n, func(i int, c *Config) { c.CollectiveTimeout = torchCollectiveTimeout })
+}
+
+const torchCollectiveTimeout = 30 * time.Second
 
 func repoPath(t *testing.T, rel string) string {
 	t.Helper()
@@ -65,7 +77,7 @@ func readOutputs(t *testing.T, dir string, n int) []rankOutput {
 func torchJob(t *testing.T, c pb.ControlClient, ranks int, placement string, attempts int32, args ...string) string {
 	t.Helper()
 	spec := &pb.JobSpec{Name: "torch", Type: "exec", Ranks: int32(ranks), Placement: placement,
-		Exec: &pb.ExecSpec{Command: append([]string{torchPython}, args...), Env: map[string]string{"PYTHONPATH": repoPath(t, "python")}}}
+		Exec: &pb.ExecSpec{Command: append([]string{torchPython}, args...), Env: map[string]string{"PYTHONPATH": repoPath(t, "python"), "PYTHONFAULTHANDLER": "1"}}}
 	jobspec.ApplyDefaults(spec)
 	spec.Restart = &pb.RestartPolicy{Attempts: attempts}
 	jobspec.ApplyDefaults(spec)
@@ -81,19 +93,36 @@ func torchJob(t *testing.T, c pb.ControlClient, ranks int, placement string, att
 func rankLogs(t *testing.T, c pb.ControlClient, id string, ranks int, gen uint64) string {
 	var b strings.Builder
 	for r := range ranks {
-		fmt.Fprintf(&b, "--- rank %d stdout:\n%s", r, readLogs(t, c, id, int32(r), gen))
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		st, err := c.Logs(ctx, &pb.LogsRequest{JobId: id, Rank: int32(r), Generation: gen, Stderr: true})
-		if err == nil {
-			for {
-				ch, err := st.Recv()
-				if err != nil {
-					break
+		for _, stderr := range []bool{false, true} {
+			fmt.Fprintf(&b, "--- rank %d (stderr %v):\n", r, stderr)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			st, err := c.Logs(ctx, &pb.LogsRequest{JobId: id, Rank: int32(r), Generation: gen, Stderr: stderr})
+			for err == nil {
+				var ch *pb.LogChunk
+				if ch, err = st.Recv(); err == nil {
+					b.Write(ch.Data)
 				}
-				b.Write(ch.Data)
 			}
+			cancel()
 		}
-		cancel()
+	}
+	return b.String()
+}
+
+// taskStderr returns what every exec task of the cluster wrote to stderr
+// (read from the agents' data dirs, so that a stopped node's tasks count).
+func taskStderr(dc *DevCluster) string {
+	var b strings.Builder
+	for _, a := range dc.Agents {
+		root := filepath.Join(mustAbs(a.cfg.DataDir), "alloc")
+		_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err == nil && !d.IsDir() && strings.Contains(d.Name(), "stderr") {
+				if data, err := os.ReadFile(p); err == nil && len(data) > 0 {
+					fmt.Fprintf(&b, "--- %s:\n%s\n", strings.TrimPrefix(p, root), data)
+				}
+			}
+			return nil
+		})
 	}
 	return b.String()
 }
@@ -122,13 +151,13 @@ func TestTorchDDPOnMeshMatchesGloo(t *testing.T) {
 	}
 	want := readOutputs(t, ref, 3)
 
-	dc := startCluster(t, 3, nil)
+	dc := startTorchCluster(t, 3)
 	c := client(t, follower(dc))
 	got := t.TempDir()
 	id := torchJob(t, c, 3, "spread", 0, script, "--backend", "gpumesh", "--out", got)
 	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
 	if final.Job.Status != "complete" {
-		t.Fatalf("job %s (%s):\n%s", final.Job.Status, final.Job.StatusReason, rankLogs(t, c, id, 3, 1))
+		t.Fatalf("job %s (%s):\n%s", final.Job.Status, final.Job.StatusReason, taskStderr(dc))
 	}
 	have := readOutputs(t, got, 3)
 	for r := range 3 {
@@ -163,5 +192,126 @@ func TestTorchDDPOnMeshMatchesGloo(t *testing.T) {
 		if l := a.local.srv.Live(); l.Conns != 0 || l.Regions != 0 || l.Goroutines != 0 {
 			t.Fatalf("agent %s holds %+v after the job", a.Name(), l)
 		}
+	}
+}
+
+// mappedSegments counts the gpumesh shared-memory segments this process
+// (the test's agents) has mapped.
+func mappedSegments(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), "/memfd:gpumesh")
+}
+
+// A rank's node dies (agent stopped, its tasks SIGKILLed) in the middle of
+// a DDP training on gpumesh: the other ranks raise an exception within the
+// collective timeout, the job's restart policy runs generation 2 (3 ranks
+// on the 2 survivors: two share their agent), and no agent holds a
+// connection, goroutine or shared-memory segment afterwards.
+func TestTorchNodeKilledMidTraining(t *testing.T) {
+	needTorch(t)
+	dc := startTorchCluster(t, 3)
+	leader := dc.Leader()
+	c := client(t, leader)
+	script := repoPath(t, "examples/ddp/train.py")
+	id := torchJob(t, c, 3, "spread", 1, script, "--backend", "gpumesh", "--steps", "60", "--step-sleep", "0.05")
+	// Wait until every rank trains, then kill the node of a rank that is
+	// not the leader.
+	var victim *Agent
+	var victimRank int32
+	waitJob(t, c, id, 60*time.Second, func(r *pb.GetJobResponse) bool {
+		if r.Job.Generation != 1 || terminal(r.Job.Status) {
+			t.Fatalf("generation 1 ended before the kill: %s (%s)\n%s", r.Job.Status, r.Job.StatusReason, taskStderr(dc))
+		}
+		for _, al := range r.Allocations {
+			if al.Generation == 1 && al.ClientStatus == "running" && al.NodeId != leader.NodeID() &&
+				strings.Contains(readLogs(t, c, id, al.Rank, 1), "step 3 ") {
+				for _, a := range dc.Agents {
+					if a.NodeID() == al.NodeId {
+						victim, victimRank = a, al.Rank
+					}
+				}
+				return true
+			}
+		}
+		return false
+	})
+	_ = victim.Shutdown()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := driver.KillAll(ctx, mustAbs(victim.cfg.DataDir)); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	t.Logf("killed node %s (rank %d)", victim.Name(), victimRank)
+	// The survivors' ranks of generation 1 fail with gpumesh's exception.
+	var failedAfter time.Duration
+	waitJob(t, c, id, 60*time.Second, func(r *pb.GetJobResponse) bool {
+		n := 0
+		for _, al := range r.Allocations {
+			if al.Generation == 1 && al.Rank != victimRank && al.ClientStatus == "failed" {
+				n++
+			}
+		}
+		if n == 2 && failedAfter == 0 {
+			failedAfter = time.Since(killed)
+		}
+		return n == 2
+	})
+	timeout := leader.cfg.CollectiveTimeout
+	if failedAfter > timeout+10*time.Second {
+		t.Fatalf("the surviving ranks failed %v after the kill; want within the collective timeout (%v) plus reporting", failedAfter, timeout)
+	}
+	logs := taskStderr(dc)
+	if !strings.Contains(logs, "gpumesh:") || !strings.Contains(logs, "RuntimeError") {
+		t.Fatalf("the surviving ranks did not raise gpumesh's RuntimeError:\n%s", logs)
+	}
+	t.Logf("surviving ranks failed %v after the kill", failedAfter)
+	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
+	if final.Job.Status != "complete" || final.Job.Generation != 2 {
+		t.Fatalf("job %s at generation %d (%s); want complete at 2:\n%s", final.Job.Status, final.Job.Generation, final.Job.StatusReason, taskStderr(dc))
+	}
+	for _, a := range dc.Agents {
+		if a == victim {
+			continue
+		}
+		procs.Eventually(t, 10*time.Second, func() error {
+			if l := a.local.srv.Live(); l != (localapi.Live{}) {
+				return fmt.Errorf("agent %s still holds %+v", a.Name(), l)
+			}
+			return nil
+		})
+	}
+	if n := mappedSegments(t); n != 0 {
+		t.Fatalf("%d gpumesh shared-memory segments are still mapped by the agents", n)
+	}
+}
+
+// Every collective and dtype of the backend against a local reference,
+// with ranks across nodes (3 ranks on 3 agents) and on one node (2 ranks
+// sharing an agent), and the errors it must raise.
+func TestTorchCollectivesAgainstReference(t *testing.T) {
+	needTorch(t)
+	dc := startTorchCluster(t, 3)
+	c := client(t, follower(dc))
+	script := repoPath(t, "python/tests/check_collectives.py")
+	jobs := map[string]int{
+		torchJob(t, c, 3, "spread", 0, script): 3,
+		torchJob(t, c, 2, "pack", 0, script):   2,
+	}
+	for id, n := range jobs {
+		final := waitJob(t, c, id, 180*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
+		logs := rankLogs(t, c, id, n, 1)
+		if final.Job.Status != "complete" || strings.Count(logs, "ALL OK") != n {
+			t.Fatalf("job of %d ranks: %s (%s):\n%s\n%s", n, final.Job.Status, final.Job.StatusReason, logs, taskStderr(dc))
+		}
+		nodes := map[string]bool{}
+		for _, al := range final.Allocations {
+			nodes[al.NodeId] = true
+		}
+		t.Logf("%d ranks on %d nodes: all checks passed", n, len(nodes))
 	}
 }

@@ -340,6 +340,16 @@ func printResults(out io.Writer, resp *pb.GetJobResponse) {
 				fmt.Fprintf(tw, "%v\t%v\t%v\t%v\t%v\t%v\n", row["size"], row["dtype"], row["time_us"], row["algbw_gbps"], row["busbw_gbps"], row["check"])
 			}
 			tw.Flush()
+		} else if rows, ok := m["collectives"].([]any); ok && len(rows) > 0 {
+			// Collectives an exec rank ran through its agent (PyTorch backend).
+			fmt.Fprintf(out, "\nrank %d collectives through its agent:\n", al.Rank)
+			tw := newTable(out)
+			fmt.Fprintln(tw, "OP\tCOUNT\tBYTES\tMEAN(ms)\tMAX(ms)")
+			for _, r := range rows {
+				row, _ := r.(map[string]any)
+				fmt.Fprintf(tw, "%v\t%v\t%v\t%v\t%v\n", row["op"], row["ops"], row["bytes"], row["mean_latency_ms"], row["max_latency_ms"])
+			}
+			tw.Flush()
 		} else if len(m) > 0 {
 			keys := make([]string, 0, len(m))
 			for k := range m {

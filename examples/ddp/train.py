@@ -15,6 +15,7 @@ losses and final parameters to OUT/rank<r>.json.
 import argparse
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,7 @@ p.add_argument("--backend", default="gpumesh")
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--batch", type=int, default=8, help="samples per rank and step")
 p.add_argument("--out", default="")
-p.add_argument("--fail-rank", type=int, default=-1, help="(tests) this rank stops answering after --fail-step")
-p.add_argument("--fail-step", type=int, default=-1)
+p.add_argument("--step-sleep", type=float, default=0.0, help="(tests) seconds to wait after each step")
 args = p.parse_args()
 
 if args.backend == "gpumesh":
@@ -57,10 +57,8 @@ for step in range(args.steps):
     opt.step()
     losses.append(loss.item())
     print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
-    if rank == args.fail_rank and step == args.fail_step:
-        print(f"rank {rank} stops here", flush=True)
-        import time
-        time.sleep(3600)
+    if args.step_sleep:
+        time.sleep(args.step_sleep)
 
 if args.out:
     params = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).tolist()

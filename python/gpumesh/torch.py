@@ -98,6 +98,20 @@ class _Staged:
         self.seg, self.off, self.tensor, self.view = seg, off, tensor, view
 
 
+class _Failed:
+    __slots__ = ("msg",)
+
+    def __init__(self, msg):
+        self.msg = msg
+
+
+def _unwrap(fut):
+    v = fut.value()
+    if isinstance(v, _Failed):
+        raise RuntimeError(v.msg)
+    return v
+
+
 class Work(_WorkBase):
     """An operation in flight. wait() blocks until the agent has answered (and
     the result is copied back); get_future() completes at the same time."""
@@ -109,15 +123,18 @@ class Work(_WorkBase):
         self._timeout = timeout
         self._event = threading.Event()
         self._error = None
-        self._future = torch.futures.Future()
+        # The future callers see is a continuation of _raw that raises on
+        # failure: a callback that raises marks the continuation failed in
+        # C++ too, so DDP's reducer (which reads the value in C++) gets an
+        # exception. (PyTorch 1.13's Future.set_exception only stores the
+        # exception as the value, which C++ code would take for a result.)
+        self._raw = torch.futures.Future()
+        self._future = self._raw.then(_unwrap)
 
     def _complete(self, error):
         self._error = error
         self._event.set()
-        if error is None:
-            self._future.set_result(self._result)
-        else:
-            self._future.set_exception(RuntimeError(error))
+        self._raw.set_result(_Failed(error) if error is not None else self._result)
 
     def wait(self, timeout=None):
         t = _seconds(timeout) or self._timeout
