@@ -90,6 +90,32 @@ for i, (w, x) in enumerate(zip(works, xs)):
     w.wait()
     check(f"async all_reduce {i}", x, torch.full((4096,), float(sum(r + i for r in range(n)))))
 
+# A sub-group of ranks 0 and n-1 (every rank calls new_group; members use it).
+sub = dist.new_group([0, n - 1])
+if rank in (0, n - 1):
+    x = torch.full((1000,), float(rank + 1))
+    dist.all_reduce(x, group=sub)
+    check("sub-group all_reduce", x, torch.full((1000,), float(1 + n)))
+
+# The DDP communication hook: gradients averaged through the agent equal the
+# average computed by hand.
+torch.manual_seed(0)
+net = torch.nn.Linear(32, 8)
+ddp = torch.nn.parallel.DistributedDataParallel(net)
+ddp.register_comm_hook(gpumesh.torch.hook_state(), gpumesh.torch.allreduce_hook)
+inputs = [torch.randn(4, 32, generator=torch.Generator().manual_seed(100 + r)) for r in range(n)]
+ddp(inputs[rank]).sum().backward()
+ref = torch.nn.Linear(32, 8)
+ref.load_state_dict(net.state_dict())
+grads = []
+for r in range(n):
+    ref.zero_grad()
+    ref(inputs[r]).sum().backward()
+    grads.append(ref.weight.grad.clone())
+want = sum(grads) / n
+if not torch.allclose(net.weight.grad, want, rtol=1e-5, atol=1e-6):
+    raise SystemExit(f"rank {rank}: comm hook gradients differ: {(net.weight.grad - want).abs().max()}")
+
 # Errors that name the problem and leave the group usable.
 def expect(fn, words):
     try:
