@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node/localapi"
 )
@@ -132,7 +133,7 @@ func (l *localAuth) Authorize(ctx context.Context, h *localapi.Hello) ([]string,
 				me = o
 			}
 		}
-		if me != nil && (me.NodeId != l.a.nodeID || me.DesiredStatus == "stop" || terminal(me.ClientStatus)) {
+		if me != nil && (me.NodeId != l.a.nodeID || me.DesiredStatus == consensus.DesiredStop || consensus.AllocTerminal(me.ClientStatus)) {
 			return nil, fmt.Errorf("%w: rank %d of job %s generation %d does not run on this node", localapi.ErrDenied, h.Rank, h.Job, h.Generation)
 		}
 		sort.Slice(ranks, func(i, k int) bool { return ranks[i].Rank < ranks[k].Rank })

@@ -12,9 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/node/driver"
 	"github.com/gpumesh/gpumesh/node/localapi"
 )
@@ -158,7 +159,7 @@ func TestTorchDDPOnMeshMatchesGloo(t *testing.T) {
 	// on this machine holds the job's MASTER_PORT; the last one writes the
 	// outputs.
 	id := torchJob(t, c, 3, "spread", 2, script, "--backend", "gpumesh", "--out", got)
-	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
+	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
 	if final.Job.Status != "complete" {
 		t.Fatalf("job %s (%s):\n%s", final.Job.Status, final.Job.StatusReason, taskStderr(dc))
 	}
@@ -229,7 +230,7 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 	var victimRank int32
 	var gen uint64
 	waitJob(t, c, id, 90*time.Second, func(r *pb.GetJobResponse) bool {
-		if terminal(r.Job.Status) {
+		if consensus.JobTerminal(r.Job.Status) {
 			t.Fatalf("the job ended before the kill: %s (%s)\n%s", r.Job.Status, r.Job.StatusReason, taskStderr(dc))
 		}
 		for _, al := range r.Allocations {
@@ -260,7 +261,7 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 	waitJob(t, c, id, 60*time.Second, func(r *pb.GetJobResponse) bool {
 		failed, ended := 0, 0
 		for _, al := range r.Allocations {
-			if al.Generation == gen && al.Rank != victimRank && terminal(al.ClientStatus) {
+			if al.Generation == gen && al.Rank != victimRank && consensus.AllocTerminal(al.ClientStatus) {
 				ended++
 				if al.ClientStatus == "failed" {
 					failed++
@@ -284,7 +285,7 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 		t.Fatalf("the surviving ranks did not raise gpumesh's RuntimeError:\n%s", logs)
 	}
 	t.Logf("surviving ranks failed %v after the kill", failedAfter)
-	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
+	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
 	if final.Job.Status != "complete" || final.Job.Generation < gen+1 {
 		t.Fatalf("job %s at generation %d (%s); want complete at the next one:\n%s", final.Job.Status, final.Job.Generation, final.Job.StatusReason, taskStderr(dc))
 	}
@@ -292,7 +293,7 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 		if a == victim {
 			continue
 		}
-		procs.Eventually(t, 10*time.Second, func() error {
+		poll.Until(t, 10*time.Second, func() error {
 			if l := a.local.srv.Live(); l != (localapi.Live{}) {
 				return fmt.Errorf("agent %s still holds %+v", a.Name(), l)
 			}
@@ -317,7 +318,7 @@ func TestTorchCollectivesAgainstReference(t *testing.T) {
 		torchJob(t, c, 2, "pack", 2, script):   2,
 	}
 	for id, n := range jobs {
-		final := waitJob(t, c, id, 180*time.Second, func(r *pb.GetJobResponse) bool { return terminal(r.Job.Status) })
+		final := waitJob(t, c, id, 180*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
 		logs := rankLogs(t, c, id, n, final.Job.Generation)
 		if final.Job.Status != "complete" || strings.Count(logs, "ALL OK") != n {
 			t.Fatalf("job of %d ranks: %s (%s):\n%s\n%s", n, final.Job.Status, final.Job.StatusReason, logs, taskStderr(dc))

@@ -13,7 +13,7 @@ import (
 	"github.com/spf13/pflag"
 	"sigs.k8s.io/yaml"
 
-	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	"github.com/gpumesh/gpumesh/node"
 )
 
@@ -51,7 +51,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
   gpumesh agent --bind 127.0.0.4 --data-dir /tmp/g3 --join 127.0.0.2
 
   # on EC2, from user-data
-  gpumesh agent --data-dir /var/lib/gpumesh --join-ec2-tag gpumesh-cluster=prod --region us-east-1`,
+  gpumesh agent --data-dir /var/lib/gpumesh --join-ec2-tag gpumesh:cluster=prod --region us-east-1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if f.configFile != "" {
@@ -64,13 +64,16 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", f.logLevel)
 			}
 			f.cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()})
-			sb, err := collective.ParseSize(f.sockBuf)
+			sb, err := bytesize.Parse(f.sockBuf)
 			if err != nil {
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
 			}
 			f.cfg.LaneSocketBuffer = int(sb)
 			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
 				return err
+			}
+			if f.cfg.Lifecycle == "" { // neither --lifecycle nor EC2 metadata said
+				f.cfg.Lifecycle = "unknown"
 			}
 			a, err := node.NewAgent(f.cfg)
 			if err != nil {
@@ -100,7 +103,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.RaftPort, "raft-port", c.RaftPort, "Raft port")
 	fl.IntVar(&c.HTTPPort, "http-port", c.HTTPPort, "HTTP port: /metrics, /v1/health and the dashboard")
 	fl.StringVar(&c.DataDir, "data-dir", "", "where the node keeps its identity, Raft state and task logs (required)")
-	fl.StringArrayVar(&c.Join, "join", nil, "gossip address (host or host:port) of a member to join; repeatable; retried with backoff")
+	fl.StringArrayVar(&c.Join, "join", nil, "gossip `ADDR` (host or host:port) of a member to join; repeatable; retried with backoff")
 	fl.IntVar(&c.BootstrapExpect, "bootstrap-expect", c.BootstrapExpect, "server-eligible members to wait for before forming the Raft group")
 	fl.BoolVar(&c.Server, "server", c.Server, "may hold a Raft seat; --server=false makes a client that never does")
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
@@ -109,11 +112,11 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")
-	fl.StringVar(&f.sockBuf, "lane-socket-buffer", collective.FormatSize(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
+	fl.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
-	fl.StringVar(&c.Lifecycle, "lifecycle", c.Lifecycle, "spot, on-demand or unknown (default: from EC2 metadata)")
+	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "trace, debug, info, warn or error")
 	fl.BoolVar(&f.logJSON, "log-json", false, "write logs as JSON lines")
 	f.ext.addFlags(fl)

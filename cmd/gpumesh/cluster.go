@@ -39,18 +39,19 @@ func newMembersCommand() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSTATUS\tSERVER\tGPUS\tAZ\tLIFECYCLE\tINSTANCE")
+			fmt.Fprintln(tw, "NAME\tGOSSIP ADDR\tSTATE\tSTATUS\tSERVER\tGPUS\tAZ\tLIFECYCLE\tINSTANCE")
 			for _, m := range resp.Members {
 				n := m.Meta
 				if n == nil {
 					n = &pb.Node{}
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, dash(n.Status), n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, memberStatus(m), n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
 			}
 			return tw.Flush()
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	return cmd
 }
 
@@ -99,7 +100,7 @@ func newNodesCommand() *cobra.Command {
 				}
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tADDRESS\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
+			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tRPC ADDR\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
 			for _, n := range resp.Nodes {
 				role := roles[n.Id]
 				if role == "" {
@@ -125,6 +126,7 @@ func newNodesCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
 	return cmd
 }
@@ -148,7 +150,7 @@ func newRaftCommand() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "NODE\tID\tADDRESS\tSTATE\tVOTER\tHEALTHY")
+			fmt.Fprintln(tw, "NODE\tID\tRAFT ADDR\tSTATE\tVOTER\tHEALTHY")
 			for _, p := range resp.Peers {
 				st := "follower"
 				if p.Leader {
@@ -160,6 +162,7 @@ func newRaftCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(peers, &f)
+	readOnly(peers)
 	var tf clientFlags
 	var to string
 	transfer := &cobra.Command{
@@ -177,7 +180,9 @@ func newRaftCommand() *cobra.Command {
 			if tf.json {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", dash(resp.LeaderId))
+			ctx, cancel := tf.ctx(cmd.Context())
+			defer cancel()
+			fmt.Fprintf(cmd.OutOrStdout(), "leadership moved; leader is now %s\n", newLeader(ctx, &tf, resp.LeaderId))
 			return nil
 		},
 	}
@@ -219,14 +224,16 @@ func newNodeCommand() *cobra.Command {
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s)\n", resp.NodeId, resp.Index, deadline)
+			ctx, cancel := f.ctx(cmd.Context())
+			defer cancel()
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s)\n", nodeLabel(ctx, &f, resp.NodeId), resp.Index, deadline)
 			return nil
 		},
 	}
 	addClientFlags(drain, &f)
 	drain.Flags().BoolVar(&self, "self", false, "drain the agent named by --address")
 	drain.Flags().DurationVar(&deadline, "deadline", 2*time.Minute, "how long the node's tasks have to checkpoint and stop")
-	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in `gpumesh nodes`")
+	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in the REASON column of 'gpumesh nodes'")
 	cmd.AddCommand(drain)
 	return cmd
 }

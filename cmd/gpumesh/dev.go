@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node"
 )
@@ -38,7 +39,12 @@ when the result checked out.`,
 			if level == hclog.NoLevel {
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", logLevel)
 			}
-			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: cmd.ErrOrStderr()})
+			logOut, closeLog, err := devLogOutput(demo, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			defer closeLog(out)
+			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut})
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
 			dc, err := node.NewDevCluster(node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger})
@@ -75,9 +81,33 @@ when the result checked out.`,
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
 	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
-	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error")
+	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
 	return cmd
+}
+
+// devLogOutput is where the agents of `gpumesh dev` log: standard error,
+// or with --demo a new file in the temporary folder, so that the demo's own
+// output stays readable however loaded the machine is. closeFn, called
+// after the agents stop, keeps a file that holds lines and prints its path
+// on out, and removes an empty one.
+func devLogOutput(demo bool, stderr io.Writer) (w io.Writer, closeFn func(out io.Writer), err error) {
+	if !demo {
+		return stderr, func(io.Writer) {}, nil
+	}
+	fh, err := os.CreateTemp("", "gpumesh-dev-*.log")
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent log file: %w", err)
+	}
+	return fh, func(out io.Writer) {
+		fi, err := fh.Stat()
+		fh.Close()
+		if err == nil && fi.Size() == 0 {
+			os.Remove(fh.Name())
+			return
+		}
+		fmt.Fprintf(out, "==> agent logs: %s\n", fh.Name())
+	}, nil
 }
 
 // runDemo submits the demo job through a follower, waits for it to end and
@@ -99,19 +129,19 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 	defer done()
 	fmt.Fprintf(out, "==> submitting a %d-rank %s job through %s (a follower)\n", spec.Ranks, spec.Type, target.Name())
 	sctx, cancel := f.ctx(ctx)
-	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: clientJobID(spec.Name)})
+	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: consensus.NewJobID(spec.Name)})
 	cancel()
 	if err != nil {
 		return f.explain(err)
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
-	final, err := followJob(wctx, c, f, resp.Id, true, out)
+	final, err := followJob(wctx, c, f, resp.Id, followOptions{untilEnd: true}, out)
 	if err != nil {
 		return err
 	}
 	printResults(out, final)
-	if final.Job.Status != "complete" {
+	if final.Job.Status != consensus.JobComplete {
 		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
 	}
 	return demoCheck(final, out)

@@ -55,7 +55,7 @@ func (f *userDataFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.sha, "binary-sha256", "", "SHA-256 the default build must have")
 	fl.StringVar(&f.cudaSha, "cuda-binary-sha256", "", "SHA-256 the CUDA build must have")
 	fl.StringVar(&f.cuda, "cuda", "auto", "which build to install: auto (CUDA where an NVIDIA GPU and driver are found), on, off")
-	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "extra flag for `gpumesh agent`, e.g. --agent-arg=--bootstrap-expect=3 (repeatable)")
+	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "an extra `FLAG` for the agent's command line, e.g. --agent-arg=--bootstrap-expect=3 (repeatable)")
 }
 
 func (f *userDataFlags) config() (deploy.UserDataConfig, error) {
@@ -212,7 +212,7 @@ IMDSv2 required, and the join tag on instances and volumes.`,
 	fl.StringSliceVar(&subnets, "subnets", nil, "subnet IDs to spread over (one per availability zone), comma-separated")
 	fl.BoolVar(&spot, "spot", false, "buy spot instances beyond the on-demand base (default: all on-demand)")
 	fl.IntVar(&onDemandBase, "on-demand-base", 0, "on-demand instances in a spot fleet (the Raft voters come from these)")
-	fl.StringArrayVar(&extraTags, "extra-tag", nil, "another KEY=VALUE tag for the fleet and a new template's instances (repeatable)")
+	fl.StringArrayVar(&extraTags, "extra-tag", nil, "another `KEY=VALUE` tag for the fleet and a new template's instances (repeatable)")
 	fl.StringVar(&template, "launch-template", "", "existing launch template: ID (lt-...) or name, optionally :VERSION (default $Default)")
 	fl.StringVar(&ami, "ami", "", "create a launch template from this AMI (use one with the NVIDIA driver for GPU types)")
 	fl.StringVar(&templateName, "template-name", "", "name of the launch template --ami creates (default gpumesh-<tag value>)")

@@ -2,13 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"sort"
 	"strings"
 	"time"
 
@@ -16,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -30,7 +28,7 @@ func newJobCommand() *cobra.Command {
   gpumesh job status hello-1a2b3c4d
   gpumesh job logs hello-1a2b3c4d --rank 1 -f`,
 	}
-	cmd.AddCommand(newJobRunCommand(), newJobStatusCommand(), newJobListCommand(), newJobStopCommand(), newJobLogsCommand())
+	cmd.AddCommand(newJobRunCommand(), newJobPlanCommand(), newJobStatusCommand(), newJobListCommand(), newJobStopCommand(), newJobLogsCommand())
 	return cmd
 }
 
@@ -63,13 +61,20 @@ GPUMESH_RANK and GPUMESH_ADDR.`
 func newJobRunCommand() *cobra.Command {
 	var f clientFlags
 	var detach, wait bool
+	var placeTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "run FILE",
 		Short: "Submit a job and follow it until its ranks run",
 		Long: "Submit the job in FILE (YAML or JSON; - reads standard input) to the cluster through\n" +
 			"any agent, then show its progress until every rank runs (or, with --wait, until\n" +
-			"it ends). The exit status is 0 when the job runs or completes, 1 when it fails.\n\n" + specHelp,
-		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml",
+			"it ends, and print what its ranks reported).\n\n" +
+			"A job that does not fit the cluster waits in the queue with the reason shown. After\n" +
+			"--place-timeout without a placement the command stops watching and exits 2; the\n" +
+			"job stays queued and starts when capacity frees (stop it with `gpumesh job stop`).\n" +
+			"Ctrl-C also stops watching only. Check a spec without submitting: `gpumesh job plan`.\n\n" +
+			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
+			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
+		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			spec, err := readSpec(args[0], cmd.InOrStdin())
@@ -82,7 +87,7 @@ func newJobRunCommand() *cobra.Command {
 			}
 			defer done()
 			// The id is chosen here so that retries cannot submit twice.
-			id := clientJobID(spec.Name)
+			id := consensus.NewJobID(spec.Name)
 			ctx, cancel := f.ctx(cmd.Context())
 			resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec, Id: id})
 			cancel()
@@ -100,29 +105,67 @@ func newJobRunCommand() *cobra.Command {
 			if !f.json {
 				fmt.Fprintf(out, "==> job %s submitted (raft index %d)\n", resp.Id, resp.Index)
 			}
-			final, err := followJob(cmd.Context(), c, &f, resp.Id, wait, out)
-			if err != nil {
-				return err
-			}
-			if f.json {
-				return printJSON(out, final)
-			}
-			if final.Job.Status == "failed" {
-				return fmt.Errorf("job %s failed: %s", final.Job.Id, final.Job.StatusReason)
-			}
-			return nil
+			o := followOptions{untilEnd: wait, placeTimeout: placeTimeout}
+			final, err := followJob(cmd.Context(), c, &f, resp.Id, o, out)
+			return finishRun(out, f.json, o, final, err)
 		},
 	}
 	addClientFlags(cmd, &f)
 	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "return as soon as the job is accepted")
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs")
+	cmd.Flags().DurationVar(&placeTimeout, "place-timeout", 2*time.Minute, "stop watching (exit 2, the job stays queued) when it is not placed within this long; 0 waits for ever")
 	return cmd
+}
+
+// finishRun reports how `job run` ends after followJob returned final and
+// err: the job's JSON or its results, and the exit status. A failure is
+// said once, by followJob's last line, with where to read the rank's output.
+func finishRun(out io.Writer, asJSON bool, o followOptions, final *pb.GetJobResponse, err error) error {
+	if errors.Is(err, errNotPlaced) {
+		if asJSON {
+			if err := printJSON(out, final); err != nil {
+				return err
+			}
+		}
+		return &exitError{code: exitNotPlaced, err: fmt.Errorf("job %s was not placed within %s: %s\n"+
+			"It stays queued and starts when capacity frees. Watch it with `gpumesh job status %s`,\n"+
+			"cancel it with `gpumesh job stop %s`, or wait longer with --place-timeout",
+			final.Job.Id, o.placeTimeout, final.Job.StatusReason, final.Job.Id, final.Job.Id)}
+	}
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		if err := printJSON(out, final); err != nil {
+			return err
+		}
+	} else if o.untilEnd {
+		printResults(out, final)
+	}
+	if final.Job.Status == consensus.JobFailed {
+		if al := firstFailed(final); al != nil && !asJSON {
+			fmt.Fprintf(out, "    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", final.Job.Id, al.Rank, al.Generation)
+		}
+		return &exitError{code: exitFailed}
+	}
+	return nil
+}
+
+// firstFailed is the first rank of the job's last generation that failed.
+func firstFailed(resp *pb.GetJobResponse) *pb.Allocation {
+	for _, al := range resp.Allocations {
+		if al.Generation == resp.Job.Generation && al.ClientStatus == consensus.AllocFailed {
+			return al
+		}
+	}
+	return nil
 }
 
 func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 	var r io.Reader
+	name := path
 	if path == "-" {
-		r = stdin
+		r, name = stdin, "stdin"
 	} else {
 		fh, err := os.Open(path)
 		if err != nil {
@@ -135,21 +178,27 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("job spec: %w", err)
 	}
-	return jobspec.Parse(data)
+	return jobspec.ParseFile(name, data)
 }
 
-func clientJobID(name string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	if len(name) > 40 {
-		name = name[:40]
-	}
-	return strings.ToLower(name) + "-" + hex.EncodeToString(b[:])
+// errNotPlaced: the job had no placement when followOptions.placeTimeout ran out.
+var errNotPlaced = errors.New("job not placed in time")
+
+// followOptions say how long followJob follows a job.
+type followOptions struct {
+	// untilEnd follows the job until it ends, not only until its ranks run.
+	untilEnd bool
+	// placeTimeout, when > 0, bounds the wait for the job's first
+	// placement; then followJob returns the job's state and errNotPlaced.
+	placeTimeout time.Duration
 }
 
 // followJob prints the job's progress until all ranks of its current
 // generation run (or, with untilEnd, until it ends) and returns its last state.
-func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id string, untilEnd bool, out io.Writer) (*pb.GetJobResponse, error) {
+func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id string, o followOptions, out io.Writer) (*pb.GetJobResponse, error) {
+	untilEnd := o.untilEnd
+	start := time.Now()
+	hinted := false
 	seen := map[string]string{}
 	lastReason := ""
 	var lastGen uint64
@@ -177,9 +226,17 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				}
 				lastGen = j.Generation
 			}
-			if j.Status == "pending" && j.StatusReason != lastReason {
+			if j.Status == consensus.JobPending && j.StatusReason != lastReason {
 				fmt.Fprintf(out, "    pending: %s\n", j.StatusReason)
 				lastReason = j.StatusReason
+				if j.Generation == 0 && !hinted {
+					hinted = true
+					wait := "until it is placed"
+					if o.placeTimeout > 0 {
+						wait = "up to " + o.placeTimeout.String() + " for a placement"
+					}
+					fmt.Fprintf(out, "    (watching %s; Ctrl-C stops watching and leaves the job queued; `gpumesh job stop %s` cancels it)\n", wait, j.Id)
+				}
 			}
 			for _, al := range resp.Allocations {
 				if al.Generation != j.Generation {
@@ -192,7 +249,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 					if len(al.Gpus) > 0 {
 						line += fmt.Sprintf(" gpus %v", al.Gpus)
 					}
-					if terminalStatus(al.ClientStatus) && al.ClientStatus != "complete" {
+					if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocComplete {
 						line += fmt.Sprintf(" (exit %d", al.ExitCode)
 						if al.Message != "" {
 							line += ": " + al.Message
@@ -204,7 +261,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 			}
 		}
 		switch j.Status {
-		case "complete", "failed", "stopped":
+		case consensus.JobComplete, consensus.JobFailed, consensus.JobStopped:
 			if !f.json {
 				fmt.Fprintf(out, "==> job %s %s", j.Id, j.Status)
 				if j.StatusReason != "" {
@@ -213,13 +270,16 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				fmt.Fprintln(out)
 			}
 			return resp, nil
-		case "running":
+		case consensus.JobRunning:
 			if !untilEnd && allRunning(resp) {
 				if !f.json {
 					fmt.Fprintf(out, "==> job %s running: %d ranks, generation %d (follow with `gpumesh job logs %s -f`)\n", j.Id, j.WorldSize, j.Generation, j.Id)
 				}
 				return resp, nil
 			}
+		}
+		if o.placeTimeout > 0 && j.Generation == 0 && time.Since(start) >= o.placeTimeout {
+			return resp, errNotPlaced
 		}
 		if !sleepCtx(ctx, 200*time.Millisecond) {
 			return nil, ctx.Err()
@@ -233,16 +293,12 @@ func allRunning(resp *pb.GetJobResponse) bool {
 		if al.Generation != resp.Job.Generation {
 			continue
 		}
-		if al.ClientStatus != "running" && al.ClientStatus != "complete" {
+		if al.ClientStatus != consensus.AllocRunning && al.ClientStatus != consensus.AllocComplete {
 			return false
 		}
 		n++
 	}
 	return n > 0 && n == int(resp.Job.WorldSize)
-}
-
-func terminalStatus(s string) bool {
-	return s == "complete" || s == "failed" || s == "stopped" || s == "lost"
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
@@ -283,6 +339,7 @@ func newJobStatusCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica, without asking the leader")
 	return cmd
 }
@@ -314,7 +371,7 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if terminalStatus(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) {
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,
@@ -322,48 +379,6 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	}
 	tw.Flush()
 	printResults(out, resp)
-}
-
-// printResults shows what built-in drivers reported (e.g. all-reduce busbw).
-func printResults(out io.Writer, resp *pb.GetJobResponse) {
-	for _, al := range resp.Allocations {
-		if al.Generation != resp.Job.Generation || al.Result == nil {
-			continue
-		}
-		m := al.Result.AsMap()
-		if rows, ok := m["sizes"].([]any); ok && len(rows) > 0 {
-			fmt.Fprintf(out, "\nrank %d results:\n", al.Rank)
-			tw := newTable(out)
-			fmt.Fprintln(tw, "SIZE\tTYPE\tTIME(us)\tALGBW(GB/s)\tBUSBW(GB/s)\tCHECK")
-			for _, r := range rows {
-				row, _ := r.(map[string]any)
-				fmt.Fprintf(tw, "%v\t%v\t%v\t%v\t%v\t%v\n", row["size"], row["dtype"], row["time_us"], row["algbw_gbps"], row["busbw_gbps"], row["check"])
-			}
-			tw.Flush()
-		} else if rows, ok := m["collectives"].([]any); ok && len(rows) > 0 {
-			// Collectives an exec rank ran through its agent (PyTorch backend).
-			fmt.Fprintf(out, "\nrank %d collectives through its agent:\n", al.Rank)
-			tw := newTable(out)
-			fmt.Fprintln(tw, "OP\tCOUNT\tBYTES\tMEAN(ms)\tMAX(ms)")
-			for _, r := range rows {
-				row, _ := r.(map[string]any)
-				fmt.Fprintf(tw, "%v\t%v\t%v\t%v\t%v\n", row["op"], row["ops"], row["bytes"], row["mean_latency_ms"], row["max_latency_ms"])
-			}
-			tw.Flush()
-		} else if len(m) > 0 {
-			keys := make([]string, 0, len(m))
-			for k := range m {
-				keys = append(keys, k)
-			}
-			sort.Strings(keys)
-			fmt.Fprintf(out, "\nrank %d results:", al.Rank)
-			for _, k := range keys {
-				fmt.Fprintf(out, " %s=%v", k, m[k])
-			}
-			fmt.Fprintln(out)
-		}
-		break
-	}
 }
 
 func newJobListCommand() *cobra.Command {
@@ -377,6 +392,7 @@ func newJobListCommand() *cobra.Command {
 		RunE:    func(cmd *cobra.Command, args []string) error { return listJobs(cmd, &f, stale) },
 	}
 	addClientFlags(cmd, &f)
+	readOnly(cmd)
 	cmd.Flags().BoolVar(&stale, "stale", false, "answer from the asked agent's replica")
 	return cmd
 }
@@ -473,9 +489,10 @@ func newJobLogsCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
-	cmd.Flags().Int32Var(&rank, "rank", 0, "which rank's logs")
+	readOnly(cmd)
+	cmd.Flags().Int32Var(&rank, "rank", 0, "show the logs of rank `N`")
 	cmd.Flags().BoolVar(&stderr, "stderr", false, "stderr instead of stdout")
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
-	cmd.Flags().Uint64Var(&gen, "generation", 0, "which generation (0: the current one)")
+	cmd.Flags().Uint64Var(&gen, "generation", 0, "generation `N` to show (0: the current one)")
 	return cmd
 }

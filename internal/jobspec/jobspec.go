@@ -1,22 +1,21 @@
 // Package jobspec reads job specifications written in YAML or JSON (one
-// schema), fills in defaults and validates them with errors that name the
-// field and the fix. Nothing that fails Validate may be stored.
+// schema), fills in defaults and validates them. ParseFile reports every
+// problem at once, each with the file, its line and column, the field's path
+// (exec.command) and what to do ("did you mean ..."). Nothing that fails
+// Validate may be stored.
 package jobspec
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
 	"regexp"
-	"strconv"
+	"sort"
 	"strings"
 	"time"
 
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
-	"sigs.k8s.io/yaml"
 
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -42,140 +41,6 @@ const (
 	TypeAllReduce = "allreduce"
 	TypePipeline  = "pipeline"
 )
-
-var (
-	// ErrInvalid is wrapped by every validation error.
-	ErrInvalid = errors.New("job spec")
-	// ErrTooLarge is returned for specs over MaxSpecBytes.
-	ErrTooLarge = errors.New("job spec too large")
-)
-
-// Error is a validation error for one field.
-type Error struct {
-	Field string // dotted path, e.g. "allreduce.sizes[1]"
-	Msg   string // what is wrong and what to do
-}
-
-func (e *Error) Error() string {
-	if e.Field == "" {
-		return "job spec: " + e.Msg
-	}
-	return fmt.Sprintf("job spec: %s: %s", e.Field, e.Msg)
-}
-
-// Unwrap lets errors.Is(err, ErrInvalid) match.
-func (e *Error) Unwrap() error { return ErrInvalid }
-
-func fieldErr(field, format string, args ...any) error {
-	return &Error{Field: field, Msg: fmt.Sprintf(format, args...)}
-}
-
-// Parse reads a YAML or JSON job spec, applies defaults and validates it.
-func Parse(data []byte) (*pb.JobSpec, error) {
-	if len(data) > MaxSpecBytes {
-		return nil, fmt.Errorf("%w: %d bytes; a spec may hold at most %d bytes (put data in files the job reads, not in the spec)", ErrTooLarge, len(data), MaxSpecBytes)
-	}
-	if strings.TrimSpace(string(data)) == "" {
-		return nil, &Error{Msg: "the file is empty; a spec needs at least type, ranks and the type's section"}
-	}
-	js, err := yaml.YAMLToJSON(data)
-	if err != nil {
-		return nil, &Error{Msg: "not valid YAML or JSON: " + cleanYAMLError(err)}
-	}
-	if strings.TrimSpace(string(js)) == "null" || !strings.HasPrefix(strings.TrimSpace(string(js)), "{") {
-		return nil, &Error{Msg: "the document must be a mapping of fields (name, type, ranks, ...)"}
-	}
-	js, err = coerceStrings(js)
-	if err != nil {
-		return nil, err
-	}
-	spec := &pb.JobSpec{}
-	if err := (protojson.UnmarshalOptions{}).Unmarshal(js, spec); err != nil {
-		return nil, &Error{Msg: cleanProtoError(err)}
-	}
-	ApplyDefaults(spec)
-	if err := Validate(spec); err != nil {
-		return nil, err
-	}
-	return spec, nil
-}
-
-// coerceStrings turns YAML scalars that the schema holds as strings (command
-// arguments such as 3 or true, env values, sizes) into strings, so that
-// `command: [python3, train.py, --epochs, 3]` means what a person expects.
-func coerceStrings(js []byte) ([]byte, error) {
-	var doc map[string]any
-	if err := json.Unmarshal(js, &doc); err != nil {
-		return nil, &Error{Msg: "not valid YAML or JSON: " + err.Error()}
-	}
-	str := func(v any) any {
-		switch x := v.(type) {
-		case bool, float64:
-			return fmt.Sprint(x)
-		}
-		return v
-	}
-	list := func(m map[string]any, key string) {
-		if l, ok := m[key].([]any); ok {
-			for i := range l {
-				l[i] = str(l[i])
-			}
-		}
-	}
-	section := func(key string) map[string]any {
-		m, _ := doc[key].(map[string]any)
-		return m
-	}
-	if m := section("exec"); m != nil {
-		list(m, "command")
-		if env, ok := m["env"].(map[string]any); ok {
-			for k, v := range env {
-				env[k] = str(v)
-			}
-		}
-	}
-	if m := section("allreduce"); m != nil {
-		list(m, "sizes")
-	}
-	if m := section("constraints"); m != nil {
-		for _, k := range []string{"min_gpu_memory", "az", "instance_type"} {
-			if v, ok := m[k]; ok {
-				m[k] = str(v)
-			}
-		}
-	}
-	if v, ok := doc["name"]; ok {
-		doc["name"] = str(v)
-	}
-	durations := map[string]any{"kill_timeout": doc["kill_timeout"]}
-	if r := section("restart"); r != nil {
-		durations["restart.delay"] = r["delay"]
-	}
-	for field, v := range durations {
-		if _, isNum := v.(float64); isNum {
-			return nil, fieldErr(field, `durations need a unit: write "%vs" for %v seconds`, v, v)
-		}
-	}
-	return json.Marshal(doc)
-}
-
-var protoErrPrefix = regexp.MustCompile(`^proto:\s*(\(line \d+:\d+\):\s*)?`)
-
-func cleanProtoError(err error) string {
-	msg := protoErrPrefix.ReplaceAllString(err.Error(), "")
-	msg = strings.ReplaceAll(msg, "\u00a0", " ")
-	if strings.HasPrefix(msg, "unknown field") {
-		msg += " (see `gpumesh job run --help` for the fields a spec may hold)"
-	}
-	if strings.Contains(msg, "google.protobuf.Duration") {
-		msg += ` (durations are strings such as "5s" or "2m")`
-	}
-	return msg
-}
-
-func cleanYAMLError(err error) string {
-	return strings.TrimPrefix(err.Error(), "error converting YAML to JSON: ")
-}
 
 // ApplyDefaults fills the fields a person may leave out. It is idempotent.
 func ApplyDefaults(s *pb.JobSpec) {
@@ -265,204 +130,215 @@ func oneOf(v string, set []string) bool {
 	return false
 }
 
-// Validate checks a spec whose defaults were applied. The error names the
-// first field at fault and what to do about it.
+// Validate checks a spec whose defaults were applied. It returns Errors
+// holding every field at fault, each with what to do about it, or nil.
 func Validate(s *pb.JobSpec) error {
 	if s == nil {
-		return &Error{Msg: "no spec given"}
+		return Errors{{Msg: "no spec given"}}
 	}
 	if n := proto.Size(s); n > MaxSpecBytes {
 		return fmt.Errorf("%w: %d bytes encoded; at most %d", ErrTooLarge, n, MaxSpecBytes)
 	}
+	var errs Errors
+	add := func(field, format string, args ...any) {
+		errs = append(errs, fieldErr(field, format, args...))
+	}
+	validateCommon(s, add)
+	switch s.Type {
+	case TypeExec:
+		validateExec(s, add)
+	case TypeAllReduce:
+		validateAllReduce(s, add)
+	case TypePipeline:
+		validatePipeline(s, add)
+	}
+	return errs.err()
+}
+
+// report records one problem: the field's path, then a format and its args.
+type report func(field, format string, args ...any)
+
+func validateCommon(s *pb.JobSpec, add report) {
 	if !nameRE.MatchString(s.Name) {
-		return fieldErr("name", "%q is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit", s.Name)
+		add("name", "%q is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit", s.Name)
 	}
 	switch s.Type {
 	case TypeExec, TypeAllReduce, TypePipeline:
 	default:
-		return fieldErr("type", "unknown type %q; use exec, allreduce or pipeline", s.Type)
+		add("type", "unknown type %q; use exec, allreduce or pipeline", s.Type)
 	}
 	elastic := s.MinRanks != 0 || s.MaxRanks != 0
 	switch {
 	case elastic && s.Ranks != 0:
-		return fieldErr("ranks", "give either ranks (fixed size) or min_ranks and max_ranks (elastic), not both")
+		add("ranks", "give either ranks (fixed size) or min_ranks and max_ranks (elastic), not both")
 	case elastic:
 		if s.MinRanks < 1 {
-			return fieldErr("min_ranks", "must be >= 1, got %d", s.MinRanks)
+			add("min_ranks", "must be >= 1, got %d", s.MinRanks)
 		}
 		if s.MaxRanks < s.MinRanks {
-			return fieldErr("max_ranks", "must be >= min_ranks (%d), got %d", s.MinRanks, s.MaxRanks)
-		}
-		if s.MaxRanks > MaxRanks {
-			return fieldErr("max_ranks", "must be <= %d, got %d", MaxRanks, s.MaxRanks)
+			add("max_ranks", "must be >= min_ranks (%d), got %d", s.MinRanks, s.MaxRanks)
+		} else if s.MaxRanks > MaxRanks {
+			add("max_ranks", "must be <= %d, got %d", MaxRanks, s.MaxRanks)
 		}
 		if s.Type == TypePipeline {
-			return fieldErr("min_ranks", "pipeline jobs have one rank per stage and cannot be elastic; set ranks")
+			add("min_ranks", "pipeline jobs have one rank per stage and cannot be elastic; set ranks")
 		}
 	default:
 		if s.Ranks < 1 {
-			return fieldErr("ranks", "must be >= 1, got %d (or give min_ranks and max_ranks for an elastic job)", s.Ranks)
-		}
-		if s.Ranks > MaxRanks {
-			return fieldErr("ranks", "must be <= %d, got %d", MaxRanks, s.Ranks)
+			add("ranks", "must be >= 1, got %d (or give min_ranks and max_ranks for an elastic job)", s.Ranks)
+		} else if s.Ranks > MaxRanks {
+			add("ranks", "must be <= %d, got %d", MaxRanks, s.Ranks)
 		}
 	}
 	if s.GpusPerRank < 0 || s.GpusPerRank > MaxGPUsPerRank {
-		return fieldErr("gpus_per_rank", "must be between 0 and %d, got %d", MaxGPUsPerRank, s.GpusPerRank)
+		add("gpus_per_rank", "must be between 0 and %d, got %d", MaxGPUsPerRank, s.GpusPerRank)
 	}
 	if s.Placement != "pack" && s.Placement != "spread" {
-		return fieldErr("placement", "unknown placement %q; use pack (fewest nodes, the default) or spread", s.Placement)
+		add("placement", "unknown placement %q; use pack (fewest nodes, the default) or spread", s.Placement)
 	}
 	if c := s.Constraints; c != nil {
 		if c.Lifecycle != "" && !oneOf(c.Lifecycle, []string{"spot", "on-demand"}) {
-			return fieldErr("constraints.lifecycle", "unknown lifecycle %q; use spot or on-demand", c.Lifecycle)
+			add("constraints.lifecycle", "unknown lifecycle %q; use spot or on-demand", c.Lifecycle)
 		}
 		if c.MinGpuMemory != "" {
-			if _, err := ParseSize(c.MinGpuMemory); err != nil {
-				return fieldErr("constraints.min_gpu_memory", "%v", err)
-			}
-			if s.GpusPerRank == 0 {
-				return fieldErr("constraints.min_gpu_memory", "only makes sense with gpus_per_rank >= 1")
+			if _, err := bytesize.Parse(c.MinGpuMemory); err != nil {
+				add("constraints.min_gpu_memory", "%v", err)
+			} else if s.GpusPerRank == 0 {
+				add("constraints.min_gpu_memory", "only makes sense with gpus_per_rank >= 1")
 			}
 		}
 	}
 	if r := s.Restart; r != nil {
 		if r.Attempts < 0 || r.Attempts > 1000 {
-			return fieldErr("restart.attempts", "must be between 0 and 1000, got %d", r.Attempts)
+			add("restart.attempts", "must be between 0 and 1000, got %d", r.Attempts)
 		}
 		if r.Delay != nil && (r.Delay.AsDuration() < 0 || r.Delay.AsDuration() > 24*time.Hour) {
-			return fieldErr("restart.delay", "must be between 0s and 24h, got %s", r.Delay.AsDuration())
+			add("restart.delay", "must be between 0s and 24h, got %s", r.Delay.AsDuration())
 		}
 	}
 	if s.KillTimeout != nil && (s.KillTimeout.AsDuration() < 0 || s.KillTimeout.AsDuration() > time.Hour) {
-		return fieldErr("kill_timeout", "must be between 0s and 1h, got %s", s.KillTimeout.AsDuration())
+		add("kill_timeout", "must be between 0s and 1h, got %s", s.KillTimeout.AsDuration())
 	}
-	switch s.Type {
-	case TypeExec:
-		if s.Allreduce != nil || s.Pipeline != nil {
-			return fieldErr("type", "exec jobs take an exec section only")
-		}
-		if s.Exec == nil || len(s.Exec.Command) == 0 {
-			return fieldErr("exec.command", `an exec job needs a command, e.g. exec: {command: ["python3", "train.py"]}`)
-		}
-		if s.Exec.Command[0] == "" {
-			return fieldErr("exec.command[0]", "the program to run is empty")
-		}
-		for k := range s.Exec.Env {
-			if k == "" || strings.ContainsAny(k, "=\x00") {
-				return fieldErr("exec.env", "%q is not a valid environment variable name", k)
-			}
-		}
-	case TypeAllReduce:
-		if s.Exec != nil || s.Pipeline != nil {
-			return fieldErr("type", "allreduce jobs take an allreduce section only")
-		}
-		a := s.Allreduce
-		for i, sz := range a.Sizes {
-			n, err := ParseSize(sz)
-			if err != nil {
-				return fieldErr(fmt.Sprintf("allreduce.sizes[%d]", i), "%v", err)
-			}
-			if n == 0 || n > 16<<30 {
-				return fieldErr(fmt.Sprintf("allreduce.sizes[%d]", i), "must be between 1 byte and 16GiB, got %s", sz)
-			}
-		}
-		if !oneOf(a.Dtype, dtypes) {
-			return fieldErr("allreduce.dtype", "unknown dtype %q; use one of %s", a.Dtype, strings.Join(dtypes, ", "))
-		}
-		if !oneOf(a.Op, reduceOps) {
-			return fieldErr("allreduce.op", "unknown op %q; use one of %s", a.Op, strings.Join(reduceOps, ", "))
-		}
-		if a.Iters < 1 || a.Iters > 100000 {
-			return fieldErr("allreduce.iters", "must be between 1 and 100000, got %d", a.Iters)
-		}
-		if !oneOf(a.Device, []string{"auto", "cpu", "cuda"}) {
-			return fieldErr("allreduce.device", "unknown device %q; use auto, cpu or cuda", a.Device)
-		}
-		if a.Device == "cuda" && s.GpusPerRank < 1 {
-			return fieldErr("allreduce.device", "device cuda needs gpus_per_rank >= 1")
-		}
-		if a.Channels < 0 || a.Channels > 64 {
-			return fieldErr("allreduce.channels", "must be between 0 (the node's default) and 64, got %d", a.Channels)
-		}
-	case TypePipeline:
-		if s.Exec != nil || s.Allreduce != nil {
-			return fieldErr("type", "pipeline jobs take a pipeline section only")
-		}
-		p := s.Pipeline
-		if len(p.Layers) < 2 {
-			return fieldErr("pipeline.layers", "needs at least two widths (input and output), e.g. [64, 128, 10]")
-		}
-		for i, w := range p.Layers {
-			if w < 1 || w > 1<<16 {
-				return fieldErr(fmt.Sprintf("pipeline.layers[%d]", i), "width must be between 1 and 65536, got %d", w)
-			}
-		}
-		if int(s.Ranks) > len(p.Layers)-1 {
-			return fieldErr("ranks", "a pipeline of %d layers has at most %d stages, got ranks %d", len(p.Layers)-1, len(p.Layers)-1, s.Ranks)
-		}
-		if p.Microbatches < 1 || p.Microbatches > 4096 {
-			return fieldErr("pipeline.microbatches", "must be between 1 and 4096, got %d", p.Microbatches)
-		}
-		if p.MicrobatchSize < 1 || p.MicrobatchSize > 1<<16 {
-			return fieldErr("pipeline.microbatch_size", "must be between 1 and 65536, got %d", p.MicrobatchSize)
-		}
-		if p.Steps < 1 || p.Steps > 1<<20 {
-			return fieldErr("pipeline.steps", "must be between 1 and 1048576, got %d", p.Steps)
-		}
-		if !(p.LearningRate > 0 && p.LearningRate < 100) {
-			return fieldErr("pipeline.learning_rate", "must be > 0 and < 100, got %g", p.LearningRate)
-		}
-		if !oneOf(p.Schedule, []string{"gpipe", "1f1b", "interleaved"}) {
-			return fieldErr("pipeline.schedule", "unknown schedule %q; use gpipe, 1f1b or interleaved", p.Schedule)
-		}
-		if p.Schedule == "interleaved" && p.Chunks < 2 {
-			return fieldErr("pipeline.chunks", "the interleaved schedule needs chunks >= 2 (model chunks per stage), got %d", p.Chunks)
-		}
-		if p.Schedule != "interleaved" && p.Chunks > 1 {
-			return fieldErr("pipeline.chunks", "chunks %d need schedule interleaved", p.Chunks)
-		}
-		if p.Chunks < 0 || p.Chunks > 16 {
-			return fieldErr("pipeline.chunks", "must be between 0 and 16, got %d", p.Chunks)
-		}
-		if p.Chunks > 1 && int(s.Ranks)*int(p.Chunks) > len(p.Layers)-1 {
-			return fieldErr("pipeline.chunks", "%d stages × %d chunks need at least %d layers, the model has %d", s.Ranks, p.Chunks, int(s.Ranks)*int(p.Chunks), len(p.Layers)-1)
-		}
-		if !oneOf(p.Device, []string{"cpu", "cuda"}) {
-			return fieldErr("pipeline.device", "unknown device %q; use cpu or cuda", p.Device)
-		}
-		if !oneOf(p.Mode, []string{"train", "inference"}) {
-			return fieldErr("pipeline.mode", "unknown mode %q; use train or inference", p.Mode)
-		}
-	}
-	return nil
 }
 
-var sizeRE = regexp.MustCompile(`^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$`)
+func validateExec(s *pb.JobSpec, add report) {
+	if s.Allreduce != nil {
+		add("allreduce", "exec jobs take an exec section only (or set type: allreduce)")
+	}
+	if s.Pipeline != nil {
+		add("pipeline", "exec jobs take an exec section only (or set type: pipeline)")
+	}
+	if s.Exec == nil || len(s.Exec.Command) == 0 {
+		add("exec.command", `an exec job needs a command, e.g. exec: {command: ["python3", "train.py"]}`)
+		return
+	}
+	if s.Exec.Command[0] == "" {
+		add("exec.command[0]", "the program to run is empty")
+	}
+	keys := make([]string, 0, len(s.Exec.Env))
+	for k := range s.Exec.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			add("exec.env", "%q is not a valid environment variable name", k)
+		}
+	}
+}
 
-// ParseSize reads a byte size such as "512", "4KiB", "64MiB", "1GiB", "1.5GB".
-func ParseSize(s string) (uint64, error) {
-	m := sizeRE.FindStringSubmatch(s)
-	if m == nil {
-		return 0, fmt.Errorf("%q is not a size; write a number with a unit, e.g. 64MiB", s)
+func validateAllReduce(s *pb.JobSpec, add report) {
+	if s.Exec != nil {
+		add("exec", "allreduce jobs take an allreduce section only (or set type: exec)")
 	}
-	v, err := strconv.ParseFloat(m[1], 64)
-	if err != nil {
-		return 0, fmt.Errorf("%q is not a size: %v", s, err)
+	if s.Pipeline != nil {
+		add("pipeline", "allreduce jobs take an allreduce section only (or set type: pipeline)")
 	}
-	mult := map[string]float64{
-		"": 1, "b": 1,
-		"k": 1 << 10, "kib": 1 << 10, "kb": 1e3,
-		"m": 1 << 20, "mib": 1 << 20, "mb": 1e6,
-		"g": 1 << 30, "gib": 1 << 30, "gb": 1e9,
-		"t": 1 << 40, "tib": 1 << 40, "tb": 1e12,
-	}[strings.ToLower(m[2])]
-	if mult == 0 {
-		return 0, fmt.Errorf("%q has an unknown unit %q; use B, KiB, MiB, GiB or TiB", s, m[2])
+	a := s.Allreduce
+	if a == nil {
+		add("allreduce", "an allreduce job needs an allreduce section")
+		return
 	}
-	b := v * mult
-	if b > 1<<62 {
-		return 0, fmt.Errorf("%q is too large", s)
+	for i, sz := range a.Sizes {
+		field := fmt.Sprintf("allreduce.sizes[%d]", i)
+		n, err := bytesize.Parse(sz)
+		if err != nil {
+			add(field, "%v", err)
+		} else if n == 0 || n > 16<<30 {
+			add(field, "must be between 1 byte and 16GiB, got %s", sz)
+		}
 	}
-	return uint64(b), nil
+	if !oneOf(a.Dtype, dtypes) {
+		add("allreduce.dtype", "unknown dtype %q; use one of %s", a.Dtype, strings.Join(dtypes, ", "))
+	}
+	if !oneOf(a.Op, reduceOps) {
+		add("allreduce.op", "unknown op %q; use one of %s", a.Op, strings.Join(reduceOps, ", "))
+	}
+	if a.Iters < 1 || a.Iters > 100000 {
+		add("allreduce.iters", "must be between 1 and 100000, got %d", a.Iters)
+	}
+	if !oneOf(a.Device, []string{"auto", "cpu", "cuda"}) {
+		add("allreduce.device", "unknown device %q; use auto, cpu or cuda", a.Device)
+	} else if a.Device == "cuda" && s.GpusPerRank < 1 {
+		add("allreduce.device", "device cuda needs gpus_per_rank >= 1")
+	}
+	if a.Channels < 0 || a.Channels > 64 {
+		add("allreduce.channels", "must be between 0 (the node's default) and 64, got %d", a.Channels)
+	}
+}
+
+func validatePipeline(s *pb.JobSpec, add report) {
+	if s.Exec != nil {
+		add("exec", "pipeline jobs take a pipeline section only (or set type: exec)")
+	}
+	if s.Allreduce != nil {
+		add("allreduce", "pipeline jobs take a pipeline section only (or set type: allreduce)")
+	}
+	p := s.Pipeline
+	if p == nil {
+		add("pipeline", "a pipeline job needs a pipeline section")
+		return
+	}
+	layersOK := len(p.Layers) >= 2
+	if !layersOK {
+		add("pipeline.layers", "needs at least two widths (input and output), e.g. [64, 128, 10]")
+	}
+	for i, w := range p.Layers {
+		if w < 1 || w > 1<<16 {
+			add(fmt.Sprintf("pipeline.layers[%d]", i), "width must be between 1 and 65536, got %d", w)
+		}
+	}
+	if layersOK && int(s.Ranks) > len(p.Layers)-1 {
+		add("ranks", "a pipeline of %d layers has at most %d stages, got ranks %d", len(p.Layers)-1, len(p.Layers)-1, s.Ranks)
+	}
+	if p.Microbatches < 1 || p.Microbatches > 4096 {
+		add("pipeline.microbatches", "must be between 1 and 4096, got %d", p.Microbatches)
+	}
+	if p.MicrobatchSize < 1 || p.MicrobatchSize > 1<<16 {
+		add("pipeline.microbatch_size", "must be between 1 and 65536, got %d", p.MicrobatchSize)
+	}
+	if p.Steps < 1 || p.Steps > 1<<20 {
+		add("pipeline.steps", "must be between 1 and 1048576, got %d", p.Steps)
+	}
+	if !(p.LearningRate > 0 && p.LearningRate < 100) {
+		add("pipeline.learning_rate", "must be > 0 and < 100, got %g", p.LearningRate)
+	}
+	switch {
+	case !oneOf(p.Schedule, []string{"gpipe", "1f1b", "interleaved"}):
+		add("pipeline.schedule", "unknown schedule %q; use gpipe, 1f1b or interleaved", p.Schedule)
+	case p.Chunks < 0 || p.Chunks > 16:
+		add("pipeline.chunks", "must be between 0 and 16, got %d", p.Chunks)
+	case p.Schedule == "interleaved" && p.Chunks < 2:
+		add("pipeline.chunks", "the interleaved schedule needs chunks >= 2 (model chunks per stage), got %d", p.Chunks)
+	case p.Schedule != "interleaved" && p.Chunks > 1:
+		add("pipeline.chunks", "chunks %d need schedule interleaved", p.Chunks)
+	case layersOK && p.Chunks > 1 && int(s.Ranks)*int(p.Chunks) > len(p.Layers)-1:
+		add("pipeline.chunks", "%d stages × %d chunks need at least %d layers, the model has %d", s.Ranks, p.Chunks, int(s.Ranks)*int(p.Chunks), len(p.Layers)-1)
+	}
+	if !oneOf(p.Device, []string{"cpu", "cuda"}) {
+		add("pipeline.device", "unknown device %q; use cpu or cuda", p.Device)
+	}
+	if !oneOf(p.Mode, []string{"train", "inference"}) {
+		add("pipeline.mode", "unknown mode %q; use train or inference", p.Mode)
+	}
 }

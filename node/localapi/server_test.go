@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gpumesh/gpumesh/collective"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // fakeAuth accepts hellos of job "j" generation 1 with secret "ok-<rank>".
@@ -268,7 +268,7 @@ func TestServerRunsEveryOperation(t *testing.T) {
 // mapping.
 func waitIdle(t *testing.T, s *Server) {
 	t.Helper()
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		if l := s.Live(); l != (Live{}) {
 			return fmt.Errorf("server still holds %+v", l)
 		}
@@ -395,7 +395,7 @@ func TestServerClientDiesMidOperation(t *testing.T) {
 	// Both ranks wait to receive from each other; rank 0 dies.
 	b.send(EncodeOp(&Op{Kind: OpRecv, DType: 1, Peer: 0, ID: 1, A: BufRef{Region: 1, Count: 1 << 18}}))
 	a.send(EncodeOp(&Op{Kind: OpRecv, DType: 1, Peer: 1, ID: 1, A: BufRef{Region: 1, Count: 1 << 18}}))
-	procs.Eventually(t, 5*time.Second, func() error {
+	poll.Until(t, 5*time.Second, func() error {
 		if s.Live().Goroutines < 4 {
 			return fmt.Errorf("rank 1's operation has not started: %+v", s.Live())
 		}

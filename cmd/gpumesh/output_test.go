@@ -1,0 +1,211 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+)
+
+func TestAgoUnsetTimesPrintDash(t *testing.T) {
+	now := time.Date(2026, 12, 7, 5, 0, 0, 0, time.UTC)
+	cases := []struct {
+		name string
+		t    *timestamppb.Timestamp
+		want string
+	}{
+		{"nil", nil, "-"},
+		{"zero message", &timestamppb.Timestamp{}, "-"},
+		{"invalid", &timestamppb.Timestamp{Seconds: 1, Nanos: -1}, "-"},
+		{"seconds", timestamppb.New(now.Add(-5 * time.Second)), "5s ago"},
+		{"minutes", timestamppb.New(now.Add(-3 * time.Minute)), "3m ago"},
+		{"hours", timestamppb.New(now.Add(-2 * time.Hour)), "2h ago"},
+		{"days", timestamppb.New(now.Add(-72 * time.Hour)), "3d ago"},
+		{"future", timestamppb.New(now.Add(time.Minute)), "0s ago"},
+	}
+	for _, tc := range cases {
+		if got := agoAt(tc.t, now); got != tc.want {
+			t.Errorf("%s: agoAt = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+// A rank that never started has no start time: its STARTED column is "-",
+// not hundreds of thousands of hours since 1970.
+func TestJobStatusRankNeverStarted(t *testing.T) {
+	resp := &pb.GetJobResponse{
+		Job: &pb.Job{Id: "hello-1", Status: "pending", Generation: 1, WorldSize: 2, SubmitTime: timestamppb.Now(),
+			Spec: &pb.JobSpec{Name: "hello", Type: "exec"}},
+		Allocations: []*pb.Allocation{
+			{Generation: 1, Rank: 0, NodeName: "node-1", DesiredStatus: "run", ClientStatus: "running", StartTime: timestamppb.Now()},
+			{Generation: 1, Rank: 1, NodeName: "node-2", DesiredStatus: "run", ClientStatus: "pending"},
+		},
+	}
+	var out bytes.Buffer
+	printJob(&out, resp)
+	s := out.String()
+	if strings.Contains(s, "h ago") || strings.Contains(s, "d ago") {
+		t.Fatalf("an unset start time printed as a long time ago:\n%s", s)
+	}
+	var rank1 string
+	for _, l := range strings.Split(s, "\n") {
+		if f := strings.Fields(l); len(f) > 7 && f[0] == "1" && f[1] == "1" {
+			rank1 = l
+			if f[7] != "-" {
+				t.Errorf("STARTED of a rank that never started = %q, want -", f[7])
+			}
+		}
+	}
+	if rank1 == "" {
+		t.Fatalf("no row for rank 1:\n%s", s)
+	}
+}
+
+// fakeJobs answers GetJob with a fixed job; every other call panics.
+type fakeJobs struct {
+	pb.ControlClient
+	resp *pb.GetJobResponse
+}
+
+func (f fakeJobs) GetJob(context.Context, *pb.GetJobRequest, ...grpc.CallOption) (*pb.GetJobResponse, error) {
+	return f.resp, nil
+}
+
+// A failed job is reported once, on followJob's last line, not again as
+// "Error: job ... failed: ..." by main.
+func TestJobRunSaysAFailureOnce(t *testing.T) {
+	reason := "generation 1 failed: rank 1 failed on node node-2: exit code 3; restart attempts exhausted (0 of 0)"
+	resp := &pb.GetJobResponse{
+		Job: &pb.Job{Id: "fail-1", Status: "failed", StatusReason: reason, Generation: 1, WorldSize: 2, Spec: &pb.JobSpec{Type: "exec"}},
+		Allocations: []*pb.Allocation{
+			{Generation: 1, Rank: 0, NodeName: "node-1", ClientStatus: "stopped", ExitCode: -1, Message: "killed by signal 15"},
+			{Generation: 1, Rank: 1, NodeName: "node-2", ClientStatus: "failed", ExitCode: 3},
+		},
+	}
+	var out bytes.Buffer
+	f := &clientFlags{timeout: time.Second}
+	o := followOptions{untilEnd: true}
+	final, err := followJob(context.Background(), fakeJobs{resp: resp}, f, "fail-1", o, &out)
+	err = finishRun(&out, false, o, final, err)
+	var stderr bytes.Buffer
+	if code := exitStatus(err, &stderr); code != exitFailed || stderr.Len() != 0 {
+		t.Fatalf("exit %d, stderr %q; want 1 and nothing on stderr", code, stderr.String())
+	}
+	s := out.String()
+	if n := strings.Count(s, "exit code 3"); n != 1 {
+		t.Errorf("the reason appears %d times:\n%s", n, s)
+	}
+	for _, want := range []string{"==> job fail-1 failed: " + reason, "its output: gpumesh job logs fail-1 --rank 1 --generation 1 --stderr"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("output lacks %q:\n%s", want, s)
+		}
+	}
+}
+
+// A job still pending when the placement deadline passes ends the command
+// with exit status 2, the reason and what to do.
+func TestJobRunPlaceTimeout(t *testing.T) {
+	resp := &pb.GetJobResponse{Job: &pb.Job{Id: "gpu-1", Status: "pending", StatusReason: "waiting for capacity: needs 2 GPUs", Spec: &pb.JobSpec{Type: "exec"}}}
+	var out bytes.Buffer
+	o := followOptions{placeTimeout: time.Millisecond}
+	final, err := followJob(context.Background(), fakeJobs{resp: resp}, &clientFlags{timeout: time.Second}, "gpu-1", o, &out)
+	err = finishRun(&out, false, o, final, err)
+	var stderr bytes.Buffer
+	if code := exitStatus(err, &stderr); code != exitNotPlaced {
+		t.Fatalf("exit %d, want %d", code, exitNotPlaced)
+	}
+	for _, want := range []string{"was not placed within 1ms: waiting for capacity: needs 2 GPUs", "gpumesh job stop gpu-1"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr.String())
+		}
+	}
+	if !strings.Contains(out.String(), "Ctrl-C stops watching and leaves the job queued") {
+		t.Errorf("no hint on how to detach:\n%s", out.String())
+	}
+}
+
+func TestPrintJSONNumbersAndLayout(t *testing.T) {
+	resp := &pb.GetJobResponse{
+		Job:         &pb.Job{Id: "a", Generation: 7, SubmitTime: timestamppb.New(time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)), Spec: &pb.JobSpec{Pipeline: &pb.PipelineSpec{Seed: 1 << 60}}},
+		Allocations: []*pb.Allocation{{Generation: 7}},
+		Index:       18446744073709551615,
+	}
+	var a, b bytes.Buffer
+	if err := printJSON(&a, resp); err != nil {
+		t.Fatal(err)
+	}
+	_ = printJSON(&b, resp)
+	s := a.String()
+	if s != b.String() {
+		t.Fatal("two prints differ")
+	}
+	for _, want := range []string{`"generation": 7,`, `"index": 18446744073709551615`, `"seed": 1152921504606846976`, `"submit_time": "2026-12-07T00:00:00Z"`} {
+		if !strings.Contains(s, want) {
+			t.Errorf("lacks %s:\n%s", want, s)
+		}
+	}
+	if strings.Contains(s, ":  ") || strings.Contains(s, `"7"`) {
+		t.Errorf("doubled spaces or a number as a string:\n%s", s)
+	}
+}
+
+func TestMemberStatusOfADeadMember(t *testing.T) {
+	meta := &pb.Node{Status: "ready"}
+	if got := memberStatus(&pb.Member{State: "alive", Meta: meta}); got != "ready" {
+		t.Errorf("alive: %q", got)
+	}
+	for _, st := range []string{"dead", "left", "suspect"} {
+		if got := memberStatus(&pb.Member{State: st, Meta: meta}); got != "-" {
+			t.Errorf("%s member shows %q", st, got)
+		}
+	}
+}
+
+func TestDemoLogsGoToAFile(t *testing.T) {
+	t.Setenv("TMPDIR", t.TempDir())
+	var stderr, out bytes.Buffer
+	w, closeLog, err := devLogOutput(true, &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hclog.New(&hclog.LoggerOptions{Output: w}).Error("connection reset")
+	closeLog(&out)
+	if stderr.Len() != 0 {
+		t.Fatalf("agent logs reached the terminal: %q", stderr.String())
+	}
+	path := strings.TrimSpace(strings.TrimPrefix(out.String(), "==> agent logs: "))
+	b, err := os.ReadFile(path)
+	if err != nil || !strings.Contains(string(b), "[ERROR] connection reset") {
+		t.Fatalf("log file %q: %v %q", path, err, b)
+	}
+	// Nothing logged: no file left behind, nothing printed.
+	out.Reset()
+	w, closeLog, _ = devLogOutput(true, &stderr)
+	f := w.(*os.File).Name()
+	closeLog(&out)
+	if _, err := os.Stat(f); !os.IsNotExist(err) || out.Len() != 0 {
+		t.Fatalf("an empty log file is kept (%v) or named (%q)", err, out.String())
+	}
+	// Without --demo the logs stay on standard error.
+	w, _, _ = devLogOutput(false, &stderr)
+	if w != io.Writer(&stderr) {
+		t.Fatal("dev without --demo logs elsewhere than standard error")
+	}
+}
+
+func TestSecondsReadable(t *testing.T) {
+	for in, want := range map[float64]string{0.00079276: "793µs", 0.0123456: "12.3ms", 1.2549: "1.25s", 0: "0s", 125.4: "2m5s"} {
+		if got := seconds(in); got != want {
+			t.Errorf("seconds(%g) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -1,0 +1,45 @@
+package consensus
+
+import (
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/sharding"
+)
+
+// PlanJob says whether and where a job with spec would be placed against
+// the given cluster state, through the same conversions and planner
+// (sharding) the leader's scheduler uses, so `gpumesh job plan` answers
+// what the leader would do. It is pure: nothing is submitted or reserved.
+//
+// nodes and allocs are the state as the Control API returns it (ListNodes,
+// GetJob); like the scheduler, PlanJob counts only nodes that are alive and
+// allocations that still hold resources on them. Jobs queued ahead of this
+// one are not counted: they may take the capacity first. The error is a
+// *sharding.UnplaceableError (errors.Is sharding.ErrUnplaceable) when the
+// job does not fit now, ErrInvalidArgument-wrapped for a bad constraint.
+func PlanJob(nodes []*controlpb.Node, allocs []*controlpb.Allocation, spec *controlpb.JobSpec) (sharding.Plan, error) {
+	alive := map[string]bool{}
+	var sn []sharding.Node
+	for _, n := range nodes {
+		if !nodeAlive(n) {
+			continue
+		}
+		alive[n.Id] = true
+		sn = append(sn, toShardingNode(n))
+	}
+	var existing []sharding.Allocation
+	for _, a := range allocs {
+		if AllocTerminal(a.ClientStatus) || !alive[a.NodeId] {
+			continue
+		}
+		existing = append(existing, sharding.Allocation{JobID: a.JobId, Rank: int(a.Rank), NodeID: a.NodeId, GPUs: intsOf(a.Gpus)})
+	}
+	job, err := toShardingJob("plan", spec)
+	if err != nil {
+		return sharding.Plan{}, err
+	}
+	c, err := sharding.NewCluster(sn, existing)
+	if err != nil {
+		return sharding.Plan{}, err
+	}
+	return c.Place(job)
+}
