@@ -231,7 +231,8 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             staged.append(_Staged(seg, off, t, view))
         return seg, staged
 
-    def _issue(self, kind, what, dtype_of, inputs, outputs, a_idx, b_idx, reduce_op=0, peer=0, tag=0, result=None):
+    def _issue(self, kind, what, dtype_of, inputs, outputs, a_idx, b_idx, reduce_op=0, peer=0, tag=0, result=None,
+               post=None):
         """Runs one operation: inputs are copied into shared memory, the agent
         runs kind on buffers A and B (indices into the staged list, inputs
         first), and outputs are copied back when it answers."""
@@ -256,6 +257,8 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                         if s.view is not None:
                             t = s.tensor
                             (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
+                    if post is not None:
+                        post()
             except Exception as e:  # a copy-out failure is the op's failure
                 err = f"copying the result back: {e}"
             finally:
@@ -312,8 +315,13 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                     f"gpumesh: all_gather output tensors must match the input ({inp.dtype}[{inp.numel()}]), "
                     f"got {o.dtype}[{o.numel()}]")
         flat = torch.empty(inp.numel() * self._size, dtype=inp.dtype)
-        w = self._issue(_client.OP_ALLGATHER, "all_gather", inp, [inp], [flat], 1, 0, result=output_tensors)
-        return _Then(w, lambda: [o.copy_(flat[i * inp.numel():(i + 1) * inp.numel()].view_as(o)) for i, o in enumerate(outs)])
+        k = inp.numel()
+
+        def scatter():
+            for i, o in enumerate(outs):
+                o.copy_(flat[i * k:(i + 1) * k].view_as(o))
+        return self._issue(_client.OP_ALLGATHER, "all_gather", inp, [inp], [flat], 1, 0, result=output_tensors,
+                           post=scatter)
 
     def _allgather_base(self, output, input, opts=None):
         inp = _flat(input, "all_gather_into_tensor")
@@ -382,24 +390,6 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
 
     def shutdown(self):
         self._conn.close()
-
-
-class _Then(Work):
-    """A Work that runs a copy-out step after another Work completes."""
-
-    def __init__(self, inner, after):
-        super().__init__(inner._result, inner._what, inner._timeout)
-        self._inner = inner
-
-        def done(fut):
-            try:
-                fut.value()
-                after()
-                self._complete(None)
-            except Exception as e:
-                self._complete(str(e))
-
-        inner.get_future().then(done)
 
 
 def _create(opts, pg_options=None):
