@@ -16,6 +16,7 @@ import (
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/internal/poll"
+	"github.com/gpumesh/gpumesh/internal/procs"
 	"github.com/gpumesh/gpumesh/node/driver"
 	"github.com/gpumesh/gpumesh/node/localapi"
 )
@@ -78,7 +79,10 @@ func readOutputs(t *testing.T, dir string, n int) []rankOutput {
 func torchJob(t *testing.T, c pb.ControlClient, ranks int, placement string, attempts int32, args ...string) string {
 	t.Helper()
 	spec := &pb.JobSpec{Name: "torch", Type: "exec", Ranks: int32(ranks), Placement: placement,
-		Exec: &pb.ExecSpec{Command: append([]string{torchPython}, args...), Env: map[string]string{"PYTHONPATH": repoPath(t, "python"), "PYTHONFAULTHANDLER": "1"}}}
+		// MASTER_PORT: a free port of the test's own, since the scheduler's
+		// pick (29500 first) may be held by another torch process on the
+		// machine.
+		Exec: &pb.ExecSpec{Command: append([]string{"env", fmt.Sprintf("MASTER_PORT=%d", procs.FreePorts(t, "127.0.0.1", 1)[0]), torchPython}, args...), Env: map[string]string{"PYTHONPATH": repoPath(t, "python"), "PYTHONFAULTHANDLER": "1"}}}
 	jobspec.ApplyDefaults(spec)
 	spec.Restart = &pb.RestartPolicy{Attempts: attempts}
 	jobspec.ApplyDefaults(spec)

@@ -23,14 +23,18 @@ trap 'kill $DEV 2>/dev/null; wait $DEV 2>/dev/null' EXIT
 for _ in $(seq 100); do grep -q "export GPUMESH_ADDR" "$OUT/dev.log" && break; sleep 0.2; done
 export GPUMESH_ADDR=$(sed -n 's/.*export GPUMESH_ADDR=//p' "$OUT/dev.log")
 
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # job NAME RANKS ARGS...: runs SCRIPT as a gpumesh exec job, prints rank 0's stdout.
 job() {
   local script=$1 ranks=$2; shift 2
   local args="" a
   for a in "$@"; do args="$args, \"$a\""; done
   local id
-  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
+  # MASTER_PORT: a free port of our own (the scheduler's pick may be held by
+  # another torch process on a shared machine).
+  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s"%s]\n' \
+        "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
   "$BIN" job logs "$id" --rank 0
 }
 

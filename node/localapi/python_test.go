@@ -83,3 +83,18 @@ func TestPythonDDPAgainstServer(t *testing.T) {
 		waitIdle(t, s)
 	}
 }
+
+// The benchmark's model (100M parameters: DDP's parameter broadcast and
+// buckets need segments of hundreds of MiB) runs one step on one rank.
+func TestPythonLargeModelOneRank(t *testing.T) {
+	if testing.Short() {
+		t.Skip("large model")
+	}
+	script, _ := filepath.Abs("../../bench/torch/ddp_step.py")
+	s := startServer(t, 1)
+	outs := runPython(t, s, 1, script, "--backend", "gpumesh", "--warmup", "0", "--steps", "1")
+	if !strings.Contains(outs[0], `"step_s"`) {
+		t.Fatalf("no result: %s", outs[0])
+	}
+	waitIdle(t, s)
+}

@@ -36,6 +36,7 @@ NCCL as their process group and send only the gradients through gpumesh::
     model.register_comm_hook(gpumesh.torch.hook_state(), gpumesh.torch.allreduce_hook)
 """
 
+import collections
 import datetime
 import inspect
 import os
@@ -48,6 +49,10 @@ import torch.distributed as dist
 from gpumesh import _client
 
 BACKEND = "gpumesh"
+
+# How many of its latest operations' Work objects a group keeps alive (see
+# ProcessGroupGpumesh.__init__).
+_KEEP_WORKS = 64
 
 _WorkBase = getattr(dist, "_Work", None) or dist.Work
 
@@ -200,6 +205,12 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                 f"({_client.ENV_SOCKET}, {_client.ENV_SECRET}, GPUMESH_JOB_ID or GPUMESH_GENERATION is not set). "
                 "Run the script with `gpumesh job run`, or use backend 'gloo' or 'nccl' outside gpumesh.")
         self._timeout = _seconds(timeout) or 1800.0
+        # C++ callers (DDP's parameter broadcast and checks) hold our Work
+        # objects only by their C++ half; once the Python object is gone,
+        # C++ wait() no longer reaches our override and waits forever. So
+        # the group keeps the latest works alive (PyTorch's own Python
+        # process-group tests keep every work).
+        self._keep = collections.deque(maxlen=_KEEP_WORKS)
         self._rank, self._size = rank, size
         self._conn = _client.Connection(
             socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
@@ -238,6 +249,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         first), and outputs are copied back when it answers."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
         work = Work(result, what, self._timeout + 10.0)
+        self._keep.append(work)
         conn = self._conn
         # Outputs that are also inputs (in place) share the input's staging.
         extra = [o for o in outputs if not any(o is i for i in inputs)]
