@@ -21,7 +21,7 @@ run() { # ranks script args...
   local args="" a id
   for a in "$@"; do args="$args, \"$a\""; done
   id=$(printf 'name: check\nranks: %s\nrestart: {attempts: 1}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
+        "$ranks" "$ROOT" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job status "$id" | sed -n '1,12p'
   for r in $(seq 0 $((ranks - 1))); do
     "$BIN" job logs "$id" --rank "$r" | tail -3

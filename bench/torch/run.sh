@@ -34,7 +34,7 @@ job() {
   # MASTER_PORT: a free port of our own (the scheduler's pick may be held by
   # another torch process on a shared machine).
   id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
+        "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job logs "$id" --rank 0
 }
 
