@@ -88,6 +88,8 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		return f.upsertNodes(idx, now, c.UpsertNodes.GetNodes())
 	case *fsmpb.Command_DrainNode:
 		return f.drainNode(idx, now, c.DrainNode)
+	case *fsmpb.Command_NodeEligibility:
+		return f.nodeEligibility(idx, now, c.NodeEligibility)
 	case *fsmpb.Command_UpdateAllocations:
 		return f.updateAllocations(idx, now, c.UpdateAllocations.GetAllocations())
 	case *fsmpb.Command_ApplyPlans:
@@ -186,8 +188,8 @@ func (f *FSM) upsertNodes(idx uint64, now *timestamppb.Timestamp, nodes []*contr
 }
 
 // nodeEvents queues scheduler work for a node change: jobs with live
-// allocations on a node that can no longer hold them, and a capacity
-// re-check when a node can take new work.
+// allocations on a node that can no longer hold them or that came back,
+// and a capacity re-check when a node can take new work.
 func (f *FSM) nodeEvents(old, n *controlpb.Node) {
 	usable := nodeSchedulable(n)
 	if old == nil || !nodeSchedulable(old) || len(old.Gpus) != len(n.Gpus) || old.MaxRanks != n.MaxRanks {
@@ -195,7 +197,9 @@ func (f *FSM) nodeEvents(old, n *controlpb.Node) {
 			f.events.capacity()
 		}
 	}
-	if !usable || (old != nil && nodeAlive(old) && !nodeAlive(n)) {
+	// A node that comes back matters too: its ranks were suspected (the
+	// node loss grace) and their jobs say so until evaluated again.
+	if !usable || (old != nil && nodeAlive(old) != nodeAlive(n)) {
 		for _, a := range f.state.allocsByNode[n.Id] {
 			if !AllocTerminal(a.ClientStatus) || a.DesiredStatus == DesiredRun {
 				f.events.job(a.JobId)
@@ -221,6 +225,26 @@ func (f *FSM) drainNode(idx uint64, now *timestamppb.Timestamp, c *fsmpb.DrainNo
 	}
 	n.DrainDeadline = c.Deadline
 	n.StatusReason = c.Reason
+	n.ModifyIndex = idx
+	st.putNodeLocked(n)
+	st.resVersion++
+	f.nodeEvents(old, n)
+	return nil
+}
+
+// nodeEligibility turns a node's eligibility on (which also ends a drain:
+// the node is ready again) or off (it keeps its work but gets no more).
+func (f *FSM) nodeEligibility(idx uint64, now *timestamppb.Timestamp, c *fsmpb.NodeEligibility) any {
+	st := f.state
+	old := st.nodes[c.GetNodeId()]
+	if old == nil {
+		return fmt.Errorf("%w: %s", ErrNodeNotFound, c.GetNodeId())
+	}
+	n := proto.Clone(old).(*controlpb.Node)
+	n.Ineligible = !c.GetEligible()
+	if c.GetEligible() && n.Status == NodeDraining {
+		n.Status, n.StatusReason, n.StatusTime, n.DrainDeadline = NodeReady, "", now, nil
+	}
 	n.ModifyIndex = idx
 	st.putNodeLocked(n)
 	st.resVersion++
@@ -284,6 +308,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 		nj.Restarts = p.Restarts
 		nj.WorldSize = p.WorldSize
 		nj.NextAttemptTime = p.NextAttemptTime
+		nj.EndCause = p.EndCause
 		nj.ModifyIndex = idx
 		st.jobs[nj.Id] = nj
 		for _, id := range p.StopAllocIds {
@@ -301,7 +326,10 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 				if !AllocTerminal(na.ClientStatus) {
 					st.resVersion++
 					na.ClientStatus = AllocLost
-					na.Message = "lost: its node is gone or never reported it stopped"
+					na.Message = p.LostMessage
+					if na.Message == "" {
+						na.Message = "lost: its node is gone or never reported it stopped"
+					}
 					na.FinishTime = now
 				}
 				na.ModifyIndex = idx

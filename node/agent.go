@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -25,6 +27,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/mesh"
 )
 
 // Version is the gpumesh version, set at build time with -ldflags.
@@ -56,6 +59,7 @@ type Agent struct {
 	local      *localAPI // the PyTorch backend's socket (localapi.go); nil when off
 
 	hooks leaderHooks
+	elig  eligibilityGuard // drain.go
 
 	selfMu sync.Mutex
 	self   *pb.Node
@@ -100,9 +104,6 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if a.nodeID, err = loadNodeID(cfg); err != nil {
 		return nil, err
 	}
-	if cfg.NodeName == "" {
-		cfg.NodeName, _ = os.Hostname()
-	}
 	if a.advAddr, err = advertiseAddr(cfg); err != nil {
 		return nil, err
 	}
@@ -112,6 +113,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 	if a.httpLn, err = net.Listen("tcp", joinHostPort(cfg.BindAddr, cfg.HTTPPort)); err != nil {
 		return nil, fmt.Errorf("http listener (port %d, --http-port): %w", cfg.HTTPPort, err)
+	}
+	if c := sec.httpTLSConfig(); c != nil {
+		a.httpLn = tls.NewListener(a.httpLn, c) // same certificate as gRPC
 	}
 	a.rpcAddr = joinHostPort(a.advAddr, a.rpcLn.Addr().(*net.TCPAddr).Port)
 	raftPort := cfg.RaftPort
@@ -125,6 +129,10 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		if gossipPort, err = freePort(cfg.BindAddr); err != nil {
 			return nil, err
 		}
+	}
+	if cfg.NodeName == "" {
+		host, _ := os.Hostname()
+		cfg.NodeName = DefaultNodeName(host, cfg.BindAddr, gossipPort)
 	}
 
 	a.self = &pb.Node{
@@ -164,7 +172,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
-	healthpb.RegisterHealthServer(a.grpc, a.health)
+	healthpb.RegisterHealthServer(a.grpc, liveHealth{Server: a.health, a: a})
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
 		return nil, err
@@ -189,8 +197,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
-	a.goFunc(a.runner.run)
-	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
+	a.updateHealth()
+	a.goFunc(a.healthLoop)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil
@@ -416,6 +425,28 @@ func advertiseAddr(cfg *Config) (string, error) {
 	return "127.0.0.1", nil
 }
 
+// DefaultNodeName is the name of an agent started without one: the host
+// name, plus what tells apart several agents sharing the host: the bind
+// address when it is a loopback address (agents on 127.0.0.2, 127.0.0.3,
+// ... of one machine) and the gossip port when it is not the default.
+// "devbox", "devbox-127.0.0.2", "devbox-127.0.0.1-8946".
+func DefaultNodeName(host, bindAddr string, gossipPort int) string {
+	if host == "" {
+		host = "gpumesh"
+	}
+	suffix := ""
+	if ip := net.ParseIP(bindAddr); ip != nil && ip.IsLoopback() {
+		suffix += "-" + ip.String()
+	}
+	if gossipPort != DefaultGossipPort {
+		suffix += "-" + strconv.Itoa(gossipPort)
+	}
+	if len(host)+len(suffix) > mesh.MaxNameLen {
+		host = host[:mesh.MaxNameLen-len(suffix)]
+	}
+	return host + suffix
+}
+
 func freePort(host string) (int, error) {
 	ln, err := net.Listen("tcp", joinHostPort(host, 0))
 	if err != nil {
@@ -493,7 +524,13 @@ func (a *Agent) roleLoop() {
 			return
 		case <-t.C:
 			a.checkLeader()
-			a.mesh.SetRole(a.Role())
+			role := a.Role()
+			if a.ctx.Err() != nil {
+				// Shutting down (ctx ends before Raft does): Raft may
+				// answer "none" now; keep gossiping the last real duty.
+				return
+			}
+			a.mesh.SetRole(role)
 			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		}
 	}

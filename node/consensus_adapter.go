@@ -37,6 +37,9 @@ func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 		// Look often enough that nothing outlives its age by much.
 		cfg.JobGCInterval = min(time.Minute, max(a.cfg.JobGCAge/4, 100*time.Millisecond))
 	}
+	if a.cfg.NodeLossGrace > 0 {
+		cfg.NodeLossGrace = a.cfg.NodeLossGrace
+	}
 	cfg.Logger = a.logger.Named("consensus")
 	cfg.Membership = &membershipView{a: a}
 	if cfg.StreamLayer, err = a.sec.raftStreamLayer(cfg.RaftBindAddr, cfg.RaftAdvertiseAddr); err != nil {
@@ -122,6 +125,11 @@ func (r *raftAdapter) StopJob(ctx context.Context, id string) (uint64, error) {
 
 func (r *raftAdapter) DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error) {
 	idx, err := r.s.DrainNode(ctx, nodeID, deadline, reason)
+	return idx, wrapNotLeader(err)
+}
+
+func (r *raftAdapter) SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error) {
+	idx, err := r.s.SetNodeEligibility(ctx, nodeID, eligible)
 	return idx, wrapNotLeader(err)
 }
 

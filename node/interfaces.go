@@ -16,6 +16,9 @@ type member struct {
 	Node  *pb.Node
 	// bootstrapped: the member holds Raft state already.
 	bootstrapped bool
+	// role is the duty the member last gossiped (voter, standby, client;
+	// "unknown" before it said): a display hint for when no leader answers.
+	role string
 }
 
 // membership is what the agent needs of gossip (package mesh, adapted in
@@ -77,6 +80,7 @@ type raftServer interface {
 	RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
 	StopJob(ctx context.Context, id string) (uint64, error)
 	DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error)
+	SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error)
 	UpdateAllocations(ctx context.Context, updates []*pb.Allocation) (uint64, error)
 	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
 

@@ -17,7 +17,7 @@ type localAPICollector struct {
 }
 
 func newLocalAPICollector(a *Agent) *localAPICollector {
-	labels := []string{"job", "generation", "rank", "op"}
+	labels := []string{"job_id", "generation", "rank", "op"}
 	return &localAPICollector{
 		a:       a,
 		ops:     prometheus.NewDesc("gpumesh_client_collective_operations_total", "Operations exec ranks (the PyTorch backend) ran through this agent, by job, generation, rank and operation.", labels, nil),

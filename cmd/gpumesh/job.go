@@ -45,6 +45,7 @@ const specHelp = `A job spec is YAML or JSON:
   exec:
     command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE"]
     env: {NCCL_DEBUG: INFO}
+    user: trainer         # default: the agent's --task-user; others need --task-users-allowed
 
   type: allreduce
   allreduce: {sizes: [1MiB, 64MiB], dtype: float32, iters: 20, device: auto, op: sum}
@@ -56,7 +57,8 @@ const specHelp = `A job spec is YAML or JSON:
 Exec ranks get the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES,
 TORCHELASTIC_RESTART_COUNT) plus GPUMESH_JOB_ID, GPUMESH_GENERATION,
-GPUMESH_RANK and GPUMESH_ADDR.`
+GPUMESH_RANK and GPUMESH_ADDR. They run as the agent's --task-user (default
+nobody, with HOME set to the rank's directory), never as root unless allowed.`
 
 func newJobRunCommand() *cobra.Command {
 	var f clientFlags
@@ -371,7 +373,8 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if consensus.AllocTerminal(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocLost {
+			// A lost rank has no exit code: its message says why it is lost.
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,
@@ -442,57 +445,5 @@ func newJobStopCommand() *cobra.Command {
 		},
 	}
 	addClientFlags(cmd, &f)
-	return cmd
-}
-
-func newJobLogsCommand() *cobra.Command {
-	var f clientFlags
-	var rank int32
-	var stderr, follow bool
-	var gen uint64
-	cmd := &cobra.Command{
-		Use:     "logs ID",
-		Short:   "Print a rank's stdout (or stderr) from whichever node holds it",
-		Example: "  gpumesh job logs hello-1a2b3c4d\n  gpumesh job logs hello-1a2b3c4d --rank 1 --stderr -f\n  gpumesh job logs hello-1a2b3c4d --generation 1",
-		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := f.dial()
-			if err != nil {
-				return err
-			}
-			defer done()
-			ctx := cmd.Context()
-			var cancel context.CancelFunc
-			if !follow {
-				ctx, cancel = f.ctx(ctx)
-			} else {
-				ctx, cancel = context.WithCancel(ctx)
-			}
-			defer cancel()
-			stream, err := c.Logs(ctx, &pb.LogsRequest{JobId: args[0], Rank: rank, Stderr: stderr, Follow: follow, Generation: gen})
-			if err != nil {
-				return f.explain(err)
-			}
-			out := cmd.OutOrStdout()
-			for {
-				ch, err := stream.Recv()
-				if errors.Is(err, io.EOF) {
-					return nil
-				}
-				if err != nil {
-					return f.explain(err)
-				}
-				if _, err := out.Write(ch.Data); err != nil {
-					return err
-				}
-			}
-		},
-	}
-	addClientFlags(cmd, &f)
-	readOnly(cmd)
-	cmd.Flags().Int32Var(&rank, "rank", 0, "show the logs of rank `N`")
-	cmd.Flags().BoolVar(&stderr, "stderr", false, "stderr instead of stdout")
-	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
-	cmd.Flags().Uint64Var(&gen, "generation", 0, "generation `N` to show (0: the current one)")
 	return cmd
 }

@@ -421,9 +421,12 @@ func (x *RestartPolicy) GetDelay() *durationpb.Duration {
 }
 
 type ExecSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Command       []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
-	Env           map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Command []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
+	Env     map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// user runs the command as this account instead of the agent's --task-user;
+	// the agent must list it in --task-users-allowed.
+	User          string `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -470,6 +473,13 @@ func (x *ExecSpec) GetEnv() map[string]string {
 		return x.Env
 	}
 	return nil
+}
+
+func (x *ExecSpec) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
 }
 
 type AllReduceSpec struct {
@@ -827,8 +837,14 @@ type Job struct {
 	StopRequested   bool                   `protobuf:"varint,11,opt,name=stop_requested,json=stopRequested,proto3" json:"stop_requested,omitempty"`
 	CreateIndex     uint64                 `protobuf:"varint,12,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex     uint64                 `protobuf:"varint,13,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Why the last generation ended, typed (status_reason says it for people):
+	// "rank-failed" (a rank failed; whether that counts against the restart
+	// policy is not settled yet), "task-failed" (the job's own failure,
+	// counted), "node-lost", "node-drained" (not the job's fault, not
+	// counted), "resized" (an elastic job grows); empty before any ended.
+	EndCause      string `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -950,6 +966,13 @@ func (x *Job) GetModifyIndex() uint64 {
 		return x.ModifyIndex
 	}
 	return 0
+}
+
+func (x *Job) GetEndCause() string {
+	if x != nil {
+		return x.EndCause
+	}
+	return ""
 }
 
 type Allocation struct {
@@ -2172,6 +2195,139 @@ func (x *DrainNodeResponse) GetNodeId() string {
 	return ""
 }
 
+// NodeEligibility turns a node's scheduling eligibility on or off (Nomad's
+// `node eligibility`); eligible also ends a drain. The node's own agent
+// carries it out (it owns its gossip record), then the leader records it.
+type NodeEligibilityRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"` // id or name; empty with self=true: the node asked
+	Self     bool                   `protobuf:"varint,2,opt,name=self,proto3" json:"self,omitempty"`
+	Eligible bool                   `protobuf:"varint,3,opt,name=eligible,proto3" json:"eligible,omitempty"`
+	// record_only is set by the node's own agent when it passes the change
+	// on: the leader records it without routing it to the node again.
+	RecordOnly    bool `protobuf:"varint,4,opt,name=record_only,json=recordOnly,proto3" json:"record_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityRequest) Reset() {
+	*x = NodeEligibilityRequest{}
+	mi := &file_control_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityRequest) ProtoMessage() {}
+
+func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityRequest.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *NodeEligibilityRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityRequest) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetEligible() bool {
+	if x != nil {
+		return x.Eligible
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetRecordOnly() bool {
+	if x != nil {
+		return x.RecordOnly
+	}
+	return false
+}
+
+type NodeEligibilityResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	NodeName      string                 `protobuf:"bytes,3,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityResponse) Reset() {
+	*x = NodeEligibilityResponse{}
+	mi := &file_control_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityResponse) ProtoMessage() {}
+
+func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityResponse.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *NodeEligibilityResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *NodeEligibilityResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityResponse) GetNodeName() string {
+	if x != nil {
+		return x.NodeName
+	}
+	return ""
+}
+
 type AgentInfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2180,7 +2336,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2192,7 +2348,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2361,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{29}
+	return file_control_proto_rawDescGZIP(), []int{31}
 }
 
 type AgentInfoResponse struct {
@@ -2223,7 +2379,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2391,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2404,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2312,7 +2468,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2324,7 +2480,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2337,7 +2493,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2367,7 +2523,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2535,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2548,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2439,7 +2595,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2451,7 +2607,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2464,7 +2620,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2483,7 +2639,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2495,7 +2651,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2508,7 +2664,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2521,20 +2677,23 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// local asks the node for its own copy of the logs without forwarding.
-	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
-	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	Local      bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId      string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank       int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr     bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow     bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset     int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	// timestamps asks for the write times of the chunks' bytes (stamps),
+	// where the node recorded them.
+	Timestamps    bool `protobuf:"varint,8,opt,name=timestamps,proto3" json:"timestamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2705,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2718,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2611,16 +2770,27 @@ func (x *LogsRequest) GetOffset() int64 {
 	return 0
 }
 
+func (x *LogsRequest) GetTimestamps() bool {
+	if x != nil {
+		return x.Timestamps
+	}
+	return false
+}
+
 type LogChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Data   []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Offset int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"` // stream offset of data[0]
+	// With timestamps: when the bytes from each stamp's offset on were
+	// written; the first stamp is at or before offset. Empty when unknown.
+	Stamps        []*LogStamp `protobuf:"bytes,3,rep,name=stamps,proto3" json:"stamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2802,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +2815,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -2653,6 +2823,72 @@ func (x *LogChunk) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *LogChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogChunk) GetStamps() []*LogStamp {
+	if x != nil {
+		return x.Stamps
+	}
+	return nil
+}
+
+type LogStamp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	UnixNano      int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogStamp) Reset() {
+	*x = LogStamp{}
+	mi := &file_control_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogStamp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogStamp) ProtoMessage() {}
+
+func (x *LogStamp) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
+func (*LogStamp) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *LogStamp) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogStamp) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
 }
 
 // Upsert of the node record by its own agent (clients and servers alike).
@@ -2665,7 +2901,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2677,7 +2913,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2690,7 +2926,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2709,7 +2945,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2721,7 +2957,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2734,7 +2970,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2755,7 +2991,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2767,7 +3003,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2780,7 +3016,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -2799,7 +3035,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2811,7 +3047,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2824,7 +3060,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -2879,10 +3115,11 @@ const file_control_proto_rawDesc = "" +
 	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\\\n" +
 	"\rRestartPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\x05R\battempts\x12/\n" +
-	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\x8d\x01\n" +
+	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\xa1\x01\n" +
 	"\bExecSpec\x12\x18\n" +
 	"\acommand\x18\x01 \x03(\tR\acommand\x12/\n" +
-	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x1a6\n" +
+	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x12\x12\n" +
+	"\x04user\x18\x03 \x01(\tR\x04user\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x95\x01\n" +
@@ -2919,7 +3156,7 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\vkillTimeout\x12(\n" +
 	"\x04exec\x18\v \x01(\v2\x14.gpumesh.v1.ExecSpecR\x04exec\x127\n" +
 	"\tallreduce\x18\f \x01(\v2\x19.gpumesh.v1.AllReduceSpecR\tallreduce\x124\n" +
-	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\"\x85\x04\n" +
+	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\"\xa2\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -2939,7 +3176,8 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\x0fnextAttemptTime\x12%\n" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\"\xd8\x06\n" +
+	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xd8\x06\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -3032,7 +3270,17 @@ const file_control_proto_rawDesc = "" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"B\n" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
-	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x82\x01\n" +
+	"\x16NodeEligibilityRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04self\x18\x02 \x01(\bR\x04self\x12\x1a\n" +
+	"\beligible\x18\x03 \x01(\bR\beligible\x12\x1f\n" +
+	"\vrecord_only\x18\x04 \x01(\bR\n" +
+	"recordOnly\"e\n" +
+	"\x17NodeEligibilityResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12\x1b\n" +
+	"\tnode_name\x18\x03 \x01(\tR\bnodeName\"\x12\n" +
 	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
@@ -3056,7 +3304,7 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xd6\x01\n" +
 	"\vLogsRequest\x12\x14\n" +
 	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
@@ -3066,9 +3314,17 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x05 \x01(\x04R\n" +
 	"generation\x12\x16\n" +
-	"\x06offset\x18\x06 \x01(\x03R\x06offset\"\x1e\n" +
+	"\x06offset\x18\x06 \x01(\x03R\x06offset\x12\x1e\n" +
+	"\n" +
+	"timestamps\x18\b \x01(\bR\n" +
+	"timestamps\"d\n" +
 	"\bLogChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\";\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12,\n" +
+	"\x06stamps\x18\x03 \x03(\v2\x14.gpumesh.v1.LogStampR\x06stamps\"?\n" +
+	"\bLogStamp\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\";\n" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
@@ -3076,7 +3332,7 @@ const file_control_proto_rawDesc = "" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
 	"\x1aTransferLeadershipResponse\x12\x1b\n" +
-	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\x9b\b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\xf7\b\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -3085,7 +3341,8 @@ const file_control_proto_rawDesc = "" +
 	"\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12B\n" +
 	"\aMembers\x12\x1a.gpumesh.v1.MembersRequest\x1a\x1b.gpumesh.v1.MembersResponse\x12H\n" +
 	"\tRaftPeers\x12\x1c.gpumesh.v1.RaftPeersRequest\x1a\x1d.gpumesh.v1.RaftPeersResponse\x12H\n" +
-	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12H\n" +
+	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12Z\n" +
+	"\x0fNodeEligibility\x12\".gpumesh.v1.NodeEligibilityRequest\x1a#.gpumesh.v1.NodeEligibilityResponse\x12H\n" +
 	"\tAgentInfo\x12\x1c.gpumesh.v1.AgentInfoRequest\x1a\x1d.gpumesh.v1.AgentInfoResponse\x12;\n" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
 	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
@@ -3105,7 +3362,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3136,42 +3393,45 @@ var file_control_proto_goTypes = []any{
 	(*RaftPeersResponse)(nil),          // 26: gpumesh.v1.RaftPeersResponse
 	(*DrainNodeRequest)(nil),           // 27: gpumesh.v1.DrainNodeRequest
 	(*DrainNodeResponse)(nil),          // 28: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),           // 29: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 30: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 31: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 32: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 33: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 34: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 35: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 36: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),        // 37: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 38: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 39: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 40: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 41: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),      // 42: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 43: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 44: google.protobuf.Struct
+	(*NodeEligibilityRequest)(nil),     // 29: gpumesh.v1.NodeEligibilityRequest
+	(*NodeEligibilityResponse)(nil),    // 30: gpumesh.v1.NodeEligibilityResponse
+	(*AgentInfoRequest)(nil),           // 31: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 32: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 33: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 34: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 35: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 36: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 37: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 38: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 39: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 40: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 41: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 42: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 43: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 44: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 47: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	42, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	42, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	43, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	41, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	45, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	45, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	46, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	44, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	43, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	46, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	42, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	42, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	42, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	42, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	42, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	44, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	45, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	45, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	45, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	45, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	45, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	47, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
 	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3183,46 +3443,49 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	43, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	46, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
 	1,  // 33: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
 	9,  // 34: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	1,  // 35: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	11, // 36: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	13, // 37: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	15, // 38: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	17, // 39: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	19, // 40: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	22, // 41: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	25, // 42: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	27, // 43: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	29, // 44: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	31, // 45: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	33, // 46: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	37, // 47: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	35, // 48: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	39, // 49: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	12, // 50: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 51: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 52: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 53: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 54: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 55: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 56: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 57: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 58: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	32, // 59: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	34, // 60: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	38, // 61: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	36, // 62: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	40, // 63: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	50, // [50:64] is the sub-list for method output_type
-	36, // [36:50] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	39, // 35: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 36: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	11, // 37: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	13, // 38: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	15, // 39: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	17, // 40: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	19, // 41: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	22, // 42: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	25, // 43: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	27, // 44: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	29, // 45: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	31, // 46: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	33, // 47: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	35, // 48: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	40, // 49: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	37, // 50: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	42, // 51: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	12, // 52: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	14, // 53: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	16, // 54: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	18, // 55: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	20, // 56: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	23, // 57: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	26, // 58: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	28, // 59: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	30, // 60: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	32, // 61: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	34, // 62: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	36, // 63: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	41, // 64: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	38, // 65: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	43, // 66: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	52, // [52:67] is the sub-list for method output_type
+	37, // [37:52] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3236,7 +3499,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   42,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
