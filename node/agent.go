@@ -58,6 +58,7 @@ type Agent struct {
 	sec        *security        // TLS and ACL token (security.go); nil when off
 	ops        *opsState        // metrics and dashboard (metrics.go)
 	ec2        *deploy.AgentEC2 // identity, notices, tag discovery (ec2.go); nil off EC2
+	local      *localAPI        // the PyTorch backend's socket (localapi.go); nil when off
 
 	hooks    leaderHooks
 	elig     eligibilityGuard          // drain.go
@@ -180,6 +181,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	healthpb.RegisterHealthServer(a.grpc, liveHealth{Server: a.health, a: a})
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
+		return nil, err
+	}
+	if err := startLocalAPI(a); err != nil {
 		return nil, err
 	}
 
@@ -339,6 +343,7 @@ func (a *Agent) Shutdown() error {
 		if a.runner != nil {
 			a.runner.shutdown()
 		}
+		closeLocalAPI(a)
 		if a.grpc != nil {
 			stopped := make(chan struct{})
 			go func() { a.grpc.GracefulStop(); close(stopped) }()

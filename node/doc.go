@@ -5,4 +5,8 @@
 // (exec, allreduce, pipeline). It does not talk to AWS: the caller hands it
 // what deploy learns (zone, instance type, lifecycle as Config fields; spot
 // notices and drains through the Agent's methods).
+//
+// Exec ranks reach their agent's local data-plane API (package localapi, on
+// a socket in the data dir; localapi.go wires it) to run PyTorch collectives
+// on the node's data plane: the backend "gpumesh" of python/gpumesh.
 package node

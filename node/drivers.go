@@ -152,6 +152,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 	if err != nil {
 		return nil, err
 	}
+	env = withEnv(env, r.a.localAPIEnv(al)) // the PyTorch backend's way to its agent
 	ts := driver.TaskSpec{
 		ID:      id,
 		AllocID: al.Id,

@@ -78,6 +78,7 @@ func newMetrics(a *Agent) *opsState {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		o.placement,
 		newAgentCollector(o),
+		newLocalAPICollector(a), // localapi_metrics.go
 		cuda.NewCollector(o.sampleGPUs),
 	)
 	a.goFunc(o.followPlacements)

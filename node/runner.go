@@ -352,6 +352,9 @@ func (r *runner) waitTask(rt *runningTask) {
 		return // shutting down: the task is left to the next start (exec) or lost
 	}
 	res := rt.task.Result()
+	if res.Report == nil {
+		res.Report = r.a.clientCollectivesReport(rt.alloc) // the PyTorch backend's collectives
+	}
 	st := consensus.AllocComplete
 	switch {
 	case rt.stopped:

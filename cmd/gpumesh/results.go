@@ -36,6 +36,10 @@ func printResults(out io.Writer, resp *pb.GetJobResponse) {
 		if printPipelineResults(out, allocs) {
 			return
 		}
+	case "exec":
+		if printClientCollectives(out, allocs) { // results_torch.go
+			return
+		}
 	}
 	printOtherResult(out, allocs[0])
 }

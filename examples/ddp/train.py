@@ -1,0 +1,69 @@
+"""A standard DDP training script (torchrun-style: init from the environment).
+
+Run it with torchrun and Gloo, or as a gpumesh exec job with the backend
+"gpumesh": the only difference is the backend name (and the import that
+registers it).
+
+    torchrun --standalone --nproc_per_node 3 train.py --backend gloo
+    gpumesh job run examples/ddp/job.yaml          # --backend gpumesh
+
+A seeded MLP learns a fixed random linear map; every rank takes its own
+shard of each step's global batch. With --out, rank r writes its per-step
+losses and final parameters to OUT/rank<r>.json.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+p = argparse.ArgumentParser()
+p.add_argument("--backend", default="gpumesh")
+p.add_argument("--steps", type=int, default=20)
+p.add_argument("--batch", type=int, default=8, help="samples per rank and step")
+p.add_argument("--out", default="")
+p.add_argument("--step-sleep", type=float, default=0.0, help="(tests) seconds to wait after each step")
+args = p.parse_args()
+
+if args.backend == "gpumesh":
+    import gpumesh.torch  # noqa: F401  registers the backend
+
+torch.set_num_threads(1)
+dist.init_process_group(args.backend)
+rank, world = dist.get_rank(), dist.get_world_size()
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+ddp = DDP(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+
+g = torch.Generator().manual_seed(1234)
+target = torch.randn(16, 4, generator=g)
+data = torch.randn(args.steps * world * args.batch, 16, generator=g)
+
+losses = []
+for step in range(args.steps):
+    lo = (step * world + rank) * args.batch
+    x = data[lo:lo + args.batch]
+    y = x @ target
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(ddp(x), y)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
+    if args.step_sleep:
+        time.sleep(args.step_sleep)
+
+if args.out:
+    params = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).tolist()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world": world, "backend": args.backend, "losses": losses, "params": params}, f)
+dist.destroy_process_group()
+print(f"rank {rank} done", flush=True)

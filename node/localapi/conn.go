@@ -1,0 +1,483 @@
+package localapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gpumesh/gpumesh/collective"
+)
+
+// conn is one client connection: one rank of one process group. Its read
+// loop (serve) owns the region table; operations run on worker goroutines
+// (one for the collectives, one per peer and direction for sends and
+// receives) and hold references on the regions they use, so a region is
+// unmapped only when no operation uses it.
+type conn struct {
+	s *Server
+	c *net.UnixConn
+
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	hello *Hello
+	comm  *collective.Communicator
+
+	wmu sync.Mutex // one reply at a time
+
+	rmu     sync.Mutex
+	regions map[uint64]*region
+
+	queues  map[queueKey]chan *work
+	workers sync.WaitGroup
+
+	smu sync.Mutex
+	st  RankStats
+}
+
+type region struct {
+	mem  []byte
+	refs int  // operations using it, plus one while registered
+	dead bool // unregistered or connection ended
+}
+
+type queueKey struct {
+	peer int
+	dir  uint8 // 0 collective, OpSend, OpRecv
+}
+
+// work is one accepted operation.
+type work struct {
+	op      Op
+	a, b    *collective.HostBuffer
+	regs    []*region
+	started time.Time
+	bytes   uint64
+}
+
+func newConn(s *Server, c *net.UnixConn) *conn {
+	cn := &conn{s: s, c: c, regions: map[uint64]*region{}, queues: map[queueKey]chan *work{}}
+	cn.ctx, cn.cancel = context.WithCancelCause(context.Background())
+	return cn
+}
+
+// shutdown aborts the connection from outside (server closing).
+func (cn *conn) shutdown() {
+	cn.cancel(ErrClosed)
+	_ = cn.c.Close()
+}
+
+func (cn *conn) reply(r Reply) error {
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	_ = cn.c.SetWriteDeadline(time.Now().Add(cn.s.cfg.Collective.Timeout))
+	_, err := cn.c.Write(EncodeReply(r))
+	return err
+}
+
+func (cn *conn) fatal(status uint8, err error) {
+	_ = cn.reply(Reply{Type: MsgError, Status: status, Message: err.Error()})
+}
+
+func (cn *conn) serve() {
+	cn.s.goCount.Add(1)
+	defer cn.s.goCount.Add(-1)
+	var key *groupKey
+	defer func() {
+		cn.cancel(errEOF)
+		_ = cn.c.Close()
+		for _, q := range cn.queues {
+			close(q)
+		}
+		cn.workers.Wait()
+		if cn.comm != nil {
+			_ = cn.comm.Close()
+		}
+		cn.rmu.Lock()
+		for id, r := range cn.regions {
+			delete(cn.regions, id)
+			cn.dropLocked(r)
+		}
+		cn.rmu.Unlock()
+		cn.s.ended_(cn, key)
+	}()
+	buf := make([]byte, MaxMessage)
+	oob := make([]byte, 256)
+	_ = cn.c.SetReadDeadline(time.Now().Add(cn.s.cfg.HelloTimeout))
+	pkt, fds, err := recvPacket(cn.c, buf, oob)
+	if err != nil {
+		return
+	}
+	closeFDs(fds)
+	req, err := DecodeRequest(pkt)
+	if err == nil && req.Hello == nil {
+		err = fmt.Errorf("%w: the first message must be a hello", ErrProtocol)
+	}
+	if err != nil {
+		cn.fatal(StatusBadRequest, err)
+		return
+	}
+	k, err := cn.attach(req.Hello)
+	if err != nil {
+		status := uint8(StatusBadRequest)
+		if errors.Is(err, ErrDenied) {
+			status = StatusDenied
+		}
+		cn.s.log.Warn("local API client refused", "job", req.Hello.Job, "rank", req.Hello.Rank, "error", err)
+		cn.fatal(status, err)
+		return
+	}
+	key = &k
+	if err := cn.reply(Reply{Type: MsgWelcome}); err != nil {
+		return
+	}
+	_ = cn.c.SetReadDeadline(time.Time{})
+	for {
+		pkt, fds, err := recvPacket(cn.c, buf, oob)
+		if err != nil {
+			if !errors.Is(err, errEOF) && !errors.Is(err, net.ErrClosed) && cn.ctx.Err() == nil {
+				cn.fatal(StatusBadRequest, err)
+			}
+			return
+		}
+		if err := cn.handle(pkt, fds); err != nil {
+			cn.s.log.Warn("local API client sent a bad message; closing", "job", cn.hello.Job, "rank", cn.hello.Rank, "error", err)
+			cn.fatal(StatusBadRequest, err)
+			return
+		}
+	}
+}
+
+// attach authorizes the hello and creates the group's communicator.
+func (cn *conn) attach(h *Hello) (groupKey, error) {
+	if h.Version != Version {
+		return groupKey{}, fmt.Errorf("%w: client speaks protocol version %d, this agent %d (install the gpumesh Python package of the same release as the agent)", ErrProtocol, h.Version, Version)
+	}
+	if h.GroupRank < 0 || h.GroupRank >= h.GroupSize || len(h.Ranks) != h.GroupSize || h.Ranks[h.GroupRank] != h.Rank {
+		return groupKey{}, fmt.Errorf("%w: group rank %d of %d does not name global rank %d in %v", ErrProtocol, h.GroupRank, h.GroupSize, h.Rank, h.Ranks)
+	}
+	ctx, cancel := context.WithTimeout(cn.ctx, cn.s.cfg.HelloTimeout)
+	defer cancel()
+	addrs, err := cn.s.cfg.Authorizer.Authorize(ctx, h)
+	if err != nil {
+		return groupKey{}, err
+	}
+	seen := make(map[int]bool, len(h.Ranks))
+	gaddrs := make([]string, len(h.Ranks))
+	for i, r := range h.Ranks {
+		if r < 0 || r >= len(addrs) || seen[r] {
+			return groupKey{}, fmt.Errorf("%w: group ranks %v must be distinct ranks of the job's %d", ErrProtocol, h.Ranks, len(addrs))
+		}
+		seen[r] = true
+		gaddrs[i] = addrs[r]
+	}
+	k := groupKey{job: h.Job, gen: h.Generation, group: h.GroupID, grpRank: h.GroupRank}
+	if !cn.s.attach(k) {
+		return groupKey{}, fmt.Errorf("%w: rank %d of group %q of job %s generation %d is already attached by another connection", ErrDenied, h.GroupRank, h.GroupID, h.Job, h.Generation)
+	}
+	cfg := cn.s.cfg.Collective
+	cfg.Logger = cn.s.log
+	comm, err := collective.New(cn.s.cfg.Transport, collective.Group{
+		Job: h.Job + "/pg/" + h.GroupID, Generation: h.Generation, Rank: h.GroupRank, Addrs: gaddrs,
+	}, cfg)
+	if err != nil {
+		cn.s.mu.Lock()
+		delete(cn.s.attached, k)
+		cn.s.mu.Unlock()
+		return groupKey{}, err
+	}
+	cn.hello, cn.comm = h, comm
+	cn.smu.Lock()
+	cn.st = RankStats{Job: h.Job, Generation: h.Generation, Group: h.GroupID, Rank: h.Rank, GroupRank: h.GroupRank, Open: true,
+		Ops: map[string]uint64{}, Bytes: map[string]uint64{}, LatencySeconds: map[string]float64{}, MaxLatencySeconds: map[string]float64{}}
+	cn.smu.Unlock()
+	cn.s.log.Info("local API client attached", "job", h.Job, "generation", h.Generation, "group", h.GroupID, "rank", h.Rank, "group_rank", h.GroupRank, "group_size", h.GroupSize)
+	return k, nil
+}
+
+func (cn *conn) stats() (RankStats, bool) {
+	cn.smu.Lock()
+	defer cn.smu.Unlock()
+	if cn.st.Ops == nil {
+		return RankStats{}, false
+	}
+	st := cn.st
+	st.Ops, st.Bytes = cloneMap(st.Ops), cloneMap(st.Bytes)
+	st.LatencySeconds, st.MaxLatencySeconds = cloneMap(st.LatencySeconds), cloneMap(st.MaxLatencySeconds)
+	return st, true
+}
+
+func cloneMap[V any](m map[string]V) map[string]V {
+	out := make(map[string]V, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// handle processes one packet after the hello. An error closes the
+// connection (protocol violation); a bad operation is answered instead.
+func (cn *conn) handle(pkt []byte, fds []int) error {
+	req, err := DecodeRequest(pkt)
+	if err != nil {
+		closeFDs(fds)
+		return err
+	}
+	if req.Register == nil {
+		closeFDs(fds)
+	}
+	switch {
+	case req.Hello != nil:
+		return fmt.Errorf("%w: a second hello", ErrProtocol)
+	case req.Register != nil:
+		return cn.register(req.Register, fds)
+	case req.Unregister != nil:
+		cn.rmu.Lock()
+		if r := cn.regions[*req.Unregister]; r != nil {
+			delete(cn.regions, *req.Unregister)
+			cn.dropLocked(r)
+		}
+		cn.rmu.Unlock()
+		return nil
+	}
+	w, err := cn.accept(req.Op)
+	if err != nil {
+		return cn.reply(Reply{Type: MsgDone, Status: errorStatus(err), ID: req.Op.ID, Message: err.Error()})
+	}
+	q := cn.queue(w.op)
+	select {
+	case q <- w:
+		return nil
+	case <-cn.ctx.Done():
+		cn.release(w)
+		return nil
+	}
+}
+
+func (cn *conn) register(r *Register, fds []int) error {
+	if len(fds) != 1 {
+		closeFDs(fds)
+		return cn.reply(Reply{Type: MsgRegistered, Status: StatusBadRequest, ID: r.ID,
+			Message: fmt.Sprintf("%v: register needs exactly one file descriptor, got %d", ErrBadRegion, len(fds))})
+	}
+	cn.rmu.Lock()
+	n, dup := len(cn.regions), cn.regions[r.ID] != nil
+	cn.rmu.Unlock()
+	if dup || n >= cn.s.cfg.MaxRegions {
+		closeFDs(fds)
+		return cn.reply(Reply{Type: MsgRegistered, Status: StatusBadRequest, ID: r.ID,
+			Message: fmt.Sprintf("%v: region %d is already registered, or the connection has %d regions (the limit)", ErrBadRegion, r.ID, n)})
+	}
+	mem, err := mapRegion(fds[0], r.Size, cn.s.cfg.MaxRegionBytes)
+	if err != nil {
+		return cn.reply(Reply{Type: MsgRegistered, Status: StatusBadRequest, ID: r.ID, Message: err.Error()})
+	}
+	cn.s.regCount.Add(1)
+	cn.rmu.Lock()
+	cn.regions[r.ID] = &region{mem: mem, refs: 1}
+	cn.rmu.Unlock()
+	return cn.reply(Reply{Type: MsgRegistered, ID: r.ID})
+}
+
+// dropLocked removes a reference (under rmu); the last one unmaps.
+func (cn *conn) dropLocked(r *region) {
+	if r.dead && r.refs == 0 {
+		return
+	}
+	r.refs--
+	r.dead = true
+	if r.refs == 0 {
+		unmapRegion(r.mem)
+		r.mem = nil
+		cn.s.regCount.Add(-1)
+	}
+}
+
+func (cn *conn) releaseRegion(r *region) {
+	cn.rmu.Lock()
+	defer cn.rmu.Unlock()
+	r.refs--
+	if r.refs == 0 {
+		unmapRegion(r.mem)
+		r.mem = nil
+		cn.s.regCount.Add(-1)
+	}
+}
+
+func (cn *conn) release(w *work) {
+	for _, r := range w.regs {
+		cn.releaseRegion(r)
+	}
+	w.regs = nil
+	w.a, w.b = nil, nil
+}
+
+// buffer resolves ref to a buffer over its region, taking a reference.
+func (cn *conn) buffer(w *work, ref BufRef, dt collective.DType) (*collective.HostBuffer, error) {
+	es := uint64(dt.Size())
+	cn.rmu.Lock()
+	r := cn.regions[ref.Region]
+	if r == nil {
+		cn.rmu.Unlock()
+		return nil, fmt.Errorf("%w: region %d is not registered", ErrBadRegion, ref.Region)
+	}
+	size := uint64(len(r.mem))
+	if ref.Count > size/es || ref.Offset > size || ref.Offset+ref.Count*es > size || ref.Offset%es != 0 {
+		cn.rmu.Unlock()
+		return nil, fmt.Errorf("%w: %d elements of %v at byte %d do not fit region %d of %d bytes (or are not aligned)", ErrBadRegion, ref.Count, dt, ref.Offset, ref.Region, size)
+	}
+	r.refs++
+	mem := r.mem[ref.Offset : ref.Offset+ref.Count*es : ref.Offset+ref.Count*es]
+	cn.rmu.Unlock()
+	w.regs = append(w.regs, r)
+	return collective.WrapHostBytes(dt, mem)
+}
+
+// accept validates an operation and resolves its buffers.
+func (cn *conn) accept(op *Op) (_ *work, err error) {
+	w := &work{op: *op, started: time.Now()}
+	defer func() {
+		if err != nil {
+			cn.release(w)
+		}
+	}()
+	n := cn.comm.Size()
+	dt := collective.DType(op.DType)
+	if op.Kind == 0 || op.Kind >= opKindEnd {
+		return nil, fmt.Errorf("%w: unknown operation kind %d", collective.ErrBadArgument, op.Kind)
+	}
+	if op.Kind == OpBarrier {
+		return w, nil
+	}
+	if !dt.Valid() {
+		return nil, fmt.Errorf("%w: dtype %d", collective.ErrBadDType, op.DType)
+	}
+	if (op.Kind == OpAllReduce || op.Kind == OpReduceScatter) && !collective.Op(op.Reduce).Valid() {
+		return nil, fmt.Errorf("%w: reduce op %d", collective.ErrBadOp, op.Reduce)
+	}
+	switch op.Kind {
+	case OpBroadcast:
+		if op.Peer < 0 || int(op.Peer) >= n {
+			return nil, fmt.Errorf("%w: broadcast root %d outside 0..%d", collective.ErrBadArgument, op.Peer, n-1)
+		}
+	case OpSend, OpRecv:
+		if op.Peer < 0 || int(op.Peer) >= n || int(op.Peer) == cn.comm.Rank() {
+			return nil, fmt.Errorf("%w: peer %d must be another rank of 0..%d", collective.ErrBadArgument, op.Peer, n-1)
+		}
+	case OpAllGather:
+		if op.A.Count != op.B.Count*uint64(n) {
+			return nil, fmt.Errorf("%w: all_gather output has %d elements, want %d ranks × %d", collective.ErrBadArgument, op.A.Count, n, op.B.Count)
+		}
+	case OpReduceScatter:
+		if op.B.Count != op.A.Count*uint64(n) {
+			return nil, fmt.Errorf("%w: reduce_scatter input has %d elements, want %d ranks × %d", collective.ErrBadArgument, op.B.Count, n, op.A.Count)
+		}
+	}
+	if w.a, err = cn.buffer(w, op.A, dt); err != nil {
+		return nil, err
+	}
+	w.bytes = op.A.Count * uint64(dt.Size())
+	if op.Kind == OpAllGather || op.Kind == OpReduceScatter {
+		if w.b, err = cn.buffer(w, op.B, dt); err != nil {
+			return nil, err
+		}
+	}
+	return w, nil
+}
+
+// queue returns the worker queue of an operation, starting its worker.
+func (cn *conn) queue(op Op) chan *work {
+	k := queueKey{}
+	if op.Kind == OpSend || op.Kind == OpRecv {
+		k = queueKey{peer: int(op.Peer), dir: op.Kind}
+	}
+	q := cn.queues[k]
+	if q == nil {
+		q = make(chan *work, cn.s.cfg.MaxQueued)
+		cn.queues[k] = q
+		cn.workers.Add(1)
+		cn.s.goCount.Add(1)
+		go func() {
+			defer cn.workers.Done()
+			defer cn.s.goCount.Add(-1)
+			for w := range q {
+				cn.run(w)
+			}
+		}()
+	}
+	return q
+}
+
+// run executes one operation and answers it.
+func (cn *conn) run(w *work) {
+	defer cn.release(w)
+	err := cn.ctx.Err()
+	if err == nil {
+		err = cn.exec(w)
+	}
+	lat := time.Since(w.started).Seconds()
+	kind := OpKindName(w.op.Kind)
+	cn.smu.Lock()
+	cn.st.Ops[kind]++
+	cn.st.Bytes[kind] += w.bytes
+	cn.st.LatencySeconds[kind] += lat
+	if lat > cn.st.MaxLatencySeconds[kind] {
+		cn.st.MaxLatencySeconds[kind] = lat
+	}
+	if err != nil {
+		cn.st.Errors++
+	}
+	cn.smu.Unlock()
+	r := Reply{Type: MsgDone, ID: w.op.ID}
+	if err != nil {
+		r.Status, r.Message = errorStatus(err), err.Error()
+	}
+	if cn.ctx.Err() == nil {
+		_ = cn.reply(r)
+	}
+}
+
+func (cn *conn) exec(w *work) error {
+	ctx, c, op := cn.ctx, cn.comm, &w.op
+	red := collective.Op(op.Reduce)
+	switch op.Kind {
+	case OpAllReduce:
+		if w.a.Len() == 0 {
+			return nil
+		}
+		return c.AllReduce(ctx, w.a, red)
+	case OpBroadcast:
+		if w.a.Len() == 0 {
+			return nil
+		}
+		return c.Broadcast(ctx, w.a, int(op.Peer))
+	case OpAllGather:
+		if w.a.Len() == 0 {
+			return nil
+		}
+		return c.AllGather(ctx, w.a, w.b)
+	case OpReduceScatter:
+		if w.a.Len() == 0 {
+			return nil
+		}
+		// In place on the input (the client's staging copy), then the
+		// rank's block to the output.
+		if err := c.ReduceScatter(ctx, nil, w.b, red); err != nil {
+			return err
+		}
+		es := w.a.DType().Size()
+		off := c.Rank() * w.a.Len() * es
+		copy(w.a.Bytes(), w.b.Bytes()[off:off+w.a.Len()*es])
+		return nil
+	case OpSend:
+		return c.SendTagged(ctx, w.a, int(op.Peer), op.Tag)
+	case OpRecv:
+		return c.RecvTagged(ctx, w.a, int(op.Peer), op.Tag)
+	case OpBarrier:
+		return c.Barrier(ctx)
+	}
+	return fmt.Errorf("%w: unknown operation kind %d", collective.ErrBadArgument, op.Kind)
+}

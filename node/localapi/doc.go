@@ -1,0 +1,36 @@
+// Package localapi is the agent's local data-plane API: rank processes of
+// exec jobs on this node (the gpumesh PyTorch backend, python/gpumesh) hand
+// their tensors to the agent, which runs the collectives on the node's data
+// plane, so the daemons move the tensors.
+//
+// A process connects to a SOCK_SEQPACKET Unix socket under the agent's data
+// dir (mode 0666: tasks run as their own user) and says hello with its job, generation, global rank and
+// the per-task secret it found in its environment; the Authorizer (the
+// node) checks the secret and that the rank runs here in the current
+// generation, and returns the data-plane addresses of the job's ranks. The
+// connection then owns a communicator of the node's transport for (job,
+// generation, process group, group rank); two ranks on one node meet through
+// the same agent, so their hop is an in-memory copy.
+//
+// Tensor memory is shared, not serialised: the client creates a memfd,
+// seals it against shrinking, and passes the descriptor with SCM_RIGHTS
+// (REGISTER). Holding the descriptor proves the client owns the memory, and
+// the seal means the agent's mapping cannot fault later. Operations name
+// elements of registered regions; the agent runs them in place in the
+// mapping. The wire format is written out in proto.go.
+//
+// Operations are asynchronous: each is answered by one DONE when it ends.
+// Collectives run one at a time in issue order; sends and receives run in
+// order per peer and direction, beside them. A failure of the data plane
+// (dead peer, timeout, mismatch) fails the operation with a message and
+// leaves the group unusable, as NCCL does; the client raises it. A client
+// that closes its connection with operations in flight aborts the group, so
+// its peers fail at once instead of waiting for the collective timeout.
+// A client that sends garbage, a wrong secret or memory it cannot prove it
+// owns gets an error; nothing it sends can crash or wedge the agent (the
+// decoder is fuzzed).
+//
+// Server.Snapshot gives per-rank operation counts, bytes and latency for
+// metrics and job status; Server.Live counts connections, goroutines and
+// mappings for leak checks.
+package localapi

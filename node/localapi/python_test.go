@@ -1,0 +1,100 @@
+package localapi
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const torchPython = "/usr/bin/python3"
+
+// runPython runs script as ranks of job "j" generation 1 against s (the
+// Python package from ../../python), and returns each rank's output.
+func runPython(t *testing.T, s *Server, ranks int, script string, args ...string) []string {
+	t.Helper()
+	if out, err := exec.Command(torchPython, "-c", "import torch.distributed").CombinedOutput(); err != nil {
+		t.Skipf("%s has no PyTorch (install Debian's python3-torch): %v: %s", torchPython, err, out)
+	}
+	pkg, err := filepath.Abs("../../python")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	outs := make([]string, ranks)
+	errs := make([]error, ranks)
+	var wg sync.WaitGroup
+	for r := range ranks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, torchPython, append([]string{script}, args...)...)
+			// A hung rank dumps its Python stacks (PYTHONFAULTHANDLER) before it goes.
+			cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGABRT) }
+			cmd.WaitDelay = 10 * time.Second
+			cmd.Env = append(os.Environ(), "PYTHONPATH="+pkg, "PYTHONFAULTHANDLER=1",
+				EnvSocket+"="+s.SocketPath(), EnvSecret+"=ok-"+strconv.Itoa(r),
+				"GPUMESH_JOB_ID=j", "GPUMESH_GENERATION=1", "RANK="+strconv.Itoa(r), "WORLD_SIZE="+strconv.Itoa(ranks),
+				"MASTER_ADDR=127.0.0.1", "MASTER_PORT="+strconv.Itoa(port))
+			out, err := cmd.CombinedOutput()
+			outs[r], errs[r] = string(out), err
+		}()
+	}
+	wg.Wait()
+	for r, err := range errs {
+		if err != nil {
+			var all strings.Builder
+			for k := range outs {
+				fmt.Fprintf(&all, "--- rank %d (%v):\n%s\n", k, errs[k], outs[k])
+			}
+			t.Fatalf("rank %d failed:\n%s", r, all.String())
+		}
+	}
+	return outs
+}
+
+// The Python package against the server alone (no cluster): one rank and
+// two ranks of a DDP training.
+func TestPythonDDPAgainstServer(t *testing.T) {
+	script, _ := filepath.Abs("../../examples/ddp/train.py")
+	for _, n := range []int{1, 2} {
+		s := startServer(t, n)
+		outs := runPython(t, s, n, script, "--steps", "5")
+		for r, out := range outs {
+			if !strings.Contains(out, "done") {
+				t.Fatalf("%d ranks, rank %d: %s", n, r, out)
+			}
+		}
+		waitIdle(t, s)
+	}
+}
+
+// The benchmark's model (100M parameters: DDP's parameter broadcast and
+// buckets need segments of hundreds of MiB) runs one step on one rank.
+func TestPythonLargeModelOneRank(t *testing.T) {
+	if testing.Short() {
+		t.Skip("large model")
+	}
+	script, _ := filepath.Abs("../../bench/torch/ddp_step.py")
+	s := startServer(t, 1)
+	outs := runPython(t, s, 1, script, "--backend", "gpumesh", "--warmup", "0", "--steps", "1")
+	if !strings.Contains(outs[0], `"step_s"`) {
+		t.Fatalf("no result: %s", outs[0])
+	}
+	waitIdle(t, s)
+}

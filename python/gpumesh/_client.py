@@ -1,0 +1,302 @@
+"""The local protocol of a gpumesh agent (see node/localapi/proto.go).
+
+One Connection is one rank of one process group: a SOCK_SEQPACKET Unix
+socket to the agent, shared-memory segments (sealed memfds whose
+descriptors travel with SCM_RIGHTS) and a reader thread that completes
+operations as the agent answers them.
+"""
+
+import array
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+
+VERSION = 1
+
+MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP = 1, 2, 3, 4
+MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_ERROR = 0x81, 0x82, 0x84, 0x8F
+
+OP_ALLREDUCE, OP_BROADCAST, OP_ALLGATHER, OP_REDUCESCATTER = 1, 2, 3, 4
+OP_SEND, OP_RECV, OP_BARRIER = 5, 6, 7
+
+STATUS_OK, STATUS_FAILED, STATUS_MISMATCH, STATUS_BAD_REQUEST, STATUS_DENIED = 0, 1, 2, 3, 4
+
+ENV_SOCKET = "GPUMESH_LOCAL_SOCKET"
+ENV_SECRET = "GPUMESH_LOCAL_SECRET"
+
+_HELLO = struct.Struct("<BBHIIIIQHHHH")
+_REGISTER = struct.Struct("<B7xQQ")
+_UNREGISTER = struct.Struct("<B7xQ")
+_OP = struct.Struct("<BBBBiQQQQQQQQ")
+_REPLY = struct.Struct("<BBH4xQ")
+
+MAX_MESSAGE = 64 << 10
+
+
+class AgentError(RuntimeError):
+    """An operation or the connection failed; the message says why."""
+
+
+class AgentConnectionLost(AgentError):
+    """The agent closed the connection (it stopped or restarted)."""
+
+
+class Segment:
+    """A shared-memory segment: a sealed memfd mapped here and in the agent."""
+
+    def __init__(self, size, region_id):
+        self.size = size
+        self.id = region_id
+        fd = os.memfd_create("gpumesh", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            # The seal proves to the agent that its mapping cannot be cut
+            # short under it (which would fault the agent).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a tensor view still exists; the mapping goes with it
+
+
+class _Pending:
+    __slots__ = ("on_done", "issued", "what")
+
+    def __init__(self, on_done, what):
+        self.on_done = on_done
+        self.issued = time.monotonic()
+        self.what = what
+
+
+class Connection:
+    """One rank of one process group, attached to the local agent."""
+
+    def __init__(self, *, socket_path, secret, job, generation, rank, group_id, group_rank, ranks, timeout):
+        self.timeout = timeout
+        self.group_rank = group_rank
+        self.size = len(ranks)
+        self._lock = threading.Lock()  # issue order, ids, pending table
+        self._pending = {}
+        self._registering = {}
+        self._next_id = 1
+        self._broken = None
+        self._closed = False
+        self._free = {}  # size -> [Segment]
+        self._segments = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(max(timeout, 1.0))
+        try:
+            sock.connect(socket_path)
+        except OSError as e:
+            sock.close()
+            raise AgentError(
+                f"gpumesh: cannot reach the local agent at {socket_path}: {e} "
+                "(is the gpumesh agent of this node running?)"
+            ) from e
+        jb, gb, sb = job.encode(), group_id.encode(), secret.encode()
+        hello = _HELLO.pack(MSG_HELLO, VERSION, 0, rank, group_rank, len(ranks), int(timeout * 1000) & 0xFFFFFFFF,
+                            generation, len(jb), len(gb), len(sb), 0)
+        hello += jb + gb + sb + struct.pack(f"<{len(ranks)}I", *ranks)
+        try:
+            sock.send(hello)
+            r = _decode_reply(sock.recv(MAX_MESSAGE))
+        except (OSError, AgentError) as e:
+            sock.close()
+            raise AgentError(f"gpumesh: the local agent did not answer the hello: {e}") from e
+        if r[0] != MSG_WELCOME:
+            sock.close()
+            raise AgentError(f"gpumesh: the local agent refused rank {rank} of job {job} generation {generation}: {r[3]}")
+        sock.settimeout(None)
+        self._sock = sock
+        self._reader = threading.Thread(target=self._read_loop, name="gpumesh-reader", daemon=True)
+        self._reader.start()
+        self._watchdog = threading.Thread(target=self._watch, name="gpumesh-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # ---- shared memory ----
+
+    def acquire(self, nbytes):
+        """A registered segment of at least nbytes for one operation."""
+        size = 1 << 16
+        while size < nbytes:
+            size <<= 1
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+            self._check()
+            rid = self._next_id
+            self._next_id += 1
+        seg = Segment(size, rid)
+        ev = threading.Event()
+        box = {}
+
+        def done(status, msg):
+            box["r"] = (status, msg)
+            ev.set()
+
+        with self._lock:
+            self._check()
+            self._registering[rid] = done
+            try:
+                self._sock.sendmsg([_REGISTER.pack(MSG_REGISTER, rid, size)],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fd]))])
+            except OSError as e:
+                self._registering.pop(rid, None)
+                seg.close()
+                raise AgentError(f"gpumesh: registering shared memory with the agent: {e}") from e
+        if not ev.wait(self.timeout):
+            seg.close()
+            raise AgentError("gpumesh: the agent did not answer a shared-memory registration in time")
+        status, msg = box["r"]
+        # The agent holds its own mapping now; ours stays for the tensors.
+        os.close(seg.fd)
+        seg.fd = -1
+        if status != STATUS_OK:
+            seg.close()
+            raise AgentError(f"gpumesh: the agent refused shared memory: {msg}")
+        with self._lock:
+            self._segments.append(seg)
+        return seg
+
+    def release(self, seg):
+        with self._lock:
+            self._free.setdefault(seg.size, []).append(seg)
+
+    # ---- operations ----
+
+    def _check(self):
+        if self._broken is not None:
+            raise AgentError(f"gpumesh: the process group is unusable after an earlier failure: {self._broken}")
+        if self._closed:
+            raise AgentError("gpumesh: the process group was destroyed")
+
+    def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None):
+        """Issue one operation. a and b are (segment, byte offset, count) or
+        None. before_send() runs under the issue lock (copy-in), so issue
+        order is send order. on_done(error_message_or_None) runs on the
+        reader thread."""
+        def ref(x):
+            return (0, 0, 0) if x is None else (x[0].id, x[1], x[2])
+
+        ra, rb = ref(a), ref(b)
+        with self._lock:
+            self._check()
+            if before_send is not None:
+                before_send()
+            oid = self._next_id
+            self._next_id += 1
+            pkt = _OP.pack(MSG_OP, kind, dtype, reduce_op, peer, oid, tag, *ra, *rb)
+            self._pending[oid] = _Pending(on_done, what)
+            try:
+                self._sock.send(pkt)
+            except OSError as e:
+                del self._pending[oid]
+                self._broken = f"sending to the agent failed: {e}"
+                raise AgentConnectionLost(f"gpumesh: {self._broken}") from e
+        return oid
+
+    def _fail_all(self, msg, exc_type=AgentError):
+        with self._lock:
+            if self._broken is None:
+                self._broken = msg
+            pend, self._pending = self._pending, {}
+            regs, self._registering = self._registering, {}
+        for p in pend.values():
+            p.on_done(msg)
+        for cb in regs.values():
+            cb(STATUS_FAILED, msg)
+
+    def _read_loop(self):
+        while True:
+            try:
+                pkt = self._sock.recv(MAX_MESSAGE)
+            except OSError as e:
+                pkt = b""
+                err = str(e)
+            else:
+                err = ""
+            if not pkt:
+                if not self._closed:
+                    self._fail_all(
+                        "the connection to the local gpumesh agent was lost (the agent stopped or restarted"
+                        + (f": {err}" if err else "") + "); the job's restart policy starts a new generation")
+                return
+            try:
+                typ, status, oid, msg = _decode_reply(pkt)
+            except AgentError as e:
+                self._fail_all(str(e))
+                return
+            if typ == MSG_DONE:
+                with self._lock:
+                    p = self._pending.pop(oid, None)
+                    if status in (STATUS_FAILED, STATUS_MISMATCH) and self._broken is None:
+                        self._broken = msg
+                if p is not None:
+                    p.on_done(None if status == STATUS_OK else msg)
+            elif typ == MSG_REGISTERED:
+                with self._lock:
+                    cb = self._registering.pop(oid, None)
+                if cb is not None:
+                    cb(status, msg)
+            elif typ == MSG_ERROR:
+                self._fail_all(f"the agent closed the connection: {msg}")
+                return
+
+    def _watch(self):
+        """Fails operations the agent has not answered within the timeout
+        (plus a margin for the agent's own, which normally fires first), so
+        that nothing waits forever on a wedged agent."""
+        limit = self.timeout + 10.0
+        while not self._closed:
+            time.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [p for p in self._pending.values() if now - p.issued > limit]
+            if late:
+                self._fail_all(f"{late[0].what} got no answer from the local agent in {limit:.0f} s")
+                return
+
+    def pending(self):
+        with self._lock:
+            return len(self._pending)
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        for seg in self._segments:
+            seg.close()
+        self._segments = []
+        self._free = {}
+
+
+def _decode_reply(pkt):
+    if len(pkt) == 8 and pkt[0] == MSG_WELCOME:
+        return (MSG_WELCOME, pkt[1], 0, "")
+    if len(pkt) < _REPLY.size:
+        raise AgentError(f"gpumesh: a reply of {len(pkt)} bytes from the agent does not decode (agent and package versions differ?)")
+    typ, status, n, oid = _REPLY.unpack_from(pkt)
+    if len(pkt) != _REPLY.size + n:
+        raise AgentError("gpumesh: a reply from the agent does not decode (agent and package versions differ?)")
+    return (typ, status, oid, pkt[_REPLY.size:].decode("utf-8", "replace"))

@@ -1,0 +1,463 @@
+"""The ``torch.distributed`` backend ``"gpumesh"``.
+
+Importing this module registers the backend::
+
+    import gpumesh.torch  # noqa: F401
+    dist.init_process_group("gpumesh")
+
+Every collective of the group is performed by the gpumesh agent of this
+node on the cluster's data plane (rings over the agents' TCP lanes; ranks on
+one node meet inside their agent). The process finds its agent through the
+variables the agent sets for every exec task (GPUMESH_LOCAL_SOCKET,
+GPUMESH_LOCAL_SECRET, GPUMESH_JOB_ID, GPUMESH_GENERATION, RANK).
+
+Copies per operation (host tensors): the tensor is copied into a shared
+memory segment that the agent maps (one memcpy of the tensor's bytes), the
+agent runs the collective in place in that segment, and the result is
+copied back into the tensor (one memcpy) before the operation's Work
+completes. CUDA tensors are staged through the same host segments (a
+device-to-host copy in, a host-to-device copy out); the protocol names
+buffers by (region, offset, count), so a CUDA IPC region kind fits beside
+the memfd one, but this version does not have it.
+
+Operations are asynchronous: each returns a Work whose future completes when
+the agent answers; collectives run in issue order; several may be in flight
+(DDP overlaps its bucket all-reduces with the backward pass).
+
+Supported: all_reduce (sum, avg, product, min, max), broadcast, all_gather,
+all_gather_into_tensor, reduce_scatter, reduce_scatter_tensor, reduce (as an
+all-reduce), send, recv, barrier; float32, float64, float16, bfloat16,
+int32, int64, uint8 tensors (also bool, as uint8). Anything else raises an
+error that names it.
+
+``allreduce_hook`` is a DDP communication hook for scripts that keep Gloo or
+NCCL as their process group and send only the gradients through gpumesh::
+
+    model.register_comm_hook(gpumesh.torch.hook_state(), gpumesh.torch.allreduce_hook)
+"""
+
+import collections
+import datetime
+import inspect
+import os
+import threading
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from gpumesh import _client
+
+BACKEND = "gpumesh"
+
+# How many of its latest operations' Work objects a group keeps alive (see
+# ProcessGroupGpumesh.__init__).
+_KEEP_WORKS = 64
+
+_WorkBase = getattr(dist, "_Work", None) or dist.Work
+
+_DTYPES = {
+    torch.float32: 1,
+    torch.float64: 2,
+    torch.float16: 3,
+    torch.bfloat16: 4,
+    torch.int32: 5,
+    torch.int64: 6,
+    torch.uint8: 7,
+    torch.bool: 7,
+}
+
+_OP_SUM, _OP_AVG, _OP_MAX, _OP_MIN, _OP_PROD = 1, 2, 3, 4, 5
+
+
+def _reduce_code(op):
+    R = dist.ReduceOp
+    table = [(R.SUM, _OP_SUM), (R.PRODUCT, _OP_PROD), (R.MIN, _OP_MIN), (R.MAX, _OP_MAX)]
+    if hasattr(R, "AVG"):
+        table.append((R.AVG, _OP_AVG))
+    for r, code in table:
+        try:
+            if op == r:
+                return code
+        except TypeError:
+            continue
+    raise RuntimeError(f"gpumesh: reduce op {op} is not supported (use SUM, AVG, PRODUCT, MIN or MAX)")
+
+
+def _seconds(t):
+    if t is None:
+        return None
+    if isinstance(t, datetime.timedelta):
+        s = t.total_seconds()
+    else:
+        s = float(t)
+    return s if s > 0 else None
+
+
+class _Staged:
+    """A tensor staged in shared memory for one operation."""
+
+    __slots__ = ("seg", "off", "tensor", "view")
+
+    def __init__(self, seg, off, tensor, view):
+        self.seg, self.off, self.tensor, self.view = seg, off, tensor, view
+
+
+class _Failed:
+    __slots__ = ("msg",)
+
+    def __init__(self, msg):
+        self.msg = msg
+
+
+def _unwrap(fut):
+    v = fut.value()
+    if isinstance(v, _Failed):
+        raise RuntimeError(v.msg)
+    return v
+
+
+class Work(_WorkBase):
+    """An operation in flight. wait() blocks until the agent has answered (and
+    the result is copied back); get_future() completes at the same time."""
+
+    def __init__(self, result, what, timeout):
+        super().__init__()
+        self._result = result
+        self._what = what
+        self._timeout = timeout
+        self._event = threading.Event()
+        self._error = None
+        # The future callers see is a continuation of _raw that raises on
+        # failure: a callback that raises marks the continuation failed in
+        # C++ too, so DDP's reducer (which reads the value in C++) gets an
+        # exception. (PyTorch 1.13's Future.set_exception only stores the
+        # exception as the value, which C++ code would take for a result.)
+        self._raw = torch.futures.Future()
+        self._future = self._raw.then(_unwrap)
+
+    def _complete(self, error):
+        self._error = error
+        self._event.set()
+        self._raw.set_result(_Failed(error) if error is not None else self._result)
+
+    def wait(self, timeout=None):
+        t = _seconds(timeout) or self._timeout
+        if not self._event.wait(t):
+            raise RuntimeError(f"gpumesh: {self._what} did not complete within {t:.0f} s")
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        return True
+
+    def get_future(self):
+        return self._future
+
+    def is_completed(self):
+        return self._event.is_set()
+
+    def is_success(self):
+        return self._event.is_set() and self._error is None
+
+    def exception(self):
+        return None if self._error is None else RuntimeError(self._error)
+
+    def result(self):
+        return self._result
+
+    def synchronize(self):
+        pass
+
+    def source_rank(self):
+        return -1
+
+    def _source_rank(self):
+        return -1
+
+
+def _flat(t, what):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"gpumesh: {what}: expected a tensor, got {type(t).__name__}")
+    if t.is_sparse:
+        raise RuntimeError(f"gpumesh: {what}: sparse tensors are not supported")
+    if not t.is_contiguous():
+        raise RuntimeError(f"gpumesh: {what}: the tensor is not contiguous (call .contiguous() first)")
+    if t.dtype not in _DTYPES:
+        raise RuntimeError(
+            f"gpumesh: {what}: dtype {t.dtype} is not supported "
+            "(float32, float64, float16, bfloat16, int32, int64, uint8, bool)")
+    if t.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"gpumesh: {what}: tensors on {t.device.type} are not supported (cpu, cuda)")
+    return t.view(-1) if t.dim() != 1 else t
+
+
+class ProcessGroupGpumesh(dist.ProcessGroup):
+    """A process group whose collectives the local gpumesh agent performs."""
+
+    def __init__(self, rank, size, *, group_id, global_ranks, timeout, env=None):
+        super().__init__(rank, size)
+        env = os.environ if env is None else env
+        sock, secret = env.get(_client.ENV_SOCKET), env.get(_client.ENV_SECRET)
+        job, gen = env.get("GPUMESH_JOB_ID"), env.get("GPUMESH_GENERATION")
+        grank = env.get("GPUMESH_RANK", env.get("RANK"))
+        if not sock or not secret or not job or not gen or grank is None:
+            raise RuntimeError(
+                "gpumesh backend: this process is not an exec rank of a gpumesh job "
+                f"({_client.ENV_SOCKET}, {_client.ENV_SECRET}, GPUMESH_JOB_ID or GPUMESH_GENERATION is not set). "
+                "Run the script with `gpumesh job run`, or use backend 'gloo' or 'nccl' outside gpumesh.")
+        self._timeout = _seconds(timeout) or 1800.0
+        # C++ callers (DDP's parameter broadcast and checks) hold our Work
+        # objects only by their C++ half; once the Python object is gone,
+        # C++ wait() no longer reaches our override and waits forever. So
+        # the group keeps the latest works alive (PyTorch's own Python
+        # process-group tests keep every work).
+        self._keep = collections.deque(maxlen=_KEEP_WORKS)
+        self._rank, self._size = rank, size
+        self._conn = _client.Connection(
+            socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
+            group_id=group_id, group_rank=rank, ranks=list(global_ranks), timeout=self._timeout)
+        weakref.finalize(self, self._conn.close)
+
+    # ---- plumbing ----
+
+    def getBackendName(self):
+        return BACKEND
+
+    def _stage(self, tensors, n_in):
+        """Stages flat, contiguous tensors in one shared segment (64-byte
+        aligned) and copies the first n_in of them in."""
+        total = 0
+        offs = []
+        for t in tensors:
+            total = (total + 63) & ~63
+            offs.append(total)
+            total += t.numel() * t.element_size()
+        seg = self._conn.acquire(max(total, 1))
+        staged = []
+        for i, (t, off) in enumerate(zip(tensors, offs)):
+            n = t.numel()
+            dt = torch.uint8 if t.dtype == torch.bool else t.dtype
+            view = torch.frombuffer(seg.mm, dtype=dt, count=n, offset=off) if n else None
+            if i < n_in and n:
+                view.copy_(t.view(dt) if dt != t.dtype else t)
+            staged.append(_Staged(seg, off, t, view))
+        return seg, staged
+
+    def _issue(self, kind, what, dtype_of, inputs, outputs, a_idx, b_idx, reduce_op=0, peer=0, tag=0, result=None,
+               post=None):
+        """Runs one operation: inputs are copied into shared memory, the agent
+        runs kind on buffers A and B (indices into the staged list, inputs
+        first), and outputs are copied back when it answers."""
+        code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
+        work = Work(result, what, self._timeout + 10.0)
+        self._keep.append(work)
+        conn = self._conn
+        # Outputs that are also inputs (in place) share the input's staging.
+        extra = [o for o in outputs if not any(o is i for i in inputs)]
+        seg, st = self._stage(inputs + extra, len(inputs))
+        outs = [next(s for s in st if s.tensor is o) for o in outputs]
+
+        def ref(i):
+            if i is None:
+                return None
+            s = st[i]
+            return (s.seg, s.off, s.tensor.numel())
+
+        def on_done(err):
+            try:
+                if err is None:
+                    for s in outs:
+                        if s.view is not None:
+                            t = s.tensor
+                            (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
+                    if post is not None:
+                        post()
+            except Exception as e:  # a copy-out failure is the op's failure
+                err = f"copying the result back: {e}"
+            finally:
+                conn.release(seg)
+            work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
+
+        try:
+            conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
+        except Exception:
+            conn.release(seg)
+            raise
+        return work
+
+    # ---- collectives ----
+
+    def allreduce(self, tensors, opts=None):
+        op = _reduce_code(opts.reduceOp) if opts is not None else _OP_SUM
+        if len(tensors) != 1:
+            raise RuntimeError(f"gpumesh: all_reduce takes one tensor per process, got {len(tensors)}")
+        t = _flat(tensors[0], "all_reduce")
+        if t.dtype == torch.bool and op not in (_OP_MAX, _OP_MIN):
+            raise RuntimeError("gpumesh: all_reduce of bool tensors supports MAX and MIN only")
+        return self._issue(_client.OP_ALLREDUCE, "all_reduce", t, [t], [t], 0, None, reduce_op=op, result=tensors)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        raise RuntimeError("gpumesh: all_reduce_coalesced is not supported (call all_reduce per tensor)")
+
+    def reduce(self, tensors, opts=None):
+        # Every rank receives the result; the root's is what reduce promises.
+        op = _reduce_code(opts.reduceOp) if opts is not None else _OP_SUM
+        t = _flat(tensors[0], "reduce")
+        return self._issue(_client.OP_ALLREDUCE, "reduce", t, [t], [t], 0, None, reduce_op=op, result=tensors)
+
+    def broadcast(self, tensors, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        if len(tensors) != 1:
+            raise RuntimeError(f"gpumesh: broadcast takes one tensor per process, got {len(tensors)}")
+        t = _flat(tensors[0], "broadcast")
+        # The root's tensor goes in; every other rank's comes out.
+        if self._rank == root:
+            return self._issue(_client.OP_BROADCAST, "broadcast", t, [t], [], 0, None, peer=root, result=tensors)
+        return self._issue(_client.OP_BROADCAST, "broadcast", t, [], [t], 0, None, peer=root, result=tensors)
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        if len(input_tensors) != 1 or len(output_tensors) != 1:
+            raise RuntimeError("gpumesh: all_gather takes one tensor (and one output list) per process")
+        inp = _flat(input_tensors[0], "all_gather")
+        outs = output_tensors[0]
+        if len(outs) != self._size:
+            raise RuntimeError(f"gpumesh: all_gather needs {self._size} output tensors, got {len(outs)}")
+        for o in outs:
+            if o.numel() != inp.numel() or o.dtype != inp.dtype:
+                raise RuntimeError(
+                    f"gpumesh: all_gather output tensors must match the input ({inp.dtype}[{inp.numel()}]), "
+                    f"got {o.dtype}[{o.numel()}]")
+        flat = torch.empty(inp.numel() * self._size, dtype=inp.dtype)
+        k = inp.numel()
+
+        def scatter():
+            for i, o in enumerate(outs):
+                o.copy_(flat[i * k:(i + 1) * k].view_as(o))
+        return self._issue(_client.OP_ALLGATHER, "all_gather", inp, [inp], [flat], 1, 0, result=output_tensors,
+                           post=scatter)
+
+    def _allgather_base(self, output, input, opts=None):
+        inp = _flat(input, "all_gather_into_tensor")
+        out = _flat(output, "all_gather_into_tensor")
+        if out.numel() != inp.numel() * self._size or out.dtype != inp.dtype:
+            raise RuntimeError(
+                f"gpumesh: all_gather_into_tensor output must be {inp.dtype}[{inp.numel() * self._size}], "
+                f"got {out.dtype}[{out.numel()}]")
+        return self._issue(_client.OP_ALLGATHER, "all_gather_into_tensor", inp, [inp], [out], 1, 0, result=[output])
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        op = _reduce_code(opts.reduceOp) if opts is not None else _OP_SUM
+        if len(output_tensors) != 1 or len(input_tensors) != 1:
+            raise RuntimeError("gpumesh: reduce_scatter takes one output tensor (and one input list) per process")
+        out = _flat(output_tensors[0], "reduce_scatter")
+        ins = input_tensors[0]
+        if len(ins) != self._size:
+            raise RuntimeError(f"gpumesh: reduce_scatter needs {self._size} input tensors, got {len(ins)}")
+        for i in ins:
+            if i.numel() != out.numel() or i.dtype != out.dtype:
+                raise RuntimeError(
+                    f"gpumesh: reduce_scatter input tensors must match the output ({out.dtype}[{out.numel()}]), "
+                    f"got {i.dtype}[{i.numel()}]")
+        flat = torch.cat([_flat(i, "reduce_scatter") for i in ins]) if ins else out.new_empty(0)
+        return self._issue(_client.OP_REDUCESCATTER, "reduce_scatter", out, [flat], [out], 1, 0, reduce_op=op,
+                           result=output_tensors)
+
+    def _reduce_scatter_base(self, output, input, opts=None):
+        op = _reduce_code(opts.reduceOp) if opts is not None else _OP_SUM
+        out = _flat(output, "reduce_scatter_tensor")
+        inp = _flat(input, "reduce_scatter_tensor")
+        if inp.numel() != out.numel() * self._size or inp.dtype != out.dtype:
+            raise RuntimeError(
+                f"gpumesh: reduce_scatter_tensor input must be {out.dtype}[{out.numel() * self._size}], "
+                f"got {inp.dtype}[{inp.numel()}]")
+        return self._issue(_client.OP_REDUCESCATTER, "reduce_scatter_tensor", out, [inp], [out], 1, 0, reduce_op=op,
+                           result=[output])
+
+    def send(self, tensors, dst, tag=0):
+        t = _flat(tensors[0], "send")
+        return self._issue(_client.OP_SEND, f"send to rank {dst}", t, [t], [], 0, None, peer=dst, tag=tag,
+                           result=tensors)
+
+    def recv(self, tensors, src, tag=0):
+        t = _flat(tensors[0], "recv")
+        return self._issue(_client.OP_RECV, f"recv from rank {src}", t, [], [t], 0, None, peer=src, tag=tag,
+                           result=tensors)
+
+    def recv_anysource(self, tensors, tag=0):
+        raise RuntimeError("gpumesh: recv without a source rank is not supported (pass src=)")
+
+    def barrier(self, opts=None):
+        return self._issue(_client.OP_BARRIER, "barrier", None, [], [], None, None, result=[])
+
+    def alltoall(self, *args, **kwargs):
+        raise RuntimeError("gpumesh: all_to_all is not supported")
+
+    def alltoall_base(self, *args, **kwargs):
+        raise RuntimeError("gpumesh: all_to_all_single is not supported")
+
+    def gather(self, *args, **kwargs):
+        raise RuntimeError("gpumesh: gather is not supported (use all_gather)")
+
+    def scatter(self, *args, **kwargs):
+        raise RuntimeError("gpumesh: scatter is not supported (use broadcast)")
+
+    def shutdown(self):
+        self._conn.close()
+
+
+def _create(opts, pg_options=None):
+    """The backend's creator (extended API: it gets the group's name and its
+    global ranks, which name the group to the agent)."""
+    ranks = list(opts.global_ranks_in_group) or list(range(opts.group_size))
+    gid = str(opts.group_id) or "world"
+    gid = "".join(c if (c.isalnum() or c in "._:-") else "_" for c in gid)
+    return ProcessGroupGpumesh(opts.group_rank, opts.group_size, group_id=gid, global_ranks=ranks,
+                               timeout=opts.timeout)
+
+
+def _register():
+    if BACKEND.upper() in getattr(dist.Backend, "_plugins", {}):
+        return
+    params = inspect.signature(dist.Backend.register_backend).parameters
+    kwargs = {"extended_api": True}
+    if "devices" in params:
+        # PyTorch 2.x: one backend for both device types (CUDA tensors are
+        # staged through host shared memory).
+        kwargs["devices"] = ["cpu", "cuda"]
+    dist.Backend.register_backend(BACKEND, _create, **kwargs)
+
+
+_register()
+
+
+# ---- DDP communication hook ----
+
+class HookState:
+    """State of allreduce_hook: its own gpumesh group of every rank."""
+
+    def __init__(self, timeout=1800.0):
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        self.pg = ProcessGroupGpumesh(rank, size, group_id="ddp-hook", global_ranks=list(range(size)),
+                                      timeout=timeout)
+        self.size = size
+
+    def __getstate__(self):
+        raise TypeError("gpumesh.torch.HookState cannot be pickled")
+
+
+def hook_state(timeout=1800.0):
+    """A HookState for allreduce_hook (call once per process, after the
+    script's own init_process_group)."""
+    return HookState(timeout)
+
+
+def allreduce_hook(state, bucket):
+    """DDP communication hook: averages the bucket's gradients through the
+    gpumesh agent (register with model.register_comm_hook(hook_state(),
+    allreduce_hook))."""
+    buf = bucket.buffer() if callable(getattr(bucket, "buffer", None)) else bucket.get_tensor()
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    buf.div_(state.size)
+    fut = state.pg.allreduce([buf], opts).get_future()
+    return fut.then(lambda f: f.value()[0])
