@@ -254,6 +254,12 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*c
 		if u.Result != nil {
 			na.Result = u.Result
 		}
+		if len(u.Ports) != 0 {
+			na.Ports = u.Ports
+		}
+		if u.Health != "" {
+			na.Health = u.Health
+		}
 		na.ModifyIndex = idx
 		st.putAllocLocked(na)
 		if AllocTerminal(na.ClientStatus) {
