@@ -49,6 +49,7 @@ type Agent struct {
 	discoverer Discoverer
 	raft       raftServer // nil on nodes that are not server-eligible
 	runner     *runner
+	router     *router // service routing (service_router.go)
 	conns      *connPool
 	data       *dataPlane
 	sec        *security // TLS and ACL token (security.go); nil when off
@@ -170,7 +171,8 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 
 	a.runner = newRunner(a)
-	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second}
+	a.router = newRouter(a.nodeID, a.logger.Named("router"))
+	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: MaxHeaderBytes}
 
 	a.goFunc(func() {
 		if err := a.grpc.Serve(a.rpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -186,6 +188,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
 	a.goFunc(a.runner.run)
+	a.goFunc(a.followServices)
 	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)

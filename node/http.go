@@ -13,6 +13,8 @@ func (a *Agent) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/health", a.handleHealth)
 	mux.HandleFunc("/v1/agent", a.handleAgent)
+	mux.Handle(svcPrefix, a.router)
+	mux.HandleFunc("/v1/services", a.handleServices)
 	registerObservability(a, mux)
 	return mux
 }
