@@ -378,6 +378,7 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			al.DesiredStatus, dash(al.ClientStatus), exit, ago(al.StartTime), al.Message)
 	}
 	tw.Flush()
+	printServiceReplicas(out, resp)
 	printResults(out, resp)
 }
 
