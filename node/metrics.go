@@ -79,6 +79,7 @@ func newMetrics(a *Agent) *opsState {
 		o.placement,
 		newAgentCollector(o),
 		cuda.NewCollector(o.sampleGPUs),
+		a.router,
 	)
 	a.goFunc(o.followPlacements)
 	return o

@@ -116,6 +116,15 @@ service:
 			t.Fatalf("after the replica went unready: %d %s", code, body)
 		}
 	}
+	mfs := scrape(t, dc.Agents[3])
+	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 11 {
+		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 11", v, ok)
+	}
+	for h, want := range map[string]float64{HealthHealthy: 1, HealthUnhealthy: 1} {
+		if v, ok := metricValue(mfs, "gpumesh_service_replicas", map[string]string{"service": "mlp", "health": h}); !ok || v != want {
+			t.Fatalf("gpumesh_service_replicas{health=%s} = %v (%v), want %v", h, v, ok, want)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := c.StopJob(ctx, &pb.StopJobRequest{Id: id}); err != nil {

@@ -77,6 +77,7 @@ type router struct {
 	services map[string]*serviceRoute
 	byAlloc  map[string]*replicaStats
 	next     atomic.Uint64
+	stats    routerStats // service_metrics.go
 }
 
 type ctxKey int
@@ -233,6 +234,8 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		http.Error(w, fmt.Sprintf("no service named %q in this cluster; gpumesh service list shows the services", name), http.StatusNotFound)
 		return
 	}
+	sc := rt.stats.of(name)
+	sc.requests.Add(1)
 	// Keep a small body so that the request can be retried elsewhere.
 	var body []byte
 	replayable := req.Body == nil || req.Body == http.NoBody || req.ContentLength == 0
@@ -253,6 +256,7 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			if try > 0 {
 				msg = fmt.Sprintf("service %q: the replica tried failed and no other healthy replica is left; retry later", name)
 			}
+			sc.failed.Add(1)
 			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
@@ -278,9 +282,11 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		rt.logger.Warn("request to a replica failed", "service", name, "replica", b.allocID, "node", b.nodeName, "error", at.err)
 		if try > 0 || !replayable || !(idempotent(req.Method) || noByteSent(at.err)) {
+			sc.failed.Add(1)
 			http.Error(w, fmt.Sprintf("service %q: replica %d on node %s failed: %v", name, b.rank, b.nodeName, at.err), http.StatusBadGateway)
 			return
 		}
+		sc.retries.Add(1)
 	}
 }
 
