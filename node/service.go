@@ -15,24 +15,59 @@ import (
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
+// drainSettle is how long a draining replica keeps running after it said
+// so, before it gets SIGTERM: the time for every router to learn (through
+// Raft and the watch streams) to send it nothing new. Requests still
+// reaching it after that find its port closed and are retried elsewhere.
+const drainSettle = time.Second
+
 // serviceTask is one service replica: an exec task whose named ports this
-// agent allocated, health-checked while it runs.
+// agent allocated, health-checked while it runs. On a drain or a stop it
+// first says it is draining (routers stop sending to it), waits
+// drainSettle, then stops the process, which finishes its in-flight
+// requests within its kill timeout.
 type serviceTask struct {
 	task
 	ports  map[string]int32
-	cancel context.CancelFunc
+	cancel context.CancelFunc // ends the health checks
+	report func(health string)
 
 	mu       sync.Mutex
 	draining bool
 }
 
+// drain stops the health checks and reports the replica draining, once.
+// It returns whether this call did it.
+func (t *serviceTask) drain() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.draining {
+		return false
+	}
+	t.draining = true
+	t.cancel()
+	t.report(HealthDraining)
+	return true
+}
+
 // Ports returns the named ports the replica listens on.
 func (t *serviceTask) Ports() map[string]int32 { return t.ports }
 
-// Stop stops health checks and the replica's process.
+// Stop drains the replica, then stops its process. It returns at once
+// (the runner calls it holding its lock, which reporting takes).
 func (t *serviceTask) Stop(reason string, deadline time.Time) {
-	t.cancel()
-	t.task.Stop(reason, deadline)
+	wait := drainSettle
+	if !deadline.IsZero() {
+		wait = min(wait, time.Until(deadline)/4)
+	}
+	go func() {
+		t.drain()
+		select {
+		case <-time.After(wait):
+		case <-t.Done():
+		}
+		t.task.Stop(reason, deadline)
+	}()
 }
 
 // allocatePorts picks a free TCP port on host for every name. The ports
@@ -91,6 +126,10 @@ func startService(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	st := &serviceTask{task: t, ports: ports, cancel: cancel}
+	st.report = func(h string) {
+		r.logger.Info("replica health", "job", al.JobId, "service", j.Spec.Name, "rank", al.Rank, "health", h)
+		r.reportHealth(al, h)
+	}
 	go func() {
 		<-t.Done()
 		cancel()
@@ -100,8 +139,11 @@ func startService(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job
 		started := time.Now()
 		r.goFunc(func() {
 			checkLoop(cctx, c, host, port, started, func(h string) {
-				r.logger.Info("replica health", "job", al.JobId, "service", j.Spec.Name, "rank", al.Rank, "health", h)
-				r.reportHealth(al, h)
+				st.mu.Lock()
+				defer st.mu.Unlock()
+				if !st.draining {
+					st.report(h)
+				}
 			})
 		})
 	}
@@ -125,6 +167,23 @@ func (r *runner) reportHealth(al *pb.Allocation, health string) {
 	select {
 	case r.kick <- struct{}{}:
 	default:
+	}
+}
+
+// drainServices tells every router to send the service replicas of this
+// node no new requests (a drain or spot notice: their replacements start
+// elsewhere). The replicas keep running until the scheduler stops them.
+func (r *runner) drainServices() {
+	r.mu.Lock()
+	var sts []*serviceTask
+	for _, rt := range r.tasks {
+		if st, ok := rt.task.(*serviceTask); ok {
+			sts = append(sts, st)
+		}
+	}
+	r.mu.Unlock()
+	for _, st := range sts {
+		st.drain()
 	}
 }
 
