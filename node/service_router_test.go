@@ -20,7 +20,7 @@ import (
 
 // svcState builds a service job and one running allocation per replica
 // address, each with the given health.
-func svcState(t *testing.T, name string, addrs []string, health []string) ([]*pb.Job, []*pb.Allocation) {
+func svcState(t testing.TB, name string, addrs []string, health []string) ([]*pb.Job, []*pb.Allocation) {
 	t.Helper()
 	spec, err := jobspec.Parse([]byte("name: " + name + "\ntype: service\nreplicas: " + strconv.Itoa(max(1, len(addrs))) + "\nexec: {command: [srv]}\n"))
 	if err != nil {

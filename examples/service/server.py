@@ -5,12 +5,15 @@ It listens on $GPUMESH_HOST:$GPUMESH_PORT_HTTP (set by the agent) and answers
   GET  /healthz   200 once the model is loaded (503 after POST /unready)
   POST /predict   {"x": [4 numbers]} -> {"y": [...], "replica": ...}
   GET  /stream    server-sent events, one token every 50 ms
+On SIGTERM it stops accepting connections and exits once the requests in
+flight are answered (the agent sends SIGTERM after routers stopped sending).
 The model is a fixed-seed 4-8-2 MLP, in PyTorch when it can be imported
 (set SERVE_NO_TORCH=1 to skip it) and in plain Python otherwise.
 """
 import json
 import os
 import random
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,5 +94,8 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(400, {"error": "want {\"x\": [4 numbers]}: %s" % e})
 
 
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer((HOST, PORT), Handler).serve_forever()
+server = ThreadingHTTPServer((HOST, PORT), Handler)
+server.daemon_threads = False  # server_close waits for requests in flight
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+server.serve_forever()
+server.server_close()
