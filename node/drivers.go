@@ -197,6 +197,7 @@ func (r *runner) recover() {
 		rt := &runningTask{alloc: al, task: &execTask{h: h}}
 		r.tasks[allocID] = rt
 		r.started[allocID] = true
+		r.unseen[allocID] = true
 		if _, done := h.Result(); !done {
 			r.logger.Info("recovered a running task", "job", id.JobID, "generation", id.Generation, "rank", id.Rank, "pid", h.Pid())
 		}

@@ -371,7 +371,8 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if consensus.AllocTerminal(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocLost {
+			// A lost rank has no exit code: its message says why it is lost.
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,

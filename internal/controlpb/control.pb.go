@@ -1005,8 +1005,14 @@ type Job struct {
 	StopRequested   bool                   `protobuf:"varint,11,opt,name=stop_requested,json=stopRequested,proto3" json:"stop_requested,omitempty"`
 	CreateIndex     uint64                 `protobuf:"varint,12,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex     uint64                 `protobuf:"varint,13,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Why the last generation ended, typed (status_reason says it for people):
+	// "rank-failed" (a rank failed; whether that counts against the restart
+	// policy is not settled yet), "task-failed" (the job's own failure,
+	// counted), "node-lost", "node-drained" (not the job's fault, not
+	// counted), "resized" (an elastic job grows); empty before any ended.
+	EndCause      string `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -1128,6 +1134,13 @@ func (x *Job) GetModifyIndex() uint64 {
 		return x.ModifyIndex
 	}
 	return 0
+}
+
+func (x *Job) GetEndCause() string {
+	if x != nil {
+		return x.EndCause
+	}
+	return ""
 }
 
 type Allocation struct {
@@ -3129,7 +3142,7 @@ const file_control_proto_rawDesc = "" +
 	"\tallreduce\x18\f \x01(\v2\x19.gpumesh.v1.AllReduceSpecR\tallreduce\x124\n" +
 	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\x12\x1a\n" +
 	"\breplicas\x18\x0e \x01(\x05R\breplicas\x121\n" +
-	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\"\x85\x04\n" +
+	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\"\xa2\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3149,7 +3162,8 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\x0fnextAttemptTime\x12%\n" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\"\xe3\a\n" +
+	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xe3\a\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
