@@ -327,3 +327,25 @@ func (rt *router) snapshot() []ServiceRoute {
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
+
+// NewStaticRouter returns the /svc/ router over a fixed set of healthy
+// replicas of one service (name, at addrs "host:port"): the routing path
+// without the cluster, for benchmarks and tests.
+func NewStaticRouter(name string, addrs []string) http.Handler {
+	rt := newRouter("", hclog.NewNullLogger())
+	job := &pb.Job{Id: name, Status: consensus.JobRunning, Spec: &pb.JobSpec{Name: name, Type: jobspec.TypeService,
+		Service: &pb.ServiceSpec{Ports: []string{jobspec.DefaultServicePort}, RoutePort: jobspec.DefaultServicePort}}}
+	var allocs []*pb.Allocation
+	for i, addr := range addrs {
+		host, port, err := net.SplitHostPort(addr)
+		p, perr := strconv.Atoi(port)
+		if err != nil || perr != nil {
+			continue
+		}
+		allocs = append(allocs, &pb.Allocation{Id: fmt.Sprintf("%s.%d", name, i), JobId: name, Rank: int32(i), RankAddr: net.JoinHostPort(host, "0"),
+			DesiredStatus: consensus.DesiredRun, ClientStatus: consensus.AllocRunning, Health: HealthHealthy,
+			Ports: map[string]int32{jobspec.DefaultServicePort: int32(p)}})
+	}
+	rt.update([]*pb.Job{job}, allocs)
+	return rt
+}
