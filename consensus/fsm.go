@@ -259,7 +259,8 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*c
 		if len(u.Ports) != 0 {
 			na.Ports = u.Ports
 		}
-		if u.Health != "" {
+		healthChanged := u.Health != "" && u.Health != na.Health
+		if healthChanged {
 			na.Health = u.Health
 		}
 		na.ModifyIndex = idx
@@ -268,6 +269,10 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*c
 			st.resVersion++
 			f.events.job(na.JobId)
 			f.events.capacity()
+		}
+		if healthChanged {
+			// A service's scheduler waits for replacements to be healthy.
+			f.events.job(na.JobId)
 		}
 	}
 	return nil

@@ -7,16 +7,17 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 // Replica health values, as stored in Allocation.health.
 const (
-	HealthStarting  = "starting"  // no probe passed yet (within the grace period)
-	HealthHealthy   = "healthy"   // receives traffic
-	HealthUnhealthy = "unhealthy" // threshold probes failed in a row
-	HealthDraining  = "draining"  // its node is draining: no new requests
+	HealthStarting  = consensus.HealthStarting
+	HealthHealthy   = consensus.HealthHealthy
+	HealthUnhealthy = consensus.HealthUnhealthy
+	HealthDraining  = consensus.HealthDraining
 )
 
 // healthState is the health of one replica as a function of its probe
