@@ -118,7 +118,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 			}
 			continue
 		}
-		if end, ok := lastEnd[r]; ok && len(moving) == 0 && now.Before(end.Add(delay)) {
+		if end, ok := lastEnd[r]; ok && now.Before(end.Add(delay)) {
 			wake = earliest(wake, end.Add(delay))
 			reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
 			continue
@@ -177,7 +177,10 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, now time.Time) (*contr
 		WorldSize:      j.WorldSize,
 		LocalRank:      0,
 		LocalWorldSize: 1,
+		GroupRank:      0,
+		GroupWorldSize: 1,
 		NodeId:         pr.NodeID,
+		RestartCount:   int32(j.Generation - 1),
 		DesiredStatus:  DesiredRun,
 		ClientStatus:   AllocPending,
 	}
@@ -187,6 +190,10 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, now time.Time) (*contr
 	if n := e.nodes[pr.NodeID]; n != nil {
 		a.NodeName = n.Name
 		a.RankAddr = n.RpcAddr
+		// A replica is its own torchrun "world" for the environment's
+		// sake: MASTER_* name its node.
+		a.MasterAddr = hostOf(n.RpcAddr)
+		a.MasterPort = e.pickPort(pr.NodeID)
 	}
 	return a, ""
 }

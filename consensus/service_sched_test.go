@@ -72,7 +72,10 @@ func TestServiceDrainReplacesOneReplicaAtATime(t *testing.T) {
 			repl = a
 		}
 	}
-	if repl.NodeId == victim.NodeId {
+	if repl.GroupWorldSize != 1 || repl.LocalWorldSize != 1 || repl.WorldSize != 2 || repl.MasterAddr == "" || repl.MasterPort == 0 {
+		t.Fatalf("the replacement's rank environment is incomplete: %v", repl)
+	}
+		if repl.NodeId == victim.NodeId {
 		t.Fatalf("replacement placed on the draining node %s", repl.NodeId)
 	}
 	if len(now[1]) != 1 || now[1][0].Id != other.Id || s.job("svc").Generation != gen || s.job("svc").Status != JobRunning {
@@ -105,6 +108,15 @@ func TestServiceReplicaExitIsReplaced(t *testing.T) {
 		t.Fatalf("replaced at once, before the restart delay (wake %v): %v", d.WakeAt, s.live("svc")[0])
 	}
 	s.now = d.WakeAt
+	s.step("svc")
+	// A replacement that fails at once is not replaced before the delay
+	// either (no tight loop of failed starts).
+	first := s.live("svc")[0][0]
+	s.report(first.Id, AllocFailed, -1)
+	if d2 := s.step("svc"); len(s.live("svc")[0]) != 0 || d2.WakeAt.IsZero() {
+		t.Fatalf("a replacement failing at once was replaced at once: %v", s.live("svc")[0])
+	}
+	s.now = s.now.Add(3 * time.Second)
 	s.step("svc")
 	if got := s.live("svc")[0]; len(got) != 1 || got[0].Id == r0.Id {
 		t.Fatalf("slot 0 after the delay: %v", got)
