@@ -48,6 +48,8 @@ if predict is None:
 
 ready = threading.Event()
 ready.set()
+inflight = 0
+inflight_lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -55,6 +57,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def handle_one_request(self):
+        # Count requests from their first line on (an idle keep-alive
+        # connection waiting for one does not count).
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        global inflight
+        with inflight_lock:
+            inflight += 1
+        try:
+            if not self.parse_request():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, "unsupported method %r" % self.command)
+                return
+            method()
+            self.wfile.flush()
+        finally:
+            with inflight_lock:
+                inflight -= 1
 
     def reply(self, code, obj):
         body = json.dumps(obj).encode()
@@ -95,7 +120,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 server = ThreadingHTTPServer((HOST, PORT), Handler)
-server.daemon_threads = False  # server_close waits for requests in flight
+server.daemon_threads = True
 signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
 server.serve_forever()
-server.server_close()
+server.socket.close()  # no new connections
+while True:  # answer what is in flight, then go (idle keep-alive connections do not hold us)
+    with inflight_lock:
+        if inflight == 0:
+            break
+    time.sleep(0.01)
