@@ -75,7 +75,7 @@ func TestServiceDrainReplacesOneReplicaAtATime(t *testing.T) {
 	if repl.GroupWorldSize != 1 || repl.LocalWorldSize != 1 || repl.WorldSize != 2 || repl.MasterAddr == "" || repl.MasterPort == 0 {
 		t.Fatalf("the replacement's rank environment is incomplete: %v", repl)
 	}
-		if repl.NodeId == victim.NodeId {
+	if repl.NodeId == victim.NodeId {
 		t.Fatalf("replacement placed on the draining node %s", repl.NodeId)
 	}
 	if len(now[1]) != 1 || now[1][0].Id != other.Id || s.job("svc").Generation != gen || s.job("svc").Status != JobRunning {

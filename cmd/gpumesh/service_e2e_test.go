@@ -135,8 +135,8 @@ service:
 		// until the old replica has stopped.
 		steady, moving vegeta.Metrics
 		movedAt        time.Time
-		errs    []string
-		done    = make(chan struct{})
+		errs           []string
+		done           = make(chan struct{})
 	)
 	go func() {
 		defer close(done)
