@@ -150,7 +150,7 @@ func (s *Server) setupRaft() error {
 		Stream:  newTrackedStream(stream),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
-		Logger:  s.logger.Named("transport"),
+		Logger:  quietOnShutdown{Logger: s.logger.Named("transport"), done: s.shutdownCh},
 	})
 
 	rc := raft.DefaultConfig()

@@ -77,6 +77,14 @@ type Config struct {
 	// leaves them to the kernel's autotuning (see
 	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
+	// TaskUser is the account exec tasks run as when their spec names none.
+	// Empty means the agent's own user. Running as another user needs root:
+	// an agent that is not root runs every task as itself and refuses specs
+	// that name someone else. `gpumesh agent` defaults it to "nobody".
+	TaskUser string
+	// TaskUsersAllowed are the accounts a job's exec.user may name besides
+	// TaskUser; a job naming any other fails with a message saying so.
+	TaskUsersAllowed []string
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration

@@ -13,10 +13,15 @@ func (a *Agent) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/health", a.handleHealth)
 	mux.HandleFunc("/v1/agent", a.handleAgent)
-	mux.Handle(svcPrefix, a.router)
 	mux.HandleFunc("/v1/services", a.handleServices)
 	registerObservability(a, mux)
-	return mux
+	// Service traffic (/svc/NAME/...) is the services' own: their clients
+	// hold no cluster token, and its methods are the service's to allow,
+	// so the agent API's rule (read-only, token) does not apply to it.
+	outer := http.NewServeMux()
+	outer.Handle(svcPrefix, a.router)
+	outer.Handle("/", a.sec.httpAuth(mux))
+	return outer
 }
 
 // handleHealth answers 200 when the agent is up and, for servers, knows a
@@ -31,12 +36,10 @@ func (a *Agent) handleHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	h := health{Status: "ok", Node: a.cfg.NodeName, Role: a.Role(), Time: time.Now().UTC().Format(time.RFC3339)}
 	code := http.StatusOK
-	if a.raft != nil {
-		id, _ := a.raft.Leader()
-		h.Leader = id
-		if id == "" && a.raft.HasState() {
-			h.Status, code = "no leader", http.StatusServiceUnavailable
-		}
+	ok, leader := a.healthy() // the gRPC health service follows the same rule
+	h.Leader = leader
+	if !ok {
+		h.Status, code = "no leader", http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)

@@ -421,9 +421,12 @@ func (x *RestartPolicy) GetDelay() *durationpb.Duration {
 }
 
 type ExecSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Command       []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
-	Env           map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Command []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
+	Env     map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// user runs the command as this account instead of the agent's --task-user;
+	// the agent must list it in --task-users-allowed.
+	User          string `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -470,6 +473,13 @@ func (x *ExecSpec) GetEnv() map[string]string {
 		return x.Env
 	}
 	return nil
+}
+
+func (x *ExecSpec) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
 }
 
 type AllReduceSpec struct {
@@ -3086,10 +3096,11 @@ const file_control_proto_rawDesc = "" +
 	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\\\n" +
 	"\rRestartPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\x05R\battempts\x12/\n" +
-	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\x8d\x01\n" +
+	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\xa1\x01\n" +
 	"\bExecSpec\x12\x18\n" +
 	"\acommand\x18\x01 \x03(\tR\acommand\x12/\n" +
-	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x1a6\n" +
+	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x12\x12\n" +
+	"\x04user\x18\x03 \x01(\tR\x04user\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x95\x01\n" +
