@@ -116,6 +116,17 @@ service:
 			t.Fatalf("after the replica went unready: %d %s", code, body)
 		}
 	}
+	// Oversized request headers are refused before routing.
+	big, _ := http.NewRequest(http.MethodGet, "http://"+dc.Agents[3].self.HttpAddr+"/svc/mlp/", nil)
+	big.Header.Set("X-Big", strings.Repeat("a", 2*MaxHeaderBytes))
+	if resp, err := http.DefaultClient.Do(big); err != nil {
+		t.Fatal(err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("a %d-byte header: %d, want 431", 2*MaxHeaderBytes, resp.StatusCode)
+		}
+	}
 	mfs := scrape(t, dc.Agents[3])
 	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 11 {
 		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 11", v, ok)
