@@ -234,7 +234,11 @@ func validateExec(s *pb.JobSpec, add report) {
 		add("pipeline", "exec jobs take an exec section only (or set type: pipeline)")
 	}
 	if s.Exec == nil || len(s.Exec.Command) == 0 {
-		add("exec.command", `an exec job needs a command, e.g. exec: {command: ["python3", "train.py"]}`)
+		what := "an exec job"
+		if s.Type != TypeExec {
+			what = "a " + s.Type + " job"
+		}
+		add("exec.command", `%s needs a command, e.g. exec: {command: ["python3", "train.py"]}`, what)
 		return
 	}
 	if s.Exec.Command[0] == "" {
