@@ -33,8 +33,9 @@ const serviceRecheck = 5 * time.Second
 //     one is stopped once the replacement is healthy (max unavailable 0),
 //     or at once when its node is gone.
 //
-// Replacements keep the job's generation; their IDs carry the time of the
-// decision so they never repeat.
+// A plan that places replacements bumps the job's generation and gives
+// them the new one (so their IDs and task directories never repeat); the
+// replicas it does not touch keep theirs and run on.
 func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
 	p := basePlan(j)
 	p.WorldSize = j.Spec.GetReplicas()
@@ -123,12 +124,13 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 			reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
 			continue
 		}
-		a, why := e.placeReplica(j, r, now)
+		a, why := e.placeReplica(j, r, j.Generation+1)
 		if a == nil {
 			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
 			continue
 		}
 		p.Allocations = append(p.Allocations, a)
+		p.Generation = j.Generation + 1
 		changed = true
 		if len(moving) > 0 {
 			wake = earliest(wake, now.Add(serviceRecheck))
@@ -149,8 +151,9 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 	return Decision{Plan: p, WakeAt: wake}
 }
 
-// placeReplica places one replica of slot r, or says why it cannot.
-func (e *Evaluator) placeReplica(j *controlpb.Job, r int, now time.Time) (*controlpb.Allocation, string) {
+// placeReplica places one replica of slot r as part of generation gen, or
+// says why it cannot.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64) (*controlpb.Allocation, string) {
 	spec := j.Spec
 	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
 	if err != nil {
@@ -170,9 +173,9 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, now time.Time) (*contr
 	}
 	pr := plan.Ranks[0]
 	a := &controlpb.Allocation{
-		Id:             fmt.Sprintf("%s.%d.%d.%x", j.Id, j.Generation, r, now.UnixMilli()),
+		Id:             fmt.Sprintf("%s.%d.%d", j.Id, gen, r),
 		JobId:          j.Id,
-		Generation:     j.Generation,
+		Generation:     gen,
 		Rank:           int32(r),
 		WorldSize:      j.WorldSize,
 		LocalRank:      0,
@@ -180,7 +183,7 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, now time.Time) (*contr
 		GroupRank:      0,
 		GroupWorldSize: 1,
 		NodeId:         pr.NodeID,
-		RestartCount:   int32(j.Generation - 1),
+		RestartCount:   int32(gen - 1),
 		DesiredStatus:  DesiredRun,
 		ClientStatus:   AllocPending,
 	}

@@ -47,8 +47,8 @@ func (s *sim) serveAll(id string) {
 }
 
 // A drained node's replica is replaced elsewhere first and stopped only
-// once its replacement is healthy; the other replica is never touched and
-// the generation stays.
+// once its replacement is healthy; the other replica is never touched (the
+// replacement alone is of the next generation).
 func TestServiceDrainReplacesOneReplicaAtATime(t *testing.T) {
 	s := newSim(t, "a", "b", "c")
 	s.registerService("svc", 2)
@@ -78,7 +78,10 @@ func TestServiceDrainReplacesOneReplicaAtATime(t *testing.T) {
 	if repl.NodeId == victim.NodeId {
 		t.Fatalf("replacement placed on the draining node %s", repl.NodeId)
 	}
-	if len(now[1]) != 1 || now[1][0].Id != other.Id || s.job("svc").Generation != gen || s.job("svc").Status != JobRunning {
+	if repl.Generation != gen+1 || s.job("svc").Generation != gen+1 {
+		t.Fatalf("the replacement is of generation %d, the job %d; want both %d", repl.Generation, s.job("svc").Generation, gen+1)
+	}
+	if len(now[1]) != 1 || now[1][0].Id != other.Id || now[1][0].DesiredStatus != DesiredRun || s.job("svc").Status != JobRunning {
 		t.Fatalf("the other replica or the generation changed: %v, gen %d, %s", now[1], s.job("svc").Generation, s.job("svc").Status)
 	}
 	// Starting is not enough: the old replica keeps serving.

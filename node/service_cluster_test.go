@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -140,5 +141,114 @@ service:
 	defer cancel()
 	if _, err := c.StopJob(ctx, &pb.StopJobRequest{Id: id}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A replica killed without notice costs no GET: the router retries on the
+// other replica while the dead one's port refuses, the killed replica
+// leaves routing when its end is reported, and a replacement comes up.
+func TestClusterServiceReplicaKilled(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	server, err := filepath.Abs("../examples/service/server.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, dc.Agents[0])
+	id := submitJob(t, c, fmt.Sprintf(`
+name: echo
+type: service
+replicas: 2
+placement: spread
+restart: {delay: 1s}
+exec:
+  command: [/usr/bin/python3, %q]
+  env: {SERVE_NO_TORCH: "1"}
+service:
+  check: {path: /healthz, interval: 200ms, timeout: 150ms, threshold: 2, grace: 30s}
+`, server))
+	healthy := func() []*pb.Allocation {
+		job := waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "running" })
+		var out []*pb.Allocation
+		for _, al := range job.Allocations {
+			if al.DesiredStatus == "run" && al.ClientStatus == "running" && al.Health == HealthHealthy {
+				out = append(out, al)
+			}
+		}
+		return out
+	}
+	var first []*pb.Allocation
+	poll.Until(t, 60*time.Second, func() error {
+		if first = healthy(); len(first) != 2 {
+			return fmt.Errorf("%d of 2 replicas healthy", len(first))
+		}
+		return nil
+	})
+	victim := first[0]
+	var pid int
+	for _, a := range dc.Agents {
+		if a.NodeID() != victim.NodeId {
+			continue
+		}
+		a.runner.mu.Lock()
+		if st, ok := a.runner.tasks[victim.Id].task.(*serviceTask); ok {
+			pid = st.task.(*execTask).h.Pid()
+		}
+		a.runner.mu.Unlock()
+	}
+	if pid <= 0 {
+		t.Fatalf("no process for replica %s", victim.Id)
+	}
+	// Load through every agent in turn while the replica dies.
+	var sent, failed int
+	var firstErr string
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			a := dc.Agents[i%len(dc.Agents)]
+			resp, err := http.Get("http://" + a.self.HttpAddr + "/svc/echo/")
+			sent++
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			if err != nil {
+				failed++
+				if firstErr == "" {
+					firstErr = err.Error()
+				}
+			}
+		}
+	}()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		close(stop)
+		<-done
+		t.Fatal(err)
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		h := healthy()
+		if len(h) != 2 {
+			return fmt.Errorf("%d of 2 replicas healthy", len(h))
+		}
+		for _, al := range h {
+			if al.Id == victim.Id {
+				return fmt.Errorf("the killed replica %s still counts as healthy", victim.Id)
+			}
+		}
+		return nil
+	})
+	close(stop)
+	<-done
+	t.Logf("%d GETs while replica %s was killed and replaced, %d failed", sent, victim.Id, failed)
+	if failed != 0 {
+		t.Fatalf("%d of %d GETs failed; first: %s", failed, sent, firstErr)
 	}
 }
