@@ -63,7 +63,11 @@
 // Config.StopReportGrace are marked lost so a silent node cannot block it.
 // A spec without a restart policy gets DefaultRestartAttempts and
 // DefaultRestartDelay; a drained, dead or departed node ends a generation
-// without counting a restart.
+// without counting a restart. A running service (type service) is
+// evaluated per replica instead (evalService): a replica that ends, or
+// whose node drains or is lost, is replaced alone, and a drained one is
+// stopped once its replacement reports healthy (Allocation.health, the
+// Health* values); a health change is an FSM event too.
 //
 // # Testing
 //
