@@ -2389,6 +2389,139 @@ func (x *DrainNodeResponse) GetNodeId() string {
 	return ""
 }
 
+// NodeEligibility turns a node's scheduling eligibility on or off (Nomad's
+// `node eligibility`); eligible also ends a drain. The node's own agent
+// carries it out (it owns its gossip record), then the leader records it.
+type NodeEligibilityRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"` // id or name; empty with self=true: the node asked
+	Self     bool                   `protobuf:"varint,2,opt,name=self,proto3" json:"self,omitempty"`
+	Eligible bool                   `protobuf:"varint,3,opt,name=eligible,proto3" json:"eligible,omitempty"`
+	// record_only is set by the node's own agent when it passes the change
+	// on: the leader records it without routing it to the node again.
+	RecordOnly    bool `protobuf:"varint,4,opt,name=record_only,json=recordOnly,proto3" json:"record_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityRequest) Reset() {
+	*x = NodeEligibilityRequest{}
+	mi := &file_control_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityRequest) ProtoMessage() {}
+
+func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityRequest.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *NodeEligibilityRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityRequest) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetEligible() bool {
+	if x != nil {
+		return x.Eligible
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetRecordOnly() bool {
+	if x != nil {
+		return x.RecordOnly
+	}
+	return false
+}
+
+type NodeEligibilityResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	NodeName      string                 `protobuf:"bytes,3,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityResponse) Reset() {
+	*x = NodeEligibilityResponse{}
+	mi := &file_control_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityResponse) ProtoMessage() {}
+
+func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityResponse.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *NodeEligibilityResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *NodeEligibilityResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityResponse) GetNodeName() string {
+	if x != nil {
+		return x.NodeName
+	}
+	return ""
+}
+
 type AgentInfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2397,7 +2530,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2409,7 +2542,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2422,7 +2555,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 type AgentInfoResponse struct {
@@ -2440,7 +2573,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2452,7 +2585,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2465,7 +2598,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2529,7 +2662,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2541,7 +2674,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2554,7 +2687,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2584,7 +2717,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2596,7 +2729,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2609,7 +2742,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2656,7 +2789,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2668,7 +2801,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2681,7 +2814,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2700,7 +2833,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2712,7 +2845,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2725,7 +2858,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2738,20 +2871,23 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// local asks the node for its own copy of the logs without forwarding.
-	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
-	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	Local      bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId      string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank       int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr     bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow     bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset     int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	// timestamps asks for the write times of the chunks' bytes (stamps),
+	// where the node recorded them.
+	Timestamps    bool `protobuf:"varint,8,opt,name=timestamps,proto3" json:"timestamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2763,7 +2899,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2776,7 +2912,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2828,16 +2964,27 @@ func (x *LogsRequest) GetOffset() int64 {
 	return 0
 }
 
+func (x *LogsRequest) GetTimestamps() bool {
+	if x != nil {
+		return x.Timestamps
+	}
+	return false
+}
+
 type LogChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Data   []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Offset int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"` // stream offset of data[0]
+	// With timestamps: when the bytes from each stamp's offset on were
+	// written; the first stamp is at or before offset. Empty when unknown.
+	Stamps        []*LogStamp `protobuf:"bytes,3,rep,name=stamps,proto3" json:"stamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2849,7 +2996,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2862,7 +3009,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -2870,6 +3017,72 @@ func (x *LogChunk) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *LogChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogChunk) GetStamps() []*LogStamp {
+	if x != nil {
+		return x.Stamps
+	}
+	return nil
+}
+
+type LogStamp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	UnixNano      int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogStamp) Reset() {
+	*x = LogStamp{}
+	mi := &file_control_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogStamp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogStamp) ProtoMessage() {}
+
+func (x *LogStamp) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
+func (*LogStamp) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *LogStamp) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogStamp) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
 }
 
 // Upsert of the node record by its own agent (clients and servers alike).
@@ -2882,7 +3095,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3107,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3120,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2926,7 +3139,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2938,7 +3151,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2951,7 +3164,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2972,7 +3185,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2984,7 +3197,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2997,7 +3210,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -3016,7 +3229,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3028,7 +3241,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3041,7 +3254,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{42}
+	return file_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3273,7 +3486,17 @@ const file_control_proto_rawDesc = "" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"B\n" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
-	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x82\x01\n" +
+	"\x16NodeEligibilityRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04self\x18\x02 \x01(\bR\x04self\x12\x1a\n" +
+	"\beligible\x18\x03 \x01(\bR\beligible\x12\x1f\n" +
+	"\vrecord_only\x18\x04 \x01(\bR\n" +
+	"recordOnly\"e\n" +
+	"\x17NodeEligibilityResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12\x1b\n" +
+	"\tnode_name\x18\x03 \x01(\tR\bnodeName\"\x12\n" +
 	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
@@ -3297,7 +3520,7 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xd6\x01\n" +
 	"\vLogsRequest\x12\x14\n" +
 	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
@@ -3307,9 +3530,17 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x05 \x01(\x04R\n" +
 	"generation\x12\x16\n" +
-	"\x06offset\x18\x06 \x01(\x03R\x06offset\"\x1e\n" +
+	"\x06offset\x18\x06 \x01(\x03R\x06offset\x12\x1e\n" +
+	"\n" +
+	"timestamps\x18\b \x01(\bR\n" +
+	"timestamps\"d\n" +
 	"\bLogChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\";\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12,\n" +
+	"\x06stamps\x18\x03 \x03(\v2\x14.gpumesh.v1.LogStampR\x06stamps\"?\n" +
+	"\bLogStamp\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\";\n" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
@@ -3317,7 +3548,7 @@ const file_control_proto_rawDesc = "" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
 	"\x1aTransferLeadershipResponse\x12\x1b\n" +
-	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\x9b\b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\xf7\b\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -3326,7 +3557,8 @@ const file_control_proto_rawDesc = "" +
 	"\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12B\n" +
 	"\aMembers\x12\x1a.gpumesh.v1.MembersRequest\x1a\x1b.gpumesh.v1.MembersResponse\x12H\n" +
 	"\tRaftPeers\x12\x1c.gpumesh.v1.RaftPeersRequest\x1a\x1d.gpumesh.v1.RaftPeersResponse\x12H\n" +
-	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12H\n" +
+	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12Z\n" +
+	"\x0fNodeEligibility\x12\".gpumesh.v1.NodeEligibilityRequest\x1a#.gpumesh.v1.NodeEligibilityResponse\x12H\n" +
 	"\tAgentInfo\x12\x1c.gpumesh.v1.AgentInfoRequest\x1a\x1d.gpumesh.v1.AgentInfoResponse\x12;\n" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
 	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
@@ -3346,7 +3578,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3379,50 +3611,53 @@ var file_control_proto_goTypes = []any{
 	(*RaftPeersResponse)(nil),          // 28: gpumesh.v1.RaftPeersResponse
 	(*DrainNodeRequest)(nil),           // 29: gpumesh.v1.DrainNodeRequest
 	(*DrainNodeResponse)(nil),          // 30: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),           // 31: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 32: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 33: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 34: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 35: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 36: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 37: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 38: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),        // 39: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 40: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 41: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 42: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 43: gpumesh.v1.ExecSpec.EnvEntry
-	nil,                                // 44: gpumesh.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 47: google.protobuf.Struct
+	(*NodeEligibilityRequest)(nil),     // 31: gpumesh.v1.NodeEligibilityRequest
+	(*NodeEligibilityResponse)(nil),    // 32: gpumesh.v1.NodeEligibilityResponse
+	(*AgentInfoRequest)(nil),           // 33: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 34: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 35: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 36: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 37: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 38: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 39: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 40: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 41: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 42: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 43: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 44: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 45: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 46: gpumesh.v1.ExecSpec.EnvEntry
+	nil,                                // 47: gpumesh.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil),      // 48: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 49: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 50: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	45, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	45, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	46, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	43, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
-	46, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	46, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	46, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	48, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	48, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	49, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	46, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	49, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	49, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	49, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
 	7,  // 8: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
-	46, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	49, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
 	2,  // 10: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 11: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	46, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	49, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 13: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 14: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 15: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	8,  // 16: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
 	9,  // 17: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	45, // 18: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	45, // 19: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	45, // 20: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	45, // 21: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	45, // 22: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	47, // 23: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	44, // 24: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
+	48, // 18: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	48, // 19: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	48, // 20: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	48, // 21: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	48, // 22: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	50, // 23: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	47, // 24: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
 	9,  // 25: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	12, // 26: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	10, // 27: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3434,46 +3669,49 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 33: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	23, // 34: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	26, // 35: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	46, // 36: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	49, // 36: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 37: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	11, // 38: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	10, // 39: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
 	1,  // 40: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
 	11, // 41: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	1,  // 42: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	13, // 43: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	15, // 44: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	17, // 45: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	19, // 46: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	21, // 47: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	24, // 48: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	27, // 49: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	29, // 50: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	31, // 51: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	33, // 52: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	35, // 53: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	39, // 54: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	37, // 55: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	41, // 56: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	14, // 57: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	16, // 58: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	18, // 59: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	20, // 60: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	22, // 61: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	25, // 62: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	28, // 63: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	30, // 64: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	32, // 65: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	34, // 66: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	36, // 67: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	40, // 68: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	38, // 69: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	42, // 70: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	57, // [57:71] is the sub-list for method output_type
-	43, // [43:57] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	41, // 42: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 43: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	13, // 44: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	15, // 45: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	17, // 46: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	19, // 47: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	21, // 48: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	24, // 49: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	27, // 50: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	29, // 51: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	31, // 52: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	33, // 53: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	35, // 54: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	37, // 55: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	42, // 56: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	39, // 57: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	44, // 58: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	14, // 59: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	16, // 60: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	18, // 61: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	20, // 62: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	22, // 63: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	25, // 64: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	28, // 65: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	30, // 66: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	32, // 67: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	34, // 68: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	36, // 69: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	38, // 70: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	43, // 71: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	40, // 72: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	45, // 73: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	59, // [59:74] is the sub-list for method output_type
+	44, // [44:59] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3487,7 +3725,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   45,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
