@@ -72,6 +72,11 @@
 // Each generation's rank 0 gets a MASTER_PORT in MasterPortMin..MasterPortMax
 // that no live job uses on the same host (nodes of one machine share them),
 // searched from a start derived from the job ID and generation.
+// A running service (type service) is
+// evaluated per replica instead (evalService): a replica that ends, or
+// whose node drains or is lost, is replaced alone, and a drained one is
+// stopped once its replacement reports healthy (Allocation.health, the
+// Health* values); a health change is an FSM event too.
 //
 // # Testing
 //

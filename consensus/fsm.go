@@ -293,12 +293,23 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*f
 		if u.Result != nil {
 			na.Result = u.Result
 		}
+		if len(u.Ports) != 0 {
+			na.Ports = u.Ports
+		}
+		healthChanged := u.Health != "" && u.Health != na.Health
+		if healthChanged {
+			na.Health = u.Health
+		}
 		na.ModifyIndex = idx
 		st.putAllocLocked(na)
 		if AllocTerminal(na.ClientStatus) {
 			st.resVersion++
 			f.events.job(na.JobId)
 			f.events.capacity()
+		}
+		if healthChanged {
+			// A service's scheduler waits for replacements to be healthy.
+			f.events.job(na.JobId)
 		}
 	}
 	return nil

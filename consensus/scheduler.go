@@ -12,6 +12,7 @@ import (
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
 	"github.com/gpumesh/gpumesh/internal/bytesize"
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/sharding"
 )
 
@@ -187,6 +188,9 @@ func (e *Evaluator) Evaluate(j *controlpb.Job, allocs []*controlpb.Allocation, n
 		return Decision{}
 	}
 	if j.Status == JobRunning {
+		if j.Spec.GetType() == jobspec.TypeService {
+			return e.evalService(j, allocs, now) // service_sched.go
+		}
 		return e.evalRunning(j, allocs, now)
 	}
 	return e.evalPending(j, allocs, now)

@@ -53,6 +53,7 @@ type Agent struct {
 	discoverer Discoverer
 	raft       raftServer // nil on nodes that are not server-eligible
 	runner     *runner
+	router     *router // service routing (service_router.go)
 	conns      *connPool
 	data       *dataPlane
 	sec        *security        // TLS and ACL token (security.go); nil when off
@@ -188,7 +189,8 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 
 	a.runner = newRunner(a)
-	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second}
+	a.router = newRouter(a.nodeID, a.logger.Named("router"))
+	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: MaxHeaderBytes}
 
 	a.goFunc(func() {
 		if err := a.grpc.Serve(a.rpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -209,6 +211,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
 	a.updateHealth()
 	a.goFunc(a.healthLoop)
+	a.goFunc(a.followServices)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil

@@ -24,6 +24,8 @@ func (a *Agent) Drain(ctx context.Context, deadline time.Time, reason string) er
 		d = 0
 	}
 	a.logger.Warn("draining this node", "reason", reason, "deadline", deadline.UTC().Format(time.RFC3339), "in", d.Round(time.Second))
+	// Service replicas here take no new requests from now on.
+	a.runner.drainServices()
 	if a.raft != nil && a.raft.IsLeader() {
 		// Hand over first, so the cluster keeps a leader that stays.
 		if err := a.raft.TransferLeadership(); err != nil {

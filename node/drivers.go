@@ -18,6 +18,7 @@ import (
 // registerDrivers installs the task drivers of this node.
 func registerDrivers(r *runner) {
 	r.drivers["exec"] = startExec
+	r.drivers["service"] = startService
 	registerBuiltinDrivers(r)
 }
 

@@ -13,8 +13,15 @@ func (a *Agent) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/health", a.handleHealth)
 	mux.HandleFunc("/v1/agent", a.handleAgent)
+	mux.HandleFunc("/v1/services", a.handleServices)
 	registerObservability(a, mux)
-	return a.sec.httpAuth(mux)
+	// Service traffic (/svc/NAME/...) is the services' own: their clients
+	// hold no cluster token, and its methods are the service's to allow,
+	// so the agent API's rule (read-only, token) does not apply to it.
+	outer := http.NewServeMux()
+	outer.Handle(svcPrefix, a.router)
+	outer.Handle("/", a.sec.httpAuth(mux))
+	return outer
 }
 
 // handleHealth answers 200 when the agent is up and, for servers, knows a

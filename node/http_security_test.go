@@ -58,6 +58,8 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 		{"GET", "/metrics", "s3cret", 200},
 		{"GET", "/v1/dashboard", "", 401},
 		{"POST", "/v1/dashboard", "", 401},
+		// Service traffic is the service's: no cluster token, any method.
+		{"POST", "/svc/nosuch/x", "", 404},
 	} {
 		if code, body := get(c.method, c.path, c.token); code != c.want {
 			t.Errorf("%s %s (token %q): %d, want %d: %s", c.method, c.path, c.token, code, c.want, body)

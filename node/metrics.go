@@ -80,6 +80,7 @@ func newMetrics(a *Agent) *opsState {
 		newAgentCollector(o),
 		newLocalAPICollector(a), // localapi_metrics.go
 		cuda.NewCollector(o.sampleGPUs),
+		a.router,
 	)
 	a.goFunc(o.followPlacements)
 	return o

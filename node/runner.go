@@ -342,6 +342,9 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 	rt := &runningTask{alloc: al, task: t}
 	r.tasks[al.Id] = rt
 	r.reportLocked(al, consensus.AllocRunning, 0, "", nil)
+	if ports := portsOf(t); ports != nil {
+		r.pending[al.Id].Ports = ports
+	}
 	r.goFunc(func() { r.waitTask(rt) })
 }
 

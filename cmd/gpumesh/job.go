@@ -381,6 +381,7 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			al.DesiredStatus, dash(al.ClientStatus), exit, ago(al.StartTime), al.Message)
 	}
 	tw.Flush()
+	printServiceReplicas(out, resp)
 	printResults(out, resp)
 }
 

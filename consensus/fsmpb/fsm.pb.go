@@ -1497,6 +1497,8 @@ type JobSpec struct {
 	Exec          *ExecSpec              `protobuf:"bytes,11,opt,name=exec,proto3" json:"exec,omitempty"`
 	Allreduce     *AllReduceSpec         `protobuf:"bytes,12,opt,name=allreduce,proto3" json:"allreduce,omitempty"`
 	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
+	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1622,6 +1624,180 @@ func (x *JobSpec) GetPipeline() *PipelineSpec {
 	return nil
 }
 
+func (x *JobSpec) GetReplicas() int32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *JobSpec) GetService() *ServiceSpec {
+	if x != nil {
+		return x.Service
+	}
+	return nil
+}
+
+type HealthCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Port          string                 `protobuf:"bytes,1,opt,name=port,proto3" json:"port,omitempty"`
+	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	Path          string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	Interval      *durationpb.Duration   `protobuf:"bytes,4,opt,name=interval,proto3" json:"interval,omitempty"`
+	Timeout       *durationpb.Duration   `protobuf:"bytes,5,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Threshold     int32                  `protobuf:"varint,6,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	Grace         *durationpb.Duration   `protobuf:"bytes,7,opt,name=grace,proto3" json:"grace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthCheck) Reset() {
+	*x = HealthCheck{}
+	mi := &file_fsm_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthCheck) ProtoMessage() {}
+
+func (x *HealthCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
+func (*HealthCheck) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *HealthCheck) GetPort() string {
+	if x != nil {
+		return x.Port
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *HealthCheck) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *HealthCheck) GetThreshold() int32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *HealthCheck) GetGrace() *durationpb.Duration {
+	if x != nil {
+		return x.Grace
+	}
+	return nil
+}
+
+type ServiceSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ports         []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
+	RoutePort     string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"`
+	Check         *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
+	DrainTimeout  *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServiceSpec) Reset() {
+	*x = ServiceSpec{}
+	mi := &file_fsm_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceSpec) ProtoMessage() {}
+
+func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceSpec.ProtoReflect.Descriptor instead.
+func (*ServiceSpec) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ServiceSpec) GetPorts() []string {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetRoutePort() string {
+	if x != nil {
+		return x.RoutePort
+	}
+	return ""
+}
+
+func (x *ServiceSpec) GetCheck() *HealthCheck {
+	if x != nil {
+		return x.Check
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetDrainTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.DrainTimeout
+	}
+	return nil
+}
+
 type Job struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1644,7 +1820,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1656,7 +1832,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1669,7 +1845,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Job) GetId() string {
@@ -1797,13 +1973,15 @@ type Allocation struct {
 	RestartCount   int32                  `protobuf:"varint,23,opt,name=restart_count,json=restartCount,proto3" json:"restart_count,omitempty"`
 	CreateIndex    uint64                 `protobuf:"varint,24,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex    uint64                 `protobuf:"varint,25,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	Ports          map[string]int32       `protobuf:"bytes,26,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Health         string                 `protobuf:"bytes,27,opt,name=health,proto3" json:"health,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1815,7 +1993,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1828,7 +2006,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Allocation) GetId() string {
@@ -2006,6 +2184,20 @@ func (x *Allocation) GetModifyIndex() uint64 {
 	return 0
 }
 
+func (x *Allocation) GetPorts() map[string]int32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *Allocation) GetHealth() string {
+	if x != nil {
+		return x.Health
+	}
+	return ""
+}
+
 var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
@@ -2135,7 +2327,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
 	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
 	"\x06chunks\x18\n" +
-	" \x01(\x05R\x06chunks\"\x9e\x04\n" +
+	" \x01(\x05R\x06chunks\"\xf1\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -2150,7 +2342,23 @@ const file_fsm_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\vkillTimeout\x12,\n" +
 	"\x04exec\x18\v \x01(\v2\x18.gpumesh.fsm.v1.ExecSpecR\x04exec\x12;\n" +
 	"\tallreduce\x18\f \x01(\v2\x1d.gpumesh.fsm.v1.AllReduceSpecR\tallreduce\x128\n" +
-	"\bpipeline\x18\r \x01(\v2\x1c.gpumesh.fsm.v1.PipelineSpecR\bpipeline\"\xa6\x04\n" +
+	"\bpipeline\x18\r \x01(\v2\x1c.gpumesh.fsm.v1.PipelineSpecR\bpipeline\x12\x1a\n" +
+	"\breplicas\x18\x0e \x01(\x05R\breplicas\x125\n" +
+	"\aservice\x18\x0f \x01(\v2\x1b.gpumesh.fsm.v1.ServiceSpecR\aservice\"\x84\x02\n" +
+	"\vHealthCheck\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\tR\x04port\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x125\n" +
+	"\binterval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
+	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x1c\n" +
+	"\tthreshold\x18\x06 \x01(\x05R\tthreshold\x12/\n" +
+	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xb5\x01\n" +
+	"\vServiceSpec\x12\x14\n" +
+	"\x05ports\x18\x01 \x03(\tR\x05ports\x12\x1d\n" +
+	"\n" +
+	"route_port\x18\x02 \x01(\tR\troutePort\x121\n" +
+	"\x05check\x18\x03 \x01(\v2\x1b.gpumesh.fsm.v1.HealthCheckR\x05check\x12>\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xa6\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -2171,7 +2379,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
-	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xd8\x06\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xe7\a\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -2208,7 +2416,13 @@ const file_fsm_proto_rawDesc = "" +
 	"\trank_addr\x18\x16 \x01(\tR\brankAddr\x12#\n" +
 	"\rrestart_count\x18\x17 \x01(\x05R\frestartCount\x12!\n" +
 	"\fcreate_index\x18\x18 \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndexB,Z*github.com/gpumesh/gpumesh/consensus/fsmpbb\x06proto3"
+	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\x12;\n" +
+	"\x05ports\x18\x1a \x03(\v2%.gpumesh.fsm.v1.Allocation.PortsEntryR\x05ports\x12\x16\n" +
+	"\x06health\x18\x1b \x01(\tR\x06health\x1a8\n" +
+	"\n" +
+	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01B,Z*github.com/gpumesh/gpumesh/consensus/fsmpbb\x06proto3"
 
 var (
 	file_fsm_proto_rawDescOnce sync.Once
@@ -2222,7 +2436,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
@@ -2243,15 +2457,18 @@ var file_fsm_proto_goTypes = []any{
 	(*AllReduceSpec)(nil),         // 16: gpumesh.fsm.v1.AllReduceSpec
 	(*PipelineSpec)(nil),          // 17: gpumesh.fsm.v1.PipelineSpec
 	(*JobSpec)(nil),               // 18: gpumesh.fsm.v1.JobSpec
-	(*Job)(nil),                   // 19: gpumesh.fsm.v1.Job
-	(*Allocation)(nil),            // 20: gpumesh.fsm.v1.Allocation
-	nil,                           // 21: gpumesh.fsm.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
-	(*structpb.Struct)(nil),       // 24: google.protobuf.Struct
+	(*HealthCheck)(nil),           // 19: gpumesh.fsm.v1.HealthCheck
+	(*ServiceSpec)(nil),           // 20: gpumesh.fsm.v1.ServiceSpec
+	(*Job)(nil),                   // 21: gpumesh.fsm.v1.Job
+	(*Allocation)(nil),            // 22: gpumesh.fsm.v1.Allocation
+	nil,                           // 23: gpumesh.fsm.v1.ExecSpec.EnvEntry
+	nil,                           // 24: gpumesh.fsm.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
+	(*structpb.Struct)(nil),       // 27: google.protobuf.Struct
 }
 var file_fsm_proto_depIdxs = []int32{
-	22, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	25, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
 	2,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
 	3,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
@@ -2262,37 +2479,44 @@ var file_fsm_proto_depIdxs = []int32{
 	5,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
 	18, // 9: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
 	12, // 10: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
-	22, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	20, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	25, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	22, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	8,  // 13: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	22, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	20, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	25, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	22, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	12, // 16: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
-	19, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
-	20, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	21, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
+	22, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	11, // 19: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
-	22, // 20: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	22, // 21: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	23, // 22: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	21, // 23: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
+	25, // 20: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	25, // 21: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	26, // 22: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	23, // 23: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
 	13, // 24: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
 	14, // 25: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
-	23, // 26: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	26, // 26: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	15, // 27: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
 	16, // 28: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
 	17, // 29: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
-	18, // 30: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	22, // 31: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	22, // 32: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	22, // 33: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	22, // 34: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	22, // 35: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	24, // 36: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	37, // [37:37] is the sub-list for method output_type
-	37, // [37:37] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	20, // 30: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
+	26, // 31: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	26, // 32: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	26, // 33: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	19, // 34: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
+	26, // 35: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	18, // 36: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	25, // 37: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	25, // 38: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	25, // 39: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	25, // 40: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	25, // 41: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	27, // 42: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	24, // 43: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	44, // [44:44] is the sub-list for method output_type
+	44, // [44:44] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -2316,7 +2540,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -683,10 +683,172 @@ func (x *PipelineSpec) GetChunks() int32 {
 	return 0
 }
 
+// HealthCheck probes one named port of a service replica.
+type HealthCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Port          string                 `protobuf:"bytes,1,opt,name=port,proto3" json:"port,omitempty"`            // the named port to probe (default: the first port)
+	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`            // http (default: GET path answers 2xx/3xx) or tcp (a connection opens)
+	Path          string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`            // http: the path to GET (default "/")
+	Interval      *durationpb.Duration   `protobuf:"bytes,4,opt,name=interval,proto3" json:"interval,omitempty"`    // between probes (default 2s)
+	Timeout       *durationpb.Duration   `protobuf:"bytes,5,opt,name=timeout,proto3" json:"timeout,omitempty"`      // one probe (default 1s)
+	Threshold     int32                  `protobuf:"varint,6,opt,name=threshold,proto3" json:"threshold,omitempty"` // consecutive failures that make a healthy replica unhealthy (default 3)
+	Grace         *durationpb.Duration   `protobuf:"bytes,7,opt,name=grace,proto3" json:"grace,omitempty"`          // after start, failures do not count (slow model loads; default 60s)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthCheck) Reset() {
+	*x = HealthCheck{}
+	mi := &file_control_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthCheck) ProtoMessage() {}
+
+func (x *HealthCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
+func (*HealthCheck) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *HealthCheck) GetPort() string {
+	if x != nil {
+		return x.Port
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *HealthCheck) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *HealthCheck) GetThreshold() int32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *HealthCheck) GetGrace() *durationpb.Duration {
+	if x != nil {
+		return x.Grace
+	}
+	return nil
+}
+
+// ServiceSpec is the serving part of a service job (type service).
+type ServiceSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ports         []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`                          // named ports the agent allocates (GPUMESH_PORT_<NAME>)
+	RoutePort     string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"` // the port /svc/NAME/ proxies to (default: the first port)
+	Check         *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
+	DrainTimeout  *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"` // in-flight requests may finish within (default 30s)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServiceSpec) Reset() {
+	*x = ServiceSpec{}
+	mi := &file_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceSpec) ProtoMessage() {}
+
+func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceSpec.ProtoReflect.Descriptor instead.
+func (*ServiceSpec) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ServiceSpec) GetPorts() []string {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetRoutePort() string {
+	if x != nil {
+		return x.RoutePort
+	}
+	return ""
+}
+
+func (x *ServiceSpec) GetCheck() *HealthCheck {
+	if x != nil {
+		return x.Check
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetDrainTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.DrainTimeout
+	}
+	return nil
+}
+
 type JobSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"` // exec, allreduce, pipeline
+	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"` // exec, allreduce, pipeline, service
 	Ranks         int32                  `protobuf:"varint,3,opt,name=ranks,proto3" json:"ranks,omitempty"`
 	MinRanks      int32                  `protobuf:"varint,4,opt,name=min_ranks,json=minRanks,proto3" json:"min_ranks,omitempty"` // elastic jobs: min_ranks..max_ranks
 	MaxRanks      int32                  `protobuf:"varint,5,opt,name=max_ranks,json=maxRanks,proto3" json:"max_ranks,omitempty"`
@@ -698,13 +860,15 @@ type JobSpec struct {
 	Exec          *ExecSpec              `protobuf:"bytes,11,opt,name=exec,proto3" json:"exec,omitempty"`
 	Allreduce     *AllReduceSpec         `protobuf:"bytes,12,opt,name=allreduce,proto3" json:"allreduce,omitempty"`
 	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
+	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"` // service jobs: replicas (the same as ranks)
+	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *JobSpec) Reset() {
 	*x = JobSpec{}
-	mi := &file_control_proto_msgTypes[7]
+	mi := &file_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -716,7 +880,7 @@ func (x *JobSpec) String() string {
 func (*JobSpec) ProtoMessage() {}
 
 func (x *JobSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[7]
+	mi := &file_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -729,7 +893,7 @@ func (x *JobSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobSpec.ProtoReflect.Descriptor instead.
 func (*JobSpec) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{7}
+	return file_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JobSpec) GetName() string {
@@ -823,6 +987,20 @@ func (x *JobSpec) GetPipeline() *PipelineSpec {
 	return nil
 }
 
+func (x *JobSpec) GetReplicas() int32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *JobSpec) GetService() *ServiceSpec {
+	if x != nil {
+		return x.Service
+	}
+	return nil
+}
+
 type Job struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -850,7 +1028,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +1040,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +1053,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Job) GetId() string {
@@ -1003,13 +1181,15 @@ type Allocation struct {
 	RestartCount   int32                  `protobuf:"varint,23,opt,name=restart_count,json=restartCount,proto3" json:"restart_count,omitempty"` // TORCHELASTIC_RESTART_COUNT
 	CreateIndex    uint64                 `protobuf:"varint,24,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex    uint64                 `protobuf:"varint,25,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	Ports          map[string]int32       `protobuf:"bytes,26,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // service replicas: named ports the agent allocated
+	Health         string                 `protobuf:"bytes,27,opt,name=health,proto3" json:"health,omitempty"`                                                                          // service replicas: "", starting, healthy or unhealthy
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1021,7 +1201,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1034,7 +1214,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Allocation) GetId() string {
@@ -1212,6 +1392,20 @@ func (x *Allocation) GetModifyIndex() uint64 {
 	return 0
 }
 
+func (x *Allocation) GetPorts() map[string]int32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *Allocation) GetHealth() string {
+	if x != nil {
+		return x.Health
+	}
+	return ""
+}
+
 // Reads accept stale answers from the node asked when stale is true;
 // otherwise they are answered by (or forwarded to) the leader.
 type QueryOptions struct {
@@ -1223,7 +1417,7 @@ type QueryOptions struct {
 
 func (x *QueryOptions) Reset() {
 	*x = QueryOptions{}
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1429,7 @@ func (x *QueryOptions) String() string {
 func (*QueryOptions) ProtoMessage() {}
 
 func (x *QueryOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1442,7 @@ func (x *QueryOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryOptions.ProtoReflect.Descriptor instead.
 func (*QueryOptions) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *QueryOptions) GetStale() bool {
@@ -1270,7 +1464,7 @@ type SubmitJobRequest struct {
 
 func (x *SubmitJobRequest) Reset() {
 	*x = SubmitJobRequest{}
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1282,7 +1476,7 @@ func (x *SubmitJobRequest) String() string {
 func (*SubmitJobRequest) ProtoMessage() {}
 
 func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1295,7 +1489,7 @@ func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobRequest.ProtoReflect.Descriptor instead.
 func (*SubmitJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SubmitJobRequest) GetSpec() *JobSpec {
@@ -1322,7 +1516,7 @@ type SubmitJobResponse struct {
 
 func (x *SubmitJobResponse) Reset() {
 	*x = SubmitJobResponse{}
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1334,7 +1528,7 @@ func (x *SubmitJobResponse) String() string {
 func (*SubmitJobResponse) ProtoMessage() {}
 
 func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1347,7 +1541,7 @@ func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobResponse.ProtoReflect.Descriptor instead.
 func (*SubmitJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SubmitJobResponse) GetId() string {
@@ -1374,7 +1568,7 @@ type GetJobRequest struct {
 
 func (x *GetJobRequest) Reset() {
 	*x = GetJobRequest{}
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1386,7 +1580,7 @@ func (x *GetJobRequest) String() string {
 func (*GetJobRequest) ProtoMessage() {}
 
 func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1399,7 +1593,7 @@ func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
 func (*GetJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetJobRequest) GetId() string {
@@ -1427,7 +1621,7 @@ type GetJobResponse struct {
 
 func (x *GetJobResponse) Reset() {
 	*x = GetJobResponse{}
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1439,7 +1633,7 @@ func (x *GetJobResponse) String() string {
 func (*GetJobResponse) ProtoMessage() {}
 
 func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1452,7 +1646,7 @@ func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobResponse.ProtoReflect.Descriptor instead.
 func (*GetJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetJobResponse) GetJob() *Job {
@@ -1485,7 +1679,7 @@ type ListJobsRequest struct {
 
 func (x *ListJobsRequest) Reset() {
 	*x = ListJobsRequest{}
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1691,7 @@ func (x *ListJobsRequest) String() string {
 func (*ListJobsRequest) ProtoMessage() {}
 
 func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1704,7 @@ func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
 func (*ListJobsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListJobsRequest) GetQuery() *QueryOptions {
@@ -1530,7 +1724,7 @@ type ListJobsResponse struct {
 
 func (x *ListJobsResponse) Reset() {
 	*x = ListJobsResponse{}
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1736,7 @@ func (x *ListJobsResponse) String() string {
 func (*ListJobsResponse) ProtoMessage() {}
 
 func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1749,7 @@ func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
 func (*ListJobsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListJobsResponse) GetJobs() []*Job {
@@ -1581,7 +1775,7 @@ type StopJobRequest struct {
 
 func (x *StopJobRequest) Reset() {
 	*x = StopJobRequest{}
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1593,7 +1787,7 @@ func (x *StopJobRequest) String() string {
 func (*StopJobRequest) ProtoMessage() {}
 
 func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1606,7 +1800,7 @@ func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobRequest.ProtoReflect.Descriptor instead.
 func (*StopJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StopJobRequest) GetId() string {
@@ -1625,7 +1819,7 @@ type StopJobResponse struct {
 
 func (x *StopJobResponse) Reset() {
 	*x = StopJobResponse{}
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1637,7 +1831,7 @@ func (x *StopJobResponse) String() string {
 func (*StopJobResponse) ProtoMessage() {}
 
 func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1650,7 +1844,7 @@ func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobResponse.ProtoReflect.Descriptor instead.
 func (*StopJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StopJobResponse) GetIndex() uint64 {
@@ -1669,7 +1863,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +1875,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +1888,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{19}
+	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListNodesRequest) GetQuery() *QueryOptions {
@@ -1714,7 +1908,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1726,7 +1920,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1739,7 +1933,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{20}
+	return file_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1768,7 +1962,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1780,7 +1974,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1793,7 +1987,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{21}
+	return file_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Member) GetName() string {
@@ -1832,7 +2026,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +2038,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +2051,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{22}
+	return file_control_proto_rawDescGZIP(), []int{24}
 }
 
 type MembersResponse struct {
@@ -1869,7 +2063,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1881,7 +2075,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1894,7 +2088,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{23}
+	return file_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1918,7 +2112,7 @@ type RaftPeer struct {
 
 func (x *RaftPeer) Reset() {
 	*x = RaftPeer{}
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1930,7 +2124,7 @@ func (x *RaftPeer) String() string {
 func (*RaftPeer) ProtoMessage() {}
 
 func (x *RaftPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1943,7 +2137,7 @@ func (x *RaftPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeer.ProtoReflect.Descriptor instead.
 func (*RaftPeer) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{24}
+	return file_control_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RaftPeer) GetId() string {
@@ -1996,7 +2190,7 @@ type RaftPeersRequest struct {
 
 func (x *RaftPeersRequest) Reset() {
 	*x = RaftPeersRequest{}
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2008,7 +2202,7 @@ func (x *RaftPeersRequest) String() string {
 func (*RaftPeersRequest) ProtoMessage() {}
 
 func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2021,7 +2215,7 @@ func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersRequest.ProtoReflect.Descriptor instead.
 func (*RaftPeersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{25}
+	return file_control_proto_rawDescGZIP(), []int{27}
 }
 
 type RaftPeersResponse struct {
@@ -2034,7 +2228,7 @@ type RaftPeersResponse struct {
 
 func (x *RaftPeersResponse) Reset() {
 	*x = RaftPeersResponse{}
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2240,7 @@ func (x *RaftPeersResponse) String() string {
 func (*RaftPeersResponse) ProtoMessage() {}
 
 func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2253,7 @@ func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersResponse.ProtoReflect.Descriptor instead.
 func (*RaftPeersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{26}
+	return file_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RaftPeersResponse) GetPeers() []*RaftPeer {
@@ -2088,7 +2282,7 @@ type DrainNodeRequest struct {
 
 func (x *DrainNodeRequest) Reset() {
 	*x = DrainNodeRequest{}
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2100,7 +2294,7 @@ func (x *DrainNodeRequest) String() string {
 func (*DrainNodeRequest) ProtoMessage() {}
 
 func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2113,7 +2307,7 @@ func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
 func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{27}
+	return file_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DrainNodeRequest) GetNodeId() string {
@@ -2154,7 +2348,7 @@ type DrainNodeResponse struct {
 
 func (x *DrainNodeResponse) Reset() {
 	*x = DrainNodeResponse{}
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2166,7 +2360,7 @@ func (x *DrainNodeResponse) String() string {
 func (*DrainNodeResponse) ProtoMessage() {}
 
 func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2179,7 +2373,7 @@ func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
 func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{28}
+	return file_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DrainNodeResponse) GetIndex() uint64 {
@@ -2213,7 +2407,7 @@ type NodeEligibilityRequest struct {
 
 func (x *NodeEligibilityRequest) Reset() {
 	*x = NodeEligibilityRequest{}
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2225,7 +2419,7 @@ func (x *NodeEligibilityRequest) String() string {
 func (*NodeEligibilityRequest) ProtoMessage() {}
 
 func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2238,7 +2432,7 @@ func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeEligibilityRequest.ProtoReflect.Descriptor instead.
 func (*NodeEligibilityRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{29}
+	return file_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *NodeEligibilityRequest) GetNodeId() string {
@@ -2280,7 +2474,7 @@ type NodeEligibilityResponse struct {
 
 func (x *NodeEligibilityResponse) Reset() {
 	*x = NodeEligibilityResponse{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2292,7 +2486,7 @@ func (x *NodeEligibilityResponse) String() string {
 func (*NodeEligibilityResponse) ProtoMessage() {}
 
 func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2305,7 +2499,7 @@ func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeEligibilityResponse.ProtoReflect.Descriptor instead.
 func (*NodeEligibilityResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *NodeEligibilityResponse) GetIndex() uint64 {
@@ -2337,7 +2531,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2349,7 +2543,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2362,7 +2556,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 type AgentInfoResponse struct {
@@ -2380,7 +2574,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2392,7 +2586,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2405,7 +2599,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2469,7 +2663,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2481,7 +2675,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2494,7 +2688,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2524,7 +2718,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2536,7 +2730,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2549,7 +2743,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2596,7 +2790,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2802,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +2815,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2640,7 +2834,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2652,7 +2846,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2665,7 +2859,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2694,7 +2888,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2706,7 +2900,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2719,7 +2913,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2791,7 +2985,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2803,7 +2997,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2816,7 +3010,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -2850,7 +3044,7 @@ type LogStamp struct {
 
 func (x *LogStamp) Reset() {
 	*x = LogStamp{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2862,7 +3056,7 @@ func (x *LogStamp) String() string {
 func (*LogStamp) ProtoMessage() {}
 
 func (x *LogStamp) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2875,7 +3069,7 @@ func (x *LogStamp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
 func (*LogStamp) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *LogStamp) GetOffset() int64 {
@@ -2902,7 +3096,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2914,7 +3108,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2927,7 +3121,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2946,7 +3140,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2958,7 +3152,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2971,7 +3165,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2992,7 +3186,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3004,7 +3198,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3017,7 +3211,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{42}
+	return file_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -3036,7 +3230,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3048,7 +3242,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3061,7 +3255,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{43}
+	return file_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3142,7 +3336,21 @@ const file_control_proto_rawDesc = "" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
 	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
 	"\x06chunks\x18\n" +
-	" \x01(\x05R\x06chunks\"\x8a\x04\n" +
+	" \x01(\x05R\x06chunks\"\x84\x02\n" +
+	"\vHealthCheck\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\tR\x04port\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x125\n" +
+	"\binterval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
+	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x1c\n" +
+	"\tthreshold\x18\x06 \x01(\x05R\tthreshold\x12/\n" +
+	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xb1\x01\n" +
+	"\vServiceSpec\x12\x14\n" +
+	"\x05ports\x18\x01 \x03(\tR\x05ports\x12\x1d\n" +
+	"\n" +
+	"route_port\x18\x02 \x01(\tR\troutePort\x12-\n" +
+	"\x05check\x18\x03 \x01(\v2\x17.gpumesh.v1.HealthCheckR\x05check\x12>\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xd9\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -3157,7 +3365,9 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\vkillTimeout\x12(\n" +
 	"\x04exec\x18\v \x01(\v2\x14.gpumesh.v1.ExecSpecR\x04exec\x127\n" +
 	"\tallreduce\x18\f \x01(\v2\x19.gpumesh.v1.AllReduceSpecR\tallreduce\x124\n" +
-	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\"\xa2\x04\n" +
+	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\x12\x1a\n" +
+	"\breplicas\x18\x0e \x01(\x05R\breplicas\x121\n" +
+	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\"\xa2\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3178,7 +3388,7 @@ const file_control_proto_rawDesc = "" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
-	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xd8\x06\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xe3\a\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -3215,7 +3425,13 @@ const file_control_proto_rawDesc = "" +
 	"\trank_addr\x18\x16 \x01(\tR\brankAddr\x12#\n" +
 	"\rrestart_count\x18\x17 \x01(\x05R\frestartCount\x12!\n" +
 	"\fcreate_index\x18\x18 \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\"$\n" +
+	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\x127\n" +
+	"\x05ports\x18\x1a \x03(\v2!.gpumesh.v1.Allocation.PortsEntryR\x05ports\x12\x16\n" +
+	"\x06health\x18\x1b \x01(\tR\x06health\x1a8\n" +
+	"\n" +
+	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"$\n" +
 	"\fQueryOptions\x12\x14\n" +
 	"\x05stale\x18\x01 \x01(\bR\x05stale\"K\n" +
 	"\x10SubmitJobRequest\x12'\n" +
@@ -3363,7 +3579,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3372,121 +3588,131 @@ var file_control_proto_goTypes = []any{
 	(*ExecSpec)(nil),                   // 4: gpumesh.v1.ExecSpec
 	(*AllReduceSpec)(nil),              // 5: gpumesh.v1.AllReduceSpec
 	(*PipelineSpec)(nil),               // 6: gpumesh.v1.PipelineSpec
-	(*JobSpec)(nil),                    // 7: gpumesh.v1.JobSpec
-	(*Job)(nil),                        // 8: gpumesh.v1.Job
-	(*Allocation)(nil),                 // 9: gpumesh.v1.Allocation
-	(*QueryOptions)(nil),               // 10: gpumesh.v1.QueryOptions
-	(*SubmitJobRequest)(nil),           // 11: gpumesh.v1.SubmitJobRequest
-	(*SubmitJobResponse)(nil),          // 12: gpumesh.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),              // 13: gpumesh.v1.GetJobRequest
-	(*GetJobResponse)(nil),             // 14: gpumesh.v1.GetJobResponse
-	(*ListJobsRequest)(nil),            // 15: gpumesh.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),           // 16: gpumesh.v1.ListJobsResponse
-	(*StopJobRequest)(nil),             // 17: gpumesh.v1.StopJobRequest
-	(*StopJobResponse)(nil),            // 18: gpumesh.v1.StopJobResponse
-	(*ListNodesRequest)(nil),           // 19: gpumesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 20: gpumesh.v1.ListNodesResponse
-	(*Member)(nil),                     // 21: gpumesh.v1.Member
-	(*MembersRequest)(nil),             // 22: gpumesh.v1.MembersRequest
-	(*MembersResponse)(nil),            // 23: gpumesh.v1.MembersResponse
-	(*RaftPeer)(nil),                   // 24: gpumesh.v1.RaftPeer
-	(*RaftPeersRequest)(nil),           // 25: gpumesh.v1.RaftPeersRequest
-	(*RaftPeersResponse)(nil),          // 26: gpumesh.v1.RaftPeersResponse
-	(*DrainNodeRequest)(nil),           // 27: gpumesh.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),          // 28: gpumesh.v1.DrainNodeResponse
-	(*NodeEligibilityRequest)(nil),     // 29: gpumesh.v1.NodeEligibilityRequest
-	(*NodeEligibilityResponse)(nil),    // 30: gpumesh.v1.NodeEligibilityResponse
-	(*AgentInfoRequest)(nil),           // 31: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 32: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 33: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 34: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 35: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 36: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 37: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 38: gpumesh.v1.LogChunk
-	(*LogStamp)(nil),                   // 39: gpumesh.v1.LogStamp
-	(*RegisterNodeRequest)(nil),        // 40: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 41: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 42: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 43: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 44: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 47: google.protobuf.Struct
+	(*HealthCheck)(nil),                // 7: gpumesh.v1.HealthCheck
+	(*ServiceSpec)(nil),                // 8: gpumesh.v1.ServiceSpec
+	(*JobSpec)(nil),                    // 9: gpumesh.v1.JobSpec
+	(*Job)(nil),                        // 10: gpumesh.v1.Job
+	(*Allocation)(nil),                 // 11: gpumesh.v1.Allocation
+	(*QueryOptions)(nil),               // 12: gpumesh.v1.QueryOptions
+	(*SubmitJobRequest)(nil),           // 13: gpumesh.v1.SubmitJobRequest
+	(*SubmitJobResponse)(nil),          // 14: gpumesh.v1.SubmitJobResponse
+	(*GetJobRequest)(nil),              // 15: gpumesh.v1.GetJobRequest
+	(*GetJobResponse)(nil),             // 16: gpumesh.v1.GetJobResponse
+	(*ListJobsRequest)(nil),            // 17: gpumesh.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),           // 18: gpumesh.v1.ListJobsResponse
+	(*StopJobRequest)(nil),             // 19: gpumesh.v1.StopJobRequest
+	(*StopJobResponse)(nil),            // 20: gpumesh.v1.StopJobResponse
+	(*ListNodesRequest)(nil),           // 21: gpumesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 22: gpumesh.v1.ListNodesResponse
+	(*Member)(nil),                     // 23: gpumesh.v1.Member
+	(*MembersRequest)(nil),             // 24: gpumesh.v1.MembersRequest
+	(*MembersResponse)(nil),            // 25: gpumesh.v1.MembersResponse
+	(*RaftPeer)(nil),                   // 26: gpumesh.v1.RaftPeer
+	(*RaftPeersRequest)(nil),           // 27: gpumesh.v1.RaftPeersRequest
+	(*RaftPeersResponse)(nil),          // 28: gpumesh.v1.RaftPeersResponse
+	(*DrainNodeRequest)(nil),           // 29: gpumesh.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),          // 30: gpumesh.v1.DrainNodeResponse
+	(*NodeEligibilityRequest)(nil),     // 31: gpumesh.v1.NodeEligibilityRequest
+	(*NodeEligibilityResponse)(nil),    // 32: gpumesh.v1.NodeEligibilityResponse
+	(*AgentInfoRequest)(nil),           // 33: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 34: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 35: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 36: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 37: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 38: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 39: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 40: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 41: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 42: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 43: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 44: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 45: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 46: gpumesh.v1.ExecSpec.EnvEntry
+	nil,                                // 47: gpumesh.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil),      // 48: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 49: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 50: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	45, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	45, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	46, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	44, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
-	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
-	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	46, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
-	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
-	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
-	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	45, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	45, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	45, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	45, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	45, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	47, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
-	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
-	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
-	9,  // 21: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
-	10, // 22: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
-	8,  // 23: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
-	10, // 24: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
-	1,  // 25: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
-	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
-	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
-	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	46, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
-	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
-	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
-	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
-	1,  // 33: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
-	9,  // 34: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	39, // 35: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
-	1,  // 36: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	11, // 37: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	13, // 38: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	15, // 39: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	17, // 40: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	19, // 41: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	22, // 42: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	25, // 43: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	27, // 44: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	29, // 45: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
-	31, // 46: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	33, // 47: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	35, // 48: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	40, // 49: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	37, // 50: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	42, // 51: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	12, // 52: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 53: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 54: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 55: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 56: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 57: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 58: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 59: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 60: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
-	32, // 61: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	34, // 62: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	36, // 63: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	41, // 64: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	38, // 65: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	43, // 66: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	52, // [52:67] is the sub-list for method output_type
-	37, // [37:52] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	48, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	48, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	49, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	46, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	49, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	49, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	49, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	7,  // 8: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
+	49, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	2,  // 10: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
+	3,  // 11: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
+	49, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	4,  // 13: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
+	5,  // 14: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
+	6,  // 15: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
+	8,  // 16: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
+	9,  // 17: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
+	48, // 18: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	48, // 19: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	48, // 20: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	48, // 21: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	48, // 22: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	50, // 23: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	47, // 24: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
+	9,  // 25: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
+	12, // 26: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
+	10, // 27: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
+	11, // 28: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
+	12, // 29: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
+	10, // 30: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
+	12, // 31: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
+	1,  // 32: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
+	1,  // 33: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
+	23, // 34: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
+	26, // 35: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
+	49, // 36: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	1,  // 37: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
+	11, // 38: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
+	10, // 39: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
+	1,  // 40: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
+	11, // 41: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
+	41, // 42: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 43: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	13, // 44: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	15, // 45: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	17, // 46: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	19, // 47: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	21, // 48: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	24, // 49: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	27, // 50: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	29, // 51: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	31, // 52: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	33, // 53: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	35, // 54: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	37, // 55: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	42, // 56: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	39, // 57: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	44, // 58: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	14, // 59: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	16, // 60: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	18, // 61: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	20, // 62: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	22, // 63: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	25, // 64: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	28, // 65: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	30, // 66: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	32, // 67: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	34, // 68: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	36, // 69: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	38, // 70: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	43, // 71: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	40, // 72: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	45, // 73: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	59, // [59:74] is the sub-list for method output_type
+	44, // [44:59] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3500,7 +3726,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   45,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

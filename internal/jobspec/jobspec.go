@@ -82,6 +82,8 @@ func ApplyDefaults(s *pb.JobSpec) {
 		if a.Op == "" {
 			a.Op = "sum"
 		}
+	case TypeService:
+		applyServiceDefaults(s)
 	case TypePipeline:
 		if s.Pipeline == nil {
 			s.Pipeline = &pb.PipelineSpec{}
@@ -144,6 +146,7 @@ func Validate(s *pb.JobSpec) error {
 		errs = append(errs, fieldErr(field, format, args...))
 	}
 	validateCommon(s, add)
+	validateNotService(s, add)
 	switch s.Type {
 	case TypeExec:
 		validateExec(s, add)
@@ -151,6 +154,8 @@ func Validate(s *pb.JobSpec) error {
 		validateAllReduce(s, add)
 	case TypePipeline:
 		validatePipeline(s, add)
+	case TypeService:
+		validateService(s, add)
 	}
 	return errs.err()
 }
@@ -163,9 +168,9 @@ func validateCommon(s *pb.JobSpec, add report) {
 		add("name", "%q is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit", s.Name)
 	}
 	switch s.Type {
-	case TypeExec, TypeAllReduce, TypePipeline:
+	case TypeExec, TypeAllReduce, TypePipeline, TypeService:
 	default:
-		add("type", "unknown type %q; use exec, allreduce or pipeline", s.Type)
+		add("type", "unknown type %q; use exec, allreduce, pipeline or service", s.Type)
 	}
 	elastic := s.MinRanks != 0 || s.MaxRanks != 0
 	switch {
@@ -229,7 +234,11 @@ func validateExec(s *pb.JobSpec, add report) {
 		add("pipeline", "exec jobs take an exec section only (or set type: pipeline)")
 	}
 	if s.Exec == nil || len(s.Exec.Command) == 0 {
-		add("exec.command", `an exec job needs a command, e.g. exec: {command: ["python3", "train.py"]}`)
+		what := "an exec job"
+		if s.Type != TypeExec {
+			what = "a " + s.Type + " job"
+		}
+		add("exec.command", `%s needs a command, e.g. exec: {command: ["python3", "train.py"]}`, what)
 		return
 	}
 	if s.Exec.Command[0] == "" {

@@ -1,0 +1,124 @@
+// Command service measures the /svc/ router's overhead: a replica answering
+// 1 KiB, the router in front of it, and a closed-loop load generator, each
+// meant to run as its own process pinned to its own cores (taskset), so
+// that the router gets one core as the replica does.
+//
+//	service replica -listen 127.0.0.1:9001
+//	service router  -listen 127.0.0.1:9002 -replica 127.0.0.1:9001
+//	service load    -url http://127.0.0.1:9001/x        # direct
+//	service load    -url http://127.0.0.1:9002/svc/bench/x  # through the router
+//
+// load prints requests/s and latency percentiles as one JSON line.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gpumesh/gpumesh/node"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: service replica|router|load [flags]")
+		os.Exit(2)
+	}
+	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
+	listen := fs.String("listen", "127.0.0.1:9001", "address to serve on (replica, router)")
+	replica := fs.String("replica", "127.0.0.1:9001", "the replica's address (router)")
+	size := fs.Int("size", 1024, "answer size in bytes (replica)")
+	url := fs.String("url", "http://127.0.0.1:9001/x", "what to load (load)")
+	clients := fs.Int("c", 16, "concurrent keep-alive clients (load)")
+	dur := fs.Duration("d", 10*time.Second, "how long to load, after a 2 s warm-up (load)")
+	_ = fs.Parse(os.Args[2:])
+	var err error
+	switch os.Args[1] {
+	case "replica":
+		payload := bytes.Repeat([]byte("x"), *size)
+		err = http.ListenAndServe(*listen, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			_, _ = w.Write(payload)
+		}))
+	case "router":
+		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}))
+	case "load":
+		err = load(*url, *clients, *dur)
+	default:
+		err = fmt.Errorf("unknown mode %q: use replica, router or load", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+func load(url string, clients int, dur time.Duration) error {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
+	var measuring atomic.Bool
+	var mu sync.Mutex
+	var lat []time.Duration
+	var failed atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := 0; g < clients; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []time.Duration
+			for {
+				select {
+				case <-stop:
+					mu.Lock()
+					lat = append(lat, mine...)
+					mu.Unlock()
+					return
+				default:
+				}
+				t0 := time.Now()
+				resp, err := client.Get(url)
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+				}
+				if !measuring.Load() {
+					continue
+				}
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+		}()
+	}
+	time.Sleep(2 * time.Second) // warm-up: connections open, caches warm
+	measuring.Store(true)
+	start := time.Now()
+	time.Sleep(dur)
+	measuring.Store(false)
+	elapsed := time.Since(start)
+	close(stop)
+	wg.Wait()
+	if len(lat) == 0 {
+		return fmt.Errorf("no request succeeded (%d failed)", failed.Load())
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	pct := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000 }
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{
+		"url": url, "clients": clients, "requests": len(lat), "failed": failed.Load(),
+		"req_per_s": float64(len(lat)) / elapsed.Seconds(),
+		"p50_ms":    pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1),
+	})
+}

@@ -1,0 +1,171 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/gpumesh/gpumesh/consensus"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
+)
+
+func init() { registerCommand(newServiceCommand) }
+
+func newServiceCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "service",
+		Short: "Show services (jobs of type service): replicas, where they listen, their health",
+		Long: `Services are jobs of type service. Every agent routes http://NODE:7949/svc/NAME/...
+to a healthy replica of NAME; these commands show what the routers route to.`,
+		Example: "  gpumesh service list\n  gpumesh service status mlp",
+	}
+	cmd.AddCommand(newServiceListCommand(), newServiceStatusCommand())
+	return cmd
+}
+
+// serviceJobs returns the live service jobs with their allocations,
+// optionally only those named name.
+func serviceJobs(cmd *cobra.Command, f *clientFlags, name string) ([]*pb.GetJobResponse, error) {
+	return query(cmd, f, func(ctx context.Context, c pb.ControlClient) ([]*pb.GetJobResponse, error) {
+		list, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+		if err != nil {
+			return nil, err
+		}
+		var out []*pb.GetJobResponse
+		for _, j := range list.Jobs {
+			if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) || (name != "" && j.Spec.GetName() != name) {
+				continue
+			}
+			resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: j.Id})
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, resp)
+		}
+		return out, nil
+	})
+}
+
+// liveReplicas returns the allocations of a service that run or should.
+func liveReplicas(resp *pb.GetJobResponse) []*pb.Allocation {
+	var out []*pb.Allocation
+	for _, al := range resp.Allocations {
+		if al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+			out = append(out, al)
+		}
+	}
+	return out
+}
+
+func newServiceListCommand() *cobra.Command {
+	var f clientFlags
+	cmd := &cobra.Command{
+		Use:     "list",
+		Short:   "List services with their healthy and wanted replicas",
+		Example: "  gpumesh service list\n  gpumesh service list --json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			jobs, err := serviceJobs(cmd, &f, "")
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if f.json {
+				return printJSON(out, &pb.ListJobsResponse{Jobs: jobsOf(jobs)})
+			}
+			if len(jobs) == 0 {
+				fmt.Fprintln(out, "no services (a service is a job with type: service; see examples/service)")
+				return nil
+			}
+			tw := newTable(out)
+			fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
+			for _, r := range jobs {
+				healthy := 0
+				for _, al := range liveReplicas(r) {
+					if al.Health == "healthy" {
+						healthy++
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, r.Job.Status, healthy, r.Job.Spec.GetReplicas(), r.Job.Spec.GetName())
+			}
+			return tw.Flush()
+		},
+	}
+	addClientFlags(cmd, &f)
+	readOnly(cmd)
+	return cmd
+}
+
+func jobsOf(rs []*pb.GetJobResponse) []*pb.Job {
+	out := make([]*pb.Job, len(rs))
+	for i, r := range rs {
+		out[i] = r.Job
+	}
+	return out
+}
+
+func newServiceStatusCommand() *cobra.Command {
+	var f clientFlags
+	cmd := &cobra.Command{
+		Use:     "status NAME",
+		Short:   "Show a service's replicas: node, address, ports and health",
+		Example: "  gpumesh service status mlp\n  gpumesh service status mlp --json",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			jobs, err := serviceJobs(cmd, &f, args[0])
+			if err != nil {
+				return err
+			}
+			if len(jobs) == 0 {
+				return fmt.Errorf("no service named %q is running; gpumesh service list shows the services", args[0])
+			}
+			out := cmd.OutOrStdout()
+			if f.json {
+				if len(jobs) == 1 {
+					return printJSON(out, jobs[0])
+				}
+				return printJSON(out, &pb.ListJobsResponse{Jobs: jobsOf(jobs)})
+			}
+			for _, r := range jobs {
+				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, r.Job.Spec.GetReplicas(), args[0])
+				printServiceReplicas(out, r)
+			}
+			return nil
+		},
+	}
+	addClientFlags(cmd, &f)
+	readOnly(cmd)
+	return cmd
+}
+
+// printServiceReplicas prints the live replicas of a service job.
+func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
+	if r.Job.Spec.GetType() != jobspec.TypeService {
+		return
+	}
+	fmt.Fprintln(out)
+	tw := newTable(out)
+	fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tADDRESS\tPORTS")
+	for _, al := range liveReplicas(r) {
+		route := al.Ports[r.Job.Spec.GetService().GetRoutePort()]
+		addr := "-"
+		if route != 0 {
+			host, _, _ := net.SplitHostPort(al.RankAddr)
+			addr = net.JoinHostPort(host, strconv.Itoa(int(route)))
+		}
+		names := make([]string, 0, len(al.Ports))
+		for n, p := range al.Ports {
+			names = append(names, fmt.Sprintf("%s=%d", n, p))
+		}
+		sort.Strings(names)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", al.Rank, dash(al.NodeName), dash(al.ClientStatus), dash(al.Health), addr, dash(strings.Join(names, ",")))
+	}
+	tw.Flush()
+}

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	vegeta "github.com/tsenart/vegeta/v12/lib"
+
+	"github.com/gpumesh/gpumesh/deploy/aemmtest"
+	"github.com/gpumesh/gpumesh/internal/poll"
+	"github.com/gpumesh/gpumesh/internal/procs"
+)
+
+// serviceJSON is what `gpumesh service status NAME --json` prints.
+type serviceJSON struct {
+	Job struct {
+		ID string `json:"id"`
+	} `json:"job"`
+	Allocations []struct {
+		ID            string `json:"id"`
+		Rank          int    `json:"rank"`
+		NodeName      string `json:"node_name"`
+		DesiredStatus string `json:"desired_status"`
+		ClientStatus  string `json:"client_status"`
+		Health        string `json:"health"`
+	} `json:"allocations"`
+}
+
+// healthyOn returns the nodes of the service's healthy replicas that are
+// to run, and whether any replica (live or not yet stopped) is on node.
+func (s *serviceJSON) healthyOn(node string) (healthy []string, on bool) {
+	for _, al := range s.Allocations {
+		live := al.ClientStatus == "running" || al.ClientStatus == "pending"
+		if al.NodeName == node && live {
+			on = true
+		}
+		if al.DesiredStatus == "run" && al.ClientStatus == "running" && al.Health == "healthy" {
+			healthy = append(healthy, al.NodeName)
+		}
+	}
+	sort.Strings(healthy)
+	return healthy, on
+}
+
+// Issue 20's acceptance: three agents, a 2-replica service on the two spot
+// nodes, a steady load through the on-demand node (which has no replica);
+// the ec2-metadata-mock interrupts one replica's node. Its replica is moved
+// and not one request fails.
+func TestServiceSpotNoticeLosesNoRequest(t *testing.T) {
+	if testing.Short() {
+		t.Skip("multi-process test; skipped with -short")
+	}
+	const noticeDelay = 30 * time.Second
+	procs.Binary(t)
+	aemmtest.Binary(t)
+	mock := aemmtest.Start(t, aemmtest.Options{SpotDelay: noticeDelay, RebalanceDelay: time.Hour, IPCount: -1, Values: map[string]string{
+		"instance-life-cycle": "spot", "instance-type": "g5.xlarge", "placement-availability-zone": "us-east-1a",
+	}})
+	noticeAt := time.Now().Add(noticeDelay)
+	dir := t.TempDir()
+	victim := procs.NewAgent(t, dir, "agent-1", "127.0.0.2", "--bootstrap-expect", "3", "--imds-endpoint", mock, "--imds-poll", "500ms")
+	spot := procs.NewAgent(t, dir, "agent-2", "127.0.0.3", "--bootstrap-expect", "3", "--ec2", "off", "--lifecycle", "spot", "--az", "us-east-1a")
+	router := procs.NewAgent(t, dir, "agent-3", "127.0.0.4", "--bootstrap-expect", "3", "--ec2", "off", "--lifecycle", "on-demand", "--az", "us-east-1a")
+	as := []*procs.Agent{victim, spot, router}
+	procs.StartJoined(as)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, a := range as {
+				t.Logf("---- %s log ----\n%s", a.Name, tail(a.Logs(), 6000))
+			}
+		}
+	})
+	server, err := filepath.Abs("../../examples/service/server.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := filepath.Join(t.TempDir(), "mlp.yaml")
+	if err := os.WriteFile(spec, []byte(fmt.Sprintf(`
+name: mlp
+type: service
+replicas: 2
+placement: spread
+constraints: {lifecycle: spot}
+exec:
+  command: [/usr/bin/python3, %q]
+  env: {SERVE_NO_TORCH: "1"}
+service:
+  check: {path: /healthz, interval: 250ms, timeout: 200ms, threshold: 2, grace: 30s}
+`, server)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
+	if _, stderr, err := procs.CLI(ctx, t, router.RPCAddr(), "job", "run", "--detach", spec); err != nil {
+		t.Fatalf("job run: %v %s", err, stderr)
+	}
+	status := func() (*serviceJSON, error) {
+		var s serviceJSON
+		err := procs.CLIJSON(ctx, t, router.RPCAddr(), &s, "service", "status", "mlp")
+		return &s, err
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		s, err := status()
+		if err != nil {
+			return err
+		}
+		if h, _ := s.healthyOn(""); strings.Join(h, ",") != "agent-1,agent-2" {
+			return fmt.Errorf("healthy replicas on %v, want agent-1 and agent-2", h)
+		}
+		return nil
+	})
+	if time.Now().After(noticeAt) {
+		t.Fatalf("the cluster took too long to set up: the notice has fired already")
+	}
+
+	// A steady load through the node without a replica.
+	target := vegeta.NewStaticTargeter(vegeta.Target{
+		Method: http.MethodPost, URL: "http://" + router.HTTPAddr() + "/svc/mlp/predict",
+		Body: []byte(`{"x": [1, 2, 3, 4]}`), Header: http.Header{"Content-Type": {"application/json"}},
+	})
+	attacker := vegeta.NewAttacker(vegeta.Timeout(10*time.Second), vegeta.KeepAlive(true))
+	var (
+		mu      sync.Mutex
+		metrics vegeta.Metrics
+		// steady: requests sent before the notice; moving: from the notice
+		// until the old replica has stopped.
+		steady, moving vegeta.Metrics
+		movedAt        time.Time
+		errs           []string
+		done           = make(chan struct{})
+	)
+	go func() {
+		defer close(done)
+		for res := range attacker.Attack(target, vegeta.Rate{Freq: 100, Per: time.Second}, 0, "spot") {
+			mu.Lock()
+			metrics.Add(res)
+			switch {
+			case res.Timestamp.Before(noticeAt):
+				steady.Add(res)
+			case movedAt.IsZero() || res.Timestamp.Before(movedAt):
+				moving.Add(res)
+			}
+			if res.Code != http.StatusOK && len(errs) < 20 {
+				errs = append(errs, fmt.Sprintf("%s: %d %s %s", res.Timestamp.Format("15:04:05.000"), res.Code, res.Error, strings.TrimSpace(string(res.Body))))
+			}
+			mu.Unlock()
+		}
+	}()
+	defer func() { attacker.Stop(); <-done }()
+
+	// The notice fires: the replica moves off agent-1.
+	poll.Until(t, 90*time.Second, func() error {
+		if time.Now().Before(noticeAt) {
+			return fmt.Errorf("notice not due yet")
+		}
+		s, err := status()
+		if err != nil {
+			return err
+		}
+		h, on := s.healthyOn(victim.Name)
+		if on || len(h) != 2 {
+			return fmt.Errorf("healthy replicas on %v, a replica still on %s: %v", h, victim.Name, on)
+		}
+		return nil
+	})
+	// 200 more requests on the moved service, then the verdict.
+	mu.Lock()
+	moved := metrics.Requests
+	movedAt = time.Now()
+	mu.Unlock()
+	poll.Until(t, 30*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if metrics.Requests < moved+200 {
+			return fmt.Errorf("%d requests since the move", metrics.Requests-moved)
+		}
+		return nil
+	})
+	attacker.Stop()
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	metrics.Close()
+	steady.Close()
+	moving.Close()
+	t.Logf("%d requests at %.0f/s through %s: success %.4f, latency p50 %s p99 %s max %s; before the notice p99 %s (%d requests); from the notice until the old replica stopped (%s) p99 %s (%d requests)",
+		metrics.Requests, metrics.Rate, router.Name, metrics.Success, metrics.Latencies.P50, metrics.Latencies.P99, metrics.Latencies.Max,
+		steady.Latencies.P99, steady.Requests, movedAt.Sub(noticeAt).Round(time.Millisecond), moving.Latencies.P99, moving.Requests)
+	if metrics.Requests < 100 {
+		t.Fatalf("only %d requests were sent", metrics.Requests)
+	}
+	if metrics.Success != 1 {
+		t.Fatalf("%d of %d requests failed during the move; first: %s", metrics.Requests-uint64(metrics.Success*float64(metrics.Requests)+0.5), metrics.Requests, strings.Join(errs, "\n"))
+	}
+}

@@ -1,0 +1,203 @@
+package consensus
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/gpumesh/gpumesh/consensus/fsmpb"
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/sharding"
+)
+
+// Replica health values (Allocation.health), reported by the replica's
+// node from its health checks.
+const (
+	HealthStarting  = "starting"  // no check passed yet (within the grace period)
+	HealthHealthy   = "healthy"   // receives traffic
+	HealthUnhealthy = "unhealthy" // the check failed threshold times in a row
+	HealthDraining  = "draining"  // its node drains or it is stopping: no new requests
+)
+
+// serviceRecheck bounds how long a running service waits between
+// evaluations while a replacement is starting (health reports wake it
+// sooner).
+const serviceRecheck = 5 * time.Second
+
+// evalService decides what a running service needs. A service never
+// completes: every replica slot (rank 0..replicas-1) holds one replica.
+//   - a replica that ended (exited, failed, lost with its node) is replaced
+//     on its own, after the restart delay, without touching the others;
+//   - a replica on a draining node, or on a node silent for longer than the
+//     node loss grace, gets a replacement placed elsewhere first; the old
+//     one is stopped once the replacement is healthy (max unavailable 0),
+//     or at once when its node is gone.
+//
+// A plan that places replacements bumps the job's generation and gives
+// them the new one (so their IDs and task directories never repeat); the
+// replicas it does not touch keep theirs and run on.
+func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
+	p := basePlan(j)
+	p.WorldSize = j.Spec.GetReplicas()
+	changed := false
+	var wake time.Time
+	replicas := int(j.Spec.GetReplicas())
+	if replicas == 0 {
+		replicas = int(j.Spec.GetRanks())
+	}
+	slots := make([][]*controlpb.Allocation, replicas)
+	var lastEnd = map[int]time.Time{}
+	for _, a := range allocs {
+		r := int(a.Rank)
+		if AllocTerminal(a.ClientStatus) && a.FinishTime != nil && a.FinishTime.AsTime().After(lastEnd[r]) {
+			lastEnd[r] = a.FinishTime.AsTime()
+		}
+		if a.DesiredStatus == DesiredStop {
+			continue
+		}
+		if AllocTerminal(a.ClientStatus) {
+			// Ended on its own: told to stop so it is not counted again.
+			p.StopAllocIds = append(p.StopAllocIds, a.Id)
+			changed = true
+			continue
+		}
+		if r >= replicas {
+			p.StopAllocIds = append(p.StopAllocIds, a.Id) // scaled down
+			changed = true
+			continue
+		}
+		slots[r] = append(slots[r], a)
+	}
+	_, delay := restartPolicy(j.Spec)
+	var reasons []string
+	for r, live := range slots {
+		var good, moving []*controlpb.Allocation
+		for _, a := range live {
+			n := e.nodes[a.NodeId]
+			since, silent := silentSince(n)
+			switch {
+			case silent && (n == nil || !now.Before(since.Add(e.cfg.NodeLossGrace))):
+				p.LostAllocIds = append(p.LostAllocIds, a.Id)
+				p.LostMessage = fmt.Sprintf("lost: node %s is silent", a.NodeName)
+				changed = true
+			case silent:
+				moving = append(moving, a) // suspect: replace, keep until lost
+				wake = earliest(wake, since.Add(e.cfg.NodeLossGrace))
+			case n.Status == NodeDraining:
+				moving = append(moving, a)
+			default:
+				good = append(good, a)
+			}
+		}
+		var healthy *controlpb.Allocation
+		for _, a := range good {
+			if healthy == nil && a.ClientStatus == AllocRunning && a.Health == HealthHealthy {
+				healthy = a
+			}
+		}
+		if healthy != nil {
+			// One replica per slot: a replacement made while a silent node
+			// was suspected, whose node came back, is one too many.
+			for _, a := range good {
+				if a != healthy {
+					p.StopAllocIds = append(p.StopAllocIds, a.Id)
+					changed = true
+				}
+			}
+		}
+		if healthy != nil {
+			for _, a := range moving {
+				if n := e.nodes[a.NodeId]; n != nil && n.Status == NodeDraining {
+					p.StopAllocIds = append(p.StopAllocIds, a.Id)
+					changed = true
+				}
+			}
+		}
+		if len(good) > 0 {
+			if healthy == nil && len(moving) > 0 {
+				wake = earliest(wake, now.Add(serviceRecheck))
+			}
+			continue
+		}
+		if end, ok := lastEnd[r]; ok && now.Before(end.Add(delay)) {
+			wake = earliest(wake, end.Add(delay))
+			reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
+			continue
+		}
+		a, why := e.placeReplica(j, r, j.Generation+1)
+		if a == nil {
+			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
+			continue
+		}
+		p.Allocations = append(p.Allocations, a)
+		p.Generation = j.Generation + 1
+		changed = true
+		if len(moving) > 0 {
+			wake = earliest(wake, now.Add(serviceRecheck))
+		}
+	}
+	sort.Strings(reasons)
+	reason := ""
+	if len(reasons) > 0 {
+		reason = reasons[0]
+		if len(reasons) > 1 {
+			reason += fmt.Sprintf(" (and %d more)", len(reasons)-1)
+		}
+	}
+	if !changed && reason == j.StatusReason {
+		return Decision{WakeAt: wake}
+	}
+	p.StatusReason = reason
+	return Decision{Plan: p, WakeAt: wake}
+}
+
+// placeReplica places one replica of slot r as part of generation gen, or
+// says why it cannot.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64) (*fsmpb.Allocation, string) {
+	spec := j.Spec
+	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
+	if err != nil {
+		return nil, err.Error()
+	}
+	sj.Ranks, sj.MinRanks = 1, 0
+	plan, err := e.cluster.Place(sj)
+	if err != nil {
+		var ue *sharding.UnplaceableError
+		if errors.As(err, &ue) {
+			return nil, ue.Reason
+		}
+		return nil, err.Error()
+	}
+	if err := e.cluster.Apply(plan); err != nil || len(plan.Ranks) != 1 {
+		return nil, "the planner contradicted itself"
+	}
+	pr := plan.Ranks[0]
+	a := &fsmpb.Allocation{
+		Id:             fmt.Sprintf("%s.%d.%d", j.Id, gen, r),
+		JobId:          j.Id,
+		Generation:     gen,
+		Rank:           int32(r),
+		WorldSize:      j.WorldSize,
+		LocalRank:      0,
+		LocalWorldSize: 1,
+		GroupRank:      0,
+		GroupWorldSize: 1,
+		NodeId:         pr.NodeID,
+		RestartCount:   int32(gen - 1),
+		DesiredStatus:  DesiredRun,
+		ClientStatus:   AllocPending,
+	}
+	for _, g := range pr.GPUs {
+		a.Gpus = append(a.Gpus, int32(g))
+	}
+	if n := e.nodes[pr.NodeID]; n != nil {
+		a.NodeName = n.Name
+		a.RankAddr = n.RpcAddr
+		// A replica is its own torchrun "world" for the environment's
+		// sake: MASTER_* name its node.
+		a.MasterAddr = hostOf(n.RpcAddr)
+		a.MasterPort = e.pickPort(masterKey(a.MasterAddr, pr.NodeID), j.Id, gen)
+	}
+	return a, ""
+}

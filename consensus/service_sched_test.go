@@ -1,0 +1,175 @@
+package consensus
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/gpumesh/gpumesh/consensus/fsmpb"
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
+)
+
+func (s *sim) registerService(id string, replicas int32) {
+	s.t.Helper()
+	spec, err := jobspec.Parse(fmt.Appendf(nil, "name: %s\ntype: service\nreplicas: %d\nplacement: spread\nrestart: {delay: 2s}\nexec: {command: [srv]}\n", id, replicas))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	logSpec, err := twin[fsmpb.JobSpec](spec)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
+}
+
+func (s *sim) health(id, health string) {
+	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
+		Allocations: []*fsmpb.Allocation{{Id: id, ClientStatus: AllocRunning, Health: health}}}}})
+}
+
+// live returns the replicas told to run, by slot.
+func (s *sim) live(id string) map[int32][]*controlpb.Allocation {
+	out := map[int32][]*controlpb.Allocation{}
+	for _, a := range s.f.State().Allocations(id) {
+		if a.DesiredStatus == DesiredRun {
+			out[a.Rank] = append(out[a.Rank], a)
+		}
+	}
+	return out
+}
+
+// serveAll plays the nodes: every replica told to run runs and is healthy.
+func (s *sim) serveAll(id string) {
+	for _, as := range s.live(id) {
+		for _, a := range as {
+			if !AllocTerminal(a.ClientStatus) && a.Health != HealthHealthy {
+				s.health(a.Id, HealthHealthy)
+			}
+		}
+	}
+}
+
+// A drained node's replica is replaced elsewhere first and stopped only
+// once its replacement is healthy; the other replica is never touched (the
+// replacement alone is of the next generation).
+func TestServiceDrainReplacesOneReplicaAtATime(t *testing.T) {
+	s := newSim(t, "a", "b", "c")
+	s.registerService("svc", 2)
+	s.step("svc")
+	s.serveAll("svc")
+	gen := s.job("svc").Generation
+	before := s.live("svc")
+	if len(before[0]) != 1 || len(before[1]) != 1 {
+		t.Fatalf("placed %v", before)
+	}
+	victim, other := before[0][0], before[1][0]
+	s.nodeStatus(victim.NodeId, NodeDraining)
+	s.step("svc")
+	now := s.live("svc")
+	if len(now[0]) != 2 {
+		t.Fatalf("slot 0 after the drain: %v; want the old replica and its replacement", now[0])
+	}
+	var repl *controlpb.Allocation
+	for _, a := range now[0] {
+		if a.Id != victim.Id {
+			repl = a
+		}
+	}
+	if repl.GroupWorldSize != 1 || repl.LocalWorldSize != 1 || repl.WorldSize != 2 || repl.MasterAddr == "" || repl.MasterPort == 0 {
+		t.Fatalf("the replacement's rank environment is incomplete: %v", repl)
+	}
+	if repl.NodeId == victim.NodeId {
+		t.Fatalf("replacement placed on the draining node %s", repl.NodeId)
+	}
+	if repl.Generation != gen+1 || s.job("svc").Generation != gen+1 {
+		t.Fatalf("the replacement is of generation %d, the job %d; want both %d", repl.Generation, s.job("svc").Generation, gen+1)
+	}
+	if len(now[1]) != 1 || now[1][0].Id != other.Id || now[1][0].DesiredStatus != DesiredRun || s.job("svc").Status != JobRunning {
+		t.Fatalf("the other replica or the generation changed: %v, gen %d, %s", now[1], s.job("svc").Generation, s.job("svc").Status)
+	}
+	// Starting is not enough: the old replica keeps serving.
+	s.health(repl.Id, HealthStarting)
+	if d := s.step("svc"); len(s.live("svc")[0]) != 2 || d.WakeAt.IsZero() {
+		t.Fatalf("the old replica was stopped before its replacement was healthy (wake %v)", d.WakeAt)
+	}
+	s.health(repl.Id, HealthHealthy)
+	s.step("svc")
+	final := s.live("svc")
+	if len(final[0]) != 1 || final[0][0].Id != repl.Id {
+		t.Fatalf("after the replacement is healthy slot 0 is %v; want only %s", final[0], repl.Id)
+	}
+}
+
+// A replica that exits is replaced on its own after the restart delay; the
+// service never completes or fails.
+func TestServiceReplicaExitIsReplaced(t *testing.T) {
+	s := newSim(t, "a", "b")
+	s.registerService("svc", 2)
+	s.step("svc")
+	s.serveAll("svc")
+	r0 := s.live("svc")[0][0]
+	s.report(r0.Id, AllocFailed, 1)
+	d := s.step("svc")
+	if len(s.live("svc")[0]) != 0 || d.WakeAt.IsZero() {
+		t.Fatalf("replaced at once, before the restart delay (wake %v): %v", d.WakeAt, s.live("svc")[0])
+	}
+	s.now = d.WakeAt
+	s.step("svc")
+	// A replacement that fails at once is not replaced before the delay
+	// either (no tight loop of failed starts).
+	first := s.live("svc")[0][0]
+	s.report(first.Id, AllocFailed, -1)
+	if d2 := s.step("svc"); len(s.live("svc")[0]) != 0 || d2.WakeAt.IsZero() {
+		t.Fatalf("a replacement failing at once was replaced at once: %v", s.live("svc")[0])
+	}
+	s.now = s.now.Add(3 * time.Second)
+	s.step("svc")
+	if got := s.live("svc")[0]; len(got) != 1 || got[0].Id == r0.Id {
+		t.Fatalf("slot 0 after the delay: %v", got)
+	}
+	if j := s.job("svc"); j.Status != JobRunning || j.Restarts != 0 || len(s.live("svc")[1]) != 1 {
+		t.Fatalf("job %s restarts %d; replica 1 %v", j.Status, j.Restarts, s.live("svc")[1])
+	}
+	// Every replica exiting 0 does not complete it either.
+	for _, as := range s.live("svc") {
+		s.report(as[0].Id, AllocComplete, 0)
+	}
+	s.step("svc")
+	if j := s.job("svc"); j.Status != JobRunning {
+		t.Fatalf("a service %s", j.Status)
+	}
+}
+
+// A replica on a node silent past the grace is lost and replaced; within
+// the grace a replacement starts, and the extra one goes when the node
+// comes back.
+func TestServiceSilentNode(t *testing.T) {
+	s := newSim(t, "a", "b", "c")
+	s.registerService("svc", 1)
+	s.step("svc")
+	s.serveAll("svc")
+	old := s.live("svc")[0][0]
+	s.nodeStatus(old.NodeId, NodeDown)
+	s.step("svc")
+	if got := s.live("svc")[0]; len(got) != 2 {
+		t.Fatalf("within the grace: %v; want the suspect and a replacement", got)
+	}
+	s.serveAll("svc")
+	s.nodeStatus(old.NodeId, NodeReady)
+	s.step("svc")
+	if got := s.live("svc")[0]; len(got) != 1 {
+		t.Fatalf("after the node came back: %v; want one replica", got)
+	}
+	keep := s.live("svc")[0][0]
+	s.nodeStatus(keep.NodeId, NodeDown)
+	s.now = s.now.Add(time.Minute)
+	s.step("svc")
+	a := s.f.State().Allocation(keep.Id)
+	if a.ClientStatus != AllocLost {
+		t.Fatalf("replica on a node silent past the grace: %s", a.ClientStatus)
+	}
+	if got := s.live("svc")[0]; len(got) != 1 || got[0].NodeId == keep.NodeId {
+		t.Fatalf("slot 0: %v", got)
+	}
+}

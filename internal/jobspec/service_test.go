@@ -1,0 +1,74 @@
+package jobspec
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseService(t *testing.T) {
+	spec, err := Parse([]byte(`
+name: echo
+type: service
+replicas: 2
+exec: {command: [python3, server.py]}
+service:
+  ports: [http, metrics]
+  check: {path: /healthz, interval: 500ms, timeout: 200ms, threshold: 2, grace: 2m}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Ranks != 2 || spec.Replicas != 2 {
+		t.Fatalf("replicas not mirrored into ranks: ranks %d replicas %d", spec.Ranks, spec.Replicas)
+	}
+	v := spec.Service
+	if v.RoutePort != "http" || v.Check.Port != "http" || v.Check.Type != CheckHTTP {
+		t.Fatalf("defaults: %v", v)
+	}
+	if v.Check.Interval.AsDuration() != 500*time.Millisecond || v.Check.Threshold != 2 || v.Check.Grace.AsDuration() != 2*time.Minute {
+		t.Fatalf("check not parsed: %v", v.Check)
+	}
+	if v.DrainTimeout.AsDuration() != DefaultDrainTimeout {
+		t.Fatalf("drain timeout default: %v", v.DrainTimeout)
+	}
+	// The smallest service: ranks given, one port named http, checked on /.
+	min, err := Parse([]byte("type: service\nranks: 1\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if min.Replicas != 1 || len(min.Service.Ports) != 1 || min.Service.Ports[0] != DefaultServicePort || min.Service.Check.Path != "/" {
+		t.Fatalf("defaults of the smallest service: %v", min)
+	}
+	if PortEnv("http") != "GPUMESH_PORT_HTTP" {
+		t.Fatalf("PortEnv(http) = %s", PortEnv("http"))
+	}
+}
+
+func TestParseServiceInvalid(t *testing.T) {
+	cases := []struct{ name, spec, want string }{
+		{"port name collision", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {ports: [http, grpc, http]}", `service.ports[2]: port name "http" collides with service.ports[0]`},
+		{"bad port name", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {ports: [HTTP-1]}", `service.ports[0]: "HTTP-1" is not a valid port name`},
+		{"route port unknown", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {ports: [http], route_port: web}", `service.route_port: "web" is not one of`},
+		{"check port unknown", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {check: {port: admin}}", `service.check.port: "admin"`},
+		{"check type", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {check: {type: grpc}}", "unknown check type"},
+		{"timeout above interval", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {check: {interval: 1s, timeout: 2s}}", "service.check.timeout"},
+		{"no command", "type: service\nreplicas: 1\nservice: {}", "exec.command"},
+		{"replicas and ranks", "type: service\nreplicas: 2\nranks: 3\nexec: {command: [srv]}", "replicas (2) and ranks (3) disagree"},
+		{"replicas on exec", "ranks: 1\nreplicas: 1\nexec: {command: [true]}", "replicas is for service jobs"},
+		{"service on exec", "ranks: 1\nexec: {command: [true]}\nservice: {ports: [http]}", "exec jobs take no service section"},
+		{"port env set by hand", "type: service\nreplicas: 1\nexec: {command: [srv], env: {GPUMESH_PORT_HTTP: '80'}}", "set by the agent"},
+		{"no replicas", "type: service\nexec: {command: [srv]}", "ranks: must be >= 1"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse([]byte(c.spec))
+			if err == nil {
+				t.Fatalf("accepted %q", c.spec)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %q does not contain %q", err, c.want)
+			}
+		})
+	}
+}

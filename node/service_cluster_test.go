@@ -1,0 +1,254 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
+)
+
+// routes reads an agent's routing table.
+func routes(t *testing.T, a *Agent) []ServiceRoute {
+	t.Helper()
+	var out struct {
+		Services []ServiceRoute `json:"services"`
+	}
+	if err := json.Unmarshal([]byte(httpGet(t, "http://"+a.self.HttpAddr+"/v1/services")), &out); err != nil {
+		t.Fatal(err)
+	}
+	return out.Services
+}
+
+// A service job's replicas get their ports from the agent, report health,
+// and are reached through every agent's /svc/ route, a client node's
+// included; a replica that stops passing its check leaves every router.
+func TestClusterServiceRoutesFromEveryNode(t *testing.T) {
+	dc := startCluster(t, 4, func(i int, c *Config) {
+		if i == 3 {
+			c.Server = false
+		}
+	})
+	server, err := filepath.Abs("../examples/service/server.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, dc.Agents[0])
+	id := submitJob(t, c, fmt.Sprintf(`
+name: mlp
+type: service
+replicas: 2
+placement: spread
+exec:
+  command: [/usr/bin/python3, %q]
+  env: {SERVE_NO_TORCH: "1"}
+service:
+  ports: [http, admin]
+  check: {path: /healthz, interval: 200ms, timeout: 150ms, threshold: 2, grace: 30s}
+`, server))
+	var job *pb.GetJobResponse
+	poll.Until(t, 60*time.Second, func() error {
+		job = waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "running" })
+		n := 0
+		for _, al := range job.Allocations {
+			if al.Health == HealthHealthy && al.Ports["http"] != 0 && al.Ports["admin"] != 0 && al.Ports["http"] != al.Ports["admin"] {
+				n++
+			}
+		}
+		if n != 2 {
+			return fmt.Errorf("%d of 2 replicas healthy with two ports: %v", n, job.Allocations)
+		}
+		return nil
+	})
+	post := func(a *Agent, path string) (int, string) {
+		resp, err := http.Post("http://"+a.self.HttpAddr+"/svc/mlp"+path, "application/json", strings.NewReader(`{"x": [1, 2, 3, 4]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, a := range dc.Agents {
+		poll.Until(t, 20*time.Second, func() error {
+			if code, body := post(a, "/predict"); code != http.StatusOK || !strings.Contains(body, `"y": [`) {
+				return fmt.Errorf("through %s: %d %s", a.cfg.NodeName, code, body)
+			}
+			return nil
+		})
+	}
+	// One replica stops passing its check: every router drops it.
+	var sick *pb.Allocation
+	for _, al := range job.Allocations {
+		if al.Health == HealthHealthy {
+			sick = al
+			break
+		}
+	}
+	resp, err := http.Post(fmt.Sprintf("http://%s:%d/unready", hostOf(sick.RankAddr), sick.Ports["http"]), "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	start := time.Now()
+	for _, a := range dc.Agents {
+		poll.Until(t, 20*time.Second, func() error {
+			for _, s := range routes(t, a) {
+				for _, r := range s.Replicas {
+					if r.AllocID == sick.Id && r.Health == HealthHealthy {
+						return fmt.Errorf("%s still routes to the unready replica", a.cfg.NodeName)
+					}
+				}
+			}
+			return nil
+		})
+	}
+	t.Logf("the unready replica left every router %v after it failed (interval 200ms × threshold 2)", time.Since(start).Round(time.Millisecond))
+	for i := 0; i < 10; i++ {
+		if code, body := post(dc.Agents[3], "/predict"); code != http.StatusOK || strings.Contains(body, fmt.Sprintf(":%d ", sick.Ports["http"])) {
+			t.Fatalf("after the replica went unready: %d %s", code, body)
+		}
+	}
+	// Oversized request headers are refused before routing.
+	big, _ := http.NewRequest(http.MethodGet, "http://"+dc.Agents[3].self.HttpAddr+"/svc/mlp/", nil)
+	big.Header.Set("X-Big", strings.Repeat("a", 2*MaxHeaderBytes))
+	if resp, err := http.DefaultClient.Do(big); err != nil {
+		t.Fatal(err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Fatalf("a %d-byte header: %d, want 431", 2*MaxHeaderBytes, resp.StatusCode)
+		}
+	}
+	mfs := scrape(t, dc.Agents[3])
+	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 11 {
+		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 11", v, ok)
+	}
+	for h, want := range map[string]float64{HealthHealthy: 1, HealthUnhealthy: 1} {
+		if v, ok := metricValue(mfs, "gpumesh_service_replicas", map[string]string{"service": "mlp", "health": h}); !ok || v != want {
+			t.Fatalf("gpumesh_service_replicas{health=%s} = %v (%v), want %v", h, v, ok, want)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.StopJob(ctx, &pb.StopJobRequest{Id: id}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A replica killed without notice costs no GET: the router retries on the
+// other replica while the dead one's port refuses, the killed replica
+// leaves routing when its end is reported, and a replacement comes up.
+func TestClusterServiceReplicaKilled(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	server, err := filepath.Abs("../examples/service/server.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, dc.Agents[0])
+	id := submitJob(t, c, fmt.Sprintf(`
+name: echo
+type: service
+replicas: 2
+placement: spread
+restart: {delay: 1s}
+exec:
+  command: [/usr/bin/python3, %q]
+  env: {SERVE_NO_TORCH: "1"}
+service:
+  check: {path: /healthz, interval: 200ms, timeout: 150ms, threshold: 2, grace: 30s}
+`, server))
+	healthy := func() []*pb.Allocation {
+		job := waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "running" })
+		var out []*pb.Allocation
+		for _, al := range job.Allocations {
+			if al.DesiredStatus == "run" && al.ClientStatus == "running" && al.Health == HealthHealthy {
+				out = append(out, al)
+			}
+		}
+		return out
+	}
+	var first []*pb.Allocation
+	poll.Until(t, 60*time.Second, func() error {
+		if first = healthy(); len(first) != 2 {
+			return fmt.Errorf("%d of 2 replicas healthy", len(first))
+		}
+		return nil
+	})
+	victim := first[0]
+	var pid int
+	for _, a := range dc.Agents {
+		if a.NodeID() != victim.NodeId {
+			continue
+		}
+		a.runner.mu.Lock()
+		if st, ok := a.runner.tasks[victim.Id].task.(*serviceTask); ok {
+			pid = st.task.(*execTask).h.Pid()
+		}
+		a.runner.mu.Unlock()
+	}
+	if pid <= 0 {
+		t.Fatalf("no process for replica %s", victim.Id)
+	}
+	// Load through every agent in turn while the replica dies.
+	var sent, failed int
+	var firstErr string
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			a := dc.Agents[i%len(dc.Agents)]
+			resp, err := http.Get("http://" + a.self.HttpAddr + "/svc/echo/")
+			sent++
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			if err != nil {
+				failed++
+				if firstErr == "" {
+					firstErr = err.Error()
+				}
+			}
+		}
+	}()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		close(stop)
+		<-done
+		t.Fatal(err)
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		h := healthy()
+		if len(h) != 2 {
+			return fmt.Errorf("%d of 2 replicas healthy", len(h))
+		}
+		for _, al := range h {
+			if al.Id == victim.Id {
+				return fmt.Errorf("the killed replica %s still counts as healthy", victim.Id)
+			}
+		}
+		return nil
+	})
+	close(stop)
+	<-done
+	t.Logf("%d GETs while replica %s was killed and replaced, %d failed", sent, victim.Id, failed)
+	if failed != 0 {
+		t.Fatalf("%d of %d GETs failed; first: %s", failed, sent, firstErr)
+	}
+}

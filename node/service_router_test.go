@@ -1,0 +1,194 @@
+package node
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/consensus"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
+)
+
+// svcState builds a service job and one running allocation per replica
+// address, each with the given health.
+func svcState(t testing.TB, name string, addrs []string, health []string) ([]*pb.Job, []*pb.Allocation) {
+	t.Helper()
+	spec, err := jobspec.Parse([]byte("name: " + name + "\ntype: service\nreplicas: " + strconv.Itoa(max(1, len(addrs))) + "\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := &pb.Job{Id: "job-" + name, Spec: spec, Status: consensus.JobRunning}
+	var allocs []*pb.Allocation
+	for i, a := range addrs {
+		host, port, _ := net.SplitHostPort(a)
+		p, _ := strconv.Atoi(port)
+		allocs = append(allocs, &pb.Allocation{
+			Id: name + "-a" + strconv.Itoa(i), JobId: job.Id, Rank: int32(i), NodeId: "n" + strconv.Itoa(i), NodeName: "node" + strconv.Itoa(i),
+			RankAddr: net.JoinHostPort(host, "7947"), DesiredStatus: consensus.DesiredRun, ClientStatus: consensus.AllocRunning,
+			Ports: map[string]int32{"http": int32(p)}, Health: health[i],
+		})
+	}
+	return []*pb.Job{job}, allocs
+}
+
+func replica(t *testing.T, id string) *httptest.Server {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		_, _ = io.WriteString(w, id+" "+r.Method+" "+r.URL.Path+" "+string(body))
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func newTestRouter(t *testing.T) (*router, *httptest.Server) {
+	rt := newRouter("n-router", hclog.NewNullLogger())
+	front := httptest.NewServer(rt)
+	t.Cleanup(front.Close)
+	return rt, front
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestRouterRoutesToHealthyReplicas(t *testing.T) {
+	a, b, c := replica(t, "A"), replica(t, "B"), replica(t, "C")
+	rt, front := newTestRouter(t)
+	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String(), b.Listener.Addr().String(), c.Listener.Addr().String()},
+		[]string{HealthHealthy, HealthHealthy, HealthUnhealthy}))
+	seen := map[string]int{}
+	for i := 0; i < 20; i++ {
+		code, body := get(t, front.URL+"/svc/echo/v1/predict")
+		if code != http.StatusOK {
+			t.Fatalf("status %d: %s", code, body)
+		}
+		if !strings.HasSuffix(body, " GET /v1/predict ") {
+			t.Fatalf("the replica saw %q; want the path without /svc/echo", body)
+		}
+		seen[body[:1]]++
+	}
+	if seen["C"] != 0 || seen["A"] == 0 || seen["B"] == 0 {
+		t.Fatalf("requests per replica %v: want A and B, never the unhealthy C", seen)
+	}
+	if code, body := get(t, front.URL+"/svc/echo"); code != http.StatusOK || !strings.Contains(body, " GET / ") {
+		t.Fatalf("/svc/echo: %d %q, want the replica's /", code, body)
+	}
+}
+
+func TestRouterBadInput(t *testing.T) {
+	a := replica(t, "A")
+	rt, front := newTestRouter(t)
+	jobs, allocs := svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthStarting})
+	rt.update(jobs, allocs)
+	code, body := get(t, front.URL+"/svc/nosuch/x")
+	if code != http.StatusNotFound || !strings.Contains(body, `no service named "nosuch"`) {
+		t.Fatalf("unknown service: %d %q", code, body)
+	}
+	code, body = get(t, front.URL+"/svc/echo/x")
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "none is healthy (1 starting)") {
+		t.Fatalf("no healthy replica: %d %q", code, body)
+	}
+	rt.update(jobs, nil)
+	if code, body = get(t, front.URL+"/svc/echo/x"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no running replica") {
+		t.Fatalf("no replica: %d %q", code, body)
+	}
+}
+
+// A replica that cannot be reached (it died without notice) costs no
+// request: the router retries once on another one, POSTs included, since
+// nothing reached the dead one.
+func TestRouterRetriesOnDeadReplica(t *testing.T) {
+	b := replica(t, "B")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close()
+	rt, front := newTestRouter(t)
+	rt.update(svcState(t, "echo", []string{dead, b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
+	for i := 0; i < 6; i++ {
+		resp, err := http.Post(front.URL+"/svc/echo/gen", "text/plain", strings.NewReader("prompt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(body) != "B POST /gen prompt" {
+			t.Fatalf("try %d: %d %q", i, resp.StatusCode, body)
+		}
+	}
+}
+
+// A streamed answer passes unbuffered: the first event reaches the client
+// while the replica still holds the rest back.
+func TestRouterStreamsUnbuffered(t *testing.T) {
+	release := make(chan struct{})
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = io.WriteString(w, "data: first\n\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		_, _ = io.WriteString(w, "data: last\n\n")
+	}))
+	t.Cleanup(s.Close)
+	defer close(release)
+	rt, front := newTestRouter(t)
+	rt.update(svcState(t, "llm", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
+	resp, err := http.Get(front.URL + "/svc/llm/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || line != "data: first\n" {
+		t.Fatalf("first line %q, %v", line, err)
+	}
+}
+
+func TestHealthState(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	h := newHealthState(t0, 2, 10*time.Second)
+	steps := []struct {
+		ok   bool
+		at   time.Duration
+		want string
+	}{
+		{false, time.Second, HealthStarting},     // loading: within grace
+		{false, 5 * time.Second, HealthStarting}, // still
+		{true, 6 * time.Second, HealthHealthy},   // first pass ends the grace
+		{false, 7 * time.Second, HealthHealthy},  // one failure of two
+		{true, 8 * time.Second, HealthHealthy},   // resets the count
+		{false, 9 * time.Second, HealthHealthy},
+		{false, 10 * time.Second, HealthUnhealthy}, // threshold reached
+		{true, 11 * time.Second, HealthHealthy},
+	}
+	for i, s := range steps {
+		if got := h.observe(s.ok, t0.Add(s.at)); got != s.want {
+			t.Fatalf("step %d: %s, want %s", i, got, s.want)
+		}
+	}
+	late := newHealthState(t0, 1, time.Second)
+	if got := late.observe(false, t0.Add(2*time.Second)); got != HealthUnhealthy {
+		t.Fatalf("a replica failing after its grace: %s, want unhealthy", got)
+	}
+}
