@@ -41,7 +41,10 @@ func newCheckpoints(t *testing.T, st checkpoint.Store, keep int) *checkpoint.Che
 
 type tWriter struct{ t *testing.T }
 
-func (w tWriter) Write(p []byte) (int, error) { w.t.Log(strings.TrimSpace(string(p))); return len(p), nil }
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
 
 func payload(seed int64, n int) []byte {
 	b := make([]byte, n)
@@ -70,7 +73,6 @@ func save(t *testing.T, c *checkpoint.Checkpoints, step int64, parts map[int][]b
 	}
 	return m
 }
-
 
 func readPart(t *testing.T, c *checkpoint.Checkpoints, m checkpoint.Manifest, rank int) []byte {
 	t.Helper()
