@@ -687,6 +687,7 @@ type JobSpec struct {
 	Exec          *ExecSpec              `protobuf:"bytes,11,opt,name=exec,proto3" json:"exec,omitempty"`
 	Allreduce     *AllReduceSpec         `protobuf:"bytes,12,opt,name=allreduce,proto3" json:"allreduce,omitempty"`
 	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
+	Checkpoint    *CheckpointSpec        `protobuf:"bytes,14,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -812,6 +813,75 @@ func (x *JobSpec) GetPipeline() *PipelineSpec {
 	return nil
 }
 
+func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return nil
+}
+
+// Where and how often an exec job's ranks save their training state
+// through their agents (package checkpoint, python/gpumesh/checkpoint.py).
+type CheckpointSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`      // s3://bucket/prefix or file:///absolute/dir
+	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`   // complete checkpoints kept (default 3)
+	Every         int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"` // steps between periodic saves; 0: only when preempted
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointSpec) Reset() {
+	*x = CheckpointSpec{}
+	mi := &file_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointSpec) ProtoMessage() {}
+
+func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointSpec.ProtoReflect.Descriptor instead.
+func (*CheckpointSpec) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CheckpointSpec) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *CheckpointSpec) GetKeep() int32 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
+}
+
+func (x *CheckpointSpec) GetEvery() int32 {
+	if x != nil {
+		return x.Every
+	}
+	return 0
+}
+
 type Job struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -833,7 +903,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -845,7 +915,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -858,7 +928,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Job) GetId() string {
@@ -985,7 +1055,7 @@ type Allocation struct {
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -997,7 +1067,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1010,7 +1080,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Allocation) GetId() string {
@@ -1199,7 +1269,7 @@ type QueryOptions struct {
 
 func (x *QueryOptions) Reset() {
 	*x = QueryOptions{}
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1211,7 +1281,7 @@ func (x *QueryOptions) String() string {
 func (*QueryOptions) ProtoMessage() {}
 
 func (x *QueryOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1224,7 +1294,7 @@ func (x *QueryOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryOptions.ProtoReflect.Descriptor instead.
 func (*QueryOptions) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *QueryOptions) GetStale() bool {
@@ -1246,7 +1316,7 @@ type SubmitJobRequest struct {
 
 func (x *SubmitJobRequest) Reset() {
 	*x = SubmitJobRequest{}
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1328,7 @@ func (x *SubmitJobRequest) String() string {
 func (*SubmitJobRequest) ProtoMessage() {}
 
 func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1341,7 @@ func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobRequest.ProtoReflect.Descriptor instead.
 func (*SubmitJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SubmitJobRequest) GetSpec() *JobSpec {
@@ -1298,7 +1368,7 @@ type SubmitJobResponse struct {
 
 func (x *SubmitJobResponse) Reset() {
 	*x = SubmitJobResponse{}
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1310,7 +1380,7 @@ func (x *SubmitJobResponse) String() string {
 func (*SubmitJobResponse) ProtoMessage() {}
 
 func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1323,7 +1393,7 @@ func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobResponse.ProtoReflect.Descriptor instead.
 func (*SubmitJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SubmitJobResponse) GetId() string {
@@ -1350,7 +1420,7 @@ type GetJobRequest struct {
 
 func (x *GetJobRequest) Reset() {
 	*x = GetJobRequest{}
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1362,7 +1432,7 @@ func (x *GetJobRequest) String() string {
 func (*GetJobRequest) ProtoMessage() {}
 
 func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1375,7 +1445,7 @@ func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
 func (*GetJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetJobRequest) GetId() string {
@@ -1403,7 +1473,7 @@ type GetJobResponse struct {
 
 func (x *GetJobResponse) Reset() {
 	*x = GetJobResponse{}
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1485,7 @@ func (x *GetJobResponse) String() string {
 func (*GetJobResponse) ProtoMessage() {}
 
 func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1498,7 @@ func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobResponse.ProtoReflect.Descriptor instead.
 func (*GetJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetJobResponse) GetJob() *Job {
@@ -1461,7 +1531,7 @@ type ListJobsRequest struct {
 
 func (x *ListJobsRequest) Reset() {
 	*x = ListJobsRequest{}
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1473,7 +1543,7 @@ func (x *ListJobsRequest) String() string {
 func (*ListJobsRequest) ProtoMessage() {}
 
 func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1486,7 +1556,7 @@ func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
 func (*ListJobsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListJobsRequest) GetQuery() *QueryOptions {
@@ -1506,7 +1576,7 @@ type ListJobsResponse struct {
 
 func (x *ListJobsResponse) Reset() {
 	*x = ListJobsResponse{}
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1588,7 @@ func (x *ListJobsResponse) String() string {
 func (*ListJobsResponse) ProtoMessage() {}
 
 func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1601,7 @@ func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
 func (*ListJobsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListJobsResponse) GetJobs() []*Job {
@@ -1557,7 +1627,7 @@ type StopJobRequest struct {
 
 func (x *StopJobRequest) Reset() {
 	*x = StopJobRequest{}
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1569,7 +1639,7 @@ func (x *StopJobRequest) String() string {
 func (*StopJobRequest) ProtoMessage() {}
 
 func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1582,7 +1652,7 @@ func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobRequest.ProtoReflect.Descriptor instead.
 func (*StopJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StopJobRequest) GetId() string {
@@ -1601,7 +1671,7 @@ type StopJobResponse struct {
 
 func (x *StopJobResponse) Reset() {
 	*x = StopJobResponse{}
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1613,7 +1683,7 @@ func (x *StopJobResponse) String() string {
 func (*StopJobResponse) ProtoMessage() {}
 
 func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1626,7 +1696,7 @@ func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobResponse.ProtoReflect.Descriptor instead.
 func (*StopJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StopJobResponse) GetIndex() uint64 {
@@ -1645,7 +1715,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1657,7 +1727,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1670,7 +1740,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{19}
+	return file_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListNodesRequest) GetQuery() *QueryOptions {
@@ -1690,7 +1760,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1702,7 +1772,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1715,7 +1785,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{20}
+	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1744,7 +1814,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1756,7 +1826,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1769,7 +1839,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{21}
+	return file_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Member) GetName() string {
@@ -1808,7 +1878,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1820,7 +1890,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1833,7 +1903,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{22}
+	return file_control_proto_rawDescGZIP(), []int{23}
 }
 
 type MembersResponse struct {
@@ -1845,7 +1915,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1857,7 +1927,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1870,7 +1940,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{23}
+	return file_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1894,7 +1964,7 @@ type RaftPeer struct {
 
 func (x *RaftPeer) Reset() {
 	*x = RaftPeer{}
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1906,7 +1976,7 @@ func (x *RaftPeer) String() string {
 func (*RaftPeer) ProtoMessage() {}
 
 func (x *RaftPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1919,7 +1989,7 @@ func (x *RaftPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeer.ProtoReflect.Descriptor instead.
 func (*RaftPeer) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{24}
+	return file_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RaftPeer) GetId() string {
@@ -1972,7 +2042,7 @@ type RaftPeersRequest struct {
 
 func (x *RaftPeersRequest) Reset() {
 	*x = RaftPeersRequest{}
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1984,7 +2054,7 @@ func (x *RaftPeersRequest) String() string {
 func (*RaftPeersRequest) ProtoMessage() {}
 
 func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1997,7 +2067,7 @@ func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersRequest.ProtoReflect.Descriptor instead.
 func (*RaftPeersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{25}
+	return file_control_proto_rawDescGZIP(), []int{26}
 }
 
 type RaftPeersResponse struct {
@@ -2010,7 +2080,7 @@ type RaftPeersResponse struct {
 
 func (x *RaftPeersResponse) Reset() {
 	*x = RaftPeersResponse{}
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2022,7 +2092,7 @@ func (x *RaftPeersResponse) String() string {
 func (*RaftPeersResponse) ProtoMessage() {}
 
 func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2035,7 +2105,7 @@ func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersResponse.ProtoReflect.Descriptor instead.
 func (*RaftPeersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{26}
+	return file_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RaftPeersResponse) GetPeers() []*RaftPeer {
@@ -2064,7 +2134,7 @@ type DrainNodeRequest struct {
 
 func (x *DrainNodeRequest) Reset() {
 	*x = DrainNodeRequest{}
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2146,7 @@ func (x *DrainNodeRequest) String() string {
 func (*DrainNodeRequest) ProtoMessage() {}
 
 func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2159,7 @@ func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
 func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{27}
+	return file_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DrainNodeRequest) GetNodeId() string {
@@ -2130,7 +2200,7 @@ type DrainNodeResponse struct {
 
 func (x *DrainNodeResponse) Reset() {
 	*x = DrainNodeResponse{}
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2212,7 @@ func (x *DrainNodeResponse) String() string {
 func (*DrainNodeResponse) ProtoMessage() {}
 
 func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2225,7 @@ func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
 func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{28}
+	return file_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DrainNodeResponse) GetIndex() uint64 {
@@ -2180,7 +2250,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2192,7 +2262,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2275,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{29}
+	return file_control_proto_rawDescGZIP(), []int{30}
 }
 
 type AgentInfoResponse struct {
@@ -2223,7 +2293,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2305,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2318,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2312,7 +2382,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2324,7 +2394,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2337,7 +2407,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2367,7 +2437,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2449,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2462,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2439,7 +2509,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2451,7 +2521,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2464,7 +2534,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2483,7 +2553,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2495,7 +2565,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2508,7 +2578,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2534,7 +2604,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2616,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2629,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2620,7 +2690,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2702,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +2715,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -2665,7 +2735,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2677,7 +2747,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2690,7 +2760,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2709,7 +2779,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2721,7 +2791,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2734,7 +2804,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2755,7 +2825,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2767,7 +2837,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2780,7 +2850,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -2799,7 +2869,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2811,7 +2881,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2824,7 +2894,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -2904,7 +2974,7 @@ const file_control_proto_rawDesc = "" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
 	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
 	"\x06chunks\x18\n" +
-	" \x01(\x05R\x06chunks\"\x8a\x04\n" +
+	" \x01(\x05R\x06chunks\"\xc6\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -2919,7 +2989,14 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x19.google.protobuf.DurationR\vkillTimeout\x12(\n" +
 	"\x04exec\x18\v \x01(\v2\x14.gpumesh.v1.ExecSpecR\x04exec\x127\n" +
 	"\tallreduce\x18\f \x01(\v2\x19.gpumesh.v1.AllReduceSpecR\tallreduce\x124\n" +
-	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\"\x85\x04\n" +
+	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\x12:\n" +
+	"\n" +
+	"checkpoint\x18\x0e \x01(\v2\x1a.gpumesh.v1.CheckpointSpecR\n" +
+	"checkpoint\"L\n" +
+	"\x0eCheckpointSpec\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
+	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\"\x85\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3105,7 +3182,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3115,114 +3192,116 @@ var file_control_proto_goTypes = []any{
 	(*AllReduceSpec)(nil),              // 5: gpumesh.v1.AllReduceSpec
 	(*PipelineSpec)(nil),               // 6: gpumesh.v1.PipelineSpec
 	(*JobSpec)(nil),                    // 7: gpumesh.v1.JobSpec
-	(*Job)(nil),                        // 8: gpumesh.v1.Job
-	(*Allocation)(nil),                 // 9: gpumesh.v1.Allocation
-	(*QueryOptions)(nil),               // 10: gpumesh.v1.QueryOptions
-	(*SubmitJobRequest)(nil),           // 11: gpumesh.v1.SubmitJobRequest
-	(*SubmitJobResponse)(nil),          // 12: gpumesh.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),              // 13: gpumesh.v1.GetJobRequest
-	(*GetJobResponse)(nil),             // 14: gpumesh.v1.GetJobResponse
-	(*ListJobsRequest)(nil),            // 15: gpumesh.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),           // 16: gpumesh.v1.ListJobsResponse
-	(*StopJobRequest)(nil),             // 17: gpumesh.v1.StopJobRequest
-	(*StopJobResponse)(nil),            // 18: gpumesh.v1.StopJobResponse
-	(*ListNodesRequest)(nil),           // 19: gpumesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 20: gpumesh.v1.ListNodesResponse
-	(*Member)(nil),                     // 21: gpumesh.v1.Member
-	(*MembersRequest)(nil),             // 22: gpumesh.v1.MembersRequest
-	(*MembersResponse)(nil),            // 23: gpumesh.v1.MembersResponse
-	(*RaftPeer)(nil),                   // 24: gpumesh.v1.RaftPeer
-	(*RaftPeersRequest)(nil),           // 25: gpumesh.v1.RaftPeersRequest
-	(*RaftPeersResponse)(nil),          // 26: gpumesh.v1.RaftPeersResponse
-	(*DrainNodeRequest)(nil),           // 27: gpumesh.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),          // 28: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),           // 29: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 30: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 31: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 32: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 33: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 34: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 35: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 36: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),        // 37: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 38: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 39: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 40: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 41: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),      // 42: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 43: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 44: google.protobuf.Struct
+	(*CheckpointSpec)(nil),             // 8: gpumesh.v1.CheckpointSpec
+	(*Job)(nil),                        // 9: gpumesh.v1.Job
+	(*Allocation)(nil),                 // 10: gpumesh.v1.Allocation
+	(*QueryOptions)(nil),               // 11: gpumesh.v1.QueryOptions
+	(*SubmitJobRequest)(nil),           // 12: gpumesh.v1.SubmitJobRequest
+	(*SubmitJobResponse)(nil),          // 13: gpumesh.v1.SubmitJobResponse
+	(*GetJobRequest)(nil),              // 14: gpumesh.v1.GetJobRequest
+	(*GetJobResponse)(nil),             // 15: gpumesh.v1.GetJobResponse
+	(*ListJobsRequest)(nil),            // 16: gpumesh.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),           // 17: gpumesh.v1.ListJobsResponse
+	(*StopJobRequest)(nil),             // 18: gpumesh.v1.StopJobRequest
+	(*StopJobResponse)(nil),            // 19: gpumesh.v1.StopJobResponse
+	(*ListNodesRequest)(nil),           // 20: gpumesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 21: gpumesh.v1.ListNodesResponse
+	(*Member)(nil),                     // 22: gpumesh.v1.Member
+	(*MembersRequest)(nil),             // 23: gpumesh.v1.MembersRequest
+	(*MembersResponse)(nil),            // 24: gpumesh.v1.MembersResponse
+	(*RaftPeer)(nil),                   // 25: gpumesh.v1.RaftPeer
+	(*RaftPeersRequest)(nil),           // 26: gpumesh.v1.RaftPeersRequest
+	(*RaftPeersResponse)(nil),          // 27: gpumesh.v1.RaftPeersResponse
+	(*DrainNodeRequest)(nil),           // 28: gpumesh.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),          // 29: gpumesh.v1.DrainNodeResponse
+	(*AgentInfoRequest)(nil),           // 30: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 31: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 32: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 33: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 34: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 35: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 36: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 37: gpumesh.v1.LogChunk
+	(*RegisterNodeRequest)(nil),        // 38: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 39: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 40: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 41: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 42: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 43: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 44: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 45: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	42, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	42, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	43, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	41, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	43, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	43, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	44, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	42, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	43, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	44, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
-	7,  // 11: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	42, // 12: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	42, // 13: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	42, // 14: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	42, // 15: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	42, // 16: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	44, // 17: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	7,  // 18: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
-	10, // 19: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
-	8,  // 20: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
-	9,  // 21: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
-	10, // 22: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
-	8,  // 23: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
-	10, // 24: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
-	1,  // 25: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
-	1,  // 26: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
-	21, // 27: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
-	24, // 28: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	43, // 29: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
-	1,  // 30: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
-	9,  // 31: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
-	8,  // 32: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
-	1,  // 33: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
-	9,  // 34: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	1,  // 35: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	11, // 36: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	13, // 37: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	15, // 38: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	17, // 39: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	19, // 40: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	22, // 41: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	25, // 42: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	27, // 43: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	29, // 44: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	31, // 45: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	33, // 46: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	37, // 47: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	35, // 48: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	39, // 49: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	12, // 50: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	14, // 51: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	16, // 52: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	18, // 53: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	20, // 54: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	23, // 55: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	26, // 56: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	28, // 57: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	30, // 58: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	32, // 59: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	34, // 60: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	38, // 61: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	36, // 62: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	40, // 63: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	50, // [50:64] is the sub-list for method output_type
-	36, // [36:50] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	8,  // 11: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
+	7,  // 12: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
+	43, // 13: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	43, // 14: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	43, // 15: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	43, // 16: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	43, // 17: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	45, // 18: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	7,  // 19: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
+	11, // 20: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
+	9,  // 21: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
+	10, // 22: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
+	11, // 23: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
+	9,  // 24: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
+	11, // 25: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
+	1,  // 26: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
+	1,  // 27: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
+	22, // 28: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
+	25, // 29: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
+	44, // 30: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	1,  // 31: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
+	10, // 32: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
+	9,  // 33: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
+	1,  // 34: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
+	10, // 35: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
+	1,  // 36: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	12, // 37: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	14, // 38: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	16, // 39: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	18, // 40: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	20, // 41: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	23, // 42: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	26, // 43: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	28, // 44: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	30, // 45: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	32, // 46: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	34, // 47: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	38, // 48: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	36, // 49: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	40, // 50: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	13, // 51: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	15, // 52: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	17, // 53: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	19, // 54: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	21, // 55: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	24, // 56: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	27, // 57: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	29, // 58: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	31, // 59: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	33, // 60: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	35, // 61: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	39, // 62: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	37, // 63: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	41, // 64: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	51, // [51:65] is the sub-list for method output_type
+	37, // [37:51] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3236,7 +3315,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   42,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
