@@ -408,3 +408,25 @@ func (hw *hashingWriterAt) sum() string {
 	}
 	return hex.EncodeToString(hw.h.Sum(nil))
 }
+
+// List returns the manifests of the complete checkpoints, oldest first;
+// unreadable ones are skipped with a warning.
+func (c *Checkpoints) List(ctx context.Context) ([]Manifest, error) {
+	all, committed, _, err := c.steps(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var ms []Manifest
+	for _, step := range all {
+		if !committed[step] {
+			continue
+		}
+		m, err := c.Manifest(ctx, step)
+		if err != nil {
+			c.cfg.Logger.Warn("skipping unreadable checkpoint manifest", "step", step, "error", err)
+			continue
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
+}

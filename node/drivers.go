@@ -138,7 +138,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		ID:      id,
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
-		Env:     env,
+		Env:     append(env, checkpointEnv(spec, env)...),
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {
 		ts.KillTimeout = kt.AsDuration()
