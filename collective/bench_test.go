@@ -27,7 +27,7 @@ func BenchmarkGRPCAllReduce(b *testing.B) {
 		size := bc.size
 		b.Run(fmt.Sprintf("%s/%dMiB", bc.plane, size>>20), func(b *testing.B) {
 			cfg := DefaultConfig()
-			gcfg := DefaultGRPCConfig()
+			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = bc.plane
 			g, err := NewLoopbackGroup("bench", 1, 2, cfg, gcfg)
 			if err != nil {

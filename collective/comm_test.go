@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func TestMain(m *testing.M) {
@@ -410,7 +412,7 @@ func TestKilledPeerFailsSurvivors(t *testing.T) {
 		}
 		go func() { errs <- c.AllReduce(context.Background(), NewHostBuffer(Float32, 1<<16), OpSum) }()
 	}
-	waitFor(t, func() bool {
+	poll.Until(t, 10*time.Second, func() bool {
 		return comms[0].active.Load() == 1 && comms[1].active.Load() == 1 && comms[3].active.Load() == 1
 	})
 	tr.Kill("job", 1, 2)
@@ -457,7 +459,7 @@ func TestContextCancelAbortsGroup(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- comms[0].AllReduce(ctx, NewHostBuffer(Float32, 1<<16), OpSum) }()
-	waitFor(t, func() bool { return comms[0].active.Load() == 1 })
+	poll.Until(t, 10*time.Second, func() bool { return comms[0].active.Load() == 1 })
 	cancel()
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
@@ -495,17 +497,6 @@ func TestBadArguments(t *testing.T) {
 	bad.Channels = 0
 	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "channels must be 1..64, got 0") {
 		t.Errorf("config: %v", err)
-	}
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not reached in 10s")
-		}
-		time.Sleep(time.Millisecond)
 	}
 }
 

@@ -12,7 +12,7 @@ import (
 // mismatch on the first operation).
 type Config struct {
 	// Channels is the number of parallel links (each its own TCP lane or
-	// HTTP/2 connection with the gRPC transport) to each peer. A buffer is
+	// HTTP/2 connection with DataPlaneGRPC) to each peer. A buffer is
 	// split across channels; each runs its own pipelined ring. An
 	// operation too small to give every channel MinChannelBytes of each
 	// ring block (of the whole buffer for broadcast and send) uses fewer,

@@ -1,8 +1,8 @@
 // Package collective moves tensors between the ranks of a job: communicators
 // keyed by (job, generation), ring and latency-optimal all-reduce,
-// reduce-scatter, all-gather, broadcast, send/receive and barrier, over a
-// gRPC streaming transport with a raw-bytes codec, or an in-process transport
-// for ranks of one process and for tests.
+// reduce-scatter, all-gather, broadcast, send/receive and barrier, over
+// NetTransport (links set up over gRPC streams, bytes on plain TCP lanes) or
+// an in-process transport for ranks of one process and for tests.
 //
 // # Using it (node daemon)
 //
@@ -11,11 +11,11 @@
 // next to the protobuf control service. The server must be built with
 // ServerOptions (flow-control windows, buffer sizes, message size):
 //
-//	gcfg := collective.DefaultGRPCConfig()
+//	gcfg := collective.DefaultNetConfig()
 //	svc, _ := collective.NewService(gcfg)
 //	gs := grpc.NewServer(append(collective.ServerOptions(gcfg), otherOpts...)...)
 //	svc.Register(gs)                          // shares gs with gpumesh.v1.Control
-//	tr := collective.NewGRPCTransport(svc)    // one per process
+//	tr := collective.NewNetTransport(svc)     // one per process
 //
 // For each rank of a job placed on the node (several per node: one per GPU):
 //
@@ -29,7 +29,7 @@
 //	rep, err := collective.RunAllReduceJob(ctx, comm, spec, logger) // built-in job
 //
 // The port is shared with the data plane's TCP lanes by wrapping the
-// listener: gs.Serve(svc.Listener(lis)). With GRPCConfig.DataPlane "tcp"
+// listener: gs.Serve(svc.Listener(lis)). With NetConfig.DataPlane "tcp"
 // (the default) each data link's gRPC stream is only its control path: the
 // receiver answers it with a one-time token, the sender opens a plain TCP
 // connection to the same port presenting it (inside TLS when
@@ -38,10 +38,11 @@
 // the caller's buffer and read straight into the destination (StreamReceiver)
 // or through cache-sized pieces that are reduced as they arrive (host
 // buffers), or into the buffer's staging memory (RecvStager: device
-// buffers' pinned slots). This
-// avoids gRPC-Go's 16 KiB HTTP/2 framing and its copies (about half the
-// throughput on a CPU-bound host). DataPlane "grpc", or a receiver whose
-// port is not wrapped, keeps frames on the streams. See lane.go.
+// buffers' pinned slots). This avoids gRPC-Go's 16 KiB HTTP/2 framing and
+// its copies. DataPlane "grpc", or a receiver whose port is not wrapped,
+// keeps frames on the streams (streamcodec.go). See lane.go for the lane
+// protocol and service.go for the Link service; a stream that ends with an
+// error carries its class in its status (netstatus.go).
 //
 // A stream's metadata names its job, generation, sending and receiving rank
 // and channel, so one server serves any number of communicators; streams
@@ -105,12 +106,12 @@
 //
 // # Transports
 //
-// Transport/Endpoint is the seam between algorithms and wires: GRPCTransport
+// Transport/Endpoint is the seam between algorithms and wires: NetTransport
 // (nodes), LocalTransport (ranks of one process; also the test double, with
-// SetFault to drop or delay frames and Kill to kill a rank). Within the gRPC
-// transport, ranks whose Addrs entry equals this rank's (the same node
+// SetFault to drop or delay frames and Kill to kill a rank). Within
+// NetTransport, ranks whose Addrs entry equals this rank's (the same node
 // process) skip TCP: frames are handed over in memory by reference, with the
 // sender's Buffer in InFrame.Peer for PeerReducer (set
-// GRPCConfig.NoLocalShortcut to force TCP). NewLocalGroup
+// NetConfig.NoLocalShortcut to force TCP). NewLocalGroup
 // and NewLoopbackGroup build whole groups for tests and benchmarks.
 package collective

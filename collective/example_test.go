@@ -5,12 +5,13 @@ import (
 	"fmt"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // Two ranks all-reduce over loopback gRPC, each with its own data-plane
 // server (as two nodes would).
 func Example() {
-	g, err := collective.NewLoopbackGroup("job-1", 1, 2, collective.DefaultConfig(), collective.DefaultGRPCConfig())
+	g, err := collective.NewLoopbackGroup("job-1", 1, 2, collective.DefaultConfig(), collective.DefaultNetConfig())
 	if err != nil {
 		panic(err)
 	}
@@ -34,7 +35,7 @@ func ExampleRunAllReduceJob() {
 		panic(err)
 	}
 	defer collective.CloseAll(comms)
-	sizes, _ := collective.ParseSizes("4KiB,1MiB")
+	sizes, _ := bytesize.ParseList("4KiB,1MiB")
 	reps := make([]collective.AllReduceReport, len(comms))
 	collective.RunAll(comms, func(c *collective.Communicator) error {
 		var err error
@@ -43,7 +44,7 @@ func ExampleRunAllReduceJob() {
 		return err
 	})
 	for _, r := range reps[0].Results {
-		fmt.Println(collective.FormatSize(r.Bytes), r.Algorithm, "wrong:", r.Wrong)
+		fmt.Println(bytesize.Format(r.Bytes), r.Algorithm, "wrong:", r.Wrong)
 	}
 	// Output:
 	// 4KiB recursive-doubling wrong: 0

@@ -2,21 +2,19 @@ package collective
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
-	"math"
 	"sort"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // AllReduceJobSpec is the spec of the built-in "allreduce" job.
 type AllReduceJobSpec struct {
-	// Sizes are buffer sizes in bytes (see ParseSize); each a multiple of
+	// Sizes are buffer sizes in bytes (see bytesize.Parse); each a multiple of
 	// the element size.
 	Sizes []int64 `json:"sizes"`
 	// DType is the element type (default float32).
@@ -201,7 +199,7 @@ func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobS
 		count := int(size / int64(spec.DType.Size()))
 		buf, err := dev.Alloc(spec.LocalRank, spec.DType, count)
 		if err != nil {
-			return rep, fmt.Errorf("allreduce job: allocating %s on %s: %w", FormatSize(size), dev.Name(), err)
+			return rep, fmt.Errorf("allreduce job: allocating %s on %s: %w", bytesize.Format(size), dev.Name(), err)
 		}
 		res, err := runJobSize(ctx, comm, spec, buf, size, count)
 		if c, ok := buf.(io.Closer); ok {
@@ -212,7 +210,7 @@ func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobS
 		}
 		rep.Results = append(rep.Results, res)
 		rep.Wrong += res.Wrong
-		logger.Info("allreduce", "size", FormatSize(size), "dtype", spec.DType, "ranks", n,
+		logger.Info("allreduce", "size", bytesize.Format(size), "dtype", spec.DType, "ranks", n,
 			"time_us", fmt.Sprintf("%.1f", res.TimeUs), "algbw_gbps", fmt.Sprintf("%.2f", res.AlgBWGBps),
 			"busbw_gbps", fmt.Sprintf("%.2f", res.BusBWGBps), "wrong", res.Wrong)
 	}
@@ -271,68 +269,4 @@ func runJobSize(ctx context.Context, comm *Communicator, spec AllReduceJobSpec, 
 	res.AlgBWGBps = float64(size) / med / 1e9
 	res.BusBWGBps = res.AlgBWGBps * BusBandwidthFactor(n)
 	return res, nil
-}
-
-// ParseSize parses a byte size: "512KiB", "1MiB", "64MiB", "1GiB", also
-// "4K"/"16M"/"1G" (binary), "1KB"/"1MB"/"1GB" (decimal) and plain bytes.
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	units := []struct {
-		suf  string
-		mult int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}}
-	mult := int64(1)
-	for _, u := range units {
-		if len(t) > len(u.suf) && strings.EqualFold(t[len(t)-len(u.suf):], u.suf) {
-			mult = u.mult
-			t = strings.TrimSpace(t[:len(t)-len(u.suf)])
-			break
-		}
-	}
-	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) {
-		return 0, fmt.Errorf("%w: size %q: want a number with an optional unit such as 512KiB, 64MiB or 1GiB", ErrBadArgument, s)
-	}
-	b := v * float64(mult)
-	if b > float64(math.MaxInt64/2) || b != math.Trunc(b) {
-		return 0, fmt.Errorf("%w: size %q is not a whole number of bytes in range", ErrBadArgument, s)
-	}
-	return int64(b), nil
-}
-
-// ParseSizes parses a comma-separated list of sizes.
-func ParseSizes(s string) ([]int64, error) {
-	var out []int64
-	var errs []error
-	for _, p := range strings.Split(s, ",") {
-		if strings.TrimSpace(p) == "" {
-			continue
-		}
-		v, err := ParseSize(p)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		out = append(out, v)
-	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-// FormatSize renders bytes with a binary unit when exact ("64MiB"), else
-// as bytes.
-func FormatSize(b int64) string {
-	for _, u := range []struct {
-		suf  string
-		mult int64
-	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
-		if b >= u.mult && b%u.mult == 0 {
-			return fmt.Sprintf("%d%s", b/u.mult, u.suf)
-		}
-	}
-	return fmt.Sprintf("%dB", b)
 }

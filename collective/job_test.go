@@ -8,30 +8,6 @@ import (
 	"testing"
 )
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{
-		"1MiB": 1 << 20, "64MiB": 64 << 20, "1GiB": 1 << 30, "512KiB": 512 << 10, "4K": 4096,
-		"16M": 16 << 20, "1MB": 1000000, "1024": 1024, "0.5MiB": 512 << 10, " 2 GiB ": 2 << 30, "8B": 8,
-	} {
-		got, err := ParseSize(in)
-		if err != nil || got != want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"", "MiB", "-1MiB", "1.3B", "abc", "1XB"} {
-		if _, err := ParseSize(bad); !errors.Is(err, ErrBadArgument) {
-			t.Errorf("ParseSize(%q): %v, want an error", bad, err)
-		}
-	}
-	got, err := ParseSizes("1MiB, 16MiB,256MiB")
-	if err != nil || len(got) != 3 || got[2] != 256<<20 {
-		t.Fatalf("ParseSizes: %v %v", got, err)
-	}
-	if FormatSize(64<<20) != "64MiB" || FormatSize(1000) != "1000B" {
-		t.Fatal("FormatSize")
-	}
-}
-
 func TestRunAllReduceJob(t *testing.T) {
 	for _, dt := range []DType{Float32, BFloat16, Uint8} {
 		_, comms, err := NewLocalGroup("job", 1, 3, testConfig())

@@ -32,7 +32,7 @@ import (
 //     the stream.
 //  3. The sender connects to the same address (same port: Service.Listener
 //     tells lanes from gRPC connections by their first byte) and sends the
-//     8-byte laneMagic, then (inside TLS when GRPCConfig.LaneServerTLS and
+//     8-byte laneMagic, then (inside TLS when NetConfig.LaneServerTLS and
 //     LaneClientTLS are set) the token. The receiver checks and consumes the
 //     token and answers one status byte (0: accepted; else a 2-byte length
 //     and the reason, then it closes). Anything else is refused with a log
@@ -70,28 +70,19 @@ const (
 	pieceBytes = 256 << 10
 )
 
-// Data-plane modes (GRPCConfig.DataPlane, --data-plane).
-const (
-	// DataPlaneTCP moves frames over TCP lanes set up through gRPC streams
-	// (the default).
-	DataPlaneTCP = "tcp"
-	// DataPlaneGRPC moves frames over the gRPC streams themselves.
-	DataPlaneGRPC = "grpc"
-)
-
 type laneToken [laneTokenSize]byte
 
 // laneOffer is a token handed out on an accepted Link stream, waiting for
 // the sender's lane.
 type laneOffer struct {
-	ep  *grpcEndpoint
+	ep  *netEndpoint
 	sl  *inSlot
 	src int
 	ch  int
 }
 
 // offerLane registers a new one-time token for (ep, src, ch).
-func (s *Service) offerLane(ep *grpcEndpoint, sl *inSlot, src, ch int) (laneToken, error) {
+func (s *Service) offerLane(ep *netEndpoint, sl *inSlot, src, ch int) (laneToken, error) {
 	var tok laneToken
 	if _, err := rand.Read(tok[:]); err != nil {
 		return tok, err
@@ -185,7 +176,7 @@ func (s *Service) serveLane(conn net.Conn) {
 // it goes to keep instead of being closed, so that the endpoint closes it
 // in its teardown, after the peers have heard why (an abrupt close would
 // reach the receiver first, as a broken link).
-func dialLane(ctx context.Context, cfg *GRPCConfig, addr string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
+func dialLane(ctx context.Context, cfg *NetConfig, addr string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -352,8 +343,6 @@ type laneIO struct {
 	busy  bool
 	fired bool
 }
-
-var errLaneInterrupted = errors.New("interrupted")
 
 // begin starts an I/O call under ctx.
 func (s *laneIO) begin(ctx context.Context) error {

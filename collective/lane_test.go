@@ -23,6 +23,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // syncBuffer is a log sink safe for concurrent writers.
@@ -60,7 +62,7 @@ func lanesOf(s *Server) int {
 // --data-plane grpc none does. Both give the exact result.
 func TestLanesCarryTheFrames(t *testing.T) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
-		gcfg := DefaultGRPCConfig()
+		gcfg := DefaultNetConfig()
 		gcfg.DataPlane = plane
 		g, err := NewLoopbackGroup("job", 1, 2, testConfig(), gcfg)
 		if err != nil {
@@ -87,7 +89,7 @@ func TestLanesCarryTheFrames(t *testing.T) {
 // not one goes to gRPC (which drops it); gRPC keeps working on the port.
 func TestLaneRefusesUnknownTokens(t *testing.T) {
 	var logs syncBuffer
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	gcfg.Logger = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Warn})
 	s, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -120,7 +122,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 	if _, err := c.Read(st[:1]); err != io.EOF {
 		t.Fatalf("refused connection not closed: %v", err)
 	}
-	waitFor(t, func() bool { return strings.Contains(logs.String(), "refused a data-plane lane connection") })
+	poll.Until(t, 10*time.Second, func() bool { return strings.Contains(logs.String(), "refused a data-plane lane connection") })
 
 	// "GMX..." is not a lane: gRPC gets it and hangs up.
 	c2, err := net.Dial("tcp", s.Addr())
@@ -135,7 +137,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 	}
 
 	// The port still serves gRPC and lanes.
-	other, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	other, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +160,7 @@ func TestLaneRefusesUnknownTokens(t *testing.T) {
 
 // A token works once: the second connection presenting it is refused.
 func TestLaneTokenIsOneTime(t *testing.T) {
-	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	s, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,14 +170,14 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ep.Close()
-	ge := ep.(*grpcEndpoint)
+	ge := ep.(*netEndpoint)
 	sl := ge.slot(1, 0)
 	sl.claim()
 	tok, err := s.svc.offerLane(ge, sl, 1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := DefaultGRPCConfig()
+	cfg := DefaultNetConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	keep := func(c net.Conn) { _ = c.Close() }
@@ -205,7 +207,7 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 // The port is shared: a *grpc.Server with the data plane and a protobuf
 // service serves through Service.Listener, lanes and gRPC alike.
 func TestLaneSamePortAsGRPCServices(t *testing.T) {
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	svc, addr := serveWithHealth(t, gcfg, true)
 	other, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -214,7 +216,7 @@ func TestLaneSamePortAsGRPCServices(t *testing.T) {
 	defer other.Close()
 	addrs := []string{addr, other.Addr()}
 	comms := make([]*Communicator, 2)
-	for r, tr := range []Transport{NewGRPCTransport(svc), other.Transport()} {
+	for r, tr := range []Transport{NewNetTransport(svc), other.Transport()} {
 		if comms[r], err = New(tr, Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
 			t.Fatal(err)
 		}
@@ -257,7 +259,7 @@ func testTLS(t *testing.T) (server, client *tls.Config) {
 
 // tlsServer is a data-plane server whose gRPC side and lanes use the same
 // mutual TLS, as a node with --tls-* flags runs it.
-func tlsServer(t *testing.T, gcfg GRPCConfig, srv, cli *tls.Config) (*Service, string, func()) {
+func tlsServer(t *testing.T, gcfg NetConfig, srv, cli *tls.Config) (*Service, string, func()) {
 	t.Helper()
 	gcfg.LaneServerTLS, gcfg.LaneClientTLS = srv, cli
 	gcfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cli))}
@@ -281,7 +283,7 @@ func tlsServer(t *testing.T, gcfg GRPCConfig, srv, cli *tls.Config) (*Service, s
 func TestLaneTLS(t *testing.T) {
 	srv, cli := testTLS(t)
 	var logs syncBuffer
-	gcfg := DefaultGRPCConfig()
+	gcfg := DefaultNetConfig()
 	gcfg.Logger = hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Warn})
 	svcA, addrA, stopA := tlsServer(t, gcfg, srv, cli)
 	defer stopA()
@@ -291,13 +293,13 @@ func TestLaneTLS(t *testing.T) {
 	comms := make([]*Communicator, 2)
 	var err error
 	for r, svc := range []*Service{svcA, svcB} {
-		if comms[r], err = New(NewGRPCTransport(svc), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
+		if comms[r], err = New(NewNetTransport(svc), Group{Job: "j", Rank: r, Addrs: addrs}, testConfig()); err != nil {
 			t.Fatal(err)
 		}
 	}
 	defer CloseAll(comms)
 	allReduceChecked(t, comms, Float32, OpAvg, 100003, "tls lanes")
-	ep := comms[0].ep.(*grpcEndpoint)
+	ep := comms[0].ep.(*netEndpoint)
 	ep.qmu.Lock()
 	lanes := append([]*laneConn(nil), ep.lanes...)
 	ep.qmu.Unlock()
@@ -311,7 +313,7 @@ func TestLaneTLS(t *testing.T) {
 	}
 
 	// A plaintext lane to the TLS port is refused and logged.
-	plain := DefaultGRPCConfig()
+	plain := DefaultNetConfig()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var tok laneToken
@@ -320,12 +322,12 @@ func TestLaneTLS(t *testing.T) {
 	}
 	// So is one with a certificate of another CA.
 	_, otherCli := testTLS(t)
-	other := DefaultGRPCConfig()
+	other := DefaultNetConfig()
 	other.LaneClientTLS = otherCli
 	if _, err := dialLane(ctx, &other, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("lane with a foreign certificate accepted")
 	}
-	waitFor(t, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })
+	poll.Until(t, 10*time.Second, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })
 }
 
 // A rank whose peer stops taking part: cancelling its context returns at
@@ -339,7 +341,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 		if mode == "timeout" {
 			cfg.Timeout = 400 * time.Millisecond
 		}
-		g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultGRPCConfig())
+		g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -352,7 +354,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 		go func() { errc <- g.Comms[0].AllReduce(ctx, NewHostBuffer(Float32, 16<<20), OpSum) }()
 		// Rank 1 does not call: rank 0's receives wait and its sends fill
 		// the socket buffers.
-		waitFor(t, func() bool { return g.Comms[0].active.Load() == 1 })
+		poll.Until(t, 10*time.Second, func() bool { return g.Comms[0].active.Load() == 1 })
 		start := time.Now()
 		if mode == "cancel" {
 			time.AfterFunc(100*time.Millisecond, cancel)
@@ -377,7 +379,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 			t.Fatalf("%s: took %v", mode, el)
 		}
 		// Rank 1 hears about it.
-		waitFor(t, func() bool { return g.Comms[1].Err() != nil })
+		poll.Until(t, 10*time.Second, func() bool { return g.Comms[1].Err() != nil })
 		g.Close()
 	}
 }
@@ -388,7 +390,7 @@ func TestLaneBlockedIOHonoursContextAndTimeout(t *testing.T) {
 func TestSmallOperationsUseFewerChannels(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Channels = 4
-	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

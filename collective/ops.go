@@ -263,11 +263,10 @@ func ringPlans(plan ChunkPlan, rank, s0, s1 int, avg bool) []chanPlan {
 // and send/receive. Smaller operations use fewer channels than
 // Config.Channels, because every channel costs a frame per ring step (and
 // a device copy and stream sync per frame with device buffers): a 1 MiB
-// all-reduce of two ranks runs on 4 channels, not 16. (On the 2x H200
-// host, two processes over loopback: CUDA tensors of 1 MiB went from
-// 0.7 GB/s on 16 channels to 1.9 on 4 and 2.4 on 2, while host tensors
-// of 1 MiB with four ranks lost a little on fewer than 4 channels;
-// bench/results/wave.md.)
+// all-reduce of two ranks runs on 4 channels, not 16. 128 KiB keeps host
+// tensors of four 1 MiB ranks on 4 channels, where fewer lost a little,
+// while device buffers gain from fewer frames (bench/results/gpu.md and
+// dataplane.md).
 const MinChannelBytes = 128 << 10
 
 // minChannelBytes is what New gives a Communicator: MinChannelBytes, or

@@ -5,7 +5,7 @@ import "fmt"
 // Chunks that travel by reference between ranks of one process.
 //
 // A transport that hands frames to some peers in memory (LocalTransport for
-// every peer, the gRPC transport for ranks served at the same address) sets
+// every peer, NetTransport for ranks served at the same address) sets
 // InFrame.Peer on them. When the sending buffer is expensive to read to the
 // host (device memory: ReadChunk is a copy to pinned memory and a wait) and
 // says so through RefSender, the pipelined collectives send such a chunk as
@@ -48,8 +48,8 @@ type ChunkPrefetcher interface {
 func (e *localEndpoint) ByRef(int) bool { return true }
 
 // ByRef implements RefEndpoint: ranks served at this address exchange frames
-// in memory unless GRPCConfig.NoLocalShortcut is set.
-func (e *grpcEndpoint) ByRef(peer int) bool {
+// in memory unless NetConfig.NoLocalShortcut is set.
+func (e *netEndpoint) ByRef(peer int) bool {
 	return peer >= 0 && peer < len(e.local) && e.local[peer]
 }
 

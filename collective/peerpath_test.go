@@ -294,7 +294,7 @@ func TestByRefFallbackReceiver(t *testing.T) {
 // the hops inside a server go by reference, the hops between servers over
 // TCP with payload, and chunks that go over TCP are prefetched.
 func TestByRefHybridRingOverGRPC(t *testing.T) {
-	srvs := listenServers(t, 2, DefaultGRPCConfig())
+	srvs := listenServers(t, 2, DefaultNetConfig())
 	addrs := []string{srvs[0].Addr(), srvs[0].Addr(), srvs[1].Addr(), srvs[1].Addr()}
 	const n, count = 4, 20011
 	for gen, op := range []Op{OpSum, OpProd, OpAvg} {

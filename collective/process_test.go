@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 const helperEnv = "GPUMESH_COLLECTIVE_TEST_RANK"
@@ -26,7 +28,7 @@ func init() {
 }
 
 func helperRank() int {
-	s, err := Listen("127.0.0.1:0", DefaultGRPCConfig())
+	s, err := Listen("127.0.0.1:0", DefaultNetConfig())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -61,7 +63,7 @@ func TestKilledProcessFailsSurvivors(t *testing.T) {
 	}
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
-	srvs := listenServers(t, 2, DefaultGRPCConfig())
+	srvs := listenServers(t, 2, DefaultNetConfig())
 	s0, s2 := srvs[0], srvs[1]
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"=1")
@@ -107,7 +109,7 @@ func TestKilledProcessFailsSurvivors(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, func() bool { return done.Load() >= 6 })
+	poll.Until(t, 10*time.Second, func() bool { return done.Load() >= 6 })
 	killed := time.Now()
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)

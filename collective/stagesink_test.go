@@ -91,12 +91,12 @@ func (b *stagerBuf) outstanding() (int, int) {
 
 // On TCP lanes every received chunk of a RecvStager buffer goes through
 // BeginRecv/CommitRecv (none through WriteChunk/ReduceChunk), exact for
-// every op and dtype at awkward counts; on the gRPC data plane it takes the
+// every op and dtype at awkward counts; with DataPlaneGRPC it takes the
 // frame path; every token is spent exactly once.
 func TestStageSinkOverLanes(t *testing.T) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
 		t.Run(plane, func(t *testing.T) {
-			gcfg := DefaultGRPCConfig()
+			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = plane
 			cfg := testConfig()
 			g, err := NewLoopbackGroup("stage", 1, 3, cfg, gcfg)
@@ -141,7 +141,7 @@ func TestStageSinkOverLanes(t *testing.T) {
 // A header that does not match fails every rank as a mismatch before
 // anything is staged, and a link cut mid-payload gives the token back.
 func TestStageSinkMismatchAndAbort(t *testing.T) {
-	g, err := NewLoopbackGroup("stage-mm", 1, 2, testConfig(), DefaultGRPCConfig())
+	g, err := NewLoopbackGroup("stage-mm", 1, 2, testConfig(), DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,7 +67,7 @@ type LoopbackGroup struct {
 }
 
 // NewLoopbackGroup starts n servers and the n communicators of one group.
-func NewLoopbackGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig) (*LoopbackGroup, error) {
+func NewLoopbackGroup(job string, gen uint64, n int, cfg Config, gcfg NetConfig) (*LoopbackGroup, error) {
 	g := &LoopbackGroup{}
 	addrs := make([]string, n)
 	for i := range addrs {
@@ -94,7 +94,7 @@ func NewLoopbackGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig
 // it: every rank has the same address, so frames between them take the
 // server's in-memory shortcut (by reference, see RefSender) instead of TCP,
 // as ranks of one node's agent do.
-func NewSharedGroup(job string, gen uint64, n int, cfg Config, gcfg GRPCConfig) (*LoopbackGroup, error) {
+func NewSharedGroup(job string, gen uint64, n int, cfg Config, gcfg NetConfig) (*LoopbackGroup, error) {
 	s, err := Listen("127.0.0.1:0", gcfg)
 	if err != nil {
 		return nil, err

@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/mem"
 )
 
-// Transport connects the ranks of a group. Implementations: GRPCTransport
+// Transport connects the ranks of a group. Implementations: NetTransport
 // (the data plane between nodes; see Service) and LocalTransport (ranks in one
 // process: zero-copy, with fault hooks for tests).
 type Transport interface {
@@ -73,7 +73,7 @@ type Endpoint interface {
 }
 
 // StreamReceiver is implemented by endpoints whose frames can arrive as a
-// byte stream (the gRPC transport's TCP lanes): the receiver places a
+// byte stream (NetTransport's TCP lanes): the receiver places a
 // frame's payload itself, straight into its destination or piece by piece
 // through a small cache-resident buffer, instead of getting a pooled copy.
 // The same threading rules as Recv apply.
@@ -162,20 +162,39 @@ func (e *RemoteError) Error() string {
 // Unwrap returns the error class.
 func (e *RemoteError) Unwrap() error { return e.Class }
 
-var abortClasses = []error{nil, ErrMismatch, ErrTimeout, ErrPeerFailed, ErrAborted, ErrClosed, ErrStaleGeneration, ErrCheckFailed}
+// abortClasses are the error classes that travel between ranks. The index
+// is the class's number on the wire (an abort frame's Tag, a lane's failure
+// byte); the reason names it in the status that ends a Link stream
+// (netstatus.go). Append only: both are wire formats.
+var abortClasses = []struct {
+	err    error
+	reason string
+}{
+	{nil, "UNKNOWN"},
+	{ErrMismatch, "MISMATCH"},
+	{ErrTimeout, "TIMEOUT"},
+	{ErrPeerFailed, "PEER_FAILED"},
+	{ErrAborted, "ABORTED"},
+	{ErrClosed, "CLOSED"},
+	{ErrStaleGeneration, "STALE_GENERATION"},
+	{ErrCheckFailed, "CHECK_FAILED"},
+}
 
+// abortClassOf is the class number of err (0: none of abortClasses).
 func abortClassOf(err error) uint64 {
 	for i := 1; i < len(abortClasses); i++ {
-		if errors.Is(err, abortClasses[i]) {
+		if errors.Is(err, abortClasses[i].err) {
 			return uint64(i)
 		}
 	}
 	return 0
 }
 
+// abortClassErr is the error of class number c; an unknown class is
+// ErrPeerFailed.
 func abortClassErr(c uint64) error {
 	if c > 0 && c < uint64(len(abortClasses)) {
-		return abortClasses[c]
+		return abortClasses[c].err
 	}
 	return ErrPeerFailed
 }

@@ -10,8 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // benchConfig uses the production timeouts (DefaultConfig) on loopback,
@@ -106,7 +108,7 @@ func BenchmarkPlacements(b *testing.B) {
 				}
 				tc.AnnounceAll("srv")
 				s := tc.WaitForLeader(10 * time.Second)
-				WaitFor(b, 30*time.Second, func() (bool, string) { return len(s.State().Nodes()) == nodes+1, "nodes not reconciled" })
+				poll.Until(b, 30*time.Second, func() (bool, string) { return len(s.State().Nodes()) == nodes+1, "nodes not reconciled" })
 				b.ResetTimer()
 				var start time.Time
 				if mode == "placement-only" {
@@ -119,7 +121,7 @@ func BenchmarkPlacements(b *testing.B) {
 					start = time.Now()
 					benchSubmit(b, tc, s, 64, jobs)
 				}
-				WaitFor(b, 120*time.Second, func() (bool, string) {
+				poll.Until(b, 120*time.Second, func() (bool, string) {
 					n := 0
 					for _, j := range s.State().Jobs() {
 						if j.Status == JobRunning {
@@ -188,7 +190,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 }
 
 func waitAllVoters(b testing.TB, tc *TestCluster) {
-	WaitFor(b, 10*time.Second, func() (bool, string) {
+	poll.Until(b, 10*time.Second, func() (bool, string) {
 		for _, s := range tc.Live() {
 			if r := s.Role(); r != RoleVoter && r != RoleLeader {
 				return false, s.cfg.NodeID + " is " + r
@@ -213,7 +215,7 @@ func BenchmarkDeadVoterReplacement(b *testing.B) {
 				benchConfig(c)
 			})
 			var victim string
-			WaitFor(b, 20*time.Second, func() (bool, string) {
+			poll.Until(b, 20*time.Second, func() (bool, string) {
 				l := tc.Leader()
 				if l == nil {
 					return false, "no leader"
@@ -228,7 +230,7 @@ func BenchmarkDeadVoterReplacement(b *testing.B) {
 			})
 			start := time.Now()
 			tc.Stop(victim, true)
-			WaitFor(b, 20*time.Second, func() (bool, string) {
+			poll.Until(b, 20*time.Second, func() (bool, string) {
 				l := tc.Leader()
 				if l == nil {
 					return false, "no leader"

@@ -7,8 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/hashicorp/raft"
+
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func ctxT(t *testing.T) context.Context {
@@ -40,7 +42,7 @@ func voters(cfg map[string]raft.ServerSuffrage) (v, nv []string) {
 func waitConfig(t *testing.T, tc *TestCluster, timeout time.Duration, want, wantNon int, exclude ...string) map[string]raft.ServerSuffrage {
 	t.Helper()
 	var cfg map[string]raft.ServerSuffrage
-	WaitFor(t, timeout, func() (bool, string) {
+	poll.Until(t, timeout, func() (bool, string) {
 		l := tc.Leader()
 		if l == nil {
 			return false, "no leader"
@@ -62,7 +64,7 @@ func TestElectionThreeNodes(t *testing.T) {
 	waitConfig(t, tc, 5*time.Second, 3, 0)
 	var l *Server
 	var lid string
-	WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		l = tc.Leader()
 		if l == nil {
 			return false, "no leader"
@@ -71,12 +73,12 @@ func TestElectionThreeNodes(t *testing.T) {
 		return lid == l.cfg.NodeID && l.Role() == RoleLeader, fmt.Sprintf("leader reports leader %q role %s", lid, l.Role())
 	})
 	for _, s := range tc.Live() {
-		WaitFor(t, 5*time.Second, func() (bool, string) {
+		poll.Until(t, 5*time.Second, func() (bool, string) {
 			id, addr := s.Leader()
 			return id == lid && addr == "127.0.0.1:7947", fmt.Sprintf("%s sees leader %q %q", s.cfg.NodeID, id, addr)
 		})
 		if s != l {
-			WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
+			poll.Until(t, 5*time.Second, func() (bool, string) { return s.Role() == RoleVoter, s.cfg.NodeID + " role " + s.Role() })
 		}
 	}
 	if err := l.VerifyLeader(ctxT(t)); err != nil && l.IsLeader() {
@@ -92,7 +94,7 @@ func TestElectionThreeNodes(t *testing.T) {
 		t.Fatalf("peers %v %v", peers, err)
 	}
 	// The leader's node reconcile put every member into the node table.
-	WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		n := l.State().Nodes()
 		return len(n) == 3 && n[0].Status == NodeReady, fmt.Sprintf("nodes %v", n)
 	})
@@ -104,7 +106,7 @@ func TestElectionFiveNodesStandbys(t *testing.T) {
 	cfg := waitConfig(t, tc, 10*time.Second, 3, 2)
 	roles := map[string]int{}
 	for _, s := range tc.Live() {
-		WaitFor(t, 5*time.Second, func() (bool, string) { return s.Role() != RoleNone, s.cfg.NodeID + " has no role" })
+		poll.Until(t, 5*time.Second, func() (bool, string) { return s.Role() != RoleNone, s.cfg.NodeID + " has no role" })
 		roles[s.Role()]++
 	}
 	if roles[RoleLeader] != 1 || roles[RoleVoter] != 2 || roles[RoleStandby] != 2 {
@@ -119,19 +121,19 @@ func TestElectionFiveVoters(t *testing.T) {
 
 func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
+	tc.WaitForLeader(5 * time.Second)
 	var id1 string
 	tc.Write(func(s *Server) (err error) {
 		id1, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "before", Type: "exec", Ranks: 1})
 		return err
 	})
-	l = tc.WaitForLeader(5 * time.Second)
+	l := tc.WaitForLeader(5 * time.Second)
 	// A follower refuses writes with the leader's address.
 	for _, s := range tc.Live() {
 		if s == l {
 			continue
 		}
-		WaitFor(t, 5*time.Second, func() (bool, string) { id, _ := s.Leader(); return id != "", "follower knows no leader" })
+		poll.Until(t, 5*time.Second, func() (bool, string) { id, _ := s.Leader(); return id != "", "follower knows no leader" })
 		_, _, err := s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "x", Ranks: 1})
 		var nle *NotLeaderError
 		if !errors.Is(err, ErrNotLeader) || !errors.As(err, &nle) || nle.LeaderID == "" || nle.LeaderRPCAddr == "" {
@@ -141,7 +143,7 @@ func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 	old := l.cfg.NodeID
 	tc.Stop(old, true)
 	var nl *Server
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		nl = tc.Leader()
 		return nl != nil && nl.cfg.NodeID != old, "no new leader"
 	})
@@ -151,7 +153,7 @@ func TestLeaderKilledNewLeaderTakesWrites(t *testing.T) {
 		return err
 	})
 	for _, s := range tc.Live() {
-		WaitFor(t, 5*time.Second, func() (bool, string) {
+		poll.Until(t, 5*time.Second, func() (bool, string) {
 			return s.State().Job(id1) != nil && s.State().Job(id2) != nil, s.cfg.NodeID + " misses a job"
 		})
 	}
@@ -179,7 +181,7 @@ func TestDeadVoterReplacedWithin10s(t *testing.T) {
 		return err
 	})
 	// The node table shows the dead member down.
-	WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		n := tc.Leader().State().Node(victim)
 		return n != nil && n.Status == NodeDown, fmt.Sprintf("node %v", n)
 	})
@@ -201,7 +203,7 @@ func TestSpotAwareVoters(t *testing.T) {
 	tc.AnnounceAll("od-1")
 	tc.Start("od-2", func(m *Member) { m.AZ = "az-c" })
 	tc.AnnounceAll("od-2")
-	WaitFor(t, 15*time.Second, func() (bool, string) {
+	poll.Until(t, 15*time.Second, func() (bool, string) {
 		l := tc.Leader()
 		if l == nil {
 			return false, "no leader"
@@ -220,7 +222,7 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 	tc.SetMember(old, func(m *Member) { m.Draining = true })
 	// Leadership moves away and the draining node loses its vote; the
 	// standby is promoted in its place.
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		nl := tc.Leader()
 		if nl == nil || nl.cfg.NodeID == old {
 			return false, "leader not moved"
@@ -233,13 +235,13 @@ func TestDrainingLeaderHandsOver(t *testing.T) {
 
 func TestRestartFromDataDir(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
-	l := tc.WaitForLeader(5 * time.Second)
+	tc.WaitForLeader(5 * time.Second)
 	var id string
 	tc.Write(func(s *Server) (err error) {
 		id, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "keep", Ranks: 1})
 		return err
 	})
-	l = tc.WaitForLeader(5 * time.Second)
+	l := tc.WaitForLeader(5 * time.Second)
 	// Restart a follower: it comes back with its state and rejoins.
 	var f string
 	for _, s := range tc.Live() {
@@ -247,19 +249,19 @@ func TestRestartFromDataDir(t *testing.T) {
 			f = s.cfg.NodeID
 		}
 	}
-	WaitFor(t, 5*time.Second, func() (bool, string) { return tc.Server(f).State().Job(id) != nil, "not replicated" })
+	poll.Until(t, 5*time.Second, func() (bool, string) { return tc.Server(f).State().Job(id) != nil, "not replicated" })
 	tc.Stop(f, false)
 	s := tc.Restart(f)
 	if !s.Bootstrapped() {
 		t.Fatal("restarted server does not report its raft state")
 	}
-	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id) != nil, "job lost after restart" })
+	poll.Until(t, 5*time.Second, func() (bool, string) { return s.State().Job(id) != nil, "job lost after restart" })
 	var id2 string
 	tc.Write(func(s *Server) (err error) {
 		id2, _, err = s.RegisterJob(ctxT(t), &controlpb.JobSpec{Name: "later", Ranks: 1})
 		return err
 	})
-	WaitFor(t, 5*time.Second, func() (bool, string) { return s.State().Job(id2) != nil, "restarted server gets no new entries" })
+	poll.Until(t, 5*time.Second, func() (bool, string) { return s.State().Job(id2) != nil, "restarted server gets no new entries" })
 
 	// Restart the whole cluster: a leader is elected from the data dirs.
 	ids := tc.IDs()
@@ -270,7 +272,7 @@ func TestRestartFromDataDir(t *testing.T) {
 		tc.Restart(x)
 	}
 	nl := tc.WaitForLeader(10 * time.Second)
-	WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		return nl.State().Job(id) != nil && nl.State().Job(id2) != nil, "state lost in full restart"
 	})
 	tc.Write(func(s *Server) error {
@@ -299,7 +301,7 @@ func TestRestartAfterSnapshot(t *testing.T) {
 	tc.Stop("node-0", false)
 	s := tc.Restart("node-0")
 	tc.WaitForLeader(5 * time.Second)
-	WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		for _, id := range ids {
 			if s.State().Job(id) == nil {
 				return false, "missing " + id
@@ -336,14 +338,14 @@ func TestBootstrapMembersInDifferentOrders(t *testing.T) {
 				tc.Announce("n-0", id) // n-0 sees the cluster before anyone sees n-0
 			}
 			tc.Announce("n-0", "n-0")
-			WaitFor(t, 5*time.Second, func() (bool, string) { return s0.bootBlocked.Load(), "n-0 did not notice the existing cluster" })
+			poll.Until(t, 5*time.Second, func() (bool, string) { return s0.bootBlocked.Load(), "n-0 did not notice the existing cluster" })
 			if s0.raft.LastIndex() != 0 {
 				t.Fatal("n-0 bootstrapped a cluster of its own")
 			}
 			tc.AnnounceAll("n-0")
 			waitConfig(t, tc, 10*time.Second, 3, 1)
 			// One cluster: a single leader that every server follows.
-			WaitFor(t, 10*time.Second, func() (bool, string) {
+			poll.Until(t, 10*time.Second, func() (bool, string) {
 				l := tc.Leader()
 				if l == nil {
 					return false, "no single leader"
@@ -359,7 +361,7 @@ func TestBootstrapMembersInDifferentOrders(t *testing.T) {
 			// configuration, not one of its own making.
 			var first raft.Log
 			w := tc.Server("n-0").wal
-			WaitFor(t, 5*time.Second, func() (bool, string) {
+			poll.Until(t, 5*time.Second, func() (bool, string) {
 				li, _ := w.LastIndex()
 				return li > 1, "n-0 got no log entries"
 			})
@@ -402,14 +404,14 @@ func TestDrainNodeReplacesVoter(t *testing.T) {
 			victim = id
 		}
 	}
-	WaitFor(t, 5*time.Second, func() (bool, string) { return l.State().Node(victim) != nil, "node not reconciled" })
+	poll.Until(t, 5*time.Second, func() (bool, string) { return l.State().Node(victim) != nil, "node not reconciled" })
 	tc.Write(func(s *Server) error {
 		_, err := s.DrainNode(ctxT(t), victim, time.Now().Add(2*time.Minute), "spot interruption")
 		return err
 	})
 	// The standby becomes a voter and the draining node leaves the voters
 	// (then, as a draining standby, Raft altogether).
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		nl := tc.Leader()
 		if nl == nil {
 			return false, "no leader"

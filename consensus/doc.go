@@ -58,6 +58,7 @@
 //
 // # Testing
 //
-// TestCluster, FakeMembership, TestConfig and WaitFor build in-process
-// clusters on 127.0.0.1 with short timeouts.
+// TestCluster, FakeMembership and TestConfig build in-process
+// clusters on 127.0.0.1 with short timeouts; tests wait on them with
+// internal/poll.
 package consensus

@@ -265,15 +265,7 @@ func TestConfigValidate(t *testing.T) {
 	}
 }
 
-func TestParseSizeAndJobID(t *testing.T) {
-	for in, want := range map[string]uint64{"40GiB": 40 << 30, "512MiB": 512 << 20, "1.5GB": 1500000000, "1024": 1024} {
-		if got, err := ParseSize(in); err != nil || got != want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	if _, err := ParseSize("lots"); err == nil {
-		t.Error("ParseSize accepted garbage")
-	}
+func TestNewJobID(t *testing.T) {
 	a, b := NewJobID("My Job!"), NewJobID("My Job!")
 	if a == b || len(a) != len("my-job-")+8 || a[:7] != "my-job-" {
 		t.Errorf("job ids %q %q", a, b)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func purgeCmd(ids ...string) *fsmpb.Command {
@@ -62,7 +63,7 @@ func TestLeaderCollectsEndedJobs(t *testing.T) {
 	if _, err := l.StopJob(ctxT(t), id); err != nil {
 		t.Fatal(err)
 	}
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		return l.State().Job(id) == nil, "ended job not purged"
 	})
 	live, _, err := l.RegisterJob(ctxT(t), gpuJob("live", 1))

@@ -4,6 +4,7 @@ import (
 	"sort"
 
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/sharding"
 )
 
 // Member states, as the gossip layer reports them.
@@ -22,10 +23,16 @@ const (
 	NodeLeft     = "left"
 )
 
+// MemberStates and NodeStatuses list every member state and node status.
+var (
+	MemberStates = []string{MemberAlive, MemberSuspect, MemberDead, MemberLeft}
+	NodeStatuses = []string{NodeReady, NodeDraining, NodeDown, NodeLeft}
+)
+
 // Lifecycle values of a member's capacity.
 const (
-	LifecycleOnDemand = "on-demand"
-	LifecycleSpot     = "spot"
+	LifecycleOnDemand = sharding.LifecycleOnDemand
+	LifecycleSpot     = sharding.LifecycleSpot
 )
 
 // Membership is what consensus needs from gossip.

@@ -4,12 +4,14 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func TestRaftStatsAndLeaderChanges(t *testing.T) {
 	tc := MakeTestCluster(t, 3, nil)
 	leader := tc.Leader()
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		st := leader.RaftStats()
 		ok := st.State == "Leader" && st.Term >= 1 && st.CommitIndex >= 1 && st.AppliedIndex >= 1 && st.LastContact == 0
 		return ok, fmt.Sprintf("leader stats %+v", st)
@@ -20,7 +22,7 @@ func TestRaftStatsAndLeaderChanges(t *testing.T) {
 		if s != leader {
 			// Right after an election a follower may not have heard from
 			// the leader yet (still a candidate, no contact): wait for it.
-			WaitFor(t, 10*time.Second, func() (bool, string) {
+			poll.Until(t, 10*time.Second, func() (bool, string) {
 				fs := s.RaftStats()
 				ok := fs.State == "Follower" && fs.LastContact >= 0 && fs.LastContact <= 5*time.Second
 				return ok, fmt.Sprintf("follower %s stats %+v", id, fs)
@@ -28,7 +30,7 @@ func TestRaftStatsAndLeaderChanges(t *testing.T) {
 			counters[id] = s.CountLeaderChanges()
 		}
 	}
-	WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		v := leader.RaftStats().Voters
 		return v == 3, fmt.Sprintf("voters %d", v)
 	})
@@ -44,7 +46,7 @@ func TestRaftStatsAndLeaderChanges(t *testing.T) {
 		}
 	}
 	tc.Stop(old, true)
-	WaitFor(t, 15*time.Second, func() (bool, string) {
+	poll.Until(t, 15*time.Second, func() (bool, string) {
 		for id, c := range counters {
 			if c.Count() < 1 {
 				return false, id + " has not counted the new leader"

@@ -6,15 +6,16 @@ import (
 	"fmt"
 	"net"
 	"sort"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/sharding"
-	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // Restart policy used when a job spec has none.
@@ -370,39 +371,14 @@ func toShardingJob(id string, spec *controlpb.JobSpec) (sharding.Job, error) {
 	if c := spec.GetConstraints(); c != nil {
 		j.Constraints = sharding.Constraints{AZ: c.Az, Lifecycle: c.Lifecycle, InstanceType: c.InstanceType}
 		if c.MinGpuMemory != "" {
-			b, err := ParseSize(c.MinGpuMemory)
+			b, err := bytesize.Parse(c.MinGpuMemory)
 			if err != nil {
-				return j, err
+				return j, fmt.Errorf("%w: min_gpu_memory: %w", ErrInvalidArgument, err)
 			}
-			j.Constraints.MinGPUMemoryBytes = b
+			j.Constraints.MinGPUMemoryBytes = uint64(b)
 		}
 	}
 	return j, nil
-}
-
-// ParseSize parses sizes such as "40GiB", "512MiB", "1.5GB", "1024".
-func ParseSize(s string) (uint64, error) {
-	t := strings.TrimSpace(s)
-	units := []struct {
-		suffix string
-		mult   float64
-	}{
-		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1},
-	}
-	mult := 1.0
-	for _, u := range units {
-		if strings.HasSuffix(strings.ToUpper(t), strings.ToUpper(u.suffix)) {
-			mult = u.mult
-			t = strings.TrimSpace(t[:len(t)-len(u.suffix)])
-			break
-		}
-	}
-	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || v < 0 {
-		return 0, fmt.Errorf("%w: size %q: want a number with an optional unit such as 40GiB", ErrInvalidArgument, s)
-	}
-	return uint64(v * mult), nil
 }
 
 // evaluate decides what a job needs now; nil means nothing to commit.

@@ -590,7 +590,7 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 		}
 	}
 	f := s.raft.Apply(data, timeout)
-	if err := s.await(f); err != nil {
+	if err := s.awaitCtx(ctx, f); err != nil {
 		switch {
 		case errors.Is(err, raft.ErrNotLeader):
 			return nil, 0, s.notLeader()
@@ -603,6 +603,8 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 			return nil, 0, ErrShutdown
 		case errors.Is(err, raft.ErrEnqueueTimeout):
 			return nil, 0, fmt.Errorf("raft apply: %w (the leader is overloaded or has no quorum)", err)
+		case ctx.Err() != nil:
+			return nil, 0, fmt.Errorf("raft apply: stopped waiting for the commit (the change may still be committed): %w", err)
 		}
 		return nil, 0, fmt.Errorf("raft apply: %w", err)
 	}
@@ -615,14 +617,21 @@ func (s *Server) apply(ctx context.Context, cmd *fsmpb.Command) (any, uint64, er
 
 // await waits for a raft future, or for shutdown: a future still queued
 // in raft's buffered apply channel when raft stops is never answered.
-func (s *Server) await(f raft.Future) error {
+func (s *Server) await(f raft.Future) error { return s.awaitCtx(context.Background(), f) }
+
+// awaitCtx is await that also gives up when ctx ends, with ctx's cause.
+// raft bounds only the enqueueing of an entry; without ctx a caller would
+// wait for the commit until the leader steps down, whatever its deadline.
+func (s *Server) awaitCtx(ctx context.Context, f raft.Future) error {
 	done := make(chan error, 1)
-	go func() { done <- f.Error() }()
+	go func() { done <- f.Error() }() // ends when raft answers (commit, step-down or shutdown)
 	select {
 	case err := <-done:
 		return err
 	case <-s.shutdownCh:
 		return ErrShutdown
+	case <-ctx.Done():
+		return context.Cause(ctx)
 	}
 }
 

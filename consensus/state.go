@@ -30,6 +30,12 @@ const (
 	AllocLost     = "lost"
 )
 
+// JobStatuses and AllocStatuses list every status, in lifecycle order.
+var (
+	JobStatuses   = []string{JobPending, JobRunning, JobComplete, JobFailed, JobStopped}
+	AllocStatuses = []string{AllocPending, AllocRunning, AllocComplete, AllocFailed, AllocStopped, AllocLost}
+)
+
 // JobTerminal reports whether a job status is final.
 func JobTerminal(status string) bool {
 	return status == JobComplete || status == JobFailed || status == JobStopped

@@ -10,10 +10,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // FakeMembership is an in-memory Membership for tests: members are set by
@@ -105,21 +107,10 @@ func (f *FakeMembership) Get(id string) (Member, bool) {
 	return m, ok
 }
 
-// WaitFor polls cond every 10 ms until it returns true or timeout passes,
-// then fails the test with the last message cond gave.
+// WaitFor is poll.Until, for the callers of this package's earlier helper.
 func WaitFor(t testing.TB, timeout time.Duration, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s: %s", timeout, msg)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	poll.Until(t, timeout, cond)
 }
 
 // TestConfig returns a Config with short timeouts for in-process clusters
@@ -385,7 +376,7 @@ func (tc *TestCluster) Leader() *Server {
 func (tc *TestCluster) WaitForLeader(timeout time.Duration) *Server {
 	tc.t.Helper()
 	var l *Server
-	WaitFor(tc.t, timeout, func() (bool, string) {
+	poll.Until(tc.t, timeout, func() (bool, string) {
 		l = tc.Leader()
 		if l == nil {
 			return false, "no single leader"

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // The whole loop against the EC2 fake: a waiting gang job raises the
@@ -101,7 +103,7 @@ func TestAutoscalerStartStop(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Start(ctx)
-	waitFor(t, 10*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return calls >= 3 })
+	poll.Until(t, 10*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return calls >= 3 })
 	a.Stop()
 	a.Stop()
 	// Stop returns after the goroutine has exited: no step can follow.

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // recv waits for one event or fails the test.
@@ -121,7 +123,7 @@ func TestWatcherOnceEachAndStop(t *testing.T) {
 	// The notice stays up; the watcher keeps polling the rebalance path
 	// only. Let it poll many more times, then check no duplicate came.
 	n := md.Gets()
-	waitFor(t, 10*time.Second, func() bool { return md.Gets() > n+20 })
+	poll.Until(t, 10*time.Second, func() bool { return md.Gets() > n+20 })
 	select {
 	case ev := <-w.Events():
 		t.Fatalf("duplicate event %+v", ev)
@@ -142,12 +144,12 @@ func TestWatcherContextCancelAndRecovery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return md.Gets() > 10 })
+	poll.Until(t, 10*time.Second, func() bool { return md.Gets() > 10 })
 	// Garbage, then a real notice: the garbage is skipped, not delivered.
 	md.Fail(nil)
 	md.Set(PathRebalance, "not json")
 	n := md.Gets()
-	waitFor(t, 10*time.Second, func() bool { return md.Gets() > n+10 })
+	poll.Until(t, 10*time.Second, func() bool { return md.Gets() > n+10 })
 	md.Rebalance(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))
 	ev := recv(t, w.Events(), 10*time.Second)
 	if ev.Kind != EventRebalance || ev.Time.Year() != 2030 || !ev.Deadline().IsZero() {
@@ -191,17 +193,5 @@ func TestParseNotices(t *testing.T) {
 	ev, err = ParseRebalance(`{"noticeTime": "2020-10-16T19:18:24Z"}`)
 	if err != nil || ev.Kind != EventRebalance || ev.String() != "rebalance-recommendation at 2020-10-16T19:18:24Z" {
 		t.Fatalf("%+v %v", ev, err)
-	}
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s", within)
-		}
-		time.Sleep(2 * time.Millisecond)
 	}
 }

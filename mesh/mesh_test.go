@@ -14,10 +14,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/mesh"
-	"github.com/gpumesh/gpumesh/mesh/meshtest"
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
+	"github.com/gpumesh/gpumesh/mesh"
+	"github.com/gpumesh/gpumesh/mesh/meshtest"
 )
 
 // TestMain fails the run if any goroutine outlives the tests. memberlist's
@@ -117,7 +119,7 @@ func TestSuspectBeforeDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	seen := map[mesh.State]bool{}
-	meshtest.WaitFor(t, 60*time.Second, func() (bool, string) {
+	poll.Until(t, 60*time.Second, func() (bool, string) {
 		mem, ok := ms[0].Member(victim.Name())
 		if !ok {
 			return false, "victim not listed"
@@ -313,7 +315,7 @@ func TestJoinRetriesUntilPeerStarts(t *testing.T) {
 		done <- result{n, err}
 	}()
 	// Let it fail a few times, with growing waits, before the peer exists.
-	meshtest.WaitFor(t, 20*time.Second, func() (bool, string) {
+	poll.Until(t, 20*time.Second, func() (bool, string) {
 		n := sink.count("join failed, retrying")
 		return n >= 3, fmt.Sprintf("%d failed attempts logged", n)
 	})
@@ -444,7 +446,7 @@ func TestAutoJoinRejoinsWhenAlone(t *testing.T) {
 	// address and name but knows nobody: c must find it again itself.
 	a.Shutdown()
 	b.Shutdown()
-	meshtest.WaitFor(t, 30*time.Second, func() (bool, string) {
+	poll.Until(t, 30*time.Second, func() (bool, string) {
 		return c.NumAlive() == 1, fmt.Sprintf("c sees %d alive", c.NumAlive())
 	})
 	b2 := meshtest.New(t, bc)
@@ -525,7 +527,7 @@ func TestSlowSubscriberDoesNotStallGossip(t *testing.T) {
 			t.Errorf("subscriber missed the join of slow%d: %v", i, got)
 		}
 	}
-	meshtest.WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(seen) >= 4, fmt.Sprintf("OnEvent saw %q", seen)
@@ -542,7 +544,7 @@ func TestShutdownIdempotentAndClosesSubscriptions(t *testing.T) {
 	if err := ms[0].Shutdown(); err != nil {
 		t.Fatalf("second Shutdown: %v", err)
 	}
-	meshtest.WaitFor(t, 5*time.Second, func() (bool, string) {
+	poll.Until(t, 5*time.Second, func() (bool, string) {
 		select {
 		case _, ok := <-ch:
 			return !ok, "subscription channel still open"
@@ -626,7 +628,7 @@ func TestSyncAfterFailure(t *testing.T) {
 	before := sink.count("Initiating push/pull sync")
 	ms[2].Shutdown()
 	meshtest.WaitMember(t, ms[0], ms[2].Name(), func(m mesh.Member) bool { return m.State == mesh.StateDead }, "dead")
-	meshtest.WaitFor(t, 10*time.Second, func() (bool, string) {
+	poll.Until(t, 10*time.Second, func() (bool, string) {
 		n := sink.count("Initiating push/pull sync")
 		return n > before, fmt.Sprintf("%d push-pulls after the failure, want more than %d", n, before)
 	})

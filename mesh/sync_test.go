@@ -4,18 +4,9 @@ import (
 	"context"
 	"testing"
 	"time"
-)
 
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+	"github.com/gpumesh/gpumesh/internal/poll"
+)
 
 // After a join, and again whenever the node's incarnation grows (a
 // refutation or a metadata update), the node runs a round of syncs.
@@ -35,13 +26,13 @@ func TestSyncAfterJoinAndIncarnationBump(t *testing.T) {
 	if _, err := y.Join(context.Background(), []string{x.Addr()}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the post-join syncs to start", y.syncing.Load)
-	waitUntil(t, "the post-join syncs to end", func() bool { return !y.syncing.Load() })
+	poll.Until(t, 20*time.Second, y.syncing.Load, "the post-join syncs to start")
+	poll.Until(t, 20*time.Second, func() bool { return !y.syncing.Load() }, "the post-join syncs to end")
 	if x.syncing.Load() {
 		t.Fatal("x syncs although it neither joined nor changed")
 	}
 	if err := x.UpdateMeta(func(m *Meta) { m.Role = RoleVoter }); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "syncs after x's incarnation grew", x.syncing.Load)
+	poll.Until(t, 20*time.Second, x.syncing.Load, "syncs after x's incarnation grew")
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -51,6 +52,7 @@ type Agent struct {
 	conns      *connPool
 	data       *dataPlane
 	sec        *security // TLS and ACL token (security.go); nil when off
+	ops        *opsState // metrics and dashboard (metrics.go)
 
 	hooks leaderHooks
 
@@ -66,11 +68,14 @@ type Agent struct {
 
 // NewAgent starts an agent: its listeners, gossip, Raft (on server-eligible
 // nodes), the Control API and the allocation runner. Join happens in the
-// background, so NewAgent returns before the cluster has formed.
-func NewAgent(cfg *Config) (a *Agent, err error) {
-	if err := cfg.Validate(); err != nil {
+// background, so NewAgent returns before the cluster has formed. It keeps a
+// copy of cfg and never changes the caller's.
+func NewAgent(userCfg *Config) (a *Agent, err error) {
+	if err := userCfg.Validate(); err != nil {
 		return nil, fmt.Errorf("agent config: %w", err)
 	}
+	c := *userCfg
+	cfg := &c
 	logger := cfg.Logger
 	if logger == nil {
 		logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: hclog.Info})
@@ -83,6 +88,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 		return nil, err
 	}
 	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
+	a.ops = newOpsState(a)
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -132,7 +138,7 @@ func NewAgent(cfg *Config) (a *Agent, err error) {
 		Az:           cfg.AZ,
 		Region:       cfg.Region,
 		Lifecycle:    orUnknown(cfg.Lifecycle),
-		Status:       "ready",
+		Status:       consensus.NodeReady,
 		Server:       cfg.Server,
 		MaxRanks:     int32(cfg.maxRanks()),
 		Version:      Version,
@@ -266,7 +272,7 @@ func (a *Agent) joinLoop() {
 func (a *Agent) pickServer() string {
 	var cands []string
 	for _, m := range a.mesh.Members() {
-		if m.State != "alive" || m.Node == nil || !m.Node.Server || m.Node.RpcAddr == a.rpcAddr {
+		if m.State != consensus.MemberAlive || m.Node == nil || !m.Node.Server || m.Node.RpcAddr == a.rpcAddr {
 			continue
 		}
 		cands = append(cands, m.Node.RpcAddr)
@@ -285,7 +291,7 @@ func (a *Agent) rpcAddrOf(nodeID string) string {
 		return a.rpcAddr
 	}
 	for _, m := range a.mesh.Members() {
-		if m.Node != nil && m.Node.Id == nodeID && m.State != "dead" && m.State != "left" {
+		if m.Node != nil && m.Node.Id == nodeID && m.State != consensus.MemberDead && m.State != consensus.MemberLeft {
 			return m.Node.RpcAddr
 		}
 	}
@@ -469,8 +475,7 @@ func (p *connPool) close() {
 // roleLoop gossips this agent's Raft duty (for display and for bootstrap
 // decisions of newcomers) whenever it changes.
 func (a *Agent) roleLoop() {
-	ad, ok := a.mesh.(*meshAdapter)
-	if !ok || a.raft == nil {
+	if a.raft == nil {
 		return
 	}
 	// Fast enough that a node joining right after the cluster formed learns
@@ -483,10 +488,8 @@ func (a *Agent) roleLoop() {
 			return
 		case <-t.C:
 			a.checkLeader()
-			ad.setRole(a.Role())
-			if rb, ok := a.raft.(interface{ bootstrapped() bool }); ok {
-				ad.setBootstrapped(rb.bootstrapped())
-			}
+			a.mesh.SetRole(a.Role())
+			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		}
 	}
 }

@@ -100,5 +100,3 @@ func openBuiltinLogs(r *runner, id driver.TaskID, stream string) (io.ReadCloser,
 type emptyReader struct{}
 
 func (emptyReader) Read([]byte) (int, error) { return 0, io.EOF }
-
-func closeBuiltinDrivers(r *runner) {}

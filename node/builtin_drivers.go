@@ -11,6 +11,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/collective/pipeline"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -75,7 +76,7 @@ func startAllReduce(ctx context.Context, r *runner, al *pb.Allocation, job *pb.J
 	}
 	spec.DType = dt
 	for _, sz := range s.GetSizes() {
-		n, err := collective.ParseSize(sz)
+		n, err := bytesize.Parse(sz)
 		if err != nil {
 			return nil, err
 		}
@@ -105,10 +106,10 @@ func startAllReduce(ctx context.Context, r *runner, al *pb.Allocation, job *pb.J
 			if res.Wrong != 0 {
 				check = fmt.Sprintf("%d wrong", res.Wrong)
 			}
-			logger.Info("all-reduce result", "size", collective.FormatSize(res.Bytes), "time_us", fmt.Sprintf("%.1f", res.TimeUs),
+			logger.Info("all-reduce result", "size", bytesize.Format(res.Bytes), "time_us", fmt.Sprintf("%.1f", res.TimeUs),
 				"algbw_gbps", fmt.Sprintf("%.2f", res.AlgBWGBps), "busbw_gbps", fmt.Sprintf("%.2f", res.BusBWGBps), "check", check)
 			rows = append(rows, map[string]any{
-				"size": collective.FormatSize(res.Bytes), "dtype": res.DType, "time_us": fmt.Sprintf("%.1f", res.TimeUs),
+				"size": bytesize.Format(res.Bytes), "dtype": res.DType, "time_us": fmt.Sprintf("%.1f", res.TimeUs),
 				"algbw_gbps": fmt.Sprintf("%.2f", res.AlgBWGBps), "busbw_gbps": fmt.Sprintf("%.2f", res.BusBWGBps), "check": check,
 			})
 		}

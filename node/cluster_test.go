@@ -23,6 +23,7 @@ import (
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
@@ -117,7 +118,7 @@ func mustSpec(t *testing.T, y string) *pb.JobSpec {
 func waitJob(t *testing.T, c pb.ControlClient, id string, timeout time.Duration, cond func(*pb.GetJobResponse) bool) *pb.GetJobResponse {
 	t.Helper()
 	var last *pb.GetJobResponse
-	procs.Eventually(t, timeout, func() error {
+	poll.Until(t, timeout, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id})
@@ -233,7 +234,7 @@ func TestClusterLeaderLossKeepsAcceptingJobs(t *testing.T) {
 			dc.Agents[i] = nil
 		}
 	}
-	procs.Eventually(t, 15*time.Second, func() error {
+	poll.Until(t, 15*time.Second, func() error {
 		if dc.Leader() == nil {
 			return fmt.Errorf("no new leader yet")
 		}
@@ -290,7 +291,7 @@ func TestClusterRestartFromDataDir(t *testing.T) {
 	if a.NodeID() != id {
 		t.Fatalf("restarted agent has id %s, want %s from its data dir", a.NodeID(), id)
 	}
-	procs.Eventually(t, 20*time.Second, func() error {
+	poll.Until(t, 20*time.Second, func() error {
 		if !a.raft.HasState() {
 			return fmt.Errorf("not back in the raft group (role %s)", a.Role())
 		}
@@ -557,7 +558,7 @@ func TestClusterPurgeRemovesRankDirectories(t *testing.T) {
 		ids = append(ids, resp.Id)
 	}
 	for _, id := range ids {
-		procs.Eventually(t, 30*time.Second, func() error {
+		poll.Until(t, 30*time.Second, func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			if _, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id}); status.Code(err) != codes.NotFound {

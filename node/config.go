@@ -13,13 +13,17 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/consensus"
+	"github.com/gpumesh/gpumesh/mesh"
+	"github.com/gpumesh/gpumesh/sharding"
 )
 
-// Default ports of an agent.
+// Default ports of an agent (a contract scripts and security groups rely on).
+// Gossip and Raft are defined by the packages that own them.
 const (
-	DefaultGossipPort = 7946
+	DefaultGossipPort = mesh.DefaultPort
 	DefaultRPCPort    = 7947
-	DefaultRaftPort   = 7948
+	DefaultRaftPort   = consensus.DefaultRaftPort
 	DefaultHTTPPort   = 7949
 )
 
@@ -71,7 +75,7 @@ type Config struct {
 	DataPlane string
 	// LaneSocketBuffer is SO_SNDBUF/SO_RCVBUF of every TCP lane in bytes; 0
 	// leaves them to the kernel's autotuning (see
-	// collective.GRPCConfig.LaneSocketBuffer).
+	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
@@ -123,7 +127,7 @@ func DefaultConfig() *Config {
 		Standbys:          2,
 		CollectiveTimeout: 30 * time.Second,
 		DataPlane:         "tcp",
-		LaneSocketBuffer:  collective.DefaultGRPCConfig().LaneSocketBuffer,
+		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
 		Lifecycle:         "unknown",
 	}
@@ -181,7 +185,7 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))
 	}
 	switch c.Lifecycle {
-	case "", "unknown", "spot", "on-demand":
+	case "", sharding.LifecycleUnknown, sharding.LifecycleSpot, sharding.LifecycleOnDemand:
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
 	}

@@ -68,7 +68,7 @@ func (v *membershipView) Members() []consensus.Member {
 			State:        m.State,
 			AZ:           m.Node.Az,
 			Lifecycle:    m.Node.Lifecycle,
-			Draining:     m.Node.Status == "draining",
+			Draining:     m.Node.Status == consensus.NodeDraining,
 			Ineligible:   m.Node.Ineligible,
 			Bootstrapped: m.bootstrapped,
 			Node:         m.Node,
@@ -102,7 +102,13 @@ func (r *raftAdapter) TransferLeadershipTo(id string) error {
 }
 func (r *raftAdapter) MembershipChanged() { r.s.MembershipChanged() }
 func (r *raftAdapter) Shutdown() error    { return r.s.Shutdown() }
-func (r *raftAdapter) bootstrapped() bool { return r.s.Bootstrapped() }
+func (r *raftAdapter) Bootstrapped() bool { return r.s.Bootstrapped() }
+
+func (r *raftAdapter) Stats() consensus.RaftStats { return r.s.RaftStats() }
+
+func (r *raftAdapter) CountLeaderChanges() *consensus.LeaderChangeCounter {
+	return r.s.CountLeaderChanges()
+}
 
 func (r *raftAdapter) RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error) {
 	jid, idx, err := r.s.RegisterJobID(ctx, id, spec)

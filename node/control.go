@@ -2,8 +2,6 @@ package node
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -197,16 +196,6 @@ func (s *controlServer) readLocal(q *pb.QueryOptions) bool {
 	return a.raft.IsLeader() || (q != nil && q.Stale)
 }
 
-func newJobID(name string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	base := strings.ToLower(name)
-	if len(base) > 40 {
-		base = base[:40]
-	}
-	return base + "-" + hex.EncodeToString(b[:])
-}
-
 func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest) (*pb.SubmitJobResponse, error) {
 	if req.Spec == nil {
 		return nil, toStatus(&jobspec.Error{Msg: "no spec given"})
@@ -218,7 +207,7 @@ func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest)
 	}
 	id := req.Id
 	if id == "" {
-		id = newJobID(spec.Name)
+		id = consensus.NewJobID(spec.Name)
 	}
 	var resp *pb.SubmitJobResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {
@@ -373,7 +362,7 @@ func (s *controlServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest)
 	}
 	if req.Self && target == s.a.nodeID {
 		// Mark ourselves draining in gossip at once; the leader records it in Raft.
-		_ = s.a.mesh.UpdateSelf(func(n *pb.Node) { n.Status = "draining" })
+		_ = s.a.mesh.UpdateSelf(func(n *pb.Node) { n.Status = consensus.NodeDraining })
 	}
 	var resp *pb.DrainNodeResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {

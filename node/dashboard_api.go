@@ -209,7 +209,7 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 				}
 				st := al.ClientStatus
 				if st == "" {
-					st = "pending"
+					st = consensus.AllocPending
 				}
 				dj.Ranks = append(dj.Ranks, dashRank{Rank: al.Rank, Node: al.NodeName, GPUs: al.Gpus, Status: st,
 					Desired: al.DesiredStatus, ExitCode: al.ExitCode, Message: al.Message})
@@ -228,7 +228,7 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 func (o *opsState) clusterGPUs(ctx context.Context, members []dashMember) []dashGPUs {
 	var targets []dashMember
 	for _, m := range members {
-		if m.State == "alive" && m.HTTPAddr != "" && m.ID != o.a.nodeID {
+		if m.State == consensus.MemberAlive && m.HTTPAddr != "" && m.ID != o.a.nodeID {
 			targets = append(targets, m)
 		}
 	}

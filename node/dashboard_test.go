@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // chromium finds a headless-capable Chromium, or "".
@@ -70,7 +70,7 @@ func runChromium(t *testing.T, bin, url string, extra ...string) []byte {
 func TestDashboardFeed(t *testing.T) {
 	dc, f, c := startGPUCluster(t)
 	id := submitSleeper(t, c, 2)
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var v dashView
 		if err := json.Unmarshal([]byte(httpGet(t, "http://"+f.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
 			return err
@@ -122,7 +122,7 @@ func TestDashboardInChromium(t *testing.T) {
 	id := submitSleeper(t, c, 2)
 	waitRanksRunning(t, c, id, 2)
 	url := "http://" + f.HTTPAddr() + "/"
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		l := dc.Leader()
 		if l == nil {
 			return fmt.Errorf("no leader")
@@ -159,7 +159,7 @@ func TestDashboardOnClientNode(t *testing.T) {
 	})
 	cl := dc.Agents[3]
 	id := submitSleeper(t, client(t, cl), 1)
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var v dashView
 		if err := json.Unmarshal([]byte(httpGet(t, "http://"+cl.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
 			return err

@@ -13,18 +13,18 @@ import (
 // tcp, their TCP lanes on the same port), and the transport local ranks
 // use to reach their peers.
 type dataPlane struct {
-	cfg collective.GRPCConfig
+	cfg collective.NetConfig
 	svc *collective.Service
 	tr  collective.Transport // counted for /metrics (metrics.go)
 }
 
 // dataPlaneServerOptions tunes the shared gRPC server for tensor streams.
 func dataPlaneServerOptions() []grpc.ServerOption {
-	return collective.ServerOptions(collective.DefaultGRPCConfig())
+	return collective.ServerOptions(collective.DefaultNetConfig())
 }
 
 func registerDataPlane(a *Agent) error {
-	cfg := collective.DefaultGRPCConfig()
+	cfg := collective.DefaultNetConfig()
 	cfg.Logger = a.logger.Named("dataplane")
 	cfg.DialOptions = a.sec.dialOptions()
 	cfg.LaneSocketBuffer = a.cfg.LaneSocketBuffer
@@ -47,7 +47,7 @@ func registerDataPlane(a *Agent) error {
 		// and everything else (HTTP/2, TLS) to gRPC.
 		a.rpcLn = svc.Listener(a.rpcLn)
 	}
-	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.CountingTransport(collective.NewGRPCTransport(svc), dataPlaneCounters(a))}
+	a.data = &dataPlane{cfg: cfg, svc: svc, tr: collective.CountingTransport(collective.NewNetTransport(svc), a.ops.counters)}
 	return nil
 }
 

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/consensus"
 )
 
 // DevConfig describes a local cluster of agents in one process.
@@ -105,7 +107,7 @@ func (dc *DevCluster) WaitReady(ctx context.Context) error {
 		if l := dc.Leader(); l != nil && l.raft.HasState() {
 			ready := 0
 			for _, n := range l.raft.State().Nodes() {
-				if n.Status == "ready" {
+				if n.Status == consensus.NodeReady {
 					ready++
 				}
 			}

@@ -20,34 +20,46 @@ func registerDrivers(r *runner) {
 	registerBuiltinDrivers(r)
 }
 
-// execState is the exec driver of a runner (created lazily, since it needs
-// the data dir to exist).
+// execState is the exec driver of a runner, created on first use (it
+// needs the data dir to exist).
 type execState struct {
-	once sync.Once
-	d    *driver.Driver
-	err  error
+	mu      sync.Mutex
+	created bool
+	d       *driver.Driver
+	err     error
 }
 
-var execDrivers sync.Map // *runner → *execState
-
+// execDriver returns the runner's exec driver, creating it on first use.
 func (r *runner) execDriver() (*driver.Driver, error) {
-	v, _ := execDrivers.LoadOrStore(r, &execState{})
-	es := v.(*execState)
-	es.once.Do(func() {
-		cfg := driver.DefaultConfig()
-		dir, err := filepath.Abs(r.a.cfg.DataDir)
-		if err != nil {
-			es.err = err
-			return
-		}
-		cfg.DataDir = dir
-		cfg.Logger = r.logger.Named("exec")
-		if SupervisorPath != "" {
-			cfg.SupervisorPath = SupervisorPath
-		}
-		es.d, es.err = driver.New(cfg)
-	})
+	es := &r.exec
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	if !es.created {
+		es.created = true
+		es.d, es.err = newExecDriver(r)
+	}
 	return es.d, es.err
+}
+
+// createdExecDriver returns the exec driver if it was created, else nil.
+func (r *runner) createdExecDriver() *driver.Driver {
+	r.exec.mu.Lock()
+	defer r.exec.mu.Unlock()
+	return r.exec.d
+}
+
+func newExecDriver(r *runner) (*driver.Driver, error) {
+	cfg := driver.DefaultConfig()
+	dir, err := filepath.Abs(r.a.cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.DataDir = dir
+	cfg.Logger = r.logger.Named("exec")
+	if SupervisorPath != "" {
+		cfg.SupervisorPath = SupervisorPath
+	}
+	return driver.New(cfg)
 }
 
 // SupervisorPath, when set, is the binary that runs exec tasks' supervisors
@@ -56,14 +68,15 @@ func (r *runner) execDriver() (*driver.Driver, error) {
 var SupervisorPath string
 
 func (r *runner) closeDrivers() {
-	if v, ok := execDrivers.LoadAndDelete(r); ok {
-		if es := v.(*execState); es.d != nil {
-			// Tasks keep running under their supervisors; the next agent
-			// start recovers them.
-			_ = es.d.Shutdown()
-		}
+	es := &r.exec
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	if es.d != nil {
+		// Tasks keep running under their supervisors; the next agent
+		// start recovers them.
+		_ = es.d.Shutdown()
 	}
-	closeBuiltinDrivers(r)
+	es.created, es.d, es.err = false, nil, nil
 }
 
 func taskID(al *pb.Allocation) driver.TaskID {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -29,6 +30,11 @@ type membership interface {
 	// Changed receives a value (never blocking the sender) after any
 	// membership change.
 	Changed() <-chan struct{}
+	// SetRole gossips this node's consensus duty (leader, voter, standby
+	// or none), for display.
+	SetRole(role string)
+	// SetBootstrapped gossips whether this node holds Raft state.
+	SetBootstrapped(bool)
 	// Leave announces a graceful departure.
 	Leave(timeout time.Duration) error
 	Shutdown() error
@@ -59,6 +65,12 @@ type raftServer interface {
 	// HasState says whether the local state is a replica worth reading
 	// (the node is in the Raft configuration).
 	HasState() bool
+	// Bootstrapped says whether this server holds Raft state.
+	Bootstrapped() bool
+	// Stats is a snapshot of the Raft counters, for metrics.
+	Stats() consensus.RaftStats
+	// CountLeaderChanges starts counting leader changes (Close it).
+	CountLeaderChanges() *consensus.LeaderChangeCounter
 	State() stateReader
 	Peers() ([]*pb.RaftPeer, error)
 

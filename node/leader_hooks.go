@@ -5,6 +5,8 @@ import (
 	"math"
 	"sync"
 	"time"
+
+	"github.com/gpumesh/gpumesh/consensus"
 )
 
 // leaderHooks runs Config.OnLeader while this agent leads.
@@ -85,7 +87,7 @@ func (a *Agent) Demand() ScaleDemand {
 	}
 	for _, j := range st.Jobs() {
 		switch j.Status {
-		case "pending":
+		case consensus.JobPending:
 			d.WaitingJobs++
 			ranks := int(j.Spec.GetRanks())
 			if ranks == 0 {
@@ -99,9 +101,9 @@ func (a *Agent) Demand() ScaleDemand {
 				per = 1
 			}
 			d.NodesNeeded += int(math.Ceil(float64(ranks) / float64(per)))
-		case "running":
+		case consensus.JobRunning:
 			for _, al := range st.Allocations(j.Id) {
-				if al.Generation == j.Generation && al.DesiredStatus == "run" {
+				if al.Generation == j.Generation && al.DesiredStatus == consensus.DesiredRun {
 					busy[al.NodeId] = true
 				}
 			}
@@ -116,7 +118,7 @@ func (a *Agent) Demand() ScaleDemand {
 	}
 	seen := map[string]bool{}
 	for _, n := range st.Nodes() {
-		if n.Status != "ready" {
+		if n.Status != consensus.NodeReady {
 			continue
 		}
 		seen[n.Name] = true

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/mesh"
 )
@@ -58,7 +59,7 @@ func newMesh(a *Agent, gossipPort int) (membership, error) {
 func nodeToMeta(n *pb.Node) mesh.Meta {
 	lc, _ := mesh.ParseLifecycle(n.Lifecycle)
 	st := mesh.StatusAlive
-	if n.Status == "draining" {
+	if n.Status == consensus.NodeDraining {
 		st = mesh.StatusDraining
 	}
 	meta := mesh.Meta{
@@ -93,14 +94,14 @@ func metaToNode(m mesh.Meta) *pb.Node {
 		Az:           m.AvailabilityZone,
 		Region:       m.Region,
 		Lifecycle:    m.Lifecycle.String(),
-		Status:       "ready",
+		Status:       consensus.NodeReady,
 		Ineligible:   m.Ineligible,
 		Server:       m.ServerEligible,
 		Version:      m.Version,
 		MaxRanks:     int32(m.MaxRanks),
 	}
 	if m.Status == mesh.StatusDraining {
-		n.Status = "draining"
+		n.Status = consensus.NodeDraining
 	}
 	for i, g := range m.GPUs {
 		n.Gpus = append(n.Gpus, &pb.GPU{Index: int32(i), Model: g.Model, MemoryBytes: g.MemoryBytes})
@@ -149,8 +150,8 @@ func (ad *meshAdapter) UpdateSelf(fn func(n *pb.Node)) error {
 	return nil
 }
 
-// setRole records the consensus duty in gossip, for display.
-func (ad *meshAdapter) setRole(role string) {
+// SetRole records the consensus duty in gossip, for display.
+func (ad *meshAdapter) SetRole(role string) {
 	r := mesh.RoleClient
 	switch role {
 	case "leader", "voter":
@@ -169,8 +170,8 @@ func (ad *meshAdapter) Leave(timeout time.Duration) error { return ad.m.Leave(ti
 
 func (ad *meshAdapter) Shutdown() error { return ad.m.Shutdown() }
 
-// setBootstrapped gossips that this node holds Raft state.
-func (ad *meshAdapter) setBootstrapped(b bool) {
+// SetBootstrapped gossips whether this node holds Raft state.
+func (ad *meshAdapter) SetBootstrapped(b bool) {
 	if ad.m.LocalMeta().Bootstrapped != b {
 		_ = ad.m.UpdateMeta(func(m *mesh.Meta) { m.Bootstrapped = b })
 	}

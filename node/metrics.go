@@ -45,37 +45,28 @@ type opsState struct {
 	dash dashCache
 }
 
-var opsStates sync.Map // *Agent → *opsState
-
-// opsOf returns the agent's observability state, creating it on first use
-// (the data plane asks for its counters before the HTTP handler is built).
-func opsOf(a *Agent) *opsState {
-	if v, ok := opsStates.Load(a); ok {
-		return v.(*opsState)
-	}
+// newOpsState returns the agent's observability state (the data plane
+// counts into it before the HTTP handler is built).
+func newOpsState(a *Agent) *opsState {
 	o := &opsState{a: a, counters: &collective.Counters{}, sampler: a.cfg.GPUSampler}
 	if o.sampler == nil {
 		o.sampler = cuda.Sample
 	}
-	v, _ := opsStates.LoadOrStore(a, o)
-	return v.(*opsState)
+	return o
 }
-
-// dataPlaneCounters is what the data plane counts its frames into.
-func dataPlaneCounters(a *Agent) *collective.Counters { return opsOf(a).counters }
 
 // newMetrics builds the agent's registry and starts the placement-latency
 // follower. It is called once, from the HTTP handler's construction.
 func newMetrics(a *Agent) *opsState {
-	o := opsOf(a)
+	o := a.ops
 	o.reg = prometheus.NewRegistry()
 	o.placement = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "gpumesh_scheduler_placement_latency_seconds",
 		Help:    "Time from a job becoming placeable (submitted, or due for its next generation) to its plan being committed, observed on the leader.",
 		Buckets: []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60},
 	})
-	if ra, ok := a.raft.(*raftAdapter); ok {
-		o.leaders = ra.s.CountLeaderChanges()
+	if a.raft != nil {
+		o.leaders = a.raft.CountLeaderChanges()
 	}
 	o.reg.MustRegister(
 		// The defaults plus the live heap after the last GC (go_gc_heap_live_bytes)
@@ -116,7 +107,6 @@ func (o *opsState) followPlacements() {
 		if o.leaders != nil {
 			o.leaders.Close()
 		}
-		opsStates.Delete(a)
 	}()
 	if a.raft == nil {
 		<-a.ctx.Done()
@@ -300,11 +290,9 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 var (
-	jobStates   = []string{"pending", "running", "complete", "failed", "stopped"}
-	allocStates = []string{"pending", "running", "complete", "failed", "stopped", "lost"}
-	raftStates  = []string{"Leader", "Follower", "Candidate", "Shutdown"}
-	roles       = []string{"leader", "voter", "standby", "client"}
-	digits      = regexp.MustCompile(`[0-9]+(\.[0-9]+)?`)
+	raftStates = []string{"Leader", "Follower", "Candidate", "Shutdown"}
+	roles      = []string{"leader", "voter", "standby", "client"}
+	digits     = regexp.MustCompile(`[0-9]+(\.[0-9]+)?`)
 )
 
 // Collect implements prometheus.Collector.
@@ -317,7 +305,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
 	}
 
-	byState := map[string]int{"alive": 0, "suspect": 0, "dead": 0, "left": 0}
+	byState := zeroCounts(consensus.MemberStates)
 	for _, m := range a.mesh.Members() {
 		byState[m.State]++
 	}
@@ -330,8 +318,8 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 
 	r := c.o.a.raft
-	if ra, ok := r.(*raftAdapter); ok {
-		st := ra.s.RaftStats()
+	if r != nil {
+		st := r.Stats()
 		for _, s := range raftStates {
 			gauge(c.raftState, b2f(s == st.State), s)
 		}
@@ -343,7 +331,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.lastContact, st.LastContact.Seconds())
 		gauge(c.voters, float64(st.Voters))
 		gauge(c.nonVoters, float64(st.NonVoters))
-		id, _ := ra.Leader()
+		id, _ := r.Leader()
 		gauge(c.hasLeader, b2f(id != ""))
 		if c.o.leaders != nil {
 			counter(c.leaderChanges, float64(c.o.leaders.Count()))
@@ -373,21 +361,15 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Desc, float64, ...string)) {
-	nodes := map[string]int{"ready": 0, "draining": 0, "down": 0, "left": 0}
+	nodes := zeroCounts(consensus.NodeStatuses)
 	for _, n := range st.Nodes() {
 		nodes[n.Status]++
 	}
 	for s, n := range nodes {
 		gauge(c.nodes, float64(n), s)
 	}
-	jobs := map[string]int{}
-	for _, s := range jobStates {
-		jobs[s] = 0
-	}
-	allocs := map[string]int{}
-	for _, s := range allocStates {
-		allocs[s] = 0
-	}
+	jobs := zeroCounts(consensus.JobStatuses)
+	allocs := zeroCounts(consensus.AllocStatuses)
 	reasons := map[string]int{}
 	for _, j := range st.Jobs() {
 		jobs[j.Status]++
@@ -401,7 +383,7 @@ func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Des
 		for _, al := range all {
 			s := al.ClientStatus
 			if s == "" {
-				s = "pending"
+				s = consensus.AllocPending
 			}
 			allocs[s]++
 		}
@@ -506,4 +488,14 @@ func sortedGPUs(in []cuda.GPUMetrics) []cuda.GPUMetrics {
 	out := append([]cuda.GPUMetrics(nil), in...)
 	sort.Slice(out, func(i, k int) bool { return out[i].Index < out[k].Index })
 	return out
+}
+
+// zeroCounts returns a count of 0 for every value, so that each is exported
+// even when nothing has it.
+func zeroCounts(values []string) map[string]int {
+	m := make(map[string]int, len(values))
+	for _, v := range values {
+		m[v] = 0
+	}
+	return m
 }

@@ -8,7 +8,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/structpb"
 
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func TestMetricsScrapeDevCluster(t *testing.T) {
@@ -67,7 +67,7 @@ exec:
 		{"go_gc_heap_live_bytes", nil, ge(1), ">= 1 (live heap after the last GC, for soaks)"},
 		{"gpumesh_collective_lanes_accepted_total", nil, ge(0), "present (lanes accepted by the RPC port)"},
 	}
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		leader := dc.Leader()
 		if leader == nil {
 			return fmt.Errorf("no leader")
@@ -80,7 +80,7 @@ exec:
 		))
 	})
 	// Whichever agent led when the job was placed observed the placement.
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		n := 0.0
 		for _, a := range dc.Agents {
 			v, _ := metricValue(scrape(t, a), "gpumesh_scheduler_placement_latency_seconds", nil)
@@ -91,7 +91,7 @@ exec:
 		}
 		return nil
 	})
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		if f.IsLeader() {
 			f = follower(dc)
 		}
@@ -102,7 +102,7 @@ exec:
 		))
 	})
 	// The ranks run somewhere: that node counts them.
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		total := 0.0
 		for _, a := range dc.Agents {
 			v, _ := metricValue(scrape(t, a), "gpumesh_local_tasks", nil)

@@ -125,7 +125,7 @@ func BenchmarkOpsDashboardBuild(b *testing.B) {
 			f = a
 		}
 	}
-	o := opsOf(f)
+	o := f.ops
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		v := o.dashboard(context.Background())

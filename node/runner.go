@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
@@ -68,6 +69,7 @@ type runner struct {
 	kick   chan struct{}
 
 	drivers map[string]driverFunc
+	exec    execState // drivers.go
 }
 
 type runningTask struct {
@@ -177,14 +179,6 @@ func (r *runner) watchRemote() error {
 	}
 }
 
-func terminal(status string) bool {
-	switch status {
-	case "complete", "failed", "stopped", "lost":
-		return true
-	}
-	return false
-}
-
 // reconcile starts what should run here and stops what should not.
 func (r *runner) reconcile(ev *pb.WatchEvent) {
 	jobs := map[string]*pb.Job{}
@@ -202,36 +196,36 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 		placed[al.Id] = taskID(al)
 		rt := r.tasks[al.Id]
 		reported := r.pending[al.Id]
-		if al.DesiredStatus == "stop" {
+		if al.DesiredStatus == consensus.DesiredStop {
 			switch {
 			case rt != nil && !rt.stopped:
 				rt.stopped = true
 				r.logger.Info("stopping rank", "job", al.JobId, "generation", al.Generation, "rank", al.Rank)
 				rt.task.Stop("stopped by the scheduler", r.a.drainDeadline())
-			case rt == nil && !r.finished[al.Id] && !terminal(al.ClientStatus) && (reported == nil || !terminal(reported.ClientStatus)):
+			case rt == nil && !r.finished[al.Id] && !consensus.AllocTerminal(al.ClientStatus) && (reported == nil || !consensus.AllocTerminal(reported.ClientStatus)):
 				// Never started here (or gone with an earlier agent process):
 				// say so, so that the next generation need not wait for it.
-				r.reportLocked(al, "stopped", 0, "stopped before it ran on this node", nil)
+				r.reportLocked(al, consensus.AllocStopped, 0, "stopped before it ran on this node", nil)
 			}
 			continue
 		}
 		want[al.Id] = true
-		if terminal(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) {
 			delete(r.finished, al.Id)
 			continue
 		}
 		if rt != nil || r.finished[al.Id] {
 			continue
 		}
-		if reported != nil && terminal(reported.ClientStatus) {
+		if reported != nil && consensus.AllocTerminal(reported.ClientStatus) {
 			continue // finished here already; its final state is on its way
 		}
-		if al.ClientStatus == "running" && !r.started[al.Id] {
+		if al.ClientStatus == consensus.AllocRunning && !r.started[al.Id] {
 			// It ran under an earlier agent process and did not survive the
 			// restart (built-in ranks live inside the agent; exec ranks
 			// would have been adopted by recover): report it lost rather
 			// than start it a second time.
-			r.reportLocked(al, "lost", -1, "the agent restarted and the rank's task is gone", nil)
+			r.reportLocked(al, consensus.AllocLost, -1, "the agent restarted and the rank's task is gone", nil)
 			continue
 		}
 		job := jobs[al.JobId]
@@ -280,10 +274,7 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 // ended exec tasks (through the driver) and built-in ranks' directories,
 // then the emptied generation and job directories.
 func (r *runner) removePurgedLocked(gone map[string]driver.TaskID) {
-	var d *driver.Driver
-	if v, ok := execDrivers.Load(r); ok {
-		d = v.(*execState).d
-	}
+	d := r.createdExecDriver()
 	byAlloc := map[string]*driver.Handle{}
 	if d != nil {
 		for _, h := range d.List() {
@@ -319,20 +310,20 @@ func (r *runner) removePurgedLocked(gone map[string]driver.TaskID) {
 func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 	drv := r.drivers[job.Spec.GetType()]
 	if drv == nil {
-		r.reportLocked(al, "failed", -1, fmt.Sprintf("this node has no %q driver", job.Spec.GetType()), nil)
+		r.reportLocked(al, consensus.AllocFailed, -1, fmt.Sprintf("this node has no %q driver", job.Spec.GetType()), nil)
 		return
 	}
 	t, err := drv(r.ctx, r, proto.Clone(al).(*pb.Allocation), job)
 	if err != nil {
 		r.logger.Error("rank failed to start", "job", al.JobId, "rank", al.Rank, "error", err)
-		r.reportLocked(al, "failed", -1, "failed to start: "+err.Error(), nil)
+		r.reportLocked(al, consensus.AllocFailed, -1, "failed to start: "+err.Error(), nil)
 		return
 	}
 	r.started[al.Id] = true
 	r.logger.Info("rank started", "job", al.JobId, "generation", al.Generation, "rank", al.Rank, "world", al.WorldSize)
 	rt := &runningTask{alloc: al, task: t}
 	r.tasks[al.Id] = rt
-	r.reportLocked(al, "running", 0, "", nil)
+	r.reportLocked(al, consensus.AllocRunning, 0, "", nil)
 	r.goFunc(func() { r.waitTask(rt) })
 }
 
@@ -343,12 +334,12 @@ func (r *runner) waitTask(rt *runningTask) {
 		return // shutting down: the task is left to the next start (exec) or lost
 	}
 	res := rt.task.Result()
-	st := "complete"
+	st := consensus.AllocComplete
 	switch {
 	case rt.stopped:
-		st = "stopped"
+		st = consensus.AllocStopped
 	case res.Failed || res.ExitCode != 0:
-		st = "failed"
+		st = consensus.AllocFailed
 	}
 	r.logger.Info("rank ended", "job", rt.alloc.JobId, "generation", rt.alloc.Generation, "rank", rt.alloc.Rank, "status", st, "exit_code", res.ExitCode, "message", res.Message)
 	r.mu.Lock()
@@ -371,7 +362,7 @@ func (r *runner) reportLocked(al *pb.Allocation, status string, exit int, msg st
 		Message:      msg,
 	}
 	now := timestamppb.Now()
-	if status == "running" {
+	if status == consensus.AllocRunning {
 		up.StartTime = now
 	} else {
 		up.FinishTime = now

@@ -17,6 +17,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -137,7 +138,7 @@ allreduce: {sizes: [256KiB], iters: 2, device: cpu}
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = intruder.Shutdown() })
-	procs.Eventually(t, 20*time.Second, func() error {
+	poll.Until(t, 20*time.Second, func() error {
 		for _, m := range dc.Agents[0].mesh.Members() {
 			if m.Name == "node-4" && m.State == "alive" {
 				return nil

@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # Build the CUDA (-tags cuda) gpumesh binary and the -tags cuda test binaries
 # into one folder that can be carried to a GPU machine and run there with
-# gpu-run.sh, gpu-hop.sh or gpu-tcp.sh (copied in as well, beside the
+# gpu-run.sh, gpu-hop.sh, gpu-tcp.sh or gpu-shared.sh (copied in as well, beside the
 # gpu-lib.sh they source).
+#
+# The NCCL/Gloo baseline script, bench/torch_allreduce.py, is copied in too.
 #
 # Usage: scripts/gpu-build.sh [-o OUTDIR] [-t TORCH_ALLREDUCE_PY]
 #   -o OUTDIR   where to put everything (default: .gpu/cuda under the repo root,
 #               or $GPU_OUT)
-#   -t FILE     the PyTorch NCCL/Gloo all-reduce baseline script to copy in
-#               (or $TORCH_ALLREDUCE); without it the baselines are skipped
+#   -t FILE     a different baseline script to copy in instead of
+#               bench/torch_allreduce.py (or $TORCH_ALLREDUCE)
 # Needs: Go, the CUDA headers (cuda.h) and libcuda.so (the driver's stub is
 # enough to link), nvcc only when kernels.cu changed (go generate ./cuda/).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${GPU_OUT:-$root/.gpu/cuda}
-torch=${TORCH_ALLREDUCE:-}
+torch=${TORCH_ALLREDUCE:-$root/bench/torch_allreduce.py}
 while getopts "o:t:h" opt; do
 	case $opt in
 	o) out=$OPTARG ;;
 	t) torch=$OPTARG ;;
-	*) sed -n 2,13p "$0"; exit 2 ;;
+	*) sed -n 2,15p "$0"; exit 2 ;;
 	esac
 done
 mkdir -p "$out"
@@ -67,8 +69,6 @@ for b in "$out"/gpumesh "$out"/*.test; do
 done
 # the run scripts source gpu-lib.sh from their own folder
 cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh scripts/gpu-shared.sh "$out"/
-if [ -n "$torch" ]; then
-	cp "$torch" "$out/torch_allreduce.py"
-fi
+cp "$torch" "$out/torch_allreduce.py"
 ls -la "$out"
 du -sh "$out"

@@ -15,9 +15,10 @@
 # bench [VAR=VALUE...] COMMAND...: run COMMAND with GPUMESH_CUDA_BENCH=1, its
 # output after a header line in bench.log.
 # baselines LIMIT NAME...: the PyTorch baselines by name, each under a LIMIT
-# seconds timeout, output in baselines.log, a row per size; nothing without
-# torch_allreduce.py. Names: nccl-default (NCCL as it comes, 1 to 256 MiB),
-# nccl-sock-2x8 and nccl-sock-4x4 (NCCL on loopback sockets only, threads x
+# seconds timeout, output in baselines.log, a row per size, all run by
+# torch_allreduce.py (the project's bench/torch_allreduce.py, copied in by
+# gpu-build.sh; nothing without it). Names: nccl-default (NCCL as it comes, 1
+# to 256 MiB), nccl-sock-2x8 and nccl-sock-4x4 (NCCL on loopback sockets only, threads x
 # sockets per thread), nccl-shm (NCCL without peer-to-peer), gloo-cuda (Gloo,
 # CUDA tensors, loopback); other names are skipped.
 # summary [EXTRA]: the summary line (GPU, count, time, EXTRA), then the table.

@@ -1,7 +1,8 @@
 // Package sharding is pure, deterministic planning: placing a job's ranks on
-// nodes (gang placement, pack or spread, constraints), chunking tensors for
-// rings, and partitioning layers into pipeline stages. It does no I/O and reads
-// no clock.
+// nodes (gang placement, pack or spread, constraints) and partitioning layers
+// into pipeline stages. It does no I/O and reads no clock. (How a ring cuts
+// a tensor into chunks is the ring schedule's business: collective's
+// schedule.go and Config.ChunkBytes.)
 //
 // Placement. Place(nodes, job, existing) returns a Plan (every rank of the
 // job, or an error and nothing). A scheduler that places many jobs keeps a

@@ -3,6 +3,8 @@ package sharding
 import (
 	"fmt"
 	"math"
+
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // StageRange is one pipeline stage: the contiguous layers [Start, End).
@@ -94,7 +96,7 @@ func PartitionLayers(costs []float64, memory []uint64, stages int, memLimits ...
 			fits = mem(i) <= limit(s)
 		}
 		if !fits {
-			return LayerPartition{}, fmt.Errorf("%w: layer %d alone needs %s, more than any stage's memory limit; raise the limit or split the layer", ErrInfeasiblePartition, i, FormatBytes(mem(i)))
+			return LayerPartition{}, fmt.Errorf("%w: layer %d alone needs %s, more than any stage's memory limit; raise the limit or split the layer", ErrInfeasiblePartition, i, bytesize.Format(int64(mem(i))))
 		}
 	}
 
@@ -144,11 +146,11 @@ func PartitionLayers(costs []float64, memory []uint64, stages int, memLimits ...
 		lim := "no limit"
 		switch len(memLimits) {
 		case 1:
-			lim = FormatBytes(memLimits[0]) + " per stage"
+			lim = bytesize.Format(int64(memLimits[0])) + " per stage"
 		case stages:
 			lim = "the per-stage limits"
 		}
-		return LayerPartition{}, fmt.Errorf("%w: no split of %d layers (%s in all) into %d contiguous stages fits %s; use more stages or more memory per stage", ErrInfeasiblePartition, n, FormatBytes(total), stages, lim)
+		return LayerPartition{}, fmt.Errorf("%w: no split of %d layers (%s in all) into %d contiguous stages fits %s; use more stages or more memory per stage", ErrInfeasiblePartition, n, bytesize.Format(int64(total)), stages, lim)
 	}
 	out := LayerPartition{Stages: make([]StageRange, stages)}
 	end := n

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // Place computes a gang placement of job on nodes, given the allocations that
@@ -579,7 +581,7 @@ func (c *Cluster) unplaceable(job Job, wantRanks, fit int, s scan, scope string)
 		match = append(match, "instance_type="+con.InstanceType)
 	}
 	if con.MinGPUMemoryBytes > 0 {
-		match = append(match, "min_gpu_memory="+FormatBytes(con.MinGPUMemoryBytes))
+		match = append(match, "min_gpu_memory="+bytesize.Format(int64(con.MinGPUMemoryBytes)))
 	}
 	var b strings.Builder
 	ranksWord := fmt.Sprintf("%d ranks", wantRanks)
@@ -653,21 +655,6 @@ func plural(n int, what string) string {
 		return "1 " + what
 	}
 	return fmt.Sprintf("%d %ss", n, what)
-}
-
-// FormatBytes prints a byte count with a binary unit (e.g. "80GiB").
-func FormatBytes(b uint64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB"}
-	v := float64(b)
-	u := 0
-	for v >= 1024 && u < len(units)-1 {
-		v /= 1024
-		u++
-	}
-	if v == float64(int64(v)) {
-		return fmt.Sprintf("%d%s", int64(v), units[u])
-	}
-	return fmt.Sprintf("%.1f%s", v, units[u])
 }
 
 // Apply books a plan's resources: its GPUs and one rank slot per rank. It

@@ -3,11 +3,14 @@
 # and the PyTorch Gloo baseline (torch_allreduce.py gloo cpu) in the same
 # session on the same machine, then prints one table.
 #
-# Usage: compare_gloo.sh GPUMESH_BINARY TORCH_ALLREDUCE_PY OUTDIR
+# Usage: compare_gloo.sh GPUMESH_BINARY [OUTDIR]
+# The Gloo rows come from bench/torch_allreduce.py (the copy beside this
+# folder, or $TORCH_ALLREDUCE).
 # Environment: CHANNELS (default "4 8 16"), OURS_FLAGS (extra flags for ours,
 # e.g. "--read-buffer 0 --write-buffer 0 --worker-gomaxprocs 8").
 set -u
-BIN=$1 PY=$2 OUT=${3:-/tmp/compare_gloo}
+BIN=$1 OUT=${2:-/tmp/compare_gloo}
+PY=${TORCH_ALLREDUCE:-$(cd "$(dirname "$0")/.." && pwd)/torch_allreduce.py}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  $(grep -m1 'model name' /proc/cpuinfo)"

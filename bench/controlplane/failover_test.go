@@ -10,6 +10,7 @@ import (
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -46,7 +47,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 		acs = append(acs, agentClient{a: a, c: clients[i]})
 	}
 	ids := map[string]int{}
-	procs.Eventually(b, 60*time.Second, func() error {
+	poll.Until(b, 60*time.Second, func() error {
 		for i, ac := range acs {
 			_, self := leaderID(ac)
 			if self == "" {
@@ -64,7 +65,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 	for trial := 0; trial < trials(); trial++ {
 		// Everyone agrees on a leader and all three are healthy voters.
 		var leader int
-		procs.Eventually(b, 60*time.Second, func() error {
+		poll.Until(b, 60*time.Second, func() error {
 			l0, _ := leaderID(acs[0])
 			for _, ac := range acs {
 				l, _ := leaderID(ac)
@@ -94,7 +95,7 @@ func BenchmarkLeaderFailover(b *testing.B) {
 		start := time.Now()
 		acs[leader].a.Kill()
 		var elapsed time.Duration
-		procs.Eventually(b, 30*time.Second, func() error {
+		poll.Until(b, 30*time.Second, func() error {
 			var seen string
 			for i, ac := range acs {
 				if i == leader {

@@ -9,7 +9,7 @@ import (
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // BenchmarkSubmitToRunning: three agent processes; a 4-rank exec job is
@@ -18,7 +18,7 @@ import (
 func BenchmarkSubmitToRunning(b *testing.B) {
 	_, clients := startCluster(b, "--max-ranks-per-node", "4")
 	var follower pb.ControlClient
-	procs.Eventually(b, 60*time.Second, func() error {
+	poll.Until(b, 60*time.Second, func() error {
 		follower = nil
 		for _, c := range clients {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)

@@ -10,7 +10,7 @@ import (
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // BenchmarkSubmitThroughFollower: three agent processes; clients submit jobs
@@ -20,7 +20,7 @@ import (
 func BenchmarkSubmitThroughFollower(b *testing.B) {
 	_, clients := startCluster(b)
 	var follower pb.ControlClient
-	procs.Eventually(b, 60*time.Second, func() error {
+	poll.Until(b, 60*time.Second, func() error {
 		for _, c := range clients {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			info, err := c.AgentInfo(ctx, &pb.AgentInfoRequest{})

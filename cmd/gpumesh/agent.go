@@ -13,7 +13,7 @@ import (
 	"github.com/spf13/pflag"
 	"sigs.k8s.io/yaml"
 
-	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	"github.com/gpumesh/gpumesh/node"
 )
 
@@ -64,7 +64,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", f.logLevel)
 			}
 			f.cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()})
-			sb, err := collective.ParseSize(f.sockBuf)
+			sb, err := bytesize.Parse(f.sockBuf)
 			if err != nil {
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
 			}
@@ -112,7 +112,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")
-	fl.StringVar(&f.sockBuf, "lane-socket-buffer", collective.FormatSize(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
+	fl.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")

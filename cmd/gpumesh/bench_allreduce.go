@@ -6,10 +6,12 @@ import (
 	"os"
 	"time"
 
-	"github.com/gpumesh/gpumesh/collective"
-	"github.com/gpumesh/gpumesh/collective/collbench"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/collective/collbench"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 func init() {
@@ -43,20 +45,20 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.IntVar(&f.warmup, "warmup", 3, "untimed iterations per size")
 	fs.StringVar(&f.device, "device", "cpu", "buffer memory: cpu or cuda (cuda needs a binary built with -tags cuda)")
 	fs.IntVar(&f.channels, "channels", d.Channels, "parallel connections (TCP flows) per ring neighbour")
-	fs.StringVar(&f.chunk, "chunk", collective.FormatSize(int64(d.ChunkBytes)), "pipelined chunk size")
-	fs.StringVar(&f.window, "window", collective.FormatSize(int64(collective.DefaultGRPCConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
-	fs.StringVar(&f.readBuf, "read-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
-	fs.StringVar(&f.writeBuf, "write-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
+	fs.StringVar(&f.chunk, "chunk", bytesize.Format(int64(d.ChunkBytes)), "pipelined chunk size")
+	fs.StringVar(&f.window, "window", bytesize.Format(int64(collective.DefaultNetConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
+	fs.StringVar(&f.readBuf, "read-buffer", bytesize.Format(int64(collective.DefaultNetConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
+	fs.StringVar(&f.writeBuf, "write-buffer", bytesize.Format(int64(collective.DefaultNetConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
-	fs.StringVar(&f.sockBuf, "lane-socket-buffer", collective.FormatSize(int64(collective.DefaultGRPCConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
+	fs.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(collective.DefaultNetConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 }
 
-func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, collective.AllReduceJobSpec, error) {
+func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, collective.AllReduceJobSpec, error) {
 	cfg := collective.DefaultConfig()
-	gcfg := collective.DefaultGRPCConfig()
+	gcfg := collective.DefaultNetConfig()
 	var spec collective.AllReduceJobSpec
-	sizes, err := collective.ParseSizes(f.sizes)
+	sizes, err := bytesize.ParseList(f.sizes)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--sizes: %w", err)
 	}
@@ -64,24 +66,24 @@ func (f *allreduceFlags) configs() (collective.Config, collective.GRPCConfig, co
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--dtype: %w", err)
 	}
-	chunk, err := collective.ParseSize(f.chunk)
+	chunk, err := bytesize.Parse(f.chunk)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--chunk: %w", err)
 	}
-	window, err := collective.ParseSize(f.window)
+	window, err := bytesize.Parse(f.window)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--window: %w", err)
 	}
-	rb, err := collective.ParseSize(f.readBuf)
+	rb, err := bytesize.Parse(f.readBuf)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--read-buffer: %w", err)
 	}
-	wb, err := collective.ParseSize(f.writeBuf)
+	wb, err := bytesize.Parse(f.writeBuf)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--write-buffer: %w", err)
 	}
 	gcfg.ReadBufferBytes, gcfg.WriteBufferBytes = int(rb), int(wb)
-	sb, err := collective.ParseSize(f.sockBuf)
+	sb, err := bytesize.Parse(f.sockBuf)
 	if err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--lane-socket-buffer: %w", err)
 	}
@@ -140,7 +142,7 @@ the ranks of one process share one data-plane server (chunks move device to devi
 					ccfg.ChunkBytes = chunk
 				}
 			}
-			cfg.Collective, cfg.GRPC = ccfg, gcfg
+			cfg.Collective, cfg.Net = ccfg, gcfg
 			cfg.Shortcut = shortcut
 			cfg.RawTCP = !noRaw
 			cfg.Rounds = rounds
@@ -195,7 +197,7 @@ func newBenchAllReduceWorkerCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return collbench.RunWorker(cmd.Context(), os.Stdin, os.Stdout, collbench.WorkerConfig{Collective: ccfg, GRPC: gcfg, Spec: spec}, nil)
+			return collbench.RunWorker(cmd.Context(), os.Stdin, os.Stdout, collbench.WorkerConfig{Collective: ccfg, Net: gcfg, Spec: spec}, nil)
 		},
 	}
 	f.register(cmd)

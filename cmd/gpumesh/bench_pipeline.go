@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/gpumesh/gpumesh/collective/pipeline"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 func init() { registerBenchCommand(newBenchPipelineCommand) }
@@ -67,7 +68,7 @@ the CPU instead.`,
 				over = fmt.Sprintf("%s (data plane %s)", res.Transport, res.DataPlane)
 			}
 			fmt.Fprintf(out, "# pipeline over %s: %d stages, %d micro-batches, %s, compute %s (forward %.1f ms, backward %.1f ms), %d steps, activation %s\n",
-				over, res.Stages, res.MicroBatches, sched, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, humanBytes(int64(res.ActivationBytes)))
+				over, res.Stages, res.MicroBatches, sched, res.Compute, res.ForwardMillis, 2*res.ForwardMillis, res.Steps, bytesize.Format(int64(res.ActivationBytes)))
 			if len(res.Devices) > 0 {
 				fmt.Fprintf(out, "%-28s %s\n", "devices", strings.Join(res.Devices, " "))
 			}
@@ -84,7 +85,7 @@ the CPU instead.`,
 			}
 			fmt.Fprintf(out, "%-28s %s\n", "bubble per stage", strings.Join(sb, " "))
 			if res.Flows > 0 {
-				fmt.Fprintf(out, "# bandwidth: %d links at once, %d TCP flows in all, %s per link in %s messages\n", res.Stages-1, res.Flows, humanBytes(res.LinkBytes), humanBytes(res.MessageBytes))
+				fmt.Fprintf(out, "# bandwidth: %d links at once, %d TCP flows in all, %s per link in %s messages\n", res.Stages-1, res.Flows, bytesize.Format(res.LinkBytes), bytesize.Format(res.MessageBytes))
 				fmt.Fprintf(out, "%-28s %9.2f GB/s (best of %d)\n", "stage-to-stage", res.StageGBps, len(res.RatioPercents))
 				fmt.Fprintf(out, "%-28s %9.2f GB/s (best of %d)\n", "raw TCP, same flows", res.RawTCPGBps, len(res.RatioPercents))
 				var rs []string
@@ -116,16 +117,4 @@ the CPU instead.`,
 	f.StringVar(&cfg.DataPlane, "data-plane", cfg.DataPlane, "with --transport grpc: tcp (frames on TCP lanes set up over the gRPC streams) or grpc (frames on the gRPC streams)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
-}
-
-func humanBytes(b int64) string {
-	switch {
-	case b >= 1<<30 && b%(1<<30) == 0:
-		return fmt.Sprintf("%d GiB", b>>30)
-	case b >= 1<<20 && b%(1<<20) == 0:
-		return fmt.Sprintf("%d MiB", b>>20)
-	case b >= 1<<10 && b%(1<<10) == 0:
-		return fmt.Sprintf("%d KiB", b>>10)
-	}
-	return fmt.Sprintf("%d B", b)
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/gpumesh/gpumesh/checkpoint"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 func init() { registerCommand(newCheckpointCommand) }
@@ -262,7 +263,7 @@ func printCheckpoints(w io.Writer, ms []checkpoint.Manifest) error {
 		if job != "" {
 			job = fmt.Sprintf("%s gen %d", job, m.Generation)
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\n", m.Step, m.WorldSize, len(m.Parts), humanBytes(m.Size()), m.Time.Local().Format(time.DateTime), strings.TrimSpace(job))
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\n", m.Step, m.WorldSize, len(m.Parts), bytesize.Format(m.Size()), m.Time.Local().Format(time.DateTime), strings.TrimSpace(job))
 	}
 	return tw.Flush()
 }

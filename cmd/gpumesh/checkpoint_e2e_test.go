@@ -18,6 +18,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/checkpoint"
 	"github.com/gpumesh/gpumesh/checkpoint/s3test"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -210,7 +211,7 @@ func TestPythonPreemptSavesAndResumesWithoutLoss(t *testing.T) {
 	dir := t.TempDir()
 
 	run := startDDP(t, 2, env, "--steps", strconv.Itoa(steps), "--step-sleep", "0.05")
-	procs.Eventually(t, 90*time.Second, func() error {
+	poll.Until(t, 90*time.Second, func() error {
 		if n := lastStep(run.outs[1].String()); n < 10 {
 			return fmt.Errorf("rank 1 at step %d", n)
 		}
@@ -268,7 +269,7 @@ func TestPythonKillResumesFromPeriodicCheckpoint(t *testing.T) {
 	uri := "file://" + t.TempDir()
 	env := ckptEnv(t, uri, 2, every, nil)
 	run := startDDP(t, 2, env, "--steps", "100", "--step-sleep", "0.05")
-	procs.Eventually(t, 90*time.Second, func() error {
+	poll.Until(t, 90*time.Second, func() error {
 		if n := lastStep(run.outs[0].String()); n < 12 {
 			return fmt.Errorf("rank 0 at step %d", n)
 		}
@@ -327,7 +328,7 @@ func TestCheckpointPutKilledMidUpload(t *testing.T) {
 	if _, err := w.Write(bytes.Repeat([]byte("x"), 1<<20)); err != nil {
 		t.Fatal(err)
 	}
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		m, _ := filepath.Glob(filepath.Join(dir, "store", "step-*2", "part-*.tmp-upload"))
 		if len(m) == 0 {
 			return fmt.Errorf("upload of step 2 not under way")

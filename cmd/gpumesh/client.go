@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -23,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node"
 )
 
 // clientFlags are the flags every client command takes.
@@ -37,7 +40,7 @@ type clientFlags struct {
 func addClientFlags(cmd *cobra.Command, f *clientFlags) {
 	def := os.Getenv("GPUMESH_ADDR")
 	if def == "" {
-		def = "127.0.0.1:7947"
+		def = net.JoinHostPort("127.0.0.1", strconv.Itoa(node.DefaultRPCPort))
 	}
 	cmd.Flags().StringVar(&f.address, "address", def, "RPC address (host:port) of any gpumesh agent; env GPUMESH_ADDR")
 	cmd.Flags().BoolVar(&f.json, "json", false, "print machine-readable JSON")
@@ -55,7 +58,7 @@ func readOnly(cmd *cobra.Command) { _ = cmd.Flags().MarkHidden("token") }
 func (f *clientFlags) dial() (pb.ControlClient, func(), error) {
 	addr := f.address
 	if !strings.Contains(addr, ":") {
-		addr += ":7947"
+		addr = net.JoinHostPort(addr, strconv.Itoa(node.DefaultRPCPort))
 	}
 	creds, err := f.tls.dialOption()
 	if err != nil {

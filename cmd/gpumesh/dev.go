@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node"
 )
@@ -128,7 +129,7 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 	defer done()
 	fmt.Fprintf(out, "==> submitting a %d-rank %s job through %s (a follower)\n", spec.Ranks, spec.Type, target.Name())
 	sctx, cancel := f.ctx(ctx)
-	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: clientJobID(spec.Name)})
+	resp, err := c.SubmitJob(sctx, &pb.SubmitJobRequest{Spec: spec, Id: consensus.NewJobID(spec.Name)})
 	cancel()
 	if err != nil {
 		return f.explain(err)
@@ -140,7 +141,7 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 		return err
 	}
 	printResults(out, final)
-	if final.Job.Status != "complete" {
+	if final.Job.Status != consensus.JobComplete {
 		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
 	}
 	return demoCheck(final, out)

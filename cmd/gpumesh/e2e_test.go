@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -83,7 +84,7 @@ func leaderOf(t *testing.T, as []*procs.Agent) (*procs.Agent, error) {
 func TestProcessesSurviveLeaderKill(t *testing.T) {
 	as := startAgents(t, 3)
 	var leader *procs.Agent
-	procs.Eventually(t, 30*time.Second, func() (err error) {
+	poll.Until(t, 30*time.Second, func() (err error) {
 		leader, err = leaderOf(t, as)
 		return err
 	})
@@ -114,7 +115,7 @@ func TestProcessesSurviveLeaderKill(t *testing.T) {
 	if err := procs.CLIJSON(ctx, t, survivor.RPCAddr(), &second, "job", "run", "--detach", spec); err != nil {
 		t.Fatalf("submission to a survivor after SIGKILL of the leader: %v", err)
 	}
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "status", second.ID)
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, stderr)
@@ -127,7 +128,7 @@ func TestProcessesSurviveLeaderKill(t *testing.T) {
 
 	// The killed agent comes back with its data dir and catches up.
 	leader.Start()
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, leader.RPCAddr(), "job", "list", "--stale")
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, stderr)
@@ -177,7 +178,7 @@ type jobJSON struct {
 // within 10 s, and the logs of both generations can be read.
 func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 	as := startAgents(t, 3)
-	procs.Eventually(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
+	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
 	spec := filepath.Join(t.TempDir(), "job.yaml")
 	if err := os.WriteFile(spec, []byte("name: long\nranks: 2\nplacement: spread\nexec: {command: [sh, -c, 'echo gen $GPUMESH_GENERATION rank $RANK of $WORLD_SIZE; exec sleep 600']}\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -191,7 +192,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	var victim *procs.Agent
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var j jobJSON
 		if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &j, "job", "status", sub.ID); err != nil {
 			return err
@@ -223,7 +224,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 	killed := time.Now()
 	victim.Kill()
 	var elapsed time.Duration
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var j jobJSON
 		if err := procs.CLIJSON(ctx, t, survivor.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
 			return err
@@ -249,7 +250,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 	}
 	// Generation 2 logs, and generation 1's rank 0 from a survivor.
 	for _, c := range []struct{ rank, gen, want string }{{"0", "2", "gen 2 rank 0 of 2"}, {"1", "2", "gen 2 rank 1 of 2"}} {
-		procs.Eventually(t, 10*time.Second, func() error {
+		poll.Until(t, 10*time.Second, func() error {
 			out, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "logs", sub.ID, "--rank", c.rank, "--generation", c.gen)
 			if err != nil || !strings.Contains(out, c.want) {
 				return fmt.Errorf("logs rank %s gen %s: %q %s %v", c.rank, c.gen, out, stderr, err)
@@ -260,7 +261,7 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 	// The killed agent comes back; generation 1's rank 1 logs are readable
 	// from it, and its orphaned task is stopped (the scheduler wants it gone).
 	victim.Start()
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "logs", sub.ID, "--rank", "1", "--generation", "1")
 		if err != nil || !strings.Contains(out, "gen 1 rank 1 of 2") {
 			return fmt.Errorf("gen 1 rank 1 logs: %q %s %v", out, stderr, err)

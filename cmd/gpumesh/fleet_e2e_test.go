@@ -16,6 +16,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/deploy"
 	"github.com/gpumesh/gpumesh/deploy/ec2fake"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -69,7 +70,7 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 			}
 		}
 	})
-	procs.Eventually(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
+	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
 	spec := filepath.Join(t.TempDir(), "gpu.yaml")
 	if err := os.WriteFile(spec, []byte("name: needs-gpus\nranks: 4\ngpus_per_rank: 2\nexec: {command: [nvidia-smi]}\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -79,7 +80,7 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 	if _, stderr, err := procs.CLI(ctx, t, as[0].RPCAddr(), "job", "run", "--detach", spec); err != nil {
 		t.Fatalf("%v %s", err, stderr)
 	}
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		f, ok := fake.Fleet(fleetID)
 		if !ok || f.Total <= 3 {
 			return fmt.Errorf("fleet target still %d", f.Total)
@@ -89,7 +90,7 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 		}
 		return nil
 	})
-	procs.Eventually(t, 10*time.Second, func() error {
+	poll.Until(t, 10*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, as[1].RPCAddr(), "nodes")
 		if err != nil || !strings.Contains(out, "fleet: ") || !strings.Contains(out, fleetID) {
 			return fmt.Errorf("nodes shows no fleet change: %q %s %v", out, stderr, err)

@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -88,7 +87,7 @@ func newJobRunCommand() *cobra.Command {
 			}
 			defer done()
 			// The id is chosen here so that retries cannot submit twice.
-			id := clientJobID(spec.Name)
+			id := consensus.NewJobID(spec.Name)
 			ctx, cancel := f.ctx(cmd.Context())
 			resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec, Id: id})
 			cancel()
@@ -143,7 +142,7 @@ func finishRun(out io.Writer, asJSON bool, o followOptions, final *pb.GetJobResp
 	} else if o.untilEnd {
 		printResults(out, final)
 	}
-	if final.Job.Status == "failed" {
+	if final.Job.Status == consensus.JobFailed {
 		if al := firstFailed(final); al != nil && !asJSON {
 			fmt.Fprintf(out, "    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", final.Job.Id, al.Rank, al.Generation)
 		}
@@ -155,7 +154,7 @@ func finishRun(out io.Writer, asJSON bool, o followOptions, final *pb.GetJobResp
 // firstFailed is the first rank of the job's last generation that failed.
 func firstFailed(resp *pb.GetJobResponse) *pb.Allocation {
 	for _, al := range resp.Allocations {
-		if al.Generation == resp.Job.Generation && al.ClientStatus == "failed" {
+		if al.Generation == resp.Job.Generation && al.ClientStatus == consensus.AllocFailed {
 			return al
 		}
 	}
@@ -180,15 +179,6 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 		return nil, fmt.Errorf("job spec: %w", err)
 	}
 	return jobspec.ParseFile(name, data)
-}
-
-func clientJobID(name string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	if len(name) > 40 {
-		name = name[:40]
-	}
-	return strings.ToLower(name) + "-" + hex.EncodeToString(b[:])
 }
 
 // errNotPlaced: the job had no placement when followOptions.placeTimeout ran out.
@@ -236,7 +226,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				}
 				lastGen = j.Generation
 			}
-			if j.Status == "pending" && j.StatusReason != lastReason {
+			if j.Status == consensus.JobPending && j.StatusReason != lastReason {
 				fmt.Fprintf(out, "    pending: %s\n", j.StatusReason)
 				lastReason = j.StatusReason
 				if j.Generation == 0 && !hinted {
@@ -259,7 +249,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 					if len(al.Gpus) > 0 {
 						line += fmt.Sprintf(" gpus %v", al.Gpus)
 					}
-					if terminalStatus(al.ClientStatus) && al.ClientStatus != "complete" {
+					if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocComplete {
 						line += fmt.Sprintf(" (exit %d", al.ExitCode)
 						if al.Message != "" {
 							line += ": " + al.Message
@@ -271,7 +261,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 			}
 		}
 		switch j.Status {
-		case "complete", "failed", "stopped":
+		case consensus.JobComplete, consensus.JobFailed, consensus.JobStopped:
 			if !f.json {
 				fmt.Fprintf(out, "==> job %s %s", j.Id, j.Status)
 				if j.StatusReason != "" {
@@ -280,7 +270,7 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				fmt.Fprintln(out)
 			}
 			return resp, nil
-		case "running":
+		case consensus.JobRunning:
 			if !untilEnd && allRunning(resp) {
 				if !f.json {
 					fmt.Fprintf(out, "==> job %s running: %d ranks, generation %d (follow with `gpumesh job logs %s -f`)\n", j.Id, j.WorldSize, j.Generation, j.Id)
@@ -303,16 +293,12 @@ func allRunning(resp *pb.GetJobResponse) bool {
 		if al.Generation != resp.Job.Generation {
 			continue
 		}
-		if al.ClientStatus != "running" && al.ClientStatus != "complete" {
+		if al.ClientStatus != consensus.AllocRunning && al.ClientStatus != consensus.AllocComplete {
 			return false
 		}
 		n++
 	}
 	return n > 0 && n == int(resp.Job.WorldSize)
-}
-
-func terminalStatus(s string) bool {
-	return s == "complete" || s == "failed" || s == "stopped" || s == "lost"
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
@@ -385,7 +371,7 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if terminalStatus(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) {
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,

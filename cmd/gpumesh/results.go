@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/collective/pipeline"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -90,7 +91,7 @@ func printPipelineResults(out io.Writer, allocs []*pb.Allocation) bool {
 			}
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\n", r.Stage, nodes[i], strings.Join(layers, ","),
-			r.SamplesPerSec, 100*r.Bubble, seconds(r.WallSeconds), humanBytes(r.BytesSent), humanBytes(r.BytesReceived), r.ParamHash)
+			r.SamplesPerSec, 100*r.Bubble, seconds(r.WallSeconds), bytesize.Format(r.BytesSent), bytesize.Format(r.BytesReceived), r.ParamHash)
 		if len(r.Losses) > 0 {
 			loss = &reps[i]
 		}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/deploy/aemmtest"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -63,7 +64,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 	victim := as[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var p peersJSON
 		if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &p, "raft", "peers"); err != nil {
 			return err
@@ -79,7 +80,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		}
 		return nil
 	})
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		if l, err := leaderOf(t, as); err == nil && l == victim {
 			return nil
 		}
@@ -102,7 +103,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		t.Fatal(err)
 	}
 	victimRank := -1
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var j jobJSON
 		if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &j, "job", "status", sub.ID); err != nil {
 			return err
@@ -128,7 +129,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 
 	// The notice fires; everything must move off agent-1.
 	var elapsed time.Duration
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		if time.Now().Before(noticeAt) {
 			return fmt.Errorf("notice not due yet")
 		}
@@ -161,7 +162,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 	if elapsed > 15*time.Second {
 		t.Errorf("took %v from the notice to the new generation, want under 15 s", elapsed)
 	}
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		var p peersJSON
 		if err := procs.CLIJSON(ctx, t, as[2].RPCAddr(), &p, "raft", "peers"); err != nil {
 			return err
@@ -184,7 +185,7 @@ func TestSpotInterruptionDrainsLeader(t *testing.T) {
 		return nil
 	})
 	t.Logf("leadership moved and a new voter in place %v after the notice", time.Since(noticeAt).Round(time.Millisecond))
-	procs.Eventually(t, 20*time.Second, func() error {
+	poll.Until(t, 20*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, as[2].RPCAddr(), "job", "logs", sub.ID, "--rank", fmt.Sprint(victimRank), "--generation", "1")
 		if err != nil || !strings.Contains(out, "SIGTERM, deadline ") {
 			return fmt.Errorf("interrupted rank's log: %q %s %v", out, stderr, err)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
@@ -83,7 +84,7 @@ func TestTLSAndTokenEndToEnd(t *testing.T) {
 	addr := as[1].RPCAddr()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		out, stderr, err := procs.CLI(ctx, t, addr, append([]string{"nodes"}, tlsArgs...)...)
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, stderr)

@@ -21,8 +21,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/gpumesh/gpumesh/collective"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // Config of a benchmark run.
@@ -37,10 +39,10 @@ type Config struct {
 	Warmup int
 	// Device is "cpu" or "cuda" (needs a registered CUDA backend).
 	Device string
-	// Collective and GRPC configure the data plane (channels, chunk size,
+	// Collective and Net configure the data plane (channels, chunk size,
 	// windows).
 	Collective collective.Config
-	GRPC       collective.GRPCConfig
+	Net        collective.NetConfig
 	// Procs runs every rank in its own process: Exe WorkerArgs... is
 	// started once per rank and must call RunWorker.
 	Procs      bool
@@ -113,7 +115,7 @@ func DefaultConfig() Config {
 		Warmup:     3,
 		Device:     "cpu",
 		Collective: collective.DefaultConfig(),
-		GRPC:       collective.DefaultGRPCConfig(),
+		Net:        collective.DefaultNetConfig(),
 		RawTCP:     true,
 		Rounds:     1,
 	}
@@ -138,7 +140,7 @@ func (c Config) Validate() error {
 	if err := c.Collective.Validate(); err != nil {
 		return err
 	}
-	if err := c.GRPC.Validate(); err != nil {
+	if err := c.Net.Validate(); err != nil {
 		return err
 	}
 	spec := c.jobSpec()
@@ -270,7 +272,7 @@ func runRound(ctx context.Context, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.GRPC.DataPlane,
+	res := &Result{Ranks: cfg.Ranks, Channels: cfg.Collective.Channels, ChunkBytes: cfg.Collective.ChunkBytes, DataPlane: cfg.Net.DataPlane,
 		Procs: cfg.Procs, Shortcut: !cfg.Procs && cfg.Ranks > 1 && cfg.shared(), Device: reps[0].Device, CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Date: time.Now().UTC().Format(time.RFC3339)}
 	for i, r := range reps[0].Results {
@@ -321,7 +323,7 @@ func progressDone(w io.Writer) {
 // rawBusBW measures the raw TCP figure for one buffer size.
 func rawBusBW(ctx context.Context, cfg Config, size int64) (float64, error) {
 	per := int64(float64(size) * collective.BusBandwidthFactor(cfg.Ranks))
-	progress(cfg.Progress, "raw TCP %s", collective.FormatSize(size))
+	progress(cfg.Progress, "raw TCP %s", bytesize.Format(size))
 	t, err := RawTCP(ctx, cfg.Ranks, cfg.Collective.Channels, per, cfg.Iters, cfg.Warmup)
 	if err != nil {
 		return 0, fmt.Errorf("raw TCP baseline: %w", err)
@@ -337,7 +339,7 @@ func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport
 	if cfg.shared() {
 		newGroup = collective.NewSharedGroup
 	}
-	g, err := newGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.GRPC)
+	g, err := newGroup("bench", 1, cfg.Ranks, cfg.Collective, cfg.Net)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -351,7 +353,7 @@ func runInProcess(ctx context.Context, cfg Config) ([]collective.AllReduceReport
 			spec.LocalRank = c.Rank()
 			if c.Rank() == 0 && cfg.Progress != nil {
 				spec.Progress = func(size int64, it, n int) {
-					progress(cfg.Progress, "allreduce %s: iteration %d/%d", collective.FormatSize(size), it, n)
+					progress(cfg.Progress, "allreduce %s: iteration %d/%d", bytesize.Format(size), it, n)
 				}
 			}
 			rep, err := collective.RunAllReduceJob(ctx, c, spec, cfg.Logger)
@@ -397,7 +399,7 @@ type workerDone struct {
 // from the flags that workerFlags passes).
 type WorkerConfig struct {
 	Collective collective.Config
-	GRPC       collective.GRPCConfig
+	Net        collective.NetConfig
 	Spec       collective.AllReduceJobSpec
 }
 
@@ -501,12 +503,12 @@ func workerFlags(cfg Config) []string {
 		"--device", cfg.Device,
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
-		"--window", fmt.Sprint(cfg.GRPC.WindowBytes),
-		"--read-buffer", fmt.Sprint(cfg.GRPC.ReadBufferBytes),
-		"--write-buffer", fmt.Sprint(cfg.GRPC.WriteBufferBytes),
+		"--window", fmt.Sprint(cfg.Net.WindowBytes),
+		"--read-buffer", fmt.Sprint(cfg.Net.ReadBufferBytes),
+		"--write-buffer", fmt.Sprint(cfg.Net.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
-		"--data-plane", cfg.GRPC.DataPlane,
-		"--lane-socket-buffer", fmt.Sprint(cfg.GRPC.LaneSocketBuffer),
+		"--data-plane", cfg.Net.DataPlane,
+		"--lane-socket-buffer", fmt.Sprint(cfg.Net.LaneSocketBuffer),
 	}
 }
 
@@ -514,7 +516,7 @@ func workerFlags(cfg Config) []string {
 // its address on out, reads its rank and the addresses from in, runs the
 // allreduce job and writes its report on out.
 func RunWorker(ctx context.Context, in io.Reader, out io.Writer, cfg WorkerConfig, logger hclog.Logger) error {
-	s, err := collective.Listen("127.0.0.1:0", cfg.GRPC)
+	s, err := collective.Listen("127.0.0.1:0", cfg.Net)
 	if err != nil {
 		return err
 	}
@@ -552,7 +554,7 @@ func WriteTable(w io.Writer, r *Result) {
 		mode = "one process per rank"
 	}
 	fmt.Fprintf(w, "# gpumesh allreduce: %d ranks (%s), device %s, data plane %s, %d channels, %s chunks, %d CPUs, %s\n",
-		r.Ranks, mode, r.Device, r.DataPlane, r.Channels, collective.FormatSize(int64(r.ChunkBytes)), r.CPUs, r.Date)
+		r.Ranks, mode, r.Device, r.DataPlane, r.Channels, bytesize.Format(int64(r.ChunkBytes)), r.CPUs, r.Date)
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "size", "count", "type", "algorithm", "time(us)", "algbw", "busbw", "#wrong", "rawTCP", "ratio")
 	fmt.Fprintf(w, "#%11s %12s %9s %19s %10s %8s %8s %8s %10s %7s\n", "(B)", "(elements)", "", "", "", "(GB/s)", "(GB/s)", "", "(GB/s)", "")
 	for _, row := range r.Rows {
@@ -568,7 +570,7 @@ func WriteTable(w io.Writer, r *Result) {
 	for _, row := range r.Rows {
 		if row.Rounds > 1 {
 			fmt.Fprintf(w, "# %s: medians of %d rounds (each the all-reduce, then raw TCP); ratio = median of the rounds' ratios, range %.2f-%.2f\n",
-				collective.FormatSize(row.Bytes), row.Rounds, row.RatioMin, row.RatioMax)
+				bytesize.Format(row.Bytes), row.Rounds, row.RatioMin, row.RatioMax)
 		}
 	}
 }

@@ -96,7 +96,7 @@ func TestCudaWithoutBackendIsClear(t *testing.T) {
 // The worker protocol of --procs, with goroutines standing in for processes.
 func TestWorkerProtocol(t *testing.T) {
 	cfg := smallConfig()
-	wc := WorkerConfig{Collective: cfg.Collective, GRPC: cfg.GRPC, Spec: cfg.jobSpec()}
+	wc := WorkerConfig{Collective: cfg.Collective, Net: cfg.Net, Spec: cfg.jobSpec()}
 	type pipes struct {
 		inW  *io.PipeWriter
 		outR *bufio.Reader

@@ -54,7 +54,7 @@ func ExampleBuffer_communicator() {
 		return
 	}
 	defer buf.Free()
-	var comm *collective.Communicator // from collective.New over the gRPC transport
+	var comm *collective.Communicator // from collective.New over NetTransport
 	if comm != nil {
 		fmt.Println(comm.AllReduce(context.Background(), buf, collective.OpAvg))
 	}

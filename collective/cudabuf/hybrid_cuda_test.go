@@ -98,7 +98,7 @@ func runProcs(t *testing.T, test string, procs int, prefix string, timeout time.
 
 // TestHybridRingSeparateProcesses: 2 processes x 2 ranks, ranks 0,1 in
 // process A (GPU 0, GPU 1), ranks 2,3 in process B (GPU 0, GPU 1), one ring
-// over the collective's gRPC data plane. The hops 0->1 and 2->3 must move
+// over the collective's NetTransport. The hops 0->1 and 2->3 must move
 // device to device (by reference, peer kernels and copies), 1->2 and 3->0
 // over loopback TCP. Every op and dtype, checked exactly against the host
 // reference; the buffers' counters prove which path each hop took. With
@@ -122,12 +122,12 @@ func hybridChild(t *testing.T) {
 	// Two servers: the normal one (ranks of this process talk in memory)
 	// and one with the in-memory shortcut off (every hop over TCP), for the
 	// comparison.
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	gcfg := collective.DefaultGRPCConfig()
+	gcfg := collective.DefaultNetConfig()
 	gcfg.NoLocalShortcut = true
 	srvTCP, err := collective.Listen("127.0.0.1:0", gcfg)
 	if err != nil {
@@ -306,7 +306,7 @@ func TestCommunicatorPeerBandwidth(t *testing.T) {
 	if be.NumDevices() < 2 {
 		t.Skip("needs two GPUs")
 	}
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,7 +24,7 @@ func TestRecvStagerOverLanes(t *testing.T) {
 	for _, chunk := range []int{16 << 10, 256 << 10} {
 		cfg := collective.DefaultConfig()
 		cfg.Channels, cfg.ChunkBytes, cfg.Timeout = 4, chunk, 20*time.Second
-		g, err := collective.NewLoopbackGroup("recv-stager", 1, 2, cfg, collective.DefaultGRPCConfig())
+		g, err := collective.NewLoopbackGroup("recv-stager", 1, 2, cfg, collective.DefaultNetConfig())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -20,7 +20,7 @@ import (
 
 // TestTCPSeparateProcesses runs ranks as separate processes (this test
 // binary again, one GPU each, round robin) connected by the collective's
-// gRPC data plane over loopback TCP, with device buffers: correctness for
+// NetTransport over loopback TCP (lanes), with device buffers: correctness for
 // every op on a few dtypes; with GPUMESH_CUDA_BENCH=1 also busbw.
 func TestTCPSeparateProcesses(t *testing.T) {
 	if os.Getenv("GPUMESH_PROC") != "" {
@@ -43,7 +43,7 @@ func envInt(name string, def int) int {
 func tcpChild(t *testing.T) {
 	rank, _ := strconv.Atoi(os.Getenv("GPUMESH_PROC"))
 	n, _ := strconv.Atoi(os.Getenv("GPUMESH_PROCS"))
-	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultGRPCConfig())
+	srv, err := collective.Listen("127.0.0.1:0", collective.DefaultNetConfig())
 	if err != nil {
 		t.Fatal(err)
 	}

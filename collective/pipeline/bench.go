@@ -261,7 +261,7 @@ func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]Stag
 	}
 	addrs := make([]string, p)
 	for s := 0; s < p; s++ {
-		gcfg := collective.DefaultGRPCConfig()
+		gcfg := collective.DefaultNetConfig()
 		gcfg.DataPlane = cfg.DataPlane
 		srv, err := collective.Listen("127.0.0.1:0", gcfg)
 		if err != nil {

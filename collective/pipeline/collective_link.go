@@ -21,9 +21,9 @@ type CollectiveConfig struct {
 	// Addrs[s] is the data-plane address ("host:port") of the node running
 	// stage s.
 	Addrs []string
-	// Channels is the number of parallel flows (HTTP/2 connections with the
-	// gRPC transport) per link; messages are cut into ChunkBytes chunks
-	// spread over them in turn. Default 4.
+	// Channels is the number of parallel flows (each a TCP lane, or an
+	// HTTP/2 connection with collective.DataPlaneGRPC) per link; messages
+	// are cut into ChunkBytes chunks spread over them in turn. Default 4.
 	Channels int
 	// ChunkBytes is the largest frame. Default 1 MiB (at most
 	// collective.MaxFrameBytes).

@@ -11,7 +11,7 @@ import (
 )
 
 // grpcPipeline starts one data-plane server per stage on 127.0.0.1 and
-// opens every stage's links over the real gRPC transport.
+// opens every stage's links over the real NetTransport.
 func grpcPipeline(t *testing.T, job string, gen uint64, p int, cfg CollectiveConfig) []StageLinks {
 	t.Helper()
 	links, _ := grpcPipelineServers(t, job, gen, p, cfg, collective.DataPlaneTCP)
@@ -24,7 +24,7 @@ func grpcPipelineServers(t *testing.T, job string, gen uint64, p int, cfg Collec
 	t.Helper()
 	servers := make([]*collective.Server, p)
 	addrs := make([]string, p)
-	gcfg := collective.DefaultGRPCConfig()
+	gcfg := collective.DefaultNetConfig()
 	gcfg.DataPlane = plane
 	for s := range servers {
 		srv, err := collective.Listen("127.0.0.1:0", gcfg)

@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -52,9 +51,11 @@ var bin struct {
 func Binary(t testing.TB) string {
 	t.Helper()
 	bin.once.Do(func() {
+		// go test puts its own GOROOT/bin first on PATH.
 		goBin, err := exec.LookPath("go")
 		if err != nil {
-			goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+			bin.err = fmt.Errorf("the go command is not on PATH (needed to run ec2-metadata-mock through go tool): %v", err)
+			return
 		}
 		out, err := exec.Command(goBin, "tool", "-n", "ec2-metadata-mock").Output()
 		if err != nil {

@@ -50,7 +50,7 @@ func TestParseFileErrorsPointIntoTheFile(t *testing.T) {
 		{"validation error placed at its value", "name: x\nranks: 0\nexec: {command: [x]}\n",
 			[]want{{2, 8, "ranks", "must be >= 1, got 0"}}},
 		{"validation error in a list element", "type: allreduce\nranks: 2\nallreduce:\n  sizes: [1MiB, lots]\n",
-			[]want{{4, 17, "allreduce.sizes[1]", `"lots" is not a size`}}},
+			[]want{{4, 17, "allreduce.sizes[1]", `invalid size: "lots"`}}},
 		{"validation error of a missing field placed at its section", "ranks: 1\nexec:\n  env: {A: b}\n",
 			[]want{{3, 3, "exec.command", "needs a command"}}},
 		{"every problem at once, in file order", "name: x\nrank: 2\ntype: allreduce\nallreduce:\n  dtype: complex64\n  itres: 3\n  op: mean\n",

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"regexp"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpumesh/gpumesh/checkpoint"
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -207,7 +207,7 @@ func validateCommon(s *pb.JobSpec, add report) {
 			add("constraints.lifecycle", "unknown lifecycle %q; use spot or on-demand", c.Lifecycle)
 		}
 		if c.MinGpuMemory != "" {
-			if _, err := ParseSize(c.MinGpuMemory); err != nil {
+			if _, err := bytesize.Parse(c.MinGpuMemory); err != nil {
 				add("constraints.min_gpu_memory", "%v", err)
 			} else if s.GpusPerRank == 0 {
 				add("constraints.min_gpu_memory", "only makes sense with gpus_per_rank >= 1")
@@ -287,7 +287,7 @@ func validateAllReduce(s *pb.JobSpec, add report) {
 	}
 	for i, sz := range a.Sizes {
 		field := fmt.Sprintf("allreduce.sizes[%d]", i)
-		n, err := ParseSize(sz)
+		n, err := bytesize.Parse(sz)
 		if err != nil {
 			add(field, "%v", err)
 		} else if n == 0 || n > 16<<30 {
@@ -367,33 +367,4 @@ func validatePipeline(s *pb.JobSpec, add report) {
 	if !oneOf(p.Mode, []string{"train", "inference"}) {
 		add("pipeline.mode", "unknown mode %q; use train or inference", p.Mode)
 	}
-}
-
-var sizeRE = regexp.MustCompile(`^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$`)
-
-// ParseSize reads a byte size such as "512", "4KiB", "64MiB", "1GiB", "1.5GB".
-func ParseSize(s string) (uint64, error) {
-	m := sizeRE.FindStringSubmatch(s)
-	if m == nil {
-		return 0, fmt.Errorf("%q is not a size; write a number with a unit, e.g. 64MiB", s)
-	}
-	v, err := strconv.ParseFloat(m[1], 64)
-	if err != nil {
-		return 0, fmt.Errorf("%q is not a size: %v", s, err)
-	}
-	mult := map[string]float64{
-		"": 1, "b": 1,
-		"k": 1 << 10, "kib": 1 << 10, "kb": 1e3,
-		"m": 1 << 20, "mib": 1 << 20, "mb": 1e6,
-		"g": 1 << 30, "gib": 1 << 30, "gb": 1e9,
-		"t": 1 << 40, "tib": 1 << 40, "tb": 1e12,
-	}[strings.ToLower(m[2])]
-	if mult == 0 {
-		return 0, fmt.Errorf("%q has an unknown unit %q; use B, KiB, MiB, GiB or TiB", s, m[2])
-	}
-	b := v * mult
-	if b > 1<<62 {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	return uint64(b), nil
 }

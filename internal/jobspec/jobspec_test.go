@@ -111,20 +111,6 @@ func TestParseTooLarge(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]uint64{"1": 1, "4KiB": 4096, "64MiB": 64 << 20, "1GiB": 1 << 30, "1.5GiB": 3 << 29, "2GB": 2e9, "256mib": 256 << 20} {
-		got, err := ParseSize(in)
-		if err != nil || got != want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "MiB", "1XB", "-1", "1e99GiB"} {
-		if _, err := ParseSize(in); err == nil {
-			t.Errorf("ParseSize(%q) accepted", in)
-		}
-	}
-}
-
 func FuzzParse(f *testing.F) {
 	f.Add([]byte("ranks: 2\nexec: {command: [echo, hi]}"))
 	f.Add([]byte(`{"type":"allreduce","ranks":4,"allreduce":{"sizes":["1MiB"]}}`))

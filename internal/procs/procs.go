@@ -22,6 +22,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
 
@@ -79,19 +83,27 @@ func removeStaleBinaries() {
 	}
 }
 
-// Agent is one agent process.
+// Agent is one agent process, on a loopback address or inside a network
+// namespace. Build it with NewAgent or Prepare; its methods are safe for
+// concurrent use.
 type Agent struct {
 	Name    string
 	IP      string
 	DataDir string
 	Ports   Ports
 	Args    []string // extra flags
+	// Netns, when set, runs the agent inside that network namespace
+	// (ip netns exec); Dial then reaches addresses inside it.
+	Netns string
+	Dial  func(ctx context.Context, addr string) (net.Conn, error)
 
-	t      testing.TB
-	bin    string
-	cmd    *exec.Cmd
-	log    *os.File
-	exited chan struct{}
+	t        testing.TB
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	log      *os.File
+	exited   chan struct{}
+	connOnce sync.Once
+	conn     *grpc.ClientConn
 }
 
 // Ports of one agent.
@@ -102,6 +114,9 @@ func (a *Agent) RPCAddr() string { return net.JoinHostPort(a.IP, strconv.Itoa(a.
 
 // GossipAddr is the agent's gossip address.
 func (a *Agent) GossipAddr() string { return net.JoinHostPort(a.IP, strconv.Itoa(a.Ports.Gossip)) }
+
+// HTTPAddr is the agent's metrics and health address.
+func (a *Agent) HTTPAddr() string { return net.JoinHostPort(a.IP, strconv.Itoa(a.Ports.HTTP)) }
 
 // LogPath is where the agent's output goes.
 func (a *Agent) LogPath() string { return filepath.Join(a.DataDir, "..", a.Name+".log") }
@@ -134,27 +149,47 @@ func FreePorts(t testing.TB, ip string, n int) []int {
 	return ports
 }
 
-// NewAgent prepares (does not start) an agent on ip with free ports.
+// NewAgent prepares (does not start) an agent on ip with free ports, its
+// data in dir/name.
 func NewAgent(t testing.TB, dir, name, ip string, args ...string) *Agent {
-	p := FreePorts(t, ip, 4)
-	a := &Agent{
-		Name: name, IP: ip, DataDir: filepath.Join(dir, name),
-		Ports: Ports{Gossip: p[0], RPC: p[1], Raft: p[2], HTTP: p[3]},
-		Args:  args, t: t, bin: Binary(t),
+	return Prepare(t, &Agent{Name: name, IP: ip, DataDir: filepath.Join(dir, name), Args: args})
+}
+
+// Prepare readies a (not started) agent: free ports on its IP when Ports is
+// zero, the binary built, and a cleanup that kills it, closes its client
+// and stops its tasks when the test ends (tasks outlive their agent by
+// design; none may outlive the test).
+func Prepare(t testing.TB, a *Agent) *Agent {
+	t.Helper()
+	a.t = t
+	if a.Ports == (Ports{}) {
+		p := FreePorts(t, a.IP, 4)
+		a.Ports = Ports{Gossip: p[0], RPC: p[1], Raft: p[2], HTTP: p[3]}
 	}
+	Binary(t)
 	t.Cleanup(func() {
 		a.Kill()
-		// Tasks outlive their agent by design; none may outlive the test.
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if a.conn != nil {
+			a.conn.Close()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		_ = driver.KillAll(ctx, a.DataDir)
+		if err := driver.KillAll(ctx, a.DataDir); err != nil {
+			t.Logf("stopping %s's tasks: %v", a.Name, err)
+		}
 	})
 	return a
 }
 
-// Start starts the agent process.
+// Start starts the agent process (again, after a kill, with the same data
+// dir).
 func (a *Agent) Start() {
 	a.t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd != nil {
+		a.t.Fatalf("%s is already running", a.Name)
+	}
 	if err := os.MkdirAll(a.DataDir, 0o755); err != nil {
 		a.t.Fatal(err)
 	}
@@ -169,13 +204,18 @@ func (a *Agent) Start() {
 		"--log-level", "debug",
 	}
 	args = append(args, a.Args...)
-	cmd := exec.Command(a.bin, args...)
+	cmd := exec.Command(Binary(a.t), args...)
+	if a.Netns != "" {
+		// ip(8) enters the namespace and execs the agent: the pid is the agent's.
+		cmd = exec.Command("ip", append([]string{"netns", "exec", a.Netns, Binary(a.t)}, args...)...)
+	}
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		log.Close()
 		a.t.Fatalf("start %s: %v", a.Name, err)
 	}
+	fmt.Fprintf(log, "==== test harness: started pid %d at %s\n", cmd.Process.Pid, time.Now().UTC().Format(time.RFC3339Nano))
 	a.cmd, a.log = cmd, log
 	a.exited = make(chan struct{})
 	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(cmd, a.exited)
@@ -183,6 +223,8 @@ func (a *Agent) Start() {
 
 // Running reports whether the process is alive.
 func (a *Agent) Running() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	if a.cmd == nil {
 		return false
 	}
@@ -194,19 +236,34 @@ func (a *Agent) Running() bool {
 	}
 }
 
+// Pid is the agent's process id, or 0.
+func (a *Agent) Pid() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
 // Kill sends SIGKILL to the agent's process group and waits for it.
 func (a *Agent) Kill() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	if a.cmd == nil {
 		return
 	}
 	_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
 	<-a.exited
+	fmt.Fprintf(a.log, "==== test harness: SIGKILL at %s\n", time.Now().UTC().Format(time.RFC3339Nano))
 	a.log.Close()
 	a.cmd = nil
 }
 
 // Signal sends sig to the agent and waits up to timeout for it to exit.
 func (a *Agent) Signal(sig syscall.Signal, timeout time.Duration) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	if a.cmd == nil {
 		return nil
 	}
@@ -225,6 +282,23 @@ func (a *Agent) Signal(sig syscall.Signal, timeout time.Duration) error {
 func (a *Agent) Logs() string {
 	b, _ := os.ReadFile(a.LogPath())
 	return string(b)
+}
+
+// Client is a Control API client of this agent (one connection, reused;
+// gRPC reconnects by itself after a restart; closed when the test ends).
+func (a *Agent) Client() pb.ControlClient {
+	a.connOnce.Do(func() {
+		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+		if a.Dial != nil {
+			opts = append(opts, grpc.WithContextDialer(a.Dial))
+		}
+		c, err := grpc.NewClient(a.RPCAddr(), opts...)
+		if err != nil {
+			a.t.Fatalf("client of %s: %v", a.Name, err)
+		}
+		a.conn = c
+	})
+	return pb.NewControlClient(a.conn)
 }
 
 // CLI runs a gpumesh client command against addr and returns stdout.
@@ -247,23 +321,6 @@ func CLIJSON(ctx context.Context, t testing.TB, addr string, v any, args ...stri
 		return fmt.Errorf("decoding %q: %v", out, err)
 	}
 	return nil
-}
-
-// Eventually polls cond every interval until it returns nil or timeout
-// passes, and then fails the test with cond's last error.
-func Eventually(t testing.TB, timeout time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for {
-		if err = cond(); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s: %v", timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // StartJoined gives every agent the gossip address of every other one as a

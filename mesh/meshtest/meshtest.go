@@ -12,8 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
+	"github.com/gpumesh/gpumesh/mesh"
 )
 
 // Logger returns an hclog logger that writes to tb.Log until the test's
@@ -95,7 +97,7 @@ func StartCluster(tb testing.TB, prefix string, n int, modify func(i int, c *mes
 // members.
 func WaitConverged(tb testing.TB, ms []*mesh.Mesh, want int) {
 	tb.Helper()
-	WaitFor(tb, 30*time.Second, func() (bool, string) {
+	poll.Until(tb, 30*time.Second, func() (bool, string) {
 		for _, m := range ms {
 			if got := m.NumAlive(); got != want {
 				return false, fmt.Sprintf("%s sees %d alive members, want %d", m.Name(), got, want)
@@ -109,7 +111,7 @@ func WaitConverged(tb testing.TB, ms []*mesh.Mesh, want int) {
 func WaitMember(tb testing.TB, m *mesh.Mesh, name string, cond func(mesh.Member) bool, what string) mesh.Member {
 	tb.Helper()
 	var got mesh.Member
-	WaitFor(tb, 30*time.Second, func() (bool, string) {
+	poll.Until(tb, 30*time.Second, func() (bool, string) {
 		mem, ok := m.Member(name)
 		if !ok {
 			return false, fmt.Sprintf("%s does not list %s (waiting for %s)", m.Name(), name, what)
@@ -121,23 +123,6 @@ func WaitMember(tb testing.TB, m *mesh.Mesh, name string, cond func(mesh.Member)
 		return true, ""
 	})
 	return got
-}
-
-// WaitFor polls cond every 10 ms until it returns true, failing the test
-// with cond's last message after timeout.
-func WaitFor(tb testing.TB, timeout time.Duration, cond func() (bool, string)) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("condition not met after %v: %s", timeout, msg)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // NextEvent waits up to timeout for the next event on ch that satisfies

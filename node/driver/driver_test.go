@@ -19,6 +19,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // Test helper modes of this test binary, chosen by environment.
@@ -155,7 +157,7 @@ func wait(t *testing.T, h *Handle) ExitResult {
 // waitForLog waits until a stream of the task contains s.
 func waitForLog(t *testing.T, h *Handle, stream, s string) {
 	t.Helper()
-	waitFor(t, 20*time.Second, func() bool {
+	poll.Until(t, 20*time.Second, func() bool {
 		r, err := h.Logs(context.Background(), stream, false, 0)
 		if err != nil {
 			return false
@@ -169,7 +171,7 @@ func waitForLog(t *testing.T, h *Handle, stream, s string) {
 // assertGone checks that nothing of the task's process group is left.
 func assertGone(t *testing.T, pgid, sid int) {
 	t.Helper()
-	waitFor(t, 10*time.Second, func() bool { return len(groupMembers(pgid, sid)) == 0 },
+	poll.Until(t, 10*time.Second, func() bool { return len(groupMembers(pgid, sid)) == 0 },
 		"process group %d to be empty (members %v)", pgid, groupMembers(pgid, sid))
 }
 
@@ -459,7 +461,7 @@ func TestStopEscalates(t *testing.T) {
 	if err := h.RequestStop(StopOptions{Timeout: time.Hour, Reason: "job stopped"}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return exists(DeadlineFile(h.AllocDir())) }, "the deadline file")
+	poll.Until(t, 10*time.Second, func() bool { return exists(DeadlineFile(h.AllocDir())) }, "the deadline file")
 	// ...then a later, shorter one (a preemption notice) wins; a longer one
 	// would not.
 	if err := h.RequestStop(StopOptions{Timeout: 2 * time.Hour}); err != nil {

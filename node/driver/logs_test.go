@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func writeAll(t *testing.T, w *rotatingWriter, p []byte) {
@@ -143,7 +145,7 @@ func TestLogsFollowAcrossRotation(t *testing.T) {
 		writeAll(t, w, line)
 		want.Write(line)
 		target := int64(want.Len())
-		waitFor(t, 10*time.Second, func() bool { return r.Offset() >= target }, "reader to reach offset %d", target)
+		poll.Until(t, 10*time.Second, func() bool { return r.Offset() >= target }, "reader to reach offset %d", target)
 	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
@@ -227,17 +229,5 @@ func TestLogsErrors(t *testing.T) {
 	_ = r.Close()
 	if _, err := os.Stat(filepath.Join(dir, logMetaName)); err != nil {
 		t.Fatal(err)
-	}
-}
-
-// waitFor polls cond every 5 ms until it holds or timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, cond func() bool, format string, args ...any) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for "+format, append([]any{timeout}, args...)...)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // tickSpec is a long task that prints a line every 20 ms and ends on
@@ -108,7 +110,7 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatal("a running task was recovered as finished")
 	}
 	size := logSize(t, h, Stdout)
-	waitFor(t, 10*time.Second, func() bool { return logSize(t, h, Stdout) > size+20 }, "logs to keep flowing after the daemon died")
+	poll.Until(t, 10*time.Second, func() bool { return logSize(t, h, Stdout) > size+20 }, "logs to keep flowing after the daemon died")
 
 	// Starting it again (as a reconciling daemon would) attaches; it does
 	// not start a second copy.
@@ -139,7 +141,7 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatalf("result %+v, want stopped by SIGTERM", res)
 	}
 	assertGone(t, taskPid, supPid)
-	waitFor(t, 10*time.Second, func() bool { return !sameProcessAlive(supPid) }, "supervisor %d to be gone and reaped", supPid)
+	poll.Until(t, 10*time.Second, func() bool { return !sameProcessAlive(supPid) }, "supervisor %d to be gone and reaped", supPid)
 
 	// Recover again: now finished, with the same result.
 	d2 := newTestDriver(t, dataDir)
@@ -199,7 +201,7 @@ func TestRecoverAfterShutdown(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(hq.AllocDir(), "go"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, func() bool { return exists(filepath.Join(hq.stateDir, exitFileName)) }, "the quick task to end")
+	poll.Until(t, 10*time.Second, func() bool { return exists(filepath.Join(hq.stateDir, exitFileName)) }, "the quick task to end")
 
 	d2 := newTestDriver(t, dataDir)
 	hs, err := d2.Recover(context.Background())
@@ -323,7 +325,7 @@ func TestStopCompletesWithoutDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = d1.Shutdown()
-	waitFor(t, 20*time.Second, func() bool { return exists(filepath.Join(h.stateDir, exitFileName)) }, "the supervisor to finish the stop")
+	poll.Until(t, 20*time.Second, func() bool { return exists(filepath.Join(h.stateDir, exitFileName)) }, "the supervisor to finish the stop")
 	d2 := newTestDriver(t, dataDir)
 	hs, err := d2.Recover(context.Background())
 	if err != nil || len(hs) != 1 {

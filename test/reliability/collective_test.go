@@ -14,7 +14,7 @@ import (
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/netemu"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 func allReduceSpec(name string, iters int32, sizes ...string) *pb.JobSpec {
@@ -33,16 +33,16 @@ func getJob(c *cluster, id string) (*pb.GetJobResponse, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return l.client().GetJob(ctx, &pb.GetJobRequest{Id: id})
+	return l.Client().GetJob(ctx, &pb.GetJobRequest{Id: id})
 }
 
 // waitNodes waits until a's Control API lists n registered nodes.
 func waitNodes(t *testing.T, a *agent, n int) {
 	t.Helper()
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		r, err := a.client().ListNodes(ctx, &pb.ListNodesRequest{})
+		r, err := a.Client().ListNodes(ctx, &pb.ListNodesRequest{})
 		if err != nil {
 			return err
 		}
@@ -59,13 +59,13 @@ func runJob(t *testing.T, c *cluster, a *agent, id string, spec *pb.JobSpec, tim
 	t.Helper()
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: spec})
+	_, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: spec})
 	cancel()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var r *pb.GetJobResponse
-	procs.Eventually(t, timeout, func() (err error) {
+	poll.Until(t, timeout, func() (err error) {
 		r, err = getJob(c, id)
 		if err != nil {
 			return err
@@ -101,7 +101,7 @@ func checkedSizes(t *testing.T, r *pb.GetJobResponse) []string {
 func rankLog(a *agent, id string, gen uint64, rank int32) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st, err := a.client().Logs(ctx, &pb.LogsRequest{JobId: id, Generation: gen, Rank: rank})
+	st, err := a.Client().Logs(ctx, &pb.LogsRequest{JobId: id, Generation: gen, Rank: rank})
 	if err != nil {
 		return ""
 	}
@@ -128,12 +128,12 @@ func TestAllReduceRankKilled(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	const id = "ar-kill"
-	if _, err := lead.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec("ar-kill", 4000, "1MiB")}); err != nil {
+	if _, err := lead.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: allReduceSpec("ar-kill", 4000, "1MiB")}); err != nil {
 		t.Fatal(err)
 	}
 	// Wait until every rank of generation 1 is inside the all-reduce.
 	var gen1 []*pb.Allocation
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		r, err := getJob(c, id)
 		if err != nil {
 			return err
@@ -163,7 +163,7 @@ func TestAllReduceRankKilled(t *testing.T) {
 	var victimRank int32
 	for _, al := range gen1 {
 		for _, a := range c.agents {
-			if a.name == al.NodeName && a != lead && victim == nil {
+			if a.Name == al.NodeName && a != lead && victim == nil {
 				victim, victimRank = a, al.Rank
 			}
 		}
@@ -171,12 +171,12 @@ func TestAllReduceRankKilled(t *testing.T) {
 	if victim == nil {
 		t.Fatal("every rank runs on the leader's node?")
 	}
-	victim.kill()
+	victim.Kill()
 	killed := time.Now()
 
 	// Every other rank of generation 1 fails, within the collective timeout.
 	var detect []time.Duration
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		r, err := getJob(c, id)
 		if err != nil {
 			return err
@@ -206,7 +206,7 @@ func TestAllReduceRankKilled(t *testing.T) {
 	}
 	// The job is placed again and completes with a checked result.
 	var final *pb.GetJobResponse
-	procs.Eventually(t, 120*time.Second, func() error {
+	poll.Until(t, 120*time.Second, func() error {
 		r, err := getJob(c, id)
 		if err != nil {
 			return err
@@ -228,8 +228,8 @@ func TestAllReduceRankKilled(t *testing.T) {
 		if al.Generation != final.Job.Generation {
 			continue
 		}
-		if al.NodeName == victim.name {
-			t.Errorf("generation %d placed rank %d on the killed agent %s", al.Generation, al.Rank, victim.name)
+		if al.NodeName == victim.Name {
+			t.Errorf("generation %d placed rank %d on the killed agent %s", al.Generation, al.Rank, victim.Name)
 		}
 		if ok := al.Result.GetFields()["ok"]; ok == nil || !ok.GetBoolValue() {
 			t.Errorf("rank %d of generation %d: result not ok: %v", al.Rank, al.Generation, al.Result)

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // seed returns the run's random seed (GPUMESH_SEED, or the clock), logged
@@ -68,7 +68,7 @@ func (s *submitter) run(ctx context.Context, pause time.Duration) {
 		}
 		var up []*agent
 		for _, a := range s.c.agents {
-			if a.running() {
+			if a.Running() {
 				up = append(up, a)
 			}
 		}
@@ -81,7 +81,7 @@ func (s *submitter) run(ctx context.Context, pause time.Duration) {
 		}
 		a := up[s.rng.IntN(len(up))]
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		resp, err := a.client().SubmitJob(sctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(s.prefix)})
+		resp, err := a.Client().SubmitJob(sctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(s.prefix)})
 		cancel()
 		s.mu.Lock()
 		s.attempts++
@@ -144,13 +144,13 @@ func TestCrashLoop(t *testing.T) {
 		}
 		// Progress before the fault: something is acknowledged in this round.
 		before := sub.ackedCount()
-		procs.Eventually(t, 60*time.Second, func() error {
+		poll.Until(t, 60*time.Second, func() error {
 			if sub.ackedCount() <= before {
 				return fmt.Errorf("round %d: no submission acknowledged since %d", r, before)
 			}
 			return nil
 		})
-		victim.kill()
+		victim.Kill()
 		killed := time.Now()
 		if victim == lead {
 			leaderKills++
@@ -165,16 +165,16 @@ func TestCrashLoop(t *testing.T) {
 		}
 		// With one of three down the cluster still acknowledges submissions.
 		mid := sub.ackedCount()
-		procs.Eventually(t, 60*time.Second, func() error {
+		poll.Until(t, 60*time.Second, func() error {
 			if sub.ackedCount() <= mid {
-				return fmt.Errorf("round %d: no submission acknowledged while %s is down", r, victim.name)
+				return fmt.Errorf("round %d: no submission acknowledged while %s is down", r, victim.Name)
 			}
 			return nil
 		})
 		availability = append(availability, time.Since(killed))
-		victim.start()
+		victim.Start()
 		restarted := time.Now()
-		procs.Eventually(t, 60*time.Second, func() error {
+		poll.Until(t, 60*time.Second, func() error {
 			l, err := c.leader(context.Background(), nil)
 			if err != nil {
 				return err
@@ -188,7 +188,7 @@ func TestCrashLoop(t *testing.T) {
 				return err
 			}
 			if vi.AppliedIndex == 0 || vi.AppliedIndex+50 < li.AppliedIndex || vi.LeaderId == "" {
-				return fmt.Errorf("%s restarted: applied %d, leader at %d, knows leader %q", victim.name, vi.AppliedIndex, li.AppliedIndex, vi.LeaderId)
+				return fmt.Errorf("%s restarted: applied %d, leader at %d, knows leader %q", victim.Name, vi.AppliedIndex, li.AppliedIndex, vi.LeaderId)
 			}
 			return nil
 		})
@@ -241,7 +241,7 @@ func TestCrashLoop(t *testing.T) {
 
 	// Scheduling survived too: every job ends.
 	statuses := map[string]int{}
-	procs.Eventually(t, 120*time.Second, func() error {
+	poll.Until(t, 120*time.Second, func() error {
 		l, err := c.leader(context.Background(), nil)
 		if err != nil {
 			return err
@@ -305,11 +305,11 @@ func TestRestartedVoterVotesAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	followerID := info.Node.GetId()
-	follower.kill()
-	procs.Eventually(t, 60*time.Second, func() error {
+	follower.Kill()
+	poll.Until(t, 60*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		r, err := lead.client().ListNodes(ctx, &pb.ListNodesRequest{})
+		r, err := lead.Client().ListNodes(ctx, &pb.ListNodesRequest{})
 		if err != nil {
 			return err
 		}
@@ -318,45 +318,45 @@ func TestRestartedVoterVotesAgain(t *testing.T) {
 				return nil
 			}
 		}
-		return fmt.Errorf("the leader has not marked %s down yet", follower.name)
+		return fmt.Errorf("the leader has not marked %s down yet", follower.Name)
 	})
 	// Dead-server cleanup has had its say (the leader logs either).
-	procs.Eventually(t, 60*time.Second, func() error {
-		l := lead.logs()
+	poll.Until(t, 60*time.Second, func() error {
+		l := lead.Logs()
 		if strings.Contains(l, "removing failed raft server") || strings.Contains(l, "will not remove server node as it would leave less voters") {
 			return nil
 		}
-		return fmt.Errorf("the leader's dead-server cleanup has not looked at %s yet", follower.name)
+		return fmt.Errorf("the leader's dead-server cleanup has not looked at %s yet", follower.Name)
 	})
 	// The crashed voter returns, holding its seat, and then the leader dies.
-	follower.start()
+	follower.Start()
 	suffrage := ""
-	procs.Eventually(t, 60*time.Second, func() error {
+	poll.Until(t, 60*time.Second, func() error {
 		vi, err := follower.info(context.Background())
 		if err != nil {
 			return err
 		}
 		if vi.LeaderId == "" || vi.AppliedIndex == 0 {
-			return fmt.Errorf("%s restarted but follows no leader yet", follower.name)
+			return fmt.Errorf("%s restarted but follows no leader yet", follower.Name)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
-		p, err := lead.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
+		p, err := lead.Client().RaftPeers(ctx, &pb.RaftPeersRequest{})
 		if err != nil {
 			return err
 		}
 		for _, peer := range p.Peers {
-			if peer.NodeName == follower.name {
+			if peer.NodeName == follower.Name {
 				suffrage = peer.Suffrage
 				return nil
 			}
 		}
-		return fmt.Errorf("%s is not in the raft configuration", follower.name)
+		return fmt.Errorf("%s is not in the raft configuration", follower.Name)
 	})
 	if suffrage != "voter" {
-		t.Errorf("the restarted voter %s came back as %q: it cannot vote until promoted", follower.name, suffrage)
+		t.Errorf("the restarted voter %s came back as %q: it cannot vote until promoted", follower.Name, suffrage)
 	}
-	lead.kill()
+	lead.Kill()
 	killed := time.Now()
 	var others []*agent
 	for _, a := range c.agents {
@@ -368,7 +368,7 @@ func TestRestartedVoterVotesAgain(t *testing.T) {
 	record(t, "restarted-voter-votes", map[string]any{"new_leader_after_kill_ms": time.Since(killed).Milliseconds()})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := follower.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "after-1", Spec: execSpec("after")}); err != nil {
+	if _, err := follower.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "after-1", Spec: execSpec("after")}); err != nil {
 		t.Fatalf("submission after the second crash: %v", err)
 	}
 }

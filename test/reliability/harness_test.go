@@ -10,181 +10,47 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
-	"github.com/gpumesh/gpumesh/node/driver"
+	"github.com/gpumesh/gpumesh/node"
 )
 
-// agent is one gpumesh agent process, on a loopback address or inside a
-// network namespace.
-type agent struct {
-	name    string
-	ip      string
-	netns   string // empty: the host's namespace (loopback addresses only)
-	dataDir string
-	logPath string
-	ports   procs.Ports
-	args    []string
-
-	t      testing.TB
-	dial   func(ctx context.Context, addr string) (net.Conn, error)
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{}
-	logF   *os.File
-
-	connOnce sync.Once
-	conn     *grpc.ClientConn
-}
-
-func (a *agent) rpcAddr() string    { return net.JoinHostPort(a.ip, strconv.Itoa(a.ports.RPC)) }
-func (a *agent) gossipAddr() string { return net.JoinHostPort(a.ip, strconv.Itoa(a.ports.Gossip)) }
-func (a *agent) httpAddr() string   { return net.JoinHostPort(a.ip, strconv.Itoa(a.ports.HTTP)) }
-
-// start launches the process (again, after a kill, with the same data dir).
-func (a *agent) start() {
-	a.t.Helper()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.cmd != nil {
-		a.t.Fatalf("%s is already running", a.name)
-	}
-	if err := os.MkdirAll(a.dataDir, 0o755); err != nil {
-		a.t.Fatal(err)
-	}
-	logF, err := os.OpenFile(a.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	args := []string{"agent",
-		"--name", a.name, "--bind", a.ip, "--data-dir", a.dataDir,
-		"--gossip-port", strconv.Itoa(a.ports.Gossip), "--rpc-port", strconv.Itoa(a.ports.RPC),
-		"--raft-port", strconv.Itoa(a.ports.Raft), "--http-port", strconv.Itoa(a.ports.HTTP),
-		"--ec2", "off", "--log-level", "debug",
-	}
-	args = append(args, a.args...)
-	var cmd *exec.Cmd
-	if a.netns != "" {
-		// ip(8) enters the namespace and execs the agent: the pid is the agent's.
-		cmd = exec.Command("ip", append([]string{"netns", "exec", a.netns, procs.Binary(a.t)}, args...)...)
-	} else {
-		cmd = exec.Command(procs.Binary(a.t), args...)
-	}
-	cmd.Stdout, cmd.Stderr = logF, logF
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logF.Close()
-		a.t.Fatalf("start %s: %v", a.name, err)
-	}
-	fmt.Fprintf(logF, "==== test harness: started pid %d at %s\n", cmd.Process.Pid, time.Now().UTC().Format(time.RFC3339Nano))
-	a.cmd, a.logF = cmd, logF
-	a.exited = make(chan struct{})
-	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(cmd, a.exited)
-}
-
-// kill sends SIGKILL to the agent's process group and waits for it.
-func (a *agent) kill() {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.cmd == nil {
-		return
-	}
-	_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
-	<-a.exited
-	fmt.Fprintf(a.logF, "==== test harness: SIGKILL at %s\n", time.Now().UTC().Format(time.RFC3339Nano))
-	a.logF.Close()
-	a.cmd = nil
-}
-
-// pid is the agent's process id, or 0.
-func (a *agent) pid() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.cmd == nil {
-		return 0
-	}
-	return a.cmd.Process.Pid
-}
-
-func (a *agent) running() bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.cmd == nil {
-		return false
-	}
-	select {
-	case <-a.exited:
-		return false
-	default:
-		return true
-	}
-}
-
-// client is a Control API client of this agent (one connection, reused;
-// gRPC reconnects by itself after a restart).
-func (a *agent) client() pb.ControlClient {
-	a.connOnce.Do(func() {
-		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
-		if a.dial != nil {
-			opts = append(opts, grpc.WithContextDialer(a.dial))
-		}
-		c, err := grpc.NewClient(a.rpcAddr(), opts...)
-		if err != nil {
-			a.t.Fatalf("client of %s: %v", a.name, err)
-		}
-		a.conn = c
-	})
-	return pb.NewControlClient(a.conn)
-}
-
-func (a *agent) closeClient() {
-	if a.conn != nil {
-		a.conn.Close()
-	}
-}
-
-func (a *agent) logs() string {
-	b, _ := os.ReadFile(a.logPath)
-	return string(b)
-}
+// agent is one gpumesh agent process (procs.Agent) with the reads the
+// reliability tests make of it.
+type agent struct{ *procs.Agent }
 
 // info asks the agent itself (no forwarding) for its role, leader and index.
 func (a *agent) info(ctx context.Context) (*pb.AgentInfoResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	return a.client().AgentInfo(ctx, &pb.AgentInfoRequest{})
+	return a.Client().AgentInfo(ctx, &pb.AgentInfoRequest{})
 }
 
 // jobs is the agent's own replica of the job table (a stale read).
 func (a *agent) jobs(ctx context.Context) (*pb.ListJobsResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	return a.client().ListJobs(ctx, &pb.ListJobsRequest{Query: &pb.QueryOptions{Stale: true}})
+	return a.Client().ListJobs(ctx, &pb.ListJobsRequest{Query: &pb.QueryOptions{Stale: true}})
 }
 
 // metrics reads a few gauges from the agent's /metrics.
 func (a *agent) metrics(ctx context.Context) (map[string]float64, error) {
 	tr := &http.Transport{DisableKeepAlives: true}
-	if a.dial != nil {
-		tr.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return a.dial(ctx, addr) }
+	if a.Dial != nil {
+		tr.DialContext = func(ctx context.Context, _, addr string) (net.Conn, error) { return a.Dial(ctx, addr) }
 	}
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.httpAddr()+"/metrics", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.HTTPAddr()+"/metrics", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -215,7 +81,7 @@ func (a *agent) metrics(ctx context.Context) (map[string]float64, error) {
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("%s /metrics: no gauges found", a.name)
+		return nil, fmt.Errorf("%s /metrics: no gauges found", a.Name)
 	}
 	return out, sc.Err()
 }
@@ -225,7 +91,7 @@ func (a *agent) metrics(ctx context.Context) (map[string]float64, error) {
 func (c *cluster) rankStarts(prefix string) map[string]int {
 	out := map[string]int{}
 	for _, a := range c.agents {
-		for _, line := range strings.Split(a.logs(), "\n") {
+		for _, line := range strings.Split(a.Logs(), "\n") {
 			i := strings.Index(line, "rank started: job="+prefix)
 			if i < 0 {
 				continue
@@ -264,59 +130,45 @@ func newCluster(t *testing.T, o clusterOpts) *cluster {
 	}
 	c := &cluster{t: t, dir: t.TempDir()}
 	for i := 0; i < o.n; i++ {
-		a := &agent{t: t, name: fmt.Sprintf("r%d", i+1)}
-		a.dataDir = filepath.Join(c.dir, a.name)
-		a.logPath = filepath.Join(c.dir, a.name+".log")
+		a := &procs.Agent{Name: fmt.Sprintf("r%d", i+1), Args: append([]string{"--ec2", "off"}, o.extraArgs...)}
+		a.DataDir = filepath.Join(c.dir, a.Name)
+		a.IP = fmt.Sprintf("127.0.0.%d", i+2)
 		if o.ips != nil {
-			a.ip = o.ips[i]
-			a.ports = procs.Ports{Gossip: 7946, RPC: 7947, Raft: 7948, HTTP: 7949}
-		} else {
-			a.ip = fmt.Sprintf("127.0.0.%d", i+2)
-			p := procs.FreePorts(t, a.ip, 4)
-			a.ports = procs.Ports{Gossip: p[0], RPC: p[1], Raft: p[2], HTTP: p[3]}
+			a.IP = o.ips[i]
+			a.Ports = procs.Ports{Gossip: node.DefaultGossipPort, RPC: node.DefaultRPCPort, Raft: node.DefaultRaftPort, HTTP: node.DefaultHTTPPort}
 		}
 		if o.netns != nil {
-			a.netns = o.netns[i]
-			a.dial = o.dial(a.netns)
+			a.Netns = o.netns[i]
+			a.Dial = o.dial(a.Netns)
 		}
-		a.args = append([]string(nil), o.extraArgs...)
-		c.agents = append(c.agents, a)
+		c.agents = append(c.agents, &agent{procs.Prepare(t, a)})
 	}
 	for i, a := range c.agents {
 		for j, b := range c.agents {
 			if i != j {
-				a.args = append(a.args, "--join", b.gossipAddr())
+				a.Args = append(a.Args, "--join", b.GossipAddr())
 			}
 		}
 	}
+	// Runs before the agents' own cleanups (procs.Prepare) kill them.
 	t.Cleanup(func() {
-		if t.Failed() {
-			keep := os.Getenv("GPUMESH_RELIABILITY_LOGS")
-			for _, a := range c.agents {
-				t.Logf("---- %s log (tail) ----\n%s", a.name, tail(a.logs(), 3000))
-				if keep != "" {
-					_ = os.MkdirAll(keep, 0o755)
-					dst := filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"-"+a.name+".log")
-					if err := os.WriteFile(dst, []byte(a.logs()), 0o644); err == nil {
-						t.Logf("full log of %s kept in %s", a.name, dst)
-					}
+		if !t.Failed() {
+			return
+		}
+		keep := os.Getenv("GPUMESH_RELIABILITY_LOGS")
+		for _, a := range c.agents {
+			t.Logf("---- %s log (tail) ----\n%s", a.Name, tail(a.Logs(), 3000))
+			if keep != "" {
+				_ = os.MkdirAll(keep, 0o755)
+				dst := filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"-"+a.Name+".log")
+				if err := os.WriteFile(dst, []byte(a.Logs()), 0o644); err == nil {
+					t.Logf("full log of %s kept in %s", a.Name, dst)
 				}
-			}
-		}
-		for _, a := range c.agents {
-			a.kill()
-			a.closeClient()
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		for _, a := range c.agents {
-			if err := driver.KillAll(ctx, a.dataDir); err != nil {
-				t.Logf("stopping %s's tasks: %v", a.name, err)
 			}
 		}
 	})
 	for _, a := range c.agents {
-		a.start()
+		a.Start()
 	}
 	return c
 }
@@ -336,7 +188,7 @@ func (c *cluster) leader(ctx context.Context, among []*agent) (*agent, error) {
 	}
 	var lead *agent
 	for _, a := range among {
-		if !a.running() {
+		if !a.Running() {
 			continue
 		}
 		info, err := a.info(ctx)
@@ -345,7 +197,7 @@ func (c *cluster) leader(ctx context.Context, among []*agent) (*agent, error) {
 		}
 		if info.Role == "leader" {
 			if lead != nil && lead != a {
-				return nil, fmt.Errorf("two agents say they lead: %s and %s", lead.name, a.name)
+				return nil, fmt.Errorf("two agents say they lead: %s and %s", lead.Name, a.Name)
 			}
 			lead = a
 		}
@@ -360,7 +212,7 @@ func (c *cluster) leader(ctx context.Context, among []*agent) (*agent, error) {
 func (c *cluster) waitLeader(timeout time.Duration, among []*agent) *agent {
 	c.t.Helper()
 	var lead *agent
-	procs.Eventually(c.t, timeout, func() (err error) {
+	poll.Until(c.t, timeout, func() (err error) {
 		lead, err = c.leader(context.Background(), among)
 		return err
 	})
@@ -375,23 +227,23 @@ func (c *cluster) waitConverged(timeout time.Duration, among []*agent) []*pb.Job
 		among = c.agents
 	}
 	var jobs []*pb.Job
-	procs.Eventually(c.t, timeout, func() error {
+	poll.Until(c.t, timeout, func() error {
 		var ref *pb.ListJobsResponse
 		var refName string
 		for _, a := range among {
 			r, err := a.jobs(context.Background())
 			if err != nil {
-				return fmt.Errorf("%s: %v", a.name, err)
+				return fmt.Errorf("%s: %v", a.Name, err)
 			}
 			if ref == nil {
-				ref, refName = r, a.name
+				ref, refName = r, a.Name
 				continue
 			}
 			if r.Index != ref.Index {
-				return fmt.Errorf("%s is at index %d, %s at %d", a.name, r.Index, refName, ref.Index)
+				return fmt.Errorf("%s is at index %d, %s at %d", a.Name, r.Index, refName, ref.Index)
 			}
 			if d := diffJobs(ref.Jobs, r.Jobs); d != "" {
-				return fmt.Errorf("DIVERGED at the same index %d: %s vs %s: %s", r.Index, refName, a.name, d)
+				return fmt.Errorf("DIVERGED at the same index %d: %s vs %s: %s", r.Index, refName, a.Name, d)
 			}
 		}
 		jobs = ref.Jobs

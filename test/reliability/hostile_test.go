@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
@@ -39,7 +40,7 @@ func TestOversizedInputRefused(t *testing.T) {
 	// A spec over the 256 KiB limit, in a message the transport accepts.
 	big := execSpec("big")
 	big.Exec.Env = map[string]string{"BLOB": strings.Repeat("x", 300<<10)}
-	_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "big-1", Spec: big})
+	_, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "big-1", Spec: big})
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "job spec too large") {
 		t.Errorf("a 300 KiB spec: got %v, want ResourceExhausted naming the spec size limit", err)
 	}
@@ -48,7 +49,7 @@ func TestOversizedInputRefused(t *testing.T) {
 	// A message over the server's receive limit (64 MiB of tensor frame).
 	huge := execSpec("huge")
 	huge.Exec.Env = map[string]string{"BLOB": strings.Repeat("y", 70<<20)}
-	_, err = a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "huge-1", Spec: huge})
+	_, err = a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "huge-1", Spec: huge})
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "larger than max") {
 		t.Errorf("a 70 MiB message: got %v, want ResourceExhausted (message larger than max)", err)
 	}
@@ -60,20 +61,20 @@ func TestOversizedInputRefused(t *testing.T) {
 	if err := os.WriteFile(spec, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, stderr, err := procs.CLI(ctx, t, a.rpcAddr(), "job", "run", "--detach", spec)
+	_, stderr, err := procs.CLI(ctx, t, a.RPCAddr(), "job", "run", "--detach", spec)
 	if err == nil || !strings.Contains(stderr, "too large") {
 		t.Errorf("gpumesh job run with a 300 KiB spec: err %v, stderr %q; want a failure naming the size limit", err, stderr)
 	}
 	t.Logf("gpumesh job run, 300 KiB spec file: %v: %s", err, strings.TrimSpace(stderr))
 
 	// Garbage on the wire where a spec field should be is refused too.
-	_, err = a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "bad-1", Spec: &pb.JobSpec{Name: "bad", Type: "exec", Ranks: -3}})
+	_, err = a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "bad-1", Spec: &pb.JobSpec{Name: "bad", Type: "exec", Ranks: -3}})
 	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "ranks") {
 		t.Errorf("ranks -3: got %v, want InvalidArgument naming ranks", err)
 	}
 
 	// Still serving: a normal job is accepted.
-	if _, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "ok-1", Spec: execSpec("ok")}); err != nil {
+	if _, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: "ok-1", Spec: execSpec("ok")}); err != nil {
 		t.Fatalf("a normal submission after the oversized ones: %v", err)
 	}
 	record(t, "oversized-input", map[string]any{"spec_300KiB": "ResourceExhausted", "message_70MiB": "ResourceExhausted", "cli_spec_300KiB": "refused", "still_serving": true})
@@ -98,7 +99,7 @@ func TestThousandConnections(t *testing.T) {
 		}
 	}()
 	for i := 0; i < idle+garbage; i++ {
-		c, err := net.DialTimeout("tcp", a.rpcAddr(), 5*time.Second)
+		c, err := net.DialTimeout("tcp", a.RPCAddr(), 5*time.Second)
 		if err != nil {
 			t.Fatalf("connection %d: %v", i, err)
 		}
@@ -117,7 +118,7 @@ func TestThousandConnections(t *testing.T) {
 	var mu sync.Mutex
 	var callErrs []error
 	for i := 0; i < grpcClients; i++ {
-		g, err := grpc.NewClient(a.rpcAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		g, err := grpc.NewClient(a.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +142,7 @@ func TestThousandConnections(t *testing.T) {
 	// The node still answers a fresh client and still commits.
 	start := time.Now()
 	sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	_, err = a.client().SubmitJob(sctx, &pb.SubmitJobRequest{Id: "conn-1", Spec: execSpec("conn")})
+	_, err = a.Client().SubmitJob(sctx, &pb.SubmitJobRequest{Id: "conn-1", Spec: execSpec("conn")})
 	cancel()
 	if err != nil {
 		t.Fatalf("submission with 1,000 connections open: %v", err)
@@ -163,7 +164,7 @@ func TestThousandConnections(t *testing.T) {
 	}
 	gconns = nil
 	var after map[string]float64
-	procs.Eventually(t, 60*time.Second, func() (err error) {
+	poll.Until(t, 60*time.Second, func() (err error) {
 		after, err = a.metrics(ctx)
 		if err != nil {
 			return err

@@ -11,9 +11,9 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/internal/netemu"
+	"github.com/gpumesh/gpumesh/internal/poll"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/internal/procs"
 )
 
 // netCluster starts n agents, each in its own namespace.
@@ -38,14 +38,14 @@ func submitTimed(a *agent, prefix string, n int, timeout time.Duration) (acked [
 		id := fmt.Sprintf("%s-%03d", prefix, i)
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		start := time.Now()
-		_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
+		_, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
 		d := time.Since(start)
 		cancel()
 		if err == nil {
 			acked = append(acked, id)
 			took = append(took, d)
 		} else {
-			errs = append(errs, fmt.Errorf("%s via %s: %w", id, a.name, err))
+			errs = append(errs, fmt.Errorf("%s via %s: %w", id, a.Name, err))
 		}
 	}
 	return acked, errs, took
@@ -56,7 +56,7 @@ func submitTimed(a *agent, prefix string, n int, timeout time.Duration) (acked [
 func checkVoters(a *agent, want int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	p, err := a.client().RaftPeers(ctx, &pb.RaftPeersRequest{})
+	p, err := a.Client().RaftPeers(ctx, &pb.RaftPeersRequest{})
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,7 @@ func TestPartitionDelayed(t *testing.T) {
 func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, name string, extra map[string]any) (leaderSubmits []time.Duration) {
 	lead := c.waitLeader(90*time.Second, nil)
 	firstLeader := time.Since(start)
-	procs.Eventually(t, 60*time.Second, func() error { return checkVoters(lead, 5) })
+	poll.Until(t, 60*time.Second, func() error { return checkVoters(lead, 5) })
 	before, errs, beforeTook := submitTimed(lead, "before", 5, 10*time.Second)
 	if len(errs) > 0 {
 		t.Fatalf("submissions before the partition: %v", errs)
@@ -176,14 +176,14 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 	}
 	tp.partition(minIdx...)
 	cut := time.Now()
-	t.Logf("partition: minority %s+%s, majority %s %s %s", minority[0].name, minority[1].name, majority[0].name, majority[1].name, majority[2].name)
+	t.Logf("partition: minority %s+%s, majority %s %s %s", minority[0].Name, minority[1].Name, majority[0].Name, majority[1].Name, majority[2].Name)
 
 	newLead := c.waitLeader(60*time.Second, majority)
 	election := time.Since(cut)
-	procs.Eventually(t, 30*time.Second, func() error {
+	poll.Until(t, 30*time.Second, func() error {
 		for _, a := range minority {
 			if info, err := a.info(context.Background()); err == nil && info.Role == "leader" {
-				return fmt.Errorf("%s (cut off from the majority) still says it leads", a.name)
+				return fmt.Errorf("%s (cut off from the majority) still says it leads", a.Name)
 			}
 		}
 		return nil
@@ -206,9 +206,9 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 			go func(a *agent, id, prefix string) {
 				ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
 				defer cancel()
-				_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
+				_, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
 				if err != nil {
-					err = fmt.Errorf("%s via %s: %w", id, a.name, err)
+					err = fmt.Errorf("%s via %s: %w", id, a.Name, err)
 				}
 				outs <- outcome{id, err}
 			}(a, id, fmt.Sprintf("minority%d", k))
@@ -243,7 +243,7 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 		}
 	}
 	scheduled := time.Now()
-	procs.Eventually(t, 90*time.Second, func() error {
+	poll.Until(t, 90*time.Second, func() error {
 		r, err := newLead.jobs(context.Background())
 		if err != nil {
 			return err
@@ -264,13 +264,13 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 	tp.heal()
 	healed := time.Now()
 	// Gossip merges: every agent sees all five alive again.
-	procs.Eventually(t, 90*time.Second, func() error {
+	poll.Until(t, 90*time.Second, func() error {
 		for _, a := range c.agents {
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-			ms, err := a.client().Members(ctx, &pb.MembersRequest{})
+			ms, err := a.Client().Members(ctx, &pb.MembersRequest{})
 			cancel()
 			if err != nil {
-				return fmt.Errorf("%s: %v", a.name, err)
+				return fmt.Errorf("%s: %v", a.Name, err)
 			}
 			alive := 0
 			for _, m := range ms.Members {
@@ -279,7 +279,7 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 				}
 			}
 			if alive != len(c.agents) {
-				return fmt.Errorf("after healing, %s's gossip view has %d of %d members alive: the sides of the partition did not merge", a.name, alive, len(c.agents))
+				return fmt.Errorf("after healing, %s's gossip view has %d of %d members alive: the sides of the partition did not merge", a.Name, alive, len(c.agents))
 			}
 		}
 		return nil
@@ -303,7 +303,7 @@ func partitionScenario(t *testing.T, tp *topology, c *cluster, start time.Time, 
 	}
 	// Every agent is back in one gossip view and the voters are five again.
 	rejoin := time.Now()
-	procs.Eventually(t, 120*time.Second, func() error {
+	poll.Until(t, 120*time.Second, func() error {
 		l, err := c.leader(context.Background(), nil)
 		if err != nil {
 			return err

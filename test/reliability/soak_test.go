@@ -17,7 +17,7 @@ import (
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/internal/procs"
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // strayProcesses lists processes (other than the agents) whose command
@@ -25,7 +25,7 @@ import (
 func strayProcesses(dir string, agents []*agent) []string {
 	skip := map[string]bool{}
 	for _, a := range agents {
-		if p := a.pid(); p > 0 {
+		if p := a.Pid(); p > 0 {
 			skip[fmt.Sprint(p)] = true
 		}
 	}
@@ -63,21 +63,21 @@ func (c *cluster) sample(t *testing.T) []gauges {
 	for _, a := range c.agents {
 		m, err := a.metrics(context.Background())
 		if err != nil {
-			t.Fatalf("%s /metrics: %v", a.name, err)
+			t.Fatalf("%s /metrics: %v", a.Name, err)
 		}
 		if _, ok := m["go_gc_heap_live_bytes"]; !ok {
-			t.Fatalf("%s /metrics has no go_gc_heap_live_bytes (the live heap after the last GC; node/metrics.go exports it)", a.name)
+			t.Fatalf("%s /metrics has no go_gc_heap_live_bytes (the live heap after the last GC; node/metrics.go exports it)", a.Name)
 		}
 		g := gauges{
 			goroutines: m["go_goroutines"], fds: m["process_open_fds"],
 			rssMiB: m["process_resident_memory_bytes"] / (1 << 20), heapInuseMiB: m["go_memstats_heap_inuse_bytes"] / (1 << 20),
 			heapLive: m["go_gc_heap_live_bytes"] / (1 << 20), lastGC: m["go_memstats_last_gc_time_seconds"],
 		}
-		g.dataMiB = dirMiB(a.dataDir, nil)
-		g.raftMiB = dirMiB(filepath.Join(a.dataDir, "raft"), nil)
-		g.allocMiB = dirMiB(filepath.Join(a.dataDir, "alloc"), &g.allocDirs)
-		segs, _ := filepath.Glob(filepath.Join(a.dataDir, "raft", "wal", "*.wal"))
-		snaps, _ := filepath.Glob(filepath.Join(a.dataDir, "raft", "snapshots", "*", "meta.json"))
+		g.dataMiB = dirMiB(a.DataDir, nil)
+		g.raftMiB = dirMiB(filepath.Join(a.DataDir, "raft"), nil)
+		g.allocMiB = dirMiB(filepath.Join(a.DataDir, "alloc"), &g.allocDirs)
+		segs, _ := filepath.Glob(filepath.Join(a.DataDir, "raft", "wal", "*.wal"))
+		snaps, _ := filepath.Glob(filepath.Join(a.DataDir, "raft", "snapshots", "*", "meta.json"))
 		g.walSegments, g.snapshots = float64(len(segs)), float64(len(snaps))
 		out = append(out, g)
 	}
@@ -272,7 +272,7 @@ func (w *jobWatch) check(ids []string) (complete, gone int, problems []string) {
 // waitBatch waits until every id was seen complete and then purged.
 func (w *jobWatch) waitBatch(t *testing.T, ids []string) {
 	t.Helper()
-	procs.Eventually(t, w.gcAge+3*time.Minute, func() error {
+	poll.Until(t, w.gcAge+3*time.Minute, func() error {
 		complete, gone, problems := w.check(ids)
 		if len(problems) > 0 {
 			t.Fatalf("%d problems, e.g. %s", len(problems), problems[0])
@@ -313,11 +313,11 @@ func submitBatch(t *testing.T, c *cluster, rng *rand.Rand, prefix string, from, 
 				id := fmt.Sprintf("%s-%05d", prefix, i)
 				a := c.agents[r.IntN(len(c.agents))]
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				_, err := a.client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
+				_, err := a.Client().SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: execSpec(prefix)})
 				cancel()
 				mu.Lock()
 				if err != nil {
-					errs = append(errs, fmt.Errorf("%s via %s: %w", id, a.name, err))
+					errs = append(errs, fmt.Errorf("%s via %s: %w", id, a.Name, err))
 				} else {
 					ids = append(ids, id)
 				}
@@ -339,7 +339,7 @@ func submitBatch(t *testing.T, c *cluster, rng *rand.Rand, prefix string, from, 
 func (c *cluster) settle(t *testing.T, after time.Time) []gauges {
 	t.Helper()
 	var last []gauges
-	procs.Eventually(t, 120*time.Second, func() error {
+	poll.Until(t, 120*time.Second, func() error {
 		if s := strayProcesses(c.dir, c.agents); len(s) > 0 {
 			return fmt.Errorf("%d task processes still running, e.g. %s", len(s), s[0])
 		}
@@ -348,7 +348,7 @@ func (c *cluster) settle(t *testing.T, after time.Time) []gauges {
 		last = cur
 		for i := range cur {
 			if cur[i].lastGC < float64(after.UnixNano())/1e9 {
-				return fmt.Errorf("%s has not collected garbage since the checkpoint began", c.agents[i].name)
+				return fmt.Errorf("%s has not collected garbage since the checkpoint began", c.agents[i].Name)
 			}
 		}
 		if prev == nil {
@@ -356,7 +356,7 @@ func (c *cluster) settle(t *testing.T, after time.Time) []gauges {
 		}
 		for i := range cur {
 			if cur[i].goroutines != prev[i].goroutines {
-				return fmt.Errorf("%s goroutines moving: %v → %v", c.agents[i].name, prev[i].goroutines, cur[i].goroutines)
+				return fmt.Errorf("%s goroutines moving: %v → %v", c.agents[i].Name, prev[i].goroutines, cur[i].goroutines)
 			}
 		}
 		return nil
@@ -452,7 +452,7 @@ func TestSoak(t *testing.T) {
 		b0 := time.Now()
 		ids := submitBatch(t, c, rng, "soak", from, to, clients)
 		allIDs = append(allIDs, ids...)
-		procs.Eventually(t, 10*time.Minute, func() error {
+		poll.Until(t, 10*time.Minute, func() error {
 			complete, _, problems := w.check(ids)
 			if len(problems) > 0 {
 				t.Fatalf("%d problems, e.g. %s", len(problems), problems[0])
@@ -568,7 +568,7 @@ func TestSoak(t *testing.T) {
 	for _, cp := range cps {
 		var perAgent []map[string]any
 		for i, g := range cp.per {
-			perAgent = append(perAgent, map[string]any{"agent": c.agents[i].name, "goroutines": g.goroutines, "fds": g.fds, "rss_mib": r1(g.rssMiB), "heap_inuse_mib": r1(g.heapInuseMiB), "heap_live_mib": r1(g.heapLive), "raft_mib": r1(g.raftMiB), "alloc_mib": r1(g.allocMiB), "alloc_dirs": g.allocDirs})
+			perAgent = append(perAgent, map[string]any{"agent": c.agents[i].Name, "goroutines": g.goroutines, "fds": g.fds, "rss_mib": r1(g.rssMiB), "heap_inuse_mib": r1(g.heapInuseMiB), "heap_live_mib": r1(g.heapLive), "raft_mib": r1(g.raftMiB), "alloc_mib": r1(g.allocMiB), "alloc_dirs": g.allocDirs})
 		}
 		table = append(table, map[string]any{
 			"jobs": cp.jobs, "raft_index": cp.index, "wal_segments": cp.sum.walSegments, "snapshots": cp.sum.snapshots, "at_s": r1(cp.at.Seconds()), "batch_s": r1(cp.runS), "purge_s": r1(cp.purgeS),

@@ -13,11 +13,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
-func TestGRPCAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testGRPCAllReduceCorrect) }
+func TestNetAllReduceCorrect(t *testing.T) { forEachDataPlane(t, testNetAllReduceCorrect) }
 
-func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
+func testNetAllReduceCorrect(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
 	if err != nil {
@@ -59,9 +61,9 @@ func testGRPCAllReduceCorrect(t *testing.T, planeCfg GRPCConfig) {
 	}
 }
 
-func TestGRPCMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testGRPCMismatchNamesIt) }
+func TestNetMismatchNamesIt(t *testing.T) { forEachDataPlane(t, testNetMismatchNamesIt) }
 
-func testGRPCMismatchNamesIt(t *testing.T, planeCfg GRPCConfig) {
+func testNetMismatchNamesIt(t *testing.T, planeCfg NetConfig) {
 	g, err := NewLoopbackGroup("job", 1, 2, testConfig(), planeCfg)
 	if err != nil {
 		t.Fatal(err)
@@ -81,11 +83,11 @@ func testGRPCMismatchNamesIt(t *testing.T, planeCfg GRPCConfig) {
 	}
 }
 
-func TestGRPCDeadPeerFailsSurvivors(t *testing.T) {
-	forEachDataPlane(t, testGRPCDeadPeerFailsSurvivors)
+func TestNetDeadPeerFailsSurvivors(t *testing.T) {
+	forEachDataPlane(t, testNetDeadPeerFailsSurvivors)
 }
 
-func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
+func testNetDeadPeerFailsSurvivors(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	g, err := NewLoopbackGroup("job", 1, 3, cfg, planeCfg)
@@ -101,7 +103,7 @@ func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
 			errs <- g.Comms[r].AllReduce(context.Background(), NewHostBuffer(Float32, 1<<20), OpSum)
 		}()
 	}
-	waitFor(t, func() bool { return g.Comms[0].active.Load() == 1 && g.Comms[2].active.Load() == 1 })
+	poll.Until(t, 10*time.Second, func() bool { return g.Comms[0].active.Load() == 1 && g.Comms[2].active.Load() == 1 })
 	// Rank 1's node goes away: its server and links are cut.
 	g.Servers[1].Close()
 	_ = g.Comms[1].ep.Close()
@@ -116,9 +118,9 @@ func testGRPCDeadPeerFailsSurvivors(t *testing.T, planeCfg GRPCConfig) {
 	}
 }
 
-func TestGRPCUnreachablePeer(t *testing.T) { forEachDataPlane(t, testGRPCUnreachablePeer) }
+func TestNetUnreachablePeer(t *testing.T) { forEachDataPlane(t, testNetUnreachablePeer) }
 
-func testGRPCUnreachablePeer(t *testing.T, planeCfg GRPCConfig) {
+func testNetUnreachablePeer(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 500 * time.Millisecond
 	s, err := Listen("127.0.0.1:0", planeCfg)
@@ -144,11 +146,11 @@ func testGRPCUnreachablePeer(t *testing.T, planeCfg GRPCConfig) {
 	}
 }
 
-func TestGRPCStaleGenerationRefused(t *testing.T) {
-	forEachDataPlane(t, testGRPCStaleGenerationRefused)
+func TestNetStaleGenerationRefused(t *testing.T) {
+	forEachDataPlane(t, testNetStaleGenerationRefused)
 }
 
-func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
+func testNetStaleGenerationRefused(t *testing.T, planeCfg NetConfig) {
 	cfg := testConfig()
 	cfg.Timeout = 5 * time.Second
 	srvs := listenServers(t, 2, planeCfg)
@@ -176,9 +178,9 @@ func testGRPCStaleGenerationRefused(t *testing.T, planeCfg GRPCConfig) {
 }
 
 // The data plane shares a *grpc.Server with protobuf services.
-func TestGRPCSharesServerWithProtobuf(t *testing.T) {
-	svc, addr := serveWithHealth(t, DefaultGRPCConfig(), false)
-	tr := NewGRPCTransport(svc)
+func TestNetSharesServerWithProtobuf(t *testing.T) {
+	svc, addr := serveWithHealth(t, DefaultNetConfig(), false)
+	tr := NewNetTransport(svc)
 	addrs := []string{addr, addr} // two ranks served by one node
 	comms := make([]*Communicator, 2)
 	for r := range comms {
@@ -196,7 +198,7 @@ func TestGRPCSharesServerWithProtobuf(t *testing.T) {
 // serveWithHealth serves a data-plane Service and the gRPC health service
 // from one *grpc.Server on a loopback port (through Service.Listener, so
 // that lanes share the port, when lanes is set) until the test ends.
-func serveWithHealth(t *testing.T, gcfg GRPCConfig, lanes bool) (*Service, string) {
+func serveWithHealth(t *testing.T, gcfg NetConfig, lanes bool) (*Service, string) {
 	t.Helper()
 	svc, err := NewService(gcfg)
 	if err != nil {
@@ -236,11 +238,11 @@ func checkHealth(t *testing.T, addr, what string) {
 // Ranks 0 and 1 live in one process (one server, same address) and exchange
 // in memory; rank 2 is on another node and talks gRPC. With NoLocalShortcut
 // the same group runs over TCP only.
-func TestGRPCMixedLocalAndRemoteRanks(t *testing.T) {
-	forEachDataPlane(t, testGRPCMixedLocalAndRemoteRanks)
+func TestNetMixedLocalAndRemoteRanks(t *testing.T) {
+	forEachDataPlane(t, testNetMixedLocalAndRemoteRanks)
 }
 
-func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
+func testNetMixedLocalAndRemoteRanks(t *testing.T, planeCfg NetConfig) {
 	for _, noLocal := range []bool{false, true} {
 		gcfg := planeCfg
 		gcfg.NoLocalShortcut = noLocal
@@ -255,7 +257,7 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 				t.Fatal(err)
 			}
 		}
-		ep := comms[0].ep.(*grpcEndpoint)
+		ep := comms[0].ep.(*netEndpoint)
 		if ep.local[1] == noLocal || ep.local[2] {
 			t.Fatalf("noLocal=%v: local peers %v", noLocal, ep.local)
 		}
@@ -281,9 +283,9 @@ func testGRPCMixedLocalAndRemoteRanks(t *testing.T, planeCfg GRPCConfig) {
 	}
 }
 
-func TestGRPCChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testGRPCChannelConfigMismatch) }
+func TestNetChannelConfigMismatch(t *testing.T) { forEachDataPlane(t, testNetChannelConfigMismatch) }
 
-func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
+func testNetChannelConfigMismatch(t *testing.T, planeCfg NetConfig) {
 	srvs := listenServers(t, 2, planeCfg)
 	addrs := []string{srvs[0].Addr(), srvs[1].Addr()}
 	comms := make([]*Communicator, 2)
@@ -309,7 +311,7 @@ func testGRPCChannelConfigMismatch(t *testing.T, planeCfg GRPCConfig) {
 
 // listenServers starts n data-plane servers with gcfg on loopback ports;
 // they close when the test ends.
-func listenServers(t *testing.T, n int, gcfg GRPCConfig) []*Server {
+func listenServers(t *testing.T, n int, gcfg NetConfig) []*Server {
 	t.Helper()
 	srvs := make([]*Server, n)
 	for i := range srvs {
@@ -325,10 +327,10 @@ func listenServers(t *testing.T, n int, gcfg GRPCConfig) []*Server {
 
 // forEachDataPlane runs f with lanes (the default) and with frames on the
 // gRPC streams.
-func forEachDataPlane(t *testing.T, f func(t *testing.T, gcfg GRPCConfig)) {
+func forEachDataPlane(t *testing.T, f func(t *testing.T, gcfg NetConfig)) {
 	for _, plane := range []string{DataPlaneTCP, DataPlaneGRPC} {
 		t.Run(plane, func(t *testing.T) {
-			gcfg := DefaultGRPCConfig()
+			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = plane
 			f(t, gcfg)
 		})
