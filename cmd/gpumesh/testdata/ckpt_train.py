@@ -23,6 +23,7 @@ p.add_argument("--stop-at", type=int, default=-1, help="save the checkpoint of t
 p.add_argument("--batch", type=int, default=8)
 p.add_argument("--out", default="")
 p.add_argument("--step-sleep", type=float, default=0.0)
+p.add_argument("--slow-generation", default="", help="sleep only in this GPUMESH_GENERATION")
 p.add_argument("--shard", action="store_true")
 args = p.parse_args()
 
@@ -50,7 +51,7 @@ for step in range(last + 1, args.steps):
     loss.backward()
     opt.step()
     print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
-    if args.step_sleep:
+    if args.step_sleep and args.slow_generation in ("", os.environ.get("GPUMESH_GENERATION")):
         time.sleep(args.step_sleep)
     if step == args.stop_at or ckpt.should_save(step):
         ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step, shard=args.shard)
