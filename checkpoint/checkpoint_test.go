@@ -152,7 +152,7 @@ func TestCrashMidWriteKeepsPrevious(t *testing.T) {
 			}
 			// A commit naming a part that is not there.
 			err := c.Commit(ctx, checkpoint.Manifest{Step: 40, WorldSize: 2, Parts: []checkpoint.Part{
-				{Rank: 0, Size: 1, SHA256: strings.Repeat("0", 64)}, {Rank: 1, Size: 1, SHA256: strings.Repeat("0", 64)}}})
+				{Rank: 0, Size: 1, CRC32C: []string{"00000000"}}, {Rank: 1, Size: 1, CRC32C: []string{"00000000"}}}})
 			if !errors.Is(err, checkpoint.ErrIncomplete) {
 				t.Fatalf("commit of missing parts: %v, want ErrIncomplete", err)
 			}
@@ -208,9 +208,10 @@ func TestCorruptPartIsAnError(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
 			c := newCheckpoints(t, st, 3)
-			m := save(t, c, 7, map[int][]byte{0: payload(7, 1<<20)}, 1)
-			bad := payload(7, 1<<20)
-			bad[12345] ^= 1
+			// Two checksum chunks; the flipped bit is in the second.
+			m := save(t, c, 7, map[int][]byte{0: payload(7, checkpoint.ChecksumChunk+(4<<20))}, 1)
+			bad := payload(7, checkpoint.ChecksumChunk+(4<<20))
+			bad[checkpoint.ChecksumChunk+12345] ^= 1
 			if err := st.Upload(ctx, checkpoint.PartKey(7, 0), bytes.NewReader(bad)); err != nil {
 				t.Fatal(err)
 			}

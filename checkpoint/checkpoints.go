@@ -3,15 +3,16 @@ package checkpoint
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"hash"
+	"hash/crc32"
 	"io"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -32,10 +33,20 @@ const DefaultKeep = 3
 
 // Part is one rank's bytes in a checkpoint.
 type Part struct {
-	Rank   int    `json:"rank"`
-	Size   int64  `json:"size"`
-	SHA256 string `json:"sha256"`
+	Rank int   `json:"rank"`
+	Size int64 `json:"size"`
+	// CRC32C holds the Castagnoli CRC-32 (8 hex digits) of every
+	// ChecksumChunk bytes, the last chunk shorter; none for an empty part.
+	// Chunks are checked independently, so uploads hash them in parallel
+	// and a download whose ranges arrive out of order checks each as it
+	// lands.
+	CRC32C []string `json:"crc32c"`
 }
+
+// ChecksumChunk is the span of each of a Part's Chunks checksums; it is
+// the default S3 part size, so one ranged download fills one chunk in
+// order.
+const ChecksumChunk = DefaultPartSize
 
 // Manifest describes one complete checkpoint.
 type Manifest struct {
@@ -73,6 +84,10 @@ func (m Manifest) Size() int64 {
 	}
 	return n
 }
+
+// castagnoli is the CRC-32C table (hardware-accelerated on x86-64 and
+// arm64; the checksum S3 itself offers).
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 const (
 	stepPrefix   = "step-"
@@ -118,28 +133,120 @@ func New(store Store, cfg Config) (*Checkpoints, error) {
 // Store returns the underlying store.
 func (c *Checkpoints) Store() Store { return c.store }
 
-// countingHash counts and hashes what passes through.
-type countingHash struct {
-	h hash.Hash
-	n int64
+// chunkHasher counts what passes through and checksums each
+// ChecksumChunk of it.
+type chunkHasher struct {
+	chunk  hash.Hash32
+	chunks []string
+	n      int64
 }
 
-func (c *countingHash) Write(p []byte) (int, error) {
-	c.n += int64(len(p))
-	return c.h.Write(p)
+func (c *chunkHasher) Write(p []byte) (int, error) {
+	for q := p; len(q) > 0; {
+		room := ChecksumChunk - c.n%ChecksumChunk
+		k := min(int64(len(q)), room)
+		c.chunk.Write(q[:k])
+		c.n += k
+		q = q[k:]
+		if k == room {
+			c.chunks = append(c.chunks, hex.EncodeToString(c.chunk.Sum(nil)))
+			c.chunk.Reset()
+		}
+	}
+	return len(p), nil
+}
+
+func (c *chunkHasher) sums() []string {
+	if c.n%ChecksumChunk != 0 {
+		return append(c.chunks, hex.EncodeToString(c.chunk.Sum(nil)))
+	}
+	return c.chunks
+}
+
+// sizedReaderAt is what a file offers: the upload reads it in parallel
+// ranges without a copy, and the checksums are taken from it beside.
+type sizedReaderAt interface {
+	io.ReaderAt
+	io.ReadSeeker
 }
 
 // PutPart uploads one rank's bytes for a step and returns the Part to list
-// in the manifest. Nothing is visible to Latest until Commit.
+// in the manifest. Nothing is visible to Latest until Commit. A reader that
+// is also an io.ReaderAt and io.Seeker (a file) is uploaded in parallel
+// ranges and checksummed in parallel beside the upload; any other is
+// checksummed as it streams.
 func (c *Checkpoints) PutPart(ctx context.Context, step int64, rank int, r io.Reader) (Part, error) {
 	if step < 0 || rank < 0 {
 		return Part{}, fmt.Errorf("%w: step %d, rank %d: both must be >= 0", ErrInvalidConfig, step, rank)
 	}
-	ch := &countingHash{h: sha256.New()}
-	if err := c.store.Upload(ctx, PartKey(step, rank), io.TeeReader(r, ch)); err != nil {
+	key := PartKey(step, rank)
+	if ra, ok := r.(sizedReaderAt); ok {
+		if start, size, ok := extent(ra); ok {
+			sums := make(chan []string, 1)
+			go func() { sums <- parallelChecksums(io.NewSectionReader(ra, start, size), size) }()
+			err := c.store.Upload(ctx, key, r)
+			sum := <-sums
+			if err != nil {
+				return Part{}, fmt.Errorf("checkpoint step %d rank %d: %w", step, rank, err)
+			}
+			if sum == nil {
+				return Part{}, fmt.Errorf("checkpoint step %d rank %d: reading the part to checksum it failed", step, rank)
+			}
+			return Part{Rank: rank, Size: size, CRC32C: sum}, nil
+		}
+	}
+	ch := &chunkHasher{chunk: crc32.New(castagnoli)}
+	if err := c.store.Upload(ctx, key, io.TeeReader(r, ch)); err != nil {
 		return Part{}, fmt.Errorf("checkpoint step %d rank %d: %w", step, rank, err)
 	}
-	return Part{Rank: rank, Size: ch.n, SHA256: hex.EncodeToString(ch.h.Sum(nil))}, nil
+	return Part{Rank: rank, Size: ch.n, CRC32C: ch.sums()}, nil
+}
+
+// extent returns where r is and how many bytes follow, if r can seek (a
+// pipe cannot).
+func extent(r io.Seeker) (start, size int64, ok bool) {
+	start, err := r.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return 0, 0, false
+	}
+	end, err := r.Seek(0, io.SeekEnd)
+	if err != nil {
+		return 0, 0, false
+	}
+	if _, err := r.Seek(start, io.SeekStart); err != nil {
+		return 0, 0, false
+	}
+	return start, end - start, true
+}
+
+// parallelChecksums checksums every ChecksumChunk of r, a few chunks at a
+// time; nil if reading fails.
+func parallelChecksums(r *io.SectionReader, size int64) []string {
+	n := (size + ChecksumChunk - 1) / ChecksumChunk
+	out := make([]string, n)
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	sem := make(chan struct{}, 4)
+	for i := int64(0); i < n; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			h := crc32.New(castagnoli)
+			off := i * ChecksumChunk
+			if _, err := io.Copy(h, io.NewSectionReader(r, off, min(ChecksumChunk, size-off))); err != nil {
+				failed.Store(true)
+				return
+			}
+			out[i] = hex.EncodeToString(h.Sum(nil))
+		}()
+	}
+	wg.Wait()
+	if failed.Load() {
+		return nil
+	}
+	return out
 }
 
 // Commit makes a checkpoint visible: it checks that every part the manifest
@@ -193,8 +300,13 @@ func validateManifest(m Manifest) error {
 			return fmt.Errorf("%w: part rank %d is out of range or repeated (world size %d)", ErrInvalidConfig, p.Rank, m.WorldSize)
 		}
 		seen[p.Rank] = true
-		if len(p.SHA256) != 64 {
-			return fmt.Errorf("%w: part rank %d has no SHA-256", ErrInvalidConfig, p.Rank)
+		if p.Size < 0 || int64(len(p.CRC32C)) != (p.Size+ChecksumChunk-1)/ChecksumChunk {
+			return fmt.Errorf("%w: part rank %d: %d CRC32C checksums for %d bytes", ErrInvalidConfig, p.Rank, len(p.CRC32C), p.Size)
+		}
+		for _, sum := range p.CRC32C {
+			if b, err := hex.DecodeString(sum); err != nil || len(b) != 4 {
+				return fmt.Errorf("%w: part rank %d: CRC32C %q is not 8 hex digits", ErrInvalidConfig, p.Rank, sum)
+			}
 		}
 	}
 	n := 0
@@ -277,13 +389,13 @@ func (c *Checkpoints) Manifest(ctx context.Context, step int64) (Manifest, error
 }
 
 // GetPart downloads a rank's part of a checkpoint into w and checks its
-// size and SHA-256 against the manifest.
+// size and CRC32C against the manifest.
 func (c *Checkpoints) GetPart(ctx context.Context, m Manifest, rank int, w io.WriterAt) error {
 	p, ok := m.Part(rank)
 	if !ok {
 		return fmt.Errorf("%w: checkpoint of step %d has no part for rank %d (it has %d parts of world size %d)", ErrNotFound, m.Step, rank, len(m.Parts), m.WorldSize)
 	}
-	hw := &hashingWriterAt{w: w, h: sha256.New()}
+	hw := &hashingWriterAt{w: w, span: ChecksumChunk, chunks: map[int64]*chunkState{}}
 	n, err := c.store.Download(ctx, PartKey(m.Step, rank), hw)
 	if err != nil {
 		return err
@@ -291,8 +403,10 @@ func (c *Checkpoints) GetPart(ctx context.Context, m Manifest, rank int, w io.Wr
 	if n != p.Size {
 		return fmt.Errorf("%w: step %d rank %d: got %d bytes, manifest says %d", ErrCorrupt, m.Step, rank, n, p.Size)
 	}
-	if sum := hw.sum(); sum != p.SHA256 {
-		return fmt.Errorf("%w: step %d rank %d: SHA-256 %s, manifest says %s", ErrCorrupt, m.Step, rank, sum, p.SHA256)
+	for i, sum := range hw.sums(n) {
+		if sum != p.CRC32C[i] {
+			return fmt.Errorf("%w: step %d rank %d: CRC32C of bytes %d.. is %s, manifest says %s", ErrCorrupt, m.Step, rank, int64(i)*ChecksumChunk, sum, p.CRC32C[i])
+		}
 	}
 	return nil
 }
@@ -361,14 +475,21 @@ func (w *writerAtBuffer) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// hashingWriterAt hashes bytes in offset order as they arrive, holding
-// early pieces until the gap before them is filled (concurrent ranged
-// downloads arrive out of order).
+// hashingWriterAt checksums each span-sized chunk of what is written
+// through it. Writes within a chunk that arrive in order are hashed at
+// once; a piece that arrives early is held until the gap before it fills
+// (concurrent ranged downloads write each range in order, so only ranges
+// that straddle chunks are held).
 type hashingWriterAt struct {
-	w       io.WriterAt
-	mu      sync.Mutex
-	h       hash.Hash
-	next    int64
+	w      io.WriterAt
+	span   int64
+	mu     sync.Mutex
+	chunks map[int64]*chunkState
+}
+
+type chunkState struct {
+	h       hash.Hash32
+	next    int64 // offset within the chunk hashed up to
 	pending map[int64][]byte
 }
 
@@ -379,34 +500,58 @@ func (hw *hashingWriterAt) WriteAt(p []byte, off int64) (int, error) {
 	}
 	hw.mu.Lock()
 	defer hw.mu.Unlock()
-	if off != hw.next {
-		if hw.pending == nil {
-			hw.pending = map[int64][]byte{}
-		}
-		hw.pending[off] = append([]byte(nil), p...)
-		return n, nil
-	}
-	hw.h.Write(p)
-	hw.next += int64(len(p))
-	for {
-		q, ok := hw.pending[hw.next]
-		if !ok {
-			break
-		}
-		delete(hw.pending, hw.next)
-		hw.h.Write(q)
-		hw.next += int64(len(q))
+	for q, o := p, off; len(q) > 0; {
+		idx, in := o/hw.span, o%hw.span
+		k := min(int64(len(q)), hw.span-in)
+		hw.add(idx, in, q[:k])
+		q, o = q[k:], o+k
 	}
 	return n, nil
 }
 
-func (hw *hashingWriterAt) sum() string {
+func (hw *hashingWriterAt) add(idx, in int64, p []byte) {
+	c := hw.chunks[idx]
+	if c == nil {
+		c = &chunkState{h: crc32.New(castagnoli)}
+		hw.chunks[idx] = c
+	}
+	if in != c.next {
+		if c.pending == nil {
+			c.pending = map[int64][]byte{}
+		}
+		c.pending[in] = append([]byte(nil), p...)
+		return
+	}
+	c.h.Write(p)
+	c.next += int64(len(p))
+	for {
+		q, ok := c.pending[c.next]
+		if !ok {
+			return
+		}
+		delete(c.pending, c.next)
+		c.h.Write(q)
+		c.next += int64(len(q))
+	}
+}
+
+// sums returns the checksum of every chunk of an object of size n; a
+// chunk with a gap gets "incomplete".
+func (hw *hashingWriterAt) sums(n int64) []string {
 	hw.mu.Lock()
 	defer hw.mu.Unlock()
-	if len(hw.pending) > 0 {
-		return "incomplete"
+	out := make([]string, (n+hw.span-1)/hw.span)
+	for i := range out {
+		c := hw.chunks[int64(i)]
+		size := min(hw.span, n-int64(i)*hw.span)
+		switch {
+		case c == nil || c.next != size || len(c.pending) > 0:
+			out[i] = "incomplete"
+		default:
+			out[i] = hex.EncodeToString(c.h.Sum(nil))
+		}
 	}
-	return hex.EncodeToString(hw.h.Sum(nil))
+	return out
 }
 
 // List returns the manifests of the complete checkpoints, oldest first;

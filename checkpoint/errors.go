@@ -11,7 +11,7 @@ var (
 	// ErrIncomplete is returned by Commit when a listed part is missing or
 	// has another size than the manifest says.
 	ErrIncomplete = errors.New("checkpoint incomplete")
-	// ErrCorrupt is returned when a downloaded part's size or SHA-256 differs
+	// ErrCorrupt is returned when a downloaded part's size or CRC32C differs
 	// from its manifest's, or a manifest cannot be read.
 	ErrCorrupt = errors.New("checkpoint corrupt")
 	// ErrInvalidURI is returned by ParseURI and Open for a URI that is not

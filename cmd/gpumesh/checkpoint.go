@@ -71,7 +71,7 @@ checkpoint (a write that died before its commit is never used). Training
 scripts call these through gpumesh.checkpoint; people use list.`,
 		Example: `  gpumesh checkpoint list --uri s3://my-bucket/runs/llama
   gpumesh checkpoint put --step 1200 --rank 0 state.pt
-  gpumesh checkpoint commit --step 1200 --world 4 --parts '[{"rank":0,"size":123,"sha256":"..."}]'
+  gpumesh checkpoint commit --step 1200 --world 4 --parts '[{"rank":0,"size":123,"crc32c":"..."}]'
   gpumesh checkpoint get --rank 0 restored.pt`,
 	}
 	f.register(cmd)
@@ -136,7 +136,7 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 	}
 	cmd.Flags().Int64Var(&step, "step", -1, "the training step (required)")
 	cmd.Flags().IntVar(&world, "world", 1, "the job's world size when it saved")
-	cmd.Flags().StringVar(&parts, "parts", "", `the parts, as a JSON list of what put printed: [{"rank":0,"size":N,"sha256":"..."}] (required)`)
+	cmd.Flags().StringVar(&parts, "parts", "", `the parts, as a JSON list of what put printed: [{"rank":0,"size":N,"crc32c":"..."}] (required)`)
 	cmd.Flags().StringToStringVar(&meta, "meta", nil, "small key=value data kept in the manifest (e.g. epoch=3)")
 	_ = cmd.MarkFlagRequired("step")
 	_ = cmd.MarkFlagRequired("parts")
@@ -179,7 +179,7 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 	var rank int
 	cmd := &cobra.Command{
 		Use:   "get FILE",
-		Short: "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its SHA-256",
+		Short: "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its CRC32C",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
