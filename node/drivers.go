@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
@@ -86,6 +87,8 @@ func taskID(al *pb.Allocation) driver.TaskID {
 // execTask adapts a driver handle to task.
 type execTask struct {
 	h *driver.Handle
+	// prefetch is the checkpoint prefetch's record once it is done.
+	prefetch atomic.Pointer[PrefetchRecord]
 }
 
 func (t *execTask) Done() <-chan struct{} { return t.h.Done() }
@@ -103,6 +106,9 @@ func (t *execTask) Result() taskResult {
 	}
 	if res.Stopped && res.StopReason != "" && tr.Message == "" {
 		tr.Message = res.StopReason
+	}
+	if p := t.prefetch.Load(); p != nil {
+		tr.Report = map[string]any{"checkpoint_prefetch": p.report()}
 	}
 	return tr
 }
@@ -151,7 +157,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		ID:      id,
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
-		Env:     append(env, checkpointEnv(spec, env)...),
+		Env:     append(env, checkpointEnv(spec, env, allocDir)...),
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {
 		ts.KillTimeout = kt.AsDuration()
@@ -160,7 +166,11 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 	if err != nil {
 		return nil, err
 	}
-	return &execTask{h: h}, nil
+	t := &execTask{h: h}
+	if spec.GetCheckpoint() != nil {
+		r.startPrefetch(t, spec, ts.Env, al, allocDir)
+	}
+	return t, nil
 }
 
 func mustAbs(p string) string {

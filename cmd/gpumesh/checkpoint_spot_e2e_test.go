@@ -157,8 +157,39 @@ func TestSpotNoticeResumesDDPFromCheckpoint(t *testing.T) {
 		}
 	}
 	for r := 0; r < 3; r++ {
-		if got := resumedFrom(t, logs(r, final.Job.Generation)); got != saved {
+		l := logs(r, final.Job.Generation)
+		if got := resumedFrom(t, l); got != saved {
 			t.Fatalf("rank %d of generation %d resumed from %d, want %d", r, final.Job.Generation, got, saved)
+		}
+		// The agent had fetched it before the rank asked.
+		m := regexp.MustCompile(`resumed from -?\d+ (\{.*\})`).FindStringSubmatch(l)
+		var load struct {
+			Source          string  `json:"source"`
+			PrefetchSeconds float64 `json:"prefetch_seconds"`
+		}
+		if m == nil || json.Unmarshal([]byte(m[1]), &load) != nil || load.Source != "prefetch" {
+			t.Fatalf("rank %d did not load the agent's prefetched copy: %q", r, m)
+		}
+		t.Logf("rank %d: checkpoint prefetched by its agent in %.3f s", r, load.PrefetchSeconds)
+	}
+	// The download time is in the job's status (the allocation's result).
+	var st struct {
+		Allocations []struct {
+			Generation uint64         `json:"generation"`
+			Rank       int            `json:"rank"`
+			Result     map[string]any `json:"result"`
+		} `json:"allocations"`
+	}
+	if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &st, "job", "status", sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, al := range st.Allocations {
+		if al.Generation != final.Job.Generation {
+			continue
+		}
+		p, ok := al.Result["checkpoint_prefetch"].(map[string]any)
+		if !ok || p["found"] != true || p["step"] != float64(saved) {
+			t.Fatalf("job status of rank %d shows no prefetch of step %d: %v", al.Rank, saved, al.Result)
 		}
 	}
 	t.Logf("notice at %s; generation 1 saved step %d and stopped; generation %d resumed from it, 0 steps lost",

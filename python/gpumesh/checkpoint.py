@@ -42,6 +42,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 ENV_URI = "GPUMESH_CHECKPOINT_URI"
 ENV_KEEP = "GPUMESH_CHECKPOINT_KEEP"
@@ -49,6 +50,10 @@ ENV_EVERY = "GPUMESH_CHECKPOINT_EVERY"
 ENV_BIN = "GPUMESH_BIN"
 ENV_DEADLINE_FILE = "GPUMESH_PREEMPT_DEADLINE_FILE"
 ENV_ALLOC_DIR = "GPUMESH_ALLOC_DIR"
+ENV_CACHE = "GPUMESH_CHECKPOINT_CACHE"
+
+# How long load() waits for the agent's prefetch before downloading itself.
+PREFETCH_WAIT_SECONDS = 600.0
 
 
 class CheckpointError(RuntimeError):
@@ -59,6 +64,7 @@ _lock = threading.Lock()
 _config = {"uri": None, "keep": None, "every": None, "bin": None}
 _sigterm = threading.Event()
 _installed = False
+last_load = {}
 
 
 def configure(uri=None, keep=None, every=None, binary=None):
@@ -240,7 +246,10 @@ def latest():
 def load(step=None, map_location="cpu"):
     """Load the newest complete checkpoint (or that of `step`): returns
     (state, step), or (None, -1) when there is none. A rank gets its own
-    part of a sharded checkpoint, and rank 0's part otherwise."""
+    part of a sharded checkpoint, and rank 0's part otherwise. Inside a
+    gpumesh job the agent has started fetching it when the rank started
+    ($GPUMESH_CHECKPOINT_CACHE); load() uses that copy when it is of the
+    newest step. last_load says where it came from and how long it took."""
     import torch
     install_handler()
     if uri() is None:
@@ -261,6 +270,12 @@ def load(step=None, map_location="cpu"):
                                   "load it with the same world size, or save with shard=False"
                                   % (m["step"], len(m["parts"]), m["world_size"], world))
         want = rank
+    t0 = time.monotonic()
+    local = _prefetched(int(m["step"]), want)
+    if local is not None:
+        state = torch.load(local, map_location=map_location)
+        last_load.update(step=int(m["step"]), part=want, source="prefetch", wait_seconds=time.monotonic() - t0)
+        return state, int(m["step"])
     with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
         path = f.name
     try:
@@ -269,4 +284,26 @@ def load(step=None, map_location="cpu"):
     finally:
         if os.path.exists(path):
             os.unlink(path)
+    last_load.update(step=int(m["step"]), part=want, source="store", seconds=time.monotonic() - t0)
     return state, int(m["step"])
+
+
+def _prefetched(step, part):
+    """The agent's prefetched copy of (step, part), once its record is
+    written, or None (no prefetch, another step, or it failed)."""
+    d = os.environ.get(ENV_CACHE)
+    if not d:
+        return None
+    rec_path = os.path.join(d, "prefetch.json")
+    deadline = time.monotonic() + PREFETCH_WAIT_SECONDS
+    while not os.path.exists(rec_path):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+    with open(rec_path) as f:
+        rec = json.load(f)
+    if not rec.get("found") or rec.get("step") != step or rec.get("part") != part:
+        return None
+    last_load["prefetch_seconds"] = rec.get("seconds")
+    path = os.path.join(d, rec["file"])
+    return path if os.path.exists(path) else None

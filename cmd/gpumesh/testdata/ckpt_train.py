@@ -38,7 +38,7 @@ state, last = ckpt.load()
 if state is not None:
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
-print(f"rank {rank} world {world} resumed from {last}", flush=True)
+print(f"rank {rank} world {world} resumed from {last} {json.dumps(ckpt.last_load, sort_keys=True)}", flush=True)
 ddp = DDP(model)
 target = torch.randn(16, 4, generator=torch.Generator().manual_seed(1234))
 
