@@ -75,8 +75,7 @@ func BenchmarkRegisterJob(b *testing.B) {
 					}
 				})
 				l := tc.WaitForLeader(10 * time.Second)
-				schedulerPaused.Store(true) // measure the write path only
-				defer schedulerPaused.Store(false)
+				l.pauseScheduler(true) // measure the write path only
 				b.ResetTimer()
 				d := benchSubmit(b, tc, l, workers, b.N)
 				b.ReportMetric(float64(b.N)/d.Seconds(), "jobs/s")
@@ -112,11 +111,11 @@ func BenchmarkPlacements(b *testing.B) {
 				b.ResetTimer()
 				var start time.Time
 				if mode == "placement-only" {
-					schedulerPaused.Store(true)
+					s.pauseScheduler(true)
 					d := benchSubmit(b, tc, s, 64, jobs)
 					b.ReportMetric(float64(jobs)/d.Seconds(), "submits/s")
 					start = time.Now()
-					schedulerPaused.Store(false)
+					s.pauseScheduler(false)
 				} else {
 					start = time.Now()
 					benchSubmit(b, tc, s, 64, jobs)

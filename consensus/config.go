@@ -109,6 +109,21 @@ type Config struct {
 	// SchedulerBatch is the most jobs whose plans go into one log entry.
 	// Default 512.
 	SchedulerBatch int
+	// NodeLossGrace is how long a node may be silent (gossip reports it
+	// dead, or it left) before the ranks it runs count as lost and their
+	// generation is placed again (Nomad's heartbeat grace). An agent that
+	// restarts within it finds its exec tasks still running, adopts them,
+	// and the generation goes on. A generation ends sooner when one of its
+	// own ranks fails while the node is silent (its peers saw it die).
+	// Default 30 s.
+	NodeLossGrace time.Duration
+	// FailureSettle is how long after a rank fails the scheduler waits for
+	// the rest of the generation to report, or for word that a node of
+	// the generation is lost, before it counts the failure against the
+	// job's restart policy: when a node dies its peers often fail before
+	// gossip says the node is dead, and a node loss is not the job's
+	// fault. Default 5 s.
+	FailureSettle time.Duration
 
 	// Membership is the gossip view. Required.
 	Membership Membership
@@ -145,6 +160,8 @@ func DefaultConfig() *Config {
 		JobGCInterval:        time.Minute,
 		SchedulerBatch:       512,
 		StopReportGrace:      15 * time.Second,
+		NodeLossGrace:        30 * time.Second,
+		FailureSettle:        5 * time.Second,
 	}
 }
 
@@ -196,6 +213,8 @@ func (c *Config) Validate() error {
 		return bad("StopReportGrace must be > 0, got %s", c.StopReportGrace)
 	case c.SchedulerBatch < 1:
 		return bad("SchedulerBatch must be >= 1, got %d", c.SchedulerBatch)
+	case c.NodeLossGrace < 0 || c.FailureSettle < 0:
+		return bad("NodeLossGrace and FailureSettle must be >= 0, got %s and %s", c.NodeLossGrace, c.FailureSettle)
 	}
 	if c.StreamLayer == nil {
 		if _, _, err := net.SplitHostPort(c.RaftBindAddr); err != nil {

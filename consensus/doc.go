@@ -37,17 +37,26 @@
 //
 // Every change is one Raft log entry (fsmpb.Command); the FSM applies it
 // deterministically (ids and times travel in the command). Writes return
-// once the entry is committed and applied on the leader. StateStore objects
+// once the entry is committed and applied on the leader, or when the
+// caller's context ends (the entry may then still commit). StateStore objects
 // are shared and immutable: never modify them, clone first.
 //
 // # Scheduler
 //
-// While leading, an event-driven scheduler (see the scheduler type) places
-// pending jobs with sharding.Cluster, commits whole plans (many jobs per
-// batch) as one ApplyPlans entry, fails a generation when a rank fails,
-// restarts it within the job's restart policy, re-places work from drained
-// or dead nodes without counting a restart, and grows and shrinks elastic
-// jobs. The node runtime must report every allocation it stops
+// The scheduler is a function: Evaluator.Evaluate(job, allocations, now)
+// on a ClusterView returns a Decision (a plan to commit, a time to look
+// again), with no clock, lock, timer or I/O inside; see Evaluate for the
+// job life it implements and Cause for the typed reasons a generation
+// ends (only CauseTaskFailed counts against the restart policy). PlanJob, the
+// dry run behind job plan, places a spec through the same Evaluator view
+// without committing anything. While leading, the server's
+// schedLoop owns time and I/O: it wakes on FSM events (job registered,
+// allocation ended, node joined, left or drained, a follower caught up)
+// and on the earliest wake-up a decision asked for, evaluates the affected
+// jobs in batches and commits their plans as one ApplyPlans entry. A
+// silent node's ranks are lost only after Config.NodeLossGrace, and
+// nothing is placed on a Raft follower that is behind (replTracker).
+// The node runtime must report every allocation it stops
 // (client_status "stopped"), including ones it never started, because a
 // job is placed again only once the ranks of its previous generation have
 // stopped; ranks that report nothing within the job's kill_timeout plus

@@ -186,8 +186,8 @@ func (f *FSM) upsertNodes(idx uint64, now *timestamppb.Timestamp, nodes []*contr
 }
 
 // nodeEvents queues scheduler work for a node change: jobs with live
-// allocations on a node that can no longer hold them, and a capacity
-// re-check when a node can take new work.
+// allocations on a node that can no longer hold them or that came back,
+// and a capacity re-check when a node can take new work.
 func (f *FSM) nodeEvents(old, n *controlpb.Node) {
 	usable := nodeSchedulable(n)
 	if old == nil || !nodeSchedulable(old) || len(old.Gpus) != len(n.Gpus) || old.MaxRanks != n.MaxRanks {
@@ -195,7 +195,9 @@ func (f *FSM) nodeEvents(old, n *controlpb.Node) {
 			f.events.capacity()
 		}
 	}
-	if !usable || (old != nil && nodeAlive(old) && !nodeAlive(n)) {
+	// A node that comes back matters too: its ranks were suspected (the
+	// node loss grace) and their jobs say so until evaluated again.
+	if !usable || (old != nil && nodeAlive(old) != nodeAlive(n)) {
 		for _, a := range f.state.allocsByNode[n.Id] {
 			if !AllocTerminal(a.ClientStatus) || a.DesiredStatus == DesiredRun {
 				f.events.job(a.JobId)
@@ -284,6 +286,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 		nj.Restarts = p.Restarts
 		nj.WorldSize = p.WorldSize
 		nj.NextAttemptTime = p.NextAttemptTime
+		nj.EndCause = p.EndCause
 		nj.ModifyIndex = idx
 		st.jobs[nj.Id] = nj
 		for _, id := range p.StopAllocIds {
@@ -301,7 +304,10 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 				if !AllocTerminal(na.ClientStatus) {
 					st.resVersion++
 					na.ClientStatus = AllocLost
-					na.Message = "lost: its node is gone or never reported it stopped"
+					na.Message = p.LostMessage
+					if na.Message == "" {
+						na.Message = "lost: its node is gone or never reported it stopped"
+					}
 					na.FinishTime = now
 				}
 				na.ModifyIndex = idx

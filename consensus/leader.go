@@ -21,7 +21,7 @@ type leaderSession struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	ap     *autopilot.Autopilot
-	sched  *scheduler
+	sched  *schedLoop
 }
 
 func (ls *leaderSession) goFunc(f func()) {
@@ -98,7 +98,7 @@ func (ls *leaderSession) run() {
 		}
 	}()
 
-	ls.sched = newScheduler(s, ls.ctx)
+	ls.sched = newSchedLoop(s, ls.ctx)
 	s.fsm.events.enable(true)
 	s.fsm.events.all()
 	ls.goFunc(ls.sched.run)

@@ -6,8 +6,8 @@ import (
 )
 
 // PlanJob says whether and where a job with spec would be placed against
-// the given cluster state, through the same conversions and planner
-// (sharding) the leader's scheduler uses, so `gpumesh job plan` answers
+// the given cluster state, through the scheduler's own planner view
+// (NewEvaluator) and conversions, so `gpumesh job plan` answers
 // what the leader would do. It is pure: nothing is submitted or reserved.
 //
 // nodes and allocs are the state as the Control API returns it (ListNodes,
@@ -17,29 +17,13 @@ import (
 // *sharding.UnplaceableError (errors.Is sharding.ErrUnplaceable) when the
 // job does not fit now, ErrInvalidArgument-wrapped for a bad constraint.
 func PlanJob(nodes []*controlpb.Node, allocs []*controlpb.Allocation, spec *controlpb.JobSpec) (sharding.Plan, error) {
-	alive := map[string]bool{}
-	var sn []sharding.Node
-	for _, n := range nodes {
-		if !nodeAlive(n) {
-			continue
-		}
-		alive[n.Id] = true
-		sn = append(sn, toShardingNode(n))
-	}
-	var existing []sharding.Allocation
-	for _, a := range allocs {
-		if AllocTerminal(a.ClientStatus) || !alive[a.NodeId] {
-			continue
-		}
-		existing = append(existing, sharding.Allocation{JobID: a.JobId, Rank: int(a.Rank), NodeID: a.NodeId, GPUs: intsOf(a.Gpus)})
+	e, err := NewEvaluator(ClusterView{Nodes: nodes, Allocations: allocs}, SchedulerConfig{})
+	if err != nil {
+		return sharding.Plan{}, err
 	}
 	job, err := toShardingJob("plan", spec)
 	if err != nil {
 		return sharding.Plan{}, err
 	}
-	c, err := sharding.NewCluster(sn, existing)
-	if err != nil {
-		return sharding.Plan{}, err
-	}
-	return c.Place(job)
+	return e.cluster.Place(job)
 }

@@ -1,13 +1,9 @@
 package consensus
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
-	"sort"
-	"strings"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -34,277 +30,542 @@ func killTimeout(spec *controlpb.JobSpec) time.Duration {
 	return DefaultKillTimeout
 }
 
-// scheduler is the leader's event-driven placement loop. It consumes the
-// FSM's change events (job registered, allocation finished, node changed),
-// evaluates the affected jobs in batches, and commits all their plans as
-// ONE ApplyPlans log entry per batch.
-//
-// Job life (decided here, applied by the FSM):
-//   - pending: placed with sharding.Cluster.Place; on success a new
-//     generation (generation+1) of allocations in one entry, job running;
-//     otherwise it stays pending with the planner's reason.
-//   - running: when every rank of the generation completed with exit 0 the
-//     job is complete. When a rank fails (client status failed, or complete
-//     with a non-zero exit) the generation fails: every rank gets desired
-//     stop, and the job goes back to pending until restart.delay passes,
-//     counting one restart; once restarts reach restart.attempts the job
-//     fails. When a rank's node goes down, leaves or drains, the generation
-//     also ends, but that is not the job's fault: no restart is counted and
-//     no delay applies. A pending job waits for the ranks of its previous
-//     generation to stop before it is placed again, so a GPU never serves
-//     two generations at once.
-//   - elastic jobs (max_ranks > 0) are placed with min_ranks..max_ranks
-//     ranks; a running elastic job below max_ranks is regrown (a new
-//     generation) when capacity for more ranks appears, and a lost node
-//     shrinks it the same way.
-type scheduler struct {
-	s      *Server
-	ctx    context.Context
-	queue  map[string]struct{}
-	timers map[string]time.Time
-	// bc is the planner view, kept across batches while the state's
-	// resource version stays bcVersion (only our own plans were added).
-	bc        *batchContext
-	bcVersion uint64
-	// requeue holds jobs to evaluate again once the batch is committed.
-	requeue []string
-	timer   *time.Timer
+// Cause is why a generation ended, typed: the scheduler decides on it
+// (never on a status reason, which says the same for people). It is stored
+// as the job's end_cause.
+type Cause string
+
+// Causes of a generation's end.
+const (
+	CauseNone Cause = ""
+	// CauseRankFailed: a rank failed (non-zero exit, or its driver failed).
+	// Whether that is the job's own failure is not settled yet: when a node
+	// dies its peers often fail before gossip says it is dead.
+	CauseRankFailed Cause = "rank-failed"
+	// CauseTaskFailed: the job's own failure, counted against its restart
+	// policy.
+	CauseTaskFailed Cause = "task-failed"
+	// CauseNodeLost: a rank's node was silent for longer than the grace
+	// period, or lost the rank (an agent restart that could not adopt it),
+	// or went silent while the rank's peers failed.
+	CauseNodeLost Cause = "node-lost"
+	// CauseNodeDrained: a rank's node drains (operator drain, spot
+	// interruption notice) or stopped the rank on its own.
+	CauseNodeDrained Cause = "node-drained"
+	// CauseResized: an elastic job is placed again to grow.
+	CauseResized Cause = "resized"
+)
+
+// Counts reports whether a generation that ended for this cause counts
+// against the job's restart policy: only the job's own failure does.
+func (c Cause) Counts() bool { return c == CauseTaskFailed }
+
+// SchedulerConfig is what a scheduler decision depends on besides the
+// state and the clock. SchedulerConfigFrom derives it from a server Config.
+type SchedulerConfig struct {
+	// MasterPortMin..MasterPortMax is the MASTER_PORT range per node.
+	MasterPortMin, MasterPortMax int
+	// StopReportGrace, NodeLossGrace and FailureSettle: see Config.
+	StopReportGrace, NodeLossGrace, FailureSettle time.Duration
 }
 
-// schedulerPaused stops the scheduler from evaluating (benchmarks); events
-// keep accumulating and are processed once it is cleared.
-var schedulerPaused atomic.Bool
-
-func newScheduler(s *Server, ctx context.Context) *scheduler {
-	return &scheduler{s: s, ctx: ctx, queue: map[string]struct{}{}, timers: map[string]time.Time{}}
-}
-
-func (sc *scheduler) run() {
-	sc.timer = time.NewTimer(time.Hour)
-	defer sc.timer.Stop()
-	ev := sc.s.fsm.events
-	pollPaused := time.NewTicker(50 * time.Millisecond)
-	defer pollPaused.Stop()
-	for {
-		if !schedulerPaused.Load() {
-			sc.collect()
-			for len(sc.queue) > 0 && sc.ctx.Err() == nil {
-				sc.processBatch()
-				sc.collect()
-			}
-			sc.armTimer()
-		}
-		select {
-		case <-sc.ctx.Done():
-			return
-		case <-ev.ch:
-		case <-sc.timer.C:
-		case <-pollPaused.C:
-		}
+// SchedulerConfigFrom returns the scheduler's part of a server Config.
+func SchedulerConfigFrom(c *Config) SchedulerConfig {
+	return SchedulerConfig{
+		MasterPortMin:   c.MasterPortMin,
+		MasterPortMax:   c.MasterPortMax,
+		StopReportGrace: c.StopReportGrace,
+		NodeLossGrace:   c.NodeLossGrace,
+		FailureSettle:   c.FailureSettle,
 	}
 }
 
-// collect moves pending FSM events and due timers into the queue.
-func (sc *scheduler) collect() {
-	st := sc.s.fsm.state
-	jobs, capacity, every := sc.s.fsm.events.take()
-	for _, id := range jobs {
-		sc.queue[id] = struct{}{}
-	}
-	if every || capacity {
-		st.mu.RLock()
-		for id, j := range st.jobs {
-			if JobTerminal(j.Status) {
-				continue
-			}
-			if every || j.Status == JobPending || (isElastic(j.Spec) && j.WorldSize < maxRanks(j.Spec)) {
-				sc.queue[id] = struct{}{}
-			}
-		}
-		st.mu.RUnlock()
-	}
-	now := time.Now()
-	for id, t := range sc.timers {
-		if !t.After(now) {
-			delete(sc.timers, id)
-			sc.queue[id] = struct{}{}
-		}
-	}
+// ClusterView is the part of the replicated state that placement reads:
+// every node (any status) and every allocation that still holds resources.
+// StateStore.ClusterView takes one.
+type ClusterView struct {
+	Nodes       []*controlpb.Node
+	Allocations []*controlpb.Allocation
+	// Lagging holds nodes whose replica is behind the leader (a server that
+	// rejoined and has not caught up): nothing new is placed on them, since
+	// they would learn of it late. Only the leader knows; nil elsewhere.
+	Lagging map[string]bool
 }
 
-func (sc *scheduler) armTimer() {
-	var next time.Time
-	for _, t := range sc.timers {
-		if next.IsZero() || t.Before(next) {
-			next = t
-		}
-	}
-	if !sc.timer.Stop() {
-		select {
-		case <-sc.timer.C:
-		default:
-		}
-	}
-	if next.IsZero() {
-		sc.timer.Reset(time.Hour)
-	} else {
-		sc.timer.Reset(max(time.Until(next), time.Millisecond))
-	}
+// Decision is the outcome of evaluating one job.
+type Decision struct {
+	// Plan is what to commit; nil when nothing changes now.
+	Plan *fsmpb.JobPlan
+	// WakeAt, when not zero, is when the job must be evaluated again even
+	// if nothing else happens (a restart delay, a grace period, a stop
+	// report deadline).
+	WakeAt time.Time
+	// Again asks for another evaluation once Plan is committed (a
+	// generation ended: the next step is to settle its cause or place it).
+	Again bool
 }
 
-// batchContext is what one batch evaluation shares: a planner snapshot
-// and the master ports in use per node.
-type batchContext struct {
-	cluster *sharding.Cluster
+// Evaluator decides what jobs need, against one ClusterView. It is the
+// scheduler as a function: no clock (now is an argument), no locks, no
+// I/O, no timers; the same view, job and time give the same decision.
+// Evaluate reserves the resources of every placement it returns, so that
+// the next job evaluated by the same Evaluator sees them taken (a batch of
+// plans committed together). It is not safe for concurrent use.
+type Evaluator struct {
+	cfg     SchedulerConfig
 	nodes   map[string]*controlpb.Node
+	cluster *sharding.Cluster
 	ports   map[string]map[int32]bool
-	now     time.Time
 }
 
-func (sc *scheduler) processBatch() {
-	s := sc.s
-	st := s.fsm.state
-	// Take up to SchedulerBatch jobs, oldest first.
-	st.mu.RLock()
-	type qj struct {
-		id  string
-		idx uint64
-	}
-	q := make([]qj, 0, len(sc.queue))
-	for id := range sc.queue {
-		var idx uint64
-		if j := st.jobs[id]; j != nil {
-			idx = j.CreateIndex
-		}
-		q = append(q, qj{id, idx})
-	}
-	st.mu.RUnlock()
-	sort.Slice(q, func(i, j int) bool {
-		if q[i].idx != q[j].idx {
-			return q[i].idx < q[j].idx
-		}
-		return q[i].id < q[j].id
-	})
-	if len(q) > s.cfg.SchedulerBatch {
-		q = q[:s.cfg.SchedulerBatch]
-	}
-	for _, x := range q {
-		delete(sc.queue, x.id)
-	}
-
-	st.mu.RLock()
-	ver := st.resVersion
-	st.mu.RUnlock()
-	bc := sc.bc
-	if bc == nil || sc.bcVersion != ver {
-		var err error
-		if bc, err = sc.snapshot(); err != nil {
-			s.logger.Error("scheduler: cannot build the cluster view", "error", err)
-			return
-		}
-		sc.bc, sc.bcVersion = bc, ver
-	}
-	bc.now = time.Now()
-	var plans []*fsmpb.JobPlan
-	sc.requeue = sc.requeue[:0]
-	for _, x := range q {
-		if p := sc.evaluate(bc, x.id); p != nil {
-			plans = append(plans, p)
-		}
-	}
-	if len(plans) == 0 {
-		return
-	}
-	resp, _, err := s.apply(sc.ctx, &fsmpb.Command{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: plans}}})
-	if err != nil {
-		sc.bc = nil
-		if sc.ctx.Err() == nil {
-			s.logger.Warn("scheduler: committing plans failed; will retry", "plans", len(plans), "error", err)
-			for _, p := range plans {
-				sc.queue[p.JobId] = struct{}{}
-			}
-			select {
-			case <-sc.ctx.Done():
-			case <-time.After(100 * time.Millisecond):
-			}
-		}
-		return
-	}
-	for _, id := range sc.requeue {
-		sc.queue[id] = struct{}{}
-	}
-	sc.requeue = sc.requeue[:0]
-	skipped := map[string]bool{}
-	if r, ok := resp.(*PlansResult); ok {
-		if len(r.Skipped) > 0 {
-			sc.bc = nil // it holds resources of plans that were not applied
-		}
-		for _, id := range r.Skipped {
-			sc.queue[id] = struct{}{}
-			skipped[id] = true
-		}
-	}
-	// A job whose generation just ended (a failure, a lost or drained node,
-	// an elastic resize) is evaluated again at once, since applying a plan
-	// raises no event of its own: that sets its restart-delay and
-	// stop-report timers, or places it. A second evaluation that finds
-	// nothing new returns no plan, so this cannot loop.
-	for _, p := range plans {
-		if p.Status == JobPending && !skipped[p.JobId] && (p.NextAttemptTime != nil || len(p.StopAllocIds) > 0 || len(p.LostAllocIds) > 0) {
-			sc.queue[p.JobId] = struct{}{}
-		}
-	}
-}
-
-// snapshot builds the planner's view: schedulable-or-draining live nodes
-// and every allocation that still holds resources on them.
-func (sc *scheduler) snapshot() (*batchContext, error) {
-	st := sc.s.fsm.state
-	bc := &batchContext{nodes: map[string]*controlpb.Node{}, ports: map[string]map[int32]bool{}, now: time.Now()}
-	st.mu.RLock()
+// NewEvaluator builds the planner's view: live nodes (ready or draining)
+// with the allocations that hold resources on them; draining, ineligible
+// and lagging nodes take no new work.
+func NewEvaluator(v ClusterView, cfg SchedulerConfig) (*Evaluator, error) {
+	e := &Evaluator{cfg: cfg, nodes: make(map[string]*controlpb.Node, len(v.Nodes)), ports: map[string]map[int32]bool{}}
 	var nodes []sharding.Node
-	for id, n := range st.nodes {
+	for _, n := range v.Nodes {
+		e.nodes[n.Id] = n
 		if !nodeAlive(n) {
 			continue
 		}
-		bc.nodes[id] = n
-		nodes = append(nodes, toShardingNode(n))
+		sn := toShardingNode(n)
+		if v.Lagging[n.Id] {
+			sn.Ineligible = true
+		}
+		nodes = append(nodes, sn)
 	}
 	var existing []sharding.Allocation
-	for _, a := range st.allocs {
+	for _, a := range v.Allocations {
 		if AllocTerminal(a.ClientStatus) {
 			continue
 		}
-		if _, ok := bc.nodes[a.NodeId]; !ok {
+		if n := e.nodes[a.NodeId]; n == nil || !nodeAlive(n) {
 			continue
 		}
 		existing = append(existing, sharding.Allocation{JobID: a.JobId, Rank: int(a.Rank), NodeID: a.NodeId, GPUs: intsOf(a.Gpus)})
 		if a.Rank == 0 && a.MasterPort != 0 {
-			sc.reservePort(bc, a.NodeId, a.MasterPort)
+			e.reservePort(a.NodeId, a.MasterPort)
 		}
 	}
-	st.mu.RUnlock()
 	c, err := sharding.NewCluster(nodes, existing)
 	if err != nil {
 		return nil, err
 	}
-	bc.cluster = c
-	return bc, nil
+	e.cluster = c
+	return e, nil
 }
 
-func (sc *scheduler) reservePort(bc *batchContext, node string, port int32) {
-	m := bc.ports[node]
+// Evaluate decides what job j needs at time now, given allocs, all of its
+// allocations (every generation).
+//
+// Job life:
+//   - pending: placed with sharding.Cluster.Place once the ranks of its
+//     previous generation have stopped and its restart delay has passed;
+//     on success a new generation (generation+1) of allocations, job
+//     running; otherwise it stays pending with the planner's reason.
+//   - running: when every rank of the generation exited 0 the job is
+//     complete. The generation ends (every rank told to stop, job pending)
+//     when a rank fails, when a rank's node drains or lost it, or when a
+//     rank's node has been silent (down or left) for NodeLossGrace; within
+//     the grace the ranks of a silent node are only suspected, and an agent
+//     that comes back adopts them. A silent node ends the generation sooner
+//     when another rank of it fails (its peers saw the node die).
+//   - the cause of the end is typed (Cause). A rank failure is settled as
+//     the job's own (CauseTaskFailed, counted against restart.attempts) only
+//     once no rank of the generation turned out lost with its node, when
+//     every rank has reported or FailureSettle has passed; node losses and
+//     drains never count. Once the counted failures exceed the attempts,
+//     the job fails.
+//   - elastic jobs (max_ranks > 0) are placed with min_ranks..max_ranks
+//     ranks; a running elastic job below max_ranks is regrown (a new
+//     generation) when capacity for more ranks appears, and a lost node
+//     shrinks it the same way.
+func (e *Evaluator) Evaluate(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
+	if j == nil || JobTerminal(j.Status) || j.StopRequested {
+		return Decision{}
+	}
+	if j.Status == JobRunning {
+		return e.evalRunning(j, allocs, now)
+	}
+	return e.evalPending(j, allocs, now)
+}
+
+func basePlan(j *controlpb.Job) *fsmpb.JobPlan {
+	return &fsmpb.JobPlan{
+		JobId:             j.Id,
+		ExpectModifyIndex: j.ModifyIndex,
+		Status:            j.Status,
+		StatusReason:      j.StatusReason,
+		Generation:        j.Generation,
+		Restarts:          j.Restarts,
+		WorldSize:         j.WorldSize,
+		NextAttemptTime:   j.NextAttemptTime,
+		EndCause:          j.EndCause,
+	}
+}
+
+// silentSince returns when a node went silent (down or left, or unknown),
+// and whether it is silent.
+func silentSince(n *controlpb.Node) (time.Time, bool) {
+	if n == nil {
+		return time.Time{}, true
+	}
+	if nodeAlive(n) {
+		return time.Time{}, false
+	}
+	return n.StatusTime.AsTime(), true
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
+}
+
+func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
+	var cur []*controlpb.Allocation
+	for _, a := range allocs {
+		if a.Generation == j.Generation {
+			cur = append(cur, a)
+		}
+	}
+	complete := len(cur) > 0
+	var failed, lost, drained, suspect *controlpb.Allocation
+	var lostIDs []string
+	var wake time.Time
+	first := func(p **controlpb.Allocation, a *controlpb.Allocation) {
+		if *p == nil {
+			*p = a
+		}
+	}
+	for _, a := range cur {
+		if a.ClientStatus == AllocComplete && a.ExitCode == 0 {
+			continue
+		}
+		complete = false
+		n := e.nodes[a.NodeId]
+		switch {
+		case a.ClientStatus == AllocComplete || a.ClientStatus == AllocFailed:
+			first(&failed, a)
+		case a.ClientStatus == AllocLost:
+			first(&lost, a)
+		case a.ClientStatus == AllocStopped:
+			// Its node stopped it without being asked (drain, spot notice).
+			first(&drained, a)
+		default:
+			if since, silent := silentSince(n); silent {
+				if end := since.Add(e.cfg.NodeLossGrace); n != nil && now.Before(end) {
+					first(&suspect, a)
+					wake = earliest(wake, end)
+				} else {
+					first(&lost, a)
+					lostIDs = append(lostIDs, a.Id)
+				}
+			} else if n.Status == NodeDraining {
+				first(&drained, a)
+			}
+		}
+	}
+	p := basePlan(j)
+	switch {
+	case complete:
+		p.Status = JobComplete
+		p.StatusReason = fmt.Sprintf("all %d ranks of generation %d exited 0", len(cur), j.Generation)
+		return Decision{Plan: p}
+	case failed == nil && lost == nil && drained == nil:
+		reason := ""
+		if suspect != nil {
+			since, _ := silentSince(e.nodes[suspect.NodeId])
+			reason = fmt.Sprintf("node %s of rank %d is silent since %s; its ranks count as lost at %s unless it comes back",
+				suspect.NodeName, suspect.Rank, since.UTC().Format(time.RFC3339), since.Add(e.cfg.NodeLossGrace).UTC().Format(time.RFC3339))
+		} else if isElastic(j.Spec) && j.WorldSize < maxRanks(j.Spec) && e.canGrow(j) {
+			p.Status = JobPending
+			p.StatusReason = fmt.Sprintf("growing from %d ranks: capacity for more appeared", j.WorldSize)
+			p.NextAttemptTime = nil
+			p.EndCause = string(CauseResized)
+			p.StopAllocIds = desiredRunIDs(cur)
+			return Decision{Plan: p, Again: true}
+		}
+		if reason == j.StatusReason {
+			return Decision{WakeAt: wake}
+		}
+		p.StatusReason = reason
+		return Decision{Plan: p, WakeAt: wake}
+	}
+	// The generation ends.
+	p.Status = JobPending
+	p.NextAttemptTime = nil
+	p.StopAllocIds = desiredRunIDs(cur)
+	p.LostAllocIds = lostIDs
+	switch {
+	case lost != nil || (failed != nil && suspect != nil):
+		a := lost
+		what := "lost it"
+		if a == nil {
+			a, what = suspect, "went silent while its peers failed"
+		} else if a.ClientStatus != AllocLost {
+			what = fmt.Sprintf("was silent for %s", e.cfg.NodeLossGrace)
+		}
+		p.EndCause = string(CauseNodeLost)
+		p.LostMessage = fmt.Sprintf("lost: node %s %s", a.NodeName, what)
+		p.StatusReason = fmt.Sprintf("generation %d ended: node %s of rank %d %s; placing again (a node loss does not count as a restart)", j.Generation, a.NodeName, a.Rank, what)
+	case drained != nil:
+		p.EndCause = string(CauseNodeDrained)
+		p.StatusReason = fmt.Sprintf("generation %d ended: node %s of rank %d is draining; placing again (a drain does not count as a restart)", j.Generation, drained.NodeName, drained.Rank)
+	default:
+		_, delay := restartPolicy(j.Spec)
+		p.EndCause = string(CauseRankFailed)
+		p.NextAttemptTime = timestamppb.New(now.Add(delay))
+		p.StatusReason = fmt.Sprintf("generation %d failed: %s; placing again in %s", j.Generation, rankFailure(failed), delay)
+	}
+	return Decision{Plan: p, Again: true}
+}
+
+func rankFailure(a *controlpb.Allocation) string {
+	s := fmt.Sprintf("rank %d failed on node %s: exit code %d", a.Rank, a.NodeName, a.ExitCode)
+	if a.Message != "" {
+		s += ": " + a.Message
+	}
+	return s
+}
+
+func desiredRunIDs(allocs []*controlpb.Allocation) []string {
+	var out []string
+	for _, a := range allocs {
+		if a.DesiredStatus != DesiredStop {
+			out = append(out, a.Id)
+		}
+	}
+	return out
+}
+
+// canGrow reports whether an elastic job would get more ranks if placed
+// again: its own ranks' resources plus the free ones.
+func (e *Evaluator) canGrow(j *controlpb.Job) bool {
+	sj, err := toShardingJob(j.Id+"~grow", j.Spec)
+	if err != nil {
+		return false
+	}
+	extra := int(maxRanks(j.Spec) - j.WorldSize)
+	sj.Ranks, sj.MinRanks = extra, 1
+	plan, err := e.cluster.Place(sj)
+	return err == nil && len(plan.Ranks) > 0
+}
+
+func (e *Evaluator) evalPending(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
+	p := basePlan(j)
+	changed := false
+	var wake time.Time
+	// Ranks of earlier generations must stop (or their node be gone)
+	// before the next generation is placed. A rank whose node is silent is
+	// lost at once: the job no longer needs it, so no grace applies.
+	var stopping []string
+	lostNow := map[string]bool{}
+	for _, a := range allocs {
+		if AllocTerminal(a.ClientStatus) {
+			continue
+		}
+		if _, silent := silentSince(e.nodes[a.NodeId]); silent {
+			p.LostAllocIds = append(p.LostAllocIds, a.Id)
+			lostNow[a.Id] = true
+			if p.LostMessage == "" {
+				p.LostMessage = fmt.Sprintf("lost: node %s is silent", a.NodeName)
+			}
+			changed = true
+			continue
+		}
+		stopping = append(stopping, a.Id)
+	}
+	if Cause(j.EndCause) == CauseRankFailed {
+		d, done := e.settle(j, allocs, lostNow, now, p)
+		if done {
+			if p.Status == JobFailed {
+				return Decision{Plan: p}
+			}
+			changed = true
+		} else {
+			wake = earliest(wake, d)
+		}
+	}
+	if len(stopping) > 0 {
+		// A node that never reports its ranks stopped (it restarted without
+		// them, or never started them) must not block the job forever.
+		limit := killTimeout(j.Spec) + e.cfg.StopReportGrace
+		since := j.StatusTime.AsTime()
+		if !now.Before(since.Add(limit)) {
+			p.StatusReason = fmt.Sprintf("%d ranks of generation %d did not report stopping within %s; treating them as lost", len(stopping), j.Generation, limit)
+			p.LostAllocIds = append(p.LostAllocIds, stopping...)
+			p.LostMessage = fmt.Sprintf("lost: its node did not report it stopped within %s", limit)
+			return Decision{Plan: p, Again: true}
+		}
+		wake = earliest(wake, since.Add(limit))
+		if p.EndCause == "" {
+			// No end of a generation to explain (the job was just placed
+			// again by an earlier leader, say): say what it waits for.
+			p.StatusReason = fmt.Sprintf("waiting for %d ranks of generation %d to stop", len(stopping), j.Generation)
+		}
+		if !changed && p.StatusReason == j.StatusReason {
+			return Decision{WakeAt: wake}
+		}
+		return Decision{Plan: p, WakeAt: wake, Again: changed}
+	}
+	if Cause(p.EndCause) == CauseRankFailed || (j.NextAttemptTime != nil && j.NextAttemptTime.AsTime().After(now)) {
+		if t := j.NextAttemptTime; t != nil && t.AsTime().After(now) {
+			wake = earliest(wake, t.AsTime())
+		}
+		if !changed {
+			return Decision{WakeAt: wake}
+		}
+		return Decision{Plan: p, WakeAt: wake, Again: true}
+	}
+	return e.place(j, p, now)
+}
+
+// settle decides whether a rank failure (CauseRankFailed) was the job's
+// own. It returns done with p updated (end cause, restarts, status) once
+// decided, or the time to decide by. lostNow holds allocations p marks
+// lost.
+func (e *Evaluator) settle(j *controlpb.Job, allocs []*controlpb.Allocation, lostNow map[string]bool, now time.Time, p *fsmpb.JobPlan) (time.Time, bool) {
+	var failed, lost *controlpb.Allocation
+	reported := true
+	for _, a := range allocs {
+		if a.Generation != j.Generation {
+			continue
+		}
+		switch {
+		case a.ClientStatus == AllocLost || lostNow[a.Id]:
+			if lost == nil {
+				lost = a
+			}
+		case failed == nil && (a.ClientStatus == AllocFailed || (a.ClientStatus == AllocComplete && a.ExitCode != 0)):
+			failed = a
+		case !AllocTerminal(a.ClientStatus):
+			reported = false
+		}
+	}
+	if lost != nil {
+		p.EndCause = string(CauseNodeLost)
+		p.StatusReason = fmt.Sprintf("generation %d ended: node %s of rank %d was lost; placing again (a node loss does not count as a restart)", j.Generation, lost.NodeName, lost.Rank)
+		return time.Time{}, true
+	}
+	settleAt := j.StatusTime.AsTime().Add(e.cfg.FailureSettle)
+	if !reported && now.Before(settleAt) {
+		return settleAt, false
+	}
+	what := "a rank failed"
+	if failed != nil {
+		what = rankFailure(failed)
+	}
+	attempts, delay := restartPolicy(j.Spec)
+	p.EndCause = string(CauseTaskFailed)
+	if j.Restarts >= attempts {
+		p.Status = JobFailed
+		p.NextAttemptTime = nil
+		p.StatusReason = fmt.Sprintf("generation %d failed: %s; restart attempts exhausted (%d of %d)", j.Generation, what, j.Restarts, attempts)
+		return time.Time{}, true
+	}
+	p.Restarts = j.Restarts + 1
+	p.StatusReason = fmt.Sprintf("generation %d failed: %s; restart %d of %d in %s", j.Generation, what, p.Restarts, attempts, delay)
+	return time.Time{}, true
+}
+
+// place places the next generation of a pending job whose previous one has
+// stopped.
+func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Decision {
+	sj, err := toShardingJob(j.Id, j.Spec)
+	if err != nil {
+		p.Status = JobFailed
+		p.StatusReason = "cannot place: " + err.Error()
+		return Decision{Plan: p}
+	}
+	plan, err := e.cluster.Place(sj)
+	if err != nil {
+		var ue *sharding.UnplaceableError
+		if !errors.As(err, &ue) {
+			p.Status = JobFailed
+			p.StatusReason = "cannot place: " + err.Error()
+			return Decision{Plan: p}
+		}
+		reason := "waiting for capacity: " + ue.Reason
+		if reason == j.StatusReason && len(p.LostAllocIds) == 0 && p.EndCause == j.EndCause && p.Restarts == j.Restarts {
+			return Decision{}
+		}
+		p.StatusReason = reason
+		return Decision{Plan: p}
+	}
+	if err := e.cluster.Apply(plan); err != nil {
+		// The planner contradicted itself (a bug): nothing is committed and
+		// the job stays as it is until its next event.
+		return Decision{}
+	}
+	gen := j.Generation + 1
+	p.Generation = gen
+	p.Status = JobRunning
+	p.StatusReason = ""
+	p.NextAttemptTime = nil
+	p.WorldSize = int32(len(plan.Ranks))
+	groups := 0
+	for _, r := range plan.Ranks {
+		groups = max(groups, r.GroupRank+1)
+	}
+	var master *controlpb.Node
+	var masterPort int32
+	for _, r := range plan.Ranks {
+		if r.Rank == 0 {
+			master = e.nodes[r.NodeID]
+			masterPort = e.pickPort(r.NodeID)
+		}
+	}
+	masterHost := ""
+	if master != nil {
+		masterHost = hostOf(master.RpcAddr)
+	}
+	for _, r := range plan.Ranks {
+		n := e.nodes[r.NodeID]
+		a := &controlpb.Allocation{
+			Id:             fmt.Sprintf("%s.%d.%d", j.Id, gen, r.Rank),
+			JobId:          j.Id,
+			Generation:     gen,
+			Rank:           int32(r.Rank),
+			WorldSize:      p.WorldSize,
+			LocalRank:      int32(r.LocalRank),
+			LocalWorldSize: int32(r.LocalWorldSize),
+			GroupRank:      int32(r.GroupRank),
+			GroupWorldSize: int32(groups),
+			NodeId:         r.NodeID,
+			MasterAddr:     masterHost,
+			MasterPort:     masterPort,
+			DesiredStatus:  DesiredRun,
+			ClientStatus:   AllocPending,
+			RestartCount:   int32(gen - 1),
+		}
+		for _, g := range r.GPUs {
+			a.Gpus = append(a.Gpus, int32(g))
+		}
+		if n != nil {
+			a.NodeName = n.Name
+			a.RankAddr = n.RpcAddr
+		}
+		p.Allocations = append(p.Allocations, a)
+	}
+	return Decision{Plan: p}
+}
+
+func (e *Evaluator) reservePort(node string, port int32) {
+	m := e.ports[node]
 	if m == nil {
 		m = map[int32]bool{}
-		bc.ports[node] = m
+		e.ports[node] = m
 	}
 	m[port] = true
 }
 
-func (sc *scheduler) pickPort(bc *batchContext, node string) int32 {
-	for p := int32(sc.s.cfg.MasterPortMin); p <= int32(sc.s.cfg.MasterPortMax); p++ {
-		if !bc.ports[node][p] {
-			sc.reservePort(bc, node, p)
+func (e *Evaluator) pickPort(node string) int32 {
+	for p := int32(e.cfg.MasterPortMin); p <= int32(e.cfg.MasterPortMax); p++ {
+		if !e.ports[node][p] {
+			e.reservePort(node, p)
 			return p
 		}
 	}
@@ -379,256 +640,6 @@ func toShardingJob(id string, spec *controlpb.JobSpec) (sharding.Job, error) {
 		}
 	}
 	return j, nil
-}
-
-// evaluate decides what a job needs now; nil means nothing to commit.
-func (sc *scheduler) evaluate(bc *batchContext, id string) *fsmpb.JobPlan {
-	st := sc.s.fsm.state
-	j := st.Job(id)
-	if j == nil || JobTerminal(j.Status) || j.StopRequested {
-		return nil
-	}
-	allocs := st.Allocations(id)
-	switch j.Status {
-	case JobRunning:
-		return sc.evalRunning(bc, j, allocs)
-	default:
-		return sc.evalPending(bc, j, allocs)
-	}
-}
-
-func basePlan(j *controlpb.Job) *fsmpb.JobPlan {
-	return &fsmpb.JobPlan{
-		JobId:             j.Id,
-		ExpectModifyIndex: j.ModifyIndex,
-		Status:            j.Status,
-		StatusReason:      j.StatusReason,
-		Generation:        j.Generation,
-		Restarts:          j.Restarts,
-		WorldSize:         j.WorldSize,
-		NextAttemptTime:   j.NextAttemptTime,
-	}
-}
-
-func (sc *scheduler) evalRunning(bc *batchContext, j *controlpb.Job, allocs []*controlpb.Allocation) *fsmpb.JobPlan {
-	var cur []*controlpb.Allocation
-	for _, a := range allocs {
-		if a.Generation == j.Generation {
-			cur = append(cur, a)
-		}
-	}
-	complete := len(cur) > 0
-	var failReason, lossReason string
-	var lost []string
-	for _, a := range cur {
-		n := bc.nodes[a.NodeId]
-		switch {
-		case a.ClientStatus == AllocComplete && a.ExitCode == 0:
-			continue
-		case a.ClientStatus == AllocComplete || a.ClientStatus == AllocFailed:
-			if failReason == "" {
-				failReason = fmt.Sprintf("rank %d failed on node %s: exit code %d", a.Rank, a.NodeName, a.ExitCode)
-				if a.Message != "" {
-					failReason += ": " + a.Message
-				}
-			}
-		case a.ClientStatus == AllocLost || a.ClientStatus == AllocStopped:
-			if lossReason == "" {
-				lossReason = fmt.Sprintf("rank %d on node %s was %s", a.Rank, a.NodeName, a.ClientStatus)
-			}
-		case n == nil:
-			lost = append(lost, a.Id)
-			if lossReason == "" {
-				lossReason = fmt.Sprintf("node %s of rank %d is gone", a.NodeName, a.Rank)
-			}
-		case n.Status == NodeDraining:
-			if lossReason == "" {
-				lossReason = fmt.Sprintf("node %s of rank %d is draining", a.NodeName, a.Rank)
-			}
-		}
-		complete = false
-	}
-	p := basePlan(j)
-	switch {
-	case complete:
-		p.Status = JobComplete
-		p.StatusReason = fmt.Sprintf("all %d ranks of generation %d exited 0", len(cur), j.Generation)
-		return p
-	case failReason == "" && lossReason == "":
-		if isElastic(j.Spec) && j.WorldSize < maxRanks(j.Spec) && sc.canGrow(bc, j) {
-			p.Status = JobPending
-			p.StatusReason = fmt.Sprintf("growing from %d ranks: capacity for more appeared", j.WorldSize)
-			p.NextAttemptTime = nil
-			p.StopAllocIds = desiredRunIDs(cur)
-			return p
-		}
-		return nil
-	}
-	p.StopAllocIds = desiredRunIDs(cur)
-	p.LostAllocIds = lost
-	if failReason != "" {
-		attempts, delay := restartPolicy(j.Spec)
-		if j.Restarts >= attempts {
-			p.Status = JobFailed
-			p.StatusReason = fmt.Sprintf("generation %d failed: %s; restart attempts exhausted (%d of %d)", j.Generation, failReason, j.Restarts, attempts)
-			return p
-		}
-		p.Restarts = j.Restarts + 1
-		p.Status = JobPending
-		p.NextAttemptTime = timestamppb.New(bc.now.Add(delay))
-		p.StatusReason = fmt.Sprintf("generation %d failed: %s; restart %d of %d in %s", j.Generation, failReason, p.Restarts, attempts, delay)
-		return p
-	}
-	p.Status = JobPending
-	p.NextAttemptTime = nil
-	p.StatusReason = fmt.Sprintf("generation %d ended: %s; placing again", j.Generation, lossReason)
-	return p
-}
-
-func desiredRunIDs(allocs []*controlpb.Allocation) []string {
-	var out []string
-	for _, a := range allocs {
-		if a.DesiredStatus != DesiredStop {
-			out = append(out, a.Id)
-		}
-	}
-	return out
-}
-
-// canGrow reports whether an elastic job would get more ranks if placed
-// again: its own ranks' resources plus the free ones.
-func (sc *scheduler) canGrow(bc *batchContext, j *controlpb.Job) bool {
-	sj, err := toShardingJob(j.Id+"~grow", j.Spec)
-	if err != nil {
-		return false
-	}
-	extra := int(maxRanks(j.Spec) - j.WorldSize)
-	sj.Ranks, sj.MinRanks = extra, 1
-	plan, err := bc.cluster.Place(sj)
-	return err == nil && len(plan.Ranks) > 0
-}
-
-func (sc *scheduler) evalPending(bc *batchContext, j *controlpb.Job, allocs []*controlpb.Allocation) *fsmpb.JobPlan {
-	if t := j.NextAttemptTime; t != nil && t.AsTime().After(bc.now) {
-		sc.timers[j.Id] = t.AsTime()
-		return nil
-	}
-	p := basePlan(j)
-	// Ranks of earlier generations must stop (or their node be gone)
-	// before the next generation is placed.
-	var lost, stopping []string
-	for _, a := range allocs {
-		if AllocTerminal(a.ClientStatus) {
-			continue
-		}
-		if _, live := bc.nodes[a.NodeId]; !live {
-			lost = append(lost, a.Id)
-			continue
-		}
-		stopping = append(stopping, a.Id)
-	}
-	if len(stopping) > 0 {
-		// A node that never reports its ranks stopped (it restarted without
-		// them, or never started them) must not block the job forever.
-		limit := killTimeout(j.Spec) + sc.s.cfg.StopReportGrace
-		since := j.StatusTime.AsTime()
-		if !bc.now.Before(since.Add(limit)) {
-			p.StatusReason = fmt.Sprintf("%d ranks of generation %d did not report stopping within %s; treating them as lost", len(stopping), j.Generation, limit)
-			p.LostAllocIds = append(lost, stopping...)
-			sc.requeue = append(sc.requeue, j.Id)
-			return p
-		}
-		sc.timers[j.Id] = since.Add(limit)
-		stopping := len(stopping)
-		reason := fmt.Sprintf("waiting for %d ranks of generation %d to stop", stopping, j.Generation)
-		if strings.Contains(j.StatusReason, "failed") || strings.Contains(j.StatusReason, "ended") || strings.Contains(j.StatusReason, "growing") {
-			reason = j.StatusReason // keep the cause visible while ranks stop
-		}
-		if len(lost) == 0 && reason == j.StatusReason {
-			return nil
-		}
-		p.StatusReason = reason
-		p.LostAllocIds = lost
-		return p
-	}
-	sj, err := toShardingJob(j.Id, j.Spec)
-	if err != nil {
-		p.Status = JobFailed
-		p.StatusReason = "cannot place: " + err.Error()
-		return p
-	}
-	plan, err := bc.cluster.Place(sj)
-	if err != nil {
-		var ue *sharding.UnplaceableError
-		if errors.As(err, &ue) {
-			reason := "waiting for capacity: " + ue.Reason
-			if reason == j.StatusReason && len(lost) == 0 {
-				return nil
-			}
-			p.StatusReason = reason
-			p.LostAllocIds = lost
-			return p
-		}
-		p.Status = JobFailed
-		p.StatusReason = "cannot place: " + err.Error()
-		return p
-	}
-	if err := bc.cluster.Apply(plan); err != nil {
-		sc.s.logger.Error("scheduler: planner returned a conflicting plan", "job", j.Id, "error", err)
-		return nil
-	}
-	gen := j.Generation + 1
-	p.Generation = gen
-	p.Status = JobRunning
-	p.StatusReason = ""
-	p.NextAttemptTime = nil
-	p.WorldSize = int32(len(plan.Ranks))
-	p.LostAllocIds = lost
-	groups := 0
-	for _, r := range plan.Ranks {
-		groups = max(groups, r.GroupRank+1)
-	}
-	var master *controlpb.Node
-	var masterPort int32
-	for _, r := range plan.Ranks {
-		if r.Rank == 0 {
-			master = bc.nodes[r.NodeID]
-			masterPort = sc.pickPort(bc, r.NodeID)
-		}
-	}
-	masterHost := ""
-	if master != nil {
-		masterHost = hostOf(master.RpcAddr)
-	}
-	for _, r := range plan.Ranks {
-		n := bc.nodes[r.NodeID]
-		a := &controlpb.Allocation{
-			Id:             fmt.Sprintf("%s.%d.%d", j.Id, gen, r.Rank),
-			JobId:          j.Id,
-			Generation:     gen,
-			Rank:           int32(r.Rank),
-			WorldSize:      p.WorldSize,
-			LocalRank:      int32(r.LocalRank),
-			LocalWorldSize: int32(r.LocalWorldSize),
-			GroupRank:      int32(r.GroupRank),
-			GroupWorldSize: int32(groups),
-			NodeId:         r.NodeID,
-			MasterAddr:     masterHost,
-			MasterPort:     masterPort,
-			DesiredStatus:  DesiredRun,
-			ClientStatus:   AllocPending,
-			RestartCount:   int32(gen - 1),
-		}
-		for _, g := range r.GPUs {
-			a.Gpus = append(a.Gpus, int32(g))
-		}
-		if n != nil {
-			a.NodeName = n.Name
-			a.RankAddr = n.RpcAddr
-		}
-		p.Allocations = append(p.Allocations, a)
-	}
-	return p
 }
 
 func hostOf(addr string) string {

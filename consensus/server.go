@@ -53,6 +53,13 @@ type Server struct {
 
 	hbMu       sync.Mutex
 	hbFailures map[raft.ServerID]time.Time // peer -> last contact, while heartbeats fail
+	// repl tells which followers are behind (the scheduler places nothing
+	// new on them).
+	repl *replTracker
+	// schedPaused stops the scheduler from evaluating (benchmarks measure
+	// the write path alone); events accumulate and are processed once it
+	// is cleared.
+	schedPaused atomic.Bool
 
 	leaderMu sync.Mutex
 	leader   *leaderSession
@@ -95,6 +102,7 @@ func NewServer(cfg *Config) (*Server, error) {
 		shutdownCh:  make(chan struct{}),
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
+	s.repl = newReplTracker(func() { s.fsm.events.capacity(); s.fsm.events.signal() })
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
 		return nil, err
@@ -142,7 +150,7 @@ func (s *Server) setupRaft() error {
 		Stream:  newTrackedStream(stream),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
-		Logger:  s.logger.Named("transport"),
+		Logger:  quietOnShutdown{Logger: s.logger.Named("transport"), done: s.shutdownCh},
 	})
 
 	rc := raft.DefaultConfig()
@@ -166,7 +174,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("read raft state in %s: %w", dir, err)
 	}
 	s.hadLog = has
-	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, s.trans)
+	r, err := raft.NewRaft(rc, s.fsm, w, w, snaps, &trackedTransport{NetworkTransport: s.trans, t: s.repl, hold: replicationHold, stop: s.shutdownCh})
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -534,9 +542,13 @@ func (s *Server) watchObservations() {
 				s.hbMu.Unlock()
 			case raft.PeerObservation:
 				if d.Removed {
+					s.repl.forget(d.Peer.ID)
 					s.hbMu.Lock()
 					delete(s.hbFailures, d.Peer.ID)
 					s.hbMu.Unlock()
+				} else {
+					// Behind until it accepts an append from this leader.
+					s.repl.fall(d.Peer.ID)
 				}
 			}
 		}
@@ -633,6 +645,12 @@ func (s *Server) awaitCtx(ctx context.Context, f raft.Future) error {
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	}
+}
+
+// pauseScheduler stops (on) or resumes the leader's scheduler evaluating.
+func (s *Server) pauseScheduler(on bool) {
+	s.schedPaused.Store(on)
+	s.fsm.events.signal()
 }
 
 // RegisterJob stores a new job (the caller has validated spec) and returns

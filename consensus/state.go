@@ -285,3 +285,28 @@ func (st *StateStore) snapshotLocked() (uint64, []*controlpb.Node, []*controlpb.
 	sort.Slice(allocs, func(i, j int) bool { return allocs[i].Id < allocs[j].Id })
 	return st.index, nodes, jobs, allocs
 }
+
+// ClusterView returns the nodes and the allocations that hold resources
+// (not terminal), for an Evaluator. Lagging is left nil.
+func (st *StateStore) ClusterView() ClusterView {
+	st.mu.RLock()
+	defer st.mu.RUnlock()
+	v := ClusterView{Nodes: make([]*controlpb.Node, 0, len(st.nodes))}
+	for _, n := range st.nodes {
+		v.Nodes = append(v.Nodes, n)
+	}
+	for _, a := range st.allocs {
+		if !AllocTerminal(a.ClientStatus) {
+			v.Allocations = append(v.Allocations, a)
+		}
+	}
+	return v
+}
+
+// resourceVersion moves whenever resources may have been freed or nodes
+// changed (not when allocations are added by plans).
+func (st *StateStore) resourceVersion() uint64 {
+	st.mu.RLock()
+	defer st.mu.RUnlock()
+	return st.resVersion
+}

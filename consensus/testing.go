@@ -132,6 +132,8 @@ func TestConfig(t testing.TB, id string, m Membership) *Config {
 	c.ServerStabilization = 200 * time.Millisecond
 	c.LastContactThreshold = 500 * time.Millisecond
 	c.ReconcileInterval = 200 * time.Millisecond
+	c.NodeLossGrace = 500 * time.Millisecond
+	c.FailureSettle = 300 * time.Millisecond
 	// Info: logs reach the output only when a test fails (t.Log), and then
 	// the membership changes are what one needs to see.
 	level := hclog.Info

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 )
 
@@ -119,3 +120,32 @@ func (t *trackedStream) Close() error {
 	}
 	return err
 }
+
+// quietOnShutdown is the transport's logger: once the server shuts down
+// (done closed) its errors and warnings become debug lines. raft's
+// NetworkTransport logs what its own shutdown cuts short (a command read
+// on a closed connection, "transport shutdown", an answer that cannot be
+// flushed) as errors, and a clean stop must log no ERROR.
+type quietOnShutdown struct {
+	hclog.Logger
+	done <-chan struct{}
+}
+
+func (q quietOnShutdown) stopping() bool {
+	select {
+	case <-q.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (q quietOnShutdown) Log(level hclog.Level, msg string, args ...any) {
+	if level >= hclog.Warn && q.stopping() {
+		level = hclog.Debug
+	}
+	q.Logger.Log(level, msg, args...)
+}
+
+func (q quietOnShutdown) Error(msg string, args ...any) { q.Log(hclog.Error, msg, args...) }
+func (q quietOnShutdown) Warn(msg string, args ...any)  { q.Log(hclog.Warn, msg, args...) }

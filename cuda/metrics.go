@@ -38,7 +38,7 @@ func NewCollector(sample func() ([]GPUMetrics, error)) *Collector {
 		memFree: d("memory_free_bytes", "Device memory free.", l...),
 		temp:    d("temperature_celsius", "GPU core temperature.", l...),
 		power:   d("power_watts", "Board power draw.", l...),
-		ecc:     d("ecc_errors", "Volatile ECC error count since the driver loaded, by type (corrected, uncorrected).", "gpu", "uuid", "type"),
+		ecc:     d("ecc_errors_total", "Volatile ECC error count since the driver loaded, by type (corrected, uncorrected).", "gpu", "uuid", "type"),
 		up:      d("nvml_up", "1 when the last NVML sample succeeded, 0 when it failed."),
 	}
 }

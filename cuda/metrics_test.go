@@ -21,10 +21,10 @@ func TestCollectorExportsSamples(t *testing.T) {
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(c)
 	want := `
-# HELP gpumesh_gpu_ecc_errors Volatile ECC error count since the driver loaded, by type (corrected, uncorrected).
-# TYPE gpumesh_gpu_ecc_errors counter
-gpumesh_gpu_ecc_errors{gpu="0",type="corrected",uuid="GPU-a"} 2
-gpumesh_gpu_ecc_errors{gpu="0",type="uncorrected",uuid="GPU-a"} 1
+# HELP gpumesh_gpu_ecc_errors_total Volatile ECC error count since the driver loaded, by type (corrected, uncorrected).
+# TYPE gpumesh_gpu_ecc_errors_total counter
+gpumesh_gpu_ecc_errors_total{gpu="0",type="corrected",uuid="GPU-a"} 2
+gpumesh_gpu_ecc_errors_total{gpu="0",type="uncorrected",uuid="GPU-a"} 1
 # HELP gpumesh_gpu_utilization_ratio Fraction of the last sample period a kernel ran (NVML), 0..1.
 # TYPE gpumesh_gpu_utilization_ratio gauge
 gpumesh_gpu_utilization_ratio{gpu="0",uuid="GPU-a"} 0.5
@@ -37,7 +37,7 @@ gpumesh_gpu_memory_used_bytes{gpu="1",uuid="GPU-b"} 0
 gpumesh_gpu_nvml_up 1
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"gpumesh_gpu_ecc_errors", "gpumesh_gpu_utilization_ratio", "gpumesh_gpu_memory_used_bytes", "gpumesh_gpu_nvml_up"); err != nil {
+		"gpumesh_gpu_ecc_errors_total", "gpumesh_gpu_utilization_ratio", "gpumesh_gpu_memory_used_bytes", "gpumesh_gpu_nvml_up"); err != nil {
 		t.Fatal(err)
 	}
 	if n := testutil.CollectAndCount(c); n != 1+6+2+2 {
@@ -52,5 +52,20 @@ func TestCollectorReportsNVMLFailure(t *testing.T) {
 	}
 	if v := testutil.ToFloat64(c); v != 0 {
 		t.Fatalf("nvml_up = %v, want 0", v)
+	}
+}
+
+// The GPU families pass the client library's linter (promtool's rules).
+func TestCollectorLints(t *testing.T) {
+	c := NewCollector(func() ([]GPUMetrics, error) {
+		return []GPUMetrics{{Index: 0, UUID: "GPU-a", UtilizationGPU: 50, UtilizationMem: 10, MemoryUsedBytes: 1 << 30,
+			MemoryFreeBytes: 2 << 30, TemperatureC: 60, PowerWatts: 300, ECCCorrected: 2, ECCUncorrected: 1}}, nil
+	})
+	problems, err := testutil.CollectAndLint(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
 	}
 }

@@ -54,7 +54,7 @@
 // wait and lowers it when nodes stay idle; FleetScaler applies decisions
 // with ModifyFleet and TerminateInstances; an Autoscaler runs it every 30 s
 // against the scheduler's Demand (waiting gang jobs, idle members by
-// instance ID) on the leader. IAMPolicy (iam-policy.json) holds
-// the least privileges all of this needs. Package ec2fake is an EC2 Query
+// instance ID) on the leader. AgentPolicy and LauncherPolicy render
+// the least privileges all of this needs, scoped to one cluster. Package ec2fake is an EC2 Query
 // API server for tests.
 package deploy

@@ -54,7 +54,7 @@ type NewLaunchTemplate struct {
 	// UserData is the boot script (gpumesh ec2 user-data); plain text.
 	UserData string
 	// InstanceProfile is the IAM instance profile name or ARN for the agents'
-	// role (the "agent" statements of iam-policy.json).
+	// role (AgentPolicy).
 	InstanceProfile string
 	// SecurityGroupIDs allow gossip (7946 TCP+UDP), RPC (7947), Raft (7948)
 	// and data plane traffic between members.

@@ -6,9 +6,10 @@ import (
 )
 
 // ClusterTagKey is the tag that gpumesh adds, next to the join tag, to the
-// fleets, launch templates and instances it creates. The conditions in
-// iam-policy.json (ModifyFleet, TerminateInstances) match on it, so that the
-// agents' role can only touch gpumesh's own fleets and instances.
+// fleets, launch templates and instances it creates, with the join tag's
+// value (the cluster's name). The policies of AgentPolicy and LauncherPolicy
+// match on it being equal to that name, so that one cluster's roles can only
+// touch that cluster's fleets and instances.
 const ClusterTagKey = "gpumesh:cluster"
 
 // Tag is one EC2 tag (the join tag "KEY=VALUE").

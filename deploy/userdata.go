@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"text/template"
 )
@@ -76,7 +77,57 @@ type UserDataConfig struct {
 	// AgentArgs are extra flags for `gpumesh agent` (each one word, e.g.
 	// "--bootstrap-expect=3").
 	AgentArgs []string
+	// CheckAgentArgs, when set, checks AgentArgs against the agent's own
+	// flags (cmd/gpumesh passes its parser), so that a typo fails the
+	// render instead of crash-looping every instance.
+	CheckAgentArgs func(args []string) error
+	// TaskUser is the account tasks run as (--task-user); user-data creates
+	// it when the AMI lacks it. Default DefaultTaskUser.
+	TaskUser string
+	// SecretsFrom is where Secrets live: SecretsSSM (default) or
+	// SecretsManager.
+	SecretsFrom string
+	// Secrets names the boot secrets; user-data fetches them with the
+	// instance role into /etc/gpumesh/secrets (0600) and points the agent at
+	// them. Their values never appear in the user-data.
+	Secrets BootSecrets
 }
+
+// DefaultTaskUser is the account user-data creates for tasks.
+const DefaultTaskUser = "gpumesh-task"
+
+// Where boot secrets are kept.
+const (
+	SecretsSSM     = "ssm"
+	SecretsManager = "secretsmanager"
+)
+
+// BootSecrets are names (SSM parameter names such as /gpumesh/prod/tls-key,
+// or Secrets Manager secret names or ARNs) of the agent's secrets. Empty
+// names are not fetched.
+type BootSecrets struct {
+	// TLSCA, TLSCert and TLSKey are the PEM files of mutual TLS (all three or
+	// none): --tls-ca, --tls-cert, --tls-key.
+	TLSCA, TLSCert, TLSKey string
+	// ACLToken is the token mutating calls must carry (--acl-token-file).
+	ACLToken string
+	// GossipKey is the base64 gossip encryption key (--encrypt-file).
+	GossipKey string
+}
+
+func (b BootSecrets) names() []string {
+	return []string{b.TLSCA, b.TLSCert, b.TLSKey, b.ACLToken, b.GossipKey}
+}
+
+// rendererFlags are set by the renderer itself; secretFlags come from
+// Secrets, never inline.
+var (
+	rendererFlags = []string{"--data-dir", "--join-ec2-tag", "--task-user"}
+	secretFlags   = []string{"--encrypt", "--encrypt-file", "--tls-ca", "--tls-cert", "--tls-key", "--acl-token-file"}
+)
+
+var secretNameRe = regexp.MustCompile(`^[A-Za-z0-9/_+=.@:-]{1,1000}$`)
+var userNameRe = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
 
 var sha256Re = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
@@ -120,9 +171,44 @@ func (c UserDataConfig) Validate() error {
 	default:
 		return bad("cuda mode %q must be auto, on or off", c.CUDA)
 	}
+	if c.BinarySHA256 != "" && c.CUDABinarySHA256 == "" && c.CUDA != CUDAOff {
+		return bad("--binary-sha256 pins the default build but the CUDA build would be installed unchecked: give --cuda-binary-sha256 too (or --cuda off)")
+	}
+	if c.CUDABinarySHA256 != "" && c.BinarySHA256 == "" && c.CUDA != CUDAOn {
+		return bad("--cuda-binary-sha256 pins the CUDA build but the default build would be installed unchecked: give --binary-sha256 too (or --cuda on)")
+	}
+	if c.TaskUser != "" && !userNameRe.MatchString(c.TaskUser) {
+		return bad("task user %q is not a user name (lowercase letters, digits, _ and -)", c.TaskUser)
+	}
+	switch c.SecretsFrom {
+	case "", SecretsSSM, SecretsManager:
+	default:
+		return bad("secrets source %q must be ssm or secretsmanager", c.SecretsFrom)
+	}
+	for _, n := range c.Secrets.names() {
+		if n != "" && !secretNameRe.MatchString(n) {
+			return bad("secret name %q must be an SSM parameter or Secrets Manager name (letters, digits and / _ + = . @ : -)", n)
+		}
+	}
+	if tls := c.Secrets.TLSCA + c.Secrets.TLSCert + c.Secrets.TLSKey; tls != "" &&
+		(c.Secrets.TLSCA == "" || c.Secrets.TLSCert == "" || c.Secrets.TLSKey == "") {
+		return bad("the TLS secrets go together: give --tls-ca-secret, --tls-cert-secret and --tls-key-secret")
+	}
 	for _, a := range c.AgentArgs {
 		if !shellSafe(a) || !strings.HasPrefix(a, "-") {
 			return bad("agent argument %q must be one flag like --bootstrap-expect=3 (letters, digits and + - = . _ : / @ only)", a)
+		}
+		name, _, _ := strings.Cut(a, "=")
+		if slices.Contains(rendererFlags, name) {
+			return bad("agent argument %q: user-data sets %s itself", a, name)
+		}
+		if slices.Contains(secretFlags, name) {
+			return bad("agent argument %q: secrets do not go into user-data (anyone who can describe the instance reads it); name them with --tls-ca-secret, --tls-cert-secret, --tls-key-secret, --acl-token-secret and --gossip-key-secret", a)
+		}
+	}
+	if c.CheckAgentArgs != nil && len(c.AgentArgs) > 0 {
+		if err := c.CheckAgentArgs(c.AgentArgs); err != nil {
+			return bad("agent arguments %v: %v; every instance would fail to start the agent (see gpumesh agent --help)", c.AgentArgs, err)
 		}
 	}
 	return nil
@@ -130,7 +216,7 @@ func (c UserDataConfig) Validate() error {
 
 // AgentArgs returns the flags the unit starts `gpumesh agent` with.
 func (c UserDataConfig) agentArgs() []string {
-	args := []string{"--data-dir=" + DataDir, "--join-ec2-tag=" + c.Tag.String()}
+	args := []string{"--data-dir=" + DataDir, "--join-ec2-tag=" + c.Tag.String(), "--task-user=" + c.TaskUser}
 	if c.Region != "" {
 		args = append(args, "--region="+c.Region)
 	}
@@ -143,6 +229,12 @@ func (c UserDataConfig) agentArgs() []string {
 func RenderUserData(c UserDataConfig) (string, error) {
 	if c.CUDA == "" {
 		c.CUDA = CUDAAuto
+	}
+	if c.TaskUser == "" {
+		c.TaskUser = DefaultTaskUser
+	}
+	if c.SecretsFrom == "" {
+		c.SecretsFrom = SecretsSSM
 	}
 	if err := c.Validate(); err != nil {
 		return "", err
@@ -164,6 +256,10 @@ func RenderUserData(c UserDataConfig) (string, error) {
 		"CUDA":             string(c.CUDA),
 		"GPUFamilies":      strings.Join(nvidiaFamilies, " "),
 		"AgentArgs":        strings.Join(c.agentArgs(), " "),
+		"Region":           c.Region,
+		"TaskUser":         c.TaskUser,
+		"SecretsFrom":      c.SecretsFrom,
+		"Secrets":          c.Secrets,
 		"Unit":             unit,
 	})
 	if err != nil {

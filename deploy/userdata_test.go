@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -47,6 +49,28 @@ func TestSystemdUnit(t *testing.T) {
 	if err != nil {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
 	}
+	// The sandbox: exposure at most 5.0 ("OK"), as systemd scores it.
+	out, err = exec.Command(sa, "security", "--offline=true", "--no-pager", p).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "Overall exposure level") {
+		t.Skipf("this systemd-analyze cannot score a unit file offline (needs systemd 250): %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`Overall exposure level for gpumesh.service: ([0-9.]+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("no exposure level in:\n%s", out)
+	}
+	if score, _ := strconv.ParseFloat(m[1], 64); score > 5.0 {
+		t.Fatalf("systemd-analyze security exposure %.1f > 5.0:\n%s", score, out)
+	}
+	for _, cap := range []string{"CAP_SETUID", "CAP_SETGID", "CAP_KILL"} {
+		if !strings.Contains(SystemdUnit, cap) {
+			t.Errorf("the sandbox drops %s, which starting and stopping tasks as --task-user needs", cap)
+		}
+	}
+	for _, dev := range []string{"char-nvidia-frontend rw", "char-nvidia-uvm rw"} {
+		if !strings.Contains(SystemdUnit, "DeviceAllow="+dev) {
+			t.Errorf("the sandbox does not allow the GPU devices (%s)", dev)
+		}
+	}
 }
 
 func TestUserDataValidate(t *testing.T) {
@@ -67,6 +91,19 @@ func TestUserDataValidate(t *testing.T) {
 		"arg with space":  {Tag: ok.Tag, AgentArgs: []string{"--a=b c"}},
 		"arg with subst":  {Tag: ok.Tag, AgentArgs: []string{"--a=$(reboot)"}},
 		"region injected": {Tag: ok.Tag, Region: "us-east-1;reboot"},
+		// The CUDA build would be installed unchecked next to a pinned default.
+		"cuda build unpinned": {Tag: ok.Tag, BinaryURL: "https://x/y", BinarySHA256: strings.Repeat("a", 64)},
+		"default unpinned":    {Tag: ok.Tag, BinaryURL: "https://x/y", CUDABinarySHA256: strings.Repeat("a", 64)},
+		"inline gossip key":   {Tag: ok.Tag, AgentArgs: []string{"--encrypt=c2VjcmV0"}},
+		"inline token file":   {Tag: ok.Tag, AgentArgs: []string{"--acl-token-file=/x"}},
+		"data dir overridden": {Tag: ok.Tag, AgentArgs: []string{"--data-dir=/x"}},
+		"tls secrets partial": {Tag: ok.Tag, Secrets: BootSecrets{TLSCA: "/gpumesh/prod/ca"}},
+		"secret name":         {Tag: ok.Tag, Secrets: BootSecrets{ACLToken: "a b"}},
+		"secrets source":      {Tag: ok.Tag, SecretsFrom: "vault"},
+		"task user":           {Tag: ok.Tag, TaskUser: "Root;x"},
+		// An agent flag that does not exist would crash-loop every instance.
+		"unknown agent flag": {Tag: ok.Tag, AgentArgs: []string{"--bootstrap-expct=3"},
+			CheckAgentArgs: func(a []string) error { return errors.New("unknown flag: --bootstrap-expct") }},
 	} {
 		if _, err := RenderUserData(c); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("%s: err = %v, want ErrInvalidConfig", name, err)
@@ -184,7 +221,7 @@ func TestUserDataInstallsAndStarts(t *testing.T) {
 		t.Fatalf("unit written differs from deploy/gpumesh.service:\n%s", unit)
 	}
 	env, _ := os.ReadFile(filepath.Join(e.root, "etc/gpumesh/gpumesh.env"))
-	wantArgs := `GPUMESH_AGENT_ARGS="--data-dir=/var/lib/gpumesh --join-ec2-tag=gpumesh:cluster=prod --region=us-west-2 --bootstrap-expect=3"`
+	wantArgs := `GPUMESH_AGENT_ARGS="--data-dir=/var/lib/gpumesh --join-ec2-tag=gpumesh:cluster=prod --task-user=gpumesh-task --region=us-west-2 --bootstrap-expect=3"`
 	if !strings.Contains(string(env), wantArgs) || !strings.Contains(string(env), "GPUMESH_BUILD=cuda") {
 		t.Fatalf("env file:\n%s\nwant %s", env, wantArgs)
 	}
@@ -244,7 +281,7 @@ func TestUserDataFailures(t *testing.T) {
 	e := newBootEnv(t, "m5.large")
 	tag := Tag{"k", "v"}
 	// Wrong checksum: the script fails and installs nothing.
-	out, err := e.run(t, UserDataConfig{Tag: tag, BinaryURL: e.url, BinarySHA256: strings.Repeat("0", 64)})
+	out, err := e.run(t, UserDataConfig{Tag: tag, BinaryURL: e.url, BinarySHA256: strings.Repeat("0", 64), CUDA: CUDAOff})
 	if err == nil || !strings.Contains(out, "checksum") {
 		t.Fatalf("bad checksum: err %v\n%s", err, out)
 	}
@@ -253,7 +290,7 @@ func TestUserDataFailures(t *testing.T) {
 	}
 	// The right checksum installs.
 	sum := sha256.Sum256([]byte("default-build"))
-	out, err = e.run(t, UserDataConfig{Tag: tag, BinaryURL: e.url, BinarySHA256: hex.EncodeToString(sum[:])})
+	out, err = e.run(t, UserDataConfig{Tag: tag, BinaryURL: e.url, BinarySHA256: hex.EncodeToString(sum[:]), CUDA: CUDAOff})
 	if err != nil {
 		t.Fatalf("right checksum: %v\n%s", err, out)
 	}
@@ -270,5 +307,155 @@ func TestUserDataFailures(t *testing.T) {
 	out, err = e.run(t, UserDataConfig{Tag: tag, BinaryURL: strings.Replace(e.url, "gpumesh-", "missing-", 1)})
 	if err == nil || !strings.Contains(out, "downloading") {
 		t.Fatalf("404: err %v\n%s", err, out)
+	}
+}
+
+func TestUserDataChecksAgentArgs(t *testing.T) {
+	var got []string
+	c := UserDataConfig{Tag: Tag{"k", "v"}, AgentArgs: []string{"--bootstrap-expect=3"},
+		CheckAgentArgs: func(a []string) error { got = a; return nil }}
+	if _, err := RenderUserData(c); err != nil || len(got) != 1 || got[0] != "--bootstrap-expect=3" {
+		t.Fatalf("checker saw %v, err %v", got, err)
+	}
+}
+
+// Both builds pinned: the CUDA build is checked too, and a wrong sum fails.
+func TestUserDataChecksCUDABuild(t *testing.T) {
+	if runtime.GOARCH != "amd64" && runtime.GOARCH != "arm64" {
+		t.Skip("needs an amd64 or arm64 host")
+	}
+	e := newBootEnv(t, "g5.xlarge")
+	e.addDriver(t)
+	good := sha256.Sum256([]byte("default-build"))
+	c := UserDataConfig{Tag: Tag{"k", "v"}, BinaryURL: e.url, BinarySHA256: hex.EncodeToString(good[:]),
+		CUDABinarySHA256: strings.Repeat("0", 64)}
+	out, err := e.run(t, c)
+	if err == nil || !strings.Contains(out, "checksum") {
+		t.Fatalf("a CUDA build with the wrong checksum: err %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(e.root, "usr/local/bin/gpumesh")); !os.IsNotExist(err) {
+		t.Fatal("a CUDA build with a wrong checksum was installed")
+	}
+	cuda := sha256.Sum256([]byte("cuda-build"))
+	c.CUDABinarySHA256 = hex.EncodeToString(cuda[:])
+	if out, err := e.run(t, c); err != nil || e.installed(t) != "cuda-build" {
+		t.Fatalf("right checksums: %v\n%s", err, out)
+	}
+}
+
+// Secrets are fetched by name with the aws CLI (a stand-in here) into
+// 0600 files the agent is pointed at; their values are not in the script.
+func TestUserDataFetchesSecrets(t *testing.T) {
+	e := newBootEnv(t, "m5.large")
+	awsLog := filepath.Join(t.TempDir(), "aws.log")
+	// The stand-in prints "value-of-NAME" for --name/--secret-id NAME and
+	// fails for names containing "missing", as the CLI does.
+	fake := `#!/bin/bash
+echo "$@" >> ` + awsLog + `
+name=""
+while [ $# -gt 0 ]; do case "$1" in --name|--secret-id) name="$2"; shift ;; esac; shift; done
+case "$name" in *missing*) echo "An error occurred (ParameterNotFound)" >&2; exit 254 ;; esac
+echo "value-of-$name"
+`
+	if err := os.WriteFile(filepath.Join(e.bin, "aws"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sec := BootSecrets{TLSCA: "/gpumesh/prod/ca", TLSCert: "/gpumesh/prod/cert", TLSKey: "/gpumesh/prod/key",
+		ACLToken: "/gpumesh/prod/token", GossipKey: "/gpumesh/prod/gossip"}
+	c := UserDataConfig{Tag: Tag{"gpumesh:cluster", "prod"}, Region: "eu-west-1", BinaryURL: e.url, Secrets: sec}
+	script, err := RenderUserData(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(script, "value-of") {
+		t.Fatal("a secret's value is in the user-data")
+	}
+	out, err := e.run(t, c)
+	if err != nil {
+		t.Fatalf("user-data failed: %v\n%s", err, out)
+	}
+	for file, name := range map[string]string{"tls-ca.pem": sec.TLSCA, "tls-cert.pem": sec.TLSCert, "tls-key.pem": sec.TLSKey,
+		"acl-token": sec.ACLToken, "gossip-key": sec.GossipKey} {
+		p := filepath.Join(e.root, "etc/gpumesh/secrets", file)
+		b, err := os.ReadFile(p)
+		if err != nil || string(b) != "value-of-"+name+"\n" {
+			t.Errorf("%s: %q %v", file, b, err)
+		}
+		if st, err := os.Stat(p); err != nil || st.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %v, want 0600", file, st.Mode().Perm())
+		}
+	}
+	env, _ := os.ReadFile(filepath.Join(e.root, "etc/gpumesh/gpumesh.env"))
+	for _, want := range []string{"--tls-ca=/etc/gpumesh/secrets/tls-ca.pem", "--tls-key=/etc/gpumesh/secrets/tls-key.pem",
+		"--acl-token-file=/etc/gpumesh/secrets/acl-token", "--encrypt-file=/etc/gpumesh/secrets/gossip-key"} {
+		if !strings.Contains(string(env), want) {
+			t.Errorf("env file lacks %s:\n%s", want, env)
+		}
+	}
+	calls, _ := os.ReadFile(awsLog)
+	if !strings.Contains(string(calls), "ssm get-parameter --region eu-west-1 --with-decryption --name /gpumesh/prod/key") {
+		t.Errorf("aws calls:\n%s", calls)
+	}
+	// A secret that cannot be fetched stops the boot before the agent starts.
+	os.Remove(filepath.Join(e.root, "etc/systemd/system/gpumesh.service"))
+	c.Secrets.ACLToken = "/gpumesh/prod/missing"
+	c.SecretsFrom = SecretsManager
+	out, err = e.run(t, c)
+	if err == nil || !strings.Contains(out, "fetching secret /gpumesh/prod/missing from secretsmanager failed") {
+		t.Fatalf("missing secret: err %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(e.root, "etc/systemd/system/gpumesh.service")); !os.IsNotExist(err) {
+		t.Fatal("the agent was installed without its secrets")
+	}
+}
+
+// The ldconfig fallback finds the driver under pipefail even when ldconfig
+// has much more to print after the match (grep -q would stop reading and
+// ldconfig would die of SIGPIPE, failing the pipeline).
+func TestUserDataLdconfigFallbackUnderPipefail(t *testing.T) {
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("bash not installed")
+	}
+	script, err := RenderUserData(UserDataConfig{Tag: Tag{"k", "v"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn := regexp.MustCompile(`(?s)has_nvidia_driver\(\) \{.*?\n\}`).FindString(script)
+	if fn == "" {
+		t.Fatal("has_nvidia_driver not found in the script")
+	}
+	// Only the fallback may find it: the library paths point nowhere.
+	fn = strings.ReplaceAll(fn, `"$ROOT"/usr/lib`, `/nonexistent/usr/lib`)
+	bin := t.TempDir()
+	ldconfig := "#!/bin/bash\necho '\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1'\n" +
+		"for i in $(seq 1 20000); do echo \"\tlibfoo$i.so (libc6,x86-64) => /usr/lib/libfoo$i.so\"; done\n"
+	if err := os.WriteFile(filepath.Join(bin, "ldconfig"), []byte(ldconfig), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "-c", "set -euo pipefail\nROOT=''\n"+fn+"\nif has_nvidia_driver; then echo found; else echo missing; fi")
+	cmd.Env = append(os.Environ(), "PATH="+bin+":"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "found" {
+		t.Fatalf("driver through ldconfig: %v %q", err, out)
+	}
+}
+
+// shellcheck finds nothing in the rendered script, with every option used.
+func TestUserDataShellcheck(t *testing.T) {
+	sc, err := exec.LookPath("shellcheck")
+	if err != nil {
+		t.Skip("shellcheck not installed (apt-get install shellcheck); the rendered script is not linted here")
+	}
+	script, err := RenderUserData(UserDataConfig{Tag: Tag{"gpumesh:cluster", "prod"}, Region: "us-east-1",
+		BinaryURL: "https://example.com/gpumesh-{arch}", BinarySHA256: strings.Repeat("a", 64), CUDABinarySHA256: strings.Repeat("b", 64),
+		AgentArgs: []string{"--bootstrap-expect=3"},
+		Secrets:   BootSecrets{TLSCA: "/gpumesh/prod/ca", TLSCert: "/gpumesh/prod/cert", TLSKey: "/gpumesh/prod/key", ACLToken: "/gpumesh/prod/token", GossipKey: "/gpumesh/prod/gossip"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sc, "-s", "bash", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("shellcheck: %v\n%s", err, out)
 	}
 }

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -112,6 +113,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if a.httpLn, err = net.Listen("tcp", joinHostPort(cfg.BindAddr, cfg.HTTPPort)); err != nil {
 		return nil, fmt.Errorf("http listener (port %d, --http-port): %w", cfg.HTTPPort, err)
 	}
+	if c := sec.httpTLSConfig(); c != nil {
+		a.httpLn = tls.NewListener(a.httpLn, c) // same certificate as gRPC
+	}
 	a.rpcAddr = joinHostPort(a.advAddr, a.rpcLn.Addr().(*net.TCPAddr).Port)
 	raftPort := cfg.RaftPort
 	gossipPort := cfg.GossipPort
@@ -163,7 +167,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.grpc = grpc.NewServer(opts...)
 	pb.RegisterControlServer(a.grpc, &controlServer{a: a})
 	a.health = health.NewServer()
-	healthpb.RegisterHealthServer(a.grpc, a.health)
+	healthpb.RegisterHealthServer(a.grpc, liveHealth{Server: a.health, a: a})
 	reflection.Register(a.grpc)
 	if err := registerDataPlane(a); err != nil {
 		return nil, err
@@ -185,8 +189,9 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.membershipLoop)
 	a.goFunc(a.joinLoop)
 	a.goFunc(a.roleLoop)
-	a.goFunc(a.runner.run)
-	a.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	a.runner.goFunc(a.runner.run) // counted by the runner, so its own goroutines join a group that shutdown waits on
+	a.updateHealth()
+	a.goFunc(a.healthLoop)
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil
@@ -488,7 +493,13 @@ func (a *Agent) roleLoop() {
 			return
 		case <-t.C:
 			a.checkLeader()
-			a.mesh.SetRole(a.Role())
+			role := a.Role()
+			if a.ctx.Err() != nil {
+				// Shutting down (ctx ends before Raft does): Raft may
+				// answer "none" now; keep gossiping the last real duty.
+				return
+			}
+			a.mesh.SetRole(role)
 			a.mesh.SetBootstrapped(a.raft.Bootstrapped())
 		}
 	}

@@ -484,6 +484,51 @@ func TestClusterHealthAndReflection(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
 		t.Fatalf("/v1/health: %d %s", resp.StatusCode, body)
 	}
+
+	// Per service, and in step with /v1/health: without a leader the
+	// server and the Control API are NOT_SERVING, the data plane serves on.
+	hc := healthpb.NewHealthClient(conn)
+	status := func(svc string) healthpb.HealthCheckResponse_ServingStatus {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil {
+			t.Fatalf("health of %q: %v", svc, err)
+		}
+		return r.Status
+	}
+	const control, data = "gpumesh.v1.Control", "gpumesh.collective.v1.DataPlane"
+	for _, svc := range []string{control, data} {
+		if st := status(svc); st != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health of %s with a leader: %v", svc, st)
+		}
+	}
+	for i, o := range dc.Agents {
+		if i != 1 {
+			o.Shutdown()
+		}
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		if st := status(control); st != healthpb.HealthCheckResponse_NOT_SERVING {
+			return fmt.Errorf("%s is %v with no leader", control, st)
+		}
+		return nil
+	})
+	if st := status(""); st != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("overall health with no leader: %v", st)
+	}
+	if st := status(data); st != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("data plane with no leader: %v", st)
+	}
+	resp, err = http.Get("http://" + a.HTTPAddr() + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), `"no leader"`) {
+		t.Fatalf("/v1/health with no leader: %d %s", resp.StatusCode, body)
+	}
 }
 
 // A node with --data-plane grpc and one with the default (tcp lanes) run

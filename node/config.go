@@ -77,9 +77,22 @@ type Config struct {
 	// leaves them to the kernel's autotuning (see
 	// collective.NetConfig.LaneSocketBuffer).
 	LaneSocketBuffer int
+	// TaskUser is the account exec tasks run as when their spec names none.
+	// Empty means the agent's own user. Running as another user needs root:
+	// an agent that is not root runs every task as itself and refuses specs
+	// that name someone else. `gpumesh agent` defaults it to "nobody".
+	TaskUser string
+	// TaskUsersAllowed are the accounts a job's exec.user may name besides
+	// TaskUser; a job naming any other fails with a message saying so.
+	TaskUsersAllowed []string
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
+	// NodeLossGrace is how long a node may be silent before the leader
+	// counts its ranks as lost and places their job again; an agent that
+	// restarts within it adopts its still-running exec tasks and the job
+	// goes on. Zero means consensus's default (30 s).
+	NodeLossGrace time.Duration
 
 	// Identity the node reports when not discovered (set from EC2 metadata
 	// by the caller when on EC2).
@@ -129,6 +142,7 @@ func DefaultConfig() *Config {
 		DataPlane:         "tcp",
 		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
+		NodeLossGrace:     consensus.DefaultConfig().NodeLossGrace,
 		Lifecycle:         "unknown",
 	}
 }
@@ -180,6 +194,9 @@ func (c *Config) Validate() error {
 	}
 	if c.LaneSocketBuffer < 0 {
 		errs = append(errs, fmt.Errorf("lane socket buffer must be >= 0 bytes (0: kernel autotuning), got %d (--lane-socket-buffer)", c.LaneSocketBuffer))
+	}
+	if c.NodeLossGrace < 0 {
+		errs = append(errs, fmt.Errorf("node loss grace must be >= 0, got %s (--node-loss-grace)", c.NodeLossGrace))
 	}
 	if c.CollectiveTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("collective timeout must be > 0, got %s", c.CollectiveTimeout))

@@ -37,6 +37,9 @@ func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 		// Look often enough that nothing outlives its age by much.
 		cfg.JobGCInterval = min(time.Minute, max(a.cfg.JobGCAge/4, 100*time.Millisecond))
 	}
+	if a.cfg.NodeLossGrace > 0 {
+		cfg.NodeLossGrace = a.cfg.NodeLossGrace
+	}
 	cfg.Logger = a.logger.Named("consensus")
 	cfg.Membership = &membershipView{a: a}
 	if cfg.StreamLayer, err = a.sec.raftStreamLayer(cfg.RaftBindAddr, cfg.RaftAdvertiseAddr); err != nil {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -556,15 +557,15 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 	}
 	addr := a.rpcAddrOf(alloc.NodeId)
 	if addr == "" {
-		return status.Errorf(codes.Unavailable, "node %s, which holds rank %d's logs, is not reachable", alloc.NodeName, req.Rank)
+		return logsNodeDown(alloc, nil)
 	}
 	c, err := a.conns.client(addr)
 	if err != nil {
-		return status.Error(codes.Unavailable, err.Error())
+		return logsNodeDown(alloc, err)
 	}
 	up, err := c.Logs(outgoing(ctx), fwd)
 	if err != nil {
-		return err
+		return logsNodeDown(alloc, err)
 	}
 	for {
 		ch, err := up.Recv()
@@ -572,7 +573,7 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 			return nil
 		}
 		if err != nil {
-			return err
+			return logsNodeDown(alloc, err)
 		}
 		if err := stream.Send(ch); err != nil {
 			return err
@@ -604,4 +605,27 @@ func (s *controlServer) TransferLeadership(ctx context.Context, req *pb.Transfer
 		return err
 	})
 	return resp, toStatus(err)
+}
+
+// ReasonNodeDown is the ErrorInfo reason of a call that needs a node that
+// does not answer (a rank's logs live on the node that ran it).
+const ReasonNodeDown = "NODE_DOWN"
+
+// logsNodeDown turns a failure to reach the node holding a rank's logs into
+// an error that names the node. Errors other than "unavailable" pass
+// through (a rank with no logs yet is NotFound on that node).
+func logsNodeDown(al *pb.Allocation, err error) error {
+	if err != nil {
+		if st, ok := status.FromError(err); ok && st.Code() != codes.Unavailable {
+			return err
+		}
+	}
+	st := status.Newf(codes.Unavailable,
+		"node %s (%s), which ran rank %d of job %s, is down: its logs are kept on that node and come back with it (see `gpumesh members`)",
+		al.NodeName, al.NodeId, al.Rank, al.JobId)
+	if d, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: ReasonNodeDown, Domain: "gpumesh",
+		Metadata: map[string]string{"node": al.NodeName, "node_id": al.NodeId}}); derr == nil {
+		st = d
+	}
+	return st.Err()
 }

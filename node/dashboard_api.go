@@ -3,10 +3,13 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sort"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc/status"
 
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/cuda"
@@ -35,6 +38,8 @@ type dashView struct {
 	Jobs     []dashJob    `json:"jobs"`
 	GPUs     []dashGPUs   `json:"gpus"`
 	Errors   []string     `json:"errors,omitempty"`
+	// Banner is a warning for the top of the page (no leader), or empty.
+	Banner string `json:"banner,omitempty"`
 }
 
 type dashMember struct {
@@ -43,8 +48,8 @@ type dashMember struct {
 	Addr         string `json:"addr"`
 	HTTPAddr     string `json:"http_addr"`
 	State        string `json:"state"`  // gossip: alive, suspect, dead, left
-	Role         string `json:"role"`   // leader, voter, standby, client
-	Status       string `json:"status"` // ready, draining
+	Role         string `json:"role"`   // leader, voter, standby, client; unknown
+	Status       string `json:"status"` // ready, draining; down (dead in gossip), left
 	AZ           string `json:"az"`
 	Lifecycle    string `json:"lifecycle"`
 	InstanceType string `json:"instance_type"`
@@ -146,7 +151,8 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 	cs := &controlServer{a: a}
 
 	roles := map[string]string{}
-	if peers, err := cs.RaftPeers(ctx, &pb.RaftPeersRequest{}); err == nil {
+	peers, peersErr := cs.RaftPeers(ctx, &pb.RaftPeersRequest{})
+	if peersErr == nil {
 		for _, p := range peers.Peers {
 			switch {
 			case p.Leader:
@@ -158,10 +164,9 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 				roles[p.Id] = "standby"
 			}
 		}
-	} else {
-		v.Errors = append(v.Errors, "raft peers: "+err.Error())
 	}
 
+	voters, votersUp := 0, 0
 	for _, m := range a.mesh.Members() {
 		dm := dashMember{Name: m.Name, Addr: m.Addr, State: m.State, Role: "client"}
 		if n := m.Node; n != nil {
@@ -169,16 +174,39 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 			dm.InstanceType, dm.GPUs, dm.Version = n.InstanceType, len(n.Gpus), n.Version
 			if r, ok := roles[n.Id]; ok {
 				dm.Role = r
+			} else if peersErr != nil {
+				// No leader to ask: the duty the member last gossiped.
+				dm.Role = orDefault(m.role, "unknown")
+			}
+		}
+		// A member's own record says "ready" until it is replaced; gossip
+		// knows better (gpumesh members shows the same state).
+		switch m.State {
+		case "dead":
+			dm.Status = "down"
+		case "left":
+			dm.Status = "left"
+		}
+		if dm.Role == "voter" || dm.Role == "leader" {
+			voters++
+			if m.State == "alive" {
+				votersUp++
 			}
 		}
 		v.Members = append(v.Members, dm)
+	}
+	if peersErr != nil {
+		// The Raft configuration comes from the leader: no answer means no
+		// leader this node can reach.
+		v.Banner = fmt.Sprintf("No leader: %d of %d voters answer. Jobs cannot be placed or stopped until a majority of voters is back; "+
+			"what follows is this node's last known view (roles as the members last gossiped them).", votersUp, voters)
 	}
 	sort.Slice(v.Members, func(i, k int) bool { return v.Members[i].Name < v.Members[k].Name })
 
 	stale := &pb.QueryOptions{Stale: true}
 	jobs, err := cs.ListJobs(ctx, &pb.ListJobsRequest{Query: stale})
 	if err != nil {
-		v.Errors = append(v.Errors, "jobs: "+err.Error())
+		v.Errors = append(v.Errors, "jobs: "+status.Convert(err).Message())
 	} else {
 		v.Index = jobs.Index
 		list := jobs.Jobs
@@ -239,14 +267,19 @@ func (o *opsState) clusterGPUs(ctx context.Context, members []dashMember) []dash
 	out := make([]dashGPUs, len(targets)+1)
 	out[0] = o.localGPUs()
 	var wg sync.WaitGroup
-	client := &http.Client{Timeout: dashGPUTimeout}
+	sec := o.a.sec
+	client := &http.Client{Timeout: dashGPUTimeout, Transport: &http.Transport{TLSClientConfig: sec.httpClientTLS()}}
+	defer client.CloseIdleConnections()
 	for i, m := range targets {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			res := dashGPUs{Node: m.Name}
-			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+m.HTTPAddr+"/v1/gpus", nil)
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, sec.httpScheme()+"://"+m.HTTPAddr+"/v1/gpus", nil)
 			if err == nil {
+				if tok := sec.httpToken(); tok != "" {
+					req.Header.Set("Authorization", "Bearer "+tok)
+				}
 				var resp *http.Response
 				if resp, err = client.Do(req); err == nil {
 					err = json.NewDecoder(resp.Body).Decode(&res)

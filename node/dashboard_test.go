@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -192,4 +193,90 @@ func TestDashboardOnClientNode(t *testing.T) {
 	if v, ok := metricValue(mfs, "gpumesh_members", map[string]string{"state": "alive"}); !ok || v != 4 {
 		t.Fatalf("members alive on the client: %v %v", v, ok)
 	}
+}
+
+// A dead member is shown down, not ready; with no leader the roles are the
+// gossiped ones and a banner says what is wrong, not a raw gRPC error.
+func TestDashboardDeadMembersAndNoLeader(t *testing.T) {
+	dc := startCluster(t, 3, nil)
+	var watch *Agent
+	var others []*Agent
+	for _, a := range dc.Agents {
+		if watch == nil && !a.IsLeader() {
+			watch = a
+		} else {
+			others = append(others, a)
+		}
+	}
+	view := func() dashView {
+		var v dashView
+		if err := json.Unmarshal([]byte(httpGet(t, "http://"+watch.HTTPAddr()+"/v1/dashboard")), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	member := func(v dashView, name string) dashMember {
+		for _, m := range v.Members {
+			if m.Name == name {
+				return m
+			}
+		}
+		t.Fatalf("no member %s in %+v", name, v.Members)
+		return dashMember{}
+	}
+	// One follower dies: shown down while the leader still answers.
+	var gone *Agent
+	for _, a := range others {
+		if !a.IsLeader() {
+			gone = a
+		}
+	}
+	// Every member has gossiped its duty (the page shows it when no leader
+	// answers).
+	poll.Until(t, 20*time.Second, func() error {
+		for _, m := range watch.mesh.Members() {
+			if m.role != "voter" {
+				return fmt.Errorf("%s gossips %q", m.Name, m.role)
+			}
+		}
+		return nil
+	})
+	gone.Shutdown()
+	poll.Until(t, 30*time.Second, func() error {
+		v := view()
+		if m := member(v, gone.Name()); m.State != "dead" || m.Status != "down" {
+			return fmt.Errorf("stopped member: state %s status %s", m.State, m.Status)
+		}
+		if v.Banner != "" {
+			return fmt.Errorf("banner with a leader: %s", v.Banner)
+		}
+		return nil
+	})
+	// The leader goes too: no leader.
+	for _, a := range others {
+		if a != gone {
+			a.Shutdown()
+		}
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		v := view()
+		// Gossip forgets dead members after a while: 1 of 3, or of 2.
+		if !strings.HasPrefix(v.Banner, "No leader: 1 of ") || !strings.Contains(v.Banner, "voters answer") {
+			return fmt.Errorf("banner %q, errors %v", v.Banner, v.Errors)
+		}
+		for _, e := range v.Errors {
+			if strings.Contains(e, "rpc error") {
+				return fmt.Errorf("raw gRPC error shown: %s", e)
+			}
+		}
+		for _, m := range v.Members {
+			if m.Role != "voter" {
+				return fmt.Errorf("member %s shown as %s, want the voter it gossiped (watching %s, stopped %s first; %+v)", m.Name, m.Role, watch.Name(), gone.Name(), v.Members)
+			}
+		}
+		if m := member(v, watch.Name()); m.Status != "ready" || m.State != "alive" {
+			return fmt.Errorf("the serving node: %+v", m)
+		}
+		return nil
+	})
 }

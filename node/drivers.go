@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -133,6 +135,10 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		gpus[i] = int(g)
 	}
 	allocDir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
+	user, err := taskUser(r.a.cfg, spec.GetExec().GetUser())
+	if err != nil {
+		return nil, err
+	}
 	env, err := driver.BuildEnv(driver.RankEnv{
 		JobID:          al.JobId,
 		Generation:     al.Generation,
@@ -149,7 +155,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		GPUs:           gpus,
 		NodeAddr:       r.a.rpcAddr,
 		AllocDir:       allocDir,
-	}, os.Environ(), spec.GetExec().GetEnv())
+	}, userEnv(os.Environ(), user, allocDir), spec.GetExec().GetEnv())
 	if err != nil {
 		return nil, err
 	}
@@ -158,6 +164,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
 		Env:     append(env, checkpointEnv(spec, env, allocDir)...),
+		User:    user,
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {
 		ts.KillTimeout = kt.AsDuration()
@@ -171,6 +178,65 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		r.startPrefetch(t, spec, ts.Env, al, allocDir)
 	}
 	return t, nil
+}
+
+// ErrTaskUser means a job names an account this agent does not run tasks as.
+var ErrTaskUser = errors.New("task user")
+
+// taskUser is the account an exec task runs as: the job's exec.user when
+// the agent allows it, else the agent's TaskUser; nil (the agent's own
+// user) when neither names one or the agent is not root.
+func taskUser(cfg *Config, asked string) (*driver.TaskUser, error) {
+	name := cfg.TaskUser
+	if asked != "" && asked != name {
+		if !slices.Contains(cfg.TaskUsersAllowed, asked) {
+			allowed := append([]string{orDefault(cfg.TaskUser, "the agent's user")}, cfg.TaskUsersAllowed...)
+			return nil, fmt.Errorf("%w: the job asks to run as %q, which this agent does not allow (allowed: %s); name one of those in exec.user, or start the agents with --task-users-allowed=%s",
+				ErrTaskUser, asked, strings.Join(allowed, ", "), asked)
+		}
+		name = asked
+	}
+	if os.Geteuid() != 0 {
+		if asked != "" {
+			if self, err := driver.CurrentUser(); err == nil && self.Name == asked {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("%w: the job asks to run as %q, but this agent is not root and runs tasks as its own user", ErrTaskUser, asked)
+		}
+		return nil, nil
+	}
+	if name == "" {
+		return nil, nil
+	}
+	u, err := driver.LookupUser(name)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrTaskUser, err)
+	}
+	return u, nil
+}
+
+// userEnv is the base environment of a task run as u: HOME (its
+// allocation directory, since service accounts have none), USER and
+// LOGNAME name u. The job's own env may still set them.
+func userEnv(base []string, u *driver.TaskUser, allocDir string) []string {
+	if u == nil {
+		return base
+	}
+	out := make([]string, 0, len(base)+3)
+	for _, kv := range base {
+		k, _, _ := strings.Cut(kv, "=")
+		if k != "HOME" && k != "USER" && k != "LOGNAME" {
+			out = append(out, kv)
+		}
+	}
+	return append(out, "HOME="+allocDir, "USER="+u.Name, "LOGNAME="+u.Name)
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }
 
 func mustAbs(p string) string {
@@ -206,6 +272,7 @@ func (r *runner) recover() {
 		rt := &runningTask{alloc: al, task: &execTask{h: h}}
 		r.tasks[allocID] = rt
 		r.started[allocID] = true
+		r.unseen[allocID] = true
 		if _, done := h.Result(); !done {
 			r.logger.Info("recovered a running task", "job", id.JobID, "generation", id.Generation, "rank", id.Rank, "pid", h.Pid())
 		}

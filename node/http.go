@@ -14,7 +14,7 @@ func (a *Agent) httpHandler() http.Handler {
 	mux.HandleFunc("/v1/health", a.handleHealth)
 	mux.HandleFunc("/v1/agent", a.handleAgent)
 	registerObservability(a, mux)
-	return mux
+	return a.sec.httpAuth(mux)
 }
 
 // handleHealth answers 200 when the agent is up and, for servers, knows a
@@ -29,12 +29,10 @@ func (a *Agent) handleHealth(w http.ResponseWriter, r *http.Request) {
 	}
 	h := health{Status: "ok", Node: a.cfg.NodeName, Role: a.Role(), Time: time.Now().UTC().Format(time.RFC3339)}
 	code := http.StatusOK
-	if a.raft != nil {
-		id, _ := a.raft.Leader()
-		h.Leader = id
-		if id == "" && a.raft.HasState() {
-			h.Status, code = "no leader", http.StatusServiceUnavailable
-		}
+	ok, leader := a.healthy() // the gRPC health service follows the same rule
+	h.Leader = leader
+	if !ok {
+		h.Status, code = "no leader", http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)

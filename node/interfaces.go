@@ -16,6 +16,9 @@ type member struct {
 	Node  *pb.Node
 	// bootstrapped: the member holds Raft state already.
 	bootstrapped bool
+	// role is the duty the member last gossiped (voter, standby, client;
+	// "unknown" before it said): a display hint for when no leader answers.
+	role string
 }
 
 // membership is what the agent needs of gossip (package mesh, adapted in

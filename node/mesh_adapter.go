@@ -117,6 +117,7 @@ func (ad *meshAdapter) Members() []member {
 		if m.MetaErr == nil {
 			mm.Node = metaToNode(m.Meta)
 			mm.bootstrapped = m.Meta.Bootstrapped
+			mm.role = m.Meta.Role.String()
 		}
 		out = append(out, mm)
 	}

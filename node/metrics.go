@@ -266,12 +266,12 @@ func newAgentCollector(o *opsState) *agentCollector {
 		recvFrames:    d("collective_received_frames_total", "Data frames (chunks) received, by operation.", "op"),
 		ops:           d("collective_operations_total", "Collective operations this node's ranks took part in (once per rank and operation), by operation.", "op"),
 		lanes:         d("collective_lanes_accepted_total", "Data-plane TCP lanes this node's RPC port accepted (one per sending rank, receiving rank and channel of a link that uses lanes)."),
-		busbw:         d("collective_last_busbw_bytes_per_second", "Bus bandwidth of the last all-reduce size measured by a job (rank 0 of its latest reported generation), as nccl-tests defines it.", "job"),
-		algbw:         d("collective_last_algbw_bytes_per_second", "Algorithm bandwidth (bytes / time) of the last all-reduce size measured by a job.", "job"),
-		pipeStages:    d("pipeline_stages", "Stages of each running pipeline job.", "job"),
-		stageSamples:  d("pipeline_stage_samples_per_second", "Throughput a pipeline stage reported when it finished.", "job", "stage"),
-		stageBubble:   d("pipeline_stage_bubble_ratio", "Idle fraction (1 - busy/wall) a pipeline stage reported when it finished.", "job", "stage"),
-		jobGen:        d("job_generation", "Current generation of each running job.", "job"),
+		busbw:         d("collective_last_busbw_bytes_per_second", "Bus bandwidth of the last all-reduce size measured by a job (rank 0 of its latest reported generation), as nccl-tests defines it.", "job_id"),
+		algbw:         d("collective_last_algbw_bytes_per_second", "Algorithm bandwidth (bytes / time) of the last all-reduce size measured by a job.", "job_id"),
+		pipeStages:    d("pipeline_stages", "Stages of each running pipeline job.", "job_id"),
+		stageSamples:  d("pipeline_stage_samples_per_second", "Throughput a pipeline stage reported when it finished.", "job_id", "stage"),
+		stageBubble:   d("pipeline_stage_bubble_ratio", "Idle fraction (1 - busy/wall) a pipeline stage reported when it finished.", "job_id", "stage"),
+		jobGen:        d("job_generation", "Current generation of each running job.", "job_id"),
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/gpumesh/gpumesh/internal/poll"
@@ -57,12 +59,12 @@ exec:
 		{"gpumesh_jobs_pending", nil, eq(1), "1 (with a reason)"},
 		{"gpumesh_allocations", map[string]string{"status": "running"}, eq(2), "2"},
 		{"gpumesh_nodes", map[string]string{"status": "ready"}, eq(3), "3"},
-		{"gpumesh_job_generation", map[string]string{"job": id}, eq(1), "1"},
+		{"gpumesh_job_generation", map[string]string{"job_id": id}, eq(1), "1"},
 		{"gpumesh_gpu_utilization_ratio", map[string]string{"gpu": "1"}, eq(0.97), "0.97"},
 		{"gpumesh_gpu_memory_used_bytes", map[string]string{"gpu": "0"}, eq(30 << 30), "30 GiB"},
 		{"gpumesh_gpu_temperature_celsius", map[string]string{"gpu": "1"}, eq(83), "83"},
 		{"gpumesh_gpu_power_watts", map[string]string{"gpu": "0"}, eq(350), "350"},
-		{"gpumesh_gpu_ecc_errors", map[string]string{"gpu": "1", "type": "uncorrected"}, eq(1), "1"},
+		{"gpumesh_gpu_ecc_errors_total", map[string]string{"gpu": "1", "type": "uncorrected"}, eq(1), "1"},
 		{"go_goroutines", nil, ge(1), ">= 1"},
 		{"go_gc_heap_live_bytes", nil, ge(1), ">= 1 (live heap after the last GC, for soaks)"},
 		{"gpumesh_collective_lanes_accepted_total", nil, ge(0), "present (lanes accepted by the RPC port)"},
@@ -114,10 +116,44 @@ exec:
 		return nil
 	})
 
+	// The whole exposition, GPU families included, passes the client
+	// library's linter (promtool's rules), and no label is one Prometheus
+	// sets on every target (it would rename ours to exported_job).
+	for _, a := range dc.Agents {
+		lintExposition(t, a.Name(), scrape(t, a))
+	}
+
 	// Health still answers for load balancers.
 	var h struct{ Status, Role string }
 	if err := json.Unmarshal([]byte(httpGet(t, "http://"+f.HTTPAddr()+"/v1/health")), &h); err != nil || h.Status != "ok" || h.Role == "" {
 		t.Fatalf("health: %+v %v", h, err)
+	}
+}
+
+// lintExposition fails the test on any promlint problem in mfs or any
+// label named job or instance.
+func lintExposition(t *testing.T, who string, mfs map[string]*dto.MetricFamily) {
+	t.Helper()
+	if mfs["gpumesh_gpu_utilization_ratio"] == nil {
+		t.Fatalf("%s: no GPU families to lint", who)
+	}
+	list := make([]*dto.MetricFamily, 0, len(mfs))
+	for _, mf := range mfs {
+		list = append(list, mf)
+		for _, m := range mf.Metric {
+			for _, l := range m.Label {
+				if l.GetName() == "job" || l.GetName() == "instance" {
+					t.Errorf("%s: %s has a label %q, which Prometheus renames to exported_%s on scrape", who, mf.GetName(), l.GetName(), l.GetName())
+				}
+			}
+		}
+	}
+	problems, err := promlint.NewWithMetricFamilies(list).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("%s: promlint: %s: %s", who, p.Metric, p.Text)
 	}
 }
 

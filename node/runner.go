@@ -38,6 +38,10 @@ type taskResult struct {
 	Report map[string]any
 }
 
+// adoptWait is how long a task adopted after a restart may be missing from
+// this node's view before it is stopped as no longer placed here.
+const adoptWait = 2 * time.Minute
+
 // driverFunc starts the task of one allocation.
 type driverFunc func(ctx context.Context, r *runner, alloc *pb.Allocation, job *pb.Job) (task, error)
 
@@ -62,6 +66,13 @@ type runner struct {
 	finished map[string]bool
 	// started holds allocations this agent process started (or adopted).
 	started map[string]bool
+	// unseen holds allocations whose tasks recover adopted and that no view
+	// has shown yet: a restarted server's replica replays its log only as
+	// the leader's commit index reaches it, so a view without them says
+	// nothing for a while. They are not stopped as "no longer placed here"
+	// before adoptWait has passed since the agent started.
+	unseen    map[string]bool
+	startedAt time.Time
 	// placed holds this node's allocations in the last view (with their
 	// task IDs); one that leaves the view (its job was purged) has its
 	// ended task and its allocation directory removed.
@@ -88,10 +99,12 @@ func newRunner(a *Agent) *runner {
 
 		finished: map[string]bool{},
 		started:  map[string]bool{},
+		unseen:   map[string]bool{},
 		placed:   map[string]driver.TaskID{},
 		drivers:  map[string]driverFunc{},
 	}
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
+	r.startedAt = time.Now()
 	registerDrivers(r)
 	return r
 }
@@ -194,6 +207,7 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 			continue
 		}
 		placed[al.Id] = taskID(al)
+		delete(r.unseen, al.Id)
 		rt := r.tasks[al.Id]
 		reported := r.pending[al.Id]
 		if al.DesiredStatus == consensus.DesiredStop {
@@ -261,8 +275,12 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 	if len(gone) > 0 {
 		r.removePurgedLocked(gone)
 	}
-	// Anything running that the cluster no longer wants (job purged) stops.
+	// Anything running that the cluster no longer wants (job purged) stops;
+	// an adopted task only once the view had time to catch up.
 	for id, rt := range r.tasks {
+		if r.unseen[id] && time.Since(r.startedAt) < adoptWait {
+			continue
+		}
 		if !want[id] && !rt.stopped {
 			rt.stopped = true
 			rt.task.Stop("no longer placed here", r.a.drainDeadline())

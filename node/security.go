@@ -52,6 +52,16 @@ type SecurityConfig struct {
 	// carry as "authorization: Bearer TOKEN". Every agent of a cluster uses
 	// the same file.
 	ACLTokenFile string
+	// HTTPPlain keeps the HTTP port (metrics, health, dashboard) in
+	// plaintext when TLS files are given. By default the port then serves
+	// HTTPS with the same certificate; client certificates are verified
+	// when presented but not required.
+	HTTPPlain bool
+	// HTTPAuth is who may read the HTTP port: HTTPAuthOpen (default: reads
+	// are open, anything else needs the token) or HTTPAuthToken (every
+	// read but /v1/health and the dashboard's files needs the token; needs
+	// ACLTokenFile).
+	HTTPAuth string
 }
 
 // TLSEnabled says whether TLS files are given.
@@ -64,6 +74,15 @@ func (c SecurityConfig) Validate() error {
 	if c.TLSEnabled() && (c.CAFile == "" || c.CertFile == "" || c.KeyFile == "") {
 		return fmt.Errorf("%w: --tls-ca, --tls-cert and --tls-key go together (got ca=%q cert=%q key=%q); make them with `gpumesh tls ca create` and `gpumesh tls cert create`",
 			ErrTLSConfig, c.CAFile, c.CertFile, c.KeyFile)
+	}
+	switch c.HTTPAuth {
+	case "", HTTPAuthOpen:
+	case HTTPAuthToken:
+		if c.ACLTokenFile == "" {
+			return fmt.Errorf("%w: --http-auth token needs --acl-token-file (the token the HTTP port asks for)", ErrACLConfig)
+		}
+	default:
+		return fmt.Errorf("%w: --http-auth %q: use open or token", ErrACLConfig, c.HTTPAuth)
 	}
 	return nil
 }
@@ -105,6 +124,8 @@ func TLSFiles(caFile, certFile, keyFile, serverName string) (client, server *tls
 type security struct {
 	client, server *tls.Config
 	token          string
+	httpPlain      bool   // SecurityConfig.HTTPPlain
+	httpAuthMode   string // SecurityConfig.HTTPAuth
 }
 
 // newSecurity loads what cfg names. A nil *security (no error) means off.
@@ -112,7 +133,7 @@ func newSecurity(cfg SecurityConfig, logger hclog.Logger) (*security, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &security{}
+	s := &security{httpPlain: cfg.HTTPPlain, httpAuthMode: cfg.HTTPAuth}
 	if cfg.TLSEnabled() {
 		var err error
 		if s.client, s.server, err = TLSFiles(cfg.CAFile, cfg.CertFile, cfg.KeyFile, ""); err != nil {

@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/gpumesh/gpumesh/internal/bytesize"
+	"github.com/gpumesh/gpumesh/internal/logdedup"
 	"github.com/gpumesh/gpumesh/node"
 )
 
@@ -27,6 +28,7 @@ type agentFlags struct {
 	logLevel   string
 	logJSON    bool
 	sockBuf    string
+	encFile    string
 	ext        agentExtensions
 }
 
@@ -63,12 +65,24 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 			if level == hclog.NoLevel {
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", f.logLevel)
 			}
-			f.cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()})
+			// Repeated warnings and errors (raft's heartbeat failures to a
+			// dead voter) are written once per window with a count.
+			f.cfg.Logger = logdedup.New(hclog.New(&hclog.LoggerOptions{Name: "gpumesh", Level: level, JSONFormat: f.logJSON, Output: cmd.ErrOrStderr()}), 0)
 			sb, err := bytesize.Parse(f.sockBuf)
 			if err != nil {
 				return fmt.Errorf("--lane-socket-buffer: %w", err)
 			}
 			f.cfg.LaneSocketBuffer = int(sb)
+			if f.encFile != "" {
+				if f.cfg.EncryptKey != "" {
+					return fmt.Errorf("--encrypt and --encrypt-file both give the gossip key; keep one (--encrypt-file keeps it out of the process list)")
+				}
+				b, err := os.ReadFile(f.encFile)
+				if err != nil {
+					return fmt.Errorf("--encrypt-file: %w", err)
+				}
+				f.cfg.EncryptKey = strings.TrimSpace(string(b))
+			}
 			if err := f.ext.apply(cmd.Context(), f.cfg); err != nil {
 				return err
 			}
@@ -109,11 +123,16 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
 	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
 	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (make one with: openssl rand -base64 32)")
+	fl.StringVar(&f.encFile, "encrypt-file", "", "file holding the gossip encryption key (keeps it out of the process list)")
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")
 	fl.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
+	c.TaskUser = "nobody"
+	fl.StringVar(&c.TaskUser, "task-user", c.TaskUser, "user exec tasks run as when their job names none (empty: the agent's own user); an agent that is not root always runs tasks as itself")
+	fl.StringSliceVar(&c.TaskUsersAllowed, "task-users-allowed", nil, "further users a job's exec.user may name (comma-separated or repeated), e.g. a training account with access to datasets")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
+	fl.DurationVar(&c.NodeLossGrace, "node-loss-grace", c.NodeLossGrace, "how long a node may be silent before its ranks count as lost and their jobs are placed again; an agent restarted within it adopts its running tasks")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
 	fl.StringVar(&c.Lifecycle, "lifecycle", "", "spot, on-demand or unknown (default: from EC2 metadata, else unknown)")

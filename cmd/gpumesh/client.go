@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -86,6 +87,13 @@ func (f *clientFlags) explain(err error) error {
 	s, ok := status.FromError(err)
 	if !ok {
 		return err
+	}
+	for _, d := range s.Details() {
+		// The agent answered and says which node is missing: its words
+		// are the message (not "no agent answers at --address").
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == "gpumesh" {
+			return errors.New(s.Message())
+		}
 	}
 	switch s.Code() {
 	case codes.Unavailable:

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,7 +25,7 @@ type peersJSON struct {
 }
 
 // startAgents starts n agents on 127.0.0.2, 127.0.0.3, ... as processes.
-func startAgents(t *testing.T, n int) []*procs.Agent {
+func startAgents(t *testing.T, n int, args ...string) []*procs.Agent {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("multi-process test; skipped with -short")
@@ -33,7 +34,7 @@ func startAgents(t *testing.T, n int) []*procs.Agent {
 	var as []*procs.Agent
 	for i := 0; i < n; i++ {
 		ip := fmt.Sprintf("127.0.0.%d", i+2)
-		as = append(as, procs.NewAgent(t, dir, fmt.Sprintf("agent-%d", i+1), ip, "--bootstrap-expect", "3"))
+		as = append(as, procs.NewAgent(t, dir, fmt.Sprintf("agent-%d", i+1), ip, append([]string{"--bootstrap-expect", "3"}, args...)...))
 	}
 	procs.StartJoined(as)
 	t.Cleanup(func() {
@@ -175,9 +176,11 @@ type jobJSON struct {
 
 // Issue 3's acceptance: SIGKILL the agent holding rank 1 of a long-running
 // 2-rank job; the job runs again as generation 2 on the remaining agents
-// within 10 s, and the logs of both generations can be read.
+// within 10 s, and the logs of both generations can be read. The node
+// loss grace is short here: this is the node-loss path (the default grace
+// would keep the generation for 30 s, waiting for the agent to return).
 func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
-	as := startAgents(t, 3)
+	as := startAgents(t, 3, "--node-loss-grace", "1s")
 	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
 	spec := filepath.Join(t.TempDir(), "job.yaml")
 	if err := os.WriteFile(spec, []byte("name: long\nranks: 2\nplacement: spread\nexec: {command: [sh, -c, 'echo gen $GPUMESH_GENERATION rank $RANK of $WORLD_SIZE; exec sleep 600']}\n"), 0o644); err != nil {
@@ -271,4 +274,119 @@ func TestProcessesReplaceRanksOfKilledNode(t *testing.T) {
 	if _, stderr, err := procs.CLI(ctx, t, survivor.RPCAddr(), "job", "stop", sub.ID); err != nil {
 		t.Fatalf("stop: %v %s", err, stderr)
 	}
+}
+
+// An agent restart keeps its job: SIGKILL the agent (only its process; its
+// exec task lives on) of a rank of a running 2-rank job and start it again
+// within the node loss grace. The leader marks the node down meanwhile, yet
+// generation 1 goes on, the restarted agent adopts the task, and the task
+// is not started a second time.
+func TestProcessesAgentRestartKeepsGeneration(t *testing.T) {
+	as := startAgents(t, 3, "--node-loss-grace", "60s")
+	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
+	spec := filepath.Join(t.TempDir(), "job.yaml")
+	if err := os.WriteFile(spec, []byte("name: keep\nranks: 2\nplacement: spread\nexec: {command: [sh, -c, 'echo started gen $GPUMESH_GENERATION rank $RANK; exec sleep 600']}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	var sub struct {
+		ID string `json:"id"`
+	}
+	if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &sub, "job", "run", "--detach", spec); err != nil {
+		t.Fatal(err)
+	}
+	leader, err := leaderOf(t, as)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *procs.Agent
+	var victimRank string
+	poll.Until(t, 30*time.Second, func() error {
+		var j jobJSON
+		if err := procs.CLIJSON(ctx, t, leader.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
+			return err
+		}
+		running := 0
+		for _, al := range j.Allocations {
+			if al.ClientStatus != "running" {
+				continue
+			}
+			running++
+			for _, a := range as {
+				if a.Name == al.NodeName && a != leader {
+					victim, victimRank = a, strconv.Itoa(al.Rank)
+				}
+			}
+		}
+		if running != 2 || victim == nil {
+			return fmt.Errorf("want 2 running ranks, one off the leader; have %d", running)
+		}
+		return nil
+	})
+	if err := victim.Signal(syscall.SIGKILL, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The leader sees the node down (the old scheduler moved the whole
+	// generation at this point).
+	poll.Until(t, 30*time.Second, func() error {
+		if st := nodeStatus(ctx, t, leader, victim.Name); st != "down" {
+			return fmt.Errorf("%s is %q, not down yet", victim.Name, st)
+		}
+		return nil
+	})
+	victim.Start()
+	poll.Until(t, 60*time.Second, func() error {
+		var j jobJSON
+		if err := procs.CLIJSON(ctx, t, victim.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
+			return err
+		}
+		if j.Job.Status != "running" || j.Job.Generation != 1 {
+			return fmt.Errorf("job %s at generation %d, want running at generation 1", j.Job.Status, j.Job.Generation)
+		}
+		if st := nodeStatus(ctx, t, leader, victim.Name); st != "ready" {
+			return fmt.Errorf("%s is %q, not ready again yet", victim.Name, st)
+		}
+		return nil
+	})
+	// Back and ready: still generation 1 with both ranks running, and the
+	// task started once (its log has one "started" line).
+	var j jobJSON
+	if err := procs.CLIJSON(ctx, t, leader.RPCAddr(), &j, "job", "status", sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, al := range j.Allocations {
+		if al.Generation != 1 || al.ClientStatus != "running" {
+			t.Fatalf("after the restart: rank %d of generation %d is %s", al.Rank, al.Generation, al.ClientStatus)
+		}
+	}
+	out, stderr, err := procs.CLI(ctx, t, leader.RPCAddr(), "job", "logs", sub.ID, "--rank", victimRank, "--generation", "1")
+	if err != nil {
+		t.Fatalf("logs: %v %s", err, stderr)
+	}
+	if n := strings.Count(out, "started gen 1"); n != 1 {
+		t.Fatalf("the adopted task started %d times: %q", n, out)
+	}
+	if _, stderr, err := procs.CLI(ctx, t, leader.RPCAddr(), "job", "stop", sub.ID); err != nil {
+		t.Fatalf("stop: %v %s", err, stderr)
+	}
+}
+
+// nodeStatus is a node's status in the cluster state as an agent answers it.
+func nodeStatus(ctx context.Context, t *testing.T, a *procs.Agent, name string) string {
+	var resp struct {
+		Nodes []struct {
+			Name   string `json:"name"`
+			Status string `json:"status"`
+		} `json:"nodes"`
+	}
+	if err := procs.CLIJSON(ctx, t, a.RPCAddr(), &resp, "nodes"); err != nil {
+		return err.Error()
+	}
+	for _, n := range resp.Nodes {
+		if n.Name == name {
+			return n.Status
+		}
+	}
+	return "missing"
 }

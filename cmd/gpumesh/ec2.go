@@ -28,7 +28,7 @@ func newEC2Command() *cobra.Command {
   gpumesh ec2 user-data   renders the boot script that installs and starts the agent
   gpumesh ec2 launch      creates an EC2 Fleet (type maintain) of agents
   gpumesh ec2 fleet       shows a fleet's capacity and instances
-  gpumesh ec2 iam-policy  prints the least-privilege IAM policy
+  gpumesh ec2 iam-policy  prints the least-privilege IAM policies (agent role, launcher)
   gpumesh ec2 identity    prints what the instance metadata service says about this host
 
 See docs/ec2.md for a walk-through.`,
@@ -44,6 +44,8 @@ See docs/ec2.md for a walk-through.`,
 type userDataFlags struct {
 	tag, region, binaryURL, cudaBinaryURL, sha, cudaSha, cuda string
 	agentArgs                                                 []string
+	taskUser, secretsFrom                                     string
+	secrets                                                   deploy.BootSecrets
 }
 
 func (f *userDataFlags) register(cmd *cobra.Command) {
@@ -55,7 +57,14 @@ func (f *userDataFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.sha, "binary-sha256", "", "SHA-256 the default build must have")
 	fl.StringVar(&f.cudaSha, "cuda-binary-sha256", "", "SHA-256 the CUDA build must have")
 	fl.StringVar(&f.cuda, "cuda", "auto", "which build to install: auto (CUDA where an NVIDIA GPU and driver are found), on, off")
-	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "an extra `FLAG` for the agent's command line, e.g. --agent-arg=--bootstrap-expect=3 (repeatable)")
+	fl.StringArrayVar(&f.agentArgs, "agent-arg", nil, "an extra `FLAG` for the agent's command line, e.g. --agent-arg=--bootstrap-expect=3 (repeatable; checked against the agent's flags)")
+	fl.StringVar(&f.taskUser, "task-user", deploy.DefaultTaskUser, "`USER` tasks run as; created at boot when the AMI lacks it")
+	fl.StringVar(&f.secretsFrom, "secrets-from", deploy.SecretsSSM, "where the *-secret names live: ssm (Parameter Store, SecureString) or secretsmanager")
+	fl.StringVar(&f.secrets.TLSCA, "tls-ca-secret", "", "`NAME` of the secret holding the cluster's CA certificate (PEM), e.g. /gpumesh/prod/tls-ca")
+	fl.StringVar(&f.secrets.TLSCert, "tls-cert-secret", "", "`NAME` of the secret holding the agents' certificate (PEM; one for all, made with gpumesh tls cert create)")
+	fl.StringVar(&f.secrets.TLSKey, "tls-key-secret", "", "`NAME` of the secret holding that certificate's key (PEM)")
+	fl.StringVar(&f.secrets.ACLToken, "acl-token-secret", "", "`NAME` of the secret holding the ACL token mutating calls must carry")
+	fl.StringVar(&f.secrets.GossipKey, "gossip-key-secret", "", "`NAME` of the secret holding the gossip encryption key (base64, 32 bytes)")
 }
 
 func (f *userDataFlags) config() (deploy.UserDataConfig, error) {
@@ -69,7 +78,22 @@ func (f *userDataFlags) config() (deploy.UserDataConfig, error) {
 	return deploy.UserDataConfig{
 		Tag: tag, Region: f.region, BinaryURL: f.binaryURL, CUDABinaryURL: f.cudaBinaryURL,
 		BinarySHA256: f.sha, CUDABinarySHA256: f.cudaSha, CUDA: deploy.CUDAMode(f.cuda), AgentArgs: f.agentArgs,
+		CheckAgentArgs: checkAgentArgs, TaskUser: f.taskUser, SecretsFrom: f.secretsFrom, Secrets: f.secrets,
 	}, nil
+}
+
+// checkAgentArgs parses args with the agent's own flag set, as the agent
+// will at boot.
+func checkAgentArgs(args []string) error {
+	cmd := newAgentCommand()
+	cmd.Flags().SetOutput(io.Discard)
+	if err := cmd.Flags().Parse(args); err != nil {
+		return err
+	}
+	if rest := cmd.Flags().Args(); len(rest) > 0 {
+		return fmt.Errorf("the agent takes no arguments, got %q", rest)
+	}
+	return nil
 }
 
 func newEC2UserDataCommand() *cobra.Command {
@@ -81,10 +105,19 @@ func newEC2UserDataCommand() *cobra.Command {
 		Long: `Render a cloud-init user-data script (bash) that downloads the gpumesh binary
 (the CUDA build on instances with an NVIDIA GPU and driver, with --cuda auto),
 writes the systemd unit gpumesh.service and /etc/gpumesh/gpumesh.env, and starts
-"gpumesh agent --join-ec2-tag KEY=VALUE" with its data in /var/lib/gpumesh.`,
+"gpumesh agent --join-ec2-tag KEY=VALUE" with its data in /var/lib/gpumesh.
+
+Secrets never go into user-data (anyone allowed to describe the instance reads
+it): --tls-ca-secret, --tls-cert-secret, --tls-key-secret, --acl-token-secret and
+--gossip-key-secret name parameters in SSM Parameter Store (or, with
+--secrets-from secretsmanager, secrets in Secrets Manager) that the script fetches
+at boot with the instance role and the aws CLI, into /etc/gpumesh/secrets (0600).`,
 		Example: `  gpumesh ec2 user-data --tag gpumesh:cluster=prod \
       --binary-url https://releases.example.com/gpumesh-linux-{arch} \
-      --agent-arg=--bootstrap-expect=3 > user-data.sh`,
+      --agent-arg=--bootstrap-expect=3 > user-data.sh
+  gpumesh ec2 user-data --tag gpumesh:cluster=prod --tls-ca-secret /gpumesh/prod/tls-ca \
+      --tls-cert-secret /gpumesh/prod/tls-cert --tls-key-secret /gpumesh/prod/tls-key \
+      --acl-token-secret /gpumesh/prod/acl-token --gossip-key-secret /gpumesh/prod/gossip-key`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := f.config()
@@ -216,7 +249,7 @@ IMDSv2 required, and the join tag on instances and volumes.`,
 	fl.StringVar(&template, "launch-template", "", "existing launch template: ID (lt-...) or name, optionally :VERSION (default $Default)")
 	fl.StringVar(&ami, "ami", "", "create a launch template from this AMI (use one with the NVIDIA driver for GPU types)")
 	fl.StringVar(&templateName, "template-name", "", "name of the launch template --ami creates (default gpumesh-<tag value>)")
-	fl.StringVar(&profile, "instance-profile", "", "IAM instance profile (name or ARN) for a new template; its role needs the Agent statements of iam-policy")
+	fl.StringVar(&profile, "instance-profile", "", "IAM instance profile (name or ARN) for a new template; its role needs the policy of \"gpumesh ec2 iam-policy --for agent\"")
 	fl.StringSliceVar(&securityGroups, "security-groups", nil, "security group IDs for a new template (allow 7946-7949 and the data plane between members)")
 	fl.StringVar(&keyName, "key-name", "", "EC2 key pair for a new template (optional)")
 	fl.BoolVar(&rebalance, "capacity-rebalance", false, "launch a replacement when a spot instance gets a rebalance recommendation")
@@ -268,19 +301,54 @@ func newEC2FleetCommand() *cobra.Command {
 }
 
 func newEC2IAMPolicyCommand() *cobra.Command {
-	return &cobra.Command{
+	var c deploy.IAMPolicyConfig
+	var forWhom string
+	cmd := &cobra.Command{
 		Use:   "iam-policy",
-		Short: "Print the least-privilege IAM policy gpumesh needs",
-		Long: `Print deploy/iam-policy.json. Statements whose Sid starts with "Agent" go on the
-agents' instance role; those starting with "Launch" on whoever runs "gpumesh ec2 launch".`,
-		Example: `  gpumesh ec2 iam-policy > gpumesh-policy.json
-  aws iam put-role-policy --role-name gpumesh-agent --policy-name gpumesh --policy-document file://gpumesh-policy.json`,
+		Short: "Print the least-privilege IAM policy for the agents' role or for the launcher",
+		Long: `Print an IAM policy document scoped to one cluster (the value of its
+gpumesh:cluster tag, which is the join tag's value).
+
+  --for agent     the agents' instance role: describe instances and fleets, read
+                  the cluster's boot secrets under /gpumesh/CLUSTER/; with --scale
+                  also ModifyFleet and TerminateInstances on resources tagged
+                  gpumesh:cluster=CLUSTER (agents run with --fleet-id)
+  --for launcher  whoever runs "gpumesh ec2 launch": create templates, fleets and
+                  instances tagged gpumesh:cluster=CLUSTER, pass only --role to
+                  EC2, and scale and terminate this cluster's fleet and instances
+
+No mutating statement has a "*" resource. docs/ec2.md gives each statement's reason.`,
+		Example: `  gpumesh ec2 iam-policy --for agent --cluster prod > agent-policy.json
+  aws iam put-role-policy --role-name gpumesh-agent --policy-name gpumesh --policy-document file://agent-policy.json
+  gpumesh ec2 iam-policy --for launcher --cluster prod --role gpumesh-agent --account 123456789012 > launcher-policy.json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			_, err := io.WriteString(cmd.OutOrStdout(), deploy.IAMPolicy)
+			var doc deploy.PolicyDocument
+			var err error
+			switch forWhom {
+			case "agent":
+				doc, err = deploy.AgentPolicy(c)
+			case "launcher":
+				doc, err = deploy.LauncherPolicy(c)
+			default:
+				return fmt.Errorf("--for %q: use agent (the instance role) or launcher (who runs gpumesh ec2 launch)", forWhom)
+			}
+			if err != nil {
+				return err
+			}
+			_, err = io.WriteString(cmd.OutOrStdout(), doc.JSON())
 			return err
 		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&forWhom, "for", "agent", "agent (the instance role) or launcher (who runs gpumesh ec2 launch)")
+	fl.StringVar(&c.Cluster, "cluster", "", "the cluster's name: the value of its gpumesh:cluster tag, i.e. the join tag's value (required)")
+	fl.StringVar(&c.Role, "role", "", "the agents' instance role, the only role a launch may pass to EC2 (required with --for launcher)")
+	fl.StringVar(&c.Account, "account", "", "AWS account ID for the ARNs (default: any account)")
+	fl.StringVar(&c.Partition, "partition", "", "ARN partition: aws, aws-cn, aws-us-gov (default aws)")
+	fl.StringVar(&c.SecretsPath, "secrets-path", "", "SSM parameter path / Secrets Manager prefix of the boot secrets (default /gpumesh/CLUSTER/)")
+	fl.BoolVar(&c.Scale, "scale", false, "with --for agent: let the leader scale the fleet and terminate idle instances (agents run with --fleet-id)")
+	return cmd
 }
 
 func newEC2IdentityCommand() *cobra.Command {

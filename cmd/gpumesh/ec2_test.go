@@ -27,7 +27,7 @@ func TestEC2UserDataCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --bootstrap-expect=3", "CUDA_MODE='on'",
+	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --task-user=gpumesh-task --bootstrap-expect=3", "CUDA_MODE='on'",
 		"BINARY_URL='https://example.com/gpumesh-{arch}'", "Restart=always"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("user-data lacks %q", want)
@@ -35,6 +35,19 @@ func TestEC2UserDataCLI(t *testing.T) {
 	}
 	if _, err := runCLI(t, "ec2", "user-data"); err == nil || !strings.Contains(err.Error(), "--tag") {
 		t.Fatalf("missing --tag: %v", err)
+	}
+	// A flag the agent does not have would crash-loop every instance.
+	_, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--agent-arg=--bootstrap-expct=3")
+	if err == nil || !strings.Contains(err.Error(), "bootstrap-expct") {
+		t.Fatalf("unknown agent flag: %v", err)
+	}
+	_, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--agent-arg=--bootstrap-expect=three")
+	if err == nil || !strings.Contains(err.Error(), "three") {
+		t.Fatalf("bad agent flag value: %v", err)
+	}
+	out, err = runCLI(t, "ec2", "user-data", "--tag", "gpumesh:cluster=prod", "--acl-token-secret", "/gpumesh/prod/token")
+	if err != nil || !strings.Contains(out, "SECRET_ACL_TOKEN='/gpumesh/prod/token'") {
+		t.Fatalf("token secret: %v", err)
 	}
 }
 
@@ -93,9 +106,16 @@ func TestEC2LaunchCLIAgainstFakeEC2(t *testing.T) {
 }
 
 func TestEC2IAMPolicyCLI(t *testing.T) {
-	out, err := runCLI(t, "ec2", "iam-policy")
-	if err != nil || !strings.Contains(out, "ec2:DescribeInstances") {
+	out, err := runCLI(t, "ec2", "iam-policy", "--cluster", "prod")
+	if err != nil || !strings.Contains(out, "ec2:DescribeInstances") || strings.Contains(out, "ec2:TerminateInstances") {
 		t.Fatalf("%v\n%s", err, out)
+	}
+	out, err = runCLI(t, "ec2", "iam-policy", "--for", "launcher", "--cluster", "prod", "--role", "gpumesh-agent")
+	if err != nil || !strings.Contains(out, `"arn:aws:iam::*:role/gpumesh-agent"`) || !strings.Contains(out, `"aws:RequestTag/gpumesh:cluster": [`) {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if _, err := runCLI(t, "ec2", "iam-policy", "--for", "launcher", "--cluster", "prod"); err == nil || !strings.Contains(err.Error(), "--role") {
+		t.Fatalf("launcher without --role: %v", err)
 	}
 }
 

@@ -45,6 +45,7 @@ const specHelp = `A job spec is YAML or JSON:
   exec:
     command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE"]
     env: {NCCL_DEBUG: INFO}
+    user: trainer         # default: the agent's --task-user; others need --task-users-allowed
 
   type: allreduce
   allreduce: {sizes: [1MiB, 64MiB], dtype: float32, iters: 20, device: auto, op: sum}
@@ -56,7 +57,8 @@ const specHelp = `A job spec is YAML or JSON:
 Exec ranks get the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES,
 TORCHELASTIC_RESTART_COUNT) plus GPUMESH_JOB_ID, GPUMESH_GENERATION,
-GPUMESH_RANK and GPUMESH_ADDR.`
+GPUMESH_RANK and GPUMESH_ADDR. They run as the agent's --task-user (default
+nobody, with HOME set to the rank's directory), never as root unless allowed.`
 
 func newJobRunCommand() *cobra.Command {
 	var f clientFlags
@@ -371,7 +373,8 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
 		}
 		exit := "-"
-		if consensus.AllocTerminal(al.ClientStatus) {
+		if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocLost {
+			// A lost rank has no exit code: its message says why it is lost.
 			exit = fmt.Sprint(al.ExitCode)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Generation, al.Rank, dash(al.NodeName), gpus,

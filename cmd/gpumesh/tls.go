@@ -142,6 +142,8 @@ func addSecurityFlags(fl *pflag.FlagSet, c *node.SecurityConfig) {
 	fl.StringVar(&c.CertFile, "tls-cert", "", "this node's certificate (PEM), signed by --tls-ca (make it with: gpumesh tls cert create --node NAME)")
 	fl.StringVar(&c.KeyFile, "tls-key", "", "this node's private key (PEM)")
 	fl.StringVar(&c.ACLTokenFile, "acl-token-file", "", "file holding the token that job run/stop and drain (and agents' own updates) must carry")
+	fl.BoolVar(&c.HTTPPlain, "http-plain", false, "keep the HTTP port (metrics, health, dashboard) in plaintext when TLS is on (default: HTTPS with the same certificate)")
+	fl.StringVar(&c.HTTPAuth, "http-auth", node.HTTPAuthOpen, "who may read the HTTP port: open (reads need nothing, anything else the token) or token (every read but /v1/health needs the ACL token; open the dashboard as /#token=TOKEN)")
 }
 
 // clientTLS are the CLI's TLS settings.

@@ -505,7 +505,12 @@ type JobPlan struct {
 	// Allocations whose node is gone: desired stop and client status lost.
 	LostAllocIds []string `protobuf:"bytes,10,rep,name=lost_alloc_ids,json=lostAllocIds,proto3" json:"lost_alloc_ids,omitempty"`
 	// New allocations (the placed generation).
-	Allocations   []*controlpb.Allocation `protobuf:"bytes,11,rep,name=allocations,proto3" json:"allocations,omitempty"`
+	Allocations []*controlpb.Allocation `protobuf:"bytes,11,rep,name=allocations,proto3" json:"allocations,omitempty"`
+	// The job's end_cause after the plan (see gpumesh.v1.Job).
+	EndCause string `protobuf:"bytes,12,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	// The message recorded on the allocations of lost_alloc_ids: why they
+	// are lost, for people.
+	LostMessage   string `protobuf:"bytes,13,opt,name=lost_message,json=lostMessage,proto3" json:"lost_message,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -615,6 +620,20 @@ func (x *JobPlan) GetAllocations() []*controlpb.Allocation {
 		return x.Allocations
 	}
 	return nil
+}
+
+func (x *JobPlan) GetEndCause() string {
+	if x != nil {
+		return x.EndCause
+	}
+	return ""
+}
+
+func (x *JobPlan) GetLostMessage() string {
+	if x != nil {
+		return x.LostMessage
+	}
+	return ""
 }
 
 // Snapshot is the whole FSM state.
@@ -767,7 +786,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\";\n" +
 	"\n" +
 	"ApplyPlans\x12-\n" +
-	"\x05plans\x18\x01 \x03(\v2\x17.gpumesh.fsm.v1.JobPlanR\x05plans\"\xb6\x03\n" +
+	"\x05plans\x18\x01 \x03(\v2\x17.gpumesh.fsm.v1.JobPlanR\x05plans\"\xf6\x03\n" +
 	"\aJobPlan\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12.\n" +
 	"\x13expect_modify_index\x18\x02 \x01(\x04R\x11expectModifyIndex\x12\x16\n" +
@@ -783,7 +802,9 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0estop_alloc_ids\x18\t \x03(\tR\fstopAllocIds\x12$\n" +
 	"\x0elost_alloc_ids\x18\n" +
 	" \x03(\tR\flostAllocIds\x128\n" +
-	"\vallocations\x18\v \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"\xa7\x01\n" +
+	"\vallocations\x18\v \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\x12\x1b\n" +
+	"\tend_cause\x18\f \x01(\tR\bendCause\x12!\n" +
+	"\flost_message\x18\r \x01(\tR\vlostMessage\"\xa7\x01\n" +
 	"\bSnapshot\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12&\n" +
 	"\x05nodes\x18\x02 \x03(\v2\x10.gpumesh.v1.NodeR\x05nodes\x12#\n" +

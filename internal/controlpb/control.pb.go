@@ -421,9 +421,12 @@ func (x *RestartPolicy) GetDelay() *durationpb.Duration {
 }
 
 type ExecSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Command       []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
-	Env           map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Command []string               `protobuf:"bytes,1,rep,name=command,proto3" json:"command,omitempty"`
+	Env     map[string]string      `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// user runs the command as this account instead of the agent's --task-user;
+	// the agent must list it in --task-users-allowed.
+	User          string `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -470,6 +473,13 @@ func (x *ExecSpec) GetEnv() map[string]string {
 		return x.Env
 	}
 	return nil
+}
+
+func (x *ExecSpec) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
 }
 
 type AllReduceSpec struct {
@@ -897,8 +907,14 @@ type Job struct {
 	StopRequested   bool                   `protobuf:"varint,11,opt,name=stop_requested,json=stopRequested,proto3" json:"stop_requested,omitempty"`
 	CreateIndex     uint64                 `protobuf:"varint,12,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex     uint64                 `protobuf:"varint,13,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Why the last generation ended, typed (status_reason says it for people):
+	// "rank-failed" (a rank failed; whether that counts against the restart
+	// policy is not settled yet), "task-failed" (the job's own failure,
+	// counted), "node-lost", "node-drained" (not the job's fault, not
+	// counted), "resized" (an elastic job grows); empty before any ended.
+	EndCause      string `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -1020,6 +1036,13 @@ func (x *Job) GetModifyIndex() uint64 {
 		return x.ModifyIndex
 	}
 	return 0
+}
+
+func (x *Job) GetEndCause() string {
+	if x != nil {
+		return x.EndCause
+	}
+	return ""
 }
 
 type Allocation struct {
@@ -2949,10 +2972,11 @@ const file_control_proto_rawDesc = "" +
 	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\\\n" +
 	"\rRestartPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\x05R\battempts\x12/\n" +
-	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\x8d\x01\n" +
+	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\xa1\x01\n" +
 	"\bExecSpec\x12\x18\n" +
 	"\acommand\x18\x01 \x03(\tR\acommand\x12/\n" +
-	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x1a6\n" +
+	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x12\x12\n" +
+	"\x04user\x18\x03 \x01(\tR\x04user\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x95\x01\n" +
@@ -2996,7 +3020,7 @@ const file_control_proto_rawDesc = "" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
-	"\x05every\x18\x03 \x01(\x05R\x05every\"\x85\x04\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\"\xa2\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3016,7 +3040,8 @@ const file_control_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\x0fnextAttemptTime\x12%\n" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\"\xd8\x06\n" +
+	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xd8\x06\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +

@@ -38,7 +38,7 @@ func TestParseFileErrorsPointIntoTheFile(t *testing.T) {
 		{"a value for a list", "ranks: 1\nexec: {command: python3}\n",
 			[]want{{2, 17, "exec.command", "want a list"}}},
 		{"a value for a section", "ranks: 1\nexec: python3\n",
-			[]want{{2, 7, "exec", "want a mapping of fields (command, env)"}}},
+			[]want{{2, 7, "exec", "want a mapping of fields (command, env, user)"}}},
 		{"duration without a unit", "ranks: 1\nexec: {command: [x]}\nkill_timeout: 5\n",
 			[]want{{3, 15, "kill_timeout", `durations need a unit: write "5s"`}}},
 		{"not a duration", "ranks: 1\nexec: {command: [x]}\nrestart: {delay: soon}\n",

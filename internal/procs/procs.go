@@ -202,6 +202,9 @@ func (a *Agent) Start() {
 		"--gossip-port", strconv.Itoa(a.Ports.Gossip), "--rpc-port", strconv.Itoa(a.Ports.RPC),
 		"--raft-port", strconv.Itoa(a.Ports.Raft), "--http-port", strconv.Itoa(a.Ports.HTTP),
 		"--log-level", "debug",
+		// Tasks run as the test's user: their scripts and data dirs sit in
+		// temporary folders only it can enter.
+		"--task-user=",
 	}
 	args = append(args, a.Args...)
 	cmd := exec.Command(Binary(a.t), args...)

@@ -220,6 +220,10 @@ type TaskSpec struct {
 	KillTimeout time.Duration `json:"kill_timeout"`
 	// Logs is the rotation of stdout and stderr. Zero means the driver's.
 	Logs LogConfig `json:"logs"`
+	// User runs the command as another account (LookupUser). Nil means the
+	// daemon's own user. The allocation directory is made writable by the
+	// user's group and the working directory the user's.
+	User *TaskUser `json:"user,omitempty"`
 }
 
 // StopOptions tune Handle.Stop.

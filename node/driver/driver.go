@@ -129,6 +129,9 @@ func (d *Driver) resolve(spec TaskSpec) (TaskSpec, string, error) {
 	if spec.KillTimeout < 0 {
 		return spec, "", fmt.Errorf("%w: task %s: kill_timeout must be >= 0, got %s", ErrInvalidSpec, spec.ID, spec.KillTimeout)
 	}
+	if err := checkUser(spec.User); err != nil {
+		return spec, "", fmt.Errorf("task %s: %w", spec.ID, err)
+	}
 	allocDir := AllocDir(d.cfg.DataDir, spec.ID)
 	spec.Command = slices.Clone(spec.Command)
 	spec.Env = slices.Clone(spec.Env)
@@ -177,6 +180,12 @@ func (d *Driver) Start(ctx context.Context, spec TaskSpec) (*Handle, error) {
 		return d.existing(h, hash)
 	}
 	stateDir := stateDirOf(allocDir)
+	// The allocation directory and those above it are traversable, so that
+	// a task running as another user (TaskSpec.User) reaches its own; the
+	// state directory is the driver's alone.
+	if err := os.MkdirAll(allocDir, 0o755); err != nil {
+		return nil, fmt.Errorf("%w: task %s: create %s: %v", ErrInvalidSpec, spec.ID, allocDir, err)
+	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: task %s: create %s: %v", ErrInvalidSpec, spec.ID, stateDir, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -535,5 +536,91 @@ func TestTaskInheritsNoDescriptors(t *testing.T) {
 	}
 	if got := readLog(t, h, Stdout); got != "0\n1\n2\n3\n" {
 		t.Fatalf("task's descriptors %q, want 0-2 (and ls's 3)", got)
+	}
+}
+
+// A task given a user runs with that user's IDs, can write its allocation
+// directory, and cannot remove the driver's state there.
+func TestTaskRunsAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("switching users needs root")
+	}
+	u, err := LookupUser("nobody")
+	if err != nil {
+		t.Skip(err)
+	}
+	d := newTestDriver(t, "")
+	// Tasks reach their allocation directory through the data dir (and the
+	// test's temporary folders above it).
+	for p := d.cfg.DataDir; p != filepath.Clean(os.TempDir()); p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for p := filepath.Clean(os.TempDir()); p != "/"; p = filepath.Dir(p) {
+		if st, err := os.Stat(p); err == nil && st.Mode().Perm()&0o001 == 0 {
+			t.Skipf("%s is not traversable by other users", p)
+		}
+	}
+	spec := shSpec(t, `id -u; id -g; echo hi > mine && echo wrote; rm -rf .gpumesh 2>/dev/null; test -d .gpumesh && echo kept`)
+	spec.User = u
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	if res := wait(t, h); !res.Success() {
+		t.Fatalf("result %+v\nstderr %s", res, readLog(t, h, Stderr))
+	}
+	want := fmt.Sprintf("%d\n%d\nwrote\nkept\n", u.UID, u.GID)
+	if got := readLog(t, h, Stdout); got != want {
+		t.Fatalf("stdout %q, want %q (stderr %q)", got, want, readLog(t, h, Stderr))
+	}
+	st, err := os.Stat(filepath.Join(AllocDir(d.cfg.DataDir, spec.ID), "mine"))
+	if err != nil || st.Sys().(*syscall.Stat_t).Uid != u.UID {
+		t.Fatalf("file the task wrote: %v %v", st, err)
+	}
+}
+
+// A daemon running at a raised priority (the unit's Nice=-5) starts its
+// tasks at the normal one.
+func TestTaskRunsAtNormalNice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raising priority needs root")
+	}
+	d := newTestDriver(t, "")
+	// The supervisor is forked from this thread and inherits its niceness.
+	runtime.LockOSThread() // never unlocked: the thread ends with the test
+	if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), -5); err != nil {
+		t.Skip(err)
+	}
+	spec := shSpec(t, `cut -d' ' -f19 /proc/self/stat`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	wait(t, h)
+	if got := strings.TrimSpace(readLog(t, h, Stdout)); got != "0" {
+		t.Fatalf("task niceness %s, want 0", got)
+	}
+}
+
+// A task user who cannot reach the allocation directory gets a start
+// failure that says what to do.
+func TestTaskUserWithoutAccessSaysWhy(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("switching users needs root")
+	}
+	u, err := LookupUser("nobody")
+	if err != nil {
+		t.Skip(err)
+	}
+	d := newTestDriver(t, "") // under a 0700 temporary folder
+	spec := shSpec(t, "true")
+	spec.User = u
+	_, err = d.Start(context.Background(), spec)
+	if !errors.Is(err, ErrStartFailed) || !strings.Contains(err.Error(), "chmod 711") {
+		t.Fatalf("err = %v, want a start failure naming the fix", err)
 	}
 }

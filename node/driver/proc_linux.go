@@ -194,9 +194,10 @@ func flockTry(f *os.File) (ok bool, err error) {
 const supported = true
 
 // taskSysProcAttr puts the task in a process group of its own and has the
-// kernel SIGKILL it when the supervisor (the thread that started it) dies.
-func taskSysProcAttr() *syscall.SysProcAttr {
-	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+// kernel SIGKILL it when the supervisor (the thread that started it) dies;
+// with u, it runs as that user.
+func taskSysProcAttr(u *TaskUser) *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL, Credential: credential(u)}
 }
 
 // waitExitedNoReap blocks until pid (a child) has exited, leaving it a
@@ -224,5 +225,15 @@ func closeOnExecFrom(fd int) {
 		if n, err := strconv.Atoi(e.Name()); err == nil && n >= fd {
 			unix.CloseOnExec(n)
 		}
+	}
+}
+
+// resetThreadNice puts the calling thread back at niceness 0 when it runs
+// at a raised priority (a negative niceness); it never raises priority.
+func resetThreadNice() {
+	tid := unix.Gettid()
+	// The raw syscall returns 20 - nice.
+	if prio, err := unix.Getpriority(unix.PRIO_PROCESS, tid); err == nil && 20-prio < 0 {
+		_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
 	}
 }

@@ -34,9 +34,11 @@ func pidfdOpen(int) (*os.File, error)            { return nil, errUnsupported }
 func pidfdWait(*os.File, <-chan struct{}) error  { return errUnsupported }
 func pidfdSignal(*os.File, syscall.Signal) error { return errUnsupported }
 func pidfdReap(*os.File)                         {}
-func taskSysProcAttr() *syscall.SysProcAttr      { return &syscall.SysProcAttr{Setpgid: true} }
-func waitExitedNoReap(int)                       {}
-func closeOnExecFrom(int)                        {}
+func taskSysProcAttr(u *TaskUser) *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Credential: credential(u)}
+}
+func waitExitedNoReap(int) {}
+func closeOnExecFrom(int)  {}
 
 var errNotPollable = errUnsupported
 

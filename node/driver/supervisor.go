@@ -213,6 +213,10 @@ func (s *supervisor) run(lockFD int) int {
 		closeLogs()
 		return s.startFailed("create working dir: %v", err)
 	}
+	if err := prepareUserDirs(spec.User, s.spec.AllocDir, spec.Dir); err != nil {
+		closeLogs()
+		return s.startFailed("give the task's directories to user %s: %v", spec.User.Name, err)
+	}
 	path, err := lookPath(spec.Command[0], spec.Env, spec.Dir)
 	if err != nil {
 		closeLogs()
@@ -233,17 +237,25 @@ func (s *supervisor) run(lockFD int) int {
 		Stderr: stderrW,
 		// Its own process group, so that stop signals reach all of it, and
 		// SIGKILL when the supervisor dies (see taskSysProcAttr).
-		SysProcAttr: taskSysProcAttr(),
+		SysProcAttr: taskSysProcAttr(spec.User),
 	}
 	// The parent-death signal fires when the forking thread exits, so this
 	// goroutine stays locked to its thread for good.
 	runtime.LockOSThread()
+	// The daemon may run at a raised priority (the unit's Nice=-5) so that
+	// training cannot starve it; the task gets the normal one. Linux keeps
+	// niceness per thread and the task is forked from this one.
+	resetThreadNice()
 	err = s.cmd.Start()
 	_ = devnull.Close()
 	_ = stdoutW.Close() // the task holds the write ends now
 	_ = stderrW.Close()
 	if err != nil {
 		s.closeLogs(&copiers, readEnds, writers)
+		if spec.User != nil && errors.Is(err, fs.ErrPermission) {
+			return s.startFailed("start %q as user %s: %v (the user must be able to reach %s and read the program: make the data dir and the folders above it traversable, e.g. chmod 711)",
+				spec.Command[0], spec.User.Name, err, spec.Dir)
+		}
 		return s.startFailed("start %q: %v", spec.Command[0], err)
 	}
 	s.started = time.Now()

@@ -223,6 +223,12 @@ func TestAllReduceRankKilled(t *testing.T) {
 	if final.Job.Generation < 2 {
 		t.Errorf("job completed at generation %d, want >= 2 (placed again after the kill)", final.Job.Generation)
 	}
+	// The kill was a node loss, not the job's failure, although the
+	// survivors failed before gossip said the node was dead: it uses no
+	// restart attempt.
+	if final.Job.Restarts != 0 {
+		t.Errorf("the node loss used %d restart attempts (%s); a node loss must not count", final.Job.Restarts, final.Job.EndCause)
+	}
 	recovered := time.Since(killed)
 	for _, al := range final.Allocations {
 		if al.Generation != final.Job.Generation {

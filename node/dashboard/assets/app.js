@@ -4,6 +4,13 @@
 const $ = (id) => document.getElementById(id);
 let lastOK = 0;
 
+// With --http-auth token the feed needs the cluster's token: open the page
+// as http(s)://host:7949/#token=TOKEN (the fragment never leaves the browser).
+function authHeaders() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -103,6 +110,9 @@ function render(d) {
         bar("util", g.utilization / 100, g.utilization >= 0 ? g.utilization.toFixed(0) + "%" : "-"),
         bar("mem", g.mem_total ? g.mem_used / g.mem_total : 0, bytes(g.mem_used) + " / " + bytes(g.mem_total)))))));
 
+  $("banner").hidden = !d.banner;
+  $("banner").textContent = d.banner || "";
+
   const errs = d.errors || [];
   $("errors").hidden = errs.length === 0;
   $("errors").replaceChildren(...errs.map((e) => el("div", {}, e)));
@@ -111,7 +121,7 @@ function render(d) {
 
 async function poll() {
   try {
-    const r = await fetch("/v1/dashboard", { cache: "no-store" });
+    const r = await fetch("/v1/dashboard", { cache: "no-store", headers: authHeaders() });
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json());
     lastOK = Date.now();
