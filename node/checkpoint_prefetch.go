@@ -171,3 +171,39 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 		t.prefetch.Store(&rec)
 	})
 }
+
+// checkpointProgressFile is where python/gpumesh/checkpoint.py records the
+// step a rank resumed from and the last step it finished.
+const checkpointProgressFile = "checkpoint-progress.json"
+
+// readCheckpointProgress returns a rank's recorded progress
+// (resumed_step, last_step), or nil when there is none. The steps a crash
+// lost are the previous generation's last_step minus the next one's
+// resumed_step.
+func readCheckpointProgress(allocDir string) map[string]any {
+	if allocDir == "" {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(allocDir, checkpointProgressFile))
+	if err != nil {
+		return nil
+	}
+	var p struct {
+		Resumed *int64 `json:"resumed_step"`
+		Last    *int64 `json:"last_step"`
+	}
+	if json.Unmarshal(b, &p) != nil {
+		return nil
+	}
+	m := map[string]any{}
+	if p.Resumed != nil {
+		m["resumed_step"] = float64(*p.Resumed)
+	}
+	if p.Last != nil {
+		m["last_step"] = float64(*p.Last)
+	}
+	if len(m) == 0 {
+		return nil
+	}
+	return m
+}

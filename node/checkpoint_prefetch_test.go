@@ -69,3 +69,23 @@ func TestPrefetchCheckpointFetchesThePartARankLoads(t *testing.T) {
 		t.Fatalf("missing bucket: %+v", rec)
 	}
 }
+
+func TestReadCheckpointProgress(t *testing.T) {
+	dir := t.TempDir()
+	if readCheckpointProgress(dir) != nil || readCheckpointProgress("") != nil {
+		t.Fatal("progress without a file")
+	}
+	if err := os.WriteFile(filepath.Join(dir, checkpointProgressFile), []byte(`{"resumed_step": 9, "last_step": 13}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := readCheckpointProgress(dir)
+	if p["resumed_step"] != float64(9) || p["last_step"] != float64(13) {
+		t.Fatalf("progress %v", p)
+	}
+	if err := os.WriteFile(filepath.Join(dir, checkpointProgressFile), []byte(`{torn`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if readCheckpointProgress(dir) != nil {
+		t.Fatal("a torn file gave progress")
+	}
+}

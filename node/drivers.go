@@ -91,6 +91,9 @@ type execTask struct {
 	h *driver.Handle
 	// prefetch is the checkpoint prefetch's record once it is done.
 	prefetch atomic.Pointer[PrefetchRecord]
+	// allocDir holds the rank's checkpoint progress (jobs with a
+	// checkpoint block only; empty otherwise).
+	allocDir string
 }
 
 func (t *execTask) Done() <-chan struct{} { return t.h.Done() }
@@ -111,6 +114,12 @@ func (t *execTask) Result() taskResult {
 	}
 	if p := t.prefetch.Load(); p != nil {
 		tr.Report = map[string]any{"checkpoint_prefetch": p.report()}
+	}
+	if prog := readCheckpointProgress(t.allocDir); prog != nil {
+		if tr.Report == nil {
+			tr.Report = map[string]any{}
+		}
+		tr.Report["checkpoint"] = prog
 	}
 	return tr
 }
@@ -175,6 +184,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 	}
 	t := &execTask{h: h}
 	if spec.GetCheckpoint() != nil {
+		t.allocDir = allocDir
 		r.startPrefetch(t, spec, ts.Env, al, allocDir)
 	}
 	return t, nil

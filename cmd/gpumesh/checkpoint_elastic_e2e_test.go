@@ -142,6 +142,31 @@ func TestElasticJobGrowsFromCheckpointWhenANodeJoins(t *testing.T) {
 		}
 		return nil
 	}, "the grown job to complete")
+	// Job status shows what each generation did: the last step the old
+	// ranks finished and the step the new ones resumed from (no step lost).
+	var st struct {
+		Allocations []struct {
+			Generation uint64         `json:"generation"`
+			Rank       int            `json:"rank"`
+			Result     map[string]any `json:"result"`
+		} `json:"allocations"`
+	}
+	if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &st, "job", "status", sub.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, al := range st.Allocations {
+		c, _ := al.Result["checkpoint"].(map[string]any)
+		switch al.Generation {
+		case gen - 1:
+			if c["last_step"] != float64(saved) {
+				t.Fatalf("job status: generation %d rank %d last_step %v, want %d (%v)", al.Generation, al.Rank, c["last_step"], saved, al.Result)
+			}
+		case gen:
+			if c["resumed_step"] != float64(saved) {
+				t.Fatalf("job status: generation %d rank %d resumed_step %v, want %d (%v)", al.Generation, al.Rank, c["resumed_step"], saved, al.Result)
+			}
+		}
+	}
 	if p := readParams(t, out); p.World != 3 || p.Step != steps-1 {
 		t.Fatalf("the job ended at step %d with world %d, want %d and 3", p.Step, p.World, steps-1)
 	}

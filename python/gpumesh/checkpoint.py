@@ -170,9 +170,30 @@ def preempt_requested():
     return _agree(_local_preempt())
 
 
+_progress = {}
+
+
+def _record(**kw):
+    """Keep the agent informed: the step this generation resumed from and
+    the last step it finished end up in the allocation's result (job
+    status), so lost steps can be counted after a crash."""
+    _progress.update(kw)
+    d = os.environ.get(ENV_ALLOC_DIR)
+    if not d or not os.path.isdir(d):
+        return
+    tmp = os.path.join(d, ".checkpoint-progress.json.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_progress, f)
+        os.replace(tmp, os.path.join(d, "checkpoint-progress.json"))
+    except OSError:
+        pass
+
+
 def should_save(step):
     """True every `every` steps (step counted from 0) and when preempted. A
-    collective like preempt_requested()."""
+    collective like preempt_requested(). Records `step` as finished."""
+    _record(last_step=int(step))
     n = every()
     periodic = n > 0 and (step + 1) % n == 0
     return preempt_requested() or periodic
@@ -261,6 +282,7 @@ def load(step=None, map_location="cpu"):
         if m is None:
             raise CheckpointError("no complete checkpoint of step %d under %s" % (int(step), uri()))
     if m is None:
+        _record(resumed_step=-1)
         return None, -1
     rank, world = _rank_world()
     want = 0
@@ -275,6 +297,7 @@ def load(step=None, map_location="cpu"):
     if local is not None:
         state = torch.load(local, map_location=map_location)
         last_load.update(step=int(m["step"]), part=want, source="prefetch", wait_seconds=time.monotonic() - t0)
+        _record(resumed_step=int(m["step"]))
         return state, int(m["step"])
     with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
         path = f.name
@@ -285,6 +308,7 @@ def load(step=None, map_location="cpu"):
         if os.path.exists(path):
             os.unlink(path)
     last_load.update(step=int(m["step"]), part=want, source="store", seconds=time.monotonic() - t0)
+    _record(resumed_step=int(m["step"]))
     return state, int(m["step"])
 
 
