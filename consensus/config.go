@@ -93,8 +93,9 @@ type Config struct {
 	ApplyTimeout time.Duration
 
 	// MasterPortMin and MasterPortMax bound the MASTER_PORT reserved for a
-	// job on its rank 0 node. Default 29500..29999 (torchrun's default is
-	// 29500).
+	// job on its rank 0 host, never two live jobs on one host and port;
+	// the search starts at a port derived from the job ID and generation.
+	// Default 29500..29999 (torchrun's default is 29500).
 	MasterPortMin, MasterPortMax int
 
 	// JobGCAge is how long an ended job (complete, failed or stopped) and

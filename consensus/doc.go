@@ -63,7 +63,11 @@
 // Config.StopReportGrace are marked lost so a silent node cannot block it.
 // A spec without a restart policy gets DefaultRestartAttempts and
 // DefaultRestartDelay; a drained, dead or departed node ends a generation
-// without counting a restart.
+// without counting a restart. A drain and ineligibility stick in the state
+// (whatever gossip says later) until SetNodeEligibility(eligible) ends them.
+// Each generation's rank 0 gets a MASTER_PORT in MasterPortMin..MasterPortMax
+// that no live job uses on the same host (nodes of one machine share them),
+// searched from a start derived from the job ID and generation.
 //
 // # Testing
 //

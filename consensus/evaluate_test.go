@@ -143,7 +143,7 @@ func TestEvaluatePlacesAndSkipsLaggingNodes(t *testing.T) {
 		if a.NodeId == "a" {
 			t.Fatalf("rank %d placed on lagging node a", a.Rank)
 		}
-		if a.Rank == 0 && a.MasterPort != 29500 {
+		if a.Rank == 0 && (a.MasterPort < 29500 || a.MasterPort > 29599) {
 			t.Fatalf("master port %d", a.MasterPort)
 		}
 	}
@@ -250,7 +250,7 @@ func TestEvaluateSpotLossesDoNotUseRestarts(t *testing.T) {
 	s.step("j")
 	s.stopAll("j")
 	s.step("j")
-	if j := s.job("j"); j.Restarts != 1 || Cause(j.EndCause) != CauseTaskFailed || !strings.Contains(j.StatusReason, "exit code 3") {
+	if j := s.job("j"); j.Restarts != 1 || Cause(j.EndCause) != CauseTaskFailed || !strings.Contains(j.StatusReason, "exited with code 3") {
 		t.Fatalf("own failure: %v", j)
 	}
 }

@@ -88,6 +88,8 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		return f.upsertNodes(idx, now, c.UpsertNodes.GetNodes())
 	case *fsmpb.Command_DrainNode:
 		return f.drainNode(idx, now, c.DrainNode)
+	case *fsmpb.Command_NodeEligibility:
+		return f.nodeEligibility(idx, now, c.NodeEligibility)
 	case *fsmpb.Command_UpdateAllocations:
 		return f.updateAllocations(idx, now, c.UpdateAllocations.GetAllocations())
 	case *fsmpb.Command_ApplyPlans:
@@ -223,6 +225,26 @@ func (f *FSM) drainNode(idx uint64, now *timestamppb.Timestamp, c *fsmpb.DrainNo
 	}
 	n.DrainDeadline = c.Deadline
 	n.StatusReason = c.Reason
+	n.ModifyIndex = idx
+	st.putNodeLocked(n)
+	st.resVersion++
+	f.nodeEvents(old, n)
+	return nil
+}
+
+// nodeEligibility turns a node's eligibility on (which also ends a drain:
+// the node is ready again) or off (it keeps its work but gets no more).
+func (f *FSM) nodeEligibility(idx uint64, now *timestamppb.Timestamp, c *fsmpb.NodeEligibility) any {
+	st := f.state
+	old := st.nodes[c.GetNodeId()]
+	if old == nil {
+		return fmt.Errorf("%w: %s", ErrNodeNotFound, c.GetNodeId())
+	}
+	n := proto.Clone(old).(*controlpb.Node)
+	n.Ineligible = !c.GetEligible()
+	if c.GetEligible() && n.Status == NodeDraining {
+		n.Status, n.StatusReason, n.StatusTime, n.DrainDeadline = NodeReady, "", now, nil
+	}
 	n.ModifyIndex = idx
 	st.putNodeLocked(n)
 	st.resVersion++

@@ -165,7 +165,9 @@ func nodeFromMember(m Member, old *controlpb.Node) *controlpb.Node {
 		n.Lifecycle = m.Lifecycle
 	}
 	n.Server = n.Server || m.Server
-	n.Ineligible = n.Ineligible || m.Ineligible
+	// Ineligibility sticks, like a drain, until an operator ends it
+	// (SetNodeEligibility): a restarted agent gossips none.
+	n.Ineligible = n.Ineligible || m.Ineligible || (old != nil && old.Ineligible)
 	n.CreateIndex, n.ModifyIndex, n.StatusTime = 0, 0, nil
 	switch {
 	case m.State == MemberDead:

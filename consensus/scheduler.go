@@ -3,6 +3,7 @@ package consensus
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net"
 	"time"
 
@@ -63,7 +64,7 @@ func (c Cause) Counts() bool { return c == CauseTaskFailed }
 // SchedulerConfig is what a scheduler decision depends on besides the
 // state and the clock. SchedulerConfigFrom derives it from a server Config.
 type SchedulerConfig struct {
-	// MasterPortMin..MasterPortMax is the MASTER_PORT range per node.
+	// MasterPortMin..MasterPortMax is the MASTER_PORT range per host.
 	MasterPortMin, MasterPortMax int
 	// StopReportGrace, NodeLossGrace and FailureSettle: see Config.
 	StopReportGrace, NodeLossGrace, FailureSettle time.Duration
@@ -145,7 +146,7 @@ func NewEvaluator(v ClusterView, cfg SchedulerConfig) (*Evaluator, error) {
 		}
 		existing = append(existing, sharding.Allocation{JobID: a.JobId, Rank: int(a.Rank), NodeID: a.NodeId, GPUs: intsOf(a.Gpus)})
 		if a.Rank == 0 && a.MasterPort != 0 {
-			e.reservePort(a.NodeId, a.MasterPort)
+			e.reservePort(masterKey(a.MasterAddr, a.NodeId), a.MasterPort)
 		}
 	}
 	c, err := sharding.NewCluster(nodes, existing)
@@ -323,10 +324,16 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 	return Decision{Plan: p, Again: true}
 }
 
+// rankFailure says what became of a failed rank in one clause: "rank 1 on
+// node-2 exited with code 3" or, when the task never ran, "rank 1 on node-2
+// could not start (MESSAGE)".
 func rankFailure(a *controlpb.Allocation) string {
-	s := fmt.Sprintf("rank %d failed on node %s: exit code %d", a.Rank, a.NodeName, a.ExitCode)
+	s := fmt.Sprintf("rank %d on %s exited with code %d", a.Rank, a.NodeName, a.ExitCode)
+	if a.ExitCode < 0 {
+		s = fmt.Sprintf("rank %d on %s did not run", a.Rank, a.NodeName)
+	}
 	if a.Message != "" {
-		s += ": " + a.Message
+		s += " (" + a.Message + ")"
 	}
 	return s
 }
@@ -510,17 +517,15 @@ func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Dec
 	for _, r := range plan.Ranks {
 		groups = max(groups, r.GroupRank+1)
 	}
-	var master *controlpb.Node
 	var masterPort int32
+	masterHost := ""
 	for _, r := range plan.Ranks {
 		if r.Rank == 0 {
-			master = e.nodes[r.NodeID]
-			masterPort = e.pickPort(r.NodeID)
+			if master := e.nodes[r.NodeID]; master != nil {
+				masterHost = hostOf(master.RpcAddr)
+			}
+			masterPort = e.pickPort(masterKey(masterHost, r.NodeID), j.Id, gen)
 		}
-	}
-	masterHost := ""
-	if master != nil {
-		masterHost = hostOf(master.RpcAddr)
 	}
 	for _, r := range plan.Ranks {
 		n := e.nodes[r.NodeID]
@@ -553,19 +558,39 @@ func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Dec
 	return Decision{Plan: p}
 }
 
-func (e *Evaluator) reservePort(node string, port int32) {
-	m := e.ports[node]
+// masterKey is what a MASTER_PORT is reserved on: the host rank 0 listens
+// at (nodes of one machine, as in a dev cluster, share it), or the node
+// when its address is unknown.
+func masterKey(host, nodeID string) string {
+	if host != "" {
+		return "host " + host
+	}
+	return "node " + nodeID
+}
+
+func (e *Evaluator) reservePort(key string, port int32) {
+	m := e.ports[key]
 	if m == nil {
 		m = map[int32]bool{}
-		e.ports[node] = m
+		e.ports[key] = m
 	}
 	m[port] = true
 }
 
-func (e *Evaluator) pickPort(node string) int32 {
-	for p := int32(e.cfg.MasterPortMin); p <= int32(e.cfg.MasterPortMax); p++ {
-		if !e.ports[node][p] {
-			e.reservePort(node, p)
+// pickPort reserves a MASTER_PORT that no live job uses on key's host:
+// the first free one from a start derived from the job and generation
+// (so that a generation does not meet a port its predecessor or torchrun's
+// default 29500 may still hold), wrapping around the range.
+func (e *Evaluator) pickPort(key, jobID string, gen uint64) int32 {
+	lo, hi := int32(e.cfg.MasterPortMin), int32(e.cfg.MasterPortMax)
+	span := hi - lo + 1
+	h := fnv.New32a()
+	fmt.Fprintf(h, "%s/%d", jobID, gen)
+	start := int32(h.Sum32() % uint32(span))
+	for i := int32(0); i < span; i++ {
+		p := lo + (start+i)%span
+		if !e.ports[key][p] {
+			e.reservePort(key, p)
 			return p
 		}
 	}

@@ -1,6 +1,7 @@
 package consensus
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -102,7 +103,7 @@ func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
 	master := s.State().Node(r0.NodeId)
 	for i, a := range as {
 		if a.Rank != int32(i) || a.WorldSize != 2 || len(a.Gpus) != 1 || a.DesiredStatus != DesiredRun ||
-			a.MasterAddr != hostOf(master.RpcAddr) || a.MasterPort != 29500 || a.RankAddr != s.State().Node(a.NodeId).RpcAddr ||
+			a.MasterAddr != hostOf(master.RpcAddr) || a.MasterPort < 29500 || a.MasterPort > 29999 || a.MasterPort != r0.MasterPort || a.RankAddr != s.State().Node(a.NodeId).RpcAddr ||
 			a.GroupWorldSize != 2 || a.Id != fmt.Sprintf("%s.1.%d", id, i) {
 			t.Fatalf("alloc %d = %v", i, a)
 		}
@@ -123,6 +124,50 @@ func TestSchedulerGangPlacementPendingAndComplete(t *testing.T) {
 	// All ranks of job 1 exit 0: complete.
 	report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocComplete}, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocComplete})
 	waitJob(t, s, id, "complete", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobComplete })
+}
+
+// Nodes of one machine (a dev cluster: one address, their own ports) share
+// its MASTER_PORTs: live jobs whose rank 0 runs on different such nodes get
+// different ports, or two torch jobs would rendezvous at one port. Eight
+// one-rank jobs on eight nodes of one host with eight ports in the range
+// must take all eight (per node, their hash-derived starts would collide).
+func TestSchedulerMasterPortsPerHost(t *testing.T) {
+	const n = 8
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+		c.MasterPortMin, c.MasterPortMax = 31000, 31000+n-1
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("c%d", i)
+		tc.AddClient(&controlpb.Node{Id: id, Name: id, RpcAddr: fmt.Sprintf("127.0.0.1:%d", 40001+i), Lifecycle: LifecycleOnDemand, MaxRanks: 8,
+			Gpus: []*controlpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}})
+	}
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == n+1, "nodes not reconciled" })
+	ports := map[int32]string{}
+	nodes := map[string]bool{}
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("job%d", i)
+		id, _, err := s.RegisterJob(ctxT(t), gpuJob(name, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitJob(t, s, id, "placed", running(1, 1))
+		al := genAllocs(s, id, 1)[0]
+		if al.MasterAddr != "127.0.0.1" || al.MasterPort < 31000 || al.MasterPort >= 31000+n {
+			t.Fatalf("job %s: master %s:%d, want 127.0.0.1 and a port in 31000..%d", name, al.MasterAddr, al.MasterPort, 31000+n-1)
+		}
+		if other, ok := ports[al.MasterPort]; ok {
+			t.Fatalf("jobs %s and %s both got MASTER_PORT %d on 127.0.0.1", other, name, al.MasterPort)
+		}
+		ports[al.MasterPort] = name
+		nodes[al.NodeId] = true
+	}
+	if len(nodes) != n {
+		t.Fatalf("the jobs ran on %d nodes, want %d apart", len(nodes), n)
+	}
 }
 
 func TestSchedulerFailureRestartsThenFails(t *testing.T) {
@@ -146,7 +191,7 @@ func TestSchedulerFailureRestartsThenFails(t *testing.T) {
 		j := waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
 			return j.Status == JobPending && j.Restarts == int32(gen)
 		})
-		if !strings.Contains(j.StatusReason, "rank 1 failed") || !strings.Contains(j.StatusReason, "exit code 7") {
+		if !strings.Contains(j.StatusReason, "rank 1 on ") || !strings.Contains(j.StatusReason, "exited with code 7") {
 			t.Fatalf("reason %q", j.StatusReason)
 		}
 		// The surviving rank is told to stop; the next generation waits for it.
@@ -211,6 +256,48 @@ func TestSchedulerDrainAndNodeLossReplace(t *testing.T) {
 		if a.NodeId == dead || a.NodeId == drained {
 			t.Fatalf("generation 3 rank %d on node %s", a.Rank, a.NodeId)
 		}
+	}
+}
+
+// A drain ends with SetNodeEligibility(true): the node is ready again and
+// takes work, across reconciles. Ineligibility set by an operator sticks,
+// although the node's gossip record does not carry it.
+func TestSchedulerNodeEligibility(t *testing.T) {
+	tc, s := schedCluster(t)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 5*time.Second, func() (bool, string) { return len(s.State().Nodes()) == 3, "nodes not reconciled" })
+	if _, err := s.DrainNode(ctxT(t), "c1", time.Now().Add(time.Minute), "by hand"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.SetNodeEligibility(ctxT(t), "c2", false); err != nil {
+		t.Fatal(err)
+	}
+	id, _, err := s.RegisterJob(ctxT(t), gpuJob("waits", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "pending: c1 draining, c2 ineligible", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending })
+	if _, err := s.SetNodeEligibility(ctxT(t), "c1", true); err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed on the undrained node", running(1, 1))
+	if n := genAllocs(s, id, 1)[0].NodeId; n != "c1" {
+		t.Fatalf("placed on %s, want c1", n)
+	}
+	// A reconcile after both changes (it records the new zone) undoes
+	// neither.
+	tc.SetMember("c1", func(m *Member) { m.AZ = "zone-b" })
+	tc.SetMember("c2", func(m *Member) { m.AZ = "zone-b" })
+	WaitFor(t, 5*time.Second, func() (bool, string) {
+		c1, c2 := s.State().Node("c1"), s.State().Node("c2")
+		return c1.Az == "zone-b" && c2.Az == "zone-b", "zone change not reconciled"
+	})
+	if c1, c2 := s.State().Node("c1"), s.State().Node("c2"); c1.Status != NodeReady || c1.Ineligible || !c2.Ineligible {
+		t.Fatalf("after a reconcile: c1 %s ineligible %v, c2 ineligible %v", c1.Status, c1.Ineligible, c2.Ineligible)
+	}
+	if _, err := s.SetNodeEligibility(ctxT(t), "zz", true); !errors.Is(err, ErrNodeNotFound) {
+		t.Fatalf("unknown node: %v", err)
 	}
 }
 

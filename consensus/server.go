@@ -730,6 +730,17 @@ func (s *Server) DrainNode(ctx context.Context, nodeID string, deadline time.Tim
 	return idx, err
 }
 
+// SetNodeEligibility turns a node's scheduling eligibility on or off.
+// Eligible also ends a drain: the node is ready for new work again (work
+// already moved away stays where it went). The node's gossip record must
+// agree first (its agent clears "draining" there), or the next reconcile
+// marks it draining again.
+func (s *Server) SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error) {
+	c := &fsmpb.NodeEligibility{NodeId: nodeID, Eligible: eligible}
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_NodeEligibility{NodeEligibility: c}})
+	return idx, err
+}
+
 // UpdateAllocations records client reports: client status, exit code,
 // message, start and finish times, result. Only those fields are taken from
 // each update (matched by ID); reports for unknown or already final

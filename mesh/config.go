@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/memberlist"
 )
 
 // DefaultPort is the gossip port (TCP and UDP).
@@ -42,6 +43,18 @@ type Config struct {
 	AdvertiseAddr string
 	// AdvertisePort is the port other nodes use; 0 means the bound port.
 	AdvertisePort int
+
+	// Transport, if set, carries this node's gossip instead of UDP and
+	// TCP sockets bound at BindAddr:BindPort (which are then ignored; the
+	// transport names the node's address). One transport serves one Mesh,
+	// which shuts it down. MemNetwork.NewTransport makes in-memory ones
+	// for tests and simulations of large meshes.
+	Transport memberlist.Transport
+
+	// NoCompression turns off memberlist's LZW compression of every
+	// gossip message (probes and acks included). Compression saves
+	// bandwidth on push-pulls; on a LAN it costs CPU on every packet.
+	NoCompression bool
 
 	// SecretKey enables gossip encryption (AES-256-GCM) when set. It must
 	// be KeySize (32) bytes; DecodeKey turns the --encrypt string into it.
@@ -365,4 +378,55 @@ func (c *Config) Validate() error {
 		return bad("SuspicionMult must be >= 2 (lower declares healthy nodes dead on one lost probe), got %d", c.SuspicionMult)
 	}
 	return nil
+}
+
+// ForSize returns c adapted to a mesh of about n nodes (the expected
+// fleet size; an agent may pass the number of discovered peers). It is a
+// pure function of c and n; a mesh of 64 nodes or fewer gets c unchanged,
+// so small clusters keep their measured detection times. memberlist
+// itself already scales the suspicion timeout (× log10 n), the number of
+// retransmits (× log10 n+1) and the push-pull period (× log2 n/32); on
+// top of that, with s = ceil(log4(n/64)) size steps (1 up to 256 nodes,
+// 2 up to 1,024, 3 up to 4,096):
+//
+//   - IndirectChecks grows by s (at most 6): before a node is suspected,
+//     more other members must also fail to reach it, so one starved or
+//     badly connected prober cannot accuse it alone.
+//   - SuspicionMult grows by 1 above 256 nodes: the shortest suspicion
+//     then needs two independent confirmations instead of one (the
+//     timeout still falls to memberlist's log-scaled minimum).
+//   - JoinMaxPeers falls to at most 2 and JoinSyncRounds to at most 3
+//     (above 128 nodes) and 2 (above 512): each is a full-state exchange
+//     whose size grows with n, and in a mass join every seed would
+//     otherwise serve JoinMaxPeers × n of them at once.
+//
+// Probe and gossip intervals stay: a node probes one peer per interval
+// whatever n is, so its own load is constant and a failed node is first
+// probed within about one interval (Lifeguard's design).
+func (c Config) ForSize(n int) Config {
+	if n <= 64 {
+		return c
+	}
+	s := sizeSteps(n)
+	c.IndirectChecks = min(c.IndirectChecks+s, max(c.IndirectChecks, 6))
+	if n > 256 {
+		c.SuspicionMult++
+	}
+	if n > 128 {
+		c.JoinMaxPeers = min(c.JoinMaxPeers, 2)
+		c.JoinSyncRounds = min(c.JoinSyncRounds, 3)
+	}
+	if n > 512 {
+		c.JoinSyncRounds = min(c.JoinSyncRounds, 2)
+	}
+	return c
+}
+
+// sizeSteps returns ceil(log4(n/64)) for n > 64, else 0.
+func sizeSteps(n int) int {
+	s := 0
+	for size := 64; size < n; size *= 4 {
+		s++
+	}
+	return s
 }

@@ -145,6 +145,24 @@
 // false death that does happen is refuted by the node and repaired
 // everywhere by the sync after a failure.
 //
+// # Large meshes
+//
+// Config.ForSize(n) adapts a preset to a mesh of about n nodes (a pure
+// function; 64 nodes or fewer are unchanged): more indirect probes before
+// a suspicion, two independent confirmations for the shortest suspicion
+// above 256 nodes, and fewer full-state exchanges per join. Lifeguard's
+// awareness stays on (AwarenessMaxMultiplier > 1): a node whose own
+// probes go unanswered, or whose indirect probes bring no nacks, stretches
+// its probe interval before it accuses others. memberlist suspects a
+// peer only after the direct probe, IndirectChecks indirect probes from
+// other members and the TCP fallback all failed; it declares it dead
+// only when the suspicion timeout (log-scaled with n, shortened by other
+// members' independent confirmations) passes without a refutation.
+//
+// MemNetwork is an in-memory network for Config.Transport: one process
+// can run a thousand real memberlist instances with per-link delay and
+// loss, partitions, and byte counts (bench/mesh -transport mem).
+//
 // # Metadata encoding
 //
 // Meta.Encode writes a compact, versioned binary record (format in its doc

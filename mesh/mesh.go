@@ -182,7 +182,7 @@ func New(cfg Config) (*Mesh, error) {
 	}
 	m.meta = cfg.Meta.Clone()
 	m.meta.ID, m.meta.Name = cfg.NodeID, cfg.NodeName
-	if m.meta.Addrs.Gossip == "" && cfg.BindPort != 0 {
+	if m.meta.Addrs.Gossip == "" && cfg.BindPort != 0 && cfg.Transport == nil {
 		host := cfg.AdvertiseAddr
 		if host == "" && !net.ParseIP(cfg.BindAddr).IsUnspecified() {
 			host = cfg.BindAddr
@@ -222,6 +222,10 @@ func New(cfg Config) (*Mesh, error) {
 	mc.PushPullInterval = cfg.PushPullInterval
 	mc.TCPTimeout = cfg.TCPTimeout
 	mc.DeadNodeReclaimTime = cfg.DeadNodeReclaimTime
+	if cfg.Transport != nil {
+		mc.Transport = cfg.Transport
+	}
+	mc.EnableCompression = !cfg.NoCompression
 	if cfg.SecretKey != nil {
 		mc.SecretKey = slices.Clone(cfg.SecretKey)
 	}

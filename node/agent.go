@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/mesh"
 )
 
 // Version is the gpumesh version, set at build time with -ldflags.
@@ -56,6 +58,7 @@ type Agent struct {
 	ops        *opsState // metrics and dashboard (metrics.go)
 
 	hooks leaderHooks
+	elig  eligibilityGuard // drain.go
 
 	selfMu sync.Mutex
 	self   *pb.Node
@@ -100,9 +103,6 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if a.nodeID, err = loadNodeID(cfg); err != nil {
 		return nil, err
 	}
-	if cfg.NodeName == "" {
-		cfg.NodeName, _ = os.Hostname()
-	}
 	if a.advAddr, err = advertiseAddr(cfg); err != nil {
 		return nil, err
 	}
@@ -128,6 +128,10 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		if gossipPort, err = freePort(cfg.BindAddr); err != nil {
 			return nil, err
 		}
+	}
+	if cfg.NodeName == "" {
+		host, _ := os.Hostname()
+		cfg.NodeName = DefaultNodeName(host, cfg.BindAddr, gossipPort)
 	}
 
 	a.self = &pb.Node{
@@ -414,6 +418,28 @@ func advertiseAddr(cfg *Config) (string, error) {
 		}
 	}
 	return "127.0.0.1", nil
+}
+
+// DefaultNodeName is the name of an agent started without one: the host
+// name, plus what tells apart several agents sharing the host: the bind
+// address when it is a loopback address (agents on 127.0.0.2, 127.0.0.3,
+// ... of one machine) and the gossip port when it is not the default.
+// "devbox", "devbox-127.0.0.2", "devbox-127.0.0.1-8946".
+func DefaultNodeName(host, bindAddr string, gossipPort int) string {
+	if host == "" {
+		host = "gpumesh"
+	}
+	suffix := ""
+	if ip := net.ParseIP(bindAddr); ip != nil && ip.IsLoopback() {
+		suffix += "-" + ip.String()
+	}
+	if gossipPort != DefaultGossipPort {
+		suffix += "-" + strconv.Itoa(gossipPort)
+	}
+	if len(host)+len(suffix) > mesh.MaxNameLen {
+		host = host[:mesh.MaxNameLen-len(suffix)]
+	}
+	return host + suffix
 }
 
 func freePort(host string) (int, error) {

@@ -1,7 +1,9 @@
 package node
 
 import (
+	"net"
 	"os"
+	"strconv"
 	"testing"
 
 	"github.com/gpumesh/gpumesh/cuda"
@@ -22,8 +24,10 @@ func TestNewAgentKeepsCallersConfig(t *testing.T) {
 	}
 	defer a.Shutdown()
 	host, _ := os.Hostname()
-	if a.Name() != host {
-		t.Errorf("agent name %q, want the host name %q", a.Name(), host)
+	_, port, _ := net.SplitHostPort(a.GossipAddr())
+	gossipPort, _ := strconv.Atoi(port)
+	if want := DefaultNodeName(host, cfg.BindAddr, gossipPort); a.Name() != want {
+		t.Errorf("agent name %q, want the default %q", a.Name(), want)
 	}
 	if cfg.NodeName != before.NodeName || cfg.NodeID != before.NodeID {
 		t.Errorf("NewAgent changed the caller's config: name %q, id %q", cfg.NodeName, cfg.NodeID)

@@ -81,9 +81,10 @@ func startBuiltin(r *runner, al *pb.Allocation, body builtinBody) (task, error) 
 	return t, nil
 }
 
-// openBuiltinLogs opens the log of a built-in rank, if there is one. Built-in
-// ranks write one stream; stderr reads as empty.
-func openBuiltinLogs(r *runner, id driver.TaskID, stream string) (io.ReadCloser, bool) {
+// openBuiltinLogs opens the log of a built-in rank at offset, if there is
+// one. Built-in ranks write one stream, whose lines carry their time; stderr
+// reads as empty.
+func openBuiltinLogs(r *runner, id driver.TaskID, stream string, offset int64) (logStream, bool) {
 	dir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
 	p := filepath.Join(dir, builtinLogName)
 	f, err := os.Open(p)
@@ -92,11 +93,13 @@ func openBuiltinLogs(r *runner, id driver.TaskID, stream string) (io.ReadCloser,
 	}
 	if stream == "stderr" {
 		f.Close()
-		return io.NopCloser(&emptyReader{}), true
+		return &fileLogs{}, true
 	}
-	return f, true
+	if offset > 0 {
+		if offset, err = f.Seek(offset, io.SeekStart); err != nil {
+			f.Close()
+			return nil, false
+		}
+	}
+	return &fileLogs{f: f, off: offset}, true
 }
-
-type emptyReader struct{}
-
-func (emptyReader) Read([]byte) (int, error) { return 0, io.EOF }

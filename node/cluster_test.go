@@ -439,6 +439,96 @@ func TestClusterRunsTorchrunScript(t *testing.T) {
 	}
 }
 
+// Two torchrun-style jobs at once on a cluster of one machine (every node
+// on 127.0.0.1): each gets its own MASTER_PORT, so both rank 0s listen at
+// once and both rendezvous. Rank 1 of each job waits until both rank 0s
+// listen, so the two jobs overlap for sure. With one port per node (not
+// per host), both could get the same port and the second rank 0 could not
+// listen.
+func TestClusterTwoTorchJobsAtOnce(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	script, err := filepath.Abs("../examples/torchrun_env.py")
+	if err != nil {
+		t.Fatal(err)
+	}
+	azs := []string{"az-a", "az-b", "az-c"}
+	dc := startCluster(t, 3, func(i int, c *Config) { c.AZ = azs[i] })
+	c := client(t, follower(dc))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	gate := filepath.Join(t.TempDir(), "go")
+	var ids []string
+	for _, az := range azs[:2] {
+		spec := &pb.JobSpec{Name: "torch-" + az, Type: "exec", Ranks: 2, Constraints: &pb.Constraints{Az: az},
+			Exec: &pb.ExecSpec{Command: []string{"sh", "-c",
+				`if [ "$RANK" != 0 ]; then while [ ! -e "$0" ]; do sleep 0.05; done; fi; exec "$1" "$2"`, gate, py, script}}}
+		jobspec.ApplyDefaults(spec)
+		resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, resp.Id)
+	}
+	type master struct {
+		addr string
+		port int32
+	}
+	masters := map[string]master{}
+	for _, id := range ids {
+		r := waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "running" })
+		for _, al := range r.Allocations {
+			if al.Rank == 0 && al.Generation == r.Job.Generation {
+				masters[id] = master{al.MasterAddr, al.MasterPort}
+			}
+		}
+	}
+	if masters[ids[0]] == masters[ids[1]] {
+		t.Fatalf("both jobs rendezvous at %s:%d", masters[ids[0]].addr, masters[ids[0]].port)
+	}
+	for _, id := range ids {
+		m := masters[id]
+		poll.Until(t, 30*time.Second, func() error {
+			if !tcpListening(t, m.port) {
+				return fmt.Errorf("rank 0 of %s does not listen on %s:%d yet", id, m.addr, m.port)
+			}
+			return nil
+		})
+	}
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		final := waitJob(t, c, id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+		if final.Job.Status != "complete" || final.Job.Generation != 1 {
+			t.Fatalf("job %s: %s at generation %d (%s)", id, final.Job.Status, final.Job.Generation, final.Job.StatusReason)
+		}
+		if out := readLogs(t, c, id, 0, 0); !strings.Contains(out, "rendezvous ok") {
+			t.Fatalf("job %s rank 0: %q", id, out)
+		}
+	}
+}
+
+// tcpListening reports whether a TCP socket listens on port (any address),
+// from /proc/net/tcp, without connecting to it.
+func tcpListening(t *testing.T, port int32) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Skipf("no /proc/net/tcp: %v", err)
+	}
+	want := fmt.Sprintf(":%04X", port)
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && strings.HasSuffix(f[1], want) && f[3] == "0A" { // 0A: LISTEN
+			return true
+		}
+	}
+	return false
+}
+
 // gRPC health checking and server reflection answer on the RPC port, so
 // grpcurl and load balancers work; /v1/health answers on the HTTP port.
 func TestClusterHealthAndReflection(t *testing.T) {

@@ -30,7 +30,9 @@ const (
 // Config is everything an Agent needs. cmd/gpumesh turns flags, environment
 // and config files into one; tests build it directly.
 type Config struct {
-	// NodeName is the human name of the node; default the host name.
+	// NodeName is the human name of the node, unique in the cluster.
+	// Empty: DefaultNodeName (the host name, plus the bind address when it
+	// is a loopback address and the gossip port when not the default).
 	NodeName string
 	// NodeID is the stable identity of the node. Empty: read from
 	// DataDir/node-id, or created there on first start.

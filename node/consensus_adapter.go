@@ -128,6 +128,11 @@ func (r *raftAdapter) DrainNode(ctx context.Context, nodeID string, deadline tim
 	return idx, wrapNotLeader(err)
 }
 
+func (r *raftAdapter) SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error) {
+	idx, err := r.s.SetNodeEligibility(ctx, nodeID, eligible)
+	return idx, wrapNotLeader(err)
+}
+
 func (r *raftAdapter) UpdateAllocations(ctx context.Context, ups []*pb.Allocation) (uint64, error) {
 	idx, err := r.s.UpdateAllocations(ctx, ups)
 	return idx, wrapNotLeader(err)

@@ -494,6 +494,11 @@ func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 	} else {
 		allocs = st.AllocationsByNode(nodeID)
 	}
+	if nodeID != "" {
+		if n := st.Node(nodeID); n != nil {
+			ev.Nodes = append(ev.Nodes, n) // the node's own record (drain.go followRecord)
+		}
+	}
 	seen := map[string]bool{}
 	for _, al := range allocs {
 		ev.Allocations = append(ev.Allocations, al)
@@ -517,21 +522,7 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 			return toStatus(err)
 		}
 		defer r.Close()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			if n > 0 {
-				if serr := stream.Send(&pb.LogChunk{Data: append([]byte(nil), buf[:n]...)}); serr != nil {
-					return serr
-				}
-			}
-			if err == io.EOF {
-				return nil
-			}
-			if err != nil {
-				return toStatus(err)
-			}
-		}
+		return toStatus(sendLogs(r, req.Timestamps, stream))
 	}
 	job, err := s.GetJob(ctx, &pb.GetJobRequest{Id: req.JobId, Query: &pb.QueryOptions{Stale: true}})
 	if err != nil {
@@ -628,4 +619,87 @@ func logsNodeDown(al *pb.Allocation, err error) error {
 		st = d
 	}
 	return st.Err()
+}
+
+// NodeEligibility turns a node's eligibility for new work on or off; on
+// also ends a drain. The node's own agent carries it out (its gossip record
+// first, then the leader records it), so that gossip and the cluster state
+// agree; a node whose agent cannot be reached has it recorded by the leader
+// alone.
+func (s *controlServer) NodeEligibility(ctx context.Context, req *pb.NodeEligibilityRequest) (*pb.NodeEligibilityResponse, error) {
+	a := s.a
+	if req.RecordOnly {
+		var resp *pb.NodeEligibilityResponse
+		err := s.withLeader(ctx, func(ctx context.Context) error {
+			if req.Eligible {
+				if err := a.waitGossipAvailable(ctx, req.NodeId); err != nil {
+					return err
+				}
+			}
+			idx, err := a.raft.SetNodeEligibility(ctx, req.NodeId, req.Eligible)
+			resp = &pb.NodeEligibilityResponse{Index: idx, NodeId: req.NodeId}
+			return err
+		}, func(ctx context.Context, c pb.ControlClient) (err error) {
+			resp, err = c.NodeEligibility(ctx, req)
+			return err
+		})
+		return resp, toStatus(err)
+	}
+	target := req.NodeId
+	if req.Self {
+		target = a.nodeID
+	} else if target == "" {
+		return nil, status.Error(codes.InvalidArgument, "eligibility: name a node (id or name) or ask for --self")
+	}
+	id, name, addr := a.findNode(target)
+	if id == "" {
+		return nil, toStatus(fmt.Errorf("node %q: %w (see `gpumesh nodes`)", target, errNotFound))
+	}
+	record := &pb.NodeEligibilityRequest{NodeId: id, Eligible: req.Eligible, RecordOnly: true}
+	if id != a.nodeID {
+		if addr != "" && hops(ctx) < maxHops-1 {
+			resp, err := s.onNode(ctx, addr, &pb.NodeEligibilityRequest{Self: true, Eligible: req.Eligible})
+			if err == nil || status.Code(err) != codes.Unavailable {
+				return resp, err
+			}
+			a.logger.Warn("node unreachable: its eligibility is recorded by the leader alone", "node", name, "error", err)
+		}
+		resp, err := s.NodeEligibility(ctx, record)
+		if resp != nil {
+			resp.NodeName = name
+		}
+		return resp, err
+	}
+	a.elig.begin()
+	var idx uint64
+	defer func() { a.elig.end(idx) }()
+	if err := a.mesh.UpdateSelf(func(n *pb.Node) {
+		n.Ineligible = !req.Eligible
+		if req.Eligible && n.Status == "draining" {
+			n.Status = "ready"
+		}
+	}); err != nil {
+		return nil, toStatus(err)
+	}
+	a.logger.Info("eligibility changed", "eligible", req.Eligible)
+	resp, err := s.NodeEligibility(ctx, record)
+	if resp != nil {
+		idx, resp.NodeName = resp.Index, name
+	}
+	return resp, err
+}
+
+// onNode passes a NodeEligibility call to the agent at addr.
+func (s *controlServer) onNode(ctx context.Context, addr string, req *pb.NodeEligibilityRequest) (*pb.NodeEligibilityResponse, error) {
+	c, err := s.a.conns.client(addr)
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	ctx, cancel := context.WithTimeout(outgoing(ctx), 10*time.Second)
+	defer cancel()
+	resp, err := c.NodeEligibility(ctx, req)
+	if status.Code(err) == codes.DeadlineExceeded {
+		err = status.Error(codes.Unavailable, err.Error())
+	}
+	return resp, err
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -291,14 +290,14 @@ func (r *runner) recover() {
 }
 
 // openTaskLogs opens a local rank's stdout or stderr.
-func openTaskLogs(ctx context.Context, r *runner, req *pb.LogsRequest) (io.ReadCloser, error) {
+func openTaskLogs(ctx context.Context, r *runner, req *pb.LogsRequest) (logStream, error) {
 	id := driver.TaskID{JobID: req.JobId, Generation: req.Generation, Rank: int(req.Rank)}
 	stream := "stdout"
 	if req.Stderr {
 		stream = "stderr"
 	}
-	if rc, ok := openBuiltinLogs(r, id, stream); ok {
-		return rc, nil
+	if ls, ok := openBuiltinLogs(r, id, stream, req.Offset); ok {
+		return ls, nil
 	}
 	d, err := r.execDriver()
 	if err != nil {

@@ -80,6 +80,7 @@ type raftServer interface {
 	RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
 	StopJob(ctx context.Context, id string) (uint64, error)
 	DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error)
+	SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error)
 	UpdateAllocations(ctx context.Context, updates []*pb.Allocation) (uint64, error)
 	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
 

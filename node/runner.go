@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -194,6 +193,7 @@ func (r *runner) watchRemote() error {
 
 // reconcile starts what should run here and stops what should not.
 func (r *runner) reconcile(ev *pb.WatchEvent) {
+	r.a.followRecord(ev.Nodes)
 	jobs := map[string]*pb.Job{}
 	for _, j := range ev.Jobs {
 		jobs[j.Id] = j
@@ -484,6 +484,6 @@ func (r *runner) shutdown() {
 }
 
 // openLogs opens a local rank's log for streaming.
-func (r *runner) openLogs(ctx context.Context, req *pb.LogsRequest) (io.ReadCloser, error) {
+func (r *runner) openLogs(ctx context.Context, req *pb.LogsRequest) (logStream, error) {
 	return openTaskLogs(ctx, r, req)
 }

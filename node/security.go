@@ -255,6 +255,7 @@ var mutatingMethods = map[string]string{
 	pb.Control_SubmitJob_FullMethodName:         "submitting a job",
 	pb.Control_StopJob_FullMethodName:           "stopping a job",
 	pb.Control_DrainNode_FullMethodName:         "draining a node",
+	pb.Control_NodeEligibility_FullMethodName:   "changing a node's eligibility",
 	pb.Control_UpdateAllocations_FullMethodName: "reporting allocation status",
 	pb.Control_RegisterNode_FullMethodName:      "registering a node",
 }

@@ -196,6 +196,10 @@ func TestACLToken(t *testing.T) {
 			_, err := c.DrainNode(ctx, &pb.DrainNodeRequest{NodeId: "node-1"})
 			return err
 		},
+		"eligibility": func(ctx context.Context) error {
+			_, err := c.NodeEligibility(ctx, &pb.NodeEligibilityRequest{NodeId: "node-1", Eligible: true})
+			return err
+		},
 		"update allocations": func(ctx context.Context) error {
 			_, err := c.UpdateAllocations(ctx, &pb.UpdateAllocationsRequest{})
 			return err

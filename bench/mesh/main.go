@@ -14,6 +14,21 @@
 // post-join syncs, the baseline. The -probe, -suspicion-mult, ... flags
 // override single values of the preset. Only 127.0.0.1 is used.
 //
+// -transport mem runs the nodes on an in-memory network (mesh.MemNetwork)
+// instead of loopback sockets, so that one process can hold 1,000 nodes;
+// -delay and -loss set every link's one-way delay and packet loss there.
+// With -size-adapt (the default) every node gets Config.ForSize(N), which
+// leaves meshes of 64 nodes or fewer unchanged. Each trial prints the
+// gossip bytes per node per second (memory transport only) and the
+// process CPU per node during the steady phase.
+//
+//	go run ./bench/mesh -transport mem -nodes 1000 -trials 10 -steady 10s
+//
+// The CPU-hog soak (10 minutes, 50 real-socket nodes, both cores held by
+// hogs; every death in it is false):
+//
+//	go run ./bench/mesh -nodes 50 -load 2 -soak 10m
+//
 // -load N starts N child processes (this binary again, with -hog) that
 // spin on a CPU each, to reproduce a machine whose cores other work
 // competes for; they die with this process. -waitload X waits before each
@@ -31,6 +46,7 @@ import (
 	"os/signal"
 	"regexp"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -51,9 +67,16 @@ type overrides struct {
 }
 
 var (
-	diag     bool
-	debugLog bool
-	ov       = overrides{sync: -1}
+	diag       bool
+	debugLog   bool
+	ov         = overrides{sync: -1}
+	useMem     bool
+	memFault   mesh.LinkFault
+	sizeAdapt  bool
+	noCompress bool
+	nodesFlag  int
+	// stopProfile ends -cpuprofile; called before every exit.
+	stopProfile = func() {}
 )
 
 func main() {
@@ -81,7 +104,37 @@ func main() {
 	flag.IntVar(&ov.gossipNodes, "gossip-nodes", 0, "override GossipNodes")
 	flag.IntVar(&ov.retransmit, "retransmit", 0, "override RetransmitMult")
 	flag.IntVar(&ov.indirect, "indirect", 0, "override IndirectChecks")
+	transport := flag.String("transport", "udp", "udp: loopback sockets | mem: in-memory network (1,000 nodes in one process)")
+	flag.DurationVar(&memFault.Delay, "delay", 0, "-transport mem: one-way delay of every link")
+	flag.Float64Var(&memFault.Loss, "loss", 0, "-transport mem: packet loss rate of every link (0..1)")
+	flag.BoolVar(&sizeAdapt, "size-adapt", true, "give every node mesh.Config.ForSize(-nodes)")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	flag.BoolVar(&noCompress, "no-compress", false, "turn off memberlist's message compression (Config.NoCompression)")
+	soak := flag.Duration("soak", 0, "soak: one trial, no kill, this long in the steady phase (every suspicion and death in it is false)")
 	flag.Parse()
+	switch *transport {
+	case "udp":
+	case "mem":
+		useMem = true
+	default:
+		fmt.Fprintf(os.Stderr, "unknown -transport %q: use udp or mem\n", *transport)
+		os.Exit(2)
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		stopProfile = func() { pprof.StopCPUProfile(); f.Close() }
+	}
+	if *soak > 0 {
+		*trials, *kill, *steady = 1, false, *soak
+	}
 
 	if *hog {
 		spin()
@@ -90,6 +143,7 @@ func main() {
 	if *waitLoad < 0 {
 		*waitLoad = float64(*load) + 1.5
 	}
+	nodesFlag = *nodes
 	stopHogs, pauseHogs, err := startHogs(*load)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start CPU hogs:", err)
@@ -106,6 +160,7 @@ func main() {
 
 	c := config(*preset, "x", false)
 	smin, _ := c.SuspicionTimeouts(*nodes)
+	fmt.Printf("transport=%s delay=%v loss=%g size-adapt=%v\n", *transport, memFault.Delay, memFault.Loss, sizeAdapt)
 	fmt.Printf("preset=%s nodes=%d seeds=%d trials=%d load=%d hogs, GOMAXPROCS=%d; probe %v/%v indirect %d, suspicion mult %d (min %v at %d nodes, max ×%d), awareness ×%d, gossip %v × %d, retransmit %d, syncs %d from %v\n",
 		*preset, *nodes, *seeds, *trials, *load, runtime.GOMAXPROCS(0), c.ProbeInterval, c.ProbeTimeout, c.IndirectChecks,
 		c.SuspicionMult, smin.Round(time.Millisecond), *nodes, c.SuspicionMaxTimeoutMult, c.AwarenessMaxMultiplier,
@@ -125,10 +180,11 @@ func main() {
 		}
 		loads = append(loads, l0, loadavg())
 		all = append(all, r)
-		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d, refutes %d, tcp-rescue %d (load %.2f-%.2f)\n",
+		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d, refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
 			t, ms(r.converge), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
 			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
-			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], r.refutes, r.tcpRescue, l0, loadavg())
+			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], r.refutes, r.tcpRescue,
+			bytesRate(r), r.cpuPerNode*1000, l0, loadavg())
 	}
 	if len(all) == 0 {
 		return
@@ -164,15 +220,61 @@ func main() {
 		refutes += r.refutes
 		rescues += r.tcpRescue
 	}
+	var bps, cpu []float64
+	for _, r := range all {
+		if r.bytesPerNode >= 0 && r.converge > 0 {
+			bps = append(bps, r.bytesPerNode)
+		}
+		if r.converge > 0 {
+			cpu = append(cpu, r.cpuPerNode*1000)
+		}
+	}
+	if len(cpu) > 0 {
+		fmt.Printf("steady phase, per node: gossip %s B/s (median of trials), CPU %.2f ms/s (median; process CPU / nodes)\n",
+			medianStr(bps), median(cpu))
+	}
 	fmt.Printf("false suspicions of live nodes (join / steady / detect phase): %d / %d / %d; false deaths ((observer, node) pairs): %d / %d / %d; refutations %d; probes saved by the TCP fallback %d\n",
 		fs[0], fs[1], fs[2], fd[0], fd[1], fd[2], refutes, rescues)
 	for _, f := range failures {
 		fmt.Println("FAILED", f)
 	}
+	stopProfile()
 	if len(failures) > 0 {
 		stopHogs()
 		os.Exit(1)
 	}
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func medianStr(v []float64) string {
+	if len(v) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", median(v))
+}
+
+func bytesRate(r result) string {
+	if r.bytesPerNode < 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", r.bytesPerNode)
+}
+
+// cpuTime returns the CPU time this process has used (user + system).
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func ms(d time.Duration) string {
@@ -375,6 +477,10 @@ func config(preset string, name string, verbose bool) mesh.Config {
 	setI(&c.GossipNodes, ov.gossipNodes)
 	setI(&c.RetransmitMult, ov.retransmit)
 	setI(&c.IndirectChecks, ov.indirect)
+	if sizeAdapt {
+		c = c.ForSize(nodesFlag)
+	}
+	c.NoCompression = noCompress
 	c.NodeName, c.NodeID = name, "id-"+name
 	c.Meta = mesh.Meta{
 		InstanceType: "p5.48xlarge", AvailabilityZone: "us-east-1a", Region: "us-east-1",
@@ -411,6 +517,8 @@ type result struct {
 	falseDead          [3]int        // (observer, live node) failed events, by phase
 	refutes            int           // "Refuting a suspect/dead message" lines
 	tcpRescue          int           // probes that only the TCP fallback saved
+	bytesPerNode       float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
+	cpuPerNode         float64       // steady phase: process CPU seconds per node per second
 	err                error
 }
 
@@ -513,6 +621,13 @@ func (w lineWriter) Write(p []byte) (int, error) {
 func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, verbose bool) (res result) {
 	rec := &recorder{deadSeen: map[string]bool{}, verbose: verbose}
 	ms := make([]*mesh.Mesh, n)
+	var memNet *mesh.MemNetwork
+	var trs []*mesh.MemTransport
+	res.bytesPerNode = -1
+	if useMem {
+		memNet = mesh.NewMemNetwork()
+		memNet.SetDefault(memFault)
+	}
 	var subWG sync.WaitGroup
 	defer func() {
 		var wg sync.WaitGroup
@@ -535,6 +650,11 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 			level = hclog.Debug
 		}
 		c.Logger = hclog.New(&hclog.LoggerOptions{Name: name, Level: level, Output: lineWriter{name, rec}, DisableTime: true})
+		if memNet != nil {
+			tr := memNet.NewTransport()
+			trs = append(trs, tr)
+			c.Transport = tr
+		}
 		m, err := mesh.New(c)
 		if err != nil {
 			res.err = err
@@ -588,6 +708,7 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 		defer rec.mu.Unlock()
 		out := rec.res
 		out.converge, out.err = res.converge, res.err
+		out.bytesPerNode, out.cpuPerNode = res.bytesPerNode, res.cpuPerNode
 		out.detect = res.detect
 		if !rec.killed.IsZero() {
 			if !rec.firstSusp.IsZero() {
@@ -616,7 +737,19 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 	}
 	rec.setPhase(phaseSteady)
 	if steady > 0 {
+		sent := func() (b uint64) {
+			for _, tr := range trs {
+				b += tr.Stats().Bytes()
+			}
+			return b
+		}
+		b0, c0, t0 := sent(), cpuTime(), time.Now()
 		time.Sleep(steady)
+		secs := time.Since(t0).Seconds()
+		res.cpuPerNode = (cpuTime() - c0).Seconds() / secs / float64(n)
+		if memNet != nil {
+			res.bytesPerNode = float64(sent()-b0) / secs / float64(n)
+		}
 	}
 	if !kill {
 		return finish()

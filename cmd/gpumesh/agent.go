@@ -109,7 +109,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl := cmd.Flags()
 	c := f.cfg
 	fl.StringVar(&f.configFile, "config", "", "a YAML or JSON file whose keys are these flags' names (flags given on the command line win)")
-	fl.StringVar(&c.NodeName, "name", "", "node name (default: the host name)")
+	fl.StringVar(&c.NodeName, "name", "", "node name, unique in the cluster (default: the host name; plus the bind address if it is a loopback address, and the gossip port if not the default, so that agents sharing a machine differ: myhost-127.0.0.2)")
 	fl.StringVar(&c.BindAddr, "bind", c.BindAddr, "IP address every listener binds to")
 	fl.StringVar(&c.AdvertiseAddr, "advertise", "", "IP address other nodes use to reach this one (default: the bind address, or the first private address)")
 	fl.IntVar(&c.GossipPort, "gossip-port", c.GossipPort, "gossip port (TCP and UDP)")

@@ -10,7 +10,6 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
-	"github.com/gpumesh/gpumesh/node"
 )
 
 func init() {
@@ -18,7 +17,6 @@ func init() {
 	registerCommand(newNodesCommand)
 	registerCommand(newRaftCommand)
 	registerCommand(newNodeCommand)
-	registerCommand(newVersionCommand)
 }
 
 func newMembersCommand() *cobra.Command {
@@ -45,7 +43,11 @@ func newMembersCommand() *cobra.Command {
 				if n == nil {
 					n = &pb.Node{}
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, memberStatus(m), n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
+				st := memberStatus(m)
+				if n.Ineligible && st != "-" {
+					st += ",ineligible"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, st, n.Server, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType))
 			}
 			return tw.Flush()
 		},
@@ -193,23 +195,37 @@ func newRaftCommand() *cobra.Command {
 }
 
 func newNodeCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "Act on one node", Example: "  gpumesh node drain node-3\n  gpumesh node drain --self"}
+	cmd := &cobra.Command{Use: "node", Short: "Act on one node", Example: "  gpumesh node drain node-3\n  gpumesh node drain --self\n  gpumesh node eligibility --enable node-3"}
+	cmd.AddCommand(newNodeDrainCommand(), newNodeEligibilityCommand())
+	return cmd
+}
+
+func newNodeDrainCommand() *cobra.Command {
 	var f clientFlags
-	var self bool
+	var self, disable bool
 	var deadline time.Duration
 	var reason string
 	drain := &cobra.Command{
-		Use:   "drain [--self | ID]",
+		Use:   "drain [--self | NODE]",
 		Short: "Drain a node: no new work, its ranks placed elsewhere, its tasks told to checkpoint",
-		Long: "Drain marks the node draining in gossip and in Raft. A leader hands over leadership,\n" +
-			"a voter is replaced, its allocations are placed elsewhere as a new generation,\n" +
-			"and its tasks get SIGTERM with GPUMESH_PREEMPT_DEADLINE set so they can checkpoint.\n" +
-			"This is what a spot interruption notice does by itself.",
-		Example: "  gpumesh node drain --self\n  gpumesh node drain node-2 --deadline 2m",
+		Long: `Drain marks the node draining in gossip and in Raft. A leader hands over leadership,
+a voter is replaced, its allocations are placed elsewhere as a new generation,
+and its tasks get SIGTERM. The file named by $GPUMESH_PREEMPT_DEADLINE_FILE in
+each task's environment then holds the time SIGKILL comes (Unix seconds and a
+newline, such as "1796620800"), so that the task can checkpoint in time.
+This is what a spot interruption notice does by itself.
+
+A drained node stays draining (in ` + "`gpumesh members`" + ` and ` + "`gpumesh nodes`" + `) until
+` + "`gpumesh node drain --disable NODE`" + ` (or ` + "`gpumesh node eligibility --enable NODE`" + `)
+makes it ready for new work again; work already moved away stays where it went.`,
+		Example: "  gpumesh node drain --self\n  gpumesh node drain node-2 --deadline 2m\n  gpumesh node drain --disable node-2",
 		Args:    cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if (len(args) == 1) == self {
 				return fmt.Errorf("name a node (ID or name) or pass --self, not both")
+			}
+			if disable {
+				return setEligibility(cmd, &f, args, self, true)
 			}
 			req := &pb.DrainNodeRequest{Self: self, Deadline: durationpb.New(deadline), Reason: reason}
 			if len(args) == 1 {
@@ -226,28 +242,74 @@ func newNodeCommand() *cobra.Command {
 			}
 			ctx, cancel := f.ctx(cmd.Context())
 			defer cancel()
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s)\n", nodeLabel(ctx, &f, resp.NodeId), resp.Index, deadline)
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s draining (raft index %d, deadline %s); end it with `gpumesh node drain --disable %s`\n", nodeLabel(ctx, &f, resp.NodeId), resp.Index, deadline, orSelf(args))
 			return nil
 		},
 	}
 	addClientFlags(drain, &f)
 	drain.Flags().BoolVar(&self, "self", false, "drain the agent named by --address")
+	drain.Flags().BoolVar(&disable, "disable", false, "end the drain: the node is ready for new work again (as node eligibility --enable)")
 	drain.Flags().DurationVar(&deadline, "deadline", 2*time.Minute, "how long the node's tasks have to checkpoint and stop")
 	drain.Flags().StringVar(&reason, "reason", "drained by hand", "why, shown in the REASON column of 'gpumesh nodes'")
-	cmd.AddCommand(drain)
+	return drain
+}
+
+func newNodeEligibilityCommand() *cobra.Command {
+	var f clientFlags
+	var self, enable, disable bool
+	cmd := &cobra.Command{
+		Use:   "eligibility (--enable | --disable) [--self | NODE]",
+		Short: "Let a node take new work again (also ending a drain), or keep new work off it",
+		Long: `--disable keeps new work off the node: what runs there stays (unlike a drain).
+--enable makes the node eligible again and ends a drain, so that it is ready for
+new work; work already moved away stays where it went. ` + "`gpumesh members`" + ` and
+` + "`gpumesh nodes`" + ` show the state (ready, draining; ineligible).`,
+		Example: "  gpumesh node eligibility --disable node-2\n  gpumesh node eligibility --enable node-2\n  gpumesh node eligibility --enable --self",
+		Args:    cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if enable == disable {
+				return fmt.Errorf("pass --enable or --disable")
+			}
+			if (len(args) == 1) == self {
+				return fmt.Errorf("name a node (ID or name) or pass --self, not both")
+			}
+			return setEligibility(cmd, &f, args, self, enable)
+		},
+	}
+	addClientFlags(cmd, &f)
+	cmd.Flags().BoolVar(&self, "self", false, "the agent named by --address")
+	cmd.Flags().BoolVar(&enable, "enable", false, "make the node eligible for new work (ends a drain)")
+	cmd.Flags().BoolVar(&disable, "disable", false, "keep new work off the node; what runs there stays")
 	return cmd
 }
 
-func newVersionCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:     "version",
-		Short:   "Print the gpumesh version",
-		Example: "  gpumesh version",
-		Args:    cobra.NoArgs,
-		Run: func(cmd *cobra.Command, args []string) {
-			fmt.Fprintf(cmd.OutOrStdout(), "gpumesh %s (cuda data path: %v)\n", node.Version, node.CUDABuild)
-		},
+func setEligibility(cmd *cobra.Command, f *clientFlags, args []string, self, eligible bool) error {
+	req := &pb.NodeEligibilityRequest{Self: self, Eligible: eligible}
+	if len(args) == 1 {
+		req.NodeId = args[0]
 	}
+	resp, err := query(cmd, f, func(ctx context.Context, c pb.ControlClient) (*pb.NodeEligibilityResponse, error) {
+		return c.NodeEligibility(ctx, req)
+	})
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return printJSON(cmd.OutOrStdout(), resp)
+	}
+	what := "ready for new work"
+	if !eligible {
+		what = "ineligible: no new work, what runs there stays"
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "node %s %s (raft index %d)\n", dash(resp.NodeName), what, resp.Index)
+	return nil
+}
+
+func orSelf(args []string) string {
+	if len(args) == 1 {
+		return args[0]
+	}
+	return "--self"
 }
 
 // leaderFleetStatus asks the leader for its last fleet scaling change.

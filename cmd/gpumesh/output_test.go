@@ -83,7 +83,7 @@ func (f fakeJobs) GetJob(context.Context, *pb.GetJobRequest, ...grpc.CallOption)
 // A failed job is reported once, on followJob's last line, not again as
 // "Error: job ... failed: ..." by main.
 func TestJobRunSaysAFailureOnce(t *testing.T) {
-	reason := "generation 1 failed: rank 1 failed on node node-2: exit code 3; restart attempts exhausted (0 of 0)"
+	reason := "generation 1 failed: rank 1 on node-2 exited with code 3; restart attempts exhausted (0 of 0)"
 	resp := &pb.GetJobResponse{
 		Job: &pb.Job{Id: "fail-1", Status: "failed", StatusReason: reason, Generation: 1, WorldSize: 2, Spec: &pb.JobSpec{Type: "exec"}},
 		Allocations: []*pb.Allocation{
@@ -101,7 +101,7 @@ func TestJobRunSaysAFailureOnce(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q; want 1 and nothing on stderr", code, stderr.String())
 	}
 	s := out.String()
-	if n := strings.Count(s, "exit code 3"); n != 1 {
+	if n := strings.Count(s, "exited with code 3"); n != 1 {
 		t.Errorf("the reason appears %d times:\n%s", n, s)
 	}
 	for _, want := range []string{"==> job fail-1 failed: " + reason, "its output: gpumesh job logs fail-1 --rank 1 --generation 1 --stderr"} {

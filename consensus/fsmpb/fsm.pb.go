@@ -41,6 +41,7 @@ type Command struct {
 	//	*Command_UpdateAllocations
 	//	*Command_ApplyPlans
 	//	*Command_PurgeJobs
+	//	*Command_NodeEligibility
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -153,6 +154,15 @@ func (x *Command) GetPurgeJobs() *PurgeJobs {
 	return nil
 }
 
+func (x *Command) GetNodeEligibility() *NodeEligibility {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_NodeEligibility); ok {
+			return x.NodeEligibility
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -185,6 +195,10 @@ type Command_PurgeJobs struct {
 	PurgeJobs *PurgeJobs `protobuf:"bytes,16,opt,name=purge_jobs,json=purgeJobs,proto3,oneof"`
 }
 
+type Command_NodeEligibility struct {
+	NodeEligibility *NodeEligibility `protobuf:"bytes,17,opt,name=node_eligibility,json=nodeEligibility,proto3,oneof"`
+}
+
 func (*Command_RegisterJob) isCommand_Cmd() {}
 
 func (*Command_StopJob) isCommand_Cmd() {}
@@ -198,6 +212,8 @@ func (*Command_UpdateAllocations) isCommand_Cmd() {}
 func (*Command_ApplyPlans) isCommand_Cmd() {}
 
 func (*Command_PurgeJobs) isCommand_Cmd() {}
+
+func (*Command_NodeEligibility) isCommand_Cmd() {}
 
 type RegisterJob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -399,6 +415,60 @@ func (x *DrainNode) GetReason() string {
 	return ""
 }
 
+// NodeEligibility turns a node's scheduling eligibility on or off.
+// Eligible also ends a drain: the node is ready for new work again.
+type NodeEligibility struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Eligible      bool                   `protobuf:"varint,2,opt,name=eligible,proto3" json:"eligible,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibility) Reset() {
+	*x = NodeEligibility{}
+	mi := &file_fsm_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibility) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibility) ProtoMessage() {}
+
+func (x *NodeEligibility) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibility.ProtoReflect.Descriptor instead.
+func (*NodeEligibility) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *NodeEligibility) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibility) GetEligible() bool {
+	if x != nil {
+		return x.Eligible
+	}
+	return false
+}
+
 type UpdateAllocations struct {
 	state         protoimpl.MessageState  `protogen:"open.v1"`
 	Allocations   []*controlpb.Allocation `protobuf:"bytes,1,rep,name=allocations,proto3" json:"allocations,omitempty"`
@@ -408,7 +478,7 @@ type UpdateAllocations struct {
 
 func (x *UpdateAllocations) Reset() {
 	*x = UpdateAllocations{}
-	mi := &file_fsm_proto_msgTypes[5]
+	mi := &file_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -420,7 +490,7 @@ func (x *UpdateAllocations) String() string {
 func (*UpdateAllocations) ProtoMessage() {}
 
 func (x *UpdateAllocations) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[5]
+	mi := &file_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -433,7 +503,7 @@ func (x *UpdateAllocations) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocations.ProtoReflect.Descriptor instead.
 func (*UpdateAllocations) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *UpdateAllocations) GetAllocations() []*controlpb.Allocation {
@@ -453,7 +523,7 @@ type ApplyPlans struct {
 
 func (x *ApplyPlans) Reset() {
 	*x = ApplyPlans{}
-	mi := &file_fsm_proto_msgTypes[6]
+	mi := &file_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -465,7 +535,7 @@ func (x *ApplyPlans) String() string {
 func (*ApplyPlans) ProtoMessage() {}
 
 func (x *ApplyPlans) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[6]
+	mi := &file_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -478,7 +548,7 @@ func (x *ApplyPlans) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPlans.ProtoReflect.Descriptor instead.
 func (*ApplyPlans) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ApplyPlans) GetPlans() []*JobPlan {
@@ -517,7 +587,7 @@ type JobPlan struct {
 
 func (x *JobPlan) Reset() {
 	*x = JobPlan{}
-	mi := &file_fsm_proto_msgTypes[7]
+	mi := &file_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +599,7 @@ func (x *JobPlan) String() string {
 func (*JobPlan) ProtoMessage() {}
 
 func (x *JobPlan) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[7]
+	mi := &file_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +612,7 @@ func (x *JobPlan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobPlan.ProtoReflect.Descriptor instead.
 func (*JobPlan) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *JobPlan) GetJobId() string {
@@ -649,7 +719,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_fsm_proto_msgTypes[8]
+	mi := &file_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -661,7 +731,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[8]
+	mi := &file_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -674,7 +744,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Snapshot) GetIndex() uint64 {
@@ -717,7 +787,7 @@ type PurgeJobs struct {
 
 func (x *PurgeJobs) Reset() {
 	*x = PurgeJobs{}
-	mi := &file_fsm_proto_msgTypes[9]
+	mi := &file_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +799,7 @@ func (x *PurgeJobs) String() string {
 func (*PurgeJobs) ProtoMessage() {}
 
 func (x *PurgeJobs) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[9]
+	mi := &file_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +812,7 @@ func (x *PurgeJobs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PurgeJobs.ProtoReflect.Descriptor instead.
 func (*PurgeJobs) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PurgeJobs) GetIds() []string {
@@ -756,7 +826,7 @@ var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\rcontrol.proto\"\x85\x04\n" +
+	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\rcontrol.proto\"\xd3\x04\n" +
 	"\aCommand\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12@\n" +
 	"\fregister_job\x18\n" +
@@ -769,7 +839,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\vapply_plans\x18\x0f \x01(\v2\x1a.gpumesh.fsm.v1.ApplyPlansH\x00R\n" +
 	"applyPlans\x12:\n" +
 	"\n" +
-	"purge_jobs\x18\x10 \x01(\v2\x19.gpumesh.fsm.v1.PurgeJobsH\x00R\tpurgeJobsB\x05\n" +
+	"purge_jobs\x18\x10 \x01(\v2\x19.gpumesh.fsm.v1.PurgeJobsH\x00R\tpurgeJobs\x12L\n" +
+	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibilityB\x05\n" +
 	"\x03cmd\"F\n" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
@@ -781,7 +852,10 @@ const file_fsm_proto_rawDesc = "" +
 	"\tDrainNode\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x126\n" +
 	"\bdeadline\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"M\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"F\n" +
+	"\x0fNodeEligibility\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
+	"\beligible\x18\x02 \x01(\bR\beligible\"M\n" +
 	"\x11UpdateAllocations\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\";\n" +
 	"\n" +
@@ -825,48 +899,50 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
 	(*StopJob)(nil),               // 2: gpumesh.fsm.v1.StopJob
 	(*UpsertNodes)(nil),           // 3: gpumesh.fsm.v1.UpsertNodes
 	(*DrainNode)(nil),             // 4: gpumesh.fsm.v1.DrainNode
-	(*UpdateAllocations)(nil),     // 5: gpumesh.fsm.v1.UpdateAllocations
-	(*ApplyPlans)(nil),            // 6: gpumesh.fsm.v1.ApplyPlans
-	(*JobPlan)(nil),               // 7: gpumesh.fsm.v1.JobPlan
-	(*Snapshot)(nil),              // 8: gpumesh.fsm.v1.Snapshot
-	(*PurgeJobs)(nil),             // 9: gpumesh.fsm.v1.PurgeJobs
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
-	(*controlpb.JobSpec)(nil),     // 11: gpumesh.v1.JobSpec
-	(*controlpb.Node)(nil),        // 12: gpumesh.v1.Node
-	(*controlpb.Allocation)(nil),  // 13: gpumesh.v1.Allocation
-	(*controlpb.Job)(nil),         // 14: gpumesh.v1.Job
+	(*NodeEligibility)(nil),       // 5: gpumesh.fsm.v1.NodeEligibility
+	(*UpdateAllocations)(nil),     // 6: gpumesh.fsm.v1.UpdateAllocations
+	(*ApplyPlans)(nil),            // 7: gpumesh.fsm.v1.ApplyPlans
+	(*JobPlan)(nil),               // 8: gpumesh.fsm.v1.JobPlan
+	(*Snapshot)(nil),              // 9: gpumesh.fsm.v1.Snapshot
+	(*PurgeJobs)(nil),             // 10: gpumesh.fsm.v1.PurgeJobs
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*controlpb.JobSpec)(nil),     // 12: gpumesh.v1.JobSpec
+	(*controlpb.Node)(nil),        // 13: gpumesh.v1.Node
+	(*controlpb.Allocation)(nil),  // 14: gpumesh.v1.Allocation
+	(*controlpb.Job)(nil),         // 15: gpumesh.v1.Job
 }
 var file_fsm_proto_depIdxs = []int32{
-	10, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	11, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
 	2,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
 	3,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
 	4,  // 4: gpumesh.fsm.v1.Command.drain_node:type_name -> gpumesh.fsm.v1.DrainNode
-	5,  // 5: gpumesh.fsm.v1.Command.update_allocations:type_name -> gpumesh.fsm.v1.UpdateAllocations
-	6,  // 6: gpumesh.fsm.v1.Command.apply_plans:type_name -> gpumesh.fsm.v1.ApplyPlans
-	9,  // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
-	11, // 8: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.v1.JobSpec
-	12, // 9: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.v1.Node
-	10, // 10: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	13, // 11: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.v1.Allocation
-	7,  // 12: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	10, // 13: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	13, // 14: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.v1.Allocation
-	12, // 15: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.v1.Node
-	14, // 16: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.v1.Job
-	13, // 17: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.v1.Allocation
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	6,  // 5: gpumesh.fsm.v1.Command.update_allocations:type_name -> gpumesh.fsm.v1.UpdateAllocations
+	7,  // 6: gpumesh.fsm.v1.Command.apply_plans:type_name -> gpumesh.fsm.v1.ApplyPlans
+	10, // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
+	5,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
+	12, // 9: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.v1.JobSpec
+	13, // 10: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.v1.Node
+	11, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	14, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.v1.Allocation
+	8,  // 13: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
+	11, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	14, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.v1.Allocation
+	13, // 16: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.v1.Node
+	15, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.v1.Job
+	14, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.v1.Allocation
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -882,6 +958,7 @@ func file_fsm_proto_init() {
 		(*Command_UpdateAllocations)(nil),
 		(*Command_ApplyPlans)(nil),
 		(*Command_PurgeJobs)(nil),
+		(*Command_NodeEligibility)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -889,7 +966,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

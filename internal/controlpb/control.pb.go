@@ -2265,6 +2265,139 @@ func (x *DrainNodeResponse) GetNodeId() string {
 	return ""
 }
 
+// NodeEligibility turns a node's scheduling eligibility on or off (Nomad's
+// `node eligibility`); eligible also ends a drain. The node's own agent
+// carries it out (it owns its gossip record), then the leader records it.
+type NodeEligibilityRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"` // id or name; empty with self=true: the node asked
+	Self     bool                   `protobuf:"varint,2,opt,name=self,proto3" json:"self,omitempty"`
+	Eligible bool                   `protobuf:"varint,3,opt,name=eligible,proto3" json:"eligible,omitempty"`
+	// record_only is set by the node's own agent when it passes the change
+	// on: the leader records it without routing it to the node again.
+	RecordOnly    bool `protobuf:"varint,4,opt,name=record_only,json=recordOnly,proto3" json:"record_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityRequest) Reset() {
+	*x = NodeEligibilityRequest{}
+	mi := &file_control_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityRequest) ProtoMessage() {}
+
+func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityRequest.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *NodeEligibilityRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityRequest) GetSelf() bool {
+	if x != nil {
+		return x.Self
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetEligible() bool {
+	if x != nil {
+		return x.Eligible
+	}
+	return false
+}
+
+func (x *NodeEligibilityRequest) GetRecordOnly() bool {
+	if x != nil {
+		return x.RecordOnly
+	}
+	return false
+}
+
+type NodeEligibilityResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	NodeName      string                 `protobuf:"bytes,3,opt,name=node_name,json=nodeName,proto3" json:"node_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEligibilityResponse) Reset() {
+	*x = NodeEligibilityResponse{}
+	mi := &file_control_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEligibilityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEligibilityResponse) ProtoMessage() {}
+
+func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEligibilityResponse.ProtoReflect.Descriptor instead.
+func (*NodeEligibilityResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *NodeEligibilityResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *NodeEligibilityResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeEligibilityResponse) GetNodeName() string {
+	if x != nil {
+		return x.NodeName
+	}
+	return ""
+}
+
 type AgentInfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2273,7 +2406,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2285,7 +2418,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2298,7 +2431,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 type AgentInfoResponse struct {
@@ -2316,7 +2449,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2461,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2474,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2405,7 +2538,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2417,7 +2550,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2430,7 +2563,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2460,7 +2593,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2472,7 +2605,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2485,7 +2618,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2532,7 +2665,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2544,7 +2677,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2557,7 +2690,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2576,7 +2709,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2588,7 +2721,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2601,7 +2734,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2614,20 +2747,23 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// local asks the node for its own copy of the logs without forwarding.
-	Local         bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
-	JobId         string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Rank          int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	Stderr        bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
-	Follow        bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
-	Generation    uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
-	Offset        int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	Local      bool   `protobuf:"varint,7,opt,name=local,proto3" json:"local,omitempty"`
+	JobId      string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Rank       int32  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	Stderr     bool   `protobuf:"varint,3,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Follow     bool   `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	Generation uint64 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"` // 0: the latest
+	Offset     int64  `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
+	// timestamps asks for the write times of the chunks' bytes (stamps),
+	// where the node recorded them.
+	Timestamps    bool `protobuf:"varint,8,opt,name=timestamps,proto3" json:"timestamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2639,7 +2775,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2652,7 +2788,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2704,16 +2840,27 @@ func (x *LogsRequest) GetOffset() int64 {
 	return 0
 }
 
+func (x *LogsRequest) GetTimestamps() bool {
+	if x != nil {
+		return x.Timestamps
+	}
+	return false
+}
+
 type LogChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Data   []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Offset int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"` // stream offset of data[0]
+	// With timestamps: when the bytes from each stamp's offset on were
+	// written; the first stamp is at or before offset. Empty when unknown.
+	Stamps        []*LogStamp `protobuf:"bytes,3,rep,name=stamps,proto3" json:"stamps,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2725,7 +2872,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2738,7 +2885,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -2746,6 +2893,72 @@ func (x *LogChunk) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *LogChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogChunk) GetStamps() []*LogStamp {
+	if x != nil {
+		return x.Stamps
+	}
+	return nil
+}
+
+type LogStamp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	UnixNano      int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogStamp) Reset() {
+	*x = LogStamp{}
+	mi := &file_control_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogStamp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogStamp) ProtoMessage() {}
+
+func (x *LogStamp) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
+func (*LogStamp) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *LogStamp) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *LogStamp) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
 }
 
 // Upsert of the node record by its own agent (clients and servers alike).
@@ -2758,7 +2971,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2770,7 +2983,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2783,7 +2996,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -2802,7 +3015,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2814,7 +3027,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2827,7 +3040,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -2848,7 +3061,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2860,7 +3073,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2873,7 +3086,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -2892,7 +3105,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2904,7 +3117,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2917,7 +3130,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3134,7 +3347,17 @@ const file_control_proto_rawDesc = "" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"B\n" +
 	"\x11DrainNodeResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
-	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x82\x01\n" +
+	"\x16NodeEligibilityRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04self\x18\x02 \x01(\bR\x04self\x12\x1a\n" +
+	"\beligible\x18\x03 \x01(\bR\beligible\x12\x1f\n" +
+	"\vrecord_only\x18\x04 \x01(\bR\n" +
+	"recordOnly\"e\n" +
+	"\x17NodeEligibilityResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12\x1b\n" +
+	"\tnode_name\x18\x03 \x01(\tR\bnodeName\"\x12\n" +
 	"\x10AgentInfoRequest\"\xf4\x01\n" +
 	"\x11AgentInfoResponse\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\x12\x12\n" +
@@ -3158,7 +3381,7 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xb6\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\xd6\x01\n" +
 	"\vLogsRequest\x12\x14\n" +
 	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
@@ -3168,9 +3391,17 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x05 \x01(\x04R\n" +
 	"generation\x12\x16\n" +
-	"\x06offset\x18\x06 \x01(\x03R\x06offset\"\x1e\n" +
+	"\x06offset\x18\x06 \x01(\x03R\x06offset\x12\x1e\n" +
+	"\n" +
+	"timestamps\x18\b \x01(\bR\n" +
+	"timestamps\"d\n" +
 	"\bLogChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\";\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12,\n" +
+	"\x06stamps\x18\x03 \x03(\v2\x14.gpumesh.v1.LogStampR\x06stamps\"?\n" +
+	"\bLogStamp\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\";\n" +
 	"\x13RegisterNodeRequest\x12$\n" +
 	"\x04node\x18\x01 \x01(\v2\x10.gpumesh.v1.NodeR\x04node\",\n" +
 	"\x14RegisterNodeResponse\x12\x14\n" +
@@ -3178,7 +3409,7 @@ const file_control_proto_rawDesc = "" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
 	"\x1aTransferLeadershipResponse\x12\x1b\n" +
-	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\x9b\b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\xf7\b\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -3187,7 +3418,8 @@ const file_control_proto_rawDesc = "" +
 	"\tListNodes\x12\x1c.gpumesh.v1.ListNodesRequest\x1a\x1d.gpumesh.v1.ListNodesResponse\x12B\n" +
 	"\aMembers\x12\x1a.gpumesh.v1.MembersRequest\x1a\x1b.gpumesh.v1.MembersResponse\x12H\n" +
 	"\tRaftPeers\x12\x1c.gpumesh.v1.RaftPeersRequest\x1a\x1d.gpumesh.v1.RaftPeersResponse\x12H\n" +
-	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12H\n" +
+	"\tDrainNode\x12\x1c.gpumesh.v1.DrainNodeRequest\x1a\x1d.gpumesh.v1.DrainNodeResponse\x12Z\n" +
+	"\x0fNodeEligibility\x12\".gpumesh.v1.NodeEligibilityRequest\x1a#.gpumesh.v1.NodeEligibilityResponse\x12H\n" +
 	"\tAgentInfo\x12\x1c.gpumesh.v1.AgentInfoRequest\x1a\x1d.gpumesh.v1.AgentInfoResponse\x12;\n" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
 	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
@@ -3207,7 +3439,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3239,43 +3471,46 @@ var file_control_proto_goTypes = []any{
 	(*RaftPeersResponse)(nil),          // 27: gpumesh.v1.RaftPeersResponse
 	(*DrainNodeRequest)(nil),           // 28: gpumesh.v1.DrainNodeRequest
 	(*DrainNodeResponse)(nil),          // 29: gpumesh.v1.DrainNodeResponse
-	(*AgentInfoRequest)(nil),           // 30: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 31: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 32: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 33: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 34: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 35: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 36: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 37: gpumesh.v1.LogChunk
-	(*RegisterNodeRequest)(nil),        // 38: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 39: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 40: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 41: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 42: gpumesh.v1.ExecSpec.EnvEntry
-	(*timestamppb.Timestamp)(nil),      // 43: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 44: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 45: google.protobuf.Struct
+	(*NodeEligibilityRequest)(nil),     // 30: gpumesh.v1.NodeEligibilityRequest
+	(*NodeEligibilityResponse)(nil),    // 31: gpumesh.v1.NodeEligibilityResponse
+	(*AgentInfoRequest)(nil),           // 32: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 33: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 34: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 35: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 36: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 37: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 38: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 39: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 40: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 41: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 42: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 43: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 44: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 45: gpumesh.v1.ExecSpec.EnvEntry
+	(*timestamppb.Timestamp)(nil),      // 46: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 47: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 48: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	43, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	43, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	44, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	42, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	46, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	46, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	47, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	45, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
 	2,  // 5: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 6: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	44, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	47, // 7: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 8: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 9: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 10: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	8,  // 11: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
 	7,  // 12: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	43, // 13: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	43, // 14: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	43, // 15: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	43, // 16: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	43, // 17: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	45, // 18: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	46, // 13: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	46, // 14: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	46, // 15: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	46, // 16: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	46, // 17: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	48, // 18: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
 	7,  // 19: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
 	11, // 20: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
 	9,  // 21: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
@@ -3287,46 +3522,49 @@ var file_control_proto_depIdxs = []int32{
 	1,  // 27: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
 	22, // 28: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
 	25, // 29: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	44, // 30: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	47, // 30: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
 	1,  // 31: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
 	10, // 32: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
 	9,  // 33: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
 	1,  // 34: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
 	10, // 35: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	1,  // 36: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	12, // 37: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	14, // 38: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	16, // 39: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	18, // 40: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	20, // 41: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	23, // 42: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	26, // 43: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	28, // 44: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	30, // 45: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	32, // 46: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	34, // 47: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	38, // 48: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	36, // 49: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	40, // 50: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	13, // 51: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	15, // 52: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	17, // 53: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	19, // 54: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	21, // 55: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	24, // 56: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	27, // 57: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	29, // 58: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	31, // 59: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	33, // 60: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	35, // 61: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	39, // 62: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	37, // 63: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	41, // 64: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	51, // [51:65] is the sub-list for method output_type
-	37, // [37:51] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	40, // 36: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 37: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	12, // 38: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	14, // 39: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	16, // 40: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	18, // 41: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	20, // 42: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	23, // 43: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	26, // 44: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	28, // 45: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	30, // 46: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	32, // 47: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	34, // 48: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	36, // 49: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	41, // 50: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	38, // 51: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	43, // 52: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	13, // 53: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	15, // 54: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	17, // 55: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	19, // 56: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	21, // 57: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	24, // 58: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	27, // 59: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	29, // 60: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	31, // 61: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	33, // 62: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	35, // 63: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	37, // 64: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	42, // 65: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	39, // 66: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	44, // 67: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	53, // [53:68] is the sub-list for method output_type
+	38, // [38:53] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3340,7 +3578,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   43,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	Control_Members_FullMethodName            = "/gpumesh.v1.Control/Members"
 	Control_RaftPeers_FullMethodName          = "/gpumesh.v1.Control/RaftPeers"
 	Control_DrainNode_FullMethodName          = "/gpumesh.v1.Control/DrainNode"
+	Control_NodeEligibility_FullMethodName    = "/gpumesh.v1.Control/NodeEligibility"
 	Control_AgentInfo_FullMethodName          = "/gpumesh.v1.Control/AgentInfo"
 	Control_Watch_FullMethodName              = "/gpumesh.v1.Control/Watch"
 	Control_UpdateAllocations_FullMethodName  = "/gpumesh.v1.Control/UpdateAllocations"
@@ -51,6 +52,7 @@ type ControlClient interface {
 	Members(ctx context.Context, in *MembersRequest, opts ...grpc.CallOption) (*MembersResponse, error)
 	RaftPeers(ctx context.Context, in *RaftPeersRequest, opts ...grpc.CallOption) (*RaftPeersResponse, error)
 	DrainNode(ctx context.Context, in *DrainNodeRequest, opts ...grpc.CallOption) (*DrainNodeResponse, error)
+	NodeEligibility(ctx context.Context, in *NodeEligibilityRequest, opts ...grpc.CallOption) (*NodeEligibilityResponse, error)
 	AgentInfo(ctx context.Context, in *AgentInfoRequest, opts ...grpc.CallOption) (*AgentInfoResponse, error)
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchEvent], error)
 	UpdateAllocations(ctx context.Context, in *UpdateAllocationsRequest, opts ...grpc.CallOption) (*UpdateAllocationsResponse, error)
@@ -147,6 +149,16 @@ func (c *controlClient) DrainNode(ctx context.Context, in *DrainNodeRequest, opt
 	return out, nil
 }
 
+func (c *controlClient) NodeEligibility(ctx context.Context, in *NodeEligibilityRequest, opts ...grpc.CallOption) (*NodeEligibilityResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodeEligibilityResponse)
+	err := c.cc.Invoke(ctx, Control_NodeEligibility_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) AgentInfo(ctx context.Context, in *AgentInfoRequest, opts ...grpc.CallOption) (*AgentInfoResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AgentInfoResponse)
@@ -237,6 +249,7 @@ type ControlServer interface {
 	Members(context.Context, *MembersRequest) (*MembersResponse, error)
 	RaftPeers(context.Context, *RaftPeersRequest) (*RaftPeersResponse, error)
 	DrainNode(context.Context, *DrainNodeRequest) (*DrainNodeResponse, error)
+	NodeEligibility(context.Context, *NodeEligibilityRequest) (*NodeEligibilityResponse, error)
 	AgentInfo(context.Context, *AgentInfoRequest) (*AgentInfoResponse, error)
 	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchEvent]) error
 	UpdateAllocations(context.Context, *UpdateAllocationsRequest) (*UpdateAllocationsResponse, error)
@@ -276,6 +289,9 @@ func (UnimplementedControlServer) RaftPeers(context.Context, *RaftPeersRequest) 
 }
 func (UnimplementedControlServer) DrainNode(context.Context, *DrainNodeRequest) (*DrainNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DrainNode not implemented")
+}
+func (UnimplementedControlServer) NodeEligibility(context.Context, *NodeEligibilityRequest) (*NodeEligibilityResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method NodeEligibility not implemented")
 }
 func (UnimplementedControlServer) AgentInfo(context.Context, *AgentInfoRequest) (*AgentInfoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AgentInfo not implemented")
@@ -460,6 +476,24 @@ func _Control_DrainNode_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_NodeEligibility_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodeEligibilityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).NodeEligibility(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_NodeEligibility_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).NodeEligibility(ctx, req.(*NodeEligibilityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_AgentInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(AgentInfoRequest)
 	if err := dec(in); err != nil {
@@ -592,6 +626,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DrainNode",
 			Handler:    _Control_DrainNode_Handler,
+		},
+		{
+			MethodName: "NodeEligibility",
+			Handler:    _Control_NodeEligibility_Handler,
 		},
 		{
 			MethodName: "AgentInfo",

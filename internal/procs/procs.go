@@ -92,6 +92,9 @@ type Agent struct {
 	DataDir string
 	Ports   Ports
 	Args    []string // extra flags
+	// DefaultName starts the agent without --name, so that it names
+	// itself (Name stays the harness's label: data dir and log file).
+	DefaultName bool
 	// Netns, when set, runs the agent inside that network namespace
 	// (ip netns exec); Dial then reaches addresses inside it.
 	Netns string
@@ -197,14 +200,16 @@ func (a *Agent) Start() {
 	if err != nil {
 		a.t.Fatal(err)
 	}
-	args := []string{"agent",
-		"--name", a.Name, "--bind", a.IP, "--data-dir", a.DataDir,
+	args := []string{"agent", "--bind", a.IP, "--data-dir", a.DataDir,
 		"--gossip-port", strconv.Itoa(a.Ports.Gossip), "--rpc-port", strconv.Itoa(a.Ports.RPC),
 		"--raft-port", strconv.Itoa(a.Ports.Raft), "--http-port", strconv.Itoa(a.Ports.HTTP),
 		"--log-level", "debug",
 		// Tasks run as the test's user: their scripts and data dirs sit in
 		// temporary folders only it can enter.
 		"--task-user=",
+	}
+	if !a.DefaultName {
+		args = append(args, "--name", a.Name)
 	}
 	args = append(args, a.Args...)
 	cmd := exec.Command(Binary(a.t), args...)

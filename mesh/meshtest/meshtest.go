@@ -1,5 +1,5 @@
-// Package meshtest starts in-process gossip meshes on 127.0.0.1 for tests
-// of mesh and of the packages built on it: configs with short timeouts,
+// Package meshtest starts in-process gossip meshes on 127.0.0.1 (or on
+// an in-memory mesh.MemNetwork) for tests of mesh and of the packages built on it: configs with short timeouts,
 // loggers that write to the test log, a cluster helper and wait helpers
 // that poll a condition with a deadline (never a bare sleep).
 package meshtest
@@ -97,7 +97,13 @@ func StartCluster(tb testing.TB, prefix string, n int, modify func(i int, c *mes
 // members.
 func WaitConverged(tb testing.TB, ms []*mesh.Mesh, want int) {
 	tb.Helper()
-	poll.Until(tb, 30*time.Second, func() (bool, string) {
+	WaitConvergedWithin(tb, ms, want, 30*time.Second)
+}
+
+// WaitConvergedWithin is WaitConverged with its own deadline.
+func WaitConvergedWithin(tb testing.TB, ms []*mesh.Mesh, want int, timeout time.Duration) {
+	tb.Helper()
+	poll.Until(tb, timeout, func() (bool, string) {
 		for _, m := range ms {
 			if got := m.NumAlive(); got != want {
 				return false, fmt.Sprintf("%s sees %d alive members, want %d", m.Name(), got, want)
@@ -144,4 +150,54 @@ func NextEvent(tb testing.TB, ch <-chan mesh.Event, timeout time.Duration, match
 			tb.Fatalf("no %s event within %v", what, timeout)
 		}
 	}
+}
+
+// MemConfig returns Config(tb, name) on an in-memory network: the node
+// gossips through a new transport of net instead of sockets. level sets
+// the log level (a mesh of hundreds of nodes logging at Debug into the
+// test log costs more than the gossip).
+func MemConfig(tb testing.TB, net *mesh.MemNetwork, name string, level hclog.Level) mesh.Config {
+	c := Config(tb, name)
+	c.Transport = net.NewTransport()
+	c.Logger.SetLevel(level)
+	return c
+}
+
+// StartMemCluster starts n nodes named prefix0..prefix(n-1) on net, all
+// joining the first three at once (a mass join), and waits until every
+// node lists all n alive. modify, if not nil, edits each node's config
+// first.
+func StartMemCluster(tb testing.TB, net *mesh.MemNetwork, prefix string, n int, level hclog.Level, modify func(i int, c *mesh.Config)) []*mesh.Mesh {
+	tb.Helper()
+	ms := make([]*mesh.Mesh, n)
+	for i := range ms {
+		c := MemConfig(tb, net, fmt.Sprintf("%s%d", prefix, i), level)
+		if modify != nil {
+			modify(i, &c)
+		}
+		ms[i] = New(tb, c)
+	}
+	var seeds []string
+	for _, m := range ms[:min(3, n)] {
+		seeds = append(seeds, m.Addr())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	errs := make(chan error, n)
+	for _, m := range ms[1:] {
+		go func() {
+			_, err := m.Join(ctx, seeds)
+			if err != nil {
+				err = fmt.Errorf("%s: join %v: %w", m.Name(), seeds, err)
+			}
+			errs <- err
+		}()
+	}
+	for range ms[1:] {
+		if err := <-errs; err != nil {
+			tb.Fatal(err)
+		}
+	}
+	WaitConvergedWithin(tb, ms, n, 120*time.Second)
+	return ms
 }

@@ -28,6 +28,7 @@
 //	<data dir>/alloc/<job>/<generation>/<rank>/   GPUMESH_ALLOC_DIR; the task's default working directory
 //	    logs/stdout.0, stdout.1, ...               rotated output (see Logs); stderr.N likewise
 //	    logs/logs.json, logs/stdout.closed         rotation settings; marker that the stream is complete
+//	    logs/stdout.0.times, ...                   when each write's bytes landed (ReadLogStamps), pruned with its file
 //	    preempt_deadline                           appears on a stop: when SIGKILL comes (GPUMESH_PREEMPT_DEADLINE_FILE)
 //	    error.json                                 TORCHELASTIC_ERROR_FILE (written by torch's @record)
 //	    .gpumesh/spec.json                         the resolved spec and its hash (written by the driver before start)

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -23,9 +24,17 @@ import (
 // files are kept. logs.json records the rotation settings for readers, and
 // <stream>.closed appears once the stream is complete (the task exited and
 // its output was written).
+//
+// Beside each file, <stream>.<n>.times records when its bytes were written:
+// one record per write, 16 bytes, the stream offset of the write's first
+// byte and the time in Unix nanoseconds (both little-endian int64). It is
+// pruned with its file. Recording is best effort: a failure to write it
+// never fails the log.
 const (
 	logMetaName     = "logs.json"
 	closedSuffix    = ".closed"
+	timesSuffix     = ".times"
+	timeRecordBytes = 16
 	logCopyBufBytes = 64 << 10
 )
 
@@ -34,6 +43,10 @@ var logPollInterval = 100 * time.Millisecond
 
 func logFileName(dir, stream string, idx int) string {
 	return filepath.Join(dir, stream+"."+strconv.Itoa(idx))
+}
+
+func logTimesName(dir, stream string, idx int) string {
+	return logFileName(dir, stream, idx) + timesSuffix
 }
 
 func closedMarker(dir, stream string) string { return filepath.Join(dir, stream+closedSuffix) }
@@ -73,6 +86,7 @@ type rotatingWriter struct {
 	dir, stream string
 	cfg         LogConfig
 	f           *os.File
+	times       *os.File // file idx's write times; opened at its first write
 	idx         int
 	size        int64
 }
@@ -133,6 +147,7 @@ func (w *rotatingWriter) Write(p []byte) (int, error) {
 		if room := w.cfg.MaxFileBytes - w.size; n > room {
 			n = room
 		}
+		w.stamp(int64(w.idx)*w.cfg.MaxFileBytes+w.size, time.Now())
 		m, err := w.f.Write(p[:n])
 		written += m
 		w.size += int64(m)
@@ -144,7 +159,30 @@ func (w *rotatingWriter) Write(p []byte) (int, error) {
 	return written, nil
 }
 
+// stamp records that the byte at stream offset off is written at t.
+func (w *rotatingWriter) stamp(off int64, t time.Time) {
+	if w.times == nil {
+		f, err := os.OpenFile(logTimesName(w.dir, w.stream, w.idx), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return
+		}
+		w.times = f
+	}
+	var rec [timeRecordBytes]byte
+	binary.LittleEndian.PutUint64(rec[:8], uint64(off))
+	binary.LittleEndian.PutUint64(rec[8:], uint64(t.UnixNano()))
+	_, _ = w.times.Write(rec[:])
+}
+
+func (w *rotatingWriter) closeTimes() {
+	if w.times != nil {
+		_ = w.times.Close()
+		w.times = nil
+	}
+}
+
 func (w *rotatingWriter) rotate() error {
+	w.closeTimes()
 	if err := w.f.Close(); err != nil {
 		return err
 	}
@@ -167,11 +205,13 @@ func (w *rotatingWriter) prune() {
 	}
 	for i := lo; i <= w.idx-w.cfg.MaxFiles; i++ {
 		_ = os.Remove(logFileName(w.dir, w.stream, i))
+		_ = os.Remove(logTimesName(w.dir, w.stream, i))
 	}
 }
 
 // Close closes the current file and marks the stream complete.
 func (w *rotatingWriter) Close() error {
+	w.closeTimes()
 	var err error
 	if w.f != nil {
 		err = w.f.Close()
@@ -206,6 +246,10 @@ type LogReader struct {
 	f   *os.File
 	idx int
 	off atomic.Int64 // stream offset of the next byte
+
+	// NewStamps' position: the times file it reads and how far.
+	stampIdx int
+	stampPos int64
 }
 
 // Logs opens a stream ("stdout" or "stderr") of the task whose log
@@ -273,6 +317,92 @@ func (r *LogReader) seek(offset int64) error {
 
 // Offset is the stream offset of the next byte Read returns.
 func (r *LogReader) Offset() int64 { return r.off.Load() }
+
+// NewStamps returns the write times recorded since its last call (all kept
+// ones at the first), in stream order, so that a follow reads each record
+// once. Call it from the goroutine that calls Read.
+func (r *LogReader) NewStamps() ([]LogStamp, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	lo, hi, ok, err := logIndexes(r.dir, r.stream)
+	if err != nil || !ok {
+		return nil, err
+	}
+	if r.stampIdx < lo {
+		r.stampIdx, r.stampPos = lo, 0
+	}
+	var out []LogStamp
+	for {
+		b, err := readFrom(logTimesName(r.dir, r.stream, r.stampIdx), r.stampPos)
+		if err != nil {
+			return out, err
+		}
+		b = b[:len(b)/timeRecordBytes*timeRecordBytes] // a record being written is read next time
+		r.stampPos += int64(len(b))
+		out = append(out, decodeStamps(b)...)
+		// Older files are complete: the writer closes a file's times before
+		// it begins the next file.
+		if r.stampIdx >= hi {
+			return out, nil
+		}
+		r.stampIdx, r.stampPos = r.stampIdx+1, 0
+	}
+}
+
+// readFrom reads a file from off to its end; a missing file reads empty.
+func readFrom(name string, off int64) ([]byte, error) {
+	f, err := os.Open(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		return nil, err
+	}
+	return io.ReadAll(f)
+}
+
+func decodeStamps(b []byte) []LogStamp {
+	out := make([]LogStamp, 0, len(b)/timeRecordBytes)
+	for ; len(b) >= timeRecordBytes; b = b[timeRecordBytes:] {
+		out = append(out, LogStamp{
+			Offset: int64(binary.LittleEndian.Uint64(b[:8])),
+			Time:   time.Unix(0, int64(binary.LittleEndian.Uint64(b[8:16]))),
+		})
+	}
+	return out
+}
+
+// LogStamp says that the byte at Offset of a stream, and those after it up
+// to the next stamp, were written at Time.
+type LogStamp struct {
+	Offset int64
+	Time   time.Time
+}
+
+// ReadLogStamps returns the write times of a stream's kept files, in stream
+// order; none for files written before times were recorded.
+func ReadLogStamps(dir, stream string) ([]LogStamp, error) {
+	lo, hi, ok, err := logIndexes(dir, stream)
+	if err != nil || !ok {
+		return nil, err
+	}
+	var out []LogStamp
+	for i := lo; i <= hi; i++ {
+		b, err := os.ReadFile(logTimesName(dir, stream, i))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, decodeStamps(b)...) // a torn last record is left out
+	}
+	return out, nil
+}
 
 // open opens file r.idx at r.off; if it was deleted, it skips to the oldest
 // file kept. It returns false when the file does not exist yet.

@@ -231,3 +231,86 @@ func TestLogsErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Every write is stamped at the stream offset of its first byte in each
+// file it lands in; stamps of pruned files go with them.
+func TestLogStamps(t *testing.T) {
+	dir := t.TempDir()
+	cfg := LogConfig{MaxFileBytes: 10, MaxFiles: 2}
+	if err := writeLogMeta(dir, cfg); err != nil {
+		t.Fatal(err)
+	}
+	w, err := openRotatingWriter(dir, Stdout, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := pattern(35)
+	writeAll(t, w, data[:4])   // 0..4 in file 0
+	writeAll(t, w, data[4:23]) // 4..10 in file 0, 10..20 in 1, 20..23 in 2
+	writeAll(t, w, data[23:])  // 23..30 in 2, 30..35 in 3
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	stamps, err := ReadLogStamps(dir, Stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Files 2 and 3 are kept.
+	var offs []int64
+	for i, s := range stamps {
+		offs = append(offs, s.Offset)
+		if i > 0 && s.Time.Before(stamps[i-1].Time) {
+			t.Errorf("stamp %d goes back in time: %v after %v", i, s.Time, stamps[i-1].Time)
+		}
+		if time.Since(s.Time) > time.Hour || time.Until(s.Time) > time.Minute {
+			t.Errorf("stamp %d: %v is not now", i, s.Time)
+		}
+	}
+	if fmt.Sprint(offs) != "[20 23 30]" {
+		t.Fatalf("stamp offsets %v, want [20 23 30]", offs)
+	}
+	if _, err := os.Stat(logTimesName(dir, Stdout, 1)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("times of pruned file 1: %v", err)
+	}
+	// A follower reads each record once.
+	r, err := Logs(context.Background(), dir, Stdout, false, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got, err := r.NewStamps(); err != nil || len(got) != 3 {
+		t.Fatalf("first NewStamps: %v %v, want 3", got, err)
+	}
+	if got, err := r.NewStamps(); err != nil || len(got) != 0 {
+		t.Fatalf("NewStamps with nothing new: %v %v", got, err)
+	}
+	w, err = openRotatingWriter(dir, Stdout, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeAll(t, w, pattern(8)) // 35..40 in file 3, 40..43 in file 4
+	if got, err := r.NewStamps(); err != nil || fmt.Sprint(stampOffsets(got)) != "[35 40]" {
+		t.Fatalf("NewStamps after two more writes: %v %v, want offsets [35 40]", stampOffsets(got), err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A torn last record is left out.
+	f, err := os.OpenFile(logTimesName(dir, Stdout, 3), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte{1, 2, 3})
+	f.Close()
+	if again, err := ReadLogStamps(dir, Stdout); err != nil || fmt.Sprint(stampOffsets(again)) != "[30 35 40]" {
+		t.Fatalf("with a torn record: %v, %v; want offsets [30 35 40]", stampOffsets(again), err)
+	}
+}
+
+func stampOffsets(st []LogStamp) []int64 {
+	var out []int64
+	for _, s := range st {
+		out = append(out, s.Offset)
+	}
+	return out
+}
