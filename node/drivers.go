@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
@@ -88,6 +89,11 @@ func taskID(al *pb.Allocation) driver.TaskID {
 // execTask adapts a driver handle to task.
 type execTask struct {
 	h *driver.Handle
+	// prefetch is the checkpoint prefetch's record once it is done.
+	prefetch atomic.Pointer[PrefetchRecord]
+	// allocDir holds the rank's checkpoint progress (jobs with a
+	// checkpoint block only; empty otherwise).
+	allocDir string
 }
 
 func (t *execTask) Done() <-chan struct{} { return t.h.Done() }
@@ -105,6 +111,15 @@ func (t *execTask) Result() taskResult {
 	}
 	if res.Stopped && res.StopReason != "" && tr.Message == "" {
 		tr.Message = res.StopReason
+	}
+	if p := t.prefetch.Load(); p != nil {
+		tr.Report = map[string]any{"checkpoint_prefetch": p.report()}
+	}
+	if prog := readCheckpointProgress(t.allocDir); prog != nil {
+		if tr.Report == nil {
+			tr.Report = map[string]any{}
+		}
+		tr.Report["checkpoint"] = prog
 	}
 	return tr
 }
@@ -158,7 +173,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		ID:      id,
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
-		Env:     env,
+		Env:     append(env, checkpointEnv(spec, env, allocDir)...),
 		User:    user,
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {
@@ -168,7 +183,12 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 	if err != nil {
 		return nil, err
 	}
-	return &execTask{h: h}, nil
+	t := &execTask{h: h}
+	if spec.GetCheckpoint() != nil {
+		t.allocDir = allocDir
+		r.startPrefetch(t, spec, ts.Env, al, allocDir)
+	}
+	return t, nil
 }
 
 // ErrTaskUser means a job names an account this agent does not run tasks as.

@@ -1499,6 +1499,7 @@ type JobSpec struct {
 	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
 	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
+	Checkpoint    *CheckpointSpec        `protobuf:"bytes,16,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1638,6 +1639,73 @@ func (x *JobSpec) GetService() *ServiceSpec {
 	return nil
 }
 
+func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return nil
+}
+
+type CheckpointSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`
+	Every         int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointSpec) Reset() {
+	*x = CheckpointSpec{}
+	mi := &file_fsm_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointSpec) ProtoMessage() {}
+
+func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointSpec.ProtoReflect.Descriptor instead.
+func (*CheckpointSpec) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CheckpointSpec) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *CheckpointSpec) GetKeep() int32 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
+}
+
+func (x *CheckpointSpec) GetEvery() int32 {
+	if x != nil {
+		return x.Every
+	}
+	return 0
+}
+
 type HealthCheck struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Port          string                 `protobuf:"bytes,1,opt,name=port,proto3" json:"port,omitempty"`
@@ -1653,7 +1721,7 @@ type HealthCheck struct {
 
 func (x *HealthCheck) Reset() {
 	*x = HealthCheck{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1733,7 @@ func (x *HealthCheck) String() string {
 func (*HealthCheck) ProtoMessage() {}
 
 func (x *HealthCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1746,7 @@ func (x *HealthCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
 func (*HealthCheck) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *HealthCheck) GetPort() string {
@@ -1742,7 +1810,7 @@ type ServiceSpec struct {
 
 func (x *ServiceSpec) Reset() {
 	*x = ServiceSpec{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1754,7 +1822,7 @@ func (x *ServiceSpec) String() string {
 func (*ServiceSpec) ProtoMessage() {}
 
 func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1767,7 +1835,7 @@ func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSpec.ProtoReflect.Descriptor instead.
 func (*ServiceSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ServiceSpec) GetPorts() []string {
@@ -1820,7 +1888,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1832,7 +1900,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1845,7 +1913,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Job) GetId() string {
@@ -1981,7 +2049,7 @@ type Allocation struct {
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1993,7 +2061,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2006,7 +2074,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Allocation) GetId() string {
@@ -2327,7 +2395,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
 	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
 	"\x06chunks\x18\n" +
-	" \x01(\x05R\x06chunks\"\xf1\x04\n" +
+	" \x01(\x05R\x06chunks\"\xb1\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -2344,7 +2412,14 @@ const file_fsm_proto_rawDesc = "" +
 	"\tallreduce\x18\f \x01(\v2\x1d.gpumesh.fsm.v1.AllReduceSpecR\tallreduce\x128\n" +
 	"\bpipeline\x18\r \x01(\v2\x1c.gpumesh.fsm.v1.PipelineSpecR\bpipeline\x12\x1a\n" +
 	"\breplicas\x18\x0e \x01(\x05R\breplicas\x125\n" +
-	"\aservice\x18\x0f \x01(\v2\x1b.gpumesh.fsm.v1.ServiceSpecR\aservice\"\x84\x02\n" +
+	"\aservice\x18\x0f \x01(\v2\x1b.gpumesh.fsm.v1.ServiceSpecR\aservice\x12>\n" +
+	"\n" +
+	"checkpoint\x18\x10 \x01(\v2\x1e.gpumesh.fsm.v1.CheckpointSpecR\n" +
+	"checkpoint\"L\n" +
+	"\x0eCheckpointSpec\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
+	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\"\x84\x02\n" +
 	"\vHealthCheck\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\tR\x04port\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
@@ -2436,7 +2511,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
@@ -2457,18 +2532,19 @@ var file_fsm_proto_goTypes = []any{
 	(*AllReduceSpec)(nil),         // 16: gpumesh.fsm.v1.AllReduceSpec
 	(*PipelineSpec)(nil),          // 17: gpumesh.fsm.v1.PipelineSpec
 	(*JobSpec)(nil),               // 18: gpumesh.fsm.v1.JobSpec
-	(*HealthCheck)(nil),           // 19: gpumesh.fsm.v1.HealthCheck
-	(*ServiceSpec)(nil),           // 20: gpumesh.fsm.v1.ServiceSpec
-	(*Job)(nil),                   // 21: gpumesh.fsm.v1.Job
-	(*Allocation)(nil),            // 22: gpumesh.fsm.v1.Allocation
-	nil,                           // 23: gpumesh.fsm.v1.ExecSpec.EnvEntry
-	nil,                           // 24: gpumesh.fsm.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil), // 25: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
-	(*structpb.Struct)(nil),       // 27: google.protobuf.Struct
+	(*CheckpointSpec)(nil),        // 19: gpumesh.fsm.v1.CheckpointSpec
+	(*HealthCheck)(nil),           // 20: gpumesh.fsm.v1.HealthCheck
+	(*ServiceSpec)(nil),           // 21: gpumesh.fsm.v1.ServiceSpec
+	(*Job)(nil),                   // 22: gpumesh.fsm.v1.Job
+	(*Allocation)(nil),            // 23: gpumesh.fsm.v1.Allocation
+	nil,                           // 24: gpumesh.fsm.v1.ExecSpec.EnvEntry
+	nil,                           // 25: gpumesh.fsm.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 27: google.protobuf.Duration
+	(*structpb.Struct)(nil),       // 28: google.protobuf.Struct
 }
 var file_fsm_proto_depIdxs = []int32{
-	25, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	26, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
 	2,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
 	3,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
@@ -2479,44 +2555,45 @@ var file_fsm_proto_depIdxs = []int32{
 	5,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
 	18, // 9: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
 	12, // 10: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
-	25, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	22, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	26, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	23, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	8,  // 13: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	25, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	22, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	26, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	23, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	12, // 16: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
-	21, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
-	22, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	22, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
+	23, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
 	11, // 19: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
-	25, // 20: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	25, // 21: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	26, // 22: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	23, // 23: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
+	26, // 20: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	26, // 21: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	27, // 22: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	24, // 23: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
 	13, // 24: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
 	14, // 25: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
-	26, // 26: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	27, // 26: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	15, // 27: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
 	16, // 28: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
 	17, // 29: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
-	20, // 30: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
-	26, // 31: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	26, // 32: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	26, // 33: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
-	19, // 34: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
-	26, // 35: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	18, // 36: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	25, // 37: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	25, // 38: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	25, // 39: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	25, // 40: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	25, // 41: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	27, // 42: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	24, // 43: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
-	44, // [44:44] is the sub-list for method output_type
-	44, // [44:44] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	21, // 30: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
+	19, // 31: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
+	27, // 32: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	27, // 33: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	27, // 34: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	20, // 35: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
+	27, // 36: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	18, // 37: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	26, // 38: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	26, // 39: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	26, // 40: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	26, // 41: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	26, // 42: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	28, // 43: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	25, // 44: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	45, // [45:45] is the sub-list for method output_type
+	45, // [45:45] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -2540,7 +2617,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -862,6 +862,7 @@ type JobSpec struct {
 	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
 	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"` // service jobs: replicas (the same as ranks)
 	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
+	Checkpoint    *CheckpointSpec        `protobuf:"bytes,16,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1001,6 +1002,75 @@ func (x *JobSpec) GetService() *ServiceSpec {
 	return nil
 }
 
+func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return nil
+}
+
+// Where and how often an exec job's ranks save their training state
+// through their agents (package checkpoint, python/gpumesh/checkpoint.py).
+type CheckpointSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`      // s3://bucket/prefix or file:///absolute/dir
+	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`   // complete checkpoints kept (default 3)
+	Every         int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"` // steps between periodic saves; 0: only when preempted
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointSpec) Reset() {
+	*x = CheckpointSpec{}
+	mi := &file_control_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointSpec) ProtoMessage() {}
+
+func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointSpec.ProtoReflect.Descriptor instead.
+func (*CheckpointSpec) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *CheckpointSpec) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *CheckpointSpec) GetKeep() int32 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
+}
+
+func (x *CheckpointSpec) GetEvery() int32 {
+	if x != nil {
+		return x.Every
+	}
+	return 0
+}
+
 type Job struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
 	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1028,7 +1098,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1040,7 +1110,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1053,7 +1123,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Job) GetId() string {
@@ -1189,7 +1259,7 @@ type Allocation struct {
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1271,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1284,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Allocation) GetId() string {
@@ -1417,7 +1487,7 @@ type QueryOptions struct {
 
 func (x *QueryOptions) Reset() {
 	*x = QueryOptions{}
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1429,7 +1499,7 @@ func (x *QueryOptions) String() string {
 func (*QueryOptions) ProtoMessage() {}
 
 func (x *QueryOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1442,7 +1512,7 @@ func (x *QueryOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryOptions.ProtoReflect.Descriptor instead.
 func (*QueryOptions) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *QueryOptions) GetStale() bool {
@@ -1464,7 +1534,7 @@ type SubmitJobRequest struct {
 
 func (x *SubmitJobRequest) Reset() {
 	*x = SubmitJobRequest{}
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1476,7 +1546,7 @@ func (x *SubmitJobRequest) String() string {
 func (*SubmitJobRequest) ProtoMessage() {}
 
 func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1489,7 +1559,7 @@ func (x *SubmitJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobRequest.ProtoReflect.Descriptor instead.
 func (*SubmitJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SubmitJobRequest) GetSpec() *JobSpec {
@@ -1516,7 +1586,7 @@ type SubmitJobResponse struct {
 
 func (x *SubmitJobResponse) Reset() {
 	*x = SubmitJobResponse{}
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1598,7 @@ func (x *SubmitJobResponse) String() string {
 func (*SubmitJobResponse) ProtoMessage() {}
 
 func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1611,7 @@ func (x *SubmitJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitJobResponse.ProtoReflect.Descriptor instead.
 func (*SubmitJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SubmitJobResponse) GetId() string {
@@ -1568,7 +1638,7 @@ type GetJobRequest struct {
 
 func (x *GetJobRequest) Reset() {
 	*x = GetJobRequest{}
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1580,7 +1650,7 @@ func (x *GetJobRequest) String() string {
 func (*GetJobRequest) ProtoMessage() {}
 
 func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1593,7 +1663,7 @@ func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
 func (*GetJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetJobRequest) GetId() string {
@@ -1621,7 +1691,7 @@ type GetJobResponse struct {
 
 func (x *GetJobResponse) Reset() {
 	*x = GetJobResponse{}
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1703,7 @@ func (x *GetJobResponse) String() string {
 func (*GetJobResponse) ProtoMessage() {}
 
 func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1716,7 @@ func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobResponse.ProtoReflect.Descriptor instead.
 func (*GetJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetJobResponse) GetJob() *Job {
@@ -1679,7 +1749,7 @@ type ListJobsRequest struct {
 
 func (x *ListJobsRequest) Reset() {
 	*x = ListJobsRequest{}
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1691,7 +1761,7 @@ func (x *ListJobsRequest) String() string {
 func (*ListJobsRequest) ProtoMessage() {}
 
 func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1704,7 +1774,7 @@ func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
 func (*ListJobsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListJobsRequest) GetQuery() *QueryOptions {
@@ -1724,7 +1794,7 @@ type ListJobsResponse struct {
 
 func (x *ListJobsResponse) Reset() {
 	*x = ListJobsResponse{}
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1736,7 +1806,7 @@ func (x *ListJobsResponse) String() string {
 func (*ListJobsResponse) ProtoMessage() {}
 
 func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1749,7 +1819,7 @@ func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
 func (*ListJobsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListJobsResponse) GetJobs() []*Job {
@@ -1775,7 +1845,7 @@ type StopJobRequest struct {
 
 func (x *StopJobRequest) Reset() {
 	*x = StopJobRequest{}
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1787,7 +1857,7 @@ func (x *StopJobRequest) String() string {
 func (*StopJobRequest) ProtoMessage() {}
 
 func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1800,7 +1870,7 @@ func (x *StopJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobRequest.ProtoReflect.Descriptor instead.
 func (*StopJobRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{19}
+	return file_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StopJobRequest) GetId() string {
@@ -1819,7 +1889,7 @@ type StopJobResponse struct {
 
 func (x *StopJobResponse) Reset() {
 	*x = StopJobResponse{}
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1831,7 +1901,7 @@ func (x *StopJobResponse) String() string {
 func (*StopJobResponse) ProtoMessage() {}
 
 func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[20]
+	mi := &file_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1844,7 +1914,7 @@ func (x *StopJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJobResponse.ProtoReflect.Descriptor instead.
 func (*StopJobResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{20}
+	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StopJobResponse) GetIndex() uint64 {
@@ -1863,7 +1933,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1875,7 +1945,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[21]
+	mi := &file_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1888,7 +1958,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{21}
+	return file_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListNodesRequest) GetQuery() *QueryOptions {
@@ -1908,7 +1978,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1920,7 +1990,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1933,7 +2003,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{22}
+	return file_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1962,7 +2032,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1974,7 +2044,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1987,7 +2057,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{23}
+	return file_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Member) GetName() string {
@@ -2026,7 +2096,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2108,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2121,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{24}
+	return file_control_proto_rawDescGZIP(), []int{25}
 }
 
 type MembersResponse struct {
@@ -2063,7 +2133,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2075,7 +2145,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2088,7 +2158,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{25}
+	return file_control_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -2112,7 +2182,7 @@ type RaftPeer struct {
 
 func (x *RaftPeer) Reset() {
 	*x = RaftPeer{}
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2124,7 +2194,7 @@ func (x *RaftPeer) String() string {
 func (*RaftPeer) ProtoMessage() {}
 
 func (x *RaftPeer) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2137,7 +2207,7 @@ func (x *RaftPeer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeer.ProtoReflect.Descriptor instead.
 func (*RaftPeer) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{26}
+	return file_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RaftPeer) GetId() string {
@@ -2190,7 +2260,7 @@ type RaftPeersRequest struct {
 
 func (x *RaftPeersRequest) Reset() {
 	*x = RaftPeersRequest{}
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2202,7 +2272,7 @@ func (x *RaftPeersRequest) String() string {
 func (*RaftPeersRequest) ProtoMessage() {}
 
 func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2215,7 +2285,7 @@ func (x *RaftPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersRequest.ProtoReflect.Descriptor instead.
 func (*RaftPeersRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{27}
+	return file_control_proto_rawDescGZIP(), []int{28}
 }
 
 type RaftPeersResponse struct {
@@ -2228,7 +2298,7 @@ type RaftPeersResponse struct {
 
 func (x *RaftPeersResponse) Reset() {
 	*x = RaftPeersResponse{}
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2310,7 @@ func (x *RaftPeersResponse) String() string {
 func (*RaftPeersResponse) ProtoMessage() {}
 
 func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2323,7 @@ func (x *RaftPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RaftPeersResponse.ProtoReflect.Descriptor instead.
 func (*RaftPeersResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{28}
+	return file_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RaftPeersResponse) GetPeers() []*RaftPeer {
@@ -2282,7 +2352,7 @@ type DrainNodeRequest struct {
 
 func (x *DrainNodeRequest) Reset() {
 	*x = DrainNodeRequest{}
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2294,7 +2364,7 @@ func (x *DrainNodeRequest) String() string {
 func (*DrainNodeRequest) ProtoMessage() {}
 
 func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2307,7 +2377,7 @@ func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
 func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{29}
+	return file_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DrainNodeRequest) GetNodeId() string {
@@ -2348,7 +2418,7 @@ type DrainNodeResponse struct {
 
 func (x *DrainNodeResponse) Reset() {
 	*x = DrainNodeResponse{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2360,7 +2430,7 @@ func (x *DrainNodeResponse) String() string {
 func (*DrainNodeResponse) ProtoMessage() {}
 
 func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2373,7 +2443,7 @@ func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
 func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DrainNodeResponse) GetIndex() uint64 {
@@ -2407,7 +2477,7 @@ type NodeEligibilityRequest struct {
 
 func (x *NodeEligibilityRequest) Reset() {
 	*x = NodeEligibilityRequest{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2489,7 @@ func (x *NodeEligibilityRequest) String() string {
 func (*NodeEligibilityRequest) ProtoMessage() {}
 
 func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +2502,7 @@ func (x *NodeEligibilityRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeEligibilityRequest.ProtoReflect.Descriptor instead.
 func (*NodeEligibilityRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *NodeEligibilityRequest) GetNodeId() string {
@@ -2474,7 +2544,7 @@ type NodeEligibilityResponse struct {
 
 func (x *NodeEligibilityResponse) Reset() {
 	*x = NodeEligibilityResponse{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2486,7 +2556,7 @@ func (x *NodeEligibilityResponse) String() string {
 func (*NodeEligibilityResponse) ProtoMessage() {}
 
 func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2499,7 +2569,7 @@ func (x *NodeEligibilityResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeEligibilityResponse.ProtoReflect.Descriptor instead.
 func (*NodeEligibilityResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *NodeEligibilityResponse) GetIndex() uint64 {
@@ -2531,7 +2601,7 @@ type AgentInfoRequest struct {
 
 func (x *AgentInfoRequest) Reset() {
 	*x = AgentInfoRequest{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2543,7 +2613,7 @@ func (x *AgentInfoRequest) String() string {
 func (*AgentInfoRequest) ProtoMessage() {}
 
 func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2556,7 +2626,7 @@ func (x *AgentInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoRequest.ProtoReflect.Descriptor instead.
 func (*AgentInfoRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 type AgentInfoResponse struct {
@@ -2574,7 +2644,7 @@ type AgentInfoResponse struct {
 
 func (x *AgentInfoResponse) Reset() {
 	*x = AgentInfoResponse{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2586,7 +2656,7 @@ func (x *AgentInfoResponse) String() string {
 func (*AgentInfoResponse) ProtoMessage() {}
 
 func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2599,7 +2669,7 @@ func (x *AgentInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentInfoResponse.ProtoReflect.Descriptor instead.
 func (*AgentInfoResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AgentInfoResponse) GetNode() *Node {
@@ -2663,7 +2733,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2675,7 +2745,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2688,7 +2758,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *WatchRequest) GetNodeId() string {
@@ -2718,7 +2788,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2730,7 +2800,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2743,7 +2813,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *WatchEvent) GetIndex() uint64 {
@@ -2790,7 +2860,7 @@ type UpdateAllocationsRequest struct {
 
 func (x *UpdateAllocationsRequest) Reset() {
 	*x = UpdateAllocationsRequest{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +2872,7 @@ func (x *UpdateAllocationsRequest) String() string {
 func (*UpdateAllocationsRequest) ProtoMessage() {}
 
 func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +2885,7 @@ func (x *UpdateAllocationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UpdateAllocationsRequest) GetAllocations() []*Allocation {
@@ -2834,7 +2904,7 @@ type UpdateAllocationsResponse struct {
 
 func (x *UpdateAllocationsResponse) Reset() {
 	*x = UpdateAllocationsResponse{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2846,7 +2916,7 @@ func (x *UpdateAllocationsResponse) String() string {
 func (*UpdateAllocationsResponse) ProtoMessage() {}
 
 func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2859,7 +2929,7 @@ func (x *UpdateAllocationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocationsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAllocationsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *UpdateAllocationsResponse) GetIndex() uint64 {
@@ -2888,7 +2958,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +2970,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[39]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +2983,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{39}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -2985,7 +3055,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2997,7 +3067,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3010,7 +3080,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -3044,7 +3114,7 @@ type LogStamp struct {
 
 func (x *LogStamp) Reset() {
 	*x = LogStamp{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3056,7 +3126,7 @@ func (x *LogStamp) String() string {
 func (*LogStamp) ProtoMessage() {}
 
 func (x *LogStamp) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3069,7 +3139,7 @@ func (x *LogStamp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
 func (*LogStamp) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *LogStamp) GetOffset() int64 {
@@ -3096,7 +3166,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3108,7 +3178,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3121,7 +3191,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{42}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -3140,7 +3210,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3152,7 +3222,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3165,7 +3235,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{43}
+	return file_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -3186,7 +3256,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[44]
+	mi := &file_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3198,7 +3268,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[44]
+	mi := &file_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3211,7 +3281,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{44}
+	return file_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -3230,7 +3300,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[45]
+	mi := &file_control_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3242,7 +3312,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[45]
+	mi := &file_control_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3255,7 +3325,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{45}
+	return file_control_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3350,7 +3420,7 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"route_port\x18\x02 \x01(\tR\troutePort\x12-\n" +
 	"\x05check\x18\x03 \x01(\v2\x17.gpumesh.v1.HealthCheckR\x05check\x12>\n" +
-	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xd9\x04\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\x95\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -3367,7 +3437,14 @@ const file_control_proto_rawDesc = "" +
 	"\tallreduce\x18\f \x01(\v2\x19.gpumesh.v1.AllReduceSpecR\tallreduce\x124\n" +
 	"\bpipeline\x18\r \x01(\v2\x18.gpumesh.v1.PipelineSpecR\bpipeline\x12\x1a\n" +
 	"\breplicas\x18\x0e \x01(\x05R\breplicas\x121\n" +
-	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\"\xa2\x04\n" +
+	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\x12:\n" +
+	"\n" +
+	"checkpoint\x18\x10 \x01(\v2\x1a.gpumesh.v1.CheckpointSpecR\n" +
+	"checkpoint\"L\n" +
+	"\x0eCheckpointSpec\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
+	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\"\xa2\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3579,7 +3656,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3591,128 +3668,130 @@ var file_control_proto_goTypes = []any{
 	(*HealthCheck)(nil),                // 7: gpumesh.v1.HealthCheck
 	(*ServiceSpec)(nil),                // 8: gpumesh.v1.ServiceSpec
 	(*JobSpec)(nil),                    // 9: gpumesh.v1.JobSpec
-	(*Job)(nil),                        // 10: gpumesh.v1.Job
-	(*Allocation)(nil),                 // 11: gpumesh.v1.Allocation
-	(*QueryOptions)(nil),               // 12: gpumesh.v1.QueryOptions
-	(*SubmitJobRequest)(nil),           // 13: gpumesh.v1.SubmitJobRequest
-	(*SubmitJobResponse)(nil),          // 14: gpumesh.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),              // 15: gpumesh.v1.GetJobRequest
-	(*GetJobResponse)(nil),             // 16: gpumesh.v1.GetJobResponse
-	(*ListJobsRequest)(nil),            // 17: gpumesh.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),           // 18: gpumesh.v1.ListJobsResponse
-	(*StopJobRequest)(nil),             // 19: gpumesh.v1.StopJobRequest
-	(*StopJobResponse)(nil),            // 20: gpumesh.v1.StopJobResponse
-	(*ListNodesRequest)(nil),           // 21: gpumesh.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 22: gpumesh.v1.ListNodesResponse
-	(*Member)(nil),                     // 23: gpumesh.v1.Member
-	(*MembersRequest)(nil),             // 24: gpumesh.v1.MembersRequest
-	(*MembersResponse)(nil),            // 25: gpumesh.v1.MembersResponse
-	(*RaftPeer)(nil),                   // 26: gpumesh.v1.RaftPeer
-	(*RaftPeersRequest)(nil),           // 27: gpumesh.v1.RaftPeersRequest
-	(*RaftPeersResponse)(nil),          // 28: gpumesh.v1.RaftPeersResponse
-	(*DrainNodeRequest)(nil),           // 29: gpumesh.v1.DrainNodeRequest
-	(*DrainNodeResponse)(nil),          // 30: gpumesh.v1.DrainNodeResponse
-	(*NodeEligibilityRequest)(nil),     // 31: gpumesh.v1.NodeEligibilityRequest
-	(*NodeEligibilityResponse)(nil),    // 32: gpumesh.v1.NodeEligibilityResponse
-	(*AgentInfoRequest)(nil),           // 33: gpumesh.v1.AgentInfoRequest
-	(*AgentInfoResponse)(nil),          // 34: gpumesh.v1.AgentInfoResponse
-	(*WatchRequest)(nil),               // 35: gpumesh.v1.WatchRequest
-	(*WatchEvent)(nil),                 // 36: gpumesh.v1.WatchEvent
-	(*UpdateAllocationsRequest)(nil),   // 37: gpumesh.v1.UpdateAllocationsRequest
-	(*UpdateAllocationsResponse)(nil),  // 38: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 39: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 40: gpumesh.v1.LogChunk
-	(*LogStamp)(nil),                   // 41: gpumesh.v1.LogStamp
-	(*RegisterNodeRequest)(nil),        // 42: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 43: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 44: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 45: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 46: gpumesh.v1.ExecSpec.EnvEntry
-	nil,                                // 47: gpumesh.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil),      // 48: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 49: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 50: google.protobuf.Struct
+	(*CheckpointSpec)(nil),             // 10: gpumesh.v1.CheckpointSpec
+	(*Job)(nil),                        // 11: gpumesh.v1.Job
+	(*Allocation)(nil),                 // 12: gpumesh.v1.Allocation
+	(*QueryOptions)(nil),               // 13: gpumesh.v1.QueryOptions
+	(*SubmitJobRequest)(nil),           // 14: gpumesh.v1.SubmitJobRequest
+	(*SubmitJobResponse)(nil),          // 15: gpumesh.v1.SubmitJobResponse
+	(*GetJobRequest)(nil),              // 16: gpumesh.v1.GetJobRequest
+	(*GetJobResponse)(nil),             // 17: gpumesh.v1.GetJobResponse
+	(*ListJobsRequest)(nil),            // 18: gpumesh.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),           // 19: gpumesh.v1.ListJobsResponse
+	(*StopJobRequest)(nil),             // 20: gpumesh.v1.StopJobRequest
+	(*StopJobResponse)(nil),            // 21: gpumesh.v1.StopJobResponse
+	(*ListNodesRequest)(nil),           // 22: gpumesh.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 23: gpumesh.v1.ListNodesResponse
+	(*Member)(nil),                     // 24: gpumesh.v1.Member
+	(*MembersRequest)(nil),             // 25: gpumesh.v1.MembersRequest
+	(*MembersResponse)(nil),            // 26: gpumesh.v1.MembersResponse
+	(*RaftPeer)(nil),                   // 27: gpumesh.v1.RaftPeer
+	(*RaftPeersRequest)(nil),           // 28: gpumesh.v1.RaftPeersRequest
+	(*RaftPeersResponse)(nil),          // 29: gpumesh.v1.RaftPeersResponse
+	(*DrainNodeRequest)(nil),           // 30: gpumesh.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),          // 31: gpumesh.v1.DrainNodeResponse
+	(*NodeEligibilityRequest)(nil),     // 32: gpumesh.v1.NodeEligibilityRequest
+	(*NodeEligibilityResponse)(nil),    // 33: gpumesh.v1.NodeEligibilityResponse
+	(*AgentInfoRequest)(nil),           // 34: gpumesh.v1.AgentInfoRequest
+	(*AgentInfoResponse)(nil),          // 35: gpumesh.v1.AgentInfoResponse
+	(*WatchRequest)(nil),               // 36: gpumesh.v1.WatchRequest
+	(*WatchEvent)(nil),                 // 37: gpumesh.v1.WatchEvent
+	(*UpdateAllocationsRequest)(nil),   // 38: gpumesh.v1.UpdateAllocationsRequest
+	(*UpdateAllocationsResponse)(nil),  // 39: gpumesh.v1.UpdateAllocationsResponse
+	(*LogsRequest)(nil),                // 40: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 41: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 42: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 43: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 44: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 45: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 46: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 47: gpumesh.v1.ExecSpec.EnvEntry
+	nil,                                // 48: gpumesh.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil),      // 49: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 50: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 51: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	48, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	48, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	49, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	46, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
-	49, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	49, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	49, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	49, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	49, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	50, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	47, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	50, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	50, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	50, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
 	7,  // 8: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
-	49, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	50, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
 	2,  // 10: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
 	3,  // 11: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	49, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	50, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
 	4,  // 13: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
 	5,  // 14: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
 	6,  // 15: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
 	8,  // 16: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
-	9,  // 17: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	48, // 18: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	48, // 19: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	48, // 20: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	48, // 21: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	48, // 22: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	50, // 23: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	47, // 24: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
-	9,  // 25: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
-	12, // 26: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
-	10, // 27: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
-	11, // 28: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
-	12, // 29: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
-	10, // 30: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
-	12, // 31: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
-	1,  // 32: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
-	1,  // 33: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
-	23, // 34: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
-	26, // 35: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	49, // 36: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
-	1,  // 37: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
-	11, // 38: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
-	10, // 39: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
-	1,  // 40: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
-	11, // 41: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	41, // 42: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
-	1,  // 43: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	13, // 44: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	15, // 45: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	17, // 46: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	19, // 47: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	21, // 48: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	24, // 49: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	27, // 50: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	29, // 51: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	31, // 52: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
-	33, // 53: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	35, // 54: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	37, // 55: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	42, // 56: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	39, // 57: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	44, // 58: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	14, // 59: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	16, // 60: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	18, // 61: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	20, // 62: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	22, // 63: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	25, // 64: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	28, // 65: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	30, // 66: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	32, // 67: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
-	34, // 68: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	36, // 69: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	38, // 70: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	43, // 71: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	40, // 72: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	45, // 73: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	59, // [59:74] is the sub-list for method output_type
-	44, // [44:59] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	10, // 17: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
+	9,  // 18: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
+	49, // 19: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	49, // 20: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	49, // 21: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	49, // 22: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	49, // 23: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	51, // 24: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	48, // 25: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
+	9,  // 26: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
+	13, // 27: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 28: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
+	12, // 29: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
+	13, // 30: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 31: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
+	13, // 32: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
+	1,  // 33: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
+	1,  // 34: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
+	24, // 35: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
+	27, // 36: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
+	50, // 37: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	1,  // 38: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
+	12, // 39: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
+	11, // 40: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
+	1,  // 41: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
+	12, // 42: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
+	42, // 43: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 44: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	14, // 45: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	16, // 46: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	18, // 47: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	20, // 48: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	22, // 49: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	25, // 50: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	28, // 51: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	30, // 52: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	32, // 53: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	34, // 54: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	36, // 55: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	38, // 56: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	43, // 57: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	40, // 58: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	45, // 59: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	15, // 60: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	17, // 61: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	19, // 62: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	21, // 63: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	23, // 64: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	26, // 65: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	29, // 66: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	31, // 67: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	33, // 68: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	35, // 69: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	37, // 70: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	39, // 71: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	44, // 72: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	41, // 73: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	46, // 74: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	60, // [60:75] is the sub-list for method output_type
+	45, // [45:60] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3726,7 +3805,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   48,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

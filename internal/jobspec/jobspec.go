@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/gpumesh/gpumesh/checkpoint"
 	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
@@ -33,6 +34,8 @@ const (
 	DefaultRestartDelay = 5 * time.Second
 	// DefaultRestartAttempts is how many generations may fail before the job fails.
 	DefaultRestartAttempts = 3
+	// DefaultCheckpointKeep is how many complete checkpoints are kept.
+	DefaultCheckpointKeep = checkpoint.DefaultKeep
 )
 
 // Job types.
@@ -60,6 +63,9 @@ func ApplyDefaults(s *pb.JobSpec) {
 	}
 	if s.KillTimeout == nil {
 		s.KillTimeout = durationpb.New(DefaultKillTimeout)
+	}
+	if c := s.Checkpoint; c != nil && c.Keep == 0 {
+		c.Keep = DefaultCheckpointKeep
 	}
 	switch s.Type {
 	case TypeAllReduce:
@@ -221,8 +227,28 @@ func validateCommon(s *pb.JobSpec, add report) {
 			add("restart.delay", "must be between 0s and 24h, got %s", r.Delay.AsDuration())
 		}
 	}
+	if c := s.Checkpoint; c != nil {
+		validateCheckpoint(s, c, add)
+	}
 	if s.KillTimeout != nil && (s.KillTimeout.AsDuration() < 0 || s.KillTimeout.AsDuration() > time.Hour) {
 		add("kill_timeout", "must be between 0s and 1h, got %s", s.KillTimeout.AsDuration())
+	}
+}
+
+func validateCheckpoint(s *pb.JobSpec, c *pb.CheckpointSpec, add report) {
+	if s.Type != TypeExec {
+		add("checkpoint", "only exec jobs save checkpoints; remove this section or set type: exec")
+	}
+	if c.Uri == "" {
+		add("checkpoint.uri", "where to store checkpoints is missing; give s3://bucket/prefix or file:///shared/dir")
+	} else if _, err := checkpoint.ParseURI(c.Uri); err != nil {
+		add("checkpoint.uri", "%s", strings.TrimPrefix(err.Error(), checkpoint.ErrInvalidURI.Error()+": "))
+	}
+	if c.Keep < 1 || c.Keep > 1000 {
+		add("checkpoint.keep", "must be between 1 and 1000, got %d", c.Keep)
+	}
+	if c.Every < 0 {
+		add("checkpoint.every", "must be >= 0 steps (0: save only when preempted), got %d", c.Every)
 	}
 }
 

@@ -36,6 +36,13 @@ restart: {attempts: 2, delay: 1s}
 	if js.Type != TypeExec || js.Placement != "pack" {
 		t.Fatalf("defaults not applied: %v", js)
 	}
+	ck, err := Parse([]byte("ranks: 2\nexec: {command: [true]}\ncheckpoint: {uri: s3://bucket/runs/a, every: 100}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ck.Checkpoint.Uri != "s3://bucket/runs/a" || ck.Checkpoint.Every != 100 || ck.Checkpoint.Keep != DefaultCheckpointKeep {
+		t.Fatalf("checkpoint: %v", ck.Checkpoint)
+	}
 	ar, err := Parse([]byte("type: allreduce\nranks: 4\nallreduce: {sizes: [1MiB, 64MiB, 256MiB], dtype: float32, iters: 20, device: auto}\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -69,6 +76,13 @@ func TestParseInvalid(t *testing.T) {
 		{"pipeline too many stages", "type: pipeline\nranks: 4\npipeline: {layers: [8, 4]}", "at most 1 stages"},
 		{"mixed sections", "type: allreduce\nranks: 2\nexec: {command: [true]}", "allreduce section only"},
 		{"bad name", "name: 'my job!'\nranks: 1\nexec: {command: [true]}", "name"},
+		{"checkpoint without uri", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {keep: 2}", "checkpoint.uri: where to store"},
+		{"checkpoint bad scheme", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 'gs://b/p'}", `checkpoint.uri: "gs://b/p": unknown scheme`},
+		{"checkpoint relative dir", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 'file://ckpt'}", "three slashes"},
+		{"checkpoint keep", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', keep: -1}", "checkpoint.keep"},
+		{"checkpoint every", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', every: -5}", "checkpoint.every"},
+		{"checkpoint misspelt", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {url: 's3://b/p'}", `did you mean "uri"`},
+		{"checkpoint on allreduce", "type: allreduce\nranks: 2\ncheckpoint: {uri: 's3://b/p'}", "only exec jobs"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
