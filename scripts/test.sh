@@ -18,6 +18,19 @@ if ! command -v go >/dev/null; then
 	exit 1
 fi
 
+# Tools some tests need beside Go; without them those tests skip, saying so.
+# .ci/run installs them; on Debian: apt-get install python3-torch shellcheck
+# systemd chromium iproute2 nftables.
+missing=()
+/usr/bin/python3 -c 'import torch' >/dev/null 2>&1 || missing+=("python3-torch (PyTorch backend, checkpoint and torchrun tests)")
+command -v shellcheck >/dev/null || missing+=("shellcheck (user-data script check)")
+command -v systemd-analyze >/dev/null || missing+=("systemd-analyze (unit sandbox score)")
+command -v chromium >/dev/null || missing+=("chromium (dashboard page)")
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "==> note: these tests will skip; this machine lacks:"
+	printf '    %s\n' "${missing[@]}"
+fi
+
 pkgs=("$@")
 [ ${#pkgs[@]} -eq 0 ] && pkgs=(./...)
 
