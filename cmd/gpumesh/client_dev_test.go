@@ -108,6 +108,14 @@ func TestClientCommandsAgainstDevCluster(t *testing.T) {
 		if !regexp.MustCompile(`BUSBW\(GB/s\)\s+CHECK\n4KiB\s+float32.*ok\n64KiB\s+float32.*ok\n`).MatchString(out) {
 			t.Fatalf("no result table:\n%s", out)
 		}
+		id := regexp.MustCompile(`job (ar-[0-9a-f]+) submitted`).FindStringSubmatch(out)
+		if id == nil {
+			t.Fatalf("no job ID in:\n%s", out)
+		}
+		// Stopping a job that already ended says so, not "stopping".
+		if out, err := cli("job", "stop", id[1]); err != nil || !strings.Contains(out, "already ended (complete): nothing to stop") {
+			t.Fatalf("job stop of an ended job: %v\n%s", err, out)
+		}
 	})
 	t.Run("pipeline results are a table", func(t *testing.T) {
 		pl := spec("pl", "name: pl\ntype: pipeline\nranks: 2\npipeline: {layers: [8, 16, 4], microbatches: 2, microbatch_size: 2, steps: 2}\n")

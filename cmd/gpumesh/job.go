@@ -432,6 +432,15 @@ func newJobStopCommand() *cobra.Command {
 		Example: "  gpumesh job stop hello-1a2b3c4d",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			// A job that already ended has nothing to stop: say so rather
+			// than "stopping".
+			cur, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.GetJobResponse, error) {
+				return c.GetJob(ctx, &pb.GetJobRequest{Id: args[0]})
+			})
+			if err == nil && consensus.JobTerminal(cur.Job.GetStatus()) && !f.json {
+				fmt.Fprintf(cmd.OutOrStdout(), "job %s already ended (%s): nothing to stop\n", args[0], cur.Job.GetStatus())
+				return nil
+			}
 			resp, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.StopJobResponse, error) {
 				return c.StopJob(ctx, &pb.StopJobRequest{Id: args[0]})
 			})
