@@ -360,6 +360,9 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	fmt.Fprintf(tw, "Ranks\t%d\n", j.WorldSize)
 	fmt.Fprintf(tw, "Restarts\t%d\n", j.Restarts)
 	fmt.Fprintf(tw, "Submitted\t%s\n", ago(j.SubmitTime))
+	if c := checkpointSummary(resp.Allocations); c != "" {
+		fmt.Fprintf(tw, "Checkpoint\t%s\n", c)
+	}
 	tw.Flush()
 	if len(resp.Allocations) == 0 {
 		return

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"google.golang.org/protobuf/types/known/structpb"
 )
 
 // A rank lost with its node has no exit code: job status shows "-" and
@@ -28,4 +29,61 @@ func TestPrintJobLostRankShowsCause(t *testing.T) {
 		}
 	}
 	t.Fatalf("no line for rank 1:\n%s", b.String())
+}
+
+// result is an allocation's result as the agent reports it (JSON-like).
+func result(t *testing.T, m map[string]any) *structpb.Struct {
+	t.Helper()
+	s, err := structpb.NewStruct(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// Job status shows where the last generation resumed, the steps lost
+// (the previous generation's last step minus that), and the prefetch.
+func TestPrintJobShowsCheckpointResumeAndLostSteps(t *testing.T) {
+	ck := func(resumed, last float64) map[string]any {
+		return map[string]any{"resumed_step": resumed, "last_step": last}
+	}
+	pre := map[string]any{"found": true, "seconds": 2.5, "step": 99.0, "part": 0.0, "bytes": float64(1 << 30)}
+	cases := []struct {
+		name   string
+		allocs []*pb.Allocation
+		want   string
+	}{
+		{"kill -9: 4 steps since the periodic checkpoint lost", []*pb.Allocation{
+			{Generation: 1, Rank: 0, ClientStatus: "stopped", Result: result(t, map[string]any{"checkpoint": ck(-1, 103)})},
+			{Generation: 1, Rank: 1, ClientStatus: "lost"},
+			{Generation: 2, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(99, 199), "checkpoint_prefetch": pre})},
+			{Generation: 2, Rank: 1, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(99, 199), "checkpoint_prefetch": pre})},
+		}, "Checkpoint  generation 2 resumed at step 99, 4 steps lost (generation 1 finished step 103), prefetch 1024.0 MiB in 2.50 s"},
+		{"spot notice: nothing lost", []*pb.Allocation{
+			{Generation: 1, Rank: 0, ClientStatus: "stopped", Result: result(t, map[string]any{"checkpoint": ck(-1, 612)})},
+			{Generation: 2, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(612, 2999)})},
+		}, "Checkpoint  generation 2 resumed at step 612, 0 steps lost (generation 1 finished step 612)\n"},
+		{"first generation", []*pb.Allocation{
+			{Generation: 1, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(-1, 39), "checkpoint_prefetch": map[string]any{"found": false, "seconds": 0.01}})},
+		}, "Checkpoint  generation 1 started without a checkpoint\n"},
+		{"previous generation lost with its nodes", []*pb.Allocation{
+			{Generation: 1, Rank: 0, ClientStatus: "lost"},
+			{Generation: 2, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(49, 99), "checkpoint_prefetch": map[string]any{"found": false, "seconds": 0.0, "error": "access denied"}})},
+		}, "Checkpoint  generation 2 resumed at step 49, steps lost unknown (no earlier generation reported its last step), prefetch failed: access denied\n"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var b strings.Builder
+			printJob(&b, &pb.GetJobResponse{Job: &pb.Job{Id: "j-1", Status: "complete", Generation: 2, Spec: &pb.JobSpec{Name: "j", Type: "exec"}}, Allocations: c.allocs})
+			if !strings.Contains(b.String(), c.want) {
+				t.Fatalf("job status lacks %q:\n%s", c.want, b.String())
+			}
+		})
+	}
+	var b strings.Builder
+	printJob(&b, &pb.GetJobResponse{Job: &pb.Job{Id: "j-1", Status: "running", Generation: 1, Spec: &pb.JobSpec{Name: "j", Type: "exec"}},
+		Allocations: []*pb.Allocation{{Generation: 1, Rank: 0, ClientStatus: "running"}}})
+	if strings.Contains(b.String(), "Checkpoint") {
+		t.Fatalf("a job without checkpoint reports shows a Checkpoint line:\n%s", b.String())
+	}
 }
