@@ -190,7 +190,7 @@ func TestServiceUpdateRefusals(t *testing.T) {
 	if r := s.updateService("svc", serviceSpec(t, "svc", 1, "srv")); r != nil || s.job("svc").ModifyIndex != before.ModifyIndex || s.job("svc").SpecGeneration != 0 {
 		t.Fatalf("an equal spec changed the job: %v, %v", r, s.job("svc"))
 	}
-	if got := s.f.State().RunningService("svc"); got == nil || got.Id != "svc" {
+	if got := RunningService(s.f.State().Jobs(), "svc"); got == nil || got.Id != "svc" {
 		t.Fatalf("RunningService(svc) = %v", got)
 	}
 	if r, _ := s.updateService("nope", serviceSpec(t, "nope", 1, "srv")).(error); !errors.Is(r, ErrJobNotFound) {
@@ -205,7 +205,7 @@ func TestServiceUpdateRefusals(t *testing.T) {
 	if r, _ := s.updateService("svc", serviceSpec(t, "svc", 1, "v2")).(error); !errors.Is(r, ErrInvalidArgument) {
 		t.Fatalf("update of a stopped service: %v", r)
 	}
-	if got := s.f.State().RunningService("svc"); got != nil {
+	if got := RunningService(s.f.State().Jobs(), "svc"); got != nil {
 		t.Fatalf("a stopped service is still running: %v", got)
 	}
 }

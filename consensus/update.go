@@ -19,11 +19,11 @@ const (
 	SubmitUnchanged  = "unchanged"  // the running service has this spec already
 )
 
-// RunningService returns the live (not ended, not stopping) service job
-// named name, or nil. A `job run` of a service spec of that name updates it
-// instead of starting a second one.
-func (st *StateStore) RunningService(name string) *controlpb.Job {
-	for _, j := range st.Jobs() {
+// RunningService returns the live (not ended, not stopping) service job of
+// jobs named name, or nil. A `job run` of a service spec of that name
+// updates it instead of starting a second one.
+func RunningService(jobs []*controlpb.Job, name string) *controlpb.Job {
+	for _, j := range jobs {
 		if j.Spec.GetType() == jobspec.TypeService && j.Spec.GetName() == name && !j.StopRequested && !JobTerminal(j.Status) {
 			return j
 		}

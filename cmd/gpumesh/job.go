@@ -97,6 +97,15 @@ func newJobRunCommand() *cobra.Command {
 				return f.explain(err)
 			}
 			out := cmd.OutOrStdout()
+			if msg := updateMessage(spec.Name, resp); msg != "" {
+				// A running service of this name took the spec (or has it
+				// already): nothing new to follow.
+				if f.json {
+					return printJSON(out, resp)
+				}
+				fmt.Fprintln(out, msg)
+				return nil
+			}
 			if detach {
 				if f.json {
 					return printJSON(out, resp)
@@ -117,6 +126,21 @@ func newJobRunCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs")
 	cmd.Flags().DurationVar(&placeTimeout, "place-timeout", 2*time.Minute, "stop watching (exit 2, the job stays queued) when it is not placed within this long; 0 waits for ever")
 	return cmd
+}
+
+// updateMessage says what a submission that went to a running service did
+// (resp.Outcome "updated" or "unchanged"); "" for a new job.
+func updateMessage(name string, resp *pb.SubmitJobResponse) string {
+	switch resp.GetOutcome() {
+	case consensus.SubmitUpdated:
+		return fmt.Sprintf("==> service %s (job %s) updated (raft index %d): its replicas are replaced one at a time,\n"+
+			"    each old one stopped only once its replacement is healthy. Follow it with\n"+
+			"    `gpumesh service status %s`; a replacement that never gets healthy stalls the update\n"+
+			"    (the old replicas keep serving): fix the spec and run it again", name, resp.Id, resp.Index, name)
+	case consensus.SubmitUnchanged:
+		return fmt.Sprintf("service %s (job %s) already runs this spec: nothing to do", name, resp.Id)
+	}
+	return ""
 }
 
 // finishRun reports how `job run` ends after followJob returned final and
