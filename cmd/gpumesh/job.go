@@ -74,6 +74,9 @@ func newJobRunCommand() *cobra.Command {
 			"--place-timeout without a placement the command stops watching and exits 2; the\n" +
 			"job stays queued and starts when capacity frees (stop it with `gpumesh job stop`).\n" +
 			"Ctrl-C also stops watching only. Check a spec without submitting: `gpumesh job plan`.\n\n" +
+			"A service spec whose name matches a running service updates that service instead\n" +
+			"(a rolling update: replicas replaced one at a time, each old one stopped once its\n" +
+			"replacement is healthy); the same spec again changes nothing and says so.\n\n" +
 			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
 			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
 		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
