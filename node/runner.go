@@ -117,29 +117,7 @@ func (r *runner) goFunc(f func()) {
 func (r *runner) run() {
 	r.recover()
 	r.goFunc(r.reportLoop)
-	backoff := 100 * time.Millisecond
-	for r.ctx.Err() == nil {
-		var err error
-		if r.a.raft != nil && r.a.raft.HasState() {
-			err = r.watchLocal()
-		} else {
-			err = r.watchRemote()
-		}
-		if r.ctx.Err() != nil {
-			return
-		}
-		if err != nil {
-			r.logger.Debug("allocation watch ended; retrying", "error", err, "backoff", backoff)
-		}
-		select {
-		case <-r.ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		if backoff < 2*time.Second {
-			backoff *= 2
-		}
-	}
+	r.a.followState(r.ctx, r.logger, "allocation", r.watchLocal, r.watchRemote)
 }
 
 // watchLocal follows the local replica while this node holds one.

@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
@@ -13,22 +15,30 @@ import (
 // from the local replica on servers that hold one, else from a server's
 // watch stream of every allocation.
 func (a *Agent) followServices() {
+	a.followState(a.ctx, a.logger, "service", a.followLocal, a.followRemote)
+}
+
+// followState runs one follower of the cluster state until ctx ends: local
+// (this node's own Raft replica) while the node holds one, else remote (a
+// server's watch stream); after either ends it retries, waiting 100 ms
+// doubling to 2 s. The runner and the service router both follow this way.
+func (a *Agent) followState(ctx context.Context, log hclog.Logger, what string, local, remote func() error) {
 	backoff := 100 * time.Millisecond
-	for a.ctx.Err() == nil {
+	for ctx.Err() == nil {
 		var err error
 		if a.raft != nil && a.raft.HasState() {
-			err = a.followLocal()
+			err = local()
 		} else {
-			err = a.followRemote()
+			err = remote()
 		}
-		if a.ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
-			a.logger.Debug("service watch ended; retrying", "error", err, "backoff", backoff)
+			log.Debug(what+" watch ended; retrying", "error", err, "backoff", backoff)
 		}
 		select {
-		case <-a.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-time.After(backoff):
 		}

@@ -84,9 +84,10 @@ func newCheckpointPutCommand(f *checkpointFlags) *cobra.Command {
 	var step int64
 	var rank int
 	cmd := &cobra.Command{
-		Use:   "put FILE",
-		Short: "Upload one rank's part of a checkpoint; prints the part as JSON for commit",
-		Args:  cobra.ExactArgs(1),
+		Use:     "put FILE",
+		Short:   "Upload one rank's part of a checkpoint; prints the part as JSON for commit",
+		Example: "  gpumesh checkpoint put --uri file:///shared/ckpt --step 120 --rank 1 state-1.pt",
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			c, err := f.open(ctx)
@@ -117,9 +118,10 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 	var parts string
 	var meta map[string]string
 	cmd := &cobra.Command{
-		Use:   "commit",
-		Short: "Make a checkpoint visible once all its parts are uploaded, then prune to --keep",
-		Args:  cobra.NoArgs,
+		Use:     "commit",
+		Short:   "Make a checkpoint visible once all its parts are uploaded, then prune to --keep",
+		Example: "  gpumesh checkpoint commit --uri s3://my-bucket/runs/llama --step 120 --meta epoch=3",
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			c, err := f.open(ctx)
@@ -137,7 +139,7 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 	cmd.Flags().Int64Var(&step, "step", -1, "the training step (required)")
 	cmd.Flags().IntVar(&world, "world", 1, "the job's world size when it saved")
 	cmd.Flags().StringVar(&parts, "parts", "", `the parts, as a JSON list of what put printed: [{"rank":0,"size":N,"crc32c":"..."}] (required)`)
-	cmd.Flags().StringToStringVar(&meta, "meta", nil, "small key=value data kept in the manifest (e.g. epoch=3)")
+	cmd.Flags().StringToStringVar(&meta, "meta", nil, "small `KEY=VALUE` data kept in the manifest (e.g. epoch=3)")
 	_ = cmd.MarkFlagRequired("step")
 	_ = cmd.MarkFlagRequired("parts")
 	return cmd
@@ -151,9 +153,10 @@ type latestJSON struct {
 
 func newCheckpointLatestCommand(f *checkpointFlags) *cobra.Command {
 	return &cobra.Command{
-		Use:   "latest",
-		Short: `Print the newest complete checkpoint's manifest as JSON ({"found": false} if there is none)`,
-		Args:  cobra.NoArgs,
+		Use:     "latest",
+		Short:   `Print the newest complete checkpoint's manifest as JSON ({"found": false} if there is none)`,
+		Example: "  gpumesh checkpoint latest --uri s3://my-bucket/runs/llama",
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			c, err := f.open(ctx)
@@ -178,9 +181,10 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 	var step int64
 	var rank int
 	cmd := &cobra.Command{
-		Use:   "get FILE",
-		Short: "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its CRC32C",
-		Args:  cobra.ExactArgs(1),
+		Use:     "get FILE",
+		Short:   "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its CRC32C",
+		Example: "  gpumesh checkpoint get --uri file:///shared/ckpt --rank 0 state-0.pt\n  gpumesh checkpoint get --uri file:///shared/ckpt --step 120 --rank 0 state-0.pt",
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			c, err := f.open(ctx)
@@ -199,7 +203,7 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 			return downloadFile(ctx, c, m, rank, args[0])
 		},
 	}
-	cmd.Flags().Int64Var(&step, "step", -1, "the step to fetch (default: the newest complete checkpoint)")
+	cmd.Flags().Int64Var(&step, "step", -1, "the step to fetch; -1 fetches the newest complete checkpoint")
 	cmd.Flags().IntVar(&rank, "rank", 0, "whose part to fetch")
 	return cmd
 }
@@ -225,9 +229,10 @@ func downloadFile(ctx context.Context, c *checkpoint.Checkpoints, m checkpoint.M
 
 func newCheckpointListCommand(f *checkpointFlags) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "list",
-		Short: "List the complete checkpoints, newest last",
-		Args:  cobra.NoArgs,
+		Use:     "list",
+		Short:   "List the complete checkpoints, newest last",
+		Example: "  gpumesh checkpoint list --uri s3://my-bucket/runs/llama",
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			c, err := f.open(ctx)
