@@ -161,6 +161,27 @@ func TestServiceRollingUpdateStallsOnAnUnhealthyReplacement(t *testing.T) {
 	if s.healthyCount("svc") != 2 || len(s.live("svc")[repl.Rank]) != 2 || len(s.live("svc")[1-repl.Rank]) != 1 {
 		t.Fatalf("a stalled update touched the serving replicas: %v", s.live("svc"))
 	}
+	if r := s.updateService("svc", serviceSpec(t, "svc", 2, "fixed")); r != nil {
+		t.Fatalf("update: %v", r)
+	}
+	s.step("svc")
+	// The fixed spec supersedes the broken one: its replacement is stopped,
+	// a new one placed, the old replica still serves.
+	slot := s.live("svc")[repl.Rank]
+	if len(slot) != 2 || s.healthyCount("svc") != 2 {
+		t.Fatalf("after the fixed spec slot %d is %v", repl.Rank, slot)
+	}
+	for _, a := range slot {
+		if a.Id == repl.Id {
+			t.Fatalf("the broken replacement %s still runs after the fixed spec", a.Id)
+		}
+	}
+	for _, a := range slot {
+		if a.Generation >= s.job("svc").SpecGeneration {
+			repl = a
+		}
+	}
+	s.health(repl.Id, HealthUnhealthy)
 	// The replacement exits: it is not retried before the restart delay,
 	// and the old replica still serves.
 	s.report(repl.Id, AllocFailed, 1)
@@ -195,6 +216,11 @@ func TestServiceUpdateRefusals(t *testing.T) {
 	}
 	if r, _ := s.updateService("nope", serviceSpec(t, "nope", 1, "srv")).(error); !errors.Is(r, ErrJobNotFound) {
 		t.Fatalf("update of an unknown job: %v", r)
+	}
+	moved := serviceSpec(t, "svc", 1, "srv")
+	moved.Service.Ports, moved.Service.RoutePort = []string{"api"}, "api"
+	if r, _ := s.updateService("svc", moved).(error); !errors.Is(r, ErrInvalidArgument) || s.job("svc").SpecGeneration != 0 {
+		t.Fatalf("an update that renames the route port: %v", r)
 	}
 	s.register("batch", 1, 0)
 	exec := &fsmpb.JobSpec{Name: "batch", Type: "exec", Ranks: 1, Exec: &fsmpb.ExecSpec{Command: []string{"true"}}}

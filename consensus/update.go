@@ -56,7 +56,7 @@ func (s *Server) UpdateService(ctx context.Context, id string, spec *controlpb.J
 }
 
 // updateJob applies an UpdateJob command: only a live service's spec may
-// change, and only its replicas, name and type stay what they identify.
+// change, to another service spec with the same route port.
 func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec *controlpb.JobSpec) any {
 	st := f.state
 	j := st.jobs[id]
@@ -71,6 +71,12 @@ func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec 
 	}
 	if proto.Equal(j.Spec, spec) {
 		return nil
+	}
+	if from, to := j.Spec.GetService().GetRoutePort(), spec.GetService().GetRoutePort(); from != to {
+		// Routers find a replica by the route port's name: the old
+		// replicas, which have no port of the new name, would drop out of
+		// routing before their replacements are healthy.
+		return fmt.Errorf("%w: update job %s: the route port changes from %q to %q, which the old replicas do not listen on; run the new spec under another name, or stop the service first", ErrInvalidArgument, id, from, to)
 	}
 	nj := proto.Clone(j).(*controlpb.Job)
 	nj.Spec = spec
