@@ -76,7 +76,10 @@
 // evaluated per replica instead (evalService): a replica that ends, or
 // whose node drains or is lost, is replaced alone, and a drained one is
 // stopped once its replacement reports healthy (Allocation.health, the
-// Health* values); a health change is an FSM event too.
+// Health* values); a health change is an FSM event too. UpdateService (the
+// UpdateJob command) gives a running service a new spec and sets its
+// spec_generation: replicas of older generations are then replaced the same
+// way, one slot at a time (a rolling update with max unavailable 0).
 //
 // # Testing
 //

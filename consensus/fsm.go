@@ -94,6 +94,12 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 			return fmt.Errorf("%w: index %d: job spec: %v", ErrInvalidCommand, idx, err)
 		}
 		return f.registerJob(idx, now, c.RegisterJob.GetId(), spec)
+	case *fsmpb.Command_UpdateJob:
+		spec, err := twin[controlpb.JobSpec](c.UpdateJob.GetSpec())
+		if err != nil {
+			return fmt.Errorf("%w: index %d: job spec: %v", ErrInvalidCommand, idx, err)
+		}
+		return f.updateJob(idx, now, c.UpdateJob.GetId(), spec)
 	case *fsmpb.Command_StopJob:
 		return f.stopJob(idx, now, c.StopJob.GetId())
 	case *fsmpb.Command_UpsertNodes:

@@ -32,7 +32,13 @@ const serviceRecheck = 5 * time.Second
 //   - a replica on a draining node, or on a node silent for longer than the
 //     node loss grace, gets a replacement placed elsewhere first; the old
 //     one is stopped once the replacement is healthy (max unavailable 0),
-//     or at once when its node is gone.
+//     or at once when its node is gone;
+//   - after a rolling update (UpdateJob), a replica of a generation older
+//     than the job's spec_generation runs the previous spec: it gets a
+//     replacement with the new spec, and is stopped (drained) once the
+//     replacement is healthy; one slot at a time, so the service never has
+//     fewer healthy replicas than before (max unavailable 0). A replacement
+//     that never becomes healthy stalls the update, the old replicas serve.
 //
 // A plan that places replacements bumps the job's generation and gives
 // them the new one (so their IDs and task directories never repeat); the
@@ -71,6 +77,22 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 	}
 	_, delay := restartPolicy(j.Spec)
 	var reasons []string
+	// Slots whose outdated replica has a replacement that is not healthy
+	// yet: a rolling update replaces one slot at a time.
+	rolling := 0
+	for _, live := range slots {
+		var old, cur []*controlpb.Allocation
+		for _, a := range live {
+			if a.Generation < j.SpecGeneration {
+				old = append(old, a)
+			} else {
+				cur = append(cur, a)
+			}
+		}
+		if len(old) > 0 && len(cur) > 0 && firstHealthy(cur) == nil {
+			rolling++
+		}
+	}
 	for r, live := range slots {
 		var good, moving []*controlpb.Allocation
 		for _, a := range live {
@@ -90,15 +112,25 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				good = append(good, a)
 			}
 		}
-		var healthy *controlpb.Allocation
+		// A rolling update: replicas of a generation older than the
+		// spec's run the previous spec (outdated); the others run the
+		// current one.
+		var cur, old []*controlpb.Allocation
 		for _, a := range good {
-			if healthy == nil && a.ClientStatus == AllocRunning && a.Health == HealthHealthy {
-				healthy = a
+			if a.Generation < j.SpecGeneration {
+				old = append(old, a)
+			} else {
+				cur = append(cur, a)
 			}
+		}
+		healthy := firstHealthy(cur)
+		if healthy == nil && len(cur) == 0 {
+			healthy = firstHealthy(old) // no replacement yet: the old one serves
 		}
 		if healthy != nil {
 			// One replica per slot: a replacement made while a silent node
-			// was suspected, whose node came back, is one too many.
+			// was suspected, whose node came back, is one too many; an
+			// outdated replica whose replacement is healthy is done.
 			for _, a := range good {
 				if a != healthy {
 					p.StopAllocIds = append(p.StopAllocIds, a.Id)
@@ -114,9 +146,37 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				}
 			}
 		}
+		if len(cur) == 0 && len(old) > 0 && len(moving) == 0 {
+			// Replace the outdated replica, one slot at a time: the next
+			// slot's turn comes once this replacement is healthy.
+			switch end, ok := lastEnd[r]; {
+			case rolling > 0:
+				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d waits its turn", r))
+				continue
+			case ok && now.Before(end.Add(delay)):
+				wake = earliest(wake, end.Add(delay))
+				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement ended; trying again at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
+				rolling++
+				continue
+			}
+			a, why := e.placeReplica(j, r, j.Generation+1)
+			if a == nil {
+				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement waits for capacity: %s", r, why))
+				continue
+			}
+			p.Allocations = append(p.Allocations, a)
+			p.Generation = j.Generation + 1
+			changed = true
+			rolling++
+			wake = earliest(wake, now.Add(serviceRecheck))
+			continue
+		}
 		if len(good) > 0 {
-			if healthy == nil && len(moving) > 0 {
+			if healthy == nil && (len(moving) > 0 || len(old) > 0) {
 				wake = earliest(wake, now.Add(serviceRecheck))
+			}
+			if healthy == nil && len(old) > 0 {
+				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement is not healthy yet", r))
 			}
 			continue
 		}
@@ -150,6 +210,16 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 	}
 	p.StatusReason = reason
 	return Decision{Plan: p, WakeAt: wake}
+}
+
+// firstHealthy returns the first running, healthy replica of as, or nil.
+func firstHealthy(as []*controlpb.Allocation) *controlpb.Allocation {
+	for _, a := range as {
+		if a.ClientStatus == AllocRunning && a.Health == HealthHealthy {
+			return a
+		}
+	}
+	return nil
 }
 
 // placeReplica places one replica of slot r as part of generation gen, or

@@ -119,6 +119,11 @@ func (r *raftAdapter) RegisterJob(ctx context.Context, id string, spec *pb.JobSp
 	return jid, idx, wrapNotLeader(err)
 }
 
+func (r *raftAdapter) UpdateService(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error) {
+	outcome, idx, err := r.s.UpdateService(ctx, id, spec)
+	return outcome, idx, wrapNotLeader(err)
+}
+
 func (r *raftAdapter) StopJob(ctx context.Context, id string) (uint64, error) {
 	idx, err := r.s.StopJob(ctx, id)
 	return idx, wrapNotLeader(err)

@@ -212,9 +212,22 @@ func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest)
 	}
 	var resp *pb.SubmitJobResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {
+		// A service spec named like a running service updates it (a
+		// rolling update) rather than starting a second service that
+		// routers would mix with the first. The running service's own id
+		// is a retried submission: RegisterJob answers it.
+		if spec.Type == jobspec.TypeService {
+			if j := consensus.RunningService(s.a.raft.State().Jobs(), spec.Name); j != nil && j.Id != id {
+				outcome, idx, err := s.a.raft.UpdateService(ctx, j.Id, spec)
+				if err == nil {
+					resp = &pb.SubmitJobResponse{Id: j.Id, Index: idx, Outcome: outcome}
+				}
+				return err
+			}
+		}
 		jid, idx, err := s.a.raft.RegisterJob(ctx, id, spec)
 		if err == nil {
-			resp = &pb.SubmitJobResponse{Id: jid, Index: idx}
+			resp = &pb.SubmitJobResponse{Id: jid, Index: idx, Outcome: consensus.SubmitRegistered}
 		}
 		return err
 	}, func(ctx context.Context, c pb.ControlClient) (err error) {

@@ -81,6 +81,9 @@ type raftServer interface {
 	Peers() ([]*pb.RaftPeer, error)
 
 	RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
+	// UpdateService gives the running service id a new spec (a rolling
+	// update); it returns consensus.SubmitUpdated or SubmitUnchanged.
+	UpdateService(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
 	StopJob(ctx context.Context, id string) (uint64, error)
 	DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error)
 	SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error)

@@ -74,6 +74,9 @@ func newJobRunCommand() *cobra.Command {
 			"--place-timeout without a placement the command stops watching and exits 2; the\n" +
 			"job stays queued and starts when capacity frees (stop it with `gpumesh job stop`).\n" +
 			"Ctrl-C also stops watching only. Check a spec without submitting: `gpumesh job plan`.\n\n" +
+			"A service spec whose name matches a running service updates that service instead\n" +
+			"(a rolling update: replicas replaced one at a time, each old one stopped once its\n" +
+			"replacement is healthy); the same spec again changes nothing and says so.\n\n" +
 			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
 			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
 		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
@@ -97,6 +100,15 @@ func newJobRunCommand() *cobra.Command {
 				return f.explain(err)
 			}
 			out := cmd.OutOrStdout()
+			if msg := updateMessage(spec.Name, resp); msg != "" {
+				// A running service of this name took the spec (or has it
+				// already): nothing new to follow.
+				if f.json {
+					return printJSON(out, resp)
+				}
+				fmt.Fprintln(out, msg)
+				return nil
+			}
 			if detach {
 				if f.json {
 					return printJSON(out, resp)
@@ -117,6 +129,21 @@ func newJobRunCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs")
 	cmd.Flags().DurationVar(&placeTimeout, "place-timeout", 2*time.Minute, "stop watching (exit 2, the job stays queued) when it is not placed within this long; 0 waits for ever")
 	return cmd
+}
+
+// updateMessage says what a submission that went to a running service did
+// (resp.Outcome "updated" or "unchanged"); "" for a new job.
+func updateMessage(name string, resp *pb.SubmitJobResponse) string {
+	switch resp.GetOutcome() {
+	case consensus.SubmitUpdated:
+		return fmt.Sprintf("==> service %s (job %s) updated (raft index %d): its replicas are replaced one at a time,\n"+
+			"    each old one stopped only once its replacement is healthy. Follow it with\n"+
+			"    `gpumesh service status %s`; a replacement that never gets healthy stalls the update\n"+
+			"    (the old replicas keep serving): fix the spec and run it again", name, resp.Id, resp.Index, name)
+	case consensus.SubmitUnchanged:
+		return fmt.Sprintf("service %s (job %s) already runs this spec: nothing to do", name, resp.Id)
+	}
+	return ""
 }
 
 // finishRun reports how `job run` ends after followJob returned final and

@@ -39,3 +39,15 @@ func TestPrintServiceReplicas(t *testing.T) {
 		t.Fatalf("an exec job printed replicas: %q", exec.String())
 	}
 }
+
+func TestUpdateMessage(t *testing.T) {
+	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "registered"}); m != "" {
+		t.Fatalf("a new job got an update message: %q", m)
+	}
+	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "updated"}); !strings.Contains(m, "mlp-1") || !strings.Contains(m, "one at a time") {
+		t.Fatalf("update message: %q", m)
+	}
+	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "unchanged"}); !strings.Contains(m, "nothing to do") {
+		t.Fatalf("unchanged message: %q", m)
+	}
+}

@@ -50,6 +50,7 @@ type Command struct {
 	//	*Command_ApplyPlans
 	//	*Command_PurgeJobs
 	//	*Command_NodeEligibility
+	//	*Command_UpdateJob
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -171,6 +172,15 @@ func (x *Command) GetNodeEligibility() *NodeEligibility {
 	return nil
 }
 
+func (x *Command) GetUpdateJob() *UpdateJob {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_UpdateJob); ok {
+			return x.UpdateJob
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -207,6 +217,10 @@ type Command_NodeEligibility struct {
 	NodeEligibility *NodeEligibility `protobuf:"bytes,17,opt,name=node_eligibility,json=nodeEligibility,proto3,oneof"`
 }
 
+type Command_UpdateJob struct {
+	UpdateJob *UpdateJob `protobuf:"bytes,18,opt,name=update_job,json=updateJob,proto3,oneof"`
+}
+
 func (*Command_RegisterJob) isCommand_Cmd() {}
 
 func (*Command_StopJob) isCommand_Cmd() {}
@@ -222,6 +236,8 @@ func (*Command_ApplyPlans) isCommand_Cmd() {}
 func (*Command_PurgeJobs) isCommand_Cmd() {}
 
 func (*Command_NodeEligibility) isCommand_Cmd() {}
+
+func (*Command_UpdateJob) isCommand_Cmd() {}
 
 type RegisterJob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -275,6 +291,62 @@ func (x *RegisterJob) GetSpec() *JobSpec {
 	return nil
 }
 
+// UpdateJob gives a running service a new spec (a rolling update): the
+// job keeps its id; spec_generation becomes generation+1, so that every
+// replica of an older generation runs an outdated spec and is replaced,
+// one at a time, by the scheduler.
+type UpdateJob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Spec          *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateJob) Reset() {
+	*x = UpdateJob{}
+	mi := &file_fsm_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateJob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateJob) ProtoMessage() {}
+
+func (x *UpdateJob) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateJob.ProtoReflect.Descriptor instead.
+func (*UpdateJob) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UpdateJob) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateJob) GetSpec() *JobSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
 type StopJob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -284,7 +356,7 @@ type StopJob struct {
 
 func (x *StopJob) Reset() {
 	*x = StopJob{}
-	mi := &file_fsm_proto_msgTypes[2]
+	mi := &file_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -296,7 +368,7 @@ func (x *StopJob) String() string {
 func (*StopJob) ProtoMessage() {}
 
 func (x *StopJob) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[2]
+	mi := &file_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -309,7 +381,7 @@ func (x *StopJob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopJob.ProtoReflect.Descriptor instead.
 func (*StopJob) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{2}
+	return file_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StopJob) GetId() string {
@@ -328,7 +400,7 @@ type UpsertNodes struct {
 
 func (x *UpsertNodes) Reset() {
 	*x = UpsertNodes{}
-	mi := &file_fsm_proto_msgTypes[3]
+	mi := &file_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -340,7 +412,7 @@ func (x *UpsertNodes) String() string {
 func (*UpsertNodes) ProtoMessage() {}
 
 func (x *UpsertNodes) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[3]
+	mi := &file_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -353,7 +425,7 @@ func (x *UpsertNodes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpsertNodes.ProtoReflect.Descriptor instead.
 func (*UpsertNodes) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{3}
+	return file_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *UpsertNodes) GetNodes() []*Node {
@@ -374,7 +446,7 @@ type DrainNode struct {
 
 func (x *DrainNode) Reset() {
 	*x = DrainNode{}
-	mi := &file_fsm_proto_msgTypes[4]
+	mi := &file_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +458,7 @@ func (x *DrainNode) String() string {
 func (*DrainNode) ProtoMessage() {}
 
 func (x *DrainNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[4]
+	mi := &file_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +471,7 @@ func (x *DrainNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainNode.ProtoReflect.Descriptor instead.
 func (*DrainNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{4}
+	return file_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DrainNode) GetNodeId() string {
@@ -435,7 +507,7 @@ type NodeEligibility struct {
 
 func (x *NodeEligibility) Reset() {
 	*x = NodeEligibility{}
-	mi := &file_fsm_proto_msgTypes[5]
+	mi := &file_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -447,7 +519,7 @@ func (x *NodeEligibility) String() string {
 func (*NodeEligibility) ProtoMessage() {}
 
 func (x *NodeEligibility) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[5]
+	mi := &file_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -460,7 +532,7 @@ func (x *NodeEligibility) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeEligibility.ProtoReflect.Descriptor instead.
 func (*NodeEligibility) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *NodeEligibility) GetNodeId() string {
@@ -486,7 +558,7 @@ type UpdateAllocations struct {
 
 func (x *UpdateAllocations) Reset() {
 	*x = UpdateAllocations{}
-	mi := &file_fsm_proto_msgTypes[6]
+	mi := &file_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +570,7 @@ func (x *UpdateAllocations) String() string {
 func (*UpdateAllocations) ProtoMessage() {}
 
 func (x *UpdateAllocations) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[6]
+	mi := &file_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +583,7 @@ func (x *UpdateAllocations) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAllocations.ProtoReflect.Descriptor instead.
 func (*UpdateAllocations) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *UpdateAllocations) GetAllocations() []*Allocation {
@@ -531,7 +603,7 @@ type ApplyPlans struct {
 
 func (x *ApplyPlans) Reset() {
 	*x = ApplyPlans{}
-	mi := &file_fsm_proto_msgTypes[7]
+	mi := &file_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +615,7 @@ func (x *ApplyPlans) String() string {
 func (*ApplyPlans) ProtoMessage() {}
 
 func (x *ApplyPlans) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[7]
+	mi := &file_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +628,7 @@ func (x *ApplyPlans) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPlans.ProtoReflect.Descriptor instead.
 func (*ApplyPlans) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ApplyPlans) GetPlans() []*JobPlan {
@@ -595,7 +667,7 @@ type JobPlan struct {
 
 func (x *JobPlan) Reset() {
 	*x = JobPlan{}
-	mi := &file_fsm_proto_msgTypes[8]
+	mi := &file_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +679,7 @@ func (x *JobPlan) String() string {
 func (*JobPlan) ProtoMessage() {}
 
 func (x *JobPlan) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[8]
+	mi := &file_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +692,7 @@ func (x *JobPlan) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobPlan.ProtoReflect.Descriptor instead.
 func (*JobPlan) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JobPlan) GetJobId() string {
@@ -727,7 +799,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_fsm_proto_msgTypes[9]
+	mi := &file_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -739,7 +811,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[9]
+	mi := &file_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -752,7 +824,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Snapshot) GetIndex() uint64 {
@@ -795,7 +867,7 @@ type PurgeJobs struct {
 
 func (x *PurgeJobs) Reset() {
 	*x = PurgeJobs{}
-	mi := &file_fsm_proto_msgTypes[10]
+	mi := &file_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -807,7 +879,7 @@ func (x *PurgeJobs) String() string {
 func (*PurgeJobs) ProtoMessage() {}
 
 func (x *PurgeJobs) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[10]
+	mi := &file_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -820,7 +892,7 @@ func (x *PurgeJobs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PurgeJobs.ProtoReflect.Descriptor instead.
 func (*PurgeJobs) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{10}
+	return file_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PurgeJobs) GetIds() []string {
@@ -842,7 +914,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -854,7 +926,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -867,7 +939,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GPU) GetIndex() int32 {
@@ -927,7 +999,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1011,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1024,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Node) GetId() string {
@@ -1114,7 +1186,7 @@ type Constraints struct {
 
 func (x *Constraints) Reset() {
 	*x = Constraints{}
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1198,7 @@ func (x *Constraints) String() string {
 func (*Constraints) ProtoMessage() {}
 
 func (x *Constraints) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1211,7 @@ func (x *Constraints) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Constraints.ProtoReflect.Descriptor instead.
 func (*Constraints) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Constraints) GetAz() string {
@@ -1180,7 +1252,7 @@ type RestartPolicy struct {
 
 func (x *RestartPolicy) Reset() {
 	*x = RestartPolicy{}
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1192,7 +1264,7 @@ func (x *RestartPolicy) String() string {
 func (*RestartPolicy) ProtoMessage() {}
 
 func (x *RestartPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1205,7 +1277,7 @@ func (x *RestartPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartPolicy.ProtoReflect.Descriptor instead.
 func (*RestartPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RestartPolicy) GetAttempts() int32 {
@@ -1233,7 +1305,7 @@ type ExecSpec struct {
 
 func (x *ExecSpec) Reset() {
 	*x = ExecSpec{}
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1245,7 +1317,7 @@ func (x *ExecSpec) String() string {
 func (*ExecSpec) ProtoMessage() {}
 
 func (x *ExecSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1258,7 +1330,7 @@ func (x *ExecSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecSpec.ProtoReflect.Descriptor instead.
 func (*ExecSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ExecSpec) GetCommand() []string {
@@ -1296,7 +1368,7 @@ type AllReduceSpec struct {
 
 func (x *AllReduceSpec) Reset() {
 	*x = AllReduceSpec{}
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1308,7 +1380,7 @@ func (x *AllReduceSpec) String() string {
 func (*AllReduceSpec) ProtoMessage() {}
 
 func (x *AllReduceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1321,7 +1393,7 @@ func (x *AllReduceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllReduceSpec.ProtoReflect.Descriptor instead.
 func (*AllReduceSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AllReduceSpec) GetSizes() []string {
@@ -1384,7 +1456,7 @@ type PipelineSpec struct {
 
 func (x *PipelineSpec) Reset() {
 	*x = PipelineSpec{}
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1396,7 +1468,7 @@ func (x *PipelineSpec) String() string {
 func (*PipelineSpec) ProtoMessage() {}
 
 func (x *PipelineSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1409,7 +1481,7 @@ func (x *PipelineSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PipelineSpec.ProtoReflect.Descriptor instead.
 func (*PipelineSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PipelineSpec) GetLayers() []int32 {
@@ -1506,7 +1578,7 @@ type JobSpec struct {
 
 func (x *JobSpec) Reset() {
 	*x = JobSpec{}
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1590,7 @@ func (x *JobSpec) String() string {
 func (*JobSpec) ProtoMessage() {}
 
 func (x *JobSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1603,7 @@ func (x *JobSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobSpec.ProtoReflect.Descriptor instead.
 func (*JobSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *JobSpec) GetName() string {
@@ -1657,7 +1729,7 @@ type CheckpointSpec struct {
 
 func (x *CheckpointSpec) Reset() {
 	*x = CheckpointSpec{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1669,7 +1741,7 @@ func (x *CheckpointSpec) String() string {
 func (*CheckpointSpec) ProtoMessage() {}
 
 func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1682,7 +1754,7 @@ func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointSpec.ProtoReflect.Descriptor instead.
 func (*CheckpointSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CheckpointSpec) GetUri() string {
@@ -1721,7 +1793,7 @@ type HealthCheck struct {
 
 func (x *HealthCheck) Reset() {
 	*x = HealthCheck{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1733,7 +1805,7 @@ func (x *HealthCheck) String() string {
 func (*HealthCheck) ProtoMessage() {}
 
 func (x *HealthCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1746,7 +1818,7 @@ func (x *HealthCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
 func (*HealthCheck) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *HealthCheck) GetPort() string {
@@ -1810,7 +1882,7 @@ type ServiceSpec struct {
 
 func (x *ServiceSpec) Reset() {
 	*x = ServiceSpec{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1822,7 +1894,7 @@ func (x *ServiceSpec) String() string {
 func (*ServiceSpec) ProtoMessage() {}
 
 func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1835,7 +1907,7 @@ func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSpec.ProtoReflect.Descriptor instead.
 func (*ServiceSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ServiceSpec) GetPorts() []string {
@@ -1882,13 +1954,14 @@ type Job struct {
 	CreateIndex     uint64                 `protobuf:"varint,12,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex     uint64                 `protobuf:"varint,13,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
 	EndCause        string                 `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	SpecGeneration  uint64                 `protobuf:"varint,15,opt,name=spec_generation,json=specGeneration,proto3" json:"spec_generation,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1900,7 +1973,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1913,7 +1986,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Job) GetId() string {
@@ -2014,6 +2087,13 @@ func (x *Job) GetEndCause() string {
 	return ""
 }
 
+func (x *Job) GetSpecGeneration() uint64 {
+	if x != nil {
+		return x.SpecGeneration
+	}
+	return 0
+}
+
 type Allocation struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -2049,7 +2129,7 @@ type Allocation struct {
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2061,7 +2141,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2074,7 +2154,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Allocation) GetId() string {
@@ -2270,7 +2350,7 @@ var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x04\n" +
+	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x05\n" +
 	"\aCommand\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12@\n" +
 	"\fregister_job\x18\n" +
@@ -2284,9 +2364,14 @@ const file_fsm_proto_rawDesc = "" +
 	"applyPlans\x12:\n" +
 	"\n" +
 	"purge_jobs\x18\x10 \x01(\v2\x19.gpumesh.fsm.v1.PurgeJobsH\x00R\tpurgeJobs\x12L\n" +
-	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibilityB\x05\n" +
+	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibility\x12:\n" +
+	"\n" +
+	"update_job\x18\x12 \x01(\v2\x19.gpumesh.fsm.v1.UpdateJobH\x00R\tupdateJobB\x05\n" +
 	"\x03cmd\"J\n" +
 	"\vRegisterJob\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
+	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"H\n" +
+	"\tUpdateJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"\x19\n" +
 	"\aStopJob\x12\x0e\n" +
@@ -2433,7 +2518,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\n" +
 	"route_port\x18\x02 \x01(\tR\troutePort\x121\n" +
 	"\x05check\x18\x03 \x01(\v2\x1b.gpumesh.fsm.v1.HealthCheckR\x05check\x12>\n" +
-	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xa6\x04\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xcf\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -2454,7 +2539,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
-	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xe7\a\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\x12'\n" +
+	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\xe7\a\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -2511,89 +2597,92 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
-	(*StopJob)(nil),               // 2: gpumesh.fsm.v1.StopJob
-	(*UpsertNodes)(nil),           // 3: gpumesh.fsm.v1.UpsertNodes
-	(*DrainNode)(nil),             // 4: gpumesh.fsm.v1.DrainNode
-	(*NodeEligibility)(nil),       // 5: gpumesh.fsm.v1.NodeEligibility
-	(*UpdateAllocations)(nil),     // 6: gpumesh.fsm.v1.UpdateAllocations
-	(*ApplyPlans)(nil),            // 7: gpumesh.fsm.v1.ApplyPlans
-	(*JobPlan)(nil),               // 8: gpumesh.fsm.v1.JobPlan
-	(*Snapshot)(nil),              // 9: gpumesh.fsm.v1.Snapshot
-	(*PurgeJobs)(nil),             // 10: gpumesh.fsm.v1.PurgeJobs
-	(*GPU)(nil),                   // 11: gpumesh.fsm.v1.GPU
-	(*Node)(nil),                  // 12: gpumesh.fsm.v1.Node
-	(*Constraints)(nil),           // 13: gpumesh.fsm.v1.Constraints
-	(*RestartPolicy)(nil),         // 14: gpumesh.fsm.v1.RestartPolicy
-	(*ExecSpec)(nil),              // 15: gpumesh.fsm.v1.ExecSpec
-	(*AllReduceSpec)(nil),         // 16: gpumesh.fsm.v1.AllReduceSpec
-	(*PipelineSpec)(nil),          // 17: gpumesh.fsm.v1.PipelineSpec
-	(*JobSpec)(nil),               // 18: gpumesh.fsm.v1.JobSpec
-	(*CheckpointSpec)(nil),        // 19: gpumesh.fsm.v1.CheckpointSpec
-	(*HealthCheck)(nil),           // 20: gpumesh.fsm.v1.HealthCheck
-	(*ServiceSpec)(nil),           // 21: gpumesh.fsm.v1.ServiceSpec
-	(*Job)(nil),                   // 22: gpumesh.fsm.v1.Job
-	(*Allocation)(nil),            // 23: gpumesh.fsm.v1.Allocation
-	nil,                           // 24: gpumesh.fsm.v1.ExecSpec.EnvEntry
-	nil,                           // 25: gpumesh.fsm.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 27: google.protobuf.Duration
-	(*structpb.Struct)(nil),       // 28: google.protobuf.Struct
+	(*UpdateJob)(nil),             // 2: gpumesh.fsm.v1.UpdateJob
+	(*StopJob)(nil),               // 3: gpumesh.fsm.v1.StopJob
+	(*UpsertNodes)(nil),           // 4: gpumesh.fsm.v1.UpsertNodes
+	(*DrainNode)(nil),             // 5: gpumesh.fsm.v1.DrainNode
+	(*NodeEligibility)(nil),       // 6: gpumesh.fsm.v1.NodeEligibility
+	(*UpdateAllocations)(nil),     // 7: gpumesh.fsm.v1.UpdateAllocations
+	(*ApplyPlans)(nil),            // 8: gpumesh.fsm.v1.ApplyPlans
+	(*JobPlan)(nil),               // 9: gpumesh.fsm.v1.JobPlan
+	(*Snapshot)(nil),              // 10: gpumesh.fsm.v1.Snapshot
+	(*PurgeJobs)(nil),             // 11: gpumesh.fsm.v1.PurgeJobs
+	(*GPU)(nil),                   // 12: gpumesh.fsm.v1.GPU
+	(*Node)(nil),                  // 13: gpumesh.fsm.v1.Node
+	(*Constraints)(nil),           // 14: gpumesh.fsm.v1.Constraints
+	(*RestartPolicy)(nil),         // 15: gpumesh.fsm.v1.RestartPolicy
+	(*ExecSpec)(nil),              // 16: gpumesh.fsm.v1.ExecSpec
+	(*AllReduceSpec)(nil),         // 17: gpumesh.fsm.v1.AllReduceSpec
+	(*PipelineSpec)(nil),          // 18: gpumesh.fsm.v1.PipelineSpec
+	(*JobSpec)(nil),               // 19: gpumesh.fsm.v1.JobSpec
+	(*CheckpointSpec)(nil),        // 20: gpumesh.fsm.v1.CheckpointSpec
+	(*HealthCheck)(nil),           // 21: gpumesh.fsm.v1.HealthCheck
+	(*ServiceSpec)(nil),           // 22: gpumesh.fsm.v1.ServiceSpec
+	(*Job)(nil),                   // 23: gpumesh.fsm.v1.Job
+	(*Allocation)(nil),            // 24: gpumesh.fsm.v1.Allocation
+	nil,                           // 25: gpumesh.fsm.v1.ExecSpec.EnvEntry
+	nil,                           // 26: gpumesh.fsm.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*structpb.Struct)(nil),       // 29: google.protobuf.Struct
 }
 var file_fsm_proto_depIdxs = []int32{
-	26, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	27, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
-	2,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
-	3,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
-	4,  // 4: gpumesh.fsm.v1.Command.drain_node:type_name -> gpumesh.fsm.v1.DrainNode
-	6,  // 5: gpumesh.fsm.v1.Command.update_allocations:type_name -> gpumesh.fsm.v1.UpdateAllocations
-	7,  // 6: gpumesh.fsm.v1.Command.apply_plans:type_name -> gpumesh.fsm.v1.ApplyPlans
-	10, // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
-	5,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
-	18, // 9: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	12, // 10: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
-	26, // 11: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	23, // 12: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	8,  // 13: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	26, // 14: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	23, // 15: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	12, // 16: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
-	22, // 17: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
-	23, // 18: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	11, // 19: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
-	26, // 20: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	26, // 21: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	27, // 22: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	24, // 23: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
-	13, // 24: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
-	14, // 25: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
-	27, // 26: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	15, // 27: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
-	16, // 28: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
-	17, // 29: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
-	21, // 30: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
-	19, // 31: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
-	27, // 32: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	27, // 33: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	27, // 34: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
-	20, // 35: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
-	27, // 36: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	18, // 37: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	26, // 38: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	26, // 39: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	26, // 40: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	26, // 41: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	26, // 42: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	28, // 43: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	25, // 44: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
-	45, // [45:45] is the sub-list for method output_type
-	45, // [45:45] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	3,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
+	4,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
+	5,  // 4: gpumesh.fsm.v1.Command.drain_node:type_name -> gpumesh.fsm.v1.DrainNode
+	7,  // 5: gpumesh.fsm.v1.Command.update_allocations:type_name -> gpumesh.fsm.v1.UpdateAllocations
+	8,  // 6: gpumesh.fsm.v1.Command.apply_plans:type_name -> gpumesh.fsm.v1.ApplyPlans
+	11, // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
+	6,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
+	2,  // 9: gpumesh.fsm.v1.Command.update_job:type_name -> gpumesh.fsm.v1.UpdateJob
+	19, // 10: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	19, // 11: gpumesh.fsm.v1.UpdateJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	13, // 12: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
+	27, // 13: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	24, // 14: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	9,  // 15: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
+	27, // 16: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	24, // 17: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	13, // 18: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
+	23, // 19: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
+	24, // 20: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	12, // 21: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
+	27, // 22: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	27, // 23: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	28, // 24: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	25, // 25: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
+	14, // 26: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
+	15, // 27: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
+	28, // 28: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	16, // 29: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
+	17, // 30: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
+	18, // 31: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
+	22, // 32: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
+	20, // 33: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
+	28, // 34: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	28, // 35: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	28, // 36: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	21, // 37: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
+	28, // 38: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	19, // 39: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	27, // 40: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	27, // 41: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	27, // 42: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	27, // 43: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	27, // 44: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	29, // 45: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	26, // 46: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	47, // [47:47] is the sub-list for method output_type
+	47, // [47:47] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -2610,6 +2699,7 @@ func file_fsm_proto_init() {
 		(*Command_ApplyPlans)(nil),
 		(*Command_PurgeJobs)(nil),
 		(*Command_NodeEligibility)(nil),
+		(*Command_UpdateJob)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2617,7 +2707,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

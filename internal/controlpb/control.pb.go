@@ -1091,9 +1091,13 @@ type Job struct {
 	// policy is not settled yet), "task-failed" (the job's own failure,
 	// counted), "node-lost", "node-drained" (not the job's fault, not
 	// counted), "resized" (an elastic job grows); empty before any ended.
-	EndCause      string `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	EndCause string `protobuf:"bytes,14,opt,name=end_cause,json=endCause,proto3" json:"end_cause,omitempty"`
+	// A service's spec version: the first generation whose replicas run the
+	// current spec (0 until the spec was updated). Replicas of an older
+	// generation are replaced one at a time (a rolling update).
+	SpecGeneration uint64 `protobuf:"varint,15,opt,name=spec_generation,json=specGeneration,proto3" json:"spec_generation,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -1222,6 +1226,13 @@ func (x *Job) GetEndCause() string {
 		return x.EndCause
 	}
 	return ""
+}
+
+func (x *Job) GetSpecGeneration() uint64 {
+	if x != nil {
+		return x.SpecGeneration
+	}
+	return 0
 }
 
 type Allocation struct {
@@ -1577,9 +1588,13 @@ func (x *SubmitJobRequest) GetId() string {
 }
 
 type SubmitJobResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Index uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// "registered" (a new job), "updated" (a running service of the same
+	// name took the new spec: a rolling update) or "unchanged" (the same
+	// spec as the running service's: nothing to do).
+	Outcome       string `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1626,6 +1641,13 @@ func (x *SubmitJobResponse) GetIndex() uint64 {
 		return x.Index
 	}
 	return 0
+}
+
+func (x *SubmitJobResponse) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
 }
 
 type GetJobRequest struct {
@@ -3444,7 +3466,7 @@ const file_control_proto_rawDesc = "" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
-	"\x05every\x18\x03 \x01(\x05R\x05every\"\xa2\x04\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\"\xcb\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -3465,7 +3487,8 @@ const file_control_proto_rawDesc = "" +
 	"\x0estop_requested\x18\v \x01(\bR\rstopRequested\x12!\n" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
-	"\tend_cause\x18\x0e \x01(\tR\bendCause\"\xe3\a\n" +
+	"\tend_cause\x18\x0e \x01(\tR\bendCause\x12'\n" +
+	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\xe3\a\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -3513,10 +3536,11 @@ const file_control_proto_rawDesc = "" +
 	"\x05stale\x18\x01 \x01(\bR\x05stale\"K\n" +
 	"\x10SubmitJobRequest\x12'\n" +
 	"\x04spec\x18\x01 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x0e\n" +
-	"\x02id\x18\x02 \x01(\tR\x02id\"9\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"S\n" +
 	"\x11SubmitJobResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"O\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x18\n" +
+	"\aoutcome\x18\x03 \x01(\tR\aoutcome\"O\n" +
 	"\rGetJobRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\x05query\x18\x02 \x01(\v2\x18.gpumesh.v1.QueryOptionsR\x05query\"\x83\x01\n" +
