@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -59,21 +58,7 @@ func TestElasticJobGrowsFromCheckpointWhenANodeJoins(t *testing.T) {
 			"env":     map[string]string{"PYTHONPATH": filepath.Join(wd, "..", "..", "python")},
 		},
 	}
-	specPath := filepath.Join(dir, "job.json")
-	b, _ := json.Marshal(spec)
-	if err := os.WriteFile(specPath, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var sub struct {
-		ID string `json:"id"`
-	}
-	if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &sub, "job", "run", "--detach", specPath); err != nil {
-		t.Fatal(err)
-	}
-	logs := func(rank int, gen uint64) string {
-		o, _, _ := procs.CLI(ctx, t, as[0].RPCAddr(), "job", "logs", sub.ID, "--rank", strconv.Itoa(rank), "--generation", strconv.FormatUint(gen, 10))
-		return o
-	}
+	sub, logs := runDetached(ctx, t, as[0].RPCAddr(), dir, spec)
 	var j jobJSON
 	poll.Until(t, 90*time.Second, func() error {
 		if err := procs.CLIJSON(ctx, t, as[0].RPCAddr(), &j, "job", "status", sub.ID); err != nil {

@@ -91,21 +91,7 @@ func TestSpotNoticeResumeTimeBench(t *testing.T) {
 			"env": map[string]string{"PYTHONPATH": filepath.Join(wd, "..", "..", "python")},
 		},
 	}
-	specPath := filepath.Join(dir, "job.json")
-	b, _ := json.Marshal(spec)
-	if err := os.WriteFile(specPath, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var sub struct {
-		ID string `json:"id"`
-	}
-	if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &sub, "job", "run", "--detach", specPath); err != nil {
-		t.Fatal(err)
-	}
-	logs := func(rank int, gen uint64) string {
-		o, _, _ := procs.CLI(ctx, t, as[1].RPCAddr(), "job", "logs", sub.ID, "--rank", strconv.Itoa(rank), "--generation", strconv.FormatUint(gen, 10))
-		return o
-	}
+	sub, logs := runDetached(ctx, t, as[1].RPCAddr(), dir, spec)
 	poll.Until(t, noticeDelay, func() error {
 		for r := 0; r < 3; r++ {
 			if n := lastStep(logs(r, 1)); n < 1 {

@@ -77,21 +77,7 @@ func TestSpotNoticeResumesDDPFromCheckpoint(t *testing.T) {
 			},
 		},
 	}
-	specPath := filepath.Join(dir, "job.json")
-	b, _ := json.Marshal(spec)
-	if err := os.WriteFile(specPath, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var sub struct {
-		ID string `json:"id"`
-	}
-	if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &sub, "job", "run", "--detach", specPath); err != nil {
-		t.Fatal(err)
-	}
-	logs := func(rank int, gen uint64) string {
-		o, _, _ := procs.CLI(ctx, t, as[1].RPCAddr(), "job", "logs", sub.ID, "--rank", strconv.Itoa(rank), "--generation", strconv.FormatUint(gen, 10))
-		return o
-	}
+	sub, logs := runDetached(ctx, t, as[1].RPCAddr(), dir, spec)
 	poll.Until(t, noticeDelay, func() error {
 		for r := 0; r < 3; r++ {
 			if n := lastStep(logs(r, 1)); n < 1 {
@@ -208,4 +194,33 @@ func TestSpotNoticeResumesDDPFromCheckpoint(t *testing.T) {
 	if n := differing(a, r); n != 0 {
 		t.Fatalf("%d of %d parameters differ from the reference resumed at step %d", n, len(a.Params), saved)
 	}
+}
+
+// submitted is the part of `job run --detach --json` the tests read.
+type submitted struct {
+	ID string `json:"id"`
+}
+
+// runDetached writes spec as a JSON job file in dir, submits it through the
+// agent at addr with `job run --detach`, and returns what the submission
+// answered and a reader of one rank's log of one generation.
+func runDetached(ctx context.Context, t *testing.T, addr, dir string, spec any) (submitted, func(rank int, gen uint64) string) {
+	t.Helper()
+	specPath := filepath.Join(dir, "job.json")
+	b, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(specPath, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var sub submitted
+	if err := procs.CLIJSON(ctx, t, addr, &sub, "job", "run", "--detach", specPath); err != nil {
+		t.Fatal(err)
+	}
+	logs := func(rank int, gen uint64) string {
+		o, _, _ := procs.CLI(ctx, t, addr, "job", "logs", sub.ID, "--rank", strconv.Itoa(rank), "--generation", strconv.FormatUint(gen, 10))
+		return o
+	}
+	return sub, logs
 }
