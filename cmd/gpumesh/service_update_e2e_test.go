@@ -22,6 +22,7 @@ import (
 // time while a steady load goes through a node without a replica, and not
 // one request fails. Running the same spec again is a no-op that says so.
 func TestServiceRollingUpdateLosesNoRequest(t *testing.T) {
+	needSystemPython(t)
 	if testing.Short() {
 		t.Skip("multi-process test; skipped with -short")
 	}
