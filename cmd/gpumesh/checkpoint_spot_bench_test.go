@@ -92,25 +92,7 @@ func TestSpotNoticeResumeTimeBench(t *testing.T) {
 		},
 	}
 	sub, logs := runDetached(ctx, t, as[1].RPCAddr(), dir, spec)
-	poll.Until(t, noticeDelay, func() error {
-		for r := 0; r < 3; r++ {
-			if n := lastStep(logs(r, 1)); n < 1 {
-				return fmt.Errorf("rank %d of generation 1 at step %d", r, n)
-			}
-		}
-		return nil
-	}, "generation 1 training before the notice")
-
-	var final jobJSON
-	poll.Until(t, 8*time.Minute, func() error {
-		if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &final, "job", "status", sub.ID); err != nil {
-			return err
-		}
-		if final.Job.Status != "complete" {
-			return fmt.Errorf("job %s at generation %d", final.Job.Status, final.Job.Generation)
-		}
-		return nil
-	}, "the job to complete after the notice")
+	final := trainThenComplete(ctx, t, as[1].RPCAddr(), sub.ID, logs, noticeDelay, 8*time.Minute)
 	if final.Job.Generation != 2 {
 		t.Fatalf("the job completed in generation %d, want 2", final.Job.Generation)
 	}

@@ -78,25 +78,7 @@ func TestSpotNoticeResumesDDPFromCheckpoint(t *testing.T) {
 		},
 	}
 	sub, logs := runDetached(ctx, t, as[1].RPCAddr(), dir, spec)
-	poll.Until(t, noticeDelay, func() error {
-		for r := 0; r < 3; r++ {
-			if n := lastStep(logs(r, 1)); n < 1 {
-				return fmt.Errorf("rank %d of generation 1 at step %d", r, n)
-			}
-		}
-		return nil
-	}, "generation 1 training before the notice")
-
-	var final jobJSON
-	poll.Until(t, 4*time.Minute, func() error {
-		if err := procs.CLIJSON(ctx, t, as[1].RPCAddr(), &final, "job", "status", sub.ID); err != nil {
-			return err
-		}
-		if final.Job.Status != "complete" {
-			return fmt.Errorf("job %s at generation %d", final.Job.Status, final.Job.Generation)
-		}
-		return nil
-	}, "the job to complete after the notice")
+	final := trainThenComplete(ctx, t, as[1].RPCAddr(), sub.ID, logs, noticeDelay, 4*time.Minute)
 	var hist struct {
 		Allocations []struct {
 			Generation   uint64 `json:"generation"`
@@ -223,4 +205,30 @@ func runDetached(ctx context.Context, t *testing.T, addr, dir string, spec any) 
 		return o
 	}
 	return sub, logs
+}
+
+// trainThenComplete waits until every rank of the job's 3-rank generation 1
+// has logged a training step (within first: before the spot notice comes),
+// then until the job completes (within total), and returns its final state.
+func trainThenComplete(ctx context.Context, t *testing.T, addr, id string, logs func(rank int, gen uint64) string, first, total time.Duration) jobJSON {
+	t.Helper()
+	poll.Until(t, first, func() error {
+		for r := 0; r < 3; r++ {
+			if n := lastStep(logs(r, 1)); n < 1 {
+				return fmt.Errorf("rank %d of generation 1 at step %d", r, n)
+			}
+		}
+		return nil
+	}, "generation 1 training before the notice")
+	var final jobJSON
+	poll.Until(t, total, func() error {
+		if err := procs.CLIJSON(ctx, t, addr, &final, "job", "status", id); err != nil {
+			return err
+		}
+		if final.Job.Status != "complete" {
+			return fmt.Errorf("job %s at generation %d", final.Job.Status, final.Job.Generation)
+		}
+		return nil
+	}, "the job to complete after the notice")
+	return final
 }
