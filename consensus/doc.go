@@ -45,6 +45,13 @@
 // caller's context ends (the entry may then still commit). StateStore objects
 // are shared and immutable: never modify them, clone first.
 //
+// Watchers wait on the StateStore: WaitIndex wakes on every applied
+// entry; WaitNode only when one node's view changes (its record, an
+// allocation on it, a job with an allocation on it) and WaitServices only
+// when a service job or its allocations change, so that a server holding
+// a watch stream per node of a large fleet wakes one or a few of them per
+// entry, not all.
+//
 // # Scheduler
 //
 // The scheduler is a function: Evaluator.Evaluate(job, allocations, now)

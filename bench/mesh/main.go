@@ -65,12 +65,13 @@ type overrides struct {
 	probe, probeTimeout, gossip, joinSyncDelay time.Duration
 	suspicionMult, suspicionMax, awareness     int
 	gossipNodes, retransmit, indirect, sync    int
+	failureSync, reconnect                     time.Duration // < 0: the preset's
 }
 
 var (
 	diag       bool
 	debugLog   bool
-	ov         = overrides{sync: -1}
+	ov         = overrides{sync: -1, failureSync: -1, reconnect: -1}
 	useMem     bool
 	memFault   mesh.LinkFault
 	sizeAdapt  bool
@@ -100,6 +101,8 @@ func main() {
 	flag.BoolVar(&diag, "diag", false, "print which node misses which 2 s and 10 s after the joins start")
 	flag.IntVar(&ov.sync, "sync", -1, "override JoinSyncRounds (-1: the preset's)")
 	flag.DurationVar(&ov.probe, "probe", 0, "override ProbeInterval")
+	flag.DurationVar(&ov.failureSync, "failure-sync", -1, "override FailureSyncDelay (0: no push-pull after a death; -1: the preset's)")
+	flag.DurationVar(&ov.reconnect, "reconnect", -1, "override ReconnectInterval (0: never rejoin failed members; -1: the preset's)")
 	flag.DurationVar(&ov.probeTimeout, "probe-timeout", 0, "override ProbeTimeout")
 	flag.DurationVar(&ov.gossip, "gossip", 0, "override GossipInterval")
 	flag.DurationVar(&ov.joinSyncDelay, "sync-delay", 0, "override JoinSyncDelay")
@@ -187,8 +190,8 @@ func main() {
 		}
 		loads = append(loads, l0, loadavg())
 		all = append(all, r)
-		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
-			t, ms(r.converge), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
+		fmt.Printf("trial %2d: converge %v (CPU %v) | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
+			t, ms(r.converge), ms(r.joinCPU), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
 			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
 			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], ms(r.longestDead), r.overGrace, r.refutes, r.tcpRescue,
 			bytesRate(r), r.cpuPerNode*1000, l0, loadavg())
@@ -480,6 +483,12 @@ func config(preset string, name string, verbose bool) mesh.Config {
 	if ov.sync >= 0 {
 		c.JoinSyncRounds = ov.sync
 	}
+	if ov.failureSync >= 0 {
+		c.FailureSyncDelay = ov.failureSync
+	}
+	if ov.reconnect >= 0 {
+		c.ReconnectInterval = ov.reconnect
+	}
 	setD := func(dst *time.Duration, v time.Duration) {
 		if v > 0 {
 			*dst = v
@@ -545,10 +554,11 @@ type result struct {
 	// generation with a rank on that node would have been failed.
 	longestDead  time.Duration
 	overGrace    int
-	refutes      int     // "Refuting a suspect/dead message" lines
-	tcpRescue    int     // probes that only the TCP fallback saved
-	bytesPerNode float64 // steady phase: gossip bytes sent per node per second (-1: not counted)
-	cpuPerNode   float64 // steady phase: process CPU seconds per node per second
+	refutes      int           // "Refuting a suspect/dead message" lines
+	tcpRescue    int           // probes that only the TCP fallback saved
+	bytesPerNode float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
+	cpuPerNode   float64       // steady phase: process CPU seconds per node per second
+	joinCPU      time.Duration // process CPU from the joins to convergence (or the timeout)
 	err          error
 }
 
@@ -734,7 +744,7 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	start := time.Now()
+	start, startCPU := time.Now(), cpuTime()
 	joinErr := make(chan error, n)
 	for i := 1; i < n; i++ {
 		go func() {
@@ -767,7 +777,7 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 		out := rec.res
 		out.converge, out.err = res.converge, res.err
 		out.bytesPerNode, out.cpuPerNode = res.bytesPerNode, res.cpuPerNode
-		out.detect = res.detect
+		out.detect, out.joinCPU = res.detect, res.joinCPU
 		if !rec.killed.IsZero() {
 			if !rec.firstSusp.IsZero() {
 				out.suspect = rec.firstSusp.Sub(rec.killed)
@@ -782,7 +792,9 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 		out.confirms = strings.Join(rec.confirms, ",")
 		return out
 	}
-	if !waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n }) {
+	converged := waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n })
+	res.joinCPU = cpuTime() - startCPU
+	if !converged {
 		res.err = fmt.Errorf("not converged after %v: alive counts %v", timeout, counts(ms))
 		return finish()
 	}
