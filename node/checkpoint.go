@@ -24,7 +24,7 @@ const (
 
 // checkpointEnv returns the checkpoint variables of a job's tasks, leaving
 // out any the environment env already sets.
-func checkpointEnv(spec *pb.JobSpec, env []string, allocDir string) []string {
+func checkpointEnv(spec *pb.JobSpec, env []string) []string {
 	c := spec.GetCheckpoint()
 	if c == nil {
 		return nil
@@ -43,7 +43,6 @@ func checkpointEnv(spec *pb.JobSpec, env []string, allocDir string) []string {
 	add(EnvCheckpointURI, c.GetUri())
 	add(EnvCheckpointKeep, strconv.Itoa(int(c.GetKeep())))
 	add(EnvCheckpointEvery, strconv.Itoa(int(c.GetEvery())))
-	add(EnvCheckpointCache, checkpointCacheDir(allocDir))
 	if exe, err := os.Executable(); err == nil {
 		add(EnvBin, exe)
 	}
