@@ -75,6 +75,10 @@ _config = {"uri": None, "keep": None, "every": None, "bin": None}
 _sigterm = threading.Event()
 _installed = False
 last_load = {}
+# Where the last save's time went (rank 0 or shard writers; seconds):
+# write_seconds (torch.save into the agent's file), store_seconds (the agent
+# stores it: checksums, sync or upload), commit_seconds (the manifest).
+last_save = {}
 
 
 def configure(uri=None, keep=None, every=None, binary=None):
@@ -255,24 +259,29 @@ def save(state, step, shard=False, meta=None):
     gives each rank its own part back (the world size must then match).
     meta: small str->str data kept in the manifest. A collective when
     torch.distributed is initialised: every rank returns once the
-    checkpoint is committed."""
+    checkpoint is committed. last_save says where the time went."""
     import torch
+    last_save.clear()
     rank, world = _rank_world()
     agent = _agent()
     part = None
     if (shard or rank == 0) and agent is not None:
         # Written once, into the file the agent stores.
+        t0 = time.monotonic()
         _, fd, rid = _ask(_ckpt_client.PUT_BEGIN, {"step": int(step)})
         try:
             with open(fd, "wb") as f:
                 torch.save(state, f)
+            last_save["write_seconds"] = time.monotonic() - t0
         except BaseException:
             try:
                 _ask(_ckpt_client.PUT_ABORT, {"id": rid})
             except CheckpointError:
                 pass
             raise
+        t1 = time.monotonic()
         part = _ask(_ckpt_client.PUT_END, {"id": rid})[0]["parts"][0]
+        last_save["store_seconds"] = time.monotonic() - t1
     elif shard or rank == 0:
         with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
             path = f.name
@@ -288,11 +297,13 @@ def save(state, step, shard=False, meta=None):
         dist.all_gather_object(parts, part)
     err = None
     if rank == 0 and agent is not None:
+        t2 = time.monotonic()
         try:
             _ask(_ckpt_client.COMMIT, {"step": int(step), "world_size": world, "parts": parts,
                                        "meta": {str(k): str(v) for k, v in (meta or {}).items()}})
         except CheckpointError as e:
             err = e
+        last_save["commit_seconds"] = time.monotonic() - t2
     elif rank == 0:
         args = ["commit", "--step", str(step), "--world", str(world), "--parts", json.dumps(parts)]
         for k, v in sorted((meta or {}).items()):
