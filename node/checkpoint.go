@@ -18,7 +18,8 @@ const (
 	// EnvCheckpointEvery is checkpoint.every (0: save only when preempted).
 	EnvCheckpointEvery = "GPUMESH_CHECKPOINT_EVERY"
 	// EnvBin is the agent's own binary, which the Python side runs for
-	// `gpumesh checkpoint put|commit|latest|get`.
+	// `gpumesh checkpoint put|commit|latest|get` when the agent's local API
+	// is off (it otherwise asks the agent on its socket).
 	EnvBin = "GPUMESH_BIN"
 )
 

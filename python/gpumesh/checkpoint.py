@@ -336,9 +336,10 @@ def load(step=None, map_location="cpu"):
     """Load the newest complete checkpoint (or that of `step`): returns
     (state, step), or (None, -1) when there is none. A rank gets its own
     part of a sharded checkpoint, and rank 0's part otherwise. Inside a
-    gpumesh job the agent has started fetching it when the rank started
-    ($GPUMESH_CHECKPOINT_CACHE); load() uses that copy when it is of the
-    newest step. last_load says where it came from and how long it took."""
+    gpumesh job the agent has started fetching it when the rank started,
+    and hands that copy over when it is of the step asked for; it is mapped,
+    not read. last_load says where it came from and how long it took
+    (wait_seconds: the agent's answer; load_seconds: torch.load)."""
     import torch
     install_handler()
     if uri() is None:
