@@ -160,7 +160,7 @@ func goldenCommands() []*fsmpb.Command {
 		}}}},
 		{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{
 			{JobId: "job-b", ExpectModifyIndex: 4, Status: JobComplete, Generation: 1, WorldSize: 1},
-			{JobId: "job-a", ExpectModifyIndex: 4, Status: JobRunning, Generation: 2, WorldSize: 1,
+			{JobId: "job-a", ExpectModifyIndex: 4, Status: JobRunning, Generation: 2, WorldSize: 1, EndCause: "node-lost",
 				StopAllocIds: []string{"a0"}, LostAllocIds: []string{"a1"},
 				Allocations: []*fsmpb.Allocation{func() *fsmpb.Allocation { a := alloc("a2", "job-a", 0); a.Generation = 2; return a }()}},
 		}}}},
