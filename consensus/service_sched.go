@@ -45,12 +45,12 @@ const serviceRecheck = 5 * time.Second
 // replicas it does not touch keep theirs and run on.
 func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
 	p := basePlan(j)
-	p.WorldSize = j.Spec.GetReplicas()
-	changed := false
+	replicas, note := e.serviceReplicas(j, allocs, now) // service_scale.go
+	p.WorldSize = int32(replicas)
+	changed := p.WorldSize != j.WorldSize
 	var wake time.Time
-	replicas := int(j.Spec.GetReplicas())
-	if replicas == 0 {
-		replicas = int(j.Spec.GetRanks())
+	if j.Spec.GetService().GetMaxReplicas() > 0 {
+		wake = now.Add(ScaleEvery) // scaled by load: look at it again
 	}
 	slots := make([][]*controlpb.Allocation, replicas)
 	var lastEnd = map[int]time.Time{}
@@ -209,7 +209,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		return Decision{WakeAt: wake}
 	}
 	p.StatusReason = reason
-	return Decision{Plan: p, WakeAt: wake}
+	return Decision{Plan: p, WakeAt: wake, Note: note}
 }
 
 // firstHealthy returns the first running, healthy replica of as, or nil.

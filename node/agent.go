@@ -212,6 +212,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.updateHealth()
 	a.goFunc(a.healthLoop)
 	a.goFunc(a.followServices)
+	a.goFunc(a.loadLoop) // service_load.go
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil

@@ -429,6 +429,24 @@ func (s *controlServer) UpdateAllocations(ctx context.Context, req *pb.UpdateAll
 	return resp, toStatus(err)
 }
 
+// ReportLoad hands a router's load to the leader (services scaled by load).
+func (s *controlServer) ReportLoad(ctx context.Context, req *pb.ReportLoadRequest) (*pb.ReportLoadResponse, error) {
+	if req.NodeId == "" {
+		return nil, status.Error(codes.InvalidArgument, "report load: a node id is required")
+	}
+	err := s.withLeader(ctx, func(context.Context) error {
+		m := make(map[string]float64, len(req.Services))
+		for _, l := range req.Services {
+			m[l.JobId] = l.InFlight
+		}
+		return s.a.raft.ReportLoad(req.NodeId, m)
+	}, func(ctx context.Context, c pb.ControlClient) error {
+		_, err := c.ReportLoad(ctx, req)
+		return err
+	})
+	return &pb.ReportLoadResponse{}, toStatus(err)
+}
+
 func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRequest) (*pb.RegisterNodeResponse, error) {
 	if req.Node == nil || req.Node.Id == "" {
 		return nil, status.Error(codes.InvalidArgument, "register: a node with an id is required")

@@ -76,6 +76,7 @@ type router struct {
 	mu       sync.RWMutex
 	services map[string]*serviceRoute
 	byAlloc  map[string]*replicaStats
+	scaled   []string // IDs of the live jobs scaled by load (service_load.go)
 	next     atomic.Uint64
 	stats    routerStats // service_metrics.go
 }
@@ -124,9 +125,13 @@ func newRouter(nodeID string, logger hclog.Logger) *router {
 // update rebuilds the table from the cluster state.
 func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 	names := map[string]string{} // job ID → service name
+	var scaled []string
 	for _, j := range jobs {
 		if j.GetSpec().GetType() == jobspec.TypeService && !consensus.JobTerminal(j.Status) {
 			names[j.Id] = j.Spec.Name
+			if j.Spec.GetService().GetMaxReplicas() > 0 {
+				scaled = append(scaled, j.Id)
+			}
 		}
 	}
 	routePort := map[string]string{}
@@ -170,7 +175,7 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 	for _, s := range services {
 		sort.Slice(s.replicas, func(i, j int) bool { return s.replicas[i].allocID < s.replicas[j].allocID })
 	}
-	rt.services, rt.byAlloc = services, byAlloc
+	rt.services, rt.byAlloc, rt.scaled = services, byAlloc, scaled
 }
 
 // pick returns a healthy replica of s not in tried, or nil.
