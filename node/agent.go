@@ -189,7 +189,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 
 	a.runner = newRunner(a)
-	a.router = newRouter(a.nodeID, a.logger.Named("router"))
+	a.router = newRouter(a.nodeID, a.self.Az, a.logger.Named("router"))
 	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: MaxHeaderBytes}
 
 	a.goFunc(func() {

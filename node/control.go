@@ -513,8 +513,9 @@ func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingS
 	}
 }
 
-// watchEvent is the full current view of one node's allocations (or all,
-// for an empty nodeID) and the jobs they belong to.
+// watchEvent is the full current view of one node's allocations and the
+// jobs they belong to, with the node's own record; for an empty nodeID,
+// every allocation, their jobs, and the nodes of the live ones.
 func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 	ev := &pb.WatchEvent{Snapshot: true}
 	var allocs []*pb.Allocation
@@ -531,12 +532,23 @@ func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 		}
 	}
 	seen := map[string]bool{}
+	var nodes map[string]bool // every node: those of live allocations
+	if nodeID == "" {
+		nodes = map[string]bool{}
+	}
 	for _, al := range allocs {
 		ev.Allocations = append(ev.Allocations, al)
 		if !seen[al.JobId] {
 			seen[al.JobId] = true
 			if j := st.Job(al.JobId); j != nil {
 				ev.Jobs = append(ev.Jobs, j)
+			}
+		}
+		if nodes != nil && !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+			// The routers rank replicas by their node's zone.
+			nodes[al.NodeId] = true
+			if n := st.Node(al.NodeId); n != nil {
+				ev.Nodes = append(ev.Nodes, n)
 			}
 		}
 	}

@@ -3,11 +3,11 @@ package node
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"sort"
 	"strconv"
@@ -45,9 +45,18 @@ type backend struct {
 	rank     int32
 	addr     string // host:port of the route port
 	health   string
-	local    bool
-	st       *replicaStats
+	// near ranks the replica's distance from this router, preferred on a
+	// tie of requests in flight: nearNode, nearAZ or nearFar.
+	near int
+	st   *replicaStats
 }
+
+// Distances of a replica from a router.
+const (
+	nearNode = iota // on this node
+	nearAZ          // in this node's availability zone
+	nearFar         // elsewhere (or a zone unknown)
+)
 
 // replicaStats are a router's counters of one replica, kept across table
 // updates by allocation ID.
@@ -64,12 +73,14 @@ type serviceRoute struct {
 }
 
 // router proxies /svc/NAME/... to a healthy replica of NAME: the one with
-// the fewest of this router's requests in flight, this node's first on a
-// tie, then the one least recently picked. Its table is rebuilt from the
-// cluster state (jobs and allocations, health included) by update; it owns
-// nothing else.
+// the fewest of this router's requests in flight; on a tie this node's
+// first, then one in this node's availability zone, then the one least
+// recently picked. Its table is rebuilt from the cluster state (jobs,
+// allocations with their health, the nodes that hold them) by update; it
+// owns nothing else.
 type router struct {
 	nodeID string
+	az     string // this node's availability zone ("" unknown)
 	logger hclog.Logger
 	proxy  *httputil.ReverseProxy
 
@@ -90,10 +101,19 @@ type attempt struct {
 	b    *backend
 	path string
 	err  error
+	// written is set once the whole request was written to the
+	// replica's connection: from then on it may have acted on it.
+	written atomic.Bool
 }
 
-func newRouter(nodeID string, logger hclog.Logger) *router {
-	rt := &router{nodeID: nodeID, logger: logger, services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}}
+func (at *attempt) wroteRequest(info httptrace.WroteRequestInfo) {
+	if info.Err == nil {
+		at.written.Store(true)
+	}
+}
+
+func newRouter(nodeID, az string, logger hclog.Logger) *router {
+	rt := &router{nodeID: nodeID, az: az, logger: logger, services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}}
 	tr := &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        1024,
@@ -122,8 +142,14 @@ func newRouter(nodeID string, logger hclog.Logger) *router {
 	return rt
 }
 
-// update rebuilds the table from the cluster state.
-func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
+// update rebuilds the table from the cluster state: the jobs, their
+// allocations, and the nodes that hold them (for their zones; a node not
+// given counts as far).
+func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.Node) {
+	zone := make(map[string]string, len(nodes))
+	for _, n := range nodes {
+		zone[n.Id] = n.Az
+	}
 	names := map[string]string{} // job ID → service name
 	var scaled []string
 	for _, j := range jobs {
@@ -167,7 +193,14 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 		if b.health == "" {
 			b.health = HealthStarting
 		}
-		b.local = al.NodeId == rt.nodeID
+		switch {
+		case al.NodeId == rt.nodeID:
+			b.near = nearNode
+		case rt.az != "" && zone[al.NodeId] == rt.az:
+			b.near = nearAZ
+		default:
+			b.near = nearFar
+		}
 		byAlloc[al.Id] = st
 		s := services[name]
 		s.replicas = append(s.replicas, b)
@@ -178,19 +211,24 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 	rt.services, rt.byAlloc, rt.scaled = services, byAlloc, scaled
 }
 
-// pick returns a healthy replica of s not in tried, or nil.
-func (rt *router) pick(s *serviceRoute, tried map[string]bool) *backend {
+// pick returns a healthy replica of s other than the allocation skip, or
+// nil: the fewest requests in flight, then the nearest, then the first
+// after a rotating start.
+func (rt *router) pick(s *serviceRoute, skip string) *backend {
 	var best *backend
 	var bestN int64
 	n := len(s.replicas)
-	start := int(rt.next.Add(1) % uint64(max(n, 1)))
+	if n == 0 {
+		return nil
+	}
+	start := int(rt.next.Add(1) % uint64(n))
 	for i := 0; i < n; i++ {
 		b := s.replicas[(start+i)%n]
-		if b.health != HealthHealthy || tried[b.allocID] {
+		if b.health != HealthHealthy || b.allocID == skip {
 			continue
 		}
 		in := b.st.inflight.Load()
-		if best == nil || in < bestN || (in == bestN && b.local && !best.local) {
+		if best == nil || in < bestN || (in == bestN && b.near < best.near) {
 			best, bestN = b, in
 		}
 	}
@@ -223,13 +261,6 @@ func idempotent(method string) bool {
 	return false
 }
 
-// noByteSent reports whether err shows the request never reached the
-// replica (the connection could not be made).
-func noByteSent(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
-}
-
 func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	name, rest, _ := strings.Cut(strings.TrimPrefix(req.URL.Path, svcPrefix), "/")
 	rt.mu.RLock()
@@ -252,24 +283,28 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		body, replayable = b, true
 	}
-	tried := map[string]bool{}
-	for try := 0; ; try++ {
-		b := rt.pick(s, tried)
+	var tried *backend
+	for {
+		b := rt.pick(s, allocOf(tried))
 		if b == nil {
 			w.Header().Set("Retry-After", "1")
 			msg := whyNone(s)
-			if try > 0 {
-				msg = fmt.Sprintf("service %q: the replica tried failed and no other healthy replica is left; retry later", name)
+			if tried != nil {
+				msg = fmt.Sprintf("service %q: replica %d on node %s failed before it got the request, and no other healthy replica is left; retry later", name, tried.rank, tried.nodeName)
 			}
 			sc.failed.Add(1)
 			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
-		tried[b.allocID] = true
 		at := &attempt{b: b, path: "/" + rest}
-		out := req.WithContext(context.WithValue(req.Context(), attemptKey, at))
+		ctx := context.WithValue(req.Context(), attemptKey, at)
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteRequest: at.wroteRequest})
+		out := req.WithContext(ctx)
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
+			// The transport may then resend it itself on a fresh
+			// connection when a kept-alive one was closed under it.
+			out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		}
 		b.st.requests.Add(1)
 		func() {
@@ -286,13 +321,35 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return // the client went away
 		}
 		rt.logger.Warn("request to a replica failed", "service", name, "replica", b.allocID, "node", b.nodeName, "error", at.err)
-		if try > 0 || !replayable || !(idempotent(req.Method) || noByteSent(at.err)) {
+		// Retry once, elsewhere, when the replica cannot have acted on the
+		// request: it never got all of it (the connection was refused, or
+		// reset before the request was written), or the method is
+		// idempotent.
+		why := ""
+		switch {
+		case tried != nil:
+			why = "it was the second replica tried"
+		case !replayable:
+			why = fmt.Sprintf("its body (over %d bytes) was streamed and is gone", maxRetryBody)
+		case at.written.Load() && !idempotent(req.Method):
+			why = fmt.Sprintf("the replica had the whole request and %s is not idempotent, so it may have acted on it", req.Method)
+		}
+		if why != "" {
 			sc.failed.Add(1)
-			http.Error(w, fmt.Sprintf("service %q: replica %d on node %s failed: %v", name, b.rank, b.nodeName, at.err), http.StatusBadGateway)
+			http.Error(w, fmt.Sprintf("service %q: replica %d on node %s failed: %v; not retried: %s", name, b.rank, b.nodeName, at.err, why), http.StatusBadGateway)
 			return
 		}
 		sc.retries.Add(1)
+		tried = b
 	}
+}
+
+// allocOf returns b's allocation ID, "" for nil.
+func allocOf(b *backend) string {
+	if b == nil {
+		return ""
+	}
+	return b.allocID
 }
 
 // ReplicaRoute is a replica as one router sees it.
@@ -337,7 +394,7 @@ func (rt *router) snapshot() []ServiceRoute {
 // replicas of one service (name, at addrs "host:port"): the routing path
 // without the cluster, for benchmarks and tests.
 func NewStaticRouter(name string, addrs []string) http.Handler {
-	rt := newRouter("", hclog.NewNullLogger())
+	rt := newRouter("", "", hclog.NewNullLogger())
 	job := &pb.Job{Id: name, Status: consensus.JobRunning, Spec: &pb.JobSpec{Name: name, Type: jobspec.TypeService,
 		Service: &pb.ServiceSpec{Ports: []string{jobspec.DefaultServicePort}, RoutePort: jobspec.DefaultServicePort}}}
 	var allocs []*pb.Allocation
