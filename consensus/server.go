@@ -689,7 +689,7 @@ func (s *Server) RegisterJob(ctx context.Context, spec *controlpb.JobSpec) (stri
 	}
 	for attempt := 0; ; attempt++ {
 		id := NewJobID(spec.GetName())
-		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
+		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec, UniqueService: true}}})
 		if errors.Is(err, ErrJobExists) && attempt < 3 {
 			continue
 		}

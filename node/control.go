@@ -226,6 +226,15 @@ func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest)
 			}
 		}
 		jid, idx, err := s.a.raft.RegisterJob(ctx, id, spec)
+		var exists *consensus.ServiceExistsError
+		if errors.As(err, &exists) {
+			// Another submission of this name was committed first.
+			var outcome string
+			if outcome, idx, err = s.a.raft.UpdateService(ctx, exists.ID, spec); err == nil {
+				resp = &pb.SubmitJobResponse{Id: exists.ID, Index: idx, Outcome: outcome}
+			}
+			return err
+		}
 		if err == nil {
 			resp = &pb.SubmitJobResponse{Id: jid, Index: idx, Outcome: consensus.SubmitRegistered}
 		}

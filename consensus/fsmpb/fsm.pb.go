@@ -240,9 +240,14 @@ func (*Command_NodeEligibility) isCommand_Cmd() {}
 func (*Command_UpdateJob) isCommand_Cmd() {}
 
 type RegisterJob struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // chosen by the leader
-	Spec          *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // chosen by the leader
+	Spec  *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// unique_service refuses a service spec named like a live service
+	// (the caller updates that one instead): set by the leader, so that two
+	// submissions of a new name at once register one job. Entries written
+	// before it existed leave it false.
+	UniqueService bool `protobuf:"varint,3,opt,name=unique_service,json=uniqueService,proto3" json:"unique_service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,6 +294,13 @@ func (x *RegisterJob) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *RegisterJob) GetUniqueService() bool {
+	if x != nil {
+		return x.UniqueService
+	}
+	return false
 }
 
 // UpdateJob gives a running service a new spec (a rolling update): the
@@ -2399,10 +2411,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibility\x12:\n" +
 	"\n" +
 	"update_job\x18\x12 \x01(\v2\x19.gpumesh.fsm.v1.UpdateJobH\x00R\tupdateJobB\x05\n" +
-	"\x03cmd\"J\n" +
+	"\x03cmd\"q\n" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
-	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"H\n" +
+	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12%\n" +
+	"\x0eunique_service\x18\x03 \x01(\bR\runiqueService\"H\n" +
 	"\tUpdateJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"\x19\n" +
