@@ -16,16 +16,15 @@ const loadSampleEvery = 100 * time.Millisecond
 // service job scaled by load (zero included, so the leader hears the load
 // fall).
 func (rt *router) inFlightOfScaled() map[string]float64 {
-	rt.mu.RLock()
-	defer rt.mu.RUnlock()
-	if len(rt.scaled) == 0 {
+	tbl := rt.table.Load()
+	if len(tbl.scaled) == 0 {
 		return nil
 	}
-	out := make(map[string]float64, len(rt.scaled))
-	for _, id := range rt.scaled {
+	out := make(map[string]float64, len(tbl.scaled))
+	for _, id := range tbl.scaled {
 		out[id] = 0
 	}
-	for _, s := range rt.services {
+	for _, s := range tbl.services {
 		for _, b := range s.replicas {
 			if _, ok := out[b.jobID]; ok {
 				out[b.jobID] += float64(b.st.inflight.Load())

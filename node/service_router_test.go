@@ -277,8 +277,8 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 	}{{"reset before the write", false, http.StatusOK}, {"reset after the write", true, http.StatusBadGateway}} {
 		t.Run(c.name, func(t *testing.T) {
 			rt, front := newTestRouter(t)
-			real := rt.proxy.Transport
-			rt.proxy.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			real := rt.transport
+			rt.transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
 				if r.URL.Host != dead {
 					return real.RoundTrip(r)
 				}
