@@ -98,3 +98,22 @@ func TestPythonLargeModelOneRank(t *testing.T) {
 	}
 	waitIdle(t, s)
 }
+
+// The zero-copy path (python/gpumesh/_zerocopy.py) with 1 and 2 ranks on
+// one agent: reused host tensors move into segments, results are right,
+// storages that die release their regions, and the agent holds nothing
+// once the ranks are gone.
+func TestPythonZeroCopy(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_zerocopy.py")
+	for _, n := range []int{1, 2} {
+		s := startServer(t, n)
+		outs := runPython(t, s, n, script)
+		for r, out := range outs {
+			t.Logf("%d ranks, rank %d: %s", n, r, strings.TrimSpace(out))
+			if !strings.Contains(out, "ZEROCOPY OK") {
+				t.Fatalf("%d ranks, rank %d: %s", n, r, out)
+			}
+		}
+		waitIdle(t, s)
+	}
+}

@@ -139,9 +139,23 @@ class Connection:
             if free:
                 return free.pop()
             self._check()
-            rid = self._next_id
-            self._next_id += 1
-        seg = Segment(size, rid)
+        seg = Segment(size, 0)
+        try:
+            seg.id = self.register(seg.fd, size)
+        except BaseException:
+            seg.close()
+            raise
+        # The agent holds its own mapping now; ours stays for the tensors.
+        os.close(seg.fd)
+        seg.fd = -1
+        with self._lock:
+            self._segments.append(seg)
+        return seg
+
+    def register(self, fd, size):
+        """Hands the sealed memfd fd (of at least size bytes) to the agent,
+        which maps it; returns its region id. The caller keeps (and closes)
+        fd."""
         ev = threading.Event()
         box = {}
 
@@ -151,27 +165,34 @@ class Connection:
 
         with self._lock:
             self._check()
+            rid = self._next_id
+            self._next_id += 1
             self._registering[rid] = done
             try:
                 self._sock.sendmsg([_REGISTER.pack(MSG_REGISTER, rid, size)],
-                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fd]))])
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
             except OSError as e:
                 self._registering.pop(rid, None)
-                seg.close()
                 raise AgentError(f"gpumesh: registering shared memory with the agent: {e}") from e
         if not ev.wait(self.timeout):
-            seg.close()
+            with self._lock:
+                self._registering.pop(rid, None)
             raise AgentError("gpumesh: the agent did not answer a shared-memory registration in time")
         status, msg = box["r"]
-        # The agent holds its own mapping now; ours stays for the tensors.
-        os.close(seg.fd)
-        seg.fd = -1
         if status != STATUS_OK:
-            seg.close()
             raise AgentError(f"gpumesh: the agent refused shared memory: {msg}")
+        return rid
+
+    def unregister(self, rid):
+        """Tells the agent to drop region rid (it unmaps it once no operation
+        uses it)."""
         with self._lock:
-            self._segments.append(seg)
-        return seg
+            if self._closed or self._broken is not None:
+                return
+            try:
+                self._sock.send(_UNREGISTER.pack(MSG_UNREGISTER, rid))
+            except OSError:
+                pass
 
     def release(self, seg):
         with self._lock:
@@ -186,12 +207,12 @@ class Connection:
             raise AgentError("gpumesh: the process group was destroyed")
 
     def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None):
-        """Issue one operation. a and b are (segment, byte offset, count) or
-        None. before_send() runs under the issue lock (copy-in), so issue
+        """Issue one operation. a and b are (region id, byte offset, count)
+        or None. before_send() runs under the issue lock (copy-in), so issue
         order is send order. on_done(error_message_or_None) runs on the
         reader thread."""
         def ref(x):
-            return (0, 0, 0) if x is None else (x[0].id, x[1], x[2])
+            return (0, 0, 0) if x is None else x
 
         ra, rb = ref(a), ref(b)
         with self._lock:

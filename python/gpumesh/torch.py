@@ -46,7 +46,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from gpumesh import _client
+from gpumesh import _client, _zerocopy
 
 BACKEND = "gpumesh"
 
@@ -95,12 +95,13 @@ def _seconds(t):
 
 
 class _Staged:
-    """A tensor staged in shared memory for one operation."""
+    """Where a tensor is for one operation: in its own storage (view None)
+    or in a staging segment (view: its place there)."""
 
-    __slots__ = ("seg", "off", "tensor", "view")
+    __slots__ = ("seg", "off", "tensor", "view", "rid")
 
-    def __init__(self, seg, off, tensor, view):
-        self.seg, self.off, self.tensor, self.view = seg, off, tensor, view
+    def __init__(self, seg, off, tensor, view, rid):
+        self.seg, self.off, self.tensor, self.view, self.rid = seg, off, tensor, view, rid
 
 
 class _Failed:
@@ -215,6 +216,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         self._conn = _client.Connection(
             socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
             group_id=group_id, group_rank=rank, ranks=list(global_ranks), timeout=self._timeout)
+        # Host tensors used again and again (DDP's buckets) move into
+        # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
+        self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
         weakref.finalize(self, self._conn.close)
 
     # ---- plumbing ----
@@ -222,65 +226,84 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
-    def _stage(self, tensors, n_in):
-        """Stages flat, contiguous tensors in one shared segment (64-byte
-        aligned) and copies the first n_in of them in."""
+    def _stage(self, tensors, n_in, direct_ok):
+        """Places flat, contiguous tensors for one operation: a tensor whose
+        storage lives in an agent-mapped segment (see _zerocopy) is named
+        where it is; the others get a place in one staging segment (64-byte
+        aligned), and the first n_in of those are copied in. direct_ok(i)
+        says whether tensor i may be used in place."""
+        zc = self._zc
+        staged = [None] * len(tensors)
+        todo = []
+        for i, t in enumerate(tensors):
+            d = zc.ref(t) if (zc is not None and t.numel() and direct_ok(i)) else None
+            if d is not None:
+                staged[i] = _Staged(None, d[1], t, None, d[0])
+            else:
+                todo.append(i)
+        if not todo:
+            return None, staged
         total = 0
         offs = []
-        for t in tensors:
+        for i in todo:
+            t = tensors[i]
             total = (total + 63) & ~63
             offs.append(total)
             total += t.numel() * t.element_size()
         seg = self._conn.acquire(max(total, 1))
-        staged = []
-        for i, (t, off) in enumerate(zip(tensors, offs)):
+        for i, off in zip(todo, offs):
+            t = tensors[i]
             n = t.numel()
             dt = torch.uint8 if t.dtype == torch.bool else t.dtype
             view = torch.frombuffer(seg.mm, dtype=dt, count=n, offset=off) if n else None
             if i < n_in and n:
                 view.copy_(t.view(dt) if dt != t.dtype else t)
-            staged.append(_Staged(seg, off, t, view))
+            staged[i] = _Staged(seg, off, t, view, seg.id)
         return seg, staged
 
     def _issue(self, kind, what, dtype_of, inputs, outputs, a_idx, b_idx, reduce_op=0, peer=0, tag=0, result=None,
-               post=None):
-        """Runs one operation: inputs are copied into shared memory, the agent
-        runs kind on buffers A and B (indices into the staged list, inputs
-        first), and outputs are copied back when it answers."""
+               post=None, copy_inputs=()):
+        """Runs one operation: the agent runs kind on buffers A and B
+        (indices into inputs followed by the outputs that are not inputs),
+        in place where a tensor lives in a segment, else through a staging
+        segment (inputs copied in, outputs copied back when it answers).
+        copy_inputs: indices of inputs the agent would overwrite but the
+        caller must keep (always staged)."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
         work = Work(result, what, self._timeout + 10.0)
         self._keep.append(work)
         conn = self._conn
-        # Outputs that are also inputs (in place) share the input's staging.
+        # Outputs that are also inputs (in place) share the input's place.
         extra = [o for o in outputs if not any(o is i for i in inputs)]
-        seg, st = self._stage(inputs + extra, len(inputs))
-        outs = [next(s for s in st if s.tensor is o) for o in outputs]
+        seg, st = self._stage(inputs + extra, len(inputs), lambda i: i not in copy_inputs)
+        outs = [s for s in (next(s for s in st if s.tensor is o) for o in outputs) if s.view is not None]
 
         def ref(i):
             if i is None:
                 return None
             s = st[i]
-            return (s.seg, s.off, s.tensor.numel())
+            return (s.rid, s.off, s.tensor.numel())
 
         def on_done(err):
             try:
                 if err is None:
                     for s in outs:
-                        if s.view is not None:
-                            t = s.tensor
-                            (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
+                        t = s.tensor
+                        (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
                     if post is not None:
                         post()
             except Exception as e:  # a copy-out failure is the op's failure
                 err = f"copying the result back: {e}"
             finally:
-                conn.release(seg)
+                if seg is not None:
+                    conn.release(seg)
             work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
 
         try:
             conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
         except Exception:
-            conn.release(seg)
+            if seg is not None:
+                conn.release(seg)
             raise
         return work
 
@@ -369,8 +392,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             raise RuntimeError(
                 f"gpumesh: reduce_scatter_tensor input must be {out.dtype}[{out.numel() * self._size}], "
                 f"got {inp.dtype}[{inp.numel()}]")
+        # The agent reduces in place in its input: the caller's is staged.
         return self._issue(_client.OP_REDUCESCATTER, "reduce_scatter_tensor", out, [inp], [out], 1, 0, reduce_op=op,
-                           result=[output])
+                           result=[output], copy_inputs=(0,))
 
     def send(self, tensors, dst, tag=0):
         t = _flat(tensors[0], "send")
