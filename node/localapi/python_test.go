@@ -117,3 +117,17 @@ func TestPythonZeroCopy(t *testing.T) {
 		waitIdle(t, s)
 	}
 }
+
+// A rank's process dies while the group is idle: the other rank is told
+// by its agent without issuing anything, and its next collective raises at
+// once (python/tests/check_idle_failure.py).
+func TestPythonPeerDiesWhileIdle(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_idle_failure.py")
+	s := startServer(t, 2)
+	outs := runPython(t, s, 2, script)
+	t.Logf("rank 0: %s", strings.TrimSpace(outs[0]))
+	if !strings.Contains(outs[0], "IDLE FAILURE OK") {
+		t.Fatalf("rank 0: %s", outs[0])
+	}
+	waitIdle(t, s)
+}

@@ -17,8 +17,8 @@ import time
 
 VERSION = 1
 
-MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP = 1, 2, 3, 4
-MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_ERROR = 0x81, 0x82, 0x84, 0x8F
+MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP, MSG_BYE = 1, 2, 3, 4, 5
+MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_FAILED, MSG_ERROR = 0x81, 0x82, 0x84, 0x85, 0x8F
 
 OP_ALLREDUCE, OP_BROADCAST, OP_ALLGATHER, OP_REDUCESCATTER = 1, 2, 3, 4
 OP_SEND, OP_RECV, OP_BARRIER = 5, 6, 7
@@ -31,6 +31,7 @@ ENV_SECRET = "GPUMESH_LOCAL_SECRET"
 _HELLO = struct.Struct("<BBHIIIIQHHHH")
 _REGISTER = struct.Struct("<B7xQQ")
 _UNREGISTER = struct.Struct("<B7xQ")
+_BYE = struct.Struct("<B7x")
 _OP = struct.Struct("<BBBBiQQQQQQQQ")
 _REPLY = struct.Struct("<BBH4xQ")
 
@@ -274,6 +275,11 @@ class Connection:
                     cb = self._registering.pop(oid, None)
                 if cb is not None:
                     cb(status, msg)
+            elif typ == MSG_FAILED:
+                # The group failed (a peer died or aborted), possibly with
+                # nothing in flight: fail what is pending and every later
+                # operation at once.
+                self._fail_all(f"the process group failed: {msg}")
             elif typ == MSG_ERROR:
                 self._fail_all(f"the agent closed the connection: {msg}")
                 return
@@ -301,6 +307,13 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
+            try:
+                # On purpose: the agent closes the group without aborting
+                # the peers (a connection closed without BYE means that
+                # this process died).
+                self._sock.send(_BYE.pack(MSG_BYE))
+            except OSError:
+                pass
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -50,8 +50,8 @@ from gpumesh import _client, _zerocopy
 
 BACKEND = "gpumesh"
 
-# How many of its latest operations' Work objects a group keeps alive (see
-# ProcessGroupGpumesh.__init__).
+# At most how many Work objects a group keeps alive for C++ callers (see
+# _Keep).
 _KEEP_WORKS = 64
 
 _WorkBase = getattr(dist, "_Work", None) or dist.Work
@@ -118,12 +118,46 @@ def _unwrap(fut):
     return v
 
 
+class _Keep:
+    """The Work objects a group keeps alive for C++ callers.
+
+    C++ callers (DDP's parameter broadcast and checks) hold our Work objects
+    only by their C++ half; once the Python object is gone, C++ wait() no
+    longer reaches our override and waits forever (PyTorch 1.13). So a group
+    keeps each Work until it has completed and has been asked for (wait()
+    or get_future(): after that, C++ code holds the future, and Python
+    callers their own reference), and never more than _KEEP_WORKS of them
+    (the oldest go first), so that finished operations do not hold their
+    tensors."""
+
+    def __init__(self, limit=_KEEP_WORKS):
+        self._lock = threading.Lock()
+        self._works = collections.OrderedDict()
+        self._limit = limit
+
+    def add(self, work):
+        with self._lock:
+            self._works[id(work)] = work
+            while len(self._works) > self._limit:
+                self._works.popitem(last=False)
+
+    def done(self, work):
+        with self._lock:
+            self._works.pop(id(work), None)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._works)
+
+
 class Work(_WorkBase):
     """An operation in flight. wait() blocks until the agent has answered (and
     the result is copied back); get_future() completes at the same time."""
 
-    def __init__(self, result, what, timeout):
+    def __init__(self, result, what, timeout, keep=None):
         super().__init__()
+        self._keep = keep
+        self._asked = False
         self._result = result
         self._what = what
         self._timeout = timeout
@@ -141,8 +175,16 @@ class Work(_WorkBase):
         self._error = error
         self._event.set()
         self._raw.set_result(_Failed(error) if error is not None else self._result)
+        if self._asked and self._keep is not None:
+            self._keep.done(self)
+
+    def _ask(self):
+        self._asked = True
+        if self._event.is_set() and self._keep is not None:
+            self._keep.done(self)
 
     def wait(self, timeout=None):
+        self._ask()
         t = _seconds(timeout) or self._timeout
         if not self._event.wait(t):
             raise RuntimeError(f"gpumesh: {self._what} did not complete within {t:.0f} s")
@@ -151,6 +193,7 @@ class Work(_WorkBase):
         return True
 
     def get_future(self):
+        self._ask()
         return self._future
 
     def is_completed(self):
@@ -206,12 +249,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                 f"({_client.ENV_SOCKET}, {_client.ENV_SECRET}, GPUMESH_JOB_ID or GPUMESH_GENERATION is not set). "
                 "Run the script with `gpumesh job run`, or use backend 'gloo' or 'nccl' outside gpumesh.")
         self._timeout = _seconds(timeout) or 1800.0
-        # C++ callers (DDP's parameter broadcast and checks) hold our Work
-        # objects only by their C++ half; once the Python object is gone,
-        # C++ wait() no longer reaches our override and waits forever. So
-        # the group keeps the latest works alive (PyTorch's own Python
-        # process-group tests keep every work).
-        self._keep = collections.deque(maxlen=_KEEP_WORKS)
+        self._keep = _Keep()
         self._rank, self._size = rank, size
         self._conn = _client.Connection(
             socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
@@ -270,8 +308,8 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         copy_inputs: indices of inputs the agent would overwrite but the
         caller must keep (always staged)."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
-        work = Work(result, what, self._timeout + 10.0)
-        self._keep.append(work)
+        work = Work(result, what, self._timeout + 10.0, self._keep)
+        self._keep.add(work)
         conn = self._conn
         # Outputs that are also inputs (in place) share the input's place.
         extra = [o for o in outputs if not any(o is i for i in inputs)]

@@ -139,6 +139,16 @@ gc.collect()
 zc.sweep()
 if zc.regions() >= held:
     fail(f"{zc.regions()} regions after freeing moved tensors, {held} before")
+# 8. Completed operations are not kept: the group holds Work objects only
+# until they completed and were waited on (or their future taken).
+pg = dist.distributed_c10d._get_default_group()
+for i in range(100):
+    y = torch.ones(1000)
+    dist.all_reduce(y)
+    w = dist.all_reduce(torch.ones(10), async_op=True)
+    w.wait()
+if len(pg._keep) > 2:
+    fail(f"the group keeps {len(pg._keep)} Work objects after 200 completed operations")
 dist.barrier()
 print("ZEROCOPY OK", flush=True)
 del ddp, model
