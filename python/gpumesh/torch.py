@@ -11,14 +11,17 @@ one node meet inside their agent). The process finds its agent through the
 variables the agent sets for every exec task (GPUMESH_LOCAL_SOCKET,
 GPUMESH_LOCAL_SECRET, GPUMESH_JOB_ID, GPUMESH_GENERATION, RANK).
 
-Copies per operation (host tensors): the tensor is copied into a shared
-memory segment that the agent maps (one memcpy of the tensor's bytes), the
-agent runs the collective in place in that segment, and the result is
-copied back into the tensor (one memcpy) before the operation's Work
-completes. CUDA tensors are staged through the same host segments (a
-device-to-host copy in, a host-to-device copy out); the protocol names
-buffers by (region, offset, count), so a CUDA IPC region kind fits beside
-the memfd one, but this version does not have it.
+Copies per operation (host tensors): none in the rank for a tensor of at
+least 256 KiB whose storage is used again (DDP's gradient buckets, reused
+buffers): the second time such a storage is seen it moves, once and in
+place, into a segment the agent maps (_zerocopy), and the agent's ring
+works in the tensor's memory. Other tensors are staged: copied into a
+shared segment before the operation (one memcpy) and back into the tensor
+when it ends (one memcpy). CUDA tensors are staged through the same host
+segments (a device-to-host copy in, a host-to-device copy out); the
+protocol names buffers by (region, offset, count), so a CUDA IPC region
+kind fits beside the memfd one, but this version does not have it.
+GPUMESH_ZERO_COPY=0 stages every tensor.
 
 Operations are asynchronous: each returns a Work whose future completes when
 the agent answers; collectives run in issue order; several may be in flight
