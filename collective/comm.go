@@ -55,6 +55,12 @@ type Communicator struct {
 	active   atomic.Int32
 
 	scratch []byte // recursive doubling, under opMu
+
+	// sameHost: the agreed same-host ring of each buffer seen (samehost.go);
+	// written under opMu and sameHostMu, read under either.
+	sameHostMu sync.Mutex
+	sameHost   map[Buffer]*sameHostEntry
+	lastAlgo   string // algorithm of the last AllReduce, under opMu
 	barrier *HostBuffer
 
 	wg        sync.WaitGroup
@@ -127,6 +133,7 @@ func (c *Communicator) Close() error {
 		})
 		close(c.stop)
 		c.wg.Wait()
+		c.closeSameHost()
 		_ = c.ep.Close()
 	})
 	return nil
