@@ -61,7 +61,7 @@ type Communicator struct {
 	sameHostMu sync.Mutex
 	sameHost   map[Buffer]*sameHostEntry
 	lastAlgo   string // algorithm of the last AllReduce, under opMu
-	barrier *HostBuffer
+	barrier    *HostBuffer
 
 	wg        sync.WaitGroup
 	closed    atomic.Bool
