@@ -117,6 +117,8 @@ type options struct {
 	locked     bool
 	zeroCopy   int
 	noSameHost bool
+	// same-host rings run as rings even where every rank is on one GPU
+	ringOnOneDevice bool
 }
 
 // defaultOptions apply before Open's own options (measurement builds set
@@ -156,6 +158,14 @@ func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } 
 // (collective.SameHostReducer), so a Communicator whose ranks are processes
 // of one host keeps their all-reduces on the network.
 func WithoutSameHost() Option { return func(o *options) { o.noSameHost = true } }
+
+// WithSameHostRingOnOneDevice makes a same-host ring whose ranks all use
+// one GPU run as a ring of IPC hops (2(n-1) steps across the processes'
+// contexts) instead of in rank 0's context (the default; see
+// samehost_cuda.go). For measurements.
+func WithSameHostRingOnOneDevice(on bool) Option {
+	return func(o *options) { o.ringOnOneDevice = on }
+}
 
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair

@@ -37,7 +37,9 @@ func TestTCPSeparateProcesses(t *testing.T) {
 // Communicator's same-host ring on (CUDA IPC between the processes, agreed
 // over the lanes): every all-reduce must take it (Stats.SameHostOps) and
 // give the same results; with 2 and 3 processes (left and right neighbours
-// differ).
+// differ), each as the backend runs it where the processes share a GPU (in
+// rank 0's context) and as a ring of IPC hops. GPUMESH_SAME_HOST_PROCS
+// ("2,3" by default) chooses the process counts.
 func TestSameHostSeparateProcesses(t *testing.T) {
 	if os.Getenv("GPUMESH_PROC") != "" {
 		tcpChild(t)
@@ -47,10 +49,17 @@ func TestSameHostSeparateProcesses(t *testing.T) {
 		t.Skip("no CUDA device on this host")
 	}
 	t.Setenv("GPUMESH_SAME_HOST", "1")
-	for _, n := range []int{2, 3} {
-		t.Run(fmt.Sprintf("procs=%d", n), func(t *testing.T) {
-			runProcs(t, "TestSameHostSeparateProcesses", n, "tcp ", 120*time.Second)
-		})
+	for _, ns := range strings.Split(envOr("GPUMESH_SAME_HOST_PROCS", "2,3"), ",") {
+		n, err := strconv.Atoi(ns)
+		if err != nil {
+			t.Fatalf("bad GPUMESH_SAME_HOST_PROCS entry %q", ns)
+		}
+		for _, ring := range []string{"0", "1"} {
+			t.Run(fmt.Sprintf("procs=%d/ring=%s", n, ring), func(t *testing.T) {
+				t.Setenv("GPUMESH_SAME_HOST_RING", ring)
+				runProcs(t, "TestSameHostSeparateProcesses", n, "tcp ", 120*time.Second)
+			})
+		}
 	}
 }
 
@@ -254,6 +263,12 @@ func tcpChild(t *testing.T) {
 					}
 					if device == "cpu" {
 						wait = "-"
+					}
+					if sameHost && device == "cuda" {
+						wait = "same-host:" + comm.LastAllReduceAlgorithm()
+						if os.Getenv("GPUMESH_SAME_HOST_RING") == "1" {
+							wait += ",ring-on-one-device"
+						}
 					}
 					_, slots := be.StagingSlots()
 					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d%s\n",
