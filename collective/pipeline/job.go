@@ -316,6 +316,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 			return nil, err
 		}
 		m.onOutput = cfg.OnOutput
+		m.steps = spec.Steps // prefetch the next step's batch
 		parts[c] = m
 	}
 	m := &mlpChunks{parts: parts}
