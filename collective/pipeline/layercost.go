@@ -3,14 +3,15 @@ package pipeline
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 )
 
 // MeasureLayerCosts times every weight layer of spec's model on dev, as
 // JobSpec.LayerCosts for StageLayers: seconds of one micro-batch's forward
 // and backward. Each layer runs as a stage of its own (the first with the
-// input upload, the last with the loss), reps micro-batches after one
-// untimed; the stage overhead every stage pays once whatever its layers
+// input upload, the last with the loss), reps micro-batches after two
+// untimed, in five rounds of which the median counts; the stage overhead every stage pays once whatever its layers
 // (receiving and sending a message) is measured as 2·T(one middle layer) −
 // T(two middle layers) and taken off every layer, so that a stage's cost is
 // the sum of its layers' plus that constant. Models of fewer than four
@@ -25,20 +26,35 @@ func MeasureLayerCosts(ctx context.Context, dev Device, spec JobSpec, reps int) 
 		return nil, fmt.Errorf("%w: layer cost measurement needs reps >= 1, got %d", ErrInvalidSpec, reps)
 	}
 	n := m.NumLayers()
-	costs := make([]float64, n)
+	// every stage timed in measureRounds rounds, round robin (so that a
+	// slow moment of the machine does not land on one layer), the median
+	// kept; the last entry is the two-layer stage
+	const measureRounds = 5
+	ranges := make([][2]int, 0, n+1)
 	for l := 0; l < n; l++ {
-		t, err := timeStage(ctx, dev, spec, l, l+1, reps)
-		if err != nil {
-			return nil, err
-		}
-		costs[l] = t
+		ranges = append(ranges, [2]int{l, l + 1})
 	}
 	if n >= 4 {
-		one := costs[1]
-		two, err := timeStage(ctx, dev, spec, 1, 3, reps)
-		if err != nil {
-			return nil, err
+		ranges = append(ranges, [2]int{1, 3})
+	}
+	times := make([][]float64, len(ranges))
+	for round := 0; round < measureRounds; round++ {
+		for i, r := range ranges {
+			t, err := timeStage(ctx, dev, spec, r[0], r[1], reps)
+			if err != nil {
+				return nil, err
+			}
+			times[i] = append(times[i], t)
 		}
+	}
+	med := make([]float64, len(ranges))
+	for i, ts := range times {
+		slices.Sort(ts)
+		med[i] = ts[len(ts)/2]
+	}
+	costs := med[:n]
+	if n >= 4 {
+		one, two := med[1], med[n]
 		if over := 2*one - two; over > 0 {
 			for l := range costs {
 				costs[l] -= over
@@ -82,8 +98,10 @@ func timeStage(ctx context.Context, dev Device, spec JobSpec, start, end, reps i
 		_, err := st.Backward(0, mb, grad)
 		return err
 	}
-	if err := run(0); err != nil { // kernels loaded, step 0's data made
-		return 0, err
+	for mb := 0; mb < 2; mb++ { // kernels loaded, step 0's data made, memory pooled
+		if err := run(mb % spec.MicroBatches); err != nil {
+			return 0, err
+		}
 	}
 	t0 := time.Now()
 	for i := 0; i < reps; i++ {
