@@ -99,9 +99,13 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
 	a.ops = newOpsState(a)
 	a.ctx, a.cancel = context.WithCancel(context.Background())
+	// Undo what was started when a later step fails. The agent is kept
+	// here: `return nil, err` has already cleared the named result when
+	// this runs.
+	started := a
 	defer func() {
 		if err != nil {
-			_ = a.Shutdown()
+			_ = started.Shutdown()
 		}
 	}()
 
