@@ -263,20 +263,19 @@ func (r *IPCRing) connect(ctx context.Context, wait bool) error {
 		}
 	}
 	var err error
-	fail := func(e error) error { return e }
 	lr, rr := mod(cfg.Rank-1, n), mod(cfg.Rank+1, n)
 	if r.left, err = open(lr); err != nil {
-		return fail(err)
+		return err
 	}
 	if rr == lr {
 		r.right = r.left
 	} else if r.right, err = open(rr); err != nil {
-		return fail(err)
+		return err
 	}
 	var h cuda.IPCHandle
 	copy(h[:], r.left.m[offMem:])
 	if r.leftMem, err = dev.OpenIPC(h, int64(buf.n*buf.dt.Size())); err != nil {
-		return fail(err)
+		return err
 	}
 	openEvents := func(s *shared) ([]*cuda.Event, error) {
 		var evs []*cuda.Event
@@ -291,12 +290,12 @@ func (r *IPCRing) connect(ctx context.Context, wait bool) error {
 		return evs, nil
 	}
 	if r.leftEv, err = openEvents(r.left); err != nil {
-		return fail(err)
+		return err
 	}
 	if rr == lr {
 		r.rightEv = r.leftEv
 	} else if r.rightEv, err = openEvents(r.right); err != nil {
-		return fail(err)
+		return err
 	}
 	return nil
 }
