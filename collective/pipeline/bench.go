@@ -185,7 +185,7 @@ type BenchResult struct {
 
 // openBenchDevices opens the GPUs for --device cuda; set by the cuda build.
 // It returns the devices and a function that releases them.
-var openBenchDevices func() ([]Device, func(), error)
+var openBenchDevices func(stages int) ([]Device, func(), error)
 
 // sleepModel waits instead of computing and sends a fixed-size tensor.
 type sleepModel struct {
@@ -329,7 +329,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	}
 	var devs []Device
 	if cfg.Device == DeviceCUDA {
-		d, release, err := openBenchDevices()
+		d, release, err := openBenchDevices(p)
 		if err != nil {
 			return nil, err
 		}
