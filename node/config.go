@@ -87,8 +87,13 @@ type Config struct {
 	// TaskUser is the account exec tasks run as when their spec names none.
 	// Empty means the agent's own user. Running as another user needs root:
 	// an agent that is not root runs every task as itself and refuses specs
-	// that name someone else. `gpumesh agent` defaults it to "nobody".
+	// that name someone else. "dynamic" (DynamicTaskUser) gives every job an
+	// account of its own from TaskUIDs. `gpumesh agent` defaults it to
+	// "dynamic".
 	TaskUser string
+	// TaskUIDs is where dynamic task users' IDs come from. Zero means
+	// DefaultTaskUIDs.
+	TaskUIDs UIDRange
 	// TaskUsersAllowed are the accounts a job's exec.user may name besides
 	// TaskUser; a job naming any other fails with a message saying so.
 	TaskUsersAllowed []string
@@ -217,6 +222,11 @@ func (c *Config) Validate() error {
 	case "", sharding.LifecycleUnknown, sharding.LifecycleSpot, sharding.LifecycleOnDemand:
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
+	}
+	if c.TaskUIDs != (UIDRange{}) {
+		if err := c.TaskUIDs.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("%w (--task-uid-range)", err))
+		}
 	}
 	errs = append(errs, c.Security.Validate())
 	return errors.Join(errs...)

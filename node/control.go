@@ -226,6 +226,15 @@ func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest)
 			}
 		}
 		jid, idx, err := s.a.raft.RegisterJob(ctx, id, spec)
+		var exists *consensus.ServiceExistsError
+		if errors.As(err, &exists) {
+			// Another submission of this name was committed first.
+			var outcome string
+			if outcome, idx, err = s.a.raft.UpdateService(ctx, exists.ID, spec); err == nil {
+				resp = &pb.SubmitJobResponse{Id: exists.ID, Index: idx, Outcome: outcome}
+			}
+			return err
+		}
 		if err == nil {
 			resp = &pb.SubmitJobResponse{Id: jid, Index: idx, Outcome: consensus.SubmitRegistered}
 		}
@@ -429,6 +438,24 @@ func (s *controlServer) UpdateAllocations(ctx context.Context, req *pb.UpdateAll
 	return resp, toStatus(err)
 }
 
+// ReportLoad hands a router's load to the leader (services scaled by load).
+func (s *controlServer) ReportLoad(ctx context.Context, req *pb.ReportLoadRequest) (*pb.ReportLoadResponse, error) {
+	if req.NodeId == "" {
+		return nil, status.Error(codes.InvalidArgument, "report load: a node id is required")
+	}
+	err := s.withLeader(ctx, func(context.Context) error {
+		m := make(map[string]float64, len(req.Services))
+		for _, l := range req.Services {
+			m[l.JobId] = l.InFlight
+		}
+		return s.a.raft.ReportLoad(req.NodeId, m)
+	}, func(ctx context.Context, c pb.ControlClient) error {
+		_, err := c.ReportLoad(ctx, req)
+		return err
+	})
+	return &pb.ReportLoadResponse{}, toStatus(err)
+}
+
 func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRequest) (*pb.RegisterNodeResponse, error) {
 	if req.Node == nil || req.Node.Id == "" {
 		return nil, status.Error(codes.InvalidArgument, "register: a node with an id is required")
@@ -537,21 +564,32 @@ func watchState(ctx context.Context, st stateReader, req *pb.WatchRequest, refre
 }
 
 // servicesEvent is the view of a service router: service jobs that have
-// not ended and their allocations.
+// not ended, their allocations, and the nodes of the live ones (the routers
+// rank replicas by their node's zone).
 func servicesEvent(st stateReader) *pb.WatchEvent {
 	ev := &pb.WatchEvent{Snapshot: true}
+	nodes := map[string]bool{}
 	for _, j := range st.Jobs() {
 		if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) {
 			continue
 		}
 		ev.Jobs = append(ev.Jobs, j)
-		ev.Allocations = append(ev.Allocations, st.Allocations(j.Id)...)
+		for _, al := range st.Allocations(j.Id) {
+			ev.Allocations = append(ev.Allocations, al)
+			if !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+				nodes[al.NodeId] = true
+				if n := st.Node(al.NodeId); n != nil {
+					ev.Nodes = append(ev.Nodes, n)
+				}
+			}
+		}
 	}
 	return ev
 }
 
-// watchEvent is the full current view of one node's allocations (or all,
-// for an empty nodeID) and the jobs they belong to.
+// watchEvent is the full current view of one node's allocations and the
+// jobs they belong to, with the node's own record; for an empty nodeID,
+// every allocation, their jobs, and the nodes of the live ones.
 func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 	ev := &pb.WatchEvent{Snapshot: true}
 	var allocs []*pb.Allocation
@@ -568,12 +606,23 @@ func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 		}
 	}
 	seen := map[string]bool{}
+	var nodes map[string]bool // every node: those of live allocations
+	if nodeID == "" {
+		nodes = map[string]bool{}
+	}
 	for _, al := range allocs {
 		ev.Allocations = append(ev.Allocations, al)
 		if !seen[al.JobId] {
 			seen[al.JobId] = true
 			if j := st.Job(al.JobId); j != nil {
 				ev.Jobs = append(ev.Jobs, j)
+			}
+		}
+		if nodes != nil && !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+			// The routers rank replicas by their node's zone.
+			nodes[al.NodeId] = true
+			if n := st.Node(al.NodeId); n != nil {
+				ev.Nodes = append(ev.Nodes, n)
 			}
 		}
 	}

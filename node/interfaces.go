@@ -95,6 +95,9 @@ type raftServer interface {
 	SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error)
 	UpdateAllocations(ctx context.Context, updates []*pb.Allocation) (uint64, error)
 	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
+	// ReportLoad records a router's load (requests in flight per service
+	// job ID) in the leader's memory, for scaling services by load.
+	ReportLoad(nodeID string, inFlight map[string]float64) error
 
 	TransferLeadership() error
 	TransferLeadershipTo(id string) error

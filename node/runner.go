@@ -80,6 +80,21 @@ type runner struct {
 
 	drivers map[string]driverFunc
 	exec    execState // drivers.go
+
+	uidsOnce sync.Once
+	uidPool  *uidPool // taskuids.go, through uids()
+}
+
+// uids is the pool of dynamic task users (--task-user=dynamic).
+func (r *runner) uids() *uidPool {
+	r.uidsOnce.Do(func() {
+		rg := r.a.cfg.TaskUIDs
+		if rg == (UIDRange{}) {
+			rg = DefaultTaskUIDs
+		}
+		r.uidPool = newUIDPool(mustAbs(r.a.cfg.DataDir), rg)
+	})
+	return r.uidPool
 }
 
 type runningTask struct {

@@ -51,7 +51,7 @@ func (a *Agent) followLocal() error {
 		st := a.raft.State()
 		idx := st.Index()
 		ev := servicesEvent(st)
-		a.router.update(ev.Jobs, ev.Allocations)
+		a.router.update(ev.Jobs, ev.Allocations, ev.Nodes...)
 		ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
 		_, err := st.WaitServices(ctx, idx)
 		cancel()
@@ -85,7 +85,7 @@ func (a *Agent) followRemote() error {
 		if err != nil {
 			return err
 		}
-		a.router.update(ev.Jobs, ev.Allocations)
+		a.router.update(ev.Jobs, ev.Allocations, ev.Nodes...)
 		if a.raft != nil && a.raft.HasState() {
 			return nil // switch to the local replica
 		}
