@@ -25,9 +25,16 @@
 //	go run ./bench/mesh -transport mem -nodes 1000 -trials 10 -steady 10s
 //
 // The CPU-hog soak (10 minutes, 50 real-socket nodes, both cores held by
-// hogs; every death in it is false):
+// hogs; every death in it is false; -hog-nice 5 runs the hogs 5 nicer
+// than the mesh, as the agent's unit runs it at Nice=-5 against its tasks
+// at 0):
 //
-//	go run ./bench/mesh -nodes 50 -load 2 -soak 10m
+//	go run ./bench/mesh -nodes 50 -load 2 -soak 10m [-hog-nice 5]
+//
+// Every trial also reports how long false deaths lasted, and how many
+// lasted the scheduler's NodeLossGrace (-grace, 30 s) or more: a
+// generation with a rank on such a node, seen dead so long by the
+// leader, would be failed for a node loss.
 //
 // -load N starts N child processes (this binary again, with -hog) that
 // spin on a CPU each, to reproduce a machine whose cores other work
