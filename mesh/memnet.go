@@ -160,6 +160,9 @@ type MemStats struct {
 	// Streams: streams this transport dialed; StreamBytes: bytes it wrote
 	// on any stream, dialed or accepted.
 	Streams, StreamBytes uint64
+	// Dropped: packets sent to this transport that its full queue
+	// (MemPacketQueue) dropped, as a full UDP socket buffer does.
+	Dropped uint64
 }
 
 // Bytes returns all bytes sent, packets and streams.
@@ -172,7 +175,7 @@ type MemTransport struct {
 	packetCh chan *memberlist.Packet
 	streamCh chan net.Conn
 
-	packets, packetBytes, streams, streamBytes atomic.Uint64
+	packets, packetBytes, streams, streamBytes, dropped atomic.Uint64
 
 	closeOnce sync.Once
 	done      chan struct{}
@@ -189,11 +192,13 @@ func (a memAddr) String() string  { return string(a) }
 // Addr returns the transport's address, 127.0.0.1:port.
 func (t *MemTransport) Addr() string { return t.addr }
 
-// Stats returns what this transport has sent so far.
+// Stats returns what this transport has sent so far, and the packets
+// its own full queue dropped.
 func (t *MemTransport) Stats() MemStats {
 	return MemStats{
 		Packets: t.packets.Load(), PacketBytes: t.packetBytes.Load(),
 		Streams: t.streams.Load(), StreamBytes: t.streamBytes.Load(),
+		Dropped: t.dropped.Load(),
 	}
 }
 
@@ -246,6 +251,7 @@ func (t *MemTransport) deliver(p *memberlist.Packet) {
 	select {
 	case t.packetCh <- p:
 	default: // full receive buffer: dropped, as UDP does
+		t.dropped.Add(1)
 	}
 }
 

@@ -223,3 +223,26 @@ func TestMemMeshMassJoin(t *testing.T) {
 		}
 	}
 }
+
+// A full receive queue drops packets, and the receiver counts them.
+func TestMemNetworkQueueFullDrops(t *testing.T) {
+	n := mesh.NewMemNetwork()
+	a, b := n.NewTransport(), n.NewTransport()
+	defer a.Shutdown()
+	defer b.Shutdown()
+	const extra = 10
+	for i := 0; i < mesh.MemPacketQueue+extra; i++ {
+		if _, err := a.WriteTo([]byte{1}, b.Addr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := len(drain(b)); got != mesh.MemPacketQueue {
+		t.Fatalf("%d packets queued, want the queue's %d", got, mesh.MemPacketQueue)
+	}
+	if st := b.Stats(); st.Dropped != extra {
+		t.Fatalf("receiver counted %d dropped packets, want %d", st.Dropped, extra)
+	}
+	if st := a.Stats(); st.Dropped != 0 || st.Packets != mesh.MemPacketQueue+extra {
+		t.Fatalf("sender stats %+v", st)
+	}
+}

@@ -197,8 +197,8 @@ func main() {
 		}
 		loads = append(loads, l0, loadavg())
 		all = append(all, r)
-		fmt.Printf("trial %2d: converge %v (CPU %v) | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
-			t, ms(r.converge), ms(r.joinCPU), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
+		fmt.Printf("trial %2d: converge %v (CPU %v, %d packets dropped by full queues) | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
+			t, ms(r.converge), ms(r.joinCPU), r.joinDropped, ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
 			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
 			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], ms(r.longestDead), r.overGrace, r.refutes, r.tcpRescue,
 			bytesRate(r), r.cpuPerNode*1000, l0, loadavg())
@@ -566,7 +566,10 @@ type result struct {
 	bytesPerNode float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
 	cpuPerNode   float64       // steady phase: process CPU seconds per node per second
 	joinCPU      time.Duration // process CPU from the joins to convergence (or the timeout)
-	err          error
+	// joinDropped: packets dropped by full receive queues from the joins
+	// to convergence (memory transport only; -1: not counted).
+	joinDropped int64
+	err         error
 }
 
 var (
@@ -784,7 +787,7 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 		out := rec.res
 		out.converge, out.err = res.converge, res.err
 		out.bytesPerNode, out.cpuPerNode = res.bytesPerNode, res.cpuPerNode
-		out.detect, out.joinCPU = res.detect, res.joinCPU
+		out.detect, out.joinCPU, out.joinDropped = res.detect, res.joinCPU, res.joinDropped
 		if !rec.killed.IsZero() {
 			if !rec.firstSusp.IsZero() {
 				out.suspect = rec.firstSusp.Sub(rec.killed)
@@ -801,6 +804,13 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 	}
 	converged := waitAll(ctx, ms, func(m *mesh.Mesh) bool { return m.NumAlive() == n })
 	res.joinCPU = cpuTime() - startCPU
+	res.joinDropped = -1
+	if memNet != nil {
+		res.joinDropped = 0
+		for _, tr := range trs {
+			res.joinDropped += int64(tr.Stats().Dropped)
+		}
+	}
 	if !converged {
 		res.err = fmt.Errorf("not converged after %v: alive counts %v", timeout, counts(ms))
 		return finish()
