@@ -121,6 +121,17 @@ func (c *Communicator) Err() error {
 	return nil
 }
 
+// Done is closed when the communicator fails or is closed; Err then says
+// why. A failure may arrive with no operation in flight (a peer aborted the
+// group, or its node went away).
+func (c *Communicator) Done() <-chan struct{} { return c.ctx.Done() }
+
+// Abort fails the communicator with cause as a failed operation does: the
+// peers are told, so their pending and later operations fail at once
+// instead of at the collective timeout. Safe to call at any time; a no-op
+// once the communicator failed or closed.
+func (c *Communicator) Abort(cause error) { c.fail(cause) }
+
 // Close releases the communicator's links and goroutines. It does not wait
 // for operations in flight (they fail with ErrClosed). Safe to call twice.
 func (c *Communicator) Close() error {
