@@ -126,6 +126,8 @@ func (r *fakeRing) AllReduce(ctx context.Context, op Op) error {
 	return nil
 }
 
+func (r *fakeRing) Closed() bool { return r.closes.Load() > 0 }
+
 func (r *fakeRing) Close() error {
 	r.closes.Add(1)
 	r.host.mu.Lock()
@@ -214,10 +216,25 @@ func TestSameHostRingAgreedOncePerBuffer(t *testing.T) {
 	if bufs[1].made.Load() != 2 {
 		t.Fatalf("after ForgetBuffer: %d rings made, want 2", bufs[1].made.Load())
 	}
+	// A ring its buffer closed (a freed buffer) is dropped at the next
+	// agreement.
+	for _, b := range other {
+		b.rings[0].Close()
+	}
+	third := sameHostBufs(h, 3, 77)
+	sameAlgo(t, allReduceSameHost(t, g.Comms, third), AlgoNameSameHost)
+	for r, c := range g.Comms {
+		c.sameHostMu.Lock()
+		_, kept := c.sameHost[other[r]]
+		c.sameHostMu.Unlock()
+		if kept {
+			t.Fatalf("rank %d still keeps the closed ring of a freed buffer", r)
+		}
+	}
 	// Close closes every ring still agreed.
 	g.Close()
-	for r := range other {
-		if c := other[r].rings[0].closes.Load(); c != 1 {
+	for r := range third {
+		if c := third[r].rings[0].closes.Load(); c != 1 {
 			t.Fatalf("rank %d: ring closed %d times by Communicator.Close, want 1", r, c)
 		}
 	}
