@@ -138,7 +138,7 @@ func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, id string, spe
 	if _, ok := st.jobs[id]; ok {
 		return fmt.Errorf("%w: %s", ErrJobExists, id)
 	}
-	st.jobs[id] = &controlpb.Job{
+	st.putJobLocked(&controlpb.Job{
 		Id:          id,
 		Spec:        spec,
 		Status:      JobPending,
@@ -146,7 +146,7 @@ func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, id string, spe
 		StatusTime:  now,
 		CreateIndex: idx,
 		ModifyIndex: idx,
-	}
+	})
 	f.events.job(id)
 	return id
 }
@@ -184,7 +184,7 @@ func (f *FSM) stopJob(idx uint64, now *timestamppb.Timestamp, id string) any {
 		nj.StatusTime = now
 	}
 	nj.ModifyIndex = idx
-	st.jobs[id] = nj
+	st.putJobLocked(nj)
 	for _, a := range st.allocsByJob[id] {
 		if a.DesiredStatus != DesiredStop {
 			na := proto.Clone(a).(*controlpb.Allocation)
@@ -364,7 +364,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 		nj.NextAttemptTime = p.NextAttemptTime
 		nj.EndCause = p.EndCause
 		nj.ModifyIndex = idx
-		st.jobs[nj.Id] = nj
+		st.putJobLocked(nj)
 		for _, id := range p.StopAllocIds {
 			if a := st.allocs[id]; a != nil && a.DesiredStatus != DesiredStop {
 				na := proto.Clone(a).(*controlpb.Allocation)

@@ -473,7 +473,13 @@ func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRe
 }
 
 // Watch streams the allocations of one node and their jobs: everything
-// current first, then a new full view of that node after every change.
+// current first, then a new full view of that node after every change to
+// it, and again after watchRefresh without one. Only changes to the
+// node's own view wake its stream (consensus.StateStore.WaitNode), so a
+// server holding a watcher per node does not wake them all on every
+// entry; a stream that falls behind gets the latest view, not each one in
+// between. With no node, every allocation (or, with Services, only the
+// services') is sent after each change to it.
 func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.WatchEvent]) error {
 	ctx := stream.Context()
 	a := s.a
@@ -504,22 +510,81 @@ func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingS
 			}
 		}
 	}
-	after := req.AfterIndex
+	return toStatus(watchState(ctx, a.raft.State(), req, watchRefresh, stream.Send))
+}
+
+// watchRefresh is how long a node's watch stream goes without a view: a
+// view is sent again after it even if nothing changed, so that what its
+// agent decides with time (a rank adopted after a restart and still
+// missing from the view is stopped after adoptWait) happens without a
+// change to wake it.
+const watchRefresh = 30 * time.Second
+
+// watchState sends views of st as the Watch request asks until ctx ends or
+// send fails: the first at once (unless req.AfterIndex says the watcher
+// has seen the current one), then one after each change to the view,
+// and, for a node's view, after refresh without one.
+func watchState(ctx context.Context, st stateReader, req *pb.WatchRequest, refresh time.Duration, send func(*pb.WatchEvent) error) error {
+	wait := st.WaitIndex
+	view := func() *pb.WatchEvent { return watchEvent(st, req.NodeId) }
+	switch {
+	case req.NodeId != "":
+		wait = func(ctx context.Context, after uint64) (uint64, error) { return st.WaitNode(ctx, req.NodeId, after) }
+	case req.Services:
+		wait, view, refresh = st.WaitServices, func() *pb.WatchEvent { return servicesEvent(st) }, 0
+	default:
+		refresh = 0
+	}
+	after, first := req.AfterIndex, req.AfterIndex == 0
 	for {
-		st := a.raft.State()
-		idx := st.Index()
-		if idx > after || after == 0 {
-			ev := watchEvent(st, req.NodeId)
-			ev.Index = idx
-			if err := stream.Send(ev); err != nil {
+		if !first {
+			wctx, cancel := ctx, context.CancelFunc(func() {})
+			if refresh > 0 {
+				wctx, cancel = context.WithTimeout(ctx, refresh)
+			}
+			_, err := wait(wctx, after)
+			cancel()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil && wctx.Err() == nil {
 				return err
 			}
-			after = idx
 		}
-		if _, err := st.WaitIndex(ctx, after); err != nil {
-			return toStatus(err)
+		// The index is read before the view: a change after it wakes
+		// the next wait, so none is missed.
+		idx := st.Index()
+		ev := view()
+		ev.Index = idx
+		if err := send(ev); err != nil {
+			return err
+		}
+		after, first = idx, false
+	}
+}
+
+// servicesEvent is the view of a service router: service jobs that have
+// not ended, their allocations, and the nodes of the live ones (the routers
+// rank replicas by their node's zone).
+func servicesEvent(st stateReader) *pb.WatchEvent {
+	ev := &pb.WatchEvent{Snapshot: true}
+	nodes := map[string]bool{}
+	for _, j := range st.Jobs() {
+		if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) {
+			continue
+		}
+		ev.Jobs = append(ev.Jobs, j)
+		for _, al := range st.Allocations(j.Id) {
+			ev.Allocations = append(ev.Allocations, al)
+			if !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+				nodes[al.NodeId] = true
+				if n := st.Node(al.NodeId); n != nil {
+					ev.Nodes = append(ev.Nodes, n)
+				}
+			}
 		}
 	}
+	return ev
 }
 
 // watchEvent is the full current view of one node's allocations and the

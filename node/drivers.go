@@ -173,7 +173,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		ID:      id,
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
-		Env:     append(env, checkpointEnv(spec, env, allocDir)...),
+		Env:     append(env, checkpointEnv(spec, env)...),
 		User:    user,
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {

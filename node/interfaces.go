@@ -54,6 +54,12 @@ type stateReader interface {
 	AllocationsByNode(nodeID string) []*pb.Allocation
 	Index() uint64
 	WaitIndex(ctx context.Context, after uint64) (uint64, error)
+	// WaitNode waits for a change to one node's view (its record, its
+	// allocations, their jobs) after index after.
+	WaitNode(ctx context.Context, nodeID string, after uint64) (uint64, error)
+	// WaitServices waits for a change to a service job or its
+	// allocations after index after.
+	WaitServices(ctx context.Context, after uint64) (uint64, error)
 }
 
 // raftServer is what the agent needs of package consensus (adapted in

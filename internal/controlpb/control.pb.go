@@ -2781,11 +2781,19 @@ func (x *AgentInfoResponse) GetFleetStatus() string {
 }
 
 // Watch streams the allocations of one node (or all, when node_id is empty)
-// and the jobs they belong to: first everything current, then each change.
+// and the jobs they belong to: first everything current, then a new full
+// view after each change to it (a node's view changes with its own record,
+// its allocations and their jobs; changes elsewhere send nothing). Views
+// are coalesced: a watcher that falls behind gets the latest, not every
+// one in between.
 type WatchRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	AfterIndex    uint64                 `protobuf:"varint,2,opt,name=after_index,json=afterIndex,proto3" json:"after_index,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	NodeId     string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	AfterIndex uint64                 `protobuf:"varint,2,opt,name=after_index,json=afterIndex,proto3" json:"after_index,omitempty"`
+	// services (with node_id empty) limits the view to service jobs that
+	// have not ended and their allocations, sent only when one of them
+	// changes: what a service router needs.
+	Services      bool `protobuf:"varint,3,opt,name=services,proto3" json:"services,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2832,6 +2840,13 @@ func (x *WatchRequest) GetAfterIndex() uint64 {
 		return x.AfterIndex
 	}
 	return 0
+}
+
+func (x *WatchRequest) GetServices() bool {
+	if x != nil {
+		return x.Services
+	}
+	return false
 }
 
 type WatchEvent struct {
@@ -3799,11 +3814,12 @@ const file_control_proto_rawDesc = "" +
 	"\x0fleader_rpc_addr\x18\x04 \x01(\tR\rleaderRpcAddr\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x12\x18\n" +
 	"\aversion\x18\x06 \x01(\tR\aversion\x12!\n" +
-	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"H\n" +
+	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"d\n" +
 	"\fWatchRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vafter_index\x18\x02 \x01(\x04R\n" +
-	"afterIndex\"\xc5\x01\n" +
+	"afterIndex\x12\x1a\n" +
+	"\bservices\x18\x03 \x01(\bR\bservices\"\xc5\x01\n" +
 	"\n" +
 	"WatchEvent\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x128\n" +
