@@ -55,7 +55,13 @@ type Communicator struct {
 	active   atomic.Int32
 
 	scratch []byte // recursive doubling, under opMu
-	barrier *HostBuffer
+
+	// sameHost: the agreed same-host ring of each buffer seen (samehost.go);
+	// written under opMu and sameHostMu, read under either.
+	sameHostMu sync.Mutex
+	sameHost   map[Buffer]*sameHostEntry
+	lastAlgo   string // algorithm of the last AllReduce, under opMu
+	barrier    *HostBuffer
 
 	wg        sync.WaitGroup
 	closed    atomic.Bool
@@ -115,6 +121,17 @@ func (c *Communicator) Err() error {
 	return nil
 }
 
+// Done is closed when the communicator fails or is closed; Err then says
+// why. A failure may arrive with no operation in flight (a peer aborted the
+// group, or its node went away).
+func (c *Communicator) Done() <-chan struct{} { return c.ctx.Done() }
+
+// Abort fails the communicator with cause as a failed operation does: the
+// peers are told, so their pending and later operations fail at once
+// instead of at the collective timeout. Safe to call at any time; a no-op
+// once the communicator failed or closed.
+func (c *Communicator) Abort(cause error) { c.fail(cause) }
+
 // Close releases the communicator's links and goroutines. It does not wait
 // for operations in flight (they fail with ErrClosed). Safe to call twice.
 func (c *Communicator) Close() error {
@@ -127,6 +144,7 @@ func (c *Communicator) Close() error {
 		})
 		close(c.stop)
 		c.wg.Wait()
+		c.closeSameHost()
 		_ = c.ep.Close()
 	})
 	return nil

@@ -63,6 +63,11 @@ type Config struct {
 
 	// EncryptKey is the base64 gossip encryption key (32 bytes), or empty.
 	EncryptKey string
+	// ExpectNodes is the fleet size this node's gossip is tuned for
+	// (mesh.Config.ExpectedSize; 0: small, tuned as the mesh grows where
+	// it can be). Failure detection settings are fixed when the agent
+	// starts: give the fleet's size to agents of a large fleet.
+	ExpectNodes int
 
 	// MaxRanksPerNode caps the ranks (of all jobs) placed on this node; zero
 	// means the number of CPU cores.
@@ -171,6 +176,9 @@ func (c *Config) Validate() error {
 		if p < 0 || p > 65535 {
 			errs = append(errs, fmt.Errorf("%s port %d is out of range 0..65535", name, p))
 		}
+	}
+	if c.ExpectNodes < 0 {
+		errs = append(errs, fmt.Errorf("expect-nodes must be >= 0, got %d", c.ExpectNodes))
 	}
 	if c.Server && c.BootstrapExpect < 1 {
 		errs = append(errs, fmt.Errorf("bootstrap-expect must be >= 1, got %d", c.BootstrapExpect))

@@ -144,7 +144,7 @@ func (r *runner) watchLocal() error {
 		r.reconcile(watchEvent(st, r.a.nodeID))
 		after = idx
 		waitCtx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
-		_, err := st.WaitIndex(waitCtx, after)
+		_, err := st.WaitNode(waitCtx, r.a.nodeID, after)
 		cancel()
 		if r.ctx.Err() != nil {
 			return r.ctx.Err()

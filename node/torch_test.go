@@ -149,8 +149,11 @@ func TestTorchDDPOnMeshMatchesGloo(t *testing.T) {
 	needTorch(t)
 	script := repoPath(t, "examples/ddp/train.py")
 	ref := t.TempDir()
+	// Hidden layers of 512: DDP's gradient buckets (1 MiB) are large
+	// enough to move into agent-mapped segments, so the zero-copy path is
+	// what is compared.
 	cmd := exec.Command("/usr/bin/torchrun", "--standalone", "--nproc_per_node", "3", "--redirects", "1", "--tee", "1",
-		script, "--backend", "gloo", "--out", ref)
+		script, "--backend", "gloo", "--hidden", "512", "--out", ref)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("torchrun with gloo: %v\n%s", err, out)
 	}
@@ -162,7 +165,7 @@ func TestTorchDDPOnMeshMatchesGloo(t *testing.T) {
 	// Attempts: a generation may fail before training when another process
 	// on this machine holds the job's MASTER_PORT; the last one writes the
 	// outputs.
-	id := torchJob(t, c, 3, "spread", 2, script, "--backend", "gpumesh", "--out", got)
+	id := torchJob(t, c, 3, "spread", 2, script, "--backend", "gpumesh", "--hidden", "512", "--out", got)
 	final := waitJob(t, c, id, 120*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
 	if final.Job.Status != "complete" {
 		t.Fatalf("job %s (%s):\n%s", final.Job.Status, final.Job.StatusReason, taskStderr(dc))
@@ -227,7 +230,9 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 	script := repoPath(t, "examples/ddp/train.py")
 	// Attempts: a generation may also fail before training when another
 	// process on this machine holds the job's MASTER_PORT.
-	id := torchJob(t, c, 3, "spread", 3, script, "--backend", "gpumesh", "--steps", "60", "--step-sleep", "0.05")
+	// Hidden layers of 512: the gradient buckets live in agent-mapped
+	// segments (zero copy), which must not leak either.
+	id := torchJob(t, c, 3, "spread", 3, script, "--backend", "gpumesh", "--steps", "60", "--step-sleep", "0.05", "--hidden", "512")
 	// Wait until every rank trains, then kill the node of a rank that is
 	// not the leader.
 	var victim *Agent
@@ -316,18 +321,23 @@ func TestTorchCollectivesAgainstReference(t *testing.T) {
 	needTorch(t)
 	dc := startTorchCluster(t, 3)
 	c := client(t, follower(dc))
-	script := repoPath(t, "python/tests/check_collectives.py")
 	// One after the other, so that the second job's two ranks fit on one
 	// node (a node takes as many ranks as it has cores: 2 here).
+	// check_zerocopy.py: the same for host tensors moved into agent-mapped
+	// segments (python/gpumesh/_zerocopy.py).
 	for _, tc := range []struct {
-		ranks     int
-		placement string
-		nodes     int
-	}{{3, "spread", 3}, {2, "pack", 1}} {
-		id := torchJob(t, c, tc.ranks, tc.placement, 2, script)
+		script, ok string
+		ranks      int
+		placement  string
+		nodes      int
+	}{
+		{"check_collectives.py", "ALL OK", 3, "spread", 3}, {"check_collectives.py", "ALL OK", 2, "pack", 1},
+		{"check_zerocopy.py", "ZEROCOPY OK", 3, "spread", 3}, {"check_zerocopy.py", "ZEROCOPY OK", 2, "pack", 1},
+	} {
+		id := torchJob(t, c, tc.ranks, tc.placement, 2, repoPath(t, "python/tests/"+tc.script))
 		final := waitJob(t, c, id, 180*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })
 		logs := rankLogs(t, c, id, tc.ranks, final.Job.Generation)
-		if final.Job.Status != "complete" || strings.Count(logs, "ALL OK") != tc.ranks {
+		if final.Job.Status != "complete" || strings.Count(logs, tc.ok) != tc.ranks {
 			t.Fatalf("job of %d ranks: %s (%s):\n%s\n%s", tc.ranks, final.Job.Status, final.Job.StatusReason, logs, taskStderr(dc))
 		}
 		nodes := map[string]bool{}
@@ -339,7 +349,18 @@ func TestTorchCollectivesAgainstReference(t *testing.T) {
 		if len(nodes) != tc.nodes {
 			t.Fatalf("%d ranks ran on %d nodes, want %d", tc.ranks, len(nodes), tc.nodes)
 		}
-		t.Logf("%d ranks on %d nodes: all checks passed", tc.ranks, len(nodes))
+		t.Logf("%s, %d ranks on %d nodes: all checks passed", tc.script, tc.ranks, len(nodes))
+	}
+	for _, a := range dc.Agents {
+		poll.Until(t, 10*time.Second, func() error {
+			if l := a.local.srv.Live(); l != (localapi.Live{}) {
+				return fmt.Errorf("agent %s still holds %+v", a.Name(), l)
+			}
+			return nil
+		})
+	}
+	if n := mappedSegments(t); n != 0 {
+		t.Fatalf("%d gpumesh shared-memory segments are still mapped by the agents", n)
 	}
 }
 

@@ -2,9 +2,10 @@
 # Runs the PyTorch backend's checks on whatever PyTorch the machine has
 # (the GPU machines have 2.x; CI and the dev machine run them through
 # `go test ./node -run Torch` with Debian's 1.13): a 2-agent `gpumesh dev`
-# cluster, then python/tests/check_collectives.py as a 3-rank and a 2-rank
-# exec job and examples/ddp/train.py with CUDA tensors staged through host
-# memory when a GPU is present.
+# cluster, then python/tests/check_collectives.py and check_zerocopy.py as
+# 3-rank and 2-rank exec jobs, check_idle_failure.py with 2 ranks, and
+# examples/ddp/train.py with CUDA tensors staged through host memory when a
+# GPU is present.
 #
 # Usage: scripts/torch-check.sh GPUMESH_BINARY [PYTHON]     (from the repository root)
 set -eu
@@ -31,5 +32,8 @@ run() { # ranks script args...
 }
 run 3 python/tests/check_collectives.py
 run 2 python/tests/check_collectives.py
+run 3 python/tests/check_zerocopy.py
+run 2 python/tests/check_zerocopy.py
+run 2 python/tests/check_idle_failure.py
 run 2 examples/ddp/train.py --backend gpumesh --steps 20
 [ "$fail" = 0 ] && echo "TORCH CHECK OK" || { echo "TORCH CHECK FAILED"; exit 1; }

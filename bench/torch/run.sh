@@ -2,20 +2,24 @@
 # The PyTorch backend's benchmarks, side by side in one run on one machine:
 #  1. exposed communication of a DDP step (Linear 4096x4096 x6, batch 2, one
 #     thread per rank): step time with 2 ranks minus step time with 1 rank,
-#     for Gloo (torchrun --standalone) and gpumesh (an exec job on a 2-agent
-#     `gpumesh dev` cluster, one rank per agent);
-#  2. dist.all_reduce busbw through the gpumesh backend against the built-in
-#     allreduce job on the same cluster (same ranks, default channels).
+#     for gpumesh and Gloo. bench/torch/ddp_ab.py runs both in the same
+#     processes (an exec job on a 2-agent `gpumesh dev` cluster, one rank per
+#     agent; Gloo as a second process group), alternating steps;
+#  2. dist.all_reduce busbw through the gpumesh backend (zero copy, and
+#     staged with GPUMESH_ZERO_COPY=0) and Gloo, alternating in the same
+#     processes (bench/torch/allreduce_ab.py), then the built-in allreduce
+#     job on the same cluster (same ranks, default channels).
+# Every measurement runs ROUNDS times (default 3); the summary gives the
+# median over rounds and each round's figure, with the load average.
 #
-# Usage: bench/torch/run.sh GPUMESH_BINARY [OUTDIR]     (from the repository root)
-# Needs /usr/bin/python3 with PyTorch and /usr/bin/torchrun.
+# Usage: [ROUNDS=n] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]     (from the repository root)
+# Needs /usr/bin/python3 with PyTorch.
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-bench}
 ROOT=$(pwd) PY=/usr/bin/python3
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
-TR="/usr/bin/torchrun --standalone --redirects 1 --tee 1"
 
 "$BIN" dev --nodes 2 --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
 DEV=$!
@@ -25,57 +29,71 @@ export GPUMESH_ADDR=$(sed -n 's/.*export GPUMESH_ADDR=//p' "$OUT/dev.log")
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# job NAME RANKS ARGS...: runs SCRIPT as a gpumesh exec job, prints rank 0's stdout.
+# job SCRIPT RANKS [ENV=V...] -- ARGS...: runs SCRIPT as a gpumesh exec job,
+# prints rank 0's stdout.
 job() {
   local script=$1 ranks=$2; shift 2
-  local args="" a
+  local envs="" args="" a
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do envs="$envs, \"$1\""; shift; done
+  [ $# -gt 0 ] && shift
   for a in "$@"; do args="$args, \"$a\""; done
   local id
   # MASTER_PORT: a free port of our own (the scheduler's pick may be held by
   # another torch process on a shared machine).
-  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
+  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s"%s, "%s", "%s"%s]\n' \
+        "$ranks" "$ROOT" "$(free_port)" "$envs" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job logs "$id" --rank 0
 }
 
-for w in 1 2; do
-  $TR --nproc_per_node $w bench/torch/ddp_step.py --backend gloo 2>/dev/null | grep -o '{.*}' >"$OUT/ddp_gloo_$w.json"
-  job bench/torch/ddp_step.py $w --backend gpumesh | grep -o '{.*}' >"$OUT/ddp_gpumesh_$w.json"
+ROUNDS=${ROUNDS:-3}
+for r in $(seq "$ROUNDS"); do
+  echo "round $r: load $(cut -d' ' -f1-3 /proc/loadavg)"
+  for w in 1 2; do
+    job bench/torch/ddp_ab.py $w | grep -o '{.*}' >>"$OUT/ddp_$w.json"
+  done
+  job bench/torch/allreduce_ab.py 2 | grep -o '{.*}' >>"$OUT/ar.json"
+  printf 'name: ar\ntype: allreduce\nranks: 2\nplacement: spread\nallreduce: {sizes: [16MiB, 64MiB, 256MiB], dtype: float32, iters: 10, device: cpu}\n' |
+    "$BIN" job run - --wait --json >>"$OUT/ar_builtin.json"
 done
-job bench/torch/allreduce_bw.py 2 --backend gpumesh | grep -o '{.*}' >"$OUT/ar_gpumesh.json"
-printf 'name: ar\ntype: allreduce\nranks: 2\nplacement: spread\nallreduce: {sizes: [16MiB, 64MiB, 256MiB], dtype: float32, iters: 10, device: cpu}\n' |
-  "$BIN" job run - --wait --json >"$OUT/ar_builtin.json"
-$TR --nproc_per_node 2 bench/torch/allreduce_bw.py --backend gloo 2>/dev/null | grep -o '{.*}' >"$OUT/ar_gloo.json"
+echo "end: load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 "$PY" - "$OUT" <<'PYEOF'
-import json, os, re, sys
+import json, os, statistics, sys
 out = sys.argv[1]
-def one(name):
-    return json.loads(open(os.path.join(out, name)).read().strip().splitlines()[-1])
-print("\nDDP step (Linear 4096x4096 x6, batch 2, 1 thread per rank), median seconds")
-print("backend   1 rank   2 ranks  exposed")
+med = statistics.median
+def lines(name):
+    return [json.loads(l) for l in open(os.path.join(out, name)) if l.strip()]
+def fmt(xs):
+    return f"{med(xs):6.3f} ({' '.join(f'{x:.3f}' for x in xs)})"
+print("\nDDP step (Linear 4096x4096 x6, batch 2, 1 thread per rank), seconds: median over rounds (each round's median)")
+step = {(r["backend"], r["world"]): [] for r in lines("ddp_1.json") + lines("ddp_2.json")}
+for r in lines("ddp_1.json") + lines("ddp_2.json"):
+    step[(r["backend"], r["world"])].append(r["step_s"])
 exp = {}
 for b in ("gloo", "gpumesh"):
-    s1, s2 = one(f"ddp_{b}_1.json")["step_s"], one(f"ddp_{b}_2.json")["step_s"]
-    exp[b] = s2 - s1
-    print(f"{b:8s} {s1:7.3f}  {s2:7.3f}  {s2 - s1:7.3f}")
-print(f"gpumesh exposes {exp['gpumesh'] / exp['gloo']:.2f} of Gloo's communication (target <= 0.67)")
-print("\nall_reduce busbw, 2 ranks, GB/s")
-ours = {r["size_mib"]: r["busbw_gbps"] for r in map(json.loads, open(os.path.join(out, "ar_gpumesh.json")).read().split("\n") if False else [])}
-ours = {}
-for line in open(os.path.join(out, "ar_gpumesh.json")):
-    if line.strip():
-        r = json.loads(line); ours[r["size_mib"]] = r["busbw_gbps"]
-gloo = {}
-for line in open(os.path.join(out, "ar_gloo.json")):
-    if line.strip():
-        r = json.loads(line); gloo[r["size_mib"]] = r["busbw_gbps"]
-builtin = {}
-txt = open(os.path.join(out, "ar_builtin.json")).read()
-for m in re.finditer(r'"size":\s*"(\d+)MiB".*?"busbw_gbps":\s*"([\d.]+)"', txt, re.S):
-    builtin.setdefault(int(m.group(1)), float(m.group(2)))
-print("size     torch->gpumesh  builtin job  ratio   gloo")
-for mib in sorted(ours):
-    b = builtin.get(mib, float("nan"))
-    print(f"{mib:4d}MiB  {ours[mib]:13.2f}  {b:11.2f}  {ours[mib] / b:5.2f}  {gloo.get(mib, float('nan')):5.2f}")
+    s1, s2 = step[(b, 1)], step[(b, 2)]
+    exp[b] = [y - x for x, y in zip(s1, s2)]
+    print(f"{b:8s} 1 rank {fmt(s1)}  2 ranks {fmt(s2)}  exposed {fmt(exp[b])}")
+ratios = [g / l for g, l in zip(exp["gpumesh"], exp["gloo"])]
+print(f"gpumesh exposes {med(exp['gpumesh']) / med(exp['gloo']):.2f} of Gloo's communication "
+      f"(medians; per round {' '.join(f'{x:.2f}' for x in ratios)}; target <= 0.67)")
+bw = {}
+for r in lines("ar.json"):
+    bw.setdefault((r["backend"], r["size_mib"]), []).append(r["busbw_gbps"])
+# The built-in job's results: rank 0's rows of each run.
+txt, pos, dec = open(os.path.join(out, "ar_builtin.json")).read(), 0, json.JSONDecoder()
+while pos < len(txt.rstrip()):
+    while txt[pos].isspace():
+        pos += 1
+    doc, pos = dec.raw_decode(txt, pos)
+    for al in doc.get("allocations", []):
+        if al.get("rank") == 0 and al.get("result"):
+            for row in al["result"]["results"]:
+                bw.setdefault(("builtin", row["bytes"] >> 20), []).append(row["busbw_gbps"])
+print("\nall_reduce busbw, 2 ranks, GB/s: median over rounds (ratio zero-copy/builtin: of medians, and per round)")
+print("size     zero-copy  staged  builtin job  ratio                  gloo")
+for mib in sorted({k[1] for k in bw if k[0] == "gpumesh"}):
+    z, st, b, g = (bw.get((k, mib), [float("nan")]) for k in ("gpumesh", "gpumesh-staged", "builtin", "gloo"))
+    per = " ".join(f"{x / y:.2f}" for x, y in zip(z, b))
+    print(f"{mib:4d}MiB  {med(z):9.2f}  {med(st):6.2f}  {med(b):11.2f}  {med(z) / med(b):5.2f} ({per})  {med(g):5.2f}")
 PYEOF

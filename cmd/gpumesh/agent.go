@@ -118,6 +118,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
 	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
 	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (make one with: openssl rand -base64 32)")
+	fl.IntVar(&c.ExpectNodes, "expect-nodes", 0, "fleet size to tune gossip failure detection for (more indirect probes and suspicion confirmations above 64, 256 nodes); fixed at start, 0: small")
 	fl.StringVar(&f.encFile, "encrypt-file", "", "file holding the gossip encryption key (keeps it out of the process list)")
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")

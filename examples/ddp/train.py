@@ -27,6 +27,7 @@ p.add_argument("--backend", default="gpumesh")
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--batch", type=int, default=8, help="samples per rank and step")
 p.add_argument("--out", default="")
+p.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
 p.add_argument("--step-sleep", type=float, default=0.0, help="(tests) seconds to wait after each step")
 args = p.parse_args()
 
@@ -38,7 +39,8 @@ dist.init_process_group(args.backend)
 rank, world = dist.get_rank(), dist.get_world_size()
 
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+h = args.hidden
+model = nn.Sequential(nn.Linear(16, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 4))
 ddp = DDP(model)
 opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 

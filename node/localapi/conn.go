@@ -25,6 +25,7 @@ type conn struct {
 
 	hello *Hello
 	comm  *collective.Communicator
+	bye   bool // the client said BYE (read loop only)
 
 	wmu sync.Mutex // one reply at a time
 
@@ -94,6 +95,17 @@ func (cn *conn) serve() {
 		}
 		cn.workers.Wait()
 		if cn.comm != nil {
+			if !cn.bye {
+				// The process died (or dropped the connection) without
+				// destroying its group: the peers must not wait for it
+				// until their collective timeout.
+				why := "its process ended without destroying the process group (it died or was killed)"
+				if errors.Is(context.Cause(cn.ctx), ErrClosed) {
+					why = "its agent is shutting down"
+				}
+				cn.comm.Abort(fmt.Errorf("%w: rank %d (group %q rank %d) of job %s: %s",
+					collective.ErrPeerFailed, cn.hello.Rank, cn.hello.GroupID, cn.hello.GroupRank, cn.hello.Job, why))
+			}
 			_ = cn.comm.Close()
 		}
 		cn.rmu.Lock()
@@ -138,6 +150,9 @@ func (cn *conn) serve() {
 	if err := cn.reply(Reply{Type: MsgWelcome}); err != nil {
 		return
 	}
+	cn.workers.Add(1)
+	cn.s.goCount.Add(1)
+	go cn.watchComm()
 	_ = cn.c.SetReadDeadline(time.Time{})
 	for {
 		pkt, fds, err := recvPacket(cn.c, buf, oob)
@@ -153,6 +168,25 @@ func (cn *conn) serve() {
 			return
 		}
 	}
+}
+
+// watchComm tells the client when its group fails while the connection is
+// open, in flight or idle (a peer died or aborted): FAILED, unasked, so
+// that the client fails at once instead of at its next operation's
+// timeout.
+func (cn *conn) watchComm() {
+	defer cn.workers.Done()
+	defer cn.s.goCount.Add(-1)
+	select {
+	case <-cn.comm.Done():
+	case <-cn.ctx.Done():
+		return
+	}
+	err := cn.comm.Err()
+	if err == nil || errors.Is(err, collective.ErrClosed) || cn.ctx.Err() != nil {
+		return
+	}
+	_ = cn.reply(Reply{Type: MsgFailed, Status: StatusFailed, Message: err.Error()})
 }
 
 // attach authorizes the hello and creates the group's communicator.
@@ -238,6 +272,9 @@ func (cn *conn) handle(pkt []byte, fds []int) error {
 		return fmt.Errorf("%w: a second hello", ErrProtocol)
 	case req.Register != nil:
 		return cn.register(req.Register, fds)
+	case req.Bye:
+		cn.bye = true
+		return nil
 	case req.Unregister != nil:
 		cn.rmu.Lock()
 		if r := cn.regions[*req.Unregister]; r != nil {

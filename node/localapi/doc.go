@@ -17,15 +17,20 @@
 // (REGISTER). Holding the descriptor proves the client owns the memory, and
 // the seal means the agent's mapping cannot fault later. Operations name
 // elements of registered regions; the agent runs them in place in the
-// mapping. The wire format is written out in proto.go.
+// mapping (the Python client moves reused tensors' storage into such
+// regions, so DDP's buckets are reduced where they are). The wire format
+// is written out in proto.go.
 //
 // Operations are asynchronous: each is answered by one DONE when it ends.
 // Collectives run one at a time in issue order; sends and receives run in
 // order per peer and direction, beside them. A failure of the data plane
 // (dead peer, timeout, mismatch) fails the operation with a message and
 // leaves the group unusable, as NCCL does; the client raises it. A client
-// that closes its connection with operations in flight aborts the group, so
-// its peers fail at once instead of waiting for the collective timeout.
+// that closes its connection without saying BYE first (its process died),
+// or with operations in flight, aborts the group, so its peers fail at once
+// instead of waiting for the collective timeout; and a group that fails
+// while its connection is open, even idle, is reported to the client unasked
+// (FAILED), so its next operation raises at once.
 // A client that sends garbage, a wrong secret or memory it cannot prove it
 // owns gets an error; nothing it sends can crash or wedge the agent (the
 // decoder is fuzzed).

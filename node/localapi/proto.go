@@ -25,11 +25,14 @@ import (
 //	OP (4)         u8 type, u8 kind, u8 dtype, u8 reduce op, i32 peer or root,
 //	               u64 op id, u64 tag, then two buffers A and B, each
 //	               u64 region id, u64 byte offset, u64 element count
+//	BYE (5)        u8 type, 7×0: the client is about to close the connection
+//	               on purpose (destroying its group); without it, a closed
+//	               connection means the rank's process died
 //
 // Agent to client:
 //
 //	WELCOME (0x81)              u8 type, u8 version, u16 0, u32 0
-//	REGISTERED (0x82), DONE (0x84), ERROR (0x8f)
+//	REGISTERED (0x82), DONE (0x84), FAILED (0x85), ERROR (0x8f)
 //	                            u8 type, u8 status, u16 len(msg), u32 0, u64 id, msg
 //
 // The first message must be HELLO; the agent answers WELCOME or ERROR (and
@@ -37,7 +40,11 @@ import (
 // with the op's id. Collectives run one at a time in the order they were
 // sent; sends and receives run in order per peer and direction, beside the
 // collectives. ERROR ends the connection; closing the connection aborts
-// every operation in flight.
+// every operation in flight, and closing it without BYE also aborts the
+// group, so that the peers learn at once that this rank is gone. FAILED
+// (id 0) comes unasked when the group fails while the connection is open
+// (a peer died or aborted, even with nothing in flight): every later
+// operation will fail, and the client can say so at once.
 //
 // Op kinds and their buffers (counts in elements of dtype):
 //
@@ -61,10 +68,12 @@ const (
 	MsgRegister   = 2
 	MsgUnregister = 3
 	MsgOp         = 4
+	MsgBye        = 5
 
 	MsgWelcome    = 0x81
 	MsgRegistered = 0x82
 	MsgDone       = 0x84
+	MsgFailed     = 0x85
 	MsgError      = 0x8f
 )
 
@@ -119,6 +128,7 @@ const (
 	registerLen     = 24
 	unregisterLen   = 16
 	opLen           = 72
+	byeLen          = 8
 	replyFixed      = 16
 	maxReplyMessage = 4096
 )
@@ -167,6 +177,7 @@ type Request struct {
 	Register   *Register
 	Unregister *uint64
 	Op         *Op
+	Bye        bool
 }
 
 // DecodeRequest decodes one client packet. It never panics and never
@@ -231,6 +242,11 @@ func DecodeRequest(b []byte) (Request, error) {
 		op.A = BufRef{Region: le.Uint64(b[24:]), Offset: le.Uint64(b[32:]), Count: le.Uint64(b[40:])}
 		op.B = BufRef{Region: le.Uint64(b[48:]), Offset: le.Uint64(b[56:]), Count: le.Uint64(b[64:])}
 		return Request{Op: op}, nil
+	case MsgBye:
+		if len(b) != byeLen {
+			return Request{}, fmt.Errorf("%w: bye of %d bytes, want %d", ErrProtocol, len(b), byeLen)
+		}
+		return Request{Bye: true}, nil
 	}
 	return Request{}, fmt.Errorf("%w: unknown message type %d", ErrProtocol, b[0])
 }
@@ -307,6 +323,9 @@ func EncodeOp(op *Op) []byte {
 	return b
 }
 
+// EncodeBye encodes a BYE.
+func EncodeBye() []byte { return []byte{MsgBye, 0, 0, 0, 0, 0, 0, 0} }
+
 // Reply is a decoded agent message.
 type Reply struct {
 	Type    uint8
@@ -315,8 +334,8 @@ type Reply struct {
 	Message string
 }
 
-// EncodeReply encodes WELCOME (only Type is used), REGISTERED, DONE or
-// ERROR. Messages longer than 4 KiB are cut.
+// EncodeReply encodes WELCOME (only Type is used), REGISTERED, DONE,
+// FAILED or ERROR. Messages longer than 4 KiB are cut.
 func EncodeReply(r Reply) []byte {
 	if r.Type == MsgWelcome {
 		return []byte{MsgWelcome, Version, 0, 0, 0, 0, 0, 0}

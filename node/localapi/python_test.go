@@ -98,3 +98,36 @@ func TestPythonLargeModelOneRank(t *testing.T) {
 	}
 	waitIdle(t, s)
 }
+
+// The zero-copy path (python/gpumesh/_zerocopy.py) with 1 and 2 ranks on
+// one agent: reused host tensors move into segments, results are right,
+// storages that die release their regions, and the agent holds nothing
+// once the ranks are gone.
+func TestPythonZeroCopy(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_zerocopy.py")
+	for _, n := range []int{1, 2} {
+		s := startServer(t, n)
+		outs := runPython(t, s, n, script)
+		for r, out := range outs {
+			t.Logf("%d ranks, rank %d: %s", n, r, strings.TrimSpace(out))
+			if !strings.Contains(out, "ZEROCOPY OK") {
+				t.Fatalf("%d ranks, rank %d: %s", n, r, out)
+			}
+		}
+		waitIdle(t, s)
+	}
+}
+
+// A rank's process dies while the group is idle: the other rank is told
+// by its agent without issuing anything, and its next collective raises at
+// once (python/tests/check_idle_failure.py).
+func TestPythonPeerDiesWhileIdle(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_idle_failure.py")
+	s := startServer(t, 2)
+	outs := runPython(t, s, 2, script)
+	t.Logf("rank 0: %s", strings.TrimSpace(outs[0]))
+	if !strings.Contains(outs[0], "IDLE FAILURE OK") {
+		t.Fatalf("rank 0: %s", outs[0])
+	}
+	waitIdle(t, s)
+}

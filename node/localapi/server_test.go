@@ -101,6 +101,17 @@ func (cl *client) recv() Reply {
 	return r
 }
 
+// recvDone returns the next reply that is not an unasked FAILED (which may
+// come before or after the DONE of the operation that failed).
+func (cl *client) recvDone() Reply {
+	cl.t.Helper()
+	for {
+		if r := cl.recv(); r.Type != MsgFailed {
+			return r
+		}
+	}
+}
+
 // closed reports whether the agent closed the connection.
 func (cl *client) closed() bool {
 	buf := make([]byte, MaxMessage)
@@ -402,14 +413,50 @@ func TestServerClientDiesMidOperation(t *testing.T) {
 		return nil
 	})
 	a.close()
-	r := b.recv()
+	r := b.recvDone()
 	if r.Type != MsgDone || r.Status != StatusFailed || r.Message == "" || strings.Contains(r.Message, "timed out") {
 		t.Fatalf("rank 1's operation after its peer died: %+v (want a failure at once, not a timeout)", r)
 	}
 	t.Logf("rank 1 got: %s", r.Message)
 	// The group is unusable afterwards: the next operation fails at once.
 	b.send(EncodeOp(&Op{Kind: OpBarrier, ID: 2}))
-	if r := b.recv(); r.Status != StatusFailed {
+	if r := b.recvDone(); r.Status != StatusFailed {
+		t.Fatalf("operation after the failure: %+v", r)
+	}
+	b.close()
+	waitIdle(t, s)
+}
+
+// A rank's process dies while its group is idle: the agent tells the other
+// rank at once, unasked (FAILED), instead of letting its next operation
+// wait for the collective timeout; that operation then fails at once.
+func TestServerPeerDiesWhileIdle(t *testing.T) {
+	s := startServer(t, 2)
+	a, b := dial(t, s), dial(t, s)
+	if r := a.hello(0, 2, "ok-0"); r.Type != MsgWelcome {
+		t.Fatal(r)
+	}
+	if r := b.hello(1, 2, "ok-1"); r.Type != MsgWelcome {
+		t.Fatal(r)
+	}
+	a.register(1, 1<<20)
+	b.register(1, 1<<20)
+	for _, cl := range []*client{a, b} {
+		cl.send(EncodeOp(&Op{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 7, A: BufRef{Region: 1, Count: 1 << 18}}))
+	}
+	for _, cl := range []*client{a, b} {
+		if r := cl.recv(); r.Type != MsgDone || r.Status != StatusOK {
+			t.Fatalf("all_reduce: %+v", r)
+		}
+	}
+	a.close() // no BYE: the process died
+	r := b.recv()
+	if r.Type != MsgFailed || r.Status != StatusFailed || !strings.Contains(r.Message, "ended without destroying") {
+		t.Fatalf("rank 1 got %+v; want an unasked FAILED saying that rank 0's process ended", r)
+	}
+	t.Logf("rank 1 was told: %s", r.Message)
+	b.send(EncodeOp(&Op{Kind: OpBarrier, ID: 8}))
+	if r := b.recv(); r.Type != MsgDone || r.Status != StatusFailed {
 		t.Fatalf("operation after the failure: %+v", r)
 	}
 	b.close()

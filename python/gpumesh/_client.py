@@ -17,8 +17,8 @@ import time
 
 VERSION = 1
 
-MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP = 1, 2, 3, 4
-MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_ERROR = 0x81, 0x82, 0x84, 0x8F
+MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP, MSG_BYE = 1, 2, 3, 4, 5
+MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_FAILED, MSG_ERROR = 0x81, 0x82, 0x84, 0x85, 0x8F
 
 OP_ALLREDUCE, OP_BROADCAST, OP_ALLGATHER, OP_REDUCESCATTER = 1, 2, 3, 4
 OP_SEND, OP_RECV, OP_BARRIER = 5, 6, 7
@@ -31,6 +31,7 @@ ENV_SECRET = "GPUMESH_LOCAL_SECRET"
 _HELLO = struct.Struct("<BBHIIIIQHHHH")
 _REGISTER = struct.Struct("<B7xQQ")
 _UNREGISTER = struct.Struct("<B7xQ")
+_BYE = struct.Struct("<B7x")
 _OP = struct.Struct("<BBBBiQQQQQQQQ")
 _REPLY = struct.Struct("<BBH4xQ")
 
@@ -139,9 +140,23 @@ class Connection:
             if free:
                 return free.pop()
             self._check()
-            rid = self._next_id
-            self._next_id += 1
-        seg = Segment(size, rid)
+        seg = Segment(size, 0)
+        try:
+            seg.id = self.register(seg.fd, size)
+        except BaseException:
+            seg.close()
+            raise
+        # The agent holds its own mapping now; ours stays for the tensors.
+        os.close(seg.fd)
+        seg.fd = -1
+        with self._lock:
+            self._segments.append(seg)
+        return seg
+
+    def register(self, fd, size):
+        """Hands the sealed memfd fd (of at least size bytes) to the agent,
+        which maps it; returns its region id. The caller keeps (and closes)
+        fd."""
         ev = threading.Event()
         box = {}
 
@@ -151,27 +166,34 @@ class Connection:
 
         with self._lock:
             self._check()
+            rid = self._next_id
+            self._next_id += 1
             self._registering[rid] = done
             try:
                 self._sock.sendmsg([_REGISTER.pack(MSG_REGISTER, rid, size)],
-                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [seg.fd]))])
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
             except OSError as e:
                 self._registering.pop(rid, None)
-                seg.close()
                 raise AgentError(f"gpumesh: registering shared memory with the agent: {e}") from e
         if not ev.wait(self.timeout):
-            seg.close()
+            with self._lock:
+                self._registering.pop(rid, None)
             raise AgentError("gpumesh: the agent did not answer a shared-memory registration in time")
         status, msg = box["r"]
-        # The agent holds its own mapping now; ours stays for the tensors.
-        os.close(seg.fd)
-        seg.fd = -1
         if status != STATUS_OK:
-            seg.close()
             raise AgentError(f"gpumesh: the agent refused shared memory: {msg}")
+        return rid
+
+    def unregister(self, rid):
+        """Tells the agent to drop region rid (it unmaps it once no operation
+        uses it)."""
         with self._lock:
-            self._segments.append(seg)
-        return seg
+            if self._closed or self._broken is not None:
+                return
+            try:
+                self._sock.send(_UNREGISTER.pack(MSG_UNREGISTER, rid))
+            except OSError:
+                pass
 
     def release(self, seg):
         with self._lock:
@@ -186,12 +208,12 @@ class Connection:
             raise AgentError("gpumesh: the process group was destroyed")
 
     def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None):
-        """Issue one operation. a and b are (segment, byte offset, count) or
-        None. before_send() runs under the issue lock (copy-in), so issue
+        """Issue one operation. a and b are (region id, byte offset, count)
+        or None. before_send() runs under the issue lock (copy-in), so issue
         order is send order. on_done(error_message_or_None) runs on the
         reader thread."""
         def ref(x):
-            return (0, 0, 0) if x is None else (x[0].id, x[1], x[2])
+            return (0, 0, 0) if x is None else x
 
         ra, rb = ref(a), ref(b)
         with self._lock:
@@ -253,6 +275,11 @@ class Connection:
                     cb = self._registering.pop(oid, None)
                 if cb is not None:
                     cb(status, msg)
+            elif typ == MSG_FAILED:
+                # The group failed (a peer died or aborted), possibly with
+                # nothing in flight: fail what is pending and every later
+                # operation at once.
+                self._fail_all(f"the process group failed: {msg}")
             elif typ == MSG_ERROR:
                 self._fail_all(f"the agent closed the connection: {msg}")
                 return
@@ -280,6 +307,13 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
+            try:
+                # On purpose: the agent closes the group without aborting
+                # the peers (a connection closed without BYE means that
+                # this process died).
+                self._sock.send(_BYE.pack(MSG_BYE))
+            except OSError:
+                pass
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -11,14 +11,17 @@ one node meet inside their agent). The process finds its agent through the
 variables the agent sets for every exec task (GPUMESH_LOCAL_SOCKET,
 GPUMESH_LOCAL_SECRET, GPUMESH_JOB_ID, GPUMESH_GENERATION, RANK).
 
-Copies per operation (host tensors): the tensor is copied into a shared
-memory segment that the agent maps (one memcpy of the tensor's bytes), the
-agent runs the collective in place in that segment, and the result is
-copied back into the tensor (one memcpy) before the operation's Work
-completes. CUDA tensors are staged through the same host segments (a
-device-to-host copy in, a host-to-device copy out); the protocol names
-buffers by (region, offset, count), so a CUDA IPC region kind fits beside
-the memfd one, but this version does not have it.
+Copies per operation (host tensors): none in the rank for a tensor of at
+least 256 KiB whose storage is used again (DDP's gradient buckets, reused
+buffers): the second time such a storage is seen it moves, once and in
+place, into a segment the agent maps (_zerocopy), and the agent's ring
+works in the tensor's memory. Other tensors are staged: copied into a
+shared segment before the operation (one memcpy) and back into the tensor
+when it ends (one memcpy). CUDA tensors are staged through the same host
+segments (a device-to-host copy in, a host-to-device copy out); the
+protocol names buffers by (region, offset, count), so a CUDA IPC region
+kind fits beside the memfd one, but this version does not have it.
+GPUMESH_ZERO_COPY=0 stages every tensor.
 
 Operations are asynchronous: each returns a Work whose future completes when
 the agent answers; collectives run in issue order; several may be in flight
@@ -46,12 +49,12 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from gpumesh import _client
+from gpumesh import _client, _zerocopy
 
 BACKEND = "gpumesh"
 
-# How many of its latest operations' Work objects a group keeps alive (see
-# ProcessGroupGpumesh.__init__).
+# At most how many Work objects a group keeps alive for C++ callers (see
+# _Keep).
 _KEEP_WORKS = 64
 
 _WorkBase = getattr(dist, "_Work", None) or dist.Work
@@ -95,12 +98,13 @@ def _seconds(t):
 
 
 class _Staged:
-    """A tensor staged in shared memory for one operation."""
+    """Where a tensor is for one operation: in its own storage (view None)
+    or in a staging segment (view: its place there)."""
 
-    __slots__ = ("seg", "off", "tensor", "view")
+    __slots__ = ("seg", "off", "tensor", "view", "rid")
 
-    def __init__(self, seg, off, tensor, view):
-        self.seg, self.off, self.tensor, self.view = seg, off, tensor, view
+    def __init__(self, seg, off, tensor, view, rid):
+        self.seg, self.off, self.tensor, self.view, self.rid = seg, off, tensor, view, rid
 
 
 class _Failed:
@@ -117,12 +121,46 @@ def _unwrap(fut):
     return v
 
 
+class _Keep:
+    """The Work objects a group keeps alive for C++ callers.
+
+    C++ callers (DDP's parameter broadcast and checks) hold our Work objects
+    only by their C++ half; once the Python object is gone, C++ wait() no
+    longer reaches our override and waits forever (PyTorch 1.13). So a group
+    keeps each Work until it has completed and has been asked for (wait()
+    or get_future(): after that, C++ code holds the future, and Python
+    callers their own reference), and never more than _KEEP_WORKS of them
+    (the oldest go first), so that finished operations do not hold their
+    tensors."""
+
+    def __init__(self, limit=_KEEP_WORKS):
+        self._lock = threading.Lock()
+        self._works = collections.OrderedDict()
+        self._limit = limit
+
+    def add(self, work):
+        with self._lock:
+            self._works[id(work)] = work
+            while len(self._works) > self._limit:
+                self._works.popitem(last=False)
+
+    def done(self, work):
+        with self._lock:
+            self._works.pop(id(work), None)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._works)
+
+
 class Work(_WorkBase):
     """An operation in flight. wait() blocks until the agent has answered (and
     the result is copied back); get_future() completes at the same time."""
 
-    def __init__(self, result, what, timeout):
+    def __init__(self, result, what, timeout, keep=None):
         super().__init__()
+        self._keep = keep
+        self._asked = False
         self._result = result
         self._what = what
         self._timeout = timeout
@@ -140,8 +178,16 @@ class Work(_WorkBase):
         self._error = error
         self._event.set()
         self._raw.set_result(_Failed(error) if error is not None else self._result)
+        if self._asked and self._keep is not None:
+            self._keep.done(self)
+
+    def _ask(self):
+        self._asked = True
+        if self._event.is_set() and self._keep is not None:
+            self._keep.done(self)
 
     def wait(self, timeout=None):
+        self._ask()
         t = _seconds(timeout) or self._timeout
         if not self._event.wait(t):
             raise RuntimeError(f"gpumesh: {self._what} did not complete within {t:.0f} s")
@@ -150,6 +196,7 @@ class Work(_WorkBase):
         return True
 
     def get_future(self):
+        self._ask()
         return self._future
 
     def is_completed(self):
@@ -205,16 +252,14 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                 f"({_client.ENV_SOCKET}, {_client.ENV_SECRET}, GPUMESH_JOB_ID or GPUMESH_GENERATION is not set). "
                 "Run the script with `gpumesh job run`, or use backend 'gloo' or 'nccl' outside gpumesh.")
         self._timeout = _seconds(timeout) or 1800.0
-        # C++ callers (DDP's parameter broadcast and checks) hold our Work
-        # objects only by their C++ half; once the Python object is gone,
-        # C++ wait() no longer reaches our override and waits forever. So
-        # the group keeps the latest works alive (PyTorch's own Python
-        # process-group tests keep every work).
-        self._keep = collections.deque(maxlen=_KEEP_WORKS)
+        self._keep = _Keep()
         self._rank, self._size = rank, size
         self._conn = _client.Connection(
             socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
             group_id=group_id, group_rank=rank, ranks=list(global_ranks), timeout=self._timeout)
+        # Host tensors used again and again (DDP's buckets) move into
+        # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
+        self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
         weakref.finalize(self, self._conn.close)
 
     # ---- plumbing ----
@@ -222,65 +267,84 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
-    def _stage(self, tensors, n_in):
-        """Stages flat, contiguous tensors in one shared segment (64-byte
-        aligned) and copies the first n_in of them in."""
+    def _stage(self, tensors, n_in, direct_ok):
+        """Places flat, contiguous tensors for one operation: a tensor whose
+        storage lives in an agent-mapped segment (see _zerocopy) is named
+        where it is; the others get a place in one staging segment (64-byte
+        aligned), and the first n_in of those are copied in. direct_ok(i)
+        says whether tensor i may be used in place."""
+        zc = self._zc
+        staged = [None] * len(tensors)
+        todo = []
+        for i, t in enumerate(tensors):
+            d = zc.ref(t) if (zc is not None and t.numel() and direct_ok(i)) else None
+            if d is not None:
+                staged[i] = _Staged(None, d[1], t, None, d[0])
+            else:
+                todo.append(i)
+        if not todo:
+            return None, staged
         total = 0
         offs = []
-        for t in tensors:
+        for i in todo:
+            t = tensors[i]
             total = (total + 63) & ~63
             offs.append(total)
             total += t.numel() * t.element_size()
         seg = self._conn.acquire(max(total, 1))
-        staged = []
-        for i, (t, off) in enumerate(zip(tensors, offs)):
+        for i, off in zip(todo, offs):
+            t = tensors[i]
             n = t.numel()
             dt = torch.uint8 if t.dtype == torch.bool else t.dtype
             view = torch.frombuffer(seg.mm, dtype=dt, count=n, offset=off) if n else None
             if i < n_in and n:
                 view.copy_(t.view(dt) if dt != t.dtype else t)
-            staged.append(_Staged(seg, off, t, view))
+            staged[i] = _Staged(seg, off, t, view, seg.id)
         return seg, staged
 
     def _issue(self, kind, what, dtype_of, inputs, outputs, a_idx, b_idx, reduce_op=0, peer=0, tag=0, result=None,
-               post=None):
-        """Runs one operation: inputs are copied into shared memory, the agent
-        runs kind on buffers A and B (indices into the staged list, inputs
-        first), and outputs are copied back when it answers."""
+               post=None, copy_inputs=()):
+        """Runs one operation: the agent runs kind on buffers A and B
+        (indices into inputs followed by the outputs that are not inputs),
+        in place where a tensor lives in a segment, else through a staging
+        segment (inputs copied in, outputs copied back when it answers).
+        copy_inputs: indices of inputs the agent would overwrite but the
+        caller must keep (always staged)."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
-        work = Work(result, what, self._timeout + 10.0)
-        self._keep.append(work)
+        work = Work(result, what, self._timeout + 10.0, self._keep)
+        self._keep.add(work)
         conn = self._conn
-        # Outputs that are also inputs (in place) share the input's staging.
+        # Outputs that are also inputs (in place) share the input's place.
         extra = [o for o in outputs if not any(o is i for i in inputs)]
-        seg, st = self._stage(inputs + extra, len(inputs))
-        outs = [next(s for s in st if s.tensor is o) for o in outputs]
+        seg, st = self._stage(inputs + extra, len(inputs), lambda i: i not in copy_inputs)
+        outs = [s for s in (next(s for s in st if s.tensor is o) for o in outputs) if s.view is not None]
 
         def ref(i):
             if i is None:
                 return None
             s = st[i]
-            return (s.seg, s.off, s.tensor.numel())
+            return (s.rid, s.off, s.tensor.numel())
 
         def on_done(err):
             try:
                 if err is None:
                     for s in outs:
-                        if s.view is not None:
-                            t = s.tensor
-                            (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
+                        t = s.tensor
+                        (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
                     if post is not None:
                         post()
             except Exception as e:  # a copy-out failure is the op's failure
                 err = f"copying the result back: {e}"
             finally:
-                conn.release(seg)
+                if seg is not None:
+                    conn.release(seg)
             work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
 
         try:
             conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
         except Exception:
-            conn.release(seg)
+            if seg is not None:
+                conn.release(seg)
             raise
         return work
 
@@ -369,8 +433,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             raise RuntimeError(
                 f"gpumesh: reduce_scatter_tensor input must be {out.dtype}[{out.numel() * self._size}], "
                 f"got {inp.dtype}[{inp.numel()}]")
+        # The agent reduces in place in its input: the caller's is staged.
         return self._issue(_client.OP_REDUCESCATTER, "reduce_scatter_tensor", out, [inp], [out], 1, 0, reduce_op=op,
-                           result=[output])
+                           result=[output], copy_inputs=(0,))
 
     def send(self, tensors, dst, tag=0):
         t = _flat(tensors[0], "send")
