@@ -13,10 +13,10 @@
 # median over rounds and each round's figure, with the load average.
 #
 # Usage: [ROUNDS=n] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]     (from the repository root)
-# Needs /usr/bin/python3 with PyTorch.
+# Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-bench}
-ROOT=$(pwd) PY=/usr/bin/python3
+ROOT=$(pwd) PY=${PY:-/usr/bin/python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
