@@ -7,6 +7,7 @@ package checkpoint_test
 import (
 	"bytes"
 	"context"
+	"os"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -108,5 +109,132 @@ func BenchmarkDownloadSDKManager(b *testing.B) {
 		if _, err := down.Download(ctx, buf, &s3.GetObjectInput{Bucket: aws.String("bench"), Key: aws.String("p/x")}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkUploadAgentPart is what the agent does with a rank's part of an
+// S3 checkpoint: the rank has written it into a spool file
+// (Checkpoints.CreatePart; not timed), and PartFile.Commit uploads it in
+// parallel ranges with its checksums.
+func BenchmarkUploadAgentPart(b *testing.B) {
+	srv := s3test.NewServer(b, "bench")
+	c, err := checkpoint.New(srv.Store(b, "bench", "p", 0), checkpoint.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	data := payload(1, benchSize)
+	spool := b.TempDir()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		pf, err := c.CreatePart(1, 0, spool)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := pf.File().Write(data); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := pf.Commit(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkDownloadAgentPart is the agent's prefetch of an S3 part: a
+// checked download into a local file (Checkpoints.OpenPart) that the rank
+// then maps.
+func BenchmarkDownloadAgentPart(b *testing.B) {
+	srv := s3test.NewServer(b, "bench")
+	c, err := checkpoint.New(srv.Store(b, "bench", "p", 0), checkpoint.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	p, err := c.PutPart(ctx, 1, 0, bytes.NewReader(payload(1, benchSize)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := checkpoint.Manifest{Step: 1, WorldSize: 1, Parts: []checkpoint.Part{p}}
+	if err := c.Commit(ctx, m); err != nil {
+		b.Fatal(err)
+	}
+	dir := b.TempDir()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		f, err := c.OpenPart(ctx, m, 0, dir)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		f.Close()
+		os.Remove(f.Name())
+		b.StartTimer()
+	}
+}
+
+// BenchmarkUploadSDKManagerFile is BenchmarkUploadAgentPart's baseline: the
+// transfer manager alone uploading a file just written (not timed).
+func BenchmarkUploadSDKManagerFile(b *testing.B) {
+	srv := s3test.NewServer(b, "bench")
+	up := manager.NewUploader(benchClient(srv), func(u *manager.Uploader) {
+		u.PartSize, u.Concurrency = checkpoint.DefaultPartSize, checkpoint.DefaultConcurrency
+	})
+	data := payload(1, benchSize)
+	dir := b.TempDir()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		f, err := os.CreateTemp(dir, "spool")
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := f.Write(data); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := f.Seek(0, 0); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := up.Upload(context.Background(), &s3.PutObjectInput{Bucket: aws.String("bench"), Key: aws.String("p/x"), Body: f}); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		f.Close()
+		os.Remove(f.Name())
+		b.StartTimer()
+	}
+}
+
+// BenchmarkDownloadSDKManagerFile is BenchmarkDownloadAgentPart's baseline:
+// the transfer manager alone downloading into a new file.
+func BenchmarkDownloadSDKManagerFile(b *testing.B) {
+	srv := s3test.NewServer(b, "bench")
+	client := benchClient(srv)
+	ctx := context.Background()
+	if _, err := manager.NewUploader(client).Upload(ctx, &s3.PutObjectInput{Bucket: aws.String("bench"), Key: aws.String("p/x"), Body: bytes.NewReader(payload(1, benchSize))}); err != nil {
+		b.Fatal(err)
+	}
+	down := manager.NewDownloader(client, func(d *manager.Downloader) {
+		d.PartSize, d.Concurrency = checkpoint.DefaultPartSize, checkpoint.DefaultConcurrency
+	})
+	dir := b.TempDir()
+	b.SetBytes(benchSize)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		f, err := os.CreateTemp(dir, "copy")
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := down.Download(ctx, f, &s3.GetObjectInput{Bucket: aws.String("bench"), Key: aws.String("p/x")}); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		f.Close()
+		os.Remove(f.Name())
+		b.StartTimer()
 	}
 }

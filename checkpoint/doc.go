@@ -27,8 +27,13 @@
 // checkpoint is never seen half deleted, and removes leftovers of writes that
 // never committed when they are older than the newest complete checkpoint.
 //
-// Ranks reach it through the agent's binary: `gpumesh checkpoint
-// put|commit|latest|get|list` (cmd/gpumesh), which python/gpumesh/checkpoint.py
-// runs. Zero padding of steps and ranks makes the
-// lexical order of keys their numeric order.
+// A rank writes its part once, into the file CreatePart hands out (the
+// store's own temporary file for a FileStore, else a spool file that
+// PartFile.Commit uploads); OpenPart gives a part back as a checked local
+// file (a FileStore's own file, read once to check it, else a download) that
+// the rank maps. Ranks reach this through their agent's local API
+// (node/localapi's checkpoint connection, which python/gpumesh/checkpoint.py
+// opens), or outside a gpumesh job through `gpumesh checkpoint
+// put|commit|latest|get|list` (cmd/gpumesh). Zero padding of steps and ranks
+// makes the lexical order of keys their numeric order.
 package checkpoint

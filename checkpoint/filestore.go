@@ -179,3 +179,46 @@ func (c ctxReader) Read(p []byte) (int, error) {
 	}
 	return c.r.Read(p)
 }
+
+// stage implements stager: a temporary file beside the object's path that
+// publish syncs and renames into place.
+func (s *FileStore) stage(key string) (*stagedFile, error) {
+	p, err := s.path(key)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(filepath.Dir(p), filepath.Base(p)+".*"+tmpSuffix)
+	if err != nil {
+		return nil, err
+	}
+	tmp := f.Name()
+	return &stagedFile{
+		f: f,
+		publish: func() error {
+			if err := f.Sync(); err != nil {
+				return err
+			}
+			if err := os.Rename(tmp, p); err != nil {
+				return err
+			}
+			return syncDir(filepath.Dir(p))
+		},
+		abort: func() { os.Remove(tmp) },
+	}, nil
+}
+
+// open implements opener.
+func (s *FileStore) open(key string) (*os.File, error) {
+	p, err := s.path(key)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, key)
+	}
+	return f, err
+}

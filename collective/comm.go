@@ -55,7 +55,13 @@ type Communicator struct {
 	active   atomic.Int32
 
 	scratch []byte // recursive doubling, under opMu
-	barrier *HostBuffer
+
+	// sameHost: the agreed same-host ring of each buffer seen (samehost.go);
+	// written under opMu and sameHostMu, read under either.
+	sameHostMu sync.Mutex
+	sameHost   map[Buffer]*sameHostEntry
+	lastAlgo   string // algorithm of the last AllReduce, under opMu
+	barrier    *HostBuffer
 
 	wg        sync.WaitGroup
 	closed    atomic.Bool
@@ -138,6 +144,7 @@ func (c *Communicator) Close() error {
 		})
 		close(c.stop)
 		c.wg.Wait()
+		c.closeSameHost()
 		_ = c.ep.Close()
 	})
 	return nil

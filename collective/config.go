@@ -33,6 +33,11 @@ type Config struct {
 	Timeout time.Duration
 	// AbortTimeout bounds telling peers about a failure. Default 2 s.
 	AbortTimeout time.Duration
+	// NoSameHost keeps every AllReduce on the network even where all ranks
+	// are processes of one host and their buffers offer a same-host ring
+	// (SameHostReducer: CUDA IPC for device buffers). Default false. Every
+	// rank must use the same value.
+	NoSameHost bool
 	// Logger receives structured logs; nil means no logging.
 	Logger hclog.Logger
 }

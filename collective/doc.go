@@ -100,7 +100,12 @@
 // sender's buffer itself), ChunkPrefetcher (the pipeline starts the read of a
 // chunk it will forward over the network as soon as the receive it depends on
 // is applied). So a ring whose ranks span processes moves its hops inside a
-// process device to device and the others over TCP. The device registers
+// process device to device and the others over TCP. SameHostReducer: where
+// every rank is a separate process of one host, AllReduce agrees once per
+// buffer, over the transport, to run the buffer's own same-host ring (CUDA
+// IPC; samehost.go), and falls back to the network together when any rank
+// cannot (Config.NoSameHost turns it off; LastAllReduceAlgorithm says which
+// path ran; ForgetBuffer releases a buffer's ring). The device registers
 // itself with RegisterDevice so the allreduce job and `gpumesh bench
 // allreduce --device cuda` can allocate its buffers.
 //

@@ -65,7 +65,8 @@ type AllReduceSizeResult struct {
 	Bytes int64  `json:"bytes"`
 	Count int64  `json:"count"`
 	DType string `json:"dtype"`
-	// Algorithm is "ring", "recursive-doubling" or "local" (one rank).
+	// Algorithm is "ring", "recursive-doubling", "same-host-ipc" (the
+	// buffer's same-host ring, no network) or "local" (one rank).
 	Algorithm string `json:"algorithm"`
 	// TimeUs is the median time of one all-reduce (microseconds); MinUs the
 	// fastest.
@@ -202,6 +203,11 @@ func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobS
 			return rep, fmt.Errorf("allreduce job: allocating %s on %s: %w", bytesize.Format(size), dev.Name(), err)
 		}
 		res, err := runJobSize(ctx, comm, spec, buf, size, count)
+		if err == nil {
+			// its same-host ring (if any) maps the neighbours' memory:
+			// released on every rank before the buffers are freed
+			err = comm.ForgetBuffer(buf)
+		}
 		if c, ok := buf.(io.Closer); ok {
 			_ = c.Close()
 		}
@@ -234,6 +240,9 @@ func runJobSize(ctx context.Context, comm *Communicator, spec AllReduceJobSpec, 
 	}
 	if err := comm.AllReduce(ctx, buf, OpSum); err != nil {
 		return res, err
+	}
+	if a := comm.LastAllReduceAlgorithm(); a != "" {
+		res.Algorithm = a
 	}
 	wrong, err := checkJob(buf, n)
 	if err != nil {

@@ -333,20 +333,52 @@ func (c *Communicator) collective(ctx context.Context, name string, body func(ct
 func (c *Communicator) allReduce(ctx context.Context, buf Buffer, op Op, coll CollKind) error {
 	count, dt := buf.Len(), buf.DType()
 	if c.n == 1 {
+		c.lastAlgo = AlgoNameLocal
 		if op == OpAvg {
 			return buf.DivChunk(0, count, 1)
 		}
 		return buf.Sync()
 	}
+	if coll == CollAllReduce {
+		ring, err := c.sameHostRing(ctx, buf)
+		if err != nil {
+			return err
+		}
+		if ring != nil {
+			c.lastAlgo = AlgoNameSameHost
+			return c.sameHostAllReduce(ctx, ring, op)
+		}
+	}
 	if c.useSmall(count, dt) {
+		c.lastAlgo = AlgoNameRecursiveDoubling
 		h := c.header(coll, dt, op, count, AlgoRecursiveDoubling, count, -1)
 		h.Seq = c.seq
 		return c.recursiveDoubling(ctx, buf, &h, op)
 	}
+	c.lastAlgo = AlgoNameRing
 	plan := c.ringPlan(count, dt)
 	h := c.header(coll, dt, op, count, AlgoRing, plan.ChunkElems, -1)
 	h.Seq = c.seq
 	return c.pipeline(ctx, buf, &h, op, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, ringPlans(plan, c.rank, 0, RingAllReduceSteps(c.n), op == OpAvg))
+}
+
+// Names of the AllReduce algorithms (LastAllReduceAlgorithm, the allreduce
+// job's report).
+const (
+	AlgoNameLocal             = "local"
+	AlgoNameRing              = "ring"
+	AlgoNameRecursiveDoubling = "recursive-doubling"
+	// AlgoNameSameHost: the buffer's same-host ring (CUDA IPC), no network.
+	AlgoNameSameHost = "same-host-ipc"
+)
+
+// LastAllReduceAlgorithm names the algorithm of this rank's last AllReduce
+// ("ring", "recursive-doubling", "same-host-ipc", "local"; "" before the
+// first). Call it between collectives.
+func (c *Communicator) LastAllReduceAlgorithm() string {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	return c.lastAlgo
 }
 
 // AllReduceInto is the out-of-place AllReduce: dst = op over all ranks' src;
@@ -459,15 +491,21 @@ func (c *Communicator) AllGather(ctx context.Context, dst, src Buffer) error {
 		}
 	}
 	return c.collective(ctx, "AllGather", func(ctx context.Context) error {
-		if c.n == 1 {
-			return dst.Sync()
-		}
-		plan := c.ringPlan(count, dt)
-		h := c.header(CollAllGather, dt, 0, count, AlgoRing, plan.ChunkElems, -1)
-		h.Seq = c.seq
-		plans := ringPlans(plan, c.rank, c.n-1, 2*(c.n-1), false)
-		return c.pipeline(ctx, dst, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans)
+		return c.allGatherBody(ctx, dst)
 	})
+}
+
+// allGatherBody is AllGather in place, under opMu with c.seq set.
+func (c *Communicator) allGatherBody(ctx context.Context, dst Buffer) error {
+	if c.n == 1 {
+		return dst.Sync()
+	}
+	count, dt := dst.Len(), dst.DType()
+	plan := c.ringPlan(count, dt)
+	h := c.header(CollAllGather, dt, 0, count, AlgoRing, plan.ChunkElems, -1)
+	h.Seq = c.seq
+	plans := ringPlans(plan, c.rank, c.n-1, 2*(c.n-1), false)
+	return c.pipeline(ctx, dst, &h, 0, (c.rank+1)%c.n, (c.rank+c.n-1)%c.n, plans)
 }
 
 // wholePlans splits the whole buffer across channels and chunks: send-only,

@@ -32,7 +32,22 @@ var (
 	ErrInvalidCommand = errors.New("invalid raft command")
 	// ErrInvalidArgument is wrapped by errors about bad write arguments.
 	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrServiceExists is matched by every *ServiceExistsError.
+	ErrServiceExists = errors.New("a live service has this name")
 )
+
+// ServiceExistsError refuses to register a service named like a live one
+// (job ID): the caller updates that one instead (a rolling update).
+type ServiceExistsError struct {
+	Name, ID string
+}
+
+func (e *ServiceExistsError) Error() string {
+	return fmt.Sprintf("service %q is running as job %s; a spec of that name updates it", e.Name, e.ID)
+}
+
+// Is makes errors.Is(err, ErrServiceExists) true.
+func (e *ServiceExistsError) Is(target error) bool { return target == ErrServiceExists }
 
 // NotLeaderError is returned by writes on a server that is not the leader.
 // LeaderID and LeaderRPCAddr are empty when no leader is known.

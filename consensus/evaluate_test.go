@@ -21,6 +21,9 @@ type sim struct {
 	now time.Time
 	cfg SchedulerConfig
 	lag map[string]bool
+	// load is the routers' load the evaluator reads (services scaled by
+	// load); nil: none.
+	load LoadView
 }
 
 func newSim(t *testing.T, nodes ...string) *sim {
@@ -65,7 +68,7 @@ func (s *sim) eval(id string) Decision {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	return e.Evaluate(st.Job(id), st.Allocations(id), s.now)
+	return e.WithLoad(s.load).Evaluate(st.Job(id), st.Allocations(id), s.now)
 }
 
 // step evaluates and commits, following Again as the leader loop does,

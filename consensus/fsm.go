@@ -8,6 +8,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
@@ -93,6 +94,11 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		if err != nil {
 			return fmt.Errorf("%w: index %d: job spec: %v", ErrInvalidCommand, idx, err)
 		}
+		if c.RegisterJob.GetUniqueService() {
+			if other := f.liveServiceNamed(spec, c.RegisterJob.GetId()); other != "" {
+				return &ServiceExistsError{Name: spec.GetName(), ID: other}
+			}
+		}
 		return f.registerJob(idx, now, c.RegisterJob.GetId(), spec)
 	case *fsmpb.Command_UpdateJob:
 		spec, err := twin[controlpb.JobSpec](c.UpdateJob.GetSpec())
@@ -132,7 +138,7 @@ func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, id string, spe
 	if _, ok := st.jobs[id]; ok {
 		return fmt.Errorf("%w: %s", ErrJobExists, id)
 	}
-	st.jobs[id] = &controlpb.Job{
+	st.putJobLocked(&controlpb.Job{
 		Id:          id,
 		Spec:        spec,
 		Status:      JobPending,
@@ -140,9 +146,25 @@ func (f *FSM) registerJob(idx uint64, now *timestamppb.Timestamp, id string, spe
 		StatusTime:  now,
 		CreateIndex: idx,
 		ModifyIndex: idx,
-	}
+	})
 	f.events.job(id)
 	return id
+}
+
+// liveServiceNamed returns the ID of a live service (not ended, not
+// stopping) other than id named like spec, the lowest such ID; "" when spec
+// is no service or there is none.
+func (f *FSM) liveServiceNamed(spec *controlpb.JobSpec, id string) string {
+	if spec.GetType() != jobspec.TypeService {
+		return ""
+	}
+	other := ""
+	for jid, j := range f.state.jobs {
+		if jid != id && (other == "" || jid < other) && j.Spec.GetType() == jobspec.TypeService && j.Spec.GetName() == spec.GetName() && !j.StopRequested && !JobTerminal(j.Status) {
+			other = jid
+		}
+	}
+	return other
 }
 
 func (f *FSM) stopJob(idx uint64, now *timestamppb.Timestamp, id string) any {
@@ -162,7 +184,7 @@ func (f *FSM) stopJob(idx uint64, now *timestamppb.Timestamp, id string) any {
 		nj.StatusTime = now
 	}
 	nj.ModifyIndex = idx
-	st.jobs[id] = nj
+	st.putJobLocked(nj)
 	for _, a := range st.allocsByJob[id] {
 		if a.DesiredStatus != DesiredStop {
 			na := proto.Clone(a).(*controlpb.Allocation)
@@ -342,7 +364,7 @@ func (f *FSM) applyPlans(idx uint64, now *timestamppb.Timestamp, plans []*fsmpb.
 		nj.NextAttemptTime = p.NextAttemptTime
 		nj.EndCause = p.EndCause
 		nj.ModifyIndex = idx
-		st.jobs[nj.Id] = nj
+		st.putJobLocked(nj)
 		for _, id := range p.StopAllocIds {
 			if a := st.allocs[id]; a != nil && a.DesiredStatus != DesiredStop {
 				na := proto.Clone(a).(*controlpb.Allocation)

@@ -20,10 +20,16 @@ import (
 	"github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
-// goldenPath holds a Raft log and a snapshot written by the FSM of commit
-// daecd94 (before the FSM had messages of its own), with the state they
-// produce as the Control API shows it.
-var goldenPath = filepath.Join("testdata", "fsm-v1.golden.json")
+// Each golden file holds a Raft log and a snapshot written by one build's
+// FSM, with the state they produce as the Control API shows it: v1 by commit
+// daecd94 (before the FSM had messages of its own), v2 by the build that
+// added services, their rolling updates, node eligibility, checkpoints and
+// end causes (every field of every command then). Every build must read all
+// of them; TestWriteFSMGolden writes goldenPath, the newest.
+var (
+	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), goldenPath}
+	goldenPath  = filepath.Join("testdata", "fsm-v2.golden.json")
+)
 
 type golden struct {
 	Log []struct {
@@ -127,6 +133,12 @@ func goldenCommands() []*fsmpb.Command {
 		a.DesiredStatus, a.ClientStatus = "", ""
 		return a
 	}
+	svc := func() *fsmpb.JobSpec {
+		s := filled(&fsmpb.JobSpec{}, &n)
+		s.Type = "service"
+		s.Service.RoutePort = "http"
+		return s
+	}
 	at := func(sec int64) *timestamppb.Timestamp {
 		return &timestamppb.Timestamp{Seconds: 1_800_000_000 + sec, Nanos: int32(sec)}
 	}
@@ -148,13 +160,17 @@ func goldenCommands() []*fsmpb.Command {
 		}}}},
 		{Cmd: &fsmpb.Command_ApplyPlans{ApplyPlans: &fsmpb.ApplyPlans{Plans: []*fsmpb.JobPlan{
 			{JobId: "job-b", ExpectModifyIndex: 4, Status: JobComplete, Generation: 1, WorldSize: 1},
-			{JobId: "job-a", ExpectModifyIndex: 4, Status: JobRunning, Generation: 2, WorldSize: 1,
+			{JobId: "job-a", ExpectModifyIndex: 4, Status: JobRunning, Generation: 2, WorldSize: 1, EndCause: "node-lost",
 				StopAllocIds: []string{"a0"}, LostAllocIds: []string{"a1"},
 				Allocations: []*fsmpb.Allocation{func() *fsmpb.Allocation { a := alloc("a2", "job-a", 0); a.Generation = 2; return a }()}},
 		}}}},
 		{Cmd: &fsmpb.Command_DrainNode{DrainNode: &fsmpb.DrainNode{NodeId: "n2", Deadline: at(200), Reason: "spot notice"}}},
 		{Cmd: &fsmpb.Command_PurgeJobs{PurgeJobs: &fsmpb.PurgeJobs{Ids: []string{"job-b"}}}},
 		{Cmd: &fsmpb.Command_StopJob{StopJob: &fsmpb.StopJob{Id: "job-a"}}},
+		// v2: a service, its rolling update, and eligibility.
+		{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "svc-c", Spec: svc()}}},
+		{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: "svc-c", Spec: svc()}}},
+		{Cmd: &fsmpb.Command_NodeEligibility{NodeEligibility: &fsmpb.NodeEligibility{NodeId: "n1", Eligible: false}}},
 	}
 	for i, c := range cmds {
 		c.Time = at(int64(i))
@@ -205,8 +221,8 @@ func TestWriteFSMGolden(t *testing.T) {
 			g.State.Allocations = append(g.State.Allocations, js(a))
 		}
 	}
-	if len(g.State.Nodes) != 2 || len(g.State.Jobs) != 1 || len(g.State.Allocations) != 3 {
-		t.Fatalf("golden state has %d nodes, %d jobs, %d allocations; want 2, 1, 3", len(g.State.Nodes), len(g.State.Jobs), len(g.State.Allocations))
+	if len(g.State.Nodes) != 2 || len(g.State.Jobs) != 2 || len(g.State.Allocations) != 3 {
+		t.Fatalf("golden state has %d nodes, %d jobs, %d allocations; want 2, 2, 3", len(g.State.Nodes), len(g.State.Jobs), len(g.State.Allocations))
 	}
 	out, err := json.MarshalIndent(g, "", " ")
 	if err != nil {
@@ -217,10 +233,16 @@ func TestWriteFSMGolden(t *testing.T) {
 	}
 }
 
-// TestReadFSMGolden: this build reads a log and a snapshot written by the
-// build the golden file records, to the same state.
+// TestReadFSMGolden: this build reads the logs and snapshots written by the
+// builds the golden files record, to the same states.
 func TestReadFSMGolden(t *testing.T) {
-	b, err := os.ReadFile(goldenPath)
+	for _, p := range goldenPaths {
+		t.Run(filepath.Base(p), func(t *testing.T) { readFSMGolden(t, p) })
+	}
+}
+
+func readFSMGolden(t *testing.T, path string) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}

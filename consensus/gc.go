@@ -17,6 +17,7 @@ func (f *FSM) purgeJobs(idx uint64, ids []string) any {
 		if j == nil || !JobTerminal(j.Status) {
 			continue
 		}
+		st.jobChangedLocked(j)
 		for aid, a := range st.allocsByJob[id] {
 			delete(st.allocs, aid)
 			if bn := st.allocsByNode[a.NodeId]; bn != nil {

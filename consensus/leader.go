@@ -98,6 +98,7 @@ func (ls *leaderSession) run() {
 		}
 	}()
 
+	s.loads.Reset(time.Now())
 	ls.sched = newSchedLoop(s, ls.ctx)
 	s.fsm.events.enable(true)
 	s.fsm.events.all()

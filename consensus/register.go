@@ -15,7 +15,9 @@ import (
 // submission retried after a lost answer (a leader change, a dropped
 // connection) is stored once: a second call with the same id and spec
 // returns the first job; the same id with another spec is refused. An
-// empty id picks a fresh one.
+// empty id picks a fresh one. A service named like a live one is refused
+// with a *ServiceExistsError (checked in the log's order, so two
+// submissions of a new name at once register one job).
 func (s *Server) RegisterJobID(ctx context.Context, id string, spec *controlpb.JobSpec) (string, uint64, error) {
 	if id == "" {
 		return s.RegisterJob(ctx, spec)
@@ -27,7 +29,7 @@ func (s *Server) RegisterJobID(ctx context.Context, id string, spec *controlpb.J
 	if err != nil {
 		return "", 0, fmt.Errorf("%w: job spec: %v", ErrInvalidArgument, err)
 	}
-	resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
+	resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec, UniqueService: true}}})
 	if errors.Is(err, ErrJobExists) {
 		if j := s.State().Job(id); j != nil && proto.Equal(j.Spec, spec) {
 			return id, j.CreateIndex, nil

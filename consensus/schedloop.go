@@ -116,7 +116,7 @@ func (sl *schedLoop) evaluator() (*Evaluator, error) {
 	if err != nil {
 		return nil, err
 	}
-	sl.ev, sl.evVersion, sl.evLagging = ev, ver, lagVer
+	sl.ev, sl.evVersion, sl.evLagging = ev.WithLoad(sl.s.loads), ver, lagVer
 	return ev, nil
 }
 
@@ -160,6 +160,9 @@ func (sl *schedLoop) processBatch() {
 	again := map[string]bool{}
 	for _, x := range q {
 		d := ev.Evaluate(st.Job(x.id), st.Allocations(x.id), now)
+		if d.Note != "" && d.Plan != nil {
+			s.logger.Info("scheduler: "+d.Note, "job", x.id)
+		}
 		if !d.WakeAt.IsZero() {
 			sl.wake[x.id] = d.WakeAt
 		} else {

@@ -105,6 +105,9 @@ type Decision struct {
 	// Again asks for another evaluation once Plan is committed (a
 	// generation ended: the next step is to settle its cause or place it).
 	Again bool
+	// Note, when not empty, says for the leader's log what Plan changes
+	// that its status reason does not (a service scaled by load).
+	Note string
 }
 
 // Evaluator decides what jobs need, against one ClusterView. It is the
@@ -118,6 +121,16 @@ type Evaluator struct {
 	nodes   map[string]*controlpb.Node
 	cluster *sharding.Cluster
 	ports   map[string]map[int32]bool
+	// load is the routers' load, for services scaled by load; nil: none
+	// known (they keep their count).
+	load LoadView
+}
+
+// WithLoad makes e read the services' load from l (services scaled by load
+// keep their replica count without one). It returns e.
+func (e *Evaluator) WithLoad(l LoadView) *Evaluator {
+	e.load = l
+	return e
 }
 
 // NewEvaluator builds the planner's view: live nodes (ready or draining)

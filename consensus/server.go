@@ -57,6 +57,9 @@ type Server struct {
 	// repl tells which followers are behind (the scheduler places nothing
 	// new on them).
 	repl *replTracker
+	// loads holds the routers' load reports while this server leads
+	// (memory only: a new leader starts listening afresh).
+	loads *LoadTable
 	// schedPaused stops the scheduler from evaluating (benchmarks measure
 	// the write path alone); events accumulate and are processed once it
 	// is cleared.
@@ -105,6 +108,7 @@ func NewServer(cfg *Config) (*Server, error) {
 	}
 	s.fsm = NewFSM(logger.Named("fsm"))
 	s.fsm.configApplied = s.nudgeRole
+	s.loads = NewLoadTable(time.Now())
 	s.repl = newReplTracker(func() { s.fsm.events.capacity(); s.fsm.events.signal() })
 	if err := s.setupRaft(); err != nil {
 		s.closeStores()
@@ -685,7 +689,7 @@ func (s *Server) RegisterJob(ctx context.Context, spec *controlpb.JobSpec) (stri
 	}
 	for attempt := 0; ; attempt++ {
 		id := NewJobID(spec.GetName())
-		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec}}})
+		resp, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec, UniqueService: true}}})
 		if errors.Is(err, ErrJobExists) && attempt < 3 {
 			continue
 		}
@@ -779,4 +783,15 @@ func (s *Server) UpdateAllocations(ctx context.Context, updates []*controlpb.All
 	}
 	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{Allocations: logUpdates}}})
 	return idx, err
+}
+
+// ReportLoad records one router's load: requests in flight per service job
+// ID, averaged over its report window. Only the leader keeps them (it
+// scales services by load); elsewhere it returns ErrNotLeader.
+func (s *Server) ReportLoad(nodeID string, inFlight map[string]float64) error {
+	if !s.IsLeader() {
+		return ErrNotLeader
+	}
+	s.loads.Report(nodeID, inFlight, time.Now())
+	return nil
 }

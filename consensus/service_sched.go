@@ -45,12 +45,12 @@ const serviceRecheck = 5 * time.Second
 // replicas it does not touch keep theirs and run on.
 func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
 	p := basePlan(j)
-	p.WorldSize = j.Spec.GetReplicas()
-	changed := false
+	replicas, note := e.serviceReplicas(j, allocs, now) // service_scale.go
+	p.WorldSize = int32(replicas)
+	changed := p.WorldSize != j.WorldSize
 	var wake time.Time
-	replicas := int(j.Spec.GetReplicas())
-	if replicas == 0 {
-		replicas = int(j.Spec.GetRanks())
+	if j.Spec.GetService().GetMaxReplicas() > 0 {
+		wake = now.Add(ScaleEvery) // scaled by load: look at it again
 	}
 	slots := make([][]*controlpb.Allocation, replicas)
 	var lastEnd = map[int]time.Time{}
@@ -77,6 +77,15 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 	}
 	_, delay := restartPolicy(j.Spec)
 	var reasons []string
+	// siblings are the nodes of the replicas to keep running, and of those
+	// placed below: a new replica goes elsewhere when another node can
+	// take it.
+	var siblings []string
+	for _, live := range slots {
+		for _, a := range live {
+			siblings = append(siblings, a.NodeId)
+		}
+	}
 	// Slots whose outdated replica has a replacement that is not healthy
 	// yet: a rolling update replaces one slot at a time.
 	rolling := 0
@@ -159,12 +168,13 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				rolling++
 				continue
 			}
-			a, why := e.placeReplica(j, r, j.Generation+1)
+			a, why := e.placeReplica(j, r, j.Generation+1, siblings)
 			if a == nil {
 				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement waits for capacity: %s", r, why))
 				continue
 			}
 			p.Allocations = append(p.Allocations, a)
+			siblings = append(siblings, a.NodeId)
 			p.Generation = j.Generation + 1
 			changed = true
 			rolling++
@@ -185,12 +195,13 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 			reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
 			continue
 		}
-		a, why := e.placeReplica(j, r, j.Generation+1)
+		a, why := e.placeReplica(j, r, j.Generation+1, siblings)
 		if a == nil {
 			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
 			continue
 		}
 		p.Allocations = append(p.Allocations, a)
+		siblings = append(siblings, a.NodeId)
 		p.Generation = j.Generation + 1
 		changed = true
 		if len(moving) > 0 {
@@ -209,7 +220,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		return Decision{WakeAt: wake}
 	}
 	p.StatusReason = reason
-	return Decision{Plan: p, WakeAt: wake}
+	return Decision{Plan: p, WakeAt: wake, Note: note}
 }
 
 // firstHealthy returns the first running, healthy replica of as, or nil.
@@ -222,15 +233,15 @@ func firstHealthy(as []*controlpb.Allocation) *controlpb.Allocation {
 	return nil
 }
 
-// placeReplica places one replica of slot r as part of generation gen, or
-// says why it cannot.
-func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64) (*fsmpb.Allocation, string) {
+// placeReplica places one replica of slot r as part of generation gen, on
+// a node not in avoid when one can take it, or says why it cannot.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, avoid []string) (*fsmpb.Allocation, string) {
 	spec := j.Spec
 	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
 	if err != nil {
 		return nil, err.Error()
 	}
-	sj.Ranks, sj.MinRanks = 1, 0
+	sj.Ranks, sj.MinRanks, sj.Avoid = 1, 0, avoid
 	plan, err := e.cluster.Place(sj)
 	if err != nil {
 		var ue *sharding.UnplaceableError

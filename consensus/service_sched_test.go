@@ -173,3 +173,40 @@ func TestServiceSilentNode(t *testing.T) {
 		t.Fatalf("slot 0: %v", got)
 	}
 }
+
+// A replacement replica goes to a node that holds no other replica of the
+// service when one can take it, even under pack placement; with no such
+// node it shares one.
+func TestServiceReplacementAvoidsItsSiblingsNodes(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		nodes []string
+		apart bool
+	}{{"another node free", []string{"a", "b", "c"}, true}, {"one node only", []string{"a"}, false}} {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSim(t, c.nodes...)
+			spec, err := jobspec.Parse([]byte("name: svc\ntype: service\nreplicas: 2\nplacement: pack\nrestart: {delay: 2s}\nexec: {command: [srv]}\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "svc", Spec: must(twin[fsmpb.JobSpec](spec))}}})
+			s.step("svc")
+			s.serveAll("svc")
+			live := s.live("svc")
+			if live[0][0].NodeId != live[1][0].NodeId {
+				t.Fatalf("pack placed the replicas on %s and %s; the test wants them together", live[0][0].NodeId, live[1][0].NodeId)
+			}
+			sibling := live[0][0].NodeId
+			s.report(live[1][0].Id, AllocFailed, 1)
+			s.now = s.now.Add(3 * time.Second)
+			s.step("svc")
+			repl := s.live("svc")[1]
+			if len(repl) != 1 || AllocTerminal(repl[0].ClientStatus) {
+				t.Fatalf("slot 1 after its replica failed: %v", repl)
+			}
+			if apart := repl[0].NodeId != sibling; apart != c.apart {
+				t.Fatalf("the replacement went to %s, its sibling is on %s; want apart=%v", repl[0].NodeId, sibling, c.apart)
+			}
+		})
+	}
+}

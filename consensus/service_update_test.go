@@ -235,3 +235,38 @@ func TestServiceUpdateRefusals(t *testing.T) {
 		t.Fatalf("a stopped service is still running: %v", got)
 	}
 }
+
+// A RegisterJob that asks for a unique service name is refused when a live
+// service has that name (it is checked in the log's order: two
+// submissions of a new name at once register one job); an entry written
+// before the flag existed registers as it did.
+func TestRegisterServiceNameIsUnique(t *testing.T) {
+	s := newSim(t, "a")
+	spec, err := jobspec.Parse([]byte("name: web\ntype: service\nreplicas: 1\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logSpec := must(twin[fsmpb.JobSpec](spec))
+	register := func(id string, unique bool) any {
+		s.idx++
+		data, err := encodeCommand(s.now, &fsmpb.Command{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: id, Spec: logSpec, UniqueService: unique}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.f.Apply(&raft.Log{Index: s.idx, Type: raft.LogCommand, Data: data})
+	}
+	if r := register("web-1", true); r != "web-1" {
+		t.Fatalf("first registration: %v", r)
+	}
+	r := register("web-2", true)
+	var exists *ServiceExistsError
+	if err, _ := r.(error); !errors.As(err, &exists) || exists.ID != "web-1" || !errors.Is(err, ErrServiceExists) {
+		t.Fatalf("a second live service named web: %v, want a ServiceExistsError naming web-1", r)
+	}
+	if s.job("web-2") != nil {
+		t.Fatalf("the refused registration was stored")
+	}
+	if r := register("web-3", false); r != "web-3" {
+		t.Fatalf("an old entry (no unique flag) was refused on replay: %v", r)
+	}
+}

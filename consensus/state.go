@@ -2,10 +2,12 @@ package consensus
 
 import (
 	"context"
+	"fmt"
 	"sort"
 	"sync"
 
 	"github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 // Job status values.
@@ -70,6 +72,34 @@ type StateStore struct {
 	resVersion uint64
 	// notify is closed and replaced whenever index moves.
 	notify chan struct{}
+	// changed holds the views (see viewKey) that the entries being
+	// applied modify; setIndexLocked publishes them to views.
+	changed map[viewKey]struct{}
+	// views is what WaitNode and WaitServices wait on; it has its own
+	// lock so that waiters never take mu for writing.
+	views viewIndex
+}
+
+// viewKey names one view that a watcher can wait on: a node's (its record,
+// its allocations and their jobs) or the services' (live service jobs and
+// their allocations).
+type viewKey string
+
+// servicesView is the key of the services' view; node views are keyed by
+// the node ID, which is never empty.
+const servicesView viewKey = ""
+
+// viewIndex records, for each view, the index of the last change to it,
+// and wakes the waiters of a view when it changes.
+type viewIndex struct {
+	mu sync.Mutex
+	// mod is the index of the last change to each view; restored (the
+	// index of the last snapshot restore) counts as a change to all.
+	mod      map[viewKey]uint64
+	restored uint64
+	// waiters holds a channel per view with waiters, closed (and removed)
+	// when the view changes.
+	waiters map[viewKey]chan struct{}
 }
 
 // NewStateStore returns an empty store.
@@ -82,6 +112,8 @@ func NewStateStore() *StateStore {
 		allocsByJob:  map[string]map[string]*controlpb.Allocation{},
 		allocsByNode: map[string]map[string]*controlpb.Allocation{},
 		notify:       make(chan struct{}),
+		changed:      map[viewKey]struct{}{},
+		views:        viewIndex{mod: map[viewKey]uint64{}, waiters: map[viewKey]chan struct{}{}},
 	}
 }
 
@@ -106,6 +138,48 @@ func (st *StateStore) WaitIndex(ctx context.Context, after uint64) (uint64, erro
 		case <-ch:
 		case <-ctx.Done():
 			return idx, ctx.Err()
+		}
+	}
+}
+
+// WaitNode blocks until the view of one node changes after index after:
+// its own record, an allocation placed on it, or a job with an
+// allocation on it. It returns the index of that change (the state may
+// already be further), or ctx's error. Unlike WaitIndex it does not wake
+// for changes elsewhere in the cluster, so a server can hold a watcher
+// per node without waking them all on every entry.
+func (st *StateStore) WaitNode(ctx context.Context, nodeID string, after uint64) (uint64, error) {
+	if nodeID == "" {
+		return 0, fmt.Errorf("%w: wait for a node's view: no node ID", ErrInvalidArgument)
+	}
+	return st.views.wait(ctx, viewKey(nodeID), after)
+}
+
+// WaitServices blocks until a service job (one that has not ended, or one
+// that just did) or one of its allocations changes after index after, and
+// returns the index of that change, or ctx's error.
+func (st *StateStore) WaitServices(ctx context.Context, after uint64) (uint64, error) {
+	return st.views.wait(ctx, servicesView, after)
+}
+
+func (v *viewIndex) wait(ctx context.Context, key viewKey, after uint64) (uint64, error) {
+	for {
+		v.mu.Lock()
+		mod := max(v.mod[key], v.restored)
+		if mod > after {
+			v.mu.Unlock()
+			return mod, nil
+		}
+		ch := v.waiters[key]
+		if ch == nil {
+			ch = make(chan struct{})
+			v.waiters[key] = ch
+		}
+		v.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return mod, ctx.Err()
 		}
 	}
 }
@@ -210,7 +284,32 @@ func sortAllocs(a []*controlpb.Allocation) {
 
 // ---- writers (FSM only; callers hold st.mu for writing) ----
 
+// changedLocked marks a view as modified by the entries being applied.
+func (st *StateStore) changedLocked(k viewKey) { st.changed[k] = struct{}{} }
+
+// jobChangedLocked marks the views that show a job: those of the nodes
+// holding its allocations, and the services' view for a service.
+func (st *StateStore) jobChangedLocked(j *controlpb.Job) {
+	for _, a := range st.allocsByJob[j.Id] {
+		st.changedLocked(viewKey(a.NodeId))
+	}
+	if isService(j) {
+		st.changedLocked(servicesView)
+	}
+}
+
+func isService(j *controlpb.Job) bool {
+	return j != nil && j.Spec.GetType() == jobspec.TypeService
+}
+
+// putJobLocked stores a new or modified job.
+func (st *StateStore) putJobLocked(j *controlpb.Job) {
+	st.jobs[j.Id] = j
+	st.jobChangedLocked(j)
+}
+
 func (st *StateStore) putNodeLocked(n *controlpb.Node) {
+	st.changedLocked(viewKey(n.Id))
 	if old := st.nodes[n.Id]; old != nil && old.Name != n.Name && st.nodeByName[old.Name] == n.Id {
 		delete(st.nodeByName, old.Name)
 	}
@@ -234,15 +333,34 @@ func (st *StateStore) putAllocLocked(a *controlpb.Allocation) {
 		st.allocsByNode[a.NodeId] = bn
 	}
 	bn[a.Id] = a
+	st.changedLocked(viewKey(a.NodeId))
+	if isService(st.jobs[a.JobId]) {
+		st.changedLocked(servicesView)
+	}
 }
 
-// setIndexLocked moves the index and wakes WaitIndex callers.
+// setIndexLocked moves the index and wakes WaitIndex callers, and the
+// WaitNode and WaitServices callers of the views that changed.
 func (st *StateStore) setIndexLocked(idx uint64) {
 	if idx > st.index {
 		st.index = idx
 		close(st.notify)
 		st.notify = make(chan struct{})
 	}
+	if len(st.changed) == 0 {
+		return
+	}
+	v := &st.views
+	v.mu.Lock()
+	for k := range st.changed {
+		v.mod[k] = st.index
+		if ch := v.waiters[k]; ch != nil {
+			close(ch)
+			delete(v.waiters, k)
+		}
+	}
+	v.mu.Unlock()
+	clear(st.changed)
 }
 
 // resetLocked replaces the whole content (snapshot restore).
@@ -266,6 +384,16 @@ func (st *StateStore) resetLocked(idx uint64, nodes []*controlpb.Node, jobs []*c
 	st.resVersion++
 	close(st.notify)
 	st.notify = make(chan struct{})
+	// Every view may have changed.
+	clear(st.changed)
+	v := &st.views
+	v.mu.Lock()
+	v.restored = idx
+	for k, ch := range v.waiters {
+		close(ch)
+		delete(v.waiters, k)
+	}
+	v.mu.Unlock()
 }
 
 // snapshotLocked returns shallow copies of the content; the objects are

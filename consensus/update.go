@@ -83,7 +83,7 @@ func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec 
 	nj.SpecGeneration = j.Generation + 1
 	nj.StatusTime = now
 	nj.ModifyIndex = idx
-	st.jobs[id] = nj
+	st.putJobLocked(nj)
 	f.events.job(id)
 	return nil
 }

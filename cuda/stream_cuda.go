@@ -50,6 +50,10 @@ func (d *Device) NewStream() (*Stream, error) {
 // Device is the stream's device.
 func (s *Stream) Device() *Device { return s.dev }
 
+// Handle is the driver stream, for callers that launch kernels of their own
+// (inside Device.Do) on it.
+func (s *Stream) Handle() cu.Stream { return s.s }
+
 // Close destroys the stream after its work completes; idempotent.
 func (s *Stream) Close() error {
 	s.mu.Lock()

@@ -82,7 +82,8 @@ type UserDataConfig struct {
 	// render instead of crash-looping every instance.
 	CheckAgentArgs func(args []string) error
 	// TaskUser is the account tasks run as (--task-user); user-data creates
-	// it when the AMI lacks it. Default DefaultTaskUser.
+	// it when the AMI lacks it. "dynamic" gives every job an account of its
+	// own (node.DynamicTaskUser). Default DefaultTaskUser.
 	TaskUser string
 	// SecretsFrom is where Secrets live: SecretsSSM (default) or
 	// SecretsManager.
@@ -93,8 +94,9 @@ type UserDataConfig struct {
 	Secrets BootSecrets
 }
 
-// DefaultTaskUser is the account user-data creates for tasks.
-const DefaultTaskUser = "gpumesh-task"
+// DefaultTaskUser is what tasks run as: an account of each job's own, so
+// that one job cannot read another's files, processes or secrets.
+const DefaultTaskUser = "dynamic"
 
 // Where boot secrets are kept.
 const (

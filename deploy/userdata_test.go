@@ -221,7 +221,7 @@ func TestUserDataInstallsAndStarts(t *testing.T) {
 		t.Fatalf("unit written differs from deploy/gpumesh.service:\n%s", unit)
 	}
 	env, _ := os.ReadFile(filepath.Join(e.root, "etc/gpumesh/gpumesh.env"))
-	wantArgs := `GPUMESH_AGENT_ARGS="--data-dir=/var/lib/gpumesh --join-ec2-tag=gpumesh:cluster=prod --task-user=gpumesh-task --region=us-west-2 --bootstrap-expect=3"`
+	wantArgs := `GPUMESH_AGENT_ARGS="--data-dir=/var/lib/gpumesh --join-ec2-tag=gpumesh:cluster=prod --task-user=dynamic --region=us-west-2 --bootstrap-expect=3"`
 	if !strings.Contains(string(env), wantArgs) || !strings.Contains(string(env), "GPUMESH_BUILD=cuda") {
 		t.Fatalf("env file:\n%s\nwant %s", env, wantArgs)
 	}

@@ -52,9 +52,20 @@ type Config struct {
 	Transport memberlist.Transport
 
 	// NoCompression turns off memberlist's LZW compression of every
-	// gossip message (probes and acks included). Compression saves
-	// bandwidth on push-pulls; on a LAN it costs CPU on every packet.
+	// gossip message (probes and acks included). Compression halves the
+	// bytes; on a LAN it costs CPU on every packet, and CPU is what a
+	// node whose cores training saturates lacks (doc.go). The presets
+	// turn it off. A node decodes compressed messages either way, so
+	// nodes with and without it mix.
 	NoCompression bool
+
+	// ExpectedSize is how many nodes the mesh is expected to hold (the
+	// fleet size; 0: unknown, small). New starts memberlist with the
+	// settings of ForSize(ExpectedSize): memberlist cannot change them
+	// while it runs. The settings the Mesh applies itself (JoinMaxPeers,
+	// JoinSyncRounds) follow ForSize of the larger of ExpectedSize and
+	// the live members at each join, so they adapt as the mesh grows.
+	ExpectedSize int
 
 	// SecretKey enables gossip encryption (AES-256-GCM) when set. It must
 	// be KeySize (32) bytes; DecodeKey turns the --encrypt string into it.
@@ -201,6 +212,7 @@ func DefaultLANConfig() Config {
 		PushPullInterval:        15 * time.Second,
 		TCPTimeout:              5 * time.Second,
 		DeadNodeReclaimTime:     30 * time.Second,
+		NoCompression:           true,
 	}
 }
 
@@ -348,6 +360,9 @@ func (c *Config) Validate() error {
 			return bad("%s must be >= 0, got %v", d.name, d.v)
 		}
 	}
+	if c.ExpectedSize < 0 {
+		return bad("ExpectedSize must be >= 0, got %d", c.ExpectedSize)
+	}
 	if c.JoinRetryMax < c.JoinRetryMin {
 		return bad("JoinRetryMax (%v) must be >= JoinRetryMin (%v)", c.JoinRetryMax, c.JoinRetryMin)
 	}
@@ -381,7 +396,7 @@ func (c *Config) Validate() error {
 }
 
 // ForSize returns c adapted to a mesh of about n nodes (the expected
-// fleet size; an agent may pass the number of discovered peers). It is a
+// fleet size; see ExpectedSize for what New does with it). It is a
 // pure function of c and n; a mesh of 64 nodes or fewer gets c unchanged,
 // so small clusters keep their measured detection times. memberlist
 // itself already scales the suspicion timeout (× log10 n), the number of
@@ -402,7 +417,9 @@ func (c *Config) Validate() error {
 //
 // Probe and gossip intervals stay: a node probes one peer per interval
 // whatever n is, so its own load is constant and a failed node is first
-// probed within about one interval (Lifeguard's design).
+// probed within about one interval (Lifeguard's design). JoinMaxPeers and
+// JoinSyncRounds only ever fall, so applying ForSize to its own result
+// leaves them as they are.
 func (c Config) ForSize(n int) Config {
 	if n <= 64 {
 		return c

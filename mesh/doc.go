@@ -159,6 +159,21 @@
 // only when the suspicion timeout (log-scaled with n, shortened by other
 // members' independent confirmations) passes without a refutation.
 //
+// Config.ExpectedSize (the agent's --expect-nodes) applies ForSize when
+// the Mesh starts. memberlist reads its settings without locks and has no
+// way to change them while it runs, so the indirect checks and the
+// suspicion multiplier stay those of the expected size until the agent
+// restarts; memberlist itself scales the suspicion timeout, retransmits
+// and push-pull period with the live member count. The Mesh's own join
+// settings (JoinMaxPeers, JoinSyncRounds) follow ForSize of the live
+// member count at each join, so they adapt as the mesh grows.
+//
+// The presets turn memberlist's compression off (Config.NoCompression):
+// it LZW-compresses every packet, probes and acks included, and in the
+// in-memory simulation at 50 nodes it cost about 3× the gossip CPU per
+// node for half the bytes (bench/results/fleet.md); a node whose cores are
+// saturated needs the CPU more than a LAN needs the bytes.
+//
 // MemNetwork is an in-memory network for Config.Transport: one process
 // can run a thousand real memberlist instances with per-link delay and
 // loss, partitions, and byte counts (bench/mesh -transport mem).

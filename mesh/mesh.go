@@ -135,9 +135,11 @@ var (
 // Mesh is this node's membership in the gossip mesh. All methods are safe
 // for concurrent use.
 type Mesh struct {
-	cfg Config
-	log hclog.Logger
-	ml  *memberlist.Memberlist
+	// cfg is the configuration adapted to ExpectedSize (what memberlist
+	// runs with); base is the one given to New (see sized).
+	cfg, base Config
+	log       hclog.Logger
+	ml        *memberlist.Memberlist
 
 	metaMu    sync.Mutex // guards meta, metaBytes
 	meta      Meta
@@ -171,8 +173,11 @@ func New(cfg Config) (*Mesh, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	base := cfg
+	cfg = cfg.ForSize(cfg.ExpectedSize) // memberlist's settings, fixed while it runs
 	m := &Mesh{
 		cfg:        cfg,
+		base:       base,
 		log:        log,
 		members:    make(map[string]*Member),
 		subs:       make(map[*subscriber]struct{}),
@@ -454,8 +459,8 @@ func (m *Mesh) joinOnce(addrs []string) (int, error) {
 		return 0, fmt.Errorf("%w: %q holds only this node's own address %s", ErrNoPeers, addrs, m.Addr())
 	}
 	rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
-	if len(peers) > m.cfg.JoinMaxPeers {
-		peers = peers[:m.cfg.JoinMaxPeers]
+	if maxPeers := m.sized().JoinMaxPeers; len(peers) > maxPeers {
+		peers = peers[:maxPeers]
 	}
 	// Contact all chosen peers at once and go on as soon as one answers:
 	// a dead or black-holed seed then costs nothing. The rest finish in
@@ -548,7 +553,8 @@ func (m *Mesh) otherAlive() int {
 // reaching this node (see doc.go).
 func (m *Mesh) joinSync(seeds []string) {
 	delay := m.cfg.JoinSyncDelay
-	for i := 0; i < m.cfg.JoinSyncRounds; i++ {
+	rounds := m.sized().JoinSyncRounds
+	for i := 0; i < rounds; i++ {
 		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
@@ -573,6 +579,16 @@ func (m *Mesh) joinSync(seeds []string) {
 			m.log.Debug("post-join sync failed", "peer", peer, "error", err)
 		}
 	}
+}
+
+// sized returns the configuration adapted (ForSize) to the larger of
+// ExpectedSize and the live members now: what the Mesh's own join
+// settings follow as the mesh grows.
+func (m *Mesh) sized() Config { return sizedFor(m.base, m.NumAlive()) }
+
+// sizedFor is base adapted to the larger of its ExpectedSize and alive.
+func sizedFor(base Config, alive int) Config {
+	return base.ForSize(max(base.ExpectedSize, alive))
 }
 
 // startSync starts a round of post-join syncs unless one is running.

@@ -99,9 +99,13 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a = &Agent{cfg: cfg, logger: logger, conns: newConnPool(sec.dialOptions()...), discoverer: cfg.Discoverer, sec: sec}
 	a.ops = newOpsState(a)
 	a.ctx, a.cancel = context.WithCancel(context.Background())
+	// Undo what was started when a later step fails. The agent is kept
+	// here: `return nil, err` has already cleared the named result when
+	// this runs.
+	started := a
 	defer func() {
 		if err != nil {
-			_ = a.Shutdown()
+			_ = started.Shutdown()
 		}
 	}()
 
@@ -189,7 +193,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	}
 
 	a.runner = newRunner(a)
-	a.router = newRouter(a.nodeID, a.logger.Named("router"))
+	a.router = newRouter(a.nodeID, a.self.Az, a.logger.Named("router"))
 	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: MaxHeaderBytes}
 
 	a.goFunc(func() {
@@ -212,6 +216,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.updateHealth()
 	a.goFunc(a.healthLoop)
 	a.goFunc(a.followServices)
+	a.goFunc(a.loadLoop) // service_load.go
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
 		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
 	return a, nil

@@ -18,13 +18,14 @@ const (
 	// EnvCheckpointEvery is checkpoint.every (0: save only when preempted).
 	EnvCheckpointEvery = "GPUMESH_CHECKPOINT_EVERY"
 	// EnvBin is the agent's own binary, which the Python side runs for
-	// `gpumesh checkpoint put|commit|latest|get`.
+	// `gpumesh checkpoint put|commit|latest|get` when the agent's local API
+	// is off (it otherwise asks the agent on its socket).
 	EnvBin = "GPUMESH_BIN"
 )
 
 // checkpointEnv returns the checkpoint variables of a job's tasks, leaving
 // out any the environment env already sets.
-func checkpointEnv(spec *pb.JobSpec, env []string, allocDir string) []string {
+func checkpointEnv(spec *pb.JobSpec, env []string) []string {
 	c := spec.GetCheckpoint()
 	if c == nil {
 		return nil
@@ -43,7 +44,6 @@ func checkpointEnv(spec *pb.JobSpec, env []string, allocDir string) []string {
 	add(EnvCheckpointURI, c.GetUri())
 	add(EnvCheckpointKeep, strconv.Itoa(int(c.GetKeep())))
 	add(EnvCheckpointEvery, strconv.Itoa(int(c.GetEvery())))
-	add(EnvCheckpointCache, checkpointCacheDir(allocDir))
 	if exe, err := os.Executable(); err == nil {
 		add(EnvBin, exe)
 	}

@@ -3,7 +3,7 @@ package node
 import (
 	"bytes"
 	"context"
-	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,20 +13,22 @@ import (
 	"github.com/gpumesh/gpumesh/checkpoint"
 	"github.com/gpumesh/gpumesh/checkpoint/s3test"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/node/localapi"
 )
 
-// The agent's prefetch puts the part a rank will load (its own shard when
-// the world size matches, else rank 0's) beside the rank, and writes its
-// record last; without a checkpoint it records found=false.
+// The agent's prefetch fetches the part a rank will load (its own shard
+// when the world size matches, else rank 0's) and Open hands that copy to
+// the rank; a part it did not prefetch is fetched when asked for; without
+// a checkpoint it records found=false.
 func TestPrefetchCheckpointFetchesThePartARankLoads(t *testing.T) {
 	srv := s3test.NewServer(t, "ckpt")
 	env := []string{"GPUMESH_S3_ENDPOINT=" + srv.URL, "AWS_ACCESS_KEY_ID=test", "AWS_SECRET_ACCESS_KEY=test", "AWS_REGION=us-east-1"}
 	spec := &pb.JobSpec{Checkpoint: &pb.CheckpointSpec{Uri: "s3://ckpt/job"}}
 	ctx := context.Background()
-	logger := hclog.NewNullLogger()
+	svc := &ckptService{log: hclog.NewNullLogger(), tasks: map[localapi.RankID]*ckptTask{}}
 
-	empty := t.TempDir()
-	if rec := prefetchCheckpoint(ctx, spec, env, 0, 2, empty, logger); rec.Found || rec.Error != "" {
+	empty := svc.add(localapi.RankID{Job: "j", Generation: 1, Rank: 0}, spec, env, t.TempDir())
+	if rec := empty.prefetch(ctx, 0, 2); rec.Found || rec.Error != "" {
 		t.Fatalf("empty store: %+v", rec)
 	}
 
@@ -47,25 +49,33 @@ func TestPrefetchCheckpointFetchesThePartARankLoads(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct{ rank, world, part int }{{1, 2, 1}, {0, 2, 0}, {2, 3, 0}} {
-		dir := t.TempDir()
-		rec := prefetchCheckpoint(ctx, spec, env, tc.rank, tc.world, dir, logger)
+		id := localapi.RankID{Job: "j", Generation: 2, Rank: tc.rank}
+		task := svc.add(id, spec, env, t.TempDir())
+		rec := task.prefetch(ctx, tc.rank, tc.world)
 		if !rec.Found || rec.Step != 42 || rec.Part != tc.part || rec.Error != "" {
 			t.Fatalf("rank %d of %d: %+v", tc.rank, tc.world, rec)
 		}
-		got, err := os.ReadFile(filepath.Join(dir, rec.File))
-		if err != nil || !bytes.Equal(got, shards[tc.part]) {
-			t.Fatalf("rank %d of %d: prefetched copy differs from part %d (%v)", tc.rank, tc.world, tc.part, err)
+		for _, ask := range []int{-1, 1 - tc.part} {
+			o, err := svc.Open(ctx, id, -1, ask, tc.world)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(o.File)
+			o.File.Close()
+			want := tc.part
+			if ask >= 0 {
+				want = ask
+			}
+			if err != nil || o.Part != want || !bytes.Equal(got, shards[want]) || o.Prefetched != (ask < 0) {
+				t.Fatalf("rank %d of %d asking for part %d: got part %d (prefetched %v, %v), want part %d", tc.rank, tc.world, ask, o.Part, o.Prefetched, err, want)
+			}
 		}
-		var onDisk PrefetchRecord
-		b, err := os.ReadFile(filepath.Join(dir, prefetchRecord))
-		if err != nil || json.Unmarshal(b, &onDisk) != nil || onDisk != rec {
-			t.Fatalf("record on disk %s (%v), want %+v", b, err, rec)
-		}
+		svc.remove(id, task)
 	}
 
 	// A store it cannot reach is recorded, not fatal.
 	bad := &pb.JobSpec{Checkpoint: &pb.CheckpointSpec{Uri: "s3://missing-bucket/x"}}
-	if rec := prefetchCheckpoint(ctx, bad, env, 0, 1, t.TempDir(), logger); rec.Found || rec.Error == "" {
+	if rec := svc.add(localapi.RankID{Job: "k", Generation: 1}, bad, env, t.TempDir()).prefetch(ctx, 0, 1); rec.Found || rec.Error == "" {
 		t.Fatalf("missing bucket: %+v", rec)
 	}
 }

@@ -63,6 +63,11 @@ type Config struct {
 
 	// EncryptKey is the base64 gossip encryption key (32 bytes), or empty.
 	EncryptKey string
+	// ExpectNodes is the fleet size this node's gossip is tuned for
+	// (mesh.Config.ExpectedSize; 0: small, tuned as the mesh grows where
+	// it can be). Failure detection settings are fixed when the agent
+	// starts: give the fleet's size to agents of a large fleet.
+	ExpectNodes int
 
 	// MaxRanksPerNode caps the ranks (of all jobs) placed on this node; zero
 	// means the number of CPU cores.
@@ -82,8 +87,13 @@ type Config struct {
 	// TaskUser is the account exec tasks run as when their spec names none.
 	// Empty means the agent's own user. Running as another user needs root:
 	// an agent that is not root runs every task as itself and refuses specs
-	// that name someone else. `gpumesh agent` defaults it to "nobody".
+	// that name someone else. "dynamic" (DynamicTaskUser) gives every job an
+	// account of its own from TaskUIDs. `gpumesh agent` defaults it to
+	// "dynamic".
 	TaskUser string
+	// TaskUIDs is where dynamic task users' IDs come from. Zero means
+	// DefaultTaskUIDs.
+	TaskUIDs UIDRange
 	// TaskUsersAllowed are the accounts a job's exec.user may name besides
 	// TaskUser; a job naming any other fails with a message saying so.
 	TaskUsersAllowed []string
@@ -167,6 +177,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s port %d is out of range 0..65535", name, p))
 		}
 	}
+	if c.ExpectNodes < 0 {
+		errs = append(errs, fmt.Errorf("expect-nodes must be >= 0, got %d", c.ExpectNodes))
+	}
 	if c.Server && c.BootstrapExpect < 1 {
 		errs = append(errs, fmt.Errorf("bootstrap-expect must be >= 1, got %d", c.BootstrapExpect))
 	}
@@ -209,6 +222,11 @@ func (c *Config) Validate() error {
 	case "", sharding.LifecycleUnknown, sharding.LifecycleSpot, sharding.LifecycleOnDemand:
 	default:
 		errs = append(errs, fmt.Errorf("lifecycle %q is not spot, on-demand or unknown", c.Lifecycle))
+	}
+	if c.TaskUIDs != (UIDRange{}) {
+		if err := c.TaskUIDs.Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("%w (--task-uid-range)", err))
+		}
 	}
 	errs = append(errs, c.Security.Validate())
 	return errors.Join(errs...)

@@ -144,6 +144,10 @@ func (r *raftAdapter) UpdateAllocations(ctx context.Context, ups []*pb.Allocatio
 	return idx, wrapNotLeader(err)
 }
 
+func (r *raftAdapter) ReportLoad(nodeID string, inFlight map[string]float64) error {
+	return wrapNotLeader(r.s.ReportLoad(nodeID, inFlight))
+}
+
 func (r *raftAdapter) UpsertNode(ctx context.Context, n *pb.Node) (uint64, error) {
 	idx, err := r.s.UpsertNode(ctx, n)
 	return idx, wrapNotLeader(err)

@@ -226,6 +226,15 @@ func (s *controlServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest)
 			}
 		}
 		jid, idx, err := s.a.raft.RegisterJob(ctx, id, spec)
+		var exists *consensus.ServiceExistsError
+		if errors.As(err, &exists) {
+			// Another submission of this name was committed first.
+			var outcome string
+			if outcome, idx, err = s.a.raft.UpdateService(ctx, exists.ID, spec); err == nil {
+				resp = &pb.SubmitJobResponse{Id: exists.ID, Index: idx, Outcome: outcome}
+			}
+			return err
+		}
 		if err == nil {
 			resp = &pb.SubmitJobResponse{Id: jid, Index: idx, Outcome: consensus.SubmitRegistered}
 		}
@@ -429,6 +438,24 @@ func (s *controlServer) UpdateAllocations(ctx context.Context, req *pb.UpdateAll
 	return resp, toStatus(err)
 }
 
+// ReportLoad hands a router's load to the leader (services scaled by load).
+func (s *controlServer) ReportLoad(ctx context.Context, req *pb.ReportLoadRequest) (*pb.ReportLoadResponse, error) {
+	if req.NodeId == "" {
+		return nil, status.Error(codes.InvalidArgument, "report load: a node id is required")
+	}
+	err := s.withLeader(ctx, func(context.Context) error {
+		m := make(map[string]float64, len(req.Services))
+		for _, l := range req.Services {
+			m[l.JobId] = l.InFlight
+		}
+		return s.a.raft.ReportLoad(req.NodeId, m)
+	}, func(ctx context.Context, c pb.ControlClient) error {
+		_, err := c.ReportLoad(ctx, req)
+		return err
+	})
+	return &pb.ReportLoadResponse{}, toStatus(err)
+}
+
 func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRequest) (*pb.RegisterNodeResponse, error) {
 	if req.Node == nil || req.Node.Id == "" {
 		return nil, status.Error(codes.InvalidArgument, "register: a node with an id is required")
@@ -446,7 +473,13 @@ func (s *controlServer) RegisterNode(ctx context.Context, req *pb.RegisterNodeRe
 }
 
 // Watch streams the allocations of one node and their jobs: everything
-// current first, then a new full view of that node after every change.
+// current first, then a new full view of that node after every change to
+// it, and again after watchRefresh without one. Only changes to the
+// node's own view wake its stream (consensus.StateStore.WaitNode), so a
+// server holding a watcher per node does not wake them all on every
+// entry; a stream that falls behind gets the latest view, not each one in
+// between. With no node, every allocation (or, with Services, only the
+// services') is sent after each change to it.
 func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingServer[pb.WatchEvent]) error {
 	ctx := stream.Context()
 	a := s.a
@@ -477,26 +510,86 @@ func (s *controlServer) Watch(req *pb.WatchRequest, stream grpc.ServerStreamingS
 			}
 		}
 	}
-	after := req.AfterIndex
+	return toStatus(watchState(ctx, a.raft.State(), req, watchRefresh, stream.Send))
+}
+
+// watchRefresh is how long a node's watch stream goes without a view: a
+// view is sent again after it even if nothing changed, so that what its
+// agent decides with time (a rank adopted after a restart and still
+// missing from the view is stopped after adoptWait) happens without a
+// change to wake it.
+const watchRefresh = 30 * time.Second
+
+// watchState sends views of st as the Watch request asks until ctx ends or
+// send fails: the first at once (unless req.AfterIndex says the watcher
+// has seen the current one), then one after each change to the view,
+// and, for a node's view, after refresh without one.
+func watchState(ctx context.Context, st stateReader, req *pb.WatchRequest, refresh time.Duration, send func(*pb.WatchEvent) error) error {
+	wait := st.WaitIndex
+	view := func() *pb.WatchEvent { return watchEvent(st, req.NodeId) }
+	switch {
+	case req.NodeId != "":
+		wait = func(ctx context.Context, after uint64) (uint64, error) { return st.WaitNode(ctx, req.NodeId, after) }
+	case req.Services:
+		wait, view, refresh = st.WaitServices, func() *pb.WatchEvent { return servicesEvent(st) }, 0
+	default:
+		refresh = 0
+	}
+	after, first := req.AfterIndex, req.AfterIndex == 0
 	for {
-		st := a.raft.State()
-		idx := st.Index()
-		if idx > after || after == 0 {
-			ev := watchEvent(st, req.NodeId)
-			ev.Index = idx
-			if err := stream.Send(ev); err != nil {
+		if !first {
+			wctx, cancel := ctx, context.CancelFunc(func() {})
+			if refresh > 0 {
+				wctx, cancel = context.WithTimeout(ctx, refresh)
+			}
+			_, err := wait(wctx, after)
+			cancel()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil && wctx.Err() == nil {
 				return err
 			}
-			after = idx
 		}
-		if _, err := st.WaitIndex(ctx, after); err != nil {
-			return toStatus(err)
+		// The index is read before the view: a change after it wakes
+		// the next wait, so none is missed.
+		idx := st.Index()
+		ev := view()
+		ev.Index = idx
+		if err := send(ev); err != nil {
+			return err
 		}
+		after, first = idx, false
 	}
 }
 
-// watchEvent is the full current view of one node's allocations (or all,
-// for an empty nodeID) and the jobs they belong to.
+// servicesEvent is the view of a service router: service jobs that have
+// not ended, their allocations, and the nodes of the live ones (the routers
+// rank replicas by their node's zone).
+func servicesEvent(st stateReader) *pb.WatchEvent {
+	ev := &pb.WatchEvent{Snapshot: true}
+	nodes := map[string]bool{}
+	for _, j := range st.Jobs() {
+		if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) {
+			continue
+		}
+		ev.Jobs = append(ev.Jobs, j)
+		for _, al := range st.Allocations(j.Id) {
+			ev.Allocations = append(ev.Allocations, al)
+			if !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+				nodes[al.NodeId] = true
+				if n := st.Node(al.NodeId); n != nil {
+					ev.Nodes = append(ev.Nodes, n)
+				}
+			}
+		}
+	}
+	return ev
+}
+
+// watchEvent is the full current view of one node's allocations and the
+// jobs they belong to, with the node's own record; for an empty nodeID,
+// every allocation, their jobs, and the nodes of the live ones.
 func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 	ev := &pb.WatchEvent{Snapshot: true}
 	var allocs []*pb.Allocation
@@ -513,12 +606,23 @@ func watchEvent(st stateReader, nodeID string) *pb.WatchEvent {
 		}
 	}
 	seen := map[string]bool{}
+	var nodes map[string]bool // every node: those of live allocations
+	if nodeID == "" {
+		nodes = map[string]bool{}
+	}
 	for _, al := range allocs {
 		ev.Allocations = append(ev.Allocations, al)
 		if !seen[al.JobId] {
 			seen[al.JobId] = true
 			if j := st.Job(al.JobId); j != nil {
 				ev.Jobs = append(ev.Jobs, j)
+			}
+		}
+		if nodes != nil && !nodes[al.NodeId] && al.DesiredStatus == consensus.DesiredRun && !consensus.AllocTerminal(al.ClientStatus) {
+			// The routers rank replicas by their node's zone.
+			nodes[al.NodeId] = true
+			if n := st.Node(al.NodeId); n != nil {
+				ev.Nodes = append(ev.Nodes, n)
 			}
 		}
 	}

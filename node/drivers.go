@@ -144,7 +144,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		gpus[i] = int(g)
 	}
 	allocDir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
-	user, err := taskUser(r.a.cfg, spec.GetExec().GetUser())
+	user, err := r.taskUser(spec.GetExec().GetUser(), al.JobId)
 	if err != nil {
 		return nil, err
 	}
@@ -173,7 +173,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 		ID:      id,
 		AllocID: al.Id,
 		Command: spec.GetExec().GetCommand(),
-		Env:     append(env, checkpointEnv(spec, env, allocDir)...),
+		Env:     append(env, checkpointEnv(spec, env)...),
 		User:    user,
 	}
 	if kt := spec.GetKillTimeout(); kt != nil {
@@ -194,10 +194,12 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 // ErrTaskUser means a job names an account this agent does not run tasks as.
 var ErrTaskUser = errors.New("task user")
 
-// taskUser is the account an exec task runs as: the job's exec.user when
-// the agent allows it, else the agent's TaskUser; nil (the agent's own
-// user) when neither names one or the agent is not root.
-func taskUser(cfg *Config, asked string) (*driver.TaskUser, error) {
+// taskUser is the account an exec task of job runs as: the job's exec.user
+// when the agent allows it, else the agent's TaskUser; nil (the agent's own
+// user) when neither names one or the agent is not root. "dynamic" is an
+// account of the job's own (DynamicTaskUser).
+func (r *runner) taskUser(asked, job string) (*driver.TaskUser, error) {
+	cfg := r.a.cfg
 	name := cfg.TaskUser
 	if asked != "" && asked != name {
 		if !slices.Contains(cfg.TaskUsersAllowed, asked) {
@@ -219,6 +221,9 @@ func taskUser(cfg *Config, asked string) (*driver.TaskUser, error) {
 	if name == "" {
 		return nil, nil
 	}
+	if name == DynamicTaskUser {
+		return r.uids().user(job)
+	}
 	u, err := driver.LookupUser(name)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrTaskUser, err)
@@ -226,9 +231,9 @@ func taskUser(cfg *Config, asked string) (*driver.TaskUser, error) {
 	return u, nil
 }
 
-// userEnv is the base environment of a task run as u: HOME (its
-// allocation directory, since service accounts have none), USER and
-// LOGNAME name u. The job's own env may still set them.
+// userEnv is the base environment of a task run as u: HOME and TMPDIR
+// (its allocation directory, since service accounts have no home), USER
+// and LOGNAME name u. The job's own env may still set them.
 func userEnv(base []string, u *driver.TaskUser, allocDir string) []string {
 	if u == nil {
 		return base
@@ -236,11 +241,13 @@ func userEnv(base []string, u *driver.TaskUser, allocDir string) []string {
 	out := make([]string, 0, len(base)+3)
 	for _, kv := range base {
 		k, _, _ := strings.Cut(kv, "=")
-		if k != "HOME" && k != "USER" && k != "LOGNAME" {
+		if k != "HOME" && k != "USER" && k != "LOGNAME" && k != "TMPDIR" {
 			out = append(out, kv)
 		}
 	}
-	return append(out, "HOME="+allocDir, "USER="+u.Name, "LOGNAME="+u.Name)
+	// TMPDIR too: files a task leaves in a shared /tmp would be readable by
+	// the next job that runs as the same account.
+	return append(out, "HOME="+allocDir, "USER="+u.Name, "LOGNAME="+u.Name, "TMPDIR="+allocDir)
 }
 
 func orDefault(s, def string) string {

@@ -118,3 +118,79 @@ func TestFleetScalesOutWhileJobWaits(t *testing.T) {
 		return nil
 	})
 }
+
+// A service scaled by load that needs more replicas than the cluster can
+// hold raises the fleet's target: the routers' load (reported here through
+// the Control API as if from a router) scales it out to max_replicas, the
+// replica slots no node can take count as demand.
+func TestFleetScalesOutForAServiceUnderLoad(t *testing.T) {
+	needSystemPython(t)
+	fake := ec2fake.New()
+	srv := httptest.NewServer(fake)
+	t.Cleanup(srv.Close)
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	api, err := deploy.NewEC2Client(context.Background(), deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := api.CreateFleet(context.Background(), &ec2.CreateFleetInput{
+		Type: ec2types.FleetTypeMaintain,
+		LaunchTemplateConfigs: []ec2types.FleetLaunchTemplateConfigRequest{{
+			LaunchTemplateSpecification: &ec2types.FleetLaunchTemplateSpecificationRequest{LaunchTemplateId: aws.String("lt-1"), Version: aws.String("$Latest")},
+		}},
+		TargetCapacitySpecification: &ec2types.TargetCapacitySpecificationRequest{TotalTargetCapacity: aws.Int32(1), DefaultTargetCapacityType: ec2types.DefaultTargetCapacityTypeSpot},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleetID := aws.ToString(out.FleetId)
+	dc := startCluster(t, 1, func(_ int, c *Config) {
+		c.MaxRanksPerNode = 1
+		c.EC2 = &EC2Config{
+			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL}},
+			Fleet:       FleetConfig{ID: fleetID, Policy: deploy.DefaultScalePolicy(1, 10), Interval: 100 * time.Millisecond},
+		}
+	})
+	a := dc.Agents[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := dc.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, a)
+	id := submitJob(t, c, `
+name: web
+type: service
+exec:
+  command: [/usr/bin/python3, -c, "import http.server, os; http.server.HTTPServer((os.environ['GPUMESH_HOST'], int(os.environ['GPUMESH_PORT_HTTP'])), http.server.SimpleHTTPRequestHandler).serve_forever()"]
+service:
+  min_replicas: 1
+  max_replicas: 3
+  target_in_flight: 2
+  check: {type: tcp, interval: 200ms, timeout: 150ms, threshold: 2, grace: 30s}
+`)
+	waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool {
+		return len(r.Allocations) == 1 && r.Allocations[0].Health == HealthHealthy
+	})
+	if f, _ := fake.Fleet(fleetID); f.Total != 1 {
+		t.Fatalf("fleet target %d before any load, want 1", f.Total)
+	}
+	poll.Until(t, 20*time.Second, func() error {
+		if _, err := c.ReportLoad(ctx, &pb.ReportLoadRequest{NodeId: "router", Services: []*pb.ServiceLoad{{JobId: id, InFlight: 6}}}); err != nil {
+			return err
+		}
+		r, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id})
+		if err != nil {
+			return err
+		}
+		if r.Job.WorldSize != 3 {
+			return fmt.Errorf("%d replicas wanted, want 3 for 6 in flight at 2 each", r.Job.WorldSize)
+		}
+		if f, _ := fake.Fleet(fleetID); f.Total <= 1 {
+			return fmt.Errorf("fleet target still %d with two replicas unplaced (%s)", f.Total, r.Job.StatusReason)
+		}
+		return nil
+	})
+}

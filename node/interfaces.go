@@ -54,6 +54,12 @@ type stateReader interface {
 	AllocationsByNode(nodeID string) []*pb.Allocation
 	Index() uint64
 	WaitIndex(ctx context.Context, after uint64) (uint64, error)
+	// WaitNode waits for a change to one node's view (its record, its
+	// allocations, their jobs) after index after.
+	WaitNode(ctx context.Context, nodeID string, after uint64) (uint64, error)
+	// WaitServices waits for a change to a service job or its
+	// allocations after index after.
+	WaitServices(ctx context.Context, after uint64) (uint64, error)
 }
 
 // raftServer is what the agent needs of package consensus (adapted in
@@ -89,6 +95,9 @@ type raftServer interface {
 	SetNodeEligibility(ctx context.Context, nodeID string, eligible bool) (uint64, error)
 	UpdateAllocations(ctx context.Context, updates []*pb.Allocation) (uint64, error)
 	UpsertNode(ctx context.Context, n *pb.Node) (uint64, error)
+	// ReportLoad records a router's load (requests in flight per service
+	// job ID) in the leader's memory, for scaling services by load.
+	ReportLoad(nodeID string, inFlight map[string]float64) error
 
 	TransferLeadership() error
 	TransferLeadershipTo(id string) error

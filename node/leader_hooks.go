@@ -8,6 +8,8 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/deploy"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 // leaderHooks runs Agent.onLeader (the fleet autoscaler, ec2.go) while
@@ -80,6 +82,18 @@ func (a *Agent) Demand() deploy.Demand {
 			ranksPerNode = int(n.MaxRanks)
 		}
 	}
+	// nodesFor is how many nodes like the largest of today take ranks
+	// ranks of j.
+	nodesFor := func(j *pb.Job, ranks int) int {
+		per := ranksPerNode
+		if g := int(j.Spec.GetGpusPerRank()); g > 0 && gpusPerNode > 0 {
+			per = gpusPerNode / g
+		}
+		if per < 1 {
+			per = 1
+		}
+		return int(math.Ceil(float64(ranks) / float64(per)))
+	}
 	for _, j := range st.Jobs() {
 		switch j.Status {
 		case consensus.JobPending:
@@ -88,18 +102,30 @@ func (a *Agent) Demand() deploy.Demand {
 			if ranks == 0 {
 				ranks = int(j.Spec.GetMinRanks())
 			}
-			per := ranksPerNode
-			if g := int(j.Spec.GetGpusPerRank()); g > 0 && gpusPerNode > 0 {
-				per = gpusPerNode / g
-			}
-			if per < 1 {
-				per = 1
-			}
-			d.NodesNeeded += int(math.Ceil(float64(ranks) / float64(per)))
+			d.NodesNeeded += nodesFor(j, ranks)
 		case consensus.JobRunning:
+			service := j.Spec.GetType() == jobspec.TypeService
+			placed := map[int32]bool{}
 			for _, al := range st.Allocations(j.Id) {
-				if al.Generation == j.Generation && al.DesiredStatus == consensus.DesiredRun {
+				// A service's replicas keep their generation while others
+				// are replaced: every live one holds its node.
+				if (al.Generation == j.Generation || service) && al.DesiredStatus == consensus.DesiredRun {
 					busy[al.NodeId] = true
+					placed[al.Rank] = true
+				}
+			}
+			if service {
+				// Replica slots no node could take (a service scaled out
+				// beyond the cluster).
+				missing := 0
+				for r := int32(0); r < j.WorldSize; r++ {
+					if !placed[r] {
+						missing++
+					}
+				}
+				if missing > 0 {
+					d.WaitingJobs++
+					d.NodesNeeded += nodesFor(j, missing)
 				}
 			}
 		}

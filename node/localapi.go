@@ -23,8 +23,9 @@ import (
 // server (package localapi) on a socket in the data dir, and the key from
 // which every exec task's secret is derived.
 type localAPI struct {
-	srv *localapi.Server
-	key []byte
+	srv  *localapi.Server
+	key  []byte
+	ckpt *ckptService // checkpoint requests (checkpoint_local.go)
 }
 
 const (
@@ -42,18 +43,20 @@ func startLocalAPI(a *Agent) error {
 		return fmt.Errorf("local API key: %w", err)
 	}
 	cc := a.collectiveConfig(0)
+	ckpt := newCkptService(a)
 	srv, err := localapi.Listen(localapi.Config{
-		SocketPath: filepath.Join(dir, localAPISocketName),
-		Transport:  a.data.tr,
-		Collective: cc,
-		Authorizer: &localAuth{a: a, key: key},
-		Logger:     a.logger.Named("localapi"),
+		Checkpointer: ckpt,
+		SocketPath:   filepath.Join(dir, localAPISocketName),
+		Transport:    a.data.tr,
+		Collective:   cc,
+		Authorizer:   &localAuth{a: a, key: key},
+		Logger:       a.logger.Named("localapi"),
 	})
 	if err != nil {
 		a.logger.Warn("the local data-plane API (PyTorch backend) is off", "error", err)
 		return nil
 	}
-	a.local = &localAPI{srv: srv, key: key}
+	a.local = &localAPI{srv: srv, key: key, ckpt: ckpt}
 	return nil
 }
 

@@ -30,6 +30,7 @@ func newMesh(a *Agent, gossipPort int) (membership, error) {
 	cfg.AdvertiseAddr = a.advAddr
 	cfg.AdvertisePort = gossipPort
 	cfg.Logger = a.logger.Named("mesh")
+	cfg.ExpectedSize = a.cfg.ExpectNodes
 	if a.cfg.EncryptKey != "" {
 		k, err := mesh.DecodeKey(a.cfg.EncryptKey)
 		if err != nil {

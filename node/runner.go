@@ -80,6 +80,21 @@ type runner struct {
 
 	drivers map[string]driverFunc
 	exec    execState // drivers.go
+
+	uidsOnce sync.Once
+	uidPool  *uidPool // taskuids.go, through uids()
+}
+
+// uids is the pool of dynamic task users (--task-user=dynamic).
+func (r *runner) uids() *uidPool {
+	r.uidsOnce.Do(func() {
+		rg := r.a.cfg.TaskUIDs
+		if rg == (UIDRange{}) {
+			rg = DefaultTaskUIDs
+		}
+		r.uidPool = newUIDPool(mustAbs(r.a.cfg.DataDir), rg)
+	})
+	return r.uidPool
 }
 
 type runningTask struct {
@@ -129,7 +144,7 @@ func (r *runner) watchLocal() error {
 		r.reconcile(watchEvent(st, r.a.nodeID))
 		after = idx
 		waitCtx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
-		_, err := st.WaitIndex(waitCtx, after)
+		_, err := st.WaitNode(waitCtx, r.a.nodeID, after)
 		cancel()
 		if r.ctx.Err() != nil {
 			return r.ctx.Err()

@@ -258,6 +258,7 @@ var mutatingMethods = map[string]string{
 	pb.Control_NodeEligibility_FullMethodName:   "changing a node's eligibility",
 	pb.Control_UpdateAllocations_FullMethodName: "reporting allocation status",
 	pb.Control_RegisterNode_FullMethodName:      "registering a node",
+	pb.Control_ReportLoad_FullMethodName:        "reporting service load",
 }
 
 // aclUnaryInterceptor refuses mutating calls without the right token:

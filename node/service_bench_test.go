@@ -28,7 +28,7 @@ func BenchmarkServiceProxy(b *testing.B) {
 		_, _ = w.Write(payload)
 	}))
 	defer replica.Close()
-	rt := newRouter("n-router", hclog.NewNullLogger())
+	rt := newRouter("n-router", "", hclog.NewNullLogger())
 	front := httptest.NewServer(rt)
 	defer front.Close()
 	jobs, allocs := svcState(b, "bench", []string{replica.Listener.Addr().String()}, []string{HealthHealthy})

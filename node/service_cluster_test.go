@@ -265,3 +265,54 @@ func needSystemPython(t *testing.T) {
 		t.Skip("/usr/bin/python3 is not installed (apt-get install python3): the service replicas are a Python server")
 	}
 }
+
+// Submissions of a brand-new service name at the same instant register one
+// service; the others update it (or find nothing to do).
+func TestClusterConcurrentSubmitsRegisterOneService(t *testing.T) {
+	dc := startCluster(t, 1, nil)
+	c := client(t, dc.Agents[0])
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := dc.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	const n = 8
+	ids := make(chan string, n)
+	errs := make(chan error, n)
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		spec := mustSpec(t, fmt.Sprintf("name: web\ntype: service\nreplicas: 1\nexec: {command: [sleep, '600'], env: {V: '%d'}}\n", i))
+		go func() {
+			<-start
+			resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+			if err != nil {
+				errs <- err
+				return
+			}
+			ids <- resp.Id
+		}()
+	}
+	close(start)
+	seen := map[string]bool{}
+	for i := 0; i < n; i++ {
+		select {
+		case err := <-errs:
+			t.Fatal(err)
+		case id := <-ids:
+			seen[id] = true
+		}
+	}
+	jobs, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var named []string
+	for _, j := range jobs.Jobs {
+		if j.Spec.GetName() == "web" {
+			named = append(named, j.Id)
+		}
+	}
+	if len(named) != 1 || len(seen) != 1 {
+		t.Fatalf("%d submissions at once registered jobs %v (answered %v); want one service", n, named, seen)
+	}
+}

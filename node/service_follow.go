@@ -13,7 +13,7 @@ import (
 
 // followServices keeps the router's table in step with the cluster state:
 // from the local replica on servers that hold one, else from a server's
-// watch stream of every allocation.
+// watch stream of the services' allocations.
 func (a *Agent) followServices() {
 	a.followState(a.ctx, a.logger, "service", a.followLocal, a.followRemote)
 }
@@ -50,10 +50,10 @@ func (a *Agent) followLocal() error {
 	for a.raft.HasState() {
 		st := a.raft.State()
 		idx := st.Index()
-		ev := watchEvent(st, "")
-		a.router.update(ev.Jobs, ev.Allocations)
+		ev := servicesEvent(st)
+		a.router.update(ev.Jobs, ev.Allocations, ev.Nodes...)
 		ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
-		_, err := st.WaitIndex(ctx, idx)
+		_, err := st.WaitServices(ctx, idx)
 		cancel()
 		if a.ctx.Err() != nil {
 			return a.ctx.Err()
@@ -76,7 +76,7 @@ func (a *Agent) followRemote() error {
 	}
 	ctx, cancel := context.WithCancel(a.ctx)
 	defer cancel()
-	stream, err := c.Watch(ctx, &pb.WatchRequest{})
+	stream, err := c.Watch(ctx, &pb.WatchRequest{Services: true})
 	if err != nil {
 		return err
 	}
@@ -85,7 +85,7 @@ func (a *Agent) followRemote() error {
 		if err != nil {
 			return err
 		}
-		a.router.update(ev.Jobs, ev.Allocations)
+		a.router.update(ev.Jobs, ev.Allocations, ev.Nodes...)
 		if a.raft != nil && a.raft.HasState() {
 			return nil // switch to the local replica
 		}

@@ -2,12 +2,12 @@ package node
 
 import (
 	"bytes"
-	"context"
-	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"sort"
 	"strconv"
@@ -44,10 +44,20 @@ type backend struct {
 	nodeName string
 	rank     int32
 	addr     string // host:port of the route port
+	proxy    *httputil.ReverseProxy
 	health   string
-	local    bool
-	st       *replicaStats
+	// near ranks the replica's distance from this router, preferred on a
+	// tie of requests in flight: nearNode, nearAZ or nearFar.
+	near int
+	st   *replicaStats
 }
+
+// Distances of a replica from a router.
+const (
+	nearNode = iota // on this node
+	nearAZ          // in this node's availability zone
+	nearFar         // elsewhere (or a zone unknown)
+)
 
 // replicaStats are a router's counters of one replica, kept across table
 // updates by allocation ID.
@@ -57,76 +67,140 @@ type replicaStats struct {
 }
 
 // serviceRoute is one service: every replica of its live jobs. It and its
-// backends are immutable once built (update builds new ones).
+// backends are immutable once built (update builds new ones), but for the
+// counters.
 type serviceRoute struct {
 	name     string
 	replicas []*backend
+	counters *serviceCounters // service_metrics.go
+	next     atomic.Uint64    // rotates the start of pick's scan
+}
+
+// routeTable is the router's view of every service, replaced whole by
+// update and read without a lock.
+type routeTable struct {
+	services map[string]*serviceRoute
+	byAlloc  map[string]*replicaStats
+	scaled   []string // IDs of the live jobs scaled by load (service_load.go)
 }
 
 // router proxies /svc/NAME/... to a healthy replica of NAME: the one with
-// the fewest of this router's requests in flight, this node's first on a
-// tie, then the one least recently picked. Its table is rebuilt from the
-// cluster state (jobs and allocations, health included) by update; it owns
-// nothing else.
+// the fewest of this router's requests in flight; on a tie this node's
+// first, then one in this node's availability zone, then the next in a
+// rotation. Its table is rebuilt from the cluster state (jobs, allocations
+// with their health, the nodes that hold them) by update and swapped in
+// whole, so that a request takes no lock; it owns nothing else.
 type router struct {
 	nodeID string
+	az     string // this node's availability zone ("" unknown)
 	logger hclog.Logger
-	proxy  *httputil.ReverseProxy
+	// transport holds the kept-alive connections to every replica.
+	transport http.RoundTripper
+	errorLog  *log.Logger
 
-	mu       sync.RWMutex
-	services map[string]*serviceRoute
-	byAlloc  map[string]*replicaStats
-	next     atomic.Uint64
+	updateMu sync.Mutex // serialises update
+	table    atomic.Pointer[routeTable]
 	stats    routerStats // service_metrics.go
 }
 
-type ctxKey int
-
-const attemptKey ctxKey = 0
-
-// attempt is one try of a request on one replica.
+// attempt is one try of a request on one replica. It wraps the client's
+// ResponseWriter for that try, so that the replica's proxy can hand back
+// an error it met before answering anything.
 type attempt struct {
-	b    *backend
-	path string
-	err  error
+	http.ResponseWriter
+	err error
+	// written is set once the whole request was written to the replica's
+	// connection (from then on it may have acted on it); it is followed
+	// only for methods that are not idempotent.
+	written atomic.Bool
 }
 
-func newRouter(nodeID string, logger hclog.Logger) *router {
-	rt := &router{nodeID: nodeID, logger: logger, services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}}
-	tr := &http.Transport{
+// Unwrap lets http.ResponseController (flushes, hijacks) reach the
+// client's ResponseWriter.
+func (at *attempt) Unwrap() http.ResponseWriter { return at.ResponseWriter }
+
+func (at *attempt) wroteRequest(info httptrace.WroteRequestInfo) {
+	if info.Err == nil {
+		at.written.Store(true)
+	}
+}
+
+func newRouter(nodeID, az string, logger hclog.Logger) *router {
+	rt := &router{nodeID: nodeID, az: az, logger: logger}
+	rt.table.Store(&routeTable{services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}})
+	rt.transport = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
+		// A proxy passes the client's Accept-Encoding on and the answer
+		// back as it is: the transport must not ask for gzip and unpack it.
+		DisableCompression: true,
 	}
-	rt.proxy = &httputil.ReverseProxy{
-		Transport: tr,
-		// Tokens of a streamed answer (SSE, chunked) go out as they come.
-		FlushInterval: -1,
+	rt.errorLog = logger.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})
+	return rt
+}
+
+// copyBuffers lend the proxies their 32 KiB copy buffers (without a pool
+// every request would allocate one).
+var copyBuffers httputil.BufferPool = &bufferPool{}
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if buf, ok := b.p.Get().(*[]byte); ok {
+		return *buf
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
+
+// newProxy returns the reverse proxy to one replica at addr, for the
+// service whose requests arrive under prefix ("/svc/NAME").
+func (rt *router) newProxy(addr, prefix string) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		Transport:  rt.transport,
+		BufferPool: copyBuffers,
+		// FlushInterval 0: an answer of known length goes out in one
+		// write; one streamed (server-sent events, or of unknown length:
+		// chunked) the proxy flushes as it comes by itself.
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			at := pr.In.Context().Value(attemptKey).(*attempt)
+			path := pr.In.URL.Path[len(prefix):]
+			if path == "" {
+				path = "/"
+			}
 			pr.Out.URL.Scheme = "http"
-			pr.Out.URL.Host = at.b.addr
-			pr.Out.URL.Path, pr.Out.URL.RawPath = at.path, ""
+			pr.Out.URL.Host = addr
+			pr.Out.URL.Path, pr.Out.URL.RawPath = path, ""
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
 		// Called only before anything was written to the client: record
 		// the error so that ServeHTTP may retry elsewhere.
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			r.Context().Value(attemptKey).(*attempt).err = err
+		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
+			w.(*attempt).err = err
 		},
-		ErrorLog: logger.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+		ErrorLog: rt.errorLog,
 	}
-	return rt
 }
 
-// update rebuilds the table from the cluster state.
-func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
+// update rebuilds the table from the cluster state: the jobs, their
+// allocations, and the nodes that hold them (for their zones; a node not
+// given counts as far).
+func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.Node) {
+	zone := make(map[string]string, len(nodes))
+	for _, n := range nodes {
+		zone[n.Id] = n.Az
+	}
 	names := map[string]string{} // job ID → service name
+	var scaled []string
 	for _, j := range jobs {
 		if j.GetSpec().GetType() == jobspec.TypeService && !consensus.JobTerminal(j.Status) {
 			names[j.Id] = j.Spec.Name
+			if j.Spec.GetService().GetMaxReplicas() > 0 {
+				scaled = append(scaled, j.Id)
+			}
 		}
 	}
 	routePort := map[string]string{}
@@ -135,11 +209,12 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 			routePort[j.Id] = j.Spec.GetService().GetRoutePort()
 		}
 	}
-	rt.mu.Lock()
-	defer rt.mu.Unlock()
+	rt.updateMu.Lock()
+	defer rt.updateMu.Unlock()
+	old := rt.table.Load()
 	services := map[string]*serviceRoute{}
 	for _, name := range names {
-		services[name] = &serviceRoute{name: name}
+		services[name] = &serviceRoute{name: name, counters: rt.stats.of(name)}
 	}
 	byAlloc := map[string]*replicaStats{}
 	for _, al := range allocs {
@@ -151,18 +226,26 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 		if port == 0 {
 			continue // not yet reported
 		}
-		st := rt.byAlloc[al.Id]
+		st := old.byAlloc[al.Id]
 		if st == nil {
 			st = &replicaStats{}
 		}
 		b := &backend{allocID: al.Id, jobID: al.JobId, st: st}
 		b.nodeID, b.nodeName, b.rank = al.NodeId, al.NodeName, al.Rank
 		b.addr = net.JoinHostPort(hostOf(al.RankAddr), strconv.Itoa(int(port)))
+		b.proxy = rt.newProxy(b.addr, svcPrefix+name)
 		b.health = al.Health
 		if b.health == "" {
 			b.health = HealthStarting
 		}
-		b.local = al.NodeId == rt.nodeID
+		switch {
+		case al.NodeId == rt.nodeID:
+			b.near = nearNode
+		case rt.az != "" && zone[al.NodeId] == rt.az:
+			b.near = nearAZ
+		default:
+			b.near = nearFar
+		}
 		byAlloc[al.Id] = st
 		s := services[name]
 		s.replicas = append(s.replicas, b)
@@ -170,22 +253,27 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation) {
 	for _, s := range services {
 		sort.Slice(s.replicas, func(i, j int) bool { return s.replicas[i].allocID < s.replicas[j].allocID })
 	}
-	rt.services, rt.byAlloc = services, byAlloc
+	rt.table.Store(&routeTable{services: services, byAlloc: byAlloc, scaled: scaled})
 }
 
-// pick returns a healthy replica of s not in tried, or nil.
-func (rt *router) pick(s *serviceRoute, tried map[string]bool) *backend {
+// pick returns a healthy replica of s other than the allocation skip, or
+// nil: the fewest requests in flight, then the nearest, then the first
+// after a rotating start.
+func (rt *router) pick(s *serviceRoute, skip string) *backend {
 	var best *backend
 	var bestN int64
 	n := len(s.replicas)
-	start := int(rt.next.Add(1) % uint64(max(n, 1)))
+	if n == 0 {
+		return nil
+	}
+	start := int(s.next.Add(1) % uint64(n))
 	for i := 0; i < n; i++ {
 		b := s.replicas[(start+i)%n]
-		if b.health != HealthHealthy || tried[b.allocID] {
+		if b.health != HealthHealthy || b.allocID == skip {
 			continue
 		}
 		in := b.st.inflight.Load()
-		if best == nil || in < bestN || (in == bestN && b.local && !best.local) {
+		if best == nil || in < bestN || (in == bestN && b.near < best.near) {
 			best, bestN = b, in
 		}
 	}
@@ -218,23 +306,14 @@ func idempotent(method string) bool {
 	return false
 }
 
-// noByteSent reports whether err shows the request never reached the
-// replica (the connection could not be made).
-func noByteSent(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
-}
-
 func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	name, rest, _ := strings.Cut(strings.TrimPrefix(req.URL.Path, svcPrefix), "/")
-	rt.mu.RLock()
-	s := rt.services[name]
-	rt.mu.RUnlock()
+	name, _, _ := strings.Cut(strings.TrimPrefix(req.URL.Path, svcPrefix), "/")
+	s := rt.table.Load().services[name]
 	if s == nil {
 		http.Error(w, fmt.Sprintf("no service named %q in this cluster; gpumesh service list shows the services", name), http.StatusNotFound)
 		return
 	}
-	sc := rt.stats.of(name)
+	sc := s.counters
 	sc.requests.Add(1)
 	// Keep a small body so that the request can be retried elsewhere.
 	var body []byte
@@ -247,24 +326,32 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		body, replayable = b, true
 	}
-	tried := map[string]bool{}
-	for try := 0; ; try++ {
-		b := rt.pick(s, tried)
+	// For a method that is not idempotent, follow whether the request was
+	// wholly written: until then a failed try may go elsewhere.
+	safe := idempotent(req.Method)
+	var tried *backend
+	for {
+		b := rt.pick(s, allocOf(tried))
 		if b == nil {
 			w.Header().Set("Retry-After", "1")
 			msg := whyNone(s)
-			if try > 0 {
-				msg = fmt.Sprintf("service %q: the replica tried failed and no other healthy replica is left; retry later", name)
+			if tried != nil {
+				msg = fmt.Sprintf("service %q: replica %d on node %s failed before it got the request, and no other healthy replica is left; retry later", name, tried.rank, tried.nodeName)
 			}
 			sc.failed.Add(1)
 			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
-		tried[b.allocID] = true
-		at := &attempt{b: b, path: "/" + rest}
-		out := req.WithContext(context.WithValue(req.Context(), attemptKey, at))
+		at := &attempt{ResponseWriter: w}
+		out := req
+		if !safe {
+			out = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{WroteRequest: at.wroteRequest}))
+		}
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
+			// The transport may then resend it itself on a fresh
+			// connection when a kept-alive one was closed under it.
+			out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		}
 		b.st.requests.Add(1)
 		func() {
@@ -272,7 +359,7 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			// fails mid-answer: count the request out all the same.
 			b.st.inflight.Add(1)
 			defer b.st.inflight.Add(-1)
-			rt.proxy.ServeHTTP(w, out)
+			b.proxy.ServeHTTP(at, out)
 		}()
 		if at.err == nil {
 			return
@@ -281,13 +368,35 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return // the client went away
 		}
 		rt.logger.Warn("request to a replica failed", "service", name, "replica", b.allocID, "node", b.nodeName, "error", at.err)
-		if try > 0 || !replayable || !(idempotent(req.Method) || noByteSent(at.err)) {
+		// Retry once, elsewhere, when the replica cannot have acted on the
+		// request: the method is idempotent, or the replica never got all
+		// of it (the connection was refused, or reset before the request
+		// was written).
+		why := ""
+		switch {
+		case tried != nil:
+			why = "it was the second replica tried"
+		case !replayable:
+			why = fmt.Sprintf("its body (over %d bytes) was streamed and is gone", maxRetryBody)
+		case !safe && at.written.Load():
+			why = fmt.Sprintf("the replica had the whole request and %s is not idempotent, so it may have acted on it", req.Method)
+		}
+		if why != "" {
 			sc.failed.Add(1)
-			http.Error(w, fmt.Sprintf("service %q: replica %d on node %s failed: %v", name, b.rank, b.nodeName, at.err), http.StatusBadGateway)
+			http.Error(w, fmt.Sprintf("service %q: replica %d on node %s failed: %v; not retried: %s", name, b.rank, b.nodeName, at.err, why), http.StatusBadGateway)
 			return
 		}
 		sc.retries.Add(1)
+		tried = b
 	}
+}
+
+// allocOf returns b's allocation ID, "" for nil.
+func allocOf(b *backend) string {
+	if b == nil {
+		return ""
+	}
+	return b.allocID
 }
 
 // ReplicaRoute is a replica as one router sees it.
@@ -311,10 +420,9 @@ type ServiceRoute struct {
 
 // snapshot returns the table, sorted by service name.
 func (rt *router) snapshot() []ServiceRoute {
-	rt.mu.RLock()
-	defer rt.mu.RUnlock()
-	out := make([]ServiceRoute, 0, len(rt.services))
-	for _, s := range rt.services {
+	tbl := rt.table.Load()
+	out := make([]ServiceRoute, 0, len(tbl.services))
+	for _, s := range tbl.services {
 		sr := ServiceRoute{Name: s.name, Replicas: []ReplicaRoute{}}
 		for _, b := range s.replicas {
 			if b.health == HealthHealthy {
@@ -332,7 +440,7 @@ func (rt *router) snapshot() []ServiceRoute {
 // replicas of one service (name, at addrs "host:port"): the routing path
 // without the cluster, for benchmarks and tests.
 func NewStaticRouter(name string, addrs []string) http.Handler {
-	rt := newRouter("", hclog.NewNullLogger())
+	rt := newRouter("", "", hclog.NewNullLogger())
 	job := &pb.Job{Id: name, Status: consensus.JobRunning, Spec: &pb.JobSpec{Name: name, Type: jobspec.TypeService,
 		Service: &pb.ServiceSpec{Ports: []string{jobspec.DefaultServicePort}, RoutePort: jobspec.DefaultServicePort}}}
 	var allocs []*pb.Allocation

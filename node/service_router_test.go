@@ -6,8 +6,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,7 +52,7 @@ func replica(t *testing.T, id string) *httptest.Server {
 }
 
 func newTestRouter(t *testing.T) (*router, *httptest.Server) {
-	rt := newRouter("n-router", hclog.NewNullLogger())
+	rt := newRouter("n-router", "", hclog.NewNullLogger())
 	front := httptest.NewServer(rt)
 	t.Cleanup(front.Close)
 	return rt, front
@@ -190,5 +192,119 @@ func TestHealthState(t *testing.T) {
 	late := newHealthState(t0, 1, time.Second)
 	if got := late.observe(false, t0.Add(2*time.Second)); got != HealthUnhealthy {
 		t.Fatalf("a replica failing after its grace: %s, want unhealthy", got)
+	}
+}
+
+// On a tie of requests in flight a router prefers a replica in its own
+// availability zone (after one on its own node).
+func TestRouterPrefersItsZoneOnATie(t *testing.T) {
+	a, b, c := replica(t, "A"), replica(t, "B"), replica(t, "C")
+	rt := newRouter("n-router", "us-east-1a", hclog.NewNullLogger())
+	front := httptest.NewServer(rt)
+	t.Cleanup(front.Close)
+	jobs, allocs := svcState(t, "echo", []string{a.Listener.Addr().String(), b.Listener.Addr().String(), c.Listener.Addr().String()},
+		[]string{HealthHealthy, HealthHealthy, HealthHealthy})
+	rt.update(jobs, allocs, &pb.Node{Id: "n0", Az: "us-east-1b"}, &pb.Node{Id: "n1", Az: "us-east-1a"}, &pb.Node{Id: "n2", Az: "us-east-1c"})
+	for i := 0; i < 10; i++ {
+		if code, body := get(t, front.URL+"/svc/echo/x"); code != http.StatusOK || body[:1] != "B" {
+			t.Fatalf("request %d went to %q (%d); want B, the one replica in us-east-1a", i, body, code)
+		}
+	}
+	// Its own node comes first.
+	allocs[2].NodeId = "n-router"
+	rt.update(jobs, allocs, &pb.Node{Id: "n0", Az: "us-east-1b"}, &pb.Node{Id: "n1", Az: "us-east-1a"})
+	if code, body := get(t, front.URL+"/svc/echo/x"); code != http.StatusOK || body[:1] != "C" {
+		t.Fatalf("went to %q (%d); want C, on the router's node", body, code)
+	}
+}
+
+// A replica that dies holding a whole request (it read it, then closed the
+// connection without an answer) may have acted on it: a POST is not sent
+// again, and its 502 says why; a GET goes to another replica.
+func TestRouterRetriesOnlyWhatIsSafe(t *testing.T) {
+	dying := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}))
+	t.Cleanup(dying.Close)
+	b := replica(t, "B")
+	rt, front := newTestRouter(t)
+	rt.update(svcState(t, "echo", []string{dying.Listener.Addr().String(), b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
+	refused := 0
+	for i := 0; i < 4; i++ {
+		resp, err := http.Post(front.URL+"/svc/echo/gen", "text/plain", strings.NewReader("prompt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		switch {
+		case resp.StatusCode == http.StatusOK && string(body) == "B POST /gen prompt":
+		case resp.StatusCode == http.StatusBadGateway && strings.Contains(string(body), "not retried: the replica had the whole request and POST is not idempotent"):
+			refused++
+		default:
+			t.Fatalf("POST %d: %d %q", i, resp.StatusCode, body)
+		}
+	}
+	if refused == 0 {
+		t.Fatalf("no POST reached the dying replica; the test proves nothing")
+	}
+	for i := 0; i < 4; i++ {
+		if code, body := get(t, front.URL+"/svc/echo/gen"); code != http.StatusOK || body != "B GET /gen " {
+			t.Fatalf("GET %d: %d %q; want it answered by B", i, code, body)
+		}
+	}
+}
+
+// roundTripFunc is an http.RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// A POST whose connection was reset before the request was written is
+// retried on another replica (the first never had it); once it was written
+// it is not.
+func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
+	b := replica(t, "B")
+	const dead = "127.0.0.1:1" // never dialled: the transport below fails it
+	for _, c := range []struct {
+		name    string
+		written bool
+		want    int
+	}{{"reset before the write", false, http.StatusOK}, {"reset after the write", true, http.StatusBadGateway}} {
+		t.Run(c.name, func(t *testing.T) {
+			rt, front := newTestRouter(t)
+			real := rt.transport
+			rt.transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+				if r.URL.Host != dead {
+					return real.RoundTrip(r)
+				}
+				if c.written {
+					httptrace.ContextClientTrace(r.Context()).WroteRequest(httptrace.WroteRequestInfo{})
+				}
+				return nil, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+			})
+			rt.update(svcState(t, "echo", []string{dead, b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
+			for i := 0; i < 2; i++ { // one of them is sent to the dead replica first
+				resp, err := http.Post(front.URL+"/svc/echo/gen", "text/plain", strings.NewReader("prompt"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == c.want && resp.StatusCode != http.StatusOK {
+					return
+				}
+				if resp.StatusCode != http.StatusOK || string(body) != "B POST /gen prompt" {
+					t.Fatalf("POST %d: %d %q, want %d", i, resp.StatusCode, body, c.want)
+				}
+			}
+			if c.want != http.StatusOK {
+				t.Fatalf("no POST went to the dead replica")
+			}
+		})
 	}
 }

@@ -60,7 +60,7 @@ for pkg in $(go list -tags cuda ./... ); do
 	name=$(basename "$pkg")
 	if [ -n "$(go list -tags cuda -f '{{if or .TestGoFiles .XTestGoFiles}}yes{{end}}' "$pkg")" ]; then
 		case $pkg in
-		*/cuda | */cudabuf) go test -c -tags cuda -trimpath -ldflags='-s -w' -o "$out/$name.test" "$pkg" ;;
+		*/cuda | */cudabuf | */pipeline) go test -c -tags cuda -trimpath -ldflags='-s -w' -o "$out/$name.test" "$pkg" ;;
 		esac
 	fi
 done

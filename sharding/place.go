@@ -233,6 +233,9 @@ func (c *Cluster) scan(job Job, want int, cpuOnlyNodes bool) scan {
 	for i := range c.nodes {
 		st := &c.nodes[i]
 		n := &st.node
+		if job.avoiding && slices.Contains(job.Avoid, n.ID) {
+			continue
+		}
 		switch {
 		case n.Draining:
 			s.excluded[exDraining]++
@@ -315,6 +318,15 @@ type choice struct {
 func (c *Cluster) Place(job Job) (Plan, error) {
 	if err := ValidateJob(job); err != nil {
 		return Plan{}, err
+	}
+	if len(job.Avoid) > 0 && !job.avoiding {
+		// First without the nodes to avoid; then with them.
+		strict := job
+		strict.avoiding = true
+		if p, err := c.Place(strict); err == nil {
+			return p, nil
+		}
+		job.Avoid = nil
 	}
 	want := job.Ranks
 	minRanks := job.MinRanks

@@ -73,6 +73,12 @@ type Job struct {
 	// Placement is PlacementPack (default when empty) or PlacementSpread.
 	Placement   string
 	Constraints Constraints
+	// Avoid lists nodes (by ID) that take ranks only when no placement
+	// without them exists (a service replica kept off the nodes of its
+	// siblings).
+	Avoid []string
+	// avoiding is set on the first try of a job with Avoid.
+	avoiding bool
 }
 
 // Allocation is a rank already placed and holding resources.

@@ -19,17 +19,31 @@ import (
 	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/hashicorp/go-hclog"
+	"google.golang.org/protobuf/proto"
 )
 
 // BenchmarkFleet1000 is the control plane under a 1,000-node fleet, in
 // one process: 3 servers (consensus.TestCluster: production Raft
 // timeouts, the disk log, TCP between them) see 1,000 client nodes in
-// their gossip view. Each client runs what an agent's runner does with
-// its Watch stream: wait for a new state index on one of the 3 servers
-// (clients spread over them), read its own allocations, and report each
-// new one running with UpdateAllocations through the leader (the status
-// update; membership itself comes from gossip, not heartbeats). A
-// submitter then runs jobs of one rank:
+// their gossip view. Each client runs what a server does for an agent's
+// Watch stream and what the agent's runner does with it: wait for a
+// change on one of the 3 servers (clients spread over them), build its
+// node's view (its record, allocations and their jobs) and encode it as
+// the stream would, and report each new allocation running with
+// UpdateAllocations through the leader (the status update; membership
+// itself comes from gossip, not heartbeats). Two ways of waiting, each a
+// sub-benchmark, so both are measured in the same run:
+//
+//   - watch=index: every watcher wakes on every new state index
+//     (StateStore.WaitIndex; the Watch handler before per-node views);
+//   - watch=node: a watcher wakes only when its node's view changes
+//     (StateStore.WaitNode), and each client also holds the service
+//     router's watch (StateStore.WaitServices), which a batch-only load
+//     never wakes. (Before, the router watched every allocation on every
+//     index; that is left out of watch=index, which is thus a lower
+//     bound of the old cost.)
+//
+// A submitter then runs jobs of one rank:
 //
 //   - paced: 100 jobs/s for 10 s; p50/p99 of `job run` = submission to
 //     the rank's node seeing its allocation (when the agent would start
@@ -45,7 +59,33 @@ import (
 // of the leader's. Run:
 //
 //	go test ./bench/controlplane -run '^$' -bench Fleet1000 -benchtime 1x -v
+//	go test ./bench/controlplane -run '^$' -bench 'Fleet1000/watch=node' -benchtime 1x -v
 func BenchmarkFleet1000(b *testing.B) {
+	b.Run("watch=index", func(b *testing.B) { fleet1000(b, false) })
+	b.Run("watch=node", func(b *testing.B) { fleet1000(b, true) })
+}
+
+// nodeView is what the Watch handler sends a node (node.watchEvent): its
+// record, its allocations and their jobs.
+func nodeView(st *consensus.StateStore, id string) *controlpb.WatchEvent {
+	ev := &controlpb.WatchEvent{Snapshot: true, Index: st.Index()}
+	if n := st.Node(id); n != nil {
+		ev.Nodes = append(ev.Nodes, n)
+	}
+	seen := map[string]bool{}
+	for _, a := range st.AllocationsByNode(id) {
+		ev.Allocations = append(ev.Allocations, a)
+		if !seen[a.JobId] {
+			seen[a.JobId] = true
+			if j := st.Job(a.JobId); j != nil {
+				ev.Jobs = append(ev.Jobs, j)
+			}
+		}
+	}
+	return ev
+}
+
+func fleet1000(b *testing.B, perNode bool) {
 	const clients = 1000
 	snaps := &snapLog{}
 	var dirs []string
@@ -92,15 +132,39 @@ func BenchmarkFleet1000(b *testing.B) {
 			defer wg.Done()
 			seen := map[string]bool{}
 			after := uint64(0)
+			if perNode {
+				// The service router's watch: never woken by batch jobs.
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for after := uint64(0); ; {
+						idx, err := st.WaitServices(ctx, after)
+						if err != nil {
+							return
+						}
+						after = idx
+					}
+				}()
+			}
 			for {
-				idx, err := st.WaitIndex(ctx, after)
+				var err error
+				if perNode {
+					_, err = st.WaitNode(ctx, id, after)
+				} else {
+					_, err = st.WaitIndex(ctx, after)
+				}
 				if err != nil {
 					return
 				}
-				after = idx
+				ev := nodeView(st, id)
+				after = ev.Index
+				if _, err := proto.Marshal(ev); err != nil { // the stream's encoding
+					b.Error(err)
+					return
+				}
 				var ups []*controlpb.Allocation
 				now := time.Now()
-				for _, a := range st.AllocationsByNode(id) {
+				for _, a := range ev.Allocations {
 					if seen[a.Id] || a.ClientStatus != consensus.AllocPending {
 						continue
 					}
@@ -195,7 +259,7 @@ func BenchmarkFleet1000(b *testing.B) {
 	mu.Unlock()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	fmt.Printf("\n1,000 client nodes, 3 servers in one process (GOMAXPROCS %d)\n", runtime.GOMAXPROCS(0))
+	fmt.Printf("\n%s: 1,000 client nodes, 3 servers in one process (GOMAXPROCS %d)\n", b.Name(), runtime.GOMAXPROCS(0))
 	fmt.Printf("paced %d jobs/s for %d s: job run (submit -> node sees its allocation) p50 %v p99 %v max %v; process CPU %.2f cores; heap %d MiB; Raft %.0f entries/s (%.2f M entries/h)\n",
 		rate, secs, pct(paced, 50), pct(paced, 99), pct(paced, 100), cpuPaced, ms.HeapAlloc>>20,
 		entries, entries*3600/1e6)

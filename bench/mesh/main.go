@@ -55,6 +55,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/hashicorp/go-hclog"
 )
@@ -75,6 +76,10 @@ var (
 	sizeAdapt  bool
 	noCompress bool
 	nodesFlag  int
+	// nodeLossGrace: a false death that lasts this long would fail a
+	// generation with a rank on that node (the scheduler's grace).
+	nodeLossGrace = consensus.DefaultConfig().NodeLossGrace
+	hogNice       int
 	// stopProfile ends -cpuprofile; called before every exit.
 	stopProfile = func() {}
 )
@@ -109,7 +114,9 @@ func main() {
 	flag.Float64Var(&memFault.Loss, "loss", 0, "-transport mem: packet loss rate of every link (0..1)")
 	flag.BoolVar(&sizeAdapt, "size-adapt", true, "give every node mesh.Config.ForSize(-nodes)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
-	flag.BoolVar(&noCompress, "no-compress", false, "turn off memberlist's message compression (Config.NoCompression)")
+	flag.BoolVar(&noCompress, "no-compress", true, "memberlist's message compression off (Config.NoCompression, the presets' default); -no-compress=false turns it on")
+	flag.DurationVar(&nodeLossGrace, "grace", nodeLossGrace, "count false deaths that last this long (the scheduler's NodeLossGrace: a generation with a rank on that node would fail)")
+	flag.IntVar(&hogNice, "hog-nice", 0, "run the -load hogs this much nicer than the mesh (5: as the agent's unit, Nice=-5, against its tasks at 0)")
 	soak := flag.Duration("soak", 0, "soak: one trial, no kill, this long in the steady phase (every suspicion and death in it is false)")
 	flag.Parse()
 	switch *transport {
@@ -160,7 +167,7 @@ func main() {
 
 	c := config(*preset, "x", false)
 	smin, _ := c.SuspicionTimeouts(*nodes)
-	fmt.Printf("transport=%s delay=%v loss=%g size-adapt=%v\n", *transport, memFault.Delay, memFault.Loss, sizeAdapt)
+	fmt.Printf("transport=%s delay=%v loss=%g size-adapt=%v compression=%v hog-nice=%d\n", *transport, memFault.Delay, memFault.Loss, sizeAdapt, !noCompress, hogNice)
 	fmt.Printf("preset=%s nodes=%d seeds=%d trials=%d load=%d hogs, GOMAXPROCS=%d; probe %v/%v indirect %d, suspicion mult %d (min %v at %d nodes, max ×%d), awareness ×%d, gossip %v × %d, retransmit %d, syncs %d from %v\n",
 		*preset, *nodes, *seeds, *trials, *load, runtime.GOMAXPROCS(0), c.ProbeInterval, c.ProbeTimeout, c.IndirectChecks,
 		c.SuspicionMult, smin.Round(time.Millisecond), *nodes, c.SuspicionMaxTimeoutMult, c.AwarenessMaxMultiplier,
@@ -180,10 +187,10 @@ func main() {
 		}
 		loads = append(loads, l0, loadavg())
 		all = append(all, r)
-		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d, refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
+		fmt.Printf("trial %2d: converge %v | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
 			t, ms(r.converge), ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
 			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
-			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], r.refutes, r.tcpRescue,
+			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], ms(r.longestDead), r.overGrace, r.refutes, r.tcpRescue,
 			bytesRate(r), r.cpuPerNode*1000, l0, loadavg())
 	}
 	if len(all) == 0 {
@@ -211,8 +218,11 @@ func main() {
 		report("  phase 3: first dead declaration -> last survivor knows", pick(func(r result) time.Duration { return r.detect - r.firstDead }), 0)
 	}
 	var fs, fd [3]int
-	refutes, rescues := 0, 0
+	refutes, rescues, overGrace := 0, 0, 0
+	var longest time.Duration
 	for _, r := range all {
+		overGrace += r.overGrace
+		longest = max(longest, r.longestDead)
 		for p := range fs {
 			fs[p] += r.falseSuspect[p]
 			fd[p] += r.falseDead[p]
@@ -235,6 +245,8 @@ func main() {
 	}
 	fmt.Printf("false suspicions of live nodes (join / steady / detect phase): %d / %d / %d; false deaths ((observer, node) pairs): %d / %d / %d; refutations %d; probes saved by the TCP fallback %d\n",
 		fs[0], fs[1], fs[2], fd[0], fd[1], fd[2], refutes, rescues)
+	fmt.Printf("false deaths lasting >= %v (NodeLossGrace: a generation with a rank on that node, seen so by the leader, would fail): %d; longest false death %v\n",
+		nodeLossGrace, overGrace, ms(longest))
 	for _, f := range failures {
 		fmt.Println("FAILED", f)
 	}
@@ -373,7 +385,7 @@ func startHogs(n int) (stop func(), pause func(bool), err error) {
 		return stop, pause, err
 	}
 	for i := 0; i < n; i++ {
-		cmd := exec.Command(exe, "-hog")
+		cmd := exec.Command(exe, "-hog", "-hog-nice", strconv.Itoa(hogNice))
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := cmd.Start(); err != nil {
@@ -391,6 +403,17 @@ var sink atomic.Uint64
 // exits when its parent goes away.
 func spin() {
 	runtime.GOMAXPROCS(1)
+	if hogNice != 0 {
+		// Niceness is per thread on Linux: raise this one's, and spin on it.
+		runtime.LockOSThread()
+		prio, err := syscall.Getpriority(syscall.PRIO_PROCESS, 0) // 20 - nice
+		if err == nil {
+			err = syscall.Setpriority(syscall.PRIO_PROCESS, 0, 20-prio+hogNice)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "hog: set niceness:", err)
+		}
+	}
 	parent := os.Getppid()
 	x := uint64(1)
 	for {
@@ -515,11 +538,18 @@ type result struct {
 	confirms           string        // peer confirmations those timers had, e.g. "1,1,2"
 	falseSuspect       [3]int        // "Suspect X has failed" lines about live nodes, by phase
 	falseDead          [3]int        // (observer, live node) failed events, by phase
-	refutes            int           // "Refuting a suspect/dead message" lines
-	tcpRescue          int           // probes that only the TCP fallback saved
-	bytesPerNode       float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
-	cpuPerNode         float64       // steady phase: process CPU seconds per node per second
-	err                error
+	// longestDead is the longest an observer listed a live node dead
+	// (until it saw it alive again, or the end of the trial);
+	// overGrace counts the (observer, node) false deaths that lasted
+	// NodeLossGrace or more: with a leader among those observers, a
+	// generation with a rank on that node would have been failed.
+	longestDead  time.Duration
+	overGrace    int
+	refutes      int     // "Refuting a suspect/dead message" lines
+	tcpRescue    int     // probes that only the TCP fallback saved
+	bytesPerNode float64 // steady phase: gossip bytes sent per node per second (-1: not counted)
+	cpuPerNode   float64 // steady phase: process CPU seconds per node per second
+	err          error
 }
 
 var (
@@ -539,7 +569,8 @@ type recorder struct {
 	firstFailedPing time.Time
 	firstDead       time.Time
 	lastDead        time.Time
-	deadSeen        map[string]bool // survivors that list the victim dead
+	deadSeen        map[string]bool         // survivors that list the victim dead
+	falseSince      map[[2]string]time.Time // (observer, live node) listed dead since
 	confirms        []string
 	res             result
 	verbose         bool
@@ -580,11 +611,22 @@ func (r *recorder) logLine(node, line string) {
 }
 
 func (r *recorder) event(observer string, ev mesh.Event) {
-	if ev.Type != mesh.EventFailed || ev.Member.Name == observer {
+	if ev.Member.Name == observer {
 		return
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	key := [2]string{observer, ev.Member.Name}
+	if ev.Type == mesh.EventJoin {
+		if t, ok := r.falseSince[key]; ok {
+			delete(r.falseSince, key)
+			r.falseDeathEnded(time.Since(t))
+		}
+		return
+	}
+	if ev.Type != mesh.EventFailed {
+		return
+	}
 	if r.phase == phaseDetect && ev.Member.Name == r.victim {
 		if !r.deadSeen[observer] {
 			r.deadSeen[observer] = true
@@ -599,6 +641,18 @@ func (r *recorder) event(observer string, ev mesh.Event) {
 		return
 	}
 	r.res.falseDead[r.phase]++
+	if _, ok := r.falseSince[key]; !ok {
+		r.falseSince[key] = time.Now()
+	}
+}
+
+// falseDeathEnded records how long one false death lasted. The caller
+// holds r.mu.
+func (r *recorder) falseDeathEnded(d time.Duration) {
+	r.res.longestDead = max(r.res.longestDead, d)
+	if d >= nodeLossGrace {
+		r.res.overGrace++
+	}
 }
 
 func (r *recorder) setPhase(p int) {
@@ -619,7 +673,7 @@ func (w lineWriter) Write(p []byte) (int, error) {
 }
 
 func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, verbose bool) (res result) {
-	rec := &recorder{deadSeen: map[string]bool{}, verbose: verbose}
+	rec := &recorder{deadSeen: map[string]bool{}, falseSince: map[[2]string]time.Time{}, verbose: verbose}
 	ms := make([]*mesh.Mesh, n)
 	var memNet *mesh.MemNetwork
 	var trs []*mesh.MemTransport
@@ -706,6 +760,10 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 	finish := func() result {
 		rec.mu.Lock()
 		defer rec.mu.Unlock()
+		for k, t := range rec.falseSince { // still dead at the end
+			delete(rec.falseSince, k)
+			rec.falseDeathEnded(time.Since(t))
+		}
 		out := rec.res
 		out.converge, out.err = res.converge, res.err
 		out.bytesPerNode, out.cpuPerNode = res.bytesPerNode, res.cpuPerNode

@@ -8,6 +8,9 @@
 //	service load    -url http://127.0.0.1:9001/x        # direct
 //	service load    -url http://127.0.0.1:9002/svc/bench/x  # through the router
 //
+// router -pprof 127.0.0.1:6060 serves net/http/pprof there (go tool pprof
+// http://127.0.0.1:6060/debug/pprof/profile?seconds=5).
+//
 // load prints requests/s and latency percentiles as one JSON line.
 package main
 
@@ -18,6 +21,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"sort"
 	"sync"
@@ -39,6 +43,7 @@ func main() {
 	url := fs.String("url", "http://127.0.0.1:9001/x", "what to load (load)")
 	clients := fs.Int("c", 16, "concurrent keep-alive clients (load)")
 	dur := fs.Duration("d", 10*time.Second, "how long to load, after a 2 s warm-up (load)")
+	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this address (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
 	switch os.Args[1] {
@@ -49,6 +54,9 @@ func main() {
 			_, _ = w.Write(payload)
 		}))
 	case "router":
+		if *pprofAddr != "" {
+			go func() { _ = http.ListenAndServe(*pprofAddr, nil) }() // DefaultServeMux holds net/http/pprof
+		}
 		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}))
 	case "load":
 		err = load(*url, *clients, *dur)

@@ -118,13 +118,15 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.IntVar(&c.MaxVoters, "max-voters", c.MaxVoters, "Raft voters (1 to 5)")
 	fl.IntVar(&c.Standbys, "standbys", c.Standbys, "non-voting Raft members kept warm for fast promotion")
 	fl.StringVar(&c.EncryptKey, "encrypt", "", "gossip encryption key: 32 bytes in base64 (make one with: openssl rand -base64 32)")
+	fl.IntVar(&c.ExpectNodes, "expect-nodes", 0, "fleet size to tune gossip failure detection for (more indirect probes and suspicion confirmations above 64, 256 nodes); fixed at start, 0: small")
 	fl.StringVar(&f.encFile, "encrypt-file", "", "file holding the gossip encryption key (keeps it out of the process list)")
 	fl.IntVar(&c.MaxRanksPerNode, "max-ranks-per-node", 0, "ranks (of all jobs) this node runs at once (default: its CPU cores)")
 	fl.DurationVar(&c.CollectiveTimeout, "collective-timeout", c.CollectiveTimeout, "how long a collective waits for a peer before every rank errors")
 	fl.StringVar(&c.DataPlane, "data-plane", c.DataPlane, "how tensors travel between nodes: tcp (a plain TCP lane per link on the RPC port, set up over gRPC; TLS-wrapped when TLS is on) or grpc (on the gRPC streams)")
 	fl.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(c.LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each data-plane TCP lane (0: kernel autotuning, for long paths such as across regions)")
-	c.TaskUser = "nobody"
-	fl.StringVar(&c.TaskUser, "task-user", c.TaskUser, "user exec tasks run as when their job names none (empty: the agent's own user); an agent that is not root always runs tasks as itself")
+	c.TaskUser = node.DynamicTaskUser
+	fl.StringVar(&c.TaskUser, "task-user", c.TaskUser, "user exec tasks run as when their job names none: dynamic (an account of each job's own, with an ID from --task-uid-range and no password entry), a user name, or empty (the agent's own user); an agent that is not root always runs tasks as itself")
+	fl.Var(&uidRangeValue{&c.TaskUIDs}, "task-uid-range", "user IDs `FIRST-LAST` that --task-user=dynamic hands out, one per job (default "+node.DefaultTaskUIDs.String()+"; no account may use them)")
 	fl.StringSliceVar(&c.TaskUsersAllowed, "task-users-allowed", nil, "further users a job's exec.user may name (comma-separated or repeated), e.g. a training account with access to datasets")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
 	fl.DurationVar(&c.NodeLossGrace, "node-loss-grace", c.NodeLossGrace, "how long a node may be silent before its ranks count as lost and their jobs are placed again; an agent restarted within it adopts its running tasks")
@@ -175,3 +177,24 @@ func applyConfigFile(fl *pflag.FlagSet, path string) error {
 	}
 	return nil
 }
+
+// uidRangeValue is --task-uid-range as a flag: FIRST-LAST.
+type uidRangeValue struct{ r *node.UIDRange }
+
+func (v *uidRangeValue) String() string {
+	if v.r == nil || *v.r == (node.UIDRange{}) {
+		return ""
+	}
+	return v.r.String()
+}
+
+func (v *uidRangeValue) Set(s string) error {
+	r, err := node.ParseUIDRange(s)
+	if err != nil {
+		return err
+	}
+	*v.r = r
+	return nil
+}
+
+func (v *uidRangeValue) Type() string { return "range" }

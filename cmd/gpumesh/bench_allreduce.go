@@ -34,6 +34,7 @@ type allreduceFlags struct {
 	timeout  time.Duration
 	plane    string
 	sockBuf  string
+	noSame   bool
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -51,6 +52,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.writeBuf, "write-buffer", bytesize.Format(int64(collective.DefaultNetConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
+	fs.BoolVar(&f.noSame, "no-same-host", false, "with --procs and --device cuda: keep the all-reduce on the TCP lanes instead of the same-host ring (CUDA IPC between the processes, the default where they can reach each other's GPU memory)")
 	fs.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(collective.DefaultNetConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 }
 
@@ -97,6 +99,7 @@ func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, col
 	}
 	cfg.Channels = f.channels
 	cfg.ChunkBytes = int(chunk)
+	cfg.NoSameHost = f.noSame
 	cfg.Timeout = f.timeout
 	gcfg.WindowBytes = int32(window)
 	spec = collective.AllReduceJobSpec{Sizes: sizes, DType: dt, Iters: f.iters, Warmup: f.warmup, Device: f.device}
@@ -119,7 +122,10 @@ number of flows, and the ratio of the two. --data-plane grpc moves the frames on
 gRPC streams themselves instead of TCP lanes (to compare the two). With --device cuda
 the ranks of one process share one data-plane server (chunks move device to device;
 --shortcut off puts them on TCP), and --channels/--chunk default to 16 x 4MiB with
---procs and 2 x 64MiB without.`,
+--procs and 2 x 64MiB without. With --procs and --device cuda the processes all-reduce
+on a same-host ring (CUDA IPC: each maps its neighbour's GPU memory; no TCP, no host
+copies) where every process can open the others' memory; the algorithm column then
+says same-host-ipc, and --no-same-host keeps them on the TCP lanes.`,
 		Example: `  gpumesh bench allreduce --ranks 2 --sizes 1MiB,16MiB,64MiB,256MiB
   gpumesh bench allreduce --ranks 4 --procs --channels 8 --iters 20 --json
   gpumesh bench allreduce --ranks 2 --sizes 64MiB,256MiB --data-plane grpc

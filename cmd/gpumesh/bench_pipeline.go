@@ -40,7 +40,8 @@ the CPU instead.`,
   gpumesh bench pipeline --stages 4 --microbatches 16 --schedule interleaved --chunks 2
   gpumesh bench pipeline --transport grpc --channels 4
   gpumesh bench pipeline --transport grpc --channels 4 --data-plane grpc
-  gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --device cuda   # -tags cuda build`,
+  gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --device cuda   # -tags cuda build
+  gpumesh bench pipeline --stages 2 --microbatches 8 --compute mlp --layers 16 --balance measured`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg.Schedule = strings.ToLower(cfg.Schedule)
@@ -84,6 +85,21 @@ the CPU instead.`,
 				sb = append(sb, fmt.Sprintf("%.1f%%", 100*b))
 			}
 			fmt.Fprintf(out, "%-28s %s\n", "bubble per stage", strings.Join(sb, " "))
+			if len(res.StageLayers) > 0 {
+				var ls []string
+				for _, r := range res.StageLayers {
+					ls = append(ls, fmt.Sprintf("[%d,%d)", r[0], r[1]))
+				}
+				how := "by multiply-adds"
+				if len(res.LayerCosts) > 0 {
+					var cs []string
+					for _, c := range res.LayerCosts {
+						cs = append(cs, fmt.Sprintf("%.0f", c*1e6))
+					}
+					how = "by measured cost (us per micro-batch: " + strings.Join(cs, " ") + ")"
+				}
+				fmt.Fprintf(out, "%-28s %s %s\n", "layers per stage", strings.Join(ls, " "), how)
+			}
 			if res.Flows > 0 {
 				fmt.Fprintf(out, "# bandwidth: %d links at once, %d TCP flows in all, %s per link in %s messages\n", res.Stages-1, res.Flows, bytesize.Format(res.LinkBytes), bytesize.Format(res.MessageBytes))
 				fmt.Fprintf(out, "%-28s %9.2f GB/s (best of %d)\n", "stage-to-stage", res.StageGBps, len(res.RatioPercents))
@@ -115,6 +131,8 @@ the CPU instead.`,
 	f.StringVar(&cfg.Transport, "transport", cfg.Transport, "links between stages: tcp (one TCP flow per link) or grpc (the collective data plane, --channels flows per link)")
 	f.IntVar(&cfg.Channels, "channels", cfg.Channels, "flows per link with --transport grpc")
 	f.StringVar(&cfg.DataPlane, "data-plane", cfg.DataPlane, "with --transport grpc: tcp (frames on TCP lanes set up over the gRPC streams) or grpc (frames on the gRPC streams)")
+	f.IntVar(&cfg.Layers, "layers", cfg.Layers, "with --compute mlp: weight layers of the model, all --width wide (0: one per stage)")
+	f.StringVar(&cfg.Balance, "balance", cfg.Balance, "with --compute mlp: split the layers by multiply-adds (macs) or by each layer's forward+backward time measured on the device before the run (measured)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

@@ -131,8 +131,8 @@ func TestSpotNoticeResumeTimeBench(t *testing.T) {
 	}
 	for r := 0; r < 3; r++ {
 		l := logs(r, 1)
-		t.Logf("generation 1 rank %d: save of step %d took %s s (the save began at the step boundary after the notice); done at %s s, exited at %s s",
-			r, saved, match(l, `save took ([\d.]+) s`), rel(l, `s, done at ([\d.]+)`), rel(l, `rank \d+ done at ([\d.]+)`))
+		t.Logf("generation 1 rank %d: save of step %d took %s s %s (the save began at the step boundary after the notice); done at %s s, exited at %s s",
+			r, saved, match(l, `save took ([\d.]+) s`), match(l, `save took [\d.]+ s, done at [\d.]+ (\{.*\})`), rel(l, `s, done at ([\d.]+)`), rel(l, `rank \d+ done at ([\d.]+)`))
 	}
 	var resumedAt float64
 	for r := 0; r < 3; r++ {
@@ -145,6 +145,8 @@ func TestSpotNoticeResumeTimeBench(t *testing.T) {
 			Source          string  `json:"source"`
 			PrefetchSeconds float64 `json:"prefetch_seconds"`
 			WaitSeconds     float64 `json:"wait_seconds"`
+			LoadSeconds     float64 `json:"load_seconds"`
+			Load            string  `json:"load"`
 		}
 		if m != nil {
 			_ = json.Unmarshal([]byte(m[1]), &load)
@@ -154,8 +156,9 @@ func TestSpotNoticeResumeTimeBench(t *testing.T) {
 			t.Fatalf("rank %d of generation 2 printed no first step:\n%s", r, tail(l, 2000))
 		}
 		at, _ := strconv.ParseFloat(f[2], 64)
-		t.Logf("generation 2 rank %d: process started at %s s, torch imported and process group up at %s s, checkpoint loaded from %q at %s s (agent's prefetch %.3f s, waited for it %.3f s), first step %s done at %.3f s",
-			r, rel(l, `started ([\d.]+)`), rel(l, `initialized ([\d.]+)`), load.Source, rel(l, `loaded ([\d.]+)`), load.PrefetchSeconds, load.WaitSeconds, f[1], at-unixSeconds(noticeAt))
+		t.Logf("generation 2 rank %d: process started at %s s, torch imported and process group up at %s s, checkpoint loaded from %q at %s s (agent's prefetch %.3f s, OPEN answered in %.3f s, torch.load by %s %.3f s, state written once %s s), first step %s done at %.3f s",
+			r, rel(l, `started ([\d.]+)`), rel(l, `initialized ([\d.]+)`), load.Source, rel(l, `loaded ([\d.]+)`), load.PrefetchSeconds, load.WaitSeconds,
+			load.Load, load.LoadSeconds, match(l, `touched the loaded state in ([\d.]+) s`), f[1], at-unixSeconds(noticeAt))
 		resumedAt = max(resumedAt, at)
 	}
 	t.Logf("BENCH spot notice -> all ranks of generation 2 past their first step: %.2f s (state %d MiB, checkpoint of step %d, 0 steps lost)",

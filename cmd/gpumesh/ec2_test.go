@@ -27,7 +27,7 @@ func TestEC2UserDataCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --task-user=gpumesh-task --bootstrap-expect=3", "CUDA_MODE='on'",
+	for _, want := range []string{"#!/bin/bash", "--join-ec2-tag=gpumesh:cluster=prod --task-user=dynamic --bootstrap-expect=3", "CUDA_MODE='on'",
 		"BINARY_URL='https://example.com/gpumesh-{arch}'", "Restart=always"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("user-data lacks %q", want)

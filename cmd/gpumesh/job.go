@@ -58,7 +58,8 @@ Exec ranks get the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES,
 TORCHELASTIC_RESTART_COUNT) plus GPUMESH_JOB_ID, GPUMESH_GENERATION,
 GPUMESH_RANK and GPUMESH_ADDR. They run as the agent's --task-user (default
-nobody, with HOME set to the rank's directory), never as root unless allowed.`
+dynamic: a user ID of the job's own; HOME and TMPDIR are the rank's
+directory), never as root unless allowed.`
 
 func newJobRunCommand() *cobra.Command {
 	var f clientFlags

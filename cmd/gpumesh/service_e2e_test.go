@@ -3,13 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -61,6 +60,7 @@ func TestServiceSpotNoticeLosesNoRequest(t *testing.T) {
 		t.Skip("multi-process test; skipped with -short")
 	}
 	const noticeDelay = 30 * time.Second
+	rate := loadRate(t, 100)
 	procs.Binary(t)
 	aemmtest.Binary(t)
 	mock := aemmtest.Start(t, aemmtest.Options{SpotDelay: noticeDelay, RebalanceDelay: time.Hour, IPCount: -1, Values: map[string]string{
@@ -124,40 +124,19 @@ service:
 		t.Fatalf("the cluster took too long to set up: the notice has fired already")
 	}
 
-	// A steady load through the node without a replica.
-	target := vegeta.NewStaticTargeter(vegeta.Target{
-		Method: http.MethodPost, URL: "http://" + router.HTTPAddr() + "/svc/mlp/predict",
-		Body: []byte(`{"x": [1, 2, 3, 4]}`), Header: http.Header{"Content-Type": {"application/json"}},
-	})
-	attacker := vegeta.NewAttacker(vegeta.Timeout(10*time.Second), vegeta.KeepAlive(true))
-	var (
-		mu      sync.Mutex
-		metrics vegeta.Metrics
-		// steady: requests sent before the notice; moving: from the notice
-		// until the old replica has stopped.
-		steady, moving vegeta.Metrics
-		movedAt        time.Time
-		errs           []string
-		done           = make(chan struct{})
-	)
-	go func() {
-		defer close(done)
-		for res := range attacker.Attack(target, vegeta.Rate{Freq: 100, Per: time.Second}, 0, "spot") {
-			mu.Lock()
-			metrics.Add(res)
-			switch {
-			case res.Timestamp.Before(noticeAt):
-				steady.Add(res)
-			case movedAt.IsZero() || res.Timestamp.Before(movedAt):
-				moving.Add(res)
-			}
-			if res.Code != http.StatusOK && len(errs) < 20 {
-				errs = append(errs, fmt.Sprintf("%s: %d %s %s", res.Timestamp.Format("15:04:05.000"), res.Code, res.Error, strings.TrimSpace(string(res.Body))))
-			}
-			mu.Unlock()
+	// A steady load through the node without a replica: steady holds the
+	// requests sent before the notice, moving those from the notice until
+	// the old replica has stopped.
+	var steady, moving vegeta.Metrics
+	var movedAt time.Time
+	load := startLoad(t, "spot", postTarget("http://"+router.HTTPAddr()+"/svc/mlp/predict", `{"x": [1, 2, 3, 4]}`), rate, func(res *vegeta.Result) {
+		switch {
+		case res.Timestamp.Before(noticeAt):
+			steady.Add(res)
+		case movedAt.IsZero() || res.Timestamp.Before(movedAt):
+			moving.Add(res)
 		}
-	}()
-	defer func() { attacker.Stop(); <-done }()
+	})
 
 	// The notice fires: the replica moves off agent-1.
 	poll.Until(t, 90*time.Second, func() error {
@@ -175,34 +154,31 @@ service:
 		return nil
 	})
 	// 200 more requests on the moved service, then the verdict.
-	mu.Lock()
-	moved := metrics.Requests
-	movedAt = time.Now()
-	mu.Unlock()
-	poll.Until(t, 30*time.Second, func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		if metrics.Requests < moved+200 {
-			return fmt.Errorf("%d requests since the move", metrics.Requests-moved)
-		}
-		return nil
+	load.locked(func() { movedAt = time.Now() })
+	load.waitMore(t, 200, 30*time.Second)
+	m := load.verdict(t, 100)
+	load.locked(func() {
+		steady.Close()
+		moving.Close()
+		t.Logf("%d requests at %.0f/s through %s: success %.4f, latency p50 %s p99 %s max %s; before the notice p99 %s (%d requests); from the notice until the old replica stopped (%s) p99 %s (%d requests)",
+			m.Requests, m.Rate, router.Name, m.Success, m.Latencies.P50, m.Latencies.P99, m.Latencies.Max,
+			steady.Latencies.P99, steady.Requests, movedAt.Sub(noticeAt).Round(time.Millisecond), moving.Latencies.P99, moving.Requests)
 	})
-	attacker.Stop()
-	<-done
-	mu.Lock()
-	defer mu.Unlock()
-	metrics.Close()
-	steady.Close()
-	moving.Close()
-	t.Logf("%d requests at %.0f/s through %s: success %.4f, latency p50 %s p99 %s max %s; before the notice p99 %s (%d requests); from the notice until the old replica stopped (%s) p99 %s (%d requests)",
-		metrics.Requests, metrics.Rate, router.Name, metrics.Success, metrics.Latencies.P50, metrics.Latencies.P99, metrics.Latencies.Max,
-		steady.Latencies.P99, steady.Requests, movedAt.Sub(noticeAt).Round(time.Millisecond), moving.Latencies.P99, moving.Requests)
-	if metrics.Requests < 100 {
-		t.Fatalf("only %d requests were sent", metrics.Requests)
+}
+
+// loadRate returns the requests/s of a service test's load:
+// $GPUMESH_SERVICE_RATE when set (a measurement at another rate), else def.
+func loadRate(t *testing.T, def int) int {
+	t.Helper()
+	v := os.Getenv("GPUMESH_SERVICE_RATE")
+	if v == "" {
+		return def
 	}
-	if metrics.Success != 1 {
-		t.Fatalf("%d of %d requests failed during the move; first: %s", metrics.Requests-uint64(metrics.Success*float64(metrics.Requests)+0.5), metrics.Requests, strings.Join(errs, "\n"))
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("GPUMESH_SERVICE_RATE=%q: want a number of requests per second >= 1", v)
 	}
+	return n
 }
 
 // needSystemPython skips a test whose replicas run examples/service/server.py

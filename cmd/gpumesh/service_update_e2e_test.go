@@ -3,15 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
-
-	vegeta "github.com/tsenart/vegeta/v12/lib"
 
 	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
@@ -112,29 +108,7 @@ service:
 		return nil
 	})
 
-	target := vegeta.NewStaticTargeter(vegeta.Target{
-		Method: http.MethodPost, URL: "http://" + router.HTTPAddr() + "/svc/mlp/predict",
-		Body: []byte(`{"x": [1, 2, 3, 4]}`), Header: http.Header{"Content-Type": {"application/json"}},
-	})
-	attacker := vegeta.NewAttacker(vegeta.Timeout(10*time.Second), vegeta.KeepAlive(true))
-	var (
-		mu      sync.Mutex
-		metrics vegeta.Metrics
-		errs    []string
-		done    = make(chan struct{})
-	)
-	go func() {
-		defer close(done)
-		for res := range attacker.Attack(target, vegeta.Rate{Freq: 100, Per: time.Second}, 0, "update") {
-			mu.Lock()
-			metrics.Add(res)
-			if res.Code != http.StatusOK && len(errs) < 20 {
-				errs = append(errs, fmt.Sprintf("%s: %d %s %s", res.Timestamp.Format("15:04:05.000"), res.Code, res.Error, strings.TrimSpace(string(res.Body))))
-			}
-			mu.Unlock()
-		}
-	}()
-	defer func() { attacker.Stop(); <-done }()
+	load := startLoad(t, "update", postTarget("http://"+router.HTTPAddr()+"/svc/mlp/predict", `{"x": [1, 2, 3, 4]}`), 100, nil)
 
 	out, stderr, err := procs.CLI(ctx, t, router.RPCAddr(), "job", "run", "--detach", v2)
 	if err != nil || !strings.Contains(out, "updated") || !strings.Contains(out, jobID) {
@@ -151,27 +125,10 @@ service:
 		return nil
 	})
 	// 200 more requests on the updated service, then the verdict.
-	mu.Lock()
-	updated := metrics.Requests
-	mu.Unlock()
-	poll.Until(t, 30*time.Second, func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		if metrics.Requests < updated+200 {
-			return fmt.Errorf("%d requests since the update", metrics.Requests-updated)
-		}
-		return nil
-	})
-	attacker.Stop()
-	<-done
-	mu.Lock()
-	defer mu.Unlock()
-	metrics.Close()
+	load.waitMore(t, 200, 30*time.Second)
+	m := load.verdict(t, 100)
 	t.Logf("%d requests at %.0f/s through %s during the rolling update: success %.4f, latency p50 %s p99 %s max %s",
-		metrics.Requests, metrics.Rate, router.Name, metrics.Success, metrics.Latencies.P50, metrics.Latencies.P99, metrics.Latencies.Max)
-	if metrics.Requests < 100 || metrics.Success != 1 {
-		t.Fatalf("%d requests, success %.4f; first failures: %s", metrics.Requests, metrics.Success, strings.Join(errs, "\n"))
-	}
+		m.Requests, m.Rate, router.Name, m.Success, m.Latencies.P50, m.Latencies.P99, m.Latencies.Max)
 	out, stderr, err = procs.CLI(ctx, t, router.RPCAddr(), "job", "run", "--detach", v2)
 	if err != nil || !strings.Contains(out, "nothing to do") {
 		t.Fatalf("job run of the same spec again: %v %q %s; want it to say there is nothing to do", err, out, stderr)

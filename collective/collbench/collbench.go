@@ -509,6 +509,7 @@ func workerFlags(cfg Config) []string {
 		"--collective-timeout", cfg.Collective.Timeout.String(),
 		"--data-plane", cfg.Net.DataPlane,
 		"--lane-socket-buffer", fmt.Sprint(cfg.Net.LaneSocketBuffer),
+		fmt.Sprintf("--no-same-host=%v", cfg.Collective.NoSameHost),
 	}
 }
 

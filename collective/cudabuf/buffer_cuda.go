@@ -116,6 +116,9 @@ type options struct {
 	shared     bool
 	locked     bool
 	zeroCopy   int
+	noSameHost bool
+	// same-host rings run as rings even where every rank is on one GPU
+	ringOnOneDevice bool
 }
 
 // defaultOptions apply before Open's own options (measurement builds set
@@ -150,6 +153,19 @@ func WithRangeDeps(on bool) Option { return func(o *options) { o.rangeDeps = on 
 // busbw with 4 channels over loopback TCP on 2×H100) or sleeping (false:
 // frees the cores when very many channels wait at once).
 func WithSpinWait(spin bool) Option { return func(o *options) { o.spin = spin } }
+
+// WithoutSameHost makes the backend's buffers refuse same-host rings
+// (collective.SameHostReducer), so a Communicator whose ranks are processes
+// of one host keeps their all-reduces on the network.
+func WithoutSameHost() Option { return func(o *options) { o.noSameHost = true } }
+
+// WithSameHostRingOnOneDevice makes a same-host ring whose ranks all use
+// one GPU run as a ring of IPC hops (2(n-1) steps across the processes'
+// contexts) instead of in rank 0's context (the default; see
+// samehost_cuda.go). For measurements.
+func WithSameHostRingOnOneDevice(on bool) Option {
+	return func(o *options) { o.ringOnOneDevice = on }
+}
 
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair
@@ -648,6 +664,7 @@ type Buffer struct {
 	readerEv map[*devState][]*cuda.Event
 	err      error
 	freed    bool
+	rings    []*sameHostRing // open same-host rings (samehost_cuda.go)
 
 	stats bufStats
 }
@@ -717,7 +734,7 @@ func (buf *Buffer) Free() error {
 	buf.freed = true
 	buf.mu.Unlock()
 	var errs []error
-	errs = append(errs, buf.Sync())
+	errs = append(errs, buf.closeRings(), buf.Sync())
 	for _, s := range []*cuda.Stream{buf.rd, buf.wr} {
 		if s != nil {
 			errs = append(errs, s.Close())

@@ -80,4 +80,19 @@
 // and interprocess events; a small shared file per rank (under /dev/shm)
 // carries the handles and the progress counters that say when an event has
 // been recorded. Every wait is bounded by a timeout.
+//
+// The Communicator's same-host ring (Buffer implements
+// collective.SameHostReducer): when every rank of a group is a process of
+// this host, the Communicator agrees over the lanes, once per buffer, to
+// all-reduce it without the network. Each rank publishes an IPCRing's shared
+// file under a random name and offers its path, a random token (a rank that
+// finds another token is on another host or /dev/shm) and its GPU's UUID.
+// Ranks on different GPUs run the IPCRing. Ranks that all share one GPU run
+// in rank 0's context instead (a ring would switch between the processes'
+// time-sliced contexts at every step): rank 0 maps every buffer, waits for
+// each rank's "input ready" counter, reduces them into its own buffer,
+// copies the result back into each, synchronises and publishes "done".
+// Buffer.Free closes the buffer's rings (a neighbour may map its memory);
+// Stats.SameHostOps counts the all-reduces that took the path.
+// WithoutSameHost and WithSameHostRingOnOneDevice change the choice.
 package cudabuf

@@ -65,6 +65,7 @@ const (
 	offBytes     = 32 // buffer length in bytes
 	offNChunk    = 40
 	offClosed    = 48 // 1 once this rank unmapped its left neighbour's memory
+	offToken     = 56 // random; a peer that finds it there shares our /dev/shm
 	offMem       = 64
 	offEvents    = offMem + cuda.IPCHandleSize
 	ipcMagic     = 0x67706d6573686970 // "gpmeship"
@@ -138,6 +139,9 @@ type IPCRing struct {
 	steps  int
 
 	self, left, right *shared
+	peerPath          map[int]string // where a rank's file is, if not path(rank)
+	peerToken         map[int]uint64 // the token a rank's file must hold (connect)
+	token             uint64         // written at offToken
 	leftMem           *cuda.Mem
 	own               []*cuda.Event // [step*nchunk+c], step -1 is "start" at index 0
 	leftEv, rightEv   []*cuda.Event
@@ -149,11 +153,25 @@ func (r *IPCRing) evIndex(t, c int) int { return 1 + t*r.nchunk + c }
 // NewIPCRing sets up this rank's side and waits (up to Timeout) for its two
 // neighbours to publish theirs.
 func NewIPCRing(ctx context.Context, buf *Buffer, cfg IPCConfig) (*IPCRing, error) {
+	r, err := publishIPCRing(buf, cfg, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.connect(ctx, true); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// publishIPCRing creates this rank's events and shared file (with token at
+// offToken) and publishes the handles; connect then opens the neighbours'.
+func publishIPCRing(buf *Buffer, cfg IPCConfig, token uint64) (*IPCRing, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	n := cfg.Size
-	r := &IPCRing{cfg: cfg, buf: buf, n: n, steps: 2 * (n - 1)}
+	r := &IPCRing{cfg: cfg, buf: buf, n: n, steps: 2 * (n - 1), token: token}
 	segBytes := (buf.n + n - 1) / n * buf.dt.Size()
 	r.nchunk = max(1, (segBytes+cfg.ChunkBytes-1)/cfg.ChunkBytes)
 	if n == 1 {
@@ -192,8 +210,28 @@ func NewIPCRing(ctx context.Context, buf *Buffer, cfg IPCConfig) (*IPCRing, erro
 	}
 	binary.LittleEndian.PutUint64(r.self.m[offBytes:], uint64(buf.n*buf.dt.Size()))
 	binary.LittleEndian.PutUint64(r.self.m[offNChunk:], uint64(r.nchunk))
+	binary.LittleEndian.PutUint64(r.self.m[offToken:], token)
 	atomic.StoreUint64(r.self.u64(offMagic), ipcMagic)
+	return r, nil
+}
 
+// fileSize is the size of every rank's shared file.
+func (r *IPCRing) fileSize() int {
+	return offEvents + (1+r.steps*r.nchunk)*cuda.IPCHandleSize
+}
+
+// connect opens the neighbours' shared files, memory and events. With wait
+// it waits (up to Timeout) for a neighbour that has not published yet;
+// without, a missing or incomplete file is an error at once (peerToken,
+// when set, must then be in the file: the peer shares our /dev/shm).
+func (r *IPCRing) connect(ctx context.Context, wait bool) error {
+	if r.n == 1 {
+		return nil
+	}
+	cfg, buf, n := r.cfg, r.buf, r.n
+	size := r.fileSize()
+	nev := 1 + r.steps*r.nchunk
+	dev := buf.ds.dev
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	open := func(rank int) (*shared, error) {
@@ -205,9 +243,17 @@ func NewIPCRing(ctx context.Context, buf *Buffer, cfg IPCConfig) (*IPCRing, erro
 						s.close(false)
 						return nil, fmt.Errorf("%w: ipc ring: rank %d has %d bytes, rank %d has %d", collective.ErrMismatch, rank, b, cfg.Rank, buf.n*buf.dt.Size())
 					}
+					if want, ok := r.peerToken[rank]; ok && binary.LittleEndian.Uint64(s.m[offToken:]) != want {
+						s.close(false)
+						return nil, fmt.Errorf("ipc ring: %s is not rank %d's file (another host or /dev/shm)", r.path(rank), rank)
+					}
 					return s, nil
 				}
 				s.close(false)
+				err = errors.New("not complete")
+			}
+			if !wait {
+				return nil, fmt.Errorf("ipc ring: rank %d's file %s: %w", rank, r.path(rank), err)
 			}
 			select {
 			case <-ctx.Done():
@@ -216,19 +262,20 @@ func NewIPCRing(ctx context.Context, buf *Buffer, cfg IPCConfig) (*IPCRing, erro
 			}
 		}
 	}
+	var err error
 	lr, rr := mod(cfg.Rank-1, n), mod(cfg.Rank+1, n)
 	if r.left, err = open(lr); err != nil {
-		return fail(err)
+		return err
 	}
 	if rr == lr {
 		r.right = r.left
 	} else if r.right, err = open(rr); err != nil {
-		return fail(err)
+		return err
 	}
 	var h cuda.IPCHandle
 	copy(h[:], r.left.m[offMem:])
 	if r.leftMem, err = dev.OpenIPC(h, int64(buf.n*buf.dt.Size())); err != nil {
-		return fail(err)
+		return err
 	}
 	openEvents := func(s *shared) ([]*cuda.Event, error) {
 		var evs []*cuda.Event
@@ -243,17 +290,20 @@ func NewIPCRing(ctx context.Context, buf *Buffer, cfg IPCConfig) (*IPCRing, erro
 		return evs, nil
 	}
 	if r.leftEv, err = openEvents(r.left); err != nil {
-		return fail(err)
+		return err
 	}
 	if rr == lr {
 		r.rightEv = r.leftEv
 	} else if r.rightEv, err = openEvents(r.right); err != nil {
-		return fail(err)
+		return err
 	}
-	return r, nil
+	return nil
 }
 
 func (r *IPCRing) path(rank int) string {
+	if p, ok := r.peerPath[rank]; ok {
+		return p
+	}
 	return filepath.Join(r.cfg.Dir, fmt.Sprintf("gpumesh-ipc-%s.rank%d", r.cfg.Name, rank))
 }
 

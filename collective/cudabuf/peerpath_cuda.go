@@ -48,11 +48,15 @@ type Stats struct {
 	// ReadWait is the part of ReadTime spent waiting for the device to
 	// host copies to finish (the rest is taking slots and enqueueing).
 	ReadWait time.Duration
+	// SameHostOps is the number of all-reduces run on the buffer's
+	// same-host ring (CUDA IPC between processes, no network).
+	SameHostOps int64
 }
 
 type bufStats struct {
 	peer, reads, staged, prefetched atomic.Int64
 	direct, hostCopies              atomic.Int64
+	ipcOps                          atomic.Int64
 	readNs, stageNs, slotNs, waitNs nanos
 }
 
@@ -74,6 +78,7 @@ func (buf *Buffer) Stats() Stats {
 		StageTime:    time.Duration(buf.stats.stageNs.Load()),
 		SlotWait:     time.Duration(buf.stats.slotNs.Load()),
 		ReadWait:     time.Duration(buf.stats.waitNs.Load()),
+		SameHostOps:  buf.stats.ipcOps.Load(),
 	}
 }
 

@@ -33,6 +33,36 @@ func TestTCPSeparateProcesses(t *testing.T) {
 	runProcs(t, "TestTCPSeparateProcesses", envInt("GPUMESH_TCP_RANKS", 2), "tcp ", time.Duration(envInt("GPUMESH_TCP_TIMEOUT_S", 120))*time.Second)
 }
 
+// TestSameHostSeparateProcesses is TestTCPSeparateProcesses with the
+// Communicator's same-host ring on (CUDA IPC between the processes, agreed
+// over the lanes): every all-reduce must take it (Stats.SameHostOps) and
+// give the same results; with 2 and 3 processes (left and right neighbours
+// differ), each as the backend runs it where the processes share a GPU (in
+// rank 0's context) and as a ring of IPC hops. GPUMESH_SAME_HOST_PROCS
+// ("2,3" by default) chooses the process counts.
+func TestSameHostSeparateProcesses(t *testing.T) {
+	if os.Getenv("GPUMESH_PROC") != "" {
+		tcpChild(t)
+		return
+	}
+	if !cuda.Available() {
+		t.Skip("no CUDA device on this host")
+	}
+	t.Setenv("GPUMESH_SAME_HOST", "1")
+	for _, ns := range strings.Split(envOr("GPUMESH_SAME_HOST_PROCS", "2,3"), ",") {
+		n, err := strconv.Atoi(ns)
+		if err != nil {
+			t.Fatalf("bad GPUMESH_SAME_HOST_PROCS entry %q", ns)
+		}
+		for _, ring := range []string{"0", "1"} {
+			t.Run(fmt.Sprintf("procs=%d/ring=%s", n, ring), func(t *testing.T) {
+				t.Setenv("GPUMESH_SAME_HOST_RING", ring)
+				runProcs(t, "TestSameHostSeparateProcesses", n, "tcp ", 120*time.Second)
+			})
+		}
+	}
+}
+
 func envInt(name string, def int) int {
 	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
 		return v
@@ -61,6 +91,9 @@ func tcpChild(t *testing.T) {
 	cfg.Channels = envInt("GPUMESH_TCP_CHANNELS", cfg.Channels)
 	cfg.ChunkBytes = envInt("GPUMESH_TCP_CHUNK_KIB", cfg.ChunkBytes>>10) << 10
 	cfg.Timeout = 20 * time.Second
+	// the lanes unless GPUMESH_SAME_HOST=1 (TestSameHostSeparateProcesses)
+	sameHost := os.Getenv("GPUMESH_SAME_HOST") == "1"
+	cfg.NoSameHost = !sameHost
 	gen := uint64(1)
 	newComm := func() *collective.Communicator {
 		c, err := collective.New(srv.Transport(), collective.Group{Job: "cuda-tcp", Generation: gen, Rank: rank, Addrs: addrs}, cfg)
@@ -88,8 +121,12 @@ func tcpChild(t *testing.T) {
 			if err := buf.Upload(mine.Bytes()); err != nil {
 				t.Fatal(err)
 			}
+			before := buf.Stats().SameHostOps
 			if err := comm.AllReduce(ctx, buf, op); err != nil {
 				t.Fatalf("%v %v: %v", dt, op, err)
+			}
+			if ipc := buf.Stats().SameHostOps - before; (ipc == 1) != sameHost {
+				t.Fatalf("%v %v: %d all-reduces on the same-host ring, same-host on: %v (algorithm %s)", dt, op, ipc, sameHost, comm.LastAllReduceAlgorithm())
 			}
 			got := make([]byte, count*dt.Size())
 			if err := buf.Download(got); err != nil {
@@ -97,10 +134,13 @@ func tcpChild(t *testing.T) {
 			}
 			compareBytes(t, dt, got, ref.Bytes())
 		}
+		if err := comm.ForgetBuffer(buf); err != nil {
+			t.Fatal(err)
+		}
 		buf.Free()
 	}
 	if rank == 0 {
-		fmt.Printf("tcp n=%d correctness ok (float32, bfloat16, int32 x sum avg max min prod)\n", n)
+		fmt.Printf("tcp n=%d correctness ok (float32, bfloat16, int32 x sum avg max min prod), path %s\n", n, comm.LastAllReduceAlgorithm())
 	}
 	if os.Getenv("GPUMESH_CUDA_BENCH") != "1" {
 		return
@@ -223,6 +263,12 @@ func tcpChild(t *testing.T) {
 					}
 					if device == "cpu" {
 						wait = "-"
+					}
+					if sameHost && device == "cuda" {
+						wait = "same-host:" + comm.LastAllReduceAlgorithm()
+						if os.Getenv("GPUMESH_SAME_HOST_RING") == "1" {
+							wait += ",ring-on-one-device"
+						}
 					}
 					_, slots := be.StagingSlots()
 					fmt.Printf("tcp n=%d device=%s channels=%d chunk=%dKiB wait=%s size=%dMiB time=%.1fus algbw=%.2fGB/s busbw=%.2fGB/s slots=%d%s\n",

@@ -62,7 +62,20 @@ type BenchConfig struct {
 	// (TCP lanes set up over the gRPC streams, the default) or
 	// collective.DataPlaneGRPC (on the gRPC streams).
 	DataPlane string
+	// Layers is the weight layers of the MLP (ComputeMLP), all Width wide,
+	// split over the stages; 0 means one per stage.
+	Layers int
+	// Balance is how ComputeMLP splits the layers: BalanceMACs
+	// (multiply-adds, the default) or BalanceMeasured (MeasureLayerCosts on
+	// the first stage's device before the run).
+	Balance string
 }
+
+// Ways of balancing the stages of the MLP bench.
+const (
+	BalanceMACs     = "macs"
+	BalanceMeasured = "measured"
+)
 
 // Transports of the benchmark.
 const (
@@ -77,6 +90,7 @@ func DefaultBenchConfig() BenchConfig {
 		Steps: 5, ForwardTime: 10 * time.Millisecond, Rows: 32, Width: 1024,
 		BandwidthBytes: 1 << 30, MessageBytes: 4 << 20, BandwidthRounds: 7, InFlight: 2,
 		Transport: TransportTCP, Channels: 4, DataPlane: collective.DataPlaneTCP,
+		Balance: BalanceMACs,
 	}
 }
 
@@ -117,6 +131,12 @@ func (c *BenchConfig) Validate() error {
 		return fmt.Errorf("%w: data plane must be %q or %q, got %q", ErrInvalidSpec, collective.DataPlaneTCP, collective.DataPlaneGRPC, c.DataPlane)
 	case c.Transport == TransportGRPC && (c.Channels < 1 || c.Channels > 64):
 		return fmt.Errorf("%w: channels must be 1..64, got %d", ErrInvalidSpec, c.Channels)
+	case c.Layers != 0 && c.Layers < c.Stages*max(c.Chunks, 1):
+		return fmt.Errorf("%w: %d layers cannot fill %d stages × %d chunks", ErrInvalidSpec, c.Layers, c.Stages, max(c.Chunks, 1))
+	case c.Layers != 0 && c.Compute != ComputeMLP:
+		return fmt.Errorf("%w: --layers shapes the real model: use --compute mlp", ErrInvalidSpec)
+	case c.Balance != "" && c.Balance != BalanceMACs && c.Balance != BalanceMeasured:
+		return fmt.Errorf("%w: balance must be %q or %q, got %q", ErrInvalidSpec, BalanceMACs, BalanceMeasured, c.Balance)
 	case c.BandwidthBytes > 0 && c.BandwidthRounds < 1:
 		return fmt.Errorf("%w: bandwidth rounds must be >= 1, got %d", ErrInvalidSpec, c.BandwidthRounds)
 	}
@@ -146,6 +166,11 @@ type BenchResult struct {
 	Bubble       float64   `json:"bubble"`
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
+	// StageLayers are the weight layers [start, end) of each stage
+	// (ComputeMLP); LayerCosts the measured seconds per micro-batch of each
+	// layer (BalanceMeasured).
+	StageLayers [][2]int  `json:"stage_layers,omitempty"`
+	LayerCosts  []float64 `json:"layer_costs,omitempty"`
 	// Bandwidth phase: every link streams at once, one TCP flow per link.
 	Flows        int     `json:"flows"`
 	MessageBytes int64   `json:"message_bytes"`
@@ -160,7 +185,7 @@ type BenchResult struct {
 
 // openBenchDevices opens the GPUs for --device cuda; set by the cuda build.
 // It returns the devices and a function that releases them.
-var openBenchDevices func() ([]Device, func(), error)
+var openBenchDevices func(stages int) ([]Device, func(), error)
 
 // sleepModel waits instead of computing and sends a fixed-size tensor.
 type sleepModel struct {
@@ -304,7 +329,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 	}
 	var devs []Device
 	if cfg.Device == DeviceCUDA {
-		d, release, err := openBenchDevices()
+		d, release, err := openBenchDevices(p)
 		if err != nil {
 			return nil, err
 		}
@@ -312,6 +337,23 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 		devs = d
 		for _, d := range devs {
 			res.Devices = append(res.Devices, d.Name())
+		}
+	}
+	if cfg.Compute == ComputeMLP {
+		spec := benchSpec(cfg, 1)
+		if cfg.Balance == BalanceMeasured {
+			var dev Device = CPU{}
+			if len(devs) > 0 {
+				dev = devs[0]
+			}
+			costs, err := MeasureLayerCosts(ctx, dev, spec, 20)
+			if err != nil {
+				return nil, fmt.Errorf("measuring layer costs: %w", err)
+			}
+			res.LayerCosts, spec.LayerCosts = costs, costs
+		}
+		if ranges, err := spec.StageLayers(p); err == nil {
+			res.StageLayers = ranges
 		}
 	}
 	// One untimed warm-up step, then the timed steps, each on fresh links.
@@ -341,14 +383,8 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	var start sync.WaitGroup
 	start.Add(1)
 	payload := make([]float32, cfg.Rows*cfg.Width)
-	spec := JobSpec{
-		// Equal layers, one per stage, so stages cost the same.
-		BatchSize: cfg.Rows * m, MicroBatches: m, Steps: steps, Seed: 1, Schedule: cfg.Schedule, InFlight: cfg.InFlight,
-		Device: cfg.Device,
-	}
-	for i := 0; i <= p; i++ {
-		spec.Layers = append(spec.Layers, cfg.Width)
-	}
+	spec := benchSpec(cfg, steps)
+	spec.LayerCosts = res.LayerCosts
 	for s := 0; s < p; s++ {
 		wg.Add(1)
 		go func(s int) {
@@ -406,6 +442,23 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 		res.StageBubbles = append(res.StageBubbles, 1-st.BusySeconds/wall)
 	}
 	return nil
+}
+
+// benchSpec is the MLP job of the bench: equal layers (one per stage
+// unless cfg.Layers says), so that by multiply-adds stages cost the same.
+func benchSpec(cfg BenchConfig, steps int) JobSpec {
+	spec := JobSpec{
+		BatchSize: cfg.Rows * cfg.MicroBatches, MicroBatches: cfg.MicroBatches, Steps: steps, Seed: 1, Schedule: cfg.Schedule, InFlight: cfg.InFlight,
+		Device: cfg.Device,
+	}
+	layers := cfg.Layers
+	if layers == 0 {
+		layers = cfg.Stages
+	}
+	for i := 0; i <= layers; i++ {
+		spec.Layers = append(spec.Layers, cfg.Width)
+	}
+	return spec
 }
 
 // benchBandwidth streams BandwidthBytes over every link at once through the

@@ -25,15 +25,25 @@ var mlpKernels = []string{
 }
 
 func init() {
-	openBenchDevices = func() ([]Device, func(), error) {
+	openBenchDevices = func(stages int) ([]Device, func(), error) {
 		rt, err := cuda.Open(cuda.DefaultConfig())
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: %v", ErrNoDevice, err)
 		}
+		gpus := rt.Devices()
+		if len(gpus) == 0 {
+			rt.Close()
+			return nil, nil, fmt.Errorf("%w: no GPU", ErrNoDevice)
+		}
+		// one CUDADevice (its own stream) per stage, round robin over the
+		// GPUs: stages sharing a GPU do not queue behind each other's work
 		var devs []Device
-		for _, d := range rt.Devices() {
-			c, err := NewCUDADevice(d)
+		for s := 0; s < stages; s++ {
+			c, err := NewCUDADevice(gpus[s%len(gpus)])
 			if err != nil {
+				for _, d := range devs {
+					d.(*CUDADevice).Close()
+				}
 				rt.Close()
 				return nil, nil, err
 			}
@@ -50,9 +60,12 @@ func init() {
 
 // CUDADevice runs the MLP's layer math on one GPU with the kernels of
 // kernels/mlp.cu (no cuBLAS: the binary needs only libcuda). Work is issued
-// on the context's default stream, in order; Download waits for it.
+// in order on the CUDADevice's own non-blocking stream, so two CUDADevices
+// on one GPU (two pipeline stages) do not wait for each other; Upload
+// returns once the source is consumed, Download once the data is there.
 type CUDADevice struct {
 	dev *cuda.Device
+	st  *cuda.Stream
 	fns map[string]cu.Function
 	// pool keeps freed allocations by size for reuse: cuMemAlloc and
 	// cuMemFree are slow and the latter synchronizes the device, while a
@@ -83,7 +96,24 @@ func NewCUDADevice(d *cuda.Device) (*CUDADevice, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: cuda:%d: %v", ErrNoDevice, d.Ordinal(), err)
 	}
+	if c.st, err = d.NewStream(); err != nil {
+		return nil, fmt.Errorf("%w: cuda:%d: %v", ErrNoDevice, d.Ordinal(), err)
+	}
 	return c, nil
+}
+
+// stream is the device's stream, made again after Close.
+func (c *CUDADevice) stream() (cu.Stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.st == nil {
+		st, err := c.dev.NewStream()
+		if err != nil {
+			return cu.Stream{}, fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		c.st = st
+	}
+	return c.st.Handle(), nil
 }
 
 // Name returns "cuda:N".
@@ -130,7 +160,11 @@ func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
 			return nil, err
 		}
 	}
-	if err := c.dev.Do(func() error { return cu.MemsetD32(cu.DevicePtr(m.Ptr()), 0, n) }); err != nil {
+	st, err := c.stream()
+	if err == nil {
+		err = c.dev.Do(func() error { return cu.MemsetD32Async(cu.DevicePtr(m.Ptr()), 0, n, st) })
+	}
+	if err != nil {
 		m.Free()
 		return nil, err
 	}
@@ -152,6 +186,10 @@ func (c *CUDADevice) Free(t Tensor) {
 func (c *CUDADevice) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.st != nil { // pooled memory may still be in use by queued work
+		_ = c.st.Close() // waits for it
+		c.st = nil
+	}
 	for k, l := range c.pool {
 		for _, m := range l {
 			m.Free()
@@ -169,7 +207,18 @@ func (c *CUDADevice) Upload(dst Tensor, src []float32) error {
 	if len(src) != d[0].r*d[0].c {
 		return fmt.Errorf("%w: upload of %d values into %d×%d", ErrDevice, len(src), d[0].r, d[0].c)
 	}
-	return c.dev.CopyHtoD(d[0].mem.Ptr(), f32bytes(src))
+	if len(src) == 0 {
+		return nil
+	}
+	st, err := c.stream()
+	if err != nil {
+		return err
+	}
+	b := f32bytes(src)
+	// from pageable memory: returns once src is staged; ordered on st
+	return c.dev.Do(func() error {
+		return cu.MemcpyHtoDAsync(cu.DevicePtr(d[0].mem.Ptr()), unsafe.Pointer(&b[0]), int64(len(b)), st)
+	})
 }
 
 // Download copies src into dst (waiting for the work that writes it).
@@ -181,7 +230,18 @@ func (c *CUDADevice) Download(dst []float32, src Tensor) error {
 	if len(dst) != d[0].r*d[0].c {
 		return fmt.Errorf("%w: download of %d×%d into %d values", ErrDevice, d[0].r, d[0].c, len(dst))
 	}
-	return c.dev.CopyDtoH(f32bytes(dst), d[0].mem.Ptr())
+	if len(dst) == 0 {
+		return nil
+	}
+	st, err := c.stream()
+	if err != nil {
+		return err
+	}
+	b := f32bytes(dst)
+	// to pageable memory: returns once the copy (after st's work) is done
+	return c.dev.Do(func() error {
+		return cu.MemcpyDtoHAsync(unsafe.Pointer(&b[0]), cu.DevicePtr(d[0].mem.Ptr()), int64(len(b)), st)
+	})
 }
 
 func f32arg(f float32) uint64 { return uint64(math.Float32bits(f)) }
@@ -192,8 +252,12 @@ func (c *CUDADevice) launch(name string, gx, gy, bx, by int, args ...uint64) err
 	for i := range args {
 		params[i] = unsafe.Pointer(&args[i])
 	}
+	st, err := c.stream()
+	if err != nil {
+		return err
+	}
 	return c.dev.Do(func() error {
-		if err := c.fns[name].Launch(gx, gy, 1, bx, by, 1, 0, cu.NoStream, params); err != nil {
+		if err := c.fns[name].Launch(gx, gy, 1, bx, by, 1, 0, st, params); err != nil {
 			return fmt.Errorf("%w: launch %s: %v", ErrDevice, name, err)
 		}
 		return nil

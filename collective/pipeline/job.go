@@ -71,6 +71,10 @@ type JobSpec struct {
 	Activation string `json:"activation" yaml:"activation"`
 	// InFlight bounds queued micro-batches per link direction. Default 2.
 	InFlight int `json:"in_flight" yaml:"in_flight"`
+	// LayerCosts, when set, is the cost of each weight layer (any unit, all
+	// > 0: for example MeasureLayerCosts' seconds per micro-batch), which
+	// StageLayers balances instead of multiply-adds.
+	LayerCosts []float64 `json:"layer_costs,omitempty" yaml:"layer_costs,omitempty"`
 }
 
 // WithDefaults fills the unset optional fields for a pipeline of stages.
@@ -129,6 +133,16 @@ func (s JobSpec) Validate(stages int) error {
 	if n := len(s.Layers) - 1; n < stages {
 		return fmt.Errorf("%w: pipeline job spec: %d stages need at least %d weight layers (%d widths), got %d; add layers or use fewer ranks", ErrInvalidSpec, stages, stages, stages+1, n)
 	}
+	if s.LayerCosts != nil {
+		if len(s.LayerCosts) != len(s.Layers)-1 {
+			return fmt.Errorf("%w: pipeline job spec: %d layer costs for %d weight layers; give one per layer or none", ErrInvalidSpec, len(s.LayerCosts), len(s.Layers)-1)
+		}
+		for i, c := range s.LayerCosts {
+			if !(c > 0) || math.IsInf(c, 0) {
+				return fmt.Errorf("%w: pipeline job spec: layer cost %d is %v; costs must be positive and finite", ErrInvalidSpec, i, c)
+			}
+		}
+	}
 	switch {
 	case s.MicroBatches < 1:
 		return fmt.Errorf("%w: pipeline job spec: microbatches must be >= 1, got %d", ErrInvalidSpec, s.MicroBatches)
@@ -182,9 +196,13 @@ func (s JobSpec) model() ModelSpec {
 }
 
 // StageLayers returns the weight layers [start, end) of every stage: a
-// partition by sharding.PartitionLayers that balances multiply-adds.
+// partition by sharding.PartitionLayers that balances LayerCosts when set,
+// else multiply-adds.
 func (s JobSpec) StageLayers(stages int) ([][2]int, error) {
 	costs, mem := s.model().LayerCosts()
+	if len(s.LayerCosts) == len(costs) {
+		costs = s.LayerCosts
+	}
 	p, err := sharding.PartitionLayers(costs, mem, stages)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalidSpec, err)
@@ -316,6 +334,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 			return nil, err
 		}
 		m.onOutput = cfg.OnOutput
+		m.steps = spec.Steps // prefetch the next step's batch
 		parts[c] = m
 	}
 	m := &mlpChunks{parts: parts}

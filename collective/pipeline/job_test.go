@@ -567,3 +567,49 @@ func TestInterleavedPipelineMatchesSingleProcess(t *testing.T) {
 		}
 	}
 }
+
+// Targets splits its rows over the cores; the values must not depend on
+// how many.
+func TestTargetsSameOnAnyCoreCount(t *testing.T) {
+	m := ModelSpec{Layers: []int{64, 32, 1024}, BatchSize: 256, Seed: 3, Activation: ActTanh}
+	x := m.Inputs(0)
+	prev := runtime.GOMAXPROCS(1)
+	one := m.Targets(x)
+	runtime.GOMAXPROCS(max(prev, 4))
+	many := m.Targets(x)
+	runtime.GOMAXPROCS(prev)
+	for i := range one {
+		if one[i] != many[i] {
+			t.Fatalf("target %d: %v on one core, %v on several", i, one[i], many[i])
+		}
+	}
+}
+
+// A stage that prefetches the next step's batch gets exactly the batch it
+// would make itself, and Close waits for a prefetch in flight.
+func TestStagePrefetchesNextBatch(t *testing.T) {
+	spec := ModelSpec{Layers: []int{8, 4, 2}, BatchSize: 4, Seed: 5, Activation: ActTanh, LearningRate: 0.1}
+	m, err := newMLPStage(CPU{}, spec, 0, 2, true, true, 1, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.steps = 3
+	for step := 0; step < 3; step++ {
+		m.batch(step)
+		want := m.makeBatch(step)
+		if fmt.Sprint(m.x, m.t) != fmt.Sprint(want.x, want.t) {
+			t.Fatalf("step %d: prefetched batch differs from the one made in place", step)
+		}
+		if (m.pre != nil) != (step < 2) {
+			t.Fatalf("step %d: prefetch in flight %v, want %v (steps 3)", step, m.pre != nil, step < 2)
+		}
+	}
+	m.batch(0) // out of order: made in place
+	if m.pre == nil {
+		t.Fatal("no prefetch of step 1 after step 0")
+	}
+	m.Close()
+	if m.pre != nil {
+		t.Fatal("Close left the prefetch in flight")
+	}
+}

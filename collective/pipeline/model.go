@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math"
 	"math/rand"
+	"runtime"
+	"sync"
 )
 
 // ModelSpec is a multi-layer perceptron and its training data: Layers are
@@ -108,12 +110,22 @@ func (m ModelSpec) Targets(x []float32) []float32 {
 	}
 	rows := len(x) / in
 	t := make([]float32, rows*out)
-	for i := 0; i < rows; i++ {
-		xi := x[i*in : (i+1)*in]
-		for j := 0; j < out; j++ {
-			t[i*out+j] = float32(math.Tanh(a[j]*float64(xi[p[j]]) + b[j]*float64(xi[q[j]])))
-		}
+	// rows are independent: split them over the cores (same values)
+	workers := max(1, min(runtime.GOMAXPROCS(0), rows*out/(64<<10)))
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(r0, r1 int) {
+			defer wg.Done()
+			for i := r0; i < r1; i++ {
+				xi := x[i*in : (i+1)*in]
+				for j := 0; j < out; j++ {
+					t[i*out+j] = float32(math.Tanh(a[j]*float64(xi[p[j]]) + b[j]*float64(xi[q[j]])))
+				}
+			}
+		}(w*rows/workers, (w+1)*rows/workers)
 	}
+	wg.Wait()
 	return t
 }
 
@@ -150,8 +162,13 @@ type mlpStage struct {
 	saved       map[int]*mbState
 	batchStep   int
 	x, t        []float32
-	lossSum     float64
-	onOutput    func(step, mb int, m *Message)
+	// steps > 0: while step s runs, the batch of s+1 (below steps) is made
+	// in the background (pre), as a data loader would, off the critical
+	// path of the pipeline
+	steps    int
+	pre      chan batchData
+	lossSum  float64
+	onOutput func(step, mb int, m *Message)
 }
 
 func newMLPStage(dev Device, spec ModelSpec, layerStart, layerEnd int, first, last bool, microbatches int, train bool) (*mlpStage, error) {
@@ -192,19 +209,44 @@ func newMLPStage(dev Device, spec ModelSpec, layerStart, layerEnd int, first, la
 	return s, nil
 }
 
-// batch makes step's data: inputs on the first stage, targets (from the
-// inputs) on the last.
+// batchData is one step's data of a stage.
+type batchData struct {
+	step int
+	x, t []float32
+}
+
+// makeBatch makes step's data: inputs on the first stage, targets (from
+// the inputs) on the last.
+func (s *mlpStage) makeBatch(step int) batchData {
+	d := batchData{step: step, x: s.spec.Inputs(step)}
+	if s.last {
+		d.t = s.spec.Targets(d.x)
+	}
+	if !s.first {
+		d.x = nil
+	}
+	return d
+}
+
+// batch sets step's data (s.x, s.t), taking the prefetched batch when it is
+// step's, and starts making the next step's.
 func (s *mlpStage) batch(step int) {
-	if s.batchStep != step {
-		s.x = s.spec.Inputs(step)
-		s.t = nil
-		if s.last {
-			s.t = s.spec.Targets(s.x)
-		}
-		if !s.first {
-			s.x = nil
-		}
-		s.batchStep = step
+	if s.batchStep == step {
+		return
+	}
+	var d batchData
+	if s.pre != nil {
+		d = <-s.pre
+		s.pre = nil
+	}
+	if d.step != step || (d.x == nil && d.t == nil) {
+		d = s.makeBatch(step)
+	}
+	s.x, s.t, s.batchStep = d.x, d.t, step
+	if s.steps > 0 && step+1 < s.steps {
+		ch := make(chan batchData, 1)
+		s.pre = ch
+		go func(next int) { ch <- s.makeBatch(next) }(step + 1)
 	}
 }
 
@@ -390,6 +432,10 @@ func (s *mlpStage) free(st *mbState) {
 
 // Close releases the stage's parameters and anything still saved.
 func (s *mlpStage) Close() {
+	if s.pre != nil { // let the prefetch finish: no goroutine outlives the stage
+		<-s.pre
+		s.pre = nil
+	}
 	for mb, st := range s.saved {
 		s.free(st)
 		delete(s.saved, mb)

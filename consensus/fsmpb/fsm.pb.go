@@ -240,9 +240,14 @@ func (*Command_NodeEligibility) isCommand_Cmd() {}
 func (*Command_UpdateJob) isCommand_Cmd() {}
 
 type RegisterJob struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // chosen by the leader
-	Spec          *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // chosen by the leader
+	Spec  *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// unique_service refuses a service spec named like a live service
+	// (the caller updates that one instead): set by the leader, so that two
+	// submissions of a new name at once register one job. Entries written
+	// before it existed leave it false.
+	UniqueService bool `protobuf:"varint,3,opt,name=unique_service,json=uniqueService,proto3" json:"unique_service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,6 +294,13 @@ func (x *RegisterJob) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *RegisterJob) GetUniqueService() bool {
+	if x != nil {
+		return x.UniqueService
+	}
+	return false
 }
 
 // UpdateJob gives a running service a new spec (a rolling update): the
@@ -1871,13 +1883,17 @@ func (x *HealthCheck) GetGrace() *durationpb.Duration {
 }
 
 type ServiceSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ports         []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
-	RoutePort     string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"`
-	Check         *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
-	DrainTimeout  *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Ports           []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`
+	RoutePort       string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"`
+	Check           *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
+	DrainTimeout    *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"`
+	MinReplicas     int32                  `protobuf:"varint,5,opt,name=min_replicas,json=minReplicas,proto3" json:"min_replicas,omitempty"`
+	MaxReplicas     int32                  `protobuf:"varint,6,opt,name=max_replicas,json=maxReplicas,proto3" json:"max_replicas,omitempty"`
+	TargetInFlight  float64                `protobuf:"fixed64,7,opt,name=target_in_flight,json=targetInFlight,proto3" json:"target_in_flight,omitempty"`
+	ScaleInCooldown *durationpb.Duration   `protobuf:"bytes,8,opt,name=scale_in_cooldown,json=scaleInCooldown,proto3" json:"scale_in_cooldown,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ServiceSpec) Reset() {
@@ -1934,6 +1950,34 @@ func (x *ServiceSpec) GetCheck() *HealthCheck {
 func (x *ServiceSpec) GetDrainTimeout() *durationpb.Duration {
 	if x != nil {
 		return x.DrainTimeout
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetMinReplicas() int32 {
+	if x != nil {
+		return x.MinReplicas
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetMaxReplicas() int32 {
+	if x != nil {
+		return x.MaxReplicas
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetTargetInFlight() float64 {
+	if x != nil {
+		return x.TargetInFlight
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetScaleInCooldown() *durationpb.Duration {
+	if x != nil {
+		return x.ScaleInCooldown
 	}
 	return nil
 }
@@ -2367,10 +2411,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibility\x12:\n" +
 	"\n" +
 	"update_job\x18\x12 \x01(\v2\x19.gpumesh.fsm.v1.UpdateJobH\x00R\tupdateJobB\x05\n" +
-	"\x03cmd\"J\n" +
+	"\x03cmd\"q\n" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
-	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"H\n" +
+	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12%\n" +
+	"\x0eunique_service\x18\x03 \x01(\bR\runiqueService\"H\n" +
 	"\tUpdateJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"\x19\n" +
@@ -2512,13 +2557,17 @@ const file_fsm_proto_rawDesc = "" +
 	"\binterval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
 	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x1c\n" +
 	"\tthreshold\x18\x06 \x01(\x05R\tthreshold\x12/\n" +
-	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xb5\x01\n" +
+	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xec\x02\n" +
 	"\vServiceSpec\x12\x14\n" +
 	"\x05ports\x18\x01 \x03(\tR\x05ports\x12\x1d\n" +
 	"\n" +
 	"route_port\x18\x02 \x01(\tR\troutePort\x121\n" +
 	"\x05check\x18\x03 \x01(\v2\x1b.gpumesh.fsm.v1.HealthCheckR\x05check\x12>\n" +
-	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\xcf\x04\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\x12!\n" +
+	"\fmin_replicas\x18\x05 \x01(\x05R\vminReplicas\x12!\n" +
+	"\fmax_replicas\x18\x06 \x01(\x05R\vmaxReplicas\x12(\n" +
+	"\x10target_in_flight\x18\a \x01(\x01R\x0etargetInFlight\x12E\n" +
+	"\x11scale_in_cooldown\x18\b \x01(\v2\x19.google.protobuf.DurationR\x0fscaleInCooldown\"\xcf\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12\x16\n" +
@@ -2670,19 +2719,20 @@ var file_fsm_proto_depIdxs = []int32{
 	28, // 36: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
 	21, // 37: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
 	28, // 38: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	19, // 39: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	27, // 40: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	27, // 41: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	27, // 42: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	27, // 43: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	27, // 44: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	29, // 45: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	26, // 46: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
-	47, // [47:47] is the sub-list for method output_type
-	47, // [47:47] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	28, // 39: gpumesh.fsm.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
+	19, // 40: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	27, // 41: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	27, // 42: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	27, // 43: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	27, // 44: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	27, // 45: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	29, // 46: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	26, // 47: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	48, // [48:48] is the sub-list for method output_type
+	48, // [48:48] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }

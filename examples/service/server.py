@@ -4,6 +4,7 @@
 It listens on $GPUMESH_HOST:$GPUMESH_PORT_HTTP (set by the agent) and answers
   GET  /healthz   200 once the model is loaded (503 after POST /unready)
   POST /predict   {"x": [4 numbers]} -> {"y": [...], "replica": ...}
+                  ("delay_ms": N in the body answers N ms later: a slower model)
   GET  /stream    server-sent events, one token every 50 ms
 On SIGTERM it stops accepting connections and exits once the requests in
 flight are answered (the agent sends SIGTERM after routers stopped sending).
@@ -114,8 +115,13 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, {"ready": False})
             return
         try:
-            x = json.loads(body or b"{}").get("x", [0, 0, 0, 0])
-            self.reply(200, {"y": predict([float(v) for v in x][:4]), "replica": REPLICA})
+            req = json.loads(body or b"{}")
+            x = req.get("x", [0, 0, 0, 0])
+            y = predict([float(v) for v in x][:4])
+            delay = float(req.get("delay_ms", 0))
+            if delay > 0:
+                time.sleep(min(delay, 60000) / 1000)
+            self.reply(200, {"y": y, "replica": REPLICA})
         except (ValueError, TypeError, AttributeError) as e:
             self.reply(400, {"error": "want {\"x\": [4 numbers]}: %s" % e})
 

@@ -778,13 +778,22 @@ func (x *HealthCheck) GetGrace() *durationpb.Duration {
 
 // ServiceSpec is the serving part of a service job (type service).
 type ServiceSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ports         []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`                          // named ports the agent allocates (GPUMESH_PORT_<NAME>)
-	RoutePort     string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"` // the port /svc/NAME/ proxies to (default: the first port)
-	Check         *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
-	DrainTimeout  *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"` // in-flight requests may finish within (default 30s)
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Ports        []string               `protobuf:"bytes,1,rep,name=ports,proto3" json:"ports,omitempty"`                          // named ports the agent allocates (GPUMESH_PORT_<NAME>)
+	RoutePort    string                 `protobuf:"bytes,2,opt,name=route_port,json=routePort,proto3" json:"route_port,omitempty"` // the port /svc/NAME/ proxies to (default: the first port)
+	Check        *HealthCheck           `protobuf:"bytes,3,opt,name=check,proto3" json:"check,omitempty"`
+	DrainTimeout *durationpb.Duration   `protobuf:"bytes,4,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"` // in-flight requests may finish within (default 30s)
+	// Scale by load: with max_replicas set, the leader keeps between
+	// min_replicas and max_replicas replicas, adding some when the requests in
+	// flight (summed over every router) exceed target_in_flight per replica
+	// and removing some (drained first) once the load stayed low for
+	// scale_in_cooldown. replicas is then the count to start with.
+	MinReplicas     int32                `protobuf:"varint,5,opt,name=min_replicas,json=minReplicas,proto3" json:"min_replicas,omitempty"`
+	MaxReplicas     int32                `protobuf:"varint,6,opt,name=max_replicas,json=maxReplicas,proto3" json:"max_replicas,omitempty"`
+	TargetInFlight  float64              `protobuf:"fixed64,7,opt,name=target_in_flight,json=targetInFlight,proto3" json:"target_in_flight,omitempty"`  // requests in flight per replica (default 4)
+	ScaleInCooldown *durationpb.Duration `protobuf:"bytes,8,opt,name=scale_in_cooldown,json=scaleInCooldown,proto3" json:"scale_in_cooldown,omitempty"` // the load must stay low this long before a replica is removed (default 5m)
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ServiceSpec) Reset() {
@@ -841,6 +850,34 @@ func (x *ServiceSpec) GetCheck() *HealthCheck {
 func (x *ServiceSpec) GetDrainTimeout() *durationpb.Duration {
 	if x != nil {
 		return x.DrainTimeout
+	}
+	return nil
+}
+
+func (x *ServiceSpec) GetMinReplicas() int32 {
+	if x != nil {
+		return x.MinReplicas
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetMaxReplicas() int32 {
+	if x != nil {
+		return x.MaxReplicas
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetTargetInFlight() float64 {
+	if x != nil {
+		return x.TargetInFlight
+	}
+	return 0
+}
+
+func (x *ServiceSpec) GetScaleInCooldown() *durationpb.Duration {
+	if x != nil {
+		return x.ScaleInCooldown
 	}
 	return nil
 }
@@ -2744,11 +2781,19 @@ func (x *AgentInfoResponse) GetFleetStatus() string {
 }
 
 // Watch streams the allocations of one node (or all, when node_id is empty)
-// and the jobs they belong to: first everything current, then each change.
+// and the jobs they belong to: first everything current, then a new full
+// view after each change to it (a node's view changes with its own record,
+// its allocations and their jobs; changes elsewhere send nothing). Views
+// are coalesced: a watcher that falls behind gets the latest, not every
+// one in between.
 type WatchRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	AfterIndex    uint64                 `protobuf:"varint,2,opt,name=after_index,json=afterIndex,proto3" json:"after_index,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	NodeId     string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	AfterIndex uint64                 `protobuf:"varint,2,opt,name=after_index,json=afterIndex,proto3" json:"after_index,omitempty"`
+	// services (with node_id empty) limits the view to service jobs that
+	// have not ended and their allocations, sent only when one of them
+	// changes: what a service router needs.
+	Services      bool `protobuf:"varint,3,opt,name=services,proto3" json:"services,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2795,6 +2840,13 @@ func (x *WatchRequest) GetAfterIndex() uint64 {
 		return x.AfterIndex
 	}
 	return 0
+}
+
+func (x *WatchRequest) GetServices() bool {
+	if x != nil {
+		return x.Services
+	}
+	return false
 }
 
 type WatchEvent struct {
@@ -2961,6 +3013,157 @@ func (x *UpdateAllocationsResponse) GetIndex() uint64 {
 	return 0
 }
 
+// ServiceLoad is one router's load on one service over a report window.
+type ServiceLoad struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	JobId         string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	InFlight      float64                `protobuf:"fixed64,2,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"` // requests in flight on the service's replicas, averaged over the window
+	Requests      int64                  `protobuf:"varint,3,opt,name=requests,proto3" json:"requests,omitempty"`                  // requests routed during the window
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServiceLoad) Reset() {
+	*x = ServiceLoad{}
+	mi := &file_control_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceLoad) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceLoad) ProtoMessage() {}
+
+func (x *ServiceLoad) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceLoad.ProtoReflect.Descriptor instead.
+func (*ServiceLoad) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ServiceLoad) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *ServiceLoad) GetInFlight() float64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *ServiceLoad) GetRequests() int64 {
+	if x != nil {
+		return x.Requests
+	}
+	return 0
+}
+
+// ReportLoadRequest carries one node's router load to the leader, which
+// keeps it in memory (not in the Raft log) to scale services by load.
+type ReportLoadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Services      []*ServiceLoad         `protobuf:"bytes,2,rep,name=services,proto3" json:"services,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportLoadRequest) Reset() {
+	*x = ReportLoadRequest{}
+	mi := &file_control_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportLoadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportLoadRequest) ProtoMessage() {}
+
+func (x *ReportLoadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportLoadRequest.ProtoReflect.Descriptor instead.
+func (*ReportLoadRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ReportLoadRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *ReportLoadRequest) GetServices() []*ServiceLoad {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
+type ReportLoadResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportLoadResponse) Reset() {
+	*x = ReportLoadResponse{}
+	mi := &file_control_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportLoadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportLoadResponse) ProtoMessage() {}
+
+func (x *ReportLoadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportLoadResponse.ProtoReflect.Descriptor instead.
+func (*ReportLoadResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{42}
+}
+
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// local asks the node for its own copy of the logs without forwarding.
@@ -2980,7 +3183,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2992,7 +3195,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[40]
+	mi := &file_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3005,7 +3208,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{40}
+	return file_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *LogsRequest) GetLocal() bool {
@@ -3077,7 +3280,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3089,7 +3292,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[41]
+	mi := &file_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3102,7 +3305,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{41}
+	return file_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *LogChunk) GetData() []byte {
@@ -3136,7 +3339,7 @@ type LogStamp struct {
 
 func (x *LogStamp) Reset() {
 	*x = LogStamp{}
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3148,7 +3351,7 @@ func (x *LogStamp) String() string {
 func (*LogStamp) ProtoMessage() {}
 
 func (x *LogStamp) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[42]
+	mi := &file_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3161,7 +3364,7 @@ func (x *LogStamp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogStamp.ProtoReflect.Descriptor instead.
 func (*LogStamp) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{42}
+	return file_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *LogStamp) GetOffset() int64 {
@@ -3188,7 +3391,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3200,7 +3403,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[43]
+	mi := &file_control_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3213,7 +3416,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{43}
+	return file_control_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -3232,7 +3435,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_control_proto_msgTypes[44]
+	mi := &file_control_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3244,7 +3447,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[44]
+	mi := &file_control_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3257,7 +3460,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{44}
+	return file_control_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RegisterNodeResponse) GetIndex() uint64 {
@@ -3278,7 +3481,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_control_proto_msgTypes[45]
+	mi := &file_control_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3290,7 +3493,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[45]
+	mi := &file_control_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3303,7 +3506,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{45}
+	return file_control_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *TransferLeadershipRequest) GetTo() string {
@@ -3322,7 +3525,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_control_proto_msgTypes[46]
+	mi := &file_control_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3334,7 +3537,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[46]
+	mi := &file_control_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3347,7 +3550,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{46}
+	return file_control_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -3436,13 +3639,17 @@ const file_control_proto_rawDesc = "" +
 	"\binterval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
 	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x1c\n" +
 	"\tthreshold\x18\x06 \x01(\x05R\tthreshold\x12/\n" +
-	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xb1\x01\n" +
+	"\x05grace\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\xe8\x02\n" +
 	"\vServiceSpec\x12\x14\n" +
 	"\x05ports\x18\x01 \x03(\tR\x05ports\x12\x1d\n" +
 	"\n" +
 	"route_port\x18\x02 \x01(\tR\troutePort\x12-\n" +
 	"\x05check\x18\x03 \x01(\v2\x17.gpumesh.v1.HealthCheckR\x05check\x12>\n" +
-	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\"\x95\x05\n" +
+	"\rdrain_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\x12!\n" +
+	"\fmin_replicas\x18\x05 \x01(\x05R\vminReplicas\x12!\n" +
+	"\fmax_replicas\x18\x06 \x01(\x05R\vmaxReplicas\x12(\n" +
+	"\x10target_in_flight\x18\a \x01(\x01R\x0etargetInFlight\x12E\n" +
+	"\x11scale_in_cooldown\x18\b \x01(\v2\x19.google.protobuf.DurationR\x0fscaleInCooldown\"\x95\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -3607,11 +3814,12 @@ const file_control_proto_rawDesc = "" +
 	"\x0fleader_rpc_addr\x18\x04 \x01(\tR\rleaderRpcAddr\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x12\x18\n" +
 	"\aversion\x18\x06 \x01(\tR\aversion\x12!\n" +
-	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"H\n" +
+	"\ffleet_status\x18\a \x01(\tR\vfleetStatus\"d\n" +
 	"\fWatchRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vafter_index\x18\x02 \x01(\x04R\n" +
-	"afterIndex\"\xc5\x01\n" +
+	"afterIndex\x12\x1a\n" +
+	"\bservices\x18\x03 \x01(\bR\bservices\"\xc5\x01\n" +
 	"\n" +
 	"WatchEvent\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x128\n" +
@@ -3622,7 +3830,15 @@ const file_control_proto_rawDesc = "" +
 	"\x18UpdateAllocationsRequest\x128\n" +
 	"\vallocations\x18\x01 \x03(\v2\x16.gpumesh.v1.AllocationR\vallocations\"1\n" +
 	"\x19UpdateAllocationsResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\xd6\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"]\n" +
+	"\vServiceLoad\x12\x15\n" +
+	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x1b\n" +
+	"\tin_flight\x18\x02 \x01(\x01R\binFlight\x12\x1a\n" +
+	"\brequests\x18\x03 \x01(\x03R\brequests\"a\n" +
+	"\x11ReportLoadRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x123\n" +
+	"\bservices\x18\x02 \x03(\v2\x17.gpumesh.v1.ServiceLoadR\bservices\"\x14\n" +
+	"\x12ReportLoadResponse\"\xd6\x01\n" +
 	"\vLogsRequest\x12\x14\n" +
 	"\x05local\x18\a \x01(\bR\x05local\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n" +
@@ -3650,7 +3866,7 @@ const file_control_proto_rawDesc = "" +
 	"\x19TransferLeadershipRequest\x12\x0e\n" +
 	"\x02to\x18\x01 \x01(\tR\x02to\"9\n" +
 	"\x1aTransferLeadershipResponse\x12\x1b\n" +
-	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\xf7\b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId2\xc4\t\n" +
 	"\aControl\x12H\n" +
 	"\tSubmitJob\x12\x1c.gpumesh.v1.SubmitJobRequest\x1a\x1d.gpumesh.v1.SubmitJobResponse\x12?\n" +
 	"\x06GetJob\x12\x19.gpumesh.v1.GetJobRequest\x1a\x1a.gpumesh.v1.GetJobResponse\x12E\n" +
@@ -3663,7 +3879,9 @@ const file_control_proto_rawDesc = "" +
 	"\x0fNodeEligibility\x12\".gpumesh.v1.NodeEligibilityRequest\x1a#.gpumesh.v1.NodeEligibilityResponse\x12H\n" +
 	"\tAgentInfo\x12\x1c.gpumesh.v1.AgentInfoRequest\x1a\x1d.gpumesh.v1.AgentInfoResponse\x12;\n" +
 	"\x05Watch\x12\x18.gpumesh.v1.WatchRequest\x1a\x16.gpumesh.v1.WatchEvent0\x01\x12`\n" +
-	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12Q\n" +
+	"\x11UpdateAllocations\x12$.gpumesh.v1.UpdateAllocationsRequest\x1a%.gpumesh.v1.UpdateAllocationsResponse\x12K\n" +
+	"\n" +
+	"ReportLoad\x12\x1d.gpumesh.v1.ReportLoadRequest\x1a\x1e.gpumesh.v1.ReportLoadResponse\x12Q\n" +
 	"\fRegisterNode\x12\x1f.gpumesh.v1.RegisterNodeRequest\x1a .gpumesh.v1.RegisterNodeResponse\x127\n" +
 	"\x04Logs\x12\x17.gpumesh.v1.LogsRequest\x1a\x14.gpumesh.v1.LogChunk0\x01\x12c\n" +
 	"\x12TransferLeadership\x12%.gpumesh.v1.TransferLeadershipRequest\x1a&.gpumesh.v1.TransferLeadershipResponseB/Z-github.com/gpumesh/gpumesh/internal/controlpbb\x06proto3"
@@ -3680,7 +3898,7 @@ func file_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_rawDescData
 }
 
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_control_proto_goTypes = []any{
 	(*GPU)(nil),                        // 0: gpumesh.v1.GPU
 	(*Node)(nil),                       // 1: gpumesh.v1.Node
@@ -3722,100 +3940,107 @@ var file_control_proto_goTypes = []any{
 	(*WatchEvent)(nil),                 // 37: gpumesh.v1.WatchEvent
 	(*UpdateAllocationsRequest)(nil),   // 38: gpumesh.v1.UpdateAllocationsRequest
 	(*UpdateAllocationsResponse)(nil),  // 39: gpumesh.v1.UpdateAllocationsResponse
-	(*LogsRequest)(nil),                // 40: gpumesh.v1.LogsRequest
-	(*LogChunk)(nil),                   // 41: gpumesh.v1.LogChunk
-	(*LogStamp)(nil),                   // 42: gpumesh.v1.LogStamp
-	(*RegisterNodeRequest)(nil),        // 43: gpumesh.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),       // 44: gpumesh.v1.RegisterNodeResponse
-	(*TransferLeadershipRequest)(nil),  // 45: gpumesh.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 46: gpumesh.v1.TransferLeadershipResponse
-	nil,                                // 47: gpumesh.v1.ExecSpec.EnvEntry
-	nil,                                // 48: gpumesh.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil),      // 49: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 50: google.protobuf.Duration
-	(*structpb.Struct)(nil),            // 51: google.protobuf.Struct
+	(*ServiceLoad)(nil),                // 40: gpumesh.v1.ServiceLoad
+	(*ReportLoadRequest)(nil),          // 41: gpumesh.v1.ReportLoadRequest
+	(*ReportLoadResponse)(nil),         // 42: gpumesh.v1.ReportLoadResponse
+	(*LogsRequest)(nil),                // 43: gpumesh.v1.LogsRequest
+	(*LogChunk)(nil),                   // 44: gpumesh.v1.LogChunk
+	(*LogStamp)(nil),                   // 45: gpumesh.v1.LogStamp
+	(*RegisterNodeRequest)(nil),        // 46: gpumesh.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),       // 47: gpumesh.v1.RegisterNodeResponse
+	(*TransferLeadershipRequest)(nil),  // 48: gpumesh.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 49: gpumesh.v1.TransferLeadershipResponse
+	nil,                                // 50: gpumesh.v1.ExecSpec.EnvEntry
+	nil,                                // 51: gpumesh.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil),      // 52: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),        // 53: google.protobuf.Duration
+	(*structpb.Struct)(nil),            // 54: google.protobuf.Struct
 }
 var file_control_proto_depIdxs = []int32{
 	0,  // 0: gpumesh.v1.Node.gpus:type_name -> gpumesh.v1.GPU
-	49, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	49, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	50, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	47, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
-	50, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	50, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	50, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	52, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	52, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	53, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	50, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	53, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	53, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	53, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
 	7,  // 8: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
-	50, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	2,  // 10: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
-	3,  // 11: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	50, // 12: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	4,  // 13: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
-	5,  // 14: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
-	6,  // 15: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
-	8,  // 16: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
-	10, // 17: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
-	9,  // 18: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	49, // 19: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	49, // 20: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	49, // 21: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	49, // 22: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	49, // 23: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	51, // 24: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	48, // 25: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
-	9,  // 26: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
-	13, // 27: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
-	11, // 28: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
-	12, // 29: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
-	13, // 30: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
-	11, // 31: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
-	13, // 32: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
-	1,  // 33: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
-	1,  // 34: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
-	24, // 35: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
-	27, // 36: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	50, // 37: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
-	1,  // 38: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
-	12, // 39: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
-	11, // 40: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
-	1,  // 41: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
-	12, // 42: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	42, // 43: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
-	1,  // 44: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	14, // 45: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	16, // 46: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	18, // 47: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	20, // 48: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	22, // 49: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	25, // 50: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	28, // 51: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	30, // 52: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	32, // 53: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
-	34, // 54: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	36, // 55: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	38, // 56: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	43, // 57: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	40, // 58: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	45, // 59: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	15, // 60: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	17, // 61: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	19, // 62: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	21, // 63: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	23, // 64: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	26, // 65: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	29, // 66: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	31, // 67: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	33, // 68: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
-	35, // 69: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	37, // 70: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	39, // 71: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	44, // 72: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	41, // 73: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	46, // 74: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	60, // [60:75] is the sub-list for method output_type
-	45, // [45:60] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	53, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	53, // 10: gpumesh.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
+	2,  // 11: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
+	3,  // 12: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
+	53, // 13: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	4,  // 14: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
+	5,  // 15: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
+	6,  // 16: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
+	8,  // 17: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
+	10, // 18: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
+	9,  // 19: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
+	52, // 20: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	52, // 21: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	52, // 22: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	52, // 23: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	52, // 24: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	54, // 25: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	51, // 26: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
+	9,  // 27: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
+	13, // 28: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 29: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
+	12, // 30: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
+	13, // 31: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 32: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
+	13, // 33: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
+	1,  // 34: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
+	1,  // 35: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
+	24, // 36: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
+	27, // 37: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
+	53, // 38: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	1,  // 39: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
+	12, // 40: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
+	11, // 41: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
+	1,  // 42: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
+	12, // 43: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
+	40, // 44: gpumesh.v1.ReportLoadRequest.services:type_name -> gpumesh.v1.ServiceLoad
+	45, // 45: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 46: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	14, // 47: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	16, // 48: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	18, // 49: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	20, // 50: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	22, // 51: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	25, // 52: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	28, // 53: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	30, // 54: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	32, // 55: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	34, // 56: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	36, // 57: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	38, // 58: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	41, // 59: gpumesh.v1.Control.ReportLoad:input_type -> gpumesh.v1.ReportLoadRequest
+	46, // 60: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	43, // 61: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	48, // 62: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	15, // 63: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	17, // 64: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	19, // 65: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	21, // 66: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	23, // 67: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	26, // 68: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	29, // 69: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	31, // 70: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	33, // 71: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	35, // 72: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	37, // 73: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	39, // 74: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	42, // 75: gpumesh.v1.Control.ReportLoad:output_type -> gpumesh.v1.ReportLoadResponse
+	47, // 76: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	44, // 77: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	49, // 78: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	63, // [63:79] is the sub-list for method output_type
+	47, // [47:63] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -3829,7 +4054,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   49,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,7 @@ const (
 	Control_AgentInfo_FullMethodName          = "/gpumesh.v1.Control/AgentInfo"
 	Control_Watch_FullMethodName              = "/gpumesh.v1.Control/Watch"
 	Control_UpdateAllocations_FullMethodName  = "/gpumesh.v1.Control/UpdateAllocations"
+	Control_ReportLoad_FullMethodName         = "/gpumesh.v1.Control/ReportLoad"
 	Control_RegisterNode_FullMethodName       = "/gpumesh.v1.Control/RegisterNode"
 	Control_Logs_FullMethodName               = "/gpumesh.v1.Control/Logs"
 	Control_TransferLeadership_FullMethodName = "/gpumesh.v1.Control/TransferLeadership"
@@ -57,6 +58,7 @@ type ControlClient interface {
 	AgentInfo(ctx context.Context, in *AgentInfoRequest, opts ...grpc.CallOption) (*AgentInfoResponse, error)
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchEvent], error)
 	UpdateAllocations(ctx context.Context, in *UpdateAllocationsRequest, opts ...grpc.CallOption) (*UpdateAllocationsResponse, error)
+	ReportLoad(ctx context.Context, in *ReportLoadRequest, opts ...grpc.CallOption) (*ReportLoadResponse, error)
 	RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error)
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
 	TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error)
@@ -199,6 +201,16 @@ func (c *controlClient) UpdateAllocations(ctx context.Context, in *UpdateAllocat
 	return out, nil
 }
 
+func (c *controlClient) ReportLoad(ctx context.Context, in *ReportLoadRequest, opts ...grpc.CallOption) (*ReportLoadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportLoadResponse)
+	err := c.cc.Invoke(ctx, Control_ReportLoad_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RegisterNodeResponse)
@@ -254,6 +266,7 @@ type ControlServer interface {
 	AgentInfo(context.Context, *AgentInfoRequest) (*AgentInfoResponse, error)
 	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchEvent]) error
 	UpdateAllocations(context.Context, *UpdateAllocationsRequest) (*UpdateAllocationsResponse, error)
+	ReportLoad(context.Context, *ReportLoadRequest) (*ReportLoadResponse, error)
 	RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error)
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
 	TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error)
@@ -302,6 +315,9 @@ func (UnimplementedControlServer) Watch(*WatchRequest, grpc.ServerStreamingServe
 }
 func (UnimplementedControlServer) UpdateAllocations(context.Context, *UpdateAllocationsRequest) (*UpdateAllocationsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateAllocations not implemented")
+}
+func (UnimplementedControlServer) ReportLoad(context.Context, *ReportLoadRequest) (*ReportLoadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportLoad not implemented")
 }
 func (UnimplementedControlServer) RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RegisterNode not implemented")
@@ -542,6 +558,24 @@ func _Control_UpdateAllocations_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_ReportLoad_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportLoadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).ReportLoad(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_ReportLoad_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).ReportLoad(ctx, req.(*ReportLoadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_RegisterNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RegisterNodeRequest)
 	if err := dec(in); err != nil {
@@ -639,6 +673,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateAllocations",
 			Handler:    _Control_UpdateAllocations_Handler,
+		},
+		{
+			MethodName: "ReportLoad",
+			Handler:    _Control_ReportLoad_Handler,
 		},
 		{
 			MethodName: "RegisterNode",

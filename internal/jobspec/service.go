@@ -35,6 +35,12 @@ const (
 	// DefaultDrainTimeout is how long in-flight requests of a replica that
 	// is being moved may take to finish.
 	DefaultDrainTimeout = 30 * time.Second
+	// DefaultTargetInFlight is the requests in flight per replica that a
+	// service scaled by load (service.max_replicas set) aims at.
+	DefaultTargetInFlight = 4
+	// DefaultScaleInCooldown is how long the load of a service scaled by
+	// load must stay low before a replica is removed.
+	DefaultScaleInCooldown = 5 * time.Minute
 )
 
 // Health check types.
@@ -50,6 +56,21 @@ var portNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,30}$`)
 func PortEnv(name string) string { return "GPUMESH_PORT_" + strings.ToUpper(name) }
 
 func applyServiceDefaults(s *pb.JobSpec) {
+	if v := s.Service; v != nil && v.MaxReplicas > 0 {
+		// Scaled by load: it starts with min_replicas unless told.
+		if v.MinReplicas == 0 {
+			v.MinReplicas = 1
+		}
+		if v.TargetInFlight == 0 {
+			v.TargetInFlight = DefaultTargetInFlight
+		}
+		if v.ScaleInCooldown == nil {
+			v.ScaleInCooldown = durationpb.New(DefaultScaleInCooldown)
+		}
+		if s.Replicas == 0 && s.Ranks == 0 {
+			s.Replicas = v.MinReplicas
+		}
+	}
 	if s.Ranks == 0 && s.MinRanks == 0 {
 		s.Ranks = s.Replicas
 	}
@@ -138,6 +159,7 @@ func validateService(s *pb.JobSpec, add report) {
 	if _, ok := seen[v.RoutePort]; !ok {
 		add("service.route_port", "%q is not one of the service's ports (%s)", v.RoutePort, strings.Join(v.Ports, ", "))
 	}
+	validateScale(s, add)
 	for k := range s.GetExec().GetEnv() {
 		if strings.HasPrefix(k, "GPUMESH_PORT_") {
 			add("exec.env", "%s is set by the agent from service.ports; remove it from exec.env", k)
@@ -177,5 +199,31 @@ func validateService(s *pb.JobSpec, add report) {
 	}
 	if d := v.DrainTimeout.AsDuration(); d < 0 || d > time.Hour {
 		add("service.drain_timeout", "must be between 0s and 1h, got %s", d)
+	}
+}
+
+// validateScale checks the scale-by-load fields of a service.
+func validateScale(s *pb.JobSpec, add report) {
+	v := s.Service
+	if v.MaxReplicas == 0 {
+		if v.MinReplicas != 0 || v.TargetInFlight != 0 || v.ScaleInCooldown != nil {
+			add("service.max_replicas", "min_replicas, target_in_flight and scale_in_cooldown scale a service by load, which needs max_replicas")
+		}
+		return
+	}
+	if v.MinReplicas < 1 {
+		add("service.min_replicas", "must be >= 1, got %d", v.MinReplicas)
+	}
+	if v.MaxReplicas < v.MinReplicas || v.MaxReplicas > MaxRanks {
+		add("service.max_replicas", "must be between min_replicas (%d) and %d, got %d", v.MinReplicas, MaxRanks, v.MaxReplicas)
+	}
+	if s.Replicas < v.MinReplicas || s.Replicas > v.MaxReplicas {
+		add("replicas", "the replicas to start with (%d) must be between service.min_replicas (%d) and service.max_replicas (%d); leave it out to start with min_replicas", s.Replicas, v.MinReplicas, v.MaxReplicas)
+	}
+	if t := v.TargetInFlight; !(t > 0 && t <= 1e6) {
+		add("service.target_in_flight", "must be > 0 and at most 1e6 requests in flight per replica, got %g", t)
+	}
+	if d := v.ScaleInCooldown.AsDuration(); d < 0 || d > 24*time.Hour {
+		add("service.scale_in_cooldown", "must be between 0s and 24h, got %s", d)
 	}
 }

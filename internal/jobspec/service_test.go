@@ -45,6 +45,27 @@ service:
 	}
 }
 
+func TestParseServiceScaledByLoad(t *testing.T) {
+	spec, err := Parse([]byte("type: service\nexec: {command: [srv]}\nservice: {min_replicas: 2, max_replicas: 5}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := spec.Service
+	if spec.Replicas != 2 || spec.Ranks != 2 {
+		t.Fatalf("a service scaled by load starts with min_replicas: replicas %d ranks %d", spec.Replicas, spec.Ranks)
+	}
+	if v.TargetInFlight != DefaultTargetInFlight || v.ScaleInCooldown.AsDuration() != DefaultScaleInCooldown {
+		t.Fatalf("scale defaults: target %g cooldown %v", v.TargetInFlight, v.ScaleInCooldown)
+	}
+	only, err := Parse([]byte("type: service\nexec: {command: [srv]}\nservice: {max_replicas: 3}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if only.Service.MinReplicas != 1 || only.Replicas != 1 {
+		t.Fatalf("max_replicas alone: min %d replicas %d", only.Service.MinReplicas, only.Replicas)
+	}
+}
+
 func TestParseServiceInvalid(t *testing.T) {
 	cases := []struct{ name, spec, want string }{
 		{"port name collision", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {ports: [http, grpc, http]}", `service.ports[2]: port name "http" collides with service.ports[0]`},
@@ -59,6 +80,10 @@ func TestParseServiceInvalid(t *testing.T) {
 		{"service on exec", "ranks: 1\nexec: {command: [true]}\nservice: {ports: [http]}", "exec jobs take no service section"},
 		{"port env set by hand", "type: service\nreplicas: 1\nexec: {command: [srv], env: {GPUMESH_PORT_HTTP: '80'}}", "set by the agent"},
 		{"no replicas", "type: service\nexec: {command: [srv]}", "ranks: must be >= 1"},
+		{"scale without max", "type: service\nreplicas: 1\nexec: {command: [srv]}\nservice: {min_replicas: 1}", "needs max_replicas"},
+		{"max below min", "type: service\nexec: {command: [srv]}\nservice: {min_replicas: 3, max_replicas: 2}", "service.max_replicas: must be between min_replicas (3)"},
+		{"replicas outside the range", "type: service\nreplicas: 5\nexec: {command: [srv]}\nservice: {max_replicas: 4}", "replicas: the replicas to start with (5)"},
+		{"negative target", "type: service\nexec: {command: [srv]}\nservice: {max_replicas: 4, target_in_flight: -1}", "service.target_in_flight"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -159,6 +160,19 @@ func (d *Driver) resolve(spec TaskSpec) (TaskSpec, string, error) {
 	return spec, allocDir, nil
 }
 
+// traverseOnly makes the folders between dataDir and allocDir (alloc, the
+// job's, the generation's) mode 0711 whatever the umask (the systemd unit's
+// is 0027): a task running as another user reaches its own directory
+// through them but cannot list them, so no job learns another's IDs.
+func traverseOnly(dataDir, allocDir string) error {
+	for p := filepath.Dir(allocDir); len(p) > len(dataDir) && strings.HasPrefix(p, dataDir); p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o711); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Start runs a task. It returns once the command has started (a command
 // that cannot be started is an ErrStartFailed error). Start is idempotent
 // for a task that is already running with the same spec: it returns its
@@ -185,6 +199,9 @@ func (d *Driver) Start(ctx context.Context, spec TaskSpec) (*Handle, error) {
 	// state directory is the driver's alone.
 	if err := os.MkdirAll(allocDir, 0o755); err != nil {
 		return nil, fmt.Errorf("%w: task %s: create %s: %v", ErrInvalidSpec, spec.ID, allocDir, err)
+	}
+	if err := traverseOnly(d.cfg.DataDir, allocDir); err != nil {
+		return nil, fmt.Errorf("%w: task %s: %v", ErrInvalidSpec, spec.ID, err)
 	}
 	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: task %s: create %s: %v", ErrInvalidSpec, spec.ID, stateDir, err)

@@ -540,7 +540,8 @@ func TestTaskInheritsNoDescriptors(t *testing.T) {
 }
 
 // A task given a user runs with that user's IDs, can write its allocation
-// directory, and cannot remove the driver's state there.
+// directory (reached through folders it may pass but not list, whatever the
+// umask), and cannot remove the driver's state there.
 func TestTaskRunsAsUser(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("switching users needs root")
@@ -562,9 +563,13 @@ func TestTaskRunsAsUser(t *testing.T) {
 			t.Skipf("%s is not traversable by other users", p)
 		}
 	}
-	spec := shSpec(t, `id -u; id -g; echo hi > mine && echo wrote; rm -rf .gpumesh 2>/dev/null; test -d .gpumesh && echo kept`)
+	spec := shSpec(t, `id -u; id -g; echo hi > mine && echo wrote; rm -rf .gpumesh 2>/dev/null; test -d .gpumesh && echo kept; ls .. >/dev/null 2>&1 || echo unlisted`)
 	spec.User = u
+	// The systemd unit's umask: the folders above the allocation directory
+	// must still let the task through.
+	old := syscall.Umask(0o027)
 	h, err := d.Start(context.Background(), spec)
+	syscall.Umask(old)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -572,7 +577,7 @@ func TestTaskRunsAsUser(t *testing.T) {
 	if res := wait(t, h); !res.Success() {
 		t.Fatalf("result %+v\nstderr %s", res, readLog(t, h, Stderr))
 	}
-	want := fmt.Sprintf("%d\n%d\nwrote\nkept\n", u.UID, u.GID)
+	want := fmt.Sprintf("%d\n%d\nwrote\nkept\nunlisted\n", u.UID, u.GID)
 	if got := readLog(t, h, Stdout); got != want {
 		t.Fatalf("stdout %q, want %q (stderr %q)", got, want, readLog(t, h, Stderr))
 	}

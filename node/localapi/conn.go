@@ -124,6 +124,10 @@ func (cn *conn) serve() {
 		return
 	}
 	closeFDs(fds)
+	if pkt[0] == MsgCkptHello {
+		cn.serveCheckpoint(pkt, buf, oob)
+		return
+	}
 	req, err := DecodeRequest(pkt)
 	if err == nil && req.Hello == nil {
 		err = fmt.Errorf("%w: the first message must be a hello", ErrProtocol)

@@ -35,6 +35,13 @@
 // owns gets an error; nothing it sends can crash or wedge the agent (the
 // decoder is fuzzed).
 //
+// A rank's checkpoint module opens a second kind of connection on the same
+// socket (CKPT_HELLO, authorized the same way; ckpt_proto.go): it asks for a
+// file to write its part of a checkpoint into, has the agent store it,
+// commits the manifest, and is handed the part to load as a descriptor of
+// a checked local file (the agent's prefetched copy) that it maps. The
+// storage work is the Checkpointer's (the node's, over package checkpoint).
+//
 // Server.Snapshot gives per-rank operation counts, bytes and latency for
 // metrics and job status; Server.Live counts connections, goroutines and
 // mappings for leak checks.

@@ -41,6 +41,9 @@ type Config struct {
 	Collective collective.Config
 	// Authorizer checks hellos. Required.
 	Authorizer Authorizer
+	// Checkpointer serves checkpoint connections (ckpt_proto.go); nil
+	// refuses them.
+	Checkpointer Checkpointer
 	// Logger; nil discards.
 	Logger hclog.Logger
 	// HelloTimeout bounds the wait for a connection's hello and its

@@ -28,21 +28,35 @@ once the checkpoint is committed). A checkpoint is visible only once every
 part is stored (its manifest is written last), so a rank killed mid-save
 leaves the previous checkpoint in place.
 
-The storage work (S3 multipart uploads, checksums, pruning to ``keep``) is
-done by the gpumesh binary (``$GPUMESH_BIN``, else ``gpumesh`` on PATH):
-``gpumesh checkpoint put|commit|latest|get``. Outside a gpumesh job (e.g.
-under torchrun) call ``configure(uri=...)`` or set the variables yourself.
-The module depends on the standard library; save and load import torch.
+Inside a gpumesh job the rank's agent does the storage work (S3 multipart
+uploads, checksums, pruning to ``keep``) over its local socket: ``save``
+writes the state once, with ``torch.save``, into a file the agent hands
+over (the store's own temporary file, or a spool it uploads), and ``load``
+is handed the copy the agent prefetched when the rank started, which it
+maps instead of reading (tensors share the page cache until written).
+Outside a gpumesh job (e.g. under torchrun) call ``configure(uri=...)`` or
+set the variables yourself: the gpumesh binary (``$GPUMESH_BIN``, else
+``gpumesh`` on PATH) then does the work, ``gpumesh checkpoint
+put|commit|latest|get``. The module depends on the standard library; save
+and load import torch.
 """
 
+import inspect
+import io
 import json
+import mmap
 import os
+import pickle
 import shutil
+import struct
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import zipfile
+
+from . import _ckpt_client, _client
 
 ENV_URI = "GPUMESH_CHECKPOINT_URI"
 ENV_KEEP = "GPUMESH_CHECKPOINT_KEEP"
@@ -50,10 +64,6 @@ ENV_EVERY = "GPUMESH_CHECKPOINT_EVERY"
 ENV_BIN = "GPUMESH_BIN"
 ENV_DEADLINE_FILE = "GPUMESH_PREEMPT_DEADLINE_FILE"
 ENV_ALLOC_DIR = "GPUMESH_ALLOC_DIR"
-ENV_CACHE = "GPUMESH_CHECKPOINT_CACHE"
-
-# How long load() waits for the agent's prefetch before downloading itself.
-PREFETCH_WAIT_SECONDS = 600.0
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +75,10 @@ _config = {"uri": None, "keep": None, "every": None, "bin": None}
 _sigterm = threading.Event()
 _installed = False
 last_load = {}
+# Where the last save's time went (rank 0 or shard writers; seconds):
+# write_seconds (torch.save into the agent's file), store_seconds (the agent
+# stores it: checksums, sync or upload), commit_seconds (the manifest).
+last_save = {}
 
 
 def configure(uri=None, keep=None, every=None, binary=None):
@@ -97,6 +111,30 @@ def _binary():
         raise CheckpointError("the gpumesh binary was not found: set $GPUMESH_BIN or put gpumesh on PATH "
                               "(inside a gpumesh job the agent sets it)")
     return b
+
+
+_agent_conn = {}
+
+
+def _agent():
+    """The connection to this rank's agent, or None outside a gpumesh job
+    (or when configure() names another location than the job's)."""
+    if _config["uri"] is not None and _config["uri"] != os.environ.get(ENV_URI):
+        return None
+    with _lock:
+        if "conn" not in _agent_conn:
+            try:
+                _agent_conn["conn"] = _ckpt_client.from_env()
+            except _client.AgentError:
+                _agent_conn["conn"] = None  # e.g. an agent without the local API: use the binary
+        return _agent_conn["conn"]
+
+
+def _ask(kind, body=None):
+    try:
+        return _agent().request(kind, body)
+    except _client.AgentError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _run(*args):
@@ -221,11 +259,30 @@ def save(state, step, shard=False, meta=None):
     gives each rank its own part back (the world size must then match).
     meta: small str->str data kept in the manifest. A collective when
     torch.distributed is initialised: every rank returns once the
-    checkpoint is committed."""
+    checkpoint is committed. last_save says where the time went."""
     import torch
+    last_save.clear()
     rank, world = _rank_world()
+    agent = _agent()
     part = None
-    if shard or rank == 0:
+    if (shard or rank == 0) and agent is not None:
+        # Written once, into the file the agent stores.
+        t0 = time.monotonic()
+        _, fd, rid = _ask(_ckpt_client.PUT_BEGIN, {"step": int(step)})
+        try:
+            with open(fd, "wb") as f:
+                torch.save(state, f)
+            last_save["write_seconds"] = time.monotonic() - t0
+        except BaseException:
+            try:
+                _ask(_ckpt_client.PUT_ABORT, {"id": rid})
+            except CheckpointError:
+                pass
+            raise
+        t1 = time.monotonic()
+        part = _ask(_ckpt_client.PUT_END, {"id": rid})[0]["parts"][0]
+        last_save["store_seconds"] = time.monotonic() - t1
+    elif shard or rank == 0:
         with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
             path = f.name
         try:
@@ -239,7 +296,15 @@ def save(state, step, shard=False, meta=None):
         parts = [None] * world
         dist.all_gather_object(parts, part)
     err = None
-    if rank == 0:
+    if rank == 0 and agent is not None:
+        t2 = time.monotonic()
+        try:
+            _ask(_ckpt_client.COMMIT, {"step": int(step), "world_size": world, "parts": parts,
+                                       "meta": {str(k): str(v) for k, v in (meta or {}).items()}})
+        except CheckpointError as e:
+            err = e
+        last_save["commit_seconds"] = time.monotonic() - t2
+    elif rank == 0:
         args = ["commit", "--step", str(step), "--world", str(world), "--parts", json.dumps(parts)]
         for k, v in sorted((meta or {}).items()):
             args += ["--meta", "%s=%s" % (k, v)]
@@ -260,7 +325,10 @@ def save(state, step, shard=False, meta=None):
 def latest():
     """The manifest (a dict: step, world_size, parts, ...) of the newest
     complete checkpoint, or None."""
-    out = json.loads(_run("latest"))
+    if _agent() is not None:
+        out = _ask(_ckpt_client.LATEST)[0]
+    else:
+        out = json.loads(_run("latest"))
     return out.get("manifest") if out.get("found") else None
 
 
@@ -268,13 +336,16 @@ def load(step=None, map_location="cpu"):
     """Load the newest complete checkpoint (or that of `step`): returns
     (state, step), or (None, -1) when there is none. A rank gets its own
     part of a sharded checkpoint, and rank 0's part otherwise. Inside a
-    gpumesh job the agent has started fetching it when the rank started
-    ($GPUMESH_CHECKPOINT_CACHE); load() uses that copy when it is of the
-    newest step. last_load says where it came from and how long it took."""
+    gpumesh job the agent has started fetching it when the rank started,
+    and hands that copy over when it is of the step asked for; it is mapped,
+    not read. last_load says where it came from and how long it took
+    (wait_seconds: the agent's answer; load_seconds: torch.load)."""
     import torch
     install_handler()
     if uri() is None:
         return None, -1
+    if _agent() is not None:
+        return _load_from_agent(step, map_location)
     if step is None:
         m = latest()
     else:
@@ -293,12 +364,6 @@ def load(step=None, map_location="cpu"):
                                   % (m["step"], len(m["parts"]), m["world_size"], world))
         want = rank
     t0 = time.monotonic()
-    local = _prefetched(int(m["step"]), want)
-    if local is not None:
-        state = torch.load(local, map_location=map_location)
-        last_load.update(step=int(m["step"]), part=want, source="prefetch", wait_seconds=time.monotonic() - t0)
-        _record(resumed_step=int(m["step"]))
-        return state, int(m["step"])
     with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
         path = f.name
     try:
@@ -312,22 +377,138 @@ def load(step=None, map_location="cpu"):
     return state, int(m["step"])
 
 
-def _prefetched(step, part):
-    """The agent's prefetched copy of (step, part), once its record is
-    written, or None (no prefetch, another step, or it failed)."""
-    d = os.environ.get(ENV_CACHE)
-    if not d:
-        return None
-    rec_path = os.path.join(d, "prefetch.json")
-    deadline = time.monotonic() + PREFETCH_WAIT_SECONDS
-    while not os.path.exists(rec_path):
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.02)
-    with open(rec_path) as f:
-        rec = json.load(f)
-    if not rec.get("found") or rec.get("step") != step or rec.get("part") != part:
-        return None
-    last_load["prefetch_seconds"] = rec.get("seconds")
-    path = os.path.join(d, rec["file"])
-    return path if os.path.exists(path) else None
+def _load_from_agent(step, map_location):
+    t0 = time.monotonic()
+    rank, world = _rank_world()
+    body = {"step": -1 if step is None else int(step), "part": -1, "world_size": world}
+    out, fd, _ = _ask(_ckpt_client.OPEN, body)
+    if not out.get("found"):
+        _record(resumed_step=-1)
+        return None, -1
+    m = out["manifest"]
+    try:
+        if m["parts"] is not None and len(m["parts"]) > 1 and m["world_size"] != world:
+            raise CheckpointError("the checkpoint of step %d holds %d shards of a world of %d; this job has %d ranks: "
+                                  "load it with the same world size, or save with shard=False"
+                                  % (m["step"], len(m["parts"]), m["world_size"], world))
+        if fd is None:
+            raise CheckpointError("the agent sent no file with the checkpoint of step %d" % m["step"])
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    t1 = time.monotonic()
+    state, how = _load_fd(fd, map_location)
+    last_load.update(step=int(m["step"]), part=out.get("part", 0), source=out.get("source", "store"),
+                     wait_seconds=t1 - t0, agent_seconds=out.get("wait_seconds"),
+                     prefetch_seconds=out.get("prefetch_seconds"), load_seconds=time.monotonic() - t1, load=how)
+    _record(resumed_step=int(m["step"]))
+    return state, int(m["step"])
+
+
+def _load_fd(fd, map_location):
+    """torch.load of the file behind fd (which it closes), mapped rather
+    than read where this torch allows: tensors share the mapping (private:
+    writing to them copies the page) until written."""
+    import torch
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        mm = None
+    if mm is None:
+        with open(fd, "rb") as f:
+            return torch.load(f, map_location=map_location), "read"
+    if "mmap" in inspect.signature(torch.load).parameters:
+        try:
+            return torch.load("/proc/self/fd/%d" % fd, mmap=True, map_location=map_location), "mmap"
+        except Exception:
+            pass
+        finally:
+            os.close(fd)
+        return torch.load(_MappedFile(mm), map_location=map_location), "read"
+    os.close(fd)
+    try:
+        return _load_mapped_zip(mm, map_location), "mmap"
+    except _NotMappable:
+        return torch.load(_MappedFile(mm), map_location=map_location), "read"
+
+
+class _NotMappable(Exception):
+    pass
+
+
+class _MappedFile(io.RawIOBase):
+    """A read-only, seekable file over a mapping (what zipfile and
+    torch.load read)."""
+
+    def __init__(self, mm):
+        super().__init__()
+        self._mm = mm
+        self._pos = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, off, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._mm)}[whence]
+        self._pos = max(0, base + off)
+        return self._pos
+
+    def readinto(self, b):
+        n = min(len(b), max(0, len(self._mm) - self._pos))
+        b[:n] = self._mm[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+def _load_mapped_zip(mm, map_location):
+    """torch.load of a zip-format checkpoint whose storages are views of the
+    mapping (torch.save stores them uncompressed, 64-byte aligned): what
+    torch >= 2.1 does with torch.load(mmap=True), for the torch versions
+    whose torch.serialization._load takes a reader of records (1.13, 2.0)."""
+    import torch
+    import torch.serialization as ser
+    if not hasattr(ser, "_load") or list(inspect.signature(ser._load).parameters)[:3] != ["zip_file", "map_location", "pickle_module"]:
+        raise _NotMappable()
+    try:
+        zf = zipfile.ZipFile(_MappedFile(mm))
+    except zipfile.BadZipFile as e:
+        raise _NotMappable() from e  # the legacy (non-zip) format
+    infos = zf.infolist()
+    if not infos:
+        raise _NotMappable()
+    prefix = infos[0].filename.split("/", 1)[0] + "/"
+    offsets = {}
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _NotMappable()
+        h = _LOCAL_HEADER.unpack_from(mm, info.header_offset)
+        if h[0] != b"PK\x03\x04":
+            raise _NotMappable()
+        offsets[info.filename] = (info.header_offset + _LOCAL_HEADER.size + h[9] + h[10], info.file_size)
+
+    class Records:
+        def get_record(self, name):
+            return zf.read(prefix + name)
+
+        def has_record(self, name):
+            return prefix + name in offsets
+
+        def get_storage_from_record(self, name, numel, _storage_type):
+            off, size = offsets[prefix + name]
+            if numel > size:
+                raise _NotMappable()
+            if numel == 0:
+                return torch.empty(0, dtype=torch.uint8)
+            return torch.frombuffer(mm, dtype=torch.uint8, count=numel, offset=off)
+
+    return ser._load(Records(), map_location, pickle, encoding="utf-8")

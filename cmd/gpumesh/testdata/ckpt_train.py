@@ -38,13 +38,20 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-ballast = torch.zeros(args.state_mib * 2**20 // 4) if args.state_mib else None
 state, last = ckpt.load()
+ballast = None
+if args.state_mib and state is None:
+    ballast = torch.zeros(args.state_mib * 2**20 // 4)
 if state is not None:
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
-    if ballast is not None:
+    if args.state_mib:
         ballast = state["ballast"]
+        # Write every byte of the loaded state once, as an optimizer step
+        # does to parameters: a mapped checkpoint pays its copy here.
+        t_touch = time.time()
+        ballast.add_(0.0)
+        print(f"rank {dist.get_rank()} touched the loaded state in {time.time() - t_touch:.3f} s", flush=True)
 print(f"rank {rank} world {world} resumed from {last} {json.dumps(ckpt.last_load, sort_keys=True)}", flush=True)
 print(f"rank {rank} times: started {T_START:.3f} initialized {T_INIT:.3f} loaded {time.time():.3f}", flush=True)
 ddp = DDP(model)
@@ -70,7 +77,7 @@ for step in range(last + 1, args.steps):
             st["ballast"] = ballast
         ckpt.save(st, step, shard=args.shard)
         print(f"rank {rank} saved {step}", flush=True)
-        print(f"rank {rank} save took {time.time() - t0:.3f} s, done at {time.time():.3f}", flush=True)
+        print(f"rank {rank} save took {time.time() - t0:.3f} s, done at {time.time():.3f} {json.dumps(ckpt.last_save, sort_keys=True)}", flush=True)
         if step == args.stop_at or ckpt.preempt_requested():
             print(f"rank {rank} stopped at {step}", flush=True)
             break
