@@ -128,6 +128,12 @@ func (c *Communicator) sameHostRing(ctx context.Context, buf Buffer) (SameHostRi
 	if c.sameHost == nil {
 		c.sameHost = make(map[Buffer]*sameHostEntry)
 	}
+	// drop the entries of rings their buffers closed (freed buffers)
+	for b, e := range c.sameHost {
+		if cl, ok := e.ring.(interface{ Closed() bool }); ok && cl.Closed() {
+			delete(c.sameHost, b)
+		}
+	}
 	c.sameHost[buf] = &sameHostEntry{ring: ring}
 	closed := c.closed.Load()
 	c.sameHostMu.Unlock()
@@ -221,7 +227,10 @@ func (c *Communicator) closeSameHost() {
 // ForgetBuffer drops what the communicator keeps for buf (its same-host
 // ring, closed here). Call it on every rank, as a collective, before
 // freeing a buffer that was all-reduced, unless the buffer's own Close
-// releases its rings; the next AllReduce of buf agrees again.
+// releases its rings (a ring with a Closed() bool method that reports true
+// is dropped at the next agreement); the next AllReduce of buf agrees
+// again. Without either, the communicator keeps a small entry per buffer
+// until it closes.
 func (c *Communicator) ForgetBuffer(buf Buffer) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()

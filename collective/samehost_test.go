@@ -14,19 +14,16 @@ import (
 // AllReduce meets every rank's ring in memory.
 type fakeHost struct {
 	mu       sync.Mutex
-	cond     *sync.Cond
+	done     chan struct{} // closed when the current all-reduce completes
 	rings    map[string]*fakeRing
 	cantJoin map[int]bool // ranks whose Join fails (another host, no IPC)
 	noRing   map[int]bool // ranks whose buffer cannot make a ring
 	arrived  []*fakeRing
-	gen      int
 	nextID   int
 }
 
 func newFakeHost() *fakeHost {
-	h := &fakeHost{rings: map[string]*fakeRing{}, cantJoin: map[int]bool{}, noRing: map[int]bool{}}
-	h.cond = sync.NewCond(&h.mu)
-	return h
+	return &fakeHost{rings: map[string]*fakeRing{}, cantJoin: map[int]bool{}, noRing: map[int]bool{}, done: make(chan struct{})}
 }
 
 // sameHostBuf is a host buffer that offers a fake same-host ring.
@@ -87,23 +84,27 @@ func (r *fakeRing) Join(offers [][]byte) error {
 }
 
 // AllReduce: the last rank to arrive reduces every rank's buffer and
-// copies the result to all.
-func (r *fakeRing) AllReduce(_ context.Context, op Op) error {
+// copies the result to all; the others wait for it or for ctx.
+func (r *fakeRing) AllReduce(ctx context.Context, op Op) error {
 	r.reduces.Add(1)
 	h := r.host
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if r.joined == nil {
+		h.mu.Unlock()
 		return errors.New("fake: AllReduce before Join")
 	}
 	h.arrived = append(h.arrived, r)
-	gen := h.gen
 	if len(h.arrived) < r.size {
-		for h.gen == gen {
-			h.cond.Wait()
+		done := h.done
+		h.mu.Unlock()
+		select {
+		case <-done:
+			return nil
+		case <-ctx.Done():
+			return context.Cause(ctx)
 		}
-		return nil
 	}
+	defer h.mu.Unlock()
 	acc := NewHostBuffer(r.buf.DType(), r.buf.Len())
 	copy(acc.Bytes(), h.arrived[0].buf.Bytes())
 	for _, p := range h.arrived[1:] {
@@ -120,10 +121,12 @@ func (r *fakeRing) AllReduce(_ context.Context, op Op) error {
 		copy(p.buf.Bytes(), acc.Bytes())
 	}
 	h.arrived = nil
-	h.gen++
-	h.cond.Broadcast()
+	close(h.done)
+	h.done = make(chan struct{})
 	return nil
 }
+
+func (r *fakeRing) Closed() bool { return r.closes.Load() > 0 }
 
 func (r *fakeRing) Close() error {
 	r.closes.Add(1)
@@ -213,10 +216,25 @@ func TestSameHostRingAgreedOncePerBuffer(t *testing.T) {
 	if bufs[1].made.Load() != 2 {
 		t.Fatalf("after ForgetBuffer: %d rings made, want 2", bufs[1].made.Load())
 	}
+	// A ring its buffer closed (a freed buffer) is dropped at the next
+	// agreement.
+	for _, b := range other {
+		b.rings[0].Close()
+	}
+	third := sameHostBufs(h, 3, 77)
+	sameAlgo(t, allReduceSameHost(t, g.Comms, third), AlgoNameSameHost)
+	for r, c := range g.Comms {
+		c.sameHostMu.Lock()
+		_, kept := c.sameHost[other[r]]
+		c.sameHostMu.Unlock()
+		if kept {
+			t.Fatalf("rank %d still keeps the closed ring of a freed buffer", r)
+		}
+	}
 	// Close closes every ring still agreed.
 	g.Close()
-	for r := range other {
-		if c := other[r].rings[0].closes.Load(); c != 1 {
+	for r := range third {
+		if c := third[r].rings[0].closes.Load(); c != 1 {
 			t.Fatalf("rank %d: ring closed %d times by Communicator.Close, want 1", r, c)
 		}
 	}

@@ -290,6 +290,13 @@ func (s *sameHostRing) AllReduce(ctx context.Context, op collective.Op) error {
 	return nil
 }
 
+// Closed reports whether Close ran (the Communicator then forgets the ring).
+func (s *sameHostRing) Closed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
 // Close releases the ring (safe to call twice; the buffer's Free calls it
 // for rings still open).
 func (s *sameHostRing) Close() error {

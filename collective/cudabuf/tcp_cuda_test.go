@@ -60,6 +60,12 @@ func TestSameHostSeparateProcesses(t *testing.T) {
 				runProcs(t, "TestSameHostSeparateProcesses", n, "tcp ", 120*time.Second)
 			})
 		}
+		// the last rank cannot take part (as in a container without the
+		// host's IPC): every rank must stay on the lanes, with the same results
+		t.Run(fmt.Sprintf("procs=%d/refused", n), func(t *testing.T) {
+			t.Setenv("GPUMESH_SAME_HOST_REFUSE", strconv.Itoa(n-1))
+			runProcs(t, "TestSameHostSeparateProcesses", n, "tcp ", 120*time.Second)
+		})
 	}
 }
 
@@ -94,6 +100,12 @@ func tcpChild(t *testing.T) {
 	// the lanes unless GPUMESH_SAME_HOST=1 (TestSameHostSeparateProcesses)
 	sameHost := os.Getenv("GPUMESH_SAME_HOST") == "1"
 	cfg.NoSameHost = !sameHost
+	if r, err := strconv.Atoi(os.Getenv("GPUMESH_SAME_HOST_REFUSE")); err == nil {
+		if r == rank {
+			be.opts.noSameHost = true // this rank's buffers refuse
+		}
+		sameHost = false // so every rank must end on the lanes
+	}
 	gen := uint64(1)
 	newComm := func() *collective.Communicator {
 		c, err := collective.New(srv.Transport(), collective.Group{Job: "cuda-tcp", Generation: gen, Rank: rank, Addrs: addrs}, cfg)
