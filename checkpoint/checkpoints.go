@@ -413,8 +413,8 @@ func (c *Checkpoints) GetPart(ctx context.Context, m Manifest, rank int, w io.Wr
 
 // Prune deletes all but the newest Keep complete checkpoints, and the
 // objects of uncommitted steps older than the newest complete checkpoint
-// (writes that died). Steps newer than it are left alone: they may be in
-// progress.
+// (writes that died), including a FileStore's temporary files of such
+// steps. Steps newer than it are left alone: they may be in progress.
 func (c *Checkpoints) Prune(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -455,6 +455,40 @@ func (c *Checkpoints) pruneLocked(ctx context.Context) error {
 			return err
 		}
 		c.cfg.Logger.Debug("checkpoint pruned", "step", step, "committed", committed[step])
+	}
+	return c.sweepTemps(newest)
+}
+
+// tempSweeper is a Store whose unfinished uploads outlive a writer that
+// dies (FileStore's temporary files; S3 makes nothing of an unfinished
+// upload visible).
+type tempSweeper interface {
+	temps(prefix string) ([]string, error)
+	removeTemp(key string) error
+}
+
+// sweepTemps removes the temporary files of steps older than the newest
+// complete checkpoint: writes that died (an agent killed while a rank's
+// part was being written into the store).
+func (c *Checkpoints) sweepTemps(newest int64) error {
+	ts, ok := c.store.(tempSweeper)
+	if !ok || newest < 0 {
+		return nil
+	}
+	keys, err := ts.temps(stepPrefix)
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		dir, _, _ := strings.Cut(k, "/")
+		step, err := strconv.ParseInt(strings.TrimPrefix(dir, stepPrefix), 10, 64)
+		if err != nil || StepDir(step) != dir+"/" || step >= newest {
+			continue
+		}
+		if err := ts.removeTemp(k); err != nil {
+			return err
+		}
+		c.cfg.Logger.Debug("checkpoint write that never finished removed", "step", step, "file", k)
 	}
 	return nil
 }

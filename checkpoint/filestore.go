@@ -222,3 +222,46 @@ func (s *FileStore) open(key string) (*os.File, error) {
 	}
 	return f, err
 }
+
+// temps implements tempSweeper: the keys (with their temporary suffix) of
+// uploads in progress, or left by a writer that died.
+func (s *FileStore) temps(prefix string) ([]string, error) {
+	var keys []string
+	err := filepath.WalkDir(s.dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() || !strings.HasSuffix(p, tmpSuffix) {
+			return nil
+		}
+		rel, err := filepath.Rel(s.dir, p)
+		if err != nil {
+			return err
+		}
+		if k := filepath.ToSlash(rel); strings.HasPrefix(k, prefix) {
+			keys = append(keys, k)
+		}
+		return nil
+	})
+	return keys, err
+}
+
+// removeTemp implements tempSweeper; a directory left empty goes too.
+func (s *FileStore) removeTemp(key string) error {
+	if !strings.HasSuffix(key, tmpSuffix) || strings.Contains(key, "..") || strings.HasPrefix(key, "/") {
+		return fmt.Errorf("%w: %q is not a temporary file", ErrInvalidConfig, key)
+	}
+	p := filepath.Join(s.dir, filepath.FromSlash(key))
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for d := filepath.Dir(p); d != s.dir && strings.HasPrefix(d, s.dir); d = filepath.Dir(d) {
+		if os.Remove(d) != nil {
+			break // not empty
+		}
+	}
+	return nil
+}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/gpumesh/gpumesh/checkpoint"
@@ -85,5 +87,46 @@ func TestPartFileWrittenInPlaceCommitsAndOpens(t *testing.T) {
 				t.Fatalf("OpenPart of a flipped bit: %v, want ErrCorrupt", err)
 			}
 		})
+	}
+}
+
+// A part that was being written straight into a FileStore when its writer
+// died (the agent killed mid-save) leaves a temporary file that no List
+// shows; the next commit's prune removes it once a newer checkpoint is
+// complete, and leaves one of a newer step (maybe in progress).
+func TestPruneRemovesTemporaryFilesOfDeadWrites(t *testing.T) {
+	dir := t.TempDir()
+	st, err := checkpoint.NewFileStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCheckpoints(t, st, 3)
+	dead, err := c.CreatePart(4, 0, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dead.File().Write([]byte("half a state")); err != nil {
+		t.Fatal(err)
+	}
+	dead.File().Close() // the writer died: neither Commit nor Abort
+	busy, err := c.CreatePart(9, 0, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Abort()
+	save(t, c, 5, map[int][]byte{0: payload(5, 10)}, 1)
+	var files []string
+	err = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			rel, _ := filepath.Rel(dir, p)
+			files = append(files, rel)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) != 3 || !strings.HasPrefix(files[2], "step-00000000000000000009/part-00000.") {
+		t.Fatalf("store holds %v, want step 5's manifest and part and step 9's temporary file", files)
 	}
 }

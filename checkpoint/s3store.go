@@ -1,8 +1,10 @@
 package checkpoint
 
 //lint:file-ignore SA1019 feature/s3/manager (multipart upload, ranged parallel download) is
-// deprecated in favour of feature/s3/transfermanager, which is still new; this file moves to it
-// in one change with the bench that compares against it.
+// deprecated in favour of feature/s3/transfermanager. Its v0.5.11 (checked 2026-12-07) is still
+// pre-1.0 and copies every upload part into a pooled buffer (no io.ReaderAt path), which a
+// checkpoint uploaded from its file would pay for; this file moves to it in one change with the
+// bench that compares against it.
 
 import (
 	"context"

@@ -86,7 +86,14 @@
 // Health* values); a health change is an FSM event too. UpdateService (the
 // UpdateJob command) gives a running service a new spec and sets its
 // spec_generation: replicas of older generations are then replaced the same
-// way, one slot at a time (a rolling update with max unavailable 0).
+// way, one slot at a time (a rolling update with max unavailable 0). A
+// service scaled by load (service.max_replicas) runs the replica count
+// stored in the job's world_size, which the scheduler moves between
+// min_replicas and max_replicas from the routers' load (serviceReplicas,
+// service_scale.go): reports that ReportLoad keeps in the leader's memory
+// (LoadTable), read through the LoadView interface. A new or replacement
+// replica avoids the nodes of its siblings when another node can take it
+// (sharding.Job.Avoid).
 //
 // # Testing
 //

@@ -25,8 +25,9 @@ const (
 	// a removal does not by itself push the load over the target again.
 	scaleInHeadroom = 0.8
 	// loadKeep bounds the history of a service's load that the leader keeps
-	// (the longest scale_in_cooldown a spec may give).
-	loadKeep = 24 * time.Hour
+	// (the longest scale_in_cooldown a spec may give: jobspec's
+	// MaxScaleInCooldown).
+	loadKeep = time.Hour
 )
 
 // LoadView is the load of services as the routers reported it: the
@@ -47,7 +48,7 @@ type LoadView interface {
 var _ LoadView = (*LoadTable)(nil)
 
 // LoadTable holds the routers' latest load reports and, per service job,
-// the peak of its summed load in every second, for LoadKeep. The leader's
+// the peak of its summed load in every second, for an hour. The leader's
 // Server owns one; ReportLoad fills it.
 type LoadTable struct {
 	mu    sync.Mutex
@@ -121,6 +122,12 @@ func (t *LoadTable) Report(nodeID string, inFlight map[string]float64, now time.
 		t.peaks[id] = ps[cut:]
 		if len(t.jobs[id]) == 0 {
 			delete(t.jobs, id)
+		}
+	}
+	// Forget services no router has named for loadKeep (stopped ones).
+	for id, ps := range t.peaks {
+		if len(ps) == 0 || ps[len(ps)-1].sec < sec-int64(loadKeep/time.Second) {
+			delete(t.peaks, id)
 		}
 	}
 }

@@ -155,4 +155,9 @@ func TestLoadTableSumsFreshReports(t *testing.T) {
 	if _, ok := lt.PeakInFlight("a", t0.Add(-time.Second), later); ok {
 		t.Fatalf("a window older than the table is said to be covered")
 	}
+	// A service no router names any more is forgotten after loadKeep.
+	lt.Report("r1", map[string]float64{"c": 1}, t0.Add(loadKeep+time.Minute))
+	if _, ok := lt.peaks["b"]; ok || len(lt.peaks) != 2 {
+		t.Fatalf("the history of b, unreported for over %s, is kept (%d services known, want a and c)", loadKeep, len(lt.peaks))
+	}
 }

@@ -50,6 +50,8 @@ type ckptTask struct {
 	// prefetched is closed once the prefetch ended; pre is set before.
 	prefetched chan struct{}
 	pre        prefetchResult
+	fmu        sync.Mutex // guards pre.f against close while it is duplicated
+	closed     bool
 }
 
 // prefetchResult is what a rank's prefetch got.
@@ -110,6 +112,9 @@ func (t *ckptTask) close() {
 	}
 	go func() {
 		<-t.prefetched
+		t.fmu.Lock()
+		defer t.fmu.Unlock()
+		t.closed = true
 		if t.pre.f != nil {
 			t.pre.f.Close()
 		}
@@ -235,12 +240,8 @@ func (s *ckptService) Open(ctx context.Context, r localapi.RankID, step int64, p
 			return localapi.OpenedPart{}, ctx.Err()
 		}
 		out.PrefetchSeconds = t.pre.rec.Seconds
-		if p := t.pre; p.f != nil && p.m.Step == m.Step && p.part == part {
-			fd, err := unix.Dup(int(p.f.Fd()))
-			if err != nil {
-				return localapi.OpenedPart{}, err
-			}
-			out.File, out.Prefetched = os.NewFile(uintptr(fd), p.f.Name()), true
+		if f := t.prefetchedFile(m.Step, part); f != nil {
+			out.File, out.Prefetched = f, true
 			out.WaitSeconds = time.Since(start).Seconds()
 			return out, nil
 		}
@@ -250,6 +251,22 @@ func (s *ckptService) Open(ctx context.Context, r localapi.RankID, step int64, p
 	}
 	out.WaitSeconds = time.Since(start).Seconds()
 	return out, nil
+}
+
+// prefetchedFile returns a duplicate of the prefetched copy of (step,
+// part), or nil; call it once the prefetch ended.
+func (t *ckptTask) prefetchedFile(step int64, part int) *os.File {
+	t.fmu.Lock()
+	defer t.fmu.Unlock()
+	p := t.pre
+	if t.closed || p.f == nil || p.m.Step != step || p.part != part {
+		return nil
+	}
+	fd, err := unix.Dup(int(p.f.Fd()))
+	if err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), p.f.Name())
 }
 
 // prefetch fetches the part of the newest checkpoint the rank will load

@@ -4,7 +4,9 @@
 // RPC port, and runs the allocations placed on this node through its drivers
 // (exec, allreduce, pipeline, service). Service replicas get ports
 // allocated here and are health-checked here; every agent routes
-// /svc/NAME/ on its HTTP port to a healthy replica (service_router.go). It
+// /svc/NAME/ on its HTTP port to a healthy replica (service_router.go) and
+// reports its requests in flight to the leader for services scaled by load
+// (service_load.go). It
 // does not talk to AWS: the caller hands it
 // what deploy learns (zone, instance type, lifecycle as Config fields; spot
 // notices and drains through the Agent's methods).

@@ -21,7 +21,7 @@ func (a *Agent) httpHandler() http.Handler {
 	outer := http.NewServeMux()
 	outer.Handle(svcPrefix, a.router)
 	outer.Handle("/", a.sec.httpAuth(mux))
-	return outer
+	return hostRouted(a.router, outer)
 }
 
 // handleHealth answers 200 when the agent is up and, for servers, knows a

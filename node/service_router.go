@@ -306,6 +306,43 @@ func idempotent(method string) bool {
 	return false
 }
 
+// serviceHost is the service a Host header names in the Host form of
+// routing: NAME.svc or NAME.svc.ANY.DOMAIN, with any port (a DNS wildcard
+// such as *.svc.example.internal pointing at the agents makes every
+// service reachable by name, for clients that cannot add a path prefix).
+func serviceHost(host string) (string, bool) {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	name, rest, ok := strings.Cut(host, ".svc")
+	if !ok || name == "" || (rest != "" && rest[0] != '.') {
+		return "", false
+	}
+	return name, true
+}
+
+// hostRouted sends requests whose Host names a service (serviceHost) to the
+// router, with their path unchanged for the replica, and the rest to next.
+func hostRouted(rt http.Handler, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		name, ok := serviceHost(req.Host)
+		if !ok {
+			next.ServeHTTP(w, req)
+			return
+		}
+		// The router reads the service from the path and its proxy strips
+		// /svc/NAME again before the replica sees it.
+		u := *req.URL
+		u.Path = svcPrefix + name + req.URL.Path
+		if req.URL.RawPath != "" {
+			u.RawPath = svcPrefix + name + req.URL.RawPath
+		}
+		out := req.WithContext(req.Context())
+		out.URL = &u
+		rt.ServeHTTP(w, out)
+	})
+}
+
 func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	name, _, _ := strings.Cut(strings.TrimPrefix(req.URL.Path, svcPrefix), "/")
 	s := rt.table.Load().services[name]

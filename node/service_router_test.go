@@ -308,3 +308,38 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 		})
 	}
 }
+
+// The Host form: NAME.svc[.domain][:port] reaches the service with the path
+// as the client sent it; other hosts reach the agent's own handlers.
+func TestRouterHostForm(t *testing.T) {
+	a := replica(t, "A")
+	rt := newRouter("n-router", "", hclog.NewNullLogger())
+	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthHealthy}))
+	agentAPI := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "agent "+r.URL.Path) })
+	front := httptest.NewServer(hostRouted(rt, agentAPI))
+	t.Cleanup(front.Close)
+	for host, want := range map[string]string{
+		"echo.svc":                     "A GET /v1/predict ",
+		"echo.svc:8080":                "A GET /v1/predict ",
+		"echo.svc.cluster.example:443": "A GET /v1/predict ",
+		"echo.svcx":                    "agent /v1/predict",
+		"svc.example":                  "agent /v1/predict",
+		"127.0.0.1":                    "agent /v1/predict",
+		"nosuch.svc":                   `no service named "nosuch"`,
+	} {
+		req, err := http.NewRequest(http.MethodGet, front.URL+"/v1/predict", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), want) {
+			t.Errorf("Host %s: got %d %q, want %q", host, resp.StatusCode, b, want)
+		}
+	}
+}

@@ -11,7 +11,9 @@
 // router -pprof 127.0.0.1:6060 serves net/http/pprof there (go tool pprof
 // http://127.0.0.1:6060/debug/pprof/profile?seconds=5).
 //
-// load prints requests/s and latency percentiles as one JSON line.
+// load prints requests/s and latency percentiles as one JSON line; with
+// -rate it sends that many requests/s whatever the answers' pace (an open
+// loop, vegeta), which measures the latency a router adds below saturation.
 package main
 
 import (
@@ -27,6 +29,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	vegeta "github.com/tsenart/vegeta/v12/lib"
 
 	"github.com/gpumesh/gpumesh/node"
 )
@@ -44,6 +48,7 @@ func main() {
 	clients := fs.Int("c", 16, "concurrent keep-alive clients (load)")
 	dur := fs.Duration("d", 10*time.Second, "how long to load, after a 2 s warm-up (load)")
 	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this address (router)")
+	rate := fs.Int("rate", 0, "requests/s in an open loop instead of -c closed-loop clients (load)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
 	switch os.Args[1] {
@@ -59,7 +64,11 @@ func main() {
 		}
 		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}))
 	case "load":
-		err = load(*url, *clients, *dur)
+		if *rate > 0 {
+			err = loadRate(*url, *rate, *dur)
+		} else {
+			err = load(*url, *clients, *dur)
+		}
 	default:
 		err = fmt.Errorf("unknown mode %q: use replica, router or load", os.Args[1])
 	}
@@ -128,5 +137,27 @@ func load(url string, clients int, dur time.Duration) error {
 		"url": url, "clients": clients, "requests": len(lat), "failed": failed.Load(),
 		"req_per_s": float64(len(lat)) / elapsed.Seconds(),
 		"p50_ms":    pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1),
+	})
+}
+
+// loadRate sends rate GETs/s to url for 2 s of warm-up, then for dur, and
+// prints the latencies of the measured part.
+func loadRate(url string, rate int, dur time.Duration) error {
+	target := vegeta.NewStaticTargeter(vegeta.Target{Method: http.MethodGet, URL: url})
+	attacker := vegeta.NewAttacker(vegeta.KeepAlive(true), vegeta.Timeout(5*time.Second))
+	const warmUp = 2 * time.Second
+	start := time.Now()
+	var m vegeta.Metrics
+	for res := range attacker.Attack(target, vegeta.Rate{Freq: rate, Per: time.Second}, warmUp+dur, "load") {
+		if res.Timestamp.Sub(start) >= warmUp {
+			m.Add(res)
+		}
+	}
+	m.Close()
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{
+		"url": url, "rate": rate, "requests": m.Requests, "success": m.Success,
+		"req_per_s": m.Throughput,
+		"p50_ms":    ms(m.Latencies.P50), "p90_ms": ms(m.Latencies.P90), "p99_ms": ms(m.Latencies.P99), "max_ms": ms(m.Latencies.Max),
 	})
 }

@@ -2,15 +2,19 @@
 same processes (the issue's benchmark model: Linear 4096x4096 x6, batch 2
 per rank, one thread per rank). Run as a gpumesh exec job: the default group
 is gpumesh, a second group of the same ranks is Gloo, and each model is a
-DDP over one of them. Steps alternate between the two (the order flips
-every step), so a shared machine's changing load falls on both alike. Rank
-0 prints one JSON line per backend: the median step time of the timed
-steps.
+DDP over one of them. A third entry, "none", is the gpumesh model's step
+under DDP's no_sync() (no communication at all): the same computation in
+the same processes, so step(backend) - step(none) is the communication a
+step exposes, measured under the same load. Steps alternate between the
+three (the order flips every step), so a shared machine's changing load
+falls on all alike. Rank 0 prints one JSON line per entry: the median step
+time of the timed steps.
 
     gpumesh job run (ranks: 1 or 2) ... ddp_ab.py --steps 8
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -35,17 +39,20 @@ for name, pg in groups.items():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(6)])
     ddp = nn.parallel.DistributedDataParallel(model, process_group=pg)
-    runs[name] = (pg, ddp, torch.optim.SGD(ddp.parameters(), lr=1e-4))
+    runs[name] = (pg, ddp, torch.optim.SGD(ddp.parameters(), lr=1e-4), contextlib.nullcontext)
+pg, ddp, opt, _ = runs["gpumesh"]
+runs["none"] = (pg, ddp, opt, ddp.no_sync)
 x = torch.randn(2, 4096)
 times = {name: [] for name in runs}
 order = list(runs)
 for i in range(args.warmup + args.steps):
     for name in order:
-        pg, ddp, opt = runs[name]
+        pg, ddp, opt, ctx = runs[name]
         dist.barrier(group=pg)
         t0 = time.perf_counter()
         opt.zero_grad()
-        ddp(x).square().mean().backward()
+        with ctx():
+            ddp(x).square().mean().backward()
         opt.step()
         dt = time.perf_counter() - t0
         if i >= args.warmup:

@@ -4,7 +4,10 @@
 #     thread per rank): step time with 2 ranks minus step time with 1 rank,
 #     for gpumesh and Gloo. bench/torch/ddp_ab.py runs both in the same
 #     processes (an exec job on a 2-agent `gpumesh dev` cluster, one rank per
-#     agent; Gloo as a second process group), alternating steps;
+#     agent; Gloo as a second process group), alternating steps, with a third
+#     entry that runs the same model under DDP's no_sync() (no communication):
+#     step minus that step is the exposed communication measured in the same
+#     processes under the same load;
 #  2. dist.all_reduce busbw through the gpumesh backend (zero copy, and
 #     staged with GPUMESH_ZERO_COPY=0) and Gloo, alternating in the same
 #     processes (bench/torch/allreduce_ab.py), then the built-in allreduce
@@ -13,10 +16,10 @@
 # median over rounds and each round's figure, with the load average.
 #
 # Usage: [ROUNDS=n] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]     (from the repository root)
-# Needs /usr/bin/python3 with PyTorch.
+# Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-bench}
-ROOT=$(pwd) PY=/usr/bin/python3
+ROOT=$(pwd) PY=${PY:-/usr/bin/python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
@@ -77,6 +80,16 @@ for b in ("gloo", "gpumesh"):
 ratios = [g / l for g, l in zip(exp["gpumesh"], exp["gloo"])]
 print(f"gpumesh exposes {med(exp['gpumesh']) / med(exp['gloo']):.2f} of Gloo's communication "
       f"(medians; per round {' '.join(f'{x:.2f}' for x in ratios)}; target <= 0.67)")
+# The same, measured inside the 2-rank runs: step minus the step of the same
+# model under no_sync() (no communication), interleaved in the same processes.
+none2 = step[("none", 2)]
+inner = {b: [y - x for x, y in zip(none2, step[(b, 2)])] for b in ("gloo", "gpumesh")}
+print(f"\n2 ranks, no communication (no_sync): {fmt(none2)}")
+for b in ("gloo", "gpumesh"):
+    print(f"{b:8s} exposed (step - no_sync step, same processes) {fmt(inner[b])}")
+ri = [g / l for g, l in zip(inner["gpumesh"], inner["gloo"])]
+print(f"gpumesh exposes {med(inner['gpumesh']) / med(inner['gloo']):.2f} of Gloo's communication by this measure "
+      f"(per round {' '.join(f'{x:.2f}' for x in ri)})")
 bw = {}
 for r in lines("ar.json"):
     bw.setdefault((r["backend"], r["size_mib"]), []).append(r["busbw_gbps"])

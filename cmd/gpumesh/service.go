@@ -93,7 +93,7 @@ func newServiceListCommand() *cobra.Command {
 						healthy++
 					}
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, r.Job.Status, healthy, r.Job.Spec.GetReplicas(), r.Job.Spec.GetName())
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, r.Job.Status, healthy, wantedReplicas(r.Job), r.Job.Spec.GetName())
 			}
 			return tw.Flush()
 		},
@@ -101,6 +101,24 @@ func newServiceListCommand() *cobra.Command {
 	addClientFlags(cmd, &f)
 	readOnly(cmd)
 	return cmd
+}
+
+// wantedReplicas is how many replicas the service should run now: for one
+// scaled by load, the count the leader last decided (its world size).
+func wantedReplicas(j *pb.Job) int32 {
+	if j.Spec.GetService().GetMaxReplicas() > 0 && j.WorldSize > 0 {
+		return j.WorldSize
+	}
+	return j.Spec.GetReplicas()
+}
+
+// scaleNote says how a service scaled by load scales, "" for another.
+func scaleNote(j *pb.Job) string {
+	v := j.Spec.GetService()
+	if v.GetMaxReplicas() == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (scaled by load: %d to %d, %g requests in flight per replica)", v.GetMinReplicas(), v.GetMaxReplicas(), v.GetTargetInFlight())
 }
 
 func jobsOf(rs []*pb.GetJobResponse) []*pb.Job {
@@ -134,7 +152,7 @@ func newServiceStatusCommand() *cobra.Command {
 				return printJSON(out, &pb.ListJobsResponse{Jobs: jobsOf(jobs)})
 			}
 			for _, r := range jobs {
-				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, r.Job.Spec.GetReplicas(), args[0])
+				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, wantedReplicas(r.Job), scaleNote(r.Job), args[0])
 				printServiceReplicas(out, r)
 			}
 			return nil

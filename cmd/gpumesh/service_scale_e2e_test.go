@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -107,6 +108,10 @@ service:
 	// per replica: max_replicas.
 	heavy := startLoad(t, "heavy", postTarget(url, `{"x": [1, 2, 3, 4], "delay_ms": 200}`), 50, nil)
 	want(90*time.Second, 3)
+	out, stderr, err := procs.CLI(ctx, t, router.RPCAddr(), "service", "status", "mlp")
+	if err != nil || !strings.Contains(out, "3 replicas wanted (scaled by load: 1 to 3, 2 requests in flight per replica)") {
+		t.Fatalf("service status at max_replicas: %v %s\n%s", err, stderr, out)
+	}
 	hm := heavy.verdict(t, 50)
 	scaledIn := time.Now()
 	want(90*time.Second, 1)

@@ -126,6 +126,10 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(400, {"error": "want {\"x\": [4 numbers]}: %s" % e})
 
 
+# The listen backlog: socketserver's default of 5 overflows when the
+# routers open connections in a burst and this process is slow to accept
+# them, and the kernel then resets some after they were written to.
+ThreadingHTTPServer.request_queue_size = 256
 server = ThreadingHTTPServer((HOST, PORT), Handler)
 server.daemon_threads = True
 signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())

@@ -41,6 +41,9 @@ const (
 	// DefaultScaleInCooldown is how long the load of a service scaled by
 	// load must stay low before a replica is removed.
 	DefaultScaleInCooldown = 5 * time.Minute
+	// MaxScaleInCooldown bounds scale_in_cooldown (the leader keeps that
+	// much of a service's load history).
+	MaxScaleInCooldown = time.Hour
 )
 
 // Health check types.
@@ -223,7 +226,7 @@ func validateScale(s *pb.JobSpec, add report) {
 	if t := v.TargetInFlight; !(t > 0 && t <= 1e6) {
 		add("service.target_in_flight", "must be > 0 and at most 1e6 requests in flight per replica, got %g", t)
 	}
-	if d := v.ScaleInCooldown.AsDuration(); d < 0 || d > 24*time.Hour {
-		add("service.scale_in_cooldown", "must be between 0s and 24h, got %s", d)
+	if d := v.ScaleInCooldown.AsDuration(); d < 0 || d > MaxScaleInCooldown {
+		add("service.scale_in_cooldown", "must be between 0s and %s, got %s", MaxScaleInCooldown, d)
 	}
 }

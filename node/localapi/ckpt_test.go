@@ -24,6 +24,7 @@ import (
 type storeCheckpointer struct {
 	c     *checkpoint.Checkpoints
 	spool string
+	own   bool // Open without a part gives the rank its own (a sharded checkpoint)
 }
 
 func (s *storeCheckpointer) CreatePart(_ context.Context, r RankID, step int64) (CheckpointPart, error) {
@@ -56,6 +57,9 @@ func (s *storeCheckpointer) Open(ctx context.Context, r RankID, step int64, part
 	}
 	if part < 0 {
 		part = 0
+		if s.own && len(m.Parts) > 1 {
+			part = r.Rank
+		}
 	}
 	f, err := s.c.OpenPart(ctx, m, part, s.spool)
 	return OpenedPart{Manifest: m, Part: part, File: f}, err

@@ -38,6 +38,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import threading
 
 PAGE = mmap.PAGESIZE
 SWEEP_EVERY = 64
@@ -120,11 +121,12 @@ class _Adopted:
 
 class ZeroCopy:
     """The storages of one connection that live in agent-mapped segments.
-    Called under the process group's issue path (one thread at a time per
-    group)."""
+    Safe to call from several threads (DDP's autograd thread and the
+    script's own)."""
 
     def __init__(self, conn, min_bytes=256 << 10, max_regions=256, shm_dir="/dev/shm"):
         self._conn = conn
+        self._lock = threading.RLock()
         self.min_bytes = min_bytes
         self.max_regions = max_regions
         self._shm_dir = shm_dir
@@ -141,6 +143,10 @@ class ZeroCopy:
         """(region id, byte offset) of contiguous CPU tensor t when its
         storage lives in a segment (moving it there when it qualifies), else
         None."""
+        with self._lock:
+            return self._ref(t)
+
+    def _ref(self, t):
         self._ops += 1
         if self._ops % SWEEP_EVERY == 0:
             self.sweep()
@@ -193,7 +199,14 @@ class ZeroCopy:
             while off < size:
                 off += os.pwrite(mfd, src[off:], off)
             del src
-            rid = self._conn.register(mfd, length)
+            try:
+                rid = self._conn.register(mfd, length)
+            except RuntimeError as e:
+                # Refused (the agent's limit on regions, ...): this and later
+                # tensors are staged; a broken connection fails the
+                # operation itself.
+                self.disabled = f"the agent refused a segment: {e}"
+                return None
             got = _libc.mmap(base, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, mfd, 0)
             if got != base:
                 err = ctypes.get_errno()
@@ -213,14 +226,16 @@ class ZeroCopy:
 
     def sweep(self):
         """Unregisters the regions of storages that died."""
-        for base, e in list(self._by_base.items()):
-            if _ident(e.fd) != e.ident:
-                self._drop(base)
+        with self._lock:
+            for base, e in list(self._by_base.items()):
+                if _ident(e.fd) != e.ident:
+                    self._drop(base)
 
     def _drop(self, base):
         e = self._by_base.pop(base)
         self._conn.unregister(e.rid)
 
     def close(self):
-        self._by_base.clear()
-        self._seen.clear()
+        with self._lock:
+            self._by_base.clear()
+            self._seen.clear()

@@ -51,6 +51,7 @@ import shutil
 import struct
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -125,8 +126,10 @@ def _agent():
         if "conn" not in _agent_conn:
             try:
                 _agent_conn["conn"] = _ckpt_client.from_env()
-            except _client.AgentError:
-                _agent_conn["conn"] = None  # e.g. an agent without the local API: use the binary
+            except _client.AgentError as e:
+                # e.g. an agent without the local API: the binary does the work.
+                print("gpumesh.checkpoint: %s; using the gpumesh binary instead" % e, file=sys.stderr, flush=True)
+                _agent_conn["conn"] = None
         return _agent_conn["conn"]
 
 
