@@ -10,6 +10,12 @@ registers it).
 A seeded MLP learns a fixed random linear map; every rank takes its own
 shard of each step's global batch. With --out, rank r writes its per-step
 losses and final parameters to OUT/rank<r>.json.
+
+When the job has a checkpoint block (job.yaml's is commented out), it is
+spot-proof: it resumes from the newest checkpoint, saves every `every`
+steps, and on a spot notice or drain saves at the next step boundary and
+exits, so the next generation loses no step. Each step's data is a function
+of the step, so a resumed run sees what an uninterrupted one would.
 """
 
 import argparse
@@ -34,6 +40,10 @@ args = p.parse_args()
 if args.backend == "gpumesh":
     import gpumesh.torch  # noqa: F401  registers the backend
 
+ckpt = None
+if os.environ.get("GPUMESH_CHECKPOINT_URI"):  # the job has a checkpoint block
+    from gpumesh import checkpoint as ckpt
+
 torch.set_num_threads(1)
 dist.init_process_group(args.backend)
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -48,8 +58,17 @@ g = torch.Generator().manual_seed(1234)
 target = torch.randn(16, 4, generator=g)
 data = torch.randn(args.steps * world * args.batch, 16, generator=g)
 
+start = 0
+if ckpt is not None:
+    state, last = ckpt.load()  # the newest complete checkpoint, or (None, -1)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        print(f"rank {rank} resumed after step {last}", flush=True)
+    start = last + 1
+
 losses = []
-for step in range(args.steps):
+for step in range(start, args.steps):
     lo = (step * world + rank) * args.batch
     x = data[lo:lo + args.batch]
     y = x @ target
@@ -61,6 +80,11 @@ for step in range(args.steps):
     print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
     if args.step_sleep:
         time.sleep(args.step_sleep)
+    if ckpt is not None and ckpt.should_save(step):  # every `every` steps, or when preempted
+        ckpt.save({"model": model.state_dict(), "opt": opt.state_dict()}, step)
+        if ckpt.preempt_requested():
+            print(f"rank {rank} saved step {step} and stops: preempted", flush=True)
+            break
 
 if args.out:
     params = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).tolist()
