@@ -227,7 +227,10 @@ func TestPartitionDropsInFlight(t *testing.T) {
 }
 
 func TestOverflowUnroutableMalformed(t *testing.T) {
-	n := newNet(t, LinkConfig{Delay: time.Second, QueueLen: 5}, "a", "b")
+	// A delay far beyond the test: no queued packet is delivered (and frees
+	// its slot) while the eight are sent, however slowly a loaded machine
+	// sends them (with 1 s, a stall let one through: 2 overflows).
+	n := newNet(t, LinkConfig{Delay: time.Hour, QueueLen: 5}, "a", "b")
 	for i := uint32(0); i < 8; i++ {
 		n.send(t, "a", "b", i)
 	}
