@@ -222,7 +222,7 @@ func (r *runner) taskUser(asked, job string) (*driver.TaskUser, error) {
 		return nil, nil
 	}
 	if name == DynamicTaskUser {
-		return r.uids().user(job)
+		return r.uids.user(job)
 	}
 	u, err := driver.LookupUser(name)
 	if err != nil {

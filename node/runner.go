@@ -81,20 +81,7 @@ type runner struct {
 	drivers map[string]driverFunc
 	exec    execState // drivers.go
 
-	uidsOnce sync.Once
-	uidPool  *uidPool // taskuids.go, through uids()
-}
-
-// uids is the pool of dynamic task users (--task-user=dynamic).
-func (r *runner) uids() *uidPool {
-	r.uidsOnce.Do(func() {
-		rg := r.a.cfg.TaskUIDs
-		if rg == (UIDRange{}) {
-			rg = DefaultTaskUIDs
-		}
-		r.uidPool = newUIDPool(mustAbs(r.a.cfg.DataDir), rg)
-	})
-	return r.uidPool
+	uids *uidPool // dynamic task users (--task-user=dynamic), taskuids.go
 }
 
 type runningTask struct {
@@ -117,6 +104,11 @@ func newRunner(a *Agent) *runner {
 		placed:   map[string]driver.TaskID{},
 		drivers:  map[string]driverFunc{},
 	}
+	rg := a.cfg.TaskUIDs
+	if rg == (UIDRange{}) {
+		rg = DefaultTaskUIDs
+	}
+	r.uids = newUIDPool(mustAbs(a.cfg.DataDir), rg) // reads the disk on first use
 	r.ctx, r.cancel = context.WithCancel(a.ctx)
 	r.startedAt = time.Now()
 	registerDrivers(r)
