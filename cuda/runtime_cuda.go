@@ -244,6 +244,7 @@ type Mem struct {
 	ptr   DevPtr
 	bytes int64
 	ipc   bool // opened from an IPC handle: closed, not freed
+	view  bool // part of another Mem (View): not released here
 
 	once sync.Once
 }
@@ -278,6 +279,9 @@ func (m *Mem) Device() *Device { return m.dev }
 func (m *Mem) Free() error {
 	var err error
 	m.once.Do(func() {
+		if m.view {
+			return
+		}
 		err = m.dev.Do(func() error {
 			if m.ipc {
 				return ipcCloseMemHandle(m.ptr)

@@ -683,15 +683,23 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 		return nil, fmt.Errorf("%w: %d elements", collective.ErrBadArgument, n)
 	}
 	ds := b.devs[dev]
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, reads: map[readKey][]*stageSlot{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
-	buf.wrSeq.Store(1) // work enqueued on wr directly (tests) before any read
 	bytes := int64(n) * int64(dt.Size())
 	if bytes == 0 {
 		bytes = 16
 	}
-	if buf.mem, err = ds.dev.Alloc(bytes); err != nil {
+	mem, err := ds.dev.Alloc(bytes)
+	if err != nil {
 		return nil, err
 	}
+	return b.newBuffer(ds, dt, cdt, n, mem)
+}
+
+// newBuffer makes a Buffer over mem (which its Free frees, unless mem is a
+// view): its streams and events.
+func (b *Backend) newBuffer(ds *devState, dt collective.DType, cdt cuda.DType, n int, mem *cuda.Mem) (*Buffer, error) {
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, mem: mem, reads: map[readKey][]*stageSlot{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
+	buf.wrSeq.Store(1) // work enqueued on wr directly (tests) before any read
+	var err error
 	if buf.rd, err = ds.dev.NewStream(); err != nil {
 		buf.Free()
 		return nil, err

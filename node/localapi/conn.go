@@ -29,8 +29,10 @@ type conn struct {
 
 	wmu sync.Mutex // one reply at a time
 
-	rmu     sync.Mutex
-	regions map[uint64]*region
+	rmu       sync.Mutex
+	regions   map[uint64]*region
+	events    map[[16]byte]deviceEvent // CUDA stream-order events by GPU (cuda.go)
+	oldEvents []deviceEvent            // every event registered, closed at the end
 
 	queues  map[queueKey]chan *work
 	workers sync.WaitGroup
@@ -41,8 +43,24 @@ type conn struct {
 
 type region struct {
 	mem  []byte
-	refs int  // operations using it, plus one while registered
-	dead bool // unregistered or connection ended
+	dev  deviceMem // device memory by CUDA IPC handle instead of mem (cuda.go)
+	refs int       // operations using it, plus one while registered
+	dead bool      // unregistered or connection ended
+}
+
+// unmap releases the region's memory (its last reference went).
+func (cn *conn) unmap(r *region) {
+	if r.dev != nil {
+		if err := r.dev.Close(); err != nil {
+			cn.s.log.Warn("closing a CUDA IPC mapping", "error", err)
+		}
+		r.dev = nil
+		cn.s.cudaMaps.Add(-1)
+	} else {
+		unmapRegion(r.mem)
+		r.mem = nil
+	}
+	cn.s.regCount.Add(-1)
 }
 
 type queueKey struct {
@@ -53,8 +71,11 @@ type queueKey struct {
 // work is one accepted operation.
 type work struct {
 	op      Op
-	a, b    *collective.HostBuffer
+	a, b    collective.Buffer
 	regs    []*region
+	dev     bool        // a and b are device memory (cuda.go)
+	ev      deviceEvent // wait for it before running (a CUDA op)
+	rels    []func()    // release the device buffers
 	started time.Time
 	bytes   uint64
 }
@@ -114,6 +135,7 @@ func (cn *conn) serve() {
 			cn.dropLocked(r)
 		}
 		cn.rmu.Unlock()
+		cn.closeEvents()
 		cn.s.ended_(cn, key)
 	}()
 	buf := make([]byte, MaxMessage)
@@ -272,6 +294,8 @@ func (cn *conn) handle(pkt []byte, fds []int) error {
 		return fmt.Errorf("%w: a second hello", ErrProtocol)
 	case req.Register != nil:
 		return cn.register(req.Register, fds)
+	case req.RegisterCUDA != nil:
+		return cn.registerCUDA(req.RegisterCUDA)
 	case req.Bye:
 		cn.bye = true
 		return nil
@@ -331,9 +355,7 @@ func (cn *conn) dropLocked(r *region) {
 	r.refs--
 	r.dead = true
 	if r.refs == 0 {
-		unmapRegion(r.mem)
-		r.mem = nil
-		cn.s.regCount.Add(-1)
+		cn.unmap(r)
 	}
 }
 
@@ -342,13 +364,15 @@ func (cn *conn) releaseRegion(r *region) {
 	defer cn.rmu.Unlock()
 	r.refs--
 	if r.refs == 0 {
-		unmapRegion(r.mem)
-		r.mem = nil
-		cn.s.regCount.Add(-1)
+		cn.unmap(r)
 	}
 }
 
 func (cn *conn) release(w *work) {
+	for _, f := range w.rels {
+		f()
+	}
+	w.rels = nil
 	for _, r := range w.regs {
 		cn.releaseRegion(r)
 	}
@@ -357,7 +381,8 @@ func (cn *conn) release(w *work) {
 }
 
 // buffer resolves ref to a buffer over its region, taking a reference.
-func (cn *conn) buffer(w *work, ref BufRef, dt collective.DType) (*collective.HostBuffer, error) {
+// Both buffers of an operation must be of one kind (host or device).
+func (cn *conn) buffer(w *work, ref BufRef, dt collective.DType) (collective.Buffer, error) {
 	es := uint64(dt.Size())
 	cn.rmu.Lock()
 	r := cn.regions[ref.Region]
@@ -366,14 +391,35 @@ func (cn *conn) buffer(w *work, ref BufRef, dt collective.DType) (*collective.Ho
 		return nil, fmt.Errorf("%w: region %d is not registered", ErrBadRegion, ref.Region)
 	}
 	size := uint64(len(r.mem))
+	if r.dev != nil {
+		size = r.dev.Size()
+	}
 	if ref.Count > size/es || ref.Offset > size || ref.Offset+ref.Count*es > size || ref.Offset%es != 0 {
 		cn.rmu.Unlock()
 		return nil, fmt.Errorf("%w: %d elements of %v at byte %d do not fit region %d of %d bytes (or are not aligned)", ErrBadRegion, ref.Count, dt, ref.Offset, ref.Region, size)
 	}
+	if len(w.regs) > 0 && w.dev != (r.dev != nil) {
+		cn.rmu.Unlock()
+		return nil, fmt.Errorf("%w: an operation's buffers must all be host memory or all device memory", ErrBadRegion)
+	}
 	r.refs++
+	w.regs = append(w.regs, r)
+	if r.dev != nil {
+		w.dev = true
+		if w.ev == nil {
+			w.ev = cn.events[r.dev.Device()]
+		}
+		dev := r.dev
+		cn.rmu.Unlock()
+		buf, rel, err := dev.Buffer(ref.Offset, ref.Count, dt)
+		if err != nil {
+			return nil, err
+		}
+		w.rels = append(w.rels, rel)
+		return buf, nil
+	}
 	mem := r.mem[ref.Offset : ref.Offset+ref.Count*es : ref.Offset+ref.Count*es]
 	cn.rmu.Unlock()
-	w.regs = append(w.regs, r)
 	return collective.WrapHostBytes(dt, mem)
 }
 
@@ -476,12 +522,20 @@ func (cn *conn) run(w *work) {
 	if err != nil {
 		r.Status, r.Message = errorStatus(err), err.Error()
 	}
+
 	if cn.ctx.Err() == nil {
 		_ = cn.reply(r)
 	}
 }
 
 func (cn *conn) exec(w *work) error {
+	if w.dev {
+		return cn.execDevice(w)
+	}
+	return cn.execOp(w)
+}
+
+func (cn *conn) execOp(w *work) error {
 	ctx, c, op := cn.ctx, cn.comm, &w.op
 	red := collective.Op(op.Reduce)
 	switch op.Kind {
@@ -509,10 +563,7 @@ func (cn *conn) exec(w *work) error {
 		if err := c.ReduceScatter(ctx, nil, w.b, red); err != nil {
 			return err
 		}
-		es := w.a.DType().Size()
-		off := c.Rank() * w.a.Len() * es
-		copy(w.a.Bytes(), w.b.Bytes()[off:off+w.a.Len()*es])
-		return nil
+		return copyBlock(w.a, w.b, c.Rank()*w.a.Len())
 	case OpSend:
 		return c.SendTagged(ctx, w.a, int(op.Peer), op.Tag)
 	case OpRecv:

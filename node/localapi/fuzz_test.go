@@ -13,6 +13,9 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add(EncodeRegister(Register{ID: 7, Size: 4096}))
 	f.Add(EncodeUnregister(7))
 	f.Add(EncodeOp(&Op{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 9, A: BufRef{Region: 7, Count: 1024}}))
+	f.Add(EncodeRegisterCUDA(&RegisterCUDA{What: CUDAMemory, ID: 3, Size: 1 << 20}))
+	f.Add(EncodeRegisterCUDA(&RegisterCUDA{What: CUDAEvent, ID: 4}))
+	f.Add(EncodeBye())
 	f.Add([]byte{MsgHello})
 	f.Add([]byte{})
 	f.Add([]byte{0xff, 0, 0})
@@ -31,6 +34,10 @@ func FuzzDecodeRequest(f *testing.F) {
 			enc = EncodeUnregister(*req.Unregister)
 		case req.Op != nil:
 			enc = EncodeOp(req.Op)
+		case req.RegisterCUDA != nil:
+			enc = EncodeRegisterCUDA(req.RegisterCUDA)
+		case req.Bye:
+			enc = EncodeBye()
 		default:
 			t.Fatalf("decoded %x to an empty request", b)
 		}
@@ -47,8 +54,12 @@ func clearPad(b []byte) []byte {
 	switch b[0] {
 	case MsgHello:
 		b[2], b[3], b[34], b[35] = 0, 0, 0, 0
-	case MsgRegister, MsgUnregister:
+	case MsgRegister, MsgUnregister, MsgBye:
 		for i := 1; i < 8; i++ {
+			b[i] = 0
+		}
+	case MsgRegisterCUDA:
+		for i := 2; i < 8; i++ {
 			b[i] = 0
 		}
 	}

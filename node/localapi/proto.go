@@ -28,6 +28,8 @@ import (
 //	BYE (5)        u8 type, 7×0: the client is about to close the connection
 //	               on purpose (destroying its group); without it, a closed
 //	               connection means the rank's process died
+//	REGISTER_CUDA (6) device memory or an event by CUDA IPC handle
+//	               (proto_cuda.go)
 //
 // Agent to client:
 //
@@ -178,6 +180,8 @@ type Request struct {
 	Unregister *uint64
 	Op         *Op
 	Bye        bool
+	// RegisterCUDA: device memory or an event (proto_cuda.go).
+	RegisterCUDA *RegisterCUDA
 }
 
 // DecodeRequest decodes one client packet. It never panics and never
@@ -247,6 +251,8 @@ func DecodeRequest(b []byte) (Request, error) {
 			return Request{}, fmt.Errorf("%w: bye of %d bytes, want %d", ErrProtocol, len(b), byeLen)
 		}
 		return Request{Bye: true}, nil
+	case MsgRegisterCUDA:
+		return decodeRegisterCUDA(b)
 	}
 	return Request{}, fmt.Errorf("%w: unknown message type %d", ErrProtocol, b[0])
 }

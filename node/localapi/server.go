@@ -111,6 +111,14 @@ type Server struct {
 	wg       sync.WaitGroup
 	goCount  atomic.Int64 // goroutines of connections, for leak checks
 	regCount atomic.Int64 // regions mapped now
+	cudaMaps atomic.Int64 // of which CUDA IPC mappings (cuda.go)
+	// CUDA IPC memory handles opened and operations on device memory,
+	// since the start (cuda.go).
+	cudaOpened, cudaOps atomic.Int64
+
+	cudaOnce sync.Once
+	cuda     cudaOpener
+	cudaErr  error
 }
 
 type groupKey struct {
@@ -200,9 +208,11 @@ func (s *Server) Close() error {
 }
 
 // Live is what a server holds now, for leak checks: connections,
-// goroutines serving them, and mapped shared-memory regions.
+// goroutines serving them, and mapped regions (shared memory and CUDA IPC
+// mappings; CUDAMappings counts the latter alone).
 type Live struct {
 	Conns, Goroutines, Regions int
+	CUDAMappings               int
 }
 
 // Live returns what the server holds now.
@@ -210,7 +220,7 @@ func (s *Server) Live() Live {
 	s.mu.Lock()
 	n := len(s.conns)
 	s.mu.Unlock()
-	return Live{Conns: n, Goroutines: int(s.goCount.Load()), Regions: int(s.regCount.Load())}
+	return Live{Conns: n, Goroutines: int(s.goCount.Load()), Regions: int(s.regCount.Load()), CUDAMappings: int(s.cudaMaps.Load())}
 }
 
 // RankStats are one connection's (one rank of one process group)

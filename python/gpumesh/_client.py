@@ -18,12 +18,15 @@ import time
 VERSION = 1
 
 MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP, MSG_BYE = 1, 2, 3, 4, 5
+MSG_REGISTER_CUDA = 6
+CUDA_MEMORY, CUDA_EVENT = 1, 2
 MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_FAILED, MSG_ERROR = 0x81, 0x82, 0x84, 0x85, 0x8F
 
 OP_ALLREDUCE, OP_BROADCAST, OP_ALLGATHER, OP_REDUCESCATTER = 1, 2, 3, 4
 OP_SEND, OP_RECV, OP_BARRIER = 5, 6, 7
 
 STATUS_OK, STATUS_FAILED, STATUS_MISMATCH, STATUS_BAD_REQUEST, STATUS_DENIED = 0, 1, 2, 3, 4
+STATUS_UNSUPPORTED = 5
 
 ENV_SOCKET = "GPUMESH_LOCAL_SOCKET"
 ENV_SECRET = "GPUMESH_LOCAL_SECRET"
@@ -34,6 +37,7 @@ _UNREGISTER = struct.Struct("<B7xQ")
 _BYE = struct.Struct("<B7x")
 _OP = struct.Struct("<BBBBiQQQQQQQQ")
 _REPLY = struct.Struct("<BBH4xQ")
+_REGISTER_CUDA = struct.Struct("<BB6xQQ16s64s")
 
 MAX_MESSAGE = 64 << 10
 
@@ -183,6 +187,41 @@ class Connection:
         if status != STATUS_OK:
             raise AgentError(f"gpumesh: the agent refused shared memory: {msg}")
         return rid
+
+    def register_cuda(self, what, size, device_uuid, handle):
+        """Hands a CUDA IPC memory handle (what CUDA_MEMORY: a whole
+        allocation of size bytes) or event handle (CUDA_EVENT) on the GPU
+        device_uuid (16 bytes) to the agent. Returns (id, None), or (None,
+        reason) where the agent cannot take it (STATUS_UNSUPPORTED: an agent
+        without CUDA; the caller stages through host memory); raises on a
+        lost connection."""
+        ev = threading.Event()
+        box = {}
+
+        def done(status, msg):
+            box["r"] = (status, msg)
+            ev.set()
+
+        with self._lock:
+            self._check()
+            rid = self._next_id
+            self._next_id += 1
+            self._registering[rid] = done
+            try:
+                self._sock.send(_REGISTER_CUDA.pack(MSG_REGISTER_CUDA, what, rid, size, bytes(device_uuid), bytes(handle)))
+            except OSError as e:
+                self._registering.pop(rid, None)
+                raise AgentError(f"gpumesh: registering CUDA memory with the agent: {e}") from e
+        if not ev.wait(self.timeout):
+            with self._lock:
+                self._registering.pop(rid, None)
+            raise AgentError("gpumesh: the agent did not answer a CUDA registration in time")
+        status, msg = box["r"]
+        if status == STATUS_FAILED:
+            raise AgentError(f"gpumesh: {msg}")
+        if status != STATUS_OK:
+            return None, msg
+        return rid, None
 
     def unregister(self, rid):
         """Tells the agent to drop region rid (it unmaps it once no operation

@@ -49,7 +49,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from gpumesh import _client, _zerocopy
+from gpumesh import _client, _cudaipc, _zerocopy
 
 BACKEND = "gpumesh"
 
@@ -260,6 +260,10 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         # Host tensors used again and again (DDP's buckets) move into
         # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
         self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
+        # CUDA tensors by CUDA IPC handle (_cudaipc); GPUMESH_CUDA_IPC=0 stages them.
+        self._ipc = _cudaipc.CudaIPC(self._conn, torch=torch)
+        if env.get("GPUMESH_CUDA_IPC", "1") == "0":
+            self._ipc._off = "GPUMESH_CUDA_IPC=0"
         weakref.finalize(self, self._conn.close)
 
     # ---- plumbing ----
@@ -311,11 +315,16 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         copy_inputs: indices of inputs the agent would overwrite but the
         caller must keep (always staged)."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
+        # Outputs that are also inputs (in place) share the input's place.
+        extra = [o for o in outputs if not any(o is i for i in inputs)]
+        if any(t.is_cuda for t in inputs + extra):
+            work = self._issue_cuda(kind, what, code, inputs, extra, a_idx, b_idx, reduce_op, peer, tag, result,
+                                    post, copy_inputs)
+            if work is not None:
+                return work
         work = Work(result, what, self._timeout + 10.0, self._keep)
         self._keep.add(work)
         conn = self._conn
-        # Outputs that are also inputs (in place) share the input's place.
-        extra = [o for o in outputs if not any(o is i for i in inputs)]
         seg, st = self._stage(inputs + extra, len(inputs), lambda i: i not in copy_inputs)
         outs = [s for s in (next(s for s in st if s.tensor is o) for o in outputs) if s.view is not None]
 
@@ -347,6 +356,42 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                 conn.release(seg)
             raise
         return work
+
+    def _issue_cuda(self, kind, what, code, inputs, extra, a_idx, b_idx, reduce_op, peer, tag, result, post,
+                    copy_inputs):
+        """_issue for CUDA tensors of one GPU: the agent works in their
+        memory through CUDA IPC (_cudaipc). None: stage them instead."""
+        tensors = inputs + extra
+        dev = tensors[0].device
+        if any(t.device != dev or t.numel() == 0 or t.dtype == torch.bool for t in tensors):
+            return None
+        # Inputs the agent would overwrite but the caller keeps: a device copy.
+        tensors = [t.clone() if i in copy_inputs else t for i, t in enumerate(tensors)]
+        refs = self._ipc.refs(tensors)
+        if refs is None:
+            return None
+        work = Work(result, what, self._timeout + 10.0, self._keep)
+        self._keep.add(work)
+
+        def ref(i):
+            return None if i is None else (refs[i][0], refs[i][1], tensors[i].numel())
+
+        def on_done(err, keep=tensors):
+            try:
+                if err is None and post is not None:
+                    post()
+            except Exception as e:
+                err = f"finishing the result: {e}"
+            work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
+
+        self._conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
+        return work
+
+    def cuda_stats(self):
+        """Counts of the CUDA IPC path (hits: operations on an allocation
+        already registered; registered: handles sent; staged: operations
+        staged through host memory instead; off: why the path is off)."""
+        return dict(self._ipc.stats, off=self._ipc.off)
 
     # ---- collectives ----
 
@@ -390,12 +435,14 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
                 raise RuntimeError(
                     f"gpumesh: all_gather output tensors must match the input ({inp.dtype}[{inp.numel()}]), "
                     f"got {o.dtype}[{o.numel()}]")
-        flat = torch.empty(inp.numel() * self._size, dtype=inp.dtype)
+        flat = torch.empty(inp.numel() * self._size, dtype=inp.dtype, device=inp.device)
         k = inp.numel()
 
         def scatter():
             for i, o in enumerate(outs):
                 o.copy_(flat[i * k:(i + 1) * k].view_as(o))
+            if flat.is_cuda:
+                torch.cuda.current_stream(flat.device).synchronize()
         return self._issue(_client.OP_ALLGATHER, "all_gather", inp, [inp], [flat], 1, 0, result=output_tensors,
                            post=scatter)
 
