@@ -22,6 +22,21 @@ const maxCachedBuffers = 32
 // backend of the "cuda" collective device, shared with built-in jobs).
 type cudaIPC struct {
 	be *cudabuf.Backend
+
+	mu   sync.Mutex
+	open map[ipcKey]*openAlloc // every opened allocation, shared by the connections
+}
+
+// ipcKey names an allocation: a context may open a handle once (two
+// process groups of one rank register the same allocation twice).
+type ipcKey struct {
+	dev    int
+	handle cuda.IPCHandle
+}
+
+type openAlloc struct {
+	mem  *cuda.Mem
+	refs int
 }
 
 func openCUDA() (cudaOpener, error) {
@@ -40,7 +55,7 @@ func openCUDA() (cudaOpener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrNoCUDA, err)
 	}
-	return &cudaIPC{be: be}, nil
+	return &cudaIPC{be: be, open: map[ipcKey]*openAlloc{}}, nil
 }
 
 func (c *cudaIPC) device(u [16]byte) (int, error) {
@@ -60,11 +75,38 @@ func (c *cudaIPC) OpenMemory(r *RegisterCUDA) (deviceMem, error) {
 	if r.Size > 1<<62 {
 		return nil, fmt.Errorf("%w: size %d", ErrBadRegion, r.Size)
 	}
-	mem, err := c.be.Device(i).OpenIPCAllocation(cuda.IPCHandle(r.Handle), int64(r.Size))
-	if err != nil {
-		return nil, fmt.Errorf("%w: the CUDA IPC handle does not open as an allocation of %d bytes on %s: %v", ErrBadRegion, r.Size, FormatGPUUUID(r.Device), err)
+	k := ipcKey{dev: i, handle: cuda.IPCHandle(r.Handle)}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a := c.open[k]
+	if a == nil {
+		mem, err := c.be.Device(i).OpenIPCAllocation(k.handle, int64(r.Size))
+		if err != nil {
+			return nil, fmt.Errorf("%w: the CUDA IPC handle does not open as an allocation of %d bytes on %s: %v", ErrBadRegion, r.Size, FormatGPUUUID(r.Device), err)
+		}
+		a = &openAlloc{mem: mem}
+		c.open[k] = a
+	} else if uint64(a.mem.Len()) < r.Size {
+		return nil, fmt.Errorf("%w: the CUDA IPC handle maps an allocation of %d bytes, not the %d bytes announced", ErrBadRegion, a.mem.Len(), r.Size)
 	}
-	return &ipcMem{be: c.be, dev: i, uuid: r.Device, mem: mem, size: r.Size, bufs: map[bufKey]*cudabuf.Buffer{}}, nil
+	a.refs++
+	return &ipcMem{be: c.be, dev: i, uuid: r.Device, mem: a.mem, size: r.Size, bufs: map[bufKey]*cudabuf.Buffer{},
+		close: func() error { return c.release(k) }}, nil
+}
+
+// release drops a registration of an allocation; the last closes it.
+func (c *cudaIPC) release(k ipcKey) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a := c.open[k]
+	if a == nil {
+		return nil
+	}
+	if a.refs--; a.refs > 0 {
+		return nil
+	}
+	delete(c.open, k)
+	return a.mem.Free()
 }
 
 // OpenEvent implements cudaOpener.
@@ -98,6 +140,8 @@ type ipcMem struct {
 	uuid [16]byte
 	mem  *cuda.Mem
 	size uint64
+	// close releases the allocation (shared with other registrations).
+	close func() error
 
 	mu   sync.Mutex
 	bufs map[bufKey]*cudabuf.Buffer // freed by Close: no operation uses the region then
@@ -143,7 +187,7 @@ func (m *ipcMem) Close() error {
 			first = err
 		}
 	}
-	if err := m.mem.Free(); err != nil && first == nil {
+	if err := m.close(); err != nil && first == nil {
 		first = err
 	}
 	return first

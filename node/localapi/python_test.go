@@ -15,7 +15,17 @@ import (
 	"time"
 )
 
-const torchPython = "/usr/bin/python3"
+// torchPython is the interpreter with PyTorch: Debian's python3-torch, or
+// $GPUMESH_TORCH_PYTHON (a GPU machine's PyTorch 2.x).
+var torchPython = func() string {
+	if p := os.Getenv("GPUMESH_TORCH_PYTHON"); p != "" {
+		return p
+	}
+	return "/usr/bin/python3"
+}()
+
+// pythonTimeout bounds each rank's process in runPython.
+var pythonTimeout = 40 * time.Second
 
 // runPython runs script as ranks of job "j" generation 1 against s (the
 // Python package from ../../python), and returns each rank's output.
@@ -41,7 +51,7 @@ func runPython(t *testing.T, s *Server, ranks int, script string, args ...string
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), pythonTimeout)
 			defer cancel()
 			cmd := exec.CommandContext(ctx, torchPython, append([]string{script}, args...)...)
 			// A hung rank dumps its Python stacks (PYTHONFAULTHANDLER) before it goes.

@@ -192,9 +192,10 @@ class Connection:
         """Hands a CUDA IPC memory handle (what CUDA_MEMORY: a whole
         allocation of size bytes) or event handle (CUDA_EVENT) on the GPU
         device_uuid (16 bytes) to the agent. Returns (id, None), or (None,
-        reason) where the agent cannot take it (STATUS_UNSUPPORTED: an agent
-        without CUDA; the caller stages through host memory); raises on a
-        lost connection."""
+        reason, status) where the agent cannot take it (STATUS_UNSUPPORTED:
+        an agent without CUDA; STATUS_BAD_REQUEST: a handle that does not
+        open; the caller stages through host memory); raises on a lost
+        connection."""
         ev = threading.Event()
         box = {}
 
@@ -220,8 +221,8 @@ class Connection:
         if status == STATUS_FAILED:
             raise AgentError(f"gpumesh: {msg}")
         if status != STATUS_OK:
-            return None, msg
-        return rid, None
+            return None, msg, status
+        return rid, None, STATUS_OK
 
     def unregister(self, rid):
         """Tells the agent to drop region rid (it unmaps it once no operation

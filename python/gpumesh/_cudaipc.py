@@ -207,10 +207,12 @@ class CudaIPC:
             del self._regions[key]
             self._conn.unregister(e.rid)
             self.stats["replaced"] += 1
-        rid, why = self._conn.register_cuda(_client.CUDA_MEMORY, size, self._uuid(ordinal), handle)
-        if rid is None:
+        rid, why, status = self._conn.register_cuda(_client.CUDA_MEMORY, size, self._uuid(ordinal), handle)
+        if status == _client.STATUS_UNSUPPORTED:
             self._disable(f"the agent refused a CUDA IPC handle: {why}")
             return None
+        if rid is None:
+            raise DriverError(f"the agent could not open the tensor's CUDA IPC handle: {why}")
         self.stats["registered"] += 1
         self._regions[key] = _Entry(size, handle, rid)
         while len(self._regions) > MAX_REGIONS:
@@ -227,7 +229,7 @@ class CudaIPC:
         ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
         dev = torch.device("cuda", ordinal)
         ev.record(torch.cuda.current_stream(dev))
-        rid, why = self._conn.register_cuda(_client.CUDA_EVENT, 0, self._uuid(ordinal), ev.ipc_handle())
+        rid, why, _ = self._conn.register_cuda(_client.CUDA_EVENT, 0, self._uuid(ordinal), ev.ipc_handle())
         if rid is None:
             self._disable(f"the agent refused a CUDA IPC event: {why}")
             return None
