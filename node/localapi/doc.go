@@ -21,6 +21,15 @@
 // regions, so DDP's buckets are reduced where they are). The wire format
 // is written out in proto.go.
 //
+// CUDA tensors travel by CUDA IPC handle (REGISTER_CUDA, proto_cuda.go and
+// cuda.go): a binary built with the cuda tag opens a rank's allocation once
+// (cuIpcOpenMemHandle, size checked with the driver), wraps the elements an
+// operation names as device buffers of package cudabuf and runs the
+// collective on them, after waiting for the rank's IPC event; ranks of one
+// agent then exchange chunks by reference (a peer copy or reduce kernel).
+// Without the tag the agent answers StatusUnsupported and the client stages
+// its CUDA tensors through host memory.
+//
 // Operations are asynchronous: each is answered by one DONE when it ends.
 // Collectives run one at a time in issue order; sends and receives run in
 // order per peer and direction, beside them. A failure of the data plane

@@ -17,11 +17,21 @@ buffers): the second time such a storage is seen it moves, once and in
 place, into a segment the agent maps (_zerocopy), and the agent's ring
 works in the tensor's memory. Other tensors are staged: copied into a
 shared segment before the operation (one memcpy) and back into the tensor
-when it ends (one memcpy). CUDA tensors are staged through the same host
-segments (a device-to-host copy in, a host-to-device copy out); the
-protocol names buffers by (region, offset, count), so a CUDA IPC region
-kind fits beside the memfd one, but this version does not have it.
-GPUMESH_ZERO_COPY=0 stages every tensor.
+when it ends (one memcpy). GPUMESH_ZERO_COPY=0 stages every host tensor.
+
+Copies per operation (CUDA tensors): none in the rank and none through
+host memory. The tensor's allocation is registered with the agent by CUDA
+IPC handle once (_cudaipc) and the agent runs the collective in the
+rank's device memory: between two ranks of one agent a hop is a device
+copy or a reduce kernel reading the other rank's memory. What remains:
+reduce_scatter_tensor's input is cloned on the device (the ring reduces in
+its input, which the caller keeps); the list forms of all_gather and
+reduce_scatter copy to or from their list on the device; an operation
+waits on the host for the rank's stream (an IPC event) in the agent, and
+the agent synchronises its streams before it answers. Tensors the path
+cannot take (bool, empty, mixed devices, memory without an IPC handle,
+GPUMESH_CUDA_IPC=0, an agent without CUDA) are staged through host
+segments (a device-to-host copy in, a host-to-device copy out).
 
 Operations are asynchronous: each returns a Work whose future completes when
 the agent answers; collectives run in issue order; several may be in flight
