@@ -3,6 +3,8 @@ package localapi
 import (
 	"bytes"
 	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -87,4 +89,19 @@ func TestPythonCUDAFallback(t *testing.T) {
 		t.Fatalf("the fallback was said %d times, want once:\n%s", n, out)
 	}
 	waitIdle(t, s)
+}
+
+// The Python side's bookkeeping of CUDA IPC registrations, with stand-ins
+// for the driver and the connection (python/tests/check_cudaipc_cache.py):
+// registered once and found again, registered again after a block is
+// reallocated at the same address, least recently used dropped, a handle
+// the agent cannot open staged alone.
+func TestPythonCUDAIPCCache(t *testing.T) {
+	pkg, _ := filepath.Abs("../../python")
+	cmd := exec.Command(torchPython, filepath.Join(pkg, "tests", "check_cudaipc_cache.py"))
+	cmd.Env = append(os.Environ(), "PYTHONPATH="+pkg)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "CUDAIPC CACHE OK") {
+		t.Fatalf("%v: %s", err, out)
+	}
 }
