@@ -101,8 +101,11 @@ type Config struct {
 	JoinRetryMax time.Duration
 	// JoinSyncRounds is how many extra full-state exchanges (push-pull) a
 	// node makes after it joins, alternately with a peer that answered the
-	// join and with a random live member, JoinSyncDelay, 2×JoinSyncDelay,
-	// 4×JoinSyncDelay, ... apart (so at 1, 3, 7, 15 × JoinSyncDelay).
+	// join and with a random live member, about JoinSyncDelay,
+	// 2×JoinSyncDelay, 4×JoinSyncDelay, ... apart (so at about 1, 3, 7,
+	// 15 × JoinSyncDelay; each wait is drawn from ±50% of its nominal
+	// length, so that the nodes of a mass join do not all reach the seeds
+	// at the same instant).
 	// They close the gap through which a node that joins during a burst
 	// of joins would otherwise miss a peer until the periodic push-pull.
 	// A round (with random members) also runs when this node's
@@ -410,16 +413,21 @@ func (c *Config) Validate() error {
 //   - SuspicionMult grows by 1 above 256 nodes: the shortest suspicion
 //     then needs two independent confirmations instead of one (the
 //     timeout still falls to memberlist's log-scaled minimum).
-//   - JoinMaxPeers falls to at most 2 and JoinSyncRounds to at most 3
-//     (above 128 nodes) and 2 (above 512): each is a full-state exchange
-//     whose size grows with n, and in a mass join every seed would
-//     otherwise serve JoinMaxPeers × n of them at once.
+//   - JoinMaxPeers falls to at most 2 above 128 nodes: each contacted
+//     seed serves a full-state exchange whose size grows with n, and in a
+//     mass join every seed would otherwise serve JoinMaxPeers × n of them
+//     at once.
 //
+// JoinSyncRounds stays: the post-join push-pulls are what makes a mass
+// join converge. Gossip alone cannot: each node sends at most GossipNodes
+// packets of about 8 alive messages per GossipInterval, while a mass join
+// of n nodes needs n² × RetransmitMult × log10(n) of them (about 50 s at
+// 1,000 nodes); with fewer than 3 rounds, 1,000 simulated nodes still
+// missed thousands of pairs 5 s after the join (bench/results/fleet.md).
 // Probe and gossip intervals stay: a node probes one peer per interval
 // whatever n is, so its own load is constant and a failed node is first
-// probed within about one interval (Lifeguard's design). JoinMaxPeers and
-// JoinSyncRounds only ever fall, so applying ForSize to its own result
-// leaves them as they are.
+// probed within about one interval (Lifeguard's design). JoinMaxPeers only
+// ever falls, so applying ForSize to its own result leaves it as it is.
 func (c Config) ForSize(n int) Config {
 	if n <= 64 {
 		return c
@@ -431,10 +439,6 @@ func (c Config) ForSize(n int) Config {
 	}
 	if n > 128 {
 		c.JoinMaxPeers = min(c.JoinMaxPeers, 2)
-		c.JoinSyncRounds = min(c.JoinSyncRounds, 3)
-	}
-	if n > 512 {
-		c.JoinSyncRounds = min(c.JoinSyncRounds, 2)
 	}
 	return c
 }

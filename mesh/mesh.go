@@ -555,7 +555,10 @@ func (m *Mesh) joinSync(seeds []string) {
 	delay := m.cfg.JoinSyncDelay
 	rounds := m.sized().JoinSyncRounds
 	for i := 0; i < rounds; i++ {
-		t := time.NewTimer(delay)
+		// ±50% jitter: the nodes of a mass join would otherwise all
+		// sync with the seeds at the same instant, and a seed serves at
+		// most 128 push-pulls at once (memberlist refuses the rest).
+		t := time.NewTimer(delay/2 + rand.N(delay))
 		select {
 		case <-t.C:
 		case <-m.shutdownCh:
