@@ -103,9 +103,10 @@ type Config struct {
 	// node makes after it joins, alternately with a peer that answered the
 	// join and with a random live member, about JoinSyncDelay,
 	// 2×JoinSyncDelay, 4×JoinSyncDelay, ... apart (so at about 1, 3, 7,
-	// 15 × JoinSyncDelay; each wait is drawn from ±50% of its nominal
+	// 15 × JoinSyncDelay at most; each wait is drawn from [½, 1] of its
 	// length, so that the nodes of a mass join do not all reach the seeds
-	// at the same instant).
+	// in the same instant). A round whose exchange fails (a busy seed
+	// refuses) is made at once with a random live member instead.
 	// They close the gap through which a node that joins during a burst
 	// of joins would otherwise miss a peer until the periodic push-pull.
 	// A round (with random members) also runs when this node's

@@ -55,9 +55,10 @@
 // state exchanges where gossip is known to miss, and probes faster:
 //
 //   - Post-join sync (JoinSyncRounds 4, JoinSyncDelay 250 ms): after its
-//     join a node makes 4 extra push-pulls at about 0.25, 0.75, 1.75 and
-//     3.75 s (each wait drawn from ±50% of its length, so that a mass
-//     join does not reach the seeds in one instant),
+//     join a node makes 4 extra push-pulls by 0.25, 0.75, 1.75 and 3.75 s
+//     (each wait drawn from [½, 1] of its length, so that a mass join does
+//     not reach the seeds in one instant; a failed one is made at once
+//     with a random member instead),
 //     alternately with a peer that answered its join (a seed has heard from
 //     every node that joined through it) and with a random live member.
 //     Push-pull is two-way, so each also repairs the partner. The same
