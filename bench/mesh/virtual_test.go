@@ -45,6 +45,7 @@ var (
 	virtualSteady = flag.Duration("virtual.steady", 2*time.Second, "TestVirtualMesh: virtual time between convergence and the kill (gossip bytes and CPU are measured in it)")
 	virtualDelay  = flag.Duration("virtual.delay", 0, "TestVirtualMesh: one-way delay of every link")
 	virtualLoss   = flag.Float64("virtual.loss", 0, "TestVirtualMesh: packet loss rate of every link (0..1)")
+	virtualSettle = flag.Duration("virtual.settle", 0, "TestVirtualMesh: virtual time after convergence before the steady window begins (4s: after the post-join syncs)")
 	virtualSeeds  = flag.Int("virtual.seeds", 3, "TestVirtualMesh: how many of the first nodes every joiner is given as join addresses")
 	virtualDiag   = flag.Bool("virtual.diag", false, "TestVirtualMesh: print which node misses which 1-5 s and 10 s after the joins start")
 )
@@ -70,10 +71,10 @@ func TestVirtualMesh(t *testing.T) {
 		}
 		sizes = append(sizes, n)
 	}
-	defer func(m bool, f mesh.LinkFault, a, c, d bool, n int) {
-		useMem, memFault, sizeAdapt, noCompress, diag, nodesFlag = m, f, a, c, d, n
-	}(useMem, memFault, sizeAdapt, noCompress, diag, nodesFlag)
-	useMem, sizeAdapt, noCompress, diag = true, true, true, *virtualDiag
+	defer func(m bool, f mesh.LinkFault, a, c, d bool, n int, s time.Duration) {
+		useMem, memFault, sizeAdapt, noCompress, diag, nodesFlag, settle = m, f, a, c, d, n, s
+	}(useMem, memFault, sizeAdapt, noCompress, diag, nodesFlag, settle)
+	useMem, sizeAdapt, noCompress, diag, settle = true, true, true, *virtualDiag, *virtualSettle
 	memFault = mesh.LinkFault{Delay: *virtualDelay, Loss: *virtualLoss}
 
 	for _, n := range sizes {
