@@ -422,9 +422,10 @@ func (c *Config) Validate() error {
 // JoinSyncRounds stays: the post-join push-pulls are what makes a mass
 // join converge. Gossip alone cannot: each node sends at most GossipNodes
 // packets of about 8 alive messages per GossipInterval, while a mass join
-// of n nodes needs n² × RetransmitMult × log10(n) of them (about 50 s at
-// 1,000 nodes); with fewer than 3 rounds, 1,000 simulated nodes still
-// missed thousands of pairs 5 s after the join (bench/results/fleet.md).
+// of n nodes needs about n² × RetransmitMult × ceil(log10(n+1)) of them
+// (about 50 s at 1,000 nodes). With 2 rounds, 1,000 simulated nodes still
+// missed 6,703 (observer, member) pairs 5 s after the join; with 4, none
+// after 1.54 s (bench/results/fleet.md, virtual time).
 // Probe and gossip intervals stay: a node probes one peer per interval
 // whatever n is, so its own load is constant and a failed node is first
 // probed within about one interval (Lifeguard's design). JoinMaxPeers only
