@@ -8,8 +8,9 @@
 #     entry that runs the same model under DDP's no_sync() (no communication):
 #     step minus that step is the exposed communication measured in the same
 #     processes under the same load;
-#  2. dist.all_reduce busbw through the gpumesh backend (zero copy, and
-#     staged with GPUMESH_ZERO_COPY=0) and Gloo, alternating in the same
+#  2. dist.all_reduce busbw through the gpumesh backend (zero copy; staged
+#     with GPUMESH_ZERO_COPY=0; zero copy with a reader thread handing the
+#     answers over, GPUMESH_CALLER_READS=0) and Gloo, alternating in the same
 #     processes (bench/torch/allreduce_ab.py), then the built-in allreduce
 #     job on the same cluster (same ranks, default channels).
 # Every measurement runs ROUNDS times (default 3); the summary gives the
@@ -114,9 +115,10 @@ while pos < len(txt.rstrip()):
             for row in al["result"]["results"]:
                 bw.setdefault(("builtin", row["bytes"] >> 20), []).append(row["busbw_gbps"])
 print("\nall_reduce busbw, 2 ranks, GB/s: median over rounds (ratio zero-copy/builtin: of medians, and per round)")
-print("size     zero-copy  staged  builtin job  ratio                  gloo")
+print("(reader thread: zero copy with GPUMESH_CALLER_READS=0, a reader thread hands each answer to the caller)")
+print("size     zero-copy  staged  reader thread  builtin job  ratio                  gloo")
 for mib in sorted({k[1] for k in bw if k[0] == "gpumesh"}):
-    z, st, b, g = (bw.get((k, mib), [float("nan")]) for k in ("gpumesh", "gpumesh-staged", "builtin", "gloo"))
+    z, st, th, b, g = (bw.get((k, mib), [float("nan")]) for k in ("gpumesh", "gpumesh-staged", "gpumesh-thread", "builtin", "gloo"))
     per = " ".join(f"{x / y:.2f}" for x, y in zip(z, b))
-    print(f"{mib:4d}MiB  {med(z):9.2f}  {med(st):6.2f}  {med(b):11.2f}  {med(z) / med(b):5.2f} ({per})  {med(g):5.2f}")
+    print(f"{mib:4d}MiB  {med(z):9.2f}  {med(st):6.2f}  {med(th):13.2f}  {med(b):11.2f}  {med(z) / med(b):5.2f} ({per})  {med(g):5.2f}")
 PYEOF
