@@ -131,6 +131,7 @@ class Connection:
         # The reading role (see wait_for): one thread at a time reads.
         self._rcond = threading.Condition(threading.Lock())
         self._reading = False
+        self._role_owner = None  # the thread that reads (its ident)
         self._waiting = 0  # threads in wait_for
         self._ended = False  # the socket's reading side is done
         self._bg_poked = not caller_reads  # the background thread should read
@@ -279,6 +280,15 @@ class Connection:
         the group is idle); the next operation also drains it first."""
         deadline = time.monotonic() + timeout
         rc = self._rcond
+        if self._role_owner == threading.get_ident():
+            # Called from a completion this thread is handling (a future's
+            # callback that waits): go on reading here.
+            while not event.is_set() and not self._ended:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._read(remaining)
+            return event.is_set()
         with rc:
             self._waiting += 1
         try:
@@ -296,6 +306,7 @@ class Connection:
                         rc.wait(remaining)
                         continue
                     self._reading = True
+                    self._role_owner = threading.get_ident()
                 try:
                     self._read(remaining)
                 finally:
@@ -316,6 +327,7 @@ class Connection:
     def _release_role(self):
         with self._rcond:
             self._reading = False
+            self._role_owner = None
             if self._waiting or self._bg_poked:
                 self._rcond.notify_all()
 
@@ -325,6 +337,7 @@ class Connection:
             if self._reading or self._ended:
                 return
             self._reading = True
+            self._role_owner = threading.get_ident()
         try:
             self._read(0)
         finally:
@@ -399,6 +412,7 @@ class Connection:
                 if self._ended or self._closed:
                     return
                 self._reading = True
+                self._role_owner = threading.get_ident()
                 busy = self.pending() > 0 or not self._caller_reads
                 if not busy:
                     self._bg_poked = False  # done: what was pending has completed

@@ -3,8 +3,9 @@
 operation (dist.all_reduce, barrier) reads the answer itself, on its own
 thread; futures nobody waits for in Python (async_op + get_future, DDP's
 buckets) and operations nobody waits for at all are completed by the
-background reader. With it off, the background reader completes
-everything. Prints "CALLER READS OK"."""
+background reader; a future's callback may itself wait for an operation.
+With it off, the background reader completes everything. Prints "CALLER
+READS OK"."""
 
 import os
 import sys
@@ -67,6 +68,23 @@ assert y.tolist() == [float(n * (n + 1) / 2)] * 1000 and z.tolist() == [float(n)
 fut2 = dist.all_reduce(z, async_op=True).get_future()
 deadline_for(fut2.done, "a future alone did not complete")
 assert "gpumesh-reader" in seen, seen
+
+# A future's callback (run by the thread that read the answer) may wait for
+# another operation: that thread goes on reading instead of waiting for
+# itself.
+got = []
+
+
+def waits(f):
+    t = torch.ones(10)
+    dist.all_reduce(t)
+    got.append(t[0].item())
+    return f.value()
+
+
+dist.all_reduce(torch.ones(10), async_op=True).get_future().then(waits)
+deadline_for(lambda: bool(got), "a callback that waits for an operation did not finish")
+assert got == [float(n)], got
 
 # An operation nobody waits for at all completes too (the background
 # reader looks once a second).
