@@ -226,7 +226,7 @@ class Connection:
             except OSError as e:
                 self._registering.pop(rid, None)
                 raise AgentError(f"gpumesh: registering CUDA memory with the agent: {e}") from e
-        if not ev.wait(self.timeout):
+        if not self.wait_for(ev, self.timeout):
             with self._lock:
                 self._registering.pop(rid, None)
             raise AgentError("gpumesh: the agent did not answer a CUDA registration in time")

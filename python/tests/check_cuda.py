@@ -153,7 +153,7 @@ assert rid is not None, why
 err = []
 done = __import__("threading").Event()
 conn.submit(_client.OP_ALLREDUCE, 1, 1, 0, 0, (rid, size - 4, 2), None, lambda e: (err.append(e), done.set()), "outside")
-done.wait(30)
+conn.wait_for(done, 30)
 assert err and err[0] and "do not fit" in err[0], err
 conn.unregister(rid)
 x = torch.ones(1000, device=dev)
