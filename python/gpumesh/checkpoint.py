@@ -382,9 +382,9 @@ def save(state, step, shard=False, meta=None):
             err = e
     if dist is not None and world > 1:
         # No rank leaves (and no next generation starts) before the commit.
-        ok = [err is None]
-        dist.broadcast_object_list(ok, src=0)
-        if not ok[0] and err is None:
+        # Only rank 0 commits, so "failed on any rank" is rank 0's result;
+        # _agree's tensor is safe as a script's last collective.
+        if _agree(err is not None) and err is None:
             raise CheckpointError("rank 0 failed to commit the checkpoint of step %d (see its log)" % step)
     if err is not None:
         raise err
