@@ -69,6 +69,9 @@ type BenchConfig struct {
 	// (multiply-adds, the default) or BalanceMeasured (MeasureLayerCosts on
 	// the first stage's device before the run).
 	Balance string
+	// SyncMessages is RunConfig.SyncMessages for every stage (an
+	// asynchronous device's messages downloaded while the stage waits).
+	SyncMessages bool
 }
 
 // Ways of balancing the stages of the MLP bench.
@@ -163,7 +166,11 @@ type BenchResult struct {
 	WallSeconds     float64 `json:"wall_seconds"`
 	SamplesPerSec   float64 `json:"samples_per_sec"`
 	// Bubble is 1 − Σ busy / (stages × wall); TheoryBubble (p−1)/(m+p−1).
-	Bubble       float64   `json:"bubble"`
+	Bubble float64 `json:"bubble"`
+	// BusyOn says where busy time was measured: "host" (time in Forward
+	// and Backward) or "device" (an asynchronous device's time on that
+	// work, with staged messages).
+	BusyOn       string    `json:"busy_on,omitempty"`
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
 	// StageLayers are the weight layers [start, end) of each stage
@@ -391,7 +398,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages}
 				if len(devs) > 0 {
 					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
 				}
@@ -435,6 +442,10 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	}
 	wall := last.Sub(first).Seconds()
 	res.WallSeconds = wall
+	res.BusyOn = "host"
+	if stats[0].BusyOnDevice {
+		res.BusyOn = "device"
+	}
 	res.SamplesPerSec = float64(steps*m*cfg.Rows) / wall
 	res.Bubble = 1 - busy/(float64(p)*wall)
 	res.StageBubbles = res.StageBubbles[:0]

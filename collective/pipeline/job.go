@@ -254,6 +254,11 @@ type RunConfig struct {
 	OnOutput func(step, mb int, m *Message)
 	// KeepParams puts the stage's final parameters into Report.Params.
 	KeepParams bool
+	// SyncMessages keeps an asynchronous device's (AsyncDevice) messages
+	// on the stage's goroutine: each output is downloaded, and the loss
+	// computed, while the stage waits, as on the CPU. Default false:
+	// messages are staged and the endpoint's sender waits for them.
+	SyncMessages bool
 }
 
 // Report is one stage's result, JSON-serialisable for job status.
@@ -335,6 +340,9 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 		}
 		m.onOutput = cfg.OnOutput
 		m.steps = spec.Steps // prefetch the next step's batch
+		if ad, ok := dev.(AsyncDevice); ok && !cfg.SyncMessages {
+			m.async = ad
+		}
 		parts[c] = m
 	}
 	m := &mlpChunks{parts: parts}
@@ -413,6 +421,9 @@ type mlpChunks struct {
 var _ ChunkedModel = (*mlpChunks)(nil)
 
 func (m *mlpChunks) Chunk(c int) StageModel { return m.parts[c] }
+
+// busyDevice: the parts share one device.
+func (m *mlpChunks) busyDevice() AsyncDevice { return m.parts[0].async }
 
 func (m *mlpChunks) Forward(step, mb int, in *Message) (*Message, error) {
 	return m.parts[0].Forward(step, mb, in)

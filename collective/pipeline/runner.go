@@ -132,8 +132,15 @@ type StageStats struct {
 	// WallSeconds is the time from the start of the first step to the end
 	// of the last.
 	WallSeconds float64 `json:"wall_seconds"`
-	// BusySeconds is the time spent in Forward and Backward.
+	// BusySeconds is the time spent in Forward and Backward: on the host,
+	// or, for a model on an AsyncDevice (whose calls return before the
+	// work is done), the device's time on that work.
 	BusySeconds float64 `json:"busy_seconds"`
+	// HostBusySeconds is the host's time in Forward and Backward (equal
+	// to BusySeconds unless the device is asynchronous).
+	HostBusySeconds float64 `json:"host_busy_seconds"`
+	// BusyOnDevice says BusySeconds is the device's time.
+	BusyOnDevice bool `json:"busy_on_device,omitempty"`
 	// RecvWaitSeconds and SendWaitSeconds are the time blocked waiting for
 	// a message and for room in a send queue.
 	RecvWaitSeconds float64 `json:"recv_wait_seconds"`
@@ -239,6 +246,26 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		return Tag{JobID: cfg.JobID, Generation: cfg.Generation, Step: step, MicroBatch: mb, Chunk: chunk, Dir: dir}
 	}
 
+	// an asynchronous device's time is the stage's busy time
+	var timer AsyncDevice
+	if bd, ok := model.(interface{ busyDevice() AsyncDevice }); ok {
+		timer = bd.busyDevice()
+	}
+	compute := func(f func() error) error {
+		t0 := time.Now()
+		if timer != nil {
+			if err := timer.BeginBusy(); err != nil {
+				return err
+			}
+		}
+		err := f()
+		if timer != nil && err == nil {
+			err = timer.EndBusy()
+		}
+		stats.HostBusySeconds += time.Since(t0).Seconds()
+		return err
+	}
+
 	stats.Start = time.Now()
 	type key [2]int // micro-batch, chunk
 	inAct := map[key]*Message{}
@@ -257,10 +284,12 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inAct[k] = m
 		case OpForward:
-			t0 := time.Now()
 			in := inAct[k]
-			out, err := part(a.Chunk).Forward(step, a.MicroBatch, in)
-			stats.BusySeconds += time.Since(t0).Seconds()
+			var out *Message
+			err := compute(func() (err error) {
+				out, err = part(a.Chunk).Forward(step, a.MicroBatch, in)
+				return err
+			})
 			if err != nil {
 				return fmt.Errorf("forward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
@@ -292,10 +321,12 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inGrad[k] = m
 		case OpBackward:
-			t0 := time.Now()
 			in := inGrad[k]
-			g, err := part(a.Chunk).Backward(step, a.MicroBatch, in)
-			stats.BusySeconds += time.Since(t0).Seconds()
+			var g *Message
+			err := compute(func() (err error) {
+				g, err = part(a.Chunk).Backward(step, a.MicroBatch, in)
+				return err
+			})
 			if err != nil {
 				return fmt.Errorf("backward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
@@ -326,6 +357,7 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		cfg.Links.Abort(fmt.Errorf("pipeline stage %d failed: %w", cfg.Stage, err))
 		stats.End = time.Now()
 		stats.WallSeconds = stats.End.Sub(stats.Start).Seconds()
+		stats.BusySeconds = stats.HostBusySeconds
 		return stats, err
 	}
 	for step := 0; step < cfg.Steps; step++ {
@@ -342,6 +374,15 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			stats.Losses = append(stats.Losses, loss)
 			log.Debug("step done", "step", step, "loss", loss)
 		}
+	}
+	stats.BusySeconds = stats.HostBusySeconds
+	if timer != nil {
+		// waits for the stage's device work, so End comes after it
+		busy, err := timer.BusySeconds()
+		if err != nil {
+			return fail(fmt.Errorf("device busy time: %w", err))
+		}
+		stats.BusySeconds, stats.BusyOnDevice = busy, true
 	}
 	// Finish both links: send ours, then wait for the neighbours'. A
 	// neighbour that closed after receiving our finish is not an error:
