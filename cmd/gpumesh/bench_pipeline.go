@@ -137,6 +137,7 @@ the CPU instead.`,
 	f.IntVar(&cfg.Layers, "layers", cfg.Layers, "with --compute mlp: weight layers of the model, all --width wide (0: one per stage)")
 	f.StringVar(&cfg.Balance, "balance", cfg.Balance, "with --compute mlp: split the layers by multiply-adds (macs) or by each layer's forward+backward time measured on the device before the run (measured)")
 	f.BoolVar(&cfg.SyncMessages, "sync-messages", cfg.SyncMessages, "with --device cuda: download each message and compute the loss while the stage waits (the behaviour before staged messages; for comparison)")
+	f.BoolVar(&cfg.Trace, "trace", false, "record every stage's actions (start and end on the stage's goroutine) of the timed run; printed with --json as stage_traces")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

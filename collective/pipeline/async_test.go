@@ -284,3 +284,44 @@ func TestAsyncDeviceBitwiseEqualToSyncMessages(t *testing.T) {
 		t.Fatalf("staged messages changed the result: losses %s vs %s, params %s vs %s", losses[false], losses[true], hashes[false], hashes[true])
 	}
 }
+
+// Trace records every action of every step, in order, each span inside the
+// stage's run.
+func TestStageTrace(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	spec := baseSpec().WithDefaults(2)
+	links := NewMemPipeline(2, 1)
+	reps := make([]*Report, 2)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for s := 0; s < 2; s++ {
+		wg.Add(1)
+		go func(s int) {
+			defer wg.Done()
+			reps[s], errs[s] = RunJob(ctx, RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Trace: s == 0}, spec)
+		}(s)
+	}
+	wg.Wait()
+	for s, err := range errs {
+		if err != nil {
+			t.Fatalf("stage %d: %v", s, err)
+		}
+	}
+	acts, err := StageActions(Schedule1F1B, 2, spec.MicroBatches, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := reps[0].Trace
+	if len(tr) != spec.Steps*len(acts) || len(reps[1].Trace) != 0 {
+		t.Fatalf("%d spans on stage 0 (want %d), %d on stage 1 (not traced)", len(tr), spec.Steps*len(acts), len(reps[1].Trace))
+	}
+	last := 0.0
+	for i, a := range tr {
+		want := acts[i%len(acts)]
+		if a.Step != i/len(acts) || a.Op != want.Op.String() || a.MicroBatch != want.MicroBatch || a.StartUS < last || a.EndUS < a.StartUS || a.EndUS > reps[0].WallSeconds*1e6 {
+			t.Fatalf("span %d = %+v, want step %d %v mb %d after %.1f us, inside the run", i, a, i/len(acts), want.Op, want.MicroBatch, last)
+		}
+		last = a.EndUS
+	}
+}

@@ -72,6 +72,9 @@ type BenchConfig struct {
 	// SyncMessages is RunConfig.SyncMessages for every stage (an
 	// asynchronous device's messages downloaded while the stage waits).
 	SyncMessages bool
+	// Trace puts every stage's action spans of the timed run into
+	// BenchResult.StageTraces.
+	Trace bool
 }
 
 // Ways of balancing the stages of the MLP bench.
@@ -173,6 +176,9 @@ type BenchResult struct {
 	BusyOn       string    `json:"busy_on,omitempty"`
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
+	// StageTraces are the stages' action spans (BenchConfig.Trace), in
+	// microseconds from the first stage's start.
+	StageTraces [][]ActionSpan `json:"stage_traces,omitempty"`
 	// StageLayers are the weight layers [start, end) of each stage
 	// (ComputeMLP); LayerCosts the measured seconds per micro-batch of each
 	// layer (BalanceMeasured).
@@ -398,7 +404,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages}
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, Trace: cfg.Trace}
 				if len(devs) > 0 {
 					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
 				}
@@ -420,7 +426,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			}
 			stats[s], errs[s] = RunStage(ctx, StageConfig{
 				JobID: "bench", Stage: s, Stages: p, Schedule: cfg.Schedule, Chunks: max(cfg.Chunks, 1), MicroBatches: m, Steps: steps,
-				Links: links[s], InFlight: cfg.InFlight, RecvTimeout: time.Minute,
+				Links: links[s], InFlight: cfg.InFlight, RecvTimeout: time.Minute, Trace: cfg.Trace,
 			}, model)
 		}(s)
 	}
@@ -449,8 +455,19 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	res.SamplesPerSec = float64(steps*m*cfg.Rows) / wall
 	res.Bubble = 1 - busy/(float64(p)*wall)
 	res.StageBubbles = res.StageBubbles[:0]
+	res.StageTraces = nil
 	for _, st := range stats {
 		res.StageBubbles = append(res.StageBubbles, 1-st.BusySeconds/wall)
+		if cfg.Trace {
+			off := float64(st.Start.Sub(first).Nanoseconds()) / 1e3
+			tr := make([]ActionSpan, len(st.Trace))
+			for i, a := range st.Trace {
+				a.StartUS += off
+				a.EndUS += off
+				tr[i] = a
+			}
+			res.StageTraces = append(res.StageTraces, tr)
+		}
 	}
 	return nil
 }

@@ -259,6 +259,8 @@ type RunConfig struct {
 	// computed, while the stage waits, as on the CPU. Default false:
 	// messages are staged and the endpoint's sender waits for them.
 	SyncMessages bool
+	// Trace records every action's span in Report.Trace (StageConfig.Trace).
+	Trace bool
 }
 
 // Report is one stage's result, JSON-serialisable for job status.
@@ -350,7 +352,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 	sc := StageConfig{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
 		Schedule: sched, Chunks: spec.Chunks, MicroBatches: spec.MicroBatches, Steps: spec.Steps,
-		Links: cfg.Links, InFlight: spec.InFlight, RecvTimeout: cfg.RecvTimeout, Logger: cfg.Logger,
+		Links: cfg.Links, InFlight: spec.InFlight, RecvTimeout: cfg.RecvTimeout, Logger: cfg.Logger, Trace: cfg.Trace,
 	}
 	if sc.RecvTimeout == 0 {
 		sc.RecvTimeout = DefaultStageConfig().RecvTimeout

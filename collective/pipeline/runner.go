@@ -70,6 +70,20 @@ type StageConfig struct {
 	FinishTimeout time.Duration
 	// Logger receives progress and errors; nil discards.
 	Logger hclog.Logger
+	// Trace records every action's host start and end in
+	// StageStats.Trace (for finding where a pipeline's time goes).
+	Trace bool
+}
+
+// ActionSpan is one traced action: when the stage's goroutine started and
+// ended it, in microseconds from the stage's start.
+type ActionSpan struct {
+	Step       int     `json:"step"`
+	Op         string  `json:"op"`
+	MicroBatch int     `json:"mb"`
+	Chunk      int     `json:"chunk,omitempty"`
+	StartUS    float64 `json:"start_us"`
+	EndUS      float64 `json:"end_us"`
 }
 
 // DefaultStageConfig returns the defaults of the optional fields.
@@ -148,6 +162,8 @@ type StageStats struct {
 	// BytesSent and BytesReceived count tensor payload bytes.
 	BytesSent     int64 `json:"bytes_sent"`
 	BytesReceived int64 `json:"bytes_received"`
+	// Trace is every action's span when StageConfig.Trace is set.
+	Trace []ActionSpan `json:"trace,omitempty"`
 	// Start and End are when the stage started and finished (for bubble
 	// measurement across stages).
 	Start time.Time `json:"-"`
@@ -362,8 +378,13 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	}
 	for step := 0; step < cfg.Steps; step++ {
 		for _, a := range actions {
+			t0 := time.Now()
 			if err := run(step, a); err != nil {
 				return fail(err)
+			}
+			if cfg.Trace {
+				stats.Trace = append(stats.Trace, ActionSpan{Step: step, Op: a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk,
+					StartUS: float64(t0.Sub(stats.Start).Nanoseconds()) / 1e3, EndUS: float64(time.Since(stats.Start).Nanoseconds()) / 1e3})
 			}
 		}
 		loss, err := model.EndStep(step)
