@@ -325,3 +325,33 @@ func TestStageTrace(t *testing.T) {
 		last = a.EndUS
 	}
 }
+
+// On an AsyncDevice layer costs are the device's busy time, measured on
+// the staged path, which gives every staging buffer back.
+func TestMeasureLayerCostsAsyncDevice(t *testing.T) {
+	dev := &asyncCPU{}
+	spec := JobSpec{Layers: []int{16, 32, 32, 32, 32, 8}, BatchSize: 16, MicroBatches: 4, Seed: 1}
+	costs, err := MeasureLayerCosts(context.Background(), dev, spec, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(costs) != 5 {
+		t.Fatalf("%d costs, want 5", len(costs))
+	}
+	for l, c := range costs {
+		if !(c > 0) {
+			t.Fatalf("layer %d cost %v", l, c)
+		}
+	}
+	if dev.marked == 0 || dev.maxOut == 0 || dev.staged() != 0 {
+		t.Fatalf("device timed %d spans, staged up to %d, %d never given back", dev.marked, dev.maxOut, dev.staged())
+	}
+	// hidden behind syncDevice, nothing is staged or timed on the device
+	plain := &asyncCPU{}
+	if _, err := MeasureLayerCosts(context.Background(), syncDevice{plain}, spec, 3); err != nil {
+		t.Fatal(err)
+	}
+	if plain.marked != 0 || plain.maxOut != 0 {
+		t.Fatalf("synchronous measurement used the device's async path: %d spans, %d staged", plain.marked, plain.maxOut)
+	}
+}

@@ -359,6 +359,9 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 			if len(devs) > 0 {
 				dev = devs[0]
 			}
+			if cfg.SyncMessages {
+				dev = syncDevice{dev} // measured as the run will use it
+			}
 			costs, err := MeasureLayerCosts(ctx, dev, spec, 20)
 			if err != nil {
 				return nil, fmt.Errorf("measuring layer costs: %w", err)

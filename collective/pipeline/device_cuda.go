@@ -63,6 +63,8 @@ func init() {
 // in order on the CUDADevice's own non-blocking stream, so two CUDADevices
 // on one GPU (two pipeline stages) do not wait for each other; Upload
 // returns once the source is consumed, Download once the data is there.
+// Give each stage a CUDADevice of its own: as an AsyncDevice it times the
+// stage's work between BeginBusy and EndBusy, from one goroutine.
 type CUDADevice struct {
 	dev *cuda.Device
 	st  *cuda.Stream

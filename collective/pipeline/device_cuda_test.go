@@ -4,6 +4,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand"
 	"testing"
@@ -169,21 +170,30 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 		s := spec
 		s.Schedule = sched
 		links := tcpPipeline(t, ctx, "cuda-job", 1, 2)
+		// a CUDADevice per stage (as the bench and the node give them):
+		// a Device is used from one goroutine at a time
+		stageDevs := make([]*CUDADevice, 2)
+		for st := range stageDevs {
+			d, err := NewCUDADevice(devs[st%len(devs)].dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			stageDevs[st] = d
+		}
 		reps := make([]*Report, 2)
 		errs := make([]error, 2)
 		done := make(chan int, 2)
 		for st := 0; st < 2; st++ {
 			go func(st int) {
-				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: devs[st%len(devs)], KeepParams: true, SyncMessages: run.sync}, s)
+				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync}, s)
 				done <- st
 			}(st)
 		}
 		<-done
 		<-done
-		for st, err := range errs {
-			if err != nil {
-				t.Fatalf("%s stage %d: %v", sched, st, err)
-			}
+		if err := errors.Join(errs...); err != nil {
+			t.Fatalf("%s (sync messages %v): %v", sched, run.sync, err)
 		}
 		// staged messages (the device computes the loss gradient) change
 		// no bit of the result
