@@ -2,8 +2,10 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -24,6 +26,8 @@ type asyncCPU struct {
 	busy        time.Duration
 	spanStart   time.Time
 	marked      int
+	traceOn     bool
+	traced      [][2]time.Time
 }
 
 var _ AsyncDevice = (*asyncCPU)(nil)
@@ -81,7 +85,18 @@ func (d *asyncCPU) BeginBusy() error {
 func (d *asyncCPU) EndBusy() error {
 	d.busy += time.Since(d.spanStart)
 	d.marked++
+	if d.traceOn {
+		d.traced = append(d.traced, [2]time.Time{d.spanStart, time.Now()})
+	}
 	return nil
+}
+
+func (d *asyncCPU) traceSpans(on bool) { d.traceOn = on }
+
+func (d *asyncCPU) takeSpans() [][2]time.Time {
+	t := d.traced
+	d.traced = nil
+	return t
 }
 
 func (d *asyncCPU) BusySeconds() (float64, error) {
@@ -353,5 +368,54 @@ func TestMeasureLayerCostsAsyncDevice(t *testing.T) {
 	}
 	if plain.marked != 0 || plain.maxOut != 0 {
 		t.Fatalf("synchronous measurement used the device's async path: %d spans, %d staged", plain.marked, plain.maxOut)
+	}
+}
+
+// With Trace, an asynchronous device's spans join the trace: one per
+// Forward and Backward, in order, labelled as the action they timed.
+func TestStageTraceDeviceSpans(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	spec := baseSpec().WithDefaults(2)
+	links := NewMemPipeline(2, 1)
+	reps := make([]*Report, 2)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for s := 0; s < 2; s++ {
+		wg.Add(1)
+		go func(s int) {
+			defer wg.Done()
+			reps[s], errs[s] = RunJob(ctx, RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Device: &asyncCPU{}, Trace: true}, spec)
+		}(s)
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range reps {
+		acts, _ := StageActions(Schedule1F1B, 2, spec.MicroBatches, r.Stage)
+		var want []string
+		for _, a := range acts {
+			if a.Op == OpForward || a.Op == OpBackward {
+				want = append(want, fmt.Sprintf("device %v %d", a.Op, a.MicroBatch))
+			}
+		}
+		var got []string
+		for _, a := range r.Trace {
+			if strings.HasPrefix(a.Op, "device ") {
+				if a.EndUS < a.StartUS {
+					t.Fatalf("stage %d: span %+v ends before it starts", r.Stage, a)
+				}
+				got = append(got, fmt.Sprintf("%s %d", a.Op, a.MicroBatch))
+			}
+		}
+		if len(got) != spec.Steps*len(want) {
+			t.Fatalf("stage %d: %d device spans, want %d", r.Stage, len(got), spec.Steps*len(want))
+		}
+		for i, g := range got {
+			if g != want[i%len(want)] {
+				t.Fatalf("stage %d: device span %d is %q, want %q", r.Stage, i, g, want[i%len(want)])
+			}
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"time"
 )
 
 // Activation functions of the MLP's hidden layers.
@@ -334,4 +335,14 @@ func (s *Staged) Release() {
 // for it and releases it once the link is done with it.
 func (s *Staged) message(rows, cols int) *Message {
 	return &Message{Rows: rows, Cols: cols, Data: s.Data, ready: s.Wait, sent: s.Release}
+}
+
+// spanTracer is an AsyncDevice that can also report when, on the host's
+// clock, the device ran each span it timed (StageConfig.Trace).
+type spanTracer interface {
+	// traceSpans turns recording on or off.
+	traceSpans(on bool)
+	// takeSpans returns the recorded spans (start, end) in marking order,
+	// once BusySeconds has waited for them, and forgets them.
+	takeSpans() [][2]time.Time
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"time"
 	"unsafe"
 
 	"gorgonia.org/cu"
@@ -83,6 +84,12 @@ type CUDADevice struct {
 	spans      []busySpan // marked, not yet added to busy
 	spanStart  *cuda.Event
 	busyMillis float64
+	// tracing: spans on the host's clock, from a base event whose host
+	// time was taken when it completed
+	traceOn  bool
+	base     *cuda.Event
+	baseHost time.Time
+	traced   [][2]time.Time
 }
 
 // busySpan is one action's device work between two timing events.
@@ -338,6 +345,21 @@ func (c *CUDADevice) BeginBusy() error {
 	if err := c.collectSpans(false); err != nil {
 		return err
 	}
+	if c.traceOn && c.base == nil {
+		// the base: recorded on an idle-or-not stream, waited for, and
+		// its host time taken right after (microseconds of error)
+		b, err := c.event(&c.timingEvs, true)
+		if err != nil {
+			return err
+		}
+		if err := c.st.Record(b); err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		if err := b.Synchronize(); err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		c.base, c.baseHost = b, time.Now()
+	}
 	e, err := c.event(&c.timingEvs, true)
 	if err != nil {
 		return err
@@ -348,6 +370,24 @@ func (c *CUDADevice) BeginBusy() error {
 	}
 	c.spanStart = e
 	return nil
+}
+
+// traceSpans turns recording of span times on or off (spanTracer).
+func (c *CUDADevice) traceSpans(on bool) {
+	c.traceOn = on
+	if !on && c.base != nil {
+		c.mu.Lock()
+		c.timingEvs = append(c.timingEvs, c.base)
+		c.mu.Unlock()
+		c.base = nil
+	}
+}
+
+// takeSpans returns the recorded spans (spanTracer).
+func (c *CUDADevice) takeSpans() [][2]time.Time {
+	t := c.traced
+	c.traced = nil
+	return t
 }
 
 // EndBusy records the span's end event.
@@ -387,6 +427,12 @@ func (c *CUDADevice) collectSpans(wait bool) error {
 			return fmt.Errorf("%w: %v", ErrDevice, err)
 		}
 		c.busyMillis += ms
+		if c.traceOn && c.base != nil {
+			if s0, err := sp.start.Elapsed(c.base); err == nil {
+				at := c.baseHost.Add(time.Duration(s0 * 1e6))
+				c.traced = append(c.traced, [2]time.Time{at, at.Add(time.Duration(ms * 1e6))})
+			}
+		}
 		done++
 	}
 	c.mu.Lock()

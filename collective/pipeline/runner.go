@@ -267,6 +267,15 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 	if bd, ok := model.(interface{ busyDevice() AsyncDevice }); ok {
 		timer = bd.busyDevice()
 	}
+	// with Trace, a device that can say when it ran each span adds them
+	// to the trace ("device forward" and "device backward")
+	var devTrace spanTracer
+	var devLabels []ActionSpan
+	if st, ok := timer.(spanTracer); ok && cfg.Trace {
+		devTrace = st
+		st.traceSpans(true)
+		defer st.traceSpans(false)
+	}
 	compute := func(f func() error) error {
 		t0 := time.Now()
 		if timer != nil {
@@ -300,6 +309,9 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inAct[k] = m
 		case OpForward:
+			if devTrace != nil {
+				devLabels = append(devLabels, ActionSpan{Step: step, Op: "device " + a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk})
+			}
 			in := inAct[k]
 			var out *Message
 			err := compute(func() (err error) {
@@ -337,6 +349,9 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inGrad[k] = m
 		case OpBackward:
+			if devTrace != nil {
+				devLabels = append(devLabels, ActionSpan{Step: step, Op: "device " + a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk})
+			}
 			in := inGrad[k]
 			var g *Message
 			err := compute(func() (err error) {
@@ -404,6 +419,16 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			return fail(fmt.Errorf("device busy time: %w", err))
 		}
 		stats.BusySeconds, stats.BusyOnDevice = busy, true
+		if devTrace != nil {
+			for i, sp := range devTrace.takeSpans() {
+				if i < len(devLabels) {
+					a := devLabels[i]
+					a.StartUS = float64(sp[0].Sub(stats.Start).Nanoseconds()) / 1e3
+					a.EndUS = float64(sp[1].Sub(stats.Start).Nanoseconds()) / 1e3
+					stats.Trace = append(stats.Trace, a)
+				}
+			}
+		}
 	}
 	// Finish both links: send ours, then wait for the neighbours'. A
 	// neighbour that closed after receiving our finish is not an error:
