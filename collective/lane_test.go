@@ -181,12 +181,12 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	keep := func(c net.Conn) { _ = c.Close() }
-	l, err := dialLane(ctx, &cfg, s.Addr(), tok, keep)
+	l, err := dialLane(ctx, &cfg, s.Addr(), "", tok, keep)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.close()
-	if _, err := dialLane(ctx, &cfg, s.Addr(), tok, keep); err == nil || !strings.Contains(err.Error(), "already used") {
+	if _, err := dialLane(ctx, &cfg, s.Addr(), "", tok, keep); err == nil || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("second use of a token: %v", err)
 	}
 	// The accepted lane carries a frame into the slot.
@@ -317,14 +317,14 @@ func TestLaneTLS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var tok laneToken
-	if _, err := dialLane(ctx, &plain, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
+	if _, err := dialLane(ctx, &plain, addrA, "", tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("plaintext lane accepted by a TLS node")
 	}
 	// So is one with a certificate of another CA.
 	_, otherCli := testTLS(t)
 	other := DefaultNetConfig()
 	other.LaneClientTLS = otherCli
-	if _, err := dialLane(ctx, &other, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
+	if _, err := dialLane(ctx, &other, addrA, "", tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("lane with a foreign certificate accepted")
 	}
 	poll.Until(t, 10*time.Second, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })

@@ -21,21 +21,22 @@ func init() {
 
 // allreduceFlags are the flags shared by the bench command and its worker.
 type allreduceFlags struct {
-	sizes    string
-	dtype    string
-	iters    int
-	warmup   int
-	device   string
-	channels int
-	chunk    string
-	window   string
-	readBuf  string
-	writeBuf string
-	timeout  time.Duration
-	plane    string
-	sockBuf  string
-	noSame   bool
-	minChan  string
+	sizes     string
+	dtype     string
+	iters     int
+	warmup    int
+	device    string
+	channels  int
+	chunk     string
+	window    string
+	readBuf   string
+	writeBuf  string
+	timeout   time.Duration
+	plane     string
+	sockBuf   string
+	unixLanes bool
+	noSame    bool
+	minChan   string
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -56,6 +57,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
 	fs.BoolVar(&f.noSame, "no-same-host", false, "with --procs and --device cuda: keep the all-reduce on the TCP lanes instead of the same-host ring (CUDA IPC between the processes, the default where they can reach each other's GPU memory)")
 	fs.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(collective.DefaultNetConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
+	fs.BoolVar(&f.unixLanes, "unix-lanes", false, "carry the lanes between the ranks over Unix sockets, as agents of one host do (off: TCP lanes, compared with raw TCP over the same path)")
 }
 
 func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, collective.AllReduceJobSpec, error) {
@@ -93,6 +95,7 @@ func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, col
 	}
 	gcfg.LaneSocketBuffer = int(sb)
 	gcfg.DataPlane = f.plane
+	gcfg.UnixLanes = f.unixLanes
 	if err := gcfg.Validate(); err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--data-plane/--lane-socket-buffer: %w", err)
 	}

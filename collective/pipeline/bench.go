@@ -301,6 +301,7 @@ func benchLinks(ctx context.Context, cfg BenchConfig, job string, p int) ([]Stag
 	for s := 0; s < p; s++ {
 		gcfg := collective.DefaultNetConfig()
 		gcfg.DataPlane = cfg.DataPlane
+		gcfg.UnixLanes = false // TCP lanes, as the raw TCP figure they are compared with
 		srv, err := collective.Listen("127.0.0.1:0", gcfg)
 		if err != nil {
 			cleanup()

@@ -118,6 +118,26 @@ func TestPythonZeroCopy(t *testing.T) {
 	}
 }
 
+// Who reads the agent's answers (python/tests/check_caller_reads.py): a
+// caller waiting for its operation reads the answer itself (no hand-over
+// from a reader thread), futures and operations nobody waits for are
+// completed by the background reader; GPUMESH_CALLER_READS=0 leaves
+// everything to the reader.
+func TestPythonCallerReads(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_caller_reads.py")
+	for _, mode := range []string{"on", "off"} {
+		s := startServer(t, 2)
+		outs := runPython(t, s, 2, script, mode)
+		for r, out := range outs {
+			t.Logf("%s, rank %d: %s", mode, r, strings.TrimSpace(out))
+			if !strings.Contains(out, "CALLER READS OK") {
+				t.Fatalf("%s, rank %d: %s", mode, r, out)
+			}
+		}
+		waitIdle(t, s)
+	}
+}
+
 // A rank's process dies while the group is idle: the other rank is told
 // by its agent without issuing anything, and its next collective raises at
 // once (python/tests/check_idle_failure.py).
