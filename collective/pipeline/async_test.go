@@ -21,8 +21,6 @@ type asyncCPU struct {
 	mu          sync.Mutex
 	outstanding int // staged buffers not released
 	maxOut      int
-	waitsOnHost int // Wait calls on the goroutine that issued the work
-	owner       chan struct{}
 	busy        time.Duration
 	spanStart   time.Time
 	marked      int
