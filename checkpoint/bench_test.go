@@ -66,7 +66,9 @@ func BenchmarkUploadSDKManager(b *testing.B) {
 	}
 }
 
-func BenchmarkDownloadCheckpoint(b *testing.B) {
+// committedCheckpoint is a store on a fresh test S3 server holding one
+// committed checkpoint of benchSize bytes (step 1, rank 0).
+func committedCheckpoint(b *testing.B) (*checkpoint.Checkpoints, checkpoint.Manifest) {
 	srv := s3test.NewServer(b, "bench")
 	c, err := checkpoint.New(srv.Store(b, "bench", "p", 0), checkpoint.Config{})
 	if err != nil {
@@ -81,6 +83,12 @@ func BenchmarkDownloadCheckpoint(b *testing.B) {
 	if err := c.Commit(ctx, m); err != nil {
 		b.Fatal(err)
 	}
+	return c, m
+}
+
+func BenchmarkDownloadCheckpoint(b *testing.B) {
+	c, m := committedCheckpoint(b)
+	ctx := context.Background()
 	buf := manager.NewWriteAtBuffer(make([]byte, 0, benchSize))
 	b.SetBytes(benchSize)
 	b.ResetTimer()
@@ -146,20 +154,8 @@ func BenchmarkUploadAgentPart(b *testing.B) {
 // checked download into a local file (Checkpoints.OpenPart) that the rank
 // then maps.
 func BenchmarkDownloadAgentPart(b *testing.B) {
-	srv := s3test.NewServer(b, "bench")
-	c, err := checkpoint.New(srv.Store(b, "bench", "p", 0), checkpoint.Config{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	c, m := committedCheckpoint(b)
 	ctx := context.Background()
-	p, err := c.PutPart(ctx, 1, 0, bytes.NewReader(payload(1, benchSize)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	m := checkpoint.Manifest{Step: 1, WorldSize: 1, Parts: []checkpoint.Part{p}}
-	if err := c.Commit(ctx, m); err != nil {
-		b.Fatal(err)
-	}
 	dir := b.TempDir()
 	b.SetBytes(benchSize)
 	b.ResetTimer()

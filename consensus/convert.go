@@ -63,6 +63,6 @@ func allocFromLog(a *fsmpb.Allocation) *controlpb.Allocation {
 		DesiredStatus: a.DesiredStatus, ClientStatus: a.ClientStatus, ExitCode: a.ExitCode, Message: a.Message,
 		StartTime: a.StartTime, FinishTime: a.FinishTime, Result: a.Result, RankAddr: a.RankAddr,
 		RestartCount: a.RestartCount, CreateIndex: a.CreateIndex, ModifyIndex: a.ModifyIndex,
-		Ports: a.Ports, Health: a.Health,
+		Ports: a.Ports, Health: a.Health, StartFailure: a.StartFailure,
 	}
 }

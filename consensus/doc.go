@@ -78,7 +78,12 @@
 // (whatever gossip says later) until SetNodeEligibility(eligible) ends them.
 // Each generation's rank 0 gets a MASTER_PORT in MasterPortMin..MasterPortMax
 // that no live job uses on the same host (nodes of one machine share them),
-// searched from a start derived from the job ID and generation.
+// searched from a start derived from the job ID and generation. The node
+// checks the port is free before starting rank 0 of an exec job; one held
+// by a process outside gpumesh is reported as a start failure
+// (StartMasterPortBusy), which ends the generation without a restart
+// (CauseMasterPortBusy) and keeps that port out of the next pick; a second
+// one in a row counts as the job's failure.
 // A running service (type service) is
 // evaluated per replica instead (evalService): a replica that ends, or
 // whose node drains or is lost, is replaced alone, and a drained one is

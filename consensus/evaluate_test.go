@@ -1,6 +1,7 @@
 package consensus
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -328,8 +329,58 @@ func TestEvaluateDrainEndsGenerationWithoutRestart(t *testing.T) {
 	}
 }
 
+// A rank 0 whose node finds its MASTER_PORT taken by a process outside
+// gpumesh ends the generation without a restart; the next one gets another
+// port and never the busy one; a second busy port in a row counts.
+func TestEvaluateMasterPortBusyPlacesAgainWithAnotherPort(t *testing.T) {
+	s := newSim(t, "a", "b")
+	s.register("j", 2, 1)
+	s.step("j")
+	busyOn := func() *controlpb.Allocation {
+		for _, a := range s.gen("j") {
+			if a.Rank == 0 {
+				s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
+					Allocations: []*fsmpb.Allocation{{Id: a.Id, ClientStatus: AllocFailed, ExitCode: -1,
+						Message: "MASTER_PORT is in use", StartFailure: StartMasterPortBusy}}}}})
+				return a
+			}
+			s.report(a.Id, AllocRunning, 0)
+		}
+		t.Fatal("no rank 0")
+		return nil
+	}
+	first := busyOn()
+	s.step("j")
+	j := s.job("j")
+	if j.Status != JobPending || Cause(j.EndCause) != CauseMasterPortBusy || j.Restarts != 0 || j.NextAttemptTime != nil {
+		t.Fatalf("after a busy port: %v", j)
+	}
+	if !strings.Contains(j.StatusReason, fmt.Sprintf("MASTER_PORT %d is in use", first.MasterPort)) {
+		t.Fatalf("reason %q does not name the port", j.StatusReason)
+	}
+	s.stopAll("j")
+	s.step("j")
+	if j := s.job("j"); j.Status != JobRunning || j.Generation != 2 || j.Restarts != 0 {
+		t.Fatalf("not placed again without a restart: %v", j)
+	}
+	second := busyOn()
+	if second.MasterPort == first.MasterPort {
+		t.Fatalf("generation 2 got the busy port %d again", first.MasterPort)
+	}
+	s.step("j")
+	if j := s.job("j"); Cause(j.EndCause) != CauseRankFailed {
+		t.Fatalf("a second busy port in a row did not end as a failure: %v", j)
+	}
+	s.stopAll("j")
+	s.now = s.now.Add(10 * time.Second)
+	s.step("j")
+	if j := s.job("j"); j.Restarts != 1 || Cause(j.EndCause) != CauseTaskFailed {
+		t.Fatalf("a second busy port in a row is not counted: %v", j)
+	}
+}
+
 func TestCauseCounts(t *testing.T) {
-	for _, c := range []Cause{CauseNone, CauseRankFailed, CauseNodeLost, CauseNodeDrained, CauseResized} {
+	for _, c := range []Cause{CauseNone, CauseRankFailed, CauseNodeLost, CauseNodeDrained, CauseResized, CauseMasterPortBusy} {
 		if c.Counts() {
 			t.Errorf("%q counts against the restart policy", c)
 		}

@@ -324,6 +324,9 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*f
 		if len(u.Ports) != 0 {
 			na.Ports = u.Ports
 		}
+		if u.StartFailure != "" {
+			na.StartFailure = u.StartFailure
+		}
 		healthChanged := u.Health != "" && u.Health != na.Health
 		if healthChanged {
 			na.Health = u.Health

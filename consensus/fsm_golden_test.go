@@ -24,11 +24,12 @@ import (
 // FSM, with the state they produce as the Control API shows it: v1 by commit
 // daecd94 (before the FSM had messages of its own), v2 by the build that
 // added services, their rolling updates, node eligibility, checkpoints and
-// end causes (every field of every command then). Every build must read all
-// of them; TestWriteFSMGolden writes goldenPath, the newest.
+// end causes (every field of every command then), v3 by the build that
+// added Allocation.start_failure. Every build must read all of them;
+// TestWriteFSMGolden writes goldenPath, the newest.
 var (
-	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), goldenPath}
-	goldenPath  = filepath.Join("testdata", "fsm-v2.golden.json")
+	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), filepath.Join("testdata", "fsm-v2.golden.json"), goldenPath}
+	goldenPath  = filepath.Join("testdata", "fsm-v3.golden.json")
 )
 
 type golden struct {

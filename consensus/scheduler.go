@@ -56,7 +56,18 @@ const (
 	CauseNodeDrained Cause = "node-drained"
 	// CauseResized: an elastic job is placed again to grow.
 	CauseResized Cause = "resized"
+	// CauseMasterPortBusy: rank 0 could not start because its MASTER_PORT
+	// was held on its host by a process outside gpumesh (the scheduler only
+	// knows the ports of its own jobs). Placed again at once with another
+	// port; not counted, unless the generation before ended the same way
+	// (then the next busy port counts as the job's failure, so a host whose
+	// ports are all taken cannot loop forever).
+	CauseMasterPortBusy Cause = "master-port-busy"
 )
+
+// StartMasterPortBusy is the Allocation.StartFailure of a rank 0 whose node
+// found its MASTER_PORT in use before starting it.
+const StartMasterPortBusy = "master-port-busy"
 
 // Counts reports whether a generation that ended for this cause counts
 // against the job's restart policy: only the job's own failure does.
@@ -153,6 +164,10 @@ func NewEvaluator(v ClusterView, cfg SchedulerConfig) (*Evaluator, error) {
 	var existing []sharding.Allocation
 	for _, a := range v.Allocations {
 		if AllocTerminal(a.ClientStatus) {
+			if a.StartFailure == StartMasterPortBusy && a.MasterPort != 0 {
+				// Held by something outside gpumesh when last tried.
+				e.reservePort(masterKey(a.MasterAddr, a.NodeId), a.MasterPort)
+			}
 			continue
 		}
 		if n := e.nodes[a.NodeId]; n == nil || !nodeAlive(n) {
@@ -250,7 +265,7 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 	}
 	complete := len(cur) > 0
-	var failed, lost, drained, suspect *controlpb.Allocation
+	var failed, lost, drained, suspect, busy *controlpb.Allocation
 	var lostIDs []string
 	var wake time.Time
 	first := func(p **controlpb.Allocation, a *controlpb.Allocation) {
@@ -265,6 +280,8 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 		complete = false
 		n := e.nodes[a.NodeId]
 		switch {
+		case a.ClientStatus == AllocFailed && a.StartFailure == StartMasterPortBusy:
+			first(&busy, a)
 		case a.ClientStatus == AllocComplete || a.ClientStatus == AllocFailed:
 			first(&failed, a)
 		case a.ClientStatus == AllocLost:
@@ -292,7 +309,7 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 		p.Status = JobComplete
 		p.StatusReason = fmt.Sprintf("all %d ranks of generation %d exited 0", len(cur), j.Generation)
 		return Decision{Plan: p}
-	case failed == nil && lost == nil && drained == nil:
+	case failed == nil && lost == nil && drained == nil && busy == nil:
 		reason := ""
 		if suspect != nil {
 			since, _ := silentSince(e.nodes[suspect.NodeId])
@@ -332,7 +349,13 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 	case drained != nil:
 		p.EndCause = string(CauseNodeDrained)
 		p.StatusReason = fmt.Sprintf("generation %d ended: node %s of rank %d is draining; placing again (a drain does not count as a restart)", j.Generation, drained.NodeName, drained.Rank)
+	case busy != nil && failed == nil && Cause(j.EndCause) != CauseMasterPortBusy:
+		p.EndCause = string(CauseMasterPortBusy)
+		p.StatusReason = fmt.Sprintf("generation %d ended: MASTER_PORT %d is in use on node %s by a process outside gpumesh; placing again with another port (does not count as a restart)", j.Generation, busy.MasterPort, busy.NodeName)
 	default:
+		if failed == nil {
+			failed = busy // a second busy port in a row: the job's failure
+		}
 		_, delay := restartPolicy(j.Spec)
 		p.EndCause = string(CauseRankFailed)
 		p.NextAttemptTime = timestamppb.New(now.Add(delay))

@@ -3,20 +3,15 @@ package node
 import (
 	"context"
 	"fmt"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/ec2"
-	ec2types "github.com/aws/aws-sdk-go-v2/service/ec2/types"
-
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/deploy"
 	"github.com/gpumesh/gpumesh/deploy/aemmtest"
-	"github.com/gpumesh/gpumesh/deploy/ec2fake"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/ec2test"
 	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
@@ -74,30 +69,11 @@ func TestSpotNotices(t *testing.T) {
 // The leader raises an EC2 Fleet's target (an in-process EC2 API) while a
 // gang job waits for GPUs the cluster lacks, and records why.
 func TestFleetScalesOutWhileJobWaits(t *testing.T) {
-	fake := ec2fake.New()
-	srv := httptest.NewServer(fake)
-	t.Cleanup(srv.Close)
-	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	api, err := deploy.NewEC2Client(context.Background(), deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := api.CreateFleet(context.Background(), &ec2.CreateFleetInput{
-		Type: ec2types.FleetTypeMaintain,
-		LaunchTemplateConfigs: []ec2types.FleetLaunchTemplateConfigRequest{{
-			LaunchTemplateSpecification: &ec2types.FleetLaunchTemplateSpecificationRequest{LaunchTemplateId: aws.String("lt-1"), Version: aws.String("$Latest")},
-		}},
-		TargetCapacitySpecification: &ec2types.TargetCapacitySpecificationRequest{TotalTargetCapacity: aws.Int32(1), DefaultTargetCapacityType: ec2types.DefaultTargetCapacityTypeSpot},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fleetID := aws.ToString(out.FleetId)
+	fl := ec2test.StartFleet(t, 1)
+	fake, fleetID := fl.Fake, fl.ID
 	dc := startCluster(t, 1, func(_ int, c *Config) {
 		c.EC2 = &EC2Config{
-			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL}},
+			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: ec2test.Region, Endpoint: fl.Endpoint}},
 			Fleet:       FleetConfig{ID: fleetID, Policy: deploy.DefaultScalePolicy(1, 10), Interval: 100 * time.Millisecond},
 		}
 	})
@@ -125,31 +101,12 @@ func TestFleetScalesOutWhileJobWaits(t *testing.T) {
 // replica slots no node can take count as demand.
 func TestFleetScalesOutForAServiceUnderLoad(t *testing.T) {
 	needSystemPython(t)
-	fake := ec2fake.New()
-	srv := httptest.NewServer(fake)
-	t.Cleanup(srv.Close)
-	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	api, err := deploy.NewEC2Client(context.Background(), deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := api.CreateFleet(context.Background(), &ec2.CreateFleetInput{
-		Type: ec2types.FleetTypeMaintain,
-		LaunchTemplateConfigs: []ec2types.FleetLaunchTemplateConfigRequest{{
-			LaunchTemplateSpecification: &ec2types.FleetLaunchTemplateSpecificationRequest{LaunchTemplateId: aws.String("lt-1"), Version: aws.String("$Latest")},
-		}},
-		TargetCapacitySpecification: &ec2types.TargetCapacitySpecificationRequest{TotalTargetCapacity: aws.Int32(1), DefaultTargetCapacityType: ec2types.DefaultTargetCapacityTypeSpot},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fleetID := aws.ToString(out.FleetId)
+	fl := ec2test.StartFleet(t, 1)
+	fake, fleetID := fl.Fake, fl.ID
 	dc := startCluster(t, 1, func(_ int, c *Config) {
 		c.MaxRanksPerNode = 1
 		c.EC2 = &EC2Config{
-			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL}},
+			AgentConfig: deploy.AgentConfig{IMDS: deploy.IMDSConfig{Disabled: true}, AWS: deploy.AWSConfig{Region: ec2test.Region, Endpoint: fl.Endpoint}},
 			Fleet:       FleetConfig{ID: fleetID, Policy: deploy.DefaultScalePolicy(1, 10), Interval: 100 * time.Millisecond},
 		}
 	})

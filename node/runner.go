@@ -2,10 +2,14 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -316,6 +320,12 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 		r.reportLocked(al, consensus.AllocFailed, -1, fmt.Sprintf("this node has no %q driver", job.Spec.GetType()), nil)
 		return
 	}
+	if err := masterPortFree(job.Spec.GetType(), al); err != nil {
+		r.logger.Warn("rank 0 not started: its MASTER_PORT is taken", "job", al.JobId, "generation", al.Generation, "port", al.MasterPort, "error", err)
+		r.reportLocked(al, consensus.AllocFailed, -1, fmt.Sprintf("MASTER_PORT %d is in use on this host by a process outside gpumesh (%v)", al.MasterPort, err), nil)
+		r.pending[al.Id].StartFailure = consensus.StartMasterPortBusy
+		return
+	}
 	t, err := drv(r.ctx, r, proto.Clone(al).(*pb.Allocation), job)
 	if err != nil {
 		r.logger.Error("rank failed to start", "job", al.JobId, "rank", al.Rank, "error", err)
@@ -331,6 +341,29 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 		r.pending[al.Id].Ports = ports
 	}
 	r.goFunc(func() { r.waitTask(rt) })
+}
+
+// masterPortFree checks, for rank 0 of an exec job, that its MASTER_PORT
+// can be listened on here: the torchrun environment's rendezvous store
+// listens there, and the scheduler reserves ports only against its own
+// jobs, so a process outside gpumesh holding the port would fail the rank
+// (and count as the job's failure). A busy port is reported as a start
+// failure the scheduler places again with another port. The probe closes
+// the port before the rank starts; a process taking it in between still
+// fails the rank, as before.
+func masterPortFree(jobType string, al *pb.Allocation) error {
+	if jobType != "exec" || al.Rank != 0 || al.MasterPort <= 0 {
+		return nil
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(int(al.MasterPort))))
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return err
+		}
+		return nil // not a busy port (no IPv6, say): let the rank try
+	}
+	ln.Close()
+	return nil
 }
 
 func (r *runner) waitTask(rt *runningTask) {

@@ -88,12 +88,7 @@ func newCheckpointPutCommand(f *checkpointFlags) *cobra.Command {
 		Short:   "Upload one rank's part of a checkpoint; prints the part as JSON for commit",
 		Example: "  gpumesh checkpoint put --uri file:///shared/ckpt --step 120 --rank 1 state-1.pt",
 		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
+		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			file, err := os.Open(args[0])
 			if err != nil {
 				return err
@@ -104,7 +99,7 @@ func newCheckpointPutCommand(f *checkpointFlags) *cobra.Command {
 				return err
 			}
 			return json.NewEncoder(cmd.OutOrStdout()).Encode(p)
-		},
+		}),
 	}
 	cmd.Flags().Int64Var(&step, "step", -1, "the training step the state belongs to (required)")
 	cmd.Flags().IntVar(&rank, "rank", 0, "the rank whose part this is")
@@ -122,19 +117,14 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 		Short:   "Make a checkpoint visible once all its parts are uploaded, then prune to --keep",
 		Example: "  gpumesh checkpoint commit --uri s3://my-bucket/runs/llama --step 120 --meta epoch=3",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
+		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			m := checkpoint.Manifest{Step: step, WorldSize: world, Job: os.Getenv(envJobID), Meta: meta}
 			m.Generation, _ = strconv.ParseUint(os.Getenv(envGeneration), 10, 64)
 			if err := json.Unmarshal([]byte(parts), &m.Parts); err != nil {
 				return fmt.Errorf("--parts: not a JSON list of parts (what put prints): %v", err)
 			}
 			return c.Commit(ctx, m)
-		},
+		}),
 	}
 	cmd.Flags().Int64Var(&step, "step", -1, "the training step (required)")
 	cmd.Flags().IntVar(&world, "world", 1, "the job's world size when it saved")
@@ -157,12 +147,7 @@ func newCheckpointLatestCommand(f *checkpointFlags) *cobra.Command {
 		Short:   `Print the newest complete checkpoint's manifest as JSON ({"found": false} if there is none)`,
 		Example: "  gpumesh checkpoint latest --uri s3://my-bucket/runs/llama",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
+		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			m, err := c.Latest(ctx)
 			out := latestJSON{}
 			switch {
@@ -173,7 +158,7 @@ func newCheckpointLatestCommand(f *checkpointFlags) *cobra.Command {
 				out = latestJSON{Found: true, Manifest: &m}
 			}
 			return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
-		},
+		}),
 	}
 }
 
@@ -185,13 +170,9 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 		Short:   "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its CRC32C",
 		Example: "  gpumesh checkpoint get --uri file:///shared/ckpt --rank 0 state-0.pt\n  gpumesh checkpoint get --uri file:///shared/ckpt --step 120 --rank 0 state-0.pt",
 		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
+		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			var m checkpoint.Manifest
+			var err error
 			if step >= 0 {
 				m, err = c.Manifest(ctx, step)
 			} else {
@@ -201,11 +182,22 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 				return err
 			}
 			return downloadFile(ctx, c, m, rank, args[0])
-		},
+		}),
 	}
 	cmd.Flags().Int64Var(&step, "step", -1, "the step to fetch; -1 fetches the newest complete checkpoint")
 	cmd.Flags().IntVar(&rank, "rank", 0, "whose part to fetch")
 	return cmd
+}
+
+// withStore is a subcommand's RunE that opens the --uri store first.
+func (f *checkpointFlags) withStore(run func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		c, err := f.open(cmd.Context())
+		if err != nil {
+			return err
+		}
+		return run(cmd.Context(), c, cmd, args)
+	}
 }
 
 // downloadFile fetches a part into a temporary file beside path and renames
@@ -233,12 +225,7 @@ func newCheckpointListCommand(f *checkpointFlags) *cobra.Command {
 		Short:   "List the complete checkpoints, newest last",
 		Example: "  gpumesh checkpoint list --uri s3://my-bucket/runs/llama",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			c, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
+		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			ms, err := c.List(ctx)
 			if err != nil {
 				return err
@@ -254,7 +241,7 @@ func newCheckpointListCommand(f *checkpointFlags) *cobra.Command {
 				return nil
 			}
 			return printCheckpoints(cmd.OutOrStdout(), ms)
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&f.json, "json", false, "print the manifests as JSON")
 	return cmd

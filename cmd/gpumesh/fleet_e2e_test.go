@@ -3,19 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/service/ec2"
-	ec2types "github.com/aws/aws-sdk-go-v2/service/ec2/types"
-
-	"github.com/gpumesh/gpumesh/deploy"
-	"github.com/gpumesh/gpumesh/deploy/ec2fake"
+	"github.com/gpumesh/gpumesh/internal/ec2test"
 	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
 )
@@ -27,27 +21,8 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 	if testing.Short() {
 		t.Skip("multi-process test; skipped with -short")
 	}
-	fake := ec2fake.New()
-	srv := httptest.NewServer(fake)
-	defer srv.Close()
-	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	client, err := deploy.NewEC2Client(context.Background(), deploy.AWSConfig{Region: "us-east-1", Endpoint: srv.URL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := client.CreateFleet(context.Background(), &ec2.CreateFleetInput{
-		Type: ec2types.FleetTypeMaintain,
-		LaunchTemplateConfigs: []ec2types.FleetLaunchTemplateConfigRequest{{
-			LaunchTemplateSpecification: &ec2types.FleetLaunchTemplateSpecificationRequest{LaunchTemplateId: aws.String("lt-1"), Version: aws.String("$Latest")},
-		}},
-		TargetCapacitySpecification: &ec2types.TargetCapacitySpecificationRequest{TotalTargetCapacity: aws.Int32(3), DefaultTargetCapacityType: ec2types.DefaultTargetCapacityTypeSpot},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	fleetID := aws.ToString(out.FleetId)
+	f := ec2test.StartFleet(t, 3)
+	fake, fleetID := f.Fake, f.ID
 
 	// The agents are the fleet's three instances (on EC2 a node is named by
 	// its instance ID), so the autoscaler sees them joined.
@@ -60,7 +35,7 @@ func TestFleetScalesOutForWaitingJob(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		as = append(as, procs.NewAgent(t, dir, fl.Instances[i], fmt.Sprintf("127.0.0.%d", i+2),
 			"--bootstrap-expect", "3", "--ec2", "off", "--fleet-id", fleetID, "--fleet-min", "3", "--fleet-max", "10",
-			"--fleet-on-demand-base", "1", "--fleet-interval", "500ms", "--region", "us-east-1", "--ec2-endpoint", srv.URL))
+			"--fleet-on-demand-base", "1", "--fleet-interval", "500ms", "--region", ec2test.Region, "--ec2-endpoint", f.Endpoint))
 	}
 	procs.StartJoined(as)
 	t.Cleanup(func() {

@@ -1301,8 +1301,13 @@ type Allocation struct {
 	ModifyIndex    uint64                 `protobuf:"varint,25,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
 	Ports          map[string]int32       `protobuf:"bytes,26,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // service replicas: named ports the agent allocated
 	Health         string                 `protobuf:"bytes,27,opt,name=health,proto3" json:"health,omitempty"`                                                                          // service replicas: "", starting, healthy or unhealthy
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// start_failure says why a rank could not start when its node, not the
+	// job, is at fault; the scheduler then places the generation again
+	// without counting a restart. "master-port-busy": rank 0's MASTER_PORT
+	// was held by a process outside gpumesh.
+	StartFailure  string `protobuf:"bytes,28,opt,name=start_failure,json=startFailure,proto3" json:"start_failure,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Allocation) Reset() {
@@ -1520,6 +1525,13 @@ func (x *Allocation) GetPorts() map[string]int32 {
 func (x *Allocation) GetHealth() string {
 	if x != nil {
 		return x.Health
+	}
+	return ""
+}
+
+func (x *Allocation) GetStartFailure() string {
+	if x != nil {
+		return x.StartFailure
 	}
 	return ""
 }
@@ -3695,7 +3707,7 @@ const file_control_proto_rawDesc = "" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
 	"\tend_cause\x18\x0e \x01(\tR\bendCause\x12'\n" +
-	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\xe3\a\n" +
+	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\x88\b\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -3734,7 +3746,8 @@ const file_control_proto_rawDesc = "" +
 	"\fcreate_index\x18\x18 \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\x127\n" +
 	"\x05ports\x18\x1a \x03(\v2!.gpumesh.v1.Allocation.PortsEntryR\x05ports\x12\x16\n" +
-	"\x06health\x18\x1b \x01(\tR\x06health\x1a8\n" +
+	"\x06health\x18\x1b \x01(\tR\x06health\x12#\n" +
+	"\rstart_failure\x18\x1c \x01(\tR\fstartFailure\x1a8\n" +
 	"\n" +
 	"PortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +

@@ -133,11 +133,57 @@ def _agent():
         return _agent_conn["conn"]
 
 
+# How long a rank waits for its agent to come back when the connection
+# drops (an agent restart or upgrade: ranks outlive it and are adopted).
+RECONNECT_SECONDS = 120.0
+
+# Requests that may be sent again on a new connection: they either change
+# nothing or write the same thing twice (a manifest). PUT_END and PUT_ABORT
+# name a part of the old connection, which the agent dropped with it: the
+# whole put is redone (see save).
+_RETRYABLE = {_ckpt_client.PUT_BEGIN, _ckpt_client.COMMIT, _ckpt_client.LATEST,
+              _ckpt_client.LIST, _ckpt_client.OPEN}
+
+
+def _reconnect(cause):
+    """Drop the lost connection and wait for the agent to answer again."""
+    with _lock:
+        old = _agent_conn.pop("conn", None)
+    if old is not None:
+        old.close()
+    print("gpumesh.checkpoint: %s; waiting up to %.0f s for the agent to come back" % (cause, RECONNECT_SECONDS),
+          file=sys.stderr, flush=True)
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    while True:
+        try:
+            conn = _ckpt_client.from_env()
+        except _client.AgentError as e:
+            if time.monotonic() >= deadline:
+                raise CheckpointError("the local agent did not come back within %.0f s: %s" % (RECONNECT_SECONDS, e)) from e
+            time.sleep(0.25)
+            continue
+        with _lock:
+            _agent_conn["conn"] = conn
+        return conn
+
+
 def _ask(kind, body=None):
     try:
         return _agent().request(kind, body)
+    except _client.AgentConnectionLost as e:
+        conn = _reconnect(e)
+        if kind not in _RETRYABLE:
+            raise _PutLost(str(e)) from e
+        try:
+            return conn.request(kind, body)
+        except _client.AgentError as e2:
+            raise CheckpointError(str(e2)) from e2
     except _client.AgentError as e:
         raise CheckpointError(str(e)) from e
+
+
+class _PutLost(CheckpointError):
+    """The agent went away in the middle of a put; it dropped the part."""
 
 
 def _run(*args):
@@ -269,22 +315,12 @@ def save(state, step, shard=False, meta=None):
     agent = _agent()
     part = None
     if (shard or rank == 0) and agent is not None:
-        # Written once, into the file the agent stores.
-        t0 = time.monotonic()
-        _, fd, rid = _ask(_ckpt_client.PUT_BEGIN, {"step": int(step)})
         try:
-            with open(fd, "wb") as f:
-                torch.save(state, f)
-            last_save["write_seconds"] = time.monotonic() - t0
-        except BaseException:
-            try:
-                _ask(_ckpt_client.PUT_ABORT, {"id": rid})
-            except CheckpointError:
-                pass
-            raise
-        t1 = time.monotonic()
-        part = _ask(_ckpt_client.PUT_END, {"id": rid})[0]["parts"][0]
-        last_save["store_seconds"] = time.monotonic() - t1
+            part = _put(state, step)
+        except _PutLost:
+            # The agent restarted mid-put (we are connected to its
+            # successor now): write the state again.
+            part = _put(state, step)
     elif shard or rank == 0:
         with tempfile.NamedTemporaryFile(dir=_scratch(), prefix="ckpt-", suffix=".pt", delete=False) as f:
             path = f.name
@@ -323,6 +359,27 @@ def save(state, step, shard=False, meta=None):
             raise CheckpointError("rank 0 failed to commit the checkpoint of step %d (see its log)" % step)
     if err is not None:
         raise err
+
+
+def _put(state, step):
+    """Write state once, into the file the agent stores; returns its part."""
+    import torch
+    t0 = time.monotonic()
+    _, fd, rid = _ask(_ckpt_client.PUT_BEGIN, {"step": int(step)})
+    try:
+        with open(fd, "wb") as f:
+            torch.save(state, f)
+        last_save["write_seconds"] = time.monotonic() - t0
+    except BaseException:
+        try:
+            _ask(_ckpt_client.PUT_ABORT, {"id": rid})
+        except CheckpointError:
+            pass
+        raise
+    t1 = time.monotonic()
+    part = _ask(_ckpt_client.PUT_END, {"id": rid})[0]["parts"][0]
+    last_save["store_seconds"] = time.monotonic() - t1
+    return part
 
 
 def latest():

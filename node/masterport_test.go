@@ -1,0 +1,65 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+)
+
+// A process outside gpumesh holding the MASTER_PORT the scheduler picks
+// for rank 0 must not fail the job: the node sees the port taken before
+// starting the rank, and the job runs again on another port without a
+// restart counted.
+func TestClusterMasterPortHeldOutsideIsPlacedAgain(t *testing.T) {
+	dc := startCluster(t, 1, nil)
+	c := client(t, dc.Agents[0])
+	const id = "port-held-outside"
+	// The port the scheduler starts from for generation 1 (consensus's
+	// pickPort: the default range 29500-29999 from a hash of job and
+	// generation; no other job holds one here).
+	h := fnv.New32a()
+	fmt.Fprintf(h, "%s/%d", id, 1)
+	port := 29500 + int(h.Sum32()%500)
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Skipf("port %d is already taken on this machine: %v", port, err)
+	}
+	defer ln.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	resp, err := c.SubmitJob(ctx, &pb.SubmitJobRequest{Id: id, Spec: mustSpec(t, `
+name: port-held-outside
+ranks: 1
+restart: {attempts: 0}
+exec:
+  command: ["sh", "-c", "echo master port $MASTER_PORT"]
+`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := waitJob(t, c, resp.Id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "complete" || r.Job.Status == "failed" })
+	if final.Job.Status != "complete" || final.Job.Restarts != 0 || final.Job.Generation != 2 {
+		t.Fatalf("job %s generation %d restarts %d (%s); want complete in generation 2 without a restart",
+			final.Job.Status, final.Job.Generation, final.Job.Restarts, final.Job.StatusReason)
+	}
+	var gen1 *pb.Allocation
+	for _, a := range final.Allocations {
+		if a.Generation == 1 {
+			gen1 = a
+		}
+	}
+	if gen1 == nil || gen1.MasterPort != int32(port) || gen1.StartFailure != "master-port-busy" || !strings.Contains(gen1.Message, fmt.Sprintf("MASTER_PORT %d is in use", port)) {
+		t.Fatalf("generation 1's rank 0 (want port %d refused as busy): %v", port, gen1)
+	}
+	out := readLogs(t, c, resp.Id, 0, 2)
+	if !strings.Contains(out, "master port ") || strings.Contains(out, fmt.Sprintf("master port %d\n", port)) {
+		t.Fatalf("generation 2's log %q: want another port than %d", out, port)
+	}
+}
