@@ -103,8 +103,6 @@ type router struct {
 	// general sends every request through httputil.ReverseProxy, none by
 	// the fast path (service_upstream.go); set before serving.
 	general bool
-	// staleAfter is the fast path's defaultStaleAfter (tests shorten it).
-	staleAfter time.Duration
 
 	updateMu sync.Mutex // serialises update
 	table    atomic.Pointer[routeTable]
@@ -134,7 +132,7 @@ func (at *attempt) wroteRequest(info httptrace.WroteRequestInfo) {
 }
 
 func newRouter(nodeID, az string, logger hclog.Logger) *router {
-	rt := &router{nodeID: nodeID, az: az, logger: logger, staleAfter: defaultStaleAfter}
+	rt := &router{nodeID: nodeID, az: az, logger: logger}
 	rt.table.Store(&routeTable{services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}, pools: map[string]*replicaConns{}})
 	rt.transport = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -248,7 +246,7 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.N
 		b.proxy = rt.newProxy(b.addr, b.prefix)
 		b.pool = old.pools[al.Id]
 		if b.pool == nil || b.pool.addr != b.addr {
-			b.pool = &replicaConns{addr: b.addr, staleAfter: rt.staleAfter}
+			b.pool = &replicaConns{addr: b.addr}
 		}
 		pools[al.Id] = b.pool
 		b.health = al.Health

@@ -48,11 +48,6 @@ const (
 	// maxIdlePerReplica is how many idle connections a router keeps to
 	// one replica (more are closed when returned).
 	maxIdlePerReplica = 256
-	// defaultStaleAfter is how long a connection may sit idle before it
-	// is checked for a close by the replica before a non-idempotent
-	// request is written on it (an idempotent one is resent on a fresh
-	// connection instead).
-	defaultStaleAfter = time.Second
 	// upstreamDialTimeout bounds a connection attempt to a replica.
 	upstreamDialTimeout = 2 * time.Second
 )
@@ -65,21 +60,18 @@ var (
 
 // upConn is one kept-alive connection to a replica.
 type upConn struct {
-	c        net.Conn
-	br       *bufio.Reader
-	bw       *bufio.Writer
-	idleFrom time.Time
+	c  net.Conn
+	br *bufio.Reader
+	bw *bufio.Writer
 }
 
 // replicaConns holds a router's idle connections to one replica: the most
 // recently used first. It lives as long as the replica is in the table.
 type replicaConns struct {
-	addr string
-	// staleAfter: see defaultStaleAfter.
-	staleAfter time.Duration
-	mu         sync.Mutex
-	idle       []*upConn
-	closed     bool
+	addr   string
+	mu     sync.Mutex
+	idle   []*upConn
+	closed bool
 }
 
 // get returns an idle connection (reused true) or dials a new one.
@@ -107,7 +99,6 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 
 // put returns a connection whose last answer was read to the end.
 func (p *replicaConns) put(uc *upConn) {
-	uc.idleFrom = time.Now()
 	p.mu.Lock()
 	if p.closed || len(p.idle) >= maxIdlePerReplica {
 		p.mu.Unlock()
@@ -183,9 +174,12 @@ func fastForward(at *attempt, req *http.Request, pool *replicaConns, path string
 		if err != nil {
 			return err
 		}
-		if reused && !safe && time.Since(uc.idleFrom) >= pool.staleAfter && !connAlive(uc.c) {
+		// Before a request that must not be sent twice goes on a kept-
+		// alive connection, check that the replica has not closed it (it
+		// exited, or timed the connection out): one non-blocking peek.
+		if reused && !safe && !connAlive(uc.c) {
 			_ = uc.c.Close()
-			continue // closed while idle: nothing was sent on it
+			continue // nothing was sent on it
 		}
 		again, err := exchange(at, req, uc, path, body, pool)
 		if again && reused && safe && try == 0 {

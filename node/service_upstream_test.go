@@ -248,13 +248,13 @@ func (r *rawReplica) got() ([]string, int) {
 	return append([]string(nil), r.heads...), r.conns
 }
 
-// A connection the replica closed while it sat in the pool costs no
-// request: a GET is sent again on a fresh one, and before a POST is
-// written on a connection idle for staleAfter, the router checks it.
+// A connection the replica closed while it sat in the pool (it exited, or
+// timed the connection out) costs no request: a GET is sent again on a
+// fresh one, and before a POST is written on a kept-alive connection, the
+// router checks that the replica has not closed it.
 func TestRouterFastPathSurvivesConnectionsClosedWhileIdle(t *testing.T) {
 	rep := newRawReplica(t, true)
 	rt, front := newTestRouter(t, false)
-	rt.staleAfter = 0
 	rt.update(svcState(t, "echo", []string{rep.ln.Addr().String()}, []string{HealthHealthy}))
 	for i, method := range []string{http.MethodGet, http.MethodGet, http.MethodPost, http.MethodPost} {
 		req, err := http.NewRequest(method, front.URL+"/svc/echo/x", strings.NewReader("p"))

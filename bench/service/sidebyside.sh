@@ -11,23 +11,25 @@
 #                     "router -listen ... -replica ..." is appended)
 #   -y SERVER_PY      also compare with examples/service/server.py as the
 #                     replica (GET /x: a short JSON answer), after the Go one
-#   -p DIR            write a 5 s CPU profile of the first router under load
+#   -R ROUNDS         rounds with SERVER_PY (default 1)
+#   -p DIR            write a CPU profile of each router under load (SECS-1 s)
 # The replica is bench/service's (1 KiB answers), from the first router's
 # binary. Prints one line per run, then the ratios to direct.
 set -euo pipefail
-rounds=3 secs=5 clients=16 prof="" serverpy=""
-while getopts "r:d:c:p:y:h" opt; do
+rounds=3 pyrounds=1 secs=5 clients=16 prof="" serverpy=""
+while getopts "r:R:d:c:p:y:h" opt; do
 	case $opt in
 	r) rounds=$OPTARG ;;
+	R) pyrounds=$OPTARG ;;
 	d) secs=$OPTARG ;;
 	c) clients=$OPTARG ;;
 	p) prof=$OPTARG ;;
 	y) serverpy=$OPTARG ;;
-	*) sed -n 2,18p "$0"; exit 2 ;;
+	*) sed -n 2,19p "$0"; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,18p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,19p "$0"; exit 2; }
 ncpu=$(nproc)
 # LOAD_CPUS overrides where the load generator runs (a trial on 2 cores).
 loadcpus=${LOAD_CPUS:-2-$((ncpu - 1))}
@@ -59,14 +61,16 @@ side() {
 			out=$(load "http://127.0.0.1:$rport$path" $mode)
 			echo "$rl $r $mode direct $(field "$out")"
 			for spec in "$@"; do
-				label=${spec%%=*} cmd=${spec#*=}
-				taskset -c 1 $cmd router -listen 127.0.0.1:$fport -replica 127.0.0.1:$rport -pprof 127.0.0.1:16060 >/dev/null 2>&1 &
+				label=${spec%%=*} cmd=${spec#*=} extra=""
+				[[ $cmd == *" "* ]] && extra=${cmd#* }
+				taskset -c 1 ${cmd%% *} router -listen 127.0.0.1:$fport -replica 127.0.0.1:$rport -pprof 127.0.0.1:16060 $extra >/dev/null 2>&1 &
 				rp=$!
 				pids+=("$rp")
 				waitport $fport
 				if [ -n "$prof" ] && [ ! -e "$prof/router-$label.prof" ]; then
 					mkdir -p "$prof"
-					(sleep 3; python3 -c "import urllib.request,sys; open(sys.argv[1],'wb').write(urllib.request.urlopen('http://127.0.0.1:16060/debug/pprof/profile?seconds=4').read())" "$prof/router-$label.prof") &
+					# Inside the measured part of the load (after its 2 s warm-up).
+					(sleep 2.3; python3 -c "import urllib.request,sys; open(sys.argv[1],'wb').write(urllib.request.urlopen('http://127.0.0.1:16060/debug/pprof/profile?seconds=%d' % max(1, int(sys.argv[2]) - 1)).read())" "$prof/router-$label.prof" "$secs") &
 				fi
 				out=$(load "http://127.0.0.1:$fport/svc/bench$path" $mode)
 				echo "$rl $r $mode $label $(field "$out")"
@@ -88,7 +92,7 @@ side() {
 		GPUMESH_HOST=127.0.0.1 GPUMESH_PORT_HTTP=$rport SERVE_NO_TORCH=1 taskset -c 0 python3 "$serverpy" &
 		pids+=($!)
 		waitport $rport
-		prof="" side python /x "$@"
+		prof="" rounds=$pyrounds side python /x "$@"
 	fi
 } | tee /tmp/sidebyside.$$
 echo
