@@ -48,6 +48,10 @@ const (
 	// maxIdlePerReplica is how many idle connections a router keeps to
 	// one replica (more are closed when returned).
 	maxIdlePerReplica = 256
+	// upstreamIdleTimeout is how long an idle connection stays in the
+	// pool (as http.Transport's IdleConnTimeout): after a burst, the
+	// connections it opened are closed as later ones are returned.
+	upstreamIdleTimeout = 90 * time.Second
 	// upstreamDialTimeout bounds a connection attempt to a replica.
 	upstreamDialTimeout = 2 * time.Second
 )
@@ -60,9 +64,10 @@ var (
 
 // upConn is one kept-alive connection to a replica.
 type upConn struct {
-	c  net.Conn
-	br *bufio.Reader
-	bw *bufio.Writer
+	c        net.Conn
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	idleFrom time.Time
 }
 
 // replicaConns holds a router's idle connections to one replica: the most
@@ -99,6 +104,7 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 
 // put returns a connection whose last answer was read to the end.
 func (p *replicaConns) put(uc *upConn) {
+	uc.idleFrom = time.Now()
 	p.mu.Lock()
 	if p.closed || len(p.idle) >= maxIdlePerReplica {
 		p.mu.Unlock()
@@ -106,7 +112,16 @@ func (p *replicaConns) put(uc *upConn) {
 		return
 	}
 	p.idle = append(p.idle, uc)
+	// The least recently used are at the bottom: close those idle too long.
+	var stale *upConn
+	if old := p.idle[0]; uc.idleFrom.Sub(old.idleFrom) > upstreamIdleTimeout {
+		stale, p.idle[0] = old, nil
+		p.idle = p.idle[1:]
+	}
 	p.mu.Unlock()
+	if stale != nil {
+		_ = stale.c.Close()
+	}
 }
 
 // close closes the idle connections; those in use are closed when put.
