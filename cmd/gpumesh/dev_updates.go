@@ -47,7 +47,7 @@ func updateNews(seen map[string]*rollout, jobs []*pb.GetJobResponse, now time.Ti
 				ro.done = true
 				continue
 			}
-			lines = append(lines, fmt.Sprintf("==> service %s (job %s): rolling update to spec generation %d: %d of %d replicas to replace, one at a time", name, j.Id, j.SpecGeneration, old, live))
+			lines = append(lines, fmt.Sprintf("==> service %s (job %s): rolling update to spec generation %d: %d replicas on the previous spec to replace, one at a time", name, j.Id, j.SpecGeneration, old))
 		}
 		if ro.done {
 			continue
@@ -64,7 +64,7 @@ func updateNews(seen map[string]*rollout, jobs []*pb.GetJobResponse, now time.Ti
 		}
 		if old == 0 && live >= int(wantedReplicas(j)) && healthyCount(r) == live {
 			ro.done = true
-			lines = append(lines, fmt.Sprintf("==> service %s: rolling update done in %s: %d replicas on spec generation %d, all healthy", name, now.Sub(ro.started).Round(100*time.Millisecond), live, j.SpecGeneration))
+			lines = append(lines, fmt.Sprintf("==> service %s: rolling update done: %d replicas on spec generation %d, all healthy (%s after it was first seen)", name, live, j.SpecGeneration, now.Sub(ro.started).Round(100*time.Millisecond)))
 		}
 	}
 	return lines

@@ -30,12 +30,12 @@ func TestUpdateNews(t *testing.T) {
 		want []string // one substring per line, in order
 	}{
 		{state(0, replica(0, 1, "running", "healthy"), replica(1, 1, "running", "healthy")), nil},
-		{state(2, replica(0, 1, "running", "healthy"), replica(1, 1, "running", "healthy"), replica(0, 2, "pending", "")), []string{"rolling update to spec generation 2: 2 of 3 replicas to replace"}},
+		{state(2, replica(0, 1, "running", "healthy"), replica(1, 1, "running", "healthy"), replica(0, 2, "pending", "")), []string{"rolling update to spec generation 2: 2 replicas on the previous spec to replace"}},
 		{state(2, replica(0, 1, "running", "healthy"), replica(1, 1, "running", "healthy"), replica(0, 2, "failed", "")), []string{"stalled: replica 0 on the new spec failed on node-1 (exit status 1); the 2 old replicas keep serving"}},
 		{state(2, replica(0, 1, "running", "healthy"), replica(1, 1, "running", "healthy"), replica(0, 2, "failed", "")), nil}, // said once
 		{state(2, replica(1, 1, "running", "healthy"), replica(0, 2, "running", "healthy")), []string{"1 of 2 replicas on the new spec"}},
 		{state(2, replica(0, 2, "running", "healthy"), replica(1, 2, "running", "starting")), []string{"2 of 2 replicas on the new spec"}},
-		{state(2, replica(0, 2, "running", "healthy"), replica(1, 2, "running", "healthy")), []string{"rolling update done in 5s: 2 replicas on spec generation 2, all healthy"}},
+		{state(2, replica(0, 2, "running", "healthy"), replica(1, 2, "running", "healthy")), []string{"rolling update done: 2 replicas on spec generation 2, all healthy (5s after it was first seen)"}},
 		{state(2, replica(0, 2, "running", "healthy"), replica(1, 2, "running", "healthy")), nil},
 	}
 	for i, s := range steps {
@@ -54,7 +54,7 @@ func TestUpdateNews(t *testing.T) {
 	if got := updateNews(map[string]*rollout{}, state(2, replica(0, 2, "running", "healthy"), replica(1, 2, "running", "healthy")), t0, true); len(got) != 0 {
 		t.Fatalf("a finished update on the first look: %q", got)
 	}
-	if got := updateNews(map[string]*rollout{}, state(2, replica(0, 1, "running", "healthy"), replica(1, 2, "running", "healthy")), t0, true); len(got) != 1 || !strings.Contains(got[0], "1 of 2 replicas to replace") {
+	if got := updateNews(map[string]*rollout{}, state(2, replica(0, 1, "running", "healthy"), replica(1, 2, "running", "healthy")), t0, true); len(got) != 1 || !strings.Contains(got[0], "1 replicas on the previous spec to replace") {
 		t.Fatalf("an update under way on the first look: %q", got)
 	}
 }
