@@ -16,19 +16,23 @@ func cpuTime() time.Duration {
 }
 
 // BenchmarkGRPCAllReduce measures a 2-rank ring all-reduce over the
-// loopback data plane, with TCP lanes (tcp) and with frames on the gRPC
-// streams (grpc); b.ReportAllocs shows what the steady state allocates per
-// operation.
+// loopback data plane, with TCP lanes (tcp), same-host Unix lanes (unix) and
+// with frames on the gRPC streams (grpc); b.ReportAllocs shows what the
+// steady state allocates per operation.
 func BenchmarkGRPCAllReduce(b *testing.B) {
 	for _, bc := range []struct {
 		plane string
 		size  int
-	}{{DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
+	}{{DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {"unix", 1 << 20}, {"unix", 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
 		size := bc.size
 		b.Run(fmt.Sprintf("%s/%dMiB", bc.plane, size>>20), func(b *testing.B) {
 			cfg := DefaultConfig()
 			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = bc.plane
+			gcfg.UnixLanes = bc.plane == "unix"
+			if bc.plane == "unix" {
+				gcfg.DataPlane = DataPlaneTCP
+			}
 			g, err := NewLoopbackGroup("bench", 1, 2, cfg, gcfg)
 			if err != nil {
 				b.Fatal(err)

@@ -39,7 +39,10 @@
 // or through cache-sized pieces that are reduced as they arrive (host
 // buffers), or into the buffer's staging memory (RecvStager: device
 // buffers' pinned slots). This avoids gRPC-Go's 16 KiB HTTP/2 framing and
-// its copies. DataPlane "grpc", or a receiver whose port is not wrapped,
+// its copies. Lanes between Services of one host (several agents on one
+// machine) ride a Unix stream socket instead of loopback TCP, at about half
+// the CPU per byte (NetConfig.UnixLanes, lane_unix.go). DataPlane "grpc",
+// or a receiver whose port is not wrapped,
 // keeps frames on the streams (streamcodec.go). See lane.go for the lane
 // protocol and service.go for the Link service; a stream that ends with an
 // error carries its class in its status (netstatus.go).

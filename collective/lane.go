@@ -164,6 +164,9 @@ func (s *Service) serveLane(conn net.Conn) {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	s.lanesAccepted.Add(1)
+	if _, ok := raw.(*net.UnixConn); ok {
+		s.unixLanesAccepted.Add(1)
+	}
 	if _, err := conn.Write([]byte{laneStatusOK}); err != nil {
 		// The reader sees the broken lane and fails the endpoint.
 		_ = l.close()
@@ -175,10 +178,10 @@ func (s *Service) serveLane(conn net.Conn) {
 // fails after the token was sent may already be attached at the receiver:
 // it goes to keep instead of being closed, so that the endpoint closes it
 // in its teardown, after the peers have heard why (an abrupt close would
-// reach the receiver first, as a broken link).
-func dialLane(ctx context.Context, cfg *NetConfig, addr string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", addr)
+// reach the receiver first, as a broken link). unixName, when not empty, is
+// the receiver's same-host lane socket, tried first (lane_unix.go).
+func dialLane(ctx context.Context, cfg *NetConfig, addr, unixName string, tok laneToken, keep func(net.Conn)) (*laneConn, error) {
+	raw, err := dialLaneConn(ctx, addr, unixName)
 	if err != nil {
 		return nil, err
 	}
@@ -268,14 +271,16 @@ type laneFailed struct {
 func (e *laneFailed) Error() string { return e.msg }
 
 func tuneLaneSocket(c net.Conn, buf int) {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		return
+	type buffered interface {
+		SetReadBuffer(int) error
+		SetWriteBuffer(int) error
 	}
-	_ = tc.SetNoDelay(true)
-	if buf > 0 {
-		_ = tc.SetReadBuffer(buf)
-		_ = tc.SetWriteBuffer(buf)
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	if bc, ok := c.(buffered); ok && buf > 0 {
+		_ = bc.SetReadBuffer(buf)
+		_ = bc.SetWriteBuffer(buf)
 	}
 }
 
@@ -513,19 +518,28 @@ func (l *laneConn) readPieces(ctx context.Context, n int, sink FrameSink) error 
 // port between gRPC and this Service's TCP lanes: each accepted
 // connection's first byte says which it is (laneMagic starts with 'G'; an
 // HTTP/2 preface with 'P', TLS with 0x16), lanes are served here and
-// everything else is handed to gRPC unchanged. Closing it closes ln and
-// waits for the connections it is still classifying. A Service with
-// DataPlane "grpc" hands every connection to gRPC (and refuses lanes).
+// everything else is handed to gRPC unchanged. With NetConfig.UnixLanes it
+// also serves lanes from this host on a Unix socket (lane_unix.go). Closing
+// it closes ln (and that socket) and waits for the connections it is still
+// classifying. A Service with DataPlane "grpc" hands every connection to
+// gRPC (and refuses lanes).
 func (s *Service) Listener(ln net.Listener) net.Listener {
 	m := &muxListener{inner: ln, svc: s, conns: make(chan net.Conn), done: make(chan struct{})}
 	s.lanesServed.Store(true)
 	m.wg.Add(1)
 	go m.acceptLoop()
+	if s.cfg.UnixLanes && s.cfg.DataPlane != DataPlaneGRPC {
+		if m.unix = s.listenUnixLanes(); m.unix != nil {
+			m.wg.Add(1)
+			go m.acceptUnix(m.unix)
+		}
+	}
 	return m
 }
 
 type muxListener struct {
 	inner net.Listener
+	unix  net.Listener // same-host lanes, or nil
 	svc   *Service
 	conns chan net.Conn
 	done  chan struct{}
@@ -561,13 +575,14 @@ func (m *muxListener) acceptLoop() {
 		}
 		backoff = 0
 		m.wg.Add(1)
-		go m.classify(c)
+		go m.classify(c, false)
 	}
 }
 
 // classify reads the first byte of c (and the rest of laneMagic when it
-// could be a lane) and routes the connection.
-func (m *muxListener) classify(c net.Conn) {
+// could be a lane) and routes the connection; lanesOnly closes anything
+// that is not a lane.
+func (m *muxListener) classify(c net.Conn, lanesOnly bool) {
 	defer m.wg.Done()
 	// Closing the listener cuts connections still being classified or in
 	// their lane handshake.
@@ -588,6 +603,10 @@ func (m *muxListener) classify(c net.Conn) {
 	_ = c.SetReadDeadline(time.Time{})
 	if n == len(laneMagic) && string(b[:]) == laneMagic {
 		m.svc.serveLane(c)
+		return
+	}
+	if lanesOnly {
+		_ = c.Close()
 		return
 	}
 	pc := &prefixConn{Conn: c, prefix: append([]byte(nil), b[:n]...)}
@@ -622,6 +641,9 @@ func (m *muxListener) Close() error {
 	err := m.inner.Close()
 	if errors.Is(err, net.ErrClosed) {
 		err = nil
+	}
+	if m.unix != nil {
+		_ = m.unix.Close()
 	}
 	m.wg.Wait()
 	return err

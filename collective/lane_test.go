@@ -181,12 +181,12 @@ func TestLaneTokenIsOneTime(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	keep := func(c net.Conn) { _ = c.Close() }
-	l, err := dialLane(ctx, &cfg, s.Addr(), tok, keep)
+	l, err := dialLane(ctx, &cfg, s.Addr(), "", tok, keep)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.close()
-	if _, err := dialLane(ctx, &cfg, s.Addr(), tok, keep); err == nil || !strings.Contains(err.Error(), "already used") {
+	if _, err := dialLane(ctx, &cfg, s.Addr(), "", tok, keep); err == nil || !strings.Contains(err.Error(), "already used") {
 		t.Fatalf("second use of a token: %v", err)
 	}
 	// The accepted lane carries a frame into the slot.
@@ -317,14 +317,14 @@ func TestLaneTLS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var tok laneToken
-	if _, err := dialLane(ctx, &plain, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
+	if _, err := dialLane(ctx, &plain, addrA, "", tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("plaintext lane accepted by a TLS node")
 	}
 	// So is one with a certificate of another CA.
 	_, otherCli := testTLS(t)
 	other := DefaultNetConfig()
 	other.LaneClientTLS = otherCli
-	if _, err := dialLane(ctx, &other, addrA, tok, func(c net.Conn) { _ = c.Close() }); err == nil {
+	if _, err := dialLane(ctx, &other, addrA, "", tok, func(c net.Conn) { _ = c.Close() }); err == nil {
 		t.Fatal("lane with a foreign certificate accepted")
 	}
 	poll.Until(t, 10*time.Second, func() bool { return strings.Count(logs.String(), "TLS handshake failed") >= 2 })
@@ -416,6 +416,39 @@ func TestSmallOperationsUseFewerChannels(t *testing.T) {
 			if n := lanesOf(s); n != step.lanes {
 				t.Errorf("after %d elements: server %d has %d lanes, want %d", step.count, i, n, step.lanes)
 			}
+		}
+	}
+}
+
+// Config.MinChannelBytes replaces the built-in least bytes per channel:
+// with 1 MiB per channel a 4 MiB two-rank all-reduce (2 MiB blocks) runs on
+// 2 of 16 channels, with the same result; out-of-range values are refused.
+func TestConfigMinChannelBytes(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Channels = 16
+	cfg.MinChannelBytes = 1 << 20
+	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if got := g.Comms[0].planChannels(2 << 20); got != 2 {
+		t.Fatalf("planChannels(2 MiB) = %d with 1 MiB per channel, want 2", got)
+	}
+	if got := g.Comms[0].planChannels(64 << 20); got != 16 {
+		t.Fatalf("planChannels(64 MiB) = %d, want all 16", got)
+	}
+	allReduceChecked(t, g.Comms, Float32, OpSum, 1<<20, "1 MiB per channel")
+	for i, s := range g.Servers {
+		if n := lanesOf(s); n != 4 {
+			t.Errorf("server %d has %d lanes, want 4 (2 channels, one lane out and one in each)", i, n)
+		}
+	}
+	for _, bad := range []int{-1, 1 << 10, MaxFrameBytes + 1} {
+		c := DefaultConfig()
+		c.MinChannelBytes = bad
+		if err := c.Validate(); !errors.Is(err, ErrBadArgument) {
+			t.Errorf("MinChannelBytes %d: err = %v, want ErrBadArgument", bad, err)
 		}
 	}
 }

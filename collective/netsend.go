@@ -62,8 +62,8 @@ func (e *netEndpoint) dial(ctx, streamParent context.Context, peer, ch int) (*gr
 func (e *netEndpoint) openLane(ctx context.Context, stream grpc.ClientStream, peer int) (*laneConn, error) {
 	addr := e.spec.Addrs[peer]
 	type answer struct {
-		token string
-		err   error
+		token, unix string
+		err         error
 	}
 	ans := make(chan answer, 1)
 	e.wg.Add(1)
@@ -75,7 +75,11 @@ func (e *netEndpoint) openLane(ctx context.Context, stream grpc.ClientStream, pe
 			return
 		}
 		if v := md.Get(mdLaneToken); len(v) == 1 {
-			ans <- answer{token: v[0]}
+			a := answer{token: v[0]}
+			if u := md.Get(mdLaneUnix); len(u) == 1 {
+				a.unix = u[0]
+			}
+			ans <- a
 			return
 		}
 		// No answer: the stream ended (refused) before it was accepted.
@@ -105,7 +109,7 @@ func (e *netEndpoint) openLane(ctx context.Context, stream grpc.ClientStream, pe
 	if !ok {
 		return nil, fmt.Errorf("%w: rank %d at %s answered the lane request with a malformed token", ErrPeerFailed, peer, addr)
 	}
-	lane, err := dialLane(ctx, &e.t.svc.cfg, addr, tok, func(c net.Conn) { e.addLane(newLaneConn(c, c)) })
+	lane, err := dialLane(ctx, &e.t.svc.cfg, addr, unixLaneTarget(e.t.svc.cfg.UnixLanes, e.spec.Addrs[e.spec.Rank], addr, a.unix), tok, func(c net.Conn) { e.addLane(newLaneConn(c, c)) })
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, context.Cause(ctx)

@@ -55,8 +55,11 @@ type Service struct {
 	waiters map[localKey]chan struct{}
 	offers  map[laneToken]*laneOffer
 
-	lanesServed   atomicBool
-	lanesAccepted atomic.Uint64
+	unixName string // same-host lane socket (lane_unix.go), under mu
+
+	lanesServed       atomicBool
+	lanesAccepted     atomic.Uint64
+	unixLanesAccepted atomic.Uint64
 }
 
 // LanesAccepted is the number of TCP lanes this Service has accepted since
@@ -142,7 +145,11 @@ func (s *Service) link(stream grpc.ServerStream) error {
 						s.withdrawLane(tok)
 					}
 				}()
-				if err := stream.SendHeader(metadata.Pairs(mdLaneToken, hex.EncodeToString(tok[:]))); err != nil {
+				md := metadata.Pairs(mdLaneToken, hex.EncodeToString(tok[:]))
+				if name := s.unixLaneName(); name != "" {
+					md.Append(mdLaneUnix, name)
+				}
+				if err := stream.SendHeader(md); err != nil {
 					return err
 				}
 			}

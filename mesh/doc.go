@@ -55,7 +55,10 @@
 // state exchanges where gossip is known to miss, and probes faster:
 //
 //   - Post-join sync (JoinSyncRounds 4, JoinSyncDelay 250 ms): after its
-//     join a node makes 4 extra push-pulls at 0.25, 0.75, 1.75 and 3.75 s,
+//     join a node makes 4 extra push-pulls by 0.25, 0.75, 1.75 and 3.75 s
+//     (each wait drawn from [½, 1] of its length, so that a mass join does
+//     not reach the seeds in one instant; a failed one is made at once
+//     with a random member instead),
 //     alternately with a peer that answered its join (a seed has heard from
 //     every node that joined through it) and with a random live member.
 //     Push-pull is two-way, so each also repairs the partner. The same
@@ -150,7 +153,9 @@
 // Config.ForSize(n) adapts a preset to a mesh of about n nodes (a pure
 // function; 64 nodes or fewer are unchanged): more indirect probes before
 // a suspicion, two independent confirmations for the shortest suspicion
-// above 256 nodes, and fewer full-state exchanges per join. Lifeguard's
+// above 256 nodes, and fewer seeds contacted per join; the post-join
+// syncs stay (a mass join of 1,000 nodes converges through them, not
+// through gossip). Lifeguard's
 // awareness stays on (AwarenessMaxMultiplier > 1): a node whose own
 // probes go unanswered, or whose indirect probes bring no nacks, stretches
 // its probe interval before it accuses others. memberlist suspects a
@@ -165,8 +170,8 @@
 // suspicion multiplier stay those of the expected size until the agent
 // restarts; memberlist itself scales the suspicion timeout, retransmits
 // and push-pull period with the live member count. The Mesh's own join
-// settings (JoinMaxPeers, JoinSyncRounds) follow ForSize of the live
-// member count at each join, so they adapt as the mesh grows.
+// settings (JoinMaxPeers) follow ForSize of the live member count at
+// each join, so they adapt as the mesh grows.
 //
 // The presets turn memberlist's compression off (Config.NoCompression):
 // it LZW-compresses every packet, probes and acks included, and in the
@@ -176,7 +181,10 @@
 //
 // MemNetwork is an in-memory network for Config.Transport: one process
 // can run a thousand real memberlist instances with per-link delay and
-// loss, partitions, and byte counts (bench/mesh -transport mem).
+// loss, partitions, and byte counts (bench/mesh -transport mem). Every
+// wait in it is a channel, a select or a timer, so it also runs inside a
+// testing/synctest bubble, where a simulated node's processing takes no
+// virtual time (bench/mesh's TestVirtualMesh).
 //
 // # Metadata encoding
 //

@@ -555,7 +555,12 @@ func (m *Mesh) joinSync(seeds []string) {
 	delay := m.cfg.JoinSyncDelay
 	rounds := m.sized().JoinSyncRounds
 	for i := 0; i < rounds; i++ {
-		t := time.NewTimer(delay)
+		// Each wait is drawn from [½, 1] of its length: the nodes of a
+		// mass join would otherwise all sync with the seeds in the same
+		// instant, and a node serves at most 128 push-pulls at once
+		// (memberlist refuses the rest). Never longer, so that a small
+		// mesh, which the first sync completes, converges as early.
+		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
 		select {
 		case <-t.C:
 		case <-m.shutdownCh:
@@ -577,6 +582,12 @@ func (m *Mesh) joinSync(seeds []string) {
 		}
 		if _, err := m.ml.Join([]string{peer}); err != nil {
 			m.log.Debug("post-join sync failed", "peer", peer, "error", err)
+			// A busy seed refuses; a random member is rarely busy.
+			if alt := m.randomPeer(); alt != "" && alt != peer {
+				if _, err := m.ml.Join([]string{alt}); err != nil {
+					m.log.Debug("post-join sync failed", "peer", alt, "error", err)
+				}
+			}
 		}
 	}
 }

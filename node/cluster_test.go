@@ -379,13 +379,19 @@ func TestClusterRunsBuiltinJobs(t *testing.T) {
 	if pfinal.Job.Status != "complete" {
 		t.Fatalf("pipeline job %s: %s", pfinal.Job.Status, pfinal.Job.StatusReason)
 	}
-	// Both jobs' frames took TCP lanes (the default data plane).
-	var lanes uint64
+	// Both jobs' frames took lanes (the default data plane); between agents
+	// of one host (127.0.0.1 here) every lane rides the same-host Unix
+	// socket.
+	var lanes, unix uint64
 	for _, a := range dc.Agents {
 		lanes += a.data.svc.LanesAccepted()
+		unix += a.data.svc.UnixLanesAccepted()
 	}
 	if lanes == 0 {
 		t.Fatal("the built-in jobs used no data-plane lanes")
+	}
+	if unix != lanes {
+		t.Fatalf("%d of %d lanes between agents of one host took the same-host Unix socket, want all", unix, lanes)
 	}
 	for _, al := range pfinal.Allocations {
 		m := al.Result.AsMap()

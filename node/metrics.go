@@ -267,7 +267,7 @@ func newAgentCollector(o *opsState) *agentCollector {
 		sentFrames:    d("collective_sent_frames_total", "Data frames (chunks) sent, by operation.", "op"),
 		recvFrames:    d("collective_received_frames_total", "Data frames (chunks) received, by operation.", "op"),
 		ops:           d("collective_operations_total", "Collective operations this node's ranks took part in (once per rank and operation), by operation.", "op"),
-		lanes:         d("collective_lanes_accepted_total", "Data-plane TCP lanes this node's RPC port accepted (one per sending rank, receiving rank and channel of a link that uses lanes)."),
+		lanes:         d("collective_lanes_accepted_total", "Data-plane lanes this node's RPC port (or its same-host Unix lane socket) accepted (one per sending rank, receiving rank and channel of a link that uses lanes)."),
 		busbw:         d("collective_last_busbw_bytes_per_second", "Bus bandwidth of the last all-reduce size measured by a job (rank 0 of its latest reported generation), as nccl-tests defines it.", "job_id"),
 		algbw:         d("collective_last_algbw_bytes_per_second", "Algorithm bandwidth (bytes / time) of the last all-reduce size measured by a job.", "job_id"),
 		pipeStages:    d("pipeline_stages", "Stages of each running pipeline job.", "job_id"),

@@ -24,6 +24,15 @@
 //
 //	go run ./bench/mesh -transport mem -nodes 1000 -trials 10 -steady 10s
 //
+// Those runs are in real time: N simulated nodes share this machine's
+// cores, so above a few hundred nodes their probes miss deadlines for
+// want of CPU, which N machines would not. TestVirtualMesh (virtual_test.go)
+// runs the same trials on the memory transport inside a testing/synctest
+// bubble, in virtual time, where each node's processing takes no time, as
+// if each had a CPU of its own:
+//
+//	go test ./bench/mesh -run TestVirtualMesh -v -timeout 0 -args -virtual.nodes 1000 -virtual.trials 10
+//
 // The CPU-hog soak (10 minutes, 50 real-socket nodes, both cores held by
 // hogs; every death in it is false; -hog-nice 5 runs the hogs 5 nicer
 // than the mesh, as the agent's unit runs it at Nice=-5 against its tasks
@@ -48,6 +57,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -65,6 +75,7 @@ import (
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // overrides of single preset values (zero: keep the preset's).
@@ -88,6 +99,9 @@ var (
 	// generation with a rank on that node (the scheduler's grace).
 	nodeLossGrace = consensus.DefaultConfig().NodeLossGrace
 	hogNice       int
+	// settle: time after convergence before the steady window's bytes
+	// and CPU are counted.
+	settle time.Duration
 	// stopProfile ends -cpuprofile; called before every exit.
 	stopProfile = func() {}
 )
@@ -125,6 +139,7 @@ func main() {
 	flag.BoolVar(&sizeAdapt, "size-adapt", true, "give every node mesh.Config.ForSize(-nodes)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.BoolVar(&noCompress, "no-compress", true, "memberlist's message compression off (Config.NoCompression, the presets' default); -no-compress=false turns it on")
+	flag.DurationVar(&settle, "settle", 0, "wait this long after convergence before the steady phase's bytes and CPU are measured (the post-join syncs end within 3.75 s)")
 	flag.DurationVar(&nodeLossGrace, "grace", nodeLossGrace, "count false deaths that last this long (the scheduler's NodeLossGrace: a generation with a rank on that node would fail)")
 	flag.IntVar(&hogNice, "hog-nice", 0, "run the -load hogs this much nicer than the mesh (5: as the agent's unit, Nice=-5, against its tasks at 0)")
 	soak := flag.Duration("soak", 0, "soak: one trial, no kill, this long in the steady phase (every suspicion and death in it is false)")
@@ -195,19 +210,40 @@ func main() {
 		if r.err != nil {
 			failures = append(failures, fmt.Sprintf("trial %d: %v", t, r.err))
 		}
-		loads = append(loads, l0, loadavg())
+		l1 := loadavg()
+		loads = append(loads, l0, l1)
 		all = append(all, r)
-		fmt.Printf("trial %2d: converge %v (CPU %v, %d packets dropped by full queues) | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d | steady: %s B/s/node, CPU %.2f ms/s/node (load %.2f-%.2f)\n",
-			t, ms(r.converge), ms(r.joinCPU), r.joinDropped, ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
-			r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
-			r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], ms(r.longestDead), r.overGrace, r.refutes, r.tcpRescue,
-			bytesRate(r), r.cpuPerNode*1000, l0, loadavg())
+		printTrial(os.Stdout, t, r, fmt.Sprintf("load %.2f-%.2f", l0, l1))
 	}
 	if len(all) == 0 {
 		return
 	}
 	fmt.Printf("\npreset=%s nodes=%d seeds=%d trials=%d load=%d hogs, load average %.2f-%.2f\n",
 		*preset, *nodes, *seeds, *trials, *load, slices.Min(loads), slices.Max(loads))
+	printSummary(os.Stdout, all, *kill, "process CPU / nodes")
+	for _, f := range failures {
+		fmt.Println("FAILED", f)
+	}
+	stopProfile()
+	if len(failures) > 0 {
+		stopHogs()
+		os.Exit(1)
+	}
+}
+
+// printTrial prints one trial's line; where says what else ran (the
+// load average, or the virtual clock).
+func printTrial(w io.Writer, t int, r result, where string) {
+	fmt.Fprintf(w, "trial %2d: converge %v (CPU %v, %d packets dropped by full queues) | detect %v = suspect %v + first dead %v + all dead %v (own timeouts %d, confirmations %s) | false: suspect %d/%d/%d dead %d/%d/%d (longest %v, %d >= grace), refutes %d, tcp-rescue %d, push-pulls refused %d | steady: %s B/s/node, CPU %.2f ms/s/node | trial: wall %v, CPU %v (%s)\n",
+		t, ms(r.converge), ms(r.joinCPU), r.joinDropped, ms(r.detect), ms(r.suspect), ms(r.firstDead-r.suspect), ms(r.detect-r.firstDead),
+		r.timeouts, r.confirms, r.falseSuspect[phaseJoin], r.falseSuspect[phaseSteady], r.falseSuspect[phaseDetect],
+		r.falseDead[phaseJoin], r.falseDead[phaseSteady], r.falseDead[phaseDetect], ms(r.longestDead), r.overGrace, r.refutes, r.tcpRescue,
+		r.pushPullRefused, bytesRate(r), r.cpuPerNode*1000, r.wall.Round(time.Millisecond), r.cpu.Round(time.Millisecond), where)
+}
+
+// printSummary prints the distribution of the trials' figures; cpuWhat
+// says what the CPU per node is a share of.
+func printSummary(w io.Writer, all []result, kill bool, cpuWhat string) {
 	pick := func(f func(result) time.Duration) []time.Duration {
 		var d []time.Duration
 		for _, r := range all {
@@ -217,15 +253,15 @@ func main() {
 		}
 		return d
 	}
-	report("converge (every node lists all N alive)", pick(func(r result) time.Duration { return r.converge }), 2*time.Second)
-	if *kill {
-		report("detect (every survivor lists the killed node dead)", pick(func(r result) time.Duration { return r.detect }), 3*time.Second)
+	report(w, "converge (every node lists all N alive)", pick(func(r result) time.Duration { return r.converge }), 2*time.Second)
+	if kill {
+		report(w, "detect (every survivor lists the killed node dead)", pick(func(r result) time.Duration { return r.detect }), 3*time.Second)
 		if debugLog {
-			report("  phase 1a: kill -> first direct probe of it timed out", pick(func(r result) time.Duration { return r.failedPing }), 0)
+			report(w, "  phase 1a: kill -> first direct probe of it timed out", pick(func(r result) time.Duration { return r.failedPing }), 0)
 		}
-		report("  phase 1: kill -> first suspicion of it", pick(func(r result) time.Duration { return r.suspect }), 0)
-		report("  phase 2: first suspicion -> first dead declaration", pick(func(r result) time.Duration { return r.firstDead - r.suspect }), 0)
-		report("  phase 3: first dead declaration -> last survivor knows", pick(func(r result) time.Duration { return r.detect - r.firstDead }), 0)
+		report(w, "  phase 1: kill -> first suspicion of it", pick(func(r result) time.Duration { return r.suspect }), 0)
+		report(w, "  phase 2: first suspicion -> first dead declaration", pick(func(r result) time.Duration { return r.firstDead - r.suspect }), 0)
+		report(w, "  phase 3: first dead declaration -> last survivor knows", pick(func(r result) time.Duration { return r.detect - r.firstDead }), 0)
 	}
 	var fs, fd [3]int
 	refutes, rescues, overGrace := 0, 0, 0
@@ -250,21 +286,13 @@ func main() {
 		}
 	}
 	if len(cpu) > 0 {
-		fmt.Printf("steady phase, per node: gossip %s B/s (median of trials), CPU %.2f ms/s (median; process CPU / nodes)\n",
-			medianStr(bps), median(cpu))
+		fmt.Fprintf(w, "steady phase, per node: gossip %s B/s (median of trials), CPU %.2f ms/s (median; %s)\n",
+			medianStr(bps), median(cpu), cpuWhat)
 	}
-	fmt.Printf("false suspicions of live nodes (join / steady / detect phase): %d / %d / %d; false deaths ((observer, node) pairs): %d / %d / %d; refutations %d; probes saved by the TCP fallback %d\n",
+	fmt.Fprintf(w, "false suspicions of live nodes (join / steady / detect phase): %d / %d / %d; false deaths ((observer, node) pairs): %d / %d / %d; refutations %d; probes saved by the TCP fallback %d\n",
 		fs[0], fs[1], fs[2], fd[0], fd[1], fd[2], refutes, rescues)
-	fmt.Printf("false deaths lasting >= %v (NodeLossGrace: a generation with a rank on that node, seen so by the leader, would fail): %d; longest false death %v\n",
+	fmt.Fprintf(w, "false deaths lasting >= %v (NodeLossGrace: a generation with a rank on that node, seen so by the leader, would fail): %d; longest false death %v\n",
 		nodeLossGrace, overGrace, ms(longest))
-	for _, f := range failures {
-		fmt.Println("FAILED", f)
-	}
-	stopProfile()
-	if len(failures) > 0 {
-		stopHogs()
-		os.Exit(1)
-	}
 }
 
 func median(v []float64) float64 {
@@ -297,6 +325,16 @@ func cpuTime() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// realNow returns the real monotonic clock, also inside a
+// testing/synctest bubble, where time.Now is the bubble's virtual clock.
+func realNow() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
 }
 
 func ms(d time.Duration) string {
@@ -342,9 +380,9 @@ func waitForLoad(max float64, pauseHogs func(bool)) {
 	}
 }
 
-func report(what string, d []time.Duration, target time.Duration) {
+func report(w io.Writer, what string, d []time.Duration, target time.Duration) {
 	if len(d) == 0 {
-		fmt.Printf("%s: no data\n", what)
+		fmt.Fprintf(w, "%s: no data\n", what)
 		return
 	}
 	s := slices.Clone(d)
@@ -359,7 +397,7 @@ func report(what string, d []time.Duration, target time.Duration) {
 		}
 		over = fmt.Sprintf(" (%d of %d >= %v)", n, len(s), target)
 	}
-	fmt.Printf("%s: n=%d min %v median %v p90 %v max %v%s\n", what, len(s),
+	fmt.Fprintf(w, "%s: n=%d min %v median %v p90 %v max %v%s\n", what, len(s),
 		s[0].Round(time.Millisecond), s[len(s)/2].Round(time.Millisecond),
 		s[len(s)*9/10].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), over)
 }
@@ -459,7 +497,11 @@ func missing(ms []*mesh.Mesh, at time.Duration) int {
 		}
 	}
 	if len(pairs) > 0 {
-		fmt.Printf("  at %v: %d (observer, missing) pairs: %s\n", at, len(pairs), strings.Join(pairs, "; "))
+		shown := pairs
+		if len(shown) > 30 {
+			shown = shown[:30]
+		}
+		fmt.Printf("  at %v: %d (observer, missing) pairs: %s\n", at, len(pairs), strings.Join(shown, "; "))
 	}
 	return len(pairs)
 }
@@ -559,17 +601,23 @@ type result struct {
 	// overGrace counts the (observer, node) false deaths that lasted
 	// NodeLossGrace or more: with a leader among those observers, a
 	// generation with a rank on that node would have been failed.
-	longestDead  time.Duration
-	overGrace    int
-	refutes      int           // "Refuting a suspect/dead message" lines
-	tcpRescue    int           // probes that only the TCP fallback saved
-	bytesPerNode float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
-	cpuPerNode   float64       // steady phase: process CPU seconds per node per second
-	joinCPU      time.Duration // process CPU from the joins to convergence (or the timeout)
+	longestDead time.Duration
+	overGrace   int
+	refutes     int // "Refuting a suspect/dead message" lines
+	tcpRescue   int // probes that only the TCP fallback saved
+	// pushPullRefused: push-pulls (joins, syncs) a node refused because
+	// it already served memberlist's limit of 128 at once.
+	pushPullRefused int
+	bytesPerNode    float64       // steady phase: gossip bytes sent per node per second (-1: not counted)
+	cpuPerNode      float64       // steady phase: process CPU seconds per node per second
+	joinCPU         time.Duration // process CPU from the joins to convergence (or the timeout)
 	// joinDropped: packets dropped by full receive queues from the joins
 	// to convergence (memory transport only; -1: not counted).
 	joinDropped int64
-	err         error
+	// wall and cpu: the trial's real duration and the process CPU it
+	// used (in a virtual-time run, wall is real time, not the bubble's).
+	wall, cpu time.Duration
+	err       error
 }
 
 var (
@@ -605,6 +653,8 @@ func (r *recorder) logLine(node, line string) {
 		r.res.refutes++
 	case strings.Contains(line, "over TCP but UDP probes failed"):
 		r.res.tcpRescue++
+	case strings.Contains(line, "Too many pending push/pull requests"):
+		r.res.pushPullRefused++
 	}
 	if m := reFailedPing.FindStringSubmatch(line); m != nil && r.phase == phaseDetect && m[1] == r.victim && r.firstFailedPing.IsZero() {
 		r.firstFailedPing = now
@@ -693,6 +743,8 @@ func (w lineWriter) Write(p []byte) (int, error) {
 }
 
 func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, verbose bool) (res result) {
+	wall0, cpu0 := realNow(), cpuTime()
+	defer func() { res.wall, res.cpu = realNow()-wall0, cpuTime()-cpu0 }()
 	rec := &recorder{deadSeen: map[string]bool{}, falseSince: map[[2]string]time.Time{}, verbose: verbose}
 	ms := make([]*mesh.Mesh, n)
 	var memNet *mesh.MemNetwork
@@ -766,7 +818,7 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 	if diag {
 		go func() {
 			defer close(diagDone)
-			for _, at := range []time.Duration{2 * time.Second, 10 * time.Second} {
+			for _, at := range []time.Duration{time.Second, 2 * time.Second, 3 * time.Second, 4 * time.Second, 5 * time.Second, 10 * time.Second} {
 				time.Sleep(at - time.Since(start))
 				if missing(ms, at) == 0 {
 					return
@@ -824,6 +876,10 @@ func trial(t, n, seeds int, preset string, timeout, steady time.Duration, kill, 
 	}
 	rec.setPhase(phaseSteady)
 	if steady > 0 {
+		// Let the post-join syncs finish first, so that the window shows
+		// the gossip of a settled mesh (still the steady phase: any
+		// suspicion in it is false).
+		time.Sleep(settle)
 		sent := func() (b uint64) {
 			for _, tr := range trs {
 				b += tr.Stats().Bytes()

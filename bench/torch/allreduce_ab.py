@@ -1,10 +1,11 @@
 """dist.all_reduce bus bandwidth (float32, sum) through the gpumesh backend
-(zero copy), through it with every tensor staged (GPUMESH_ZERO_COPY=0) and
-through Gloo, interleaved in the same processes: for each size, the three
-take turns, one timed all_reduce each per round (after a barrier on its
-group), so that a shared machine's changing load falls on all of them. Run
-as a gpumesh exec job; rank 0 prints one JSON line per backend and size
-(the median of --iters)."""
+(zero copy), through it with every tensor staged (GPUMESH_ZERO_COPY=0),
+through it with zero copy but answers handed over by a reader thread
+(GPUMESH_CALLER_READS=0) and through Gloo, interleaved in the same
+processes: for each size, the four take turns, one timed all_reduce each
+per round (after a barrier on its group), so that a shared machine's
+changing load falls on all of them. Run as a gpumesh exec job; rank 0
+prints one JSON line per backend and size (the median of --iters)."""
 
 import argparse
 import json
@@ -29,6 +30,11 @@ rank, n = dist.get_rank(), dist.get_world_size()
 os.environ["GPUMESH_ZERO_COPY"] = "0"
 groups = {"gpumesh": None, "gpumesh-staged": dist.new_group(backend="gpumesh"), "gloo": dist.new_group(backend="gloo")}
 del os.environ["GPUMESH_ZERO_COPY"]
+# Zero copy, but a reader thread hands every answer to the waiting caller
+# (GPUMESH_CALLER_READS=0) instead of the caller reading it itself.
+os.environ["GPUMESH_CALLER_READS"] = "0"
+groups["gpumesh-thread"] = dist.new_group(backend="gpumesh")
+del os.environ["GPUMESH_CALLER_READS"]
 for mib in [int(s) for s in args.sizes_mib.split(",")]:
     xs = {name: torch.ones(mib * (1 << 20) // 4) for name in groups}
     times = {name: [] for name in groups}

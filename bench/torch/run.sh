@@ -8,15 +8,20 @@
 #     entry that runs the same model under DDP's no_sync() (no communication):
 #     step minus that step is the exposed communication measured in the same
 #     processes under the same load;
-#  2. dist.all_reduce busbw through the gpumesh backend (zero copy, and
-#     staged with GPUMESH_ZERO_COPY=0) and Gloo, alternating in the same
+#  2. dist.all_reduce busbw through the gpumesh backend (zero copy; staged
+#     with GPUMESH_ZERO_COPY=0; zero copy with a reader thread handing the
+#     answers over, GPUMESH_CALLER_READS=0) and Gloo, alternating in the same
 #     processes (bench/torch/allreduce_ab.py), then the built-in allreduce
 #     job on the same cluster (same ranks, default channels).
 # Every measurement runs ROUNDS times (default 3); the summary gives the
 # median over rounds and each round's figure, with the load average.
+# NODES agents (default 2); DDP at each world size of WORLDS (default "1 2",
+# one rank per agent; 1 must be among them for the 2-ranks-minus-1-rank
+# recipe); DDP_ARGS are passed to ddp_ab.py (e.g. "--steps 20");
+# ALLREDUCE=0 skips part 2.
 #
-# Usage: [ROUNDS=n] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]     (from the repository root)
-# Needs /usr/bin/python3 (or $PY) with PyTorch.
+# Usage: [ROUNDS=n] [NODES=n WORLDS="1 2 4"] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]
+#        (from the repository root). Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-bench}
 ROOT=$(pwd) PY=${PY:-/usr/bin/python3}
@@ -24,7 +29,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
 
-"$BIN" dev --nodes 2 --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
+NODES=${NODES:-2} WORLDS=${WORLDS:-"1 2"} DDP_ARGS=${DDP_ARGS:-} ALLREDUCE=${ALLREDUCE:-1}
+"$BIN" dev --nodes "$NODES" --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
 DEV=$!
 trap 'kill $DEV 2>/dev/null; wait $DEV 2>/dev/null' EXIT
 for _ in $(seq 100); do grep -q "export GPUMESH_ADDR" "$OUT/dev.log" && break; sleep 0.2; done
@@ -51,9 +57,11 @@ job() {
 ROUNDS=${ROUNDS:-3}
 for r in $(seq "$ROUNDS"); do
   echo "round $r: load $(cut -d' ' -f1-3 /proc/loadavg)"
-  for w in 1 2; do
-    job bench/torch/ddp_ab.py $w | grep -o '{.*}' >>"$OUT/ddp_$w.json"
+  for w in $WORLDS; do
+    # shellcheck disable=SC2086
+    job bench/torch/ddp_ab.py "$w" -- $DDP_ARGS | grep -o '{.*}' >>"$OUT/ddp_$w.json"
   done
+  [ "$ALLREDUCE" = 0 ] && continue
   job bench/torch/allreduce_ab.py 2 | grep -o '{.*}' >>"$OUT/ar.json"
   printf 'name: ar\ntype: allreduce\nranks: 2\nplacement: spread\nallreduce: {sizes: [16MiB, 64MiB, 256MiB], dtype: float32, iters: 10, device: cpu}\n' |
     "$BIN" job run - --wait --json >>"$OUT/ar_builtin.json"
@@ -69,27 +77,30 @@ def lines(name):
 def fmt(xs):
     return f"{med(xs):6.3f} ({' '.join(f'{x:.3f}' for x in xs)})"
 print("\nDDP step (Linear 4096x4096 x6, batch 2, 1 thread per rank), seconds: median over rounds (each round's median)")
-step = {(r["backend"], r["world"]): [] for r in lines("ddp_1.json") + lines("ddp_2.json")}
-for r in lines("ddp_1.json") + lines("ddp_2.json"):
-    step[(r["backend"], r["world"])].append(r["step_s"])
-exp = {}
-for b in ("gloo", "gpumesh"):
-    s1, s2 = step[(b, 1)], step[(b, 2)]
-    exp[b] = [y - x for x, y in zip(s1, s2)]
-    print(f"{b:8s} 1 rank {fmt(s1)}  2 ranks {fmt(s2)}  exposed {fmt(exp[b])}")
-ratios = [g / l for g, l in zip(exp["gpumesh"], exp["gloo"])]
-print(f"gpumesh exposes {med(exp['gpumesh']) / med(exp['gloo']):.2f} of Gloo's communication "
-      f"(medians; per round {' '.join(f'{x:.2f}' for x in ratios)}; target <= 0.67)")
-# The same, measured inside the 2-rank runs: step minus the step of the same
-# model under no_sync() (no communication), interleaved in the same processes.
-none2 = step[("none", 2)]
-inner = {b: [y - x for x, y in zip(none2, step[(b, 2)])] for b in ("gloo", "gpumesh")}
-print(f"\n2 ranks, no communication (no_sync): {fmt(none2)}")
-for b in ("gloo", "gpumesh"):
-    print(f"{b:8s} exposed (step - no_sync step, same processes) {fmt(inner[b])}")
-ri = [g / l for g, l in zip(inner["gpumesh"], inner["gloo"])]
-print(f"gpumesh exposes {med(inner['gpumesh']) / med(inner['gloo']):.2f} of Gloo's communication by this measure "
-      f"(per round {' '.join(f'{x:.2f}' for x in ri)})")
+rows = [r for f in sorted(os.listdir(out)) if f.startswith("ddp_") for r in lines(f)]
+step = {}
+for r in rows:
+    step.setdefault((r["backend"], r["world"]), []).append(r["step_s"])
+worlds = sorted({w for _, w in step})
+for w in worlds:
+    print(f"{w} rank(s): " + "  ".join(f"{b} {fmt(step[(b, w)])}" for b in ("gloo", "gpumesh", "none") if (b, w) in step))
+for w in [w for w in worlds if w > 1]:
+    if 1 in worlds:
+        exp = {b: [y - x for x, y in zip(step[(b, 1)], step[(b, w)])] for b in ("gloo", "gpumesh")}
+        ratios = [g / l for g, l in zip(exp["gpumesh"], exp["gloo"])]
+        print(f"\n{w} ranks - 1 rank: gloo exposed {fmt(exp['gloo'])}  gpumesh exposed {fmt(exp['gpumesh'])}")
+        print(f"gpumesh exposes {med(exp['gpumesh']) / med(exp['gloo']):.2f} of Gloo's communication "
+              f"(medians; per round {' '.join(f'{x:.2f}' for x in ratios)})")
+    # The same, measured inside the w-rank runs: step minus the step of the
+    # same model under no_sync() (no communication), interleaved in the same
+    # processes.
+    inner = {b: [y - x for x, y in zip(step[("none", w)], step[(b, w)])] for b in ("gloo", "gpumesh")}
+    ri = [g / l for g, l in zip(inner["gpumesh"], inner["gloo"])]
+    print(f"{w} ranks, step - no_sync step (same processes): gloo {fmt(inner['gloo'])}  gpumesh {fmt(inner['gpumesh'])}")
+    print(f"gpumesh exposes {med(inner['gpumesh']) / med(inner['gloo']):.2f} of Gloo's communication by this measure "
+          f"(per round {' '.join(f'{x:.2f}' for x in ri)})")
+if not os.path.exists(os.path.join(out, "ar.json")):
+    sys.exit(0)
 bw = {}
 for r in lines("ar.json"):
     bw.setdefault((r["backend"], r["size_mib"]), []).append(r["busbw_gbps"])
@@ -104,9 +115,10 @@ while pos < len(txt.rstrip()):
             for row in al["result"]["results"]:
                 bw.setdefault(("builtin", row["bytes"] >> 20), []).append(row["busbw_gbps"])
 print("\nall_reduce busbw, 2 ranks, GB/s: median over rounds (ratio zero-copy/builtin: of medians, and per round)")
-print("size     zero-copy  staged  builtin job  ratio                  gloo")
+print("(reader thread: zero copy with GPUMESH_CALLER_READS=0, a reader thread hands each answer to the caller)")
+print("size     zero-copy  staged  reader thread  builtin job  ratio                  gloo")
 for mib in sorted({k[1] for k in bw if k[0] == "gpumesh"}):
-    z, st, b, g = (bw.get((k, mib), [float("nan")]) for k in ("gpumesh", "gpumesh-staged", "builtin", "gloo"))
+    z, st, th, b, g = (bw.get((k, mib), [float("nan")]) for k in ("gpumesh", "gpumesh-staged", "gpumesh-thread", "builtin", "gloo"))
     per = " ".join(f"{x / y:.2f}" for x, y in zip(z, b))
-    print(f"{mib:4d}MiB  {med(z):9.2f}  {med(st):6.2f}  {med(b):11.2f}  {med(z) / med(b):5.2f} ({per})  {med(g):5.2f}")
+    print(f"{mib:4d}MiB  {med(z):9.2f}  {med(st):6.2f}  {med(th):13.2f}  {med(b):11.2f}  {med(z) / med(b):5.2f} ({per})  {med(g):5.2f}")
 PYEOF

@@ -21,20 +21,22 @@ func init() {
 
 // allreduceFlags are the flags shared by the bench command and its worker.
 type allreduceFlags struct {
-	sizes    string
-	dtype    string
-	iters    int
-	warmup   int
-	device   string
-	channels int
-	chunk    string
-	window   string
-	readBuf  string
-	writeBuf string
-	timeout  time.Duration
-	plane    string
-	sockBuf  string
-	noSame   bool
+	sizes     string
+	dtype     string
+	iters     int
+	warmup    int
+	device    string
+	channels  int
+	chunk     string
+	window    string
+	readBuf   string
+	writeBuf  string
+	timeout   time.Duration
+	plane     string
+	sockBuf   string
+	unixLanes bool
+	noSame    bool
+	minChan   string
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -47,6 +49,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.device, "device", "cpu", "buffer memory: cpu or cuda (cuda needs a binary built with -tags cuda)")
 	fs.IntVar(&f.channels, "channels", d.Channels, "parallel connections (TCP flows) per ring neighbour")
 	fs.StringVar(&f.chunk, "chunk", bytesize.Format(int64(d.ChunkBytes)), "pipelined chunk size")
+	fs.StringVar(&f.minChan, "min-channel", "0", "least each channel carries of an operation (fewer channels for smaller operations; 0: the built-in 128KiB)")
 	fs.StringVar(&f.window, "window", bytesize.Format(int64(collective.DefaultNetConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
 	fs.StringVar(&f.readBuf, "read-buffer", bytesize.Format(int64(collective.DefaultNetConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
 	fs.StringVar(&f.writeBuf, "write-buffer", bytesize.Format(int64(collective.DefaultNetConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
@@ -54,6 +57,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
 	fs.BoolVar(&f.noSame, "no-same-host", false, "with --procs and --device cuda: keep the all-reduce on the TCP lanes instead of the same-host ring (CUDA IPC between the processes, the default where they can reach each other's GPU memory)")
 	fs.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(collective.DefaultNetConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
+	fs.BoolVar(&f.unixLanes, "unix-lanes", false, "carry the lanes between the ranks over Unix sockets, as agents of one host do (off: TCP lanes, compared with raw TCP over the same path)")
 }
 
 func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, collective.AllReduceJobSpec, error) {
@@ -91,12 +95,18 @@ func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, col
 	}
 	gcfg.LaneSocketBuffer = int(sb)
 	gcfg.DataPlane = f.plane
+	gcfg.UnixLanes = f.unixLanes
 	if err := gcfg.Validate(); err != nil {
 		return cfg, gcfg, spec, fmt.Errorf("--data-plane/--lane-socket-buffer: %w", err)
 	}
 	if window > 1<<30 {
 		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
 	}
+	minChan, err := bytesize.Parse(f.minChan)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--min-channel: %w", err)
+	}
+	cfg.MinChannelBytes = int(minChan)
 	cfg.Channels = f.channels
 	cfg.ChunkBytes = int(chunk)
 	cfg.NoSameHost = f.noSame

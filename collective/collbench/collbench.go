@@ -115,10 +115,20 @@ func DefaultConfig() Config {
 		Warmup:     3,
 		Device:     "cpu",
 		Collective: collective.DefaultConfig(),
-		Net:        collective.DefaultNetConfig(),
+		Net:        benchNetConfig(),
 		RawTCP:     true,
 		Rounds:     1,
 	}
+}
+
+// benchNetConfig is the data-plane default of the benchmark: the
+// node's, but with lanes on TCP even between ranks of this host (no
+// same-host Unix lanes), so that they are compared with raw TCP over the
+// same path; --unix-lanes measures those instead.
+func benchNetConfig() collective.NetConfig {
+	n := collective.DefaultNetConfig()
+	n.UnixLanes = false
+	return n
 }
 
 // Validate checks the configuration.
@@ -503,12 +513,14 @@ func workerFlags(cfg Config) []string {
 		"--device", cfg.Device,
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
+		"--min-channel", fmt.Sprint(cfg.Collective.MinChannelBytes),
 		"--window", fmt.Sprint(cfg.Net.WindowBytes),
 		"--read-buffer", fmt.Sprint(cfg.Net.ReadBufferBytes),
 		"--write-buffer", fmt.Sprint(cfg.Net.WriteBufferBytes),
 		"--collective-timeout", cfg.Collective.Timeout.String(),
 		"--data-plane", cfg.Net.DataPlane,
 		"--lane-socket-buffer", fmt.Sprint(cfg.Net.LaneSocketBuffer),
+		fmt.Sprintf("--unix-lanes=%v", cfg.Net.UnixLanes),
 		fmt.Sprintf("--no-same-host=%v", cfg.Collective.NoSameHost),
 	}
 }

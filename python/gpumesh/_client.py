@@ -1,15 +1,17 @@
 """The local protocol of a gpumesh agent (see node/localapi/proto.go).
 
 One Connection is one rank of one process group: a SOCK_SEQPACKET Unix
-socket to the agent, shared-memory segments (sealed memfds whose
-descriptors travel with SCM_RIGHTS) and a reader thread that completes
-operations as the agent answers them.
+socket to the agent and shared-memory segments (sealed memfds whose
+descriptors travel with SCM_RIGHTS). The agent's answers complete the
+operations; who reads them is described at Connection.wait_for.
 """
 
 import array
 import fcntl
+import math
 import mmap
 import os
+import select
 import socket
 import struct
 import threading
@@ -36,6 +38,10 @@ _OP = struct.Struct("<BBBBiQQQQQQQQ")
 _REPLY = struct.Struct("<BBH4xQ")
 
 MAX_MESSAGE = 64 << 10
+
+# How long close() waits for the connection's threads to end (they end at
+# once unless a callback of the caller's blocks one).
+_JOIN_TIMEOUT = 10.0
 
 
 class AgentError(RuntimeError):
@@ -86,7 +92,8 @@ class _Pending:
 class Connection:
     """One rank of one process group, attached to the local agent."""
 
-    def __init__(self, *, socket_path, secret, job, generation, rank, group_id, group_rank, ranks, timeout):
+    def __init__(self, *, socket_path, secret, job, generation, rank, group_id, group_rank, ranks, timeout,
+                 caller_reads=True):
         self.timeout = timeout
         self.group_rank = group_rank
         self.size = len(ranks)
@@ -98,6 +105,7 @@ class Connection:
         self._closed = False
         self._free = {}  # size -> [Segment]
         self._segments = []
+        self._stop = threading.Event()  # close() wakes the watchdog
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(max(timeout, 1.0))
         try:
@@ -123,7 +131,17 @@ class Connection:
             raise AgentError(f"gpumesh: the local agent refused rank {rank} of job {job} generation {generation}: {r[3]}")
         sock.settimeout(None)
         self._sock = sock
-        self._reader = threading.Thread(target=self._read_loop, name="gpumesh-reader", daemon=True)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        # The reading role (see wait_for): one thread at a time reads.
+        self._rcond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._role_owner = None  # the thread that reads (its ident)
+        self._waiting = 0  # threads in wait_for
+        self._ended = False  # the socket's reading side is done
+        self._bg_poked = not caller_reads  # the background thread should read
+        self._caller_reads = caller_reads
+        self._reader = threading.Thread(target=self._background, name="gpumesh-reader", daemon=True)
         self._reader.start()
         self._watchdog = threading.Thread(target=self._watch, name="gpumesh-watchdog", daemon=True)
         self._watchdog.start()
@@ -175,7 +193,7 @@ class Connection:
             except OSError as e:
                 self._registering.pop(rid, None)
                 raise AgentError(f"gpumesh: registering shared memory with the agent: {e}") from e
-        if not ev.wait(self.timeout):
+        if not self.wait_for(ev, self.timeout):
             with self._lock:
                 self._registering.pop(rid, None)
             raise AgentError("gpumesh: the agent did not answer a shared-memory registration in time")
@@ -216,6 +234,10 @@ class Connection:
             return (0, 0, 0) if x is None else x
 
         ra, rb = ref(a), ref(b)
+        if self._caller_reads:
+            # What came unasked while nobody read (FAILED of an idle group)
+            # fails this operation at once.
+            self._drain()
         with self._lock:
             self._check()
             if before_send is not None:
@@ -242,55 +264,179 @@ class Connection:
             p.on_done(msg)
         for cb in regs.values():
             cb(STATUS_FAILED, msg)
+        with self._rcond:
+            self._rcond.notify_all()
 
-    def _read_loop(self):
+    # ---- reading the agent's answers ----
+
+    def wait_for(self, event, timeout):
+        """Waits until event is set by the completion of an answer, at most
+        timeout seconds; returns whether it was.
+
+        One thread at a time reads the socket (it holds the reading role)
+        and completes what it reads, in order. A thread that waits for an
+        operation reads itself when nobody else does, so that its answer
+        wakes it straight from the socket, with no hand-over from another
+        thread (a thread wake-up per operation, which on an idle many-core
+        host is a good part of a 16 MiB all_reduce's overhead). The
+        background thread reads when operations are pending that nobody
+        waits for (futures: DDP's buckets; see read_in_background), and
+        drains, once a second, what the agent sends unasked (FAILED while
+        the group is idle); the next operation also drains it first."""
+        deadline = time.monotonic() + timeout
+        rc = self._rcond
+        if self._role_owner == threading.get_ident():
+            # Called from a completion this thread is handling (a future's
+            # callback that waits): go on reading here.
+            while not event.is_set() and not self._ended:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._read(remaining)
+            return event.is_set()
+        with rc:
+            self._waiting += 1
+        try:
+            while not event.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                with rc:
+                    if event.is_set():
+                        break
+                    if self._reading or self._ended or not self._caller_reads:
+                        # Another thread reads (and notifies after each
+                        # answer), or nothing will be read any more (then
+                        # _fail_all has completed everything).
+                        rc.wait(remaining)
+                        continue
+                    self._reading = True
+                    self._role_owner = threading.get_ident()
+                try:
+                    self._read(remaining)
+                finally:
+                    self._release_role()
+            return True
+        finally:
+            with rc:
+                self._waiting -= 1
+
+    def read_in_background(self):
+        """Lets the background thread read while operations are pending and
+        nobody waits for them (a future was asked for)."""
+        with self._rcond:
+            if not self._bg_poked:
+                self._bg_poked = True
+                self._rcond.notify_all()
+
+    def _release_role(self):
+        with self._rcond:
+            self._reading = False
+            self._role_owner = None
+            if self._waiting or self._bg_poked:
+                self._rcond.notify_all()
+
+    def _drain(self):
+        """Reads what has arrived, without waiting, if nobody else reads."""
+        with self._rcond:
+            if self._reading or self._ended:
+                return
+            self._reading = True
+            self._role_owner = threading.get_ident()
+        try:
+            self._read(0)
+        finally:
+            self._release_role()
+
+    def _read(self, timeout):
+        """Under the reading role: reads and handles the answers that arrive
+        within timeout seconds (None: until one does), then those already
+        there."""
+        if timeout is not None and not self._poll.poll(0 if timeout <= 0 else max(1, math.ceil(timeout * 1000))):
+            return
+        flags = 0 if timeout is None else socket.MSG_DONTWAIT
         while True:
             try:
-                pkt = self._sock.recv(MAX_MESSAGE)
+                pkt = self._sock.recv(MAX_MESSAGE, flags)
+            except BlockingIOError:
+                return
             except OSError as e:
-                pkt = b""
-                err = str(e)
-            else:
-                err = ""
+                self._lost(str(e))
+                return
             if not pkt:
-                if not self._closed:
-                    self._fail_all(
-                        "the connection to the local gpumesh agent was lost (the agent stopped or restarted"
-                        + (f": {err}" if err else "") + "); the job's restart policy starts a new generation")
+                self._lost("")
                 return
+            if not self._handle(pkt):
+                self._ended = True
+                return
+            flags = socket.MSG_DONTWAIT
+
+    def _lost(self, err):
+        self._ended = True
+        if not self._closed:
+            self._fail_all(
+                "the connection to the local gpumesh agent was lost (the agent stopped or restarted"
+                + (f": {err}" if err else "") + "); the job's restart policy starts a new generation")
+
+    def _handle(self, pkt):
+        """Completes what one answer says; False when the connection ends."""
+        try:
+            typ, status, oid, msg = _decode_reply(pkt)
+        except AgentError as e:
+            self._fail_all(str(e))
+            return False
+        if typ == MSG_DONE:
+            with self._lock:
+                p = self._pending.pop(oid, None)
+                if status in (STATUS_FAILED, STATUS_MISMATCH) and self._broken is None:
+                    self._broken = msg
+            if p is not None:
+                p.on_done(None if status == STATUS_OK else msg)
+        elif typ == MSG_REGISTERED:
+            with self._lock:
+                cb = self._registering.pop(oid, None)
+            if cb is not None:
+                cb(status, msg)
+        elif typ == MSG_FAILED:
+            # The group failed (a peer died or aborted), possibly with
+            # nothing in flight: fail what is pending and every later
+            # operation at once.
+            self._fail_all(f"the process group failed: {msg}")
+        elif typ == MSG_ERROR:
+            self._fail_all(f"the agent closed the connection: {msg}")
+            return False
+        return True
+
+    def _background(self):
+        rc = self._rcond
+        while True:
+            with rc:
+                while not (self._ended or self._closed) and (
+                        self._reading or (self._waiting and self._caller_reads) or not self._bg_poked):
+                    rc.wait()
+                if self._ended or self._closed:
+                    return
+                self._reading = True
+                self._role_owner = threading.get_ident()
+                busy = self.pending() > 0 or not self._caller_reads
+                if not busy:
+                    self._bg_poked = False  # done: what was pending has completed
             try:
-                typ, status, oid, msg = _decode_reply(pkt)
-            except AgentError as e:
-                self._fail_all(str(e))
-                return
-            if typ == MSG_DONE:
-                with self._lock:
-                    p = self._pending.pop(oid, None)
-                    if status in (STATUS_FAILED, STATUS_MISMATCH) and self._broken is None:
-                        self._broken = msg
-                if p is not None:
-                    p.on_done(None if status == STATUS_OK else msg)
-            elif typ == MSG_REGISTERED:
-                with self._lock:
-                    cb = self._registering.pop(oid, None)
-                if cb is not None:
-                    cb(status, msg)
-            elif typ == MSG_FAILED:
-                # The group failed (a peer died or aborted), possibly with
-                # nothing in flight: fail what is pending and every later
-                # operation at once.
-                self._fail_all(f"the process group failed: {msg}")
-            elif typ == MSG_ERROR:
-                self._fail_all(f"the agent closed the connection: {msg}")
-                return
+                # Blocking while something is pending (its answer will
+                # come); a look without waiting otherwise (the watchdog's
+                # drain).
+                self._read(None if busy else 0)
+            finally:
+                self._release_role()
 
     def _watch(self):
         """Fails operations the agent has not answered within the timeout
         (plus a margin for the agent's own, which normally fires first), so
         that nothing waits forever on a wedged agent."""
         limit = self.timeout + 10.0
-        while not self._closed:
-            time.sleep(min(1.0, limit / 4))
+        while not self._stop.wait(min(1.0, limit / 4)):
+            if self._caller_reads:
+                self.read_in_background()  # answers nobody read, FAILED while idle
             now = time.monotonic()
             with self._lock:
                 late = [p for p in self._pending.values() if now - p.issued > limit]
@@ -300,7 +446,7 @@ class Connection:
 
     def pending(self):
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._registering)
 
     def close(self):
         with self._lock:
@@ -314,15 +460,36 @@ class Connection:
                 self._sock.send(_BYE.pack(MSG_BYE))
             except OSError:
                 pass
+        with self._rcond:
+            self._rcond.notify_all()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
+        self._stop.set()
+        self._join_threads()
         for seg in self._segments:
             seg.close()
         self._segments = []
         self._free = {}
+
+    def _join_threads(self):
+        """Waits (a bounded time) until the reader and watchdog threads
+        have ended, so that no daemon thread still runs PyTorch code when
+        the interpreter exits. Python ends a daemon thread that takes the
+        GIL after finalization has begun with pthread_exit, whose unwinding
+        through PyTorch's C++ frames (a staging tensor's deleter re-taking
+        the GIL, a future's callbacks) calls std::terminate: the process
+        dies with SIGABRT ("terminate called without an active exception")
+        after the script has finished. The socket is shut down by now, so
+        the reader's recv returns at once; close() is called at exit at the
+        latest (weakref.finalize in gpumesh.torch)."""
+        me = threading.current_thread()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for th in (self._reader, self._watchdog):
+            if th is not me:
+                th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _decode_reply(pkt):

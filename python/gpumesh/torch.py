@@ -25,7 +25,10 @@ GPUMESH_ZERO_COPY=0 stages every tensor.
 
 Operations are asynchronous: each returns a Work whose future completes when
 the agent answers; collectives run in issue order; several may be in flight
-(DDP overlaps its bucket all-reduces with the backward pass).
+(DDP overlaps its bucket all-reduces with the backward pass). A caller that
+waits reads its answer itself; futures are completed by a background thread
+(_client.Connection.wait_for; GPUMESH_CALLER_READS=0 leaves every answer to
+that thread).
 
 Supported: all_reduce (sum, avg, product, min, max), broadcast, all_gather,
 all_gather_into_tensor, reduce_scatter, reduce_scatter_tensor, reduce (as an
@@ -137,6 +140,7 @@ class _Keep:
         self._lock = threading.Lock()
         self._works = collections.OrderedDict()
         self._limit = limit
+        self.conn = None  # the group's connection: its Work objects wait through it
 
     def add(self, work):
         with self._lock:
@@ -160,6 +164,7 @@ class Work(_WorkBase):
     def __init__(self, result, what, timeout, keep=None):
         super().__init__()
         self._keep = keep
+        self._conn = getattr(keep, "conn", None)
         self._asked = False
         self._result = result
         self._what = what
@@ -189,7 +194,10 @@ class Work(_WorkBase):
     def wait(self, timeout=None):
         self._ask()
         t = _seconds(timeout) or self._timeout
-        if not self._event.wait(t):
+        # Through the connection: the waiting thread reads the agent's
+        # answer itself where it can (_client.Connection.wait_for).
+        done = self._conn.wait_for(self._event, t) if self._conn is not None else self._event.wait(t)
+        if not done:
             raise RuntimeError(f"gpumesh: {self._what} did not complete within {t:.0f} s")
         if self._error is not None:
             raise RuntimeError(self._error)
@@ -197,6 +205,10 @@ class Work(_WorkBase):
 
     def get_future(self):
         self._ask()
+        if self._conn is not None:
+            # Nobody may wait in Python: the connection's background thread
+            # completes the future.
+            self._conn.read_in_background()
         return self._future
 
     def is_completed(self):
@@ -254,9 +266,14 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         self._timeout = _seconds(timeout) or 1800.0
         self._keep = _Keep()
         self._rank, self._size = rank, size
+        # GPUMESH_CALLER_READS=0: a reader thread completes every operation
+        # (a waiting caller is woken by it) instead of the waiting caller
+        # reading its answer itself.
         self._conn = _client.Connection(
             socket_path=sock, secret=secret, job=job, generation=int(gen), rank=int(grank),
-            group_id=group_id, group_rank=rank, ranks=list(global_ranks), timeout=self._timeout)
+            group_id=group_id, group_rank=rank, ranks=list(global_ranks), timeout=self._timeout,
+            caller_reads=env.get("GPUMESH_CALLER_READS", "1") != "0")
+        self._keep.conn = self._conn
         # Host tensors used again and again (DDP's buckets) move into
         # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
         self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
