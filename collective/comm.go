@@ -86,8 +86,12 @@ func New(t Transport, g Group, cfg Config) (*Communicator, error) {
 		log = hclog.NewNullLogger()
 	}
 	n := len(g.Addrs)
+	minChan := minChannelBytes
+	if cfg.MinChannelBytes > 0 {
+		minChan = cfg.MinChannelBytes
+	}
 	c := &Communicator{
-		cfg: cfg, group: g, n: n, rank: g.Rank, ghash: GroupHash(g.Job), ep: ep, minChan: minChannelBytes,
+		cfg: cfg, group: g, n: n, rank: g.Rank, ghash: GroupHash(g.Job), ep: ep, minChan: minChan,
 		log:     log.Named("collective").With("job", g.Job, "generation", g.Generation, "rank", g.Rank),
 		p2pMu:   make([]sync.Mutex, 2*n),
 		p2pSeq:  make([]uint64, 2*n),

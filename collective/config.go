@@ -8,7 +8,7 @@ import (
 )
 
 // Config tunes a Communicator. Every rank of a group must use the same
-// Channels, ChunkBytes and SmallBytes (a difference is reported as a
+// Channels, ChunkBytes, MinChannelBytes and SmallBytes (a difference is reported as a
 // mismatch on the first operation).
 type Config struct {
 	// Channels is the number of parallel links (each its own TCP lane or
@@ -22,6 +22,11 @@ type Config struct {
 	// block moves in chunks of at most this size, several in flight.
 	// Default 1 MiB; 4 KiB to 64 MiB.
 	ChunkBytes int
+	// MinChannelBytes overrides MinChannelBytes, the least an operation
+	// gives each channel (fewer channels for smaller operations): device
+	// buffers pay driver calls per frame and may run faster on fewer,
+	// larger frames. 0: MinChannelBytes (128 KiB); else 4 KiB to 64 MiB.
+	MinChannelBytes int
 	// SmallBytes: operations on at most this many bytes use recursive
 	// doubling (log2 n rounds) instead of the ring (2(n-1) rounds).
 	// Default 64 KiB; 0 disables recursive doubling.
@@ -60,6 +65,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: collective config: channels must be 1..64, got %d", ErrBadArgument, c.Channels)
 	case c.ChunkBytes < 4<<10 || c.ChunkBytes > MaxFrameBytes:
 		return fmt.Errorf("%w: collective config: chunk size must be 4KiB..64MiB, got %d bytes", ErrBadArgument, c.ChunkBytes)
+	case c.MinChannelBytes != 0 && (c.MinChannelBytes < 4<<10 || c.MinChannelBytes > MaxFrameBytes):
+		return fmt.Errorf("%w: collective config: minimum bytes per channel must be 0 (the default) or 4KiB..64MiB, got %d", ErrBadArgument, c.MinChannelBytes)
 	case c.SmallBytes < 0 || c.SmallBytes > MaxFrameBytes:
 		return fmt.Errorf("%w: collective config: small-message threshold must be 0..64MiB, got %d bytes", ErrBadArgument, c.SmallBytes)
 	case c.Timeout <= 0:

@@ -419,3 +419,36 @@ func TestSmallOperationsUseFewerChannels(t *testing.T) {
 		}
 	}
 }
+
+// Config.MinChannelBytes replaces the built-in least bytes per channel:
+// with 1 MiB per channel a 4 MiB two-rank all-reduce (2 MiB blocks) runs on
+// 2 of 16 channels, with the same result; out-of-range values are refused.
+func TestConfigMinChannelBytes(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Channels = 16
+	cfg.MinChannelBytes = 1 << 20
+	g, err := NewLoopbackGroup("job", 1, 2, cfg, DefaultNetConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if got := g.Comms[0].planChannels(2 << 20); got != 2 {
+		t.Fatalf("planChannels(2 MiB) = %d with 1 MiB per channel, want 2", got)
+	}
+	if got := g.Comms[0].planChannels(64 << 20); got != 16 {
+		t.Fatalf("planChannels(64 MiB) = %d, want all 16", got)
+	}
+	allReduceChecked(t, g.Comms, Float32, OpSum, 1<<20, "1 MiB per channel")
+	for i, s := range g.Servers {
+		if n := lanesOf(s); n != 4 {
+			t.Errorf("server %d has %d lanes, want 4 (2 channels, one lane out and one in each)", i, n)
+		}
+	}
+	for _, bad := range []int{-1, 1 << 10, MaxFrameBytes + 1} {
+		c := DefaultConfig()
+		c.MinChannelBytes = bad
+		if err := c.Validate(); !errors.Is(err, ErrBadArgument) {
+			t.Errorf("MinChannelBytes %d: err = %v, want ErrBadArgument", bad, err)
+		}
+	}
+}

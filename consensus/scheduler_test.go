@@ -461,9 +461,20 @@ func TestSchedulerSkipsLaggingFollower(t *testing.T) {
 		})
 	}
 	lagging := func() bool { m, _ := l.repl.lagging(); return m["f"] }
+	// Every follower counts as behind from the election until it accepts
+	// an append: f must have caught up before it goes, so that "behind"
+	// below means a replication to f failed after it stopped.
+	WaitFor(t, 10*time.Second, func() (bool, string) { return !lagging(), "f has not caught up since the election" })
 	// f goes away for long enough that the leader's backoff to it grows.
+	// The job is submitted only once the leader counts f behind and does
+	// not hold it ready (down, or never recorded when it went that fast):
+	// before that, it could place the job on f, which may accept one last
+	// append while it shuts down.
 	tc.Stop("f", true)
-	WaitFor(t, 10*time.Second, func() (bool, string) { return lagging(), "f not behind after it stopped" })
+	WaitFor(t, 10*time.Second, func() (bool, string) {
+		n := l.State().Node("f")
+		return lagging() && (n == nil || n.Status == NodeDown), fmt.Sprintf("f behind: %v, node: %v", lagging(), n)
+	})
 	id, _, err := l.RegisterJob(ctxT(t), gpuJob("needs-f", 1))
 	if err != nil {
 		t.Fatal(err)

@@ -368,6 +368,7 @@ func (a *Agent) Shutdown() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			_ = a.httpS.Shutdown(ctx)
 			cancel()
+			a.router.closeConns()
 		} else if a.httpLn != nil {
 			a.httpLn.Close()
 		}

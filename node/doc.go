@@ -4,7 +4,8 @@
 // RPC port, and runs the allocations placed on this node through its drivers
 // (exec, allreduce, pipeline, service). Service replicas get ports
 // allocated here and are health-checked here; every agent routes
-// /svc/NAME/ on its HTTP port to a healthy replica (service_router.go) and
+// /svc/NAME/ on its HTTP port to a healthy replica (service_router.go; plain
+// requests over its own pooled HTTP/1.1 connections, service_upstream.go) and
 // reports its requests in flight to the leader for services scaled by load
 // (service_load.go). It
 // does not talk to AWS: the caller hands it

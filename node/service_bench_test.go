@@ -17,8 +17,9 @@ import (
 // BenchmarkServiceProxy measures the router's cost at 1 KiB answers: the
 // same closed-loop load (8 client goroutines, keep-alive) against a replica
 // directly and through the /svc/ router, side by side. It reports
-// requests/s and the p50 and p99 latency of each; the ratio and the added
-// p99 go to bench/results/service.md.
+// requests/s and the p50 and p99 latency of each, through the fast path
+// and through the general one (httputil.ReverseProxy); the ratio and the
+// added p99 go to bench/results/service.md.
 //
 //	go test -run '^$' -bench ServiceProxy -benchtime 20000x -count 5 ./node/
 func BenchmarkServiceProxy(b *testing.B) {
@@ -28,14 +29,20 @@ func BenchmarkServiceProxy(b *testing.B) {
 		_, _ = w.Write(payload)
 	}))
 	defer replica.Close()
-	rt := newRouter("n-router", "", hclog.NewNullLogger())
-	front := httptest.NewServer(rt)
-	defer front.Close()
 	jobs, allocs := svcState(b, "bench", []string{replica.Listener.Addr().String()}, []string{HealthHealthy})
-	rt.update(jobs, allocs)
+	fronts := map[bool]*httptest.Server{}
+	for _, general := range []bool{false, true} {
+		rt := newRouter("n-router", "", hclog.NewNullLogger())
+		rt.general = general
+		rt.update(jobs, allocs)
+		fronts[general] = httptest.NewServer(rt)
+		defer rt.closeConns()
+		defer fronts[general].Close()
+	}
 	for _, c := range []struct{ name, url string }{
 		{"direct", replica.URL + "/x"},
-		{"proxy", front.URL + "/svc/bench/x"},
+		{"proxy", fronts[false].URL + "/svc/bench/x"},        // the fast path
+		{"proxy-general", fronts[true].URL + "/svc/bench/x"}, // httputil.ReverseProxy
 	} {
 		b.Run(c.name, func(b *testing.B) { benchClosedLoop(b, c.url, 8) })
 	}

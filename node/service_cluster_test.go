@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -167,8 +168,12 @@ exec:
   command: [/usr/bin/python3, %q]
   env: {SERVE_NO_TORCH: "1"}
 service:
-  check: {path: /healthz, interval: 200ms, timeout: 150ms, threshold: 2, grace: 30s}
+  check: {path: /healthz, interval: 500ms, timeout: 500ms, threshold: 3, grace: 30s}
 `, server))
+	// (A lenient check: the replica left alone serves the test's GETs
+	// back to back on a loaded 2-core machine, and must not miss its
+	// checks for that; the killed one leaves routing when its end is
+	// reported, not by its checks.)
 	healthy := func() []*pb.Allocation {
 		job := waitJob(t, c, id, 30*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Status == "running" })
 		var out []*pb.Allocation
@@ -186,6 +191,20 @@ service:
 		}
 		return nil
 	})
+	// Every router must route to both before one dies: the job's state
+	// says healthy a moment before each agent's table does, and a router
+	// that still counts only the victim healthy has nowhere to retry (a
+	// 503 that says nothing about a killed replica).
+	for _, a := range dc.Agents {
+		poll.Until(t, 20*time.Second, func() error {
+			for _, s := range routes(t, a) {
+				if s.Name == "echo" && s.Healthy == 2 {
+					return nil
+				}
+			}
+			return fmt.Errorf("%s does not route to 2 healthy replicas yet: %+v", a.cfg.NodeName, routes(t, a))
+		})
+	}
 	victim := first[0]
 	var pid int
 	for _, a := range dc.Agents {
@@ -218,9 +237,10 @@ service:
 			resp, err := http.Get("http://" + a.self.HttpAddr + "/svc/echo/")
 			sent++
 			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
 				if resp.StatusCode != http.StatusOK {
-					err = fmt.Errorf("status %d", resp.StatusCode)
+					err = fmt.Errorf("status %d through %s: %s", resp.StatusCode, a.cfg.NodeName, bytes.TrimSpace(b))
 				}
 			}
 			if err != nil {

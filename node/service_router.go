@@ -43,8 +43,10 @@ type backend struct {
 	nodeID   string
 	nodeName string
 	rank     int32
-	addr     string // host:port of the route port
-	proxy    *httputil.ReverseProxy
+	addr     string                 // host:port of the route port
+	prefix   string                 // "/svc/NAME": what the replica does not see of the path
+	proxy    *httputil.ReverseProxy // the general path
+	pool     *replicaConns          // the fast path's connections (service_upstream.go)
 	health   string
 	// near ranks the replica's distance from this router, preferred on a
 	// tie of requests in flight: nearNode, nearAZ or nearFar.
@@ -81,7 +83,8 @@ type serviceRoute struct {
 type routeTable struct {
 	services map[string]*serviceRoute
 	byAlloc  map[string]*replicaStats
-	scaled   []string // IDs of the live jobs scaled by load (service_load.go)
+	pools    map[string]*replicaConns // by allocation ID
+	scaled   []string                 // IDs of the live jobs scaled by load (service_load.go)
 }
 
 // router proxies /svc/NAME/... to a healthy replica of NAME: the one with
@@ -97,6 +100,9 @@ type router struct {
 	// transport holds the kept-alive connections to every replica.
 	transport http.RoundTripper
 	errorLog  *log.Logger
+	// general sends every request through httputil.ReverseProxy, none by
+	// the fast path (service_upstream.go); set before serving.
+	general bool
 
 	updateMu sync.Mutex // serialises update
 	table    atomic.Pointer[routeTable]
@@ -110,8 +116,8 @@ type attempt struct {
 	http.ResponseWriter
 	err error
 	// written is set once the whole request was written to the replica's
-	// connection (from then on it may have acted on it); it is followed
-	// only for methods that are not idempotent.
+	// connection (from then on it may have acted on it); the general path
+	// follows it only for methods that are not idempotent.
 	written atomic.Bool
 }
 
@@ -127,7 +133,7 @@ func (at *attempt) wroteRequest(info httptrace.WroteRequestInfo) {
 
 func newRouter(nodeID, az string, logger hclog.Logger) *router {
 	rt := &router{nodeID: nodeID, az: az, logger: logger}
-	rt.table.Store(&routeTable{services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}})
+	rt.table.Store(&routeTable{services: map[string]*serviceRoute{}, byAlloc: map[string]*replicaStats{}, pools: map[string]*replicaConns{}})
 	rt.transport = &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        1024,
@@ -172,7 +178,9 @@ func (rt *router) newProxy(addr, prefix string) *httputil.ReverseProxy {
 			}
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = addr
-			pr.Out.URL.Path, pr.Out.URL.RawPath = path, ""
+			// RawPath keeps the client's escaping (URL drops it when it
+			// does not match Path).
+			pr.Out.URL.Path, pr.Out.URL.RawPath = path, upstreamPath(pr.In.URL, prefix)
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
 		},
@@ -217,6 +225,7 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.N
 		services[name] = &serviceRoute{name: name, counters: rt.stats.of(name)}
 	}
 	byAlloc := map[string]*replicaStats{}
+	pools := map[string]*replicaConns{}
 	for _, al := range allocs {
 		name, ok := names[al.JobId]
 		if !ok || al.DesiredStatus != consensus.DesiredRun || al.ClientStatus != consensus.AllocRunning {
@@ -233,7 +242,13 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.N
 		b := &backend{allocID: al.Id, jobID: al.JobId, st: st}
 		b.nodeID, b.nodeName, b.rank = al.NodeId, al.NodeName, al.Rank
 		b.addr = net.JoinHostPort(hostOf(al.RankAddr), strconv.Itoa(int(port)))
-		b.proxy = rt.newProxy(b.addr, svcPrefix+name)
+		b.prefix = svcPrefix + name
+		b.proxy = rt.newProxy(b.addr, b.prefix)
+		b.pool = old.pools[al.Id]
+		if b.pool == nil || b.pool.addr != b.addr {
+			b.pool = &replicaConns{addr: b.addr}
+		}
+		pools[al.Id] = b.pool
 		b.health = al.Health
 		if b.health == "" {
 			b.health = HealthStarting
@@ -253,7 +268,24 @@ func (rt *router) update(jobs []*pb.Job, allocs []*pb.Allocation, nodes ...*pb.N
 	for _, s := range services {
 		sort.Slice(s.replicas, func(i, j int) bool { return s.replicas[i].allocID < s.replicas[j].allocID })
 	}
-	rt.table.Store(&routeTable{services: services, byAlloc: byAlloc, scaled: scaled})
+	rt.table.Store(&routeTable{services: services, byAlloc: byAlloc, pools: pools, scaled: scaled})
+	// Requests still on a replica that left finish on their connection,
+	// which is then closed.
+	for id, p := range old.pools {
+		if pools[id] != p {
+			p.close()
+		}
+	}
+}
+
+// closeConns closes the router's idle connections to replicas (on
+// shutdown, once no request is being served).
+func (rt *router) closeConns() {
+	rt.updateMu.Lock()
+	defer rt.updateMu.Unlock()
+	for _, p := range rt.table.Load().pools {
+		p.close()
+	}
 }
 
 // pick returns a healthy replica of s other than the allocation skip, or
@@ -366,6 +398,7 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	// For a method that is not idempotent, follow whether the request was
 	// wholly written: until then a failed try may go elsewhere.
 	safe := idempotent(req.Method)
+	fast := !rt.general && fastForwardable(req, body != nil)
 	var tried *backend
 	for {
 		b := rt.pick(s, allocOf(tried))
@@ -380,24 +413,18 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 		at := &attempt{ResponseWriter: w}
-		out := req
-		if !safe {
-			out = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{WroteRequest: at.wroteRequest}))
-		}
-		if body != nil {
-			out.Body = io.NopCloser(bytes.NewReader(body))
-			// The transport may then resend it itself on a fresh
-			// connection when a kept-alive one was closed under it.
-			out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-		}
 		b.st.requests.Add(1)
-		func() {
-			// The proxy panics (http.ErrAbortHandler) when the replica
-			// fails mid-answer: count the request out all the same.
-			b.st.inflight.Add(1)
-			defer b.st.inflight.Add(-1)
-			b.proxy.ServeHTTP(at, out)
-		}()
+		if fast {
+			func() {
+				// A failure mid-answer panics (http.ErrAbortHandler):
+				// count the request out all the same.
+				b.st.inflight.Add(1)
+				defer b.st.inflight.Add(-1)
+				at.err = fastForward(at, req, b.pool, upstreamPath(req.URL, b.prefix), body)
+			}()
+		} else {
+			rt.forwardGeneral(at, req, b, safe, body)
+		}
 		if at.err == nil {
 			return
 		}
@@ -426,6 +453,26 @@ func (rt *router) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		sc.retries.Add(1)
 		tried = b
 	}
+}
+
+// forwardGeneral sends req to b through httputil.ReverseProxy, recording
+// in at an error met before anything was written to the client.
+func (rt *router) forwardGeneral(at *attempt, req *http.Request, b *backend, safe bool, body []byte) {
+	out := req
+	if !safe {
+		out = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{WroteRequest: at.wroteRequest}))
+	}
+	if body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		// The transport may then resend it itself on a fresh connection
+		// when a kept-alive one was closed under it.
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	// The proxy panics (http.ErrAbortHandler) when the replica fails
+	// mid-answer: count the request out all the same.
+	b.st.inflight.Add(1)
+	defer b.st.inflight.Add(-1)
+	b.proxy.ServeHTTP(at, out)
 }
 
 // allocOf returns b's allocation ID, "" for nil.
@@ -475,9 +522,12 @@ func (rt *router) snapshot() []ServiceRoute {
 
 // NewStaticRouter returns the /svc/ router over a fixed set of healthy
 // replicas of one service (name, at addrs "host:port"): the routing path
-// without the cluster, for benchmarks and tests.
-func NewStaticRouter(name string, addrs []string) http.Handler {
+// without the cluster, for benchmarks and tests. general sends every
+// request through httputil.ReverseProxy (the path the router keeps for
+// upgrades and streamed bodies) instead of the fast path.
+func NewStaticRouter(name string, addrs []string, general bool) http.Handler {
 	rt := newRouter("", "", hclog.NewNullLogger())
+	rt.general = general
 	job := &pb.Job{Id: name, Status: consensus.JobRunning, Spec: &pb.JobSpec{Name: name, Type: jobspec.TypeService,
 		Service: &pb.ServiceSpec{Ports: []string{jobspec.DefaultServicePort}, RoutePort: jobspec.DefaultServicePort}}}
 	var allocs []*pb.Allocation

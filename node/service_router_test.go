@@ -51,11 +51,20 @@ func replica(t *testing.T, id string) *httptest.Server {
 	return s
 }
 
-func newTestRouter(t *testing.T) (*router, *httptest.Server) {
+// newTestRouter returns a router, general or not (see router.general),
+// and a server in front of it.
+func newTestRouter(t *testing.T, general bool) (*router, *httptest.Server) {
 	rt := newRouter("n-router", "", hclog.NewNullLogger())
+	rt.general = general
 	front := httptest.NewServer(rt)
-	t.Cleanup(front.Close)
+	t.Cleanup(func() { front.Close(); rt.closeConns() })
 	return rt, front
+}
+
+// bothPaths runs test on the router's fast path and on its general one.
+func bothPaths(t *testing.T, test func(t *testing.T, general bool)) {
+	t.Run("fast", func(t *testing.T) { test(t, false) })
+	t.Run("general", func(t *testing.T) { test(t, true) })
 }
 
 func get(t *testing.T, url string) (int, string) {
@@ -69,9 +78,11 @@ func get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-func TestRouterRoutesToHealthyReplicas(t *testing.T) {
+func TestRouterRoutesToHealthyReplicas(t *testing.T) { bothPaths(t, testRouterRoutesToHealthyReplicas) }
+
+func testRouterRoutesToHealthyReplicas(t *testing.T, general bool) {
 	a, b, c := replica(t, "A"), replica(t, "B"), replica(t, "C")
-	rt, front := newTestRouter(t)
+	rt, front := newTestRouter(t, general)
 	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String(), b.Listener.Addr().String(), c.Listener.Addr().String()},
 		[]string{HealthHealthy, HealthHealthy, HealthUnhealthy}))
 	seen := map[string]int{}
@@ -95,7 +106,7 @@ func TestRouterRoutesToHealthyReplicas(t *testing.T) {
 
 func TestRouterBadInput(t *testing.T) {
 	a := replica(t, "A")
-	rt, front := newTestRouter(t)
+	rt, front := newTestRouter(t, false)
 	jobs, allocs := svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthStarting})
 	rt.update(jobs, allocs)
 	code, body := get(t, front.URL+"/svc/nosuch/x")
@@ -115,7 +126,9 @@ func TestRouterBadInput(t *testing.T) {
 // A replica that cannot be reached (it died without notice) costs no
 // request: the router retries once on another one, POSTs included, since
 // nothing reached the dead one.
-func TestRouterRetriesOnDeadReplica(t *testing.T) {
+func TestRouterRetriesOnDeadReplica(t *testing.T) { bothPaths(t, testRouterRetriesOnDeadReplica) }
+
+func testRouterRetriesOnDeadReplica(t *testing.T, general bool) {
 	b := replica(t, "B")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -123,7 +136,7 @@ func TestRouterRetriesOnDeadReplica(t *testing.T) {
 	}
 	dead := ln.Addr().String()
 	ln.Close()
-	rt, front := newTestRouter(t)
+	rt, front := newTestRouter(t, general)
 	rt.update(svcState(t, "echo", []string{dead, b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
 	for i := 0; i < 6; i++ {
 		resp, err := http.Post(front.URL+"/svc/echo/gen", "text/plain", strings.NewReader("prompt"))
@@ -140,7 +153,9 @@ func TestRouterRetriesOnDeadReplica(t *testing.T) {
 
 // A streamed answer passes unbuffered: the first event reaches the client
 // while the replica still holds the rest back.
-func TestRouterStreamsUnbuffered(t *testing.T) {
+func TestRouterStreamsUnbuffered(t *testing.T) { bothPaths(t, testRouterStreamsUnbuffered) }
+
+func testRouterStreamsUnbuffered(t *testing.T, general bool) {
 	release := make(chan struct{})
 	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
@@ -154,7 +169,7 @@ func TestRouterStreamsUnbuffered(t *testing.T) {
 	}))
 	t.Cleanup(s.Close)
 	defer close(release)
-	rt, front := newTestRouter(t)
+	rt, front := newTestRouter(t, general)
 	rt.update(svcState(t, "llm", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
 	resp, err := http.Get(front.URL + "/svc/llm/stream")
 	if err != nil {
@@ -221,7 +236,9 @@ func TestRouterPrefersItsZoneOnATie(t *testing.T) {
 // A replica that dies holding a whole request (it read it, then closed the
 // connection without an answer) may have acted on it: a POST is not sent
 // again, and its 502 says why; a GET goes to another replica.
-func TestRouterRetriesOnlyWhatIsSafe(t *testing.T) {
+func TestRouterRetriesOnlyWhatIsSafe(t *testing.T) { bothPaths(t, testRouterRetriesOnlyWhatIsSafe) }
+
+func testRouterRetriesOnlyWhatIsSafe(t *testing.T, general bool) {
 	dying := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.ReadAll(r.Body)
 		conn, _, err := w.(http.Hijacker).Hijack()
@@ -231,7 +248,7 @@ func TestRouterRetriesOnlyWhatIsSafe(t *testing.T) {
 	}))
 	t.Cleanup(dying.Close)
 	b := replica(t, "B")
-	rt, front := newTestRouter(t)
+	rt, front := newTestRouter(t, general)
 	rt.update(svcState(t, "echo", []string{dying.Listener.Addr().String(), b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
 	refused := 0
 	for i := 0; i < 4; i++ {
@@ -276,7 +293,7 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 		want    int
 	}{{"reset before the write", false, http.StatusOK}, {"reset after the write", true, http.StatusBadGateway}} {
 		t.Run(c.name, func(t *testing.T) {
-			rt, front := newTestRouter(t)
+			rt, front := newTestRouter(t, true) // fakes the general path's transport
 			real := rt.transport
 			rt.transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
 				if r.URL.Host != dead {
@@ -311,9 +328,12 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 
 // The Host form: NAME.svc[.domain][:port] reaches the service with the path
 // as the client sent it; other hosts reach the agent's own handlers.
-func TestRouterHostForm(t *testing.T) {
+func TestRouterHostForm(t *testing.T) { bothPaths(t, testRouterHostForm) }
+
+func testRouterHostForm(t *testing.T, general bool) {
 	a := replica(t, "A")
 	rt := newRouter("n-router", "", hclog.NewNullLogger())
+	rt.general = general
 	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthHealthy}))
 	agentAPI := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "agent "+r.URL.Path) })
 	front := httptest.NewServer(hostRouted(rt, agentAPI))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA (-tags cuda) gpumesh binary and the -tags cuda test binaries
 # into one folder that can be carried to a GPU machine and run there with
-# gpu-run.sh, gpu-hop.sh, gpu-tcp.sh or gpu-shared.sh (copied in as well, beside the
+# gpu-run.sh, gpu-hop.sh, gpu-tcp.sh, gpu-shared.sh or gpu-pipeline.sh (copied in as well, beside the
 # gpu-lib.sh they source).
 #
 # The NCCL/Gloo baseline script, bench/torch_allreduce.py, is copied in too.
@@ -72,7 +72,7 @@ for b in "$out"/gpumesh "$out"/*.test; do
 	gzip -f -6 "$b"
 done
 # the run scripts source gpu-lib.sh from their own folder
-cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh scripts/gpu-shared.sh "$out"/
+cp scripts/gpu-lib.sh scripts/gpu-run.sh scripts/gpu-hop.sh scripts/gpu-tcp.sh scripts/gpu-shared.sh scripts/gpu-pipeline.sh "$out"/
 cp "$torch" "$out/torch_allreduce.py"
 ls -la "$out"
 du -sh "$out"

@@ -48,7 +48,9 @@ func main() {
 	clients := fs.Int("c", 16, "concurrent keep-alive clients (load)")
 	dur := fs.Duration("d", 10*time.Second, "how long to load, after a 2 s warm-up (load)")
 	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this address (router)")
-	rate := fs.Int("rate", 0, "requests/s in an open loop instead of -c closed-loop clients (load)")
+	rate := fs.Int("rate", 0, "requests/s in an open loop instead of -c closed-loop clients (load); with -vegeta, 0 is as fast as -c workers go")
+	useVegeta := fs.Bool("vegeta", false, "load with vegeta: at -rate, or with -rate 0 as fast as -c workers go, each waiting for its answer (load)")
+	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
 	switch os.Args[1] {
@@ -62,10 +64,10 @@ func main() {
 		if *pprofAddr != "" {
 			go func() { _ = http.ListenAndServe(*pprofAddr, nil) }() // DefaultServeMux holds net/http/pprof
 		}
-		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}))
+		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}, *general))
 	case "load":
-		if *rate > 0 {
-			err = loadRate(*url, *rate, *dur)
+		if *rate > 0 || *useVegeta {
+			err = loadRate(*url, *rate, *clients, *dur)
 		} else {
 			err = load(*url, *clients, *dur)
 		}
@@ -140,11 +142,16 @@ func load(url string, clients int, dur time.Duration) error {
 	})
 }
 
-// loadRate sends rate GETs/s to url for 2 s of warm-up, then for dur, and
+// loadRate sends rate GETs/s to url (with rate 0, as fast as workers
+// waiting each for its answer go) for 2 s of warm-up, then for dur, and
 // prints the latencies of the measured part.
-func loadRate(url string, rate int, dur time.Duration) error {
+func loadRate(url string, rate, workers int, dur time.Duration) error {
 	target := vegeta.NewStaticTargeter(vegeta.Target{Method: http.MethodGet, URL: url})
-	attacker := vegeta.NewAttacker(vegeta.KeepAlive(true), vegeta.Timeout(5*time.Second))
+	opts := []func(*vegeta.Attacker){vegeta.KeepAlive(true), vegeta.Timeout(5 * time.Second)}
+	if rate == 0 {
+		opts = append(opts, vegeta.Workers(uint64(workers)), vegeta.MaxWorkers(uint64(workers)))
+	}
+	attacker := vegeta.NewAttacker(opts...)
 	const warmUp = 2 * time.Second
 	start := time.Now()
 	var m vegeta.Metrics
@@ -156,7 +163,7 @@ func loadRate(url string, rate int, dur time.Duration) error {
 	m.Close()
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"url": url, "rate": rate, "requests": m.Requests, "success": m.Success,
+		"url": url, "rate": rate, "workers": workers, "requests": m.Requests, "success": m.Success,
 		"req_per_s": m.Throughput,
 		"p50_ms":    ms(m.Latencies.P50), "p90_ms": ms(m.Latencies.P90), "p99_ms": ms(m.Latencies.P99), "max_ms": ms(m.Latencies.Max),
 	})

@@ -36,6 +36,7 @@ type allreduceFlags struct {
 	sockBuf   string
 	unixLanes bool
 	noSame    bool
+	minChan   string
 }
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
@@ -48,6 +49,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.StringVar(&f.device, "device", "cpu", "buffer memory: cpu or cuda (cuda needs a binary built with -tags cuda)")
 	fs.IntVar(&f.channels, "channels", d.Channels, "parallel connections (TCP flows) per ring neighbour")
 	fs.StringVar(&f.chunk, "chunk", bytesize.Format(int64(d.ChunkBytes)), "pipelined chunk size")
+	fs.StringVar(&f.minChan, "min-channel", "0", "least each channel carries of an operation (fewer channels for smaller operations; 0: the built-in 128KiB)")
 	fs.StringVar(&f.window, "window", bytesize.Format(int64(collective.DefaultNetConfig().WindowBytes)), "HTTP/2 flow-control window per stream and connection")
 	fs.StringVar(&f.readBuf, "read-buffer", bytesize.Format(int64(collective.DefaultNetConfig().ReadBufferBytes)), "socket read buffer per connection (0: read frames straight from the socket)")
 	fs.StringVar(&f.writeBuf, "write-buffer", bytesize.Format(int64(collective.DefaultNetConfig().WriteBufferBytes)), "write batching buffer per connection (0: write frames straight to the socket)")
@@ -100,6 +102,11 @@ func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, col
 	if window > 1<<30 {
 		return cfg, gcfg, spec, fmt.Errorf("--window: at most 1GiB, got %s", f.window)
 	}
+	minChan, err := bytesize.Parse(f.minChan)
+	if err != nil {
+		return cfg, gcfg, spec, fmt.Errorf("--min-channel: %w", err)
+	}
+	cfg.MinChannelBytes = int(minChan)
 	cfg.Channels = f.channels
 	cfg.ChunkBytes = int(chunk)
 	cfg.NoSameHost = f.noSame

@@ -28,8 +28,9 @@ func newDevCommand() *cobra.Command {
 		Short: "Run a local cluster of N agents in this process",
 		Long: `Run N agents in one process on 127.0.0.1, each with its own ports and a data dir
 under a temporary folder (removed on exit). They gossip, elect a Raft leader and
-take jobs like a real cluster. Without --demo it runs until interrupted and prints
-how to reach it; with --demo it submits a demo job, prints its result and exits 0
+take jobs like a real cluster. Without --demo it runs until interrupted, prints
+how to reach it and says how rolling updates of services go (started, each
+replica replaced, stalled on a failing replacement, done); with --demo it submits a demo job, prints its result and exits 0
 when the result checked out.`,
 		Example: "  gpumesh dev\n  gpumesh dev --nodes 5\n  gpumesh dev --demo",
 		Args:    cobra.NoArgs,
@@ -71,10 +72,20 @@ when the result checked out.`,
 				return runDemo(cmd.Context(), dc, out)
 			}
 			fmt.Fprintf(out, "\nTalk to it from another shell:\n  export GPUMESH_ADDR=%s\n  gpumesh nodes\n  gpumesh job run examples/hello.yaml\n\nPress Ctrl-C to stop.\n", dc.Agents[0].RPCAddr())
+			// Rolling updates of services say here how they went.
+			fctx, stopFollow := context.WithCancel(cmd.Context())
+			followed := make(chan struct{})
+			go func() {
+				defer close(followed)
+				followUpdates(fctx, &clientFlags{address: dc.Agents[0].RPCAddr(), timeout: 5 * time.Second}, out)
+			}()
+			defer func() { stopFollow(); <-followed }()
 			sigs := make(chan os.Signal, 1)
 			signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 			defer signal.Stop(sigs)
 			<-sigs
+			stopFollow()
+			<-followed
 			fmt.Fprintln(out, "==> stopping")
 			return nil
 		},

@@ -34,23 +34,29 @@ to a healthy replica of NAME; these commands show what the routers route to.`,
 // optionally only those named name.
 func serviceJobs(cmd *cobra.Command, f *clientFlags, name string) ([]*pb.GetJobResponse, error) {
 	return query(cmd, f, func(ctx context.Context, c pb.ControlClient) ([]*pb.GetJobResponse, error) {
-		list, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+		return listServices(ctx, c, name)
+	})
+}
+
+// listServices returns the live service jobs with their allocations,
+// optionally only those named name.
+func listServices(ctx context.Context, c pb.ControlClient, name string) ([]*pb.GetJobResponse, error) {
+	list, err := c.ListJobs(ctx, &pb.ListJobsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	var out []*pb.GetJobResponse
+	for _, j := range list.Jobs {
+		if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) || (name != "" && j.Spec.GetName() != name) {
+			continue
+		}
+		resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: j.Id})
 		if err != nil {
 			return nil, err
 		}
-		var out []*pb.GetJobResponse
-		for _, j := range list.Jobs {
-			if j.Spec.GetType() != jobspec.TypeService || consensus.JobTerminal(j.Status) || (name != "" && j.Spec.GetName() != name) {
-				continue
-			}
-			resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: j.Id})
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, resp)
-		}
-		return out, nil
-	})
+		out = append(out, resp)
+	}
+	return out, nil
 }
 
 // liveReplicas returns the allocations of a service that run or should.
@@ -153,6 +159,9 @@ func newServiceStatusCommand() *cobra.Command {
 			}
 			for _, r := range jobs {
 				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, wantedReplicas(r.Job), scaleNote(r.Job), args[0])
+				if old, live := oldSpecReplicas(r); old > 0 {
+					fmt.Fprintf(out, "rolling update to spec generation %d: %d of %d replicas still on the previous spec (SPEC old), replaced one at a time\n", r.Job.SpecGeneration, old, live)
+				}
 				printServiceReplicas(out, r)
 			}
 			return nil
@@ -163,14 +172,31 @@ func newServiceStatusCommand() *cobra.Command {
 	return cmd
 }
 
-// printServiceReplicas prints the live replicas of a service job.
+// onOldSpec says whether a replica runs a spec older than its service's
+// current one (a rolling update has yet to replace it).
+func onOldSpec(j *pb.Job, al *pb.Allocation) bool { return al.Generation < j.SpecGeneration }
+
+// oldSpecReplicas counts a service's live replicas on an older spec, and
+// all its live replicas.
+func oldSpecReplicas(r *pb.GetJobResponse) (old, live int) {
+	for _, al := range liveReplicas(r) {
+		live++
+		if onOldSpec(r.Job, al) {
+			old++
+		}
+	}
+	return old, live
+}
+
+// printServiceReplicas prints the live replicas of a service job; SPEC is
+// "old" for one a rolling update has yet to replace.
 func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 	if r.Job.Spec.GetType() != jobspec.TypeService {
 		return
 	}
 	fmt.Fprintln(out)
 	tw := newTable(out)
-	fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tADDRESS\tPORTS")
+	fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tSPEC\tADDRESS\tPORTS")
 	for _, al := range liveReplicas(r) {
 		route := al.Ports[r.Job.Spec.GetService().GetRoutePort()]
 		addr := "-"
@@ -183,7 +209,11 @@ func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 			names = append(names, fmt.Sprintf("%s=%d", n, p))
 		}
 		sort.Strings(names)
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", al.Rank, dash(al.NodeName), dash(al.ClientStatus), dash(al.Health), addr, dash(strings.Join(names, ",")))
+		spec := "current"
+		if onOldSpec(r.Job, al) {
+			spec = "old"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Rank, dash(al.NodeName), dash(al.ClientStatus), dash(al.Health), spec, addr, dash(strings.Join(names, ",")))
 	}
 	tw.Flush()
 }

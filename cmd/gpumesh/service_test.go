@@ -15,10 +15,10 @@ func TestPrintServiceReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp := &pb.GetJobResponse{
-		Job: &pb.Job{Id: "mlp-1", Spec: spec, Status: "running"},
+		Job: &pb.Job{Id: "mlp-1", Spec: spec, Status: "running", SpecGeneration: 3},
 		Allocations: []*pb.Allocation{
-			{Rank: 0, NodeName: "node-1", RankAddr: "127.0.0.1:7947", DesiredStatus: "run", ClientStatus: "running", Health: "healthy", Ports: map[string]int32{"http": 31000, "admin": 31001}},
-			{Rank: 1, NodeName: "node-2", RankAddr: "127.0.0.2:7947", DesiredStatus: "run", ClientStatus: "running", Health: "starting", Ports: map[string]int32{"http": 32000, "admin": 32001}},
+			{Rank: 0, Generation: 2, NodeName: "node-1", RankAddr: "127.0.0.1:7947", DesiredStatus: "run", ClientStatus: "running", Health: "healthy", Ports: map[string]int32{"http": 31000, "admin": 31001}},
+			{Rank: 1, Generation: 3, NodeName: "node-2", RankAddr: "127.0.0.2:7947", DesiredStatus: "run", ClientStatus: "running", Health: "starting", Ports: map[string]int32{"http": 32000, "admin": 32001}},
 			{Rank: 1, NodeName: "node-3", DesiredStatus: "stop", ClientStatus: "stopped"},
 		},
 	}
@@ -32,6 +32,15 @@ func TestPrintServiceReplicas(t *testing.T) {
 	}
 	if strings.Contains(out, "node-3") {
 		t.Fatalf("a stopped replica is listed:\n%s", out)
+	}
+	// The replica of generation 2 runs the spec before generation 3's.
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, "node-1") && !strings.Contains(line, " old ") || strings.Contains(line, "node-2") && !strings.Contains(line, " current ") {
+			t.Fatalf("replica line %q: want node-1 old, node-2 current:\n%s", line, out)
+		}
+	}
+	if old, live := oldSpecReplicas(resp); old != 1 || live != 2 {
+		t.Fatalf("oldSpecReplicas = %d, %d; want 1 of 2", old, live)
 	}
 	var exec bytes.Buffer
 	printServiceReplicas(&exec, &pb.GetJobResponse{Job: &pb.Job{Spec: &pb.JobSpec{Type: "exec"}}})

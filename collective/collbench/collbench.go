@@ -513,6 +513,7 @@ func workerFlags(cfg Config) []string {
 		"--device", cfg.Device,
 		"--channels", fmt.Sprint(cfg.Collective.Channels),
 		"--chunk", fmt.Sprint(cfg.Collective.ChunkBytes),
+		"--min-channel", fmt.Sprint(cfg.Collective.MinChannelBytes),
 		"--window", fmt.Sprint(cfg.Net.WindowBytes),
 		"--read-buffer", fmt.Sprint(cfg.Net.ReadBufferBytes),
 		"--write-buffer", fmt.Sprint(cfg.Net.WriteBufferBytes),

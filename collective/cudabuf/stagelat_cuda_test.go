@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
+	"github.com/gpumesh/gpumesh/cuda"
 )
 
 // TestStagingLatency measures (GPUMESH_CUDA_BENCH=1) what one buffer's
@@ -157,4 +158,80 @@ func (tr *traceOp) stop(path, head string) error {
 		fmt.Fprintf(&b, "%-8s off=%-9d n=%-8d start=%8.1fus end=%8.1fus took=%7.1fus\n", l.kind, l.off, l.n, float64(l.start)/1e3, float64(l.end)/1e3, float64(l.end-l.start)/1e3)
 	}
 	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
+
+// TestCopyBandwidth measures (GPUMESH_CUDA_BENCH=1) the card's copy rate
+// between device memory and pinned host memory in 4 MiB copies, 256 MiB in
+// all: device to host alone, host to device alone, and both at once on two
+// streams (what a rank on the TCP lanes does while it sends and receives).
+// Start it in several processes at once to see what processes sharing one
+// GPU get: the ceiling of the lanes' device staging there.
+func TestCopyBandwidth(t *testing.T) {
+	if os.Getenv("GPUMESH_CUDA_BENCH") != "1" {
+		t.Skip("set GPUMESH_CUDA_BENCH=1 to measure")
+	}
+	be := openBackendCfg(t, 4<<20, 4)
+	d := be.devs[0].dev
+	const total, piece = 256 << 20, 4 << 20
+	mem, err := d.Alloc(total)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Free()
+	host := [2][]byte{}
+	for i := range host {
+		if host[i], err = d.PinnedAlloc(total); err != nil {
+			t.Fatal(err)
+		}
+		defer d.PinnedFree(host[i])
+	}
+	var sts [2]*cuda.Stream
+	for i := range sts {
+		if sts[i], err = d.NewStream(); err != nil {
+			t.Fatal(err)
+		}
+		defer sts[i].Close()
+	}
+	copyAll := func(st *cuda.Stream, toHost bool, h []byte) error {
+		for off := 0; off < total; off += piece {
+			var err error
+			if toHost {
+				err = st.CopyDtoH(h[off:off+piece], mem.Ptr()+cuda.DevPtr(off))
+			} else {
+				err = st.CopyHtoD(mem.Ptr()+cuda.DevPtr(off), h[off:off+piece])
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	measure := func(d2h, h2d bool) float64 {
+		var ts []time.Duration
+		for rep := 0; rep < 6; rep++ {
+			t0 := time.Now()
+			if d2h {
+				if err := copyAll(sts[0], true, host[0]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if h2d {
+				if err := copyAll(sts[1], false, host[1]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, st := range sts {
+				if err := st.Synchronize(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if rep > 0 {
+				ts = append(ts, time.Since(t0))
+			}
+		}
+		sort.Slice(ts, func(i, j int) bool { return ts[i] < ts[j] })
+		return float64(total) / ts[len(ts)/2].Seconds() / 1e9
+	}
+	d2h, h2d, both := measure(true, false), measure(false, true), measure(true, true)
+	fmt.Printf("copybw pid=%d d2h=%.1fGB/s h2d=%.1fGB/s both-at-once=%.1fGB/s-each-way\n", os.Getpid(), d2h, h2d, both)
 }

@@ -69,6 +69,12 @@ type BenchConfig struct {
 	// (multiply-adds, the default) or BalanceMeasured (MeasureLayerCosts on
 	// the first stage's device before the run).
 	Balance string
+	// SyncMessages is RunConfig.SyncMessages for every stage (an
+	// asynchronous device's messages downloaded while the stage waits).
+	SyncMessages bool
+	// Trace puts every stage's action spans of the timed run into
+	// BenchResult.StageTraces.
+	Trace bool
 }
 
 // Ways of balancing the stages of the MLP bench.
@@ -163,9 +169,16 @@ type BenchResult struct {
 	WallSeconds     float64 `json:"wall_seconds"`
 	SamplesPerSec   float64 `json:"samples_per_sec"`
 	// Bubble is 1 − Σ busy / (stages × wall); TheoryBubble (p−1)/(m+p−1).
-	Bubble       float64   `json:"bubble"`
+	Bubble float64 `json:"bubble"`
+	// BusyOn says where busy time was measured: "host" (time in Forward
+	// and Backward) or "device" (an asynchronous device's time on that
+	// work, with staged messages).
+	BusyOn       string    `json:"busy_on,omitempty"`
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
+	// StageTraces are the stages' action spans (BenchConfig.Trace), in
+	// microseconds from the first stage's start.
+	StageTraces [][]ActionSpan `json:"stage_traces,omitempty"`
 	// StageLayers are the weight layers [start, end) of each stage
 	// (ComputeMLP); LayerCosts the measured seconds per micro-batch of each
 	// layer (BalanceMeasured).
@@ -347,6 +360,9 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchResult, error) {
 			if len(devs) > 0 {
 				dev = devs[0]
 			}
+			if cfg.SyncMessages {
+				dev = syncDevice{dev} // measured as the run will use it
+			}
 			costs, err := MeasureLayerCosts(ctx, dev, spec, 20)
 			if err != nil {
 				return nil, fmt.Errorf("measuring layer costs: %w", err)
@@ -392,7 +408,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s]}
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, Trace: cfg.Trace}
 				if len(devs) > 0 {
 					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
 				}
@@ -414,7 +430,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			}
 			stats[s], errs[s] = RunStage(ctx, StageConfig{
 				JobID: "bench", Stage: s, Stages: p, Schedule: cfg.Schedule, Chunks: max(cfg.Chunks, 1), MicroBatches: m, Steps: steps,
-				Links: links[s], InFlight: cfg.InFlight, RecvTimeout: time.Minute,
+				Links: links[s], InFlight: cfg.InFlight, RecvTimeout: time.Minute, Trace: cfg.Trace,
 			}, model)
 		}(s)
 	}
@@ -436,11 +452,26 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	}
 	wall := last.Sub(first).Seconds()
 	res.WallSeconds = wall
+	res.BusyOn = "host"
+	if stats[0].BusyOnDevice {
+		res.BusyOn = "device"
+	}
 	res.SamplesPerSec = float64(steps*m*cfg.Rows) / wall
 	res.Bubble = 1 - busy/(float64(p)*wall)
 	res.StageBubbles = res.StageBubbles[:0]
+	res.StageTraces = nil
 	for _, st := range stats {
 		res.StageBubbles = append(res.StageBubbles, 1-st.BusySeconds/wall)
+		if cfg.Trace {
+			off := float64(st.Start.Sub(first).Nanoseconds()) / 1e3
+			tr := make([]ActionSpan, len(st.Trace))
+			for i, a := range st.Trace {
+				a.StartUS += off
+				a.EndUS += off
+				tr[i] = a
+			}
+			res.StageTraces = append(res.StageTraces, tr)
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"time"
 )
 
 // Activation functions of the MLP's hidden layers.
@@ -279,4 +280,69 @@ func (CPU) Axpy(alpha float32, x, y Tensor) error {
 		Y.Data[i] += alpha * v
 	}
 	return nil
+}
+
+// AsyncDevice is a Device whose work runs in order on a device queue after
+// the calls that issue it return (CUDADevice). RunJob then keeps the
+// stage's goroutine off every per-message wait: a stage's output is copied
+// into staging memory of the device's (DownloadAsync) and the endpoint's
+// sender goroutine waits for it, the loss gradient is computed on the device
+// (MSEGrad), and the stage's busy time is the device's (BeginBusy, EndBusy,
+// BusySeconds) rather than the host's time in Forward and Backward.
+type AsyncDevice interface {
+	Device
+	// DownloadAsync starts copying src into host memory owned by the
+	// device and returns at once; see Staged.
+	DownloadAsync(src Tensor) (*Staged, error)
+	// MSEGrad computes g = 2·(y − t)/n elementwise, in float32 as the CPU
+	// does.
+	MSEGrad(y, t, g Tensor, n float32) error
+	// BeginBusy and EndBusy mark the start and end of one action's device
+	// work; BusySeconds waits for all marked work and returns the device
+	// time between each pair of marks, summed, since the last BusySeconds.
+	BeginBusy() error
+	EndBusy() error
+	BusySeconds() (float64, error)
+}
+
+// Staged is host memory a device fills asynchronously: Data is valid once
+// Wait returns nil, until Release, which gives the memory back to the
+// device (at most once; the Staged must not be used afterwards).
+type Staged struct {
+	Data    []float32
+	wait    func() error
+	release func()
+}
+
+// Wait blocks until Data holds the copy.
+func (s *Staged) Wait() error {
+	if s.wait == nil {
+		return nil
+	}
+	return s.wait()
+}
+
+// Release gives the memory back to the device.
+func (s *Staged) Release() {
+	if s.release != nil {
+		r := s.release
+		s.release = nil
+		r()
+	}
+}
+
+// message makes a Message of the staged data: the endpoint's sender waits
+// for it and releases it once the link is done with it.
+func (s *Staged) message(rows, cols int) *Message {
+	return &Message{Rows: rows, Cols: cols, Data: s.Data, ready: s.Wait, sent: s.Release}
+}
+
+// spanTracer is an AsyncDevice that can also report when, on the host's
+// clock, the device ran each span it timed (StageConfig.Trace).
+type spanTracer interface {
+	// traceSpans turns recording on or off.
+	traceSpans(on bool)
+	// takeSpans returns the recorded spans (start, end) in marking order,
+	// once BusySeconds has waited for them, and forgets them.
+	takeSpans() [][2]time.Time
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"time"
 	"unsafe"
 
 	"gorgonia.org/cu"
@@ -21,7 +22,7 @@ var mlpPTX string
 
 var mlpKernels = []string{
 	"gemm_f32", "add_row_vector_f32", "sum_rows_f32", "tanh_f32", "relu_f32",
-	"tanh_grad_f32", "relu_grad_f32", "axpy_f32",
+	"tanh_grad_f32", "relu_grad_f32", "axpy_f32", "mse_grad_f32",
 }
 
 func init() {
@@ -63,6 +64,8 @@ func init() {
 // in order on the CUDADevice's own non-blocking stream, so two CUDADevices
 // on one GPU (two pipeline stages) do not wait for each other; Upload
 // returns once the source is consumed, Download once the data is there.
+// Give each stage a CUDADevice of its own: as an AsyncDevice it times the
+// stage's work between BeginBusy and EndBusy, from one goroutine.
 type CUDADevice struct {
 	dev *cuda.Device
 	st  *cuda.Stream
@@ -72,13 +75,31 @@ type CUDADevice struct {
 	// pipeline stage allocates the same shapes every micro-batch.
 	mu   sync.Mutex
 	pool map[int64][]*cuda.Mem
+	// staging: pinned host buffers by size (free lists) and every one
+	// made (freed at Close), and completion events, for DownloadAsync
+	staging    map[int][][]byte
+	pinned     [][]byte
+	stageEvs   []*cuda.Event
+	timingEvs  []*cuda.Event
+	spans      []busySpan // marked, not yet added to busy
+	spanStart  *cuda.Event
+	busyMillis float64
+	// tracing: spans on the host's clock, from a base event whose host
+	// time was taken when it completed
+	traceOn  bool
+	base     *cuda.Event
+	baseHost time.Time
+	traced   [][2]time.Time
 }
 
-var _ Device = (*CUDADevice)(nil)
+// busySpan is one action's device work between two timing events.
+type busySpan struct{ start, end *cuda.Event }
+
+var _ AsyncDevice = (*CUDADevice)(nil)
 
 // NewCUDADevice loads the MLP kernels on d (JIT from embedded PTX).
 func NewCUDADevice(d *cuda.Device) (*CUDADevice, error) {
-	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}, pool: map[int64][]*cuda.Mem{}}
+	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}, pool: map[int64][]*cuda.Mem{}, staging: map[int][][]byte{}}
 	err := d.Do(func() error {
 		mod, err := cu.LoadData(mlpPTX)
 		if err != nil {
@@ -196,6 +217,242 @@ func (c *CUDADevice) Close() {
 		}
 		delete(c.pool, k)
 	}
+	// the stream is drained: no copy into staging memory is pending
+	for _, b := range c.pinned {
+		_ = c.dev.PinnedFree(b)
+	}
+	c.pinned, c.staging = nil, map[int][][]byte{}
+	for _, sp := range c.spans {
+		c.timingEvs = append(c.timingEvs, sp.start, sp.end)
+	}
+	if c.spanStart != nil {
+		c.timingEvs = append(c.timingEvs, c.spanStart)
+	}
+	c.spans, c.spanStart = nil, nil
+	for _, e := range append(c.stageEvs, c.timingEvs...) {
+		_ = e.Close()
+	}
+	c.stageEvs, c.timingEvs = nil, nil
+}
+
+// getPinned returns a pinned host buffer of n bytes.
+func (c *CUDADevice) getPinned(n int) ([]byte, error) {
+	c.mu.Lock()
+	if l := c.staging[n]; len(l) > 0 {
+		b := l[len(l)-1]
+		c.staging[n] = l[:len(l)-1]
+		c.mu.Unlock()
+		return b, nil
+	}
+	c.mu.Unlock()
+	b, err := c.dev.PinnedAlloc(n)
+	if err != nil {
+		return nil, fmt.Errorf("%w: staging memory: %v", ErrDevice, err)
+	}
+	c.mu.Lock()
+	c.pinned = append(c.pinned, b)
+	c.mu.Unlock()
+	return b, nil
+}
+
+// event returns a free event from *free (made when none is).
+func (c *CUDADevice) event(free *[]*cuda.Event, timing bool) (*cuda.Event, error) {
+	c.mu.Lock()
+	if l := *free; len(l) > 0 {
+		e := l[len(l)-1]
+		*free = l[:len(l)-1]
+		c.mu.Unlock()
+		return e, nil
+	}
+	c.mu.Unlock()
+	e, err := c.dev.NewEvent(timing)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	return e, nil
+}
+
+// DownloadAsync enqueues a copy of src into pinned staging memory and an
+// event after it; the Staged's Wait waits for that event (on whichever
+// goroutine calls it) and Release gives buffer and event back.
+func (c *CUDADevice) DownloadAsync(src Tensor) (*Staged, error) {
+	d, err := devTensors(src)
+	if err != nil {
+		return nil, err
+	}
+	n := d[0].r * d[0].c
+	if n == 0 {
+		return &Staged{}, nil
+	}
+	if _, err := c.stream(); err != nil {
+		return nil, err
+	}
+	buf, err := c.getPinned(4 * n)
+	if err != nil {
+		return nil, err
+	}
+	ev, err := c.event(&c.stageEvs, false)
+	if err == nil {
+		if err = c.st.CopyDtoH(buf, d[0].mem.Ptr()); err == nil {
+			err = c.st.Record(ev)
+		}
+	}
+	release := func() {
+		c.mu.Lock()
+		c.staging[len(buf)] = append(c.staging[len(buf)], buf)
+		if ev != nil {
+			c.stageEvs = append(c.stageEvs, ev)
+		}
+		c.mu.Unlock()
+	}
+	if err != nil {
+		if ev != nil {
+			_ = c.st.Synchronize() // the copy may be queued: let it land first
+		}
+		release()
+		return nil, fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	return &Staged{
+		Data:    unsafe.Slice((*float32)(unsafe.Pointer(&buf[0])), n),
+		wait:    func() error { return ev.Synchronize() },
+		release: release,
+	}, nil
+}
+
+// MSEGrad computes g = 2·(y − t)/n on the device.
+func (c *CUDADevice) MSEGrad(y, t, g Tensor, n float32) error {
+	ts, err := devTensors(y, t, g)
+	if err != nil {
+		return err
+	}
+	Y, T, G := ts[0], ts[1], ts[2]
+	if Y.r != T.r || Y.c != T.c || Y.r != G.r || Y.c != G.c {
+		return fmt.Errorf("%w: loss gradient shapes %d×%d, %d×%d, %d×%d", ErrDevice, Y.r, Y.c, T.r, T.c, G.r, G.c)
+	}
+	k := Y.r * Y.c
+	if k == 0 {
+		return nil
+	}
+	return c.launch("mse_grad_f32", grid1(k), 1, 256, 1, Y.ptr(), T.ptr(), G.ptr(), uint64(k), f32arg(n))
+}
+
+// BeginBusy records a timing event at the current end of the queue, after
+// adding up the spans that completed.
+func (c *CUDADevice) BeginBusy() error {
+	if _, err := c.stream(); err != nil {
+		return err
+	}
+	if err := c.collectSpans(false); err != nil {
+		return err
+	}
+	if c.traceOn && c.base == nil {
+		// the base: recorded on an idle-or-not stream, waited for, and
+		// its host time taken right after (microseconds of error)
+		b, err := c.event(&c.timingEvs, true)
+		if err != nil {
+			return err
+		}
+		if err := c.st.Record(b); err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		if err := b.Synchronize(); err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		c.base, c.baseHost = b, time.Now()
+	}
+	e, err := c.event(&c.timingEvs, true)
+	if err != nil {
+		return err
+	}
+	if err := c.st.Record(e); err != nil {
+		c.timingEvs = append(c.timingEvs, e)
+		return fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	c.spanStart = e
+	return nil
+}
+
+// traceSpans turns recording of span times on or off (spanTracer).
+func (c *CUDADevice) traceSpans(on bool) {
+	c.traceOn = on
+	if !on && c.base != nil {
+		c.mu.Lock()
+		c.timingEvs = append(c.timingEvs, c.base)
+		c.mu.Unlock()
+		c.base = nil
+	}
+}
+
+// takeSpans returns the recorded spans (spanTracer).
+func (c *CUDADevice) takeSpans() [][2]time.Time {
+	t := c.traced
+	c.traced = nil
+	return t
+}
+
+// EndBusy records the span's end event.
+func (c *CUDADevice) EndBusy() error {
+	if c.spanStart == nil {
+		return fmt.Errorf("%w: EndBusy without BeginBusy", ErrDevice)
+	}
+	e, err := c.event(&c.timingEvs, true)
+	if err != nil {
+		return err
+	}
+	if err := c.st.Record(e); err != nil {
+		c.timingEvs = append(c.timingEvs, e)
+		return fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	c.spans = append(c.spans, busySpan{c.spanStart, e})
+	c.spanStart = nil
+	return nil
+}
+
+// collectSpans adds the completed spans' device time to busyMillis (all
+// of them, waiting, when wait is set) and recycles their events.
+func (c *CUDADevice) collectSpans(wait bool) error {
+	done := 0
+	for _, sp := range c.spans {
+		if wait {
+			if err := sp.end.Synchronize(); err != nil {
+				return fmt.Errorf("%w: %v", ErrDevice, err)
+			}
+		} else if ok, err := sp.end.Done(); err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		} else if !ok {
+			break
+		}
+		ms, err := sp.end.Elapsed(sp.start)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrDevice, err)
+		}
+		c.busyMillis += ms
+		if c.traceOn && c.base != nil {
+			if s0, err := sp.start.Elapsed(c.base); err == nil {
+				at := c.baseHost.Add(time.Duration(s0 * 1e6))
+				c.traced = append(c.traced, [2]time.Time{at, at.Add(time.Duration(ms * 1e6))})
+			}
+		}
+		done++
+	}
+	c.mu.Lock()
+	for _, sp := range c.spans[:done] {
+		c.timingEvs = append(c.timingEvs, sp.start, sp.end)
+	}
+	c.mu.Unlock()
+	c.spans = append(c.spans[:0], c.spans[done:]...)
+	return nil
+}
+
+// BusySeconds waits for every marked span and returns their device time
+// since the last call.
+func (c *CUDADevice) BusySeconds() (float64, error) {
+	if err := c.collectSpans(true); err != nil {
+		return 0, err
+	}
+	s := c.busyMillis / 1e3
+	c.busyMillis = 0
+	return s, nil
 }
 
 // Upload copies src into dst.

@@ -4,6 +4,8 @@ package pipeline
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"math/rand"
 	"testing"
 	"time"
@@ -159,28 +161,54 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	for _, sched := range []string{Schedule1F1B, ScheduleGPipe} {
+	hashes := map[string]string{}
+	for _, run := range []struct {
+		sched string
+		sync  bool
+	}{{Schedule1F1B, true}, {Schedule1F1B, false}, {ScheduleGPipe, false}} {
+		sched := run.sched
 		s := spec
 		s.Schedule = sched
 		links := tcpPipeline(t, ctx, "cuda-job", 1, 2)
+		// a CUDADevice per stage (as the bench and the node give them):
+		// a Device is used from one goroutine at a time
+		stageDevs := make([]*CUDADevice, 2)
+		for st := range stageDevs {
+			d, err := NewCUDADevice(devs[st%len(devs)].dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			stageDevs[st] = d
+		}
 		reps := make([]*Report, 2)
 		errs := make([]error, 2)
 		done := make(chan int, 2)
 		for st := 0; st < 2; st++ {
 			go func(st int) {
-				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: devs[st%len(devs)], KeepParams: true}, s)
+				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync}, s)
 				done <- st
 			}(st)
 		}
 		<-done
 		<-done
-		for st, err := range errs {
-			if err != nil {
-				t.Fatalf("%s stage %d: %v", sched, st, err)
+		if err := errors.Join(errs...); err != nil {
+			t.Fatalf("%s (sync messages %v): %v", sched, run.sync, err)
+		}
+		// staged messages (the device computes the loss gradient) change
+		// no bit of the result
+		key := reps[0].ParamHash + reps[1].ParamHash + fmt.Sprint(reps[1].Losses)
+		if h, ok := hashes[sched]; ok && h != key {
+			t.Fatalf("%s: staged and synchronous messages give different results", sched)
+		}
+		hashes[sched] = key
+		for _, r := range reps {
+			if r.BusyOnDevice == run.sync {
+				t.Fatalf("%s sync=%v: stage %d busy measured on device = %v", sched, run.sync, r.Stage, r.BusyOnDevice)
 			}
 		}
-		t.Logf("%s: stages on %s and %s, %.0f samples/s, final loss %.6f (GPU reference %.6f, CPU reference %.6f)",
-			sched, reps[0].Device, reps[1].Device, reps[1].SamplesPerSec, reps[1].FinalLoss, gpuRef.Losses[len(gpuRef.Losses)-1], cpuRef.Losses[len(cpuRef.Losses)-1])
+		t.Logf("%s (sync messages %v): stages on %s and %s, %.0f samples/s, final loss %.6f (GPU reference %.6f, CPU reference %.6f)",
+			sched, run.sync, reps[0].Device, reps[1].Device, reps[1].SamplesPerSec, reps[1].FinalLoss, gpuRef.Losses[len(gpuRef.Losses)-1], cpuRef.Losses[len(cpuRef.Losses)-1])
 		for i, l := range reps[1].Losses {
 			if !relClose(l, gpuRef.Losses[i], 1e-4) || !relClose(l, cpuRef.Losses[i], 1e-4) {
 				t.Fatalf("%s step %d: pipeline loss %v, GPU reference %v, CPU reference %v", sched, i, l, gpuRef.Losses[i], cpuRef.Losses[i])

@@ -25,7 +25,15 @@
 //     single-process run of the same spec. The layer math goes through the
 //     Device interface: CPU, and in the `cuda` build CUDADevice (our own
 //     kernels in kernels/mlp.cu, embedded as PTX; no cuBLAS), passed as
-//     RunConfig.Device.
+//     RunConfig.Device. CUDADevice is an AsyncDevice: a stage's outputs and
+//     input gradients leave as staged messages (a device-to-host copy into
+//     pinned memory behind an event, waited for by the endpoint's sender
+//     goroutine, never by the stage's), the loss gradient is computed on
+//     the device, and the stage's busy time is the device's (timing events
+//     around each Forward and Backward), so the stage's goroutine enqueues
+//     work and waits only for its receives (and, on the last stage, once a
+//     step for the loss).
+//     RunConfig.SyncMessages keeps the old synchronous path.
 //
 // A stage of a pipeline job, as the node runs it:
 //

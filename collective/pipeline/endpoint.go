@@ -98,7 +98,15 @@ func (e *endpoint) sender() {
 				close(it.flush)
 				continue
 			}
-			if err := e.link.Send(it.m); err != nil {
+			// a device-staged message: wait here, off the stage's goroutine
+			sentDue, err := it.m.detach(e.link)
+			if err == nil {
+				err = e.link.Send(it.m)
+			}
+			if sentDue {
+				it.m.finishSend()
+			}
+			if err != nil {
 				err = fmt.Errorf("send %v to %s: %w", it.m.Tag, e.name, err)
 				e.sendFail.set(err)
 				e.stage.set(err)

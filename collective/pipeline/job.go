@@ -254,6 +254,13 @@ type RunConfig struct {
 	OnOutput func(step, mb int, m *Message)
 	// KeepParams puts the stage's final parameters into Report.Params.
 	KeepParams bool
+	// SyncMessages keeps an asynchronous device's (AsyncDevice) messages
+	// on the stage's goroutine: each output is downloaded, and the loss
+	// computed, while the stage waits, as on the CPU. Default false:
+	// messages are staged and the endpoint's sender waits for them.
+	SyncMessages bool
+	// Trace records every action's span in Report.Trace (StageConfig.Trace).
+	Trace bool
 }
 
 // Report is one stage's result, JSON-serialisable for job status.
@@ -335,6 +342,9 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 		}
 		m.onOutput = cfg.OnOutput
 		m.steps = spec.Steps // prefetch the next step's batch
+		if ad, ok := dev.(AsyncDevice); ok && !cfg.SyncMessages {
+			m.async = ad
+		}
 		parts[c] = m
 	}
 	m := &mlpChunks{parts: parts}
@@ -342,7 +352,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 	sc := StageConfig{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
 		Schedule: sched, Chunks: spec.Chunks, MicroBatches: spec.MicroBatches, Steps: spec.Steps,
-		Links: cfg.Links, InFlight: spec.InFlight, RecvTimeout: cfg.RecvTimeout, Logger: cfg.Logger,
+		Links: cfg.Links, InFlight: spec.InFlight, RecvTimeout: cfg.RecvTimeout, Logger: cfg.Logger, Trace: cfg.Trace,
 	}
 	if sc.RecvTimeout == 0 {
 		sc.RecvTimeout = DefaultStageConfig().RecvTimeout
@@ -413,6 +423,9 @@ type mlpChunks struct {
 var _ ChunkedModel = (*mlpChunks)(nil)
 
 func (m *mlpChunks) Chunk(c int) StageModel { return m.parts[c] }
+
+// busyDevice: the parts share one device.
+func (m *mlpChunks) busyDevice() AsyncDevice { return m.parts[0].async }
 
 func (m *mlpChunks) Forward(step, mb int, in *Message) (*Message, error) {
 	return m.parts[0].Forward(step, mb, in)

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -16,6 +17,10 @@ import (
 // T(two middle layers) and taken off every layer, so that a stage's cost is
 // the sum of its layers' plus that constant. Models of fewer than four
 // layers keep the overhead in. Costs are at least 1% of the largest.
+// On an AsyncDevice the layers run as RunJob runs them there (staged
+// messages, the loss gradient on the device) and the cost is the device's
+// busy time, the time RunJob's stages count as busy; wrap dev in a type
+// that hides AsyncDevice to measure the synchronous path.
 func MeasureLayerCosts(ctx context.Context, dev Device, spec JobSpec, reps int) ([]float64, error) {
 	spec = spec.WithDefaults(1)
 	m := spec.model()
@@ -81,6 +86,10 @@ func timeStage(ctx context.Context, dev Device, spec JobSpec, start, end, reps i
 		return 0, err
 	}
 	defer st.Close()
+	ad, async := dev.(AsyncDevice)
+	if async {
+		st.async = ad
+	}
 	r := st.mbRows
 	// non-zero values: a device may skip zeros
 	in := &Message{Rows: r, Cols: m.Layers[start], Data: make([]float32, r*m.Layers[start])}
@@ -91,15 +100,42 @@ func timeStage(ctx context.Context, dev Device, spec JobSpec, start, end, reps i
 	for i := range grad.Data {
 		grad.Data[i] = float32(i%7-3) / 1024
 	}
+	// drain waits for a staged message and gives its memory back, as a
+	// stage's sender does
+	drain := func(m *Message) error {
+		if m == nil {
+			return nil
+		}
+		var err error
+		if m.ready != nil {
+			err = m.ready()
+		}
+		m.finishSend()
+		return err
+	}
 	run := func(mb int) error {
-		if _, err := st.Forward(0, mb, in); err != nil {
+		if async {
+			if err := ad.BeginBusy(); err != nil {
+				return err
+			}
+		}
+		out, err := st.Forward(0, mb, in)
+		if err != nil {
 			return err
 		}
-		_, err := st.Backward(0, mb, grad)
-		return err
+		g, err := st.Backward(0, mb, grad)
+		if err == nil && async {
+			err = ad.EndBusy()
+		}
+		return errors.Join(err, drain(out), drain(g))
 	}
 	for mb := 0; mb < 2; mb++ { // kernels loaded, step 0's data made, memory pooled
 		if err := run(mb % spec.MicroBatches); err != nil {
+			return 0, err
+		}
+	}
+	if async {
+		if _, err := ad.BusySeconds(); err != nil { // the warm-up's
 			return 0, err
 		}
 	}
@@ -112,5 +148,20 @@ func timeStage(ctx context.Context, dev Device, spec JobSpec, start, end, reps i
 			return 0, err
 		}
 	}
-	return time.Since(t0).Seconds() / float64(reps), nil
+	took := time.Since(t0).Seconds()
+	if async {
+		busy, err := ad.BusySeconds()
+		if err != nil {
+			return 0, err
+		}
+		took = busy
+		if err := st.addPendingLoss(); err != nil {
+			return 0, err
+		}
+	}
+	return took / float64(reps), nil
 }
+
+// syncDevice hides a device's AsyncDevice methods: RunJob and
+// MeasureLayerCosts then use it as a synchronous device.
+type syncDevice struct{ Device }

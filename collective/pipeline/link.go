@@ -62,6 +62,50 @@ type Message struct {
 
 	// release, when set, gives Data back to the link that received it.
 	release func([]float32)
+	// ready and sent are set on messages whose Data a device fills
+	// asynchronously (AsyncDevice): the endpoint's sender goroutine waits
+	// with ready before the link reads Data, and calls sent once the link
+	// no longer needs Data, giving the device its staging memory back.
+	ready func() error
+	sent  func()
+}
+
+// copyingLink is a Link whose Send is done with m.Data when it returns (it
+// wrote or copied it); Data staged by a device can then be reused at once.
+// Over other links the endpoint copies staged data before sending.
+type copyingLink interface {
+	Link
+	sendCopies()
+}
+
+// detach waits for a staged message's data and, unless the link copies on
+// Send, replaces it with a copy of its own so the staging memory can go back
+// to the device now. It returns whether m.sent is still due after Send.
+func (m *Message) detach(l Link) (sentDue bool, err error) {
+	if m.ready != nil {
+		err = m.ready()
+		m.ready = nil
+	}
+	if m.sent == nil {
+		return false, err
+	}
+	if _, ok := l.(copyingLink); ok && err == nil {
+		return true, nil
+	}
+	if err == nil {
+		m.Data = append([]float32(nil), m.Data...)
+	}
+	m.finishSend()
+	return false, err
+}
+
+// finishSend calls m.sent once.
+func (m *Message) finishSend() {
+	if m.sent != nil {
+		f := m.sent
+		m.sent = nil
+		f()
+	}
 }
 
 // Release hands a received message's memory back to its link for reuse;
@@ -132,7 +176,9 @@ type MemLink struct {
 	FailRecv func(m *Message) error
 }
 
-var _ Link = (*MemLink)(nil)
+var _ copyingLink = (*MemLink)(nil)
+
+func (*MemLink) sendCopies() {}
 
 // NewMemLinkPair returns the two ends of an in-memory link. Each direction
 // buffers up to buffer messages before Send blocks (0: Send waits for Recv).

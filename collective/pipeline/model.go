@@ -169,6 +169,19 @@ type mlpStage struct {
 	pre      chan batchData
 	lossSum  float64
 	onOutput func(step, mb int, m *Message)
+	// async, when set (RunJob on an AsyncDevice), is dev: outputs and
+	// input gradients leave as staged messages (no wait on this
+	// goroutine), the last stage computes the loss gradient on the device
+	// and the loss at EndStep from its staged outputs (pending)
+	async   AsyncDevice
+	pending []pendingLoss
+}
+
+// pendingLoss is a micro-batch's output on its way to the host, for the
+// step's loss.
+type pendingLoss struct {
+	y *Staged
+	t []float32
 }
 
 func newMLPStage(dev Device, spec ModelSpec, layerStart, layerEnd int, first, last bool, microbatches int, train bool) (*mlpStage, error) {
@@ -293,9 +306,23 @@ func (s *mlpStage) Forward(step, mb int, in *Message) (*Message, error) {
 		x = y
 	}
 	outW := s.layers[len(s.layers)-1].out
-	out := &Message{Rows: r, Cols: outW, Data: make([]float32, r*outW)}
-	if err := dev.Download(out.Data, x); err != nil {
-		return nil, err
+	var out *Message
+	switch {
+	case s.async != nil && !s.last:
+		// to the next stage: staged, the sender waits for it
+		sd, err := s.async.DownloadAsync(x)
+		if err != nil {
+			return nil, err
+		}
+		out = sd.message(r, outW)
+	case s.async != nil && s.train && s.onOutput == nil:
+		// the model's output in training: read for the loss in Backward
+		out = &Message{Rows: r, Cols: outW}
+	default:
+		out = &Message{Rows: r, Cols: outW, Data: make([]float32, r*outW)}
+		if err := dev.Download(out.Data, x); err != nil {
+			return nil, err
+		}
 	}
 	if s.train {
 		s.saved[mb] = st
@@ -324,7 +351,29 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 		return nil, err
 	}
 	defer func() { dev.Free(dy) }() // the last gradient tensor; earlier ones are freed as they are replaced
-	if s.last {
+	if s.last && s.async != nil {
+		// the same gradient on the device; y goes to the host for the
+		// loss, which EndStep adds up
+		s.batch(step)
+		t := s.t[mb*r*outW : (mb+1)*r*outW]
+		tt, err := dev.New(r, outW)
+		if err != nil {
+			return nil, err
+		}
+		err = dev.Upload(tt, t)
+		if err == nil {
+			err = s.async.MSEGrad(st.ys[nl-1], tt, dy, float32(s.spec.BatchSize*outW))
+		}
+		dev.Free(tt) // later work on the device's queue runs after the kernel
+		if err != nil {
+			return nil, err
+		}
+		y, err := s.async.DownloadAsync(st.ys[nl-1])
+		if err != nil {
+			return nil, err
+		}
+		s.pending = append(s.pending, pendingLoss{y: y, t: t})
+	} else if s.last {
 		// d(MSE)/dy = 2(y − t) / (B·out), over the whole batch.
 		s.batch(step)
 		y := make([]float32, r*outW)
@@ -387,6 +436,13 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 	if s.first {
 		return nil, nil
 	}
+	if s.async != nil {
+		sd, err := s.async.DownloadAsync(dy)
+		if err != nil {
+			return nil, err
+		}
+		return sd.message(r, s.layers[0].in), nil
+	}
 	out := &Message{Rows: r, Cols: s.layers[0].in, Data: make([]float32, r*s.layers[0].in)}
 	if err := dev.Download(out.Data, dy); err != nil {
 		return nil, err
@@ -415,10 +471,40 @@ func (s *mlpStage) EndStep(step int) (float64, error) {
 		}
 		ly.started = false
 	}
+	if err := s.addPendingLoss(); err != nil {
+		return 0, err
+	}
 	loss := s.lossSum
 	s.lossSum = 0
 	return loss, nil
 }
+
+// addPendingLoss adds the staged outputs' losses to lossSum, in the order
+// of their micro-batches' Backward (as the host path does).
+func (s *mlpStage) addPendingLoss() error {
+	n := float32(s.spec.BatchSize * s.layers[len(s.layers)-1].out)
+	var err error
+	for _, p := range s.pending {
+		if err == nil {
+			err = p.y.Wait()
+		}
+		if err == nil {
+			var loss float64
+			for i, y := range p.y.Data {
+				d := y - p.t[i]
+				loss += float64(d) * float64(d)
+			}
+			s.lossSum += loss / float64(n)
+		}
+		p.y.Release()
+	}
+	s.pending = s.pending[:0]
+	return err
+}
+
+// busyDevice is the device that times the stage's work (RunStage), nil
+// where the host's time in Forward and Backward is the stage's.
+func (s *mlpStage) busyDevice() AsyncDevice { return s.async }
 
 // free releases a micro-batch's saved tensors.
 func (s *mlpStage) free(st *mbState) {
@@ -440,6 +526,10 @@ func (s *mlpStage) Close() {
 		s.free(st)
 		delete(s.saved, mb)
 	}
+	for _, p := range s.pending {
+		p.y.Release()
+	}
+	s.pending = nil
 	for _, ly := range s.layers {
 		for _, t := range []Tensor{ly.w, ly.b, ly.dw, ly.db} {
 			if t != nil {

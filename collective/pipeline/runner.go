@@ -70,6 +70,20 @@ type StageConfig struct {
 	FinishTimeout time.Duration
 	// Logger receives progress and errors; nil discards.
 	Logger hclog.Logger
+	// Trace records every action's host start and end in
+	// StageStats.Trace (for finding where a pipeline's time goes).
+	Trace bool
+}
+
+// ActionSpan is one traced action: when the stage's goroutine started and
+// ended it, in microseconds from the stage's start.
+type ActionSpan struct {
+	Step       int     `json:"step"`
+	Op         string  `json:"op"`
+	MicroBatch int     `json:"mb"`
+	Chunk      int     `json:"chunk,omitempty"`
+	StartUS    float64 `json:"start_us"`
+	EndUS      float64 `json:"end_us"`
 }
 
 // DefaultStageConfig returns the defaults of the optional fields.
@@ -132,8 +146,15 @@ type StageStats struct {
 	// WallSeconds is the time from the start of the first step to the end
 	// of the last.
 	WallSeconds float64 `json:"wall_seconds"`
-	// BusySeconds is the time spent in Forward and Backward.
+	// BusySeconds is the time spent in Forward and Backward: on the host,
+	// or, for a model on an AsyncDevice (whose calls return before the
+	// work is done), the device's time on that work.
 	BusySeconds float64 `json:"busy_seconds"`
+	// HostBusySeconds is the host's time in Forward and Backward (equal
+	// to BusySeconds unless the device is asynchronous).
+	HostBusySeconds float64 `json:"host_busy_seconds"`
+	// BusyOnDevice says BusySeconds is the device's time.
+	BusyOnDevice bool `json:"busy_on_device,omitempty"`
 	// RecvWaitSeconds and SendWaitSeconds are the time blocked waiting for
 	// a message and for room in a send queue.
 	RecvWaitSeconds float64 `json:"recv_wait_seconds"`
@@ -141,6 +162,8 @@ type StageStats struct {
 	// BytesSent and BytesReceived count tensor payload bytes.
 	BytesSent     int64 `json:"bytes_sent"`
 	BytesReceived int64 `json:"bytes_received"`
+	// Trace is every action's span when StageConfig.Trace is set.
+	Trace []ActionSpan `json:"trace,omitempty"`
 	// Start and End are when the stage started and finished (for bubble
 	// measurement across stages).
 	Start time.Time `json:"-"`
@@ -239,6 +262,35 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		return Tag{JobID: cfg.JobID, Generation: cfg.Generation, Step: step, MicroBatch: mb, Chunk: chunk, Dir: dir}
 	}
 
+	// an asynchronous device's time is the stage's busy time
+	var timer AsyncDevice
+	if bd, ok := model.(interface{ busyDevice() AsyncDevice }); ok {
+		timer = bd.busyDevice()
+	}
+	// with Trace, a device that can say when it ran each span adds them
+	// to the trace ("device forward" and "device backward")
+	var devTrace spanTracer
+	var devLabels []ActionSpan
+	if st, ok := timer.(spanTracer); ok && cfg.Trace {
+		devTrace = st
+		st.traceSpans(true)
+		defer st.traceSpans(false)
+	}
+	compute := func(f func() error) error {
+		t0 := time.Now()
+		if timer != nil {
+			if err := timer.BeginBusy(); err != nil {
+				return err
+			}
+		}
+		err := f()
+		if timer != nil && err == nil {
+			err = timer.EndBusy()
+		}
+		stats.HostBusySeconds += time.Since(t0).Seconds()
+		return err
+	}
+
 	stats.Start = time.Now()
 	type key [2]int // micro-batch, chunk
 	inAct := map[key]*Message{}
@@ -257,10 +309,15 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inAct[k] = m
 		case OpForward:
-			t0 := time.Now()
+			if devTrace != nil {
+				devLabels = append(devLabels, ActionSpan{Step: step, Op: "device " + a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk})
+			}
 			in := inAct[k]
-			out, err := part(a.Chunk).Forward(step, a.MicroBatch, in)
-			stats.BusySeconds += time.Since(t0).Seconds()
+			var out *Message
+			err := compute(func() (err error) {
+				out, err = part(a.Chunk).Forward(step, a.MicroBatch, in)
+				return err
+			})
 			if err != nil {
 				return fmt.Errorf("forward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
@@ -292,10 +349,15 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 			}
 			inGrad[k] = m
 		case OpBackward:
-			t0 := time.Now()
+			if devTrace != nil {
+				devLabels = append(devLabels, ActionSpan{Step: step, Op: "device " + a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk})
+			}
 			in := inGrad[k]
-			g, err := part(a.Chunk).Backward(step, a.MicroBatch, in)
-			stats.BusySeconds += time.Since(t0).Seconds()
+			var g *Message
+			err := compute(func() (err error) {
+				g, err = part(a.Chunk).Backward(step, a.MicroBatch, in)
+				return err
+			})
 			if err != nil {
 				return fmt.Errorf("backward of step %d micro-batch %d: %w", step, a.MicroBatch, err)
 			}
@@ -326,12 +388,18 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		cfg.Links.Abort(fmt.Errorf("pipeline stage %d failed: %w", cfg.Stage, err))
 		stats.End = time.Now()
 		stats.WallSeconds = stats.End.Sub(stats.Start).Seconds()
+		stats.BusySeconds = stats.HostBusySeconds
 		return stats, err
 	}
 	for step := 0; step < cfg.Steps; step++ {
 		for _, a := range actions {
+			t0 := time.Now()
 			if err := run(step, a); err != nil {
 				return fail(err)
+			}
+			if cfg.Trace {
+				stats.Trace = append(stats.Trace, ActionSpan{Step: step, Op: a.Op.String(), MicroBatch: a.MicroBatch, Chunk: a.Chunk,
+					StartUS: float64(t0.Sub(stats.Start).Nanoseconds()) / 1e3, EndUS: float64(time.Since(stats.Start).Nanoseconds()) / 1e3})
 			}
 		}
 		loss, err := model.EndStep(step)
@@ -341,6 +409,25 @@ func RunStage(ctx context.Context, cfg StageConfig, model StageModel) (StageStat
 		if cfg.Stage == cfg.Stages-1 && cfg.Schedule != ScheduleInference {
 			stats.Losses = append(stats.Losses, loss)
 			log.Debug("step done", "step", step, "loss", loss)
+		}
+	}
+	stats.BusySeconds = stats.HostBusySeconds
+	if timer != nil {
+		// waits for the stage's device work, so End comes after it
+		busy, err := timer.BusySeconds()
+		if err != nil {
+			return fail(fmt.Errorf("device busy time: %w", err))
+		}
+		stats.BusySeconds, stats.BusyOnDevice = busy, true
+		if devTrace != nil {
+			for i, sp := range devTrace.takeSpans() {
+				if i < len(devLabels) {
+					a := devLabels[i]
+					a.StartUS = float64(sp[0].Sub(stats.Start).Nanoseconds()) / 1e3
+					a.EndUS = float64(sp[1].Sub(stats.Start).Nanoseconds()) / 1e3
+					stats.Trace = append(stats.Trace, a)
+				}
+			}
 		}
 	}
 	// Finish both links: send ours, then wait for the neighbours'. A

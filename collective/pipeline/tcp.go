@@ -58,7 +58,10 @@ type TCPLink struct {
 	free bufPool
 }
 
-var _ Link = (*TCPLink)(nil)
+var _ copyingLink = (*TCPLink)(nil)
+
+// sendCopies: Send returns once the kernel has the bytes.
+func (*TCPLink) sendCopies() {}
 
 func newTCPLink(conn net.Conn, jobID string, gen uint64) *TCPLink {
 	return &TCPLink{conn: conn, r: bufio.NewReaderSize(conn, 64<<10), jobID: jobID, job: jobHash(jobID), generation: gen, free: newBufPool()}

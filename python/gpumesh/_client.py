@@ -43,6 +43,10 @@ _REGISTER_CUDA = struct.Struct("<BB6xQQ16s64s")
 
 MAX_MESSAGE = 64 << 10
 
+# How long close() waits for the connection's threads to end (they end at
+# once unless a callback of the caller's blocks one).
+_JOIN_TIMEOUT = 10.0
+
 
 class AgentError(RuntimeError):
     """An operation or the connection failed; the message says why."""
@@ -105,6 +109,7 @@ class Connection:
         self._closed = False
         self._free = {}  # size -> [Segment]
         self._segments = []
+        self._stop = threading.Event()  # close() wakes the watchdog
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(max(timeout, 1.0))
         try:
@@ -469,8 +474,7 @@ class Connection:
         (plus a margin for the agent's own, which normally fires first), so
         that nothing waits forever on a wedged agent."""
         limit = self.timeout + 10.0
-        while not self._closed:
-            time.sleep(min(1.0, limit / 4))
+        while not self._stop.wait(min(1.0, limit / 4)):
             if self._caller_reads:
                 self.read_in_background()  # answers nobody read, FAILED while idle
             now = time.monotonic()
@@ -503,10 +507,29 @@ class Connection:
         except OSError:
             pass
         self._sock.close()
+        self._stop.set()
+        self._join_threads()
         for seg in self._segments:
             seg.close()
         self._segments = []
         self._free = {}
+
+    def _join_threads(self):
+        """Waits (a bounded time) until the reader and watchdog threads
+        have ended, so that no daemon thread still runs PyTorch code when
+        the interpreter exits. Python ends a daemon thread that takes the
+        GIL after finalization has begun with pthread_exit, whose unwinding
+        through PyTorch's C++ frames (a staging tensor's deleter re-taking
+        the GIL, a future's callbacks) calls std::terminate: the process
+        dies with SIGABRT ("terminate called without an active exception")
+        after the script has finished. The socket is shut down by now, so
+        the reader's recv returns at once; close() is called at exit at the
+        latest (weakref.finalize in gpumesh.torch)."""
+        me = threading.current_thread()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for th in (self._reader, self._watchdog):
+            if th is not me:
+                th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _decode_reply(pkt):

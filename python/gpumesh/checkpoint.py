@@ -41,6 +41,7 @@ put|commit|latest|get``. The module depends on the standard library; save
 and load import torch.
 """
 
+import ctypes
 import inspect
 import io
 import json
@@ -243,9 +244,37 @@ def _agree(flag):
     dev = "cpu"
     if dist.get_backend() == "nccl":
         dev = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dev)
+    t = _flag_tensor(torch, dev)
+    t.fill_(1 if flag else 0)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# The tensors _agree reduces, one per device (see _flag_tensor).
+_flags = {}
+
+
+def _flag_tensor(torch, dev):
+    """The tensor _agree reduces on dev: one per device, never freed.
+
+    A backend's own thread (Gloo's workers, NCCL's watchdog) drops its
+    reference to a collective's tensor a moment after the operation has
+    completed. If the tensor's Python object is gone by then, PyTorch (1.13)
+    has that thread free it, which takes the GIL; once the interpreter has
+    begun to exit, Python ends a thread that takes the GIL with
+    pthread_exit, and its unwinding through PyTorch's destructors calls
+    std::terminate: the rank dies with SIGABRT ("terminate called without
+    an active exception") after its script has finished. _agree is the last
+    collective of the checkpoint loop, right before a script ends, so its
+    tensor holds one reference that is never released: the backend thread
+    never frees it."""
+    key = str(dev)
+    t = _flags.get(key)
+    if t is None:
+        t = torch.zeros(1, dtype=torch.int32, device=dev)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(t))
+        _flags[key] = t
+    return t
 
 
 def preempt_requested():
@@ -353,9 +382,9 @@ def save(state, step, shard=False, meta=None):
             err = e
     if dist is not None and world > 1:
         # No rank leaves (and no next generation starts) before the commit.
-        ok = [err is None]
-        dist.broadcast_object_list(ok, src=0)
-        if not ok[0] and err is None:
+        # Only rank 0 commits, so "failed on any rank" is rank 0's result;
+        # _agree's tensor is safe as a script's last collective.
+        if _agree(err is not None) and err is None:
             raise CheckpointError("rank 0 failed to commit the checkpoint of step %d (see its log)" % step)
     if err is not None:
         raise err

@@ -83,3 +83,12 @@ extern "C" __global__ void axpy_f32(float alpha, const float* x, float* y, long 
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         y[i] += alpha * x[i];
 }
+
+// g = 2·(y − t)/denom: the gradient of the mean squared error, in float32
+// exactly as the host computes it (IEEE division)
+extern "C" __global__ void mse_grad_f32(const float* y, const float* t, float* g, long n, float denom) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float d = y[i] - t[i];
+        g[i] = 2.f * d / denom;
+    }
+}

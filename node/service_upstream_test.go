@@ -1,0 +1,334 @@
+package node
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// seen is what a client of the router gets back, and what the replica got.
+type seen struct {
+	Status  int
+	Header  http.Header
+	Body    string
+	Trailer http.Header
+}
+
+// The fast path sends the replica, and the client, what the general path
+// (httputil.ReverseProxy) does: hop-by-hop headers and those Connection
+// names dropped both ways, X-Forwarded-* of this hop, the path below
+// /svc/NAME as sent, Host, bodies, HEAD, trailers.
+func TestRouterFastPathForwardsAsTheGeneralPathDoes(t *testing.T) {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		var lines []string
+		for k, vv := range r.Header {
+			lines = append(lines, k+": "+strings.Join(vv, " | "))
+		}
+		sort.Strings(lines)
+		h := w.Header()
+		h.Set("Connection", "X-Hop")
+		h.Set("X-Hop", "dropped")
+		h.Set("Keep-Alive", "timeout=5")
+		h.Add("X-Answer", "a")
+		h.Add("X-Answer", "b")
+		if r.URL.Query().Get("trailer") != "" {
+			h.Set("Trailer", "X-Sum")
+		}
+		_, _ = fmt.Fprintf(w, "%s %s host=%s len=%d body=%q\n%s", r.Method, r.RequestURI, r.Host, r.ContentLength, body, strings.Join(lines, "\n"))
+		if r.URL.Query().Get("trailer") != "" {
+			w.(http.Flusher).Flush() // chunked, so that the trailer follows
+			h.Set("X-Sum", "42")
+			h.Set(http.TrailerPrefix+"X-Late", "unannounced")
+		}
+	}))
+	t.Cleanup(s.Close)
+	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	t.Cleanup(client.CloseIdleConnections)
+	do := func(front, method, path, body string, header http.Header) seen {
+		t.Helper()
+		var rd io.Reader
+		if body != "" {
+			rd = strings.NewReader(body)
+		}
+		req, err := http.NewRequest(method, front+path, rd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header = header.Clone()
+		req.Host = "echo.example:8080"
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Header.Del("Date")
+		return seen{Status: resp.StatusCode, Header: resp.Header, Body: string(b), Trailer: resp.Trailer}
+	}
+	hdr := http.Header{
+		"Connection":          {"X-Drop, Keep-Alive"},
+		"X-Drop":              {"dropped"},
+		"Keep-Alive":          {"timeout=5"},
+		"Te":                  {"trailers"},
+		"X-Forwarded-For":     {"192.0.2.1"},
+		"X-Forwarded-Host":    {"spoofed"},
+		"Forwarded":           {"for=192.0.2.1"},
+		"Proxy-Authorization": {"Basic eA=="},
+		"X-Keep":              {"one", "two"},
+		"Accept":              {"*/*"},
+	}
+	cases := []struct{ method, path, body string }{
+		{http.MethodGet, "/svc/echo/a/b%2Fc?q=1&r=%20", ""},
+		{http.MethodGet, "/svc/echo", ""},
+		{http.MethodPost, "/svc/echo/gen", `{"x":[1,2,3,4]}`},
+		{http.MethodPost, "/svc/echo/empty", ""},
+		{http.MethodPut, "/svc/echo/put", "v"},
+		{http.MethodHead, "/svc/echo/head", ""},
+		{http.MethodGet, "/svc/echo/t?trailer=1", ""},
+	}
+	got := map[bool][]seen{}
+	for _, general := range []bool{false, true} {
+		rt, front := newTestRouter(t, general)
+		rt.update(svcState(t, "echo", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
+		for _, c := range cases {
+			got[general] = append(got[general], do(front.URL, c.method, c.path, c.body, hdr))
+		}
+	}
+	for i, c := range cases {
+		fast, general := got[false][i], got[true][i]
+		if fast.Status != http.StatusOK {
+			t.Errorf("%s %s: fast path %d %q", c.method, c.path, fast.Status, fast.Body)
+		}
+		if !reflect.DeepEqual(fast, general) {
+			t.Errorf("%s %s:\nfast path:    %+v\ngeneral path: %+v", c.method, c.path, fast, general)
+		}
+	}
+	// What the general path does, checked once so that the comparison above
+	// means something.
+	first := got[false][0]
+	for _, want := range []string{"GET /a/b%2Fc?q=1&r=%20 host=echo.example:8080", "X-Forwarded-For: 127.0.0.1\n", "X-Forwarded-Host: echo.example:8080", "X-Keep: one | two", "Te: trailers"} {
+		if !strings.Contains(first.Body, want) {
+			t.Errorf("the replica saw %q; want %q in it", first.Body, want)
+		}
+	}
+	for _, not := range []string{"X-Drop", "Keep-Alive", "Proxy-Authorization", "spoofed", "Forwarded: "} {
+		if strings.Contains(first.Body, not) {
+			t.Errorf("the replica saw %q; want no %q", first.Body, not)
+		}
+	}
+	if first.Header.Get("X-Hop") != "" || first.Header.Get("Keep-Alive") != "" || len(first.Header["X-Answer"]) != 2 {
+		t.Errorf("the client got headers %v; want X-Answer twice, no X-Hop or Keep-Alive", first.Header)
+	}
+	if tr := got[false][len(cases)-1].Trailer; tr.Get("X-Sum") != "42" || tr.Get("X-Late") != "unannounced" {
+		t.Errorf("trailers %v; want X-Sum 42 and X-Late", tr)
+	}
+}
+
+// rawReplica is a replica written at the byte level: it records each
+// request's head as it came and answers "ok" with keep-alive, then, if
+// hangUp, closes the connection (as a replica's idle timeout would) and
+// says so on closed.
+type rawReplica struct {
+	ln     net.Listener
+	hangUp bool
+	closed chan struct{}
+	mu     sync.Mutex
+	heads  []string
+	conns  int
+}
+
+func newRawReplica(t *testing.T, hangUp bool) *rawReplica {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &rawReplica{ln: ln, hangUp: hangUp, closed: make(chan struct{}, 16)}
+	var wg sync.WaitGroup
+	var open []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		r.mu.Lock()
+		for _, c := range open {
+			c.Close()
+		}
+		r.mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			r.mu.Lock()
+			r.conns++
+			open = append(open, c)
+			r.mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					head, body, err := readRawRequest(br)
+					if err != nil {
+						return
+					}
+					r.mu.Lock()
+					r.heads = append(r.heads, head+string(body))
+					r.mu.Unlock()
+					if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"); err != nil {
+						return
+					}
+					if r.hangUp {
+						c.Close()
+						r.closed <- struct{}{}
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return r
+}
+
+// readRawRequest reads a request's head as it came, and its body as the
+// head frames it (chunked first, as a server must).
+func readRawRequest(br *bufio.Reader) (head string, body []byte, err error) {
+	var b strings.Builder
+	length, chunked := int64(0), false
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return "", nil, err
+		}
+		b.WriteString(line)
+		if line == "\r\n" {
+			break
+		}
+		k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
+		switch strings.ToLower(k) {
+		case "content-length":
+			length, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		case "transfer-encoding":
+			chunked = strings.EqualFold(strings.TrimSpace(v), "chunked")
+		}
+	}
+	var rd io.Reader = io.LimitReader(br, length)
+	if chunked {
+		rd = httputil.NewChunkedReader(br)
+	}
+	body, err = io.ReadAll(rd)
+	if chunked && err == nil {
+		_, err = br.ReadString('\n') // the chunked body's last CRLF
+	}
+	return b.String(), body, err
+}
+
+func (r *rawReplica) got() ([]string, int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.heads...), r.conns
+}
+
+// A connection the replica closed while it sat in the pool (it exited, or
+// timed the connection out) costs no request: a GET is sent again on a
+// fresh one, and before a POST is written on a kept-alive connection, the
+// router checks that the replica has not closed it.
+func TestRouterFastPathSurvivesConnectionsClosedWhileIdle(t *testing.T) {
+	rep := newRawReplica(t, true)
+	rt, front := newTestRouter(t, false)
+	rt.update(svcState(t, "echo", []string{rep.ln.Addr().String()}, []string{HealthHealthy}))
+	for i, method := range []string{http.MethodGet, http.MethodGet, http.MethodPost, http.MethodPost} {
+		req, err := http.NewRequest(method, front.URL+"/svc/echo/x", strings.NewReader("p"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(b) != "ok" {
+			t.Fatalf("request %d (%s): %d %q; want the replica's ok on a fresh connection", i, method, resp.StatusCode, b)
+		}
+		select { // the replica hung up: the pooled connection is dead now
+		case <-rep.closed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the replica never closed its connection")
+		}
+	}
+	if heads, conns := rep.got(); len(heads) != 4 || conns < 4 {
+		t.Fatalf("the replica got %d requests on %d connections; want 4 on 4", len(heads), conns)
+	}
+}
+
+// The replica never sees both Content-Length and Transfer-Encoding, nor a
+// body other than the one the router's server read: a request carrying
+// both (a smuggling attempt) is forwarded chunked with its chunked body, and
+// one with two different lengths is refused before routing.
+func TestRouterForwardsNoAmbiguousLength(t *testing.T) {
+	for _, general := range []bool{false, true} {
+		rep := newRawReplica(t, false)
+		rt, front := newTestRouter(t, general)
+		rt.update(svcState(t, "echo", []string{rep.ln.Addr().String()}, []string{HealthHealthy}))
+		send := func(raw string) string {
+			t.Helper()
+			c, err := net.Dial("tcp", front.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := io.WriteString(c, raw); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return fmt.Sprintf("%d %s", resp.StatusCode, b)
+		}
+		got := send("POST /svc/echo/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+		if got != "200 ok" {
+			t.Fatalf("general=%v: CL+TE request: %s", general, got)
+		}
+		if got := send("POST /svc/echo/b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nhello"); !strings.HasPrefix(got, "400 ") {
+			t.Fatalf("general=%v: two Content-Lengths: %s, want 400", general, got)
+		}
+		if got := send("POST /svc/echo/c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"); got != "200 ok" {
+			t.Fatalf("general=%v: plain POST: %s", general, got)
+		}
+		heads, _ := rep.got()
+		if len(heads) != 2 {
+			t.Fatalf("general=%v: the replica got %d requests, want 2: %q", general, len(heads), heads)
+		}
+		for _, h := range heads {
+			if cl, te := strings.Contains(h, "Content-Length:"), strings.Contains(h, "Transfer-Encoding:"); cl == te {
+				t.Fatalf("general=%v: the replica got %q: want exactly one of Content-Length and Transfer-Encoding", general, h)
+			}
+			if !strings.HasSuffix(h, "\r\n\r\nhello") {
+				t.Fatalf("general=%v: the replica got %q, want the body hello", general, h)
+			}
+		}
+	}
+}
