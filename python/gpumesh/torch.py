@@ -19,8 +19,10 @@ works in the tensor's memory. Other tensors are staged: copied into a
 shared segment before the operation (one memcpy) and back into the tensor
 when it ends (one memcpy). GPUMESH_ZERO_COPY=0 stages every host tensor.
 
-Copies per operation (CUDA tensors): none in the rank and none through
-host memory. The tensor's allocation is registered with the agent by CUDA
+Copies per operation (CUDA tensors), with GPUMESH_CUDA_IPC=1 (opt-in: the
+path is built and tested with stand-ins but has not yet run on a GPU;
+without it every CUDA tensor is staged as below): none in the rank and none
+through host memory. The tensor's allocation is registered with the agent by CUDA
 IPC handle once (_cudaipc) and the agent runs the collective in the
 rank's device memory: between two ranks of one agent a hop is a device
 copy or a reduce kernel reading the other rank's memory. What remains:
@@ -30,7 +32,7 @@ reduce_scatter copy to or from their list on the device; an operation
 waits on the host for the rank's stream (an IPC event) in the agent, and
 the agent synchronises its streams before it answers. Tensors the path
 cannot take (bool, empty, mixed devices, memory without an IPC handle,
-GPUMESH_CUDA_IPC=0, an agent without CUDA) are staged through host
+an agent without CUDA) are staged through host
 segments (a device-to-host copy in, a host-to-device copy out).
 
 Operations are asynchronous: each returns a Work whose future completes when
@@ -287,10 +289,12 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         # Host tensors used again and again (DDP's buckets) move into
         # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
         self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
-        # CUDA tensors by CUDA IPC handle (_cudaipc); GPUMESH_CUDA_IPC=0 stages them.
+        # CUDA tensors by CUDA IPC handle (_cudaipc) with GPUMESH_CUDA_IPC=1;
+        # staged through host memory otherwise. Opt-in until the path has
+        # run on a GPU (it is built and tested with stand-ins only).
         self._ipc = _cudaipc.CudaIPC(self._conn, torch=torch)
-        if env.get("GPUMESH_CUDA_IPC", "1") == "0":
-            self._ipc._off = "GPUMESH_CUDA_IPC=0"
+        if env.get("GPUMESH_CUDA_IPC", "0") != "1":
+            self._ipc._off = "GPUMESH_CUDA_IPC is not 1"
         weakref.finalize(self, self._conn.close)
 
     # ---- plumbing ----
