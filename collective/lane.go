@@ -553,9 +553,23 @@ var _ net.Listener = (*muxListener)(nil)
 
 func (m *muxListener) acceptLoop() {
 	defer m.wg.Done()
+	err := m.serve(m.inner, false)
+	if err == nil {
+		return
+	}
+	m.mu.Lock()
+	m.err = err
+	m.mu.Unlock()
+	m.closeDone()
+}
+
+// serve accepts connections from ln and classifies each (lanesOnly: see
+// classify), backing off on temporary errors, until ln fails (its error)
+// or the listener is closed (nil).
+func (m *muxListener) serve(ln net.Listener, lanesOnly bool) error {
 	var backoff time.Duration
 	for {
-		c, err := m.inner.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -564,18 +578,14 @@ func (m *muxListener) acceptLoop() {
 				case <-time.After(backoff):
 					continue
 				case <-m.done:
-					return
+					return nil
 				}
 			}
-			m.mu.Lock()
-			m.err = err
-			m.mu.Unlock()
-			m.closeDone()
-			return
+			return err
 		}
 		backoff = 0
 		m.wg.Add(1)
-		go m.classify(c, false)
+		go m.classify(c, lanesOnly)
 	}
 }
 

@@ -4,10 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"net"
 	"strings"
-	"time"
 )
 
 // Same-host lanes: a lane between two Services of one host (several agents
@@ -71,26 +69,7 @@ func (s *Service) UnixLanesAccepted() uint64 { return s.unixLanesAccepted.Load()
 // acceptUnix serves the same-host lane socket until it is closed.
 func (m *muxListener) acceptUnix(ln net.Listener) {
 	defer m.wg.Done()
-	var backoff time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				select {
-				case <-time.After(backoff):
-					continue
-				case <-m.done:
-					return
-				}
-			}
-			return
-		}
-		backoff = 0
-		m.wg.Add(1)
-		go m.classify(c, true)
-	}
+	_ = m.serve(ln, true) // its failure ends only the same-host socket: TCP still serves
 }
 
 // unixLaneTarget is the Unix socket name a sender at ownAddr dials for a

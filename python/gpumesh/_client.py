@@ -175,10 +175,9 @@ class Connection:
             self._segments.append(seg)
         return seg
 
-    def register(self, fd, size):
-        """Hands the sealed memfd fd (of at least size bytes) to the agent,
-        which maps it; returns its region id. The caller keeps (and closes)
-        fd."""
+    def _registration(self, send, what):
+        """Sends a registration (send(rid) under the lock) and waits for the
+        agent's answer; returns (rid, status, message)."""
         ev = threading.Event()
         box = {}
 
@@ -192,16 +191,24 @@ class Connection:
             self._next_id += 1
             self._registering[rid] = done
             try:
-                self._sock.sendmsg([_REGISTER.pack(MSG_REGISTER, rid, size)],
-                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                send(rid)
             except OSError as e:
                 self._registering.pop(rid, None)
-                raise AgentError(f"gpumesh: registering shared memory with the agent: {e}") from e
+                raise AgentError(f"gpumesh: registering {what} with the agent: {e}") from e
         if not self.wait_for(ev, self.timeout):
             with self._lock:
                 self._registering.pop(rid, None)
-            raise AgentError("gpumesh: the agent did not answer a shared-memory registration in time")
-        status, msg = box["r"]
+            raise AgentError(f"gpumesh: the agent did not answer a registration of {what} in time")
+        return (rid,) + box["r"]
+
+    def register(self, fd, size):
+        """Hands the sealed memfd fd (of at least size bytes) to the agent,
+        which maps it; returns its region id. The caller keeps (and closes)
+        fd."""
+        rid, status, msg = self._registration(
+            lambda rid: self._sock.sendmsg([_REGISTER.pack(MSG_REGISTER, rid, size)],
+                                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]),
+            "shared memory")
         if status != STATUS_OK:
             raise AgentError(f"gpumesh: the agent refused shared memory: {msg}")
         return rid
@@ -214,28 +221,9 @@ class Connection:
         an agent without CUDA; STATUS_BAD_REQUEST: a handle that does not
         open; the caller stages through host memory); raises on a lost
         connection."""
-        ev = threading.Event()
-        box = {}
-
-        def done(status, msg):
-            box["r"] = (status, msg)
-            ev.set()
-
-        with self._lock:
-            self._check()
-            rid = self._next_id
-            self._next_id += 1
-            self._registering[rid] = done
-            try:
-                self._sock.send(_REGISTER_CUDA.pack(MSG_REGISTER_CUDA, what, rid, size, bytes(device_uuid), bytes(handle)))
-            except OSError as e:
-                self._registering.pop(rid, None)
-                raise AgentError(f"gpumesh: registering CUDA memory with the agent: {e}") from e
-        if not self.wait_for(ev, self.timeout):
-            with self._lock:
-                self._registering.pop(rid, None)
-            raise AgentError("gpumesh: the agent did not answer a CUDA registration in time")
-        status, msg = box["r"]
+        rid, status, msg = self._registration(
+            lambda rid: self._sock.send(_REGISTER_CUDA.pack(MSG_REGISTER_CUDA, what, rid, size, bytes(device_uuid), bytes(handle))),
+            "CUDA memory")
         if status == STATUS_FAILED:
             raise AgentError(f"gpumesh: {msg}")
         if status != STATUS_OK:
