@@ -151,6 +151,10 @@ type link struct {
 	mu  sync.Mutex
 	sch schedule
 	st  LinkStats
+	// inFlight counts the packets admitted and not yet delivered or
+	// dropped: those in q and the one deliver holds while it waits for its
+	// due time. QueueLen bounds it (len(q) alone would admit one more).
+	inFlight int
 }
 
 // schedule is a link's deterministic core: the fate of each packet from
@@ -399,7 +403,7 @@ func (l *link) send(b []byte, now time.Time, cut bool) {
 		l.st.Cut++
 		return
 	}
-	if len(l.q) >= min(l.sch.cfg.QueueLen, cap(l.q)) {
+	if l.inFlight >= min(l.sch.cfg.QueueLen, cap(l.q)) {
 		l.st.Overflow++
 		return
 	}
@@ -411,7 +415,8 @@ func (l *link) send(b []byte, now time.Time, cut bool) {
 	d := due.Sub(now)
 	l.st.DelaySum += d
 	l.st.DelayMax = max(l.st.DelayMax, d)
-	l.q <- packet{b: b, due: due} // cannot block: the length was checked under mu, and only send adds
+	l.inFlight++
+	l.q <- packet{b: b, due: due} // cannot block: len(q) <= inFlight, checked under mu, and only send adds
 }
 
 // deliver writes a link's packets to its destination when they are due.
@@ -441,6 +446,7 @@ func (e *Emulator) deliver(l *link) {
 		if cut {
 			l.mu.Lock()
 			l.st.Cut++
+			l.inFlight--
 			l.mu.Unlock()
 			continue
 		}
@@ -448,6 +454,7 @@ func (e *Emulator) deliver(l *link) {
 		_, err := l.to.rw.Write(p.b)
 		l.to.wmu.Unlock()
 		l.mu.Lock()
+		l.inFlight--
 		if err == nil {
 			l.st.Delivered++
 		} else {

@@ -3,10 +3,13 @@ package netemu
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
 // ipv4 builds a minimal IPv4 packet to dst carrying seq.
@@ -250,6 +253,32 @@ func TestOverflowUnroutableMalformed(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("stats %+v (total %+v): want 3 overflow (queue of 5, 8 sent), 1 unroutable, 1 malformed", s, s.Total())
+}
+
+// The packet the link holds while it waits for the packet's due time
+// counts against QueueLen: with a queue of 1, a second packet sent once
+// the first has left the channel (CI at load: a sixth packet of five got
+// through that way) is dropped.
+func TestQueueLenCountsThePacketBeingDelayed(t *testing.T) {
+	n := newNet(t, LinkConfig{Delay: time.Hour, QueueLen: 1}, "a", "b")
+	n.send(t, "a", "b", 1)
+	var l *link
+	poll.Until(t, 5*time.Second, func() error {
+		n.emu.mu.Lock()
+		l = n.emu.links[[2]string{"a", "b"}]
+		n.emu.mu.Unlock()
+		if l == nil || len(l.q) != 0 {
+			return errors.New("the first packet is not taken off the queue yet")
+		}
+		return nil
+	})
+	n.send(t, "a", "b", 2)
+	poll.Until(t, 5*time.Second, func() error {
+		if s := n.emu.Stats().Total(); s.Overflow != 1 || s.DelaySum != time.Hour {
+			return fmt.Errorf("stats %+v: want the second packet dropped (1 overflow) and one packet queued", s)
+		}
+		return nil
+	})
 }
 
 func TestValidate(t *testing.T) {
