@@ -199,21 +199,13 @@ func TestAsyncDeviceMatchesHostPath(t *testing.T) {
 				}
 			}
 			devs := make([]*asyncCPU, tc.p)
-			reps := make([]*Report, tc.p)
-			errs := make([]error, tc.p)
-			var wg sync.WaitGroup
-			for s := 0; s < tc.p; s++ {
+			reps, errs := runStages(ctx, tc.spec, tc.p, func(s int) RunConfig {
 				devs[s] = &asyncCPU{}
-				wg.Add(1)
-				go func(s int) {
-					defer wg.Done()
-					reps[s], errs[s] = RunJob(ctx, RunConfig{
-						JobID: "job-1", Generation: 3, Stage: s, Stages: tc.p, Links: links[s], Device: devs[s],
-						KeepParams: true, RecvTimeout: 20 * time.Second,
-					}, tc.spec)
-				}(s)
-			}
-			wg.Wait()
+				return RunConfig{
+					JobID: "job-1", Generation: 3, Stage: s, Stages: tc.p, Links: links[s], Device: devs[s],
+					KeepParams: true, RecvTimeout: 20 * time.Second,
+				}
+			})
 			for s, err := range errs {
 				if err != nil {
 					t.Fatalf("stage %d: %v", s, err)
@@ -269,17 +261,9 @@ func TestAsyncDeviceBitwiseEqualToSyncMessages(t *testing.T) {
 	losses := map[bool]string{}
 	for _, syncMsgs := range []bool{true, false} {
 		links := NewMemPipeline(3, 0)
-		reps := make([]*Report, 3)
-		errs := make([]error, 3)
-		var wg sync.WaitGroup
-		for s := 0; s < 3; s++ {
-			wg.Add(1)
-			go func(s int) {
-				defer wg.Done()
-				reps[s], errs[s] = RunJob(ctx, RunConfig{JobID: "j", Stage: s, Stages: 3, Links: links[s], Device: &asyncCPU{}, SyncMessages: syncMsgs}, spec)
-			}(s)
-		}
-		wg.Wait()
+		reps, errs := runStages(ctx, spec, 3, func(s int) RunConfig {
+			return RunConfig{JobID: "j", Stage: s, Stages: 3, Links: links[s], Device: &asyncCPU{}, SyncMessages: syncMsgs}
+		})
 		for s, err := range errs {
 			if err != nil {
 				t.Fatalf("sync=%v stage %d: %v", syncMsgs, s, err)
@@ -305,17 +289,9 @@ func TestStageTrace(t *testing.T) {
 	defer cancel()
 	spec := baseSpec().WithDefaults(2)
 	links := NewMemPipeline(2, 1)
-	reps := make([]*Report, 2)
-	errs := make([]error, 2)
-	var wg sync.WaitGroup
-	for s := 0; s < 2; s++ {
-		wg.Add(1)
-		go func(s int) {
-			defer wg.Done()
-			reps[s], errs[s] = RunJob(ctx, RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Trace: s == 0}, spec)
-		}(s)
-	}
-	wg.Wait()
+	reps, errs := runStages(ctx, spec, 2, func(s int) RunConfig {
+		return RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Trace: s == 0}
+	})
 	for s, err := range errs {
 		if err != nil {
 			t.Fatalf("stage %d: %v", s, err)
@@ -376,17 +352,9 @@ func TestStageTraceDeviceSpans(t *testing.T) {
 	defer cancel()
 	spec := baseSpec().WithDefaults(2)
 	links := NewMemPipeline(2, 1)
-	reps := make([]*Report, 2)
-	errs := make([]error, 2)
-	var wg sync.WaitGroup
-	for s := 0; s < 2; s++ {
-		wg.Add(1)
-		go func(s int) {
-			defer wg.Done()
-			reps[s], errs[s] = RunJob(ctx, RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Device: &asyncCPU{}, Trace: true}, spec)
-		}(s)
-	}
-	wg.Wait()
+	reps, errs := runStages(ctx, spec, 2, func(s int) RunConfig {
+		return RunConfig{JobID: "j", Stage: s, Stages: 2, Links: links[s], Device: &asyncCPU{}, Trace: true}
+	})
 	if err := errors.Join(errs...); err != nil {
 		t.Fatal(err)
 	}

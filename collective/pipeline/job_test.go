@@ -28,18 +28,26 @@ func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p
 // the stages' reports in stage order.
 func runPipeline(t *testing.T, ctx context.Context, spec JobSpec, links []StageLinks, onOutput func(step, mb int, m *Message)) ([]*Report, []error) {
 	t.Helper()
-	p := len(links)
+	return runStages(ctx, spec, len(links), func(s int) RunConfig {
+		return RunConfig{
+			JobID: "job-1", Generation: 3, Stage: s, Stages: len(links), Links: links[s],
+			Logger: testLogger(t), KeepParams: true, OnOutput: onOutput, RecvTimeout: 20 * time.Second,
+		}
+	})
+}
+
+// runStages runs RunJob for stages 0..p-1 in goroutines, with cfg(s) as
+// stage s's config, and returns their reports and errors in stage order.
+func runStages(ctx context.Context, spec JobSpec, p int, cfg func(s int) RunConfig) ([]*Report, []error) {
 	reps := make([]*Report, p)
 	errs := make([]error, p)
 	var wg sync.WaitGroup
 	for s := 0; s < p; s++ {
+		c := cfg(s)
 		wg.Add(1)
 		go func(s int) {
 			defer wg.Done()
-			reps[s], errs[s] = RunJob(ctx, RunConfig{
-				JobID: "job-1", Generation: 3, Stage: s, Stages: p, Links: links[s],
-				Logger: testLogger(t), KeepParams: true, OnOutput: onOutput, RecvTimeout: 20 * time.Second,
-			}, spec)
+			reps[s], errs[s] = RunJob(ctx, c, spec)
 		}(s)
 	}
 	wg.Wait()
