@@ -14,6 +14,15 @@
 // load prints requests/s and latency percentiles as one JSON line; with
 // -rate it sends that many requests/s whatever the answers' pace (an open
 // loop, vegeta), which measures the latency a router adds below saturation.
+//
+//	service cpu [-n 50000] [-c 16] [-r 3] [-y examples/service/server.py] [LABEL=COMMAND...]
+//
+// cpu starts the replica and each router itself and prints the CPU time
+// (user+sys) and read/write system calls per request of the router against
+// the replica's, over -n requests of the same closed-loop load: a figure
+// that holds on a loaded machine, where requests/s do not (cpu.go). The
+// routers default to this binary's fast and general paths; another build
+// of bench/service compares as main=/path/to/service.
 package main
 
 import (
@@ -37,7 +46,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: service replica|router|load [flags]")
+		fmt.Fprintln(os.Stderr, "usage: service replica|router|load|cpu [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -50,6 +59,10 @@ func main() {
 	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this address (router)")
 	rate := fs.Int("rate", 0, "requests/s in an open loop instead of -c closed-loop clients (load); with -vegeta, 0 is as fast as -c workers go")
 	useVegeta := fs.Bool("vegeta", false, "load with vegeta: at -rate, or with -rate 0 as fast as -c workers go, each waiting for its answer (load)")
+	requests := fs.Int("n", 50000, "measured requests per run, after n/10 of warm-up (cpu)")
+	rounds := fs.Int("r", 3, "rounds with the Go replica (cpu)")
+	serverPy := fs.String("y", "", "also measure with this examples/service/server.py as the replica (cpu)")
+	pyRounds := fs.Int("R", 1, "rounds with -y's replica (cpu)")
 	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -65,6 +78,8 @@ func main() {
 			go func() { _ = http.ListenAndServe(*pprofAddr, nil) }() // DefaultServeMux holds net/http/pprof
 		}
 		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}, *general))
+	case "cpu":
+		err = runCPU(cpuConfig{requests: *requests, clients: *clients, rounds: *rounds, serverPy: *serverPy, pyRounds: *pyRounds, routers: fs.Args()})
 	case "load":
 		if *rate > 0 || *useVegeta {
 			err = loadRate(*url, *rate, *clients, *dur)
@@ -72,7 +87,7 @@ func main() {
 			err = load(*url, *clients, *dur)
 		}
 	default:
-		err = fmt.Errorf("unknown mode %q: use replica, router or load", os.Args[1])
+		err = fmt.Errorf("unknown mode %q: use replica, router, load or cpu", os.Args[1])
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
