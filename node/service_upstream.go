@@ -99,7 +99,13 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 	if err != nil {
 		return nil, false, err
 	}
-	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, false, nil
+	return newUpConn(c), false, nil
+}
+
+// newUpConn wraps a connection to a replica, buffered both ways (a
+// request goes out in one write).
+func newUpConn(c net.Conn) *upConn {
+	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}
 }
 
 // put returns a connection whose last answer was read to the end.
@@ -229,6 +235,10 @@ func exchange(at *attempt, req *http.Request, uc *upConn, path string, body []by
 	at.written.Store(true)
 	if _, err := uc.br.Peek(1); err != nil {
 		return ctx.Err() == nil, err
+	}
+	if ok, closeAfter := passPlainAnswer(at, uc.br, req); ok {
+		reusable = !closeAfter
+		return false, nil
 	}
 	resp, err := readFinal(at, uc.br, req)
 	if err != nil {

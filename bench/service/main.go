@@ -63,6 +63,7 @@ func main() {
 	rounds := fs.Int("r", 3, "rounds with the Go replica (cpu)")
 	serverPy := fs.String("y", "", "also measure with this examples/service/server.py as the replica (cpu)")
 	pyRounds := fs.Int("R", 1, "rounds with -y's replica (cpu)")
+	floor := fs.Bool("floor", false, "instead of the router, relay bytes without reading HTTP: the floor of any proxy's cost, for comparison only (router)")
 	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -76,6 +77,10 @@ func main() {
 	case "router":
 		if *pprofAddr != "" {
 			go func() { _ = http.ListenAndServe(*pprofAddr, nil) }() // DefaultServeMux holds net/http/pprof
+		}
+		if *floor {
+			err = relay(*listen, *replica)
+			break
 		}
 		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}, *general))
 	case "cpu":
