@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,6 +17,8 @@ import (
 	"sync/atomic"
 	"text/tabwriter"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The cpu mode measures what decides the target whatever else the
@@ -254,12 +257,38 @@ type cpuConfig struct {
 	rounds   int    // rounds with the Go replica
 	serverPy string // examples/service/server.py: also measured as the replica ("" skips)
 	pyRounds int    // rounds with serverPy
-	routers  []string
+	// pin puts the replica on core 0, the router on core 1 and this
+	// process (the load) on the others, as sidebyside.sh does (taskset;
+	// at least 3 cores).
+	pin     bool
+	routers []string
+}
+
+// pinned returns cmd run on core (taskset), or cmd when not pinning.
+func pinned(cfg cpuConfig, core int, cmd *exec.Cmd) *exec.Cmd {
+	if !cfg.pin {
+		return cmd
+	}
+	out := exec.Command("taskset", append([]string{"-c", strconv.Itoa(core)}, cmd.Args...)...)
+	out.Env = cmd.Env
+	return out
 }
 
 func runCPU(cfg cpuConfig) error {
 	if cfg.requests < 100 || cfg.clients < 1 || cfg.rounds < 0 || cfg.pyRounds < 0 {
 		return fmt.Errorf("cpu: want -n ≥ 100, -c ≥ 1 and rounds ≥ 0")
+	}
+	if cfg.pin {
+		if runtime.NumCPU() < 3 {
+			return fmt.Errorf("cpu -pin: needs at least 3 cores (has %d)", runtime.NumCPU())
+		}
+		var set unix.CPUSet
+		for c := 2; c < runtime.NumCPU(); c++ {
+			set.Set(c)
+		}
+		if err := unix.SchedSetaffinity(0, &set); err != nil {
+			return fmt.Errorf("cpu -pin: %w", err)
+		}
 	}
 	routers, err := parseRouters(cfg.routers)
 	if err != nil {
@@ -276,7 +305,7 @@ func runCPU(cfg cpuConfig) error {
 			if err != nil {
 				return err
 			}
-			rep, err := startProc(raddr, replicaCmd(raddr))
+			rep, err := startProc(raddr, pinned(cfg, 0, replicaCmd(raddr)))
 			if err != nil {
 				return err
 			}
@@ -295,7 +324,7 @@ func runCPU(cfg cpuConfig) error {
 						return err
 					}
 					argv := append(append([]string{}, rs.argv[0], "router", "-listen", faddr, "-replica", raddr), rs.argv[1:]...)
-					rtr, err := startProc(faddr, exec.Command(argv[0], argv[1:]...))
+					rtr, err := startProc(faddr, pinned(cfg, 1, exec.Command(argv[0], argv[1:]...)))
 					if err != nil {
 						return err
 					}

@@ -15,7 +15,7 @@
 // -rate it sends that many requests/s whatever the answers' pace (an open
 // loop, vegeta), which measures the latency a router adds below saturation.
 //
-//	service cpu [-n 50000] [-c 16] [-r 3] [-y examples/service/server.py] [LABEL=COMMAND...]
+//	service cpu [-n 50000] [-c 16] [-r 3] [-pin] [-y examples/service/server.py] [LABEL=COMMAND...]
 //
 // cpu starts the replica and each router itself and prints the CPU time
 // (user+sys) and read/write system calls per request of the router against
@@ -63,7 +63,9 @@ func main() {
 	rounds := fs.Int("r", 3, "rounds with the Go replica (cpu)")
 	serverPy := fs.String("y", "", "also measure with this examples/service/server.py as the replica (cpu)")
 	pyRounds := fs.Int("R", 1, "rounds with -y's replica (cpu)")
+	pin := fs.Bool("pin", false, "replica on core 0, router on core 1, load on the others (cpu; at least 3 cores)")
 	floor := fs.Bool("floor", false, "instead of the router, relay bytes without reading HTTP: the floor of any proxy's cost, for comparison only (router)")
+	lean := fs.Bool("lean", false, "serve the router with a minimal HTTP/1.1 server instead of net/http's: what a leaner server side would save, for comparison only (router)")
 	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -82,9 +84,14 @@ func main() {
 			err = relay(*listen, *replica)
 			break
 		}
-		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}, *general))
+		rt := node.NewStaticRouter("bench", []string{*replica}, *general)
+		if *lean {
+			err = serveLean(*listen, rt)
+			break
+		}
+		err = http.ListenAndServe(*listen, rt)
 	case "cpu":
-		err = runCPU(cpuConfig{requests: *requests, clients: *clients, rounds: *rounds, serverPy: *serverPy, pyRounds: *pyRounds, routers: fs.Args()})
+		err = runCPU(cpuConfig{requests: *requests, clients: *clients, rounds: *rounds, serverPy: *serverPy, pyRounds: *pyRounds, pin: *pin, routers: fs.Args()})
 	case "load":
 		if *rate > 0 || *useVegeta {
 			err = loadRate(*url, *rate, *clients, *dur)
