@@ -331,7 +331,10 @@ func runCPU(cfg cpuConfig) error {
 					use, rps, err := measure("http://"+faddr+"/svc/bench"+path, cfg.clients, cfg.requests/10, cfg.requests, []int{rep.Process.Pid, rtr.Process.Pid})
 					stopProc(rtr)
 					if err != nil {
-						return fmt.Errorf("%s through %s: %w", kind, rs.label, err)
+						// One router failing (the floor relay where an answer
+						// comes in two reads) leaves the others to measure.
+						fmt.Fprintf(os.Stderr, "%s round %d through %s: %v\n", kind, r, rs.label, err)
+						continue
 					}
 					run := cpuRun{replica: kind, path: rs.label, round: r, reqPerS: rps,
 						replicaUS: use[0][0], replicaR: use[0][1], replicaW: use[0][2],

@@ -9,7 +9,8 @@ import (
 // goroutine passes what one read of the client returns to the replica,
 // then what one read of the replica returns back, in turn. It is right
 // only when every request and every answer arrives in one read (small
-// GETs and 1 KiB answers on loopback, as the cpu mode sends): a measuring
+// GETs and the Go replica's 1 KiB answers on loopback; not
+// examples/service/server.py, which writes head and body apart): a measuring
 // stick for the router's cost (two reads and two writes per request), not
 // a proxy.
 func relay(listen, replica string) error {
