@@ -40,8 +40,11 @@ import (
 //     when of unknown length or server-sent events, so that streams pass
 //     unbuffered) and trailers.
 //
-// A connection goes back to its pool only when its answer was read to the
-// end and neither side asked to close it.
+// An answer of known length and nothing unusual is passed on straight
+// from the connection's buffer (passPlainAnswer, service_answer.go); the
+// rest through http.ReadResponse (readFinal, copyAnswer). A connection goes
+// back to its pool only when its answer was read to the end and neither
+// side asked to close it.
 
 // Fast-path limits.
 const (
