@@ -34,6 +34,10 @@ writes the state once, with ``torch.save``, into a file the agent hands
 over (the store's own temporary file, or a spool it uploads), and ``load``
 is handed the copy the agent prefetched when the rank started, which it
 maps instead of reading (tensors share the page cache until written).
+A job resumes only from its own checkpoints (those of a job of its name):
+when the URI holds another job's newest checkpoint, its agent refuses it,
+``load`` and ``save`` raise, and the job fails to start saying whose they
+are (``checkpoint.resume_from: NAME`` continues from them on purpose).
 Outside a gpumesh job (e.g. under torchrun) call ``configure(uri=...)`` or
 set the variables yourself: the gpumesh binary (``$GPUMESH_BIN``, else
 ``gpumesh`` on PATH) then does the work, ``gpumesh checkpoint
