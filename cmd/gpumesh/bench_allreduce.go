@@ -37,7 +37,12 @@ type allreduceFlags struct {
 	unixLanes bool
 	noSame    bool
 	minChan   string
+	issuer    bool
 }
+
+// setCUDAIssuer, set by the cuda build, registers the "cuda" collective
+// device with or without one issuing thread per GPU (--cuda-issuer).
+var setCUDAIssuer func(on bool)
 
 func (f *allreduceFlags) register(cmd *cobra.Command) {
 	d := collective.DefaultConfig()
@@ -56,6 +61,7 @@ func (f *allreduceFlags) register(cmd *cobra.Command) {
 	fs.DurationVar(&f.timeout, "collective-timeout", d.Timeout, "fail an operation that makes no progress for this long")
 	fs.StringVar(&f.plane, "data-plane", collective.DataPlaneTCP, "how frames travel: tcp (a plain TCP lane per link, set up over its gRPC stream) or grpc (on the gRPC streams)")
 	fs.BoolVar(&f.noSame, "no-same-host", false, "with --procs and --device cuda: keep the all-reduce on the TCP lanes instead of the same-host ring (CUDA IPC between the processes, the default where they can reach each other's GPU memory)")
+	fs.BoolVar(&f.issuer, "cuda-issuer", false, "with --device cuda: enqueue each GPU's staging copies and kernels from one issuing thread per GPU instead of from every channel's goroutine (off by default until measured)")
 	fs.StringVar(&f.sockBuf, "lane-socket-buffer", bytesize.Format(int64(collective.DefaultNetConfig().LaneSocketBuffer)), "SO_SNDBUF/SO_RCVBUF of each TCP lane (0: kernel autotuning)")
 	fs.BoolVar(&f.unixLanes, "unix-lanes", false, "carry the lanes between the ranks over Unix sockets, as agents of one host do (off: TCP lanes, compared with raw TCP over the same path)")
 }
@@ -107,6 +113,12 @@ func (f *allreduceFlags) configs() (collective.Config, collective.NetConfig, col
 		return cfg, gcfg, spec, fmt.Errorf("--min-channel: %w", err)
 	}
 	cfg.MinChannelBytes = int(minChan)
+	if f.issuer {
+		if setCUDAIssuer == nil {
+			return cfg, gcfg, spec, fmt.Errorf("--cuda-issuer: this binary was built without CUDA support (build with -tags cuda)")
+		}
+		setCUDAIssuer(true)
+	}
 	cfg.Channels = f.channels
 	cfg.ChunkBytes = int(chunk)
 	cfg.NoSameHost = f.noSame
@@ -167,7 +179,7 @@ says same-host-ipc, and --no-same-host keeps them on the TCP lanes.`,
 				if err != nil {
 					return fmt.Errorf("--procs: cannot find this executable: %w", err)
 				}
-				cfg.Procs, cfg.Exe, cfg.WorkerArgs = true, exe, []string{"bench", "allreduce-worker"}
+				cfg.Procs, cfg.Exe, cfg.WorkerArgs = true, exe, []string{"bench", "allreduce-worker", fmt.Sprintf("--cuda-issuer=%v", f.issuer)}
 				cfg.WorkerGOMAXPROCS = workerProcs
 			}
 			if term.IsTerminal(int(os.Stderr.Fd())) {
