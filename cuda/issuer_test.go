@@ -128,3 +128,25 @@ func TestIssuerClose(t *testing.T) {
 	}
 	q.Close()
 }
+
+// BenchmarkIssuerDo is the cost of one hand-over to the issuing thread and
+// back (an empty function), from 1 and from 16 goroutines at once.
+func BenchmarkIssuerDo(b *testing.B) {
+	for name, cfg := range issuerConfigs {
+		for _, g := range []int{1, 16} {
+			b.Run(fmt.Sprintf("%s/goroutines=%d", name, g), func(b *testing.B) {
+				q, err := NewIssuer(cfg, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer q.Close()
+				b.SetParallelism(g)
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						_ = q.Do(func() error { return nil })
+					}
+				})
+			})
+		}
+	}
+}

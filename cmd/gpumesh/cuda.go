@@ -3,6 +3,8 @@
 package main
 
 import (
+	"time"
+
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/collective/cudabuf"
 	"github.com/gpumesh/gpumesh/cuda"
@@ -14,7 +16,12 @@ import (
 // Registration is lazy: no CUDA work happens until the first buffer.
 func init() {
 	cudabuf.Register()
-	setCUDAIssuer = func(on bool) {
-		collective.RegisterDevice(cudabuf.NewDevice(cuda.DefaultConfig(), cudabuf.WithIssuingThread(on, cuda.DefaultIssuerConfig())))
+	setCUDAIssuer = func(spin time.Duration) {
+		ic := cuda.DefaultIssuerConfig()
+		ic.Spin = spin
+		if spin == 0 {
+			ic.WaitSpin = 0
+		}
+		collective.RegisterDevice(cudabuf.NewDevice(cuda.DefaultConfig(), cudabuf.WithIssuingThread(true, ic)))
 	}
 }

@@ -115,9 +115,7 @@ func waitName() string {
 	if os.Getenv("GPUMESH_LOCKED") == "1" {
 		w += ",locked"
 	}
-	if os.Getenv("GPUMESH_ISSUER") == "1" {
-		w += ",issuer"
-	}
+	w += issuerLabel()
 	if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
 		w += fmt.Sprintf(",zerocopy<=%dKiB", k)
 	}
