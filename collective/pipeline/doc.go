@@ -37,7 +37,9 @@
 //     the CUDADevice lends (a free list per size), and the stage's upload
 //     from it is queued behind an event without a wait; a buffer goes back
 //     with Message.Release and is handed out again only once that upload
-//     is done. RunConfig.SyncMessages keeps the old synchronous path and
+//     is done; the first stage's inputs and the last stage's targets are
+//     copied into such memory and uploaded the same way.
+//     RunConfig.SyncMessages keeps the old synchronous path and
 //     RunConfig.PageableRecv the old pageable receives.
 //
 // A stage of a pipeline job, as the node runs it:

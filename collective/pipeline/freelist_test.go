@@ -122,9 +122,9 @@ func TestRecvPoolFallsBackToOrdinaryMemory(t *testing.T) {
 }
 
 // Over TCP links a stage on a device that lends receive memory receives
-// every message into it and uploads from it without waiting; no buffer is
-// written again before its upload is done, and the result is bit for bit
-// that of the pageable path.
+// every message into it and uploads from it without waiting (and its
+// inputs or targets through it); no buffer is written again before its
+// upload is done, and the result is bit for bit that of the pageable path.
 func TestPinnedRecvMatchesPageable(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -153,12 +153,10 @@ func TestPinnedRecvMatchesPageable(t *testing.T) {
 				}
 				continue
 			}
-			// stage 0 receives gradients, stage p-1 activations, the
-			// others both: one upload per received message
-			want := spec.Steps * spec.MicroBatches
-			if s > 0 && s < p-1 {
-				want *= 2
-			}
+			// stage 0 receives gradients and uploads its inputs, stage p-1
+			// receives activations and uploads its targets, the others
+			// receive both: two uploads from device memory per micro-batch
+			want := 2 * spec.Steps * spec.MicroBatches
 			if d.pinnedUploads != want {
 				t.Errorf("stage %d: %d uploads from receive memory, want %d", s, d.pinnedUploads, want)
 			}

@@ -264,7 +264,8 @@ type RunConfig struct {
 	// receives). Default false: on a device that lends receive memory
 	// (CUDADevice: page-locked host buffers) with staged messages, the
 	// links read every message into it and the upload is queued behind an
-	// event, without waiting.
+	// event, without waiting (the first stage's inputs and the last
+	// stage's targets are copied into it and go the same way).
 	PageableRecv bool
 	// Trace records every action's span in Report.Trace (StageConfig.Trace).
 	Trace bool
@@ -368,6 +369,9 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 				u.useRecvBuffers(mem)
 				pinned = true
 			}
+		}
+		for _, p := range parts {
+			p.recvMem = mem // inputs and targets go the same way
 		}
 	}
 	sc := StageConfig{
