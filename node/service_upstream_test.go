@@ -2,6 +2,7 @@ package node
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -507,4 +508,54 @@ func TestParsePlainHead(t *testing.T) {
 	if !ok || status != 201 || length != 12 || !closeAfter || !reflect.DeepEqual(fields, want) {
 		t.Errorf("got %d %+v %d %v %v", status, fields, length, closeAfter, ok)
 	}
+}
+
+// A client that goes away while the replica works on its request ends the
+// request on the replica too (the router closes its connection there), on
+// both paths: a model server stops generating for nobody.
+func TestRouterClientGoneEndsTheReplicasRequest(t *testing.T) {
+	bothPaths(t, func(t *testing.T, general bool) {
+		got, ended := make(chan struct{}, 1), make(chan struct{}, 1)
+		s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			got <- struct{}{}
+			select {
+			case <-r.Context().Done():
+				ended <- struct{}{}
+			case <-time.After(30 * time.Second):
+			}
+		}))
+		t.Cleanup(s.Close)
+		rt, front := newTestRouter(t, general)
+		rt.update(svcState(t, "slow", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, front.URL+"/svc/slow/generate", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := &http.Client{Transport: &http.Transport{}}
+		t.Cleanup(client.CloseIdleConnections)
+		errc := make(chan error, 1)
+		go func() {
+			resp, err := client.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			errc <- err
+		}()
+		select {
+		case <-got:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the request never reached the replica")
+		}
+		cancel() // the client goes away
+		if err := <-errc; err == nil {
+			t.Fatal("the cancelled request got an answer")
+		}
+		select {
+		case <-ended:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the replica still works on the request of a client that went away")
+		}
+	})
 }
