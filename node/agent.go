@@ -47,6 +47,7 @@ type Agent struct {
 	httpLn net.Listener
 	grpc   *grpc.Server
 	httpS  *http.Server
+	serveS *serveFront // the serve port (service_serve.go); nil when off
 	health *health.Server
 
 	mesh       membership
@@ -194,7 +195,23 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 
 	a.runner = newRunner(a)
 	a.router = newRouter(a.nodeID, a.self.Az, a.logger.Named("router"))
-	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: MaxHeaderBytes}
+	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: serveHeaderTimeout, MaxHeaderBytes: MaxHeaderBytes}
+	if cfg.ServeAddr != "" {
+		addr := cfg.ServeAddr
+		if host, port, _ := net.SplitHostPort(addr); host == "" {
+			addr = net.JoinHostPort(cfg.BindAddr, port)
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("serve listener (%s, --serve): %w", cfg.ServeAddr, err)
+		}
+		a.serveS = newServeFront(ln, a.router, sec.httpTLSConfig(), a.logger.Named("serve"))
+		a.goFunc(func() {
+			if err := a.serveS.serve(); err != nil && !errors.Is(err, errServeClosed) {
+				a.logger.Error("serve port stopped", "error", err)
+			}
+		})
+	}
 
 	a.goFunc(func() {
 		if err := a.grpc.Serve(a.rpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -218,7 +235,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.goFunc(a.followServices)
 	a.goFunc(a.loadLoop) // service_load.go
 	logger.Info("agent started", "node", cfg.NodeName, "id", a.nodeID, "rpc", a.rpcAddr,
-		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "server", cfg.Server)
+		"gossip", a.self.GossipAddr, "raft", a.self.RaftAddr, "http", a.self.HttpAddr, "serve", a.ServeAddr(), "server", cfg.Server)
 	return a, nil
 }
 
@@ -242,6 +259,15 @@ func (a *Agent) RPCAddr() string { return a.rpcAddr }
 
 // HTTPAddr is where metrics, health and the dashboard are served.
 func (a *Agent) HTTPAddr() string { return a.self.HttpAddr }
+
+// ServeAddr is where the serve port listens (Config.ServeAddr), "" when
+// it is off.
+func (a *Agent) ServeAddr() string {
+	if a.serveS == nil {
+		return ""
+	}
+	return a.serveS.ln.Addr().String()
+}
 
 // GossipAddr is the agent's gossip address, for others to join.
 func (a *Agent) GossipAddr() string { return a.self.GossipAddr }
@@ -365,8 +391,18 @@ func (a *Agent) Shutdown() error {
 			a.rpcLn.Close()
 		}
 		if a.httpS != nil {
+			// In-flight requests on the HTTP and serve ports finish, up to
+			// the deadline.
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			served := make(chan struct{})
+			go func() {
+				defer close(served)
+				if a.serveS != nil {
+					_ = a.serveS.shutdown(ctx)
+				}
+			}()
 			_ = a.httpS.Shutdown(ctx)
+			<-served
 			cancel()
 			a.router.closeConns()
 		} else if a.httpLn != nil {

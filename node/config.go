@@ -45,6 +45,13 @@ type Config struct {
 	AdvertiseAddr string
 	// Ports. Zero picks a free port (tests and dev clusters).
 	GossipPort, RPCPort, RaftPort, HTTPPort int
+	// ServeAddr is where the agent serves service traffic only
+	// (/svc/NAME/... and the Host form, as on the HTTP port) with a lean
+	// HTTP/1.1 front end that costs less CPU per request than the HTTP
+	// port's (service_serve.go): "host:port", or ":port" on BindAddr;
+	// port 0 picks a free one. Empty (the default): no serve port; the
+	// HTTP port routes services either way. HTTPS when the HTTP port is.
+	ServeAddr string
 
 	// DataDir holds the node ID, the Raft log and snapshots, and the
 	// allocations' working directories and logs.
@@ -175,6 +182,16 @@ func (c *Config) Validate() error {
 	for name, p := range map[string]int{"gossip": c.GossipPort, "rpc": c.RPCPort, "raft": c.RaftPort, "http": c.HTTPPort} {
 		if p < 0 || p > 65535 {
 			errs = append(errs, fmt.Errorf("%s port %d is out of range 0..65535", name, p))
+		}
+	}
+	if c.ServeAddr != "" {
+		host, port, err := net.SplitHostPort(c.ServeAddr)
+		p, perr := strconv.Atoi(port)
+		switch {
+		case err != nil || perr != nil || p < 0 || p > 65535:
+			errs = append(errs, fmt.Errorf("serve address %q: want host:port or :port, port 0..65535 (--serve)", c.ServeAddr))
+		case host != "" && net.ParseIP(host) == nil:
+			errs = append(errs, fmt.Errorf("serve address %q: the host must be an IP address (--serve)", c.ServeAddr))
 		}
 	}
 	if c.ExpectNodes < 0 {

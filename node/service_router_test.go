@@ -2,6 +2,8 @@ package node
 
 import (
 	"bufio"
+	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -51,20 +53,65 @@ func replica(t *testing.T, id string) *httptest.Server {
 	return s
 }
 
-// newTestRouter returns a router, general or not (see router.general),
-// and a server in front of it.
-func newTestRouter(t *testing.T, general bool) (*router, *httptest.Server) {
-	rt := newRouter("n-router", "", hclog.NewNullLogger())
-	rt.general = general
-	front := httptest.NewServer(rt)
-	t.Cleanup(func() { front.Close(); rt.closeConns() })
-	return rt, front
+// routePath is a way a request reaches the router in tests.
+type routePath string
+
+const (
+	pathFast    routePath = "fast"    // the HTTP port's server, the router's fast path
+	pathGeneral routePath = "general" // the HTTP port's server, httputil.ReverseProxy only
+	pathServe   routePath = "serve"   // the serve port's front end, the fast path
+)
+
+// testFront is where a test sends its requests.
+type testFront struct {
+	URL      string
+	Listener net.Listener
 }
 
-// bothPaths runs test on the router's fast path and on its general one.
-func bothPaths(t *testing.T, test func(t *testing.T, general bool)) {
-	t.Run("fast", func(t *testing.T) { test(t, false) })
-	t.Run("general", func(t *testing.T) { test(t, true) })
+// newTestRouter returns a router and a front end serving it by path p.
+func newTestRouter(t *testing.T, p routePath) (*router, *testFront) {
+	rt := newRouter("n-router", "", hclog.NewNullLogger())
+	rt.general = p == pathGeneral
+	if p == pathServe {
+		f := startServeFront(t, rt)
+		return rt, &testFront{URL: "http://" + f.ln.Addr().String(), Listener: f.ln}
+	}
+	front := httptest.NewServer(rt)
+	t.Cleanup(func() { front.Close(); rt.closeConns() })
+	return rt, &testFront{URL: front.URL, Listener: front.Listener}
+}
+
+// startServeFront serves rt on a serve port front end until the test ends.
+func startServeFront(t *testing.T, rt *router) *serveFront {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newServeFront(ln, rt, nil, hclog.NewNullLogger())
+	done := make(chan error, 1)
+	go func() { done <- f.serve() }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := f.shutdown(ctx); err != nil {
+			t.Errorf("serve port shutdown: %v", err)
+		}
+		if err := <-done; !errors.Is(err, errServeClosed) {
+			t.Errorf("serve port: %v", err)
+		}
+		rt.closeConns()
+	})
+	return f
+}
+
+// bothPaths runs test on the router's fast path and on its general one
+// through the HTTP port's server, and on the fast path through the serve
+// port's front end.
+func bothPaths(t *testing.T, test func(t *testing.T, p routePath)) {
+	for _, p := range []routePath{pathFast, pathGeneral, pathServe} {
+		t.Run(string(p), func(t *testing.T) { test(t, p) })
+	}
 }
 
 func get(t *testing.T, url string) (int, string) {
@@ -80,9 +127,9 @@ func get(t *testing.T, url string) (int, string) {
 
 func TestRouterRoutesToHealthyReplicas(t *testing.T) { bothPaths(t, testRouterRoutesToHealthyReplicas) }
 
-func testRouterRoutesToHealthyReplicas(t *testing.T, general bool) {
+func testRouterRoutesToHealthyReplicas(t *testing.T, p routePath) {
 	a, b, c := replica(t, "A"), replica(t, "B"), replica(t, "C")
-	rt, front := newTestRouter(t, general)
+	rt, front := newTestRouter(t, p)
 	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String(), b.Listener.Addr().String(), c.Listener.Addr().String()},
 		[]string{HealthHealthy, HealthHealthy, HealthUnhealthy}))
 	seen := map[string]int{}
@@ -106,7 +153,7 @@ func testRouterRoutesToHealthyReplicas(t *testing.T, general bool) {
 
 func TestRouterBadInput(t *testing.T) {
 	a := replica(t, "A")
-	rt, front := newTestRouter(t, false)
+	rt, front := newTestRouter(t, pathFast)
 	jobs, allocs := svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthStarting})
 	rt.update(jobs, allocs)
 	code, body := get(t, front.URL+"/svc/nosuch/x")
@@ -128,7 +175,7 @@ func TestRouterBadInput(t *testing.T) {
 // nothing reached the dead one.
 func TestRouterRetriesOnDeadReplica(t *testing.T) { bothPaths(t, testRouterRetriesOnDeadReplica) }
 
-func testRouterRetriesOnDeadReplica(t *testing.T, general bool) {
+func testRouterRetriesOnDeadReplica(t *testing.T, p routePath) {
 	b := replica(t, "B")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -136,7 +183,7 @@ func testRouterRetriesOnDeadReplica(t *testing.T, general bool) {
 	}
 	dead := ln.Addr().String()
 	ln.Close()
-	rt, front := newTestRouter(t, general)
+	rt, front := newTestRouter(t, p)
 	rt.update(svcState(t, "echo", []string{dead, b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
 	for i := 0; i < 6; i++ {
 		resp, err := http.Post(front.URL+"/svc/echo/gen", "text/plain", strings.NewReader("prompt"))
@@ -155,7 +202,7 @@ func testRouterRetriesOnDeadReplica(t *testing.T, general bool) {
 // while the replica still holds the rest back.
 func TestRouterStreamsUnbuffered(t *testing.T) { bothPaths(t, testRouterStreamsUnbuffered) }
 
-func testRouterStreamsUnbuffered(t *testing.T, general bool) {
+func testRouterStreamsUnbuffered(t *testing.T, p routePath) {
 	release := make(chan struct{})
 	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
@@ -169,7 +216,7 @@ func testRouterStreamsUnbuffered(t *testing.T, general bool) {
 	}))
 	t.Cleanup(s.Close)
 	defer close(release)
-	rt, front := newTestRouter(t, general)
+	rt, front := newTestRouter(t, p)
 	rt.update(svcState(t, "llm", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
 	resp, err := http.Get(front.URL + "/svc/llm/stream")
 	if err != nil {
@@ -238,7 +285,7 @@ func TestRouterPrefersItsZoneOnATie(t *testing.T) {
 // again, and its 502 says why; a GET goes to another replica.
 func TestRouterRetriesOnlyWhatIsSafe(t *testing.T) { bothPaths(t, testRouterRetriesOnlyWhatIsSafe) }
 
-func testRouterRetriesOnlyWhatIsSafe(t *testing.T, general bool) {
+func testRouterRetriesOnlyWhatIsSafe(t *testing.T, p routePath) {
 	dying := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.ReadAll(r.Body)
 		conn, _, err := w.(http.Hijacker).Hijack()
@@ -248,7 +295,7 @@ func testRouterRetriesOnlyWhatIsSafe(t *testing.T, general bool) {
 	}))
 	t.Cleanup(dying.Close)
 	b := replica(t, "B")
-	rt, front := newTestRouter(t, general)
+	rt, front := newTestRouter(t, p)
 	rt.update(svcState(t, "echo", []string{dying.Listener.Addr().String(), b.Listener.Addr().String()}, []string{HealthHealthy, HealthHealthy}))
 	refused := 0
 	for i := 0; i < 4; i++ {
@@ -293,7 +340,7 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 		want    int
 	}{{"reset before the write", false, http.StatusOK}, {"reset after the write", true, http.StatusBadGateway}} {
 		t.Run(c.name, func(t *testing.T) {
-			rt, front := newTestRouter(t, true) // fakes the general path's transport
+			rt, front := newTestRouter(t, pathGeneral) // fakes the general path's transport
 			real := rt.transport
 			rt.transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
 				if r.URL.Host != dead {
@@ -330,24 +377,34 @@ func TestRouterRetriesAPostResetBeforeItWasWritten(t *testing.T) {
 // as the client sent it; other hosts reach the agent's own handlers.
 func TestRouterHostForm(t *testing.T) { bothPaths(t, testRouterHostForm) }
 
-func testRouterHostForm(t *testing.T, general bool) {
+func testRouterHostForm(t *testing.T, p routePath) {
 	a := replica(t, "A")
 	rt := newRouter("n-router", "", hclog.NewNullLogger())
-	rt.general = general
+	rt.general = p == pathGeneral
 	rt.update(svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthHealthy}))
-	agentAPI := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "agent "+r.URL.Path) })
-	front := httptest.NewServer(hostRouted(rt, agentAPI))
-	t.Cleanup(front.Close)
+	// Other hosts reach the agent's own handlers on the HTTP port, and a
+	// 404 that says so on the serve port.
+	other := "agent /v1/predict"
+	url := ""
+	if p == pathServe {
+		other = "this is the agent's service port"
+		url = "http://" + startServeFront(t, rt).ln.Addr().String()
+	} else {
+		agentAPI := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "agent "+r.URL.Path) })
+		front := httptest.NewServer(hostRouted(rt, agentAPI))
+		t.Cleanup(front.Close)
+		url = front.URL
+	}
 	for host, want := range map[string]string{
 		"echo.svc":                     "A GET /v1/predict ",
 		"echo.svc:8080":                "A GET /v1/predict ",
 		"echo.svc.cluster.example:443": "A GET /v1/predict ",
-		"echo.svcx":                    "agent /v1/predict",
-		"svc.example":                  "agent /v1/predict",
-		"127.0.0.1":                    "agent /v1/predict",
+		"echo.svcx":                    other,
+		"svc.example":                  other,
+		"127.0.0.1":                    other,
 		"nosuch.svc":                   `no service named "nosuch"`,
 	} {
-		req, err := http.NewRequest(http.MethodGet, front.URL+"/v1/predict", nil)
+		req, err := http.NewRequest(http.MethodGet, url+"/v1/predict", nil)
 		if err != nil {
 			t.Fatal(err)
 		}

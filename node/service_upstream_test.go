@@ -102,26 +102,29 @@ func TestRouterFastPathForwardsAsTheGeneralPathDoes(t *testing.T) {
 		{http.MethodHead, "/svc/echo/head", ""},
 		{http.MethodGet, "/svc/echo/t?trailer=1", ""},
 	}
-	got := map[bool][]seen{}
-	for _, general := range []bool{false, true} {
-		rt, front := newTestRouter(t, general)
+	got := map[routePath][]seen{}
+	for _, p := range []routePath{pathFast, pathGeneral, pathServe} {
+		rt, front := newTestRouter(t, p)
 		rt.update(svcState(t, "echo", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
 		for _, c := range cases {
-			got[general] = append(got[general], do(front.URL, c.method, c.path, c.body, hdr))
+			got[p] = append(got[p], do(front.URL, c.method, c.path, c.body, hdr))
 		}
 	}
 	for i, c := range cases {
-		fast, general := got[false][i], got[true][i]
-		if fast.Status != http.StatusOK {
-			t.Errorf("%s %s: fast path %d %q", c.method, c.path, fast.Status, fast.Body)
-		}
-		if !reflect.DeepEqual(fast, general) {
-			t.Errorf("%s %s:\nfast path:    %+v\ngeneral path: %+v", c.method, c.path, fast, general)
+		general := got[pathGeneral][i]
+		for _, p := range []routePath{pathFast, pathServe} {
+			this := got[p][i]
+			if this.Status != http.StatusOK {
+				t.Errorf("%s %s: %s path %d %q", c.method, c.path, p, this.Status, this.Body)
+			}
+			if !reflect.DeepEqual(this, general) {
+				t.Errorf("%s %s:\n%s path: %+v\ngeneral path: %+v", c.method, c.path, p, this, general)
+			}
 		}
 	}
 	// What the general path does, checked once so that the comparison above
 	// means something.
-	first := got[false][0]
+	first := got[pathFast][0]
 	for _, want := range []string{"GET /a/b%2Fc?q=1&r=%20 host=echo.example:8080", "X-Forwarded-For: 127.0.0.1\n", "X-Forwarded-Host: echo.example:8080", "X-Keep: one | two", "Te: trailers"} {
 		if !strings.Contains(first.Body, want) {
 			t.Errorf("the replica saw %q; want %q in it", first.Body, want)
@@ -135,7 +138,7 @@ func TestRouterFastPathForwardsAsTheGeneralPathDoes(t *testing.T) {
 	if first.Header.Get("X-Hop") != "" || first.Header.Get("Keep-Alive") != "" || len(first.Header["X-Answer"]) != 2 {
 		t.Errorf("the client got headers %v; want X-Answer twice, no X-Hop or Keep-Alive", first.Header)
 	}
-	if tr := got[false][len(cases)-1].Trailer; tr.Get("X-Sum") != "42" || tr.Get("X-Late") != "unannounced" {
+	if tr := got[pathServe][len(cases)-1].Trailer; tr.Get("X-Sum") != "42" || tr.Get("X-Late") != "unannounced" {
 		t.Errorf("trailers %v; want X-Sum 42 and X-Late", tr)
 	}
 }
@@ -255,7 +258,7 @@ func (r *rawReplica) got() ([]string, int) {
 // router checks that the replica has not closed it.
 func TestRouterFastPathSurvivesConnectionsClosedWhileIdle(t *testing.T) {
 	rep := newRawReplica(t, true)
-	rt, front := newTestRouter(t, false)
+	rt, front := newTestRouter(t, pathFast)
 	rt.update(svcState(t, "echo", []string{rep.ln.Addr().String()}, []string{HealthHealthy}))
 	for i, method := range []string{http.MethodGet, http.MethodGet, http.MethodPost, http.MethodPost} {
 		req, err := http.NewRequest(method, front.URL+"/svc/echo/x", strings.NewReader("p"))
@@ -287,7 +290,7 @@ func TestRouterFastPathSurvivesConnectionsClosedWhileIdle(t *testing.T) {
 // both (a smuggling attempt) is forwarded chunked with its chunked body, and
 // one with two different lengths is refused before routing.
 func TestRouterForwardsNoAmbiguousLength(t *testing.T) {
-	for _, general := range []bool{false, true} {
+	for _, general := range []routePath{pathFast, pathGeneral, pathServe} {
 		rep := newRawReplica(t, false)
 		rt, front := newTestRouter(t, general)
 		rt.update(svcState(t, "echo", []string{rep.ln.Addr().String()}, []string{HealthHealthy}))
@@ -311,24 +314,24 @@ func TestRouterForwardsNoAmbiguousLength(t *testing.T) {
 		}
 		got := send("POST /svc/echo/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
 		if got != "200 ok" {
-			t.Fatalf("general=%v: CL+TE request: %s", general, got)
+			t.Fatalf("%s path: CL+TE request: %s", general, got)
 		}
 		if got := send("POST /svc/echo/b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nhello"); !strings.HasPrefix(got, "400 ") {
-			t.Fatalf("general=%v: two Content-Lengths: %s, want 400", general, got)
+			t.Fatalf("%s path: two Content-Lengths: %s, want 400", general, got)
 		}
 		if got := send("POST /svc/echo/c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"); got != "200 ok" {
-			t.Fatalf("general=%v: plain POST: %s", general, got)
+			t.Fatalf("%s path: plain POST: %s", general, got)
 		}
 		heads, _ := rep.got()
 		if len(heads) != 2 {
-			t.Fatalf("general=%v: the replica got %d requests, want 2: %q", general, len(heads), heads)
+			t.Fatalf("%s path: the replica got %d requests, want 2: %q", general, len(heads), heads)
 		}
 		for _, h := range heads {
 			if cl, te := strings.Contains(h, "Content-Length:"), strings.Contains(h, "Transfer-Encoding:"); cl == te {
-				t.Fatalf("general=%v: the replica got %q: want exactly one of Content-Length and Transfer-Encoding", general, h)
+				t.Fatalf("%s path: the replica got %q: want exactly one of Content-Length and Transfer-Encoding", general, h)
 			}
 			if !strings.HasSuffix(h, "\r\n\r\nhello") {
-				t.Fatalf("general=%v: the replica got %q, want the body hello", general, h)
+				t.Fatalf("%s path: the replica got %q, want the body hello", general, h)
 			}
 		}
 	}
@@ -422,8 +425,8 @@ func TestRouterPlainAnswersAsTheGeneralPathDoes(t *testing.T) {
 		"/bighead":   "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("h", 6<<10) + "\r\nContent-Length: 2\r\n\r\nok", // beyond the buffer
 	}
 	paths := []string{"/plain", "/headers", "/big", "/close", "/plain", "/error", "/empty", "/named", "/chunked", "/nocontent", "/http10", "/bighead", "/plain"}
-	got := map[bool][]seen{}
-	for _, general := range []bool{false, true} {
+	got := map[routePath][]seen{}
+	for _, general := range []routePath{pathFast, pathGeneral, pathServe} {
 		addr, conns := cannedReplica(t, answers)
 		rt, front := newTestRouter(t, general)
 		rt.update(svcState(t, "canned", []string{addr}, []string{HealthHealthy}))
@@ -437,7 +440,7 @@ func TestRouterPlainAnswersAsTheGeneralPathDoes(t *testing.T) {
 			b, err := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if err != nil {
-				t.Fatalf("general=%v %s: %v", general, p, err)
+				t.Fatalf("%s path %s: %v", general, p, err)
 			}
 			resp.Header.Del("Date")
 			got[general] = append(got[general], seen{Status: resp.StatusCode, Header: resp.Header, Body: string(b), Trailer: resp.Trailer})
@@ -445,22 +448,24 @@ func TestRouterPlainAnswersAsTheGeneralPathDoes(t *testing.T) {
 		// One connection for the whole sequence, but for those the
 		// replica closed (/close; /http10, an HTTP/1.0 answer without
 		// keep-alive).
-		if n := conns(); !general && n != 3 {
-			t.Errorf("fast path: the replica accepted %d connections, want 3", n)
+		if n := conns(); general != pathGeneral && n != 3 {
+			t.Errorf("%s path: the replica accepted %d connections, want 3", general, n)
 		}
 	}
 	for i, p := range paths {
-		if !reflect.DeepEqual(got[false][i], got[true][i]) {
-			t.Errorf("%s:\nfast path:    %+v\ngeneral path: %+v", p, got[false][i], got[true][i])
+		for _, rp := range []routePath{pathFast, pathServe} {
+			if !reflect.DeepEqual(got[rp][i], got[pathGeneral][i]) {
+				t.Errorf("%s:\n%s path:    %+v\ngeneral path: %+v", p, rp, got[rp][i], got[pathGeneral][i])
+			}
 		}
 	}
-	h := got[false][1]
+	h := got[pathServe][1]
 	if h.Status != http.StatusCreated || h.Header.Get("Content-Type") != "text/plain" || len(h.Header["Set-Cookie"]) != 2 ||
 		h.Header.Get("X-Spaced") != "v" || h.Header.Get("Keep-Alive") != "" || h.Header.Get("Proxy-Authenticate") != "" || h.Body != "ok" {
 		t.Errorf("/headers: got %+v", h)
 	}
-	if got[false][2].Body != big {
-		t.Errorf("/big: got %d bytes, want %d", len(got[false][2].Body), len(big))
+	if got[pathServe][2].Body != big {
+		t.Errorf("/big: got %d bytes, want %d", len(got[pathServe][2].Body), len(big))
 	}
 }
 
@@ -514,7 +519,7 @@ func TestParsePlainHead(t *testing.T) {
 // request on the replica too (the router closes its connection there), on
 // both paths: a model server stops generating for nobody.
 func TestRouterClientGoneEndsTheReplicasRequest(t *testing.T) {
-	bothPaths(t, func(t *testing.T, general bool) {
+	bothPaths(t, func(t *testing.T, general routePath) {
 		got, ended := make(chan struct{}, 1), make(chan struct{}, 1)
 		s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			got <- struct{}{}
