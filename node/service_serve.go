@@ -75,6 +75,9 @@ type serveFront struct {
 	ctx     context.Context // parent of every request's; ends at the shutdown deadline
 	cancel  context.CancelFunc
 	closing atomic.Bool
+	// served counts the requests the front end answered itself, handed
+	// the connections it gave to hs.
+	served, handed atomic.Int64
 
 	mu    sync.Mutex
 	conns map[*serveConn]struct{}
@@ -257,6 +260,7 @@ func (f *serveFront) serveConn(sc *serveConn) {
 	handOff := func() {
 		_ = sc.c.SetReadDeadline(time.Time{})
 		handed = f.hand.give(&bufferedConn{Conn: c, br: br, tls: state})
+		f.handed.Add(1)
 	}
 	for {
 		sc.mu.Lock()
@@ -297,6 +301,7 @@ func (f *serveFront) serveConn(sc *serveConn) {
 		ctx, cancel := context.WithCancel(f.ctx)
 		req = req.WithContext(ctx)
 		w.reset(req.Method, pr.closeAfter)
+		f.served.Add(1)
 		watch.start(cancel)
 		ok := f.run(w, req)
 		watch.stop()

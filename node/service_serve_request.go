@@ -168,3 +168,12 @@ type bufferedConn struct {
 }
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.br.Read(p) }
+
+// CloseWrite half-closes the connection (net/http does before closing one
+// it did not read to the end, so that the client reads the answer).
+func (c *bufferedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
