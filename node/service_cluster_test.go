@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os/exec"
 	"path/filepath"
@@ -38,6 +39,7 @@ func TestClusterServiceRoutesFromEveryNode(t *testing.T) {
 	dc := startCluster(t, 4, func(i int, c *Config) {
 		if i == 3 {
 			c.Server = false
+			c.ServeAddr = net.JoinHostPort(c.BindAddr, "0") // and a serve port
 		}
 	})
 	server, err := filepath.Abs("../examples/service/server.py")
@@ -71,8 +73,8 @@ service:
 		}
 		return nil
 	})
-	post := func(a *Agent, path string) (int, string) {
-		resp, err := http.Post("http://"+a.self.HttpAddr+"/svc/mlp"+path, "application/json", strings.NewReader(`{"x": [1, 2, 3, 4]}`))
+	postTo := func(addr, path string) (int, string) {
+		resp, err := http.Post("http://"+addr+"/svc/mlp"+path, "application/json", strings.NewReader(`{"x": [1, 2, 3, 4]}`))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -80,6 +82,7 @@ service:
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
+	post := func(a *Agent, path string) (int, string) { return postTo(a.self.HttpAddr, path) }
 	for _, a := range dc.Agents {
 		poll.Until(t, 20*time.Second, func() error {
 			if code, body := post(a, "/predict"); code != http.StatusOK || !strings.Contains(body, `"y": [`) {
@@ -115,25 +118,32 @@ service:
 		})
 	}
 	t.Logf("the unready replica left every router %v after it failed (interval 200ms × threshold 2)", time.Since(start).Round(time.Millisecond))
-	for i := 0; i < 10; i++ {
-		if code, body := post(dc.Agents[3], "/predict"); code != http.StatusOK || strings.Contains(body, fmt.Sprintf(":%d ", sick.Ports["http"])) {
-			t.Fatalf("after the replica went unready: %d %s", code, body)
+	// The same through agent 3's serve port, which counts in the same
+	// metrics.
+	for _, addr := range []string{dc.Agents[3].self.HttpAddr, dc.Agents[3].ServeAddr()} {
+		for i := 0; i < 10; i++ {
+			if code, body := postTo(addr, "/predict"); code != http.StatusOK || strings.Contains(body, fmt.Sprintf(":%d ", sick.Ports["http"])) {
+				t.Fatalf("through %s after the replica went unready: %d %s", addr, code, body)
+			}
+		}
+		// Oversized request headers are refused before routing.
+		big, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/svc/mlp/", nil)
+		big.Header.Set("X-Big", strings.Repeat("a", 2*MaxHeaderBytes))
+		if resp, err := http.DefaultClient.Do(big); err != nil {
+			t.Fatal(err)
+		} else {
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+				t.Fatalf("through %s, a %d-byte header: %d, want 431", addr, 2*MaxHeaderBytes, resp.StatusCode)
+			}
 		}
 	}
-	// Oversized request headers are refused before routing.
-	big, _ := http.NewRequest(http.MethodGet, "http://"+dc.Agents[3].self.HttpAddr+"/svc/mlp/", nil)
-	big.Header.Set("X-Big", strings.Repeat("a", 2*MaxHeaderBytes))
-	if resp, err := http.DefaultClient.Do(big); err != nil {
-		t.Fatal(err)
-	} else {
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
-			t.Fatalf("a %d-byte header: %d, want 431", 2*MaxHeaderBytes, resp.StatusCode)
-		}
+	if n := dc.Agents[3].serveS.served.Load(); n < 10 {
+		t.Fatalf("the serve port's front end answered %d requests itself, want 10", n)
 	}
 	mfs := scrape(t, dc.Agents[3])
-	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 11 {
-		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 11", v, ok)
+	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 21 {
+		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 21", v, ok)
 	}
 	for h, want := range map[string]float64{HealthHealthy: 1, HealthUnhealthy: 1} {
 		if v, ok := metricValue(mfs, "gpumesh_service_replicas", map[string]string{"service": "mlp", "health": h}); !ok || v != want {

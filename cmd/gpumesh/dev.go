@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -21,7 +22,7 @@ func init() { registerCommand(newDevCommand) }
 
 func newDevCommand() *cobra.Command {
 	var nodes int
-	var demo bool
+	var demo, serve bool
 	var logLevel, dataDir string
 	cmd := &cobra.Command{
 		Use:   "dev",
@@ -48,7 +49,11 @@ when the result checked out.`,
 			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut})
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
-			dc, err := node.NewDevCluster(node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger})
+			dcfg := node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger}
+			if serve {
+				dcfg.Configure = func(_ int, c *node.Config) { c.ServeAddr = net.JoinHostPort(c.BindAddr, "0") }
+			}
+			dc, err := node.NewDevCluster(dcfg)
 			if err != nil {
 				return err
 			}
@@ -66,7 +71,11 @@ when the result checked out.`,
 			l := dc.Leader()
 			fmt.Fprintf(out, "==> cluster ready in %s: leader %s\n", time.Since(start).Round(time.Millisecond), l.Name())
 			for _, a := range dc.Agents {
-				fmt.Fprintf(out, "    %-8s rpc %-21s http http://%s  role %s\n", a.Name(), a.RPCAddr(), a.HTTPAddr(), a.Role())
+				serveAt := ""
+				if a.ServeAddr() != "" {
+					serveAt = "  serve http://" + a.ServeAddr()
+				}
+				fmt.Fprintf(out, "    %-8s rpc %-21s http http://%s%s  role %s\n", a.Name(), a.RPCAddr(), a.HTTPAddr(), serveAt, a.Role())
 			}
 			if demo {
 				return runDemo(cmd.Context(), dc, out)
@@ -92,6 +101,7 @@ when the result checked out.`,
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
 	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
+	cmd.Flags().BoolVar(&serve, "serve", false, "give every agent a serve port for service traffic on a free port (as gpumesh agent --serve)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
 	return cmd
