@@ -233,7 +233,7 @@ func parseRouters(args []string) ([]routerSpec, error) {
 		return nil, err
 	}
 	if len(args) == 0 {
-		args = []string{"fast=" + self, "general=" + self + " -general"}
+		args = []string{"fast=" + self, "general=" + self + " -general", "serve=" + self + " -serve"}
 	}
 	var out []routerSpec
 	for _, a := range args {

@@ -21,8 +21,9 @@
 // (user+sys) and read/write system calls per request of the router against
 // the replica's, over -n requests of the same closed-loop load: a figure
 // that holds on a loaded machine, where requests/s do not (cpu.go). The
-// routers default to this binary's fast and general paths; another build
-// of bench/service compares as main=/path/to/service.
+// routers default to this binary's fast and general paths behind net/http's
+// server and the fast path behind the serve port's front end (-serve);
+// another build of bench/service compares as main=/path/to/service.
 package main
 
 import (
@@ -31,6 +32,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	_ "net/http/pprof"
 	"os"
@@ -66,6 +68,7 @@ func main() {
 	pin := fs.Bool("pin", false, "replica on core 0, router on core 1, load on the others (cpu; at least 3 cores)")
 	floor := fs.Bool("floor", false, "instead of the router, relay bytes without reading HTTP: the floor of any proxy's cost, for comparison only (router)")
 	lean := fs.Bool("lean", false, "serve the router with a minimal HTTP/1.1 server instead of net/http's: what a leaner server side would save, for comparison only (router)")
+	serve := fs.Bool("serve", false, "serve the router with the agent's serve-port front end (gpumesh agent --serve) instead of net/http's server, as an agent does (router)")
 	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -87,6 +90,13 @@ func main() {
 		rt := node.NewStaticRouter("bench", []string{*replica}, *general)
 		if *lean {
 			err = serveLean(*listen, rt)
+			break
+		}
+		if *serve {
+			var ln net.Listener
+			if ln, err = net.Listen("tcp", *listen); err == nil {
+				err = node.ServeServices(ln, rt)
+			}
 			break
 		}
 		err = http.ListenAndServe(*listen, rt)
