@@ -72,7 +72,7 @@ type serveFront struct {
 	logger  hclog.Logger
 	hand    *handoffListener
 	hs      *http.Server
-	ctx     context.Context // parent of every request's; ends at the shutdown deadline
+	ctx     context.Context // ends at the shutdown deadline (TLS handshakes)
 	cancel  context.CancelFunc
 	closing atomic.Bool
 	// served counts the requests the front end answered itself, handed
@@ -86,9 +86,10 @@ type serveFront struct {
 
 // serveConn is one client connection of the lean front end.
 type serveConn struct {
-	c    net.Conn // as accepted (before TLS): deadlines and close
-	mu   sync.Mutex
-	idle bool // waiting for a request's first byte
+	c     net.Conn // as accepted (before TLS): deadlines and close
+	watch *clientWatch
+	mu    sync.Mutex
+	idle  bool // waiting for a request's first byte
 }
 
 // newServeFront returns the front end of rt on ln; tlsConf, if not nil,
@@ -170,7 +171,9 @@ func (f *serveFront) serve() error {
 			continue
 		}
 		backoff = 0
-		sc := &serveConn{c: c}
+		sc := &serveConn{c: c, watch: &clientWatch{c: c}}
+		sc.watch.timer = time.AfterFunc(time.Hour, sc.watch.fire)
+		sc.watch.timer.Stop()
 		f.mu.Lock()
 		if f.closing.Load() {
 			f.mu.Unlock()
@@ -208,9 +211,10 @@ func (f *serveFront) shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
-		f.cancel() // ends the requests' upstream exchanges
+		f.cancel()
 		f.mu.Lock()
 		for sc := range f.conns {
+			sc.watch.abort() // ends the request's upstream exchange
 			_ = sc.c.Close()
 		}
 		f.mu.Unlock()
@@ -252,15 +256,17 @@ func (f *serveFront) serveConn(sc *serveConn) {
 	br := bufio.NewReaderSize(c, serveBufSize)
 	w := &serveWriter{bw: bufio.NewWriterSize(c, serveBufSize), header: make(http.Header, 8)}
 	pr := plainRequest{header: make(http.Header, 16)}
-	watch := &clientWatch{c: sc.c, br: br}
-	watch.timer = time.AfterFunc(time.Hour, watch.fire)
-	watch.timer.Stop()
+	watch := sc.watch
+	watch.mu.Lock()
+	watch.br = br
+	watch.mu.Unlock()
 	defer watch.timer.Stop()
 	remote := sc.c.RemoteAddr().String()
 	handOff := func() {
 		_ = sc.c.SetReadDeadline(time.Time{})
-		handed = f.hand.give(&bufferedConn{Conn: c, br: br, tls: state})
-		f.handed.Add(1)
+		if handed = f.hand.give(&bufferedConn{Conn: c, br: br, tls: state}); handed {
+			f.handed.Add(1)
+		}
 	}
 	for {
 		sc.mu.Lock()
@@ -298,7 +304,9 @@ func (f *serveFront) serveConn(sc *serveConn) {
 			req.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		req.TLS = state
-		ctx, cancel := context.WithCancel(f.ctx)
+		// Not below f.ctx: every request would take its lock. A
+		// shutdown that times out ends requests through their watch.
+		ctx, cancel := context.WithCancel(context.Background())
 		req = req.WithContext(ctx)
 		w.reset(req.Method, pr.closeAfter)
 		f.served.Add(1)
@@ -400,10 +408,10 @@ func (cw *clientWatch) fire() {
 		return
 	}
 	cw.watching, cw.stopping = true, false
-	done, cancel := make(chan struct{}), cw.cancel
+	done, cancel, br := make(chan struct{}), cw.cancel, cw.br
 	cw.done = done
 	cw.mu.Unlock()
-	_, err := cw.br.Peek(1)
+	_, err := br.Peek(1)
 	cw.mu.Lock()
 	gone := err != nil && !cw.stopping
 	cw.watching = false
@@ -412,6 +420,16 @@ func (cw *clientWatch) fire() {
 		cancel()
 	}
 	close(done)
+}
+
+// abort ends the running request's context, if any (a shutdown that ran
+// out of time).
+func (cw *clientWatch) abort() {
+	cw.mu.Lock()
+	defer cw.mu.Unlock()
+	if cw.running {
+		cw.cancel()
+	}
 }
 
 func (cw *clientWatch) stop() {

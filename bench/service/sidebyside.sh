@@ -6,9 +6,12 @@
 #
 # Usage: bench/service/sidebyside.sh [-r ROUNDS] [-d SECS] [-c CLIENTS]
 #            [-p PROFILE_DIR] [-y SERVER_PY] LABEL=ROUTER_CMD...
-#   LABEL=ROUTER_CMD  a router to compare, e.g. fast=./service or
-#                     general="./service -general" (a build of bench/service;
-#                     "router -listen ... -replica ..." is appended)
+#   LABEL=ROUTER_CMD  a router to compare, e.g. fast=./service (behind
+#                     net/http's server, as on the agent's HTTP port),
+#                     serve="./service -serve" (behind the agent's serve-port
+#                     front end, gpumesh agent --serve), general="./service
+#                     -general" (a build of bench/service; "router -listen ...
+#                     -replica ..." is appended)
 #   -y SERVER_PY      also compare with examples/service/server.py as the
 #                     replica (GET /x: a short JSON answer), after the Go one
 #   -R ROUNDS         rounds with SERVER_PY (default 1)
@@ -19,9 +22,10 @@
 #   go build -o OUT/service ./bench/service            # this tree
 #   git worktree add /tmp/base main && (cd /tmp/base && go build -o OUT/service-main ./bench/service)
 # then e.g. sidebyside.sh -y examples/service/server.py fast=OUT/service
-#   main=OUT/service-main "lean=OUT/service -lean", and for the CPU per
-#   request on the same layout: OUT/service cpu -pin -y examples/service/server.py
-#   main=OUT/service-main fast=OUT/service "lean=OUT/service -lean"
+#   "serve=OUT/service -serve" main=OUT/service-main "lean=OUT/service -lean",
+#   and for the CPU per request on the same layout: OUT/service cpu -pin
+#   -y examples/service/server.py main=OUT/service-main fast=OUT/service
+#   "serve=OUT/service -serve" "lean=OUT/service -lean"
 set -euo pipefail
 rounds=3 pyrounds=1 secs=5 clients=16 prof="" serverpy=""
 while getopts "r:R:d:c:p:y:h" opt; do
@@ -32,11 +36,11 @@ while getopts "r:R:d:c:p:y:h" opt; do
 	c) clients=$OPTARG ;;
 	p) prof=$OPTARG ;;
 	y) serverpy=$OPTARG ;;
-	*) sed -n 2,24p "$0"; exit 2 ;;
+	*) sed -n 2,29p "$0"; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,24p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,29p "$0"; exit 2; }
 ncpu=$(nproc)
 # LOAD_CPUS overrides where the load generator runs (a trial on 2 cores).
 loadcpus=${LOAD_CPUS:-2-$((ncpu - 1))}
