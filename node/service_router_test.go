@@ -218,7 +218,10 @@ func testRouterStreamsUnbuffered(t *testing.T, p routePath) {
 	defer close(release)
 	rt, front := newTestRouter(t, p)
 	rt.update(svcState(t, "llm", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
-	resp, err := http.Get(front.URL + "/svc/llm/stream")
+	// The whole exchange must end in time: a buffered first event never
+	// comes.
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Get(front.URL + "/svc/llm/stream")
 	if err != nil {
 		t.Fatal(err)
 	}

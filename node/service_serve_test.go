@@ -313,3 +313,34 @@ func TestServePortTLS(t *testing.T) {
 		t.Fatalf("answered %d, handed %d; want 1 and 1", s, h)
 	}
 }
+
+// An interim answer (103 Early Hints) reaches the client before the final
+// one, with its own headers.
+func TestServePortPassesInterimAnswers(t *testing.T) {
+	addr, _ := cannedReplica(t, map[string]string{
+		"/early": "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	})
+	_, front := serveTestFront(t, addr)
+	c, err := net.Dial("tcp", front)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, _ = io.WriteString(c, "GET /svc/echo/early HTTP/1.1\r\nHost: x\r\n\r\n")
+	br := bufio.NewReader(c)
+	var got []string
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		got = append(got, strings.TrimRight(line, "\r\n"))
+		if strings.HasPrefix(line, "HTTP/1.1 200") {
+			break
+		}
+	}
+	if len(got) != 4 || got[0] != "HTTP/1.1 103 Early Hints" || got[1] != "Link: </a.css>" || got[2] != "" {
+		t.Fatalf("the client got %q before the final answer; want 103 with its Link header", got)
+	}
+}

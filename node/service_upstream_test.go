@@ -421,10 +421,11 @@ func TestRouterPlainAnswersAsTheGeneralPathDoes(t *testing.T) {
 		// before its first byte and so adds none.)
 		"/chunked":   "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
 		"/nocontent": "HTTP/1.1 204 No Content\r\n\r\n",
+		"/early":     "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
 		"/http10":    "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
 		"/bighead":   "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("h", 6<<10) + "\r\nContent-Length: 2\r\n\r\nok", // beyond the buffer
 	}
-	paths := []string{"/plain", "/headers", "/big", "/close", "/plain", "/error", "/empty", "/named", "/chunked", "/nocontent", "/http10", "/bighead", "/plain"}
+	paths := []string{"/plain", "/headers", "/big", "/close", "/plain", "/error", "/empty", "/named", "/chunked", "/nocontent", "/early", "/http10", "/bighead", "/plain"}
 	got := map[routePath][]seen{}
 	for _, general := range []routePath{pathFast, pathGeneral, pathServe} {
 		addr, conns := cannedReplica(t, answers)
