@@ -46,21 +46,26 @@ def step(d, w, b):
         r = json.loads(l)
         if r["backend"] == b:
             return r["step_s"]
-print(f"\nDDP exposed communication, {world} ranks minus 1 rank, seconds: median over rounds (every round)")
+print(f"\nDDP exposed communication, seconds: median over rounds (every round); recipe: {world} ranks minus 1 rank;")
+print(f"in-process: {world}-rank step minus the same processes' no_sync step")
+f = lambda xs: f"{med(xs):.3f} ({' '.join(f'{x:.3f}' for x in xs)})"
 for n in names:
-    g, l, q = [], [], []
+    g, l, q, gi, li, qi = [], [], [], [], [], []
     for r in range(1, rounds + 1):
         d = os.path.join(out, f"{n}-{r}")
         try:
             eg = step(d, world, "gpumesh") - step(d, 1, "gpumesh")
             el = step(d, world, "gloo") - step(d, 1, "gloo")
+            ig = step(d, world, "gpumesh") - step(d, world, "none")
+            il = step(d, world, "gloo") - step(d, world, "none")
         except (OSError, TypeError):
             print(f"  {n} round {r}: no result (see {d}.txt)")
             continue
         g.append(eg), l.append(el), q.append(eg / el)
+        gi.append(ig), li.append(il), qi.append(ig / il)
     if g:
-        f = lambda xs: f"{med(xs):.3f} ({' '.join(f'{x:.3f}' for x in xs)})"
-        print(f"  {n:8s} gpumesh {f(g)}  gloo {f(l)}  gpumesh/gloo {f(q)}")
+        print(f"  {n:8s} recipe     gpumesh {f(g)}  gloo {f(l)}  gpumesh/gloo {f(q)}")
+        print(f"  {n:8s} in-process gpumesh {f(gi)}  gloo {f(li)}  gpumesh/gloo {f(qi)}")
     for r in range(1, rounds + 1):
         p = os.path.join(out, f"{n}-{r}", "timeline.json")
         if os.path.exists(p):
