@@ -57,9 +57,14 @@ type Manifest struct {
 	WorldSize int `json:"world_size"`
 	// Parts, by rank: one (rank 0 only) or WorldSize (every rank's shard).
 	Parts []Part `json:"parts"`
-	// Job and Generation that wrote it, for people (empty outside a job).
+	// Job (the ID of one submission) and Generation that wrote it; empty
+	// outside a job.
 	Job        string `json:"job,omitempty"`
 	Generation uint64 `json:"generation,omitempty"`
+	// JobName is the name of the job that wrote it: what stays the same
+	// when a job is submitted again, and so what Owner.Check compares.
+	// Empty in manifests written before it was recorded and outside a job.
+	JobName string `json:"job_name,omitempty"`
 	// Time of the commit.
 	Time time.Time `json:"time"`
 	// Meta holds small user data (e.g. the epoch); at most 64 KiB in all.

@@ -27,6 +27,13 @@
 // checkpoint is never seen half deleted, and removes leftovers of writes that
 // never committed when they are older than the newest complete checkpoint.
 //
+// A manifest names the job that wrote it (Job, its ID; JobName, the name
+// that stays the same when the job is submitted again). Owner.Check
+// decides whether a job may resume from the newest checkpoint: a job of
+// the same name may, another may only when it names that job in
+// checkpoint.resume_from (else ErrOtherJob), and a manifest that names no
+// job (written before names were recorded) is used with a warning.
+//
 // A rank writes its part once, into the file CreatePart hands out (the
 // store's own temporary file for a FileStore, else a spool file that
 // PartFile.Commit uploads); OpenPart gives a part back as a checked local

@@ -17,6 +17,9 @@ var (
 	// ErrInvalidURI is returned by ParseURI and Open for a URI that is not
 	// s3://bucket/prefix or file:///absolute/dir.
 	ErrInvalidURI = errors.New("invalid checkpoint URI")
+	// ErrOtherJob is returned by Owner.Check when the newest checkpoint was
+	// written by another job than the one about to use it.
+	ErrOtherJob = errors.New("the checkpoints belong to another job")
 	// ErrInvalidConfig is returned for a configuration that fails validation.
 	ErrInvalidConfig = errors.New("invalid checkpoint configuration")
 )

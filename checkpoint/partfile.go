@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 )
 
 // A PartFile is one rank's part written straight into a file by the rank's
@@ -136,8 +137,10 @@ func (p *PartFile) Abort() {
 // against the manifest (size and every CRC32C), positioned at 0: the
 // store's own file when the store keeps files (it is read once to check
 // it, not copied), else a download into a new file in dir (named
-// step-<step>-part-<rank>; a partial download never has that name). The
-// caller closes the file.
+// step-<step>-part-<rank>; a partial download never has that name: each
+// download has a temporary file of its own, renamed once checked, so
+// callers may open one part into one directory at once). The caller
+// closes the file.
 func (c *Checkpoints) OpenPart(ctx context.Context, m Manifest, rank int, dir string) (*os.File, error) {
 	p, ok := m.Part(rank)
 	if !ok {
@@ -157,11 +160,12 @@ func (c *Checkpoints) OpenPart(ctx context.Context, m Manifest, rank int, dir st
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	name := fmt.Sprintf("%s/step-%d-part-%d", dir, m.Step, rank)
-	f, err := os.Create(name + ".partial")
+	name := fmt.Sprintf("step-%d-part-%d", m.Step, rank)
+	f, err := os.CreateTemp(dir, name+".partial-*")
 	if err != nil {
 		return nil, err
 	}
+	name = filepath.Join(dir, name)
 	if err := c.GetPart(ctx, m, rank, f); err != nil {
 		f.Close()
 		os.Remove(f.Name())

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -128,5 +129,45 @@ func TestPruneRemovesTemporaryFilesOfDeadWrites(t *testing.T) {
 	}
 	if len(files) != 3 || !strings.HasPrefix(files[2], "step-00000000000000000009/part-00000.") {
 		t.Fatalf("store holds %v, want step 5's manifest and part and step 9's temporary file", files)
+	}
+}
+
+// Several callers that open one part of a store that does not keep files
+// into one directory at once (ranks sharing a spool directory) each get a
+// whole, checked copy: each download has a temporary file of its own.
+func TestOpenPartAtOnceIntoOneDirectory(t *testing.T) {
+	st := stores(t)["s3"]
+	c := newCheckpoints(t, st, 3)
+	want := payload(9, 3*checkpoint.ChecksumChunk/2)
+	m := save(t, c, 9, map[int][]byte{0: want}, 1)
+	dir := t.TempDir()
+	const n = 4
+	start := make(chan struct{})
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			<-start
+			f, err := c.OpenPart(context.Background(), m, 0, dir)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer f.Close()
+			got, err := io.ReadAll(f)
+			if err == nil && !bytes.Equal(got, want) {
+				err = fmt.Errorf("read %d bytes that differ from the %d saved", len(got), len(want))
+			}
+			errs <- err
+		}()
+	}
+	close(start)
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	left, err := os.ReadDir(dir)
+	if err != nil || len(left) != 1 || left[0].Name() != "step-9-part-0" {
+		t.Fatalf("left in the directory: %v (%v); want the part's copy only", left, err)
 	}
 }

@@ -83,7 +83,10 @@
 // by a process outside gpumesh is reported as a start failure
 // (StartMasterPortBusy), which ends the generation without a restart
 // (CauseMasterPortBusy) and keeps that port out of the next pick; a second
-// one in a row counts as the job's failure.
+// one in a row counts as the job's failure. A rank whose agent finds
+// another job's newest checkpoint under the job's checkpoint.uri is
+// reported as StartCheckpointOtherJob, which fails the job at once (every
+// generation would fail the same way) with the agent's message.
 // A running service (type service) is
 // evaluated per replica instead (evalService): a replica that ends, or
 // whose node drains or is lost, is replaced alone, and a drained one is

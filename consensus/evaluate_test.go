@@ -379,6 +379,39 @@ func TestEvaluateMasterPortBusyPlacesAgainWithAnotherPort(t *testing.T) {
 	}
 }
 
+// A rank whose agent found another job's checkpoints under the job's
+// checkpoint.uri fails the job at once, without restarts (each would fail
+// the same way), with the agent's message, and its other ranks stop.
+func TestEvaluateCheckpointOfAnotherJobFailsTheJob(t *testing.T) {
+	s := newSim(t, "a", "b")
+	s.register("j", 2, 3)
+	s.step("j")
+	var refused *controlpb.Allocation
+	for _, a := range s.gen("j") {
+		if a.Rank == 1 {
+			refused = a
+			s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
+				Allocations: []*fsmpb.Allocation{{Id: a.Id, ClientStatus: AllocFailed, ExitCode: -1,
+					Message: `the newest checkpoint was written by job "other"`, StartFailure: StartCheckpointOtherJob}}}}})
+			continue
+		}
+		s.report(a.Id, AllocRunning, 0)
+	}
+	s.step("j")
+	j := s.job("j")
+	if j.Status != JobFailed || j.Restarts != 0 || j.NextAttemptTime != nil {
+		t.Fatalf("after a rank found another job's checkpoints: %v", j)
+	}
+	if !strings.Contains(j.StatusReason, `written by job "other"`) || !strings.Contains(j.StatusReason, "rank 1") {
+		t.Fatalf("reason %q does not carry the agent's message", j.StatusReason)
+	}
+	for _, a := range s.gen("j") {
+		if a.Id != refused.Id && a.DesiredStatus != DesiredStop {
+			t.Fatalf("rank %d was not told to stop: %v", a.Rank, a)
+		}
+	}
+}
+
 func TestCauseCounts(t *testing.T) {
 	for _, c := range []Cause{CauseNone, CauseRankFailed, CauseNodeLost, CauseNodeDrained, CauseResized, CauseMasterPortBusy} {
 		if c.Counts() {

@@ -69,6 +69,12 @@ const (
 // found its MASTER_PORT in use before starting it.
 const StartMasterPortBusy = "master-port-busy"
 
+// StartCheckpointOtherJob is the Allocation.StartFailure of a rank whose
+// agent found another job's newest checkpoint under the job's
+// checkpoint.uri (checkpoint.ErrOtherJob). Every generation would fail the
+// same way, so the job fails at once, its message in the status reason.
+const StartCheckpointOtherJob = "checkpoint-of-another-job"
+
 // Counts reports whether a generation that ended for this cause counts
 // against the job's restart policy: only the job's own failure does.
 func (c Cause) Counts() bool { return c == CauseTaskFailed }
@@ -265,7 +271,7 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 	}
 	complete := len(cur) > 0
-	var failed, lost, drained, suspect, busy *controlpb.Allocation
+	var failed, lost, drained, suspect, busy, refused *controlpb.Allocation
 	var lostIDs []string
 	var wake time.Time
 	first := func(p **controlpb.Allocation, a *controlpb.Allocation) {
@@ -282,6 +288,8 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 		switch {
 		case a.ClientStatus == AllocFailed && a.StartFailure == StartMasterPortBusy:
 			first(&busy, a)
+		case a.ClientStatus == AllocFailed && a.StartFailure == StartCheckpointOtherJob:
+			first(&refused, a)
 		case a.ClientStatus == AllocComplete || a.ClientStatus == AllocFailed:
 			first(&failed, a)
 		case a.ClientStatus == AllocLost:
@@ -308,6 +316,13 @@ func (e *Evaluator) evalRunning(j *controlpb.Job, allocs []*controlpb.Allocation
 	case complete:
 		p.Status = JobComplete
 		p.StatusReason = fmt.Sprintf("all %d ranks of generation %d exited 0", len(cur), j.Generation)
+		return Decision{Plan: p}
+	case refused != nil:
+		p.Status = JobFailed
+		p.NextAttemptTime = nil
+		p.StopAllocIds = desiredRunIDs(cur)
+		p.EndCause = string(CauseTaskFailed)
+		p.StatusReason = fmt.Sprintf("generation %d could not start: %s; not restarted (every generation would fail the same way)", j.Generation, rankFailure(refused))
 		return Decision{Plan: p}
 	case failed == nil && lost == nil && drained == nil && busy == nil:
 		reason := ""

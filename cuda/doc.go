@@ -24,7 +24,10 @@
 // callers: measured on an H200, an upload plus a kernel launch plus an event
 // record take about 12 us, and 16 goroutines doing the same on one device do
 // not go faster in total (collective/cudabuf's staging microbenchmark), so
-// hot paths should make few calls per chunk.
+// hot paths should make few calls per chunk. An Issuer (Device.NewIssuer)
+// is one thread per device that runs such calls for many goroutines, in
+// the order each submitted them, so that only that thread calls into the
+// driver for them.
 //
 // Pinned host memory (HostPool, PinnedAlloc) is mapped into every device at
 // its host address (unified addressing): MappedHost gives the address a

@@ -184,6 +184,21 @@ func (d *Device) Do(fn func() error) error {
 	return fn()
 }
 
+// NewIssuer starts an issuing thread for d (see Issuer): an OS thread with
+// d's context current, for callers that hand it their enqueues instead of
+// calling the driver from many goroutines. Functions given to it may call
+// any method of this package (each makes the context current again, which
+// costs little on that thread) but must not block. Close it before the
+// runtime.
+func (d *Device) NewIssuer(cfg IssuerConfig) (*Issuer, error) {
+	return NewIssuer(cfg, func() error {
+		if err := cu.SetCurrentContext(d.ctx); err != nil {
+			return fmt.Errorf("cuda: device %d: make context current on the issuing thread: %w", d.props.Ordinal, err)
+		}
+		return nil
+	})
+}
+
 // function returns a kernel loaded at open; fns is read-only after open.
 func (d *Device) function(name string) (cu.Function, error) {
 	f, ok := d.fns[name]

@@ -17,6 +17,12 @@ const (
 	EnvCheckpointKeep = "GPUMESH_CHECKPOINT_KEEP"
 	// EnvCheckpointEvery is checkpoint.every (0: save only when preempted).
 	EnvCheckpointEvery = "GPUMESH_CHECKPOINT_EVERY"
+	// EnvCheckpointResumeFrom is checkpoint.resume_from.
+	EnvCheckpointResumeFrom = "GPUMESH_CHECKPOINT_RESUME_FROM"
+	// EnvJobName is the job's name, which `gpumesh checkpoint commit`
+	// records in the manifest and `latest` and `get` check
+	// (checkpoint.Owner).
+	EnvJobName = "GPUMESH_JOB_NAME"
 	// EnvBin is the agent's own binary, which the Python side runs for
 	// `gpumesh checkpoint put|commit|latest|get` when the agent's local API
 	// is off (it otherwise asks the agent on its socket).
@@ -44,6 +50,8 @@ func checkpointEnv(spec *pb.JobSpec, env []string) []string {
 	add(EnvCheckpointURI, c.GetUri())
 	add(EnvCheckpointKeep, strconv.Itoa(int(c.GetKeep())))
 	add(EnvCheckpointEvery, strconv.Itoa(int(c.GetEvery())))
+	add(EnvCheckpointResumeFrom, c.GetResumeFrom())
+	add(EnvJobName, spec.GetName())
 	if exe, err := os.Executable(); err == nil {
 		add(EnvBin, exe)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -39,13 +40,22 @@ func newCkptService(a *Agent) *ckptService {
 type ckptTask struct {
 	uri      string
 	keep     int
-	env      []string // the task's environment (S3 settings, credentials)
-	cacheDir string   // prefetched copies and S3 spool files
+	owner    checkpoint.Owner // the job, checked against the newest checkpoint
+	env      []string         // the task's environment (S3 settings, credentials)
+	cacheDir string           // prefetched copies and S3 spool files
 	log      hclog.Logger
 
 	open  sync.Once
 	store *checkpoint.Checkpoints
 	err   error
+
+	// The owner check (verify): done once it decided. refused holds its
+	// refusal (checkpoint.ErrOtherJob), warning its warning about a
+	// checkpoint that names no job; both are read without vmu.
+	vmu      sync.Mutex
+	verified bool
+	refused  atomic.Pointer[error]
+	warning  atomic.Pointer[string]
 
 	// prefetched is closed once the prefetch ended; pre is set before.
 	prefetched chan struct{}
@@ -62,6 +72,9 @@ type prefetchResult struct {
 	rec  PrefetchRecord
 }
 
+// checkpoints opens the job's store on first use and checks, before the
+// rank may read or write anything in it, that its newest checkpoint is the
+// job's own (verify).
 func (t *ckptTask) checkpoints(ctx context.Context) (*checkpoint.Checkpoints, error) {
 	t.open.Do(func() {
 		st, err := checkpoint.Open(ctx, t.uri, s3ConfigFromEnv(t.env))
@@ -71,7 +84,57 @@ func (t *ckptTask) checkpoints(ctx context.Context) (*checkpoint.Checkpoints, er
 		}
 		t.store, t.err = checkpoint.New(st, checkpoint.Config{Keep: t.keep, Logger: t.log})
 	})
-	return t.store, t.err
+	if t.err != nil {
+		return nil, t.err
+	}
+	if err := t.verify(ctx); err != nil {
+		return nil, err
+	}
+	return t.store, nil
+}
+
+// verify checks once whether the job may use the checkpoints under its
+// URI: a store whose newest checkpoint another job wrote is refused for
+// good (the rank's requests fail with the refusal, and the rank's start
+// fails: startPrefetch); one that names no job is used with a warning. A
+// store that cannot be read is tried again at the next request.
+func (t *ckptTask) verify(ctx context.Context) error {
+	t.vmu.Lock()
+	defer t.vmu.Unlock()
+	if t.verified {
+		return t.refusal()
+	}
+	m, err := t.store.Latest(ctx)
+	switch {
+	case errors.Is(err, checkpoint.ErrNoCheckpoint):
+	case err != nil:
+		return err
+	default:
+		v, err := t.owner.Check(m)
+		switch {
+		case err != nil:
+			err = fmt.Errorf("checkpoint.uri %s: %w", t.uri, err)
+			t.refused.Store(&err)
+			t.log.Error("refusing another job's checkpoints", "step", m.Step, "their_job", m.JobName, "their_id", m.Job, "error", err)
+		case v == checkpoint.Unowned:
+			w := fmt.Sprintf("resuming from the checkpoint of step %d under %s, which names no job (written before job names were recorded, or outside a job); "+
+				"if it is not this job's, give the job a checkpoint.uri of its own", m.Step, t.uri)
+			t.warning.Store(&w)
+			t.log.Warn(w, "their_id", m.Job)
+		case m.JobName != t.owner.Name && m.JobName != "":
+			t.log.Info("continuing from another job's checkpoints, as checkpoint.resume_from asks", "step", m.Step, "their_job", m.JobName, "their_id", m.Job)
+		}
+	}
+	t.verified = true
+	return t.refusal()
+}
+
+// refusal is verify's refusal of the store, or nil.
+func (t *ckptTask) refusal() error {
+	if p := t.refused.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // add registers a starting rank of a job with a checkpoint block.
@@ -90,6 +153,7 @@ func (s *ckptService) add(r localapi.RankID, spec *pb.JobSpec, env []string, all
 func (s *ckptService) newTask(r localapi.RankID, spec *pb.JobSpec, env []string, allocDir string) *ckptTask {
 	return &ckptTask{
 		uri: spec.GetCheckpoint().GetUri(), keep: int(spec.GetCheckpoint().GetKeep()), env: env,
+		owner:    checkpoint.Owner{Name: spec.GetName(), ID: r.Job, ResumeFrom: spec.GetCheckpoint().GetResumeFrom()},
 		cacheDir: checkpointCacheDir(allocDir),
 		log:      s.log.With("job", r.Job, "generation", r.Generation, "rank", r.Rank),
 	}
@@ -176,11 +240,11 @@ func (s *ckptService) CreatePart(ctx context.Context, r localapi.RankID, step in
 
 // Commit implements localapi.Checkpointer.
 func (s *ckptService) Commit(ctx context.Context, r localapi.RankID, m checkpoint.Manifest) error {
-	_, c, err := s.checkpoints(ctx, r)
+	t, c, err := s.checkpoints(ctx, r)
 	if err != nil {
 		return err
 	}
-	m.Job, m.Generation = r.Job, r.Generation
+	m.Job, m.Generation, m.JobName = r.Job, r.Generation, t.owner.Name
 	return c.Commit(ctx, m)
 }
 
@@ -279,8 +343,11 @@ func (t *ckptTask) prefetch(ctx context.Context, rank, world int) PrefetchRecord
 	start := time.Now()
 	res, err := t.fetchNewest(ctx, rank, world)
 	res.rec.Seconds = time.Since(start).Seconds()
+	if w := t.warning.Load(); w != nil {
+		res.rec.Warning = *w
+	}
 	if err != nil {
-		res = prefetchResult{rec: PrefetchRecord{Error: err.Error(), Seconds: res.rec.Seconds}}
+		res = prefetchResult{rec: PrefetchRecord{Error: err.Error(), Seconds: res.rec.Seconds, Warning: res.rec.Warning}}
 		t.log.Warn("checkpoint prefetch failed; the rank will fetch it when it loads", "error", err)
 	} else if res.rec.Found {
 		t.log.Info("checkpoint prefetched", "step", res.rec.Step, "part", res.rec.Part, "bytes", res.rec.Bytes, "seconds", res.rec.Seconds)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/credentials"
 
@@ -36,6 +37,9 @@ type PrefetchRecord struct {
 	Seconds float64 `json:"seconds"`
 	// Error says why nothing was fetched; the rank then downloads itself.
 	Error string `json:"error,omitempty"`
+	// Warning says the newest checkpoint names no job (see
+	// checkpoint.Unowned): the job resumed from it, which may be a mistake.
+	Warning string `json:"warning,omitempty"`
 }
 
 // checkpointCacheDir is a rank's directory of downloaded copies and spool
@@ -73,6 +77,9 @@ func (p *PrefetchRecord) report() map[string]any {
 	if p.Error != "" {
 		m["error"] = p.Error
 	}
+	if p.Warning != "" {
+		m["warning"] = p.Warning
+	}
 	return m
 }
 
@@ -86,6 +93,7 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 	}
 	id := localapi.RankID{Job: al.JobId, Generation: al.Generation, Rank: int(al.Rank)}
 	ct := r.a.local.ckpt.add(id, spec, env, allocDir)
+	t.ckpt = ct
 	ctx, cancel := context.WithCancel(r.ctx)
 	r.goFunc(func() {
 		defer cancel()
@@ -98,6 +106,11 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 		}()
 		rec := ct.prefetch(ctx, int(al.Rank), int(al.WorldSize))
 		t.prefetch.Store(&rec)
+		if err := ct.refusal(); err != nil {
+			// Another job's checkpoints: the rank must not start from
+			// them (its requests are refused); its start fails.
+			t.Stop("its checkpoint.uri holds another job's checkpoints", time.Time{})
+		}
 		select {
 		case <-t.Done():
 		case <-r.ctx.Done():

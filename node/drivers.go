@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
@@ -94,6 +95,10 @@ type execTask struct {
 	// allocDir holds the rank's checkpoint progress (jobs with a
 	// checkpoint block only; empty otherwise).
 	allocDir string
+	// ckpt is the rank's checkpoint state (nil without a checkpoint block
+	// or local API), set before the rank can end: a refusal of another
+	// job's checkpoints makes the rank's end a start failure.
+	ckpt *ckptTask
 }
 
 func (t *execTask) Done() <-chan struct{} { return t.h.Done() }
@@ -111,6 +116,11 @@ func (t *execTask) Result() taskResult {
 	}
 	if res.Stopped && res.StopReason != "" && tr.Message == "" {
 		tr.Message = res.StopReason
+	}
+	if t.ckpt != nil {
+		if err := t.ckpt.refusal(); err != nil {
+			tr.Failed, tr.Message, tr.StartFailure = true, err.Error(), consensus.StartCheckpointOtherJob
+		}
 	}
 	if p := t.prefetch.Load(); p != nil {
 		tr.Report = map[string]any{"checkpoint_prefetch": p.report()}

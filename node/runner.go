@@ -39,6 +39,10 @@ type taskResult struct {
 	Message  string
 	// Report is the driver's structured result (JSON-like), or nil.
 	Report map[string]any
+	// StartFailure is the Allocation.start_failure of a task that could
+	// not start for a typed cause (consensus.StartCheckpointOtherJob), or
+	// empty.
+	StartFailure string
 }
 
 // adoptWait is how long a task adopted after a restart may be missing from
@@ -378,6 +382,8 @@ func (r *runner) waitTask(rt *runningTask) {
 	}
 	st := consensus.AllocComplete
 	switch {
+	case res.StartFailure != "":
+		st = consensus.AllocFailed
 	case rt.stopped:
 		st = consensus.AllocStopped
 	case res.Failed || res.ExitCode != 0:
@@ -388,6 +394,9 @@ func (r *runner) waitTask(rt *runningTask) {
 	delete(r.tasks, rt.alloc.Id)
 	r.finished[rt.alloc.Id] = true
 	r.reportLocked(rt.alloc, st, res.ExitCode, res.Message, res.Report)
+	if res.StartFailure != "" {
+		r.pending[rt.alloc.Id].StartFailure = res.StartFailure
+	}
 	r.mu.Unlock()
 }
 

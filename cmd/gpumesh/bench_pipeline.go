@@ -88,6 +88,9 @@ the CPU instead.`,
 			if res.BusyOn != "" {
 				fmt.Fprintf(out, "%-28s %s\n", "busy time measured on", res.BusyOn)
 			}
+			if res.Receives != "" {
+				fmt.Fprintf(out, "%-28s %s\n", "receives into", res.Receives+" memory")
+			}
 			if len(res.StageLayers) > 0 {
 				var ls []string
 				for _, r := range res.StageLayers {
@@ -137,6 +140,7 @@ the CPU instead.`,
 	f.IntVar(&cfg.Layers, "layers", cfg.Layers, "with --compute mlp: weight layers of the model, all --width wide (0: one per stage)")
 	f.StringVar(&cfg.Balance, "balance", cfg.Balance, "with --compute mlp: split the layers by multiply-adds (macs) or by each layer's forward+backward time measured on the device before the run (measured)")
 	f.BoolVar(&cfg.SyncMessages, "sync-messages", cfg.SyncMessages, "with --device cuda: download each message and compute the loss while the stage waits (the behaviour before staged messages; for comparison)")
+	f.BoolVar(&cfg.PageableRecv, "pageable-recv", cfg.PageableRecv, "with --device cuda: receive messages into the links' own memory and upload them synchronously (the behaviour before pinned receives; for comparison)")
 	f.BoolVar(&cfg.Trace, "trace", false, "record every stage's actions (start and end on the stage's goroutine) of the timed run; printed with --json as stage_traces")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd

@@ -28,7 +28,34 @@ const (
 	envS3Endpoint     = "GPUMESH_S3_ENDPOINT"
 	envJobID          = "GPUMESH_JOB_ID"
 	envGeneration     = "GPUMESH_GENERATION"
+	envJobName        = "GPUMESH_JOB_NAME"
+	envResumeFrom     = "GPUMESH_CHECKPOINT_RESUME_FROM"
 )
+
+// checkpointOwner is the job a rank running these commands belongs to
+// (nothing outside a job: then no check is made).
+func checkpointOwner() checkpoint.Owner {
+	return checkpoint.Owner{Name: os.Getenv(envJobName), ID: os.Getenv(envJobID), ResumeFrom: os.Getenv(envResumeFrom)}
+}
+
+// newestOwned is the newest complete checkpoint, refused with
+// checkpoint.ErrOtherJob when another job wrote it (a warning on stderr
+// when it names no job), as the agent does for its ranks.
+func newestOwned(ctx context.Context, c *checkpoint.Checkpoints, uri string, stderr io.Writer) (checkpoint.Manifest, error) {
+	m, err := c.Latest(ctx)
+	if err != nil {
+		return m, err
+	}
+	o := checkpointOwner()
+	v, err := o.Check(m)
+	if err != nil {
+		return checkpoint.Manifest{}, fmt.Errorf("--uri %s: %w", uri, err)
+	}
+	if v == checkpoint.Unowned && o.Name != "" {
+		fmt.Fprintf(stderr, "warning: resuming from the checkpoint of step %d under %s, which names no job (written before job names were recorded, or outside a job)\n", m.Step, uri)
+	}
+	return m, nil
+}
 
 type checkpointFlags struct {
 	uri, endpoint, region string
@@ -68,7 +95,13 @@ func newCheckpointCommand() *cobra.Command {
 put uploads one part, commit writes the manifest once every part is there
 and prunes to --keep, latest and get find and fetch the newest complete
 checkpoint (a write that died before its commit is never used). Training
-scripts call these through gpumesh.checkpoint; people use list.`,
+scripts call these through gpumesh.checkpoint; people use list.
+
+Inside a job ($GPUMESH_JOB_NAME set), commit records the job's name in the
+manifest, and latest and get refuse a newest checkpoint that a job of
+another name wrote, unless $GPUMESH_CHECKPOINT_RESUME_FROM (the job's
+checkpoint.resume_from) names it; one that names no job is used with a
+warning.`,
 		Example: `  gpumesh checkpoint list --uri s3://my-bucket/runs/llama
   gpumesh checkpoint put --step 1200 --rank 0 state.pt
   gpumesh checkpoint commit --step 1200 --world 4 --parts '[{"rank":0,"size":123,"crc32c":"..."}]'
@@ -118,7 +151,7 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 		Example: "  gpumesh checkpoint commit --uri s3://my-bucket/runs/llama --step 120 --meta epoch=3",
 		Args:    cobra.NoArgs,
 		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
-			m := checkpoint.Manifest{Step: step, WorldSize: world, Job: os.Getenv(envJobID), Meta: meta}
+			m := checkpoint.Manifest{Step: step, WorldSize: world, Job: os.Getenv(envJobID), JobName: os.Getenv(envJobName), Meta: meta}
 			m.Generation, _ = strconv.ParseUint(os.Getenv(envGeneration), 10, 64)
 			if err := json.Unmarshal([]byte(parts), &m.Parts); err != nil {
 				return fmt.Errorf("--parts: not a JSON list of parts (what put prints): %v", err)
@@ -148,7 +181,7 @@ func newCheckpointLatestCommand(f *checkpointFlags) *cobra.Command {
 		Example: "  gpumesh checkpoint latest --uri s3://my-bucket/runs/llama",
 		Args:    cobra.NoArgs,
 		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
-			m, err := c.Latest(ctx)
+			m, err := newestOwned(ctx, c, f.uri, cmd.ErrOrStderr())
 			out := latestJSON{}
 			switch {
 			case errors.Is(err, checkpoint.ErrNoCheckpoint):
@@ -176,7 +209,7 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 			if step >= 0 {
 				m, err = c.Manifest(ctx, step)
 			} else {
-				m, err = c.Latest(ctx)
+				m, err = newestOwned(ctx, c, f.uri, cmd.ErrOrStderr())
 			}
 			if err != nil {
 				return err
@@ -254,6 +287,9 @@ func printCheckpoints(w io.Writer, ms []checkpoint.Manifest) error {
 		job := m.Job
 		if job != "" {
 			job = fmt.Sprintf("%s gen %d", job, m.Generation)
+		}
+		if m.JobName != "" {
+			job = fmt.Sprintf("%s (%s)", m.JobName, job)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\n", m.Step, m.WorldSize, len(m.Parts), bytesize.Format(m.Size()), m.Time.Local().Format(time.DateTime), strings.TrimSpace(job))
 	}

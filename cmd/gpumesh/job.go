@@ -46,6 +46,8 @@ const specHelp = `A job spec is YAML or JSON:
     command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE"]
     env: {NCCL_DEBUG: INFO}
     user: trainer         # default: the agent's --task-user; others need --task-users-allowed
+  checkpoint: {uri: s3://bucket/prefix, keep: 3, every: 500}   # or file:///shared/dir;
+                          # resume_from: NAME continues from another job's checkpoints
 
   type: allreduce
   allreduce: {sizes: [1MiB, 64MiB], dtype: float32, iters: 20, device: auto, op: sum}
@@ -65,6 +67,7 @@ func newJobRunCommand() *cobra.Command {
 	var f clientFlags
 	var detach, wait bool
 	var placeTimeout time.Duration
+	var resumeFrom string
 	cmd := &cobra.Command{
 		Use:   "run FILE",
 		Short: "Submit a job and follow it until its ranks run",
@@ -78,6 +81,11 @@ func newJobRunCommand() *cobra.Command {
 			"A service spec whose name matches a running service updates that service instead\n" +
 			"(a rolling update: replicas replaced one at a time, each old one stopped once its\n" +
 			"replacement is healthy); the same spec again changes nothing and says so.\n\n" +
+			"A job with a checkpoint block resumes from the newest checkpoint under its\n" +
+			"checkpoint.uri when that checkpoint is its own: written by an earlier generation or\n" +
+			"by an earlier run of a job of the same name. A job whose URI holds another job's\n" +
+			"newest checkpoint fails to start, saying which; --resume-from NAME (or\n" +
+			"checkpoint.resume_from in the file) lets it continue from them on purpose.\n\n" +
 			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
 			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
 		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
@@ -86,6 +94,15 @@ func newJobRunCommand() *cobra.Command {
 			spec, err := readSpec(args[0], cmd.InOrStdin())
 			if err != nil {
 				return err
+			}
+			if resumeFrom != "" {
+				if spec.Checkpoint == nil {
+					return fmt.Errorf("--resume-from %s: job %s has no checkpoint block to resume into; add checkpoint: {uri: s3://bucket/prefix} to its spec", resumeFrom, spec.Name)
+				}
+				spec.Checkpoint.ResumeFrom = resumeFrom
+				if err := jobspec.Validate(spec); err != nil {
+					return fmt.Errorf("--resume-from: %w", err)
+				}
 			}
 			c, done, err := f.dial()
 			if err != nil {
@@ -129,6 +146,7 @@ func newJobRunCommand() *cobra.Command {
 	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "return as soon as the job is accepted")
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs")
 	cmd.Flags().DurationVar(&placeTimeout, "place-timeout", 2*time.Minute, "stop watching (exit 2, the job stays queued) when it is not placed within this long; 0 waits for ever")
+	cmd.Flags().StringVar(&resumeFrom, "resume-from", "", "continue from the checkpoints another job (`NAME` or ID) left under this job's checkpoint.uri (sets checkpoint.resume_from)")
 	return cmd
 }
 

@@ -19,6 +19,7 @@ type genCheckpoint struct {
 	prefetchBytes   int64   // largest part a rank's agent fetched
 	prefetchSeconds float64 // slowest rank's agent
 	prefetchErr     string
+	warning         string // the newest checkpoint named no job
 }
 
 // checkpointSummary is job status's "Checkpoint" line: where the newest
@@ -48,6 +49,9 @@ func checkpointSummary(allocs []*pb.Allocation) string {
 		if p, ok := r["checkpoint_prefetch"].(map[string]any); ok {
 			if e, _ := p["error"].(string); e != "" {
 				g.prefetchErr = e
+			}
+			if w, _ := p["warning"].(string); w != "" {
+				g.warning = w
 			}
 			if found, _ := p["found"].(bool); found {
 				g.prefetched = true
@@ -95,6 +99,9 @@ func checkpointSummary(allocs []*pb.Allocation) string {
 		parts = append(parts, fmt.Sprintf("prefetch %.1f MiB in %.2f s", float64(g.prefetchBytes)/(1<<20), g.prefetchSeconds))
 	case g.prefetchErr != "":
 		parts = append(parts, "prefetch failed: "+g.prefetchErr)
+	}
+	if g.warning != "" {
+		parts = append(parts, "warning: "+g.warning)
 	}
 	return strings.Join(parts, ", ")
 }

@@ -70,6 +70,9 @@ func TestPrintJobShowsCheckpointResumeAndLostSteps(t *testing.T) {
 			{Generation: 1, Rank: 0, ClientStatus: "lost"},
 			{Generation: 2, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(49, 99), "checkpoint_prefetch": map[string]any{"found": false, "seconds": 0.0, "error": "access denied"}})},
 		}, "Checkpoint  generation 2 resumed at step 49, steps lost unknown (no earlier generation reported its last step), prefetch failed: access denied\n"},
+		{"a checkpoint that names no job", []*pb.Allocation{
+			{Generation: 1, Rank: 0, ClientStatus: "complete", Result: result(t, map[string]any{"checkpoint": ck(9, 19), "checkpoint_prefetch": map[string]any{"found": true, "step": 9.0, "bytes": 1048576.0, "seconds": 0.5, "warning": "resuming from a checkpoint that names no job"}})},
+		}, "Checkpoint  generation 1 resumed at step 9, prefetch 1.0 MiB in 0.50 s, warning: resuming from a checkpoint that names no job\n"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

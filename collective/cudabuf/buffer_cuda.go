@@ -69,6 +69,20 @@ type devState struct {
 	dev     *cuda.Device
 	scratch *cuda.Mem
 	events  []*cuda.Event
+	// iss, with WithIssuingThread, runs the device's enqueues (see issue)
+	iss *cuda.Issuer
+}
+
+// issue runs fn, a sequence of driver calls that only enqueue (copies,
+// kernels, event records, stream waits) for one staging step, on the
+// device's issuing thread (WithIssuingThread), or else on the calling
+// goroutine. It returns once fn has run, with fn's error, so callers keep
+// their order and bookkeeping either way.
+func (ds *devState) issue(fn func() error) error {
+	if ds.iss == nil {
+		return fn()
+	}
+	return ds.iss.Do(fn)
 }
 
 // Backend owns the CUDA runtime (devices, pinned pool) and the per-device
@@ -119,6 +133,9 @@ type options struct {
 	noSameHost bool
 	// same-host rings run as rings even where every rank is on one GPU
 	ringOnOneDevice bool
+	// issuing thread per device (WithIssuingThread)
+	issuer    bool
+	issuerCfg cuda.IssuerConfig
 }
 
 // defaultOptions apply before Open's own options (measurement builds set
@@ -167,6 +184,18 @@ func WithSameHostRingOnOneDevice(on bool) Option {
 	return func(o *options) { o.ringOnOneDevice = on }
 }
 
+// WithIssuingThread makes each device's staging enqueues (the copies,
+// kernels, event records and stream waits of every read, prefetch and
+// received chunk, and of peer moves) run on one issuing thread per device
+// (cuda.Issuer, tuned by cfg) instead of on the channels' goroutines, which
+// otherwise call into the driver at once: with 16 channels each driver
+// call cost 3-5x what it costs with 4 (h100x1, 2026-12-07). Waits for
+// copies stay on the callers. Off by default until measured (`gpumesh
+// bench allreduce --cuda-issuer`).
+func WithIssuingThread(on bool, cfg cuda.IssuerConfig) Option {
+	return func(o *options) { o.issuer, o.issuerCfg = on, cfg }
+}
+
 // Open opens the CUDA runtime with cfg, allocates a device scratch twin of
 // the pinned pool on every device and enables peer access between every pair
 // of devices that supports it.
@@ -196,6 +225,12 @@ func newBackend(rt *cuda.Runtime, o options) (*Backend, error) {
 		ds := &devState{idx: i, dev: d}
 		b.devs = append(b.devs, ds)
 		var err error
+		if o.issuer {
+			if ds.iss, err = d.NewIssuer(o.issuerCfg); err != nil {
+				b.Close()
+				return nil, err
+			}
+		}
 		if ds.scratch, err = d.Alloc(int64(slots) * int64(b.slot)); err != nil {
 			b.Close()
 			return nil, err
@@ -498,6 +533,11 @@ func (b *Backend) Close() error {
 			b.poller.close()
 		}
 		var errs []error
+		for _, ds := range b.devs {
+			if ds.iss != nil {
+				ds.iss.Close()
+			}
+		}
 		for _, st := range b.slots {
 			errs = append(errs, b.freeSlot(st))
 		}
@@ -847,13 +887,7 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	if !unlocked {
 		buf.mu.Lock()
 	}
-	err = buf.waitWritesLocked(off, n)
-	if err == nil {
-		err = buf.rd.CopyDtoH(host, buf.at(off))
-	}
-	if err == nil {
-		err = buf.rd.Record(done)
-	}
+	err = buf.enqueueRead(host, off, n, done)
 	if !unlocked {
 		buf.mu.Unlock()
 	}
@@ -873,6 +907,21 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 	buf.reads[k] = append(buf.reads[k], slot)
 	buf.mu.Unlock()
 	return host, nil
+}
+
+// enqueueRead enqueues the read stream's wait for earlier writes, the copy
+// of elements [off, off+n) into host (pinned) and the record of done after
+// it: one issue (see devState.issue).
+func (buf *Buffer) enqueueRead(host []byte, off, n int, done *cuda.Event) error {
+	return buf.ds.issue(func() error {
+		if err := buf.waitWritesLocked(off, n); err != nil {
+			return err
+		}
+		if err := buf.rd.CopyDtoH(host, buf.at(off)); err != nil {
+			return err
+		}
+		return buf.rd.Record(done)
+	})
 }
 
 // ReleaseChunk implements collective.Buffer.
@@ -956,26 +1005,32 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 		w := &span{off: eo, n: n}
 		buf.inflight = append(buf.inflight, w)
 		buf.mu.Unlock()
-		err := f(slot, scratch, eo, n)
-		buf.wrSeq.Add(1)
-		if err == nil {
-			err = buf.wr.Record(ev)
-		}
+		err := buf.ds.issue(func() error {
+			err := f(slot, scratch, eo, n)
+			buf.wrSeq.Add(1)
+			if err != nil {
+				return err
+			}
+			return buf.wr.Record(ev)
+		})
 		buf.mu.Lock()
 		buf.inflight = removeSpan(buf.inflight, w)
 		return buf.endStagedLocked(slot, ev, err)
 	}
-	err := buf.waitReadersLocked(eo, n)
-	if err == nil {
-		err = f(slot, scratch, eo, n)
+	err := buf.ds.issue(func() error {
+		if err := buf.waitReadersLocked(eo, n); err != nil {
+			return err
+		}
+		err := f(slot, scratch, eo, n)
 		buf.wrSeq.Add(1)
-	}
-	if err == nil {
-		err = buf.wr.Record(ev)
-	}
-	if err == nil {
-		err = buf.noteWriteLocked(eo, n)
-	}
+		if err != nil {
+			return err
+		}
+		if err := buf.wr.Record(ev); err != nil {
+			return err
+		}
+		return buf.noteWriteLocked(eo, n)
+	})
 	return buf.endStagedLocked(slot, ev, err)
 }
 
@@ -1051,14 +1106,17 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
 	buf.dropPrefetchLocked(off, n)
-	err := buf.waitReadersLocked(off, n)
-	if err == nil {
-		err = buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
+	err := buf.ds.issue(func() error {
+		if err := buf.waitReadersLocked(off, n); err != nil {
+			return err
+		}
+		err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
 		buf.wrSeq.Add(1)
-	}
-	if err == nil {
-		err = buf.noteWriteLocked(off, n)
-	}
+		if err != nil {
+			return err
+		}
+		return buf.noteWriteLocked(off, n)
+	})
 	return buf.fail(err)
 }
 
@@ -1112,31 +1170,34 @@ func (buf *Buffer) peerOp(src *Buffer, dstOff, srcOff, n int, f func() error) er
 	defer unlock()
 	buf.stats.peer.Add(1)
 	buf.dropPrefetchLocked(dstOff, n)
-	err := buf.waitReadersLocked(dstOff, n)
-	if err == nil {
-		err = src.wr.Record(src.wrMark)
-	}
-	if err == nil {
-		err = buf.wr.Wait(src.wrMark)
-	}
-	if err == nil {
-		err = f()
-		buf.wrSeq.Add(1)
-	}
-	if err == nil {
-		err = buf.noteWriteLocked(dstOff, n)
-	}
-	if err == nil && src != buf {
-		// an event is recorded on a stream of its own device; waiting on it
-		// from another device's stream is allowed
-		if buf.be.opts.eagerPeer {
-			if err = buf.wr.Record(buf.peerMark); err == nil {
-				err = src.wr.Wait(buf.peerMark)
-			}
-		} else {
-			err = src.addReaderLocked(buf, srcOff, n)
+	err := buf.ds.issue(func() error {
+		err := buf.waitReadersLocked(dstOff, n)
+		if err == nil {
+			err = src.wr.Record(src.wrMark)
 		}
-	}
+		if err == nil {
+			err = buf.wr.Wait(src.wrMark)
+		}
+		if err == nil {
+			err = f()
+			buf.wrSeq.Add(1)
+		}
+		if err == nil {
+			err = buf.noteWriteLocked(dstOff, n)
+		}
+		if err == nil && src != buf {
+			// an event is recorded on a stream of its own device; waiting
+			// on it from another device's stream is allowed
+			if buf.be.opts.eagerPeer {
+				if err = buf.wr.Record(buf.peerMark); err == nil {
+					err = src.wr.Wait(buf.peerMark)
+				}
+			} else {
+				err = src.addReaderLocked(buf, srcOff, n)
+			}
+		}
+		return err
+	})
 	return buf.fail(err)
 }
 

@@ -29,7 +29,7 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 	cfg := cuda.DefaultConfig()
 	cfg.PinnedSlotBytes = slotBytes
 	cfg.PinnedSlots = slots
-	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"), WithEagerPeerDeps(os.Getenv("GPUMESH_EAGER_PEER") == "1"), WithPollWait(os.Getenv("GPUMESH_POLL") == "1"), WithSharedPoller(os.Getenv("GPUMESH_POLL") == "shared"), WithLockedEnqueue(os.Getenv("GPUMESH_LOCKED") == "1"), WithZeroCopyReduce(envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10)<<10), WithSameHostRingOnOneDevice(os.Getenv("GPUMESH_SAME_HOST_RING") == "1"))
+	be, err := Open(cfg, WithSpinWait(os.Getenv("GPUMESH_SPIN") != "0"), WithRangeDeps(os.Getenv("GPUMESH_RANGE_DEPS") == "1"), WithPrefetch(os.Getenv("GPUMESH_PREFETCH") != "0"), WithEagerPeerDeps(os.Getenv("GPUMESH_EAGER_PEER") == "1"), WithPollWait(os.Getenv("GPUMESH_POLL") == "1"), WithSharedPoller(os.Getenv("GPUMESH_POLL") == "shared"), WithLockedEnqueue(os.Getenv("GPUMESH_LOCKED") == "1"), WithZeroCopyReduce(envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10)<<10), WithSameHostRingOnOneDevice(os.Getenv("GPUMESH_SAME_HOST_RING") == "1"), WithIssuingThread(issuerFromEnv()))
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -85,7 +85,30 @@ func variant() string {
 	case "shared":
 		v += ",poller"
 	}
-	return v
+	return v + issuerLabel()
+}
+
+// issuerFromEnv is the issuing thread GPUMESH_ISSUER asks for: "1" with
+// the default spinning, "sleep" without spinning, else none.
+func issuerFromEnv() (bool, cuda.IssuerConfig) {
+	switch os.Getenv("GPUMESH_ISSUER") {
+	case "1":
+		return true, cuda.DefaultIssuerConfig()
+	case "sleep":
+		return true, cuda.IssuerConfig{}
+	}
+	return false, cuda.IssuerConfig{}
+}
+
+// issuerLabel names GPUMESH_ISSUER's choice for bench lines.
+func issuerLabel() string {
+	switch os.Getenv("GPUMESH_ISSUER") {
+	case "1":
+		return ",issuer"
+	case "sleep":
+		return ",issuer-sleep"
+	}
+	return ""
 }
 
 func split3(b []byte) collective.Segments {

@@ -24,7 +24,11 @@
 // buffer's two streams concurrently, without holding the buffer's lock,
 // which guards only the bookkeeping (prefetched copies, ranges being
 // written); a read enqueues no event wait when nothing was written since
-// the read stream last waited. Every staging step costs driver calls of
+// the read stream last waited. With WithIssuingThread each staging step's
+// driver calls (a read's wait, copy and record; a received chunk's copy,
+// kernel and record) go as one request to one issuing thread per device
+// (cuda.Issuer) instead of being made by every channel's goroutine; the
+// caller still waits for its copies itself. Every staging step costs driver calls of
 // several microseconds (a received chunk about 12 us, a read about 6 us on
 // an H200), so the per-chunk cost, not bandwidth, bounds small and middle
 // sized operations.
@@ -57,7 +61,7 @@
 // peer chunks, staged reads and writes and the time spent in them.
 // Options: WithPrefetch, WithSpinWait, WithPollWait, WithSharedPoller (how
 // host waits wait), WithZeroCopyReduce, WithRangeDeps, WithEagerPeerDeps,
-// WithLockedEnqueue (measurement only).
+// WithIssuingThread, WithLockedEnqueue (measurement only).
 //
 // # The "cuda" collective device
 //

@@ -125,13 +125,7 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	ev := slot.events[buf.ds.idx]
 	if !buf.unlocked() {
 		buf.mu.Lock()
-		err := buf.waitWritesLocked(off, n)
-		if err == nil {
-			err = buf.rd.CopyDtoH(slot.host[:bytes], buf.at(off))
-		}
-		if err == nil {
-			err = buf.rd.Record(ev)
-		}
+		err := buf.enqueueRead(slot.host[:bytes], off, n, ev)
 		if err == nil {
 			k := readKey{off, n}
 			buf.pre[k] = append(buf.pre[k], slot)
@@ -156,13 +150,7 @@ func (buf *Buffer) PrefetchChunk(off, n int) error {
 	}
 	buf.fetching = append(buf.fetching, f)
 	buf.mu.Unlock()
-	err := buf.waitWritesLocked(off, n)
-	if err == nil {
-		err = buf.rd.CopyDtoH(slot.host[:bytes], buf.at(off))
-	}
-	if err == nil {
-		err = buf.rd.Record(ev)
-	}
+	err := buf.enqueueRead(slot.host[:bytes], off, n, ev)
 	buf.mu.Lock()
 	buf.fetching = removeSpan(buf.fetching, f)
 	keep := err == nil && !f.stale && !buf.freed

@@ -115,6 +115,7 @@ func waitName() string {
 	if os.Getenv("GPUMESH_LOCKED") == "1" {
 		w += ",locked"
 	}
+	w += issuerLabel()
 	if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
 		w += fmt.Sprintf(",zerocopy<=%dKiB", k)
 	}

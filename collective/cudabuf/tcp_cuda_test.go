@@ -264,6 +264,7 @@ func tcpChild(t *testing.T) {
 					if os.Getenv("GPUMESH_LOCKED") == "1" {
 						wait += ",locked"
 					}
+					wait += issuerLabel()
 					if k := envInt("GPUMESH_ZEROCOPY_KIB", DefaultZeroCopyBytes>>10); k > 0 {
 						wait += fmt.Sprintf(",zerocopy<=%dKiB", k)
 					}

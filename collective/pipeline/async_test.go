@@ -26,9 +26,64 @@ type asyncCPU struct {
 	marked      int
 	traceOn     bool
 	traced      [][2]time.Time
+
+	// receive memory (pinnedRecv): an upload from it copies at once but
+	// reads the source again when it "completes", a little later, and
+	// counts the source as overwritten if it changed meanwhile
+	recvOnce      sync.Once
+	recv          *recvPool
+	recvMade      int
+	pinnedUploads int
+	overwritten   int
+	uploads       sync.WaitGroup
 }
 
-var _ AsyncDevice = (*asyncCPU)(nil)
+var (
+	_ AsyncDevice = (*asyncCPU)(nil)
+	_ pinnedRecv  = (*asyncCPU)(nil)
+)
+
+func (d *asyncCPU) recvMemory() recvBuffers {
+	d.recvOnce.Do(func() {
+		d.recv = newRecvPool(func(n int) ([]float32, error) {
+			d.mu.Lock()
+			d.recvMade++
+			d.mu.Unlock()
+			return make([]float32, n), nil
+		})
+	})
+	return d.recv
+}
+
+func (d *asyncCPU) Upload(dst Tensor, src []float32) error {
+	if d.recv == nil || !d.recv.owns(src) {
+		return d.CPU.Upload(dst, src)
+	}
+	if err := d.CPU.Upload(dst, src); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.pinnedUploads++
+	d.mu.Unlock()
+	snap := append([]float32(nil), src...)
+	done := make(chan struct{})
+	d.uploads.Add(1)
+	go func() { // the device reads src until the copy completes
+		defer d.uploads.Done()
+		defer close(done)
+		time.Sleep(time.Millisecond)
+		for i, v := range src {
+			if math.Float32bits(v) != math.Float32bits(snap[i]) {
+				d.mu.Lock()
+				d.overwritten++
+				d.mu.Unlock()
+				return
+			}
+		}
+	}()
+	d.recv.markUploaded(src, func() error { <-done; return nil })
+	return nil
+}
 
 func (d *asyncCPU) DownloadAsync(src Tensor) (*Staged, error) {
 	h, err := host(src)

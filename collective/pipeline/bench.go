@@ -72,6 +72,9 @@ type BenchConfig struct {
 	// SyncMessages is RunConfig.SyncMessages for every stage (an
 	// asynchronous device's messages downloaded while the stage waits).
 	SyncMessages bool
+	// PageableRecv is RunConfig.PageableRecv for every stage (received
+	// messages uploaded from the links' pageable memory).
+	PageableRecv bool
 	// Trace puts every stage's action spans of the timed run into
 	// BenchResult.StageTraces.
 	Trace bool
@@ -173,7 +176,11 @@ type BenchResult struct {
 	// BusyOn says where busy time was measured: "host" (time in Forward
 	// and Backward) or "device" (an asynchronous device's time on that
 	// work, with staged messages).
-	BusyOn       string    `json:"busy_on,omitempty"`
+	BusyOn string `json:"busy_on,omitempty"`
+	// Receives says where the stages received messages: "pinned" (the
+	// device's page-locked memory, uploads queued without a wait) or
+	// "pageable" (the links' memory).
+	Receives     string    `json:"receives,omitempty"`
 	TheoryBubble float64   `json:"theory_bubble"`
 	StageBubbles []float64 `json:"stage_bubbles"`
 	// StageTraces are the stages' action spans (BenchConfig.Trace), in
@@ -395,6 +402,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	}
 	defer cleanup()
 	stats := make([]StageStats, p)
+	pinned := make([]bool, p)
 	errs := make([]error, p)
 	var wg sync.WaitGroup
 	var start sync.WaitGroup
@@ -408,13 +416,14 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, Trace: cfg.Trace}
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, PageableRecv: cfg.PageableRecv, Trace: cfg.Trace}
 				if len(devs) > 0 {
 					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
 				}
 				rep, err := RunJob(ctx, rc, spec)
 				if err == nil {
 					stats[s] = rep.StageStats
+					pinned[s] = rep.PinnedRecv
 				}
 				errs[s] = err
 				return
@@ -455,6 +464,12 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 	res.BusyOn = "host"
 	if stats[0].BusyOnDevice {
 		res.BusyOn = "device"
+	}
+	if cfg.Compute == ComputeMLP {
+		res.Receives = "pageable"
+		if pinned[p-1] { // the last stage receives on every step
+			res.Receives = "pinned"
+		}
 	}
 	res.SamplesPerSec = float64(steps*m*cfg.Rows) / wall
 	res.Bubble = 1 - busy/(float64(p)*wall)

@@ -134,8 +134,8 @@ type CollectiveLink struct {
 	cancel     context.CancelFunc
 	sendSeq    int // chunks sent, for the channel of the next
 	recvSeq    int
-	free       bufPool
-	rx         recvState // the message Recv is reassembling
+	free       recvBuffers // a bufPool, or the stage device's memory (useRecvBuffers)
+	rx         recvState   // the message Recv is reassembling
 	closeOnce  sync.Once
 	// slots bounds the chunks handed to the transport and not yet done
 	// with: Send returns once its chunks are queued, not sent.
@@ -143,9 +143,14 @@ type CollectiveLink struct {
 }
 
 var (
-	_ Link    = (*CollectiveLink)(nil)
-	_ Aborter = (*CollectiveLink)(nil)
+	_ Link           = (*CollectiveLink)(nil)
+	_ Aborter        = (*CollectiveLink)(nil)
+	_ recvMemoryUser = (*CollectiveLink)(nil)
 )
+
+// useRecvBuffers makes the link receive into b's memory; call it before
+// the first Recv.
+func (l *CollectiveLink) useRecvBuffers(b recvBuffers) { l.free = b }
 
 func newCollectiveLink(ep collective.Endpoint, rank int, cfg CollectiveConfig) *CollectiveLink {
 	ctx, cancel := context.WithCancel(context.Background())

@@ -305,6 +305,17 @@ type AsyncDevice interface {
 	BusySeconds() (float64, error)
 }
 
+// pinnedRecv is an AsyncDevice that lends host memory for received
+// messages (page-locked for a GPU): RunJob has its stage's links receive
+// into recvMemory, and an Upload from such a message's Data returns once
+// the copy is queued, without waiting for it. The memory goes back with
+// Message.Release and is handed out again only once the copies reading it
+// are done (recvPool).
+type pinnedRecv interface {
+	AsyncDevice
+	recvMemory() recvBuffers
+}
+
 // Staged is host memory a device fills asynchronously: Data is valid once
 // Wait returns nil, until Release, which gives the memory back to the
 // device (at most once; the Staged must not be used afterwards).

@@ -4,6 +4,7 @@ package pipeline
 
 import (
 	_ "embed"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -68,19 +69,22 @@ func init() {
 // stage's work between BeginBusy and EndBusy, from one goroutine.
 type CUDADevice struct {
 	dev *cuda.Device
-	st  *cuda.Stream
 	fns map[string]cu.Function
 	// pool keeps freed allocations by size for reuse: cuMemAlloc and
 	// cuMemFree are slow and the latter synchronizes the device, while a
 	// pipeline stage allocates the same shapes every micro-batch.
-	mu   sync.Mutex
-	pool map[int64][]*cuda.Mem
-	// staging: pinned host buffers by size (free lists) and every one
-	// made (freed at Close), and completion events, for DownloadAsync
-	staging    map[int][][]byte
-	pinned     [][]byte
-	stageEvs   []*cuda.Event
-	timingEvs  []*cuda.Event
+	pool freeList[int64, *cuda.Mem]
+	// staging: pinned host buffers by size, for DownloadAsync; events:
+	// free events by kind (timing or not)
+	staging freeList[int, []byte]
+	events  freeList[bool, *cuda.Event]
+	// recv lends pinned memory to the stage's links (pinnedRecv)
+	recv *recvPool
+
+	mu     sync.Mutex
+	st     *cuda.Stream
+	pinned [][]byte // every staging buffer made, freed at Close
+
 	spans      []busySpan // marked, not yet added to busy
 	spanStart  *cuda.Event
 	busyMillis float64
@@ -99,7 +103,8 @@ var _ AsyncDevice = (*CUDADevice)(nil)
 
 // NewCUDADevice loads the MLP kernels on d (JIT from embedded PTX).
 func NewCUDADevice(d *cuda.Device) (*CUDADevice, error) {
-	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}, pool: map[int64][]*cuda.Mem{}, staging: map[int][][]byte{}}
+	c := &CUDADevice{dev: d, fns: map[string]cu.Function{}}
+	c.recv = newRecvPool(c.allocRecv)
 	err := d.Do(func() error {
 		mod, err := cu.LoadData(mlpPTX)
 		if err != nil {
@@ -168,18 +173,9 @@ func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
 		return nil, fmt.Errorf("%w: bad shape %d×%d", ErrDevice, rows, cols)
 	}
 	n := int64(max(rows*cols, 1))
-	var m *cuda.Mem
-	c.mu.Lock()
-	if l := c.pool[4*n]; len(l) > 0 {
-		m = l[len(l)-1]
-		c.pool[4*n] = l[:len(l)-1]
-	}
-	c.mu.Unlock()
-	if m == nil {
-		var err error
-		if m, err = c.dev.Alloc(4 * n); err != nil {
-			return nil, err
-		}
+	m, err := c.pool.get(4*n, func() (*cuda.Mem, error) { return c.dev.Alloc(4 * n) })
+	if err != nil {
+		return nil, err
 	}
 	st, err := c.stream()
 	if err == nil {
@@ -195,15 +191,14 @@ func (c *CUDADevice) New(rows, cols int) (Tensor, error) {
 // Free gives the tensor's device memory back to the device's pool.
 func (c *CUDADevice) Free(t Tensor) {
 	if d, ok := t.(*cudaTensor); ok && d.mem != nil {
-		c.mu.Lock()
-		c.pool[d.mem.Len()] = append(c.pool[d.mem.Len()], d.mem)
-		c.mu.Unlock()
+		c.pool.put(d.mem.Len(), d.mem)
 		d.mem = nil
 	}
 }
 
 // Close frees the pooled memory. Tensors still in use stay valid until
-// freed; the device can be used again afterwards.
+// freed; the device can be used again afterwards. The stage's links must
+// be closed first (they may hold receive memory of the device's).
 func (c *CUDADevice) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -211,66 +206,70 @@ func (c *CUDADevice) Close() {
 		_ = c.st.Close() // waits for it
 		c.st = nil
 	}
-	for k, l := range c.pool {
-		for _, m := range l {
-			m.Free()
-		}
-		delete(c.pool, k)
+	for _, m := range c.pool.drain() {
+		m.Free()
 	}
-	// the stream is drained: no copy into staging memory is pending
+	// the stream is drained: no copy into or out of pinned memory is
+	// pending (the receive pool's waits return at once)
+	c.staging.drain()
 	for _, b := range c.pinned {
 		_ = c.dev.PinnedFree(b)
 	}
-	c.pinned, c.staging = nil, map[int][][]byte{}
+	c.pinned = nil
+	recv, _ := c.recv.close()
+	for _, b := range recv {
+		_ = c.dev.PinnedFree(f32bytes(b))
+	}
 	for _, sp := range c.spans {
-		c.timingEvs = append(c.timingEvs, sp.start, sp.end)
+		c.events.put(true, sp.start)
+		c.events.put(true, sp.end)
 	}
 	if c.spanStart != nil {
-		c.timingEvs = append(c.timingEvs, c.spanStart)
+		c.events.put(true, c.spanStart)
 	}
 	c.spans, c.spanStart = nil, nil
-	for _, e := range append(c.stageEvs, c.timingEvs...) {
+	for _, e := range c.events.drain() {
 		_ = e.Close()
 	}
-	c.stageEvs, c.timingEvs = nil, nil
 }
 
-// getPinned returns a pinned host buffer of n bytes.
+// getPinned returns a pinned host buffer of n bytes for DownloadAsync.
 func (c *CUDADevice) getPinned(n int) ([]byte, error) {
-	c.mu.Lock()
-	if l := c.staging[n]; len(l) > 0 {
-		b := l[len(l)-1]
-		c.staging[n] = l[:len(l)-1]
+	return c.staging.get(n, func() ([]byte, error) {
+		b, err := c.dev.PinnedAlloc(n)
+		if err != nil {
+			return nil, fmt.Errorf("%w: staging memory: %v", ErrDevice, err)
+		}
+		c.mu.Lock()
+		c.pinned = append(c.pinned, b)
 		c.mu.Unlock()
 		return b, nil
-	}
-	c.mu.Unlock()
-	b, err := c.dev.PinnedAlloc(n)
-	if err != nil {
-		return nil, fmt.Errorf("%w: staging memory: %v", ErrDevice, err)
-	}
-	c.mu.Lock()
-	c.pinned = append(c.pinned, b)
-	c.mu.Unlock()
-	return b, nil
+	})
 }
 
-// event returns a free event from *free (made when none is).
-func (c *CUDADevice) event(free *[]*cuda.Event, timing bool) (*cuda.Event, error) {
-	c.mu.Lock()
-	if l := *free; len(l) > 0 {
-		e := l[len(l)-1]
-		*free = l[:len(l)-1]
-		c.mu.Unlock()
+// event returns a free event (with timing or not), made when none is.
+func (c *CUDADevice) event(timing bool) (*cuda.Event, error) {
+	return c.events.get(timing, func() (*cuda.Event, error) {
+		e, err := c.dev.NewEvent(timing)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrDevice, err)
+		}
 		return e, nil
-	}
-	c.mu.Unlock()
-	e, err := c.dev.NewEvent(timing)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrDevice, err)
-	}
-	return e, nil
+	})
 }
+
+// allocRecv makes pinned memory of n values for the receive pool (freed at
+// Close).
+func (c *CUDADevice) allocRecv(n int) ([]float32, error) {
+	b, err := c.dev.PinnedAlloc(4 * n)
+	if err != nil {
+		return nil, fmt.Errorf("%w: receive memory: %v", ErrDevice, err)
+	}
+	return unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), n), nil
+}
+
+// recvMemory implements pinnedRecv.
+func (c *CUDADevice) recvMemory() recvBuffers { return c.recv }
 
 // DownloadAsync enqueues a copy of src into pinned staging memory and an
 // event after it; the Staged's Wait waits for that event (on whichever
@@ -291,19 +290,17 @@ func (c *CUDADevice) DownloadAsync(src Tensor) (*Staged, error) {
 	if err != nil {
 		return nil, err
 	}
-	ev, err := c.event(&c.stageEvs, false)
+	ev, err := c.event(false)
 	if err == nil {
 		if err = c.st.CopyDtoH(buf, d[0].mem.Ptr()); err == nil {
 			err = c.st.Record(ev)
 		}
 	}
 	release := func() {
-		c.mu.Lock()
-		c.staging[len(buf)] = append(c.staging[len(buf)], buf)
+		c.staging.put(len(buf), buf)
 		if ev != nil {
-			c.stageEvs = append(c.stageEvs, ev)
+			c.events.put(false, ev)
 		}
-		c.mu.Unlock()
 	}
 	if err != nil {
 		if ev != nil {
@@ -348,7 +345,7 @@ func (c *CUDADevice) BeginBusy() error {
 	if c.traceOn && c.base == nil {
 		// the base: recorded on an idle-or-not stream, waited for, and
 		// its host time taken right after (microseconds of error)
-		b, err := c.event(&c.timingEvs, true)
+		b, err := c.event(true)
 		if err != nil {
 			return err
 		}
@@ -360,12 +357,12 @@ func (c *CUDADevice) BeginBusy() error {
 		}
 		c.base, c.baseHost = b, time.Now()
 	}
-	e, err := c.event(&c.timingEvs, true)
+	e, err := c.event(true)
 	if err != nil {
 		return err
 	}
 	if err := c.st.Record(e); err != nil {
-		c.timingEvs = append(c.timingEvs, e)
+		c.events.put(true, e)
 		return fmt.Errorf("%w: %v", ErrDevice, err)
 	}
 	c.spanStart = e
@@ -376,9 +373,7 @@ func (c *CUDADevice) BeginBusy() error {
 func (c *CUDADevice) traceSpans(on bool) {
 	c.traceOn = on
 	if !on && c.base != nil {
-		c.mu.Lock()
-		c.timingEvs = append(c.timingEvs, c.base)
-		c.mu.Unlock()
+		c.events.put(true, c.base)
 		c.base = nil
 	}
 }
@@ -395,12 +390,12 @@ func (c *CUDADevice) EndBusy() error {
 	if c.spanStart == nil {
 		return fmt.Errorf("%w: EndBusy without BeginBusy", ErrDevice)
 	}
-	e, err := c.event(&c.timingEvs, true)
+	e, err := c.event(true)
 	if err != nil {
 		return err
 	}
 	if err := c.st.Record(e); err != nil {
-		c.timingEvs = append(c.timingEvs, e)
+		c.events.put(true, e)
 		return fmt.Errorf("%w: %v", ErrDevice, err)
 	}
 	c.spans = append(c.spans, busySpan{c.spanStart, e})
@@ -435,11 +430,10 @@ func (c *CUDADevice) collectSpans(wait bool) error {
 		}
 		done++
 	}
-	c.mu.Lock()
 	for _, sp := range c.spans[:done] {
-		c.timingEvs = append(c.timingEvs, sp.start, sp.end)
+		c.events.put(true, sp.start)
+		c.events.put(true, sp.end)
 	}
-	c.mu.Unlock()
 	c.spans = append(c.spans[:0], c.spans[done:]...)
 	return nil
 }
@@ -455,7 +449,9 @@ func (c *CUDADevice) BusySeconds() (float64, error) {
 	return s, nil
 }
 
-// Upload copies src into dst.
+// Upload copies src into dst. From receive memory the device lent
+// (pinnedRecv) the copy is queued behind an event and Upload returns at
+// once; the memory is handed out again only after the copy.
 func (c *CUDADevice) Upload(dst Tensor, src []float32) error {
 	d, err := devTensors(dst)
 	if err != nil {
@@ -472,10 +468,38 @@ func (c *CUDADevice) Upload(dst Tensor, src []float32) error {
 		return err
 	}
 	b := f32bytes(src)
+	if c.recv.owns(src) {
+		return c.uploadPinned(d[0].mem.Ptr(), src)
+	}
 	// from pageable memory: returns once src is staged; ordered on st
 	return c.dev.Do(func() error {
 		return cu.MemcpyHtoDAsync(cu.DevicePtr(d[0].mem.Ptr()), unsafe.Pointer(&b[0]), int64(len(b)), st)
 	})
+}
+
+// uploadPinned queues the copy of src, receive memory of the device's, to
+// dst on the stream and an event after it, which the receive pool waits for
+// before it hands src out again.
+func (c *CUDADevice) uploadPinned(dst cuda.DevPtr, src []float32) error {
+	ev, err := c.event(false)
+	if err != nil {
+		return err
+	}
+	if err = c.st.CopyHtoD(dst, f32bytes(src)); err == nil {
+		err = c.st.Record(ev)
+	}
+	if err != nil {
+		// the copy may be queued: let it finish before src is reused
+		err = errors.Join(err, c.st.Synchronize())
+		c.events.put(false, ev)
+		return fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	c.recv.markUploaded(src, func() error {
+		err := ev.Synchronize()
+		c.events.put(false, ev)
+		return err
+	})
+	return nil
 }
 
 // Download copies src into dst (waiting for the work that writes it).

@@ -163,9 +163,10 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 	defer cancel()
 	hashes := map[string]string{}
 	for _, run := range []struct {
-		sched string
-		sync  bool
-	}{{Schedule1F1B, true}, {Schedule1F1B, false}, {ScheduleGPipe, false}} {
+		sched    string
+		sync     bool
+		pageable bool
+	}{{Schedule1F1B, true, false}, {Schedule1F1B, false, false}, {Schedule1F1B, false, true}, {ScheduleGPipe, false, false}} {
 		sched := run.sched
 		s := spec
 		s.Schedule = sched
@@ -186,7 +187,7 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 		done := make(chan int, 2)
 		for st := 0; st < 2; st++ {
 			go func(st int) {
-				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync}, s)
+				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync, PageableRecv: run.pageable}, s)
 				done <- st
 			}(st)
 		}
@@ -199,7 +200,11 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 		// no bit of the result
 		key := reps[0].ParamHash + reps[1].ParamHash + fmt.Sprint(reps[1].Losses)
 		if h, ok := hashes[sched]; ok && h != key {
-			t.Fatalf("%s: staged and synchronous messages give different results", sched)
+			t.Fatalf("%s (sync %v, pageable receives %v): staged and synchronous messages, pinned and pageable receives, give different results", sched, run.sync, run.pageable)
+		}
+		// pinned receives unless synchronous or asked for pageable
+		if want := !run.sync && !run.pageable; reps[0].PinnedRecv != want || reps[1].PinnedRecv != want {
+			t.Fatalf("%s (sync %v, pageable %v): pinned receives %v, %v; want %v", sched, run.sync, run.pageable, reps[0].PinnedRecv, reps[1].PinnedRecv, want)
 		}
 		hashes[sched] = key
 		for _, r := range reps {
@@ -207,8 +212,8 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 				t.Fatalf("%s sync=%v: stage %d busy measured on device = %v", sched, run.sync, r.Stage, r.BusyOnDevice)
 			}
 		}
-		t.Logf("%s (sync messages %v): stages on %s and %s, %.0f samples/s, final loss %.6f (GPU reference %.6f, CPU reference %.6f)",
-			sched, run.sync, reps[0].Device, reps[1].Device, reps[1].SamplesPerSec, reps[1].FinalLoss, gpuRef.Losses[len(gpuRef.Losses)-1], cpuRef.Losses[len(cpuRef.Losses)-1])
+		t.Logf("%s (sync messages %v, pageable receives %v): stages on %s and %s, %.0f samples/s, final loss %.6f (GPU reference %.6f, CPU reference %.6f)",
+			sched, run.sync, run.pageable, reps[0].Device, reps[1].Device, reps[1].SamplesPerSec, reps[1].FinalLoss, gpuRef.Losses[len(gpuRef.Losses)-1], cpuRef.Losses[len(cpuRef.Losses)-1])
 		for i, l := range reps[1].Losses {
 			if !relClose(l, gpuRef.Losses[i], 1e-4) || !relClose(l, cpuRef.Losses[i], 1e-4) {
 				t.Fatalf("%s step %d: pipeline loss %v, GPU reference %v, CPU reference %v", sched, i, l, gpuRef.Losses[i], cpuRef.Losses[i])
@@ -238,8 +243,56 @@ func TestCUDABench(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.SamplesPerSec <= 0 || len(res.Devices) == 0 {
+	if res.SamplesPerSec <= 0 || len(res.Devices) == 0 || res.Receives != "pinned" {
 		t.Fatalf("implausible result %+v", res)
 	}
 	t.Logf("%+v", res)
+}
+
+// Uploads from the receive memory the device lends are queued, not waited
+// for; the buffer comes back from the pool only once its upload is done,
+// and every upload lands intact although the buffer is refilled at once.
+func TestCUDAPinnedRecvUpload(t *testing.T) {
+	c := openCUDA(t)[0]
+	mem := c.recvMemory()
+	const rows, cols, rounds = 64, 1024, 16
+	dsts := make([]Tensor, rounds)
+	for i := range dsts {
+		x, err := c.New(rows, cols)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dsts[i] = x
+		defer c.Free(x)
+	}
+	var first []float32
+	for i := 0; i < rounds; i++ {
+		b := mem.get(rows * cols)
+		if !c.recv.owns(b) {
+			t.Fatalf("round %d: receive memory is not the device's pinned memory", i)
+		}
+		if i == 0 {
+			first = b
+		} else if &b[0] != &first[0] {
+			t.Fatalf("round %d: a new buffer, not the one given back", i)
+		}
+		for j := range b {
+			b[j] = float32(i*rows*cols + j)
+		}
+		if err := c.Upload(dsts[i], b); err != nil {
+			t.Fatal(err)
+		}
+		mem.put(b) // the next get waits for this upload before refilling
+	}
+	out := make([]float32, rows*cols)
+	for i, x := range dsts {
+		if err := c.Download(out, x); err != nil {
+			t.Fatal(err)
+		}
+		for j, v := range out {
+			if v != float32(i*rows*cols+j) {
+				t.Fatalf("upload %d value %d = %v, want %v", i, j, v, float32(i*rows*cols+j))
+			}
+		}
+	}
 }

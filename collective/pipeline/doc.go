@@ -32,8 +32,15 @@
 //     the device, and the stage's busy time is the device's (timing events
 //     around each Forward and Backward), so the stage's goroutine enqueues
 //     work and waits only for its receives (and, on the last stage, once a
-//     step for the loss).
-//     RunConfig.SyncMessages keeps the old synchronous path.
+//     step for the loss). Received messages come the other way: the
+//     stage's links (TCPLink, CollectiveLink) read them into pinned memory
+//     the CUDADevice lends (a free list per size), and the stage's upload
+//     from it is queued behind an event without a wait; a buffer goes back
+//     with Message.Release and is handed out again only once that upload
+//     is done; the first stage's inputs and the last stage's targets are
+//     copied into such memory and uploaded the same way.
+//     RunConfig.SyncMessages keeps the old synchronous path and
+//     RunConfig.PageableRecv the old pageable receives.
 //
 // A stage of a pipeline job, as the node runs it:
 //

@@ -259,6 +259,14 @@ type RunConfig struct {
 	// computed, while the stage waits, as on the CPU. Default false:
 	// messages are staged and the endpoint's sender waits for them.
 	SyncMessages bool
+	// PageableRecv keeps received messages in the links' own memory, which
+	// a GPU uploads from synchronously (the behaviour before pinned
+	// receives). Default false: on a device that lends receive memory
+	// (CUDADevice: page-locked host buffers) with staged messages, the
+	// links read every message into it and the upload is queued behind an
+	// event, without waiting (the first stage's inputs and the last
+	// stage's targets are copied into it and go the same way).
+	PageableRecv bool
 	// Trace records every action's span in Report.Trace (StageConfig.Trace).
 	Trace bool
 }
@@ -294,6 +302,10 @@ type Report struct {
 	ParamHash string  `json:"param_hash"`
 	// Params are the final parameters when RunConfig.KeepParams is set.
 	Params []LayerParams `json:"-"`
+
+	// PinnedRecv: the links received into the device's memory (see
+	// RunConfig.PageableRecv).
+	PinnedRecv bool `json:"pinned_recv,omitempty"`
 }
 
 // RunJob runs one stage of a pipeline job: the stage's share of the MLP's
@@ -349,6 +361,19 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 	}
 	m := &mlpChunks{parts: parts}
 	defer m.Close()
+	pinned := false
+	if pr, ok := dev.(pinnedRecv); ok && parts[0].async != nil && !cfg.PageableRecv {
+		mem := pr.recvMemory()
+		for _, l := range []Link{cfg.Links.Prev, cfg.Links.Next, cfg.Links.Ring} {
+			if u, ok := l.(recvMemoryUser); ok {
+				u.useRecvBuffers(mem)
+				pinned = true
+			}
+		}
+		for _, p := range parts {
+			p.recvMem = mem // inputs and targets go the same way
+		}
+	}
 	sc := StageConfig{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
 		Schedule: sched, Chunks: spec.Chunks, MicroBatches: spec.MicroBatches, Steps: spec.Steps,
@@ -367,7 +392,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 	}
 	rep := &Report{
 		JobID: cfg.JobID, Generation: cfg.Generation, Stage: cfg.Stage, Stages: cfg.Stages,
-		LayerStart: mine[0][0], LayerEnd: mine[len(mine)-1][1], LayerRanges: mine, Mode: spec.Mode, Schedule: sched, Device: dev.Name(),
+		LayerStart: mine[0][0], LayerEnd: mine[len(mine)-1][1], LayerRanges: mine, Mode: spec.Mode, Schedule: sched, Device: dev.Name(), PinnedRecv: pinned,
 		Steps: spec.Steps, MicroBatches: spec.MicroBatches, BatchSize: spec.BatchSize,
 		StageStats: stats,
 	}

@@ -301,8 +301,26 @@ func NewMemPipeline(stages, buffer int) []StageLinks {
 	return out
 }
 
+// recvBuffers hands out the memory a link receives messages into and takes
+// it back (Message.Release). Safe for concurrent use.
+type recvBuffers interface {
+	// get returns a buffer of n values.
+	get(n int) []float32
+	// put gives back a buffer from get; it must not be used afterwards.
+	put(b []float32)
+}
+
+// recvMemoryUser is a Link that can receive into memory lent by the
+// stage's device (pinnedRecv), set before the link is used.
+type recvMemoryUser interface {
+	Link
+	useRecvBuffers(recvBuffers)
+}
+
 // bufPool keeps released receive buffers of a link for reuse.
 type bufPool chan []float32
+
+var _ recvBuffers = bufPool(nil)
 
 func newBufPool() bufPool { return make(bufPool, 16) }
 

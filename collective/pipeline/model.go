@@ -175,6 +175,11 @@ type mlpStage struct {
 	// and the loss at EndStep from its staged outputs (pending)
 	async   AsyncDevice
 	pending []pendingLoss
+	// recvMem, when set (pinned receives, RunJob), is the device's
+	// receive memory: the first stage's inputs and the last stage's
+	// targets are copied into it and uploaded from there, without a wait,
+	// as received messages are
+	recvMem recvBuffers
 }
 
 // pendingLoss is a micro-batch's output on its way to the host, for the
@@ -281,7 +286,11 @@ func (s *mlpStage) Forward(step, mb int, in *Message) (*Message, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := dev.Upload(x, src); err != nil {
+	upload := s.dev.Upload // a received message: from its link's memory
+	if s.first {
+		upload = s.uploadHost // the step's inputs
+	}
+	if err := upload(x, src); err != nil {
 		return nil, err
 	}
 	st := &mbState{}
@@ -360,7 +369,7 @@ func (s *mlpStage) Backward(step, mb int, grad *Message) (*Message, error) {
 		if err != nil {
 			return nil, err
 		}
-		err = dev.Upload(tt, t)
+		err = s.uploadHost(tt, t)
 		if err == nil {
 			err = s.async.MSEGrad(st.ys[nl-1], tt, dy, float32(s.spec.BatchSize*outW))
 		}
@@ -477,6 +486,21 @@ func (s *mlpStage) EndStep(step int) (float64, error) {
 	loss := s.lossSum
 	s.lossSum = 0
 	return loss, nil
+}
+
+// uploadHost copies src, the stage's own host data (inputs, targets), into
+// dst: through the device's receive memory when the stage has it
+// (recvMem), so that the upload is queued without a wait; directly
+// otherwise.
+func (s *mlpStage) uploadHost(dst Tensor, src []float32) error {
+	if s.recvMem == nil || len(src) == 0 {
+		return s.dev.Upload(dst, src)
+	}
+	b := s.recvMem.get(len(src))
+	copy(b, src)
+	err := s.dev.Upload(dst, b)
+	s.recvMem.put(b) // handed out again once the upload is done
+	return err
 }
 
 // addPendingLoss adds the staged outputs' losses to lossSum, in the order

@@ -54,11 +54,19 @@ type TCPLink struct {
 	generation uint64
 	hdr        [tcpHeaderSize]byte
 	closeOnce  sync.Once
-	// free holds released receive buffers for reuse.
-	free bufPool
+	// free holds released receive buffers for reuse (a bufPool, or the
+	// stage device's memory: useRecvBuffers).
+	free recvBuffers
 }
 
-var _ copyingLink = (*TCPLink)(nil)
+var (
+	_ copyingLink    = (*TCPLink)(nil)
+	_ recvMemoryUser = (*TCPLink)(nil)
+)
+
+// useRecvBuffers makes the link receive into b's memory; call it before
+// the first Recv.
+func (l *TCPLink) useRecvBuffers(b recvBuffers) { l.free = b }
 
 // sendCopies: Send returns once the kernel has the bytes.
 func (*TCPLink) sendCopies() {}

@@ -1735,6 +1735,7 @@ type CheckpointSpec struct {
 	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
 	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`
 	Every         int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"`
+	ResumeFrom    string                 `protobuf:"bytes,4,opt,name=resume_from,json=resumeFrom,proto3" json:"resume_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1788,6 +1789,13 @@ func (x *CheckpointSpec) GetEvery() int32 {
 		return x.Every
 	}
 	return 0
+}
+
+func (x *CheckpointSpec) GetResumeFrom() string {
+	if x != nil {
+		return x.ResumeFrom
+	}
+	return ""
 }
 
 type HealthCheck struct {
@@ -2553,11 +2561,13 @@ const file_fsm_proto_rawDesc = "" +
 	"\aservice\x18\x0f \x01(\v2\x1b.gpumesh.fsm.v1.ServiceSpecR\aservice\x12>\n" +
 	"\n" +
 	"checkpoint\x18\x10 \x01(\v2\x1e.gpumesh.fsm.v1.CheckpointSpecR\n" +
-	"checkpoint\"L\n" +
+	"checkpoint\"m\n" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
-	"\x05every\x18\x03 \x01(\x05R\x05every\"\x84\x02\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\x12\x1f\n" +
+	"\vresume_from\x18\x04 \x01(\tR\n" +
+	"resumeFrom\"\x84\x02\n" +
 	"\vHealthCheck\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\tR\x04port\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +

@@ -1049,10 +1049,15 @@ func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
 // Where and how often an exec job's ranks save their training state
 // through their agents (package checkpoint, python/gpumesh/checkpoint.py).
 type CheckpointSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`      // s3://bucket/prefix or file:///absolute/dir
-	Keep          int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`   // complete checkpoints kept (default 3)
-	Every         int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"` // steps between periodic saves; 0: only when preempted
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uri   string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`      // s3://bucket/prefix or file:///absolute/dir
+	Keep  int32                  `protobuf:"varint,2,opt,name=keep,proto3" json:"keep,omitempty"`   // complete checkpoints kept (default 3)
+	Every int32                  `protobuf:"varint,3,opt,name=every,proto3" json:"every,omitempty"` // steps between periodic saves; 0: only when preempted
+	// The name or ID of another job whose checkpoints under uri this job may
+	// continue from on purpose; without it, a job whose uri holds another
+	// job's newest checkpoint fails to start (start_failure
+	// "checkpoint-of-another-job"). A job of the same name always resumes.
+	ResumeFrom    string `protobuf:"bytes,4,opt,name=resume_from,json=resumeFrom,proto3" json:"resume_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1106,6 +1111,13 @@ func (x *CheckpointSpec) GetEvery() int32 {
 		return x.Every
 	}
 	return 0
+}
+
+func (x *CheckpointSpec) GetResumeFrom() string {
+	if x != nil {
+		return x.ResumeFrom
+	}
+	return ""
 }
 
 type Job struct {
@@ -1301,10 +1313,13 @@ type Allocation struct {
 	ModifyIndex    uint64                 `protobuf:"varint,25,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
 	Ports          map[string]int32       `protobuf:"bytes,26,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // service replicas: named ports the agent allocated
 	Health         string                 `protobuf:"bytes,27,opt,name=health,proto3" json:"health,omitempty"`                                                                          // service replicas: "", starting, healthy or unhealthy
-	// start_failure says why a rank could not start when its node, not the
-	// job, is at fault; the scheduler then places the generation again
-	// without counting a restart. "master-port-busy": rank 0's MASTER_PORT
-	// was held by a process outside gpumesh.
+	// start_failure says why a rank could not start, typed for the
+	// scheduler. "master-port-busy": rank 0's MASTER_PORT was held by a
+	// process outside gpumesh (the node's fault: placed again without
+	// counting a restart). "checkpoint-of-another-job": the job's
+	// checkpoint.uri holds another job's newest checkpoint and the job does
+	// not name it in checkpoint.resume_from (the job file's fault: the job
+	// fails at once, since every restart would fail the same way).
 	StartFailure  string `protobuf:"bytes,28,opt,name=start_failure,json=startFailure,proto3" json:"start_failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3681,11 +3696,13 @@ const file_control_proto_rawDesc = "" +
 	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\x12:\n" +
 	"\n" +
 	"checkpoint\x18\x10 \x01(\v2\x1a.gpumesh.v1.CheckpointSpecR\n" +
-	"checkpoint\"L\n" +
+	"checkpoint\"m\n" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +
-	"\x05every\x18\x03 \x01(\x05R\x05every\"\xcb\x04\n" +
+	"\x05every\x18\x03 \x01(\x05R\x05every\x12\x1f\n" +
+	"\vresume_from\x18\x04 \x01(\tR\n" +
+	"resumeFrom\"\xcb\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04spec\x18\x02 \x01(\v2\x13.gpumesh.v1.JobSpecR\x04spec\x12\x16\n" +

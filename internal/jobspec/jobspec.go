@@ -250,6 +250,9 @@ func validateCheckpoint(s *pb.JobSpec, c *pb.CheckpointSpec, add report) {
 	if c.Every < 0 {
 		add("checkpoint.every", "must be >= 0 steps (0: save only when preempted), got %d", c.Every)
 	}
+	if c.ResumeFrom != "" && !nameRE.MatchString(c.ResumeFrom) {
+		add("checkpoint.resume_from", "must be the name or ID of the job whose checkpoints to continue from (letters, digits, '_', '.', '-'), got %q", c.ResumeFrom)
+	}
 }
 
 func validateExec(s *pb.JobSpec, add report) {

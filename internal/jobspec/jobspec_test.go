@@ -81,6 +81,7 @@ func TestParseInvalid(t *testing.T) {
 		{"checkpoint relative dir", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 'file://ckpt'}", "three slashes"},
 		{"checkpoint keep", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', keep: -1}", "checkpoint.keep"},
 		{"checkpoint every", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', every: -5}", "checkpoint.every"},
+		{"checkpoint resume_from", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', resume_from: 'a job'}", "checkpoint.resume_from: must be the name or ID"},
 		{"checkpoint misspelt", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {url: 's3://b/p'}", `did you mean "uri"`},
 		{"checkpoint on allreduce", "type: allreduce\nranks: 2\ncheckpoint: {uri: 's3://b/p'}", "only exec jobs"},
 	}

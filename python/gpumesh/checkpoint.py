@@ -34,6 +34,10 @@ writes the state once, with ``torch.save``, into a file the agent hands
 over (the store's own temporary file, or a spool it uploads), and ``load``
 is handed the copy the agent prefetched when the rank started, which it
 maps instead of reading (tensors share the page cache until written).
+A job resumes only from its own checkpoints (those of a job of its name):
+when the URI holds another job's newest checkpoint, its agent refuses it,
+``load`` and ``save`` raise, and the job fails to start saying whose they
+are (``checkpoint.resume_from: NAME`` continues from them on purpose).
 Outside a gpumesh job (e.g. under torchrun) call ``configure(uri=...)`` or
 set the variables yourself: the gpumesh binary (``$GPUMESH_BIN``, else
 ``gpumesh`` on PATH) then does the work, ``gpumesh checkpoint
@@ -241,10 +245,7 @@ def _agree(flag):
     if dist is None or dist.get_world_size() == 1:
         return flag
     import torch
-    dev = "cpu"
-    if dist.get_backend() == "nccl":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    t = _flag_tensor(torch, dev)
+    t = _flag_tensor(torch, _device(dist))
     t.fill_(1 if flag else 0)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -275,6 +276,73 @@ def _flag_tensor(torch, dev):
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(t))
         _flags[key] = t
     return t
+
+
+def _device(dist):
+    """The device a collective of dist's backend takes tensors on."""
+    import torch
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# The tensors _gather_parts gathers from and into, by (device, role,
+# shape); like _flags, kept for the life of the process.
+_kept = {}
+
+
+def _kept_tensor(torch, dev, role, shape):
+    """A zeroed int64 tensor of shape on dev that is never freed, and its
+    rows (views, each a tensor of its own to a backend), never freed
+    either."""
+    key = (str(dev), role, shape)
+    got = _kept.get(key)
+    if got is None:
+        t = torch.zeros(shape, dtype=torch.int64, device=dev)
+        rows = list(t.unbind(0)) if len(shape) > 1 else []
+        for x in [t] + rows:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(x))
+        got = _kept[key] = (t, rows)
+    return got
+
+
+def _gather_parts(dist, part, world):
+    """Every rank's part ({"rank", "size", "crc32c"}), by rank: what rank 0
+    lists in the manifest of a sharded checkpoint.
+
+    Gathered as int64 tensors that are never freed (see _flag_tensor), not
+    with all_gather_object, whose pickled temporaries a backend thread may
+    free after the interpreter began to exit: first each rank's rank, size
+    and number of checksums (-1 for null: the agent says null for an empty
+    part written as a stream, [] for one written as a file), then the
+    checksums (CRC32C values, 8 hex digits each) padded to the longest list.
+    The parts are those the agent returned (checkpoint.Part: rank, size,
+    crc32c), as all_gather_object would give them."""
+    import torch
+    dev = _device(dist)
+    crc = part["crc32c"]
+    sums = [int(x, 16) for x in crc or []]
+    head, _ = _kept_tensor(torch, dev, "head", (3,))
+    head.copy_(torch.tensor([int(part["rank"]), int(part["size"]), -1 if crc is None else len(sums)], dtype=torch.int64))
+    heads, rows = _kept_tensor(torch, dev, "heads", (world, 3))
+    dist.all_gather(rows, head)
+    heads = heads.cpu().tolist()
+    n = max(h[2] for h in heads)
+    bodies = []
+    if n > 0:
+        # Rounded up to a power of two, so that few shapes are ever kept.
+        n = 1 << (n - 1).bit_length()
+        body, _ = _kept_tensor(torch, dev, "body", (n,))
+        body.zero_()
+        body[:len(sums)] = torch.tensor(sums, dtype=torch.int64)
+        out, rows = _kept_tensor(torch, dev, "bodies", (world, n))
+        dist.all_gather(rows, body)
+        bodies = out.cpu().tolist()
+    parts = []
+    for r, (rank, size, count) in enumerate(heads):
+        crc = None if count < 0 else ["%08x" % v for v in bodies[r][:count]] if count else []
+        parts.append({"rank": rank, "size": size, "crc32c": crc})
+    return parts
 
 
 def preempt_requested():
@@ -361,8 +429,7 @@ def save(state, step, shard=False, meta=None):
     dist = _dist()
     parts = [part]
     if shard and dist is not None and world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
+        parts = _gather_parts(dist, part, world)
     err = None
     if rank == 0 and agent is not None:
         t2 = time.monotonic()
