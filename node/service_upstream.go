@@ -40,8 +40,11 @@ import (
 //     when of unknown length or server-sent events, so that streams pass
 //     unbuffered) and trailers.
 //
-// A connection goes back to its pool only when its answer was read to the
-// end and neither side asked to close it.
+// An answer of known length and nothing unusual is passed on straight
+// from the connection's buffer (passPlainAnswer, service_answer.go); the
+// rest through http.ReadResponse (readFinal, copyAnswer). A connection goes
+// back to its pool only when its answer was read to the end and neither
+// side asked to close it.
 
 // Fast-path limits.
 const (
@@ -99,7 +102,13 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 	if err != nil {
 		return nil, false, err
 	}
-	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, false, nil
+	return newUpConn(c), false, nil
+}
+
+// newUpConn wraps a connection to a replica, buffered both ways (a
+// request goes out in one write).
+func newUpConn(c net.Conn) *upConn {
+	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}
 }
 
 // put returns a connection whose last answer was read to the end.
@@ -229,6 +238,10 @@ func exchange(at *attempt, req *http.Request, uc *upConn, path string, body []by
 	at.written.Store(true)
 	if _, err := uc.br.Peek(1); err != nil {
 		return ctx.Err() == nil, err
+	}
+	if ok, closeAfter := passPlainAnswer(at, uc.br, req); ok {
+		reusable = !closeAfter
+		return false, nil
 	}
 	resp, err := readFinal(at, uc.br, req)
 	if err != nil {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -331,4 +332,230 @@ func TestRouterForwardsNoAmbiguousLength(t *testing.T) {
 			}
 		}
 	}
+}
+
+// cannedReplica answers each request with the raw answer its path names
+// (closing the connection after those that say Connection: close), and
+// counts the connections it accepted.
+func cannedReplica(t *testing.T, answers map[string]string) (addr string, conns func() int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var open []net.Conn
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			open = append(open, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					head, _, err := readRawRequest(br)
+					if err != nil {
+						return
+					}
+					path := strings.Fields(head)[1]
+					answer, ok := answers[path]
+					if !ok {
+						answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+					}
+					if _, err := io.WriteString(c, answer); err != nil || strings.Contains(answer, "Connection: close") {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(open)
+	}
+}
+
+// Answers the fast path passes on from their buffered head
+// (passPlainAnswer) reach the client as through the general path:
+// status, headers (hop-by-hop ones dropped, repeated ones kept in order,
+// names canonical), bodies longer than the connection's buffer; and a
+// connection the replica closes is not reused. Answers that are not plain
+// take the general answer code of the fast path, and arrive the same.
+func TestRouterPlainAnswersAsTheGeneralPathDoes(t *testing.T) {
+	big := strings.Repeat("0123456789abcdef", 10<<10) // 160 KiB: beyond the 4 KiB buffer
+	answers := map[string]string{
+		"/plain": "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"y\":[1,2]}",
+		"/headers": "HTTP/1.1 201 Created\r\ncontent-type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nKeep-Alive: timeout=5\r\n" +
+			"Proxy-Authenticate: Basic\r\nX-Spaced:   v  \r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+		"/big":   "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(big)) + "\r\n\r\n" + big,
+		"/close": "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nbye\r\n",
+		"/error": "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+		"/empty": "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+		// Not plain: passed on by readFinal and copyAnswer.
+		"/named": "HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: dropped\r\nContent-Length: 2\r\n\r\nok",
+		// (With a Content-Type: the general path lets net/http sniff one
+		// where there is none, the fast path sends a stream's headers
+		// before its first byte and so adds none.)
+		"/chunked":   "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+		"/nocontent": "HTTP/1.1 204 No Content\r\n\r\n",
+		"/http10":    "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+		"/bighead":   "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("h", 6<<10) + "\r\nContent-Length: 2\r\n\r\nok", // beyond the buffer
+	}
+	paths := []string{"/plain", "/headers", "/big", "/close", "/plain", "/error", "/empty", "/named", "/chunked", "/nocontent", "/http10", "/bighead", "/plain"}
+	got := map[bool][]seen{}
+	for _, general := range []bool{false, true} {
+		addr, conns := cannedReplica(t, answers)
+		rt, front := newTestRouter(t, general)
+		rt.update(svcState(t, "canned", []string{addr}, []string{HealthHealthy}))
+		client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+		t.Cleanup(client.CloseIdleConnections)
+		for _, p := range paths {
+			resp, err := client.Get(front.URL + "/svc/canned" + p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				t.Fatalf("general=%v %s: %v", general, p, err)
+			}
+			resp.Header.Del("Date")
+			got[general] = append(got[general], seen{Status: resp.StatusCode, Header: resp.Header, Body: string(b), Trailer: resp.Trailer})
+		}
+		// One connection for the whole sequence, but for those the
+		// replica closed (/close; /http10, an HTTP/1.0 answer without
+		// keep-alive).
+		if n := conns(); !general && n != 3 {
+			t.Errorf("fast path: the replica accepted %d connections, want 3", n)
+		}
+	}
+	for i, p := range paths {
+		if !reflect.DeepEqual(got[false][i], got[true][i]) {
+			t.Errorf("%s:\nfast path:    %+v\ngeneral path: %+v", p, got[false][i], got[true][i])
+		}
+	}
+	h := got[false][1]
+	if h.Status != http.StatusCreated || h.Header.Get("Content-Type") != "text/plain" || len(h.Header["Set-Cookie"]) != 2 ||
+		h.Header.Get("X-Spaced") != "v" || h.Header.Get("Keep-Alive") != "" || h.Header.Get("Proxy-Authenticate") != "" || h.Body != "ok" {
+		t.Errorf("/headers: got %+v", h)
+	}
+	if got[false][2].Body != big {
+		t.Errorf("/big: got %d bytes, want %d", len(got[false][2].Body), len(big))
+	}
+}
+
+// parsePlainHead takes only what passPlainAnswer can pass on as it is.
+func TestParsePlainHead(t *testing.T) {
+	for _, c := range []struct {
+		head  string
+		plain bool
+	}{
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n", true},
+		{"HTTP/1.1 200\r\nContent-Length: 3\r\n", true},
+		{"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nX-A: b\r\n", true},
+		{"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n", true},
+		{"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, close\r\nContent-Length: 3\r\n", true},
+		{"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 100 Continue\r\n", false},
+		{"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\n", false},
+		{"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 200 OK\r\n", false}, // no length: read to EOF
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: \r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTrailer: X-Sum\r\n", false},
+		{"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Folded: a\r\n b\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Bare: a\nX-Other: b\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nBad Name: v\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nNo-Colon\r\n", false},
+		{"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Ctl: a\x00b\r\n", false},
+		{"HTTP/1.1 2000 OK\r\nContent-Length: 3\r\n", false},
+		{"HTTP/1.1 200 OK\r\n" + strings.Repeat("X-Many: v\r\n", maxPlainHeaders) + "Content-Length: 3\r\n", false},
+	} {
+		var arr [maxPlainHeaders]plainField
+		_, _, _, _, ok := parsePlainHead([]byte(c.head), arr[:0])
+		if ok != c.plain {
+			t.Errorf("%q: plain %v, want %v", c.head, ok, c.plain)
+		}
+	}
+	var arr [maxPlainHeaders]plainField
+	status, fields, length, closeAfter, ok := parsePlainHead([]byte("HTTP/1.1 201 Created\r\ncontent-type: a/b\r\nKeep-Alive: x\r\nConnection: close\r\nContent-Length: 12\r\n"), arr[:0])
+	want := []plainField{{"Content-Type", "a/b", false}, {"Keep-Alive", "x", true}, {"Connection", "close", true}, {"Content-Length", "12", false}}
+	if !ok || status != 201 || length != 12 || !closeAfter || !reflect.DeepEqual(fields, want) {
+		t.Errorf("got %d %+v %d %v %v", status, fields, length, closeAfter, ok)
+	}
+}
+
+// A client that goes away while the replica works on its request ends the
+// request on the replica too (the router closes its connection there), on
+// both paths: a model server stops generating for nobody.
+func TestRouterClientGoneEndsTheReplicasRequest(t *testing.T) {
+	bothPaths(t, func(t *testing.T, general bool) {
+		got, ended := make(chan struct{}, 1), make(chan struct{}, 1)
+		s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			got <- struct{}{}
+			select {
+			case <-r.Context().Done():
+				ended <- struct{}{}
+			case <-time.After(30 * time.Second):
+			}
+		}))
+		t.Cleanup(s.Close)
+		rt, front := newTestRouter(t, general)
+		rt.update(svcState(t, "slow", []string{s.Listener.Addr().String()}, []string{HealthHealthy}))
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, front.URL+"/svc/slow/generate", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := &http.Client{Transport: &http.Transport{}}
+		t.Cleanup(client.CloseIdleConnections)
+		errc := make(chan error, 1)
+		go func() {
+			resp, err := client.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			errc <- err
+		}()
+		select {
+		case <-got:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the request never reached the replica")
+		}
+		cancel() // the client goes away
+		if err := <-errc; err == nil {
+			t.Fatal("the cancelled request got an answer")
+		}
+		select {
+		case <-ended:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the replica still works on the request of a client that went away")
+		}
+	})
 }

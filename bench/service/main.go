@@ -14,6 +14,15 @@
 // load prints requests/s and latency percentiles as one JSON line; with
 // -rate it sends that many requests/s whatever the answers' pace (an open
 // loop, vegeta), which measures the latency a router adds below saturation.
+//
+//	service cpu [-n 50000] [-c 16] [-r 3] [-pin] [-y examples/service/server.py] [LABEL=COMMAND...]
+//
+// cpu starts the replica and each router itself and prints the CPU time
+// (user+sys) and read/write system calls per request of the router against
+// the replica's, over -n requests of the same closed-loop load: a figure
+// that holds on a loaded machine, where requests/s do not (cpu.go). The
+// routers default to this binary's fast and general paths; another build
+// of bench/service compares as main=/path/to/service.
 package main
 
 import (
@@ -37,7 +46,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: service replica|router|load [flags]")
+		fmt.Fprintln(os.Stderr, "usage: service replica|router|load|cpu [flags]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -50,6 +59,13 @@ func main() {
 	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this address (router)")
 	rate := fs.Int("rate", 0, "requests/s in an open loop instead of -c closed-loop clients (load); with -vegeta, 0 is as fast as -c workers go")
 	useVegeta := fs.Bool("vegeta", false, "load with vegeta: at -rate, or with -rate 0 as fast as -c workers go, each waiting for its answer (load)")
+	requests := fs.Int("n", 50000, "measured requests per run, after n/10 of warm-up (cpu)")
+	rounds := fs.Int("r", 3, "rounds with the Go replica (cpu)")
+	serverPy := fs.String("y", "", "also measure with this examples/service/server.py as the replica (cpu)")
+	pyRounds := fs.Int("R", 1, "rounds with -y's replica (cpu)")
+	pin := fs.Bool("pin", false, "replica on core 0, router on core 1, load on the others (cpu; at least 3 cores)")
+	floor := fs.Bool("floor", false, "instead of the router, relay bytes without reading HTTP: the floor of any proxy's cost, for comparison only (router)")
+	lean := fs.Bool("lean", false, "serve the router with a minimal HTTP/1.1 server instead of net/http's: what a leaner server side would save, for comparison only (router)")
 	general := fs.Bool("general", false, "send every request through httputil.ReverseProxy, not the fast path (router)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -64,7 +80,18 @@ func main() {
 		if *pprofAddr != "" {
 			go func() { _ = http.ListenAndServe(*pprofAddr, nil) }() // DefaultServeMux holds net/http/pprof
 		}
-		err = http.ListenAndServe(*listen, node.NewStaticRouter("bench", []string{*replica}, *general))
+		if *floor {
+			err = relay(*listen, *replica)
+			break
+		}
+		rt := node.NewStaticRouter("bench", []string{*replica}, *general)
+		if *lean {
+			err = serveLean(*listen, rt)
+			break
+		}
+		err = http.ListenAndServe(*listen, rt)
+	case "cpu":
+		err = runCPU(cpuConfig{requests: *requests, clients: *clients, rounds: *rounds, serverPy: *serverPy, pyRounds: *pyRounds, pin: *pin, routers: fs.Args()})
 	case "load":
 		if *rate > 0 || *useVegeta {
 			err = loadRate(*url, *rate, *clients, *dur)
@@ -72,7 +99,7 @@ func main() {
 			err = load(*url, *clients, *dur)
 		}
 	default:
-		err = fmt.Errorf("unknown mode %q: use replica, router or load", os.Args[1])
+		err = fmt.Errorf("unknown mode %q: use replica, router, load or cpu", os.Args[1])
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

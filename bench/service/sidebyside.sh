@@ -15,6 +15,13 @@
 #   -p DIR            write a CPU profile of each router under load (SECS-1 s)
 # The replica is bench/service's (1 KiB answers), from the first router's
 # binary. Prints one line per run, then the ratios to direct.
+# Build what it runs first (here; the target machine needs no Go):
+#   go build -o OUT/service ./bench/service            # this tree
+#   git worktree add /tmp/base main && (cd /tmp/base && go build -o OUT/service-main ./bench/service)
+# then e.g. sidebyside.sh -y examples/service/server.py fast=OUT/service
+#   main=OUT/service-main "lean=OUT/service -lean", and for the CPU per
+#   request on the same layout: OUT/service cpu -pin -y examples/service/server.py
+#   main=OUT/service-main fast=OUT/service "lean=OUT/service -lean"
 set -euo pipefail
 rounds=3 pyrounds=1 secs=5 clients=16 prof="" serverpy=""
 while getopts "r:R:d:c:p:y:h" opt; do
@@ -25,11 +32,11 @@ while getopts "r:R:d:c:p:y:h" opt; do
 	c) clients=$OPTARG ;;
 	p) prof=$OPTARG ;;
 	y) serverpy=$OPTARG ;;
-	*) sed -n 2,19p "$0"; exit 2 ;;
+	*) sed -n 2,24p "$0"; exit 2 ;;
 	esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,19p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,24p "$0"; exit 2; }
 ncpu=$(nproc)
 # LOAD_CPUS overrides where the load generator runs (a trial on 2 cores).
 loadcpus=${LOAD_CPUS:-2-$((ncpu - 1))}
