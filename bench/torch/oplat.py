@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import gpumesh.torch  # noqa: F401
+import gpumesh.torch
 
 p = argparse.ArgumentParser()
 p.add_argument("--sizes-kib", default="4,16384,65536")
@@ -43,27 +43,38 @@ args = p.parse_args()
 torch.set_num_threads(1)
 dist.init_process_group("gpumesh")
 rank, n = dist.get_rank(), dist.get_world_size()
-pg = dist.distributed_c10d._get_default_group()
-conn = pg._conn
+
+
+def backend():
+    """The gpumesh backend object of the default group (older packages have
+    no backend_of: there the group is the backend on PyTorch 1.13)."""
+    f = getattr(gpumesh.torch, "backend_of", None)
+    if f is not None:
+        return f()
+    g = dist.distributed_c10d._get_default_group()
+    return g if hasattr(g, "_conn") else None
+
+
+pg = backend()
 
 # Timestamps of the last operation: when submit() sent its packet and when
-# its answer was read.
+# its answer was read (not taken where the backend object cannot be reached:
+# then only the totals are printed).
 marks = {}
-_submit, _handle = conn.submit, conn._handle
+if pg is not None:
+    conn = pg._conn
+    _submit, _handle = conn.submit, conn._handle
 
+    def submit(*a, **kw):
+        oid = _submit(*a, **kw)
+        marks["sent"] = time.perf_counter()
+        return oid
 
-def submit(*a, **kw):
-    oid = _submit(*a, **kw)
-    marks["sent"] = time.perf_counter()
-    return oid
+    def handle(pkt):
+        marks["answer"] = time.perf_counter()
+        return _handle(pkt)
 
-
-def handle(pkt):
-    marks["answer"] = time.perf_counter()
-    return _handle(pkt)
-
-
-conn.submit, conn._handle = submit, handle
+    conn.submit, conn._handle = submit, handle
 groups = {"gpumesh": None}
 if args.gloo:
     groups["gloo"] = dist.new_group(backend="gloo")

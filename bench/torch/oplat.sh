@@ -85,9 +85,11 @@ for kib in sorted({k[2] for k in by}):
         g = by.get((v, "gpumesh", kib), [])
         print(f"  {v:8s} built-in job      {f(b)}")
         for k in ("total", "issue", "answer", "finish", "b2b", "cpu"):
-            print(f"  {v:8s} gpumesh {k:9s} {f([r[k + '_us'] for r in g])}")
+            print(f"  {v:8s} gpumesh {k:9s} {f([r[k + '_us'] for r in g if k + '_us' in r])}")
         for k in ("vcsw", "ivcsw"):
-            print(f"  {v:8s} gpumesh {k:9s} {med([r[k] for r in g]):8.1f}  ({' '.join(f'{r[k]:.1f}' for r in g)})")
+            xs = [r[k] for r in g]
+            if xs:
+                print(f"  {v:8s} gpumesh {k:9s} {med(xs):8.1f}  ({' '.join(f'{x:.1f}' for x in xs)})")
         gl = [r["total_us"] for r in by.get((v, "gloo", kib), [])]
         print(f"  {v:8s} gloo              {f(gl)}")
         if b and g:

@@ -571,6 +571,25 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         self._conn.close()
 
 
+def backend_of(group=None):
+    """The ProcessGroupGpumesh behind group (default: the default group):
+    the group itself on PyTorch 1.13, its CPU backend on 2.x (for tools and
+    tests that look inside the backend); None if the group is not
+    gpumesh's."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if isinstance(pg, ProcessGroupGpumesh):
+        return pg
+    get = getattr(pg, "_get_backend", None)
+    if get is not None:
+        try:
+            b = get(torch.device("cpu"))
+        except RuntimeError:
+            return None
+        if isinstance(b, ProcessGroupGpumesh):
+            return b
+    return None
+
+
 def _create(opts, pg_options=None):
     """The backend's creator (extended API: it gets the group's name and its
     global ranks, which name the group to the agent)."""
