@@ -20,11 +20,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import gpumesh.torch  # noqa: E402,F401
+import gpumesh.torch  # noqa: E402
 
 dist.init_process_group("gpumesh")
 rank, n = dist.get_rank(), dist.get_world_size()
-pg = dist.distributed_c10d._get_default_group()
+pg = gpumesh.torch.backend_of()
+assert isinstance(pg, gpumesh.torch.ProcessGroupGpumesh), pg
+assert gpumesh.torch.backend_of(dist.new_group(backend="gloo")) is None
 conn = pg._conn
 seen = []
 handle = conn._handle
