@@ -336,8 +336,9 @@ class Connection:
                     break
                 if self._reading or self._ended or not self._caller_reads:
                     # Another thread reads (and wakes the blocked after
-                    # each answer), or nothing will be read any more (then
-                    # _fail_all has completed everything).
+                    # each answer and when it gives the role up), or nothing
+                    # will be read any more (then _fail_all has completed
+                    # everything).
                     self._blocked += 1
                     try:
                         rc.wait(remaining)
@@ -402,6 +403,10 @@ class Connection:
             if not self._handle(pkt):
                 self._ended = True
                 return
+            if self._blocked:
+                # Another thread waits for its answer: this one may be it.
+                with self._rcond:
+                    self._rcond.notify_all()
             if event is not None and event.is_set():
                 return
             flags = socket.MSG_DONTWAIT
