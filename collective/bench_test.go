@@ -16,16 +16,16 @@ func cpuTime() time.Duration {
 }
 
 // BenchmarkGRPCAllReduce measures a 2-rank ring all-reduce over the
-// loopback data plane, with TCP lanes (tcp), same-host Unix lanes (unix) and
+// loopback data plane at 4 KiB (per-operation costs), 1 and 64 MiB, with TCP lanes (tcp), same-host Unix lanes (unix) and
 // with frames on the gRPC streams (grpc); b.ReportAllocs shows what the
 // steady state allocates per operation.
 func BenchmarkGRPCAllReduce(b *testing.B) {
 	for _, bc := range []struct {
 		plane string
 		size  int
-	}{{DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {"unix", 1 << 20}, {"unix", 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
+	}{{DataPlaneTCP, 4 << 10}, {DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {"unix", 4 << 10}, {"unix", 1 << 20}, {"unix", 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
 		size := bc.size
-		b.Run(fmt.Sprintf("%s/%dMiB", bc.plane, size>>20), func(b *testing.B) {
+		b.Run(fmt.Sprintf("%s/%dKiB", bc.plane, size>>10), func(b *testing.B) {
 			cfg := DefaultConfig()
 			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = bc.plane
@@ -61,7 +61,9 @@ func BenchmarkGRPCAllReduce(b *testing.B) {
 				run()
 			}
 			// Both ranks send `size` bytes per operation (n=2).
-			b.ReportMetric((cpuTime()-c0).Seconds()/(float64(2*size*b.N)/1e9), "cpu_s/GB")
+			cpu := cpuTime() - c0
+			b.ReportMetric(cpu.Seconds()/(float64(2*size*b.N)/1e9), "cpu_s/GB")
+			b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu_us/op")
 			b.ReportMetric(float64(size)/1e9/(b.Elapsed().Seconds()/float64(b.N)), "busbw_GB/s")
 		})
 	}

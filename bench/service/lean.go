@@ -124,8 +124,7 @@ func leanRequest(br *bufio.Reader) (*http.Request, error) {
 		if br.Buffered() == br.Size() {
 			return nil, errLeanHead
 		}
-		var err error
-		if buf, err = br.Peek(br.Buffered() + 1); err != nil {
+		if _, err := br.Peek(br.Buffered() + 1); err != nil {
 			return nil, err
 		}
 		buf, _ = br.Peek(br.Buffered())

@@ -18,13 +18,17 @@
 # NODES agents (default 2); DDP at each world size of WORLDS (default "1 2",
 # one rank per agent; 1 must be among them for the 2-ranks-minus-1-rank
 # recipe); DDP_ARGS are passed to ddp_ab.py (e.g. "--steps 20");
-# ALLREDUCE=0 skips part 2.
+# ALLREDUCE=0 skips part 2; TIMELINE=1 adds bench/torch/ddp_timeline.py at the
+# largest world size each round (where gpumesh's exposed time goes); PYDIR is the python/ folder of the package the
+# ranks import (default this checkout's: give another to compare two
+# versions of the client with the same scripts).
 #
 # Usage: [ROUNDS=n] [NODES=n WORLDS="1 2 4"] bench/torch/run.sh GPUMESH_BINARY [OUTDIR]
 #        (from the repository root). Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-bench}
 ROOT=$(pwd) PY=${PY:-/usr/bin/python3}
+PYDIR=$(realpath "${PYDIR:-$ROOT/python}")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
@@ -49,8 +53,8 @@ job() {
   local id
   # MASTER_PORT: a free port of our own (the scheduler's pick may be held by
   # another torch process on a shared machine).
-  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s"%s, "%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$(free_port)" "$envs" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
+  id=$(printf 'name: bench\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s"}\n  command: ["env", "MASTER_PORT=%s"%s, "%s", "%s"%s]\n' \
+        "$ranks" "$PYDIR" "$(free_port)" "$envs" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job logs "$id" --rank 0
 }
 
@@ -61,6 +65,10 @@ for r in $(seq "$ROUNDS"); do
     # shellcheck disable=SC2086
     job bench/torch/ddp_ab.py "$w" -- $DDP_ARGS | grep -o '{.*}' >>"$OUT/ddp_$w.json"
   done
+  if [ "${TIMELINE:-0}" = 1 ]; then
+    # shellcheck disable=SC2086
+    job bench/torch/ddp_timeline.py "$(echo $WORLDS | tr ' ' '\n' | sort -n | tail -1)" -- $DDP_ARGS | grep -o '{.*}' >>"$OUT/timeline.json"
+  fi
   [ "$ALLREDUCE" = 0 ] && continue
   job bench/torch/allreduce_ab.py 2 | grep -o '{.*}' >>"$OUT/ar.json"
   printf 'name: ar\ntype: allreduce\nranks: 2\nplacement: spread\nallreduce: {sizes: [16MiB, 64MiB, 256MiB], dtype: float32, iters: 10, device: cpu}\n' |
@@ -99,6 +107,11 @@ for w in [w for w in worlds if w > 1]:
     print(f"{w} ranks, step - no_sync step (same processes): gloo {fmt(inner['gloo'])}  gpumesh {fmt(inner['gpumesh'])}")
     print(f"gpumesh exposes {med(inner['gpumesh']) / med(inner['gloo']):.2f} of Gloo's communication by this measure "
           f"(per round {' '.join(f'{x:.2f}' for x in ri)})")
+if os.path.exists(os.path.join(out, "timeline.json")):
+    print("\nwhere gpumesh's exposed time goes (bench/torch/ddp_timeline.py, ms; one line per round):")
+    for r in lines("timeline.json"):
+        if r["bench"] == "ddp_timeline_summary":
+            print(json.dumps(r))
 if not os.path.exists(os.path.join(out, "ar.json")):
     sys.exit(0)
 bw = {}

@@ -197,3 +197,16 @@ func TestPythonRanksExitCleanly(t *testing.T) {
 }
 
 const exitRuns = 4
+
+// Work's future (python/tests/check_work.py, no agent): made only when
+// asked for, completed exactly once with the result or the error, whether
+// asked for before or after the operation completed.
+func TestPythonWorkFuture(t *testing.T) {
+	pkg, _ := filepath.Abs("../../python")
+	cmd := exec.Command(torchPython, filepath.Join(pkg, "tests", "check_work.py"))
+	cmd.Env = append(os.Environ(), "PYTHONPATH="+pkg)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "WORK OK") {
+		t.Fatalf("%v: %s", err, out)
+	}
+}

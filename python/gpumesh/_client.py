@@ -141,7 +141,9 @@ class Connection:
         self._rcond = threading.Condition(threading.Lock())
         self._reading = False
         self._role_owner = None  # the thread that reads (its ident)
-        self._waiting = 0  # threads in wait_for
+        self._blocked = 0  # threads in wait_for blocked on _rcond
+        self._bg_idle = False  # the background thread is blocked on _rcond
+        self._bg_look = False  # it should look at what has arrived (watchdog)
         self._ended = False  # the socket's reading side is done
         self._bg_poked = not caller_reads  # the background thread should read
         self._caller_reads = caller_reads
@@ -262,10 +264,9 @@ class Connection:
             return (0, 0, 0) if x is None else x
 
         ra, rb = ref(a), ref(b)
-        if self._caller_reads:
-            # What came unasked while nobody read (FAILED of an idle group)
-            # fails this operation at once.
-            self._drain()
+        # What the agent sent unasked while nobody read (FAILED of an idle
+        # group) is read before this operation's answer, which it fails:
+        # the socket keeps the order, so no look is needed here.
         with self._lock:
             self._check()
             if before_send is not None:
@@ -306,11 +307,15 @@ class Connection:
         operation reads itself when nobody else does, so that its answer
         wakes it straight from the socket, with no hand-over from another
         thread (a thread wake-up per operation, which on an idle many-core
-        host is a good part of a 16 MiB all_reduce's overhead). The
+        host is a good part of a 16 MiB all_reduce's overhead), and it stops
+        reading as soon as its own answer is in. Nobody else is woken unless
+        it has something to do: another thread blocked here, or the
+        background thread while answers nobody waits for are due. The
         background thread reads when operations are pending that nobody
         waits for (futures: DDP's buckets; see read_in_background), and
         drains, once a second, what the agent sends unasked (FAILED while
-        the group is idle); the next operation also drains it first."""
+        the group is idle); an operation issued meanwhile reads it before
+        its own answer."""
         deadline = time.monotonic() + timeout
         rc = self._rcond
         if self._role_owner == threading.get_ident():
@@ -320,66 +325,67 @@ class Connection:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._read(remaining)
+                self._read(remaining, event)
             return event.is_set()
-        with rc:
-            self._waiting += 1
-        try:
-            while not event.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                with rc:
-                    if event.is_set():
-                        break
-                    if self._reading or self._ended or not self._caller_reads:
-                        # Another thread reads (and notifies after each
-                        # answer), or nothing will be read any more (then
-                        # _fail_all has completed everything).
-                        rc.wait(remaining)
-                        continue
-                    self._reading = True
-                    self._role_owner = threading.get_ident()
-                try:
-                    self._read(remaining)
-                finally:
-                    self._release_role()
-            return True
-        finally:
+        while not event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
             with rc:
-                self._waiting -= 1
+                if event.is_set():
+                    break
+                if self._reading or self._ended or not self._caller_reads:
+                    # Another thread reads (and wakes the blocked after
+                    # each answer and when it gives the role up), or nothing
+                    # will be read any more (then _fail_all has completed
+                    # everything).
+                    self._blocked += 1
+                    try:
+                        rc.wait(remaining)
+                    finally:
+                        self._blocked -= 1
+                    continue
+                self._reading = True
+                self._role_owner = threading.get_ident()
+            try:
+                self._read(remaining, event)
+            finally:
+                self._release_role()
+        return True
 
     def read_in_background(self):
         """Lets the background thread read while operations are pending and
         nobody waits for them (a future was asked for)."""
         with self._rcond:
-            if not self._bg_poked:
-                self._bg_poked = True
+            self._bg_poked = True
+            if self._bg_idle:
+                self._rcond.notify_all()
+
+    def _look(self):
+        """Has the background thread read what has arrived, without waiting
+        (the watchdog, once a second: answers nobody read, FAILED while the
+        group is idle)."""
+        with self._rcond:
+            self._bg_look = True
+            if self._bg_idle:
                 self._rcond.notify_all()
 
     def _release_role(self):
+        """Gives the reading role up, waking only threads that have
+        something to do: those blocked in wait_for (their answer may have
+        come, or one of them takes the role) and the background thread
+        when it was asked to look or to read answers still due."""
         with self._rcond:
             self._reading = False
             self._role_owner = None
-            if self._waiting or self._bg_poked:
+            if self._blocked or (self._bg_idle and (self._bg_look or (
+                    self._bg_poked and (self._pending or self._registering)))):
                 self._rcond.notify_all()
 
-    def _drain(self):
-        """Reads what has arrived, without waiting, if nobody else reads."""
-        with self._rcond:
-            if self._reading or self._ended:
-                return
-            self._reading = True
-            self._role_owner = threading.get_ident()
-        try:
-            self._read(0)
-        finally:
-            self._release_role()
-
-    def _read(self, timeout):
+    def _read(self, timeout, event=None):
         """Under the reading role: reads and handles the answers that arrive
         within timeout seconds (None: until one does), then those already
-        there."""
+        there, stopping once event (if given) is set."""
         if timeout is not None and not self._poll.poll(0 if timeout <= 0 else max(1, math.ceil(timeout * 1000))):
             return
         flags = 0 if timeout is None else socket.MSG_DONTWAIT
@@ -396,6 +402,12 @@ class Connection:
                 return
             if not self._handle(pkt):
                 self._ended = True
+                return
+            if self._blocked:
+                # Another thread waits for its answer: this one may be it.
+                with self._rcond:
+                    self._rcond.notify_all()
+            if event is not None and event.is_set():
                 return
             flags = socket.MSG_DONTWAIT
 
@@ -440,19 +452,24 @@ class Connection:
         while True:
             with rc:
                 while not (self._ended or self._closed) and (
-                        self._reading or (self._waiting and self._caller_reads) or not self._bg_poked):
-                    rc.wait()
+                        self._reading or (self._blocked and self._caller_reads)
+                        or not (self._bg_poked or self._bg_look)):
+                    self._bg_idle = True
+                    try:
+                        rc.wait()
+                    finally:
+                        self._bg_idle = False
                 if self._ended or self._closed:
                     return
                 self._reading = True
                 self._role_owner = threading.get_ident()
-                busy = self.pending() > 0 or not self._caller_reads
+                busy = not self._caller_reads or (self._bg_poked and self.pending() > 0)
                 if not busy:
                     self._bg_poked = False  # done: what was pending has completed
+                self._bg_look = False
             try:
-                # Blocking while something is pending (its answer will
-                # come); a look without waiting otherwise (the watchdog's
-                # drain).
+                # Blocking while answers nobody waits for are due; a look
+                # without waiting otherwise (the watchdog's).
                 self._read(None if busy else 0)
             finally:
                 self._release_role()
@@ -464,7 +481,7 @@ class Connection:
         limit = self.timeout + 10.0
         while not self._stop.wait(min(1.0, limit / 4)):
             if self._caller_reads:
-                self.read_in_background()  # answers nobody read, FAILED while idle
+                self._look()  # answers nobody read, FAILED while idle
             now = time.monotonic()
             with self._lock:
                 late = [p for p in self._pending.values() if now - p.issued > limit]

@@ -183,20 +183,29 @@ class Work(_WorkBase):
         self._timeout = timeout
         self._event = threading.Event()
         self._error = None
-        # The future callers see is a continuation of _raw that raises on
-        # failure: a callback that raises marks the continuation failed in
-        # C++ too, so DDP's reducer (which reads the value in C++) gets an
-        # exception. (PyTorch 1.13's Future.set_exception only stores the
-        # exception as the value, which C++ code would take for a result.)
-        self._raw = torch.futures.Future()
-        self._future = self._raw.then(_unwrap)
+        # The future is made when it is asked for (get_future: DDP's
+        # buckets), not for every operation (dist.all_reduce waits on the
+        # Work): making and completing one costs as much as the rest of the
+        # rank's side of a small operation. Exactly one of _complete and
+        # get_future completes it: whichever comes second (_flock).
+        self._flock = threading.Lock()
+        self._done = False
+        self._raw = None
+        self._future = None
 
     def _complete(self, error):
         self._error = error
         self._event.set()
-        self._raw.set_result(_Failed(error) if error is not None else self._result)
+        with self._flock:
+            self._done = True
+            raw = self._raw
+        if raw is not None:
+            raw.set_result(self._value())
         if self._asked and self._keep is not None:
             self._keep.done(self)
+
+    def _value(self):
+        return _Failed(self._error) if self._error is not None else self._result
 
     def _ask(self):
         self._asked = True
@@ -216,12 +225,27 @@ class Work(_WorkBase):
         return True
 
     def get_future(self):
+        made = False
+        with self._flock:
+            if self._future is None:
+                # The future callers see is a continuation of _raw that
+                # raises on failure: a callback that raises marks the
+                # continuation failed in C++ too, so DDP's reducer (which
+                # reads the value in C++) gets an exception. (PyTorch 1.13's
+                # Future.set_exception only stores the exception as the
+                # value, which C++ code would take for a result.)
+                self._raw = torch.futures.Future()
+                self._future = self._raw.then(_unwrap)
+                made = True
+            fut, done = self._future, self._done
+        if made and done:
+            self._raw.set_result(self._value())
         self._ask()
-        if self._conn is not None:
+        if self._conn is not None and not done:
             # Nobody may wait in Python: the connection's background thread
             # completes the future.
             self._conn.read_in_background()
-        return self._future
+        return fut
 
     def is_completed(self):
         return self._event.is_set()
@@ -545,6 +569,25 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
 
     def shutdown(self):
         self._conn.close()
+
+
+def backend_of(group=None):
+    """The ProcessGroupGpumesh behind group (default: the default group):
+    the group itself on PyTorch 1.13, its CPU backend on 2.x (for tools and
+    tests that look inside the backend); None if the group is not
+    gpumesh's."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if isinstance(pg, ProcessGroupGpumesh):
+        return pg
+    get = getattr(pg, "_get_backend", None)
+    if get is not None:
+        try:
+            b = get(torch.device("cpu"))
+        except RuntimeError:
+            return None
+        if isinstance(b, ProcessGroupGpumesh):
+            return b
+    return None
 
 
 def _create(opts, pg_options=None):
