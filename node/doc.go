@@ -6,7 +6,10 @@
 // allocated here and are health-checked here; every agent routes
 // /svc/NAME/ on its HTTP port to a healthy replica (service_router.go; plain
 // requests over its own pooled HTTP/1.1 connections, service_upstream.go,
-// plain answers passed on from the connection's buffer, service_answer.go) and
+// plain answers passed on from the connection's buffer, service_answer.go),
+// and with Config.ServeAddr also on a serve port whose lean HTTP/1.1 front
+// end hands plain requests to the same router and everything else to
+// net/http's server (service_serve.go), and
 // reports its requests in flight to the leader for services scaled by load
 // (service_load.go). It
 // does not talk to AWS: the caller hands it

@@ -151,9 +151,11 @@ func testRouterRoutesToHealthyReplicas(t *testing.T, p routePath) {
 	}
 }
 
-func TestRouterBadInput(t *testing.T) {
+func TestRouterBadInput(t *testing.T) { bothPaths(t, testRouterBadInput) }
+
+func testRouterBadInput(t *testing.T, p routePath) {
 	a := replica(t, "A")
-	rt, front := newTestRouter(t, pathFast)
+	rt, front := newTestRouter(t, p)
 	jobs, allocs := svcState(t, "echo", []string{a.Listener.Addr().String()}, []string{HealthStarting})
 	rt.update(jobs, allocs)
 	code, body := get(t, front.URL+"/svc/nosuch/x")

@@ -171,7 +171,9 @@ func (f *serveFront) serve() error {
 			continue
 		}
 		backoff = 0
-		sc := &serveConn{c: c, watch: &clientWatch{c: c}}
+		// New: idle until its first request, so that a shutdown ends its
+		// handshake or its wait.
+		sc := &serveConn{c: c, watch: &clientWatch{c: c}, idle: true}
 		sc.watch.timer = time.AfterFunc(time.Hour, sc.watch.fire)
 		sc.watch.timer.Stop()
 		f.mu.Lock()
@@ -245,7 +247,13 @@ func (f *serveFront) serveConn(sc *serveConn) {
 	var state *tls.ConnectionState
 	if f.tls != nil {
 		tc := tls.Server(sc.c, f.tls)
+		sc.mu.Lock()
+		if f.closing.Load() {
+			sc.mu.Unlock()
+			return
+		}
 		_ = sc.c.SetDeadline(time.Now().Add(serveHeaderTimeout))
+		sc.mu.Unlock()
 		if err := tc.HandshakeContext(f.ctx); err != nil {
 			return
 		}
