@@ -20,8 +20,8 @@ import (
 // A plain request is:
 //
 //   - its whole head in the connection's buffer (serveBufSize), a request
-//     line "METHOD /origin-form-target HTTP/1.1" with a token method and a
-//     target url.ParseRequestURI accepts;
+//     line "METHOD /origin-form-target HTTP/1.1" with a token method other
+//     than CONNECT and a target url.ParseRequestURI accepts;
 //   - header lines of a valid name, a colon and a valid value, none folded,
 //     no bare LF, at most maxPlainRequestHeaders of them;
 //   - exactly one Host, valid; no Transfer-Encoding, Upgrade or Expect; at
@@ -61,7 +61,7 @@ func parsePlainRequest(buf []byte, pr *plainRequest) (ok, headComplete bool) {
 	line, s, _ := strings.Cut(s, "\r\n")
 	method, rest, ok1 := strings.Cut(line, " ")
 	target, proto, ok2 := strings.Cut(rest, " ")
-	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validMethod(method) || target == "" || target[0] != '/' || strings.IndexByte(line, '\n') >= 0 {
+	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validMethod(method) || method == http.MethodConnect || target == "" || target[0] != '/' || strings.IndexByte(line, '\n') >= 0 {
 		return false, true
 	}
 	pr.method, pr.target = method, target

@@ -344,3 +344,59 @@ func TestServePortPassesInterimAnswers(t *testing.T) {
 		t.Fatalf("the client got %q before the final answer; want 103 with its Link header", got)
 	}
 }
+
+// parsePlainRequest takes only what the front end can pass on as it is,
+// and request routes only a service's target.
+func TestParsePlainRequest(t *testing.T) {
+	for _, c := range []struct {
+		head  string
+		plain bool
+		route string // the router's URL path, "" for none (net/http's server answers)
+	}{
+		{"GET /svc/echo/x?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n", true, "/svc/echo/x"},
+		{"POST /svc/echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", true, "/svc/echo/x"},
+		{"GET /x HTTP/1.1\r\nHost: echo.svc:80\r\n\r\n", true, "/svc/echo/x"},
+		{"GET /svc/echo/a/../b HTTP/1.1\r\nHost: a\r\n\r\n", true, ""}, // ServeMux would redirect
+		{"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n", true, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", false, ""}, // over maxRetryBody
+		{"POST /svc/echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", false, ""},
+		{"POST /svc/echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", false, ""},
+		{"POST /svc/echo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", false, ""},
+		{"POST /svc/echo/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.0\r\nHost: a\r\n\r\n", false, ""},
+		{"CONNECT /svc/echo/x HTTP/1.1\r\nHost: a\r\n\r\n", false, ""},
+		{"GET http://a/svc/echo/x HTTP/1.1\r\nHost: a\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nX-F: a\r\n b\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n", false, ""},
+		{"GET /svc/echo/x HTTP/1.1\r\nHost: a\r\nX-A: a\nX-B: b\r\n\r\n", false, ""},
+		{"G(T /svc/echo/x HTTP/1.1\r\nHost: a\r\n\r\n", false, ""},
+	} {
+		pr := plainRequest{header: http.Header{}}
+		plain, complete := parsePlainRequest([]byte(c.head), &pr)
+		if !complete || plain != c.plain {
+			t.Errorf("%q: plain %v (complete %v), want %v", c.head, plain, complete, c.plain)
+			continue
+		}
+		if !plain {
+			continue
+		}
+		route := ""
+		if req := pr.request("192.0.2.1:5"); req != nil {
+			route = req.URL.Path
+		}
+		if route != c.route {
+			t.Errorf("%q: routed as %q, want %q", c.head, route, c.route)
+		}
+	}
+	pr := plainRequest{header: http.Header{}}
+	if _, complete := parsePlainRequest([]byte("GET /svc/echo/x HTTP/1.1\r\nHost: a\r\n"), &pr); complete {
+		t.Errorf("a head without its blank line counts as whole")
+	}
+	if plain, _ := parsePlainRequest([]byte("GET /svc/e/x HTTP/1.1\r\nhost: a\r\nconnection: close\r\nx-k: 1\r\nX-K: 2\r\n\r\n"), &pr); !plain ||
+		!pr.closeAfter || pr.host != "a" || strings.Join(pr.header["X-K"], ",") != "1,2" || pr.header["Host"] != nil {
+		t.Errorf("got %+v", pr)
+	}
+}
