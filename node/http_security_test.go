@@ -24,6 +24,7 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 		c.Security.ACLTokenFile = tokenFile
 		c.Security.HTTPAuth = HTTPAuthToken
 		c.GPUSampler = fakeGPUs(c.NodeName)
+		c.ServeAddr = "127.0.0.1:0"
 	})
 	a := dc.Agents[0]
 	// Trusts the CA, presents no certificate (a browser, Prometheus).
@@ -33,9 +34,9 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 	}
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: caOnly}}
 	t.Cleanup(hc.CloseIdleConnections)
-	get := func(method, path, token string) (int, string) {
+	getAt := func(addr, method, path, token string) (int, string) {
 		t.Helper()
-		req, _ := http.NewRequest(method, "https://"+a.HTTPAddr()+path, nil)
+		req, _ := http.NewRequest(method, "https://"+addr+path, nil)
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
 		}
@@ -47,6 +48,7 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
+	get := func(method, path, token string) (int, string) { return getAt(a.HTTPAddr(), method, path, token) }
 	for _, c := range []struct {
 		method, path, token string
 		want                int
@@ -64,6 +66,13 @@ func TestHTTPPortTLSAndToken(t *testing.T) {
 		if code, body := get(c.method, c.path, c.token); code != c.want {
 			t.Errorf("%s %s (token %q): %d, want %d: %s", c.method, c.path, c.token, code, c.want, body)
 		}
+	}
+	// The serve port is HTTPS too, with service traffic only.
+	if code, body := getAt(a.ServeAddr(), "POST", "/svc/nosuch/x", ""); code != 404 || !strings.Contains(body, `no service named "nosuch"`) {
+		t.Errorf("serve port, POST /svc/nosuch/x: %d %s", code, body)
+	}
+	if code, body := getAt(a.ServeAddr(), "GET", "/metrics", "s3cret"); code != 404 || !strings.Contains(body, "service port") {
+		t.Errorf("serve port, GET /metrics: %d %s", code, body)
 	}
 	// Plain HTTP gets no data.
 	if resp, err := http.Get("http://" + a.HTTPAddr() + "/metrics"); err == nil {
