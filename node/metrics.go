@@ -81,6 +81,7 @@ func newMetrics(a *Agent) *opsState {
 		newLocalAPICollector(a), // localapi_metrics.go
 		cuda.NewCollector(o.sampleGPUs),
 		a.router,
+		serveCollector{a}, // service_metrics.go
 	)
 	a.goFunc(o.followPlacements)
 	return o

@@ -145,6 +145,12 @@ service:
 	if v, ok := metricValue(mfs, "gpumesh_service_requests_total", map[string]string{"service": "mlp"}); !ok || v < 21 {
 		t.Fatalf("gpumesh_service_requests_total{service=mlp} = %v (%v), want >= 21", v, ok)
 	}
+	if v, ok := metricValue(mfs, "gpumesh_service_port_requests_total", nil); !ok || v < 10 {
+		t.Fatalf("gpumesh_service_port_requests_total = %v (%v), want >= 10", v, ok)
+	}
+	if v, ok := metricValue(mfs, "gpumesh_service_port_handoffs_total", nil); !ok || v < 1 { // the oversized head
+		t.Fatalf("gpumesh_service_port_handoffs_total = %v (%v), want >= 1", v, ok)
+	}
 	for h, want := range map[string]float64{HealthHealthy: 1, HealthUnhealthy: 1} {
 		if v, ok := metricValue(mfs, "gpumesh_service_replicas", map[string]string{"service": "mlp", "health": h}); !ok || v != want {
 			t.Fatalf("gpumesh_service_replicas{health=%s} = %v (%v), want %v", h, v, ok, want)

@@ -74,3 +74,28 @@ func (rt *router) Collect(ch chan<- prometheus.Metric) {
 }
 
 var _ prometheus.Collector = (*router)(nil)
+
+var (
+	descServeRequests = prometheus.NewDesc("gpumesh_service_port_requests_total", "Requests the serve port's front end (--serve) read and handed to the router itself.", nil, nil)
+	descServeHandoffs = prometheus.NewDesc("gpumesh_service_port_handoffs_total", "Connections the serve port's front end handed to net/http's server, for a request it does not take whole (Upgrade, Expect, a body streamed or over 1 MiB, a head over 8 KiB, HTTP/1.0, a malformed request).", nil, nil)
+)
+
+// serveCollector exports the serve port's counters; nothing when the agent
+// has no serve port.
+type serveCollector struct{ a *Agent }
+
+// Describe implements prometheus.Collector.
+func (c serveCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descServeRequests
+	ch <- descServeHandoffs
+}
+
+// Collect implements prometheus.Collector.
+func (c serveCollector) Collect(ch chan<- prometheus.Metric) {
+	f := c.a.serveS
+	if f == nil {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(descServeRequests, prometheus.CounterValue, float64(f.served.Load()))
+	ch <- prometheus.MustNewConstMetric(descServeHandoffs, prometheus.CounterValue, float64(f.handed.Load()))
+}
