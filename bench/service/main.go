@@ -8,7 +8,11 @@
 //	service load    -url http://127.0.0.1:9001/x        # direct
 //	service load    -url http://127.0.0.1:9002/svc/bench/x  # through the router
 //
-// router -pprof 127.0.0.1:6060 serves net/http/pprof there (go tool pprof
+// router serves the router behind net/http's server, as an agent's HTTP
+// port does; router -serve behind the agent's serve-port front end
+// (gpumesh agent --serve); router -lean and -floor are measuring sticks
+// (a minimal server prototype, a byte relay). router -pprof 127.0.0.1:6060
+// serves net/http/pprof there (go tool pprof
 // http://127.0.0.1:6060/debug/pprof/profile?seconds=5).
 //
 // load prints requests/s and latency percentiles as one JSON line; with
