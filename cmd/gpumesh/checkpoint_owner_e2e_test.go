@@ -157,23 +157,12 @@ func TestCheckpointCommandsRefuseAnotherJobs(t *testing.T) {
 	dir := t.TempDir()
 	uri := "file://" + filepath.Join(dir, "store")
 	bin := procs.Binary(t)
-	state := filepath.Join(dir, "state")
-	if err := os.WriteFile(state, []byte("step 3 state"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	commitStep(t, bin, uri, 3, "GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000a")
 	gm := func(env []string, args ...string) (string, error) {
 		cmd := exec.Command(bin, append([]string{"checkpoint", "--uri", uri}, args...)...)
 		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
 		return string(out), err
-	}
-	a := []string{"GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000a"}
-	part, err := gm(a, "put", "--step", "3", state)
-	if err != nil {
-		t.Fatal(part, err)
-	}
-	if out, err := gm(a, "commit", "--step", "3", "--parts", "["+strings.TrimSpace(part)+"]"); err != nil {
-		t.Fatal(out, err)
 	}
 	if out, err := gm([]string{"GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000b"}, "latest"); err != nil || !strings.Contains(out, `"job_name":"train"`) {
 		t.Fatalf("the same job submitted again: %v\n%s", err, out)
