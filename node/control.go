@@ -33,6 +33,14 @@ var (
 const (
 	// hopsKey counts how many agents a forwarded call has passed through.
 	hopsKey = "x-gpumesh-hops"
+	// notAfterKey carries a forwarded call's deadline as wall-clock Unix
+	// nanoseconds. gRPC sends a deadline as the time left, which the
+	// receiver counts from when the call reaches it: a call held up in a
+	// partition (TCP delivers it once the partition heals) would start
+	// there with its whole budget again, and a write the caller saw time
+	// out would commit after all. Agents' clocks are kept in step (NTP), so
+	// an absolute deadline is what ends the call.
+	notAfterKey = "x-gpumesh-not-after"
 	// maxHops bounds forwarding (client → server → leader, plus one spare).
 	maxHops = 3
 	// defaultWriteTimeout bounds a write that has no deadline of its own,
@@ -62,6 +70,9 @@ func outgoing(ctx context.Context) context.Context {
 	md, _ := metadata.FromIncomingContext(ctx)
 	md = md.Copy()
 	md.Set(hopsKey, strconv.Itoa(n))
+	if dl, ok := ctx.Deadline(); ok {
+		md.Set(notAfterKey, strconv.FormatInt(dl.UnixNano(), 10))
+	}
 	// Keep the caller's token and deadline; drop transport headers.
 	for _, k := range []string{":authority", "content-type", "user-agent", "grpc-timeout"} {
 		md.Delete(k)
@@ -121,6 +132,11 @@ func (s *controlServer) withLeader(ctx context.Context, local func(ctx context.C
 		return fmt.Errorf("%w: the call was forwarded %d times without reaching one", ErrNoLeader, h)
 	}
 	if h > 0 {
+		ctx, cancel, err := forwardedDeadline(ctx)
+		if err != nil {
+			return err
+		}
+		defer cancel()
 		return s.tryLeader(ctx, h, local, remote)
 	}
 	if _, ok := ctx.Deadline(); !ok {
@@ -148,6 +164,30 @@ func (s *controlServer) withLeader(ctx context.Context, local func(ctx context.C
 			backoff *= 2
 		}
 	}
+}
+
+// errForwardedLate refuses a forwarded call that arrived after its caller's
+// deadline.
+var errForwardedLate = fmt.Errorf("%w: the forwarded call arrived after its caller's deadline", context.DeadlineExceeded)
+
+// forwardedDeadline bounds a forwarded call by the deadline its first agent
+// sent (notAfterKey), and refuses it when that has passed.
+func forwardedDeadline(ctx context.Context) (context.Context, context.CancelFunc, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	v := md.Get(notAfterKey)
+	if len(v) == 0 {
+		return ctx, func() {}, nil
+	}
+	ns, err := strconv.ParseInt(v[0], 10, 64)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: bad %s %q", errInvalidArgument, notAfterKey, v[0])
+	}
+	dl := time.Unix(0, ns)
+	if !time.Now().Before(dl) {
+		return nil, nil, errForwardedLate
+	}
+	ctx, cancel := context.WithDeadline(ctx, dl)
+	return ctx, cancel, nil
 }
 
 // tryLeader makes one attempt. A call that arrived forwarded (h > 0) goes on
