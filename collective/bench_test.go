@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/internal/bytesize"
 )
 
 // cpuTime is this process's user+system CPU time.
@@ -16,16 +18,17 @@ func cpuTime() time.Duration {
 }
 
 // BenchmarkGRPCAllReduce measures a 2-rank ring all-reduce over the
-// loopback data plane at 4 KiB (per-operation costs), 1 and 64 MiB, with TCP lanes (tcp), same-host Unix lanes (unix) and
-// with frames on the gRPC streams (grpc); b.ReportAllocs shows what the
-// steady state allocates per operation.
+// loopback data plane at 4 KiB (per-operation costs), 1 and 64 MiB, with
+// TCP lanes (tcp), same-host Unix lanes (unix) and with frames on the gRPC
+// streams (grpc), named PLANE/SIZE (tcp/4KiB, tcp/64MiB); b.ReportAllocs
+// shows what the steady state allocates per operation.
 func BenchmarkGRPCAllReduce(b *testing.B) {
 	for _, bc := range []struct {
 		plane string
 		size  int
 	}{{DataPlaneTCP, 4 << 10}, {DataPlaneTCP, 1 << 20}, {DataPlaneTCP, 64 << 20}, {"unix", 4 << 10}, {"unix", 1 << 20}, {"unix", 64 << 20}, {DataPlaneGRPC, 1 << 20}, {DataPlaneGRPC, 64 << 20}} {
 		size := bc.size
-		b.Run(fmt.Sprintf("%s/%dKiB", bc.plane, size>>10), func(b *testing.B) {
+		b.Run(bc.plane+"/"+bytesize.Format(int64(size)), func(b *testing.B) {
 			cfg := DefaultConfig()
 			gcfg := DefaultNetConfig()
 			gcfg.DataPlane = bc.plane

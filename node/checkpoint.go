@@ -27,6 +27,10 @@ const (
 	// `gpumesh checkpoint put|commit|latest|get` when the agent's local API
 	// is off (it otherwise asks the agent on its socket).
 	EnvBin = "GPUMESH_BIN"
+	// EnvS3Endpoint is the S3 endpoint URL of an S3-compatible store
+	// (path-style), from the agent's or the job's environment: read by the
+	// agent for its ranks' stores and by `gpumesh checkpoint`.
+	EnvS3Endpoint = "GPUMESH_S3_ENDPOINT"
 )
 
 // checkpointEnv returns the checkpoint variables of a job's tasks, leaving

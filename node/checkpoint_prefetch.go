@@ -61,7 +61,7 @@ func envLookup(env []string, key string) string {
 // s3ConfigFromEnv turns a task's environment into the S3 settings the rank
 // itself would use through `gpumesh checkpoint` (see cmd/gpumesh).
 func s3ConfigFromEnv(env []string) checkpoint.S3Config {
-	cfg := checkpoint.S3Config{Endpoint: envLookup(env, "GPUMESH_S3_ENDPOINT"), Region: envLookup(env, "AWS_REGION")}
+	cfg := checkpoint.S3Config{Endpoint: envLookup(env, EnvS3Endpoint), Region: envLookup(env, "AWS_REGION")}
 	if id, secret := envLookup(env, "AWS_ACCESS_KEY_ID"), envLookup(env, "AWS_SECRET_ACCESS_KEY"); id != "" && secret != "" {
 		cfg.Credentials = credentials.NewStaticCredentialsProvider(id, secret, envLookup(env, "AWS_SESSION_TOKEN"))
 	}

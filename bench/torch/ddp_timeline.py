@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import gpumesh.torch
+from backend_object import gpumesh_backend  # registers the gpumesh backend
 
 p = argparse.ArgumentParser()
 p.add_argument("--warmup", type=int, default=3)
@@ -43,18 +43,7 @@ torch.set_num_threads(1)
 dist.init_process_group("gpumesh")
 rank, world = dist.get_rank(), dist.get_world_size()
 
-
-def backend():
-    """The gpumesh backend object of the default group (older packages have
-    no backend_of: there the group is the backend on PyTorch 1.13)."""
-    f = getattr(gpumesh.torch, "backend_of", None)
-    if f is not None:
-        return f()
-    g = dist.distributed_c10d._get_default_group()
-    return g if hasattr(g, "_conn") else None
-
-
-pg = backend()
+pg = gpumesh_backend()
 if pg is None:
     print("ddp_timeline: the gpumesh backend object is not reachable in this PyTorch", flush=True)
     raise SystemExit(0)

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import gpumesh.torch
+from backend_object import gpumesh_backend  # registers the gpumesh backend
 
 p = argparse.ArgumentParser()
 p.add_argument("--sizes-kib", default="4,16384,65536")
@@ -44,18 +44,7 @@ torch.set_num_threads(1)
 dist.init_process_group("gpumesh")
 rank, n = dist.get_rank(), dist.get_world_size()
 
-
-def backend():
-    """The gpumesh backend object of the default group (older packages have
-    no backend_of: there the group is the backend on PyTorch 1.13)."""
-    f = getattr(gpumesh.torch, "backend_of", None)
-    if f is not None:
-        return f()
-    g = dist.distributed_c10d._get_default_group()
-    return g if hasattr(g, "_conn") else None
-
-
-pg = backend()
+pg = gpumesh_backend()
 
 # Timestamps of the last operation: when submit() sent its packet and when
 # its answer was read (not taken where the backend object cannot be reached:

@@ -16,20 +16,23 @@ import (
 
 	"github.com/gpumesh/gpumesh/checkpoint"
 	"github.com/gpumesh/gpumesh/internal/bytesize"
+	"github.com/gpumesh/gpumesh/node"
+	"github.com/gpumesh/gpumesh/node/driver"
 )
 
 func init() { registerCommand(newCheckpointCommand) }
 
 // Environment variables the agent sets in exec tasks of a job with a
-// checkpoint block, read here as flag defaults.
+// checkpoint block, read here as flag defaults (spelt once, in node and
+// node/driver).
 const (
-	envCheckpointURI  = "GPUMESH_CHECKPOINT_URI"
-	envCheckpointKeep = "GPUMESH_CHECKPOINT_KEEP"
-	envS3Endpoint     = "GPUMESH_S3_ENDPOINT"
-	envJobID          = "GPUMESH_JOB_ID"
-	envGeneration     = "GPUMESH_GENERATION"
-	envJobName        = "GPUMESH_JOB_NAME"
-	envResumeFrom     = "GPUMESH_CHECKPOINT_RESUME_FROM"
+	envCheckpointURI  = node.EnvCheckpointURI
+	envCheckpointKeep = node.EnvCheckpointKeep
+	envS3Endpoint     = node.EnvS3Endpoint
+	envJobID          = driver.EnvJobID
+	envGeneration     = driver.EnvGeneration
+	envJobName        = node.EnvJobName
+	envResumeFrom     = node.EnvCheckpointResumeFrom
 )
 
 // checkpointOwner is the job a rank running these commands belongs to

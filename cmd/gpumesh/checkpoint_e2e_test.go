@@ -299,17 +299,7 @@ func TestCheckpointPutKilledMidUpload(t *testing.T) {
 	dir := t.TempDir()
 	uri := "file://" + filepath.Join(dir, "store")
 	bin := procs.Binary(t)
-	good := filepath.Join(dir, "good")
-	if err := os.WriteFile(good, []byte("step 1 state"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(bin, "checkpoint", "--uri", uri, "put", "--step", "1", good).Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := exec.Command(bin, "checkpoint", "--uri", uri, "commit", "--step", "1", "--parts", "["+strings.TrimSpace(string(out))+"]").Run(); err != nil {
-		t.Fatal(err)
-	}
+	commitStep(t, bin, uri, 1)
 	// The next write reads from a pipe that the test fills part way, so it
 	// is certainly in the middle of its upload when it is killed.
 	fifo := filepath.Join(dir, "fifo")
@@ -359,4 +349,29 @@ func TestCheckpointPutKilledMidUpload(t *testing.T) {
 	if err != nil || json.Unmarshal(o, &lat) != nil || !lat.Found || lat.Manifest.Step != 1 {
 		t.Fatalf("gpumesh checkpoint latest = %s, %v; want step 1", o, err)
 	}
+}
+
+// commitStep saves a small state file as step of the checkpoints at uri
+// through `gpumesh checkpoint put` and `commit`, as a rank without the
+// agent's local API does; env (a job's variables) is added to the
+// commands' environment.
+func commitStep(t *testing.T, bin, uri string, step int, env ...string) {
+	t.Helper()
+	state := filepath.Join(t.TempDir(), "state")
+	if err := os.WriteFile(state, fmt.Appendf(nil, "step %d state", step), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) string {
+		cmd := exec.Command(bin, append([]string{"checkpoint", "--uri", uri}, args...)...)
+		cmd.Env = append(os.Environ(), env...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("gpumesh checkpoint %s: %v\n%s", args[0], err, stderr.Bytes())
+		}
+		return string(out)
+	}
+	part := run("put", "--step", strconv.Itoa(step), state)
+	run("commit", "--step", strconv.Itoa(step), "--parts", "["+strings.TrimSpace(part)+"]")
 }

@@ -36,10 +36,6 @@ func TestCheckpointOfAnotherJobFailsItsStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s3env := map[string]string{
-		"GPUMESH_S3_ENDPOINT": s3.URL, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-		"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-	}
 	for _, store := range []string{"file", "s3"} {
 		t.Run(store, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -50,35 +46,18 @@ func TestCheckpointOfAnotherJobFailsItsStart(t *testing.T) {
 				uri = "s3://ckpt/owner"
 			}
 			// run submits a 1-rank training job of name through `job run
-			// --detach` and waits until it ends.
-			n := 0
-			run := func(name string, steps int, args ...string) (jobJSON, string) {
+			// --detach` with flags and waits until it ends.
+			run := func(name string, steps int, flags ...string) (jobJSON, string) {
 				t.Helper()
-				n++
-				env := map[string]string{"PYTHONPATH": filepath.Join(wd, "..", "..", "python")}
-				for k, v := range s3env {
-					env[k] = v
-				}
 				spec := map[string]any{
 					"name": name, "ranks": 1, "restart": map[string]any{"attempts": 2, "delay": "1s"},
 					"checkpoint": map[string]any{"uri": uri, "every": 5},
 					"exec": map[string]any{
 						"command": []string{torchPython, filepath.Join(wd, "testdata", "ckpt_train.py"), "--steps", strconv.Itoa(steps)},
-						"env":     env,
+						"env":     s3JobEnv(t, s3),
 					},
 				}
-				b, err := json.Marshal(spec)
-				if err != nil {
-					t.Fatal(err)
-				}
-				path := filepath.Join(dir, fmt.Sprintf("job-%d.json", n))
-				if err := os.WriteFile(path, b, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				var sub submitted
-				if err := procs.CLIJSON(ctx, t, addr, &sub, append(append([]string{"job", "run", "--detach"}, args...), path)...); err != nil {
-					t.Fatal(err)
-				}
+				sub, logs := runDetached(ctx, t, addr, dir, spec, flags...)
 				var j jobJSON
 				poll.Until(t, 2*time.Minute, func() error {
 					if err := procs.CLIJSON(ctx, t, addr, &j, "job", "status", sub.ID); err != nil {
@@ -89,8 +68,7 @@ func TestCheckpointOfAnotherJobFailsItsStart(t *testing.T) {
 					}
 					return nil
 				}, "job "+name+" to end")
-				logs, _, _ := procs.CLI(ctx, t, addr, "job", "logs", sub.ID, "--rank", "0", "--generation", strconv.FormatUint(j.Job.Generation, 10))
-				return j, logs
+				return j, logs(0, j.Job.Generation)
 			}
 			status := func(j jobJSON) map[string]any {
 				t.Helper()
@@ -179,23 +157,12 @@ func TestCheckpointCommandsRefuseAnotherJobs(t *testing.T) {
 	dir := t.TempDir()
 	uri := "file://" + filepath.Join(dir, "store")
 	bin := procs.Binary(t)
-	state := filepath.Join(dir, "state")
-	if err := os.WriteFile(state, []byte("step 3 state"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	commitStep(t, bin, uri, 3, "GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000a")
 	gm := func(env []string, args ...string) (string, error) {
 		cmd := exec.Command(bin, append([]string{"checkpoint", "--uri", uri}, args...)...)
 		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
 		return string(out), err
-	}
-	a := []string{"GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000a"}
-	part, err := gm(a, "put", "--step", "3", state)
-	if err != nil {
-		t.Fatal(part, err)
-	}
-	if out, err := gm(a, "commit", "--step", "3", "--parts", "["+strings.TrimSpace(part)+"]"); err != nil {
-		t.Fatal(out, err)
 	}
 	if out, err := gm([]string{"GPUMESH_JOB_NAME=train", "GPUMESH_JOB_ID=train-0000000b"}, "latest"); err != nil || !strings.Contains(out, `"job_name":"train"`) {
 		t.Fatalf("the same job submitted again: %v\n%s", err, out)

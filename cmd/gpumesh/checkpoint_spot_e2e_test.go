@@ -70,11 +70,7 @@ func TestSpotNoticeResumesDDPFromCheckpoint(t *testing.T) {
 		"checkpoint": map[string]any{"uri": "s3://ckpt/spot-ddp"},
 		"exec": map[string]any{
 			"command": []string{torchPython, filepath.Join(wd, "testdata", "ckpt_train.py"), "--steps", strconv.Itoa(steps), "--step-sleep", "0.05", "--slow-generation", "1", "--out", out},
-			"env": map[string]string{
-				"PYTHONPATH":          filepath.Join(wd, "..", "..", "python"),
-				"GPUMESH_S3_ENDPOINT": s3.URL, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-				"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-			},
+			"env":     s3JobEnv(t, s3),
 		},
 	}
 	sub, logs := runDetached(ctx, t, as[1].RPCAddr(), dir, spec)
@@ -183,10 +179,25 @@ type submitted struct {
 	ID string `json:"id"`
 }
 
+// s3JobEnv is the exec.env of a test job whose ranks use this checkout's
+// Python package and the test S3 server s3, and nothing else of AWS (no
+// IMDS, no shared AWS files).
+func s3JobEnv(t *testing.T, s3 *s3test.Server) map[string]string {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return map[string]string{
+		"PYTHONPATH":          filepath.Join(wd, "..", "..", "python"),
+		"GPUMESH_S3_ENDPOINT": s3.URL, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+		"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+	}
+}
+
 // runDetached writes spec as a JSON job file in dir, submits it through the
-// agent at addr with `job run --detach`, and returns what the submission
-// answered and a reader of one rank's log of one generation.
-func runDetached(ctx context.Context, t *testing.T, addr, dir string, spec any) (submitted, func(rank int, gen uint64) string) {
+// agent at addr with `job run --detach` and flags, and returns what the
+// submission answered and a reader of one rank's log of one generation.
+func runDetached(ctx context.Context, t *testing.T, addr, dir string, spec any, flags ...string) (submitted, func(rank int, gen uint64) string) {
 	t.Helper()
 	specPath := filepath.Join(dir, "job.json")
 	b, err := json.Marshal(spec)
@@ -197,7 +208,7 @@ func runDetached(ctx context.Context, t *testing.T, addr, dir string, spec any) 
 		t.Fatal(err)
 	}
 	var sub submitted
-	if err := procs.CLIJSON(ctx, t, addr, &sub, "job", "run", "--detach", specPath); err != nil {
+	if err := procs.CLIJSON(ctx, t, addr, &sub, append(append([]string{"job", "run", "--detach"}, flags...), specPath)...); err != nil {
 		t.Fatal(err)
 	}
 	logs := func(rank int, gen uint64) string {

@@ -100,15 +100,16 @@ func issuerFromEnv() (bool, cuda.IssuerConfig) {
 	return false, cuda.IssuerConfig{}
 }
 
-// issuerLabel names GPUMESH_ISSUER's choice for bench lines.
+// issuerLabel names GPUMESH_ISSUER's choice (issuerFromEnv) for bench
+// lines.
 func issuerLabel() string {
-	switch os.Getenv("GPUMESH_ISSUER") {
-	case "1":
-		return ",issuer"
-	case "sleep":
+	switch on, cfg := issuerFromEnv(); {
+	case !on:
+		return ""
+	case cfg.Spin == 0:
 		return ",issuer-sleep"
 	}
-	return ""
+	return ",issuer"
 }
 
 func split3(b []byte) collective.Segments {

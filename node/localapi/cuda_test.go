@@ -3,8 +3,6 @@ package localapi
 import (
 	"bytes"
 	"errors"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -97,11 +95,5 @@ func TestPythonCUDAFallback(t *testing.T) {
 // reallocated at the same address, least recently used dropped, a handle
 // the agent cannot open staged alone.
 func TestPythonCUDAIPCCache(t *testing.T) {
-	pkg, _ := filepath.Abs("../../python")
-	cmd := exec.Command(torchPython, filepath.Join(pkg, "tests", "check_cudaipc_cache.py"))
-	cmd.Env = append(os.Environ(), "PYTHONPATH="+pkg)
-	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "CUDAIPC CACHE OK") {
-		t.Fatalf("%v: %s", err, out)
-	}
+	runPythonCheck(t, "check_cudaipc_cache.py", "CUDAIPC CACHE OK")
 }

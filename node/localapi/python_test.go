@@ -202,11 +202,21 @@ const exitRuns = 4
 // asked for, completed exactly once with the result or the error, whether
 // asked for before or after the operation completed.
 func TestPythonWorkFuture(t *testing.T) {
-	pkg, _ := filepath.Abs("../../python")
-	cmd := exec.Command(torchPython, filepath.Join(pkg, "tests", "check_work.py"))
+	runPythonCheck(t, "check_work.py", "WORK OK")
+}
+
+// runPythonCheck runs python/tests/script alone (no agent, the package on
+// PYTHONPATH) and fails unless it exits 0 having printed ok.
+func runPythonCheck(t *testing.T, script, ok string) {
+	t.Helper()
+	pkg, err := filepath.Abs("../../python")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(torchPython, filepath.Join(pkg, "tests", script))
 	cmd.Env = append(os.Environ(), "PYTHONPATH="+pkg)
 	out, err := cmd.CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "WORK OK") {
-		t.Fatalf("%v: %s", err, out)
+	if err != nil || !strings.Contains(string(out), ok) {
+		t.Fatalf("%s: %v: %s", script, err, out)
 	}
 }
