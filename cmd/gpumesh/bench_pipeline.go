@@ -140,7 +140,7 @@ the CPU instead.`,
 	f.IntVar(&cfg.Layers, "layers", cfg.Layers, "with --compute mlp: weight layers of the model, all --width wide (0: one per stage)")
 	f.StringVar(&cfg.Balance, "balance", cfg.Balance, "with --compute mlp: split the layers by multiply-adds (macs) or by each layer's forward+backward time measured on the device before the run (measured)")
 	f.BoolVar(&cfg.SyncMessages, "sync-messages", cfg.SyncMessages, "with --device cuda: download each message and compute the loss while the stage waits (the behaviour before staged messages; for comparison)")
-	f.BoolVar(&cfg.PageableRecv, "pageable-recv", cfg.PageableRecv, "with --device cuda: receive messages into the links' own memory and upload them synchronously (the behaviour before pinned receives; for comparison)")
+	f.BoolVar(&cfg.PinnedRecv, "pinned-recv", cfg.PinnedRecv, "with --device cuda: receive messages into page-locked memory and queue their uploads without a wait (opt-in until measured on a GPU; default: the links' own memory, uploaded synchronously)")
 	f.BoolVar(&cfg.Trace, "trace", false, "record every stage's actions (start and end on the stage's goroutine) of the timed run; printed with --json as stage_traces")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd

@@ -72,9 +72,9 @@ type BenchConfig struct {
 	// SyncMessages is RunConfig.SyncMessages for every stage (an
 	// asynchronous device's messages downloaded while the stage waits).
 	SyncMessages bool
-	// PageableRecv is RunConfig.PageableRecv for every stage (received
-	// messages uploaded from the links' pageable memory).
-	PageableRecv bool
+	// PinnedRecv is RunConfig.PinnedRecv for every stage (received
+	// messages uploaded from page-locked memory the device lends).
+	PinnedRecv bool
 	// Trace puts every stage's action spans of the timed run into
 	// BenchResult.StageTraces.
 	Trace bool
@@ -416,7 +416,7 @@ func benchSchedule(ctx context.Context, cfg BenchConfig, steps int, devs []Devic
 			defer wg.Done()
 			start.Wait()
 			if cfg.Compute == ComputeMLP {
-				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, PageableRecv: cfg.PageableRecv, Trace: cfg.Trace}
+				rc := RunConfig{JobID: "bench", Stage: s, Stages: p, Links: links[s], SyncMessages: cfg.SyncMessages, PinnedRecv: cfg.PinnedRecv, Trace: cfg.Trace}
 				if len(devs) > 0 {
 					rc.Device = devs[s%len(devs)] // stage s on GPU s mod the GPUs
 				}

@@ -187,7 +187,7 @@ func TestCUDAPipelineMatchesReference(t *testing.T) {
 		done := make(chan int, 2)
 		for st := 0; st < 2; st++ {
 			go func(st int) {
-				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync, PageableRecv: run.pageable}, s)
+				reps[st], errs[st] = RunJob(ctx, RunConfig{JobID: "cuda-job", Generation: 1, Stage: st, Stages: 2, Links: links[st], Device: stageDevs[st], KeepParams: true, SyncMessages: run.sync, PinnedRecv: !run.pageable}, s)
 				done <- st
 			}(st)
 		}
@@ -239,6 +239,7 @@ func TestCUDABench(t *testing.T) {
 	cfg.Device, cfg.Compute = DeviceCUDA, ComputeMLP
 	cfg.Stages, cfg.MicroBatches, cfg.Steps = 2, 8, 3
 	cfg.BandwidthBytes = 0
+	cfg.PinnedRecv = true
 	res, err := Bench(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -39,8 +39,9 @@
 //     with Message.Release and is handed out again only once that upload
 //     is done; the first stage's inputs and the last stage's targets are
 //     copied into such memory and uploaded the same way.
-//     RunConfig.SyncMessages keeps the old synchronous path and
-//     RunConfig.PageableRecv the old pageable receives.
+//     RunConfig.SyncMessages keeps the old synchronous path. Pinned
+//     receives are opt-in (RunConfig.PinnedRecv) until they have run on
+//     a GPU.
 //
 // A stage of a pipeline job, as the node runs it:
 //

@@ -259,14 +259,15 @@ type RunConfig struct {
 	// computed, while the stage waits, as on the CPU. Default false:
 	// messages are staged and the endpoint's sender waits for them.
 	SyncMessages bool
-	// PageableRecv keeps received messages in the links' own memory, which
-	// a GPU uploads from synchronously (the behaviour before pinned
-	// receives). Default false: on a device that lends receive memory
-	// (CUDADevice: page-locked host buffers) with staged messages, the
-	// links read every message into it and the upload is queued behind an
-	// event, without waiting (the first stage's inputs and the last
-	// stage's targets are copied into it and go the same way).
-	PageableRecv bool
+	// PinnedRecv: on a device that lends receive memory (CUDADevice:
+	// page-locked host buffers) with staged messages, the links read every
+	// message into it and the upload is queued behind an event, without
+	// waiting (the first stage's inputs and the last stage's targets are
+	// copied into it and go the same way). Default false: received
+	// messages stay in the links' own memory, which a GPU uploads from
+	// synchronously. Opt-in until it has run on a GPU (its CPU stand-in
+	// is tested; no GPU machine could be had while it was written).
+	PinnedRecv bool
 	// Trace records every action's span in Report.Trace (StageConfig.Trace).
 	Trace bool
 }
@@ -304,7 +305,7 @@ type Report struct {
 	Params []LayerParams `json:"-"`
 
 	// PinnedRecv: the links received into the device's memory (see
-	// RunConfig.PageableRecv).
+	// RunConfig.PinnedRecv).
 	PinnedRecv bool `json:"pinned_recv,omitempty"`
 }
 
@@ -362,7 +363,7 @@ func RunJob(ctx context.Context, cfg RunConfig, spec JobSpec) (*Report, error) {
 	m := &mlpChunks{parts: parts}
 	defer m.Close()
 	pinned := false
-	if pr, ok := dev.(pinnedRecv); ok && parts[0].async != nil && !cfg.PageableRecv {
+	if pr, ok := dev.(pinnedRecv); ok && parts[0].async != nil && cfg.PinnedRecv {
 		mem := pr.recvMemory()
 		for _, l := range []Link{cfg.Links.Prev, cfg.Links.Next, cfg.Links.Ring} {
 			if u, ok := l.(recvMemoryUser); ok {

@@ -99,12 +99,13 @@ func TestPinnedRecvMatchesPageable(t *testing.T) {
 	spec.Schedule = Schedule1F1B
 	const p = 3
 	results := map[bool]string{}
-	for _, pageable := range []bool{true, false} {
+	for _, pinned := range []bool{false, true} {
+		pageable := !pinned
 		links := tcpPipeline(t, ctx, "pinned", 1, p)
 		devs := make([]*asyncCPU, p)
 		reps, errs := runStages(ctx, spec, p, func(s int) RunConfig {
 			devs[s] = &asyncCPU{}
-			return RunConfig{JobID: "pinned", Generation: 1, Stage: s, Stages: p, Links: links[s], Device: devs[s], PageableRecv: pageable, RecvTimeout: 20 * time.Second}
+			return RunConfig{JobID: "pinned", Generation: 1, Stage: s, Stages: p, Links: links[s], Device: devs[s], PinnedRecv: pinned, RecvTimeout: 20 * time.Second}
 		})
 		if err := errors.Join(errs...); err != nil {
 			t.Fatalf("pageable=%v: %v", pageable, err)
@@ -116,7 +117,7 @@ func TestPinnedRecvMatchesPageable(t *testing.T) {
 			}
 			if pageable {
 				if d.pinnedUploads != 0 {
-					t.Fatalf("stage %d uploaded %d messages from device memory with PageableRecv", s, d.pinnedUploads)
+					t.Fatalf("stage %d uploaded %d messages from device memory without PinnedRecv", s, d.pinnedUploads)
 				}
 				continue
 			}
