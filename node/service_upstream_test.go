@@ -153,24 +153,54 @@ type rawReplica struct {
 	closed chan struct{}
 	mu     sync.Mutex
 	heads  []string
-	conns  int
+	// accepted counts the connections it accepted.
+	accepted func() int
 }
 
 func newRawReplica(t *testing.T, hangUp bool) *rawReplica {
+	r := &rawReplica{hangUp: hangUp, closed: make(chan struct{}, 16)}
+	r.ln, r.accepted = serveRawConns(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			head, body, err := readRawRequest(br)
+			if err != nil {
+				return
+			}
+			r.mu.Lock()
+			r.heads = append(r.heads, head+string(body))
+			r.mu.Unlock()
+			if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"); err != nil {
+				return
+			}
+			if r.hangUp {
+				c.Close()
+				r.closed <- struct{}{}
+				return
+			}
+		}
+	})
+	return r
+}
+
+// serveRawConns listens on a loopback port and runs serve on each
+// connection it accepts (closing it after); it counts the connections.
+// Everything is closed and waited for at the test's end.
+func serveRawConns(t *testing.T, serve func(net.Conn)) (net.Listener, func() int) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &rawReplica{ln: ln, hangUp: hangUp, closed: make(chan struct{}, 16)}
-	var wg sync.WaitGroup
+	var mu sync.Mutex
 	var open []net.Conn
+	var wg sync.WaitGroup
 	t.Cleanup(func() {
 		ln.Close()
-		r.mu.Lock()
+		mu.Lock()
 		for _, c := range open {
 			c.Close()
 		}
-		r.mu.Unlock()
+		mu.Unlock()
 		wg.Wait()
 	})
 	wg.Add(1)
@@ -181,36 +211,22 @@ func newRawReplica(t *testing.T, hangUp bool) *rawReplica {
 			if err != nil {
 				return
 			}
-			r.mu.Lock()
-			r.conns++
+			mu.Lock()
 			open = append(open, c)
-			r.mu.Unlock()
+			mu.Unlock()
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					head, body, err := readRawRequest(br)
-					if err != nil {
-						return
-					}
-					r.mu.Lock()
-					r.heads = append(r.heads, head+string(body))
-					r.mu.Unlock()
-					if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"); err != nil {
-						return
-					}
-					if r.hangUp {
-						c.Close()
-						r.closed <- struct{}{}
-						return
-					}
-				}
+				serve(c)
 			}()
 		}
 	}()
-	return r
+	return ln, func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(open)
+	}
 }
 
 // readRawRequest reads a request's head as it came, and its body as the
@@ -248,8 +264,9 @@ func readRawRequest(br *bufio.Reader) (head string, body []byte, err error) {
 
 func (r *rawReplica) got() ([]string, int) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]string(nil), r.heads...), r.conns
+	heads := append([]string(nil), r.heads...)
+	r.mu.Unlock()
+	return heads, r.accepted()
 }
 
 // A connection the replica closed while it sat in the pool (it exited, or
@@ -342,60 +359,24 @@ func TestRouterForwardsNoAmbiguousLength(t *testing.T) {
 // counts the connections it accepted.
 func cannedReplica(t *testing.T, answers map[string]string) (addr string, conns func() int) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var open []net.Conn
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range open {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	ln, conns := serveRawConns(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			head, _, err := readRawRequest(br)
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			open = append(open, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					head, _, err := readRawRequest(br)
-					if err != nil {
-						return
-					}
-					path := strings.Fields(head)[1]
-					answer, ok := answers[path]
-					if !ok {
-						answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-					}
-					if _, err := io.WriteString(c, answer); err != nil || strings.Contains(answer, "Connection: close") {
-						return
-					}
-				}
-			}()
+			path := strings.Fields(head)[1]
+			answer, ok := answers[path]
+			if !ok {
+				answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+			}
+			if _, err := io.WriteString(c, answer); err != nil || strings.Contains(answer, "Connection: close") {
+				return
+			}
 		}
-	}()
-	return ln.Addr().String(), func() int {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(open)
-	}
+	})
+	return ln.Addr().String(), conns
 }
 
 // Answers the fast path passes on from their buffered head
