@@ -357,16 +357,26 @@ func (c *CUDADevice) BeginBusy() error {
 		}
 		c.base, c.baseHost = b, time.Now()
 	}
-	e, err := c.event(true)
+	e, err := c.recordTiming()
 	if err != nil {
 		return err
 	}
-	if err := c.st.Record(e); err != nil {
-		c.events.put(true, e)
-		return fmt.Errorf("%w: %v", ErrDevice, err)
-	}
 	c.spanStart = e
 	return nil
+}
+
+// recordTiming records a timing event on the stage's stream (a span's
+// start or end); the event goes back to its free list if that fails.
+func (c *CUDADevice) recordTiming() (*cuda.Event, error) {
+	e, err := c.event(true)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.st.Record(e); err != nil {
+		c.events.put(true, e)
+		return nil, fmt.Errorf("%w: %v", ErrDevice, err)
+	}
+	return e, nil
 }
 
 // traceSpans turns recording of span times on or off (spanTracer).
@@ -390,13 +400,9 @@ func (c *CUDADevice) EndBusy() error {
 	if c.spanStart == nil {
 		return fmt.Errorf("%w: EndBusy without BeginBusy", ErrDevice)
 	}
-	e, err := c.event(true)
+	e, err := c.recordTiming()
 	if err != nil {
 		return err
-	}
-	if err := c.st.Record(e); err != nil {
-		c.events.put(true, e)
-		return fmt.Errorf("%w: %v", ErrDevice, err)
 	}
 	c.spans = append(c.spans, busySpan{c.spanStart, e})
 	c.spanStart = nil
