@@ -52,7 +52,7 @@ print("SAVED", flush=True)`
 			"env":     map[string]string{"PYTHONPATH": filepath.Join(wd, "..", "..", "python"), "SYNC_DIR": sync},
 		},
 	}
-	sub, logs := runDetached(ctx, t, as[0].RPCAddr(), dir, spec)
+	sub, _ := runDetached(ctx, t, as[0].RPCAddr(), dir, spec)
 	poll.Until(t, 90*time.Second, func() error {
 		_, err := os.Stat(filepath.Join(sync, "ready"))
 		return err
@@ -88,8 +88,20 @@ print("SAVED", flush=True)`
 		}
 		return nil
 	}, "the job ends")
-	out := logs(0, 1)
-	stderr, _, _ := procs.CLI(ctx, t, as[0].RPCAddr(), "job", "logs", sub.ID, "--rank", "0", "--generation", "1", "--stderr")
+	// The rank's logs live on the restarted agent, which the agent asked
+	// may still be reconnecting to: read them once the commands succeed.
+	var out, stderr string
+	poll.Until(t, 30*time.Second, func() error {
+		var errOut string
+		var err error
+		if out, errOut, err = procs.CLI(ctx, t, as[0].RPCAddr(), "job", "logs", sub.ID, "--rank", "0", "--generation", "1"); err != nil {
+			return fmt.Errorf("job logs: %v: %s", err, errOut)
+		}
+		if stderr, errOut, err = procs.CLI(ctx, t, as[0].RPCAddr(), "job", "logs", sub.ID, "--rank", "0", "--generation", "1", "--stderr"); err != nil {
+			return fmt.Errorf("job logs --stderr: %v: %s", err, errOut)
+		}
+		return nil
+	}, "the rank's logs can be read")
 	if final.Job.Status != "complete" || final.Job.Generation != 1 || !strings.Contains(out, "SAVED") {
 		t.Fatalf("job %s at generation %d; rank output:\n%s\nstderr:\n%s", final.Job.Status, final.Job.Generation, out, stderr)
 	}
