@@ -352,3 +352,55 @@ func TestClusterConcurrentSubmitsRegisterOneService(t *testing.T) {
 		t.Fatalf("%d submissions at once registered jobs %v (answered %v); want one service", n, named, seen)
 	}
 }
+
+// A service whose replicas exit at once backs off: each replica of its slot
+// starts no earlier than the back-off after its predecessor's end (100ms,
+// 200ms, 400ms, then the cap of 400ms), carries the slot's failures in a
+// row, and the leader's metrics show the count.
+func TestClusterServiceCrashLoopBacksOff(t *testing.T) {
+	dc := startCluster(t, 1, nil)
+	a := dc.Agents[0]
+	c := client(t, a)
+	id := submitJob(t, c, `
+name: crasher
+type: service
+replicas: 1
+restart: {delay: 100ms, max_delay: 400ms}
+exec:
+  command: [/bin/sh, -c, "exit 3"]
+`)
+	var job *pb.GetJobResponse
+	poll.Until(t, 60*time.Second, func() error {
+		job = waitJob(t, c, id, 30*time.Second, func(*pb.GetJobResponse) bool { return true })
+		for _, al := range job.Allocations {
+			if al.SlotFailures >= 4 {
+				return nil
+			}
+		}
+		return fmt.Errorf("no replica with 4 failures in a row yet: generation %d (%s)", job.Job.Generation, job.Job.StatusReason)
+	})
+	byGen := map[uint64]*pb.Allocation{}
+	for _, al := range job.Allocations {
+		byGen[al.Generation] = al
+	}
+	for _, al := range job.Allocations {
+		prev := byGen[al.Generation-1]
+		if prev == nil || prev.FinishTime == nil || al.StartTime == nil {
+			continue
+		}
+		if al.SlotFailures != prev.SlotFailures+1 {
+			t.Fatalf("generation %d carries slot_failures %d after %d", al.Generation, al.SlotFailures, prev.SlotFailures)
+		}
+		want := min(100*time.Millisecond<<max(al.SlotFailures-1, 0), 400*time.Millisecond)
+		if gap := al.StartTime.AsTime().Sub(prev.FinishTime.AsTime()); gap < want {
+			t.Fatalf("generation %d (slot_failures %d) started %s after its predecessor ended; the back-off is %s", al.Generation, al.SlotFailures, gap, want)
+		}
+	}
+	poll.Until(t, 20*time.Second, func() error {
+		v, ok := metricValue(scrape(t, a), "gpumesh_service_replica_failures_in_a_row", map[string]string{"job_id": id, "replica": "0"})
+		if !ok || v < 4 {
+			return fmt.Errorf("gpumesh_service_replica_failures_in_a_row = %v (%v), want >= 4", v, ok)
+		}
+		return nil
+	})
+}

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -216,4 +217,39 @@ func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Rank, dash(al.NodeName), dash(al.ClientStatus), dash(al.Health), spec, addr, dash(strings.Join(names, ",")))
 	}
 	tw.Flush()
+	printCrashLoops(out, r, time.Now())
+}
+
+// printCrashLoops prints a line for every replica slot of a service whose
+// replicas failed in a row (the scheduler's crash-loop back-off): how
+// often, how the last one ended and when the next one starts.
+func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
+	bs := consensus.ServiceBackoffs(r.Job, r.Allocations, now)
+	if len(bs) == 0 {
+		return
+	}
+	fmt.Fprintln(out)
+	for _, b := range bs {
+		last := b.Last
+		how := fmt.Sprintf("%s, exit %d", last.ClientStatus, last.ExitCode)
+		if last.Message != "" {
+			how += ": " + last.Message
+		}
+		if last.HealthyTime == nil {
+			how += "; never healthy"
+		}
+		word := "failed"
+		if b.Failures > 1 {
+			word = "crash-looping"
+		}
+		switch {
+		case b.Waiting:
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); next try in %s (%s, back-off %s)\n",
+				b.Slot, word, b.Failures, how, b.NextTry.Sub(now).Round(time.Second), b.NextTry.UTC().Format("15:04:05 MST"), b.Delay)
+		case consensus.AllocTerminal(last.ClientStatus):
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); its next replica is due\n", b.Slot, word, b.Failures, how)
+		default:
+			fmt.Fprintf(out, "replica %d: %d failures in a row before the running one; the count ends once it stays healthy for %s\n", b.Slot, b.Failures, b.ResetAfter)
+		}
+	}
 }
