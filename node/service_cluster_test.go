@@ -404,3 +404,74 @@ exec:
 		return nil
 	})
 }
+
+// A node's serve port is in its record: the gossip metadata, the Raft
+// state's node (ListNodes), AgentInfo and the dashboard's members; a node
+// without one has none there.
+func TestClusterAdvertisesServeAddr(t *testing.T) {
+	dc := startCluster(t, 2, func(i int, c *Config) {
+		if i == 1 {
+			c.ServeAddr = net.JoinHostPort(c.BindAddr, "0")
+		}
+	})
+	plain, serving := dc.Agents[0], dc.Agents[1]
+	if plain.ServeAddr() != "" || serving.ServeAddr() == "" || strings.HasSuffix(serving.ServeAddr(), ":0") {
+		t.Fatalf("ServeAddr: %q and %q", plain.ServeAddr(), serving.ServeAddr())
+	}
+	want := map[string]string{plain.NodeID(): "", serving.NodeID(): serving.ServeAddr()}
+	c := client(t, plain)
+	poll.Until(t, 30*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := c.ListNodes(ctx, &pb.ListNodesRequest{})
+		if err != nil {
+			return err
+		}
+		got := map[string]string{}
+		for _, n := range resp.Nodes {
+			got[n.Id] = n.ServeAddr
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("serve addresses in the state: %v, want %v", got, want)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	info, err := client(t, serving).AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Node.GetServeAddr() != serving.ServeAddr() {
+		t.Fatalf("AgentInfo's node has serve_addr %q, want %q", info.Node.GetServeAddr(), serving.ServeAddr())
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		var d struct {
+			Members []struct {
+				ID        string `json:"id"`
+				ServeAddr string `json:"serve_addr"`
+			} `json:"members"`
+		}
+		if err := json.Unmarshal([]byte(httpGet(t, "http://"+plain.HTTPAddr()+"/v1/dashboard")), &d); err != nil {
+			return err
+		}
+		got := map[string]string{}
+		for _, m := range d.Members {
+			got[m.ID] = m.ServeAddr
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("dashboard members' serve addresses: %v, want %v", got, want)
+		}
+		return nil
+	})
+	// The advertised address answers: a /svc/ request for no service gets
+	// the serve port's 404.
+	resp, err := http.Get("http://" + serving.ServeAddr() + "/svc/none/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("GET through the advertised serve address: %d", resp.StatusCode)
+	}
+}

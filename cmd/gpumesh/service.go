@@ -24,7 +24,9 @@ func newServiceCommand() *cobra.Command {
 		Use:   "service",
 		Short: "Show services (jobs of type service): replicas, where they listen, their health",
 		Long: `Services are jobs of type service. Every agent routes http://NODE:7949/svc/NAME/...
-to a healthy replica of NAME; these commands show what the routers route to.`,
+(and its serve port, gpumesh agent --serve, if it has one) to a healthy replica of
+NAME; these commands show what the routers route to, where to reach a service, and
+which replica slots crash-loop (restart back-off).`,
 		Example: "  gpumesh service list\n  gpumesh service status mlp",
 	}
 	cmd.AddCommand(newServiceListCommand(), newServiceStatusCommand())
@@ -140,7 +142,7 @@ func newServiceStatusCommand() *cobra.Command {
 	var f clientFlags
 	cmd := &cobra.Command{
 		Use:     "status NAME",
-		Short:   "Show a service's replicas: node, address, ports and health",
+		Short:   "Show a service's URLs (every node's serve or HTTP port), its replicas (node, address, ports, health) and crash loops",
 		Example: "  gpumesh service status mlp\n  gpumesh service status mlp --json",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -158,8 +160,15 @@ func newServiceStatusCommand() *cobra.Command {
 				}
 				return printJSON(out, &pb.ListJobsResponse{Jobs: jobsOf(jobs)})
 			}
+			nodes, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.ListNodesResponse, error) {
+				return c.ListNodes(ctx, &pb.ListNodesRequest{})
+			})
+			if err != nil {
+				return err
+			}
 			for _, r := range jobs {
 				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, wantedReplicas(r.Job), scaleNote(r.Job), args[0])
+				printServiceURLs(out, nodes.Nodes, args[0], f.tls.ca != "")
 				if old, live := oldSpecReplicas(r); old > 0 {
 					fmt.Fprintf(out, "rolling update to spec generation %d: %d of %d replicas still on the previous spec (SPEC old), replaced one at a time\n", r.Job.SpecGeneration, old, live)
 				}
@@ -171,6 +180,36 @@ func newServiceStatusCommand() *cobra.Command {
 	addClientFlags(cmd, &f)
 	readOnly(cmd)
 	return cmd
+}
+
+// printServiceURLs prints where a service can be reached: every live
+// node's serve port (`gpumesh agent --serve`), or its HTTP port where it
+// has none (an agent without one, or one that predates Node.serve_addr).
+func printServiceURLs(out io.Writer, nodes []*pb.Node, name string, tls bool) {
+	scheme := "http"
+	if tls {
+		scheme = "https" // both ports serve HTTPS when the agents use TLS
+	}
+	tw := newTable(out)
+	n := 0
+	for _, nd := range nodes {
+		if nd.Status != consensus.NodeReady && nd.Status != consensus.NodeDraining {
+			continue
+		}
+		addr, port := nd.ServeAddr, "serve port"
+		if addr == "" {
+			addr, port = nd.HttpAddr, "HTTP port"
+		}
+		if addr == "" {
+			continue
+		}
+		if n == 0 {
+			fmt.Fprintln(out, "reach it through any node:")
+		}
+		n++
+		fmt.Fprintf(tw, "  %s\t%s://%s/svc/%s/\t(%s)\n", nd.Name, scheme, addr, name, port)
+	}
+	tw.Flush()
 }
 
 // onOldSpec says whether a replica runs a spec older than its service's

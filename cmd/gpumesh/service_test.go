@@ -87,6 +87,32 @@ func TestPrintCrashLoops(t *testing.T) {
 	}
 }
 
+// service status lists a URL per live node: its serve port where it has
+// one, its HTTP port otherwise; none for nodes that are down.
+func TestPrintServiceURLs(t *testing.T) {
+	nodes := []*pb.Node{
+		{Name: "node-1", Status: "ready", HttpAddr: "10.0.0.1:7949", ServeAddr: "10.0.0.1:7950"},
+		{Name: "node-2", Status: "draining", HttpAddr: "10.0.0.2:7949"},
+		{Name: "node-3", Status: "down", HttpAddr: "10.0.0.3:7949", ServeAddr: "10.0.0.3:7950"},
+	}
+	var b bytes.Buffer
+	printServiceURLs(&b, nodes, "mlp", false)
+	out := b.String()
+	for _, want := range []string{"reach it through any node:", "node-1  http://10.0.0.1:7950/svc/mlp/  (serve port)", "node-2  http://10.0.0.2:7949/svc/mlp/  (HTTP port)"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "node-3") {
+		t.Fatalf("a down node is listed:\n%s", out)
+	}
+	b.Reset()
+	printServiceURLs(&b, nodes[:1], "mlp", true)
+	if !strings.Contains(b.String(), "https://10.0.0.1:7950/svc/mlp/") {
+		t.Fatalf("with TLS: %s", b.String())
+	}
+}
+
 func TestUpdateMessage(t *testing.T) {
 	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "registered"}); m != "" {
 		t.Fatalf("a new job got an update message: %q", m)

@@ -1005,6 +1005,7 @@ type Node struct {
 	StatusTime    *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=status_time,json=statusTime,proto3" json:"status_time,omitempty"`
 	CreateIndex   uint64                 `protobuf:"varint,20,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex   uint64                 `protobuf:"varint,21,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	ServeAddr     string                 `protobuf:"bytes,22,opt,name=serve_addr,json=serveAddr,proto3" json:"serve_addr,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1184,6 +1185,13 @@ func (x *Node) GetModifyIndex() uint64 {
 		return x.ModifyIndex
 	}
 	return 0
+}
+
+func (x *Node) GetServeAddr() string {
+	if x != nil {
+		return x.ServeAddr
+	}
+	return ""
 }
 
 type Constraints struct {
@@ -2512,7 +2520,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x04R\vmemoryBytes\x12\x12\n" +
-	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xa6\x05\n" +
+	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xc5\x05\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
@@ -2539,7 +2547,9 @@ const file_fsm_proto_rawDesc = "" +
 	"\vstatus_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"statusTime\x12!\n" +
 	"\fcreate_index\x18\x14 \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\"\x86\x01\n" +
+	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\x12\x1d\n" +
+	"\n" +
+	"serve_addr\x18\x16 \x01(\tR\tserveAddr\"\x86\x01\n" +
 	"\vConstraints\x12\x0e\n" +
 	"\x02az\x18\x01 \x01(\tR\x02az\x12\x1c\n" +
 	"\tlifecycle\x18\x02 \x01(\tR\tlifecycle\x12#\n" +
