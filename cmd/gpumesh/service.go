@@ -235,9 +235,15 @@ func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 		return
 	}
 	fmt.Fprintln(out)
+	live := liveReplicas(r)
+	if len(live) == 0 {
+		fmt.Fprintln(out, "no replica is running")
+	}
 	tw := newTable(out)
-	fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tSPEC\tADDRESS\tPORTS")
-	for _, al := range liveReplicas(r) {
+	if len(live) > 0 {
+		fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tSPEC\tADDRESS\tPORTS")
+	}
+	for _, al := range live {
 		route := al.Ports[r.Job.Spec.GetService().GetRoutePort()]
 		addr := "-"
 		if route != 0 {
@@ -281,12 +287,19 @@ func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
 		if b.Failures > 1 {
 			word = "crash-looping"
 		}
+		logs := fmt.Sprintf("    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", r.Job.Id, b.Slot, last.Generation)
 		switch {
 		case b.Waiting:
-			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); next try in %s (%s, back-off %s)\n",
-				b.Slot, word, b.Failures, how, b.NextTry.Sub(now).Round(time.Second), b.NextTry.UTC().Format("15:04:05 MST"), b.Delay)
+			left := b.NextTry.Sub(now)
+			if left < 10*time.Second {
+				left = left.Round(100 * time.Millisecond)
+			} else {
+				left = left.Round(time.Second)
+			}
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); next try in %s (%s, back-off %s)\n%s",
+				b.Slot, word, b.Failures, how, left, b.NextTry.UTC().Format("15:04:05 MST"), b.Delay, logs)
 		case consensus.AllocTerminal(last.ClientStatus):
-			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); its next replica is due\n", b.Slot, word, b.Failures, how)
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); its next replica is due\n%s", b.Slot, word, b.Failures, how, logs)
 		default:
 			fmt.Fprintf(out, "replica %d: %d failures in a row before the running one; the count ends once it stays healthy for %s\n", b.Slot, b.Failures, b.ResetAfter)
 		}
