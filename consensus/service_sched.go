@@ -28,7 +28,9 @@ const serviceRecheck = 5 * time.Second
 // evalService decides what a running service needs. A service never
 // completes: every replica slot (rank 0..replicas-1) holds one replica.
 //   - a replica that ended (exited, failed, lost with its node) is replaced
-//     on its own, after the restart delay, without touching the others;
+//     on its own, after the restart delay, without touching the others; a
+//     slot whose replicas keep failing waits longer after each failure in
+//     a row (the crash-loop back-off, service_backoff.go);
 //   - a replica on a draining node, or on a node silent for longer than the
 //     node loss grace, gets a replacement placed elsewhere first; the old
 //     one is stopped once the replacement is healthy (max unavailable 0),
