@@ -93,23 +93,40 @@ func newServiceListCommand() *cobra.Command {
 				fmt.Fprintln(out, "no services (a service is a job with type: service; see examples/service)")
 				return nil
 			}
-			tw := newTable(out)
-			fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
-			for _, r := range jobs {
-				healthy := 0
-				for _, al := range liveReplicas(r) {
-					if al.Health == "healthy" {
-						healthy++
-					}
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, r.Job.Status, healthy, wantedReplicas(r.Job), r.Job.Spec.GetName())
-			}
-			return tw.Flush()
+			printServiceList(out, jobs, time.Now())
+			return nil
 		},
 	}
 	addClientFlags(cmd, &f)
 	readOnly(cmd)
 	return cmd
+}
+
+// printServiceList prints one line per service; STATUS says how many of
+// its replica slots crash-loop (2 or more failures in a row).
+func printServiceList(out io.Writer, jobs []*pb.GetJobResponse, now time.Time) {
+	tw := newTable(out)
+	fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
+	for _, r := range jobs {
+		healthy := 0
+		for _, al := range liveReplicas(r) {
+			if al.Health == "healthy" {
+				healthy++
+			}
+		}
+		status := r.Job.Status
+		looping := 0
+		for _, b := range consensus.ServiceBackoffs(r.Job, r.Allocations, now) {
+			if b.Failures > 1 {
+				looping++
+			}
+		}
+		if looping > 0 {
+			status += fmt.Sprintf(", %d crash-looping", looping)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, status, healthy, wantedReplicas(r.Job), r.Job.Spec.GetName())
+	}
+	tw.Flush()
 }
 
 // wantedReplicas is how many replicas the service should run now: for one

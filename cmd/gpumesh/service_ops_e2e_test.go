@@ -103,6 +103,9 @@ exec:
 			t.Fatalf("service status lacks %q:\n%s", want, out)
 		}
 	}
+	if list, stderr, err := procs.CLI(ctx, t, plain.RPCAddr(), "service", "list"); err != nil || !strings.Contains(list, "running, 1 crash-looping") {
+		t.Fatalf("service list: %v %s\n%s", err, stderr, list)
+	}
 	// The logs command it points at shows why.
 	var logsCmd []string
 	for _, line := range strings.Split(out, "\n") {

@@ -86,6 +86,11 @@ func TestPrintCrashLoops(t *testing.T) {
 	if strings.Contains(out, "replica 2") {
 		t.Fatalf("a slot without failures is listed:\n%s", out)
 	}
+	b.Reset()
+	printServiceList(&b, []*pb.GetJobResponse{resp}, now)
+	if !strings.Contains(b.String(), "running, 2 crash-looping") {
+		t.Fatalf("service list:\n%s", b.String())
+	}
 }
 
 // service status lists a URL per live node: its serve port where it has
