@@ -339,6 +339,28 @@ func (st *StateStore) putAllocLocked(a *controlpb.Allocation) {
 	}
 }
 
+// removeAllocLocked removes an allocation from the store and its indexes
+// (allocation garbage collection).
+func (st *StateStore) removeAllocLocked(a *controlpb.Allocation) {
+	delete(st.allocs, a.Id)
+	if bj := st.allocsByJob[a.JobId]; bj != nil {
+		delete(bj, a.Id)
+		if len(bj) == 0 {
+			delete(st.allocsByJob, a.JobId)
+		}
+	}
+	if bn := st.allocsByNode[a.NodeId]; bn != nil {
+		delete(bn, a.Id)
+		if len(bn) == 0 {
+			delete(st.allocsByNode, a.NodeId)
+		}
+	}
+	st.changedLocked(viewKey(a.NodeId))
+	if isService(st.jobs[a.JobId]) {
+		st.changedLocked(servicesView)
+	}
+}
+
 // setIndexLocked moves the index and wakes WaitIndex callers, and the
 // WaitNode and WaitServices callers of the views that changed.
 func (st *StateStore) setIndexLocked(idx uint64) {
