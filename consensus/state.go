@@ -234,8 +234,8 @@ func (st *StateStore) Job(id string) *controlpb.Job {
 	return st.jobs[id]
 }
 
-// Allocations returns the allocations of a job, all generations, sorted
-// by generation then rank.
+// Allocations returns the allocations of a job, of every generation that
+// garbage collection kept (gc.go), sorted by generation then rank.
 func (st *StateStore) Allocations(jobID string) []*controlpb.Allocation {
 	st.mu.RLock()
 	out := collect(st.allocsByJob[jobID])
