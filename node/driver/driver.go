@@ -283,7 +283,8 @@ func (d *Driver) spawn(ctx context.Context, stateDir string, sf specFile, lock *
 		return nil, fmt.Errorf("%w: task %s: %v", ErrSupervisor, id, err)
 	}
 	defer readyR.Close()
-	args := append(slices.Clone(d.cfg.SupervisorArgs), "--dir", stateDir, "--lock-fd", "3", "--ready-fd", "4")
+	args := append(slices.Clone(d.cfg.SupervisorArgs), "--dir", stateDir, "--lock-fd", "3", "--ready-fd", "4",
+		"--dir-check", d.cfg.DirCheckInterval.String())
 	cmd := &exec.Cmd{
 		Path:       d.cfg.SupervisorPath,
 		Args:       append([]string{d.cfg.SupervisorPath}, args...),

@@ -63,7 +63,7 @@ func fakeDaemon(dataDir, specJSON string) int {
 		fmt.Println("bad spec:", err)
 		return 1
 	}
-	d, err := New(Config{DataDir: dataDir})
+	d, err := New(Config{DataDir: dataDir, DirCheckInterval: 20 * time.Millisecond})
 	if err != nil {
 		fmt.Println("new:", err)
 		return 1
@@ -85,7 +85,10 @@ func newTestDriver(t *testing.T, dataDir string) *Driver {
 	d, err := New(Config{
 		DataDir:      dataDir,
 		PollInterval: 20 * time.Millisecond,
-		Logger:       hclog.New(&hclog.LoggerOptions{Output: testWriter{t}, Level: hclog.Debug}),
+		// Supervisors check their directory often, so that every test of
+		// a daemon restart also shows the check leaves a live task alone.
+		DirCheckInterval: 20 * time.Millisecond,
+		Logger:           hclog.New(&hclog.LoggerOptions{Output: testWriter{t}, Level: hclog.Debug}),
 	})
 	if err != nil {
 		t.Fatal(err)

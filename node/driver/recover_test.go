@@ -337,3 +337,113 @@ func TestStopCompletesWithoutDaemon(t *testing.T) {
 	}
 	assertGone(t, h.Pid(), h.SupervisorPid())
 }
+
+// orphanTask starts a task that answers SIGTERM, leaves its supervisor
+// without a daemon, and opens its log files, which the test can still read
+// after its directory is deleted.
+func orphanTask(t *testing.T, dataDir string) (h *Handle, stdout, stderr *os.File) {
+	t.Helper()
+	d := newTestDriver(t, dataDir)
+	spec := shSpec(t, `trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.02; done`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	open := func(stream string) *os.File {
+		f, err := os.Open(logFileName(h.spec.LogDir, stream, 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = f.Close() })
+		return f
+	}
+	stdout, stderr = open(Stdout), open(Stderr)
+	if err := d.Shutdown(); err != nil { // the daemon is gone for good
+		t.Fatal(err)
+	}
+	return h, stdout, stderr
+}
+
+// waitOrphanGone waits until the task and its supervisor have exited, and
+// returns the supervisor's exit code (it is this process's child).
+func waitOrphanGone(t *testing.T, h *Handle) int {
+	t.Helper()
+	sup, task := h.SupervisorPid(), h.Pid()
+	poll.Until(t, 20*time.Second, func() bool {
+		return !sameProcess(sup, h.state.SupervisorStart) && !sameProcess(task, h.state.TaskStart)
+	}, "supervisor %d and task %d to exit", sup, task)
+	var ws unix.WaitStatus
+	if _, err := unix.Wait4(sup, &ws, 0, nil); err != nil {
+		t.Fatalf("reap supervisor: %v", err)
+	}
+	return ws.ExitStatus()
+}
+
+func readAllFile(t *testing.T, f *os.File) string {
+	t.Helper()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// A task whose data directory is deleted while no daemon runs (a killed
+// test run's temporary directory, a wiped node) can never be found or
+// stopped again: its supervisor stops it the way a plain stop does, says
+// why in the task's log, and exits.
+func TestOrphanedSupervisorStopsTaskWhenDirDeleted(t *testing.T) {
+	dataDir := t.TempDir()
+	h, stdout, stderr := orphanTask(t, dataDir)
+	if err := os.RemoveAll(dataDir); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitOrphanGone(t, h); code != supervisorOrphaned {
+		t.Fatalf("supervisor exit code %d, want %d", code, supervisorOrphaned)
+	}
+	if out := readAllFile(t, stdout); !strings.Contains(out, "got TERM") {
+		t.Fatalf("task's stdout %q: want it stopped with SIGTERM", out)
+	}
+	if e := readAllFile(t, stderr); !strings.Contains(e, "stopping the task") || !strings.Contains(e, "is gone") {
+		t.Fatalf("task's stderr %q: want the supervisor's reason", e)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+// A data directory deleted and made again (a new node in the same place)
+// is not the orphan's: it stops its task and writes nothing there.
+func TestOrphanedSupervisorLeavesReplacedDirAlone(t *testing.T) {
+	dataDir := t.TempDir()
+	h, stdout, _ := orphanTask(t, dataDir)
+	if err := os.RemoveAll(dataDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(h.spec.LogDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(h.stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(h.stateDir, lockFileName), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitOrphanGone(t, h); code != supervisorOrphaned {
+		t.Fatalf("supervisor exit code %d, want %d", code, supervisorOrphaned)
+	}
+	if out := readAllFile(t, stdout); !strings.Contains(out, "got TERM") {
+		t.Fatalf("task's stdout %q: want it stopped with SIGTERM", out)
+	}
+	for _, p := range []string{
+		filepath.Join(h.stateDir, exitFileName),
+		DeadlineFile(h.allocDir),
+		closedMarker(h.spec.LogDir, Stdout),
+		closedMarker(h.spec.LogDir, Stderr),
+	} {
+		if exists(p) {
+			t.Errorf("%s written into the new directory", p)
+		}
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
