@@ -104,6 +104,12 @@ type Config struct {
 	// no daemon can find the task again, so the supervisor stops the task
 	// and exits. Default 2 s.
 	DirCheckInterval time.Duration
+	// StopWithDaemon makes each supervisor stop its task (as a plain stop
+	// does) when the process that started it has exited, checked every
+	// DirCheckInterval: for dev clusters and tests, whose tasks must not
+	// outlive them however they end. Default false: tasks outlive the
+	// daemon, whose next start finds them again.
+	StopWithDaemon bool
 	// Logger receives the driver's logs. Default: a null logger.
 	Logger hclog.Logger
 }

@@ -80,6 +80,13 @@
 // leaves the directory in place and so never triggers this; an error other
 // than "does not exist" (a permission problem) is not taken as a deletion.
 //
+// A dev cluster's or a test's tasks must not outlive it even when its
+// process is killed and its data dir stays (a test binary killed by its
+// timeout runs no cleanup). With Config.StopWithDaemon the supervisor is
+// also given the daemon's PID and start time, and at the same check stops
+// the task once that process has exited, recording the stop and its reason
+// in exit.json as a plain stop does.
+//
 // Under systemd the daemon's unit must say KillMode=process, or a restart
 // of the daemon kills every task in its control group (Nomad's unit does
 // the same).

@@ -31,6 +31,8 @@ const (
 	// "READY", and blocks until it is killed.
 	envFakeDaemon     = "GPUMESH_DRIVER_TEST_DAEMON_DATA_DIR"
 	envFakeDaemonSpec = "GPUMESH_DRIVER_TEST_DAEMON_SPEC"
+	// envFakeDaemonStopWith=1 sets Config.StopWithDaemon in the fake daemon.
+	envFakeDaemonStopWith = "GPUMESH_DRIVER_TEST_DAEMON_STOP_WITH"
 )
 
 func TestMain(m *testing.M) {
@@ -63,7 +65,7 @@ func fakeDaemon(dataDir, specJSON string) int {
 		fmt.Println("bad spec:", err)
 		return 1
 	}
-	d, err := New(Config{DataDir: dataDir, DirCheckInterval: 20 * time.Millisecond})
+	d, err := New(Config{DataDir: dataDir, DirCheckInterval: 20 * time.Millisecond, StopWithDaemon: os.Getenv(envFakeDaemonStopWith) == "1"})
 	if err != nil {
 		fmt.Println("new:", err)
 		return 1

@@ -47,14 +47,15 @@ func reapIfChild(pid int) {
 	_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 }
 
-func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
-	dataDir := t.TempDir()
-	spec := tickSpec(t)
+// startFakeDaemon runs a daemon process (this binary, fakeDaemon) that
+// starts spec under dataDir, and kills it with SIGKILL once the task runs.
+// It returns the task's and its supervisor's PIDs; whatever happens, the
+// test leaves neither running.
+func startFakeDaemon(t *testing.T, dataDir string, spec TaskSpec, env ...string) (taskPid, supPid int) {
+	t.Helper()
 	specJSON, _ := json.Marshal(spec)
-
-	// A real daemon process starts the task and is killed with SIGKILL.
 	daemon := exec.Command(os.Args[0], "-test.run=^$")
-	daemon.Env = append(os.Environ(), envFakeDaemon+"="+dataDir, envFakeDaemonSpec+"="+string(specJSON))
+	daemon.Env = append(append(os.Environ(), envFakeDaemon+"="+dataDir, envFakeDaemonSpec+"="+string(specJSON)), env...)
 	out, err := daemon.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -70,8 +71,8 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatalf("fake daemon said %q, %v", line, err)
 	}
 	f := strings.Fields(line)
-	taskPid, _ := strconv.Atoi(f[1])
-	supPid, _ := strconv.Atoi(f[2])
+	taskPid, _ = strconv.Atoi(f[1])
+	supPid, _ = strconv.Atoi(f[2])
 	t.Cleanup(func() {
 		// Whatever happens, leave nothing running.
 		if members := groupMembers(taskPid, supPid); len(members) > 0 {
@@ -86,6 +87,14 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = daemon.Wait()
+	return taskPid, supPid
+}
+
+func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
+	dataDir := t.TempDir()
+	spec := tickSpec(t)
+	// A real daemon process starts the task and is killed with SIGKILL.
+	taskPid, supPid := startFakeDaemon(t, dataDir, spec)
 
 	// The task outlived its daemon, and its output still reaches the logs.
 	if n := len(groupMembers(taskPid, supPid)); n == 0 {
@@ -446,4 +455,27 @@ func TestOrphanedSupervisorLeavesReplacedDirAlone(t *testing.T) {
 		}
 	}
 	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+// A daemon whose tasks do not outlive it (StopWithDaemon: a dev cluster, a
+// test) is killed with SIGKILL, its data dir left in place: the supervisor
+// stops the task as a plain stop does and records why.
+func TestStopWithDaemonStopsTaskWhenDaemonKilled(t *testing.T) {
+	dataDir := t.TempDir()
+	spec := shSpec(t, `trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.02; done`)
+	taskPid, supPid := startFakeDaemon(t, dataDir, spec, envFakeDaemonStopWith+"=1")
+	stateDir := stateDirOf(AllocDir(dataDir, spec.ID))
+	poll.Until(t, 20*time.Second, func() bool { return exists(filepath.Join(stateDir, exitFileName)) }, "the supervisor to stop the task and record it")
+	assertGone(t, taskPid, supPid)
+	var res ExitResult
+	if err := readJSON(filepath.Join(stateDir, exitFileName), &res); err != nil {
+		t.Fatal(err)
+	}
+	if !res.Stopped || res.ExitCode != 7 || !strings.Contains(res.StopReason, "has exited") {
+		t.Fatalf("result %+v: want stopped with SIGTERM (exit 7) because the daemon exited", res)
+	}
+	b, err := os.ReadFile(logFileName(filepath.Join(AllocDir(dataDir, spec.ID), LogDirName), Stderr, 0))
+	if err != nil || !strings.Contains(string(b), "its tasks do not outlive it") {
+		t.Fatalf("task's stderr %q, %v: want the supervisor's reason", b, err)
+	}
 }

@@ -41,6 +41,7 @@ const logDrainTimeout = 2 * time.Second
 // every task in a session of its own, so it outlives the daemon:
 //
 //	task-supervise --dir <alloc dir>/.gpumesh [--lock-fd N] [--ready-fd N] [--dir-check DURATION]
+//	               [--daemon-pid N --daemon-start TICKS]
 //
 // It holds the task directory's lock for its whole life (so a task is never
 // started twice and a new daemon can tell it is alive), starts the command in
@@ -51,7 +52,9 @@ const logDrainTimeout = 2 * time.Second
 // exit.json. Every --dir-check interval it checks that the lock file in
 // --dir is still the one it holds; when it is gone or replaced, it stops the
 // task as a plain stop would and exits without recording anything (see
-// "Orphans" in the package doc). args are the arguments after the command
+// "Orphans" in the package doc). With --daemon-pid it also stops the task,
+// recording the stop as usual, once that process (identified with its start
+// time) has exited (Config.StopWithDaemon). args are the arguments after the command
 // name; the return value is the process exit code.
 func SupervisorMain(args []string) int {
 	if !supported {
@@ -77,6 +80,8 @@ func SupervisorMain(args []string) int {
 	lockFD := fset.Int("lock-fd", -1, "inherited descriptor of the locked supervisor.lock")
 	readyFD := fset.Int("ready-fd", -1, "inherited pipe to report the start on")
 	dirCheck := fset.Duration("dir-check", DefaultDirCheckInterval, "how often to check that --dir is still this task's")
+	daemonPid := fset.Int("daemon-pid", 0, "stop the task when this process (the daemon) has exited")
+	daemonStart := fset.Uint64("daemon-start", 0, "the --daemon-pid process's start time (clock ticks after boot, /proc/<pid>/stat)")
 	if err := fset.Parse(args); err != nil {
 		return supervisorUsage
 	}
@@ -97,7 +102,7 @@ func SupervisorMain(args []string) int {
 		Level:  hclog.Info,
 	}).With("dir", *dir, "pid", os.Getpid())
 
-	s := &supervisor{dir: *dir, dirCheck: *dirCheck, logger: logger, sigCh: sigCh}
+	s := &supervisor{dir: *dir, dirCheck: *dirCheck, daemonPid: *daemonPid, daemonStart: *daemonStart, logger: logger, sigCh: sigCh}
 	if *readyFD >= 0 {
 		unix.CloseOnExec(*readyFD)
 		s.ready = os.NewFile(uintptr(*readyFD), "ready")
@@ -110,9 +115,13 @@ func SupervisorMain(args []string) int {
 type supervisor struct {
 	dir      string
 	dirCheck time.Duration // how often orphaned runs
-	logger   hclog.Logger
-	sigCh    chan os.Signal
-	ready    *os.File
+	// daemonPid and daemonStart identify the daemon whose exit stops the
+	// task (--daemon-pid); 0 when tasks outlive it.
+	daemonPid   int
+	daemonStart uint64
+	logger      hclog.Logger
+	sigCh       chan os.Signal
+	ready       *os.File
 
 	spec     specFile
 	lock     *os.File
@@ -329,6 +338,8 @@ func (s *supervisor) run(lockFD int) int {
 			if s.orphan == "" {
 				if why := s.orphaned(); why != "" {
 					s.abandon(why)
+				} else if s.daemonPid > 0 && !sameProcess(s.daemonPid, s.daemonStart) {
+					s.daemonGone()
 				}
 			}
 		case <-s.sigCh:
@@ -501,6 +512,19 @@ func (s *supervisor) abandon(why string) {
 		_, _ = fmt.Fprintf(s.note, "gpumesh task supervisor: stopping the task: %s; no agent can find it again\n", why)
 	}
 	s.stop(stopRequest{Reason: "orphaned: " + why, RequestedAt: time.Now()})
+}
+
+// daemonGone stops the task of a daemon whose tasks do not outlive it
+// (--daemon-pid), once, as a plain stop with a reason; the state directory
+// is still the task's, so its exit is recorded as usual.
+func (s *supervisor) daemonGone() {
+	why := fmt.Sprintf("the agent that started it (pid %d) has exited, and its tasks do not outlive it", s.daemonPid)
+	s.daemonPid = 0
+	s.logger.Warn("stopping the task", "why", why)
+	if s.note != nil {
+		_, _ = fmt.Fprintf(s.note, "gpumesh task supervisor: stopping the task: %s\n", why)
+	}
+	s.stop(stopRequest{Reason: why, RequestedAt: time.Now()})
 }
 
 // closeLogs waits (bounded) for the copiers to reach EOF, then closes
