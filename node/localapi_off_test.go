@@ -37,8 +37,8 @@ dist.init_process_group("gpumesh")`)
 	}
 	logs := rankLogs(t, c, id, 1, 1)
 	for _, want := range []string{
-		"this node's gpumesh agent runs without the local API the backend needs",
-		"agent " + a.Name() + " runs without its local API",
+		"gpumesh backend: agent " + a.Name() + " runs without its local API: ",
+		"The backend needs that API",
 		"use a shorter data dir",
 		"backend 'gloo'",
 	} {

@@ -297,9 +297,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         off = env.get(_client.ENV_LOCAL_API_OFF)
         if (not sock or not secret) and off:
             raise RuntimeError(
-                f"gpumesh backend: this node's gpumesh agent runs without the local API the backend needs ({off}). "
-                "Every restart of this rank on that node fails the same way: fix and restart that agent "
-                "(as its reason says), or use backend 'gloo' (CPU) or 'nccl' (GPU) for this job.")
+                f"gpumesh backend: {off}. The backend needs that API, so every restart of this rank on that node "
+                "fails the same way: fix and restart the agent as the reason says, or use backend 'gloo' (CPU) "
+                "or 'nccl' (GPU) for this job.")
         if (not sock or not secret) and job:
             raise RuntimeError(
                 f"gpumesh backend: job {job} gave this rank no way to its agent ({_client.ENV_SOCKET} or "
