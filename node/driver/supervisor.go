@@ -54,8 +54,8 @@ const logDrainTimeout = 2 * time.Second
 // task as a plain stop would and exits without recording anything (see
 // "Orphans" in the package doc). With --daemon-pid it also stops the task,
 // recording the stop as usual, once that process (identified with its start
-// time) has exited (Config.StopWithDaemon). args are the arguments after the command
-// name; the return value is the process exit code.
+// time) has exited (Config.StopWithDaemon). args are the arguments after the
+// command name; the return value is the process exit code.
 func SupervisorMain(args []string) int {
 	if !supported {
 		fmt.Fprintln(os.Stderr, "task-supervise: the exec driver runs on Linux only")
