@@ -294,6 +294,18 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         sock, secret = env.get(_client.ENV_SOCKET), env.get(_client.ENV_SECRET)
         job, gen = env.get("GPUMESH_JOB_ID"), env.get("GPUMESH_GENERATION")
         grank = env.get("GPUMESH_RANK", env.get("RANK"))
+        off = env.get(_client.ENV_LOCAL_API_OFF)
+        if (not sock or not secret) and off:
+            raise RuntimeError(
+                f"gpumesh backend: {off}. The backend needs that API, so every restart of this rank on that node "
+                "fails the same way: fix and restart the agent as the reason says, or use backend 'gloo' (CPU) "
+                "or 'nccl' (GPU) for this job.")
+        if (not sock or not secret) and job:
+            raise RuntimeError(
+                f"gpumesh backend: job {job} gave this rank no way to its agent ({_client.ENV_SOCKET} or "
+                f"{_client.ENV_SECRET} is not set): the node's agent runs without its local API, and its log says "
+                "why ('the local data-plane API (PyTorch backend) is off'). Fix and restart that agent, or use "
+                "backend 'gloo' (CPU) or 'nccl' (GPU) for this job.")
         if not sock or not secret or not job or not gen or grank is None:
             raise RuntimeError(
                 "gpumesh backend: this process is not an exec rank of a gpumesh job "
