@@ -74,6 +74,9 @@ func crashLoop(s *sim, rounds int, gc func(*sim)) (trace []string, most int) {
 		if gc != nil {
 			gc(s)
 		}
+		// What the scheduler would decide if anything woke it now, after
+		// the purge.
+		again := s.eval("svc")
 		j := s.job("svc")
 		all := s.f.State().Allocations("svc")
 		var live, backoffs []string
@@ -85,8 +88,8 @@ func crashLoop(s *sim, rounds int, gc func(*sim)) (trace []string, most int) {
 		for _, b := range ServiceBackoffs(j, all, s.now) {
 			backoffs = append(backoffs, fmt.Sprintf("%d:%d:%t:%s:%s", b.Slot, b.Failures, b.Waiting, b.NextTry.Format(time.RFC3339Nano), b.Delay))
 		}
-		trace = append(trace, fmt.Sprintf("%s gen %d wake %s reason %q live %v backoffs %v",
-			s.now.Format(time.RFC3339Nano), j.Generation, d.WakeAt.Format(time.RFC3339Nano), j.StatusReason, live, backoffs))
+		trace = append(trace, fmt.Sprintf("%s gen %d wake %s again %s %v reason %q live %v backoffs %v",
+			s.now.Format(time.RFC3339Nano), j.Generation, d.WakeAt.Format(time.RFC3339Nano), again.WakeAt.Format(time.RFC3339Nano), again.Plan != nil, j.StatusReason, live, backoffs))
 		most = max(most, len(all))
 		return d
 	}
@@ -214,9 +217,11 @@ func restartLoop(s *sim, gc func(*sim)) (trace []string, most int) {
 		if gc != nil {
 			gc(s)
 		}
+		again := s.eval("j") // as if anything woke the scheduler now
 		j := s.job("j")
-		trace = append(trace, fmt.Sprintf("%s %s gen %d restarts %d cause %q next %v wake %s reason %q",
-			s.now.Format(time.RFC3339Nano), j.Status, j.Generation, j.Restarts, j.EndCause, j.NextAttemptTime.AsTime(), d.WakeAt.Format(time.RFC3339Nano), j.StatusReason))
+		trace = append(trace, fmt.Sprintf("%s %s gen %d restarts %d cause %q next %v wake %s again %s %v reason %q",
+			s.now.Format(time.RFC3339Nano), j.Status, j.Generation, j.Restarts, j.EndCause, j.NextAttemptTime.AsTime(), d.WakeAt.Format(time.RFC3339Nano),
+			again.WakeAt.Format(time.RFC3339Nano), again.Plan != nil, j.StatusReason))
 		most = max(most, len(s.f.State().Allocations("j")))
 		return d
 	}
@@ -371,5 +376,122 @@ func TestAllocsToPurgeRule(t *testing.T) {
 	}
 	if j := st.Job("j"); j.ModifyIndex >= st.Index() {
 		t.Fatal("the purge modified the job: a plan computed before it would be skipped")
+	}
+}
+
+// twoReplicaSpec is a two-replica service whose slots back off from 2s to
+// at most 16s.
+func twoReplicaSpec(t *testing.T) *fsmpb.JobSpec {
+	t.Helper()
+	spec, err := jobspec.Parse([]byte("name: svc\ntype: service\nreplicas: 2\nplacement: spread\nrestart: {delay: 2s, max_delay: 16s, reset_after: 1m}\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return must(twin[fsmpb.JobSpec](spec))
+}
+
+// drainThenCrash drives a two-replica service: slot 1's replica fails;
+// slot 0's node drains, its replacement fails (the slot's newest replica,
+// an own failure) and the drained replica is stopped after it (the slot's
+// last end), so slot 0's next try is derived from two allocations, and
+// slot 1 is placed again meanwhile (so both are of an older generation
+// than the job's). Then both slots fail a few times more. After every
+// evaluation gc runs, if not nil. It returns what the scheduler decided
+// after each evaluation, and would decide right after the purge.
+func drainThenCrash(s *sim, gc func(*sim)) []string {
+	t := s.t
+	t.Helper()
+	s.registerSpec("svc", twoReplicaSpec(t))
+	var trace []string
+	step := func() Decision {
+		t.Helper()
+		d := s.step("svc")
+		if gc != nil {
+			gc(s)
+		}
+		again := s.eval("svc") // as if anything woke the scheduler now
+		var live []string
+		for _, a := range s.f.State().Allocations("svc") {
+			if a.DesiredStatus == DesiredRun {
+				live = append(live, fmt.Sprintf("%d:%s:%s:%d", a.Rank, a.Id, a.ClientStatus, a.SlotFailures))
+			}
+		}
+		trace = append(trace, fmt.Sprintf("%s wake %s again %s %v reason %q live %v", s.now.Format(time.RFC3339Nano), d.WakeAt.Format(time.RFC3339Nano),
+			again.WakeAt.Format(time.RFC3339Nano), again.Plan != nil, s.job("svc").StatusReason, live))
+		return d
+	}
+	step()
+	first, other := s.liveIn("svc", 0), s.liveIn("svc", 1)
+	s.health(first.Id, HealthHealthy)
+	s.health(other.Id, HealthHealthy)
+	s.report(other.Id, AllocFailed, 1) // slot 1 waits 2s
+	step()
+	s.now = s.now.Add(500 * time.Millisecond)
+	s.nodeStatus(first.NodeId, NodeDraining)
+	step() // slot 0's replacement is placed elsewhere; the first serves on
+	var repl *controlpb.Allocation
+	for _, a := range s.live("svc")[0] {
+		if a.Id != first.Id {
+			repl = a
+		}
+	}
+	if repl == nil {
+		t.Fatal("no replacement for the drained replica")
+	}
+	s.now = s.now.Add(500 * time.Millisecond)
+	s.report(repl.Id, AllocFailed, 1)
+	step()
+	s.now = s.now.Add(500 * time.Millisecond)
+	s.report(first.Id, AllocStopped, -1) // its node stops it: slot 0's last end
+	d := step()
+	for round := 0; round < 4; round++ {
+		for i := 0; s.liveIn("svc", 0) == nil || s.liveIn("svc", 1) == nil; i++ {
+			if i > 10 || d.WakeAt.IsZero() {
+				t.Fatalf("round %d: the slots are not both replaced", round)
+			}
+			s.now = d.WakeAt
+			d = step()
+		}
+		for r := range int32(2) {
+			a := s.liveIn("svc", r)
+			s.report(a.Id, AllocRunning, 0)
+			s.report(a.Id, AllocFailed, 1)
+			d = step()
+			s.now = s.now.Add(time.Second)
+		}
+	}
+	return trace
+}
+
+// When a slot's newest replica and the one that ended last differ (a drain
+// whose replacement failed), GC keeps both, also once another slot's
+// placement made them older than the job's generation and the age limit
+// has passed for both: the next try counts from the last end and the
+// successor carries the newest one's failures, exactly as without GC.
+// (Without the rule's "last ended" the next try moves earlier; without its
+// "newest ended" the successor's slot_failures resets: both fail here.)
+func TestAllocGCKeepsTheSlotsNewestAndLastEnded(t *testing.T) {
+	want := drainThenCrash(newSim(t, "a", "b", "c"), nil)
+	for _, c := range []struct {
+		name   string
+		keep   int
+		maxAge time.Duration
+	}{{"keep 1", 1, 0}, {"keep 3, 100ms age", 3, 100 * time.Millisecond}} {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSim(t, "a", "b", "c")
+			purged := 0
+			got := drainThenCrash(s, func(s *sim) { purged += s.gcAllocs("svc", c.keep, c.maxAge) })
+			if !slices.Equal(got, want) {
+				for i := range min(len(got), len(want)) {
+					if got[i] != want[i] {
+						t.Fatalf("evaluation %d differs with GC:\n got %s\nwant %s", i, got[i], want[i])
+					}
+				}
+				t.Fatalf("%d evaluations with GC, %d without", len(got), len(want))
+			}
+			if purged == 0 {
+				t.Fatal("GC purged nothing: the test does not exercise it")
+			}
+		})
 	}
 }
