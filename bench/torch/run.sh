@@ -46,7 +46,12 @@ NODES=${NODES:-2} WORLDS=${WORLDS:-"1 2"} DDP_ARGS=${DDP_ARGS:-} ALLREDUCE=${ALL
 AR_RANKS=${AR_RANKS:-2} AR_BACKENDS=${AR_BACKENDS:-gpumesh,gpumesh-staged,gpumesh-thread,gloo}
 AR_SIZES_MIB=${AR_SIZES_MIB:-16,64,256} AR_ITERS=${AR_ITERS:-10}
 echo "layout: $NODES agent(s), DDP world sizes $WORLDS, all_reduce with $AR_RANKS ranks"
-"$BIN" dev --nodes "$NODES" --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
+# An agent runs as many ranks as the machine has cores unless told more
+# (the flag is passed only then, so that older binaries still run).
+most=$(printf '%s\n' $WORLDS "$AR_RANKS" | sort -n | tail -1)
+more=()
+[ "$most" -gt "$(nproc)" ] && more=(--max-ranks-per-node "$most")
+"$BIN" dev --nodes "$NODES" "${more[@]}" --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
 DEV=$!
 trap 'kill $DEV 2>/dev/null; wait $DEV 2>/dev/null' EXIT
 for _ in $(seq 100); do grep -q "export GPUMESH_ADDR" "$OUT/dev.log" && break; sleep 0.2; done
