@@ -25,7 +25,7 @@ import (
 //     ring, fails every rank with a mismatch) and enters every peer's
 //     share.
 //  3. Rank r reduces block r of the elements (Part(count, n, r)), split
-//     across Config.SameProcessWorkers/n goroutines: per 64 KiB piece it
+//     across Config.SameProcessWorkers/n goroutines: per 16 KiB piece it
 //     reduces the n ranks' pieces in rank order into rank 0's memory
 //     (divides for OpAvg) and copies the result into the others'. Every
 //     element is read n times and written n times; nothing is staged. The
@@ -51,7 +51,7 @@ const AlgoNameSameProcess = "same-process"
 
 // directPiece is the unit of the reduction loop: the n ranks' pieces stay
 // in the core's cache between the reduce and the copies.
-const directPiece = 64 << 10
+const directPiece = 16 << 10
 
 // directMinWorker is the least one goroutine reduces (bytes of one rank's
 // buffer); smaller blocks use fewer goroutines. A variable for the tests.

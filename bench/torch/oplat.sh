@@ -42,8 +42,8 @@ variant() {
   GPUMESH_ADDR=$(sed -n "s/.*export GPUMESH_ADDR=//p" "$OUT/dev-$name-$r.log")
   export GPUMESH_ADDR
   [ -n "$GPUMESH_ADDR" ] || { echo "$name: the dev cluster did not start (see $OUT/dev-$name-$r.log)" >&2; kill "$dev"; exit 1; }
-  id=$(printf 'name: oplat\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s/bench/torch/oplat.py", "--sizes-kib", "%s", "--iters", "%s"]\n' \
-        "$RANKS" "$pydir" "$(free_port)" "$PY" "$ROOT" "$SIZES_KIB" "$ITERS" | "$bin" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
+  id=$(printf 'name: oplat\nranks: %s\nplacement: spread\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s"}\n  command: ["env", "MASTER_PORT=%s", "AGENT_PID=%s", "%s", "%s/bench/torch/oplat.py", "--sizes-kib", "%s", "--iters", "%s"]\n' \
+        "$RANKS" "$pydir" "$(free_port)" "$dev" "$PY" "$ROOT" "$SIZES_KIB" "$ITERS" | "$bin" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$bin" job logs "$id" --rank 0 | grep -o '{.*}' | sed "s/}\$/, \"round\": $r, \"variant\": \"$name\"}/" >>"$OUT/oplat.json"
   printf 'name: ar\ntype: allreduce\nranks: %s\nplacement: spread\nallreduce: {sizes: [%s], dtype: float32, iters: %s, device: cpu}\n' "$RANKS" "$sizes_yaml" "$ITERS" |
     "$bin" job run - --wait --json | "$PY" -c '
@@ -82,14 +82,15 @@ def f(xs):
     return f"{med(xs):8.0f}  ({' '.join(f'{x:.0f}' for x in xs)})" if xs else "       -"
 print(f"\nper-op time, {os.environ.get('RANKS', '2')} ranks, microseconds: median over rounds (each round's median of the iterations)")
 print("issue: call to packet sent; answer: sent to answer read; finish: answer read to return;")
-print("b2b: wall per op back to back; cpu: the rank's CPU per op (all threads); vcsw/ivcsw: its context switches per op")
+print("b2b: wall per op back to back; cpu: the rank's CPU per op (all threads); vcsw/ivcsw: its context switches per op;")
+print("agent_cpu: the agents' process's CPU per op (back to back)")
 for kib in sorted({k[2] for k in by}):
     print(f"\n{kib} KiB")
     for v in variants:
         b = [r["total_us"] for r in by.get((v, "builtin", kib), [])]
         g = by.get((v, "gpumesh", kib), [])
         print(f"  {v:8s} built-in job      {f(b)}")
-        for k in ("total", "issue", "answer", "finish", "b2b", "cpu"):
+        for k in ("total", "issue", "answer", "finish", "b2b", "cpu", "agent_cpu"):
             print(f"  {v:8s} gpumesh {k:9s} {f([r[k + '_us'] for r in g if k + '_us' in r])}")
         for k in ("vcsw", "ivcsw"):
             xs = [r[k] for r in g]
