@@ -7,9 +7,9 @@ round (after a barrier on its group), so that a shared machine's changing
 load falls on all of them. --backends picks some of them. Run as a gpumesh
 exec job; rank 0 prints one JSON line per backend and size: the median of
 --iters, and the CPU time per operation (bench/torch/proccpu.py: every
-rank's process, and the agent's when AGENT_PID names it), summed over the
-timed operations (rank 0 reads the other ranks' /proc, so all ranks must
-be on this machine)."""
+rank's process, less the cost of rank 0's own readings, and the agent's
+when AGENT_PID names it), summed over the timed operations (rank 0 reads
+the other ranks' /proc, so all ranks must be on this machine)."""
 
 import argparse
 import json
@@ -50,6 +50,15 @@ groups = {k: v for k, v in groups.items() if k in want}
 pids = [None] * n
 dist.all_gather_object(pids, os.getpid(), group=gloo)
 agent = [int(os.environ["AGENT_PID"])] if os.environ.get("AGENT_PID") else []
+# Reading /proc costs rank 0 CPU time that falls partly inside the interval
+# it measures: about one reading's worth, subtracted (the median of a few).
+own = 0
+if rank == 0:
+    gaps = []
+    for _ in range(7):
+        a = cpu_ns(pids) + cpu_ns(agent)
+        gaps.append(cpu_ns(pids) + cpu_ns(agent) - a)
+    own = statistics.median(gaps)
 for mib in [int(s) for s in args.sizes_mib.split(",")]:
     xs = {name: torch.ones(mib * (1 << 20) // 4) for name in groups}
     times = {name: [] for name in groups}
@@ -65,7 +74,7 @@ for mib in [int(s) for s in args.sizes_mib.split(",")]:
             if i >= args.warmup:
                 times[name].append(t1 - t0)
                 if rank == 0:
-                    cpu[name][0] += cpu_ns(pids) - c0
+                    cpu[name][0] += cpu_ns(pids) - c0 - own
                     cpu[name][1] += cpu_ns(agent) - a0
     if rank == 0:
         for name, ts in times.items():
