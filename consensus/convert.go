@@ -64,5 +64,6 @@ func allocFromLog(a *fsmpb.Allocation) *controlpb.Allocation {
 		StartTime: a.StartTime, FinishTime: a.FinishTime, Result: a.Result, RankAddr: a.RankAddr,
 		RestartCount: a.RestartCount, CreateIndex: a.CreateIndex, ModifyIndex: a.ModifyIndex,
 		Ports: a.Ports, Health: a.Health, StartFailure: a.StartFailure,
+		SlotFailures: a.SlotFailures, HealthyTime: a.HealthyTime,
 	}
 }

@@ -101,7 +101,11 @@
 // service_scale.go): reports that ReportLoad keeps in the leader's memory
 // (LoadTable), read through the LoadView interface. A new or replacement
 // replica avoids the nodes of its siblings when another node can take it
-// (sharding.Job.Avoid).
+// (sharding.Job.Avoid). A slot whose replicas keep failing backs off
+// (service_backoff.go): the wait doubles from restart.delay up to
+// restart.max_delay with each failure in a row, derived from the slot's
+// allocations (slot_failures, healthy_time) so a new leader keeps it;
+// ServiceBackoffs tells the CLI and the metrics the same.
 //
 // # Testing
 //

@@ -330,6 +330,9 @@ func (f *FSM) updateAllocations(idx uint64, now *timestamppb.Timestamp, ups []*f
 		healthChanged := u.Health != "" && u.Health != na.Health
 		if healthChanged {
 			na.Health = u.Health
+			if na.Health == HealthHealthy && na.HealthyTime == nil {
+				na.HealthyTime = now // the crash-loop back-off's reset (service_backoff.go)
+			}
 		}
 		na.ModifyIndex = idx
 		st.putAllocLocked(na)

@@ -28,7 +28,9 @@ const serviceRecheck = 5 * time.Second
 // evalService decides what a running service needs. A service never
 // completes: every replica slot (rank 0..replicas-1) holds one replica.
 //   - a replica that ended (exited, failed, lost with its node) is replaced
-//     on its own, after the restart delay, without touching the others;
+//     on its own, after the restart delay, without touching the others; a
+//     slot whose replicas keep failing waits longer after each failure in
+//     a row (the crash-loop back-off, service_backoff.go);
 //   - a replica on a draining node, or on a node silent for longer than the
 //     node loss grace, gets a replacement placed elsewhere first; the old
 //     one is stopped once the replacement is healthy (max unavailable 0),
@@ -53,12 +55,9 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		wake = now.Add(ScaleEvery) // scaled by load: look at it again
 	}
 	slots := make([][]*controlpb.Allocation, replicas)
-	var lastEnd = map[int]time.Time{}
+	hist := slotHistories(allocs) // service_backoff.go
 	for _, a := range allocs {
 		r := int(a.Rank)
-		if AllocTerminal(a.ClientStatus) && a.FinishTime != nil && a.FinishTime.AsTime().After(lastEnd[r]) {
-			lastEnd[r] = a.FinishTime.AsTime()
-		}
 		if a.DesiredStatus == DesiredStop {
 			continue
 		}
@@ -75,7 +74,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 		slots[r] = append(slots[r], a)
 	}
-	_, delay := restartPolicy(j.Spec)
+	backoff := serviceBackoff(j.Spec)
 	var reasons []string
 	// siblings are the nodes of the replicas to keep running, and of those
 	// placed below: a new replica goes elsewhere when another node can
@@ -155,20 +154,28 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				}
 			}
 		}
+		// The slot's failures in a row and when its next replica may
+		// start (crash-loop back-off).
+		var failures int
+		var next time.Time
+		if h := hist[r]; h != nil {
+			failures = h.failures(j, backoff, now)
+			next = h.nextTry(failures, backoff)
+		}
 		if len(cur) == 0 && len(old) > 0 && len(moving) == 0 {
 			// Replace the outdated replica, one slot at a time: the next
 			// slot's turn comes once this replacement is healthy.
-			switch end, ok := lastEnd[r]; {
+			switch {
 			case rolling > 0:
 				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d waits its turn", r))
 				continue
-			case ok && now.Before(end.Add(delay)):
-				wake = earliest(wake, end.Add(delay))
-				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement ended; trying again at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
+			case now.Before(next):
+				wake = earliest(wake, next)
+				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement ended%s; trying again at %s", r, inARow(failures), next.UTC().Format(time.RFC3339)))
 				rolling++
 				continue
 			}
-			a, why := e.placeReplica(j, r, j.Generation+1, siblings)
+			a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings)
 			if a == nil {
 				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement waits for capacity: %s", r, why))
 				continue
@@ -190,12 +197,16 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 			}
 			continue
 		}
-		if end, ok := lastEnd[r]; ok && now.Before(end.Add(delay)) {
-			wake = earliest(wake, end.Add(delay))
-			reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, end.Add(delay).UTC().Format(time.RFC3339)))
+		if now.Before(next) {
+			wake = earliest(wake, next)
+			if failures > 1 {
+				reasons = append(reasons, fmt.Sprintf("replica %d is crash-looping (%d failures in a row); next try at %s", r, failures, next.UTC().Format(time.RFC3339)))
+			} else {
+				reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, next.UTC().Format(time.RFC3339)))
+			}
 			continue
 		}
-		a, why := e.placeReplica(j, r, j.Generation+1, siblings)
+		a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings)
 		if a == nil {
 			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
 			continue
@@ -233,9 +244,18 @@ func firstHealthy(as []*controlpb.Allocation) *controlpb.Allocation {
 	return nil
 }
 
+// inARow says ", N failures in a row" for a crash loop (N > 1), "" else.
+func inARow(failures int) string {
+	if failures < 2 {
+		return ""
+	}
+	return fmt.Sprintf(", %d failures in a row", failures)
+}
+
 // placeReplica places one replica of slot r as part of generation gen, on
-// a node not in avoid when one can take it, or says why it cannot.
-func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, avoid []string) (*fsmpb.Allocation, string) {
+// a node not in avoid when one can take it, or says why it cannot. The
+// replica carries its slot's failures in a row.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures int32, avoid []string) (*fsmpb.Allocation, string) {
 	spec := j.Spec
 	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
 	if err != nil {
@@ -266,6 +286,7 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, avoid []st
 		GroupWorldSize: 1,
 		NodeId:         pr.NodeID,
 		RestartCount:   int32(gen - 1),
+		SlotFailures:   failures,
 		DesiredStatus:  DesiredRun,
 		ClientStatus:   AllocPending,
 	}

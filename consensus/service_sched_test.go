@@ -117,13 +117,14 @@ func TestServiceReplicaExitIsReplaced(t *testing.T) {
 	s.now = d.WakeAt
 	s.step("svc")
 	// A replacement that fails at once is not replaced before the delay
-	// either (no tight loop of failed starts).
+	// either (no tight loop of failed starts; its second failure in a row
+	// doubles the delay, TestServiceCrashLoopBacksOff).
 	first := s.live("svc")[0][0]
 	s.report(first.Id, AllocFailed, -1)
 	if d2 := s.step("svc"); len(s.live("svc")[0]) != 0 || d2.WakeAt.IsZero() {
 		t.Fatalf("a replacement failing at once was replaced at once: %v", s.live("svc")[0])
 	}
-	s.now = s.now.Add(3 * time.Second)
+	s.now = s.now.Add(4 * time.Second)
 	s.step("svc")
 	if got := s.live("svc")[0]; len(got) != 1 || got[0].Id == r0.Id {
 		t.Fatalf("slot 0 after the delay: %v", got)

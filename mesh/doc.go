@@ -1,7 +1,7 @@
 // Package mesh is gossip membership for gpumesh, built on hashicorp/memberlist.
 //
 // Every agent gossips a small metadata record about itself (Meta: ID, name,
-// gossip/RPC/Raft/HTTP addresses, GPUs, instance type, zone, region,
+// gossip/RPC/Raft/HTTP/serve addresses, GPUs, instance type, zone, region,
 // lifecycle, status, eligibility, role hint, version) and learns everyone
 // else's, with join, leave, failure and update events.
 //
@@ -194,8 +194,11 @@
 // 8-GPU p5.48xlarge record is 135 bytes. Oversized or invalid records are
 // refused with ErrMetaTooLarge or ErrInvalidMeta, and UpdateMeta leaves
 // the old record in place. DecodeMeta is strict (unknown version, flags,
-// enums, truncation, trailing bytes are errors) and never panics; it is
-// fuzzed by FuzzDecodeMeta. A peer whose record cannot be decoded (for
+// enums, truncation, malformed trailing extensions are errors) and never
+// panics; it is fuzzed by FuzzDecodeMeta. Fields added later (the serve
+// address first) travel as keyed extensions after the original fields: a
+// record without any is what earlier builds wrote and read, and a decoder
+// skips the extension keys it does not know. A peer whose record cannot be decoded (for
 // example a newer format version during an upgrade) is still listed, with
 // Member.MetaErr set.
 package mesh

@@ -142,6 +142,10 @@ type Addresses struct {
 	Raft string `json:"raft,omitempty"`
 	// HTTP is the metrics, health and dashboard address.
 	HTTP string `json:"http,omitempty"`
+	// Serve is the serve port, where the node routes service traffic only
+	// (`gpumesh agent --serve`); "" when it has none. Records that carry
+	// it are read by this build and later ones only (see Encode).
+	Serve string `json:"serve,omitempty"`
 }
 
 // Meta is the record every node gossips about itself. Its encoded form
@@ -231,7 +235,7 @@ func (m Meta) Validate() error {
 	}
 	for _, a := range []struct{ what, v string }{
 		{"gossip address", m.Addrs.Gossip}, {"RPC address", m.Addrs.RPC},
-		{"Raft address", m.Addrs.Raft}, {"HTTP address", m.Addrs.HTTP},
+		{"Raft address", m.Addrs.Raft}, {"HTTP address", m.Addrs.HTTP}, {"serve address", m.Addrs.Serve},
 	} {
 		if a.v == "" {
 			continue
@@ -362,10 +366,16 @@ const (
 //	GPU runs: uvarint count of runs, then per run uvarint GPU count,
 //	  model (uvarint length + bytes), uvarint memory bytes
 //	max ranks: uvarint
+//	extensions: zero or more of uvarint key (increasing, from 1), uvarint
+//	  length, length bytes; a decoder skips the keys it does not know.
+//	  Key 1: the serve address, written as one address above (its "same
+//	  host" is the last address set before it).
 //
 // Identical GPUs next to each other cost one run, so 8 H100s take about as
-// many bytes as one. Encode refuses a record that fails Validate or whose
-// encoding exceeds MetaMaxSize (ErrMetaTooLarge).
+// many bytes as one. A record without extensions (no serve address) is
+// what agents that predate them wrote and read; they refuse one with any.
+// Encode refuses a record that fails Validate or whose encoding exceeds
+// MetaMaxSize (ErrMetaTooLarge).
 func (m Meta) Encode() ([]byte, error) {
 	if err := m.Validate(); err != nil {
 		return nil, err
@@ -386,29 +396,7 @@ func (m Meta) Encode() ([]byte, error) {
 	b = appendString(b, m.Name)
 	prevHost := ""
 	for _, a := range []string{m.Addrs.Gossip, m.Addrs.RPC, m.Addrs.Raft, m.Addrs.HTTP} {
-		if a == "" {
-			b = append(b, addrNone)
-			continue
-		}
-		host, port, _ := parseHostPort(a) // checked by Validate
-		ip := net.ParseIP(host)
-		switch {
-		case ip != nil && prevHost != "" && net.ParseIP(prevHost).Equal(ip):
-			b = append(b, addrSameHost)
-		case ip == nil && host == prevHost:
-			b = append(b, addrSameHost)
-		case ip != nil && ip.To4() != nil:
-			b = append(b, addrIPv4)
-			b = append(b, ip.To4()...)
-		case ip != nil:
-			b = append(b, addrIPv6)
-			b = append(b, ip.To16()...)
-		default:
-			b = append(b, addrName)
-			b = appendString(b, host)
-		}
-		b = binary.BigEndian.AppendUint16(b, port)
-		prevHost = host
+		b, prevHost = appendAddr(b, a, prevHost)
 	}
 	for _, s := range []string{m.InstanceType, m.AvailabilityZone, m.Region, m.Version} {
 		b = appendString(b, s)
@@ -421,11 +409,47 @@ func (m Meta) Encode() ([]byte, error) {
 		b = binary.AppendUvarint(b, g.gpu.MemoryBytes)
 	}
 	b = binary.AppendUvarint(b, uint64(m.MaxRanks))
+	if m.Addrs.Serve != "" {
+		v, _ := appendAddr(nil, m.Addrs.Serve, prevHost)
+		b = binary.AppendUvarint(b, extServe)
+		b = appendString(b, string(v))
+	}
 	if len(b) > MetaMaxSize {
 		return nil, fmt.Errorf("%w: node metadata encodes to %d bytes, over the %d-byte gossip limit: shorten the name, ID or labels, or list identical GPUs next to each other",
 			ErrMetaTooLarge, len(b), MetaMaxSize)
 	}
 	return b, nil
+}
+
+// Extension keys in the encoding.
+const (
+	extServe = 1 // the serve address
+)
+
+// appendAddr appends the address a ("" for none), written relative to the
+// host of the last address set before it, and returns the host to pass on.
+func appendAddr(b []byte, a, prevHost string) ([]byte, string) {
+	if a == "" {
+		return append(b, addrNone), prevHost
+	}
+	host, port, _ := parseHostPort(a) // checked by Validate
+	ip := net.ParseIP(host)
+	switch {
+	case ip != nil && prevHost != "" && net.ParseIP(prevHost).Equal(ip):
+		b = append(b, addrSameHost)
+	case ip == nil && host == prevHost:
+		b = append(b, addrSameHost)
+	case ip != nil && ip.To4() != nil:
+		b = append(b, addrIPv4)
+		b = append(b, ip.To4()...)
+	case ip != nil:
+		b = append(b, addrIPv6)
+		b = append(b, ip.To16()...)
+	default:
+		b = append(b, addrName)
+		b = appendString(b, host)
+	}
+	return binary.BigEndian.AppendUint16(b, port), host
 }
 
 func appendString(b []byte, s string) []byte {
@@ -465,40 +489,10 @@ func DecodeMeta(b []byte) (Meta, error) {
 	addrs := []*string{&m.Addrs.Gossip, &m.Addrs.RPC, &m.Addrs.Raft, &m.Addrs.HTTP}
 	prevHost := ""
 	for _, dst := range addrs {
-		tag := d.byte()
-		var host string
-		switch tag {
-		case addrNone:
-			continue
-		case addrIPv4:
-			host = net.IP(d.bytes(4)).String()
-		case addrIPv6:
-			ip := net.IP(d.bytes(16))
-			if d.err == nil && ip.To4() != nil {
-				d.fail(fmt.Errorf("IPv4 address written as IPv6"))
-			}
-			host = ip.String()
-		case addrSameHost:
-			if prevHost == "" && d.err == nil {
-				d.fail(fmt.Errorf("address refers to a previous host but there is none"))
-			}
-			host = prevHost
-		case addrName:
-			host = d.string(MaxHostLen)
-			if d.err == nil && (host == "" || net.ParseIP(host) != nil) {
-				d.fail(fmt.Errorf("host name %q is empty or an IP address", host))
-			}
-		default:
-			if d.err == nil {
-				d.fail(fmt.Errorf("unknown address tag %d", tag))
-			}
-		}
-		port := d.uint16()
+		*dst, prevHost = d.addr(prevHost)
 		if d.err != nil {
 			return Meta{}, d.err
 		}
-		*dst = net.JoinHostPort(host, strconv.Itoa(int(port)))
-		prevHost = host
 	}
 	m.InstanceType = d.string(MaxLabelLen)
 	m.AvailabilityZone = d.string(MaxLabelLen)
@@ -529,8 +523,28 @@ func DecodeMeta(b []byte) (Meta, error) {
 		}
 		m.MaxRanks = int(maxRanks)
 	}
-	if d.err == nil && len(d.b) != 0 {
-		d.fail(fmt.Errorf("%d trailing bytes", len(d.b)))
+	for last := uint64(0); d.err == nil && len(d.b) != 0; {
+		key := d.uvarint()
+		v := d.bytes(int(min(d.uvarint(), uint64(MetaMaxSize+1))))
+		if d.err != nil {
+			break
+		}
+		if key <= last {
+			d.fail(fmt.Errorf("extension key %d after key %d: keys must increase from 1", key, last))
+			break
+		}
+		last = key
+		if key != extServe {
+			continue // written by a later build
+		}
+		e := decoder{b: v}
+		m.Addrs.Serve, _ = e.addr(prevHost)
+		if e.err == nil && (m.Addrs.Serve == "" || len(e.b) != 0) {
+			e.fail(fmt.Errorf("serve address extension is empty or has trailing bytes"))
+		}
+		if e.err != nil {
+			d.err = e.err
+		}
 	}
 	if d.err != nil {
 		return Meta{}, d.err
@@ -539,6 +553,44 @@ func DecodeMeta(b []byte) (Meta, error) {
 		return Meta{}, err
 	}
 	return m, nil
+}
+
+// addr reads one address written by appendAddr ("" for none) and returns
+// it with the host to pass on.
+func (d *decoder) addr(prevHost string) (string, string) {
+	tag := d.byte()
+	var host string
+	switch tag {
+	case addrNone:
+		return "", prevHost
+	case addrIPv4:
+		host = net.IP(d.bytes(4)).String()
+	case addrIPv6:
+		ip := net.IP(d.bytes(16))
+		if d.err == nil && ip.To4() != nil {
+			d.fail(fmt.Errorf("IPv4 address written as IPv6"))
+		}
+		host = ip.String()
+	case addrSameHost:
+		if prevHost == "" && d.err == nil {
+			d.fail(fmt.Errorf("address refers to a previous host but there is none"))
+		}
+		host = prevHost
+	case addrName:
+		host = d.string(MaxHostLen)
+		if d.err == nil && (host == "" || net.ParseIP(host) != nil) {
+			d.fail(fmt.Errorf("host name %q is empty or an IP address", host))
+		}
+	default:
+		if d.err == nil {
+			d.fail(fmt.Errorf("unknown address tag %d", tag))
+		}
+	}
+	port := d.uint16()
+	if d.err != nil {
+		return "", prevHost
+	}
+	return net.JoinHostPort(host, strconv.Itoa(int(port))), host
 }
 
 // decoder reads from b and remembers the first error; after an error

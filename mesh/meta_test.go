@@ -41,7 +41,10 @@ func TestMetaRoundTrip(t *testing.T) {
 				{"Tesla T4", 16106127360}, {"unknown", 0}},
 			Lifecycle: LifecycleOnDemand, Role: RoleVoter,
 		},
-		"only some addresses": {ID: "x", Name: "y", Addrs: Addresses{RPC: "127.0.0.2:7947", HTTP: "127.0.0.2:7949"}},
+		"only some addresses":  {ID: "x", Name: "y", Addrs: Addresses{RPC: "127.0.0.2:7947", HTTP: "127.0.0.2:7949"}},
+		"serve port":           {ID: "x", Name: "y", Addrs: Addresses{RPC: "127.0.0.2:7947", HTTP: "127.0.0.2:7949", Serve: "127.0.0.2:7950"}},
+		"serve port elsewhere": {ID: "x", Name: "y", Addrs: Addresses{HTTP: "[fd00::1]:7949", Serve: "10.1.2.3:80"}, MaxRanks: 4},
+		"serve port by name":   {ID: "x", Name: "y", Addrs: Addresses{Serve: "svc.internal:7950"}},
 	}
 	for name, in := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -81,6 +84,51 @@ func TestMetaCompact(t *testing.T) {
 		t.Errorf("a full p5 record encodes to %d bytes, want <= 150", len(b))
 	}
 	t.Logf("p5.48xlarge record with 8 GPUs: %d bytes", len(b))
+}
+
+// The serve address travels as an extension after the fields agents
+// without it read: a record without one is byte for byte what they wrote
+// (they keep reading it), one with it costs 5 bytes on the HTTP address's
+// host, and a decoder skips extension keys it does not know (a later
+// build's) but not keys out of order.
+func TestMetaServeExtension(t *testing.T) {
+	without := h100Meta()
+	old, err := without.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// h100Meta's encoding as agents before the serve address wrote it.
+	const before = "010302010213692d30313233343536373839616263646566300b6770752d6e6f64652d3137010a0003111f0a031f0b031f0c031f0d" +
+		"0b70352e3438786c617267650a75732d656173742d31610975732d656173742d311276302e332e312d31322d6761626364656630" +
+		"0108154e5649444941204831303020383047422048424d338080c0cbbe0200"
+	if got := fmt.Sprintf("%x", old); got != before {
+		t.Fatalf("a record without a serve address changed its encoding:\n got  %s\n want %s", got, before)
+	}
+	with := h100Meta()
+	with.Addrs.Serve = "10.0.3.17:7950"
+	b, err := with.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != len(old)+5 || !bytes.HasPrefix(b, old) {
+		t.Fatalf("the serve address costs %d bytes (want 5, appended)", len(b)-len(old))
+	}
+	later := append(bytes.Clone(b), 7, 2, 'h', 'i') // key 7, two bytes
+	got, err := DecodeMeta(later)
+	if err != nil || !got.Equal(with) {
+		t.Fatalf("a later build's extension: %v, %+v", err, got)
+	}
+	for name, bad := range map[string][]byte{
+		"key out of order": append(bytes.Clone(later), 3, 0),
+		"key 0":            append(bytes.Clone(old), 0, 0),
+		"empty serve":      append(bytes.Clone(old), 1, 1, 0),
+		"serve trailing":   append(append(bytes.Clone(old), 1, 4), append(bytes.Clone(b[len(b)-3:]), 9)...),
+		"length past end":  append(bytes.Clone(old), 2, 9, 1),
+	} {
+		if _, err := DecodeMeta(bad); !errors.Is(err, ErrInvalidMeta) {
+			t.Errorf("%s: DecodeMeta got %v, want ErrInvalidMeta", name, err)
+		}
+	}
 }
 
 func TestMetaTooLarge(t *testing.T) {

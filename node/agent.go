@@ -45,10 +45,14 @@ type Agent struct {
 
 	rpcLn  net.Listener
 	httpLn net.Listener
-	grpc   *grpc.Server
-	httpS  *http.Server
-	serveS *serveFront // the serve port (service_serve.go); nil when off
-	health *health.Server
+	// serveLn is the serve port's listener (Config.ServeAddr), opened
+	// with the others so its address is in the node's record; serveS
+	// serves it. nil when off.
+	serveLn net.Listener
+	grpc    *grpc.Server
+	httpS   *http.Server
+	serveS  *serveFront // the serve port (service_serve.go); nil when off
+	health  *health.Server
 
 	mesh       membership
 	discoverer Discoverer
@@ -129,6 +133,15 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	if c := sec.httpTLSConfig(); c != nil {
 		a.httpLn = tls.NewListener(a.httpLn, c) // same certificate as gRPC
 	}
+	if cfg.ServeAddr != "" {
+		addr := cfg.ServeAddr
+		if host, port, _ := net.SplitHostPort(addr); host == "" {
+			addr = net.JoinHostPort(cfg.BindAddr, port)
+		}
+		if a.serveLn, err = net.Listen("tcp", addr); err != nil {
+			return nil, fmt.Errorf("serve listener (%s, --serve): %w", cfg.ServeAddr, err)
+		}
+	}
 	a.rpcAddr = joinHostPort(a.advAddr, a.rpcLn.Addr().(*net.TCPAddr).Port)
 	raftPort := cfg.RaftPort
 	gossipPort := cfg.GossipPort
@@ -154,6 +167,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		RpcAddr:      a.rpcAddr,
 		RaftAddr:     joinHostPort(a.advAddr, raftPort),
 		HttpAddr:     joinHostPort(a.advAddr, a.httpLn.Addr().(*net.TCPAddr).Port),
+		ServeAddr:    a.advertisedServeAddr(),
 		Gpus:         discoverGPUs(logger),
 		InstanceType: cfg.InstanceType,
 		Az:           cfg.AZ,
@@ -196,16 +210,8 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 	a.runner = newRunner(a)
 	a.router = newRouter(a.nodeID, a.self.Az, a.logger.Named("router"))
 	a.httpS = &http.Server{Handler: a.httpHandler(), ReadHeaderTimeout: serveHeaderTimeout, MaxHeaderBytes: MaxHeaderBytes}
-	if cfg.ServeAddr != "" {
-		addr := cfg.ServeAddr
-		if host, port, _ := net.SplitHostPort(addr); host == "" {
-			addr = net.JoinHostPort(cfg.BindAddr, port)
-		}
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return nil, fmt.Errorf("serve listener (%s, --serve): %w", cfg.ServeAddr, err)
-		}
-		a.serveS = newServeFront(ln, a.router, sec.httpTLSConfig(), a.logger.Named("serve"))
+	if a.serveLn != nil {
+		a.serveS = newServeFront(a.serveLn, a.router, sec.httpTLSConfig(), a.logger.Named("serve"))
 		a.goFunc(func() {
 			if err := a.serveS.serve(); err != nil && !errors.Is(err, errServeClosed) {
 				a.logger.Error("serve port stopped", "error", err)
@@ -260,13 +266,22 @@ func (a *Agent) RPCAddr() string { return a.rpcAddr }
 // HTTPAddr is where metrics, health and the dashboard are served.
 func (a *Agent) HTTPAddr() string { return a.self.HttpAddr }
 
-// ServeAddr is where the serve port listens (Config.ServeAddr), "" when
-// it is off.
-func (a *Agent) ServeAddr() string {
-	if a.serveS == nil {
+// ServeAddr is the serve port's address as the node advertises it
+// (Node.serve_addr), "" when it is off.
+func (a *Agent) ServeAddr() string { return a.self.ServeAddr }
+
+// advertisedServeAddr is the serve port's address for others: its
+// listener's IP, or the advertise address when it listens on all of them;
+// "" without a serve port.
+func (a *Agent) advertisedServeAddr() string {
+	if a.serveLn == nil {
 		return ""
 	}
-	return a.serveS.ln.Addr().String()
+	tcp := a.serveLn.Addr().(*net.TCPAddr)
+	if tcp.IP == nil || tcp.IP.IsUnspecified() {
+		return joinHostPort(a.advAddr, tcp.Port)
+	}
+	return net.JoinHostPort(tcp.IP.String(), strconv.Itoa(tcp.Port))
 }
 
 // GossipAddr is the agent's gossip address, for others to join.
@@ -407,6 +422,9 @@ func (a *Agent) Shutdown() error {
 			a.router.closeConns()
 		} else if a.httpLn != nil {
 			a.httpLn.Close()
+		}
+		if a.serveS == nil && a.serveLn != nil {
+			a.serveLn.Close() // NewAgent failed before serving it
 		}
 		if a.raft != nil {
 			errs = append(errs, a.raft.Shutdown())

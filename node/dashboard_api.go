@@ -47,9 +47,10 @@ type dashMember struct {
 	ID           string `json:"id"`
 	Addr         string `json:"addr"`
 	HTTPAddr     string `json:"http_addr"`
-	State        string `json:"state"`  // gossip: alive, suspect, dead, left
-	Role         string `json:"role"`   // leader, voter, standby, client; unknown
-	Status       string `json:"status"` // ready, draining; down (dead in gossip), left
+	ServeAddr    string `json:"serve_addr,omitempty"` // the serve port (--serve); none when empty
+	State        string `json:"state"`                // gossip: alive, suspect, dead, left
+	Role         string `json:"role"`                 // leader, voter, standby, client; unknown
+	Status       string `json:"status"`               // ready, draining; down (dead in gossip), left
 	AZ           string `json:"az"`
 	Lifecycle    string `json:"lifecycle"`
 	InstanceType string `json:"instance_type"`
@@ -171,6 +172,7 @@ func (o *opsState) dashboard(ctx context.Context) *dashView {
 		dm := dashMember{Name: m.Name, Addr: m.Addr, State: m.State, Role: "client"}
 		if n := m.Node; n != nil {
 			dm.ID, dm.HTTPAddr, dm.Status, dm.AZ, dm.Lifecycle = n.Id, n.HttpAddr, n.Status, n.Az, n.Lifecycle
+			dm.ServeAddr = n.ServeAddr
 			dm.InstanceType, dm.GPUs, dm.Version = n.InstanceType, len(n.Gpus), n.Version
 			if r, ok := roles[n.Id]; ok {
 				dm.Role = r

@@ -9,7 +9,8 @@
 // plain answers passed on from the connection's buffer, service_answer.go),
 // and with Config.ServeAddr also on a serve port whose lean HTTP/1.1 front
 // end hands plain requests to the same router and everything else to
-// net/http's server (service_serve.go), and
+// net/http's server (service_serve.go; its address is in the node's
+// record, Node.serve_addr, gossiped like the HTTP address), and
 // reports its requests in flight to the leader for services scaled by load
 // (service_load.go). It
 // does not talk to AWS: the caller hands it

@@ -66,7 +66,7 @@ func nodeToMeta(n *pb.Node) mesh.Meta {
 	meta := mesh.Meta{
 		ID:               n.Id,
 		Name:             n.Name,
-		Addrs:            mesh.Addresses{Gossip: n.GossipAddr, RPC: n.RpcAddr, Raft: n.RaftAddr, HTTP: n.HttpAddr},
+		Addrs:            mesh.Addresses{Gossip: n.GossipAddr, RPC: n.RpcAddr, Raft: n.RaftAddr, HTTP: n.HttpAddr, Serve: n.ServeAddr},
 		InstanceType:     n.InstanceType,
 		AvailabilityZone: n.Az,
 		Region:           n.Region,
@@ -91,6 +91,7 @@ func metaToNode(m mesh.Meta) *pb.Node {
 		RpcAddr:      m.Addrs.RPC,
 		RaftAddr:     m.Addrs.Raft,
 		HttpAddr:     m.Addrs.HTTP,
+		ServeAddr:    m.Addrs.Serve,
 		InstanceType: m.InstanceType,
 		Az:           m.AvailabilityZone,
 		Region:       m.Region,

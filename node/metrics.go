@@ -237,6 +237,7 @@ type agentCollector struct {
 	nodes, jobs, pending, allocs, localTasks                    *prometheus.Desc
 	sentBytes, recvBytes, sentFrames, recvFrames, ops, lanes    *prometheus.Desc
 	busbw, algbw, pipeStages, stageSamples, stageBubble, jobGen *prometheus.Desc
+	svcFailures                                                 *prometheus.Desc
 }
 
 func newAgentCollector(o *opsState) *agentCollector {
@@ -275,6 +276,7 @@ func newAgentCollector(o *opsState) *agentCollector {
 		stageSamples:  d("pipeline_stage_samples_per_second", "Throughput a pipeline stage reported when it finished.", "job_id", "stage"),
 		stageBubble:   d("pipeline_stage_bubble_ratio", "Idle fraction (1 - busy/wall) a pipeline stage reported when it finished.", "job_id", "stage"),
 		jobGen:        d("job_generation", "Current generation of each running job.", "job_id"),
+		svcFailures:   d("service_replica_failures_in_a_row", "Failures in a row of a service's replica slot (the crash-loop back-off's count), for slots with at least one; gone once a replica stays healthy for restart.reset_after.", "job_id", "replica"),
 	}
 }
 
@@ -282,7 +284,7 @@ func (c *agentCollector) descs() []*prometheus.Desc {
 	return []*prometheus.Desc{c.members, c.role, c.raftState, c.term, c.commit, c.applied, c.lastLog, c.fsmPending,
 		c.lastContact, c.leaderChanges, c.voters, c.nonVoters, c.hasLeader, c.nodes, c.jobs, c.pending, c.allocs,
 		c.localTasks, c.sentBytes, c.recvBytes, c.sentFrames, c.recvFrames, c.ops, c.lanes, c.busbw, c.algbw, c.pipeStages,
-		c.stageSamples, c.stageBubble, c.jobGen}
+		c.stageSamples, c.stageBubble, c.jobGen, c.svcFailures}
 }
 
 // Describe implements prometheus.Collector.
@@ -341,7 +343,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	if r != nil && r.HasState() {
-		c.collectState(r.State(), gauge)
+		c.collectState(r.State(), time.Now(), gauge)
 	}
 
 	if a.runner != nil {
@@ -363,7 +365,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Desc, float64, ...string)) {
+func (c *agentCollector) collectState(st stateReader, now time.Time, gauge func(*prometheus.Desc, float64, ...string)) {
 	nodes := zeroCounts(consensus.NodeStatuses)
 	for _, n := range st.Nodes() {
 		nodes[n.Status]++
@@ -383,6 +385,11 @@ func (c *agentCollector) collectState(st stateReader, gauge func(*prometheus.Des
 			gauge(c.jobGen, float64(j.Generation), j.Id)
 		}
 		all := st.Allocations(j.Id)
+		if j.Status == consensus.JobRunning {
+			for _, b := range consensus.ServiceBackoffs(j, all, now) {
+				gauge(c.svcFailures, float64(b.Failures), j.Id, strconv.Itoa(b.Slot))
+			}
+		}
 		for _, al := range all {
 			s := al.ClientStatus
 			if s == "" {

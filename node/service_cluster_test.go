@@ -352,3 +352,126 @@ func TestClusterConcurrentSubmitsRegisterOneService(t *testing.T) {
 		t.Fatalf("%d submissions at once registered jobs %v (answered %v); want one service", n, named, seen)
 	}
 }
+
+// A service whose replicas exit at once backs off: each replica of its slot
+// starts no earlier than the back-off after its predecessor's end (100ms,
+// 200ms, 400ms, then the cap of 400ms), carries the slot's failures in a
+// row, and the leader's metrics show the count.
+func TestClusterServiceCrashLoopBacksOff(t *testing.T) {
+	dc := startCluster(t, 1, nil)
+	a := dc.Agents[0]
+	c := client(t, a)
+	id := submitJob(t, c, `
+name: crasher
+type: service
+replicas: 1
+restart: {delay: 100ms, max_delay: 400ms}
+exec:
+  command: [/bin/sh, -c, "exit 3"]
+`)
+	var job *pb.GetJobResponse
+	poll.Until(t, 60*time.Second, func() error {
+		job = waitJob(t, c, id, 30*time.Second, func(*pb.GetJobResponse) bool { return true })
+		for _, al := range job.Allocations {
+			if al.SlotFailures >= 4 {
+				return nil
+			}
+		}
+		return fmt.Errorf("no replica with 4 failures in a row yet: generation %d (%s)", job.Job.Generation, job.Job.StatusReason)
+	})
+	byGen := map[uint64]*pb.Allocation{}
+	for _, al := range job.Allocations {
+		byGen[al.Generation] = al
+	}
+	for _, al := range job.Allocations {
+		prev := byGen[al.Generation-1]
+		if prev == nil || prev.FinishTime == nil || al.StartTime == nil {
+			continue
+		}
+		if al.SlotFailures != prev.SlotFailures+1 {
+			t.Fatalf("generation %d carries slot_failures %d after %d", al.Generation, al.SlotFailures, prev.SlotFailures)
+		}
+		want := min(100*time.Millisecond<<max(al.SlotFailures-1, 0), 400*time.Millisecond)
+		if gap := al.StartTime.AsTime().Sub(prev.FinishTime.AsTime()); gap < want {
+			t.Fatalf("generation %d (slot_failures %d) started %s after its predecessor ended; the back-off is %s", al.Generation, al.SlotFailures, gap, want)
+		}
+	}
+	poll.Until(t, 20*time.Second, func() error {
+		v, ok := metricValue(scrape(t, a), "gpumesh_service_replica_failures_in_a_row", map[string]string{"job_id": id, "replica": "0"})
+		if !ok || v < 4 {
+			return fmt.Errorf("gpumesh_service_replica_failures_in_a_row = %v (%v), want >= 4", v, ok)
+		}
+		return nil
+	})
+}
+
+// A node's serve port is in its record: the gossip metadata, the Raft
+// state's node (ListNodes), AgentInfo and the dashboard's members; a node
+// without one has none there.
+func TestClusterAdvertisesServeAddr(t *testing.T) {
+	dc := startCluster(t, 2, func(i int, c *Config) {
+		if i == 1 {
+			c.ServeAddr = net.JoinHostPort(c.BindAddr, "0")
+		}
+	})
+	plain, serving := dc.Agents[0], dc.Agents[1]
+	if plain.ServeAddr() != "" || serving.ServeAddr() == "" || strings.HasSuffix(serving.ServeAddr(), ":0") {
+		t.Fatalf("ServeAddr: %q and %q", plain.ServeAddr(), serving.ServeAddr())
+	}
+	want := map[string]string{plain.NodeID(): "", serving.NodeID(): serving.ServeAddr()}
+	c := client(t, plain)
+	poll.Until(t, 30*time.Second, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := c.ListNodes(ctx, &pb.ListNodesRequest{})
+		if err != nil {
+			return err
+		}
+		got := map[string]string{}
+		for _, n := range resp.Nodes {
+			got[n.Id] = n.ServeAddr
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("serve addresses in the state: %v, want %v", got, want)
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	info, err := client(t, serving).AgentInfo(ctx, &pb.AgentInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Node.GetServeAddr() != serving.ServeAddr() {
+		t.Fatalf("AgentInfo's node has serve_addr %q, want %q", info.Node.GetServeAddr(), serving.ServeAddr())
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		var d struct {
+			Members []struct {
+				ID        string `json:"id"`
+				ServeAddr string `json:"serve_addr"`
+			} `json:"members"`
+		}
+		if err := json.Unmarshal([]byte(httpGet(t, "http://"+plain.HTTPAddr()+"/v1/dashboard")), &d); err != nil {
+			return err
+		}
+		got := map[string]string{}
+		for _, m := range d.Members {
+			got[m.ID] = m.ServeAddr
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("dashboard members' serve addresses: %v, want %v", got, want)
+		}
+		return nil
+	})
+	// The advertised address answers: a /svc/ request for no service gets
+	// the serve port's 404.
+	resp, err := http.Get("http://" + serving.ServeAddr() + "/svc/none/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("GET through the advertised serve address: %d", resp.StatusCode)
+	}
+}

@@ -125,6 +125,19 @@ type attempt struct {
 // client's ResponseWriter.
 func (at *attempt) Unwrap() http.ResponseWriter { return at.ResponseWriter }
 
+// WriteHeader passes the replica's status on, interim ones included, but
+// for 100 Continue: the router answers Expect: 100-continue itself (the
+// HTTP port's net/http server, which the serve port hands such requests
+// to, sends one when the proxy starts reading the body) and the replica
+// never sees the expectation (newProxy drops it), so a 100 from the
+// replica would be the client's second.
+func (at *attempt) WriteHeader(code int) {
+	if code == http.StatusContinue {
+		return
+	}
+	at.ResponseWriter.WriteHeader(code)
+}
+
 func (at *attempt) wroteRequest(info httptrace.WroteRequestInfo) {
 	if info.Err == nil {
 		at.written.Store(true)
@@ -182,6 +195,10 @@ func (rt *router) newProxy(addr, prefix string) *httputil.ReverseProxy {
 			// does not match Path).
 			pr.Out.URL.Path, pr.Out.URL.RawPath = path, upstreamPath(pr.In.URL, prefix)
 			pr.Out.Host = pr.In.Host
+			// The router answers Expect: 100-continue (see
+			// attempt.WriteHeader), as Envoy does by default: the body
+			// goes on at once, and the replica sends no 100 of its own.
+			pr.Out.Header.Del("Expect")
 			pr.SetXForwarded()
 		},
 		// Called only before anything was written to the client: record

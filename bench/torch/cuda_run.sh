@@ -8,10 +8,11 @@
 #     issue's model and all_reduce busbw of CUDA tensors, gpumesh (CUDA IPC)
 #     vs staged vs Gloo in the same processes; a summary table at the end.
 #
-# Usage: bench/torch/cuda_run.sh GPUMESH_BINARY (built with -tags cuda) [OUTDIR]
+# Usage: bench/torch/cuda_run.sh GPUMESH_BINARY (built with -tags cuda) [OUTDIR [CUDA_AB_ARGS...]]
 #        (from the repository root; PY= the Python with PyTorch and CUDA)
 set -eu
 BIN=$(realpath "$1") OUT=${2:-/tmp/gpumesh-torch-cuda}
+shift $(($# >= 2 ? 2 : 1))  # the rest goes to cuda_ab.py
 ROOT=$(pwd) PY=${PY:-$(command -v python3)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -24,12 +25,14 @@ export GPUMESH_ADDR=$(sed -n 's/.*export GPUMESH_ADDR=//p' "$OUT/dev.log")
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 fail=0
 # job SCRIPT RANKS ARGS...: runs SCRIPT as an exec job, prints every rank's
-# output; a job that does not complete fails the run.
+# output; a job that does not complete fails the run. The ranks ask for no
+# GPU (a job spec cannot share one GPU between ranks), so the agent hides
+# the GPUs from them (CUDA_VISIBLE_DEVICES=""): the command shows them GPU 0.
 job() {
   local script=$1 ranks=$2; shift 2
   local args="" a id
   for a in "$@"; do args="$args, \"$a\""; done
-  id=$(printf 'name: cuda\nranks: %s\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s"%s]\n' \
+  id=$(printf 'name: cuda\nranks: %s\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "CUDA_VISIBLE_DEVICES=0", "%s", "%s"%s]\n' \
         "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   for r in $(seq 0 $((ranks - 1))); do
     "$BIN" job logs "$id" --rank "$r"

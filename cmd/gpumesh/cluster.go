@@ -102,7 +102,7 @@ func newNodesCommand() *cobra.Command {
 				}
 			}
 			tw := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tRPC ADDR\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
+			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tROLE\tRPC ADDR\tSERVE ADDR\tGPUS\tAZ\tLIFECYCLE\tINSTANCE\tREASON")
 			for _, n := range resp.Nodes {
 				role := roles[n.Id]
 				if role == "" {
@@ -116,7 +116,7 @@ func newNodesCommand() *cobra.Command {
 				if len(id) > 8 {
 					id = id[:8]
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, n.Name, st, role, n.RpcAddr, gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType), n.StatusReason)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, n.Name, st, role, n.RpcAddr, dash(n.ServeAddr), gpuSummary(n.Gpus), dash(n.Az), dash(n.Lifecycle), dash(n.InstanceType), n.StatusReason)
 			}
 			if err := tw.Flush(); err != nil {
 				return err

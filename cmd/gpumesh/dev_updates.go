@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sort"
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 // devUpdatePoll is how often `gpumesh dev` looks at its services for the
@@ -87,6 +89,55 @@ func updateStall(r *pb.GetJobResponse) string {
 	return ""
 }
 
+// crashLoopAt is the failures in a row from which `gpumesh dev` says a
+// replica slot crash-loops (a first failure is replaced quietly).
+const crashLoopAt = 3
+
+// crashNews compares the crash loops of the live services with those
+// already told (told, by job ID and slot, updated in place) and returns
+// the lines to print: a slot that reached crashLoopAt failures in a row,
+// and one told before whose count has ended (a replica stayed healthy for
+// restart.reset_after, or the service is gone).
+func crashNews(told map[string]string, jobs []*pb.GetJobResponse, now time.Time) []string {
+	var lines []string
+	looping := map[string]bool{}
+	for _, r := range jobs {
+		name := r.Job.Spec.GetName()
+		for _, b := range consensus.ServiceBackoffs(r.Job, r.Allocations, now) {
+			key := fmt.Sprintf("%s/%d", r.Job.Id, b.Slot)
+			if b.Failures < crashLoopAt {
+				continue
+			}
+			looping[key] = true
+			if told[key] == "" {
+				told[key] = fmt.Sprintf("service %s: replica %d", name, b.Slot)
+				lines = append(lines, fmt.Sprintf("==> service %s: replica %d is crash-looping (%d failures in a row; its replacements wait up to %s): gpumesh service status %s",
+					name, b.Slot, b.Failures, serviceMaxDelay(r.Job), name))
+			}
+		}
+	}
+	var over []string
+	for key := range told {
+		if !looping[key] {
+			over = append(over, key)
+		}
+	}
+	sort.Strings(over)
+	for _, key := range over {
+		lines = append(lines, fmt.Sprintf("==> %s is no longer crash-looping", told[key]))
+		delete(told, key)
+	}
+	return lines
+}
+
+// serviceMaxDelay is a service's crash-loop back-off cap.
+func serviceMaxDelay(j *pb.Job) time.Duration {
+	if d := j.Spec.GetRestart().GetMaxDelay(); d != nil {
+		return d.AsDuration()
+	}
+	return jobspec.DefaultRestartMaxDelay
+}
+
 func healthyCount(r *pb.GetJobResponse) int {
 	n := 0
 	for _, al := range liveReplicas(r) {
@@ -106,6 +157,7 @@ func followUpdates(ctx context.Context, f *clientFlags, out io.Writer) {
 	}
 	defer done()
 	seen := map[string]*rollout{}
+	told := map[string]string{}
 	first := true
 	t := time.NewTicker(devUpdatePoll)
 	defer t.Stop()
@@ -115,6 +167,9 @@ func followUpdates(ctx context.Context, f *clientFlags, out io.Writer) {
 		cancel()
 		if err == nil {
 			for _, l := range updateNews(seen, jobs, time.Now(), first) {
+				fmt.Fprintln(out, l)
+			}
+			for _, l := range crashNews(told, jobs, time.Now()) {
 				fmt.Fprintln(out, l)
 			}
 			first = false

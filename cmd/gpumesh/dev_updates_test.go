@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -56,5 +58,40 @@ func TestUpdateNews(t *testing.T) {
 	}
 	if got := updateNews(map[string]*rollout{}, state(2, replica(0, 1, "running", "healthy"), replica(1, 2, "running", "healthy")), t0, true); len(got) != 1 || !strings.Contains(got[0], "1 replicas on the previous spec to replace") {
 		t.Fatalf("an update under way on the first look: %q", got)
+	}
+}
+
+// gpumesh dev says once that a replica slot crash-loops (from the third
+// failure in a row), and once that it stopped.
+func TestCrashNews(t *testing.T) {
+	spec, err := jobspec.Parse([]byte("name: mlp\ntype: service\nreplicas: 2\nrestart: {delay: 1s, max_delay: 1m}\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1000, 0)
+	at := func(d time.Duration) *timestamppb.Timestamp { return timestamppb.New(now.Add(d)) }
+	failed := func(gen uint64, failures int32) *pb.Allocation {
+		return &pb.Allocation{Rank: 0, Generation: gen, DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 1, SlotFailures: failures, FinishTime: at(-time.Second)}
+	}
+	state := func(allocs ...*pb.Allocation) []*pb.GetJobResponse {
+		return []*pb.GetJobResponse{{Job: &pb.Job{Id: "mlp-1", Spec: spec, Status: "running", WorldSize: 2}, Allocations: allocs}}
+	}
+	healthy := &pb.Allocation{Rank: 0, Generation: 5, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", SlotFailures: 3, HealthyTime: at(-time.Hour)}
+	told := map[string]string{}
+	for i, s := range []struct {
+		jobs []*pb.GetJobResponse
+		want string // "" for no line
+	}{
+		{state(failed(1, 0)), ""},
+		{state(failed(2, 1)), ""},
+		{state(failed(3, 2)), "==> service mlp: replica 0 is crash-looping (3 failures in a row; its replacements wait up to 1m0s): gpumesh service status mlp"},
+		{state(failed(4, 3)), ""}, // said once
+		{state(failed(4, 3), healthy), "==> service mlp: replica 0 is no longer crash-looping"},
+		{state(healthy), ""},
+	} {
+		got := crashNews(told, s.jobs, now)
+		if (s.want == "" && len(got) != 0) || (s.want != "" && (len(got) != 1 || got[0] != s.want)) {
+			t.Fatalf("step %d: %q, want %q", i, got, s.want)
+		}
 	}
 }

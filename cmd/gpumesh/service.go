@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -23,7 +24,9 @@ func newServiceCommand() *cobra.Command {
 		Use:   "service",
 		Short: "Show services (jobs of type service): replicas, where they listen, their health",
 		Long: `Services are jobs of type service. Every agent routes http://NODE:7949/svc/NAME/...
-to a healthy replica of NAME; these commands show what the routers route to.`,
+(and its serve port, gpumesh agent --serve, if it has one) to a healthy replica of
+NAME; these commands show what the routers route to, where to reach a service, and
+which replica slots crash-loop (restart back-off).`,
 		Example: "  gpumesh service list\n  gpumesh service status mlp",
 	}
 	cmd.AddCommand(newServiceListCommand(), newServiceStatusCommand())
@@ -90,23 +93,40 @@ func newServiceListCommand() *cobra.Command {
 				fmt.Fprintln(out, "no services (a service is a job with type: service; see examples/service)")
 				return nil
 			}
-			tw := newTable(out)
-			fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
-			for _, r := range jobs {
-				healthy := 0
-				for _, al := range liveReplicas(r) {
-					if al.Health == "healthy" {
-						healthy++
-					}
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, r.Job.Status, healthy, wantedReplicas(r.Job), r.Job.Spec.GetName())
-			}
-			return tw.Flush()
+			printServiceList(out, jobs, time.Now())
+			return nil
 		},
 	}
 	addClientFlags(cmd, &f)
 	readOnly(cmd)
 	return cmd
+}
+
+// printServiceList prints one line per service; STATUS says how many of
+// its replica slots crash-loop (2 or more failures in a row).
+func printServiceList(out io.Writer, jobs []*pb.GetJobResponse, now time.Time) {
+	tw := newTable(out)
+	fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
+	for _, r := range jobs {
+		healthy := 0
+		for _, al := range liveReplicas(r) {
+			if al.Health == "healthy" {
+				healthy++
+			}
+		}
+		status := r.Job.Status
+		looping := 0
+		for _, b := range consensus.ServiceBackoffs(r.Job, r.Allocations, now) {
+			if b.Failures > 1 {
+				looping++
+			}
+		}
+		if looping > 0 {
+			status += fmt.Sprintf(", %d crash-looping", looping)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t/svc/%s/\n", r.Job.Spec.GetName(), r.Job.Id, status, healthy, wantedReplicas(r.Job), r.Job.Spec.GetName())
+	}
+	tw.Flush()
 }
 
 // wantedReplicas is how many replicas the service should run now: for one
@@ -139,7 +159,7 @@ func newServiceStatusCommand() *cobra.Command {
 	var f clientFlags
 	cmd := &cobra.Command{
 		Use:     "status NAME",
-		Short:   "Show a service's replicas: node, address, ports and health",
+		Short:   "Show a service's URLs (every node's serve or HTTP port), its replicas (node, address, ports, health) and crash loops",
 		Example: "  gpumesh service status mlp\n  gpumesh service status mlp --json",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -157,8 +177,15 @@ func newServiceStatusCommand() *cobra.Command {
 				}
 				return printJSON(out, &pb.ListJobsResponse{Jobs: jobsOf(jobs)})
 			}
+			nodes, err := query(cmd, &f, func(ctx context.Context, c pb.ControlClient) (*pb.ListNodesResponse, error) {
+				return c.ListNodes(ctx, &pb.ListNodesRequest{})
+			})
+			if err != nil {
+				return err
+			}
 			for _, r := range jobs {
 				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, wantedReplicas(r.Job), scaleNote(r.Job), args[0])
+				printServiceURLs(out, nodes.Nodes, args[0], f.tls.ca != "")
 				if old, live := oldSpecReplicas(r); old > 0 {
 					fmt.Fprintf(out, "rolling update to spec generation %d: %d of %d replicas still on the previous spec (SPEC old), replaced one at a time\n", r.Job.SpecGeneration, old, live)
 				}
@@ -170,6 +197,36 @@ func newServiceStatusCommand() *cobra.Command {
 	addClientFlags(cmd, &f)
 	readOnly(cmd)
 	return cmd
+}
+
+// printServiceURLs prints where a service can be reached: every live
+// node's serve port (`gpumesh agent --serve`), or its HTTP port where it
+// has none (an agent without one, or one that predates Node.serve_addr).
+func printServiceURLs(out io.Writer, nodes []*pb.Node, name string, tls bool) {
+	scheme := "http"
+	if tls {
+		scheme = "https" // both ports serve HTTPS when the agents use TLS
+	}
+	tw := newTable(out)
+	n := 0
+	for _, nd := range nodes {
+		if nd.Status != consensus.NodeReady && nd.Status != consensus.NodeDraining {
+			continue
+		}
+		addr, port := nd.ServeAddr, "serve port"
+		if addr == "" {
+			addr, port = nd.HttpAddr, "HTTP port"
+		}
+		if addr == "" {
+			continue
+		}
+		if n == 0 {
+			fmt.Fprintln(out, "reach it through any node:")
+		}
+		n++
+		fmt.Fprintf(tw, "  %s\t%s://%s/svc/%s/\t(%s)\n", nd.Name, scheme, addr, name, port)
+	}
+	tw.Flush()
 }
 
 // onOldSpec says whether a replica runs a spec older than its service's
@@ -195,9 +252,15 @@ func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 		return
 	}
 	fmt.Fprintln(out)
+	live := liveReplicas(r)
+	if len(live) == 0 {
+		fmt.Fprintln(out, "no replica is running")
+	}
 	tw := newTable(out)
-	fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tSPEC\tADDRESS\tPORTS")
-	for _, al := range liveReplicas(r) {
+	if len(live) > 0 {
+		fmt.Fprintln(tw, "REPLICA\tNODE\tSTATUS\tHEALTH\tSPEC\tADDRESS\tPORTS")
+	}
+	for _, al := range live {
 		route := al.Ports[r.Job.Spec.GetService().GetRoutePort()]
 		addr := "-"
 		if route != 0 {
@@ -216,4 +279,46 @@ func printServiceReplicas(out io.Writer, r *pb.GetJobResponse) {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", al.Rank, dash(al.NodeName), dash(al.ClientStatus), dash(al.Health), spec, addr, dash(strings.Join(names, ",")))
 	}
 	tw.Flush()
+	printCrashLoops(out, r, time.Now())
+}
+
+// printCrashLoops prints a line for every replica slot of a service whose
+// replicas failed in a row (the scheduler's crash-loop back-off): how
+// often, how the last one ended and when the next one starts.
+func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
+	bs := consensus.ServiceBackoffs(r.Job, r.Allocations, now)
+	if len(bs) == 0 {
+		return
+	}
+	fmt.Fprintln(out)
+	for _, b := range bs {
+		last := b.Last
+		how := fmt.Sprintf("%s, exit %d", last.ClientStatus, last.ExitCode)
+		if last.Message != "" {
+			how += ": " + last.Message
+		}
+		if last.HealthyTime == nil {
+			how += "; never healthy"
+		}
+		word := "failed"
+		if b.Failures > 1 {
+			word = "crash-looping"
+		}
+		logs := fmt.Sprintf("    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", r.Job.Id, b.Slot, last.Generation)
+		switch {
+		case b.Waiting:
+			left := b.NextTry.Sub(now)
+			if left < 10*time.Second {
+				left = left.Round(100 * time.Millisecond)
+			} else {
+				left = left.Round(time.Second)
+			}
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); next try in %s (%s, back-off %s)\n%s",
+				b.Slot, word, b.Failures, how, left, b.NextTry.UTC().Format("15:04:05 MST"), b.Delay, logs)
+		case consensus.AllocTerminal(last.ClientStatus):
+			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); its next replica is due\n%s", b.Slot, word, b.Failures, how, logs)
+		default:
+			fmt.Fprintf(out, "replica %d: %d failures in a row before the running one; the count ends once it stays healthy for %s\n", b.Slot, b.Failures, b.ResetAfter)
+		}
+	}
 }

@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
@@ -46,6 +49,73 @@ func TestPrintServiceReplicas(t *testing.T) {
 	printServiceReplicas(&exec, &pb.GetJobResponse{Job: &pb.Job{Spec: &pb.JobSpec{Type: "exec"}}})
 	if exec.Len() != 0 {
 		t.Fatalf("an exec job printed replicas: %q", exec.String())
+	}
+}
+
+// job status and service status say which replica slot crash-loops, how
+// often in a row, how the last replica ended and when the next one starts.
+func TestPrintCrashLoops(t *testing.T) {
+	spec, err := jobspec.Parse([]byte("name: mlp\ntype: service\nreplicas: 3\nrestart: {delay: 2s}\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 12, 7, 17, 0, 0, 0, time.UTC)
+	at := func(d time.Duration) *timestamppb.Timestamp { return timestamppb.New(now.Add(d)) }
+	resp := &pb.GetJobResponse{
+		Job: &pb.Job{Id: "mlp-1", Spec: spec, Status: "running", WorldSize: 3, Generation: 7},
+		Allocations: []*pb.Allocation{
+			{Rank: 0, Generation: 4, DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 1, SlotFailures: 2, FinishTime: at(-30 * time.Second)},
+			{Rank: 0, Generation: 5, DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, Message: "no model file", SlotFailures: 3, StartTime: at(-12 * time.Second), FinishTime: at(-10 * time.Second)},
+			{Rank: 1, Generation: 6, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", SlotFailures: 2, HealthyTime: at(-time.Minute)},
+			{Rank: 2, Generation: 1, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", HealthyTime: at(-time.Hour)},
+		},
+	}
+	var b bytes.Buffer
+	printCrashLoops(&b, resp, now)
+	out := b.String()
+	// Slot 0: a 4th failure in a row waits 2s×2³ = 16s from its end, 6s from now.
+	for _, want := range []string{
+		"replica 0 crash-looping: 4 failures in a row (the last failed, exit 3: no model file; never healthy); next try in 6s (17:00:06 UTC, back-off 16s)\n" +
+			"    its output: gpumesh job logs mlp-1 --rank 0 --generation 5 --stderr\n",
+		"replica 1: 2 failures in a row before the running one; the count ends once it stays healthy for 10m0s",
+	} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "replica 2") {
+		t.Fatalf("a slot without failures is listed:\n%s", out)
+	}
+	b.Reset()
+	printServiceList(&b, []*pb.GetJobResponse{resp}, now)
+	if !strings.Contains(b.String(), "running, 2 crash-looping") {
+		t.Fatalf("service list:\n%s", b.String())
+	}
+}
+
+// service status lists a URL per live node: its serve port where it has
+// one, its HTTP port otherwise; none for nodes that are down.
+func TestPrintServiceURLs(t *testing.T) {
+	nodes := []*pb.Node{
+		{Name: "node-1", Status: "ready", HttpAddr: "10.0.0.1:7949", ServeAddr: "10.0.0.1:7950"},
+		{Name: "node-2", Status: "draining", HttpAddr: "10.0.0.2:7949"},
+		{Name: "node-3", Status: "down", HttpAddr: "10.0.0.3:7949", ServeAddr: "10.0.0.3:7950"},
+	}
+	var b bytes.Buffer
+	printServiceURLs(&b, nodes, "mlp", false)
+	out := b.String()
+	for _, want := range []string{"reach it through any node:", "node-1  http://10.0.0.1:7950/svc/mlp/  (serve port)", "node-2  http://10.0.0.2:7949/svc/mlp/  (HTTP port)"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "node-3") {
+		t.Fatalf("a down node is listed:\n%s", out)
+	}
+	b.Reset()
+	printServiceURLs(&b, nodes[:1], "mlp", true)
+	if !strings.Contains(b.String(), "https://10.0.0.1:7950/svc/mlp/") {
+		t.Fatalf("with TLS: %s", b.String())
 	}
 }
 

@@ -1005,6 +1005,7 @@ type Node struct {
 	StatusTime    *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=status_time,json=statusTime,proto3" json:"status_time,omitempty"`
 	CreateIndex   uint64                 `protobuf:"varint,20,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex   uint64                 `protobuf:"varint,21,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	ServeAddr     string                 `protobuf:"bytes,22,opt,name=serve_addr,json=serveAddr,proto3" json:"serve_addr,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1186,6 +1187,13 @@ func (x *Node) GetModifyIndex() uint64 {
 	return 0
 }
 
+func (x *Node) GetServeAddr() string {
+	if x != nil {
+		return x.ServeAddr
+	}
+	return ""
+}
+
 type Constraints struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Az            string                 `protobuf:"bytes,1,opt,name=az,proto3" json:"az,omitempty"`
@@ -1258,6 +1266,8 @@ type RestartPolicy struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Attempts      int32                  `protobuf:"varint,1,opt,name=attempts,proto3" json:"attempts,omitempty"`
 	Delay         *durationpb.Duration   `protobuf:"bytes,2,opt,name=delay,proto3" json:"delay,omitempty"`
+	MaxDelay      *durationpb.Duration   `protobuf:"bytes,3,opt,name=max_delay,json=maxDelay,proto3" json:"max_delay,omitempty"`
+	ResetAfter    *durationpb.Duration   `protobuf:"bytes,4,opt,name=reset_after,json=resetAfter,proto3" json:"reset_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1302,6 +1312,20 @@ func (x *RestartPolicy) GetAttempts() int32 {
 func (x *RestartPolicy) GetDelay() *durationpb.Duration {
 	if x != nil {
 		return x.Delay
+	}
+	return nil
+}
+
+func (x *RestartPolicy) GetMaxDelay() *durationpb.Duration {
+	if x != nil {
+		return x.MaxDelay
+	}
+	return nil
+}
+
+func (x *RestartPolicy) GetResetAfter() *durationpb.Duration {
+	if x != nil {
+		return x.ResetAfter
 	}
 	return nil
 }
@@ -2176,6 +2200,8 @@ type Allocation struct {
 	Ports          map[string]int32       `protobuf:"bytes,26,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	Health         string                 `protobuf:"bytes,27,opt,name=health,proto3" json:"health,omitempty"`
 	StartFailure   string                 `protobuf:"bytes,28,opt,name=start_failure,json=startFailure,proto3" json:"start_failure,omitempty"`
+	SlotFailures   int32                  `protobuf:"varint,29,opt,name=slot_failures,json=slotFailures,proto3" json:"slot_failures,omitempty"`
+	HealthyTime    *timestamppb.Timestamp `protobuf:"bytes,30,opt,name=healthy_time,json=healthyTime,proto3" json:"healthy_time,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -2406,6 +2432,20 @@ func (x *Allocation) GetStartFailure() string {
 	return ""
 }
 
+func (x *Allocation) GetSlotFailures() int32 {
+	if x != nil {
+		return x.SlotFailures
+	}
+	return 0
+}
+
+func (x *Allocation) GetHealthyTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.HealthyTime
+	}
+	return nil
+}
+
 var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
@@ -2480,7 +2520,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x04R\vmemoryBytes\x12\x12\n" +
-	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xa6\x05\n" +
+	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xc5\x05\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
@@ -2507,15 +2547,20 @@ const file_fsm_proto_rawDesc = "" +
 	"\vstatus_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"statusTime\x12!\n" +
 	"\fcreate_index\x18\x14 \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\"\x86\x01\n" +
+	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\x12\x1d\n" +
+	"\n" +
+	"serve_addr\x18\x16 \x01(\tR\tserveAddr\"\x86\x01\n" +
 	"\vConstraints\x12\x0e\n" +
 	"\x02az\x18\x01 \x01(\tR\x02az\x12\x1c\n" +
 	"\tlifecycle\x18\x02 \x01(\tR\tlifecycle\x12#\n" +
 	"\rinstance_type\x18\x03 \x01(\tR\finstanceType\x12$\n" +
-	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\\\n" +
+	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\xd0\x01\n" +
 	"\rRestartPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\x05R\battempts\x12/\n" +
-	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\xa5\x01\n" +
+	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x126\n" +
+	"\tmax_delay\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\bmaxDelay\x12:\n" +
+	"\vreset_after\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"resetAfter\"\xa5\x01\n" +
 	"\bExecSpec\x12\x18\n" +
 	"\acommand\x18\x01 \x03(\tR\acommand\x123\n" +
 	"\x03env\x18\x02 \x03(\v2!.gpumesh.fsm.v1.ExecSpec.EnvEntryR\x03env\x12\x12\n" +
@@ -2607,7 +2652,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
 	"\tend_cause\x18\x0e \x01(\tR\bendCause\x12'\n" +
-	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\x8c\b\n" +
+	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\xf0\b\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -2647,7 +2692,9 @@ const file_fsm_proto_rawDesc = "" +
 	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\x12;\n" +
 	"\x05ports\x18\x1a \x03(\v2%.gpumesh.fsm.v1.Allocation.PortsEntryR\x05ports\x12\x16\n" +
 	"\x06health\x18\x1b \x01(\tR\x06health\x12#\n" +
-	"\rstart_failure\x18\x1c \x01(\tR\fstartFailure\x1a8\n" +
+	"\rstart_failure\x18\x1c \x01(\tR\fstartFailure\x12#\n" +
+	"\rslot_failures\x18\x1d \x01(\x05R\fslotFailures\x12=\n" +
+	"\fhealthy_time\x18\x1e \x01(\v2\x1a.google.protobuf.TimestampR\vhealthyTime\x1a8\n" +
 	"\n" +
 	"PortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -2724,34 +2771,37 @@ var file_fsm_proto_depIdxs = []int32{
 	27, // 22: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
 	27, // 23: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
 	28, // 24: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	25, // 25: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
-	14, // 26: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
-	15, // 27: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
-	28, // 28: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	16, // 29: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
-	17, // 30: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
-	18, // 31: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
-	22, // 32: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
-	20, // 33: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
-	28, // 34: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	28, // 35: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	28, // 36: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
-	21, // 37: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
-	28, // 38: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	28, // 39: gpumesh.fsm.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
-	19, // 40: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	27, // 41: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	27, // 42: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	27, // 43: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	27, // 44: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	27, // 45: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	29, // 46: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	26, // 47: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
-	48, // [48:48] is the sub-list for method output_type
-	48, // [48:48] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	28, // 25: gpumesh.fsm.v1.RestartPolicy.max_delay:type_name -> google.protobuf.Duration
+	28, // 26: gpumesh.fsm.v1.RestartPolicy.reset_after:type_name -> google.protobuf.Duration
+	25, // 27: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
+	14, // 28: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
+	15, // 29: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
+	28, // 30: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	16, // 31: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
+	17, // 32: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
+	18, // 33: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
+	22, // 34: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
+	20, // 35: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
+	28, // 36: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	28, // 37: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	28, // 38: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	21, // 39: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
+	28, // 40: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	28, // 41: gpumesh.fsm.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
+	19, // 42: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	27, // 43: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	27, // 44: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	27, // 45: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	27, // 46: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	27, // 47: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	29, // 48: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	26, // 49: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	27, // 50: gpumesh.fsm.v1.Allocation.healthy_time:type_name -> google.protobuf.Timestamp
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }

@@ -120,6 +120,10 @@ type Node struct {
 	StatusTime    *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=status_time,json=statusTime,proto3" json:"status_time,omitempty"`
 	CreateIndex   uint64                 `protobuf:"varint,20,opt,name=create_index,json=createIndex,proto3" json:"create_index,omitempty"`
 	ModifyIndex   uint64                 `protobuf:"varint,21,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	// The serve port (`gpumesh agent --serve`), host:port: it routes service
+	// traffic only (/svc/NAME/...). Empty when the node has none (or its
+	// agent predates the field); http_addr routes services either way.
+	ServeAddr     string `protobuf:"bytes,22,opt,name=serve_addr,json=serveAddr,proto3" json:"serve_addr,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -301,6 +305,13 @@ func (x *Node) GetModifyIndex() uint64 {
 	return 0
 }
 
+func (x *Node) GetServeAddr() string {
+	if x != nil {
+		return x.ServeAddr
+	}
+	return ""
+}
+
 type Constraints struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Az            string                 `protobuf:"bytes,1,opt,name=az,proto3" json:"az,omitempty"`
@@ -370,9 +381,15 @@ func (x *Constraints) GetMinGpuMemory() string {
 }
 
 type RestartPolicy struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Attempts      int32                  `protobuf:"varint,1,opt,name=attempts,proto3" json:"attempts,omitempty"` // generations that may fail before the job fails
-	Delay         *durationpb.Duration   `protobuf:"bytes,2,opt,name=delay,proto3" json:"delay,omitempty"`        // wait before placing the next generation
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Attempts int32                  `protobuf:"varint,1,opt,name=attempts,proto3" json:"attempts,omitempty"` // generations that may fail before the job fails
+	Delay    *durationpb.Duration   `protobuf:"bytes,2,opt,name=delay,proto3" json:"delay,omitempty"`        // wait before placing the next generation
+	// Services only (crash-loop back-off): a replica slot whose replicas keep
+	// failing waits delay, then twice as long after each further failure in a
+	// row, up to max_delay (default 5m); a replica that stayed healthy for
+	// reset_after (default 10m) before it ended starts the count again.
+	MaxDelay      *durationpb.Duration `protobuf:"bytes,3,opt,name=max_delay,json=maxDelay,proto3" json:"max_delay,omitempty"`
+	ResetAfter    *durationpb.Duration `protobuf:"bytes,4,opt,name=reset_after,json=resetAfter,proto3" json:"reset_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -417,6 +434,20 @@ func (x *RestartPolicy) GetAttempts() int32 {
 func (x *RestartPolicy) GetDelay() *durationpb.Duration {
 	if x != nil {
 		return x.Delay
+	}
+	return nil
+}
+
+func (x *RestartPolicy) GetMaxDelay() *durationpb.Duration {
+	if x != nil {
+		return x.MaxDelay
+	}
+	return nil
+}
+
+func (x *RestartPolicy) GetResetAfter() *durationpb.Duration {
+	if x != nil {
+		return x.ResetAfter
 	}
 	return nil
 }
@@ -1320,7 +1351,13 @@ type Allocation struct {
 	// checkpoint.uri holds another job's newest checkpoint and the job does
 	// not name it in checkpoint.resume_from (the job file's fault: the job
 	// fails at once, since every restart would fail the same way).
-	StartFailure  string `protobuf:"bytes,28,opt,name=start_failure,json=startFailure,proto3" json:"start_failure,omitempty"`
+	StartFailure string `protobuf:"bytes,28,opt,name=start_failure,json=startFailure,proto3" json:"start_failure,omitempty"`
+	// Service replicas: failures in a row of the replica slot (rank) before
+	// this replica was placed (crash-loop back-off, see RestartPolicy).
+	SlotFailures int32 `protobuf:"varint,29,opt,name=slot_failures,json=slotFailures,proto3" json:"slot_failures,omitempty"`
+	// Service replicas: when the replica was first reported healthy (the
+	// leader's clock at the commit of that report); unset if it never was.
+	HealthyTime   *timestamppb.Timestamp `protobuf:"bytes,30,opt,name=healthy_time,json=healthyTime,proto3" json:"healthy_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1549,6 +1586,20 @@ func (x *Allocation) GetStartFailure() string {
 		return x.StartFailure
 	}
 	return ""
+}
+
+func (x *Allocation) GetSlotFailures() int32 {
+	if x != nil {
+		return x.SlotFailures
+	}
+	return 0
+}
+
+func (x *Allocation) GetHealthyTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.HealthyTime
+	}
+	return nil
 }
 
 // Reads accept stale answers from the node asked when stale is true;
@@ -3597,7 +3648,7 @@ const file_control_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x04R\vmemoryBytes\x12\x12\n" +
-	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xa2\x05\n" +
+	"\x04uuid\x18\x04 \x01(\tR\x04uuid\"\xc1\x05\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
@@ -3624,15 +3675,20 @@ const file_control_proto_rawDesc = "" +
 	"\vstatus_time\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"statusTime\x12!\n" +
 	"\fcreate_index\x18\x14 \x01(\x04R\vcreateIndex\x12!\n" +
-	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\"\x86\x01\n" +
+	"\fmodify_index\x18\x15 \x01(\x04R\vmodifyIndex\x12\x1d\n" +
+	"\n" +
+	"serve_addr\x18\x16 \x01(\tR\tserveAddr\"\x86\x01\n" +
 	"\vConstraints\x12\x0e\n" +
 	"\x02az\x18\x01 \x01(\tR\x02az\x12\x1c\n" +
 	"\tlifecycle\x18\x02 \x01(\tR\tlifecycle\x12#\n" +
 	"\rinstance_type\x18\x03 \x01(\tR\finstanceType\x12$\n" +
-	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\\\n" +
+	"\x0emin_gpu_memory\x18\x04 \x01(\tR\fminGpuMemory\"\xd0\x01\n" +
 	"\rRestartPolicy\x12\x1a\n" +
 	"\battempts\x18\x01 \x01(\x05R\battempts\x12/\n" +
-	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"\xa1\x01\n" +
+	"\x05delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x126\n" +
+	"\tmax_delay\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\bmaxDelay\x12:\n" +
+	"\vreset_after\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"resetAfter\"\xa1\x01\n" +
 	"\bExecSpec\x12\x18\n" +
 	"\acommand\x18\x01 \x03(\tR\acommand\x12/\n" +
 	"\x03env\x18\x02 \x03(\v2\x1d.gpumesh.v1.ExecSpec.EnvEntryR\x03env\x12\x12\n" +
@@ -3724,7 +3780,7 @@ const file_control_proto_rawDesc = "" +
 	"\fcreate_index\x18\f \x01(\x04R\vcreateIndex\x12!\n" +
 	"\fmodify_index\x18\r \x01(\x04R\vmodifyIndex\x12\x1b\n" +
 	"\tend_cause\x18\x0e \x01(\tR\bendCause\x12'\n" +
-	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\x88\b\n" +
+	"\x0fspec_generation\x18\x0f \x01(\x04R\x0especGeneration\"\xec\b\n" +
 	"\n" +
 	"Allocation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
@@ -3764,7 +3820,9 @@ const file_control_proto_rawDesc = "" +
 	"\fmodify_index\x18\x19 \x01(\x04R\vmodifyIndex\x127\n" +
 	"\x05ports\x18\x1a \x03(\v2!.gpumesh.v1.Allocation.PortsEntryR\x05ports\x12\x16\n" +
 	"\x06health\x18\x1b \x01(\tR\x06health\x12#\n" +
-	"\rstart_failure\x18\x1c \x01(\tR\fstartFailure\x1a8\n" +
+	"\rstart_failure\x18\x1c \x01(\tR\fstartFailure\x12#\n" +
+	"\rslot_failures\x18\x1d \x01(\x05R\fslotFailures\x12=\n" +
+	"\fhealthy_time\x18\x1e \x01(\v2\x1a.google.protobuf.TimestampR\vhealthyTime\x1a8\n" +
 	"\n" +
 	"PortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -3991,86 +4049,89 @@ var file_control_proto_depIdxs = []int32{
 	52, // 1: gpumesh.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
 	52, // 2: gpumesh.v1.Node.status_time:type_name -> google.protobuf.Timestamp
 	53, // 3: gpumesh.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	50, // 4: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
-	53, // 5: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	53, // 6: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	53, // 7: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
-	7,  // 8: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
-	53, // 9: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	53, // 10: gpumesh.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
-	2,  // 11: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
-	3,  // 12: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
-	53, // 13: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	4,  // 14: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
-	5,  // 15: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
-	6,  // 16: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
-	8,  // 17: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
-	10, // 18: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
-	9,  // 19: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
-	52, // 20: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	52, // 21: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	52, // 22: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	52, // 23: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	52, // 24: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	54, // 25: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
-	51, // 26: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
-	9,  // 27: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
-	13, // 28: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
-	11, // 29: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
-	12, // 30: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
-	13, // 31: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
-	11, // 32: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
-	13, // 33: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
-	1,  // 34: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
-	1,  // 35: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
-	24, // 36: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
-	27, // 37: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
-	53, // 38: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
-	1,  // 39: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
-	12, // 40: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
-	11, // 41: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
-	1,  // 42: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
-	12, // 43: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
-	40, // 44: gpumesh.v1.ReportLoadRequest.services:type_name -> gpumesh.v1.ServiceLoad
-	45, // 45: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
-	1,  // 46: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
-	14, // 47: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
-	16, // 48: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
-	18, // 49: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
-	20, // 50: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
-	22, // 51: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
-	25, // 52: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
-	28, // 53: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
-	30, // 54: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
-	32, // 55: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
-	34, // 56: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
-	36, // 57: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
-	38, // 58: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
-	41, // 59: gpumesh.v1.Control.ReportLoad:input_type -> gpumesh.v1.ReportLoadRequest
-	46, // 60: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
-	43, // 61: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
-	48, // 62: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
-	15, // 63: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
-	17, // 64: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
-	19, // 65: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
-	21, // 66: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
-	23, // 67: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
-	26, // 68: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
-	29, // 69: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
-	31, // 70: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
-	33, // 71: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
-	35, // 72: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
-	37, // 73: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
-	39, // 74: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
-	42, // 75: gpumesh.v1.Control.ReportLoad:output_type -> gpumesh.v1.ReportLoadResponse
-	47, // 76: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
-	44, // 77: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
-	49, // 78: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
-	63, // [63:79] is the sub-list for method output_type
-	47, // [47:63] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	53, // 4: gpumesh.v1.RestartPolicy.max_delay:type_name -> google.protobuf.Duration
+	53, // 5: gpumesh.v1.RestartPolicy.reset_after:type_name -> google.protobuf.Duration
+	50, // 6: gpumesh.v1.ExecSpec.env:type_name -> gpumesh.v1.ExecSpec.EnvEntry
+	53, // 7: gpumesh.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	53, // 8: gpumesh.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	53, // 9: gpumesh.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	7,  // 10: gpumesh.v1.ServiceSpec.check:type_name -> gpumesh.v1.HealthCheck
+	53, // 11: gpumesh.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	53, // 12: gpumesh.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
+	2,  // 13: gpumesh.v1.JobSpec.constraints:type_name -> gpumesh.v1.Constraints
+	3,  // 14: gpumesh.v1.JobSpec.restart:type_name -> gpumesh.v1.RestartPolicy
+	53, // 15: gpumesh.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	4,  // 16: gpumesh.v1.JobSpec.exec:type_name -> gpumesh.v1.ExecSpec
+	5,  // 17: gpumesh.v1.JobSpec.allreduce:type_name -> gpumesh.v1.AllReduceSpec
+	6,  // 18: gpumesh.v1.JobSpec.pipeline:type_name -> gpumesh.v1.PipelineSpec
+	8,  // 19: gpumesh.v1.JobSpec.service:type_name -> gpumesh.v1.ServiceSpec
+	10, // 20: gpumesh.v1.JobSpec.checkpoint:type_name -> gpumesh.v1.CheckpointSpec
+	9,  // 21: gpumesh.v1.Job.spec:type_name -> gpumesh.v1.JobSpec
+	52, // 22: gpumesh.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	52, // 23: gpumesh.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	52, // 24: gpumesh.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	52, // 25: gpumesh.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	52, // 26: gpumesh.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	54, // 27: gpumesh.v1.Allocation.result:type_name -> google.protobuf.Struct
+	51, // 28: gpumesh.v1.Allocation.ports:type_name -> gpumesh.v1.Allocation.PortsEntry
+	52, // 29: gpumesh.v1.Allocation.healthy_time:type_name -> google.protobuf.Timestamp
+	9,  // 30: gpumesh.v1.SubmitJobRequest.spec:type_name -> gpumesh.v1.JobSpec
+	13, // 31: gpumesh.v1.GetJobRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 32: gpumesh.v1.GetJobResponse.job:type_name -> gpumesh.v1.Job
+	12, // 33: gpumesh.v1.GetJobResponse.allocations:type_name -> gpumesh.v1.Allocation
+	13, // 34: gpumesh.v1.ListJobsRequest.query:type_name -> gpumesh.v1.QueryOptions
+	11, // 35: gpumesh.v1.ListJobsResponse.jobs:type_name -> gpumesh.v1.Job
+	13, // 36: gpumesh.v1.ListNodesRequest.query:type_name -> gpumesh.v1.QueryOptions
+	1,  // 37: gpumesh.v1.ListNodesResponse.nodes:type_name -> gpumesh.v1.Node
+	1,  // 38: gpumesh.v1.Member.meta:type_name -> gpumesh.v1.Node
+	24, // 39: gpumesh.v1.MembersResponse.members:type_name -> gpumesh.v1.Member
+	27, // 40: gpumesh.v1.RaftPeersResponse.peers:type_name -> gpumesh.v1.RaftPeer
+	53, // 41: gpumesh.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	1,  // 42: gpumesh.v1.AgentInfoResponse.node:type_name -> gpumesh.v1.Node
+	12, // 43: gpumesh.v1.WatchEvent.allocations:type_name -> gpumesh.v1.Allocation
+	11, // 44: gpumesh.v1.WatchEvent.jobs:type_name -> gpumesh.v1.Job
+	1,  // 45: gpumesh.v1.WatchEvent.nodes:type_name -> gpumesh.v1.Node
+	12, // 46: gpumesh.v1.UpdateAllocationsRequest.allocations:type_name -> gpumesh.v1.Allocation
+	40, // 47: gpumesh.v1.ReportLoadRequest.services:type_name -> gpumesh.v1.ServiceLoad
+	45, // 48: gpumesh.v1.LogChunk.stamps:type_name -> gpumesh.v1.LogStamp
+	1,  // 49: gpumesh.v1.RegisterNodeRequest.node:type_name -> gpumesh.v1.Node
+	14, // 50: gpumesh.v1.Control.SubmitJob:input_type -> gpumesh.v1.SubmitJobRequest
+	16, // 51: gpumesh.v1.Control.GetJob:input_type -> gpumesh.v1.GetJobRequest
+	18, // 52: gpumesh.v1.Control.ListJobs:input_type -> gpumesh.v1.ListJobsRequest
+	20, // 53: gpumesh.v1.Control.StopJob:input_type -> gpumesh.v1.StopJobRequest
+	22, // 54: gpumesh.v1.Control.ListNodes:input_type -> gpumesh.v1.ListNodesRequest
+	25, // 55: gpumesh.v1.Control.Members:input_type -> gpumesh.v1.MembersRequest
+	28, // 56: gpumesh.v1.Control.RaftPeers:input_type -> gpumesh.v1.RaftPeersRequest
+	30, // 57: gpumesh.v1.Control.DrainNode:input_type -> gpumesh.v1.DrainNodeRequest
+	32, // 58: gpumesh.v1.Control.NodeEligibility:input_type -> gpumesh.v1.NodeEligibilityRequest
+	34, // 59: gpumesh.v1.Control.AgentInfo:input_type -> gpumesh.v1.AgentInfoRequest
+	36, // 60: gpumesh.v1.Control.Watch:input_type -> gpumesh.v1.WatchRequest
+	38, // 61: gpumesh.v1.Control.UpdateAllocations:input_type -> gpumesh.v1.UpdateAllocationsRequest
+	41, // 62: gpumesh.v1.Control.ReportLoad:input_type -> gpumesh.v1.ReportLoadRequest
+	46, // 63: gpumesh.v1.Control.RegisterNode:input_type -> gpumesh.v1.RegisterNodeRequest
+	43, // 64: gpumesh.v1.Control.Logs:input_type -> gpumesh.v1.LogsRequest
+	48, // 65: gpumesh.v1.Control.TransferLeadership:input_type -> gpumesh.v1.TransferLeadershipRequest
+	15, // 66: gpumesh.v1.Control.SubmitJob:output_type -> gpumesh.v1.SubmitJobResponse
+	17, // 67: gpumesh.v1.Control.GetJob:output_type -> gpumesh.v1.GetJobResponse
+	19, // 68: gpumesh.v1.Control.ListJobs:output_type -> gpumesh.v1.ListJobsResponse
+	21, // 69: gpumesh.v1.Control.StopJob:output_type -> gpumesh.v1.StopJobResponse
+	23, // 70: gpumesh.v1.Control.ListNodes:output_type -> gpumesh.v1.ListNodesResponse
+	26, // 71: gpumesh.v1.Control.Members:output_type -> gpumesh.v1.MembersResponse
+	29, // 72: gpumesh.v1.Control.RaftPeers:output_type -> gpumesh.v1.RaftPeersResponse
+	31, // 73: gpumesh.v1.Control.DrainNode:output_type -> gpumesh.v1.DrainNodeResponse
+	33, // 74: gpumesh.v1.Control.NodeEligibility:output_type -> gpumesh.v1.NodeEligibilityResponse
+	35, // 75: gpumesh.v1.Control.AgentInfo:output_type -> gpumesh.v1.AgentInfoResponse
+	37, // 76: gpumesh.v1.Control.Watch:output_type -> gpumesh.v1.WatchEvent
+	39, // 77: gpumesh.v1.Control.UpdateAllocations:output_type -> gpumesh.v1.UpdateAllocationsResponse
+	42, // 78: gpumesh.v1.Control.ReportLoad:output_type -> gpumesh.v1.ReportLoadResponse
+	47, // 79: gpumesh.v1.Control.RegisterNode:output_type -> gpumesh.v1.RegisterNodeResponse
+	44, // 80: gpumesh.v1.Control.Logs:output_type -> gpumesh.v1.LogChunk
+	49, // 81: gpumesh.v1.Control.TransferLeadership:output_type -> gpumesh.v1.TransferLeadershipResponse
+	66, // [66:82] is the sub-list for method output_type
+	50, // [50:66] is the sub-list for method input_type
+	50, // [50:50] is the sub-list for extension type_name
+	50, // [50:50] is the sub-list for extension extendee
+	0,  // [0:50] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }

@@ -44,6 +44,17 @@ const (
 	// MaxScaleInCooldown bounds scale_in_cooldown (the leader keeps that
 	// much of a service's load history).
 	MaxScaleInCooldown = time.Hour
+	// DefaultRestartMaxDelay caps a service's crash-loop back-off
+	// (restart.max_delay): a replica slot whose replicas keep failing waits
+	// restart.delay, then twice as long after each further failure in a
+	// row, up to this.
+	DefaultRestartMaxDelay = 5 * time.Minute
+	// DefaultRestartResetAfter is how long a service replica must stay
+	// healthy before its end no longer counts as one more failure in a row
+	// of its slot (restart.reset_after).
+	DefaultRestartResetAfter = 10 * time.Minute
+	// MaxRestartBackoff bounds restart.max_delay and restart.reset_after.
+	MaxRestartBackoff = 24 * time.Hour
 )
 
 // Health check types.
@@ -131,6 +142,9 @@ func validateNotService(s *pb.JobSpec, add report) {
 	if s.Service != nil {
 		add("service", "%s jobs take no service section (or set type: service)", s.Type)
 	}
+	if r := s.Restart; r != nil && (r.MaxDelay != nil || r.ResetAfter != nil) {
+		add("restart", "max_delay and reset_after are the crash-loop back-off of service jobs (type: service); %s jobs restart after restart.delay", s.Type)
+	}
 }
 
 func validateService(s *pb.JobSpec, add report) {
@@ -163,6 +177,7 @@ func validateService(s *pb.JobSpec, add report) {
 		add("service.route_port", "%q is not one of the service's ports (%s)", v.RoutePort, strings.Join(v.Ports, ", "))
 	}
 	validateScale(s, add)
+	validateBackoff(s.Restart, add)
 	for k := range s.GetExec().GetEnv() {
 		if strings.HasPrefix(k, "GPUMESH_PORT_") {
 			add("exec.env", "%s is set by the agent from service.ports; remove it from exec.env", k)
@@ -202,6 +217,25 @@ func validateService(s *pb.JobSpec, add report) {
 	}
 	if d := v.DrainTimeout.AsDuration(); d < 0 || d > time.Hour {
 		add("service.drain_timeout", "must be between 0s and 1h, got %s", d)
+	}
+}
+
+// validateBackoff checks a service's crash-loop back-off (restart.max_delay
+// and restart.reset_after; left out, the scheduler uses the defaults).
+func validateBackoff(r *pb.RestartPolicy, add report) {
+	if r == nil {
+		return
+	}
+	delay := r.Delay.AsDuration()
+	if r.MaxDelay != nil {
+		if d := r.MaxDelay.AsDuration(); d < delay || d > MaxRestartBackoff {
+			add("restart.max_delay", "must be between restart.delay (%s) and %s, got %s", delay, MaxRestartBackoff, d)
+		}
+	}
+	if r.ResetAfter != nil {
+		if d := r.ResetAfter.AsDuration(); d < 0 || d > MaxRestartBackoff {
+			add("restart.reset_after", "must be between 0s and %s, got %s", MaxRestartBackoff, d)
+		}
 	}
 }
 

@@ -45,6 +45,26 @@ service:
 	}
 }
 
+func TestParseServiceBackoff(t *testing.T) {
+	spec, err := Parse([]byte("type: service\nreplicas: 1\nexec: {command: [srv]}\nrestart: {delay: 1s, max_delay: 2m, reset_after: 30m}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := spec.Restart; r.Delay.AsDuration() != time.Second || r.MaxDelay.AsDuration() != 2*time.Minute || r.ResetAfter.AsDuration() != 30*time.Minute {
+		t.Fatalf("restart not parsed: %v", r)
+	}
+	// Left out, they stay unset (the scheduler's defaults apply), so a
+	// service's spec stored before they existed equals the same file
+	// parsed now (no rolling update for nothing).
+	spec, err = Parse([]byte("type: service\nreplicas: 1\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Restart.MaxDelay != nil || spec.Restart.ResetAfter != nil {
+		t.Fatalf("back-off defaults written into the spec: %v", spec.Restart)
+	}
+}
+
 func TestParseServiceScaledByLoad(t *testing.T) {
 	spec, err := Parse([]byte("type: service\nexec: {command: [srv]}\nservice: {min_replicas: 2, max_replicas: 5}\n"))
 	if err != nil {
@@ -84,6 +104,9 @@ func TestParseServiceInvalid(t *testing.T) {
 		{"max below min", "type: service\nexec: {command: [srv]}\nservice: {min_replicas: 3, max_replicas: 2}", "service.max_replicas: must be between min_replicas (3)"},
 		{"replicas outside the range", "type: service\nreplicas: 5\nexec: {command: [srv]}\nservice: {max_replicas: 4}", "replicas: the replicas to start with (5)"},
 		{"negative target", "type: service\nexec: {command: [srv]}\nservice: {max_replicas: 4, target_in_flight: -1}", "service.target_in_flight"},
+		{"max_delay below delay", "type: service\nreplicas: 1\nexec: {command: [srv]}\nrestart: {delay: 10s, max_delay: 5s}", "restart.max_delay: must be between restart.delay (10s) and 24h0m0s, got 5s"},
+		{"negative reset_after", "type: service\nreplicas: 1\nexec: {command: [srv]}\nrestart: {reset_after: -1s}", "restart.reset_after: must be between 0s and 24h0m0s"},
+		{"back-off on exec", "ranks: 1\nexec: {command: [true]}\nrestart: {max_delay: 1m}", "crash-loop back-off of service jobs"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

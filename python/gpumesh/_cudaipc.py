@@ -44,12 +44,14 @@ MAX_REGIONS = 256
 _CU_IPC_HANDLE_SIZE = 64
 
 
+# Byte arrays, not c_char: ctypes reads a c_char array field as a
+# NUL-terminated string, which would cut a handle at its first zero byte.
 class _IPCHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * _CU_IPC_HANDLE_SIZE)]
+    _fields_ = [("reserved", ctypes.c_ubyte * _CU_IPC_HANDLE_SIZE)]
 
 
 class _UUID(ctypes.Structure):
-    _fields_ = [("bytes", ctypes.c_char * 16)]
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
 
 
 class DriverError(RuntimeError):
@@ -87,7 +89,7 @@ class Driver:
         self._check(self._lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
         u = _UUID()
         self._check(self._uuid(ctypes.byref(u), dev), "cuDeviceGetUuid")
-        return bytes(u.bytes).ljust(16, b"\0")[:16]
+        return bytes(u.bytes)
 
     def allocation(self, ordinal, ptr):
         """(base, size, handle) of the allocation that holds device address
@@ -112,7 +114,7 @@ class Driver:
             self._check(self._range(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
             h = _IPCHandle()
             self._check(self._ipc(ctypes.byref(h), base.value), "cuIpcGetMemHandle")
-            return base.value, size.value, bytes(h.reserved).ljust(_CU_IPC_HANDLE_SIZE, b"\0")
+            return base.value, size.value, bytes(h.reserved)
         finally:
             if switch:
                 self._lib.cuCtxSetCurrent(cur)

@@ -6,6 +6,8 @@ used allocations are dropped beyond MAX_REGIONS; the stream-order event is
 registered once per GPU and recorded before every operation; a handle the
 agent cannot open stages that operation only. Prints "CUDAIPC CACHE OK"."""
 
+import ctypes
+
 from gpumesh import _client, _cudaipc
 
 
@@ -96,4 +98,39 @@ conn.refuse.add(b"c" * 64)
 drv.handles[0x9990000] = b"c" * 64
 assert ipc.refs([T(0x9990000)]) is None and ipc.off is None, ipc.stats
 assert ipc.refs([T(0x100000)]) is not None
+
+# The ctypes side of Driver against a stand-in libcuda: handles and UUIDs
+# are binary and contain zero bytes; every byte must reach the agent (a
+# c_char array cut them at the first zero, so no handle opened on a GPU).
+class FakeLib:
+    def __init__(self):
+        self.handle = bytes([7, 0, 0, 9]) + bytes(range(60))
+        self.uuid = bytes([0xDF, 0, 0x59, 0]) + bytes(range(12))
+
+    def _fill(self, p, data):
+        ctypes.memmove(ctypes.addressof(p._obj), data, len(data))
+
+    def __getattr__(self, name):
+        def f(*a):
+            if name == "cuIpcGetMemHandle":
+                self._fill(a[0], self.handle)
+            elif name == "cuDeviceGetUuid":
+                self._fill(a[0], self.uuid)
+            elif name == "cuMemGetAddressRange_v2":
+                a[0]._obj.value, a[1]._obj.value = 0x7000, 1 << 21
+            elif name == "cuCtxGetCurrent":
+                a[0]._obj.value = 1
+            elif name == "cuCtxGetDevice":
+                a[0]._obj.value = 0
+            return 0
+        setattr(self, name, f)
+        return f
+
+
+lib = FakeLib()
+real = _cudaipc.Driver(lib=lib)
+base, size, handle = real.allocation(0, 0x7100)
+assert (base, size) == (0x7000, 1 << 21), (base, size)
+assert handle == lib.handle, handle
+assert real.uuid(0) == lib.uuid, real.uuid(0)
 print("CUDAIPC CACHE OK", ipc.stats, flush=True)

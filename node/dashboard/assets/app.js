@@ -79,7 +79,8 @@ function render(d) {
       el("td", {}, m.lifecycle || "-"),
       el("td", {}, m.instance_type || "-"),
       el("td", {}, m.gpus),
-      el("td", { class: "mono" }, m.addr))));
+      el("td", { class: "mono" }, m.addr),
+      el("td", { class: "mono" }, m.serve_addr || "-"))));
 
   $("nojobs").hidden = d.jobs.length > 0;
   replaceRows($("jobs").tBodies[0], d.jobs.map((j) => {
