@@ -32,9 +32,12 @@ import (
 //     reduction order is fixed (rank 0, 1, ..., n-1), so float results are
 //     bit-identical on every rank and across runs (they may differ in the
 //     last bits from the ring's, whose order depends on the block).
-//  4. It leaves the shares and releases the frames; the release is the
-//     peer's SendDone. A rank returns once all n-1 peers have released its
-//     frame: they are done with its memory.
+//  4. It marks each share finished, leaves it and releases the frame (the
+//     peer's SendDone). A rank returns once all n-1 peers have released its
+//     frame (they are done with its memory), and succeeds only if all n-1
+//     finished their blocks: a peer that failed before (or while) reducing
+//     releases without finishing, and the rank fails too instead of
+//     returning a buffer whose block that peer never wrote.
 //
 // On failure a rank retracts its share before it returns: it waits for the
 // peers that are inside its buffer to leave (their loops do not block) and
@@ -67,7 +70,8 @@ type directShare struct {
 	retracted bool
 
 	want     int32
-	released atomic.Int32
+	released atomic.Int32 // frames released (by the peer or its endpoint)
+	finished atomic.Int32 // peers that wrote their block of the buffer
 	kick     chan struct{}
 }
 
@@ -117,7 +121,11 @@ func (s *directShare) retract() {
 	s.mu.Unlock()
 }
 
-// wait returns once every peer released the frame, or ctx ends.
+// finish records that a peer wrote its block (before it releases).
+func (s *directShare) finish() { s.finished.Add(1) }
+
+// wait returns once every peer released the frame, or ctx ends; an error
+// if a peer released it without finishing its block.
 func (s *directShare) wait(ctx context.Context) error {
 	for s.released.Load() < s.want {
 		select {
@@ -125,6 +133,9 @@ func (s *directShare) wait(ctx context.Context) error {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		}
+	}
+	if f := s.finished.Load(); f < s.want {
+		return fmt.Errorf("%w: %d of %d peers ended the same-process all-reduce without reducing their part", ErrPeerFailed, s.want-f, s.want)
 	}
 	return nil
 }
@@ -221,7 +232,11 @@ func (c *Communicator) directAllReduce(ctx context.Context, buf *HostBuffer, op 
 	}
 	off, bl := Part(count, n, c.rank)
 	c.reduceDirect(ctx, bufs, dt, op, off, bl)
+	if err := ctx.Err(); err != nil {
+		return context.Cause(ctx) // the deferred release leaves the shares unfinished
+	}
 	for _, s := range shares {
+		s.finish()
 		s.leave()
 	}
 	shares = shares[:0]
@@ -229,9 +244,6 @@ func (c *Communicator) directAllReduce(ctx context.Context, buf *HostBuffer, op 
 		f.Release()
 	}
 	frames = frames[:0]
-	if err := ctx.Err(); err != nil {
-		return context.Cause(ctx)
-	}
 	if err := share.wait(ctx); err != nil {
 		return err
 	}

@@ -319,8 +319,15 @@ func TestDirectShareRetractWaitsForUsers(t *testing.T) {
 	if err := s.wait(ctx); err == nil {
 		t.Fatal("wait without releases returned nil")
 	}
+	// Both peers released, one without finishing its block: the owner's
+	// operation must fail, not return a buffer with a block never written.
+	s.finish()
 	s.SendDone()
 	s.SendDone()
+	if err := s.wait(context.Background()); !errors.Is(err, ErrPeerFailed) {
+		t.Fatalf("wait after an unfinished release: %v, want ErrPeerFailed", err)
+	}
+	s.finish()
 	if err := s.wait(context.Background()); err != nil {
 		t.Fatal(err)
 	}
