@@ -25,6 +25,10 @@ type Owner struct {
 type Verdict int
 
 const (
+	// Refused is the zero Verdict, returned only together with an error
+	// wrapping ErrOtherJob: the job must not use the checkpoint. Being the
+	// zero value, a verdict read without its error is never taken for Own.
+	Refused Verdict = iota
 	// Own: the job's own checkpoint (an earlier generation, an earlier
 	// submission of the same name, or a job it resumes from on purpose).
 	Own Verdict = iota
@@ -34,8 +38,22 @@ const (
 	Unowned
 )
 
-// Check decides whether o may resume from m: Own or Unowned, or an error
-// wrapping ErrOtherJob that names both jobs and what to do.
+// String names the verdict.
+func (v Verdict) String() string {
+	switch v {
+	case Refused:
+		return "refused"
+	case Own:
+		return "own"
+	case Unowned:
+		return "unowned"
+	}
+	return fmt.Sprintf("Verdict(%d)", int(v))
+}
+
+// Check decides whether o may resume from m: Own or Unowned with a nil
+// error, or Refused with an error wrapping ErrOtherJob that names both jobs
+// and what to do.
 func (o Owner) Check(m Manifest) (Verdict, error) {
 	switch {
 	case o.Name == "" || m.JobName == o.Name || (m.Job != "" && m.Job == o.ID):
@@ -45,7 +63,7 @@ func (o Owner) Check(m Manifest) (Verdict, error) {
 	case m.JobName == "":
 		return Unowned, nil
 	}
-	return Own, fmt.Errorf("%w: the newest checkpoint (step %d, saved %s) was written by job %q (ID %s), and this is job %q (ID %s), "+
+	return Refused, fmt.Errorf("%w: the newest checkpoint (step %d, saved %s) was written by job %q (ID %s), and this is job %q (ID %s), "+
 		"which would silently continue that job's state and prune its checkpoints. Give this job a checkpoint.uri of its own, "+
 		"or, to continue from those checkpoints on purpose, set checkpoint.resume_from: %s in the job file (or run it with `gpumesh job run --resume-from %s`)",
 		ErrOtherJob, m.Step, m.Time.UTC().Format(time.RFC3339), m.JobName, m.Job, o.Name, o.ID, m.JobName, m.JobName)

@@ -65,6 +65,7 @@ type Agent struct {
 	ops        *opsState        // metrics and dashboard (metrics.go)
 	ec2        *deploy.AgentEC2 // identity, notices, tag discovery (ec2.go); nil off EC2
 	local      *localAPI        // the PyTorch backend's socket (localapi.go); nil when off
+	localOff   string           // why local is nil: given to exec tasks (EnvLocalAPIOff)
 
 	hooks    leaderHooks
 	elig     eligibilityGuard          // drain.go

@@ -86,12 +86,13 @@ func (p *PrefetchRecord) report() map[string]any {
 // startPrefetch registers a just started rank with the checkpoint service
 // and fetches the newest checkpoint for it, in the runner's tracked
 // goroutines; it gives up when the rank ends, and the rank is forgotten
-// then.
+// then. Without the local API it only checks the owner (checkOwnerOnly).
 func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *pb.Allocation, allocDir string) {
-	if r.a.local == nil {
-		return // no local API: the rank's gpumesh.checkpoint uses the CLI
-	}
 	id := localapi.RankID{Job: al.JobId, Generation: al.Generation, Rank: int(al.Rank)}
+	if r.a.local == nil {
+		r.checkOwnerOnly(t, id, spec, env, allocDir)
+		return
+	}
 	ct := r.a.local.ckpt.add(id, spec, env, allocDir)
 	t.ckpt = ct
 	ctx, cancel := context.WithCancel(r.ctx)
@@ -116,6 +117,32 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 		case <-r.ctx.Done():
 		}
 		r.a.local.ckpt.remove(id, ct)
+	})
+}
+
+// checkOwnerOnly is startPrefetch for an agent without its local API: the
+// rank's gpumesh.checkpoint runs `gpumesh checkpoint` itself, which refuses
+// another job's checkpoints, but only the agent can make that the rank's
+// typed start failure (no restarts, the refusal in the job's status). So
+// the agent makes the same owner check from the job's spec and the task's
+// environment and stops a refused rank; a store it cannot read is left to
+// the rank.
+func (r *runner) checkOwnerOnly(t *execTask, id localapi.RankID, spec *pb.JobSpec, env []string, allocDir string) {
+	ct := newCkptService(r.a).newTask(id, spec, env, allocDir)
+	t.ckpt = ct
+	ctx, cancel := context.WithCancel(r.ctx)
+	r.goFunc(func() {
+		defer cancel()
+		go func() {
+			select {
+			case <-t.Done():
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		if _, err := ct.checkpoints(ctx); err != nil && ct.refusal() != nil {
+			t.Stop("its checkpoint.uri holds another job's checkpoints", time.Time{})
+		}
 	})
 }
 

@@ -76,7 +76,13 @@ func startCluster(t *testing.T, n int, configure func(i int, c *Config)) *DevClu
 		// Agents shut down abruptly may leave tasks; none may outlive the test.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		_ = driver.KillAll(ctx, dc.DataDir())
+		// Each agent's own data dir: KillAll of the cluster's folder, which
+		// holds one per agent, would find no allocations.
+		for _, a := range dc.Agents {
+			if a != nil {
+				_ = driver.KillAll(ctx, mustAbs(a.cfg.DataDir))
+			}
+		}
 		w.stop()
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

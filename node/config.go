@@ -125,7 +125,8 @@ type Config struct {
 	// fleet scaling (ec2.go). Nil: not at all.
 	EC2 *EC2Config
 
-	// Dev selects short timeouts suited to a cluster on one machine.
+	// Dev selects short timeouts suited to a cluster on one machine, and
+	// exec tasks that stop when the agent's process exits, however it exits.
 	Dev bool
 
 	// GPUSampler reads GPU health for /metrics and the dashboard; nil means

@@ -60,6 +60,9 @@ func newExecDriver(r *runner) (*driver.Driver, error) {
 	}
 	cfg.DataDir = dir
 	cfg.Logger = r.logger.Named("exec")
+	// A dev cluster's tasks do not outlive it, even when its process is
+	// killed (a test run killed by its timeout) and its data dir stays.
+	cfg.StopWithDaemon = r.a.cfg.Dev
 	if SupervisorPath != "" {
 		cfg.SupervisorPath = SupervisorPath
 	}

@@ -33,9 +33,14 @@ const (
 	localAPIKeyName    = "localapi.key"
 )
 
+// EnvLocalAPIOff is set in every exec task of an agent whose local API is
+// off, in place of the local API's variables: which agent, why, and what to
+// do. The PyTorch backend quotes it when a rank asks for it.
+const EnvLocalAPIOff = "GPUMESH_LOCAL_API_OFF"
+
 // startLocalAPI starts the local API. A data dir too long for a Unix socket
-// path leaves it off (logged): exec jobs then get no GPUMESH_LOCAL_* variables
-// and the PyTorch backend says so.
+// path leaves it off (logged): exec jobs then get no GPUMESH_LOCAL_SOCKET or
+// GPUMESH_LOCAL_SECRET but EnvLocalAPIOff, and the PyTorch backend says why.
 func startLocalAPI(a *Agent) error {
 	dir := mustAbs(a.cfg.DataDir)
 	key, err := loadLocalAPIKey(filepath.Join(dir, localAPIKeyName))
@@ -54,6 +59,7 @@ func startLocalAPI(a *Agent) error {
 	})
 	if err != nil {
 		a.logger.Warn("the local data-plane API (PyTorch backend) is off", "error", err)
+		a.localOff = fmt.Sprintf("agent %s runs without its local API: %v", a.cfg.NodeName, err)
 		return nil
 	}
 	a.local = &localAPI{srv: srv, key: key, ckpt: ckpt}
@@ -96,7 +102,10 @@ func localSecret(key []byte, job string, gen uint64, rank int) string {
 // localAPIEnv is what an exec task needs to reach the local API.
 func (a *Agent) localAPIEnv(al *pb.Allocation) map[string]string {
 	if a.local == nil {
-		return nil
+		if a.localOff == "" {
+			return nil
+		}
+		return map[string]string{EnvLocalAPIOff: a.localOff}
 	}
 	return map[string]string{
 		localapi.EnvSocket: a.local.srv.SocketPath(),

@@ -34,7 +34,6 @@ p.add_argument("--iters", type=int, default=10)
 p.add_argument("--staged-ddp", action="store_true", help="also a DDP through the staged path")
 args = p.parse_args()
 
-os.environ.setdefault("GPUMESH_CUDA_IPC", "1")  # the CUDA IPC path is opt-in
 dist.init_process_group("gpumesh")
 rank, n = dist.get_rank(), dist.get_world_size()
 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())

@@ -46,7 +46,7 @@ const specHelp = `A job spec is YAML or JSON:
     command: ["sh", "-c", "echo rank $RANK of $WORLD_SIZE"]
     env: {NCCL_DEBUG: INFO}
     user: trainer         # default: the agent's --task-user; others need --task-users-allowed
-  checkpoint: {uri: s3://bucket/prefix, keep: 3, every: 500}   # or file:///shared/dir;
+  checkpoint: {uri: s3://bucket/prefix, keep: 3, every: 500}   # or file:///shared/dir; needs a name;
                           # resume_from: NAME continues from another job's checkpoints
 
   type: allreduce

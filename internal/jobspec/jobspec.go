@@ -53,7 +53,9 @@ func ApplyDefaults(s *pb.JobSpec) {
 	if s.Placement == "" {
 		s.Placement = "pack"
 	}
-	if s.Name == "" {
+	// A job that keeps checkpoints gets no default name: the name is what
+	// tells its checkpoints from other jobs' (Validate asks for one).
+	if s.Name == "" && s.Checkpoint == nil {
 		s.Name = s.Type
 	}
 	if s.Restart == nil {
@@ -170,7 +172,11 @@ func Validate(s *pb.JobSpec) error {
 type report func(field, format string, args ...any)
 
 func validateCommon(s *pb.JobSpec, add report) {
-	if !nameRE.MatchString(s.Name) {
+	switch {
+	case s.Name == "" && s.Checkpoint != nil:
+		add("name", "a job with a checkpoint block needs a name: its checkpoints belong to it by name (a resubmission of the same name "+
+			"resumes from them), and unnamed jobs are all called %q, so one could continue another's checkpoints; add name: NAME", s.Type)
+	case !nameRE.MatchString(s.Name):
 		add("name", "%q is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit", s.Name)
 	}
 	switch s.Type {

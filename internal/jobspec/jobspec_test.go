@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
 func TestParseValid(t *testing.T) {
@@ -36,7 +38,7 @@ restart: {attempts: 2, delay: 1s}
 	if js.Type != TypeExec || js.Placement != "pack" {
 		t.Fatalf("defaults not applied: %v", js)
 	}
-	ck, err := Parse([]byte("ranks: 2\nexec: {command: [true]}\ncheckpoint: {uri: s3://bucket/runs/a, every: 100}\n"))
+	ck, err := Parse([]byte("name: train\nranks: 2\nexec: {command: [true]}\ncheckpoint: {uri: s3://bucket/runs/a, every: 100}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,6 +79,7 @@ func TestParseInvalid(t *testing.T) {
 		{"mixed sections", "type: allreduce\nranks: 2\nexec: {command: [true]}", "allreduce section only"},
 		{"bad name", "name: 'my job!'\nranks: 1\nexec: {command: [true]}", "name"},
 		{"checkpoint without uri", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {keep: 2}", "checkpoint.uri: where to store"},
+		{"checkpoint without a name", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p'}", `name: a job with a checkpoint block needs a name`},
 		{"checkpoint bad scheme", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 'gs://b/p'}", `checkpoint.uri: "gs://b/p": unknown scheme`},
 		{"checkpoint relative dir", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 'file://ckpt'}", "three slashes"},
 		{"checkpoint keep", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', keep: -1}", "checkpoint.keep"},
@@ -130,4 +133,27 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted spec fails validation: %v", err)
 		}
 	})
+}
+
+// Checkpoints belong to a job by its name, so a job that keeps them must
+// name itself: two unnamed jobs would both be "exec" and the second would
+// continue the first's checkpoints. The API path (ApplyDefaults, Validate,
+// as SubmitJob does) refuses it as the file path does.
+func TestCheckpointNeedsAName(t *testing.T) {
+	spec := &pb.JobSpec{Ranks: 1, Exec: &pb.ExecSpec{Command: []string{"true"}},
+		Checkpoint: &pb.CheckpointSpec{Uri: "file:///shared/ckpt"}}
+	ApplyDefaults(spec)
+	err := Validate(spec)
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "needs a name") || !strings.Contains(err.Error(), "add name: NAME") {
+		t.Fatalf("unnamed job with a checkpoint block: %v", err)
+	}
+	spec.Name = "train"
+	if err := Validate(spec); err != nil {
+		t.Fatalf("named: %v", err)
+	}
+	plain := &pb.JobSpec{Ranks: 1, Exec: &pb.ExecSpec{Command: []string{"true"}}}
+	ApplyDefaults(plain)
+	if err := Validate(plain); err != nil || plain.Name != TypeExec {
+		t.Fatalf("unnamed job without checkpoints: name %q, %v; want the default %q", plain.Name, err, TypeExec)
+	}
 }

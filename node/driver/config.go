@@ -23,6 +23,9 @@ const (
 	DefaultMaxFiles     = 10
 	DefaultStartTimeout = 30 * time.Second
 	DefaultPollInterval = 200 * time.Millisecond
+	// DefaultDirCheckInterval is how often a supervisor checks that its
+	// allocation directory is still there (see Config.DirCheckInterval).
+	DefaultDirCheckInterval = 2 * time.Second
 )
 
 // Names inside an allocation directory.
@@ -95,6 +98,18 @@ type Config struct {
 	// PollInterval is how often liveness is polled where pidfd is missing,
 	// and how often a following log reader looks for new data. Default 200 ms.
 	PollInterval time.Duration
+	// DirCheckInterval is how often each task's supervisor checks that its
+	// lock file (<alloc dir>/.gpumesh/supervisor.lock) is still the one it
+	// holds; when it is gone or replaced (the data directory was deleted),
+	// no daemon can find the task again, so the supervisor stops the task
+	// and exits. Default 2 s.
+	DirCheckInterval time.Duration
+	// StopWithDaemon makes each supervisor stop its task (as a plain stop
+	// does) when the process that started it has exited, checked every
+	// DirCheckInterval: for dev clusters and tests, whose tasks must not
+	// outlive them however they end. Default false: tasks outlive the
+	// daemon, whose next start finds them again.
+	StopWithDaemon bool
 	// Logger receives the driver's logs. Default: a null logger.
 	Logger hclog.Logger
 }
@@ -103,13 +118,14 @@ type Config struct {
 func DefaultConfig() Config {
 	exe, _ := os.Executable()
 	return Config{
-		SupervisorPath: exe,
-		SupervisorArgs: []string{SupervisorCommand},
-		KillTimeout:    DefaultKillTimeout,
-		Logs:           DefaultLogConfig(),
-		StartTimeout:   DefaultStartTimeout,
-		PollInterval:   DefaultPollInterval,
-		Logger:         hclog.NewNullLogger(),
+		SupervisorPath:   exe,
+		SupervisorArgs:   []string{SupervisorCommand},
+		KillTimeout:      DefaultKillTimeout,
+		Logs:             DefaultLogConfig(),
+		StartTimeout:     DefaultStartTimeout,
+		PollInterval:     DefaultPollInterval,
+		DirCheckInterval: DefaultDirCheckInterval,
+		Logger:           hclog.NewNullLogger(),
 	}
 }
 
@@ -133,6 +149,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = d.PollInterval
+	}
+	if c.DirCheckInterval == 0 {
+		c.DirCheckInterval = d.DirCheckInterval
 	}
 	if c.Logger == nil {
 		c.Logger = d.Logger
@@ -159,6 +178,9 @@ func (c Config) Validate() error {
 	}
 	if c.PollInterval <= 0 {
 		return fmt.Errorf("%w: poll_interval must be > 0, got %s", ErrInvalidConfig, c.PollInterval)
+	}
+	if c.DirCheckInterval <= 0 {
+		return fmt.Errorf("%w: dir_check_interval must be > 0, got %s", ErrInvalidConfig, c.DirCheckInterval)
 	}
 	return c.Logs.Validate()
 }

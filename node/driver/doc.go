@@ -61,6 +61,32 @@
 // group. The task itself gets SIGKILL as its parent-death signal, so it
 // never runs on without a supervisor.
 //
+// # Orphans
+//
+// A supervisor outlives its daemon on purpose, and a restarted daemon finds
+// it through the allocation directory. When that directory is gone for good
+// (the data directory was deleted or moved: a killed test run whose
+// temporary directory was removed, an operator who wiped the node), no
+// daemon can find, stop or reap the task again. So every
+// Config.DirCheckInterval (default 2 s) the supervisor checks that
+// .gpumesh/supervisor.lock is still the file whose lock it holds. When that
+// path is gone, or is another file (the directory was deleted and made
+// again), it stops the task the way a plain stop does (SIGTERM to the
+// group, SIGKILL after the kill timeout), writes why into the task's stderr
+// log (the file it holds open, wherever that is now) and its own log, and
+// exits with code 5 without writing anything more into the allocation
+// directory by path: no exit.json, deadline file, closed markers or new log
+// files, since the path may belong to another task now. A daemon restart
+// leaves the directory in place and so never triggers this; an error other
+// than "does not exist" (a permission problem) is not taken as a deletion.
+//
+// A dev cluster's or a test's tasks must not outlive it even when its
+// process is killed and its data dir stays (a test binary killed by its
+// timeout runs no cleanup). With Config.StopWithDaemon the supervisor is
+// also given the daemon's PID and start time, and at the same check stops
+// the task once that process has exited, recording the stop and its reason
+// in exit.json as a plain stop does.
+//
 // Under systemd the daemon's unit must say KillMode=process, or a restart
 // of the daemon kills every task in its control group (Nomad's unit does
 // the same).

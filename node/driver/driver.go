@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -283,7 +284,13 @@ func (d *Driver) spawn(ctx context.Context, stateDir string, sf specFile, lock *
 		return nil, fmt.Errorf("%w: task %s: %v", ErrSupervisor, id, err)
 	}
 	defer readyR.Close()
-	args := append(slices.Clone(d.cfg.SupervisorArgs), "--dir", stateDir, "--lock-fd", "3", "--ready-fd", "4")
+	args := append(slices.Clone(d.cfg.SupervisorArgs), "--dir", stateDir, "--lock-fd", "3", "--ready-fd", "4",
+		"--dir-check", d.cfg.DirCheckInterval.String())
+	if d.cfg.StopWithDaemon {
+		if ps, err := readProcStat(os.Getpid()); err == nil {
+			args = append(args, "--daemon-pid", strconv.Itoa(os.Getpid()), "--daemon-start", strconv.FormatUint(ps.Start, 10))
+		}
+	}
 	cmd := &exec.Cmd{
 		Path:       d.cfg.SupervisorPath,
 		Args:       append([]string{d.cfg.SupervisorPath}, args...),

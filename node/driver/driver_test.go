@@ -31,6 +31,8 @@ const (
 	// "READY", and blocks until it is killed.
 	envFakeDaemon     = "GPUMESH_DRIVER_TEST_DAEMON_DATA_DIR"
 	envFakeDaemonSpec = "GPUMESH_DRIVER_TEST_DAEMON_SPEC"
+	// envFakeDaemonStopWith=1 sets Config.StopWithDaemon in the fake daemon.
+	envFakeDaemonStopWith = "GPUMESH_DRIVER_TEST_DAEMON_STOP_WITH"
 )
 
 func TestMain(m *testing.M) {
@@ -63,7 +65,7 @@ func fakeDaemon(dataDir, specJSON string) int {
 		fmt.Println("bad spec:", err)
 		return 1
 	}
-	d, err := New(Config{DataDir: dataDir})
+	d, err := New(Config{DataDir: dataDir, DirCheckInterval: 20 * time.Millisecond, StopWithDaemon: os.Getenv(envFakeDaemonStopWith) == "1"})
 	if err != nil {
 		fmt.Println("new:", err)
 		return 1
@@ -85,7 +87,10 @@ func newTestDriver(t *testing.T, dataDir string) *Driver {
 	d, err := New(Config{
 		DataDir:      dataDir,
 		PollInterval: 20 * time.Millisecond,
-		Logger:       hclog.New(&hclog.LoggerOptions{Output: testWriter{t}, Level: hclog.Debug}),
+		// Supervisors check their directory often, so that every test of
+		// a daemon restart also shows the check leaves a live task alone.
+		DirCheckInterval: 20 * time.Millisecond,
+		Logger:           hclog.New(&hclog.LoggerOptions{Output: testWriter{t}, Level: hclog.Debug}),
 	})
 	if err != nil {
 		t.Fatal(err)

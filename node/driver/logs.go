@@ -81,7 +81,7 @@ func logIndexes(dir, stream string) (lo, hi int, ok bool, err error) {
 
 // rotatingWriter appends a stream to its log files, cutting a file at
 // exactly MaxFileBytes and deleting files beyond MaxFiles. Not safe for
-// concurrent use: one goroutine copies one stream.
+// concurrent use: one goroutine copies one stream (detach excepted).
 type rotatingWriter struct {
 	dir, stream string
 	cfg         LogConfig
@@ -89,7 +89,17 @@ type rotatingWriter struct {
 	times       *os.File // file idx's write times; opened at its first write
 	idx         int
 	size        int64
+	// detached: dir may be another task's now; write only to the files
+	// already open, and open, delete or mark nothing by path.
+	detached atomic.Bool
 }
+
+// errLogDetached is the write error of a detached writer whose file is full.
+var errLogDetached = errors.New("log directory is no longer this task's")
+
+// detach stops w from touching its directory by path; safe to call from
+// any goroutine.
+func (w *rotatingWriter) detach() { w.detached.Store(true) }
 
 // writeLogMeta records the rotation settings readers need.
 func writeLogMeta(dir string, cfg LogConfig) error {
@@ -162,6 +172,9 @@ func (w *rotatingWriter) Write(p []byte) (int, error) {
 // stamp records that the byte at stream offset off is written at t.
 func (w *rotatingWriter) stamp(off int64, t time.Time) {
 	if w.times == nil {
+		if w.detached.Load() {
+			return
+		}
 		f, err := os.OpenFile(logTimesName(w.dir, w.stream, w.idx), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			return
@@ -182,6 +195,9 @@ func (w *rotatingWriter) closeTimes() {
 }
 
 func (w *rotatingWriter) rotate() error {
+	if w.detached.Load() {
+		return errLogDetached
+	}
 	w.closeTimes()
 	if err := w.f.Close(); err != nil {
 		return err
@@ -199,6 +215,9 @@ func (w *rotatingWriter) rotate() error {
 
 // prune deletes files older than the newest MaxFiles.
 func (w *rotatingWriter) prune() {
+	if w.detached.Load() {
+		return
+	}
 	lo, _, ok, err := logIndexes(w.dir, w.stream)
 	if err != nil || !ok {
 		return
@@ -216,6 +235,9 @@ func (w *rotatingWriter) Close() error {
 	if w.f != nil {
 		err = w.f.Close()
 		w.f = nil
+	}
+	if w.detached.Load() {
+		return err
 	}
 	if e := markLogClosed(w.dir, w.stream); err == nil {
 		err = e

@@ -47,14 +47,15 @@ func reapIfChild(pid int) {
 	_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
 }
 
-func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
-	dataDir := t.TempDir()
-	spec := tickSpec(t)
+// startFakeDaemon runs a daemon process (this binary, fakeDaemon) that
+// starts spec under dataDir, and kills it with SIGKILL once the task runs.
+// It returns the task's and its supervisor's PIDs; whatever happens, the
+// test leaves neither running.
+func startFakeDaemon(t *testing.T, dataDir string, spec TaskSpec, env ...string) (taskPid, supPid int) {
+	t.Helper()
 	specJSON, _ := json.Marshal(spec)
-
-	// A real daemon process starts the task and is killed with SIGKILL.
 	daemon := exec.Command(os.Args[0], "-test.run=^$")
-	daemon.Env = append(os.Environ(), envFakeDaemon+"="+dataDir, envFakeDaemonSpec+"="+string(specJSON))
+	daemon.Env = append(append(os.Environ(), envFakeDaemon+"="+dataDir, envFakeDaemonSpec+"="+string(specJSON)), env...)
 	out, err := daemon.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -70,8 +71,8 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatalf("fake daemon said %q, %v", line, err)
 	}
 	f := strings.Fields(line)
-	taskPid, _ := strconv.Atoi(f[1])
-	supPid, _ := strconv.Atoi(f[2])
+	taskPid, _ = strconv.Atoi(f[1])
+	supPid, _ = strconv.Atoi(f[2])
 	t.Cleanup(func() {
 		// Whatever happens, leave nothing running.
 		if members := groupMembers(taskPid, supPid); len(members) > 0 {
@@ -86,6 +87,14 @@ func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = daemon.Wait()
+	return taskPid, supPid
+}
+
+func TestRecoverAfterDaemonSIGKILL(t *testing.T) {
+	dataDir := t.TempDir()
+	spec := tickSpec(t)
+	// A real daemon process starts the task and is killed with SIGKILL.
+	taskPid, supPid := startFakeDaemon(t, dataDir, spec)
 
 	// The task outlived its daemon, and its output still reaches the logs.
 	if n := len(groupMembers(taskPid, supPid)); n == 0 {
@@ -336,4 +345,137 @@ func TestStopCompletesWithoutDaemon(t *testing.T) {
 		t.Fatalf("result %+v (done %v), want killed after the grace", res, done)
 	}
 	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+// orphanTask starts a task that answers SIGTERM, leaves its supervisor
+// without a daemon, and opens its log files, which the test can still read
+// after its directory is deleted.
+func orphanTask(t *testing.T, dataDir string) (h *Handle, stdout, stderr *os.File) {
+	t.Helper()
+	d := newTestDriver(t, dataDir)
+	spec := shSpec(t, `trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.02; done`)
+	h, err := d.Start(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupTask(t, h)
+	waitForLog(t, h, Stdout, "ready")
+	open := func(stream string) *os.File {
+		f, err := os.Open(logFileName(h.spec.LogDir, stream, 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = f.Close() })
+		return f
+	}
+	stdout, stderr = open(Stdout), open(Stderr)
+	if err := d.Shutdown(); err != nil { // the daemon is gone for good
+		t.Fatal(err)
+	}
+	return h, stdout, stderr
+}
+
+// waitOrphanGone waits until the task and its supervisor have exited, and
+// returns the supervisor's exit code (it is this process's child).
+func waitOrphanGone(t *testing.T, h *Handle) int {
+	t.Helper()
+	sup, task := h.SupervisorPid(), h.Pid()
+	poll.Until(t, 20*time.Second, func() bool {
+		return !sameProcess(sup, h.state.SupervisorStart) && !sameProcess(task, h.state.TaskStart)
+	}, "supervisor %d and task %d to exit", sup, task)
+	var ws unix.WaitStatus
+	if _, err := unix.Wait4(sup, &ws, 0, nil); err != nil {
+		t.Fatalf("reap supervisor: %v", err)
+	}
+	return ws.ExitStatus()
+}
+
+func readAllFile(t *testing.T, f *os.File) string {
+	t.Helper()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// A task whose data directory is deleted while no daemon runs (a killed
+// test run's temporary directory, a wiped node) can never be found or
+// stopped again: its supervisor stops it the way a plain stop does, says
+// why in the task's log, and exits.
+func TestOrphanedSupervisorStopsTaskWhenDirDeleted(t *testing.T) {
+	dataDir := t.TempDir()
+	h, stdout, stderr := orphanTask(t, dataDir)
+	if err := os.RemoveAll(dataDir); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitOrphanGone(t, h); code != supervisorOrphaned {
+		t.Fatalf("supervisor exit code %d, want %d", code, supervisorOrphaned)
+	}
+	if out := readAllFile(t, stdout); !strings.Contains(out, "got TERM") {
+		t.Fatalf("task's stdout %q: want it stopped with SIGTERM", out)
+	}
+	if e := readAllFile(t, stderr); !strings.Contains(e, "stopping the task") || !strings.Contains(e, "is gone") {
+		t.Fatalf("task's stderr %q: want the supervisor's reason", e)
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+// A data directory deleted and made again (a new node in the same place)
+// is not the orphan's: it stops its task and writes nothing there.
+func TestOrphanedSupervisorLeavesReplacedDirAlone(t *testing.T) {
+	dataDir := t.TempDir()
+	h, stdout, _ := orphanTask(t, dataDir)
+	if err := os.RemoveAll(dataDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(h.spec.LogDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(h.stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(h.stateDir, lockFileName), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitOrphanGone(t, h); code != supervisorOrphaned {
+		t.Fatalf("supervisor exit code %d, want %d", code, supervisorOrphaned)
+	}
+	if out := readAllFile(t, stdout); !strings.Contains(out, "got TERM") {
+		t.Fatalf("task's stdout %q: want it stopped with SIGTERM", out)
+	}
+	for _, p := range []string{
+		filepath.Join(h.stateDir, exitFileName),
+		DeadlineFile(h.allocDir),
+		closedMarker(h.spec.LogDir, Stdout),
+		closedMarker(h.spec.LogDir, Stderr),
+	} {
+		if exists(p) {
+			t.Errorf("%s written into the new directory", p)
+		}
+	}
+	assertGone(t, h.Pid(), h.SupervisorPid())
+}
+
+// A daemon whose tasks do not outlive it (StopWithDaemon: a dev cluster, a
+// test) is killed with SIGKILL, its data dir left in place: the supervisor
+// stops the task as a plain stop does and records why.
+func TestStopWithDaemonStopsTaskWhenDaemonKilled(t *testing.T) {
+	dataDir := t.TempDir()
+	spec := shSpec(t, `trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.02; done`)
+	taskPid, supPid := startFakeDaemon(t, dataDir, spec, envFakeDaemonStopWith+"=1")
+	stateDir := stateDirOf(AllocDir(dataDir, spec.ID))
+	poll.Until(t, 20*time.Second, func() bool { return exists(filepath.Join(stateDir, exitFileName)) }, "the supervisor to stop the task and record it")
+	assertGone(t, taskPid, supPid)
+	var res ExitResult
+	if err := readJSON(filepath.Join(stateDir, exitFileName), &res); err != nil {
+		t.Fatal(err)
+	}
+	if !res.Stopped || res.ExitCode != 7 || !strings.Contains(res.StopReason, "has exited") {
+		t.Fatalf("result %+v: want stopped with SIGTERM (exit 7) because the daemon exited", res)
+	}
+	b, err := os.ReadFile(logFileName(filepath.Join(AllocDir(dataDir, spec.ID), LogDirName), Stderr, 0))
+	if err != nil || !strings.Contains(string(b), "its tasks do not outlive it") {
+		t.Fatalf("task's stderr %q, %v: want the supervisor's reason", b, err)
+	}
 }

@@ -28,6 +28,7 @@ const (
 	supervisorUsage     = 2
 	supervisorDuplicate = 3
 	supervisorFailed    = 4
+	supervisorOrphaned  = 5 // the state directory went away; the task was stopped, nothing recorded
 )
 
 // logDrainTimeout bounds how long the supervisor waits for the log pipes to
@@ -39,7 +40,8 @@ const logDrainTimeout = 2 * time.Second
 // hidden "gpumesh task-supervise" command, which the driver starts for
 // every task in a session of its own, so it outlives the daemon:
 //
-//	task-supervise --dir <alloc dir>/.gpumesh [--lock-fd N] [--ready-fd N]
+//	task-supervise --dir <alloc dir>/.gpumesh [--lock-fd N] [--ready-fd N] [--dir-check DURATION]
+//	               [--daemon-pid N --daemon-start TICKS]
 //
 // It holds the task directory's lock for its whole life (so a task is never
 // started twice and a new daemon can tell it is alive), starts the command in
@@ -47,8 +49,13 @@ const logDrainTimeout = 2 * time.Second
 // stderr into rotated log files, turns SIGTERM into a graceful stop (SIGTERM
 // to the task's group, SIGKILL when the kill deadline passes), and when the
 // task ends kills what is left of its group and records the exit status in
-// exit.json. args are the arguments after the command name; the return value
-// is the process exit code.
+// exit.json. Every --dir-check interval it checks that the lock file in
+// --dir is still the one it holds; when it is gone or replaced, it stops the
+// task as a plain stop would and exits without recording anything (see
+// "Orphans" in the package doc). With --daemon-pid it also stops the task,
+// recording the stop as usual, once that process (identified with its start
+// time) has exited (Config.StopWithDaemon). args are the arguments after the
+// command name; the return value is the process exit code.
 func SupervisorMain(args []string) int {
 	if !supported {
 		fmt.Fprintln(os.Stderr, "task-supervise: the exec driver runs on Linux only")
@@ -72,6 +79,9 @@ func SupervisorMain(args []string) int {
 	dir := fset.String("dir", "", "the task's state directory (<alloc dir>/.gpumesh)")
 	lockFD := fset.Int("lock-fd", -1, "inherited descriptor of the locked supervisor.lock")
 	readyFD := fset.Int("ready-fd", -1, "inherited pipe to report the start on")
+	dirCheck := fset.Duration("dir-check", DefaultDirCheckInterval, "how often to check that --dir is still this task's")
+	daemonPid := fset.Int("daemon-pid", 0, "stop the task when this process (the daemon) has exited")
+	daemonStart := fset.Uint64("daemon-start", 0, "the --daemon-pid process's start time (clock ticks after boot, /proc/<pid>/stat)")
 	if err := fset.Parse(args); err != nil {
 		return supervisorUsage
 	}
@@ -79,13 +89,20 @@ func SupervisorMain(args []string) int {
 		fmt.Fprintln(os.Stderr, "task-supervise: --dir is required")
 		return supervisorUsage
 	}
+	if *dirCheck <= 0 {
+		fmt.Fprintln(os.Stderr, "task-supervise: --dir-check must be > 0")
+		return supervisorUsage
+	}
+	if abs, err := filepath.Abs(*dir); err == nil {
+		*dir = abs
+	}
 	logger := hclog.New(&hclog.LoggerOptions{
 		Name:   "task-supervisor",
 		Output: os.Stderr,
 		Level:  hclog.Info,
 	}).With("dir", *dir, "pid", os.Getpid())
 
-	s := &supervisor{dir: *dir, logger: logger, sigCh: sigCh}
+	s := &supervisor{dir: *dir, dirCheck: *dirCheck, daemonPid: *daemonPid, daemonStart: *daemonStart, logger: logger, sigCh: sigCh}
 	if *readyFD >= 0 {
 		unix.CloseOnExec(*readyFD)
 		s.ready = os.NewFile(uintptr(*readyFD), "ready")
@@ -96,10 +113,15 @@ func SupervisorMain(args []string) int {
 }
 
 type supervisor struct {
-	dir    string
-	logger hclog.Logger
-	sigCh  chan os.Signal
-	ready  *os.File
+	dir      string
+	dirCheck time.Duration // how often orphaned runs
+	// daemonPid and daemonStart identify the daemon whose exit stops the
+	// task (--daemon-pid); 0 when tasks outlive it.
+	daemonPid   int
+	daemonStart uint64
+	logger      hclog.Logger
+	sigCh       chan os.Signal
+	ready       *os.File
 
 	spec     specFile
 	lock     *os.File
@@ -113,6 +135,15 @@ type supervisor struct {
 	timer    *time.Timer
 	timerC   <-chan time.Time
 	deadline string // path of the deadline file
+
+	// note is our own write end of the task's stderr pipe, kept open until
+	// the logs close, so that a message of ours lands in the task's log in
+	// order with its output.
+	note    *os.File
+	writers []*rotatingWriter
+	// orphan says why the state directory is no longer ours ("" while it
+	// is); from then on nothing is written by path into the allocation.
+	orphan string
 }
 
 // report tells the driver how the start went, once.
@@ -186,6 +217,7 @@ func (s *supervisor) run(lockFD int) int {
 			return nil, err
 		}
 		readEnds, writers = append(readEnds, pr), append(writers, w)
+		s.writers = writers
 		copiers.Add(1)
 		go func() {
 			defer copiers.Done()
@@ -248,8 +280,8 @@ func (s *supervisor) run(lockFD int) int {
 	resetThreadNice()
 	err = s.cmd.Start()
 	_ = devnull.Close()
-	_ = stdoutW.Close() // the task holds the write ends now
-	_ = stderrW.Close()
+	_ = stdoutW.Close() // the task holds the write ends now; we keep stderr's for notes
+	s.note = stderrW
 	if err != nil {
 		s.closeLogs(&copiers, readEnds, writers)
 		if spec.User != nil && errors.Is(err, fs.ErrPermission) {
@@ -298,8 +330,18 @@ func (s *supervisor) run(lockFD int) int {
 	s.logger.Info("task started", "task_pid", pid, "command", spec.Command)
 	s.report(readyMsg{OK: true, TaskPid: pid})
 
+	check := time.NewTicker(s.dirCheck)
+	defer check.Stop()
 	for {
 		select {
+		case <-check.C:
+			if s.orphan == "" {
+				if why := s.orphaned(); why != "" {
+					s.abandon(why)
+				} else if s.daemonPid > 0 && !sameProcess(s.daemonPid, s.daemonStart) {
+					s.daemonGone()
+				}
+			}
 		case <-s.sigCh:
 			s.handleStop()
 		case <-s.timerC:
@@ -334,9 +376,16 @@ func (s *supervisor) startFailed(format string, args ...any) int {
 // system sends SIGTERM).
 func (s *supervisor) handleStop() {
 	var req stopRequest
-	if err := readJSON(filepath.Join(s.dir, stopFileName), &req); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.logger.Warn("unreadable stop request; stopping with the kill timeout", "error", err)
+	if s.orphan == "" {
+		if err := readJSON(filepath.Join(s.dir, stopFileName), &req); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.logger.Warn("unreadable stop request; stopping with the kill timeout", "error", err)
+		}
 	}
+	s.stop(req)
+}
+
+// stop begins a stop, or brings SIGKILL of one under way sooner.
+func (s *supervisor) stop(req stopRequest) {
 	now := time.Now()
 	killAt := req.KillAt
 	if killAt.IsZero() {
@@ -354,9 +403,12 @@ func (s *supervisor) handleStop() {
 		s.stopped, s.reason = true, req.Reason
 	}
 	// The deadline file tells the task when SIGKILL comes (Unix seconds).
-	secs := strconv.FormatInt(killAt.Unix(), 10) + "\n"
-	if err := writeFileAtomic(s.deadline, []byte(secs), 0o644, ephemeral); err != nil {
-		s.logger.Warn("cannot write the stop deadline file", "path", s.deadline, "error", err)
+	// An orphan's allocation directory is gone or another task's.
+	if s.orphan == "" {
+		secs := strconv.FormatInt(killAt.Unix(), 10) + "\n"
+		if err := writeFileAtomic(s.deadline, []byte(secs), 0o644, ephemeral); err != nil {
+			s.logger.Warn("cannot write the stop deadline file", "path", s.deadline, "error", err)
+		}
 	}
 	grace := killAt.Sub(now)
 	s.logger.Info("stopping task", "reason", req.Reason, "grace", grace)
@@ -408,6 +460,11 @@ func (s *supervisor) finish(copiers *sync.WaitGroup, readEnds []*os.File, writer
 		res.Error = torchErrorMessage(filepath.Join(s.spec.AllocDir, ErrorFileName), s.started)
 	}
 	s.closeLogs(copiers, readEnds, writers)
+	if s.orphan != "" {
+		// No daemon will read it, and the path may be another task's now.
+		s.logger.Warn("orphaned task exited; its exit status is not recorded", "why", s.orphan, "result", res.String())
+		return supervisorOrphaned
+	}
 	if err := writeJSONAtomic(filepath.Join(s.dir, exitFileName), res, durable); err != nil {
 		s.logger.Error("cannot record the exit status", "error", err)
 		return supervisorFailed
@@ -416,9 +473,67 @@ func (s *supervisor) finish(copiers *sync.WaitGroup, readEnds []*os.File, writer
 	return supervisorOK
 }
 
+// orphaned reports why the state directory no longer belongs to this
+// supervisor: its lock file is gone (the allocation directory, or the whole
+// data directory, was deleted or moved) or is another file (deleted and
+// made again). It returns "" while the lock file is the one we hold, and
+// for errors other than "not there", which prove nothing.
+func (s *supervisor) orphaned() string {
+	held, err := s.lock.Stat()
+	if err != nil {
+		return ""
+	}
+	path := filepath.Join(s.dir, lockFileName)
+	cur, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR):
+		return path + " is gone: the allocation or data directory was deleted or moved"
+	case err != nil:
+		return ""
+	case !os.SameFile(held, cur):
+		return path + " is another file: the allocation directory was deleted and made again"
+	}
+	return ""
+}
+
+// abandon stops the task of a supervisor whose state directory is gone:
+// no daemon can find the task again, so nothing could ever stop it. The
+// stop is the plain one (SIGTERM, SIGKILL after the kill timeout); nothing
+// more is written by path into the allocation directory, which may be
+// another task's now.
+func (s *supervisor) abandon(why string) {
+	s.orphan = why
+	for _, w := range s.writers {
+		w.detach()
+	}
+	s.logger.Warn("stopping the task: no agent can find it again", "why", why)
+	if s.note != nil {
+		// Into the task's stderr log (the file we hold open, wherever it is now).
+		_, _ = fmt.Fprintf(s.note, "gpumesh task supervisor: stopping the task: %s; no agent can find it again\n", why)
+	}
+	s.stop(stopRequest{Reason: "orphaned: " + why, RequestedAt: time.Now()})
+}
+
+// daemonGone stops the task of a daemon whose tasks do not outlive it
+// (--daemon-pid), once, as a plain stop with a reason; the state directory
+// is still the task's, so its exit is recorded as usual.
+func (s *supervisor) daemonGone() {
+	why := fmt.Sprintf("the agent that started it (pid %d) has exited, and its tasks do not outlive it", s.daemonPid)
+	s.daemonPid = 0
+	s.logger.Warn("stopping the task", "why", why)
+	if s.note != nil {
+		_, _ = fmt.Fprintf(s.note, "gpumesh task supervisor: stopping the task: %s\n", why)
+	}
+	s.stop(stopRequest{Reason: why, RequestedAt: time.Now()})
+}
+
 // closeLogs waits (bounded) for the copiers to reach EOF, then closes
 // everything and marks the streams complete.
 func (s *supervisor) closeLogs(copiers *sync.WaitGroup, readEnds []*os.File, writers []*rotatingWriter) {
+	if s.note != nil {
+		_ = s.note.Close()
+		s.note = nil
+	}
 	done := make(chan struct{})
 	go func() { copiers.Wait(); close(done) }()
 	t := time.NewTimer(logDrainTimeout)

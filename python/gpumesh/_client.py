@@ -32,6 +32,8 @@ STATUS_UNSUPPORTED = 5
 
 ENV_SOCKET = "GPUMESH_LOCAL_SOCKET"
 ENV_SECRET = "GPUMESH_LOCAL_SECRET"
+# Set instead of the two above by an agent whose local API is off: why.
+ENV_LOCAL_API_OFF = "GPUMESH_LOCAL_API_OFF"
 
 _HELLO = struct.Struct("<BBHIIIIQHHHH")
 _REGISTER = struct.Struct("<B7xQQ")

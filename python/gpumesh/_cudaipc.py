@@ -28,9 +28,8 @@ when the operation's Work completes.
 
 Falls back to staging through host memory (and says why once, on stderr)
 when the agent has no CUDA, libcuda cannot be loaded, or an allocation has
-no IPC handle (``expandable_segments``). The path is on only with
-``GPUMESH_CUDA_IPC=1`` (opt-in until it has run on a GPU); otherwise the
-tensors are staged.
+no IPC handle (``expandable_segments``). ``GPUMESH_CUDA_IPC=0`` turns the
+path off (every CUDA tensor staged).
 """
 
 import collections

@@ -19,9 +19,8 @@ works in the tensor's memory. Other tensors are staged: copied into a
 shared segment before the operation (one memcpy) and back into the tensor
 when it ends (one memcpy). GPUMESH_ZERO_COPY=0 stages every host tensor.
 
-Copies per operation (CUDA tensors), with GPUMESH_CUDA_IPC=1 (opt-in: the
-path is built and tested with stand-ins but has not yet run on a GPU;
-without it every CUDA tensor is staged as below): none in the rank and none
+Copies per operation (CUDA tensors; GPUMESH_CUDA_IPC=0 turns the path off
+and stages every CUDA tensor as below): none in the rank and none
 through host memory. The tensor's allocation is registered with the agent by CUDA
 IPC handle once (_cudaipc) and the agent runs the collective in the
 rank's device memory: between two ranks of one agent a hop is a device
@@ -294,6 +293,18 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         sock, secret = env.get(_client.ENV_SOCKET), env.get(_client.ENV_SECRET)
         job, gen = env.get("GPUMESH_JOB_ID"), env.get("GPUMESH_GENERATION")
         grank = env.get("GPUMESH_RANK", env.get("RANK"))
+        off = env.get(_client.ENV_LOCAL_API_OFF)
+        if (not sock or not secret) and off:
+            raise RuntimeError(
+                f"gpumesh backend: {off}. The backend needs that API, so every restart of this rank on that node "
+                "fails the same way: fix and restart the agent as the reason says, or use backend 'gloo' (CPU) "
+                "or 'nccl' (GPU) for this job.")
+        if (not sock or not secret) and job:
+            raise RuntimeError(
+                f"gpumesh backend: job {job} gave this rank no way to its agent ({_client.ENV_SOCKET} or "
+                f"{_client.ENV_SECRET} is not set): the node's agent runs without its local API, and its log says "
+                "why ('the local data-plane API (PyTorch backend) is off'). Fix and restart that agent, or use "
+                "backend 'gloo' (CPU) or 'nccl' (GPU) for this job.")
         if not sock or not secret or not job or not gen or grank is None:
             raise RuntimeError(
                 "gpumesh backend: this process is not an exec rank of a gpumesh job "
@@ -313,12 +324,11 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         # Host tensors used again and again (DDP's buckets) move into
         # agent-mapped segments (_zerocopy); GPUMESH_ZERO_COPY=0 turns it off.
         self._zc = None if env.get("GPUMESH_ZERO_COPY", "1") == "0" else _zerocopy.ZeroCopy(self._conn)
-        # CUDA tensors by CUDA IPC handle (_cudaipc) with GPUMESH_CUDA_IPC=1;
-        # staged through host memory otherwise. Opt-in until the path has
-        # run on a GPU (it is built and tested with stand-ins only).
+        # CUDA tensors by CUDA IPC handle (_cudaipc); GPUMESH_CUDA_IPC=0
+        # stages them through host memory instead.
         self._ipc = _cudaipc.CudaIPC(self._conn, torch=torch)
-        if env.get("GPUMESH_CUDA_IPC", "0") != "1":
-            self._ipc._off = "GPUMESH_CUDA_IPC is not 1"
+        if env.get("GPUMESH_CUDA_IPC", "1") == "0":
+            self._ipc._off = "GPUMESH_CUDA_IPC=0"
         weakref.finalize(self, self._conn.close)
 
     # ---- plumbing ----

@@ -19,7 +19,6 @@ import torch.nn as nn
 import gpumesh.torch  # noqa: F401
 from gpumesh import _client
 
-os.environ.setdefault("GPUMESH_CUDA_IPC", "1")  # the CUDA IPC path is opt-in
 dist.init_process_group("gpumesh")
 rank, n = dist.get_rank(), dist.get_world_size()
 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
