@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -117,4 +118,110 @@ func TestServerKeepsDeadRankMemoryForPeerFrames(t *testing.T) {
 	t.Logf("rank 1 got: %s", r.Message)
 	cls[1].close()
 	waitIdle(t, s)
+}
+
+// A rank's client dies in the middle of each kind of operation among ranks
+// of one agent, while its peers are copying chunks out of its memory: the
+// agent survives, the other ranks' operations fail at once (not by the
+// timeout), and nothing leaks. The fault hook holds rank 0's second data
+// frame until its client died, so the operation cannot end first.
+func TestServerRankDiesMidOperationEveryKind(t *testing.T) {
+	const (
+		ranks = 3
+		block = 256 << 10 // elements of one rank's block (float32)
+	)
+	cases := []struct {
+		name string
+		ops  func(rank int) *Op // nil: the rank runs nothing
+		// done is a rank whose operation may also succeed (-1: none):
+		// the root of a broadcast is done once its peer took its data.
+		done int
+	}{
+		{"all_gather", func(int) *Op {
+			return &Op{Kind: OpAllGather, DType: 1, A: BufRef{Region: 1, Count: ranks * block}, B: BufRef{Region: 2, Count: block}}
+		}, -1},
+		{"reduce_scatter", func(int) *Op {
+			return &Op{Kind: OpReduceScatter, DType: 1, Reduce: 1, A: BufRef{Region: 2, Count: block}, B: BufRef{Region: 1, Count: ranks * block}}
+		}, -1},
+		{"broadcast_root0", func(int) *Op {
+			return &Op{Kind: OpBroadcast, DType: 1, Peer: 0, A: BufRef{Region: 1, Count: ranks * block}}
+		}, -1},
+		{"broadcast_root2", func(int) *Op {
+			return &Op{Kind: OpBroadcast, DType: 1, Peer: 2, A: BufRef{Region: 1, Count: ranks * block}}
+		}, 2},
+		{"send_recv", func(rank int) *Op {
+			switch rank {
+			case 0:
+				return &Op{Kind: OpSend, DType: 1, Peer: 1, A: BufRef{Region: 1, Count: ranks * block}}
+			case 1:
+				return &Op{Kind: OpRecv, DType: 1, Peer: 0, A: BufRef{Region: 1, Count: ranks * block}}
+			}
+			return nil
+		}, -1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := collective.NewLocalTransport()
+			held := make(chan struct{})
+			var frames atomic.Int64
+			tr.SetFault(func(_ string, src, _, _ int, h *collective.Header) collective.FaultAction {
+				if src == 0 && h.Kind == collective.FrameData && frames.Add(1) == 2 {
+					close(held)
+					// Until rank 0's operation is cancelled (its client died).
+					return collective.FaultAction{Delay: time.Hour}
+				}
+				return collective.FaultAction{}
+			})
+			cc := collective.DefaultConfig()
+			cc.Timeout = 20 * time.Second
+			cc.ChunkBytes = 64 << 10
+			s, err := Listen(Config{
+				SocketPath: filepath.Join(t.TempDir(), "local.sock"),
+				Transport:  tr,
+				Collective: cc,
+				Authorizer: fakeAuth{ranks: ranks},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = s.Close() })
+			cls := make([]*client, ranks)
+			for i := range cls {
+				cls[i] = dial(t, s)
+				if r := cls[i].hello(i, ranks, fmt.Sprintf("ok-%d", i)); r.Type != MsgWelcome {
+					t.Fatalf("rank %d hello: %+v", i, r)
+				}
+				cls[i].register(1, ranks*block*4)
+				cls[i].register(2, block*4)
+			}
+			for i := ranks - 1; i >= 0; i-- {
+				if op := tc.ops(i); op != nil {
+					op.ID = 1
+					cls[i].send(EncodeOp(op))
+				}
+			}
+			select {
+			case <-held:
+			case <-time.After(20 * time.Second):
+				t.Fatal("rank 0 did not send its second frame")
+			}
+			cls[0].close() // no BYE: the process died
+			for i := 1; i < ranks; i++ {
+				if tc.ops(i) == nil {
+					continue
+				}
+				r := cls[i].recvDone()
+				if i == tc.done && r.Type == MsgDone && r.Status == StatusOK {
+					continue
+				}
+				if r.Type != MsgDone || r.Status != StatusFailed || strings.Contains(r.Message, "no progress") {
+					t.Fatalf("rank %d after rank 0 died: %+v (want a failure at once)", i, r)
+				}
+			}
+			for i := 1; i < ranks; i++ {
+				cls[i].close()
+			}
+			waitIdle(t, s)
+		})
+	}
 }
