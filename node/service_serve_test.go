@@ -381,7 +381,7 @@ func TestParsePlainRequest(t *testing.T) {
 			continue
 		}
 		route := ""
-		if req := pr.request("192.0.2.1:5"); req != nil {
+		if req := pr.request(&http.Request{}, "192.0.2.1:5"); req != nil {
 			route = req.URL.Path
 		}
 		if route != c.route {
