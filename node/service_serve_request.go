@@ -142,7 +142,7 @@ func validMethod(m string) bool {
 // context, or nil when the target is not a service's (net/http's server
 // then answers it).
 func (pr *plainRequest) request(base *http.Request, remote string) *http.Request {
-	u, err := url.ParseRequestURI(pr.target)
+	u, err := requestURL(pr.target)
 	if err != nil || u.Host != "" {
 		return nil
 	}
@@ -161,6 +161,34 @@ func (pr *plainRequest) request(base *http.Request, remote string) *http.Request
 	req.Header, req.Host, req.RemoteAddr, req.RequestURI = pr.header, pr.host, remote, pr.target
 	req.ContentLength, req.Body, req.Close = pr.length, http.NoBody, pr.closeAfter
 	return req
+}
+
+// requestURL is url.ParseRequestURI(target) for a target that starts
+// with "/", without its general parse for the common target: a path of
+// letters, digits and "-._~/$&+,:;=@" (none of which is escaped, so that
+// the URL's Path is the target's and RawPath is empty) and a query of
+// printable ASCII; any other goes through url.ParseRequestURI.
+func requestURL(target string) (*url.URL, error) {
+	path, query, hasQuery := strings.Cut(target, "?")
+	for i := 0; i < len(path); i++ {
+		if !plainPathByte(path[i]) {
+			return url.ParseRequestURI(target)
+		}
+	}
+	for i := 0; i < len(query); i++ {
+		if query[i] <= ' ' || query[i] >= 0x7f {
+			return url.ParseRequestURI(target)
+		}
+	}
+	return &url.URL{Path: path, RawQuery: query, ForceQuery: hasQuery && query == ""}, nil
+}
+
+func plainPathByte(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("-._~/$&+,:;=@", c) >= 0
 }
 
 // cleanPath is the path net/http's ServeMux serves p as (it redirects to it

@@ -77,6 +77,11 @@ type upConn struct {
 	rc syscall.RawConn
 	// sending is set while send flushes a request's last bytes.
 	sending bool
+	// abort ends the connection's reads and writes at once; sendFn is
+	// sendRaw (both made once, not per request).
+	abort  func()
+	sendFn func(uintptr) bool
+	raw    rawSend
 }
 
 // replicaConns holds a router's idle connections to one replica: the most
@@ -116,6 +121,8 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 func newUpConn(c net.Conn) *upConn {
 	uc := &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10)}
 	uc.bw = bufio.NewWriterSize(uc, 4<<10)
+	uc.abort = func() { _ = c.SetDeadline(time.Unix(1, 0)) }
+	uc.sendFn = uc.sendRaw
 	if sc, ok := c.(syscall.Conn); ok {
 		uc.rc, _ = sc.SyscallConn()
 	}
@@ -148,35 +155,49 @@ func (uc *upConn) Write(p []byte) (int, error) {
 	if !uc.sending || uc.rc == nil || len(p) == 0 {
 		return uc.c.Write(p)
 	}
-	n, all := 0, false
-	var werr error
-	_ = uc.rc.Read(func(fd uintptr) bool {
-		if all {
-			return true // woken: the answer, an error or a close
-		}
-		for n < len(p) {
-			m, err := unix.Write(int(fd), p[n:])
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				return true // the rest as usual, below
-			case err != nil:
-				werr = &net.OpError{Op: "write", Net: "tcp", Source: uc.c.LocalAddr(), Addr: uc.c.RemoteAddr(), Err: os.NewSyscallError("write", err)}
-				return true
-			}
-			n += m
-		}
-		all = true
-		return false // wait until the answer can be read
-	})
+	uc.raw = rawSend{p: p}
+	_ = uc.rc.Read(uc.sendFn)
+	r := uc.raw
+	uc.raw = rawSend{}
 	// A failed wait (the deadline set when the client went away, or a
 	// close) fails the read of the answer that follows, as it would have.
-	if werr != nil || all {
-		return n, werr
+	if r.err != nil || r.all {
+		return r.n, r.err
 	}
-	m, err := uc.c.Write(p[n:])
-	return n + m, err
+	m, err := uc.c.Write(p[r.n:])
+	return r.n + m, err
+}
+
+// rawSend is the state of one Write through the raw connection.
+type rawSend struct {
+	p   []byte
+	n   int  // bytes of p written
+	all bool // all of p written: waiting for the answer
+	err error
+}
+
+// sendRaw is uc.rc.Read's function for Write (a method value made once:
+// a closure per request would be allocated).
+func (uc *upConn) sendRaw(fd uintptr) bool {
+	r := &uc.raw
+	if r.all {
+		return true // woken: the answer, an error or a close
+	}
+	for r.n < len(r.p) {
+		m, err := unix.Write(int(fd), r.p[r.n:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return true // the rest as usual (Write)
+		case err != nil:
+			r.err = &net.OpError{Op: "write", Net: "tcp", Source: uc.c.LocalAddr(), Addr: uc.c.RemoteAddr(), Err: os.NewSyscallError("write", err)}
+			return true
+		}
+		r.n += m
+	}
+	r.all = true
+	return false // wait until the answer can be read
 }
 
 // put returns a connection whose last answer was read to the end.
@@ -291,7 +312,7 @@ func exchange(at *attempt, req *http.Request, uc *upConn, path string, body []by
 	ctx := req.Context()
 	// Watch the client while the replica answers: if it goes away, the
 	// connection's reads and writes end at once.
-	stop := context.AfterFunc(ctx, func() { _ = uc.c.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, uc.abort)
 	reusable := false
 	defer func() {
 		if stop() && reusable {
