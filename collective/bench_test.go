@@ -118,3 +118,57 @@ func BenchmarkLocalAllReduceAllocs(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkSameProcessAllReduce measures an all-reduce among ranks of one
+// process as one node's agent runs its ranks' (PyTorch clients') host
+// tensors: n ranks on one NetTransport server, float32 sum, 16/64/256 MiB,
+// with the same-process path (direct: each rank reduces its block of every
+// rank's buffer, SameProcessWorkers goroutines in all) and with the ring
+// whose chunks go by reference (ring, NoSameProcess). Named
+// ALGO/nRANKS/SIZE; busbw_GB/s is nccl-tests' bus bandwidth (algbw ×
+// 2(n-1)/n), cpu_us/op the process's CPU per operation (all ranks).
+// GOMAXPROCS (-cpu) bounds the goroutines.
+func BenchmarkSameProcessAllReduce(b *testing.B) {
+	for _, algo := range []string{"direct", "ring"} {
+		for _, n := range []int{2, 4} {
+			for _, size := range []int{16 << 20, 64 << 20, 256 << 20} {
+				b.Run(fmt.Sprintf("%s/n%d/%s", algo, n, bytesize.Format(int64(size))), func(b *testing.B) {
+					cfg := DefaultConfig()
+					cfg.NoSameProcess = algo == "ring"
+					g, err := NewSharedGroup("bench", 1, n, cfg, DefaultNetConfig())
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer g.Close()
+					bufs := make([]*HostBuffer, n)
+					for r := range bufs {
+						bufs[r] = NewHostBuffer(Float32, size/4)
+						f := bufs[r].AsFloat32()
+						for i := range f {
+							f[i] = float32(r + i%7)
+						}
+					}
+					run := func() {
+						noErrsB(b, RunAll(g.Comms, func(c *Communicator) error {
+							return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
+						}))
+					}
+					run()
+					if got, want := g.Comms[0].LastAllReduceAlgorithm(), map[string]string{"direct": AlgoNameSameProcess, "ring": AlgoNameRing}[algo]; got != want {
+						b.Fatalf("ran %q, want %q", got, want)
+					}
+					b.SetBytes(int64(size))
+					b.ResetTimer()
+					c0 := cpuTime()
+					for i := 0; i < b.N; i++ {
+						run()
+					}
+					cpu := cpuTime() - c0
+					per := b.Elapsed().Seconds() / float64(b.N)
+					b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu_us/op")
+					b.ReportMetric(float64(size)/1e9/per*2*float64(n-1)/float64(n), "busbw_GB/s")
+				})
+			}
+		}
+	}
+}

@@ -40,6 +40,8 @@ type Communicator struct {
 	// minChan is the least each channel of an operation carries
 	// (planChannels); 0 uses every channel.
 	minChan int
+	// sameProcess: every peer is in this process (sameprocess.go).
+	sameProcess bool
 
 	opMu   sync.RWMutex // collectives hold it exclusively, Send/Recv shared
 	seq    uint64       // collective sequence number (under opMu)
@@ -98,6 +100,7 @@ func New(t Transport, g Group, cfg Config) (*Communicator, error) {
 		barrier: NewHostBuffer(Uint8, 1),
 		stop:    make(chan struct{}),
 	}
+	c.sameProcess = sameProcessPeers(ep, g.Rank, n)
 	c.ctx, c.cancel = context.WithCancelCause(context.Background())
 	c.wg.Add(2)
 	go c.watchdog()

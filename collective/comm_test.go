@@ -28,6 +28,10 @@ func testConfig() Config {
 	cfg.Channels = 2
 	cfg.SmallBytes = 256
 	cfg.Timeout = 10 * time.Second
+	// These tests are the ring's (and recursive doubling's): ranks of one
+	// process would otherwise take the same-process path, whose own tests
+	// are in sameprocess_test.go.
+	cfg.NoSameProcess = true
 	return cfg
 }
 

@@ -43,6 +43,16 @@ type Config struct {
 	// (SameHostReducer: CUDA IPC for device buffers). Default false. Every
 	// rank must use the same value.
 	NoSameHost bool
+	// NoSameProcess keeps AllReduce on the ring where every rank is in this
+	// process (one agent's ranks, an in-process group) instead of each rank
+	// reducing its block of every rank's host buffer in place
+	// (sameprocess.go). Default false. Every rank must use the same value.
+	NoSameProcess bool
+	// SameProcessWorkers is how many goroutines the ranks of one process
+	// use together for one such AllReduce (each rank SameProcessWorkers/n,
+	// fewer for small buffers: at least 512 KiB each). Default 0:
+	// GOMAXPROCS.
+	SameProcessWorkers int
 	// Logger receives structured logs; nil means no logging.
 	Logger hclog.Logger
 }
@@ -73,6 +83,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: collective config: timeout must be > 0, got %v", ErrBadArgument, c.Timeout)
 	case c.AbortTimeout <= 0:
 		return fmt.Errorf("%w: collective config: abort timeout must be > 0, got %v", ErrBadArgument, c.AbortTimeout)
+	case c.SameProcessWorkers < 0:
+		return fmt.Errorf("%w: collective config: same-process workers must be >= 0 (0: GOMAXPROCS), got %d", ErrBadArgument, c.SameProcessWorkers)
 	}
 	return nil
 }

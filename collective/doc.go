@@ -108,7 +108,11 @@
 // buffer, over the transport, to run the buffer's own same-host ring (CUDA
 // IPC; samehost.go), and falls back to the network together when any rank
 // cannot (Config.NoSameHost turns it off; LastAllReduceAlgorithm says which
-// path ran; ForgetBuffer releases a buffer's ring). The device registers
+// path ran; ForgetBuffer releases a buffer's ring). Where every rank is in
+// this process (the ranks of one agent) and the buffers are HostBuffers,
+// AllReduce skips the ring: each rank reduces its block of every rank's
+// buffer in place, on several goroutines (sameprocess.go; NoSameProcess
+// turns it off). The device registers
 // itself with RegisterDevice so the allreduce job and `gpumesh bench
 // allreduce --device cuda` can allocate its buffers.
 //

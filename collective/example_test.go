@@ -28,7 +28,8 @@ func Example() {
 }
 
 // The built-in allreduce job on an in-process group: every rank checks the
-// result exactly and reports bus bandwidth per size.
+// result exactly and reports bus bandwidth per size. Ranks of one process
+// reduce each other's buffers in place (the same-process path).
 func ExampleRunAllReduceJob() {
 	_, comms, err := collective.NewLocalGroup("job-2", 1, 4, collective.DefaultConfig())
 	if err != nil {
@@ -47,6 +48,6 @@ func ExampleRunAllReduceJob() {
 		fmt.Println(bytesize.Format(r.Bytes), r.Algorithm, "wrong:", r.Wrong)
 	}
 	// Output:
-	// 4KiB recursive-doubling wrong: 0
-	// 1MiB ring wrong: 0
+	// 4KiB same-process wrong: 0
+	// 1MiB same-process wrong: 0
 }

@@ -340,6 +340,10 @@ func (c *Communicator) allReduce(ctx context.Context, buf Buffer, op Op, coll Co
 		return buf.Sync()
 	}
 	if coll == CollAllReduce {
+		if hb, ok := c.directBuffer(buf); ok {
+			c.lastAlgo = AlgoNameSameProcess
+			return c.directAllReduce(ctx, hb, op)
+		}
 		ring, err := c.sameHostRing(ctx, buf)
 		if err != nil {
 			return err
@@ -373,8 +377,8 @@ const (
 )
 
 // LastAllReduceAlgorithm names the algorithm of this rank's last AllReduce
-// ("ring", "recursive-doubling", "same-host-ipc", "local"; "" before the
-// first). Call it between collectives.
+// ("ring", "recursive-doubling", "same-host-ipc", "same-process", "local";
+// "" before the first). Call it between collectives.
 func (c *Communicator) LastAllReduceAlgorithm() string {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()

@@ -102,6 +102,12 @@ type Config struct {
 	// its allocations stay in the state before the leader purges them; zero
 	// keeps them forever. JobGCInterval is how often the leader looks.
 	JobGCAge, JobGCInterval time.Duration
+	// AllocGCKeep is how many ended allocations each rank (replica slot of
+	// a service) of a job that has not ended keeps, newest generations
+	// first, besides those the scheduler still reads; the leader purges the
+	// older ones every JobGCInterval (the rule: gc.go, allocsToPurge).
+	// Zero keeps every allocation until its job is purged. Default 3.
+	AllocGCKeep int
 	// StopReportGrace is added to a job's kill timeout: ranks told to stop
 	// that have not reported a final status by then are marked lost, so a
 	// node that never reports cannot keep the job from being placed again.
@@ -159,6 +165,7 @@ func DefaultConfig() *Config {
 		MasterPortMax:        29999,
 		JobGCAge:             4 * time.Hour,
 		JobGCInterval:        time.Minute,
+		AllocGCKeep:          3,
 		SchedulerBatch:       512,
 		StopReportGrace:      15 * time.Second,
 		NodeLossGrace:        30 * time.Second,
@@ -174,6 +181,8 @@ func (c *Config) Validate() error {
 	switch {
 	case c.JobGCAge < 0 || c.JobGCInterval < 0:
 		return bad("job gc age and interval must be >= 0, got %s and %s", c.JobGCAge, c.JobGCInterval)
+	case c.AllocGCKeep < 0:
+		return bad("AllocGCKeep must be >= 0 (0 keeps every ended allocation), got %d", c.AllocGCKeep)
 	case c.NodeID == "":
 		return bad("NodeID is empty; set it to the node's stable unique ID")
 	case c.DataDir == "":

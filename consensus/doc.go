@@ -107,6 +107,29 @@
 // allocations (slot_failures, healthy_time) so a new leader keeps it;
 // ServiceBackoffs tells the CLI and the metrics the same.
 //
+// # Garbage collection
+//
+// The leader purges, every Config.JobGCInterval and through the log
+// (gc.go), jobs that ended more than Config.JobGCAge ago with all their
+// allocations (PurgeJobs), and the ended allocations of live jobs that
+// no reader needs any more (PurgeAllocations): a service that crash-loops,
+// is updated or moved, or an exec job that restarts, would otherwise add
+// allocations for as long as it lives. Of a live job, each rank (a
+// service's replica slot) keeps every allocation that has not ended and
+// every one of the job's current generation (evalRunning, settle,
+// evalPending's wait for the previous generation to stop, MASTER_PORT
+// reservations: these read only those); its newest ended allocation and
+// the one that ended last (slotHistories: slot_failures, healthy_time and
+// the last end, from which the crash-loop back-off and the restart delay
+// are derived, so no count resets when older ones go); and its newest
+// Config.AllocGCKeep ended ones for people (job status, its checkpoint
+// line, metrics), of which those that ended more than JobGCAge ago go
+// too. Restart counting lives in the job (restarts), not in its
+// allocations. The FSM removes an allocation only when it has ended, was
+// told to stop and is of a generation before its job's current one, so
+// every replica drops the same ones; the rule is monotonic, so a purge
+// decided on a slightly old state is still right when applied.
+//
 // # Testing
 //
 // TestCluster, FakeMembership and TestConfig build in-process

@@ -25,6 +25,8 @@ type sim struct {
 	// load is the routers' load the evaluator reads (services scaled by
 	// load); nil: none.
 	load LoadView
+	// log holds every entry applied, for replay on other FSMs.
+	log []*raft.Log
 }
 
 func newSim(t *testing.T, nodes ...string) *sim {
@@ -46,7 +48,9 @@ func (s *sim) apply(c *fsmpb.Command) any {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	resp := s.f.Apply(&raft.Log{Index: s.idx, Type: raft.LogCommand, Data: data})
+	l := &raft.Log{Index: s.idx, Type: raft.LogCommand, Data: data}
+	s.log = append(s.log, l)
+	resp := s.f.Apply(l)
 	if err, ok := resp.(error); ok {
 		s.t.Fatal(err)
 	}

@@ -52,7 +52,8 @@ type PlansResult struct {
 }
 
 // Apply applies one log entry. The response is nil, an error, or for
-// RegisterJob the job ID, for ApplyPlans a *PlansResult.
+// RegisterJob the job ID, for ApplyPlans a *PlansResult, for PurgeJobs and
+// PurgeAllocations the number of jobs or allocations removed.
 func (f *FSM) Apply(l *raft.Log) any {
 	return f.ApplyBatch([]*raft.Log{l})[0]
 }
@@ -124,6 +125,8 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		return f.applyPlans(idx, now, c.ApplyPlans.GetPlans())
 	case *fsmpb.Command_PurgeJobs:
 		return f.purgeJobs(idx, c.PurgeJobs.GetIds())
+	case *fsmpb.Command_PurgeAllocations:
+		return f.purgeAllocations(c.PurgeAllocations.GetIds())
 	default:
 		f.logger.Error("unknown command in log entry", "index", idx)
 		return fmt.Errorf("%w: index %d: unknown command type %T; is this server older than the leader?", ErrInvalidCommand, idx, cmd.Cmd)

@@ -25,11 +25,13 @@ import (
 // daecd94 (before the FSM had messages of its own), v2 by the build that
 // added services, their rolling updates, node eligibility, checkpoints and
 // end causes (every field of every command then), v3 by the build that
-// added Allocation.start_failure. Every build must read all of them;
-// TestWriteFSMGolden writes goldenPath, the newest.
+// added Allocation.start_failure, v4 by the build that added
+// PurgeAllocations (allocation garbage collection). Every build must read
+// all of them; TestWriteFSMGolden writes goldenPath, the newest.
 var (
-	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), filepath.Join("testdata", "fsm-v2.golden.json"), goldenPath}
-	goldenPath  = filepath.Join("testdata", "fsm-v3.golden.json")
+	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), filepath.Join("testdata", "fsm-v2.golden.json"),
+		filepath.Join("testdata", "fsm-v3.golden.json"), goldenPath}
+	goldenPath = filepath.Join("testdata", "fsm-v4.golden.json")
 )
 
 type golden struct {
@@ -172,6 +174,10 @@ func goldenCommands() []*fsmpb.Command {
 		{Cmd: &fsmpb.Command_RegisterJob{RegisterJob: &fsmpb.RegisterJob{Id: "svc-c", Spec: svc()}}},
 		{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: "svc-c", Spec: svc()}}},
 		{Cmd: &fsmpb.Command_NodeEligibility{NodeEligibility: &fsmpb.NodeEligibility{NodeId: "n1", Eligible: false}}},
+		// v4: allocation GC removes a1 (lost, told to stop, generation 1 of
+		// a job at 2) and neither a0 (its client status is not final) nor
+		// a2 (the current generation).
+		{Cmd: &fsmpb.Command_PurgeAllocations{PurgeAllocations: &fsmpb.PurgeAllocations{Ids: []string{"a0", "a1", "a2", "missing"}}}},
 	}
 	for i, c := range cmds {
 		c.Time = at(int64(i))
@@ -222,8 +228,8 @@ func TestWriteFSMGolden(t *testing.T) {
 			g.State.Allocations = append(g.State.Allocations, js(a))
 		}
 	}
-	if len(g.State.Nodes) != 2 || len(g.State.Jobs) != 2 || len(g.State.Allocations) != 3 {
-		t.Fatalf("golden state has %d nodes, %d jobs, %d allocations; want 2, 2, 3", len(g.State.Nodes), len(g.State.Jobs), len(g.State.Allocations))
+	if len(g.State.Nodes) != 2 || len(g.State.Jobs) != 2 || len(g.State.Allocations) != 2 {
+		t.Fatalf("golden state has %d nodes, %d jobs, %d allocations; want 2, 2, 2", len(g.State.Nodes), len(g.State.Jobs), len(g.State.Allocations))
 	}
 	out, err := json.MarshalIndent(g, "", " ")
 	if err != nil {

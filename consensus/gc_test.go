@@ -1,10 +1,14 @@
 package consensus
 
 import (
+	"fmt"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/gpumesh/gpumesh/consensus/fsmpb"
+	"github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/poll"
 )
 
@@ -75,5 +79,56 @@ func TestLeaderCollectsEndedJobs(t *testing.T) {
 			t.Fatal("a pending job was purged")
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// The leader purges the ended allocations of a live job that restarts
+// again and again, through the log: every server drops the same ones, and
+// the job keeps restarting.
+func TestLeaderCollectsEndedAllocationsOnEveryServer(t *testing.T) {
+	tc := MakeTestCluster(t, 3, func(c *Config) {
+		c.JobGCAge, c.JobGCInterval, c.AllocGCKeep = 0, 50*time.Millisecond, 1
+	})
+	l := tc.WaitForLeader(10 * time.Second)
+	addGPUNode(tc, "c1", 1)
+	addGPUNode(tc, "c2", 1)
+	WaitFor(t, 10*time.Second, func() (bool, string) { return len(l.State().Nodes()) == 5, "client nodes not reconciled" })
+	spec := gpuJob("loop", 1)
+	spec.Restart.Attempts = 100
+	id, _, err := l.RegisterJob(ctxT(t), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const gens = 8
+	for gen := uint64(1); gen <= gens; gen++ {
+		waitJob(t, l, id, fmt.Sprintf("generation %d placed", gen), running(gen, 1))
+		a := genAllocs(l, id, gen)[0]
+		report(t, l, &controlpb.Allocation{Id: a.Id, ClientStatus: AllocFailed, ExitCode: 1})
+	}
+	waitJob(t, l, id, "placed after the last failure", running(gens+1, 1))
+	// Rank 0 keeps its newest ended allocation and the live one.
+	ids := func(s *Server) string {
+		var out []string
+		for _, a := range s.State().Allocations(id) {
+			out = append(out, a.Id)
+		}
+		return strings.Join(out, " ")
+	}
+	want := fmt.Sprintf("%s.%d.0 %s.%d.0", id, gens, id, gens+1)
+	WaitFor(t, 10*time.Second, func() (bool, string) { return ids(l) == want, "leader holds " + ids(l) + ", want " + want })
+	for _, s := range tc.Live() {
+		WaitFor(t, 10*time.Second, func() (bool, string) {
+			var byNode []string
+			for _, n := range []string{"c1", "c2"} {
+				for _, a := range s.State().AllocationsByNode(n) {
+					byNode = append(byNode, a.Id)
+				}
+			}
+			sort.Strings(byNode)
+			return ids(s) == want && strings.Join(byNode, " ") == want, fmt.Sprintf("server %s holds %s (by node %v), want %s", s.cfg.NodeID, ids(s), byNode, want)
+		})
+	}
+	if j := l.State().Job(id); j.Restarts != gens || j.Status != JobRunning {
+		t.Fatalf("the job after %d failures: %v", gens, j)
 	}
 }

@@ -104,7 +104,7 @@ func (ls *leaderSession) run() {
 	s.fsm.events.all()
 	ls.goFunc(ls.sched.run)
 
-	if s.cfg.JobGCAge > 0 && s.cfg.JobGCInterval > 0 {
+	if gcEnabled(s.cfg) {
 		ls.goFunc(func() {
 			t := time.NewTicker(s.cfg.JobGCInterval)
 			defer t.Stop()

@@ -193,7 +193,8 @@ func NewEvaluator(v ClusterView, cfg SchedulerConfig) (*Evaluator, error) {
 }
 
 // Evaluate decides what job j needs at time now, given allocs, all of its
-// allocations (every generation).
+// allocations (every generation, less the ended ones that garbage
+// collection let go: gc.go keeps what Evaluate reads).
 //
 // Job life:
 //   - pending: placed with sharding.Cluster.Place once the ranks of its

@@ -234,8 +234,8 @@ func (st *StateStore) Job(id string) *controlpb.Job {
 	return st.jobs[id]
 }
 
-// Allocations returns the allocations of a job, all generations, sorted
-// by generation then rank.
+// Allocations returns the allocations of a job, of every generation that
+// garbage collection kept (gc.go), sorted by generation then rank.
 func (st *StateStore) Allocations(jobID string) []*controlpb.Allocation {
 	st.mu.RLock()
 	out := collect(st.allocsByJob[jobID])
@@ -333,6 +333,28 @@ func (st *StateStore) putAllocLocked(a *controlpb.Allocation) {
 		st.allocsByNode[a.NodeId] = bn
 	}
 	bn[a.Id] = a
+	st.changedLocked(viewKey(a.NodeId))
+	if isService(st.jobs[a.JobId]) {
+		st.changedLocked(servicesView)
+	}
+}
+
+// removeAllocLocked removes an allocation from the store and its indexes
+// (allocation garbage collection).
+func (st *StateStore) removeAllocLocked(a *controlpb.Allocation) {
+	delete(st.allocs, a.Id)
+	if bj := st.allocsByJob[a.JobId]; bj != nil {
+		delete(bj, a.Id)
+		if len(bj) == 0 {
+			delete(st.allocsByJob, a.JobId)
+		}
+	}
+	if bn := st.allocsByNode[a.NodeId]; bn != nil {
+		delete(bn, a.Id)
+		if len(bn) == 0 {
+			delete(st.allocsByNode, a.NodeId)
+		}
+	}
 	st.changedLocked(viewKey(a.NodeId))
 	if isService(st.jobs[a.JobId]) {
 		st.changedLocked(servicesView)

@@ -252,11 +252,12 @@ func (r *runner) reconcile(ev *pb.WatchEvent) {
 		}
 	}
 	// Allocations that were in the last view and are gone from this one
-	// were purged with their job: the exec driver forgets their ended
-	// tasks and removes their allocation directories (logs included),
-	// built-in ranks' directories (their log) go too, and so do the job's
-	// and generation's directories once empty, so neither memory nor disk
-	// grows with every job. Only a departure seen here counts: a view that
+	// were purged, with their job or as ended allocations of a live job
+	// (consensus/gc.go): the exec driver forgets their ended tasks and
+	// removes their allocation directories (logs included), built-in
+	// ranks' directories (their log) go too, and so do the job's and
+	// generation's directories once empty, so neither memory nor disk
+	// grows with every job or restart. Only a departure seen here counts: a view that
 	// is still catching up after a restart has never held them.
 	gone := map[string]driver.TaskID{}
 	for id, tid := range r.placed {
@@ -380,6 +381,7 @@ func (r *runner) waitTask(rt *runningTask) {
 	if res.Report == nil {
 		res.Report = r.a.clientCollectivesReport(rt.alloc) // the PyTorch backend's collectives
 	}
+	r.mu.Lock() // rt.stopped is reconcile's, under r.mu
 	st := consensus.AllocComplete
 	switch {
 	case res.StartFailure != "":
@@ -390,7 +392,6 @@ func (r *runner) waitTask(rt *runningTask) {
 		st = consensus.AllocFailed
 	}
 	r.logger.Info("rank ended", "job", rt.alloc.JobId, "generation", rt.alloc.Generation, "rank", rt.alloc.Rank, "status", st, "exit_code", res.ExitCode, "message", res.Message)
-	r.mu.Lock()
 	delete(r.tasks, rt.alloc.Id)
 	r.finished[rt.alloc.Id] = true
 	r.reportLocked(rt.alloc, st, res.ExitCode, res.Message, res.Report)

@@ -3,21 +3,25 @@
 # step with N ranks minus step with 1 rank, gpumesh and Gloo in the same
 # processes) for two or more versions of the Python client side by side:
 # each VARIANT is NAME=PYTHON_DIR (the python/ folder the ranks import; the
-# agent binary and the scripts are the same for all). Every round runs each
+# agent binary and the scripts are the same for all) or NAME=BINARY:PYTHON_DIR
+# (that variant's own agent binary). NODES agents (default WORLD: one rank
+# per agent; NODES=1: every rank on the one agent, as on a GPU machine).
+# Every round runs each
 # variant once (run.sh with ROUNDS=1 and its own cluster), the order
 # flipping every round. The summary gives per variant the median over rounds
 # of gpumesh's and Gloo's exposed communication and of their ratio, and
 # every round's figures; TIMELINE=1 also runs bench/torch/ddp_timeline.py
 # once per variant and round (where the exposed time goes).
 #
-# Usage: [ROUNDS=3] [WORLD=2] [DDP_ARGS="--steps 8"] [OUT=dir] \
-#          bench/torch/ddp_ab.sh GPUMESH_BINARY VARIANT...   e.g. new=python
+# Usage: [ROUNDS=3] [WORLD=2] [NODES=$WORLD] [DDP_ARGS="--steps 8"] [OUT=dir] \
+#          bench/torch/ddp_ab.sh GPUMESH_BINARY VARIANT...   e.g. new=python old=/tmp/gpumesh-old:python
 #        (from the repository root). Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1"); shift
-[ $# -gt 0 ] || { echo "usage: bench/torch/ddp_ab.sh GPUMESH_BINARY NAME=PYTHON_DIR..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bench/torch/ddp_ab.sh GPUMESH_BINARY NAME=[BINARY:]PYTHON_DIR..." >&2; exit 2; }
 ROOT=$(pwd) PY=${PY:-/usr/bin/python3} OUT=${OUT:-/tmp/gpumesh-ddp-ab}
 ROUNDS=${ROUNDS:-3} WORLD=${WORLD:-2} DDP_ARGS=${DDP_ARGS:-} TIMELINE=${TIMELINE:-0}
+NODES=${NODES:-$WORLD}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PY
@@ -27,9 +31,11 @@ vs=("$@")
 for r in $(seq "$ROUNDS"); do
   echo "round $r: load $(cut -d' ' -f1-3 /proc/loadavg)"
   for v in "${vs[@]}"; do
-    name=${v%%=*} dir=$(realpath "${v#*=}")
-    PYDIR=$dir ROUNDS=1 ALLREDUCE=0 TIMELINE=$TIMELINE NODES=$WORLD WORLDS="1 $WORLD" DDP_ARGS=$DDP_ARGS \
-      bash "$ROOT/bench/torch/run.sh" "$BIN" "$OUT/$name-$r" >"$OUT/$name-$r.txt" 2>&1 ||
+    name=${v%%=*} rest=${v#*=} bin=$BIN
+    case $rest in *:*) bin=$(realpath "${rest%%:*}") rest=${rest#*:} ;; esac
+    dir=$(realpath "$rest")
+    PYDIR=$dir ROUNDS=1 ALLREDUCE=0 TIMELINE=$TIMELINE NODES=$NODES WORLDS="1 $WORLD" DDP_ARGS=$DDP_ARGS \
+      bash "$ROOT/bench/torch/run.sh" "$bin" "$OUT/$name-$r" >"$OUT/$name-$r.txt" 2>&1 ||
       echo "$name round $r failed (see $OUT/$name-$r.txt)"
   done
   mapfile -t vs < <(printf '%s\n' "${vs[@]}" | tac)

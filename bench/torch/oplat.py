@@ -15,8 +15,10 @@ rank 0 prints one JSON line per backend and size: medians over --iters of
 and, over --iters operations back to back (no barrier between them), per
 operation: the wall time (b2b_us), this process's CPU time, all threads
 (cpu_us), and its context switches, voluntary (vcsw: a thread slept,
-waiting for the agent, a lock or the GIL) and involuntary (ivcsw). CPU time
-and switches do not depend on how loaded the machine is.
+waiting for the agent, a lock or the GIL) and involuntary (ivcsw), and the
+agent process's CPU time per operation (agent_cpu_us, when AGENT_PID names
+it: bench/torch/proccpu.py). CPU time and switches do not depend on how
+loaded the machine is.
 
 The built-in allreduce job's per-op time with the same ranks is the
 baseline (bench/torch/oplat.sh runs both).
@@ -24,6 +26,7 @@ baseline (bench/torch/oplat.sh runs both).
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -32,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from backend_object import gpumesh_backend  # registers the gpumesh backend
+from proccpu import cpu_ns
 
 p = argparse.ArgumentParser()
 p.add_argument("--sizes-kib", default="4,16384,65536")
@@ -64,6 +68,7 @@ if pg is not None:
         return _handle(pkt)
 
     conn.submit, conn._handle = submit, handle
+agent = [int(os.environ["AGENT_PID"])] if os.environ.get("AGENT_PID") else []
 groups = {"gpumesh": None}
 if args.gloo:
     groups["gloo"] = dist.new_group(backend="gloo")
@@ -89,13 +94,17 @@ for kib in [int(s) for s in args.sizes_kib.split(",")]:
     b2b = {}
     for name, g in groups.items():
         dist.barrier(group=g)
+        a0 = cpu_ns(agent)
         u0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         for i in range(args.iters):
             dist.all_reduce(xs[name], group=g)
         t1, c1, u1 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
+        a1 = cpu_ns(agent)
         k = args.iters
         b2b[name] = {"b2b_us": (t1 - t0) / k * 1e6, "cpu_us": (c1 - c0) / k * 1e6,
                      "vcsw": (u1.ru_nvcsw - u0.ru_nvcsw) / k, "ivcsw": (u1.ru_nivcsw - u0.ru_nivcsw) / k}
+        if agent:
+            b2b[name]["agent_cpu_us"] = (a1 - a0) / 1e3 / k
     if rank == 0:
         for name, r in rows.items():
             out = {"bench": "oplat", "backend": name, "ranks": n, "size_kib": kib}

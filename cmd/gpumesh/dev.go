@@ -21,7 +21,7 @@ import (
 func init() { registerCommand(newDevCommand) }
 
 func newDevCommand() *cobra.Command {
-	var nodes int
+	var nodes, maxRanks int
 	var demo, serve bool
 	var logLevel, dataDir string
 	cmd := &cobra.Command{
@@ -50,8 +50,14 @@ when the result checked out.`,
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
 			dcfg := node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger}
-			if serve {
-				dcfg.Configure = func(_ int, c *node.Config) { c.ServeAddr = net.JoinHostPort(c.BindAddr, "0") }
+			if maxRanks < 0 {
+				return fmt.Errorf("--max-ranks-per-node %d: give 0 (the CPU cores) or more", maxRanks)
+			}
+			dcfg.Configure = func(_ int, c *node.Config) {
+				if serve {
+					c.ServeAddr = net.JoinHostPort(c.BindAddr, "0")
+				}
+				c.MaxRanksPerNode = maxRanks
 			}
 			dc, err := node.NewDevCluster(dcfg)
 			if err != nil {
@@ -104,6 +110,7 @@ when the result checked out.`,
 	cmd.Flags().BoolVar(&serve, "serve", false, "give every agent a serve port for service traffic on a free port (as gpumesh agent --serve)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
+	cmd.Flags().IntVar(&maxRanks, "max-ranks-per-node", 0, "ranks (of all jobs) each agent runs at once (default: the machine's CPU cores, as gpumesh agent)")
 	return cmd
 }
 

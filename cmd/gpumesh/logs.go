@@ -106,7 +106,7 @@ func jobRanks(ctx context.Context, c pb.ControlClient, id string, gen uint64) ([
 		}
 	}
 	if len(ranks) == 0 {
-		return nil, fmt.Errorf("job %s has no ranks in generation %d (it never ran; see `gpumesh job status %s`)", id, gen, id)
+		return nil, fmt.Errorf("job %s has no ranks in generation %d (it never ran, or it ended long enough ago that garbage collection removed it; `gpumesh job status %s` lists the generations kept)", id, gen, id)
 	}
 	sort.Slice(ranks, func(i, k int) bool { return ranks[i] < ranks[k] })
 	return ranks, nil

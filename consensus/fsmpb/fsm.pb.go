@@ -51,6 +51,7 @@ type Command struct {
 	//	*Command_PurgeJobs
 	//	*Command_NodeEligibility
 	//	*Command_UpdateJob
+	//	*Command_PurgeAllocations
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -181,6 +182,15 @@ func (x *Command) GetUpdateJob() *UpdateJob {
 	return nil
 }
 
+func (x *Command) GetPurgeAllocations() *PurgeAllocations {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_PurgeAllocations); ok {
+			return x.PurgeAllocations
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -221,6 +231,10 @@ type Command_UpdateJob struct {
 	UpdateJob *UpdateJob `protobuf:"bytes,18,opt,name=update_job,json=updateJob,proto3,oneof"`
 }
 
+type Command_PurgeAllocations struct {
+	PurgeAllocations *PurgeAllocations `protobuf:"bytes,19,opt,name=purge_allocations,json=purgeAllocations,proto3,oneof"`
+}
+
 func (*Command_RegisterJob) isCommand_Cmd() {}
 
 func (*Command_StopJob) isCommand_Cmd() {}
@@ -238,6 +252,8 @@ func (*Command_PurgeJobs) isCommand_Cmd() {}
 func (*Command_NodeEligibility) isCommand_Cmd() {}
 
 func (*Command_UpdateJob) isCommand_Cmd() {}
+
+func (*Command_PurgeAllocations) isCommand_Cmd() {}
 
 type RegisterJob struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -914,6 +930,57 @@ func (x *PurgeJobs) GetIds() []string {
 	return nil
 }
 
+// PurgeAllocations removes ended allocations of jobs that have not ended
+// (allocation garbage collection by the leader; which ones it names is the
+// retention rule in consensus/gc.go). The FSM removes an allocation only
+// when its client status is final, it was told to stop and it belongs to a
+// generation before its job's current one; other ids, and ids of
+// allocations that are missing, are ignored. Logs written before it existed
+// never hold it.
+type PurgeAllocations struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PurgeAllocations) Reset() {
+	*x = PurgeAllocations{}
+	mi := &file_fsm_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PurgeAllocations) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PurgeAllocations) ProtoMessage() {}
+
+func (x *PurgeAllocations) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PurgeAllocations.ProtoReflect.Descriptor instead.
+func (*PurgeAllocations) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PurgeAllocations) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
 type GPU struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Index         int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
@@ -926,7 +993,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1005,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1018,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GPU) GetIndex() int32 {
@@ -1012,7 +1079,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1091,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1104,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Node) GetId() string {
@@ -1206,7 +1273,7 @@ type Constraints struct {
 
 func (x *Constraints) Reset() {
 	*x = Constraints{}
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1218,7 +1285,7 @@ func (x *Constraints) String() string {
 func (*Constraints) ProtoMessage() {}
 
 func (x *Constraints) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1231,7 +1298,7 @@ func (x *Constraints) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Constraints.ProtoReflect.Descriptor instead.
 func (*Constraints) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Constraints) GetAz() string {
@@ -1274,7 +1341,7 @@ type RestartPolicy struct {
 
 func (x *RestartPolicy) Reset() {
 	*x = RestartPolicy{}
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1353,7 @@ func (x *RestartPolicy) String() string {
 func (*RestartPolicy) ProtoMessage() {}
 
 func (x *RestartPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1366,7 @@ func (x *RestartPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartPolicy.ProtoReflect.Descriptor instead.
 func (*RestartPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RestartPolicy) GetAttempts() int32 {
@@ -1341,7 +1408,7 @@ type ExecSpec struct {
 
 func (x *ExecSpec) Reset() {
 	*x = ExecSpec{}
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1420,7 @@ func (x *ExecSpec) String() string {
 func (*ExecSpec) ProtoMessage() {}
 
 func (x *ExecSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1433,7 @@ func (x *ExecSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecSpec.ProtoReflect.Descriptor instead.
 func (*ExecSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ExecSpec) GetCommand() []string {
@@ -1404,7 +1471,7 @@ type AllReduceSpec struct {
 
 func (x *AllReduceSpec) Reset() {
 	*x = AllReduceSpec{}
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1416,7 +1483,7 @@ func (x *AllReduceSpec) String() string {
 func (*AllReduceSpec) ProtoMessage() {}
 
 func (x *AllReduceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1429,7 +1496,7 @@ func (x *AllReduceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllReduceSpec.ProtoReflect.Descriptor instead.
 func (*AllReduceSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AllReduceSpec) GetSizes() []string {
@@ -1492,7 +1559,7 @@ type PipelineSpec struct {
 
 func (x *PipelineSpec) Reset() {
 	*x = PipelineSpec{}
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1571,7 @@ func (x *PipelineSpec) String() string {
 func (*PipelineSpec) ProtoMessage() {}
 
 func (x *PipelineSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1584,7 @@ func (x *PipelineSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PipelineSpec.ProtoReflect.Descriptor instead.
 func (*PipelineSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PipelineSpec) GetLayers() []int32 {
@@ -1614,7 +1681,7 @@ type JobSpec struct {
 
 func (x *JobSpec) Reset() {
 	*x = JobSpec{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1626,7 +1693,7 @@ func (x *JobSpec) String() string {
 func (*JobSpec) ProtoMessage() {}
 
 func (x *JobSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1639,7 +1706,7 @@ func (x *JobSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JobSpec.ProtoReflect.Descriptor instead.
 func (*JobSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *JobSpec) GetName() string {
@@ -1766,7 +1833,7 @@ type CheckpointSpec struct {
 
 func (x *CheckpointSpec) Reset() {
 	*x = CheckpointSpec{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1845,7 @@ func (x *CheckpointSpec) String() string {
 func (*CheckpointSpec) ProtoMessage() {}
 
 func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1858,7 @@ func (x *CheckpointSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointSpec.ProtoReflect.Descriptor instead.
 func (*CheckpointSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CheckpointSpec) GetUri() string {
@@ -1837,7 +1904,7 @@ type HealthCheck struct {
 
 func (x *HealthCheck) Reset() {
 	*x = HealthCheck{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1849,7 +1916,7 @@ func (x *HealthCheck) String() string {
 func (*HealthCheck) ProtoMessage() {}
 
 func (x *HealthCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1862,7 +1929,7 @@ func (x *HealthCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
 func (*HealthCheck) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *HealthCheck) GetPort() string {
@@ -1930,7 +1997,7 @@ type ServiceSpec struct {
 
 func (x *ServiceSpec) Reset() {
 	*x = ServiceSpec{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1942,7 +2009,7 @@ func (x *ServiceSpec) String() string {
 func (*ServiceSpec) ProtoMessage() {}
 
 func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1955,7 +2022,7 @@ func (x *ServiceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServiceSpec.ProtoReflect.Descriptor instead.
 func (*ServiceSpec) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ServiceSpec) GetPorts() []string {
@@ -2037,7 +2104,7 @@ type Job struct {
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2049,7 +2116,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2062,7 +2129,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Job) GetId() string {
@@ -2208,7 +2275,7 @@ type Allocation struct {
 
 func (x *Allocation) Reset() {
 	*x = Allocation{}
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2220,7 +2287,7 @@ func (x *Allocation) String() string {
 func (*Allocation) ProtoMessage() {}
 
 func (x *Allocation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2233,7 +2300,7 @@ func (x *Allocation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Allocation.ProtoReflect.Descriptor instead.
 func (*Allocation) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Allocation) GetId() string {
@@ -2450,7 +2517,7 @@ var File_fsm_proto protoreflect.FileDescriptor
 
 const file_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x05\n" +
+	"\tfsm.proto\x12\x0egpumesh.fsm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x05\n" +
 	"\aCommand\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12@\n" +
 	"\fregister_job\x18\n" +
@@ -2466,7 +2533,8 @@ const file_fsm_proto_rawDesc = "" +
 	"purge_jobs\x18\x10 \x01(\v2\x19.gpumesh.fsm.v1.PurgeJobsH\x00R\tpurgeJobs\x12L\n" +
 	"\x10node_eligibility\x18\x11 \x01(\v2\x1f.gpumesh.fsm.v1.NodeEligibilityH\x00R\x0fnodeEligibility\x12:\n" +
 	"\n" +
-	"update_job\x18\x12 \x01(\v2\x19.gpumesh.fsm.v1.UpdateJobH\x00R\tupdateJobB\x05\n" +
+	"update_job\x18\x12 \x01(\v2\x19.gpumesh.fsm.v1.UpdateJobH\x00R\tupdateJob\x12O\n" +
+	"\x11purge_allocations\x18\x13 \x01(\v2 .gpumesh.fsm.v1.PurgeAllocationsH\x00R\x10purgeAllocationsB\x05\n" +
 	"\x03cmd\"q\n" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
@@ -2515,6 +2583,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\x04jobs\x18\x03 \x03(\v2\x13.gpumesh.fsm.v1.JobR\x04jobs\x12<\n" +
 	"\vallocations\x18\x04 \x03(\v2\x1a.gpumesh.fsm.v1.AllocationR\vallocations\"\x1d\n" +
 	"\tPurgeJobs\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\"$\n" +
+	"\x10PurgeAllocations\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"h\n" +
 	"\x03GPU\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x14\n" +
@@ -2712,7 +2782,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_proto_rawDescData
 }
 
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_fsm_proto_goTypes = []any{
 	(*Command)(nil),               // 0: gpumesh.fsm.v1.Command
 	(*RegisterJob)(nil),           // 1: gpumesh.fsm.v1.RegisterJob
@@ -2726,27 +2796,28 @@ var file_fsm_proto_goTypes = []any{
 	(*JobPlan)(nil),               // 9: gpumesh.fsm.v1.JobPlan
 	(*Snapshot)(nil),              // 10: gpumesh.fsm.v1.Snapshot
 	(*PurgeJobs)(nil),             // 11: gpumesh.fsm.v1.PurgeJobs
-	(*GPU)(nil),                   // 12: gpumesh.fsm.v1.GPU
-	(*Node)(nil),                  // 13: gpumesh.fsm.v1.Node
-	(*Constraints)(nil),           // 14: gpumesh.fsm.v1.Constraints
-	(*RestartPolicy)(nil),         // 15: gpumesh.fsm.v1.RestartPolicy
-	(*ExecSpec)(nil),              // 16: gpumesh.fsm.v1.ExecSpec
-	(*AllReduceSpec)(nil),         // 17: gpumesh.fsm.v1.AllReduceSpec
-	(*PipelineSpec)(nil),          // 18: gpumesh.fsm.v1.PipelineSpec
-	(*JobSpec)(nil),               // 19: gpumesh.fsm.v1.JobSpec
-	(*CheckpointSpec)(nil),        // 20: gpumesh.fsm.v1.CheckpointSpec
-	(*HealthCheck)(nil),           // 21: gpumesh.fsm.v1.HealthCheck
-	(*ServiceSpec)(nil),           // 22: gpumesh.fsm.v1.ServiceSpec
-	(*Job)(nil),                   // 23: gpumesh.fsm.v1.Job
-	(*Allocation)(nil),            // 24: gpumesh.fsm.v1.Allocation
-	nil,                           // 25: gpumesh.fsm.v1.ExecSpec.EnvEntry
-	nil,                           // 26: gpumesh.fsm.v1.Allocation.PortsEntry
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
-	(*structpb.Struct)(nil),       // 29: google.protobuf.Struct
+	(*PurgeAllocations)(nil),      // 12: gpumesh.fsm.v1.PurgeAllocations
+	(*GPU)(nil),                   // 13: gpumesh.fsm.v1.GPU
+	(*Node)(nil),                  // 14: gpumesh.fsm.v1.Node
+	(*Constraints)(nil),           // 15: gpumesh.fsm.v1.Constraints
+	(*RestartPolicy)(nil),         // 16: gpumesh.fsm.v1.RestartPolicy
+	(*ExecSpec)(nil),              // 17: gpumesh.fsm.v1.ExecSpec
+	(*AllReduceSpec)(nil),         // 18: gpumesh.fsm.v1.AllReduceSpec
+	(*PipelineSpec)(nil),          // 19: gpumesh.fsm.v1.PipelineSpec
+	(*JobSpec)(nil),               // 20: gpumesh.fsm.v1.JobSpec
+	(*CheckpointSpec)(nil),        // 21: gpumesh.fsm.v1.CheckpointSpec
+	(*HealthCheck)(nil),           // 22: gpumesh.fsm.v1.HealthCheck
+	(*ServiceSpec)(nil),           // 23: gpumesh.fsm.v1.ServiceSpec
+	(*Job)(nil),                   // 24: gpumesh.fsm.v1.Job
+	(*Allocation)(nil),            // 25: gpumesh.fsm.v1.Allocation
+	nil,                           // 26: gpumesh.fsm.v1.ExecSpec.EnvEntry
+	nil,                           // 27: gpumesh.fsm.v1.Allocation.PortsEntry
+	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 29: google.protobuf.Duration
+	(*structpb.Struct)(nil),       // 30: google.protobuf.Struct
 }
 var file_fsm_proto_depIdxs = []int32{
-	27, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
+	28, // 0: gpumesh.fsm.v1.Command.time:type_name -> google.protobuf.Timestamp
 	1,  // 1: gpumesh.fsm.v1.Command.register_job:type_name -> gpumesh.fsm.v1.RegisterJob
 	3,  // 2: gpumesh.fsm.v1.Command.stop_job:type_name -> gpumesh.fsm.v1.StopJob
 	4,  // 3: gpumesh.fsm.v1.Command.upsert_nodes:type_name -> gpumesh.fsm.v1.UpsertNodes
@@ -2756,52 +2827,53 @@ var file_fsm_proto_depIdxs = []int32{
 	11, // 7: gpumesh.fsm.v1.Command.purge_jobs:type_name -> gpumesh.fsm.v1.PurgeJobs
 	6,  // 8: gpumesh.fsm.v1.Command.node_eligibility:type_name -> gpumesh.fsm.v1.NodeEligibility
 	2,  // 9: gpumesh.fsm.v1.Command.update_job:type_name -> gpumesh.fsm.v1.UpdateJob
-	19, // 10: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	19, // 11: gpumesh.fsm.v1.UpdateJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	13, // 12: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
-	27, // 13: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
-	24, // 14: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	9,  // 15: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
-	27, // 16: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
-	24, // 17: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	13, // 18: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
-	23, // 19: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
-	24, // 20: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
-	12, // 21: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
-	27, // 22: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
-	27, // 23: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
-	28, // 24: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
-	28, // 25: gpumesh.fsm.v1.RestartPolicy.max_delay:type_name -> google.protobuf.Duration
-	28, // 26: gpumesh.fsm.v1.RestartPolicy.reset_after:type_name -> google.protobuf.Duration
-	25, // 27: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
-	14, // 28: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
-	15, // 29: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
-	28, // 30: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
-	16, // 31: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
-	17, // 32: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
-	18, // 33: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
-	22, // 34: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
-	20, // 35: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
-	28, // 36: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
-	28, // 37: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
-	28, // 38: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
-	21, // 39: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
-	28, // 40: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
-	28, // 41: gpumesh.fsm.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
-	19, // 42: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
-	27, // 43: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
-	27, // 44: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
-	27, // 45: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
-	27, // 46: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
-	27, // 47: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
-	29, // 48: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
-	26, // 49: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
-	27, // 50: gpumesh.fsm.v1.Allocation.healthy_time:type_name -> google.protobuf.Timestamp
-	51, // [51:51] is the sub-list for method output_type
-	51, // [51:51] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	12, // 10: gpumesh.fsm.v1.Command.purge_allocations:type_name -> gpumesh.fsm.v1.PurgeAllocations
+	20, // 11: gpumesh.fsm.v1.RegisterJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	20, // 12: gpumesh.fsm.v1.UpdateJob.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	14, // 13: gpumesh.fsm.v1.UpsertNodes.nodes:type_name -> gpumesh.fsm.v1.Node
+	28, // 14: gpumesh.fsm.v1.DrainNode.deadline:type_name -> google.protobuf.Timestamp
+	25, // 15: gpumesh.fsm.v1.UpdateAllocations.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	9,  // 16: gpumesh.fsm.v1.ApplyPlans.plans:type_name -> gpumesh.fsm.v1.JobPlan
+	28, // 17: gpumesh.fsm.v1.JobPlan.next_attempt_time:type_name -> google.protobuf.Timestamp
+	25, // 18: gpumesh.fsm.v1.JobPlan.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	14, // 19: gpumesh.fsm.v1.Snapshot.nodes:type_name -> gpumesh.fsm.v1.Node
+	24, // 20: gpumesh.fsm.v1.Snapshot.jobs:type_name -> gpumesh.fsm.v1.Job
+	25, // 21: gpumesh.fsm.v1.Snapshot.allocations:type_name -> gpumesh.fsm.v1.Allocation
+	13, // 22: gpumesh.fsm.v1.Node.gpus:type_name -> gpumesh.fsm.v1.GPU
+	28, // 23: gpumesh.fsm.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	28, // 24: gpumesh.fsm.v1.Node.status_time:type_name -> google.protobuf.Timestamp
+	29, // 25: gpumesh.fsm.v1.RestartPolicy.delay:type_name -> google.protobuf.Duration
+	29, // 26: gpumesh.fsm.v1.RestartPolicy.max_delay:type_name -> google.protobuf.Duration
+	29, // 27: gpumesh.fsm.v1.RestartPolicy.reset_after:type_name -> google.protobuf.Duration
+	26, // 28: gpumesh.fsm.v1.ExecSpec.env:type_name -> gpumesh.fsm.v1.ExecSpec.EnvEntry
+	15, // 29: gpumesh.fsm.v1.JobSpec.constraints:type_name -> gpumesh.fsm.v1.Constraints
+	16, // 30: gpumesh.fsm.v1.JobSpec.restart:type_name -> gpumesh.fsm.v1.RestartPolicy
+	29, // 31: gpumesh.fsm.v1.JobSpec.kill_timeout:type_name -> google.protobuf.Duration
+	17, // 32: gpumesh.fsm.v1.JobSpec.exec:type_name -> gpumesh.fsm.v1.ExecSpec
+	18, // 33: gpumesh.fsm.v1.JobSpec.allreduce:type_name -> gpumesh.fsm.v1.AllReduceSpec
+	19, // 34: gpumesh.fsm.v1.JobSpec.pipeline:type_name -> gpumesh.fsm.v1.PipelineSpec
+	23, // 35: gpumesh.fsm.v1.JobSpec.service:type_name -> gpumesh.fsm.v1.ServiceSpec
+	21, // 36: gpumesh.fsm.v1.JobSpec.checkpoint:type_name -> gpumesh.fsm.v1.CheckpointSpec
+	29, // 37: gpumesh.fsm.v1.HealthCheck.interval:type_name -> google.protobuf.Duration
+	29, // 38: gpumesh.fsm.v1.HealthCheck.timeout:type_name -> google.protobuf.Duration
+	29, // 39: gpumesh.fsm.v1.HealthCheck.grace:type_name -> google.protobuf.Duration
+	22, // 40: gpumesh.fsm.v1.ServiceSpec.check:type_name -> gpumesh.fsm.v1.HealthCheck
+	29, // 41: gpumesh.fsm.v1.ServiceSpec.drain_timeout:type_name -> google.protobuf.Duration
+	29, // 42: gpumesh.fsm.v1.ServiceSpec.scale_in_cooldown:type_name -> google.protobuf.Duration
+	20, // 43: gpumesh.fsm.v1.Job.spec:type_name -> gpumesh.fsm.v1.JobSpec
+	28, // 44: gpumesh.fsm.v1.Job.submit_time:type_name -> google.protobuf.Timestamp
+	28, // 45: gpumesh.fsm.v1.Job.status_time:type_name -> google.protobuf.Timestamp
+	28, // 46: gpumesh.fsm.v1.Job.next_attempt_time:type_name -> google.protobuf.Timestamp
+	28, // 47: gpumesh.fsm.v1.Allocation.start_time:type_name -> google.protobuf.Timestamp
+	28, // 48: gpumesh.fsm.v1.Allocation.finish_time:type_name -> google.protobuf.Timestamp
+	30, // 49: gpumesh.fsm.v1.Allocation.result:type_name -> google.protobuf.Struct
+	27, // 50: gpumesh.fsm.v1.Allocation.ports:type_name -> gpumesh.fsm.v1.Allocation.PortsEntry
+	28, // 51: gpumesh.fsm.v1.Allocation.healthy_time:type_name -> google.protobuf.Timestamp
+	52, // [52:52] is the sub-list for method output_type
+	52, // [52:52] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -2819,6 +2891,7 @@ func file_fsm_proto_init() {
 		(*Command_PurgeJobs)(nil),
 		(*Command_NodeEligibility)(nil),
 		(*Command_UpdateJob)(nil),
+		(*Command_PurgeAllocations)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2826,7 +2899,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

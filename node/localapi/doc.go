@@ -9,8 +9,12 @@
 // node) checks the secret and that the rank runs here in the current
 // generation, and returns the data-plane addresses of the job's ranks. The
 // connection then owns a communicator of the node's transport for (job,
-// generation, process group, group rank); two ranks on one node meet through
-// the same agent, so their hop is an in-memory copy.
+// generation, process group, group rank). Ranks on one node meet in the same
+// agent: when every rank of a group is on this node, an all-reduce of host
+// memory reads and writes every rank's mapped memory in place, each rank's
+// worker reducing its block of all of them (collective's same-process path);
+// their other collectives hand chunks over in memory, by reference; only
+// ranks on other nodes are reached over the data plane's lanes.
 //
 // Tensor memory is shared, not serialised: the client creates a memfd,
 // seals it against shrinking, and passes the descriptor with SCM_RIGHTS

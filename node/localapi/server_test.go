@@ -462,3 +462,93 @@ func TestServerPeerDiesWhileIdle(t *testing.T) {
 	b.close()
 	waitIdle(t, s)
 }
+
+// Ranks of one agent all-reduce every dtype with every op at odd sizes and
+// element offsets in their shared memory (the agent reduces every rank's
+// mapping in place); every rank's result equals the exact reference.
+func TestServerAllReduceEveryOpDTypeOneAgent(t *testing.T) {
+	const ranks = 3
+	s := startServer(t, ranks)
+	counts := []int{1, 7, 5003, 70001}
+	const maxBytes = (70001 + 3) * 8
+	cls := make([]*client, ranks)
+	mems := make([][]byte, ranks)
+	for r := range cls {
+		cls[r] = dial(t, s)
+		if rep := cls[r].hello(r, ranks, fmt.Sprintf("ok-%d", r)); rep.Type != MsgWelcome {
+			t.Fatalf("rank %d hello: %+v", r, rep)
+		}
+		mems[r] = cls[r].register(1, maxBytes)
+	}
+	// Small integers, multiples of the rank count for the sums, so that
+	// every dtype and op (avg included) is exact.
+	value := func(op collective.Op, r, i int) float64 {
+		if op == collective.OpProd {
+			return float64((r+i)%2 + 1)
+		}
+		return float64(ranks * ((r*7 + i*3) % 5))
+	}
+	id := uint64(0)
+	for _, dt := range collective.AllDTypes {
+		for _, op := range collective.AllOps {
+			for _, count := range counts {
+				es := dt.Size()
+				off := 3 * es // not page-aligned
+				bufs := make([]*collective.HostBuffer, ranks)
+				for r := range bufs {
+					b, err := collective.WrapHostBytes(dt, mems[r][off:off+count*es])
+					if err != nil {
+						t.Fatal(err)
+					}
+					for i := 0; i < count; i++ {
+						b.Set(i, value(op, r, i))
+					}
+					bufs[r] = b
+				}
+				id++
+				var wg sync.WaitGroup
+				for r := range cls {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						cls[r].send(EncodeOp(&Op{Kind: OpAllReduce, DType: uint8(dt), Reduce: uint8(op), ID: id, A: BufRef{Region: 1, Offset: uint64(off), Count: uint64(count)}}))
+					}()
+				}
+				wg.Wait()
+				for r := range cls {
+					if rep := cls[r].recv(); rep.Type != MsgDone || rep.Status != StatusOK || rep.ID != id {
+						t.Fatalf("%v %v count %d rank %d: %+v", dt, op, count, r, rep)
+					}
+				}
+				for i := 0; i < count; i++ {
+					want := value(op, 0, i)
+					for r := 1; r < ranks; r++ {
+						v := value(op, r, i)
+						switch op {
+						case collective.OpSum, collective.OpAvg:
+							want += v
+						case collective.OpProd:
+							want *= v
+						case collective.OpMax:
+							want = max(want, v)
+						case collective.OpMin:
+							want = min(want, v)
+						}
+					}
+					if op == collective.OpAvg {
+						want /= ranks
+					}
+					for r, b := range bufs {
+						if got := b.At(i); got != want {
+							t.Fatalf("%v %v count %d: rank %d element %d = %v, want %v", dt, op, count, r, i, got, want)
+						}
+					}
+				}
+			}
+		}
+	}
+	for _, c := range cls {
+		c.close()
+	}
+	waitIdle(t, s)
+}
