@@ -33,9 +33,11 @@ import (
 //     not parse) hands the connection, with the bytes already read, to an
 //     http.Server (through handoffListener) for the rest of its life: it
 //     answers exactly as the HTTP port would, 400 and 431 included;
-//   - a request's context ends when its client goes away: a timer armed per
-//     request starts, after watchAfter, a read that notices a closed
-//     connection (net/http reads in the background for every request);
+//   - a request's context ends when its client goes away (the requests of
+//     one connection share one context, which ends only then): a timer
+//     armed per request starts, after watchAfter, a read that notices a
+//     closed connection (net/http reads in the background for every
+//     request);
 //   - the head must arrive within serveHeaderTimeout of its first byte
 //     (the HTTP port's ReadHeaderTimeout); an idle connection waits without
 //     a limit, as on the HTTP port;
