@@ -33,9 +33,11 @@ import (
 //     not parse) hands the connection, with the bytes already read, to an
 //     http.Server (through handoffListener) for the rest of its life: it
 //     answers exactly as the HTTP port would, 400 and 431 included;
-//   - a request's context ends when its client goes away: a timer armed per
-//     request starts, after watchAfter, a read that notices a closed
-//     connection (net/http reads in the background for every request);
+//   - a request's context ends when its client goes away (the requests of
+//     one connection share one context, which ends only then): a timer
+//     armed per request starts, after watchAfter, a read that notices a
+//     closed connection (net/http reads in the background for every
+//     request);
 //   - the head must arrive within serveHeaderTimeout of its first byte
 //     (the HTTP port's ReadHeaderTimeout); an idle connection waits without
 //     a limit, as on the HTTP port;
@@ -264,6 +266,13 @@ func (f *serveFront) serveConn(sc *serveConn) {
 	br := bufio.NewReaderSize(c, serveBufSize)
 	w := &serveWriter{bw: bufio.NewWriterSize(c, serveBufSize), header: make(http.Header, 8)}
 	pr := plainRequest{header: make(http.Header, 16)}
+	// One context for the connection's requests, not one each: it ends
+	// only when the client goes away (or a shutdown runs out of time), and
+	// the connection ends with it. Not below f.ctx: every request would
+	// take its lock.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	base := (&http.Request{}).WithContext(ctx)
 	watch := sc.watch
 	watch.mu.Lock()
 	watch.br = br
@@ -272,8 +281,10 @@ func (f *serveFront) serveConn(sc *serveConn) {
 	remote := sc.c.RemoteAddr().String()
 	handOff := func() {
 		_ = sc.c.SetReadDeadline(time.Time{})
-		if handed = f.hand.give(&bufferedConn{Conn: c, br: br, tls: state}); handed {
-			f.handed.Add(1)
+		// Counted first: hs may answer before give returns.
+		f.handed.Add(1)
+		if handed = f.hand.give(&bufferedConn{Conn: c, br: br, tls: state}); !handed {
+			f.handed.Add(-1)
 		}
 	}
 	for {
@@ -286,24 +297,32 @@ func (f *serveFront) serveConn(sc *serveConn) {
 		if _, err := br.Peek(1); err != nil {
 			return
 		}
+		// The head's time limit matters only when it has not all come
+		// with its first byte (the common case needs no deadline).
+		buf, _ := br.Peek(br.Buffered())
+		plain, complete := parsePlainRequest(buf, &pr)
 		sc.mu.Lock()
 		sc.idle = false
-		_ = sc.c.SetReadDeadline(time.Now().Add(serveHeaderTimeout))
+		if !complete {
+			_ = sc.c.SetReadDeadline(time.Now().Add(serveHeaderTimeout))
+		}
 		sc.mu.Unlock()
-		plain, err := readPlainHead(br, &pr)
-		if err != nil {
-			return // as net/http: a head cut short or too slow closes the connection
+		if !complete {
+			var err error
+			if plain, err = readPlainHead(br, &pr); err != nil {
+				return // as net/http: a head cut short or too slow closes the connection
+			}
+			_ = sc.c.SetReadDeadline(time.Time{})
 		}
 		var req *http.Request
 		if plain {
-			req = pr.request(remote)
+			req = pr.request(base, remote)
 		}
 		if req == nil {
 			handOff()
 			return
 		}
 		_, _ = br.Discard(pr.headLen)
-		_ = sc.c.SetReadDeadline(time.Time{})
 		if pr.length > 0 {
 			body := make([]byte, pr.length)
 			if _, err := io.ReadFull(br, body); err != nil {
@@ -312,16 +331,12 @@ func (f *serveFront) serveConn(sc *serveConn) {
 			req.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		req.TLS = state
-		// Not below f.ctx: every request would take its lock. A
-		// shutdown that times out ends requests through their watch.
-		ctx, cancel := context.WithCancel(context.Background())
-		req = req.WithContext(ctx)
 		w.reset(req.Method, pr.closeAfter)
 		f.served.Add(1)
+		// A shutdown that times out ends the request through its watch.
 		watch.start(cancel)
 		ok := f.run(w, req)
 		watch.stop()
-		cancel()
 		if !ok {
 			_ = w.bw.Flush() // as net/http: what was written goes out, then the connection closes
 			return
@@ -330,7 +345,8 @@ func (f *serveFront) serveConn(sc *serveConn) {
 		if w.err == nil {
 			w.fail(w.bw.Flush())
 		}
-		if w.err != nil || w.closeAfter || f.closing.Load() {
+		// ctx ended: the client went away (its requests share ctx).
+		if w.err != nil || w.closeAfter || f.closing.Load() || ctx.Err() != nil {
 			return
 		}
 	}

@@ -44,6 +44,9 @@ type plainRequest struct {
 	closeAfter           bool  // Connection: close
 	headLen              int   // bytes of the head, blank line included
 	hostForm             string
+	// values holds every header value of the head: header's slices are
+	// pieces of it, reused by the next head (its request is done by then).
+	values []string
 }
 
 // parsePlainRequest parses the head at the start of buf (the bytes buffered
@@ -55,6 +58,8 @@ func parsePlainRequest(buf []byte, pr *plainRequest) (ok, headComplete bool) {
 		return false, false
 	}
 	clear(pr.header)
+	clear(pr.values)
+	pr.values = pr.values[:0]
 	pr.length, pr.closeAfter, pr.host, pr.hostForm = 0, false, "", ""
 	pr.headLen = end + 4
 	s := string(buf[:end+2])
@@ -102,7 +107,13 @@ func parsePlainRequest(buf []byte, pr *plainRequest) (ok, headComplete bool) {
 				}
 			}
 		}
-		pr.header[k] = append(pr.header[k], v)
+		if vv, dup := pr.header[k]; dup {
+			pr.header[k] = append(vv, v)
+			continue
+		}
+		pr.values = append(pr.values, v)
+		n := len(pr.values)
+		pr.header[k] = pr.values[n-1 : n : n]
 	}
 	if hosts != 1 || !httpguts.ValidHostHeader(pr.host) || pr.length > maxRetryBody {
 		return false, true
@@ -127,10 +138,11 @@ func validMethod(m string) bool {
 }
 
 // request returns pr as the *http.Request the router takes (its URL under
-// /svc/NAME for the Host form, as hostRouted makes it), or nil when the
-// target is not a service's (net/http's server then answers it).
-func (pr *plainRequest) request(remote string) *http.Request {
-	u, err := url.ParseRequestURI(pr.target)
+// /svc/NAME for the Host form, as hostRouted makes it), with base's
+// context, or nil when the target is not a service's (net/http's server
+// then answers it).
+func (pr *plainRequest) request(base *http.Request, remote string) *http.Request {
+	u, err := requestURL(pr.target)
 	if err != nil || u.Host != "" {
 		return nil
 	}
@@ -143,10 +155,40 @@ func (pr *plainRequest) request(remote string) *http.Request {
 	case !strings.HasPrefix(u.Path, svcPrefix) || cleanPath(u.Path) != u.Path:
 		return nil
 	}
-	req := &http.Request{Method: pr.method, URL: u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: pr.header, Host: pr.host, RemoteAddr: remote, RequestURI: pr.target,
-		ContentLength: pr.length, Body: http.NoBody, Close: pr.closeAfter}
+	req := new(http.Request)
+	*req = *base // its context (Request.WithContext would allocate a second copy)
+	req.Method, req.URL, req.Proto, req.ProtoMajor, req.ProtoMinor = pr.method, u, "HTTP/1.1", 1, 1
+	req.Header, req.Host, req.RemoteAddr, req.RequestURI = pr.header, pr.host, remote, pr.target
+	req.ContentLength, req.Body, req.Close = pr.length, http.NoBody, pr.closeAfter
 	return req
+}
+
+// requestURL is url.ParseRequestURI(target) for a target that starts
+// with "/", without its general parse for the common target: a path of
+// letters, digits and "-._~/$&+,:;=@" (none of which is escaped, so that
+// the URL's Path is the target's and RawPath is empty) and a query of
+// printable ASCII; any other goes through url.ParseRequestURI.
+func requestURL(target string) (*url.URL, error) {
+	path, query, hasQuery := strings.Cut(target, "?")
+	for i := 0; i < len(path); i++ {
+		if !plainPathByte(path[i]) {
+			return url.ParseRequestURI(target)
+		}
+	}
+	for i := 0; i < len(query); i++ {
+		if query[i] <= ' ' || query[i] >= 0x7f {
+			return url.ParseRequestURI(target)
+		}
+	}
+	return &url.URL{Path: path, RawQuery: query, ForceQuery: hasQuery && query == ""}, nil
+}
+
+func plainPathByte(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("-._~/$&+,:;=@", c) >= 0
 }
 
 // cleanPath is the path net/http's ServeMux serves p as (it redirects to it

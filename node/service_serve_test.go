@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -381,7 +382,7 @@ func TestParsePlainRequest(t *testing.T) {
 			continue
 		}
 		route := ""
-		if req := pr.request("192.0.2.1:5"); req != nil {
+		if req := pr.request(&http.Request{}, "192.0.2.1:5"); req != nil {
 			route = req.URL.Path
 		}
 		if route != c.route {
@@ -463,5 +464,21 @@ func testRouterOneContinueForExpect(t *testing.T, p routePath) {
 				t.Fatalf("the client got %d 100 Continue answers, want 1", continues)
 			}
 		})
+	}
+}
+
+// requestURL gives what url.ParseRequestURI gives for every target a plain
+// request may carry.
+func TestRequestURLAsParseRequestURI(t *testing.T) {
+	for _, target := range []string{
+		"/", "/svc/echo/x", "/svc/echo/a-b_c.d~e/$&+,:;=@", "/svc/e/x?", "/svc/e/x??", "/svc/e/x?a=1&b=%20",
+		"/svc/e/x?a b", "/svc/e/%2F", "/svc/e/a b", "/svc/e/a!b", "/svc/e/a#b", "//host/x", "/svc/e/ü", "/svc/e/x?ü",
+		"/svc/e/x?a=\x01", "/svc/e/\x7f", "/svc/e/x?#f",
+	} {
+		want, werr := url.ParseRequestURI(target)
+		got, err := requestURL(target)
+		if (err == nil) != (werr == nil) || (err == nil && *got != *want) {
+			t.Errorf("%q: got %#v (%v), want %#v (%v)", target, got, err, want, werr)
+		}
 	}
 }

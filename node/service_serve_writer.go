@@ -41,6 +41,10 @@ type serveWriter struct {
 	closeAfter bool   // close the connection after this answer
 	err        error  // the first write error on the connection
 	scratch    []byte
+	// date is the Date line of the second dateSec (Unix time), kept for
+	// the answers of that second.
+	date    []byte
+	dateSec int64
 }
 
 // bufferBeforeChunking is how much of an answer of unknown length is held
@@ -201,8 +205,11 @@ func (w *serveWriter) sendHead(done bool, first []byte) {
 		}
 	}
 	if _, ok := h["Date"]; !ok {
-		w.scratch = time.Now().UTC().AppendFormat(append(w.scratch[:0], "Date: "...), http.TimeFormat)
-		w.bw.Write(append(w.scratch, '\r', '\n'))
+		if now := time.Now(); now.Unix() != w.dateSec || w.date == nil {
+			w.dateSec = now.Unix()
+			w.date = append(now.UTC().AppendFormat(append(w.date[:0], "Date: "...), http.TimeFormat), '\r', '\n')
+		}
+		w.bw.Write(w.date)
 	}
 	if w.chunked {
 		w.bw.WriteString("Transfer-Encoding: chunked\r\n")
@@ -223,8 +230,8 @@ func (w *serveWriter) body(p []byte) {
 		return
 	}
 	if w.chunked {
-		w.scratch = strconv.AppendInt(w.scratch[:0], int64(len(p)), 16)
-		w.bw.Write(append(w.scratch, '\r', '\n'))
+		w.scratch = append(strconv.AppendInt(w.scratch[:0], int64(len(p)), 16), '\r', '\n')
+		w.bw.Write(w.scratch)
 		w.bw.Write(p)
 		_, err := w.bw.WriteString("\r\n")
 		w.fail(err)
@@ -260,7 +267,8 @@ func (w *serveWriter) statusLine(code int) {
 	} else {
 		w.scratch = strconv.AppendInt(append(w.scratch, "status code "...), int64(code), 10)
 	}
-	w.bw.Write(append(w.scratch, '\r', '\n'))
+	w.scratch = append(w.scratch, '\r', '\n') // kept: its capacity serves the next answers
+	w.bw.Write(w.scratch)
 }
 
 // headerLines writes k's values, as net/http does: an invalid name is

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -69,8 +70,18 @@ var (
 type upConn struct {
 	c        net.Conn
 	br       *bufio.Reader
-	bw       *bufio.Writer
+	bw       *bufio.Writer // writes to the upConn (Write)
 	idleFrom time.Time
+	// rc is c's raw connection (nil when c has none): the last write of a
+	// request goes out through it (send).
+	rc syscall.RawConn
+	// sending is set while send flushes a request's last bytes.
+	sending bool
+	// abort ends the connection's reads and writes at once; sendFn is
+	// sendRaw (both made once, not per request).
+	abort  func()
+	sendFn func(uintptr) bool
+	raw    rawSend
 }
 
 // replicaConns holds a router's idle connections to one replica: the most
@@ -108,7 +119,85 @@ func (p *replicaConns) get(ctx context.Context) (uc *upConn, reused bool, err er
 // newUpConn wraps a connection to a replica, buffered both ways (a
 // request goes out in one write).
 func newUpConn(c net.Conn) *upConn {
-	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}
+	uc := &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10)}
+	uc.bw = bufio.NewWriterSize(uc, 4<<10)
+	uc.abort = func() { _ = c.SetDeadline(time.Unix(1, 0)) }
+	uc.sendFn = uc.sendRaw
+	if sc, ok := c.(syscall.Conn); ok {
+		uc.rc, _ = sc.SyscallConn()
+	}
+	return uc
+}
+
+// send flushes the request written to uc.bw and returns once the answer
+// can be read (or the connection failed, or its deadline passed: the read
+// that follows says so).
+func (uc *upConn) send() error {
+	uc.sending = true
+	err := uc.bw.Flush()
+	uc.sending = false
+	return err
+}
+
+// Write is uc.bw's: straight to the connection, but for the last bytes of
+// a request (send). Those are written from inside a raw read of the
+// connection that then waits until the answer is there, so that the read
+// of the answer is not first tried in vain. A plain write and read would
+// cost one read system call more per request: Go's poller forgets the
+// readiness it saw before a read begins, so every read is tried before it
+// waits, and right after its request the answer is not there yet. Here
+// the read has begun (its readiness cleared) before the request leaves,
+// so whatever readiness the answer brings is kept: nothing is lost, and
+// nothing waits for bytes that arrived before. The replica sends nothing
+// unasked (an idle close makes our request's write get a reset, which
+// also wakes the wait).
+func (uc *upConn) Write(p []byte) (int, error) {
+	if !uc.sending || uc.rc == nil || len(p) == 0 {
+		return uc.c.Write(p)
+	}
+	uc.raw = rawSend{p: p}
+	_ = uc.rc.Read(uc.sendFn)
+	r := uc.raw
+	uc.raw = rawSend{}
+	// A failed wait (the deadline set when the client went away, or a
+	// close) fails the read of the answer that follows, as it would have.
+	if r.err != nil || r.all {
+		return r.n, r.err
+	}
+	m, err := uc.c.Write(p[r.n:])
+	return r.n + m, err
+}
+
+// rawSend is the state of one Write through the raw connection.
+type rawSend struct {
+	p   []byte
+	n   int  // bytes of p written
+	all bool // all of p written: waiting for the answer
+	err error
+}
+
+// sendRaw is uc.rc.Read's function for Write (a method value made once:
+// a closure per request would be allocated).
+func (uc *upConn) sendRaw(fd uintptr) bool {
+	r := &uc.raw
+	if r.all {
+		return true // woken: the answer, an error or a close
+	}
+	for r.n < len(r.p) {
+		m, err := unix.Write(int(fd), r.p[r.n:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return true // the rest as usual (Write)
+		case err != nil:
+			r.err = &net.OpError{Op: "write", Net: "tcp", Source: uc.c.LocalAddr(), Addr: uc.c.RemoteAddr(), Err: os.NewSyscallError("write", err)}
+			return true
+		}
+		r.n += m
+	}
+	r.all = true
+	return false // wait until the answer can be read
 }
 
 // put returns a connection whose last answer was read to the end.
@@ -223,7 +312,7 @@ func exchange(at *attempt, req *http.Request, uc *upConn, path string, body []by
 	ctx := req.Context()
 	// Watch the client while the replica answers: if it goes away, the
 	// connection's reads and writes end at once.
-	stop := context.AfterFunc(ctx, func() { _ = uc.c.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, uc.abort)
 	reusable := false
 	defer func() {
 		if stop() && reusable {
@@ -232,7 +321,8 @@ func exchange(at *attempt, req *http.Request, uc *upConn, path string, body []by
 			_ = uc.c.Close()
 		}
 	}()
-	if err := writeUpstream(uc.bw, req, path, body); err != nil {
+	writeUpstream(uc.bw, req, path, body)
+	if err := uc.send(); err != nil {
 		return false, err
 	}
 	at.written.Store(true)
@@ -273,9 +363,9 @@ func connAlive(c net.Conn) bool {
 	return err == nil && alive
 }
 
-// writeUpstream writes the request line, headers and body of req to bw and
-// flushes it.
-func writeUpstream(bw *bufio.Writer, req *http.Request, path string, body []byte) error {
+// writeUpstream writes the request line, headers and body of req to bw,
+// for the caller to flush (a write error shows then).
+func writeUpstream(bw *bufio.Writer, req *http.Request, path string, body []byte) {
 	bw.WriteString(req.Method)
 	bw.WriteByte(' ')
 	bw.WriteString(path)
@@ -323,7 +413,6 @@ func writeUpstream(bw *bufio.Writer, req *http.Request, path string, body []byte
 	}
 	bw.WriteString("\r\n")
 	bw.Write(body)
-	return bw.Flush()
 }
 
 // readFinal reads the replica's answer to req, passing interim 1xx answers
