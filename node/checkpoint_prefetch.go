@@ -95,16 +95,9 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 	}
 	ct := r.a.local.ckpt.add(id, spec, env, allocDir)
 	t.ckpt = ct
-	ctx, cancel := context.WithCancel(r.ctx)
 	r.goFunc(func() {
+		ctx, cancel := r.taskContext(t)
 		defer cancel()
-		go func() {
-			select {
-			case <-t.Done():
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
 		rec := ct.prefetch(ctx, int(al.Rank), int(al.WorldSize))
 		t.prefetch.Store(&rec)
 		if err := ct.refusal(); err != nil {
@@ -130,20 +123,27 @@ func (r *runner) startPrefetch(t *execTask, spec *pb.JobSpec, env []string, al *
 func (r *runner) checkOwnerOnly(t *execTask, id localapi.RankID, spec *pb.JobSpec, env []string, allocDir string) {
 	ct := newCkptService(r.a).newTask(id, spec, env, allocDir)
 	t.ckpt = ct
-	ctx, cancel := context.WithCancel(r.ctx)
 	r.goFunc(func() {
+		ctx, cancel := r.taskContext(t)
 		defer cancel()
-		go func() {
-			select {
-			case <-t.Done():
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
 		if _, err := ct.checkpoints(ctx); err != nil && ct.refusal() != nil {
 			t.Stop("its checkpoint.uri holds another job's checkpoints", time.Time{})
 		}
 	})
+}
+
+// taskContext returns a context of the runner's that also ends when the
+// task does; the caller must call cancel.
+func (r *runner) taskContext(t *execTask) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(r.ctx)
+	go func() {
+		select {
+		case <-t.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
 }
 
 // checkpointProgressFile is where python/gpumesh/checkpoint.py records the
