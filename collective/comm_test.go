@@ -401,14 +401,17 @@ func TestMismatchFailsEveryRank(t *testing.T) {
 	}
 }
 
-func TestKilledPeerFailsSurvivors(t *testing.T) {
-	cfg := testConfig()
+func TestKilledPeerFailsSurvivors(t *testing.T) { killedPeerFailsSurvivors(t, testConfig()) }
+
+// killedPeerFailsSurvivors: rank 2 of 4 never calls; it is killed while the
+// others wait in the all-reduce, and every survivor fails with
+// ErrPeerFailed (the ring's config, or the same-process path's).
+func killedPeerFailsSurvivors(t *testing.T, cfg Config) {
 	tr, comms, err := NewLocalGroup("job", 1, 4, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer CloseAll(comms)
-	// Rank 2 never calls; it is killed while the others wait in the ring.
 	errs := make(chan error, 3)
 	for _, c := range comms {
 		if c.Rank() == 2 {

@@ -191,27 +191,7 @@ func TestSameProcessMismatchFailsEveryRank(t *testing.T) {
 }
 
 func TestSameProcessKilledPeerFailsSurvivors(t *testing.T) {
-	tr, comms, err := NewLocalGroup("job", 1, 4, sameProcessConfig(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer CloseAll(comms)
-	errs := make(chan error, 3)
-	for _, c := range comms {
-		if c.Rank() == 2 {
-			continue
-		}
-		go func() { errs <- c.AllReduce(context.Background(), NewHostBuffer(Float32, 1<<16), OpSum) }()
-	}
-	poll.Until(t, 10*time.Second, func() bool {
-		return comms[0].active.Load() == 1 && comms[1].active.Load() == 1 && comms[3].active.Load() == 1
-	})
-	tr.Kill("job", 1, 2)
-	for i := 0; i < 3; i++ {
-		if err := <-errs; !errors.Is(err, ErrPeerFailed) {
-			t.Fatalf("survivor error %v, want ErrPeerFailed", err)
-		}
-	}
+	killedPeerFailsSurvivors(t, sameProcessConfig(t))
 }
 
 func TestSameProcessHungPeerTimesOut(t *testing.T) {
