@@ -334,10 +334,41 @@ type sendTracker struct {
 	pending atomic.Int64
 	kick    chan struct{}
 	c       *Communicator
+	hold    FrameHold // the caller's, from the operation's context; nil: none
 }
 
-func newTracker(c *Communicator) *sendTracker {
-	return &sendTracker{kick: make(chan struct{}, 1), c: c}
+func newTracker(ctx context.Context, c *Communicator) *sendTracker {
+	h, _ := ctx.Value(frameHoldKey{}).(FrameHold)
+	return &sendTracker{kick: make(chan struct{}, 1), c: c, hold: h}
+}
+
+// FrameHold keeps an operation's buffer memory alive for the frames that
+// reference it. An operation that fails returns without waiting for the
+// frames it sent: a peer of this process may still have one queued, or be
+// reading the sender's memory through it (frames between ranks of one
+// process carry the sender's memory, by reference or as a payload slice of
+// it; a lane writer still writes one to its socket). Go memory stays valid
+// for them; memory the caller unmaps when the operation returns (the local
+// API's shared-memory regions and CUDA IPC mappings) must not be, so such a
+// caller runs the operation with WithFrameHold and unmaps only once every
+// Hold has been matched by a Release.
+//
+// Hold is called before each frame is handed to the transport, Release
+// when the transport and the receiver are done with it (its SendDone; a
+// frame that is never delivered is released when its receiver's endpoint
+// closes). Both are called from any goroutine and must not block; Release
+// may come after the operation returned.
+type FrameHold interface {
+	Hold()
+	Release()
+}
+
+type frameHoldKey struct{}
+
+// WithFrameHold returns a context whose operations report the frames they
+// send to h.
+func WithFrameHold(ctx context.Context, h FrameHold) context.Context {
+	return context.WithValue(ctx, frameHoldKey{}, h)
 }
 
 func (t *sendTracker) wait(ctx context.Context) error {
@@ -379,6 +410,9 @@ func (r *sendRec) SendDone() {
 	tr := r.tr
 	r.buf, r.tr = nil, nil
 	sendRecPool.Put(r)
+	if tr.hold != nil {
+		defer tr.hold.Release()
+	}
 	tr.c.progress.Add(1)
 	if tr.pending.Add(-1) == 0 {
 		select {
@@ -406,6 +440,9 @@ func (c *Communicator) send(ctx context.Context, tr *sendTracker, buf Buffer, hd
 	r.h.Offset = uint64(off)
 	r.h.Length = uint32(length)
 	tr.pending.Add(1)
+	if tr.hold != nil {
+		tr.hold.Hold()
+	}
 	return c.ep.Send(ctx, peer, ch, &r.h, data, PeerRef{Buf: buf, Off: off}, r)
 }
 

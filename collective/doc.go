@@ -126,4 +126,12 @@
 // sender's Buffer in InFrame.Peer for PeerReducer (set
 // NetConfig.NoLocalShortcut to force TCP). NewLocalGroup
 // and NewLoopbackGroup build whole groups for tests and benchmarks.
+//
+// A frame references its sender's memory until its SendDone, and an
+// operation that fails returns without waiting for that: a rank of this
+// process may still have the frame queued or be copying out of it. Go
+// memory stays valid; a caller that unmaps a buffer's memory when its
+// operation returns (the node's local API) runs the operation with
+// WithFrameHold and unmaps once every frame it sent was released
+// (FrameHold).
 package collective

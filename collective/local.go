@@ -169,7 +169,7 @@ func localFrame(h *Header, src int, payload []byte, ref PeerRef, done SendDone) 
 // state is pf (self is the sender's). A closed or failed receiver takes
 // nothing more; f is released whenever it is not delivered. where is added
 // to the peer-failed error after the rank ("" or " (this process)").
-func deliverLocal(ctx context.Context, q chan<- *InFrame, f *InFrame, self, pf *failState, peer int, where string) error {
+func deliverLocal(ctx context.Context, q chan *InFrame, f *InFrame, self, pf *failState, peer int, where string) error {
 	select {
 	case <-pf.ch:
 		f.Release()
@@ -179,6 +179,15 @@ func deliverLocal(ctx context.Context, q chan<- *InFrame, f *InFrame, self, pf *
 	var err error
 	select {
 	case q <- f:
+		select {
+		case <-pf.ch:
+			// The receiver failed or closed meanwhile: a closed one
+			// drained its queues already, so this frame (and any other
+			// of this sender's still queued) would never be released.
+			// A failed receiver's operations fail, so nothing needs them.
+			drainLocal(q)
+		default:
+		}
 		return nil
 	case <-ctx.Done():
 		err = context.Cause(ctx)
@@ -189,6 +198,18 @@ func deliverLocal(ctx context.Context, q chan<- *InFrame, f *InFrame, self, pf *
 	}
 	f.Release()
 	return err
+}
+
+// drainLocal releases the frames queued in q without reading them.
+func drainLocal(q <-chan *InFrame) {
+	for {
+		select {
+		case f := <-q:
+			f.Release()
+		default:
+			return
+		}
+	}
 }
 
 // receiveLocal takes the next frame handed over in memory from q, preferring
@@ -310,15 +331,7 @@ func (e *localEndpoint) Close() error {
 	e.fail.fail(ErrClosed)
 	// Return queued frames to their senders.
 	for _, q := range e.queues {
-		for {
-			select {
-			case f := <-q:
-				f.Release()
-				continue
-			default:
-			}
-			break
-		}
+		drainLocal(q)
 	}
 	e.t.mu.Lock()
 	k := localKey{e.spec.Job, e.spec.Generation, e.spec.Rank}

@@ -284,17 +284,8 @@ func (e *netEndpoint) Close() error {
 	e.teardown()
 	e.wg.Wait()
 	for _, q := range e.lq { // give queued in-process frames back to their senders
-		if q == nil {
-			continue
-		}
-	drain:
-		for {
-			select {
-			case f := <-q:
-				f.Release()
-			default:
-				break drain
-			}
+		if q != nil {
+			drainLocal(q)
 		}
 	}
 	return nil

@@ -28,7 +28,7 @@ type chanPlan struct {
 func (c *Communicator) pipeline(ctx context.Context, buf Buffer, hdr *Header, op Op, to, from int, plans []chanPlan) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	tr := newTracker(c)
+	tr := newTracker(ctx, c)
 	var wg sync.WaitGroup
 	var firstErr atomic.Pointer[error]
 	setErr := func(err error) {
@@ -653,7 +653,7 @@ func (c *Communicator) recursiveDoubling(ctx context.Context, buf Buffer, h *Hea
 		c.scratch = make([]byte, nb)
 	}
 	scratch := c.scratch[:nb]
-	tr := newTracker(c)
+	tr := newTracker(ctx, c)
 	divided := false
 	div := func() error {
 		if op == OpAvg && !divided {

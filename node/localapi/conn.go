@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
@@ -78,6 +79,28 @@ type work struct {
 	rels    []func()    // release the device buffers
 	started time.Time
 	bytes   uint64
+
+	// holds counts the frames sent from a and b that a transport or a
+	// peer may still read, plus one while the operation runs; the last
+	// one gone releases the work's regions (see frameHold).
+	holds atomic.Int64
+	cn    *conn
+}
+
+// frameHold is the work's collective.FrameHold: the operation's regions
+// stay mapped until it has returned and every frame it sent was released.
+// When the operation fails, a rank of this agent (another client's
+// operation) may still hold a frame that reads this client's memory; the
+// memory is unmapped (or the CUDA IPC mapping closed) only after that
+// rank let go of it, on whichever goroutine releases the last frame.
+type frameHold work
+
+func (h *frameHold) Hold() { h.holds.Add(1) }
+
+func (h *frameHold) Release() {
+	if h.holds.Add(-1) == 0 {
+		h.cn.release((*work)(h))
+	}
 }
 
 func newConn(s *Server, c *net.UnixConn) *conn {
@@ -425,7 +448,7 @@ func (cn *conn) buffer(w *work, ref BufRef, dt collective.DType) (collective.Buf
 
 // accept validates an operation and resolves its buffers.
 func (cn *conn) accept(op *Op) (_ *work, err error) {
-	w := &work{op: *op, started: time.Now()}
+	w := &work{op: *op, started: time.Now(), cn: cn}
 	defer func() {
 		if err != nil {
 			cn.release(w)
@@ -498,12 +521,15 @@ func (cn *conn) queue(op Op) chan *work {
 	return q
 }
 
-// run executes one operation and answers it.
+// run executes one operation and answers it. Its regions are released
+// when it has returned and no frame it sent is held any more (frameHold).
 func (cn *conn) run(w *work) {
-	defer cn.release(w)
+	h := (*frameHold)(w)
+	h.Hold()
+	defer h.Release()
 	err := cn.ctx.Err()
 	if err == nil {
-		err = cn.exec(w)
+		err = cn.exec(collective.WithFrameHold(cn.ctx, h), w)
 	}
 	lat := time.Since(w.started).Seconds()
 	kind := OpKindName(w.op.Kind)
@@ -528,15 +554,15 @@ func (cn *conn) run(w *work) {
 	}
 }
 
-func (cn *conn) exec(w *work) error {
+func (cn *conn) exec(ctx context.Context, w *work) error {
 	if w.dev {
-		return cn.execDevice(w)
+		return cn.execDevice(ctx, w)
 	}
-	return cn.execOp(w)
+	return cn.execOp(ctx, w)
 }
 
-func (cn *conn) execOp(w *work) error {
-	ctx, c, op := cn.ctx, cn.comm, &w.op
+func (cn *conn) execOp(ctx context.Context, w *work) error {
+	c, op := cn.comm, &w.op
 	red := collective.Op(op.Reduce)
 	switch op.Kind {
 	case OpAllReduce:

@@ -1,6 +1,7 @@
 package localapi
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -144,13 +145,13 @@ var newCUDAOpener func() (cudaOpener, error)
 // execDevice runs an operation on device buffers: after the client's
 // producing kernels (its event), and finished on the device before it is
 // answered (the client reads the result on its own stream).
-func (cn *conn) execDevice(w *work) error {
+func (cn *conn) execDevice(ctx context.Context, w *work) error {
 	if w.ev != nil {
 		if err := w.ev.Wait(); err != nil {
 			return fmt.Errorf("waiting for the rank's CUDA event: %w", err)
 		}
 	}
-	err := cn.execOp(w)
+	err := cn.execOp(ctx, w)
 	for _, b := range []collective.Buffer{w.a, w.b} {
 		if b != nil {
 			if serr := b.Sync(); serr != nil && err == nil {

@@ -48,6 +48,24 @@
 // owns gets an error; nothing it sends can crash or wedge the agent (the
 // decoder is fuzzed).
 //
+// A region is unmapped only when nothing can touch it any more. Operations
+// hold references on the regions they name; the reference of an operation
+// is dropped when it has returned and every frame it sent was released
+// (collective.FrameHold), not when it returns: chunks between ranks of this
+// agent are handed over by reference, so when an operation fails (its
+// client died, a peer failed, a timeout) another rank's goroutine may still
+// have its frame queued or be copying out of its memory, and unmapping then
+// would fault and kill the agent. The last release unmaps on whichever
+// goroutine makes it (the peer's, after its copy; or its endpoint's close,
+// which hands queued frames back unread), never in the read loop, and never
+// waits. A dead client's memory therefore stays mapped until its peers took
+// or dropped its frames: at most until their own operations fail or their
+// connections end. CUDA IPC mappings follow the same rule: a peer's copy or
+// reduce kernel that reads a rank's device memory is enqueued before the
+// peer releases the frame, and registered as a reader of that buffer, so
+// closing the mapping (after the last release) first frees the buffers,
+// whose Sync waits for those readers, and only then closes the IPC handle.
+//
 // A rank's checkpoint module opens a second kind of connection on the same
 // socket (CKPT_HELLO, authorized the same way; ckpt_proto.go): it asks for a
 // file to write its part of a checkpoint into, has the agent store it,
