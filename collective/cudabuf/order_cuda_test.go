@@ -150,7 +150,9 @@ func TestAllReduceUnderStreamDelays(t *testing.T) {
 					if err := b.Download(got); err != nil {
 						t.Fatal(err)
 					}
-					t.Logf("%s rank %d", name, r)
+					if string(got) != string(ref.Bytes()) {
+						t.Errorf("%s rank %d: result differs from the host reference", name, r)
+					}
 					compareBytes(t, dt, got, ref.Bytes())
 				}
 			}
