@@ -293,8 +293,10 @@ func TestSameProcessOnlyWhereEveryRankIsLocal(t *testing.T) {
 // one in: after a failed operation returns, no peer touches its memory.
 func TestDirectShareRetractWaitsForUsers(t *testing.T) {
 	s := newDirectShare(2)
-	if !s.enter() || !s.enter() {
-		t.Fatal("enter refused before retract")
+	for range 2 {
+		if !s.enter() {
+			t.Fatal("enter refused before retract")
+		}
 	}
 	done := make(chan struct{})
 	go func() { s.retract(); close(done) }()
