@@ -24,6 +24,9 @@ func TestPTXMatchesSourceAndHasEveryKernel(t *testing.T) {
 			}
 		}
 	}
+	if !bytes.Contains(ptx, []byte(".entry spin_ns(")) {
+		t.Error("kernel spin_ns missing from kernels.ptx")
+	}
 	if _, err := os.Stat("kernels/kernels.cu"); err != nil {
 		t.Skip("kernels.cu not here (test binary run elsewhere): not rebuilding the PTX")
 	}

@@ -217,7 +217,7 @@ func kernelNames() []string {
 		}
 		names = append(names, "div_"+dt.String(), "fill_"+dt.String(), "count_mismatch_"+dt.String())
 	}
-	return names
+	return append(names, "spin_ns")
 }
 
 // MemInfo returns the free and total device memory in bytes.
@@ -334,13 +334,25 @@ func (d *Device) OpenIPC(h IPCHandle, bytes int64) (*Mem, error) {
 }
 
 // CopyHtoD copies synchronously from host memory (pageable is allowed; not
-// for hot paths).
+// for hot paths): when it returns the bytes are in device memory, so work
+// enqueued afterwards on any stream sees them.
+//
+// cuMemcpyHtoD alone does not promise that: from pageable memory it returns
+// once the bytes are staged, with the DMA to the device still queued on the
+// legacy default stream, and the package's streams are non-blocking (no
+// implicit order with that stream). A copy on another stream enqueued right
+// after it could then read the old contents, which happened whenever the
+// GPU was shared (time-sliced) with other processes. So the legacy stream is
+// synchronized before returning.
 func (d *Device) CopyHtoD(dst DevPtr, src []byte) error {
 	if len(src) == 0 {
 		return nil
 	}
 	return d.Do(func() error {
-		return cu.MemcpyHtoD(cu.DevicePtr(dst), unsafePointer(src), int64(len(src)))
+		if err := cu.MemcpyHtoD(cu.DevicePtr(dst), unsafePointer(src), int64(len(src))); err != nil {
+			return err
+		}
+		return cu.NoStream.Synchronize()
 	})
 }
 

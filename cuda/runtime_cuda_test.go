@@ -261,3 +261,115 @@ func TestPeerCopyBetweenDevices(t *testing.T) {
 		t.Fatalf("IPCHandle: %v", err)
 	}
 }
+
+// Device.CopyHtoD returns with the bytes in device memory: a copy on one of
+// the package's (non-blocking) streams enqueued right after it reads them,
+// also while another stream keeps the copy engines busy. cuMemcpyHtoD from
+// pageable memory alone returns with its DMA still queued on the legacy
+// default stream, which the streams do not wait for: a GPU shared with
+// other processes ran that DMA late, and device buffers uploaded this way
+// were read with their old contents.
+func TestCopyHtoDDoneOnReturn(t *testing.T) {
+	rt := openRT(t)
+	d := rt.Devices()[0]
+	const busyBytes, size, tailBytes = 64 << 20, 4 << 20, 4 << 10
+	busyHost, err := d.PinnedAlloc(busyBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.PinnedFree(busyHost)
+	tail, err := d.PinnedAlloc(tailBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.PinnedFree(tail)
+	busyDev, err := d.Alloc(busyBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busyDev.Free()
+	mem, err := d.Alloc(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Free()
+	busy, err := d.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	rd, err := d.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	host := make([]byte, size)
+	for i := 0; i < 40; i++ {
+		// the copy engines busy in both directions, and the SMs
+		if err := busy.CopyHtoD(busyDev.Ptr(), busyHost); err != nil {
+			t.Fatal(err)
+		}
+		if err := busy.CopyDtoH(busyHost, busyDev.Ptr()); err != nil {
+			t.Fatal(err)
+		}
+		if err := busy.Spin(200 * time.Microsecond); err != nil {
+			t.Fatal(err)
+		}
+		v := byte(i + 1)
+		for j := range host {
+			host[j] = v
+		}
+		if err := d.CopyHtoD(mem.Ptr(), host); err != nil {
+			t.Fatal(err)
+		}
+		if err := rd.CopyDtoH(tail, mem.Ptr().Add(size-tailBytes)); err != nil {
+			t.Fatal(err)
+		}
+		if err := rd.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+		for j, b := range tail {
+			if b != v {
+				t.Fatalf("round %d: byte %d of the tail read after CopyHtoD is %d, want %d (the upload had not landed)", i, size-tailBytes+j, b, v)
+			}
+		}
+	}
+	if err := busy.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Stream.Spin delays the stream's later work by at least the duration, and
+// only that stream's.
+func TestStreamSpinDelaysTheStream(t *testing.T) {
+	rt := openRT(t)
+	d := rt.Devices()[0]
+	s, err := d.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	start, _ := d.NewEvent(true)
+	end, _ := d.NewEvent(true)
+	defer start.Close()
+	defer end.Close()
+	if err := s.Record(start); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Spin(2 * time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Record(end); err != nil {
+		t.Fatal(err)
+	}
+	if err := end.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := end.Elapsed(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms < 2 {
+		t.Fatalf("a 2 ms spin took %.3f ms between its events", ms)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"time"
 	"unsafe"
 
 	"gorgonia.org/cu"
@@ -201,6 +202,23 @@ func (s *Stream) Fill(dt DType, dst DevPtr, n int64, seed uint64, small bool) er
 	}
 	un := uint64(n)
 	return s.launch("fill_"+dt.String(), n, 1, unsafe.Pointer(&dst), unsafe.Pointer(&un), unsafe.Pointer(&seed))
+}
+
+// Spin enqueues a kernel that waits d on the device and does nothing else,
+// so that the stream's later work starts at least d later (tests: it delays
+// one stream against the others as a GPU shared with other processes does).
+func (s *Stream) Spin(d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	ns := uint64(d.Nanoseconds())
+	f, err := s.dev.function("spin_ns")
+	if err != nil {
+		return err
+	}
+	return s.dev.Do(func() error {
+		return wrap(f.Launch(1, 1, 1, 32, 1, 1, 0, s.s, []unsafe.Pointer{unsafe.Pointer(&ns)}), "cuLaunchKernel spin_ns")
+	})
 }
 
 // CountMismatch compares n elements of a and b bit for bit (for floats,

@@ -917,6 +917,9 @@ func (buf *Buffer) enqueueRead(host []byte, off, n int, done *cuda.Event) error 
 		if err := buf.waitWritesLocked(off, n); err != nil {
 			return err
 		}
+		if err := delayStream(buf.rd); err != nil {
+			return err
+		}
 		if err := buf.rd.CopyDtoH(host, buf.at(off)); err != nil {
 			return err
 		}
@@ -1006,7 +1009,10 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 		buf.inflight = append(buf.inflight, w)
 		buf.mu.Unlock()
 		err := buf.ds.issue(func() error {
-			err := f(slot, scratch, eo, n)
+			err := delayStream(buf.wr)
+			if err == nil {
+				err = f(slot, scratch, eo, n)
+			}
 			buf.wrSeq.Add(1)
 			if err != nil {
 				return err
@@ -1019,6 +1025,9 @@ func (buf *Buffer) enqueueStaged(slot *stageSlot, eo, n int, f func(slot *stageS
 	}
 	err := buf.ds.issue(func() error {
 		if err := buf.waitReadersLocked(eo, n); err != nil {
+			return err
+		}
+		if err := delayStream(buf.wr); err != nil {
 			return err
 		}
 		err := f(slot, scratch, eo, n)
@@ -1110,6 +1119,9 @@ func (buf *Buffer) DivChunk(off, n, divisor int) error {
 		if err := buf.waitReadersLocked(off, n); err != nil {
 			return err
 		}
+		if err := delayStream(buf.wr); err != nil {
+			return err
+		}
 		err := buf.wr.Div(buf.cdt, buf.at(off), int64(n), float64(divisor))
 		buf.wrSeq.Add(1)
 		if err != nil {
@@ -1177,6 +1189,9 @@ func (buf *Buffer) peerOp(src *Buffer, dstOff, srcOff, n int, f func() error) er
 		}
 		if err == nil {
 			err = buf.wr.Wait(src.wrMark)
+		}
+		if err == nil {
+			err = delayStream(buf.wr)
 		}
 		if err == nil {
 			err = f()

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/cuda"
@@ -38,7 +39,20 @@ func openBackendCfg(t *testing.T, slotBytes, slots int) *Backend {
 			t.Errorf("close: %v", err)
 		}
 	})
+	// GPUMESH_TEST_DELAY_US: every staging step's device work is delayed
+	// by up to 1.5 times that (see delayStream), in this process and in
+	// the test's child processes
+	if us := envInt("GPUMESH_TEST_DELAY_US", 0); us > 0 {
+		setStepDelay(t, time.Duration(us)*time.Microsecond)
+	}
 	return be
+}
+
+// setStepDelay delays every staging step's device work (delayStream) until
+// the test ends.
+func setStepDelay(t *testing.T, d time.Duration) {
+	old := stepDelay.Swap(int64(d))
+	t.Cleanup(func() { stepDelay.Store(old) })
 }
 
 // randomHost fills a host buffer with values that exercise rounding,

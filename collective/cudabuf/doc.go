@@ -37,7 +37,13 @@
 // every earlier write; a slot goes back to the pool when the event recorded
 // after its last use completes (slots grow on demand, bounded, so reads held
 // by the transport cannot starve writes). Nothing on the hot path copies
-// synchronously from pageable memory.
+// synchronously from pageable memory. Upload and Download (setup, tests)
+// do, on the legacy default stream, which the buffer's non-blocking streams
+// do not wait for: they return only once their copy is complete
+// (cuda.Device.CopyHtoD), so work enqueued afterwards sees the bytes.
+// Tests check the ordering with every staging step's device work delayed
+// (stepDelay, GPUMESH_TEST_DELAY_US=µs for the cuda test binary), as on a
+// GPU time-sliced with other processes.
 //
 // On the TCP lanes the receive has no host copy at all: the collective reads
 // a frame's payload from the socket straight into a pinned slot that the

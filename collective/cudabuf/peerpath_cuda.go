@@ -423,6 +423,28 @@ func (b *Backend) waitEvent(ev *cuda.Event) error {
 	}
 }
 
+// stepDelay, when positive (tests only, see delayStream), is the base
+// delay in nanoseconds enqueued before the device work of each staging step.
+var (
+	stepDelay atomic.Int64
+	delaySeq  atomic.Uint64
+)
+
+// delayStream enqueues on s, before a staging step's device work, a kernel
+// that waits 0, 1/2, 1 or 3/2 of stepDelay (in turn over all steps): work on
+// the buffers' read and write streams then runs late and out of step with
+// each other, as it does on a GPU time-sliced with other processes, so that
+// an ordering missing between them shows in one process (tests set
+// stepDelay; production leaves it 0: one atomic load per step).
+func delayStream(s *cuda.Stream) error {
+	d := stepDelay.Load()
+	if d <= 0 {
+		return nil
+	}
+	k := int64(delaySeq.Add(1) % 4)
+	return s.Spin(time.Duration(d * k / 2))
+}
+
 // tracer, when set (tests and measurements only), is called after each
 // staging step of every buffer: its kind ("read", "readpre", "prefetch",
 // "begin", "commit", "sync"), its element range and when it started.

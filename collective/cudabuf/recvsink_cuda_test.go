@@ -66,6 +66,9 @@ func TestRecvStagerOverLanes(t *testing.T) {
 						if err := b.Download(got); err != nil {
 							t.Fatal(err)
 						}
+						if string(got) != string(ref.Bytes()) {
+							t.Errorf("%s rank %d: result differs from the host reference", name, r)
+						}
 						compareBytes(t, dt, got, ref.Bytes())
 						st := b.Stats()
 						if count*dt.Size() > cfg.SmallBytes {

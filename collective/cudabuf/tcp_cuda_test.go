@@ -144,6 +144,9 @@ func tcpChild(t *testing.T) {
 			if err := buf.Download(got); err != nil {
 				t.Fatal(err)
 			}
+			if string(got) != string(ref.Bytes()) {
+				t.Errorf("rank %d %v %v (algorithm %s): result differs from the host reference", rank, dt, op, comm.LastAllReduceAlgorithm())
+			}
 			compareBytes(t, dt, got, ref.Bytes())
 		}
 		if err := comm.ForgetBuffer(buf); err != nil {

@@ -185,3 +185,15 @@ TESTK(int64, I64)
 TESTK(float16, F16)
 TESTK(bfloat16, BF16)
 TESTK(uint8, U8)
+
+// spin_ns(ns): waits ns nanoseconds of the global timer and does nothing
+// else, so that the stream's later work runs late (Stream.Spin: tests that
+// delay one stream against the others, as a GPU shared with other
+// processes does).
+extern "C" __global__ void spin_ns(u64 ns) {
+    u64 start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
