@@ -36,9 +36,15 @@ func startServer(t *testing.T, ranks int) *Server {
 	t.Helper()
 	cc := collective.DefaultConfig()
 	cc.Timeout = 5 * time.Second
+	return startServerWith(t, ranks, collective.NewLocalTransport(), cc)
+}
+
+// startServerWith is startServer on transport tr with collective config cc.
+func startServerWith(t *testing.T, ranks int, tr collective.Transport, cc collective.Config) *Server {
+	t.Helper()
 	s, err := Listen(Config{
 		SocketPath: filepath.Join(t.TempDir(), "local.sock"),
-		Transport:  collective.NewLocalTransport(),
+		Transport:  tr,
 		Collective: cc,
 		Authorizer: fakeAuth{ranks: ranks},
 	})
@@ -47,6 +53,25 @@ func startServer(t *testing.T, ranks int) *Server {
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	return s
+}
+
+// connectRanks dials s as ranks 0..ranks-1 of the job, says hello with each
+// rank's secret and, with regBytes > 0, registers region 1 of regBytes for
+// each; it returns the clients and the regions' memory.
+func connectRanks(t *testing.T, s *Server, ranks, regBytes int) ([]*client, [][]byte) {
+	t.Helper()
+	cls := make([]*client, ranks)
+	mems := make([][]byte, ranks)
+	for r := range cls {
+		cls[r] = dial(t, s)
+		if rep := cls[r].hello(r, ranks, fmt.Sprintf("ok-%d", r)); rep.Type != MsgWelcome {
+			t.Fatalf("rank %d hello: %+v", r, rep)
+		}
+		if regBytes > 0 {
+			mems[r] = cls[r].register(1, regBytes)
+		}
+	}
+	return cls, mems
 }
 
 // client is a Go client of the protocol (the Python package's twin).
@@ -170,15 +195,7 @@ func f32(b []byte) []float32 { return unsafe.Slice((*float32)(unsafe.Pointer(&b[
 func TestServerRunsEveryOperation(t *testing.T) {
 	s := startServer(t, 2)
 	const n = 100000 // float32 elements
-	cls := make([]*client, 2)
-	mems := make([][]byte, 2)
-	for r := range cls {
-		cls[r] = dial(t, s)
-		if rep := cls[r].hello(r, 2, fmt.Sprintf("ok-%d", r)); rep.Type != MsgWelcome {
-			t.Fatalf("rank %d hello: %+v", r, rep)
-		}
-		mems[r] = cls[r].register(1, 3*n*4)
-	}
+	cls, mems := connectRanks(t, s, 2, 3*n*4)
 	do := func(op func(r int) *Op, check func(r int, v []float32) error) {
 		t.Helper()
 		var wg sync.WaitGroup
@@ -471,15 +488,7 @@ func TestServerAllReduceEveryOpDTypeOneAgent(t *testing.T) {
 	s := startServer(t, ranks)
 	counts := []int{1, 7, 5003, 70001}
 	const maxBytes = (70001 + 3) * 8
-	cls := make([]*client, ranks)
-	mems := make([][]byte, ranks)
-	for r := range cls {
-		cls[r] = dial(t, s)
-		if rep := cls[r].hello(r, ranks, fmt.Sprintf("ok-%d", r)); rep.Type != MsgWelcome {
-			t.Fatalf("rank %d hello: %+v", r, rep)
-		}
-		mems[r] = cls[r].register(1, maxBytes)
-	}
+	cls, mems := connectRanks(t, s, ranks, maxBytes)
 	// Small integers, multiples of the rank count for the sums, so that
 	// every dtype and op (avg included) is exact.
 	value := func(op collective.Op, r, i int) float64 {

@@ -3,7 +3,6 @@ package localapi
 import (
 	"bytes"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -57,26 +56,8 @@ func TestServerKeepsDeadRankMemoryForPeerFrames(t *testing.T) {
 	cc.Channels = 1
 	cc.ChunkBytes = chunk
 	cc.MinChannelBytes = chunk
-	s, err := Listen(Config{
-		SocketPath: filepath.Join(t.TempDir(), "local.sock"),
-		Transport:  tr,
-		Collective: cc,
-		Authorizer: fakeAuth{ranks: ranks},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
-
-	cls := make([]*client, ranks)
-	mems := make([][]byte, ranks)
-	for i := range cls {
-		cls[i] = dial(t, s)
-		if r := cls[i].hello(i, ranks, fmt.Sprintf("ok-%d", i)); r.Type != MsgWelcome {
-			t.Fatalf("rank %d hello: %+v", i, r)
-		}
-		mems[i] = cls[i].register(1, size)
-	}
+	s := startServerWith(t, ranks, tr, cc)
+	cls, mems := connectRanks(t, s, ranks, size)
 	for i := range mems[0] {
 		mems[0][i] = byte(i*7 + 3)
 	}
@@ -175,24 +156,10 @@ func TestServerRankDiesMidOperationEveryKind(t *testing.T) {
 			cc := collective.DefaultConfig()
 			cc.Timeout = 20 * time.Second
 			cc.ChunkBytes = 64 << 10
-			s, err := Listen(Config{
-				SocketPath: filepath.Join(t.TempDir(), "local.sock"),
-				Transport:  tr,
-				Collective: cc,
-				Authorizer: fakeAuth{ranks: ranks},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = s.Close() })
-			cls := make([]*client, ranks)
-			for i := range cls {
-				cls[i] = dial(t, s)
-				if r := cls[i].hello(i, ranks, fmt.Sprintf("ok-%d", i)); r.Type != MsgWelcome {
-					t.Fatalf("rank %d hello: %+v", i, r)
-				}
-				cls[i].register(1, ranks*block*4)
-				cls[i].register(2, block*4)
+			s := startServerWith(t, ranks, tr, cc)
+			cls, _ := connectRanks(t, s, ranks, ranks*block*4)
+			for _, cl := range cls {
+				cl.register(2, block*4)
 			}
 			for i := ranks - 1; i >= 0; i-- {
 				if op := tc.ops(i); op != nil {
