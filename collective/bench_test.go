@@ -41,15 +41,7 @@ func BenchmarkGRPCAllReduce(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer g.Close()
-			bufs := []*HostBuffer{NewHostBuffer(Float32, size/4), NewHostBuffer(Float32, size/4)}
-			// Real values: all-zero pages would stay shared zero pages until
-			// written and add copy-on-write faults to the first operations.
-			for r, hb := range bufs {
-				f := hb.AsFloat32()
-				for i := range f {
-					f[i] = float32(r + i%7)
-				}
-			}
+			bufs := benchBufs(2, size)
 			run := func() {
 				noErrsB(b, RunAll(g.Comms, func(c *Communicator) error {
 					return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
@@ -94,15 +86,7 @@ func BenchmarkLocalAllReduceAllocs(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer CloseAll(comms)
-			bufs := []*HostBuffer{NewHostBuffer(Float32, size/4), NewHostBuffer(Float32, size/4)}
-			// Real values: all-zero pages would stay shared zero pages until
-			// written and add copy-on-write faults to the first operations.
-			for r, hb := range bufs {
-				f := hb.AsFloat32()
-				for i := range f {
-					f[i] = float32(r + i%7)
-				}
-			}
+			bufs := benchBufs(2, size)
 			run := func() {
 				noErrsB(b, RunAll(comms, func(c *Communicator) error {
 					return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
@@ -140,14 +124,7 @@ func BenchmarkSameProcessAllReduce(b *testing.B) {
 						b.Fatal(err)
 					}
 					defer g.Close()
-					bufs := make([]*HostBuffer, n)
-					for r := range bufs {
-						bufs[r] = NewHostBuffer(Float32, size/4)
-						f := bufs[r].AsFloat32()
-						for i := range f {
-							f[i] = float32(r + i%7)
-						}
-					}
+					bufs := benchBufs(n, size)
 					run := func() {
 						noErrsB(b, RunAll(g.Comms, func(c *Communicator) error {
 							return c.AllReduce(context.Background(), bufs[c.Rank()], OpSum)
@@ -171,4 +148,19 @@ func BenchmarkSameProcessAllReduce(b *testing.B) {
 			}
 		}
 	}
+}
+
+// benchBufs returns n float32 host buffers of size bytes filled with real
+// values: all-zero pages would stay shared zero pages until written and add
+// copy-on-write faults to the first operations.
+func benchBufs(n, size int) []*HostBuffer {
+	bufs := make([]*HostBuffer, n)
+	for r := range bufs {
+		bufs[r] = NewHostBuffer(Float32, size/4)
+		f := bufs[r].AsFloat32()
+		for i := range f {
+			f[i] = float32(r + i%7)
+		}
+	}
+	return bufs
 }
