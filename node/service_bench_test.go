@@ -23,11 +23,7 @@ import (
 //
 //	go test -run '^$' -bench ServiceProxy -benchtime 20000x -count 5 ./node/
 func BenchmarkServiceProxy(b *testing.B) {
-	payload := bytes.Repeat([]byte("x"), 1024)
-	replica := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/octet-stream")
-		_, _ = w.Write(payload)
-	}))
+	replica, _ := kibReplica()
 	defer replica.Close()
 	jobs, allocs := svcState(b, "bench", []string{replica.Listener.Addr().String()}, []string{HealthHealthy})
 	fronts := map[bool]*httptest.Server{}
@@ -99,4 +95,15 @@ func benchClosedLoop(b *testing.B, url string, clients int) {
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "req/s")
 	b.ReportMetric(float64(lat[b.N/2].Microseconds()), "p50-µs")
 	b.ReportMetric(float64(lat[b.N*99/100].Microseconds()), "p99-µs")
+}
+
+// kibReplica starts the benchmarks' replica: every request gets the same
+// 1 KiB answer (payload).
+func kibReplica() (replica *httptest.Server, payload []byte) {
+	payload = bytes.Repeat([]byte("x"), 1024)
+	replica = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		_, _ = w.Write(payload)
+	}))
+	return replica, payload
 }

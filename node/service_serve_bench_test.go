@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"sync"
 	"testing"
@@ -28,11 +26,7 @@ import (
 //	go test -run '^$' -bench ServePort -benchmem -benchtime 20000x -count 5 ./node/
 //	go test -run '^$' -bench ServePort/serve -cpuprofile cpu.out -benchtime 100000x ./node/
 func BenchmarkServePort(b *testing.B) {
-	payload := bytes.Repeat([]byte("x"), 1024)
-	replica := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/octet-stream")
-		_, _ = w.Write(payload)
-	}))
+	replica, payload := kibReplica()
 	defer replica.Close()
 	rt := newRouter("n-router", "", hclog.NewNullLogger())
 	rt.update(svcState(b, "bench", []string{replica.Listener.Addr().String()}, []string{HealthHealthy}))
