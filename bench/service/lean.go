@@ -24,17 +24,7 @@ import (
 // and writes the gathered answer (status, headers, Content-Length, body)
 // in one write. No streaming, 1xx, trailers, bodies, timeouts or limits.
 func serveLean(listen string, h http.Handler) error {
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		return err
-	}
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		go leanConn(c, h)
-	}
+	return serveEach(listen, func(c net.Conn) { leanConn(c, h) })
 }
 
 // watchAfter is how long an answer may take before a real server would

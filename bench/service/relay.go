@@ -14,6 +14,36 @@ import (
 // stick for the router's cost (two reads and two writes per request), not
 // a proxy.
 func relay(listen, replica string) error {
+	return serveEach(listen, func(c net.Conn) {
+		defer c.Close()
+		up, err := net.Dial("tcp", replica)
+		if err != nil {
+			return
+		}
+		defer up.Close()
+		in, out := make([]byte, 16<<10), make([]byte, 16<<10)
+		for {
+			n, err := c.Read(in)
+			if err != nil {
+				return
+			}
+			if _, err := up.Write(in[:n]); err != nil {
+				return
+			}
+			m, err := up.Read(out)
+			if err != nil {
+				return
+			}
+			if _, err := c.Write(out[:m]); err != nil {
+				return
+			}
+		}
+	})
+}
+
+// serveEach listens on listen and runs handle on its own goroutine for
+// every connection accepted, until Accept fails.
+func serveEach(listen string, handle func(net.Conn)) error {
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return err
@@ -23,30 +53,6 @@ func relay(listen, replica string) error {
 		if err != nil {
 			return err
 		}
-		go func() {
-			defer c.Close()
-			up, err := net.Dial("tcp", replica)
-			if err != nil {
-				return
-			}
-			defer up.Close()
-			in, out := make([]byte, 16<<10), make([]byte, 16<<10)
-			for {
-				n, err := c.Read(in)
-				if err != nil {
-					return
-				}
-				if _, err := up.Write(in[:n]); err != nil {
-					return
-				}
-				m, err := up.Read(out)
-				if err != nil {
-					return
-				}
-				if _, err := c.Write(out[:m]); err != nil {
-					return
-				}
-			}
-		}()
+		go handle(c)
 	}
 }
