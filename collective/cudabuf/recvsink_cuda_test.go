@@ -38,21 +38,14 @@ func TestRecvStagerOverLanes(t *testing.T) {
 				}
 				for _, op := range collective.AllOps {
 					name := fmt.Sprintf("chunk=%dKiB %v %v n=%d", chunk>>10, dt, op, count)
-					ref := collective.NewHostBuffer(dt, count)
+					ins := make([]*collective.HostBuffer, len(bufs))
 					for r, b := range bufs {
-						h := smallInts(rand.New(rand.NewPCG(uint64(r), uint64(count))), dt, count, op)
-						if r == 0 {
-							copy(ref.Bytes(), h.Bytes())
-						} else {
-							ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
-						}
-						if err := b.Upload(h.Bytes()); err != nil {
+						ins[r] = smallInts(rand.New(rand.NewPCG(uint64(r), uint64(count))), dt, count, op)
+						if err := b.Upload(ins[r].Bytes()); err != nil {
 							t.Fatal(err)
 						}
 					}
-					if op == collective.OpAvg {
-						ref.DivChunk(0, count, 2)
-					}
+					ref := hostRef(op, ins)
 					st0 := []Stats{bufs[0].Stats(), bufs[1].Stats()}
 					for r, err := range collective.RunAll(g.Comms, func(c *collective.Communicator) error {
 						return c.AllReduce(ctx, bufs[c.Rank()], op)
