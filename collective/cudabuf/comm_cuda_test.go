@@ -48,27 +48,20 @@ func allReduceOnce(t *testing.T, be *Backend, r *rand.Rand, cfg collective.Confi
 	}
 	defer collective.CloseAll(comms)
 	bufs := make([]*Buffer, nr)
-	ref := collective.NewHostBuffer(dt, count)
+	ins := make([]*collective.HostBuffer, nr)
 	for k, d := range place {
-		h := smallInts(r, dt, count, op)
-		if k == 0 {
-			copy(ref.Bytes(), h.Bytes())
-		} else {
-			ref.ReduceChunk(0, collective.Segments{h.Bytes()}, op)
-		}
+		ins[k] = smallInts(r, dt, count, op)
 		b, err := be.NewBuffer(d, dt, count)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer b.Free()
-		if err := b.Upload(h.Bytes()); err != nil {
+		if err := b.Upload(ins[k].Bytes()); err != nil {
 			t.Fatal(err)
 		}
 		bufs[k] = b
 	}
-	if op == collective.OpAvg {
-		ref.DivChunk(0, count, nr)
-	}
+	ref := hostRef(op, ins)
 	errs := collective.RunAll(comms, func(c *collective.Communicator) error {
 		var b collective.Buffer = bufs[c.Rank()]
 		if !peer {
