@@ -38,7 +38,10 @@ func TestClusterRestartGCRemovesOldGenerations(t *testing.T) {
 		}
 		return out
 	}
-	waitJob(t, c, id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Generation >= 1 && len(genDirs(1)) == 3 })
+	// Generation 1 left rank directories to purge: not necessarily 3, as
+	// rank 0 fails at once and a node may be told to stop its rank before
+	// it started it (CI at 19:03 never saw all 3 at once in 40 s).
+	waitJob(t, c, id, 40*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Generation >= 1 && len(genDirs(1)) > 0 })
 	final := waitJob(t, c, id, 60*time.Second, func(r *pb.GetJobResponse) bool { return r.Job.Generation >= 8 })
 	poll.Until(t, 30*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
