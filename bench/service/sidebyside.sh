@@ -15,6 +15,7 @@
 #   -y SERVER_PY      also compare with examples/service/server.py as the
 #                     replica (GET /x: a short JSON answer), after the Go one
 #   -R ROUNDS         rounds with SERVER_PY (default 1)
+#   -m MODES          the loads to run, of "closed vegeta" (default both)
 #   -p DIR            write a CPU profile of each router under load (SECS-1 s)
 # The replica is bench/service's (1 KiB answers), from the first router's
 # binary. Prints one line per run, then the ratios to direct.
@@ -27,8 +28,8 @@
 #   -y examples/service/server.py main=OUT/service-main fast=OUT/service
 #   "serve=OUT/service -serve" "lean=OUT/service -lean"
 set -euo pipefail
-rounds=3 pyrounds=1 secs=5 clients=16 prof="" serverpy=""
-while getopts "r:R:d:c:p:y:h" opt; do
+rounds=3 pyrounds=1 secs=5 clients=16 prof="" serverpy="" modes="closed vegeta"
+while getopts "r:R:d:c:p:y:m:h" opt; do
 	case $opt in
 	r) rounds=$OPTARG ;;
 	R) pyrounds=$OPTARG ;;
@@ -36,6 +37,7 @@ while getopts "r:R:d:c:p:y:h" opt; do
 	c) clients=$OPTARG ;;
 	p) prof=$OPTARG ;;
 	y) serverpy=$OPTARG ;;
+	m) modes=$OPTARG ;;
 	*) sed -n 2,29p "$0"; exit 2 ;;
 	esac
 done
@@ -68,7 +70,7 @@ side() {
 	local rl=$1 path=$2
 	shift 2
 	for r in $(seq "$rounds"); do
-		for mode in closed vegeta; do
+		for mode in $modes; do
 			out=$(load "http://127.0.0.1:$rport$path" $mode)
 			echo "$rl $r $mode direct $(field "$out")"
 			for spec in "$@"; do
@@ -109,5 +111,10 @@ side() {
 echo
 echo "replica round mode router req/s ratio-to-direct p50-added-ms p99-added-ms"
 awk '$4 == "direct" { d[$1" "$2" "$3] = $5; p50[$1" "$2" "$3] = $6; p99[$1" "$2" "$3] = $7; next }
-	{ k = $1" "$2" "$3; printf "%s %s %s %s %s %.2f %+.3f %+.3f\n", $1, $2, $3, $4, $5, $5 / d[k], $6 - p50[k], $7 - p99[k] }' /tmp/sidebyside.$$
+	{ k = $1" "$2" "$3; printf "%s %s %s %s %s %.2f %+.3f %+.3f\n", $1, $2, $3, $4, $5, $5 / d[k], $6 - p50[k], $7 - p99[k] }' /tmp/sidebyside.$$ | tee /tmp/sidebyside.ratios.$$
+echo
+echo "median ratio to direct over rounds, by replica, mode and router:"
+sort -k1,1 -k3,4 -k6,6n /tmp/sidebyside.ratios.$$ | awk '{ k = $1" "$3" "$4; v[k] = v[k] " " $6; n[k]++ }
+	END { for (k in v) { split(substr(v[k], 2), a, " "); m = (n[k] % 2) ? a[(n[k] + 1) / 2] : (a[n[k] / 2] + a[n[k] / 2 + 1]) / 2; printf "%s %.2f (rounds:%s)\n", k, m, v[k] } }' | sort
+rm -f /tmp/sidebyside.ratios.$$
 rm -f /tmp/sidebyside.$$

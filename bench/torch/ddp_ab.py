@@ -28,7 +28,12 @@ import gpumesh.torch  # noqa: F401
 p = argparse.ArgumentParser()
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--steps", type=int, default=8)
+p.add_argument("--bucket-view", action="store_true",
+               help="DDP(gradient_as_bucket_view=True): gradients are views of the buckets, so DDP copies nothing")
 args = p.parse_args()
+# With bucket views the gradients must be zeroed in place: set_to_none (PyTorch 2.x's default)
+# makes autograd allocate new gradients, which DDP then copies into its buckets.
+zero_kw = {"set_to_none": False} if args.bucket_view else {}
 
 torch.set_num_threads(1)
 dist.init_process_group("gpumesh")
@@ -38,7 +43,7 @@ runs = {}
 for name, pg in groups.items():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(6)])
-    ddp = nn.parallel.DistributedDataParallel(model, process_group=pg)
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=pg, gradient_as_bucket_view=args.bucket_view)
     runs[name] = (pg, ddp, torch.optim.SGD(ddp.parameters(), lr=1e-4), contextlib.nullcontext)
 pg, ddp, opt, _ = runs["gpumesh"]
 runs["none"] = (pg, ddp, opt, ddp.no_sync)
@@ -50,7 +55,7 @@ for i in range(args.warmup + args.steps):
         pg, ddp, opt, ctx = runs[name]
         dist.barrier(group=pg)
         t0 = time.perf_counter()
-        opt.zero_grad()
+        opt.zero_grad(**zero_kw)
         with ctx():
             ddp(x).square().mean().backward()
         opt.step()

@@ -37,7 +37,12 @@ from backend_object import gpumesh_backend  # registers the gpumesh backend
 p = argparse.ArgumentParser()
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--steps", type=int, default=8)
+p.add_argument("--bucket-view", action="store_true",
+               help="DDP(gradient_as_bucket_view=True): gradients are views of the buckets, so DDP copies nothing")
 args = p.parse_args()
+# With bucket views the gradients must be zeroed in place: set_to_none (PyTorch 2.x's default)
+# makes autograd allocate new gradients, which DDP then copies into its buckets.
+zero_kw = {"set_to_none": False} if args.bucket_view else {}
 
 torch.set_num_threads(1)
 dist.init_process_group("gpumesh")
@@ -74,7 +79,7 @@ def handle(pkt):
 conn.submit, conn._handle = submit, handle
 torch.manual_seed(0)
 model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(6)])
-ddp = nn.parallel.DistributedDataParallel(model)
+ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=args.bucket_view)
 opt = torch.optim.SGD(ddp.parameters(), lr=1e-4)
 x = torch.randn(2, 4096)
 exposed, queued, tail = [], [], []
@@ -83,7 +88,7 @@ for i in range(args.warmup + args.steps):
     del ops[:]
     answered.clear()
     t0 = time.perf_counter()
-    opt.zero_grad()
+    opt.zero_grad(**zero_kw)
     loss = ddp(x).square().mean()
     tb = time.perf_counter()
     loss.backward()
