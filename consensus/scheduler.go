@@ -704,6 +704,7 @@ func toShardingJob(id string, spec *controlpb.JobSpec) (sharding.Job, error) {
 		ID:          id,
 		Ranks:       int(spec.GetRanks()),
 		GPUsPerRank: int(spec.GetGpusPerRank()),
+		RanksPerGPU: int(spec.GetRanksPerGpu()),
 		Placement:   spec.GetPlacement(),
 	}
 	if spec.GetMaxRanks() > 0 {
