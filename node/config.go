@@ -14,6 +14,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/consensus"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/gpumesh/gpumesh/sharding"
 )
@@ -132,6 +133,9 @@ type Config struct {
 	// GPUSampler reads GPU health for /metrics and the dashboard; nil means
 	// NVML (cuda.Sample). Tests pass a fake.
 	GPUSampler GPUSampler
+	// GPUs lists the GPUs the node offers for placement, once at start;
+	// nil means NVML (discoverGPUs). Tests pass a fake inventory.
+	GPUs func() []*pb.GPU
 	// Security is mutual TLS for gRPC and Raft and the ACL token for
 	// mutating calls (security.go); the zero value is off.
 	Security SecurityConfig

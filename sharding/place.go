@@ -238,7 +238,10 @@ type scan struct {
 	eligible int         // nodes passing state and constraints
 	freeGPUs int         // free GPUs (meeting memory) on eligible nodes
 	maxFree  int         // most such GPUs on one eligible node
-	excluded [exCount]int
+	// rankLimited counts eligible GPU nodes whose MaxRanks leaves room for
+	// some of the job's ranks, but fewer than their free GPUs would take.
+	rankLimited int
+	excluded    [exCount]int
 }
 
 func (c *Cluster) scan(job Job, want int, cpuOnlyNodes bool) scan {
@@ -303,6 +306,9 @@ func (c *Cluster) scan(job Job, want int, cpuOnlyNodes bool) scan {
 			s.eligible++
 		}
 		if n.MaxRanks > 0 {
+			if room := n.MaxRanks - st.ranks; gpr > 0 && room > 0 && room < capacity && room < want {
+				s.rankLimited++
+			}
 			capacity = min(capacity, n.MaxRanks-st.ranks)
 		}
 		if capacity <= 0 {
@@ -651,6 +657,9 @@ func (c *Cluster) unplaceable(job Job, wantRanks, fit int, s scan, scope string)
 		fmt.Fprintf(&b, "%d free on %s", s.freeGPUs, plural(s.eligible, "eligible node"))
 		if job.GPUsPerRank > 1 && s.eligible > 0 {
 			fmt.Fprintf(&b, " (at most %d on one node)", s.maxFree)
+		}
+		if s.rankLimited > 0 {
+			fmt.Fprintf(&b, "; max ranks per node leaves room for fewer ranks than free GPUs on %s", plural(s.rankLimited, "node"))
 		}
 	} else {
 		fmt.Fprintf(&b, "room for %d on %s", total(s.cands), plural(s.eligible, "eligible node"))

@@ -91,7 +91,7 @@ func TestPlaceRanksPerGPU(t *testing.T) {
 			nodes:  []Node{capped},
 			job:    Job{ID: "j", Ranks: 3, GPUsPerRank: 1, RanksPerGPU: 4},
 			err:    ErrUnplaceable,
-			reason: "needs at least 1 GPU (3 ranks, up to 4 on one GPU)",
+			reason: "needs at least 1 GPU (3 ranks, up to 4 on one GPU); 4 free on 1 eligible node; max ranks per node leaves room for fewer ranks than free GPUs on 1 node",
 		},
 		{name: "sharing needs one GPU per rank", nodes: []Node{node("n1", "a", 4)}, job: Job{ID: "j", Ranks: 2, GPUsPerRank: 2, RanksPerGPU: 2}, err: ErrInvalidJob, reason: "needs 1 GPU per rank, got 2"},
 		{name: "sharing needs GPUs", nodes: []Node{node("n1", "a", 4)}, job: Job{ID: "j", Ranks: 2, RanksPerGPU: 2}, err: ErrInvalidJob, reason: "needs 1 GPU per rank, got 0"},
