@@ -2,6 +2,7 @@ package jobspec
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
@@ -179,5 +180,21 @@ func TestCheckpointNeedsAName(t *testing.T) {
 	ApplyDefaults(plain)
 	if err := Validate(plain); err != nil || plain.Name != TypeExec {
 		t.Fatalf("unnamed job without checkpoints: name %q, %v; want the default %q", plain.Name, err, TypeExec)
+	}
+}
+
+// examples/shared_gpu.yaml, the README's example of ranks sharing GPUs,
+// is a valid spec that asks for it.
+func TestExampleSharedGPU(t *testing.T) {
+	b, err := os.ReadFile("../../examples/shared_gpu.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := ParseFile("shared_gpu.yaml", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.GpusPerRank != 1 || spec.RanksPerGpu != 2 || spec.Ranks != 4 {
+		t.Fatalf("spec %v", spec)
 	}
 }
