@@ -635,8 +635,7 @@ func (c *Cluster) unplaceable(job Job, wantRanks, fit int, s scan, scope string)
 		ranksWord = fmt.Sprintf("at least %d of %d ranks", wantRanks, job.Ranks)
 	}
 	if share := job.share(); share > 1 && job.GPUsPerRank > 0 {
-		fmt.Fprintf(&b, "needs at least %s (%s, up to %d on one GPU", plural((wantRanks+share-1)/share, "GPU"), ranksWord, share)
-		b.WriteString(")")
+		fmt.Fprintf(&b, "needs at least %s (%s, up to %d on one GPU)", plural((wantRanks+share-1)/share, "GPU"), ranksWord, share)
 	} else if job.GPUsPerRank > 0 {
 		fmt.Fprintf(&b, "needs %s (%s × %d", plural(wantRanks*job.GPUsPerRank, "GPU"), ranksWord, job.GPUsPerRank)
 		if job.GPUsPerRank > 1 {
