@@ -147,3 +147,53 @@ func TestOldSpecWithoutRanksPerGPUPlacesAsBefore(t *testing.T) {
 		t.Fatalf("toShardingJob: %+v %v", sj, err)
 	}
 }
+
+// A whole-cluster restart (the one server stopped and started again from its
+// data dir, after a snapshot) keeps the job's sharing: the next generation
+// is placed by the new leader with the same ranks on the same GPUs.
+func TestSchedulerRanksPerGPUAfterRestart(t *testing.T) {
+	tc := NewTestCluster(t, func(c *Config) {
+		c.BootstrapExpect, c.MaxVoters, c.Standbys = 1, 1, 0
+	})
+	tc.Start("srv", func(m *Member) { m.Ineligible = true })
+	tc.AnnounceAll("srv")
+	s := tc.WaitForLeader(10 * time.Second)
+	addGPUNode(tc, "c1", 2)
+	spec := gpuJob("shared", 3)
+	spec.RanksPerGpu = 2
+	id, _, err := s.RegisterJob(ctxT(t), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, s, id, "placed", running(1, 3))
+	layout := func(s *Server, gen uint64) string {
+		var out []string
+		for _, a := range genAllocs(s, id, gen) {
+			out = append(out, fmt.Sprintf("%s:%v", a.NodeId, a.Gpus))
+		}
+		return strings.Join(out, " ")
+	}
+	const want = "c1:[0] c1:[0] c1:[1]"
+	if got := layout(s, 1); got != want {
+		t.Fatalf("generation 1: %s, want %s", got, want)
+	}
+	if err := s.raft.Snapshot().Error(); err != nil {
+		t.Fatalf("snapshot: %v", err)
+	}
+	tc.Stop("srv", false)
+	s = tc.Restart("srv")
+	tc.WaitForLeader(10 * time.Second)
+	waitJob(t, s, id, "restored", running(1, 3))
+	if n := s.State().Job(id).Spec.GetRanksPerGpu(); n != 2 {
+		t.Fatalf("ranks_per_gpu after restart = %d, want 2", n)
+	}
+	as := genAllocs(s, id, 1)
+	report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocRunning}, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocRunning},
+		&controlpb.Allocation{Id: as[2].Id, ClientStatus: AllocFailed, ExitCode: 1})
+	waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending && j.Restarts == 1 })
+	ackStops(t, s, id)
+	waitJob(t, s, id, "generation 2", running(2, 3))
+	if got := layout(s, 2); got != want {
+		t.Fatalf("generation 2 after restart: %s, want %s", got, want)
+	}
+}
