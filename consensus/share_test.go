@@ -190,7 +190,9 @@ func TestSchedulerRanksPerGPUAfterRestart(t *testing.T) {
 	as := genAllocs(s, id, 1)
 	report(t, s, &controlpb.Allocation{Id: as[0].Id, ClientStatus: AllocRunning}, &controlpb.Allocation{Id: as[1].Id, ClientStatus: AllocRunning},
 		&controlpb.Allocation{Id: as[2].Id, ClientStatus: AllocFailed, ExitCode: 1})
-	waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool { return j.Status == JobPending && j.Restarts == 1 })
+	waitJob(t, s, id, "generation failed", func(j *controlpb.Job, _ []*controlpb.Allocation) bool {
+		return j.Status == JobPending && j.Restarts == 1
+	})
 	ackStops(t, s, id)
 	waitJob(t, s, id, "generation 2", running(2, 3))
 	if got := layout(s, 2); got != want {
