@@ -79,6 +79,40 @@ type outLink struct {
 	cancel     context.CancelFunc
 	watchDone  chan struct{}
 	peerClosed atomicBool
+	// lent are the payloads lent to gRPC on this link whose SendDone may
+	// not have been reported yet; Close reports those gRPC never frees.
+	lent []*lentPayload
+}
+
+// maxLent bounds lent before the reported ones are pruned.
+const maxLent = 64
+
+// lend records that done's payload is lent to gRPC; called with mu held.
+func (l *outLink) lend(done SendDone) *lentPayload {
+	if len(l.lent) >= maxLent {
+		kept := l.lent[:0]
+		for _, p := range l.lent {
+			if !p.ended.Load() {
+				kept = append(kept, p)
+			}
+		}
+		clear(l.lent[len(kept):])
+		l.lent = kept
+	}
+	p := &lentPayload{done: done}
+	l.lent = append(l.lent, p)
+	return p
+}
+
+// endLent reports SendDone for every payload lent on the link that gRPC
+// has not given back; called with mu held, once the link's connection is
+// closed (its writer no longer sends them).
+func (l *outLink) endLent() {
+	for _, p := range l.lent {
+		p.end()
+	}
+	clear(l.lent)
+	l.lent = l.lent[:0]
 }
 
 // netEndpoint is a rank's Endpoint on NetTransport: outbound links by
@@ -275,6 +309,7 @@ func (e *netEndpoint) Close() error {
 			_ = l.cc.Close()
 			l.stream = nil
 		}
+		l.endLent()
 		if l.lane != nil {
 			_ = l.lane.close()
 			l.lane = nil
