@@ -20,6 +20,9 @@ func (d countDone) SendDone() { d.n.Add(1) }
 // their operation's FrameHold is never released and a device buffer's
 // staging slot never comes back.
 func TestGRPCSendDoneWhenConnectionDies(t *testing.T) {
+	old := lentGrace
+	lentGrace = 100 * time.Millisecond
+	t.Cleanup(func() { lentGrace = old })
 	gcfg := DefaultNetConfig()
 	gcfg.DataPlane = DataPlaneGRPC
 	srvs := listenServers(t, 2, gcfg)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -104,15 +105,31 @@ func (l *outLink) lend(done SendDone) *lentPayload {
 	return p
 }
 
-// endLent reports SendDone for every payload lent on the link that gRPC
-// has not given back; called with mu held, once the link's connection is
-// closed (its writer no longer sends them).
+// lentGrace is how long after a link's connection is closed its lent
+// payloads that gRPC has not given back are ended by the endpoint. gRPC
+// gives its connection's writer 5 s to finish before it closes the socket
+// under it; the same wait here keeps a payload's memory from being released
+// while a writer that is still running may read it.
+var lentGrace = 5 * time.Second
+
+// endLent hands the link's lent payloads over to be ended: at once those
+// gRPC gives back itself (a live writer frees a cancelled stream's frames),
+// after lentGrace the rest (frames a writer that exited on a broken
+// connection never freed). Called with mu held, once the link's connection
+// is closed.
 func (l *outLink) endLent() {
-	for _, p := range l.lent {
-		p.end()
+	lent := l.lent
+	l.lent = nil
+	for _, p := range lent {
+		if !p.ended.Load() {
+			time.AfterFunc(lentGrace, func() {
+				for _, p := range lent {
+					p.end()
+				}
+			})
+			return
+		}
 	}
-	clear(l.lent)
-	l.lent = l.lent[:0]
 }
 
 // netEndpoint is a rank's Endpoint on NetTransport: outbound links by

@@ -14,8 +14,9 @@ import (
 // payload, registered under the content-subtype CodecName, so tensor bytes
 // are never inside protobuf messages and the Link service can share a
 // *grpc.Server with protobuf services. Sending, the payload is borrowed from
-// the caller (outMsg reports SendDone once gRPC has written it, or when the
-// endpoint closes for a frame its broken connection never wrote); receiving,
+// the caller (outMsg reports SendDone once gRPC has written it, or a while
+// after the endpoint closes for a frame its broken connection never wrote:
+// outLink.endLent); receiving,
 // the frame keeps gRPC's buffers until InFrame.Release.
 
 // CodecName is the gRPC content-subtype of data-plane frames
@@ -39,7 +40,7 @@ type outMsg struct {
 
 // lentPayload is a payload lent to gRPC, whose SendDone is reported once:
 // by gRPC's final Free of the buffer (outMsg.Put) or, for a frame gRPC
-// never frees, by the endpoint's Close (outLink.lent). gRPC frees the
+// never frees, after the endpoint's Close (outLink.endLent). gRPC frees the
 // frames of a stream that its connection's writer cleans up, but not those
 // still queued when that writer exits on a broken connection.
 type lentPayload struct {
