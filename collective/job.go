@@ -183,7 +183,7 @@ func checkJob(buf Buffer, n int) (int64, error) {
 				wrong++
 			}
 		}
-		buf.ReleaseChunk(off, l)
+		buf.ReleaseChunk(off, l, b)
 	}
 	return wrong, nil
 }
