@@ -29,7 +29,7 @@ func TestInstanceTypeHasNVIDIAGPU(t *testing.T) {
 func TestSystemdUnit(t *testing.T) {
 	for _, want := range []string{"Restart=always", "LimitNOFILE=", "LimitMEMLOCK=infinity", "StateDirectory=gpumesh",
 		"WorkingDirectory=/var/lib/gpumesh", "ExecStart=/usr/local/bin/gpumesh agent $GPUMESH_AGENT_ARGS",
-		"EnvironmentFile=-/etc/gpumesh/gpumesh.env", "KillMode=process", "WantedBy=multi-user.target"} {
+		"EnvironmentFile=-/etc/gpumesh/gpumesh.env", "Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID", "KillMode=process", "WantedBy=multi-user.target"} {
 		if !strings.Contains(SystemdUnit, want) {
 			t.Errorf("unit lacks %q", want)
 		}
