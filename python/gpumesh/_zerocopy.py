@@ -67,6 +67,9 @@ def _untyped(t):
     f = getattr(t, "untyped_storage", None)
     if f is not None:
         return f()
+    f = getattr(t, "_storage", None)  # PyTorch 1.13: without a TypedStorage made on the way
+    if f is not None:
+        return f()
     s = t.storage()
     return s.untyped() if hasattr(s, "untyped") else s._storage
 
@@ -130,6 +133,7 @@ def _weak_ref(s):
         return None
     try:
         w = _StorageWeakRef(s)
+        w.expired()  # the check of every operation works here
         return w, w.cdata
     except (RuntimeError, AttributeError, TypeError):
         return None
