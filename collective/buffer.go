@@ -27,12 +27,17 @@ type Buffer interface {
 	// Len is the number of elements.
 	Len() int
 	// ReadChunk returns the bytes of elements [off, off+n) for sending. They
-	// must stay valid and unchanged until ReleaseChunk(off, n) is called. Host
-	// buffers return a view without copying; device buffers stage into pinned
-	// host memory and return once that copy is done.
+	// must stay valid and unchanged until ReleaseChunk(off, n, data) is
+	// called with the slice returned. Host buffers return a view without
+	// copying; device buffers stage into pinned host memory and return once
+	// that copy is done. Several reads of one range may be outstanding at
+	// once (the same chunk sent to two peers), released in any order.
 	ReadChunk(off, n int) ([]byte, error)
-	// ReleaseChunk ends the use of bytes returned by ReadChunk(off, n).
-	ReleaseChunk(off, n int)
+	// ReleaseChunk ends the use of data, the slice that ReadChunk(off, n)
+	// returned: it names which of several outstanding reads of the range
+	// ends (a device buffer gives back that read's staging memory). It may
+	// be called from any goroutine (a transport's SendDone).
+	ReleaseChunk(off, n int, data []byte)
 	// WriteChunk stores src (exactly n*DType().Size() bytes, possibly in
 	// several segments) into elements [off, off+n).
 	WriteChunk(off int, src Segments) error
@@ -270,7 +275,7 @@ func (h *HostBuffer) rng(off, n int) ([]byte, error) {
 func (h *HostBuffer) ReadChunk(off, n int) ([]byte, error) { return h.rng(off, n) }
 
 // ReleaseChunk implements Buffer (nothing to do for host memory).
-func (h *HostBuffer) ReleaseChunk(off, n int) {}
+func (h *HostBuffer) ReleaseChunk(off, n int, data []byte) {}
 
 // WriteChunk implements Buffer.
 func (h *HostBuffer) WriteChunk(off int, src Segments) error {
@@ -389,6 +394,6 @@ func copyBuffer(dst Buffer, dstOff int, src Buffer, srcOff, n int) error {
 		return err
 	}
 	err = dst.WriteChunk(dstOff, Segments{b})
-	src.ReleaseChunk(srcOff, n)
+	src.ReleaseChunk(srcOff, n, b)
 	return err
 }

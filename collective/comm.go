@@ -396,7 +396,8 @@ type sendRec struct {
 	buf   Buffer
 	off   int
 	n     int
-	byRef bool // sent as a PeerRef only: nothing to release
+	data  []byte // what buf.ReadChunk returned; nil when byRef
+	byRef bool   // sent as a PeerRef only: nothing to release
 	tr    *sendTracker
 	h     Header
 }
@@ -405,10 +406,10 @@ var sendRecPool = sync.Pool{New: func() any { return new(sendRec) }}
 
 func (r *sendRec) SendDone() {
 	if !r.byRef {
-		r.buf.ReleaseChunk(r.off, r.n)
+		r.buf.ReleaseChunk(r.off, r.n, r.data)
 	}
 	tr := r.tr
-	r.buf, r.tr = nil, nil
+	r.buf, r.tr, r.data = nil, nil, nil
 	sendRecPool.Put(r)
 	if tr.hold != nil {
 		defer tr.hold.Release()
@@ -435,7 +436,7 @@ func (c *Communicator) send(ctx context.Context, tr *sendTracker, buf Buffer, hd
 		length = len(data)
 	}
 	r := sendRecPool.Get().(*sendRec)
-	r.buf, r.off, r.n, r.tr, r.byRef = buf, off, n, tr, byRef
+	r.buf, r.off, r.n, r.tr, r.byRef, r.data = buf, off, n, tr, byRef, data
 	r.h = *hdr
 	r.h.Offset = uint64(off)
 	r.h.Length = uint32(length)

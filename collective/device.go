@@ -14,10 +14,13 @@ import (
 type Device interface {
 	// Name is the device kind ("cpu", "cuda").
 	Name() string
-	// Alloc returns a zeroed buffer of n elements of dt for the rank whose
-	// local rank (index among the job's ranks on this node) is localRank.
-	// If the Buffer implements io.Closer, the caller closes it when done.
-	Alloc(localRank int, dt DType, n int) (Buffer, error)
+	// Alloc returns a zeroed buffer of n elements of dt on device index gpu:
+	// the GPU ordinal the rank was placed on (ranks sharing a GPU pass the
+	// same one) or, for a rank placed without GPUs, its local rank (index
+	// among the job's ranks on this node); a device with fewer GPUs takes
+	// it modulo their number. If the Buffer implements io.Closer, the
+	// caller closes it when done.
+	Alloc(gpu int, dt DType, n int) (Buffer, error)
 }
 
 var (

@@ -91,8 +91,10 @@
 // memory with zero-copy sends. A device implementation (in its own package)
 // may run WriteChunk/ReduceChunk asynchronously on per-channel streams as long
 // as operations on overlapping ranges keep their order and Sync waits for
-// all; ReadChunk stages into pinned memory and ReleaseChunk recycles it, so
-// D2H, network, H2D and the reduce kernel overlap across chunks and channels.
+// all; ReadChunk stages into pinned memory and ReleaseChunk (handed the
+// bytes that read returned, since one range may be read for several peers at
+// once) recycles it, so D2H, network, H2D and the reduce kernel overlap
+// across chunks and channels.
 // Optional interfaces: BufferCopier (device-to-device copies), Allocator
 // (scratch buffers), PeerReducer (ranks of one process: the LocalTransport
 // hands the receiver the sender's Buffer and offset, so two GPUs of one

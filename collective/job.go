@@ -26,8 +26,12 @@ type AllReduceJobSpec struct {
 	// Device is "auto", "cpu" or "cuda" (see LookupDevice).
 	Device string `json:"device"`
 	// LocalRank is the rank's index among the job's ranks on its node (picks
-	// the GPU).
+	// the GPU when GPUs is empty).
 	LocalRank int `json:"local_rank"`
+	// GPUs are the device ordinals the rank was placed on; it computes on
+	// the first (ranks sharing one GPU name the same). Empty: LocalRank
+	// picks the device.
+	GPUs []int `json:"gpus,omitempty"`
 	// Progress, if set, is called after each timed iteration (bench UIs).
 	Progress func(size int64, iter, iters int) `json:"-"`
 }
@@ -58,6 +62,15 @@ func (s *AllReduceJobSpec) Validate() error {
 		}
 	}
 	return nil
+}
+
+// deviceIndex is what the rank passes to Device.Alloc: its placed GPU, or
+// its local rank when it was placed without one.
+func (s *AllReduceJobSpec) deviceIndex() int {
+	if len(s.GPUs) > 0 {
+		return s.GPUs[0]
+	}
+	return s.LocalRank
 }
 
 // AllReduceSizeResult is the measurement of one size.
@@ -170,7 +183,7 @@ func checkJob(buf Buffer, n int) (int64, error) {
 				wrong++
 			}
 		}
-		buf.ReleaseChunk(off, l)
+		buf.ReleaseChunk(off, l, b)
 	}
 	return wrong, nil
 }
@@ -198,7 +211,7 @@ func RunAllReduceJob(ctx context.Context, comm *Communicator, spec AllReduceJobS
 	n := comm.Size()
 	for _, size := range spec.Sizes {
 		count := int(size / int64(spec.DType.Size()))
-		buf, err := dev.Alloc(spec.LocalRank, spec.DType, count)
+		buf, err := dev.Alloc(spec.deviceIndex(), spec.DType, count)
 		if err != nil {
 			return rep, fmt.Errorf("allreduce job: allocating %s on %s: %w", bytesize.Format(size), dev.Name(), err)
 		}

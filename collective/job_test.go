@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"reflect"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -93,5 +95,56 @@ func TestLookupDevice(t *testing.T) {
 	}
 	if d, _ := LookupDevice("auto"); d.Name() != "cpu" {
 		t.Fatalf("auto without cuda: %v", d.Name())
+	}
+}
+
+// indexDevice is the host device that records the device index each Alloc
+// was given.
+type indexDevice struct {
+	mu  *sync.Mutex
+	got map[int]bool
+}
+
+func (indexDevice) Name() string { return "index" }
+func (d indexDevice) Alloc(gpu int, dt DType, n int) (Buffer, error) {
+	d.mu.Lock()
+	d.got[gpu] = true
+	d.mu.Unlock()
+	return NewHostBuffer(dt, n), nil
+}
+
+// The allreduce job computes on the GPU its rank was placed on (ranks that
+// share a GPU name the same one); without one, its local rank picks.
+func TestRunAllReduceJobUsesThePlacedGPU(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		gpus func(rank int) []int
+		want map[int]bool
+	}{
+		{"two ranks share GPU 3", func(int) []int { return []int{3} }, map[int]bool{3: true}},
+		{"a GPU each", func(r int) []int { return []int{5 + r} }, map[int]bool{5: true, 6: true}},
+		{"no GPUs: local ranks", func(int) []int { return nil }, map[int]bool{0: true, 1: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, comms, err := NewLocalGroup("job-"+strings.ReplaceAll(tc.name, " ", "-"), 1, 2, testConfig())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer CloseAll(comms)
+			dev := indexDevice{mu: &sync.Mutex{}, got: map[int]bool{}}
+			RegisterDevice(dev)
+			for _, err := range RunAll(comms, func(c *Communicator) error {
+				_, err := RunAllReduceJob(context.Background(), c, AllReduceJobSpec{Sizes: []int64{4 << 10}, Iters: 1, Device: "index",
+					LocalRank: c.Rank(), GPUs: tc.gpus(c.Rank())}, nil)
+				return err
+			}) {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !reflect.DeepEqual(dev.got, tc.want) {
+				t.Fatalf("allocated on device indexes %v, want %v", dev.got, tc.want)
+			}
+		})
 	}
 }

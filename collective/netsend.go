@@ -255,7 +255,7 @@ func (e *netEndpoint) Send(ctx context.Context, peer, ch int, h *Header, payload
 	}
 	PutHeader(m.hdr[:], &hh)
 	m.data = payload
-	m.done = done
+	m.done = l.lend(done)
 	return e.sendErr(peer, l.stream.SendMsg(m))
 }
 

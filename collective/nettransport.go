@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -79,6 +80,56 @@ type outLink struct {
 	cancel     context.CancelFunc
 	watchDone  chan struct{}
 	peerClosed atomicBool
+	// lent are the payloads lent to gRPC on this link whose SendDone may
+	// not have been reported yet; Close reports those gRPC never frees.
+	lent []*lentPayload
+}
+
+// maxLent bounds lent before the reported ones are pruned.
+const maxLent = 64
+
+// lend records that done's payload is lent to gRPC; called with mu held.
+func (l *outLink) lend(done SendDone) *lentPayload {
+	if len(l.lent) >= maxLent {
+		kept := l.lent[:0]
+		for _, p := range l.lent {
+			if !p.ended.Load() {
+				kept = append(kept, p)
+			}
+		}
+		clear(l.lent[len(kept):])
+		l.lent = kept
+	}
+	p := &lentPayload{done: done}
+	l.lent = append(l.lent, p)
+	return p
+}
+
+// lentGrace is how long after a link's connection is closed its lent
+// payloads that gRPC has not given back are ended by the endpoint. gRPC
+// gives its connection's writer 5 s to finish before it closes the socket
+// under it; the same wait here keeps a payload's memory from being released
+// while a writer that is still running may read it.
+var lentGrace = 5 * time.Second
+
+// endLent hands the link's lent payloads over to be ended: at once those
+// gRPC gives back itself (a live writer frees a cancelled stream's frames),
+// after lentGrace the rest (frames a writer that exited on a broken
+// connection never freed). Called with mu held, once the link's connection
+// is closed.
+func (l *outLink) endLent() {
+	lent := l.lent
+	l.lent = nil
+	for _, p := range lent {
+		if !p.ended.Load() {
+			time.AfterFunc(lentGrace, func() {
+				for _, p := range lent {
+					p.end()
+				}
+			})
+			return
+		}
+	}
 }
 
 // netEndpoint is a rank's Endpoint on NetTransport: outbound links by
@@ -275,6 +326,7 @@ func (e *netEndpoint) Close() error {
 			_ = l.cc.Close()
 			l.stream = nil
 		}
+		l.endLent()
 		if l.lane != nil {
 			_ = l.lane.close()
 			l.lane = nil

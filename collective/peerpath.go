@@ -103,7 +103,7 @@ func consumeByRef(buf Buffer, f *InFrame, off, n int, reduce bool, op Op) error 
 	if err != nil {
 		return err
 	}
-	defer src.ReleaseChunk(f.Peer.Off, n)
+	defer src.ReleaseChunk(f.Peer.Off, n, data)
 	if reduce {
 		return buf.ReduceChunk(off, Segments{data}, op)
 	}

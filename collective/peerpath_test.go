@@ -69,7 +69,7 @@ func (b *refBuf) ReadChunk(off, n int) ([]byte, error) {
 	return d, nil
 }
 
-func (b *refBuf) ReleaseChunk(off, n int) {}
+func (b *refBuf) ReleaseChunk(off, n int, data []byte) {}
 
 func (b *refBuf) PrefetchChunk(off, n int) error {
 	b.prefetches.Add(1)

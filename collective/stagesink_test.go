@@ -28,7 +28,7 @@ func newStagerBuf(h *HostBuffer) *stagerBuf { return &stagerBuf{h: h, out: map[*
 func (b *stagerBuf) DType() DType                         { return b.h.DType() }
 func (b *stagerBuf) Len() int                             { return b.h.Len() }
 func (b *stagerBuf) ReadChunk(off, n int) ([]byte, error) { return b.h.ReadChunk(off, n) }
-func (b *stagerBuf) ReleaseChunk(off, n int)              {}
+func (b *stagerBuf) ReleaseChunk(off, n int, data []byte) {}
 func (b *stagerBuf) DivChunk(off, n, divisor int) error   { return b.h.DivChunk(off, n, divisor) }
 func (b *stagerBuf) Sync() error                          { return nil }
 func (b *stagerBuf) WriteChunk(off int, src Segments) error {

@@ -3,6 +3,7 @@ package collective
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
@@ -13,7 +14,9 @@ import (
 // payload, registered under the content-subtype CodecName, so tensor bytes
 // are never inside protobuf messages and the Link service can share a
 // *grpc.Server with protobuf services. Sending, the payload is borrowed from
-// the caller (outMsg reports SendDone once gRPC has written it); receiving,
+// the caller (outMsg reports SendDone once gRPC has written it, or a while
+// after the endpoint closes for a frame its broken connection never wrote:
+// outLink.endLent); receiving,
 // the frame keeps gRPC's buffers until InFrame.Release.
 
 // CodecName is the gRPC content-subtype of data-plane frames
@@ -25,14 +28,31 @@ func init() { encoding.RegisterCodecV2(frameCodec{}) }
 // outMsg is a frame being sent: its header bytes and a borrowed payload.
 // It is also the mem.BufferPool of its payload buffer, so gRPC's final Free
 // of the payload (after the bytes are written to the socket) reaches Put,
-// which reports SendDone.
+// which reports SendDone through done.
 type outMsg struct {
 	hdr    [HeaderSize]byte
 	hdrBuf mem.Buffer
 	data   []byte
-	done   SendDone
+	done   *lentPayload
 	bs     [2]mem.Buffer
 	whole  []byte // small frames: header and payload copied together
+}
+
+// lentPayload is a payload lent to gRPC, whose SendDone is reported once:
+// by gRPC's final Free of the buffer (outMsg.Put) or, for a frame gRPC
+// never frees, after the endpoint's Close (outLink.endLent). gRPC frees the
+// frames of a stream that its connection's writer cleans up, but not those
+// still queued when that writer exits on a broken connection.
+type lentPayload struct {
+	done  SendDone
+	ended atomic.Bool
+}
+
+// end reports SendDone unless it was reported already.
+func (p *lentPayload) end() {
+	if !p.ended.Swap(true) {
+		p.done.SendDone()
+	}
 }
 
 var outMsgPool = sync.Pool{New: func() any {
@@ -50,7 +70,7 @@ func (m *outMsg) Put(*[]byte) {
 	m.done, m.data, m.bs[0], m.bs[1] = nil, nil, nil, nil
 	outMsgPool.Put(m)
 	if d != nil {
-		d.SendDone()
+		d.end()
 	}
 }
 

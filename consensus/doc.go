@@ -82,7 +82,8 @@
 // checks the port is free before starting rank 0 of an exec job; one held
 // by a process outside gpumesh is reported as a start failure
 // (StartMasterPortBusy), which ends the generation without a restart
-// (CauseMasterPortBusy) and keeps that port out of the next pick; a second
+// (CauseMasterPortBusy) and keeps that port out of the job's next pick on
+// that host (read from the job's own ended allocations); a second
 // one in a row counts as the job's failure. A rank whose agent finds
 // another job's newest checkpoint under the job's checkpoint.uri is
 // reported as StartCheckpointOtherJob, which fails the job at once (every

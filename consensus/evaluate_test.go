@@ -383,6 +383,57 @@ func TestEvaluateMasterPortBusyPlacesAgainWithAnotherPort(t *testing.T) {
 	}
 }
 
+// The leader's view (StateStore.ClusterView) holds no ended allocation, so
+// the port that generation 1's rank 0 found busy must come from the job's
+// own allocations: generation 2 gets another port even where its own
+// start in the range is that very port.
+func TestEvaluateMasterPortBusyKeptOutOfNextPick(t *testing.T) {
+	s := newSim(t, "a", "b")
+	// A job whose generations 1 and 2 start their search at the same port
+	// (a range of 3: FNV's last step never maps ".../1" and ".../2" to one
+	// value modulo a power of two).
+	s.cfg.MasterPortMin, s.cfg.MasterPortMax = 29500, 29502
+	id := ""
+	for i := 0; i < 1000 && id == ""; i++ {
+		c := fmt.Sprintf("j%d", i)
+		e1 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
+		e2 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
+		if e1.pickPort("k", c, 1, nil) == e2.pickPort("k", c, 2, nil) {
+			id = c
+		}
+	}
+	if id == "" {
+		t.Fatal("no job ID whose generations 1 and 2 start at one port")
+	}
+	s.register(id, 2, 1)
+	s.step(id)
+	var busy int32
+	for _, a := range s.gen(id) {
+		if a.Rank != 0 {
+			s.report(a.Id, AllocRunning, 0)
+			continue
+		}
+		busy = a.MasterPort
+		s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
+			Allocations: []*fsmpb.Allocation{{Id: a.Id, ClientStatus: AllocFailed, ExitCode: -1,
+				Message: "MASTER_PORT is in use", StartFailure: StartMasterPortBusy}}}}})
+	}
+	s.step(id)
+	if j := s.job(id); Cause(j.EndCause) != CauseMasterPortBusy {
+		t.Fatalf("after a busy port: %v", j)
+	}
+	s.stopAll(id)
+	s.step(id)
+	if j := s.job(id); j.Status != JobRunning || j.Generation != 2 {
+		t.Fatalf("not placed again: %v", j)
+	}
+	for _, a := range s.gen(id) {
+		if a.Rank == 0 && a.MasterPort == busy {
+			t.Fatalf("generation 2's rank 0 got MASTER_PORT %d again, which generation 1 found busy", busy)
+		}
+	}
+}
+
 // A rank whose agent found another job's checkpoints under the job's
 // checkpoint.uri fails the job at once, without restarts (each would fail
 // the same way), with the agent's message, and its other ranks stop.

@@ -26,12 +26,13 @@ import (
 // added services, their rolling updates, node eligibility, checkpoints and
 // end causes (every field of every command then), v3 by the build that
 // added Allocation.start_failure, v4 by the build that added
-// PurgeAllocations (allocation garbage collection). Every build must read
-// all of them; TestWriteFSMGolden writes goldenPath, the newest.
+// PurgeAllocations (allocation garbage collection), v5 by the build that
+// added JobSpec.ranks_per_gpu. Every build must read all of them;
+// TestWriteFSMGolden writes goldenPath, the newest.
 var (
 	goldenPaths = []string{filepath.Join("testdata", "fsm-v1.golden.json"), filepath.Join("testdata", "fsm-v2.golden.json"),
-		filepath.Join("testdata", "fsm-v3.golden.json"), goldenPath}
-	goldenPath = filepath.Join("testdata", "fsm-v4.golden.json")
+		filepath.Join("testdata", "fsm-v3.golden.json"), filepath.Join("testdata", "fsm-v4.golden.json"), goldenPath}
+	goldenPath = filepath.Join("testdata", "fsm-v5.golden.json")
 )
 
 type golden struct {

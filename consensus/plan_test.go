@@ -35,6 +35,8 @@ func TestPlanJob(t *testing.T) {
 		{"the busy node's GPUs are taken", &controlpb.JobSpec{Ranks: 3, GpusPerRank: 1, Placement: "pack"}, busy, nil, "needs 3 GPUs"},
 		{"without allocations both nodes serve", &controlpb.JobSpec{Ranks: 4, GpusPerRank: 1, Placement: "pack"}, nil, []string{"a", "a", "b", "b"}, ""},
 		{"draining and down nodes take nothing", &controlpb.JobSpec{Ranks: 5, GpusPerRank: 1, Placement: "pack"}, nil, nil, "1 node draining"},
+		{"ranks share the free node's GPUs", &controlpb.JobSpec{Ranks: 4, GpusPerRank: 1, RanksPerGpu: 2, Placement: "pack"}, busy, []string{"b", "b", "b", "b"}, ""},
+		{"sharing needs free GPUs too", &controlpb.JobSpec{Ranks: 5, GpusPerRank: 1, RanksPerGpu: 2, Placement: "pack"}, busy, nil, "needs at least 3 GPUs (5 ranks, up to 2 on one GPU); 2 free"},
 		{"a constraint nobody meets", &controlpb.JobSpec{Ranks: 1, GpusPerRank: 1, Placement: "pack", Constraints: &controlpb.Constraints{MinGpuMemory: "100GiB"}}, nil, nil, "min_gpu_memory=100GiB"},
 	}
 	for _, tc := range cases {

@@ -170,11 +170,7 @@ func NewEvaluator(v ClusterView, cfg SchedulerConfig) (*Evaluator, error) {
 	var existing []sharding.Allocation
 	for _, a := range v.Allocations {
 		if AllocTerminal(a.ClientStatus) {
-			if a.StartFailure == StartMasterPortBusy && a.MasterPort != 0 {
-				// Held by something outside gpumesh when last tried.
-				e.reservePort(masterKey(a.MasterAddr, a.NodeId), a.MasterPort)
-			}
-			continue
+			continue // a busy MASTER_PORT is the job's to avoid: see busyPorts
 		}
 		if n := e.nodes[a.NodeId]; n == nil || !nodeAlive(n) {
 			continue
@@ -483,7 +479,7 @@ func (e *Evaluator) evalPending(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 		return Decision{Plan: p, WakeAt: wake, Again: true}
 	}
-	return e.place(j, p, now)
+	return e.place(j, busyPorts(allocs), p, now)
 }
 
 // settle decides whether a rank failure (CauseRankFailed) was the job's
@@ -536,7 +532,7 @@ func (e *Evaluator) settle(j *controlpb.Job, allocs []*controlpb.Allocation, los
 
 // place places the next generation of a pending job whose previous one has
 // stopped.
-func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Decision {
+func (e *Evaluator) place(j *controlpb.Job, busy map[string]map[int32]bool, p *fsmpb.JobPlan, now time.Time) Decision {
 	sj, err := toShardingJob(j.Id, j.Spec)
 	if err != nil {
 		p.Status = JobFailed
@@ -580,7 +576,8 @@ func (e *Evaluator) place(j *controlpb.Job, p *fsmpb.JobPlan, now time.Time) Dec
 			if master := e.nodes[r.NodeID]; master != nil {
 				masterHost = hostOf(master.RpcAddr)
 			}
-			masterPort = e.pickPort(masterKey(masterHost, r.NodeID), j.Id, gen)
+			key := masterKey(masterHost, r.NodeID)
+			masterPort = e.pickPort(key, j.Id, gen, busy[key])
 		}
 	}
 	for _, r := range plan.Ranks {
@@ -633,24 +630,61 @@ func (e *Evaluator) reservePort(key string, port int32) {
 	m[port] = true
 }
 
-// pickPort reserves a MASTER_PORT that no live job uses on key's host:
-// the first free one from a start derived from the job and generation
-// (so that a generation does not meet a port its predecessor or torchrun's
-// default 29500 may still hold), wrapping around the range.
-func (e *Evaluator) pickPort(key, jobID string, gen uint64) int32 {
+// busyPorts returns, by masterKey, the MASTER_PORTs that the job's rank 0
+// found held by a process outside gpumesh (StartMasterPortBusy), for the
+// next pick to avoid. They come from the job's own allocations (Evaluate's
+// allocs keep the ended ones that matter until GC lets them go), not from
+// the ClusterView, which holds only allocations that still hold resources.
+func busyPorts(allocs []*controlpb.Allocation) map[string]map[int32]bool {
+	var busy map[string]map[int32]bool
+	for _, a := range allocs {
+		if a.StartFailure != StartMasterPortBusy || a.MasterPort == 0 {
+			continue
+		}
+		if busy == nil {
+			busy = map[string]map[int32]bool{}
+		}
+		key := masterKey(a.MasterAddr, a.NodeId)
+		if busy[key] == nil {
+			busy[key] = map[int32]bool{}
+		}
+		busy[key][a.MasterPort] = true
+	}
+	return busy
+}
+
+// pickPort reserves a MASTER_PORT that no live job uses on key's host and
+// that is not in avoid (ports found busy there; nil: none): the first free
+// one from a start derived from the job and generation (so that a
+// generation does not meet a port its predecessor or torchrun's default
+// 29500 may still hold), wrapping around the range. When every free port
+// is in avoid, it takes the first free one anyway (the start may find the
+// port free again; a second busy port in a row fails the generation).
+func (e *Evaluator) pickPort(key, jobID string, gen uint64, avoid map[int32]bool) int32 {
 	lo, hi := int32(e.cfg.MasterPortMin), int32(e.cfg.MasterPortMax)
 	span := hi - lo + 1
 	h := fnv.New32a()
 	fmt.Fprintf(h, "%s/%d", jobID, gen)
 	start := int32(h.Sum32() % uint32(span))
+	fallback := int32(0)
 	for i := int32(0); i < span; i++ {
 		p := lo + (start+i)%span
-		if !e.ports[key][p] {
-			e.reservePort(key, p)
-			return p
+		if e.ports[key][p] {
+			continue
 		}
+		if avoid[p] {
+			if fallback == 0 {
+				fallback = p
+			}
+			continue
+		}
+		e.reservePort(key, p)
+		return p
 	}
-	return 0
+	if fallback != 0 {
+		e.reservePort(key, fallback)
+	}
+	return fallback
 }
 
 func toShardingNode(n *controlpb.Node) sharding.Node {
@@ -704,6 +738,7 @@ func toShardingJob(id string, spec *controlpb.JobSpec) (sharding.Job, error) {
 		ID:          id,
 		Ranks:       int(spec.GetRanks()),
 		GPUsPerRank: int(spec.GetGpusPerRank()),
+		RanksPerGPU: int(spec.GetRanksPerGpu()),
 		Placement:   spec.GetPlacement(),
 	}
 	if spec.GetMaxRanks() > 0 {

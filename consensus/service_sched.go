@@ -299,7 +299,7 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures i
 		// A replica is its own torchrun "world" for the environment's
 		// sake: MASTER_* name its node.
 		a.MasterAddr = hostOf(n.RpcAddr)
-		a.MasterPort = e.pickPort(masterKey(a.MasterAddr, pr.NodeID), j.Id, gen)
+		a.MasterPort = e.pickPort(masterKey(a.MasterAddr, pr.NodeID), j.Id, gen, nil)
 	}
 	return a, ""
 }

@@ -169,7 +169,7 @@ func NewAgent(userCfg *Config) (a *Agent, err error) {
 		RaftAddr:     joinHostPort(a.advAddr, raftPort),
 		HttpAddr:     joinHostPort(a.advAddr, a.httpLn.Addr().(*net.TCPAddr).Port),
 		ServeAddr:    a.advertisedServeAddr(),
-		Gpus:         discoverGPUs(logger),
+		Gpus:         cfg.gpus(logger),
 		InstanceType: cfg.InstanceType,
 		Az:           cfg.AZ,
 		Region:       cfg.Region,

@@ -67,9 +67,27 @@ func toMap(v any) map[string]any {
 	return m
 }
 
+// deviceIndex is the GPU a built-in rank computes on: the one it was placed
+// on (ranks sharing a GPU get the same), or its local rank when it was
+// placed without GPUs (device auto or cuda with gpus_per_rank 0).
+func deviceIndex(al *pb.Allocation) int {
+	if len(al.Gpus) > 0 {
+		return int(al.Gpus[0])
+	}
+	return int(al.LocalRank)
+}
+
+func intsOf(v []int32) []int {
+	out := make([]int, len(v))
+	for i, x := range v {
+		out[i] = int(x)
+	}
+	return out
+}
+
 func startAllReduce(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (task, error) {
 	s := job.Spec.GetAllreduce()
-	spec := collective.AllReduceJobSpec{Iters: int(s.GetIters()), Device: s.GetDevice(), LocalRank: int(al.LocalRank)}
+	spec := collective.AllReduceJobSpec{Iters: int(s.GetIters()), Device: s.GetDevice(), LocalRank: int(al.LocalRank), GPUs: intsOf(al.Gpus)}
 	dt, err := collective.ParseDType(s.GetDtype())
 	if err != nil {
 		return nil, err
@@ -151,7 +169,7 @@ func startPipeline(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Jo
 		if err != nil {
 			return nil, err
 		}
-		dev, err := pipelineDevice(spec.Device, int(al.LocalRank))
+		dev, err := pipelineDevice(spec.Device, deviceIndex(al))
 		if err != nil {
 			return nil, err
 		}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/collective"
 	"github.com/gpumesh/gpumesh/consensus"
+	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/mesh"
 	"github.com/gpumesh/gpumesh/sharding"
 )
@@ -107,6 +108,11 @@ type Config struct {
 	// JobGCAge is how long ended jobs stay in the cluster state (and can be
 	// inspected) before the leader purges them; zero keeps them forever.
 	JobGCAge time.Duration
+	// AllocGCKeep is how many ended allocations each rank (service replica
+	// slot) of a job that has not ended keeps for inspection, besides those
+	// the scheduler still reads (consensus.Config.AllocGCKeep). Zero means
+	// consensus's default (3).
+	AllocGCKeep int
 	// NodeLossGrace is how long a node may be silent before the leader
 	// counts its ranks as lost and places their job again; an agent that
 	// restarts within it adopts its still-running exec tasks and the job
@@ -132,6 +138,9 @@ type Config struct {
 	// GPUSampler reads GPU health for /metrics and the dashboard; nil means
 	// NVML (cuda.Sample). Tests pass a fake.
 	GPUSampler GPUSampler
+	// GPUs lists the GPUs the node offers for placement, once at start;
+	// nil means NVML (discoverGPUs). Tests pass a fake inventory.
+	GPUs func() []*pb.GPU
 	// Security is mutual TLS for gRPC and Raft and the ACL token for
 	// mutating calls (security.go); the zero value is off.
 	Security SecurityConfig
@@ -161,6 +170,7 @@ func DefaultConfig() *Config {
 		DataPlane:         "tcp",
 		LaneSocketBuffer:  collective.DefaultNetConfig().LaneSocketBuffer,
 		JobGCAge:          4 * time.Hour,
+		AllocGCKeep:       consensus.DefaultConfig().AllocGCKeep,
 		NodeLossGrace:     consensus.DefaultConfig().NodeLossGrace,
 		Lifecycle:         "unknown",
 	}
@@ -229,6 +239,9 @@ func (c *Config) Validate() error {
 	}
 	if err := c.EC2.validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.AllocGCKeep < 0 {
+		errs = append(errs, fmt.Errorf("allocation GC keep must be >= 1, got %d (--alloc-gc-keep)", c.AllocGCKeep))
 	}
 	if c.NodeLossGrace < 0 {
 		errs = append(errs, fmt.Errorf("node loss grace must be >= 0, got %s (--node-loss-grace)", c.NodeLossGrace))

@@ -37,6 +37,9 @@ func newRaft(a *Agent, raftPort int) (_ raftServer, err error) {
 		// Look often enough that nothing outlives its age by much.
 		cfg.JobGCInterval = min(time.Minute, max(a.cfg.JobGCAge/4, 100*time.Millisecond))
 	}
+	if a.cfg.AllocGCKeep > 0 {
+		cfg.AllocGCKeep = a.cfg.AllocGCKeep
+	}
 	if a.cfg.NodeLossGrace > 0 {
 		cfg.NodeLossGrace = a.cfg.NodeLossGrace
 	}

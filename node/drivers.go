@@ -152,10 +152,7 @@ func startExec(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job) (
 	}
 	spec := job.Spec
 	id := taskID(al)
-	gpus := make([]int, len(al.Gpus))
-	for i, g := range al.Gpus {
-		gpus[i] = int(g)
-	}
+	gpus := intsOf(al.Gpus) // ranks sharing a GPU (ranks_per_gpu) see the same one
 	allocDir := driver.AllocDir(mustAbs(r.a.cfg.DataDir), id)
 	user, err := r.taskUser(spec.GetExec().GetUser(), al.JobId)
 	if err != nil {

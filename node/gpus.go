@@ -7,6 +7,14 @@ import (
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 )
 
+// gpus is the node's GPU inventory: Config.GPUs, or NVML's.
+func (c *Config) gpus(logger hclog.Logger) []*pb.GPU {
+	if c.GPUs != nil {
+		return c.GPUs()
+	}
+	return discoverGPUs(logger)
+}
+
 // discoverGPUs asks NVML (loaded at run time) for this host's GPUs. A host
 // without the NVIDIA driver has none; that is not an error.
 func discoverGPUs(logger hclog.Logger) []*pb.GPU {

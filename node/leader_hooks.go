@@ -62,6 +62,21 @@ func (a *Agent) stopLeaderHooks() {
 	}
 }
 
+// nodesForRanks is how many nodes like the largest of today (gpusPerNode
+// GPUs, ranksPerNode ranks) take ranks ranks of a job with spec: a node
+// takes gpusPerNode / gpus_per_rank ranks, times ranks_per_gpu when they
+// share GPUs.
+func nodesForRanks(spec *pb.JobSpec, ranks, gpusPerNode, ranksPerNode int) int {
+	per := ranksPerNode
+	if g := int(spec.GetGpusPerRank()); g > 0 && gpusPerNode > 0 {
+		per = gpusPerNode / g * max(int(spec.GetRanksPerGpu()), 1)
+	}
+	if per < 1 {
+		per = 1
+	}
+	return int(math.Ceil(float64(ranks) / float64(per)))
+}
+
 // Demand is what the fleet autoscaler needs to know, read from the
 // replicated state by the leader: how many gang jobs wait for capacity, how
 // many more nodes they need, and since when each live node (by name, which
@@ -82,18 +97,7 @@ func (a *Agent) Demand() deploy.Demand {
 			ranksPerNode = int(n.MaxRanks)
 		}
 	}
-	// nodesFor is how many nodes like the largest of today take ranks
-	// ranks of j.
-	nodesFor := func(j *pb.Job, ranks int) int {
-		per := ranksPerNode
-		if g := int(j.Spec.GetGpusPerRank()); g > 0 && gpusPerNode > 0 {
-			per = gpusPerNode / g
-		}
-		if per < 1 {
-			per = 1
-		}
-		return int(math.Ceil(float64(ranks) / float64(per)))
-	}
+	nodesFor := func(j *pb.Job, ranks int) int { return nodesForRanks(j.Spec, ranks, gpusPerNode, ranksPerNode) }
 	for _, j := range st.Jobs() {
 		switch j.Status {
 		case consensus.JobPending:

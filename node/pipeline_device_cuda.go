@@ -17,8 +17,8 @@ var (
 )
 
 // pipelineDevice gives a pipeline stage that asks for cuda (or auto, where
-// GPUs exist) the GPU of its local rank.
-func pipelineDevice(want string, localRank int) (pipeline.Device, error) {
+// GPUs exist) GPU gpu (see deviceIndex) modulo the GPUs there are.
+func pipelineDevice(want string, gpu int) (pipeline.Device, error) {
 	if want != "cuda" && want != "auto" {
 		return nil, nil
 	}
@@ -30,7 +30,7 @@ func pipelineDevice(want string, localRank int) (pipeline.Device, error) {
 		return nil, fmt.Errorf("pipeline on cuda: no usable GPU: %v", cudaErr)
 	}
 	devs := cudaRT.Devices()
-	d, err := pipeline.NewCUDADevice(devs[localRank%len(devs)])
+	d, err := pipeline.NewCUDADevice(devs[gpu%len(devs)])
 	if err != nil {
 		return nil, err
 	}

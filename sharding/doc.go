@@ -19,6 +19,13 @@
 // matching az=us-east-1a; 4 free on 2 eligible nodes (at most 2 on one
 // node); 1 node draining"); errors.Is(err, ErrUnplaceable) holds for it.
 //
+// Shared GPUs. A job with RanksPerGPU N > 1 (and GPUsPerRank 1) puts up to
+// N of its ranks on each GPU it gets: a node takes N ranks per free GPU, and
+// its ranks fill the lowest free GPUs N at a time. The GPU is the job's as
+// a whole: Apply books it once for the group and no other job is placed on
+// it, however few of the job's ranks use it. Pack and spread count N ranks
+// per free GPU when they choose nodes; ranks sharing a GPU are on one node.
+//
 // Availability zones. Pack keeps a job in one zone whenever a zone can hold
 // it, because ring collectives pay cross-zone latency on every step and AWS
 // charges for cross-zone traffic; when no zone can, it spans zones rather

@@ -22,6 +22,13 @@ import (
 //     a GPU held by an existing allocation, never a GPU smaller than
 //     Constraints.MinGPUMemoryBytes. GPUs are given lowest index first, and a
 //     node's ranks get consecutive blocks of them.
+//   - With RanksPerGPU N > 1 (and GPUsPerRank 1), a node takes up to N ranks
+//     of the job per free GPU: its ranks fill the lowest free GPUs N at a
+//     time (local ranks 0..N-1 share the first, and so on; the last GPU may
+//     hold fewer). A GPU given to the job's ranks is held as a whole: no
+//     other job is placed on it, however few of the job's ranks use it.
+//     Ranks sharing a GPU are always on one node; pack and spread decide
+//     how many ranks each node gets, counting N ranks per free GPU.
 //   - CPU ranks (GPUsPerRank 0) share a node up to Node.MaxRanks (zero means
 //     no cap). They go to nodes without GPUs when those can hold the job, so
 //     GPU nodes stay free for GPU work.
@@ -73,6 +80,10 @@ func ValidateJob(job Job) error {
 		return fmt.Errorf("%w: job %q: min ranks (%d) must not exceed ranks (%d)", ErrInvalidJob, job.ID, job.MinRanks, job.Ranks)
 	case job.GPUsPerRank < 0:
 		return fmt.Errorf("%w: job %q: GPUs per rank must be >= 0, got %d", ErrInvalidJob, job.ID, job.GPUsPerRank)
+	case job.RanksPerGPU < 0:
+		return fmt.Errorf("%w: job %q: ranks per GPU must be >= 0, got %d", ErrInvalidJob, job.ID, job.RanksPerGPU)
+	case job.RanksPerGPU > 1 && job.GPUsPerRank != 1:
+		return fmt.Errorf("%w: job %q: %d ranks per GPU needs 1 GPU per rank, got %d; ask for 1 GPU per rank or drop the sharing", ErrInvalidJob, job.ID, job.RanksPerGPU, job.GPUsPerRank)
 	}
 	switch job.Placement {
 	case "", PlacementPack, PlacementSpread:
@@ -88,6 +99,11 @@ func ValidateJob(job Job) error {
 		return fmt.Errorf("%w: job %q: min GPU memory is set but GPUs per rank is 0; ask for GPUs or drop the constraint", ErrInvalidJob, job.ID)
 	}
 	return nil
+}
+
+// share is how many of the job's ranks may hold one GPU (1: none share).
+func (job Job) share() int {
+	return max(job.RanksPerGPU, 1)
 }
 
 // Cluster is a snapshot of the nodes and what is booked on them, for placing
@@ -222,7 +238,10 @@ type scan struct {
 	eligible int         // nodes passing state and constraints
 	freeGPUs int         // free GPUs (meeting memory) on eligible nodes
 	maxFree  int         // most such GPUs on one eligible node
-	excluded [exCount]int
+	// rankLimited counts eligible GPU nodes whose MaxRanks leaves room for
+	// some of the job's ranks, but fewer than their free GPUs would take.
+	rankLimited int
+	excluded    [exCount]int
 }
 
 func (c *Cluster) scan(job Job, want int, cpuOnlyNodes bool) scan {
@@ -282,11 +301,14 @@ func (c *Cluster) scan(job Job, want int, cpuOnlyNodes bool) scan {
 			s.eligible++
 			s.freeGPUs += free
 			s.maxFree = max(s.maxFree, free)
-			capacity = free / gpr
+			capacity = free / gpr * job.share()
 		} else {
 			s.eligible++
 		}
 		if n.MaxRanks > 0 {
+			if room := n.MaxRanks - st.ranks; gpr > 0 && room > 0 && room < capacity && room < want {
+				s.rankLimited++
+			}
 			capacity = min(capacity, n.MaxRanks-st.ranks)
 		}
 		if capacity <= 0 {
@@ -549,15 +571,21 @@ func (c *Cluster) spread(cands []candidate, n int, sameAZ bool, minRanks int) (c
 func (c *Cluster) buildPlan(job Job, ch choice) Plan {
 	plan := Plan{JobID: job.ID, Ranks: make([]RankPlacement, 0, ch.placed)}
 	gpr := job.GPUsPerRank
+	share := job.share()
+	if share > 1 {
+		plan.RanksPerGPU = share
+	}
 	minMem := job.Constraints.MinGPUMemoryBytes
 	rank := 0
 	for g, cd := range ch.nodes {
 		st := &c.nodes[cd.idx]
 		var free []int
 		if gpr > 0 {
-			free = make([]int, 0, cd.cap*gpr)
+			// share > 1 only with gpr 1: cd.cap ranks on ⌈cd.cap/share⌉ GPUs.
+			need := (cd.cap*gpr + share - 1) / share
+			free = make([]int, 0, need)
 			for k, gpu := range st.gpus {
-				if !st.held[k] && gpu.MemoryBytes >= minMem && len(free) < cd.cap*gpr {
+				if !st.held[k] && gpu.MemoryBytes >= minMem && len(free) < need {
 					free = append(free, gpu.Index)
 				}
 			}
@@ -570,7 +598,10 @@ func (c *Cluster) buildPlan(job Job, ch choice) Plan {
 				GroupRank:      g,
 				NodeID:         st.node.ID,
 			}
-			if gpr > 0 {
+			switch {
+			case share > 1:
+				rp.GPUs = []int{free[l/share]}
+			case gpr > 0:
 				rp.GPUs = slices.Clone(free[l*gpr : (l+1)*gpr])
 			}
 			plan.Ranks = append(plan.Ranks, rp)
@@ -603,7 +634,9 @@ func (c *Cluster) unplaceable(job Job, wantRanks, fit int, s scan, scope string)
 	if job.MinRanks > 0 && job.MinRanks < job.Ranks {
 		ranksWord = fmt.Sprintf("at least %d of %d ranks", wantRanks, job.Ranks)
 	}
-	if job.GPUsPerRank > 0 {
+	if share := job.share(); share > 1 && job.GPUsPerRank > 0 {
+		fmt.Fprintf(&b, "needs at least %s (%s, up to %d on one GPU)", plural((wantRanks+share-1)/share, "GPU"), ranksWord, share)
+	} else if job.GPUsPerRank > 0 {
 		fmt.Fprintf(&b, "needs %s (%s × %d", plural(wantRanks*job.GPUsPerRank, "GPU"), ranksWord, job.GPUsPerRank)
 		if job.GPUsPerRank > 1 {
 			fmt.Fprintf(&b, ", %d on one node per rank", job.GPUsPerRank)
@@ -623,6 +656,9 @@ func (c *Cluster) unplaceable(job Job, wantRanks, fit int, s scan, scope string)
 		fmt.Fprintf(&b, "%d free on %s", s.freeGPUs, plural(s.eligible, "eligible node"))
 		if job.GPUsPerRank > 1 && s.eligible > 0 {
 			fmt.Fprintf(&b, " (at most %d on one node)", s.maxFree)
+		}
+		if s.rankLimited > 0 {
+			fmt.Fprintf(&b, "; max ranks per node leaves room for fewer ranks than free GPUs on %s", plural(s.rankLimited, "node"))
 		}
 	} else {
 		fmt.Fprintf(&b, "room for %d on %s", total(s.cands), plural(s.eligible, "eligible node"))
@@ -671,8 +707,9 @@ func plural(n int, what string) string {
 
 // Apply books a plan's resources: its GPUs and one rank slot per rank. It
 // checks the whole plan first and changes nothing on error
-// (ErrConflict wrapped: a GPU already held, an unknown node or GPU, a node
-// over MaxRanks).
+// (ErrConflict wrapped: a GPU already held, a GPU given to more than
+// max(1, plan.RanksPerGPU) of the plan's ranks, an unknown node or GPU, a
+// node over MaxRanks).
 func (c *Cluster) Apply(plan Plan) error {
 	extra := map[int]int{}
 	for _, r := range plan.Ranks {
@@ -682,7 +719,8 @@ func (c *Cluster) Apply(plan Plan) error {
 		}
 		extra[i]++
 	}
-	seen := map[[2]int]bool{}
+	share := max(plan.RanksPerGPU, 1)
+	seen := map[[2]int]int{} // (node, GPU slot) → ranks of the plan on it
 	for _, r := range plan.Ranks {
 		i := c.index[r.NodeID]
 		st := &c.nodes[i]
@@ -691,10 +729,13 @@ func (c *Cluster) Apply(plan Plan) error {
 			if k < 0 {
 				return fmt.Errorf("%w: rank %d: node %q has no GPU %d", ErrConflict, r.Rank, r.NodeID, g)
 			}
-			if st.held[k] || seen[[2]int{i, k}] {
+			if st.held[k] {
 				return fmt.Errorf("%w: rank %d: GPU %d of node %q is already held", ErrConflict, r.Rank, g, r.NodeID)
 			}
-			seen[[2]int{i, k}] = true
+			if seen[[2]int{i, k}] == share {
+				return fmt.Errorf("%w: rank %d: GPU %d of node %q is already given to %s of the plan", ErrConflict, r.Rank, g, r.NodeID, plural(share, "rank"))
+			}
+			seen[[2]int{i, k}]++
 		}
 	}
 	for i, n := range extra {
@@ -707,8 +748,10 @@ func (c *Cluster) Apply(plan Plan) error {
 		st := &c.nodes[c.index[r.NodeID]]
 		st.ranks++
 		for _, g := range r.GPUs {
-			st.held[st.gpuSlot(g)] = true
-			st.free--
+			if k := st.gpuSlot(g); !st.held[k] {
+				st.held[k] = true
+				st.free--
+			}
 		}
 		c.jobs[plan.JobID] = append(c.jobs[plan.JobID], Allocation{JobID: plan.JobID, Rank: r.Rank, NodeID: r.NodeID, GPUs: slices.Clone(r.GPUs)})
 	}

@@ -240,6 +240,16 @@ func checkPlan(t *testing.T, nodes []Node, job Job, existing []Allocation, plan 
 	if n := len(plan.Ranks); n < minRanks || n > job.Ranks {
 		t.Fatalf("plan has %d ranks, want %d..%d", n, minRanks, job.Ranks)
 	}
+	share := max(job.RanksPerGPU, 1)
+	wantShare := 0
+	if share > 1 {
+		wantShare = share
+	}
+	if plan.RanksPerGPU != wantShare {
+		t.Fatalf("plan ranks per GPU %d, want %d", plan.RanksPerGPU, wantShare)
+	}
+	usedBy := map[string]int{}          // plan's ranks on each GPU
+	gpusOn := map[string]map[int]bool{} // GPUs the plan uses on each node
 	var nodeOrder []string
 	azs := map[string]bool{}
 	for i, r := range plan.Ranks {
@@ -271,9 +281,15 @@ func checkPlan(t *testing.T, nodes []Node, job Job, existing []Allocation, plan 
 			}
 			key := fmt.Sprintf("%s/%d", n.ID, g)
 			if held[key] {
-				t.Fatalf("GPU %s booked twice (rank %d)", key, i)
+				t.Fatalf("GPU %s is held by another allocation (rank %d)", key, i)
 			}
-			held[key] = true
+			if usedBy[key]++; usedBy[key] > share {
+				t.Fatalf("GPU %s given to %d ranks, at most %d may share it (rank %d)", key, usedBy[key], share, i)
+			}
+			if gpusOn[n.ID] == nil {
+				gpusOn[n.ID] = map[int]bool{}
+			}
+			gpusOn[n.ID][g] = true
 		}
 		ranksOn[n.ID]++
 		if n.MaxRanks > 0 && ranksOn[n.ID] > n.MaxRanks {
@@ -303,6 +319,10 @@ func checkPlan(t *testing.T, nodes []Node, job Job, existing []Allocation, plan 
 		}
 		if r.LocalWorldSize != cnt {
 			t.Fatalf("rank %d: local world size %d, want %d", i, r.LocalWorldSize, cnt)
+		}
+		// Shared ranks use the fewest GPUs: ⌈ranks on the node / share⌉.
+		if share > 1 && len(gpusOn[r.NodeID]) != (cnt+share-1)/share {
+			t.Fatalf("node %q: %d ranks on %d GPUs, want %d with %d per GPU", r.NodeID, cnt, len(gpusOn[r.NodeID]), (cnt+share-1)/share, share)
 		}
 	}
 	if job.Constraints.SameAZ && len(azs) > 1 {
@@ -335,7 +355,7 @@ func capacities(nodes []Node, job Job, existing []Allocation) map[string]int {
 					free++
 				}
 			}
-			capacity = free / job.GPUsPerRank
+			capacity = free / job.GPUsPerRank * max(job.RanksPerGPU, 1)
 		}
 		if n.MaxRanks > 0 {
 			capacity = min(capacity, n.MaxRanks-ranksOn[n.ID])
@@ -427,6 +447,9 @@ func randomCase(r *rand.Rand) randCase {
 	}
 	if j.GPUsPerRank > 0 && r.Intn(4) == 0 {
 		j.Constraints.MinGPUMemoryBytes = 24 * gib
+	}
+	if j.GPUsPerRank == 1 && r.Intn(2) == 0 {
+		j.RanksPerGPU = []int{1, 2, 3, 4}[r.Intn(4)]
 	}
 	if r.Intn(4) == 0 {
 		j.Constraints.SameAZ = true

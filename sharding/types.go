@@ -70,6 +70,11 @@ type Job struct {
 	MinRanks int
 	// GPUsPerRank whole GPUs on one node for each rank; zero for CPU ranks.
 	GPUsPerRank int
+	// RanksPerGPU lets up to this many of the job's ranks share one GPU
+	// (GPUsPerRank must be 1 when it is above 1). A shared GPU is the
+	// job's alone: no other job gets it. 0 or 1: every rank gets GPUs of
+	// its own.
+	RanksPerGPU int
 	// Placement is PlacementPack (default when empty) or PlacementSpread.
 	Placement   string
 	Constraints Constraints
@@ -108,4 +113,7 @@ type RankPlacement struct {
 type Plan struct {
 	JobID string
 	Ranks []RankPlacement
+	// RanksPerGPU is the most ranks of the plan that may hold one GPU (the
+	// job's RanksPerGPU); 0 or 1: each GPU goes to one rank.
+	RanksPerGPU int
 }

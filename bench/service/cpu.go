@@ -264,6 +264,42 @@ type cpuConfig struct {
 	routers []string
 }
 
+// threadSiblings returns the logical CPUs that share core's physical core
+// (core itself included), from sysfs; just core where sysfs does not say.
+func threadSiblings(core int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", core))
+	if err != nil {
+		return []int{core}
+	}
+	cpus, err := parseCPUList(string(b))
+	if err != nil || len(cpus) == 0 {
+		return []int{core}
+	}
+	return cpus
+}
+
+// parseCPUList parses the kernel's CPU list format ("0,8" or "0-1,8-9").
+func parseCPUList(s string) ([]int, error) {
+	var out []int
+	for _, part := range strings.Split(strings.TrimSpace(s), ",") {
+		lo, hi, found := strings.Cut(part, "-")
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			return nil, fmt.Errorf("cpu list %q: %w", s, err)
+		}
+		z := a
+		if found {
+			if z, err = strconv.Atoi(hi); err != nil {
+				return nil, fmt.Errorf("cpu list %q: %w", s, err)
+			}
+		}
+		for c := a; c <= z; c++ {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
 // pinned returns cmd run on core (taskset), or cmd when not pinning.
 func pinned(cfg cpuConfig, core int, cmd *exec.Cmd) *exec.Cmd {
 	if !cfg.pin {
@@ -282,9 +318,24 @@ func runCPU(cfg cpuConfig) error {
 		if runtime.NumCPU() < 3 {
 			return fmt.Errorf("cpu -pin: needs at least 3 cores (has %d)", runtime.NumCPU())
 		}
+		// Not on cores 0 and 1 nor on their hyperthread siblings: a busy
+		// sibling slows the replica or the router.
+		taken := map[int]bool{}
+		for _, c := range []int{0, 1} {
+			for _, s := range threadSiblings(c) {
+				taken[s] = true
+			}
+		}
 		var set unix.CPUSet
 		for c := 2; c < runtime.NumCPU(); c++ {
-			set.Set(c)
+			if !taken[c] {
+				set.Set(c)
+			}
+		}
+		if set.Count() == 0 {
+			for c := 2; c < runtime.NumCPU(); c++ {
+				set.Set(c)
+			}
 		}
 		if err := unix.SchedSetaffinity(0, &set); err != nil {
 			return fmt.Errorf("cpu -pin: %w", err)

@@ -44,8 +44,16 @@ done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || { sed -n 2,29p "$0"; exit 2; }
 ncpu=$(nproc)
-# LOAD_CPUS overrides where the load generator runs (a trial on 2 cores).
-loadcpus=${LOAD_CPUS:-2-$((ncpu - 1))}
+# The load generator runs on every core but 0 and 1 and their hyperthread
+# siblings (a sibling busy with the load would slow the replica or the router
+# by a varying amount); LOAD_CPUS overrides (a trial on 2 cores).
+siblings() { cat "/sys/devices/system/cpu/cpu$1/topology/thread_siblings_list" 2>/dev/null || echo "$1"; }
+expand() { tr ',' '\n' | awk -F- '{ for (i = $1; i <= ($2 == "" ? $1 : $2); i++) print i }'; }
+taken=$( { siblings 0; siblings 1; } | expand | sort -un | tr '\n' ' ')
+free=$(seq 0 $((ncpu - 1)) | grep -vxF -f <(echo "$taken" | tr ' ' '\n' | grep .) | paste -sd, -)
+[ -n "$free" ] || free=2-$((ncpu - 1))
+loadcpus=${LOAD_CPUS:-$free}
+echo "replica core 0, router core 1 (with their siblings: $taken), load on $loadcpus" >&2
 [ -n "${LOAD_CPUS:-}" ] || [ "$ncpu" -ge 3 ] || { echo "needs at least 3 cores (has $ncpu)" >&2; exit 1; }
 first=${1#*=}
 bin=${first%% *}

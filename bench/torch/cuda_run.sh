@@ -25,15 +25,16 @@ export GPUMESH_ADDR=$(sed -n 's/.*export GPUMESH_ADDR=//p' "$OUT/dev.log")
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 fail=0
 # job SCRIPT RANKS ARGS...: runs SCRIPT as an exec job, prints every rank's
-# output; a job that does not complete fails the run. The ranks ask for no
-# GPU (a job spec cannot share one GPU between ranks), so the agent hides
-# the GPUs from them (CUDA_VISIBLE_DEVICES=""): the command shows them GPU 0.
+# output; a job that does not complete fails the run. All ranks share one
+# GPU (gpus_per_rank: 1, ranks_per_gpu: RANKS): the agent gives each of them
+# CUDA_VISIBLE_DEVICES of that GPU (GPU 0 of a 1-GPU machine).
 job() {
   local script=$1 ranks=$2; shift 2
   local args="" a id
   for a in "$@"; do args="$args, \"$a\""; done
-  id=$(printf 'name: cuda\nranks: %s\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "CUDA_VISIBLE_DEVICES=0", "%s", "%s"%s]\n' \
-        "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
+  id=$(printf 'name: cuda\nranks: %s\ngpus_per_rank: 1\nranks_per_gpu: %s\nrestart: {attempts: 0}\nexec:\n  env: {PYTHONPATH: "%s/python"}\n  command: ["env", "MASTER_PORT=%s", "%s", "%s"%s]\n' \
+        "$ranks" "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
+  "$BIN" job status "$id" | sed -n '/^GEN/,/^$/p'  # the GPU of each rank, shared
   for r in $(seq 0 $((ranks - 1))); do
     "$BIN" job logs "$id" --rank "$r"
     "$BIN" job logs "$id" --rank "$r" --stderr | tail -20

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/signal"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -130,6 +131,7 @@ rejoins with its state); SIGINT leaves the cluster gracefully.`,
 	fl.Var(&uidRangeValue{&c.TaskUIDs}, "task-uid-range", "user IDs `FIRST-LAST` that --task-user=dynamic hands out, one per job (default "+node.DefaultTaskUIDs.String()+"; no account may use them)")
 	fl.StringSliceVar(&c.TaskUsersAllowed, "task-users-allowed", nil, "further users a job's exec.user may name (comma-separated or repeated), e.g. a training account with access to datasets")
 	fl.DurationVar(&c.JobGCAge, "job-gc-age", c.JobGCAge, "how long ended jobs stay inspectable before the leader purges them (0: keep forever)")
+	fl.Var(&atLeastValue{p: &c.AllocGCKeep, min: 1, what: "ended allocations each rank keeps"}, "alloc-gc-keep", "`N` ended allocations (crash-loop tries, earlier generations, replaced replicas) that each rank or service replica slot of a running job keeps for job status and logs, newest first, besides those the scheduler still reads; older ones and their logs are purged (at least 1)")
 	fl.DurationVar(&c.NodeLossGrace, "node-loss-grace", c.NodeLossGrace, "how long a node may be silent before its ranks count as lost and their jobs are placed again; an agent restarted within it adopts its running tasks")
 	fl.StringVar(&c.InstanceType, "instance-type", "", "instance type to report (default: from EC2 metadata)")
 	fl.StringVar(&c.AZ, "az", "", "availability zone to report (default: from EC2 metadata)")
@@ -178,6 +180,34 @@ func applyConfigFile(fl *pflag.FlagSet, path string) error {
 	}
 	return nil
 }
+
+// atLeastValue is an integer flag that refuses values below min.
+type atLeastValue struct {
+	p    *int
+	min  int
+	what string // what the number counts, for the error
+}
+
+func (v *atLeastValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strconv.Itoa(*v.p)
+}
+
+func (v *atLeastValue) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil {
+		return fmt.Errorf("%q is not a whole number (%s)", s, v.what)
+	}
+	if n < v.min {
+		return fmt.Errorf("must be at least %d (%s), got %d", v.min, v.what, n)
+	}
+	*v.p = n
+	return nil
+}
+
+func (v *atLeastValue) Type() string { return "int" }
 
 // uidRangeValue is --task-uid-range as a flag: FIRST-LAST.
 type uidRangeValue struct{ r *node.UIDRange }

@@ -38,6 +38,7 @@ const specHelp = `A job spec is YAML or JSON:
   type: exec              # exec | allreduce | pipeline
   ranks: 2                # or min_ranks / max_ranks for an elastic job
   gpus_per_rank: 0
+  ranks_per_gpu: 1        # up to N ranks share each GPU (only with gpus_per_rank: 1)
   placement: pack         # pack (fewest nodes) | spread
   constraints: {az: us-east-1a, lifecycle: on-demand, instance_type: p5.48xlarge, min_gpu_memory: 40GiB}
   restart: {attempts: 3, delay: 5s}
@@ -55,6 +56,11 @@ const specHelp = `A job spec is YAML or JSON:
   type: pipeline
   pipeline: {layers: [64, 256, 256, 10], microbatches: 8, microbatch_size: 16, steps: 20,
              seed: 1, learning_rate: 0.05, schedule: 1f1b, device: cpu, mode: train}
+
+With ranks_per_gpu N, each GPU the job gets holds up to N of its ranks
+(local ranks 0..N-1 the first, and so on); the GPU is the job's alone, and
+each rank's CUDA_VISIBLE_DEVICES names it. pack and spread count N ranks per
+free GPU. Not for services.
 
 Exec ranks get the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES,
@@ -404,6 +410,9 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	}
 	fmt.Fprintf(tw, "Generation\t%d\n", j.Generation)
 	fmt.Fprintf(tw, "Ranks\t%d\n", j.WorldSize)
+	if n := j.Spec.GetRanksPerGpu(); n > 1 {
+		fmt.Fprintf(tw, "Ranks per GPU\t%d\n", n)
+	}
 	fmt.Fprintf(tw, "Restarts\t%d\n", j.Restarts)
 	fmt.Fprintf(tw, "Submitted\t%s\n", ago(j.SubmitTime))
 	if c := checkpointSummary(resp.Allocations); c != "" {
@@ -416,11 +425,9 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	fmt.Fprintln(out)
 	tw = newTable(out)
 	fmt.Fprintln(tw, "GEN\tRANK\tNODE\tGPUS\tDESIRED\tSTATUS\tEXIT\tSTARTED\tMESSAGE")
-	for _, al := range resp.Allocations {
-		gpus := "-"
-		if len(al.Gpus) > 0 {
-			gpus = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
-		}
+	gpuCol := gpuCells(resp.Allocations)
+	for i, al := range resp.Allocations {
+		gpus := gpuCol[i]
 		exit := "-"
 		if consensus.AllocTerminal(al.ClientStatus) && al.ClientStatus != consensus.AllocLost {
 			// A lost rank has no exit code: its message says why it is lost.
@@ -432,6 +439,37 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	tw.Flush()
 	printServiceReplicas(out, resp)
 	printResults(out, resp)
+}
+
+// gpuCells returns the GPUS column of each allocation: its GPU ordinals,
+// "-" for none, and for a GPU that several ranks of one generation share
+// on one node (ranks_per_gpu), how many: "0 (shared by 2)".
+func gpuCells(allocs []*pb.Allocation) []string {
+	type gpuKey struct {
+		gen  uint64
+		node string
+		gpu  int32
+	}
+	holders := map[gpuKey]int{}
+	for _, al := range allocs {
+		for _, g := range al.Gpus {
+			holders[gpuKey{al.Generation, al.NodeId + "/" + al.NodeName, g}]++
+		}
+	}
+	out := make([]string, len(allocs))
+	for i, al := range allocs {
+		if len(al.Gpus) == 0 {
+			out[i] = "-"
+			continue
+		}
+		out[i] = strings.Trim(strings.ReplaceAll(fmt.Sprint(al.Gpus), " ", ","), "[]")
+		if len(al.Gpus) == 1 {
+			if n := holders[gpuKey{al.Generation, al.NodeId + "/" + al.NodeName, al.Gpus[0]}]; n > 1 {
+				out[i] += fmt.Sprintf(" (shared by %d)", n)
+			}
+		}
+	}
+	return out
 }
 
 func newJobListCommand() *cobra.Command {

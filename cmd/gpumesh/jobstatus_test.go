@@ -90,3 +90,41 @@ func TestPrintJobShowsCheckpointResumeAndLostSteps(t *testing.T) {
 		t.Fatalf("a job without checkpoint reports shows a Checkpoint line:\n%s", b.String())
 	}
 }
+
+// Ranks sharing a GPU (ranks_per_gpu) show it: the GPU of each rank and
+// how many ranks of the generation share it on that node.
+func TestPrintJobShowsSharedGPUs(t *testing.T) {
+	var b strings.Builder
+	printJob(&b, &pb.GetJobResponse{
+		Job: &pb.Job{Id: "j-1", Status: "running", Generation: 2, WorldSize: 3, Spec: &pb.JobSpec{Name: "j", Type: "exec", GpusPerRank: 1, RanksPerGpu: 2}},
+		Allocations: []*pb.Allocation{
+			{Generation: 1, Rank: 0, NodeId: "n1", NodeName: "a", Gpus: []int32{0}, ClientStatus: "stopped"},
+			{Generation: 2, Rank: 0, NodeId: "n1", NodeName: "a", Gpus: []int32{0}, ClientStatus: "running"},
+			{Generation: 2, Rank: 1, NodeId: "n1", NodeName: "a", Gpus: []int32{0}, ClientStatus: "running"},
+			{Generation: 2, Rank: 2, NodeId: "n1", NodeName: "a", Gpus: []int32{1}, ClientStatus: "running"},
+		},
+	})
+	out := b.String()
+	if !strings.Contains(out, "Ranks per GPU  2\n") {
+		t.Errorf("no ranks per GPU line:\n%s", out)
+	}
+	want := map[string]string{"1/0": "0", "2/0": "0 (shared by 2)", "2/1": "0 (shared by 2)", "2/2": "1"}
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 {
+			continue
+		}
+		key := f[0] + "/" + f[1]
+		w, ok := want[key]
+		if !ok {
+			continue
+		}
+		if got := strings.Join(f[3:3+len(strings.Fields(w))], " "); got != w {
+			t.Errorf("generation/rank %s: GPUS %q, want %q (line %q)", key, got, w, line)
+		}
+		delete(want, key)
+	}
+	if len(want) != 0 {
+		t.Fatalf("no lines for %v:\n%s", want, out)
+	}
+}

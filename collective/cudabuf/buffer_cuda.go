@@ -560,8 +560,6 @@ type pending struct {
 	ev   *cuda.Event
 }
 
-type readKey struct{ off, n int }
-
 // writeRec is a write to elements [off, off+n) enqueued on the write stream;
 // ev is recorded right after it.
 type writeRec struct {
@@ -691,7 +689,7 @@ type Buffer struct {
 	wrMark   *cuda.Event // recorded on wr, waited on by rd or peers
 	peerMark *cuda.Event // recorded on wr after a peer op, waited on by the peer's wr
 	mu       sync.Mutex  // orders enqueues; guards reads, big, err
-	reads    map[readKey][]*stageSlot
+	reads    readSet[*stageSlot]
 	writes   []writeRec               // WithRangeDeps: writes whose event may be pending, in stream order
 	evFree   []*cuda.Event            // WithRangeDeps: spare events for writes
 	pre      map[readKey][]*stageSlot // PrefetchChunk copies not yet read
@@ -737,7 +735,7 @@ func (b *Backend) NewBuffer(dev int, dt collective.DType, n int) (*Buffer, error
 // newBuffer makes a Buffer over mem (which its Free frees, unless mem is a
 // view): its streams and events.
 func (b *Backend) newBuffer(ds *devState, dt collective.DType, cdt cuda.DType, n int, mem *cuda.Mem) (*Buffer, error) {
-	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, mem: mem, reads: map[readKey][]*stageSlot{}, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
+	buf := &Buffer{be: b, ds: ds, dt: dt, cdt: cdt, n: n, mem: mem, pre: map[readKey][]*stageSlot{}, readerEv: map[*devState][]*cuda.Event{}}
 	buf.wrSeq.Store(1) // work enqueued on wr directly (tests) before any read
 	var err error
 	if buf.rd, err = ds.dev.NewStream(); err != nil {
@@ -902,9 +900,8 @@ func (buf *Buffer) ReadChunk(off, n int) ([]byte, error) {
 		buf.be.putSlot(slot)
 		return nil, err
 	}
-	k := readKey{off, n}
 	buf.mu.Lock()
-	buf.reads[k] = append(buf.reads[k], slot)
+	buf.reads.add(off, n, host, slot)
 	buf.mu.Unlock()
 	return host, nil
 }
@@ -927,18 +924,14 @@ func (buf *Buffer) enqueueRead(host []byte, off, n int, done *cuda.Event) error 
 	})
 }
 
-// ReleaseChunk implements collective.Buffer.
-func (buf *Buffer) ReleaseChunk(off, n int) {
-	k := readKey{off, n}
+// ReleaseChunk implements collective.Buffer: it gives back the staging slot
+// of the read that returned data (several reads of one range may be
+// outstanding; see readSet).
+func (buf *Buffer) ReleaseChunk(off, n int, data []byte) {
 	buf.mu.Lock()
 	defer buf.mu.Unlock()
-	if l := buf.reads[k]; len(l) > 0 {
-		buf.be.putSlot(l[len(l)-1])
-		if len(l) == 1 {
-			delete(buf.reads, k)
-		} else {
-			buf.reads[k] = l[:len(l)-1]
-		}
+	if slot, ok := buf.reads.take(off, n, data); ok {
+		buf.be.putSlot(slot)
 	}
 }
 

@@ -224,7 +224,7 @@ func TestWriteReadChunkRoundTrip(t *testing.T) {
 		if !bytes.Equal(b, src.Bytes()[c.off*4:(c.off+c.n)*4]) {
 			t.Fatalf("ReadChunk(%d, %d) differs from what was written", c.off, c.n)
 		}
-		buf.ReleaseChunk(c.off, c.n)
+		buf.ReleaseChunk(c.off, c.n, b)
 	}
 	if err := buf.Sync(); err != nil {
 		t.Fatal(err)

@@ -13,7 +13,8 @@ import (
 
 // Device is the "cuda" collective.Device: the built-in allreduce job and
 // `gpumesh bench allreduce --device cuda` allocate their buffers through it.
-// Local rank i gets GPU i mod the number of GPUs. The Backend (contexts,
+// Device index i (the rank's placed GPU, or its local rank when it has
+// none) is GPU i mod the number of GPUs. The Backend (contexts,
 // kernels, pinned pool) is opened on the first Alloc, so a binary that never
 // runs a CUDA job never touches the GPUs; an open that fails is returned by
 // that Alloc and retried by the next.
@@ -60,16 +61,16 @@ func (d *Device) Backend() (*Backend, error) {
 }
 
 // Alloc implements collective.Device: a zeroed device buffer on GPU
-// localRank mod NumDevices. The returned *Buffer is an io.Closer.
-func (d *Device) Alloc(localRank int, dt collective.DType, n int) (collective.Buffer, error) {
+// gpu mod NumDevices. The returned *Buffer is an io.Closer.
+func (d *Device) Alloc(gpu int, dt collective.DType, n int) (collective.Buffer, error) {
 	be, err := d.Backend()
 	if err != nil {
 		return nil, err
 	}
-	if localRank < 0 {
-		return nil, fmt.Errorf("%w: local rank %d", collective.ErrBadArgument, localRank)
+	if gpu < 0 {
+		return nil, fmt.Errorf("%w: device index %d", collective.ErrBadArgument, gpu)
 	}
-	b, err := be.NewBuffer(localRank%be.NumDevices(), dt, n)
+	b, err := be.NewBuffer(gpu%be.NumDevices(), dt, n)
 	if err != nil {
 		return nil, err
 	}

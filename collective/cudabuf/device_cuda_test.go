@@ -43,7 +43,7 @@ func TestDeviceRegistersAndAllocatesZeroed(t *testing.T) {
 		if !bytes.Equal(out, make([]byte, 4000)) {
 			t.Error("Alloc did not zero the buffer")
 		}
-		b.ReleaseChunk(0, 1000)
+		b.ReleaseChunk(0, 1000, out)
 		if err := cb.Close(); err != nil {
 			t.Fatal(err)
 		}

@@ -50,10 +50,11 @@ func TestIssuingThreadCarriesStaging(t *testing.T) {
 					if err := buf.PrefetchChunk(off, n); err != nil {
 						return err
 					}
-					if _, err := buf.ReadChunk(off, n); err != nil {
+					pre, err := buf.ReadChunk(off, n)
+					if err != nil {
 						return err
 					}
-					buf.ReleaseChunk(off, n)
+					buf.ReleaseChunk(off, n, pre)
 					dst, tok, err := buf.BeginRecv(off, n)
 					if err != nil {
 						return err
@@ -69,7 +70,7 @@ func TestIssuingThreadCarriesStaging(t *testing.T) {
 					if err := buf.WriteChunk(off, collective.Segments{sum}); err != nil {
 						return err
 					}
-					buf.ReleaseChunk(off, n)
+					buf.ReleaseChunk(off, n, sum)
 					return buf.DivChunk(off, n, 2)
 				}()
 			}(c * n)

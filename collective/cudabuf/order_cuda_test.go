@@ -92,10 +92,10 @@ func TestUploadThenReadWhileCopiesBusy(t *testing.T) {
 			}
 			want := src.Bytes()[4*r[0] : 4*(r[0]+r[1])]
 			if string(got) != string(want) {
-				buf.ReleaseChunk(r[0], r[1])
+				buf.ReleaseChunk(r[0], r[1], got)
 				t.Fatalf("round %d: read of [%d,+%d) after Upload differs from the upload", round, r[0], r[1])
 			}
-			buf.ReleaseChunk(r[0], r[1])
+			buf.ReleaseChunk(r[0], r[1], got)
 		}
 	}
 }

@@ -197,10 +197,11 @@ func (buf *Buffer) readPrefetched(off, n int) (host []byte, ok bool, err error) 
 		return nil, true, err
 	}
 	buf.stats.prefetched.Add(1)
+	host = slot.host[:n*buf.dt.Size()]
 	buf.mu.Lock()
-	buf.reads[k] = append(buf.reads[k], slot)
+	buf.reads.add(off, n, host, slot)
 	buf.mu.Unlock()
-	return slot.host[:n*buf.dt.Size()], true, nil
+	return host, true, nil
 }
 
 // dropPrefetchLocked forgets prefetched copies of ranges that overlap [off,

@@ -43,7 +43,7 @@ func TestPrefetchChunk(t *testing.T) {
 	if !bytes.Equal(got, a.Bytes()[400:400+8000]) {
 		t.Fatal("prefetched read differs from the buffer")
 	}
-	buf.ReleaseChunk(100, 2000)
+	buf.ReleaseChunk(100, 2000, got)
 	if st := buf.Stats(); st.Prefetched != 1 || st.StagedReads != 1 {
 		t.Fatalf("stats %+v: want 1 prefetched of 1 read", st)
 	}
@@ -63,7 +63,7 @@ func TestPrefetchChunk(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("a read after prefetch and an overlapping write does not see the write")
 	}
-	buf.ReleaseChunk(0, 1000)
+	buf.ReleaseChunk(0, 1000, got)
 	if st := buf.Stats(); st.Prefetched != 1 {
 		t.Fatalf("stats %+v: the dropped prefetch must not serve the read", st)
 	}
@@ -85,7 +85,7 @@ func TestPrefetchChunk(t *testing.T) {
 	if !bytes.Equal(got, ref.Bytes()) {
 		t.Fatal("a read after prefetch and an overlapping reduce does not see the reduce")
 	}
-	buf.ReleaseChunk(2000, 500)
+	buf.ReleaseChunk(2000, 500, got)
 
 	// unread prefetches: Sync gives the slots back
 	for i := 0; i < 3; i++ {
@@ -109,7 +109,7 @@ func TestPrefetchChunk(t *testing.T) {
 	if !bytes.Equal(got[12000:], a.Bytes()[12000:]) {
 		t.Fatal("a whole-buffer read differs")
 	}
-	buf.ReleaseChunk(0, n)
+	buf.ReleaseChunk(0, n, got)
 }
 
 // The shared poller: many goroutines read chunks (each waits for its copy
@@ -151,7 +151,7 @@ func TestSharedPollerWaits(t *testing.T) {
 					if !bytes.Equal(got, h.Bytes()[(off+k)*4:(off+k+c)*4]) {
 						errs <- fmt.Errorf("part %d: chunk at %d differs", p, off+k)
 					}
-					buf.ReleaseChunk(off+k, c)
+					buf.ReleaseChunk(off+k, c, got)
 				}
 			}
 		}()

@@ -106,7 +106,7 @@ func TestSizedSlotReuse(t *testing.T) {
 			t.Fatal(err)
 		}
 		compareBytes(t, collective.Float32, got, src.Bytes()[4:4*(n-1)])
-		buf.ReleaseChunk(1, n-2)
+		buf.ReleaseChunk(1, n-2, got)
 		// a large write too: one sized slot, one host copy
 		if err := buf.WriteChunk(0, collective.Segments{src.Bytes()}); err != nil {
 			t.Fatal(err)

@@ -66,10 +66,11 @@ func TestStagingLatency(t *testing.T) {
 				return time.Since(t0)
 			}
 			read := func(off int) error {
-				if _, err := buf.ReadChunk(off, n); err != nil {
+				b, err := buf.ReadChunk(off, n)
+				if err != nil {
 					return err
 				}
-				buf.ReleaseChunk(off, n)
+				buf.ReleaseChunk(off, n, b)
 				return nil
 			}
 			recv := func(off int) error {

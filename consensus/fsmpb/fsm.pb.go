@@ -1675,6 +1675,7 @@ type JobSpec struct {
 	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
 	Checkpoint    *CheckpointSpec        `protobuf:"bytes,16,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	RanksPerGpu   int32                  `protobuf:"varint,17,opt,name=ranks_per_gpu,json=ranksPerGpu,proto3" json:"ranks_per_gpu,omitempty"` // 0 in records written before it existed: 1
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1819,6 +1820,13 @@ func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
 		return x.Checkpoint
 	}
 	return nil
+}
+
+func (x *JobSpec) GetRanksPerGpu() int32 {
+	if x != nil {
+		return x.RanksPerGpu
+	}
+	return 0
 }
 
 type CheckpointSpec struct {
@@ -2656,7 +2664,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x06device\x18\b \x01(\tR\x06device\x12\x12\n" +
 	"\x04mode\x18\t \x01(\tR\x04mode\x12\x16\n" +
 	"\x06chunks\x18\n" +
-	" \x01(\x05R\x06chunks\"\xb1\x05\n" +
+	" \x01(\x05R\x06chunks\"\xd5\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -2676,7 +2684,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\aservice\x18\x0f \x01(\v2\x1b.gpumesh.fsm.v1.ServiceSpecR\aservice\x12>\n" +
 	"\n" +
 	"checkpoint\x18\x10 \x01(\v2\x1e.gpumesh.fsm.v1.CheckpointSpecR\n" +
-	"checkpoint\"m\n" +
+	"checkpoint\x12\"\n" +
+	"\rranks_per_gpu\x18\x11 \x01(\x05R\vranksPerGpu\"m\n" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +

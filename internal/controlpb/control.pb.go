@@ -914,23 +914,28 @@ func (x *ServiceSpec) GetScaleInCooldown() *durationpb.Duration {
 }
 
 type JobSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Type          string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"` // exec, allreduce, pipeline, service
-	Ranks         int32                  `protobuf:"varint,3,opt,name=ranks,proto3" json:"ranks,omitempty"`
-	MinRanks      int32                  `protobuf:"varint,4,opt,name=min_ranks,json=minRanks,proto3" json:"min_ranks,omitempty"` // elastic jobs: min_ranks..max_ranks
-	MaxRanks      int32                  `protobuf:"varint,5,opt,name=max_ranks,json=maxRanks,proto3" json:"max_ranks,omitempty"`
-	GpusPerRank   int32                  `protobuf:"varint,6,opt,name=gpus_per_rank,json=gpusPerRank,proto3" json:"gpus_per_rank,omitempty"`
-	Placement     string                 `protobuf:"bytes,7,opt,name=placement,proto3" json:"placement,omitempty"` // pack (default) or spread
-	Constraints   *Constraints           `protobuf:"bytes,8,opt,name=constraints,proto3" json:"constraints,omitempty"`
-	Restart       *RestartPolicy         `protobuf:"bytes,9,opt,name=restart,proto3" json:"restart,omitempty"`
-	KillTimeout   *durationpb.Duration   `protobuf:"bytes,10,opt,name=kill_timeout,json=killTimeout,proto3" json:"kill_timeout,omitempty"`
-	Exec          *ExecSpec              `protobuf:"bytes,11,opt,name=exec,proto3" json:"exec,omitempty"`
-	Allreduce     *AllReduceSpec         `protobuf:"bytes,12,opt,name=allreduce,proto3" json:"allreduce,omitempty"`
-	Pipeline      *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
-	Replicas      int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"` // service jobs: replicas (the same as ranks)
-	Service       *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
-	Checkpoint    *CheckpointSpec        `protobuf:"bytes,16,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Type        string                 `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"` // exec, allreduce, pipeline, service
+	Ranks       int32                  `protobuf:"varint,3,opt,name=ranks,proto3" json:"ranks,omitempty"`
+	MinRanks    int32                  `protobuf:"varint,4,opt,name=min_ranks,json=minRanks,proto3" json:"min_ranks,omitempty"` // elastic jobs: min_ranks..max_ranks
+	MaxRanks    int32                  `protobuf:"varint,5,opt,name=max_ranks,json=maxRanks,proto3" json:"max_ranks,omitempty"`
+	GpusPerRank int32                  `protobuf:"varint,6,opt,name=gpus_per_rank,json=gpusPerRank,proto3" json:"gpus_per_rank,omitempty"`
+	Placement   string                 `protobuf:"bytes,7,opt,name=placement,proto3" json:"placement,omitempty"` // pack (default) or spread
+	Constraints *Constraints           `protobuf:"bytes,8,opt,name=constraints,proto3" json:"constraints,omitempty"`
+	Restart     *RestartPolicy         `protobuf:"bytes,9,opt,name=restart,proto3" json:"restart,omitempty"`
+	KillTimeout *durationpb.Duration   `protobuf:"bytes,10,opt,name=kill_timeout,json=killTimeout,proto3" json:"kill_timeout,omitempty"`
+	Exec        *ExecSpec              `protobuf:"bytes,11,opt,name=exec,proto3" json:"exec,omitempty"`
+	Allreduce   *AllReduceSpec         `protobuf:"bytes,12,opt,name=allreduce,proto3" json:"allreduce,omitempty"`
+	Pipeline    *PipelineSpec          `protobuf:"bytes,13,opt,name=pipeline,proto3" json:"pipeline,omitempty"`
+	Replicas    int32                  `protobuf:"varint,14,opt,name=replicas,proto3" json:"replicas,omitempty"` // service jobs: replicas (the same as ranks)
+	Service     *ServiceSpec           `protobuf:"bytes,15,opt,name=service,proto3" json:"service,omitempty"`
+	Checkpoint  *CheckpointSpec        `protobuf:"bytes,16,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	// Up to this many ranks of the job share one GPU (only with
+	// gpus_per_rank 1; not for services). A GPU given to the job's ranks is
+	// used by no other job. 0 (a spec that does not set it) means 1: every
+	// rank gets GPUs of its own.
+	RanksPerGpu   int32 `protobuf:"varint,17,opt,name=ranks_per_gpu,json=ranksPerGpu,proto3" json:"ranks_per_gpu,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1075,6 +1080,13 @@ func (x *JobSpec) GetCheckpoint() *CheckpointSpec {
 		return x.Checkpoint
 	}
 	return nil
+}
+
+func (x *JobSpec) GetRanksPerGpu() int32 {
+	if x != nil {
+		return x.RanksPerGpu
+	}
+	return 0
 }
 
 // Where and how often an exec job's ranks save their training state
@@ -3732,7 +3744,7 @@ const file_control_proto_rawDesc = "" +
 	"\fmin_replicas\x18\x05 \x01(\x05R\vminReplicas\x12!\n" +
 	"\fmax_replicas\x18\x06 \x01(\x05R\vmaxReplicas\x12(\n" +
 	"\x10target_in_flight\x18\a \x01(\x01R\x0etargetInFlight\x12E\n" +
-	"\x11scale_in_cooldown\x18\b \x01(\v2\x19.google.protobuf.DurationR\x0fscaleInCooldown\"\x95\x05\n" +
+	"\x11scale_in_cooldown\x18\b \x01(\v2\x19.google.protobuf.DurationR\x0fscaleInCooldown\"\xb9\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x14\n" +
@@ -3752,7 +3764,8 @@ const file_control_proto_rawDesc = "" +
 	"\aservice\x18\x0f \x01(\v2\x17.gpumesh.v1.ServiceSpecR\aservice\x12:\n" +
 	"\n" +
 	"checkpoint\x18\x10 \x01(\v2\x1a.gpumesh.v1.CheckpointSpecR\n" +
-	"checkpoint\"m\n" +
+	"checkpoint\x12\"\n" +
+	"\rranks_per_gpu\x18\x11 \x01(\x05R\vranksPerGpu\"m\n" +
 	"\x0eCheckpointSpec\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04keep\x18\x02 \x01(\x05R\x04keep\x12\x14\n" +

@@ -28,6 +28,8 @@ const (
 	MaxRanks = 65536
 	// MaxGPUsPerRank bounds gpus_per_rank.
 	MaxGPUsPerRank = 64
+	// MaxRanksPerGPU bounds ranks_per_gpu.
+	MaxRanksPerGPU = 64
 	// DefaultKillTimeout is how long a stopped task has between SIGTERM and SIGKILL.
 	DefaultKillTimeout = 30 * time.Second
 	// DefaultRestartDelay is the wait before a failed generation is placed again.
@@ -209,6 +211,16 @@ func validateCommon(s *pb.JobSpec, add report) {
 	}
 	if s.GpusPerRank < 0 || s.GpusPerRank > MaxGPUsPerRank {
 		add("gpus_per_rank", "must be between 0 and %d, got %d", MaxGPUsPerRank, s.GpusPerRank)
+	}
+	// ranks_per_gpu 0 (not given) and 1 both mean GPUs of its own per rank.
+	switch {
+	case s.RanksPerGpu < 0 || s.RanksPerGpu > MaxRanksPerGPU:
+		add("ranks_per_gpu", "must be between 1 and %d, got %d", MaxRanksPerGPU, s.RanksPerGpu)
+	case s.RanksPerGpu > 1 && s.GpusPerRank != 1:
+		add("ranks_per_gpu", "%d ranks share one GPU, so each rank takes exactly one: set gpus_per_rank: 1 (got %d), or remove ranks_per_gpu to give every rank GPUs of its own",
+			s.RanksPerGpu, s.GpusPerRank)
+	case s.RanksPerGpu > 1 && s.Type == TypeService:
+		add("ranks_per_gpu", "service replicas are placed one at a time, each on a GPU of its own; remove ranks_per_gpu (it is for exec, allreduce and pipeline jobs)")
 	}
 	if s.Placement != "pack" && s.Placement != "spread" {
 		add("placement", "unknown placement %q; use pack (fewest nodes, the default) or spread", s.Placement)

@@ -2,6 +2,7 @@ package jobspec
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
@@ -52,6 +53,24 @@ restart: {attempts: 2, delay: 1s}
 	if len(ar.Allreduce.Sizes) != 3 || ar.Allreduce.Op != "sum" {
 		t.Fatalf("allreduce: %v", ar.Allreduce)
 	}
+	// Ranks sharing GPUs: exec, allreduce and pipeline jobs; 1 goes with any
+	// gpus_per_rank; left out it stays 0 (read as 1, as specs stored before it).
+	for _, spec := range []string{
+		"ranks: 4\ngpus_per_rank: 1\nranks_per_gpu: 2\nexec: {command: [true]}",
+		"type: allreduce\nranks: 2\ngpus_per_rank: 1\nranks_per_gpu: 2\nallreduce: {device: cuda}",
+		"type: pipeline\nranks: 2\ngpus_per_rank: 1\nranks_per_gpu: 2\npipeline: {layers: [8, 8, 4], device: cuda}",
+		"ranks: 2\ngpus_per_rank: 2\nranks_per_gpu: 1\nexec: {command: [true]}",
+	} {
+		if _, err := Parse([]byte(spec)); err != nil {
+			t.Errorf("%q: %v", spec, err)
+		}
+	}
+	if sh, _ := Parse([]byte("ranks: 4\ngpus_per_rank: 1\nranks_per_gpu: 2\nexec: {command: [true]}")); sh.GetRanksPerGpu() != 2 {
+		t.Errorf("ranks_per_gpu parsed as %d, want 2", sh.GetRanksPerGpu())
+	}
+	if spec.GetRanksPerGpu() != 0 {
+		t.Errorf("ranks_per_gpu left out: %d, want 0", spec.GetRanksPerGpu())
+	}
 }
 
 func TestParseInvalid(t *testing.T) {
@@ -87,6 +106,12 @@ func TestParseInvalid(t *testing.T) {
 		{"checkpoint resume_from", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {uri: 's3://b/p', resume_from: 'a job'}", "checkpoint.resume_from: must be the name or ID"},
 		{"checkpoint misspelt", "ranks: 1\nexec: {command: [true]}\ncheckpoint: {url: 's3://b/p'}", `did you mean "uri"`},
 		{"checkpoint on allreduce", "type: allreduce\nranks: 2\ncheckpoint: {uri: 's3://b/p'}", "only exec jobs"},
+		{"sharing without GPUs", "ranks: 2\nranks_per_gpu: 2\nexec: {command: [true]}", "ranks_per_gpu: 2 ranks share one GPU, so each rank takes exactly one: set gpus_per_rank: 1 (got 0)"},
+		{"sharing with two GPUs per rank", "ranks: 2\ngpus_per_rank: 2\nranks_per_gpu: 4\nexec: {command: [true]}", "set gpus_per_rank: 1 (got 2), or remove ranks_per_gpu"},
+		{"negative sharing", "ranks: 2\ngpus_per_rank: 1\nranks_per_gpu: -1\nexec: {command: [true]}", "ranks_per_gpu: must be between 1 and 64, got -1"},
+		{"too much sharing", "ranks: 2\ngpus_per_rank: 1\nranks_per_gpu: 65\nexec: {command: [true]}", "ranks_per_gpu: must be between 1 and 64, got 65"},
+		{"sharing services", "type: service\nreplicas: 2\ngpus_per_rank: 1\nranks_per_gpu: 2\nexec: {command: [true]}\nservice: {ports: [http]}", "ranks_per_gpu: service replicas are placed one at a time"},
+		{"sharing misspelt", "ranks: 2\ngpus_per_rank: 1\nrank_per_gpu: 2\nexec: {command: [true]}", `did you mean "ranks_per_gpu"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -155,5 +180,21 @@ func TestCheckpointNeedsAName(t *testing.T) {
 	ApplyDefaults(plain)
 	if err := Validate(plain); err != nil || plain.Name != TypeExec {
 		t.Fatalf("unnamed job without checkpoints: name %q, %v; want the default %q", plain.Name, err, TypeExec)
+	}
+}
+
+// examples/shared_gpu.yaml, the README's example of ranks sharing GPUs,
+// is a valid spec that asks for it.
+func TestExampleSharedGPU(t *testing.T) {
+	b, err := os.ReadFile("../../examples/shared_gpu.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := ParseFile("shared_gpu.yaml", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.GpusPerRank != 1 || spec.RanksPerGpu != 2 || spec.Ranks != 4 {
+		t.Fatalf("spec %v", spec)
 	}
 }

@@ -1,7 +1,8 @@
 // Package procs runs real gpumesh agents as separate processes for
 // multi-process tests: it builds the binary once, starts agents on
 // 127.0.0.x addresses, kills them with SIGKILL and restarts them with their
-// data dirs, and runs client commands against them.
+// data dirs, and runs client commands against them. Agents die with the test
+// binary, however it ends (a parent-death signal on Linux).
 package procs
 
 import (
@@ -104,7 +105,7 @@ type Agent struct {
 	mu       sync.Mutex
 	cmd      *exec.Cmd
 	log      *os.File
-	exited   chan struct{}
+	exited   <-chan struct{}
 	connOnce sync.Once
 	conn     *grpc.ClientConn
 }
@@ -218,15 +219,15 @@ func (a *Agent) Start() {
 		cmd = exec.Command("ip", append([]string{"netns", "exec", a.Netns, Binary(a.t)}, args...)...)
 	}
 	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	// Its own process group (Kill reaches all of it), and killed with the
+	// test binary however that ends (see startTied).
+	exited, err := startTied(cmd)
+	if err != nil {
 		log.Close()
 		a.t.Fatalf("start %s: %v", a.Name, err)
 	}
 	fmt.Fprintf(log, "==== test harness: started pid %d at %s\n", cmd.Process.Pid, time.Now().UTC().Format(time.RFC3339Nano))
-	a.cmd, a.log = cmd, log
-	a.exited = make(chan struct{})
-	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(cmd, a.exited)
+	a.cmd, a.log, a.exited = cmd, log, exited
 }
 
 // Running reports whether the process is alive.

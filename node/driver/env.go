@@ -56,7 +56,8 @@ type RankEnv struct {
 	// GPUs sets CUDA_VISIBLE_DEVICES to the device ordinals placed, in
 	// PCI bus order (CUDA_DEVICE_ORDER=PCI_BUS_ID is set by default so that
 	// ordinals mean what nvidia-smi and NVML mean). Empty hides every GPU
-	// (CUDA_VISIBLE_DEVICES="") for a CPU rank.
+	// (CUDA_VISIBLE_DEVICES="") for a CPU rank. Ranks that share a GPU
+	// (a job's ranks_per_gpu) are given the same ordinal.
 	GPUs []int
 
 	// NodeAddr sets GPUMESH_ADDR: the local agent's RPC address, so that the

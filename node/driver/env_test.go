@@ -2,6 +2,7 @@ package driver
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -178,5 +179,36 @@ func TestRankEnvFromPlan(t *testing.T) {
 	}
 	if _, err := RankEnvFromPlan(plan, 1, map[string]string{"b": "x"}); !errors.Is(err, ErrInvalidEnv) {
 		t.Errorf("unknown master node: err = %v", err)
+	}
+}
+
+// Ranks sharing a GPU (ranks_per_gpu): each rank's CUDA_VISIBLE_DEVICES
+// names its GPU, the same one for ranks that share it; LOCAL_RANK and
+// LOCAL_WORLD_SIZE count the job's ranks on the node, as without sharing.
+func TestEnvOfRanksSharingGPUs(t *testing.T) {
+	nodes := []sharding.Node{{ID: "a", GPUs: []sharding.GPU{{Index: 0}, {Index: 1}, {Index: 2}}}}
+	// GPU 0 is another job's: the shared group takes GPUs 1 and 2.
+	plan, err := sharding.Place(nodes, sharding.Job{ID: "j", Ranks: 3, GPUsPerRank: 1, RanksPerGPU: 2},
+		[]sharding.Allocation{{JobID: "other", NodeID: "a", GPUs: []int{0}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct{ cuda, local string }{{"1", "0"}, {"1", "1"}, {"2", "2"}}
+	for rank, w := range want {
+		r, err := RankEnvFromPlan(plan, rank, map[string]string{"a": "10.0.0.1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.MasterPort = 29500
+		env, err := BuildEnv(r, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := envMap(env)
+		if got[EnvCUDAVisibleDevices] != w.cuda || got[EnvLocalRank] != w.local || got[EnvLocalWorldSize] != "3" ||
+			got[EnvRank] != fmt.Sprint(rank) || got[EnvWorldSize] != "3" || got["OMP_NUM_THREADS"] != "1" {
+			t.Errorf("rank %d: CUDA_VISIBLE_DEVICES=%q LOCAL_RANK=%q LOCAL_WORLD_SIZE=%q RANK=%q WORLD_SIZE=%q OMP_NUM_THREADS=%q; want %s, %s, 3, %d, 3, 1",
+				rank, got[EnvCUDAVisibleDevices], got[EnvLocalRank], got[EnvLocalWorldSize], got[EnvRank], got[EnvWorldSize], got["OMP_NUM_THREADS"], w.cuda, w.local, rank)
+		}
 	}
 }

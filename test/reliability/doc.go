@@ -19,12 +19,14 @@
 //	                        figure (rounds, faults, acknowledged, found, times)
 //
 // The network tests run each agent in its own Linux network namespace
-// (prefix "gmr-"), joined by veth pairs to bridges in a hub namespace, with
+// (named "gmr-<test pid>-n1" and so on), joined by veth pairs to bridges in
+// a hub namespace, with
 // private addresses 10.99.0.0/24 that exist only inside those namespaces;
 // nothing is routed to or from the host's own network. They need root and
 // iproute2 (and nftables for packet loss when tc netem is missing) and skip
-// with a message otherwise. Leftovers of an interrupted run are removed at
-// the start of the next.
+// with a message otherwise. A run killed before its cleanups leaves its
+// namespaces behind; the next run removes those whose test process is gone
+// (and stops what still runs in them), never a live run's.
 //
 // The delayed-network tests join the namespaces through internal/netemu
 // instead of bridges: each namespace has a TUN device whose packets the

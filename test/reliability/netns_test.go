@@ -4,6 +4,7 @@ package reliability
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -20,9 +21,14 @@ import (
 	"github.com/gpumesh/gpumesh/internal/netemu"
 )
 
-// nsPrefix names every namespace this suite creates, so that leftovers of
-// an interrupted run can be found and removed.
+// nsPrefix starts the name of every namespace this suite creates; the
+// creating test process's pid follows (netemu.NamespaceName), so that runs
+// side by side keep apart and the leftovers of a killed run can be found
+// and removed (removeLeftovers).
 const nsPrefix = "gmr-"
+
+// nsName is the name of this process's namespace called name.
+func nsName(name string) string { return netemu.NamespaceName(nsPrefix, os.Getpid(), name) }
 
 // topology is n network namespaces, each with one veth into a hub
 // namespace that holds two bridges: "br0" (the network) and "br1" (the far
@@ -63,20 +69,25 @@ func requireNetns(t *testing.T) {
 	}
 }
 
-// removeLeftovers kills what still runs inside namespaces of an earlier,
-// interrupted run of this suite and deletes those namespaces.
+// removeLeftovers kills what still runs inside namespaces that an earlier
+// run of this suite left behind (its process was killed before its
+// cleanups ran) and deletes those namespaces. Namespaces of runs still in
+// progress are left alone (netemu.StaleNamespaces).
 func removeLeftovers(t testing.TB) {
 	out, err := exec.Command("ip", "netns", "list").Output()
 	if err != nil {
 		return
 	}
+	var names []string
 	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || !strings.HasPrefix(f[0], nsPrefix) {
-			continue
+		if f := strings.Fields(line); len(f) > 0 {
+			names = append(names, f[0])
 		}
-		killNamespace(f[0])
-		if err := run("ip", "netns", "del", f[0]); err != nil {
+	}
+	alive := func(pid int) bool { return !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) }
+	for _, ns := range netemu.StaleNamespaces(names, nsPrefix, alive) {
+		killNamespace(ns)
+		if err := run("ip", "netns", "del", ns); err != nil {
 			t.Logf("removing leftover namespace: %v", err)
 		}
 	}
@@ -102,7 +113,7 @@ func newTopology(t *testing.T, n int) *topology {
 	t.Helper()
 	requireNetns(t)
 	removeLeftovers(t)
-	tp := &topology{t: t, hub: nsPrefix + "hub"}
+	tp := &topology{t: t, hub: nsName("hub")}
 	t.Cleanup(func() {
 		for _, ns := range append(append([]string(nil), tp.nodes...), tp.hub) {
 			killNamespace(ns)
@@ -181,7 +192,7 @@ func newEmuTopology(t *testing.T, n int, link netemu.LinkConfig, seed uint64) *t
 // addNode creates node i's namespace with its loopback up and records
 // its name and address.
 func (tp *topology) addNode(i int) (ns, ip string) {
-	ns = fmt.Sprintf("%sn%d", nsPrefix, i+1)
+	ns = nsName(fmt.Sprintf("n%d", i+1))
 	ip = fmt.Sprintf("10.99.0.%d", 11+i)
 	tp.must("ip", "netns", "add", ns)
 	tp.nodes = append(tp.nodes, ns)
