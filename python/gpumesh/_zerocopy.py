@@ -63,15 +63,27 @@ _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+def _storage_getter(cls):
+    """How to get a cls tensor's untyped storage in this PyTorch."""
+    if hasattr(cls, "untyped_storage"):
+        return cls.untyped_storage
+    if hasattr(cls, "_storage"):
+        return cls._storage  # PyTorch 1.13: without a TypedStorage made on the way
+
+    def legacy(t):
+        s = t.storage()
+        return s.untyped() if hasattr(s, "untyped") else s._storage
+    return legacy
+
+
+_STORAGE_GETTERS = {}  # tensor type -> its _storage_getter (looked up once)
+
+
 def _untyped(t):
-    f = getattr(t, "untyped_storage", None)
-    if f is not None:
-        return f()
-    f = getattr(t, "_storage", None)  # PyTorch 1.13: without a TypedStorage made on the way
-    if f is not None:
-        return f()
-    s = t.storage()
-    return s.untyped() if hasattr(s, "untyped") else s._storage
+    get = _STORAGE_GETTERS.get(type(t))
+    if get is None:
+        get = _STORAGE_GETTERS[type(t)] = _storage_getter(type(t))
+    return get(t)
 
 
 def _shared_fd(s):
@@ -197,7 +209,7 @@ class ZeroCopy:
         if self._ops % SWEEP_EVERY == 0:
             self.sweep()
         nbytes = t.numel() * t.element_size()
-        if nbytes < self.min_bytes or t.device.type != "cpu":
+        if nbytes < self.min_bytes or t.is_cuda:  # (the caller passes CPU and CUDA tensors only)
             return None
         s = _untyped(t)
         base, size = s.data_ptr(), s.nbytes()
