@@ -22,7 +22,7 @@
 # NODES=1 puts every rank on the one agent, as on a GPU machine, whose ranks
 # share the node's agent (their hop: in the agent's memory; the summary
 # checks that no lane was opened). DDP runs at each world size of WORLDS
-# (default "1 2"; 1 must be among them for the recipe); DDP_ARGS are passed
+# (default "1 2"; 1 must be among them for the recipe; WORLDS="" skips DDP); DDP_ARGS are passed
 # to ddp_ab.py (e.g. "--steps 20"); AR_RANKS ranks (default 2) run part 2,
 # AR_BACKENDS picks its paths (default all: gpumesh,gpumesh-staged,
 # gpumesh-thread,gloo), AR_SIZES_MIB its sizes (default 16,64,256) and
@@ -42,7 +42,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  $(grep -m1 'model name' /proc/cpuinfo)"
 
-NODES=${NODES:-2} WORLDS=${WORLDS:-"1 2"} DDP_ARGS=${DDP_ARGS:-} ALLREDUCE=${ALLREDUCE:-1}
+NODES=${NODES:-2} WORLDS=${WORLDS-"1 2"} DDP_ARGS=${DDP_ARGS:-} ALLREDUCE=${ALLREDUCE:-1}
 AR_RANKS=${AR_RANKS:-2} AR_BACKENDS=${AR_BACKENDS:-gpumesh,gpumesh-staged,gpumesh-thread,gloo}
 AR_SIZES_MIB=${AR_SIZES_MIB:-16,64,256} AR_ITERS=${AR_ITERS:-10}
 echo "layout: $NODES agent(s), DDP world sizes $WORLDS, all_reduce with $AR_RANKS ranks"

@@ -18,8 +18,9 @@ import (
 // receives) and hold references on the regions they use, so a region is
 // unmapped only when no operation uses it.
 type conn struct {
-	s *Server
-	c *net.UnixConn
+	s   *Server
+	c   *net.UnixConn
+	sio *sockIO // c's raw reads (read loop) and writes (under wmu); nil: c is unusable
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -28,7 +29,8 @@ type conn struct {
 	comm  *collective.Communicator
 	bye   bool // the client said BYE (read loop only)
 
-	wmu sync.Mutex // one reply at a time
+	wmu  sync.Mutex // one reply at a time
+	wbuf []byte     // the reply being written (under wmu)
 
 	rmu       sync.Mutex
 	regions   map[uint64]*region
@@ -106,6 +108,11 @@ func (h *frameHold) Release() {
 func newConn(s *Server, c *net.UnixConn) *conn {
 	cn := &conn{s: s, c: c, regions: map[uint64]*region{}, queues: map[queueKey]chan *work{}}
 	cn.ctx, cn.cancel = context.WithCancelCause(context.Background())
+	if sio, err := newSockIO(c, s.cfg.Collective.Timeout); err == nil {
+		cn.sio = sio
+	} else {
+		s.log.Warn("local API connection unusable", "error", err)
+	}
 	return cn
 }
 
@@ -115,12 +122,16 @@ func (cn *conn) shutdown() {
 	_ = cn.c.Close()
 }
 
+// reply writes one answer; a client that does not read its answers gets
+// the collective timeout before the write fails (sockIO.send).
 func (cn *conn) reply(r Reply) error {
+	if cn.sio == nil {
+		return net.ErrClosed
+	}
 	cn.wmu.Lock()
 	defer cn.wmu.Unlock()
-	_ = cn.c.SetWriteDeadline(time.Now().Add(cn.s.cfg.Collective.Timeout))
-	_, err := cn.c.Write(EncodeReply(r))
-	return err
+	cn.wbuf = appendReply(cn.wbuf[:0], r)
+	return cn.sio.send(cn.wbuf)
 }
 
 func (cn *conn) fatal(status uint8, err error) {
@@ -163,8 +174,11 @@ func (cn *conn) serve() {
 	}()
 	buf := make([]byte, MaxMessage)
 	oob := make([]byte, 256)
+	if cn.sio == nil {
+		return
+	}
 	_ = cn.c.SetReadDeadline(time.Now().Add(cn.s.cfg.HelloTimeout))
-	pkt, fds, err := recvPacket(cn.c, buf, oob)
+	pkt, fds, err := cn.sio.recv(buf, oob)
 	if err != nil {
 		return
 	}
@@ -200,7 +214,7 @@ func (cn *conn) serve() {
 	go cn.watchComm()
 	_ = cn.c.SetReadDeadline(time.Time{})
 	for {
-		pkt, fds, err := recvPacket(cn.c, buf, oob)
+		pkt, fds, err := cn.sio.recv(buf, oob)
 		if err != nil {
 			if !errors.Is(err, errEOF) && !errors.Is(err, net.ErrClosed) && cn.ctx.Err() == nil {
 				cn.fatal(StatusBadRequest, err)

@@ -46,7 +46,15 @@
 // (FAILED), so its next operation raises at once.
 // A client that sends garbage, a wrong secret or memory it cannot prove it
 // owns gets an error; nothing it sends can crash or wedge the agent (the
-// decoder is fuzzed).
+// decoder is fuzzed). A client that stops reading its answers blocks an
+// answer for at most the collective timeout.
+//
+// A connection's requests are read and its answers written with raw
+// recvmsg and write on the non-blocking socket (sockIO), one of each per
+// operation: the net package's entersyscall would wake the Go runtime's
+// sleeping sysmon thread on each of them, a futex wake per request and
+// answer on an agent that idles between operations.
+// BenchmarkClientAllReduce times the agent's side of a client all_reduce.
 //
 // A region is unmapped only when nothing can touch it any more. Operations
 // hold references on the regions they name; the reference of an operation

@@ -342,19 +342,23 @@ type Reply struct {
 
 // EncodeReply encodes WELCOME (only Type is used), REGISTERED, DONE,
 // FAILED or ERROR. Messages longer than 4 KiB are cut.
-func EncodeReply(r Reply) []byte {
+func EncodeReply(r Reply) []byte { return appendReply(nil, r) }
+
+// appendReply appends r's encoding to dst.
+func appendReply(dst []byte, r Reply) []byte {
 	if r.Type == MsgWelcome {
-		return []byte{MsgWelcome, Version, 0, 0, 0, 0, 0, 0}
+		return append(dst, MsgWelcome, Version, 0, 0, 0, 0, 0, 0)
 	}
 	msg := r.Message
 	if len(msg) > maxReplyMessage {
 		msg = msg[:maxReplyMessage]
 	}
-	b := make([]byte, replyFixed, replyFixed+len(msg))
+	var b [replyFixed]byte
 	b[0], b[1] = r.Type, r.Status
 	binary.LittleEndian.PutUint16(b[2:], uint16(len(msg)))
 	binary.LittleEndian.PutUint64(b[8:], r.ID)
-	return append(b, msg...)
+	dst = append(dst, b[:]...)
+	return append(dst, msg...)
 }
 
 // DecodeReply decodes an agent packet (clients and tests).

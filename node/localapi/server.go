@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sys/unix"
 
 	"github.com/gpumesh/gpumesh/collective"
 )
@@ -308,20 +307,7 @@ func recvPacket(c *net.UnixConn, buf, oob []byte) ([]byte, []int, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	fds, perr := parseRights(oob[:oobn])
-	if flags&unix.MSG_CTRUNC != 0 || flags&unix.MSG_TRUNC != 0 {
-		closeFDs(fds)
-		return nil, nil, fmt.Errorf("%w: packet or its descriptors larger than %d bytes", ErrProtocol, len(buf))
-	}
-	if perr != nil {
-		closeFDs(fds)
-		return nil, nil, fmt.Errorf("%w: control message: %v", ErrProtocol, perr)
-	}
-	if n == 0 {
-		closeFDs(fds)
-		return nil, nil, errEOF
-	}
-	return buf[:n], fds, nil
+	return checkPacket(buf, oob, n, oobn, flags)
 }
 
 var errEOF = errors.New("connection closed by the client")

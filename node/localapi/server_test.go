@@ -32,7 +32,7 @@ func (a fakeAuth) Authorize(_ context.Context, h *Hello) ([]string, error) {
 	return addrs, nil
 }
 
-func startServer(t *testing.T, ranks int) *Server {
+func startServer(t testing.TB, ranks int) *Server {
 	t.Helper()
 	cc := collective.DefaultConfig()
 	cc.Timeout = 5 * time.Second
@@ -40,7 +40,7 @@ func startServer(t *testing.T, ranks int) *Server {
 }
 
 // startServerWith is startServer on transport tr with collective config cc.
-func startServerWith(t *testing.T, ranks int, tr collective.Transport, cc collective.Config) *Server {
+func startServerWith(t testing.TB, ranks int, tr collective.Transport, cc collective.Config) *Server {
 	t.Helper()
 	s, err := Listen(Config{
 		SocketPath: filepath.Join(t.TempDir(), "local.sock"),
@@ -58,7 +58,7 @@ func startServerWith(t *testing.T, ranks int, tr collective.Transport, cc collec
 // connectRanks dials s as ranks 0..ranks-1 of the job, says hello with each
 // rank's secret and, with regBytes > 0, registers region 1 of regBytes for
 // each; it returns the clients and the regions' memory.
-func connectRanks(t *testing.T, s *Server, ranks, regBytes int) ([]*client, [][]byte) {
+func connectRanks(t testing.TB, s *Server, ranks, regBytes int) ([]*client, [][]byte) {
 	t.Helper()
 	cls := make([]*client, ranks)
 	mems := make([][]byte, ranks)
@@ -76,12 +76,12 @@ func connectRanks(t *testing.T, s *Server, ranks, regBytes int) ([]*client, [][]
 
 // client is a Go client of the protocol (the Python package's twin).
 type client struct {
-	t    *testing.T
+	t    testing.TB
 	c    *net.UnixConn
 	mems map[uint64][]byte
 }
 
-func dial(t *testing.T, s *Server) *client {
+func dial(t testing.TB, s *Server) *client {
 	t.Helper()
 	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: s.SocketPath(), Net: "unixpacket"})
 	if err != nil {
@@ -155,7 +155,7 @@ func (cl *client) hello(rank, n int, secret string) Reply {
 }
 
 // memfd creates a sealed memfd of size bytes and maps it.
-func memfd(t *testing.T, size int, seal bool) (int, []byte) {
+func memfd(t testing.TB, size int, seal bool) (int, []byte) {
 	t.Helper()
 	fd, err := unix.MemfdCreate("gpumesh-test", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {

@@ -49,6 +49,12 @@ MAX_MESSAGE = 64 << 10
 # once unless a callback of the caller's blocks one).
 _JOIN_TIMEOUT = 10.0
 
+# The socket's receive timeout (SO_RCVTIMEO): a blocking recv returns within
+# it. A reader that may wait this long receives without a poll first (one
+# system call per answer instead of two), then looks at its deadline again;
+# shorter waits poll with their own timeout.
+_RECV_SLICE = 0.5
+
 
 class AgentError(RuntimeError):
     """An operation or the connection failed; the message says why."""
@@ -136,6 +142,9 @@ class Connection:
             sock.close()
             raise AgentError(f"gpumesh: the local agent refused rank {rank} of job {job} generation {generation}: {r[3]}")
         sock.settimeout(None)
+        sec = int(_RECV_SLICE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("@ll", sec, int((_RECV_SLICE - sec) * 1e6)))
         self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
@@ -386,11 +395,15 @@ class Connection:
 
     def _read(self, timeout, event=None):
         """Under the reading role: reads and handles the answers that arrive
-        within timeout seconds (None: until one does), then those already
-        there, stopping once event (if given) is set."""
-        if timeout is not None and not self._poll.poll(0 if timeout <= 0 else max(1, math.ceil(timeout * 1000))):
-            return
-        flags = 0 if timeout is None else socket.MSG_DONTWAIT
+        within timeout seconds (None or at least _RECV_SLICE: within
+        _RECV_SLICE, the socket's receive timeout; the caller looks again),
+        then those already there, stopping once event (if given) is set."""
+        if timeout is not None and timeout < _RECV_SLICE:
+            if not self._poll.poll(0 if timeout <= 0 else max(1, math.ceil(timeout * 1000))):
+                return
+            flags = socket.MSG_DONTWAIT
+        else:
+            flags = 0
         while True:
             try:
                 pkt = self._sock.recv(MAX_MESSAGE, flags)
@@ -470,8 +483,9 @@ class Connection:
                     self._bg_poked = False  # done: what was pending has completed
                 self._bg_look = False
             try:
-                # Blocking while answers nobody waits for are due; a look
-                # without waiting otherwise (the watchdog's).
+                # Blocking (a receive timeout at a time) while answers
+                # nobody waits for are due; a look without waiting
+                # otherwise (the watchdog's).
                 self._read(None if busy else 0)
             finally:
                 self._release_role()

@@ -18,9 +18,15 @@ Both copies happen once per storage. From then on an operation names the
 tensor by (region, byte offset): the agent's ring sends from and reduces
 into the rank's memory directly.
 
-A storage is recognised on later operations by its address, its size and
-PyTorch's descriptor of it (the inode must be the one seen when it was
-moved, which tells a live storage from a new one at a reused address).
+A storage is recognised on later operations by its address and by a weak
+reference to it (PyTorch's ``StorageWeakRef``, as torch.multiprocessing
+uses): the reference pins the storage object's own memory (not its data),
+so a live storage whose object is at the same place is the one that was
+moved, and once the storage died the reference says so. This costs no
+system call per operation. Where PyTorch has no weak references to
+storages, the check is the storage's size and PyTorch's descriptor of it
+(the inode must be the one seen when it was moved, which tells a live
+storage from a new one at a reused address): one ``fstat`` per operation.
 Storages that died are found by the same check at every adoption and
 every ``SWEEP_EVERY`` operations, and their regions unregistered.
 
@@ -40,6 +46,11 @@ import mmap
 import os
 import threading
 
+try:
+    from torch.multiprocessing.reductions import StorageWeakRef as _StorageWeakRef
+except ImportError:  # pragma: no cover (every PyTorch this package supports has it)
+    _StorageWeakRef = None
+
 PAGE = mmap.PAGESIZE
 SWEEP_EVERY = 64
 _MAP_FIXED = 0x10
@@ -52,12 +63,27 @@ _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+def _storage_getter(cls):
+    """How to get a cls tensor's untyped storage in this PyTorch."""
+    if hasattr(cls, "untyped_storage"):
+        return cls.untyped_storage
+    if hasattr(cls, "_storage"):
+        return cls._storage  # PyTorch 1.13: without a TypedStorage made on the way
+
+    def legacy(t):
+        s = t.storage()
+        return s.untyped() if hasattr(s, "untyped") else s._storage
+    return legacy
+
+
+_STORAGE_GETTERS = {}  # tensor type -> its _storage_getter (looked up once)
+
+
 def _untyped(t):
-    f = getattr(t, "untyped_storage", None)
-    if f is not None:
-        return f()
-    s = t.storage()
-    return s.untyped() if hasattr(s, "untyped") else s._storage
+    get = _STORAGE_GETTERS.get(type(t))
+    if get is None:
+        get = _STORAGE_GETTERS[type(t)] = _storage_getter(type(t))
+    return get(t)
 
 
 def _shared_fd(s):
@@ -112,11 +138,40 @@ def _mapping_at(addr):
     return None
 
 
-class _Adopted:
-    __slots__ = ("rid", "base", "size", "fd", "ident")
+def _weak_ref(s):
+    """(weak reference to storage s, the address it names), or None where
+    PyTorch cannot make one."""
+    if _StorageWeakRef is None:
+        return None
+    try:
+        w = _StorageWeakRef(s)
+        w.expired()  # the check of every operation works here
+        return w, w.cdata
+    except (RuntimeError, AttributeError, TypeError):
+        return None
 
-    def __init__(self, rid, base, size, fd, ident):
+
+class _Adopted:
+    __slots__ = ("rid", "base", "size", "fd", "ident", "weak", "cdata")
+
+    def __init__(self, rid, base, size, fd, ident, weak=None):
         self.rid, self.base, self.size, self.fd, self.ident = rid, base, size, fd, ident
+        self.weak, self.cdata = weak if weak is not None else (None, None)
+
+    def same(self, s, size):
+        """Whether storage s (of size bytes, at this entry's address) is the
+        storage that was moved."""
+        if self.weak is not None:
+            # The weak reference keeps the moved storage's object where it
+            # is: no other live storage can be at that address.
+            return s._cdata == self.cdata and self.size == size and not self.weak.expired()
+        return self.size == size and _shared_fd(s) == self.fd and _ident(self.fd) == self.ident
+
+    def dead(self):
+        """Whether the moved storage died."""
+        if self.weak is not None:
+            return self.weak.expired()
+        return _ident(self.fd) != self.ident
 
 
 class ZeroCopy:
@@ -134,6 +189,9 @@ class ZeroCopy:
         self._seen = {}  # storage address -> size, storages seen once (bounded)
         self._ops = 0
         self.adopted = 0  # storages moved so far (tests and benchmarks read it)
+        # Recognise moved storages by weak reference (False: by descriptor
+        # and inode, as where PyTorch has no weak references; tests).
+        self.weak_refs = _StorageWeakRef is not None
         self.disabled = None  # why adoption stopped, if it did
 
     def regions(self):
@@ -151,13 +209,13 @@ class ZeroCopy:
         if self._ops % SWEEP_EVERY == 0:
             self.sweep()
         nbytes = t.numel() * t.element_size()
-        if nbytes < self.min_bytes or t.device.type != "cpu":
+        if nbytes < self.min_bytes or t.is_cuda:  # (the caller passes CPU and CUDA tensors only)
             return None
         s = _untyped(t)
         base, size = s.data_ptr(), s.nbytes()
         e = self._by_base.get(base)
         if e is not None:
-            if e.size == size and _shared_fd(s) == e.fd and _ident(e.fd) == e.ident:
+            if e.same(s, size):
                 return e.rid, t.data_ptr() - base
             self._drop(base)
         if self.disabled is not None or s.is_shared() or size > 2 * nbytes:
@@ -219,7 +277,7 @@ class ZeroCopy:
             os.close(mfd)
         # PyTorch's file is no longer mapped: give its pages back.
         _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, size)
-        e = _Adopted(rid, base, size, fd, _ident(fd))
+        e = _Adopted(rid, base, size, fd, _ident(fd), _weak_ref(s) if self.weak_refs else None)
         self._by_base[base] = e
         self.adopted += 1
         return e
@@ -228,7 +286,7 @@ class ZeroCopy:
         """Unregisters the regions of storages that died."""
         with self._lock:
             for base, e in list(self._by_base.items()):
-                if _ident(e.fd) != e.ident:
+                if e.dead():
                     self._drop(base)
 
     def _drop(self, base):

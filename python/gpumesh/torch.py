@@ -85,14 +85,37 @@ _DTYPES = {
 }
 
 _OP_SUM, _OP_AVG, _OP_MAX, _OP_MIN, _OP_PROD = 1, 2, 3, 4, 5
+_STRIDED = torch.strided
 
 
-def _reduce_code(op):
+def _reduce_table():
     R = dist.ReduceOp
     table = [(R.SUM, _OP_SUM), (R.PRODUCT, _OP_PROD), (R.MIN, _OP_MIN), (R.MAX, _OP_MAX)]
     if hasattr(R, "AVG"):
         table.append((R.AVG, _OP_AVG))
-    for r, code in table:
+    return table
+
+
+_REDUCE_TABLE = _reduce_table()
+# The same by the op's hash where ReduceOp hashes by value (PyTorch 1.13's
+# enum): one lookup per operation instead of a comparison per entry. An op
+# that is not found here (other versions: a hash by identity, or none) takes
+# the comparisons.
+_REDUCE_BY_OP = {}
+for _r, _code in _REDUCE_TABLE:
+    try:
+        _REDUCE_BY_OP[_r] = _code
+    except TypeError:
+        _REDUCE_BY_OP = {}
+        break
+
+
+def _reduce_code(op):
+    try:
+        return _REDUCE_BY_OP[op]
+    except (KeyError, TypeError):
+        pass
+    for r, code in _REDUCE_TABLE:
         try:
             if op == r:
                 return code
@@ -119,6 +142,24 @@ class _Staged:
 
     def __init__(self, seg, off, tensor, view, rid):
         self.seg, self.off, self.tensor, self.view, self.rid = seg, off, tensor, view, rid
+
+
+class _Flag:
+    """Whether a Work has completed, for Works that wait through their
+    connection (Connection.wait_for looks at is_set and is woken by the
+    reading thread, never by the flag): a threading.Event costs a Condition
+    and a lock per operation, and its set() takes that lock."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self):
+        self._set = False
+
+    def set(self):
+        self._set = True
+
+    def is_set(self):
+        return self._set
 
 
 class _Failed:
@@ -180,7 +221,7 @@ class Work(_WorkBase):
         self._result = result
         self._what = what
         self._timeout = timeout
-        self._event = threading.Event()
+        self._event = _Flag() if self._conn is not None else threading.Event()
         self._error = None
         # The future is made when it is asked for (get_future: DDP's
         # buckets), not for every operation (dist.all_reduce waits on the
@@ -269,6 +310,10 @@ class Work(_WorkBase):
 
 
 def _flat(t, what):
+    # The common case in a few cheap checks (this runs for every operation).
+    if (type(t) is torch.Tensor and t.layout is _STRIDED and t.is_contiguous() and (t.is_cpu or t.is_cuda)
+            and t.dtype in _DTYPES):
+        return t if t.dim() == 1 else t.view(-1)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"gpumesh: {what}: expected a tensor, got {type(t).__name__}")
     if t.is_sparse:
@@ -336,17 +381,17 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
-    def _stage(self, tensors, n_in, direct_ok):
+    def _stage(self, tensors, n_in, copy_inputs):
         """Places flat, contiguous tensors for one operation: a tensor whose
         storage lives in an agent-mapped segment (see _zerocopy) is named
         where it is; the others get a place in one staging segment (64-byte
-        aligned), and the first n_in of those are copied in. direct_ok(i)
-        says whether tensor i may be used in place."""
+        aligned), and the first n_in of those are copied in. Tensors whose
+        index is in copy_inputs are never used in place."""
         zc = self._zc
         staged = [None] * len(tensors)
         todo = []
         for i, t in enumerate(tensors):
-            d = zc.ref(t) if (zc is not None and t.numel() and direct_ok(i)) else None
+            d = zc.ref(t) if (zc is not None and t.numel() and i not in copy_inputs) else None
             if d is not None:
                 staged[i] = _Staged(None, d[1], t, None, d[0])
             else:
@@ -380,24 +425,35 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         copy_inputs: indices of inputs the agent would overwrite but the
         caller must keep (always staged)."""
         code = _DTYPES[dtype_of.dtype] if dtype_of is not None else 0
-        # Outputs that are also inputs (in place) share the input's place.
-        extra = [o for o in outputs if not any(o is i for i in inputs)]
-        if any(t.is_cuda for t in inputs + extra):
-            work = self._issue_cuda(kind, what, code, inputs, extra, a_idx, b_idx, reduce_op, peer, tag, result,
-                                    post, copy_inputs)
+        # Outputs that are also inputs (in place) share the input's place:
+        # tensors is the inputs, then the other outputs; out_idx, where
+        # each output is in it. (Plain loops: this runs for every operation.)
+        tensors = list(inputs)
+        out_idx = []
+        cuda = False
+        for t in inputs:
+            cuda = cuda or t.is_cuda
+        for o in outputs:
+            for j, t in enumerate(inputs):
+                if o is t:
+                    out_idx.append(j)
+                    break
+            else:
+                out_idx.append(len(tensors))
+                tensors.append(o)
+                cuda = cuda or o.is_cuda
+        if cuda:
+            work = self._issue_cuda(kind, what, code, inputs, tensors[len(inputs):], a_idx, b_idx, reduce_op, peer,
+                                    tag, result, post, copy_inputs)
             if work is not None:
                 return work
         work = Work(result, what, self._timeout + 10.0, self._keep)
         self._keep.add(work)
         conn = self._conn
-        seg, st = self._stage(inputs + extra, len(inputs), lambda i: i not in copy_inputs)
-        outs = [s for s in (next(s for s in st if s.tensor is o) for o in outputs) if s.view is not None]
-
-        def ref(i):
-            if i is None:
-                return None
-            s = st[i]
-            return (s.rid, s.off, s.tensor.numel())
+        seg, st = self._stage(tensors, len(inputs), copy_inputs)
+        outs = [st[j] for j in out_idx if st[j].view is not None]
+        a = None if a_idx is None else st[a_idx]
+        b = None if b_idx is None else st[b_idx]
 
         def on_done(err):
             try:
@@ -415,7 +471,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
 
         try:
-            conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
+            conn.submit(kind, code, reduce_op, peer, tag,
+                        None if a is None else (a.rid, a.off, a.tensor.numel()),
+                        None if b is None else (b.rid, b.off, b.tensor.numel()), on_done, what)
         except Exception:
             if seg is not None:
                 conn.release(seg)

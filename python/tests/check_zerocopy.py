@@ -149,6 +149,47 @@ for i in range(100):
     w.wait()
 if len(pg._keep) > 2:
     fail(f"the group keeps {len(pg._keep)} Work objects after 200 completed operations")
+
+# 9. A moved storage dies and a new shared storage of the same size takes
+# its address and (usually) its descriptor's number, before any sweep: the
+# new one must not be taken for the old one (its all_reduce would go to the
+# old storage's segment, and the new tensor would keep its own values). Both
+# ways of recognising a moved storage: by weak reference and by descriptor
+# and inode (where PyTorch has no weak references).
+for weak in (True, False):
+    zc.weak_refs = weak
+    y = torch.empty(1 << 20)
+    for _ in range(2):
+        y.fill_(1)
+        dist.all_reduce(y)
+    old = y.data_ptr()
+    if old not in zc._by_base:
+        fail(f"weak refs {weak}: the tensor was not moved")
+    del y
+    gc.collect()
+    misses = []
+    for _ in range(20):
+        w = torch.empty(1 << 20)
+        w.share_memory_()
+        if w.data_ptr() == old:
+            break
+        misses.append(w)
+    else:
+        fail(f"weak refs {weak}: no new shared storage at the dead one's address in 20 tries (the check needs one)")
+    del misses
+    zc._ops = 1  # no sweep during the next operations: the lookup itself must tell
+    if old not in zc._by_base:
+        fail(f"weak refs {weak}: the dead storage's entry went before the lookup")
+    for i in range(3):
+        w.fill_(rank + 1)
+        dist.all_reduce(w)
+        expect(f"weak refs {weak}: a new storage at a dead one's address, round {i}", w, torch.full_like(w, tri))
+    e = zc._by_base.get(old)
+    if e is not None and e.cdata is None and weak:
+        fail(f"weak refs {weak}: the dead storage's entry is still used")
+    del w
+    gc.collect()
+zc.weak_refs = True
 dist.barrier()
 print("ZEROCOPY OK", flush=True)
 del ddp, model
