@@ -23,15 +23,9 @@ func netCluster(t *testing.T, n int, args ...string) (*topology, *cluster) {
 	return tp, c
 }
 
-// submitN submits n exec jobs with ids prefix-0..n-1 to a and returns the
-// acknowledged ids and the errors of the others.
-func submitN(a *agent, prefix string, n int, timeout time.Duration) (acked []string, errs []error) {
-	acked, errs, _ = submitTimed(a, prefix, n, timeout)
-	return acked, errs
-}
-
-// submitTimed is submitN that also returns how long each acknowledged
-// submission took (the client runs in a's namespace: no emulated link
+// submitTimed submits n exec jobs with ids prefix-0..n-1 to a and returns
+// the acknowledged ids, the errors of the others, and how long each
+// acknowledged submission took (the client runs in a's namespace: no emulated link
 // between them).
 func submitTimed(a *agent, prefix string, n int, timeout time.Duration) (acked []string, errs []error, took []time.Duration) {
 	for i := 0; i < n; i++ {
