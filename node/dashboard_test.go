@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -50,10 +51,15 @@ func runChromium(t *testing.T, bin, url string, extra ...string) []byte {
 	}
 	defer errf.Close()
 	cmd.Stdout, cmd.Stderr = out, errf
-	// Its own process group, so that every helper it started ends with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Its own process group, so that every helper it started ends with it;
+	// killed with the test binary however that ends (the parent-death
+	// signal fires when the forking thread ends: Run forks and waits on
+	// this goroutine's thread, locked until it returns).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	runtime.LockOSThread()
 	runErr := cmd.Run()
+	runtime.UnlockOSThread()
 	if cmd.Process != nil {
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 	}
