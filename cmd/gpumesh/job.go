@@ -437,8 +437,30 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 			al.DesiredStatus, dash(al.ClientStatus), exit, ago(al.StartTime), al.Message)
 	}
 	tw.Flush()
+	if al := lastFailed(resp); al != nil && j.Spec.GetType() != jobspec.TypeService {
+		// A failed rank's reason is usually on its stderr, which `job logs`
+		// leaves out unless asked. (A service's replicas say it in their
+		// crash-loop lines.)
+		fmt.Fprintf(out, "\nrank %d of generation %d failed (exit %d); its output: gpumesh job logs %s --rank %d --generation %d --stderr\n",
+			al.Rank, al.Generation, al.ExitCode, j.Id, al.Rank, al.Generation)
+	}
 	printServiceReplicas(out, resp)
 	printResults(out, resp)
+}
+
+// lastFailed is a rank that failed in the newest generation in which one
+// did (the lowest such rank), or nil when none failed.
+func lastFailed(resp *pb.GetJobResponse) *pb.Allocation {
+	var last *pb.Allocation
+	for _, al := range resp.Allocations {
+		if al.ClientStatus != consensus.AllocFailed {
+			continue
+		}
+		if last == nil || al.Generation > last.Generation || (al.Generation == last.Generation && al.Rank < last.Rank) {
+			last = al
+		}
+	}
+	return last
 }
 
 // gpuCells returns the GPUS column of each allocation: its GPU ordinals,

@@ -128,3 +128,32 @@ func TestPrintJobShowsSharedGPUs(t *testing.T) {
 		t.Fatalf("no lines for %v:\n%s", want, out)
 	}
 }
+
+// A failed job's status names the command that shows why a rank failed:
+// its stderr, of the newest generation with a failure (a Python traceback
+// goes there, and `job logs` prints stdout unless told otherwise). Jobs
+// without a failed rank print no such line.
+func TestPrintJobPointsAtFailedRankStderr(t *testing.T) {
+	var b strings.Builder
+	printJob(&b, &pb.GetJobResponse{
+		Job: &pb.Job{Id: "ddp-1", Status: "failed", Generation: 2, Spec: &pb.JobSpec{Name: "ddp", Type: "exec"}},
+		Allocations: []*pb.Allocation{
+			{Generation: 2, Rank: 0, ClientStatus: "stopped", ExitCode: -1},
+			{Generation: 2, Rank: 2, ClientStatus: "failed", ExitCode: 2},
+			{Generation: 2, Rank: 1, ClientStatus: "failed", ExitCode: 1},
+			{Generation: 1, Rank: 0, ClientStatus: "failed", ExitCode: 2},
+		},
+	})
+	want := "rank 1 of generation 2 failed (exit 1); its output: gpumesh job logs ddp-1 --rank 1 --generation 2 --stderr\n"
+	if !strings.Contains(b.String(), want) {
+		t.Fatalf("job status lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	printJob(&b, &pb.GetJobResponse{
+		Job:         &pb.Job{Id: "hello-1", Status: "complete", Generation: 1, Spec: &pb.JobSpec{Name: "hello", Type: "exec"}},
+		Allocations: []*pb.Allocation{{Generation: 1, Rank: 0, ClientStatus: "complete"}},
+	})
+	if strings.Contains(b.String(), "its output") {
+		t.Fatalf("a job without a failed rank points at logs:\n%s", b.String())
+	}
+}
