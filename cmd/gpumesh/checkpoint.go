@@ -123,7 +123,7 @@ func newCheckpointPutCommand(f *checkpointFlags) *cobra.Command {
 		Use:     "put FILE",
 		Short:   "Upload one rank's part of a checkpoint; prints the part as JSON for commit",
 		Example: "  gpumesh checkpoint put --uri file:///shared/ckpt --step 120 --rank 1 state-1.pt",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg(""),
 		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			file, err := os.Open(args[0])
 			if err != nil {
@@ -205,7 +205,7 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 		Use:     "get FILE",
 		Short:   "Download a rank's part of the newest (or --step) checkpoint into FILE, checking its CRC32C",
 		Example: "  gpumesh checkpoint get --uri file:///shared/ckpt --rank 0 state-0.pt\n  gpumesh checkpoint get --uri file:///shared/ckpt --step 120 --rank 0 state-0.pt",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg(""),
 		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			var m checkpoint.Manifest
 			var err error

@@ -270,7 +270,7 @@ func newEC2FleetCommand() *cobra.Command {
 		Short: "Show an EC2 Fleet's target and fulfilled capacity and its instances",
 		Example: `  gpumesh ec2 fleet fleet-0123abcd-4567-89ef-0123-456789abcdef --region us-east-1
   gpumesh ec2 fleet fleet-0123abcd-4567-89ef-0123-456789abcdef --json`,
-		Args: cobra.ExactArgs(1),
+		Args: oneArg(""),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			r, err := resolveRegion(ctx, region)

@@ -95,7 +95,7 @@ func newJobRunCommand() *cobra.Command {
 			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
 			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
 		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg("a job spec in YAML or JSON, or - for standard input; examples/ holds some"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			spec, err := readSpec(args[0], cmd.InOrStdin())
 			if err != nil {
@@ -539,7 +539,7 @@ func newJobStopCommand() *cobra.Command {
 		Use:     "stop ID",
 		Short:   "Stop a job: its ranks get SIGTERM, then SIGKILL after the kill timeout",
 		Example: "  gpumesh job stop hello-1a2b3c4d",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg(hintJobIDs),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			// A job that already ended has nothing to stop: say so rather
 			// than "stopping".

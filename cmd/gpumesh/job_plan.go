@@ -26,7 +26,7 @@ func newJobPlanCommand() *cobra.Command {
 			"Exit status: 0 when the job would be placed now, 2 when it would wait, 1 when the\n" +
 			"spec is invalid or the cluster cannot be asked.",
 		Example: "  gpumesh job plan examples/hello.yaml\n  gpumesh job plan --json train.yaml",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg("a job spec in YAML or JSON, or - for standard input; examples/ holds some"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			spec, err := readSpec(args[0], cmd.InOrStdin())
 			if err != nil {

@@ -36,13 +36,14 @@ func newJobLogsCommand() *cobra.Command {
 generation (--all, each line prefixed with "[rank N] ") from the nodes that
 hold it. -f keeps printing new output until the ranks end; --tail N starts
 with the last N lines; --timestamps begins every line with the time the rank
-wrote it (to the millisecond, as its node recorded it).`,
+wrote it (to the millisecond, as its node recorded it). Without --stderr it
+prints stdout only: a failed rank's error (a Python traceback) is on its stderr.`,
 		Example: `  gpumesh job logs hello-1a2b3c4d
   gpumesh job logs hello-1a2b3c4d --all --tail 20 -f
   gpumesh job logs hello-1a2b3c4d --timestamps
   gpumesh job logs hello-1a2b3c4d --rank 1 --stderr -f
   gpumesh job logs hello-1a2b3c4d --generation 1`,
-		Args: cobra.ExactArgs(1),
+		Args: oneArg(hintJobIDs),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.tail < 0 {
 				return fmt.Errorf("--tail %d: give a number of lines >= 0 (0: all)", o.tail)

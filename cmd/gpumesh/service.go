@@ -161,7 +161,7 @@ func newServiceStatusCommand() *cobra.Command {
 		Use:     "status NAME",
 		Short:   "Show a service's URLs (every node's serve or HTTP port), its replicas (node, address, ports, health) and crash loops",
 		Example: "  gpumesh service status mlp\n  gpumesh service status mlp --json",
-		Args:    cobra.ExactArgs(1),
+		Args:    oneArg("`gpumesh service list` shows the services"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			jobs, err := serviceJobs(cmd, &f, args[0])
 			if err != nil {
