@@ -34,7 +34,7 @@ p.add_argument("--steps", type=int, default=20)
 p.add_argument("--batch", type=int, default=8, help="samples per rank and step")
 p.add_argument("--out", default="")
 p.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
-p.add_argument("--step-sleep", type=float, default=0.0, help="(tests) seconds to wait after each step")
+p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to wait after each step (a run slow enough to drain a node in; tests)")
 args = p.parse_args()
 
 if args.backend == "gpumesh":

@@ -3,6 +3,7 @@ package jobspec
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -196,5 +197,42 @@ func TestExampleSharedGPU(t *testing.T) {
 	}
 	if spec.GpusPerRank != 1 || spec.RanksPerGpu != 2 || spec.Ranks != 4 {
 		t.Fatalf("spec %v", spec)
+	}
+}
+
+// Every job file under examples/ is a valid spec, and so is
+// examples/ddp/job.yaml with its commented checkpoint block turned on, as
+// the README tells a user to do.
+func TestExamplesParse(t *testing.T) {
+	files, err := filepath.Glob("../../examples/*.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	more, _ := filepath.Glob("../../examples/*/*.yaml")
+	files = append(files, more...)
+	if len(files) < 5 {
+		t.Fatalf("found only %v under examples/", files)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ParseFile(f, b); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
+		if strings.HasSuffix(f, "ddp/job.yaml") {
+			on := strings.Replace(string(b), "\n# checkpoint:", "\ncheckpoint:", 1)
+			if on == string(b) {
+				t.Fatalf("%s: no commented checkpoint block", f)
+			}
+			spec, err := ParseFile(f, []byte(on))
+			if err != nil {
+				t.Fatalf("%s with its checkpoint block: %v", f, err)
+			}
+			if spec.GetCheckpoint().GetUri() == "" {
+				t.Fatalf("%s with its checkpoint block: no checkpoint URI in %v", f, spec)
+			}
+		}
 	}
 }
