@@ -7,6 +7,9 @@ registers it).
     torchrun --standalone --nproc_per_node 3 train.py --backend gloo
     gpumesh job run examples/ddp/job.yaml          # --backend gpumesh
 
+(Debian's torchrun of PyTorch 1.13 fails in its launcher, "'NoneType' object
+has no attribute 'get'", unless given --redirects 1 --tee 1.)
+
 A seeded MLP learns a fixed random linear map; every rank takes its own
 shard of each step's global batch. With --out, rank r writes its per-step
 losses and final parameters to OUT/rank<r>.json.
