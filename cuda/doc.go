@@ -13,7 +13,9 @@
 //     small cgo file of ours for the driver calls cu lacks (pinned host
 //     allocation, host registration, IPC handles). gorgonia.org/cu calls
 //     cuInit in its package init and exits the process when that fails, so a
-//     cuda build runs only where a GPU driver works.
+//     cuda build runs only where a GPU driver works. Before that init,
+//     internal/cudaorder sets CUDA_DEVICE_ORDER=PCI_BUS_ID (unless set), so
+//     device ordinals here are NVML's, the ones placement hands out.
 //
 // Threading contract: a CUDA context is current per OS thread. Every method
 // here that calls the driver runs inside Device.Do, which locks the calling

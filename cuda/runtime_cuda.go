@@ -9,6 +9,9 @@ import (
 	"sync"
 
 	"gorgonia.org/cu"
+
+	// CUDA_DEVICE_ORDER=PCI_BUS_ID before cu's init initialises the driver.
+	_ "github.com/gpumesh/gpumesh/internal/cudaorder"
 )
 
 // Built reports whether this binary has the CUDA data path (the "cuda" tag).
