@@ -157,3 +157,25 @@ func TestPrintJobPointsAtFailedRankStderr(t *testing.T) {
 		t.Fatalf("a job without a failed rank points at logs:\n%s", b.String())
 	}
 }
+
+// The collectives the ranks ran through their agents are one table: one
+// header, a row per rank and operation, columns aligned across ranks.
+func TestPrintClientCollectivesOneTable(t *testing.T) {
+	coll := func(op string, ops float64) map[string]any {
+		return map[string]any{"collectives": []any{map[string]any{"op": op, "ops": ops, "bytes": 1024.0, "mean_latency_ms": 0.5, "max_latency_ms": 1.0}}}
+	}
+	var b strings.Builder
+	shown := printClientCollectives(&b, []*pb.Allocation{
+		{Rank: 0, NodeName: "node-1", Result: result(t, coll("all_reduce", 20))},
+		{Rank: 1, NodeName: "node-22", Result: result(t, coll("broadcast", 4))},
+	})
+	out := b.String()
+	if !shown || strings.Count(out, "RANK") != 1 {
+		t.Fatalf("want one table with one header:\n%s", out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	last := lines[len(lines)-1]
+	if !strings.HasPrefix(last, "1") || strings.Index(last, "broadcast") != strings.Index(lines[len(lines)-2], "all_reduce") {
+		t.Fatalf("rows not aligned in one table:\n%s", out)
+	}
+}

@@ -13,6 +13,7 @@ import (
 // them when the rank ended.
 func printClientCollectives(out io.Writer, allocs []*pb.Allocation) bool {
 	shown := false
+	tw := newTable(out) // one table, one header, every rank's rows in it
 	for _, al := range allocs {
 		rows, ok := al.Result.AsMap()["collectives"].([]any)
 		if !ok || len(rows) == 0 {
@@ -20,16 +21,15 @@ func printClientCollectives(out io.Writer, allocs []*pb.Allocation) bool {
 		}
 		if !shown {
 			fmt.Fprintln(out, "\ncollectives the ranks ran through their agents (PyTorch backend gpumesh):")
+			fmt.Fprintln(tw, "RANK\tNODE\tOP\tCOUNT\tBYTES\tMEAN(ms)\tMAX(ms)")
 			shown = true
 		}
-		tw := newTable(out)
-		fmt.Fprintln(tw, "RANK\tNODE\tOP\tCOUNT\tBYTES\tMEAN(ms)\tMAX(ms)")
 		for _, r := range rows {
 			row, _ := r.(map[string]any)
 			b, _ := row["bytes"].(float64)
 			fmt.Fprintf(tw, "%d\t%s\t%v\t%v\t%s\t%v\t%v\n", al.Rank, dash(al.NodeName), row["op"], row["ops"], bytesize.Format(int64(b)), row["mean_latency_ms"], row["max_latency_ms"])
 		}
-		tw.Flush()
 	}
+	tw.Flush()
 	return shown
 }
