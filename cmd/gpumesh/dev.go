@@ -6,7 +6,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -86,7 +89,8 @@ when the result checked out.`,
 			if demo {
 				return runDemo(cmd.Context(), dc, out)
 			}
-			fmt.Fprintf(out, "\nTalk to it from another shell:\n  export GPUMESH_ADDR=%s\n  gpumesh nodes\n  gpumesh job run examples/hello.yaml\n\nPress Ctrl-C to stop.\n", dc.Agents[0].RPCAddr())
+			self := selfCommand(os.Args[0], exec.LookPath)
+			fmt.Fprintf(out, "\nTalk to it from another shell:\n  export GPUMESH_ADDR=%s\n  %s nodes\n  %s job run examples/hello.yaml\n\nPress Ctrl-C to stop.\n", dc.Agents[0].RPCAddr(), self, self)
 			// Rolling updates of services say here how they went.
 			fctx, stopFollow := context.WithCancel(cmd.Context())
 			followed := make(chan struct{})
@@ -173,4 +177,30 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
 	}
 	return demoCheck(final, out)
+}
+
+// selfCommand is how a person runs this binary again from the shell it was
+// started in, for the commands gpumesh dev suggests: "./gpumesh" after
+// `go build -o gpumesh`, "go run ./cmd/gpumesh" under go run (a binary in
+// Go's build cache), "gpumesh" when the one on PATH is this one. lookPath
+// is exec.LookPath.
+func selfCommand(argv0 string, lookPath func(string) (string, error)) string {
+	if !strings.Contains(argv0, "/") {
+		return argv0
+	}
+	if strings.Contains(argv0, "/go-build") {
+		return "go run ./cmd/gpumesh"
+	}
+	if !filepath.IsAbs(argv0) {
+		return argv0
+	}
+	base := filepath.Base(argv0)
+	if p, err := lookPath(base); err == nil {
+		if a, err := filepath.EvalSymlinks(p); err == nil {
+			if b, err := filepath.EvalSymlinks(argv0); err == nil && a == b {
+				return base
+			}
+		}
+	}
+	return argv0
 }
