@@ -93,7 +93,8 @@ func newJobRunCommand() *cobra.Command {
 			"newest checkpoint fails to start, saying which; --resume-from NAME (or\n" +
 			"checkpoint.resume_from in the file) lets it continue from them on purpose.\n\n" +
 			"Exit status: 0 when the job runs (or, with --wait, completes), 1 when it fails or\n" +
-			"cannot be submitted, 2 when it was not placed within --place-timeout.\n\n" + specHelp,
+			"cannot be submitted (or, a new service, when a replica slot crash-loops: the service\n" +
+			"keeps retrying it with back-off), 2 when it was not placed within --place-timeout.\n\n" + specHelp,
 		Example: "  gpumesh job run hello.yaml\n  gpumesh job run --detach --json train.yaml\n  gpumesh job run --wait allreduce.yaml\n  gpumesh job run --place-timeout 10m big.yaml",
 		Args:    oneArg("a job spec in YAML or JSON, or - for standard input; examples/ holds some"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -186,6 +187,20 @@ func finishRun(out io.Writer, asJSON bool, o followOptions, final *pb.GetJobResp
 			"cancel it with `gpumesh job stop %s`, or wait longer with --place-timeout",
 			final.Job.Id, o.placeTimeout, final.Job.StatusReason, final.Job.Id, final.Job.Id)}
 	}
+	if errors.Is(err, errCrashLoop) {
+		if asJSON {
+			if err := printJSON(out, final); err != nil {
+				return err
+			}
+		} else {
+			printCrashLoops(out, final, time.Now())
+		}
+		name := final.Job.Spec.GetName()
+		return &exitError{code: exitFailed, err: fmt.Errorf("service %s is crash-looping: its replicas fail before they get healthy, and new ones start\n"+
+			"with a growing back-off. Read why with the `its output` command, follow it with\n"+
+			"`gpumesh service status %s`, and fix the spec and run it again (a rolling update) or\n"+
+			"stop it with `gpumesh job stop %s`", name, name, final.Job.Id)}
+	}
 	if err != nil {
 		return err
 	}
@@ -235,8 +250,14 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 	return jobspec.ParseFile(name, data)
 }
 
-// errNotPlaced: the job had no placement when followOptions.placeTimeout ran out.
-var errNotPlaced = errors.New("job not placed in time")
+var (
+	// errNotPlaced: the job had no placement when followOptions.placeTimeout ran out.
+	errNotPlaced = errors.New("job not placed in time")
+	// errCrashLoop: a service's replica slot failed crashLoopAt times in a
+	// row. Its replicas may never run long enough to be seen running, and a
+	// service never ends, so followJob stops watching it then.
+	errCrashLoop = errors.New("service replica crash-looping")
+)
 
 // followOptions say how long followJob follows a job.
 type followOptions struct {
@@ -314,6 +335,9 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 				}
 			}
 		}
+		if crashLooping(resp, time.Now()) {
+			return resp, errCrashLoop
+		}
 		switch j.Status {
 		case consensus.JobComplete, consensus.JobFailed, consensus.JobStopped:
 			if !f.json {
@@ -339,6 +363,20 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// crashLooping says whether a live service has a replica slot that failed
+// crashLoopAt times in a row at now.
+func crashLooping(resp *pb.GetJobResponse, now time.Time) bool {
+	if consensus.JobTerminal(resp.Job.Status) {
+		return false
+	}
+	for _, b := range consensus.ServiceBackoffs(resp.Job, resp.Allocations, now) {
+		if b.Failures >= crashLoopAt {
+			return true
+		}
+	}
+	return false
 }
 
 func allRunning(resp *pb.GetJobResponse) bool {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"os"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 func TestAgoUnsetTimesPrintDash(t *testing.T) {
@@ -207,5 +209,57 @@ func TestSecondsReadable(t *testing.T) {
 		if got := seconds(in); got != want {
 			t.Errorf("seconds(%g) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// `job run` of a new service whose replica slot crash-loops stops watching
+// (a service never ends, and replicas that die at once are never seen
+// running): exit status 1, the crash loop with the command that shows its
+// output, and what to do next. Before, it watched for ever.
+func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
+	spec, err := jobspec.Parse([]byte("name: broken\ntype: service\nreplicas: 1\nrestart: {delay: 1s}\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := timestamppb.Now()
+	resp := &pb.GetJobResponse{
+		Job: &pb.Job{Id: "broken-1", Spec: spec, Status: "running", WorldSize: 1, Generation: 3},
+		Allocations: []*pb.Allocation{
+			{Rank: 0, Generation: 3, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: crashLoopAt - 1, StartTime: now, FinishTime: now},
+		},
+	}
+	var out bytes.Buffer
+	o := followOptions{placeTimeout: time.Minute}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	final, err := followJob(ctx, fakeJobs{resp: resp}, &clientFlags{timeout: time.Second}, "broken-1", o, &out)
+	if !errors.Is(err, errCrashLoop) {
+		t.Fatalf("followJob: %v; want errCrashLoop", err)
+	}
+	err = finishRun(&out, false, o, final, err)
+	var stderr bytes.Buffer
+	if code := exitStatus(err, &stderr); code != exitFailed {
+		t.Fatalf("exit %d, want %d", code, exitFailed)
+	}
+	for _, want := range []string{"replica 0 crash-looping: 3 failures in a row", "its output: gpumesh job logs broken-1 --rank 0 --generation 3 --stderr"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	for _, want := range []string{"service broken is crash-looping", "gpumesh service status broken", "gpumesh job stop broken-1"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr.String())
+		}
+	}
+	// Fewer failures in a row (SlotFailures counts those before the
+	// replica's own), or a stopped service: not a crash loop.
+	resp.Allocations[0].SlotFailures = crashLoopAt - 2
+	if crashLooping(resp, time.Now()) {
+		t.Errorf("%d failures in a row counted as a crash loop", crashLoopAt-1)
+	}
+	resp.Allocations[0].SlotFailures = crashLoopAt - 1
+	resp.Job.Status = "stopped"
+	if crashLooping(resp, time.Now()) {
+		t.Error("a stopped service counted as crash-looping")
 	}
 }
