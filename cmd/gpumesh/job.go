@@ -296,7 +296,12 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 		j := resp.Job
 		if !f.json {
 			if j.Generation != lastGen && j.Generation > 0 {
-				if lastGen != 0 {
+				switch {
+				case lastGen == 0:
+				case j.Spec.GetType() == jobspec.TypeService:
+					// A service's replicas are replaced without counting restarts.
+					fmt.Fprintf(out, "    generation %d placed (a replacement replica)\n", j.Generation)
+				default:
 					fmt.Fprintf(out, "    generation %d placed (restart %d)\n", j.Generation, j.Restarts)
 				}
 				lastGen = j.Generation

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -228,11 +229,18 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 			{Rank: 0, Generation: 3, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: crashLoopAt - 1, StartTime: now, FinishTime: now},
 		},
 	}
+	// It saw generation 2 first: a replacement, which counts no restart.
+	gen2 := &pb.GetJobResponse{
+		Job: &pb.Job{Id: "broken-1", Spec: spec, Status: "running", WorldSize: 1, Generation: 2},
+		Allocations: []*pb.Allocation{
+			{Rank: 0, Generation: 2, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: crashLoopAt - 2, StartTime: now, FinishTime: now},
+		},
+	}
 	var out bytes.Buffer
 	o := followOptions{placeTimeout: time.Minute}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	final, err := followJob(ctx, fakeJobs{resp: resp}, &clientFlags{timeout: time.Second}, "broken-1", o, &out)
+	final, err := followJob(ctx, &jobSeq{resps: []*pb.GetJobResponse{gen2, resp}}, &clientFlags{timeout: time.Second}, "broken-1", o, &out)
 	if !errors.Is(err, errCrashLoop) {
 		t.Fatalf("followJob: %v; want errCrashLoop", err)
 	}
@@ -240,6 +248,9 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 	var stderr bytes.Buffer
 	if code := exitStatus(err, &stderr); code != exitFailed {
 		t.Fatalf("exit %d, want %d", code, exitFailed)
+	}
+	if strings.Contains(out.String(), "restart 0") || !strings.Contains(out.String(), "generation 3 placed (a replacement replica)\n") {
+		t.Errorf("a service's new generation, want a replacement and no restart count:\n%s", out.String())
 	}
 	for _, want := range []string{"replica 0 crash-looping: 3 failures in a row", "its output: gpumesh job logs broken-1 --rank 0 --generation 3 --stderr"} {
 		if !strings.Contains(out.String(), want) {
@@ -262,4 +273,22 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 	if crashLooping(resp, time.Now()) {
 		t.Error("a stopped service counted as crash-looping")
 	}
+}
+
+// jobSeq answers GetJob with its responses in turn, then the last one for
+// ever; every other call panics.
+type jobSeq struct {
+	pb.ControlClient
+	mu    sync.Mutex
+	resps []*pb.GetJobResponse
+}
+
+func (f *jobSeq) GetJob(context.Context, *pb.GetJobRequest, ...grpc.CallOption) (*pb.GetJobResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.resps[0]
+	if len(f.resps) > 1 {
+		f.resps = f.resps[1:]
+	}
+	return r, nil
 }
