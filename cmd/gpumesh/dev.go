@@ -135,7 +135,7 @@ root); without them it says what it skipped. Nothing of it needs a GPU.`,
 		},
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
-	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
+	cmd.Flags().BoolVar(&demo, "demo", false, "run the demo (an all-reduce, then PyTorch DDP when installed), print the results and exit")
 	cmd.Flags().BoolVar(&serve, "serve", false, "give every agent a serve port for service traffic on a free port (as gpumesh agent --serve)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
