@@ -167,8 +167,8 @@ func demoDDPSpec(ts torchSetup, ranks int, outDir string) *pb.JobSpec {
 			Env:     map[string]string{"PYTHONPATH": ts.PyDir, "PYTHONUNBUFFERED": "1"},
 		},
 		// One more generation, so that a MASTER_PORT taken by another
-		// program at the wrong moment does not fail the demo; the summary
-		// says when it was needed.
+		// program at the wrong moment does not fail the demo; the failed
+		// generation is shown all the same.
 		Restart:     &pb.RestartPolicy{Attempts: 1, Delay: durationpb.New(time.Second)},
 		KillTimeout: durationpb.New(5 * time.Second),
 	}
@@ -218,19 +218,34 @@ func runDemoDDP(ctx context.Context, c pb.ControlClient, f *clientFlags, target,
 		if ctx.Err() != nil {
 			return errDemoInterrupted
 		}
+		io.Copy(out, &progress)
+		gctx, cancel := f.ctx(ctx)
+		now, gerr := c.GetJob(gctx, &pb.GetJobRequest{Id: id})
+		cancel()
+		if gerr == nil {
+			keepRankLogs(c, f, now, out)
+		}
 		return fmt.Errorf("%w: waiting for job %s: %w", errDemoDDPFailed, id, err)
 	}
 	wall := time.Since(start)
-	if final.Job.Status != consensus.JobComplete {
+	if final.Job.Status != consensus.JobComplete || final.Job.Restarts > 0 {
+		// A failed generation is shown, even when the next one completed.
 		io.Copy(out, &progress)
-		if path, err := saveRankLogs(c, f, final); err == nil {
-			fmt.Fprintf(out, "==> the ranks' output and errors: %s\n", path)
-		} else {
-			fmt.Fprintf(out, "==> could not keep the ranks' logs: %v\n", err)
-		}
+	}
+	if final.Job.Status != consensus.JobComplete {
+		keepRankLogs(c, f, final, out)
 		return fmt.Errorf("%w: job %s ended %s: %s", errDemoDDPFailed, id, final.Job.Status, final.Job.StatusReason)
 	}
 	return printDDPSummary(out, final, outDir, ranks, wall)
+}
+
+// keepRankLogs saves the ranks' logs (saveRankLogs) and says where.
+func keepRankLogs(c pb.ControlClient, f *clientFlags, job *pb.GetJobResponse, out io.Writer) {
+	if path, err := saveRankLogs(c, f, job); err == nil {
+		fmt.Fprintf(out, "==> the ranks' output and errors: %s\n", path)
+	} else {
+		fmt.Fprintf(out, "==> could not keep the ranks' logs: %v\n", err)
+	}
 }
 
 // printDDPSummary prints rank 0's losses, checks that every rank ended with
@@ -273,7 +288,7 @@ func printDDPSummary(out io.Writer, final *pb.GetJobResponse, outDir string, ran
 	fmt.Fprintf(out, "    the agents ran the ranks' collectives: %s (%s of the ranks' tensors)\n", strings.Join(ops, ", "), bytesize.Format(moved))
 	restarts := ""
 	if final.Job.Restarts > 0 {
-		restarts = fmt.Sprintf(", after %d restart(s): gpumesh job status would show why", final.Job.Restarts)
+		restarts = fmt.Sprintf(" in generation %d (restarted %d time(s): see above)", final.Job.Generation, final.Job.Restarts)
 	}
 	fmt.Fprintf(out, "==> DDP job %s complete in %s%s\n", final.Job.Id, wall.Round(100*time.Millisecond), restarts)
 	fmt.Fprintf(out, "==> all %d ranks ended with identical parameters (%d values, compared exactly): OK\n", ranks, len(res[0].Params))

@@ -101,7 +101,7 @@ func TestDevDemoRunsDDPWithPyTorch(t *testing.T) {
 	if n, _ := strconv.Atoi(coll[1]); n < 3*demoDDPSteps {
 		t.Errorf("%d all_reduce operations, want >= %d", n, 3*demoDDPSteps)
 	}
-	if !regexp.MustCompile(`(?m)^==> DDP job demo-ddp-\w+ complete in [\d.]+m?s$`).MatchString(out) {
+	if !regexp.MustCompile(`(?m)^==> DDP job demo-ddp-\w+ complete in [\dm.]+s( in generation \d+ .*)?$`).MatchString(out) {
 		t.Errorf("no line with the DDP job's wall time")
 	}
 }
@@ -145,6 +145,9 @@ func TestDevDemoReportsAFailedDDPJob(t *testing.T) {
 	out, err := runDevDemo(context.Background(), t)
 	if !errors.Is(err, errDemoDDPFailed) || exitStatus(err, &bytes.Buffer{}) == exitOK {
 		t.Fatalf("demo returned %v, want %v", err, errDemoDDPFailed)
+	}
+	if !regexp.MustCompile(`(?m)^    rank \d \(gen 2\) failed on node-\d \(exit 3\)$`).MatchString(out) {
+		t.Error("the ranks' states are not shown")
 	}
 	m := regexp.MustCompile(`(?m)^==> the ranks' output and errors: (\S+)$`).FindStringSubmatch(out)
 	if m == nil {
