@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -34,8 +35,17 @@ func newDevCommand() *cobra.Command {
 under a temporary folder (removed on exit). They gossip, elect a Raft leader and
 take jobs like a real cluster. Without --demo it runs until interrupted, prints
 how to reach it and says how rolling updates of services go (started, each
-replica replaced, stalled on a failing replacement, done); with --demo it submits a demo job, prints its result and exits 0
-when the result checked out.`,
+replica replaced, stalled on a failing replacement, done).
+
+With --demo it runs an all-reduce job on the data plane (each rank checks the
+result exactly) and, when PyTorch is installed, trains a small MLP with
+examples/ddp/train.py as an exec job whose ranks move their gradients through
+the agents (backend "gpumesh"): it prints the loss of each step, checks that
+all ranks ended with identical parameters and shows what the agents moved. It
+exits 0 when everything checked out. The PyTorch part runs $GPUMESH_PYTHON, or
+else the first of python3 on PATH and /usr/bin/python3 that can import torch,
+and needs the checkout's examples/ and python/ (run it from the repository
+root); without them it says what it skipped. Nothing of it needs a GPU.`,
 		Example: "  gpumesh dev\n  gpumesh dev --nodes 5\n  gpumesh dev --demo",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -50,6 +60,21 @@ when the result checked out.`,
 			}
 			defer closeLog(out)
 			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut})
+			ctx := cmd.Context()
+			var probe *torchProbe
+			if demo {
+				// Ctrl-C ends the demo through its deferred clean-up: jobs
+				// stopped, agents shut down, the temporary folder removed.
+				var stop context.CancelFunc
+				ctx, stop = signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+				defer stop()
+				wd, err := os.Getwd()
+				if err != nil {
+					return err
+				}
+				probe = startTorchProbe(ctx, os.Getenv, wd)
+				defer probe.Stop()
+			}
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
 			dcfg := node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger}
@@ -71,8 +96,8 @@ when the result checked out.`,
 				logger.SetLevel(hclog.Off)
 				dc.Shutdown()
 			}()
-			ctx, cancel := context.WithTimeout(cmd.Context(), 60*time.Second)
-			err = dc.WaitReady(ctx)
+			rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+			err = dc.WaitReady(rctx)
 			cancel()
 			if err != nil {
 				return err
@@ -87,7 +112,11 @@ when the result checked out.`,
 				fmt.Fprintf(out, "    %-8s rpc %-21s http http://%s%s  role %s\n", a.Name(), a.RPCAddr(), a.HTTPAddr(), serveAt, a.Role())
 			}
 			if demo {
-				return runDemo(cmd.Context(), dc, out)
+				err := runDemo(ctx, dc, probe, out)
+				if err != nil && ctx.Err() != nil && !errors.Is(err, errDemoInterrupted) {
+					return fmt.Errorf("%w (%w)", errDemoInterrupted, err)
+				}
+				return err
 			}
 			self := selfCommand(os.Args[0], exec.LookPath)
 			fmt.Fprintf(out, "\nTalk to it from another shell:\n  export GPUMESH_ADDR=%s\n  %s nodes\n  %s job run examples/hello.yaml\n\nPress Ctrl-C to stop.\n", dc.Agents[0].RPCAddr(), self, self)
@@ -110,7 +139,7 @@ when the result checked out.`,
 		},
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 3, "how many agents")
-	cmd.Flags().BoolVar(&demo, "demo", false, "submit a demo job, print its result and exit")
+	cmd.Flags().BoolVar(&demo, "demo", false, "run the demo (an all-reduce, then PyTorch DDP when installed), print the results and exit")
 	cmd.Flags().BoolVar(&serve, "serve", false, "give every agent a serve port for service traffic on a free port (as gpumesh agent --serve)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "error", "agent log level: trace, debug, info, warn or error (with --demo the logs go to a file, whose path is printed at the end)")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "keep the agents' data here instead of a temporary folder")
@@ -143,8 +172,9 @@ func devLogOutput(demo bool, stderr io.Writer) (w io.Writer, closeFn func(out io
 }
 
 // runDemo submits the demo job through a follower, waits for it to end and
-// prints what it reported.
-func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
+// prints what it reported; then the DDP job (runDemoDDP) when probe found
+// PyTorch.
+func runDemo(ctx context.Context, dc *node.DevCluster, probe *torchProbe, out io.Writer) error {
 	spec := demoSpec(len(dc.Agents))
 	target := dc.Agents[0]
 	for _, a := range dc.Agents {
@@ -176,7 +206,10 @@ func runDemo(ctx context.Context, dc *node.DevCluster, out io.Writer) error {
 	if final.Job.Status != consensus.JobComplete {
 		return fmt.Errorf("demo job %s ended %s: %s", final.Job.Id, final.Job.Status, final.Job.StatusReason)
 	}
-	return demoCheck(final, out)
+	if err := demoCheck(final, out); err != nil {
+		return err
+	}
+	return runDemoDDP(ctx, c, f, target.Name(), dc.DataDir(), min(len(dc.Agents), demoDDPMaxRanks), probe.Wait(), out)
 }
 
 // selfCommand is how a person runs this binary again from the shell it was
