@@ -151,7 +151,7 @@ func newJobRunCommand() *cobra.Command {
 	}
 	addClientFlags(cmd, &f)
 	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "return as soon as the job is accepted")
-	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs")
+	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the job ends (complete, failed or stopped), not only until it runs (a service never ends by itself: --wait watches it until it is stopped)")
 	cmd.Flags().DurationVar(&placeTimeout, "place-timeout", 2*time.Minute, "stop watching (exit 2, the job stays queued) when it is not placed within this long; 0 waits for ever")
 	cmd.Flags().StringVar(&resumeFrom, "resume-from", "", "continue from the checkpoints another job (`NAME` or ID) left under this job's checkpoint.uri (sets checkpoint.resume_from)")
 	return cmd
