@@ -59,7 +59,11 @@ root); without them it says what it skipped. Nothing of it needs a GPU.`,
 				return err
 			}
 			defer closeLog(out)
-			logger := hclog.New(&hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut})
+			opts := &hclog.LoggerOptions{Name: "dev", Level: level, Output: logOut}
+			if level == hclog.Error {
+				opts.Exclude = devNoise // the default level: keep what a user must read
+			}
+			logger := hclog.New(opts)
 			ctx := cmd.Context()
 			var probe *torchProbe
 			if demo {
