@@ -47,6 +47,33 @@ func smallInts(r *rand.Rand, dt collective.DType, n int, op collective.Op) *coll
 	return h
 }
 
+// uploadSmallInts fills every rank's buffer with its own smallInts (seeded
+// by rank and count) and returns the host reference of their all-reduce.
+func uploadSmallInts(t *testing.T, bufs []*Buffer, dt collective.DType, count int, op collective.Op) *collective.HostBuffer {
+	t.Helper()
+	ins := make([]*collective.HostBuffer, len(bufs))
+	for r, b := range bufs {
+		ins[r] = smallInts(rand.New(rand.NewPCG(uint64(r), uint64(count))), dt, count, op)
+		if err := b.Upload(ins[r].Bytes()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return hostRef(op, ins)
+}
+
+// checkDownload downloads b (rank r's buffer) and compares it with ref.
+func checkDownload(t *testing.T, name string, r int, b *Buffer, ref *collective.HostBuffer) {
+	t.Helper()
+	got := make([]byte, len(ref.Bytes()))
+	if err := b.Download(got); err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != string(ref.Bytes()) {
+		t.Errorf("%s rank %d: result differs from the host reference", name, r)
+	}
+	compareBytes(t, ref.DType(), got, ref.Bytes())
+}
+
 // placements: which device each rank uses, for the GPUs this host has.
 func placements(ndev int) [][]int {
 	if ndev >= 2 {

@@ -130,14 +130,7 @@ func TestAllReduceUnderStreamDelays(t *testing.T) {
 			}
 			for _, op := range collective.AllOps {
 				name := fmt.Sprintf("lanes %v %v n=%d", dt, op, count)
-				ins := make([]*collective.HostBuffer, 2)
-				for r, b := range bufs {
-					ins[r] = smallInts(rand.New(rand.NewPCG(uint64(r), uint64(count))), dt, count, op)
-					if err := b.Upload(ins[r].Bytes()); err != nil {
-						t.Fatal(err)
-					}
-				}
-				ref := hostRef(op, ins)
+				ref := uploadSmallInts(t, bufs, dt, count, op)
 				for r, err := range collective.RunAll(g.Comms, func(c *collective.Communicator) error {
 					return c.AllReduce(ctx, bufs[c.Rank()], op)
 				}) {
@@ -146,14 +139,7 @@ func TestAllReduceUnderStreamDelays(t *testing.T) {
 					}
 				}
 				for r, b := range bufs {
-					got := make([]byte, count*dt.Size())
-					if err := b.Download(got); err != nil {
-						t.Fatal(err)
-					}
-					if string(got) != string(ref.Bytes()) {
-						t.Errorf("%s rank %d: result differs from the host reference", name, r)
-					}
-					compareBytes(t, dt, got, ref.Bytes())
+					checkDownload(t, name, r, b, ref)
 				}
 			}
 		}

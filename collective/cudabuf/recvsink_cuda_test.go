@@ -38,14 +38,7 @@ func TestRecvStagerOverLanes(t *testing.T) {
 				}
 				for _, op := range collective.AllOps {
 					name := fmt.Sprintf("chunk=%dKiB %v %v n=%d", chunk>>10, dt, op, count)
-					ins := make([]*collective.HostBuffer, len(bufs))
-					for r, b := range bufs {
-						ins[r] = smallInts(rand.New(rand.NewPCG(uint64(r), uint64(count))), dt, count, op)
-						if err := b.Upload(ins[r].Bytes()); err != nil {
-							t.Fatal(err)
-						}
-					}
-					ref := hostRef(op, ins)
+					ref := uploadSmallInts(t, bufs, dt, count, op)
 					st0 := []Stats{bufs[0].Stats(), bufs[1].Stats()}
 					for r, err := range collective.RunAll(g.Comms, func(c *collective.Communicator) error {
 						return c.AllReduce(ctx, bufs[c.Rank()], op)
@@ -55,14 +48,7 @@ func TestRecvStagerOverLanes(t *testing.T) {
 						}
 					}
 					for r, b := range bufs {
-						got := make([]byte, count*dt.Size())
-						if err := b.Download(got); err != nil {
-							t.Fatal(err)
-						}
-						if string(got) != string(ref.Bytes()) {
-							t.Errorf("%s rank %d: result differs from the host reference", name, r)
-						}
-						compareBytes(t, dt, got, ref.Bytes())
+						checkDownload(t, name, r, b, ref)
 						st := b.Stats()
 						if count*dt.Size() > cfg.SmallBytes {
 							direct, copies, staged := st.DirectRecvs-st0[r].DirectRecvs, st.HostCopies-st0[r].HostCopies, st.StagedWrites-st0[r].StagedWrites
