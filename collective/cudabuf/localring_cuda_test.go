@@ -3,6 +3,7 @@
 package cudabuf
 
 import (
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -59,6 +60,19 @@ func uploadSmallInts(t *testing.T, bufs []*Buffer, dt collective.DType, count in
 		}
 	}
 	return hostRef(op, ins)
+}
+
+// allReduceGroup all-reduces bufs[r] on every rank r of comms at once and
+// fails the test on any rank's error.
+func allReduceGroup(t *testing.T, ctx context.Context, name string, comms []*collective.Communicator, bufs []*Buffer, op collective.Op) {
+	t.Helper()
+	for r, err := range collective.RunAll(comms, func(c *collective.Communicator) error {
+		return c.AllReduce(ctx, bufs[c.Rank()], op)
+	}) {
+		if err != nil {
+			t.Fatalf("%s rank %d: %v", name, r, err)
+		}
+	}
 }
 
 // checkDownload downloads b (rank r's buffer) and compares it with ref.

@@ -131,13 +131,7 @@ func TestAllReduceUnderStreamDelays(t *testing.T) {
 			for _, op := range collective.AllOps {
 				name := fmt.Sprintf("lanes %v %v n=%d", dt, op, count)
 				ref := uploadSmallInts(t, bufs, dt, count, op)
-				for r, err := range collective.RunAll(g.Comms, func(c *collective.Communicator) error {
-					return c.AllReduce(ctx, bufs[c.Rank()], op)
-				}) {
-					if err != nil {
-						t.Fatalf("%s rank %d: %v", name, r, err)
-					}
-				}
+				allReduceGroup(t, ctx, name, g.Comms, bufs, op)
 				for r, b := range bufs {
 					checkDownload(t, name, r, b, ref)
 				}

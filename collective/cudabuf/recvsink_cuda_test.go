@@ -40,13 +40,7 @@ func TestRecvStagerOverLanes(t *testing.T) {
 					name := fmt.Sprintf("chunk=%dKiB %v %v n=%d", chunk>>10, dt, op, count)
 					ref := uploadSmallInts(t, bufs, dt, count, op)
 					st0 := []Stats{bufs[0].Stats(), bufs[1].Stats()}
-					for r, err := range collective.RunAll(g.Comms, func(c *collective.Communicator) error {
-						return c.AllReduce(ctx, bufs[c.Rank()], op)
-					}) {
-						if err != nil {
-							t.Fatalf("%s rank %d: %v", name, r, err)
-						}
-					}
+					allReduceGroup(t, ctx, name, g.Comms, bufs, op)
 					for r, b := range bufs {
 						checkDownload(t, name, r, b, ref)
 						st := b.Stats()
