@@ -305,17 +305,12 @@ func clientCollectiveTotals(final *pb.GetJobResponse) (ops []string, moved int64
 		if al.Generation != final.Job.Generation {
 			continue
 		}
-		rows, _ := al.Result.AsMap()["collectives"].([]any)
-		for _, r := range rows {
-			row, _ := r.(map[string]any)
-			op, _ := row["op"].(string)
-			n, _ := row["ops"].(float64)
-			b, _ := row["bytes"].(float64)
-			if _, ok := count[op]; !ok {
-				names = append(names, op)
+		for _, row := range clientCollectiveRows(al) {
+			if _, ok := count[row.Op]; !ok {
+				names = append(names, row.Op)
 			}
-			count[op] += int64(n)
-			moved += int64(b)
+			count[row.Op] += int64(row.Ops)
+			moved += int64(row.Bytes)
 		}
 	}
 	for _, op := range names {

@@ -15,8 +15,8 @@ func printClientCollectives(out io.Writer, allocs []*pb.Allocation) bool {
 	shown := false
 	tw := newTable(out) // one table, one header, every rank's rows in it
 	for _, al := range allocs {
-		rows, ok := al.Result.AsMap()["collectives"].([]any)
-		if !ok || len(rows) == 0 {
+		rows := clientCollectiveRows(al)
+		if len(rows) == 0 {
 			continue
 		}
 		if !shown {
@@ -24,12 +24,35 @@ func printClientCollectives(out io.Writer, allocs []*pb.Allocation) bool {
 			fmt.Fprintln(tw, "RANK\tNODE\tOP\tCOUNT\tBYTES\tMEAN(ms)\tMAX(ms)")
 			shown = true
 		}
-		for _, r := range rows {
-			row, _ := r.(map[string]any)
-			b, _ := row["bytes"].(float64)
-			fmt.Fprintf(tw, "%d\t%s\t%v\t%v\t%s\t%v\t%v\n", al.Rank, dash(al.NodeName), row["op"], row["ops"], bytesize.Format(int64(b)), row["mean_latency_ms"], row["max_latency_ms"])
+		for _, row := range rows {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%v\t%s\t%v\t%v\n", al.Rank, dash(al.NodeName), row.Op, row.Ops, bytesize.Format(int64(row.Bytes)), row.MeanMs, row.MaxMs)
 		}
 	}
 	tw.Flush()
 	return shown
+}
+
+// clientCollectiveRow is one row of what an agent reports, in a rank's
+// allocation result, for the collectives the rank ran through it (node's
+// localapi metrics: one row per operation kind).
+type clientCollectiveRow struct {
+	Op            string
+	Ops, Bytes    float64
+	MeanMs, MaxMs any // formatted by the agent
+}
+
+// clientCollectiveRows reads the rows of al's result; none when it has none.
+func clientCollectiveRows(al *pb.Allocation) []clientCollectiveRow {
+	rows, _ := al.Result.AsMap()["collectives"].([]any)
+	out := make([]clientCollectiveRow, 0, len(rows))
+	for _, r := range rows {
+		row, _ := r.(map[string]any)
+		var c clientCollectiveRow
+		c.Op, _ = row["op"].(string)
+		c.Ops, _ = row["ops"].(float64)
+		c.Bytes, _ = row["bytes"].(float64)
+		c.MeanMs, c.MaxMs = row["mean_latency_ms"], row["max_latency_ms"]
+		out = append(out, c)
+	}
+	return out
 }
