@@ -59,12 +59,3 @@ func (r *readSet[S]) take(off, n int, data []byte) (slot S, ok bool) {
 	}
 	return slot, false
 }
-
-// len is the number of outstanding reads.
-func (r *readSet[S]) len() int {
-	n := 0
-	for _, l := range r.m {
-		n += len(l)
-	}
-	return n
-}

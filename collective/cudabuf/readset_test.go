@@ -59,3 +59,12 @@ func TestReadSetZeroLengthReads(t *testing.T) {
 		t.Fatalf("zero-length release gave back slot %d (ok %v), want 1", slot, ok)
 	}
 }
+
+// len is (tests) the number of outstanding reads.
+func (r *readSet[S]) len() int {
+	n := 0
+	for _, l := range r.m {
+		n += len(l)
+	}
+	return n
+}
