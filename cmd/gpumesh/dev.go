@@ -54,6 +54,9 @@ root); without them it says what it skipped. Nothing of it needs a GPU.`,
 			if level == hclog.NoLevel {
 				return fmt.Errorf("--log-level %q: use trace, debug, info, warn or error", logLevel)
 			}
+			if maxRanks < 0 {
+				return fmt.Errorf("--max-ranks-per-node %d: give 0 (the CPU cores) or more", maxRanks)
+			}
 			logOut, closeLog, err := devLogOutput(demo, cmd.ErrOrStderr())
 			if err != nil {
 				return err
@@ -82,9 +85,6 @@ root); without them it says what it skipped. Nothing of it needs a GPU.`,
 			start := time.Now()
 			fmt.Fprintf(out, "==> starting %d agents on 127.0.0.1\n", nodes)
 			dcfg := node.DevConfig{Nodes: nodes, DataDir: dataDir, Logger: logger}
-			if maxRanks < 0 {
-				return fmt.Errorf("--max-ranks-per-node %d: give 0 (the CPU cores) or more", maxRanks)
-			}
 			dcfg.Configure = func(_ int, c *node.Config) {
 				if serve {
 					c.ServeAddr = net.JoinHostPort(c.BindAddr, "0")
