@@ -22,10 +22,8 @@ type procStat struct {
 }
 
 func readProcStat(int) (procStat, error)         { return procStat{}, ErrUnsupportedOS }
-func parseProcStat([]byte) (procStat, error)     { return procStat{}, ErrUnsupportedOS }
 func bootID() string                             { return "" }
 func sameProcess(int, uint64) bool               { return false }
-func groupMembers(int, int) []int                { return nil }
 func killGroupIfOurs(int, int) bool              { return false }
 func pidfdOpen(int) (*os.File, error)            { return nil, ErrUnsupportedOS }
 func pidfdWait(*os.File, <-chan struct{}) error  { return ErrUnsupportedOS }
