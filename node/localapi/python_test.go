@@ -150,6 +150,23 @@ func TestPythonComposedCollectives(t *testing.T) {
 	}
 }
 
+// A peer dies in the middle of an all_to_all_single: the other ranks raise
+// an error naming the operation and the dead rank within the collective
+// timeout instead of hanging, and the agent holds nothing afterwards
+// (python/tests/check_composed_failure.py).
+func TestPythonPeerDiesMidAllToAll(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_composed_failure.py")
+	s := startServer(t, 3)
+	outs := runPython(t, s, 3, script, "8")
+	for r := range 2 {
+		t.Logf("rank %d: %s", r, strings.TrimSpace(outs[r]))
+		if !strings.Contains(outs[r], "COMPOSED FAILURE OK") {
+			t.Fatalf("rank %d: %s", r, outs[r])
+		}
+	}
+	waitIdle(t, s)
+}
+
 // Who reads the agent's answers (python/tests/check_caller_reads.py): a
 // caller waiting for its operation reads the answer itself (no hand-over
 // from a reader thread), futures and operations nobody waits for are

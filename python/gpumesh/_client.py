@@ -168,8 +168,9 @@ class Connection:
 
     # ---- shared memory ----
 
-    def acquire(self, nbytes):
-        """A registered segment of at least nbytes for one operation."""
+    def acquire(self, nbytes, what=None):
+        """A registered segment of at least nbytes for one operation (what
+        names it in errors)."""
         size = 1 << 16
         while size < nbytes:
             size <<= 1
@@ -177,7 +178,7 @@ class Connection:
             free = self._free.get(size)
             if free:
                 return free.pop()
-            self._check()
+            self._check(what)
         seg = Segment(size, 0)
         try:
             seg.id = self.register(seg.fd, size)
@@ -263,11 +264,12 @@ class Connection:
 
     # ---- operations ----
 
-    def _check(self):
+    def _check(self, what=None):
+        op = f"{what}: " if what else ""
         if self._broken is not None:
-            raise AgentError(f"gpumesh: the process group is unusable after an earlier failure: {self._broken}")
+            raise AgentError(f"gpumesh: {op}the process group is unusable after an earlier failure: {self._broken}")
         if self._closed:
-            raise AgentError("gpumesh: the process group was destroyed")
+            raise AgentError(f"gpumesh: {op}the process group was destroyed")
 
     def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None, table=None):
         """Issue one operation. a and b are (region id, byte offset, count)
@@ -290,7 +292,7 @@ class Connection:
         # group) is read before this operation's answer, which it fails:
         # the socket keeps the order, so no look is needed here.
         with self._lock:
-            self._check()
+            self._check(what)
             if before_send is not None:
                 before_send()
             oid = self._next_id

@@ -41,11 +41,24 @@ waits reads its answer itself; futures are completed by a background thread
 (_client.Connection.wait_for; GPUMESH_CALLER_READS=0 leaves every answer to
 that thread).
 
-Supported: all_reduce (sum, avg, product, min, max), broadcast, all_gather,
-all_gather_into_tensor, reduce_scatter, reduce_scatter_tensor, reduce (as an
-all-reduce), send, recv, barrier; float32, float64, float16, bfloat16,
-int32, int64, uint8 tensors (also bool, as uint8). Anything else raises an
-error that names it.
+Supported: all_reduce (sum, avg, product, min, max), all_reduce_coalesced,
+broadcast, all_gather, all_gather_into_tensor, reduce_scatter,
+reduce_scatter_tensor, reduce (as an all-reduce), all_to_all,
+all_to_all_single (equal, uneven and empty splits), gather, scatter (and so
+gather_object, scatter_object_list), send, recv (with a source rank),
+barrier; float32, float64, float16, bfloat16, int32, int64, uint8 tensors
+(also bool, as uint8). Anything else raises an error that names it.
+
+all_to_all, all_to_all_single, gather and scatter are one agent operation
+each (a table of blocks, one per peer): the agent moves every block between
+each pair of ranks over their own link, all pairs at once, nothing relayed
+through a third rank, in order with the other collectives; the rank's own
+block is copied by the rank (on its current stream for CUDA tensors). Their
+tensors take the paths above: a host tensor is staged (in and out) unless
+its storage was moved into a segment; CUDA tensors are used in place.
+all_reduce_coalesced packs each dtype's tensors into one buffer (host: a
+staging segment, one copy in and one back; CUDA: one device buffer, a
+device copy in and back), one all-reduce per dtype.
 
 ``allreduce_hook`` is a DDP communication hook for scripts that keep Gloo or
 NCCL as their process group and send only the gradients through gpumesh::
@@ -432,7 +445,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
-    def _stage(self, tensors, n_in, copy_inputs):
+    def _stage(self, tensors, n_in, copy_inputs, what=None):
         """Places flat, contiguous tensors for one operation: a tensor whose
         storage lives in an agent-mapped segment (see _zerocopy) is named
         where it is; the others get a place in one staging segment (64-byte
@@ -456,7 +469,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             total = (total + 63) & ~63
             offs.append(total)
             total += t.numel() * t.element_size()
-        seg = self._conn.acquire(max(total, 1))
+        seg = self._conn.acquire(max(total, 1), what)
         for i, off in zip(todo, offs):
             t = tensors[i]
             n = t.numel()
@@ -501,7 +514,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         work = Work(result, what, self._timeout + 10.0, self._keep)
         self._keep.add(work)
         conn = self._conn
-        seg, st = self._stage(tensors, len(inputs), copy_inputs)
+        seg, st = self._stage(tensors, len(inputs), copy_inputs, what)
         outs = [st[j] for j in out_idx if st[j].view is not None]
         a = None if a_idx is None else st[a_idx]
         b = None if b_idx is None else st[b_idx]
@@ -635,12 +648,15 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         places = None
         seg, outs = None, []
         dev = tensors[0].device
-        if dev.type == "cuda" and dt != torch.bool and all(t.device == dev and t.numel() for t in tensors):
-            refs = self._ipc.refs(tensors)
+        if dev.type == "cuda" and dt != torch.bool and all(t.device == dev for t in tensors):
+            # Empty tensors (empty blocks) name no memory.
+            full = [t for t in tensors if t.numel()]
+            refs = self._ipc.refs(full) if full else []
             if refs is not None:
-                places = [(rid, off, None) for rid, off in refs]
+                it = iter(refs)
+                places = [(*next(it), None) if t.numel() else (0, 0, None) for t in tensors]
         if places is None:
-            seg, st = self._stage(tensors, n_in, ())
+            seg, st = self._stage(tensors, n_in, (), what)
             places = [(s.rid, s.off, s.view) for s in st]
             outs = [st[i] for i in range(n_in, len(tensors)) if st[i].view is not None]
         me = self._rank
@@ -750,7 +766,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             count = sum(t.numel() for t in g)
             layout.append((dt, g, total, count))
             total += count * g[0].element_size()
-        seg = self._conn.acquire(max(total, 1))
+        seg = self._conn.acquire(max(total, 1), what)
         views, parts = [], []
         try:
             for dt, g, off, count in layout:

@@ -263,7 +263,7 @@ def expect_all_fail(name, fn, group, words, limit):
     raise SystemExit(f"rank {rank}: {name}: no error")
 
 
-limit = float(sys.argv[1]) if len(sys.argv) > 1 else 30.0
+limit = float(sys.argv[1]) if len(sys.argv) > 1 else 60.0
 # Sizes: rank 0 sends rank 1 one row more than rank 1 expects.
 g1 = dist.new_group(list(range(n)))
 ins_splits = [2] * n
