@@ -553,9 +553,10 @@ func (cn *conn) acceptTable(w *work, dt collective.DType) error {
 			} else if b, err = cn.buffer(w, ref, dt); err != nil {
 				return err
 			}
+			// Bytes of the rank's tensors: its blocks sent and received.
+			w.bytes += ref.Count * uint64(dt.Size())
 			if i == 0 {
 				w.sends[p] = b
-				w.bytes += ref.Count * uint64(dt.Size())
 			} else {
 				w.recvs[p] = b
 			}

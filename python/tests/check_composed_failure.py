@@ -1,9 +1,10 @@
 """A peer dies in the middle of an all_to_all_single (run with 3 ranks):
-rank 2 issues its part of a large exchange and exits at once without
-destroying its group (as a killed process would); ranks 0 and 1, inside the
-same exchange, must raise an error that names the operation and rank 2
-within the limit (argv[1] seconds: the collective timeout and the way of
-the abort), not hang. Prints "COMPOSED FAILURE OK" on ranks 0 and 1."""
+ranks 0 and 1 issue a large exchange, which cannot complete without rank
+2's blocks, and say so through the rendezvous store; rank 2 then exits
+without destroying its group (as a killed process would). Ranks 0 and 1
+must raise an error that names the operation and rank 2 within the limit
+(argv[1] seconds: the collective timeout and the way of the abort), not
+hang. Prints "COMPOSED FAILURE OK" on ranks 0 and 1."""
 
 import os
 import sys
@@ -24,12 +25,15 @@ assert out.tolist() == [float(p) for p in range(n) for _ in range(4)], out
 count = 4 << 20  # elements per block: 16 MiB, many chunks in flight
 inp = torch.full((n * count,), float(rank))
 out = torch.empty(n * count)
+store = dist.distributed_c10d._get_default_store()
 if rank == 2:
-    dist.all_to_all_single(out, inp, async_op=True)
+    store.wait(["issued-0", "issued-1"])
     os._exit(0)  # no destroy, no BYE: like a process that was killed
 t0 = time.monotonic()
+work = dist.all_to_all_single(out, inp, async_op=True)
+store.set(f"issued-{rank}", "1")
 try:
-    dist.all_to_all_single(out, inp)
+    work.wait()
 except RuntimeError as e:
     took = time.monotonic() - t0
     print(f"raised after {took:.1f} s: {e}", flush=True)
