@@ -10,7 +10,7 @@
 set -eu
 BIN=$(realpath "$1") ROOT=$(pwd) PY=${PY:-/usr/bin/python3} OUT=$(mktemp -d)
 NODES=${NODES:-2} RANKS=${RANKS:-2} ARGS=${ARGS:-}
-echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD)  nodes $NODES  ranks $RANKS"
+echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo "${COMMIT:-?}")  nodes $NODES  ranks $RANKS"
 "$BIN" dev --nodes "$NODES" --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
 DEV=$!
 trap 'kill $DEV 2>/dev/null; wait $DEV 2>/dev/null; rm -rf "$OUT"' EXIT
