@@ -5,12 +5,12 @@
 # agents (default 2: one rank per agent, their blocks over the lanes between
 # the agents; NODES=1: every rank on one agent). ARGS go to alltoall_ab.py.
 #
-# Usage: [NODES=n RANKS=n ARGS="--sizes-mib 1,16"] bench/torch/alltoall_run.sh GPUMESH_BINARY
+# Usage: [NODES=n RANKS=n ARGS="--sizes-mib 1,16" COMMIT=id] bench/torch/alltoall_run.sh GPUMESH_BINARY
 #        (from the repository root). Needs /usr/bin/python3 (or $PY) with PyTorch.
 set -eu
 BIN=$(realpath "$1") ROOT=$(pwd) PY=${PY:-/usr/bin/python3} OUT=$(mktemp -d)
 NODES=${NODES:-2} RANKS=${RANKS:-2} ARGS=${ARGS:-}
-echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit $(git rev-parse --short HEAD 2>/dev/null || echo "${COMMIT:-?}")  nodes $NODES  ranks $RANKS"
+echo "cpus: $(nproc)  $(date -u +%FT%TZ)  commit ${COMMIT:-$(git rev-parse --short HEAD)}  nodes $NODES  ranks $RANKS"
 "$BIN" dev --nodes "$NODES" --data-dir "$OUT/dev" >"$OUT/dev.log" 2>&1 &
 DEV=$!
 trap 'kill $DEV 2>/dev/null; wait $DEV 2>/dev/null; rm -rf "$OUT"' EXIT
