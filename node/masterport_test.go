@@ -63,3 +63,32 @@ exec:
 		t.Fatalf("generation 2's log %q: want another port than %d", out, port)
 	}
 }
+
+// The agent refuses to start a rank whose MASTER_PORT a process outside
+// gpumesh holds: rank 0 of an exec job and every replica of a service (each
+// its own world of one, rank = its slot); other ranks and built-in jobs
+// do not listen there.
+func TestMasterPortFreeChecksServiceReplicas(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := int32(ln.Addr().(*net.TCPAddr).Port)
+	for _, tc := range []struct {
+		typ  string
+		rank int32
+		busy bool
+	}{
+		{"exec", 0, true},
+		{"exec", 1, false},
+		{"service", 0, true},
+		{"service", 2, true},
+		{"allreduce", 0, false},
+	} {
+		err := masterPortFree(tc.typ, &pb.Allocation{Rank: tc.rank, MasterPort: port})
+		if got := err != nil; got != tc.busy {
+			t.Errorf("%s rank %d on a held port: error %v, want busy %v", tc.typ, tc.rank, err, tc.busy)
+		}
+	}
+}
