@@ -200,10 +200,10 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 		if now.Before(next) {
 			wake = earliest(wake, next)
-			if failures > 1 {
+			if failures >= CrashLoopAt {
 				reasons = append(reasons, fmt.Sprintf("replica %d is crash-looping (%d failures in a row); next try at %s", r, failures, next.UTC().Format(time.RFC3339)))
 			} else {
-				reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, next.UTC().Format(time.RFC3339)))
+				reasons = append(reasons, fmt.Sprintf("replica %d ended%s; replacing it at %s", r, inARow(failures), next.UTC().Format(time.RFC3339)))
 			}
 			continue
 		}
@@ -245,7 +245,7 @@ func firstHealthy(as []*controlpb.Allocation) *controlpb.Allocation {
 	return nil
 }
 
-// inARow says ", N failures in a row" for a crash loop (N > 1), "" else.
+// inARow says ", N failures in a row" for more than one, "" else.
 func inARow(failures int) string {
 	if failures < 2 {
 		return ""
