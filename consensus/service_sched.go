@@ -176,7 +176,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				rolling++
 				continue
 			}
-			a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings, busy)
+			a, why := e.placeReplica(j, r, p.WorldSize, j.Generation+1, int32(failures), siblings, busy)
 			if a == nil {
 				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement waits for capacity: %s", r, why))
 				continue
@@ -207,7 +207,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 			}
 			continue
 		}
-		a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings, busy)
+		a, why := e.placeReplica(j, r, p.WorldSize, j.Generation+1, int32(failures), siblings, busy)
 		if a == nil {
 			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
 			continue
@@ -253,11 +253,11 @@ func inARow(failures int) string {
 	return fmt.Sprintf(", %d failures in a row", failures)
 }
 
-// placeReplica places one replica of slot r as part of generation gen, on
-// a node not in avoid when one can take it, or says why it cannot. The
-// replica carries its slot's failures in a row; its MASTER_PORT is not one
-// of busy (busyPorts) where another is free.
-func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures int32, avoid []string, busy map[string]map[int32]bool) (*fsmpb.Allocation, string) {
+// placeReplica places one replica of slot r of replicas (its WORLD_SIZE)
+// as part of generation gen, on a node not in avoid when one can take it,
+// or says why it cannot. The replica carries its slot's failures in a row;
+// its MASTER_PORT is not one of busy (busyPorts) where another is free.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, replicas int32, gen uint64, failures int32, avoid []string, busy map[string]map[int32]bool) (*fsmpb.Allocation, string) {
 	spec := j.Spec
 	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
 	if err != nil {
@@ -281,7 +281,7 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures i
 		JobId:          j.Id,
 		Generation:     gen,
 		Rank:           int32(r),
-		WorldSize:      j.WorldSize,
+		WorldSize:      replicas, // the job's until this plan commits: less when it scales out
 		LocalRank:      0,
 		LocalWorldSize: 1,
 		GroupRank:      0,
