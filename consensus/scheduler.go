@@ -645,9 +645,10 @@ func (e *Evaluator) reservePort(key string, port int32) {
 
 // busyPorts returns, by masterKey, the MASTER_PORTs that the job's rank 0
 // (a service's replicas: each is its own rank 0) found held by a process
-// outside gpumesh (StartMasterPortBusy), for the next pick to avoid. They come from the job's own allocations (Evaluate's
-// allocs keep the ended ones that matter until GC lets them go), not from
-// the ClusterView, which holds only allocations that still hold resources.
+// outside gpumesh (StartMasterPortBusy), for the next pick to avoid. They
+// come from the job's own allocations (Evaluate's allocs keep the ended
+// ones that matter until GC lets them go), not from the ClusterView, which
+// holds only allocations that still hold resources.
 func busyPorts(allocs []*controlpb.Allocation) map[string]map[int32]bool {
 	var busy map[string]map[int32]bool
 	for _, a := range allocs {
