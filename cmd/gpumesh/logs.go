@@ -58,6 +58,9 @@ them (--tail counts the lines of both; -f then prints new lines as they come).
 			if o.tail < 0 {
 				return fmt.Errorf("--tail %d: give a number of lines >= 0 (0: all)", o.tail)
 			}
+			if o.stdout && o.stderr {
+				return errors.New("--stdout and --stderr each print one stream alone: leave both out to print both")
+			}
 			if o.all && cmd.Flags().Changed("rank") {
 				return errors.New("--all prints every rank: leave out --rank")
 			}
@@ -97,7 +100,6 @@ them (--tail counts the lines of both; -f then prints new lines as they come).
 	fl.IntVar(&o.tail, "tail", 0, "start with the last `N` lines of each rank (0: all)")
 	fl.BoolVar(&o.timestamps, "timestamps", false, "begin every line with the time it was written (UTC; \"-\" where none was recorded: built-in jobs' lines carry their own)")
 	fl.Uint64Var(&o.gen, "generation", 0, "generation `N` to show (0: the current one)")
-	cmd.MarkFlagsMutuallyExclusive("stdout", "stderr")
 	return cmd
 }
 

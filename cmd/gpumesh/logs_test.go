@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -212,5 +213,19 @@ func TestJobLogsPrintsBothStreamsInWriteOrder(t *testing.T) {
 	err := printLogs(context.Background(), c, "j-1", []int32{0}, logsOptions{}, seqWriter{"out", &writes}, seqWriter{"err", &writes})
 	if status.Code(err) != codes.NotFound {
 		t.Fatalf("err = %v, want NotFound", err)
+	}
+}
+
+// --stdout and --stderr together is refused before any call, with what to
+// write instead.
+func TestJobLogsStdoutAndStderrRefused(t *testing.T) {
+	root := newRootCommand()
+	root.SetArgs([]string{"job", "logs", "j-1", "--stdout", "--stderr", "--address", "127.0.0.1:1"})
+	var sink strings.Builder
+	root.SetOut(&sink)
+	root.SetErr(&sink)
+	err := root.Execute()
+	if err == nil || !strings.Contains(err.Error(), "leave both out to print both") {
+		t.Fatalf("err = %v", err)
 	}
 }
