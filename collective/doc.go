@@ -1,6 +1,8 @@
 // Package collective moves tensors between the ranks of a job: communicators
 // keyed by (job, generation), ring and latency-optimal all-reduce,
-// reduce-scatter, all-gather, broadcast, send/receive and barrier, over
+// reduce-scatter, all-gather, broadcast, send/receive, barrier, and
+// all-to-all, gather and scatter (every pair's block over the pair's own
+// link, all pairs at once: alltoall.go), over
 // NetTransport (links set up over gRPC streams, bytes on plain TCP lanes) or
 // an in-process transport for ranks of one process and for tests.
 //

@@ -61,10 +61,13 @@ const (
 	CollBroadcast
 	CollSendRecv
 	CollBarrier
+	CollAllToAll
+	CollGather
+	CollScatter
 	collEnd
 )
 
-var collNames = [...]string{"invalid", "AllReduce", "ReduceScatter", "AllGather", "Broadcast", "Send/Recv", "Barrier"}
+var collNames = [...]string{"invalid", "AllReduce", "ReduceScatter", "AllGather", "Broadcast", "Send/Recv", "Barrier", "AllToAll", "Gather", "Scatter"}
 
 func (c CollKind) String() string {
 	if c == 0 || c >= collEnd {
@@ -239,7 +242,7 @@ func mismatch(local, remote *Header, self int) string {
 	}
 	if local.Root != remote.Root {
 		what := "root"
-		if local.Coll == CollSendRecv {
+		if local.Coll == CollSendRecv || local.Coll == CollAllToAll {
 			what = "peer"
 		}
 		return fmt.Sprintf("rank %d called %s but rank %d called %s", self, local.describe(fmt.Sprintf(", %s=%d", what, local.Root)), remote.Src, remote.describe(fmt.Sprintf(", %s=%d", what, remote.Root)))

@@ -11,7 +11,7 @@ import (
 // testdata/fuzz/FuzzDecodeFrame holds the same and more.
 func fuzzSeedFrames() [][]byte {
 	var seeds [][]byte
-	for i, c := range []CollKind{CollAllReduce, CollReduceScatter, CollAllGather, CollBroadcast, CollSendRecv, CollBarrier} {
+	for i, c := range []CollKind{CollAllReduce, CollReduceScatter, CollAllGather, CollBroadcast, CollSendRecv, CollBarrier, CollAllToAll, CollGather, CollScatter} {
 		h := &Header{Kind: FrameData, Coll: c, DType: AllDTypes[i%len(AllDTypes)], Channels: 2, Root: int32(i),
 			Group: GroupHash("job-1"), Generation: 3, Seq: uint64(i), Count: 64, Offset: 8, ChunkElems: 16, Src: 1}
 		if c == CollAllReduce || c == CollReduceScatter {

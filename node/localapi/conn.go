@@ -73,14 +73,17 @@ type queueKey struct {
 
 // work is one accepted operation.
 type work struct {
-	op      Op
-	a, b    collective.Buffer
-	regs    []*region
-	dev     bool        // a and b are device memory (cuda.go)
-	ev      deviceEvent // wait for it before running (a CUDA op)
-	rels    []func()    // release the device buffers
-	started time.Time
-	bytes   uint64
+	op   Op
+	a, b collective.Buffer
+	// sends, recvs: the blocks of a table operation, by group rank (nil:
+	// none with that rank).
+	sends, recvs []collective.Buffer
+	regs         []*region
+	dev          bool        // a and b are device memory (cuda.go)
+	ev           deviceEvent // wait for it before running (a CUDA op)
+	rels         []func()    // release the device buffers
+	started      time.Time
+	bytes        uint64
 
 	// holds counts the frames sent from a and b that a transport or a
 	// peer may still read, plus one while the operation runs; the last
@@ -415,6 +418,7 @@ func (cn *conn) release(w *work) {
 	}
 	w.regs = nil
 	w.a, w.b = nil, nil
+	w.sends, w.recvs = nil, nil
 }
 
 // buffer resolves ref to a buffer over its region, taking a reference.
@@ -473,6 +477,9 @@ func (cn *conn) accept(op *Op) (_ *work, err error) {
 	if op.Kind == 0 || op.Kind >= opKindEnd {
 		return nil, fmt.Errorf("%w: unknown operation kind %d", collective.ErrBadArgument, op.Kind)
 	}
+	if tableKind(op.Kind) != (op.Table != nil) {
+		return nil, fmt.Errorf("%w: operation kind %s takes a table of blocks exactly when it is %s, %s or %s", collective.ErrBadArgument, OpKindName(op.Kind), OpKindName(OpAllToAll), OpKindName(OpGather), OpKindName(OpScatter))
+	}
 	if op.Kind == OpBarrier {
 		return w, nil
 	}
@@ -500,6 +507,9 @@ func (cn *conn) accept(op *Op) (_ *work, err error) {
 			return nil, fmt.Errorf("%w: reduce_scatter input has %d elements, want %d ranks × %d", collective.ErrBadArgument, op.B.Count, n, op.A.Count)
 		}
 	}
+	if op.Table != nil {
+		return w, cn.acceptTable(w, dt)
+	}
 	if w.a, err = cn.buffer(w, op.A, dt); err != nil {
 		return nil, err
 	}
@@ -510,6 +520,49 @@ func (cn *conn) accept(op *Op) (_ *work, err error) {
 		}
 	}
 	return w, nil
+}
+
+// acceptTable resolves the blocks of an ALLTOALL, GATHER or SCATTER: those
+// its kind uses, by this rank's place (see proto.go).
+func (cn *conn) acceptTable(w *work, dt collective.DType) error {
+	op := &w.op
+	n, me := cn.comm.Size(), cn.comm.Rank()
+	if len(op.Table) != 2*n {
+		return fmt.Errorf("%w: %s names blocks for %d ranks, want the group's %d", collective.ErrBadArgument, OpKindName(op.Kind), len(op.Table)/2, n)
+	}
+	root := int(op.Peer)
+	if op.Kind != OpAllToAll && (root < 0 || root >= n) {
+		return fmt.Errorf("%w: %s root %d outside 0..%d", collective.ErrBadArgument, OpKindName(op.Kind), op.Peer, n-1)
+	}
+	w.sends, w.recvs = make([]collective.Buffer, n), make([]collective.Buffer, n)
+	for p := range n {
+		if p == me {
+			continue
+		}
+		send := op.Kind == OpAllToAll || (op.Kind == OpGather && p == root) || (op.Kind == OpScatter && me == root)
+		recv := op.Kind == OpAllToAll || (op.Kind == OpGather && me == root) || (op.Kind == OpScatter && p == root)
+		for i, use := range []bool{send, recv} {
+			if !use {
+				continue
+			}
+			ref := op.Table[2*p+i]
+			var b collective.Buffer
+			var err error
+			if ref.Count == 0 {
+				b = collective.NewHostBuffer(dt, 0)
+			} else if b, err = cn.buffer(w, ref, dt); err != nil {
+				return err
+			}
+			// Bytes of the rank's tensors: its blocks sent and received.
+			w.bytes += ref.Count * uint64(dt.Size())
+			if i == 0 {
+				w.sends[p] = b
+			} else {
+				w.recvs[p] = b
+			}
+		}
+	}
+	return nil
 }
 
 // queue returns the worker queue of an operation, starting its worker.
@@ -610,6 +663,12 @@ func (cn *conn) execOp(ctx context.Context, w *work) error {
 		return c.RecvTagged(ctx, w.a, int(op.Peer), op.Tag)
 	case OpBarrier:
 		return c.Barrier(ctx)
+	case OpAllToAll:
+		return c.AllToAll(ctx, w.sends, w.recvs)
+	case OpGather:
+		return c.Gather(ctx, w.sends[op.Peer], w.recvs, int(op.Peer))
+	case OpScatter:
+		return c.Scatter(ctx, w.sends, w.recvs[op.Peer], int(op.Peer))
 	}
 	return fmt.Errorf("%w: unknown operation kind %d", collective.ErrBadArgument, op.Kind)
 }

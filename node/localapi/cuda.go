@@ -152,7 +152,7 @@ func (cn *conn) execDevice(ctx context.Context, w *work) error {
 		}
 	}
 	err := cn.execOp(ctx, w)
-	for _, b := range []collective.Buffer{w.a, w.b} {
+	for _, b := range append([]collective.Buffer{w.a, w.b}, append(w.sends, w.recvs...)...) {
 		if b != nil {
 			if serr := b.Sync(); serr != nil && err == nil {
 				err = serr

@@ -36,7 +36,11 @@
 //
 // Operations are asynchronous: each is answered by one DONE when it ends.
 // Collectives run one at a time in issue order; sends and receives run in
-// order per peer and direction, beside them. A failure of the data plane
+// order per peer and direction, beside them. All-to-all, gather and scatter
+// are collectives whose request carries a table of blocks, one per peer
+// (OP_TABLE): the communicator moves every pair's block over that pair's
+// link, all at once (collective.AllToAll), so a rank's sends and receives
+// of one exchange never wait for each other. A failure of the data plane
 // (dead peer, timeout, mismatch) fails the operation with a message and
 // leaves the group unusable, as NCCL does; the client raises it. A client
 // that closes its connection without saying BYE first (its process died),

@@ -13,6 +13,8 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add(EncodeRegister(Register{ID: 7, Size: 4096}))
 	f.Add(EncodeUnregister(7))
 	f.Add(EncodeOp(&Op{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 9, A: BufRef{Region: 7, Count: 1024}}))
+	f.Add(EncodeOp(&Op{Kind: OpAllToAll, DType: 1, ID: 10, Table: []BufRef{{}, {}, {Region: 7, Count: 8}, {Region: 7, Offset: 32, Count: 8}}}))
+	f.Add(EncodeOp(&Op{Kind: OpGather, DType: 1, ID: 11, Table: []BufRef{}}))
 	f.Add(EncodeRegisterCUDA(&RegisterCUDA{What: CUDAMemory, ID: 3, Size: 1 << 20}))
 	f.Add(EncodeRegisterCUDA(&RegisterCUDA{What: CUDAEvent, ID: 4}))
 	f.Add(EncodeBye())

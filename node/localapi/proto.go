@@ -30,6 +30,11 @@ import (
 //	               connection means the rank's process died
 //	REGISTER_CUDA (6) device memory or an event by CUDA IPC handle
 //	               (proto_cuda.go)
+//	OP_TABLE (7)   an OP (the same 72 bytes, A and B unused) followed by one
+//	               48-byte entry per group rank: the block sent to that rank
+//	               and the block received from it, each u64 region id,
+//	               u64 byte offset, u64 element count (a count of 0 names no
+//	               memory); for ALLTOALL, GATHER and SCATTER only
 //
 // Agent to client:
 //
@@ -56,6 +61,17 @@ import (
 //	REDUCESCATTER (4)  A output (B.count / size), B input
 //	SEND (5), RECV (6) A, peer = the other group rank, tag
 //	BARRIER (7)        no buffers
+//	ALLTOALL (8)       OP_TABLE: every other rank's entry, both blocks
+//	GATHER (9)         OP_TABLE, peer = root: the root's entry's send block
+//	                   on other ranks; every other rank's receive block on
+//	                   the root
+//	SCATTER (10)       OP_TABLE, peer = root: the root's entry's receive
+//	                   block on other ranks; every other rank's send block
+//	                   on the root
+//
+// The entry of the rank itself is not used (the client copies its own
+// block); ALLTOALL, GATHER and SCATTER run as collectives, in order with
+// the others.
 //
 // dtype and reduce op use the numbering of package collective (DType: 1
 // float32, 2 float64, 3 float16, 4 bfloat16, 5 int32, 6 int64, 7 uint8; Op: 1
@@ -71,6 +87,7 @@ const (
 	MsgUnregister = 3
 	MsgOp         = 4
 	MsgBye        = 5
+	MsgOpTable    = 7
 
 	MsgWelcome    = 0x81
 	MsgRegistered = 0x82
@@ -88,10 +105,17 @@ const (
 	OpSend          = 5
 	OpRecv          = 6
 	OpBarrier       = 7
-	opKindEnd       = 8
+	OpAllToAll      = 8
+	OpGather        = 9
+	OpScatter       = 10
+	opKindEnd       = 11
 )
 
-var opKindNames = [...]string{"invalid", "all_reduce", "broadcast", "all_gather", "reduce_scatter", "send", "recv", "barrier"}
+var opKindNames = [...]string{"invalid", "all_reduce", "broadcast", "all_gather", "reduce_scatter", "send", "recv", "barrier", "all_to_all", "gather", "scatter"}
+
+// tableKind reports whether op kind k takes a table (OP_TABLE) instead of
+// buffers A and B.
+func tableKind(k uint8) bool { return k == OpAllToAll || k == OpGather || k == OpScatter }
 
 // OpKindName names an op kind ("all_reduce"), for logs and metrics.
 func OpKindName(k uint8) string {
@@ -130,6 +154,7 @@ const (
 	registerLen     = 24
 	unregisterLen   = 16
 	opLen           = 72
+	tableEntryLen   = 48
 	byeLen          = 8
 	replyFixed      = 16
 	maxReplyMessage = 4096
@@ -165,6 +190,9 @@ type Op struct {
 	ID     uint64
 	Tag    uint64
 	A, B   BufRef
+	// Table: OP_TABLE's entries, two per group rank (the block sent to
+	// it, the block received from it); nil for an OP.
+	Table []BufRef
 }
 
 // Register announces a region (its descriptor travels with the packet).
@@ -242,9 +270,17 @@ func DecodeRequest(b []byte) (Request, error) {
 		if len(b) != opLen {
 			return Request{}, fmt.Errorf("%w: op of %d bytes, want %d", ErrProtocol, len(b), opLen)
 		}
-		op := &Op{Kind: b[1], DType: b[2], Reduce: b[3], Peer: int32(le.Uint32(b[4:])), ID: le.Uint64(b[8:]), Tag: le.Uint64(b[16:])}
-		op.A = BufRef{Region: le.Uint64(b[24:]), Offset: le.Uint64(b[32:]), Count: le.Uint64(b[40:])}
-		op.B = BufRef{Region: le.Uint64(b[48:]), Offset: le.Uint64(b[56:]), Count: le.Uint64(b[64:])}
+		return Request{Op: decodeOp(b)}, nil
+	case MsgOpTable:
+		if len(b) < opLen || (len(b)-opLen)%tableEntryLen != 0 {
+			return Request{}, fmt.Errorf("%w: op table of %d bytes is not %d plus %d per rank", ErrProtocol, len(b), opLen, tableEntryLen)
+		}
+		op := decodeOp(b)
+		t := b[opLen:]
+		op.Table = make([]BufRef, 0, 2*len(t)/tableEntryLen)
+		for ; len(t) > 0; t = t[24:] {
+			op.Table = append(op.Table, BufRef{Region: le.Uint64(t), Offset: le.Uint64(t[8:]), Count: le.Uint64(t[16:])})
+		}
 		return Request{Op: op}, nil
 	case MsgBye:
 		if len(b) != byeLen {
@@ -255,6 +291,16 @@ func DecodeRequest(b []byte) (Request, error) {
 		return decodeRegisterCUDA(b)
 	}
 	return Request{}, fmt.Errorf("%w: unknown message type %d", ErrProtocol, b[0])
+}
+
+// decodeOp decodes the fixed part of an OP or OP_TABLE (b holds at least
+// opLen bytes).
+func decodeOp(b []byte) *Op {
+	le := binary.LittleEndian
+	op := &Op{Kind: b[1], DType: b[2], Reduce: b[3], Peer: int32(le.Uint32(b[4:])), ID: le.Uint64(b[8:]), Tag: le.Uint64(b[16:])}
+	op.A = BufRef{Region: le.Uint64(b[24:]), Offset: le.Uint64(b[32:]), Count: le.Uint64(b[40:])}
+	op.B = BufRef{Region: le.Uint64(b[48:]), Offset: le.Uint64(b[56:]), Count: le.Uint64(b[64:])}
+	return op
 }
 
 // validGroupID accepts the names torch gives process groups (numbers,
@@ -312,11 +358,14 @@ func EncodeUnregister(id uint64) []byte {
 	return b
 }
 
-// EncodeOp encodes an OP.
+// EncodeOp encodes an OP, or an OP_TABLE when op.Table is not nil.
 func EncodeOp(op *Op) []byte {
 	le := binary.LittleEndian
-	b := make([]byte, opLen)
+	b := make([]byte, opLen, opLen+12*len(op.Table))
 	b[0], b[1], b[2], b[3] = MsgOp, op.Kind, op.DType, op.Reduce
+	if op.Table != nil {
+		b[0] = MsgOpTable
+	}
 	le.PutUint32(b[4:], uint32(op.Peer))
 	le.PutUint64(b[8:], op.ID)
 	le.PutUint64(b[16:], op.Tag)
@@ -325,6 +374,11 @@ func EncodeOp(op *Op) []byte {
 		le.PutUint64(b[o:], r.Region)
 		le.PutUint64(b[o+8:], r.Offset)
 		le.PutUint64(b[o+16:], r.Count)
+	}
+	for _, r := range op.Table {
+		b = le.AppendUint64(b, r.Region)
+		b = le.AppendUint64(b, r.Offset)
+		b = le.AppendUint64(b, r.Count)
 	}
 	return b
 }

@@ -128,6 +128,45 @@ func TestPythonZeroCopy(t *testing.T) {
 	}
 }
 
+// The composed collectives (all_to_all_single, all_to_all, gather,
+// scatter, the object collectives over them, all_reduce_coalesced) against
+// local references, with 2 and 3 ranks on one agent: every dtype, uneven
+// and zero-size splits, bad input, and ranks that disagree, which must
+// raise within the collective timeout (python/tests/check_composed.py).
+func TestPythonComposedCollectives(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_composed.py")
+	for _, n := range []int{2, 3} {
+		s := startServer(t, n)
+		// Limit for a disagreement to raise: the collective timeout (5 s)
+		// plus the abort's way to the other ranks.
+		outs := runPython(t, s, n, script, "8")
+		for r, out := range outs {
+			if !strings.Contains(out, "COMPOSED OK") {
+				t.Fatalf("%d ranks, rank %d: %s", n, r, out)
+			}
+		}
+		t.Logf("%d ranks, rank 0: %s", n, strings.TrimSpace(outs[0]))
+		waitIdle(t, s)
+	}
+}
+
+// A peer dies in the middle of an all_to_all_single: the other ranks raise
+// an error naming the operation and the dead rank within the collective
+// timeout instead of hanging, and the agent holds nothing afterwards
+// (python/tests/check_composed_failure.py).
+func TestPythonPeerDiesMidAllToAll(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_composed_failure.py")
+	s := startServer(t, 3)
+	outs := runPython(t, s, 3, script, "8")
+	for r := range 2 {
+		t.Logf("rank %d: %s", r, strings.TrimSpace(outs[r]))
+		if !strings.Contains(outs[r], "COMPOSED FAILURE OK") {
+			t.Fatalf("rank %d: %s", r, outs[r])
+		}
+	}
+	waitIdle(t, s)
+}
+
 // Who reads the agent's answers (python/tests/check_caller_reads.py): a
 // caller waiting for its operation reads the answer itself (no hand-over
 // from a reader thread), futures and operations nobody waits for are

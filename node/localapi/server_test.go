@@ -378,6 +378,14 @@ func TestServerSurvivesHostileClients(t *testing.T) {
 		{Kind: 42, DType: 1, ID: 17, A: BufRef{Region: 3, Count: 1}},                                      // kind
 		{Kind: OpSend, DType: 1, Peer: 0, ID: 18, A: BufRef{Region: 3, Count: 1}},                         // to itself
 		{Kind: OpAllGather, DType: 1, ID: 19, A: BufRef{Region: 3, Count: 3}, B: BufRef{Region: 3, Count: 2}},
+		// Table operations: without a table, a table for another kind, a
+		// table for 3 ranks of a group of 2, a block past the region's end,
+		// a root outside the group.
+		{Kind: OpAllToAll, DType: 1, ID: 21},
+		{Kind: OpAllReduce, DType: 1, Reduce: 1, ID: 22, Table: make([]BufRef, 4)},
+		{Kind: OpAllToAll, DType: 1, ID: 23, Table: make([]BufRef, 6)},
+		{Kind: OpAllToAll, DType: 1, ID: 24, Table: []BufRef{{}, {}, {Region: 3, Count: 2048}, {Region: 3, Count: 1}}},
+		{Kind: OpGather, DType: 1, Peer: 2, ID: 25, Table: make([]BufRef, 4)},
 	} {
 		c.send(EncodeOp(bad))
 		if r := c.recv(); r.Type != MsgDone || r.ID != bad.ID || r.Status != StatusBadRequest {

@@ -21,11 +21,13 @@ VERSION = 1
 
 MSG_HELLO, MSG_REGISTER, MSG_UNREGISTER, MSG_OP, MSG_BYE = 1, 2, 3, 4, 5
 MSG_REGISTER_CUDA = 6
+MSG_OP_TABLE = 7
 CUDA_MEMORY, CUDA_EVENT = 1, 2
 MSG_WELCOME, MSG_REGISTERED, MSG_DONE, MSG_FAILED, MSG_ERROR = 0x81, 0x82, 0x84, 0x85, 0x8F
 
 OP_ALLREDUCE, OP_BROADCAST, OP_ALLGATHER, OP_REDUCESCATTER = 1, 2, 3, 4
 OP_SEND, OP_RECV, OP_BARRIER = 5, 6, 7
+OP_ALLTOALL, OP_GATHER, OP_SCATTER = 8, 9, 10
 
 STATUS_OK, STATUS_FAILED, STATUS_MISMATCH, STATUS_BAD_REQUEST, STATUS_DENIED = 0, 1, 2, 3, 4
 STATUS_UNSUPPORTED = 5
@@ -40,6 +42,7 @@ _REGISTER = struct.Struct("<B7xQQ")
 _UNREGISTER = struct.Struct("<B7xQ")
 _BYE = struct.Struct("<B7x")
 _OP = struct.Struct("<BBBBiQQQQQQQQ")
+_TABLE_ENTRY = struct.Struct("<QQQQQQ")
 _REPLY = struct.Struct("<BBH4xQ")
 _REGISTER_CUDA = struct.Struct("<BB6xQQ16s64s")
 
@@ -165,8 +168,9 @@ class Connection:
 
     # ---- shared memory ----
 
-    def acquire(self, nbytes):
-        """A registered segment of at least nbytes for one operation."""
+    def acquire(self, nbytes, what=None):
+        """A registered segment of at least nbytes for one operation (what
+        names it in errors)."""
         size = 1 << 16
         while size < nbytes:
             size <<= 1
@@ -174,7 +178,7 @@ class Connection:
             free = self._free.get(size)
             if free:
                 return free.pop()
-            self._check()
+            self._check(what)
         seg = Segment(size, 0)
         try:
             seg.id = self.register(seg.fd, size)
@@ -260,31 +264,42 @@ class Connection:
 
     # ---- operations ----
 
-    def _check(self):
+    def _check(self, what=None):
+        op = f"{what}: " if what else ""
         if self._broken is not None:
-            raise AgentError(f"gpumesh: the process group is unusable after an earlier failure: {self._broken}")
+            raise AgentError(f"gpumesh: {op}the process group is unusable after an earlier failure: {self._broken}")
         if self._closed:
-            raise AgentError("gpumesh: the process group was destroyed")
+            raise AgentError(f"gpumesh: {op}the process group was destroyed")
 
-    def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None):
+    def submit(self, kind, dtype, reduce_op, peer, tag, a, b, on_done, what, before_send=None, table=None):
         """Issue one operation. a and b are (region id, byte offset, count)
         or None. before_send() runs under the issue lock (copy-in), so issue
         order is send order. on_done(error_message_or_None) runs on the
-        reader thread."""
+        reader thread. table (OP_ALLTOALL, OP_GATHER, OP_SCATTER): per group
+        rank, (block sent to it, block received from it), each a (region id,
+        byte offset, count) or None."""
         def ref(x):
             return (0, 0, 0) if x is None else x
 
         ra, rb = ref(a), ref(b)
+        extra = b""
+        if table is not None:
+            extra = b"".join(_TABLE_ENTRY.pack(*ref(s), *ref(r)) for s, r in table)
+            if _OP.size + len(extra) > MAX_MESSAGE:
+                raise AgentError(f"gpumesh: {what}: a group of {len(table)} ranks is too large for one request "
+                                 f"(at most {(MAX_MESSAGE - _OP.size) // _TABLE_ENTRY.size})")
         # What the agent sent unasked while nobody read (FAILED of an idle
         # group) is read before this operation's answer, which it fails:
         # the socket keeps the order, so no look is needed here.
         with self._lock:
-            self._check()
+            self._check(what)
             if before_send is not None:
                 before_send()
             oid = self._next_id
             self._next_id += 1
-            pkt = _OP.pack(MSG_OP, kind, dtype, reduce_op, peer, oid, tag, *ra, *rb)
+            pkt = _OP.pack(MSG_OP if table is None else MSG_OP_TABLE, kind, dtype, reduce_op, peer, oid, tag, *ra, *rb)
+            if extra:
+                pkt += extra
             self._pending[oid] = _Pending(on_done, what)
             try:
                 self._sock.send(pkt)

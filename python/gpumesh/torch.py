@@ -41,11 +41,24 @@ waits reads its answer itself; futures are completed by a background thread
 (_client.Connection.wait_for; GPUMESH_CALLER_READS=0 leaves every answer to
 that thread).
 
-Supported: all_reduce (sum, avg, product, min, max), broadcast, all_gather,
-all_gather_into_tensor, reduce_scatter, reduce_scatter_tensor, reduce (as an
-all-reduce), send, recv, barrier; float32, float64, float16, bfloat16,
-int32, int64, uint8 tensors (also bool, as uint8). Anything else raises an
-error that names it.
+Supported: all_reduce (sum, avg, product, min, max), all_reduce_coalesced,
+broadcast, all_gather, all_gather_into_tensor, reduce_scatter,
+reduce_scatter_tensor, reduce (as an all-reduce), all_to_all,
+all_to_all_single (equal, uneven and empty splits), gather, scatter (and so
+gather_object, scatter_object_list), send, recv (with a source rank),
+barrier; float32, float64, float16, bfloat16, int32, int64, uint8 tensors
+(also bool, as uint8). Anything else raises an error that names it.
+
+all_to_all, all_to_all_single, gather and scatter are one agent operation
+each (a table of blocks, one per peer): the agent moves every block between
+each pair of ranks over their own link, all pairs at once, nothing relayed
+through a third rank, in order with the other collectives; the rank's own
+block is copied by the rank (on its current stream for CUDA tensors). Their
+tensors take the paths above: a host tensor is staged (in and out) unless
+its storage was moved into a segment; CUDA tensors are used in place.
+all_reduce_coalesced packs each dtype's tensors into one buffer (host: a
+staging segment, one copy in and one back; CUDA: one device buffer, a
+device copy in and back), one all-reduce per dtype.
 
 ``allreduce_hook`` is a DDP communication hook for scripts that keep Gloo or
 NCCL as their process group and send only the gradients through gpumesh::
@@ -329,6 +342,57 @@ def _flat(t, what):
     return t.view(-1) if t.dim() != 1 else t
 
 
+def _blocks(what, name, shape, split_sizes, n):
+    """The (element offset, element count) of each rank's block of a tensor
+    of shape, split along its first dimension by split_sizes (empty or None:
+    equally), as all_to_all_single splits its input and output."""
+    rows, per = (shape[0], 1) if shape else (1, 1)
+    for d in shape[1:]:
+        per *= d
+    if not split_sizes:
+        if rows % n:
+            raise RuntimeError(
+                f"gpumesh: {what}: {name}'s first dimension ({rows}) does not divide by the group size ({n}); "
+                f"pass {name}_split_sizes")
+        sizes = [rows // n] * n
+    else:
+        sizes = [int(s) for s in split_sizes]
+        if len(sizes) != n:
+            raise RuntimeError(f"gpumesh: {what}: {name}_split_sizes has {len(sizes)} entries, want one per rank ({n})")
+        if any(s < 0 for s in sizes):
+            raise RuntimeError(f"gpumesh: {what}: {name}_split_sizes {sizes} has a negative size")
+        if sum(sizes) != rows:
+            raise RuntimeError(
+                f"gpumesh: {what}: {name}_split_sizes {sizes} sum to {sum(sizes)}, but {name}'s first dimension "
+                f"is {rows}")
+    out, off = [], 0
+    for s in sizes:
+        out.append((off * per, s * per))
+        off += s
+    return out
+
+
+def _overlap(a, b):
+    """Whether tensors a and b (flat, contiguous) share memory."""
+    if a.device != b.device or not a.numel() or not b.numel():
+        return False
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + b.numel() * b.element_size() and pb < pa + a.numel() * a.element_size()
+
+
+def _same_dtype(what, tensors):
+    for t in tensors[1:]:
+        if t.dtype != tensors[0].dtype:
+            raise RuntimeError(f"gpumesh: {what}: the tensors must have one dtype, got {tensors[0].dtype} and {t.dtype}")
+
+
+def _same_shape(what, name, like, tensors):
+    for t in tensors:
+        if t.numel() != like.numel() or t.dtype != like.dtype:
+            raise RuntimeError(
+                f"gpumesh: {what}: every {name} tensor must match {like.dtype}[{like.numel()}], got {t.dtype}[{t.numel()}]")
+
+
 class ProcessGroupGpumesh(dist.ProcessGroup):
     """A process group whose collectives the local gpumesh agent performs."""
 
@@ -381,7 +445,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
-    def _stage(self, tensors, n_in, copy_inputs):
+    def _stage(self, tensors, n_in, copy_inputs, what=None):
         """Places flat, contiguous tensors for one operation: a tensor whose
         storage lives in an agent-mapped segment (see _zerocopy) is named
         where it is; the others get a place in one staging segment (64-byte
@@ -405,7 +469,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
             total = (total + 63) & ~63
             offs.append(total)
             total += t.numel() * t.element_size()
-        seg = self._conn.acquire(max(total, 1))
+        seg = self._conn.acquire(max(total, 1), what)
         for i, off in zip(todo, offs):
             t = tensors[i]
             n = t.numel()
@@ -450,7 +514,7 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         work = Work(result, what, self._timeout + 10.0, self._keep)
         self._keep.add(work)
         conn = self._conn
-        seg, st = self._stage(tensors, len(inputs), copy_inputs)
+        seg, st = self._stage(tensors, len(inputs), copy_inputs, what)
         outs = [st[j] for j in out_idx if st[j].view is not None]
         a = None if a_idx is None else st[a_idx]
         b = None if b_idx is None else st[b_idx]
@@ -510,6 +574,142 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         self._conn.submit(kind, code, reduce_op, peer, tag, ref(a_idx), ref(b_idx), on_done, what)
         return work
 
+    def _issue_parts(self, what, parts, result, seg=None, post=None, keep=None):
+        """Runs several agent operations as one: parts are (kind, dtype
+        code, reduce op, peer, tag, A ref, label). The Work completes when
+        every part has answered: failed with the first failure (its label
+        names the part) if any failed, else after post() (copies out). seg,
+        the staging segment the parts use, goes back to the pool only then.
+        keep: what must stay alive until then (device tensors the agent
+        works in)."""
+        work = Work(result, what, self._timeout + 10.0, self._keep)
+        self._keep.add(work)
+        conn = self._conn
+        lock = threading.Lock()
+        state = [len(parts), None]  # parts still due, first error
+
+        def finish(err, keep=keep):
+            try:
+                if err is None and post is not None:
+                    post()
+            except Exception as e:  # a copy-out failure is the op's failure
+                err = f"copying the result back: {e}"
+            finally:
+                if seg is not None:
+                    conn.release(seg)
+            work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
+
+        def done(label, err):
+            with lock:
+                state[0] -= 1
+                if err is not None and state[1] is None:
+                    state[1] = f"{label}: {err}"
+                last = state[0] == 0
+                err = state[1]
+            if last:
+                finish(err)
+
+        if not parts:
+            finish(None)
+            return work
+        for i, (kind, code, red, peer, tag, a, label) in enumerate(parts):
+            try:
+                conn.submit(kind, code, red, peer, tag, a, None, lambda err, label=label: done(label, err), what)
+            except Exception as e:
+                if i == 0:
+                    # Nothing in flight: fail now, as a single operation does.
+                    self._keep.done(work)
+                    if seg is not None:
+                        conn.release(seg)
+                    raise
+                # Parts in flight use seg: the Work completes (failed) when
+                # they have answered; the rest count as failed now.
+                for _, _, _, _, _, _, rest in parts[i:]:
+                    done(rest, f"not issued: {e}")
+                break
+        return work
+
+    def _issue_table(self, kind, what, root, tensors, n_in, send, recv, result):
+        """Runs an all-to-all, gather or scatter: tensors are flat tensors
+        of one dtype, the first n_in sent from and the rest received into;
+        send[p] and recv[p] are the (tensor index, element offset, count) of
+        the block sent to and received from group rank p, or None. The agent
+        moves every block in one operation (a table of blocks, see
+        node/localapi/proto.go): each pair of ranks over its own link, all
+        at once. The rank's own block (send[rank] to recv[rank]) is copied
+        here, before the operation is sent; the agent never touches it.
+        Device tensors are named by CUDA IPC handle; host tensors where they
+        are when their storage is in an agent-mapped segment (_zerocopy),
+        else in one staging segment (inputs copied in before, outputs copied
+        back after)."""
+        dt = tensors[0].dtype
+        code = _DTYPES[dt]
+        es = tensors[0].element_size()
+        places = None
+        seg, outs = None, []
+        dev = tensors[0].device
+        if dev.type == "cuda" and dt != torch.bool and all(t.device == dev for t in tensors):
+            # Empty tensors (empty blocks) name no memory.
+            full = [t for t in tensors if t.numel()]
+            refs = self._ipc.refs(full) if full else []
+            if refs is not None:
+                it = iter(refs)
+                places = [(*next(it), None) if t.numel() else (0, 0, None) for t in tensors]
+        if places is None:
+            seg, st = self._stage(tensors, n_in, (), what)
+            places = [(s.rid, s.off, s.view) for s in st]
+            outs = [st[i] for i in range(n_in, len(tensors)) if st[i].view is not None]
+        me = self._rank
+        try:
+            mine, into = send[me], recv[me]
+            if mine is not None and into is not None and into[2]:
+                (si, so, sn), (di, do, dn) = mine, into
+                src = tensors[si]
+                view = places[di][2]
+                dst = view if view is not None else tensors[di]
+                if src.dtype == torch.bool:
+                    src = src.view(torch.uint8)
+                if dst.dtype == torch.bool:
+                    dst = dst.view(torch.uint8)
+                dst[do:do + dn].copy_(src[so:so + sn])
+        except Exception:
+            if seg is not None:
+                self._conn.release(seg)
+            raise
+
+        def ref(b):
+            if b is None or not b[2]:
+                return None
+            rid, base, _ = places[b[0]]
+            return (rid, base + b[1] * es, b[2])
+
+        table = [(None, None) if p == me else (ref(send[p]), ref(recv[p])) for p in range(self._size)]
+        work = Work(result, what, self._timeout + 10.0, self._keep)
+        self._keep.add(work)
+        conn = self._conn
+
+        def on_done(err, keep=tensors):
+            try:
+                if err is None:
+                    for s in outs:
+                        t = s.tensor
+                        (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(s.view)
+            except Exception as e:  # a copy-out failure is the op's failure
+                err = f"copying the result back: {e}"
+            finally:
+                if seg is not None:
+                    conn.release(seg)
+            work._complete(None if err is None else f"gpumesh: {what} failed: {err}")
+
+        try:
+            conn.submit(kind, code, 0, root, 0, None, None, on_done, what, table=table)
+        except Exception:
+            self._keep.done(work)
+            if seg is not None:
+                conn.release(seg)
+            raise
+        return work
+
     def cuda_stats(self):
         """Counts of the CUDA IPC path (hits: operations on an allocation
         already registered; registered: handles sent; staged: operations
@@ -528,7 +728,65 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
         return self._issue(_client.OP_ALLREDUCE, "all_reduce", t, [t], [t], 0, None, reduce_op=op, result=tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
-        raise RuntimeError("gpumesh: all_reduce_coalesced is not supported (call all_reduce per tensor)")
+        """all_reduce_coalesced: the tensors of each dtype are packed into
+        one buffer (host: a staging segment; CUDA: a device buffer), reduced
+        by one all_reduce, and copied back."""
+        what = "all_reduce_coalesced"
+        op = _reduce_code(opts.reduceOp) if opts is not None else _OP_SUM
+        flats = [_flat(t, what) for t in tensors]
+        groups = collections.OrderedDict()  # dtype -> flat tensors, in order
+        for t in flats:
+            if t.dtype == torch.bool and op not in (_OP_MAX, _OP_MIN):
+                raise RuntimeError(f"gpumesh: {what} of bool tensors supports MAX and MIN only")
+            if t.numel():
+                groups.setdefault(t.dtype, []).append(t)
+        if not groups:
+            return self._issue_parts(what, [], tensors)
+        dev = flats[0].device
+        if dev.type == "cuda" and torch.bool not in groups and all(t.device == dev for t in flats):
+            bufs = [torch.cat(g) for g in groups.values()]
+            refs = self._ipc.refs(bufs)
+            if refs is not None:
+                parts = [(_client.OP_ALLREDUCE, _DTYPES[b.dtype], op, 0, 0, (rid, off, b.numel()), f"the {b.dtype} tensors")
+                         for b, (rid, off) in zip(bufs, refs)]
+
+                def unpack():
+                    for b, g in zip(bufs, groups.values()):
+                        at = 0
+                        for t in g:
+                            t.copy_(b[at:at + t.numel()])
+                            at += t.numel()
+                    torch.cuda.current_stream(dev).synchronize()
+                return self._issue_parts(what, parts, tensors, post=unpack, keep=bufs)
+        # Host memory (or CUDA tensors the IPC path cannot take): each
+        # dtype's tensors packed into a staging segment, back after.
+        total, layout = 0, []
+        for dt, g in groups.items():
+            total = (total + 63) & ~63
+            count = sum(t.numel() for t in g)
+            layout.append((dt, g, total, count))
+            total += count * g[0].element_size()
+        seg = self._conn.acquire(max(total, 1), what)
+        views, parts = [], []
+        try:
+            for dt, g, off, count in layout:
+                vdt = torch.uint8 if dt == torch.bool else dt
+                at = off
+                for t in g:
+                    v = torch.frombuffer(seg.mm, dtype=vdt, count=t.numel(), offset=at)
+                    tv = t.view(vdt) if vdt != dt else t
+                    v.copy_(tv)
+                    views.append((tv, v))
+                    at += t.numel() * t.element_size()
+                parts.append((_client.OP_ALLREDUCE, _DTYPES[dt], op, 0, 0, (seg.id, off, count), f"the {dt} tensors"))
+        except Exception:
+            self._conn.release(seg)
+            raise
+
+        def unpack_host():
+            for t, v in views:
+                t.copy_(v)
+        return self._issue_parts(what, parts, tensors, seg=seg, post=unpack_host)
 
     def reduce(self, tensors, opts=None):
         # Every rank receives the result; the root's is what reduce promises.
@@ -623,17 +881,101 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def barrier(self, opts=None):
         return self._issue(_client.OP_BARRIER, "barrier", None, [], [], None, None, result=[])
 
-    def alltoall(self, *args, **kwargs):
-        raise RuntimeError("gpumesh: all_to_all is not supported")
+    def alltoall_base(self, output, input, output_split_sizes=None, input_split_sizes=None, opts=None):
+        """all_to_all_single: rank p gets block p of this rank's input
+        (split along the first dimension by input_split_sizes, or equally)
+        into its output's block for this rank."""
+        what = "all_to_all_single"
+        inp, out = _flat(input, what), _flat(output, what)
+        if inp.dtype != out.dtype:
+            raise RuntimeError(f"gpumesh: {what}: the input is {inp.dtype} but the output is {out.dtype}")
+        n = self._size
+        sb = _blocks(what, "input", tuple(input.shape), input_split_sizes, n)
+        rb = _blocks(what, "output", tuple(output.shape), output_split_sizes, n)
+        if sb[self._rank][1] != rb[self._rank][1]:
+            raise RuntimeError(
+                f"gpumesh: {what}: this rank sends itself {sb[self._rank][1]} elements but receives "
+                f"{rb[self._rank][1]} (input and output split sizes disagree)")
+        if _overlap(inp, out):
+            inp = inp.clone()  # the receives would overwrite what is still to be sent
+        return self._issue_table(_client.OP_ALLTOALL, what, 0, [inp, out], 1, [(0,) + b for b in sb],
+                                 [(1,) + b for b in rb], [output])
 
-    def alltoall_base(self, *args, **kwargs):
-        raise RuntimeError("gpumesh: all_to_all_single is not supported")
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        """all_to_all: rank p gets input_tensors[p] into its
+        output_tensors[this rank]."""
+        what = "all_to_all"
+        n = self._size
+        if len(input_tensors) != n or len(output_tensors) != n:
+            raise RuntimeError(
+                f"gpumesh: {what} needs {n} input and {n} output tensors (one per rank), got {len(input_tensors)} "
+                f"and {len(output_tensors)}")
+        ins = [_flat(t, what) for t in input_tensors]
+        outs = [_flat(t, what) for t in output_tensors]
+        _same_dtype(what, ins + outs)
+        me = self._rank
+        if ins[me].numel() != outs[me].numel():
+            raise RuntimeError(
+                f"gpumesh: {what}: this rank's own input has {ins[me].numel()} elements but its output "
+                f"{outs[me].numel()}")
+        ins = [i.clone() if any(_overlap(i, o) for o in outs) else i for i in ins]
+        return self._issue_table(_client.OP_ALLTOALL, what, 0, ins + outs, n,
+                                 [(p, 0, ins[p].numel()) for p in range(n)],
+                                 [(n + p, 0, outs[p].numel()) for p in range(n)], output_tensors)
 
-    def gather(self, *args, **kwargs):
-        raise RuntimeError("gpumesh: gather is not supported (use all_gather)")
+    def _root(self, what, opts):
+        root = opts.rootRank if opts is not None else 0
+        if not 0 <= root < self._size:
+            raise RuntimeError(f"gpumesh: {what}: root rank {root} is not a rank of the group (0..{self._size - 1})")
+        return root
 
-    def scatter(self, *args, **kwargs):
-        raise RuntimeError("gpumesh: scatter is not supported (use broadcast)")
+    def gather(self, output_tensors, input_tensors, opts=None):
+        """gather: the root gets every rank's input into its list."""
+        what = "gather"
+        root, n = self._root(what, opts), self._size
+        if len(input_tensors) != 1:
+            raise RuntimeError(f"gpumesh: {what} takes one input tensor per process, got {len(input_tensors)}")
+        inp = _flat(input_tensors[0], what)
+        k = inp.numel()
+        if self._rank != root:
+            if any(len(o) for o in output_tensors):
+                raise RuntimeError(f"gpumesh: {what}: only the root (rank {root}) takes an output list")
+            send = [(0, 0, k) if p == root else None for p in range(n)]
+            return self._issue_table(_client.OP_GATHER, what, root, [inp], 1, send, [None] * n, output_tensors)
+        if len(output_tensors) != 1 or len(output_tensors[0]) != n:
+            got = len(output_tensors[0]) if len(output_tensors) == 1 else f"{len(output_tensors)} lists"
+            raise RuntimeError(f"gpumesh: {what} needs a list of {n} output tensors on the root, got {got}")
+        outs = [_flat(o, what) for o in output_tensors[0]]
+        _same_shape(what, "output", inp, outs)
+        if any(_overlap(inp, o) for o in outs):
+            inp = inp.clone()
+        send = [(0, 0, k) if p == root else None for p in range(n)]
+        return self._issue_table(_client.OP_GATHER, what, root, [inp] + outs, 1, send,
+                                 [(1 + p, 0, k) for p in range(n)], output_tensors)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        """scatter: rank p gets the root's input_tensors[p] into its
+        output."""
+        what = "scatter"
+        root, n = self._root(what, opts), self._size
+        if len(output_tensors) != 1:
+            raise RuntimeError(f"gpumesh: {what} takes one output tensor per process, got {len(output_tensors)}")
+        out = _flat(output_tensors[0], what)
+        k = out.numel()
+        if self._rank != root:
+            if any(len(i) for i in input_tensors):
+                raise RuntimeError(f"gpumesh: {what}: only the root (rank {root}) takes an input list")
+            recv = [(0, 0, k) if p == root else None for p in range(n)]
+            return self._issue_table(_client.OP_SCATTER, what, root, [out], 0, [None] * n, recv, output_tensors)
+        if len(input_tensors) != 1 or len(input_tensors[0]) != n:
+            got = len(input_tensors[0]) if len(input_tensors) == 1 else f"{len(input_tensors)} lists"
+            raise RuntimeError(f"gpumesh: {what} needs a list of {n} input tensors on the root, got {got}")
+        ins = [_flat(i, what) for i in input_tensors[0]]
+        _same_shape(what, "input", out, ins)
+        ins = [i.clone() if _overlap(i, out) else i for i in ins]
+        recv = [(n, 0, k) if p == root else None for p in range(n)]
+        return self._issue_table(_client.OP_SCATTER, what, root, ins + [out], n,
+                                 [(p, 0, k) for p in range(n)], recv, output_tensors)
 
     def shutdown(self):
         self._conn.close()

@@ -1,5 +1,6 @@
 """CUDA tensors through the gpumesh backend's CUDA IPC path (needs a GPU;
-ranks share GPU LOCAL_RANK mod the GPU count): every collective x float32 /
+ranks share GPU LOCAL_RANK mod the GPU count): every collective (all_to_all,
+gather, scatter and all_reduce_coalesced included) x float32 /
 float16 / bfloat16 / int32 / int64 against a reference computed locally,
 tensors that are views inside a larger allocation, a DDP training of a CUDA
 model against the same model under Gloo (CUDA tensors) in the same
@@ -104,6 +105,34 @@ for dt in DTYPES:
             dist.recv(y, src)
             s.wait()
             check(f"send/recv {tag}", y, ins[src])
+        # all_to_all_single with uneven splits (an empty one included), into
+        # a view inside the arena; all_to_all of lists with an empty block.
+        rows = lambda r, p: ((r * 3 + p * 5 + 1) % 4) * (count // 4)  # noqa: E731
+        a2a_in = [torch.cat([val(r * n + p, rows(r, p), dt) for p in range(n)]) for r in range(n)]
+        want = torch.cat([a2a_in[p][sum(rows(p, q) for q in range(rank)):][:rows(p, rank)] for p in range(n)])
+        out = place(torch.zeros(want.numel(), dtype=dt, device=dev), 8192)
+        dist.all_to_all_single(out, a2a_in[rank], [rows(p, rank) for p in range(n)], [rows(rank, p) for p in range(n)])
+        check(f"all_to_all_single {tag}", out, want)
+        outs = [torch.empty(rows(p, rank), dtype=dt, device=dev) for p in range(n)]
+        dist.all_to_all(outs, list(a2a_in[rank].split([rows(rank, p) for p in range(n)])))
+        check(f"all_to_all {tag}", torch.cat(outs), want)
+        root = n - 1
+        gl = [torch.empty(count, dtype=dt, device=dev) for _ in range(n)] if rank == root else None
+        dist.gather(ins[rank], gl, dst=root)
+        if rank == root:
+            check(f"gather {tag}", torch.stack(gl), torch.stack(ins))
+        y = torch.empty(count, dtype=dt, device=dev)
+        dist.scatter(y, [i.clone() for i in ins] if rank == root else None, src=root)
+        check(f"scatter {tag}", y, ins[rank])
+        xs = [ins[rank][:count // 2].clone(), ins[rank].clone()]
+        if hasattr(dist, "all_reduce_coalesced"):
+            with __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                dist.all_reduce_coalesced(xs)
+        else:
+            pg.allreduce_coalesced(xs, dist.AllreduceCoalescedOptions()).wait()
+        total = sum(i.to(torch.int64) for i in ins).to(dt)
+        check(f"all_reduce_coalesced {tag}", torch.cat(xs), torch.cat([total[:count // 2], total]))
 dist.barrier()
 # Asynchronous, several in flight: results in issue order.
 xs = [torch.full((1 << 20,), float(k + rank), device=dev) for k in range(6)]
