@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math"
 	"os"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/ddpout"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/internal/poll"
 	"github.com/gpumesh/gpumesh/internal/procs"
@@ -51,25 +51,11 @@ func repoPath(t *testing.T, rel string) string {
 	return p
 }
 
-// rankOutput is what examples/ddp/train.py writes with --out.
-type rankOutput struct {
-	Rank   int       `json:"rank"`
-	World  int       `json:"world"`
-	Losses []float64 `json:"losses"`
-	Params []float64 `json:"params"`
-}
-
-func readOutputs(t *testing.T, dir string, n int) []rankOutput {
+func readOutputs(t *testing.T, dir string, n int) []ddpout.RankOutput {
 	t.Helper()
-	out := make([]rankOutput, n)
-	for r := range n {
-		b, err := os.ReadFile(filepath.Join(dir, fmt.Sprintf("rank%d.json", r)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal(b, &out[r]); err != nil {
-			t.Fatal(err)
-		}
+	out, err := ddpout.Read(dir, n)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return out
 }
