@@ -686,13 +686,28 @@ func (s *controlServer) Logs(req *pb.LogsRequest, stream grpc.ServerStreamingSer
 		return err
 	}
 	gen := req.Generation
-	if gen == 0 {
-		gen = job.Job.Generation
-	}
 	var alloc *pb.Allocation
-	for _, al := range job.Allocations {
-		if al.Generation == gen && al.Rank == req.Rank {
-			alloc = al
+	if gen == 0 && job.Job.Spec.GetType() == jobspec.TypeService {
+		// A service replaces its replicas one at a time, each in a
+		// generation of its own: a replica's logs are its newest.
+		for _, al := range job.Allocations {
+			if al.Rank == req.Rank && (alloc == nil || al.Generation > alloc.Generation) {
+				alloc = al
+			}
+		}
+		if alloc == nil {
+			return status.Errorf(codes.NotFound, "service %s has no replica %d (see `gpumesh service status %s`)", job.Job.Id, req.Rank, job.Job.Spec.GetName())
+		}
+		gen = alloc.Generation
+	}
+	if alloc == nil {
+		if gen == 0 {
+			gen = job.Job.Generation
+		}
+		for _, al := range job.Allocations {
+			if al.Generation == gen && al.Rank == req.Rank {
+				alloc = al
+			}
 		}
 	}
 	if alloc == nil {

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
 // logsOptions are `job logs`'s flags.
@@ -103,19 +104,23 @@ them (--tail counts the lines of both; -f then prints new lines as they come).
 	return cmd
 }
 
-// jobRanks lists the ranks of a job's generation (0: the current one).
+// jobRanks lists the ranks of a job's generation (0: the current one; a
+// service's every replica).
 func jobRanks(ctx context.Context, c pb.ControlClient, id string, gen uint64) ([]int32, error) {
 	resp, err := c.GetJob(ctx, &pb.GetJobRequest{Id: id})
 	if err != nil {
 		return nil, err
 	}
+	// A service's replicas each run in a generation of their own (they
+	// are replaced one at a time): without --generation, every replica.
+	service := gen == 0 && resp.Job.Spec.GetType() == jobspec.TypeService
 	if gen == 0 {
 		gen = resp.Job.Generation
 	}
 	seen := map[int32]bool{}
 	var ranks []int32
 	for _, al := range resp.Allocations {
-		if al.Generation == gen && !seen[al.Rank] {
+		if (al.Generation == gen || service && al.Rank < resp.Job.WorldSize) && !seen[al.Rank] {
 			seen[al.Rank] = true
 			ranks = append(ranks, al.Rank)
 		}

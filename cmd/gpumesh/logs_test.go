@@ -229,3 +229,39 @@ func TestJobLogsStdoutAndStderrRefused(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// fakeJob answers GetJob with one job and its allocations.
+type fakeJob struct {
+	pb.ControlClient
+	resp *pb.GetJobResponse
+}
+
+func (f fakeJob) GetJob(context.Context, *pb.GetJobRequest, ...grpc.CallOption) (*pb.GetJobResponse, error) {
+	return f.resp, nil
+}
+
+// `job logs --all` of a service prints every replica: each runs in a
+// generation of its own (replaced one at a time), not all in the newest.
+func TestJobRanksOfAServiceAreEveryReplica(t *testing.T) {
+	allocs := []*pb.Allocation{
+		{Rank: 1, Generation: 3}, {Rank: 1, Generation: 2}, {Rank: 0, Generation: 1},
+	}
+	for _, tc := range []struct {
+		typ  string
+		gen  uint64
+		want []int32
+	}{
+		{"service", 0, []int32{0, 1}},
+		{"service", 1, []int32{0}},
+		{"exec", 0, []int32{1}},
+	} {
+		c := fakeJob{resp: &pb.GetJobResponse{
+			Job:         &pb.Job{Id: "j", Generation: 3, WorldSize: 2, Spec: &pb.JobSpec{Type: tc.typ}},
+			Allocations: allocs,
+		}}
+		got, err := jobRanks(context.Background(), c, "j", tc.gen)
+		if err != nil || !slices.Equal(got, tc.want) {
+			t.Errorf("%s, generation %d: ranks %v, %v; want %v", tc.typ, tc.gen, got, err, tc.want)
+		}
+	}
+}
