@@ -292,7 +292,12 @@ func (s *controlServer) StopJob(ctx context.Context, req *pb.StopJobRequest) (*p
 	}
 	var resp *pb.StopJobResponse
 	err := s.withLeader(ctx, func(ctx context.Context) error {
-		if s.a.raft.State().Job(req.Id) == nil {
+		st := s.a.raft.State()
+		if st.Job(req.Id) == nil {
+			if ids := jobIDsWithPrefix(st, req.Id); len(ids) > 0 {
+				// Other commands take a prefix; stop wants the whole id.
+				return fmt.Errorf("job %q: %w: stop takes a whole job id; did you mean %s? (see `gpumesh job list`)", req.Id, errNotFound, listIDs(ids))
+			}
 			return fmt.Errorf("job %q: %w (see `gpumesh job list`)", req.Id, errNotFound)
 		}
 		idx, err := s.a.raft.StopJob(ctx, req.Id)
@@ -315,13 +320,12 @@ func (s *controlServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.
 		j := st.Job(req.Id)
 		if j == nil {
 			// Allow a unique prefix of an id, as people type them.
-			for _, cand := range st.Jobs() {
-				if strings.HasPrefix(cand.Id, req.Id) {
-					if j != nil {
-						return fmt.Errorf("job id prefix %q is ambiguous: %w", req.Id, errInvalidArgument)
-					}
-					j = cand
-				}
+			switch ids := jobIDsWithPrefix(st, req.Id); len(ids) {
+			case 0:
+			case 1:
+				j = st.Job(ids[0])
+			default:
+				return fmt.Errorf("%w: job id prefix %q matches %d jobs (%s): give more of the id", errInvalidArgument, req.Id, len(ids), listIDs(ids))
 			}
 		}
 		if j == nil {
@@ -345,6 +349,28 @@ func (s *controlServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.
 		return err
 	})
 	return resp, toStatus(err)
+}
+
+// jobIDsWithPrefix returns the ids of the jobs in st that begin with
+// prefix, sorted.
+func jobIDsWithPrefix(st stateReader, prefix string) []string {
+	var ids []string
+	for _, j := range st.Jobs() {
+		if strings.HasPrefix(j.Id, prefix) {
+			ids = append(ids, j.Id)
+		}
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// listIDs names up to four ids, and how many more there are.
+func listIDs(ids []string) string {
+	const most = 4
+	if len(ids) <= most {
+		return strings.Join(ids, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(ids[:most], ", "), len(ids)-most)
 }
 
 func (s *controlServer) ListJobs(ctx context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
