@@ -213,7 +213,7 @@ func finishRun(out io.Writer, asJSON bool, o followOptions, final *pb.GetJobResp
 	}
 	if final.Job.Status == consensus.JobFailed {
 		if al := firstFailed(final); al != nil && !asJSON {
-			fmt.Fprintf(out, "    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", final.Job.Id, al.Rank, al.Generation)
+			fmt.Fprintf(out, "    its output: gpumesh job logs %s --rank %d --generation %d\n", final.Job.Id, al.Rank, al.Generation)
 		}
 		return &exitError{code: exitFailed}
 	}
@@ -481,10 +481,10 @@ func printJob(out io.Writer, resp *pb.GetJobResponse) {
 	}
 	tw.Flush()
 	if al := lastFailed(resp); al != nil && j.Spec.GetType() != jobspec.TypeService {
-		// A failed rank's reason is usually on its stderr, which `job logs`
-		// leaves out unless asked. (A service's replicas say it in their
-		// crash-loop lines.)
-		fmt.Fprintf(out, "\nrank %d of generation %d failed (exit %d); its output: gpumesh job logs %s --rank %d --generation %d --stderr\n",
+		// A failed rank's reason is usually on its stderr: `job logs`
+		// prints it after the stdout lines written before it. (A
+		// service's replicas say it in their crash-loop lines.)
+		fmt.Fprintf(out, "\nrank %d of generation %d failed (exit %d); its output: gpumesh job logs %s --rank %d --generation %d\n",
 			al.Rank, al.Generation, al.ExitCode, j.Id, al.Rank, al.Generation)
 	}
 	printServiceReplicas(out, resp)

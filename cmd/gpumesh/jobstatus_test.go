@@ -130,9 +130,9 @@ func TestPrintJobShowsSharedGPUs(t *testing.T) {
 }
 
 // A failed job's status names the command that shows why a rank failed:
-// its stderr, of the newest generation with a failure (a Python traceback
-// goes there, and `job logs` prints stdout unless told otherwise). Jobs
-// without a failed rank print no such line.
+// its output (stdout and stderr, where a Python traceback goes), of the
+// newest generation with a failure. Jobs without a failed rank print no
+// such line.
 func TestPrintJobPointsAtFailedRankStderr(t *testing.T) {
 	var b strings.Builder
 	printJob(&b, &pb.GetJobResponse{
@@ -144,7 +144,7 @@ func TestPrintJobPointsAtFailedRankStderr(t *testing.T) {
 			{Generation: 1, Rank: 0, ClientStatus: "failed", ExitCode: 2},
 		},
 	})
-	want := "rank 1 of generation 2 failed (exit 1); its output: gpumesh job logs ddp-1 --rank 1 --generation 2 --stderr\n"
+	want := "rank 1 of generation 2 failed (exit 1); its output: gpumesh job logs ddp-1 --rank 1 --generation 2\n"
 	if !strings.Contains(b.String(), want) {
 		t.Fatalf("job status lacks %q:\n%s", want, b.String())
 	}

@@ -108,7 +108,7 @@ func TestJobRunSaysAFailureOnce(t *testing.T) {
 	if n := strings.Count(s, "exited with code 3"); n != 1 {
 		t.Errorf("the reason appears %d times:\n%s", n, s)
 	}
-	for _, want := range []string{"==> job fail-1 failed: " + reason, "its output: gpumesh job logs fail-1 --rank 1 --generation 1 --stderr"} {
+	for _, want := range []string{"==> job fail-1 failed: " + reason, "its output: gpumesh job logs fail-1 --rank 1 --generation 1\n"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("output lacks %q:\n%s", want, s)
 		}
@@ -253,7 +253,7 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 	if strings.Contains(out.String(), "restart 0") || !strings.Contains(out.String(), "generation 3 placed (a replacement replica)\n") {
 		t.Errorf("a service's new generation, want a replacement and no restart count:\n%s", out.String())
 	}
-	for _, want := range []string{"replica 0 crash-looping: 3 failures in a row", "its output: gpumesh job logs broken-1 --rank 0 --generation 3 --stderr"} {
+	for _, want := range []string{"replica 0 crash-looping: 3 failures in a row", "its output: gpumesh job logs broken-1 --rank 0 --generation 3\n"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}

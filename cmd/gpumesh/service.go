@@ -304,7 +304,7 @@ func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
 		if b.Failures >= consensus.CrashLoopAt {
 			word = "crash-looping"
 		}
-		logs := fmt.Sprintf("    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", r.Job.Id, b.Slot, last.Generation)
+		logs := fmt.Sprintf("    its output: gpumesh job logs %s --rank %d --generation %d\n", r.Job.Id, b.Slot, last.Generation)
 		switch {
 		case b.Waiting:
 			left := b.NextTry.Sub(now)

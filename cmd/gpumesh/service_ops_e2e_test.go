@@ -106,14 +106,15 @@ exec:
 	if list, stderr, err := procs.CLI(ctx, t, plain.RPCAddr(), "service", "list"); err != nil || !strings.Contains(list, "running, 1 crash-looping") {
 		t.Fatalf("service list: %v %s\n%s", err, stderr, list)
 	}
-	// The logs command it points at shows why.
+	// The logs command it points at shows why (the replica's stderr, on
+	// the command's stderr).
 	var logsCmd []string
 	for _, line := range strings.Split(out, "\n") {
 		if f := strings.Fields(line); len(f) > 3 && f[0] == "its" && f[1] == "output:" {
 			logsCmd = f[3:] // job logs ...
 		}
 	}
-	if logs, stderr, err := procs.CLI(ctx, t, plain.RPCAddr(), logsCmd...); err != nil || !strings.Contains(logs, "no model here") {
+	if logs, stderr, err := procs.CLI(ctx, t, plain.RPCAddr(), logsCmd...); err != nil || !strings.Contains(stderr, "no model here") {
 		t.Fatalf("%v: %v %s\n%q", logsCmd, err, stderr, logs)
 	}
 	if resp.StatusCode != http.StatusNotFound {

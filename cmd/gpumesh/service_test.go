@@ -78,7 +78,7 @@ func TestPrintCrashLoops(t *testing.T) {
 	// Slot 0: a 4th failure in a row waits 2s×2³ = 16s from its end, 6s from now.
 	for _, want := range []string{
 		"replica 0 crash-looping: 4 failures in a row (the last failed, exit 3: no model file; never healthy); next try in 6s (17:00:06 UTC, back-off 16s)\n" +
-			"    its output: gpumesh job logs mlp-1 --rank 0 --generation 5 --stderr\n",
+			"    its output: gpumesh job logs mlp-1 --rank 0 --generation 5\n",
 		"replica 1: 2 failures in a row before the running one; the count ends once it stays healthy for 10m0s",
 	} {
 		if !strings.Contains(out, want) {
