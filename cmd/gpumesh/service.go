@@ -184,7 +184,7 @@ func newServiceStatusCommand() *cobra.Command {
 				return err
 			}
 			for _, r := range jobs {
-				fmt.Fprintf(out, "service %s: job %s, %s, %d replicas wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, wantedReplicas(r.Job), scaleNote(r.Job), args[0])
+				fmt.Fprintf(out, "service %s: job %s, %s, %s wanted%s, routed at /svc/%s/\n", args[0], r.Job.Id, r.Job.Status, plural(int(wantedReplicas(r.Job)), "replica"), scaleNote(r.Job), args[0])
 				printServiceURLs(out, nodes.Nodes, args[0], f.tls.ca != "")
 				if old, live := oldSpecReplicas(r); old > 0 {
 					fmt.Fprintf(out, "rolling update to spec generation %d: %d of %d replicas still on the previous spec (SPEC old), replaced one at a time\n", r.Job.SpecGeneration, old, live)

@@ -95,6 +95,7 @@ exec:
 	})
 	t.Logf("gpumesh service status crasher:\n%s", out)
 	for _, want := range []string{
+		"running, 1 replica wanted, routed at /svc/crasher/",
 		"reach it through any node:",
 		"http://" + serveAddr + "/svc/crasher/",
 		"http://" + plain.HTTPAddr() + "/svc/crasher/",
