@@ -878,6 +878,9 @@ class ProcessGroupGpumesh(dist.ProcessGroup):
     def recv_anysource(self, tensors, tag=0):
         raise RuntimeError("gpumesh: recv without a source rank is not supported (pass src=)")
 
+    def allgather_coalesced(self, output_lists, input_tensors, opts=None):
+        raise RuntimeError("gpumesh: all_gather_coalesced is not supported (call all_gather for each tensor)")
+
     def barrier(self, opts=None):
         return self._issue(_client.OP_BARRIER, "barrier", None, [], [], None, None, result=[])
 

@@ -249,6 +249,8 @@ if rank == 0:
 expect(lambda: pg.allreduce_coalesced([torch.ones(3, dtype=torch.bool)], dist.AllreduceCoalescedOptions()),
        ["all_reduce_coalesced", "bool"])
 expect(lambda: pg.recv_anysource([torch.empty(3)], 0), ["recv", "source"])
+expect(lambda: dist.all_gather_coalesced([[torch.empty(3) for _ in range(n)]], [torch.ones(3)]),
+       ["all_gather_coalesced", "not supported", "all_gather"])
 dist.barrier()
 x = torch.empty(n * 10)
 dist.all_to_all_single(x, torch.full((n * 10,), float(rank)))
