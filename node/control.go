@@ -782,6 +782,9 @@ func (s *controlServer) TransferLeadership(ctx context.Context, req *pb.Transfer
 				}
 				target = n.Id
 			}
+			if target == s.a.nodeID {
+				return fmt.Errorf("%w: node %s (%s) is the leader already: nothing to transfer (name another voter, or leave out --to to let Raft pick one)", errInvalidArgument, s.a.Name(), target)
+			}
 		}
 		if err := s.a.raft.TransferLeadershipTo(target); err != nil {
 			return err
