@@ -106,8 +106,8 @@ another name wrote, unless $GPUMESH_CHECKPOINT_RESUME_FROM (the job's
 checkpoint.resume_from) names it; one that names no job is used with a
 warning.`,
 		Example: `  gpumesh checkpoint list --uri s3://my-bucket/runs/llama
-  gpumesh checkpoint put --step 1200 --rank 0 state.pt
-  gpumesh checkpoint commit --step 1200 --world 4 --parts '[{"rank":0,"size":123,"crc32c":"..."}]'
+  gpumesh checkpoint put --step 1200 --rank 0 state.pt > part-0.json
+  gpumesh checkpoint commit --step 1200 --world 1 --parts "[$(cat part-0.json)]"
   gpumesh checkpoint get --rank 0 restored.pt`,
 	}
 	f.register(cmd)
@@ -149,10 +149,13 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 	var parts string
 	var meta map[string]string
 	cmd := &cobra.Command{
-		Use:     "commit",
-		Short:   "Make a checkpoint visible once all its parts are uploaded, then prune to --keep",
-		Example: "  gpumesh checkpoint commit --uri s3://my-bucket/runs/llama --step 120 --meta epoch=3",
-		Args:    cobra.NoArgs,
+		Use:   "commit",
+		Short: "Make a checkpoint visible once all its parts are uploaded, then prune to --keep",
+		Example: `  gpumesh checkpoint put --uri s3://my-bucket/runs/llama --step 120 --rank 0 state-0.pt > part-0.json
+  gpumesh checkpoint put --uri s3://my-bucket/runs/llama --step 120 --rank 1 state-1.pt > part-1.json
+  gpumesh checkpoint commit --uri s3://my-bucket/runs/llama --step 120 --world 2 \
+      --parts "[$(cat part-0.json),$(cat part-1.json)]" --meta epoch=3`,
+		Args: cobra.NoArgs,
 		RunE: f.withStore(func(ctx context.Context, c *checkpoint.Checkpoints, cmd *cobra.Command, args []string) error {
 			m := checkpoint.Manifest{Step: step, WorldSize: world, Job: os.Getenv(envJobID), JobName: os.Getenv(envJobName), Meta: meta}
 			m.Generation, _ = strconv.ParseUint(os.Getenv(envGeneration), 10, 64)
@@ -164,7 +167,7 @@ func newCheckpointCommitCommand(f *checkpointFlags) *cobra.Command {
 	}
 	cmd.Flags().Int64Var(&step, "step", -1, "the training step (required)")
 	cmd.Flags().IntVar(&world, "world", 1, "the job's world size when it saved")
-	cmd.Flags().StringVar(&parts, "parts", "", `the parts, as a JSON list of what put printed: [{"rank":0,"size":N,"crc32c":"..."}] (required)`)
+	cmd.Flags().StringVar(&parts, "parts", "", `the parts, as a JSON list of what put printed: [{"rank":0,"size":N,"crc32c":["..."]}] (required)`)
 	cmd.Flags().StringToStringVar(&meta, "meta", nil, "small `KEY=VALUE` data kept in the manifest (e.g. epoch=3)")
 	_ = cmd.MarkFlagRequired("step")
 	_ = cmd.MarkFlagRequired("parts")
@@ -210,7 +213,9 @@ func newCheckpointGetCommand(f *checkpointFlags) *cobra.Command {
 			var m checkpoint.Manifest
 			var err error
 			if step >= 0 {
-				m, err = c.Manifest(ctx, step)
+				if m, err = c.Manifest(ctx, step); errors.Is(err, checkpoint.ErrNotFound) {
+					return fmt.Errorf("no complete checkpoint of step %d under %s (`gpumesh checkpoint list --uri %s` lists those there): %w", step, f.uri, f.uri, err)
+				}
 			} else {
 				m, err = newestOwned(ctx, c, f.uri, cmd.ErrOrStderr())
 			}
