@@ -39,6 +39,9 @@ const (
 // listenUnixLanes opens this Service's same-host lane socket, or returns
 // nil (lanes then stay on TCP) when the host has none.
 func (s *Service) listenUnixLanes() net.Listener {
+	if !abstractUnixNames {
+		return nil
+	}
 	var b [16]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return nil

@@ -79,7 +79,8 @@
 // Each generation's rank 0 gets a MASTER_PORT in MasterPortMin..MasterPortMax
 // that no live job uses on the same host (nodes of one machine share them),
 // searched from a start derived from the job ID and generation. The node
-// checks the port is free before starting rank 0 of an exec job; one held
+// checks the port is free before starting rank 0 of an exec job (and any
+// service replica, each its own world of one); one held
 // by a process outside gpumesh is reported as a start failure
 // (StartMasterPortBusy), which ends the generation without a restart
 // (CauseMasterPortBusy) and keeps that port out of the job's next pick on
@@ -106,7 +107,10 @@
 // (service_backoff.go): the wait doubles from restart.delay up to
 // restart.max_delay with each failure in a row, derived from the slot's
 // allocations (slot_failures, healthy_time) so a new leader keeps it;
-// ServiceBackoffs tells the CLI and the metrics the same.
+// ServiceBackoffs tells the CLI and the metrics the same; from CrashLoopAt
+// failures in a row the slot is said to crash-loop. A replica whose node
+// found its MASTER_PORT busy is replaced without counting as a failure, on
+// another port (busyPorts, as for rank 0 of a job).
 //
 // # Garbage collection
 //

@@ -389,22 +389,7 @@ func TestEvaluateMasterPortBusyPlacesAgainWithAnotherPort(t *testing.T) {
 // start in the range is that very port.
 func TestEvaluateMasterPortBusyKeptOutOfNextPick(t *testing.T) {
 	s := newSim(t, "a", "b")
-	// A job whose generations 1 and 2 start their search at the same port
-	// (a range of 3: FNV's last step never maps ".../1" and ".../2" to one
-	// value modulo a power of two).
-	s.cfg.MasterPortMin, s.cfg.MasterPortMax = 29500, 29502
-	id := ""
-	for i := 0; i < 1000 && id == ""; i++ {
-		c := fmt.Sprintf("j%d", i)
-		e1 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
-		e2 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
-		if e1.pickPort("k", c, 1, nil) == e2.pickPort("k", c, 2, nil) {
-			id = c
-		}
-	}
-	if id == "" {
-		t.Fatal("no job ID whose generations 1 and 2 start at one port")
-	}
+	id := s.sameFirstPortJobID()
 	s.register(id, 2, 1)
 	s.step(id)
 	var busy int32
@@ -432,6 +417,25 @@ func TestEvaluateMasterPortBusyKeptOutOfNextPick(t *testing.T) {
 			t.Fatalf("generation 2's rank 0 got MASTER_PORT %d again, which generation 1 found busy", busy)
 		}
 	}
+}
+
+// sameFirstPortJobID narrows the sim's MASTER_PORT range to 3 ports and
+// returns a job ID whose generations 1 and 2 start their port search at
+// the same port (with a range of 3: FNV's last step never maps ".../1" and
+// ".../2" to one value modulo a power of two).
+func (s *sim) sameFirstPortJobID() string {
+	s.t.Helper()
+	s.cfg.MasterPortMin, s.cfg.MasterPortMax = 29500, 29502
+	for i := 0; i < 1000; i++ {
+		c := fmt.Sprintf("j%d", i)
+		e1 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
+		e2 := &Evaluator{cfg: s.cfg, ports: map[string]map[int32]bool{}}
+		if e1.pickPort("k", c, 1, nil) == e2.pickPort("k", c, 2, nil) {
+			return c
+		}
+	}
+	s.t.Fatal("no job ID whose generations 1 and 2 start at one port")
+	return ""
 }
 
 // A rank whose agent found another job's checkpoints under the job's

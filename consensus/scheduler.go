@@ -401,16 +401,29 @@ func desiredRunIDs(allocs []*controlpb.Allocation) []string {
 }
 
 // canGrow reports whether an elastic job would get more ranks if placed
-// again: its own ranks' resources plus the free ones.
+// again: its own ranks' resources plus the free ones. More ranks fitting
+// in the free resources alone say so at once; a job whose ranks share GPUs
+// (ranks_per_gpu N) may also have room on a GPU it holds (fewer than N of
+// its ranks there), which only placing it again on what it holds plus
+// what is free shows (on a copy of the cluster).
 func (e *Evaluator) canGrow(j *controlpb.Job) bool {
-	sj, err := toShardingJob(j.Id+"~grow", j.Spec)
+	sj, err := toShardingJob(j.Id, j.Spec)
 	if err != nil {
 		return false
 	}
-	extra := int(maxRanks(j.Spec) - j.WorldSize)
-	sj.Ranks, sj.MinRanks = extra, 1
-	plan, err := e.cluster.Place(sj)
-	return err == nil && len(plan.Ranks) > 0
+	more := sj
+	more.ID = j.Id + "~grow"
+	more.Ranks, more.MinRanks = int(maxRanks(j.Spec)-j.WorldSize), 1
+	if plan, err := e.cluster.Place(more); err == nil && len(plan.Ranks) > 0 {
+		return true
+	}
+	if sj.RanksPerGPU <= 1 {
+		return false
+	}
+	c := e.cluster.Clone()
+	c.ReleaseJob(j.Id)
+	plan, err := c.Place(sj)
+	return err == nil && len(plan.Ranks) > int(j.WorldSize)
 }
 
 func (e *Evaluator) evalPending(j *controlpb.Job, allocs []*controlpb.Allocation, now time.Time) Decision {
@@ -631,10 +644,11 @@ func (e *Evaluator) reservePort(key string, port int32) {
 }
 
 // busyPorts returns, by masterKey, the MASTER_PORTs that the job's rank 0
-// found held by a process outside gpumesh (StartMasterPortBusy), for the
-// next pick to avoid. They come from the job's own allocations (Evaluate's
-// allocs keep the ended ones that matter until GC lets them go), not from
-// the ClusterView, which holds only allocations that still hold resources.
+// (a service's replicas: each is its own rank 0) found held by a process
+// outside gpumesh (StartMasterPortBusy), for the next pick to avoid. They
+// come from the job's own allocations (Evaluate's allocs keep the ended
+// ones that matter until GC lets them go), not from the ClusterView, which
+// holds only allocations that still hold resources.
 func busyPorts(allocs []*controlpb.Allocation) map[string]map[int32]bool {
 	var busy map[string]map[int32]bool
 	for _, a := range allocs {

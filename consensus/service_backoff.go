@@ -25,6 +25,13 @@ import (
 // it was first healthy (Allocation.healthy_time), so any leader derives the
 // same count and the same next try from the Raft state.
 
+// CrashLoopAt is the failures in a row from which a replica slot is said to
+// crash-loop, wherever the word is used: the job's status reason, `service
+// list` and `service status`, `gpumesh dev`, and `job run`, which stops
+// watching a new service then. Fewer are failures, replaced with the same
+// back-off.
+const CrashLoopAt = 3
+
 // backoffPolicy is a service's crash-loop back-off.
 type backoffPolicy struct {
 	delay      time.Duration // wait after the first failure

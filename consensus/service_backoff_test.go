@@ -279,3 +279,30 @@ func TestBackoffPolicy(t *testing.T) {
 		t.Errorf("restart.delay 0 backs off to %s; want 0 (no back-off)", got)
 	}
 }
+
+// The job's status reason says "crash-looping" from CrashLoopAt failures in
+// a row, as every command does; before that it counts the failures.
+func TestServiceCrashLoopReasonFromCrashLoopAt(t *testing.T) {
+	s := newSim(t, "a")
+	s.registerSpec("svc", backoffSpec(t, "srv"))
+	s.step("svc")
+	for n := 1; n <= CrashLoopAt; n++ {
+		a := s.only("svc")
+		s.report(a.Id, AllocRunning, 0)
+		s.report(a.Id, AllocFailed, 1)
+		d := s.step("svc")
+		reason := s.job("svc").StatusReason
+		want := "replica 0 ended; replacing it at"
+		switch {
+		case n >= CrashLoopAt:
+			want = fmt.Sprintf("replica 0 is crash-looping (%d failures in a row); next try at", n)
+		case n > 1:
+			want = fmt.Sprintf("replica 0 ended, %d failures in a row; replacing it at", n)
+		}
+		if !strings.HasPrefix(reason, want) {
+			t.Fatalf("after %d failures in a row: reason %q, want %q...", n, reason, want)
+		}
+		s.now = d.WakeAt
+		s.step("svc")
+	}
+}

@@ -57,6 +57,15 @@ func TestServiceScalesByLoad(t *testing.T) {
 	if n, ws := s.liveSlots("svc"), s.job("svc").WorldSize; n != 3 || ws != 3 {
 		t.Fatalf("after 5 in flight: %d replicas (world size %d), want 3", n, ws)
 	}
+	// The new replicas' WORLD_SIZE is the new count (the agent refuses a
+	// rank outside its world: the old count would fail them at start).
+	for _, as := range s.live("svc") {
+		for _, a := range as {
+			if a.Generation > 1 && a.WorldSize != 3 {
+				t.Fatalf("replica %d placed by the scale-out has world size %d, want 3", a.Rank, a.WorldSize)
+			}
+		}
+	}
 	// More load while the new replicas start: they are waited for.
 	s.now = s.now.Add(time.Second)
 	report(20)

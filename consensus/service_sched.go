@@ -75,6 +75,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		slots[r] = append(slots[r], a)
 	}
 	backoff := serviceBackoff(j.Spec)
+	busy := busyPorts(allocs) // MASTER_PORTs replicas found held on their node
 	var reasons []string
 	// siblings are the nodes of the replicas to keep running, and of those
 	// placed below: a new replica goes elsewhere when another node can
@@ -175,7 +176,7 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 				rolling++
 				continue
 			}
-			a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings)
+			a, why := e.placeReplica(j, r, p.WorldSize, j.Generation+1, int32(failures), siblings, busy)
 			if a == nil {
 				reasons = append(reasons, fmt.Sprintf("rolling update: replica %d's replacement waits for capacity: %s", r, why))
 				continue
@@ -199,14 +200,14 @@ func (e *Evaluator) evalService(j *controlpb.Job, allocs []*controlpb.Allocation
 		}
 		if now.Before(next) {
 			wake = earliest(wake, next)
-			if failures > 1 {
+			if failures >= CrashLoopAt {
 				reasons = append(reasons, fmt.Sprintf("replica %d is crash-looping (%d failures in a row); next try at %s", r, failures, next.UTC().Format(time.RFC3339)))
 			} else {
-				reasons = append(reasons, fmt.Sprintf("replica %d ended; replacing it at %s", r, next.UTC().Format(time.RFC3339)))
+				reasons = append(reasons, fmt.Sprintf("replica %d ended%s; replacing it at %s", r, inARow(failures), next.UTC().Format(time.RFC3339)))
 			}
 			continue
 		}
-		a, why := e.placeReplica(j, r, j.Generation+1, int32(failures), siblings)
+		a, why := e.placeReplica(j, r, p.WorldSize, j.Generation+1, int32(failures), siblings, busy)
 		if a == nil {
 			reasons = append(reasons, fmt.Sprintf("replica %d waits for capacity: %s", r, why))
 			continue
@@ -244,7 +245,7 @@ func firstHealthy(as []*controlpb.Allocation) *controlpb.Allocation {
 	return nil
 }
 
-// inARow says ", N failures in a row" for a crash loop (N > 1), "" else.
+// inARow says ", N failures in a row" for more than one, "" else.
 func inARow(failures int) string {
 	if failures < 2 {
 		return ""
@@ -252,10 +253,11 @@ func inARow(failures int) string {
 	return fmt.Sprintf(", %d failures in a row", failures)
 }
 
-// placeReplica places one replica of slot r as part of generation gen, on
-// a node not in avoid when one can take it, or says why it cannot. The
-// replica carries its slot's failures in a row.
-func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures int32, avoid []string) (*fsmpb.Allocation, string) {
+// placeReplica places one replica of slot r of replicas (its WORLD_SIZE)
+// as part of generation gen, on a node not in avoid when one can take it,
+// or says why it cannot. The replica carries its slot's failures in a row;
+// its MASTER_PORT is not one of busy (busyPorts) where another is free.
+func (e *Evaluator) placeReplica(j *controlpb.Job, r int, replicas int32, gen uint64, failures int32, avoid []string, busy map[string]map[int32]bool) (*fsmpb.Allocation, string) {
 	spec := j.Spec
 	sj, err := toShardingJob(fmt.Sprintf("%s~%d", j.Id, r), spec)
 	if err != nil {
@@ -279,7 +281,7 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures i
 		JobId:          j.Id,
 		Generation:     gen,
 		Rank:           int32(r),
-		WorldSize:      j.WorldSize,
+		WorldSize:      replicas, // the job's until this plan commits: less when it scales out
 		LocalRank:      0,
 		LocalWorldSize: 1,
 		GroupRank:      0,
@@ -299,7 +301,8 @@ func (e *Evaluator) placeReplica(j *controlpb.Job, r int, gen uint64, failures i
 		// A replica is its own torchrun "world" for the environment's
 		// sake: MASTER_* name its node.
 		a.MasterAddr = hostOf(n.RpcAddr)
-		a.MasterPort = e.pickPort(masterKey(a.MasterAddr, pr.NodeID), j.Id, gen, nil)
+		key := masterKey(a.MasterAddr, pr.NodeID)
+		a.MasterPort = e.pickPort(key, j.Id, gen, busy[key])
 	}
 	return a, ""
 }

@@ -211,3 +211,31 @@ func TestServiceReplacementAvoidsItsSiblingsNodes(t *testing.T) {
 		})
 	}
 }
+
+// A replica whose node finds its MASTER_PORT held by a process outside
+// gpumesh is replaced without counting as a failure, and its successor's
+// MASTER_PORT is another one, even where the successor's search starts at
+// the busy port.
+func TestServiceReplicaMasterPortBusyKeptOutOfNextPick(t *testing.T) {
+	s := newSim(t, "a")
+	id := s.sameFirstPortJobID()
+	s.registerService(id, 1)
+	s.step(id)
+	first := s.live(id)[0][0]
+	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpdateAllocations{UpdateAllocations: &fsmpb.UpdateAllocations{
+		Allocations: []*fsmpb.Allocation{{Id: first.Id, ClientStatus: AllocFailed, ExitCode: -1,
+			Message: "MASTER_PORT is in use", StartFailure: StartMasterPortBusy}}}}})
+	d := s.step(id)
+	s.now = d.WakeAt
+	s.step(id)
+	live := s.live(id)[0]
+	if len(live) != 1 || live[0].Generation != 2 {
+		t.Fatalf("replica not replaced: %v", live)
+	}
+	if live[0].MasterPort == first.MasterPort {
+		t.Fatalf("the replacement got MASTER_PORT %d again, which its predecessor found busy", first.MasterPort)
+	}
+	if live[0].SlotFailures != 0 {
+		t.Fatalf("a busy port counted as the replica's failure: %d in a row", live[0].SlotFailures)
+	}
+}

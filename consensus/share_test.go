@@ -199,3 +199,51 @@ func TestSchedulerRanksPerGPUAfterRestart(t *testing.T) {
 		t.Fatalf("generation 2 after restart: %s, want %s", got, want)
 	}
 }
+
+// An elastic job whose ranks share GPUs grows into room on a GPU it
+// already holds (fewer than ranks_per_gpu of its ranks there) when ranks
+// can be added there, not only when a whole GPU is free: here node a's one
+// GPU holds one rank of the job because the node's rank cap was taken by a
+// CPU job; once that ends, the job grows to two ranks on the same GPU.
+func TestElasticSharedJobGrowsOnItsOwnGPU(t *testing.T) {
+	s := newSim(t)
+	s.apply(&fsmpb.Command{Cmd: &fsmpb.Command_UpsertNodes{UpsertNodes: &fsmpb.UpsertNodes{Nodes: []*fsmpb.Node{
+		{Id: "a", Name: "a", RpcAddr: "10.0.1.1:7947", Status: NodeReady, MaxRanks: 2,
+			Gpus: []*fsmpb.GPU{{Index: 0, Model: "H100", MemoryBytes: 80 << 30}}}}}}})
+	cpu := sharedSpec("k", 1, 0)
+	cpu.GpusPerRank = 0
+	s.registerSpec("k", cpu)
+	s.step("k")
+	s.runAll("k")
+	elastic := sharedSpec("j", 1, 2)
+	elastic.MinRanks, elastic.MaxRanks = 1, 4
+	s.registerSpec("j", elastic)
+	s.step("j")
+	if got := s.layout("j"); got != "a:[0]/0.1" {
+		t.Fatalf("generation 1: %s, want one rank on GPU 0 (node a's rank cap)", got)
+	}
+	s.runAll("j")
+	s.step("j")
+	if j := s.job("j"); j.Status != JobRunning {
+		t.Fatalf("grew while the node had no room: %v", j)
+	}
+	for _, a := range s.gen("k") {
+		s.report(a.Id, AllocComplete, 0)
+	}
+	s.step("k")
+	s.step("j")
+	if j := s.job("j"); j.Status != JobPending || Cause(j.EndCause) != CauseResized {
+		t.Fatalf("room for a second rank on its GPU, but the job did not grow: %s %q", j.Status, j.StatusReason)
+	}
+	s.stopAll("j")
+	s.step("j")
+	if got := s.layout("j"); s.job("j").Generation != 2 || got != "a:[0]/0.2 a:[0]/1.2" {
+		t.Fatalf("generation %d: %s, want two ranks on GPU 0", s.job("j").Generation, got)
+	}
+	// Full (the node's cap): it stays.
+	s.runAll("j")
+	s.step("j")
+	if j := s.job("j"); j.Status != JobRunning || j.Generation != 2 {
+		t.Fatalf("grew without room: %v", j)
+	}
+}

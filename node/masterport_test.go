@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -61,5 +62,72 @@ exec:
 	out := readLogs(t, c, resp.Id, 0, 2)
 	if !strings.Contains(out, "master port ") || strings.Contains(out, fmt.Sprintf("master port %d\n", port)) {
 		t.Fatalf("generation 2's log %q: want another port than %d", out, port)
+	}
+}
+
+// The agent refuses to start a rank whose MASTER_PORT a process outside
+// gpumesh holds: rank 0 of an exec job and every replica of a service (each
+// its own world of one, rank = its slot); other ranks and built-in jobs
+// do not listen there.
+func TestMasterPortFreeChecksServiceReplicas(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := int32(ln.Addr().(*net.TCPAddr).Port)
+	for _, tc := range []struct {
+		typ  string
+		rank int32
+		busy bool
+	}{
+		{"exec", 0, true},
+		{"exec", 1, false},
+		{"service", 0, true},
+		{"service", 2, true},
+		{"allreduce", 0, false},
+	} {
+		err := masterPortFree(tc.typ, &pb.Allocation{Rank: tc.rank, MasterPort: port})
+		if got := err != nil; got != tc.busy {
+			t.Errorf("%s rank %d on a held port: error %v, want busy %v", tc.typ, tc.rank, err, tc.busy)
+		}
+	}
+}
+
+// A replica's named ports pass over the ports avoid names (another task's
+// named ports picked free but not bound yet, the replica's MASTER_PORT):
+// the avoided pick stays held while the next is drawn, so it cannot come
+// back.
+func TestAllocatePortsPassesOverAvoidedPorts(t *testing.T) {
+	var avoided []int32
+	avoid := func(p int32) bool {
+		if len(avoided) < 2 { // the first two picks are "in use"
+			avoided = append(avoided, p)
+			return true
+		}
+		return slices.Contains(avoided, p)
+	}
+	ports, err := allocatePorts("127.0.0.1", []string{"http", "grpc"}, avoid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(avoided) != 2 {
+		t.Fatalf("avoid was asked about %d picks before the ports were taken, want 2 refused", len(avoided))
+	}
+	if len(ports) != 2 || ports["http"] == ports["grpc"] {
+		t.Fatalf("ports %v: want two different ones", ports)
+	}
+	for name, p := range ports {
+		if slices.Contains(avoided, p) {
+			t.Fatalf("port %q = %d, which was to be avoided (%v)", name, p, avoided)
+		}
+	}
+	// The agent's own book: the ports its running tasks were given.
+	r := &runner{tasks: map[string]*runningTask{
+		"svc.1.0": {alloc: &pb.Allocation{MasterPort: 29501}, task: &serviceTask{ports: map[string]int32{"http": 40001}}},
+		"job.1.1": {alloc: &pb.Allocation{}},
+	}}
+	if got := r.portsGivenLocked(); len(got) != 2 || !got[29501] || !got[40001] {
+		t.Fatalf("ports given: %v, want 29501 and 40001", got)
 	}
 }

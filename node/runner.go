@@ -19,6 +19,7 @@ import (
 
 	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/jobspec"
 	"github.com/gpumesh/gpumesh/node/driver"
 )
 
@@ -326,7 +327,7 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 		return
 	}
 	if err := masterPortFree(job.Spec.GetType(), al); err != nil {
-		r.logger.Warn("rank 0 not started: its MASTER_PORT is taken", "job", al.JobId, "generation", al.Generation, "port", al.MasterPort, "error", err)
+		r.logger.Warn("rank not started: its MASTER_PORT is taken", "job", al.JobId, "generation", al.Generation, "rank", al.Rank, "port", al.MasterPort, "error", err)
 		r.reportLocked(al, consensus.AllocFailed, -1, fmt.Sprintf("MASTER_PORT %d is in use on this host by a process outside gpumesh (%v)", al.MasterPort, err), nil)
 		r.pending[al.Id].StartFailure = consensus.StartMasterPortBusy
 		return
@@ -348,16 +349,17 @@ func (r *runner) startLocked(al *pb.Allocation, job *pb.Job) {
 	r.goFunc(func() { r.waitTask(rt) })
 }
 
-// masterPortFree checks, for rank 0 of an exec job, that its MASTER_PORT
-// can be listened on here: the torchrun environment's rendezvous store
-// listens there, and the scheduler reserves ports only against its own
-// jobs, so a process outside gpumesh holding the port would fail the rank
-// (and count as the job's failure). A busy port is reported as a start
-// failure the scheduler places again with another port. The probe closes
-// the port before the rank starts; a process taking it in between still
-// fails the rank, as before.
+// masterPortFree checks, for rank 0 of an exec job and for a service's
+// replica (each its own torchrun world of one), that its MASTER_PORT can be
+// listened on here: the torchrun environment's rendezvous store listens
+// there, and the scheduler reserves ports only against its own jobs, so a
+// process outside gpumesh holding the port would fail the rank (and count
+// as the job's failure, or the replica's). A busy port is reported as a
+// start failure the scheduler places again with another port. The probe
+// closes the port before the rank starts; a process taking it in between
+// still fails the rank, as before.
 func masterPortFree(jobType string, al *pb.Allocation) error {
-	if jobType != "exec" || al.Rank != 0 || al.MasterPort <= 0 {
+	if al.MasterPort <= 0 || !(jobType == "exec" && al.Rank == 0 || jobType == jobspec.TypeService) {
 		return nil
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(int(al.MasterPort))))

@@ -70,9 +70,10 @@ func (t *serviceTask) Stop(reason string, deadline time.Time) {
 	}()
 }
 
-// allocatePorts picks a free TCP port on host for every name. The ports
-// are free when picked; the replica binds them itself.
-func allocatePorts(host string, names []string) (map[string]int32, error) {
+// allocatePorts picks a free TCP port on host for every name, none for
+// which avoid (nil: none) says true. The ports are free when picked; the
+// replica binds them itself.
+func allocatePorts(host string, names []string, avoid func(port int32) bool) (map[string]int32, error) {
 	out := make(map[string]int32, len(names))
 	var lns []net.Listener
 	defer func() {
@@ -82,15 +83,43 @@ func allocatePorts(host string, names []string) (map[string]int32, error) {
 	}()
 	for _, n := range names {
 		// Hold every listener until all are picked, so two names never
-		// get the same port.
-		ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-		if err != nil {
-			return nil, fmt.Errorf("allocating port %q: %w", n, err)
+		// get the same port, nor a port avoided once come back.
+		for try := 1; ; try++ {
+			ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+			if err != nil {
+				return nil, fmt.Errorf("allocating port %q: %w", n, err)
+			}
+			lns = append(lns, ln)
+			p := int32(ln.Addr().(*net.TCPAddr).Port)
+			if avoid == nil || !avoid(p) || try == maxPortTries {
+				out[n] = p
+				break
+			}
 		}
-		lns = append(lns, ln)
-		out[n] = int32(ln.Addr().(*net.TCPAddr).Port)
 	}
 	return out, nil
+}
+
+// maxPortTries bounds the picks of one named port: the system hands out
+// another free port each time, so avoided ones are passed over in a try or
+// two; past this the last pick is taken.
+const maxPortTries = 32
+
+// portsGivenLocked returns the ports this node's running tasks were given:
+// service replicas' named ports, which a replica binds some time after
+// they were picked free, and MASTER_PORTs (a rank 0's rendezvous store).
+// r.mu held.
+func (r *runner) portsGivenLocked() map[int32]bool {
+	out := map[int32]bool{}
+	for _, rt := range r.tasks {
+		if rt.alloc.MasterPort > 0 {
+			out[rt.alloc.MasterPort] = true
+		}
+		for _, p := range portsOf(rt.task) {
+			out[p] = true
+		}
+	}
+	return out
 }
 
 // startService starts a service replica: it allocates the named ports,
@@ -102,7 +131,11 @@ func startService(ctx context.Context, r *runner, al *pb.Allocation, job *pb.Job
 	if host == "" || host == "0.0.0.0" || host == "::" {
 		host = hostOf(r.a.rpcAddr)
 	}
-	ports, err := allocatePorts(host, spec.GetPorts())
+	// Not a port another task of this node was given (picked free, it may
+	// not be bound yet), nor this replica's MASTER_PORT. r.mu is held: the
+	// runner starts tasks under it.
+	given := r.portsGivenLocked()
+	ports, err := allocatePorts(host, spec.GetPorts(), func(p int32) bool { return given[p] || p == al.MasterPort })
 	if err != nil {
 		return nil, err
 	}

@@ -26,7 +26,7 @@ run() { # ranks script args...
         "$ranks" "$ROOT" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job status "$id" | sed -n '1,12p'
   for r in $(seq 0 $((ranks - 1))); do
-    "$BIN" job logs "$id" --rank "$r" | tail -3
+    "$BIN" job logs "$id" --rank "$r" 2>/dev/null | tail -3  # stdout (stderr: the next line)
     "$BIN" job logs "$id" --rank "$r" --stderr | tail -15
   done
   "$BIN" job status "$id" | grep -q "^Status *complete" || fail=1

@@ -6,10 +6,14 @@ processes: for each size, they take turns, one timed all_reduce each per
 round (after a barrier on its group), so that a shared machine's changing
 load falls on all of them. --backends picks some of them. Run as a gpumesh
 exec job; rank 0 prints one JSON line per backend and size: the median of
---iters, and the CPU time per operation (bench/torch/proccpu.py: every
-rank's process, less the cost of rank 0's own readings, and the agent's
-when AGENT_PID names it), summed over the timed operations (rank 0 reads
-the other ranks' /proc, so all ranks must be on this machine)."""
+--iters, and the CPU time per operation, summed over the timed operations:
+the ranks' (each rank's whole process, every thread, on its own clock
+around its own operation, summed over the ranks) and the agent's when
+AGENT_PID names it (bench/torch/proccpu.py; rank 0 reads the agent's /proc
+before and after its operation, so the agent must be on rank 0's machine).
+Rank 0 takes its first reading while the other ranks wait in a second
+barrier, on the Gloo group, which costs the agent nothing: no rank waits
+inside the timed operation for a reading."""
 
 import argparse
 import json
@@ -47,44 +51,39 @@ del os.environ["GPUMESH_CALLER_READS"]
 gloo = dist.new_group(backend="gloo")
 groups.update({"gpumesh-staged": staged, "gpumesh-thread": thread, "gloo": gloo})
 groups = {k: v for k, v in groups.items() if k in want}
-pids = [None] * n
-dist.all_gather_object(pids, os.getpid(), group=gloo)
 agent = [int(os.environ["AGENT_PID"])] if os.environ.get("AGENT_PID") else []
-# Reading /proc costs rank 0 CPU time that falls partly inside the interval
-# it measures: about one reading's worth, subtracted (the median of a few).
-own = 0
-if rank == 0:
-    gaps = []
-    for _ in range(7):
-        a = cpu_ns(pids) + cpu_ns(agent)
-        gaps.append(cpu_ns(pids) + cpu_ns(agent) - a)
-    own = statistics.median(gaps)
 for mib in [int(s) for s in args.sizes_mib.split(",")]:
     xs = {name: torch.ones(mib * (1 << 20) // 4) for name in groups}
     times = {name: [] for name in groups}
-    cpu = {name: [0, 0] for name in groups}  # ranks, agent (ns)
+    cpu = {name: 0 for name in groups}  # this rank's process (ns)
+    agent_cpu = {name: 0 for name in groups}  # the agent's, read by rank 0 (ns)
     for i in range(args.warmup + args.iters):
         for name, pg in groups.items():
             dist.barrier(group=pg)
             if rank == 0:
-                c0, a0 = cpu_ns(pids), cpu_ns(agent)
+                a0 = cpu_ns(agent)
+            dist.barrier(group=gloo)  # the others wait here for rank 0's reading
+            c0 = time.process_time_ns()
             t0 = time.perf_counter()
             dist.all_reduce(xs[name], group=pg)
             t1 = time.perf_counter()
+            c1 = time.process_time_ns()
             if i >= args.warmup:
                 times[name].append(t1 - t0)
+                cpu[name] += c1 - c0
                 if rank == 0:
-                    cpu[name][0] += cpu_ns(pids) - c0 - own
-                    cpu[name][1] += cpu_ns(agent) - a0
+                    agent_cpu[name] += cpu_ns(agent) - a0
+    ranks_cpu = [None] * n
+    dist.all_gather_object(ranks_cpu, cpu, group=gloo)
     if rank == 0:
         for name, ts in times.items():
             med = statistics.median(ts)
             alg = mib * (1 << 20) / med / 1e9
             row = {"bench": "allreduce", "backend": name, "ranks": n, "size_mib": mib, "time_s": med,
                    "algbw_gbps": alg, "busbw_gbps": alg * 2 * (n - 1) / n,
-                   "cpu_ranks_us": cpu[name][0] / 1e3 / args.iters}
+                   "cpu_ranks_us": sum(c[name] for c in ranks_cpu) / 1e3 / args.iters}
             if agent:
-                row["cpu_agent_us"] = cpu[name][1] / 1e3 / args.iters
+                row["cpu_agent_us"] = agent_cpu[name] / 1e3 / args.iters
             print(json.dumps(row), flush=True)
     del xs
 dist.destroy_process_group()

@@ -36,7 +36,7 @@ job() {
         "$ranks" "$ranks" "$ROOT" "$(free_port)" "$PY" "$ROOT/$script" "$args" | "$BIN" job run - --wait --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1 | cut -d. -f1)
   "$BIN" job status "$id" | sed -n '/^GEN/,/^$/p'  # the GPU of each rank, shared
   for r in $(seq 0 $((ranks - 1))); do
-    "$BIN" job logs "$id" --rank "$r"
+    "$BIN" job logs "$id" --rank "$r" 2>/dev/null  # stdout (stderr: the next line)
     "$BIN" job logs "$id" --rank "$r" --stderr | tail -20
   done
   "$BIN" job status "$id" | grep -q "^Status *complete" || { echo "job $script FAILED"; "$BIN" job status "$id" | head -20; fail=1; }

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +17,7 @@ import (
 	"github.com/gpumesh/gpumesh/consensus"
 	"github.com/gpumesh/gpumesh/internal/bytesize"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
+	"github.com/gpumesh/gpumesh/internal/ddpout"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
 
@@ -176,14 +176,6 @@ func demoDDPSpec(ts torchSetup, ranks int, outDir string) *pb.JobSpec {
 	return spec
 }
 
-// ddpRankOutput is what train.py writes with --out, per rank.
-type ddpRankOutput struct {
-	Rank   int       `json:"rank"`
-	World  int       `json:"world"`
-	Losses []float64 `json:"losses"`
-	Params []float64 `json:"params"`
-}
-
 // runDemoDDP runs the DDP job through c (the follower the all-reduce went
 // through, named target) and prints its summary. A job that fails, or whose
 // results do not check out, is an error; on one that fails the ranks' logs
@@ -253,15 +245,11 @@ func keepRankLogs(c pb.ControlClient, f *clientFlags, job *pb.GetJobResponse, ou
 // applies the same all-reduced gradients), and shows what the ranks' agents
 // moved for them.
 func printDDPSummary(out io.Writer, final *pb.GetJobResponse, outDir string, ranks int, wall time.Duration) error {
-	res := make([]ddpRankOutput, ranks)
+	res, err := ddpout.Read(outDir, ranks)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errDemoDDPCheck, err)
+	}
 	for r := range res {
-		b, err := os.ReadFile(filepath.Join(outDir, fmt.Sprintf("rank%d.json", r)))
-		if err == nil {
-			err = json.Unmarshal(b, &res[r])
-		}
-		if err != nil {
-			return fmt.Errorf("%w: rank %d's output: %w", errDemoDDPCheck, r, err)
-		}
 		if len(res[r].Losses) != demoDDPSteps || len(res[r].Params) == 0 {
 			return fmt.Errorf("%w: rank %d reported %d losses and %d parameters, want %d losses", errDemoDDPCheck, r, len(res[r].Losses), len(res[r].Params), demoDDPSteps)
 		}

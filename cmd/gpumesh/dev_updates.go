@@ -89,13 +89,9 @@ func updateStall(r *pb.GetJobResponse) string {
 	return ""
 }
 
-// crashLoopAt is the failures in a row from which `gpumesh dev` says a
-// replica slot crash-loops (a first failure is replaced quietly).
-const crashLoopAt = 3
-
 // crashNews compares the crash loops of the live services with those
 // already told (told, by job ID and slot, updated in place) and returns
-// the lines to print: a slot that reached crashLoopAt failures in a row,
+// the lines to print: a slot that reached consensus.CrashLoopAt failures in a row,
 // and one told before whose count has ended (a replica stayed healthy for
 // restart.reset_after, or the service is gone).
 func crashNews(told map[string]string, jobs []*pb.GetJobResponse, now time.Time) []string {
@@ -105,7 +101,7 @@ func crashNews(told map[string]string, jobs []*pb.GetJobResponse, now time.Time)
 		name := r.Job.Spec.GetName()
 		for _, b := range consensus.ServiceBackoffs(r.Job, r.Allocations, now) {
 			key := fmt.Sprintf("%s/%d", r.Job.Id, b.Slot)
-			if b.Failures < crashLoopAt {
+			if b.Failures < consensus.CrashLoopAt {
 				continue
 			}
 			looping[key] = true

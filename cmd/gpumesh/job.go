@@ -253,7 +253,7 @@ func readSpec(path string, stdin io.Reader) (*pb.JobSpec, error) {
 var (
 	// errNotPlaced: the job had no placement when followOptions.placeTimeout ran out.
 	errNotPlaced = errors.New("job not placed in time")
-	// errCrashLoop: a service's replica slot failed crashLoopAt times in a
+	// errCrashLoop: a service's replica slot failed consensus.CrashLoopAt times in a
 	// row. Its replicas may never run long enough to be seen running, and a
 	// service never ends, so followJob stops watching it then.
 	errCrashLoop = errors.New("service replica crash-looping")
@@ -371,13 +371,13 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 }
 
 // crashLooping says whether a live service has a replica slot that failed
-// crashLoopAt times in a row at now.
+// consensus.CrashLoopAt times in a row at now.
 func crashLooping(resp *pb.GetJobResponse, now time.Time) bool {
 	if consensus.JobTerminal(resp.Job.Status) {
 		return false
 	}
 	for _, b := range consensus.ServiceBackoffs(resp.Job, resp.Allocations, now) {
-		if b.Failures >= crashLoopAt {
+		if b.Failures >= consensus.CrashLoopAt {
 			return true
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -226,14 +227,14 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 	resp := &pb.GetJobResponse{
 		Job: &pb.Job{Id: "broken-1", Spec: spec, Status: "running", WorldSize: 1, Generation: 3},
 		Allocations: []*pb.Allocation{
-			{Rank: 0, Generation: 3, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: crashLoopAt - 1, StartTime: now, FinishTime: now},
+			{Rank: 0, Generation: 3, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: consensus.CrashLoopAt - 1, StartTime: now, FinishTime: now},
 		},
 	}
 	// It saw generation 2 first: a replacement, which counts no restart.
 	gen2 := &pb.GetJobResponse{
 		Job: &pb.Job{Id: "broken-1", Spec: spec, Status: "running", WorldSize: 1, Generation: 2},
 		Allocations: []*pb.Allocation{
-			{Rank: 0, Generation: 2, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: crashLoopAt - 2, StartTime: now, FinishTime: now},
+			{Rank: 0, Generation: 2, NodeName: "node-1", DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, SlotFailures: consensus.CrashLoopAt - 2, StartTime: now, FinishTime: now},
 		},
 	}
 	var out bytes.Buffer
@@ -264,11 +265,11 @@ func TestJobRunStopsWatchingACrashLoopingService(t *testing.T) {
 	}
 	// Fewer failures in a row (SlotFailures counts those before the
 	// replica's own), or a stopped service: not a crash loop.
-	resp.Allocations[0].SlotFailures = crashLoopAt - 2
+	resp.Allocations[0].SlotFailures = consensus.CrashLoopAt - 2
 	if crashLooping(resp, time.Now()) {
-		t.Errorf("%d failures in a row counted as a crash loop", crashLoopAt-1)
+		t.Errorf("%d failures in a row counted as a crash loop", consensus.CrashLoopAt-1)
 	}
-	resp.Allocations[0].SlotFailures = crashLoopAt - 1
+	resp.Allocations[0].SlotFailures = consensus.CrashLoopAt - 1
 	resp.Job.Status = "stopped"
 	if crashLooping(resp, time.Now()) {
 		t.Error("a stopped service counted as crash-looping")

@@ -39,5 +39,8 @@ func newRootCommand() *cobra.Command {
 	for _, f := range commandConstructors {
 		root.AddCommand(f())
 	}
+	if !agentOS {
+		linuxOnly(root)
+	}
 	return root
 }

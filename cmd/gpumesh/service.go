@@ -103,7 +103,7 @@ func newServiceListCommand() *cobra.Command {
 }
 
 // printServiceList prints one line per service; STATUS says how many of
-// its replica slots crash-loop (2 or more failures in a row).
+// its replica slots crash-loop (consensus.CrashLoopAt failures in a row).
 func printServiceList(out io.Writer, jobs []*pb.GetJobResponse, now time.Time) {
 	tw := newTable(out)
 	fmt.Fprintln(tw, "NAME\tJOB\tSTATUS\tHEALTHY\tREPLICAS\tROUTE")
@@ -117,7 +117,7 @@ func printServiceList(out io.Writer, jobs []*pb.GetJobResponse, now time.Time) {
 		status := r.Job.Status
 		looping := 0
 		for _, b := range consensus.ServiceBackoffs(r.Job, r.Allocations, now) {
-			if b.Failures > 1 {
+			if b.Failures >= consensus.CrashLoopAt {
 				looping++
 			}
 		}
@@ -301,7 +301,7 @@ func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
 			how += "; never healthy"
 		}
 		word := "failed"
-		if b.Failures > 1 {
+		if b.Failures >= consensus.CrashLoopAt {
 			word = "crash-looping"
 		}
 		logs := fmt.Sprintf("    its output: gpumesh job logs %s --rank %d --generation %d --stderr\n", r.Job.Id, b.Slot, last.Generation)

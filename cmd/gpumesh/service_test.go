@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/gpumesh/gpumesh/consensus"
 	pb "github.com/gpumesh/gpumesh/internal/controlpb"
 	"github.com/gpumesh/gpumesh/internal/jobspec"
 )
@@ -86,10 +88,27 @@ func TestPrintCrashLoops(t *testing.T) {
 	if strings.Contains(out, "replica 2") {
 		t.Fatalf("a slot without failures is listed:\n%s", out)
 	}
+	// service list counts slot 0 (4 failures in a row); slot 1's 2 are
+	// failures, not a crash loop (consensus.CrashLoopAt, as for dev and
+	// job run).
 	b.Reset()
 	printServiceList(&b, []*pb.GetJobResponse{resp}, now)
-	if !strings.Contains(b.String(), "running, 2 crash-looping") {
+	if !strings.Contains(b.String(), "running, 1 crash-looping") {
 		t.Fatalf("service list:\n%s", b.String())
+	}
+	// A slot waiting after 2 failures in a row has failed; after 3 it
+	// crash-loops.
+	resp.Allocations[1].SlotFailures = consensus.CrashLoopAt - 2
+	b.Reset()
+	printCrashLoops(&b, resp, now)
+	if want := fmt.Sprintf("replica 0 failed: %d failures in a row", consensus.CrashLoopAt-1); !strings.Contains(b.String(), want) {
+		t.Fatalf("output lacks %q:\n%s", want, b.String())
+	}
+	resp.Allocations[1].SlotFailures = consensus.CrashLoopAt - 1
+	b.Reset()
+	printCrashLoops(&b, resp, now)
+	if want := fmt.Sprintf("replica 0 crash-looping: %d failures in a row", consensus.CrashLoopAt); !strings.Contains(b.String(), want) {
+		t.Fatalf("output lacks %q:\n%s", want, b.String())
 	}
 }
 

@@ -1,7 +1,9 @@
 // Package driver is gpumesh's exec driver: it runs one rank of a job as a
 // child process with the torchrun environment, keeps its stdout and stderr
 // in rotated files, stops it with SIGTERM then SIGKILL, records how it
-// ended, and finds it again after the daemon restarts.
+// ended, and finds it again after the daemon restarts. It runs on Linux only
+// (proc_linux.go); elsewhere the package builds, so that the gpumesh CLI
+// does, New returns ErrUnsupportedOS and SupervisorMain refuses.
 //
 // # Processes
 //

@@ -40,7 +40,7 @@ type Driver struct {
 // left running by a previous daemon are found (and never started twice).
 func New(cfg Config) (*Driver, error) {
 	if !supported {
-		return nil, fmt.Errorf("%w: the exec driver runs on Linux only", ErrInvalidConfig)
+		return nil, ErrUnsupportedOS
 	}
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {

@@ -32,4 +32,7 @@ var (
 	ErrStillRunning = errors.New("task still running")
 	// ErrNoLogs is returned by Logs when a stream has no log files.
 	ErrNoLogs = errors.New("no logs")
+	// ErrUnsupportedOS is returned by New on a system other than Linux (the
+	// driver needs /proc, pidfds and parent-death signals).
+	ErrUnsupportedOS = errors.New("the exec driver runs on Linux only")
 )

@@ -3,7 +3,6 @@
 package driver
 
 import (
-	"errors"
 	"os"
 	"syscall"
 
@@ -22,25 +21,22 @@ type procStat struct {
 	Start   uint64
 }
 
-var errUnsupported = errors.New("the exec driver runs on Linux only")
-
-func readProcStat(int) (procStat, error)         { return procStat{}, errUnsupported }
-func parseProcStat([]byte) (procStat, error)     { return procStat{}, errUnsupported }
+func readProcStat(int) (procStat, error)         { return procStat{}, ErrUnsupportedOS }
 func bootID() string                             { return "" }
 func sameProcess(int, uint64) bool               { return false }
-func groupMembers(int, int) []int                { return nil }
 func killGroupIfOurs(int, int) bool              { return false }
-func pidfdOpen(int) (*os.File, error)            { return nil, errUnsupported }
-func pidfdWait(*os.File, <-chan struct{}) error  { return errUnsupported }
-func pidfdSignal(*os.File, syscall.Signal) error { return errUnsupported }
+func pidfdOpen(int) (*os.File, error)            { return nil, ErrUnsupportedOS }
+func pidfdWait(*os.File, <-chan struct{}) error  { return ErrUnsupportedOS }
+func pidfdSignal(*os.File, syscall.Signal) error { return ErrUnsupportedOS }
 func pidfdReap(*os.File)                         {}
 func taskSysProcAttr(u *TaskUser) *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true, Credential: credential(u)}
 }
 func waitExitedNoReap(int) {}
 func closeOnExecFrom(int)  {}
+func resetThreadNice()     {}
 
-var errNotPollable = errUnsupported
+var errNotPollable = ErrUnsupportedOS
 
 func flockTry(f *os.File) (bool, error) {
 	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)

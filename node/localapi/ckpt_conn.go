@@ -292,23 +292,6 @@ func (cs *ckptConn) send(id uint64, status uint8, body []byte, file *os.File) er
 	return err
 }
 
-// memfdWith returns a memfd holding b.
-func memfdWith(b []byte) (int, error) {
-	fd, err := unix.MemfdCreate("gpumesh-ckpt-body", unix.MFD_CLOEXEC)
-	if err != nil {
-		return -1, err
-	}
-	for off := 0; off < len(b); {
-		n, err := unix.Pwrite(fd, b[off:], int64(off))
-		if err != nil {
-			unix.Close(fd)
-			return -1, err
-		}
-		off += n
-	}
-	return fd, nil
-}
-
 // readFD reads n bytes from the start of fd (a body in a memfd) and closes
 // it.
 func readFD(fd, n int) ([]byte, error) {

@@ -94,4 +94,8 @@
 // Server.Snapshot gives per-rank operation counts, bytes and latency for
 // metrics and job status; Server.Live counts connections, goroutines and
 // mappings for leak checks.
+//
+// The local API runs on Linux only (shm_linux.go, sock_linux.go); elsewhere
+// the package builds, so that the gpumesh CLI does, and Listen returns
+// ErrUnsupportedOS.
 package localapi

@@ -16,4 +16,7 @@ var (
 	ErrBadConfig = errors.New("localapi: bad config")
 	// ErrClosed: the server was closed.
 	ErrClosed = errors.New("localapi: closed")
+	// ErrUnsupportedOS: Listen on a system other than Linux (the local API
+	// needs SOCK_SEQPACKET sockets and sealed memfds).
+	ErrUnsupportedOS = errors.New("localapi: the local API runs on Linux only")
 )

@@ -129,6 +129,9 @@ type groupKey struct {
 
 // Listen creates the socket and serves it until Close.
 func Listen(cfg Config) (*Server, error) {
+	if !supported {
+		return nil, ErrUnsupportedOS
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}

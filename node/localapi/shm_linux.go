@@ -6,6 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// supported is true where the local API works.
+const supported = true
+
 // mapRegion maps the memfd fd (which it always closes) after checking
 // that it is sealed against shrinking and holds at least size bytes: a
 // client that could shrink the file afterwards would make the agent's
@@ -37,6 +40,23 @@ func mapRegion(fd int, size uint64, maxSize uint64) ([]byte, error) {
 }
 
 func unmapRegion(mem []byte) { _ = unix.Munmap(mem) }
+
+// memfdWith returns a memfd holding b.
+func memfdWith(b []byte) (int, error) {
+	fd, err := unix.MemfdCreate("gpumesh-ckpt-body", unix.MFD_CLOEXEC)
+	if err != nil {
+		return -1, err
+	}
+	for off := 0; off < len(b); {
+		n, err := unix.Pwrite(fd, b[off:], int64(off))
+		if err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		off += n
+	}
+	return fd, nil
+}
 
 // closeFDs closes descriptors received in a packet.
 func closeFDs(fds []int) {

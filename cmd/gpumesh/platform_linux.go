@@ -1,0 +1,4 @@
+package main
+
+// agentOS is true where the agent runs (platform.go).
+const agentOS = true

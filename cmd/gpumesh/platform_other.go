@@ -1,0 +1,6 @@
+//go:build !linux
+
+package main
+
+// agentOS is true where the agent runs (platform.go).
+const agentOS = false
