@@ -13,10 +13,13 @@ collective frame in a recv (a mismatch) or wait for it until the timeout.
 Large sends wait for their receiver, so the ring exchange also shows that
 sends and receives issued together do not wait for each other.
 
-Arguments: iterations (default 20), then "fail" to check instead that
-operations queued behind a failing one raise within argv[3] seconds.
-Prints "ORDER OK" when every result was right."""
+Arguments: iterations (default 20), then "cuda" to run the same on CUDA
+tensors (the agent's CUDA IPC path; asserts that no operation was staged),
+or "fail" to check instead that operations queued behind a failing one
+raise within argv[3] seconds. Prints "ORDER OK" when every result was
+right."""
 
+import os
 import sys
 import time
 
@@ -30,6 +33,10 @@ rank, n = dist.get_rank(), dist.get_world_size()
 nxt, prv = (rank + 1) % n, (rank - 1) % n
 iters = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 mode = sys.argv[2] if len(sys.argv) > 2 else "order"
+dev = torch.device("cpu")
+if mode == "cuda":
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
 # Small (one frame, recursive doubling), 1 MiB and 4 MiB of float32 (many
 # chunks: a send waits for its receiver).
 COUNTS = [1000, 1 << 18, 1 << 20]
@@ -37,7 +44,7 @@ COUNTS = [1000, 1 << 18, 1 << 20]
 
 def val(r, it, k, count):
     # Distinct per sender, iteration and operation; exact in float32.
-    return torch.arange(count, dtype=torch.float32) % 1024 + float(r * 100_000 + it * 100 + k * 10_000)
+    return torch.arange(count, dtype=torch.float32, device=dev) % 1024 + float(r * 100_000 + it * 100 + k * 10_000)
 
 
 def check(name, got, want):
@@ -88,19 +95,19 @@ for it in range(iters):
     small = COUNTS[(it + 1) % len(COUNTS)]
     works = []
     # Around the ring, forward.
-    r1 = torch.empty(count)
+    r1 = torch.empty(count, device=dev)
     works.append(dist.isend(val(rank, it, 1, count), nxt))
     works.append(dist.irecv(r1, prv))
     ar = val(rank, it, 2, small)
     works.append(dist.all_reduce(ar, async_op=True))
     # Backward.
-    r3 = torch.empty(small)
+    r3 = torch.empty(small, device=dev)
     works.append(dist.isend(val(rank, it, 3, small), prv))
     works.append(dist.irecv(r3, nxt))
-    ag = [torch.empty(count) for _ in range(n)]
+    ag = [torch.empty(count, device=dev) for _ in range(n)]
     works.append(dist.all_gather(ag, val(rank, it, 4, count), async_op=True))
     # A batch: send to the next rank and receive from the previous at once.
-    r5 = torch.empty(count)
+    r5 = torch.empty(count, device=dev)
     works += dist.batch_isend_irecv([dist.P2POp(dist.isend, val(rank, it, 5, count), nxt),
                                      dist.P2POp(dist.irecv, r5, prv)])
     bc = val(rank, it, 6, small)
@@ -115,5 +122,9 @@ for it in range(iters):
     check(f"iteration {it}: batch recv from {prv}", r5, val(prv, it, 5, count))
     check(f"iteration {it}: broadcast", bc, val(it % n, it, 6, small))
 
+if mode == "cuda":
+    st = dist.distributed_c10d._get_default_group().cuda_stats()
+    assert st["off"] is None and st["staged"] == 0 and st["registered"] > 0, st
+    print(f"CUDA IPC path: {st}", flush=True)
 dist.destroy_process_group()
 print(f"ORDER OK ({iters} iterations)", flush=True)
