@@ -86,10 +86,10 @@ type work struct {
 	rels         []func()    // release the device buffers
 	started      time.Time
 	bytes        uint64
-	// after: the operations it must wait for (issueOrder); done is closed
+	// after: the operations it must wait for (issueOrder); done fires
 	// when it has finished.
 	after []<-chan struct{}
-	done  chan struct{}
+	done  doneSignal
 
 	// holds counts the frames sent from a and b that a transport or a
 	// peer may still read, plus one while the operation runs; the last
@@ -359,14 +359,13 @@ func (cn *conn) handle(pkt []byte, fds []int) error {
 		return cn.reply(Reply{Type: MsgDone, Status: errorStatus(err), ID: req.Op.ID, Message: err.Error()})
 	}
 	k := queueOf(w.op)
-	w.done = make(chan struct{})
-	w.after = cn.order.admit(k, w.done)
+	w.after = cn.order.admit(k, &w.done)
 	q := cn.queue(k)
 	select {
 	case q <- w:
 		return nil
 	case <-cn.ctx.Done():
-		close(w.done)
+		w.done.fire()
 		cn.release(w)
 		return nil
 	}

@@ -1,6 +1,9 @@
 package localapi
 
-import "sync/atomic"
+import (
+	"sync"
+	"sync/atomic"
+)
 
 // Issue order. A connection's operations run on worker goroutines: one queue
 // for the collectives, one per peer and direction for sends and receives, so
@@ -29,48 +32,73 @@ import "sync/atomic"
 // issueOrder is the connection's record of what the next operation must
 // wait for. Owned by the read loop (accept order is issue order).
 type issueOrder struct {
-	// coll ends when the last collective accepted has finished; nil: none
-	// is unfinished.
-	coll <-chan struct{}
+	// coll is the last collective accepted; nil: none is unfinished.
+	coll *doneSignal
 	// p2p: per send or receive queue, the last operation accepted since
 	// that collective (earlier ones of the queue finish before it).
-	p2p map[queueKey]<-chan struct{}
+	p2p map[queueKey]*doneSignal
 }
 
-// admit records an operation of queue k, whose done channel is closed when
-// it has finished, and returns what it must wait for before it runs.
-func (o *issueOrder) admit(k queueKey, done <-chan struct{}) []<-chan struct{} {
+// admit records an operation of queue k, whose signal fires when it has
+// finished, and returns what it must wait for before it runs.
+func (o *issueOrder) admit(k queueKey, d *doneSignal) []<-chan struct{} {
 	var after []<-chan struct{}
 	if k.dir == 0 {
-		for _, d := range o.p2p {
-			if !isClosed(d) {
-				after = append(after, d)
+		for _, p := range o.p2p {
+			if c := p.wait(); c != nil {
+				after = append(after, c)
 			}
 		}
 		clear(o.p2p)
-		o.coll = done
+		o.coll = d
 		return after
 	}
 	if o.coll != nil {
-		if isClosed(o.coll) {
-			o.coll = nil
+		if c := o.coll.wait(); c != nil {
+			after = append(after, c)
 		} else {
-			after = append(after, o.coll)
+			o.coll = nil
 		}
 	}
 	if o.p2p == nil {
-		o.p2p = map[queueKey]<-chan struct{}{}
+		o.p2p = map[queueKey]*doneSignal{}
 	}
-	o.p2p[k] = done
+	o.p2p[k] = d
 	return after
 }
 
-func isClosed(c <-chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
+// doneSignal tells an operation's waiters that it has finished. Its channel
+// is made only when something waits: a stream of collectives alone, DDP's,
+// allocates nothing for its order.
+type doneSignal struct {
+	mu       sync.Mutex
+	ch       chan struct{}
+	finished bool
+}
+
+// wait returns a channel that is closed when the operation has finished,
+// or nil if it has.
+func (d *doneSignal) wait() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.finished {
+		return nil
+	}
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	return d.ch
+}
+
+// fire marks the operation finished (once).
+func (d *doneSignal) fire() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.finished {
+		d.finished = true
+		if d.ch != nil {
+			close(d.ch)
+		}
 	}
 }
 
@@ -97,7 +125,7 @@ func (cn *conn) awaitTurn(w *work) {
 
 // finished marks w as finished: the operations waiting for it may start.
 func (cn *conn) finished(w *work) {
-	close(w.done)
+	w.done.fire()
 	if h := testOrderHooks.Load(); h != nil && h.done != nil {
 		h.done(w)
 	}

@@ -36,6 +36,15 @@ func (e *orderEvents) ch(m map[[2]int]chan struct{}, k [2]int) chan struct{} {
 	return m[k]
 }
 
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
 func (e *orderEvents) signal(m map[[2]int]chan struct{}, k [2]int) {
 	c := e.ch(m, k)
 	e.mu.Lock()
