@@ -578,6 +578,15 @@ func (c *Communicator) Barrier(ctx context.Context) error {
 // Recv, so two ranks that exchange must not both call Send before Recv from
 // one goroutine; run sends and receives in separate goroutines (Send and Recv
 // with different peers or directions may run concurrently).
+//
+// Send and Recv must not overlap a collective of the same communicator:
+// each rank's goroutines would take the communicator in their own order,
+// and a peer's Recv could read the collective's frames (a mismatch) or a
+// Send wait for a peer that is inside the collective. Wait for the sends
+// and receives issued before a collective before calling it, and start
+// those after it once it has returned, on every rank; that is NCCL's
+// issue order, which the agent's local API keeps for its clients
+// (node/localapi).
 func (c *Communicator) Send(ctx context.Context, buf Buffer, peer int) error {
 	return c.SendTagged(ctx, buf, peer, 0)
 }

@@ -304,7 +304,8 @@ func TestTorchNodeKilledMidTraining(t *testing.T) {
 // with ranks across nodes (3 ranks on 3 agents) and on one node (2 ranks
 // sharing an agent), and the errors it must raise (check_collectives.py;
 // check_composed.py for all_to_all, gather, scatter and
-// all_reduce_coalesced).
+// all_reduce_coalesced; check_order.py for sends and receives in flight
+// beside collectives).
 func TestTorchCollectivesAgainstReference(t *testing.T) {
 	needTorch(t)
 	dc := startTorchCluster(t, 3)
@@ -323,6 +324,8 @@ func TestTorchCollectivesAgainstReference(t *testing.T) {
 		{"check_zerocopy.py", "ZEROCOPY OK", 3, "spread", 3}, {"check_zerocopy.py", "ZEROCOPY OK", 2, "pack", 1},
 		// all_to_all, gather, scatter, all_reduce_coalesced.
 		{"check_composed.py", "COMPOSED OK", 3, "spread", 3}, {"check_composed.py", "COMPOSED OK", 2, "pack", 1},
+		// Sends and receives in flight beside collectives: issue order.
+		{"check_order.py", "ORDER OK", 3, "spread", 3},
 	} {
 		id := torchJob(t, c, tc.ranks, tc.placement, 2, repoPath(t, "python/tests/"+tc.script))
 		final := waitJob(t, c, id, 180*time.Second, func(r *pb.GetJobResponse) bool { return consensus.JobTerminal(r.Job.Status) })

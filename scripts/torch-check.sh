@@ -3,8 +3,8 @@
 # (the GPU machines have 2.x; CI and the dev machine run them through
 # `go test ./node -run Torch` with Debian's 1.13): a 2-agent `gpumesh dev`
 # cluster, then python/tests/check_collectives.py, check_zerocopy.py and
-# check_composed.py as 3-rank and 2-rank exec jobs, check_idle_failure.py
-# with 2 ranks, and
+# check_composed.py as 3-rank and 2-rank exec jobs, check_order.py with 3
+# ranks, check_idle_failure.py with 2 ranks, and
 # examples/ddp/train.py with CUDA tensors staged through host memory when a
 # GPU is present.
 #
@@ -37,6 +37,7 @@ run 3 python/tests/check_zerocopy.py
 run 2 python/tests/check_zerocopy.py
 run 3 python/tests/check_composed.py
 run 2 python/tests/check_composed.py
+run 3 python/tests/check_order.py
 run 2 python/tests/check_idle_failure.py
 run 2 examples/ddp/train.py --backend gpumesh --steps 20
 [ "$fail" = 0 ] && echo "TORCH CHECK OK" || { echo "TORCH CHECK FAILED"; exit 1; }

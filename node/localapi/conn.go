@@ -15,8 +15,9 @@ import (
 // conn is one client connection: one rank of one process group. Its read
 // loop (serve) owns the region table; operations run on worker goroutines
 // (one for the collectives, one per peer and direction for sends and
-// receives) and hold references on the regions they use, so a region is
-// unmapped only when no operation uses it.
+// receives), in issue order across them (order.go), and hold references on
+// the regions they use, so a region is unmapped only when no operation
+// uses it.
 type conn struct {
 	s   *Server
 	c   *net.UnixConn
@@ -38,6 +39,7 @@ type conn struct {
 	oldEvents []deviceEvent            // every event registered, closed at the end
 
 	queues  map[queueKey]chan *work
+	order   issueOrder // what the next operation waits for (read loop only)
 	workers sync.WaitGroup
 
 	smu sync.Mutex
@@ -84,6 +86,10 @@ type work struct {
 	rels         []func()    // release the device buffers
 	started      time.Time
 	bytes        uint64
+	// after: the operations it must wait for (issueOrder); done fires
+	// when it has finished.
+	after []<-chan struct{}
+	done  doneSignal
 
 	// holds counts the frames sent from a and b that a transport or a
 	// peer may still read, plus one while the operation runs; the last
@@ -352,11 +358,14 @@ func (cn *conn) handle(pkt []byte, fds []int) error {
 	if err != nil {
 		return cn.reply(Reply{Type: MsgDone, Status: errorStatus(err), ID: req.Op.ID, Message: err.Error()})
 	}
-	q := cn.queue(w.op)
+	k := queueOf(w.op)
+	w.after = cn.order.admit(k, &w.done)
+	q := cn.queue(k)
 	select {
 	case q <- w:
 		return nil
 	case <-cn.ctx.Done():
+		w.done.fire()
 		cn.release(w)
 		return nil
 	}
@@ -565,12 +574,16 @@ func (cn *conn) acceptTable(w *work, dt collective.DType) error {
 	return nil
 }
 
-// queue returns the worker queue of an operation, starting its worker.
-func (cn *conn) queue(op Op) chan *work {
-	k := queueKey{}
+// queueOf names the worker queue of an operation.
+func queueOf(op Op) queueKey {
 	if op.Kind == OpSend || op.Kind == OpRecv {
-		k = queueKey{peer: int(op.Peer), dir: op.Kind}
+		return queueKey{peer: int(op.Peer), dir: op.Kind}
 	}
+	return queueKey{}
+}
+
+// queue returns worker queue k, starting its worker.
+func (cn *conn) queue(k queueKey) chan *work {
 	q := cn.queues[k]
 	if q == nil {
 		q = make(chan *work, cn.s.cfg.MaxQueued)
@@ -588,12 +601,15 @@ func (cn *conn) queue(op Op) chan *work {
 	return q
 }
 
-// run executes one operation and answers it. Its regions are released
-// when it has returned and no frame it sent is held any more (frameHold).
+// run executes one operation, after those it must follow (issueOrder),
+// and answers it. Its regions are released when it has returned and no
+// frame it sent is held any more (frameHold).
 func (cn *conn) run(w *work) {
 	h := (*frameHold)(w)
 	h.Hold()
 	defer h.Release()
+	defer cn.finished(w)
+	cn.awaitTurn(w)
 	err := cn.ctx.Err()
 	if err == nil {
 		err = cn.exec(collective.WithFrameHold(cn.ctx, h), w)

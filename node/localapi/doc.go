@@ -35,8 +35,14 @@
 // its CUDA tensors through host memory.
 //
 // Operations are asynchronous: each is answered by one DONE when it ends.
-// Collectives run one at a time in issue order; sends and receives run in
-// order per peer and direction, beside them. All-to-all, gather and scatter
+// A group's operations run in the order the client issued them, as NCCL's
+// do within a communicator (order.go): a collective starts when every
+// operation issued before it has finished, a send or receive when the
+// collectives issued before it have; consecutive sends and receives (no
+// collective between them) run at once, in order per peer and direction,
+// so a rank's send to one peer and receive from another do not wait for
+// each other. Every rank must issue the group's collectives, and its
+// sends and receives relative to them, in the same order. All-to-all, gather and scatter
 // are collectives whose request carries a table of blocks, one per peer
 // (OP_TABLE): the communicator moves every pair's block over that pair's
 // link, all at once (collective.AllToAll), so a rank's sends and receives

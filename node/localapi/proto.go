@@ -44,9 +44,10 @@ import (
 //
 // The first message must be HELLO; the agent answers WELCOME or ERROR (and
 // closes). REGISTER is answered by REGISTERED, every OP by exactly one DONE
-// with the op's id. Collectives run one at a time in the order they were
-// sent; sends and receives run in order per peer and direction, beside the
-// collectives. ERROR ends the connection; closing the connection aborts
+// with the op's id. Operations run in the order they were sent (order.go):
+// a collective after every operation sent before it has finished, a SEND
+// or RECV after the collectives sent before it; consecutive SENDs and RECVs
+// run at once, in order per peer and direction. ERROR ends the connection; closing the connection aborts
 // every operation in flight, and closing it without BYE also aborts the
 // group, so that the peers learn at once that this rank is gone. FAILED
 // (id 0) comes unasked when the group fails while the connection is open

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gpumesh/gpumesh/collective"
 )
 
 // torchPython is the interpreter with PyTorch: Debian's python3-torch, or
@@ -260,4 +262,45 @@ func runPythonCheck(t *testing.T, script, ok string) {
 	if err != nil || !strings.Contains(string(out), ok) {
 		t.Fatalf("%s: %v: %s", script, err, out)
 	}
+}
+
+// Point-to-point operations and collectives in flight together on one
+// group (python/tests/check_order.py), with 2 and 3 ranks on one agent:
+// every rank issues sends and receives around the ring, an all_reduce,
+// more sends and receives, an all_gather, a batch_isend_irecv exchange and
+// a broadcast before waiting for any, and every result must be right. The
+// agent runs them in issue order per group; when a rank's collective and
+// its send or receive raced for the communicator, a peer's recv read the
+// collective's frame (a mismatch) or waited for it until the timeout.
+func TestPythonPointToPointBesideCollectives(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_order.py")
+	for _, n := range []int{2, 3} {
+		s := startServer(t, n)
+		outs := runPython(t, s, n, script, "20")
+		for r, out := range outs {
+			if !strings.Contains(out, "ORDER OK") {
+				t.Fatalf("%d ranks, rank %d: %s", n, r, out)
+			}
+		}
+		waitIdle(t, s)
+	}
+}
+
+// Operations issued after one that fails raise within seconds, not at the
+// collective timeout (30 s here): rank 1 sends 4 elements where rank 0
+// receives 8, then every rank issues an all_reduce and a send
+// (python/tests/check_order.py fail).
+func TestPythonOperationAfterFailedOneRaises(t *testing.T) {
+	script, _ := filepath.Abs("../../python/tests/check_order.py")
+	cc := collective.DefaultConfig()
+	cc.Timeout = 30 * time.Second
+	s := startServerWith(t, 3, collective.NewLocalTransport(), cc)
+	outs := runPython(t, s, 3, script, "0", "fail", "10")
+	for r, out := range outs {
+		t.Logf("rank %d: %s", r, strings.TrimSpace(out))
+		if !strings.Contains(out, "ORDER OK") {
+			t.Fatalf("rank %d: %s", r, out)
+		}
+	}
+	waitIdle(t, s)
 }

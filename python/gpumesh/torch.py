@@ -35,8 +35,13 @@ an agent without CUDA) are staged through host
 segments (a device-to-host copy in, a host-to-device copy out).
 
 Operations are asynchronous: each returns a Work whose future completes when
-the agent answers; collectives run in issue order; several may be in flight
-(DDP overlaps its bucket all-reduces with the backward pass). A caller that
+the agent answers; several may be in flight (DDP overlaps its bucket
+all-reduces with the backward pass). A group's operations run in issue
+order, as NCCL's do within a communicator: a collective after everything
+issued before it, a send or recv after the collectives issued before it;
+consecutive sends and recvs (batch_isend_irecv) run at once, in order per
+peer and direction. Every rank must issue a group's collectives, and its
+sends and recvs relative to them, in the same order. A caller that
 waits reads its answer itself; futures are completed by a background thread
 (_client.Connection.wait_for; GPUMESH_CALLER_READS=0 leaves every answer to
 that thread).
