@@ -1,7 +1,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -93,10 +95,15 @@ func newTLSCertCreateCommand() *cobra.Command {
 		Use:   "create",
 		Short: "Create a node's (or a client's) certificate, signed by the CA: NAME.pem and NAME-key.pem",
 		Example: `  gpumesh tls cert create --node node-1 --ip 10.0.1.17
-  gpumesh tls cert create --node alice            # for the CLI: --tls-cert alice.pem --tls-key alice-key.pem`,
+  gpumesh tls cert create --node alice            # for the CLI: --tls-cert alice.pem --tls-key alice-key.pem
+  gpumesh tls cert create --node node-2 --dir /etc/gpumesh/tls \
+      --ca /etc/gpumesh/tls/gpumesh-ca.pem --ca-key /etc/gpumesh/tls/gpumesh-ca-key.pem`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ca, err := tlsutil.LoadCA(caFile, caKey)
+			if errors.Is(err, fs.ErrNotExist) && !cmd.Flags().Changed("ca") {
+				return fmt.Errorf("%w; for a CA made with `gpumesh tls ca create --dir DIR`, pass --ca DIR/gpumesh-ca.pem --ca-key DIR/gpumesh-ca-key.pem", err)
+			}
 			if err != nil {
 				return err
 			}

@@ -121,3 +121,24 @@ func TestTLSAndTokenEndToEnd(t *testing.T) {
 		t.Fatalf("job run output:\n%s", out)
 	}
 }
+
+// A CA made in a folder of its own (`tls ca create --dir DIR`, as the
+// example does) is not found by `tls cert create` without --ca: it says
+// which flags name it; with them, the certificate is made.
+func TestTLSCertCreateNamesTheCAFlags(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := runCLI(t, "tls", "ca", "create", "--dir", dir); err != nil {
+		t.Fatal(err)
+	}
+	_, err := runCLI(t, "tls", "cert", "create", "--node", "node-1", "--dir", dir)
+	if err == nil || !strings.Contains(err.Error(), "--ca DIR/gpumesh-ca.pem --ca-key DIR/gpumesh-ca-key.pem") {
+		t.Fatalf("cert without --ca beside a CA in %s: %v", dir, err)
+	}
+	if _, err := runCLI(t, "tls", "cert", "create", "--node", "node-1", "--dir", dir,
+		"--ca", filepath.Join(dir, "gpumesh-ca.pem"), "--ca-key", filepath.Join(dir, "gpumesh-ca-key.pem")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "node-1.pem")); err != nil {
+		t.Fatal(err)
+	}
+}
