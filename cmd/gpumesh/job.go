@@ -355,8 +355,14 @@ func followJob(ctx context.Context, c pb.ControlClient, f *clientFlags, id strin
 			return resp, nil
 		case consensus.JobRunning:
 			if !untilEnd && allRunning(resp) {
-				if !f.json {
-					fmt.Fprintf(out, "==> job %s running: %d ranks, generation %d (follow with `gpumesh job logs %s -f`)\n", j.Id, j.WorldSize, j.Generation, j.Id)
+				switch {
+				case f.json:
+				case j.Spec.GetType() == jobspec.TypeService:
+					name := j.Spec.GetName()
+					fmt.Fprintf(out, "==> service %s (job %s) running: %s (see `gpumesh service status %s`; their logs: `gpumesh job logs %s --all -f`)\n",
+						name, j.Id, plural(int(j.WorldSize), "replica"), name, j.Id)
+				default:
+					fmt.Fprintf(out, "==> job %s running: %s, generation %d (follow with `gpumesh job logs %s -f`)\n", j.Id, plural(int(j.WorldSize), "rank"), j.Generation, j.Id)
 				}
 				return resp, nil
 			}

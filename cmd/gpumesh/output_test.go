@@ -293,3 +293,32 @@ func (f *jobSeq) GetJob(context.Context, *pb.GetJobRequest, ...grpc.CallOption) 
 	}
 	return r, nil
 }
+
+// `job run` says a job runs in its own words: ranks of an exec job, counted
+// right; replicas of a service, with where to watch them.
+func TestJobRunSaysRunningInItsOwnWords(t *testing.T) {
+	svc, err := jobspec.Parse([]byte("name: web\ntype: service\nreplicas: 1\nexec: {command: [srv]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		job  *pb.Job
+		want string
+	}{
+		{&pb.Job{Id: "one-1", Status: "running", WorldSize: 1, Generation: 1, Spec: &pb.JobSpec{Type: "exec"}},
+			"==> job one-1 running: 1 rank, generation 1 (follow with `gpumesh job logs one-1 -f`)\n"},
+		{&pb.Job{Id: "web-1", Status: "running", WorldSize: 1, Generation: 4, Spec: svc},
+			"==> service web (job web-1) running: 1 replica (see `gpumesh service status web`; their logs: `gpumesh job logs web-1 --all -f`)\n"},
+	} {
+		resp := &pb.GetJobResponse{Job: tc.job, Allocations: []*pb.Allocation{
+			{Rank: 0, Generation: tc.job.Generation, NodeName: "node-1", DesiredStatus: "run", ClientStatus: "running"},
+		}}
+		var out bytes.Buffer
+		if _, err := followJob(context.Background(), fakeJobs{resp: resp}, &clientFlags{timeout: time.Second}, tc.job.Id, followOptions{}, &out); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasSuffix(out.String(), tc.want) {
+			t.Errorf("output ends %q, want %q", out.String(), tc.want)
+		}
+	}
+}
