@@ -41,7 +41,9 @@ func newJobLogsCommand() *cobra.Command {
 generation (--all, each line prefixed with "[rank N] ") from the nodes that
 hold it. -f keeps printing new output until the ranks end; --tail N starts
 with the last N lines; --timestamps begins every line with the time the rank
-wrote it (to the millisecond, as its node recorded it).
+wrote it (to the millisecond, as its node recorded it). A service's
+replicas are replaced one at a time, each in a generation of its own:
+without --generation, --rank N is replica N's newest and --all every replica.
 
 By default both of a rank's streams are printed, as docker logs does: what
 the rank wrote to stdout goes to stdout, what it wrote to stderr (a failed
