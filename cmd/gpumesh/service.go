@@ -313,12 +313,12 @@ func printCrashLoops(out io.Writer, r *pb.GetJobResponse, now time.Time) {
 			} else {
 				left = left.Round(time.Second)
 			}
-			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); next try in %s (%s, back-off %s)\n%s",
-				b.Slot, word, b.Failures, how, left, b.NextTry.UTC().Format("15:04:05 MST"), b.Delay, logs)
+			fmt.Fprintf(out, "replica %d %s: %s in a row (the last %s); next try in %s (%s, back-off %s)\n%s",
+				b.Slot, word, plural(int(b.Failures), "failure"), how, left, b.NextTry.UTC().Format("15:04:05 MST"), b.Delay, logs)
 		case consensus.AllocTerminal(last.ClientStatus):
-			fmt.Fprintf(out, "replica %d %s: %d failures in a row (the last %s); its next replica is due\n%s", b.Slot, word, b.Failures, how, logs)
+			fmt.Fprintf(out, "replica %d %s: %s in a row (the last %s); its next replica is due\n%s", b.Slot, word, plural(int(b.Failures), "failure"), how, logs)
 		default:
-			fmt.Fprintf(out, "replica %d: %d failures in a row before the running one; the count ends once it stays healthy for %s\n", b.Slot, b.Failures, b.ResetAfter)
+			fmt.Fprintf(out, "replica %d: %s in a row before the running one; the count ends once it stays healthy for %s\n", b.Slot, plural(int(b.Failures), "failure"), b.ResetAfter)
 		}
 	}
 }

@@ -68,7 +68,7 @@ func TestPrintCrashLoops(t *testing.T) {
 		Allocations: []*pb.Allocation{
 			{Rank: 0, Generation: 4, DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 1, SlotFailures: 2, FinishTime: at(-30 * time.Second)},
 			{Rank: 0, Generation: 5, DesiredStatus: "stop", ClientStatus: "failed", ExitCode: 3, Message: "no model file", SlotFailures: 3, StartTime: at(-12 * time.Second), FinishTime: at(-10 * time.Second)},
-			{Rank: 1, Generation: 6, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", SlotFailures: 2, HealthyTime: at(-time.Minute)},
+			{Rank: 1, Generation: 6, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", SlotFailures: 1, HealthyTime: at(-time.Minute)},
 			{Rank: 2, Generation: 1, DesiredStatus: "run", ClientStatus: "running", Health: "healthy", HealthyTime: at(-time.Hour)},
 		},
 	}
@@ -79,7 +79,7 @@ func TestPrintCrashLoops(t *testing.T) {
 	for _, want := range []string{
 		"replica 0 crash-looping: 4 failures in a row (the last failed, exit 3: no model file; never healthy); next try in 6s (17:00:06 UTC, back-off 16s)\n" +
 			"    its output: gpumesh job logs mlp-1 --rank 0 --generation 5\n",
-		"replica 1: 2 failures in a row before the running one; the count ends once it stays healthy for 10m0s",
+		"replica 1: 1 failure in a row before the running one; the count ends once it stays healthy for 10m0s",
 	} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("output lacks %q:\n%s", want, out)
@@ -88,8 +88,8 @@ func TestPrintCrashLoops(t *testing.T) {
 	if strings.Contains(out, "replica 2") {
 		t.Fatalf("a slot without failures is listed:\n%s", out)
 	}
-	// service list counts slot 0 (4 failures in a row); slot 1's 2 are
-	// failures, not a crash loop (consensus.CrashLoopAt, as for dev and
+	// service list counts slot 0 (4 failures in a row); slot 1's 1 is a
+	// failure, not a crash loop (consensus.CrashLoopAt, as for dev and
 	// job run).
 	b.Reset()
 	printServiceList(&b, []*pb.GetJobResponse{resp}, now)
