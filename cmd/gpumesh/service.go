@@ -144,7 +144,11 @@ func scaleNote(j *pb.Job) string {
 	if v.GetMaxReplicas() == 0 {
 		return ""
 	}
-	return fmt.Sprintf(" (scaled by load: %d to %d, %g requests in flight per replica)", v.GetMinReplicas(), v.GetMaxReplicas(), v.GetTargetInFlight())
+	req := "requests"
+	if v.GetTargetInFlight() == 1 {
+		req = "request"
+	}
+	return fmt.Sprintf(" (scaled by load: %d to %d, %g %s in flight per replica)", v.GetMinReplicas(), v.GetMaxReplicas(), v.GetTargetInFlight(), req)
 }
 
 func jobsOf(rs []*pb.GetJobResponse) []*pb.Job {

@@ -149,3 +149,23 @@ func TestUpdateMessage(t *testing.T) {
 		t.Fatalf("unchanged message: %q", m)
 	}
 }
+
+// The scale note of a service scaled by load names its target in flight
+// per replica in the right number.
+func TestScaleNote(t *testing.T) {
+	for _, tc := range []struct {
+		min, max int32
+		target   float64
+		want     string
+	}{
+		{0, 0, 0, ""},
+		{1, 4, 1, " (scaled by load: 1 to 4, 1 request in flight per replica)"},
+		{1, 3, 2, " (scaled by load: 1 to 3, 2 requests in flight per replica)"},
+		{2, 8, 0.5, " (scaled by load: 2 to 8, 0.5 requests in flight per replica)"},
+	} {
+		j := &pb.Job{Spec: &pb.JobSpec{Service: &pb.ServiceSpec{MinReplicas: tc.min, MaxReplicas: tc.max, TargetInFlight: tc.target}}}
+		if got := scaleNote(j); got != tc.want {
+			t.Errorf("scaleNote(min %d max %d target %g) = %q, want %q", tc.min, tc.max, tc.target, got, tc.want)
+		}
+	}
+}
