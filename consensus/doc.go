@@ -96,7 +96,9 @@
 // Health* values); a health change is an FSM event too. UpdateService (the
 // UpdateJob command) gives a running service a new spec and sets its
 // spec_generation: replicas of older generations are then replaced the same
-// way, one slot at a time (a rolling update with max unavailable 0). A
+// way, one slot at a time (a rolling update with max unavailable 0). A new
+// spec that differs only in the replica count (ScaleOnly) is proposed with
+// keep_generation: spec_generation stays and no replica is replaced. A
 // service scaled by load (service.max_replicas) runs the replica count
 // stored in the job's world_size, which the scheduler moves between
 // min_replicas and max_replicas from the routers' load (serviceReplicas,

@@ -106,7 +106,7 @@ func (f *FSM) applyLocked(idx uint64, data []byte) any {
 		if err != nil {
 			return fmt.Errorf("%w: index %d: job spec: %v", ErrInvalidCommand, idx, err)
 		}
-		return f.updateJob(idx, now, c.UpdateJob.GetId(), spec)
+		return f.updateJob(idx, now, c.UpdateJob.GetId(), spec, c.UpdateJob.GetKeepGeneration())
 	case *fsmpb.Command_StopJob:
 		return f.stopJob(idx, now, c.StopJob.GetId())
 	case *fsmpb.Command_UpsertNodes:

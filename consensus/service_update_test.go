@@ -26,8 +26,15 @@ func serviceSpec(t *testing.T, id string, replicas int32, cmd string) *fsmpb.Job
 // updateService applies an UpdateJob command and returns its result.
 func (s *sim) updateService(id string, spec *fsmpb.JobSpec) any {
 	s.t.Helper()
+	return s.updateServiceKeep(id, spec, false)
+}
+
+// updateServiceKeep is updateService with the command's keep_generation,
+// as the leader sets it for a spec that only scales (ScaleOnly).
+func (s *sim) updateServiceKeep(id string, spec *fsmpb.JobSpec, keep bool) any {
+	s.t.Helper()
 	s.idx++
-	data, err := encodeCommand(s.now, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: id, Spec: spec}}})
+	data, err := encodeCommand(s.now, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: id, Spec: spec, KeepGeneration: keep}}})
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -268,5 +275,58 @@ func TestRegisterServiceNameIsUnique(t *testing.T) {
 	}
 	if r := register("web-3", false); r != "web-3" {
 		t.Fatalf("an old entry (no unique flag) was refused on replay: %v", r)
+	}
+}
+
+// A spec that changes only the replica count scales the service: the
+// leader proposes it with keep_generation (ScaleOnly), the spec generation
+// stays, the running replicas are not replaced, and one replica is added.
+// Any other change (here the command, with the count) is a rolling update.
+func TestServiceScaleOnlyUpdateKeepsTheReplicas(t *testing.T) {
+	ctl := func(replicas int32, cmd string) *controlpb.JobSpec {
+		return must(twin[controlpb.JobSpec](serviceSpec(t, "svc", replicas, cmd)))
+	}
+	if !ScaleOnly(ctl(2, "srv"), ctl(3, "srv")) || ScaleOnly(ctl(2, "srv"), ctl(3, "srv-v2")) || ScaleOnly(ctl(2, "srv"), ctl(2, "srv-v2")) {
+		t.Fatal("ScaleOnly: want true for a new count alone, false when the command changes")
+	}
+	s := newSim(t, "a", "b", "c", "d")
+	s.registerService("svc", 2)
+	s.step("svc")
+	s.serveAll("svc")
+	olds := map[string]bool{}
+	for _, as := range s.live("svc") {
+		for _, a := range as {
+			olds[a.Id] = true
+		}
+	}
+	before := s.job("svc").SpecGeneration
+	if r := s.updateServiceKeep("svc", serviceSpec(t, "svc", 3, "srv"), true); r != nil {
+		t.Fatalf("update: %v", r)
+	}
+	if j := s.job("svc"); j.SpecGeneration != before || j.Spec.GetReplicas() != 3 {
+		t.Fatalf("after scaling: spec generation %d (was %d), replicas %d", j.SpecGeneration, before, j.Spec.GetReplicas())
+	}
+	s.step("svc")
+	s.serveAll("svc")
+	s.step("svc")
+	live := s.live("svc")
+	kept := 0
+	for _, as := range live {
+		for _, a := range as {
+			if olds[a.Id] {
+				kept++
+			}
+		}
+	}
+	if len(live) != 3 || kept != 2 || s.healthyCount("svc") != 3 {
+		t.Fatalf("after scaling to 3: %v (%d of the 2 first replicas kept, %d healthy)", live, kept, s.healthyCount("svc"))
+	}
+	// Without keep_generation (a log written before it, or a real change)
+	// the same spec is a rolling update.
+	if r := s.updateService("svc", serviceSpec(t, "svc", 3, "srv-v2")); r != nil {
+		t.Fatalf("update: %v", r)
+	}
+	if j := s.job("svc"); j.SpecGeneration != j.Generation+1 {
+		t.Fatalf("a changed command: spec generation %d, job generation %d; want a rolling update", j.SpecGeneration, j.Generation)
 	}
 }

@@ -17,6 +17,7 @@ const (
 	SubmitRegistered = "registered" // a new job
 	SubmitUpdated    = "updated"    // a running service took the new spec
 	SubmitUnchanged  = "unchanged"  // the running service has this spec already
+	SubmitScaled     = "scaled"     // a running service took a new replica count only
 )
 
 // RunningService returns the live (not ended, not stopping) service job of
@@ -34,8 +35,10 @@ func RunningService(jobs []*controlpb.Job, name string) *controlpb.Job {
 // UpdateService gives the running service id a new spec (the caller has
 // validated it): a rolling update, in which the scheduler replaces the
 // replicas one at a time, each old one stopped only once its replacement is
-// healthy. It returns SubmitUnchanged, and writes nothing, when spec equals
-// the service's current spec.
+// healthy (SubmitUpdated). A spec that differs only in how many replicas to
+// run (ScaleOnly) keeps the running replicas: the scheduler adds or removes
+// some (SubmitScaled). It returns SubmitUnchanged, and writes nothing, when
+// spec equals the service's current spec.
 func (s *Server) UpdateService(ctx context.Context, id string, spec *controlpb.JobSpec) (string, uint64, error) {
 	j := s.State().Job(id)
 	if j == nil {
@@ -48,16 +51,38 @@ func (s *Server) UpdateService(ctx context.Context, id string, spec *controlpb.J
 	if err != nil {
 		return "", 0, fmt.Errorf("%w: job spec: %v", ErrInvalidArgument, err)
 	}
-	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: id, Spec: logSpec}}})
+	keep := ScaleOnly(j.Spec, spec)
+	_, idx, err := s.apply(ctx, &fsmpb.Command{Cmd: &fsmpb.Command_UpdateJob{UpdateJob: &fsmpb.UpdateJob{Id: id, Spec: logSpec, KeepGeneration: keep}}})
 	if err != nil {
 		return "", idx, err
+	}
+	if keep {
+		return SubmitScaled, idx, nil
 	}
 	return SubmitUpdated, idx, nil
 }
 
+// ScaleOnly reports whether service specs a and b differ only in how many
+// replicas to run: replicas (ranks), min_replicas, max_replicas,
+// target_in_flight and scale_in_cooldown. Replicas running a, told to run
+// b instead, would run the same command with the same resources.
+func ScaleOnly(a, b *controlpb.JobSpec) bool {
+	strip := func(s *controlpb.JobSpec) *controlpb.JobSpec {
+		c := proto.Clone(s).(*controlpb.JobSpec)
+		c.Replicas, c.Ranks, c.MinRanks, c.MaxRanks = 0, 0, 0, 0
+		if v := c.Service; v != nil {
+			v.MinReplicas, v.MaxReplicas, v.TargetInFlight, v.ScaleInCooldown = 0, 0, 0, nil
+		}
+		return c
+	}
+	return a != nil && b != nil && proto.Equal(strip(a), strip(b))
+}
+
 // updateJob applies an UpdateJob command: only a live service's spec may
-// change, to another service spec with the same route port.
-func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec *controlpb.JobSpec) any {
+// change, to another service spec with the same route port. keep (the
+// leader found only the replica count changed) leaves the spec generation,
+// so no replica is replaced.
+func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec *controlpb.JobSpec, keep bool) any {
 	st := f.state
 	j := st.jobs[id]
 	if j == nil {
@@ -80,7 +105,9 @@ func (f *FSM) updateJob(idx uint64, now *timestamppb.Timestamp, id string, spec 
 	}
 	nj := proto.Clone(j).(*controlpb.Job)
 	nj.Spec = spec
-	nj.SpecGeneration = j.Generation + 1
+	if !keep {
+		nj.SpecGeneration = j.Generation + 1
+	}
 	nj.StatusTime = now
 	nj.ModifyIndex = idx
 	st.putJobLocked(nj)

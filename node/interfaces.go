@@ -88,7 +88,8 @@ type raftServer interface {
 
 	RegisterJob(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
 	// UpdateService gives the running service id a new spec (a rolling
-	// update); it returns consensus.SubmitUpdated or SubmitUnchanged.
+	// update, or a new replica count alone); it returns
+	// consensus.SubmitUpdated, SubmitScaled or SubmitUnchanged.
 	UpdateService(ctx context.Context, id string, spec *pb.JobSpec) (string, uint64, error)
 	StopJob(ctx context.Context, id string) (uint64, error)
 	DrainNode(ctx context.Context, nodeID string, deadline time.Time, reason string) (uint64, error)

@@ -158,7 +158,7 @@ func newJobRunCommand() *cobra.Command {
 }
 
 // updateMessage says what a submission that went to a running service did
-// (resp.Outcome "updated" or "unchanged"); "" for a new job.
+// (resp.Outcome "updated", "scaled" or "unchanged"); "" for a new job.
 func updateMessage(name string, resp *pb.SubmitJobResponse) string {
 	switch resp.GetOutcome() {
 	case consensus.SubmitUpdated:
@@ -166,6 +166,10 @@ func updateMessage(name string, resp *pb.SubmitJobResponse) string {
 			"    each old one stopped only once its replacement is healthy. Follow it with\n"+
 			"    `gpumesh service status %s`; a replacement that never gets healthy stalls the update\n"+
 			"    (the old replicas keep serving): fix the spec and run it again", name, resp.Id, resp.Index, name)
+	case consensus.SubmitScaled:
+		return fmt.Sprintf("==> service %s (job %s) scaled (raft index %d): only its replica count changed, so the\n"+
+			"    running replicas keep running and replicas are added or removed. Follow it with\n"+
+			"    `gpumesh service status %s`", name, resp.Id, resp.Index, name)
 	case consensus.SubmitUnchanged:
 		return fmt.Sprintf("service %s (job %s) already runs this spec: nothing to do", name, resp.Id)
 	}

@@ -145,6 +145,9 @@ func TestUpdateMessage(t *testing.T) {
 	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "updated"}); !strings.Contains(m, "mlp-1") || !strings.Contains(m, "one at a time") {
 		t.Fatalf("update message: %q", m)
 	}
+	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "scaled"}); !strings.Contains(m, "mlp-1") || !strings.Contains(m, "keep running") {
+		t.Errorf("scaled: %q", m)
+	}
 	if m := updateMessage("mlp", &pb.SubmitJobResponse{Id: "mlp-1", Outcome: "unchanged"}); !strings.Contains(m, "nothing to do") {
 		t.Fatalf("unchanged message: %q", m)
 	}

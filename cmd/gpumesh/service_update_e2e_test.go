@@ -40,12 +40,12 @@ func TestServiceRollingUpdateLosesNoRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeSpec := func(version string) string {
+	writeSpec := func(version string, replicas int) string {
 		p := filepath.Join(t.TempDir(), "mlp.yaml")
 		if err := os.WriteFile(p, []byte(fmt.Sprintf(`
 name: mlp
 type: service
-replicas: 2
+replicas: %d
 placement: spread
 constraints: {lifecycle: spot}
 exec:
@@ -53,12 +53,12 @@ exec:
   env: {SERVE_NO_TORCH: "1", MODEL_VERSION: %q}
 service:
   check: {path: /healthz, interval: 250ms, timeout: 200ms, threshold: 2, grace: 30s}
-`, server, version)), 0o644); err != nil {
+`, replicas, server, version)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		return p
 	}
-	v1, v2 := writeSpec("1"), writeSpec("2")
+	v1, v2 := writeSpec("1", 2), writeSpec("2", 2)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	poll.Until(t, 30*time.Second, func() error { _, err := leaderOf(t, as); return err })
@@ -71,6 +71,7 @@ service:
 			SpecGeneration uint64 `json:"spec_generation"`
 		} `json:"job"`
 		Allocations []struct {
+			ID            string `json:"id"`
 			Generation    uint64 `json:"generation"`
 			DesiredStatus string `json:"desired_status"`
 			ClientStatus  string `json:"client_status"`
@@ -133,4 +134,36 @@ service:
 	if err != nil || !strings.Contains(out, "nothing to do") {
 		t.Fatalf("job run of the same spec again: %v %q %s; want it to say there is nothing to do", err, out, stderr)
 	}
+	// The same spec with another replica count scales: no replica is
+	// replaced, one of the two serving ones is stopped.
+	s, _, _, err := serving()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, gen := map[string]bool{}, s.Job.SpecGeneration
+	for _, al := range s.Allocations {
+		if al.DesiredStatus == "run" && al.ClientStatus == "running" {
+			before[al.ID] = true
+		}
+	}
+	out, stderr, err = procs.CLI(ctx, t, router.RPCAddr(), "job", "run", "--detach", writeSpec("2", 1))
+	if err != nil || !strings.Contains(out, "scaled") || !strings.Contains(out, jobID) {
+		t.Fatalf("job run with only replicas changed: %v %q %s; want job %s scaled", err, out, stderr, jobID)
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		s, cur, old, err := serving()
+		if err != nil {
+			return err
+		}
+		var running []string
+		for _, al := range s.Allocations {
+			if al.DesiredStatus == "run" && al.ClientStatus == "running" {
+				running = append(running, al.ID)
+			}
+		}
+		if s.Job.SpecGeneration != gen || cur != 1 || old != 0 || len(running) != 1 || !before[running[0]] {
+			return fmt.Errorf("spec generation %d (was %d), healthy %d current %d old, running %v (before %v)", s.Job.SpecGeneration, gen, cur, old, running, before)
+		}
+		return nil
+	})
 }

@@ -324,11 +324,18 @@ func (x *RegisterJob) GetUniqueService() bool {
 // replica of an older generation runs an outdated spec and is replaced,
 // one at a time, by the scheduler.
 type UpdateJob struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Spec          *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Spec  *JobSpec               `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// keep_generation: the new spec differs from the running one only in how
+	// many replicas to run (replicas, min/max_replicas, the load target): the
+	// spec generation stays, so the running replicas are not replaced (no
+	// rolling update); the scheduler adds or removes replicas. Decided by the
+	// leader when it proposes (false in logs written before it existed: a
+	// rolling update, as then).
+	KeepGeneration bool `protobuf:"varint,3,opt,name=keep_generation,json=keepGeneration,proto3" json:"keep_generation,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *UpdateJob) Reset() {
@@ -373,6 +380,13 @@ func (x *UpdateJob) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *UpdateJob) GetKeepGeneration() bool {
+	if x != nil {
+		return x.KeepGeneration
+	}
+	return false
 }
 
 type StopJob struct {
@@ -2547,10 +2561,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\vRegisterJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
 	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12%\n" +
-	"\x0eunique_service\x18\x03 \x01(\bR\runiqueService\"H\n" +
+	"\x0eunique_service\x18\x03 \x01(\bR\runiqueService\"q\n" +
 	"\tUpdateJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
-	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\"\x19\n" +
+	"\x04spec\x18\x02 \x01(\v2\x17.gpumesh.fsm.v1.JobSpecR\x04spec\x12'\n" +
+	"\x0fkeep_generation\x18\x03 \x01(\bR\x0ekeepGeneration\"\x19\n" +
 	"\aStopJob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"9\n" +
 	"\vUpsertNodes\x12*\n" +

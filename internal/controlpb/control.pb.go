@@ -1719,8 +1719,9 @@ type SubmitJobResponse struct {
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Index uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
 	// "registered" (a new job), "updated" (a running service of the same
-	// name took the new spec: a rolling update) or "unchanged" (the same
-	// spec as the running service's: nothing to do).
+	// name took the new spec: a rolling update), "scaled" (it took a spec
+	// that changes only how many replicas to run: no replica replaced) or
+	// "unchanged" (the same spec as the running service's: nothing to do).
 	Outcome       string `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
