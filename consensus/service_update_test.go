@@ -41,6 +41,17 @@ func (s *sim) updateServiceKeep(id string, spec *fsmpb.JobSpec, keep bool) any {
 	return s.f.Apply(&raft.Log{Index: s.idx, Type: raft.LogCommand, Data: data})
 }
 
+// liveIDs is the set of the IDs of the replicas told to run.
+func (s *sim) liveIDs(id string) map[string]bool {
+	ids := map[string]bool{}
+	for _, as := range s.live(id) {
+		for _, a := range as {
+			ids[a.Id] = true
+		}
+	}
+	return ids
+}
+
 // healthyCount is the number of replicas told to run that are running
 // and healthy.
 func (s *sim) healthyCount(id string) int {
@@ -64,12 +75,7 @@ func TestServiceRollingUpdateOneSlotAtATime(t *testing.T) {
 	s.registerService("svc", 3)
 	s.step("svc")
 	s.serveAll("svc")
-	olds := map[string]bool{}
-	for _, as := range s.live("svc") {
-		for _, a := range as {
-			olds[a.Id] = true
-		}
-	}
+	olds := s.liveIDs("svc")
 	if len(olds) != 3 {
 		t.Fatalf("placed %v", s.live("svc"))
 	}
@@ -293,12 +299,7 @@ func TestServiceScaleOnlyUpdateKeepsTheReplicas(t *testing.T) {
 	s.registerService("svc", 2)
 	s.step("svc")
 	s.serveAll("svc")
-	olds := map[string]bool{}
-	for _, as := range s.live("svc") {
-		for _, a := range as {
-			olds[a.Id] = true
-		}
-	}
+	olds := s.liveIDs("svc")
 	before := s.job("svc").SpecGeneration
 	if r := s.updateServiceKeep("svc", serviceSpec(t, "svc", 3, "srv"), true); r != nil {
 		t.Fatalf("update: %v", r)
@@ -311,11 +312,9 @@ func TestServiceScaleOnlyUpdateKeepsTheReplicas(t *testing.T) {
 	s.step("svc")
 	live := s.live("svc")
 	kept := 0
-	for _, as := range live {
-		for _, a := range as {
-			if olds[a.Id] {
-				kept++
-			}
+	for id := range s.liveIDs("svc") {
+		if olds[id] {
+			kept++
 		}
 	}
 	if len(live) != 3 || kept != 2 || s.healthyCount("svc") != 3 {

@@ -140,11 +140,19 @@ service:
 	if err != nil {
 		t.Fatal(err)
 	}
-	before, gen := map[string]bool{}, s.Job.SpecGeneration
-	for _, al := range s.Allocations {
-		if al.DesiredStatus == "run" && al.ClientStatus == "running" {
-			before[al.ID] = true
+	// running returns the IDs of the replicas told to run that are running.
+	running := func(s status) []string {
+		var ids []string
+		for _, al := range s.Allocations {
+			if al.DesiredStatus == "run" && al.ClientStatus == "running" {
+				ids = append(ids, al.ID)
+			}
 		}
+		return ids
+	}
+	before, gen := map[string]bool{}, s.Job.SpecGeneration
+	for _, id := range running(s) {
+		before[id] = true
 	}
 	out, stderr, err = procs.CLI(ctx, t, router.RPCAddr(), "job", "run", "--detach", writeSpec("2", 1))
 	if err != nil || !strings.Contains(out, "scaled") || !strings.Contains(out, jobID) {
@@ -155,14 +163,9 @@ service:
 		if err != nil {
 			return err
 		}
-		var running []string
-		for _, al := range s.Allocations {
-			if al.DesiredStatus == "run" && al.ClientStatus == "running" {
-				running = append(running, al.ID)
-			}
-		}
-		if s.Job.SpecGeneration != gen || cur != 1 || old != 0 || len(running) != 1 || !before[running[0]] {
-			return fmt.Errorf("spec generation %d (was %d), healthy %d current %d old, running %v (before %v)", s.Job.SpecGeneration, gen, cur, old, running, before)
+		run := running(s)
+		if s.Job.SpecGeneration != gen || cur != 1 || old != 0 || len(run) != 1 || !before[run[0]] {
+			return fmt.Errorf("spec generation %d (was %d), healthy %d current %d old, running %v (before %v)", s.Job.SpecGeneration, gen, cur, old, run, before)
 		}
 		return nil
 	})
