@@ -318,13 +318,15 @@ func mergeStreams(ctx context.Context, c pb.ControlClient, reqs [2]*pb.LogsReque
 		stream int
 		line   timedLine
 	}
-	var last []tagged // with a tail: the last lines merged, oldest first
+	// With a tail: the lines merged, oldest first, cut back to the last
+	// tail whenever twice that many gathered (amortised O(1) a line).
+	var last []tagged
 	out := func(i int, l timedLine) error {
 		if tail <= 0 {
 			return emit(i, l)
 		}
-		if len(last) == tail {
-			last = append(last[:0], last[1:]...)
+		if len(last) == 2*tail {
+			last = append(last[:0], last[tail:]...)
 		}
 		last = append(last, tagged{i, l})
 		return nil
@@ -360,7 +362,7 @@ func mergeStreams(ctx context.Context, c pb.ControlClient, reqs [2]*pb.LogsReque
 	if err != nil {
 		return ends, err
 	}
-	for _, t := range last {
+	for _, t := range last[max(0, len(last)-tail):] {
 		if err := emit(t.stream, t.line); err != nil {
 			return ends, err
 		}
